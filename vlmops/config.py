@@ -1,0 +1,394 @@
+"""The schema of pipeline.yaml: one typed config for every step, loaded with dotted overrides.
+
+Unknown keys and bad values are errors; all of them are reported at once, each with its key path and,
+when it came from a file, the file and line.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that "
+    "the user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
+
+
+class RunConfig(Section):
+    name: str = "demo"
+    """Name of this pipeline; used in the MLflow run name and the run folder."""
+    output_dir: str = "outputs"
+    """Root folder for everything a run writes (runs, models, datasets). Relative paths resolve against
+    the working directory."""
+    seed: int = 0
+    """Seed for data generation, shuffling, LoRA init and dropout."""
+
+
+class ModelConfig(Section):
+    name: str = "tiny-deepseek-vl"
+    """A catalog name (`vlmops models` lists them) or, with `source: local`, any label for your own model."""
+    source: Literal["modelscope", "huggingface", "local", "s3"] | None = None
+    """Where the weights come from. Default: the catalog entry's default (ModelScope for the released
+    models, local for the tiny ones)."""
+    id: str | None = None
+    """Hub id, local folder or s3:// prefix. Default: the catalog's id for the chosen source."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit). Default: the catalog's pinned revision."""
+    cache_dir: str = "~/.cache/vlmops/models"
+    """Where downloaded and converted snapshots are kept (with their manifests)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype. auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
+    attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    """Attention kernel for the LLM and SigLIP (SAM always uses SDPA). flash_attention_2 needs flash-attn."""
+    system_prompt: str | None = None
+    """System prompt of the `deepseek` chat format. null: the released default; "": no system prompt."""
+
+
+class DemoDataConfig(Section):
+    num_train: int = Field(320, ge=1)
+    """Training records to generate."""
+    num_eval: int = Field(40, ge=1)
+    """Held-out eval records (single-image questions with one short right answer)."""
+    image_size: int = Field(64, ge=16)
+    """Side of the generated square PNG images, in pixels."""
+
+
+class DataConfig(Section):
+    train: str | None = None
+    """Training data: a .json (list) or .jsonl file in the `conversations` or `messages` format.
+    null: generate the demo dataset."""
+    eval: str | None = None
+    """Held-out eval data, same formats. null: split `eval_ratio` off the training file."""
+    eval_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of the training records held out for eval when `eval` is null (a seeded, saved split)."""
+    max_length: int = Field(2048, ge=16)
+    """Longest sample in tokens, image tokens included."""
+    max_length_policy: Literal["error", "drop", "truncate-text"] = "error"
+    """What to do with a longer sample: stop with an error, drop it (reported), or cut the text of its last
+    turns (never an image)."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes that load and preprocess images."""
+    demo: DemoDataConfig = DemoDataConfig()
+    """The generated demo dataset (used when `train` is null)."""
+
+
+class LoraConfig(Section):
+    targets: str = "qkv"
+    """qkv: the LLM's q/k/v projections (the seed's default); all-linear: every LLM linear layer; ALL:
+    every linear layer, vision towers and aligner included; anything else: a regex over module names."""
+    r: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: int = Field(32, ge=1)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    """Dropout on the LoRA input."""
+
+
+class FreezeConfig(Section):
+    """Which parts keep their weights fixed. null: the mode's default (LoRA: all frozen, only adapters train;
+    full: vision tower frozen, aligner and LLM trained). With LoRA, an unfrozen part trains fully beside
+    the adapters."""
+
+    vision: bool | None = None
+    """The vision tower(s): SigLIP, and SAM on the hybrid 7b."""
+    aligner: bool | None = None
+    """The aligner (projector) from vision features to LLM embeddings."""
+    llm: bool | None = None
+    """The language model, embeddings and LM head included."""
+
+
+class TrainConfig(Section):
+    mode: Literal["lora", "full"] = "lora"
+    """lora: train adapters (peft); full: train every unfrozen weight."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps."""
+    batch_size: int = Field(1, ge=1)
+    """Samples per device per forward pass."""
+    grad_accum: int = Field(1, ge=1)
+    """Forward passes per optimizer step."""
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Share of the steps spent warming the learning rate up."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping norm."""
+    lora: LoraConfig = LoraConfig()
+    """LoRA settings (mode: lora)."""
+    freeze: FreezeConfig = FreezeConfig()
+    """Which parts to freeze."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision. auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory, about 30% slower."""
+    deepspeed: str | None = None
+    """DeepSpeed: a preset (zero2, zero3, zero3-offload) or a path to your own JSON. null: no DeepSpeed."""
+    nproc_per_node: int | None = Field(None, ge=1)
+    """GPUs (processes) on this node. null: the NPROC_PER_NODE environment variable, else 1."""
+    logging_steps: int = Field(1, ge=1)
+    """Log the training loss every N optimizer steps."""
+    eval_steps: int | None = Field(None, ge=1)
+    """Compute the eval loss every N steps. null: once per epoch."""
+    save_steps: int | None = Field(None, ge=1)
+    """Write a checkpoint every N steps. null: once per epoch."""
+    save_total_limit: int = Field(2, ge=1)
+    """Checkpoints to keep (the best one is always kept)."""
+    resume: str = "auto"
+    """auto: continue from the latest complete checkpoint of this run folder; never: start over; or a
+    checkpoint path."""
+
+
+class MergeConfig(Section):
+    parity_atol: float | None = Field(None, gt=0)
+    """Largest allowed |merged - adapter-on-base| logit difference. null: 1e-3 for float32 weights,
+    5e-2 for 16-bit weights."""
+
+
+class InferConfig(Section):
+    max_new_tokens: int = Field(64, ge=1)
+    """Longest generated answer, in tokens."""
+    batch_size: int = Field(8, ge=1)
+    """Prompts per generate call in batch inference."""
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy decoding; above 0: sampling."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling threshold (temperature > 0)."""
+    repetition_penalty: float = Field(1.0, gt=0)
+    """Above 1 discourages repeating tokens."""
+
+
+class EvalConfig(Section):
+    metric: Literal["exact_match"] = "exact_match"
+    """How a prediction is scored against its reference answer (case- and punctuation-insensitive)."""
+    evaluate_base: bool = True
+    """Also run the eval split through the base model, to report the gain."""
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///outputs/mlflow.db"
+    """MLflow tracking URI: a SQLite file for one machine, http(s)://server for a team."""
+    experiment: str = "vlmops"
+    """MLflow experiment name."""
+
+
+class RegistryConfig(Section):
+    model_name: str = "vlmops-demo"
+    """Registered model name in the MLflow model registry."""
+    alias: str = "challenger"
+    """Alias given to the newly registered version."""
+
+
+class VersioningConfig(Section):
+    enabled: bool = True
+    """Track the dataset and the merged model with DVC and push them."""
+    repo: str = "outputs"
+    """DVC repository root (created with `dvc init` when missing). Datasets and models are versioned
+    inside it."""
+    remote_name: str = "local"
+    """Name of the DVC remote to push to."""
+    remote_url: str = "outputs/dvc-remote"
+    """URL of that remote: a folder, or s3://bucket/prefix."""
+
+
+class StorageConfig(Section):
+    endpoint_url: str | None = None
+    """S3 endpoint (SeaweedFS, MinIO, ...). null: AWS, or the AWS_ENDPOINT_URL environment variable."""
+    region: str | None = None
+    """S3 region. null: boto3's default chain."""
+
+
+class PipelineConfig(Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    merge: MergeConfig = MergeConfig()
+    infer: InferConfig = InferConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    versioning: VersioningConfig = VersioningConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @field_validator("train")
+    @classmethod
+    def _lora_targets_not_empty(cls, value: TrainConfig) -> TrainConfig:
+        if value.mode == "lora" and not value.lora.targets.strip():
+            raise ValueError("train.lora.targets is empty: use qkv, all-linear, ALL or a regex")
+        return value
+
+    @model_validator(mode="after")
+    def _eval_source(self) -> PipelineConfig:
+        if self.data.train is not None and self.data.eval is None and self.data.eval_ratio == 0:
+            raise ValueError(
+                "no eval data: set data.eval to a file or data.eval_ratio above 0 (e.g. 0.1)"
+            )
+        return self
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Dotted key -> value, for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+class ConfigError(ValueError):
+    """Every problem of a config at once, one line each: `[file:line] key.path: message`."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        where = f" in {source}" if source else ""
+        super().__init__(
+            f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> PipelineConfig:
+    """Load pipeline.yaml (or the defaults when path is None), apply dotted overrides, validate.
+
+    Overrides are `key.path=value` strings (the value parsed as YAML) or a {dotted key: value} dict;
+    they must name existing keys. A config may start with `base: other.yaml` to extend another file.
+    """
+    data: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    source = None
+    if path is not None:
+        source = str(path)
+        data, lines = _read_yaml_with_bases(Path(path))
+    problems: list[str] = []
+    for key, value in _parse_overrides(overrides).items():
+        try:
+            _set_dotted(data, key, value)
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError([_describe(e, source, lines) for e in err.errors()], source) from None
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """The resolved config as YAML, every key present."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml_with_bases(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist (copy pipeline.yaml and edit it)")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {err}"], str(path)) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections"], str(path))
+    lines = _key_lines(node) if node is not None else {}
+    base = data.pop("base", None)
+    if base is None:
+        return data, lines
+    base_data, base_lines = _read_yaml_with_bases((path.parent / str(base)).resolve())
+    return _deep_merge(base_data, data), {**base_lines, **lines}
+
+
+def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    """Dotted key -> line number in the file, for error messages."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            out.update(_key_lines(value_node, key + "."))
+    return out
+
+
+def _describe(error: Any, source: str | None, lines: dict[str, int]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; `vlmops config --show` prints every valid key)"
+    elif error["type"] == "literal_error":
+        message = message.replace("Input should be", "must be")
+    line = None
+    for i in range(len(loc), 0, -1):
+        line = lines.get(".".join(loc[:i]))
+        if line is not None:
+            break
+    where = f"{source}:{line}: " if source and line else ""
+    return f"{where}{key}: {message}"
+
+
+def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError([f"override {item!r}: write it as key.path=value, e.g. train.epochs=2"])
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return parsed
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    fields: dict[str, Any] | None = PipelineConfig.model_fields
+    node = data
+    for i, part in enumerate(parts):
+        if fields is None or part not in fields:
+            known = ", ".join(sorted(fields)) if fields else "nothing (it is a value, not a section)"
+            raise ValueError(
+                f"override {key}: unknown key {'.'.join(parts[: i + 1])}; valid keys there: {known}"
+            )
+        annotation = fields[part].annotation
+        if i == len(parts) - 1:
+            node[part] = copy.deepcopy(value)
+            return
+        fields = annotation.model_fields if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
