@@ -78,6 +78,9 @@ class DataConfig(Section):
     max_length_policy: Literal["error", "drop", "truncate-text"] = "error"
     """What to do with a longer sample: stop with an error, drop it (reported), or cut the text of its last
     turns (never an image)."""
+    invalid_records: Literal["error", "skip"] = "error"
+    """A record that fails validation stops the run (error), or is left out and listed in the validation
+    report (skip)."""
     num_workers: int = Field(0, ge=0)
     """DataLoader worker processes that load and preprocess images."""
     demo: DemoDataConfig = DemoDataConfig()

@@ -1,0 +1,117 @@
+"""Load a native DeepSeek-VL checkpoint (and optionally a LoRA adapter) with its processor."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for training or inference, with what the template needs to feed it."""
+
+    model: Any
+    processor: Any
+    path: Path
+    hybrid: bool
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.processor.num_image_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """`auto`: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU. Anything else is taken as asked."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+        return DTYPES[name]
+    dev = torch.device(device) if device is not None else default_device()
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def attn_implementation(attn: str, hybrid: bool) -> str | dict[str, str]:
+    """SAM (the 7b's high-res tower) runs SDPA whatever the LLM and SigLIP use."""
+    if attn == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError("model.attn is flash_attention_2 but flash-attn is not installed: pip install 'vlmops[flash]' or use sdpa")
+    if not hybrid:
+        return attn
+    return {"": attn, "text_config": attn, "vision_config": attn, "high_res_vision_config": "sdpa"}
+
+
+def is_hybrid(path: str | os.PathLike[str]) -> bool:
+    import json
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json: it is not a model checkpoint folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == "multi_modality":
+        raise ValueError(
+            f"{path} is in the original DeepSeek-VL release layout; convert it first: vlmops convert {path} OUT"
+        )
+    if model_type not in ("deepseek_vl", "deepseek_vl_hybrid"):
+        raise ValueError(f"{path}: model_type {model_type!r} is not a DeepSeek-VL checkpoint")
+    return bool(model_type == "deepseek_vl_hybrid")
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    dtype: str = "auto",
+    attn: str = "sdpa",
+    device: torch.device | str | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+) -> LoadedModel:
+    """Load model and processor from a native checkpoint folder; apply a peft adapter folder if given."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = Path(path)
+    hybrid = is_hybrid(folder)
+    dev = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, dev)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, dtype=torch_dtype, attn_implementation=attn_implementation(attn, hybrid)
+    )
+    processor = AutoProcessor.from_pretrained(folder)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.to(dev)
+    model.eval()
+    log.info("loaded %s (%s, %s) on %s", folder, "hybrid" if hybrid else "deepseek_vl", torch_dtype, dev)
+    return LoadedModel(model=model, processor=processor, path=folder, hybrid=hybrid)
+
+
+def image_inputs(processor: Any, images: list[Any], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Pixel tensors for a list of PIL images (the hybrid gets a high-res tensor too); empty dict for none."""
+    if not images:
+        return {}
+    features = processor.image_processor(images, return_tensors="pt")
+    return {k: v.to(device=device, dtype=dtype) for k, v in features.items()}

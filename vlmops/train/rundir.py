@@ -1,0 +1,85 @@
+"""The layout of a training run folder, shared by training, inference, evaluation and export.
+
+    RUN_DIR/
+      config.yaml         the resolved pipeline config
+      run.json            base model path, dataset snapshot path and hash, mode
+      checkpoint-<step>/  complete checkpoints only (written aside, renamed into place); each holds a copy
+                          of config.yaml and run.json, so it can be used on its own
+      final/              the trained result: a peft adapter (LoRA) or a full checkpoint (full)
+      metrics.jsonl       one JSON line per logged step (loss, learning rate, eval loss)
+
+`vlmops infer --ckpt` and `vlmops eval --ckpt` accept RUN_DIR or one of its checkpoint folders, as the seed's
+`--ckpt_dir ... --load_dataset_config true` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vlmops.config import PipelineConfig, load_config
+
+RUN_INFO = "run.json"
+CONFIG_FILE = "config.yaml"
+FINAL_DIR = "final"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class RunInfo:
+    """What a run was trained from."""
+
+    base_model: str
+    dataset: str
+    dataset_hash: str
+    mode: str
+
+    def write(self, folder: Path) -> None:
+        (folder / RUN_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+@dataclass
+class TrainedRun:
+    """A run folder or checkpoint opened for reuse."""
+
+    root: Path
+    weights: Path
+    config: PipelineConfig
+    info: RunInfo
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.weights / "adapter_config.json").is_file()
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def open_run(path: str | os.PathLike[str]) -> TrainedRun:
+    """Open RUN_DIR (uses final/, else the latest checkpoint) or a checkpoint folder."""
+    folder = Path(path)
+    if not (folder / RUN_INFO).is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a vlmops run or checkpoint folder (no {RUN_INFO}); pass the folder `vlmops sft` wrote"
+        )
+    info = RunInfo(**json.loads((folder / RUN_INFO).read_text()))
+    config = load_config(folder / CONFIG_FILE)
+    if CHECKPOINT_RE.match(folder.name):
+        weights = folder
+    elif (folder / FINAL_DIR).is_dir():
+        weights = folder / FINAL_DIR
+    else:
+        done = checkpoints(folder)
+        if not done:
+            raise FileNotFoundError(f"{folder} has no final/ and no complete checkpoint yet: is training still running?")
+        weights = done[-1]
+    return TrainedRun(folder, weights, config, info)
