@@ -200,14 +200,14 @@ class RegistryConfig(Section):
 
 class VersioningConfig(Section):
     enabled: bool = True
-    """Track the dataset and the merged model with DVC and push them."""
-    repo: str = "outputs"
-    """DVC repository root (created with `dvc init` when missing). Datasets and models are versioned
-    inside it."""
+    """Track the dataset snapshot and the merged model with DVC and push them to the remote."""
+    repo: str | None = None
+    """DVC repository root (created with `dvc init` when missing); it must contain run.output_dir.
+    null: run.output_dir itself."""
     remote_name: str = "local"
     """Name of the DVC remote to push to."""
-    remote_url: str = "outputs/dvc-remote"
-    """URL of that remote: a folder, or s3://bucket/prefix."""
+    remote_url: str | None = None
+    """URL of that remote: a folder, or s3://bucket/prefix. null: `<run.output_dir>/dvc-remote`."""
 
 
 class StorageConfig(Section):
@@ -240,9 +240,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _eval_source(self) -> PipelineConfig:
         if self.data.train is not None and self.data.eval is None and self.data.eval_ratio == 0:
-            raise ValueError(
-                "no eval data: set data.eval to a file or data.eval_ratio above 0 (e.g. 0.1)"
-            )
+            raise ValueError("no eval data: set data.eval to a file or data.eval_ratio above 0 (e.g. 0.1)")
         return self
 
     def to_flat_dict(self) -> dict[str, Any]:
@@ -256,9 +254,7 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = problems
         where = f" in {source}" if source else ""
-        super().__init__(
-            f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+        super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def load_config(
@@ -363,9 +359,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     for i, part in enumerate(parts):
         if fields is None or part not in fields:
             known = ", ".join(sorted(fields)) if fields else "nothing (it is a value, not a section)"
-            raise ValueError(
-                f"override {key}: unknown key {'.'.join(parts[: i + 1])}; valid keys there: {known}"
-            )
+            raise ValueError(f"override {key}: unknown key {'.'.join(parts[: i + 1])}; valid keys there: {known}")
         annotation = fields[part].annotation
         if i == len(parts) - 1:
             node[part] = copy.deepcopy(value)

@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -94,7 +95,7 @@ def write_demo_dataset(
     return out / "train.jsonl", out / "eval.jsonl"
 
 
-def _train_record(rng: random.Random, new_image) -> dict:  # type: ignore[no-untyped-def]
+def _train_record(rng: random.Random, new_image: Callable[[], tuple[str, str, str]]) -> dict:
     kind = rng.random()
     if kind < 0.55:
         rel, colour, _ = new_image()

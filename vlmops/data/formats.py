@@ -134,7 +134,9 @@ def _parse_conversations(turns: Any, base_dir: Path) -> list[Message]:
         value = turn["value"]
         if not isinstance(value, str):
             raise RecordError(f"{field}.value", f"must be a string, got {type(value).__name__}")
-        parts = [_resolve(p, base_dir, f"{field}.value") if isinstance(p, ImageRef) else p for p in parse_img_tags(value)]
+        parts = [
+            _resolve(p, base_dir, f"{field}.value") if isinstance(p, ImageRef) else p for p in parse_img_tags(value)
+        ]
         messages.append(Message(role, parts))
     return messages
 
@@ -195,7 +197,8 @@ def _check_turns(messages: list[Message]) -> None:
         expected = "user" if i % 2 == 0 else "assistant"
         if message.role != expected:
             raise RecordError(
-                "(turns)", f"turn {i + 1} is {message.role!r} but {expected!r} was expected (turns alternate user/assistant)"
+                "(turns)",
+                f"turn {i + 1} is {message.role!r} but {expected!r} was expected (turns alternate user/assistant)",
             )
         if message.role == "assistant" and message.images:
             raise RecordError("(turns)", f"turn {i + 1}: images are only allowed in user turns")
@@ -215,7 +218,9 @@ def write_conversations(path: Path, conversations: list[Conversation], image_uri
             turns = [
                 {
                     "from": m.role,
-                    "value": to_img_tags([ImageRef(mapping.get(p.uri, p.uri)) if isinstance(p, ImageRef) else p for p in m.parts]),
+                    "value": to_img_tags(
+                        [ImageRef(mapping.get(p.uri, p.uri)) if isinstance(p, ImageRef) else p for p in m.parts]
+                    ),
                 }
                 for m in conv.messages
             ]

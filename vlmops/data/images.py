@@ -33,7 +33,9 @@ def read_image_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         try:
             return read_object(uri, storage)
         except Exception as err:
-            raise ImageLoadError(f"image {uri}: cannot read it from S3 ({err}); check storage.endpoint_url and credentials") from err
+            raise ImageLoadError(
+                f"image {uri}: cannot read it from S3 ({err}); check storage.endpoint_url and credentials"
+            ) from err
     path = Path(uri).expanduser()
     if not path.is_file():
         raise ImageLoadError(f"image {uri}: file not found (relative paths resolve against the dataset file's folder)")
@@ -79,7 +81,9 @@ def _http_bytes(url: str) -> bytes:
         except requests.RequestException as err:
             last = err
             time.sleep(0.5 * 2**attempt)
-    raise ImageLoadError(f"image {url}: could not download it after {HTTP_RETRIES} tries ({last}); is the host reachable?")
+    raise ImageLoadError(
+        f"image {url}: could not download it after {HTTP_RETRIES} tries ({last}); is the host reachable?"
+    )
 
 
 def _short(uri: str) -> str:

@@ -22,8 +22,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vlmops.config import DataConfig, StorageConfig
+from vlmops.config import DataConfig, PipelineConfig, StorageConfig
 from vlmops.data.conversation import Conversation
+from vlmops.data.demo import write_demo_dataset
 from vlmops.data.formats import REMOTE_PREFIXES, DatasetError, RecordProblem, read_dataset, write_conversations
 from vlmops.data.images import ImageLoadError, open_image_bytes, read_image_bytes
 from vlmops.models.template import Tokenizer, encode
@@ -135,8 +136,19 @@ def prepare_dataset(
         (staging / "images").mkdir()
         splits = {}
         for name, conversations in (("train", train), ("eval", evals)):
-            kept = _check_records(name, conversations, problems, report, tokenizer, num_image_tokens, system_prompt,
-                                  data, staging / "images", image_names, storage)
+            kept = _check_records(
+                name,
+                conversations,
+                problems,
+                report,
+                tokenizer,
+                num_image_tokens,
+                system_prompt,
+                data,
+                staging / "images",
+                image_names,
+                storage,
+            )
             splits[name] = kept
         if problems:
             report.rejected = [asdict(p) for p in problems]
@@ -162,7 +174,9 @@ def prepare_dataset(
     return PreparedDataset(final, content_hash, report)
 
 
-def split_by_ratio(conversations: list[Conversation], ratio: float, seed: int) -> tuple[list[Conversation], list[Conversation]]:
+def split_by_ratio(
+    conversations: list[Conversation], ratio: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
     """A seeded split: the same records land in eval for the same seed and input order."""
     order = list(range(len(conversations)))
     random.Random(seed).shuffle(order)
@@ -202,7 +216,9 @@ def _check_records(
         if length > data.max_length:
             stats.over_max_length += 1
             if data.max_length_policy == "error":
-                too_long.append(RecordProblem(conv.source, "(length)", f"{length} tokens > data.max_length {data.max_length}"))
+                too_long.append(
+                    RecordProblem(conv.source, "(length)", f"{length} tokens > data.max_length {data.max_length}")
+                )
                 continue
             if data.max_length_policy == "drop":
                 report.dropped_too_long.append(conv.source)
@@ -288,3 +304,39 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     splits = {k: SplitStats(**v) for k, v in data.pop("splits").items()}
     report = ValidationReport(**data, splits=splits)
     return PreparedDataset(folder, _hash_folder(folder), report)
+
+
+def dataset_inputs(config: PipelineConfig) -> tuple[Path, Path | None]:
+    """The train and eval files the config names; the demo dataset (written once) when data.train is null."""
+    data = config.data
+    if data.train is not None:
+        return Path(data.train).expanduser(), Path(data.eval).expanduser() if data.eval else None
+    demo = data.demo
+    folder = Path(config.run.output_dir) / "demo-data"
+    params = {
+        "num_train": demo.num_train,
+        "num_eval": demo.num_eval,
+        "image_size": demo.image_size,
+        "seed": config.run.seed,
+    }
+    marker = folder / "params.json"
+    if not (marker.is_file() and json.loads(marker.read_text()) == params):
+        write_demo_dataset(folder, **params)
+        marker.write_text(json.dumps(params) + "\n")
+    return folder / "train.jsonl", folder / "eval.jsonl"
+
+
+def prepare_from_config(config: PipelineConfig, processor: Any) -> PreparedDataset:
+    """Validate the configured dataset with the model's tokenizer and write its snapshot."""
+    train_file, eval_file = dataset_inputs(config)
+    return prepare_dataset(
+        config.data,
+        train_file,
+        eval_file,
+        Path(config.run.output_dir) / "datasets",
+        processor.tokenizer,
+        int(processor.num_image_tokens),
+        system_prompt=config.model.system_prompt,
+        storage=config.storage,
+        seed=config.run.seed,
+    )

@@ -59,7 +59,9 @@ def attn_implementation(attn: str, hybrid: bool) -> str | dict[str, str]:
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is None:
-            raise ValueError("model.attn is flash_attention_2 but flash-attn is not installed: pip install 'vlmops[flash]' or use sdpa")
+            raise ValueError(
+                "model.attn is flash_attention_2 but flash-attn is not installed: pip install 'vlmops[flash]' or use sdpa"
+            )
     if not hybrid:
         return attn
     return {"": attn, "text_config": attn, "vision_config": attn, "high_res_vision_config": "sdpa"}
@@ -95,10 +97,11 @@ def load_model(
     hybrid = is_hybrid(folder)
     dev = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
-    model = AutoModelForImageTextToText.from_pretrained(
+    model: Any = AutoModelForImageTextToText.from_pretrained(
         folder, dtype=torch_dtype, attn_implementation=attn_implementation(attn, hybrid)
     )
     processor = AutoProcessor.from_pretrained(folder)
+    check_image_tokens(model.config, processor, folder)
     if adapter is not None:
         from peft import PeftModel
 
@@ -109,7 +112,29 @@ def load_model(
     return LoadedModel(model=model, processor=processor, path=folder, hybrid=hybrid)
 
 
-def image_inputs(processor: Any, images: list[Any], dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+def image_tokens_per_image(config: Any) -> int:
+    """How many embeddings the vision side produces per image: (SigLIP image size / patch size) squared.
+
+    The hybrid's SAM branch is resampled to the same grid, so the count is the same.
+    """
+    vision = config.vision_config
+    return int((vision.image_size // vision.patch_size) ** 2)
+
+
+def check_image_tokens(config: Any, processor: Any, where: Path) -> None:
+    """The processor must expand each image to exactly as many tokens as the vision tower yields."""
+    expected = image_tokens_per_image(config)
+    if int(processor.num_image_tokens) != expected:
+        raise ValueError(
+            f"{where}: the processor expands an image to {processor.num_image_tokens} tokens but the vision tower "
+            f"yields {expected} ({config.vision_config.image_size}px / {config.vision_config.patch_size}px patches); "
+            "fix num_image_tokens in processor_config.json"
+        )
+
+
+def image_inputs(
+    processor: Any, images: list[Any], dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Pixel tensors for a list of PIL images (the hybrid gets a high-res tensor too); empty dict for none."""
     if not images:
         return {}

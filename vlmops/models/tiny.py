@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -78,11 +78,11 @@ def build_tokenizer(out_dir: Path) -> None:
     fast.save_pretrained(out_dir)
 
 
-def tiny_config(variant: Variant, vocab_size: int, image_token_id: int, special: dict[str, int]) -> object:
+def tiny_config(variant: Variant, vocab_size: int, image_token_id: int, special: dict[str, int]) -> Any:
     """The model config of a tiny model; the same classes and keys as the released ones."""
     from transformers import DeepseekVLConfig, DeepseekVLHybridConfig
 
-    text_config = {
+    text_config: dict[str, Any] = {
         "model_type": "llama",
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -97,7 +97,7 @@ def tiny_config(variant: Variant, vocab_size: int, image_token_id: int, special:
         "tie_word_embeddings": False,
         **special,
     }
-    vision_config = {
+    vision_config: dict[str, Any] = {
         "model_type": "siglip_vision_model",
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -108,7 +108,7 @@ def tiny_config(variant: Variant, vocab_size: int, image_token_id: int, special:
         "hidden_act": "gelu",
         "vision_use_head": False,
     }
-    common = {
+    common: dict[str, Any] = {
         "text_config": text_config,
         "vision_config": vision_config,
         "image_token_id": image_token_id,
@@ -117,7 +117,7 @@ def tiny_config(variant: Variant, vocab_size: int, image_token_id: int, special:
     }
     if variant == "deepseek_vl":
         return DeepseekVLConfig(**common)
-    high_res = {
+    high_res: dict[str, Any] = {
         "model_type": "sam_vision_model",
         "hidden_size": 32,
         "output_channels": 16,
@@ -132,7 +132,7 @@ def tiny_config(variant: Variant, vocab_size: int, image_token_id: int, special:
     return DeepseekVLHybridConfig(**common, high_res_vision_config=high_res)
 
 
-def image_processor(variant: Variant) -> object:
+def image_processor(variant: Variant) -> Any:
     """The image processor of a tiny model: the released preprocessing at tiny resolutions."""
     from transformers import DeepseekVLHybridImageProcessorPil, DeepseekVLImageProcessorPil
 
@@ -176,13 +176,13 @@ def build_tiny_model(out_dir: str | os.PathLike[str], variant: Variant = "deepse
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         }
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        image_token_id: int = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)  # type: ignore[assignment]
         config = tiny_config(variant, len(tokenizer), image_token_id, special)
         torch.manual_seed(seed)
         model_cls = (
             DeepseekVLForConditionalGeneration if variant == "deepseek_vl" else DeepseekVLHybridForConditionalGeneration
         )
-        model = model_cls(config)
+        model: Any = model_cls(config)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id

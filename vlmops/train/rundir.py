@@ -80,6 +80,8 @@ def open_run(path: str | os.PathLike[str]) -> TrainedRun:
     else:
         done = checkpoints(folder)
         if not done:
-            raise FileNotFoundError(f"{folder} has no final/ and no complete checkpoint yet: is training still running?")
+            raise FileNotFoundError(
+                f"{folder} has no final/ and no complete checkpoint yet: is training still running?"
+            )
         weights = done[-1]
     return TrainedRun(folder, weights, config, info)

@@ -1,0 +1,51 @@
+# vlmops — two commands do all the set-up on a fresh machine:
+#   make run    creates .venv, installs the pinned dependencies, runs the retrain flow on pipeline.yaml
+#   make test   the same set-up, then ruff, mypy and pytest
+# Set-up is done once (it reruns when pyproject.toml or requirements/lock.txt change).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU machines get the CPU build of torch 2.13.0 (from the local wheel where there is one); a machine with
+# an NVIDIA driver keeps the CUDA build pip picks.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
+CONFIG ?= pipeline.yaml
+ARGS   ?=
+PYTEST_ARGS ?=
+
+# Offline, quiet tools: the embedded default needs no hub, and nothing should phone home.
+export DVC_NO_ANALYTICS := 1
+export DO_NOT_TRACK := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test lint typecheck unit clean
+
+$(VENV)/.installed: pyproject.toml requirements/lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet '$(TORCH)'
+	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	HF_HUB_OFFLINE=1 $(BIN)/vlmops run --config $(CONFIG) $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+unit: setup
+	$(BIN)/pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache

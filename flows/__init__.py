@@ -1,0 +1,1 @@
+"""Prefect flows: retrain (the whole chain), batch_inference and promote."""

@@ -1,0 +1,221 @@
+"""The retrain flow: download -> validate -> train -> merge -> batch inference -> evaluate -> register.
+
+One MLflow parent run per flow run, a child run per step. The dataset snapshot and the merged model are
+versioned with DVC; their hashes, the git commit and the Prefect flow-run id tag the run and the model
+version. Download and validation are cached on their inputs and the content of the files they read, so a
+rerun with unchanged inputs reuses them (the log says `Cached`).
+
+    vlmops run --config pipeline.yaml --set train.epochs=2
+    prefect deployment run retrain/scheduled --param overrides='["train.epochs=2"]'
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.states import State
+from vlmops.models.download import local_source_path
+
+from tasks.download import download_model, log_download
+from tasks.evaluate import evaluate, log_evaluation
+from tasks.infer import batch_infer_task, log_batch
+from tasks.merge import log_merge, merge
+from tasks.register import register
+from tasks.train import log_training, train_model
+from tasks.validate import log_validation, validate_dataset
+from tasks.version import version_path
+from vlmops.config import dump_config, load_config
+from vlmops.data.prepare import dataset_inputs
+from vlmops.tracking import Tracker, git_commit, ui_command
+
+
+@dataclass
+class RunSummary:
+    """What a person wants to know when the run ends; also written as summary.json."""
+
+    base_accuracy: float | None
+    finetuned_accuracy: float
+    model_name: str
+    model_version: str
+    model_alias: str
+    mlflow_run_id: str
+    mlflow_tracking_uri: str
+    mlflow_ui: str
+    run_dir: str
+    dataset_dvc_md5: str | None
+    model_dvc_md5: str | None
+    seconds: float
+
+    def text(self) -> str:
+        base = "n/a" if self.base_accuracy is None else f"{self.base_accuracy:.3f}"
+        lines = [
+            "",
+            "vlmops retrain: done",
+            f"  accuracy (exact match)  base {base}  ->  fine-tuned {self.finetuned_accuracy:.3f}",
+            f"  registered model        {self.model_name} version {self.model_version} (@{self.model_alias})",
+            f"  MLflow run              {self.mlflow_run_id}",
+            f"  MLflow store            {self.mlflow_tracking_uri}",
+            f"  open the UI             {self.mlflow_ui}",
+            f"  run folder              {self.run_dir}",
+        ]
+        if self.dataset_dvc_md5:
+            lines.append(f"  DVC dataset / model     {self.dataset_dvc_md5} / {self.model_dvc_md5}")
+        lines.append(f"  took                    {self.seconds:.0f} s")
+        return "\n".join(lines)
+
+
+def _cached(state: State) -> bool:
+    return state.name == "Cached"
+
+
+def _flow_run_id() -> str:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id or "")
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
+    started = time.time()
+    logger = get_run_logger()
+    config = load_config(config_path, overrides)
+    output_dir = Path(config.run.output_dir).resolve()
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    run_dir = output_dir / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    config_file = run_dir / "config.yaml"
+    config_file.write_text(dump_config(config))
+    tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
+    lineage = {"git_commit": git_commit() or "unknown", "prefect_flow_run_id": _flow_run_id()}
+
+    with tracker.run(f"{config.run.name}-{run_id}", tags=lineage) as parent:
+        tracker.log_params(parent, config.to_flat_dict())
+        tracker.log_artifact(parent, config_file)
+
+        with tracker.run("download_model", parent) as step:
+            state = download_model(
+                config.model, config.storage, str(output_dir), local_source_path(config), return_state=True
+            )
+            snapshot = state.result()
+            if not Path(snapshot.path).is_dir():
+                logger.warning("cached model %s is gone; downloading again", snapshot.path)
+                snapshot = download_model.with_options(refresh_cache=True)(
+                    config.model, config.storage, str(output_dir), local_source_path(config)
+                )
+            log_download(tracker, step, snapshot, _cached(state))
+
+        train_file, eval_file = dataset_inputs(config)
+        with tracker.run("validate_dataset", parent) as step:
+            args = (
+                config.data,
+                str(train_file),
+                str(eval_file) if eval_file else None,
+                str(snapshot.path),
+                str(output_dir / "datasets"),
+                config.model.system_prompt,
+                config.storage,
+                config.run.seed,
+            )
+            state = validate_dataset(*args, return_state=True)
+            dataset = state.result()
+            if not dataset.path.is_dir():
+                logger.warning("cached dataset snapshot %s is gone; validating again", dataset.path)
+                dataset = validate_dataset.with_options(refresh_cache=True)(*args)
+            log_validation(tracker, step, dataset, _cached(state))
+            data_version = version_path(config, str(dataset.path)) if config.versioning.enabled else None
+            if data_version:
+                tracker.set_tags(step, {"dvc.md5": data_version.md5, "dvc.file": data_version.dvc_file})
+
+        with tracker.run("train", parent) as step:
+            trained = train_model(
+                str(config_file), str(snapshot.path), str(dataset.path), str(run_dir / "train"), tracker.uri, step
+            )
+            log_training(tracker, step, trained)
+
+        with tracker.run("merge", parent) as step:
+            merged = merge(str(trained.run_dir), str(run_dir / "merged"), config.merge.parity_atol, config.model.dtype)
+            log_merge(tracker, step, merged)
+            model_version = version_path(config, str(merged.path)) if config.versioning.enabled else None
+            if model_version:
+                tracker.set_tags(step, {"dvc.md5": model_version.md5, "dvc.file": model_version.dvc_file})
+
+        with tracker.run("batch_infer", parent) as step:
+            predictions = run_dir / "predictions"
+            predictions.mkdir()
+            base = None
+            if config.eval.evaluate_base:
+                base = batch_infer_task(
+                    str(snapshot.path),
+                    str(dataset.eval_file),
+                    str(predictions / "base.jsonl"),
+                    config.infer,
+                    config.model,
+                    config.storage,
+                )
+                log_batch(tracker, step, "base", base)
+            tuned = batch_infer_task(
+                str(merged.path),
+                str(dataset.eval_file),
+                str(predictions / "finetuned.jsonl"),
+                config.infer,
+                config.model,
+                config.storage,
+            )
+            log_batch(tracker, step, "finetuned", tuned)
+
+        with tracker.run("evaluate", parent) as step:
+            metrics = evaluate(str(base.path) if base else None, str(tuned.path), str(run_dir / "evaluation.json"))
+            log_evaluation(tracker, step, metrics, str(run_dir / "evaluation.json"))
+            tracker.log_metrics(parent, metrics)
+
+        tags = {
+            **lineage,
+            "mlflow_run_id": parent,
+            "dataset.path": dataset.path,
+            "dataset.hash": dataset.content_hash,
+            **({"dvc.dataset.md5": data_version.md5} if data_version else {}),
+            **({"dvc.model.md5": model_version.md5} if model_version else {}),
+            **{k: f"{v:.4f}" for k, v in metrics.items()},
+        }
+        with tracker.run("register", parent) as step:
+            version = register(tracker, step, str(merged.path), config.registry.model_name, config.registry.alias, tags)
+            tracker.set_tags(step, {"model_name": version.name, "model_version": version.version})
+        tracker.set_tags(parent, {k: v for k, v in tags.items() if k.startswith("dvc.")})
+
+    summary = RunSummary(
+        base_accuracy=metrics.get("base_accuracy"),
+        finetuned_accuracy=metrics["finetuned_accuracy"],
+        model_name=version.name,
+        model_version=version.version,
+        model_alias=version.alias,
+        mlflow_run_id=parent,
+        mlflow_tracking_uri=tracker.uri,
+        mlflow_ui=ui_command(tracker.uri),
+        run_dir=str(run_dir),
+        dataset_dvc_md5=data_version.md5 if data_version else None,
+        model_dvc_md5=model_version.md5 if model_version else None,
+        seconds=time.time() - started,
+    )
+    summary_file = run_dir / "summary.json"
+    summary_file.write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    print(summary.text())
+    print(f"  summary                 {summary_file}")
+    return asdict(summary) | {"summary_file": str(summary_file)}
+
+
+def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
+    """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server."""
+    retrain(config_path or "pipeline.yaml", overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_from_cli(sys.argv[1] if len(sys.argv) > 1 else None, sys.argv[2:]))

@@ -1,0 +1,69 @@
+"""Cache keys that change when the files a step reads change, not only when its arguments do.
+
+Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale
+result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's
+sha256, and for a folder (or the folder beside a dataset file, where its images live) each file's relative
+path, size and modification time — cheap for multi-GB checkpoints, which are hashed once by the step itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def folder_stat_fingerprint(folder: Path) -> str:
+    """Relative path, size and mtime of every file below `folder`."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        stat = path.stat()
+        h.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint(value: Any, with_siblings: bool) -> str | None:
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        return folder_stat_fingerprint(path)
+    if path.is_file():
+        key = file_sha256(path)
+        return key + folder_stat_fingerprint(path.parent) if with_siblings else key
+    return f"missing:{path}"
+
+
+@dataclass
+class FileContents(CachePolicy):
+    """Adds the contents of the paths passed in `params` to the cache key.
+
+    `siblings`: for these params, also fingerprint the files beside the named file (a dataset's images).
+    """
+
+    params: list[str] = field(default_factory=list)
+    siblings: list[str] = field(default_factory=list)
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        parts = [fingerprint(inputs.get(name), name in self.siblings) for name in self.params]
+        return hash_objects(parts, raise_on_failure=True)
+
+
+def inputs_and_files(params: list[str], siblings: list[str] | None = None) -> CachePolicy:
+    """INPUTS + TASK_SOURCE + the files behind `params`."""
+    return INPUTS + TASK_SOURCE + FileContents(params=params, siblings=siblings or [])

@@ -1,0 +1,34 @@
+"""download_model: fetch the base model (converting the original release layout once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from vlmops.models.download import ModelSnapshot
+from vlmops.models.download import download_model as fetch_model
+
+from tasks.caching import inputs_and_files
+from vlmops.config import ModelConfig, StorageConfig
+from vlmops.tracking import Tracker
+
+
+@task(
+    name="download_model",
+    cache_policy=inputs_and_files(["local_source"]),
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=30,
+)
+def download_model(
+    model: ModelConfig, storage: StorageConfig, output_dir: str, local_source: str | None = None
+) -> ModelSnapshot:
+    """Download (or copy) and verify the base model; `local_source` only feeds the cache key."""
+    return fetch_model(model, storage, Path(output_dir))
+
+
+def log_download(tracker: Tracker, run_id: str, snapshot: ModelSnapshot, cached: bool) -> None:
+    tracker.log_params(run_id, {"source": snapshot.source, "id": snapshot.id, "revision": snapshot.revision})
+    tracker.set_tags(run_id, {"cached": cached, "converted": snapshot.converted, "model.path": snapshot.path})
+    if snapshot.manifest_path and Path(snapshot.manifest_path).is_file():
+        tracker.log_artifact(run_id, snapshot.manifest_path, "manifest")

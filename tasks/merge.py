@@ -1,0 +1,22 @@
+"""merge: fold the LoRA adapter into a plain transformers checkpoint, then prove the logits match."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from vlmops.train.merge import MergeResult, merge_run
+
+from vlmops.tracking import Tracker
+
+
+@task(name="merge", cache_policy=NO_CACHE)
+def merge(run_dir: str, out_dir: str, atol: float | None, dtype: str) -> MergeResult:
+    """Merge and run the parity check; a failed check raises and stops the flow."""
+    return merge_run(Path(run_dir), Path(out_dir), atol=atol, dtype=dtype)
+
+
+def log_merge(tracker: Tracker, run_id: str, result: MergeResult) -> None:
+    tracker.log_metrics(run_id, {"parity_max_abs_diff": result.max_abs_diff, "parity_atol": result.atol})
+    tracker.set_tags(run_id, {"merged_path": result.path, "adapter": result.adapter})

@@ -1,0 +1,107 @@
+"""Dataset files: both formats, json and jsonl, and a clear report of every rejected record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vlmops.data.conversation import ImageRef
+from vlmops.data.formats import read_dataset
+
+SEED_EXAMPLE = [
+    {"conversations": [{"from": "user", "value": "<img>img_path</img>11111"}, {"from": "assistant", "value": "22222"}]},
+    {
+        "conversations": [
+            {"from": "user", "value": "<img>img_path</img><img>img_path2</img><img>img_path3</img>aaaaa"},
+            {"from": "assistant", "value": "bbbbb"},
+            {"from": "user", "value": "<img>img_path</img>ccccc"},
+            {"from": "assistant", "value": "ddddd"},
+        ]
+    },
+    {
+        "conversations": [
+            {"from": "user", "value": "AAAAA"},
+            {"from": "assistant", "value": "BBBBB"},
+            {"from": "user", "value": "CCCCC"},
+            {"from": "assistant", "value": "DDDDD"},
+        ]
+    },
+]
+
+
+def test_seed_custom_dataset_example_parses(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(SEED_EXAMPLE))
+    read = read_dataset(path)
+    assert read.problems == []
+    assert [len(c.images) for c in read.conversations] == [1, 4, 0]
+    assert read.conversations[0].images[0] == ImageRef(str(tmp_path / "img_path"))
+    assert read.conversations[1].messages[0].text("<i>") == "<i><i><i>aaaaa"
+
+
+def test_messages_format_and_remote_images(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    record = {
+        "id": "r1",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "<image>What is <image>?"},
+            {"role": "assistant", "content": "two"},
+        ],
+        "images": ["https://host/a.png", "s3://bucket/b.png"],
+    }
+    path.write_text(json.dumps(record) + "\n")
+    read = read_dataset(path)
+    assert read.problems == []
+    conv = read.conversations[0]
+    assert [i.uri for i in conv.images] == ["https://host/a.png", "s3://bucket/b.png"]
+    assert conv.meta == {"id": "r1"}
+    assert conv.messages[0].role == "system"
+
+
+def test_every_rejected_record_has_file_line_field_reason(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ok"}]}),
+        "{not json",
+        json.dumps({"conversations": [{"from": "robot", "value": "hi"}]}),
+        json.dumps({"conversations": [{"from": "user", "value": "hi"}]}),
+        json.dumps({"conversations": [{"from": "assistant", "value": "x"}, {"from": "user", "value": "y"}]}),
+        json.dumps({"text": "no conversation"}),
+        json.dumps(
+            {"messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}], "images": []}
+        ),
+        json.dumps(
+            {"conversations": [{"from": "user", "value": "<img></img>hi"}, {"from": "assistant", "value": "a"}]}
+        ),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    read = read_dataset(path)
+    assert len(read.conversations) == 1
+    by_line = {p.location: p for p in read.problems}
+    assert set(by_line) == {f"{path}:{n}" for n in range(2, 9)}
+    assert "not valid JSON" in by_line[f"{path}:2"].reason
+    assert by_line[f"{path}:3"].field == "conversations[0].from"
+    assert "must end with an assistant turn" in by_line[f"{path}:4"].reason
+    assert "'user' was expected" in by_line[f"{path}:5"].reason
+    assert "needs a 'conversations' or 'messages' key" in by_line[f"{path}:6"].reason
+    assert "more <image> tags" in by_line[f"{path}:7"].reason
+    assert "empty image reference" in by_line[f"{path}:8"].reason
+
+
+def test_json_index_locations(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([SEED_EXAMPLE[0], {"conversations": []}]))
+    read = read_dataset(path)
+    assert [str(p.location) for p in read.problems] == [f"{path}[1]"]
+
+
+def test_missing_file_and_wrong_type(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="data.train"):
+        read_dataset(tmp_path / "nope.jsonl")
+    other = tmp_path / "d.csv"
+    other.write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported dataset file type"):
+        read_dataset(other)

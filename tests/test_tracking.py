@@ -1,0 +1,50 @@
+"""MLflow helpers against a real SQLite store in a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vlmops.config import TrackingConfig
+from vlmops.tracking import Tracker, resolve_tracking_uri
+
+
+def test_parent_child_runs_params_metrics_and_registration(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(TrackingConfig(uri=uri, experiment="t"), artifact_root=tmp_path / "artifacts")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with tracker.run("parent", tags={"git_commit": "abc"}) as parent:
+        tracker.log_params(parent, {"train.lr": 0.1, "long": "x" * 7000, "none": None})
+        with tracker.run("train", parent) as child:
+            tracker.log_history(child, "loss", [(1, 2.0), (2, 1.5), (3, float("nan")), (4, 1.0)])
+        version = tracker.register_model(child, model, "m", "challenger", tags={"dvc.model.md5": "123"})
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    p = client.get_run(parent)
+    assert p.data.params["train.lr"] == "0.1"
+    assert len(p.data.params["long"]) == 6000
+    assert p.info.status == "FINISHED"
+    c = client.get_run(child)
+    assert c.data.tags["mlflow.parentRunId"] == parent
+    assert [(m.step, m.value) for m in client.get_metric_history(child, "loss")] == [(1, 2.0), (2, 1.5), (4, 1.0)]
+    mv = client.get_model_version_by_alias("m", "challenger")
+    assert str(mv.version) == version.version == "1"
+    assert mv.tags["dvc.model.md5"] == "123"
+    assert (tmp_path / "artifacts").is_dir()
+    assert [a.path for a in client.list_artifacts(child, "model")] == ["model/config.json"]
+
+
+def test_failed_block_marks_run_failed(tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", experiment="t"))
+    with pytest.raises(RuntimeError), tracker.run("boom") as run_id:
+        raise RuntimeError("x")
+    assert tracker.client.get_run(run_id).info.status == "FAILED"
+
+
+def test_relative_sqlite_uri_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///out/m.db") == f"sqlite:///{tmp_path}/out/m.db"
+    assert resolve_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"

@@ -1,0 +1,188 @@
+"""MLflow helpers: one parent run per pipeline run, a child run per step, and model registration.
+
+Everything goes through `MlflowClient` with explicit run ids (no fluent "active run" state), so steps
+running in Prefect worker threads or subprocesses log to the right run. A subprocess (training) gets the
+run through the `MLFLOW_TRACKING_URI` / `MLFLOW_RUN_ID` environment variables.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmops.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+# MLflow caps a param value at 6000 characters and a batch at 100 params / 1000 metrics.
+MAX_PARAM_CHARS = 6000
+PARAM_BATCH = 100
+METRIC_BATCH = 1000
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    alias: str
+    source: str
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Make a relative `sqlite:///path` absolute, so the store does not depend on the working directory."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix) :]).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return uri
+
+
+class Tracker:
+    """Logs a pipeline run to MLflow."""
+
+    def __init__(self, config: TrackingConfig, artifact_root: Path | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_tracking_uri(config.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.experiment_id = self._experiment(config.experiment, artifact_root)
+
+    def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        existing = self.client.get_experiment_by_name(name)
+        if existing is not None:
+            return str(existing.experiment_id)
+        location = None
+        if artifact_root is not None and self.uri.startswith("sqlite:"):
+            # Keep artifacts beside the SQLite store instead of ./mlruns in whatever folder we run from.
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            location = artifact_root.resolve().as_uri()
+        return str(self.client.create_experiment(name, artifact_location=location))
+
+    def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_id is not None:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        return str(run.info.run_id)
+
+    def end_run(self, run_id: str, failed: bool = False) -> None:
+        self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+    @contextmanager
+    def run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+        """A run that ends FINISHED, or FAILED if the block raises."""
+        run_id = self.start_run(name, parent_id, tags)
+        try:
+            yield run_id
+        except BaseException:
+            self.end_run(run_id, failed=True)
+            raise
+        self.end_run(run_id)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self.client.log_batch(run_id, params=items[i : i + PARAM_BATCH])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+        ]
+        for i in range(0, len(items), METRIC_BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])
+
+    def log_history(self, run_id: str, key: str, history: list[tuple[int, float]]) -> None:
+        """A metric's whole step history at once (e.g. the training loss read back from metrics.jsonl)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(v), now, int(s)) for s, v in history if math.isfinite(float(v))]
+        for i in range(0, len(items), METRIC_BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        target = Path(path)
+        if target.is_dir():
+            self.client.log_artifacts(run_id, str(target), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(target), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def register_model(
+        self,
+        run_id: str,
+        model_dir: Path,
+        name: str,
+        alias: str,
+        tags: Mapping[str, Any] | None = None,
+        artifact_path: str = "model",
+    ) -> RegisteredVersion:
+        """Log a checkpoint folder as run artifacts and register it as a new version with `alias`.
+
+        MLflow 3's `register_model("runs:/...")` only accepts logged models; plain artifacts register through
+        `create_model_version` with the artifact URI as source.
+        """
+        from mlflow.exceptions import MlflowException
+
+        self.log_artifact(run_id, model_dir, artifact_path)
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as err:
+            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(
+            name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+        )
+        self.client.set_registered_model_alias(name, alias, str(version.version))
+        log.info("registered %s version %s as @%s", name, version.version, alias)
+        return RegisteredVersion(name, str(version.version), alias, source)
+
+
+def git_commit(folder: Path | None = None) -> str | None:
+    """The commit of the code that runs (None outside a git checkout); `-dirty` if there are local changes."""
+    cwd = folder or Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _param_value(value: Any) -> str:
+    text = "null" if value is None else str(value)
+    return text if len(text) <= MAX_PARAM_CHARS else text[: MAX_PARAM_CHARS - 3] + "..."

@@ -1,0 +1,104 @@
+"""DVC helpers: track a dataset snapshot or a model folder, push it, and report its hash.
+
+DVC commands in one repository must not overlap (they fail on the repo lock), so every operation holds
+a file lock beside the repository for its whole duration; two pipeline runs on one machine queue up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from filelock import FileLock
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class DvcVersion:
+    """A tracked output: its .dvc file and the content hash DVC recorded (`.dir` suffix for folders)."""
+
+    path: str
+    dvc_file: str
+    md5: str
+    size: int
+    nfiles: int | None
+    remote: str
+
+
+class DvcStore:
+    """One DVC repository (created on first use) with a default remote."""
+
+    def __init__(self, repo_root: str | os.PathLike[str], remote_name: str, remote_url: str):
+        self.root = Path(repo_root).expanduser().resolve()
+        self.remote_name = remote_name
+        self.remote_url = _absolute_url(remote_url)
+        self.lock = FileLock(str(self.root.parent / f".{self.root.name}.dvc.lock"), timeout=LOCK_TIMEOUT_S)
+
+    def _open(self) -> Any:
+        from dvc.repo import Repo
+
+        os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+        if not (self.root / ".dvc").is_dir():
+            self.root.mkdir(parents=True, exist_ok=True)
+            # no_scm: the repository is a data workspace; its .dvc files are logged to MLflow and kept beside
+            # the data, so it needs no git repository of its own.
+            Repo.init(str(self.root), no_scm=not (self.root / ".git").exists())
+            log.info("initialised a DVC repository at %s", self.root)
+        repo = Repo(str(self.root))
+        with repo.config.edit() as conf:
+            remote = conf["remote"].get(self.remote_name, {})
+            if remote.get("url") != self.remote_url:
+                conf["remote"][self.remote_name] = {"url": self.remote_url}
+            conf["core"]["remote"] = self.remote_name
+        return repo
+
+    def track(self, path: str | os.PathLike[str]) -> DvcVersion:
+        """`dvc add` then `dvc push` one folder or file inside the repository."""
+        target = Path(path).resolve()
+        if not target.is_relative_to(self.root):
+            raise ValueError(
+                f"{target} is outside the DVC repository {self.root}: set versioning.repo to a folder that "
+                "contains run.output_dir (or leave it null to use run.output_dir)"
+            )
+        with self.lock:
+            repo = self._open()
+            try:
+                repo.add([str(target)])
+                dvc_file = target.with_name(target.name + ".dvc")
+                repo.push(targets=[str(dvc_file)], remote=self.remote_name)
+            finally:
+                repo.close()
+        version = read_dvc_file(dvc_file, self.remote_name)
+        log.info("DVC: %s -> %s (pushed to %s)", target.name, version.md5, self.remote_name)
+        return version
+
+
+def read_dvc_file(dvc_file: Path, remote: str = "") -> DvcVersion:
+    data = yaml.safe_load(dvc_file.read_text())
+    out = data["outs"][0]
+    return DvcVersion(
+        path=str(dvc_file.with_suffix("")),
+        dvc_file=str(dvc_file),
+        md5=str(out["md5"]),
+        size=int(out.get("size", 0)),
+        nfiles=out.get("nfiles"),
+        remote=remote,
+    )
+
+
+def cache_object_path(remote_dir: Path, md5: str) -> Path:
+    """Where a DVC 3 local remote keeps the object with this hash."""
+    return remote_dir / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _absolute_url(url: str) -> str:
+    if "://" in url:
+        return url
+    return str(Path(url).expanduser().resolve())
