@@ -17,13 +17,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from vlmops.hashing import sha256_file
 
 
 def folder_stat_fingerprint(folder: Path) -> str:
@@ -42,7 +36,7 @@ def fingerprint(value: Any, with_siblings: bool) -> str | None:
     if path.is_dir():
         return folder_stat_fingerprint(path)
     if path.is_file():
-        key = file_sha256(path)
+        key = sha256_file(path)
         return key + folder_stat_fingerprint(path.parent) if with_siblings else key
     return f"missing:{path}"
 

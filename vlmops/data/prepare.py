@@ -27,6 +27,7 @@ from vlmops.data.conversation import Conversation
 from vlmops.data.demo import write_demo_dataset
 from vlmops.data.formats import REMOTE_PREFIXES, DatasetError, RecordProblem, read_dataset, write_conversations
 from vlmops.data.images import ImageLoadError, open_image_bytes, read_image_bytes
+from vlmops.hashing import sha256_file
 from vlmops.models.template import Tokenizer, encode
 
 log = logging.getLogger(__name__)
@@ -270,14 +271,6 @@ def _store_image(uri: str, image_dir: Path, storage: StorageConfig | None) -> st
     return f"images/{target.name}"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _hash_folder(folder: Path) -> str:
     """Hash of every file's relative path and content (images are already named by their content hash)."""
     h = hashlib.sha256()
@@ -285,7 +278,7 @@ def _hash_folder(folder: Path) -> str:
         rel = path.relative_to(folder).as_posix()
         h.update(rel.encode())
         h.update(b"\0")
-        h.update(path.name.encode() if rel.startswith("images/") else _sha256_file(path).encode())
+        h.update(path.name.encode() if rel.startswith("images/") else sha256_file(path).encode())
     return h.hexdigest()
 
 

@@ -1,0 +1,136 @@
+"""The retrain flow end to end on the embedded default, under Prefect's test harness.
+
+A real MLflow SQLite store, a real DVC repository and remote, the shipped pipeline.yaml; the assertions
+read what the run left behind. A second run must reuse the cached download and validation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from vlmops.versioning import cache_object_path, read_dvc_file
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict, list[str]]:
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.retrain import retrain
+
+    tmp = tmp_path_factory.mktemp("flow")
+    overrides = [
+        f"run.output_dir={tmp}/outputs",
+        f"model.cache_dir={tmp}/outputs/cache",
+        f"tracking.uri=sqlite:///{tmp}/outputs/mlflow.db",
+    ]
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "prefect-storage"}), prefect_test_harness():
+        first = retrain(str(ROOT / "pipeline.yaml"), overrides)
+        second = retrain(str(ROOT / "pipeline.yaml"), overrides)
+        states = _task_states(second)
+    return tmp / "outputs", first, second, states
+
+
+def _task_states(summary: dict) -> list[str]:
+    """Names of the task-run states of the flow run that produced `summary` (read from Prefect's API)."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    flow_run_id = client.get_run(summary["mlflow_run_id"]).data.tags["prefect_flow_run_id"]
+
+    async def read() -> list[str]:
+        async with get_client() as prefect:
+            runs = await prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return [f"{r.task_key.split('-')[0] if r.task_key else r.name}:{r.state_name}" for r in runs]
+
+    return asyncio.run(read())
+
+
+def test_accuracy_and_summary(two_runs: tuple[Path, dict, dict, list[str]]) -> None:
+    _, first, _, _ = two_runs
+    assert first["finetuned_accuracy"] >= 0.9
+    assert first["base_accuracy"] <= 0.3
+    summary = json.loads(Path(first["summary_file"]).read_text())
+    for key in ("base_accuracy", "finetuned_accuracy", "model_name", "model_version", "mlflow_run_id"):
+        assert key in summary
+    assert summary["model_name"] == "vlmops-demo"
+
+
+def test_mlflow_runs_metrics_and_model_version(two_runs: tuple[Path, dict, dict, list[str]]) -> None:
+    _, first, second, _ = two_runs
+    client = MlflowClient(tracking_uri=first["mlflow_tracking_uri"], registry_uri=first["mlflow_tracking_uri"])
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.data.params["train.mode"] == "lora"
+    assert parent.data.metrics["finetuned_accuracy"] == first["finetuned_accuracy"]
+    assert parent.data.tags["git_commit"]
+    assert parent.data.tags["prefect_flow_run_id"]
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    steps = {r.info.run_name: r for r in children}
+    assert set(steps) == {"download_model", "validate_dataset", "train", "merge", "batch_infer", "evaluate", "register"}
+    assert all(r.info.status == "FINISHED" for r in children)
+    train = steps["train"]
+    losses = client.get_metric_history(train.info.run_id, "loss")
+    assert len(losses) >= 10
+    assert losses[-1].value < losses[0].value
+    artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert "loss_curve.png" in artifacts
+    assert {a.path for a in client.list_artifacts(steps["validate_dataset"].info.run_id, "validation")} >= {
+        "validation/report.json",
+        "validation/token_lengths.png",
+    }
+    assert steps["merge"].data.metrics["parity_max_abs_diff"] <= steps["merge"].data.metrics["parity_atol"]
+    # the model version, its alias and its lineage tags
+    version = client.get_model_version_by_alias("vlmops-demo", "challenger")
+    assert str(version.version) == second["model_version"] == "2"
+    assert first["model_version"] == "1"
+    assert version.tags["dvc.dataset.md5"].endswith(".dir")
+    assert version.tags["dvc.model.md5"].endswith(".dir")
+    assert version.tags["git_commit"]
+    assert version.run_id == steps_of(client, second["mlflow_run_id"])["register"]
+
+
+def steps_of(client: MlflowClient, parent_id: str) -> dict[str, str]:
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.info.run_name: r.info.run_id for r in children}
+
+
+def test_dvc_files_and_pushed_objects(two_runs: tuple[Path, dict, dict, list[str]]) -> None:
+    outputs, first, _, _ = two_runs
+    dvc_files = sorted(outputs.rglob("*.dvc"))
+    dataset_files = [f for f in dvc_files if f.parent.name == "datasets"]
+    model_files = [f for f in dvc_files if f.name == "merged.dvc"]
+    assert len(dataset_files) == 1  # the same snapshot both times
+    assert len(model_files) == 2
+    remote = outputs / "dvc-remote"
+    client = MlflowClient(tracking_uri=first["mlflow_tracking_uri"])
+    tags = client.get_run(first["mlflow_run_id"]).data.tags
+    for dvc_file in [*dataset_files, *model_files]:
+        version = read_dvc_file(dvc_file)
+        assert cache_object_path(remote, version.md5).is_file(), dvc_file
+    assert tags["dvc.dataset.md5"] == read_dvc_file(dataset_files[0]).md5
+    assert first["dataset_dvc_md5"] == tags["dvc.dataset.md5"]
+
+
+def test_second_run_reuses_download_and_validation(two_runs: tuple[Path, dict, dict, list[str]]) -> None:
+    _, first, second, states = two_runs
+    assert "download_model:Cached" in states
+    assert "validate_dataset:Cached" in states
+    assert "train:Completed" in states
+    client = MlflowClient(tracking_uri=second["mlflow_tracking_uri"])
+    steps = steps_of(client, second["mlflow_run_id"])
+    assert client.get_run(steps["download_model"]).data.tags["cached"] == "True"
+    assert client.get_run(steps["validate_dataset"]).data.tags["cached"] == "True"
+    assert client.get_run(steps_of(client, first["mlflow_run_id"])["download_model"]).data.tags["cached"] == "False"
