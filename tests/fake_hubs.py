@@ -121,7 +121,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # HF hub -----------------------------------------------------------------------------------------
     def _hf_revision(self, match: re.Match[str], query: dict[str, str], head: bool) -> None:
-        repo_id, revision = match.group(1), match.group(2)
+        repo_id, revision = match.group(1), (match.group(2) if match.lastindex == 2 else "main")
         files = self.hub.files(repo_id, revision)
         if files is None:
             self._hf_missing(head)
@@ -211,6 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         (r"/api/v1/models/([^/]+/[^/]+)/repo/files", _ms_files),
         (r"/api/v1/models/([^/]+/[^/]+)/repo", _ms_file),
         (r"/api/models/([^/]+/[^/]+)/revision/([^/]+)", _hf_revision),
+        (r"/api/models/([^/]+/[^/]+)", _hf_revision),  # model_info of the default branch
         (r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", _hf_tree),
         (r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", _hf_resolve),
     ]

@@ -216,6 +216,15 @@ def test_hf_hub_unknown_repo(native_repo: Path, tmp_path: Path, monkeypatch: pyt
             download_model(config, None, tmp_path / "out")
 
 
+def test_hf_hub_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_hf_hub(monkeypatch, "http://127.0.0.1:9")
+    config = ModelConfig(name="deepseek-vl-1.3b-chat", source="huggingface", cache_dir=str(tmp_path))
+    with pytest.raises(
+        ModelDownloadError, match=r"the HF hub is unreachable.*model\.source: local.*HF_ENDPOINT"
+    ):
+        download_model(config, None, tmp_path / "out")
+
+
 # ---- local folders and tiny models -----------------------------------------------------------------------
 
 

@@ -247,10 +247,10 @@ class _HuggingFace:
 
     def list_files(self, repo_id: str, revision: str | None) -> dict[str, int]:
         from huggingface_hub import HfApi
-        from huggingface_hub.hf_api import RepoFile
 
-        entries = HfApi().list_repo_tree(repo_id, revision=revision, recursive=True)
-        return {e.path: int(e.size) for e in entries if isinstance(e, RepoFile)}
+        # model_info is one request; list_repo_tree pages with retries and takes ~25 s to give up offline
+        info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+        return {s.rfilename: int(s.size or 0) for s in info.siblings or []}
 
     def download(self, repo_id: str, revision: str | None, cache: Path, patterns: list[str]) -> Path:
         from huggingface_hub import snapshot_download
