@@ -12,7 +12,6 @@ beside `dst` and renamed into place at the end: a crash leaves no folder a rerun
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT
+from vlmops.models.diskspace import check_free_space, gb, raise_if_disk_full
 from vlmops.models.original_layout import CLIP_MEAN, CLIP_STD, SamSpec, SiglipSpec, sam_spec, siglip_spec
 from vlmops.models.template import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
@@ -262,7 +262,7 @@ def convert_checkpoint(
     Raises:
         FileExistsError: `dst` exists (delete it or pick another folder).
         ConversionError: the checkpoint does not fit the release layout; the message names the file/key.
-        OSError: the disk filled up (the message says how much room is needed).
+        DiskFullError: not enough disk space (an OSError, errno ENOSPC; the message says how much).
     """
     src_dir, dst_dir = Path(src), Path(dst)
     started = time.perf_counter()
@@ -273,13 +273,18 @@ def convert_checkpoint(
     original = _read_json(src_dir / "config.json")
     arch = _arch_of(original, src_dir / "config.json")
     weight_files = _weight_files(src_dir)
-    _check_free_space(dst_dir.parent, sum(f.stat().st_size for f in weight_files))
+    check_free_space(
+        dst_dir.parent, sum(f.stat().st_size for f in weight_files), f"converting into {dst_dir}"
+    )
+
+    # Config and tokenizer first: a config the native classes cannot hold fails before any weight is read.
+    tokenizer = _build_tokenizer(src_dir, original)
+    config = native_config(original, tokenizer, arch, src_dir / "config.json")
 
     dst_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.staging-", dir=dst_dir.parent))
     report = ConversionReport(src=src_dir, dst=dst_dir, arch=arch)
     try:
-        tokenizer = _build_tokenizer(src_dir, original)
         writer = _ShardWriter(staging, max_shard_bytes)
         dtype: torch.dtype | None = None
         for key, tensor in _iter_tensors(weight_files):
@@ -291,8 +296,7 @@ def convert_checkpoint(
                 dtype = dtype or value.dtype
                 writer.add(name, value)
         report.tensors_out, report.shards, report.bytes_written = writer.finish()
-        config = native_config(original, tokenizer, arch, src_dir / "config.json")
-        config.dtype = dtype or torch.float32
+        config.dtype = dtype or torch.float32  # as stored: bf16 for the release, never silently widened
         config.save_pretrained(staging)
         _write_generation_config(staging, tokenizer)
         _build_processor(src_dir, original, tokenizer, arch).save_pretrained(staging)
@@ -305,13 +309,7 @@ def convert_checkpoint(
         staging.rename(dst_dir)
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise OSError(
-                errno.ENOSPC,
-                f"disk full while writing {dst_dir}: the conversion needs about "
-                f"{_gb(sum(f.stat().st_size for f in weight_files))} free there; free space or convert "
-                "to another disk (model.cache_dir)",
-            ) from err
+        raise_if_disk_full(err, dst_dir.parent, "converting")
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -760,24 +758,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.1f} GB"
-
-
-def _check_free_space(folder: Path, needed: int) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed * 1.05:
-        raise OSError(
-            errno.ENOSPC,
-            f"not enough disk space in {probe}: the conversion writes about {_gb(needed)}, "
-            f"{_gb(free)} is free; "
-            "free space or convert to another disk (model.cache_dir)",
-        )
-
-
 def convert_command(src: str, dst: str) -> int:
     """`vlmops convert SRC DST`: convert and print a short summary. Returns the exit code."""
     try:
@@ -790,7 +770,7 @@ def convert_command(src: str, dst: str) -> int:
     groups = ", ".join(f"{k} x{n}" for k, n in sorted(dropped.items())) or "none"
     print(
         f"  tensors: {report.tensors_in} read, {report.tensors_out} written "
-        f"in {report.shards} shard(s), {_gb(report.bytes_written)}"
+        f"in {report.shards} shard(s), {gb(report.bytes_written)}"
     )
     print(f"  dropped: {len(report.dropped)} ({groups})")
     print(f"  time:    {report.seconds:.1f}s")

@@ -22,7 +22,6 @@ disk full.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import hashlib
 import json
@@ -39,6 +38,7 @@ from typing import Any, Protocol
 from vlmops.config import ModelConfig, StorageConfig
 from vlmops.models.catalog import ResolvedModel, resolve
 from vlmops.models.convert import convert_checkpoint, detect_layout
+from vlmops.models.diskspace import check_free_space, gb, raise_if_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,6 @@ class ModelDownloadError(RuntimeError):
 
 class SnapshotCorruptedError(ModelDownloadError):
     """A downloaded snapshot no longer matches its manifest."""
-
-
-class DiskFullError(OSError):
-    """Not enough room for a download (errno ENOSPC); the message says how much is needed and where."""
-
-    def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
 
 
 @dataclass(frozen=True)
@@ -108,7 +101,8 @@ def download_model(
         ValueError: the model section names no known model or an impossible source/id.
         FileNotFoundError: a local folder that does not exist.
         ModelDownloadError: hub unreachable, unknown id or revision, corrupted snapshot.
-        DiskFullError: not enough disk space (an OSError with errno ENOSPC), with how much is needed.
+        vlmops.models.diskspace.DiskFullError: not enough disk space (an OSError, errno ENOSPC), with how
+            much is needed.
     """
     resolved = resolve(model_cfg, output_dir)
     cache = Path(model_cfg.cache_dir).expanduser()
@@ -135,7 +129,13 @@ def download_model(
     if not converted.exists():
         log.info("converting %s (release layout) into %s", original, converted)
         converted_manifest.unlink(missing_ok=True)
-        convert_checkpoint(original, converted)
+        try:
+            convert_checkpoint(original, converted)
+        except OSError:
+            if not converted.is_dir():
+                raise
+            # Another process (a parallel flow run) renamed the same conversion into place first.
+            log.info("%s was converted by another process meanwhile; using it", converted)
     native = _ensure_manifest(
         converted, converted_manifest, resolved, owned=True, refresh=refresh, extra={"source_digest": digest}
     )
@@ -328,20 +328,20 @@ def _hub_snapshot(
             for p, s in wanted.items()
             if snapshot and (snapshot / p).is_file() and (snapshot / p).stat().st_size == s
         )
-        _check_free_space(hub_cache, sum(wanted.values()) - present, f"{hub.name} {resolved.id}")
+        check_free_space(hub_cache, sum(wanted.values()) - present, f"{hub.name} {resolved.id}")
         log.info(
             "downloading %s %s@%s (%d files, %s)",
             hub.name,
             resolved.id,
             resolved.revision,
             len(wanted),
-            _gb(sum(wanted.values())),
+            gb(sum(wanted.values())),
         )
         snapshot = hub.download(resolved.id, resolved.revision, hub_cache, patterns)
     except ModelDownloadError:
         raise
     except Exception as err:
-        _raise_if_disk_full(err, hub_cache)
+        raise_if_disk_full(err, hub_cache, "downloading (the next run resumes)")
         explained = hub.explain(err, resolved.id, resolved.revision)
         if explained is not None:
             raise explained from err
@@ -445,7 +445,7 @@ def _s3_snapshot(
             raise ModelDownloadError(
                 f"no model files under {resolved.id} (nothing matches {', '.join(patterns)})"
             )
-        _check_free_space(folder, sum(sizes[rel] for rel in wanted), resolved.id)
+        check_free_space(folder, sum(sizes[rel] for rel in wanted), resolved.id)
         download_prefix(client, resolved.id, folder, patterns=patterns, progress=True)
         for rel in _model_files(folder):
             if rel not in wanted:  # gone upstream: a stale shard or index must not reach the conversion
@@ -460,7 +460,7 @@ def _s3_snapshot(
             "and the bucket name."
         ) from err
     except OSError as err:
-        _raise_if_disk_full(err, folder)
+        raise_if_disk_full(err, folder, "downloading (the next run resumes)")
         raise
     return folder, manifest_path, _write_manifest(folder, manifest_path, resolved, files=wanted)
 
@@ -595,40 +595,6 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(path)
-
-
-# --------------------------------------------------------------------------------------------------------
-# disk space
-
-
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
-
-
-def _check_free_space(folder: Path, needed: int, what: str) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if needed > 0 and free < needed * 1.05 + 100 * 1024 * 1024:
-        raise DiskFullError(
-            f"not enough disk space for {what}: it needs {_gb(needed)}, {probe} has {_gb(free)} free. "
-            "Free space or set model.cache_dir to a disk with room.",
-        )
-
-
-def _raise_if_disk_full(err: BaseException, folder: Path) -> None:
-    if isinstance(err, DiskFullError):
-        raise err
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            raise DiskFullError(
-                f"disk full while downloading into {folder}: free space or set model.cache_dir "
-                "to a disk with room; "
-                "the next run resumes the partial download",
-            ) from err
-        seen = seen.__cause__ or seen.__context__
 
 
 def _safe_name(text: str) -> str:
