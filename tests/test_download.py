@@ -1,0 +1,330 @@
+"""download_model against the real ModelScope / HF hub clients (talking to a local fake hub), local folders,
+tiny models built on demand, and a real S3 server (SeaweedFS, `integration`)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.fake_hubs import FakeHub, serve, use_hf_hub, use_modelscope
+from vlmops.config import ModelConfig, StorageConfig
+from vlmops.models.download import (
+    ModelDownloadError,
+    SnapshotCorruptedError,
+    download_command,
+    download_model,
+    sha256_file,
+)
+from vlmops.models.original_layout import tiny_release_config, write_original_checkpoint
+from vlmops.models.tiny import build_tiny_model
+
+pytest_plugins = ["tests.s3_server"]
+
+MODEL_FILES = {
+    "config.json",
+    "model.safetensors.index.json",
+    "preprocessor_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+def _flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+
+
+def _load(path: Path) -> Any:
+    from transformers import AutoModelForImageTextToText
+
+    model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    return model
+
+
+@pytest.fixture(scope="module")
+def release_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model in the ModelScope release layout, sharded, plus files a model does not need."""
+    folder = tmp_path_factory.mktemp("release") / "repo"
+    write_original_checkpoint(folder, tiny_release_config("deepseek_vl"), seed=2, shard_bytes=60_000)
+    (folder / "README.md").write_text("# DeepSeek-VL\n")
+    (folder / "images").mkdir()
+    (folder / "images" / "sample.jpg").write_bytes(b"\xff\xd8" + os.urandom(2000))
+    (folder / "pytorch_model.bin").write_bytes(os.urandom(3000))  # a second copy the download must skip
+    return folder
+
+
+def _shards(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("model-*.safetensors"))
+
+
+# ---- ModelScope ------------------------------------------------------------------------------------------
+
+
+def test_modelscope_download_resume_convert_then_offline_verify(
+    release_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = FakeHub(repos={("deepseek-ai/deepseek-vl-1.3b-chat", "master"): release_repo})
+    shards = _shards(release_repo)
+    hub.truncate_once.add(shards[1])  # the first transfer of this shard breaks off halfway
+    config = ModelConfig(name="deepseek-vl-1.3b-chat", cache_dir=str(tmp_path / "cache"))
+    with serve(hub):
+        use_modelscope(monkeypatch, hub.url)
+        snap = download_model(config, None, tmp_path / "out")
+
+    assert (snap.source, snap.id, snap.revision) == (
+        "modelscope",
+        "deepseek-ai/deepseek-vl-1.3b-chat",
+        "master",
+    )
+    fetched = {r.query["FilePath"] for r in hub.requests if r.query.get("FilePath")}
+    assert fetched == MODEL_FILES | set(shards)  # no README, images or duplicate .bin
+    resumed = [r for r in hub.downloads(shards[1]) if r.range]
+    assert resumed and resumed[0].range.startswith("bytes=")  # the real client resumed with a Range request
+    for name in MODEL_FILES | set(shards):
+        assert sha256_file(snap.original_path / name) == sha256_file(release_repo / name)
+
+    manifest = json.loads(snap.manifest_path.read_text())
+    assert snap.converted and snap.path.parent == tmp_path / "cache" / "converted"
+    assert manifest["source_digest"]  # the converted folder's manifest points at the download's
+    source_manifests = list((tmp_path / "cache" / "manifests" / "modelscope").rglob("*.json"))
+    assert len(source_manifests) == 1
+    recorded = json.loads(source_manifests[0].read_text())["files"]
+    assert set(recorded) == MODEL_FILES | set(shards)
+    assert recorded[shards[0]]["sha256"] == sha256_file(release_repo / shards[0])
+    assert not any(p.name.endswith(".json") and "manifest" in p.name for p in snap.original_path.iterdir())
+    _load(snap.path)
+
+    # Later runs: the hub is gone (nothing listens on that port any more); the snapshot is verified offline
+    converted_weights = snap.path / "model.safetensors"
+    stamp = converted_weights.stat().st_mtime_ns
+    again = download_model(config, None, tmp_path / "out")
+    assert again == snap
+    assert converted_weights.stat().st_mtime_ns == stamp  # not converted a second time
+
+    # A damaged weight file is caught, named, and the fix is in the message
+    _flip_bytes(snap.original_path / shards[0])
+    with pytest.raises(
+        SnapshotCorruptedError, match=rf"{shards[0]}: corrupted.*Delete .* or rerun with refresh"
+    ):
+        download_model(config, None, tmp_path / "out")
+
+    with serve(hub):
+        use_modelscope(monkeypatch, hub.url)
+        repaired = download_model(config, None, tmp_path / "out", refresh=True)
+    assert sha256_file(repaired.original_path / shards[0]) == sha256_file(release_repo / shards[0])
+    assert repaired.digest == snap.digest
+
+
+def test_modelscope_unknown_id(release_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = FakeHub(repos={("deepseek-ai/deepseek-vl-1.3b-chat", "master"): release_repo})
+    config = ModelConfig(
+        name="mine", source="modelscope", id="deepseek-ai/no-such-model", cache_dir=str(tmp_path)
+    )
+    with serve(hub):
+        use_modelscope(monkeypatch, hub.url)
+        with pytest.raises(ModelDownloadError, match="ModelScope has no model 'deepseek-ai/no-such-model'"):
+            download_model(config, None, tmp_path / "out")
+
+
+def test_modelscope_unreachable_says_to_use_a_local_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    use_modelscope(monkeypatch, "http://127.0.0.1:9")  # the discard port: nothing listens
+    config = ModelConfig(name="deepseek-vl-7b-chat", cache_dir=str(tmp_path))
+    with pytest.raises(ModelDownloadError, match=r"ModelScope is unreachable.*model\.source: local"):
+        download_model(config, None, tmp_path / "out")
+
+
+def test_not_enough_disk_space_is_refused_before_downloading(
+    release_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shards = _shards(release_repo)
+    hub = FakeHub(repos={("deepseek-ai/deepseek-vl-1.3b-chat", "master"): release_repo})
+    hub.listed_sizes[shards[0]] = 10**16  # 10 PB
+    config = ModelConfig(name="deepseek-vl-1.3b-chat", cache_dir=str(tmp_path / "cache"))
+    with serve(hub):
+        use_modelscope(monkeypatch, hub.url)
+        with pytest.raises(OSError, match=r"not enough disk space.*model\.cache_dir") as caught:
+            download_model(config, None, tmp_path / "out")
+    assert caught.value.errno == errno.ENOSPC
+    assert not any(r.query.get("FilePath") for r in hub.requests)  # nothing was fetched
+
+
+# ---- HF hub ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def native_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = build_tiny_model(
+        tmp_path_factory.mktemp("native") / "repo", variant="deepseek_vl_hybrid", seed=4
+    )
+    (folder / "README.md").write_text("model card\n")
+    return folder
+
+
+def test_hf_hub_download_native_then_offline(
+    native_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = FakeHub(repos={("deepseek-community/deepseek-vl-7b-chat", "main"): native_repo})
+    config = ModelConfig(name="deepseek-vl-7b-chat", source="huggingface", cache_dir=str(tmp_path / "cache"))
+    with serve(hub):
+        use_hf_hub(monkeypatch, hub.url)
+        snap = download_model(config, None, tmp_path / "out")
+    assert (snap.source, snap.id, snap.revision, snap.converted) == (
+        "huggingface",
+        "deepseek-community/deepseek-vl-7b-chat",
+        "main",
+        False,
+    )
+    assert snap.path == snap.original_path and (snap.path / "config.json").is_file()
+    assert not (snap.path / "README.md").exists()
+    assert {r.path.rsplit("/", 1)[-1] for r in hub.requests if "/resolve/" in r.path} == {
+        p.name for p in native_repo.iterdir() if p.name != "README.md"
+    }
+    _load(snap.path)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert download_model(config, None, tmp_path / "out") == snap
+    _flip_bytes(snap.path / "model.safetensors")
+    with pytest.raises(SnapshotCorruptedError, match=r"model\.safetensors: corrupted"):
+        download_model(config, None, tmp_path / "out")
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    with serve(hub):
+        use_hf_hub(monkeypatch, hub.url)
+        repaired = download_model(config, None, tmp_path / "out", refresh=True)
+    assert repaired.digest == snap.digest  # the damaged blob was fetched again, not relinked
+
+
+def test_hf_hub_unknown_repo(native_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hub = FakeHub(repos={("deepseek-community/deepseek-vl-7b-chat", "main"): native_repo})
+    config = ModelConfig(name="x", source="huggingface", id="someone/nothing", cache_dir=str(tmp_path))
+    with serve(hub):
+        use_hf_hub(monkeypatch, hub.url)
+        with pytest.raises(ModelDownloadError, match="the HF hub has no model 'someone/nothing'"):
+            download_model(config, None, tmp_path / "out")
+
+
+def test_hf_hub_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    use_hf_hub(monkeypatch, "http://127.0.0.1:9")
+    config = ModelConfig(name="deepseek-vl-1.3b-chat", source="huggingface", cache_dir=str(tmp_path))
+    with pytest.raises(
+        ModelDownloadError, match=r"the HF hub is unreachable.*model\.source: local.*HF_ENDPOINT"
+    ):
+        download_model(config, None, tmp_path / "out")
+
+
+# ---- local folders and tiny models -----------------------------------------------------------------------
+
+
+def test_tiny_entry_is_built_once_and_its_manifest_stays_out_of_the_folder(tmp_path: Path) -> None:
+    config = ModelConfig(name="tiny-deepseek-vl", cache_dir=str(tmp_path / "cache"))
+    snap = download_model(config, None, tmp_path / "out")
+    folder = tmp_path / "out" / "models" / "tiny-deepseek-vl"
+    assert (snap.source, snap.path, snap.converted) == ("local", folder, False)
+    assert snap.manifest_path.is_relative_to(tmp_path / "cache" / "manifests" / "local")
+    files = sorted(p.name for p in folder.iterdir())
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    again = download_model(config, None, tmp_path / "out")
+    assert again == snap
+    assert sorted(p.name for p in folder.iterdir()) == files  # nothing written into the model folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
+
+    # the folder is the user's: a change is re-hashed, not refused
+    settings = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**settings, "max_new_tokens": 7}))
+    changed = download_model(config, None, tmp_path / "out")
+    assert changed.digest != snap.digest
+
+
+def test_local_release_layout_is_converted_once(tmp_path: Path) -> None:
+    source = write_original_checkpoint(
+        tmp_path / "mine", tiny_release_config("deepseek_vl_hybrid"), dtype=torch.float32
+    )
+    before = sorted(p.name for p in source.iterdir())
+    config = ModelConfig(name="my-vl", source="local", id=str(source), cache_dir=str(tmp_path / "cache"))
+    snap = download_model(config, None, tmp_path / "out")
+    assert snap.converted and snap.original_path == source
+    assert snap.path.name.startswith("my-vl-")
+    assert sorted(p.name for p in source.iterdir()) == before
+    model = _load(snap.path)
+    assert type(model).__name__ == "DeepseekVLHybridForConditionalGeneration"
+    stamp = (snap.path / "model.safetensors").stat().st_mtime_ns
+    assert download_model(config, None, tmp_path / "out") == snap
+    assert (snap.path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_missing_local_folder(tmp_path: Path) -> None:
+    config = ModelConfig(name="mine", source="local", id=str(tmp_path / "nope"), cache_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+        download_model(config, None, tmp_path / "out")
+
+
+def test_download_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = [f"model.cache_dir={tmp_path / 'cache'}", f"run.output_dir={tmp_path / 'out'}"]
+    assert download_command(None, overrides) == 0
+    out = capsys.readouterr().out
+    assert "tiny-deepseek-vl: local" in out and "manifest:" in out
+    assert download_command(None, ["model.name=deepseek-vl-99b"]) == 1
+    assert "unknown model 'deepseek-vl-99b'" in capsys.readouterr().err
+
+
+# ---- S3 (SeaweedFS) --------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_s3_download_convert_and_resync(release_repo: Path, tmp_path: Path, s3_env: Any) -> None:
+    from vlmops.storage import s3_client, upload_folder
+
+    storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
+    client = s3_client(storage)
+    client.create_bucket(Bucket="models")
+    upload_folder(client, release_repo, "s3://models/releases/tiny-vl", progress=False)
+    config = ModelConfig(
+        name="tiny-vl", source="s3", id="s3://models/releases/tiny-vl", cache_dir=str(tmp_path / "cache")
+    )
+
+    snap = download_model(config, storage, tmp_path / "out")
+    assert (
+        snap.converted and snap.original_path == tmp_path / "cache" / "s3" / "models" / "releases" / "tiny-vl"
+    )
+    assert (
+        not (snap.original_path / "README.md").exists()
+        and not (snap.original_path / "pytorch_model.bin").exists()
+    )
+    _load(snap.path)
+
+    # later runs need no S3 at all
+    offline = StorageConfig(endpoint_url="http://127.0.0.1:9")
+    assert download_model(config, offline, tmp_path / "out") == snap
+
+    # an object changed upstream: refresh copies only that one, and the new content gets its own conversion
+    shard = _shards(release_repo)[0]
+    untouched = snap.original_path / _shards(release_repo)[1]
+    stamp = untouched.stat().st_mtime_ns
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    (changed / "tokenizer_config.json").write_text(
+        json.dumps(
+            {**json.loads((release_repo / "tokenizer_config.json").read_text()), "model_max_length": 4096}
+        )
+    )
+    upload_folder(client, changed, "s3://models/releases/tiny-vl", progress=False)
+    client.delete_object(Bucket="models", Key="releases/tiny-vl/special_tokens_map.json")
+    refreshed = download_model(config, storage, tmp_path / "out", refresh=True)
+    assert untouched.stat().st_mtime_ns == stamp
+    assert not (snap.original_path / "special_tokens_map.json").exists()  # gone upstream, gone here
+    assert (snap.original_path / shard).is_file()
+    assert refreshed.digest != snap.digest and refreshed.path != snap.path
+    assert json.loads((refreshed.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096

@@ -1,0 +1,102 @@
+"""S3 helpers: URI parsing, and folder <-> prefix copies against a real SeaweedFS S3 server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from vlmops.config import StorageConfig
+from vlmops.storage import download_prefix, list_objects, parse_s3_uri, s3_client, same_content, upload_folder
+
+if TYPE_CHECKING:
+    from tests.s3_server import S3Server
+
+pytest_plugins = ["tests.s3_server"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/a/b", ("bucket", "a/b")),
+        ("s3://bucket/a/b/", ("bucket", "a/b")),
+        ("s3://bucket", ("bucket", "")),
+        ("s3://bucket/", ("bucket", "")),
+    ],
+)
+def test_parse_s3_uri(uri: str, expected: tuple[str, str]) -> None:
+    assert parse_s3_uri(uri) == expected
+
+
+@pytest.mark.parametrize("uri", ["/data/x", "https://bucket/x", "s3://", "s3:///prefix"])
+def test_parse_s3_uri_refuses(uri: str) -> None:
+    with pytest.raises(ValueError, match="s3://bucket/prefix"):
+        parse_s3_uri(uri)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.integration
+def test_round_trip_skips_what_is_already_there(s3_env: S3Server, tmp_path: Path) -> None:
+    client = s3_client()  # endpoint and credentials from the AWS_* environment
+    client.create_bucket(Bucket="roundtrip")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text('{"a": 1}')
+    (src / "sub" / "weights.bin").write_bytes(os.urandom(300_000))
+    (src / "big.safetensors").write_bytes(os.urandom(9 * 1024 * 1024))  # above boto3's multipart threshold
+
+    first = upload_folder(client, src, "s3://roundtrip/models/m1")
+    assert sorted(first.copied) == ["big.safetensors", "config.json", "sub/weights.bin"]
+    objects = {o.key: o for o in list_objects(client, "roundtrip", "models/m1")}
+    assert set(objects) == {"models/m1/big.safetensors", "models/m1/config.json", "models/m1/sub/weights.bin"}
+    assert objects["models/m1/big.safetensors"].etag.endswith("-2")  # multipart: the MD5-of-MD5s form
+    assert list_objects(client, "roundtrip", "models/m") == []  # a prefix is a folder, not a string prefix
+
+    again = upload_folder(client, src, "s3://roundtrip/models/m1", progress=False)
+    assert again.copied == [] and len(again.skipped) == 3
+
+    dest = tmp_path / "dest"
+    down = download_prefix(client, "s3://roundtrip/models/m1", dest)
+    assert _tree(dest) == _tree(src)
+    assert down.bytes_copied == sum(len(v) for v in _tree(src).values())
+    assert not list(dest.rglob(".*"))  # no partial files left behind
+
+    # same size, different content: not "already there"
+    damaged = dest / "big.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[100] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    assert not same_content(
+        damaged, objects["models/m1/big.safetensors"].size, objects["models/m1/big.safetensors"].etag
+    )
+    repaired = download_prefix(client, "s3://roundtrip/models/m1", dest, progress=False)
+    assert repaired.copied == ["big.safetensors"] and sorted(repaired.skipped) == [
+        "config.json",
+        "sub/weights.bin",
+    ]
+    assert _tree(dest) == _tree(src)
+
+    only_json = download_prefix(
+        client, "s3://roundtrip/models/m1", tmp_path / "json", patterns=["*.json"], progress=False
+    )
+    assert only_json.copied == ["config.json"]
+
+
+@pytest.mark.integration
+def test_explicit_endpoint_and_empty_prefix(
+    s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    client = s3_client(StorageConfig(endpoint_url=s3_server.endpoint_url, region="us-east-1"))
+    client.create_bucket(Bucket="explicit")
+    with pytest.raises(FileNotFoundError, match="no objects under s3://explicit/nothing"):
+        download_prefix(client, "s3://explicit/nothing", tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        upload_folder(client, tmp_path / "missing", "s3://explicit/x")

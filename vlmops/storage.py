@@ -1,0 +1,220 @@
+"""S3 helpers: a client from the config, `s3://` URIs, folder <-> prefix copies that skip what is there.
+
+Works with AWS and any S3-compatible server (SeaweedFS, MinIO): `storage.endpoint_url` in pipeline.yaml, else
+the `AWS_ENDPOINT_URL` environment variable, else AWS. Credentials come from boto3's usual chain
+(`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, `~/.aws`, instance roles).
+
+"Already there" means same size and same content by the object's ETag: the MD5 of the file for a
+single-part upload, the MD5 of the parts' MD5s for a multipart one (computed for the part size that the
+ETag's part count implies, and boto3's default 8 MiB).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vlmops.config import StorageConfig
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+DEFAULT_PART_SIZE = 8 * MIB  # boto3's TransferConfig.multipart_chunksize
+
+
+@dataclass(frozen=True)
+class S3Object:
+    key: str
+    size: int
+    etag: str  # without the quotes S3 wraps it in
+
+
+@dataclass
+class TransferReport:
+    """What a folder copy did."""
+
+    copied: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_copied: int = 0
+
+
+def s3_client(storage: StorageConfig | None = None) -> S3Client:
+    """A boto3 S3 client for `storage` (endpoint and region), else the environment's settings."""
+    import boto3
+    from botocore.config import Config
+
+    storage = storage or StorageConfig()
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    # Path-style addressing: S3-compatible servers on a host:port have no per-bucket DNS names.
+    config = Config(
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=10,
+    )
+    return boto3.client("s3", endpoint_url=endpoint, region_name=storage.region, config=config)
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix/` -> ("bucket", "some/prefix"); the prefix may be empty.
+
+    Raises:
+        ValueError: not an s3://bucket[/prefix] URI.
+    """
+    if not uri.startswith("s3://"):
+        raise ValueError(f"{uri!r} is not an S3 URI: write it as s3://bucket/prefix")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} has no bucket name: write it as s3://bucket/prefix")
+    return bucket, prefix.strip("/")
+
+
+def list_objects(client: S3Client, bucket: str, prefix: str) -> list[S3Object]:
+    """Every object under `prefix/` (the prefix is a folder: `a/b` does not match `a/bc`)."""
+    folder = f"{prefix}/" if prefix else ""
+    objects = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
+        for item in page.get("Contents", []):
+            key = item["Key"]
+            if not key.endswith("/"):  # folder markers some tools create
+                objects.append(S3Object(key=key, size=int(item["Size"]), etag=item["ETag"].strip('"')))
+    return objects
+
+
+def same_content(path: Path, size: int, etag: str) -> bool:
+    """Whether the local file has this size and an MD5-based ETag equal to `etag`."""
+    if not path.is_file() or path.stat().st_size != size:
+        return False
+    parts = etag.partition("-")[2]
+    if not parts:
+        return _md5(path) == etag
+    count = int(parts)
+    implied = -(-size // count)  # the part size a count of parts implies, rounded up to whole MiB
+    candidates = {DEFAULT_PART_SIZE, -(-implied // MIB) * MIB}
+    return any(_multipart_etag(path, part_size) == etag for part_size in sorted(candidates))
+
+
+def download_prefix(
+    client: S3Client,
+    uri: str,
+    dest: str | os.PathLike[str],
+    *,
+    patterns: list[str] | None = None,
+    progress: bool = True,
+) -> TransferReport:
+    """Copy the objects under `uri` into `dest` (keys relative to the prefix), skipping identical files.
+
+    `patterns`: only keys whose relative path matches one of these globs (fnmatch); None copies all.
+
+    Each object is written to a hidden temporary file and renamed into place once complete, so an
+    interrupted copy never leaves a truncated file under its real name.
+
+    Raises:
+        FileNotFoundError: nothing under `uri`.
+        ValueError: a downloaded object does not match its ETag.
+    """
+    bucket, prefix = parse_s3_uri(uri)
+    objects = list_objects(client, bucket, prefix)
+    if not objects:
+        raise FileNotFoundError(
+            f"no objects under {uri}: check the bucket and prefix (and storage.endpoint_url)"
+        )
+    root = Path(dest)
+    report = TransferReport()
+    todo: list[tuple[S3Object, Path]] = []
+    for obj in objects:
+        rel = obj.key[len(prefix) + 1 :] if prefix else obj.key
+        if patterns is not None and not any(fnmatch.fnmatch(rel, p) for p in patterns):
+            continue
+        target = root / rel
+        if same_content(target, obj.size, obj.etag):
+            report.skipped.append(rel)
+        else:
+            todo.append((obj, target))
+    with _Progress(sum(o.size for o, _ in todo), f"download {uri}", progress) as advance:
+        for obj, target in todo:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.part")
+            client.download_file(bucket, obj.key, str(partial), Callback=advance)
+            if "-" not in obj.etag and _md5(partial) != obj.etag:
+                partial.unlink()
+                raise ValueError(
+                    f"s3://{bucket}/{obj.key} arrived corrupted (MD5 differs from its ETag); run again"
+                )
+            partial.replace(target)
+            report.copied.append(str(target.relative_to(root)))
+            report.bytes_copied += obj.size
+    log.info("%s -> %s: %d copied, %d already there", uri, root, len(report.copied), len(report.skipped))
+    return report
+
+
+def upload_folder(
+    client: S3Client, src: str | os.PathLike[str], uri: str, *, progress: bool = True
+) -> TransferReport:
+    """Copy every file under `src` to `uri/<relative path>`, skipping objects that are already identical."""
+    bucket, prefix = parse_s3_uri(uri)
+    root = Path(src)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is not a folder")
+    remote = {o.key: o for o in list_objects(client, bucket, prefix)}
+    report = TransferReport()
+    todo: list[tuple[Path, str]] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        key = f"{prefix}/{rel}" if prefix else rel
+        existing = remote.get(key)
+        if existing is not None and same_content(path, existing.size, existing.etag):
+            report.skipped.append(rel)
+        else:
+            todo.append((path, key))
+    with _Progress(sum(p.stat().st_size for p, _ in todo), f"upload {uri}", progress) as advance:
+        for path, key in todo:
+            client.upload_file(str(path), bucket, key, Callback=advance)
+            report.copied.append(path.relative_to(root).as_posix())
+            report.bytes_copied += path.stat().st_size
+    log.info("%s -> %s: %d copied, %d already there", root, uri, len(report.copied), len(report.skipped))
+    return report
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(MIB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _multipart_etag(path: Path, part_size: int) -> str:
+    digests = []
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(part_size), b""):
+            digests.append(hashlib.md5(block, usedforsecurity=False).digest())
+    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
+
+
+class _Progress:
+    """A tqdm byte bar (when `enabled` and there is something to copy) whose `advance` boto3 calls."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc=self.label)
+            return self.bar.update
+        return lambda _n: None
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
