@@ -54,9 +54,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="1.3b,7b", help="1.3b,7b or tiny (the two tiny configs)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens to generate per chat turn")
     parser.add_argument("--skip-convert", action="store_true", help="no conversion benchmark")
-    parser.add_argument(
-        "--workdir", default=None, help="local disk folder for the checkpoints (default: a temp dir)"
-    )
+    parser.add_argument("--workdir", default=None, help="local disk folder for the checkpoints (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     args = parser.parse_args()
 
@@ -95,9 +93,7 @@ def _image_processor(config: Any) -> Any:
     low = config.vision_config.image_size
     half = [0.5, 0.5, 0.5]
     if config.model_type == "deepseek_vl":
-        return DeepseekVLImageProcessorPil(
-            size={"height": low, "width": low}, image_mean=half, image_std=half
-        )
+        return DeepseekVLImageProcessorPil(size={"height": low, "width": low}, image_mean=half, image_std=half)
     high = config.high_res_vision_config.image_size
     return DeepseekVLHybridImageProcessorPil(
         size={"height": low, "width": low},
@@ -126,9 +122,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def chat_turn(
-    name: str, tokenizer: Any, device: torch.device, dtype: torch.dtype, new_tokens: int
-) -> dict[str, Any]:
+def chat_turn(name: str, tokenizer: Any, device: torch.device, dtype: torch.dtype, new_tokens: int) -> dict[str, Any]:
     """Build `name`'s architecture with random weights and answer one two-image question."""
     from transformers import AutoModelForImageTextToText
 
@@ -148,9 +142,7 @@ def chat_turn(
 
     vision = config.vision_config
     num_image_tokens = (vision.image_size // vision.patch_size) ** 2
-    messages = [
-        Message("user", [ImageRef("first.png"), ImageRef("second.png"), "What differs between the two?"])
-    ]
+    messages = [Message("user", [ImageRef("first.png"), ImageRef("second.png"), "What differs between the two?"])]
     encoded = encode(messages, tokenizer, num_image_tokens, add_generation_prompt=True)
     images = _images()
     pixels = _image_processor(config)([images[ref.uri] for ref in encoded.images], return_tensors="pt")
@@ -289,12 +281,8 @@ def print_results(
         )
         if c["params"] != c["catalog_params"] and c["catalog_params"]:
             print(f"  ! {c['name']}: catalog says {c['catalog_params']:,} parameters")
-    print(
-        "  params: native model; release ckpt: every tensor of the original checkpoint (incl. dropped ones)"
-    )
-    print(
-        "  1st tok: generate(max_new_tokens=1) (vision towers + prefill); ms/tok: each further greedy token"
-    )
+    print("  params: native model; release ckpt: every tensor of the original checkpoint (incl. dropped ones)")
+    print("  1st tok: generate(max_new_tokens=1) (vision towers + prefill); ms/tok: each further greedy token")
     if conversion is not None:
         c = conversion
         print(

@@ -113,9 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
         files = self.hub.files(match.group(1), query.get("Revision", "master"))
         name = query.get("FilePath", "")
         if files is None or name not in files:
-            self._send(
-                404, b'{"Code": 404, "Message": "file not exist"}', {"Content-Type": "application/json"}, head
-            )
+            self._send(404, b'{"Code": 404, "Message": "file not exist"}', {"Content-Type": "application/json"}, head)
             return
         self._send_file(name, files[name], head, {})
 

@@ -162,9 +162,7 @@ def _wait_ready(server: S3Server, process: subprocess.Popen[bytes], workdir: Pat
             time.sleep(0.3)
     tail = (workdir / "weed.log").read_text(errors="replace")[-3000:]
     print(tail, file=sys.stderr)
-    raise RuntimeError(
-        f"SeaweedFS did not come up in {timeout:.0f}s (last error: {last}); log: {workdir / 'weed.log'}"
-    )
+    raise RuntimeError(f"SeaweedFS did not come up in {timeout:.0f}s (last error: {last}); log: {workdir / 'weed.log'}")
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,7 @@ def test_entries() -> None:
 
 
 def test_unknown_name_lists_the_catalog_and_the_local_folder_way() -> None:
-    with pytest.raises(
-        ValueError, match=r"unknown model 'deepseek-vl-2'.*deepseek-vl-7b-chat.*model\.source: local"
-    ):
+    with pytest.raises(ValueError, match=r"unknown model 'deepseek-vl-2'.*deepseek-vl-7b-chat.*model\.source: local"):
         get_entry("deepseek-vl-2")
     with pytest.raises(ValueError, match="unknown model"):
         resolve(ModelConfig(name="my-model"), "out")

@@ -42,9 +42,7 @@ ARCHES = ("deepseek_vl", "deepseek_vl_hybrid")
 def _original_state(folder: Path) -> dict[str, torch.Tensor]:
     index = folder / "model.safetensors.index.json"
     files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.exists()
-        else ["model.safetensors"]
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     )
     state: dict[str, torch.Tensor] = {}
     for name in files:
@@ -73,11 +71,7 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 def _load(folder: Path, arch: str) -> Any:
     from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
 
-    cls = (
-        DeepseekVLForConditionalGeneration
-        if arch == "deepseek_vl"
-        else DeepseekVLHybridForConditionalGeneration
-    )
+    cls = DeepseekVLForConditionalGeneration if arch == "deepseek_vl" else DeepseekVLHybridForConditionalGeneration
     model, info = cls.from_pretrained(folder, output_loading_info=True)
     return model.eval(), info
 
@@ -136,23 +130,15 @@ def test_named_tensors_land_where_they_should(converted: dict[str, Any]) -> None
         o[sig + "blocks.0.attn.proj.weight"],
     )
     assert torch.equal(n["model.vision_model.embeddings.position_embedding.weight"], o[sig + "pos_embed"][0])
-    assert torch.equal(
-        n["model.vision_model.embeddings.patch_embedding.weight"], o[sig + "patch_embed.proj.weight"]
-    )
-    assert torch.equal(
-        n["model.vision_model.encoder.layers.1.layer_norm2.bias"], o[sig + "blocks.1.norm2.bias"]
-    )
-    assert torch.equal(
-        n["model.vision_model.encoder.layers.0.mlp.fc2.weight"], o[sig + "blocks.0.mlp.fc2.weight"]
-    )
+    assert torch.equal(n["model.vision_model.embeddings.patch_embedding.weight"], o[sig + "patch_embed.proj.weight"])
+    assert torch.equal(n["model.vision_model.encoder.layers.1.layer_norm2.bias"], o[sig + "blocks.1.norm2.bias"])
+    assert torch.equal(n["model.vision_model.encoder.layers.0.mlp.fc2.weight"], o[sig + "blocks.0.mlp.fc2.weight"])
     assert torch.equal(n["model.vision_model.post_layernorm.weight"], o[sig + "norm.weight"])
     assert torch.equal(
         n["model.language_model.layers.1.mlp.down_proj.weight"],
         o["language_model.model.layers.1.mlp.down_proj.weight"],
     )
-    assert torch.equal(
-        n["model.language_model.embed_tokens.weight"], o["language_model.model.embed_tokens.weight"]
-    )
+    assert torch.equal(n["model.language_model.embed_tokens.weight"], o["language_model.model.embed_tokens.weight"])
     assert torch.equal(n["lm_head.weight"], o["language_model.lm_head.weight"])
     if not hybrid:
         assert torch.equal(n["model.aligner.linear1.weight"], o["aligner.layers.0.weight"])
@@ -166,9 +152,7 @@ def test_named_tensors_land_where_they_should(converted: dict[str, Any]) -> None
     assert torch.equal(n[enc + "layers.0.attn.rel_pos_h"], o[sam + "blocks.0.attn.rel_pos_h"])
     assert torch.equal(n[enc + "pos_embed"], o[sam + "pos_embed"])
     assert torch.equal(n[enc + "patch_embed.projection.weight"], o[sam + "patch_embed.proj.weight"])
-    for index, name in enumerate(
-        ("conv1.weight", "layer_norm1.weight", "conv2.weight", "layer_norm2.weight")
-    ):
+    for index, name in enumerate(("conv1.weight", "layer_norm1.weight", "conv2.weight", "layer_norm2.weight")):
         assert torch.equal(n[enc + "neck." + name], o[f"{sam}neck.{index}.weight"])
         assert torch.equal(n["model.high_res_vision_neck." + name], o[f"{sam}neck_hd.{index}.weight"])
     assert torch.equal(n["model.high_res_vision_neck.layer_norm2.bias"], o[sam + "neck_hd.3.bias"])
@@ -180,9 +164,7 @@ def test_named_tensors_land_where_they_should(converted: dict[str, Any]) -> None
 # ---- a forward pass assembled by hand from the original tensors -----------------------------------------
 
 
-def _siglip_forward(
-    o: dict[str, torch.Tensor], p: str, params: dict[str, Any], x: torch.Tensor
-) -> torch.Tensor:
+def _siglip_forward(o: dict[str, torch.Tensor], p: str, params: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
     """timm VisionTransformer.forward_features as the release builds it (no class token, final norm)."""
     s = siglip_spec(params)
     x = F.conv2d(x, o[p + "patch_embed.proj.weight"], o[p + "patch_embed.proj.bias"], stride=s.patch_size)
@@ -236,18 +218,11 @@ def _sam_attention(o: dict[str, torch.Tensor], b: str, x: torch.Tensor, heads: i
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, _rel_pos(width, o[b + "attn.rel_pos_w"]))
     attn = attn.view(batch * heads, height, width, height, width) + rel_h[..., None] + rel_w[..., None, :]
     attn = attn.view(batch * heads, height * width, height * width).softmax(dim=-1)
-    out = (
-        (attn @ v)
-        .view(batch, heads, height, width, -1)
-        .permute(0, 2, 3, 1, 4)
-        .reshape(batch, height, width, -1)
-    )
+    out = (attn @ v).view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
     return F.linear(out, o[b + "attn.proj.weight"], o[b + "attn.proj.bias"])
 
 
-def _sam_forward(
-    o: dict[str, torch.Tensor], params: dict[str, Any], x: torch.Tensor, grid: int
-) -> torch.Tensor:
+def _sam_forward(o: dict[str, torch.Tensor], params: dict[str, Any], x: torch.Tensor, grid: int) -> torch.Tensor:
     """sam.py ImageEncoderViT.forward with the HD branch. `grid` is SigLIP's: the release hard-codes the
     resize to 96 = 4 x 24, the native model to 4 x grid."""
     s, p = sam_spec(params), "vision_model.vision_tower_high.vision_tower."
@@ -283,15 +258,11 @@ def _sam_forward(
 
     assert first_global is not None
     out = down(_neck(o, p + "neck.", x.permute(0, 3, 1, 2)))
-    out = (
-        out + down(_neck(o, p + "neck_hd.", first_global.permute(0, 3, 1, 2))) * o[p + "hd_alpha_downsamples"]
-    )
+    out = out + down(_neck(o, p + "neck_hd.", first_global.permute(0, 3, 1, 2))) * o[p + "hd_alpha_downsamples"]
     return out.flatten(2).transpose(1, 2)  # b c h w -> b (h w) c
 
 
-def _image_embeddings(
-    converted: dict[str, Any], low: torch.Tensor, high: torch.Tensor | None
-) -> torch.Tensor:
+def _image_embeddings(converted: dict[str, Any], low: torch.Tensor, high: torch.Tensor | None) -> torch.Tensor:
     o, params = converted["original"], converted["config"]["vision_config"]["params"]
     if converted["arch"] == "deepseek_vl":
         features = _siglip_forward(o, "vision_model.vision_tower.", params, low)
@@ -318,9 +289,7 @@ def _llama(converted: dict[str, Any]) -> Any:
     language = {k: v for k, v in converted["config"]["language_config"].items() if k != "torch_dtype"}
     llama = LlamaForCausalLM(LlamaConfig(**language, tie_word_embeddings=False))
     state = {
-        k[len("language_model.") :]: v
-        for k, v in converted["original"].items()
-        if k.startswith("language_model.")
+        k[len("language_model.") :]: v for k, v in converted["original"].items() if k.startswith("language_model.")
     }
     llama.load_state_dict(state, strict=True)
     return llama.eval()
@@ -332,9 +301,7 @@ def _pixels(converted: dict[str, Any], count: int) -> tuple[torch.Tensor, torch.
     if converted["arch"] == "deepseek_vl":
         return torch.randn(count, 3, params["image_size"], params["image_size"], generator=generator), None
     low, high = params["low_res_cfg"]["image_size"], params["high_res_cfg"]["image_size"]
-    return torch.randn(count, 3, low, low, generator=generator), torch.randn(
-        count, 3, high, high, generator=generator
-    )
+    return torch.randn(count, 3, low, low, generator=generator), torch.randn(count, 3, high, high, generator=generator)
 
 
 @torch.no_grad()
@@ -357,9 +324,7 @@ def test_logits_match_a_plain_llama_with_the_hand_assembled_image(converted: dic
 
     # text only: the converted model is exactly the original Llama
     text_ids = torch.tensor([[0, 45, 97, 301, 12, 7, 88]])
-    torch.testing.assert_close(
-        model(input_ids=text_ids).logits, llama(input_ids=text_ids).logits, rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(model(input_ids=text_ids).logits, llama(input_ids=text_ids).logits, rtol=1e-5, atol=1e-5)
 
     # two images inside the prompt, their embeddings computed by hand and put in place for the plain Llama
     ids = torch.tensor([[0, 45, *[image_token_id] * tokens, 97, *[image_token_id] * tokens, 301, 12]])
@@ -408,15 +373,11 @@ def test_an_unknown_tensor_is_refused_and_nothing_is_left_behind(tmp_path: Path)
 def test_dropped_keys_are_explicit() -> None:
     assert map_original_key("vision_model.vision_tower.attn_pool.latent", "deepseek_vl") is None
     assert (
-        map_original_key(
-            "vision_model.vision_tower_low.vision_tower.attn_pool.mlp.fc1.weight", "deepseek_vl_hybrid"
-        )
+        map_original_key("vision_model.vision_tower_low.vision_tower.attn_pool.mlp.fc1.weight", "deepseek_vl_hybrid")
         is None
     )
     assert map_original_key("vision_model.high_layer_norm.bias", "deepseek_vl_hybrid") is None
-    assert (
-        map_original_key("language_model.model.layers.3.self_attn.rotary_emb.inv_freq", "deepseek_vl") is None
-    )
+    assert map_original_key("language_model.model.layers.3.self_attn.rotary_emb.inv_freq", "deepseek_vl") is None
     assert len(DROPPED_KEYS) == 3
     # the 1.3b has no high-res tower: its keys are unknown there, not silently dropped
     with pytest.raises(ConversionError, match="vision_tower_high"):
@@ -493,10 +454,7 @@ def test_processor_settings(converted: dict[str, Any]) -> None:
 def _to_hf(messages: list[Message]) -> list[dict[str, Any]]:
     out = []
     for message in messages:
-        parts = [
-            {"type": "image"} if isinstance(p, ImageRef) else {"type": "text", "text": p}
-            for p in message.parts
-        ]
+        parts = [{"type": "image"} if isinstance(p, ImageRef) else {"type": "text", "text": p} for p in message.parts]
         out.append({"role": message.role, "content": parts})
     return out
 
@@ -531,9 +489,7 @@ def test_chat_template_renders_what_template_render_renders(index: int, generati
     messages = CONVERSATIONS[index]
     if generation and messages[-1].role == "assistant":
         messages = messages[:-1]
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
 
     def raise_exception(message: str) -> None:
         raise ValueError(message)

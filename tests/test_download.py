@@ -14,17 +14,15 @@ import torch
 
 from tests.fake_hubs import FakeHub, serve, use_hf_hub, use_modelscope
 from vlmops.config import ModelConfig, StorageConfig
+from vlmops.hashing import sha256_file
 from vlmops.models.download import (
     ModelDownloadError,
     SnapshotCorruptedError,
     download_command,
     download_model,
-    sha256_file,
 )
 from vlmops.models.original_layout import tiny_release_config, write_original_checkpoint
 from vlmops.models.tiny import build_tiny_model
-
-pytest_plugins = ["tests.s3_server"]
 
 MODEL_FILES = {
     "config.json",
@@ -113,9 +111,7 @@ def test_modelscope_download_resume_convert_then_offline_verify(
 
     # A damaged weight file is caught, named, and the fix is in the message
     _flip_bytes(snap.original_path / shards[0])
-    with pytest.raises(
-        SnapshotCorruptedError, match=rf"{shards[0]}: corrupted.*Delete .* or rerun with refresh"
-    ):
+    with pytest.raises(SnapshotCorruptedError, match=rf"{shards[0]}: corrupted.*Delete .* or rerun with refresh"):
         download_model(config, None, tmp_path / "out")
 
     with serve(hub):
@@ -127,18 +123,14 @@ def test_modelscope_download_resume_convert_then_offline_verify(
 
 def test_modelscope_unknown_id(release_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hub = FakeHub(repos={("deepseek-ai/deepseek-vl-1.3b-chat", "master"): release_repo})
-    config = ModelConfig(
-        name="mine", source="modelscope", id="deepseek-ai/no-such-model", cache_dir=str(tmp_path)
-    )
+    config = ModelConfig(name="mine", source="modelscope", id="deepseek-ai/no-such-model", cache_dir=str(tmp_path))
     with serve(hub):
         use_modelscope(monkeypatch, hub.url)
         with pytest.raises(ModelDownloadError, match="ModelScope has no model 'deepseek-ai/no-such-model'"):
             download_model(config, None, tmp_path / "out")
 
 
-def test_modelscope_unreachable_says_to_use_a_local_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_modelscope_unreachable_says_to_use_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_modelscope(monkeypatch, "http://127.0.0.1:9")  # the discard port: nothing listens
     config = ModelConfig(name="deepseek-vl-7b-chat", cache_dir=str(tmp_path))
     with pytest.raises(ModelDownloadError, match=r"ModelScope is unreachable.*model\.source: local"):
@@ -165,9 +157,7 @@ def test_not_enough_disk_space_is_refused_before_downloading(
 
 @pytest.fixture(scope="module")
 def native_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = build_tiny_model(
-        tmp_path_factory.mktemp("native") / "repo", variant="deepseek_vl_hybrid", seed=4
-    )
+    folder = build_tiny_model(tmp_path_factory.mktemp("native") / "repo", variant="deepseek_vl_hybrid", seed=4)
     (folder / "README.md").write_text("model card\n")
     return folder
 
@@ -219,9 +209,7 @@ def test_hf_hub_unknown_repo(native_repo: Path, tmp_path: Path, monkeypatch: pyt
 def test_hf_hub_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_hf_hub(monkeypatch, "http://127.0.0.1:9")
     config = ModelConfig(name="deepseek-vl-1.3b-chat", source="huggingface", cache_dir=str(tmp_path))
-    with pytest.raises(
-        ModelDownloadError, match=r"the HF hub is unreachable.*model\.source: local.*HF_ENDPOINT"
-    ):
+    with pytest.raises(ModelDownloadError, match=r"the HF hub is unreachable.*model\.source: local.*HF_ENDPOINT"):
         download_model(config, None, tmp_path / "out")
 
 
@@ -296,13 +284,8 @@ def test_s3_download_convert_and_resync(release_repo: Path, tmp_path: Path, s3_e
     )
 
     snap = download_model(config, storage, tmp_path / "out")
-    assert (
-        snap.converted and snap.original_path == tmp_path / "cache" / "s3" / "models" / "releases" / "tiny-vl"
-    )
-    assert (
-        not (snap.original_path / "README.md").exists()
-        and not (snap.original_path / "pytorch_model.bin").exists()
-    )
+    assert snap.converted and snap.original_path == tmp_path / "cache" / "s3" / "models" / "releases" / "tiny-vl"
+    assert not (snap.original_path / "README.md").exists() and not (snap.original_path / "pytorch_model.bin").exists()
     _load(snap.path)
 
     # later runs need no S3 at all
@@ -316,9 +299,7 @@ def test_s3_download_convert_and_resync(release_repo: Path, tmp_path: Path, s3_e
     changed = tmp_path / "changed"
     changed.mkdir()
     (changed / "tokenizer_config.json").write_text(
-        json.dumps(
-            {**json.loads((release_repo / "tokenizer_config.json").read_text()), "model_max_length": 4096}
-        )
+        json.dumps({**json.loads((release_repo / "tokenizer_config.json").read_text()), "model_max_length": 4096})
     )
     upload_folder(client, changed, "s3://models/releases/tiny-vl", progress=False)
     client.delete_object(Bucket="models", Key="releases/tiny-vl/special_tokens_map.json")

@@ -14,8 +14,6 @@ from vlmops.storage import download_prefix, list_objects, parse_s3_uri, s3_clien
 if TYPE_CHECKING:
     from tests.s3_server import S3Server
 
-pytest_plugins = ["tests.s3_server"]
-
 
 @pytest.mark.parametrize(
     ("uri", "expected"),

@@ -102,6 +102,13 @@ def same_content(path: Path, size: int, etag: str) -> bool:
     return any(_multipart_etag(path, part_size) == etag for part_size in sorted(candidates))
 
 
+def read_object(uri: str, storage: StorageConfig | None = None) -> bytes:
+    """The bytes of one s3://bucket/key object (an image, a small file)."""
+    bucket, key = parse_s3_uri(uri)
+    response = s3_client(storage).get_object(Bucket=bucket, Key=key)
+    return bytes(response["Body"].read())
+
+
 def download_prefix(
     client: S3Client,
     uri: str,
@@ -124,9 +131,7 @@ def download_prefix(
     bucket, prefix = parse_s3_uri(uri)
     objects = list_objects(client, bucket, prefix)
     if not objects:
-        raise FileNotFoundError(
-            f"no objects under {uri}: check the bucket and prefix (and storage.endpoint_url)"
-        )
+        raise FileNotFoundError(f"no objects under {uri}: check the bucket and prefix (and storage.endpoint_url)")
     root = Path(dest)
     report = TransferReport()
     todo: list[tuple[S3Object, Path]] = []
@@ -146,9 +151,7 @@ def download_prefix(
             client.download_file(bucket, obj.key, str(partial), Callback=advance)
             if "-" not in obj.etag and _md5(partial) != obj.etag:
                 partial.unlink()
-                raise ValueError(
-                    f"s3://{bucket}/{obj.key} arrived corrupted (MD5 differs from its ETag); run again"
-                )
+                raise ValueError(f"s3://{bucket}/{obj.key} arrived corrupted (MD5 differs from its ETag); run again")
             partial.replace(target)
             report.copied.append(str(target.relative_to(root)))
             report.bytes_copied += obj.size
@@ -156,9 +159,7 @@ def download_prefix(
     return report
 
 
-def upload_folder(
-    client: S3Client, src: str | os.PathLike[str], uri: str, *, progress: bool = True
-) -> TransferReport:
+def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, progress: bool = True) -> TransferReport:
     """Copy every file under `src` to `uri/<relative path>`, skipping objects that are already identical."""
     bucket, prefix = parse_s3_uri(uri)
     root = Path(src)

@@ -232,15 +232,11 @@ def convert_tensor(key: str, tensor: torch.Tensor, arch: Arch) -> list[tuple[str
     op = targets[0][1]
     if op == "squeeze0":
         if tensor.dim() < 1 or tensor.shape[0] != 1:
-            raise ConversionError(
-                f"tensor {key!r} has shape {tuple(tensor.shape)}; expected a leading dim of 1"
-            )
+            raise ConversionError(f"tensor {key!r} has shape {tuple(tensor.shape)}; expected a leading dim of 1")
         return [(targets[0][0], tensor.squeeze(0).contiguous())]
     if op == "split_qkv":
         if tensor.shape[0] % 3:
-            raise ConversionError(
-                f"tensor {key!r} has shape {tuple(tensor.shape)}; dim 0 is not q, k, v stacked"
-            )
+            raise ConversionError(f"tensor {key!r} has shape {tuple(tensor.shape)}; dim 0 is not q, k, v stacked")
         # clone: safetensors refuses tensors that share storage
         return [(name, part.clone()) for (name, _), part in zip(targets, tensor.chunk(3, dim=0), strict=True)]
     return [(targets[0][0], tensor)]
@@ -273,9 +269,7 @@ def convert_checkpoint(
     original = _read_json(src_dir / "config.json")
     arch = _arch_of(original, src_dir / "config.json")
     weight_files = _weight_files(src_dir)
-    check_free_space(
-        dst_dir.parent, sum(f.stat().st_size for f in weight_files), f"converting into {dst_dir}"
-    )
+    check_free_space(dst_dir.parent, sum(f.stat().st_size for f in weight_files), f"converting into {dst_dir}")
 
     # Config and tokenizer first: a config the native classes cannot hold fails before any weight is read.
     tokenizer = _build_tokenizer(src_dir, original)
@@ -301,8 +295,7 @@ def convert_checkpoint(
         _write_generation_config(staging, tokenizer)
         _build_processor(src_dir, original, tokenizer, arch).save_pretrained(staging)
         (staging / "vlmops_model.json").write_text(
-            json.dumps({"kind": "converted", "arch": arch, "source_layout": "multi_modality"}, indent=2)
-            + "\n"
+            json.dumps({"kind": "converted", "arch": arch, "source_layout": "multi_modality"}, indent=2) + "\n"
         )
         if verify:
             verify_native_checkpoint(staging, arch)
@@ -333,9 +326,7 @@ def verify_native_checkpoint(path: str | os.PathLike[str], arch: Arch) -> None:
     from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
 
     model_cls = (
-        DeepseekVLForConditionalGeneration
-        if arch == "deepseek_vl"
-        else DeepseekVLHybridForConditionalGeneration
+        DeepseekVLForConditionalGeneration if arch == "deepseek_vl" else DeepseekVLHybridForConditionalGeneration
     )
     try:
         # output_loading_info=True makes it return (model, info)
@@ -343,14 +334,10 @@ def verify_native_checkpoint(path: str | os.PathLike[str], arch: Arch) -> None:
             path, output_loading_info=True, dtype="auto"
         )
     except RuntimeError as err:  # shape mismatches
-        raise ConversionError(
-            f"the converted checkpoint does not load into {model_cls.__name__}: {err}"
-        ) from err
+        raise ConversionError(f"the converted checkpoint does not load into {model_cls.__name__}: {err}") from err
     del model
     problems = {
-        k: sorted(v)
-        for k, v in info.items()
-        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+        k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
     }
     if problems:
         detail = "; ".join(
@@ -382,9 +369,7 @@ def _arch_of(original: dict[str, Any], where: Path) -> Arch:
     )
 
 
-def native_config(
-    original: dict[str, Any], tokenizer: Any, arch: Arch, where: Path | str = "config.json"
-) -> Any:
+def native_config(original: dict[str, Any], tokenizer: Any, arch: Arch, where: Path | str = "config.json") -> Any:
     """The native DeepseekVLConfig / DeepseekVLHybridConfig of an original config.json."""
     from transformers import DeepseekVLConfig, DeepseekVLHybridConfig, LlamaConfig
 
@@ -400,17 +385,13 @@ def native_config(
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id >= text.vocab_size:
         raise ConversionError(
-            f"{where}: {IMAGE_TOKEN} has token id {image_token_id}, "
-            f"outside the LLM's vocabulary of {text.vocab_size}"
+            f"{where}: {IMAGE_TOKEN} has token id {image_token_id}, outside the LLM's vocabulary of {text.vocab_size}"
         )
     if int(aligner.get("depth", 1)) != 2:
-        raise ConversionError(
-            f"{where}: aligner_config.params.depth is {aligner.get('depth')}; the release uses 2"
-        )
+        raise ConversionError(f"{where}: aligner_config.params.depth is {aligner.get('depth')}; the release uses 2")
     if int(aligner.get("n_embed", -1)) != text.hidden_size:
         raise ConversionError(
-            f"{where}: aligner n_embed {aligner.get('n_embed')} differs from "
-            f"the LLM hidden size {text.hidden_size}"
+            f"{where}: aligner n_embed {aligner.get('n_embed')} differs from the LLM hidden size {text.hidden_size}"
         )
     common = {"text_config": text, "image_token_id": image_token_id, "tie_word_embeddings": False, **special}
     if arch == "deepseek_vl":
@@ -498,9 +479,7 @@ def _build_tokenizer(src: Path, original: dict[str, Any]) -> Any:
 
     tokenizer_file = src / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise ConversionError(
-            f"{src} has no tokenizer.json; the release ships one. Copy the complete original folder."
-        )
+        raise ConversionError(f"{src} has no tokenizer.json; the release ships one. Copy the complete original folder.")
     settings = _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
     bos = _token_text(settings.get("bos_token")) or BOS_TOKEN
     eos = _token_text(settings.get("eos_token")) or EOS_TOKEN
@@ -550,9 +529,7 @@ def _build_processor(src: Path, original: dict[str, Any], tokenizer: Any, arch: 
     from transformers.image_utils import PILImageResampling
 
     params = original["vision_config"].get("params", {})
-    released = (
-        _read_json(src / "preprocessor_config.json") if (src / "preprocessor_config.json").is_file() else {}
-    )
+    released = _read_json(src / "preprocessor_config.json") if (src / "preprocessor_config.json").is_file() else {}
     min_size = int(released.get("min_size", 14))
     released_mean = released.get("image_mean") if released.get("do_normalize", True) else None
     released_std = released.get("image_std") if released.get("do_normalize", True) else None
@@ -703,9 +680,7 @@ class _ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.seen:
-            raise ConversionError(
-                f"two original tensors convert to {name!r}: the checkpoint has duplicate keys"
-            )
+            raise ConversionError(f"two original tensors convert to {name!r}: the checkpoint has duplicate keys")
         self.seen.add(name)
         nbytes = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_bytes:
@@ -750,9 +725,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ConversionError(
-            f"{path} is not valid JSON ({err}): the file is damaged; download it again"
-        ) from None
+        raise ConversionError(f"{path} is not valid JSON ({err}): the file is damaged; download it again") from None
     if not isinstance(data, dict):
         raise ConversionError(f"{path} is not a JSON object")
     return data

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from vlmops.config import ModelConfig, StorageConfig
+from vlmops.config import ModelConfig, PipelineConfig, StorageConfig
+from vlmops.hashing import sha256_file
 from vlmops.models.catalog import ResolvedModel, resolve
 from vlmops.models.convert import convert_checkpoint, detect_layout
 from vlmops.models.diskspace import check_free_space, gb, raise_if_disk_full
@@ -155,7 +156,19 @@ def download_model(
 # local folders and tiny models
 
 
-def _local_snapshot(resolved: ResolvedModel, cache: Path) -> tuple[Path, Path]:
+def local_source_path(config: PipelineConfig) -> str | None:
+    """The local folder a `source: local` model is read from (a tiny catalog model is built there first).
+
+    None for hub and S3 sources. The flow passes this to the download task so its cache key follows the
+    folder's contents; building the tiny model before computing the key keeps the key stable across runs.
+    """
+    resolved = resolve(config.model, config.run.output_dir)
+    if resolved.source != "local":
+        return None
+    return str(_local_folder(resolved))
+
+
+def _local_folder(resolved: ResolvedModel) -> Path:
     from vlmops.models.tiny import build_tiny_model
 
     folder = Path(resolved.id).expanduser()
@@ -165,6 +178,11 @@ def _local_snapshot(resolved: ResolvedModel, cache: Path) -> tuple[Path, Path]:
         build_tiny_model(folder, variant=entry.tiny_variant)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist (model.id with model.source: local)")
+    return folder
+
+
+def _local_snapshot(resolved: ResolvedModel, cache: Path) -> tuple[Path, Path]:
+    folder = _local_folder(resolved)
     key = hashlib.sha1(str(folder.resolve()).encode(), usedforsecurity=False).hexdigest()[:12]
     return folder, cache / "manifests" / "local" / f"{_safe_name(folder.name)}-{key}.json"
 
@@ -204,9 +222,7 @@ class _ModelScope:
     def download(self, repo_id: str, revision: str | None, cache: Path, patterns: list[str]) -> Path:
         from modelscope import snapshot_download
 
-        return Path(
-            snapshot_download(repo_id, revision=revision, cache_dir=str(cache), allow_patterns=patterns)
-        )
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache), allow_patterns=patterns))
 
     def cached(self, repo_id: str, revision: str | None, cache: Path, patterns: list[str]) -> Path | None:
         from modelscope import snapshot_download
@@ -231,11 +247,7 @@ class _ModelScope:
         from modelscope_hub.errors import NotExistError
 
         text = str(err)
-        if (
-            isinstance(err, NotExistError)
-            or (isinstance(err, requests.HTTPError) and "404" in text)
-            or "E1004" in text
-        ):
+        if isinstance(err, NotExistError) or (isinstance(err, requests.HTTPError) and "404" in text) or "E1004" in text:
             return _unknown_id(self.name, repo_id, revision)
         if isinstance(err, ConnectionError | requests.ConnectionError | requests.Timeout):
             return _unreachable(self.name, "MODELSCOPE_ENDPOINT", err)
@@ -255,9 +267,7 @@ class _HuggingFace:
     def download(self, repo_id: str, revision: str | None, cache: Path, patterns: list[str]) -> Path:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(repo_id, revision=revision, cache_dir=str(cache), allow_patterns=patterns)
-        )
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=str(cache), allow_patterns=patterns))
 
     def cached(self, repo_id: str, revision: str | None, cache: Path, patterns: list[str]) -> Path | None:
         from huggingface_hub import snapshot_download
@@ -292,9 +302,7 @@ class _HuggingFace:
         return None
 
 
-def _hub_snapshot(
-    resolved: ResolvedModel, cache: Path, refresh: bool, hub: _Hub
-) -> tuple[Path, Path, dict[str, Any]]:
+def _hub_snapshot(resolved: ResolvedModel, cache: Path, refresh: bool, hub: _Hub) -> tuple[Path, Path, dict[str, Any]]:
     hub_cache = cache / hub.subdir
     manifest_path = (
         cache
@@ -324,9 +332,7 @@ def _hub_snapshot(
                 f"(nothing matches {', '.join(patterns)}): check model.id"
             )
         present = sum(
-            s
-            for p, s in wanted.items()
-            if snapshot and (snapshot / p).is_file() and (snapshot / p).stat().st_size == s
+            s for p, s in wanted.items() if snapshot and (snapshot / p).is_file() and (snapshot / p).stat().st_size == s
         )
         check_free_space(hub_cache, sum(wanted.values()) - present, f"{hub.name} {resolved.id}")
         log.info(
@@ -435,16 +441,12 @@ def _s3_snapshot(
     try:
         objects = list_objects(client, bucket, prefix)
         if not objects:
-            raise ModelDownloadError(
-                f"no objects under {resolved.id}: check model.id (and storage.endpoint_url)"
-            )
+            raise ModelDownloadError(f"no objects under {resolved.id}: check model.id (and storage.endpoint_url)")
         sizes = {(o.key[len(prefix) + 1 :] if prefix else o.key): o.size for o in objects}
         patterns = _patterns_for(sizes)
         wanted = sorted(rel for rel in sizes if _matches(rel, patterns))
         if not wanted:
-            raise ModelDownloadError(
-                f"no model files under {resolved.id} (nothing matches {', '.join(patterns)})"
-            )
+            raise ModelDownloadError(f"no model files under {resolved.id} (nothing matches {', '.join(patterns)})")
         check_free_space(folder, sum(sizes[rel] for rel in wanted), resolved.id)
         download_prefix(client, resolved.id, folder, patterns=patterns, progress=True)
         for rel in _model_files(folder):
@@ -484,14 +486,6 @@ def build_manifest(folder: Path, files: Iterable[str] | None = None) -> dict[str
         stat = path.stat()
         out[name] = {"size": stat.st_size, "sha256": sha256_file(path), "mtime_ns": stat.st_mtime_ns}
     return out
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(8 * 1024 * 1024), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _model_files(folder: Path) -> list[str]:
@@ -566,9 +560,7 @@ def _verify(folder: Path, manifest_path: Path, *, owned: bool) -> dict[str, Any]
     for name, record in files.items():
         path = folder / name
         if not path.is_file():
-            raise SnapshotCorruptedError(
-                f"{path}: missing from the snapshot (listed in {manifest_path}). {fix}"
-            )
+            raise SnapshotCorruptedError(f"{path}: missing from the snapshot (listed in {manifest_path}). {fix}")
         stat = path.stat()
         if stat.st_size != record["size"]:
             raise SnapshotCorruptedError(
@@ -576,13 +568,9 @@ def _verify(folder: Path, manifest_path: Path, *, owned: bool) -> dict[str, Any]
             )
         if stat.st_size < SMALL_FILE_BYTES or stat.st_mtime_ns != record.get("mtime_ns"):
             if sha256_file(path) != record["sha256"]:
-                raise SnapshotCorruptedError(
-                    f"{path}: corrupted, its sha256 differs from {manifest_path}. {fix}"
-                )
+                raise SnapshotCorruptedError(f"{path}: corrupted, its sha256 differs from {manifest_path}. {fix}")
             if stat.st_mtime_ns != record.get("mtime_ns"):
-                record["mtime_ns"] = (
-                    stat.st_mtime_ns
-                )  # same content, touched: trust the new mtime from now on
+                record["mtime_ns"] = stat.st_mtime_ns  # same content, touched: trust the new mtime from now on
                 touched = True
     if touched:
         _write_json_atomic(manifest_path, manifest)
@@ -598,18 +586,14 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def _safe_name(text: str) -> str:
-    return (
-        "".join(c if c.isalnum() or c in "-_." else "--" if c == "/" else "_" for c in text).strip(".") or "_"
-    )
+    return "".join(c if c.isalnum() or c in "-_." else "--" if c == "/" else "_" for c in text).strip(".") or "_"
 
 
 # --------------------------------------------------------------------------------------------------------
 # the command
 
 
-def download_command(
-    config_path: str | None, overrides: list[str] | None = None, refresh: bool = False
-) -> int:
+def download_command(config_path: str | None, overrides: list[str] | None = None, refresh: bool = False) -> int:
     """`vlmops download`: fetch the config's model, print where it is. Returns the exit code."""
     from vlmops.config import ConfigError, load_config
 

@@ -245,9 +245,7 @@ def original_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     if vision.get("cls") == "HybridVisionTower":
         high = params["high_res_cfg"]
         _sam_shapes(shapes, "vision_model.vision_tower_high.vision_tower.", sam_spec(high))
-        _siglip_shapes(
-            shapes, "vision_model.vision_tower_low.vision_tower.", siglip_spec(params["low_res_cfg"])
-        )
+        _siglip_shapes(shapes, "vision_model.vision_tower_low.vision_tower.", siglip_spec(params["low_res_cfg"]))
         shapes["vision_model.high_layer_norm.weight"] = (int(high.get("output_dim", 1024)),)
         shapes["vision_model.high_layer_norm.bias"] = (int(high.get("output_dim", 1024)),)
         low_dim = int(params["low_res_cfg"].get("output_dim", 1024))
@@ -353,14 +351,10 @@ def _sam_shapes(shapes: dict[str, tuple[int, ...]], p: str, s: SamSpec) -> None:
     shapes[p + "hd_alpha_downsamples"] = (1,)
 
 
-def random_tensor(
-    name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype
-) -> torch.Tensor:
+def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """A random tensor scaled so a forward pass stays in a sane range (unit-ish activations)."""
     if name.endswith("hd_alpha_downsamples"):
-        return torch.full(
-            shape, 0.5, dtype=dtype
-        )  # the release initialises it to 0; 0.5 keeps the HD path alive
+        return torch.full(shape, 0.5, dtype=dtype)  # the release initialises it to 0; 0.5 keeps the HD path alive
     values = torch.randn(shape, generator=generator, device=generator.device)
     leaf = name.rsplit(".", 1)[-1]
     if len(shape) == 1 and "norm" in name and leaf == "weight":
@@ -422,9 +416,7 @@ def write_original_checkpoint(
     return out
 
 
-def _shard_names(
-    shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, shard_bytes: int
-) -> Iterator[list[str]]:
+def _shard_names(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, shard_bytes: int) -> Iterator[list[str]]:
     item = torch.empty((), dtype=dtype).element_size()
     names: list[str] = []
     size = 0
@@ -460,9 +452,7 @@ def write_release_tokenizer(out_dir: Path, with_pad_token: bool = True) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(
-        [_CORPUS_WORDS, "User: Assistant: \n\n", _CORPUS_WORDS.upper()] * 4, trainer=trainer
-    )
+    tok.train_from_iterator([_CORPUS_WORDS, "User: Assistant: \n\n", _CORPUS_WORDS.upper()] * 4, trainer=trainer)
     bos_id = tok.token_to_id(BOS_TOKEN)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
@@ -480,13 +470,9 @@ def write_release_tokenizer(out_dir: Path, with_pad_token: bool = True) -> None:
         "model_max_length": 16384,
         "tokenizer_class": "LlamaTokenizerFast",
     }
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n"
-    )
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
     special_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "additional_special_tokens": [IMAGE_TOKEN]}
-    (out_dir / "special_tokens_map.json").write_text(
-        json.dumps(special_map, indent=2, ensure_ascii=False) + "\n"
-    )
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_release_preprocessor_config(out_dir: Path, config: dict[str, Any]) -> None:
