@@ -124,3 +124,16 @@ def lora_run(tiny_model: Path, snapshot: Path, tmp_path_factory: pytest.TempPath
         snapshot,
         ["infer.max_new_tokens=8", "infer.batch_size=4"],
     )
+
+
+@pytest.fixture(scope="session")
+def full_run(tiny_model: Path, snapshot: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full fine-tuning run: final/ is a whole checkpoint (another seed stands in for trained weights)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "full"
+    build_tiny_model(run_dir / FINAL_DIR, "deepseek_vl", seed=7)
+    config = load_config(None, ["train.mode=full", "infer.max_new_tokens=6"])
+    (run_dir / CONFIG_FILE).write_text(dump_config(config))
+    RunInfo(base_model=str(tiny_model), dataset=str(snapshot), dataset_hash="test", mode="full").write(
+        run_dir
+    )
+    return run_dir

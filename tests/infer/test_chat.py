@@ -6,6 +6,7 @@ import base64
 import functools
 import http.server
 import itertools
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -216,3 +217,23 @@ def test_run_folder_applies_its_adapter_and_config(
 def test_unknown_model_reference_says_what_to_do() -> None:
     with pytest.raises(FileNotFoundError, match="vlmops download deepseek-vl-7b-chat"):
         ChatModel.load("deepseek-vl-7b-chat")
+
+
+def test_full_weights_run_loads_its_own_checkpoint(
+    full_run: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    query = f"<img>{images['red']}</img>{QUESTION}"
+    tuned = ChatModel.load(full_run)
+    assert (tuned.source.checkpoint, tuned.source.adapter) == (full_run / "final", None)
+    assert (
+        tuned.chat(query)[0] == ChatModel.load(full_run / "final", infer_cfg=tuned.infer_cfg).chat(query)[0]
+    )
+    with pytest.raises(ValueError, match="full fine-tuning run"):
+        ChatModel.load(full_run / "final", adapter=full_run)
+
+    # Full weights without the tokenizer/processor files cannot be chatted with: say which files are missing.
+    bare = tmp_path / "bare"
+    shutil.copytree(full_run, bare)
+    (bare / "final" / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer/processor files"):
+        ChatModel.load(bare)
