@@ -13,6 +13,7 @@ from vlmops.data.conversation import to_img_tags
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.images import ImageLoadError
 from vlmops.infer.batch import batch_infer
+from vlmops.infer.generation import answer_tokens
 from vlmops.models.loading import LoadedModel, load_model
 
 
@@ -49,6 +50,12 @@ def test_every_record_once_in_input_order_across_uneven_batches(
     assert {(0, 0), (1, 0), (2, 0), (1, 1)} <= kinds, kinds  # the batches really mixed every record kind
     assert result.generated_tokens == sum(r["generated_tokens"] for r in records) > 0
     assert result.tokens_per_s > 0
+
+
+def test_answers_end_at_the_first_eos() -> None:
+    # generate pads a row that finished early (here: pad 2 after EOS 1) until the longest row is done
+    assert answer_tokens([5, 6, 1, 2, 2], eos_token_id=1) == [5, 6, 1]
+    assert answer_tokens([5, 6, 7], eos_token_id=1) == [5, 6, 7]
 
 
 def test_batching_does_not_change_the_answers(

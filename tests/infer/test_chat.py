@@ -217,6 +217,8 @@ def test_run_folder_applies_its_adapter_and_config(
 def test_unknown_model_reference_says_what_to_do() -> None:
     with pytest.raises(FileNotFoundError, match="vlmops download deepseek-vl-7b-chat"):
         ChatModel.load("deepseek-vl-7b-chat")
+    with pytest.raises(ValueError, match="empty model reference"):
+        ChatModel.load("")
 
 
 def test_full_weights_run_loads_its_own_checkpoint(

@@ -121,6 +121,25 @@ def test_interactive_ckpt_chats_with_the_trained_run_and_ctrl_d_quits(
     assert child.exitstatus == 0
 
 
+def test_ctrl_c_stops_an_answer_and_keeps_the_session(readable_model: Path) -> None:
+    child = spawn("--model", str(readable_model), "--set", "infer.max_new_tokens=1000000")
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("Say hello.")
+        child.expect(r"\w+ \w+ \w+")  # the endless answer is streaming
+        child.sendintr()
+        child.expect_exact("[stopped: this turn is not kept in the history]", timeout=20)
+        child.expect_exact(PROMPT)
+        child.sendline("clear")
+        child.expect_exact("history cleared: 0 turns")
+        child.expect_exact(PROMPT)
+        child.sendintr()  # at the prompt, Ctrl-C leaves
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
 def test_interactive_reports_a_missing_model_and_exits_2(tmp_path: Path) -> None:
     child = spawn("--model", str(tmp_path / "no-such-model"))
     child.expect(r"error: model folder \S*no-such-model does not exist")

@@ -94,7 +94,7 @@ class ChatModel:
         source = model_source(str(model), None if adapter is None else str(adapter), resolve)
         if source.run is not None:
             system_prompt = source.run.config.model.system_prompt if system_prompt is None else system_prompt
-            infer_cfg = infer_cfg or source.run.config.infer
+            infer_cfg = source.run.config.infer if infer_cfg is None else infer_cfg
         loaded = load_model(source.checkpoint, dtype=dtype, attn=attn, device=device, adapter=source.adapter)
         return cls(loaded, system_prompt, infer_cfg, storage, source)
 

@@ -61,6 +61,8 @@ def resolve_model_ref(
             not downloaded yet, or a typo).
         ValueError: a malformed `models:/` URI or an unknown registered model, version or alias.
     """
+    if not ref.strip():
+        raise ValueError("empty model reference: pass a checkpoint folder, run folder or models:/NAME@ALIAS")
     if ref.startswith(REGISTRY_SCHEME):
         return download_registered_model(ref, tracking_uri, cache_dir)
     folder = Path(ref).expanduser()
