@@ -110,7 +110,7 @@ def test_compare_counts_fixed_and_broken_records(tmp_path: Path) -> None:
     base, tuned = results(tmp_path)
     report = compare(base, tuned)
     assert report["base_accuracy"] == pytest.approx(0.4)
-    assert report["tuned_accuracy"] == pytest.approx(0.6)
+    assert report["finetuned_accuracy"] == pytest.approx(0.6)
     assert report["gain"] == pytest.approx(0.2)
     assert (report["fixed"], report["broken"], report["both_correct"], report["both_wrong"]) == (2, 1, 1, 1)
     fewer = write_predictions(tmp_path / "fewer.jsonl", [("red", "red")])

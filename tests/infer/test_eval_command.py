@@ -10,6 +10,7 @@ import pytest
 
 from vlmops.data.formats import read_dataset
 from vlmops.evaluate.checkpoint import eval_command
+from vlmops.evaluate.metrics import eval_command as metrics_eval_command
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch import batch_infer
 from vlmops.infer.resolve import run_config
@@ -47,8 +48,8 @@ def test_eval_command_scores_the_runs_eval_split_against_the_base(
 
     metrics = json.loads((out / "metrics.json").read_text())
     rescored = evaluate_predictions(out / "predictions.jsonl")
-    assert metrics["tuned"]["accuracy"] == rescored.accuracy
-    assert metrics["tuned"]["total"] == len(tuned) == 6
+    assert metrics["finetuned"]["accuracy"] == rescored.accuracy
+    assert metrics["finetuned"]["total"] == len(tuned) == 6
     assert metrics["eval_file"] == str(eval_split)
     assert metrics["comparison"]["total"] == 6
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
@@ -77,7 +78,8 @@ def test_eval_command_names_a_missing_eval_split(
     assert eval_command(str(run), None, [], None) == 2
     err = capsys.readouterr().err
     assert "gone/eval.jsonl does not exist" in err and "dvc pull" in err
-    assert eval_command(str(tmp_path / "not-a-run"), None, [], None) == 2
+    # the CLI imports it from vlmops.evaluate.metrics
+    assert metrics_eval_command(str(tmp_path / "not-a-run"), None, [], None) == 2
     assert "not a vlmops run or checkpoint folder" in capsys.readouterr().err
 
 

@@ -48,7 +48,7 @@ class RunEvaluation:
     tuned_batch: BatchResult
     base: EvalResult | None = None
     base_batch: BatchResult | None = None
-    comparison: dict[str, Any] | None = None
+    comparison: dict[str, float] | None = None
 
     @property
     def metrics_file(self) -> Path:
@@ -141,8 +141,8 @@ def _metrics(result: RunEvaluation, run_dir: str | os.PathLike[str]) -> dict[str
     return {
         "run": str(run_dir),
         "eval_file": str(result.eval_file),
-        "tuned": result.tuned.summary(),
-        "tuned_batch": batch(result.tuned_batch),
+        "finetuned": result.tuned.summary(),
+        "finetuned_batch": batch(result.tuned_batch),
         "base": result.base.summary() if result.base is not None else None,
         "base_batch": batch(result.base_batch) if result.base_batch is not None else None,
         "comparison": result.comparison,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from vlmops.evaluate.metrics import EvalResult
 
 
-def compare(base: EvalResult, tuned: EvalResult) -> dict[str, Any]:
+def compare(base: EvalResult, tuned: EvalResult) -> dict[str, float]:
     """Accuracy of both, the gain, and how many records the fine-tuning fixed or broke.
+
+    Every value is a number, so the dict can go to MLflow as metrics as it is.
 
     Raises:
         ValueError: the two results are not over the same records (different indices).
@@ -28,10 +29,9 @@ def compare(base: EvalResult, tuned: EvalResult) -> dict[str, Any]:
         )
     pairs = [(base_by_index[i].correct, tuned_by_index[i].correct) for i in sorted(base_by_index)]
     return {
-        "metric": tuned.metric,
         "total": tuned.total,
         "base_accuracy": base.accuracy,
-        "tuned_accuracy": tuned.accuracy,
+        "finetuned_accuracy": tuned.accuracy,
         "gain": tuned.accuracy - base.accuracy,
         "fixed": sum(1 for b, t in pairs if not b and t),
         "broken": sum(1 for b, t in pairs if b and not t),
