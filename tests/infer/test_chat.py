@@ -1,0 +1,241 @@
+"""ChatModel on tiny real models: images from files, data: URIs and HTTP, multi-turn history, streaming."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import http.server
+import itertools
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmops.config import InferConfig
+from vlmops.data.conversation import Message, parse_img_tags
+from vlmops.data.images import ImageLoadError, load_image
+from vlmops.infer.chat import ChatModel
+from vlmops.models.loading import image_inputs, load_model
+from vlmops.models.template import encode
+
+QUESTION = "What colour is the shape?"
+
+
+def infer(max_new_tokens: int = 12) -> InferConfig:
+    return InferConfig.model_validate({"max_new_tokens": max_new_tokens})
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model: Path) -> ChatModel:
+    return ChatModel.load(tiny_model, infer_cfg=infer())
+
+
+@pytest.fixture(scope="module")
+def readable_chat(readable_model: Path) -> ChatModel:
+    return ChatModel.load(readable_model, infer_cfg=infer(24))
+
+
+@pytest.fixture(scope="module")
+def image_server(images: dict[str, Path]) -> Iterator[str]:
+    """An HTTP server on localhost serving the test images; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images["red"].parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_single_image_turn_is_the_deepseek_prompt_generated_greedily(
+    chat_model: ChatModel, tiny_model: Path, images: dict[str, Path]
+) -> None:
+    query = f"<img>{images['red']}</img>{QUESTION}"
+    response, history = chat_model.chat(query)
+    assert history == [[query, response]]
+
+    # The same answer, computed by hand: the deepseek template, the processor's pixels, greedy generate.
+    loaded = load_model(tiny_model)
+    encoded = encode(
+        [Message("user", parse_img_tags(query))],
+        loaded.tokenizer,
+        loaded.num_image_tokens,
+        add_generation_prompt=True,
+    )
+    ids = torch.tensor([encoded.input_ids])
+    pixels = image_inputs(loaded.processor, [load_image(str(images["red"]))], torch.float32, loaded.device)
+    out = loaded.model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), **pixels, max_new_tokens=12, do_sample=False
+    )
+    expected = loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    assert response == expected
+
+    # The image is seen: another image gives another answer.
+    other, _ = chat_model.chat(f"<img>{images['blue']}</img>{QUESTION}")
+    assert other != response
+
+
+def test_two_images_in_one_turn_in_order(chat_model: ChatModel, images: dict[str, Path]) -> None:
+    red, blue = images["red"], images["blue"]
+    red_blue, history = chat_model.chat(f"<img>{red}</img><img>{blue}</img>What differs?")
+    blue_red, _ = chat_model.chat(f"<img>{blue}</img><img>{red}</img>What differs?")
+    assert len(history) == 1
+    assert red_blue != blue_red  # both images reach the model, in their order
+
+    # `images=` appends image parts after the text; the history records them as <img> tags.
+    appended, history = chat_model.chat("What differs?", images=[str(red), str(blue)])
+    assert history == [[f"What differs?<img>{red}</img><img>{blue}</img>", appended]]
+    tagged, _ = chat_model.chat(f"What differs?<img>{red}</img><img>{blue}</img>")
+    assert appended == tagged
+
+
+def test_text_only_turn(chat_model: ChatModel) -> None:
+    response, history = chat_model.chat("Say hello.")
+    assert isinstance(response, str)
+    assert history == [["Say hello.", response]]
+    with pytest.raises(ValueError, match="empty query"):
+        chat_model.chat("   ")
+
+
+def test_two_turn_history_has_the_seeds_shape_and_is_used(
+    chat_model: ChatModel, images: dict[str, Path]
+) -> None:
+    q1, q2 = f"<img>{images['red']}</img>{QUESTION}", "And what shape is it?"
+    r1, h1 = chat_model.chat(q1)
+    r2, h2 = chat_model.chat(q2, h1)
+    assert h2 == [[q1, r1], [q2, r2]]
+    assert h1 == [[q1, r1]]  # the caller's history is not modified
+    without_history, _ = chat_model.chat(q2)
+    assert r2 != without_history  # the first turn (and its image) is part of the second prompt
+    with pytest.raises(ValueError, match=r"history\[0\]"):
+        chat_model.chat(q2, [["only a query"]])
+
+
+def test_stream_yields_growing_prefixes_ending_in_the_chat_answer(
+    readable_chat: ChatModel, images: dict[str, Path]
+) -> None:
+    q1 = f"<img>{images['red']}</img>{QUESTION}"
+    r1, h1 = readable_chat.chat(q1)
+    pieces = list(readable_chat.chat_stream("And what shape is it?", h1))
+    r2, _ = readable_chat.chat("And what shape is it?", h1)
+    assert len(pieces) > 3, pieces  # word by word, not all at once
+    for shorter, longer in itertools.pairwise(pieces):
+        assert longer.startswith(shorter) and len(longer) > len(shorter)
+    assert pieces[-1] == r2
+    assert list(readable_chat.chat_stream(q1))[-1] == r1
+
+
+def test_closing_the_stream_stops_generation(readable_model: Path) -> None:
+    model = ChatModel.load(readable_model, infer_cfg=infer(4000))
+    start = time.perf_counter()
+    stream = model.chat_stream("Say hello.")
+    first = next(stream)
+    stream.close()  # joins the generation thread, which must stop at the next step
+    assert first
+    assert time.perf_counter() - start < 20  # 4000 tokens would take far longer
+
+
+def test_error_in_the_generation_thread_reaches_the_caller(tiny_model: Path) -> None:
+    model = ChatModel.load(tiny_model, infer_cfg=infer(20))
+    calls = 0
+
+    def fail_on_third_step(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("injected failure in decode step 3")
+
+    handle = model.loaded.model.lm_head.register_forward_hook(fail_on_third_step)
+    try:
+        with pytest.raises(RuntimeError, match="injected failure"):
+            list(model.chat_stream("Say hello."))
+    finally:
+        handle.remove()
+    assert model.chat("Say hello.")[0] is not None  # the model is usable afterwards
+
+
+def test_hybrid_model_chats_and_streams(tiny_hybrid: Path, images: dict[str, Path]) -> None:
+    model = ChatModel.load(tiny_hybrid, infer_cfg=infer())
+    q1 = f"<img>{images['red']}</img><img>{images['blue']}</img>What differs?"
+    r1, h1 = model.chat(q1)
+    q2 = f"<img>{images['blue']}</img>And this one?"
+    r2, h2 = model.chat(q2, h1)
+    assert h2 == [[q1, r1], [q2, r2]]
+    assert list(model.chat_stream(q1))[-1] == r1
+    assert model.loaded.hybrid
+
+
+def test_image_from_data_uri_equals_the_file(chat_model: ChatModel, images: dict[str, Path]) -> None:
+    data_uri = "data:image/png;base64," + base64.b64encode(images["red"].read_bytes()).decode()
+    from_file, _ = chat_model.chat(f"<img>{images['red']}</img>{QUESTION}")
+    from_uri, history = chat_model.chat(f"<img>{data_uri}</img>{QUESTION}")
+    assert from_uri == from_file
+    assert data_uri in history[0][0]
+
+
+def test_image_from_http_url_equals_the_file(
+    chat_model: ChatModel, images: dict[str, Path], image_server: str
+) -> None:
+    from_file, _ = chat_model.chat(f"<img>{images['blue']}</img>{QUESTION}")
+    from_url, _ = chat_model.chat(f"<img>{image_server}/blue.png</img>{QUESTION}")
+    assert from_url == from_file
+    with pytest.raises(ImageLoadError, match=r"missing\.png: HTTP 404"):
+        chat_model.chat(f"<img>{image_server}/missing.png</img>{QUESTION}")
+
+
+def test_unreadable_image_names_the_image(chat_model: ChatModel, tmp_path: Path) -> None:
+    with pytest.raises(ImageLoadError, match=r"nope\.png: file not found"):
+        chat_model.chat(f"<img>{tmp_path / 'nope.png'}</img>{QUESTION}")
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    with pytest.raises(ImageLoadError, match=r"notes\.png: not a readable image"):
+        chat_model.chat(f"<img>{not_an_image}</img>{QUESTION}")
+    with pytest.raises(ImageLoadError, match="empty image tag"):
+        chat_model.chat(f"<img></img>{QUESTION}")
+
+
+def test_run_folder_applies_its_adapter_and_config(
+    lora_run: Path, tiny_model: Path, images: dict[str, Path]
+) -> None:
+    query = f"<img>{images['red']}</img>{QUESTION}"
+    tuned = ChatModel.load(lora_run)
+    assert tuned.source.adapter == lora_run / "final"
+    assert tuned.infer_cfg.max_new_tokens == 8  # from the run's saved config
+    base = ChatModel.load(tiny_model, infer_cfg=tuned.infer_cfg)
+    assert tuned.chat(query)[0] != base.chat(query)[0]
+    # The same adapter applied to the base explicitly gives the same answers.
+    explicit = ChatModel.load(tiny_model, adapter=lora_run, infer_cfg=tuned.infer_cfg)
+    assert explicit.chat(query)[0] == tuned.chat(query)[0]
+
+
+def test_unknown_model_reference_says_what_to_do() -> None:
+    with pytest.raises(FileNotFoundError, match="vlmops download deepseek-vl-7b-chat"):
+        ChatModel.load("deepseek-vl-7b-chat")
+    with pytest.raises(ValueError, match="empty model reference"):
+        ChatModel.load("")
+
+
+def test_full_weights_run_loads_its_own_checkpoint(
+    full_run: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    query = f"<img>{images['red']}</img>{QUESTION}"
+    tuned = ChatModel.load(full_run)
+    assert (tuned.source.checkpoint, tuned.source.adapter) == (full_run / "final", None)
+    assert (
+        tuned.chat(query)[0] == ChatModel.load(full_run / "final", infer_cfg=tuned.infer_cfg).chat(query)[0]
+    )
+    with pytest.raises(ValueError, match="full fine-tuning run"):
+        ChatModel.load(full_run / "final", adapter=full_run)
+
+    # Full weights without the tokenizer/processor files cannot be chatted with: say which files are missing.
+    bare = tmp_path / "bare"
+    shutil.copytree(full_run, bare)
+    (bare / "final" / "tokenizer_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no tokenizer/processor files"):
+        ChatModel.load(bare)

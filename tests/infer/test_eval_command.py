@@ -1,0 +1,97 @@
+"""`vlmops eval --ckpt RUN_DIR`: the run's saved config and eval split, the adapter applied, base compared."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vlmops.data.formats import read_dataset
+from vlmops.evaluate.checkpoint import eval_command
+from vlmops.evaluate.metrics import eval_command as metrics_eval_command
+from vlmops.evaluate.metrics import evaluate_predictions
+from vlmops.infer.batch import batch_infer
+from vlmops.infer.resolve import run_config
+from vlmops.models.loading import load_model
+from vlmops.train.rundir import RunInfo
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_command_scores_the_runs_eval_split_against_the_base(
+    lora_run: Path, snapshot: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    assert eval_command(str(lora_run), None, ["infer.max_new_tokens=6"], str(out)) == 0
+    printed = capsys.readouterr().out
+
+    eval_split = snapshot / "eval.jsonl"
+    tuned = read_lines(out / "predictions.jsonl")
+    base = read_lines(out / "base_predictions.jsonl")
+    assert [r["source"] for r in tuned] == [c.source for c in read_dataset(eval_split).conversations]
+    assert all(r["generated_tokens"] <= 6 for r in tuned)  # the override applies on top of the run's config
+
+    # The base predictions are the plain base model's, so the adapter was really switched off for them...
+    plain = batch_infer(
+        load_model(tiny_model),
+        eval_split,
+        tmp_path / "plain.jsonl",
+        run_config(str(lora_run), None, ["infer.max_new_tokens=6"]).infer,
+    )
+    assert [r["prediction"] for r in base] == [r["prediction"] for r in read_lines(plain.path)]
+    # ... and on for the fine-tuned ones.
+    assert [r["prediction"] for r in tuned] != [r["prediction"] for r in base]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    rescored = evaluate_predictions(out / "predictions.jsonl")
+    assert metrics["finetuned"]["accuracy"] == rescored.accuracy
+    assert metrics["finetuned"]["total"] == len(tuned) == 6
+    assert metrics["eval_file"] == str(eval_split)
+    assert metrics["comparison"]["total"] == 6
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"fine-tuned: accuracy {rescored.accuracy:.1%} ({rescored.correct}/6)" in printed
+    assert "base:" in printed and "gain:" in printed
+
+
+def test_eval_command_defaults_to_the_run_folder_and_skips_base_when_asked(
+    lora_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    assert eval_command(str(run), None, ["eval.evaluate_base=false", "infer.max_new_tokens=2"], None) == 0
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["metrics.json", "predictions.jsonl"]
+    assert json.loads((run / "eval" / "metrics.json").read_text())["base"] is None
+    assert "base:" not in capsys.readouterr().out
+
+
+def test_eval_command_names_a_missing_eval_split(
+    lora_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    info = json.loads((run / "run.json").read_text())
+    RunInfo(**{**info, "dataset": str(tmp_path / "gone")}).write(run)
+    assert eval_command(str(run), None, [], None) == 2
+    err = capsys.readouterr().err
+    assert "gone/eval.jsonl does not exist" in err and "dvc pull" in err
+    # the CLI imports it from vlmops.evaluate.metrics
+    assert metrics_eval_command(str(tmp_path / "not-a-run"), None, [], None) == 2
+    assert "not a vlmops run or checkpoint folder" in capsys.readouterr().err
+
+
+def test_eval_command_on_a_full_fine_tuning_run_loads_the_base_separately(
+    full_run: Path, tiny_model: Path, snapshot: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval"
+    assert eval_command(str(full_run), None, [], str(out)) == 0
+    eval_split = snapshot / "eval.jsonl"
+    config = run_config(str(full_run), None, [])
+    for folder, name in ((full_run / "final", "predictions.jsonl"), (tiny_model, "base_predictions.jsonl")):
+        plain = batch_infer(load_model(folder), eval_split, tmp_path / f"plain-{name}", config.infer)
+        assert [r["prediction"] for r in read_lines(out / name)] == [
+            r["prediction"] for r in read_lines(plain.path)
+        ]

@@ -1,0 +1,148 @@
+"""`vlmops infer` in a real terminal (pexpect): streamed answers, multi-turn history, clear, errors, quit."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from vlmops.config import InferConfig
+from vlmops.infer.chat import ChatModel
+from vlmops.infer.interactive import PROMPT, SEPARATOR
+
+REPO = Path(__file__).resolve().parents[2]
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
+MAX_NEW_TOKENS = 160
+
+
+def spawn(*args: str) -> pexpect.spawn:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TERM": "dumb"}
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "vlmops.infer.interactive", *args],
+        cwd=str(REPO),
+        env=env,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 4000),  # wide enough that the terminal never wraps a long query
+    )
+
+
+def ask(child: pexpect.spawn, query: str) -> tuple[str, int]:
+    """Send one turn; return the answer text and how many separate reads carried it."""
+    child.expect_exact(PROMPT)
+    child.sendline(query)
+    seen = child.buffer  # anything expect() already read past the prompt
+    child.buffer = ""
+    reads_with_answer = 0
+    while SEPARATOR not in seen:
+        chunk = child.read_nonblocking(size=65536, timeout=120)
+        before = _answer_part(seen, query)
+        seen += chunk
+        if len(_answer_part(seen, query)) > len(before) and SEPARATOR not in chunk:
+            reads_with_answer += 1
+    child.buffer = seen.split(SEPARATOR, 1)[1]  # the next prompt may have come in the same read
+    return _answer_part(seen, query).strip(), reads_with_answer
+
+
+def _answer_part(output: str, query: str) -> str:
+    """What the program printed after echoing the query line, up to the separator."""
+    text = ANSI.sub("", output).replace("\r", "")
+    _, _, after = text.partition(query + "\n")
+    return after.split(SEPARATOR)[0]
+
+
+@pytest.fixture(scope="module")
+def expected(readable_model: Path, images: dict[str, Path]) -> dict[str, str]:
+    """The answers the same model gives in-process (greedy, so the terminal must show exactly these)."""
+    model = ChatModel.load(
+        readable_model, infer_cfg=InferConfig.model_validate({"max_new_tokens": MAX_NEW_TOKENS})
+    )
+    q1 = f"<img>{images['red']}</img>What colour is the shape?"
+    r1, h1 = model.chat(q1)
+    r2, _ = model.chat("And what shape is it?", h1)
+    fresh, _ = model.chat("And what shape is it?")
+    return {"q1": q1, "r1": r1, "r2": r2, "fresh": fresh}
+
+
+def test_interactive_chat_streams_keeps_history_clears_and_quits(
+    readable_model: Path, expected: dict[str, str], tmp_path: Path
+) -> None:
+    child = spawn("--model", str(readable_model), "--set", f"infer.max_new_tokens={MAX_NEW_TOKENS}")
+    try:
+        answer, reads = ask(child, expected["q1"])
+        assert answer == expected["r1"]
+        assert reads >= 5, f"the answer came in {reads} read(s): it was not streamed"
+
+        answer, _ = ask(child, "And what shape is it?")
+        assert answer == expected["r2"]  # the second turn saw the first
+
+        # A bad image fails that turn only; the session and its history go on.
+        missing = tmp_path / "missing.png"
+        child.expect_exact(PROMPT)
+        child.sendline(f"<img>{missing}</img>What is this?")
+        child.expect(r"error: image \S*missing\.png: file not found")
+
+        child.expect_exact(PROMPT)
+        child.sendline("clear")
+        child.expect_exact("history cleared: 0 turns")
+        answer, _ = ask(child, "And what shape is it?")
+        assert answer == expected["fresh"] != expected["r2"]  # no earlier turns in the prompt any more
+
+        child.expect_exact(PROMPT)
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_interactive_ckpt_chats_with_the_trained_run_and_ctrl_d_quits(
+    lora_run: Path, images: dict[str, Path]
+) -> None:
+    query = f"<img>{images['blue']}</img>What colour is the shape?"
+    tuned, _ = ChatModel.load(lora_run).chat(query)  # max_new_tokens etc. from the run's saved config
+    child = spawn("--ckpt", str(lora_run))
+    try:
+        start = time.monotonic()
+        answer, _ = ask(child, query)
+        assert answer == tuned
+        child.expect_exact(PROMPT)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        assert time.monotonic() - start < 120
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_an_answer_and_keeps_the_session(readable_model: Path) -> None:
+    child = spawn("--model", str(readable_model), "--set", "infer.max_new_tokens=1000000")
+    try:
+        child.expect_exact(PROMPT)
+        child.sendline("Say hello.")
+        child.expect(r"\w+ \w+ \w+")  # the endless answer is streaming
+        child.sendintr()
+        child.expect_exact("[stopped: this turn is not kept in the history]", timeout=20)
+        child.expect_exact(PROMPT)
+        child.sendline("clear")
+        child.expect_exact("history cleared: 0 turns")
+        child.expect_exact(PROMPT)
+        child.sendintr()  # at the prompt, Ctrl-C leaves
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_interactive_reports_a_missing_model_and_exits_2(tmp_path: Path) -> None:
+    child = spawn("--model", str(tmp_path / "no-such-model"))
+    child.expect(r"error: model folder \S*no-such-model does not exist")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2

@@ -1,0 +1,86 @@
+"""`ChatModel.load("models:/NAME@ALIAS")` against a real MLflow SQLite store with file artifacts."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vlmops.infer.chat import ChatModel
+from vlmops.infer.resolve import REGISTRY_MANIFEST, resolve_model_ref
+from vlmops.models.tiny import build_tiny_model
+
+NAME = "vlmops-test"
+
+
+def register(tracking_uri: str, model_dir: Path, alias: str) -> str:
+    """Log `model_dir` as plain run artifacts and register them as a new version with `alias`."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(experiment_id=client.get_experiment_by_name("registry").experiment_id) as run:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    if not client.search_registered_models(filter_string=f"name = '{NAME}'"):
+        client.create_registered_model(NAME)
+    version = client.create_model_version(
+        NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    client.set_registered_model_alias(NAME, alias, version.version)
+    return str(version.version)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import mlflow
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment(
+        "registry", artifact_location=(root / "artifacts").as_uri()
+    )
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_load_registered_model_by_alias_and_version(
+    registry: str, tiny_model: Path, images: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    query = f"<img>{images['red']}</img>What colour is the shape?"
+    assert register(registry, tiny_model, "champion") == "1"
+    cache = tmp_path / "cache"
+
+    champion = ChatModel.load(f"models:/{NAME}@champion", tracking_uri=registry, cache_dir=cache)
+    downloaded = champion.loaded.path
+    assert downloaded.is_relative_to(cache) and (downloaded / "config.json").is_file()
+    assert champion.chat(query)[0] == ChatModel.load(tiny_model).chat(query)[0]  # the same weights came back
+
+    # The same version again, by number: served from the cache, not downloaded twice.
+    caplog.set_level(logging.INFO, logger="vlmops.infer.resolve")
+    assert resolve_model_ref(f"models:/{NAME}/1", tracking_uri=registry, cache_dir=cache) == downloaded
+    assert "cached at" in caplog.text and "downloading" not in caplog.text
+
+    # Moving the alias to a new version is seen on the next load.
+    other = build_tiny_model(tmp_path / "other", "deepseek_vl", seed=5)
+    assert register(registry, other, "champion") == "2"
+    moved = ChatModel.load(f"models:/{NAME}@champion", tracking_uri=registry, cache_dir=cache)
+    assert moved.loaded.path != downloaded and "v2" in moved.loaded.path.parts
+    assert moved.chat(query)[0] == ChatModel.load(other).chat(query)[0]
+
+    # A damaged cache entry (manifest without the checkpoint) is downloaded again, not trusted.
+    shutil.rmtree(downloaded)
+    assert (downloaded.parent / REGISTRY_MANIFEST).is_file()
+    again = resolve_model_ref(f"models:/{NAME}/1", tracking_uri=registry, cache_dir=cache)
+    assert (again / "config.json").is_file()
+
+
+def test_registry_errors_name_the_model(registry: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"models:/nobody@champion: not found in the registry"):
+        resolve_model_ref("models:/nobody@champion", tracking_uri=registry, cache_dir=tmp_path)
+    with pytest.raises(
+        ValueError, match="write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION"
+    ):
+        resolve_model_ref(f"models:/{NAME}/latest/extra", tracking_uri=registry, cache_dir=tmp_path)

@@ -1,0 +1,244 @@
+"""Chat with a DeepSeek-VL model from Python: load once, then `chat` or `chat_stream`, turn after turn.
+
+    >>> model = ChatModel.load("outputs/runs/demo")   # a checkpoint, a run folder or models:/NAME@ALIAS
+    >>> response, history = model.chat("<img>cat.png</img>What is this?")
+    >>> for text in model.chat_stream("And its colour?", history):
+    ...     print(text)                                # the answer so far, growing
+
+As the seed's `inference(model, template, query, history)`: a query may hold `<img>path-or-URL</img>` tags
+anywhere (local path, http(s), s3:// or data: URI), and `history` is a list of `[query, response]` pairs.
+A ChatModel is not thread-safe: one conversation step at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import StoppingCriteria
+
+from vlmops.config import InferConfig, StorageConfig
+from vlmops.data.conversation import Message, parse_img_tags
+from vlmops.data.formats import REMOTE_PREFIXES
+from vlmops.data.images import ImageLoadError, load_image
+from vlmops.infer.generation import answer_tokens, decode_answer, generation_config, model_inputs
+from vlmops.infer.resolve import ModelSource, ResolveModel, model_source, resolve_model_ref
+from vlmops.models.loading import LoadedModel, load_model
+from vlmops.models.template import encode
+
+log = logging.getLogger(__name__)
+
+History = list[list[str]]
+IMAGE_CACHE_SIZE = 32  # remote images kept between turns: each turn re-encodes the whole history
+
+
+class ChatModel:
+    """A loaded model with its chat settings: system prompt, generation settings, image storage."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        system_prompt: str | None = None,
+        infer_cfg: InferConfig | None = None,
+        storage: StorageConfig | None = None,
+        source: ModelSource | None = None,
+    ):
+        self.loaded = loaded
+        self.system_prompt = system_prompt
+        self.infer_cfg = infer_cfg if infer_cfg is not None else InferConfig.model_validate({})
+        self.storage = storage
+        self.source = source or ModelSource(loaded.path)
+        self._images: OrderedDict[str, Image.Image] = OrderedDict()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike[str],
+        adapter: str | os.PathLike[str] | None = None,
+        dtype: str = "auto",
+        attn: str = "sdpa",
+        device: torch.device | str | None = None,
+        system_prompt: str | None = None,
+        infer_cfg: InferConfig | None = None,
+        *,
+        storage: StorageConfig | None = None,
+        tracking_uri: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        resolve_model: ResolveModel | None = None,
+    ) -> ChatModel:
+        """Load a model for chat.
+
+        Args:
+            model: a checkpoint folder, a `vlmops sft` run folder (its adapter on its base model, or its full
+                weights), or `models:/NAME@ALIAS` / `models:/NAME/VERSION` from the MLflow registry.
+            adapter: a peft adapter folder or LoRA run folder to apply to `model`.
+            system_prompt: None: the run's `model.system_prompt` when `model` is a run, else the released
+                default; "": none.
+            infer_cfg: generation settings; None: the run's `infer` section when `model` is a run, else
+                the defaults.
+            tracking_uri: the MLflow registry for `models:/` (None: MLflow's current tracking URI).
+            cache_dir: where registered versions are downloaded (None: ~/.cache/vlmops/models/registry).
+            resolve_model: turns a model reference into a local folder (default: `resolve_model_ref`).
+        """
+        resolve = resolve_model or functools.partial(
+            resolve_model_ref, tracking_uri=tracking_uri, cache_dir=cache_dir
+        )
+        source = model_source(str(model), None if adapter is None else str(adapter), resolve)
+        if source.run is not None:
+            system_prompt = source.run.config.model.system_prompt if system_prompt is None else system_prompt
+            infer_cfg = source.run.config.infer if infer_cfg is None else infer_cfg
+        loaded = load_model(source.checkpoint, dtype=dtype, attn=attn, device=device, adapter=source.adapter)
+        return cls(loaded, system_prompt, infer_cfg, storage, source)
+
+    def chat(
+        self,
+        query: str,
+        history: History | None = None,
+        images: Sequence[str] | None = None,
+        system: str | None = None,
+    ) -> tuple[str, History]:
+        """Answer `query` after `history`; return the answer and the history with this turn appended.
+
+        Args:
+            query: the user's text; `<img>path-or-URL</img>` tags anywhere in it add images at that place.
+            history: earlier `[query, response]` pairs (not modified).
+            images: more images (paths or URIs), placed after the query's text.
+            system: this call's system prompt instead of the model's ("" for none).
+
+        Raises:
+            ImageLoadError: an image cannot be read (the message names it).
+        """
+        turn, prompt, pil_images = self._prompt(query, history, images, system)
+        inputs = model_inputs(self.loaded, [prompt], pil_images)
+        with torch.inference_mode():
+            output = self.loaded.model.generate(
+                **inputs, generation_config=generation_config(self.loaded, self.infer_cfg)
+            )
+        generated = output[0, inputs["input_ids"].shape[1] :].tolist()
+        response = decode_answer(self.loaded, answer_tokens(generated, self.loaded.tokenizer.eos_token_id))
+        return response, [*(history or []), [turn, response]]
+
+    def chat_stream(
+        self,
+        query: str,
+        history: History | None = None,
+        images: Sequence[str] | None = None,
+        system: str | None = None,
+    ) -> Iterator[str]:
+        """As `chat`, but yield the answer so far each time it grows; the last value is the whole answer.
+
+        Every value is a prefix of the next (whitespace at the ends is held back until it is followed by
+        text). The new history is `history + [[query + image tags, last value]]`. Closing the iterator
+        early stops generation. An error in generation is raised here.
+        """
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        _turn, prompt, pil_images = self._prompt(query, history, images, system)
+        inputs = model_inputs(self.loaded, [prompt], pil_images)
+        streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.inference_mode():
+                    self.loaded.model.generate(
+                        **inputs,
+                        generation_config=generation_config(self.loaded, self.infer_cfg),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                    )
+            except BaseException as err:  # handed to the consumer, which re-raises it
+                errors.append(err)
+                streamer.end()  # wakes the consumer, which would otherwise wait for text forever
+
+        thread = threading.Thread(target=generate, name="vlmops-generate", daemon=True)
+        thread.start()
+        text = ""
+        shown: str | None = None
+        try:
+            for piece in streamer:
+                text += piece
+                if text.strip() != shown and text.strip():
+                    shown = text.strip()
+                    yield shown
+        finally:
+            stop.set()
+            thread.join()
+        if errors:
+            raise errors[0]
+        if shown is None:
+            yield ""
+
+    def history_turn(self, query: str, images: Sequence[str] | None = None) -> str:
+        """The query as stored in the history: the extra images appended as `<img>` tags."""
+        return query + "".join(f"<img>{uri}</img>" for uri in images or [])
+
+    def _prompt(
+        self, query: str, history: History | None, images: Sequence[str] | None, system: str | None
+    ) -> tuple[str, list[int], list[Image.Image]]:
+        """The history entry for this turn, the prompt's token ids and its images in prompt order."""
+        turn = self.history_turn(query, images)
+        if not turn.strip():
+            raise ValueError("empty query: type a question, optionally with <img>path-or-URL</img> tags")
+        messages: list[Message] = []
+        for index, pair in enumerate(history or []):
+            if (
+                not isinstance(pair, list | tuple)
+                or len(pair) != 2
+                or not all(isinstance(x, str) for x in pair)
+            ):
+                raise ValueError(
+                    f"history[{index}] must be a [query, response] pair of strings, got {pair!r}"
+                )
+            messages.append(Message("user", parse_img_tags(pair[0])))
+            messages.append(Message("assistant", [pair[1]]))
+        messages.append(Message("user", parse_img_tags(turn)))
+        encoded = encode(
+            messages,
+            self.loaded.tokenizer,
+            self.loaded.num_image_tokens,
+            self.system_prompt if system is None else system,
+            add_generation_prompt=True,
+        )
+        return turn, encoded.input_ids, [self._image(ref.uri) for ref in encoded.images]
+
+    def _image(self, uri: str) -> Image.Image:
+        if not uri:
+            raise ImageLoadError("empty image tag <img></img>: put a path or URL between the tags")
+        if not uri.startswith(REMOTE_PREFIXES):
+            path = Path(uri).expanduser()
+            if not path.is_file():
+                raise ImageLoadError(
+                    f"image {uri}: file not found ({path.resolve()}); check the <img> tag's path"
+                )
+            # Not cached: a local file is cheap to read, and may have been edited since the last turn.
+            return load_image(str(path), self.storage)
+        if uri in self._images:
+            self._images.move_to_end(uri)
+            return self._images[uri]
+        image = load_image(uri, self.storage)
+        self._images[uri] = image
+        if len(self._images) > IMAGE_CACHE_SIZE:
+            self._images.popitem(last=False)
+        return image
+
+
+class _StopWhenSet(StoppingCriteria):
+    """A stopping criterion that ends generation for every row once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )

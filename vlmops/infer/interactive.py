@@ -1,0 +1,158 @@
+"""`vlmops infer`: an interactive, streamed, multi-turn chat in the terminal, as the seed's `swift infer`.
+
+    <<< <img>cat.png</img><img>https://host/dog.png</img>What differs between them?
+    The first image shows ...
+    --------------------------------------------------
+    <<< clear          forget the conversation so far
+    <<< quit           (or exit, or Ctrl-D) leave
+
+`--ckpt RUN_DIR` chats with a trained run: its adapter on its base model (or its full weights), with the
+run's saved config (system prompt, generation settings), as the seed's
+`swift infer --ckpt_dir ... --load_dataset_config true`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+from vlmops.config import PipelineConfig
+from vlmops.infer.chat import ChatModel, History
+from vlmops.infer.resolve import run_config
+
+log = logging.getLogger(__name__)
+
+PROMPT = "<<< "
+SEPARATOR = "-" * 50
+QUIT_WORDS = ("quit", "exit")
+CLEAR_WORD = "clear"
+
+
+def infer_command(
+    model: str | None, ckpt: str | None, config_path: str | None, overrides: list[str], system: str | None
+) -> int:
+    """Load the model, then chat on stdin/stdout until `quit`, `exit` or Ctrl-D. Returns the exit status.
+
+    Args:
+        model: a checkpoint folder, run folder or `models:/NAME@ALIAS`; with `ckpt`, the base to apply the
+            run's adapter to. None: the run's base model (with `ckpt`), else the config's `model`.
+        ckpt: a `vlmops sft` run folder or one of its checkpoints.
+        config_path: the pipeline config. None: the run's saved config (with `ckpt`), else the defaults.
+        overrides: dotted `key=value` overrides of the config (`infer.max_new_tokens=256`).
+        system: the system prompt instead of the config's `model.system_prompt` ("" for none).
+    """
+    try:
+        config = run_config(ckpt, config_path, overrides)
+        chat_model = _load(model, ckpt, config, system)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    _import_readline()
+    return chat_loop(chat_model, input, sys.stdout)
+
+
+def chat_loop(chat_model: ChatModel, read: Callable[[str], str], out: TextIO) -> int:
+    """The read-answer loop: one turn per line, answers streamed as they are generated."""
+    device = chat_model.loaded.device
+    out.write(
+        f"model: {chat_model.source.describe()} on {device}\n"
+        f"Type a message; <img>path-or-URL</img> adds an image. `{CLEAR_WORD}` forgets the conversation, "
+        f"`{QUIT_WORDS[0]}` or Ctrl-D leaves.\n"
+    )
+    history: History = []
+    while True:
+        try:
+            line = read(PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return 0
+        query = line.strip()
+        if not query:
+            continue
+        if query.lower() in QUIT_WORDS:
+            return 0
+        if query.lower() == CLEAR_WORD:
+            history = []
+            out.write(f"history cleared: {len(history)} turns\n")
+            continue
+        history = _turn(chat_model, query, history, out)
+        out.write(SEPARATOR + "\n")
+        out.flush()
+
+
+def _turn(chat_model: ChatModel, query: str, history: History, out: TextIO) -> History:
+    """Stream one answer; return the history with this turn, or unchanged if the turn failed."""
+    shown = 0
+    response = ""
+    try:
+        for response in chat_model.chat_stream(query, history):
+            out.write(response[shown:])
+            out.flush()
+            shown = len(response)
+        out.write("\n")
+    except KeyboardInterrupt:
+        out.write("\n[stopped: this turn is not kept in the history]\n")
+        return history
+    except (ValueError, OSError, RuntimeError) as err:
+        # One bad turn (an unreadable image, out of memory on a long history) should not end the session.
+        log.debug("turn failed", exc_info=True)
+        out.write(("\n" if shown else "") + f"error: {err}\n")
+        return history
+    return [*history, [chat_model.history_turn(query), response]]
+
+
+def _load(model: str | None, ckpt: str | None, config: PipelineConfig, system: str | None) -> ChatModel:
+    target, adapter = model, ckpt
+    if target is None:
+        target, adapter = ckpt, None  # the run says which base model its adapter belongs to
+    if target is None:
+        target = config.model.id if config.model.source == "local" and config.model.id else config.model.name
+    print(f"loading {target}" + (f" with {adapter}" if adapter else "") + " ...", file=sys.stderr, flush=True)
+    return ChatModel.load(
+        target,
+        adapter,
+        dtype=config.model.dtype,
+        attn=config.model.attn,
+        system_prompt=config.model.system_prompt if system is None else system,
+        infer_cfg=config.infer,
+        storage=config.storage,
+        tracking_uri=config.tracking.uri,
+    )
+
+
+def _import_readline() -> None:
+    """Line editing and input history at the prompt, where the platform has GNU readline."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m vlmops.infer.interactive`: the same options as `vlmops infer`."""
+    parser = argparse.ArgumentParser(
+        prog="vlmops infer", description=__doc__.split("\n")[0] if __doc__ else None
+    )
+    parser.add_argument("--model", help="checkpoint folder, run folder or models:/NAME@ALIAS")
+    parser.add_argument("--ckpt", help="a `vlmops sft` run folder or checkpoint: chat with the trained model")
+    parser.add_argument("--config", help="pipeline config (default: the run's saved config with --ckpt)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set infer.max_new_tokens=256 (repeatable)",
+    )
+    parser.add_argument(
+        "--system", help="system prompt ('' for none; default: the config's model.system_prompt)"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return infer_command(args.model, args.ckpt, args.config, args.overrides, args.system)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

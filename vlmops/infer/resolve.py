@@ -1,0 +1,238 @@
+"""From what a user names (a folder, a training run, a registered model) to the folders to load.
+
+    /path/to/checkpoint        a native transformers DeepSeek-VL checkpoint (e.g. a merged model)
+    /path/to/RUN_DIR           a `vlmops sft` run folder or one of its checkpoint-N folders: the trained
+                               adapter on the run's base model, or the run's full weights
+    models:/NAME@ALIAS         a registered model version (MLflow registry), by alias or by number;
+    models:/NAME/VERSION       its artifacts (a merged checkpoint) are downloaded once into a cache
+
+Catalog names (`deepseek-vl-7b-chat`) are not resolved here: `vlmops download` turns them into folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlmops.config import ModelConfig, PipelineConfig, load_config
+from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
+
+log = logging.getLogger(__name__)
+
+REGISTRY_SCHEME = "models:/"
+REGISTRY_MANIFEST = "vlmops_registry.json"
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+ResolveModel = Callable[[str], Path]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What to load: a checkpoint folder, optionally a peft adapter on it, and the run they came from."""
+
+    checkpoint: Path
+    adapter: Path | None = None
+    run: TrainedRun | None = None
+
+    def describe(self) -> str:
+        return f"{self.checkpoint} + adapter {self.adapter}" if self.adapter else str(self.checkpoint)
+
+
+def default_registry_cache() -> Path:
+    """Where registered model versions are downloaded: `registry/` beside the model cache."""
+    return Path(ModelConfig().cache_dir).expanduser() / "registry"
+
+
+def resolve_model_ref(
+    ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """A local folder for `ref`: a checkpoint or run folder as it is, a `models:/` URI downloaded.
+
+    Raises:
+        FileNotFoundError: `ref` is neither an existing folder nor a `models:/` URI (a catalog name that was
+            not downloaded yet, or a typo).
+        ValueError: a malformed `models:/` URI or an unknown registered model, version or alias.
+    """
+    if not ref.strip():
+        raise ValueError("empty model reference: pass a checkpoint folder, run folder or models:/NAME@ALIAS")
+    if ref.startswith(REGISTRY_SCHEME):
+        return download_registered_model(ref, tracking_uri, cache_dir)
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise FileNotFoundError(f"model {ref}: is a file; pass the checkpoint folder that holds config.json")
+    if "/" not in ref and "\\" not in ref:
+        raise FileNotFoundError(
+            f"model {ref!r} is not a local folder, a run folder or a models:/NAME@ALIAS URI. If it is a "
+            f"catalog name, it is not yet downloaded: run `vlmops download {ref}` and pass the folder "
+            "it prints"
+        )
+    raise FileNotFoundError(f"model folder {ref} does not exist")
+
+
+def model_source(
+    model: str, adapter: str | None = None, resolve_model: ResolveModel = resolve_model_ref
+) -> ModelSource:
+    """Work out the checkpoint and adapter to load for `model` (any form above) and an optional `adapter`.
+
+    `adapter` is a peft adapter folder or a LoRA run folder; its adapter is applied to `model`, which then
+    must be a plain checkpoint (e.g. the run's base model found at another path on this machine).
+    """
+    folder = resolve_model(model)
+    source = (
+        _run_source(open_run(folder), resolve_model) if (folder / RUN_INFO).is_file() else ModelSource(folder)
+    )
+    if adapter is None:
+        return source
+    if source.adapter is not None or source.run is not None:
+        raise ValueError(
+            f"model {model} is a training run folder and already says what to load; pass its base model as "
+            f"the model to apply the adapter {adapter} to another copy of the base"
+        )
+    adapter_folder = Path(adapter).expanduser()
+    if (adapter_folder / RUN_INFO).is_file():
+        run = open_run(adapter_folder)
+        if not run.is_adapter:
+            raise ValueError(
+                f"{adapter} is a full fine-tuning run (no adapter in {run.weights}); "
+                "load it as the model instead"
+            )
+        return ModelSource(source.checkpoint, run.weights, run)
+    if not (adapter_folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"adapter {adapter}: no adapter_config.json there; "
+            "pass a peft adapter folder or a LoRA run folder"
+        )
+    return ModelSource(source.checkpoint, adapter_folder)
+
+
+def run_config(ckpt: str | None, config_path: str | None, overrides: list[str]) -> PipelineConfig:
+    """The config for `--ckpt`/`--config`: the given file, else the run's saved config, else the defaults.
+
+    A run's saved config is what it was trained with (system prompt, data, generation settings), as the
+    seed's `--load_dataset_config true`; `overrides` apply on top either way.
+    """
+    if config_path is not None:
+        return load_config(config_path, overrides)
+    if ckpt is None:
+        return load_config(None, overrides)
+    folder = Path(ckpt)
+    if not (folder / RUN_INFO).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{ckpt} is not a vlmops run or checkpoint folder (no {RUN_INFO} or {CONFIG_FILE}); "
+            "pass the folder `vlmops sft` wrote"
+        )
+    return load_config(folder / CONFIG_FILE, overrides)
+
+
+def _run_source(run: TrainedRun, resolve_model: ResolveModel) -> ModelSource:
+    if run.is_adapter:
+        return ModelSource(resolve_model(run.info.base_model), run.weights, run)
+    if not (run.weights / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{run.weights} holds neither an adapter (adapter_config.json) nor a checkpoint (config.json)"
+        )
+    if not (run.weights / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"{run.weights} holds full weights but no tokenizer/processor files; copy them from the base "
+            f"model {run.info.base_model} (processor.save_pretrained) next to the weights"
+        )
+    return ModelSource(run.weights, None, run)
+
+
+def download_registered_model(
+    uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Download a registered model version's artifacts (a merged checkpoint) once; return the local folder.
+
+    An alias is resolved to its version number first, so moving the alias is seen on the next load while an
+    unchanged version is never downloaded twice. The cache is keyed on the registry, name and version, and a
+    cached copy is reused only if its recorded source still matches the registry's.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    match = _REGISTRY_URI.match(uri)
+    if match is None:
+        raise ValueError(
+            f"model {uri}: write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION"
+        )
+    name = match.group("name")
+    registry = tracking_uri or mlflow.get_registry_uri()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry)
+    try:
+        if match.group("alias"):
+            version = client.get_model_version_by_alias(name, match.group("alias"))
+        else:
+            version = client.get_model_version(name, match.group("version"))
+        source = client.get_model_version_download_uri(name, version.version)
+    except MlflowException as err:
+        raise ValueError(f"model {uri}: not found in the registry at {registry} ({err.message})") from err
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_registry_cache()
+    registry_key = hashlib.sha256(registry.encode()).hexdigest()[:12]
+    target = root / registry_key / _safe_name(name) / f"v{version.version}"
+    manifest = {"registry": registry, "name": name, "version": str(version.version), "source": source}
+    cached = _cached_checkpoint(target, manifest)
+    if cached is not None:
+        log.info("%s is version %s, cached at %s", uri, version.version, cached)
+        return cached
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        log.info("downloading %s (version %s) from %s", uri, version.version, source)
+        local = Path(_download(source, staging, tracking_uri))
+        if not (local / "config.json").is_file():
+            raise ValueError(
+                f"model {uri}: version {version.version}'s artifacts ({source}) are not a checkpoint folder "
+                "(no config.json); register the merged model folder itself"
+            )
+        manifest["folder"] = local.relative_to(staging).as_posix()
+        (staging / REGISTRY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target / manifest["folder"]
+
+
+def _download(source: str, dst: Path, tracking_uri: str | None) -> str:
+    import mlflow
+
+    return str(
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
+    )
+
+
+def _cached_checkpoint(target: Path, manifest: dict[str, str]) -> Path | None:
+    manifest_file = target / REGISTRY_MANIFEST
+    if not manifest_file.is_file():
+        return None
+    saved = json.loads(manifest_file.read_text())
+    if any(saved.get(key) != value for key, value in manifest.items()):
+        log.warning(
+            "cached %s was downloaded from %s, the registry now says %s: downloading again",
+            target,
+            saved.get("source"),
+            manifest["source"],
+        )
+        return None
+    folder = target / saved["folder"]
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
