@@ -21,7 +21,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.states import State
-from vlmops.models.download import local_source_path
 
 from tasks.download import download_model, log_download
 from tasks.evaluate import evaluate, log_evaluation
@@ -33,6 +32,7 @@ from tasks.validate import log_validation, validate_dataset
 from tasks.version import version_path
 from vlmops.config import dump_config, load_config
 from vlmops.data.prepare import dataset_inputs
+from vlmops.models.download import local_source_path
 from vlmops.tracking import Tracker, git_commit, ui_command
 
 
@@ -172,8 +172,8 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
             log_batch(tracker, step, "finetuned", tuned)
 
         with tracker.run("evaluate", parent) as step:
-            metrics = evaluate(str(base.path) if base else None, str(tuned.path), str(run_dir / "evaluation.json"))
-            log_evaluation(tracker, step, metrics, str(run_dir / "evaluation.json"))
+            metrics = evaluate(str(base.path) if base else None, str(tuned.path), str(run_dir / "evaluation"))
+            log_evaluation(tracker, step, metrics, str(run_dir / "evaluation"))
             tracker.log_metrics(parent, metrics)
 
         tags = {

@@ -1,4 +1,5 @@
-"""PNG charts logged beside the numbers: token lengths and the training loss curve."""
+"""PNG charts logged beside the numbers: token lengths and the training loss curve (the accuracy chart
+lives with the evaluation, in vlmops.evaluate.report)."""
 
 from __future__ import annotations
 
@@ -44,23 +45,6 @@ def loss_curve(train: list[tuple[int, float]], evals: list[tuple[int, float]], o
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
-
-
-def accuracy_chart(metrics: dict[str, float], out: Path) -> Path:
-    """Base vs fine-tuned exact-match accuracy as two bars."""
-    plt = _pyplot()
-    labels = [k.removesuffix("_accuracy") for k in ("base_accuracy", "finetuned_accuracy") if k in metrics]
-    values = [metrics[f"{label}_accuracy"] for label in labels]
-    fig, ax = plt.subplots(figsize=(4, 3.5))
-    bars = ax.bar(labels, values, color=["#999999", "#2a7ab9"][: len(values)])
-    for bar, value in zip(bars, values):
-        ax.text(bar.get_x() + bar.get_width() / 2, value + 0.02, f"{value:.2f}", ha="center")
-    ax.set_ylim(0, 1.1)
-    ax.set_ylabel("exact-match accuracy")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

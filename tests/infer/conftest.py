@@ -52,9 +52,7 @@ def tiny_hybrid(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def readable_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_readable(
-        build_tiny_model(tmp_path_factory.mktemp("models") / "readable", "deepseek_vl", seed=3)
-    )
+    return make_readable(build_tiny_model(tmp_path_factory.mktemp("models") / "readable", "deepseek_vl", seed=3))
 
 
 @pytest.fixture(scope="session")
@@ -72,9 +70,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A small demo dataset: mixed train records (multi-turn, two-image, text-only) and colour questions."""
-    return write_demo_dataset(
-        tmp_path_factory.mktemp("data") / "demo", num_train=11, num_eval=6, image_size=32
-    )
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_train=11, num_eval=6, image_size=32)
 
 
 def make_lora_run(run_dir: Path, base: Path, dataset_dir: Path, overrides: list[str] | None = None) -> Path:
@@ -98,9 +94,7 @@ def make_lora_run(run_dir: Path, base: Path, dataset_dir: Path, overrides: list[
 
 
 @pytest.fixture(scope="session")
-def snapshot(
-    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
+def snapshot(tiny_model: Path, demo_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo data as a validated dataset snapshot (what a run's run.json points to)."""
     from transformers import AutoTokenizer
 
@@ -133,7 +127,5 @@ def full_run(tiny_model: Path, snapshot: Path, tmp_path_factory: pytest.TempPath
     build_tiny_model(run_dir / FINAL_DIR, "deepseek_vl", seed=7)
     config = load_config(None, ["train.mode=full", "infer.max_new_tokens=6"])
     (run_dir / CONFIG_FILE).write_text(dump_config(config))
-    RunInfo(base_model=str(tiny_model), dataset=str(snapshot), dataset_hash="test", mode="full").write(
-        run_dir
-    )
+    RunInfo(base_model=str(tiny_model), dataset=str(snapshot), dataset_hash="test", mode="full").write(run_dir)
     return run_dir

@@ -124,9 +124,7 @@ def test_missing_image_fails_before_generating(
     with dataset.open("a") as f:
         f.write(json.dumps(record) + "\n")
     out = tmp_path / "pred.jsonl"
-    with pytest.raises(
-        ImageLoadError, match=r"1 image file\(s\) not found:\n  - \S*train\.jsonl:12: \S*gone\.png"
-    ):
+    with pytest.raises(ImageLoadError, match=r"1 image file\(s\) not found:\n  - \S*train\.jsonl:12: \S*gone\.png"):
         batch_infer(loaded, dataset, out, infer(batch_size=4))
     assert not out.exists()
 
@@ -137,7 +135,5 @@ def test_invalid_records_are_refused_not_skipped(
     dataset = copy_dataset(demo_data, tmp_path / "data")
     with dataset.open("a") as f:
         f.write(json.dumps({"conversations": [{"from": "user", "value": "no answer"}]}) + "\n")
-    with pytest.raises(
-        DatasetError, match=r"train\.jsonl:12 \(turns\): the conversation must end with an assistant"
-    ):
+    with pytest.raises(DatasetError, match=r"train\.jsonl:12 \(turns\): the conversation must end with an assistant"):
         batch_infer(loaded, dataset, tmp_path / "pred.jsonl", infer(batch_size=4))

@@ -103,9 +103,7 @@ def test_text_only_turn(chat_model: ChatModel) -> None:
         chat_model.chat("   ")
 
 
-def test_two_turn_history_has_the_seeds_shape_and_is_used(
-    chat_model: ChatModel, images: dict[str, Path]
-) -> None:
+def test_two_turn_history_has_the_seeds_shape_and_is_used(chat_model: ChatModel, images: dict[str, Path]) -> None:
     q1, q2 = f"<img>{images['red']}</img>{QUESTION}", "And what shape is it?"
     r1, h1 = chat_model.chat(q1)
     r2, h2 = chat_model.chat(q2, h1)
@@ -179,9 +177,7 @@ def test_image_from_data_uri_equals_the_file(chat_model: ChatModel, images: dict
     assert data_uri in history[0][0]
 
 
-def test_image_from_http_url_equals_the_file(
-    chat_model: ChatModel, images: dict[str, Path], image_server: str
-) -> None:
+def test_image_from_http_url_equals_the_file(chat_model: ChatModel, images: dict[str, Path], image_server: str) -> None:
     from_file, _ = chat_model.chat(f"<img>{images['blue']}</img>{QUESTION}")
     from_url, _ = chat_model.chat(f"<img>{image_server}/blue.png</img>{QUESTION}")
     assert from_url == from_file
@@ -200,9 +196,7 @@ def test_unreadable_image_names_the_image(chat_model: ChatModel, tmp_path: Path)
         chat_model.chat(f"<img></img>{QUESTION}")
 
 
-def test_run_folder_applies_its_adapter_and_config(
-    lora_run: Path, tiny_model: Path, images: dict[str, Path]
-) -> None:
+def test_run_folder_applies_its_adapter_and_config(lora_run: Path, tiny_model: Path, images: dict[str, Path]) -> None:
     query = f"<img>{images['red']}</img>{QUESTION}"
     tuned = ChatModel.load(lora_run)
     assert tuned.source.adapter == lora_run / "final"
@@ -221,15 +215,11 @@ def test_unknown_model_reference_says_what_to_do() -> None:
         ChatModel.load("")
 
 
-def test_full_weights_run_loads_its_own_checkpoint(
-    full_run: Path, images: dict[str, Path], tmp_path: Path
-) -> None:
+def test_full_weights_run_loads_its_own_checkpoint(full_run: Path, images: dict[str, Path], tmp_path: Path) -> None:
     query = f"<img>{images['red']}</img>{QUESTION}"
     tuned = ChatModel.load(full_run)
     assert (tuned.source.checkpoint, tuned.source.adapter) == (full_run / "final", None)
-    assert (
-        tuned.chat(query)[0] == ChatModel.load(full_run / "final", infer_cfg=tuned.infer_cfg).chat(query)[0]
-    )
+    assert tuned.chat(query)[0] == ChatModel.load(full_run / "final", infer_cfg=tuned.infer_cfg).chat(query)[0]
     with pytest.raises(ValueError, match="full fine-tuning run"):
         ChatModel.load(full_run / "final", adapter=full_run)
 
@@ -239,3 +229,16 @@ def test_full_weights_run_loads_its_own_checkpoint(
     (bare / "final" / "tokenizer_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="no tokenizer/processor files"):
         ChatModel.load(bare)
+
+
+def test_catalog_names_are_downloaded_like_swift_infer_model_type(tmp_path: Path) -> None:
+    """`vlmops infer --model <catalog name>` fetches the model through download_model (here: a tiny one)."""
+    from vlmops.config import load_config
+    from vlmops.infer.resolve import catalog_resolver
+
+    config = load_config(None, [f"run.output_dir={tmp_path}", f"model.cache_dir={tmp_path}/cache"])
+    folder = catalog_resolver(config)("tiny-deepseek-vl-hybrid")
+    assert (folder / "config.json").is_file()
+    assert folder == tmp_path / "models" / "tiny-deepseek-vl-hybrid"
+    with pytest.raises(FileNotFoundError, match="not a local folder"):
+        catalog_resolver(config)("deepseek-vl-13b-chat")

@@ -92,6 +92,4 @@ def test_eval_command_on_a_full_fine_tuning_run_loads_the_base_separately(
     config = run_config(str(full_run), None, [])
     for folder, name in ((full_run / "final", "predictions.jsonl"), (tiny_model, "base_predictions.jsonl")):
         plain = batch_infer(load_model(folder), eval_split, tmp_path / f"plain-{name}", config.infer)
-        assert [r["prediction"] for r in read_lines(out / name)] == [
-            r["prediction"] for r in read_lines(plain.path)
-        ]
+        assert [r["prediction"] for r in read_lines(out / name)] == [r["prediction"] for r in read_lines(plain.path)]

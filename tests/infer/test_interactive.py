@@ -60,9 +60,7 @@ def _answer_part(output: str, query: str) -> str:
 @pytest.fixture(scope="module")
 def expected(readable_model: Path, images: dict[str, Path]) -> dict[str, str]:
     """The answers the same model gives in-process (greedy, so the terminal must show exactly these)."""
-    model = ChatModel.load(
-        readable_model, infer_cfg=InferConfig.model_validate({"max_new_tokens": MAX_NEW_TOKENS})
-    )
+    model = ChatModel.load(readable_model, infer_cfg=InferConfig.model_validate({"max_new_tokens": MAX_NEW_TOKENS}))
     q1 = f"<img>{images['red']}</img>What colour is the shape?"
     r1, h1 = model.chat(q1)
     r2, _ = model.chat("And what shape is it?", h1)
@@ -102,9 +100,7 @@ def test_interactive_chat_streams_keeps_history_clears_and_quits(
     assert child.exitstatus == 0
 
 
-def test_interactive_ckpt_chats_with_the_trained_run_and_ctrl_d_quits(
-    lora_run: Path, images: dict[str, Path]
-) -> None:
+def test_interactive_ckpt_chats_with_the_trained_run_and_ctrl_d_quits(lora_run: Path, images: dict[str, Path]) -> None:
     query = f"<img>{images['blue']}</img>What colour is the shape?"
     tuned, _ = ChatModel.load(lora_run).chat(query)  # max_new_tokens etc. from the run's saved config
     child = spawn("--ckpt", str(lora_run))

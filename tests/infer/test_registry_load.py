@@ -26,9 +26,7 @@ def register(tracking_uri: str, model_dir: Path, alias: str) -> str:
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
     if not client.search_registered_models(filter_string=f"name = '{NAME}'"):
         client.create_registered_model(NAME)
-    version = client.create_model_version(
-        NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
-    )
+    version = client.create_model_version(NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     client.set_registered_model_alias(NAME, alias, version.version)
     return str(version.version)
 
@@ -39,9 +37,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.MlflowClient(tracking_uri=uri).create_experiment(
-        "registry", artifact_location=(root / "artifacts").as_uri()
-    )
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("registry", artifact_location=(root / "artifacts").as_uri())
     yield uri
     mlflow.set_tracking_uri(None)
 
@@ -80,7 +76,5 @@ def test_load_registered_model_by_alias_and_version(
 def test_registry_errors_name_the_model(registry: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"models:/nobody@champion: not found in the registry"):
         resolve_model_ref("models:/nobody@champion", tracking_uri=registry, cache_dir=tmp_path)
-    with pytest.raises(
-        ValueError, match="write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION"
-    ):
+    with pytest.raises(ValueError, match="write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION"):
         resolve_model_ref(f"models:/{NAME}/latest/extra", tracking_uri=registry, cache_dir=tmp_path)

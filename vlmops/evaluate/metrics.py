@@ -93,9 +93,7 @@ def evaluate_predictions(pred_file: str | os.PathLike[str]) -> EvalResult:
     seen: set[int] = set()
     for score in scores:
         if score.index in seen:
-            raise ValueError(
-                f"{path}: record index {score.index} appears twice; write predictions with batch_infer"
-            )
+            raise ValueError(f"{path}: record index {score.index} appears twice; write predictions with batch_infer")
         seen.add(score.index)
     correct = sum(s.correct for s in scores)
     return EvalResult(correct / len(scores), correct, len(scores), scores, predictions=str(path))

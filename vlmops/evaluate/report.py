@@ -74,9 +74,7 @@ def plot_comparison(
     return path
 
 
-def write_comparison(
-    base: EvalResult, tuned: EvalResult, out_dir: str | os.PathLike[str]
-) -> tuple[Path, Path]:
+def write_comparison(base: EvalResult, tuned: EvalResult, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """`comparison.json` and `comparison.png` in `out_dir`; returns both paths."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)

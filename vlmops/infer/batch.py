@@ -77,9 +77,7 @@ def batch_infer(
     dataset_path, out_path = Path(dataset_file), Path(out_file)
     dataset = read_dataset(dataset_path)
     if dataset.problems:
-        raise DatasetError(
-            dataset.problems, "batch inference predicts every record: fix or remove these first"
-        )
+        raise DatasetError(dataset.problems, "batch inference predicts every record: fix or remove these first")
     if not dataset.conversations:
         raise ValueError(f"{dataset_path} has no records to predict")
     _check_local_images(dataset.conversations)
@@ -103,9 +101,7 @@ def batch_infer(
     if missing:
         raise RuntimeError(f"internal error: no prediction for records {missing[:10]}")
     _write_jsonl_atomic(out_path, [p for p in predictions if p is not None])
-    result = BatchResult(
-        out_path, len(items), seconds, generated_total, generated_total / seconds if seconds else 0.0
-    )
+    result = BatchResult(out_path, len(items), seconds, generated_total, generated_total / seconds if seconds else 0.0)
     log.info(
         "predicted %d records in %.1f s (%d tokens, %.1f tokens/s) -> %s",
         result.count,

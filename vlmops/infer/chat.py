@@ -88,9 +88,7 @@ class ChatModel:
             cache_dir: where registered versions are downloaded (None: ~/.cache/vlmops/models/registry).
             resolve_model: turns a model reference into a local folder (default: `resolve_model_ref`).
         """
-        resolve = resolve_model or functools.partial(
-            resolve_model_ref, tracking_uri=tracking_uri, cache_dir=cache_dir
-        )
+        resolve = resolve_model or functools.partial(resolve_model_ref, tracking_uri=tracking_uri, cache_dir=cache_dir)
         source = model_source(str(model), None if adapter is None else str(adapter), resolve)
         if source.run is not None:
             system_prompt = source.run.config.model.system_prompt if system_prompt is None else system_prompt
@@ -191,14 +189,8 @@ class ChatModel:
             raise ValueError("empty query: type a question, optionally with <img>path-or-URL</img> tags")
         messages: list[Message] = []
         for index, pair in enumerate(history or []):
-            if (
-                not isinstance(pair, list | tuple)
-                or len(pair) != 2
-                or not all(isinstance(x, str) for x in pair)
-            ):
-                raise ValueError(
-                    f"history[{index}] must be a [query, response] pair of strings, got {pair!r}"
-                )
+            if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise ValueError(f"history[{index}] must be a [query, response] pair of strings, got {pair!r}")
             messages.append(Message("user", parse_img_tags(pair[0])))
             messages.append(Message("assistant", [pair[1]]))
         messages.append(Message("user", parse_img_tags(turn)))
@@ -217,9 +209,7 @@ class ChatModel:
         if not uri.startswith(REMOTE_PREFIXES):
             path = Path(uri).expanduser()
             if not path.is_file():
-                raise ImageLoadError(
-                    f"image {uri}: file not found ({path.resolve()}); check the <img> tag's path"
-                )
+                raise ImageLoadError(f"image {uri}: file not found ({path.resolve()}); check the <img> tag's path")
             # Not cached: a local file is cheap to read, and may have been edited since the last turn.
             return load_image(str(path), self.storage)
         if uri in self._images:
@@ -239,6 +229,4 @@ class _StopWhenSet(StoppingCriteria):
         self.event = event
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
-        )
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)

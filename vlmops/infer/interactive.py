@@ -22,7 +22,7 @@ from typing import TextIO
 
 from vlmops.config import PipelineConfig
 from vlmops.infer.chat import ChatModel, History
-from vlmops.infer.resolve import run_config
+from vlmops.infer.resolve import catalog_resolver, run_config
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def _load(model: str | None, ckpt: str | None, config: PipelineConfig, system: s
         infer_cfg=config.infer,
         storage=config.storage,
         tracking_uri=config.tracking.uri,
+        resolve_model=catalog_resolver(config),
     )
 
 
@@ -132,9 +133,7 @@ def _import_readline() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m vlmops.infer.interactive`: the same options as `vlmops infer`."""
-    parser = argparse.ArgumentParser(
-        prog="vlmops infer", description=__doc__.split("\n")[0] if __doc__ else None
-    )
+    parser = argparse.ArgumentParser(prog="vlmops infer", description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--model", help="checkpoint folder, run folder or models:/NAME@ALIAS")
     parser.add_argument("--ckpt", help="a `vlmops sft` run folder or checkpoint: chat with the trained model")
     parser.add_argument("--config", help="pipeline config (default: the run's saved config with --ckpt)")
@@ -146,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set infer.max_new_tokens=256 (repeatable)",
     )
-    parser.add_argument(
-        "--system", help="system prompt ('' for none; default: the config's model.system_prompt)"
-    )
+    parser.add_argument("--system", help="system prompt ('' for none; default: the config's model.system_prompt)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return infer_command(args.model, args.ckpt, args.config, args.overrides, args.system)

@@ -1,12 +1,13 @@
 """From what a user names (a folder, a training run, a registered model) to the folders to load.
 
-    /path/to/checkpoint        a native transformers DeepSeek-VL checkpoint (e.g. a merged model)
-    /path/to/RUN_DIR           a `vlmops sft` run folder or one of its checkpoint-N folders: the trained
-                               adapter on the run's base model, or the run's full weights
-    models:/NAME@ALIAS         a registered model version (MLflow registry), by alias or by number;
-    models:/NAME/VERSION       its artifacts (a merged checkpoint) are downloaded once into a cache
+/path/to/checkpoint        a native transformers DeepSeek-VL checkpoint (e.g. a merged model)
+/path/to/RUN_DIR           a `vlmops sft` run folder or one of its checkpoint-N folders: the trained
+                           adapter on the run's base model, or the run's full weights
+models:/NAME@ALIAS         a registered model version (MLflow registry), by alias or by number;
+models:/NAME/VERSION       its artifacts (a merged checkpoint) are downloaded once into a cache
 
-Catalog names (`deepseek-vl-7b-chat`) are not resolved here: `vlmops download` turns them into folders.
+deepseek-vl-7b-chat        a catalog name: downloaded (and converted) once through `download_model`,
+                           as `swift infer --model_type deepseek-vl-7b-chat` does (`catalog_resolver`)
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def default_registry_cache() -> Path:
     return Path(ModelConfig().cache_dir).expanduser() / "registry"
 
 
+def catalog_resolver(config: PipelineConfig) -> ResolveModel:
+    """`resolve_model_ref` that also takes catalog names, fetching them with the config's cache and storage."""
+    from vlmops.models.catalog import CATALOG
+    from vlmops.models.download import download_model
+
+    def resolve(ref: str) -> Path:
+        if ref not in CATALOG:
+            return resolve_model_ref(ref, tracking_uri=config.tracking.uri)
+        model_cfg = (
+            config.model if ref == config.model.name else ModelConfig(name=ref, cache_dir=config.model.cache_dir)
+        )
+        return download_model(model_cfg, config.storage, config.run.output_dir).path
+
+    return resolve
+
+
 def resolve_model_ref(
     ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
@@ -88,9 +105,7 @@ def model_source(
     must be a plain checkpoint (e.g. the run's base model found at another path on this machine).
     """
     folder = resolve_model(model)
-    source = (
-        _run_source(open_run(folder), resolve_model) if (folder / RUN_INFO).is_file() else ModelSource(folder)
-    )
+    source = _run_source(open_run(folder), resolve_model) if (folder / RUN_INFO).is_file() else ModelSource(folder)
     if adapter is None:
         return source
     if source.adapter is not None or source.run is not None:
@@ -103,14 +118,12 @@ def model_source(
         run = open_run(adapter_folder)
         if not run.is_adapter:
             raise ValueError(
-                f"{adapter} is a full fine-tuning run (no adapter in {run.weights}); "
-                "load it as the model instead"
+                f"{adapter} is a full fine-tuning run (no adapter in {run.weights}); load it as the model instead"
             )
         return ModelSource(source.checkpoint, run.weights, run)
     if not (adapter_folder / "adapter_config.json").is_file():
         raise FileNotFoundError(
-            f"adapter {adapter}: no adapter_config.json there; "
-            "pass a peft adapter folder or a LoRA run folder"
+            f"adapter {adapter}: no adapter_config.json there; pass a peft adapter folder or a LoRA run folder"
         )
     return ModelSource(source.checkpoint, adapter_folder)
 
@@ -164,9 +177,7 @@ def download_registered_model(
 
     match = _REGISTRY_URI.match(uri)
     if match is None:
-        raise ValueError(
-            f"model {uri}: write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION"
-        )
+        raise ValueError(f"model {uri}: write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION")
     name = match.group("name")
     registry = tracking_uri or mlflow.get_registry_uri()
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry)
@@ -212,9 +223,7 @@ def download_registered_model(
 def _download(source: str, dst: Path, tracking_uri: str | None) -> str:
     import mlflow
 
-    return str(
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri)
-    )
+    return str(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
 
 
 def _cached_checkpoint(target: Path, manifest: dict[str, str]) -> Path | None:
