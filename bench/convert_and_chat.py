@@ -56,7 +56,13 @@ def main() -> int:
     parser.add_argument("--skip-convert", action="store_true", help="no conversion benchmark")
     parser.add_argument("--workdir", default=None, help="local disk folder for the checkpoints (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    parser.add_argument("--convert-method", choices=["streaming", "naive"], help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)
+    parser.add_argument("--dst", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.convert_method:
+        convert_once(args.convert_method, Path(args.src), Path(args.dst))
+        return 0
 
     tiny = args.sizes == "tiny"
     names = list(TINY.values()) if tiny else [SIZES[s.strip()] for s in args.sizes.split(",")]
@@ -155,8 +161,10 @@ def chat_turn(name: str, tokenizer: Any, device: torch.device, dtype: torch.dtyp
         _timed_generate(model, inputs, 2, pad_id, device)  # warm-up: kernels, allocator
         first_s, _ = _timed_generate(model, inputs, 1, pad_id, device)  # vision towers, prefill, one token
         generate_s, generated = _timed_generate(model, inputs, new_tokens, pad_id, device)
+        chat = _product_chat_turn(model, config, tokenizer, new_tokens)
     result = {
         "name": name,
+        **chat,
         "params": sum(p.numel() for p in model.parameters()),
         "release_params": _release_params(name),
         "catalog_params": get_entry(name).params,
@@ -172,6 +180,43 @@ def chat_turn(name: str, tokenizer: Any, device: torch.device, dtype: torch.dtyp
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _product_chat_turn(model: Any, config: Any, tokenizer: Any, new_tokens: int) -> dict[str, Any]:
+    """The same question through the product path: `ChatModel.chat` with two PNG files on disk."""
+    from transformers import DeepseekVLHybridProcessor, DeepseekVLProcessor
+
+    from vlmops.config import InferConfig
+    from vlmops.infer.chat import ChatModel
+    from vlmops.models.loading import LoadedModel
+
+    hybrid = config.model_type == "deepseek_vl_hybrid"
+    vision = config.vision_config
+    processor_cls = DeepseekVLHybridProcessor if hybrid else DeepseekVLProcessor
+    processor = processor_cls(
+        image_processor=_image_processor(config),
+        tokenizer=tokenizer,
+        num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="chat-"))
+    for file, image in _images().items():
+        image.save(folder / file)
+    chat = ChatModel(LoadedModel(model, processor, folder, hybrid), infer_cfg=InferConfig(max_new_tokens=new_tokens))
+    query = f"<img>{folder / 'first.png'}</img><img>{folder / 'second.png'}</img>What differs between the two?"
+    chat.chat(query)  # warm-up
+    times, answer = [], ""
+    for _ in range(3):
+        _sync(model.device)
+        started = time.perf_counter()
+        answer, history = chat.chat(query)
+        _sync(model.device)
+        times.append(time.perf_counter() - started)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "chat_s": sorted(times)[1],
+        "chat_tokens": len(tokenizer.encode(answer, add_special_tokens=False)),
+        "chat_history_ok": len(history) == 1 and history[0][0] == query,
+    }
 
 
 def _timed_generate(
@@ -227,7 +272,10 @@ def convert_7b(workdir: Path, device: torch.device, dtype: torch.dtype, tiny: bo
     write_s = time.perf_counter() - started
     original_bytes = sum(f.stat().st_size for f in original.glob("*.safetensors"))
 
-    report = convert_checkpoint(original, converted)  # includes the verification load on CPU
+    # Each conversion runs in its own process so its peak host memory is its own.
+    report = _convert_in_subprocess("streaming", original, converted)  # includes the verification load on CPU
+    baseline = _convert_in_subprocess("naive", original, workdir / "naive-7b")
+    shutil.rmtree(workdir / "naive-7b", ignore_errors=True)
 
     started = time.perf_counter()
     loaded: Any = DeepseekVLHybridForConditionalGeneration.from_pretrained(
@@ -246,16 +294,69 @@ def convert_7b(workdir: Path, device: torch.device, dtype: torch.dtype, tiny: bo
         "original_gb": original_bytes / 1e9,
         "original_shards": len(list(original.glob("model-*.safetensors"))),
         "write_s": write_s,
-        "convert_s": report.seconds,
-        "tensors_in": report.tensors_in,
-        "tensors_out": report.tensors_out,
-        "dropped": len(report.dropped),
-        "shards_out": report.shards,
-        "converted_gb": report.bytes_written / 1e9,
+        "convert_s": report["seconds"],
+        "convert_rss_gb": report["peak_rss_gb"],
+        "naive_s": baseline["seconds"],
+        "naive_rss_gb": baseline["peak_rss_gb"],
+        "tensors_in": report["tensors_in"],
+        "tensors_out": report["tensors_out"],
+        "dropped": report["dropped"],
+        "shards_out": report["shards"],
+        "converted_gb": report["bytes_written"] / 1e9,
         "load_s": load_s,
         "params": params,
         "keys_ok": keys_ok,
     }
+
+
+def _convert_in_subprocess(method: str, src: Path, dst: Path) -> dict[str, Any]:
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, __file__, "--convert-method", method, "--src", str(src), "--dst", str(dst)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def convert_once(method: str, src: Path, dst: Path) -> dict[str, Any]:
+    """One conversion; `naive` is what a hand-written script does: every tensor in memory, one save."""
+    import json
+    import resource
+
+    from safetensors.torch import load_file, save_file
+
+    from vlmops.models.convert import convert_tensor
+
+    started = time.perf_counter()
+    if method == "streaming":
+        report = convert_checkpoint(src, dst)
+        result = {
+            "tensors_in": report.tensors_in,
+            "tensors_out": report.tensors_out,
+            "dropped": len(report.dropped),
+            "shards": report.shards,
+            "bytes_written": report.bytes_written,
+        }
+    else:
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(src.glob("*.safetensors")):
+            state.update(load_file(shard))
+        arch = "deepseek_vl_hybrid" if any("vision_tower_high" in k for k in state) else "deepseek_vl"
+        converted = {}
+        for key, tensor in state.items():
+            for new_key, new_tensor in convert_tensor(key, tensor, arch):  # type: ignore[arg-type]
+                converted[new_key] = new_tensor.contiguous()
+        dst.mkdir(parents=True, exist_ok=True)
+        save_file(converted, dst / "model.safetensors")
+        result = {"tensors_in": len(state), "tensors_out": len(converted), "bytes_written": 0}
+    result["seconds"] = time.perf_counter() - started
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    print(json.dumps(result))
+    return result
 
 
 def print_results(
@@ -281,6 +382,12 @@ def print_results(
         )
         if c["params"] != c["catalog_params"] and c["catalog_params"]:
             print(f"  ! {c['name']}: catalog says {c['catalog_params']:,} parameters")
+    for c in chats:
+        print(
+            f"  {c['name']}: ChatModel.chat() with two PNG files, end to end: {c['chat_s'] * 1e3:.0f} ms for "
+            f"{c['chat_tokens']} answer tokens (greedy, random weights; EOS may come early); "
+            f"history {'ok' if c['chat_history_ok'] else 'WRONG'}"
+        )
     print("  params: native model; release ckpt: every tensor of the original checkpoint (incl. dropped ones)")
     print("  1st tok: generate(max_new_tokens=1) (vision towers + prefill); ms/tok: each further greedy token")
     if conversion is not None:
@@ -289,8 +396,10 @@ def print_results(
             f"convert 7b: wrote {c['original_gb']:.1f} GB original in {c['original_shards']} shard(s) "
             f"in {c['write_s']:.0f}s\n"
             f"  converted {c['tensors_in']} tensors -> {c['tensors_out']} ({c['dropped']} dropped), "
-            f"{c['converted_gb']:.1f} GB in {c['shards_out']} shard(s) in {c['convert_s']:.0f}s "
-            "(the verification load on CPU included)\n"
+            f"{c['converted_gb']:.1f} GB in {c['shards_out']} shard(s) in {c['convert_s']:.0f}s, peak host RSS "
+            f"{c['convert_rss_gb']:.1f} GB (streamed; the verification load on CPU included)\n"
+            f"  baseline (every tensor in memory, one save_file, no verification): {c['naive_s']:.0f}s, "
+            f"peak host RSS {c['naive_rss_gb']:.1f} GB\n"
             f"  loaded on {device.type} in {c['load_s']:.0f}s: {c['params']:,} params, "
             f"keys {'ok' if c['keys_ok'] else 'MISMATCH'}"
         )
