@@ -6,9 +6,8 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from vlmops.infer.batch import BatchResult, batch_infer
 
-from vlmops.config import InferConfig, ModelConfig, StorageConfig
+from vlmops.infer.batch import BatchResult, batch_infer
 from vlmops.models.loading import load_model
 from vlmops.tracking import Tracker
 

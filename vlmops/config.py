@@ -175,6 +175,8 @@ class InferConfig(Section):
     """Nucleus sampling threshold (temperature > 0)."""
     repetition_penalty: float = Field(1.0, gt=0)
     """Above 1 discourages repeating tokens."""
+    workers: int | None = Field(None, ge=1)
+    """Batch inference processes, one per GPU of this machine. null: every visible GPU (1 without CUDA)."""
 
 
 class EvalConfig(Section):

@@ -67,8 +67,12 @@ def batch_infer(
     infer_cfg: InferConfig,
     system_prompt: str | None = None,
     storage: StorageConfig | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> BatchResult:
     """Predict the last assistant turn of every record of `dataset_file`; write them to `out_file` (jsonl).
+
+    `shard=(rank, world)`: predict only this worker's share (records dealt out in length order, so every
+    worker gets a similar mix); `index` stays the record's position in the whole file.
 
     Raises:
         DatasetError: some records of the file do not parse (none is skipped: fix or remove them).
@@ -84,11 +88,14 @@ def batch_infer(
     items = [_item(i, conv, loaded, system_prompt) for i, conv in enumerate(dataset.conversations)]
     # Longest first: similar lengths share a batch (less padding), and running out of memory shows at once.
     order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))
+    if shard is not None:
+        rank, world = shard
+        order = order[rank::world]
     config = generation_config(loaded, infer_cfg)
-    predictions: list[dict[str, Any] | None] = [None] * len(items)
+    predictions: dict[int, dict[str, Any]] = {}
     generated_total = 0
     start = time.perf_counter()
-    with tqdm(total=len(items), desc=f"infer {dataset_path.name}", unit="rec") as bar:
+    with tqdm(total=len(order), desc=f"infer {dataset_path.name}", unit="rec") as bar:
         for first in range(0, len(order), infer_cfg.batch_size):
             batch = [items[i] for i in order[first : first + infer_cfg.batch_size]]
             for item, (prediction, tokens) in zip(batch, _generate(loaded, batch, config, storage)):
@@ -97,11 +104,11 @@ def batch_infer(
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{generated_total / (time.perf_counter() - start):.1f}")
     seconds = time.perf_counter() - start
-    missing = [i for i, p in enumerate(predictions) if p is None]
+    missing = sorted(set(order) - predictions.keys())
     if missing:
         raise RuntimeError(f"internal error: no prediction for records {missing[:10]}")
-    _write_jsonl_atomic(out_path, [p for p in predictions if p is not None])
-    result = BatchResult(out_path, len(items), seconds, generated_total, generated_total / seconds if seconds else 0.0)
+    write_jsonl_atomic(out_path, [predictions[i] for i in sorted(predictions)])
+    result = BatchResult(out_path, len(order), seconds, generated_total, generated_total / seconds if seconds else 0.0)
     log.info(
         "predicted %d records in %.1f s (%d tokens, %.1f tokens/s) -> %s",
         result.count,
@@ -177,7 +184,7 @@ def _record(item: _Item, prediction: str, generated_tokens: int) -> dict[str, An
     }
 
 
-def _write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
