@@ -101,16 +101,16 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         tracker.log_artifact(parent, config_file)
 
         with tracker.run("download_model", parent) as step:
-            state = download_model(
+            download_state = download_model(
                 config.model, config.storage, str(output_dir), local_source_path(config), return_state=True
             )
-            snapshot = state.result()
+            snapshot = download_state.result()
             if not Path(snapshot.path).is_dir():
                 logger.warning("cached model %s is gone; downloading again", snapshot.path)
                 snapshot = download_model.with_options(refresh_cache=True)(
                     config.model, config.storage, str(output_dir), local_source_path(config)
                 )
-            log_download(tracker, step, snapshot, _cached(state))
+            log_download(tracker, step, snapshot, _cached(download_state))
 
         train_file, eval_file = dataset_inputs(config)
         with tracker.run("validate_dataset", parent) as step:
@@ -124,12 +124,12 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 config.storage,
                 config.run.seed,
             )
-            state = validate_dataset(*args, return_state=True)
-            dataset = state.result()
+            validate_state = validate_dataset(*args, return_state=True)
+            dataset = validate_state.result()
             if not dataset.path.is_dir():
                 logger.warning("cached dataset snapshot %s is gone; validating again", dataset.path)
                 dataset = validate_dataset.with_options(refresh_cache=True)(*args)
-            log_validation(tracker, step, dataset, _cached(state))
+            log_validation(tracker, step, dataset, _cached(validate_state))
             data_version = version_path(config, str(dataset.path)) if config.versioning.enabled else None
             if data_version:
                 tracker.set_tags(step, {"dvc.md5": data_version.md5, "dvc.file": data_version.dvc_file})
@@ -156,18 +156,14 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                     str(snapshot.path),
                     str(dataset.eval_file),
                     str(predictions / "base.jsonl"),
-                    config.infer,
-                    config.model,
-                    config.storage,
+                    config,
                 )
                 log_batch(tracker, step, "base", base)
             tuned = batch_infer_task(
                 str(merged.path),
                 str(dataset.eval_file),
                 str(predictions / "finetuned.jsonl"),
-                config.infer,
-                config.model,
-                config.storage,
+                config,
             )
             log_batch(tracker, step, "finetuned", tuned)
 

@@ -223,8 +223,10 @@ def architecture_config(name: str) -> DeepseekVLConfig | DeepseekVLHybridConfig:
     entry = get_entry(name)
     if entry.tiny_variant is not None:
         tiny_special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
-        config = tiny.tiny_config(entry.tiny_variant, vocab_size=640, image_token_id=3, special=tiny_special)
-        return config  # type: ignore[return-value]
+        config: DeepseekVLConfig | DeepseekVLHybridConfig = tiny.tiny_config(
+            entry.tiny_variant, vocab_size=640, image_token_id=3, special=tiny_special
+        )
+        return config
     special: dict[str, Any] = {"bos_token_id": 100000, "eos_token_id": 100001}
     siglip: dict[str, Any] = {
         "model_type": "siglip_vision_model",
