@@ -102,7 +102,7 @@ def test_metrics_stream_live_to_mlflow(recipe_run: TrainResult, mlflow_run: tupl
 
 def test_same_seed_same_run(tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path) -> None:
     def losses(seed: int, name: str) -> list[tuple[int, float]]:
-        overrides = {"train.max_steps": 8, "run.seed": seed, "train.gradient_checkpointing": False}
+        overrides = {"train.max_steps": 4, "run.seed": seed, "train.gradient_checkpointing": False}
         return train(config(**overrides), tiny_model, snapshot.path, tmp_path / name).loss_history
 
     first = losses(0, "a")
@@ -234,3 +234,30 @@ def test_flash_attention_without_flash_attn_is_a_clear_error(
         pytest.skip("flash-attn is installed here")
     with pytest.raises(ValueError, match="flash-attn is not installed"):
         train(config(**{"model.attn": "flash_attention_2"}), tiny_model, snapshot.path, tmp_path / "r")
+
+
+@pytest.mark.parametrize("variant", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_loss_on_trained_positions_equals_the_full_loss(
+    variant: str, tiny_models: dict[str, Path], snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """The trainer computes logits only where a next token is learned; loss and gradients are unchanged."""
+    setup = setup_training(
+        config(**{"train.lora.targets": "all-linear"}), tiny_models[variant], snapshot.path, tmp_path
+    )
+    trainer, dataset = setup.trainer, setup.datasets["train"]
+    batch = batch_of(dataset, [0, 1, 2, 3], dataset.tokenizer.pad_token_id)
+    model = trainer.model
+    model.train()
+    torch.manual_seed(0)
+    outputs = model(**batch)  # the model's own loss over every position
+    full = outputs.loss
+    full.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    torch.manual_seed(0)  # same dropout masks
+    loss, narrow = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    loss.backward()
+    assert narrow.logits.shape[1] < outputs.logits.shape[1]  # fewer positions went through the LM head
+    assert float(loss) == pytest.approx(float(full), abs=1e-6)
+    for name, grad in reference.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6), name
