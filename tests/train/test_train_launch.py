@@ -44,6 +44,15 @@ def test_training_command_plain_and_torchrun(tmp_path: Path) -> None:
     assert plain == [sys.executable, *entry]
     multi = training_command(config_file, Path("/m"), Path("/d"), Path("/r"), ["train.epochs=2"], nproc=4)
     assert multi == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", *entry]
+    one_gpu_deepspeed = training_command(config_file, Path("/m"), Path("/d"), Path("/r"), ["train.epochs=2"], 1, True)
+    assert one_gpu_deepspeed[:6] == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+    ]
 
 
 def test_nproc_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

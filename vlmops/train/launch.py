@@ -62,8 +62,10 @@ def training_command(
     run_dir: Path,
     overrides: list[str] | None = None,
     nproc: int = 1,
+    deepspeed: bool = False,
 ) -> list[str]:
-    """The command that runs training: `python -m vlmops.train.launch ...`, under torchrun when nproc > 1."""
+    """The command that runs training: `python -m vlmops.train.launch ...`, under torchrun when nproc > 1
+    (or with DeepSpeed, which always wants the process-group environment torchrun sets up)."""
     entry = [
         "-m",
         "vlmops.train.launch",
@@ -78,7 +80,7 @@ def training_command(
         entry += ["--config", str(config_file)]
     for item in overrides or []:
         entry += ["--set", item]
-    if nproc > 1:
+    if nproc > 1 or deepspeed:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *entry]
     return [sys.executable, *entry]
 
@@ -99,7 +101,15 @@ def launch_training(
     TrainingFailed on a non-zero exit.
     """
     config = load_config(config_file, overrides)  # fail here, before starting anything, on a bad config
-    command = training_command(config_file, base_model, dataset, run_dir, overrides, resolve_nproc(config, nproc))
+    command = training_command(
+        config_file,
+        base_model,
+        dataset,
+        run_dir,
+        overrides,
+        resolve_nproc(config, nproc),
+        config.train.deepspeed is not None,
+    )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     child_env = {**os.environ, **(env or {})}

@@ -222,6 +222,8 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     base_model, dataset, run_dir = Path(base_model).resolve(), Path(dataset).resolve(), Path(run_dir).resolve()
     t = config.train
     precision = resolve_precision(t.precision)
+    if t.deepspeed is not None:
+        single_process_rendezvous()
     args = training_arguments(config, run_dir, precision)
     main = args.should_save
     prepared = load_prepared(dataset)
@@ -339,6 +341,21 @@ def dummy_pixel_values(processor: Any) -> dict[str, torch.Tensor]:
 
     features = processor.image_processor([Image.new("RGB", (64, 64), (128, 128, 128))], return_tensors="pt")
     return {k: v for k, v in features.items() if k.endswith("pixel_values")}
+
+
+def single_process_rendezvous() -> None:
+    """DeepSpeed always joins a process group: outside torchrun, make this process a group of one."""
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    log.info("DeepSpeed outside torchrun: running as a single-process group (port %d)", port)
 
 
 def _barrier() -> None:
