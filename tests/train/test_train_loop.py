@@ -223,6 +223,9 @@ def test_resume_refuses_a_different_setup(tiny_model: Path, snapshot: PreparedDa
     train(config(**{"train.max_steps": 2}), tiny_model, snapshot.path, tmp_path / "r")
     with pytest.raises(ValueError, match=r"(?s)train.lr: 0.005 -> 0.01.*new run folder"):
         train(config(**{"train.max_steps": 2, "train.lr": 1e-2}), tiny_model, snapshot.path, tmp_path / "r")
+    # bookkeeping keys may change: this resumes (at the end already) instead of refusing
+    again = train(config(**{"train.max_steps": 2, "run.name": "renamed"}), tiny_model, snapshot.path, tmp_path / "r")
+    assert again.resumed_from == tmp_path / "r" / "checkpoint-2" and again.steps == 2
 
 
 def test_flash_attention_without_flash_attn_is_a_clear_error(

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
@@ -84,3 +85,21 @@ def test_resume_never_starts_over_and_a_path_must_be_a_checkpoint(
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         bad = load_config(None, [f"train.resume={tmp_path / 'r' / 'final'}"])
         train(bad, tiny_model, snapshot.path, tmp_path / "r2")
+
+
+def test_stopped_after_the_last_checkpoint_finishes_from_it(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    config = load_config(None, ["train.max_steps=2", "train.gradient_checkpointing=false"])
+    first = train(config, tiny_model, snapshot.path, tmp_path / "r")
+    trained = load_file(first.final_dir / "adapter_model.safetensors")
+    shutil.rmtree(first.final_dir)  # as if killed after checkpoint-2, before final/ and result.json
+    (tmp_path / "r" / "result.json").unlink()
+    again = train(config, tiny_model, snapshot.path, tmp_path / "r")
+    assert again.resumed_from == tmp_path / "r" / "checkpoint-2"
+    assert again.steps == 2 and again.loss_history == first.loss_history  # no extra step
+    final = load_file(again.final_dir / "adapter_model.safetensors")
+    assert final.keys() == trained.keys() and all(torch.equal(final[k], trained[k]) for k in final)
+    assert not (again.final_dir / "optimizer.pt").exists() and (again.final_dir / "config.yaml").is_file()

@@ -40,8 +40,27 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Keys that may differ between a run and its resumption; anything else changed is a different run.
-RESUMABLE_CHANGES = ("train.resume", "train.nproc_per_node")
+# Config keys that may differ between a run and its resumption: where things are written and looked up
+# (the base model and the data are compared by path and content hash instead), bookkeeping, and the GPU
+# count. Any other change in run/model/data/train makes it a different run.
+RESUMABLE_CHANGES = (
+    "run.name",
+    "run.output_dir",
+    "model.source",
+    "model.id",
+    "model.revision",
+    "model.cache_dir",
+    "data.train",
+    "data.eval",
+    "data.eval_ratio",
+    "data.invalid_records",
+    "data.demo.",
+    "data.num_workers",
+    "train.resume",
+    "train.nproc_per_node",
+    "train.save_total_limit",
+    "train.logging_steps",
+)
 RUN_SECTIONS = ("run", "model", "data", "train")
 PATH_FIELDS = ("final_dir", "best_checkpoint", "last_checkpoint", "resumed_from")
 
@@ -283,6 +302,8 @@ def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path
 
     Resumes from the run folder's latest complete checkpoint when `train.resume` is auto.
     """
+    from transformers import TrainerState
+
     run_dir = Path(run_dir).resolve()
     setup = setup_training(config, base_model, dataset, run_dir)
     trainer, resume, datasets, args = setup.trainer, setup.resume, setup.datasets, setup.trainer.args
@@ -291,9 +312,16 @@ def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path
     if resume is not None:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume is not None and _is_last_step(resume):
+        # The Trainer would run one step past max_steps when resumed at the very end: nothing is left to
+        # train, the last checkpoint is the result (this run was stopped after it, or is run again).
+        log.info("%s is the last step of this run: nothing left to train", resume)
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        trainer.save_final(run_dir / FINAL_DIR, from_checkpoint=resume)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.save_final(run_dir / FINAL_DIR)
     runtime = time.perf_counter() - started
-    trainer.save_final(run_dir / FINAL_DIR)
 
     samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
     samples_per_s, tokens_per_s = setup.throughput.rates(samples_per_step)
@@ -358,6 +386,11 @@ def single_process_rendezvous() -> None:
     log.info("DeepSpeed outside torchrun: running as a single-process group (port %d)", port)
 
 
+def _is_last_step(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return bool(state.get("max_steps")) and int(state["global_step"]) >= int(state["max_steps"])
+
+
 def _barrier() -> None:
     """Wait for every rank (a no-op in a single process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -400,7 +433,7 @@ def _check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> Non
     changed = [
         f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
         for k in sorted(old.keys() | new.keys())
-        if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)
+        if not k.startswith(RESUMABLE_CHANGES) and old.get(k) != new.get(k)
     ]
     info_file = run_dir / RUN_INFO
     if info_file.is_file():

@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 STAGING_PREFIX = ".staging-"
 TRAINER_STATE = "trainer_state.json"
 PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
+# What a checkpoint holds beside the model: optimizer, scheduler, RNG and DeepSpeed state.
+TRAINING_STATE_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    TRAINER_STATE,
+    "global_step*",
+    "latest",
+    "zero_to_fp32.py",
+)
 
 
 def vision_language_core(model: Any) -> Any:
@@ -192,13 +203,19 @@ class VLTrainer(Trainer):
                 else:
                     states[name] = cb.state()
 
-    def save_final(self, folder: Path) -> None:
-        """The trained result (adapter or full model, with the processor and run files), written atomically."""
+    def save_final(self, folder: Path, from_checkpoint: Path | None = None) -> None:
+        """The trained result (adapter or full model, with the processor and run files), written atomically.
+
+        `from_checkpoint`: take the weights from that (last) checkpoint instead of the model in memory.
+        """
         staging = folder.with_name(f"{STAGING_PREFIX}{folder.name}")
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
         self.accelerator.wait_for_everyone()
-        self.save_model(str(staging))
+        if from_checkpoint is None:
+            self.save_model(str(staging))
+        elif self.args.should_save:
+            shutil.copytree(from_checkpoint, staging, ignore=shutil.ignore_patterns(*TRAINING_STATE_FILES))
         if self.args.should_save:
             for path in self.run_files:
                 shutil.copy2(path, staging / path.name)
