@@ -110,11 +110,14 @@ def test_same_seed_same_run(tiny_model: Path, snapshot: PreparedDataset, tmp_pat
     assert losses(1, "c") != first
 
 
-def test_max_steps_mid_epoch_still_evaluates_and_saves_at_the_end(
+def test_max_steps_mid_epoch_still_logs_evaluates_and_saves_at_the_end(
     tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
 ) -> None:
-    result = train(config(**{"train.max_steps": 4}), tiny_model, snapshot.path, tmp_path / "r")
+    result = train(
+        config(**{"train.max_steps": 4, "train.logging_steps": 3}), tiny_model, snapshot.path, tmp_path / "r"
+    )
     assert result.steps == 4
+    assert [step for step, _ in result.loss_history] == [3, 4]  # the last step is always logged
     assert result.eval_history and result.eval_history[-1][0] == 4
     assert result.last_checkpoint == tmp_path / "r" / "checkpoint-4"
 

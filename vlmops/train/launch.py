@@ -249,11 +249,8 @@ def sft_command(config_path: str | None, overrides: list[str], run_dir: str | No
 def summary(result: TrainResult) -> str:
     """A few lines a person can read at the end of a run."""
 
-    def fmt(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.4f}"
-
     lines = [
-        f"trained {result.steps} steps: train loss {fmt(result.train_loss)}, best eval loss {fmt(result.eval_loss)}",
+        f"trained {result.steps} steps: train loss {result.train_loss:.4f}, best eval loss {result.eval_loss:.4f}",
         f"trainable params {result.trainable_params:,} of {result.total_params:,}; "
         f"{result.tokens_per_s:,.0f} tokens/s, {result.samples_per_s:.1f} samples/s",
         f"result: {result.final_dir}",

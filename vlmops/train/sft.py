@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -77,10 +78,10 @@ class TrainResult:
     last_checkpoint: Path | None
     trainable_params: int
     total_params: int
-    train_loss: float | None
-    """The last logged training loss."""
-    eval_loss: float | None
-    """The best eval loss."""
+    train_loss: float
+    """The training loss logged at the last step (the last step is always logged)."""
+    eval_loss: float
+    """The best eval loss (there is always an evaluation at the last step)."""
     steps: int
     samples_per_s: float
     """Optimizer steps x global batch per second, over the steps after the first."""
@@ -335,8 +336,8 @@ def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path
         last_checkpoint=done[-1] if done else None,
         trainable_params=setup.summary.trainable_params,
         total_params=setup.summary.total_params,
-        train_loss=losses[-1][1] if losses else None,
-        eval_loss=state.best_metric,
+        train_loss=losses[-1][1] if losses else math.nan,
+        eval_loss=state.best_metric if state.best_metric is not None else math.nan,
         steps=state.global_step,
         samples_per_s=samples_per_s,
         tokens_per_s=tokens_per_s,
@@ -352,11 +353,11 @@ def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path
     if args.should_save:
         (run_dir / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     log.info(
-        "trained %d steps in %.1f s: train loss %s, best eval loss %s, %.0f tokens/s; final: %s",
+        "trained %d steps in %.1f s: train loss %.4f, best eval loss %.4f, %.0f tokens/s; final: %s",
         result.steps,
         runtime,
-        _fmt(result.train_loss),
-        _fmt(result.eval_loss),
+        result.train_loss,
+        result.eval_loss,
         tokens_per_s,
         result.final_dir,
     )
@@ -457,7 +458,3 @@ def _clear_run(run_dir: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     for name in (METRICS_FILE, RESULT_FILE):
         (run_dir / name).unlink(missing_ok=True)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"

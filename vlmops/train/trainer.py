@@ -226,7 +226,7 @@ class VLTrainer(Trainer):
 
 
 class CheckpointPolicy(TrainerCallback):
-    """Evaluate and save at the last step, save whenever the eval loss is a new best, never twice a step.
+    """Log, evaluate and save at the last step, save whenever the eval loss is a new best, never twice a step.
 
     The Trainer alone evaluates only on its schedule: a run whose `max_steps` ends mid-epoch would end with
     no eval and no checkpoint, and the best eval step might not have been saved.
@@ -238,6 +238,7 @@ class CheckpointPolicy(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.global_step >= state.max_steps:
+            control.should_log = True
             control.should_evaluate = True
             control.should_save = True
 
