@@ -189,9 +189,9 @@ def verify_merged(
     merged_dir: Path, run_dir_or_ckpt: Path, atol: float | None = None, device: torch.device | None = None
 ) -> float:
     """Check an existing merged folder against the run it came from (adapter on base, or final/)."""
-    run = open_run(run_dir_or_ckpt)
     from transformers import AutoProcessor
 
+    run = open_run(run_dir_or_ckpt)
     merged_dir = Path(merged_dir)
     dev = device or default_device()
     dtype = checkpoint_dtype(merged_dir)

@@ -23,7 +23,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.template import IGNORE_INDEX
-from vlmops.train.rundir import CHECKPOINT_RE, METRICS_FILE
+from vlmops.train.rundir import METRICS_FILE, checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,7 @@ def remove_staging_leftovers(run_dir: Path) -> list[Path]:
 
 def rotate_checkpoints(run_dir: Path, keep: int, best: str | None) -> list[Path]:
     """Delete the oldest checkpoints beyond `keep`, never the latest nor the best; returns the deleted ones."""
-    found = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name)))
-    ordered = [p for _, p in found]
+    ordered = checkpoints(run_dir)
     protected = set(ordered[-1:]) | ({Path(best)} if best else set())
     deleted: list[Path] = []
     for path in ordered:
