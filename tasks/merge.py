@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from vlmops.train.merge import MergeResult, merge_run
 
 from vlmops.tracking import Tracker
+from vlmops.train.merge import MergeResult, merge_run
 
 
 @task(name="merge", cache_policy=NO_CACHE)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from vlmops.train.launch import launch_training
-from vlmops.train.sft import TrainResult
 
 from vlmops.plots import loss_curve
 from vlmops.tracking import Tracker
+from vlmops.train.launch import launch_training
+from vlmops.train.sft import TrainResult
 
 
 @task(name="train", cache_policy=NO_CACHE)

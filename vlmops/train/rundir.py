@@ -7,6 +7,10 @@
                           of config.yaml and run.json, so it can be used on its own
       final/              the trained result: a peft adapter (LoRA) or a full checkpoint (full)
       metrics.jsonl       one JSON line per logged step (loss, learning rate, eval loss)
+      result.json         the run's summary (`TrainResult`), written when training ends
+      train.log           the training processes' output (when started by `launch_training`)
+    RUN_DIR-merged/       `vlmops export --merge-lora`: a plain transformers checkpoint, with config.yaml
+                          and run.json (`merged_from` set), usable with --ckpt like the run itself
 
 `vlmops infer --ckpt` and `vlmops eval --ckpt` accept RUN_DIR or one of its checkpoint folders, as the seed's
 `--ckpt_dir ... --load_dataset_config true` does.
@@ -37,6 +41,8 @@ class RunInfo:
     dataset: str
     dataset_hash: str
     mode: str
+    merged_from: str | None = None
+    """Set in a merged (exported) model folder: the adapter or final/ folder it was made from."""
 
     def write(self, folder: Path) -> None:
         (folder / RUN_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -65,7 +71,7 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def open_run(path: str | os.PathLike[str]) -> TrainedRun:
-    """Open RUN_DIR (uses final/, else the latest checkpoint) or a checkpoint folder."""
+    """Open RUN_DIR (uses final/, else the latest checkpoint), a checkpoint folder, or a merged model folder."""
     folder = Path(path)
     if not (folder / RUN_INFO).is_file():
         raise FileNotFoundError(
@@ -73,8 +79,8 @@ def open_run(path: str | os.PathLike[str]) -> TrainedRun:
         )
     info = RunInfo(**json.loads((folder / RUN_INFO).read_text()))
     config = load_config(folder / CONFIG_FILE)
-    if CHECKPOINT_RE.match(folder.name):
-        weights = folder
+    if CHECKPOINT_RE.match(folder.name) or (folder / "config.json").is_file():
+        weights = folder  # a checkpoint, or a merged model (`vlmops export`) that is itself the weights
     elif (folder / FINAL_DIR).is_dir():
         weights = folder / FINAL_DIR
     else:

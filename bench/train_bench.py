@@ -1,0 +1,392 @@
+"""Training benchmark: the real DeepSeek-VL architectures, random-initialised, trained by vlmops' own code.
+
+Cases (compare with DESIGN.md §7, H100 80GB, bf16, SDPA):
+
+  lora-qkv-7b            LoRA on the LLM's q/k/v, batch 4, gradient checkpointing: tokens/s and peak GPU
+                         memory (goal: at most 20 GiB; the plain transformers + peft baseline: 5.4k tokens/s,
+                         20.5 GiB)
+  full-zero2-1.3b        full SFT (aligner + LLM, vision frozen) with DeepSpeed ZeRO-2 on one GPU
+  full-zero3-offload-7b  full SFT of the 7b on one GPU, ZeRO-3 with parameters and optimizer offloaded to
+                         CPU: tokens/s, peak GPU memory and peak host RSS
+
+Every sample has one image (576 image tokens) and about 512 text tokens (half prompt, half answer). Each
+case runs in its own process (under torchrun, as `vlmops sft` runs DeepSpeed) through
+`vlmops.train.sft.setup_training` and `Trainer.train` -- the code path of `train()` -- with evaluation and
+checkpoint writing left out (a 7b full checkpoint with its optimizer state is ~100 GB). tokens/s counts
+non-padding tokens (image tokens included) after the warm-up steps.
+
+    python bench/train_bench.py                           # every case on the GPU
+    python bench/train_bench.py --cases lora-qkv-7b
+    python bench/train_bench.py --sizes tiny --device cpu  # smoke test: tiny models, no DeepSpeed on CPU
+
+Prints one JSON line per case (and appends them to --out). The random models and the synthetic dataset
+are built once under --work and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NUM_IMAGE_TOKENS = 576
+PROMPT_TOKENS = 256  # + ANSWER_TOKENS: ~512 text tokens per sample (plus the system prompt and the template)
+ANSWER_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    arch: str  # "1.3b" or "7b"
+    overrides: dict[str, Any]
+    warmup_steps: int
+    measured_steps: int
+
+
+CASES = [
+    Case(
+        "lora-qkv-7b",
+        "7b",
+        {
+            "train.mode": "lora",
+            "train.lora.targets": "qkv",
+            "train.batch_size": 4,
+            "train.gradient_checkpointing": True,
+        },
+        warmup_steps=3,
+        measured_steps=10,
+    ),
+    Case(
+        "full-zero2-1.3b",
+        "1.3b",
+        {"train.mode": "full", "train.deepspeed": "zero2", "train.batch_size": 4, "train.gradient_checkpointing": True},
+        warmup_steps=3,
+        measured_steps=10,
+    ),
+    Case(
+        "full-zero3-offload-7b",
+        "7b",
+        {
+            "train.mode": "full",
+            "train.deepspeed": "zero3-offload",
+            "train.batch_size": 2,
+            "train.gradient_checkpointing": True,
+        },
+        warmup_steps=2,
+        measured_steps=4,
+    ),
+]
+TINY = {"1.3b": "deepseek_vl", "7b": "deepseek_vl_hybrid"}
+
+
+def local_architecture_config(arch: str) -> Any:
+    """LOCAL FALLBACK until `vlmops.models.catalog.architecture_config` lands: the released sizes
+    (DESIGN.md §5), random weights."""
+    from transformers import DeepseekVLConfig, DeepseekVLHybridConfig
+
+    hybrid = arch == "7b"
+    siglip = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "image_size": 384,
+        "patch_size": 16,
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+        "vision_use_head": False,
+    }
+    text = {
+        "model_type": "llama",
+        "hidden_size": 4096 if hybrid else 2048,
+        "intermediate_size": 11008 if hybrid else 5632,
+        "num_hidden_layers": 30 if hybrid else 24,
+        "num_attention_heads": 32 if hybrid else 16,
+        "num_key_value_heads": 32 if hybrid else 16,
+        "vocab_size": 102400,
+        "max_position_embeddings": 16384,
+        "rms_norm_eps": 1e-6,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+    }
+    common = {"text_config": text, "vision_config": siglip, "image_token_id": 100015, "tie_word_embeddings": False}
+    if not hybrid:
+        return DeepseekVLConfig(**common)
+    sam = {
+        "model_type": "sam_vision_model",
+        "hidden_size": 768,
+        "output_channels": 256,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "mlp_dim": 3072,
+        "image_size": 1024,
+        "patch_size": 16,
+        "window_size": 14,
+        "global_attn_indexes": [2, 5, 8, 11],
+        "hidden_act": "gelu",
+        "layer_norm_eps": 1e-6,
+    }
+    return DeepseekVLHybridConfig(**common, high_res_vision_config=sam)
+
+
+def architecture_config(arch: str) -> Any:
+    try:
+        from vlmops.models.catalog import architecture_config as catalog_config
+    except ImportError:
+        return local_architecture_config(arch)
+    return catalog_config("deepseek-vl-7b-chat" if arch == "7b" else "deepseek-vl-1.3b-chat")
+
+
+def build_model(arch: str, size: str, folder: Path, device: str) -> Path:
+    """A random-initialised checkpoint folder (bf16 weights, processor with the released preprocessing)."""
+    if (folder / "config.json").is_file():
+        return folder
+    if size == "tiny":
+        from vlmops.models.tiny import build_tiny_model
+
+        return build_tiny_model(folder, TINY[arch])  # type: ignore[arg-type]
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        DeepseekVLForConditionalGeneration,
+        DeepseekVLHybridForConditionalGeneration,
+        DeepseekVLHybridImageProcessorPil,
+        DeepseekVLHybridProcessor,
+        DeepseekVLImageProcessorPil,
+        DeepseekVLProcessor,
+    )
+
+    from vlmops.models.template import IMAGE_TOKEN
+    from vlmops.models.tiny import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, build_tokenizer
+
+    staging = folder.with_name(folder.name + ".partial")
+    staging.mkdir(parents=True, exist_ok=True)
+    # The released tokenizer is not reachable offline; the tiny BPE (640 ids, the same special tokens) fits
+    # inside the 102400-token vocabulary and gives the same sequence lengths per word.
+    build_tokenizer(staging)
+    tokenizer = AutoTokenizer.from_pretrained(staging)
+    config = architecture_config(arch)
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, key, getattr(tokenizer, key))
+        setattr(config.text_config, key, getattr(tokenizer, key))
+    cls = DeepseekVLHybridForConditionalGeneration if arch == "7b" else DeepseekVLForConditionalGeneration
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(config).to(torch.bfloat16)
+    model.save_pretrained(staging)
+    del model
+    if arch == "7b":
+        image_processor: Any = DeepseekVLHybridImageProcessorPil(
+            size={"height": 384, "width": 384},
+            image_mean=SIGLIP_MEAN,
+            image_std=SIGLIP_MEAN,
+            high_res_size={"height": 1024, "width": 1024},
+            high_res_image_mean=CLIP_MEAN,
+            high_res_image_std=CLIP_STD,
+        )
+        processor: Any = DeepseekVLHybridProcessor(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS)
+    else:
+        image_processor = DeepseekVLImageProcessorPil(
+            size={"height": 384, "width": 384}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_MEAN
+        )
+        processor = DeepseekVLProcessor(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS)
+    processor.save_pretrained(staging)
+    staging.rename(folder)
+    return folder
+
+
+def build_dataset(folder: Path, model: Path, records: int) -> Path:
+    """Synthetic records (one random-noise image + ~512 words) validated into a snapshot; returns its path."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from vlmops.config import load_config
+    from vlmops.data.prepare import prepare_dataset
+    from vlmops.models.tiny import _CORPUS_WORDS
+
+    words = _CORPUS_WORDS.split()
+    rng = random.Random(0)
+    processor = AutoProcessor.from_pretrained(model)
+    sample = " ".join(rng.choice(words) for _ in range(2000))
+    tokens_per_word = len(processor.tokenizer.encode(sample, add_special_tokens=False)) / 2000
+    prompt_words, answer_words = round(PROMPT_TOKENS / tokens_per_word), round(ANSWER_TOKENS / tokens_per_word)
+    raw = folder / f"raw-{records}"
+    if not (raw / "train.jsonl").is_file():
+        (raw / "images").mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i in range(records):
+            image = raw / "images" / f"{i % 16:02d}.png"
+            if not image.exists():
+                pixels = bytes(rng.randrange(256) for _ in range(384 * 384 * 3))
+                Image.frombytes("RGB", (384, 384), pixels).save(image)
+            prompt = " ".join(rng.choice(words) for _ in range(prompt_words))
+            answer = " ".join(rng.choice(words) for _ in range(answer_words))
+            turns = [{"from": "user", "value": f"<img>{image}</img>{prompt}"}, {"from": "assistant", "value": answer}]
+            lines.append(json.dumps({"conversations": turns}))
+        (raw / "train.jsonl").write_text("\n".join(lines) + "\n")
+        (raw / "eval.jsonl").write_text(lines[0] + "\n")
+    data = load_config(None, {"data.max_length": 4096}).data
+    snapshot = prepare_dataset(
+        data,
+        raw / "train.jsonl",
+        raw / "eval.jsonl",
+        folder / "snapshots",
+        processor.tokenizer,
+        processor.num_image_tokens,
+    )
+    return snapshot.path
+
+
+def case_config(case: Case, device: str) -> Any:
+    from vlmops.config import load_config
+
+    overrides = dict(case.overrides)
+    note = None
+    if device == "cpu" and overrides.get("train.deepspeed"):
+        note = f"DeepSpeed ({overrides['train.deepspeed']}) needs CUDA: this CPU smoke run goes without it"
+        overrides["train.deepspeed"] = None
+    never = 10**9  # no evaluation or checkpoint during the measurement
+    overrides.update(
+        {
+            "train.max_steps": case.warmup_steps + case.measured_steps,
+            "train.eval_steps": never,
+            "train.save_steps": never,
+            "train.lr": 1e-5,
+            "data.max_length": 4096,
+            "run.name": case.name,
+        }
+    )
+    return load_config(None, overrides), note
+
+
+def run_one(case: Case, model: Path, dataset: Path, run_dir: Path, device: str) -> dict[str, Any]:
+    """One case in this process: the same setup as `train()`, then the Trainer's own loop."""
+    import torch
+    import transformers
+
+    from vlmops.train.sft import setup_training
+    from vlmops.train.trainer import CheckpointPolicy
+
+    config, note = case_config(case, device)
+    setup = setup_training(config, model, dataset, run_dir)
+    trainer = setup.trainer
+    trainer.remove_callback(CheckpointPolicy)  # it would evaluate and save at the last step
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    output = trainer.train()
+    wall = time.perf_counter() - started
+    args = trainer.args
+    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    samples_per_s, tokens_per_s = setup.throughput.rates(samples_per_step, warmup_steps=case.warmup_steps)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    tokens_per_sample = trainer.state.num_input_tokens_seen / max(1, trainer.state.global_step * args.train_batch_size)
+    return {
+        "case": case.name,
+        "arch": case.arch,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "steps": trainer.state.global_step,
+        "measured_steps": case.measured_steps,
+        "batch_size": args.train_batch_size,
+        "tokens_per_sample": round(tokens_per_sample, 1),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "samples_per_s": round(samples_per_s, 3),
+        "step_time_s": round(samples_per_step / samples_per_s, 3) if samples_per_s else None,
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
+        "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "trainable_params": setup.summary.trainable_params,
+        "total_params": setup.summary.total_params,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "train_wall_s": round(wall, 1),
+        "train_loss_mean": output.training_loss,
+        "precision": setup.precision,
+        "deepspeed": config.train.deepspeed,
+        "gradient_checkpointing": config.train.gradient_checkpointing,
+        "attn": config.model.attn,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **({"note": note} if note else {}),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--sizes", default="1.3b,7b", help="comma list of 1.3b, 7b, or tiny (tiny stand-ins for every case)"
+    )
+    parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma list of case names")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--work", default=str(ROOT / "outputs" / "bench-train"), help="models, data and runs")
+    parser.add_argument("--out", default=None, help="append the JSON lines to this file too")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this case in this process
+    parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        case = next(c for c in CASES if c.name == args.one)
+        result = run_one(case, Path(args.model), Path(args.dataset), Path(args.work) / "runs" / case.name, args.device)
+        print("BENCH_RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is visible; use --sizes tiny --device cpu for a smoke test")
+    sizes = args.sizes.split(",")
+    work = Path(args.work)
+    results = []
+    for case in [c for c in CASES if c.name in args.cases.split(",")]:
+        size = "tiny" if "tiny" in sizes else case.arch
+        if size not in sizes:
+            continue
+        model = build_model(case.arch, size, work / "models" / f"{size}-{case.arch}", args.device)
+        records = (case.warmup_steps + case.measured_steps) * int(case.overrides["train.batch_size"]) + 1
+        dataset = build_dataset(work / "data" / f"{size}-{case.arch}", model, records)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        if args.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        child = [str(Path(__file__).resolve()), "--one", case.name, "--model", str(model), "--dataset", str(dataset)]
+        child += ["--work", str(work), "--device", args.device]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+        proc = subprocess.run([*launcher, *child], env=env, text=True, capture_output=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
+        if proc.returncode != 0 or not lines:
+            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+            result = {"case": case.name, "error": f"exit code {proc.returncode}", "log_tail": tail}
+        else:
+            result = json.loads(lines[-1][len("BENCH_RESULT ") :])
+        results.append(result)
+        print(json.dumps(result), flush=True)
+    print("\n== train benchmark ==")
+    for r in results:
+        print(
+            json.dumps(
+                {k: r.get(k) for k in ("case", "tokens_per_s", "peak_gpu_mem_gib", "peak_host_rss_gib", "error")}
+            )
+        )
+    if args.out:
+        with Path(args.out).open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

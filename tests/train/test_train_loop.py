@@ -1,0 +1,269 @@
+"""`train()` end to end on the tiny model: the loss falls (pinned), metrics go to metrics.jsonl and live to
+MLflow, checkpoints are complete and rotated, and every step runs the vision tower."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmops.config import PipelineConfig, load_config
+from vlmops.data.prepare import PreparedDataset
+from vlmops.train.rundir import checkpoints, open_run
+from vlmops.train.sft import TrainResult, setup_training, train
+from vlmops.train.trainer import rotate_checkpoints
+
+# The measured recipe for the tiny model (LoRA on every LLM linear + the aligner trained fully, lr 5e-3).
+RECIPE = {
+    "train.lora.targets": "all-linear",
+    "train.freeze.aligner": False,
+    "train.lr": 5e-3,
+    "train.batch_size": 8,
+}
+# Eval loss after each of the 4 epochs (6 steps each) of a seed-0 run; the same on transformers 5.17 and 5.23.
+PINNED_EVAL = [(6, 5.927234), (12, 5.673123), (18, 5.582342), (24, 5.571612)]
+
+
+def config(**overrides: Any) -> PipelineConfig:
+    return load_config(None, {**RECIPE, **overrides})
+
+
+@pytest.fixture(scope="module")
+def mlflow_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("train-test"))
+    return uri, run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def recipe_run(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, snapshot: PreparedDataset, mlflow_run: tuple[str, str]
+) -> TrainResult:
+    uri, run_id = mlflow_run
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", uri)
+        env.setenv("MLFLOW_RUN_ID", run_id)
+        return train(config(**{"train.epochs": 4}), tiny_model, snapshot.path, tmp_path_factory.mktemp("run") / "r")
+
+
+def test_loss_falls_to_pinned_values(recipe_run: TrainResult) -> None:
+    result = recipe_run
+    assert result.steps == 24
+    assert [step for step, _ in result.eval_history] == [6, 12, 18, 24]  # once per epoch by default
+    for (step, loss), (_, pinned) in zip(result.eval_history, PINNED_EVAL, strict=True):
+        assert loss == pytest.approx(pinned, abs=1e-4), f"eval loss at step {step}"
+    first, last = result.loss_history[0][1], result.loss_history[-1][1]
+    assert last < first - 0.5
+    assert result.eval_history[-1][1] < result.eval_history[0][1] - 0.2
+    assert result.eval_loss == min(loss for _, loss in result.eval_history)
+
+
+def test_run_folder_and_result(recipe_run: TrainResult) -> None:
+    result = recipe_run
+    run_dir = result.run_dir
+    assert TrainResult.from_run_dir(run_dir) == result
+    assert result.trainable_params > 0 and result.total_params > result.trainable_params
+    assert result.tokens_per_s > 0 and result.samples_per_s > 0
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "loss" in m] == list(range(1, 25))
+    assert {"step", "loss", "learning_rate", "epoch"} <= set(lines[0])
+    assert [(m["step"], m["eval_loss"]) for m in lines if "eval_loss" in m] == result.eval_history
+    # save_total_limit 2 (default): the latest two, and the best (here the last) is among them
+    assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-18", "checkpoint-24"]
+    assert result.best_checkpoint == result.last_checkpoint == run_dir / "checkpoint-24"
+    assert not list(run_dir.glob(".staging-*"))
+    for folder in [*checkpoints(run_dir), run_dir / "final"]:
+        assert {"config.yaml", "run.json", "adapter_model.safetensors", "processor_config.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+    assert (run_dir / "checkpoint-24" / "trainer_state.json").is_file()
+    opened = open_run(run_dir / "checkpoint-18")  # a checkpoint is usable on its own, like swift's --ckpt_dir
+    assert opened.is_adapter and opened.config.train.lora.targets == "all-linear"
+
+
+def test_metrics_stream_live_to_mlflow(recipe_run: TrainResult, mlflow_run: tuple[str, str]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri, run_id = mlflow_run
+    client = MlflowClient(tracking_uri=uri)
+    losses = client.get_metric_history(run_id, "loss")
+    assert [m.step for m in losses] == [step for step, _ in recipe_run.loss_history]
+    assert [m.value for m in losses] == pytest.approx([loss for _, loss in recipe_run.loss_history])
+    evals = client.get_metric_history(run_id, "eval_loss")
+    assert [(m.step, pytest.approx(m.value)) for m in evals] == recipe_run.eval_history
+    assert client.get_run(run_id).data.params == {}  # metrics only: no flood of TrainingArguments params
+
+
+def test_same_seed_same_run(tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path) -> None:
+    def losses(seed: int, name: str) -> list[tuple[int, float]]:
+        overrides = {"train.max_steps": 4, "run.seed": seed, "train.gradient_checkpointing": False}
+        return train(config(**overrides), tiny_model, snapshot.path, tmp_path / name).loss_history
+
+    first = losses(0, "a")
+    assert losses(0, "b") == first  # bit-identical
+    assert losses(1, "c") != first
+
+
+def test_max_steps_mid_epoch_still_logs_evaluates_and_saves_at_the_end(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    result = train(
+        config(**{"train.max_steps": 4, "train.logging_steps": 3}), tiny_model, snapshot.path, tmp_path / "r"
+    )
+    assert result.steps == 4
+    assert [step for step, _ in result.loss_history] == [3, 4]  # the last step is always logged
+    assert result.eval_history and result.eval_history[-1][0] == 4
+    assert result.last_checkpoint == tmp_path / "r" / "checkpoint-4"
+
+
+def test_rotation_keeps_latest_and_best(tmp_path: Path) -> None:
+    for step in (1, 2, 3, 4, 5):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    deleted = rotate_checkpoints(tmp_path, keep=2, best=str(tmp_path / "checkpoint-2"))
+    assert sorted(p.name for p in deleted) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-5"]
+    rotate_checkpoints(tmp_path, keep=1, best=str(tmp_path / "checkpoint-2"))  # best and latest, even above 1
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-5"]
+
+
+def vision_grads(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path, batch: dict[str, torch.Tensor], **overrides: Any
+) -> tuple[int, dict[str, torch.Tensor | None]]:
+    """Forward and backward `batch` as the trainer does; count vision-tower forwards, collect vision-side grads."""
+    setup = setup_training(config(**overrides), tiny_model, snapshot.path, tmp_path)
+    trainer = setup.trainer
+    calls = []
+    core = trainer.model.get_base_model().model
+    handle = core.vision_model.register_forward_hook(lambda *_: calls.append(1))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss.backward()
+    handle.remove()
+    assert torch.isfinite(loss)
+    grads = {
+        n: p.grad
+        for n, p in trainer.model.named_parameters()
+        if p.requires_grad and ("vision_model" in n or "aligner" in n)
+    }
+    return len(calls), grads
+
+
+def batch_of(setup_dataset: Any, indices: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    from vlmops.train.data import VisionLanguageCollator
+
+    return VisionLanguageCollator(pad_token_id=pad_token_id)([setup_dataset[i] for i in indices])
+
+
+def test_text_only_batch_still_runs_the_vision_tower(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    # LoRA on every linear layer, vision tower and aligner included (ALL).
+    overrides = {"train.lora.targets": "ALL", "train.freeze.aligner": None}
+    setup = setup_training(config(**overrides), tiny_model, snapshot.path, tmp_path / "probe")
+    dataset = setup.datasets["train"]
+    pad = dataset.tokenizer.pad_token_id
+    text_only = [i for i in range(len(dataset)) if not dataset.encoded(i).images][:2]
+    with_images = [i for i in range(len(dataset)) if dataset.encoded(i).images][:2]
+    assert len(text_only) == 2
+
+    calls, grads = vision_grads(tiny_model, snapshot, tmp_path / "t", batch_of(dataset, text_only, pad), **overrides)
+    assert calls == 1  # the dummy image went through SigLIP
+    assert grads and all(g is not None for g in grads.values())  # every hook fired ...
+    assert all(float(g.abs().max()) == 0.0 for g in grads.values())  # ... with an exactly zero gradient
+
+    mixed = batch_of(dataset, [text_only[0], with_images[0]], pad)
+    assert mixed["pixel_values"].shape[0] == len(dataset.encoded(with_images[0]).images)
+    calls, grads = vision_grads(tiny_model, snapshot, tmp_path / "m", mixed, **overrides)
+    assert calls == 1
+    assert any(float(g.abs().max()) > 0 for g in grads.values() if g is not None)  # real images: real gradients
+
+
+def test_hybrid_text_only_batch_runs_both_towers(
+    tiny_hybrid_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    setup = setup_training(
+        config(**{"train.lora.targets": "ALL", "train.freeze.aligner": None}),
+        tiny_hybrid_model,
+        snapshot.path,
+        tmp_path / "h",
+    )
+    trainer, dataset = setup.trainer, setup.datasets["train"]
+    core = trainer.model.get_base_model().model
+    calls: list[str] = []
+    for name in ("vision_model", "high_res_vision_model"):
+        getattr(core, name).register_forward_hook(lambda *_, name=name: calls.append(name))
+    text_only = [i for i in range(len(dataset)) if not dataset.encoded(i).images][:2]
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch_of(dataset, text_only, dataset.tokenizer.pad_token_id)).backward()
+    assert sorted(calls) == ["high_res_vision_model", "vision_model"]
+    sam = [p.grad for n, p in trainer.model.named_parameters() if p.requires_grad and "high_res_vision_model" in n]
+    assert sam and all(g is not None and float(g.abs().max()) == 0.0 for g in sam)
+
+
+@pytest.mark.parametrize("variant", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_full_mode_and_bf16_train(
+    variant: str, tiny_models: dict[str, Path], snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    overrides = {"train.mode": "full", "train.max_steps": 3, "train.lr": 1e-3, "train.precision": "bf16"}
+    result = train(config(**overrides), tiny_models[variant], snapshot.path, tmp_path / "r")
+    assert result.precision == "bf16" and result.steps == 3
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.loss_history)
+    # final/ is a complete model: full mode saves the weights themselves, float32 master weights included
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(result.final_dir)
+    assert next(model.parameters()).dtype == torch.float32
+    assert not (result.final_dir / "adapter_config.json").exists()
+
+
+def test_resume_refuses_a_different_setup(tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path) -> None:
+    train(config(**{"train.max_steps": 2}), tiny_model, snapshot.path, tmp_path / "r")
+    with pytest.raises(ValueError, match=r"(?s)train.lr: 0.005 -> 0.01.*new run folder"):
+        train(config(**{"train.max_steps": 2, "train.lr": 1e-2}), tiny_model, snapshot.path, tmp_path / "r")
+    # bookkeeping keys may change: this resumes (at the end already) instead of refusing
+    again = train(config(**{"train.max_steps": 2, "run.name": "renamed"}), tiny_model, snapshot.path, tmp_path / "r")
+    assert again.resumed_from == tmp_path / "r" / "checkpoint-2" and again.steps == 2
+
+
+def test_flash_attention_without_flash_attn_is_a_clear_error(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(ValueError, match="flash-attn is not installed"):
+        train(config(**{"model.attn": "flash_attention_2"}), tiny_model, snapshot.path, tmp_path / "r")
+
+
+@pytest.mark.parametrize("variant", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_loss_on_trained_positions_equals_the_full_loss(
+    variant: str, tiny_models: dict[str, Path], snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """The trainer computes logits only where a next token is learned; loss and gradients are unchanged."""
+    setup = setup_training(
+        config(**{"train.lora.targets": "all-linear"}), tiny_models[variant], snapshot.path, tmp_path
+    )
+    trainer, dataset = setup.trainer, setup.datasets["train"]
+    batch = batch_of(dataset, [0, 1, 2, 3], dataset.tokenizer.pad_token_id)
+    model = trainer.model
+    model.train()
+    torch.manual_seed(0)
+    outputs = model(**batch)  # the model's own loss over every position
+    full = outputs.loss
+    full.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    torch.manual_seed(0)  # same dropout masks
+    loss, narrow = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    loss.backward()
+    assert narrow.logits.shape[1] < outputs.logits.shape[1]  # fewer positions went through the LM head
+    assert float(loss) == pytest.approx(float(full), abs=1e-6)
+    for name, grad in reference.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6), name

@@ -1,0 +1,105 @@
+"""Kill a training process with SIGKILL after a checkpoint, resume with `train.resume: auto`, and reach
+exactly the losses of an uninterrupted run; a half-written staging checkpoint is never used."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlmops.config import load_config
+from vlmops.data.prepare import PreparedDataset
+from vlmops.train.launch import training_command
+from vlmops.train.rundir import checkpoints
+from vlmops.train.sft import train
+
+# 4 epochs of 12 steps, a checkpoint every 4; LoRA dropout on, so the RNG state must be restored too.
+OVERRIDES = [
+    "train.max_steps=48",
+    "train.batch_size=4",
+    "train.lr=5e-3",
+    "train.save_steps=4",
+    "train.eval_steps=12",
+    "train.save_total_limit=3",
+    "train.lora.dropout=0.1",
+    "train.gradient_checkpointing=false",
+]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "killed"
+    command = training_command(None, tiny_model, snapshot.path, run_dir, OVERRIDES)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), *sys.path])}
+    with (tmp_path / "killed.log").open("wb") as out:
+        child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 300
+        while not checkpoints(run_dir) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    assert child.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    done = checkpoints(run_dir)
+    assert done and not (run_dir / "final").exists() and not (run_dir / "result.json").exists()
+    latest = done[-1]
+    assert int(latest.name.split("-")[1]) < 48
+
+    # A checkpoint a kill interrupted while it was being written: newer, but never renamed into place.
+    half = run_dir / ".staging-checkpoint-44"
+    shutil.copytree(latest, half)
+    (half / "trainer_state.json").unlink()
+
+    config = load_config(None, OVERRIDES)
+    resumed = train(config, tiny_model, snapshot.path, run_dir)
+    assert resumed.resumed_from == latest
+    assert not half.exists()
+
+    reference = train(config, tiny_model, snapshot.path, tmp_path / "uninterrupted")
+    assert resumed.steps == reference.steps == 48
+    assert [s for s, _ in resumed.loss_history] == list(range(1, 49))
+    assert [loss for _, loss in resumed.loss_history] == pytest.approx(
+        [loss for _, loss in reference.loss_history], abs=1e-5
+    )
+    assert [s for s, _ in resumed.eval_history] == [s for s, _ in reference.eval_history] == [12, 24, 36, 48]
+    assert [v for _, v in resumed.eval_history] == pytest.approx([v for _, v in reference.eval_history], abs=1e-5)
+    assert resumed.train_loss == pytest.approx(reference.train_loss, abs=1e-5)
+
+
+def test_resume_never_starts_over_and_a_path_must_be_a_checkpoint(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    config = load_config(None, ["train.max_steps=2", "train.gradient_checkpointing=false"])
+    first = train(config, tiny_model, snapshot.path, tmp_path / "r")
+    assert first.last_checkpoint == tmp_path / "r" / "checkpoint-2"
+    again = load_config(None, ["train.max_steps=2", "train.gradient_checkpointing=false", "train.resume=never"])
+    second = train(again, tiny_model, snapshot.path, tmp_path / "r")
+    assert second.resumed_from is None and second.loss_history == first.loss_history
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        bad = load_config(None, [f"train.resume={tmp_path / 'r' / 'final'}"])
+        train(bad, tiny_model, snapshot.path, tmp_path / "r2")
+
+
+def test_stopped_after_the_last_checkpoint_finishes_from_it(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    config = load_config(None, ["train.max_steps=2", "train.gradient_checkpointing=false"])
+    first = train(config, tiny_model, snapshot.path, tmp_path / "r")
+    trained = load_file(first.final_dir / "adapter_model.safetensors")
+    shutil.rmtree(first.final_dir)  # as if killed after checkpoint-2, before final/ and result.json
+    (tmp_path / "r" / "result.json").unlink()
+    again = train(config, tiny_model, snapshot.path, tmp_path / "r")
+    assert again.resumed_from == tmp_path / "r" / "checkpoint-2"
+    assert again.steps == 2 and again.loss_history == first.loss_history  # no extra step
+    final = load_file(again.final_dir / "adapter_model.safetensors")
+    assert final.keys() == trained.keys() and all(torch.equal(final[k], trained[k]) for k in final)
+    assert not (again.final_dir / "optimizer.pt").exists() and (again.final_dir / "config.yaml").is_file()

@@ -1,0 +1,187 @@
+"""The training data path: records -> token ids, labels and pixel tensors, lazily, in DataLoader workers.
+
+Records are tokenised once up front only to measure them (`data.max_length` counts the image tokens) and
+apply `data.max_length_policy`; images are read and preprocessed in `__getitem__`, so with
+`data.num_workers > 0` that work happens in worker processes, overlapping the model's step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from vlmops.config import StorageConfig
+from vlmops.data.conversation import Conversation
+from vlmops.data.formats import DatasetError, RecordProblem
+from vlmops.data.images import load_image
+from vlmops.models.template import IGNORE_INDEX, IMAGE_TOKEN, Encoded, encode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LengthReport:
+    """Records that `data.max_length_policy` dropped or truncated, by `file:line`."""
+
+    dropped: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+
+
+def truncate_text(enc: Encoded, max_length: int, num_image_tokens: int, image_token_id: int) -> int | None:
+    """Where to cut an encoded sample so it fits `max_length`: the new length, or None if it cannot be cut.
+
+    The cut never splits an image (it moves back to before one), and the sample then ends at its last
+    trained token, so it stops inside or at the end of an answer, never on a dangling prompt: the text of
+    the last turns goes, labels stay only on the answer tokens kept. None when no answer token would be left.
+    """
+    cut = min(len(enc), max_length)
+    partial_image = sum(1 for t in enc.input_ids[:cut] if t == image_token_id) % num_image_tokens
+    cut -= partial_image
+    trained = [i for i in range(cut) if enc.labels[i] != IGNORE_INDEX]
+    return trained[-1] + 1 if trained else None
+
+
+def cut_sample(enc: Encoded, length: int, num_image_tokens: int, image_token_id: int) -> Encoded:
+    """The first `length` tokens of a sample, with the images whose tokens they hold."""
+    ids = enc.input_ids[:length]
+    images_kept = sum(1 for t in ids if t == image_token_id) // num_image_tokens
+    return Encoded(ids, enc.labels[:length], enc.images[:images_kept])
+
+
+class SFTDataset(Dataset[dict[str, torch.Tensor]]):
+    """Conversations as training samples: `input_ids`, `labels`, and the pixel tensors of their images.
+
+    Raises DatasetError listing every too-long record when the policy is `error` (and, for
+    `truncate-text`, every record that cannot be cut without losing all its answer tokens).
+    """
+
+    def __init__(
+        self,
+        conversations: list[Conversation],
+        processor: Any,
+        max_length: int,
+        policy: str,
+        system_prompt: str | None = None,
+        storage: StorageConfig | None = None,
+        split: str = "train",
+    ):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.num_image_tokens = int(processor.num_image_tokens)
+        self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        self.system_prompt = system_prompt
+        self.storage = storage
+        self.report = LengthReport()
+        self.records: list[Conversation] = []
+        self.cuts: list[int | None] = []
+        self.lengths: list[int] = []
+        problems: list[RecordProblem] = []
+        for conv in tqdm(conversations, desc=f"measure {split}", unit="rec", leave=False, mininterval=1.0):
+            enc = encode(conv.messages, self.tokenizer, self.num_image_tokens, system_prompt)
+            length, cut = len(enc), None
+            if length > max_length:
+                if policy == "error":
+                    problems.append(
+                        RecordProblem(conv.source, "(length)", f"{length} tokens > data.max_length {max_length}")
+                    )
+                    continue
+                if policy == "drop":
+                    self.report.dropped.append(conv.source)
+                    continue
+                cut = truncate_text(enc, max_length, self.num_image_tokens, self.image_token_id)
+                if cut is None:
+                    problems.append(
+                        RecordProblem(
+                            conv.source,
+                            "(length)",
+                            f"{length} tokens; cutting it to data.max_length {max_length} leaves no answer token "
+                            "(the prompt and its images alone are too long)",
+                        )
+                    )
+                    continue
+                self.report.truncated.append(conv.source)
+                length = cut
+            self.records.append(conv)
+            self.cuts.append(cut)
+            self.lengths.append(length)
+        if problems:
+            hint = "raise data.max_length, or set data.max_length_policy to drop (leave them out)" + (
+                " or truncate-text" if policy == "error" else ""
+            )
+            raise DatasetError(problems, hint)
+        if self.report.dropped:
+            log.warning(
+                "%s: dropped %d record(s) longer than data.max_length %d: %s",
+                split,
+                len(self.report.dropped),
+                max_length,
+                ", ".join(self.report.dropped[:10]),
+            )
+        if self.report.truncated:
+            log.warning(
+                "%s: cut the text of %d record(s) to data.max_length %d: %s",
+                split,
+                len(self.report.truncated),
+                max_length,
+                ", ".join(self.report.truncated[:10]),
+            )
+        if not self.records:
+            raise ValueError(f"the {split} split has no record left after data.max_length_policy {policy}")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encoded(self, index: int) -> Encoded:
+        """Token ids, labels and image references of one sample (truncated if it had to be)."""
+        enc = encode(self.records[index].messages, self.tokenizer, self.num_image_tokens, self.system_prompt)
+        cut = self.cuts[index]
+        return enc if cut is None else cut_sample(enc, cut, self.num_image_tokens, self.image_token_id)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        enc = self.encoded(index)
+        sample = {
+            "input_ids": torch.tensor(enc.input_ids, dtype=torch.long),
+            "labels": torch.tensor(enc.labels, dtype=torch.long),
+        }
+        if enc.images:
+            images = [load_image(ref.uri, self.storage) for ref in enc.images]
+            features = self.processor.image_processor(images, return_tensors="pt")
+            sample.update({k: v for k, v in features.items() if k.endswith("pixel_values")})
+        return sample
+
+
+@dataclass
+class VisionLanguageCollator:
+    """Pads a batch to its longest sample (right padding) and stacks every image of the batch in order.
+
+    The model scatters `pixel_values` (sample 0's images, then sample 1's, ...) into the image-token
+    positions, so text-only samples contribute no rows; a batch with no image at all has no
+    `pixel_values` key (the trainer then runs a dummy image, see `VLTrainer.compute_loss`).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int = 1
+
+    def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = f["input_ids"]
+            labels[row, :n] = f["labels"]
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        for key in ("pixel_values", "high_res_pixel_values"):
+            stacks = [f[key] for f in features if key in f]
+            if stacks:
+                batch[key] = torch.cat(stacks)
+        return batch

@@ -1,0 +1,460 @@
+"""Supervised fine-tuning of DeepSeek-VL (LoRA or full), in-process: one run folder in, a `TrainResult` out.
+
+This is the single training code path: `vlmops sft`, the flow's train step and the GPU benchmark all end
+up in `train()` (multi-GPU through `vlmops.train.launch`, which re-executes it under torchrun).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vlmops.config import PipelineConfig, dump_config
+from vlmops.data.formats import DatasetError, read_dataset
+from vlmops.data.prepare import load_prepared
+from vlmops.models.loading import DTYPES, attn_implementation, is_hybrid
+from vlmops.train.data import SFTDataset, VisionLanguageCollator
+from vlmops.train.deepspeed_config import load_deepspeed_config
+from vlmops.train.rundir import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_INFO, RunInfo, checkpoints
+from vlmops.train.trainable import TrainableSummary, prepare_trainable
+from vlmops.train.trainer import (
+    CheckpointPolicy,
+    MetricsLog,
+    Throughput,
+    VLTrainer,
+    read_metrics,
+    remove_staging_leftovers,
+)
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Config keys that may differ between a run and its resumption: where things are written and looked up
+# (the base model and the data are compared by path and content hash instead), bookkeeping, and the GPU
+# count. Any other change in run/model/data/train makes it a different run.
+RESUMABLE_CHANGES = (
+    "run.name",
+    "run.output_dir",
+    "model.source",
+    "model.id",
+    "model.revision",
+    "model.cache_dir",
+    "data.train",
+    "data.eval",
+    "data.eval_ratio",
+    "data.invalid_records",
+    "data.demo.",
+    "data.num_workers",
+    "train.resume",
+    "train.nproc_per_node",
+    "train.save_total_limit",
+    "train.logging_steps",
+)
+RUN_SECTIONS = ("run", "model", "data", "train")
+PATH_FIELDS = ("final_dir", "best_checkpoint", "last_checkpoint", "resumed_from")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced; rebuilt from the run folder by `TrainResult.from_run_dir`."""
+
+    run_dir: Path
+    final_dir: Path
+    """final/: the peft adapter (LoRA) or the full model (full), with the processor and run files."""
+    best_checkpoint: Path | None
+    """The checkpoint with the lowest eval loss."""
+    last_checkpoint: Path | None
+    trainable_params: int
+    total_params: int
+    train_loss: float
+    """The training loss logged at the last step (the last step is always logged)."""
+    eval_loss: float
+    """The best eval loss (there is always an evaluation at the last step)."""
+    steps: int
+    samples_per_s: float
+    """Optimizer steps x global batch per second, over the steps after the first."""
+    tokens_per_s: float
+    """Non-padding tokens (image tokens included) per second over all ranks, after the first step."""
+    loss_history: list[tuple[int, float]] = field(default_factory=list)
+    eval_history: list[tuple[int, float]] = field(default_factory=list)
+    precision: str = "fp32"
+    peak_gpu_memory_gib: float | None = None
+    """Peak memory allocated by torch on this process's GPU (None on CPU)."""
+    train_runtime_s: float = 0.0
+    resumed_from: Path | None = None
+    dropped_records: list[str] = field(default_factory=list)
+    """Records left out because they were longer than data.max_length (policy drop)."""
+    truncated_records: list[str] = field(default_factory=list)
+    """Records whose text was cut to data.max_length (policy truncate-text)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """result.json content: paths inside the run folder are stored relative to it, so it can move."""
+        data = asdict(self)
+        data.pop("loss_history")
+        data.pop("eval_history")
+        data.pop("run_dir")
+        for key in PATH_FIELDS:
+            if data[key] is not None:
+                path = Path(data[key])
+                data[key] = str(path.relative_to(self.run_dir)) if path.is_relative_to(self.run_dir) else str(path)
+        return data
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | os.PathLike[str]) -> TrainResult:
+        """Rebuild the result of a finished run from result.json and metrics.jsonl."""
+        folder = Path(run_dir).resolve()
+        result_file = folder / RESULT_FILE
+        if not result_file.is_file():
+            raise FileNotFoundError(f"{folder} has no {RESULT_FILE}: the training run did not finish (see its log)")
+        data = json.loads(result_file.read_text())
+        for key in PATH_FIELDS:
+            data[key] = folder / data[key] if data.get(key) is not None else None
+        losses, evals = histories(folder)
+        return cls(run_dir=folder, **data, loss_history=losses, eval_history=evals)
+
+
+def histories(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(step, loss) and (step, eval_loss) pairs from metrics.jsonl."""
+    lines = read_metrics(run_dir / METRICS_FILE)
+    losses = [(int(m["step"]), float(m["loss"])) for m in lines if "loss" in m]
+    evals = [(int(m["step"]), float(m["eval_loss"])) for m in lines if "eval_loss" in m]
+    return losses, evals
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto`: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU; anything else as asked."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def weights_dtype(config: PipelineConfig, precision: str) -> torch.dtype:
+    """The dtype the base weights are loaded in.
+
+    `model.dtype` wins when set. Otherwise LoRA keeps the frozen base in the compute precision; full
+    training keeps float32 master weights under autocast, unless DeepSpeed (which holds its own float32
+    master copy in the optimizer) is used.
+    """
+    if config.model.dtype != "auto":
+        return DTYPES[config.model.dtype]
+    if config.train.mode == "lora" or config.train.deepspeed is not None:
+        return PRECISION_DTYPES[precision]
+    return torch.float32
+
+
+def training_arguments(config: PipelineConfig, run_dir: Path, precision: str) -> Any:
+    """`TrainingArguments` from the `train` and `data` sections. Build it before loading the model: with
+    ZeRO-3 it makes `from_pretrained` shard the weights as they load."""
+    from transformers import TrainingArguments
+
+    t = config.train
+    if t.deepspeed is not None and not torch.cuda.is_available():
+        raise ValueError(
+            f"train.deepspeed is {t.deepspeed!r} but there is no CUDA GPU: DeepSpeed through the HF Trainer runs on "
+            "GPUs only; set train.deepspeed: null to train on CPU"
+        )
+    eval_steps = t.eval_steps
+    # Saving at the eval steps keeps the best eval step restorable.
+    save_steps = t.save_steps if t.save_steps is not None else eval_steps
+    schedule: dict[str, Any] = {"eval_strategy": "epoch", "save_strategy": "epoch"}  # null: once per epoch
+    if eval_steps is not None:
+        schedule.update(eval_strategy="steps", eval_steps=eval_steps)
+    if save_steps is not None:
+        schedule.update(save_strategy="steps", save_steps=save_steps)
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        logging_steps=t.logging_steps,
+        **schedule,
+        save_total_limit=None,  # VLTrainer rotates, keeping the latest and the best
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        prediction_loss_only=True,
+        seed=config.run.seed,
+        data_seed=config.run.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        **_checkpointing_kwargs(t.gradient_checkpointing),
+        deepspeed=load_deepspeed_config(t.deepspeed),
+        dataloader_num_workers=config.data.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every step runs every part (see VLTrainer.compute_loss)
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def _checkpointing_kwargs(enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing with `use_reentrant=False` (peft-safe: frozen inputs still get gradients).
+
+    transformers 5.23 renamed the argument `activation_checkpointing`; 5.17 only knows the old name.
+    """
+    from transformers import TrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+@dataclass
+class TrainingSetup:
+    """Everything `train` runs, built and ready (tests and the benchmark inspect it)."""
+
+    trainer: VLTrainer
+    summary: TrainableSummary
+    datasets: dict[str, SFTDataset]
+    precision: str
+    resume: Path | None
+    throughput: Throughput
+
+
+def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainingSetup:
+    """Prepare the run folder, load and wrap the model, build the datasets and the trainer."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+
+    base_model, dataset, run_dir = Path(base_model).resolve(), Path(dataset).resolve(), Path(run_dir).resolve()
+    t = config.train
+    precision = resolve_precision(t.precision)
+    if t.deepspeed is not None:
+        single_process_rendezvous()
+    args = training_arguments(config, run_dir, precision)
+    main = args.should_save
+    prepared = load_prepared(dataset)
+    info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode)
+    resume = _prepare_run_dir(run_dir, config, info, main)
+    _barrier()
+
+    set_seed(config.run.seed)
+    hybrid = is_hybrid(base_model)
+    dtype = weights_dtype(config, precision)
+    model: Any = AutoModelForImageTextToText.from_pretrained(
+        base_model, dtype=dtype, attn_implementation=attn_implementation(config.model.attn, hybrid)
+    )
+    processor = AutoProcessor.from_pretrained(base_model)
+    model.config.use_cache = False
+    model, summary = prepare_trainable(model, t, seed=config.run.seed)
+    if config.model.dtype == "auto" and precision != "fp32" and t.deepspeed is None:
+        for param in model.parameters():  # trained weights (adapters, modules_to_save) stay float32 under autocast
+            if param.requires_grad:
+                param.data = param.data.float()
+    if t.gradient_checkpointing and t.mode == "lora":
+        model.enable_input_require_grads()
+
+    datasets = {}
+    for split, path in (("train", prepared.train_file), ("eval", prepared.eval_file)):
+        read = read_dataset(path)
+        if read.problems:
+            raise DatasetError(read.problems, f"{path} is a prepared snapshot and should be valid: prepare it again")
+        datasets[split] = SFTDataset(
+            read.conversations,
+            processor,
+            config.data.max_length,
+            config.data.max_length_policy,
+            config.model.system_prompt,
+            config.storage,
+            split,
+        )
+
+    throughput = Throughput()
+    trainer = VLTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets["train"],
+        eval_dataset=datasets["eval"],
+        data_collator=VisionLanguageCollator(pad_token_id=processor.tokenizer.pad_token_id),
+        processing_class=processor,
+        callbacks=[CheckpointPolicy(), MetricsLog(run_dir), throughput],
+        run_files=[run_dir / CONFIG_FILE, run_dir / RUN_INFO],
+        dummy_pixels=dummy_pixel_values(processor),
+        keep_checkpoints=t.save_total_limit,
+    )
+    return TrainingSetup(trainer, summary, datasets, precision, resume, throughput)
+
+
+def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainResult:
+    """Fine-tune `base_model` on the prepared dataset snapshot `dataset`, writing the run to `run_dir`.
+
+    Resumes from the run folder's latest complete checkpoint when `train.resume` is auto.
+    """
+    from transformers import TrainerState
+
+    run_dir = Path(run_dir).resolve()
+    setup = setup_training(config, base_model, dataset, run_dir)
+    trainer, resume, datasets, args = setup.trainer, setup.resume, setup.datasets, setup.trainer.args
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    started = time.perf_counter()
+    if resume is not None and _is_last_step(resume):
+        # The Trainer would run one step past max_steps when resumed at the very end: nothing is left to
+        # train, the last checkpoint is the result (this run was stopped after it, or is run again).
+        log.info("%s is the last step of this run: nothing left to train", resume)
+        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        trainer.save_final(run_dir / FINAL_DIR, from_checkpoint=resume)
+    else:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.save_final(run_dir / FINAL_DIR)
+    runtime = time.perf_counter() - started
+
+    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    samples_per_s, tokens_per_s = setup.throughput.rates(samples_per_step)
+    losses, evals = histories(run_dir)
+    state = trainer.state
+    done = checkpoints(run_dir)
+    result = TrainResult(
+        run_dir=run_dir,
+        final_dir=run_dir / FINAL_DIR,
+        best_checkpoint=Path(state.best_model_checkpoint) if state.best_model_checkpoint else None,
+        last_checkpoint=done[-1] if done else None,
+        trainable_params=setup.summary.trainable_params,
+        total_params=setup.summary.total_params,
+        train_loss=losses[-1][1] if losses else math.nan,
+        eval_loss=state.best_metric if state.best_metric is not None else math.nan,
+        steps=state.global_step,
+        samples_per_s=samples_per_s,
+        tokens_per_s=tokens_per_s,
+        loss_history=losses,
+        eval_history=evals,
+        precision=setup.precision,
+        peak_gpu_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        train_runtime_s=runtime,
+        resumed_from=resume,
+        dropped_records=datasets["train"].report.dropped + datasets["eval"].report.dropped,
+        truncated_records=datasets["train"].report.truncated + datasets["eval"].report.truncated,
+    )
+    if args.should_save:
+        (run_dir / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    log.info(
+        "trained %d steps in %.1f s: train loss %.4f, best eval loss %.4f, %.0f tokens/s; final: %s",
+        result.steps,
+        runtime,
+        result.train_loss,
+        result.eval_loss,
+        tokens_per_s,
+        result.final_dir,
+    )
+    return result
+
+
+def dummy_pixel_values(processor: Any) -> dict[str, torch.Tensor]:
+    """The pixel tensors of one plain grey image: what a text-only batch feeds the vision tower(s)."""
+    from PIL import Image
+
+    features = processor.image_processor([Image.new("RGB", (64, 64), (128, 128, 128))], return_tensors="pt")
+    return {k: v for k, v in features.items() if k.endswith("pixel_values")}
+
+
+def single_process_rendezvous() -> None:
+    """DeepSpeed always joins a process group: outside torchrun, make this process a group of one."""
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    log.info("DeepSpeed outside torchrun: running as a single-process group (port %d)", port)
+
+
+def _is_last_step(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return bool(state.get("max_steps")) and int(state["global_step"]) >= int(state["max_steps"])
+
+
+def _barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _prepare_run_dir(run_dir: Path, config: PipelineConfig, info: RunInfo, main: bool) -> Path | None:
+    """Check a reused run folder belongs to this run, write config.yaml and run.json, pick the resume point."""
+    resume_value = config.train.resume
+    previous = run_dir / CONFIG_FILE
+    if resume_value != "never" and previous.is_file():
+        _check_same_run(run_dir, config, info)
+    if resume_value == "auto":
+        done = checkpoints(run_dir)
+        resume = done[-1] if done else None
+    elif resume_value == "never":
+        resume = None
+    else:
+        resume = Path(resume_value).expanduser().resolve()
+        if not (resume / "trainer_state.json").is_file():
+            raise FileNotFoundError(
+                f"train.resume: {resume} is not a complete checkpoint (no trainer_state.json); "
+                "use auto, never, or a checkpoint-N folder"
+            )
+    _barrier()  # every rank has read the folder before rank 0 changes it
+    if main:
+        if resume_value == "never" and run_dir.exists():
+            _clear_run(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_staging_leftovers(run_dir)
+        (run_dir / CONFIG_FILE).write_text(dump_config(config))
+        info.write(run_dir)
+    return resume
+
+
+def _check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> None:
+    old_config = PipelineConfig.model_validate(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    old = {k: v for k, v in old_config.to_flat_dict().items() if k.split(".")[0] in RUN_SECTIONS}
+    new = {k: v for k, v in config.to_flat_dict().items() if k.split(".")[0] in RUN_SECTIONS}
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if not k.startswith(RESUMABLE_CHANGES) and old.get(k) != new.get(k)
+    ]
+    info_file = run_dir / RUN_INFO
+    if info_file.is_file():
+        old_info = json.loads(info_file.read_text())
+        if old_info.get("base_model") != info.base_model:
+            changed.append(f"base model: {old_info.get('base_model')} -> {info.base_model}")
+        if old_info.get("dataset_hash") != info.dataset_hash:
+            changed.append(f"dataset: {old_info.get('dataset')} -> {info.dataset} (different content)")
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds a run with a different setup, so it cannot be resumed:\n"
+            + "\n".join(f"  - {c}" for c in changed)
+            + "\nuse a new run folder (--run-dir), or set train.resume: never to start this one over"
+        )
+
+
+def _clear_run(run_dir: Path) -> None:
+    """train.resume: never: remove what an earlier run in this folder wrote."""
+    for path in [*checkpoints(run_dir), run_dir / FINAL_DIR, *run_dir.glob(".staging-*")]:
+        log.warning("train.resume is never: deleting %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+    for name in (METRICS_FILE, RESULT_FILE):
+        (run_dir / name).unlink(missing_ok=True)

@@ -1,0 +1,336 @@
+"""The HF Trainer, adapted for DeepSeek-VL runs: atomic checkpoints, a vision pass on every step, live metrics.
+
+- A checkpoint is written to `.staging-checkpoint-N/` and renamed to `checkpoint-N/` only after every
+  rank has written everything (weights, optimizer, RNG, trainer_state.json, config.yaml, run.json), so a
+  kill never leaves a folder that looks complete. Rotation keeps `train.save_total_limit` checkpoints plus
+  the latest (to resume) and the best (lowest eval loss).
+- Every step runs the vision tower(s), even on a text-only batch (see `VLTrainer.compute_loss`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from vlmops.models.template import IGNORE_INDEX
+from vlmops.train.rundir import METRICS_FILE, checkpoints
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".staging-"
+TRAINER_STATE = "trainer_state.json"
+PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
+# What a checkpoint holds beside the model: optimizer, scheduler, RNG and DeepSpeed state.
+TRAINING_STATE_FILES = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    TRAINER_STATE,
+    "global_step*",
+    "latest",
+    "zero_to_fp32.py",
+)
+
+
+def vision_language_core(model: Any) -> Any:
+    """The inner `DeepseekVL(Hybrid)Model` (vision tower, aligner, LLM) under peft / DeepSpeed wrappers."""
+    if hasattr(model, "get_base_model"):  # peft
+        model = model.get_base_model()
+    return model.model
+
+
+def trained_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model kwargs that compute logits only where some sample of the batch has a next token to learn.
+
+    The LM head over a 102k vocabulary, and its float32 copy in the loss, is the largest activation of a
+    step (7b, batch 4 x 1088 tokens: ~1.8 GB in float32, twice with its gradient); prompts and images
+    carry no loss, so those positions are skipped. `shift_labels` are the matching next-token targets;
+    the loss and its normalisation (`num_items_in_batch`) are unchanged.
+    """
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    keep = shifted.ne(IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    if keep.numel() == 0:  # nothing to learn in this batch: let the model compute its usual (zero-weight) loss
+        return {}
+    return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
+
+
+def publish_folder(staging: Path, final: Path) -> None:
+    """Make a fully written folder visible under its final name in one rename (after flushing it to disk)."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+    old = None
+    if final.exists():  # the same step saved again: swap, so `final` is never partial
+        old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    staging.rename(final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_staging_leftovers(run_dir: Path) -> list[Path]:
+    """Delete half-written folders a killed run left behind; returns what was removed."""
+    removed = []
+    for path in sorted(run_dir.glob(f"{STAGING_PREFIX}*")):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    for path in removed:
+        log.warning("removed %s: a checkpoint a stopped run did not finish writing", path)
+    return removed
+
+
+def rotate_checkpoints(run_dir: Path, keep: int, best: str | None) -> list[Path]:
+    """Delete the oldest checkpoints beyond `keep`, never the latest nor the best; returns the deleted ones."""
+    ordered = checkpoints(run_dir)
+    protected = set(ordered[-1:]) | ({Path(best)} if best else set())
+    deleted: list[Path] = []
+    for path in ordered:
+        if len(ordered) - len(deleted) <= max(keep, len(protected)):
+            break
+        if path not in protected:
+            shutil.rmtree(path)
+            deleted.append(path)
+    return deleted
+
+
+class VLTrainer(Trainer):
+    """`Trainer` with atomic checkpoints that carry the run's config, and a vision pass on every step."""
+
+    def __init__(
+        self,
+        *args: Any,
+        run_files: list[Path],
+        dummy_pixels: dict[str, torch.Tensor],
+        keep_checkpoints: int,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.run_files = run_files
+        self.dummy_pixels = dummy_pixels
+        self.keep_checkpoints = keep_checkpoints
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        core = vision_language_core(self.accelerator.unwrap_model(model))
+        dtype = next(core.vision_model.parameters()).dtype
+        for key in PIXEL_KEYS:
+            if key in inputs:
+                inputs[key] = inputs[key].to(dtype)
+        has_images = "pixel_values" in inputs
+        inputs.update(trained_positions(inputs["labels"]))
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if has_images:
+            return result
+        # A batch without images still runs the vision tower(s) and aligner on a dummy image and adds
+        # 0 x their output: under DeepSpeed ZeRO-3 every forward gathers sharded weights collectively and
+        # every rank must take part, and under DDP/ZeRO the gradient hooks of trainable vision/aligner
+        # weights must fire on every rank, or the ranks fall out of step and hang.
+        device = inputs["input_ids"].device
+        dummy = {k: v.to(device=device, dtype=dtype) for k, v in self.dummy_pixels.items()}
+        zero = 0.0 * core.get_image_features(**dummy).pooler_output.float().sum()
+        if return_outputs:
+            loss, outputs = result
+            return loss + zero, outputs
+        return result + zero
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # Same steps as Trainer._save_checkpoint, but into a staging folder that is renamed into place at the end.
+        step = self.state.global_step
+        run_dir = Path(self._get_output_dir(trial=trial))
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        staging = run_dir / f"{STAGING_PREFIX}{final.name}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(str(staging), _internal_call=True)
+        best_step = self.state.best_global_step
+        if best_step:
+            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
+            if best_step == step or best.is_dir():
+                self.state.best_model_checkpoint = str(best)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(str(staging))
+            self._save_scaler(str(staging))
+            self._save_rng_state(str(staging))
+        if self.args.should_save:
+            self._store_callback_states()
+            self.state.save_to_json(str(staging / TRAINER_STATE))
+            for path in self.run_files:
+                shutil.copy2(path, staging / path.name)
+        self.accelerator.wait_for_everyone()  # every rank's shards are in staging
+        if self.args.should_save:
+            publish_folder(staging, final)
+            for path in rotate_checkpoints(run_dir, self.keep_checkpoints, self.state.best_model_checkpoint):
+                log.info("deleted %s (train.save_total_limit %d)", path, self.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _store_callback_states(self) -> None:
+        states = cast(dict[str, Any], self.state.stateful_callbacks)
+        for cb in [*self.callback_handler.callbacks, self.control]:
+            if isinstance(cb, ExportableState):
+                name = cb.__class__.__name__
+                if isinstance(states.get(name), list):
+                    states[name].append(cb.state())
+                else:
+                    states[name] = cb.state()
+
+    def save_final(self, folder: Path, from_checkpoint: Path | None = None) -> None:
+        """The trained result (adapter or full model, with the processor and run files), written atomically.
+
+        `from_checkpoint`: take the weights from that (last) checkpoint instead of the model in memory.
+        """
+        staging = folder.with_name(f"{STAGING_PREFIX}{folder.name}")
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        if from_checkpoint is None:
+            self.save_model(str(staging))
+        elif self.args.should_save:
+            shutil.copytree(from_checkpoint, staging, ignore=shutil.ignore_patterns(*TRAINING_STATE_FILES))
+        if self.args.should_save:
+            for path in self.run_files:
+                shutil.copy2(path, staging / path.name)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_folder(staging, folder)
+        self.accelerator.wait_for_everyone()
+
+
+class CheckpointPolicy(TrainerCallback):
+    """Log, evaluate and save at the last step, save whenever the eval loss is a new best, never twice a step.
+
+    The Trainer alone evaluates only on its schedule: a run whose `max_steps` ends mid-epoch would end with
+    no eval and no checkpoint, and the best eval step might not have been saved.
+    """
+
+    def __init__(self) -> None:
+        self.last_eval = -1
+        self.last_save = -1
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+            control.should_evaluate = True
+            control.should_save = True
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics: Any = None, **kwargs: Any
+    ) -> None:
+        self.last_eval = state.global_step
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and (state.best_metric is None or loss < state.best_metric):
+            control.should_save = True
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.last_save = state.global_step
+
+    def on_epoch_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.global_step == self.last_eval:
+            control.should_evaluate = False
+        if state.global_step == self.last_save:
+            control.should_save = False
+
+
+class MetricsLog(TrainerCallback):
+    """Appends `metrics.jsonl` as training goes and, when MLFLOW_RUN_ID is set, logs the same metrics live
+    to that MLflow run (rank 0 only). MLflow's client is used directly: transformers' MLflowCallback would
+    log every TrainingArguments field as a param."""
+
+    TRAIN_KEYS = ("loss", "learning_rate", "epoch", "grad_norm")
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / METRICS_FILE
+        self.run_id = os.environ.get("MLFLOW_RUN_ID")
+        self.client: Any = None
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        # On resume, lines past the checkpoint's step belong to the lost part of the run: they are redone.
+        kept = [line for line in read_metrics(self.path) if line["step"] <= state.global_step]
+        self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        if self.run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            line = {"step": state.global_step, **{k: logs[k] for k in self.TRAIN_KEYS if k in logs}}
+        elif "eval_loss" in logs:
+            line = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
+        else:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+        if self.client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, state.global_step) for k, v in line.items() if k != "step"]
+            self.client.log_batch(self.run_id, metrics=metrics)
+
+
+class Throughput(TrainerCallback):
+    """Tokens and samples per second, measured from the end of a warm-up step to the last step."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int, int]] = []  # (time, tokens seen, global step) at each step end
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen, state.global_step))
+
+    def rates(self, samples_per_step: int, warmup_steps: int = 1) -> tuple[float, float]:
+        """(samples/s, tokens/s) over the steps after the first `warmup_steps` of this session; zeros when
+        there were not enough steps."""
+        warmup_steps = max(1, warmup_steps)
+        if len(self.marks) <= warmup_steps:
+            return 0.0, 0.0
+        (t0, tokens0, step0), (t1, tokens1, step1) = self.marks[warmup_steps - 1], self.marks[-1]
+        seconds = t1 - t0
+        return (step1 - step0) * samples_per_step / seconds, (tokens1 - tokens0) / seconds
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The lines of a metrics.jsonl file (none if it does not exist)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
