@@ -51,7 +51,7 @@ def _task_states(summary: dict) -> list[str]:
     async def read() -> list[str]:
         async with get_client() as prefect:
             runs = await prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return [f"{r.task_key.split('-')[0] if r.task_key else r.name}:{r.state_name}" for r in runs]
+            return [f"{r.name.rsplit('-', 1)[0]}:{r.state_name}" for r in runs]
 
     return asyncio.run(read())
 

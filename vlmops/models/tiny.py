@@ -33,6 +33,7 @@ HIGH_RES = 64
 PATCH = 8
 NUM_IMAGE_TOKENS = (LOW_RES // PATCH) ** 2
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
+LM_HEAD_STD = 0.5
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -183,6 +184,10 @@ def build_tiny_model(out_dir: str | os.PathLike[str], variant: Variant = "deepse
             DeepseekVLForConditionalGeneration if variant == "deepseek_vl" else DeepseekVLHybridForConditionalGeneration
         )
         model: Any = model_cls(config)
+        # With the default init (std 0.02) the LM head's logits span a fraction of a unit, so even a model that
+        # answers every demo question right keeps a loss near ln(vocab); a wider head lets it become confident.
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, LM_HEAD_STD)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id

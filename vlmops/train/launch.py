@@ -21,13 +21,11 @@ from pathlib import Path
 
 from vlmops.config import ConfigError, PipelineConfig, load_config
 from vlmops.data.formats import DatasetError
-from vlmops.data.prepare import PreparedDataset
 from vlmops.train.sft import TrainResult
 
 log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train.log"
-TINY_MODELS = {"tiny-deepseek-vl": "deepseek_vl", "tiny-deepseek-vl-hybrid": "deepseek_vl_hybrid"}
 TAIL_LINES = 60
 
 
@@ -163,60 +161,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def resolve_base_model(config: PipelineConfig) -> Path:
-    """The local native checkpoint to train: a tiny model built on the spot, or `model.id` as a folder.
-
-    (To be replaced by `vlmops.models.download.download_model` once it lands.)
-    """
-    from vlmops.models.tiny import build_tiny_model
-
-    if config.model.name in TINY_MODELS:
-        folder = Path(config.run.output_dir) / "models" / config.model.name
-        if not (folder / "config.json").is_file():
-            build_tiny_model(folder, TINY_MODELS[config.model.name])  # type: ignore[arg-type]
-        return folder.resolve()
-    if config.model.id is None or not (Path(config.model.id).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.id {config.model.id!r} is not a local checkpoint folder: download and convert the model first "
-            "(vlmops download), then set model.id to the folder"
-        )
-    return Path(config.model.id).expanduser().resolve()
-
-
-def prepare_training_data(config: PipelineConfig, base_model: Path) -> PreparedDataset:
-    """Validate `data.train` / `data.eval` (or generate the demo dataset) into a snapshot."""
-    from transformers import AutoProcessor
-
-    from vlmops.data.demo import write_demo_dataset
-    from vlmops.data.prepare import prepare_dataset
-
-    output = Path(config.run.output_dir)
-    if config.data.train is None:
-        demo = config.data.demo
-        folder = output / "data" / f"demo-{demo.num_train}-{demo.num_eval}-{demo.image_size}-seed{config.run.seed}"
-        if (folder / "train.jsonl").is_file():
-            train_file, eval_file = folder / "train.jsonl", folder / "eval.jsonl"
-        else:
-            train_file, eval_file = write_demo_dataset(
-                folder, demo.num_train, demo.num_eval, demo.image_size, config.run.seed
-            )
-    else:
-        train_file = Path(config.data.train)
-        eval_file = Path(config.data.eval) if config.data.eval else None  # type: ignore[assignment]
-    processor = AutoProcessor.from_pretrained(base_model)
-    return prepare_dataset(
-        config.data,
-        train_file,
-        eval_file,
-        output / "datasets",
-        processor.tokenizer,
-        int(processor.num_image_tokens),
-        config.model.system_prompt,
-        config.storage,
-        config.run.seed,
-    )
-
-
 def default_run_dir(config: PipelineConfig) -> Path:
     """`<output_dir>/runs/<run.name>-<date-time>`, like swift's output/<model>/vX-<date-time>."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -224,11 +168,16 @@ def default_run_dir(config: PipelineConfig) -> Path:
 
 
 def sft_command(config_path: str | None, overrides: list[str], run_dir: str | None) -> int:
-    """`vlmops sft`: validate the data, then train in a child process; prints a short summary."""
+    """`vlmops sft`: fetch the base model, validate the data, then train in a child process; prints a summary."""
+    from transformers import AutoProcessor
+
+    from vlmops.data.prepare import prepare_from_config
+    from vlmops.models.download import download_model
+
     try:
         config = load_config(config_path, overrides)
-        base_model = resolve_base_model(config)
-        prepared = prepare_training_data(config, base_model)
+        base_model = download_model(config.model, config.storage, config.run.output_dir).path
+        prepared = prepare_from_config(config, AutoProcessor.from_pretrained(base_model))
         folder = Path(run_dir) if run_dir else default_run_dir(config)
         print(f"run folder: {folder} (resume a stopped run with --run-dir {folder})", file=sys.stderr)
         result = launch_training(
