@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
 	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e '.[dev]'
+	# DeepSpeed ships only as source; its build imports torch, so build it against the torch just installed.
+	# DS_BUILD_OPS=0: kernels (CPU Adam, ...) compile on first use on the GPU machine, not here.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation -c requirements/lock.txt deepspeed
 	touch $@
 
 setup: $(VENV)/.installed

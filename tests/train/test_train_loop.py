@@ -74,9 +74,10 @@ def test_run_folder_and_result(recipe_run: TrainResult) -> None:
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, 25))
     assert {"step", "loss", "learning_rate", "epoch"} <= set(lines[0])
     assert [(m["step"], m["eval_loss"]) for m in lines if "eval_loss" in m] == result.eval_history
-    # save_total_limit 2 (default): the latest two, and the best (here the last) is among them
+    # save_total_limit 2 (default): the latest two; the best (lowest eval loss, step 18) is among them
     assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-18", "checkpoint-24"]
-    assert result.best_checkpoint == result.last_checkpoint == run_dir / "checkpoint-24"
+    assert result.best_checkpoint == run_dir / "checkpoint-18"
+    assert result.last_checkpoint == run_dir / "checkpoint-24"
     assert not list(run_dir.glob(".staging-*"))
     for folder in [*checkpoints(run_dir), run_dir / "final"]:
         assert {"config.yaml", "run.json", "adapter_model.safetensors", "processor_config.json"} <= {
