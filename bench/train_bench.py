@@ -52,6 +52,7 @@ class Case:
     overrides: dict[str, Any]
     warmup_steps: int
     measured_steps: int
+    baseline: bool = False  # a plain transformers + peft / PyTorch loop, as a user would write it
 
 
 CASES = [
@@ -87,65 +88,21 @@ CASES = [
         measured_steps=4,
     ),
 ]
+# Baselines, measured in the same run on the same data and batches (DESIGN.md §7 describes them):
+# - LoRA: transformers + peft, gradient checkpointing, torch AdamW, the model's own loss over all logits.
+# - full: fp32 master weights + bf16 autocast + torch AdamW (plain mixed precision, no DeepSpeed).
+BASELINES = {
+    "lora-qkv-7b": "baseline-lora-qkv-7b",
+    "full-zero2-1.3b": "baseline-full-1.3b",
+    "full-zero3-offload-7b": "baseline-full-7b",
+}
+CASES += [Case(BASELINES[c.name], c.arch, c.overrides, c.warmup_steps, c.measured_steps, baseline=True) for c in CASES]
 TINY = {"1.3b": "deepseek_vl", "7b": "deepseek_vl_hybrid"}
 
 
-def local_architecture_config(arch: str) -> Any:
-    """LOCAL FALLBACK until `vlmops.models.catalog.architecture_config` lands: the released sizes
-    (DESIGN.md §5), random weights."""
-    from transformers import DeepseekVLConfig, DeepseekVLHybridConfig
-
-    hybrid = arch == "7b"
-    siglip = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 384,
-        "patch_size": 16,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-        "vision_use_head": False,
-    }
-    text = {
-        "model_type": "llama",
-        "hidden_size": 4096 if hybrid else 2048,
-        "intermediate_size": 11008 if hybrid else 5632,
-        "num_hidden_layers": 30 if hybrid else 24,
-        "num_attention_heads": 32 if hybrid else 16,
-        "num_key_value_heads": 32 if hybrid else 16,
-        "vocab_size": 102400,
-        "max_position_embeddings": 16384,
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-    }
-    common = {"text_config": text, "vision_config": siglip, "image_token_id": 100015, "tie_word_embeddings": False}
-    if not hybrid:
-        return DeepseekVLConfig(**common)
-    sam = {
-        "model_type": "sam_vision_model",
-        "hidden_size": 768,
-        "output_channels": 256,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "mlp_dim": 3072,
-        "image_size": 1024,
-        "patch_size": 16,
-        "window_size": 14,
-        "global_attn_indexes": [2, 5, 8, 11],
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-    }
-    return DeepseekVLHybridConfig(**common, high_res_vision_config=sam)
-
-
 def architecture_config(arch: str) -> Any:
-    try:
-        from vlmops.models.catalog import architecture_config as catalog_config
-    except ImportError:
-        return local_architecture_config(arch)
+    from vlmops.models.catalog import architecture_config as catalog_config
+
     return catalog_config("deepseek-vl-7b-chat" if arch == "7b" else "deepseek-vl-1.3b-chat")
 
 
@@ -326,6 +283,88 @@ def run_one(case: Case, model: Path, dataset: Path, run_dir: Path, device: str) 
     }
 
 
+def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dict[str, Any]:
+    """The same samples and batch size through a plain loop: what the vlmops path is measured against."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmops.data.formats import read_dataset
+    from vlmops.train.data import SFTDataset, VisionLanguageCollator
+
+    config, _ = case_config(case, device)
+    train = config.train
+    full = train.mode == "full"
+    processor = AutoProcessor.from_pretrained(model_dir)
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    result: dict[str, Any] = {"case": case.name, "arch": case.arch, "batch_size": train.batch_size}
+    try:
+        model: Any = AutoModelForImageTextToText.from_pretrained(
+            model_dir, dtype=torch.float32 if full else torch.bfloat16, attn_implementation="sdpa"
+        ).to(device)
+        if full:
+            for name, param in model.named_parameters():
+                param.requires_grad = "vision" not in name  # vision towers frozen, as in the vlmops case
+        else:
+            lora = LoraConfig(
+                r=train.lora.r,
+                lora_alpha=train.lora.alpha,
+                lora_dropout=train.lora.dropout,
+                target_modules=r"model\.language_model\.layers\.\d+\.self_attn\.(q|k|v)_proj",
+            )
+            model.enable_input_require_grads()
+            model = get_peft_model(model, lora)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        data = SFTDataset(read_dataset(dataset / "train.jsonl").conversations, processor, 4096, "error")
+        loader = DataLoader(
+            data,
+            batch_size=train.batch_size,
+            shuffle=True,
+            collate_fn=VisionLanguageCollator(pad_token_id=processor.tokenizer.pad_token_id),
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=train.lr)
+        marks: list[tuple[float, int]] = []
+        tokens = 0
+        for step, batch in enumerate(loader):
+            if step == case.warmup_steps + case.measured_steps:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            for key in ("pixel_values", "high_res_pixel_values"):
+                if key in batch:
+                    batch[key] = batch[key].to(torch.float32 if full else torch.bfloat16)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=full):
+                loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            tokens += int(batch["attention_mask"].sum())
+            marks.append((time.perf_counter(), tokens))
+        (t0, n0), (t1, n1) = marks[case.warmup_steps - 1], marks[-1]
+        result.update(
+            tokens_per_s=round((n1 - n0) / (t1 - t0), 1),
+            steps=len(marks),
+            measured_steps=len(marks) - case.warmup_steps,
+            trainable_params=sum(p.numel() for p in params),
+            loss_last=float(loss),
+        )
+    except torch.OutOfMemoryError as err:
+        result["out_of_memory"] = str(err).splitlines()[0]
+    result.update(
+        peak_gpu_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        peak_host_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        device=torch.cuda.get_device_name() if cuda else "cpu",
+    )
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -342,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.one:
         case = next(c for c in CASES if c.name == args.one)
-        result = run_one(case, Path(args.model), Path(args.dataset), Path(args.work) / "runs" / case.name, args.device)
+        if case.baseline:
+            result = run_baseline(case, Path(args.model), Path(args.dataset), args.device)
+        else:
+            result = run_one(
+                case, Path(args.model), Path(args.dataset), Path(args.work) / "runs" / case.name, args.device
+            )
         print("BENCH_RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -379,7 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(
             json.dumps(
-                {k: r.get(k) for k in ("case", "tokens_per_s", "peak_gpu_mem_gib", "peak_host_rss_gib", "error")}
+                {
+                    k: r.get(k)
+                    for k in ("case", "tokens_per_s", "peak_gpu_mem_gib", "peak_host_rss_gib", "out_of_memory", "error")
+                }
             )
         )
     if args.out:

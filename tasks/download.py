@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from vlmops.models.download import ModelSnapshot
-from vlmops.models.download import download_model as fetch_model
 
 from tasks.caching import inputs_and_files
 from vlmops.config import ModelConfig, StorageConfig
+from vlmops.models.download import ModelSnapshot
+from vlmops.models.download import download_model as fetch_model
 from vlmops.tracking import Tracker
 
 
