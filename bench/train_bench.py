@@ -241,6 +241,15 @@ def run_one(case: Case, model: Path, dataset: Path, run_dir: Path, device: str) 
     setup = setup_training(config, model, dataset, run_dir)
     trainer = setup.trainer
     trainer.remove_callback(CheckpointPolicy)  # it would evaluate and save at the last step
+    profiler = _profiler(case.name, case.warmup_steps)
+    if profiler:
+        from transformers import TrainerCallback
+
+        class _Profile(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                profiler.step(state.global_step)
+
+        trainer.add_callback(_Profile())
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
@@ -281,6 +290,32 @@ def run_one(case: Case, model: Path, dataset: Path, run_dir: Path, device: str) 
         "transformers": transformers.__version__,
         **({"note": note} if note else {}),
     }
+
+
+class StepProfiler:
+    """`--profile`: torch.profiler over `steps` steps after the warm-up; prints the top GPU ops."""
+
+    def __init__(self, label: str, start: int, steps: int = 3):
+        self.label, self.start, self.stop, self.prof = label, start, start + steps, None
+
+    def step(self, step: int) -> None:
+        """Call at the end of every optimizer step (1-based)."""
+        import torch
+
+        if step == self.start and self.prof is None:
+            self.prof = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
+            self.prof.__enter__()
+        elif step == self.stop and self.prof is not None:
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            print(f"PROFILE {self.label} (steps {self.start + 1}-{self.stop})\n{table}", file=sys.stderr, flush=True)
+            self.prof = None
+
+
+def _profiler(label: str, warmup: int) -> StepProfiler | None:
+    return StepProfiler(label, warmup) if os.environ.get("VLMOPS_BENCH_PROFILE") else None
 
 
 def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dict[str, Any]:
@@ -330,6 +365,7 @@ def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dic
         optimizer = torch.optim.AdamW(params, lr=train.lr)
         marks: list[tuple[float, int]] = []
         tokens = 0
+        profiler = _profiler(case.name, case.warmup_steps)
         for step, batch in enumerate(loader):
             if step == case.warmup_steps + case.measured_steps:
                 break
@@ -347,6 +383,8 @@ def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dic
                 torch.cuda.synchronize()
             tokens += int(batch["attention_mask"].sum())
             marks.append((time.perf_counter(), tokens))
+            if profiler:
+                profiler.step(len(marks))
         (t0, n0), (t1, n1) = marks[case.warmup_steps - 1], marks[-1]
         result.update(
             tokens_per_s=round((n1 - n0) / (t1 - t0), 1),
@@ -374,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench-train"), help="models, data and runs")
     parser.add_argument("--out", default=None, help="append the JSON lines to this file too")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU ops of 3 steps per case")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this case in this process
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
@@ -394,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible; use --sizes tiny --device cpu for a smoke test")
+    if args.profile:
+        os.environ["VLMOPS_BENCH_PROFILE"] = "1"
     sizes = args.sizes.split(",")
     work = Path(args.work)
     results = []
@@ -418,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = json.loads(lines[-1][len("BENCH_RESULT ") :])
         results.append(result)
+        if "PROFILE " in proc.stderr:
+            profile = proc.stderr[proc.stderr.index("PROFILE ") :]
+            print(profile[: profile.find("\n\n", profile.find("---")) + 1 or None], flush=True)
         print(json.dumps(result), flush=True)
     print("\n== train benchmark ==")
     for r in results:
