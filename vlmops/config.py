@@ -81,10 +81,22 @@ class DataConfig(Section):
     invalid_records: Literal["error", "skip"] = "error"
     """A record that fails validation stops the run (error), or is left out and listed in the validation
     report (skip)."""
-    num_workers: int = Field(0, ge=0)
-    """DataLoader worker processes that load and preprocess images."""
+    num_workers: int | Literal["auto"] = "auto"
+    """DataLoader worker processes that load and preprocess images while the GPU trains. auto: half the CPU
+    cores up to 8 when there is a GPU (preprocessing in the training process starves it), 0 without one."""
     demo: DemoDataConfig = DemoDataConfig()
     """The generated demo dataset (used when `train` is null)."""
+
+
+def resolve_num_workers(value: int | str) -> int:
+    """`data.num_workers` as a number (see its docstring for `auto`)."""
+    if value != "auto":
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"data.num_workers must be auto or a whole number >= 0, not {value!r}")
+        return value
+    import torch
+
+    return min(8, (os.cpu_count() or 2) // 2) if torch.cuda.is_available() else 0
 
 
 class LoraConfig(Section):

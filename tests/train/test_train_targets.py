@@ -169,3 +169,26 @@ def test_lora_init_is_seeded(tiny_model: Path) -> None:
     first, again, other = adapters(0), adapters(0), adapters(1)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+@pytest.mark.parametrize(("targets", "vision_grads"), [("qkv", False), ("ALL", True)])
+def test_frozen_vision_towers_record_no_graph(
+    variant_model: tuple[str, Path], targets: str, vision_grads: bool
+) -> None:
+    """With gradient checkpointing on, only towers with trained weights behind them get input gradients: a
+    frozen SigLIP/SAM must not run its backward (it would for every tower with enable_input_require_grads)."""
+    from transformers import AutoProcessor
+
+    from vlmops.train.sft import dummy_pixel_values
+    from vlmops.train.trainable import require_grads_on_inputs
+    from vlmops.train.trainer import vision_language_core
+
+    _, path = variant_model
+    config = load_config(None, [f"train.lora.targets={targets}"])
+    model, _ = prepare_trainable(load(path), config.train, seed=0)
+    hooked = require_grads_on_inputs(model)
+    assert any(name.endswith("language_model.embed_tokens") for name in hooked)
+    core = vision_language_core(model)
+    pixels = dummy_pixel_values(AutoProcessor.from_pretrained(path))
+    features = core.get_image_features(**pixels).pooler_output
+    assert features.requires_grad == vision_grads

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 import yaml
 
-from vlmops.config import PipelineConfig, dump_config
+from vlmops.config import PipelineConfig, dump_config, resolve_num_workers
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.prepare import load_prepared
 from vlmops.models.loading import DTYPES, attn_implementation, is_hybrid
 from vlmops.train.data import SFTDataset, VisionLanguageCollator
 from vlmops.train.deepspeed_config import load_deepspeed_config
 from vlmops.train.rundir import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_INFO, RunInfo, checkpoints
-from vlmops.train.trainable import TrainableSummary, prepare_trainable
+from vlmops.train.trainable import TrainableSummary, prepare_trainable, require_grads_on_inputs
 from vlmops.train.trainer import (
     CheckpointPolicy,
     MetricsLog,
@@ -200,7 +200,8 @@ def training_arguments(config: PipelineConfig, run_dir: Path, precision: str) ->
         use_cpu=not torch.cuda.is_available(),
         **_checkpointing_kwargs(t.gradient_checkpointing),
         deepspeed=load_deepspeed_config(t.deepspeed),
-        dataloader_num_workers=config.data.num_workers,
+        dataloader_num_workers=resolve_num_workers(config.data.num_workers),
+        dataloader_persistent_workers=resolve_num_workers(config.data.num_workers) > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         label_names=["labels"],
@@ -265,7 +266,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
             if param.requires_grad:
                 param.data = param.data.float()
     if t.gradient_checkpointing and t.mode == "lora":
-        model.enable_input_require_grads()
+        require_grads_on_inputs(model)
 
     datasets = {}
     for split, path in (("train", prepared.train_file), ("eval", prepared.eval_file)):
