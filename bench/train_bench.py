@@ -145,6 +145,8 @@ def build_model(arch: str, size: str, folder: Path, device: str) -> Path:
         model = cls(config).to(torch.bfloat16)
     model.save_pretrained(staging)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the cases run in child processes: leave them the whole GPU
     if arch == "7b":
         image_processor: Any = DeepseekVLHybridImageProcessorPil(
             size={"height": 384, "width": 384},
