@@ -154,7 +154,8 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less memory, about 30% slower."""
     deepspeed: str | None = None
-    """DeepSpeed: a preset (zero2, zero3, zero3-offload) or a path to your own JSON. null: no DeepSpeed."""
+    """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
+    or a path to your own JSON. null: no DeepSpeed."""
     nproc_per_node: int | None = Field(None, ge=1)
     """GPUs (processes) on this node. null: the NPROC_PER_NODE environment variable, else 1."""
     logging_steps: int = Field(1, ge=1)

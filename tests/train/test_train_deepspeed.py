@@ -60,9 +60,15 @@ def test_preset_is_filled_by_the_trainer_and_parsed_by_deepspeed(name: str, tiny
     assert filled["zero_optimization"]["reduce_bucket_size"] == 64 * 64  # the tiny LLM's hidden size, squared
     parsed = DeepSpeedConfig(filled)  # DeepSpeed's own validation (world size 1 here)
     assert parsed.zero_optimization_stage == (2 if name == "zero2" else 3)
-    assert parsed.zero_config.offload_param is not None if name == "zero3-offload" else True
+    offloads_params = parsed.zero_config.offload_param is not None and parsed.zero_config.offload_param.device == "cpu"
+    assert offloads_params == (name == "zero3-offload")
+    optimizer = parsed.zero_config.offload_optimizer
+    assert (optimizer.ratio if optimizer is not None else None) == {
+        "zero3-offload": 1.0,
+        "zero3-offload-partial": 0.7,
+    }.get(name)
     assert hf_config.is_zero3() == (name != "zero2")
-    assert hf_config.is_offload() == (name == "zero3-offload")
+    assert hf_config.is_offload() == name.startswith("zero3-offload")
 
 
 def test_user_json_path(tmp_path: Path) -> None:

@@ -1,4 +1,11 @@
-"""DeepSpeed configs: the shipped presets (`zero2`, `zero3`, `zero3-offload`) or a user's JSON file.
+"""DeepSpeed configs: the shipped presets or a user's JSON file.
+
+- `zero2`: optimizer state and gradients sharded across GPUs (the seed's `default-zero2`).
+- `zero3`: parameters sharded too.
+- `zero3-offload`: ZeRO-3 with parameters and optimizer state in host memory (16 bytes of host RAM per trained
+  parameter and more: the 7b needs a host with well over 128 GiB).
+- `zero3-offload-partial`: parameters stay on the GPU, 70% of the optimizer state goes to the host (DeepSpeed's
+  partial offload): the 7b full SFT on one 80 GB GPU and a 128 GiB host (see bench/RESULTS.md).
 
 The presets leave batch sizes, clipping, precision and bucket sizes as "auto": the HF Trainer fills
 them from `train.*`, so one config works for any model size and GPU count (as swift's `default-zero2`).
@@ -14,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("zero2", "zero3", "zero3-offload")
+PRESETS = ("zero2", "zero3", "zero3-offload", "zero3-offload-partial")
 OFFLOAD_DEVICES = ("cpu", "nvme", "none")
 
 
