@@ -4,6 +4,7 @@ child, and a real 2-process torchrun (gloo on CPU) over batches mixing text-only
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,17 @@ def test_training_command_plain_and_torchrun(tmp_path: Path) -> None:
         "--nproc_per_node",
         "1",
     ]
+
+
+def test_child_environment_keeps_nvlink_multicast_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlmops.train.launch import child_environment
+
+    monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # whatever the caller had, the children get it off
+    env = child_environment({"MLFLOW_RUN_ID": "abc"})
+    assert env["NCCL_NVLS_ENABLE"] == "0"
+    assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and env["NVSHMEM_DISABLE_NVLS"] == "1"
+    assert env["MLFLOW_RUN_ID"] == "abc"
+    assert str(Path(__file__).resolve().parents[2]) in env["PYTHONPATH"].split(os.pathsep)
 
 
 def test_nproc_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

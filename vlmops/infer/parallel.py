@@ -25,11 +25,9 @@ import torch
 from vlmops.config import PipelineConfig, dump_config, load_config
 from vlmops.data.formats import read_dataset
 from vlmops.infer.batch import BatchResult, batch_infer, write_jsonl_atomic
+from vlmops.multigpu import NO_MULTICAST_ENV
 
 log = logging.getLogger(__name__)
-
-# A program that uses NVLink multicast can put a shared host's GPUs out of service: keep it off everywhere.
-NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def default_workers() -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vlmops.config import ConfigError, PipelineConfig, load_config
 from vlmops.data.formats import DatasetError
+from vlmops.multigpu import NO_MULTICAST_ENV
 from vlmops.train.sft import TrainResult
 
 log = logging.getLogger(__name__)
@@ -110,14 +111,19 @@ def launch_training(
     )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    child_env = {**os.environ, **(env or {})}
-    package_root = str(Path(__file__).resolve().parents[2])
-    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child_env.get("PYTHONPATH")) if p)
     log.info("launching: %s", " ".join(command))
-    returncode, tail = _run_streaming(command, child_env, run_dir / TRAIN_LOG)
+    returncode, tail = _run_streaming(command, child_environment(env), run_dir / TRAIN_LOG)
     if returncode != 0:
         raise TrainingFailed(returncode, tail, command)
     return TrainResult.from_run_dir(run_dir)
+
+
+def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The training child's environment: ours, NVLink multicast off, `extra`, and this package importable."""
+    child = {**os.environ, **NO_MULTICAST_ENV, **(extra or {})}
+    package_root = str(Path(__file__).resolve().parents[2])
+    child["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, child.get("PYTHONPATH")) if p)
+    return child
 
 
 def _run_streaming(command: list[str], env: dict[str, str], log_file: Path) -> tuple[int, str]:
