@@ -81,7 +81,7 @@ def _flow_run_id() -> str:
     return str(flow_run.id or "")
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
     started = time.time()
@@ -202,14 +202,17 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     )
     summary_file = run_dir / "summary.json"
     summary_file.write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    print(summary.text())
-    print(f"  summary                 {summary_file}")
+    logger.info("%s\n  summary                 %s", summary.text(), summary_file)
     return asdict(summary) | {"summary_file": str(summary_file)}
 
 
 def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
-    """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server."""
-    retrain(config_path or "pipeline.yaml", overrides)
+    """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server; the
+    summary goes to stdout as plain text once the flow is done."""
+    result = retrain(config_path or "pipeline.yaml", overrides)
+    summary = RunSummary(**{k: v for k, v in result.items() if k in RunSummary.__dataclass_fields__})
+    print(summary.text())
+    print(f"  summary                 {result['summary_file']}")
     return 0
 
 

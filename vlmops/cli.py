@@ -57,6 +57,8 @@ def cmd_sft(args: argparse.Namespace) -> int:
 def cmd_infer(args: argparse.Namespace) -> int:
     from vlmops.infer.interactive import infer_command
 
+    if not args.verbose:  # a chat session shows answers, not library progress logs
+        logging.getLogger().setLevel(logging.WARNING)
     return infer_command(args.model, args.ckpt, args.config, args.overrides, args.system)
 
 
@@ -187,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every API request at INFO
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler: Handler = args.handler

@@ -41,16 +41,6 @@ def make_readable(model_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", "deepseek_vl")
-
-
-@pytest.fixture(scope="session")
-def tiny_hybrid(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-hybrid", "deepseek_vl_hybrid")
-
-
-@pytest.fixture(scope="session")
 def readable_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_readable(build_tiny_model(tmp_path_factory.mktemp("models") / "readable", "deepseek_vl", seed=3))
 

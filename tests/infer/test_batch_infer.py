@@ -68,9 +68,9 @@ def test_batching_does_not_change_the_answers(
     assert [r["prediction"] for r in many] == [r["prediction"] for r in one]
 
 
-def test_hybrid_model_batches(tiny_hybrid: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
+def test_hybrid_model_batches(tiny_hybrid_model: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
     _, eval_file = demo_data
-    hybrid = load_model(tiny_hybrid)
+    hybrid = load_model(tiny_hybrid_model)
     one = read_lines(batch_infer(hybrid, eval_file, tmp_path / "one.jsonl", infer(batch_size=1)).path)
     many = read_lines(batch_infer(hybrid, eval_file, tmp_path / "many.jsonl", infer(batch_size=4)).path)
     assert [r["prediction"] for r in many] == [r["prediction"] for r in one]

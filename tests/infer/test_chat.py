@@ -158,8 +158,8 @@ def test_error_in_the_generation_thread_reaches_the_caller(tiny_model: Path) -> 
     assert model.chat("Say hello.")[0] is not None  # the model is usable afterwards
 
 
-def test_hybrid_model_chats_and_streams(tiny_hybrid: Path, images: dict[str, Path]) -> None:
-    model = ChatModel.load(tiny_hybrid, infer_cfg=infer())
+def test_hybrid_model_chats_and_streams(tiny_hybrid_model: Path, images: dict[str, Path]) -> None:
+    model = ChatModel.load(tiny_hybrid_model, infer_cfg=infer())
     q1 = f"<img>{images['red']}</img><img>{images['blue']}</img>What differs?"
     r1, h1 = model.chat(q1)
     q2 = f"<img>{images['blue']}</img>And this one?"

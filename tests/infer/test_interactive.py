@@ -24,7 +24,7 @@ def spawn(*args: str) -> pexpect.spawn:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TERM": "dumb"}
     return pexpect.spawn(
         sys.executable,
-        ["-m", "vlmops.infer.interactive", *args],
+        ["-m", "vlmops.cli", "infer", *args],
         cwd=str(REPO),
         env=env,
         encoding="utf-8",

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from vlmops.staging import staged_folder
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -62,9 +62,7 @@ def write_demo_dataset(
     The folder is built aside and renamed into place, so an interrupted run leaves nothing a rerun trusts.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         rng = random.Random(seed)
         (staging / "images").mkdir()
         counter = iter(range(10**9))
@@ -86,12 +84,6 @@ def write_demo_dataset(
             f"Synthetic vlmops demo data: {num_train} train / {num_eval} eval records, "
             f"{image_size}px images, seed {seed}.\n"
         )
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out / "train.jsonl", out / "eval.jsonl"
 
 

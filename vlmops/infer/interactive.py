@@ -13,7 +13,6 @@ run's saved config (system prompt, generation settings), as the seed's
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import sys
@@ -129,27 +128,3 @@ def _import_readline() -> None:
     """Line editing and input history at the prompt, where the platform has GNU readline."""
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m vlmops.infer.interactive`: the same options as `vlmops infer`."""
-    parser = argparse.ArgumentParser(prog="vlmops infer", description=__doc__.split("\n")[0] if __doc__ else None)
-    parser.add_argument("--model", help="checkpoint folder, run folder or models:/NAME@ALIAS")
-    parser.add_argument("--ckpt", help="a `vlmops sft` run folder or checkpoint: chat with the trained model")
-    parser.add_argument("--config", help="pipeline config (default: the run's saved config with --ckpt)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set infer.max_new_tokens=256 (repeatable)",
-    )
-    parser.add_argument("--system", help="system prompt ('' for none; default: the config's model.system_prompt)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return infer_command(args.model, args.ckpt, args.config, args.overrides, args.system)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,13 +17,12 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlmops.config import ModelConfig, PipelineConfig, load_config
+from vlmops.staging import staged_folder
 from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
 
 log = logging.getLogger(__name__)
@@ -199,9 +198,7 @@ def download_registered_model(
         log.info("%s is version %s, cached at %s", uri, version.version, cached)
         return cached
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         log.info("downloading %s (version %s) from %s", uri, version.version, source)
         local = Path(_download(source, staging, tracking_uri))
         if not (local / "config.json").is_file():
@@ -211,12 +208,6 @@ def download_registered_model(
             )
         manifest["folder"] = local.relative_to(staging).as_posix()
         (staging / REGISTRY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target / manifest["folder"]
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT
 from vlmops.models.template import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
+from vlmops.staging import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -167,9 +166,7 @@ def build_tiny_model(out_dir: str | os.PathLike[str], variant: Variant = "deepse
     if variant not in VARIANTS:
         raise ValueError(f"unknown tiny variant {variant!r}: use one of {', '.join(VARIANTS)}")
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         build_tokenizer(staging)
         tokenizer = AutoTokenizer.from_pretrained(staging)
         special = {
@@ -200,11 +197,5 @@ def build_tiny_model(out_dir: str | os.PathLike[str], variant: Variant = "deepse
         (staging / "vlmops_model.json").write_text(
             json.dumps({"kind": "tiny", "variant": variant, "seed": seed}, indent=2) + "\n"
         )
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("built tiny %s model at %s", variant, out)
     return out
