@@ -169,8 +169,19 @@ def build_model(arch: str, size: str, folder: Path, device: str) -> Path:
     return folder
 
 
-def build_dataset(folder: Path, model: Path, records: int) -> Path:
-    """Synthetic records (one random-noise image + ~512 words) validated into a snapshot; returns its path."""
+def build_dataset(
+    folder: Path,
+    model: Path,
+    records: int,
+    prompt_tokens: int = PROMPT_TOKENS,
+    answer_tokens: int = ANSWER_TOKENS,
+    text_only_share: float = 0.0,
+) -> Path:
+    """Synthetic records (one random-noise image + ~512 words) validated into a snapshot; returns its path.
+
+    `prompt_tokens` / `answer_tokens` set the text lengths; `text_only_share` of the records (drawn at random,
+    so they sit among the image records) have no image.
+    """
     from PIL import Image
     from transformers import AutoProcessor
 
@@ -183,8 +194,11 @@ def build_dataset(folder: Path, model: Path, records: int) -> Path:
     processor = AutoProcessor.from_pretrained(model)
     sample = " ".join(rng.choice(words) for _ in range(2000))
     tokens_per_word = len(processor.tokenizer.encode(sample, add_special_tokens=False)) / 2000
-    prompt_words, answer_words = round(PROMPT_TOKENS / tokens_per_word), round(ANSWER_TOKENS / tokens_per_word)
-    raw = folder / f"raw-{records}"
+    prompt_words, answer_words = round(prompt_tokens / tokens_per_word), round(answer_tokens / tokens_per_word)
+    shape = (prompt_tokens, answer_tokens, text_only_share) != (PROMPT_TOKENS, ANSWER_TOKENS, 0.0)
+    raw = folder / (
+        f"raw-{records}-p{prompt_tokens}-a{answer_tokens}-t{text_only_share}" if shape else f"raw-{records}"
+    )
     if not (raw / "train.jsonl").is_file():
         (raw / "images").mkdir(parents=True, exist_ok=True)
         lines = []
@@ -195,7 +209,9 @@ def build_dataset(folder: Path, model: Path, records: int) -> Path:
                 Image.frombytes("RGB", (384, 384), pixels).save(image)
             prompt = " ".join(rng.choice(words) for _ in range(prompt_words))
             answer = " ".join(rng.choice(words) for _ in range(answer_words))
-            turns = [{"from": "user", "value": f"<img>{image}</img>{prompt}"}, {"from": "assistant", "value": answer}]
+            text_only = text_only_share > 0 and rng.random() < text_only_share
+            user = prompt if text_only else f"<img>{image}</img>{prompt}"
+            turns = [{"from": "user", "value": user}, {"from": "assistant", "value": answer}]
             lines.append(json.dumps({"conversations": turns}))
         (raw / "train.jsonl").write_text("\n".join(lines) + "\n")
         (raw / "eval.jsonl").write_text(lines[0] + "\n")
