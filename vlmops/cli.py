@@ -3,7 +3,7 @@
 vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipeline (Prefect flow)
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
-vlmops export    --ckpt RUN --merge-lora [--out DIR]               merge LoRA into a plain checkpoint
+vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN                                        accuracy on the run's eval split
 vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
 vlmops download  [--config ...] [--set ...]                        fetch (and convert) the base model
@@ -65,7 +65,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from vlmops.train.merge import export_command
 
-    return export_command(args.ckpt, args.merge_lora, args.out)
+    return export_command(args.ckpt, args.merge_lora, args.out, args.config, args.overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="training run or checkpoint folder")
     p.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter (as swift export --merge_lora)")
     p.add_argument("--out", help="output folder (default: <ckpt>-merged)")
+    _config_args(p, default=None)
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("eval", help="evaluate a trained run on its saved eval split")

@@ -167,7 +167,8 @@ class TrainConfig(Section):
     save_total_limit: int = Field(2, ge=1)
     """Checkpoints to keep (the best one is always kept)."""
     resume: str = "auto"
-    """auto: continue from the latest complete checkpoint of this run folder; never: start over; or a
+    """auto: continue from the latest complete checkpoint of this run folder; never: start over; unfinished:
+    continue a stopped run but start a finished one (result.json) over, as the DVC sft stage needs; or a
     checkpoint path."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vlmops.infer.resolve import run_config
 from vlmops.models.loading import DTYPES, default_device
 from vlmops.train.rundir import CONFIG_FILE, RunInfo, TrainedRun, open_run
 from vlmops.train.trainer import STAGING_PREFIX, publish_folder
@@ -209,8 +210,18 @@ def default_export_dir(ckpt: Path) -> Path:
     return source.with_name(f"{source.name}-merged")
 
 
-def export_command(ckpt: str, merge_lora: bool, out: str | None) -> int:
-    """`vlmops export --ckpt RUN_DIR [--merge-lora] [--out DIR]`; prints a short summary."""
+def export_command(
+    ckpt: str,
+    merge_lora: bool,
+    out: str | None,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+) -> int:
+    """`vlmops export --ckpt RUN_DIR [--merge-lora] [--out DIR] [--config FILE] [--set k=v]`; prints a summary.
+
+    The merge settings (merge.parity_atol, model.dtype) come from `--config`, else the run's saved config,
+    as the retrain flow takes them from its config.
+    """
     try:
         run = open_run(ckpt)
         if run.is_adapter and not merge_lora:
@@ -219,8 +230,9 @@ def export_command(ckpt: str, merge_lora: bool, out: str | None) -> int:
                 file=sys.stderr,
             )
             return 2
+        config = run_config(ckpt, config_path, overrides or [])
         target = Path(out) if out else default_export_dir(Path(ckpt))
-        result = merge_run(Path(ckpt), target)
+        result = merge_run(Path(ckpt), target, atol=config.merge.parity_atol, dtype=config.model.dtype)
     except MergeParityError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

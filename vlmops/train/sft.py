@@ -402,6 +402,10 @@ def _barrier() -> None:
 def _prepare_run_dir(run_dir: Path, config: PipelineConfig, info: RunInfo, main: bool) -> Path | None:
     """Check a reused run folder belongs to this run, write config.yaml and run.json, pick the resume point."""
     resume_value = config.train.resume
+    if resume_value == "unfinished":
+        # `dvc repro` reruns a finished stage only because its inputs changed: that is a new run, not more of
+        # the old one (which DVC keeps in its cache). A stopped run has no result.json yet and is continued.
+        resume_value = "never" if (run_dir / RESULT_FILE).is_file() else "auto"
     previous = run_dir / CONFIG_FILE
     if resume_value != "never" and previous.is_file():
         _check_same_run(run_dir, config, info)
@@ -420,7 +424,7 @@ def _prepare_run_dir(run_dir: Path, config: PipelineConfig, info: RunInfo, main:
     _barrier()  # every rank has read the folder before rank 0 changes it
     if main:
         if resume_value == "never" and run_dir.exists():
-            _clear_run(run_dir)
+            _clear_run(run_dir, config.train.resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_staging_leftovers(run_dir)
         (run_dir / CONFIG_FILE).write_text(dump_config(config))
@@ -452,10 +456,10 @@ def _check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> Non
         )
 
 
-def _clear_run(run_dir: Path) -> None:
-    """train.resume: never: remove what an earlier run in this folder wrote."""
+def _clear_run(run_dir: Path, resume: str) -> None:
+    """Starting a run folder over: remove what an earlier run in it wrote."""
     for path in [*checkpoints(run_dir), run_dir / FINAL_DIR, *run_dir.glob(".staging-*")]:
-        log.warning("train.resume is never: deleting %s", path)
+        log.warning("train.resume is %s: starting over, deleting %s", resume, path)
         shutil.rmtree(path, ignore_errors=True)
     for name in (METRICS_FILE, RESULT_FILE):
         (run_dir / name).unlink(missing_ok=True)
