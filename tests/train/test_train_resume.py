@@ -103,3 +103,32 @@ def test_stopped_after_the_last_checkpoint_finishes_from_it(
     final = load_file(again.final_dir / "adapter_model.safetensors")
     assert final.keys() == trained.keys() and all(torch.equal(final[k], trained[k]) for k in final)
     assert not (again.final_dir / "optimizer.pt").exists() and (again.final_dir / "config.yaml").is_file()
+
+
+def test_resume_unfinished_continues_a_stopped_run_and_starts_a_finished_one_over(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """train.resume: unfinished, as the DVC sft stage runs: DVC reruns a finished stage only because its
+    inputs changed, so a finished run is started over even where `auto` would refuse the new settings."""
+    steps = ["train.max_steps=2", "train.gradient_checkpointing=false"]
+    unfinished = [*steps, "train.resume=unfinished"]
+    run_dir = tmp_path / "r"
+    first = train(load_config(None, unfinished), tiny_model, snapshot.path, run_dir)
+    shutil.rmtree(first.final_dir)  # stopped after checkpoint-2, before final/ and result.json
+    (run_dir / "result.json").unlink()
+    continued = train(load_config(None, unfinished), tiny_model, snapshot.path, run_dir)
+    assert continued.resumed_from == run_dir / "checkpoint-2" and continued.loss_history == first.loss_history
+
+    with pytest.raises(ValueError, match="different setup"):
+        train(load_config(None, [*steps, "train.lr=2e-3"]), tiny_model, snapshot.path, run_dir)  # auto
+    restarted = train(load_config(None, [*unfinished, "train.lr=2e-3"]), tiny_model, snapshot.path, run_dir)
+    assert restarted.resumed_from is None and restarted.steps == 2
+    assert restarted.loss_history[0][1] == pytest.approx(first.loss_history[0][1])  # the same start...
+    assert restarted.loss_history[1][1] != pytest.approx(first.loss_history[1][1])  # ...at the new lr
+    assert load_config(run_dir / "config.yaml").train.lr == 2e-3
+
+    # A stopped run whose settings changed since cannot be continued; the error says how to start over.
+    shutil.rmtree(restarted.final_dir)
+    (run_dir / "result.json").unlink()
+    with pytest.raises(ValueError, match=r"(?s)train\.lr: 0\.002 -> 0\.0001.*or delete the folder"):
+        train(load_config(None, unfinished), tiny_model, snapshot.path, run_dir)

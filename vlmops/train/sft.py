@@ -452,7 +452,8 @@ def _check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> Non
         raise ValueError(
             f"{run_dir} holds a run with a different setup, so it cannot be resumed:\n"
             + "\n".join(f"  - {c}" for c in changed)
-            + "\nuse a new run folder (--run-dir), or set train.resume: never to start this one over"
+            + "\nuse a new run folder (--run-dir), or start this one over: set train.resume: never, or delete the "
+            "folder (the DVC sft stage, which sets train.resume: unfinished)"
         )
 
 
