@@ -130,3 +130,16 @@ def test_export_command(lora_run: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert f"merged LoRA adapter into {merged}" in printed and "parity: max |logit difference|" in printed
     assert (merged / "model.safetensors").is_file()
     assert export_command(str(lora_run / "nope"), merge_lora=True, out=None) == 2
+
+
+def test_export_command_takes_merge_settings_from_config(
+    lora_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text("merge:\n  parity_atol: 0.25\n")
+    assert export_command(str(lora_run), True, str(tmp_path / "a"), str(config_file)) == 0
+    assert "(tolerance 0.25)" in capsys.readouterr().out
+    # --set on top; a bfloat16 merge cannot meet 1e-9, so the check fails and nothing is published
+    bf16 = ["model.dtype=bfloat16", "merge.parity_atol=1e-9"]
+    assert export_command(str(lora_run), True, str(tmp_path / "b"), str(config_file), bf16) == 1
+    assert "merge.parity_atol 1e-09" in capsys.readouterr().err and not (tmp_path / "b").exists()
