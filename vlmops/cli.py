@@ -4,7 +4,7 @@ vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipe
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
-vlmops eval      --ckpt RUN                                        accuracy on the run's eval split
+vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
 vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
 vlmops download  [--config ...] [--set ...]                        fetch (and convert) the base model
 vlmops convert   SRC DST                                           original release -> transformers
