@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -73,8 +74,7 @@ def test_eval_command_names_a_missing_eval_split(
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
-    info = json.loads((run / "run.json").read_text())
-    RunInfo(**{**info, "dataset": str(tmp_path / "gone")}).write(run)
+    dataclasses.replace(RunInfo.read(run, run), dataset=str(tmp_path / "gone")).write(run)
     assert eval_command(str(run), None, [], None) == 2
     err = capsys.readouterr().err
     assert "gone/eval.jsonl does not exist" in err and "dvc pull" in err

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
+from vlmops.evaluate.checkpoint import evaluate_run
 from vlmops.train.merge import (
     MergeParityError,
     adapter_on_base,
@@ -23,7 +24,7 @@ from vlmops.train.merge import (
     parity_batch,
     verify_merged,
 )
-from vlmops.train.rundir import open_run
+from vlmops.train.rundir import checkpoints, open_run
 from vlmops.train.sft import train
 
 LORA = {
@@ -143,3 +144,34 @@ def test_export_command_takes_merge_settings_from_config(
     bf16 = ["model.dtype=bfloat16", "merge.parity_atol=1e-9"]
     assert export_command(str(lora_run), True, str(tmp_path / "b"), str(config_file), bf16) == 1
     assert "merge.parity_atol 1e-09" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_a_moved_run_tree_still_finds_its_base_model_and_dataset(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """A run, its base model and its dataset snapshot moved together (a clone restored with `dvc pull`, another
+    machine) open, merge and evaluate from the new place: run.json keeps its paths relative to the folder too."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model, old / "models" / "tiny")
+    shutil.copytree(snapshot.path, old / "datasets" / snapshot.path.name)
+    train(load_config(None, LORA), old / "models" / "tiny", old / "datasets" / snapshot.path.name, old / "sft")
+    merge_run(old / "sft", old / "merged", atol=1e-3)
+    new = tmp_path / "new"
+    old.rename(new)
+
+    assert checkpoints(new / "sft"), "the run should have kept a checkpoint to open"
+    for folder in (new / "sft", checkpoints(new / "sft")[-1], new / "merged"):
+        info = open_run(folder).info
+        assert Path(info.base_model) == (new / "models" / "tiny").resolve(), folder
+        assert Path(info.dataset) == (new / "datasets" / snapshot.path.name).resolve(), folder
+    assert open_run(new / "merged").info.merged_from == str((new / "sft" / "final").resolve())
+
+    evaluation = evaluate_run(new / "merged", load_config(None, {"infer.max_new_tokens": 2}), tmp_path / "eval")
+    eval_lines = (new / "datasets" / snapshot.path.name / "eval.jsonl").read_text().splitlines()
+    assert evaluation.tuned.total == len(eval_lines) > 0
+    assert evaluation.base is not None and evaluation.base.total == len(eval_lines)
+
+    # Nothing at the recorded absolute paths and nothing relative to the folder: the error names the snapshot.
+    shutil.rmtree(new / "datasets")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluate_run(new / "merged", load_config(None), tmp_path / "eval2")

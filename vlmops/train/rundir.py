@@ -2,7 +2,8 @@
 
     RUN_DIR/
       config.yaml         the resolved pipeline config
-      run.json            base model path, dataset snapshot path and hash, mode
+      run.json            base model path, dataset snapshot path and hash, mode (paths also relative to RUN_DIR,
+                          so a moved or cloned run folder finds what moved with it)
       checkpoint-<step>/  complete checkpoints only (written aside, renamed into place); each holds a copy
                           of config.yaml and run.json, so it can be used on its own
       final/              the trained result: a peft adapter (LoRA) or a full checkpoint (full)
@@ -23,6 +24,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from vlmops.config import PipelineConfig, load_config
 
@@ -31,6 +33,8 @@ CONFIG_FILE = "config.yaml"
 FINAL_DIR = "final"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+PATH_FIELDS = ("base_model", "dataset", "merged_from")
+RELATIVE_KEY = "relative"
 
 
 @dataclass
@@ -45,7 +49,24 @@ class RunInfo:
     """Set in a merged (exported) model folder: the adapter or final/ folder it was made from."""
 
     def write(self, folder: Path) -> None:
-        (folder / RUN_INFO).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        """run.json in `folder`, with each path also relative to `folder`: `open_run` falls back to those when a
+        run (or a copy of it: a git clone with `dvc pull`, another machine) sits at another absolute path."""
+        data: dict[str, Any] = asdict(self)
+        data[RELATIVE_KEY] = {
+            key: os.path.relpath(Path(data[key]).resolve(), folder.resolve()) for key in PATH_FIELDS if data[key]
+        }
+        (folder / RUN_INFO).write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path, root: Path) -> RunInfo:
+        """run.json of `folder`; a recorded path that does not exist is taken relative to `root` (the folder the
+        file was written in: the run folder for its checkpoints' copies) when it exists there."""
+        data = json.loads((folder / RUN_INFO).read_text())
+        for key, relative in data.pop(RELATIVE_KEY, {}).items():
+            moved = root / relative
+            if not Path(data[key]).exists() and moved.exists():
+                data[key] = str(moved.resolve())
+        return cls(**data)
 
 
 @dataclass
@@ -77,9 +98,10 @@ def open_run(path: str | os.PathLike[str]) -> TrainedRun:
         raise FileNotFoundError(
             f"{folder} is not a vlmops run or checkpoint folder (no {RUN_INFO}); pass the folder `vlmops sft` wrote"
         )
-    info = RunInfo(**json.loads((folder / RUN_INFO).read_text()))
+    checkpoint = CHECKPOINT_RE.match(folder.name) is not None  # its run.json is a copy of the run folder's
+    info = RunInfo.read(folder, folder.parent if checkpoint else folder)
     config = load_config(folder / CONFIG_FILE)
-    if CHECKPOINT_RE.match(folder.name) or (folder / "config.json").is_file():
+    if checkpoint or (folder / "config.json").is_file():
         weights = folder  # a checkpoint, or a merged model (`vlmops export`) that is itself the weights
     elif (folder / FINAL_DIR).is_dir():
         weights = folder / FINAL_DIR

@@ -441,13 +441,12 @@ def _check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> Non
         for k in sorted(old.keys() | new.keys())
         if not k.startswith(RESUMABLE_CHANGES) and old.get(k) != new.get(k)
     ]
-    info_file = run_dir / RUN_INFO
-    if info_file.is_file():
-        old_info = json.loads(info_file.read_text())
-        if old_info.get("base_model") != info.base_model:
-            changed.append(f"base model: {old_info.get('base_model')} -> {info.base_model}")
-        if old_info.get("dataset_hash") != info.dataset_hash:
-            changed.append(f"dataset: {old_info.get('dataset')} -> {info.dataset} (different content)")
+    if (run_dir / RUN_INFO).is_file():
+        old_info = RunInfo.read(run_dir, run_dir)  # a moved run folder finds a base model that moved with it
+        if Path(old_info.base_model).resolve() != Path(info.base_model).resolve():
+            changed.append(f"base model: {old_info.base_model} -> {info.base_model}")
+        if old_info.dataset_hash != info.dataset_hash:
+            changed.append(f"dataset: {old_info.dataset} -> {info.dataset} (different content)")
     if changed:
         raise ValueError(
             f"{run_dir} holds a run with a different setup, so it cannot be resumed:\n"
