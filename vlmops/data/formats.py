@@ -128,17 +128,23 @@ def _parse_conversations(turns: Any, base_dir: Path) -> list[Message]:
     messages = []
     for i, turn in enumerate(turns):
         field = f"conversations[{i}]"
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RecordError(field, 'each turn needs "from" and "value"')
-        role = _role(turn["from"], f"{field}.from")
-        value = turn["value"]
-        if not isinstance(value, str):
-            raise RecordError(f"{field}.value", f"must be a string, got {type(value).__name__}")
+        role, value = _role_and_text(turn, field, "from", "value", "each turn")
         parts = [
             _resolve(p, base_dir, f"{field}.value") if isinstance(p, ImageRef) else p for p in parse_img_tags(value)
         ]
         messages.append(Message(role, parts))
     return messages
+
+
+def _role_and_text(turn: Any, field: str, role_key: str, text_key: str, what: str) -> tuple[Role, str]:
+    """The role and the text of one turn of either format; `field` names it in errors."""
+    if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+        raise RecordError(field, f'{what} needs "{role_key}" and "{text_key}"')
+    role = _role(turn[role_key], f"{field}.{role_key}")
+    text = turn[text_key]
+    if not isinstance(text, str):
+        raise RecordError(f"{field}.{text_key}", f"must be a string, got {type(text).__name__}")
+    return role, text
 
 
 def _parse_messages(turns: Any, images: Any, base_dir: Path) -> list[Message]:
@@ -151,12 +157,7 @@ def _parse_messages(turns: Any, images: Any, base_dir: Path) -> list[Message]:
     used = 0
     for i, turn in enumerate(turns):
         field = f"messages[{i}]"
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise RecordError(field, 'each message needs "role" and "content"')
-        role = _role(turn["role"], f"{field}.role")
-        content = turn["content"]
-        if not isinstance(content, str):
-            raise RecordError(f"{field}.content", f"must be a string, got {type(content).__name__}")
+        role, content = _role_and_text(turn, field, "role", "content", "each message")
         parts: list[Part] = []
         pieces = IMAGE_MARK.split(content)
         for j, piece in enumerate(pieces):

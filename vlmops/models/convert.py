@@ -16,9 +16,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ from vlmops.config import DEFAULT_SYSTEM_PROMPT
 from vlmops.models.diskspace import check_free_space, gb, raise_if_disk_full
 from vlmops.models.original_layout import CLIP_MEAN, CLIP_STD, SamSpec, SiglipSpec, sam_spec, siglip_spec
 from vlmops.models.template import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
+from vlmops.staging import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -275,37 +274,31 @@ def convert_checkpoint(
     tokenizer = _build_tokenizer(src_dir, original)
     config = native_config(original, tokenizer, arch, src_dir / "config.json")
 
-    dst_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst_dir.name}.staging-", dir=dst_dir.parent))
     report = ConversionReport(src=src_dir, dst=dst_dir, arch=arch)
     try:
-        writer = _ShardWriter(staging, max_shard_bytes)
-        dtype: torch.dtype | None = None
-        for key, tensor in _iter_tensors(weight_files):
-            report.tensors_in += 1
-            converted = convert_tensor(key, tensor, arch)
-            if not converted:
-                report.dropped.append(key)
-            for name, value in converted:
-                dtype = dtype or value.dtype
-                writer.add(name, value)
-        report.tensors_out, report.shards, report.bytes_written = writer.finish()
-        config.dtype = dtype or torch.float32  # as stored: bf16 for the release, never silently widened
-        config.save_pretrained(staging)
-        _write_generation_config(staging, tokenizer)
-        _build_processor(src_dir, original, tokenizer, arch).save_pretrained(staging)
-        (staging / "vlmops_model.json").write_text(
-            json.dumps({"kind": "converted", "arch": arch, "source_layout": "multi_modality"}, indent=2) + "\n"
-        )
-        if verify:
-            verify_native_checkpoint(staging, arch)
-        staging.rename(dst_dir)
+        with staged_folder(dst_dir) as staging:
+            writer = _ShardWriter(staging, max_shard_bytes)
+            dtype: torch.dtype | None = None
+            for key, tensor in _iter_tensors(weight_files):
+                report.tensors_in += 1
+                converted = convert_tensor(key, tensor, arch)
+                if not converted:
+                    report.dropped.append(key)
+                for name, value in converted:
+                    dtype = dtype or value.dtype
+                    writer.add(name, value)
+            report.tensors_out, report.shards, report.bytes_written = writer.finish()
+            config.dtype = dtype or torch.float32  # as stored: bf16 for the release, never silently widened
+            config.save_pretrained(staging)
+            _write_generation_config(staging, tokenizer)
+            _build_processor(src_dir, original, tokenizer, arch).save_pretrained(staging)
+            (staging / "vlmops_model.json").write_text(
+                json.dumps({"kind": "converted", "arch": arch, "source_layout": "multi_modality"}, indent=2) + "\n"
+            )
+            if verify:
+                verify_native_checkpoint(staging, arch)
     except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
         raise_if_disk_full(err, dst_dir.parent, "converting")
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     report.seconds = time.perf_counter() - started
     log.info(

@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,8 @@ import torch
 
 from vlmops.infer.resolve import run_config
 from vlmops.models.loading import DTYPES, default_device
-from vlmops.train.rundir import CONFIG_FILE, RunInfo, TrainedRun, open_run
-from vlmops.train.trainer import STAGING_PREFIX, publish_folder
+from vlmops.staging import staged_folder
+from vlmops.train.rundir import CONFIG_FILE, TrainedRun, open_run
 
 log = logging.getLogger(__name__)
 
@@ -158,10 +158,7 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
     processor = AutoProcessor.from_pretrained(run.weights if has_processor else base)
     batch = parity_batch(processor)
 
-    staging = out_dir.with_name(f"{STAGING_PREFIX}{out_dir.name}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_folder(out_dir) as staging:
         if run.is_adapter:
             model = adapter_on_base(run, torch_dtype, device)
             reference = batch_logits(model, batch)
@@ -175,13 +172,8 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
             del model
         processor.save_pretrained(staging)
         shutil.copy2(run.root / CONFIG_FILE, staging / CONFIG_FILE)
-        info = RunInfo(**{**run.info.__dict__, "merged_from": str(run.weights.resolve())})
-        info.write(staging)
+        replace(run.info, merged_from=str(run.weights.resolve())).write(staging)
         diff = check_parity(staging, reference, batch, tolerance, device)
-        publish_folder(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("merged %s into %s (max logit difference %.3g)", run.weights, out_dir, diff)
     return MergeResult(out_dir, diff, tolerance, run.is_adapter)
 

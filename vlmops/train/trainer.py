@@ -23,11 +23,11 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.template import IGNORE_INDEX
+from vlmops.staging import STAGING_PREFIX, publish_folder
 from vlmops.train.rundir import METRICS_FILE, checkpoints
 
 log = logging.getLogger(__name__)
 
-STAGING_PREFIX = ".staging-"
 TRAINER_STATE = "trainer_state.json"
 PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
 # What a checkpoint holds beside the model: optimizer, scheduler, RNG and DeepSpeed state.
@@ -63,27 +63,6 @@ def trained_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     if keep.numel() == 0:  # nothing to learn in this batch: let the model compute its usual (zero-weight) loss
         return {}
     return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
-
-
-def publish_folder(staging: Path, final: Path) -> None:
-    """Make a fully written folder visible under its final name in one rename (after flushing it to disk)."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
-    old = None
-    if final.exists():  # the same step saved again: swap, so `final` is never partial
-        old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    staging.rename(final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_staging_leftovers(run_dir: Path) -> list[Path]:
