@@ -63,6 +63,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -301,7 +302,7 @@ def launch_check(counts: list[int]) -> list[dict[str, Any]]:
     config = load_config(ZERO2_CONFIG)
     rows = []
     for nproc in counts:
-        with patched_environ({"NPROC_PER_NODE": str(nproc)}):
+        with mock.patch.dict(os.environ, {"NPROC_PER_NODE": str(nproc)}):
             resolved = resolve_nproc(config)
         command = training_command(
             ZERO2_CONFIG, Path("BASE_MODEL"), Path("DATASET"), Path("RUN_DIR"), None, resolved, deepspeed=True
@@ -319,20 +320,6 @@ def launch_check(counts: list[int]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-@contextlib.contextmanager
-def patched_environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ---------------------------------------------------------------------------------------------------- mixed batches
