@@ -14,6 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from vlmops.errors import UserInputError
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
     "the user provides, and assist the user with a variety of tasks using natural language."
@@ -264,7 +266,7 @@ class PipelineConfig(Section):
         return _flatten(self.model_dump(mode="json"))
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError):
     """Every problem of a config at once, one line each: `[file:line] key.path: message`."""
 
     def __init__(self, problems: list[str], source: str | None = None):

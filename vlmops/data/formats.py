@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.data.conversation import Conversation, ImageRef, Message, Part, Role, parse_img_tags, to_img_tags
+from vlmops.errors import UserInputError
 
 ROLE_ALIASES: dict[str, Role] = {
     "system": "system",
@@ -39,7 +40,7 @@ class RecordProblem:
         return f"{self.location} {self.field}: {self.reason}"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """A dataset file that cannot be used; lists every problem found."""
 
     def __init__(self, problems: list[RecordProblem], hint: str = ""):
@@ -49,7 +50,7 @@ class DatasetError(ValueError):
         super().__init__(f"{len(problems)} rejected record(s):\n{shown}{more}" + (f"\n{hint}" if hint else ""))
 
 
-class RecordError(ValueError):
+class RecordError(UserInputError):
     def __init__(self, field: str, reason: str):
         self.field = field
         self.reason = reason

@@ -12,12 +12,13 @@ import requests
 from PIL import Image, UnidentifiedImageError
 
 from vlmops.config import StorageConfig
+from vlmops.errors import UserInputError
 
 HTTP_TIMEOUT_S = 30
 HTTP_RETRIES = 3
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserInputError):
     """An image that could not be read; the message names the image and the fix."""
 
 

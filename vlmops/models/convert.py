@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT
+from vlmops.errors import UserInputError
 from vlmops.models.diskspace import check_free_space, gb, raise_if_disk_full
 from vlmops.models.original_layout import CLIP_MEAN, CLIP_STD, SamSpec, SiglipSpec, sam_spec, siglip_spec
 from vlmops.models.template import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
@@ -160,7 +161,7 @@ RULES: dict[Arch, list[_Rule]] = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(UserInputError):
     """The checkpoint cannot be converted; the message names the file or key and what to do."""
 
 

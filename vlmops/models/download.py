@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vlmops.config import ModelConfig, PipelineConfig, StorageConfig
+from vlmops.errors import RunFailed
 from vlmops.hashing import sha256_file
 from vlmops.models.catalog import ResolvedModel, resolve
 from vlmops.models.convert import convert_checkpoint, detect_layout
@@ -58,7 +59,7 @@ MANIFEST_FORMAT = 1
 _REFRESH_HINT = "rerun with refresh (`vlmops download --refresh`, or download_model(..., refresh=True))"
 
 
-class ModelDownloadError(RuntimeError):
+class ModelDownloadError(RunFailed):
     """A model could not be fetched; the message says why and what to do."""
 
 

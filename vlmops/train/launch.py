@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vlmops.config import ConfigError, PipelineConfig, load_config
 from vlmops.data.formats import DatasetError
+from vlmops.errors import RunFailed
 from vlmops.multigpu import NO_MULTICAST_ENV
 from vlmops.train.sft import TrainResult
 
@@ -30,7 +31,7 @@ TRAIN_LOG = "train.log"
 TAIL_LINES = 60
 
 
-class TrainingFailed(RuntimeError):  # noqa: N818 (the name other modules and flows catch)
+class TrainingFailed(RunFailed):
     """The training process exited with an error; carries its exit code and the end of its output."""
 
     def __init__(self, returncode: int, log_tail: str, command: list[str]):

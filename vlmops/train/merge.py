@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vlmops.errors import RunFailed
 from vlmops.infer.resolve import run_config
 from vlmops.models.loading import DTYPES, default_device
 from vlmops.staging import staged_folder
@@ -33,7 +34,7 @@ PARITY_TEXT = "Which shapes can appear?"
 NOT_MODEL_FILES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json", "README.md"}
 
 
-class MergeParityError(RuntimeError):
+class MergeParityError(RunFailed):
     """The merged model's logits differ from the adapter-on-base logits by more than the tolerance."""
 
     def __init__(self, max_abs_diff: float, atol: float, where: str):

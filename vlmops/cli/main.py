@@ -1,0 +1,79 @@
+"""`vlmops COMMAND ...`: builds the parser from the command modules and maps errors to exit codes.
+
+vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipeline (Prefect flow)
+vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
+vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
+vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
+vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
+vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
+vlmops download  [--config ...] [--set ...]                        fetch (and convert) the base model
+vlmops convert   SRC DST                                           original release -> transformers
+vlmops models                                                      the model catalog
+vlmops demo-data OUT                                               write the synthetic demo dataset
+vlmops config    [--config ...] [--set ...]                        print the resolved config
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+from vlmops.cli import config, convert, demo_data, download, evaluate, export, infer, models, run, sft, validate
+from vlmops.errors import VlmopsError
+
+Handler = Callable[[argparse.Namespace], int]
+
+# In the order `vlmops --help` lists them.
+COMMANDS = (run, sft, infer, export, evaluate, validate, download, convert, models, demo_data, config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlmops",
+        description="Fine-tune, evaluate and ship DeepSeek-VL models.",
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging, and tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    module: ModuleType
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every API request at INFO
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except VlmopsError as err:
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except (ValueError, FileNotFoundError) as err:
+        # Plain ValueError / FileNotFoundError from the standard library or pydantic: bad input too.
+        if args.verbose:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
