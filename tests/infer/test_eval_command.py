@@ -14,9 +14,8 @@ from vlmops.evaluate.checkpoint import eval_command
 from vlmops.evaluate.metrics import eval_command as metrics_eval_command
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch import batch_infer
-from vlmops.infer.resolve import run_config
 from vlmops.models.loading import load_model
-from vlmops.train.rundir import RunInfo
+from vlmops.train.rundir import RunInfo, run_config
 
 
 def read_lines(path: Path) -> list[dict]:

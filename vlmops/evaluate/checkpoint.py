@@ -28,9 +28,9 @@ from vlmops.config import PipelineConfig
 from vlmops.evaluate.metrics import EvalResult, evaluate_predictions
 from vlmops.evaluate.report import compare, write_comparison
 from vlmops.infer.batch import BatchResult, batch_infer
-from vlmops.infer.resolve import model_source, resolve_model_ref, run_config
+from vlmops.infer.resolve import model_source, resolve_model_ref
 from vlmops.models.loading import LoadedModel, load_model
-from vlmops.train.rundir import open_run
+from vlmops.train.rundir import open_run, run_config
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ from typing import TextIO
 
 from vlmops.config import PipelineConfig
 from vlmops.infer.chat import ChatModel, History
-from vlmops.infer.resolve import catalog_resolver, run_config
+from vlmops.infer.resolve import catalog_resolver
+from vlmops.train.rundir import run_config
 
 log = logging.getLogger(__name__)
 

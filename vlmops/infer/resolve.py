@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlmops.config import ModelConfig, PipelineConfig, load_config
+from vlmops.config import ModelConfig, PipelineConfig
 from vlmops.staging import staged_folder
-from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
+from vlmops.train.rundir import RUN_INFO, TrainedRun, open_run
 
 log = logging.getLogger(__name__)
 
@@ -125,25 +125,6 @@ def model_source(
             f"adapter {adapter}: no adapter_config.json there; pass a peft adapter folder or a LoRA run folder"
         )
     return ModelSource(source.checkpoint, adapter_folder)
-
-
-def run_config(ckpt: str | None, config_path: str | None, overrides: list[str]) -> PipelineConfig:
-    """The config for `--ckpt`/`--config`: the given file, else the run's saved config, else the defaults.
-
-    A run's saved config is what it was trained with (system prompt, data, generation settings), as the
-    seed's `--load_dataset_config true`; `overrides` apply on top either way.
-    """
-    if config_path is not None:
-        return load_config(config_path, overrides)
-    if ckpt is None:
-        return load_config(None, overrides)
-    folder = Path(ckpt)
-    if not (folder / RUN_INFO).is_file() or not (folder / CONFIG_FILE).is_file():
-        raise FileNotFoundError(
-            f"{ckpt} is not a vlmops run or checkpoint folder (no {RUN_INFO} or {CONFIG_FILE}); "
-            "pass the folder `vlmops sft` wrote"
-        )
-    return load_config(folder / CONFIG_FILE, overrides)
 
 
 def _run_source(run: TrainedRun, resolve_model: ResolveModel) -> ModelSource:

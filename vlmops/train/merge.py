@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from vlmops.errors import RunFailed
-from vlmops.infer.resolve import run_config
 from vlmops.models.loading import DTYPES, default_device
 from vlmops.staging import staged_folder
-from vlmops.train.rundir import CONFIG_FILE, TrainedRun, open_run
+from vlmops.train.rundir import CONFIG_FILE, TrainedRun, open_run, run_config
 
 log = logging.getLogger(__name__)
 

@@ -113,3 +113,22 @@ def open_run(path: str | os.PathLike[str]) -> TrainedRun:
             )
         weights = done[-1]
     return TrainedRun(folder, weights, config, info)
+
+
+def run_config(ckpt: str | None, config_path: str | None, overrides: list[str]) -> PipelineConfig:
+    """The config for `--ckpt`/`--config`: the given file, else the run's saved config, else the defaults.
+
+    A run's saved config is what it was trained with (system prompt, data, generation settings), as the
+    seed's `--load_dataset_config true`; `overrides` apply on top either way.
+    """
+    if config_path is not None:
+        return load_config(config_path, overrides)
+    if ckpt is None:
+        return load_config(None, overrides)
+    folder = Path(ckpt)
+    if not (folder / RUN_INFO).is_file() or not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{ckpt} is not a vlmops run or checkpoint folder (no {RUN_INFO} or {CONFIG_FILE}); "
+            "pass the folder `vlmops sft` wrote"
+        )
+    return load_config(folder / CONFIG_FILE, overrides)
