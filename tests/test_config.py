@@ -60,6 +60,48 @@ def test_base_file_is_extended(tmp_path: Path) -> None:
     assert (config.train.epochs, config.train.lr) == (4.0, 0.5)
 
 
+def test_an_error_in_a_base_file_names_that_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "team").mkdir()
+    team = tmp_path / "team" / "base.yaml"
+    team.write_text("run:\n  name: team\ntrain:\n  lr: 0.01\n  epocs: 4\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("base: team/base.yaml\ntrain:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(top)
+    assert len(info.value.problems) == 2
+    assert f"{team.resolve()}:5: train.epocs: unknown key" in str(info.value)
+    assert f"{top}:3: train.batch_size:" in str(info.value)
+
+
+def test_a_value_over_a_base_section_takes_its_place(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("train:\n  lora:\n    r: 0\n")
+    (tmp_path / "top.yaml").write_text("base: base.yaml\ntrain:\n  lora:\n    r: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "top.yaml")
+    assert f"{tmp_path / 'top.yaml'}:4: train.lora.r:" in str(info.value)  # the file whose value failed
+
+
+def test_a_base_cycle_is_refused_naming_the_chain(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / f"{n}.yaml" for n in "abc")
+    a.write_text("base: b.yaml\n")
+    b.write_text("train:\n  lr: 0.1\nbase: c.yaml\n")
+    c.write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match="makes a cycle") as info:
+        load_config(a)
+    assert f"{c.resolve()}:1: base: b.yaml makes a cycle: {b.resolve()} -> {c.resolve()} -> {b.resolve()}" in str(
+        info.value
+    )
+    a.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=f"cycle: {a.resolve()} -> {a.resolve()}"):
+        load_config(a)
+
+
+def test_a_missing_base_names_the_file_that_asks_for_it(tmp_path: Path) -> None:
+    (tmp_path / "top.yaml").write_text("run:\n  name: x\nbase: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'top.yaml'}:3: base: .*nowhere.yaml does not exist"):
+        load_config(tmp_path / "top.yaml")
+
+
 def test_user_data_without_eval_split_is_refused() -> None:
     with pytest.raises(ConfigError, match="data.eval_ratio"):
         load_config(None, ["data.train=x.jsonl", "data.eval_ratio=0"])
@@ -77,3 +119,33 @@ def test_dump_roundtrips(tmp_path: Path) -> None:
 )
 def test_every_shipped_config_validates(path: Path) -> None:
     load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_real_model_configs_stand_alone(path: Path) -> None:
+    """A real-model config reads top to bottom: a header (what, what it needs, how to launch), no base: on the
+    demo, and only keys whose values differ from the schema's defaults."""
+    import yaml
+
+    text = path.read_text()
+    header = text.split("\n\n", 1)[0]  # the comment block before the first key
+    assert all(line.startswith("#") for line in header.splitlines())
+    assert "Needs:" in header and f"vlmops sft --config configs/{path.name}" in header
+    data = yaml.safe_load(text)
+    assert "base" not in data
+    defaults = PipelineConfig().to_flat_dict()
+    flat = load_config(path).to_flat_dict()
+    set_keys = [k for k in flat if _lookup(data, k) is not _MISSING]
+    assert set_keys and all(flat[k] != defaults[k] for k in set_keys), [k for k in set_keys if flat[k] == defaults[k]]
+
+
+_MISSING = object()
+
+
+def _lookup(data: dict, dotted: str) -> object:  # type: ignore[type-arg]
+    node: object = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node

@@ -282,26 +282,28 @@ def load_config(
     """Load pipeline.yaml (or the defaults when path is None), apply dotted overrides, validate.
 
     Overrides are `key.path=value` strings (the value parsed as YAML) or a {dotted key: value} dict;
-    they must name existing keys. A config may start with `base: other.yaml` to extend another file.
+    they must name existing keys. A config may start with `base: other.yaml` (relative to the file) to
+    extend another file; an error is reported at the file and line that set the key.
     """
     data: dict[str, Any] = {}
-    lines: dict[str, int] = {}
+    lines: dict[str, KeyLocation] = {}
     source = None
     if path is not None:
         source = str(path)
-        data, lines = _read_yaml_with_bases(Path(path))
+        data, lines = _read_yaml_with_bases(Path(path), ())
     problems: list[str] = []
     for key, value in _parse_overrides(overrides).items():
         try:
             _set_dotted(data, key, value)
         except ValueError as err:
             problems.append(str(err))
+        lines = {k: v for k, v in lines.items() if not _under(k, key)}  # an override is no longer the file's
     if problems:
         raise ConfigError(problems, source)
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError([_describe(e, source, lines) for e in err.errors()], source) from None
+        raise ConfigError([_describe(e, lines) for e in err.errors()], source) from None
 
 
 def dump_config(config: PipelineConfig) -> str:
@@ -309,7 +311,16 @@ def dump_config(config: PipelineConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 
 
-def _read_yaml_with_bases(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+KeyLocation = tuple[str, int]
+"""(file, line) where a config key was set."""
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def _read_yaml_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, KeyLocation]]:
+    """The file's mapping merged over its `base:` chain, and where each dotted key was set."""
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist (copy pipeline.yaml and edit it)")
     text = path.read_text(encoding="utf-8")
@@ -320,12 +331,35 @@ def _read_yaml_with_bases(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
         raise ConfigError([f"{path}: not valid YAML: {err}"], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections"], str(path))
-    lines = _key_lines(node) if node is not None else {}
+    lines = {key: (str(path), line) for key, line in (_key_lines(node) if node is not None else {}).items()}
     base = data.pop("base", None)
     if base is None:
         return data, lines
-    base_data, base_lines = _read_yaml_with_bases((path.parent / str(base)).resolve())
-    return _deep_merge(base_data, data), {**base_lines, **lines}
+    where = f"{path}:{lines['base'][1]}"
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError([f"{where}: base: must be the path of another config file, not {base!r}"], str(path))
+    base_path = (path.parent / base).resolve()
+    chain = (*chain, path.resolve())
+    if base_path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(base_path) :], base_path))
+        raise ConfigError([f"{where}: base: {base} makes a cycle: {cycle}; remove one of these base: keys"], str(path))
+    if not base_path.is_file():
+        raise ConfigError([f"{where}: base: {base_path} does not exist"], str(path))
+    base_data, base_lines = _read_yaml_with_bases(base_path, chain)
+    lines.pop("base")
+    # A key set in this file replaces the base's value for it and everything under it.
+    kept = {k: v for k, v in base_lines.items() if not any(_under(k, own) and _is_leaf(data, own) for own in lines)}
+    return _deep_merge(base_data, data), {**kept, **lines}
+
+
+def _is_leaf(data: dict[str, Any], dotted: str) -> bool:
+    """Whether `dotted` names a value (not a section) in `data`: a value replaces the base's whole subtree."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return not isinstance(node, dict)
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
@@ -339,20 +373,20 @@ def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     return out
 
 
-def _describe(error: Any, source: str | None, lines: dict[str, int]) -> str:
+def _describe(error: Any, lines: dict[str, KeyLocation]) -> str:
     loc = [str(p) for p in error["loc"]]
     key = ".".join(loc) or "(top level)"
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; `vlmops config --show` prints every valid key)"
+        message = "unknown key (check the spelling; `vlmops config` prints every valid key)"
     elif error["type"] == "literal_error":
         message = message.replace("Input should be", "must be")
-    line = None
+    location = None
     for i in range(len(loc), 0, -1):
-        line = lines.get(".".join(loc[:i]))
-        if line is not None:
+        location = lines.get(".".join(loc[:i]))
+        if location is not None:
             break
-    where = f"{source}:{line}: " if source and line else ""
+    where = f"{location[0]}:{location[1]}: " if location else ""
     return f"{where}{key}: {message}"
 
 
