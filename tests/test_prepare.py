@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,20 @@ def test_max_length_policies(tmp_path: Path, demo_data: tuple[Path, Path], tiny_
     dropped = prepare_dataset(DataConfig(max_length=80, max_length_policy="drop"), train, evals, tmp_path, tok, 16)
     assert dropped.report.dropped_too_long
     assert dropped.report.splits["train"].tokens_max <= 80
-    kept = prepare_dataset(
-        DataConfig(max_length=80, max_length_policy="truncate-text"), train, evals, tmp_path, tok, 16
-    )
-    assert kept.report.splits["train"].records == 48
+    # truncate-text: the two-image records keep only their prompt at 80 tokens; validation refuses them, each named
+    # (the same policy training applies, so they do not get as far as the training process).
+    truncate = DataConfig(max_length=80, max_length_policy="truncate-text")
+    with pytest.raises(DatasetError, match="leaves no answer token") as err:
+        prepare_dataset(truncate, train, evals, tmp_path, tok, 16)
+    conversations = read_dataset(train).conversations
+    two_images = sorted(c.source for c in conversations if len(c.images) == 2)
+    assert two_images and sorted(p.location for p in err.value.problems) == two_images
+    lines = train.read_text().splitlines(keepends=True)
+    cuttable = tmp_path / "data" / "cuttable.jsonl"  # beside the images its relative paths name
+    shutil.copytree(train.parent, cuttable.parent)
+    cuttable.write_text("".join(line for line, c in zip(lines, conversations, strict=True) if len(c.images) < 2))
+    kept = prepare_dataset(truncate, cuttable, evals, tmp_path, tok, 16)
+    assert kept.report.splits["train"].records == 48 - len(two_images)
     assert kept.report.splits["train"].over_max_length > 0
 
 

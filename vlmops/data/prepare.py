@@ -27,6 +27,7 @@ from vlmops.data.conversation import Conversation
 from vlmops.data.demo import write_demo_dataset
 from vlmops.data.formats import REMOTE_PREFIXES, DatasetError, RecordProblem, read_dataset, write_conversations
 from vlmops.data.images import ImageLoadError, open_image_bytes, read_image_bytes
+from vlmops.data.length import LENGTHS_FILE, MaxLength, length_fingerprint, write_lengths
 from vlmops.hashing import sha256_file
 from vlmops.models.template import Tokenizer, encode
 
@@ -163,6 +164,7 @@ def prepare_dataset(
         write_conversations(staging / "eval.jsonl", splits["eval"], image_names)
         content_hash = _hash_folder(staging)
         (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        write_lengths(staging, length_fingerprint(tokenizer, num_image_tokens, system_prompt), report.lengths)
         final = Path(out_root) / content_hash[:16]
         if final.exists():
             shutil.rmtree(staging)
@@ -202,6 +204,7 @@ def _check_records(
     storage: StorageConfig | None,
 ) -> list[Conversation]:
     stats = SplitStats()
+    policy = MaxLength.for_tokenizer(data.max_length, data.max_length_policy, tokenizer, num_image_tokens)
     lengths: list[int] = []
     kept: list[Conversation] = []
     too_long: list[RecordProblem] = []
@@ -213,17 +216,17 @@ def _check_records(
         except ImageLoadError as err:
             problems.append(RecordProblem(conv.source, "image", str(err)))
             continue
-        length = len(encode(conv.messages, tokenizer, num_image_tokens, system_prompt))
+        enc = encode(conv.messages, tokenizer, num_image_tokens, system_prompt)
+        length = len(enc)
+        check = policy.check(length, enc)
         if length > data.max_length:
             stats.over_max_length += 1
-            if data.max_length_policy == "error":
-                too_long.append(
-                    RecordProblem(conv.source, "(length)", f"{length} tokens > data.max_length {data.max_length}")
-                )
-                continue
-            if data.max_length_policy == "drop":
-                report.dropped_too_long.append(conv.source)
-                continue
+        if check.problem is not None:
+            too_long.append(RecordProblem(conv.source, "(length)", check.problem))
+            continue
+        if check.dropped:
+            report.dropped_too_long.append(conv.source)
+            continue
         kept.append(conv)
         lengths.append(length)
         n_images = len(conv.images)
@@ -235,10 +238,7 @@ def _check_records(
         stats.multi_image_records += n_images > 1
         stats.multi_turn_records += sum(1 for m in conv.messages if m.role == "user") > 1
     if too_long:
-        raise DatasetError(
-            too_long,
-            "raise data.max_length, or set data.max_length_policy to drop (leave them out) or truncate-text",
-        )
+        raise DatasetError(too_long, policy.hint())
     if lengths:
         ordered = sorted(lengths)
         stats.tokens_min, stats.tokens_max = ordered[0], ordered[-1]
@@ -274,7 +274,8 @@ def _store_image(uri: str, image_dir: Path, storage: StorageConfig | None) -> st
 def _hash_folder(folder: Path) -> str:
     """Hash of every file's relative path and content (images are already named by their content hash)."""
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "report.json"):
+    derived = ("report.json", LENGTHS_FILE)  # written from the content, not part of it
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in derived):
         rel = path.relative_to(folder).as_posix()
         h.update(rel.encode())
         h.update(b"\0")

@@ -1,12 +1,14 @@
 """The training data path: records -> token ids, labels and pixel tensors, lazily, in DataLoader workers.
 
-Records are tokenised once up front only to measure them (`data.max_length` counts the image tokens) and
-apply `data.max_length_policy`; images are read and preprocessed in `__getitem__`, so with
+Records are measured up front to apply `data.max_length_policy` (`vlmops.data.length`, the same policy
+validation applies), from the lengths validation saved in the snapshot when it measured them with the same
+tokenizer and system prompt, else by tokenising them; images are read and preprocessed in `__getitem__`, so with
 `data.num_workers > 0` that work happens in worker processes, overlapping the model's step.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +21,8 @@ from vlmops.config import StorageConfig
 from vlmops.data.conversation import Conversation
 from vlmops.data.formats import DatasetError, RecordProblem
 from vlmops.data.images import load_image
-from vlmops.models.template import IGNORE_INDEX, IMAGE_TOKEN, Encoded, encode
+from vlmops.data.length import MaxLength, cut_sample
+from vlmops.models.template import IGNORE_INDEX, Encoded, encode
 
 log = logging.getLogger(__name__)
 
@@ -30,27 +33,6 @@ class LengthReport:
 
     dropped: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
-
-
-def truncate_text(enc: Encoded, max_length: int, num_image_tokens: int, image_token_id: int) -> int | None:
-    """Where to cut an encoded sample so it fits `max_length`: the new length, or None if it cannot be cut.
-
-    The cut never splits an image (it moves back to before one), and the sample then ends at its last
-    trained token, so it stops inside or at the end of an answer, never on a dangling prompt: the text of
-    the last turns goes, labels stay only on the answer tokens kept. None when no answer token would be left.
-    """
-    cut = min(len(enc), max_length)
-    partial_image = sum(1 for t in enc.input_ids[:cut] if t == image_token_id) % num_image_tokens
-    cut -= partial_image
-    trained = [i for i in range(cut) if enc.labels[i] != IGNORE_INDEX]
-    return trained[-1] + 1 if trained else None
-
-
-def cut_sample(enc: Encoded, length: int, num_image_tokens: int, image_token_id: int) -> Encoded:
-    """The first `length` tokens of a sample, with the images whose tokens they hold."""
-    ids = enc.input_ids[:length]
-    images_kept = sum(1 for t in ids if t == image_token_id) // num_image_tokens
-    return Encoded(ids, enc.labels[:length], enc.images[:images_kept])
 
 
 class SFTDataset(Dataset[dict[str, torch.Tensor]]):
@@ -69,51 +51,42 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
         system_prompt: str | None = None,
         storage: StorageConfig | None = None,
         split: str = "train",
+        lengths: list[int] | None = None,
     ):
+        """`lengths`: the records' token lengths as validation measured them (the snapshot's lengths.json), so
+        only the records to cut are tokenised here; None: measure every record."""
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.num_image_tokens = int(processor.num_image_tokens)
-        self.image_token_id = int(self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        self.limit = MaxLength.for_tokenizer(max_length, policy, self.tokenizer, self.num_image_tokens)
+        self.image_token_id = self.limit.image_token_id
         self.system_prompt = system_prompt
         self.storage = storage
         self.report = LengthReport()
         self.records: list[Conversation] = []
         self.cuts: list[int | None] = []
         self.lengths: list[int] = []
+        if lengths is not None and len(lengths) != len(conversations):
+            raise ValueError(f"{len(lengths)} saved lengths for {len(conversations)} {split} records")
         problems: list[RecordProblem] = []
-        for conv in tqdm(conversations, desc=f"measure {split}", unit="rec", leave=False, mininterval=1.0):
-            enc = encode(conv.messages, self.tokenizer, self.num_image_tokens, system_prompt)
-            length, cut = len(enc), None
-            if length > max_length:
-                if policy == "error":
-                    problems.append(
-                        RecordProblem(conv.source, "(length)", f"{length} tokens > data.max_length {max_length}")
-                    )
-                    continue
-                if policy == "drop":
-                    self.report.dropped.append(conv.source)
-                    continue
-                cut = truncate_text(enc, max_length, self.num_image_tokens, self.image_token_id)
-                if cut is None:
-                    problems.append(
-                        RecordProblem(
-                            conv.source,
-                            "(length)",
-                            f"{length} tokens; cutting it to data.max_length {max_length} leaves no answer token "
-                            "(the prompt and its images alone are too long)",
-                        )
-                    )
-                    continue
+        for i, conv in enumerate(
+            tqdm(conversations, desc=f"measure {split}", unit="rec", leave=False, mininterval=1.0)
+        ):
+            length = lengths[i] if lengths is not None else len(self._encode(conv))
+            check = self.limit.check(length, functools.partial(self._encode, conv))
+            if check.problem is not None:
+                problems.append(RecordProblem(conv.source, "(length)", check.problem))
+                continue
+            if check.dropped:
+                self.report.dropped.append(conv.source)
+                continue
+            if check.cut is not None:
                 self.report.truncated.append(conv.source)
-                length = cut
             self.records.append(conv)
-            self.cuts.append(cut)
-            self.lengths.append(length)
+            self.cuts.append(check.cut)
+            self.lengths.append(check.cut if check.cut is not None else length)
         if problems:
-            hint = "raise data.max_length, or set data.max_length_policy to drop (leave them out)" + (
-                " or truncate-text" if policy == "error" else ""
-            )
-            raise DatasetError(problems, hint)
+            raise DatasetError(problems, self.limit.hint())
         if self.report.dropped:
             log.warning(
                 "%s: dropped %d record(s) longer than data.max_length %d: %s",
@@ -133,12 +106,15 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
         if not self.records:
             raise ValueError(f"the {split} split has no record left after data.max_length_policy {policy}")
 
+    def _encode(self, conv: Conversation) -> Encoded:
+        return encode(conv.messages, self.tokenizer, self.num_image_tokens, self.system_prompt)
+
     def __len__(self) -> int:
         return len(self.records)
 
     def encoded(self, index: int) -> Encoded:
         """Token ids, labels and image references of one sample (truncated if it had to be)."""
-        enc = encode(self.records[index].messages, self.tokenizer, self.num_image_tokens, self.system_prompt)
+        enc = self._encode(self.records[index])
         cut = self.cuts[index]
         return enc if cut is None else cut_sample(enc, cut, self.num_image_tokens, self.image_token_id)
 
