@@ -128,7 +128,7 @@ def check_no_multicast(env: Mapping[str, str], who: str) -> None:
 
 def child_env(device: str) -> dict[str, str]:
     """The product's training-child environment (`child_environment`), with no GPU visible in CPU mode."""
-    from vlmops.train.launch import child_environment
+    from vlmops.train.child import child_environment
 
     env = child_environment({"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else None)
     check_no_multicast(env, "training child")

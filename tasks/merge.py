@@ -1,4 +1,5 @@
-"""merge: fold the LoRA adapter into a plain transformers checkpoint, then prove the logits match."""
+"""merge: fold the LoRA adapter into a plain transformers checkpoint, then prove the logits match (in a child
+process, as training, so the worker frees the GPU after)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from vlmops.tracking import Tracker
-from vlmops.train.merge import MergeResult, merge_run
+from vlmops.train.merge import MergeResult, launch_merge
 
 
 @task(name="merge", cache_policy=NO_CACHE)
 def merge(run_dir: str, out_dir: str, atol: float | None, dtype: str) -> MergeResult:
     """Merge and run the parity check; a failed check raises and stops the flow."""
-    return merge_run(Path(run_dir), Path(out_dir), atol=atol, dtype=dtype)
+    return launch_merge(Path(run_dir), Path(out_dir), atol=atol, dtype=dtype)
 
 
 def log_merge(tracker: Tracker, run_id: str, result: MergeResult) -> None:

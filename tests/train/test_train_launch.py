@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vlmops.cli.main import main
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset, prepare_dataset
-from vlmops.train.launch import (
-    TrainingFailed,
-    launch_training,
-    resolve_nproc,
-    sft_command,
-    training_command,
-)
+from vlmops.train.launch import TrainingFailed, launch_training, resolve_nproc, training_command
 from vlmops.train.sft import TrainResult
 
 FAST = ["train.gradient_checkpointing=false", "train.batch_size=4", "train.lr=5e-3"]
@@ -57,7 +52,7 @@ def test_training_command_plain_and_torchrun(tmp_path: Path) -> None:
 
 
 def test_child_environment_keeps_nvlink_multicast_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vlmops.train.launch import child_environment
+    from vlmops.train.child import child_environment
 
     monkeypatch.setenv("NCCL_NVLS_ENABLE", "1")  # whatever the caller had, the children get it off
     env = child_environment({"MLFLOW_RUN_ID": "abc"})
@@ -92,7 +87,8 @@ def test_sft_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[st
         )
     )
     run_dir = tmp_path / "run"
-    assert sft_command(str(config_file), FAST, str(run_dir)) == 0
+    sets = [arg for item in FAST for arg in ("--set", item)]
+    assert main(["sft", "--config", str(config_file), *sets, "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr()
     assert "trained 3 steps" in out.out and f"result: {run_dir.resolve() / 'final'}" in out.out
     result = TrainResult.from_run_dir(run_dir)
@@ -110,6 +106,25 @@ def test_failed_child_raises_with_exit_code_and_log_tail(tiny_model: Path, tmp_p
     assert err.value.returncode == 1
     assert "no-such-dataset is not a prepared dataset" in err.value.log_tail
     assert "not a prepared dataset" in str(err.value)
+    assert f"its whole output is in {tmp_path / 'run' / 'train.log'}" in str(err.value)
+
+
+def test_sft_command_failure_points_at_train_log(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "pipeline.yaml"
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"output_dir": str(tmp_path / "outputs"), "name": "t"},
+                "data": {"demo": {"num_train": 8, "num_eval": 2, "image_size": 32}},
+                "train": {"max_steps": 1, "lora": {"targets": "no_such_module_anywhere"}},
+            }
+        )
+    )
+    assert main(["sft", "--config", str(config_file), "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "error: training failed (exit code 1); see train.log in the run folder" in err
 
 
 @pytest.fixture(scope="module")

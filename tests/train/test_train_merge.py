@@ -10,19 +10,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlmops.cli.main import main
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
 from vlmops.evaluate.checkpoint import evaluate_run
 from vlmops.train.merge import (
+    MergeFailed,
     MergeParityError,
     adapter_on_base,
     batch_logits,
     check_parity,
-    export_command,
+    launch_merge,
     load_plain,
     merge_run,
     parity_batch,
-    verify_merged,
 )
 from vlmops.train.rundir import checkpoints, open_run
 from vlmops.train.sft import train
@@ -72,13 +73,18 @@ def test_merged_checkpoint_is_plain_transformers_and_matches(lora_run: Path, tmp
 
 
 def test_tampered_merged_weights_fail_the_check(lora_run: Path, tmp_path: Path) -> None:
+    from transformers import AutoProcessor
+
     out = merge_run(lora_run, tmp_path / "merged").path
     weights = load_file(out / "model.safetensors")
     key = next(k for k in weights if "language_model.layers.0.self_attn.q_proj" in k)
     weights[key] = weights[key] * 1.5
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    run = open_run(lora_run)
+    batch = parity_batch(AutoProcessor.from_pretrained(out))
+    reference = batch_logits(adapter_on_base(run, torch.float32, CPU), batch)
     with pytest.raises(MergeParityError, match="merge.parity_atol") as err:
-        verify_merged(out, lora_run)
+        check_parity(out, reference, batch, 1e-3, CPU)
     assert err.value.max_abs_diff > err.value.atol == 1e-3
 
 
@@ -113,6 +119,20 @@ def test_merge_above_tolerance_raises_and_publishes_nothing(lora_run: Path, tmp_
     assert not out.exists() and not list(tmp_path.glob(".staging-*"))
 
 
+def test_merge_in_a_child_process(lora_run: Path, tmp_path: Path) -> None:
+    """The flow's merge step: the same result from a child process, and the parity failure as the same error."""
+    result = launch_merge(lora_run, tmp_path / "merged")
+    assert result.adapter and result.path == tmp_path / "merged" and result.atol == 1e-3
+    assert 0.0 <= result.max_abs_diff <= 1e-3 and (result.path / "model.safetensors").is_file()
+    assert "merge parity: max |merged - reference|" in (tmp_path / "merged.log").read_text()
+    with pytest.raises(MergeParityError) as err:
+        launch_merge(lora_run, tmp_path / "merged-bf16", atol=1e-9, dtype="bfloat16")
+    assert err.value.max_abs_diff > err.value.atol == 1e-9
+    assert not (tmp_path / "merged-bf16").exists() and not list(tmp_path.glob(".merge-*"))
+    with pytest.raises(MergeFailed, match=r"(?s)merge failed \(exit code 1\).*not a vlmops run"):
+        launch_merge(tmp_path / "nope", tmp_path / "never")
+
+
 def test_full_mode_merge_exports_final(tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path) -> None:
     full = {"train.mode": "full", "train.max_steps": 2, "train.gradient_checkpointing": False}
     run_dir = tmp_path / "full"
@@ -123,14 +143,14 @@ def test_full_mode_merge_exports_final(tiny_model: Path, snapshot: PreparedDatas
 
 
 def test_export_command(lora_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert export_command(str(lora_run), merge_lora=False, out=None) == 2
+    assert main(["export", "--ckpt", str(lora_run)]) == 2
     assert "pass --merge-lora" in capsys.readouterr().err
-    assert export_command(str(lora_run), merge_lora=True, out=None) == 0
+    assert main(["export", "--ckpt", str(lora_run), "--merge-lora"]) == 0
     printed = capsys.readouterr().out
     merged = lora_run.with_name(lora_run.name + "-merged")  # RUN_DIR-merged, as swift's ...-merged
     assert f"merged LoRA adapter into {merged}" in printed and "parity: max |logit difference|" in printed
     assert (merged / "model.safetensors").is_file()
-    assert export_command(str(lora_run / "nope"), merge_lora=True, out=None) == 2
+    assert main(["export", "--ckpt", str(lora_run / "nope"), "--merge-lora"]) == 2
 
 
 def test_export_command_takes_merge_settings_from_config(
@@ -138,11 +158,12 @@ def test_export_command_takes_merge_settings_from_config(
 ) -> None:
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text("merge:\n  parity_atol: 0.25\n")
-    assert export_command(str(lora_run), True, str(tmp_path / "a"), str(config_file)) == 0
+    export = ["export", "--ckpt", str(lora_run), "--merge-lora", "--config", str(config_file)]
+    assert main([*export, "--out", str(tmp_path / "a")]) == 0
     assert "(tolerance 0.25)" in capsys.readouterr().out
     # --set on top; a bfloat16 merge cannot meet 1e-9, so the check fails and nothing is published
-    bf16 = ["model.dtype=bfloat16", "merge.parity_atol=1e-9"]
-    assert export_command(str(lora_run), True, str(tmp_path / "b"), str(config_file), bf16) == 1
+    bf16 = ["--set", "model.dtype=bfloat16", "--set", "merge.parity_atol=1e-9"]
+    assert main([*export, "--out", str(tmp_path / "b"), *bf16]) == 1
     assert "merge.parity_atol 1e-09" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from vlmops.cli.args import add_config_args
+from vlmops.errors import UserInputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,6 +20,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from vlmops.train.merge import export_command
+    """Merge (or export a full run) and print where it went and the parity it reached.
 
-    return export_command(args.ckpt, args.merge_lora, args.out, args.config, args.overrides)
+    The merge settings (merge.parity_atol, model.dtype) come from `--config`, else the run's saved config,
+    as the retrain flow takes them from its config.
+    """
+    from vlmops.train.merge import default_export_dir, merge_run
+    from vlmops.train.rundir import open_run, run_config
+
+    run = open_run(args.ckpt)
+    if run.is_adapter and not args.merge_lora:
+        raise UserInputError(f"{run.weights} is a LoRA adapter; pass --merge-lora to merge it into its base model")
+    config = run_config(args.ckpt, args.config, args.overrides)
+    target = Path(args.out) if args.out else default_export_dir(Path(args.ckpt))
+    result = merge_run(Path(args.ckpt), target, atol=config.merge.parity_atol, dtype=config.model.dtype)
+    what = "merged LoRA adapter into" if result.adapter else "exported full model to"
+    print(f"{what} {result.path}")
+    print(f"parity: max |logit difference| {result.max_abs_diff:.3g} (tolerance {result.atol:.3g})")
+    print(
+        f"load it with AutoModelForImageTextToText.from_pretrained({os.fspath(result.path)!r}), or vlmops infer --ckpt"
+    )
+    return 0

@@ -1,5 +1,8 @@
 """Merge a LoRA run into a plain transformers checkpoint (swift's `export --merge_lora true`), and prove it.
 
+`merge_run` merges in this process (`vlmops export`); `launch_merge` runs it in a child process
+(`python -m vlmops.train.merge`), as the flow's merge step does, so a worker frees the GPU memory after.
+
 The merged folder loads with `AutoModelForImageTextToText` / `AutoProcessor` and no peft. Every merge
 ends with a parity check: the merged model, loaded back from disk, must give the same logits as the
 adapter on its base on a fixed batch (one sample with an image, one text-only), within `atol`;
@@ -9,21 +12,23 @@ otherwise `MergeParityError` is raised and nothing is published. A full-mode run
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import os
 import shutil
 import sys
-from dataclasses import dataclass, replace
+import tempfile
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlmops.errors import RunFailed
-from vlmops.models.loading import DTYPES, default_device
+from vlmops.models.loading import DTYPES, default_device, resolve_dtype
 from vlmops.staging import staged_folder
-from vlmops.train.rundir import CONFIG_FILE, TrainedRun, open_run, run_config
+from vlmops.train.child import run_child
+from vlmops.train.rundir import CONFIG_FILE, TrainedRun, open_run
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +44,23 @@ class MergeParityError(RunFailed):
     def __init__(self, max_abs_diff: float, atol: float, where: str):
         self.max_abs_diff = max_abs_diff
         self.atol = atol
+        self.where = where
         super().__init__(
             f"merge parity check failed for {where}: max |merged - adapter-on-base| logit difference "
             f"{max_abs_diff:.3g} > merge.parity_atol {atol:.3g}. The merged weights do not reproduce the trained "
             "model; nothing was published. Check the base model matches run.json, or merge in float32 (dtype)."
+        )
+
+
+class MergeFailed(RunFailed):
+    """The merge process exited with an error other than a failed parity check."""
+
+    def __init__(self, returncode: int, log_tail: str, log_file: Path):
+        self.returncode = returncode
+        self.log_tail = log_tail
+        self.log_file = log_file
+        super().__init__(
+            f"merge failed (exit code {returncode}); its whole output is in {log_file}; last lines:\n{log_tail}"
         )
 
 
@@ -142,7 +160,8 @@ def check_parity(
 def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, dtype: str = "auto") -> MergeResult:
     """Merge a run's adapter (final/, or the given checkpoint) into its base; write `out_dir`; check parity.
 
-    `dtype` "auto" keeps the base checkpoint's dtype. `atol` None: the run's merge.parity_atol, else
+    `dtype` as model.dtype (`resolve_dtype`: "auto" is bfloat16 on GPUs that have it, float16 on older GPUs,
+    float32 on CPU). `atol` None: the run's merge.parity_atol, else
     1e-3 for float32 and 5e-2 for 16-bit weights.
     """
     from transformers import AutoProcessor
@@ -150,10 +169,10 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
     run = open_run(run_dir_or_ckpt)
     out_dir = Path(out_dir).resolve()
     base = Path(run.info.base_model)
-    torch_dtype = checkpoint_dtype(base) if dtype == "auto" else DTYPES[dtype]
+    device = default_device()
+    torch_dtype = resolve_dtype(dtype, device)
     tolerance = atol if atol is not None else run.config.merge.parity_atol
     tolerance = tolerance if tolerance is not None else default_atol(torch_dtype)
-    device = default_device()
     has_processor = (run.weights / "processor_config.json").is_file()
     processor = AutoProcessor.from_pretrained(run.weights if has_processor else base)
     batch = parity_batch(processor)
@@ -178,63 +197,65 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
     return MergeResult(out_dir, diff, tolerance, run.is_adapter)
 
 
-def verify_merged(
-    merged_dir: Path, run_dir_or_ckpt: Path, atol: float | None = None, device: torch.device | None = None
-) -> float:
-    """Check an existing merged folder against the run it came from (adapter on base, or final/)."""
-    from transformers import AutoProcessor
-
-    run = open_run(run_dir_or_ckpt)
-    merged_dir = Path(merged_dir)
-    dev = device or default_device()
-    dtype = checkpoint_dtype(merged_dir)
-    batch = parity_batch(AutoProcessor.from_pretrained(merged_dir))
-    model = adapter_on_base(run, dtype, dev) if run.is_adapter else load_plain(run.weights, dtype, dev)
-    reference = batch_logits(model, batch)
-    del model
-    tolerance = atol if atol is not None else run.config.merge.parity_atol or default_atol(dtype)
-    return check_parity(merged_dir, reference, batch, tolerance, dev)
-
-
 def default_export_dir(ckpt: Path) -> Path:
     """`RUN_DIR-merged` / `checkpoint-N-merged`, beside the source, as swift names it."""
     source = ckpt.resolve()
     return source.with_name(f"{source.name}-merged")
 
 
-def export_command(
-    ckpt: str,
-    merge_lora: bool,
-    out: str | None,
-    config_path: str | None = None,
-    overrides: list[str] | None = None,
-) -> int:
-    """`vlmops export --ckpt RUN_DIR [--merge-lora] [--out DIR] [--config FILE] [--set k=v]`; prints a summary.
+def launch_merge(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, dtype: str = "auto") -> MergeResult:
+    """`merge_run` in a child process of its own process group; its output is appended to `<out_dir>.log`.
 
-    The merge settings (merge.parity_atol, model.dtype) come from `--config`, else the run's saved config,
-    as the retrain flow takes them from its config.
+    Raises MergeParityError as `merge_run` does, MergeFailed when the child fails otherwise.
     """
+    out_dir = Path(out_dir).resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log_file = out_dir.with_name(f"{out_dir.name}.log")
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".merge-") as tmp:
+        result_file = Path(tmp) / "result.json"
+        command = [
+            sys.executable,
+            "-m",
+            "vlmops.train.merge",
+            str(run_dir_or_ckpt),
+            str(out_dir),
+            "--dtype",
+            dtype,
+            "--result-file",
+            str(result_file),
+        ]
+        if atol is not None:
+            command += ["--atol", repr(atol)]
+        returncode, tail = run_child(command, log_file)
+        outcome = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    if "parity_error" in outcome:
+        raise MergeParityError(**outcome["parity_error"])
+    if returncode != 0 or "result" not in outcome:
+        raise MergeFailed(returncode, tail, log_file)
+    fields = outcome["result"]
+    return MergeResult(**{**fields, "path": Path(fields["path"])})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the merge child: merge, then write the result (or the parity failure) as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m vlmops.train.merge", description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="run folder or checkpoint to merge")
+    parser.add_argument("out", help="folder to write the merged model to")
+    parser.add_argument("--atol", type=float, help="parity tolerance (default: the run's merge.parity_atol)")
+    parser.add_argument("--dtype", default="auto", help="model.dtype to merge in")
+    parser.add_argument("--result-file", required=True, help="where to write the result as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result_file = Path(args.result_file)
     try:
-        run = open_run(ckpt)
-        if run.is_adapter and not merge_lora:
-            print(
-                f"error: {run.weights} is a LoRA adapter; pass --merge-lora to merge it into its base model",
-                file=sys.stderr,
-            )
-            return 2
-        config = run_config(ckpt, config_path, overrides or [])
-        target = Path(out) if out else default_export_dir(Path(ckpt))
-        result = merge_run(Path(ckpt), target, atol=config.merge.parity_atol, dtype=config.model.dtype)
+        result = merge_run(Path(args.run), Path(args.out), atol=args.atol, dtype=args.dtype)
     except MergeParityError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    what = "merged LoRA adapter into" if result.adapter else "exported full model to"
-    print(f"{what} {result.path}")
-    print(f"parity: max |logit difference| {result.max_abs_diff:.3g} (tolerance {result.atol:.3g})")
-    print(
-        f"load it with AutoModelForImageTextToText.from_pretrained({os.fspath(result.path)!r}), or vlmops infer --ckpt"
-    )
+        error = {"max_abs_diff": err.max_abs_diff, "atol": err.atol, "where": err.where}
+        result_file.write_text(json.dumps({"parity_error": error}))
+        raise
+    result_file.write_text(json.dumps({"result": {**asdict(result), "path": str(result.path)}}))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
