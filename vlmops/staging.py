@@ -13,23 +13,33 @@ STAGING_PREFIX = ".staging-"
 """Names of folders being built; whatever still carries it after a crash is a leftover, never a result."""
 
 
-def publish_folder(staging: Path, final: Path) -> None:
-    """Make a fully written folder visible under its final name in one rename (after flushing it to disk)."""
-    for path in staging.rglob("*"):
+def sync_files(folder: Path) -> None:
+    """Flush every file under `folder` to disk."""
+    for path in folder.rglob("*"):
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
+
+
+def sync_entries(folder: Path) -> None:
+    """Flush `folder`'s own entries (names created, renamed or removed in it) to disk."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def publish_folder(staging: Path, final: Path) -> None:
+    """Make a fully written folder visible under its final name in one rename (after flushing it to disk)."""
+    sync_files(staging)
     old = None
     if final.exists():  # written again: swap, so `final` is never partial
         old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     staging.rename(final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_entries(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -15,6 +15,8 @@ from vlmops.config import load_config
 from vlmops.data.conversation import Conversation
 from vlmops.data.formats import DatasetError, parse_record, read_dataset
 from vlmops.data.images import ImageLoadError
+from vlmops.data.length import length_fingerprint, read_lengths
+from vlmops.data.prepare import PreparedDataset
 from vlmops.models.template import IGNORE_INDEX, IMAGE_TOKEN, encode
 from vlmops.train.data import SFTDataset, VisionLanguageCollator
 
@@ -145,6 +147,29 @@ def test_truncate_on_real_data_keeps_every_sample_whole(processor: Any, demo_dat
     assert sorted(p.location for p in err.value.problems) == sorted(c.source for c in two_images)
 
 
+def test_training_reuses_the_lengths_validation_measured(
+    processor: Any, snapshot: PreparedDataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fingerprint = length_fingerprint(processor.tokenizer, NIT, None)
+    saved = read_lengths(snapshot.path, fingerprint)
+    assert saved["train"] == snapshot.report.lengths["train"] and len(saved["eval"]) == 8
+    assert read_lengths(snapshot.path, length_fingerprint(processor.tokenizer, NIT, "another system prompt")) == {}
+    conversations = read_dataset(snapshot.train_file).conversations
+    measured = SFTDataset(conversations, processor, 512, "error")
+    assert measured.lengths == saved["train"]
+    import vlmops.train.data as train_data
+
+    calls = []
+    monkeypatch.setattr(train_data, "encode", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    reused = SFTDataset(conversations, processor, 512, "error", lengths=saved["train"])
+    assert reused.lengths == measured.lengths and calls == []  # not tokenised again
+    cuttable = [(c, n) for c, n in zip(conversations, saved["train"], strict=True) if len(c.images) < 2]
+    rest, rest_lengths = [c for c, _ in cuttable], [n for _, n in cuttable]
+    cut = SFTDataset(rest, processor, 80, "truncate-text", lengths=rest_lengths)
+    assert 0 < len(calls) == sum(n > 80 for n in rest_lengths)  # only the records to cut
+    assert cut.lengths == SFTDataset(rest, processor, 80, "truncate-text").lengths and max(cut.lengths) <= 80
+
+
 def test_collator_mixes_text_only_and_image_samples(processor: Any, image: str) -> None:
     convs = [
         record(f"<img>{image}</img><img>{image}</img>Two?", "red"),
@@ -201,7 +226,6 @@ def test_shuffling_is_deterministic_by_seed(tiny_model: Path, processor: Any, sn
             data_collator=VisionLanguageCollator(pad_token_id=processor.tokenizer.pad_token_id),
             run_files=[],
             dummy_pixels=dummy_pixel_values(processor),
-            keep_checkpoints=2,
         )
         return [
             [t for t in row if t != processor.tokenizer.pad_token_id]

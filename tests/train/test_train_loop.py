@@ -12,7 +12,7 @@ import torch
 
 from vlmops.config import PipelineConfig, load_config
 from vlmops.data.prepare import PreparedDataset
-from vlmops.train.rundir import checkpoints, open_run
+from vlmops.train.rundir import COMPLETE_MARKER, checkpoints, open_run
 from vlmops.train.sft import TrainResult, setup_training, train
 from vlmops.train.trainer import rotate_checkpoints
 
@@ -84,6 +84,8 @@ def test_run_folder_and_result(recipe_run: TrainResult) -> None:
             p.name for p in folder.iterdir()
         }
     assert (run_dir / "checkpoint-24" / "trainer_state.json").is_file()
+    assert [p.name for p in run_dir.glob("checkpoint-*/" + COMPLETE_MARKER)] == [COMPLETE_MARKER] * 2
+    assert not (run_dir / "final" / COMPLETE_MARKER).exists()
     opened = open_run(run_dir / "checkpoint-18")  # a checkpoint is usable on its own, like swift's --ckpt_dir
     assert opened.is_adapter and opened.config.train.lora.targets == "all-linear"
 
@@ -126,11 +128,14 @@ def test_max_steps_mid_epoch_still_logs_evaluates_and_saves_at_the_end(
 def test_rotation_keeps_latest_and_best(tmp_path: Path) -> None:
     for step in (1, 2, 3, 4, 5):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_MARKER).write_text("{}\n")
+    (tmp_path / "checkpoint-6").mkdir()  # being written: not a checkpoint yet, neither kept nor counted
     deleted = rotate_checkpoints(tmp_path, keep=2, best=str(tmp_path / "checkpoint-2"))
     assert sorted(p.name for p in deleted) == ["checkpoint-1", "checkpoint-3", "checkpoint-4"]
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-5"]
     rotate_checkpoints(tmp_path, keep=1, best=str(tmp_path / "checkpoint-2"))  # best and latest, even above 1
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-5"]
+    assert (tmp_path / "checkpoint-6").is_dir()
 
 
 def vision_grads(

@@ -1,5 +1,5 @@
 """Kill a training process with SIGKILL after a checkpoint, resume with `train.resume: auto`, and reach
-exactly the losses of an uninterrupted run; a half-written staging checkpoint is never used."""
+exactly the losses of an uninterrupted run; a half-written checkpoint (no completion marker) is never used."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
 from vlmops.train.launch import training_command
-from vlmops.train.rundir import checkpoints
+from vlmops.train.rundir import COMPLETE_MARKER, checkpoints
 from vlmops.train.sft import train
 
 # 4 epochs of 12 steps, a checkpoint every 4; LoRA dropout on, so the RNG state must be restored too.
@@ -52,15 +52,20 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(
     latest = done[-1]
     assert int(latest.name.split("-")[1]) < 48
 
-    # A checkpoint a kill interrupted while it was being written: newer, but never renamed into place.
-    half = run_dir / ".staging-checkpoint-44"
+    # A checkpoint a kill interrupted while it was being written: newer, every file there but the marker
+    # (written last, once every rank has saved); and a final/ folder a kill cut short while it was built aside.
+    half = run_dir / "checkpoint-44"
     shutil.copytree(latest, half)
-    (half / "trainer_state.json").unlink()
+    (half / COMPLETE_MARKER).unlink()
+    staged = run_dir / ".staging-final"
+    shutil.copytree(latest, staged)
+    assert checkpoints(run_dir)[-1] == latest
 
     config = load_config(None, OVERRIDES)
     resumed = train(config, tiny_model, snapshot.path, run_dir)
     assert resumed.resumed_from == latest
-    assert not half.exists()
+    assert not staged.exists()
+    assert (half / COMPLETE_MARKER).is_file()  # removed at the start, then written again by the resumed run
 
     reference = train(config, tiny_model, snapshot.path, tmp_path / "uninterrupted")
     assert resumed.steps == reference.steps == 48

@@ -4,8 +4,9 @@
       config.yaml         the resolved pipeline config
       run.json            base model path, dataset snapshot path and hash, mode (paths also relative to RUN_DIR,
                           so a moved or cloned run folder finds what moved with it)
-      checkpoint-<step>/  complete checkpoints only (written aside, renamed into place); each holds a copy
-                          of config.yaml and run.json, so it can be used on its own
+      checkpoint-<step>/  checkpoints, written by the HF Trainer; complete once `checkpoint-complete` is in it
+                          (written last); each holds a copy of config.yaml and run.json, so it can be used on
+                          its own
       final/              the trained result: a peft adapter (LoRA) or a full checkpoint (full)
       metrics.jsonl       one JSON line per logged step (loss, learning rate, eval loss)
       result.json         the run's summary (`TrainResult`), written when training ends
@@ -20,18 +21,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmops.config import PipelineConfig, load_config
+import yaml
+
+from vlmops.config import PipelineConfig, dump_config, load_config
+from vlmops.staging import STAGING_PREFIX
+
+log = logging.getLogger(__name__)
 
 RUN_INFO = "run.json"
 CONFIG_FILE = "config.yaml"
 FINAL_DIR = "final"
 METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "result.json"
+TRAINER_STATE = "trainer_state.json"
+# Written into a checkpoint folder after everything else, by rank 0 once every rank has saved its part
+# (`vlmops.train.trainer.CompleteCheckpoints`): a folder without it was cut short and is never resumed from.
+COMPLETE_MARKER = "checkpoint-complete"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 PATH_FIELDS = ("base_model", "dataset", "merged_from")
 RELATIVE_KEY = "relative"
@@ -83,12 +96,27 @@ class TrainedRun:
         return (self.weights / "adapter_config.json").is_file()
 
 
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def _checkpoint_folders(run_dir: Path) -> list[Path]:
+    """Every checkpoint-N folder of a run, complete or not, oldest first."""
     if not run_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """A checkpoint is complete once its marker is there: written last, after every rank saved its part."""
+    return (checkpoint / COMPLETE_MARKER).is_file()
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    return [p for p in _checkpoint_folders(run_dir) if is_complete(p)]
+
+
+def incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders a stopped run did not finish writing (no completion marker)."""
+    return [p for p in _checkpoint_folders(run_dir) if not is_complete(p)]
 
 
 def open_run(path: str | os.PathLike[str]) -> TrainedRun:
@@ -132,3 +160,119 @@ def run_config(ckpt: str | None, config_path: str | None, overrides: list[str]) 
             "pass the folder `vlmops sft` wrote"
         )
     return load_config(folder / CONFIG_FILE, overrides)
+
+
+# Config keys that may differ between a run and its resumption: where things are written and looked up
+# (the base model and the data are compared by path and content hash instead), bookkeeping, and the GPU
+# count. Any other change in run/model/data/train makes it a different run.
+RESUMABLE_CHANGES = (
+    "run.name",
+    "run.output_dir",
+    "model.source",
+    "model.id",
+    "model.revision",
+    "model.cache_dir",
+    "data.train",
+    "data.eval",
+    "data.eval_ratio",
+    "data.invalid_records",
+    "data.demo.",
+    "data.num_workers",
+    "train.resume",
+    "train.nproc_per_node",
+    "train.save_total_limit",
+    "train.logging_steps",
+)
+RUN_SECTIONS = ("run", "model", "data", "train")
+
+
+@dataclass
+class ResumePlan:
+    """Where a training run in a run folder starts."""
+
+    checkpoint: Path | None
+    """The checkpoint to resume from; None: from the base model."""
+    start_over: bool
+    """True when what an earlier run wrote in the folder is to be deleted (train.resume never)."""
+
+
+def plan_resume(run_dir: Path, config: PipelineConfig, info: RunInfo) -> ResumePlan:
+    """Check a reused run folder belongs to this run and pick the resume point (reads only; every rank calls it)."""
+    resume_value = config.train.resume
+    if resume_value == "unfinished":
+        # `dvc repro` reruns a finished stage only because its inputs changed: that is a new run, not more of
+        # the old one (which DVC keeps in its cache). A stopped run has no result.json yet and is continued.
+        resume_value = "never" if (run_dir / RESULT_FILE).is_file() else "auto"
+    if resume_value != "never" and (run_dir / CONFIG_FILE).is_file():
+        check_same_run(run_dir, config, info)
+    if resume_value == "auto":
+        done = checkpoints(run_dir)
+        return ResumePlan(done[-1] if done else None, start_over=False)
+    if resume_value == "never":
+        return ResumePlan(None, start_over=True)
+    resume = Path(resume_value).expanduser().resolve()
+    if not is_complete(resume):
+        raise FileNotFoundError(
+            f"train.resume: {resume} is not a complete checkpoint (no {TRAINER_STATE} or {COMPLETE_MARKER}); "
+            "use auto, never, or a checkpoint-N folder"
+        )
+    return ResumePlan(resume, start_over=False)
+
+
+def start_run_folder(run_dir: Path, config: PipelineConfig, info: RunInfo, plan: ResumePlan) -> None:
+    """Write config.yaml and run.json; first clear what a run started over leaves, and unfinished writes (rank 0)."""
+    if plan.start_over and run_dir.exists():
+        _clear_run(run_dir, config.train.resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_unfinished(run_dir)
+    (run_dir / CONFIG_FILE).write_text(dump_config(config))
+    info.write(run_dir)
+
+
+def check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> None:
+    """Raise ValueError listing what differs when `run_dir` holds a run with another setup."""
+    old_config = PipelineConfig.model_validate(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+    old = {k: v for k, v in old_config.to_flat_dict().items() if k.split(".")[0] in RUN_SECTIONS}
+    new = {k: v for k, v in config.to_flat_dict().items() if k.split(".")[0] in RUN_SECTIONS}
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if not k.startswith(RESUMABLE_CHANGES) and old.get(k) != new.get(k)
+    ]
+    if (run_dir / RUN_INFO).is_file():
+        old_info = RunInfo.read(run_dir, run_dir)  # a moved run folder finds a base model that moved with it
+        if Path(old_info.base_model).resolve() != Path(info.base_model).resolve():
+            changed.append(f"base model: {old_info.base_model} -> {info.base_model}")
+        if old_info.dataset_hash != info.dataset_hash:
+            changed.append(f"dataset: {old_info.dataset} -> {info.dataset} (different content)")
+    if changed:
+        raise ValueError(
+            f"{run_dir} holds a run with a different setup, so it cannot be resumed:\n"
+            + "\n".join(f"  - {c}" for c in changed)
+            + "\nuse a new run folder (--run-dir), or start this one over: set train.resume: never, or delete the "
+            "folder (the DVC sft stage, which sets train.resume: unfinished)"
+        )
+
+
+def is_last_step(checkpoint: Path) -> bool:
+    """Whether a checkpoint was written at the run's last step (max_steps)."""
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    return bool(state.get("max_steps")) and int(state["global_step"]) >= int(state["max_steps"])
+
+
+def remove_unfinished(run_dir: Path) -> list[Path]:
+    """Delete what a stopped run left half-written (staging folders, incomplete checkpoints); returns it."""
+    removed = [*sorted(run_dir.glob(f"{STAGING_PREFIX}*")), *incomplete_checkpoints(run_dir)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s: a checkpoint a stopped run did not finish writing", path)
+    return removed
+
+
+def _clear_run(run_dir: Path, resume: str) -> None:
+    """Starting a run folder over: remove what an earlier run in it wrote."""
+    for path in [*_checkpoint_folders(run_dir), run_dir / FINAL_DIR, *run_dir.glob(f"{STAGING_PREFIX}*")]:
+        log.warning("train.resume is %s: starting over, deleting %s", resume, path)
+        shutil.rmtree(path, ignore_errors=True)
+    for name in (METRICS_FILE, RESULT_FILE):
+        (run_dir / name).unlink(missing_ok=True)

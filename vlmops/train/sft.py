@@ -11,58 +11,47 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from vlmops.config import PipelineConfig, dump_config, resolve_num_workers
+from vlmops.config import PipelineConfig, resolve_num_workers
 from vlmops.data.formats import DatasetError, read_dataset
+from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import load_prepared
-from vlmops.models.loading import DTYPES, attn_implementation, is_hybrid
+from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype
 from vlmops.train.data import SFTDataset, VisionLanguageCollator
 from vlmops.train.deepspeed_config import load_deepspeed_config
-from vlmops.train.rundir import CONFIG_FILE, FINAL_DIR, METRICS_FILE, RUN_INFO, RunInfo, checkpoints
+from vlmops.train.rundir import (
+    CONFIG_FILE,
+    FINAL_DIR,
+    METRICS_FILE,
+    RESULT_FILE,
+    RUN_INFO,
+    TRAINER_STATE,
+    RunInfo,
+    checkpoints,
+    is_last_step,
+    plan_resume,
+    start_run_folder,
+)
 from vlmops.train.trainable import TrainableSummary, prepare_trainable, require_grads_on_inputs
 from vlmops.train.trainer import (
     CheckpointPolicy,
+    CompleteCheckpoints,
     MetricsLog,
     Throughput,
     VLTrainer,
+    barrier,
     read_metrics,
-    remove_staging_leftovers,
 )
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Config keys that may differ between a run and its resumption: where things are written and looked up
-# (the base model and the data are compared by path and content hash instead), bookkeeping, and the GPU
-# count. Any other change in run/model/data/train makes it a different run.
-RESUMABLE_CHANGES = (
-    "run.name",
-    "run.output_dir",
-    "model.source",
-    "model.id",
-    "model.revision",
-    "model.cache_dir",
-    "data.train",
-    "data.eval",
-    "data.eval_ratio",
-    "data.invalid_records",
-    "data.demo.",
-    "data.num_workers",
-    "train.resume",
-    "train.nproc_per_node",
-    "train.save_total_limit",
-    "train.logging_steps",
-)
-RUN_SECTIONS = ("run", "model", "data", "train")
 PATH_FIELDS = ("final_dir", "best_checkpoint", "last_checkpoint", "resumed_from")
 
 
@@ -134,12 +123,12 @@ def histories(run_dir: Path) -> tuple[list[tuple[int, float]], list[tuple[int, f
 
 
 def resolve_precision(precision: str) -> str:
-    """`auto`: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU; anything else as asked."""
+    """`auto`: the precision of the `auto` dtype on this machine (`resolve_dtype`: bf16 on GPUs that have it, fp16
+    on older GPUs, fp32 on CPU); anything else as asked."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    auto = resolve_dtype("auto")
+    return next(name for name, dtype in PRECISION_DTYPES.items() if dtype == auto)
 
 
 def weights_dtype(config: PipelineConfig, precision: str) -> torch.dtype:
@@ -150,7 +139,7 @@ def weights_dtype(config: PipelineConfig, precision: str) -> torch.dtype:
     master copy in the optimizer) is used.
     """
     if config.model.dtype != "auto":
-        return DTYPES[config.model.dtype]
+        return resolve_dtype(config.model.dtype)
     if config.train.mode == "lora" or config.train.deepspeed is not None:
         return PRECISION_DTYPES[precision]
     return torch.float32
@@ -189,7 +178,7 @@ def training_arguments(config: PipelineConfig, run_dir: Path, precision: str) ->
         max_steps=t.max_steps if t.max_steps is not None else -1,
         logging_steps=t.logging_steps,
         **schedule,
-        save_total_limit=None,  # VLTrainer rotates, keeping the latest and the best
+        save_total_limit=None,  # CompleteCheckpoints rotates, keeping the latest and the best
         metric_for_best_model="eval_loss",
         greater_is_better=False,
         prediction_loss_only=True,
@@ -249,8 +238,12 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     main = args.should_save
     prepared = load_prepared(dataset)
     info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode)
-    resume = _prepare_run_dir(run_dir, config, info, main)
-    _barrier()
+    plan = plan_resume(run_dir, config, info)
+    barrier()  # every rank has read the folder before rank 0 changes it
+    if main:
+        start_run_folder(run_dir, config, info, plan)
+    barrier()
+    resume = plan.checkpoint
 
     set_seed(config.run.seed)
     hybrid = is_hybrid(base_model)
@@ -268,6 +261,10 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     if t.gradient_checkpointing and t.mode == "lora":
         require_grads_on_inputs(model)
 
+    saved_lengths = read_lengths(
+        prepared.path,
+        length_fingerprint(processor.tokenizer, int(processor.num_image_tokens), config.model.system_prompt),
+    )
     datasets = {}
     for split, path in (("train", prepared.train_file), ("eval", prepared.eval_file)):
         read = read_dataset(path)
@@ -281,9 +278,11 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
             config.model.system_prompt,
             config.storage,
             split,
+            saved_lengths.get(split),
         )
 
     throughput = Throughput()
+    run_files = [run_dir / CONFIG_FILE, run_dir / RUN_INFO]
     trainer = VLTrainer(
         model=model,
         args=args,
@@ -291,10 +290,14 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         eval_dataset=datasets["eval"],
         data_collator=VisionLanguageCollator(pad_token_id=processor.tokenizer.pad_token_id),
         processing_class=processor,
-        callbacks=[CheckpointPolicy(), MetricsLog(run_dir), throughput],
-        run_files=[run_dir / CONFIG_FILE, run_dir / RUN_INFO],
+        callbacks=[
+            CheckpointPolicy(),
+            CompleteCheckpoints(run_files, keep=t.save_total_limit),
+            MetricsLog(run_dir),
+            throughput,
+        ],
+        run_files=run_files,
         dummy_pixels=dummy_pixel_values(processor),
-        keep_checkpoints=t.save_total_limit,
     )
     return TrainingSetup(trainer, summary, datasets, precision, resume, throughput)
 
@@ -314,11 +317,11 @@ def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path
     if resume is not None:
         log.info("resuming from %s", resume)
     started = time.perf_counter()
-    if resume is not None and _is_last_step(resume):
+    if resume is not None and is_last_step(resume):
         # The Trainer would run one step past max_steps when resumed at the very end: nothing is left to
         # train, the last checkpoint is the result (this run was stopped after it, or is run again).
         log.info("%s is the last step of this run: nothing left to train", resume)
-        trainer.state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+        trainer.state = TrainerState.load_from_json(str(resume / TRAINER_STATE))
         trainer.save_final(run_dir / FINAL_DIR, from_checkpoint=resume)
     else:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -386,80 +389,3 @@ def single_process_rendezvous() -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     log.info("DeepSpeed outside torchrun: running as a single-process group (port %d)", port)
-
-
-def _is_last_step(checkpoint: Path) -> bool:
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return bool(state.get("max_steps")) and int(state["global_step"]) >= int(state["max_steps"])
-
-
-def _barrier() -> None:
-    """Wait for every rank (a no-op in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _prepare_run_dir(run_dir: Path, config: PipelineConfig, info: RunInfo, main: bool) -> Path | None:
-    """Check a reused run folder belongs to this run, write config.yaml and run.json, pick the resume point."""
-    resume_value = config.train.resume
-    if resume_value == "unfinished":
-        # `dvc repro` reruns a finished stage only because its inputs changed: that is a new run, not more of
-        # the old one (which DVC keeps in its cache). A stopped run has no result.json yet and is continued.
-        resume_value = "never" if (run_dir / RESULT_FILE).is_file() else "auto"
-    previous = run_dir / CONFIG_FILE
-    if resume_value != "never" and previous.is_file():
-        _check_same_run(run_dir, config, info)
-    if resume_value == "auto":
-        done = checkpoints(run_dir)
-        resume = done[-1] if done else None
-    elif resume_value == "never":
-        resume = None
-    else:
-        resume = Path(resume_value).expanduser().resolve()
-        if not (resume / "trainer_state.json").is_file():
-            raise FileNotFoundError(
-                f"train.resume: {resume} is not a complete checkpoint (no trainer_state.json); "
-                "use auto, never, or a checkpoint-N folder"
-            )
-    _barrier()  # every rank has read the folder before rank 0 changes it
-    if main:
-        if resume_value == "never" and run_dir.exists():
-            _clear_run(run_dir, config.train.resume)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        remove_staging_leftovers(run_dir)
-        (run_dir / CONFIG_FILE).write_text(dump_config(config))
-        info.write(run_dir)
-    return resume
-
-
-def _check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> None:
-    old_config = PipelineConfig.model_validate(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
-    old = {k: v for k, v in old_config.to_flat_dict().items() if k.split(".")[0] in RUN_SECTIONS}
-    new = {k: v for k, v in config.to_flat_dict().items() if k.split(".")[0] in RUN_SECTIONS}
-    changed = [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if not k.startswith(RESUMABLE_CHANGES) and old.get(k) != new.get(k)
-    ]
-    if (run_dir / RUN_INFO).is_file():
-        old_info = RunInfo.read(run_dir, run_dir)  # a moved run folder finds a base model that moved with it
-        if Path(old_info.base_model).resolve() != Path(info.base_model).resolve():
-            changed.append(f"base model: {old_info.base_model} -> {info.base_model}")
-        if old_info.dataset_hash != info.dataset_hash:
-            changed.append(f"dataset: {old_info.dataset} -> {info.dataset} (different content)")
-    if changed:
-        raise ValueError(
-            f"{run_dir} holds a run with a different setup, so it cannot be resumed:\n"
-            + "\n".join(f"  - {c}" for c in changed)
-            + "\nuse a new run folder (--run-dir), or start this one over: set train.resume: never, or delete the "
-            "folder (the DVC sft stage, which sets train.resume: unfinished)"
-        )
-
-
-def _clear_run(run_dir: Path, resume: str) -> None:
-    """Starting a run folder over: remove what an earlier run in it wrote."""
-    for path in [*checkpoints(run_dir), run_dir / FINAL_DIR, *run_dir.glob(".staging-*")]:
-        log.warning("train.resume is %s: starting over, deleting %s", resume, path)
-        shutil.rmtree(path, ignore_errors=True)
-    for name in (METRICS_FILE, RESULT_FILE):
-        (run_dir / name).unlink(missing_ok=True)

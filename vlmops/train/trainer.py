@@ -1,9 +1,11 @@
-"""The HF Trainer, adapted for DeepSeek-VL runs: atomic checkpoints, a vision pass on every step, live metrics.
+"""The HF Trainer, adapted for DeepSeek-VL runs: checkpoints marked complete, a vision pass on every step,
+live metrics.
 
-- A checkpoint is written to `.staging-checkpoint-N/` and renamed to `checkpoint-N/` only after every
-  rank has written everything (weights, optimizer, RNG, trainer_state.json, config.yaml, run.json), so a
-  kill never leaves a folder that looks complete. Rotation keeps `train.save_total_limit` checkpoints plus
-  the latest (to resume) and the best (lowest eval loss).
+- The Trainer writes its checkpoints itself (`checkpoint-N/`: weights, optimizer, RNG, trainer_state.json).
+  `CompleteCheckpoints` then adds config.yaml and run.json and, once every rank has saved, the completion
+  marker, last; resume trusts only marked checkpoints, so a kill mid-save never leaves one that looks
+  complete. Rotation keeps `train.save_total_limit` checkpoints plus the latest (to resume) and the best
+  (lowest eval loss).
 - Every step runs the vision tower(s), even on a text-only batch (see `VLTrainer.compute_loss`).
 """
 
@@ -15,20 +17,18 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.template import IGNORE_INDEX
-from vlmops.staging import STAGING_PREFIX, publish_folder
-from vlmops.train.rundir import METRICS_FILE, checkpoints
+from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files
+from vlmops.train.rundir import COMPLETE_MARKER, METRICS_FILE, TRAINER_STATE, checkpoints
 
 log = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
 PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
 # What a checkpoint holds beside the model: optimizer, scheduler, RNG and DeepSpeed state.
 TRAINING_STATE_FILES = (
@@ -40,6 +40,7 @@ TRAINING_STATE_FILES = (
     "global_step*",
     "latest",
     "zero_to_fp32.py",
+    COMPLETE_MARKER,
 )
 
 
@@ -65,17 +66,6 @@ def trained_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
 
 
-def remove_staging_leftovers(run_dir: Path) -> list[Path]:
-    """Delete half-written folders a killed run left behind; returns what was removed."""
-    removed = []
-    for path in sorted(run_dir.glob(f"{STAGING_PREFIX}*")):
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    for path in removed:
-        log.warning("removed %s: a checkpoint a stopped run did not finish writing", path)
-    return removed
-
-
 def rotate_checkpoints(run_dir: Path, keep: int, best: str | None) -> list[Path]:
     """Delete the oldest checkpoints beyond `keep`, never the latest nor the best; returns the deleted ones."""
     ordered = checkpoints(run_dir)
@@ -91,20 +81,12 @@ def rotate_checkpoints(run_dir: Path, keep: int, best: str | None) -> list[Path]
 
 
 class VLTrainer(Trainer):
-    """`Trainer` with atomic checkpoints that carry the run's config, and a vision pass on every step."""
+    """`Trainer` with a vision pass on every step and a final folder that carries the run's config."""
 
-    def __init__(
-        self,
-        *args: Any,
-        run_files: list[Path],
-        dummy_pixels: dict[str, torch.Tensor],
-        keep_checkpoints: int,
-        **kwargs: Any,
-    ):
+    def __init__(self, *args: Any, run_files: list[Path], dummy_pixels: dict[str, torch.Tensor], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.run_files = run_files
         self.dummy_pixels = dummy_pixels
-        self.keep_checkpoints = keep_checkpoints
 
     def compute_loss(
         self,
@@ -137,50 +119,6 @@ class VLTrainer(Trainer):
             return loss + zero, outputs
         return result + zero
 
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        # Same steps as Trainer._save_checkpoint, but into a staging folder that is renamed into place at the end.
-        step = self.state.global_step
-        run_dir = Path(self._get_output_dir(trial=trial))
-        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        staging = run_dir / f"{STAGING_PREFIX}{final.name}"
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        if self.hp_search_backend is None and trial is None:
-            self.store_flos()
-        self.save_model(str(staging), _internal_call=True)
-        best_step = self.state.best_global_step
-        if best_step:
-            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best_step}"
-            if best_step == step or best.is_dir():
-                self.state.best_model_checkpoint = str(best)
-        if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(str(staging))
-            self._save_scaler(str(staging))
-            self._save_rng_state(str(staging))
-        if self.args.should_save:
-            self._store_callback_states()
-            self.state.save_to_json(str(staging / TRAINER_STATE))
-            for path in self.run_files:
-                shutil.copy2(path, staging / path.name)
-        self.accelerator.wait_for_everyone()  # every rank's shards are in staging
-        if self.args.should_save:
-            publish_folder(staging, final)
-            for path in rotate_checkpoints(run_dir, self.keep_checkpoints, self.state.best_model_checkpoint):
-                log.info("deleted %s (train.save_total_limit %d)", path, self.keep_checkpoints)
-        self.accelerator.wait_for_everyone()
-
-    def _store_callback_states(self) -> None:
-        states = cast(dict[str, Any], self.state.stateful_callbacks)
-        for cb in [*self.callback_handler.callbacks, self.control]:
-            if isinstance(cb, ExportableState):
-                name = cb.__class__.__name__
-                if isinstance(states.get(name), list):
-                    states[name].append(cb.state())
-                else:
-                    states[name] = cb.state()
-
     def save_final(self, folder: Path, from_checkpoint: Path | None = None) -> None:
         """The trained result (adapter or full model, with the processor and run files), written atomically.
 
@@ -201,6 +139,40 @@ class VLTrainer(Trainer):
         if self.args.should_save:
             publish_folder(staging, folder)
         self.accelerator.wait_for_everyone()
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """After the Trainer's own save: the run files into the checkpoint, then, once every rank has written its part,
+    the completion marker (last), then rotation. Only rank 0 writes; every rank waits at the barrier.
+
+    `on_save` runs right after `Trainer._save_checkpoint` returns, on every rank.
+    """
+
+    def __init__(self, run_files: list[Path], keep: int):
+        self.run_files = run_files
+        self.keep = keep
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        barrier()  # every rank's shards, optimizer and RNG state are on disk
+        if not state.is_world_process_zero:
+            return
+        run_dir = Path(args.output_dir)
+        checkpoint = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        for path in self.run_files:
+            shutil.copy2(path, checkpoint / path.name)
+        # The Trainer does not fsync: flush its files first, so the marker never reaches the disk before them.
+        sync_files(checkpoint)
+        (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": state.global_step}) + "\n")
+        sync_files(checkpoint)
+        sync_entries(checkpoint)
+        for path in rotate_checkpoints(run_dir, self.keep, state.best_model_checkpoint):
+            log.info("deleted %s (train.save_total_limit %d)", path, self.keep)
 
 
 class CheckpointPolicy(TrainerCallback):
