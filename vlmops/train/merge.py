@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 PARITY_QUESTION = "What colour is the shape?"
 PARITY_TEXT = "Which shapes can appear?"
-# Files of a training folder that are not part of a model.
-NOT_MODEL_FILES = {"training_args.bin", "optimizer.pt", "scheduler.pt", "trainer_state.json", "README.md"}
 
 
 class MergeParityError(RunFailed):
