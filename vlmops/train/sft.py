@@ -292,7 +292,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         processing_class=processor,
         callbacks=[
             CheckpointPolicy(),
-            CompleteCheckpoints(run_files, keep=t.save_total_limit),
+            CompleteCheckpoints(run_dir, run_files, keep=t.save_total_limit),
             MetricsLog(run_dir),
             throughput,
         ],

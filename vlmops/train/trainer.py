@@ -154,7 +154,8 @@ class CompleteCheckpoints(TrainerCallback):
     `on_save` runs right after `Trainer._save_checkpoint` returns, on every rank.
     """
 
-    def __init__(self, run_files: list[Path], keep: int):
+    def __init__(self, run_dir: Path, run_files: list[Path], keep: int):
+        self.run_dir = run_dir
         self.run_files = run_files
         self.keep = keep
 
@@ -162,8 +163,7 @@ class CompleteCheckpoints(TrainerCallback):
         barrier()  # every rank's shards, optimizer and RNG state are on disk
         if not state.is_world_process_zero:
             return
-        run_dir = Path(args.output_dir)
-        checkpoint = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        checkpoint = self.run_dir / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         for path in self.run_files:
             shutil.copy2(path, checkpoint / path.name)
         # The Trainer does not fsync: flush its files first, so the marker never reaches the disk before them.
@@ -171,7 +171,7 @@ class CompleteCheckpoints(TrainerCallback):
         (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": state.global_step}) + "\n")
         sync_files(checkpoint)
         sync_entries(checkpoint)
-        for path in rotate_checkpoints(run_dir, self.keep, state.best_model_checkpoint):
+        for path in rotate_checkpoints(self.run_dir, self.keep, state.best_model_checkpoint):
             log.info("deleted %s (train.save_total_limit %d)", path, self.keep)
 
 
