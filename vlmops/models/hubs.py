@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 
 def local_folder(resolved: ResolvedModel) -> Path:
+    """The folder of a `source: local` model; a tiny catalog entry is built there first if it is missing."""
     from vlmops.models.tiny import build_tiny_model
 
     folder = Path(resolved.id).expanduser()
@@ -55,6 +56,7 @@ def local_folder(resolved: ResolvedModel) -> Path:
 
 
 def local_snapshot(resolved: ResolvedModel, cache: Path) -> tuple[Path, Path]:
+    """(folder, manifest path): the manifest is keyed by the folder's absolute path, outside the folder."""
     folder = local_folder(resolved)
     key = hashlib.sha1(str(folder.resolve()).encode(), usedforsecurity=False).hexdigest()[:12]
     return folder, cache / "manifests" / "local" / f"{safe_name(folder.name)}-{key}.json"
@@ -190,6 +192,7 @@ class HuggingFace:
 
 
 def hub_snapshot(resolved: ResolvedModel, cache: Path, refresh: bool, hub: Hub) -> tuple[Path, Path, dict[str, Any]]:
+    """(snapshot, manifest path, manifest) of a hub model: the verified cache, or a (resumed) download."""
     hub_cache = cache / hub.subdir
     manifest_path = (
         cache / "manifests" / hub.subdir / safe_name(resolved.id) / f"{safe_name(resolved.revision or 'default')}.json"
@@ -282,6 +285,7 @@ def _is_connection_error(err: BaseException) -> bool:
 def s3_snapshot(
     resolved: ResolvedModel, storage_cfg: StorageConfig | None, cache: Path, refresh: bool
 ) -> tuple[Path, Path, dict[str, Any]]:
+    """(folder, manifest path, manifest) of an S3 prefix: the verified copy, or a sync of the model files."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     from vlmops.storage import download_prefix, list_objects, parse_s3_uri, s3_client
