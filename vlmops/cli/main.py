@@ -6,7 +6,7 @@ vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive c
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
 vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
-vlmops download  [--config ...] [--set ...]                        fetch (and convert) the base model
+vlmops download  [NAME] [--refresh] [--config ...] [--set ...]     fetch (and convert) a model
 vlmops convert   SRC DST                                           original release -> transformers
 vlmops models                                                      the model catalog
 vlmops demo-data OUT                                               write the synthetic demo dataset
