@@ -252,7 +252,8 @@ class StaticDecoder:
         self.tokens.copy_(saved[0])
         self.positions.copy_(saved[1])
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the engine's image threads may pin host memory while this thread captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             self._step(rows, columns)
         self._graphs[(rows, columns)] = graph
         log.debug("captured a decode step for %d rows x %d columns", rows, columns)

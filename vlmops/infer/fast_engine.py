@@ -168,7 +168,13 @@ class FastEngine:
         # towers, the step's logits and allocator slack.
         prefill_tokens = self.prefill_batch * self.max_context
         activations = prefill_tokens * (6 * config.hidden_size + 3 * config.intermediate_size) * element
-        reserve = 2 * per_slot // self.max_context * prefill_tokens + activations + 2 * GIB
+        reserve = per_slot // self.max_context * prefill_tokens + activations + 2 * GIB
+        high_res = getattr(self.model.config, "high_res_vision_config", None)
+        if high_res is not None:
+            # The 7b's SAM tower materialises a relative-position bias of heads x tokens^2 per image in its
+            # global-attention layers (4096 tokens at 1024 px): ~0.4 GiB per image in bf16, twice while built.
+            tokens = (high_res.image_size // high_res.patch_size) ** 2
+            reserve += 2 * self.prefill_batch * high_res.num_attention_heads * tokens**2 * element
         used = torch.cuda.memory_allocated(self.device)
         fit = int((memory_gib * GIB - used - reserve) // per_slot)
         if fit < 1:
