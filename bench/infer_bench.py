@@ -11,8 +11,10 @@ Rows, per model:
                 first: CUDA-graph capture and compilation), for each B of --batches
   engine-eager  the same at batch 32 without torch.compile, and with matmul attention (what each buys)
   budget        the 7b under `memory_gib` (default 75, inside an 80 GB card) with up to 256 slots
-  confident     the match rate again with the LM head scaled x25 (random heads give near-tied logits;
-                a trained model's are far apart)
+  generate-rebatched  generate again on the same 32 prompts in two batches of 16: how far bf16 generate
+                agrees with itself when only the batching changes (the noise floor of the match rate)
+  float32       the 1.3b in float32 on the GPU (CUDA graphs and compilation on): engine vs generate,
+                which must agree on every token
 
 tokens/s = generated tokens / wall time of the whole call (image preprocessing, prefill and decode);
 decode tokens/s counts decode steps only; match = share of the 32 x 128 reference token positions where
@@ -57,7 +59,6 @@ from vlmops.models.template import encode  # noqa: E402
 GIB = 2**30
 NUM_IMAGE_TOKENS = 576
 TEXT_WORDS = 22  # ~32 text tokens with BOS and the template's "User: ... Assistant:"
-CONFIDENT_HEAD_SCALE = 25.0
 
 
 def build_random(arch: str, size: str, work: Path, device: str) -> LoadedModel:
@@ -219,6 +220,11 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     start = time.perf_counter()
     loaded = build_random(arch, args.size, Path(args.work), device)
     print(f"[{arch}] built in {time.perf_counter() - start:.1f} s", flush=True)
+    attn = {
+        name: getattr(getattr(loaded.model.config, name, None), "_attn_implementation", None)
+        for name in ("text_config", "vision_config", "high_res_vision_config")
+    }
+    print(f"[{arch}] attention: {attn}", flush=True)
     images = random_images(16, seed=1)
     pool = make_requests(loaded, max([*batches, 256 if args.budget else 0]), images, seed=0)
     prompt_len = sum(len(r.prompt_ids) for r in pool) / len(pool)
@@ -303,6 +309,11 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             "engine-matmul-attention",
             lambda: engine_row("engine-matmul", max(batches), max(batches), attention="matmul"),
         )
+    if args.prefill_alt and device == "cuda":
+        guarded(
+            "engine-prefill-alt",
+            lambda: engine_row("engine", max(batches), max(batches), prefill_batch=args.prefill_alt),
+        )
     if args.budget and arch == "7b":
         guarded(
             "budget",
@@ -310,17 +321,56 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         )
     if args.e2e:
         guarded("e2e", lambda: e2e(loaded, arch, args, max(batches), max_context, record))
-    if not args.no_confident:
-        with torch.no_grad():
-            loaded.model.lm_head.weight.mul_(CONFIDENT_HEAD_SCALE)
-        reference.clear()
 
-        def confident() -> None:
+    def rebatched() -> None:
+        half = match_batch // 2
+        first, seconds_a = plain_generate(loaded, pool[:half], new_tokens, device)
+        second, seconds_b = plain_generate(loaded, pool[half:match_batch], new_tokens, device)
+        rate, whole, divergence = match_rate(reference, {**first, **second})
+        record(
+            {
+                "case": "generate-rebatched",
+                "batch": half,
+                "prompts": match_batch,
+                "seconds": round(seconds_a + seconds_b, 3),
+                "tokens_per_s": round(match_batch * new_tokens / (seconds_a + seconds_b), 1),
+                "match": round(rate, 4),
+                "rows_equal": whole,
+                "mean_first_divergence": round(divergence, 1),
+            }
+        )
+
+    guarded("generate-rebatched", rebatched)
+    if args.profile and device == "cuda":
+        guarded("profile", lambda: profile_prefill(loaded, pool[: args.prefill_batch], max_context, args))
+    if args.float32 and arch == "1.3b" and device == "cuda":
+
+        def float32() -> None:
+            torch.backends.cudnn.allow_tf32 = False  # the vision towers' patch convolutions
+            loaded.model.float()
+            reference.clear()
             tokens, _ = plain_generate(loaded, pool[:match_batch], new_tokens, device)
             reference.update(tokens)
-            engine_row("confident", match_batch, match_batch)
+            engine_row("float32", match_batch, match_batch)
 
-        guarded("confident", confident)
+        guarded("float32", float32)
+
+
+def profile_prefill(loaded: LoadedModel, reqs: list[GenerationRequest], max_context: int, args: Any) -> None:
+    """Kernel times of one prefill batch (the engine with max_new_tokens 1 does nothing else)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = FastEngine(
+        loaded, InferConfig(max_new_tokens=1), max_batch=len(reqs), max_context=max_context, prefill_batch=len(reqs)
+    )
+    for _ in engine.generate(reqs):
+        pass
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in engine.generate(reqs):
+            pass
+        torch.cuda.synchronize()
+    print(f"prefill of {len(reqs)} prompts: {1000 * engine.stats.prefill_s:.1f} ms", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
 
 def e2e(loaded: LoadedModel, arch: str, args: argparse.Namespace, batch: int, max_context: int, record: Any) -> None:
@@ -401,7 +451,9 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=75.0, help="memory_gib of the 7b budget row (0: skip)")
     parser.add_argument("--image-workers", type=int, default=8)
     parser.add_argument("--e2e", action="store_true", help="also decode image files through the engine")
-    parser.add_argument("--no-confident", action="store_true", help="skip the confident-head match rows")
+    parser.add_argument("--prefill-alt", type=int, default=32, help="prefill batch of an extra row (0: skip)")
+    parser.add_argument("--float32", action="store_true", help="also check the 1.3b in float32 on the GPU")
+    parser.add_argument("--profile", action="store_true", help="print the kernel times of one prefill batch")
     parser.add_argument("--work", default="/tmp/infer-bench")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args()

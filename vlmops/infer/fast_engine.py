@@ -81,7 +81,8 @@ class FastEngine:
         max_batch: decoding slots (rows per step); lowered to fit `memory_gib`.
         max_context: prompt + answer tokens a slot holds; longer requests are refused.
         prefill_batch: prompts per prefill forward.
-        min_refill: free slots that trigger a prefill while other rows decode (default max_batch / 8).
+        min_refill: free slots that trigger a prefill while other rows decode (default max_batch / 8, at
+            most prefill_batch).
         memory_gib: cap on the GPU memory the model, the cache and prefill may take together.
         cuda_graphs: capture decode steps (default: on CUDA).
         compile: torch.compile the per-layer arithmetic of the step (default: on CUDA).
@@ -151,7 +152,9 @@ class FastEngine:
             suppress_token=tokenizer.eos_token_id if ignore_eos else None,
         )
         self.slots = slots
-        self.min_refill = max(1, min_refill if min_refill is not None else slots // MIN_REFILL_SHARE)
+        # Never more than a prefill batch: otherwise the last few free slots of a wave would stay empty.
+        default_refill = min(prefill_batch, max(1, slots // MIN_REFILL_SHARE))
+        self.min_refill = max(1, min_refill if min_refill is not None else default_refill)
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
