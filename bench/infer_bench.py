@@ -9,7 +9,8 @@ Rows, per model:
   generate      plain `model.generate` on a batch of 32 (the baseline; its tokens are the reference)
   engine        FastEngine with `max_batch` B over B prompts (one warm-up pass over the same prompts
                 first: CUDA-graph capture and compilation), for each B of --batches
-  engine-eager  the same at batch 32 without torch.compile, and with matmul attention (what each buys)
+  engine-eager  the same at batch 32 without torch.compile; engine-matmul: matmul attention in decode;
+                engine-model-prefill: prefill through the VLM's own forward (what each choice buys)
   budget        the 7b under `memory_gib` (default 75, inside an 80 GB card) with up to 256 slots
   generate-rebatched  generate again on the same 32 prompts in two batches of 16: how far bf16 generate
                 agrees with itself when only the batching changes (the noise floor of the match rate)
@@ -314,6 +315,11 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             "engine-prefill-alt",
             lambda: engine_row("engine", max(batches), max(batches), prefill_batch=args.prefill_alt),
         )
+    if device == "cuda":
+        guarded(
+            "engine-model-prefill",
+            lambda: engine_row("engine-model-prefill", max(batches), max(batches), prefill="model"),
+        )
     if args.budget and arch == "7b":
         guarded(
             "budget",
@@ -451,7 +457,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=75.0, help="memory_gib of the 7b budget row (0: skip)")
     parser.add_argument("--image-workers", type=int, default=8)
     parser.add_argument("--e2e", action="store_true", help="also decode image files through the engine")
-    parser.add_argument("--prefill-alt", type=int, default=32, help="prefill batch of an extra row (0: skip)")
+    parser.add_argument("--prefill-alt", type=int, default=0, help="prefill batch of an extra row (0: skip)")
     parser.add_argument("--float32", action="store_true", help="also check the 1.3b in float32 on the GPU")
     parser.add_argument("--profile", action="store_true", help="print the kernel times of one prefill batch")
     parser.add_argument("--work", default="/tmp/infer-bench")

@@ -79,14 +79,17 @@ def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConf
     return results
 
 
-@pytest.mark.parametrize(("variant", "count"), [("tiny_model", 64), ("tiny_hybrid_model", 24)])
-def test_greedy_answers_equal_generate(variant: str, count: int, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize(
+    ("variant", "count", "prefill"),
+    [("tiny_model", 64, "own"), ("tiny_hybrid_model", 24, "own"), ("tiny_model", 24, "model")],
+)
+def test_greedy_answers_equal_generate(variant: str, count: int, prefill: str, request: pytest.FixtureRequest) -> None:
     loaded = loaded_with_eos(request.getfixturevalue(variant))
     cfg = InferConfig(max_new_tokens=16)
     reqs = requests(loaded, count)
     expected = reference(loaded, reqs, cfg)
     # 8 slots refilled 3 prompts at a time: rows join and leave the decoding batch at different steps.
-    engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, image_workers=2)
+    engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, image_workers=2, prefill=prefill)
     got = {result.key: result for result in engine.generate(iter(reqs))}
     assert sorted(got) == sorted(expected)
     for key, want in expected.items():

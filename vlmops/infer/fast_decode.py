@@ -219,6 +219,38 @@ class StaticDecoder:
         self.positions.index_copy_(0, index, torch.tensor(lengths, device=self.device))
 
     @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, slots: list[int], lengths: list[int]) -> torch.Tensor:
+        """Run the language model over right-padded prompt embeddings [rows, T, hidden] into `slots`.
+
+        The same per-layer functions as the decode step (compiled once for any row count), with causal
+        attention over each row; K/V go straight into the slots. Returns each row's first greedy token.
+        """
+        rows, width, hidden = embeds.shape
+        index = torch.tensor(slots, device=self.device)
+        positions = torch.arange(width, device=self.device).repeat(rows)
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = embeds.reshape(rows * width, hidden)
+        for layer_index, layer in enumerate(self.layers):
+            q, k, v = self._pre(
+                x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
+            )
+            q, k, v = (t.view(rows, width, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            self.k_cache[layer_index, :, :, :width].index_copy_(0, index, k)
+            self.v_cache[layer_index, :, :, :width].index_copy_(0, index, v)
+            if self.kv_heads != self.heads:
+                k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+                v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            attn = attn.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim)
+            x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
+        last = torch.tensor(lengths, device=self.device) - 1 + torch.arange(rows, device=self.device) * width
+        logits = F.linear(rms_norm(x[last], self.final_norm, self.eps), self.lm_head)
+        self.positions.index_copy_(0, index, torch.tensor(lengths, device=self.device))
+        tokens = self.greedy(logits)
+        self.tokens.index_copy_(0, index, tokens)
+        return tokens
+
+    @torch.no_grad()
     def set_first_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
         self.tokens.index_copy_(0, torch.tensor(slots, device=self.device), tokens)
 

@@ -87,6 +87,9 @@ class FastEngine:
         cuda_graphs: capture decode steps (default: on CUDA).
         compile: torch.compile the per-layer arithmetic of the step (default: on CUDA).
         attention: "sdpa" or "matmul" for the decode step's attention.
+        prefill: "own" runs the vision towers through transformers, then the language model with the
+            decode step's (compiled) layer functions, K/V written straight into the slots; "model" runs
+            the VLM's own forward and copies K/V out of its cache.
         image_workers: threads preprocessing images ahead of the GPU.
         ignore_eos: never produce EOS (its logit masked, as generate's min_new_tokens does): every answer
             runs to max_new_tokens. For benchmarks.
@@ -105,6 +108,7 @@ class FastEngine:
         cuda_graphs: bool | None = None,
         compile: bool | None = None,
         attention: str = "sdpa",
+        prefill: str = "own",
         image_workers: int = 4,
         ignore_eos: bool = False,
         row_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512),
@@ -129,6 +133,9 @@ class FastEngine:
                 f"FastEngine needs a DeepSeek-VL model with merged weights, got {type(self.model).__name__}; "
                 "merge a LoRA adapter first (peft's merge_and_unload) or use the plain engine"
             )
+        if prefill not in ("own", "model"):
+            raise UserInputError(f"prefill={prefill!r}: use own or model")
+        self.prefill_mode = prefill
         self.max_new_tokens = infer_cfg.max_new_tokens
         self.max_context = max_context
         self.prefill_batch = prefill_batch
@@ -281,6 +288,13 @@ class FastEngine:
         for name in {name for item in group for name in item.pixels}:
             tensors = [item.pixels[name] for item in group if name in item.pixels]
             inputs[name] = torch.cat(tensors).to(self.device, non_blocking=True)
+        if self.prefill_mode == "own":
+            embeds = self.model.get_input_embeddings()(inputs.pop("input_ids"))
+            if inputs:
+                features = _image_features(self.model.model, inputs)
+                mask = (input_ids == self.image_token_id).to(self.device, non_blocking=True).unsqueeze(-1)
+                embeds = embeds.masked_scatter(mask, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+            return [int(t) for t in self.decoder.prefill(embeds, slots, lengths).tolist()]
         output = self.model.model(**inputs, use_cache=True)
         last = torch.tensor(lengths, device=self.device) - 1
         hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), last]
@@ -324,6 +338,20 @@ class FastEngine:
         if len(row.tokens) >= self.max_new_tokens:
             return GenerationResult(row.key, row.tokens, "length")
         return None
+
+
+def _image_features(vlm: Any, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The aligned image embeddings [images, tokens, hidden]: what the VLM scatters into the prompt.
+
+    transformers 5.17 returns the tensor, later releases an output object carrying it as `pooler_output`.
+    """
+    output = vlm.get_image_features(**pixels)
+    features = output if isinstance(output, torch.Tensor) else getattr(output, "pooler_output", None)
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(
+            f"get_image_features returned {type(output).__name__}; use prefill='model' with this transformers"
+        )
+    return features
 
 
 def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
