@@ -90,7 +90,13 @@ def post_attention(
     down: torch.Tensor,
     eps: float,
 ) -> torch.Tensor:
-    """Output projection and residual, then the post-attention norm, the SiLU MLP and its residual."""
+    """Output projection and residual, then the post-attention norm, the SiLU MLP and its residual.
+
+    `attn` is the attention output [batch, heads, tokens, head_dim] as SDPA returns it (tokens 1 in decode);
+    it is flattened here, inside the compiled function, so that no view of another tensor is passed in
+    (torch.compile guards on a view's base and would recompile for each new prefill shape).
+    """
+    attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = x + F.linear(attn, o)
     gate, up = F.linear(rms_norm(x, norm, eps), gate_up).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, down)
@@ -219,17 +225,17 @@ class StaticDecoder:
         self.positions.index_copy_(0, index, torch.tensor(lengths, device=self.device))
 
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, slots: list[int], lengths: list[int]) -> torch.Tensor:
-        """Run the language model over right-padded prompt embeddings [rows, T, hidden] into `slots`.
+    def prefill(self, embeds: torch.Tensor, width: int, slots: list[int], lengths: list[int]) -> torch.Tensor:
+        """Run the language model over right-padded prompt embeddings [rows * width, hidden] into `slots`.
 
         The same per-layer functions as the decode step (compiled once for any row count), with causal
         attention over each row; K/V go straight into the slots. Returns each row's first greedy token.
         """
-        rows, width, hidden = embeds.shape
+        rows = len(slots)
         index = torch.tensor(slots, device=self.device)
         positions = torch.arange(width, device=self.device).repeat(rows)
         cos, sin = self.cos[positions], self.sin[positions]
-        x = embeds.reshape(rows * width, hidden)
+        x = embeds
         for layer_index, layer in enumerate(self.layers):
             q, k, v = self._pre(
                 x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
@@ -241,7 +247,6 @@ class StaticDecoder:
                 k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
                 v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            attn = attn.transpose(1, 2).reshape(rows * width, self.heads * self.head_dim)
             x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
         last = torch.tensor(lengths, device=self.device) - 1 + torch.arange(rows, device=self.device) * width
         logits = F.linear(rms_norm(x[last], self.final_norm, self.eps), self.lm_head)
@@ -311,8 +316,7 @@ class StaticDecoder:
         self.positions[:rows].add_(self.active[:rows])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Attention of one query per row over the row's cache columns; returns [rows, heads * head_dim]."""
-        rows = q.shape[0]
+        """Attention of one query per row over the row's cache columns; returns [rows, heads, 1, head_dim]."""
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -323,4 +327,4 @@ class StaticDecoder:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
             scores = scores.masked_fill(~visible, float("-inf"))
             out = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
-        return out.reshape(rows, self.heads * self.head_dim)
+        return out

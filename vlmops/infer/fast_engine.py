@@ -289,12 +289,13 @@ class FastEngine:
             tensors = [item.pixels[name] for item in group if name in item.pixels]
             inputs[name] = torch.cat(tensors).to(self.device, non_blocking=True)
         if self.prefill_mode == "own":
-            embeds = self.model.get_input_embeddings()(inputs.pop("input_ids"))
+            # Flat [rows * width, hidden]: the layer functions see one token per row, as in decode.
+            embeds = self.model.get_input_embeddings()(inputs.pop("input_ids").view(-1))
             if inputs:
                 features = _image_features(self.model.model, inputs)
-                mask = (input_ids == self.image_token_id).to(self.device, non_blocking=True).unsqueeze(-1)
+                mask = (input_ids.view(-1, 1) == self.image_token_id).to(self.device, non_blocking=True)
                 embeds = embeds.masked_scatter(mask, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-            return [int(t) for t in self.decoder.prefill(embeds, slots, lengths).tolist()]
+            return [int(t) for t in self.decoder.prefill(embeds, width, slots, lengths).tolist()]
         output = self.model.model(**inputs, use_cache=True)
         last = torch.tensor(lengths, device=self.device) - 1
         hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), last]
