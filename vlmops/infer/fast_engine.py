@@ -77,6 +77,10 @@ class _Row:
 class FastEngine:
     """Greedy generation for DeepSeek-VL (1.3b and the 7b hybrid) on CUDA, and on CPU for tests.
 
+    Building one rebinds the language model's q/k/v and gate/up weights to views of fused tensors (values
+    unchanged, no extra memory) and allocates the KV cache for `max_batch` slots. One `generate` call at a
+    time per engine: the slots are the engine's state.
+
     Tuning:
         max_batch: decoding slots (rows per step); lowered to fit `memory_gib`.
         max_context: prompt + answer tokens a slot holds; longer requests are refused.
