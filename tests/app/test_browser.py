@@ -163,10 +163,15 @@ def test_upload_ask_stream_and_follow_up(page, single_url: str, images: dict[str
     assert page.locator("#chat-0 .user img").count() == 2  # both uploaded images are in the conversation
     screenshot(page, tmp_path, "single-first-answer")
 
+    # The settings on the page apply to the next turn: each token of this model is one word.
+    max_new_tokens = page.locator("#settings input[type=number]").first
+    max_new_tokens.fill("6")
+    max_new_tokens.press("Enter")
     page.evaluate(WATCH_ANSWERS, "chat-0")
     ask(page, "And what shape is it?")
     answers = wait_for_answers(page, "chat-0", 2)
-    assert len(answers) == 2 and answers[0] == first[0] and answers[1]
+    assert len(answers) == 2 and answers[0] == first[0]
+    assert len(answers[1].split()) == 6, answers[1]
     assert_streamed(streamed_texts(page, "chat-0"), answers[1])
     assert "What colour is the shape?" in page.locator("#chat-0").inner_text()
     assert "And what shape is it?" in page.locator("#chat-0").inner_text()

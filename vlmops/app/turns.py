@@ -63,7 +63,8 @@ def check_turn(model: PageModel, query: str, images: Sequence[str], history: His
         )
     settings.apply(model.defaults)
     try:
-        length = model.chat.prompt_length(query, history, images)
+        with model.lock:  # a ChatModel is not thread-safe (its tokenizer may be streaming another answer)
+            length = model.chat.prompt_length(query, history, images)
     except ImageLoadError as err:
         raise TurnRefused(f"{err}") from err
     needed = length + int(settings.max_new_tokens)
