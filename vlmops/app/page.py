@@ -23,6 +23,7 @@ import gradio as gr
 from vlmops.app.models import ModelCard, PageModel
 from vlmops.app.turns import Settings, TurnRefused, check_turn, stream_answers
 from vlmops.data.conversation import ImageRef, parse_img_tags
+from vlmops.errors import UserInputError
 from vlmops.infer.chat import History
 
 log = logging.getLogger(__name__)
@@ -170,16 +171,22 @@ def serve(models: Sequence[PageModel], host: str, port: int, login: tuple[str, s
     """Serve the page on `host:port` until interrupted (`login`: the user and password it asks for)."""
     page = build_page(models)
     page.queue(default_concurrency_limit=None)
-    page.launch(
-        server_name=host,
-        server_port=port,
-        auth=login,
-        auth_message="Log in to chat with the model" if login else None,
-        share=False,
-        inbrowser=False,
-        show_error=False,  # errors the page did not turn into a message are logged here, not shown to visitors
-        footer_links=[],
-        theme=gr.themes.Default(
-            font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
-        ),
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )
+    try:
+        page.launch(
+            server_name=host,
+            server_port=port,
+            auth=login,
+            auth_message="Log in to chat with the model" if login else None,
+            share=False,
+            inbrowser=False,
+            show_error=False,  # errors the page did not turn into a message are logged here, not shown to visitors
+            footer_links=[],
+            theme=theme,  # system fonts: the page loads nothing from other sites
+        )
+    except OSError as err:  # the port is taken, or the host is not an address of this machine
+        raise UserInputError(
+            f"cannot serve the chat page on {host}:{port}: {err}; pick another --port or --host"
+        ) from err

@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     # Refuse an open page on the network before spending minutes loading models.
     login = page_login(args.host, args.auth, os.environ)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing phones home (read when gradio is imported)
     try:
         from vlmops.app.page import serve
     except ImportError as err:
