@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TITLE = "vlmops chat"
 MAX_NEW_TOKENS_LIMIT = 4096
+MAX_UPLOAD = "50mb"  # per file: photos are a few MB; anything far larger is a mistake or abuse
 # Lineage first, in this order; any other tag of the version (metrics, ...) follows alphabetically.
 LINEAGE_FIRST = (
     "git_commit",
@@ -184,6 +185,7 @@ def serve(models: Sequence[PageModel], host: str, port: int, login: tuple[str, s
             inbrowser=False,
             show_error=False,  # errors the page did not turn into a message are logged here, not shown to visitors
             footer_links=[],
+            max_file_size=MAX_UPLOAD,
             theme=theme,  # system fonts: the page loads nothing from other sites
         )
     except OSError as err:  # the port is taken, or the host is not an address of this machine
