@@ -47,7 +47,7 @@ def test_unreadable_image_is_refused_and_the_next_turn_is_answered(
 ) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png at all")
-    with pytest.raises(TurnRefused, match=r"broken\.png: not a readable image"):
+    with pytest.raises(TurnRefused, match=r"^broken\.png cannot be read as an image: attach a PNG"):
         check_turn(page_model, "What is this?", [str(broken)], [], settings(page_model))
     check_turn(page_model, "What is this?", [str(images["red"])], [], settings(page_model))
     assert answer([page_model], "What is this?", [str(images["red"])])[0]

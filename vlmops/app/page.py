@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -141,12 +140,8 @@ def _respond(
         for model, history in zip(models, states):
             check_turn(model, query, images, history, settings)
     except TurnRefused as err:
-        # The box keeps what the visitor sent, so they can fix it and send again. An upload is named as the
-        # visitor knows it, not by the path Gradio saved it under.
-        reason = str(err)
-        for path in images:
-            reason = reason.replace(path, Path(path).name)
-        yield (gr.update(), states, f"⚠️ {reason}", *shown)
+        # The box keeps what the visitor sent, so they can fix it and send again.
+        yield (gr.update(), states, f"⚠️ {err}", *shown)
         return
     turn = models[0].chat.history_turn(query, images)
     asked = [[*messages, *user_messages(turn)] for messages in shown]

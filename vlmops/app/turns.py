@@ -11,12 +11,13 @@ import queue
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from vlmops.app.models import PageModel
 from vlmops.config import InferConfig
-from vlmops.data.images import ImageLoadError
+from vlmops.data.images import ImageLoadError, load_image
 from vlmops.errors import UserInputError
 from vlmops.infer.chat import History
 
@@ -66,7 +67,7 @@ def check_turn(model: PageModel, query: str, images: Sequence[str], history: His
         with model.lock:  # a ChatModel is not thread-safe (its tokenizer may be streaming another answer)
             length = model.chat.prompt_length(query, history, images)
     except ImageLoadError as err:
-        raise TurnRefused(f"{err}") from err
+        raise TurnRefused(_unreadable(images, err)) from err
     needed = length + int(settings.max_new_tokens)
     if needed > model.max_length:
         per_image = model.chat.loaded.num_image_tokens
@@ -75,6 +76,18 @@ def check_turn(model: PageModel, query: str, images: Sequence[str], history: His
             f"+ {int(settings.max_new_tokens)} new tokens) but max_length is {model.max_length}: send fewer "
             "images, lower max new tokens, or clear the conversation"
         )
+
+
+def _unreadable(images: Sequence[str], err: ImageLoadError) -> str:
+    """Which upload failed, named as the visitor knows it (not by the path the server saved it under)."""
+    for uri in images:
+        try:
+            load_image(uri)
+        except ImageLoadError:
+            return (
+                f"{Path(uri).name} cannot be read as an image: attach a PNG, JPEG, WebP or another format Pillow opens"
+            )
+    return str(err)
 
 
 def stream_answer(
