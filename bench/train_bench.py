@@ -187,6 +187,7 @@ def build_dataset(
 
     from vlmops.config import load_config
     from vlmops.data.prepare import prepare_dataset
+    from vlmops.models.template import token_counter
     from vlmops.models.tiny import _CORPUS_WORDS
 
     words = _CORPUS_WORDS.split()
@@ -221,7 +222,7 @@ def build_dataset(
         raw / "train.jsonl",
         raw / "eval.jsonl",
         folder / "snapshots",
-        processor.tokenizer,
+        token_counter(processor.tokenizer, processor.num_image_tokens),
         processor.num_image_tokens,
     )
     return snapshot.path

@@ -11,6 +11,7 @@ from prefect import task
 from tasks.caching import inputs_and_files
 from vlmops.config import DataConfig, StorageConfig
 from vlmops.data.prepare import PreparedDataset, prepare_dataset
+from vlmops.models.template import token_counter
 from vlmops.plots import length_histogram
 from vlmops.tracking import Tracker
 
@@ -34,14 +35,14 @@ def validate_dataset(
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(model_path)
+    num_image_tokens = int(processor.num_image_tokens)
     return prepare_dataset(
         data,
         train_file,
         eval_file,
         out_root,
-        processor.tokenizer,
-        int(processor.num_image_tokens),
-        system_prompt=system_prompt,
+        token_counter(processor.tokenizer, num_image_tokens, system_prompt),
+        num_image_tokens,
         storage=storage,
         seed=seed,
     )

@@ -12,6 +12,7 @@ import pytest
 from vlmops.config import DataConfig
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.prepare import load_prepared, prepare_dataset, split_by_ratio
+from vlmops.models.template import token_counter
 
 
 def _png_bytes() -> bytes:
@@ -26,7 +27,7 @@ def _png_bytes() -> bytes:
 
 def test_demo_snapshot_counts_and_lengths(tmp_path: Path, demo_data: tuple[Path, Path], tiny_processor: Any) -> None:
     train, evals = demo_data
-    prepared = prepare_dataset(DataConfig(), train, evals, tmp_path, tiny_processor.tokenizer, 16)
+    prepared = prepare_dataset(DataConfig(), train, evals, tmp_path, token_counter(tiny_processor.tokenizer, 16), 16)
     stats = prepared.report.splits
     assert stats["train"].records == 48 and stats["eval"].records == 8
     assert stats["train"].multi_turn_records > 0
@@ -46,8 +47,8 @@ def test_demo_snapshot_counts_and_lengths(tmp_path: Path, demo_data: tuple[Path,
 
 def test_same_input_same_snapshot(tmp_path: Path, demo_data: tuple[Path, Path], tiny_processor: Any) -> None:
     train, evals = demo_data
-    a = prepare_dataset(DataConfig(), train, evals, tmp_path, tiny_processor.tokenizer, 16)
-    b = prepare_dataset(DataConfig(), train, evals, tmp_path, tiny_processor.tokenizer, 16)
+    a = prepare_dataset(DataConfig(), train, evals, tmp_path, token_counter(tiny_processor.tokenizer, 16), 16)
+    b = prepare_dataset(DataConfig(), train, evals, tmp_path, token_counter(tiny_processor.tokenizer, 16), 16)
     assert a.path == b.path
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -71,7 +72,7 @@ def test_bad_records_stop_or_are_skipped_and_listed(tmp_path: Path, tiny_process
         ]
     }
     data.write_text("\n".join(json.dumps(r) for r in [good, missing, good, inline, {"x": 1}]) + "\n")
-    tok = tiny_processor.tokenizer
+    tok = token_counter(tiny_processor.tokenizer, 16)
     with pytest.raises(DatasetError) as info:
         prepare_dataset(DataConfig(eval_ratio=0.25), data, None, tmp_path / "out", tok, 16)
     locations = sorted(p.location for p in info.value.problems)
@@ -86,7 +87,7 @@ def test_bad_records_stop_or_are_skipped_and_listed(tmp_path: Path, tiny_process
 
 def test_max_length_policies(tmp_path: Path, demo_data: tuple[Path, Path], tiny_processor: Any) -> None:
     train, evals = demo_data
-    tok = tiny_processor.tokenizer
+    tok = token_counter(tiny_processor.tokenizer, 16)
     with pytest.raises(DatasetError, match="data.max_length_policy"):
         prepare_dataset(DataConfig(max_length=80), train, evals, tmp_path, tok, 16)
     dropped = prepare_dataset(DataConfig(max_length=80, max_length_policy="drop"), train, evals, tmp_path, tok, 16)

@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from vlmops.config import DataConfig, dump_config, load_config
 from vlmops.data.demo import draw_shape, write_demo_dataset
 from vlmops.data.prepare import prepare_dataset
+from vlmops.models.template import token_counter
 from vlmops.models.tiny import NUM_IMAGE_TOKENS, build_tiny_model
 from vlmops.train.rundir import CONFIG_FILE, FINAL_DIR, RunInfo
 
@@ -94,7 +95,7 @@ def snapshot(tiny_model: Path, demo_data: tuple[Path, Path], tmp_path_factory: p
         train,
         evals,
         tmp_path_factory.mktemp("datasets"),
-        AutoTokenizer.from_pretrained(tiny_model),
+        token_counter(AutoTokenizer.from_pretrained(tiny_model), NUM_IMAGE_TOKENS),
         NUM_IMAGE_TOKENS,
     )
     return prepared.path

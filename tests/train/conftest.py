@@ -18,6 +18,7 @@ def tiny_models(tiny_model: Path, tiny_hybrid_model: Path) -> dict[str, Path]:
 def snapshot(tmp_path_factory: pytest.TempPathFactory, tiny_processor, demo_data: tuple[Path, Path]) -> PreparedDataset:  # type: ignore[no-untyped-def]
     """The demo data (48 train / 8 eval records) validated into a snapshot, as `train()` reads it."""
     from vlmops.config import DataConfig
+    from vlmops.models.template import token_counter
 
     train_file, eval_file = demo_data
     return prepare_dataset(
@@ -25,6 +26,6 @@ def snapshot(tmp_path_factory: pytest.TempPathFactory, tiny_processor, demo_data
         train_file,
         eval_file,
         tmp_path_factory.mktemp("datasets"),
-        tiny_processor.tokenizer,
+        token_counter(tiny_processor.tokenizer, tiny_processor.num_image_tokens),
         tiny_processor.num_image_tokens,
     )

@@ -13,6 +13,7 @@ import yaml
 
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset, prepare_dataset
+from vlmops.models.template import token_counter
 from vlmops.train.launch import (
     TrainingFailed,
     launch_training,
@@ -143,7 +144,7 @@ def mixed_snapshot(
         folder / "train.jsonl",
         demo_data[1],
         folder / "datasets",
-        tiny_processor.tokenizer,
+        token_counter(tiny_processor.tokenizer, tiny_processor.num_image_tokens),
         tiny_processor.num_image_tokens,
     )
 

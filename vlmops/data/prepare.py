@@ -13,9 +13,8 @@ import json
 import logging
 import os
 import random
-import shutil
 import statistics
-import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,18 @@ from typing import Any
 from tqdm import tqdm
 
 from vlmops.config import DataConfig, PipelineConfig, StorageConfig
-from vlmops.data.conversation import Conversation
+from vlmops.data.conversation import Conversation, Message
 from vlmops.data.demo import write_demo_dataset
 from vlmops.data.formats import REMOTE_PREFIXES, DatasetError, RecordProblem, read_dataset, write_conversations
 from vlmops.data.images import ImageLoadError, open_image_bytes, read_image_bytes
 from vlmops.hashing import sha256_file
-from vlmops.models.template import Tokenizer, encode
+from vlmops.staging import staging_in
 
 log = logging.getLogger(__name__)
+
+TokenCounter = Callable[[Sequence[Message]], int]
+"""A conversation's length in tokens under the model's chat template, images expanded
+(`vlmops.models.template.token_counter`). Passed in, so the data layer does not import the model layer."""
 
 
 @dataclass
@@ -107,13 +110,15 @@ def prepare_dataset(
     train_file: str | os.PathLike[str],
     eval_file: str | os.PathLike[str] | None,
     out_root: str | os.PathLike[str],
-    tokenizer: Tokenizer,
+    count_tokens: TokenCounter,
     num_image_tokens: int,
-    system_prompt: str | None = None,
     storage: StorageConfig | None = None,
     seed: int = 0,
 ) -> PreparedDataset:
     """Validate the dataset files and write their snapshot under `out_root/<hash>` (reused if present).
+
+    `count_tokens` measures a record against `data.max_length`; `num_image_tokens` (what it counts per
+    image) goes into the statistics.
 
     Raises DatasetError listing every rejected record (unless `data.invalid_records` is `skip`) and every
     too-long record (when `data.max_length_policy` is `error`).
@@ -132,25 +137,24 @@ def prepare_dataset(
         sources["eval"] = f"{data.eval_ratio:.0%} of train, seed {seed}"
     report = ValidationReport(sources, data.max_length, data.max_length_policy, num_image_tokens)
     image_names: dict[str, str] = {}
-    staging = Path(tempfile.mkdtemp(prefix=".dataset.", dir=_ensure(Path(out_root))))
-    try:
-        (staging / "images").mkdir()
+    # The snapshot's name is its content hash, known only once everything is written: build it aside and
+    # name it at the end. An existing snapshot with that hash is the same bytes and stays as it is.
+    with staging_in(Path(out_root), "dataset") as stage:
+        (stage.path / "images").mkdir()
         splits = {}
         for name, conversations in (("train", train), ("eval", evals)):
-            kept = _check_records(
+            splits[name] = _check_records(
                 name,
                 conversations,
                 problems,
                 report,
-                tokenizer,
+                count_tokens,
                 num_image_tokens,
-                system_prompt,
                 data,
-                staging / "images",
+                stage.path / "images",
                 image_names,
                 storage,
             )
-            splits[name] = kept
         if problems:
             report.rejected = [asdict(p) for p in problems]
             if data.invalid_records == "error":
@@ -159,18 +163,11 @@ def prepare_dataset(
         if not splits["train"] or not splits["eval"]:
             empty = "train" if not splits["train"] else "eval"
             raise ValueError(f"the {empty} split has no usable records ({sources[empty]})")
-        write_conversations(staging / "train.jsonl", splits["train"], image_names)
-        write_conversations(staging / "eval.jsonl", splits["eval"], image_names)
-        content_hash = _hash_folder(staging)
-        (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        final = Path(out_root) / content_hash[:16]
-        if final.exists():
-            shutil.rmtree(staging)
-        else:
-            staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_conversations(stage.path / "train.jsonl", splits["train"], image_names)
+        write_conversations(stage.path / "eval.jsonl", splits["eval"], image_names)
+        content_hash = _hash_folder(stage.path)
+        (stage.path / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        final = stage.name(content_hash[:16], replace=False)
     log.info("dataset snapshot %s\n%s", final, report.summary())
     return PreparedDataset(final, content_hash, report)
 
@@ -193,9 +190,8 @@ def _check_records(
     conversations: list[Conversation],
     problems: list[RecordProblem],
     report: ValidationReport,
-    tokenizer: Tokenizer,
+    count_tokens: TokenCounter,
     num_image_tokens: int,
-    system_prompt: str | None,
     data: DataConfig,
     image_dir: Path,
     image_names: dict[str, str],
@@ -213,7 +209,7 @@ def _check_records(
         except ImageLoadError as err:
             problems.append(RecordProblem(conv.source, "image", str(err)))
             continue
-        length = len(encode(conv.messages, tokenizer, num_image_tokens, system_prompt))
+        length = count_tokens(conv.messages)
         if length > data.max_length:
             stats.over_max_length += 1
             if data.max_length_policy == "error":
@@ -282,11 +278,6 @@ def _hash_folder(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     """Open an existing snapshot folder (e.g. the one a training run recorded)."""
     folder = Path(path)
@@ -319,17 +310,16 @@ def dataset_inputs(config: PipelineConfig) -> tuple[Path, Path | None]:
     return folder / "train.jsonl", folder / "eval.jsonl"
 
 
-def prepare_from_config(config: PipelineConfig, processor: Any) -> PreparedDataset:
-    """Validate the configured dataset with the model's tokenizer and write its snapshot."""
+def prepare_from_config(config: PipelineConfig, count_tokens: TokenCounter, num_image_tokens: int) -> PreparedDataset:
+    """Validate the configured dataset, measured with the model's template, and write its snapshot."""
     train_file, eval_file = dataset_inputs(config)
     return prepare_dataset(
         config.data,
         train_file,
         eval_file,
         Path(config.run.output_dir) / "datasets",
-        processor.tokenizer,
-        int(processor.num_image_tokens),
-        system_prompt=config.model.system_prompt,
+        count_tokens,
+        num_image_tokens,
         storage=config.storage,
         seed=config.run.seed,
     )

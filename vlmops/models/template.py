@@ -11,7 +11,7 @@ Labels cover each assistant answer and its EOS; everything else is -100.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -157,6 +157,18 @@ def encode(
             pending += seg.text
     flush()
     return Encoded(input_ids, labels, images)
+
+
+def token_counter(
+    tokenizer: Tokenizer, num_image_tokens: int, system_prompt: str | None = None
+) -> Callable[[Sequence[Message]], int]:
+    """How many tokens a conversation takes under this template (images expanded): what dataset
+    validation measures against `data.max_length`, without the data layer importing the template."""
+
+    def count(messages: Sequence[Message]) -> int:
+        return len(encode(messages, tokenizer, num_image_tokens, system_prompt))
+
+    return count
 
 
 def _stripped_parts(message: Message) -> list[Segment]:

@@ -180,11 +180,15 @@ def sft_command(config_path: str | None, overrides: list[str], run_dir: str | No
 
     from vlmops.data.prepare import prepare_from_config
     from vlmops.models.download import download_model
+    from vlmops.models.template import token_counter
 
     try:
         config = load_config(config_path, overrides)
         base_model = download_model(config.model, config.storage, config.run.output_dir).path
-        prepared = prepare_from_config(config, AutoProcessor.from_pretrained(base_model))
+        processor = AutoProcessor.from_pretrained(base_model)
+        num_image_tokens = int(processor.num_image_tokens)
+        count = token_counter(processor.tokenizer, num_image_tokens, config.model.system_prompt)
+        prepared = prepare_from_config(config, count, num_image_tokens)
         folder = Path(run_dir) if run_dir else default_run_dir(config)
         print(f"run folder: {folder} (resume a stopped run with --run-dir {folder})", file=sys.stderr)
         result = launch_training(
