@@ -62,14 +62,8 @@ class DvcStore:
             # the data, so it needs no git repository of its own.
             Repo.init(str(self.root), no_scm=not (self.root / ".git").exists())
             log.info("initialised a DVC repository at %s", self.root)
-        repo = Repo(str(self.root))
-        with repo.config.edit() as conf:
-            remote = conf["remote"].get(self.remote_name, {})
-            if remote.get("url") != self.remote_url:
-                conf["remote"][self.remote_name] = {"url": self.remote_url}
-            conf["core"]["remote"] = self.remote_name
-            conf.setdefault("cache", {})["type"] = CACHE_LINK_TYPE
-        return repo
+        _configure(self.root, self.remote_name, self.remote_url)
+        return Repo(str(self.root))
 
     def track(self, path: str | os.PathLike[str]) -> DvcVersion:
         """`dvc add` then `dvc push` one folder or file inside the repository."""
@@ -143,14 +137,11 @@ def checkout_pointer(pointer: Path, dest: Path) -> Path:
         raise ValueError(f"{pointer}: not a vlmops DVC pointer ({err}); register the model again") from err
     dest.mkdir(parents=True, exist_ok=True)
     Repo.init(str(dest), no_scm=True)
+    _configure(dest, "origin", remote_url)
+    dvc_file = dest / f"{name}.dvc"
+    dvc_file.write_text(dvc_text)
     repo = Repo(str(dest))
     try:
-        with repo.config.edit() as conf:
-            conf["remote"]["origin"] = {"url": remote_url}
-            conf.setdefault("core", {})["remote"] = "origin"
-            conf.setdefault("cache", {})["type"] = CACHE_LINK_TYPE
-        dvc_file = dest / f"{name}.dvc"
-        dvc_file.write_text(dvc_text)
         log.info("DVC: pulling %s (%s) from %s", name, record.get("md5"), remote_url)
         repo.pull(targets=[str(dvc_file)], remote="origin")
     finally:
@@ -167,6 +158,26 @@ def checkout_pointer(pointer: Path, dest: Path) -> Path:
 def cache_object_path(remote_dir: Path, md5: str) -> Path:
     """Where a DVC 3 local remote keeps the object with this hash."""
     return remote_dir / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _configure(root: Path, remote_name: str, remote_url: str) -> None:
+    """Set the default remote and the cache link type in the repository's config file.
+
+    Done before the `Repo` that does the work is opened: a `Repo` reads the cache settings once, so an edit
+    through an open one would apply only to the next.
+    """
+    from dvc.repo import Repo
+
+    repo = Repo(str(root))
+    try:
+        with repo.config.edit() as conf:
+            remote = conf["remote"].get(remote_name, {})
+            if remote.get("url") != remote_url:
+                conf["remote"][remote_name] = {"url": remote_url}
+            conf.setdefault("core", {})["remote"] = remote_name
+            conf.setdefault("cache", {})["type"] = CACHE_LINK_TYPE
+    finally:
+        repo.close()
 
 
 def _absolute_url(url: str) -> str:
