@@ -24,7 +24,7 @@ from tqdm import tqdm
 from vlmops.config import DataConfig, PipelineConfig, StorageConfig
 from vlmops.data.conversation import Conversation, Message
 from vlmops.data.demo import write_demo_dataset
-from vlmops.data.formats import REMOTE_PREFIXES, DatasetError, RecordProblem, read_dataset, write_conversations
+from vlmops.data.formats import DatasetError, RecordProblem, read_dataset, write_conversations
 from vlmops.data.images import ImageLoadError, open_image_bytes, read_image_bytes
 from vlmops.hashing import sha256_file
 from vlmops.staging import staging_in
@@ -257,13 +257,9 @@ def _store_image(uri: str, image_dir: Path, storage: StorageConfig | None) -> st
         suffix = Path(uri.split("?")[0]).suffix.lower() or ".img"
     target = image_dir / f"{digest[:24]}{suffix}"
     if not target.exists():
-        local = Path(uri)
-        try:
-            if uri.startswith(REMOTE_PREFIXES):
-                raise OSError("remote")
-            os.link(local, target)
-        except OSError:
-            target.write_bytes(data)
+        # A copy, never a hardlink to the user's file: an edit to that file would change a snapshot named by
+        # its content, and DVC (which hardlinks the snapshot into its cache) makes cached files read-only.
+        target.write_bytes(data)
     return f"images/{target.name}"
 
 
