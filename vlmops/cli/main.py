@@ -3,10 +3,11 @@
 vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipeline (Prefect flow)
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
+vlmops app       --model M [--compare M2] [--host H --auth U:P]     chat page in the browser, side by side
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
 vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
-vlmops download  [--config ...] [--set ...]                        fetch (and convert) the base model
+vlmops download  [NAME] [--refresh] [--config ...] [--set ...]     fetch (and convert) a model
 vlmops convert   SRC DST                                           original release -> transformers
 vlmops models                                                      the model catalog
 vlmops demo-data OUT                                               write the synthetic demo dataset
@@ -22,13 +23,13 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from vlmops.cli import config, convert, demo_data, download, evaluate, export, infer, models, run, sft, validate
+from vlmops.cli import app, config, convert, demo_data, download, evaluate, export, infer, models, run, sft, validate
 from vlmops.errors import VlmopsError
 
 Handler = Callable[[argparse.Namespace], int]
 
 # In the order `vlmops --help` lists them.
-COMMANDS = (run, sft, infer, export, evaluate, validate, download, convert, models, demo_data, config)
+COMMANDS = (run, sft, infer, app, export, evaluate, validate, download, convert, models, demo_data, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
