@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vlmops.data.conversation import ImageRef, Message
+from vlmops.conversation import ImageRef, Message
 from vlmops.models.catalog import get_entry
 from vlmops.models.convert import convert_checkpoint
 from vlmops.models.template import IMAGE_TOKEN, encode

@@ -50,7 +50,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from vlmops.config import InferConfig  # noqa: E402
-from vlmops.data.conversation import ImageRef, Message  # noqa: E402
+from vlmops.conversation import ImageRef, Message  # noqa: E402
 from vlmops.infer.engine import GenerationRequest  # noqa: E402
 from vlmops.infer.fast_engine import FastEngine  # noqa: E402
 from vlmops.infer.generation import generation_config, model_inputs  # noqa: E402

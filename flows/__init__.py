@@ -1,1 +1,2 @@
-"""Prefect flows: retrain (the whole chain), batch_inference and promote."""
+"""Prefect flows. `retrain` (flows/retrain.py) is the whole chain: download, validate, train, merge, batch
+inference on the eval split, evaluate, register as `@challenger`."""

@@ -32,6 +32,7 @@ from tasks.validate import log_validation, validate_dataset
 from tasks.version import version_path
 from vlmops.config import dump_config, load_config
 from vlmops.data.prepare import dataset_inputs
+from vlmops.evaluate.run import BASE_PREDICTIONS, EVAL_DIR, PREDICTIONS
 from vlmops.models.download import local_source_path
 from vlmops.tracking import Tracker, git_commit, ui_command
 
@@ -148,28 +149,29 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 tracker.set_tags(step, {"dvc.md5": model_version.md5, "dvc.file": model_version.dvc_file})
 
         with tracker.run("batch_infer", parent) as step:
-            predictions = run_dir / "predictions"
-            predictions.mkdir()
+            evaluation = run_dir / EVAL_DIR  # the layout `vlmops eval` writes too
+            evaluation.mkdir()
             base = None
             if config.eval.evaluate_base:
                 base = batch_infer_task(
                     str(snapshot.path),
                     str(dataset.eval_file),
-                    str(predictions / "base.jsonl"),
+                    str(evaluation / BASE_PREDICTIONS),
                     config,
                 )
                 log_batch(tracker, step, "base", base)
             tuned = batch_infer_task(
                 str(merged.path),
                 str(dataset.eval_file),
-                str(predictions / "finetuned.jsonl"),
+                str(evaluation / PREDICTIONS),
                 config,
             )
             log_batch(tracker, step, "finetuned", tuned)
 
         with tracker.run("evaluate", parent) as step:
-            metrics = evaluate(str(base.path) if base else None, str(tuned.path), str(run_dir / "evaluation"))
-            log_evaluation(tracker, step, metrics, str(run_dir / "evaluation"))
+            result = evaluate(str(evaluation), str(dataset.eval_file), str(merged.path), tuned, base)
+            log_evaluation(tracker, step, result)
+            metrics = result.metrics()
             tracker.log_metrics(parent, metrics)
 
         tags = {
@@ -182,7 +184,9 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
             **{k: f"{v:.4f}" for k, v in metrics.items()},
         }
         with tracker.run("register", parent) as step:
-            version = register(tracker, step, str(merged.path), config.registry.model_name, config.registry.alias, tags)
+            version = register(
+                tracker, step, str(merged.path), config.registry.model_name, config.registry.alias, tags, model_version
+            )
             tracker.set_tags(step, {"model_name": version.name, "model_version": version.version})
         tracker.set_tags(parent, {k: v for k, v in tags.items() if k.startswith("dvc.")})
 

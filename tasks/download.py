@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.caching import inputs_and_files
+from tasks.retry import transient
 from vlmops.config import ModelConfig, StorageConfig
 from vlmops.models.download import ModelSnapshot
 from vlmops.models.download import download_model as fetch_model
@@ -19,6 +20,7 @@ from vlmops.tracking import Tracker
     persist_result=True,
     retries=2,
     retry_delay_seconds=30,
+    retry_condition_fn=transient,
 )
 def download_model(
     model: ModelConfig, storage: StorageConfig, output_dir: str, local_source: str | None = None

@@ -1,31 +1,24 @@
-"""evaluate: exact-match accuracy of the base and the fine-tuned model on the eval split."""
+"""evaluate: exact-match accuracy of the fine-tuned (and base) predictions, in `vlmops eval`'s layout."""
 
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from vlmops.evaluate.metrics import evaluate_predictions
-from vlmops.evaluate.report import write_comparison
+from vlmops.evaluate.run import RunEvaluation, evaluate_run
+from vlmops.infer.batch import BatchResult
 from vlmops.tracking import Tracker
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(base_predictions: str | None, tuned_predictions: str, out_dir: str) -> dict[str, float]:
-    """Score the prediction files; with a base file, write comparison.json and comparison.png."""
-    tuned = evaluate_predictions(Path(tuned_predictions))
-    if base_predictions is None:
-        metrics = {"finetuned_accuracy": tuned.accuracy}
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "comparison.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        return metrics
-    numbers, _chart = write_comparison(evaluate_predictions(Path(base_predictions)), tuned, out_dir)
-    return dict(json.loads(numbers.read_text()))
+def evaluate(out_dir: str, eval_file: str, model: str, tuned: BatchResult, base: BatchResult | None) -> RunEvaluation:
+    """Score the predictions in `out_dir`; write metrics.json and, with a base, comparison.json and .png."""
+    return evaluate_run(out_dir, eval_file, model, tuned, base)
 
 
-def log_evaluation(tracker: Tracker, run_id: str, metrics: dict[str, float], out_dir: str) -> None:
-    tracker.log_metrics(run_id, metrics)
-    tracker.log_artifact(run_id, out_dir, "evaluation")
+def log_evaluation(tracker: Tracker, run_id: str, result: RunEvaluation) -> None:
+    tracker.log_metrics(run_id, result.metrics())
+    tracker.log_artifact(run_id, result.metrics_file, "evaluation")
+    for name in ("comparison.json", "comparison.png"):
+        if (result.out_dir / name).is_file():
+            tracker.log_artifact(run_id, result.out_dir / name, "evaluation")

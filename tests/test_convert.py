@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vlmops.cli.main import main
-from vlmops.data.conversation import ImageRef, Message
+from vlmops.conversation import ImageRef, Message
 from vlmops.models.convert import (
     CHAT_TEMPLATE,
     DROPPED_KEYS,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vlmops.data.conversation import ImageRef
+from vlmops.conversation import ImageRef
 from vlmops.data.formats import read_dataset
 
 SEED_EXAMPLE = [

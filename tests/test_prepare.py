@@ -117,3 +117,13 @@ def test_split_by_ratio_is_seeded(demo_data: tuple[Path, Path]) -> None:
     assert [c.source for c in a_eval] == [c.source for c in b_eval]
     assert len(a_eval) == 12 and len(a_train) == 36
     assert [c.source for c in split_by_ratio(convs, 0.25, seed=4)[1]] != [c.source for c in a_eval]
+
+
+def test_the_snapshot_copies_images_and_leaves_the_users_files_alone(
+    tmp_path: Path, demo_data: tuple[Path, Path], tiny_processor: Any
+) -> None:
+    """A content-addressed snapshot must not change when a source image is edited in place (no hardlinks)."""
+    train, evals = demo_data
+    prepared = prepare_dataset(DataConfig(), train, evals, tmp_path, tiny_processor.tokenizer, 16)
+    sources = {p.stat().st_ino for p in train.parent.rglob("*.png")}
+    assert sources and all(p.stat().st_ino not in sources for p in (prepared.path / "images").iterdir())

@@ -7,12 +7,14 @@ read what the run left behind. A second run must reuse the cached download and v
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vlmops.versioning import cache_object_path, read_dvc_file
+from vlmops.hashing import sha256_file
+from vlmops.versioning import POINTER_FILE, cache_object_path, read_dvc_file
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -31,7 +33,10 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict
         f"model.cache_dir={tmp}/outputs/cache",
         f"tracking.uri=sqlite:///{tmp}/outputs/mlflow.db",
     ]
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "prefect-storage"}), prefect_test_harness():
+    with (
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "prefect-storage"}),
+        prefect_test_harness(server_startup_timeout=300),  # a loaded CI machine starts the server slowly
+    ):
         first = retrain(str(ROOT / "pipeline.yaml"), overrides)
         second = retrain(str(ROOT / "pipeline.yaml"), overrides)
         states = _task_states(second)
@@ -134,3 +139,51 @@ def test_second_run_reuses_download_and_validation(two_runs: tuple[Path, dict, d
     assert client.get_run(steps["download_model"]).data.tags["cached"] == "True"
     assert client.get_run(steps["validate_dataset"]).data.tags["cached"] == "True"
     assert client.get_run(steps_of(client, first["mlflow_run_id"])["download_model"]).data.tags["cached"] == "False"
+
+
+def test_evaluation_has_the_layout_vlmops_eval_writes(two_runs: tuple[Path, dict, dict, list[str]]) -> None:
+    _, first, _, _ = two_runs
+    evaluation = Path(first["run_dir"]) / "eval"
+    assert sorted(p.name for p in evaluation.iterdir()) == [
+        "base_predictions.jsonl",
+        "comparison.json",
+        "comparison.png",
+        "metrics.json",
+        "predictions.jsonl",
+    ]
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["finetuned"]["accuracy"] == first["finetuned_accuracy"]
+    assert metrics["comparison"]["base_accuracy"] == first["base_accuracy"]
+
+
+def test_a_model_is_stored_once_and_loads_from_the_registry(
+    two_runs: tuple[Path, dict, dict, list[str]], tmp_path: Path
+) -> None:
+    from vlmops.infer.chat import ChatModel
+
+    outputs, _, second, _ = two_runs
+    merged = sorted(outputs.glob("runs/*/merged"))
+    assert len(merged) == 2
+    weights = {sha256_file(p): p.stat().st_size for folder in merged for p in folder.glob("*.safetensors")}
+    assert weights
+    # Every copy of the merged weights' bytes anywhere under outputs/, a hardlinked file counted once.
+    copies: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    sizes = set(weights.values())
+    for path in outputs.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size in sizes:
+            digest = sha256_file(path)
+            if digest in weights:
+                copies[digest].add((path.stat().st_dev, path.stat().st_ino))
+    assert set(copies) == set(weights)
+    # at most the run's working copy (one inode with DVC's cache) and the DVC remote's
+    assert all(len(inodes) <= 2 for inodes in copies.values()), copies
+
+    # The registered version is a pointer to the pushed copy; loading it pulls the same bytes back.
+    client = MlflowClient(tracking_uri=second["mlflow_tracking_uri"], registry_uri=second["mlflow_tracking_uri"])
+    version = client.get_model_version_by_alias("vlmops-demo", "challenger")
+    assert [a.path for a in client.list_artifacts(version.run_id, "model")] == [f"model/{POINTER_FILE}"]
+    loaded = ChatModel.load(
+        "models:/vlmops-demo@challenger", tracking_uri=second["mlflow_tracking_uri"], cache_dir=tmp_path
+    )
+    run_weights = {p.name: sha256_file(p) for p in (Path(second["run_dir"]) / "merged").glob("*.safetensors")}
+    assert {p.name: sha256_file(p) for p in loaded.loaded.path.glob("*.safetensors")} == run_weights

@@ -98,3 +98,14 @@ def test_explicit_endpoint_and_empty_prefix(
         download_prefix(client, "s3://explicit/nothing", tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         upload_folder(client, tmp_path / "missing", "s3://explicit/x")
+
+
+def test_one_client_per_storage_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s1")
+    here = StorageConfig(endpoint_url="http://127.0.0.1:1", region="us-east-1")
+    client = s3_client(here)
+    assert s3_client(StorageConfig(endpoint_url="http://127.0.0.1:1", region="us-east-1")) is client
+    assert s3_client(StorageConfig(endpoint_url="http://127.0.0.1:2", region="us-east-1")) is not client
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k2")  # other credentials: another client
+    assert s3_client(here) is not client

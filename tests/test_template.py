@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT
-from vlmops.data.conversation import ImageRef, Message, parse_img_tags
+from vlmops.conversation import ImageRef, Message, parse_img_tags
 from vlmops.models.template import EOS_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode, render
 
 SYS = DEFAULT_SYSTEM_PROMPT

@@ -20,7 +20,8 @@ def test_parent_child_runs_params_metrics_and_registration(tmp_path: Path) -> No
     with tracker.run("parent", tags={"git_commit": "abc"}) as parent:
         tracker.log_params(parent, {"train.lr": 0.1, "long": "x" * 7000, "none": None})
         with tracker.run("train", parent) as child:
-            tracker.log_history(child, "loss", [(1, 2.0), (2, 1.5), (3, float("nan")), (4, 1.0)])
+            for step, loss in [(1, 2.0), (2, 1.5), (3, float("nan")), (4, 1.0)]:
+                tracker.log_metrics(child, {"loss": loss}, step=step)  # a NaN is left out
         version = tracker.register_model(child, model, "m", "challenger", tags={"dvc.model.md5": "123"})
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     p = client.get_run(parent)
@@ -48,3 +49,20 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path: Path, monkeypatch: pytes
     monkeypatch.chdir(tmp_path)
     assert resolve_tracking_uri("sqlite:///out/m.db") == f"sqlite:///{tmp_path}/out/m.db"
     assert resolve_tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_registering_again_from_the_same_run_reuses_the_version(tmp_path: Path) -> None:
+    """A retried `register` step (the version was made, then the connection broke) makes no second version."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(TrackingConfig(uri=uri, experiment="t"), artifact_root=tmp_path / "artifacts")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with tracker.run("register") as first_run:
+        first = tracker.register_model(first_run, model, "m", "challenger")
+        again = tracker.register_model(first_run, model, "m", "challenger")
+    with tracker.run("register") as second_run:
+        other = tracker.register_model(second_run, model, "m", "challenger")
+    assert (first.version, again.version, other.version) == ("1", "1", "2")
+    assert [a.path for a in tracker.client.list_artifacts(first_run, "model")] == ["model/config.json"]
+    assert len(tracker.client.search_model_versions("name = 'm'")) == 2

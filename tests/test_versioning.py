@@ -71,3 +71,16 @@ def test_concurrent_tracks_are_serialised(tmp_path: Path) -> None:
     assert errors == []
     assert all((f.parent / f"{f.name}.dvc").is_file() for f in folders)
     del store
+
+
+def test_the_cache_links_the_tracked_files_instead_of_copying_them(tmp_path: Path) -> None:
+    """`dvc add` of a model leaves one copy on disk beside the remote's, not a second one in the cache."""
+    import hashlib
+
+    weights = tmp_path / "ws" / "merged" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights " * 1000)
+    DvcStore(tmp_path / "ws", "local", str(tmp_path / "remote")).track(weights.parent)
+    md5 = hashlib.md5(weights.read_bytes(), usedforsecurity=False).hexdigest()
+    assert weights.samefile(cache_object_path(tmp_path / "ws" / ".dvc" / "cache", md5))
+    assert not weights.samefile(cache_object_path(tmp_path / "remote", md5))  # the shared store's own copy

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 STAGING_PREFIX = ".staging-"
@@ -44,15 +45,48 @@ def publish_folder(staging: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass
+class Stage:
+    """A folder being built in `parent`; `name()` says what it will be called once the block succeeds."""
+
+    path: Path
+    parent: Path
+    final: Path | None = None
+    replace: bool = True
+
+    def name(self, name: str, replace: bool = True) -> Path:
+        """Set the final name (e.g. a content hash, known only once the files are written); returns the path.
+
+        `replace=False`: a folder already there under that name is kept and this one discarded: for
+        content-addressed names, where an existing folder holds the same bytes.
+        """
+        self.final, self.replace = self.parent / name, replace
+        return self.final
+
+
+@contextmanager
+def staging_in(parent: Path, prefix: str = "") -> Iterator[Stage]:
+    """Yield a fresh folder in `parent`, published under the name given by `Stage.name` when the block
+    succeeds, removed when it raises. A crash mid-way leaves only a `.staging-` folder, never a result."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Stage(Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{prefix}.", dir=parent)), parent)
+    try:
+        yield stage
+        if stage.final is None:
+            raise RuntimeError(f"staged folder {stage.path} was never named; call Stage.name() inside the block")
+        if not stage.replace and stage.final.exists():
+            shutil.rmtree(stage.path)
+        else:
+            publish_folder(stage.path, stage.final)
+    except BaseException:
+        shutil.rmtree(stage.path, ignore_errors=True)
+        raise
+
+
 @contextmanager
 def staged_folder(final: Path) -> Iterator[Path]:
     """Yield a fresh folder beside `final`; when the block succeeds it replaces `final`, when it raises it is
     removed. A crash mid-way leaves no folder under the final name that a rerun would trust."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{final.name}.", dir=final.parent))
-    try:
-        yield staging
-        publish_folder(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staging_in(final.parent, final.name) as stage:
+        stage.name(final.name)
+        yield stage.path

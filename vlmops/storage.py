@@ -12,13 +12,15 @@ ETag's part count implies, and boto3's default 8 MiB).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tqdm import tqdm
 
 from vlmops.config import StorageConfig
 
@@ -48,19 +50,30 @@ class TransferReport:
 
 
 def s3_client(storage: StorageConfig | None = None) -> S3Client:
-    """A boto3 S3 client for `storage` (endpoint and region), else the environment's settings."""
+    """The boto3 S3 client for `storage` (endpoint and region), else the environment's settings.
+
+    One client per setting, made once: a client costs milliseconds and a connection pool, and a dataset
+    reads thousands of images through it (boto3 clients are safe to share between threads).
+    """
+    storage = storage or StorageConfig()
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    # The credentials the environment names are part of the key: a changed key pair gets a new client.
+    credentials = tuple(os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"))
+    return _client(endpoint, storage.region, credentials)
+
+
+@functools.lru_cache(maxsize=16)
+def _client(endpoint: str | None, region: str | None, credentials: tuple[str | None, ...]) -> S3Client:
     import boto3
     from botocore.config import Config
 
-    storage = storage or StorageConfig()
-    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     # Path-style addressing: S3-compatible servers on a host:port have no per-bucket DNS names.
     config = Config(
         s3={"addressing_style": "path" if endpoint else "auto"},
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=10,
     )
-    return boto3.client("s3", endpoint_url=endpoint, region_name=storage.region, config=config)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -144,11 +157,11 @@ def download_prefix(
             report.skipped.append(rel)
         else:
             todo.append((obj, target))
-    with _Progress(sum(o.size for o, _ in todo), f"download {uri}", progress) as advance:
+    with _bar(sum(o.size for o, _ in todo), f"download {uri}", progress) as bar:
         for obj, target in todo:
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(f".{target.name}.part")
-            client.download_file(bucket, obj.key, str(partial), Callback=advance)
+            client.download_file(bucket, obj.key, str(partial), Callback=bar.update)
             if "-" not in obj.etag and _md5(partial) != obj.etag:
                 partial.unlink()
                 raise ValueError(f"s3://{bucket}/{obj.key} arrived corrupted (MD5 differs from its ETag); run again")
@@ -176,9 +189,9 @@ def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, pr
             report.skipped.append(rel)
         else:
             todo.append((path, key))
-    with _Progress(sum(p.stat().st_size for p, _ in todo), f"upload {uri}", progress) as advance:
+    with _bar(sum(p.stat().st_size for p, _ in todo), f"upload {uri}", progress) as bar:
         for path, key in todo:
-            client.upload_file(str(path), bucket, key, Callback=advance)
+            client.upload_file(str(path), bucket, key, Callback=bar.update)
             report.copied.append(path.relative_to(root).as_posix())
             report.bytes_copied += path.stat().st_size
     log.info("%s -> %s: %d copied, %d already there", root, uri, len(report.copied), len(report.skipped))
@@ -198,21 +211,6 @@ def _multipart_etag(path: Path, part_size: int) -> str:
     return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
-class _Progress:
-    """A tqdm byte bar (when `enabled` and there is something to copy) whose `advance` boto3 calls."""
-
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.enabled = total, label, enabled and total > 0
-        self.bar: Any = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if self.enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc=self.label)
-            return self.bar.update
-        return lambda _n: None
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _bar(total: int, label: str, enabled: bool) -> tqdm:
+    """A byte progress bar whose `update` boto3 calls per chunk; hidden when off or nothing to copy."""
+    return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=not enabled or total == 0)

@@ -105,15 +105,6 @@ class Tracker:
         for i in range(0, len(items), METRIC_BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])
 
-    def log_history(self, run_id: str, key: str, history: list[tuple[int, float]]) -> None:
-        """A metric's whole step history at once (e.g. the training loss read back from metrics.jsonl)."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(key, float(v), now, int(s)) for s, v in history if math.isfinite(float(v))]
-        for i in range(0, len(items), METRIC_BATCH):
-            self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])
-
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, str(value))
@@ -137,26 +128,34 @@ class Tracker:
         tags: Mapping[str, Any] | None = None,
         artifact_path: str = "model",
     ) -> RegisteredVersion:
-        """Log a checkpoint folder as run artifacts and register it as a new version with `alias`.
+        """Log a folder as artifacts of `run_id` and register it as a new version of `name` with `alias`.
 
-        MLflow 3's `register_model("runs:/...")` only accepts logged models; plain artifacts register through
-        `create_model_version` with the artifact URI as source.
+        The folder is the checkpoint itself, or a DVC pointer to its pushed copy (`vlmops.versioning.
+        write_pointer`), so the weights are stored once. Idempotent per run: when a version of `name` from
+        `run_id` exists already (a retry after the version was created), that version gets the alias and
+        no second one is made. MLflow 3's `register_model("runs:/...")` only accepts logged models; plain
+        artifacts register through `create_model_version` with the artifact URI as source.
         """
         from mlflow.exceptions import MlflowException
 
-        self.log_artifact(run_id, model_dir, artifact_path)
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException as err:
-            if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
-                raise
-        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(
-            name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
-        )
+        existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if existing:
+            version = max(existing, key=lambda v: int(v.version))
+            log.info("%s version %s already registered from run %s: reusing it", name, version.version, run_id)
+        else:
+            self.log_artifact(run_id, model_dir, artifact_path)
+            try:
+                self.client.create_registered_model(name)
+            except MlflowException as err:
+                if "already exists" not in str(err).lower() and "RESOURCE_ALREADY_EXISTS" not in str(err):
+                    raise
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            version = self.client.create_model_version(
+                name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+            )
         self.client.set_registered_model_alias(name, alias, str(version.version))
         log.info("registered %s version %s as @%s", name, version.version, alias)
-        return RegisteredVersion(name, str(version.version), alias, source)
+        return RegisteredVersion(name, str(version.version), alias, str(version.source))
 
 
 def git_commit(folder: Path | None = None) -> str | None:

@@ -2,12 +2,18 @@
 
 DVC commands in one repository must not overlap (they fail on the repo lock), so every operation holds
 a file lock beside the repository for its whole duration; two pipeline runs on one machine queue up.
+
+A model is stored once in the shared store: the DVC remote. The repository's cache links its files into the
+workspace (hardlinks, so a tracked folder and its cache entry are the same bytes on disk), and the registry
+points at the pushed copy through a small pointer (`write_pointer`) that `checkout_pointer` pulls back.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,10 @@ from filelock import FileLock
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 3600
+# Hardlinks, not copies: `dvc add` of a 15 GB model must not leave a second 15 GB beside it. DVC makes linked
+# files read-only, so a tracked folder is never edited in place (a rerun writes a new folder and tracks it).
+CACHE_LINK_TYPE = "hardlink"
+POINTER_FILE = "vlmops_dvc_pointer.json"
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,7 @@ class DvcVersion:
     size: int
     nfiles: int | None
     remote: str
+    remote_url: str = ""
 
 
 class DvcStore:
@@ -51,13 +62,8 @@ class DvcStore:
             # the data, so it needs no git repository of its own.
             Repo.init(str(self.root), no_scm=not (self.root / ".git").exists())
             log.info("initialised a DVC repository at %s", self.root)
-        repo = Repo(str(self.root))
-        with repo.config.edit() as conf:
-            remote = conf["remote"].get(self.remote_name, {})
-            if remote.get("url") != self.remote_url:
-                conf["remote"][self.remote_name] = {"url": self.remote_url}
-            conf["core"]["remote"] = self.remote_name
-        return repo
+        _configure(self.root, self.remote_name, self.remote_url)
+        return Repo(str(self.root))
 
     def track(self, path: str | os.PathLike[str]) -> DvcVersion:
         """`dvc add` then `dvc push` one folder or file inside the repository."""
@@ -75,12 +81,12 @@ class DvcStore:
                 repo.push(targets=[str(dvc_file)], remote=self.remote_name)
             finally:
                 repo.close()
-        version = read_dvc_file(dvc_file, self.remote_name)
+        version = read_dvc_file(dvc_file, self.remote_name, self.remote_url)
         log.info("DVC: %s -> %s (pushed to %s)", target.name, version.md5, self.remote_name)
         return version
 
 
-def read_dvc_file(dvc_file: Path, remote: str = "") -> DvcVersion:
+def read_dvc_file(dvc_file: Path, remote: str = "", remote_url: str = "") -> DvcVersion:
     data = yaml.safe_load(dvc_file.read_text())
     out = data["outs"][0]
     return DvcVersion(
@@ -90,12 +96,88 @@ def read_dvc_file(dvc_file: Path, remote: str = "") -> DvcVersion:
         size=int(out.get("size", 0)),
         nfiles=out.get("nfiles"),
         remote=remote,
+        remote_url=remote_url,
     )
+
+
+def write_pointer(version: DvcVersion, folder: Path) -> Path:
+    """A small file that says where the pushed copy of a tracked folder is: its .dvc file and the remote URL.
+
+    Registering this instead of the folder itself keeps one copy of a model in the shared store.
+    """
+    if not version.remote_url:
+        raise ValueError(f"{version.dvc_file}: no remote URL recorded; track it with DvcStore.track")
+    folder.mkdir(parents=True, exist_ok=True)
+    pointer = folder / POINTER_FILE
+    record = {
+        "md5": version.md5,
+        "name": Path(version.path).name,
+        "remote_url": version.remote_url,
+        "dvc_file": Path(version.dvc_file).read_text(),
+    }
+    pointer.write_text(json.dumps(record, indent=2) + "\n")
+    return pointer
+
+
+def checkout_pointer(pointer: Path, dest: Path) -> Path:
+    """Pull the folder a pointer names from its DVC remote into `dest/<name>`; returns that folder.
+
+    A throwaway DVC repository in `dest` does the pull (so any remote DVC supports works), and its cache is
+    removed afterwards: the files are hardlinked out of it first, so `dest` keeps one copy.
+
+    Raises:
+        ValueError: the pointer file is not one `write_pointer` wrote.
+    """
+    from dvc.repo import Repo
+
+    try:
+        record = json.loads(pointer.read_text())
+        name, dvc_text, remote_url = record["name"], record["dvc_file"], record["remote_url"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{pointer}: not a vlmops DVC pointer ({err}); register the model again") from err
+    dest.mkdir(parents=True, exist_ok=True)
+    Repo.init(str(dest), no_scm=True)
+    _configure(dest, "origin", remote_url)
+    dvc_file = dest / f"{name}.dvc"
+    dvc_file.write_text(dvc_text)
+    repo = Repo(str(dest))
+    try:
+        log.info("DVC: pulling %s (%s) from %s", name, record.get("md5"), remote_url)
+        repo.pull(targets=[str(dvc_file)], remote="origin")
+    finally:
+        repo.close()
+    for leftover in (".dvc", ".dvcignore", dvc_file.name):
+        target = dest / leftover
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    return dest / name
 
 
 def cache_object_path(remote_dir: Path, md5: str) -> Path:
     """Where a DVC 3 local remote keeps the object with this hash."""
     return remote_dir / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _configure(root: Path, remote_name: str, remote_url: str) -> None:
+    """Set the default remote and the cache link type in the repository's config file.
+
+    Done before the `Repo` that does the work is opened: a `Repo` reads the cache settings once, so an edit
+    through an open one would apply only to the next.
+    """
+    from dvc.repo import Repo
+
+    repo = Repo(str(root))
+    try:
+        with repo.config.edit() as conf:
+            remote = conf["remote"].get(remote_name, {})
+            if remote.get("url") != remote_url:
+                conf["remote"][remote_name] = {"url": remote_url}
+            conf.setdefault("core", {})["remote"] = remote_name
+            conf.setdefault("cache", {})["type"] = CACHE_LINK_TYPE
+    finally:
+        repo.close()
 
 
 def _absolute_url(url: str) -> str:

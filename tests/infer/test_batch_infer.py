@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from vlmops.config import InferConfig
-from vlmops.data.conversation import to_img_tags
+from vlmops.conversation import to_img_tags
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.images import ImageLoadError
 from vlmops.infer.batch import batch_infer

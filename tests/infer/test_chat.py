@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vlmops.config import InferConfig
-from vlmops.data.conversation import Message, parse_img_tags
+from vlmops.conversation import Message, parse_img_tags
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.chat import ChatModel
 from vlmops.models.loading import image_inputs, load_model

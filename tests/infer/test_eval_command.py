@@ -1,4 +1,5 @@
-"""`vlmops eval --ckpt RUN_DIR`: the run's saved config and eval split, the adapter applied, base compared."""
+"""`vlmops eval --ckpt RUN_DIR` through the entry point: the run's saved config and eval split, the adapter
+applied, base compared, in `vlmops.evaluate.run`'s layout."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmops.cli.main import main
 from vlmops.data.formats import read_dataset
-from vlmops.evaluate.checkpoint import eval_command
-from vlmops.evaluate.metrics import eval_command as metrics_eval_command
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch import batch_infer
 from vlmops.models.loading import load_model
@@ -22,11 +22,17 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def eval_command(ckpt: str, overrides: list[str], out: str | None) -> int:
+    """`vlmops eval --ckpt CKPT [--set ...] [--out OUT]`"""
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    return main(["eval", "--ckpt", ckpt, *sets, *(["--out", out] if out is not None else [])])
+
+
 def test_eval_command_scores_the_runs_eval_split_against_the_base(
     lora_run: Path, snapshot: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "eval"
-    assert eval_command(str(lora_run), None, ["infer.max_new_tokens=6"], str(out)) == 0
+    assert eval_command(str(lora_run), ["infer.max_new_tokens=6"], str(out)) == 0
     printed = capsys.readouterr().out
 
     eval_split = snapshot / "eval.jsonl"
@@ -62,7 +68,7 @@ def test_eval_command_defaults_to_the_run_folder_and_skips_base_when_asked(
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
-    assert eval_command(str(run), None, ["eval.evaluate_base=false", "infer.max_new_tokens=2"], None) == 0
+    assert eval_command(str(run), ["eval.evaluate_base=false", "infer.max_new_tokens=2"], None) == 0
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["metrics.json", "predictions.jsonl"]
     assert json.loads((run / "eval" / "metrics.json").read_text())["base"] is None
     assert "base:" not in capsys.readouterr().out
@@ -74,11 +80,10 @@ def test_eval_command_names_a_missing_eval_split(
     run = tmp_path / "run"
     shutil.copytree(lora_run, run)
     dataclasses.replace(RunInfo.read(run, run), dataset=str(tmp_path / "gone")).write(run)
-    assert eval_command(str(run), None, [], None) == 2
+    assert eval_command(str(run), [], None) == 2
     err = capsys.readouterr().err
     assert "gone/eval.jsonl does not exist" in err and "dvc pull" in err
-    # the CLI imports it from vlmops.evaluate.metrics
-    assert metrics_eval_command(str(tmp_path / "not-a-run"), None, [], None) == 2
+    assert eval_command(str(tmp_path / "not-a-run"), [], None) == 2
     assert "not a vlmops run or checkpoint folder" in capsys.readouterr().err
 
 
@@ -86,7 +91,7 @@ def test_eval_command_on_a_full_fine_tuning_run_loads_the_base_separately(
     full_run: Path, tiny_model: Path, snapshot: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "eval"
-    assert eval_command(str(full_run), None, [], str(out)) == 0
+    assert eval_command(str(full_run), [], str(out)) == 0
     eval_split = snapshot / "eval.jsonl"
     config = run_config(str(full_run), None, [])
     for folder, name in ((full_run / "final", "predictions.jsonl"), (tiny_model, "base_predictions.jsonl")):

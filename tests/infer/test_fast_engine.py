@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vlmops.config import InferConfig
-from vlmops.data.conversation import ImageRef, Message
+from vlmops.conversation import ImageRef, Message
 from vlmops.data.demo import draw_shape
 from vlmops.errors import UserInputError
 from vlmops.infer.engine import GenerationRequest, GenerationResult

@@ -11,9 +11,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from vlmops.cli.infer import PROMPT, SEPARATOR
 from vlmops.config import InferConfig
 from vlmops.infer.chat import ChatModel
-from vlmops.infer.interactive import PROMPT, SEPARATOR
 
 REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from vlmops.config import TrackingConfig
 from vlmops.infer.chat import ChatModel
 from vlmops.infer.resolve import REGISTRY_MANIFEST, resolve_model_ref
 from vlmops.models.tiny import build_tiny_model
+from vlmops.tracking import Tracker
+from vlmops.versioning import POINTER_FILE, DvcStore, write_pointer
 
 NAME = "vlmops-test"
 
@@ -78,3 +81,28 @@ def test_registry_errors_name_the_model(registry: str, tmp_path: Path) -> None:
         resolve_model_ref("models:/nobody@champion", tracking_uri=registry, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION"):
         resolve_model_ref(f"models:/{NAME}/latest/extra", tracking_uri=registry, cache_dir=tmp_path)
+
+
+def test_a_version_pointing_at_the_dvc_remote_is_pulled_from_there(
+    registry: str, tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """The flow registers a pointer to the pushed copy, not the weights: loading pulls them from DVC."""
+    workspace = tmp_path / "outputs"
+    shutil.copytree(tiny_model, workspace / "merged")
+    pushed = DvcStore(workspace, "local", str(tmp_path / "remote")).track(workspace / "merged")
+    tracker = Tracker(TrackingConfig(uri=registry, experiment="registry"))
+    with tracker.run("register") as run_id:
+        pointer = tmp_path / "pointer"
+        write_pointer(pushed, pointer)
+        first = tracker.register_model(run_id, pointer, "vlmops-dvc", "challenger")
+        retried = tracker.register_model(run_id, pointer, "vlmops-dvc", "challenger")
+    assert retried.version == first.version == "1"  # a retried register makes no second version
+    artifacts = tracker.client.list_artifacts(run_id, "model")
+    assert [a.path for a in artifacts] == [f"model/{POINTER_FILE}"]  # a few hundred bytes, not the weights
+
+    shutil.rmtree(workspace)  # the run folder and its DVC cache are gone: only the remote has the model
+    query = f"<img>{images['red']}</img>What colour is the shape?"
+    loaded = ChatModel.load("models:/vlmops-dvc@challenger", tracking_uri=registry, cache_dir=tmp_path / "cache")
+    assert (loaded.loaded.path / "config.json").is_file()
+    assert not list((tmp_path / "cache").rglob(".dvc"))  # the pull's own cache was removed
+    assert loaded.chat(query)[0] == ChatModel.load(tiny_model).chat(query)[0]

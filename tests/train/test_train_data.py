@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vlmops.config import load_config
-from vlmops.data.conversation import Conversation
+from vlmops.conversation import Conversation
 from vlmops.data.formats import DatasetError, parse_record, read_dataset
 from vlmops.data.images import ImageLoadError
 from vlmops.data.length import length_fingerprint, read_lengths

@@ -21,7 +21,7 @@ import gradio as gr
 
 from vlmops.app.models import ModelCard, PageModel
 from vlmops.app.turns import Settings, TurnRefused, check_turn, stream_answers
-from vlmops.data.conversation import ImageRef, parse_img_tags
+from vlmops.conversation import ImageRef, parse_img_tags
 from vlmops.errors import UserInputError
 from vlmops.infer.chat import History
 

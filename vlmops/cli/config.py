@@ -1,4 +1,7 @@
-"""`vlmops config`: print the resolved config (and so validate it)."""
+"""`vlmops config [--show]`: validate the config and print it resolved, every key with its value.
+
+`--show` is the spelling error messages point to; plain `vlmops config` does the same, so both work.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,9 @@ from vlmops.cli.args import add_config_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config", help="print the resolved config (validates it)")
+    p = sub.add_parser("config", help="print the resolved config, every key (validates it)")
     add_config_args(p)
+    p.add_argument("--show", action="store_true", help="print the resolved config with every key (the default action)")
     p.set_defaults(handler=handle)
 
 

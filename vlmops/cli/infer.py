@@ -1,11 +1,37 @@
-"""`vlmops infer`: interactive chat with a model, `<img>path-or-URL</img>` in a query adds an image."""
+"""`vlmops infer`: an interactive, streamed, multi-turn chat in the terminal, as the seed's `swift infer`.
+
+    <<< <img>cat.png</img><img>https://host/dog.png</img>What differs between them?
+    The first image shows ...
+    --------------------------------------------------
+    <<< clear          forget the conversation so far
+    <<< quit           (or exit, or Ctrl-D) leave
+
+`--ckpt RUN_DIR` chats with a trained run: its adapter on its base model (or its full weights), with the
+run's saved config (system prompt, generation settings), as the seed's
+`swift infer --ckpt_dir ... --load_dataset_config true`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TextIO
 
 from vlmops.cli.args import add_config_args
+
+if TYPE_CHECKING:
+    from vlmops.config import PipelineConfig
+    from vlmops.infer.chat import ChatModel, History
+
+log = logging.getLogger(__name__)
+
+PROMPT = "<<< "
+SEPARATOR = "-" * 50
+QUIT_WORDS = ("quit", "exit")
+CLEAR_WORD = "clear"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +45,96 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from vlmops.infer.interactive import infer_command
+    """Load the model, then chat on stdin/stdout until `quit`, `exit` or Ctrl-D.
+
+    `--model`: a checkpoint folder, run folder or `models:/NAME@ALIAS`; with `--ckpt`, the base to apply the
+    run's adapter to. Neither: the run's base model (with `--ckpt`), else the config's `model`.
+    `--config`: None means the run's saved config (with `--ckpt`), else the defaults.
+    """
+    from vlmops.train.rundir import run_config
 
     if not args.verbose:  # a chat session shows answers, not library progress logs
         logging.getLogger().setLevel(logging.WARNING)
-    return infer_command(args.model, args.ckpt, args.config, args.overrides, args.system)
+    config = run_config(args.ckpt, args.config, args.overrides)
+    chat_model = _load(args.model, args.ckpt, config, args.system)
+    _import_readline()
+    return chat_loop(chat_model, input, sys.stdout)
+
+
+def chat_loop(chat_model: ChatModel, read: Callable[[str], str], out: TextIO) -> int:
+    """The read-answer loop: one turn per line, answers streamed as they are generated."""
+    device = chat_model.loaded.device
+    out.write(
+        f"model: {chat_model.source.describe()} on {device}\n"
+        f"Type a message; <img>path-or-URL</img> adds an image. `{CLEAR_WORD}` forgets the conversation, "
+        f"`{QUIT_WORDS[0]}` or Ctrl-D leaves.\n"
+    )
+    history: History = []
+    while True:
+        try:
+            line = read(PROMPT)
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return 0
+        query = line.strip()
+        if not query:
+            continue
+        if query.lower() in QUIT_WORDS:
+            return 0
+        if query.lower() == CLEAR_WORD:
+            history = []
+            out.write(f"history cleared: {len(history)} turns\n")
+            continue
+        history = _turn(chat_model, query, history, out)
+        out.write(SEPARATOR + "\n")
+        out.flush()
+
+
+def _turn(chat_model: ChatModel, query: str, history: History, out: TextIO) -> History:
+    """Stream one answer; return the history with this turn, or unchanged if the turn failed."""
+    shown = 0
+    response = ""
+    try:
+        for response in chat_model.chat_stream(query, history):
+            out.write(response[shown:])
+            out.flush()
+            shown = len(response)
+        out.write("\n")
+    except KeyboardInterrupt:
+        out.write("\n[stopped: this turn is not kept in the history]\n")
+        return history
+    except (ValueError, OSError, RuntimeError) as err:
+        # One bad turn (an unreadable image, out of memory on a long history) should not end the session.
+        log.debug("turn failed", exc_info=True)
+        out.write(("\n" if shown else "") + f"error: {err}\n")
+        return history
+    return [*history, [chat_model.history_turn(query), response]]
+
+
+def _load(model: str | None, ckpt: str | None, config: PipelineConfig, system: str | None) -> ChatModel:
+    target, adapter = model, ckpt
+    if target is None:
+        target, adapter = ckpt, None  # the run says which base model its adapter belongs to
+    if target is None:
+        target = config.model.id if config.model.source == "local" and config.model.id else config.model.name
+    print(f"loading {target}" + (f" with {adapter}" if adapter else "") + " ...", file=sys.stderr, flush=True)
+    from vlmops.infer.chat import ChatModel
+    from vlmops.infer.resolve import catalog_resolver
+
+    return ChatModel.load(
+        target,
+        adapter,
+        dtype=config.model.dtype,
+        attn=config.model.attn,
+        system_prompt=config.model.system_prompt if system is None else system,
+        infer_cfg=config.infer,
+        storage=config.storage,
+        tracking_uri=config.tracking.uri,
+        resolve_model=catalog_resolver(config),
+    )
+
+
+def _import_readline() -> None:
+    """Line editing and input history at the prompt, where the platform has GNU readline."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401

@@ -11,7 +11,7 @@ vlmops download  [NAME] [--refresh] [--config ...] [--set ...]     fetch (and co
 vlmops convert   SRC DST                                           original release -> transformers
 vlmops models                                                      the model catalog
 vlmops demo-data OUT                                               write the synthetic demo dataset
-vlmops config    [--config ...] [--set ...]                        print the resolved config
+vlmops config    [--show] [--config ...] [--set ...]               print the resolved config, every key
 """
 
 from __future__ import annotations

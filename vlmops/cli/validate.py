@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from vlmops.cli.args import add_config_args
 
@@ -14,6 +15,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from vlmops.data.validate_command import validate_command
+    from transformers import AutoProcessor
 
-    return validate_command(args.config, args.overrides)
+    from vlmops.config import load_config
+    from vlmops.data.prepare import prepare_from_config
+    from vlmops.models.download import download_model
+
+    config = load_config(args.config, args.overrides)
+    snapshot = download_model(config.model, config.storage, Path(config.run.output_dir))
+    processor = AutoProcessor.from_pretrained(snapshot.path)
+    prepared = prepare_from_config(config, processor)
+    print(prepared.report.summary())
+    print(f"snapshot: {prepared.path}")
+    print(f"report:   {prepared.path / 'report.json'}")
+    return 0

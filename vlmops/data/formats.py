@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmops.data.conversation import Conversation, ImageRef, Message, Part, Role, parse_img_tags, to_img_tags
+from vlmops.conversation import Conversation, ImageRef, Message, Part, Role, parse_img_tags, to_img_tags
 from vlmops.errors import UserInputError
 
 ROLE_ALIASES: dict[str, Role] = {

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
-import time
 from pathlib import Path
 
 import requests
 from PIL import Image, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from vlmops.config import StorageConfig
 from vlmops.errors import UserInputError
 
 HTTP_TIMEOUT_S = 30
 HTTP_RETRIES = 3
+HTTP_BACKOFF_S = 0.5  # urllib3 backs off exponentially from this factor between tries
+# Worth another try: the server's own failures and throttling. A 4xx other than 429 answers the same again.
+HTTP_RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 class ImageLoadError(UserInputError):
@@ -68,23 +73,37 @@ def _data_uri_bytes(uri: str) -> bytes:
         raise ImageLoadError(f"image {_short(uri)}: bad base64 payload ({err})") from err
 
 
-def _http_bytes(url: str) -> bytes:
-    last: Exception | None = None
-    for attempt in range(HTTP_RETRIES):
-        try:
-            response = requests.get(url, timeout=HTTP_TIMEOUT_S)
-            if response.status_code == 404:
-                raise ImageLoadError(f"image {url}: HTTP 404 not found")
-            response.raise_for_status()
-            return response.content
-        except ImageLoadError:
-            raise
-        except requests.RequestException as err:
-            last = err
-            time.sleep(0.5 * 2**attempt)
-    raise ImageLoadError(
-        f"image {url}: could not download it after {HTTP_RETRIES} tries ({last}); is the host reachable?"
+@functools.cache
+def http_session() -> requests.Session:
+    """The session image downloads share: pooled connections, and urllib3's retry with backoff for
+    connection errors, 5xx and 429 (honouring Retry-After), never for another 4xx."""
+    retry = Retry(
+        total=HTTP_RETRIES,
+        backoff_factor=HTTP_BACKOFF_S,
+        status_forcelist=HTTP_RETRY_STATUSES,
+        allowed_methods=frozenset({"GET"}),
+        raise_on_status=False,  # the last response comes back, and its status goes into the message
     )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _http_bytes(url: str) -> bytes:
+    try:
+        response = http_session().get(url, timeout=HTTP_TIMEOUT_S)
+    except requests.RequestException as err:
+        raise ImageLoadError(
+            f"image {url}: could not download it after {HTTP_RETRIES} retries ({err}); is the host reachable?"
+        ) from err
+    if response.status_code == 404:
+        raise ImageLoadError(f"image {url}: HTTP 404 not found")
+    if not response.ok:
+        tried = f" after {HTTP_RETRIES} retries" if response.status_code in HTTP_RETRY_STATUSES else ""
+        raise ImageLoadError(f"image {url}: HTTP {response.status_code} {response.reason}{tried}")
+    return response.content
 
 
 def _short(uri: str) -> str:

@@ -13,9 +13,7 @@ import json
 import logging
 import os
 import random
-import shutil
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +21,14 @@ from typing import Any
 from tqdm import tqdm
 
 from vlmops.config import DataConfig, PipelineConfig, StorageConfig
-from vlmops.data.conversation import Conversation
+from vlmops.conversation import Conversation
 from vlmops.data.demo import write_demo_dataset
-from vlmops.data.formats import REMOTE_PREFIXES, DatasetError, RecordProblem, read_dataset, write_conversations
+from vlmops.data.formats import DatasetError, RecordProblem, read_dataset, write_conversations
 from vlmops.data.images import ImageLoadError, open_image_bytes, read_image_bytes
 from vlmops.data.length import LENGTHS_FILE, MaxLength, length_fingerprint, write_lengths
 from vlmops.hashing import sha256_file
 from vlmops.models.template import Tokenizer, encode
+from vlmops.staging import staging_in
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +132,13 @@ def prepare_dataset(
         sources["eval"] = f"{data.eval_ratio:.0%} of train, seed {seed}"
     report = ValidationReport(sources, data.max_length, data.max_length_policy, num_image_tokens)
     image_names: dict[str, str] = {}
-    staging = Path(tempfile.mkdtemp(prefix=".dataset.", dir=_ensure(Path(out_root))))
-    try:
-        (staging / "images").mkdir()
+    # The snapshot's name is its content hash, known only once everything is written: build it aside and
+    # name it at the end. An existing snapshot with that hash is the same bytes and stays as it is.
+    with staging_in(Path(out_root), "dataset") as stage:
+        (stage.path / "images").mkdir()
         splits = {}
         for name, conversations in (("train", train), ("eval", evals)):
-            kept = _check_records(
+            splits[name] = _check_records(
                 name,
                 conversations,
                 problems,
@@ -147,11 +147,10 @@ def prepare_dataset(
                 num_image_tokens,
                 system_prompt,
                 data,
-                staging / "images",
+                stage.path / "images",
                 image_names,
                 storage,
             )
-            splits[name] = kept
         if problems:
             report.rejected = [asdict(p) for p in problems]
             if data.invalid_records == "error":
@@ -160,19 +159,12 @@ def prepare_dataset(
         if not splits["train"] or not splits["eval"]:
             empty = "train" if not splits["train"] else "eval"
             raise ValueError(f"the {empty} split has no usable records ({sources[empty]})")
-        write_conversations(staging / "train.jsonl", splits["train"], image_names)
-        write_conversations(staging / "eval.jsonl", splits["eval"], image_names)
-        content_hash = _hash_folder(staging)
-        (staging / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        write_lengths(staging, length_fingerprint(tokenizer, num_image_tokens, system_prompt), report.lengths)
-        final = Path(out_root) / content_hash[:16]
-        if final.exists():
-            shutil.rmtree(staging)
-        else:
-            staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_conversations(stage.path / "train.jsonl", splits["train"], image_names)
+        write_conversations(stage.path / "eval.jsonl", splits["eval"], image_names)
+        content_hash = _hash_folder(stage.path)
+        (stage.path / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        write_lengths(stage.path, length_fingerprint(tokenizer, num_image_tokens, system_prompt), report.lengths)
+        final = stage.name(content_hash[:16], replace=False)
     log.info("dataset snapshot %s\n%s", final, report.summary())
     return PreparedDataset(final, content_hash, report)
 
@@ -261,13 +253,9 @@ def _store_image(uri: str, image_dir: Path, storage: StorageConfig | None) -> st
         suffix = Path(uri.split("?")[0]).suffix.lower() or ".img"
     target = image_dir / f"{digest[:24]}{suffix}"
     if not target.exists():
-        local = Path(uri)
-        try:
-            if uri.startswith(REMOTE_PREFIXES):
-                raise OSError("remote")
-            os.link(local, target)
-        except OSError:
-            target.write_bytes(data)
+        # A copy, never a hardlink to the user's file: an edit to that file would change a snapshot named by
+        # its content, and DVC (which hardlinks the snapshot into its cache) makes cached files read-only.
+        target.write_bytes(data)
     return f"images/{target.name}"
 
 
@@ -281,11 +269,6 @@ def _hash_folder(folder: Path) -> str:
         h.update(b"\0")
         h.update(path.name.encode() if rel.startswith("images/") else sha256_file(path).encode())
     return h.hexdigest()
-
-
-def _ensure(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:

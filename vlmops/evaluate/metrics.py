@@ -97,11 +97,3 @@ def evaluate_predictions(pred_file: str | os.PathLike[str]) -> EvalResult:
         seen.add(score.index)
     correct = sum(s.correct for s in scores)
     return EvalResult(correct / len(scores), correct, len(scores), scores, predictions=str(path))
-
-
-def eval_command(ckpt: str, config_path: str | None, overrides: list[str], out: str | None) -> int:
-    """`vlmops eval --ckpt RUN_DIR`: see `vlmops.evaluate.checkpoint.eval_command` (imported on use: it loads
-    models, which scoring a predictions file never needs)."""
-    from vlmops.evaluate.checkpoint import eval_command as evaluate_checkpoint
-
-    return evaluate_checkpoint(ckpt, config_path, overrides, out)

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlmops.config import InferConfig, StorageConfig
-from vlmops.data.conversation import Conversation, ImageRef, to_img_tags
+from vlmops.conversation import Conversation, ImageRef, to_img_tags
 from vlmops.data.formats import REMOTE_PREFIXES, DatasetError, read_dataset
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.generation import answer_tokens, decode_answer, generation_config, model_inputs

@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import StoppingCriteria
 
 from vlmops.config import InferConfig, StorageConfig
-from vlmops.data.conversation import Message, parse_img_tags
+from vlmops.conversation import Message, parse_img_tags
 from vlmops.data.formats import REMOTE_PREFIXES
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.generation import answer_tokens, decode_answer, generation_config, model_inputs

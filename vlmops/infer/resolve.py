@@ -4,7 +4,8 @@
 /path/to/RUN_DIR           a `vlmops sft` run folder or one of its checkpoint-N folders: the trained
                            adapter on the run's base model, or the run's full weights
 models:/NAME@ALIAS         a registered model version (MLflow registry), by alias or by number;
-models:/NAME/VERSION       its artifacts (a merged checkpoint) are downloaded once into a cache
+models:/NAME/VERSION       its artifacts (a merged checkpoint, or a pointer to the copy pushed to the DVC
+                           remote, which is pulled from there) are downloaded once into a cache
 
 deepseek-vl-7b-chat        a catalog name: downloaded (and converted) once through `download_model`,
                            as `swift infer --model_type deepseek-vl-7b-chat` does (`catalog_resolver`)
@@ -25,6 +26,7 @@ from vlmops.config import ModelConfig, PipelineConfig
 from vlmops.filenames import safe_name
 from vlmops.staging import staged_folder
 from vlmops.train.rundir import RUN_INFO, TrainedRun, open_run
+from vlmops.versioning import POINTER_FILE, checkout_pointer
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,8 @@ def download_registered_model(
     with staged_folder(target) as staging:
         log.info("downloading %s (version %s) from %s", uri, version.version, source)
         local = Path(_download(source, staging, tracking_uri))
+        if (local / POINTER_FILE).is_file():  # the version points at the copy in the DVC remote
+            local = checkout_pointer(local / POINTER_FILE, staging / "dvc")
         if not (local / "config.json").is_file():
             raise ValueError(
                 f"model {uri}: version {version.version}'s artifacts ({source}) are not a checkpoint folder "

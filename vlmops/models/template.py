@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT
-from vlmops.data.conversation import ImageRef, Message
+from vlmops.conversation import ImageRef, Message
 
 IMAGE_TOKEN = "<image_placeholder>"
 BOS_TOKEN = "<｜begin▁of▁sentence｜>"

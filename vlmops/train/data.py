@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vlmops.config import StorageConfig
-from vlmops.data.conversation import Conversation
+from vlmops.conversation import Conversation
 from vlmops.data.formats import DatasetError, RecordProblem
 from vlmops.data.images import load_image
 from vlmops.data.length import MaxLength, cut_sample

@@ -88,7 +88,7 @@ def parity_batch(processor: Any) -> dict[str, torch.Tensor]:
     import numpy as np
     from PIL import Image
 
-    from vlmops.data.conversation import ImageRef, Message
+    from vlmops.conversation import ImageRef, Message
     from vlmops.models.template import encode
     from vlmops.train.data import VisionLanguageCollator
 

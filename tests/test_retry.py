@@ -1,0 +1,97 @@
+"""The retry classifier over real exception objects, and through Prefect's own retry machinery."""
+
+from __future__ import annotations
+
+import errno
+
+import botocore.exceptions
+import pytest
+import requests
+import urllib3.exceptions
+from mlflow.exceptions import MlflowException, RestException
+from urllib3.connectionpool import HTTPConnectionPool
+
+from tasks.retry import is_transient
+from vlmops.errors import UserInputError
+
+
+def http_error(status: int) -> requests.HTTPError:
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(f"{status}", response=response)
+
+
+def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
+    return botocore.exceptions.ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
+
+
+def raised_from(exc: BaseException, cause: BaseException) -> BaseException:
+    try:
+        raise exc from cause
+    except BaseException as err:
+        return err
+
+
+POOL = HTTPConnectionPool("mlflow.internal", 5000)
+
+TRANSIENT = [
+    requests.ConnectionError("connection reset"),
+    requests.Timeout("read timed out"),
+    http_error(502),
+    http_error(503),
+    http_error(429),
+    urllib3.exceptions.ProtocolError("connection aborted"),
+    urllib3.exceptions.ReadTimeoutError(POOL, "/api", "read timed out"),
+    urllib3.exceptions.MaxRetryError(POOL, "/api", urllib3.exceptions.ResponseError("too many 503 responses")),
+    botocore.exceptions.EndpointConnectionError(endpoint_url="http://s3.internal:8333"),
+    botocore.exceptions.ReadTimeoutError(endpoint_url="http://s3.internal:8333"),
+    botocore.exceptions.ConnectionClosedError(endpoint_url="http://s3.internal:8333"),
+    client_error("SlowDown", 503),
+    client_error("Throttling", 400),
+    client_error("InternalError", 500),
+    RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "try later"}),
+    RestException({"error_code": "INTERNAL_ERROR", "message": "database is locked"}),
+    ConnectionResetError(errno.ECONNRESET, "reset by peer"),
+    TimeoutError("timed out"),
+    raised_from(RuntimeError("download broke off"), requests.ConnectionError("reset")),
+]
+PERMANENT = [
+    http_error(404),  # an unknown model id on the hub
+    http_error(401),
+    http_error(400),
+    client_error("NoSuchKey", 404),
+    client_error("AccessDenied", 403),
+    RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such model"}),
+    RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"}),
+    MlflowException("an artifact path that is not a folder"),
+    ValueError("s3://b/k arrived corrupted (MD5 differs from its ETag); run again"),
+    FileNotFoundError(errno.ENOENT, "no such snapshot"),
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EDQUOT, "Disk quota exceeded"),
+    raised_from(OSError(errno.ENOSPC, "No space left on device"), requests.ConnectionError("reset")),
+    raised_from(UserInputError("model 'deepseek-vl-9b' is not in the catalog"), http_error(503)),
+    RuntimeError("parity check failed"),
+    KeyError("config"),
+]
+
+
+@pytest.mark.parametrize("exc", TRANSIENT, ids=lambda e: f"{type(e).__name__}:{e}"[:60])
+def test_transient_failures_are_retried(exc: BaseException) -> None:
+    assert is_transient(exc)
+
+
+@pytest.mark.parametrize("exc", PERMANENT, ids=lambda e: f"{type(e).__name__}:{e}"[:60])
+def test_permanent_failures_are_not_retried(exc: BaseException) -> None:
+    assert not is_transient(exc)
+
+
+def test_the_prefect_condition_reads_the_exception_off_the_failed_state() -> None:
+    from prefect.states import Failed
+
+    from tasks.retry import transient
+
+    # What Prefect's task engine hands `retry_condition_fn` after a task raised (prefect/task_engine.py).
+    assert transient(None, None, Failed(data=http_error(503), message="Task run encountered an exception"))
+    assert not transient(None, None, Failed(data=ValueError("corrupt snapshot"), message="..."))
