@@ -46,3 +46,15 @@ def staged_folder(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def publish_file(staging: Path, final: Path) -> None:
+    """Make a fully written file visible under its final name in one rename (after flushing it to disk)."""
+    with staging.open("rb") as f:
+        os.fsync(f.fileno())
+    staging.replace(final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

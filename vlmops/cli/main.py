@@ -3,6 +3,7 @@
 vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipeline (Prefect flow)
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
+vlmops batch-infer --model M --input IN --output OUT [--set infer.KEY=V]  batch inference job
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
 vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
@@ -22,13 +23,26 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from vlmops.cli import config, convert, demo_data, download, evaluate, export, infer, models, run, sft, validate
+from vlmops.cli import (
+    batch_infer,
+    config,
+    convert,
+    demo_data,
+    download,
+    evaluate,
+    export,
+    infer,
+    models,
+    run,
+    sft,
+    validate,
+)
 from vlmops.errors import VlmopsError
 
 Handler = Callable[[argparse.Namespace], int]
 
 # In the order `vlmops --help` lists them.
-COMMANDS = (run, sft, infer, export, evaluate, validate, download, convert, models, demo_data, config)
+COMMANDS = (run, sft, infer, batch_infer, export, evaluate, validate, download, convert, models, demo_data, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
