@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from vlmops.config import PipelineConfig, load_config
-from vlmops.data.conversation import to_img_tags
 from vlmops.data.formats import read_dataset
 from vlmops.errors import UserInputError
 from vlmops.infer.batch_job import run_batch_job
@@ -47,7 +46,11 @@ def test_every_record_once_in_input_order_across_uneven_batches_and_shards(
     lines = [json.loads(line) for line in train_file.read_text().splitlines()]
 
     assert result.records == result.results == len(records) == len(conversations) == 11 and result.rejects == 0
-    assert sorted(p.name for p in out.glob("part-*.jsonl")) == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
+    assert sorted(p.name for p in out.glob("part-*.jsonl")) == [
+        "part-00000.jsonl",
+        "part-00001.jsonl",
+        "part-00002.jsonl",
+    ]
     assert [r["key"] for r in records] == [f"train.jsonl:{i}" for i in range(1, 12)]
     for record, conv, line in zip(records, conversations, lines, strict=True):
         assert record["conversations"] == line["conversations"]  # every input field kept as it was
@@ -60,7 +63,10 @@ def test_every_record_once_in_input_order_across_uneven_batches_and_shards(
     assert [p["records"] for p in manifest["parts"]] == [5, 5, 1]
     assert manifest["generated_tokens"] == sum(r["generated_tokens"] for r in records) > 0
     assert manifest["records_read"] == manifest["results"] + manifest["rejects"] == 11
-    assert manifest["settings"]["shard_size"] == 5 and manifest["model"]["content_hash"] == records[0]["model"]["content_hash"]
+    assert (
+        manifest["settings"]["shard_size"] == 5
+        and manifest["model"]["content_hash"] == records[0]["model"]["content_hash"]
+    )
     assert result.tokens_per_s > 0 and result.images_per_s > 0
     assert rejects(out) == []
 
