@@ -80,14 +80,19 @@ def batch_inference(
                 update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
         result = complete_job(plan, job_output, ran, config)
     else:
-        run_job_in_child(model, input, output, config, poll=_progress_poller(output, config, artifact))
         job_output = open_output(output, config.storage)
+        parts_before = len(job_output.names(PART_PREFIX))
+        started = time.monotonic()
+        run_job_in_child(model, input, output, config, poll=_progress_poller(output, config, artifact))
         manifest_text = job_output.read_text(MANIFEST_FILE)
         if manifest_text is None:
             raise RuntimeError(f"the batch inference job ended without writing {output}/{MANIFEST_FILE}")
         result = JobResult(job_output.uri, json.loads(manifest_text))
     update_progress_artifact(artifact, 100.0)
     summary = {"output": result.output, "job_id": result.manifest["job_id"], **result.metrics()}
+    if not distributed:  # the child printed its speed; here: what it added and how long it took
+        summary["shards_run"] = len(job_output.names(PART_PREFIX)) - parts_before
+        summary["seconds"] = time.monotonic() - started
     summary["workers"] = sorted({s.worker for s in result.ran if s.worker})
     logger.info(
         "job %s: %d records, %d answered, %d rejected -> %s",
