@@ -449,7 +449,7 @@ def check_exactly_once(predictions: Path, conversations: list[Any]) -> dict[str,
     """Every input record once in the merged file, in input order, with its own source and reference."""
     records = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
     sources = Counter(str(r["source"]) for r in records)
-    expected = [Path(c.source).name for c in conversations]
+    expected = [c.source for c in conversations]
     mismatched = [
         r["index"]
         for r in records

@@ -173,7 +173,7 @@ def test_retrain_step_runs_the_job_in_a_child_and_writes_what_evaluate_reads(
     assert result.path == out_file and result.count == 6 and result.generated_tokens > 0
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(6))
-    assert [r["source"] for r in rows] == [f"eval.jsonl:{i}" for i in range(1, 7)]
+    assert [r["source"] for r in rows] == [f"{eval_file}:{i}" for i in range(1, 7)]
     assert evaluate_predictions(out_file).total == 6
     assert (tmp_path / "predictions" / "base.jsonl.job" / "manifest.json").is_file()
 

@@ -272,7 +272,7 @@ def parse_prompt(raw: RawRecord, base_dir: Path) -> Prompt:
     if messages[-1].role == "assistant":
         reference = messages[-1].text("").strip()
         messages = messages[:-1]
-    return Prompt(key, raw.key_location, value, messages, reference)
+    return Prompt(key, raw.location, value, messages, reference)
 
 
 def _simple_as_messages(record: dict[str, Any]) -> dict[str, Any]:
