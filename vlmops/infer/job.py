@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -221,7 +221,7 @@ def plan_job(model: ModelInfo, input_spec: str, config: PipelineConfig) -> JobPl
     for file_index, found in enumerate(find_inputs(input_spec, config.storage)):
         scanned, file_shards = scan_input(found, file_index, config.infer.shard_size, config.storage)
         files.append(scanned)
-        shards += [Shard(len(shards) + i, *list(asdict(s).values())[1:]) for i, s in enumerate(file_shards)]
+        shards += [replace(s, index=len(shards) + i) for i, s in enumerate(file_shards)]
     settings = job_settings(config)
     identity = {
         "model": model.content_hash,
