@@ -297,6 +297,8 @@ class ShardRunner:
     ) -> ShardStats:
         """Answer one shard; publish its rejects, then its part (the shard is done once the part exists).
 
+        Only this shard's records and answers are held; the engine pulls the prompts (images decoded) lazily.
+
         Raises:
             RecordRejectedError: `infer.on_error: fail` and a record cannot be answered (nothing is published).
         """
@@ -311,15 +313,7 @@ class ShardRunner:
             nonlocal images
             for position, raw in enumerate(read_shard(file, shard, self.config.storage)):
                 try:
-                    prompt = parse_prompt(raw, base_dir)
-                    encoded = encode(
-                        prompt.messages,
-                        self.loaded.tokenizer,
-                        self.loaded.num_image_tokens,
-                        self.config.model.system_prompt,
-                        add_generation_prompt=True,
-                    )
-                    pictures = [load_image(ref.uri, self.config.storage) for ref in encoded.images]
+                    prompt, request = self._request(position, raw, base_dir)
                 except (RecordError, ImageLoadError) as err:
                     reason = f"{err.field}: {err.reason}" if isinstance(err, RecordError) else str(err)
                     if self.config.infer.on_error == "fail":
@@ -331,8 +325,8 @@ class ShardRunner:
                         on_record(1)
                     continue
                 prompts[position] = prompt
-                images += len(pictures)
-                yield GenerationRequest(position, encoded.input_ids, pictures)
+                images += len(request.images)
+                yield request
 
         results: dict[int, GenerationResult] = {}
         for result in self.engine.generate(requests()):
@@ -342,35 +336,53 @@ class ShardRunner:
         missing = sorted(prompts.keys() - results.keys())
         if missing:
             raise RunFailed(f"shard {shard.name}: the engine returned no answer for records {missing[:10]}")
-
-        model = plan.model.as_dict()
-        tokens = 0
-        with written_file(output, f"{SHARD_REJECTS}{shard.name}.jsonl") as path, path.open("w") as f:
-            for reject in rejects:
-                f.write(json.dumps(reject, ensure_ascii=False) + "\n")
-        with written_file(output, part_name(shard)) as path, path.open("w", encoding="utf-8") as f:
-            for position in sorted(prompts):
-                prompt, result = prompts[position], results[position]
-                tokens += len(result.token_ids)
-                f.write(
-                    json.dumps(
-                        _result_record(prompt, result, decode_answer(self.loaded, result.token_ids), model),
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+        tokens = self._publish(plan, shard, output, [(prompts[i], results[i]) for i in sorted(prompts)], rejects)
         stats = ShardStats(
             shard.index, len(prompts), len(rejects), tokens, images, time.perf_counter() - started, self.worker
         )
         log.info(
             "shard %s: %d results, %d rejects, %d tokens in %.1f s",
             shard.name,
-            stats.results,
-            stats.rejects,
+            len(prompts),
+            len(rejects),
             tokens,
             stats.seconds,
         )
         return stats
+
+    def _request(self, position: int, raw: RawRecord, base_dir: Path) -> tuple[Prompt, GenerationRequest]:
+        """The record's prompt and the request for it: template-encoded, its images read and decoded."""
+        prompt = parse_prompt(raw, base_dir)
+        encoded = encode(
+            prompt.messages,
+            self.loaded.tokenizer,
+            self.loaded.num_image_tokens,
+            self.config.model.system_prompt,
+            add_generation_prompt=True,
+        )
+        pictures = [load_image(ref.uri, self.config.storage) for ref in encoded.images]
+        return prompt, GenerationRequest(position, encoded.input_ids, pictures)
+
+    def _publish(
+        self,
+        plan: JobPlan,
+        shard: Shard,
+        output: JobOutput,
+        answered: list[tuple[Prompt, GenerationResult]],
+        rejects: list[dict[str, Any]],
+    ) -> int:
+        """Write the shard's rejects, then its part (the commit point); return the generated token count."""
+        model = plan.model.as_dict()
+        tokens = 0
+        with written_file(output, f"{SHARD_REJECTS}{shard.name}.jsonl") as path, path.open("w") as f:
+            for reject in rejects:
+                f.write(json.dumps(reject, ensure_ascii=False) + "\n")
+        with written_file(output, part_name(shard)) as path, path.open("w", encoding="utf-8") as f:
+            for prompt, result in answered:
+                tokens += len(result.token_ids)
+                response = decode_answer(self.loaded, result.token_ids)
+                f.write(json.dumps(_result_record(prompt, result, response, model), ensure_ascii=False) + "\n")
+        return tokens
 
 
 def _reject(file: InputFile, raw: RawRecord, reason: str) -> dict[str, Any]:
