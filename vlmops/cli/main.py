@@ -3,7 +3,7 @@
 vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipeline (Prefect flow)
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
-vlmops batch-infer --model M --input IN --output OUT [--set infer.KEY=V]  batch inference job
+vlmops batch-infer --model M --input IN --output OUT [--set ...]  resumable batch inference job
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
 vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
