@@ -34,16 +34,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vlmops.data.conversation import ImageRef, Message
-from vlmops.models.catalog import architecture_config, get_entry
+from vlmops.models.catalog import get_entry
 from vlmops.models.convert import convert_checkpoint
-from vlmops.models.original_layout import (
+from vlmops.models.template import IMAGE_TOKEN, encode
+from vlmops.models.tiny import build_tokenizer
+from vlmops.testing.architectures import architecture_config
+from vlmops.testing.fake_release import (
     original_shapes,
     release_config,
     tiny_release_config,
     write_original_checkpoint,
 )
-from vlmops.models.template import IMAGE_TOKEN, encode
-from vlmops.models.tiny import build_tokenizer
 
 SIZES = {"1.3b": "deepseek-vl-1.3b-chat", "7b": "deepseek-vl-7b-chat"}
 TINY = {"tiny": "tiny-deepseek-vl", "tiny-hybrid": "tiny-deepseek-vl-hybrid"}

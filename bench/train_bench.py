@@ -103,7 +103,7 @@ TINY = {"1.3b": "deepseek_vl", "7b": "deepseek_vl_hybrid"}
 
 
 def architecture_config(arch: str) -> Any:
-    from vlmops.models.catalog import architecture_config as catalog_config
+    from vlmops.testing.architectures import architecture_config as catalog_config
 
     return catalog_config("deepseek-vl-7b-chat" if arch == "7b" else "deepseek-vl-1.3b-chat")
 

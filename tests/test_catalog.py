@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlmops.cli.main import main
 from vlmops.config import ModelConfig
-from vlmops.models.catalog import CATALOG, architecture_config, get_entry, models_command, resolve
+from vlmops.models.catalog import CATALOG, get_entry, resolve
+from vlmops.testing.architectures import architecture_config
 
 RELEASED = ("deepseek-vl-1.3b-chat", "deepseek-vl-7b-chat", "deepseek-vl-1.3b-base", "deepseek-vl-7b-base")
 
@@ -152,7 +154,7 @@ def test_tiny_architecture_builds() -> None:
 
 
 def test_models_command(capsys: pytest.CaptureFixture[str]) -> None:
-    assert models_command() == 0
+    assert main(["models"]) == 0
     out = capsys.readouterr().out
     for name in CATALOG:
         assert name in out

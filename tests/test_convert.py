@@ -1,6 +1,6 @@
 """Conversion of the original DeepSeek-VL release layout to transformers' native classes.
 
-Tiny checkpoints are written in the original layout (`original_layout`), converted, loaded, and compared
+Tiny checkpoints are written in the original layout (`vlmops.testing.fake_release`), converted, loaded, and compared
 against a forward pass assembled by hand from the ORIGINAL tensors with the original code's semantics
 (timm SigLIP, SAM with windowed attention and decomposed relative positions, MlpProjector, Llama).
 """
@@ -17,24 +17,19 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from vlmops.cli.main import main
 from vlmops.data.conversation import ImageRef, Message
 from vlmops.models.convert import (
     CHAT_TEMPLATE,
     DROPPED_KEYS,
     ConversionError,
     convert_checkpoint,
-    convert_command,
     detect_layout,
     map_original_key,
 )
-from vlmops.models.original_layout import (
-    original_shapes,
-    sam_spec,
-    siglip_spec,
-    tiny_release_config,
-    write_original_checkpoint,
-)
+from vlmops.models.original_layout import sam_spec, siglip_spec
 from vlmops.models.template import EOS_TOKEN, IMAGE_TOKEN, encode, render
+from vlmops.testing.fake_release import original_shapes, tiny_release_config, write_original_checkpoint
 
 ARCHES = ("deepseek_vl", "deepseek_vl_hybrid")
 
@@ -417,11 +412,12 @@ def test_detect_layout(converted: dict[str, Any], tmp_path: Path) -> None:
 
 def test_convert_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     write_original_checkpoint(tmp_path / "original", tiny_release_config("deepseek_vl_hybrid"))
-    assert convert_command(str(tmp_path / "original"), str(tmp_path / "native")) == 0
+    assert main(["convert", str(tmp_path / "original"), str(tmp_path / "native")]) == 0
     out = capsys.readouterr().out
     assert "deepseek_vl_hybrid" in out and "119 read" in out and "dropped: 17" in out and "attn_pool" in out
-    assert convert_command(str(tmp_path / "original"), str(tmp_path / "native")) == 1
-    assert "already exists" in capsys.readouterr().err
+    # an existing output folder is the user's to move: exit 2, and the message says what to do
+    assert main(["convert", str(tmp_path / "original"), str(tmp_path / "native")]) == 2
+    assert "already exists: delete it or choose another output folder" in capsys.readouterr().err
 
 
 # ---- processor: tokenizer, image processor, chat template ------------------------------------------------

@@ -13,16 +13,19 @@ import pytest
 import torch
 
 from tests.fake_hubs import FakeHub, serve, use_hf_hub, use_modelscope
+from vlmops.cli.main import main
 from vlmops.config import ModelConfig, StorageConfig
 from vlmops.hashing import sha256_file
 from vlmops.models.download import (
     ModelDownloadError,
+    ModelFolderNotFoundError,
+    ModelNotFoundError,
     SnapshotCorruptedError,
-    download_command,
+    TransferFailedError,
     download_model,
 )
-from vlmops.models.original_layout import tiny_release_config, write_original_checkpoint
 from vlmops.models.tiny import build_tiny_model
+from vlmops.testing.fake_release import tiny_release_config, write_original_checkpoint
 
 MODEL_FILES = {
     "config.json",
@@ -126,14 +129,14 @@ def test_modelscope_unknown_id(release_repo: Path, tmp_path: Path, monkeypatch: 
     config = ModelConfig(name="mine", source="modelscope", id="deepseek-ai/no-such-model", cache_dir=str(tmp_path))
     with serve(hub):
         use_modelscope(monkeypatch, hub.url)
-        with pytest.raises(ModelDownloadError, match="ModelScope has no model 'deepseek-ai/no-such-model'"):
+        with pytest.raises(ModelNotFoundError, match="ModelScope has no model 'deepseek-ai/no-such-model'"):
             download_model(config, None, tmp_path / "out")
 
 
 def test_modelscope_unreachable_says_to_use_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_modelscope(monkeypatch, "http://127.0.0.1:9")  # the discard port: nothing listens
     config = ModelConfig(name="deepseek-vl-7b-chat", cache_dir=str(tmp_path))
-    with pytest.raises(ModelDownloadError, match=r"ModelScope is unreachable.*model\.source: local"):
+    with pytest.raises(TransferFailedError, match=r"ModelScope is unreachable.*model\.source: local"):
         download_model(config, None, tmp_path / "out")
 
 
@@ -202,14 +205,14 @@ def test_hf_hub_unknown_repo(native_repo: Path, tmp_path: Path, monkeypatch: pyt
     config = ModelConfig(name="x", source="huggingface", id="someone/nothing", cache_dir=str(tmp_path))
     with serve(hub):
         use_hf_hub(monkeypatch, hub.url)
-        with pytest.raises(ModelDownloadError, match="the HF hub has no model 'someone/nothing'"):
+        with pytest.raises(ModelNotFoundError, match="the HF hub has no model 'someone/nothing'"):
             download_model(config, None, tmp_path / "out")
 
 
 def test_hf_hub_unreachable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     use_hf_hub(monkeypatch, "http://127.0.0.1:9")
     config = ModelConfig(name="deepseek-vl-1.3b-chat", source="huggingface", cache_dir=str(tmp_path))
-    with pytest.raises(ModelDownloadError, match=r"the HF hub is unreachable.*model\.source: local.*HF_ENDPOINT"):
+    with pytest.raises(TransferFailedError, match=r"the HF hub is unreachable.*model\.source: local.*HF_ENDPOINT"):
         download_model(config, None, tmp_path / "out")
 
 
@@ -255,17 +258,63 @@ def test_local_release_layout_is_converted_once(tmp_path: Path) -> None:
 
 def test_missing_local_folder(tmp_path: Path) -> None:
     config = ModelConfig(name="mine", source="local", id=str(tmp_path / "nope"), cache_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="nope does not exist"):
+    with pytest.raises(ModelFolderNotFoundError, match="nope does not exist"):
         download_model(config, None, tmp_path / "out")
 
 
 def test_download_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    overrides = [f"model.cache_dir={tmp_path / 'cache'}", f"run.output_dir={tmp_path / 'out'}"]
-    assert download_command(None, overrides) == 0
+    overrides = ["--set", f"model.cache_dir={tmp_path / 'cache'}", "--set", f"run.output_dir={tmp_path / 'out'}"]
+    assert main(["download", "--config", "pipeline.yaml", *overrides]) == 0
     out = capsys.readouterr().out
     assert "tiny-deepseek-vl: local" in out and "manifest:" in out
-    assert download_command(None, ["model.name=deepseek-vl-99b"]) == 1
+    # an unknown model is the user's to fix: exit 2, with the catalog's names
+    assert main(["download", "--config", "pipeline.yaml", "--set", "model.name=deepseek-vl-99b"]) == 2
     assert "unknown model 'deepseek-vl-99b'" in capsys.readouterr().err
+    assert main(["download", "deepseek-vl-99b", "--config", "pipeline.yaml", *overrides]) == 2
+    assert "unknown model 'deepseek-vl-99b'. Known models: deepseek-vl-1.3b-chat" in capsys.readouterr().err
+
+
+def test_download_command_fetches_a_catalog_name_and_refresh_repairs_it(
+    release_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlmops download NAME` (the hint `vlmops infer` gives) and `--refresh` (the hint a corrupted snapshot
+    gives), through the real parser, against the fake ModelScope."""
+    hub = FakeHub(repos={("deepseek-ai/deepseek-vl-1.3b-chat", "master"): release_repo})
+    cache = tmp_path / "cache"
+    # the config's model (the tiny local default) is not touched: NAME takes the config's cache only
+    args = ["--config", "pipeline.yaml", "--set", f"model.cache_dir={cache}", "--set", f"run.output_dir={tmp_path}"]
+    with serve(hub):
+        use_modelscope(monkeypatch, hub.url)
+        assert main(["download", "deepseek-vl-1.3b-chat", *args]) == 0
+    out = capsys.readouterr().out
+    assert "model deepseek-vl-1.3b-chat: modelscope deepseek-ai/deepseek-vl-1.3b-chat@master" in out
+    assert f"converted:       {cache / 'converted'}" in out
+    assert not (tmp_path / "models").exists()  # the config's tiny model was not built
+    downloaded = next((cache / "modelscope").rglob("config.json")).parent
+    shard = _shards(release_repo)[0]
+
+    # offline, the snapshot is verified and reused; a damaged file is refused with the --refresh hint
+    assert main(["download", "deepseek-vl-1.3b-chat", *args]) == 0
+    capsys.readouterr()
+    _flip_bytes(downloaded / shard)
+    assert main(["download", "deepseek-vl-1.3b-chat", *args]) == 1
+    err = capsys.readouterr().err
+    assert f"{shard}: corrupted" in err and "`vlmops download NAME --refresh`" in err
+
+    with serve(hub):
+        use_modelscope(monkeypatch, hub.url)
+        before = len(hub.downloads(shard))
+        assert main(["download", "deepseek-vl-1.3b-chat", "--refresh", *args]) == 0
+        assert len(hub.downloads(shard)) > before  # fetched again, not trusted
+    assert sha256_file(downloaded / shard) == sha256_file(release_repo / shard)
+    capsys.readouterr()
+    assert main(["download", "deepseek-vl-1.3b-chat", *args]) == 0  # and offline again afterwards
+
+
+def test_download_errors_say_whose_move_it_is() -> None:
+    assert ModelNotFoundError("x").exit_code == 2 and isinstance(ModelNotFoundError("x"), ModelDownloadError)
+    assert ModelFolderNotFoundError("x").exit_code == 2 and isinstance(ModelFolderNotFoundError("x"), FileNotFoundError)
+    assert TransferFailedError("x").exit_code == 1 and SnapshotCorruptedError("x").exit_code == 1
 
 
 # ---- S3 (SeaweedFS) --------------------------------------------------------------------------------------

@@ -186,11 +186,8 @@ def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, pr
 
 
 def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(MIB), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
 
 
 def _multipart_etag(path: Path, part_size: int) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import re
+from collections import Counter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,6 +15,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from vlmops.models.convert import convert_command
+    from vlmops.models.convert import convert_checkpoint
+    from vlmops.models.diskspace import gb
 
-    return convert_command(args.src, args.dst)
+    report = convert_checkpoint(args.src, args.dst)
+    # Dropped keys grouped by family: "vision_model.vision_tower.attn_pool.q x1", not one line per layer.
+    dropped = Counter(re.sub(r"\.\d+\.", ".N.", k).rsplit(".", 1)[0] for k in report.dropped)
+    groups = ", ".join(f"{k} x{n}" for k, n in sorted(dropped.items())) or "none"
+    print(f"converted {report.src} -> {report.dst} ({report.arch})")
+    print(
+        f"  tensors: {report.tensors_in} read, {report.tensors_out} written "
+        f"in {report.shards} shard(s), {gb(report.bytes_written)}"
+    )
+    print(f"  dropped: {len(report.dropped)} ({groups})")
+    print(f"  time:    {report.seconds:.1f}s")
+    return 0

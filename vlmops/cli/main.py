@@ -4,10 +4,11 @@ vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipe
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
 vlmops batch-infer --model M --input IN --output OUT [--set ...]  resumable batch inference job
+vlmops app       --model M [--compare M2] [--host H --auth U:P]     chat page in the browser, side by side
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
 vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
-vlmops download  [--config ...] [--set ...]                        fetch (and convert) the base model
+vlmops download  [NAME] [--refresh] [--config ...] [--set ...]     fetch (and convert) a model
 vlmops convert   SRC DST                                           original release -> transformers
 vlmops models                                                      the model catalog
 vlmops demo-data OUT                                               write the synthetic demo dataset
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from vlmops.cli import (
+    app,
     batch_infer,
     config,
     convert,
@@ -42,7 +44,7 @@ from vlmops.errors import VlmopsError
 Handler = Callable[[argparse.Namespace], int]
 
 # In the order `vlmops --help` lists them.
-COMMANDS = (run, sft, infer, batch_infer, export, evaluate, validate, download, convert, models, demo_data, config)
+COMMANDS = (run, sft, infer, batch_infer, app, export, evaluate, validate, download, convert, models, demo_data, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -176,6 +176,19 @@ class ChatModel:
         if shown is None:
             yield ""
 
+    def prompt_length(
+        self,
+        query: str,
+        history: History | None = None,
+        images: Sequence[str] | None = None,
+        system: str | None = None,
+    ) -> int:
+        """How many tokens the prompt of this turn has, image tokens included, before anything is generated.
+
+        Reads the images as `chat` would, so an unreadable one raises `ImageLoadError` here, up front.
+        """
+        return len(self._prompt(query, history, images, system)[1])
+
     def history_turn(self, query: str, images: Sequence[str] | None = None) -> str:
         """The query as stored in the history: the extra images appended as `<img>` tags."""
         return query + "".join(f"<img>{uri}</img>" for uri in images or [])

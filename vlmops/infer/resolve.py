@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmops.config import ModelConfig, PipelineConfig, load_config
+from vlmops.filenames import safe_name
 from vlmops.staging import staged_folder
 from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
 
@@ -191,7 +192,7 @@ def download_registered_model(
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_registry_cache()
     registry_key = hashlib.sha256(registry.encode()).hexdigest()[:12]
-    target = root / registry_key / _safe_name(name) / f"v{version.version}"
+    target = root / registry_key / safe_name(name) / f"v{version.version}"
     manifest = {"registry": registry, "name": name, "version": str(version.version), "source": source}
     cached = _cached_checkpoint(target, manifest)
     if cached is not None:
@@ -232,7 +233,3 @@ def _cached_checkpoint(target: Path, manifest: dict[str, str]) -> Path | None:
         return None
     folder = target / saved["folder"]
     return folder if (folder / "config.json").is_file() else None
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)

@@ -2,8 +2,8 @@
 
 `model.name` in pipeline.yaml is a catalog name (`vlmops models` lists them) or, with `model.source: local`
 and `model.id: <folder>`, any label for your own checkpoint. `resolve` turns a `ModelConfig` into the one
-source, id and revision to fetch; `architecture_config` gives the transformers config of a released
-architecture, for random-initialised benchmark models.
+source, id and revision to fetch. (Random-initialised models of the released architectures, for
+benchmarks, are `vlmops.testing.architectures`.)
 """
 
 from __future__ import annotations
@@ -11,15 +11,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal
 
-from vlmops.config import ModelConfig
+from vlmops.config import ModelConfig, PipelineConfig
+from vlmops.errors import UserInputError
+from vlmops.models.layout import Arch
 
-if TYPE_CHECKING:
-    from transformers import DeepseekVLConfig, DeepseekVLHybridConfig
-
-Arch = Literal["deepseek_vl", "deepseek_vl_hybrid"]
 Source = Literal["modelscope", "huggingface", "local", "s3"]
+
+
+class UnknownModelError(UserInputError):
+    """A model name that is not in the catalog, with no model.source and model.id to say where it is."""
+
 
 # Hub revisions. ModelScope's `master` and the HF hub's `main` are moving branches: a pin to a commit id is
 # better (reproducible, and a later upstream push cannot change what a run downloads), but no commit ids of
@@ -57,7 +60,7 @@ class CatalogEntry:
     """Pinned ModelScope revision."""
     hf_revision: str = HF_REVISION
     """Pinned HF hub revision."""
-    tiny_variant: Literal["deepseek_vl", "deepseek_vl_hybrid"] | None = None
+    tiny_variant: Arch | None = None
     """For tiny entries: the `build_tiny_model` variant built on demand; None for released models."""
 
     def hub_id(self, source: Source) -> str | None:
@@ -106,7 +109,7 @@ def _released(name: str, arch: Arch, hf_available: bool = True) -> CatalogEntry:
     )
 
 
-def _tiny(name: str, variant: Literal["deepseek_vl", "deepseek_vl_hybrid"]) -> CatalogEntry:
+def _tiny(name: str, variant: Arch) -> CatalogEntry:
     return CatalogEntry(
         name=name,
         arch=variant,
@@ -148,7 +151,7 @@ def get_entry(name: str) -> CatalogEntry:
     """The catalog entry called `name`.
 
     Raises:
-        ValueError: unknown name; the message lists the known names and how to use your own folder.
+        UnknownModelError: unknown name; the message lists the known names and how to use your own folder.
     """
     entry = CATALOG.get(name)
     if entry is None:
@@ -156,8 +159,8 @@ def get_entry(name: str) -> CatalogEntry:
     return entry
 
 
-def _unknown_name(name: str) -> ValueError:
-    return ValueError(
+def _unknown_name(name: str) -> UnknownModelError:
+    return UnknownModelError(
         f"unknown model {name!r}. Known models: {', '.join(CATALOG)}. "
         "To use your own checkpoint, set model.source: local and model.id: /path/to/folder "
         "(model.name is then only a label)."
@@ -170,8 +173,8 @@ def resolve(model_cfg: ModelConfig, output_dir: str | os.PathLike[str]) -> Resol
     A tiny entry with a local source lives at `<output_dir>/models/<name>` unless `model.id` names a folder.
 
     Raises:
-        ValueError: the name is unknown and the section does not say where the weights are, or the chosen
-            source does not publish this model.
+        UnknownModelError: the name is unknown and the section does not say where the weights are.
+        UserInputError: the chosen source does not publish this model, or model.id does not fit the source.
     """
     entry = CATALOG.get(model_cfg.name)
     if entry is None:
@@ -191,7 +194,7 @@ def resolve(model_cfg: ModelConfig, output_dir: str | os.PathLike[str]) -> Resol
             where = {"local": "a folder", "s3": "an s3://bucket/prefix"}.get(source, "a hub id")
             hubs: tuple[Source, ...] = ("modelscope", "huggingface")
             published = [hub for hub in hubs if entry.hub_id(hub)]
-            raise ValueError(
+            raise UserInputError(
                 f"model {entry.name} has no {source} id in the catalog: set model.id to {where}, "
                 f"or use model.source: {' or '.join(published) or 'local'}"
             )
@@ -200,110 +203,24 @@ def resolve(model_cfg: ModelConfig, output_dir: str | os.PathLike[str]) -> Resol
     return ResolvedModel(source, model_id, revision, entry)
 
 
+def catalog_model_config(config: PipelineConfig, name: str) -> ModelConfig:
+    """The `model:` section for catalog model `name` under `config`'s cache: the config's own section when it
+    names that model, else the catalog's defaults (source, id, revision) with the config's `model.cache_dir`.
+
+    Raises:
+        UnknownModelError: `name` is not in the catalog.
+    """
+    if name == config.model.name:
+        return config.model
+    get_entry(name)
+    return ModelConfig(name=name, cache_dir=config.model.cache_dir)
+
+
 def _check_id(source: Source, model_id: str) -> None:
     if source == "s3" and not model_id.startswith("s3://"):
-        raise ValueError(f"model.source is s3 but model.id {model_id!r} is not an s3://bucket/prefix URI")
+        raise UserInputError(f"model.source is s3 but model.id {model_id!r} is not an s3://bucket/prefix URI")
     if source in ("modelscope", "huggingface") and (model_id.startswith("s3://") or model_id.count("/") != 1):
-        raise ValueError(
+        raise UserInputError(
             f"model.id {model_id!r} is not a {source} id (owner/name); "
             "for a folder use model.source: local, for a bucket model.source: s3"
         )
-
-
-def architecture_config(name: str) -> DeepseekVLConfig | DeepseekVLHybridConfig:
-    """The transformers config of a catalog model's architecture, for random-initialised models.
-
-    Released models get the released sizes (DESIGN.md §5); tiny entries get `tiny_config` with the tiny
-    tokenizer's vocabulary (640 tokens; BOS, EOS, pad and image token are ids 0-3).
-    """
-    from transformers import DeepseekVLConfig, DeepseekVLHybridConfig
-
-    from vlmops.models import tiny
-
-    entry = get_entry(name)
-    if entry.tiny_variant is not None:
-        tiny_special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
-        config: DeepseekVLConfig | DeepseekVLHybridConfig = tiny.tiny_config(
-            entry.tiny_variant, vocab_size=640, image_token_id=3, special=tiny_special
-        )
-        return config
-    special: dict[str, Any] = {"bos_token_id": 100000, "eos_token_id": 100001}
-    siglip: dict[str, Any] = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 1024,
-        "intermediate_size": 4096,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "image_size": 384,
-        "patch_size": 16,
-        "hidden_act": "gelu",  # exact GELU as in the release (the transformers default is tanh)
-        "layer_norm_eps": 1e-6,
-        "vision_use_head": False,  # the release drops SigLIP's attention-pool head
-    }
-    hybrid = entry.arch == "deepseek_vl_hybrid"
-    text: dict[str, Any] = {
-        "model_type": "llama",
-        "hidden_size": 4096 if hybrid else 2048,
-        "intermediate_size": 11008 if hybrid else 5632,
-        "num_hidden_layers": 30 if hybrid else 24,
-        "num_attention_heads": 32 if hybrid else 16,
-        "num_key_value_heads": 32 if hybrid else 16,
-        "vocab_size": 102400,
-        "max_position_embeddings": 16384,  # the released value; trained on 4096-token contexts
-        "rms_norm_eps": 1e-6,
-        "hidden_act": "silu",
-        "tie_word_embeddings": False,
-        **special,
-    }
-    common: dict[str, Any] = {
-        "text_config": text,
-        "vision_config": siglip,
-        "image_token_id": 100015,  # <image_placeholder> in the released tokenizer
-        "tie_word_embeddings": False,  # the release has a separate lm_head; the config default is True
-        **special,
-    }
-    if not hybrid:
-        return DeepseekVLConfig(**common)
-    sam: dict[str, Any] = {
-        "model_type": "sam_vision_model",
-        "hidden_size": 768,
-        "output_channels": 256,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "mlp_dim": 3072,
-        "image_size": 1024,
-        "patch_size": 16,
-        "window_size": 14,
-        "global_attn_indexes": [2, 5, 8, 11],
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-    }
-    return DeepseekVLHybridConfig(**common, high_res_vision_config=sam)
-
-
-def models_command() -> int:
-    """`vlmops models`: the catalog as a table. Returns the exit code."""
-    rows = [("name", "arch", "source", "id", "params", "infer bf16", "LoRA SFT", "full SFT")]
-    for e in CATALOG.values():
-        params = f"{e.params / 1e9:.2f}B" if e.params else "tiny"
-        full = f"{e.full_sft_gib_per_gpu:g} GiB x{e.full_sft_gpus}"
-        model_id = e.hub_id(e.default_source) or "built on demand"
-        rows.append(
-            (
-                e.name,
-                e.arch,
-                e.default_source,
-                model_id,
-                params,
-                f"{e.inference_bf16_gib:g} GiB",
-                f"{e.lora_sft_gib:g} GiB",
-                full,
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    print(f"\nGPU memory per GPU: {MEMORY_NOTES}.")
-    print("The HF hub has transformers-native copies: model.source: huggingface (deepseek-community/...).")
-    print("Your own checkpoint: model.source: local and model.id: /path/to/folder.")
-    return 0

@@ -6,16 +6,21 @@ import errno
 import shutil
 from pathlib import Path
 
+from vlmops.errors import RunFailed
+
 # Room kept free beyond what a write needs: filesystems slow down and other writers need a margin.
 HEADROOM = 1.05
 MIN_FREE_BYTES = 100 * 1024 * 1024
 
 
-class DiskFullError(OSError):
-    """Not enough disk space (errno ENOSPC); the message says where, how much, and what to do."""
+class DiskFullError(RunFailed, OSError):
+    """Not enough disk space (an OSError with errno ENOSPC); the message says where, how much, and what to do."""
 
     def __init__(self, message: str):
-        super().__init__(errno.ENOSPC, message)
+        OSError.__init__(self, errno.ENOSPC, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def gb(nbytes: float) -> str:

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from vlmops.models.layout import native_arch
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,19 +70,8 @@ def attn_implementation(attn: str, hybrid: bool) -> str | dict[str, str]:
 
 
 def is_hybrid(path: str | os.PathLike[str]) -> bool:
-    import json
-
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json: it is not a model checkpoint folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == "multi_modality":
-        raise ValueError(
-            f"{path} is in the original DeepSeek-VL release layout; convert it first: vlmops convert {path} OUT"
-        )
-    if model_type not in ("deepseek_vl", "deepseek_vl_hybrid"):
-        raise ValueError(f"{path}: model_type {model_type!r} is not a DeepSeek-VL checkpoint")
-    return bool(model_type == "deepseek_vl_hybrid")
+    """Whether the native checkpoint at `path` is the hybrid (SigLIP + SAM) architecture."""
+    return native_arch(path) == "deepseek_vl_hybrid"
 
 
 def load_model(

@@ -12,19 +12,21 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT
+from vlmops.models.layout import ARCHES, Arch
+from vlmops.models.original_layout import CLIP_MEAN, CLIP_STD
 from vlmops.models.template import BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 from vlmops.staging import staged_folder
 
 log = logging.getLogger(__name__)
 
-Variant = Literal["deepseek_vl", "deepseek_vl_hybrid"]
-VARIANTS: tuple[Variant, ...] = ("deepseek_vl", "deepseek_vl_hybrid")
+Variant = Arch  # a tiny model of either architecture
+VARIANTS = ARCHES
 
 # Sizes: 32x32 SigLIP input in 8x8 patches -> 16 image tokens per image (576 on the real models).
 LOW_RES = 32
@@ -33,8 +35,6 @@ PATCH = 8
 NUM_IMAGE_TOKENS = (LOW_RES // PATCH) ** 2
 SIGLIP_MEAN = [0.5, 0.5, 0.5]
 LM_HEAD_STD = 0.5
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 _CORPUS_WORDS = (
     "what colour color is the shape shapes image images picture first second third same different "

@@ -1,0 +1,497 @@
+"""Generation benchmark: FastEngine against plain `model.generate`, same prompts, same run.
+
+Every prompt is one image (a random 640x480 picture, preprocessed to 384 px, and 1024 px for the 7b's SAM
+tower) and about 32 text tokens in the `deepseek` template (no system prompt); 128 new tokens are forced
+(EOS masked, as `min_new_tokens` does in generate). Models are random-initialised with the released
+architectures (DESIGN.md §5), bf16, SDPA, built on the GPU without a checkpoint on disk.
+
+Rows, per model:
+  generate      plain `model.generate` on a batch of 32 (the baseline; its tokens are the reference)
+  engine        FastEngine with `max_batch` B over B prompts (one warm-up pass over the same prompts
+                first: CUDA-graph capture and compilation), for each B of --batches
+  engine-eager  the same at batch 32 without torch.compile; engine-matmul: matmul attention in decode;
+                engine-model-prefill: prefill through the VLM's own forward (what each choice buys)
+  budget        the 7b under `memory_gib` (default 75, inside an 80 GB card) with up to 256 slots
+  generate-rebatched  generate again on the same 32 prompts in two batches of 16: how far bf16 generate
+                agrees with itself when only the batching changes (the noise floor of the match rate)
+  float32       the 1.3b in float32 on the GPU (CUDA graphs and compilation on): engine vs generate,
+                which must agree on every token
+
+tokens/s = generated tokens / wall time of the whole call (image preprocessing, prefill and decode);
+decode tokens/s counts decode steps only; match = share of the 32 x 128 reference token positions where
+the engine's token equals generate's (a single early divergence lowers every later position of its row).
+
+    python bench/infer_bench.py --out bench/results/infer-DATE.json          # GPU, both models
+    python bench/infer_bench.py --size tiny --device cpu --batches 4,8       # smoke test on CPU
+    python bench/infer_bench.py --e2e                                        # + images decoded from files
+
+Prints one table; writes the rows, machine, versions and command as JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from vlmops.config import InferConfig  # noqa: E402
+from vlmops.data.conversation import ImageRef, Message  # noqa: E402
+from vlmops.infer.engine import GenerationRequest  # noqa: E402
+from vlmops.infer.fast_engine import FastEngine  # noqa: E402
+from vlmops.infer.generation import generation_config, model_inputs  # noqa: E402
+from vlmops.models.loading import LoadedModel, load_model  # noqa: E402
+from vlmops.models.template import encode  # noqa: E402
+
+GIB = 2**30
+NUM_IMAGE_TOKENS = 576
+TEXT_WORDS = 22  # ~32 text tokens with BOS and the template's "User: ... Assistant:"
+
+
+def build_random(arch: str, size: str, work: Path, device: str) -> LoadedModel:
+    """A random-initialised model with the released architecture (or a tiny one) and its processor."""
+    from transformers import (
+        AutoProcessor,
+        AutoTokenizer,
+        DeepseekVLForConditionalGeneration,
+        DeepseekVLHybridForConditionalGeneration,
+        DeepseekVLHybridImageProcessorPil,
+        DeepseekVLHybridProcessor,
+        DeepseekVLImageProcessorPil,
+        DeepseekVLProcessor,
+    )
+
+    from vlmops.models.catalog import architecture_config
+    from vlmops.models.template import IMAGE_TOKEN
+    from vlmops.models.tiny import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, build_tiny_model, build_tokenizer
+
+    hybrid = arch == "7b"
+    if size == "tiny":
+        folder = work / f"tiny-{arch}"
+        if not (folder / "config.json").is_file():
+            build_tiny_model(folder, "deepseek_vl_hybrid" if hybrid else "deepseek_vl")
+        return load_model(folder, dtype="float32" if device == "cpu" else "bfloat16", device=device)
+    folder = work / f"processor-{arch}"
+    if not (folder / "processor_config.json").is_file():
+        # The released tokenizer is not reachable offline; the tiny BPE (same special tokens) fits inside the
+        # 102400-token vocabulary. Only the processor is written: the weights live on the GPU alone.
+        folder.mkdir(parents=True, exist_ok=True)
+        build_tokenizer(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if hybrid:
+            image_processor: Any = DeepseekVLHybridImageProcessorPil(
+                size={"height": 384, "width": 384},
+                image_mean=SIGLIP_MEAN,
+                image_std=SIGLIP_MEAN,
+                high_res_size={"height": 1024, "width": 1024},
+                high_res_image_mean=CLIP_MEAN,
+                high_res_image_std=CLIP_STD,
+            )
+            DeepseekVLHybridProcessor(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS).save_pretrained(
+                folder
+            )
+        else:
+            image_processor = DeepseekVLImageProcessorPil(
+                size={"height": 384, "width": 384}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_MEAN
+            )
+            DeepseekVLProcessor(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS).save_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    tokenizer = processor.tokenizer
+    config = architecture_config("deepseek-vl-7b-chat" if hybrid else "deepseek-vl-1.3b-chat")
+    config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config, key, getattr(tokenizer, key))
+        setattr(config.text_config, key, getattr(tokenizer, key))
+    config._attn_implementation = "sdpa"
+    if hybrid:
+        config.high_res_vision_config._attn_implementation = "sdpa"
+    cls = DeepseekVLHybridForConditionalGeneration if hybrid else DeepseekVLForConditionalGeneration
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls(config).to(torch.bfloat16)
+    model.eval()
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, key, getattr(tokenizer, key))
+    return LoadedModel(model=model, processor=processor, path=folder, hybrid=hybrid)
+
+
+def make_requests(loaded: LoadedModel, count: int, images: list[Image.Image], seed: int) -> list[GenerationRequest]:
+    from vlmops.models.tiny import _CORPUS_WORDS
+
+    words = _CORPUS_WORDS.split()
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        text = " ".join(rng.choice(words) for _ in range(TEXT_WORDS))
+        message = Message("user", [ImageRef("bench"), text])
+        encoded = encode(
+            [message], loaded.tokenizer, loaded.num_image_tokens, system_prompt="", add_generation_prompt=True
+        )
+        out.append(GenerationRequest(index, encoded.input_ids, [images[index % len(images)]]))
+    return out
+
+
+def random_images(count: int, seed: int) -> list[Image.Image]:
+    rng = random.Random(seed)
+    return [Image.frombytes("RGB", (640, 480), rng.randbytes(640 * 480 * 3)) for _ in range(count)]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> tuple[float | None, float | None]:
+    if device != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
+
+
+def plain_generate(
+    loaded: LoadedModel, reqs: list[GenerationRequest], new_tokens: int, device: str
+) -> tuple[dict[Any, list[int]], float]:
+    """`model.generate` on one batch, EOS suppressed (min_new_tokens); tokens per key and seconds."""
+    config = generation_config(loaded, InferConfig(max_new_tokens=new_tokens))
+    config.min_new_tokens = new_tokens
+    sync(device)
+    start = time.perf_counter()
+    inputs = model_inputs(loaded, [r.prompt_ids for r in reqs], [image for r in reqs for image in r.images])
+    with torch.no_grad():
+        output = loaded.model.generate(**inputs, generation_config=config)
+    sync(device)
+    seconds = time.perf_counter() - start
+    tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+    return {r.key: row for r, row in zip(reqs, tokens, strict=True)}, seconds
+
+
+def run_engine(
+    loaded: LoadedModel, reqs: list[GenerationRequest], new_tokens: int, device: str, **kwargs: Any
+) -> tuple[dict[Any, list[int]], float, FastEngine]:
+    """One warm-up pass (graph capture, compilation), then the timed pass over the same requests."""
+    engine = FastEngine(loaded, InferConfig(max_new_tokens=new_tokens), ignore_eos=True, **kwargs)
+    for _ in engine.generate(reqs):
+        pass
+    sync(device)
+    start = time.perf_counter()
+    results = {r.key: r.token_ids for r in engine.generate(reqs)}
+    sync(device)
+    return results, time.perf_counter() - start, engine
+
+
+def match_rate(reference: dict[Any, list[int]], got: dict[Any, list[int]]) -> tuple[float, int, float]:
+    """(share of equal token positions, rows equal throughout, mean first-divergence position)."""
+    equal = total = whole = 0
+    divergence = []
+    for key, want in reference.items():
+        have = got[key]
+        same = [a == b for a, b in zip(want, have, strict=False)]
+        equal += sum(same)
+        total += len(want)
+        whole += int(all(same) and len(have) == len(want))
+        divergence.append(same.index(False) if False in same else len(want))
+    return equal / total, whole, sum(divergence) / len(divergence)
+
+
+def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    device, new_tokens = args.device, args.new_tokens
+    batches = [int(b) for b in (args.batches or ("32,64,128,256" if arch == "1.3b" else "32,64,128")).split(",")]
+    match_batch = min(32, max(batches)) if args.size == "real" else min(batches)
+    reset_memory(device)
+    start = time.perf_counter()
+    loaded = build_random(arch, args.size, Path(args.work), device)
+    print(f"[{arch}] built in {time.perf_counter() - start:.1f} s", flush=True)
+    attn = {
+        name: getattr(getattr(loaded.model.config, name, None), "_attn_implementation", None)
+        for name in ("text_config", "vision_config", "high_res_vision_config")
+    }
+    print(f"[{arch}] attention: {attn}", flush=True)
+    images = random_images(16, seed=1)
+    pool = make_requests(loaded, max([*batches, 256 if args.budget else 0]), images, seed=0)
+    prompt_len = sum(len(r.prompt_ids) for r in pool) / len(pool)
+    max_context = -(-(max(len(r.prompt_ids) for r in pool) + new_tokens) // 128) * 128
+    base = {"model": arch, "size": args.size, "new_tokens": new_tokens, "prompt_tokens": round(prompt_len, 1)}
+
+    def record(row: dict[str, Any]) -> None:
+        row = {**base, **row}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save(args, rows)  # after every row: a run stopped at its time limit keeps what it measured
+
+    def guarded(name: str, fn: Any) -> None:
+        try:
+            fn()
+        except Exception as error:  # a failed setting is recorded and the others still run
+            traceback.print_exc()
+            record({"case": name, "error": f"{type(error).__name__}: {error}"[:500]})
+        reset_memory(device)
+
+    plain_generate(loaded, pool[:2], 2, device)  # cuBLAS / cuDNN set-up outside the timing
+    reference: dict[Any, list[int]] = {}
+
+    def baseline() -> None:
+        reset_memory(device)
+        tokens, seconds = plain_generate(loaded, pool[:match_batch], new_tokens, device)
+        reference.update(tokens)
+        allocated, reserved = peak_gib(device)
+        record(
+            {
+                "case": "generate",
+                "batch": match_batch,
+                "prompts": match_batch,
+                "seconds": round(seconds, 3),
+                "tokens_per_s": round(match_batch * new_tokens / seconds, 1),
+                "peak_allocated_gib": allocated,
+                "peak_reserved_gib": reserved,
+            }
+        )
+
+    def engine_row(case: str, batch: int, prompts: int, **kwargs: Any) -> None:
+        reset_memory(device)
+        reqs = pool[:prompts]
+        got, seconds, engine = run_engine(
+            loaded,
+            reqs,
+            new_tokens,
+            device,
+            max_batch=batch,
+            max_context=max_context,
+            prefill_batch=kwargs.pop("prefill_batch", args.prefill_batch),
+            **kwargs,
+        )
+        allocated, reserved = peak_gib(device)
+        stats = engine.stats
+        row: dict[str, Any] = {
+            "case": case,
+            "batch": engine.slots,
+            "prompts": prompts,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(stats.generated_tokens / seconds, 1),
+            "decode_tokens_per_s": round((stats.generated_tokens - stats.prompts) / stats.decode_s, 1),
+            "prefill_ms_per_prompt": round(1000 * stats.prefill_s / stats.prompts, 2),
+            "decode_ms_per_step": round(1000 * stats.decode_s / stats.decode_steps, 3),
+            "peak_allocated_gib": allocated,
+            "peak_reserved_gib": reserved,
+            "settings": dict(kwargs),
+        }
+        if all(key in got for key in reference):
+            rate, whole, divergence = match_rate(reference, got)
+            row.update({"match": round(rate, 4), "rows_equal": whole, "mean_first_divergence": round(divergence, 1)})
+        record(row)
+        del engine
+
+    guarded("generate", baseline)
+    if device == "cuda":
+        guarded("engine-eager", lambda: engine_row("engine-eager", match_batch, match_batch, compile=False))
+    for batch in batches:
+        guarded(f"engine-{batch}", lambda b=batch: engine_row("engine", b, b))
+    if device == "cuda":
+        guarded(
+            "engine-matmul-attention",
+            lambda: engine_row("engine-matmul", max(batches), max(batches), attention="matmul"),
+        )
+    if args.prefill_alt and device == "cuda":
+        guarded(
+            "engine-prefill-alt",
+            lambda: engine_row("engine", max(batches), max(batches), prefill_batch=args.prefill_alt),
+        )
+    if device == "cuda":
+        guarded(
+            "engine-model-prefill",
+            lambda: engine_row("engine-model-prefill", max(batches), max(batches), prefill="model"),
+        )
+    if args.budget and arch == "7b":
+        guarded(
+            "budget",
+            lambda: engine_row("budget", 256, 256, memory_gib=args.budget, prefill_batch=min(8, args.prefill_batch)),
+        )
+    if args.e2e:
+        guarded("e2e", lambda: e2e(loaded, arch, args, max(batches), max_context, record))
+
+    def rebatched() -> None:
+        half = match_batch // 2
+        first, seconds_a = plain_generate(loaded, pool[:half], new_tokens, device)
+        second, seconds_b = plain_generate(loaded, pool[half:match_batch], new_tokens, device)
+        rate, whole, divergence = match_rate(reference, {**first, **second})
+        record(
+            {
+                "case": "generate-rebatched",
+                "batch": half,
+                "prompts": match_batch,
+                "seconds": round(seconds_a + seconds_b, 3),
+                "tokens_per_s": round(match_batch * new_tokens / (seconds_a + seconds_b), 1),
+                "match": round(rate, 4),
+                "rows_equal": whole,
+                "mean_first_divergence": round(divergence, 1),
+            }
+        )
+
+    guarded("generate-rebatched", rebatched)
+    if args.profile and device == "cuda":
+        guarded("profile", lambda: profile_prefill(loaded, pool[: args.prefill_batch], max_context, args))
+    if args.float32 and arch == "1.3b" and device == "cuda":
+
+        def float32() -> None:
+            torch.backends.cudnn.allow_tf32 = False  # the vision towers' patch convolutions
+            loaded.model.float()
+            reference.clear()
+            tokens, _ = plain_generate(loaded, pool[:match_batch], new_tokens, device)
+            reference.update(tokens)
+            engine_row("float32", match_batch, match_batch)
+
+        guarded("float32", float32)
+
+
+def profile_prefill(loaded: LoadedModel, reqs: list[GenerationRequest], max_context: int, args: Any) -> None:
+    """Kernel times of one prefill batch (the engine with max_new_tokens 1 does nothing else)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = FastEngine(
+        loaded, InferConfig(max_new_tokens=1), max_batch=len(reqs), max_context=max_context, prefill_batch=len(reqs)
+    )
+    for _ in engine.generate(reqs):
+        pass
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in engine.generate(reqs):
+            pass
+        torch.cuda.synchronize()
+    print(f"prefill of {len(reqs)} prompts: {1000 * engine.stats.prefill_s:.1f} ms", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+
+
+def e2e(loaded: LoadedModel, arch: str, args: argparse.Namespace, batch: int, max_context: int, record: Any) -> None:
+    """Images as JPEG/PNG files, opened lazily: the engine's worker threads decode them ahead of the GPU."""
+    folder = Path(args.work) / "e2e-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 2 * batch
+    paths = []
+    for index, image in enumerate(random_images(16, seed=2)):
+        path = folder / (f"{index}.jpg" if index % 2 else f"{index}.png")
+        image.save(path)
+        paths.append(path)
+    template = make_requests(loaded, count, [Image.new("RGB", (8, 8))], seed=3)
+
+    def requests() -> Any:
+        for index, request in enumerate(template):
+            yield GenerationRequest(request.key, request.prompt_ids, [Image.open(paths[index % len(paths)])])
+
+    engine = FastEngine(
+        loaded,
+        InferConfig(max_new_tokens=args.new_tokens),
+        ignore_eos=True,
+        max_batch=batch,
+        max_context=max_context,
+        prefill_batch=args.prefill_batch,
+        image_workers=args.image_workers,
+    )
+    for _ in engine.generate(requests()):
+        pass
+    sync(args.device)
+    start = time.perf_counter()
+    done = sum(1 for _ in engine.generate(requests()))
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    stats = engine.stats
+    record(
+        {
+            "case": "e2e-files",
+            "batch": engine.slots,
+            "prompts": done,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(done / seconds, 2),
+            "tokens_per_s": round(stats.generated_tokens / seconds, 1),
+            "gpu_busy": round((stats.prefill_s + stats.decode_s) / seconds, 3),
+            "settings": {"image_workers": args.image_workers},
+        }
+    )
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = "| model | case | batch | tokens/s | decode tok/s | prefill ms/prompt | peak GiB (alloc/reserved) | match |"
+    lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['model']} | {row['case']} | | error: {row['error'][:80]} | | | | |")
+            continue
+        peak = (
+            f"{row['peak_allocated_gib']:.1f} / {row['peak_reserved_gib']:.1f}"
+            if row.get("peak_allocated_gib") is not None
+            else "-"
+        )
+        match = f"{100 * row['match']:.1f}%" if "match" in row else "-"
+        lines.append(
+            f"| {row['model']} | {row['case']} | {row['batch']} | {row['tokens_per_s']:,.0f} | "
+            f"{row.get('decode_tokens_per_s', '-')} | {row.get('prefill_ms_per_prompt', '-')} | {peak} | {match} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="1.3b,7b")
+    parser.add_argument("--size", choices=["real", "tiny"], default="real")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", default=None, help="engine batch sizes (default 32..256 / 32..128)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefill-batch", type=int, default=16)
+    parser.add_argument("--budget", type=float, default=75.0, help="memory_gib of the 7b budget row (0: skip)")
+    parser.add_argument("--image-workers", type=int, default=8)
+    parser.add_argument("--e2e", action="store_true", help="also decode image files through the engine")
+    parser.add_argument("--prefill-alt", type=int, default=0, help="prefill batch of an extra row (0: skip)")
+    parser.add_argument("--float32", action="store_true", help="also check the 1.3b in float32 on the GPU")
+    parser.add_argument("--profile", action="store_true", help="print the kernel times of one prefill batch")
+    parser.add_argument("--work", default="/tmp/infer-bench")
+    parser.add_argument("--out", default=None, help="JSON results file")
+    args = parser.parse_args()
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for arch in args.models.split(","):
+        bench_model(arch, args, rows)
+        reset_memory(args.device)  # the model goes with bench_model's frame
+    print(table(rows))
+    return 0
+
+
+def save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    if not args.out:
+        return
+    import transformers
+
+    machine = platform.node()
+    if args.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / GIB:.0f} GiB)"
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "cpus": os.cpu_count(),
+        "command": "python " + " ".join(sys.argv),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "rows": rows,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""FastEngine answers exactly as `model.generate` does (greedy, float32, tiny real models, CPU).
+
+The engine's prefill, static cache, slot refill and decode step are the same code on CPU and CUDA (only
+the CUDA-graph capture and compilation are CUDA-only), so equality here checks the engine's logic; the
+bf16 match rate on the GPU is measured by bench/infer_bench.py.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmops.config import InferConfig
+from vlmops.data.conversation import ImageRef, Message
+from vlmops.data.demo import draw_shape
+from vlmops.errors import UserInputError
+from vlmops.infer.engine import GenerationRequest, GenerationResult
+from vlmops.infer.fast_engine import FastEngine
+from vlmops.infer.generation import answer_tokens, generation_config, model_inputs
+from vlmops.models.loading import LoadedModel, load_model
+from vlmops.models.template import encode
+
+WORDS = [
+    *("what", "colour", "is", "the", "shape", "in", "this", "image", "red", "green", "blue", "circle"),
+    *("square", "left", "right", "tell", "me", "please"),
+]
+# The tiny models' random heads rarely pick EOS; a larger EOS row makes about a third of the answers stop
+# early, so both finish reasons and slot refills in the middle of decoding are exercised.
+EOS_ROW_SCALE = 2.0
+
+
+def loaded_with_eos(path: Path) -> LoadedModel:
+    loaded = load_model(path, dtype="float32", device="cpu")
+    with torch.no_grad():
+        loaded.model.lm_head.weight[loaded.tokenizer.eos_token_id] *= EOS_ROW_SCALE
+    return loaded
+
+
+def requests(loaded: LoadedModel, count: int, seed: int = 0) -> list[GenerationRequest]:
+    """Prompts with 0, 1 or 2 images (some after the text) and 1-20 words: lengths vary within every batch."""
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        parts: list[Any] = []
+        images = []
+        for number in range(index % 3):
+            parts.append(ImageRef(f"image-{number}"))
+            images.append(draw_shape(rng.choice(["red", "blue", "green"]), rng.choice(["circle", "square"]), 48, rng))
+        parts.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20))))
+        if index % 5 == 0:
+            parts.reverse()
+        encoded = encode(
+            [Message("user", parts)], loaded.tokenizer, loaded.num_image_tokens, add_generation_prompt=True
+        )
+        out.append(GenerationRequest(index, encoded.input_ids, images))
+    return out
+
+
+def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConfig) -> dict[Any, GenerationResult]:
+    """`model.generate` on left-padded batches of 8, as the plain engine runs it."""
+    eos = loaded.tokenizer.eos_token_id
+    results = {}
+    for start in range(0, len(reqs), 8):
+        batch = reqs[start : start + 8]
+        inputs = model_inputs(loaded, [r.prompt_ids for r in batch], [image for r in batch for image in r.images])
+        with torch.no_grad():
+            output = loaded.model.generate(**inputs, generation_config=generation_config(loaded, cfg))
+        for request, row in zip(batch, output[:, inputs["input_ids"].shape[1] :].tolist(), strict=True):
+            tokens = answer_tokens(row, eos)
+            if tokens and tokens[-1] == eos:
+                results[request.key] = GenerationResult(request.key, tokens[:-1], "stop")
+            else:
+                results[request.key] = GenerationResult(request.key, tokens, "length")
+    return results
+
+
+@pytest.mark.parametrize(
+    ("variant", "count", "prefill"),
+    [("tiny_model", 64, "own"), ("tiny_hybrid_model", 24, "own"), ("tiny_model", 24, "model")],
+)
+def test_greedy_answers_equal_generate(variant: str, count: int, prefill: str, request: pytest.FixtureRequest) -> None:
+    loaded = loaded_with_eos(request.getfixturevalue(variant))
+    cfg = InferConfig(max_new_tokens=16)
+    reqs = requests(loaded, count)
+    expected = reference(loaded, reqs, cfg)
+    # 8 slots refilled 3 prompts at a time: rows join and leave the decoding batch at different steps.
+    engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, image_workers=2, prefill=prefill)
+    got = {result.key: result for result in engine.generate(iter(reqs))}
+    assert sorted(got) == sorted(expected)
+    for key, want in expected.items():
+        assert (got[key].token_ids, got[key].finish_reason) == (want.token_ids, want.finish_reason), key
+    reasons = {result.finish_reason for result in expected.values()}
+    assert reasons == {"stop", "length"}
+    assert engine.stats.prompts == count
+    assert engine.stats.generated_tokens == sum(len(r.token_ids) for r in expected.values())
+
+
+def test_ignore_eos_matches_min_new_tokens(tiny_model: Path) -> None:
+    loaded = loaded_with_eos(tiny_model)
+    cfg = InferConfig(max_new_tokens=12)
+    reqs = requests(loaded, 8, seed=1)
+    gen = generation_config(loaded, cfg)
+    gen.min_new_tokens = cfg.max_new_tokens
+    inputs = model_inputs(loaded, [r.prompt_ids for r in reqs], [image for r in reqs for image in r.images])
+    with torch.no_grad():
+        output = loaded.model.generate(**inputs, generation_config=gen)
+    expected = output[:, inputs["input_ids"].shape[1] :].tolist()
+    engine = FastEngine(loaded, cfg, max_batch=4, prefill_batch=2, max_context=256, ignore_eos=True)
+    got = {result.key: result for result in engine.generate(reqs)}
+    for request, tokens in zip(reqs, expected, strict=True):
+        assert got[request.key].token_ids == tokens
+        assert got[request.key].finish_reason == "length"
+
+
+def test_requests_are_pulled_lazily(tiny_model: Path) -> None:
+    loaded = load_model(tiny_model, dtype="float32", device="cpu")
+    reqs = requests(loaded, 40, seed=2)
+    pulled = 0
+
+    def source() -> Iterator[GenerationRequest]:
+        nonlocal pulled
+        for item in reqs:
+            pulled += 1
+            yield item
+
+    engine = FastEngine(loaded, InferConfig(max_new_tokens=2), max_batch=2, prefill_batch=2, max_context=256)
+    results = engine.generate(source())
+    next(results)
+    assert pulled <= 2 * 2 + 2  # the preprocessing look-ahead plus the slots, not the whole input
+    assert len(list(results)) == 39
+
+
+def test_refuses_what_it_cannot_serve(tiny_model: Path) -> None:
+    loaded = load_model(tiny_model, dtype="float32", device="cpu")
+    with pytest.raises(UserInputError, match="temperature"):
+        FastEngine(loaded, InferConfig(temperature=0.7))
+    engine = FastEngine(loaded, InferConfig(max_new_tokens=8), max_context=64)
+    long = GenerationRequest("long", [1] * 60)
+    with pytest.raises(UserInputError, match="'long'.*max_context 64"):
+        list(engine.generate([long]))
+    image_token = int(loaded.model.config.image_token_id)
+    missing = GenerationRequest("no-image", [1] + [image_token] * loaded.num_image_tokens + [5])
+    with pytest.raises(UserInputError, match="'no-image' has 16 image tokens for 0 images"):
+        list(engine.generate([missing]))

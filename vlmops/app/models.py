@@ -1,0 +1,132 @@
+"""The models a chat page serves: each loaded once, with the card the page shows above its answers.
+
+A registered model (`models:/NAME@ALIAS`) is pinned to the version its alias points at when the page starts:
+the card and the weights are that version even if `champion` moves while the page is open (restart the
+page to follow the alias). Its card lists the version's aliases and tags: the lineage `vlmops run` records
+(git commit, MLflow and Prefect run ids, dataset and DVC hashes) and its evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmops.config import InferConfig
+from vlmops.infer.chat import ChatModel
+from vlmops.infer.resolve import REGISTRY_SCHEME, ModelSource, catalog_resolver, run_config
+from vlmops.train.rundir import CONFIG_FILE, RUN_INFO
+
+# `models:/NAME@ALIAS` or `models:/NAME/VERSION`; anything else under models:/ is left to resolve_model_ref,
+# which explains the accepted forms.
+_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the page says about a model: where it came from, which version, and its lineage."""
+
+    ref: str
+    """What the user passed (`--model` / `--compare`)."""
+    load_ref: str
+    """What is loaded: `ref`, with a registry alias pinned to its version number."""
+    name: str
+    version: str | None = None
+    aliases: tuple[str, ...] = ()
+    lineage: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """One line for the answer panel: `NAME v3 @champion`."""
+        version = f" v{self.version}" if self.version else ""
+        return self.name + version + "".join(f" @{alias}" for alias in self.aliases)
+
+
+@dataclass
+class PageModel:
+    """A loaded model, its card, and the prompt budget the page enforces."""
+
+    chat: ChatModel
+    card: ModelCard
+    max_length: int
+    """`data.max_length`: the longest conversation (prompt, image tokens and answer) the page accepts."""
+    defaults: InferConfig
+    """The generation settings the page starts with (the run's or the config's `infer` section)."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """A ChatModel answers one turn at a time; visitors of the page take turns."""
+
+
+def load_page_model(ref: str, config_path: str | None, overrides: list[str], system: str | None) -> PageModel:
+    """Load `ref` (checkpoint or run folder, `models:/NAME@ALIAS`, catalog name) as `vlmops infer` does.
+
+    A run folder brings its saved config (system prompt, generation settings, max_length) unless
+    `config_path` is given; `overrides` apply on top either way.
+    """
+    folder = Path(ref).expanduser()
+    is_run = (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file()
+    config = run_config(str(folder) if is_run else None, config_path, overrides)
+    card = registered_card(ref, config.tracking.uri) if ref.startswith(REGISTRY_SCHEME) else None
+    chat = ChatModel.load(
+        card.load_ref if card else ref,
+        dtype=config.model.dtype,
+        attn=config.model.attn,
+        system_prompt=config.model.system_prompt if system is None else system,
+        infer_cfg=config.infer,
+        storage=config.storage,
+        tracking_uri=config.tracking.uri,
+        resolve_model=catalog_resolver(config),
+    )
+    return PageModel(chat, card or local_card(ref, chat.source), config.data.max_length, config.infer)
+
+
+def registered_card(ref: str, tracking_uri: str | None) -> ModelCard:
+    """The card of a registered version, with an alias resolved to the version it points at now.
+
+    Raises:
+        ValueError: a malformed `models:/` URI, or a name, version or alias the registry does not know.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    match = _REGISTERED.match(ref)
+    if match is None:
+        raise ValueError(f"model {ref}: write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION")
+    name = match.group("name")
+    registry = tracking_uri or mlflow.get_registry_uri()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry)
+    try:
+        if match.group("alias"):
+            version = client.get_model_version_by_alias(name, match.group("alias"))
+        else:
+            version = client.get_model_version(name, match.group("version"))
+    except MlflowException as err:
+        raise ValueError(f"model {ref}: not found in the registry at {registry} ({err.message})") from err
+    return ModelCard(
+        ref=ref,
+        load_ref=f"{REGISTRY_SCHEME}{name}/{version.version}",
+        name=name,
+        version=str(version.version),
+        aliases=tuple(sorted(version.aliases or ())),
+        lineage={key: str(value) for key, value in sorted((version.tags or {}).items())},
+    )
+
+
+def local_card(ref: str, source: ModelSource) -> ModelCard:
+    """The card of a folder or catalog model: its name, and for a training run what it was trained from."""
+    run = source.run
+    if run is None:
+        lineage = {"checkpoint": str(source.checkpoint)}
+        if source.adapter is not None:
+            lineage["adapter"] = str(source.adapter)
+        return ModelCard(ref, ref, Path(ref).name or ref, lineage=lineage)
+    lineage = {
+        "run": str(run.root),
+        "mode": run.info.mode,
+        "base_model": run.info.base_model,
+        "dataset.hash": run.info.dataset_hash,
+    }
+    if run.info.merged_from:
+        lineage["merged_from"] = run.info.merged_from
+    return ModelCard(ref, ref, run.root.name, lineage=lineage)

@@ -1,0 +1,330 @@
+"""The decode half of `FastEngine`: a static KV cache and one greedy Llama step over the loaded weights.
+
+The language model of DeepSeek-VL is a plain Llama. Prefill runs through transformers (vision towers,
+image features scattered into the prompt, the whole LLM); from then on each row only needs one token per
+step, which this module computes itself so that a step has fixed shapes and can be captured once in a
+CUDA graph and replayed:
+
+- the KV cache is one buffer per layer, `[slots, kv_heads, max_context, head_dim]`; row `s` owns slot `s`,
+  its valid length is its position, and attention masks out everything after it;
+- `tokens`, `positions` and `active` are static `[slots]` tensors the step reads and updates in place
+  (each step writes its greedy token back into `tokens` and advances the active rows' positions), so a
+  replay needs no host-to-device copy;
+- the arithmetic is transformers' Llama, op for op (RMSNorm in float32, rotary from the model's own
+  `rotary_emb`, SDPA with the same scale, SiLU MLP); q/k/v and gate/up run as one matmul each over a
+  fused copy of their weights (the modules' parameters become views into it, so no memory is doubled).
+
+A step over `b` rows and `L` cache columns is graph-captured once per `(b, L)` bucket on CUDA; on CPU
+it runs eagerly (the float32 equality test runs this same code).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmops.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Layer:
+    norm_in: torch.Tensor
+    qkv: torch.Tensor
+    o: torch.Tensor
+    norm_post: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, op for op (the statistics in float32, the weight applied in x's dtype)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos) + (rotated * sin)
+
+
+def pre_attention(
+    x: torch.Tensor,
+    norm: torch.Tensor,
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    eps: float,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Input norm, q/k/v projection and rotary for one token per row: q [b, H, hd], k and v [b, KVH, hd]."""
+    rows = x.shape[0]
+    h = F.linear(rms_norm(x, norm, eps), qkv)
+    q, k, v = h.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    q = rotate(q.view(rows, heads, head_dim), cos, sin)
+    k = rotate(k.view(rows, kv_heads, head_dim), cos, sin)
+    return q, k, v.view(rows, kv_heads, head_dim)
+
+
+def post_attention(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    o: torch.Tensor,
+    norm: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Output projection and residual, then the post-attention norm, the SiLU MLP and its residual.
+
+    `attn` is the attention output [batch, heads, tokens, head_dim] as SDPA returns it (tokens 1 in decode);
+    it is flattened here, inside the compiled function, so that no view of another tensor is passed in
+    (torch.compile guards on a view's base and would recompile for each new prefill shape).
+    """
+    attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
+    x = x + F.linear(attn, o)
+    gate, up = F.linear(rms_norm(x, norm, eps), gate_up).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, down)
+
+
+def _fuse(linears: list[Any], where: str) -> torch.Tensor:
+    """One weight matrix for several bias-free projections of the same input; the modules keep views into it.
+
+    The views leave the transformers modules (and so the prefill) computing exactly what they did, while
+    the decode step reads each layer's q/k/v (and gate/up) weights with one matmul instead of three (two).
+    """
+    for linear in linears:
+        if type(linear) is not nn.Linear:
+            raise UserInputError(
+                f"{where} is a {type(linear).__name__}, not a plain Linear: FastEngine decodes merged weights; "
+                "merge the adapter first (peft's merge_and_unload) or use the plain engine"
+            )
+        if linear.bias is not None:
+            raise UserInputError(f"{where} has a bias; DeepSeek-VL's Llama has none and FastEngine does not add it")
+    with torch.no_grad():
+        fused = torch.cat([linear.weight for linear in linears])
+        start = 0
+        for linear in linears:
+            rows = linear.weight.shape[0]
+            linear.weight.data = fused[start : start + rows]
+            start += rows
+    return fused
+
+
+class StaticDecoder:
+    """The KV cache of `slots` rows and the greedy step over them (graph-captured per shape on CUDA)."""
+
+    def __init__(
+        self,
+        model: Any,
+        slots: int,
+        max_context: int,
+        cuda_graphs: bool,
+        compile_step: bool,
+        attention: str,
+        suppress_token: int | None,
+    ) -> None:
+        lm = model.model.language_model
+        config = lm.config
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise UserInputError(f"FastEngine decodes SiLU Llamas; this model's hidden_act is {config.hidden_act!r}")
+        if attention not in ("sdpa", "matmul"):
+            raise UserInputError(f"attention={attention!r}: use sdpa or matmul")
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.eps = float(config.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+        self.slots = slots
+        self.max_context = max_context
+        self.attention = attention
+        self.suppress_token = suppress_token
+        self.layers = []
+        for index, layer in enumerate(lm.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            where = f"language_model.layers.{index}"
+            self.layers.append(
+                _Layer(
+                    norm_in=layer.input_layernorm.weight,
+                    qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj], f"{where}.self_attn.q/k/v_proj"),
+                    o=attn.o_proj.weight,
+                    norm_post=layer.post_attention_layernorm.weight,
+                    gate_up=_fuse([mlp.gate_proj, mlp.up_proj], f"{where}.mlp.gate/up_proj"),
+                    down=mlp.down_proj.weight,
+                )
+            )
+        self.embed = lm.embed_tokens.weight
+        self.final_norm = lm.norm.weight
+        self.lm_head = model.lm_head.weight
+        device, dtype = self.embed.device, self.embed.dtype
+        self.device = device
+        # The model's own rotary module gives the cos/sin table: the values are elementwise in the position,
+        # so a table lookup equals what the model computes for that position.
+        with torch.no_grad():
+            cos, sin = lm.rotary_emb(self.embed[:1], torch.arange(max_context, device=device)[None])
+        self.cos, self.sin = cos[0], sin[0]
+        shape = (len(self.layers), slots, self.kv_heads, max_context, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(slots, dtype=torch.long, device=device)
+        self.rows = torch.arange(slots, device=device)
+        self.columns = torch.arange(max_context, device=device)
+        self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = pre_attention
+        self._post: Callable[..., torch.Tensor] = post_attention
+        if compile_step:
+            # Two small functions compiled once with a dynamic row count, reused by every layer and every
+            # captured shape; the cache writes and attention stay outside, so nothing compiled mutates inputs.
+            self._pre = torch.compile(pre_attention, dynamic=True)
+            self._post = torch.compile(post_attention, dynamic=True)
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+
+    @staticmethod
+    def bytes_per_slot(model: Any, max_context: int) -> int:
+        """KV cache bytes one slot of `max_context` tokens takes."""
+        config = model.model.language_model.config
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        element = model.lm_head.weight.element_size()
+        return 2 * int(config.num_hidden_layers) * kv_heads * max_context * head_dim * element
+
+    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Argmax over the vocabulary, `suppress_token` (EOS when asked to ignore it) never chosen."""
+        if self.suppress_token is not None:
+            logits = logits.clone()
+            logits[:, self.suppress_token] = float("-inf")
+        return logits.argmax(dim=-1)
+
+    @torch.no_grad()
+    def load(self, slots: list[int], keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int]) -> None:
+        """Copy prefilled K/V ([rows, kv_heads, T, head_dim] per layer, rows right-padded) into `slots`."""
+        index = torch.tensor(slots, device=self.device)
+        width = keys[0].shape[2]
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.k_cache[layer, :, :, :width].index_copy_(0, index, k)
+            self.v_cache[layer, :, :, :width].index_copy_(0, index, v)
+        self.positions.index_copy_(0, index, torch.tensor(lengths, device=self.device))
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, width: int, slots: list[int], lengths: list[int]) -> torch.Tensor:
+        """Run the language model over right-padded prompt embeddings [rows * width, hidden] into `slots`.
+
+        The same per-layer functions as the decode step (compiled once for any row count), with causal
+        attention over each row; K/V go straight into the slots. Returns each row's first greedy token.
+        """
+        rows = len(slots)
+        index = torch.tensor(slots, device=self.device)
+        positions = torch.arange(width, device=self.device).repeat(rows)
+        cos, sin = self.cos[positions], self.sin[positions]
+        x = embeds
+        for layer_index, layer in enumerate(self.layers):
+            q, k, v = self._pre(
+                x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
+            )
+            q, k, v = (t.view(rows, width, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
+            self.k_cache[layer_index, :, :, :width].index_copy_(0, index, k)
+            self.v_cache[layer_index, :, :, :width].index_copy_(0, index, v)
+            if self.kv_heads != self.heads:
+                k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+                v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
+        last = torch.tensor(lengths, device=self.device) - 1 + torch.arange(rows, device=self.device) * width
+        logits = F.linear(rms_norm(x[last], self.final_norm, self.eps), self.lm_head)
+        self.positions.index_copy_(0, index, torch.tensor(lengths, device=self.device))
+        tokens = self.greedy(logits)
+        self.tokens.index_copy_(0, index, tokens)
+        return tokens
+
+    @torch.no_grad()
+    def set_first_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
+        self.tokens.index_copy_(0, torch.tensor(slots, device=self.device), tokens)
+
+    @torch.no_grad()
+    def set_active(self, active: list[bool]) -> None:
+        """Which slots decode; an idle slot's position goes back to 0, so its (ignored) cache write stays in range."""
+        flags = torch.tensor(active, dtype=torch.long).to(self.device)
+        self.active.copy_(flags)
+        self.positions.mul_(self.active)
+
+    @torch.no_grad()
+    def step(self, rows: int, columns: int) -> None:
+        """One greedy token for slots [0, rows), attending to cache columns [0, columns)."""
+        if not self.cuda_graphs:
+            self._step(rows, columns)
+            return
+        graph = self._graphs.get((rows, columns))
+        if graph is None:
+            graph = self._capture(rows, columns)
+        graph.replay()
+
+    def _capture(self, rows: int, columns: int) -> torch.cuda.CUDAGraph:
+        # One eager run on a side stream first (cuBLAS set-up, compilation), as CUDA graph capture requires;
+        # it writes the same K/V the real step will, and tokens/positions are restored after it.
+        saved = self.tokens.clone(), self.positions.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step(rows, columns)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.tokens.copy_(saved[0])
+        self.positions.copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the engine's image threads may pin host memory while this thread captures.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._step(rows, columns)
+        self._graphs[(rows, columns)] = graph
+        log.debug("captured a decode step for %d rows x %d columns", rows, columns)
+        return graph
+
+    def _step(self, rows: int, columns: int) -> None:
+        tokens, positions = self.tokens[:rows], self.positions[:rows]
+        index = self.rows[:rows]
+        x = F.embedding(tokens, self.embed)
+        cos, sin = self.cos[positions], self.sin[positions]
+        visible = (self.columns[:columns][None, :] <= positions[:, None])[:, None, None, :]
+        for layer_index, layer in enumerate(self.layers):
+            q, k, v = self._pre(
+                x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
+            )
+            k_cache, v_cache = self.k_cache[layer_index], self.v_cache[layer_index]
+            k_cache[index, :, positions] = k
+            v_cache[index, :, positions] = v
+            attn = self._attend(q, k_cache[:rows, :, :columns], v_cache[:rows, :, :columns], visible)
+            x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
+        logits = F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)
+        self.tokens[:rows].copy_(self.greedy(logits))
+        self.positions[:rows].add_(self.active[:rows])
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per row over the row's cache columns; returns [rows, heads, 1, head_dim]."""
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        q = q.unsqueeze(2)
+        if self.attention == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            scores = scores.masked_fill(~visible, float("-inf"))
+            out = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
+        return out

@@ -1,0 +1,367 @@
+"""FastEngine: greedy DeepSeek-VL generation with batched prefill, a static KV cache and continuous batching.
+
+How a request travels:
+
+1. Worker threads run the image processor on each request's images ahead of the GPU (`image_workers`,
+   a bounded look-ahead, so requests are still pulled lazily).
+2. Prefill: waiting prompts fill the free slots, up to `prefill_batch` at a time, through the VLM's own
+   forward (vision towers, features scattered into the image-token positions, the whole LLM) on a
+   right-padded batch: a row's real tokens never see the padding after them, so no mask is needed and
+   each row's K/V for positions [0, length) land in its slot of the static cache unchanged.
+3. Decode: `StaticDecoder` (vlmops.infer.fast_decode) makes one greedy token for every slot per step from
+   the static cache, each step a CUDA graph replay on CUDA. A finished row (EOS or `max_new_tokens`)
+   yields its result at once and its slot is refilled by waiting prompts (once at least `min_refill`
+   slots are free, so prefill runs in batches rather than one prompt at a time).
+
+A step covers slots [0, rows) and cache columns [0, columns), both rounded up to buckets, so short
+contexts and a part-empty batch cost less; each (rows, columns) bucket is captured once.
+
+Greedy only (`infer.temperature` 0, `infer.repetition_penalty` 1): the plain engine serves sampling.
+The answers equal `model.generate`'s token for token in float32 (tests/infer/test_fast_engine.py); in
+bf16 the different kernel choices change rounding, measured by bench/infer_bench.py.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmops.config import InferConfig
+from vlmops.errors import UserInputError
+from vlmops.infer.engine import GenerationRequest, GenerationResult
+from vlmops.infer.fast_decode import StaticDecoder
+from vlmops.infer.generation import model_dtype
+from vlmops.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+# Below this many free slots (and while other rows still decode) prefill waits for more to free up.
+MIN_REFILL_SHARE = 8
+
+
+@dataclass
+class EngineStats:
+    """Where the last `generate` call spent its time (host clock; both phases end in a GPU sync)."""
+
+    prompts: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    prefill_calls: int = 0
+
+
+@dataclass
+class _Prepared:
+    request: GenerationRequest
+    pixels: dict[str, torch.Tensor]
+
+
+@dataclass
+class _Row:
+    key: Any
+    prompt_length: int
+    tokens: list[int] = field(default_factory=list)
+
+
+class FastEngine:
+    """Greedy generation for DeepSeek-VL (1.3b and the 7b hybrid) on CUDA, and on CPU for tests.
+
+    Building one rebinds the language model's q/k/v and gate/up weights to views of fused tensors (values
+    unchanged, no extra memory) and allocates the KV cache for `max_batch` slots. One `generate` call at a
+    time per engine: the slots are the engine's state.
+
+    Tuning:
+        max_batch: decoding slots (rows per step); lowered to fit `memory_gib`.
+        max_context: prompt + answer tokens a slot holds; longer requests are refused.
+        prefill_batch: prompts per prefill forward.
+        min_refill: free slots that trigger a prefill while other rows decode (default max_batch / 8, at
+            most prefill_batch).
+        memory_gib: cap on the GPU memory the model, the cache and prefill may take together.
+        cuda_graphs: capture decode steps (default: on CUDA).
+        compile: torch.compile the per-layer arithmetic of the step (default: on CUDA).
+        attention: "sdpa" or "matmul" for the decode step's attention.
+        prefill: "own" runs the vision towers through transformers, then the language model with the
+            decode step's (compiled) layer functions, K/V written straight into the slots; "model" runs
+            the VLM's own forward and copies K/V out of its cache.
+        image_workers: threads preprocessing images ahead of the GPU.
+        ignore_eos: never produce EOS (its logit masked, as generate's min_new_tokens does): every answer
+            runs to max_new_tokens. For benchmarks.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        infer_cfg: InferConfig,
+        *,
+        max_batch: int = 64,
+        max_context: int = 2048,
+        prefill_batch: int = 16,
+        min_refill: int | None = None,
+        memory_gib: float | None = None,
+        cuda_graphs: bool | None = None,
+        compile: bool | None = None,
+        attention: str = "sdpa",
+        prefill: str = "own",
+        image_workers: int = 4,
+        ignore_eos: bool = False,
+        row_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512),
+        column_bucket: int = 128,
+    ) -> None:
+        if infer_cfg.temperature != 0:
+            raise UserInputError(
+                f"infer.temperature is {infer_cfg.temperature}: FastEngine decodes greedily; set "
+                "infer.temperature=0 or use the plain engine for sampling"
+            )
+        if infer_cfg.repetition_penalty != 1.0:
+            raise UserInputError(
+                f"infer.repetition_penalty is {infer_cfg.repetition_penalty}: FastEngine does not apply it; set it "
+                "to 1 or use the plain engine"
+            )
+        if max_batch < 1 or prefill_batch < 1 or max_context < 2:
+            raise UserInputError("max_batch and prefill_batch must be at least 1 and max_context at least 2")
+        self.loaded = loaded
+        self.model = loaded.model
+        if not hasattr(self.model, "lm_head") or not hasattr(self.model, "model"):
+            raise UserInputError(
+                f"FastEngine needs a DeepSeek-VL model with merged weights, got {type(self.model).__name__}; "
+                "merge a LoRA adapter first (peft's merge_and_unload) or use the plain engine"
+            )
+        if prefill not in ("own", "model"):
+            raise UserInputError(f"prefill={prefill!r}: use own or model")
+        self.prefill_mode = prefill
+        self.max_new_tokens = infer_cfg.max_new_tokens
+        self.max_context = max_context
+        self.prefill_batch = prefill_batch
+        self.image_workers = max(1, image_workers)
+        tokenizer = loaded.tokenizer
+        self.eos_id: int | None = None if ignore_eos else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.image_token_id = int(self.model.config.image_token_id)
+        self.num_image_tokens = loaded.num_image_tokens
+        self.dtype = model_dtype(loaded)
+        self.device = loaded.device
+        on_cuda = self.device.type == "cuda"
+        slots = self._fit_slots(max_batch, memory_gib)
+        self.decoder = StaticDecoder(
+            self.model,
+            slots=slots,
+            max_context=max_context,
+            cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
+            compile_step=on_cuda if compile is None else compile,
+            attention=attention,
+            suppress_token=tokenizer.eos_token_id if ignore_eos else None,
+        )
+        self.slots = slots
+        # Never more than a prefill batch: otherwise the last few free slots of a wave would stay empty.
+        default_refill = min(prefill_batch, max(1, slots // MIN_REFILL_SHARE))
+        self.min_refill = max(1, min_refill if min_refill is not None else default_refill)
+        self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
+        self.column_bucket = column_bucket
+        self.stats = EngineStats()
+
+    def _fit_slots(self, max_batch: int, memory_gib: float | None) -> int:
+        """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set."""
+        if memory_gib is None or self.device.type != "cuda":
+            return max_batch
+        per_slot = StaticDecoder.bytes_per_slot(self.model, self.max_context)
+        config = self.model.model.language_model.config
+        element = self.dtype.itemsize
+        # A prefill batch holds its own K/V (transformers' cache, until copied into the slots), the hidden
+        # states and MLP activations of every token, and the vision towers' activations; 2 GiB covers the
+        # towers, the step's logits and allocator slack.
+        prefill_tokens = self.prefill_batch * self.max_context
+        activations = prefill_tokens * (6 * config.hidden_size + 3 * config.intermediate_size) * element
+        reserve = per_slot // self.max_context * prefill_tokens + activations + 2 * GIB
+        high_res = getattr(self.model.config, "high_res_vision_config", None)
+        if high_res is not None:
+            # The 7b's SAM tower materialises a relative-position bias of heads x tokens^2 per image in its
+            # global-attention layers (4096 tokens at 1024 px): ~0.4 GiB per image in bf16, twice while built.
+            tokens = (high_res.image_size // high_res.patch_size) ** 2
+            reserve += 2 * self.prefill_batch * high_res.num_attention_heads * tokens**2 * element
+        used = torch.cuda.memory_allocated(self.device)
+        fit = int((memory_gib * GIB - used - reserve) // per_slot)
+        if fit < 1:
+            raise UserInputError(
+                f"memory_gib={memory_gib} leaves no room for the KV cache: the model takes {used / GIB:.1f} GiB, "
+                f"prefill needs ~{reserve / GIB:.1f} GiB and one slot of {self.max_context} tokens "
+                f"{per_slot / GIB:.2f} GiB; raise memory_gib or lower max_context or prefill_batch"
+            )
+        if fit < max_batch:
+            log.info("memory_gib=%s fits %d of %d slots", memory_gib, fit, max_batch)
+        return min(max_batch, fit)
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
+        """One result per request, finished rows first; pulls `requests` a bounded look-ahead at a time."""
+        self.stats = EngineStats()
+        with ThreadPoolExecutor(self.image_workers, thread_name_prefix="fast-engine-images") as pool:
+            waiting = self._prepared(requests, pool)
+            free = list(range(self.slots))
+            rows: dict[int, _Row] = {}
+            exhausted = False
+            while True:
+                if not exhausted and len(free) >= (self.min_refill if rows else 1):
+                    group = list(itertools.islice(waiting, min(len(free), self.prefill_batch)))
+                    exhausted = not group
+                    if group:
+                        slots = [heapq.heappop(free) for _ in group]
+                        yield from self._admit(group, slots, rows, free)
+                        continue
+                if not rows:
+                    if exhausted:
+                        return
+                    continue
+                yield from self._decode(rows, free)
+
+    def _prepared(self, requests: Iterable[GenerationRequest], pool: ThreadPoolExecutor) -> Iterator[_Prepared]:
+        """Requests with their pixel tensors, preprocessed by `pool` up to a bounded look-ahead."""
+        ahead: deque[Future[_Prepared]] = deque()
+        source = iter(requests)
+        limit = max(2 * self.slots, 2 * self.prefill_batch)
+        for request in source:
+            self._check(request)
+            ahead.append(pool.submit(self._preprocess, request))
+            if len(ahead) >= limit:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
+    def _check(self, request: GenerationRequest) -> None:
+        length = len(request.prompt_ids)
+        if length == 0:
+            raise UserInputError(f"request {request.key!r} has an empty prompt")
+        if length + self.max_new_tokens > self.max_context:
+            raise UserInputError(
+                f"request {request.key!r}: {length} prompt tokens + max_new_tokens {self.max_new_tokens} exceed "
+                f"the engine's max_context {self.max_context}; raise max_context or shorten the prompt"
+            )
+        image_tokens = sum(1 for token in request.prompt_ids if token == self.image_token_id)
+        if image_tokens != len(request.images) * self.num_image_tokens:
+            raise UserInputError(
+                f"request {request.key!r} has {image_tokens} image tokens for {len(request.images)} images "
+                f"({self.num_image_tokens} per image); encode the prompt with vlmops.models.template.encode"
+            )
+
+    def _preprocess(self, request: GenerationRequest) -> _Prepared:
+        if not request.images:
+            return _Prepared(request, {})
+        features = self.loaded.processor.image_processor(request.images, return_tensors="pt")
+        pixels = {name: value.to(self.dtype) for name, value in features.items()}
+        if self.device.type == "cuda":
+            pixels = {name: value.pin_memory() for name, value in pixels.items()}
+        return _Prepared(request, pixels)
+
+    def _admit(
+        self, group: list[_Prepared], slots: list[int], rows: dict[int, _Row], free: list[int]
+    ) -> Iterator[GenerationResult]:
+        """Prefill `group` into `slots`; a row whose first token already ends it is answered and freed."""
+        start = time.perf_counter()
+        first = self._prefill(group, slots)
+        self.stats.prefill_s += time.perf_counter() - start
+        self.stats.prefill_calls += 1
+        self.stats.prompts += len(group)
+        for item, slot, token in zip(group, slots, first, strict=True):
+            row = _Row(item.request.key, len(item.request.prompt_ids))
+            rows[slot] = row
+            result = self._advance(row, token)
+            if result is not None:
+                del rows[slot]
+                heapq.heappush(free, slot)
+                yield result
+        self.decoder.set_active([slot in rows for slot in range(self.slots)])
+
+    @torch.no_grad()
+    def _prefill(self, group: list[_Prepared], slots: list[int]) -> list[int]:
+        """Run the VLM over `group` (right-padded), copy each row's K/V into its slot; the first tokens."""
+        lengths = [len(item.request.prompt_ids) for item in group]
+        width = max(lengths)
+        input_ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        for row, item in enumerate(group):
+            input_ids[row, : lengths[row]] = torch.tensor(item.request.prompt_ids, dtype=torch.long)
+        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(self.device, non_blocking=True)}
+        for name in {name for item in group for name in item.pixels}:
+            tensors = [item.pixels[name] for item in group if name in item.pixels]
+            inputs[name] = torch.cat(tensors).to(self.device, non_blocking=True)
+        if self.prefill_mode == "own":
+            # Flat [rows * width, hidden]: the layer functions see one token per row, as in decode.
+            embeds = self.model.get_input_embeddings()(inputs.pop("input_ids").view(-1))
+            if inputs:
+                features = _image_features(self.model.model, inputs)
+                mask = (input_ids.view(-1, 1) == self.image_token_id).to(self.device, non_blocking=True)
+                embeds = embeds.masked_scatter(mask, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+            return [int(t) for t in self.decoder.prefill(embeds, width, slots, lengths).tolist()]
+        output = self.model.model(**inputs, use_cache=True)
+        last = torch.tensor(lengths, device=self.device) - 1
+        hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), last]
+        tokens = self.decoder.greedy(self.model.lm_head(hidden))
+        keys, values = _cache_tensors(output.past_key_values)
+        self.decoder.load(slots, keys, values, lengths)
+        self.decoder.set_first_tokens(slots, tokens)
+        return [int(t) for t in tokens.tolist()]
+
+    def _decode(self, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
+        """One step for every decoding row; finished rows are answered and their slots freed."""
+        start = time.perf_counter()
+        span = max(rows) + 1
+        step_rows = next(b for b in self.row_buckets if b >= span)
+        # A row's new token sits at position (prompt + tokens so far - 1) and attends to everything up to it.
+        longest = max(row.prompt_length + len(row.tokens) for row in rows.values())
+        columns = min(self.max_context, -(-longest // self.column_bucket) * self.column_bucket)
+        self.decoder.step(step_rows, columns)
+        tokens = self.decoder.tokens[:step_rows].tolist()
+        self.stats.decode_s += time.perf_counter() - start
+        self.stats.decode_steps += 1
+        finished = []
+        for slot, row in rows.items():
+            result = self._advance(row, int(tokens[slot]))
+            if result is not None:
+                finished.append((slot, result))
+        for slot, _ in finished:
+            del rows[slot]
+            heapq.heappush(free, slot)
+        if finished:
+            self.decoder.set_active([slot in rows for slot in range(self.slots)])
+        for _, result in finished:
+            yield result
+
+    def _advance(self, row: _Row, token: int) -> GenerationResult | None:
+        """Take one generated token; the row's result once it stops."""
+        if self.eos_id is not None and token == self.eos_id:
+            return GenerationResult(row.key, row.tokens, "stop")
+        row.tokens.append(token)
+        self.stats.generated_tokens += 1
+        if len(row.tokens) >= self.max_new_tokens:
+            return GenerationResult(row.key, row.tokens, "length")
+        return None
+
+
+def _image_features(vlm: Any, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The aligned image embeddings [images, tokens, hidden]: what the VLM scatters into the prompt.
+
+    transformers 5.17 returns the tensor, later releases an output object carrying it as `pooler_output`.
+    """
+    output = vlm.get_image_features(**pixels)
+    features = output if isinstance(output, torch.Tensor) else getattr(output, "pooler_output", None)
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(
+            f"get_image_features returned {type(output).__name__}; use prefill='model' with this transformers"
+        )
+    return features
+
+
+def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer K and V ([batch, kv_heads, tokens, head_dim]) of a transformers DynamicCache."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [layer.keys for layer in layers], [layer.values for layer in layers]
+    return list(cache.key_cache), list(cache.value_cache)
