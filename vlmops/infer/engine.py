@@ -18,7 +18,6 @@ Engines:
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -65,9 +64,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
     choice = infer_cfg.engine
     on_cuda = loaded.device.type == "cuda"
     if choice == "auto":
-        # vlmops.infer.fast_engine lands separately from this module: until it is there, auto stays on plain
-        fast_here = importlib.util.find_spec("vlmops.infer.fast_engine") is not None
-        choice = "fast" if on_cuda and infer_cfg.temperature == 0 and fast_here else "plain"
+        choice = "fast" if on_cuda and infer_cfg.temperature == 0 else "plain"
     if choice == "fast":
         if not on_cuda:
             raise UserInputError(f"infer.engine=fast needs a CUDA device (the model is on {loaded.device}); use plain")
