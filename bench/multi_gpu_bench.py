@@ -14,7 +14,7 @@ Random-initialised real architectures (built once by `train_bench.build_model`),
                      once with DDP and once with ZeRO-3 (--mixed). A run still going after --hang-timeout is stopped
                      (the product's own stop: SIGTERM to torchrun's process group) and reported as a hang when no
                      step finished in its last minute, else as too slow.
-  --part infer       a random 1.3b, 256 prompts with one image each, `parallel_batch_infer` with each count of
+  --part infer       a random 1.3b, 256 prompts with one image each, `run_batch_job` (infer.workers) with each count of
                      workers (one process per GPU): records/s end to end (worker start and model load included) and
                      in generation alone (the slowest worker's own time), scaling efficiency, and a check of the
                      merged file: every input record exactly once (index, source and reference match the input),
@@ -53,7 +53,7 @@ import argparse
 import contextlib
 import json
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -445,9 +445,6 @@ def stderr_to_file(path: Path) -> Iterator[None]:
         os.close(saved)
 
 
-WORKER_LINE = re.compile(r"vlmops\.infer\.batch: predicted (\d+) records in ([\d.]+) s")
-
-
 def check_exactly_once(predictions: Path, conversations: list[Any]) -> dict[str, Any]:
     """Every input record once in the merged file, in input order, with its own source and reference."""
     records = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
@@ -474,7 +471,9 @@ def check_exactly_once(predictions: Path, conversations: list[Any]) -> dict[str,
 def infer_part(size: str, counts: list[int], work: Path, device: str) -> list[dict[str, Any]]:
     from vlmops.config import load_config
     from vlmops.data.formats import read_dataset
-    from vlmops.infer.parallel import parallel_batch_infer
+    from vlmops.infer.batch_job import run_batch_job
+    from vlmops.infer.job import write_eval_predictions
+    from vlmops.infer.output import open_output
 
     model = ensure_model("1.3b", size, work, device)
     snapshot = tb.build_dataset(
@@ -496,8 +495,12 @@ def infer_part(size: str, counts: list[int], work: Path, device: str) -> list[di
             log_file = Path(tmp) / "workers.log"
             started = time.perf_counter()
             try:
+                job_dir = out.with_suffix(".job")
+                shutil.rmtree(job_dir, ignore_errors=True)
+                run_config = config.model_copy(update={"infer": config.infer.model_copy(update={"workers": nproc})})
                 with stderr_to_file(log_file):
-                    batch = parallel_batch_infer(model, data_file, out, config, workers=nproc)
+                    batch = run_batch_job(str(model), str(data_file), str(job_dir), run_config, progress=False)
+                write_eval_predictions(open_output(str(job_dir)), out)
             except Exception as err:  # recorded with the workers' output (exit code 1); the next count runs
                 tail = "\n".join(log_file.read_text(errors="replace").replace("\r", "\n").splitlines()[-40:])
                 result = {**head, "error": f"{type(err).__name__}: {err}"[:1000], "log_tail": tail}
@@ -505,20 +508,26 @@ def infer_part(size: str, counts: list[int], work: Path, device: str) -> list[di
                 print(json.dumps(result), flush=True)
                 continue
             wall = time.perf_counter() - started
-            worker_times = [float(s) for _, s in WORKER_LINE.findall(log_file.read_text(errors="replace"))]
+            per_worker: dict[str, float] = {}
+            for shard in batch.ran:
+                per_worker[shard.worker] = per_worker.get(shard.worker, 0.0) + shard.seconds
+            worker_times = [round(t, 2) for t in per_worker.values()]
+            tokens = int(batch.manifest["generated_tokens"])
         predictions = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
         result = {
             **head,
-            "records": batch.count,
+            "records": batch.results,
             "batch_size": INFER_BATCH,
             "max_new_tokens": INFER_NEW_TOKENS,
-            "generated_tokens": batch.generated_tokens,
-            "seconds": round(batch.seconds, 2),
+            "generated_tokens": tokens,
+            "seconds": round(wall, 2),
             "wall_s": round(wall, 1),
-            "records_per_s": round(batch.count / batch.seconds, 2),
-            "generated_tokens_per_s": round(batch.tokens_per_s, 1),
+            "records_per_s": round(batch.results / wall, 2),
+            "generated_tokens_per_s": round(tokens / wall, 1),
             "worker_generate_s": worker_times,
-            "generate_records_per_s": round(batch.count / max(worker_times), 2) if len(worker_times) == nproc else None,
+            "generate_records_per_s": round(batch.results / max(worker_times), 2)
+            if len(worker_times) == nproc
+            else None,
             **check_exactly_once(out, conversations),
         }
         if single is None and nproc == 1:

@@ -1,28 +1,36 @@
-"""batch_infer: answer every prompt of the eval split with one model, into a predictions jsonl."""
+"""Batch inference tasks: the eval split's predictions (a job in a child process group), and one shard of a job."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from vlmops.config import PipelineConfig
-from vlmops.infer.batch import BatchResult, batch_infer
-from vlmops.infer.parallel import default_workers, parallel_batch_infer
-from vlmops.models.loading import load_model
+from vlmops.infer.batch_job import JOB_DIR_SUFFIX, BatchResult, run_job_shard, strict_copy
+from vlmops.infer.job import MANIFEST_FILE, ShardStats, write_eval_predictions
+from vlmops.infer.output import open_output
+from vlmops.infer.parallel import run_job_in_child
 from vlmops.tracking import Tracker
 
 
 @task(name="batch_infer", cache_policy=NO_CACHE)
 def batch_infer_task(model_path: str, dataset_file: str, out_file: str, config: PipelineConfig) -> BatchResult:
-    """Write the model's predictions for every record: in this process, or one worker per GPU."""
-    if (config.infer.workers or default_workers()) > 1:
-        return parallel_batch_infer(model_path, dataset_file, out_file, config, config.infer.workers)
-    loaded = load_model(model_path, dtype=config.model.dtype, attn=config.model.attn)
-    return batch_infer(
-        loaded, Path(dataset_file), Path(out_file), config.infer, config.model.system_prompt, config.storage
-    )
+    """Answer every record of `dataset_file` (the job in `out_file`.job), then write `out_file` for evaluate.
+
+    The model loads in a child process (and its per-GPU workers), so this worker frees the GPU after the step.
+    """
+    started = time.perf_counter()
+    job_dir = f"{out_file}{JOB_DIR_SUFFIX}"
+    run_job_in_child(model_path, dataset_file, job_dir, strict_copy(config))
+    seconds = time.perf_counter() - started
+    output = open_output(job_dir)
+    count = write_eval_predictions(output, Path(out_file))
+    tokens = int(json.loads(output.read_text(MANIFEST_FILE) or "{}")["generated_tokens"])
+    return BatchResult(Path(out_file), count, seconds, tokens, tokens / seconds if seconds else 0.0)
 
 
 def log_batch(tracker: Tracker, run_id: str, label: str, result: BatchResult) -> None:
@@ -35,3 +43,12 @@ def log_batch(tracker: Tracker, run_id: str, label: str, result: BatchResult) ->
         },
     )
     tracker.log_artifact(run_id, result.path, "predictions")
+
+
+@task(name="answer_shard", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def answer_shard(model: str, output: str, config: PipelineConfig, shard: int) -> ShardStats:
+    """Answer one shard of a planned job; a task worker keeps its model loaded between shards.
+
+    Retrying is safe: a shard's part is published whole or not at all, and a done shard is not redone.
+    """
+    return run_job_shard(model, output, config, shard)

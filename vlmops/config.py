@@ -193,6 +193,19 @@ class InferConfig(Section):
     """Above 1 discourages repeating tokens."""
     workers: int | None = Field(None, ge=1)
     """Batch inference processes, one per GPU of this machine. null: every visible GPU (1 without CUDA)."""
+    engine: Literal["auto", "plain", "fast"] = "auto"
+    """Batch generation engine. plain: `model.generate` on fixed batches, any device and sampling setting;
+    fast: CUDA and greedy only (static KV cache, continuous batching); auto: fast on CUDA when
+    temperature is 0, else plain."""
+    shard_size: int = Field(1000, ge=1)
+    """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
+    Part of the job's identity (a different size is a different job)."""
+    on_error: Literal["skip", "fail"] = "skip"
+    """A record that cannot be answered (malformed line, missing or unreadable image). skip: write it to
+    rejects.jsonl with its file, line and reason and go on; fail: stop the job at the first one."""
+    track: bool = False
+    """Log each batch inference job to MLflow (tracking.uri): a run tagged with the model version, with the
+    job's metrics and its manifest."""
 
 
 class EvalConfig(Section):

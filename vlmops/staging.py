@@ -90,3 +90,15 @@ def staged_folder(final: Path) -> Iterator[Path]:
     with staging_in(final.parent, final.name) as stage:
         stage.name(final.name)
         yield stage.path
+
+
+def publish_file(staging: Path, final: Path) -> None:
+    """Make a fully written file visible under its final name in one rename (after flushing it to disk)."""
+    with staging.open("rb") as f:
+        os.fsync(f.fileno())
+    staging.replace(final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,55 +1,74 @@
-"""batch_infer: every record once and in order, batching that does not change answers, atomic output."""
+"""Batch inference jobs: every record once and in input order, both record forms, fields kept, rejects
+written down, batching that does not change answers, the plain engine's finish reasons."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
-from vlmops.config import InferConfig
-from vlmops.conversation import to_img_tags
-from vlmops.data.formats import DatasetError, read_dataset
-from vlmops.data.images import ImageLoadError
-from vlmops.infer.batch import batch_infer
+from vlmops.config import PipelineConfig, load_config
+from vlmops.data.formats import read_dataset
+from vlmops.errors import UserInputError
+from vlmops.infer.batch_job import run_batch_job
+from vlmops.infer.engine import GenerationRequest, make_engine
 from vlmops.infer.generation import answer_tokens
+from vlmops.infer.job import RecordRejectedError
+from vlmops.infer.plain_engine import PlainEngine
 from vlmops.models.loading import LoadedModel, load_model
 
 
-def infer(batch_size: int, max_new_tokens: int = 10) -> InferConfig:
-    return InferConfig.model_validate({"batch_size": batch_size, "max_new_tokens": max_new_tokens})
+def job_config(**infer: Any) -> PipelineConfig:
+    return load_config(None, {"infer.max_new_tokens": 10, **{f"infer.{k}": v for k, v in infer.items()}})
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model: Path) -> LoadedModel:
-    return load_model(tiny_model)
+def results(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [json.loads(line) for part in manifest["parts"] for line in (out / part["name"]).read_text().splitlines()]
 
 
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def rejects(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
 
 
-def test_every_record_once_in_input_order_across_uneven_batches(
-    loaded: LoadedModel, demo_data: tuple[Path, Path], tmp_path: Path
+def test_every_record_once_in_input_order_across_uneven_batches_and_shards(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
     train_file, _ = demo_data  # 11 records: single-image, multi-turn, two-image and text-only ones
-    result = batch_infer(loaded, train_file, tmp_path / "pred.jsonl", infer(batch_size=4))  # 4 + 4 + 3
-    records = read_lines(result.path)
+    out = tmp_path / "out"
+    result = run_batch_job(str(tiny_model), str(train_file), str(out), job_config(batch_size=4, shard_size=5))
+    records = results(out)
     conversations = read_dataset(train_file).conversations
+    lines = [json.loads(line) for line in train_file.read_text().splitlines()]
 
-    assert result.count == len(records) == len(conversations) == 11
-    assert [r["index"] for r in records] == list(range(11))
-    assert [r["source"] for r in records] == [c.source for c in conversations]
-    for record, conv in zip(records, conversations):
-        assert record["reference"] == conv.messages[-1].text("")
-        assert record["num_images"] == len(conv.images)
-        assert len(record["history"]) == (len(conv.messages) - 2) // 2
-        assert record["prompt"] == to_img_tags(conv.messages[-2].parts)
-    kinds = {(r["num_images"], len(r["history"])) for r in records}
-    assert {(0, 0), (1, 0), (2, 0), (1, 1)} <= kinds, kinds  # the batches really mixed every record kind
-    assert result.generated_tokens == sum(r["generated_tokens"] for r in records) > 0
-    assert result.tokens_per_s > 0
+    assert result.records == result.results == len(records) == len(conversations) == 11 and result.rejects == 0
+    assert sorted(p.name for p in out.glob("part-*.jsonl")) == [
+        "part-00000.jsonl",
+        "part-00001.jsonl",
+        "part-00002.jsonl",
+    ]
+    assert [r["key"] for r in records] == [f"train.jsonl:{i}" for i in range(1, 12)]
+    for record, conv, line in zip(records, conversations, lines, strict=True):
+        assert record["conversations"] == line["conversations"]  # every input field kept as it was
+        assert record["reference"] == conv.messages[-1].text("").strip()
+        assert record["finish_reason"] in ("stop", "length")
+        assert record["model"]["uri"] == str(tiny_model) and record["model"]["content_hash"].startswith("sha256:")
+    kinds = {(len(c.images), len(c.messages)) for c in conversations}
+    assert {(0, 2), (1, 2), (2, 2), (1, 4)} <= kinds, kinds  # the batches really mixed every record kind
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["records"] for p in manifest["parts"]] == [5, 5, 1]
+    assert manifest["generated_tokens"] == sum(r["generated_tokens"] for r in records) > 0
+    assert manifest["records_read"] == manifest["results"] + manifest["rejects"] == 11
+    assert (
+        manifest["settings"]["shard_size"] == 5
+        and manifest["model"]["content_hash"] == records[0]["model"]["content_hash"]
+    )
+    assert result.tokens_per_s > 0 and result.images_per_s > 0
+    assert rejects(out) == []
 
 
 def test_answers_end_at_the_first_eos() -> None:
@@ -58,82 +77,140 @@ def test_answers_end_at_the_first_eos() -> None:
     assert answer_tokens([5, 6, 7], eos_token_id=1) == [5, 6, 7]
 
 
-def test_batching_does_not_change_the_answers(
-    loaded: LoadedModel, demo_data: tuple[Path, Path], tmp_path: Path
-) -> None:
+def test_batching_does_not_change_the_answers(tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
     """Left padding and batched images must give what each record gets alone (greedy, float32)."""
     train_file, _ = demo_data
-    one = read_lines(batch_infer(loaded, train_file, tmp_path / "one.jsonl", infer(batch_size=1)).path)
-    many = read_lines(batch_infer(loaded, train_file, tmp_path / "many.jsonl", infer(batch_size=5)).path)
-    assert [r["prediction"] for r in many] == [r["prediction"] for r in one]
+    run_batch_job(str(tiny_model), str(train_file), str(tmp_path / "one"), job_config(batch_size=1))
+    run_batch_job(str(tiny_model), str(train_file), str(tmp_path / "many"), job_config(batch_size=5))
+    one, many = results(tmp_path / "one"), results(tmp_path / "many")
+    assert [r["response"] for r in many] == [r["response"] for r in one]
+    assert [r["generated_tokens"] for r in many] == [r["generated_tokens"] for r in one]
 
 
 def test_hybrid_model_batches(tiny_hybrid_model: Path, demo_data: tuple[Path, Path], tmp_path: Path) -> None:
     _, eval_file = demo_data
-    hybrid = load_model(tiny_hybrid_model)
-    one = read_lines(batch_infer(hybrid, eval_file, tmp_path / "one.jsonl", infer(batch_size=1)).path)
-    many = read_lines(batch_infer(hybrid, eval_file, tmp_path / "many.jsonl", infer(batch_size=4)).path)
-    assert [r["prediction"] for r in many] == [r["prediction"] for r in one]
+    run_batch_job(str(tiny_hybrid_model), str(eval_file), str(tmp_path / "one"), job_config(batch_size=1))
+    run_batch_job(str(tiny_hybrid_model), str(eval_file), str(tmp_path / "many"), job_config(batch_size=4))
+    many = results(tmp_path / "many")
+    assert [r["response"] for r in many] == [r["response"] for r in results(tmp_path / "one")]
     assert len(many) == 6
 
 
-def copy_dataset(demo_data: tuple[Path, Path], folder: Path) -> Path:
-    """A private copy of the demo train split, images included, that a test may damage."""
-    shutil.copytree(demo_data[0].parent, folder)
-    return folder / "train.jsonl"
-
-
-def test_unreadable_image_mid_way_leaves_no_output_file(
-    loaded: LoadedModel, demo_data: tuple[Path, Path], tmp_path: Path
+def test_simple_records_keep_every_field_and_use_their_id_as_key(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path
 ) -> None:
-    dataset = copy_dataset(demo_data, tmp_path / "data")
+    (tmp_path / "in").mkdir()
+    shutil.copy(images["red"], tmp_path / "in" / "red.png")
+    records = [
+        {"id": "q1", "query": "<img>red.png</img>What colour?", "meta": {"tags": ["a", {"b": 1}]}},
+        {"id": 7, "query": "And this one?", "images": ["red.png"], "history": [["Hi", "Hello"]]},
+        {"query": "<image>Compare with <image>", "images": [str(images["red"]), str(images["blue"])]},
+        {"query": "text only", "extra": None},
+    ]
+    (tmp_path / "in" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out"
+    result = run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), job_config(max_new_tokens=3))
+    got = results(out)
+    assert result.results == 4 and result.rejects == 0
+    assert [r["key"] for r in got] == ["q1", 7, "prompts.jsonl:3", "prompts.jsonl:4"]
+    for record, given in zip(got, records, strict=True):
+        assert {k: record[k] for k in given} == given  # nested fields too, exactly as they were
+        assert set(record) - set(given) == {"key", "source", "response", "generated_tokens", "finish_reason", "model"}
+        assert record["generated_tokens"] <= 3
+    assert result.images_per_s > 0  # 4 images were loaded
+
+
+def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    shutil.copytree(demo_data[0].parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "train.jsonl"
     lines = dataset.read_text().splitlines()
-    # Record 9 (of 11) gets an image that exists but is not a picture: found only when its batch runs.
-    bad = tmp_path / "data" / "images" / "broken.png"
-    bad.write_bytes(b"this is not a png")
-    lines[8] = json.dumps(
-        {
-            "conversations": [
-                {"from": "user", "value": f"<img>{bad}</img>Colour?"},
-                {"from": "assistant", "value": "red"},
-            ]
-        }
-    )
+    broken = tmp_path / "data" / "images" / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    lines[8] = json.dumps({"conversations": [{"from": "user", "value": f"<img>{broken}</img>Colour?"}]})
+    lines[2] = '{"conversations": [not json'
+    lines.append(json.dumps({"query": "<img>images/gone.png</img>Colour?"}))
+    lines.append(json.dumps({"prompt": "neither form"}))
+    lines.append(json.dumps({"query": "clash", "response": "mine"}))
     dataset.write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out" / "pred.jsonl"
-    out.parent.mkdir()
-    with pytest.raises(ImageLoadError, match=r"train\.jsonl:9: image \S*broken\.png: not a readable image"):
-        batch_infer(loaded, dataset, out, infer(batch_size=2))
-    assert not out.exists()
-    assert list(out.parent.iterdir()) == []  # no temp file left behind either
 
-    # A finished predictions file from before is left exactly as it was.
-    out.write_text('{"index": 0}\n')
-    with pytest.raises(ImageLoadError):
-        batch_infer(loaded, dataset, out, infer(batch_size=2))
-    assert out.read_text() == '{"index": 0}\n'
+    out = tmp_path / "out"
+    result = run_batch_job(str(tiny_model), str(dataset), str(out), job_config(batch_size=2, shard_size=4))
+    assert (result.records, result.results, result.rejects) == (14, 9, 5)
+    by_line = {r["line"]: r for r in rejects(out)}
+    assert sorted(by_line) == [3, 9, 12, 13, 14]
+    assert all(r["file"] == str(dataset) for r in by_line.values())
+    assert "not valid JSON" in by_line[3]["reason"]
+    assert "broken.png: not a readable image" in by_line[9]["reason"]
+    assert "gone.png: file not found" in by_line[12]["reason"]
+    assert "needs 'conversations', 'messages' or 'query'" in by_line[13]["reason"]
+    assert by_line[14]["reason"].startswith("response: is a field batch inference adds")
+    answered = {int(r["key"].split(":")[1]) for r in results(out)}
+    assert answered | set(by_line) == set(range(1, 15)) and not answered & set(by_line)  # exactly once
+    assert list((out / "_job" / "tmp").iterdir()) == []  # no temp file left behind
 
 
-def test_missing_image_fails_before_generating(
-    loaded: LoadedModel, demo_data: tuple[Path, Path], tmp_path: Path
+def test_on_error_fail_stops_at_the_first_unanswerable_record(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    dataset = copy_dataset(demo_data, tmp_path / "data")
-    record = json.loads(dataset.read_text().splitlines()[-1])
-    missing = (tmp_path / "data" / "images" / "gone.png").resolve()
-    record["conversations"][0]["value"] = f"<img>{missing}</img>Colour?"
-    with dataset.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-    out = tmp_path / "pred.jsonl"
-    with pytest.raises(ImageLoadError, match=r"1 image file\(s\) not found:\n  - \S*train\.jsonl:12: \S*gone\.png"):
-        batch_infer(loaded, dataset, out, infer(batch_size=4))
-    assert not out.exists()
+    shutil.copytree(demo_data[0].parent, tmp_path / "data")
+    dataset = tmp_path / "data" / "train.jsonl"
+    lines = dataset.read_text().splitlines()
+    lines[8] = json.dumps({"query": f"<img>{tmp_path / 'gone.png'}</img>Colour?"})
+    dataset.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(RecordRejectedError, match=r"train\.jsonl:9: image \S*gone\.png: file not found"):
+        run_batch_job(str(tiny_model), str(dataset), str(out), job_config(batch_size=2, shard_size=4, on_error="fail"))
+    # The shards before it are done and kept; the failed shard published nothing; no temp file is left.
+    assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.jsonl", "part-00001.jsonl"]
+    assert not (out / "manifest.json").exists() and not (out / "_job" / "rejects-00002.jsonl").exists()
+    assert list((out / "_job" / "tmp").iterdir()) == []
 
 
-def test_invalid_records_are_refused_not_skipped(
-    loaded: LoadedModel, demo_data: tuple[Path, Path], tmp_path: Path
+def test_plain_engine_finish_reasons_and_lazy_pull(tiny_model: Path) -> None:
+    loaded = load_model(tiny_model)
+    config = job_config(max_new_tokens=4, batch_size=2)
+    engine = make_engine(loaded, config.infer)
+    assert isinstance(engine, PlainEngine)  # auto on CPU
+    tokenizer = loaded.tokenizer
+    prompt = [tokenizer.bos_token_id, *tokenizer.encode("User: hi\n\nAssistant:", add_special_tokens=False)]
+
+    pulled: list[int] = []
+
+    def requests() -> Any:
+        for key in range(5):
+            pulled.append(key)
+            yield GenerationRequest(key, prompt)
+
+    stream = engine.generate(requests())
+    first = next(stream)
+    assert pulled == [0, 1]  # one batch taken, not the whole iterator
+    rest = list(stream)
+    assert [r.key for r in [first, *rest]] == [0, 1, 2, 3, 4]
+    for result in [first, *rest]:
+        assert result.finish_reason == "length" and len(result.token_ids) == 4
+        assert tokenizer.eos_token_id not in result.token_ids
+
+    # An LM head whose EOS row is the prompt's last hidden state (all others zero): EOS wins the first step,
+    # so the answer stops at once, and the EOS is not in the tokens.
+    with torch.no_grad():
+        hidden = loaded.model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states[-1][0, -1]
+        head = loaded.model.get_output_embeddings().weight
+        head.zero_()
+        head[tokenizer.eos_token_id] = hidden * 100
+    stopped = list(make_engine(loaded, config.infer).generate([GenerationRequest("a", prompt)]))
+    assert stopped[0].finish_reason == "stop" and stopped[0].token_ids == []
+
+
+def test_sampling_settings_run_on_the_plain_engine_and_fast_is_refused_on_cpu(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    dataset = copy_dataset(demo_data, tmp_path / "data")
-    with dataset.open("a") as f:
-        f.write(json.dumps({"conversations": [{"from": "user", "value": "no answer"}]}) + "\n")
-    with pytest.raises(DatasetError, match=r"train\.jsonl:12 \(turns\): the conversation must end with an assistant"):
-        batch_infer(loaded, dataset, tmp_path / "pred.jsonl", infer(batch_size=4))
+    _, eval_file = demo_data
+    config = job_config(temperature=0.8, top_p=0.9, repetition_penalty=1.2, max_new_tokens=3)
+    torch.manual_seed(0)
+    result = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "out"), config)
+    assert result.results == 6
+    loaded: LoadedModel = load_model(tiny_model)
+    with pytest.raises(UserInputError, match="infer.engine=fast needs a CUDA device"):
+        make_engine(loaded, job_config(engine="fast").infer)

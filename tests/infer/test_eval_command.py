@@ -13,7 +13,7 @@ import pytest
 from vlmops.cli.main import main
 from vlmops.data.formats import read_dataset
 from vlmops.evaluate.metrics import evaluate_predictions
-from vlmops.infer.batch import batch_infer
+from vlmops.infer.batch_job import predict_eval_file
 from vlmops.models.loading import load_model
 from vlmops.train.rundir import RunInfo, run_config
 
@@ -42,11 +42,11 @@ def test_eval_command_scores_the_runs_eval_split_against_the_base(
     assert all(r["generated_tokens"] <= 6 for r in tuned)  # the override applies on top of the run's config
 
     # The base predictions are the plain base model's, so the adapter was really switched off for them...
-    plain = batch_infer(
+    plain = predict_eval_file(
         load_model(tiny_model),
         eval_split,
         tmp_path / "plain.jsonl",
-        run_config(str(lora_run), None, ["infer.max_new_tokens=6"]).infer,
+        run_config(str(lora_run), None, ["infer.max_new_tokens=6"]),
     )
     assert [r["prediction"] for r in base] == [r["prediction"] for r in read_lines(plain.path)]
     # ... and on for the fine-tuned ones.
@@ -95,5 +95,5 @@ def test_eval_command_on_a_full_fine_tuning_run_loads_the_base_separately(
     eval_split = snapshot / "eval.jsonl"
     config = run_config(str(full_run), None, [])
     for folder, name in ((full_run / "final", "predictions.jsonl"), (tiny_model, "base_predictions.jsonl")):
-        plain = batch_infer(load_model(folder), eval_split, tmp_path / f"plain-{name}", config.infer)
+        plain = predict_eval_file(load_model(folder), eval_split, tmp_path / f"plain-{name}", config)
         assert [r["prediction"] for r in read_lines(out / name)] == [r["prediction"] for r in read_lines(plain.path)]

@@ -1,41 +1,103 @@
-"""Batch inference split over worker processes (one per GPU on a GPU machine; here two CPU processes)."""
+"""Batch inference over worker processes (one per GPU on a GPU machine; here two CPU processes), the check
+that every shard adds up before the manifest is written, and child process groups stopped as a whole."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from vlmops.config import load_config
-from vlmops.infer.batch import batch_infer
-from vlmops.infer.parallel import merge_shards, parallel_batch_infer
-from vlmops.models.loading import load_model
+from vlmops.errors import RunFailed
+from vlmops.infer.batch_job import run_batch_job
+from vlmops.infer.job import ModelInfo, finalize, open_job, pending_shards, plan_job
+from vlmops.infer.output import open_output
+from vlmops.infer.parallel import run_in_process_group
+
+
+def results(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [json.loads(line) for part in manifest["parts"] for line in (out / part["name"]).read_text().splitlines()]
 
 
 def test_two_workers_give_every_record_once_and_the_same_answers(
     tmp_path: Path, tiny_model: Path, demo_data: tuple[Path, Path]
 ) -> None:
-    _, eval_file = demo_data  # 6 records in 2 shares of 3, batches of 2 + 1
-    config = load_config(None, ["infer.batch_size=2", "infer.max_new_tokens=4"])
-    single = batch_infer(load_model(tiny_model, device="cpu"), eval_file, tmp_path / "one.jsonl", config.infer)
-    split = parallel_batch_infer(tiny_model, eval_file, tmp_path / "two.jsonl", config, workers=2)
-    one = [json.loads(line) for line in single.path.read_text().splitlines()]
-    two = [json.loads(line) for line in split.path.read_text().splitlines()]
-    assert [r["index"] for r in two] == list(range(6))
-    assert [r["prediction"] for r in two] == [r["prediction"] for r in one]
-    assert split.count == 6
+    _, eval_file = demo_data  # 6 records in 3 shards of 2: worker 0 takes shards 0 and 2, worker 1 shard 1
+    overrides = ["infer.batch_size=2", "infer.max_new_tokens=4", "infer.shard_size=2"]
+    single = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "one"), load_config(None, overrides))
+    split = run_batch_job(
+        str(tiny_model), str(eval_file), str(tmp_path / "two"), load_config(None, [*overrides, "infer.workers=2"])
+    )
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
+    assert [r["key"] for r in two] == [f"eval.jsonl:{i}" for i in range(1, 7)]  # input order, each once
+    assert [r["response"] for r in two] == [r["response"] for r in one]
+    assert split.results == 6 and split.manifest["job_id"] == single.manifest["job_id"]
+    assert sorted(s.shard for s in split.ran) == [0, 1, 2]
+    assert len({s.worker for s in split.ran}) == 2  # both processes answered shards
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_merge_refuses_duplicates_and_gaps(tmp_path: Path) -> None:
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    a.write_text("".join(json.dumps({"index": i, "generated_tokens": 1}) + "\n" for i in (0, 2)))
-    b.write_text("".join(json.dumps({"index": i, "generated_tokens": 1}) + "\n" for i in (1, 3)))
-    records, tokens = merge_shards([a, b], 4)
-    assert [r["index"] for r in records] == [0, 1, 2, 3] and tokens == 4
-    with pytest.raises(RuntimeError, match=r"missing \[4\]"):
-        merge_shards([a, b], 5)
-    b.write_text("".join(json.dumps({"index": i}) + "\n" for i in (1, 2)))
-    with pytest.raises(RuntimeError, match="predicted twice"):
-        merge_shards([a, b], 3)
+def test_finalize_refuses_missing_shards_and_shards_that_do_not_add_up(
+    tmp_path: Path, demo_data: tuple[Path, Path]
+) -> None:
+    _, eval_file = demo_data
+    config = load_config(None, ["infer.shard_size=4"])  # 6 records: shards of 4 and 2
+    output = open_output(str(tmp_path / "out"))
+    plan = open_job(plan_job(ModelInfo("m", None, "sha256:0"), str(eval_file), config), output)
+    part = tmp_path / "out" / "part-00000.jsonl"
+    part.write_text("".join(json.dumps({"key": i, "generated_tokens": 1}) + "\n" for i in range(4)))
+    assert [s.index for s in pending_shards(plan, output)] == [1]
+    with pytest.raises(RunFailed, match=r"1 shard\(s\) not done yet \(00001\); run the same job again"):
+        finalize(plan, output)
+    (tmp_path / "out" / "part-00001.jsonl").write_text(json.dumps({"key": 4, "generated_tokens": 1}) + "\n")
+    with pytest.raises(RunFailed, match=r"shard 00001 has 1 results and 0 rejects for 2 records"):
+        finalize(plan, output)
+    (tmp_path / "out" / "part-00001.jsonl").write_text(
+        "".join(json.dumps({"key": i, "generated_tokens": 1}) + "\n" for i in (4, 5))
+    )
+    part.write_text(part.read_text() + json.dumps({"key": 3, "generated_tokens": 1}) + "\n")  # one twice
+    with pytest.raises(RunFailed, match=r"shard 00000 has 5 results and 0 rejects for 4 records"):
+        finalize(plan, output)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+CHILD = """
+import os, subprocess, sys, time
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+open(sys.argv[1], "w").write(f"{os.getpid()} {grandchild.pid}")
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    status = Path(f"/proc/{pid}/status")
+    return not (status.is_file() and "State:\tZ" in status.read_text())
+
+
+def test_an_interrupt_stops_the_child_and_everything_it_started(tmp_path: Path) -> None:
+    pids_file = tmp_path / "pids"
+
+    def interrupt_once_started() -> None:
+        if pids_file.is_file() and pids_file.read_text():
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_in_process_group([sys.executable, "-c", CHILD, str(pids_file)], poll=interrupt_once_started)
+    pids = [int(p) for p in pids_file.read_text().split()]
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+    with pytest.raises(RunFailed, match="exited with status 3"):
+        run_in_process_group([sys.executable, "-c", "import sys; sys.exit(3)"])

@@ -3,6 +3,7 @@
 vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipeline (Prefect flow)
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
+vlmops batch-infer --model M --input IN --output OUT [--set ...]  resumable batch inference job
 vlmops app       --model M [--compare M2] [--host H --auth U:P]     chat page in the browser, side by side
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
@@ -23,13 +24,27 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from vlmops.cli import app, config, convert, demo_data, download, evaluate, export, infer, models, run, sft, validate
+from vlmops.cli import (
+    app,
+    batch_infer,
+    config,
+    convert,
+    demo_data,
+    download,
+    evaluate,
+    export,
+    infer,
+    models,
+    run,
+    sft,
+    validate,
+)
 from vlmops.errors import VlmopsError
 
 Handler = Callable[[argparse.Namespace], int]
 
 # In the order `vlmops --help` lists them.
-COMMANDS = (run, sft, infer, app, export, evaluate, validate, download, convert, models, demo_data, config)
+COMMANDS = (run, sft, infer, batch_infer, app, export, evaluate, validate, download, convert, models, demo_data, config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -106,8 +106,11 @@ def _records(file: Path, problems: list[RecordProblem]) -> Iterator[tuple[str, A
         yield f"{file}[{index}]", record
 
 
-def parse_record(record: Any, location: str, base_dir: Path) -> Conversation:
-    """One record in either format -> Conversation, image paths resolved against `base_dir`."""
+def parse_record(record: Any, location: str, base_dir: Path, require_answer: bool = True) -> Conversation:
+    """One record in either format -> Conversation, image paths resolved against `base_dir`.
+
+    `require_answer=False` also takes records that end with a user turn (prompts for batch inference).
+    """
     if not isinstance(record, dict):
         raise RecordError("(record)", f"must be an object, got {type(record).__name__}")
     if "conversations" in record:
@@ -119,7 +122,7 @@ def parse_record(record: Any, location: str, base_dir: Path) -> Conversation:
     else:
         keys = ", ".join(sorted(record)) or "none"
         raise RecordError("(record)", f"needs a 'conversations' or 'messages' key (found: {keys})")
-    _check_turns(messages)
+    _check_turns(messages, require_answer)
     return Conversation(messages, source=location, meta=meta)
 
 
@@ -191,7 +194,7 @@ def _resolve(image: ImageRef, base_dir: Path, field: str) -> ImageRef:
     return ImageRef(str(path if path.is_absolute() else (base_dir / path).resolve()))
 
 
-def _check_turns(messages: list[Message]) -> None:
+def _check_turns(messages: list[Message], require_answer: bool = True) -> None:
     turns = messages[1:] if messages[0].role == "system" else messages
     if not turns:
         raise RecordError("(turns)", "a system message alone is not a conversation")
@@ -206,7 +209,7 @@ def _check_turns(messages: list[Message]) -> None:
             raise RecordError("(turns)", f"turn {i + 1}: images are only allowed in user turns")
         if not message.text("").strip() and not message.images:
             raise RecordError("(turns)", f"turn {i + 1} ({message.role}) is empty")
-    if turns[-1].role != "assistant":
+    if require_answer and turns[-1].role != "assistant":
         raise RecordError("(turns)", "the conversation must end with an assistant turn (the answer to learn)")
     if any(m.role == "system" for m in turns):
         raise RecordError("(turns)", "a system message may only come first")

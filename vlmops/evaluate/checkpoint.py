@@ -16,7 +16,7 @@ import torch
 
 from vlmops.config import PipelineConfig
 from vlmops.evaluate.run import BASE_PREDICTIONS, PREDICTIONS, RunEvaluation, evaluate_run
-from vlmops.infer.batch import BatchResult, batch_infer
+from vlmops.infer.batch_job import BatchResult, predict_eval_file
 from vlmops.infer.resolve import model_source, resolve_model_ref
 from vlmops.models.loading import LoadedModel, load_model
 from vlmops.train.rundir import open_run
@@ -65,7 +65,7 @@ def _load(config: PipelineConfig, checkpoint: Path, adapter: Path | None) -> Loa
 
 
 def _predict(loaded: LoadedModel, config: PipelineConfig, eval_file: Path, out_file: Path) -> BatchResult:
-    return batch_infer(loaded, eval_file, out_file, config.infer, config.model.system_prompt, config.storage)
+    return predict_eval_file(loaded, eval_file, out_file, config)
 
 
 def _free_memory() -> None:

@@ -24,6 +24,10 @@ from typing import Any, Literal, Protocol
 
 from PIL import Image
 
+from vlmops.config import InferConfig
+from vlmops.errors import UserInputError
+from vlmops.models.loading import LoadedModel
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -49,3 +53,30 @@ class Engine(Protocol):
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
         """One result per request, in any order; pulls `requests` lazily."""
         ...
+
+
+def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
+    """The engine `infer.engine` names; `auto` is the fast one where it applies (CUDA, greedy), else plain.
+
+    Raises:
+        UserInputError: `fast` asked for where it cannot run (no CUDA, or sampling).
+    """
+    choice = infer_cfg.engine
+    on_cuda = loaded.device.type == "cuda"
+    if choice == "auto":
+        choice = "fast" if on_cuda and infer_cfg.temperature == 0 else "plain"
+    if choice == "fast":
+        if not on_cuda:
+            raise UserInputError(f"infer.engine=fast needs a CUDA device (the model is on {loaded.device}); use plain")
+        if infer_cfg.temperature > 0:
+            raise UserInputError(
+                f"infer.engine=fast decodes greedily but infer.temperature is {infer_cfg.temperature}; "
+                "set infer.temperature=0 or infer.engine=plain"
+            )
+        # Imported here: the fast engine pulls in CUDA-graph machinery that a CPU job never needs.
+        from vlmops.infer.fast_engine import FastEngine
+
+        return FastEngine(loaded, infer_cfg)  # type: ignore[no-any-return,unused-ignore]
+    from vlmops.infer.plain_engine import PlainEngine
+
+    return PlainEngine(loaded, infer_cfg)

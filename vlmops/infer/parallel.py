@@ -1,11 +1,16 @@
-"""Batch inference split across the GPUs of one machine: one worker process per GPU.
+"""Processes for batch inference: a worker per GPU of this machine, and jobs run in a child process group.
 
-Each worker sees one GPU (`CUDA_VISIBLE_DEVICES`), loads the model once and predicts its share of the
-records (dealt out in length order, so every worker gets a similar mix); the shares are then merged into
-one predictions file in input order, checking that every record appears exactly once. Workers need no
-collective communication, so no NCCL; NVLink multicast is switched off in their environment all the same.
+Workers: the coordinating process (`run_batch_job`) has planned the job in the output; each worker sees one
+GPU (`CUDA_VISIBLE_DEVICES`), loads the model once and answers the shards it is given (the pending ones dealt
+out round-robin), publishing each part as it goes. Workers need no collective communication, so no NCCL;
+NVLink multicast is switched off in their environment all the same. The coordinator follows their progress
+through a stats file each worker appends to after every shard.
 
-    python -m vlmops.infer.parallel --model DIR --dataset eval.jsonl --out predictions.jsonl --workers 4
+Process groups: a step that must not keep a model in its own process (a Prefect task: the worker process
+lives on and would hold the GPU memory) runs the job as a child in a new process group, and on any failure
+or interrupt stops the whole group: the child and the per-GPU workers it started.
+
+    python -m vlmops.infer.parallel --checkpoint DIR --output OUT --config CFG --shards 0,2,4 --stats FILE
 """
 
 from __future__ import annotations
@@ -14,20 +19,27 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 from vlmops.config import PipelineConfig, dump_config, load_config
-from vlmops.data.formats import read_dataset
-from vlmops.infer.batch import BatchResult, batch_infer, write_jsonl_atomic
+from vlmops.errors import RunFailed
+from vlmops.infer.job import JOB_FILE, JobPlan, ShardStats
+from vlmops.infer.records import Shard
+from vlmops.infer.resolve import ModelSource
 from vlmops.multigpu import NO_MULTICAST_ENV
 
 log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+STOP_GRACE_S = 10.0
 
 
 def default_workers() -> int:
@@ -35,64 +47,68 @@ def default_workers() -> int:
     return max(torch.cuda.device_count(), 1)
 
 
-def parallel_batch_infer(
-    model_path: str | os.PathLike[str],
-    dataset_file: str | os.PathLike[str],
-    out_file: str | os.PathLike[str],
+def run_on_workers(
+    source: ModelSource,
+    output_uri: str,
     config: PipelineConfig,
-    workers: int | None = None,
-) -> BatchResult:
-    """Predict every record of `dataset_file` with `workers` processes (one per GPU); merge into `out_file`."""
-    count = workers or default_workers()
-    out_path = Path(out_file)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    shards: list[Shard],
+    workers: int,
+    on_records: Callable[[int], object],
+    on_shard: Callable[[ShardStats], None],
+) -> None:
+    """Answer `shards` with `workers` processes (one per GPU), dealt out round-robin; return when all are done.
+
+    Raises:
+        ValueError: more workers than visible GPUs.
+        RunFailed: a worker failed (the others are stopped).
+    """
     gpus = torch.cuda.device_count()
-    if gpus and count > gpus:
-        raise ValueError(f"{count} inference workers asked for but only {gpus} GPU(s) are visible")
-    with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
+    if gpus and workers > gpus:
+        raise ValueError(f"infer.workers={workers} but only {gpus} GPU(s) are visible")
+    sizes = {s.index: s.count for s in shards}
+    with tempfile.TemporaryDirectory(prefix="vlmops-workers-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         config_file.write_text(dump_config(config))
-        started = time.perf_counter()
-        procs = []
-        for rank in range(count):
-            env = {**os.environ, **NO_MULTICAST_ENV}
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = _visible_device(rank)
-            cmd = [
-                sys.executable, "-m", "vlmops.infer.parallel", "--model", str(model_path), "--dataset",
-                str(dataset_file), "--out", str(Path(tmp) / f"shard-{rank}.jsonl"), "--config", str(config_file),
-                "--rank", str(rank), "--workers", str(count),
-            ]  # fmt: skip
-            procs.append(subprocess.Popen(cmd, env=env))
-        codes = [p.wait() for p in procs]
-        if any(codes):
-            raise RuntimeError(f"batch inference workers failed (exit codes {codes}); see their output above")
-        seconds = time.perf_counter() - started
-        expected = len(read_dataset(dataset_file).conversations)
-        records, tokens = merge_shards([Path(tmp) / f"shard-{rank}.jsonl" for rank in range(count)], expected)
-        write_jsonl_atomic(out_path, records)
-    log.info(
-        "%d workers predicted %d records in %.1f s (%.1f tokens/s)", count, len(records), seconds, tokens / seconds
-    )
-    return BatchResult(out_path, len(records), seconds, tokens, tokens / seconds if seconds else 0.0)
-
-
-def merge_shards(shards: list[Path], expected: int) -> tuple[list[dict[str, object]], int]:
-    """All records of the shard files in input order; every index 0..expected-1 exactly once, or an error."""
-    by_index: dict[int, dict[str, object]] = {}
-    for shard in shards:
-        for line in shard.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line)
-            index = int(record["index"])
-            if index in by_index:
-                raise RuntimeError(f"record {index} was predicted twice ({shard})")
-            by_index[index] = record
-    missing = sorted(set(range(expected)) - set(by_index))
-    extra = sorted(set(by_index) - set(range(expected)))
-    if missing or extra:
-        raise RuntimeError(f"merged predictions do not match the dataset: missing {missing[:10]}, unknown {extra[:10]}")
-    records = [by_index[i] for i in range(expected)]
-    return records, sum(int(r.get("generated_tokens", 0)) for r in records)  # type: ignore[call-overload]
+        procs: list[subprocess.Popen[bytes]] = []
+        stats_files = [Path(tmp) / f"stats-{rank}.jsonl" for rank in range(workers)]
+        seen = [0] * workers
+        try:
+            for rank in range(workers):
+                env = {**os.environ, **NO_MULTICAST_ENV}
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = _visible_device(rank)
+                cmd = [
+                    sys.executable, "-m", "vlmops.infer.parallel", "--checkpoint", str(source.checkpoint),
+                    "--output", output_uri, "--config", str(config_file), "--stats", str(stats_files[rank]),
+                    "--shards", ",".join(str(s.index) for s in shards[rank::workers]),
+                ] + (["--adapter", str(source.adapter)] if source.adapter else [])  # fmt: skip
+                procs.append(subprocess.Popen(cmd, env=env))
+            while True:
+                codes = [p.poll() for p in procs]
+                for rank, path in enumerate(stats_files):
+                    lines = path.read_text().splitlines() if path.is_file() else []
+                    for line in lines[seen[rank] :]:
+                        stats = ShardStats(**json.loads(line))
+                        on_records(sizes[stats.shard])
+                        on_shard(stats)
+                    seen[rank] = len(lines)
+                failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    raise RunFailed(
+                        f"batch inference worker(s) failed (rank, exit code): {failed}; see their output above"
+                    )
+                if all(c == 0 for c in codes):
+                    return
+                time.sleep(POLL_S)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(STOP_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
 
 
 def _visible_device(rank: int) -> str:
@@ -101,39 +117,100 @@ def _visible_device(rank: int) -> str:
     return outer.split(",")[rank] if outer else str(rank)
 
 
+def run_in_process_group(
+    cmd: Sequence[str], env: dict[str, str] | None = None, poll: Callable[[], None] | None = None
+) -> None:
+    """Run `cmd` in a new process group and wait; `poll` is called every half second meanwhile.
+
+    On a failure of `poll`, an interrupt or any other exception here, the whole group (the child and every
+    process it started) is stopped: SIGTERM, then SIGKILL after a grace period.
+
+    Raises:
+        RunFailed: the command exited with a non-zero status.
+    """
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    try:
+        while proc.poll() is None:
+            if poll is not None:
+                poll()
+            time.sleep(POLL_S)
+        if poll is not None:
+            poll()
+    except BaseException:
+        _stop_group(proc)
+        raise
+    if proc.returncode != 0:
+        raise RunFailed(f"{' '.join(cmd[:6])} ... exited with status {proc.returncode}; see its output above")
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(STOP_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def _worker(args: argparse.Namespace) -> int:
-    from vlmops.models.loading import load_model
+    from vlmops.infer.batch_job import load_runner
+    from vlmops.infer.output import open_output
 
     config = load_config(args.config)
-    loaded = load_model(args.model, dtype=config.model.dtype, attn=config.model.attn)
-    batch_infer(
-        loaded,
-        args.dataset,
-        args.out,
-        config.infer,
-        system_prompt=config.model.system_prompt,
-        storage=config.storage,
-        shard=(args.rank, args.workers),
-    )
+    output = open_output(args.output, config.storage)
+    plan = JobPlan.from_json(output.read_text(JOB_FILE) or "")
+    source = ModelSource(Path(args.checkpoint), Path(args.adapter) if args.adapter else None)
+    runner = load_runner(source, config, f"{os.uname().nodename}:{os.getpid()}")
+    for index in [int(i) for i in args.shards.split(",") if i]:
+        stats = runner.run(plan, plan.shards[index], output)
+        with open(args.stats, "a", encoding="utf-8") as f:
+            f.write(json.dumps(stats.__dict__) + "\n")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmops.infer.parallel", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="native checkpoint folder (e.g. a merged model)")
-    parser.add_argument("--dataset", required=True, help="jsonl in the conversations format")
-    parser.add_argument("--out", required=True, help="predictions jsonl")
-    parser.add_argument("--config", help="pipeline config (infer and model sections are used)")
-    parser.add_argument("--workers", type=int, help="processes, one per GPU (default: every visible GPU)")
-    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", required=True, help="native checkpoint folder (resolved by the coordinator)")
+    parser.add_argument("--adapter", help="peft adapter folder to apply")
+    parser.add_argument("--output", required=True, help="the job's output folder or s3:// prefix")
+    parser.add_argument("--config", required=True, help="the job's pipeline config")
+    parser.add_argument("--shards", required=True, help="comma-separated shard indexes to answer")
+    parser.add_argument("--stats", required=True, help="file to append each shard's stats to")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.rank is not None:
-        return _worker(args)
-    result = parallel_batch_infer(args.model, args.dataset, args.out, load_config(args.config), args.workers)
-    print(f"{result.count} predictions in {result.seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s) -> {result.path}")
-    return 0
+    return _worker(args)
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def job_command(model_ref: str, input_spec: str, output_uri: str, config_file: Path) -> list[str]:
+    """`vlmops batch-infer` for this job, as a child process runs it."""
+    return [
+        sys.executable, "-m", "vlmops.cli", "batch-infer", "--model", model_ref, "--input", input_spec,
+        "--output", output_uri, "--config", str(config_file),
+    ]  # fmt: skip
+
+
+def run_job_in_child(
+    model_ref: str,
+    input_spec: str,
+    output_uri: str,
+    config: PipelineConfig,
+    poll: Callable[[], None] | None = None,
+) -> None:
+    """Run the whole job (`vlmops batch-infer`) in a child process group: the model never loads here, so this
+    process holds no GPU memory afterwards; a failure or interrupt stops the child and its workers.
+
+    Raises:
+        RunFailed: the job failed (its output says why; a rerun resumes it).
+    """
+    with tempfile.TemporaryDirectory(prefix="vlmops-job-") as tmp:
+        config_file = Path(tmp) / "config.yaml"
+        config_file.write_text(dump_config(config))
+        run_in_process_group(job_command(model_ref, input_spec, output_uri, config_file), poll=poll)

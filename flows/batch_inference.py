@@ -1,0 +1,141 @@
+"""The batch-inference flow: a model over a large set of image prompts, as a resumable, exactly-once job.
+
+The same job as `vlmops batch-infer` (vlmops.infer.batch_job), with the same parameters:
+
+    prefect deployment run 'batch-inference/on-demand' --param model=models:/vlmops-demo@champion \
+        --param input=s3://bucket/prompts/ --param output=s3://bucket/answers/2026-12-01/
+
+Where the shards run:
+- `distributed=False` (default): the whole job in a child process group on the worker that runs the flow,
+  a process per GPU there (`infer.workers`). The model never loads in the flow's process.
+- `distributed=True`: the flow plans the job, then hands each shard to the Prefect task workers serving
+  `answer_shard` (`python -m flows.batch_inference serve` on each GPU machine, with PREFECT_API_URL set to
+  the server and the output on storage every machine reaches, e.g. S3). N workers share one job; each keeps
+  its model loaded between shards. Prefect retries a failed shard; a done shard is never redone.
+
+A progress artifact (shards done / shards) is updated as shards finish, and the flow returns the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, cast
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
+
+from tasks.infer import answer_shard
+from vlmops.config import PipelineConfig, load_config
+from vlmops.infer.batch_job import complete_job, prepare_job
+from vlmops.infer.job import (
+    JOB_FILE,
+    MANIFEST_FILE,
+    PART_PREFIX,
+    JobPlan,
+    JobResult,
+    ShardStats,
+    pending_shards,
+    read_manifest,
+)
+from vlmops.infer.output import open_output
+from vlmops.infer.parallel import run_job_in_child
+
+PROGRESS_EVERY_S = 5.0
+
+
+@flow(name="batch-inference")
+def batch_inference(
+    model: str,
+    input: str,
+    output: str,
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    distributed: bool = False,
+) -> dict[str, Any]:
+    """Answer every record of `input` with `model` into `output` (part-*.jsonl, rejects.jsonl, manifest.json)."""
+    logger = get_run_logger()
+    config = load_config(config_path, overrides)
+    # sync_compatible: called from sync code it returns the artifact's id, not a coroutine
+    artifact = cast(UUID, create_progress_artifact(0.0, description=f"batch inference {model} -> {output}"))
+    if distributed:
+        _source, plan, job_output = prepare_job(model, input, output, config)
+        manifest = read_manifest(plan, job_output)
+        ran: list[ShardStats] = []
+        if manifest is None:
+            todo = pending_shards(plan, job_output)
+            done_before = len(plan.shards) - len(todo)
+            logger.info(
+                "job %s: %d shards to hand to the task workers (%d done before)", plan.job_id, len(todo), done_before
+            )
+            futures: list[PrefectFuture[ShardStats]] = [
+                answer_shard.delay(model, job_output.uri, config, shard.index) for shard in todo
+            ]
+            for future in as_completed(futures):
+                ran.append(future.result())
+                update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
+        result = complete_job(plan, job_output, ran, config)
+    else:
+        job_output = open_output(output, config.storage)
+        parts_before = len(job_output.names(PART_PREFIX))
+        started = time.monotonic()
+        run_job_in_child(model, input, output, config, poll=_progress_poller(output, config, artifact))
+        manifest_text = job_output.read_text(MANIFEST_FILE)
+        if manifest_text is None:
+            raise RuntimeError(f"the batch inference job ended without writing {output}/{MANIFEST_FILE}")
+        result = JobResult(job_output.uri, json.loads(manifest_text))
+    update_progress_artifact(artifact, 100.0)
+    summary = {"output": result.output, "job_id": result.manifest["job_id"], **result.metrics()}
+    if not distributed:  # the child printed its speed; here: what it added and how long it took
+        summary["shards_run"] = len(job_output.names(PART_PREFIX)) - parts_before
+        summary["seconds"] = time.monotonic() - started
+    summary["workers"] = sorted({s.worker for s in result.ran if s.worker})
+    logger.info(
+        "job %s: %d records, %d answered, %d rejected -> %s",
+        summary["job_id"],
+        result.records,
+        result.results,
+        result.rejects,
+        result.output,
+    )
+    return summary
+
+
+def _progress_poller(output: str, config: PipelineConfig, artifact: UUID) -> Callable[[], None]:
+    """A `poll` for the child job: every few seconds, parts published / shards -> the progress artifact."""
+    job_output = None
+    total = 0
+    last = 0.0
+
+    def poll() -> None:
+        nonlocal job_output, total, last
+        if time.monotonic() - last < PROGRESS_EVERY_S:
+            return
+        last = time.monotonic()
+        job_output = job_output or open_output(output, config.storage)
+        if not total:
+            saved = job_output.read_text(JOB_FILE)
+            total = len(JobPlan.from_json(saved).shards) if saved else 0
+        if total:
+            done = len(job_output.names(PART_PREFIX))
+            update_progress_artifact(artifact, 100.0 * done / total)
+
+    return poll
+
+
+def serve_shards() -> None:
+    """A task worker for distributed jobs: answers `answer_shard` runs, one at a time (one model, one GPU)."""
+    from prefect.task_worker import serve
+
+    serve(answer_shard, limit=1)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["serve"]:
+        serve_shards()
+    else:
+        sys.exit("usage: python -m flows.batch_inference serve   (a task worker for distributed batch inference)")

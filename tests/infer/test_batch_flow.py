@@ -1,0 +1,109 @@
+"""The batch-inference flow against a real Prefect API: the job in a child process group with a progress
+artifact, and one job shared by two task-worker processes (distributed=True), exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A temporary Prefect server (the test harness); the settings a worker process needs to reach it."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
+        yield {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_LOCAL_STORAGE_PATH": str(storage)}
+
+
+def _progress_artifacts() -> list[Any]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return list(
+                await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+            )
+
+    return asyncio.run(read())
+
+
+def test_flow_runs_the_job_in_a_child_and_reports_progress(
+    prefect_api: dict[str, str], tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from flows.batch_inference import batch_inference
+
+    _, eval_file = demo_data
+    out = tmp_path / "out"
+    overrides = ["infer.max_new_tokens=3", "infer.shard_size=2"]
+    summary = batch_inference(str(tiny_model), str(eval_file), str(out), None, overrides)
+    assert summary["records"] == summary["results"] == 6 and summary["rejects"] == 0
+    assert summary["output"] == str(out) and (out / "manifest.json").is_file()
+    assert len(list(out.glob("part-*.jsonl"))) == 3
+    assert any(a.data == 100.0 for a in _progress_artifacts())
+    again = batch_inference(str(tiny_model), str(eval_file), str(out), None, overrides)  # done: nothing to redo
+    assert summary["shards_run"] == 3
+    assert again["job_id"] == summary["job_id"] and again["shards_run"] == 0
+
+
+def test_two_task_workers_share_one_job_exactly_once(
+    prefect_api: dict[str, str], tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    from flows.batch_inference import batch_inference
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "query": f"<img>{images['red']}</img>Colour {i}?" if i % 2 else f"Say {i}"})
+            + "\n"
+            for i in range(24)
+        )
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, **prefect_api, "PYTHONPATH": str(ROOT)}
+    workers = []
+    logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
+    try:
+        for log in logs:
+            with log.open("w") as f:
+                cmd = [sys.executable, "-m", "flows.batch_inference", "serve"]
+                workers.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 180
+        while not all("Subscribing to runs of task" in log.read_text() for log in logs):
+            assert all(w.poll() is None for w in workers), [log.read_text()[-2000:] for log in logs]
+            assert time.monotonic() < deadline, [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.5)
+        time.sleep(2)  # the subscription is made just after the log line
+        overrides = ["infer.max_new_tokens=3", "infer.shard_size=3", "infer.batch_size=3"]
+        summary = batch_inference(str(tiny_model), str(prompts), str(out), None, overrides, distributed=True)
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(30)
+
+    assert summary["records"] == summary["results"] == 24 and summary["shards_run"] == 8
+    assert len(summary["workers"]) == 2, summary["workers"]  # both worker processes answered shards
+    keys = [
+        json.loads(line)["key"] for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()
+    ]
+    assert keys == [f"r{i}" for i in range(24)]  # every input exactly once, in input order
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["records"] for p in manifest["parts"]] == [3] * 8
+    assert any(a.data == 100.0 for a in _progress_artifacts())

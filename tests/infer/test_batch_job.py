@@ -1,0 +1,209 @@
+"""Batch inference jobs as jobs: resumed after a kill, exactly once, never mixed with another job; the CLI,
+MLflow tracking, S3 input and output, and the retrain step's child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vlmops.cli.main import main
+from vlmops.config import PipelineConfig, load_config
+from vlmops.evaluate.metrics import evaluate_predictions
+from vlmops.infer.batch_job import run_batch_job
+from vlmops.infer.job import JobMismatchError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def job_config(**overrides: Any) -> PipelineConfig:
+    return load_config(None, {"infer.max_new_tokens": 4, **overrides})
+
+
+def simple_prompts(path: Path, count: int, image: Path | None = None) -> Path:
+    """`count` simple records with ids (every third with an image)."""
+    with path.open("w") as f:
+        for i in range(count):
+            record: dict[str, Any] = {"id": f"r{i}", "query": f"Question {i}: what is {i} plus {i}?"}
+            if image is not None and i % 3 == 0:
+                record["images"] = [str(image)]
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def keys_across_parts(out: Path) -> list[Any]:
+    return [
+        json.loads(line)["key"] for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()
+    ]
+
+
+def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 40, images["red"])
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "vlmops.cli", "batch-infer", "--model", str(tiny_model), "--input", str(prompts),
+        "--output", str(out), "--set", "infer.shard_size=4", "--set", "infer.batch_size=2",
+        "--set", "infer.max_new_tokens=4",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("part-*.jsonl"))) < 2:  # kill once the job is under way
+        assert first.poll() is None, "the job ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done_before = sorted(p.name for p in out.glob("part-*.jsonl"))
+    assert 2 <= len(done_before) < 10 and not (out / "manifest.json").exists()
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert "done" in second.stdout and "40 read: 40 answered, 0 rejected" in second.stdout
+    assert f"{10 - len(done_before)} shard(s)" in second.stdout  # only the shards not done before
+    keys = keys_across_parts(out)
+    assert sorted(keys) == sorted(f"r{i}" for i in range(40)) and len(keys) == 40  # every input exactly once
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [p["name"] for p in manifest["parts"]] == [f"part-{i:05d}.jsonl" for i in range(10)]
+    assert all(p["sha256"] for p in manifest["parts"]) and manifest["records_read"] == 40
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json*")}
+    third = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert "finished before, nothing to do" in third.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json*")} == stamps
+
+
+def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
+    tiny_model: Path, full_run: Path, demo_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    _, eval_file = demo_data
+    out = tmp_path / "out"
+    config = job_config(**{"infer.shard_size": 2})
+    first = run_batch_job(str(tiny_model), str(eval_file), str(out), config, progress=False)
+    assert len(first.ran) == 3
+    answers = (out / "part-00001.jsonl").read_text()
+    (out / "part-00001.jsonl").unlink()
+    (out / "manifest.json").unlink()
+    again = run_batch_job(str(tiny_model), str(eval_file), str(out), config, progress=False)
+    assert [s.shard for s in again.ran] == [1] and (out / "part-00001.jsonl").read_text() == answers
+    assert run_batch_job(str(tiny_model), str(eval_file), str(out), config, progress=False).ran == []
+
+    # Another model, other settings, another input: refused, and nothing in the folder changes.
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(JobMismatchError, match=r"holds job \w+, not this job \w+ \(model .*tiny-deepseek-vl"):
+        run_batch_job(str(full_run), str(eval_file), str(out), config, progress=False)
+    with pytest.raises(JobMismatchError, match=r"settings max_new_tokens: 4 -> 5"):
+        run_batch_job(
+            str(tiny_model), str(eval_file), str(out), job_config(**{"infer.shard_size": 2, "infer.max_new_tokens": 5})
+        )
+    with pytest.raises(JobMismatchError, match=r"input .*other files or other content"):
+        run_batch_job(str(tiny_model), str(demo_data[0]), str(out), config, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # Batch size is not part of the job: the same job, done.
+    assert (
+        run_batch_job(
+            str(tiny_model), str(eval_file), str(out), job_config(**{"infer.shard_size": 2, "infer.batch_size": 1})
+        ).ran
+        == []
+    )
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "part-00000.jsonl").write_text("{}\n")
+    with pytest.raises(JobMismatchError, match="not a batch inference job's folder"):
+        run_batch_job(str(tiny_model), str(eval_file), str(foreign), config, progress=False)
+
+
+def test_cli_summary_and_exit_codes(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, eval_file = demo_data
+    out = tmp_path / "out"
+    args = ["batch-infer", "--model", str(tiny_model), "--input", str(eval_file), "--output", str(out)]
+    assert main([*args, "--set", "infer.max_new_tokens=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "6 read: 6 answered, 0 rejected" in printed and "tokens/s" in printed and "images/s" in printed
+    assert f"{out}/part-*.jsonl (1 parts)" in printed
+    assert main([*args, "--set", "infer.max_new_tokens=2"]) == 2
+    assert "error: output" in capsys.readouterr().err
+    assert main([*args[:-1], str(tmp_path / "new"), "--set", "infer.engine=turbo"]) == 2
+    assert (
+        main(["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "none"), "--output", str(out)]) == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = job_config(**{"infer.track": True, "tracking.uri": uri, "tracking.experiment": "jobs"})
+    result = run_batch_job(str(tiny_model), str(demo_data[1]), str(tmp_path / "out"), config, progress=False)
+    assert result.mlflow_run_id is not None
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["model.uri"] == str(tiny_model)
+    assert run.data.tags["model.content_hash"] == result.manifest["model"]["content_hash"]
+    assert run.data.tags["job_id"] == result.manifest["job_id"]
+    assert run.data.metrics["records"] == 6 and run.data.metrics["rejects"] == 0
+    assert run.data.metrics["tokens_per_s"] > 0
+    assert run.data.params["max_new_tokens"] == "4"
+    manifest = Path(client.download_artifacts(run.info.run_id, "manifest.json", str(tmp_path)))
+    assert json.loads(manifest.read_text()) == result.manifest
+
+
+def test_retrain_step_runs_the_job_in_a_child_and_writes_what_evaluate_reads(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from tasks.infer import batch_infer_task
+
+    _, eval_file = demo_data
+    out_file = tmp_path / "predictions" / "base.jsonl"
+    result = batch_infer_task.fn(str(tiny_model), str(eval_file), str(out_file), job_config())
+    assert result.path == out_file and result.count == 6 and result.generated_tokens > 0
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(6))
+    assert [r["source"] for r in rows] == [f"{eval_file}:{i}" for i in range(1, 7)]
+    assert evaluate_predictions(out_file).total == 6
+    assert (tmp_path / "predictions" / "base.jsonl.job" / "manifest.json").is_file()
+
+
+@pytest.mark.integration
+def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path: Path, s3_server: Any) -> None:
+    client = s3_server.client()
+    client.create_bucket(Bucket="jobs")
+    client.upload_file(str(images["red"]), "jobs", "images/red.png")
+    for name, first in (("a.jsonl", 0), ("b.jsonl", 5)):
+        lines = [
+            json.dumps({"id": f"r{first + i}", "query": f"<img>s3://jobs/images/red.png</img>Colour {i}?"})
+            for i in range(5)
+        ]
+        client.put_object(Bucket="jobs", Key=f"prompts/{name}", Body=("\n".join(lines) + "\n").encode())
+    client.put_object(Bucket="jobs", Key="prompts/notes.txt", Body=b"not an input")
+    config = job_config(**{"infer.shard_size": 3})
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.env().items():
+            patch.setenv(key, value)
+        result = run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/answers/run1", config, progress=False)
+        assert (result.records, result.results, len(result.ran)) == (10, 10, 4)  # 3 + 2 per file
+        keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="jobs", Prefix="answers/run1/")["Contents"])
+        assert [k for k in keys if "/part-" in k] == [f"answers/run1/part-0000{i}.jsonl" for i in range(4)]
+        assert "answers/run1/manifest.json" in keys and "answers/run1/rejects.jsonl" in keys
+        got = [
+            json.loads(line)["key"]
+            for k in keys
+            if "/part-" in k
+            for line in client.get_object(Bucket="jobs", Key=k)["Body"].read().decode().splitlines()
+        ]
+        assert got == [f"r{i}" for i in range(10)]
+        assert run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/answers/run1", config).ran == []

@@ -1,0 +1,52 @@
+"""`vlmops batch-infer`: a batch inference job (streamed, sharded, resumable, exactly once); prints a summary."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlmops.cli.args import add_config_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch-infer",
+        help="answer every record of jsonl/json files (or an s3:// prefix) with a model into part files",
+        description="Rerun the same command to finish an interrupted job; a finished job is not redone.",
+    )
+    p.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, run or checkpoint folder, catalog name",
+    )
+    p.add_argument(
+        "--input", "-i", required=True, help="a .jsonl/.json file, a folder or glob of them, or an s3:// prefix"
+    )
+    p.add_argument(
+        "--output", "-o", required=True, help="a folder or an s3:// prefix (part-*.jsonl, rejects.jsonl, manifest.json)"
+    )
+    add_config_args(p, default=None)
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from vlmops.config import load_config
+    from vlmops.infer.batch_job import run_batch_job
+
+    config = load_config(args.config, args.overrides)
+    result = run_batch_job(args.model, args.input, args.output, config)
+    manifest = result.manifest
+    print(f"batch inference job {manifest['job_id']}: {'done' if result.ran else 'finished before, nothing to do'}")
+    print(f"  model             {manifest['model']['uri']} ({manifest['model']['content_hash'][:19]})")
+    print(f"  records           {result.records} read: {result.results} answered, {result.rejects} rejected")
+    print(f"  generated tokens  {manifest['generated_tokens']}")
+    if result.ran:
+        print(
+            f"  this run          {len(result.ran)} shard(s) in {result.seconds:.1f} s: {result.tokens_per_s:.1f} tokens/s, {result.images_per_s:.1f} images/s"
+        )
+    print(f"  output            {result.output}/part-*.jsonl ({len(manifest['parts'])} parts), manifest.json")
+    if result.rejects:
+        print(f"  rejects           {result.output}/rejects.jsonl")
+    if result.mlflow_run_id:
+        print(f"  MLflow run        {result.mlflow_run_id}")
+    return 0

@@ -1,0 +1,256 @@
+"""Run a batch inference job end to end: the one code path behind `vlmops batch-infer`, the `batch-inference`
+flow and the retrain flow's eval predictions.
+
+Resolve the model (and hash it), plan the job from the inputs, pick it up in the output, answer the shards
+not done yet (here, or in a process per GPU), write the manifest, and optionally log it all to MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vlmops.config import PipelineConfig
+from vlmops.errors import RunFailed
+from vlmops.infer.engine import make_engine
+from vlmops.infer.job import (
+    JOB_FILE,
+    JobPlan,
+    JobResult,
+    ModelInfo,
+    ShardRunner,
+    ShardStats,
+    finalize,
+    folder_hash,
+    open_job,
+    pending_shards,
+    plan_job,
+    read_manifest,
+    resolve_job_model,
+    write_eval_predictions,
+)
+from vlmops.infer.output import JobOutput, open_output
+from vlmops.infer.records import Shard
+from vlmops.infer.resolve import ModelSource
+from vlmops.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+OnShard = Callable[[ShardStats, int, int], None]
+"""Called after each shard with its stats, the number of shards done and the job's shard count."""
+
+
+def run_batch_job(
+    model_ref: str,
+    input_spec: str,
+    output_uri: str,
+    config: PipelineConfig,
+    *,
+    progress: bool = True,
+    on_shard: OnShard | None = None,
+) -> JobResult:
+    """Answer every record of `input_spec` with `model_ref` into `output_uri`, doing only what is not done.
+
+    With `infer.workers` above 1 the shards go to a process per GPU; else the model loads here.
+
+    Raises:
+        JobMismatchError: the output holds another job.
+        RecordRejectedError: `infer.on_error: fail` and a record cannot be answered.
+        RunFailed: a worker process failed.
+    """
+    from vlmops.infer.parallel import default_workers, run_on_workers
+
+    source, plan, output = prepare_job(model_ref, input_spec, output_uri, config)
+    manifest = read_manifest(plan, output)
+    if manifest is not None:
+        log.info("job %s in %s is finished already: nothing to do", plan.job_id, output.uri)
+        return _tracked(JobResult(output.uri, manifest), plan, config)
+    todo = pending_shards(plan, output)
+    workers = min(config.infer.workers or default_workers(), max(len(todo), 1))
+    if workers > 1:
+        with _Progress(plan, todo, progress, on_shard) as bar:
+            run_on_workers(source, output.uri, config, todo, workers, bar.records, bar.shard_done)
+        ran = bar.ran
+    else:
+        runner = load_runner(source, config) if todo else None  # all done but the manifest: no model needed
+        ran = answer_shards(runner, plan, todo, output, progress, on_shard) if runner else []
+    return complete_job(plan, output, ran, config)
+
+
+def prepare_job(
+    model_ref: str, input_spec: str, output_uri: str, config: PipelineConfig
+) -> tuple[ModelSource, JobPlan, JobOutput]:
+    """Resolve and hash the model, plan the job from the inputs, and start it in the output (or pick it up).
+
+    The model is downloaded if it has to be, never loaded.
+    """
+    source, info = resolve_job_model(model_ref, config)
+    output = open_output(output_uri, config.storage)
+    return source, open_job(plan_job(info, input_spec, config), output), output
+
+
+def complete_job(plan: JobPlan, output: JobOutput, ran: list[ShardStats], config: PipelineConfig) -> JobResult:
+    """Check and gather every shard, write the manifest, and log the job to MLflow with `infer.track`."""
+    return _tracked(JobResult(output.uri, finalize(plan, output), ran), plan, config)
+
+
+def answer_shards(
+    runner: ShardRunner,
+    plan: JobPlan,
+    todo: list[Shard],
+    output: JobOutput,
+    progress: bool = True,
+    on_shard: OnShard | None = None,
+) -> list[ShardStats]:
+    """Answer `todo` one shard after another in this process."""
+    with _Progress(plan, todo, progress, on_shard) as bar:
+        for shard in todo:
+            bar.shard_done(runner.run(plan, shard, output, bar.records))
+    return bar.ran
+
+
+class _Progress:
+    """A records bar (records/s, ETA) over the shards to do, and the per-shard callback."""
+
+    def __init__(self, plan: JobPlan, todo: list[Shard], enabled: bool, on_shard: OnShard | None):
+        self.done_before = len(plan.shards) - len(todo)
+        self.total_shards = len(plan.shards)
+        self.on_shard = on_shard
+        self.ran: list[ShardStats] = []
+        if self.done_before:
+            log.info(
+                "job %s: %d of %d shards done before, %d to go",
+                plan.job_id,
+                self.done_before,
+                len(plan.shards),
+                len(todo),
+            )
+        total = sum(s.count for s in todo)
+        self.bar = tqdm(total=total, desc=f"job {plan.job_id}", unit="rec", disable=not enabled, dynamic_ncols=True)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def records(self, count: int) -> None:
+        self.bar.update(count)
+
+    def shard_done(self, stats: ShardStats) -> None:
+        self.ran.append(stats)
+        if self.on_shard:
+            self.on_shard(stats, self.done_before + len(self.ran), self.total_shards)
+
+
+@dataclass
+class BatchResult:
+    """A predictions file for the evaluate step (index, source, reference, prediction), and how fast it came."""
+
+    path: Path
+    count: int
+    seconds: float
+    generated_tokens: int
+    tokens_per_s: float
+
+
+def predict_eval_file(loaded: LoadedModel, eval_file: Path, out_file: Path, config: PipelineConfig) -> BatchResult:
+    """A job over one eval split with a model loaded already (`vlmops eval`), then the file evaluate reads.
+
+    The job runs in a temporary folder beside `out_file`, removed afterwards: the caller may switch an adapter
+    on or off between calls, which the job's model hash (of the checkpoint folder) does not see, so there is
+    nothing safe to resume. Every record must be answerable (`infer.on_error: fail`): a score over fewer
+    records would be another score.
+    """
+    config = strict_copy(config)
+    info = ModelInfo(str(loaded.path), None, f"sha256:{folder_hash(loaded.path)}")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_file.name}.", suffix=JOB_DIR_SUFFIX, dir=out_file.parent) as tmp:
+        output = open_output(tmp)
+        plan = open_job(plan_job(info, str(eval_file), config), output)
+        runner = ShardRunner(loaded, make_engine(loaded, config.infer), config)
+        ran = answer_shards(runner, plan, plan.shards, output)
+        manifest = finalize(plan, output)
+        count = write_eval_predictions(output, out_file)
+    seconds = sum(s.seconds for s in ran)
+    tokens = int(manifest["generated_tokens"])
+    return BatchResult(out_file, count, seconds, tokens, tokens / seconds if seconds else 0.0)
+
+
+JOB_DIR_SUFFIX = ".job"
+
+
+def strict_copy(config: PipelineConfig) -> PipelineConfig:
+    """`config` with `infer.on_error: fail` (evaluation scores every record or none)."""
+    return config.model_copy(update={"infer": config.infer.model_copy(update={"on_error": "fail"})})
+
+
+def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -> ShardRunner:
+    """Load the model once and wrap it with the engine `infer.engine` picks."""
+    from vlmops.models.loading import load_model
+
+    loaded = load_model(source.checkpoint, dtype=config.model.dtype, attn=config.model.attn, adapter=source.adapter)
+    return ShardRunner(loaded, make_engine(loaded, config.infer), config, worker)
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_runner(model_ref: str, config_json: str) -> tuple[ShardRunner, str]:
+    config = PipelineConfig.model_validate_json(config_json)
+    source, info = resolve_job_model(model_ref, config)
+    return load_runner(source, config, f"{os.uname().nodename}:{os.getpid()}"), info.content_hash
+
+
+def run_job_shard(model_ref: str, output_uri: str, config: PipelineConfig, shard_index: int) -> ShardStats:
+    """Answer one shard of the job planned in `output_uri`, in a long-lived worker that keeps its model loaded
+    (the last model asked for stays loaded, so a worker serving one job loads it once).
+
+    Raises:
+        RunFailed: this worker's copy of the model is not the job's model (another content hash).
+    """
+    runner, content_hash = _worker_runner(model_ref, config.model_dump_json())
+    output = open_output(output_uri, config.storage)
+    saved = output.read_text(JOB_FILE)
+    if saved is None:
+        raise RunFailed(f"{output_uri} has no {JOB_FILE}: plan the job (run_batch_job / the flow) first")
+    plan = JobPlan.from_json(saved)
+    if content_hash != plan.model.content_hash:
+        raise RunFailed(
+            f"{model_ref} resolves to {content_hash} on this worker but job {plan.job_id} runs "
+            f"{plan.model.content_hash}: pin the model (models:/NAME/VERSION) so every worker loads the same one"
+        )
+    shard = plan.shards[shard_index]
+    if shard not in pending_shards(plan, output):  # a retried task after its shard was published
+        log.info("shard %s of job %s is done already", shard.name, plan.job_id)
+        return ShardStats(shard.index, 0, 0, 0, 0, 0.0, runner.worker)
+    return runner.run(plan, shard, output)
+
+
+def _tracked(result: JobResult, plan: JobPlan, config: PipelineConfig) -> JobResult:
+    """With `infer.track`, an MLflow run for the job: model version tags, settings, metrics, manifest."""
+    if not config.infer.track:
+        return result
+    import json
+
+    from vlmops.tracking import Tracker
+
+    tracker = Tracker(config.tracking)
+    tags = {
+        "job_id": plan.job_id,
+        "model.uri": plan.model.uri,
+        "model.version": plan.model.version or "",
+        "model.content_hash": plan.model.content_hash,
+        "output": result.output,
+    }
+    with tracker.run(f"batch-infer-{plan.job_id}", tags=tags) as run_id:
+        tracker.log_params(run_id, {"input": plan.input, **plan.settings})
+        tracker.log_metrics(run_id, result.metrics())
+        tracker.log_text(run_id, json.dumps(result.manifest, indent=2), "manifest.json")
+    result.mlflow_run_id = run_id
+    return result

@@ -1,0 +1,508 @@
+"""Batch inference jobs: one model over a large set of prompts, streamed, sharded, resumable, exactly once.
+
+    OUT/part-00000.jsonl ...  results, a part per shard, records in input order
+    OUT/rejects.jsonl         every record that could not be answered, with its file, line and reason
+    OUT/manifest.json         written last: the parts with their record counts and hashes, model, input, settings
+    OUT/_job/job.json         the job's identity and its shards (written first)
+    OUT/_job/rejects-N.jsonl  each shard's rejects (gathered into rejects.jsonl at the end)
+
+A job is the model's content hash, the inputs' content hashes and the settings that change answers or the
+shard layout (`job_settings`); its id is a hash of those. The input is cut into shards of `infer.shard_size`
+records (never across files). A shard is done when its part exists: the shard's rejects are published
+first, its part last (each written aside and renamed, or one PUT on S3). A rerun of the same job does only
+the shards whose part is missing; a rerun after the manifest is written does nothing. An output folder
+holding another job is refused, never mixed.
+
+Everything a shard needs is in `_job/job.json`, so any process that can load the model can do any shard:
+this one, a process per GPU (`vlmops.infer.parallel`), or Prefect task workers on other machines
+(flows/batch_inference.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from vlmops.config import PipelineConfig
+from vlmops.data.formats import RecordError
+from vlmops.data.images import ImageLoadError, load_image
+from vlmops.errors import RunFailed, UserInputError
+from vlmops.hashing import sha256_file
+from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
+from vlmops.infer.generation import decode_answer
+from vlmops.infer.output import JobOutput, written_file
+from vlmops.infer.records import InputFile, Prompt, RawRecord, Shard, find_inputs, parse_prompt, read_shard, scan_input
+from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolver, model_source
+from vlmops.models.loading import LoadedModel
+from vlmops.models.template import encode
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "_job/job.json"
+SHARD_REJECTS = "_job/rejects-"
+PART_PREFIX = "part-"
+REJECTS_FILE = "rejects.jsonl"
+MANIFEST_FILE = "manifest.json"
+
+
+class JobMismatchError(UserInputError):
+    """The output folder holds another job (another model, input or settings)."""
+
+
+class RecordRejectedError(UserInputError):
+    """`infer.on_error: fail` and a record could not be answered."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model a job runs: as the user named it, its registry version if any, and its content hash."""
+
+    uri: str
+    version: str | None
+    content_hash: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JobPlan:
+    """Everything that defines a job and its shards; saved as `_job/job.json`."""
+
+    job_id: str
+    model: ModelInfo
+    input: str
+    files: list[InputFile]
+    shards: list[Shard]
+    settings: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "job_id": self.job_id,
+                "model": self.model.as_dict(),
+                "input": self.input,
+                "files": [asdict(f) for f in self.files],
+                "shards": [asdict(s) for s in self.shards],
+                "settings": self.settings,
+            },
+            indent=1,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> JobPlan:
+        data = json.loads(text)
+        return cls(
+            data["job_id"],
+            ModelInfo(**data["model"]),
+            data["input"],
+            [InputFile(**f) for f in data["files"]],
+            [Shard(**s) for s in data["shards"]],
+            data["settings"],
+        )
+
+    @property
+    def records(self) -> int:
+        return sum(f.records for f in self.files)
+
+
+@dataclass
+class ShardStats:
+    """What one shard's run did."""
+
+    shard: int
+    results: int
+    rejects: int
+    generated_tokens: int
+    images: int
+    seconds: float
+    worker: str = ""
+
+
+@dataclass
+class JobResult:
+    """A finished job: its manifest, and what this run did (shards it ran, their speed)."""
+
+    output: str
+    manifest: dict[str, Any]
+    ran: list[ShardStats] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+
+    @property
+    def records(self) -> int:
+        return int(self.manifest["records_read"])
+
+    @property
+    def results(self) -> int:
+        return int(self.manifest["results"])
+
+    @property
+    def rejects(self) -> int:
+        return int(self.manifest["rejects"])
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.ran)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.generated_tokens for s in self.ran) / self.seconds if self.seconds else 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return sum(s.images for s in self.ran) / self.seconds if self.seconds else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "records": self.records,
+            "results": self.results,
+            "rejects": self.rejects,
+            "generated_tokens": float(self.manifest["generated_tokens"]),
+            "shards_run": len(self.ran),
+            "seconds": self.seconds,
+            "tokens_per_s": self.tokens_per_s,
+            "images_per_s": self.images_per_s,
+        }
+
+
+# -- identity -----------------------------------------------------------------------------------------------
+
+
+def job_settings(config: PipelineConfig) -> dict[str, Any]:
+    """The settings that change answers or the shard layout; batch size, workers and engine do not."""
+    infer = config.infer
+    return {
+        "max_new_tokens": infer.max_new_tokens,
+        "temperature": infer.temperature,
+        "top_p": infer.top_p,
+        "repetition_penalty": infer.repetition_penalty,
+        "shard_size": infer.shard_size,
+        "system_prompt": config.model.system_prompt,
+        "dtype": config.model.dtype,
+    }
+
+
+def resolve_job_model(ref: str, config: PipelineConfig) -> tuple[ModelSource, ModelInfo]:
+    """The folders to load for `ref` (any form `vlmops infer` takes) and the model's identity."""
+    source = model_source(ref, None, catalog_resolver(config))
+    digest = folder_hash(source.checkpoint)
+    if source.adapter is not None:
+        digest = hashlib.sha256(f"{digest}+{folder_hash(source.adapter)}".encode()).hexdigest()
+    return source, ModelInfo(ref, _registry_version(source.checkpoint), f"sha256:{digest}")
+
+
+def folder_hash(folder: Path) -> str:
+    """One hash over every file's relative path and content (the registry's download note excluded)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != REGISTRY_MANIFEST):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _registry_version(checkpoint: Path) -> str | None:
+    """The version number of a registered model downloaded by `download_registered_model`, else None."""
+    for folder in (checkpoint, *list(checkpoint.parents)[:3]):
+        note = folder / REGISTRY_MANIFEST
+        if note.is_file():
+            return str(json.loads(note.read_text())["version"])
+    return None
+
+
+def plan_job(model: ModelInfo, input_spec: str, config: PipelineConfig) -> JobPlan:
+    """Read the inputs once (hash, count, shard offsets) and give the job its id and shards."""
+    files: list[InputFile] = []
+    shards: list[Shard] = []
+    for file_index, found in enumerate(find_inputs(input_spec, config.storage)):
+        scanned, file_shards = scan_input(found, file_index, config.infer.shard_size, config.storage)
+        files.append(scanned)
+        shards += [replace(s, index=len(shards) + i) for i, s in enumerate(file_shards)]
+    settings = job_settings(config)
+    identity = {
+        "model": model.content_hash,
+        "inputs": [[f.name, f.sha256] for f in files],
+        "settings": settings,
+    }
+    job_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return JobPlan(job_id, model, input_spec, files, shards, settings)
+
+
+def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
+    """Start the job in `output`, or pick it up again; refuse an output that holds anything else.
+
+    Raises:
+        JobMismatchError: the output holds another job, or files that no job of this kind wrote.
+    """
+    saved = output.read_text(JOB_FILE)
+    if saved is None:
+        foreign = output.names(PART_PREFIX) + output.names(MANIFEST_FILE)
+        if foreign:
+            raise JobMismatchError(
+                f"output {output.uri} already holds {foreign[0]} but no {JOB_FILE}: it is not a batch inference "
+                "job's folder; pass an empty or new --output"
+            )
+        with written_file(output, JOB_FILE) as path:
+            path.write_text(plan.to_json() + "\n", encoding="utf-8")
+        return plan
+    old = JobPlan.from_json(saved)
+    if old.job_id != plan.job_id:
+        raise JobMismatchError(
+            f"output {output.uri} holds job {old.job_id}, not this job {plan.job_id} "
+            f"({_difference(old, plan)}); a different model, input or settings is a different job: pass another "
+            f"--output, or delete {output.uri} to start over"
+        )
+    return old
+
+
+def _difference(old: JobPlan, new: JobPlan) -> str:
+    if old.model.content_hash != new.model.content_hash:
+        return (
+            f"model {old.model.uri} ({old.model.content_hash[:19]}) vs {new.model.uri} ({new.model.content_hash[:19]})"
+        )
+    if [(f.name, f.sha256) for f in old.files] != [(f.name, f.sha256) for f in new.files]:
+        return f"input {old.input} vs {new.input}: other files or other content"
+    changed = [k for k in new.settings if old.settings.get(k) != new.settings[k]]
+    return "settings " + ", ".join(f"{k}: {old.settings.get(k)!r} -> {new.settings[k]!r}" for k in changed)
+
+
+def part_name(shard: Shard) -> str:
+    return f"{PART_PREFIX}{shard.name}.jsonl"
+
+
+def pending_shards(plan: JobPlan, output: JobOutput) -> list[Shard]:
+    """The shards whose part is not there yet."""
+    done = set(output.names(PART_PREFIX))
+    return [s for s in plan.shards if part_name(s) not in done]
+
+
+# -- running shards -----------------------------------------------------------------------------------------
+
+
+class ShardRunner:
+    """Answers shards with one loaded model and engine; any shard of any job with the same model."""
+
+    def __init__(self, loaded: LoadedModel, engine: Engine, config: PipelineConfig, worker: str = ""):
+        self.loaded = loaded
+        self.engine = engine
+        self.config = config
+        self.worker = worker
+
+    def run(
+        self, plan: JobPlan, shard: Shard, output: JobOutput, on_record: Callable[[int], None] | None = None
+    ) -> ShardStats:
+        """Answer one shard; publish its rejects, then its part (the shard is done once the part exists).
+
+        Only this shard's records and answers are held; the engine pulls the prompts (images decoded) lazily.
+
+        Raises:
+            RecordRejectedError: `infer.on_error: fail` and a record cannot be answered (nothing is published).
+        """
+        started = time.perf_counter()
+        file = plan.files[shard.file]
+        base_dir = Path(file.uri).parent if not file.uri.startswith("s3://") else Path.cwd()
+        prompts: dict[int, Prompt] = {}
+        rejects: list[dict[str, Any]] = []
+        images = 0
+
+        def requests() -> Iterator[GenerationRequest]:
+            nonlocal images
+            for position, raw in enumerate(read_shard(file, shard, self.config.storage)):
+                try:
+                    prompt, request = self._request(position, raw, base_dir)
+                except (RecordError, ImageLoadError) as err:
+                    reason = f"{err.field}: {err.reason}" if isinstance(err, RecordError) else str(err)
+                    if self.config.infer.on_error == "fail":
+                        raise RecordRejectedError(
+                            f"{raw.location}: {reason} (infer.on_error=skip writes it to rejects)"
+                        ) from err
+                    rejects.append(_reject(file, raw, reason))
+                    if on_record:
+                        on_record(1)
+                    continue
+                prompts[position] = prompt
+                images += len(request.images)
+                yield request
+
+        results: dict[int, GenerationResult] = {}
+        for result in self.engine.generate(requests()):
+            results[result.key] = result
+            if on_record:
+                on_record(1)
+        missing = sorted(prompts.keys() - results.keys())
+        if missing:
+            raise RunFailed(f"shard {shard.name}: the engine returned no answer for records {missing[:10]}")
+        tokens = self._publish(plan, shard, output, [(prompts[i], results[i]) for i in sorted(prompts)], rejects)
+        stats = ShardStats(
+            shard.index, len(prompts), len(rejects), tokens, images, time.perf_counter() - started, self.worker
+        )
+        log.info(
+            "shard %s: %d results, %d rejects, %d tokens in %.1f s",
+            shard.name,
+            len(prompts),
+            len(rejects),
+            tokens,
+            stats.seconds,
+        )
+        return stats
+
+    def _request(self, position: int, raw: RawRecord, base_dir: Path) -> tuple[Prompt, GenerationRequest]:
+        """The record's prompt and the request for it: template-encoded, its images read and decoded."""
+        prompt = parse_prompt(raw, base_dir)
+        encoded = encode(
+            prompt.messages,
+            self.loaded.tokenizer,
+            self.loaded.num_image_tokens,
+            self.config.model.system_prompt,
+            add_generation_prompt=True,
+        )
+        pictures = [load_image(ref.uri, self.config.storage) for ref in encoded.images]
+        return prompt, GenerationRequest(position, encoded.input_ids, pictures)
+
+    def _publish(
+        self,
+        plan: JobPlan,
+        shard: Shard,
+        output: JobOutput,
+        answered: list[tuple[Prompt, GenerationResult]],
+        rejects: list[dict[str, Any]],
+    ) -> int:
+        """Write the shard's rejects, then its part (the commit point); return the generated token count."""
+        model = plan.model.as_dict()
+        tokens = 0
+        with written_file(output, f"{SHARD_REJECTS}{shard.name}.jsonl") as path, path.open("w") as f:
+            for reject in rejects:
+                f.write(json.dumps(reject, ensure_ascii=False) + "\n")
+        with written_file(output, part_name(shard)) as path, path.open("w", encoding="utf-8") as f:
+            for prompt, result in answered:
+                tokens += len(result.token_ids)
+                response = decode_answer(self.loaded, result.token_ids)
+                f.write(json.dumps(_result_record(prompt, result, response, model), ensure_ascii=False) + "\n")
+        return tokens
+
+
+def _reject(file: InputFile, raw: RawRecord, reason: str) -> dict[str, Any]:
+    where = {"line": raw.number} if raw.text is not None else {"index": raw.number}
+    return {"file": file.uri, **where, "key": raw.key_location, "reason": reason}
+
+
+def _result_record(prompt: Prompt, result: GenerationResult, response: str, model: dict[str, Any]) -> dict[str, Any]:
+    record = {**prompt.fields, "key": prompt.key, "source": prompt.source, "response": response}
+    if prompt.reference is not None:
+        record["reference"] = prompt.reference
+    record.update(generated_tokens=len(result.token_ids), finish_reason=result.finish_reason, model=model)
+    return record
+
+
+# -- finishing ----------------------------------------------------------------------------------------------
+
+
+def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
+    """Check that every record read is a result or a reject, gather the rejects, write the manifest last.
+
+    Raises:
+        RunFailed: a shard is not done, or its part and rejects do not add up to its records.
+    """
+    missing = pending_shards(plan, output)
+    if missing:
+        raise RunFailed(
+            f"job {plan.job_id}: {len(missing)} shard(s) not done yet ({', '.join(s.name for s in missing[:10])}); "
+            "run the same job again to finish them"
+        )
+    parts = []
+    results = rejects = tokens = 0
+    with written_file(output, REJECTS_FILE) as gathered, gathered.open("w", encoding="utf-8") as out:
+        for shard in plan.shards:
+            part_text = output.read_text(part_name(shard)) or ""
+            part_lines = part_text.splitlines()
+            reject_lines = (output.read_text(f"{SHARD_REJECTS}{shard.name}.jsonl") or "").splitlines()
+            if len(part_lines) + len(reject_lines) != shard.count:
+                raise RunFailed(
+                    f"job {plan.job_id}: shard {shard.name} has {len(part_lines)} results and {len(reject_lines)} "
+                    f"rejects for {shard.count} records; delete {part_name(shard)} and run the job again"
+                )
+            for line in reject_lines:
+                out.write(line + "\n")
+            shard_tokens = sum(int(json.loads(line)["generated_tokens"]) for line in part_lines)
+            parts.append(
+                {
+                    "name": part_name(shard),
+                    "records": len(part_lines),
+                    "rejects": len(reject_lines),
+                    "generated_tokens": shard_tokens,
+                    "sha256": hashlib.sha256(part_text.encode("utf-8")).hexdigest(),
+                }
+            )
+            results += len(part_lines)
+            rejects += len(reject_lines)
+            tokens += shard_tokens
+    manifest = {
+        "job_id": plan.job_id,
+        "model": plan.model.as_dict(),
+        "input": {"spec": plan.input, "files": [asdict(f) for f in plan.files]},
+        "settings": plan.settings,
+        "parts": parts,
+        "records_read": plan.records,
+        "results": results,
+        "rejects": rejects,
+        "rejects_file": REJECTS_FILE,
+        "generated_tokens": tokens,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if results + rejects != plan.records:
+        raise RunFailed(f"job {plan.job_id}: {results} results + {rejects} rejects != {plan.records} records read")
+    with written_file(output, MANIFEST_FILE) as path:
+        path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(plan: JobPlan, output: JobOutput) -> dict[str, Any] | None:
+    """The job's manifest if the job is finished, else None."""
+    text = output.read_text(MANIFEST_FILE)
+    if text is None:
+        return None
+    manifest: dict[str, Any] = json.loads(text)
+    return manifest if manifest.get("job_id") == plan.job_id else None
+
+
+def iter_results(output: JobOutput) -> Iterator[dict[str, Any]]:
+    """Every result of a finished job, in input order (parts in manifest order)."""
+    text = output.read_text(MANIFEST_FILE)
+    if text is None:
+        raise FileNotFoundError(f"{output.uri} has no {MANIFEST_FILE}: the job is not finished")
+    for part in json.loads(text)["parts"]:
+        for line in (output.read_text(part["name"]) or "").splitlines():
+            yield json.loads(line)
+
+
+def write_eval_predictions(output: JobOutput, path: Path) -> int:
+    """The job's results as the predictions file `vlmops.evaluate` scores (index, source, reference, prediction).
+
+    Raises:
+        RunFailed: a result has no reference (the input records did not end with an assistant turn).
+    """
+    count = 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for index, record in enumerate(iter_results(output)):
+            if "reference" not in record:
+                raise RunFailed(
+                    f"{record['source']}: no reference answer to score (end the record with an assistant turn)"
+                )
+            row = {
+                "index": index,
+                "source": record["source"],
+                "reference": record["reference"],
+                "prediction": record["response"],
+                "generated_tokens": record["generated_tokens"],
+                "finish_reason": record["finish_reason"],
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count

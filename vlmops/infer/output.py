@@ -1,0 +1,140 @@
+"""Where a batch inference job writes: a local folder or an `s3://` prefix, with files that appear whole.
+
+A file is written to a local temporary file first and then published in one step: a rename in the same
+folder (local), or one PUT (S3 makes an object visible only once its upload completes). A reader, or a
+rerun deciding what is done, never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Protocol
+
+from vlmops.config import StorageConfig
+from vlmops.staging import publish_file
+
+TMP_DIR = "_job/tmp"
+
+
+class JobOutput(Protocol):
+    uri: str
+
+    def read_text(self, name: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        ...
+
+    def names(self, prefix: str) -> list[str]:
+        """Names (relative to the output root) of the files whose name starts with `prefix`."""
+        ...
+
+    def publish(self, local: Path, name: str) -> None:
+        """Make the finished local file `local` appear as `name` at once (it is consumed)."""
+        ...
+
+    def local_path(self, name: str) -> Path | None:
+        """The file on this machine, for outputs that live here; None on S3."""
+        ...
+
+    def scratch(self) -> Path:
+        """A local folder for files being written (same file system as the output when local)."""
+        ...
+
+
+class LocalOutput:
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        self.uri = str(self.root)
+
+    def read_text(self, name: str) -> str | None:
+        path = self.root / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def names(self, prefix: str) -> list[str]:
+        folder, _, start = prefix.rpartition("/")
+        base = self.root / folder
+        if not base.is_dir():
+            return []
+        return sorted(
+            f"{folder}/{p.name}" if folder else p.name
+            for p in base.iterdir()
+            if p.is_file() and p.name.startswith(start)
+        )
+
+    def publish(self, local: Path, name: str) -> None:
+        final = self.root / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        publish_file(local, final)
+
+    def local_path(self, name: str) -> Path | None:
+        return self.root / name
+
+    def scratch(self) -> Path:
+        folder = self.root / TMP_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+class S3Output:
+    def __init__(self, uri: str, storage: StorageConfig | None):
+        from vlmops.storage import parse_s3_uri, s3_client
+
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self.client = s3_client(storage)
+        self._scratch = Path(tempfile.mkdtemp(prefix="vlmops-job-"))
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def read_text(self, name: str) -> str | None:
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"]
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return bytes(body.read()).decode("utf-8")
+
+    def names(self, prefix: str) -> list[str]:
+        from vlmops.storage import list_objects
+
+        root = f"{self.prefix}/" if self.prefix else ""
+        keys = [o.key[len(root) :] for o in list_objects(self.client, self.bucket, self.prefix)]
+        return sorted(k for k in keys if k.startswith(prefix))
+
+    def publish(self, local: Path, name: str) -> None:
+        self.client.upload_file(str(local), self.bucket, self._key(name))
+        local.unlink()
+
+    def local_path(self, name: str) -> Path | None:
+        return None
+
+    def scratch(self) -> Path:
+        return self._scratch
+
+
+def open_output(uri: str, storage: StorageConfig | None = None) -> JobOutput:
+    """The output at `uri`: an `s3://` prefix or a local folder (created)."""
+    if uri.startswith("s3://"):
+        return S3Output(uri, storage)
+    root = Path(uri).expanduser()
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"output {uri} is a file; pass a folder (or an s3:// prefix) for the job to fill")
+    root.mkdir(parents=True, exist_ok=True)
+    return LocalOutput(root)
+
+
+@contextmanager
+def written_file(output: JobOutput, name: str) -> Iterator[Path]:
+    """A scratch file to write; published as `name` when the block succeeds, removed when it raises."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(name).name}.", suffix=".tmp", dir=output.scratch())
+    os.close(fd)
+    path = Path(tmp)
+    try:
+        yield path
+        output.publish(path, name)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

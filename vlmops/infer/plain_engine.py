@@ -1,0 +1,49 @@
+"""`PlainEngine`: `model.generate` on fixed batches of `infer.batch_size` requests.
+
+Runs on any device with every sampling setting of `infer.*`; the reference the fast engine is checked
+against. Requests are taken from the iterator one batch at a time, so memory holds one batch of prompts
+and images however long the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any
+
+import torch
+
+from vlmops.config import InferConfig
+from vlmops.infer.engine import GenerationRequest, GenerationResult
+from vlmops.infer.generation import answer_tokens, generation_config, model_inputs
+from vlmops.models.loading import LoadedModel
+
+
+class PlainEngine:
+    """Left-padded batches through `generate`; results come back in request order."""
+
+    def __init__(self, loaded: LoadedModel, infer_cfg: InferConfig):
+        self.loaded = loaded
+        self.batch_size = infer_cfg.batch_size
+        self.config = generation_config(loaded, infer_cfg)
+        self.eos_token_id: int | None = loaded.tokenizer.eos_token_id
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
+        pending = iter(requests)
+        while batch := list(islice(pending, self.batch_size)):
+            yield from self._generate_batch(batch)
+
+    def _generate_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        images = [image for request in batch for image in request.images]
+        inputs = model_inputs(self.loaded, [request.prompt_ids for request in batch], images)
+        with torch.inference_mode():
+            output: Any = self.loaded.model.generate(**inputs, generation_config=self.config)
+        prompt_width = inputs["input_ids"].shape[1]
+        results = []
+        for request, row in zip(batch, output[:, prompt_width:].tolist(), strict=True):
+            tokens = answer_tokens(row, self.eos_token_id)
+            if self.eos_token_id is not None and tokens and tokens[-1] == self.eos_token_id:
+                results.append(GenerationResult(request.key, tokens[:-1], "stop"))
+            else:
+                results.append(GenerationResult(request.key, tokens, "length"))
+        return results

@@ -1,0 +1,294 @@
+"""What a batch inference job reads: input files (local or on S3), their records, and one prompt per record.
+
+An input is a `.jsonl` or `.json` file, a folder or glob of them, or an `s3://` prefix. A record is either
+a dataset record (`conversations` / `messages`, as in training: the model answers the last user turn, and a
+final assistant turn, if present, is kept as `reference`) or the simple form
+
+    {"id": "q1", "query": "<img>cat.png</img>What is this?", "images": ["dog.png"], "history": [["hi", "hello"]]}
+
+where `images` fill `<image>` marks of the query and history in order (without any mark they come before
+the query's text). Relative image paths resolve against the input file's folder (local inputs only).
+
+`.jsonl` files are read a line at a time from a byte offset, so a job never holds more than one shard's
+records; a `.json` file (one list) is parsed whole each time one of its shards is read: keep big inputs
+in `.jsonl`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from vlmops.config import StorageConfig
+from vlmops.conversation import Message
+from vlmops.data.formats import RecordError, parse_record
+from vlmops.errors import UserInputError
+
+INPUT_SUFFIXES = (".jsonl", ".json")
+ADDED_FIELDS = ("key", "source", "response", "reference", "generated_tokens", "finish_reason", "model")
+"""Fields a job adds to every result; an input record that already has one is rejected (rename it)."""
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file: where it is, the name its keys use (relative to the input root), and its identity."""
+
+    uri: str
+    name: str
+    size: int = 0
+    sha256: str = ""
+    records: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A run of consecutive records of one file: the unit written, resumed and handed to a worker.
+
+    `offset` is the byte offset of its first record's line (jsonl) and `line` that line's number; for a
+    `.json` file `start` is the list index of its first record.
+    """
+
+    index: int
+    file: int
+    start: int
+    count: int
+    offset: int
+    line: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"
+
+
+@dataclass
+class RawRecord:
+    """One record as read: where it is (`file:line` or `file[index]`; `number` is that line or index) and its
+    text (jsonl) or parsed value (json)."""
+
+    location: str
+    key_location: str
+    number: int
+    text: str | None = None
+    value: Any = None
+
+
+@dataclass
+class Prompt:
+    """One record ready to answer: its key, the fields to write back, the prompt turns and the reference."""
+
+    key: Any
+    source: str
+    fields: dict[str, Any]
+    messages: list[Message]
+    reference: str | None
+
+
+def find_inputs(spec: str, storage: StorageConfig | None = None) -> list[InputFile]:
+    """The input files `spec` names, in a stable order (sorted by name).
+
+    Raises:
+        FileNotFoundError: nothing there, or no .json/.jsonl file in it.
+    """
+    if spec.startswith("s3://"):
+        return _find_s3_inputs(spec, storage)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        _check_suffix(path.name, spec)
+        return [InputFile(str(path.resolve()), path.name)]
+    if path.is_dir():
+        root = path.resolve()
+        found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+        files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
+    elif glob.has_magic(spec):
+        # Path.glob takes no absolute patterns: the glob module does.
+        found = sorted(Path(p).resolve() for p in glob.glob(str(path), recursive=True))  # noqa: PTH207
+        found = [p for p in found if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES]
+        root = Path(os.path.commonpath([p.parent for p in found])) if found else Path()
+        files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
+    else:
+        raise FileNotFoundError(f"input {spec} does not exist: pass a .jsonl/.json file, a folder, a glob or s3://")
+    if not files:
+        raise FileNotFoundError(f"input {spec}: no .jsonl or .json files there")
+    return files
+
+
+def _check_suffix(name: str, spec: str) -> None:
+    if not name.lower().endswith(INPUT_SUFFIXES):
+        raise UserInputError(f"input {spec}: unsupported file type; use .jsonl (a record per line) or .json (a list)")
+
+
+def _find_s3_inputs(spec: str, storage: StorageConfig | None) -> list[InputFile]:
+    from vlmops.storage import list_objects, parse_s3_uri, s3_client
+
+    bucket, prefix = parse_s3_uri(spec)
+    objects = list_objects(s3_client(storage), bucket, prefix)
+    if not objects and prefix:  # the prefix may name one object
+        parent, _, _ = prefix.rpartition("/")
+        objects = [o for o in list_objects(s3_client(storage), bucket, parent) if o.key == prefix]
+        if objects:
+            _check_suffix(prefix, spec)
+            return [InputFile(f"s3://{bucket}/{prefix}", prefix.rpartition("/")[2])]
+    folder = f"{prefix}/" if prefix else ""
+    files = [
+        InputFile(f"s3://{bucket}/{o.key}", o.key[len(folder) :])
+        for o in sorted(objects, key=lambda o: o.key)
+        if o.key.lower().endswith(INPUT_SUFFIXES)
+    ]
+    if not files:
+        raise FileNotFoundError(f"input {spec}: no .jsonl or .json objects under it")
+    return files
+
+
+@contextmanager
+def open_input(uri: str, storage: StorageConfig | None = None, offset: int = 0) -> Iterator[IO[bytes]]:
+    """A binary stream of the file from `offset` on (a ranged GET on S3)."""
+    if uri.startswith("s3://"):
+        from vlmops.storage import parse_s3_uri, s3_client
+
+        bucket, key = parse_s3_uri(uri)
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
+        body = s3_client(storage).get_object(Bucket=bucket, Key=key, **extra)["Body"]  # type: ignore[arg-type]
+        try:
+            yield body  # type: ignore[misc]
+        finally:
+            body.close()
+        return
+    with open(uri, "rb") as f:
+        f.seek(offset)
+        yield f
+
+
+def _lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The stream's lines, each with its newline (the last one may lack it); works on S3 bodies too."""
+    rest = b""
+    for chunk in iter(lambda: stream.read(CHUNK), b""):
+        rest += chunk
+        *whole, rest = rest.split(b"\n")
+        for line in whole:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def scan_input(
+    file: InputFile, file_index: int, shard_size: int, storage: StorageConfig | None = None
+) -> tuple[InputFile, list[Shard]]:
+    """Read a file once: its content hash, its record count and where each of its shards starts.
+
+    Shards never cross files, so a shard's records are one ranged read. Memory stays one line (jsonl).
+    Shard indexes are left 0: the job numbers shards across files.
+    """
+    digest = hashlib.sha256()
+    shards: list[Shard] = []
+    count = 0
+    size = 0
+    if file.uri.lower().endswith(".jsonl"):
+        with open_input(file.uri, storage) as stream:
+            for number, line in enumerate(_lines(stream), start=1):
+                if line.strip():
+                    if count % shard_size == 0:
+                        shards.append(Shard(0, file_index, count, 0, size, number))
+                    count += 1
+                digest.update(line)
+                size += len(line)
+    else:
+        with open_input(file.uri, storage) as stream:
+            data = stream.read()
+        digest.update(data)
+        size = len(data)
+        try:
+            records = json.loads(data)
+        except json.JSONDecodeError as err:
+            raise UserInputError(f"{file.uri}:{err.lineno}: not valid JSON: {err.msg} at column {err.colno}") from None
+        if not isinstance(records, list):
+            raise UserInputError(f"{file.uri}: a .json input must be a list of records (use .jsonl for one per line)")
+        count = len(records)
+        shards = [Shard(0, file_index, start, 0, 0, 0) for start in range(0, count, shard_size)]
+    sized = [Shard(0, s.file, s.start, min(shard_size, count - s.start), s.offset, s.line) for s in shards]
+    scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count)
+    return scanned, sized
+
+
+def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = None) -> Iterator[RawRecord]:
+    """The shard's records, in file order, each with its location."""
+    if file.uri.lower().endswith(".jsonl"):
+        with open_input(file.uri, storage, shard.offset) as stream:
+            read = 0
+            for number, line in enumerate(_lines(stream), start=shard.line):
+                if not line.strip():
+                    continue
+                if read == shard.count:
+                    return
+                read += 1
+                yield RawRecord(
+                    f"{file.uri}:{number}", f"{file.name}:{number}", number, line.decode("utf-8", "replace")
+                )
+        return
+    with open_input(file.uri, storage) as stream:
+        records = json.loads(stream.read())
+    for index in range(shard.start, shard.start + shard.count):
+        yield RawRecord(f"{file.uri}[{index}]", f"{file.name}[{index}]", index, value=records[index])
+
+
+def parse_prompt(raw: RawRecord, base_dir: Path) -> Prompt:
+    """One raw record -> the prompt to answer.
+
+    Raises:
+        RecordError: the line is not JSON, not an object, in neither form, or has an invalid field.
+    """
+    value = raw.value
+    if raw.text is not None:
+        try:
+            value = json.loads(raw.text)
+        except json.JSONDecodeError as err:
+            raise RecordError("(line)", f"not valid JSON: {err.msg} at column {err.colno}") from None
+    if not isinstance(value, dict):
+        raise RecordError("(record)", f"must be an object, got {type(value).__name__}")
+    clash = [name for name in ADDED_FIELDS if name in value]
+    if clash:
+        raise RecordError(clash[0], "is a field batch inference adds to its results; rename it in the input")
+    key = value.get("id")
+    if key is None:
+        key = raw.key_location
+    elif not isinstance(key, (str, int)) or isinstance(key, bool):
+        raise RecordError("id", f"must be a string or an integer, got {type(key).__name__}")
+    if "conversations" in value or "messages" in value:
+        conversation = parse_record(value, raw.location, base_dir, require_answer=False)
+        messages = conversation.messages
+    elif "query" in value:
+        messages = parse_record(_simple_as_messages(value), raw.location, base_dir, require_answer=False).messages
+    else:
+        keys = ", ".join(sorted(value)) or "none"
+        raise RecordError("(record)", f"needs 'conversations', 'messages' or 'query' (found: {keys})")
+    reference = None
+    if messages[-1].role == "assistant":
+        reference = messages[-1].text("").strip()
+        messages = messages[:-1]
+    return Prompt(key, raw.location, value, messages, reference)
+
+
+def _simple_as_messages(record: dict[str, Any]) -> dict[str, Any]:
+    """The simple form as a `messages` record, so both forms go through one parser."""
+    query, history, images = record["query"], record.get("history") or [], record.get("images") or []
+    if not isinstance(query, str):
+        raise RecordError("query", f"must be a string, got {type(query).__name__}")
+    if not isinstance(history, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in history
+    ):
+        raise RecordError("history", "must be a list of [query, response] string pairs")
+    if not isinstance(images, list):
+        raise RecordError("images", "must be a list of image paths or URLs")
+    turns = [text for pair in history for text in pair] + [query]
+    if images and not any("<image>" in text for text in turns[::2]):
+        query = "<image>" * len(images) + query
+        turns[-1] = query
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return {"messages": messages, "images": images}
