@@ -75,9 +75,9 @@ def build_random(arch: str, size: str, work: Path, device: str) -> LoadedModel:
         DeepseekVLProcessor,
     )
 
-    from vlmops.models.catalog import architecture_config
     from vlmops.models.template import IMAGE_TOKEN
     from vlmops.models.tiny import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, build_tiny_model, build_tokenizer
+    from vlmops.testing.architectures import architecture_config
 
     hybrid = arch == "7b"
     if size == "tiny":

@@ -76,7 +76,9 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
         # Imported here: the fast engine pulls in CUDA-graph machinery that a CPU job never needs.
         from vlmops.infer.fast_engine import FastEngine
 
-        return FastEngine(loaded, infer_cfg)  # type: ignore[no-any-return,unused-ignore]
+        return FastEngine(  # type: ignore[no-any-return,unused-ignore]
+            loaded, infer_cfg, max_batch=infer_cfg.max_batch, memory_gib=infer_cfg.memory_gib
+        )
     from vlmops.infer.plain_engine import PlainEngine
 
     return PlainEngine(loaded, infer_cfg)

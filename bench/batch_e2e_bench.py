@@ -1,0 +1,184 @@
+"""End-to-end batch inference through `vlmops batch-infer`: image files on disk to answers on disk.
+
+For each model a random-initialised checkpoint with the released architecture is written to disk, with N
+prompts (one PNG or JPEG photo-sized image each, ~30 text tokens) as a jsonl file; then the real command
+runs in a child process, as a user would run it: read, decode, preprocess, vision, prefill, decode, write.
+The default engine (`infer.engine: auto`, the fast one on CUDA) and the plain `generate` engine
+(`infer.engine=plain`, batch 32: the baseline, on fewer prompts) run in the same call on the same files.
+
+images/s = records answered / wall time of the command (model loading included: it is what a job pays);
+gpu busy = share of nvidia-smi's 100 ms samples that saw the GPU busy while the command ran.
+
+    python bench/batch_e2e_bench.py --models 1.3b,7b --out bench/results/batch-e2e-DATE.json
+    python bench/batch_e2e_bench.py --size tiny --models 1.3b --records 8 --plain-records 4   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import torch  # noqa: E402
+from infer_bench import build_random, random_images  # noqa: E402
+
+
+def write_inputs(folder: Path, count: int) -> Path:
+    """`count` simple records, each naming one image file (PNG and JPEG alternate, 16 distinct pictures)."""
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index, image in enumerate(random_images(16, seed=5)):
+        name = f"{index}.jpg" if index % 2 else f"{index}.png"
+        image.save(images / name)
+        names.append(name)
+    prompts = folder / "prompts.jsonl"
+    with prompts.open("w") as f:
+        for index in range(count):
+            query = f"<img>images/{names[index % len(names)]}</img>Describe every object in this picture, {index}."
+            f.write(json.dumps({"id": f"p{index}", "query": query}) + "\n")
+    return prompts
+
+
+class GpuSampler:
+    """nvidia-smi's utilisation every 100 ms while a command runs (None where there is no nvidia-smi)."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.thread: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"]
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            self.thread = threading.Thread(target=self._read, daemon=True)
+            self.thread.start()
+        return self
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.strip().isdigit():
+                self.samples.append(int(line.strip()))
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+    def busy(self) -> float | None:
+        return round(sum(1 for s in self.samples if s > 0) / len(self.samples), 3) if self.samples else None
+
+
+def run_job(model: Path, prompts: Path, out: Path, sets: list[str], limit: int | None) -> dict[str, Any]:
+    if limit is not None:
+        head = prompts.with_name(f"prompts-{limit}.jsonl")
+        head.write_text("".join(prompts.read_text().splitlines(keepends=True)[:limit]))
+        prompts = head
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "vlmops.cli", "batch-infer", "--model", str(model), "--input", str(prompts)]
+    cmd += ["--output", str(out), "--config", str(ROOT / "pipeline.yaml")]
+    for s in sets:
+        cmd += ["--set", s]
+    start = time.perf_counter()
+    with GpuSampler() as gpu:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    manifest = json.loads((out / "manifest.json").read_text())
+    records = [json.loads(line) for part in manifest["parts"] for line in (out / part["name"]).read_text().splitlines()]
+    tokens = sum(r["generated_tokens"] for r in records)
+    return {
+        "records": len(records),
+        "rejects": sum(1 for _ in (out / "rejects.jsonl").open()) if (out / "rejects.jsonl").exists() else 0,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(records) / seconds, 2),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "mean_answer_tokens": round(tokens / max(len(records), 1), 1),
+        "gpu_busy": gpu.busy(),
+        "settings": sets,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="1.3b,7b")
+    parser.add_argument("--size", choices=["real", "tiny"], default="real")
+    parser.add_argument("--records", default="1.3b=2400,7b=640", help="prompts per model for the default engine")
+    parser.add_argument("--plain-records", type=int, default=128, help="prompts for the plain generate baseline")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--work", default="/tmp/batch-e2e")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    counts = dict(item.split("=") for item in args.records.split(",")) if "=" in args.records else {}
+    rows: list[dict[str, Any]] = []
+    for arch in args.models.split(","):
+        work = Path(args.work) / arch
+        model = work / "model"
+        if not (model / "config.json").is_file():
+            loaded = build_random(arch, args.size, work, device)
+            loaded.model.save_pretrained(model)
+            loaded.processor.save_pretrained(model)
+            del loaded
+            torch.cuda.empty_cache() if device == "cuda" else None
+        count = int(counts.get(arch, args.records if "=" not in args.records else 64))
+        prompts = write_inputs(work / "inputs", count)
+        base = [f"infer.max_new_tokens={args.new_tokens}", "model.system_prompt=", f"infer.shard_size={count}"]
+        for case, sets, limit in (
+            ("batch-infer (auto engine)", base, None),
+            ("batch-infer plain generate", [*base, "infer.engine=plain", "infer.batch_size=32"], args.plain_records),
+        ):
+            try:
+                row = {"model": arch, "case": case, **run_job(model, prompts, work / "out", sets, limit)}
+            except Exception as err:  # one failed case must not lose the rows already measured
+                row = {"model": arch, "case": case, "error": str(err)[-2000:]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            save(args, rows)
+    print(f"\n{'model':6} {'case':30} {'records':>8} {'s':>8} {'images/s':>9} {'tokens/s':>9} {'gpu busy':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:6} {r['case']:30} error: {r['error'][:80]}")
+            continue
+        busy = "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}"
+        print(
+            f"{r['model']:6} {r['case']:30} {r['records']:>8} {r['seconds']:>8} {r['images_per_s']:>9} "
+            f"{r['tokens_per_s']:>9} {busy:>9}"
+        )
+    return 0
+
+
+def save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
+    if not args.out:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    doc = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {"host": platform.node(), "gpu": gpu, "cpus": os.cpu_count()},
+        "command": " ".join(sys.argv),
+        "versions": {"torch": torch.__version__},
+        "rows": rows,
+    }
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
