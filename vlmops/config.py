@@ -202,7 +202,7 @@ class InferConfig(Section):
     prompts); more is faster until the GPU's memory bandwidth is saturated. Capped by memory_gib."""
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
-    a 7b inside an 80 GB card). null: no cap beyond max_batch."""
+    a 7b inside an 80 GB card). null: 90% of the GPU."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""

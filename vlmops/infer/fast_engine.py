@@ -87,7 +87,7 @@ class FastEngine:
         prefill_batch: prompts per prefill forward.
         min_refill: free slots that trigger a prefill while other rows decode (default max_batch / 8, at
             most prefill_batch).
-        memory_gib: cap on the GPU memory the model, the cache and prefill may take together.
+        memory_gib: cap on the GPU memory the model, the cache and prefill may take together (None: 90% of the card).
         cuda_graphs: capture decode steps (default: on CUDA).
         compile: torch.compile the per-layer arithmetic of the step (default: on CUDA).
         attention: "sdpa" or "matmul" for the decode step's attention.
@@ -172,8 +172,14 @@ class FastEngine:
 
     def _fit_slots(self, max_batch: int, memory_gib: float | None) -> int:
         """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set."""
-        if memory_gib is None or self.device.type != "cuda":
+        if self.device.type != "cuda":
             return max_batch
+        if memory_gib is None:
+            # No budget given: 90% of what the card has (free + this process's own), never the whole card,
+            # or a prefill after the cache is allocated runs out of memory (a 7b's 128 slots of 2048 tokens
+            # alone take 125 GiB).
+            free, _total = torch.cuda.mem_get_info(self.device)
+            memory_gib = 0.9 * (free + torch.cuda.memory_allocated(self.device)) / GIB
         per_slot = StaticDecoder.bytes_per_slot(self.model, self.max_context)
         config = self.model.model.language_model.config
         element = self.dtype.itemsize
