@@ -1,7 +1,7 @@
 # vlmops — two commands do all the set-up on a fresh machine:
 #   make run    creates .venv, installs the pinned dependencies, runs the retrain flow on pipeline.yaml
 #   make test   the same set-up, then ruff, mypy and pytest
-# Set-up also installs Debian's chromium for the browser tests when it is missing (as root, e.g. in CI).
+# `make test` also installs Debian's chromium for the browser tests when it is missing (as root, e.g. in CI).
 # Set-up is done once (it reruns when pyproject.toml or requirements/lock.txt change).
 
 PYTHON ?= python3
@@ -45,7 +45,7 @@ chromium:
 	    echo "chromium not found: the browser tests will be skipped (Debian: sudo apt-get install chromium)"; \
 	  fi; }
 
-setup: $(VENV)/.installed chromium
+setup: $(VENV)/.installed
 
 run: setup
 	HF_HUB_OFFLINE=1 $(BIN)/vlmops run --config $(CONFIG) $(ARGS)
@@ -58,7 +58,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: lint typecheck
+test: chromium lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: setup

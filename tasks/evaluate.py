@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from vlmops.evaluate.run import RunEvaluation, evaluate_run
-from vlmops.infer.batch import BatchResult
+from vlmops.infer.batch_job import BatchResult
 from vlmops.tracking import Tracker
 
 

@@ -397,7 +397,7 @@ def _describe(error: Any, lines: dict[str, KeyLocation]) -> str:
     key = ".".join(loc) or "(top level)"
     message = error["msg"]
     if error["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; `vlmops config` prints every valid key)"
+        message = "unknown key (check the spelling; `vlmops config --show` prints every valid key)"
     elif error["type"] == "literal_error":
         message = message.replace("Input should be", "must be")
     location = None

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from vlmops.cli.main import main
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
-from vlmops.evaluate.checkpoint import evaluate_run
+from vlmops.evaluate.checkpoint import evaluate_checkpoint
 from vlmops.train.merge import (
     MergeFailed,
     MergeParityError,
@@ -187,7 +187,7 @@ def test_a_moved_run_tree_still_finds_its_base_model_and_dataset(
         assert Path(info.dataset) == (new / "datasets" / snapshot.path.name).resolve(), folder
     assert open_run(new / "merged").info.merged_from == str((new / "sft" / "final").resolve())
 
-    evaluation = evaluate_run(new / "merged", load_config(None, {"infer.max_new_tokens": 2}), tmp_path / "eval")
+    evaluation = evaluate_checkpoint(new / "merged", load_config(None, {"infer.max_new_tokens": 2}), tmp_path / "eval")
     eval_lines = (new / "datasets" / snapshot.path.name / "eval.jsonl").read_text().splitlines()
     assert evaluation.tuned.total == len(eval_lines) > 0
     assert evaluation.base is not None and evaluation.base.total == len(eval_lines)
@@ -195,4 +195,4 @@ def test_a_moved_run_tree_still_finds_its_base_model_and_dataset(
     # Nothing at the recorded absolute paths and nothing relative to the folder: the error names the snapshot.
     shutil.rmtree(new / "datasets")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluate_run(new / "merged", load_config(None), tmp_path / "eval2")
+        evaluate_checkpoint(new / "merged", load_config(None), tmp_path / "eval2")

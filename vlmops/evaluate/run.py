@@ -22,7 +22,7 @@ from vlmops.evaluate.metrics import EvalResult, evaluate_predictions
 from vlmops.evaluate.report import compare, write_comparison
 
 if TYPE_CHECKING:  # scoring needs no model code; the flow's evaluate step stays light
-    from vlmops.infer.batch import BatchResult
+    from vlmops.infer.batch_job import BatchResult
 
 log = logging.getLogger(__name__)
 
