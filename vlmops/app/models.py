@@ -8,19 +8,17 @@ page to follow the alias). Its card lists the version's aliases and tags: the li
 
 from __future__ import annotations
 
-import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmops.config import InferConfig
 from vlmops.infer.chat import ChatModel
-from vlmops.infer.resolve import REGISTRY_SCHEME, ModelSource, catalog_resolver
+from vlmops.infer.resolve import REGISTRY_SCHEME, ModelSource, catalog_resolver, registered_version
 from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, run_config
 
 # `models:/NAME@ALIAS` or `models:/NAME/VERSION`; anything else under models:/ is left to resolve_model_ref,
 # which explains the accepted forms.
-_REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 
 @dataclass(frozen=True)
@@ -86,23 +84,8 @@ def registered_card(ref: str, tracking_uri: str | None) -> ModelCard:
     Raises:
         ValueError: a malformed `models:/` URI, or a name, version or alias the registry does not know.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    match = _REGISTERED.match(ref)
-    if match is None:
-        raise ValueError(f"model {ref}: write a registered model as models:/NAME@ALIAS or models:/NAME/VERSION")
-    name = match.group("name")
-    registry = tracking_uri or mlflow.get_registry_uri()
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry)
-    try:
-        if match.group("alias"):
-            version = client.get_model_version_by_alias(name, match.group("alias"))
-        else:
-            version = client.get_model_version(name, match.group("version"))
-    except MlflowException as err:
-        raise ValueError(f"model {ref}: not found in the registry at {registry} ({err.message})") from err
+    found = registered_version(ref, tracking_uri)
+    name, version = found.name, found.version
     return ModelCard(
         ref=ref,
         load_ref=f"{REGISTRY_SCHEME}{name}/{version.version}",

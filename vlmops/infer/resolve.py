@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vlmops.config import ModelConfig, PipelineConfig
 from vlmops.filenames import safe_name
@@ -145,14 +146,22 @@ def _run_source(run: TrainedRun, resolve_model: ResolveModel) -> ModelSource:
     return ModelSource(run.weights, None, run)
 
 
-def download_registered_model(
-    uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
-    """Download a registered model version's artifacts (a merged checkpoint) once; return the local folder.
+@dataclass
+class RegisteredVersion:
+    """The registry's model version a `models:/` URI names, and the client that found it."""
 
-    An alias is resolved to its version number first, so moving the alias is seen on the next load while an
-    unchanged version is never downloaded twice. The cache is keyed on the registry, name and version, and a
-    cached copy is reused only if its recorded source still matches the registry's.
+    name: str
+    version: Any
+    """mlflow's ModelVersion (its `version`, `tags`, `aliases`, `run_id`)."""
+    registry: str
+    client: Any
+
+
+def registered_version(uri: str, tracking_uri: str | None = None) -> RegisteredVersion:
+    """Look up `models:/NAME@ALIAS` or `models:/NAME/VERSION` in the registry (an alias to its version).
+
+    Raises:
+        ValueError: a malformed URI, or a name, version or alias the registry does not know.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -169,7 +178,26 @@ def download_registered_model(
             version = client.get_model_version_by_alias(name, match.group("alias"))
         else:
             version = client.get_model_version(name, match.group("version"))
-        source = client.get_model_version_download_uri(name, version.version)
+    except MlflowException as err:
+        raise ValueError(f"model {uri}: not found in the registry at {registry} ({err.message})") from err
+    return RegisteredVersion(name, version, registry, client)
+
+
+def download_registered_model(
+    uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """Download a registered model version's artifacts (a merged checkpoint) once; return the local folder.
+
+    An alias is resolved to its version number first, so moving the alias is seen on the next load while an
+    unchanged version is never downloaded twice. The cache is keyed on the registry, name and version, and a
+    cached copy is reused only if its recorded source still matches the registry's.
+    """
+    from mlflow.exceptions import MlflowException
+
+    found = registered_version(uri, tracking_uri)
+    name, version, registry = found.name, found.version, found.registry
+    try:
+        source = found.client.get_model_version_download_uri(name, version.version)
     except MlflowException as err:
         raise ValueError(f"model {uri}: not found in the registry at {registry} ({err.message})") from err
 
