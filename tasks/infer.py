@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from vlmops.tracking import Tracker
 
 @task(name="batch_infer", cache_policy=NO_CACHE)
 def batch_infer_task(model_path: str, dataset_file: str, out_file: str, config: PipelineConfig) -> BatchResult:
-    """Answer every record of `dataset_file` (the job in `out_file`.job), then write `out_file` for evaluate.
+    """Answer every record of `dataset_file` (the job in `out_file`.job, removed when done), then write `out_file`.
 
     The model loads in a child process (and its per-GPU workers), so this worker frees the GPU after the step.
     """
@@ -30,6 +31,9 @@ def batch_infer_task(model_path: str, dataset_file: str, out_file: str, config: 
     output = open_output(job_dir)
     count = write_eval_predictions(output, Path(out_file))
     tokens = int(json.loads(output.read_text(MANIFEST_FILE) or "{}")["generated_tokens"])
+    # The job folder lets a crashed step resume; once its answers are in `out_file` it is only a second copy
+    # (and the evaluation folder keeps the one layout `vlmops eval` writes).
+    shutil.rmtree(job_dir)
     return BatchResult(Path(out_file), count, seconds, tokens, tokens / seconds if seconds else 0.0)
 
 

@@ -175,7 +175,9 @@ def test_retrain_step_runs_the_job_in_a_child_and_writes_what_evaluate_reads(
     assert [r["index"] for r in rows] == list(range(6))
     assert [r["source"] for r in rows] == [f"{eval_file}:{i}" for i in range(1, 7)]
     assert evaluate_predictions(out_file).total == 6
-    assert (tmp_path / "predictions" / "base.jsonl.job" / "manifest.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["base.jsonl"], (
+        "the finished job's folder goes"
+    )
 
 
 @pytest.mark.integration
