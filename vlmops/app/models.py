@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vlmops.config import InferConfig
 from vlmops.infer.chat import ChatModel
-from vlmops.infer.resolve import REGISTRY_SCHEME, ModelSource, catalog_resolver, registered_version
+from vlmops.infer.resolve import REGISTRY_SCHEME, ModelSource, registered_version
 from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, run_config
 
 # `models:/NAME@ALIAS` or `models:/NAME/VERSION`; anything else under models:/ is left to resolve_model_ref,
@@ -65,16 +65,7 @@ def load_page_model(ref: str, config_path: str | None, overrides: list[str], sys
     is_run = (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file()
     config = run_config(str(folder) if is_run else None, config_path, overrides)
     card = registered_card(ref, config.tracking.uri) if ref.startswith(REGISTRY_SCHEME) else None
-    chat = ChatModel.load(
-        card.load_ref if card else ref,
-        dtype=config.model.dtype,
-        attn=config.model.attn,
-        system_prompt=config.model.system_prompt if system is None else system,
-        infer_cfg=config.infer,
-        storage=config.storage,
-        tracking_uri=config.tracking.uri,
-        resolve_model=catalog_resolver(config),
-    )
+    chat = ChatModel.from_config(card.load_ref if card else ref, config, system=system)
     return PageModel(chat, card or local_card(ref, chat.source), config.data.max_length, config.infer)
 
 

@@ -119,19 +119,8 @@ def _load(model: str | None, ckpt: str | None, config: PipelineConfig, system: s
         target = config.model.id if config.model.source == "local" and config.model.id else config.model.name
     print(f"loading {target}" + (f" with {adapter}" if adapter else "") + " ...", file=sys.stderr, flush=True)
     from vlmops.infer.chat import ChatModel
-    from vlmops.infer.resolve import catalog_resolver
 
-    return ChatModel.load(
-        target,
-        adapter,
-        dtype=config.model.dtype,
-        attn=config.model.attn,
-        system_prompt=config.model.system_prompt if system is None else system,
-        infer_cfg=config.infer,
-        storage=config.storage,
-        tracking_uri=config.tracking.uri,
-        resolve_model=catalog_resolver(config),
-    )
+    return ChatModel.from_config(target, config, adapter, system)
 
 
 def _import_readline() -> None:

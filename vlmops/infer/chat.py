@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria
 
-from vlmops.config import InferConfig, StorageConfig
+from vlmops.config import InferConfig, PipelineConfig, StorageConfig
 from vlmops.conversation import Message, parse_img_tags
 from vlmops.data.formats import REMOTE_PREFIXES
 from vlmops.data.images import ImageLoadError, load_image
@@ -95,6 +95,30 @@ class ChatModel:
             infer_cfg = source.run.config.infer if infer_cfg is None else infer_cfg
         loaded = load_model(source.checkpoint, dtype=dtype, attn=attn, device=device, adapter=source.adapter)
         return cls(loaded, system_prompt, infer_cfg, storage, source)
+
+    @classmethod
+    def from_config(
+        cls,
+        model: str | os.PathLike[str],
+        config: PipelineConfig,
+        adapter: str | os.PathLike[str] | None = None,
+        system: str | None = None,
+    ) -> ChatModel:
+        """`load` with the settings of a pipeline config (dtype, attention, system prompt, generation,
+        storage, registry, catalog); `system` overrides the config's system prompt ("" for none)."""
+        from vlmops.infer.resolve import catalog_resolver
+
+        return cls.load(
+            model,
+            adapter,
+            dtype=config.model.dtype,
+            attn=config.model.attn,
+            system_prompt=config.model.system_prompt if system is None else system,
+            infer_cfg=config.infer,
+            storage=config.storage,
+            tracking_uri=config.tracking.uri,
+            resolve_model=catalog_resolver(config),
+        )
 
     def chat(
         self,
