@@ -38,6 +38,7 @@ from vlmops.train.rundir import (
     plan_resume,
     start_run_folder,
 )
+from vlmops.train.speed import SpeedPlan, apply_speed, plan_speed
 from vlmops.train.trainable import TrainableSummary, prepare_trainable, require_grads_on_inputs
 from vlmops.train.trainer import (
     CheckpointPolicy,
@@ -145,7 +146,7 @@ def weights_dtype(config: PipelineConfig, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def training_arguments(config: PipelineConfig, run_dir: Path, precision: str) -> Any:
+def training_arguments(config: PipelineConfig, run_dir: Path, precision: str, speed: SpeedPlan | None = None) -> Any:
     """`TrainingArguments` from the `train` and `data` sections. Build it before loading the model: with
     ZeRO-3 it makes `from_pretrained` shard the weights as they load."""
     from transformers import TrainingArguments
@@ -186,6 +187,7 @@ def training_arguments(config: PipelineConfig, run_dir: Path, precision: str) ->
         data_seed=config.run.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        optim="adamw_torch_fused" if speed is not None and speed.fused_adamw else "adamw_torch",
         use_cpu=not torch.cuda.is_available(),
         **_checkpointing_kwargs(t.gradient_checkpointing),
         deepspeed=load_deepspeed_config(t.deepspeed),
@@ -223,6 +225,7 @@ class TrainingSetup:
     precision: str
     resume: Path | None
     throughput: Throughput
+    speed: SpeedPlan
 
 
 def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainingSetup:
@@ -234,7 +237,8 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     precision = resolve_precision(t.precision)
     if t.deepspeed is not None:
         single_process_rendezvous()
-    args = training_arguments(config, run_dir, precision)
+    speed = plan_speed(t, torch.cuda.is_available(), precision)
+    args = training_arguments(config, run_dir, precision, speed)
     main = args.should_save
     prepared = load_prepared(dataset)
     info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode)
@@ -260,6 +264,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
                 param.data = param.data.float()
     if t.gradient_checkpointing and t.mode == "lora":
         require_grads_on_inputs(model)
+    apply_speed(model, speed)
 
     saved_lengths = read_lengths(
         prepared.path,
@@ -298,8 +303,9 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         ],
         run_files=run_files,
         dummy_pixels=dummy_pixel_values(processor),
+        fused_loss=speed.fused_loss,
     )
-    return TrainingSetup(trainer, summary, datasets, precision, resume, throughput)
+    return TrainingSetup(trainer, summary, datasets, precision, resume, throughput, speed)
 
 
 def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainResult:
