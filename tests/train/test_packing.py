@@ -9,6 +9,7 @@ the samples are split into rows.
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,22 @@ from vlmops.train.packing import (
     resolve_packing,
 )
 
-WORDS = "what colour is the shape red green blue circle square left right top bottom count one two three".split()
+WORDS = [
+    "what",
+    "colour",
+    "is",
+    "the",
+    "shape",
+    "red",
+    "green",
+    "blue",
+    "circle",
+    "square",
+    "left",
+    "right",
+    "one",
+    "two",
+]
 IMAGES_PER_SAMPLE = [0, 1, 2, 1, 0, 2, 2, 0]  # 0, 1 and 2 images, mixed
 
 
@@ -79,8 +95,8 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tenso
     losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
     per_sample = []
     if "position_ids" in batch:  # one packed row: cut it where the positions restart
-        starts = (batch["position_ids"][0] == 0).nonzero().squeeze(-1).tolist() + [labels.shape[1]]
-        rows = [(0, a, b) for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        starts = [*(batch["position_ids"][0] == 0).nonzero().squeeze(-1).tolist(), labels.shape[1]]
+        rows = [(0, a, b) for a, b in itertools.pairwise(starts)]
     else:
         rows = [(r, 0, labels.shape[1]) for r in range(labels.shape[0])]
     for r, a, b in rows:

@@ -57,7 +57,9 @@ class ModelShape:
     """Trained weights are float32 masters under autocast (full training without DeepSpeed)."""
 
     @classmethod
-    def from_config(cls, config: Any, trained_params: int, frozen_bytes: int = 2, master_weights: bool = False) -> ModelShape:
+    def from_config(
+        cls, config: Any, trained_params: int, frozen_bytes: int = 2, master_weights: bool = False
+    ) -> ModelShape:
         """The shape of a DeepSeek-VL config, its parameters counted on the meta device (no memory, no weights)."""
         text = config.text_config
         return cls(

@@ -85,7 +85,9 @@ def pack_groups(lengths: Sequence[int], budget: int, seed: int = 0) -> list[list
     random.Random(seed).shuffle(order)
     order.sort(key=lambda i: lengths[i], reverse=True)  # stable: the shuffle breaks ties
     groups: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (free tokens, group index), sorted: the fullest group that fits is found by bisect
+    room: list[
+        tuple[int, int]
+    ] = []  # (free tokens, group index), sorted: the fullest group that fits is found by bisect
     for i in order:
         at = bisect.bisect_left(room, (lengths[i], -1))
         if at == len(room):
