@@ -18,6 +18,7 @@ non-padding tokens (image tokens included) after the warm-up steps.
     python bench/train_bench.py                           # every case on the GPU
     python bench/train_bench.py --cases lora-qkv-7b
     python bench/train_bench.py --sizes tiny --device cpu  # smoke test: tiny models, no DeepSpeed on CPU
+    python bench/train_bench.py --data realistic --packing true  # mixed lengths and images (bench/train_data.py)
 
 Prints one JSON line per case (and appends them to --out). The random models and the synthetic dataset
 are built once under --work and reused.
@@ -39,6 +40,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.train_data import padding_fraction, random_batches  # noqa: E402 (after the path setup)
 
 NUM_IMAGE_TOKENS = 576
 PROMPT_TOKENS = 256  # + ANSWER_TOKENS: ~512 text tokens per sample (plus the system prompt and the template)
@@ -308,10 +311,33 @@ def build_dataset(
     return snapshot.path
 
 
-def case_config(case: Case, device: str) -> Any:
+def build_realistic_dataset(folder: Path, model: Path, records: int) -> Path:
+    """`--data realistic`: bench/train_data.py's mixed records validated into a snapshot; returns its path."""
+    from transformers import AutoProcessor
+
+    from bench.train_data import write_realistic_dataset
+    from vlmops.config import load_config
+    from vlmops.data.prepare import prepare_dataset
+
+    processor = AutoProcessor.from_pretrained(model)
+    raw = write_realistic_dataset(folder / f"realistic-{records}", processor, records)
+    data = load_config(None, {"data.max_length": 4096}).data
+    snapshot = prepare_dataset(
+        data,
+        raw / "train.jsonl",
+        raw / "eval.jsonl",
+        folder / "snapshots",
+        processor.tokenizer,
+        processor.num_image_tokens,
+    )
+    return snapshot.path
+
+
+def case_config(case: Case, device: str, packing: str = "auto") -> Any:
     from vlmops.config import load_config
 
     overrides = dict(case.overrides)
+    overrides["train.packing"] = packing if packing == "auto" else packing == "true"
     note = None
     if device == "cpu" and overrides.get("train.deepspeed"):
         note = f"DeepSpeed ({overrides['train.deepspeed']}) needs CUDA: this CPU smoke run goes without it"
@@ -330,7 +356,9 @@ def case_config(case: Case, device: str) -> Any:
     return load_config(None, overrides), note
 
 
-def run_one(case: Case, model: Path, dataset: Path, run_dir: Path, device: str) -> dict[str, Any]:
+def run_one(
+    case: Case, model: Path, dataset: Path, run_dir: Path, device: str, packing: str = "auto"
+) -> dict[str, Any]:
     """One case in this process: the same setup as `train()`, then the Trainer's own loop."""
     import torch
     import transformers
@@ -339,7 +367,7 @@ def run_one(case: Case, model: Path, dataset: Path, run_dir: Path, device: str) 
     from vlmops.train.sft import setup_training
     from vlmops.train.trainer import CheckpointPolicy
 
-    config, note = case_config(case, device)
+    config, note = case_config(case, device, packing)
     setup = setup_training(config, model, dataset, run_dir)
     trainer = setup.trainer
     trainer.remove_callback(CheckpointPolicy)  # it would evaluate and save at the last step
@@ -363,18 +391,25 @@ def run_one(case: Case, model: Path, dataset: Path, run_dir: Path, device: str) 
     output = trainer.train()
     wall = time.perf_counter() - started
     args = trainer.args
-    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    batching = setup.batching
+    samples_per_step = batching.batch_size * args.gradient_accumulation_steps * args.world_size
     samples_per_s, tokens_per_s = setup.throughput.rates(samples_per_step, warmup_steps=case.warmup_steps)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     core = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    tokens_per_sample = trainer.state.num_input_tokens_seen / max(1, trainer.state.global_step * args.train_batch_size)
+    tokens_per_sample = trainer.state.num_input_tokens_seen / max(1, trainer.state.global_step * samples_per_step)
+    lengths = setup.datasets["train"].lengths
+    groups = getattr(trainer.train_dataset, "groups", None) or random_batches(len(lengths), batching.batch_size)
     return {
         "case": case.name,
         "arch": case.arch,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "steps": trainer.state.global_step,
         "measured_steps": case.measured_steps,
-        "batch_size": args.train_batch_size,
+        "batch_size": batching.batch_size,
+        "grad_accum": batching.grad_accum,
+        "packing": batching.packing,
+        "packing_tokens": batching.packing_tokens,
+        "padding_fraction": round(padding_fraction(lengths, groups, packed=batching.packing), 4),
         "tokens_per_sample": round(tokens_per_sample, 1),
         "tokens_per_s": round(tokens_per_s, 1),
         "samples_per_s": round(samples_per_s, 3),
@@ -393,7 +428,7 @@ def run_one(case: Case, model: Path, dataset: Path, run_dir: Path, device: str) 
         "train_loss_mean": output.training_loss,
         "precision": setup.precision,
         "deepspeed": config.train.deepspeed,
-        "gradient_checkpointing": config.train.gradient_checkpointing,
+        "gradient_checkpointing": batching.recompute,
         "attn": config.model.attn,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -469,7 +504,7 @@ def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dic
     from vlmops.data.formats import read_dataset
     from vlmops.train.data import SFTDataset, VisionLanguageCollator
 
-    config, _ = case_config(case, device)
+    config, _ = case_config(case, device, "false")
     train = config.train
     full = train.mode == "full"
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -507,7 +542,7 @@ def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dic
         optimizer = torch.optim.AdamW(params, lr=train.lr, fused=full and cuda)
         marks: list[tuple[float, int]] = []
         losses: list[float] = []
-        tokens = 0
+        tokens = computed = 0
         profiler = _profiler(case.name, case.warmup_steps)
         for step, batch in enumerate(loader):
             if step == case.warmup_steps + case.measured_steps:
@@ -525,6 +560,7 @@ def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dic
             if cuda:
                 torch.cuda.synchronize()
             tokens += int(batch["attention_mask"].sum())
+            computed += batch["input_ids"].numel()
             losses.append(round(float(loss), 5))
             marks.append((time.perf_counter(), tokens))
             if profiler:
@@ -539,6 +575,7 @@ def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dic
             losses=losses,
             llm_params=llm_parameters(model.get_base_model() if hasattr(model, "get_base_model") else model),
             gradient_checkpointing=train.gradient_checkpointing,
+            padding_fraction=round(1 - tokens / computed, 4),
         )
     except torch.OutOfMemoryError as err:
         result["out_of_memory"] = str(err).splitlines()[0]
@@ -585,7 +622,10 @@ def summarise(results: list[dict[str, Any]], peak: float | None) -> list[dict[st
 
 
 def table(rows: list[dict[str, Any]], peak: float | None) -> str:
-    head = f"{'case':34} {'tokens/s':>9} {'peak GiB':>8} {'MFU':>5} {'baseline':>9} {'base GiB':>8} {'x':>5}  target"
+    head = (
+        f"{'case':34} {'tokens/s':>9} {'peak GiB':>8} {'MFU':>5} {'pad':>5} {'baseline':>9} {'base GiB':>8} "
+        f"{'x':>5}  target"
+    )
     lines = [f"== train benchmark (matmul peak {peak or 0:.0f} TFLOP/s) ==", head]
     for r in rows:
         if "error" in r or "out_of_memory" in r:
@@ -594,7 +634,7 @@ def table(rows: list[dict[str, Any]], peak: float | None) -> str:
         target = "" if "target" not in r else f"{r['target']}: {'met' if r['target_met'] else 'NOT met'}"
         lines.append(
             f"{r['case']:34} {r.get('tokens_per_s', 0):>9.0f} {r.get('peak_gpu_mem_gib') or 0:>8.1f} "
-            f"{r.get('mfu', 0):>5.2f} {r.get('baseline_tokens_per_s', 0):>9.0f} "
+            f"{r.get('mfu', 0):>5.2f} {r.get('padding_fraction') or 0:>5.2f} {r.get('baseline_tokens_per_s', 0):>9.0f} "
             f"{r.get('baseline_peak_gpu_mem_gib') or 0:>8.1f} {r.get('speedup', 0):>5.2f}  {target}"
         )
         if "loss_curve_max_abs_diff" in r:
@@ -638,6 +678,16 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=None, help="write the results (date, machine, command, rows) to this JSON file"
     )
     parser.add_argument("--profile", action="store_true", help="print the top GPU ops of 3 steps per case")
+    parser.add_argument(
+        "--data",
+        default="fixed",
+        choices=["fixed", "realistic"],
+        help="fixed: 1 image + ~512 text tokens per sample; "
+        "realistic: 64-1,500 text tokens and 0-2 images, mixed (bench/train_data.py)",
+    )
+    parser.add_argument(
+        "--packing", default="auto", choices=["auto", "true", "false"], help="train.packing of the vlmops cases"
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this case in this process
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
@@ -649,8 +699,14 @@ def main(argv: list[str] | None = None) -> int:
             result = run_baseline(case, Path(args.model), Path(args.dataset), args.device)
         else:
             result = run_one(
-                case, Path(args.model), Path(args.dataset), Path(args.work) / "runs" / case.name, args.device
+                case,
+                Path(args.model),
+                Path(args.dataset),
+                Path(args.work) / "runs" / case.name,
+                args.device,
+                args.packing,
             )
+        result["data"] = args.data
         print("BENCH_RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -670,12 +726,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         model = build_model(case.arch, size, work / "models" / f"{size}-{case.arch}", args.device)
         records = (case.warmup_steps + case.measured_steps) * int(case.overrides["train.batch_size"]) + 1
-        dataset = build_dataset(work / "data" / f"{size}-{case.arch}", model, records)
+        if args.data == "realistic":
+            dataset = build_realistic_dataset(work / "data" / f"{size}-{case.arch}", model, 2 * records)
+        else:
+            dataset = build_dataset(work / "data" / f"{size}-{case.arch}", model, records)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         if args.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
         child = [str(Path(__file__).resolve()), "--one", case.name, "--model", str(model), "--dataset", str(dataset)]
-        child += ["--work", str(work), "--device", args.device]
+        child += ["--work", str(work), "--device", args.device, "--data", args.data, "--packing", args.packing]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
         proc = subprocess.run([*launcher, *child], env=env, text=True, capture_output=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
