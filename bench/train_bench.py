@@ -66,8 +66,9 @@ CASES = [
         {
             "train.mode": "lora",
             "train.lora.targets": "qkv",
-            "train.batch_size": 4,
-            "train.gradient_checkpointing": True,
+            "train.batch_size": 8,
+            "train.memory_gib": 20,  # the policy picks the micro-batch and recompute
+            "train.gradient_checkpointing": "auto",
         },
         warmup_steps=4,
         measured_steps=10,
@@ -78,8 +79,8 @@ CASES = [
         {
             "train.mode": "lora",
             "train.lora.targets": "qkv",
-            "train.batch_size": 4,
-            "train.gradient_checkpointing": False,
+            "train.batch_size": 8,
+            "train.gradient_checkpointing": "auto",
         },
         warmup_steps=4,
         measured_steps=10,
@@ -90,8 +91,9 @@ CASES = [
         {
             "train.mode": "lora",
             "train.lora.targets": "qkv",
-            "train.batch_size": 6,
-            "train.gradient_checkpointing": False,
+            "train.batch_size": 8,
+            "train.memory_gib": 16,
+            "train.gradient_checkpointing": "auto",
         },
         warmup_steps=4,
         measured_steps=12,
@@ -99,7 +101,7 @@ CASES = [
     Case(
         "full-7b",  # target: >= 7k tokens/s on one GPU, no offload
         "7b",
-        {"train.mode": "full", "train.batch_size": 4, "train.gradient_checkpointing": True},
+        {"train.mode": "full", "train.batch_size": 4, "train.gradient_checkpointing": "auto"},
         warmup_steps=3,
         measured_steps=6,
     ),

@@ -258,8 +258,8 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     processor = AutoProcessor.from_pretrained(base_model)
     prepared = load_prepared(dataset)
     datasets = build_datasets(config, processor, prepared)
-    batching = resolve_batching(config, base_model, datasets["train"].lengths, weights_dtype(config, precision))
     speed = plan_speed(t, torch.cuda.is_available(), precision)
+    batching = resolve_batching(config, base_model, datasets["train"].lengths, weights_dtype(config, precision), speed)
     args = training_arguments(config, run_dir, precision, batching, speed)
     main = args.should_save
     info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode)
