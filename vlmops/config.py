@@ -170,9 +170,9 @@ class TrainConfig(Section):
     packing: bool | Literal["auto"] = "auto"
     """Padding-free training batches: the samples of a micro-batch are concatenated into one row, position ids
     restart per sample and attention stays within each sample (model.attn sdpa, flex_attention or
-    flash_attention_2). Same learning as padded batches, no compute spent on padding. auto: on with a CUDA GPU,
-    off on CPU (where the tiny models' batches are short and SDPA's dense packed mask would cost more than the
-    padding it saves). Evaluation batches are never packed."""
+    flash_attention_2). Same learning as padded batches, no compute spent on padding. auto: on with a CUDA GPU when
+    model.attn is flex_attention or flash_attention_2, which skip the masked-out blocks; off with sdpa (its dense
+    packed mask measured 0.75x the padded batches on an H200) and on CPU. Evaluation batches are never packed."""
     packing_tokens: int | None = Field(None, ge=16)
     """Tokens per packed micro-batch. null: train.batch_size x the training split's mean sample length (so a
     step holds about as many samples as unpacked), or the memory policy's choice on a GPU; never less than the

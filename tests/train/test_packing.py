@@ -242,7 +242,8 @@ def test_group_collator_packs_groups_and_pads_plain_samples(tiny_processor: Any,
 
 def test_resolve_packing() -> None:
     assert resolve_packing(True) is True and resolve_packing(False) is False
-    assert resolve_packing("auto") is torch.cuda.is_available()
+    assert resolve_packing("auto") is False  # SDPA's dense packed mask costs more than padding
+    assert resolve_packing("auto", "flex_attention") is torch.cuda.is_available()
     with pytest.raises(ValueError, match="train.packing"):
         resolve_packing("yes")
 

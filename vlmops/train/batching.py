@@ -58,7 +58,7 @@ def resolve_batching(
 ) -> Batching:
     """The batching of a run: the config as written, or on a GPU the memory policy's split (see `TrainConfig`)."""
     t = config.train
-    packing = resolve_packing(t.packing)
+    packing = resolve_packing(t.packing, config.model.attn)
     recompute = None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing)
     batch_size, grad_accum, tokens = t.batch_size, t.grad_accum, t.packing_tokens
     mean = sum(lengths) / len(lengths)

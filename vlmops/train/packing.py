@@ -56,10 +56,15 @@ class SizedSamples(Protocol):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]: ...
 
 
-def resolve_packing(value: bool | str) -> bool:
-    """`train.packing` as a bool: `auto` packs when there is a CUDA GPU (see the key's docstring)."""
+# Attention implementations that skip the masked-out blocks of a packed row. SDPA gets a dense per-row mask
+# instead: on an H200 (7b LoRA, 8 samples of ~1,100 tokens per row) packed SDPA ran at 0.75x the padded batches.
+BLOCK_SPARSE_ATTENTION = ("flash_attention_2", "flex_attention")
+
+
+def resolve_packing(value: bool | str, attn: str = "sdpa") -> bool:
+    """`train.packing` as a bool: `auto` packs on a CUDA GPU when the attention skips masked blocks (see the key)."""
     if value == "auto":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() and attn in BLOCK_SPARSE_ATTENTION
     if not isinstance(value, bool):
         raise ValueError(f"train.packing must be auto, true or false, not {value!r}")
     return value
