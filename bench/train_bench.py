@@ -353,6 +353,7 @@ def case_config(case: Case, device: str, packing: str = "auto") -> Any:
             "train.lr": 1e-5,
             "data.max_length": 4096,
             "run.name": case.name,
+            "train.resume": "never",  # a rerun of the bench on the same --work measures afresh
         }
     )
     return load_config(None, overrides), note

@@ -24,12 +24,14 @@ def test_cpu_gets_the_plain_path() -> None:
     assert not (plan.compile_layers or plan.fused_loss or plan.fused_adamw or plan.lora_compute_dtype)
     assert plan.why_off == {"compile": "no CUDA GPU", "fused_loss": "no CUDA GPU"}
     assert "off compile (no CUDA GPU)" in plan.describe()
+    assert plan.pad_to_multiple_of == 1
 
 
 def test_gpu_gets_every_lever_and_deepspeed_the_safe_ones() -> None:
     train = load_config(None, {"train.mode": "lora"}).train
     plan = plan_speed(train, cuda=True, precision="bf16")
     assert plan.compile_layers and plan.fused_adamw and plan.lora_compute_dtype
+    assert plan.pad_to_multiple_of == 64  # compiled layers see a few bucketed lengths
     assert plan.fused_loss == liger_available()
     if not liger_available():
         assert "pip install 'vlmops[gpu]'" in plan.why_off["fused_loss"]

@@ -138,6 +138,6 @@ def train_dataset(batching: Batching, dataset: Any, seed: int) -> Dataset[Any]:
     return dataset
 
 
-def collator(batching: Batching, pad_token_id: int) -> GroupCollator:
+def collator(batching: Batching, pad_token_id: int, pad_to_multiple_of: int = 1) -> GroupCollator:
     """Packs groups into one row (packing), pads groups and plain samples (everything else, and evaluation)."""
-    return GroupCollator(pad_token_id=pad_token_id, pack=batching.packing)
+    return GroupCollator(pad_token_id=pad_token_id, pack=batching.packing, pad_to_multiple_of=pad_to_multiple_of)

@@ -178,6 +178,8 @@ class GroupCollator:
 
     pad_token_id: int
     pack: bool = True
+    pad_to_multiple_of: int = 1
+    """Padded batches only: round their length up (compiled layers then see a few shapes, not one per length)."""
 
     def __call__(
         self, features: Sequence[list[dict[str, torch.Tensor]]] | Sequence[dict[str, torch.Tensor]]
@@ -192,7 +194,7 @@ class GroupCollator:
                 samples.extend(f)
         if grouped and self.pack:
             return pack_samples(samples)
-        return VisionLanguageCollator(pad_token_id=self.pad_token_id)(samples)
+        return VisionLanguageCollator(self.pad_token_id, self.pad_to_multiple_of)(samples)
 
 
 def check_packing_support(model: Any) -> None:

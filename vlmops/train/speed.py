@@ -34,6 +34,7 @@ from vlmops.models.template import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
+COMPILE_BUCKET = 64
 LIGER_HINT = "pip install 'vlmops[gpu]' (Liger Kernel; it needs CUDA and Triton)"
 
 
@@ -47,6 +48,12 @@ class SpeedPlan:
     lora_compute_dtype: bool = False
     why_off: dict[str, str] = field(default_factory=dict)
     """For each lever that is off: why (CPU, DeepSpeed, not installed, switched off)."""
+
+    @property
+    def pad_to_multiple_of(self) -> int:
+        """Padded batch lengths round up to this: compiled layers are specialised per shape (dynamic shapes measured
+        slower than the uncompiled layers on the H200), so lengths come in a few buckets."""
+        return COMPILE_BUCKET if self.compile_layers else 1
 
     def describe(self) -> str:
         on = [
@@ -103,7 +110,7 @@ def apply_speed(model: Any, plan: SpeedPlan) -> None:
         # Many layers share one compiled graph; the limit covers a few shapes per layer (eval, last batch).
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for layer in top.model.language_model.layers:
-            layer.compile()
+            layer.compile(dynamic=False)
     if plan.fused_loss:
         fuse_loss(top, liger_head_loss())
     log.info(plan.describe())
