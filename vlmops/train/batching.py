@@ -117,6 +117,7 @@ def training_shape(
         master_weights=weights_dtype == torch.float32 and train.mode == "full",
         fused_loss=speed is not None and speed.fused_loss,
         compiled=speed is not None and speed.compile_layers,
+        high_res_vision=hasattr(config, "high_res_vision_config"),
     )
 
 

@@ -40,6 +40,10 @@ SATURATING_TOKENS = 2048
 # With compiled layers, inductor recomputes the cheap pointwise ops itself: the saved activations measured
 # 0.9x (7b) and 0.65x (1.3b) of the plain estimate; the larger share is kept, to stay on the safe side.
 COMPILED_ACTIVATION_SHARE = 0.9
+# The 7b's SAM tower at 1024x1024 (4,096 patches, global-attention layers) holds large transients while it runs,
+# one image per ~1,100-token sample: a 7b LoRA micro-batch of 8 x 1,088 tokens peaked 2.5 GiB above the estimate
+# without this term (H200, 2026-12-01).
+HIGH_RES_VISION_BYTES_PER_TOKEN = 300_000
 TRAINED_PARAM_BYTES = 16  # float32 weight + gradient + AdamW's two moments
 AUTOCAST_COPY_BYTES = 2  # the bf16 copy autocast makes of a float32 master weight
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, float32 copy in the loss, float32 gradient
@@ -64,6 +68,8 @@ class ModelShape:
     """The LM head and the loss run fused (train.fused_loss): no logits are kept."""
     compiled: bool = False
     """The decoder layers are compiled (train.compile)."""
+    high_res_vision: bool = False
+    """The model has the hybrid 7b's high-resolution (SAM) tower."""
 
     @classmethod
     def from_config(
@@ -72,6 +78,7 @@ class ModelShape:
         """The shape of a DeepSeek-VL config, its parameters counted on the meta device (no memory, no weights)."""
         text = config.text_config
         return cls(
+            high_res_vision=hasattr(config, "high_res_vision_config"),
             total_params=count_parameters(config),
             trained_params=trained_params,
             hidden_size=text.hidden_size,
@@ -93,7 +100,8 @@ class ModelShape:
         if self.compiled:
             layer = int(layer * COMPILED_ACTIVATION_SHARE)
         kept = self.num_layers * self.hidden_size * ACTIVATION_BYTES + layer if recompute else self.num_layers * layer
-        return kept + (0 if self.fused_loss else self.vocab_size * LOGIT_BYTES)
+        vision = HIGH_RES_VISION_BYTES_PER_TOKEN if self.high_res_vision else 0
+        return kept + vision + (0 if self.fused_loss else self.vocab_size * LOGIT_BYTES)
 
 
 def count_parameters(config: Any) -> int:
