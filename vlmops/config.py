@@ -170,13 +170,15 @@ class TrainConfig(Section):
     packing: bool | Literal["auto"] = "auto"
     """Padding-free training batches: the samples of a micro-batch are concatenated into one row, position ids
     restart per sample and attention stays within each sample (model.attn sdpa, flex_attention or
-    flash_attention_2). Same learning as padded batches, no compute spent on padding. auto: on with a CUDA GPU,
-    off on CPU (where the tiny models' batches are short and SDPA's dense packed mask would cost more than the
-    padding it saves). Evaluation batches are never packed."""
+    flash_attention_2). Same learning as padded batches, no compute spent on padding. auto: on with a CUDA GPU;
+    off on CPU, where runs are the tiny demo and tests: their short batches waste little on padding, FlexAttention
+    has no backward on CPU, and seeded CPU runs keep their batches (and pinned losses). Evaluation batches are
+    never packed. With SDPA the packed row's attention is computed densely under a block-diagonal mask (cost
+    grows with the row's length squared); flex_attention skips the masked blocks."""
     packing_tokens: int | None = Field(None, ge=16)
-    """Tokens per packed micro-batch. null: train.batch_size x the training split's mean sample length (so a
-    step holds about as many samples as unpacked), or the memory policy's choice on a GPU; never less than the
-    longest sample."""
+    """Tokens per packed micro-batch. null: the memory policy's choice on a GPU, else train.batch_size x the
+    training split's mean sample length (so a step holds about as many samples as unpacked); never less than the
+    longest sample. Set, it fixes the micro-batch: batch_size and grad_accum are then used as written."""
     group_by_length: bool = False
     """Unpacked batches of samples of similar length (less padding), in a seeded random order. Ignored when
     packing."""
