@@ -182,6 +182,13 @@ class TrainConfig(Section):
     group_by_length: bool = False
     """Unpacked batches of samples of similar length (less padding), in a seeded random order. Ignored when
     packing."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each decoder layer of the language model. auto: on with a CUDA GPU (not under DeepSpeed),
+    off on CPU. The first steps are slower while the layers compile (~30 s)."""
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    """Fused LM head + cross-entropy over the answer positions (Liger Kernel, `pip install 'vlmops[gpu]'`): the
+    logits over the 102,400-word vocabulary are never materialised. auto: on with a CUDA GPU when Liger Kernel is
+    installed (not under DeepSpeed)."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed."""

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from vlmops.config import PipelineConfig, TrainConfig
 from vlmops.train.memory import ModelShape, gpu_memory_gib, plan_batch
 from vlmops.train.packing import GroupCollator, GroupedDataset, length_groups, pack_groups, resolve_packing
+from vlmops.train.speed import SpeedPlan
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,11 @@ class Batching:
 
 
 def resolve_batching(
-    config: PipelineConfig, base_model: Path, lengths: list[int], weights_dtype: torch.dtype
+    config: PipelineConfig,
+    base_model: Path,
+    lengths: list[int],
+    weights_dtype: torch.dtype,
+    speed: SpeedPlan | None = None,
 ) -> Batching:
     """The batching of a run: the config as written, or on a GPU the memory policy's split (see `TrainConfig`)."""
     t = config.train
@@ -59,7 +64,7 @@ def resolve_batching(
     mean = sum(lengths) / len(lengths)
     fixed_budget = packing and t.packing_tokens is not None  # the user sized the micro-batch: keep the split
     if torch.cuda.is_available() and t.deepspeed is None and t.auto_batch and not fixed_budget:
-        shape = training_shape(base_model, t, weights_dtype)
+        shape = training_shape(base_model, t, weights_dtype, speed)
         plan = plan_batch(
             shape, gpu_memory_gib(t.memory_gib), t.batch_size * t.grad_accum, max(lengths), mean, packing, recompute
         )
@@ -89,7 +94,9 @@ def resolve_batching(
     )
 
 
-def training_shape(base_model: Path, train: TrainConfig, weights_dtype: torch.dtype) -> ModelShape:
+def training_shape(
+    base_model: Path, train: TrainConfig, weights_dtype: torch.dtype, speed: SpeedPlan | None = None
+) -> ModelShape:
     """The `ModelShape` of training `base_model` with `train`, from its config on the meta device (no weights)."""
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -117,6 +124,8 @@ def training_shape(base_model: Path, train: TrainConfig, weights_dtype: torch.dt
         vocab_size=text.vocab_size,
         frozen_bytes=torch.finfo(weights_dtype).bits // 8,
         master_weights=weights_dtype == torch.float32 and train.mode == "full",
+        fused_loss=speed is not None and speed.fused_loss,
+        compiled=speed is not None and speed.compile_layers,
     )
 
 

@@ -33,8 +33,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-RESERVE_GIB = 3.0
-SATURATING_TOKENS = 4096
+RESERVE_GIB = 2.0
+# Measured on an H200 with the GPU speed levers (bench/RESULTS.md "Training speed"): the 7b at 2 x ~1,100 tokens
+# without recompute beat 4 x ~1,100 with it, and 1 x ~1,100 lost; the 1.3b never gained from recompute.
+SATURATING_TOKENS = 2048
+# With compiled layers, inductor recomputes the cheap pointwise ops itself: the saved activations measured
+# 0.9x (7b) and 0.65x (1.3b) of the plain estimate; the larger share is kept, to stay on the safe side.
+COMPILED_ACTIVATION_SHARE = 0.9
 TRAINED_PARAM_BYTES = 16  # float32 weight + gradient + AdamW's two moments
 AUTOCAST_COPY_BYTES = 2  # the bf16 copy autocast makes of a float32 master weight
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, float32 copy in the loss, float32 gradient
@@ -55,6 +60,10 @@ class ModelShape:
     """Bytes per frozen parameter (2: bf16/fp16 weights; 4: float32 masters in full training)."""
     master_weights: bool = False
     """Trained weights are float32 masters under autocast (full training without DeepSpeed)."""
+    fused_loss: bool = False
+    """The LM head and the loss run fused (train.fused_loss): no logits are kept."""
+    compiled: bool = False
+    """The decoder layers are compiled (train.compile)."""
 
     @classmethod
     def from_config(
@@ -81,8 +90,10 @@ class ModelShape:
     def bytes_per_token(self, recompute: bool) -> int:
         """Activation and logit memory of one token of a micro-batch."""
         layer = (13 * self.hidden_size + 4 * self.intermediate_size) * ACTIVATION_BYTES
+        if self.compiled:
+            layer = int(layer * COMPILED_ACTIVATION_SHARE)
         kept = self.num_layers * self.hidden_size * ACTIVATION_BYTES + layer if recompute else self.num_layers * layer
-        return kept + self.vocab_size * LOGIT_BYTES
+        return kept + (0 if self.fused_loss else self.vocab_size * LOGIT_BYTES)
 
 
 def count_parameters(config: Any) -> int:

@@ -40,6 +40,7 @@ from vlmops.train.rundir import (
     plan_resume,
     start_run_folder,
 )
+from vlmops.train.speed import SpeedPlan, apply_speed, plan_speed
 from vlmops.train.trainable import TrainableSummary, prepare_trainable, require_grads_on_inputs
 from vlmops.train.trainer import (
     CheckpointPolicy,
@@ -147,12 +148,18 @@ def weights_dtype(config: PipelineConfig, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def training_arguments(config: PipelineConfig, run_dir: Path, precision: str, batching: Batching | None = None) -> Any:
+def training_arguments(
+    config: PipelineConfig,
+    run_dir: Path,
+    precision: str,
+    batching: Batching | None = None,
+    speed: SpeedPlan | None = None,
+) -> Any:
     """`TrainingArguments` from the `train` and `data` sections. Build it before loading the model: with
     ZeRO-3 it makes `from_pretrained` shard the weights as they load.
 
     `batching`: the run's resolved batching (`resolve_batching`); None: train.batch_size, grad_accum and
-    gradient_checkpointing as written.
+    gradient_checkpointing as written. `speed`: the run's GPU levers (`plan_speed`); None: the plain optimizer.
     """
     from transformers import TrainingArguments
 
@@ -195,6 +202,7 @@ def training_arguments(config: PipelineConfig, run_dir: Path, precision: str, ba
         data_seed=config.run.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        optim="adamw_torch_fused" if speed is not None and speed.fused_adamw else "adamw_torch",
         use_cpu=not torch.cuda.is_available(),
         **_checkpointing_kwargs(batching.recompute),
         deepspeed=load_deepspeed_config(t.deepspeed),
@@ -234,6 +242,7 @@ class TrainingSetup:
     resume: Path | None
     throughput: Throughput
     batching: Batching
+    speed: SpeedPlan
 
 
 def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainingSetup:
@@ -249,8 +258,9 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     processor = AutoProcessor.from_pretrained(base_model)
     prepared = load_prepared(dataset)
     datasets = build_datasets(config, processor, prepared)
-    batching = resolve_batching(config, base_model, datasets["train"].lengths, weights_dtype(config, precision))
-    args = training_arguments(config, run_dir, precision, batching)
+    speed = plan_speed(t, torch.cuda.is_available(), precision)
+    batching = resolve_batching(config, base_model, datasets["train"].lengths, weights_dtype(config, precision), speed)
+    args = training_arguments(config, run_dir, precision, batching, speed)
     main = args.should_save
     info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode)
     plan = plan_resume(run_dir, config, info)
@@ -279,6 +289,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         require_grads_on_inputs(model)
     if batching.packing:
         check_packing_support(model)
+    apply_speed(model, speed)
 
     throughput = Throughput()
     run_files = [run_dir / CONFIG_FILE, run_dir / RUN_INFO]
@@ -297,8 +308,9 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         ],
         run_files=run_files,
         dummy_pixels=dummy_pixel_values(processor),
+        fused_loss=speed.fused_loss,
     )
-    return TrainingSetup(trainer, summary, datasets, precision, resume, throughput, batching)
+    return TrainingSetup(trainer, summary, datasets, precision, resume, throughput, batching, speed)
 
 
 def build_datasets(config: PipelineConfig, processor: Any, prepared: PreparedDataset) -> dict[str, SFTDataset]:
