@@ -171,12 +171,14 @@ class TrainConfig(Section):
     """Padding-free training batches: the samples of a micro-batch are concatenated into one row, position ids
     restart per sample and attention stays within each sample (model.attn sdpa, flex_attention or
     flash_attention_2). Same learning as padded batches, no compute spent on padding. auto: on with a CUDA GPU when
-    model.attn is flex_attention or flash_attention_2, which skip the masked-out blocks; off with sdpa (its dense
-    packed mask measured 0.75x the padded batches on an H200) and on CPU. Evaluation batches are never packed."""
+    model.attn is flex_attention or flash_attention_2, which skip the masked-out blocks; off with sdpa (it computes
+    the packed row's attention densely under a block-diagonal mask: 0.75x the padded batches on an H200, 7b LoRA)
+    and on CPU (the tiny demo and tests: little padding, no FlexAttention backward, pinned losses). Evaluation
+    batches are never packed."""
     packing_tokens: int | None = Field(None, ge=16)
-    """Tokens per packed micro-batch. null: train.batch_size x the training split's mean sample length (so a
-    step holds about as many samples as unpacked), or the memory policy's choice on a GPU; never less than the
-    longest sample."""
+    """Tokens per packed micro-batch. null: the memory policy's choice on a GPU, else train.batch_size x the
+    training split's mean sample length (so a step holds about as many samples as unpacked); never less than the
+    longest sample. Set, it fixes the micro-batch: batch_size and grad_accum are then used as written."""
     group_by_length: bool = False
     """Unpacked batches of samples of similar length (less padding), in a seeded random order. Ignored when
     packing."""

@@ -80,10 +80,14 @@ def conversations(images: list[str], counts: list[int], seed: int = 0) -> list[C
     return out
 
 
-def load(path: Path) -> tuple[Any, Any]:
+def load(path: Path, attn: str = "sdpa", device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    from vlmops.models.loading import attn_implementation, is_hybrid
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=torch.float32, attn_implementation=attn_implementation(attn, is_hybrid(path))
+    ).to(device)
     model.config.text_config.use_cache = False
     return model, AutoProcessor.from_pretrained(path)
 
@@ -105,13 +109,11 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tenso
     return per_sample
 
 
-@pytest.mark.parametrize("arch", ["deepseek_vl", "deepseek_vl_hybrid"])
-def test_packed_and_padded_give_the_same_token_losses_and_gradients(
-    arch: str, tiny_models: dict[str, Path], images: list[str]
-) -> None:
-    model, processor = load(tiny_models[arch])
+def assert_packed_learns_as_padded(path: Path, images: list[str], attn: str = "sdpa", device: str = "cpu") -> None:
+    """Per-token losses and gradients of the sum of the losses: padded batch (SDPA) vs one packed row (`attn`)."""
+    reference, processor = load(path, "sdpa", device)
+    model, _ = load(path, attn, device)
     check_packing_support(model)
-    model.train()
     data = SFTDataset(conversations(images, IMAGES_PER_SAMPLE), processor, 512, "error")
     samples = [data[i] for i in range(len(data))]
     assert sorted({int(s.get("pixel_values", torch.empty(0)).shape[0]) for s in samples}) == [0, 1, 2]
@@ -121,12 +123,12 @@ def test_packed_and_padded_give_the_same_token_losses_and_gradients(
     assert padding_fraction([packed]) == 0.0 < padding_fraction([padded])
 
     results = []
-    for batch in (padded, packed):
-        model.zero_grad(set_to_none=True)
-        per_sample = token_losses(model, batch)
+    for net, batch in ((reference, padded), (model, packed)):
+        net.train()
+        per_sample = token_losses(net, {k: v.to(device) for k, v in batch.items()})
         total = torch.cat(per_sample).sum()
         total.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
         results.append((per_sample, total.detach(), grads))
     (ref_tokens, ref_total, ref_grads), (tokens, total, grads) = results
 
@@ -141,6 +143,23 @@ def test_packed_and_padded_give_the_same_token_losses_and_gradients(
     scale = max(float(g.abs().max()) for g in ref_grads.values())
     for name, ref in ref_grads.items():
         torch.testing.assert_close(grads[name], ref, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_packed_and_padded_give_the_same_token_losses_and_gradients(
+    arch: str, tiny_models: dict[str, Path], images: list[str]
+) -> None:
+    assert_packed_learns_as_padded(tiny_models[arch], images)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+@pytest.mark.parametrize("arch", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_packed_rows_learn_as_padded_batches_on_the_gpu(
+    arch: str, attn: str, tiny_models: dict[str, Path], images: list[str]
+) -> None:
+    """The GPU kernels: SDPA with the block-diagonal mask, FlexAttention with its block mask (forward and backward)."""
+    assert_packed_learns_as_padded(tiny_models[arch], images, attn, "cuda")
 
 
 def test_samples_in_a_row_never_see_each_other(tiny_model: Path, images: list[str]) -> None:
@@ -181,13 +200,8 @@ def test_a_kv_cache_would_mix_packed_samples(tiny_model: Path) -> None:
 def test_flex_attention_keeps_packed_samples_apart(tiny_model: Path, images: list[str]) -> None:
     """FlexAttention (the GPU's padding-free kernel without flash-attn) on the language model: the same per-token
     losses as padded SDPA. Forward only: torch has no FlexAttention backward on CPU."""
-    from transformers import AutoModelForImageTextToText
-
     model, processor = load(tiny_model)
-    flex = AutoModelForImageTextToText.from_pretrained(
-        tiny_model, dtype=torch.float32, attn_implementation={"": "sdpa", "text_config": "flex_attention"}
-    )
-    flex.config.text_config.use_cache = False
+    flex, _ = load(tiny_model, "flex_attention")
     check_packing_support(flex)
     data = SFTDataset(conversations(images, [2, 0, 1]), processor, 512, "error")
     samples = [data[i] for i in range(len(data))]
@@ -287,3 +301,21 @@ def test_packed_training_follows_the_padded_loss_curve(tiny_model: Path, snapsho
     assert len(packed) == len(padded) == LOSS_CURVE_STEPS
     assert packed[-1] < 0.8 * packed[0]  # it learns
     assert packed == pytest.approx(padded, rel=LOSS_CURVE_RTOL)
+
+
+@pytest.mark.gpu
+def test_a_gpu_run_packs_and_sizes_its_batches_by_default(tiny_model: Path, snapshot: Any, tmp_path: Path) -> None:
+    """On a GPU with FlexAttention the defaults pack (train.packing auto) and the memory policy splits the step
+    (train.memory_gib): the tiny model fits the whole step in one micro-batch without recompute."""
+    from vlmops.config import load_config
+    from vlmops.train.sft import setup_training
+
+    overrides = {"train.batch_size": 4, "train.grad_accum": 2, "train.max_steps": 6, "train.lr": 5e-3}
+    config = load_config(None, {**overrides, "model.attn": "flex_attention"})
+    setup = setup_training(config, tiny_model, snapshot.path, tmp_path / "run")
+    batching = setup.batching
+    assert batching.packing and not batching.recompute and batching.grad_accum == 1
+    assert batching.packing_tokens is not None and batching.packing_tokens >= max(setup.datasets["train"].lengths)
+    setup.trainer.train()
+    losses = [entry["loss"] for entry in setup.trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0]

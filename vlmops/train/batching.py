@@ -62,16 +62,25 @@ def resolve_batching(
     recompute = None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing)
     batch_size, grad_accum, tokens = t.batch_size, t.grad_accum, t.packing_tokens
     mean = sum(lengths) / len(lengths)
-    if torch.cuda.is_available() and t.deepspeed is None and t.auto_batch:
+    fixed_budget = packing and t.packing_tokens is not None  # the user sized the micro-batch: keep the split
+    if torch.cuda.is_available() and t.deepspeed is None and t.auto_batch and not fixed_budget:
         shape = training_shape(base_model, t, weights_dtype, speed)
         plan = plan_batch(
             shape, gpu_memory_gib(t.memory_gib), t.batch_size * t.grad_accum, max(lengths), mean, packing, recompute
         )
         log.info("train.memory_gib: %s", plan.describe())
-        batch_size, grad_accum, recompute = plan.micro_batch, plan.grad_accum, plan.recompute
-        tokens = tokens if tokens is not None else plan.packing_tokens
+        batch_size, grad_accum, recompute, tokens = (
+            plan.micro_batch,
+            plan.grad_accum,
+            plan.recompute,
+            plan.packing_tokens,
+        )
     elif t.memory_gib is not None:
-        why = "there is no CUDA GPU" if not torch.cuda.is_available() else "the run uses DeepSpeed or auto_batch false"
+        why = (
+            "there is no CUDA GPU"
+            if not torch.cuda.is_available()
+            else "the run uses DeepSpeed, train.auto_batch false or a fixed train.packing_tokens"
+        )
         log.info("train.memory_gib is ignored: %s; batch_size and grad_accum are used as written", why)
     if packing and tokens is None:
         tokens = max(max(lengths), math.ceil(batch_size * mean))
