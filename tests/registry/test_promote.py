@@ -203,3 +203,14 @@ def test_the_champion_loads_in_vlmops_batch_infer(
     assert manifest["model"]["uri"] == f"models:/{NAME}@champion" and manifest["model"]["version"] == "2"
     results = sorted(iter_results(open_output(str(out))), key=lambda r: r["source"])
     assert [r["response"] for r in results] == registry.references  # the champion is model A
+
+
+def test_vlmops_promote_runs_the_flow(
+    registry: Registry, contests: dict[str, dict[str, Any]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlmops.cli.main import main
+
+    assert main(["promote", "--config", str(registry.config_file), "--challenger", f"models:/{NAME}/2"]) == 0
+    assert f"{NAME} version 2 is the champion already: nothing to do" in capsys.readouterr().out
+    assert main(["promote", "--config", str(registry.config_file), "--challenger", "9"]) == 2
+    assert f"models:/{NAME}/9: not found in the registry" in capsys.readouterr().err
