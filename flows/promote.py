@@ -11,6 +11,7 @@ artifacts of this flow run: the decision (markdown, with links) and the eval sam
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -46,11 +47,8 @@ def promote(
         )
         return {"decision": "unchanged", "model_name": contest.challenger.name, "champion": contest.challenger.version}
     output_dir = Path(config.run.output_dir).resolve()
-    work_dir = (
-        output_dir
-        / "promotions"
-        / f"{safe_name(contest.challenger.name)}-v{contest.challenger.version}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
+    stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)  # two runs in one second get two folders
+    work_dir = output_dir / "promotions" / f"{safe_name(contest.challenger.name)}-v{contest.challenger.version}-{stamp}"
     work_dir.mkdir(parents=True)
     eval_file = fetch_evaluation_set(config, contest, str(work_dir))
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.registry.conftest import NAME, Registry
+from tests.s3_server import S3Server
 from vlmops.cli.main import main
 from vlmops.versioning import cache_object_path
 
@@ -137,3 +138,24 @@ def test_pull_refuses_what_it_cannot_restore(
     assert "registered without DVC versioning" in capsys.readouterr().err
     assert main(["pull", f"models:/{NAME}@nobody", "--config", config, "--out", str(tmp_path)]) == 2
     assert f"models:/{NAME}@nobody: not found in the registry" in capsys.readouterr().err
+
+
+def test_pull_from_an_s3_remote_checks_every_object(s3_env: S3Server, tmp_path: Path) -> None:
+    """The team's remote is S3 (SeaweedFS here): the same pull, and the same refusal of a damaged object."""
+    from vlmops.versioning import DvcPullError, DvcStore, pull_tracked
+
+    s3 = s3_env.client()
+    s3.create_bucket(Bucket="dvc-pull")
+    workspace = tmp_path / "workspace"
+    (workspace / "model").mkdir(parents=True)
+    (workspace / "model" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    (workspace / "model" / "config.json").write_text('{"a": 1}')
+    pushed = DvcStore(workspace, "team", "s3://dvc-pull/dvc").track(workspace / "model")
+
+    restored = pull_tracked(pushed.md5, "model", "s3://dvc-pull/dvc", tmp_path / "clone")
+    assert digests(restored) == digests(workspace / "model")
+
+    weights = hashlib.md5((workspace / "model" / "weights.bin").read_bytes()).hexdigest()
+    s3.put_object(Bucket="dvc-pull", Key=f"dvc/files/md5/{weights[:2]}/{weights[2:]}", Body=b"damaged")
+    with pytest.raises(DvcPullError, match=r"DVC could not restore model \(.*\) from s3://dvc-pull/dvc"):
+        pull_tracked(pushed.md5, "model", "s3://dvc-pull/dvc", tmp_path / "second-clone")
