@@ -1,9 +1,12 @@
-"""The retrain flow: download -> validate -> train -> merge -> batch inference -> evaluate -> register.
+"""The retrain flow: download -> validate -> train -> merge -> batch inference -> evaluate -> register
+(-> promote, with `registry.auto_promote`).
 
 One MLflow parent run per flow run, a child run per step. The dataset snapshot and the merged model are
 versioned with DVC; their hashes, the git commit and the Prefect flow-run id tag the run and the model
 version. Download and validation are cached on their inputs and the content of the files they read, so a
-rerun with unchanged inputs reuses them (the log says `Cached`).
+rerun with unchanged inputs reuses them (the log says `Cached`). The registered version carries its whole
+lineage (vlmops.registry.lineage); the flow run has two artifacts: a summary with links to the MLflow run and
+model version, and a table of eval samples.
 
     vlmops run --config pipeline.yaml --set train.epochs=2
     prefect deployment run retrain/scheduled --param overrides='["train.epochs=2"]'
@@ -22,6 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import State
 
+from flows.promote import promote
 from tasks.download import download_model, log_download
 from tasks.evaluate import evaluate, log_evaluation
 from tasks.infer import batch_infer_task, log_batch
@@ -239,8 +243,6 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         seconds=time.time() - started,
     )
     if config.registry.auto_promote:
-        from flows.promote import promote
-
         summary.promotion = promote(config_path, overrides, challenger=version.version)["decision"]
     links = mlflow_links(tracker.uri, tracker.experiment_id, parent, version.name, version.version)
     publish_summary(SUMMARY_KEY, summary.markdown(links), f"{version.name} v{version.version}")
