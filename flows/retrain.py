@@ -1,9 +1,12 @@
-"""The retrain flow: download -> validate -> train -> merge -> batch inference -> evaluate -> register.
+"""The retrain flow: download -> validate -> train -> merge -> batch inference -> evaluate -> register
+(-> promote, with `registry.auto_promote`).
 
 One MLflow parent run per flow run, a child run per step. The dataset snapshot and the merged model are
 versioned with DVC; their hashes, the git commit and the Prefect flow-run id tag the run and the model
 version. Download and validation are cached on their inputs and the content of the files they read, so a
-rerun with unchanged inputs reuses them (the log says `Cached`).
+rerun with unchanged inputs reuses them (the log says `Cached`). The registered version carries its whole
+lineage (vlmops.registry.lineage); the flow run has two artifacts: a summary with links to the MLflow run and
+model version, and a table of eval samples.
 
     vlmops run --config pipeline.yaml --set train.epochs=2
     prefect deployment run retrain/scheduled --param overrides='["train.epochs=2"]'
@@ -22,19 +25,26 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.states import State
 
+from flows.promote import promote
 from tasks.download import download_model, log_download
 from tasks.evaluate import evaluate, log_evaluation
 from tasks.infer import batch_infer_task, log_batch
 from tasks.merge import log_merge, merge
 from tasks.register import register
+from tasks.report import flow_run_tags, publish_samples, publish_summary
 from tasks.train import log_training, train_model
 from tasks.validate import log_validation, validate_dataset
 from tasks.version import version_path
 from vlmops.config import dump_config, load_config
 from vlmops.data.prepare import dataset_inputs
 from vlmops.evaluate.run import BASE_PREDICTIONS, EVAL_DIR, PREDICTIONS
+from vlmops.evaluate.samples import sample_rows
 from vlmops.models.download import local_source_path
-from vlmops.tracking import Tracker, git_commit, ui_command
+from vlmops.registry.lineage import version_tags
+from vlmops.tracking import MlflowLinks, Tracker, git_commit, mlflow_links, ui_command
+
+SUMMARY_KEY = "retrain-summary"
+SAMPLES_KEY = "retrain-eval-samples"
 
 
 @dataclass
@@ -53,6 +63,8 @@ class RunSummary:
     dataset_dvc_md5: str | None
     model_dvc_md5: str | None
     seconds: float
+    promotion: str | None = None
+    """promoted / rejected / unchanged when `registry.auto_promote` ran the gate, else None."""
 
     def text(self) -> str:
         base = "n/a" if self.base_accuracy is None else f"{self.base_accuracy:.3f}"
@@ -68,18 +80,36 @@ class RunSummary:
         ]
         if self.dataset_dvc_md5:
             lines.append(f"  DVC dataset / model     {self.dataset_dvc_md5} / {self.model_dvc_md5}")
+        if self.promotion:
+            lines.append(f"  promotion               {self.promotion}")
         lines.append(f"  took                    {self.seconds:.0f} s")
         return "\n".join(lines)
+
+    def markdown(self, links: MlflowLinks) -> str:
+        """The flow run's summary artifact: the numbers, and links to the MLflow run and model version."""
+        base = "n/a" if self.base_accuracy is None else f"{self.base_accuracy:.3f}"
+        lines = [
+            f"# retrain: {self.model_name} version {self.model_version} (@{self.model_alias})",
+            "",
+            "| accuracy (exact match) | base | fine-tuned |",
+            "| --- | --- | --- |",
+            f"| eval split | {base} | {self.finetuned_accuracy:.3f} |",
+            "",
+            f"- MLflow run: [{self.mlflow_run_id}]({links.run})",
+            f"- Model version: [{self.model_name} v{self.model_version}]({links.model_version})",
+            f"- MLflow store: `{self.mlflow_tracking_uri}` (local store: `{self.mlflow_ui}`)",
+            f"- Run folder: `{self.run_dir}`",
+        ]
+        if self.dataset_dvc_md5:
+            lines.append(f"- DVC dataset / model: `{self.dataset_dvc_md5}` / `{self.model_dvc_md5}`")
+        if self.promotion:
+            lines.append(f"- Promotion: {self.promotion}")
+        lines.append(f"- Took {self.seconds:.0f} s")
+        return "\n".join(lines) + "\n"
 
 
 def _cached(state: State) -> bool:
     return state.name == "Cached"
-
-
-def _flow_run_id() -> str:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id or "")
 
 
 @flow(name="retrain")
@@ -95,7 +125,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     config_file = run_dir / "config.yaml"
     config_file.write_text(dump_config(config))
     tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
-    lineage = {"git_commit": git_commit() or "unknown", "prefect_flow_run_id": _flow_run_id()}
+    lineage = {"git_commit": git_commit() or "unknown", **flow_run_tags()}
 
     with tracker.run(f"{config.run.name}-{run_id}", tags=lineage) as parent:
         tracker.log_params(parent, config.to_flat_dict())
@@ -175,12 +205,20 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
             tracker.log_metrics(parent, metrics)
 
         tags = {
-            **lineage,
-            "mlflow_run_id": parent,
-            "dataset.path": dataset.path,
-            "dataset.hash": dataset.content_hash,
-            **({"dvc.dataset.md5": data_version.md5} if data_version else {}),
-            **({"dvc.model.md5": model_version.md5} if model_version else {}),
+            **version_tags(
+                config=config,
+                run={**lineage, "mlflow_run_id": parent},
+                base_model={
+                    "id": snapshot.id,
+                    "revision": snapshot.revision,
+                    "source": snapshot.source,
+                    "manifest_hash": snapshot.digest,
+                },
+                dataset_path=str(dataset.path),
+                dataset_hash=dataset.content_hash,
+                data_version=data_version,
+                model_version=model_version,
+            ),
             **{k: f"{v:.4f}" for k, v in metrics.items()},
         }
         with tracker.run("register", parent) as step:
@@ -204,6 +242,15 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         model_dvc_md5=model_version.md5 if model_version else None,
         seconds=time.time() - started,
     )
+    if config.registry.auto_promote:
+        summary.promotion = promote(config_path, overrides, challenger=version.version)["decision"]
+    links = mlflow_links(tracker.uri, tracker.experiment_id, parent, version.name, version.version)
+    publish_summary(SUMMARY_KEY, summary.markdown(links), f"{version.name} v{version.version}")
+    results = {"finetuned": result.tuned, **({"base": result.base} if result.base is not None else {})}
+    publish_samples(
+        SAMPLES_KEY, sample_rows(dataset.eval_file, results), f"eval split of {version.name} v{version.version}"
+    )
+    summary.seconds = time.time() - started
     summary_file = run_dir / "summary.json"
     summary_file.write_text(json.dumps(asdict(summary), indent=2) + "\n")
     logger.info("%s\n  summary                 %s", summary.text(), summary_file)

@@ -262,11 +262,30 @@ class TrackingConfig(Section):
     """MLflow experiment name."""
 
 
+class PromotionConfig(Section):
+    """The gate a challenger passes to become `champion` (the `promote` flow, `vlmops promote`)."""
+
+    metric: Literal["accuracy"] = "accuracy"
+    """What challenger and champion are compared on: the share of the evaluation set answered right, scored
+    with `eval.metric`."""
+    min_margin: float = Field(0.0, ge=0.0, le=1.0)
+    """How much the challenger must beat the champion by (0.02: two points of accuracy) to replace it; 0: at
+    least as good. Without a champion the first version is promoted whatever its score."""
+    eval_file: str | None = None
+    """The evaluation set both answer (.json/.jsonl, records ending with the reference answer). null: the
+    eval split of the challenger's dataset snapshot (restored from the DVC remote when not on this machine)."""
+
+
 class RegistryConfig(Section):
     model_name: str = "vlmops-demo"
     """Registered model name in the MLflow model registry."""
     alias: str = "challenger"
     """Alias given to the newly registered version."""
+    auto_promote: bool = False
+    """After registering, run the promotion gate in the same retrain flow run (else `vlmops promote` or the
+    `promote` deployment does it later)."""
+    promotion: PromotionConfig = PromotionConfig()
+    """The champion/challenger gate."""
 
 
 class VersioningConfig(Section):

@@ -109,6 +109,11 @@ class Tracker:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, str(value))
 
+    def set_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
+        """Tags on a registered model version (lineage, promotion decisions)."""
+        for key, value in tags.items():
+            self.client.set_model_version_tag(name, version, key, str(value))
+
     def log_artifact(self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         target = Path(path)
         if target.is_dir():
@@ -180,6 +185,28 @@ def git_commit(folder: Path | None = None) -> str | None:
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
     return f"mlflow ui --backend-store-uri {uri}"
+
+
+LOCAL_UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` serves a local store by default: the links for a SQLite store point there."""
+
+
+@dataclass(frozen=True)
+class MlflowLinks:
+    """Browser links to a run and a model version in the MLflow UI."""
+
+    run: str
+    model_version: str | None = None
+
+
+def mlflow_links(
+    uri: str, experiment_id: str, run_id: str, name: str | None = None, version: str | None = None
+) -> MlflowLinks:
+    """Links into the UI of the tracking server at `uri`; for a local store, into `mlflow ui` on it (started with
+    `ui_command(uri)`)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    model = f"{base}/#/models/{name}/versions/{version}" if name and version else None
+    return MlflowLinks(f"{base}/#/experiments/{experiment_id}/runs/{run_id}", model)
 
 
 def _param_value(value: Any) -> str:

@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 from filelock import FileLock
 
+from vlmops.errors import RunFailed
+
 log = logging.getLogger(__name__)
 
 LOCK_TIMEOUT_S = 3600
@@ -127,25 +129,14 @@ def checkout_pointer(pointer: Path, dest: Path) -> Path:
 
     Raises:
         ValueError: the pointer file is not one `write_pointer` wrote.
+        DvcPullError: the remote's copy is missing or fails its hash check.
     """
-    from dvc.repo import Repo
-
     try:
         record = json.loads(pointer.read_text())
         name, dvc_text, remote_url = record["name"], record["dvc_file"], record["remote_url"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{pointer}: not a vlmops DVC pointer ({err}); register the model again") from err
-    dest.mkdir(parents=True, exist_ok=True)
-    Repo.init(str(dest), no_scm=True)
-    _configure(dest, "origin", remote_url)
-    dvc_file = dest / f"{name}.dvc"
-    dvc_file.write_text(dvc_text)
-    repo = Repo(str(dest))
-    try:
-        log.info("DVC: pulling %s (%s) from %s", name, record.get("md5"), remote_url)
-        repo.pull(targets=[str(dvc_file)], remote="origin")
-    finally:
-        repo.close()
+    dvc_file = _pull(dest, name, dvc_text, remote_url, str(record.get("md5")))
     for leftover in (".dvc", ".dvcignore", dvc_file.name):
         target = dest / leftover
         if target.is_dir():
@@ -153,6 +144,59 @@ def checkout_pointer(pointer: Path, dest: Path) -> Path:
         else:
             target.unlink(missing_ok=True)
     return dest / name
+
+
+def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
+    """Restore the folder DVC recorded as `md5` from `remote_url` into `dest/<name>`; returns that folder.
+
+    `dest` stays a DVC repository with `<name>.dvc` and the remote configured, so `dvc status` or `dvc pull`
+    there check or redo it. The same as, in an empty folder:
+
+        dvc init --no-scm && dvc remote add -d origin REMOTE_URL && dvc remote modify origin verify true
+        printf 'outs:\n- md5: MD5\n  hash: md5\n  path: NAME\n' > NAME.dvc && dvc pull NAME.dvc
+
+    Raises:
+        DvcPullError: the remote's copy is missing or fails its hash check.
+    """
+    if (dest / name).exists():
+        raise FileExistsError(f"{dest / name} exists already: pull into an empty folder")
+    dvc_text = yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": name}]}, sort_keys=False)
+    _pull(dest, name, dvc_text, _absolute_url(remote_url), md5)
+    return dest / name
+
+
+class DvcPullError(RunFailed):
+    """A tracked folder could not be restored whole from the DVC remote."""
+
+
+def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Path:
+    """Write `<name>.dvc` into a DVC repository at `dest` with `remote_url` as its remote, and pull it.
+
+    The remote is set to `verify: true`: DVC then hashes every file it downloads and refuses one whose content
+    is not its name (by default it trusts the remote), so a damaged object fails here instead of loading.
+    """
+    from dvc.exceptions import CheckoutError
+    from dvc.repo import Repo
+
+    dest.mkdir(parents=True, exist_ok=True)
+    if not (dest / ".dvc").is_dir():
+        Repo.init(str(dest), no_scm=True)
+    _configure(dest, "origin", remote_url)
+    dvc_file = dest / f"{name}.dvc"
+    dvc_file.write_text(dvc_text)
+    repo = Repo(str(dest))
+    try:
+        log.info("DVC: pulling %s (%s) from %s", name, md5, remote_url)
+        repo.pull(targets=[str(dvc_file)], remote="origin")
+    except CheckoutError as err:
+        raise DvcPullError(
+            f"DVC could not restore {name} ({md5}) from {remote_url}: the remote's copy is missing or damaged "
+            f"(a file's content does not match its recorded hash). Push it again from a machine that has it "
+            f"(`dvc push` in the DVC repository that tracked it), or point versioning.remote_url at a good copy"
+        ) from err
+    finally:
+        repo.close()
+    return dvc_file
 
 
 def cache_object_path(remote_dir: Path, md5: str) -> Path:
@@ -174,6 +218,8 @@ def _configure(root: Path, remote_name: str, remote_url: str) -> None:
             remote = conf["remote"].get(remote_name, {})
             if remote.get("url") != remote_url:
                 conf["remote"][remote_name] = {"url": remote_url}
+            # DVC trusts what it downloads unless told to hash it: a damaged object would load silently.
+            conf["remote"][remote_name]["verify"] = True
             conf.setdefault("core", {})["remote"] = remote_name
             conf.setdefault("cache", {})["type"] = CACHE_LINK_TYPE
     finally:

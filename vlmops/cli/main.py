@@ -4,6 +4,8 @@ vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipe
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
 vlmops batch-infer --model M --input IN --output OUT [--set ...]  resumable batch inference job
+vlmops promote   [--config ...] [--set ...] [--challenger V]       challenger vs champion; move `champion`
+vlmops pull      models:/NAME@ALIAS [--config ...] [--out DIR]     restore a version's dataset and model (DVC)
 vlmops app       --model M [--compare M2] [--host H --auth U:P]     chat page in the browser, side by side
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
@@ -35,6 +37,8 @@ from vlmops.cli import (
     export,
     infer,
     models,
+    promote,
+    pull,
     run,
     sft,
     validate,
@@ -44,7 +48,23 @@ from vlmops.errors import VlmopsError
 Handler = Callable[[argparse.Namespace], int]
 
 # In the order `vlmops --help` lists them.
-COMMANDS = (run, sft, infer, batch_infer, app, export, evaluate, validate, download, convert, models, demo_data, config)
+COMMANDS = (
+    run,
+    sft,
+    infer,
+    batch_infer,
+    promote,
+    pull,
+    app,
+    export,
+    evaluate,
+    validate,
+    download,
+    convert,
+    models,
+    demo_data,
+    config,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -161,7 +161,7 @@ def prepare_dataset(
             raise ValueError(f"the {empty} split has no usable records ({sources[empty]})")
         write_conversations(stage.path / "train.jsonl", splits["train"], image_names)
         write_conversations(stage.path / "eval.jsonl", splits["eval"], image_names)
-        content_hash = _hash_folder(stage.path)
+        content_hash = snapshot_hash(stage.path)
         (stage.path / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
         write_lengths(stage.path, length_fingerprint(tokenizer, num_image_tokens, system_prompt), report.lengths)
         final = stage.name(content_hash[:16], replace=False)
@@ -259,7 +259,7 @@ def _store_image(uri: str, image_dir: Path, storage: StorageConfig | None) -> st
     return f"images/{target.name}"
 
 
-def _hash_folder(folder: Path) -> str:
+def snapshot_hash(folder: Path) -> str:
     """Hash of every file's relative path and content (images are already named by their content hash)."""
     h = hashlib.sha256()
     derived = ("report.json", LENGTHS_FILE)  # written from the content, not part of it
@@ -280,7 +280,7 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     data = json.loads(report_file.read_text())
     splits = {k: SplitStats(**v) for k, v in data.pop("splits").items()}
     report = ValidationReport(**data, splits=splits)
-    return PreparedDataset(folder, _hash_folder(folder), report)
+    return PreparedDataset(folder, snapshot_hash(folder), report)
 
 
 def dataset_inputs(config: PipelineConfig) -> tuple[Path, Path | None]:

@@ -26,6 +26,7 @@ from typing import Any
 from vlmops.config import ModelConfig, PipelineConfig
 from vlmops.filenames import safe_name
 from vlmops.staging import staged_folder
+from vlmops.tracking import resolve_tracking_uri
 from vlmops.train.rundir import RUN_INFO, TrainedRun, open_run
 from vlmops.versioning import POINTER_FILE, checkout_pointer
 
@@ -62,7 +63,11 @@ def catalog_resolver(config: PipelineConfig) -> ResolveModel:
 
     def resolve(ref: str) -> Path:
         if ref not in CATALOG:
-            return resolve_model_ref(ref, tracking_uri=config.tracking.uri)
+            # Registered versions go beside the config's model cache (the default one: ~/.cache/vlmops/...).
+            registry_cache = Path(config.model.cache_dir).expanduser() / "registry"
+            return resolve_model_ref(
+                ref, tracking_uri=resolve_tracking_uri(config.tracking.uri), cache_dir=registry_cache
+            )
         model_cfg = (
             config.model if ref == config.model.name else ModelConfig(name=ref, cache_dir=config.model.cache_dir)
         )

@@ -1,0 +1,79 @@
+"""The promote flow: challenger and champion answer the same evaluation set; `champion` moves past the gate.
+
+    vlmops promote --config pipeline.yaml --set registry.promotion.min_margin=0.02
+    prefect deployment run promote/promote --param challenger=7
+
+The gate (`registry.promotion`: metric, min_margin, eval_file) is in the config; with no champion the
+challenger becomes the first. The decision is an MLflow run, `promotion.*` tags on both versions, and two
+artifacts of this flow run: the decision (markdown, with links) and the eval samples side by side (table).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from tasks.infer import batch_infer_task
+from tasks.promote import fetch_evaluation_set, find_contenders, record_promotion, score
+from tasks.report import flow_run_tags, publish_samples, publish_summary
+from vlmops.config import load_config
+from vlmops.evaluate.samples import sample_rows
+from vlmops.filenames import safe_name
+from vlmops.registry.promote import CHAMPION, decide
+from vlmops.tracking import Tracker, mlflow_links
+
+DECISION_KEY = "promote-decision"
+SAMPLES_KEY = "promote-eval-samples"
+
+
+@flow(name="promote")
+def promote(
+    config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: str | None = None
+) -> dict[str, Any]:
+    """Compare `challenger` (a version number or models:/ URI; default: the config's alias) with the champion
+    on one evaluation set and move `champion` if the gate in the config passes."""
+    logger = get_run_logger()
+    config = load_config(config_path, overrides)
+    contest = find_contenders(config, challenger)
+    if contest.settled:
+        logger.info(
+            "%s version %s is @%s already: nothing to do", contest.challenger.name, contest.challenger.version, CHAMPION
+        )
+        return {"decision": "unchanged", "model_name": contest.challenger.name, "champion": contest.challenger.version}
+    output_dir = Path(config.run.output_dir).resolve()
+    stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)  # two runs in one second get two folders
+    work_dir = output_dir / "promotions" / f"{safe_name(contest.challenger.name)}-v{contest.challenger.version}-{stamp}"
+    work_dir.mkdir(parents=True)
+    eval_file = fetch_evaluation_set(config, contest, str(work_dir))
+
+    results = {}
+    for role, contender in (("challenger", contest.challenger), (CHAMPION, contest.champion)):
+        if contender is not None:
+            predictions = batch_infer_task(
+                contender.uri, eval_file, str(work_dir / f"{role}_predictions.jsonl"), config
+            )
+            results[role] = score(str(predictions.path))
+    decision = decide(contest, results["challenger"], results.get(CHAMPION), config, Path(eval_file))
+    samples = sample_rows(eval_file, results)
+
+    tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
+    run_id = record_promotion(tracker, decision, contest, flow_run_tags(), samples)
+    links = mlflow_links(tracker.uri, tracker.experiment_id, run_id, decision.name, decision.challenger)
+    publish_summary(
+        DECISION_KEY,
+        decision.markdown(links.run) + f"\nChallenger version: {links.model_version}\n",
+        f"{decision.name} v{decision.challenger}: {decision.outcome}",
+    )
+    publish_samples(
+        SAMPLES_KEY, samples, f"{decision.name}: challenger v{decision.challenger} vs champion v{decision.champion}"
+    )
+    summary = {**asdict(decision), "decision": decision.outcome, "mlflow_run_id": run_id, "work_dir": str(work_dir)}
+    (work_dir / "decision.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info("%s", decision.reason)
+    return summary

@@ -1,0 +1,161 @@
+"""`vlmops pull models:/NAME@champion` from a second clone that has only the config: the exact dataset snapshot
+and merged model of that version come back from the DVC remote, hash-checked; a damaged remote copy fails with
+a message that says so; the documented `dvc pull` does the same."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.registry.conftest import NAME, Registry
+from tests.s3_server import S3Server
+from vlmops.cli.main import main
+from vlmops.versioning import cache_object_path
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def champion(registry: Registry) -> str:
+    """Version 1 (model A) registered by the flow's code path and made champion."""
+    version = registry.register("a").version
+    registry_client(registry).set_registered_model_alias(NAME, "champion", version)
+    return version
+
+
+def registry_client(registry: Registry):  # type: ignore[no-untyped-def]
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=registry.config.tracking.uri, registry_uri=registry.config.tracking.uri)
+
+
+def clone(registry: Registry, folder: Path, **extra: object) -> Path:
+    """A second checkout: nothing but a config naming the team's tracking server (here the same SQLite store)."""
+    folder.mkdir()
+    config = {"tracking": {"uri": registry.config.tracking.uri, "experiment": "registry-test"}, **extra}
+    (folder / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    return folder
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_pull_restores_exactly_the_champion_in_a_second_clone(
+    registry: Registry,
+    champion: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dvc.repo import Repo
+
+    second = clone(registry, tmp_path / "second")
+    monkeypatch.chdir(second)
+    assert main(["pull", f"models:/{NAME}@champion", "--config", "pipeline.yaml"]) == 0
+    pulled = second / "outputs" / "pulled" / f"{NAME}-v{champion}"
+    assert digests(pulled / "dataset") == digests(registry.snapshot_copy)
+    assert digests(pulled / "model") == digests(registry.model_a)
+    lineage = json.loads((pulled / "lineage.json").read_text())
+    assert lineage["version"] == champion
+    assert lineage["tags"]["dvc.model.md5"] == registry.versions["a"].md5
+    assert lineage["tags"]["dvc.dataset.md5"] == registry.data_version.md5
+    assert f"model     {pulled / 'model'}  ({registry.versions['a'].md5})" in capsys.readouterr().out
+    repo = Repo(str(pulled))  # the folder is a DVC repository whose .dvc files match what is there
+    try:
+        assert repo.status() == {}
+    finally:
+        repo.close()
+
+
+def test_the_documented_dvc_pull_restores_the_same(registry: Registry, champion: str, tmp_path: Path) -> None:
+    """README's recipe: the version's dvc.model.md5 tag and remote, a two-line .dvc file, `dvc pull`."""
+    tags = registry_client(registry).get_model_version(NAME, champion).tags
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    folder = tmp_path / "by-hand"
+    folder.mkdir()
+    for args in (
+        ["init", "--no-scm", "-q"],
+        ["remote", "add", "-d", "origin", tags["dvc.remote"]],
+        ["remote", "modify", "origin", "verify", "true"],
+    ):
+        subprocess.run(dvc + args, cwd=folder, check=True, capture_output=True)
+    (folder / "model.dvc").write_text(f"outs:\n- md5: {tags['dvc.model.md5']}\n  hash: md5\n  path: model\n")
+    subprocess.run([*dvc, "pull", "model.dvc"], cwd=folder, check=True, capture_output=True)
+    assert digests(folder / "model") == digests(registry.model_a)
+
+
+def test_a_damaged_remote_copy_fails_clearly(
+    registry: Registry, champion: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    damaged = tmp_path / "damaged-remote"
+    shutil.copytree(registry.remote, damaged)
+    weights = hashlib.md5((registry.model_a / "model.safetensors").read_bytes()).hexdigest()
+    target = cache_object_path(damaged, weights)
+    target.chmod(0o644)
+    target.write_bytes(b"not the weights")
+    second = clone(registry, tmp_path / "second")
+    code = main(
+        [
+            "pull",
+            f"models:/{NAME}@champion",
+            "--config",
+            str(second / "pipeline.yaml"),
+            "--set",
+            f"versioning.remote_url={damaged}",
+            "--out",
+            str(second / "pulled"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert f"DVC could not restore model ({registry.versions['a'].md5}) from {damaged}" in err
+    assert "missing or damaged" in err
+    assert not (second / "pulled" / f"{NAME}-v{champion}" / "model").exists()
+
+
+def test_pull_refuses_what_it_cannot_restore(
+    registry: Registry, champion: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlmops.tracking import Tracker
+
+    tracker = Tracker(registry.config.tracking)
+    with tracker.run("plain") as run_id:
+        tracker.register_model(run_id, registry.model_b, "vlmops-plain", "champion")
+    config = str(clone(registry, tmp_path / "second") / "pipeline.yaml")
+    assert main(["pull", "models:/vlmops-plain@champion", "--config", config, "--out", str(tmp_path)]) == 2
+    assert "registered without DVC versioning" in capsys.readouterr().err
+    assert main(["pull", f"models:/{NAME}@nobody", "--config", config, "--out", str(tmp_path)]) == 2
+    assert f"models:/{NAME}@nobody: not found in the registry" in capsys.readouterr().err
+
+
+def test_pull_from_an_s3_remote_checks_every_object(s3_env: S3Server, tmp_path: Path) -> None:
+    """The team's remote is S3 (SeaweedFS here): the same pull, and the same refusal of a damaged object."""
+    from vlmops.versioning import DvcPullError, DvcStore, pull_tracked
+
+    s3 = s3_env.client()
+    s3.create_bucket(Bucket="dvc-pull")
+    workspace = tmp_path / "workspace"
+    (workspace / "model").mkdir(parents=True)
+    (workspace / "model" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    (workspace / "model" / "config.json").write_text('{"a": 1}')
+    pushed = DvcStore(workspace, "team", "s3://dvc-pull/dvc").track(workspace / "model")
+
+    restored = pull_tracked(pushed.md5, "model", "s3://dvc-pull/dvc", tmp_path / "clone")
+    assert digests(restored) == digests(workspace / "model")
+
+    weights = hashlib.md5((workspace / "model" / "weights.bin").read_bytes()).hexdigest()
+    s3.put_object(Bucket="dvc-pull", Key=f"dvc/files/md5/{weights[:2]}/{weights[2:]}", Body=b"damaged")
+    with pytest.raises(DvcPullError, match=r"DVC could not restore model \(.*\) from s3://dvc-pull/dvc"):
+        pull_tracked(pushed.md5, "model", "s3://dvc-pull/dvc", tmp_path / "second-clone")
