@@ -86,7 +86,7 @@ class DataConfig(Section):
     is left out (skip). Either way each rejected record is written to `rejects_file` with its reason."""
     rejects_file: str | None = None
     """Where rejected records are written (jsonl: file, line, field, reason, the record's text), rewritten by
-    each validation. null: `<run.output_dir>/rejects.jsonl`."""
+    each validation. null: `<run.output_dir>/datasets/rejects.jsonl`."""
     allowed_roots: list[str] = []
     """Folders besides each dataset file's own where its local image paths may point. A path outside them
     (`../../etc/passwd`, an absolute path elsewhere, a symlink out) rejects the record."""

@@ -52,13 +52,19 @@ class RecordProblem:
 
 
 class DatasetError(UserInputError):
-    """A dataset file that cannot be used; lists every problem found."""
+    """A dataset that cannot be used; lists the problems found (the first of them when there are many).
 
-    def __init__(self, problems: list[RecordProblem], hint: str = ""):
+    `total`: how many there are in all (default: `len(problems)`); `report`: the validation report so far,
+    for a summary beside the error.
+    """
+
+    def __init__(self, problems: list[RecordProblem], hint: str = "", total: int | None = None, report: Any = None):
         self.problems = problems
+        self.report = report
+        total = len(problems) if total is None else total
         shown = "\n".join(f"  - {p}" for p in problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(f"{len(problems)} rejected record(s):\n{shown}{more}" + (f"\n{hint}" if hint else ""))
+        more = f"\n  ... and {total - min(50, len(problems))} more" if total > min(50, len(problems)) else ""
+        super().__init__(f"{total} rejected record(s):\n{shown}{more}" + (f"\n{hint}" if hint else ""))
 
 
 class RecordError(UserInputError):
