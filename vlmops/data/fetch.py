@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
@@ -98,11 +99,11 @@ def fetch_url(url: str, policy: UrlPolicy | None = None) -> bytes:
             response = http_session().get(
                 current, timeout=policy.timeout_s, stream=True, allow_redirects=False, headers={"Accept": "image/*"}
             )
-        except requests.Timeout as err:
-            raise UrlFetchError(
-                f"no answer within {policy.timeout_s:g} s after {HTTP_RETRIES} retries (storage.url_timeout_s)"
-            ) from err
         except requests.RequestException as err:
+            if _timed_out(err):
+                raise UrlFetchError(
+                    f"no answer within {policy.timeout_s:g} s, {HTTP_RETRIES} retries (storage.url_timeout_s)"
+                ) from err
             raise UrlFetchError(
                 f"could not download it after {HTTP_RETRIES} retries ({err}); is the host reachable?"
             ) from err
@@ -145,7 +146,7 @@ def _read_body(response: requests.Response, policy: UrlPolicy, deadline: float) 
     if not response.ok:
         tried = f" after {HTTP_RETRIES} retries" if response.status_code in HTTP_RETRY_STATUSES else ""
         raise UrlFetchError(f"HTTP {response.status_code} {response.reason}{tried}")
-    limit = f"larger than storage.url_max_mib ({policy.max_bytes / 1024 / 1024:g} MiB)"
+    limit = f"larger than storage.url_max_mib ({policy.max_bytes / 1024 / 1024:.3g} MiB)"
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > policy.max_bytes:
         raise UrlFetchError(f"{limit}: the server announces {int(declared):,} bytes")
@@ -160,6 +161,15 @@ def _read_body(response: requests.Response, policy: UrlPolicy, deadline: float) 
     except requests.RequestException as err:
         raise UrlFetchError(f"the download broke off ({err})") from err
     return bytes(body)
+
+
+def _timed_out(err: requests.RequestException) -> bool:
+    """Whether a request failed by time: requests reports a read timeout that outlived the retries as a
+    ConnectionError around urllib3's MaxRetryError, whose `reason` says what the last try ran into."""
+    if isinstance(err, requests.Timeout):
+        return True
+    reason = getattr(err.args[0], "reason", None) if err.args else None
+    return isinstance(reason, TimeoutError | urllib3.exceptions.TimeoutError)
 
 
 def _address(text: str) -> IpAddress:
