@@ -568,8 +568,9 @@ def test_s3_image_without_credentials(
     credentials: tuple[str, str] | None,
     reason: str,
 ) -> None:
-    s3_env.client().create_bucket(Bucket="bad-input-auth")
-    s3_env.client().put_object(Bucket="bad-input-auth", Key="a.png", Body=png_bytes())
+    bucket = f"bad-input-auth-{'none' if credentials is None else 'wrong'}"
+    s3_env.client().create_bucket(Bucket=bucket)
+    s3_env.client().put_object(Bucket=bucket, Key="a.png", Body=png_bytes())
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -579,7 +580,7 @@ def test_s3_image_without_credentials(
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", credentials[0])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", credentials[1])
     dataset = tmp_path / "d.jsonl"
-    dataset.write_text(json.dumps(ask("<img>s3://bad-input-auth/a.png</img>What?")) + "\n")
+    dataset.write_text(json.dumps(ask(f"<img>s3://{bucket}/a.png</img>What?")) + "\n")
     with pytest.raises(DatasetError) as info:
         validate_files([dataset], DataConfig(), tiny_processor.tokenizer, 16, tmp_path / "r.jsonl")
     [problem] = info.value.problems

@@ -169,6 +169,8 @@ def _timed_out(err: requests.RequestException) -> bool:
     if isinstance(err, requests.Timeout):
         return True
     reason = getattr(err.args[0], "reason", None) if err.args else None
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):  # a ConnectTimeoutError by inheritance only
+        return False
     return isinstance(reason, TimeoutError | urllib3.exceptions.TimeoutError)
 
 
@@ -184,9 +186,9 @@ def _non_public_kind(address: IpAddress) -> str | None:
     for kind, flag in (
         ("loopback", address.is_loopback),
         ("link-local", address.is_link_local),
-        ("private", address.is_private),
-        ("multicast", address.is_multicast),
         ("unspecified", address.is_unspecified),
+        ("multicast", address.is_multicast),
+        ("private", address.is_private),
         ("reserved", address.is_reserved),
     ):
         if flag:
