@@ -155,68 +155,47 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
-    """(location, line, text, value or problem) for each non-blank line of a .jsonl file."""
+    """(location, line, text, value or problem) for each non-blank line of a .jsonl file, read one at a time."""
     with file.open("rb") as f:
         for number, data in enumerate(f, start=1):
             location = f"{file}:{number}"
             try:
-                line = data.decode("utf-8-sig" if number == 1 else "utf-8")
+                line = data.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
                 text = data.decode("utf-8", "replace").rstrip("\r\n")
                 yield location, number, text, RecordProblem(location, "(line)", _not_utf8(err, data))
                 continue
             if not line.strip():
                 continue
-            line = line.rstrip("\r\n")
+            value: Any
             try:
-                yield location, number, line, json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as err:
-                yield (
-                    location,
-                    number,
-                    line,
-                    RecordProblem(location, "(line)", f"not valid JSON: {err.msg} at column {err.colno}"),
-                )
+                value = RecordProblem(location, "(line)", f"not valid JSON: {err.msg} at column {err.colno}")
+            yield location, number, line, value
 
 
 def _list_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
     """(location, index, item, item or problem) for each item of a .json file (parsed whole: keep big
-    datasets in .jsonl). A file that does not parse is one problem at the line where it breaks."""
+    datasets in .jsonl). A file that does not parse is one problem, at the line where it breaks."""
+
+    def broken(line: int, reason: str) -> tuple[str, int, Any, Any]:
+        location = f"{file}:{line}" if line else str(file)
+        return location, line, None, RecordProblem(location, "(file)", reason)
+
     data = file.read_bytes()
     try:
-        text = data.decode("utf-8-sig")
+        records = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        location = f"{file}:{line}"
-        yield (
-            location,
-            line,
-            None,
-            RecordProblem(location, "(file)", _not_utf8(err, data, data.rfind(b"\n", 0, err.start) + 1)),
-        )
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        yield broken(data[: err.start].count(b"\n") + 1, _not_utf8(err, data, line_start))
         return
-    try:
-        records = json.loads(text)
     except json.JSONDecodeError as err:
-        location = f"{file}:{err.lineno}"
-        yield (
-            location,
-            err.lineno,
-            None,
-            RecordProblem(location, "(file)", f"not valid JSON: {err.msg} at column {err.colno}"),
-        )
+        yield broken(err.lineno, f"not valid JSON: {err.msg} at column {err.colno}")
         return
     if not isinstance(records, list):
-        yield (
-            str(file),
-            0,
-            None,
-            RecordProblem(
-                str(file),
-                "(file)",
-                f"a .json dataset must be a list of records, not {type(records).__name__} (use .jsonl for one per line)",
-            ),
-        )
+        kind = type(records).__name__
+        yield broken(0, f"a .json dataset must be a list of records, not {kind} (use .jsonl for one per line)")
         return
     for index, record in enumerate(records):
         yield f"{file}[{index}]", index, record, record
