@@ -51,12 +51,21 @@ def log_validation(tracker: Tracker, run_id: str, dataset: PreparedDataset, cach
     report = dataset.report
     tracker.set_tags(run_id, {"cached": cached, "dataset.path": dataset.path, "dataset.hash": dataset.content_hash})
     tracker.log_params(run_id, {f"source.{k}": v for k, v in report.sources.items()})
-    metrics: dict[str, float] = {"rejected": len(report.rejected), "dropped_too_long": len(report.dropped_too_long)}
+    metrics: dict[str, float] = {
+        "read": report.read,
+        "rejected": report.rejected_count,
+        "dropped_too_long": len(report.dropped_too_long),
+        "duplicates": report.duplicates,
+    }
     for split, stats in report.splits.items():
         for key, value in vars(stats).items():
             metrics[f"{split}.{key}"] = float(value)
     tracker.log_metrics(run_id, metrics)
     tracker.log_artifact(run_id, dataset.path / "report.json", "validation")
+    # The rejects file is rewritten by each validation: a cached step's copy may describe a later one.
+    rejects = Path(report.rejects_file) if report.rejects_file and not cached else None
+    if rejects is not None and rejects.is_file() and rejects.stat().st_size:
+        tracker.log_artifact(run_id, rejects, "validation")
     tracker.log_text(run_id, report.summary() + "\n", "validation/summary.txt")
     if report.lengths:
         with tempfile.TemporaryDirectory() as tmp:

@@ -83,6 +83,12 @@ def test_bad_records_stop_or_are_skipped_and_listed(tmp_path: Path, tiny_process
     )
     assert len(skipped.report.rejected) == 2
     assert skipped.report.splits["train"].records + skipped.report.splits["eval"].records == 3
+    # kept + rejected = read, and every rejected record is in the rejects file with its line and reason
+    report = skipped.report
+    assert report.read == 5 and report.rejected_count == 2
+    assert report.rejects_file == str(tmp_path / "out" / "rejects.jsonl")
+    rows = [json.loads(line) for line in Path(report.rejects_file).read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in rows] == [(2, "conversations[0].value"), (5, "(record)")]
 
 
 def test_max_length_policies(tmp_path: Path, demo_data: tuple[Path, Path], tiny_processor: Any) -> None:

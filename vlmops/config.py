@@ -7,6 +7,7 @@ when it came from a file, the file and line.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -83,8 +84,14 @@ class DataConfig(Section):
     """What to do with a longer sample: stop with an error, drop it (reported), or cut the text of its last
     turns (never an image)."""
     invalid_records: Literal["error", "skip"] = "error"
-    """A record that fails validation stops the run (error), or is left out and listed in the validation
-    report (skip)."""
+    """A record that fails validation stops the run before training, with every problem listed (error), or
+    is left out (skip). Either way each rejected record is written to `rejects_file` with its reason."""
+    rejects_file: str | None = None
+    """Where rejected records are written (jsonl: file, line, field, reason, the record's text), rewritten by
+    each validation. null: `<run.output_dir>/datasets/rejects.jsonl`."""
+    allowed_roots: list[str] = []
+    """Folders besides each dataset file's own where its local image paths may point. A path outside them
+    (`../../etc/passwd`, an absolute path elsewhere, a symlink out) rejects the record."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes that load and preprocess images while the GPU trains. auto: half the CPU
     cores up to 8 when there is a GPU (preprocessing in the training process starves it), 0 without one."""
@@ -305,6 +312,23 @@ class StorageConfig(Section):
     """S3 endpoint (SeaweedFS, MinIO, ...). null: AWS, or the AWS_ENDPOINT_URL environment variable."""
     region: str | None = None
     """S3 region. null: boto3's default chain."""
+    url_max_mib: float = Field(20.0, gt=0)
+    """Largest image downloaded by http(s) URL, in MiB; a larger one is refused, not cut."""
+    url_timeout_s: float = Field(30.0, gt=0)
+    """Time limit for one image download (each try, and the whole body)."""
+    url_allow_networks: list[str] = []
+    """Non-public networks that image URLs may reach, as addresses or CIDRs (e.g. "10.1.2.0/24"). By default
+    an http(s) URL (or a redirect) that resolves to a loopback, private or link-local address is refused."""
+
+    @field_validator("url_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"{network!r} is not an IP address or network (e.g. 10.0.0.0/8)") from None
+        return value
 
 
 class PipelineConfig(Section):

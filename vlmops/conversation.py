@@ -6,10 +6,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from vlmops.errors import UserInputError
+
 Role = Literal["system", "user", "assistant"]
 
 # The seed's inline image tag: <img>path-or-url</img>, anywhere in a user turn.
-IMG_TAG = re.compile(r"<img>(.*?)</img>", re.DOTALL)
+OPEN_TAG, CLOSE_TAG = "<img>", "</img>"
+TAG = re.compile(r"<img>|</img>")
+
+
+class ImageTagError(UserInputError):
+    """An `<img>` tag that is not closed, is nested in another, or closes nothing."""
 
 
 @dataclass(frozen=True)
@@ -17,6 +24,8 @@ class ImageRef:
     """An image by reference: a local path, http(s) URL, s3:// URI or data: URI."""
 
     uri: str
+    field: str = field(default="", compare=False)
+    """Where a dataset record names it (`conversations[0].value`, `images[1]`), for error messages."""
 
 
 Part = str | ImageRef
@@ -50,14 +59,30 @@ class Conversation:
 
 
 def parse_img_tags(text: str) -> list[Part]:
-    """Split seed-style text (`<img>a.png</img>What is this?`) into text and image parts."""
+    """Split seed-style text (`<img>a.png</img>What is this?`) into text and image parts.
+
+    Raises:
+        ImageTagError: an `<img>` without its `</img>`, one inside another, or a `</img>` that closes nothing
+            (read as plain text, they would train the model on a tag and silently drop the image).
+    """
     parts: list[Part] = []
     pos = 0
-    for match in IMG_TAG.finditer(text):
-        if match.start() > pos:
-            parts.append(text[pos : match.start()])
-        parts.append(ImageRef(match.group(1).strip()))
-        pos = match.end()
+    opened: int | None = None  # where the open tag's content starts
+    for match in TAG.finditer(text):
+        if match.group() == OPEN_TAG:
+            if opened is not None:
+                raise ImageTagError(f"<img> at character {match.start()} is inside another <img> tag (nested tags)")
+            if match.start() > pos:
+                parts.append(text[pos : match.start()])
+            opened = match.end()
+        else:
+            if opened is None:
+                raise ImageTagError(f"</img> at character {match.start()} closes no <img> tag")
+            parts.append(ImageRef(text[opened : match.start()].strip()))
+            opened = None
+            pos = match.end()
+    if opened is not None:
+        raise ImageTagError(f"<img> at character {opened - len(OPEN_TAG)} is never closed with </img>")
     if pos < len(text):
         parts.append(text[pos:])
     return parts

@@ -73,7 +73,9 @@ def _client(endpoint: str | None, region: str | None, credentials: tuple[str | N
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=10,
     )
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+    # A session of its own: boto3's default session resolves credentials once and keeps them, so a client
+    # made for a changed key pair (or for none) would still sign with the first pair it found.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmops.config import InferConfig
+from vlmops.config import InferConfig, StorageConfig
 from vlmops.conversation import Message, parse_img_tags
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.chat import ChatModel
@@ -31,7 +31,8 @@ def infer(max_new_tokens: int = 12) -> InferConfig:
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_model: Path) -> ChatModel:
-    return ChatModel.load(tiny_model, infer_cfg=infer())
+    # the local image server is on loopback, which image URLs may reach only when the config allows it
+    return ChatModel.load(tiny_model, infer_cfg=infer(), storage=StorageConfig(url_allow_networks=["127.0.0.1"]))
 
 
 @pytest.fixture(scope="module")

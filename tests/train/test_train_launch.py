@@ -153,8 +153,10 @@ def mixed_snapshot(
             }
         )
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    # the records name the demo data's images where they are: a folder the dataset's own roots must include
+    data = load_config(None, [f"data.allowed_roots=[{demo_data[0].parent}]"]).data
     return prepare_dataset(
-        load_config().data,
+        data,
         folder / "train.jsonl",
         demo_data[1],
         folder / "datasets",

@@ -9,7 +9,7 @@ vlmops pull      models:/NAME@ALIAS [--config ...] [--out DIR]     restore a ver
 vlmops app       --model M [--compare M2] [--host H --auth U:P]     chat page in the browser, side by side
 vlmops export    --ckpt RUN --merge-lora [--out DIR] [--config]    merge LoRA into a plain checkpoint
 vlmops eval      --ckpt RUN [--config] [--out DIR]                 accuracy on the run's eval split
-vlmops validate  [--config ...] [--set ...]                        check a dataset, print the report
+vlmops validate  [PATH ...] [--config ...] [--set ...]             check dataset files, print the report
 vlmops download  [NAME] [--refresh] [--config ...] [--set ...]     fetch (and convert) a model
 vlmops convert   SRC DST                                           original release -> transformers
 vlmops models                                                      the model catalog

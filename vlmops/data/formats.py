@@ -9,12 +9,21 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmops.conversation import Conversation, ImageRef, Message, Part, Role, parse_img_tags, to_img_tags
+from vlmops.conversation import (
+    Conversation,
+    ImageRef,
+    ImageTagError,
+    Message,
+    Part,
+    Role,
+    parse_img_tags,
+    to_img_tags,
+)
 from vlmops.errors import UserInputError
 
 ROLE_ALIASES: dict[str, Role] = {
@@ -26,6 +35,8 @@ ROLE_ALIASES: dict[str, Role] = {
 }
 IMAGE_MARK = re.compile(r"<image>")
 REMOTE_PREFIXES = ("http://", "https://", "s3://", "data:")
+DATASET_SUFFIXES = (".json", ".jsonl")
+OTHER_SCHEME = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
 @dataclass(frozen=True)
@@ -41,13 +52,19 @@ class RecordProblem:
 
 
 class DatasetError(UserInputError):
-    """A dataset file that cannot be used; lists every problem found."""
+    """A dataset that cannot be used; lists the problems found (the first of them when there are many).
 
-    def __init__(self, problems: list[RecordProblem], hint: str = ""):
+    `total`: how many there are in all (default: `len(problems)`); `report`: the validation report so far,
+    for a summary beside the error.
+    """
+
+    def __init__(self, problems: list[RecordProblem], hint: str = "", total: int | None = None, report: Any = None):
         self.problems = problems
+        self.report = report
+        total = len(problems) if total is None else total
         shown = "\n".join(f"  - {p}" for p in problems[:50])
-        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(f"{len(problems)} rejected record(s):\n{shown}{more}" + (f"\n{hint}" if hint else ""))
+        more = f"\n  ... and {total - min(50, len(problems))} more" if total > min(50, len(problems)) else ""
+        super().__init__(f"{total} rejected record(s):\n{shown}{more}" + (f"\n{hint}" if hint else ""))
 
 
 class RecordError(UserInputError):
@@ -66,58 +83,145 @@ class DatasetFile:
     problems: list[RecordProblem]
 
 
-def read_dataset(path: str | os.PathLike[str]) -> DatasetFile:
-    """Parse a .json (list of records) or .jsonl (one record per line) dataset file."""
+@dataclass(frozen=True)
+class Entry:
+    """One record as read from a file: where it is, its text or value, and what it parsed to.
+
+    `number` is the line (jsonl, counted from 1) or the list index (json); `raw` the line's text or the
+    list item, kept for the rejects file; `result` the conversation, or the problem that rejects it.
+    """
+
+    location: str
+    number: int
+    raw: Any
+    result: Conversation | RecordProblem
+
+
+def read_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> DatasetFile:
+    """Parse a .json (list of records) or .jsonl (one record per line) dataset file into memory.
+
+    For a file of any size use `iter_dataset`, which holds one record at a time.
+    """
+    conversations: list[Conversation] = []
+    problems: list[RecordProblem] = []
+    for entry in iter_dataset(path, roots):
+        if isinstance(entry.result, RecordProblem):
+            problems.append(entry.result)
+        else:
+            conversations.append(entry.result)
+    return DatasetFile(Path(path), conversations, problems)
+
+
+def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> Iterator[Entry]:
+    """Every record of a dataset file in order, parsed or with its problem; a .jsonl file is read a line
+    at a time. Local image paths must stay inside the file's folder or one of `roots`."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"dataset file {file} does not exist (check data.train / data.eval)")
-    conversations: list[Conversation] = []
-    problems: list[RecordProblem] = []
-    for location, record in _records(file, problems):
-        try:
-            conversations.append(parse_record(record, location, file.parent))
-        except RecordError as err:
-            problems.append(RecordProblem(location, err.field, err.reason))
-    return DatasetFile(file, conversations, problems)
-
-
-def _records(file: Path, problems: list[RecordProblem]) -> Iterator[tuple[str, Any]]:
     suffix = file.suffix.lower()
-    if suffix not in (".json", ".jsonl"):
+    if suffix not in DATASET_SUFFIXES:
         raise ValueError(f"{file}: unsupported dataset file type {suffix!r}; use .json (a list) or .jsonl")
-    text = file.read_text(encoding="utf-8")
-    if suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
+    allowed = (file.parent.resolve(), *(Path(r).expanduser().resolve() for r in roots))
+    for location, number, raw, value in _records(file) if suffix == ".jsonl" else _list_records(file):
+        if isinstance(value, RecordProblem):
+            yield Entry(location, number, raw, value)
+            continue
+        try:
+            result: Conversation | RecordProblem = parse_record(value, location, file.parent, roots=allowed)
+        except RecordError as err:
+            result = RecordProblem(location, err.field, err.reason)
+        yield Entry(location, number, raw, result)
+
+
+def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The .json/.jsonl files that `paths` name: files as given, folders searched (sorted, recursively).
+
+    Raises:
+        FileNotFoundError: a path that does not exist, or a folder without dataset files.
+    """
+    files: list[Path] = []
+    for spec in paths:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATASET_SUFFIXES)
+            if not found:
+                raise FileNotFoundError(f"{path}: no .json or .jsonl dataset files in this folder")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist: pass .json/.jsonl dataset files or folders of them")
+    return files
+
+
+def _records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
+    """(location, line, text, value or problem) for each non-blank line of a .jsonl file, read one at a time."""
+    with file.open("rb") as f:
+        for number, data in enumerate(f, start=1):
             location = f"{file}:{number}"
             try:
-                yield location, json.loads(line)
+                line = data.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                text = data.decode("utf-8", "replace").rstrip("\r\n")
+                yield location, number, text, RecordProblem(location, "(line)", _not_utf8(err, data))
+                continue
+            if not line.strip():
+                continue
+            value: Any
+            try:
+                value = json.loads(line)
             except json.JSONDecodeError as err:
-                problems.append(RecordProblem(location, "(line)", f"not valid JSON: {err.msg} at column {err.colno}"))
-        return
+                value = RecordProblem(location, "(line)", f"not valid JSON: {err.msg} at column {err.colno}")
+            yield location, number, line, value
+
+
+def _list_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
+    """(location, index, item, item or problem) for each item of a .json file (parsed whole: keep big
+    datasets in .jsonl). A file that does not parse is one problem, at the line where it breaks."""
+
+    def broken(line: int, reason: str) -> tuple[str, int, Any, Any]:
+        location = f"{file}:{line}" if line else str(file)
+        return location, line, None, RecordProblem(location, "(file)", reason)
+
+    data = file.read_bytes()
     try:
-        data = json.loads(text)
+        records = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        yield broken(data[: err.start].count(b"\n") + 1, _not_utf8(err, data, line_start))
+        return
     except json.JSONDecodeError as err:
-        raise ValueError(f"{file}:{err.lineno}: not valid JSON: {err.msg} at column {err.colno}") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{file}: a .json dataset must be a list of records (use .jsonl for one per line)")
-    for index, record in enumerate(data):
-        yield f"{file}[{index}]", record
+        yield broken(err.lineno, f"not valid JSON: {err.msg} at column {err.colno}")
+        return
+    if not isinstance(records, list):
+        kind = type(records).__name__
+        yield broken(0, f"a .json dataset must be a list of records, not {kind} (use .jsonl for one per line)")
+        return
+    for index, record in enumerate(records):
+        yield f"{file}[{index}]", index, record, record
 
 
-def parse_record(record: Any, location: str, base_dir: Path, require_answer: bool = True) -> Conversation:
+def _not_utf8(err: UnicodeDecodeError, data: bytes, line_start: int = 0) -> str:
+    return (
+        f"not UTF-8 text: byte {data[err.start]:#04x} at column {err.start - line_start + 1} (save the file as UTF-8)"
+    )
+
+
+def parse_record(
+    record: Any, location: str, base_dir: Path, require_answer: bool = True, roots: Sequence[Path] | None = None
+) -> Conversation:
     """One record in either format -> Conversation, image paths resolved against `base_dir`.
 
     `require_answer=False` also takes records that end with a user turn (prompts for batch inference).
+    `roots`: the folders local image paths must resolve into (None: anywhere).
     """
     if not isinstance(record, dict):
         raise RecordError("(record)", f"must be an object, got {type(record).__name__}")
     if "conversations" in record:
-        messages = _parse_conversations(record["conversations"], base_dir)
+        messages = _parse_conversations(record["conversations"], base_dir, roots)
         meta = {k: v for k, v in record.items() if k != "conversations"}
     elif "messages" in record:
-        messages = _parse_messages(record["messages"], record.get("images", []), base_dir)
+        messages = _parse_messages(record["messages"], record.get("images", []), base_dir, roots)
         meta = {k: v for k, v in record.items() if k not in ("messages", "images")}
     else:
         keys = ", ".join(sorted(record)) or "none"
@@ -126,7 +230,7 @@ def parse_record(record: Any, location: str, base_dir: Path, require_answer: boo
     return Conversation(messages, source=location, meta=meta)
 
 
-def _parse_conversations(turns: Any, base_dir: Path) -> list[Message]:
+def _parse_conversations(turns: Any, base_dir: Path, roots: Sequence[Path] | None) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise RecordError("conversations", "must be a non-empty list of {from, value} turns")
     messages = []
@@ -134,10 +238,18 @@ def _parse_conversations(turns: Any, base_dir: Path) -> list[Message]:
         field = f"conversations[{i}]"
         role, value = _role_and_text(turn, field, "from", "value", "each turn")
         parts = [
-            _resolve(p, base_dir, f"{field}.value") if isinstance(p, ImageRef) else p for p in parse_img_tags(value)
+            _resolve(p, base_dir, f"{field}.value", roots) if isinstance(p, ImageRef) else p
+            for p in _img_tags(value, f"{field}.value")
         ]
         messages.append(Message(role, parts))
     return messages
+
+
+def _img_tags(text: str, field: str) -> list[Part]:
+    try:
+        return parse_img_tags(text)
+    except ImageTagError as err:
+        raise RecordError(field, str(err)) from None
 
 
 def _role_and_text(turn: Any, field: str, role_key: str, text_key: str, what: str) -> tuple[Role, str]:
@@ -151,12 +263,12 @@ def _role_and_text(turn: Any, field: str, role_key: str, text_key: str, what: st
     return role, text
 
 
-def _parse_messages(turns: Any, images: Any, base_dir: Path) -> list[Message]:
+def _parse_messages(turns: Any, images: Any, base_dir: Path, roots: Sequence[Path] | None) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise RecordError("messages", "must be a non-empty list of {role, content} messages")
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise RecordError("images", "must be a list of image paths or URLs")
-    queue = [_resolve(ImageRef(i), base_dir, "images") for i in images]
+    queue = [_resolve(ImageRef(uri), base_dir, f"images[{i}]", roots) for i, uri in enumerate(images)]
     messages = []
     used = 0
     for i, turn in enumerate(turns):
@@ -165,8 +277,10 @@ def _parse_messages(turns: Any, images: Any, base_dir: Path) -> list[Message]:
         parts: list[Part] = []
         pieces = IMAGE_MARK.split(content)
         for j, piece in enumerate(pieces):
-            for part in parse_img_tags(piece):
-                parts.append(_resolve(part, base_dir, f"{field}.content") if isinstance(part, ImageRef) else part)
+            for part in _img_tags(piece, f"{field}.content"):
+                parts.append(
+                    _resolve(part, base_dir, f"{field}.content", roots) if isinstance(part, ImageRef) else part
+                )
             if j < len(pieces) - 1:
                 if used >= len(queue):
                     raise RecordError(f"{field}.content", f"more <image> tags than the {len(queue)} entries in images")
@@ -184,14 +298,26 @@ def _role(value: Any, field: str) -> Role:
     return ROLE_ALIASES[value.lower()]
 
 
-def _resolve(image: ImageRef, base_dir: Path, field: str) -> ImageRef:
+def _resolve(image: ImageRef, base_dir: Path, field: str, roots: Sequence[Path] | None) -> ImageRef:
     uri = image.uri
     if not uri:
         raise RecordError(field, "empty image reference <img></img>")
     if uri.startswith(REMOTE_PREFIXES):
-        return image
+        return ImageRef(uri, field)
+    other = OTHER_SCHEME.match(uri)
+    if other:
+        raise RecordError(
+            field, f"image {uri}: {other.group(1)}:// is not supported; use a path, http(s)://, s3:// or data:"
+        )
     path = Path(uri).expanduser()
-    return ImageRef(str(path if path.is_absolute() else (base_dir / path).resolve()))
+    resolved = (path if path.is_absolute() else base_dir / path).resolve()  # symlinks followed: a link out is out
+    if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
+        raise RecordError(
+            field,
+            f"image {uri} is outside the dataset's folder ({resolved}); move it under {roots[0]} "
+            "or add its folder to data.allowed_roots",
+        )
+    return ImageRef(str(resolved), field)
 
 
 def _check_turns(messages: list[Message], require_answer: bool = True) -> None:
@@ -217,16 +343,20 @@ def _check_turns(messages: list[Message], require_answer: bool = True) -> None:
 
 def write_conversations(path: Path, conversations: list[Conversation], image_uri: dict[str, str] | None = None) -> None:
     """Write records in the seed's `conversations` format (jsonl); `image_uri` maps old to new image URIs."""
-    mapping = image_uri or {}
     with path.open("w", encoding="utf-8") as f:
         for conv in conversations:
-            turns = [
-                {
-                    "from": m.role,
-                    "value": to_img_tags(
-                        [ImageRef(mapping.get(p.uri, p.uri)) if isinstance(p, ImageRef) else p for p in m.parts]
-                    ),
-                }
-                for m in conv.messages
-            ]
-            f.write(json.dumps({**conv.meta, "conversations": turns}, ensure_ascii=False) + "\n")
+            f.write(record_line(conv, image_uri or {}))
+
+
+def record_line(conv: Conversation, image_uri: dict[str, str]) -> str:
+    """One record as a jsonl line in the seed's `conversations` format; `image_uri` maps old to new URIs."""
+    turns = [
+        {
+            "from": m.role,
+            "value": to_img_tags(
+                [ImageRef(image_uri.get(p.uri, p.uri)) if isinstance(p, ImageRef) else p for p in m.parts]
+            ),
+        }
+        for m in conv.messages
+    ]
+    return json.dumps({**conv.meta, "conversations": turns}, ensure_ascii=False) + "\n"

@@ -1,26 +1,29 @@
-"""Image loading from a local path, an http(s) URL, an s3:// URI or a data: URI."""
+"""Image loading from a local path, an http(s) URL, an s3:// URI or a data: URI, decoded to plain RGB.
+
+Whatever a dataset holds comes out the same way: EXIF orientation applied (a phone photo stands the way it
+was taken), transparency laid on white, the first frame of an animation, 16-bit and CMYK pixels scaled to
+8-bit RGB. Anything Pillow cannot decode, or an image whose header claims more pixels than
+`MAX_IMAGE_PIXELS` (a decompression bomb: a few KiB that would take gigabytes to unpack), is an
+`ImageLoadError` that names the image.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import io
 from pathlib import Path
 
-import requests
-from PIL import Image, UnidentifiedImageError
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmops.config import StorageConfig
+from vlmops.data.fetch import UrlFetchError, UrlPolicy, fetch_url
 from vlmops.errors import UserInputError
 
-HTTP_TIMEOUT_S = 30
-HTTP_RETRIES = 3
-HTTP_BACKOFF_S = 0.5  # urllib3 backs off exponentially from this factor between tries
-# Worth another try: the server's own failures and throttling. A 4xx other than 429 answers the same again.
-HTTP_RETRY_STATUSES = (429, 500, 502, 503, 504)
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+"""Largest image decoded (8192 x 8192). Below Pillow's own limit (89M pixels), so Pillow never gets as far
+as its warning: the bomb is refused here, from the header, before any pixel is unpacked."""
+WHITE = (255, 255, 255)
 
 
 class ImageLoadError(UserInputError):
@@ -28,24 +31,23 @@ class ImageLoadError(UserInputError):
 
 
 def read_image_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
-    """The raw bytes behind an image reference."""
+    """The raw bytes behind an image reference (URLs within `storage`'s url_* limits)."""
     if uri.startswith("data:"):
         return _data_uri_bytes(uri)
     if uri.startswith(("http://", "https://")):
-        return _http_bytes(uri)
-    if uri.startswith("s3://"):
-        from vlmops.storage import read_object
-
         try:
-            return read_object(uri, storage)
-        except Exception as err:
-            raise ImageLoadError(
-                f"image {uri}: cannot read it from S3 ({err}); check storage.endpoint_url and credentials"
-            ) from err
+            return fetch_url(uri, UrlPolicy.from_storage(storage))
+        except UrlFetchError as err:
+            raise ImageLoadError(f"image {_short(uri)}: {err}") from err
+    if uri.startswith("s3://"):
+        return _s3_bytes(uri, storage)
     path = Path(uri).expanduser()
     if not path.is_file():
         raise ImageLoadError(f"image {uri}: file not found (relative paths resolve against the dataset file's folder)")
-    return path.read_bytes()
+    data = path.read_bytes()
+    if not data:
+        raise ImageLoadError(f"image {uri}: the file is empty (0 bytes)")
+    return data
 
 
 def load_image(uri: str, storage: StorageConfig | None = None) -> Image.Image:
@@ -55,12 +57,82 @@ def load_image(uri: str, storage: StorageConfig | None = None) -> Image.Image:
 
 def open_image_bytes(data: bytes, uri: str = "(bytes)") -> Image.Image:
     """Decode image bytes as RGB; `uri` only names the image in errors."""
+    if not data:
+        raise ImageLoadError(f"image {_short(uri)}: empty (0 bytes)")
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError) as err:
+    except Image.DecompressionBombError as err:  # a format whose size Pillow checks before ours can be
+        raise ImageLoadError(_too_large(uri, str(err).partition(",")[0])) from err
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(
+            f"image {_short(uri)}: not a readable image (no image format starts like {data[:16]!r})"
+        ) from err
+    except OSError as err:
         raise ImageLoadError(f"image {_short(uri)}: not a readable image ({err})") from err
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageLoadError(_too_large(uri, f"{width} x {height} = {width * height:,} pixels"))
+    try:
+        image.load()  # of an animation: the first frame
+        return _as_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError) as err:
+        # OSError: truncated or corrupt data; SyntaxError and ValueError: some decoders' way of saying the same.
+        raise ImageLoadError(f"image {_short(uri)}: not a readable image ({err})") from err
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. A plain `convert("RGB")` would clip 16-bit values to white and turn transparent pixels into
+    whatever colour they hide (usually black)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        image = image.point(lambda v: v / 256).convert("L") if image.mode == "I" else _scale_16bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, WHITE)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
     return image.convert("RGB")
+
+
+def _scale_16bit(image: Image.Image) -> Image.Image:
+    # "I;16*" images do not take point() with a float function: widen to 32-bit first.
+    return image.convert("I").point(lambda v: v / 256).convert("L")
+
+
+def _too_large(uri: str, size: str) -> str:
+    return (
+        f"image {_short(uri)}: too large to decode ({size}; the limit is {MAX_IMAGE_PIXELS:,} pixels): "
+        "a decompression bomb, or an image to resize before training"
+    )
+
+
+def _s3_bytes(uri: str, storage: StorageConfig | None) -> bytes:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    from vlmops.storage import read_object
+
+    try:
+        return read_object(uri, storage)
+    except NoCredentialsError as err:
+        raise ImageLoadError(
+            f"image {uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from err
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchKey", "404", "NotFound"):
+            reason = "no such object"
+        elif code == "NoSuchBucket":
+            reason = "no such bucket"
+        elif code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            reason = f"access denied ({code}); check the S3 credentials"
+        else:
+            reason = str(err)
+        raise ImageLoadError(f"image {uri}: {reason} (storage.endpoint_url: the S3 server)") from err
+    except (BotoCoreError, ValueError) as err:
+        raise ImageLoadError(
+            f"image {uri}: cannot read it from S3 ({err}); check storage.endpoint_url and credentials"
+        ) from err
 
 
 def _data_uri_bytes(uri: str) -> bytes:
@@ -71,39 +143,6 @@ def _data_uri_bytes(uri: str) -> bytes:
         return base64.b64decode(payload, validate=True)
     except binascii.Error as err:
         raise ImageLoadError(f"image {_short(uri)}: bad base64 payload ({err})") from err
-
-
-@functools.cache
-def http_session() -> requests.Session:
-    """The session image downloads share: pooled connections, and urllib3's retry with backoff for
-    connection errors, 5xx and 429 (honouring Retry-After), never for another 4xx."""
-    retry = Retry(
-        total=HTTP_RETRIES,
-        backoff_factor=HTTP_BACKOFF_S,
-        status_forcelist=HTTP_RETRY_STATUSES,
-        allowed_methods=frozenset({"GET"}),
-        raise_on_status=False,  # the last response comes back, and its status goes into the message
-    )
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
-
-
-def _http_bytes(url: str) -> bytes:
-    try:
-        response = http_session().get(url, timeout=HTTP_TIMEOUT_S)
-    except requests.RequestException as err:
-        raise ImageLoadError(
-            f"image {url}: could not download it after {HTTP_RETRIES} retries ({err}); is the host reachable?"
-        ) from err
-    if response.status_code == 404:
-        raise ImageLoadError(f"image {url}: HTTP 404 not found")
-    if not response.ok:
-        tried = f" after {HTTP_RETRIES} retries" if response.status_code in HTTP_RETRY_STATUSES else ""
-        raise ImageLoadError(f"image {url}: HTTP {response.status_code} {response.reason}{tried}")
-    return response.content
 
 
 def _short(uri: str) -> str:

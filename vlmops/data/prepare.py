@@ -13,76 +13,29 @@ import json
 import logging
 import os
 import random
-import statistics
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import Any, TypeVar
 
 from vlmops.config import DataConfig, PipelineConfig, StorageConfig
-from vlmops.conversation import Conversation
 from vlmops.data.demo import write_demo_dataset
-from vlmops.data.formats import DatasetError, RecordProblem, read_dataset, write_conversations
-from vlmops.data.images import ImageLoadError, open_image_bytes, read_image_bytes
-from vlmops.data.length import LENGTHS_FILE, MaxLength, length_fingerprint, write_lengths
+from vlmops.data.length import LENGTHS_FILE, length_fingerprint, write_lengths
+from vlmops.data.validation import (
+    RecordChecker,
+    SplitStats,
+    Tally,
+    ValidationReport,
+    rejects_path,
+    rejects_writer,
+)
+from vlmops.errors import UserInputError
 from vlmops.hashing import sha256_file
-from vlmops.models.template import Tokenizer, encode
+from vlmops.models.template import Tokenizer
 from vlmops.staging import staging_in
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SplitStats:
-    """Counts and token-length statistics of one split (lengths include the image tokens)."""
-
-    records: int = 0
-    turns: int = 0
-    images: int = 0
-    text_only_records: int = 0
-    multi_turn_records: int = 0
-    multi_image_records: int = 0
-    image_tokens: int = 0
-    tokens_min: int = 0
-    tokens_mean: float = 0.0
-    tokens_p50: int = 0
-    tokens_p95: int = 0
-    tokens_max: int = 0
-    over_max_length: int = 0
-
-
-@dataclass
-class ValidationReport:
-    """What validation found; written as report.json beside the snapshot and logged to MLflow."""
-
-    sources: dict[str, str]
-    max_length: int
-    max_length_policy: str
-    num_image_tokens: int
-    splits: dict[str, SplitStats] = field(default_factory=dict)
-    rejected: list[dict[str, str]] = field(default_factory=list)
-    dropped_too_long: list[str] = field(default_factory=list)
-    lengths: dict[str, list[int]] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("lengths")
-        return data
-
-    def summary(self) -> str:
-        lines = []
-        for name, s in self.splits.items():
-            lines.append(
-                f"{name}: {s.records} records ({s.multi_turn_records} multi-turn, {s.multi_image_records} multi-image, "
-                f"{s.text_only_records} text-only), {s.images} images; tokens min/p50/p95/max "
-                f"{s.tokens_min}/{s.tokens_p50}/{s.tokens_p95}/{s.tokens_max} (incl. {self.num_image_tokens} per image)"
-            )
-        if self.rejected:
-            lines.append(f"rejected: {len(self.rejected)} record(s), listed in report.json")
-        if self.dropped_too_long:
-            lines.append(f"dropped (longer than {self.max_length} tokens): {len(self.dropped_too_long)}")
-        return "\n".join(lines)
+T = TypeVar("T")
 
 
 @dataclass
@@ -115,148 +68,92 @@ def prepare_dataset(
 ) -> PreparedDataset:
     """Validate the dataset files and write their snapshot under `out_root/<hash>` (reused if present).
 
-    Raises DatasetError listing every rejected record (unless `data.invalid_records` is `skip`) and every
-    too-long record (when `data.max_length_policy` is `error`).
+    Records stream through (RecordChecker): each kept one is written to the snapshot as it is checked, each
+    rejected one to the rejects file (`data.rejects_file`, default `out_root/rejects.jsonl`).
+
+    Raises:
+        DatasetError: every rejected record (unless `data.invalid_records` is `skip`) and every too-long one
+            (when `data.max_length_policy` is `error`), all of them, not just the first.
+        UserInputError: a split that would be empty.
     """
     sources = {"train": str(Path(train_file).resolve())}
-    train_read = read_dataset(train_file)
-    problems = list(train_read.problems)
-    train = train_read.conversations
     if eval_file is not None:
         sources["eval"] = str(Path(eval_file).resolve())
-        eval_read = read_dataset(eval_file)
-        problems += eval_read.problems
-        evals = eval_read.conversations
     else:
-        train, evals = split_by_ratio(train, data.eval_ratio, seed)
         sources["eval"] = f"{data.eval_ratio:.0%} of train, seed {seed}"
     report = ValidationReport(sources, data.max_length, data.max_length_policy, num_image_tokens)
-    image_names: dict[str, str] = {}
+    rejects_file = rejects_path(data, out_root)
     # The snapshot's name is its content hash, known only once everything is written: build it aside and
     # name it at the end. An existing snapshot with that hash is the same bytes and stays as it is.
-    with staging_in(Path(out_root), "dataset") as stage:
+    with staging_in(Path(out_root), "dataset") as stage, rejects_writer(rejects_file) as rejects:
         (stage.path / "images").mkdir()
-        splits = {}
-        for name, conversations in (("train", train), ("eval", evals)):
-            splits[name] = _check_records(
-                name,
-                conversations,
-                problems,
-                report,
-                tokenizer,
-                num_image_tokens,
-                system_prompt,
-                data,
-                stage.path / "images",
-                image_names,
-                storage,
-            )
-        if problems:
-            report.rejected = [asdict(p) for p in problems]
-            if data.invalid_records == "error":
-                raise DatasetError(problems, "fix these records, or set data.invalid_records: skip to leave them out")
-            log.warning("left out %d invalid record(s); see report.json", len(problems))
-        if not splits["train"] or not splits["eval"]:
-            empty = "train" if not splits["train"] else "eval"
-            raise ValueError(f"the {empty} split has no usable records ({sources[empty]})")
-        write_conversations(stage.path / "train.jsonl", splits["train"], image_names)
-        write_conversations(stage.path / "eval.jsonl", splits["eval"], image_names)
+        checker = RecordChecker(
+            data, tokenizer, num_image_tokens, system_prompt, storage, rejects, stage.path / "images"
+        )
+        train_out, eval_out = stage.path / "train.jsonl", stage.path / "eval.jsonl"
+        if eval_file is not None:
+            with train_out.open("w", encoding="utf-8") as out:
+                train = checker.check_file(Path(train_file), out)
+            with eval_out.open("w", encoding="utf-8") as out:
+                evals = checker.check_file(Path(eval_file), out)
+            checker.raise_problems(report)
+        else:
+            everything = stage.path / "all.jsonl"
+            with everything.open("w", encoding="utf-8") as out:
+                kept = checker.check_file(Path(train_file), out)
+            checker.raise_problems(report)
+            if not len(kept):
+                raise UserInputError(f"the train split has no usable records ({sources['train']})")
+            train, evals = _split_file(everything, kept, data.eval_ratio, seed, train_out, eval_out)
+        for name, part in (("train", train), ("eval", evals)):
+            if not len(part):
+                raise UserInputError(f"the {name} split has no usable records ({sources[name]})")
+            report.splits[name] = part.stats(num_image_tokens, data.max_length)
+            report.lengths[name] = list(part.lengths)
         content_hash = snapshot_hash(stage.path)
         (stage.path / "report.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
         write_lengths(stage.path, length_fingerprint(tokenizer, num_image_tokens, system_prompt), report.lengths)
         final = stage.name(content_hash[:16], replace=False)
-    log.info("dataset snapshot %s\n%s", final, report.summary())
+    log.info("dataset snapshot %s", final)
+    log.debug("%s", report.summary())  # the caller shows the summary: logged at INFO it would show twice
     return PreparedDataset(final, content_hash, report)
 
 
-def split_by_ratio(
-    conversations: list[Conversation], ratio: float, seed: int
-) -> tuple[list[Conversation], list[Conversation]]:
-    """A seeded split: the same records land in eval for the same seed and input order."""
-    order = list(range(len(conversations)))
+def split_by_ratio(items: Sequence[T], ratio: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded split: the same items land in eval for the same seed and input order."""
+    order = list(range(len(items)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(conversations) * ratio)) if ratio > 0 else 0
+    n_eval = max(1, round(len(items) * ratio)) if ratio > 0 else 0
     eval_ids = set(order[:n_eval])
-    train = [c for i, c in enumerate(conversations) if i not in eval_ids]
-    evals = [c for i, c in enumerate(conversations) if i in eval_ids]
+    train = [c for i, c in enumerate(items) if i not in eval_ids]
+    evals = [c for i, c in enumerate(items) if i in eval_ids]
     return train, evals
 
 
-def _check_records(
-    split: str,
-    conversations: list[Conversation],
-    problems: list[RecordProblem],
-    report: ValidationReport,
-    tokenizer: Tokenizer,
-    num_image_tokens: int,
-    system_prompt: str | None,
-    data: DataConfig,
-    image_dir: Path,
-    image_names: dict[str, str],
-    storage: StorageConfig | None,
-) -> list[Conversation]:
-    stats = SplitStats()
-    policy = MaxLength.for_tokenizer(data.max_length, data.max_length_policy, tokenizer, num_image_tokens)
-    lengths: list[int] = []
-    kept: list[Conversation] = []
-    too_long: list[RecordProblem] = []
-    for conv in tqdm(conversations, desc=f"validate {split}", unit="rec", leave=False):
-        try:
-            for image in conv.images:
-                if image.uri not in image_names:
-                    image_names[image.uri] = _store_image(image.uri, image_dir, storage)
-        except ImageLoadError as err:
-            problems.append(RecordProblem(conv.source, "image", str(err)))
-            continue
-        enc = encode(conv.messages, tokenizer, num_image_tokens, system_prompt)
-        length = len(enc)
-        check = policy.check(length, enc)
-        if length > data.max_length:
-            stats.over_max_length += 1
-        if check.problem is not None:
-            too_long.append(RecordProblem(conv.source, "(length)", check.problem))
-            continue
-        if check.dropped:
-            report.dropped_too_long.append(conv.source)
-            continue
-        kept.append(conv)
-        lengths.append(length)
-        n_images = len(conv.images)
-        stats.records += 1
-        stats.turns += sum(1 for m in conv.messages if m.role == "user")
-        stats.images += n_images
-        stats.image_tokens += n_images * num_image_tokens
-        stats.text_only_records += n_images == 0
-        stats.multi_image_records += n_images > 1
-        stats.multi_turn_records += sum(1 for m in conv.messages if m.role == "user") > 1
-    if too_long:
-        raise DatasetError(too_long, policy.hint())
-    if lengths:
-        ordered = sorted(lengths)
-        stats.tokens_min, stats.tokens_max = ordered[0], ordered[-1]
-        stats.tokens_mean = round(statistics.fmean(ordered), 1)
-        stats.tokens_p50 = ordered[len(ordered) // 2]
-        stats.tokens_p95 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
-    report.splits[split] = stats
-    report.lengths[split] = lengths
-    return kept
-
-
-def _store_image(uri: str, image_dir: Path, storage: StorageConfig | None) -> str:
-    """Check the image opens; keep its bytes under a content-hash name; return its snapshot-relative path."""
-    data = read_image_bytes(uri, storage)
-    open_image_bytes(data, uri)
-    digest = hashlib.sha256(data).hexdigest()
-    if uri.startswith("data:"):
-        suffix = "." + uri[len("data:image/") : uri.index(";")] if uri.startswith("data:image/") else ".img"
-    else:
-        suffix = Path(uri.split("?")[0]).suffix.lower() or ".img"
-    target = image_dir / f"{digest[:24]}{suffix}"
-    if not target.exists():
-        # A copy, never a hardlink to the user's file: an edit to that file would change a snapshot named by
-        # its content, and DVC (which hardlinks the snapshot into its cache) makes cached files read-only.
-        target.write_bytes(data)
-    return f"images/{target.name}"
+def _split_file(
+    everything: Path, kept: Tally, ratio: float, seed: int, train_out: Path, eval_out: Path
+) -> tuple[Tally, Tally]:
+    """Deal the checked records of `everything` into train and eval files by `split_by_ratio`; remove it."""
+    train_ids, eval_ids = split_by_ratio(range(len(kept)), ratio, seed)
+    if ratio > 0 and not train_ids:
+        raise UserInputError(
+            f"{len(kept)} valid record(s): holding out data.eval_ratio {ratio:g} of them for eval leaves none to "
+            "train on; add records, give data.eval a file of its own, or lower data.eval_ratio"
+        )
+    if not eval_ids:
+        raise UserInputError(
+            "the eval split is empty (data.eval_ratio is 0): give data.eval a file, or set data.eval_ratio > 0"
+        )
+    in_eval = set(eval_ids)
+    with (
+        everything.open(encoding="utf-8") as f,
+        train_out.open("w", encoding="utf-8") as train,
+        eval_out.open("w", encoding="utf-8") as evals,
+    ):
+        for index, line in enumerate(f):
+            (evals if index in in_eval else train).write(line)
+    everything.unlink()
+    return kept.subset(train_ids), kept.subset(eval_ids)
 
 
 def snapshot_hash(folder: Path) -> str:

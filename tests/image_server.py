@@ -1,0 +1,84 @@
+"""A real local HTTP server that serves images and misbehaves on purpose, for the URL-fetching tests.
+
+Routes: `/ok.png` an image; `/missing.png` 404; `/slow.png` answers after `SLOW_S`; `/page.png` an HTML page;
+`/big.png` a 64 KiB image with its length announced, `/big-unannounced.png` the same without a length;
+`/redirect?to=URL` a 302 to URL (relative or absolute: `file://`, a private address, `/ok.png`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from PIL import Image
+
+SLOW_S = 3.0
+
+
+def png_bytes(size: tuple[int, int] = (4, 4), colour: tuple[int, int, int] = (0, 0, 255)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress: about 3 * side * side bytes."""
+    buf = io.BytesIO()
+    Image.merge("RGB", [Image.effect_noise((side, side), 100).convert("L") for _ in range(3)]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ImageRoutes(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        if parts.path == "/ok.png":
+            self._send(200, png_bytes(), "image/png")
+        elif parts.path == "/slow.png":
+            time.sleep(SLOW_S)
+            self._send(200, png_bytes(), "image/png")
+        elif parts.path == "/page.png":
+            self._send(200, b"<html><body>Not found, but 200</body></html>", "text/html")
+        elif parts.path == "/big.png":
+            self._send(200, noise_png(148), "image/png")
+        elif parts.path == "/big-unannounced.png":
+            self._send(200, noise_png(148), "image/png", announce=False)
+        elif parts.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", parse_qs(parts.query)["to"][0])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._send(404, b"no such image", "text/plain")
+
+    def _send(self, status: int, body: bytes, kind: str, announce: bool = True) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        if announce:
+            self.send_header("Content-Length", str(len(body)))
+        else:
+            self.send_header("Connection", "close")  # HTTP/1.0: the body ends when the connection does
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a client that stops at a size limit
+            self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def image_server() -> Iterator[str]:
+    """`http://127.0.0.1:PORT` of a running ImageRoutes server."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ImageRoutes)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -1,0 +1,100 @@
+"""`vlmops validate PATH ...` through the real command: files and folders, with or without a config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.image_server import png_bytes
+from vlmops.cli.main import main
+
+
+def record(question: str, image: str | None = None) -> str:
+    value = f"<img>{image}</img>{question}" if image else question
+    turns = [{"from": "user", "value": value}, {"from": "assistant", "value": "An answer."}]
+    return json.dumps({"conversations": turns}) + "\n"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder (no pipeline.yaml: the built-in defaults and the tiny model)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+CACHE = ["--set", "model.cache_dir=cache"]
+
+
+def test_one_record_file_is_validated_as_a_whole(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Path("one.jsonl").write_text(record("Hello?"))
+    assert main(["validate", "one.jsonl", *CACHE]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert "read 1 record(s)" in lines
+    [stats] = [line for line in lines if line.startswith("all: ")]
+    assert stats.startswith("all: 1 records (0 multi-turn, 0 multi-image, 1 text-only), 1 turns, 0 images")
+    assert "tokens min/p50/p95/max" in stats
+    assert "all: 1 records" not in err  # the report once, on stdout
+    assert f"rejects:  {Path('outputs/datasets/rejects.jsonl')} (0 record(s))" in out
+    assert Path("outputs/datasets/rejects.jsonl").read_text() == ""
+
+
+def test_files_and_folders_together(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = Path("parts")
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(png_bytes())
+    (folder / "a.jsonl").write_text(record("What?", "images/a.png") + record("Two?", "images/a.png"))
+    (folder / "b.json").write_text(json.dumps([json.loads(record("Three?"))]))
+    (folder / "notes.txt").write_text("not a dataset")
+    Path("c.jsonl").write_text(record("Four?"))
+    assert main(["validate", "parts", "c.jsonl", *CACHE]) == 0
+    out = capsys.readouterr().out
+    assert "read 4 record(s)" in out
+    assert "all: 4 records (0 multi-turn, 0 multi-image, 2 text-only), 4 turns, 2 images" in out
+    # image tokens count in the lengths: 16 per image on the tiny model
+    assert "(incl. 16 per image)" in out
+
+
+def test_skip_writes_the_rejects_file_and_exits_0(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Path("d.jsonl").write_text(record("Good?") + "{oops\n" + record("Missing?", "nope.png") + record("Also good?"))
+    args = ["validate", "d.jsonl", *CACHE, "--set", "data.invalid_records=skip", "--set", "data.rejects_file=bad.jsonl"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "read 4 record(s)" in out and "all: 2 records" in out
+    assert "rejected: 2 record(s), each with its reason in bad.jsonl" in out
+    rows = [json.loads(line) for line in Path("bad.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"], r["field"]) for r in rows] == [
+        ("d.jsonl", 2, "(line)"),
+        ("d.jsonl", 3, "conversations[0].value"),
+    ]
+    assert rows[0]["record"] == "{oops" and "nope.png: file not found" in rows[1]["reason"]
+
+
+def test_without_paths_the_configured_dataset_is_snapshotted_and_reported_once(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path("train.jsonl").write_text("".join(record(f"Question {i}?") for i in range(10)))
+    assert main(["validate", *CACHE, "--set", "data.train=train.jsonl", "--set", "data.eval_ratio=0.2"]) == 0
+    out, err = capsys.readouterr()
+    assert (out + err).count("train: 8 records") == 1
+    assert (out + err).count("eval: 2 records") == 1
+    assert "snapshot: " in out
+
+
+def test_a_split_that_would_leave_train_empty_names_eval_ratio(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path("train.jsonl").write_text(record("Only one?"))
+    assert main(["validate", *CACHE, "--set", "data.train=train.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "error: 1 valid record(s): holding out data.eval_ratio 0.1 of them for eval leaves none to train on" in err
+    assert "Traceback" not in err
+
+
+def test_a_path_that_does_not_exist(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["validate", "nope.jsonl", *CACHE]) == 2
+    assert "error: nope.jsonl does not exist: pass .json/.jsonl dataset files or folders of them" in (
+        capsys.readouterr().err
+    )
