@@ -22,7 +22,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup chromium run test lint typecheck unit clean
+.PHONY: setup chromium postgres run test test-team lint typecheck unit clean stack-up stack-status stack-env stack-down
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,32 @@ chromium:
 	    echo "chromium not found: the browser tests will be skipped (Debian: sudo apt-get install chromium)"; \
 	  fi; }
 
+# The team stack (infra/local) runs Debian's PostgreSQL 15; installed once when missing and make runs as root.
+postgres:
+	@test -x /usr/lib/postgresql/15/bin/initdb || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null; \
+	  else \
+	    echo "PostgreSQL 15 not found: the team tests will fail (Debian: sudo apt-get install postgresql-15)"; \
+	  fi; }
+
 setup: $(VENV)/.installed
+
+# Team mode on this machine: PostgreSQL, SeaweedFS (S3), MLflow and Prefect servers and a worker on pool `gpu`
+# (infra/local/stack.py; credentials and ports from .env, see .env.example; data under .stack/).
+stack-up: setup postgres
+	$(BIN)/python -m infra.local.stack up
+
+stack-status: setup
+	@$(BIN)/python -m infra.local.stack status
+
+# The client settings as export lines: eval "$$(make -s stack-env)"
+stack-env: setup
+	@$(BIN)/python -m infra.local.stack env
+
+stack-down: setup
+	$(BIN)/python -m infra.local.stack down
 
 run: setup
 	HF_HUB_OFFLINE=1 $(BIN)/vlmops run --config $(CONFIG) $(ARGS)
@@ -58,11 +83,15 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: chromium lint typecheck
+test: chromium postgres lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The team-mode integration test alone: the whole stack natively, deploy, retrain, retry, promote, batch job.
+test-team: setup postgres
+	$(BIN)/pytest -m team $(PYTEST_ARGS)
+
 unit: setup
-	$(BIN)/pytest -m "not integration and not e2e and not browser" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not integration and not e2e and not browser and not team" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache
