@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.local.postgres import PG_BIN
 from infra.local.stack import (
     DEFAULTS,
-    PG_BIN,
     RESULTS_BLOCK,
     SECRETS,
     SERVICES,

@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import secrets
 import shlex
 import signal
@@ -42,12 +41,12 @@ from typing import Any
 
 import requests
 
+from infra.local.postgres import Postgres, PostgresError
 from infra.local.seaweedfs import PORT_NAMES, free_ports, s3_client, wait_s3_ready, weed_binary, weed_command
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PG_BIN = Path(os.environ.get("VLMOPS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 WORK_POOL = "gpu"
 GPU_LIMIT = "gpu"
 RESULTS_BLOCK = "vlmops-results"
@@ -70,6 +69,7 @@ DEFAULTS = {
 }
 HOST = "127.0.0.1"
 SERVICES = ("postgres", "seaweedfs", "mlflow", "prefect-server", "prefect-worker")
+DATABASES = ("mlflow", "mlflow_auth", "prefect")
 
 
 class StackError(RuntimeError):
@@ -199,8 +199,8 @@ class Stack:
 
     # -- up / status / down -----------------------------------------------------------------------------------
 
-    def up(self, timeout: float = 180.0) -> None:
-        """Start every service that is not healthy, in dependency order; wait until each answers."""
+    def up(self, timeout: float = 300.0) -> None:
+        """Start every service that is not healthy, in dependency order; wait until each answers (`timeout` each)."""
         for folder in ("logs", "pids"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o711)  # PostgreSQL's user must reach its data folder below; nobody may list this one
@@ -212,13 +212,16 @@ class Stack:
             ("prefect-server", self._prefect_healthy, self._start_prefect),
             ("prefect-worker", self._worker_healthy, self._start_worker),
         ]
+        started = time.monotonic()
         for name, healthy, start in steps:
             if healthy():
                 log.info("%s: already running", name)
                 continue
             log.info("%s: starting", name)
             start(timeout)
-            log.info("%s: healthy", name)
+            log.info("%s: started (%.0f s)", name, time.monotonic() - started)
+        self._wait("mlflow", self._mlflow_healthy, timeout)
+        log.info("all healthy (%.0f s)", time.monotonic() - started)
 
     def status(self) -> dict[str, bool]:
         """Service -> whether it answers now."""
@@ -244,8 +247,7 @@ class Stack:
         workers = sorted(p.stem for p in (self.root / "pids").glob("*.pid") if p.stem.startswith("prefect-worker"))
         for name in (*workers, "prefect-server", "mlflow", "seaweedfs"):
             self._stop(name, timeout)
-        if (self.root / "postgres" / "data" / "postmaster.pid").is_file():
-            self._as_pg_user([str(PG_BIN / "pg_ctl"), "stop", "-D", str(self._pg_data), "-m", "fast", "-w"])
+        self.postgres.stop()
         log.info("stack in %s stopped", self.root)
 
     # -- processes --------------------------------------------------------------------------------------------
@@ -302,101 +304,24 @@ class Stack:
     # -- PostgreSQL -------------------------------------------------------------------------------------------
 
     @property
-    def _pg_data(self) -> Path:
-        return self.root / "postgres" / "data"
-
-    def _as_pg_user(self, command: list[str], env: Mapping[str, str] | None = None) -> None:
-        """Run a PostgreSQL binary, as VLMOPS_PG_OS_USER when we are root (postgres refuses to run as root)."""
-        if os.geteuid() == 0:
-            command = ["runuser", "-u", self.settings["VLMOPS_PG_OS_USER"], "--", *command]
-        result = subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise StackError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
-
-    def _start_postgres(self, timeout: float) -> None:
-        if not (PG_BIN / "initdb").is_file():
-            raise StackError(
-                f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing): apt-get install postgresql-15 "
-                "(make stack-up does it when run as root), or set VLMOPS_PG_BIN to its bin folder"
-            )
-        folder = self.root / "postgres"
-        folder.mkdir(exist_ok=True)
-        if os.geteuid() == 0:
-            owner = _os_user(self.settings["VLMOPS_PG_OS_USER"])
-            _check_reachable(folder, owner)
-            os.chown(folder, owner.pw_uid, owner.pw_gid)
-            self._log("postgres").touch()
-            os.chown(self._log("postgres"), owner.pw_uid, owner.pw_gid)
-        folder.chmod(0o700)
+    def postgres(self) -> Postgres:
         s = self.settings
-        if not (self._pg_data / "PG_VERSION").is_file():
-            pwfile = folder / "initial-password"
-            pwfile.write_text(s["POSTGRES_PASSWORD"] + "\n")
-            if os.geteuid() == 0:
-                os.chown(pwfile, owner.pw_uid, owner.pw_gid)
-            try:
-                self._as_pg_user(
-                    [
-                        str(PG_BIN / "initdb"),
-                        "-D",
-                        str(self._pg_data),
-                        "-U",
-                        s["POSTGRES_USER"],
-                        f"--pwfile={pwfile}",
-                        "--auth=scram-sha-256",  # password login only, also over the socket
-                        "--encoding=UTF8",
-                        "--no-instructions",
-                    ]
-                )
-            finally:
-                pwfile.unlink()
-        options = f"-h {HOST} -p {self.ports['postgres']} -k {folder}"
-        self._as_pg_user(
-            [str(PG_BIN / "pg_ctl"), "start", "-D", str(self._pg_data), "-l", str(self._log("postgres")), "-o", options]
-        )
-        deadline = time.monotonic() + timeout
-        while not self._postgres_healthy():
-            if time.monotonic() > deadline:
-                tail = self._log("postgres").read_text(errors="replace")[-3000:]
-                raise StackError(f"PostgreSQL did not accept connections in {timeout:.0f} s:\n{tail}")
-            time.sleep(0.3)
-        self._create_databases(("mlflow", "mlflow_auth", "prefect"))
-
-    def _pg_connect(self, database: str = "postgres") -> Any:
-        import psycopg2
-
-        s = self.settings
-        return psycopg2.connect(
-            host=HOST,
-            port=self.ports["postgres"],
-            user=s["POSTGRES_USER"],
-            password=s["POSTGRES_PASSWORD"],
-            dbname=database,
-            connect_timeout=3,
+        return Postgres(
+            self.root / "postgres",
+            HOST,
+            self.ports["postgres"],
+            s["POSTGRES_USER"],
+            s["POSTGRES_PASSWORD"],
+            s["VLMOPS_PG_OS_USER"],
+            self._log("postgres"),
         )
 
     def _postgres_healthy(self) -> bool:
-        import psycopg2
+        return self.postgres.healthy()
 
-        try:
-            with self._pg_connect() as connection, connection.cursor() as cursor:
-                cursor.execute("SELECT 1")
-            connection.close()
-            return True
-        except psycopg2.OperationalError:
-            return False
-
-    def _create_databases(self, names: tuple[str, ...]) -> None:
-        connection = self._pg_connect()
-        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
-        try:
-            with connection.cursor() as cursor:
-                for name in names:
-                    cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                    if cursor.fetchone() is None:
-                        cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
+    def _start_postgres(self, timeout: float) -> None:
+        self.postgres.start(timeout)
+        self.postgres.create_databases(DATABASES)
 
     # -- SeaweedFS --------------------------------------------------------------------------------------------
 
@@ -495,7 +420,7 @@ class Stack:
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         }
         self._spawn("mlflow", command, env, cwd=folder)
-        self._wait("mlflow", self._mlflow_healthy, timeout)
+        # Not waited for here: MLflow and the Prefect server migrate their databases at the same time (`up`).
 
     # -- Prefect ----------------------------------------------------------------------------------------------
 
@@ -626,31 +551,6 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
-def _os_user(name: str) -> pwd.struct_passwd:
-    """The system user that runs PostgreSQL when we are root; created when missing."""
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-            check=True,
-            capture_output=True,
-        )
-        return pwd.getpwnam(name)
-
-
-def _check_reachable(folder: Path, user: pwd.struct_passwd) -> None:
-    """PostgreSQL runs as `user`: every folder above its data must let others through (the x bit)."""
-    for parent in folder.parents:
-        mode = parent.stat().st_mode
-        if parent.stat().st_uid != user.pw_uid and not mode & 0o001:
-            raise StackError(
-                f"{parent} is closed to other users (mode {oct(mode & 0o777)}), so PostgreSQL, running as "
-                f"{user.pw_name}, cannot reach {folder}: set VLMOPS_STACK_DIR to a folder under an open path "
-                f"(or chmod o+x {parent})"
-            )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m infra.local.stack", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["up", "status", "env", "down"])
@@ -668,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in stack.client_env().items():
                 print(f"export {key}={shlex.quote(value)}")
             return 0
-    except StackError as err:
+    except (StackError, PostgresError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     health = stack.status()
