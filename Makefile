@@ -1,7 +1,8 @@
 # vlmops — two commands do all the set-up on a fresh machine:
 #   make run    creates .venv, installs the pinned dependencies, runs the retrain flow on pipeline.yaml
 #   make test   the same set-up, then ruff, mypy and pytest
-# `make test` also installs Debian's chromium for the browser tests when it is missing (as root, e.g. in CI).
+# `make test` also installs Debian's chromium (browser tests) and postgresql-15 (the team stack's tests) when
+# they are missing and make runs as root, e.g. in CI. Team mode: make stack-up / stack-status / stack-down.
 # Set-up is done once (it reruns when pyproject.toml or requirements/lock.txt change).
 
 PYTHON ?= python3
