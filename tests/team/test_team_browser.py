@@ -58,7 +58,8 @@ def test_mlflow_ui_shows_the_model_and_its_alias(browser: Any, team_run: TeamRun
     page.get_by_text(MODEL_NAME).first.wait_for(timeout=UI_TIMEOUT_MS)
     page.keyboard.press("Escape")  # the "new Model Registry UI" announcement covers the list on a first visit
     _shot(page, tmp_path, "mlflow-models")
-    page.goto(f"{stack.mlflow_url}/#/models/{MODEL_NAME}", wait_until="networkidle")
+    page = context.new_page()  # a fresh load: a hash change on the list page never settles to "networkidle"
+    page.goto(f"{stack.mlflow_url}/#/models/{MODEL_NAME}")
     page.get_by_text("Version 1").first.wait_for(timeout=UI_TIMEOUT_MS)
     page.get_by_text(f"@ {alias}").first.wait_for(timeout=UI_TIMEOUT_MS)
     assert page.get_by_text("prefect_flow_run_id").count() >= 1
