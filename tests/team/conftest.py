@@ -32,7 +32,6 @@ from infra.local.stack import GPU_LIMIT, Settings, Stack
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
 # flows/promote.py lands with the promotion work; until then the batch job uses the challenger.
-PROMOTE_READY = (ROOT / "flows" / "promote.py").is_file()
 MODEL_NAME = "vlmops-team"
 NUM_PROMPTS = 12
 # Small and fast: the point is the servers, not the model.
@@ -51,7 +50,7 @@ class TeamRun:
     workdir: Path
     retrain_id: str
     failed_attempt_log: str
-    promote_id: str | None
+    promote_id: str
     batch_id: str
     batch_model: str
     batch_output: str
@@ -155,11 +154,7 @@ def team_run(team_stack: Stack) -> Iterator[TeamRun]:
     overrides = [*stack.team_overrides(), f"run.output_dir={workdir / 'outputs'}", *RUN_OVERRIDES]
     params = json.dumps({"overrides": overrides})
 
-    if PROMOTE_READY:
-        deployed = prefect_cli(stack, "deploy", "--all")
-    else:
-        names = ["retrain/scheduled", "retrain/on-demand", "batch-inference/on-demand"]
-        deployed = prefect_cli(stack, "deploy", *[arg for name in names for arg in ("--name", name)])
+    deployed = prefect_cli(stack, "deploy", "--all")
 
     # The pool's GPUs drained: the run does download, validation and DVC versioning, then train fails at once.
     set_gpu_slots(stack, 0)
@@ -176,13 +171,11 @@ def team_run(team_stack: Stack) -> Iterator[TeamRun]:
     retried = wait_for_flow_run(stack, retrain_id)
     assert retried["state"]["type"] == "COMPLETED", retried["state"]
 
-    promote_id = None
-    if PROMOTE_READY:
-        promoted = prefect_cli(stack, "deployment", "run", "promote/on-demand", "--params", params, "--watch")
-        promote_id = flow_run_id(promoted.stdout)
+    promoted = prefect_cli(stack, "deployment", "run", "promote/on-demand", "--params", params, "--watch")
+    promote_id = flow_run_id(promoted.stdout)
 
     prompts, keys = upload_prompts(stack, workdir)
-    model = f"models:/{MODEL_NAME}@{'champion' if PROMOTE_READY else 'challenger'}"
+    model = f"models:/{MODEL_NAME}@champion"
     output = f"s3://{stack.bucket}/answers/{time.strftime('%Y%m%d-%H%M%S')}/"
     batch_params = json.dumps({"model": model, "input": prompts, "output": output, "overrides": overrides})
     batch = prefect_cli(stack, "deployment", "run", "batch-inference/on-demand", "--params", batch_params, "--watch")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.app.test_browser import SCREENSHOTS, chromium_binary, playwright_api
-from tests.team.conftest import MODEL_NAME, PROMOTE_READY, TeamRun, prefect_api
+from tests.team.conftest import MODEL_NAME, TeamRun, prefect_api
 
 pytestmark = [pytest.mark.browser, pytest.mark.team, pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -40,7 +40,7 @@ def _shot(page: Any, tmp_path: Path, name: str) -> Path:
 
 def test_mlflow_ui_shows_the_model_and_its_alias(browser: Any, team_run: TeamRun, tmp_path: Path) -> None:
     stack = team_run.stack
-    alias = "champion" if PROMOTE_READY else "challenger"
+    alias = "champion"
     settings = stack.settings
     refused = browser.new_context()  # no credentials: the server answers 401 and headless chromium gives up
     with pytest.raises(playwright_api.Error, match="ERR_INVALID_AUTH_CREDENTIALS"):

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.team.conftest import MODEL_NAME, PROMOTE_READY, TeamRun, prefect_api
+from tests.team.conftest import MODEL_NAME, TeamRun, prefect_api
 
 pytestmark = [pytest.mark.team, pytest.mark.integration, pytest.mark.timeout(1800)]
 
@@ -58,10 +58,12 @@ def test_mlflow_holds_the_runs_versions_aliases_and_lineage(team_run: TeamRun, m
     assert [v.version for v in versions] == ["1"], [v.version for v in versions]  # the failed attempt registered none
     version = versions[0]
     model = client.get_registered_model(MODEL_NAME)
-    expected_aliases = {"challenger": "1", **({"champion": "1"} if PROMOTE_READY else {})}
+    expected_aliases = {"challenger": "1", "champion": "1"}  # the first version is promoted: no champion before
     assert {k: v for k, v in model.aliases.items() if k in expected_aliases} == expected_aliases, model.aliases
     assert version.tags["prefect_flow_run_id"] == team_run.retrain_id
     assert version.tags["git_commit"] and version.tags["dvc.model.md5"].endswith(".dir")
+    assert version.tags["prefect_deployment"] == "retrain/on-demand" and version.tags["config.hash"]
+    assert version.tags["promotion.decision"] == "promoted" and version.tags["promotion.role"] == "challenger"
     parent = client.get_run(version.tags["mlflow_run_id"])  # the version comes from its `register` step run
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect_flow_run_id"] == team_run.retrain_id
     attempts = client.search_runs(
@@ -83,12 +85,12 @@ def test_promotion_and_batch_job_on_the_servers(team_run: TeamRun) -> None:
     assert batch["state"]["type"] == "COMPLETED" and batch["parameters"]["model"] == team_run.batch_model
     progress = [a for a in _artifacts(team_run, team_run.batch_id) if a["type"] == "progress"]
     assert progress and progress[-1]["data"] == 100.0
-    if PROMOTE_READY:
-        assert team_run.promote_id is not None
-        promote = prefect_api(stack, "GET", f"/flow_runs/{team_run.promote_id}")
-        assert promote["state"]["type"] == "COMPLETED"
-        kinds = {a["type"] for a in _artifacts(team_run, team_run.promote_id)}
-        assert {"markdown", "table"} <= kinds, kinds
+    promote = prefect_api(stack, "GET", f"/flow_runs/{team_run.promote_id}")
+    assert promote["state"]["type"] == "COMPLETED"
+    kinds = {a["type"] for a in _artifacts(team_run, team_run.promote_id)}
+    assert {"markdown", "table"} <= kinds, kinds
+    retrain_kinds = {a["type"] for a in _artifacts(team_run, team_run.retrain_id)}
+    assert {"markdown", "table"} <= retrain_kinds, retrain_kinds
     # Every prompt answered exactly once.
     prefix = team_run.batch_output.removeprefix(f"s3://{stack.bucket}/")
     keys = _s3_keys(team_run, prefix)
