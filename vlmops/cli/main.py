@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from vlmops import quiet
 from vlmops.cli import (
     app,
     batch_infer,
@@ -54,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging, and tracebacks on errors")
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="debug logging, tracebacks on errors, and the third-party warnings hidden by default",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     module: ModuleType
     for module in COMMANDS:
@@ -64,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet.configure(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

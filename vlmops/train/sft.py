@@ -41,6 +41,7 @@ from vlmops.train.rundir import (
 from vlmops.train.trainable import TrainableSummary, prepare_trainable, require_grads_on_inputs
 from vlmops.train.trainer import (
     CheckpointPolicy,
+    CompactProgress,
     CompleteCheckpoints,
     MetricsLog,
     Throughput,
@@ -228,6 +229,7 @@ class TrainingSetup:
 def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainingSetup:
     """Prepare the run folder, load and wrap the model, build the datasets and the trainer."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+    from transformers.trainer_callback import ProgressCallback
 
     base_model, dataset, run_dir = Path(base_model).resolve(), Path(dataset).resolve(), Path(run_dir).resolve()
     t = config.train
@@ -299,6 +301,9 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         run_files=run_files,
         dummy_pixels=dummy_pixel_values(processor),
     )
+    # The default bar prints every log dict on its own line; this one shows the latest numbers on the bar.
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress())
     return TrainingSetup(trainer, summary, datasets, precision, resume, throughput)
 
 
