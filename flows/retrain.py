@@ -34,6 +34,7 @@ from vlmops.config import dump_config, load_config
 from vlmops.data.prepare import dataset_inputs
 from vlmops.evaluate.run import BASE_PREDICTIONS, EVAL_DIR, PREDICTIONS
 from vlmops.models.download import local_source_path
+from vlmops.redact import redact_log_handlers, redact_uri
 from vlmops.tracking import Tracker, git_commit, ui_command
 
 
@@ -86,6 +87,7 @@ def _flow_run_id() -> str:
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
     started = time.time()
+    redact_log_handlers()  # Prefect's handlers (console, API) are set up by now
     logger = get_run_logger()
     config = load_config(config_path, overrides)
     output_dir = Path(config.run.output_dir).resolve()
@@ -197,7 +199,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         model_version=version.version,
         model_alias=version.alias,
         mlflow_run_id=parent,
-        mlflow_tracking_uri=tracker.uri,
+        mlflow_tracking_uri=redact_uri(tracker.uri),
         mlflow_ui=ui_command(tracker.uri),
         run_dir=str(run_dir),
         dataset_dvc_md5=data_version.md5 if data_version else None,

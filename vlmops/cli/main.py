@@ -41,6 +41,7 @@ from vlmops.cli import (
     validate,
 )
 from vlmops.errors import VlmopsError
+from vlmops.redact import redact_log_handlers, redact_text
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every API request at INFO
+    redact_log_handlers()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler: Handler = args.handler
@@ -85,13 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VlmopsError as err:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
     except (ValueError, FileNotFoundError) as err:
         # Plain ValueError / FileNotFoundError from the standard library or pydantic: bad input too.
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -19,6 +19,7 @@ from pathlib import Path
 from vlmops import quiet
 from vlmops.config import PipelineConfig, load_config
 from vlmops.errors import RunFailed
+from vlmops.redact import redact_log_handlers
 from vlmops.train.child import die_with_parent, run_child
 from vlmops.train.sft import TrainResult
 
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
     )
+    redact_log_handlers()
     from vlmops.train.sft import train
 
     config = load_config(args.config, args.set)

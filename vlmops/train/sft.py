@@ -22,7 +22,7 @@ from vlmops.config import PipelineConfig, resolve_num_workers
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import load_prepared
-from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype
+from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
 from vlmops.train.data import SFTDataset, VisionLanguageCollator
 from vlmops.train.deepspeed_config import load_deepspeed_config
 from vlmops.train.rundir import (
@@ -251,7 +251,10 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     hybrid = is_hybrid(base_model)
     dtype = weights_dtype(config, precision)
     model: Any = AutoModelForImageTextToText.from_pretrained(
-        base_model, dtype=dtype, attn_implementation=attn_implementation(config.model.attn, hybrid)
+        base_model,
+        dtype=dtype,
+        attn_implementation=attn_implementation(config.model.attn, hybrid),
+        **safe_weights(base_model, config.model.allow_pickle),
     )
     processor = AutoProcessor.from_pretrained(base_model)
     model.config.use_cache = False
