@@ -28,6 +28,8 @@ NOISY_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
     # accelerate imports DeepSpeed whenever it is installed (to unwrap a model), and DeepSpeed then announces
     # the accelerator it picked; on a CPU machine that is a warning about the machine, not about the run.
     "DeepSpeed": ("Setting accelerator to CPU",),
+    # The ephemeral Prefect API's start/stop lines, with a link to the server docs on every `vlmops run`.
+    "prefect": ("Starting temporary server on", "Stopping temporary server on"),
 }
 
 
@@ -39,6 +41,16 @@ class _DropMessages(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(fragment in message for fragment in self.fragments)
+
+
+def child_logging(level: int = logging.INFO, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    """Logging for a child process's entry point (training, merge, inference workers): as quiet as the `vlmops`
+    command that started it (VLMOPS_VERBOSE), with credentials masked (`vlmops.redact`)."""
+    from vlmops.redact import redact_log_handlers
+
+    configure(is_verbose())
+    logging.basicConfig(level=level, format=fmt)
+    redact_log_handlers()
 
 
 def is_verbose() -> bool:

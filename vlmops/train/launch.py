@@ -19,7 +19,6 @@ from pathlib import Path
 from vlmops import quiet
 from vlmops.config import PipelineConfig, load_config
 from vlmops.errors import RunFailed
-from vlmops.redact import redact_log_handlers
 from vlmops.train.child import die_with_parent, run_child
 from vlmops.train.sft import TrainResult
 
@@ -133,15 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="run folder to write (or resume)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
-    quiet.configure(quiet.is_verbose())
     if "LOCAL_RANK" in os.environ:  # a torchrun rank: die with its agent, which dies with the caller
         die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    quiet.child_logging(
+        logging.INFO if rank == 0 else logging.WARNING, f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
     )
-    redact_log_handlers()
     from vlmops.train.sft import train
 
     config = load_config(args.config, args.set)

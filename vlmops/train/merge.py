@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vlmops import quiet
 from vlmops.errors import RunFailed
 from vlmops.models.loading import DTYPES, default_device, resolve_dtype, safe_weights
 from vlmops.staging import staged_folder
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="model.dtype to merge in")
     parser.add_argument("--result-file", required=True, help="where to write the result as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet.child_logging()
     result_file = Path(args.result_file)
     try:
         result = merge_run(Path(args.run), Path(args.out), atol=args.atol, dtype=args.dtype)
