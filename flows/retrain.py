@@ -27,6 +27,7 @@ from tasks.evaluate import evaluate, log_evaluation
 from tasks.infer import batch_infer_task, log_batch
 from tasks.merge import log_merge, merge
 from tasks.register import register
+from tasks.retry import names_unreachable_service
 from tasks.train import log_training, train_model
 from tasks.validate import log_validation, validate_dataset
 from tasks.version import version_path
@@ -84,6 +85,7 @@ def _flow_run_id() -> str:
 
 
 @flow(name="retrain")
+@names_unreachable_service
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
     started = time.time()
