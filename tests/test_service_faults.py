@@ -160,3 +160,63 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
     for run in runs_at_once:
         assert len(client.search_model_versions(f"name = 'faults-model' and run_id = '{run}'")) == 1
         assert len(client.list_artifacts(run, "model")) == 3
+
+
+def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_lost(
+    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DVC remote is a bucket on SeaweedFS; S3 stops between two pushes of one flow run, and comes back on
+    the same address with its data."""
+    from contextlib import ExitStack
+
+    from prefect import flow
+
+    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.version import version_path
+    from tests.s3_server import free_ports, seaweedfs_s3
+    from vlmops.config import load_config
+
+    ports = free_ports(8)
+    weed = tmp_path / "weed"
+    workspace = tmp_path / "ws"
+    folders = []
+    for name in ("dataset", "model"):
+        folder = workspace / name
+        folder.mkdir(parents=True)
+        (folder / "data.bin").write_bytes(os.urandom(20_000))
+        folders.append(str(folder))
+    config = load_config(
+        None,
+        [
+            f"run.output_dir={workspace}",
+            f"versioning.repo={workspace}",
+            "versioning.remote_name=s3",
+            "versioning.remote_url=s3://dvc/store",
+        ],
+    )
+
+    @flow(name="push-twice")
+    @names_unreachable_service
+    def push_twice(between: Callable[[], None]) -> list[str]:
+        first = version_path(config, folders[0])
+        between()  # S3 goes away in the middle of the flow run
+        return [first.md5, version_path(config, folders[1]).md5]
+
+    with ExitStack() as running:
+        s3 = running.enter_context(seaweedfs_s3(weed, ports=ports))
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        s3.client().create_bucket(Bucket="dvc")
+        state = push_twice(running.close, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ServiceUnavailable, match=rf"(?s)S3 at {s3.endpoint_url} did not answer.*run again"):
+        state.result()
+    runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.expected_start_time)
+    assert [(r.state_name, r.run_count) for r in runs] == [("Completed", 1), ("Failed", 3)]  # 2 retries
+
+    with seaweedfs_s3(weed, ports=ports) as restarted:
+        assert restarted.endpoint_url == s3.endpoint_url
+        first, second = push_twice(lambda: None)
+        keys = {o["Key"] for o in restarted.client().list_objects_v2(Bucket="dvc")["Contents"]}
+    # Both folders are in the remote: the first push survived the outage, the second completed on the rerun.
+    assert {f"store/files/md5/{md5[:2]}/{md5[2:]}" for md5 in (first, second)} <= keys
