@@ -99,6 +99,8 @@ def die_with_parent(parent_pid: int | None = None) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
+    # The signal follows the *thread* that started this process: run_child blocks that thread until we exit,
+    # so it outlives us unless the whole caller dies, which is the case this is for.
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         log.warning("could not tie this process to its parent (prctl errno %d)", ctypes.get_errno())
