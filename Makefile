@@ -10,6 +10,8 @@ BIN    := $(VENV)/bin
 # CPU machines get the CPU build of torch 2.13.0 (from the local wheel where there is one); a machine with
 # an NVIDIA driver keeps the CUDA build pip picks.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
+# GPU machines also get the `gpu` extra (Liger Kernel's fused loss for fast training).
+EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'dev,gpu' || echo 'dev')
 CONFIG ?= pipeline.yaml
 ARGS   ?=
 PYTEST_ARGS ?=
@@ -28,7 +30,7 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet '$(TORCH)'
-	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c requirements/lock.txt -e '.[$(EXTRAS)]'
 	# DeepSpeed ships only as source; its build imports torch, so build it against the torch just installed.
 	# DS_BUILD_OPS=0: kernels (CPU Adam, ...) compile on first use on the GPU machine, not here.
 	DS_BUILD_OPS=0 $(BIN)/python -m pip install --quiet --no-build-isolation -c requirements/lock.txt deepspeed

@@ -52,8 +52,10 @@ class ModelConfig(Section):
     """Where downloaded and converted snapshots are kept (with their manifests)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
-    attn: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    """Attention kernel for the LLM and SigLIP (SAM always uses SDPA). flash_attention_2 needs flash-attn."""
+    attn: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel for the LLM and SigLIP (SAM always uses SDPA). flash_attention_2 needs flash-attn.
+    flex_attention (the LLM only; the vision towers use SDPA): skips the masked blocks of packed rows
+    (train.packing) on the GPU; no backward on CPU."""
     system_prompt: str | None = None
     """System prompt of the `deepseek` chat format. null: the released default; "": no system prompt."""
     allow_pickle: bool = False
@@ -156,8 +158,40 @@ class TrainConfig(Section):
     """Which parts to freeze."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Mixed precision. auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: much less memory, about 30% slower."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass: much less memory, about 30% slower. auto: on a GPU, chosen with
+    the micro-batch by the memory policy (`memory_gib`; on only when the GPU would otherwise get too small a
+    micro-batch to keep busy); on CPU, and under DeepSpeed, on."""
+    memory_gib: float | None = Field(None, gt=0)
+    """GPU memory (GiB) a training process may use. On a GPU without DeepSpeed, the micro-batch (and so
+    grad_accum) and, when gradient_checkpointing is auto, recompute are chosen to fit it from an estimate of the
+    model's memory per token (vlmops/train/memory.py), keeping batch_size x grad_accum samples per optimizer step.
+    null: 90% of the GPU. Ignored on CPU and under DeepSpeed (batch_size and grad_accum are used as written)."""
+    auto_batch: bool = True
+    """Let `memory_gib` re-split batch_size x grad_accum into micro-batches (the same samples per step, so the
+    same learning). false: batch_size and grad_accum exactly as written."""
+    packing: bool | Literal["auto"] = "auto"
+    """Padding-free training batches: the samples of a micro-batch are concatenated into one row, position ids
+    restart per sample and attention stays within each sample (model.attn sdpa, flex_attention or
+    flash_attention_2). Same learning as padded batches, no compute spent on padding. auto: on with a CUDA GPU when
+    model.attn is flex_attention or flash_attention_2, which skip the masked-out blocks; off with sdpa (it computes
+    the packed row's attention densely under a block-diagonal mask: 0.75x the padded batches on an H200, 7b LoRA)
+    and on CPU (the tiny demo and tests: little padding, no FlexAttention backward, pinned losses). Evaluation
+    batches are never packed."""
+    packing_tokens: int | None = Field(None, ge=16)
+    """Tokens per packed micro-batch. null: the memory policy's choice on a GPU, else train.batch_size x the
+    training split's mean sample length (so a step holds about as many samples as unpacked); never less than the
+    longest sample. Set, it fixes the micro-batch: batch_size and grad_accum are then used as written."""
+    group_by_length: bool = False
+    """Unpacked batches of samples of similar length (less padding), in a seeded random order. Ignored when
+    packing."""
+    compile: Literal["auto", "on", "off"] = "auto"
+    """torch.compile each decoder layer of the language model. auto: on with a CUDA GPU (not under DeepSpeed),
+    off on CPU. The first steps are slower while the layers compile (~30 s)."""
+    fused_loss: Literal["auto", "on", "off"] = "auto"
+    """Fused LM head + cross-entropy over the answer positions (Liger Kernel, `pip install 'vlmops[gpu]'`): the
+    logits over the 102,400-word vocabulary are never materialised. auto: on with a CUDA GPU when Liger Kernel is
+    installed (not under DeepSpeed)."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed."""

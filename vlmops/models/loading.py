@@ -91,6 +91,10 @@ def attn_implementation(attn: str, hybrid: bool) -> str | dict[str, str]:
             raise ValueError(
                 "model.attn is flash_attention_2 but flash-attn is not installed: pip install 'vlmops[flash]' or use sdpa"
             )
+    if attn == "flex_attention":
+        # transformers refuses flex_attention for the DeepSeek-VL classes themselves; the Llama inside takes it.
+        towers = {"vision_config": "sdpa", **({"high_res_vision_config": "sdpa"} if hybrid else {})}
+        return {"": "sdpa", "text_config": attn, **towers}
     if not hybrid:
         return attn
     return {"": attn, "text_config": attn, "vision_config": attn, "high_res_vision_config": "sdpa"}

@@ -21,10 +21,12 @@ import torch
 from vlmops.config import PipelineConfig, resolve_num_workers
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
-from vlmops.data.prepare import load_prepared
+from vlmops.data.prepare import PreparedDataset, load_prepared
 from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
-from vlmops.train.data import SFTDataset, VisionLanguageCollator
+from vlmops.train.batching import Batching, collator, resolve_batching, train_dataset
+from vlmops.train.data import SFTDataset
 from vlmops.train.deepspeed_config import load_deepspeed_config
+from vlmops.train.packing import check_packing_support
 from vlmops.train.rundir import (
     CONFIG_FILE,
     FINAL_DIR,
@@ -38,6 +40,7 @@ from vlmops.train.rundir import (
     plan_resume,
     start_run_folder,
 )
+from vlmops.train.speed import SpeedPlan, apply_speed, plan_speed
 from vlmops.train.trainable import TrainableSummary, prepare_trainable, require_grads_on_inputs
 from vlmops.train.trainer import (
     CheckpointPolicy,
@@ -146,12 +149,25 @@ def weights_dtype(config: PipelineConfig, precision: str) -> torch.dtype:
     return torch.float32
 
 
-def training_arguments(config: PipelineConfig, run_dir: Path, precision: str) -> Any:
+def training_arguments(
+    config: PipelineConfig,
+    run_dir: Path,
+    precision: str,
+    batching: Batching | None = None,
+    speed: SpeedPlan | None = None,
+) -> Any:
     """`TrainingArguments` from the `train` and `data` sections. Build it before loading the model: with
-    ZeRO-3 it makes `from_pretrained` shard the weights as they load."""
+    ZeRO-3 it makes `from_pretrained` shard the weights as they load.
+
+    `batching`: the run's resolved batching (`resolve_batching`); None: train.batch_size, grad_accum and
+    gradient_checkpointing as written. `speed`: the run's GPU levers (`plan_speed`); None: the plain optimizer.
+    """
     from transformers import TrainingArguments
 
     t = config.train
+    if batching is None:
+        recompute = t.gradient_checkpointing is not False
+        batching = Batching(t.batch_size, t.grad_accum, recompute, False, None, False)
     if t.deepspeed is not None and not torch.cuda.is_available():
         raise ValueError(
             f"train.deepspeed is {t.deepspeed!r} but there is no CUDA GPU: DeepSpeed through the HF Trainer runs on "
@@ -167,9 +183,9 @@ def training_arguments(config: PipelineConfig, run_dir: Path, precision: str) ->
         schedule.update(save_strategy="steps", save_steps=save_steps)
     return TrainingArguments(
         output_dir=str(run_dir),
-        per_device_train_batch_size=t.batch_size,
+        per_device_train_batch_size=batching.per_device_batch,
         per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
+        gradient_accumulation_steps=batching.grad_accum,
         learning_rate=t.lr,
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the total steps
@@ -187,15 +203,17 @@ def training_arguments(config: PipelineConfig, run_dir: Path, precision: str) ->
         data_seed=config.run.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
+        optim="adamw_torch_fused" if speed is not None and speed.fused_adamw else "adamw_torch",
         use_cpu=not torch.cuda.is_available(),
-        **_checkpointing_kwargs(t.gradient_checkpointing),
+        **_checkpointing_kwargs(batching.recompute),
         deepspeed=load_deepspeed_config(t.deepspeed),
         dataloader_num_workers=resolve_num_workers(config.data.num_workers),
         dataloader_persistent_workers=resolve_num_workers(config.data.num_workers) > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         label_names=["labels"],
-        include_num_input_tokens_seen="non_padding",
+        # A packed row has no padding and no attention_mask (see vlmops.train.packing): all its tokens are real.
+        include_num_input_tokens_seen="all" if batching.packing else "non_padding",
         ddp_find_unused_parameters=False,  # every step runs every part (see VLTrainer.compute_loss)
         report_to="none",
         disable_tqdm=False,
@@ -224,6 +242,8 @@ class TrainingSetup:
     precision: str
     resume: Path | None
     throughput: Throughput
+    batching: Batching
+    speed: SpeedPlan
 
 
 def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainingSetup:
@@ -236,9 +256,14 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     precision = resolve_precision(t.precision)
     if t.deepspeed is not None:
         single_process_rendezvous()
-    args = training_arguments(config, run_dir, precision)
-    main = args.should_save
+    # The datasets are measured first: their lengths size the micro-batches, which the TrainingArguments carry.
+    processor = AutoProcessor.from_pretrained(base_model)
     prepared = load_prepared(dataset)
+    datasets = build_datasets(config, processor, prepared)
+    speed = plan_speed(t, torch.cuda.is_available(), precision)
+    batching = resolve_batching(config, base_model, datasets["train"].lengths, weights_dtype(config, precision), speed)
+    args = training_arguments(config, run_dir, precision, batching, speed)
+    main = args.should_save
     info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode)
     plan = plan_resume(run_dir, config, info)
     barrier()  # every rank has read the folder before rank 0 changes it
@@ -256,21 +281,53 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         attn_implementation=attn_implementation(config.model.attn, hybrid),
         **safe_weights(base_model, config.model.allow_pickle),
     )
-    processor = AutoProcessor.from_pretrained(base_model)
     model.config.use_cache = False
+    # The LLM reads its own config: without this it builds a KV cache while training, which also keeps
+    # transformers from separating packed samples.
+    model.config.text_config.use_cache = False
     model, summary = prepare_trainable(model, t, seed=config.run.seed)
     if config.model.dtype == "auto" and precision != "fp32" and t.deepspeed is None:
         for param in model.parameters():  # trained weights (adapters, modules_to_save) stay float32 under autocast
             if param.requires_grad:
                 param.data = param.data.float()
-    if t.gradient_checkpointing and t.mode == "lora":
+    if batching.recompute and t.mode == "lora":
         require_grads_on_inputs(model)
+    if batching.packing:
+        check_packing_support(model)
+    apply_speed(model, speed)
 
+    throughput = Throughput()
+    run_files = [run_dir / CONFIG_FILE, run_dir / RUN_INFO]
+    trainer = VLTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset(batching, datasets["train"], config.run.seed),
+        eval_dataset=datasets["eval"],
+        data_collator=collator(batching, processor.tokenizer.pad_token_id, speed.pad_to_multiple_of),
+        processing_class=processor,
+        callbacks=[
+            CheckpointPolicy(),
+            CompleteCheckpoints(run_dir, run_files, keep=t.save_total_limit),
+            MetricsLog(run_dir),
+            throughput,
+        ],
+        run_files=run_files,
+        dummy_pixels=dummy_pixel_values(processor),
+        fused_loss=speed.fused_loss,
+    )
+    # The default bar prints every log dict on its own line; this one shows the latest numbers on the bar.
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress())
+    return TrainingSetup(trainer, summary, datasets, precision, resume, throughput, batching, speed)
+
+
+def build_datasets(config: PipelineConfig, processor: Any, prepared: PreparedDataset) -> dict[str, SFTDataset]:
+    """The train and eval splits of a prepared snapshot, measured against data.max_length."""
     saved_lengths = read_lengths(
         prepared.path,
         length_fingerprint(processor.tokenizer, int(processor.num_image_tokens), config.model.system_prompt),
     )
-    datasets = {}
+    datasets: dict[str, SFTDataset] = {}
     for split, path in (("train", prepared.train_file), ("eval", prepared.eval_file)):
         read = read_dataset(path)
         if read.problems:
@@ -285,29 +342,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
             split,
             saved_lengths.get(split),
         )
-
-    throughput = Throughput()
-    run_files = [run_dir / CONFIG_FILE, run_dir / RUN_INFO]
-    trainer = VLTrainer(
-        model=model,
-        args=args,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["eval"],
-        data_collator=VisionLanguageCollator(pad_token_id=processor.tokenizer.pad_token_id),
-        processing_class=processor,
-        callbacks=[
-            CheckpointPolicy(),
-            CompleteCheckpoints(run_dir, run_files, keep=t.save_total_limit),
-            MetricsLog(run_dir),
-            throughput,
-        ],
-        run_files=run_files,
-        dummy_pixels=dummy_pixel_values(processor),
-    )
-    # The default bar prints every log dict on its own line; this one shows the latest numbers on the bar.
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(CompactProgress())
-    return TrainingSetup(trainer, summary, datasets, precision, resume, throughput)
+    return datasets
 
 
 def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainResult:
@@ -336,7 +371,8 @@ def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path
         trainer.save_final(run_dir / FINAL_DIR)
     runtime = time.perf_counter() - started
 
-    samples_per_step = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+    # A packed micro-batch holds batching.batch_size samples on average (the Trainer's batch size is 1 group).
+    samples_per_step = setup.batching.batch_size * args.gradient_accumulation_steps * args.world_size
     samples_per_s, tokens_per_s = setup.throughput.rates(samples_per_step)
     losses, evals = histories(run_dir)
     state = trainer.state

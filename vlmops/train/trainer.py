@@ -84,10 +84,18 @@ def rotate_checkpoints(run_dir: Path, keep: int, best: str | None) -> list[Path]
 class VLTrainer(Trainer):
     """`Trainer` with a vision pass on every step and a final folder that carries the run's config."""
 
-    def __init__(self, *args: Any, run_files: list[Path], dummy_pixels: dict[str, torch.Tensor], **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        run_files: list[Path],
+        dummy_pixels: dict[str, torch.Tensor],
+        fused_loss: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.run_files = run_files
         self.dummy_pixels = dummy_pixels
+        self.fused_loss = fused_loss  # the model's forward computes the loss over trained positions itself
 
     def compute_loss(
         self,
@@ -102,7 +110,8 @@ class VLTrainer(Trainer):
             if key in inputs:
                 inputs[key] = inputs[key].to(dtype)
         has_images = "pixel_values" in inputs
-        inputs.update(trained_positions(inputs["labels"]))
+        if not self.fused_loss:
+            inputs.update(trained_positions(inputs["labels"]))
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )

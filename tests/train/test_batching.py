@@ -1,0 +1,66 @@
+"""`resolve_batching`: the config's batching keys on CPU (where train.memory_gib is ignored), and the train split and
+TrainingArguments they produce."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmops.config import load_config
+from vlmops.train.batching import Batching, resolve_batching
+from vlmops.train.packing import GroupedDataset
+
+LENGTHS = [100, 300, 250, 90, 700, 60]
+
+needs_cpu = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
+
+
+@needs_cpu
+def test_memory_gib_is_ignored_cleanly_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    config = load_config(None, {"train.memory_gib": 20, "train.batch_size": 3, "train.grad_accum": 2})
+    with caplog.at_level(logging.INFO, logger="vlmops.train.batching"):
+        batching = resolve_batching(config, Path("unused"), LENGTHS, torch.float32)
+    assert batching == Batching(3, 2, recompute=True, packing=False, packing_tokens=None, group_by_length=False)
+    assert "train.memory_gib is ignored: there is no CUDA GPU" in caplog.text
+
+
+@needs_cpu
+def test_packing_budget_defaults_to_batch_size_times_the_mean_length() -> None:
+    config = load_config(None, {"train.packing": True, "train.batch_size": 4, "train.gradient_checkpointing": False})
+    batching = resolve_batching(config, Path("unused"), LENGTHS, torch.float32)
+    assert batching.packing and not batching.recompute and batching.per_device_batch == 1
+    assert batching.packing_tokens == 4 * 250  # mean 250
+    single = load_config(None, {"train.packing": True, "train.batch_size": 1})
+    assert resolve_batching(single, Path("unused"), LENGTHS, torch.float32).packing_tokens == 700  # the longest
+    given = load_config(None, {"train.packing": True, "train.packing_tokens": 2000, "train.group_by_length": True})
+    fixed = resolve_batching(given, Path("unused"), LENGTHS, torch.float32)
+    assert fixed.packing_tokens == 2000 and not fixed.group_by_length  # packing wins over length grouping
+    assert not resolve_batching(load_config(None), Path("unused"), LENGTHS, torch.float32).packing  # auto: off on CPU
+
+
+def test_group_by_length_serves_padded_batches_of_similar_lengths(
+    tiny_model: Path, snapshot: Any, tmp_path: Path
+) -> None:
+    from vlmops.train.sft import setup_training
+
+    overrides = {"train.group_by_length": True, "train.batch_size": 4, "train.packing": False}
+    setup = setup_training(load_config(None, overrides), tiny_model, snapshot.path, tmp_path)
+    args, dataset = setup.trainer.args, setup.trainer.train_dataset
+    assert isinstance(dataset, GroupedDataset) and args.per_device_train_batch_size == 1
+    assert args.include_num_input_tokens_seen == "non_padding"
+    batch = next(iter(setup.trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4 and "attention_mask" in batch
+
+
+def test_packed_runs_count_every_token_as_real(tiny_model: Path, snapshot: Any, tmp_path: Path) -> None:
+    from vlmops.train.sft import setup_training
+
+    setup = setup_training(load_config(None, {"train.packing": True}), tiny_model, snapshot.path, tmp_path)
+    assert setup.trainer.args.include_num_input_tokens_seen == "all"  # a packed row has no padding
+    batch = next(iter(setup.trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch and "attention_mask" not in batch
+    assert setup.trainer.model.config.text_config.use_cache is False

@@ -1,0 +1,108 @@
+"""`train.memory_gib`'s policy (`vlmops.train.memory.plan_batch`) on the released 1.3b / 7b shapes (no weights)."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlmops.testing.architectures import architecture_config
+from vlmops.train.memory import GIB, ModelShape, count_parameters, plan_batch
+
+LONGEST, MEAN = 1700, 900  # realistic data: 64-1,500 text tokens and 0-2 images of 576 tokens
+
+
+def lora_qkv_params(config: object, r: int = 8) -> int:
+    text = config.text_config  # type: ignore[attr-defined]
+    return 3 * text.num_hidden_layers * r * 2 * text.hidden_size
+
+
+@pytest.fixture(scope="module")
+def shapes() -> dict[str, ModelShape]:
+    out = {}
+    for size, name in (("1.3b", "deepseek-vl-1.3b-chat"), ("7b", "deepseek-vl-7b-chat")):
+        config = architecture_config(name)
+        out[size] = ModelShape.from_config(config, lora_qkv_params(config))
+        total = out[size].total_params
+        out[f"{size}-full"] = ModelShape.from_config(config, total - 450_000_000, frozen_bytes=4, master_weights=True)
+    return out
+
+
+def test_parameter_counts_of_the_released_architectures(shapes: dict[str, ModelShape]) -> None:
+    assert shapes["1.3b"].total_params == 1_962_640_384
+    assert shapes["7b"].total_params == 7_331_390_721
+    assert count_parameters(architecture_config("tiny-deepseek-vl")) < 2_000_000
+
+
+def test_the_estimate_matches_the_measured_7b_plain_loop(shapes: dict[str, ModelShape]) -> None:
+    """The plain transformers + peft loop without recompute peaked at 40.8 GiB with 4 samples of ~1,100 tokens."""
+    shape = shapes["7b"]
+    estimate = (shape.static_bytes() + 4 * 1100 * shape.bytes_per_token(recompute=False)) / GIB
+    assert 0.85 * 40.8 < estimate < 1.15 * 40.8
+
+
+@pytest.mark.parametrize("size", ["1.3b", "7b", "1.3b-full", "7b-full"])
+@pytest.mark.parametrize("memory_gib", [24.0, 40.0, 80.0, 125.0])
+@pytest.mark.parametrize("packing", [False, True])
+def test_plans_keep_the_step_and_fit_the_budget(
+    shapes: dict[str, ModelShape], size: str, memory_gib: float, packing: bool
+) -> None:
+    shape = shapes[size]
+    try:
+        plan = plan_batch(shape, memory_gib, 16, LONGEST, MEAN, packing)
+    except ValueError as err:
+        assert "train.memory_gib" in str(err) and size.endswith("full")  # full SFT of 7b needs more than 24-80 GiB
+        return
+    assert plan.estimate_gib <= memory_gib
+    if packing:
+        assert plan.packing_tokens is not None and plan.packing_tokens >= LONGEST
+        assert plan.grad_accum * plan.packing_tokens >= 16 * MEAN  # the step still holds ~16 samples
+    else:
+        assert plan.packing_tokens is None and plan.micro_batch * plan.grad_accum == 16
+
+
+def test_more_memory_means_bigger_micro_batches_and_no_recompute(shapes: dict[str, ModelShape]) -> None:
+    plans = [plan_batch(shapes["7b"], gib, 16, LONGEST, MEAN, packing=False) for gib in (20, 40, 125)]
+    # 40 GiB: two samples without recompute (~3,400 tokens) keep the GPU busy enough (SATURATING_TOKENS)
+    assert [p.recompute for p in plans] == [True, False, False]
+    assert [p.micro_batch for p in plans] == [1, 2, 8]
+    small, roomy = (plan_batch(shapes["1.3b"], gib, 16, LONGEST, MEAN, packing=True) for gib in (16, 125))
+    assert not small.recompute and small.packing_tokens == 2880 and small.grad_accum == 5
+    assert not roomy.recompute
+    assert roomy.grad_accum == 1 and roomy.packing_tokens == 16 * MEAN
+
+
+def test_recompute_is_only_bought_when_the_gpu_would_otherwise_starve(shapes: dict[str, ModelShape]) -> None:
+    """Without recompute 1.3b fits ~4,900 tokens in 20 GiB: enough to keep the GPU busy, so no recompute."""
+    plan = plan_batch(shapes["1.3b"], 20, 16, LONGEST, MEAN, packing=True)
+    assert not plan.recompute and plan.packing_tokens == 3600 and plan.grad_accum == 4
+
+
+def test_an_explicit_recompute_setting_is_kept(shapes: dict[str, ModelShape]) -> None:
+    assert plan_batch(shapes["7b"], 125, 16, LONGEST, MEAN, packing=False, recompute=True).recompute
+    forced = plan_batch(shapes["7b"], 40, 16, LONGEST, MEAN, packing=False, recompute=False)
+    assert not forced.recompute and forced.micro_batch == 2
+
+
+def test_a_budget_too_small_for_one_sample_says_what_to_do(shapes: dict[str, ModelShape]) -> None:
+    with pytest.raises(ValueError, match=r"train.memory_gib 16: not even one sample of 1700 tokens"):
+        plan_batch(shapes["7b"], 16, 16, LONGEST, MEAN, packing=False)
+    with pytest.raises(ValueError, match="recompute"):
+        plan_batch(shapes["7b"], 20, 16, LONGEST, MEAN, packing=False, recompute=False)
+
+
+def test_the_gpu_speed_levers_shrink_the_estimate(shapes: dict[str, ModelShape]) -> None:
+    """No logits with the fused loss; compiled layers keep a measured share of the plain activations."""
+    import dataclasses
+
+    from vlmops.train.memory import COMPILED_ACTIVATION_SHARE, HIGH_RES_VISION_BYTES_PER_TOKEN, LOGIT_BYTES
+
+    plain = shapes["7b"]
+    fused = dataclasses.replace(plain, fused_loss=True)
+    assert plain.bytes_per_token(False) - fused.bytes_per_token(False) == plain.vocab_size * LOGIT_BYTES
+    compiled = dataclasses.replace(fused, compiled=True)
+    vision = HIGH_RES_VISION_BYTES_PER_TOKEN  # the 7b's SAM transients are not layer activations
+    share = (compiled.bytes_per_token(False) - vision) / (fused.bytes_per_token(False) - vision)
+    assert plain.high_res_vision and not shapes["1.3b"].high_res_vision
+    assert share == pytest.approx(COMPILED_ACTIVATION_SHARE, abs=1e-3)
+    # 20 GiB: recompute, micro-batches of 4 (measured 21.6 GiB at 8 x 1,088 tokens with recompute)
+    plan = plan_batch(compiled, 20, 8, 1090, 1088, packing=False)
+    assert plan.recompute and plan.micro_batch == 4 and plan.estimate_gib <= 20

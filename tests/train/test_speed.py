@@ -1,0 +1,111 @@
+"""The GPU speed levers: which ones a run gets, and the fused-loss forward computes the model's own loss.
+
+The fused forward is exercised on CPU with the unfused head loss (Liger's kernels need CUDA): the patching, the
+label shift, `shift_labels` / `logits_to_keep`, the `num_items_in_batch` normalisation and the gradients
+are the same code either way; bench/train_bench.py compares the Liger path's loss curve on the GPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlmops.config import ConfigError, load_config
+from vlmops.models.template import IGNORE_INDEX
+from vlmops.train.speed import fuse_loss, liger_available, plan_speed, reference_head_loss
+from vlmops.train.trainer import trained_positions
+
+
+def test_cpu_gets_the_plain_path() -> None:
+    plan = plan_speed(load_config(None).train, cuda=False, precision="fp32")
+    assert not (plan.compile_layers or plan.fused_loss or plan.fused_adamw or plan.lora_compute_dtype)
+    assert plan.why_off == {"compile": "no CUDA GPU", "fused_loss": "no CUDA GPU"}
+    assert "off compile (no CUDA GPU)" in plan.describe()
+    assert plan.pad_to_multiple_of == 1
+
+
+def test_gpu_gets_every_lever_and_deepspeed_the_safe_ones() -> None:
+    train = load_config(None, {"train.mode": "lora"}).train
+    plan = plan_speed(train, cuda=True, precision="bf16")
+    assert plan.compile_layers and plan.fused_adamw and plan.lora_compute_dtype
+    assert plan.pad_to_multiple_of == 64  # compiled layers see a few bucketed lengths
+    assert plan.fused_loss == liger_available()
+    if not liger_available():
+        assert "pip install 'vlmops[gpu]'" in plan.why_off["fused_loss"]
+    zero3 = plan_speed(load_config(None, {"train.deepspeed": "zero3"}).train, cuda=True, precision="bf16")
+    assert not (zero3.compile_layers or zero3.fused_loss or zero3.fused_adamw or zero3.lora_compute_dtype)
+    assert zero3.why_off["compile"] == "DeepSpeed is on"
+    off = plan_speed(load_config(None, {"train.compile": "off"}).train, cuda=True, precision="bf16")
+    assert not off.compile_layers and off.why_off["compile"] == "train.compile: off"
+
+
+def test_on_where_it_cannot_apply_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"train.compile: on, but no CUDA GPU; set it to auto"):
+        plan_speed(load_config(None, {"train.compile": "on"}).train, cuda=False, precision="fp32")
+
+
+def _batch(processor: Any, hybrid: bool) -> dict[str, torch.Tensor]:
+    from PIL import Image
+
+    from vlmops.models.template import IMAGE_TOKEN
+
+    torch.manual_seed(0)
+    texts = [f"{IMAGE_TOKEN} what colour is the square? it is red", f"{IMAGE_TOKEN} and this one? blue, mostly"]
+    images = [[Image.new("RGB", (32, 32), (200, 20, 20))], [Image.new("RGB", (32, 32), (20, 20, 200))]]
+    batch = dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+    labels = batch["input_ids"].clone()
+    labels[:, : labels.shape[1] // 2] = IGNORE_INDEX  # the prompt half carries no loss
+    labels[batch["attention_mask"] == 0] = IGNORE_INDEX
+    batch["labels"] = labels
+    return batch
+
+
+@pytest.mark.parametrize("arch", ["deepseek_vl", "deepseek_vl_hybrid"])
+@pytest.mark.parametrize("items", [None, 7])
+def test_fused_forward_gives_the_models_own_loss_and_gradients(
+    arch: str, items: int | None, tiny_model: Path, tiny_hybrid_model: Path
+) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = tiny_hybrid_model if arch == "deepseek_vl_hybrid" else tiny_model
+    processor = AutoProcessor.from_pretrained(folder)
+    batch = _batch(processor, arch == "deepseek_vl_hybrid")
+    kwargs: dict[str, Any] = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
+
+    def loss_and_grads(fused: bool, positions: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+        if fused:
+            fuse_loss(model, reference_head_loss)
+        inputs = dict(batch, **kwargs)
+        if positions:
+            inputs.update(trained_positions(inputs["labels"]))
+        output = model(**inputs)
+        assert (output.logits is None) == fused  # the fused forward never materialises the logits
+        loss = output.loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    reference, reference_grads = loss_and_grads(fused=False, positions=False)
+    for positions in (False, True):  # plain labels, and the Trainer's trained positions + shift_labels
+        loss, grads = loss_and_grads(fused=True, positions=positions)
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+        assert grads.keys() == reference_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_forward_without_labels_is_the_original(tiny_model: Path) -> None:
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_model)
+    batch = _batch(processor, hybrid=False)
+    batch.pop("labels")
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        fuse_loss(model, reference_head_loss)
+        torch.testing.assert_close(model(**batch).logits, expected)

@@ -1,0 +1,153 @@
+"""How a run batches its training samples: packing, length grouping, micro-batch, accumulation and recompute.
+
+`resolve_batching` turns the `train` section (packing, packing_tokens, group_by_length, memory_gib,
+auto_batch, gradient_checkpointing) and the measured sample lengths into one `Batching`, decided before the
+model is loaded (the TrainingArguments carry it, and under ZeRO-3 they must exist before the weights load).
+`train_dataset` and `collator` build the data path it describes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from vlmops.config import PipelineConfig, TrainConfig
+from vlmops.train.memory import ModelShape, gpu_memory_gib, plan_batch
+from vlmops.train.packing import GroupCollator, GroupedDataset, length_groups, pack_groups, resolve_packing
+from vlmops.train.speed import SpeedPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The resolved batching of a run."""
+
+    batch_size: int
+    """Samples per micro-batch (unpacked); with packing, the number the token budget was sized for."""
+    grad_accum: int
+    recompute: bool
+    packing: bool
+    packing_tokens: int | None
+    """Tokens per packed micro-batch (packing only)."""
+    group_by_length: bool
+
+    @property
+    def grouped(self) -> bool:
+        """The train split is served as ready-made groups, one per micro-batch (the Trainer's batch size is 1)."""
+        return self.packing or self.group_by_length
+
+    @property
+    def per_device_batch(self) -> int:
+        """`per_device_train_batch_size` for the Trainer."""
+        return 1 if self.grouped else self.batch_size
+
+
+def resolve_batching(
+    config: PipelineConfig,
+    base_model: Path,
+    lengths: list[int],
+    weights_dtype: torch.dtype,
+    speed: SpeedPlan | None = None,
+) -> Batching:
+    """The batching of a run: the config as written, or on a GPU the memory policy's split (see `TrainConfig`)."""
+    t = config.train
+    packing = resolve_packing(t.packing, config.model.attn)
+    recompute = None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing)
+    batch_size, grad_accum, tokens = t.batch_size, t.grad_accum, t.packing_tokens
+    mean = sum(lengths) / len(lengths)
+    fixed_budget = packing and t.packing_tokens is not None  # the user sized the micro-batch: keep the split
+    if torch.cuda.is_available() and t.deepspeed is None and t.auto_batch and not fixed_budget:
+        shape = training_shape(base_model, t, weights_dtype, speed)
+        plan = plan_batch(
+            shape, gpu_memory_gib(t.memory_gib), t.batch_size * t.grad_accum, max(lengths), mean, packing, recompute
+        )
+        log.info("train.memory_gib: %s", plan.describe())
+        batch_size, grad_accum, recompute, tokens = (
+            plan.micro_batch,
+            plan.grad_accum,
+            plan.recompute,
+            plan.packing_tokens,
+        )
+    elif t.memory_gib is not None:
+        why = (
+            "there is no CUDA GPU"
+            if not torch.cuda.is_available()
+            else "the run uses DeepSpeed, train.auto_batch false or a fixed train.packing_tokens"
+        )
+        log.info("train.memory_gib is ignored: %s; batch_size and grad_accum are used as written", why)
+    if packing and tokens is None:
+        tokens = max(max(lengths), math.ceil(batch_size * mean))
+    return Batching(
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        recompute=True if recompute is None else recompute,  # auto without the policy: on, as before
+        packing=packing,
+        packing_tokens=tokens if packing else None,
+        group_by_length=t.group_by_length and not packing,
+    )
+
+
+def training_shape(
+    base_model: Path, train: TrainConfig, weights_dtype: torch.dtype, speed: SpeedPlan | None = None
+) -> ModelShape:
+    """The `ModelShape` of training `base_model` with `train`, from its config on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from vlmops.train.trainable import lora_target_modules, part_of, trained_parts
+
+    config = AutoConfig.from_pretrained(base_model)
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    full = trained_parts(train)
+    trained = sum(p.numel() for name, p in model.named_parameters() if part_of(name) in full)
+    if train.mode == "lora":
+        modules = dict(model.named_modules())
+        _, targets = lora_target_modules(model, train.lora.targets)
+        for name in targets:
+            module = modules[name]
+            if isinstance(module, torch.nn.Linear) and part_of(name) not in full:
+                trained += train.lora.r * (module.in_features + module.out_features)
+    text = config.text_config
+    return ModelShape(
+        total_params=sum(p.numel() for p in model.parameters()),
+        trained_params=trained,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_layers=text.num_hidden_layers,
+        vocab_size=text.vocab_size,
+        frozen_bytes=torch.finfo(weights_dtype).bits // 8,
+        master_weights=weights_dtype == torch.float32 and train.mode == "full",
+        fused_loss=speed is not None and speed.fused_loss,
+        compiled=speed is not None and speed.compile_layers,
+        high_res_vision=hasattr(config, "high_res_vision_config"),
+    )
+
+
+def train_dataset(batching: Batching, dataset: Any, seed: int) -> Dataset[Any]:
+    """The train split as the Trainer should see it: packed or length-grouped micro-batches, or samples."""
+    if batching.packing:
+        assert batching.packing_tokens is not None
+        grouped = GroupedDataset(dataset, pack_groups(dataset.lengths, batching.packing_tokens, seed))
+        log.info(
+            "packing: %d samples into %d micro-batches of <= %d tokens (%.1f samples each on average)",
+            len(dataset),
+            len(grouped),
+            batching.packing_tokens,
+            grouped.mean_group_size,
+        )
+        return grouped
+    if batching.group_by_length:
+        return GroupedDataset(dataset, length_groups(dataset.lengths, batching.batch_size, seed))
+    return dataset
+
+
+def collator(batching: Batching, pad_token_id: int, pad_to_multiple_of: int = 1) -> GroupCollator:
+    """Packs groups into one row (packing), pads groups and plain samples (everything else, and evaluation)."""
+    return GroupCollator(pad_token_id=pad_token_id, pack=batching.packing, pad_to_multiple_of=pad_to_multiple_of)

@@ -1,0 +1,219 @@
+"""`train.memory_gib`: the micro-batch, gradient accumulation and recompute that fit a GPU memory budget.
+
+`plan_batch` is a pure function of the model's shape, the budget and the data's lengths; it keeps the samples per
+optimizer step (`train.batch_size` x `train.grad_accum`) and only changes how they are split into micro-batches
+(the Trainer normalises the loss by the trained tokens of the whole step, so the split does not change what is
+learned). The estimate is deliberately simple (DeepSeek-VL's language model dominates; numbers per token, bf16):
+
+- weights: frozen parameters at their load dtype; trained ones at 16 bytes (float32 weight, gradient and the
+  two AdamW moments), plus a 2-byte autocast copy when the weights are float32 masters (full training);
+- activations saved for the backward pass, per token and LLM layer, without recompute: about 13 hidden-size
+  and 4 intermediate-size vectors (norm inputs and outputs, q/k/v, rotary q/k, attention output, residuals,
+  gate/up/activation products); with recompute only the layer input is kept, plus one layer's worth while it is
+  recomputed (7b: 5.7 MB/token without, 0.43 MB with; checked against the plain loop's 40.8 GiB at
+  4 x ~1,100 tokens without recompute);
+- logits: bf16 logits, their float32 copy in the loss and its gradient over the 102,400-word vocabulary, for
+  every position (an upper bound: only answer positions get logits in `VLTrainer`);
+- a fixed reserve for the CUDA context, the allocator's slack and the vision towers' working memory (their
+  activations are not kept when they are frozen).
+
+Recompute (gradient checkpointing) costs about a third of the forward pass again, so it is chosen only when,
+without it, a micro-batch could not hold `SATURATING_TOKENS` tokens (or the whole step): below that the GPU's
+matmuls are not yet busy enough for a bigger batch to be worth less than the recompute (the 7b plain loop does
+7.5k tokens/s at 1 x ~1,100 tokens and 11.4k at 4 x ~1,100).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+RESERVE_GIB = 2.0
+# Measured on an H200 with the GPU speed levers (bench/RESULTS.md "Training speed"): the 7b at 2 x ~1,100 tokens
+# without recompute beat 4 x ~1,100 with it, and 1 x ~1,100 lost; the 1.3b never gained from recompute.
+SATURATING_TOKENS = 2048
+# With compiled layers, inductor recomputes the cheap pointwise ops itself: the saved activations measured
+# 0.9x (7b) and 0.65x (1.3b) of the plain estimate; the larger share is kept, to stay on the safe side.
+COMPILED_ACTIVATION_SHARE = 0.9
+# The 7b's SAM tower at 1024x1024 (4,096 patches, global-attention layers) holds large transients while it runs,
+# one image per ~1,100-token sample: a 7b LoRA micro-batch of 8 x 1,088 tokens peaked 2.5 GiB above the estimate
+# without this term (H200, 2026-12-01).
+HIGH_RES_VISION_BYTES_PER_TOKEN = 300_000
+TRAINED_PARAM_BYTES = 16  # float32 weight + gradient + AdamW's two moments
+AUTOCAST_COPY_BYTES = 2  # the bf16 copy autocast makes of a float32 master weight
+LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, float32 copy in the loss, float32 gradient
+ACTIVATION_BYTES = 2  # bf16 / fp16 activations
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model: parameter counts and the language model's sizes."""
+
+    total_params: int
+    trained_params: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    frozen_bytes: int = 2
+    """Bytes per frozen parameter (2: bf16/fp16 weights; 4: float32 masters in full training)."""
+    master_weights: bool = False
+    """Trained weights are float32 masters under autocast (full training without DeepSpeed)."""
+    fused_loss: bool = False
+    """The LM head and the loss run fused (train.fused_loss): no logits are kept."""
+    compiled: bool = False
+    """The decoder layers are compiled (train.compile)."""
+    high_res_vision: bool = False
+    """The model has the hybrid 7b's high-resolution (SAM) tower."""
+
+    @classmethod
+    def from_config(
+        cls, config: Any, trained_params: int, frozen_bytes: int = 2, master_weights: bool = False
+    ) -> ModelShape:
+        """The shape of a DeepSeek-VL config, its parameters counted on the meta device (no memory, no weights)."""
+        text = config.text_config
+        return cls(
+            high_res_vision=hasattr(config, "high_res_vision_config"),
+            total_params=count_parameters(config),
+            trained_params=trained_params,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            num_layers=text.num_hidden_layers,
+            vocab_size=text.vocab_size,
+            frozen_bytes=frozen_bytes,
+            master_weights=master_weights,
+        )
+
+    def static_bytes(self) -> int:
+        """Weights, gradients and optimizer state."""
+        trained = self.trained_params * (TRAINED_PARAM_BYTES + (AUTOCAST_COPY_BYTES if self.master_weights else 0))
+        return (self.total_params - self.trained_params) * self.frozen_bytes + trained
+
+    def bytes_per_token(self, recompute: bool) -> int:
+        """Activation and logit memory of one token of a micro-batch."""
+        layer = (13 * self.hidden_size + 4 * self.intermediate_size) * ACTIVATION_BYTES
+        if self.compiled:
+            layer = int(layer * COMPILED_ACTIVATION_SHARE)
+        kept = self.num_layers * self.hidden_size * ACTIVATION_BYTES + layer if recompute else self.num_layers * layer
+        vision = HIGH_RES_VISION_BYTES_PER_TOKEN if self.high_res_vision else 0
+        return kept + vision + (0 if self.fused_loss else self.vocab_size * LOGIT_BYTES)
+
+
+def count_parameters(config: Any) -> int:
+    """Parameters of the model a transformers config describes, built on the meta device."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's samples are split, and whether activations are recomputed."""
+
+    micro_batch: int
+    """Samples per micro-batch (unpacked); with packing, the average."""
+    grad_accum: int
+    recompute: bool
+    packing_tokens: int | None
+    """Tokens per packed micro-batch (None: not packed)."""
+    estimate_gib: float
+    """Estimated peak GPU memory of the plan."""
+
+    def describe(self) -> str:
+        split = f"{self.packing_tokens} packed tokens" if self.packing_tokens else f"{self.micro_batch} samples"
+        return (
+            f"micro-batch {split} x {self.grad_accum} accumulation, recompute {'on' if self.recompute else 'off'}, "
+            f"~{self.estimate_gib:.1f} GiB estimated"
+        )
+
+
+def plan_batch(
+    shape: ModelShape,
+    memory_gib: float,
+    samples_per_step: int,
+    longest: int,
+    mean_length: float,
+    packing: bool,
+    recompute: bool | None = None,
+) -> BatchPlan:
+    """The fastest split of `samples_per_step` samples that fits `memory_gib` (see the module docstring).
+
+    Args:
+        longest: the longest sample of the training split, in tokens (a padded micro-batch is this wide).
+        mean_length: the mean sample length: with packing, a step holds about `samples_per_step` x this many tokens.
+        recompute: None chooses; True / False is what the config asked for.
+
+    Raises ValueError when not even one sample fits.
+    """
+    if samples_per_step < 1 or longest < 1:
+        raise ValueError("plan_batch needs at least one sample per step and a positive longest length")
+    room = memory_gib * GIB - shape.static_bytes() - RESERVE_GIB * GIB
+
+    def fit(checkpointed: bool) -> int:
+        return max(0, int(room // shape.bytes_per_token(checkpointed)))
+
+    step_tokens = max(longest, math.ceil(samples_per_step * mean_length))
+
+    def micro_tokens(checkpointed: bool) -> int:
+        """Tokens one micro-batch would hold (0: not even the longest sample fits)."""
+        tokens = fit(checkpointed)
+        if tokens < longest:
+            return 0
+        if packing:
+            return min(tokens, step_tokens)
+        return _largest_divisor_at_most(samples_per_step, tokens // longest) * longest
+
+    choices = [recompute] if recompute is not None else [False, True]
+    best: tuple[bool, int] | None = None
+    for checkpointed in choices:
+        tokens = micro_tokens(checkpointed)
+        if tokens == 0:
+            continue
+        if best is None:
+            best = (checkpointed, tokens)
+            if tokens >= min(SATURATING_TOKENS, step_tokens):
+                break  # busy enough without recompute
+        elif tokens > best[1]:
+            best = (checkpointed, tokens)
+    if best is None:
+        need = (shape.static_bytes() + RESERVE_GIB * GIB + longest * shape.bytes_per_token(True)) / GIB
+        raise ValueError(
+            f"train.memory_gib {memory_gib:g}: not even one sample of {longest} tokens fits (about {need:.1f} GiB "
+            "needed with recompute): raise train.memory_gib, lower data.max_length, train with LoRA, or use a "
+            "DeepSpeed offload preset (train.deepspeed)"
+        )
+    checkpointed, tokens = best
+    if packing:
+        grad_accum = math.ceil(step_tokens / tokens)
+        budget = max(longest, math.ceil(step_tokens / grad_accum))  # even micro-batches
+        micro_batch = max(1, round(samples_per_step / grad_accum))
+        used = budget
+    else:
+        micro_batch = tokens // longest
+        grad_accum = samples_per_step // micro_batch
+        budget = None
+        used = micro_batch * longest
+    estimate = (shape.static_bytes() + RESERVE_GIB * GIB + used * shape.bytes_per_token(checkpointed)) / GIB
+    return BatchPlan(micro_batch, grad_accum, checkpointed, budget, round(estimate, 2))
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is <= limit (at least 1): micro-batches that split the step exactly."""
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def gpu_memory_gib(memory_gib: float | None) -> float:
+    """The budget: `train.memory_gib`, or 90% of this process's GPU (the rest for fragmentation and other users)."""
+    if memory_gib is not None:
+        return memory_gib
+    import torch
+
+    return 0.9 * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
