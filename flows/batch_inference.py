@@ -45,6 +45,7 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
+from vlmops.redact import redact_log_handlers
 
 PROGRESS_EVERY_S = 5.0
 
@@ -59,6 +60,7 @@ def batch_inference(
     distributed: bool = False,
 ) -> dict[str, Any]:
     """Answer every record of `input` with `model` into `output` (part-*.jsonl, rejects.jsonl, manifest.json)."""
+    redact_log_handlers()
     logger = get_run_logger()
     config = load_config(config_path, overrides)
     # sync_compatible: called from sync code it returns the artifact's id, not a coroutine

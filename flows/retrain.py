@@ -32,6 +32,7 @@ from tasks.infer import batch_infer_task, log_batch
 from tasks.merge import log_merge, merge
 from tasks.register import register
 from tasks.report import flow_run_tags, publish_samples, publish_summary
+from tasks.retry import names_unreachable_service
 from tasks.train import log_training, train_model
 from tasks.validate import log_validation, validate_dataset
 from tasks.version import version_path
@@ -40,6 +41,7 @@ from vlmops.data.prepare import dataset_inputs
 from vlmops.evaluate.run import BASE_PREDICTIONS, EVAL_DIR, PREDICTIONS
 from vlmops.evaluate.samples import sample_rows
 from vlmops.models.download import local_source_path
+from vlmops.redact import redact_log_handlers, redact_uri
 from vlmops.registry.lineage import version_tags
 from vlmops.tracking import MlflowLinks, Tracker, git_commit, mlflow_links, ui_command
 
@@ -113,9 +115,11 @@ def _cached(state: State) -> bool:
 
 
 @flow(name="retrain")
+@names_unreachable_service
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
     started = time.time()
+    redact_log_handlers()  # Prefect's handlers (console, API) are set up by now
     logger = get_run_logger()
     config = load_config(config_path, overrides)
     output_dir = Path(config.run.output_dir).resolve()
@@ -235,7 +239,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         model_version=version.version,
         model_alias=version.alias,
         mlflow_run_id=parent,
-        mlflow_tracking_uri=tracker.uri,
+        mlflow_tracking_uri=redact_uri(tracker.uri),
         mlflow_ui=ui_command(tracker.uri),
         run_dir=str(run_dir),
         dataset_dvc_md5=data_version.md5 if data_version else None,

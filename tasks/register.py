@@ -13,12 +13,18 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.retry import transient
+from tasks.retry import SERVICE_BACKOFF, SERVICE_RETRIES, transient
 from vlmops.tracking import RegisteredVersion, Tracker
 from vlmops.versioning import DvcVersion, write_pointer
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=transient)
+@task(
+    name="register",
+    cache_policy=NO_CACHE,
+    retries=SERVICE_RETRIES,
+    retry_delay_seconds=SERVICE_BACKOFF,
+    retry_condition_fn=transient,
+)
 def register(
     tracker: Tracker,
     run_id: str,

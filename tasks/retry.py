@@ -4,14 +4,32 @@ A retry is worth it only when the same call can succeed a moment later. An unkno
 snapshot, a bad config or a full disk fail the same way every time: retrying them only delays the error
 (and, for a step that is not idempotent, repeats its side effects).
 
-    @task(retries=2, retry_delay_seconds=30, retry_condition_fn=transient)
+    @task(retries=SERVICE_RETRIES, retry_delay_seconds=SERVICE_BACKOFF, retry_condition_fn=transient)
+
+When the retries are spent, `names_unreachable_service` (around a flow) turns the last error into a
+`ServiceUnavailable` that says which service (S3, MLflow, Prefect) at which URL did not answer, and that a rerun
+reuses the finished steps.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from typing import Any
+import functools
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from prefect.tasks import exponential_backoff
+
+from vlmops.errors import RunFailed
+from vlmops.redact import redact_uri
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Two retries, 5 s then 10 s apart (Prefect adds no jitter unless asked): long enough for a restarting server
+# or a network blip, short enough that a real outage is reported within a minute.
+SERVICE_RETRIES = 2
+SERVICE_BACKOFF = exponential_backoff(backoff_factor=5)
 
 # Error codes S3 (and S3-compatible servers) answer when they want the client to slow down or come back.
 THROTTLING_CODES = frozenset(
@@ -96,3 +114,73 @@ def _transient_alone(exc: BaseException) -> bool:
 
 def _retryable_status(status: int) -> bool:
     return status >= 500 or status == 429
+
+
+class ServiceUnavailable(RunFailed):
+    """A server the pipeline needs did not answer, after the retries; names it and its URL."""
+
+    def __init__(self, service: str, url: str, cause: BaseException):
+        self.service = service
+        self.url = url
+        super().__init__(
+            f"{service} at {url} did not answer, after retries: {type(cause).__name__}: "
+            f"{redact_uri(str(cause))[:500]}\nstart it (or fix its URL in the config) and run again: the steps "
+            "that finished are reused"
+        )
+
+
+_URL = re.compile(r"https?://[^\s'\"<>)]+")
+
+
+def unreachable_service(exc: BaseException) -> tuple[str, str] | None:
+    """(service, base URL) of the server a transient failure could not reach, read off the exception chain;
+    None when `exc` is not transient or names no server."""
+    if not is_transient(exc):
+        return None
+    import botocore.exceptions as botocore
+    import requests
+    import urllib3.exceptions as urllib3
+
+    for e in _chain(exc):
+        url: str | None = None
+        if isinstance(e, botocore.BotoCoreError) and "endpoint_url" in getattr(e, "kwargs", {}):
+            return "S3", _base(str(e.kwargs["endpoint_url"]))
+        if isinstance(e, requests.RequestException) and e.request is not None and e.request.url:
+            url = e.request.url
+        elif isinstance(e, urllib3.MaxRetryError) and e.pool is not None:
+            url = f"{e.pool.scheme}://{e.pool.host}:{e.pool.port}{e.url or ''}"
+        elif (found := _URL.search(str(e))) is not None:
+            url = found.group(0)
+        if url:
+            return _service_of(url), _base(url)
+    return None
+
+
+def names_unreachable_service(fn: F) -> F:
+    """Around a flow function: a failure that `unreachable_service` recognises is raised again as
+    `ServiceUnavailable` (from the original), so the run ends saying which server to bring back."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            outage = unreachable_service(err)
+            if outage is None:
+                raise
+            raise ServiceUnavailable(*outage, err) from err
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _service_of(url: str) -> str:
+    if "/mlflow" in url or "/ajax-api/" in url or "mlflow-artifacts" in url:
+        return "MLflow"
+    if "/api/" in url and ("flow_runs" in url or "task_runs" in url or "prefect" in url):
+        return "Prefect"
+    return "the server"
+
+
+def _base(url: str) -> str:
+    match = re.match(r"[a-z][a-z0-9+.-]*://[^/?#]+", url)
+    return redact_uri(match.group(0) if match else url)

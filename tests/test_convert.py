@@ -341,7 +341,10 @@ def test_pytorch_bin_input_converts_to_the_same_tensors(tmp_path: Path) -> None:
     write_original_checkpoint(tmp_path / "bin", config, seed=3, dtype=torch.bfloat16, weights_format="bin")
     assert not (tmp_path / "bin" / "model.safetensors").exists()
     convert_checkpoint(tmp_path / "st", tmp_path / "st-out")
-    convert_checkpoint(tmp_path / "bin", tmp_path / "bin-out")
+    with pytest.raises(ConversionError, match=r"pickle weights only \(pytorch_model\.bin\).*model\.allow_pickle: true"):
+        convert_checkpoint(tmp_path / "bin", tmp_path / "bin-out")  # unpickling can run code: refused by default
+    assert not (tmp_path / "bin-out").exists()
+    convert_checkpoint(tmp_path / "bin", tmp_path / "bin-out", allow_pickle=True)
     from_st, from_bin = (
         load_file(tmp_path / "st-out" / "model.safetensors"),
         load_file(tmp_path / "bin-out" / "model.safetensors"),

@@ -59,6 +59,9 @@ class ModelConfig(Section):
     (train.packing) on the GPU; no backward on CPU."""
     system_prompt: str | None = None
     """System prompt of the `deepseek` chat format. null: the released default; "": no system prompt."""
+    allow_pickle: bool = False
+    """Load pickle weights (`pytorch_model.bin`, `.pt`): unpickling a file can run any code in it, so by default
+    only safetensors load and a folder with pickle weights alone is refused. true: only for a source you trust."""
 
 
 class DemoDataConfig(Section):
@@ -358,8 +361,8 @@ class PipelineConfig(Section):
         return self
 
     def to_flat_dict(self) -> dict[str, Any]:
-        """Dotted key -> value, for MLflow params."""
-        return _flatten(self.model_dump(mode="json"))
+        """Dotted key -> value, for MLflow params (passwords in URIs masked)."""
+        return _flatten(_redacted(self.model_dump(mode="json")))
 
 
 class ConfigError(UserInputError):
@@ -403,8 +406,19 @@ def load_config(
 
 
 def dump_config(config: PipelineConfig) -> str:
-    """The resolved config as YAML, every key present."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML, every key present; passwords in URIs masked (the file is saved with runs
+    and logged to MLflow, and credentials belong in the environment)."""
+    return yaml.safe_dump(_redacted(config.model_dump(mode="json")), sort_keys=False)
+
+
+def _redacted(value: Any) -> Any:
+    from vlmops.redact import redact_uri
+
+    if isinstance(value, dict):
+        return {k: _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return redact_uri(value) if isinstance(value, str) else value
 
 
 KeyLocation = tuple[str, int]

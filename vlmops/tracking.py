@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.config import TrackingConfig
+from vlmops.errors import RunFailed
+from vlmops.redact import redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        items = [Param(k, _param_value(redact_text(str(v)) if v is not None else v)) for k, v in params.items()]
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(run_id, params=items[i : i + PARAM_BATCH])
 
@@ -107,7 +109,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
+            self.client.set_tag(run_id, key, redact_text(str(value)))
 
     def set_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
         """Tags on a registered model version (lineage, promotion decisions)."""
@@ -149,6 +151,7 @@ class Tracker:
             log.info("%s version %s already registered from run %s: reusing it", name, version.version, run_id)
         else:
             self.log_artifact(run_id, model_dir, artifact_path)
+            self.check_uploaded(run_id, model_dir, artifact_path)
             try:
                 self.client.create_registered_model(name)
             except MlflowException as err:
@@ -161,6 +164,26 @@ class Tracker:
         self.client.set_registered_model_alias(name, alias, str(version.version))
         log.info("registered %s version %s as @%s", name, version.version, alias)
         return RegisteredVersion(name, str(version.version), alias, str(version.source))
+
+    def check_uploaded(self, run_id: str, folder: Path, artifact_path: str) -> None:
+        """Raise RunFailed unless every file of `folder` is among the run's artifacts under `artifact_path`, at
+        its size: a version is created only over a complete upload, so none ever points at missing weights."""
+        local = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        stored: dict[str, int | None] = {}
+        pending = [artifact_path]
+        while pending:
+            for info in self.client.list_artifacts(run_id, pending.pop()):
+                if info.is_dir:
+                    pending.append(info.path)
+                else:
+                    stored[info.path[len(artifact_path) + 1 :]] = info.file_size
+        wrong = sorted(name for name, size in local.items() if stored.get(name, -1) not in (size, None))
+        if wrong:
+            raise RunFailed(
+                f"MLflow run {run_id}: {len(wrong)} file(s) of {folder} are missing or truncated in its artifacts "
+                f"after the upload ({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); the model version "
+                f"was not created. Check the artifact store of {redact_uri(self.uri)} and register again"
+            )
 
 
 def git_commit(folder: Path | None = None) -> str | None:
@@ -184,7 +207,7 @@ def git_commit(folder: Path | None = None) -> str | None:
 
 def ui_command(uri: str) -> str:
     """The command that opens the MLflow UI on this store."""
-    return f"mlflow ui --backend-store-uri {uri}"
+    return f"mlflow ui --backend-store-uri {redact_uri(uri)}"
 
 
 LOCAL_UI = "http://127.0.0.1:5000"

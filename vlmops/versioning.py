@@ -22,6 +22,7 @@ import yaml
 from filelock import FileLock
 
 from vlmops.errors import RunFailed
+from vlmops.redact import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,15 @@ class DvcStore:
                 repo.add([str(target)])
                 dvc_file = target.with_name(target.name + ".dvc")
                 repo.push(targets=[str(dvc_file)], remote=self.remote_name)
+                # The pointer registered later must name a complete copy: check the remote has every object.
+                missing = repo.status(targets=[str(dvc_file)], cloud=True, remote=self.remote_name)
             finally:
                 repo.close()
+        if missing:
+            raise RunFailed(
+                f"DVC: after the push, the remote {self.remote_name} ({redact_uri(self.remote_url)}) still lacks "
+                f"objects of {target.name}: {missing}; run the step again (a push resumes with what is missing)"
+            )
         version = read_dvc_file(dvc_file, self.remote_name, self.remote_url)
         log.info("DVC: %s -> %s (pushed to %s)", target.name, version.md5, self.remote_name)
         return version

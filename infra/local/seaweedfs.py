@@ -118,7 +118,11 @@ def wait_s3_ready(client: Any, process: subprocess.Popen[bytes] | None, log: Pat
         if process is not None and process.poll() is not None:
             break
         try:
-            client.create_bucket(Bucket="vlmops-ready-check")
+            try:
+                client.create_bucket(Bucket="vlmops-ready-check")
+            except ClientError as err:  # a restarted server still has it
+                if err.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
             client.put_object(Bucket="vlmops-ready-check", Key="ok", Body=b"ok")
             return
         except (BotoCoreError, ClientError) as err:

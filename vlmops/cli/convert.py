@@ -11,6 +11,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an original-layout DeepSeek-VL checkpoint to transformers")
     p.add_argument("src")
     p.add_argument("dst")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model.bin weights too (unpickling can run code: only for a source you trust)",
+    )
     p.set_defaults(handler=handle)
 
 
@@ -18,7 +23,7 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.models.convert import convert_checkpoint
     from vlmops.models.diskspace import gb
 
-    report = convert_checkpoint(args.src, args.dst)
+    report = convert_checkpoint(args.src, args.dst, allow_pickle=args.allow_pickle)
     # Dropped keys grouped by family: "vision_model.vision_tower.attn_pool.q x1", not one line per layer.
     dropped = Counter(re.sub(r"\.\d+\.", ".N.", k).rsplit(".", 1)[0] for k in report.dropped)
     groups = ", ".join(f"{k} x{n}" for k, n in sorted(dropped.items())) or "none"

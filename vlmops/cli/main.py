@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
+from vlmops import quiet
 from vlmops.cli import (
     app,
     batch_infer,
@@ -44,6 +45,7 @@ from vlmops.cli import (
     validate,
 )
 from vlmops.errors import VlmopsError
+from vlmops.redact import redact_log_handlers, redact_text
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -74,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging, and tracebacks on errors")
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="debug logging, tracebacks on errors, and the third-party warnings hidden by default",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     module: ModuleType
     for module in COMMANDS:
@@ -84,12 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet.configure(args.verbose)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every API request at INFO
+    redact_log_handlers()
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler: Handler = args.handler
@@ -98,13 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VlmopsError as err:
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
     except (ValueError, FileNotFoundError) as err:
         # Plain ValueError / FileNotFoundError from the standard library or pydantic: bad input too.
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

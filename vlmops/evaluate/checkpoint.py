@@ -61,7 +61,13 @@ def evaluate_checkpoint(
 
 
 def _load(config: PipelineConfig, checkpoint: Path, adapter: Path | None) -> LoadedModel:
-    return load_model(checkpoint, dtype=config.model.dtype, attn=config.model.attn, adapter=adapter)
+    return load_model(
+        checkpoint,
+        dtype=config.model.dtype,
+        attn=config.model.attn,
+        adapter=adapter,
+        allow_pickle=config.model.allow_pickle,
+    )
 
 
 def _predict(loaded: LoadedModel, config: PipelineConfig, eval_file: Path, out_file: Path) -> BatchResult:

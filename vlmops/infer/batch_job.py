@@ -196,7 +196,13 @@ def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -
     """Load the model once and wrap it with the engine `infer.engine` picks."""
     from vlmops.models.loading import load_model
 
-    loaded = load_model(source.checkpoint, dtype=config.model.dtype, attn=config.model.attn, adapter=source.adapter)
+    loaded = load_model(
+        source.checkpoint,
+        dtype=config.model.dtype,
+        attn=config.model.attn,
+        adapter=source.adapter,
+        allow_pickle=config.model.allow_pickle,
+    )
     return ShardRunner(loaded, make_engine(loaded, config.infer), config, worker)
 
 

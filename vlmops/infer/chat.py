@@ -73,6 +73,7 @@ class ChatModel:
         tracking_uri: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         resolve_model: ResolveModel | None = None,
+        allow_pickle: bool = False,
     ) -> ChatModel:
         """Load a model for chat.
 
@@ -87,13 +88,16 @@ class ChatModel:
             tracking_uri: the MLflow registry for `models:/` (None: MLflow's current tracking URI).
             cache_dir: where registered versions are downloaded (None: ~/.cache/vlmops/models/registry).
             resolve_model: turns a model reference into a local folder (default: `resolve_model_ref`).
+            allow_pickle: load pickle weights too (model.allow_pickle); by default only safetensors.
         """
         resolve = resolve_model or functools.partial(resolve_model_ref, tracking_uri=tracking_uri, cache_dir=cache_dir)
         source = model_source(str(model), None if adapter is None else str(adapter), resolve)
         if source.run is not None:
             system_prompt = source.run.config.model.system_prompt if system_prompt is None else system_prompt
             infer_cfg = source.run.config.infer if infer_cfg is None else infer_cfg
-        loaded = load_model(source.checkpoint, dtype=dtype, attn=attn, device=device, adapter=source.adapter)
+        loaded = load_model(
+            source.checkpoint, dtype=dtype, attn=attn, device=device, adapter=source.adapter, allow_pickle=allow_pickle
+        )
         return cls(loaded, system_prompt, infer_cfg, storage, source)
 
     @classmethod
@@ -118,6 +122,7 @@ class ChatModel:
             storage=config.storage,
             tracking_uri=config.tracking.uri,
             resolve_model=catalog_resolver(config),
+            allow_pickle=config.model.allow_pickle,
         )
 
     def chat(

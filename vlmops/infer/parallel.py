@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from vlmops import quiet
 from vlmops.config import PipelineConfig, dump_config, load_config
 from vlmops.errors import RunFailed
 from vlmops.infer.job import JOB_FILE, JobPlan, ShardStats
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shards", required=True, help="comma-separated shard indexes to answer")
     parser.add_argument("--stats", required=True, help="file to append each shard's stats to")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet.child_logging()
     return _worker(args)
 
 

@@ -27,6 +27,7 @@ from vlmops.models.convert_processor import CHAT_TEMPLATE, build_processor, buil
 from vlmops.models.convert_weights import ShardWriter, iter_tensors, weight_files
 from vlmops.models.diskspace import check_free_space, raise_if_disk_full
 from vlmops.models.layout import Arch, ConversionError, detect_layout, read_json
+from vlmops.models.loading import safe_weights
 from vlmops.staging import staged_folder
 
 # Callers import the conversion's public names from here, wherever they live.
@@ -73,6 +74,7 @@ def convert_checkpoint(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     verify: bool = True,
+    allow_pickle: bool = False,
 ) -> ConversionReport:
     """Convert an original-layout checkpoint folder `src` into a new native folder `dst`.
 
@@ -93,7 +95,7 @@ def convert_checkpoint(
         raise OutputExistsError(f"{dst_dir} already exists: delete it or choose another output folder")
     original = read_json(src_dir / "config.json")
     arch = release_arch(original, src_dir / "config.json")
-    weights = weight_files(src_dir)
+    weights = weight_files(src_dir, allow_pickle)
     check_free_space(dst_dir.parent, sum(f.stat().st_size for f in weights), f"converting into {dst_dir}")
 
     # Config and tokenizer first: a config the native classes cannot hold fails before any weight is read.
@@ -150,7 +152,7 @@ def verify_native_checkpoint(path: str | os.PathLike[str], arch: Arch) -> None:
     try:
         # output_loading_info=True makes it return (model, info)
         model, info = model_cls.from_pretrained(  # type: ignore[misc]
-            path, output_loading_info=True, dtype="auto"
+            path, output_loading_info=True, dtype="auto", **safe_weights(path)
         )
     except RuntimeError as err:  # shape mismatches
         raise ConversionError(f"the converted checkpoint does not load into {model_cls.__name__}: {err}") from err

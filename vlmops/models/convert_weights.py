@@ -12,8 +12,9 @@ import torch
 from vlmops.models.layout import ConversionError, read_json
 
 
-def weight_files(src: Path) -> list[Path]:
-    """The weight files of a checkpoint folder, in index order; safetensors preferred over .bin."""
+def weight_files(src: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a checkpoint folder, in index order; safetensors preferred over .bin, which is
+    refused unless `allow_pickle` (model.allow_pickle: unpickling a file can run any code in it)."""
     for index_name, single in (
         ("model.safetensors.index.json", "model.safetensors"),
         ("pytorch_model.bin.index.json", "pytorch_model.bin"),
@@ -30,12 +31,22 @@ def weight_files(src: Path) -> list[Path]:
                     f"{index} lists shard(s) {', '.join(missing)} that are not in {src}: the download is "
                     "incomplete; download the model again"
                 )
-            return files
+            return _allowed(files, allow_pickle)
         if (src / single).is_file():
-            return [src / single]
+            return _allowed([src / single], allow_pickle)
     raise ConversionError(
         f"{src} has no weights: expected model.safetensors, model.safetensors.index.json with its shards, "
         "or pytorch_model.bin"
+    )
+
+
+def _allowed(files: list[Path], allow_pickle: bool) -> list[Path]:
+    if allow_pickle or all(f.suffix == ".safetensors" for f in files):
+        return files
+    raise ConversionError(
+        f"{files[0].parent} has pickle weights only ({files[0].name}{' ...' if len(files) > 1 else ''}), and loading a "
+        "pickle file can run any code in it: set model.allow_pickle: true (vlmops convert --allow-pickle) if you "
+        "trust where they came from"
     )
 
 

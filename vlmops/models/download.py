@@ -125,7 +125,7 @@ def download_model(
         log.info("converting %s (release layout) into %s", original, converted)
         converted_manifest.unlink(missing_ok=True)
         try:
-            convert_checkpoint(original, converted)
+            convert_checkpoint(original, converted, allow_pickle=model_cfg.allow_pickle)
         except OSError:
             if not converted.is_dir():
                 raise

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from vlmops.errors import UserInputError
 from vlmops.models.layout import native_arch
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,32 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class PickleWeightsError(UserInputError):
+    """A folder holds its weights only in pickle files, and model.allow_pickle is false."""
+
+
+def safe_weights(folder: str | os.PathLike[str], allow_pickle: bool = False) -> dict[str, Any]:
+    """`from_pretrained` keyword arguments that load only safetensors from `folder`, unless `allow_pickle`.
+
+    Raises PickleWeightsError (naming the files and the config key) when `folder` has pickle weights and no
+    safetensors: transformers would unpickle them, and an unpickled file can run any code in it.
+    """
+    path = Path(folder)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return {} if allow_pickle else {"use_safetensors": True}
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.name != "training_args.bin")
+    if not pickles or allow_pickle:
+        return {} if allow_pickle else {"use_safetensors": True}
+    raise PickleWeightsError(
+        f"{path} has pickle weights only ({', '.join(pickles[:4])}{' ...' if len(pickles) > 4 else ''}), and loading "
+        "a pickle file can run any code in it: convert them to safetensors, or set model.allow_pickle: true "
+        "(--set model.allow_pickle=true) if you trust where they came from"
+    )
 
 
 def default_device() -> torch.device:
@@ -84,8 +111,11 @@ def load_model(
     attn: str = "sdpa",
     device: torch.device | str | None = None,
     adapter: str | os.PathLike[str] | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
-    """Load model and processor from a native checkpoint folder; apply a peft adapter folder if given."""
+    """Load model and processor from a native checkpoint folder; apply a peft adapter folder if given.
+
+    Only safetensors weights load unless `allow_pickle` (model.allow_pickle; see `safe_weights`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder = Path(path)
@@ -93,13 +123,17 @@ def load_model(
     dev = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, dev)
     model: Any = AutoModelForImageTextToText.from_pretrained(
-        folder, dtype=torch_dtype, attn_implementation=attn_implementation(attn, hybrid)
+        folder,
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation(attn, hybrid),
+        **safe_weights(folder, allow_pickle),
     )
     processor = AutoProcessor.from_pretrained(folder)
     check_image_tokens(model.config, processor, folder)
     if adapter is not None:
         from peft import PeftModel
 
+        safe_weights(adapter, allow_pickle)  # peft falls back to adapter_model.bin: refuse it the same way
         model = PeftModel.from_pretrained(model, str(adapter))
     model.to(dev)
     model.eval()

@@ -2,11 +2,16 @@
 holds the GPU itself and gets all its memory back when the step ends.
 
 The child starts in a process group of its own (torchrun's ranks join it): an error or Ctrl-C in the caller
-stops the whole group, never leaving a rank behind on a GPU.
+stops the whole group, never leaving a rank behind on a GPU. A caller killed outright (SIGKILL, the OOM killer)
+runs no clean-up, so on Linux the child is also started through `python -m vlmops.train.child PID -- COMMAND`,
+which asks the kernel to kill it when its parent dies and then becomes COMMAND; each rank does the same with
+its torchrun agent (`die_with_parent`). Otherwise an orphaned run would go on writing the run folder that a
+rerun resumes from.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -21,6 +26,7 @@ log = logging.getLogger(__name__)
 
 TAIL_LINES = 60
 STOP_GRACE_S = 30
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -39,7 +45,7 @@ def run_child(command: list[str], log_file: Path, extra_env: dict[str, str] | No
     partial = b""
     out = getattr(sys.stderr, "buffer", None)
     proc = subprocess.Popen(
-        command,
+        tied_to_this_process(command),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=child_environment(extra_env),
@@ -77,3 +83,41 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def tied_to_this_process(command: list[str]) -> list[str]:
+    """`command`, started so that it dies with this process (Linux); elsewhere unchanged."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-m", "vlmops.train.child", str(os.getpid()), "--", *command]
+
+
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux; a no-op elsewhere).
+
+    If the parent is already gone (it died before the request took effect), exit at once: nobody waits for us.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    # The signal follows the *thread* that started this process: run_child blocks that thread until we exit,
+    # so it outlives us unless the whole caller dies, which is the case this is for.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("could not tie this process to its parent (prctl errno %d)", ctypes.get_errno())
+        return
+    expected = parent_pid if parent_pid is not None else os.getppid()
+    if os.getppid() != expected:
+        os._exit(1)
+
+
+def _exec_tied(argv: list[str]) -> None:
+    """`python -m vlmops.train.child PARENT_PID -- COMMAND...`: die with PARENT_PID, then become COMMAND."""
+    parent, separator, *command = argv
+    if separator != "--" or not command:
+        raise SystemExit("usage: python -m vlmops.train.child PARENT_PID -- COMMAND [ARGS...]")
+    die_with_parent(int(parent))
+    os.execvp(command[0], command)  # the death signal request survives exec
+
+
+if __name__ == "__main__":
+    _exec_tied(sys.argv[1:])

@@ -16,9 +16,10 @@ import os
 import sys
 from pathlib import Path
 
+from vlmops import quiet
 from vlmops.config import PipelineConfig, load_config
 from vlmops.errors import RunFailed
-from vlmops.train.child import run_child
+from vlmops.train.child import die_with_parent, run_child
 from vlmops.train.sft import TrainResult
 
 log = logging.getLogger(__name__)
@@ -131,10 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", required=True, help="run folder to write (or resume)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
+    if "LOCAL_RANK" in os.environ:  # a torchrun rank: die with its agent, which dies with the caller
+        die_with_parent()
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    quiet.child_logging(
+        logging.INFO if rank == 0 else logging.WARNING, f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
     )
     from vlmops.train.sft import train
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
+from vlmops import quiet
 from vlmops.errors import RunFailed
-from vlmops.models.loading import DTYPES, default_device, resolve_dtype
+from vlmops.models.loading import DTYPES, default_device, resolve_dtype, safe_weights
 from vlmops.staging import staged_folder
 from vlmops.train.child import run_child
 from vlmops.train.rundir import CONFIG_FILE, TrainedRun, open_run
@@ -124,11 +125,13 @@ def batch_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return logits[inputs["attention_mask"].bool()].cpu()
 
 
-def load_plain(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Any:
+def load_plain(model_dir: Path, dtype: torch.dtype, device: torch.device, allow_pickle: bool = False) -> Any:
     """A checkpoint through transformers alone (no peft), as a user of the merged model would load it."""
     from transformers import AutoModelForImageTextToText
 
-    model: Any = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
+    model: Any = AutoModelForImageTextToText.from_pretrained(
+        model_dir, dtype=dtype, **safe_weights(model_dir, allow_pickle)
+    )
     return model.to(device)
 
 
@@ -136,7 +139,10 @@ def adapter_on_base(run: TrainedRun, dtype: torch.dtype, device: torch.device) -
     """The trained model as training left it: the base checkpoint with the run's adapter applied."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_plain(Path(run.info.base_model), dtype, device), str(run.weights))
+    allow_pickle = run.config.model.allow_pickle
+    base = load_plain(Path(run.info.base_model), dtype, device, allow_pickle)
+    safe_weights(run.weights, allow_pickle)  # peft falls back to adapter_model.bin: refuse it the same way
+    return PeftModel.from_pretrained(base, str(run.weights))
 
 
 def check_parity(
@@ -183,7 +189,7 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
             merged.save_pretrained(staging)
             del model, merged
         else:
-            model = load_plain(run.weights, torch_dtype, device)
+            model = load_plain(run.weights, torch_dtype, device, run.config.model.allow_pickle)
             reference = batch_logits(model, batch)
             model.save_pretrained(staging)
             del model
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="auto", help="model.dtype to merge in")
     parser.add_argument("--result-file", required=True, help="where to write the result as JSON")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet.child_logging()
     result_file = Path(args.result_file)
     try:
         result = merge_run(Path(args.run), Path(args.out), atol=args.atol, dtype=args.dtype)

@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from vlmops.config import PipelineConfig, dump_config, load_config
+from vlmops.errors import UserInputError
 from vlmops.staging import STAGING_PREFIX
 
 log = logging.getLogger(__name__)
@@ -115,18 +116,31 @@ def checkpoints(run_dir: Path) -> list[Path]:
 
 
 def incomplete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders a stopped run did not finish writing (no completion marker)."""
+    """Checkpoint folders without a completion marker: cut short, or not written by this version of vlmops."""
     return [p for p in _checkpoint_folders(run_dir) if not is_complete(p)]
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    match = CHECKPOINT_RE.match(checkpoint.name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint-N folder")
+    return int(match.group(1))
 
 
 def open_run(path: str | os.PathLike[str]) -> TrainedRun:
     """Open RUN_DIR (uses final/, else the latest checkpoint), a checkpoint folder, or a merged model folder."""
     folder = Path(path)
+    checkpoint = CHECKPOINT_RE.match(folder.name) is not None  # its run.json is a copy of the run folder's
+    if checkpoint and folder.is_dir() and not is_complete(folder):
+        raise FileNotFoundError(
+            f"{folder} is not a complete checkpoint (no {COMPLETE_MARKER}): its save was cut short, or it was "
+            f"written before vlmops marked finished checkpoints; use the run folder {folder.parent} (its final/ "
+            "or latest complete checkpoint) or another checkpoint-N"
+        )
     if not (folder / RUN_INFO).is_file():
         raise FileNotFoundError(
             f"{folder} is not a vlmops run or checkpoint folder (no {RUN_INFO}); pass the folder `vlmops sft` wrote"
         )
-    checkpoint = CHECKPOINT_RE.match(folder.name) is not None  # its run.json is a copy of the run folder's
     info = RunInfo.read(folder, folder.parent if checkpoint else folder)
     config = load_config(folder / CONFIG_FILE)
     if checkpoint or (folder / "config.json").is_file():
@@ -207,7 +221,9 @@ def plan_resume(run_dir: Path, config: PipelineConfig, info: RunInfo) -> ResumeP
         check_same_run(run_dir, config, info)
     if resume_value == "auto":
         done = checkpoints(run_dir)
-        return ResumePlan(done[-1] if done else None, start_over=False)
+        plan = ResumePlan(done[-1] if done else None, start_over=False)
+        unfinished_after(run_dir, plan.checkpoint)  # raises when it is not one interrupted save
+        return plan
     if resume_value == "never":
         return ResumePlan(None, start_over=True)
     resume = Path(resume_value).expanduser().resolve()
@@ -216,7 +232,32 @@ def plan_resume(run_dir: Path, config: PipelineConfig, info: RunInfo) -> ResumeP
             f"train.resume: {resume} is not a complete checkpoint (no {TRAINER_STATE} or {COMPLETE_MARKER}); "
             "use auto, never, or a checkpoint-N folder"
         )
-    return ResumePlan(resume, start_over=False)
+    plan = ResumePlan(resume, start_over=False)
+    unfinished_after(run_dir, plan.checkpoint)
+    return plan
+
+
+def unfinished_after(run_dir: Path, resume: Path | None) -> list[Path]:
+    """The unmarked checkpoint folders past the resume point: the save a kill interrupted, which the resumed
+    run writes again (it is removed first, so no stale file of it survives into the new one).
+
+    Checkpoints are saved one at a time and each is marked before training goes on, so a kill leaves at most
+    one unmarked folder, the newest. Several past the resume point were not left by an interrupted save (an
+    older vlmops wrote no markers, or they were copied in): deleting them would lose work, and the resumed
+    run would overwrite them, so that is refused. Unmarked folders before the resume point are left alone
+    (never resumed from, never deleted).
+    """
+    start = checkpoint_step(resume) if resume is not None and CHECKPOINT_RE.match(resume.name) else 0
+    after = [p for p in incomplete_checkpoints(run_dir) if checkpoint_step(p) > start]
+    if len(after) > 1:
+        raise UserInputError(
+            f"{run_dir} holds {len(after)} checkpoints without the {COMPLETE_MARKER} marker "
+            f"({', '.join(p.name for p in after)}) after the resume point: a stopped run leaves at most one. They "
+            "were written by an older vlmops or copied in, and the resumed run would overwrite them; move them "
+            "out of the folder, resume from one of them explicitly (train.resume: PATH, after checking it), or "
+            "start over with train.resume: never"
+        )
+    return after
 
 
 def start_run_folder(run_dir: Path, config: PipelineConfig, info: RunInfo, plan: ResumePlan) -> None:
@@ -224,7 +265,7 @@ def start_run_folder(run_dir: Path, config: PipelineConfig, info: RunInfo, plan:
     if plan.start_over and run_dir.exists():
         _clear_run(run_dir, config.train.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_unfinished(run_dir)
+    remove_unfinished(run_dir, plan.checkpoint)
     (run_dir / CONFIG_FILE).write_text(dump_config(config))
     info.write(run_dir)
 
@@ -260,12 +301,16 @@ def is_last_step(checkpoint: Path) -> bool:
     return bool(state.get("max_steps")) and int(state["global_step"]) >= int(state["max_steps"])
 
 
-def remove_unfinished(run_dir: Path) -> list[Path]:
-    """Delete what a stopped run left half-written (staging folders, incomplete checkpoints); returns it."""
-    removed = [*sorted(run_dir.glob(f"{STAGING_PREFIX}*")), *incomplete_checkpoints(run_dir)]
+def remove_unfinished(run_dir: Path, resume: Path | None) -> list[Path]:
+    """Delete what a stopped run left half-written (staging folders, the checkpoint whose save was cut short:
+    see `unfinished_after`); returns it. Older unmarked checkpoints are kept, with a warning."""
+    removed = [*sorted(run_dir.glob(f"{STAGING_PREFIX}*")), *unfinished_after(run_dir, resume)]
     for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-        log.warning("removed %s: a checkpoint a stopped run did not finish writing", path)
+        shutil.rmtree(path)
+        log.warning("removed %s: a stopped run did not finish writing it", path)
+    for path in incomplete_checkpoints(run_dir):
+        if path not in removed:
+            log.warning("%s has no %s: kept, but never resumed from", path, COMPLETE_MARKER)
     return removed
 
 

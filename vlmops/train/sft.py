@@ -22,7 +22,7 @@ from vlmops.config import PipelineConfig, resolve_num_workers
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
-from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype
+from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
 from vlmops.train.batching import Batching, collator, resolve_batching, train_dataset
 from vlmops.train.data import SFTDataset
 from vlmops.train.deepspeed_config import load_deepspeed_config
@@ -44,6 +44,7 @@ from vlmops.train.speed import SpeedPlan, apply_speed, plan_speed
 from vlmops.train.trainable import TrainableSummary, prepare_trainable, require_grads_on_inputs
 from vlmops.train.trainer import (
     CheckpointPolicy,
+    CompactProgress,
     CompleteCheckpoints,
     MetricsLog,
     Throughput,
@@ -248,6 +249,7 @@ class TrainingSetup:
 def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainingSetup:
     """Prepare the run folder, load and wrap the model, build the datasets and the trainer."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+    from transformers.trainer_callback import ProgressCallback
 
     base_model, dataset, run_dir = Path(base_model).resolve(), Path(dataset).resolve(), Path(run_dir).resolve()
     t = config.train
@@ -274,7 +276,10 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     hybrid = is_hybrid(base_model)
     dtype = weights_dtype(config, precision)
     model: Any = AutoModelForImageTextToText.from_pretrained(
-        base_model, dtype=dtype, attn_implementation=attn_implementation(config.model.attn, hybrid)
+        base_model,
+        dtype=dtype,
+        attn_implementation=attn_implementation(config.model.attn, hybrid),
+        **safe_weights(base_model, config.model.allow_pickle),
     )
     model.config.use_cache = False
     # The LLM reads its own config: without this it builds a KV cache while training, which also keeps
@@ -310,6 +315,9 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         dummy_pixels=dummy_pixel_values(processor),
         fused_loss=speed.fused_loss,
     )
+    # The default bar prints every log dict on its own line; this one shows the latest numbers on the bar.
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress())
     return TrainingSetup(trainer, summary, datasets, precision, resume, throughput, batching, speed)
 
 

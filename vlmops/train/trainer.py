@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.template import IGNORE_INDEX
@@ -265,6 +266,29 @@ class MetricsLog(TrainerCallback):
             now = int(time.time() * 1000)
             metrics = [Metric(k, float(v), now, state.global_step) for k, v in line.items() if k != "step"]
             self.client.log_batch(self.run_id, metrics=metrics)
+
+
+class CompactProgress(ProgressCallback):
+    """The Trainer's progress bar, with the latest loss and eval loss on it instead of a printed dict per log.
+
+    The full numbers are in metrics.jsonl (and MLflow); the terminal gets one bar that stays one line.
+    """
+
+    SHOWN = (("loss", "loss"), ("eval_loss", "eval_loss"), ("learning_rate", "lr"))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.postfix: dict[str, str] = {}
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: Any = None, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        for key, label in self.SHOWN:
+            if isinstance(logs.get(key), (int, float)):
+                self.postfix[label] = f"{logs[key]:.4g}"
+        self.training_bar.set_postfix(self.postfix, refresh=False)
 
 
 class Throughput(TrainerCallback):

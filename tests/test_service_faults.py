@@ -1,0 +1,222 @@
+"""Service faults, with real servers: SeaweedFS (S3) and an `mlflow server` process (SQLite backend, artifacts in
+S3) that the test stops in the middle of a flow run. The affected task retries with backoff, then the run fails
+with a message naming MLflow and its URL; after a restart the rerun completes and nothing registered before is
+lost. Two registrations at once get two distinct, complete versions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.s3_server import S3Server
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+class MlflowServer:
+    """`mlflow server` on a fixed loopback port, stopped and started again by the test."""
+
+    def __init__(self, workdir: Path, s3: S3Server):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url}
+        s3.client().create_bucket(Bucket="mlflow-artifacts")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
+            "--artifacts-destination", "s3://mlflow-artifacts/store",
+        ]  # fmt: skip
+        log = (self.workdir / "mlflow-server.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not start: {(self.workdir / 'mlflow-server.log').read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowServer]:
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    # MLflow's client retries a refused connection for minutes on its own; the task's retries are under test.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    server = MlflowServer(tmp_path, s3_server)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def prefect_api() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield
+
+
+def _task_runs(flow_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
+def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
+    mlflow_server: MlflowServer, prefect_api: None, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from prefect import flow
+
+    from tasks.register import register
+    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from vlmops.config import TrackingConfig
+    from vlmops.tracking import Tracker
+
+    model = tmp_path / "merged"
+    model.mkdir()
+    for i in range(3):
+        (model / f"part-{i}.safetensors").write_bytes(os.urandom(50_000))
+    tracker = Tracker(TrackingConfig(uri=mlflow_server.url, experiment="faults"))
+    first_run, second_run = tracker.start_run("first"), tracker.start_run("second")
+
+    @flow(name="register-twice")
+    @names_unreachable_service
+    def register_twice(between: Callable[[], None]) -> str:
+        register(tracker, first_run, str(model), "faults-model", "challenger", {})
+        between()  # the MLflow server goes away in the middle of the flow run
+        return register(tracker, second_run, str(model), "faults-model", "challenger", {}).version
+
+    state = register_twice(mlflow_server.stop, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ServiceUnavailable, match=rf"(?s)MLflow at {mlflow_server.url} did not answer.*run again"):
+        state.result()
+    runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.expected_start_time)
+    assert [(r.state_name, r.run_count) for r in runs] == [("Completed", 1), ("Failed", 3)]  # 2 retries
+
+    mlflow_server.start()
+    assert register_twice(lambda: None) == "2"  # the retry of the first step reuses version 1
+    client = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    versions = client.search_model_versions("name = 'faults-model'")
+    assert sorted(v.version for v in versions) == ["1", "2"]
+    for v in versions:  # nothing lost: every version's files are in S3
+        names = {a.path for a in client.list_artifacts(v.run_id, "model")}
+        assert names == {f"model/{p.name}" for p in model.iterdir()}
+
+    # Two registrations at once (two flow runs registering): two distinct, complete versions.
+    runs_at_once = [tracker.start_run(f"concurrent-{i}") for i in range(2)]
+    results: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda r=run: results.append(tracker.register_model(r, model, "faults-model", "challenger").version)
+        )
+        for run in runs_at_once
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == ["3", "4"]
+    for run in runs_at_once:
+        assert len(client.search_model_versions(f"name = 'faults-model' and run_id = '{run}'")) == 1
+        assert len(client.list_artifacts(run, "model")) == 3
+
+
+def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_lost(
+    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DVC remote is a bucket on SeaweedFS; S3 stops between two pushes of one flow run, and comes back on
+    the same address with its data."""
+    from contextlib import ExitStack
+
+    from prefect import flow
+
+    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.version import version_path
+    from tests.s3_server import free_ports, seaweedfs_s3
+    from vlmops.config import load_config
+
+    ports = free_ports(8)
+    weed = tmp_path / "weed"
+    workspace = tmp_path / "ws"
+    folders = []
+    for name in ("dataset", "model"):
+        folder = workspace / name
+        folder.mkdir(parents=True)
+        (folder / "data.bin").write_bytes(os.urandom(20_000))
+        folders.append(str(folder))
+    config = load_config(
+        None,
+        [
+            f"run.output_dir={workspace}",
+            f"versioning.repo={workspace}",
+            "versioning.remote_name=s3",
+            "versioning.remote_url=s3://dvc/store",
+        ],
+    )
+
+    @flow(name="push-twice")
+    @names_unreachable_service
+    def push_twice(between: Callable[[], None]) -> list[str]:
+        first = version_path(config, folders[0])
+        between()  # S3 goes away in the middle of the flow run
+        return [first.md5, version_path(config, folders[1]).md5]
+
+    with ExitStack() as running:
+        s3 = running.enter_context(seaweedfs_s3(weed, ports=ports))
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        s3.client().create_bucket(Bucket="dvc")
+        state = push_twice(running.close, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ServiceUnavailable, match=rf"(?s)S3 at {s3.endpoint_url} did not answer.*run again"):
+        state.result()
+    runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.expected_start_time)
+    assert [(r.state_name, r.run_count) for r in runs] == [("Completed", 1), ("Failed", 3)]  # 2 retries
+
+    with seaweedfs_s3(weed, ports=ports) as restarted:
+        assert restarted.endpoint_url == s3.endpoint_url
+        first, second = push_twice(lambda: None)
+        keys = {o["Key"] for o in restarted.client().list_objects_v2(Bucket="dvc")["Contents"]}
+    # Both folders are in the remote: the first push survived the outage, the second completed on the rerun.
+    assert {f"store/files/md5/{md5[:2]}/{md5[2:]}" for md5 in (first, second)} <= keys

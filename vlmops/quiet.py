@@ -1,0 +1,71 @@
+"""Quiet by default: known third-party warnings and banners are hidden unless `vlmops --verbose` asks for them.
+
+Each entry below is a message a library prints on every ordinary run that tells the user nothing they can act
+on. Only these exact messages are filtered; any other warning still shows. `--verbose` (or VLMOPS_VERBOSE=1 in
+the environment, which the training child inherits) shows them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+VERBOSE_ENV = "VLMOPS_VERBOSE"
+
+# (category, message regex, module regex) for `warnings.filterwarnings`.
+NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # peft asks `model.is_gradient_checkpointing`, which transformers 5 renamed.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\..*"),
+    # Prefect/pydantic and MLflow deprecations in their own code paths, not in ours.
+    (DeprecationWarning, r".*", r"(prefect|mlflow|dvc|pydantic|google|pkg_resources)(\..*)?"),
+    (FutureWarning, r".*", r"(mlflow|dvc)(\..*)?"),
+)
+
+# logger name -> message fragments to drop. DeepSpeed's logger has its own handler and does not propagate,
+# so a level set before its import would be reset: a filter on the logger object survives its set-up.
+NOISY_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
+    # accelerate imports DeepSpeed whenever it is installed (to unwrap a model), and DeepSpeed then announces
+    # the accelerator it picked; on a CPU machine that is a warning about the machine, not about the run.
+    "DeepSpeed": ("Setting accelerator to CPU",),
+    # The ephemeral Prefect API's start/stop lines, with a link to the server docs on every `vlmops run`.
+    "prefect": ("Starting temporary server on", "Stopping temporary server on"),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def child_logging(level: int = logging.INFO, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+    """Logging for a child process's entry point (training, merge, inference workers): as quiet as the `vlmops`
+    command that started it (VLMOPS_VERBOSE), with credentials masked (`vlmops.redact`)."""
+    from vlmops.redact import redact_log_handlers
+
+    configure(is_verbose())
+    logging.basicConfig(level=level, format=fmt)
+    redact_log_handlers()
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+
+
+def configure(verbose: bool) -> None:
+    """Hide the known noise unless `verbose`; record the choice in the environment for child processes."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+        return
+    os.environ.pop(VERBOSE_ENV, None)
+    for category, message, module in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, fragments in NOISY_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))

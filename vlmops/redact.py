@@ -1,0 +1,84 @@
+"""Keeping credentials out of everything vlmops writes: logs, MLflow params and tags, summaries, saved configs.
+
+Credentials reach vlmops two ways: in the environment (S3 keys, hub tokens, the MLflow server's basic-auth
+password, a database password) and inside URIs (`http://user:password@host`, `postgresql://u:p@db/x`). Both
+are replaced by `***` wherever text leaves the process: `redact_uri` for one URI, `redact_text` for free
+text (a log line, a command, an error), and `RedactingFilter` on the log handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+MASK = "***"
+# Environment variables whose values are credentials (the names boto3, huggingface_hub, ModelScope, MLflow
+# and libpq read). Values shorter than MIN_SECRET_CHARS are not masked in free text: "1" or "true" would
+# mask half of every line.
+SECRET_ENV_NAMES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "MODELSCOPE_API_TOKEN",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "PGPASSWORD",
+    "POSTGRES_PASSWORD",
+    "PREFECT_API_KEY",
+    "PREFECT_API_AUTH_STRING",
+)
+MIN_SECRET_CHARS = 6
+# scheme://user:password@host  ->  scheme://user:***@host (any scheme: http, s3, postgresql+asyncpg, ...)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:/@?#]*):(?P<password>[^\s@/?#]+)@")
+# ?token=...&password=... in query strings
+_QUERY_SECRET = re.compile(
+    r"(?P<key>[?&](?:token|access_token|password|secret|api_key|apikey|x-amz-signature|x-amz-credential)=)[^&\s#]+",
+    re.IGNORECASE,
+)
+
+
+def redact_uri(uri: str) -> str:
+    """`uri` with the password of its userinfo and secret query values masked; anything else unchanged."""
+    return _QUERY_SECRET.sub(rf"\g<key>{MASK}", _USERINFO.sub(rf"\g<scheme>\g<user>:{MASK}@", uri))
+
+
+def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+    """The credential values set in the environment, longest first (so a value inside another is masked last)."""
+    env = os.environ if environ is None else environ
+    values = {env[name] for name in SECRET_ENV_NAMES if len(env.get(name, "")) >= MIN_SECRET_CHARS}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_text(text: str, environ: dict[str, str] | None = None) -> str:
+    """Free text with every URI password and every credential value from the environment masked."""
+    text = redact_uri(text)
+    for value in secret_values(environ):
+        text = text.replace(value, MASK)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that masks credentials in the formatted message (arguments included)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_text(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+def redact_log_handlers() -> None:
+    """Install `RedactingFilter` on every handler configured so far: the root logger's and those of named
+    loggers (Prefect's, which also ship records to its API and database). Idempotent; call it after logging
+    is set up."""
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+                handler.addFilter(RedactingFilter())
