@@ -271,8 +271,6 @@ def build_dataset(
     from PIL import Image
     from transformers import AutoProcessor
 
-    from vlmops.config import load_config
-    from vlmops.data.prepare import prepare_dataset
     from vlmops.models.tiny import _CORPUS_WORDS
 
     words = _CORPUS_WORDS.split()
@@ -301,14 +299,17 @@ def build_dataset(
             lines.append(json.dumps({"conversations": turns}))
         (raw / "train.jsonl").write_text("\n".join(lines) + "\n")
         (raw / "eval.jsonl").write_text(lines[0] + "\n")
+    return validated(raw, folder / "snapshots", processor)
+
+
+def validated(raw: Path, snapshots: Path, processor: Any) -> Path:
+    """raw/train.jsonl and raw/eval.jsonl validated into a snapshot under `snapshots`; returns its path."""
+    from vlmops.config import load_config
+    from vlmops.data.prepare import prepare_dataset
+
     data = load_config(None, {"data.max_length": 4096}).data
     snapshot = prepare_dataset(
-        data,
-        raw / "train.jsonl",
-        raw / "eval.jsonl",
-        folder / "snapshots",
-        processor.tokenizer,
-        processor.num_image_tokens,
+        data, raw / "train.jsonl", raw / "eval.jsonl", snapshots, processor.tokenizer, processor.num_image_tokens
     )
     return snapshot.path
 
@@ -318,21 +319,10 @@ def build_realistic_dataset(folder: Path, model: Path, records: int) -> Path:
     from transformers import AutoProcessor
 
     from bench.train_data import write_realistic_dataset
-    from vlmops.config import load_config
-    from vlmops.data.prepare import prepare_dataset
 
     processor = AutoProcessor.from_pretrained(model)
     raw = write_realistic_dataset(folder / f"realistic-{records}", processor, records)
-    data = load_config(None, {"data.max_length": 4096}).data
-    snapshot = prepare_dataset(
-        data,
-        raw / "train.jsonl",
-        raw / "eval.jsonl",
-        folder / "snapshots",
-        processor.tokenizer,
-        processor.num_image_tokens,
-    )
-    return snapshot.path
+    return validated(raw, folder / "snapshots", processor)
 
 
 def case_config(case: Case, device: str, packing: str = "auto") -> Any:

@@ -4,7 +4,6 @@ and a second clone with only the config pulls exactly that version's dataset and
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -14,23 +13,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.prefect_artifacts import flow_run_artifacts
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 NAME = "vlmops-demo"
-
-
-def _artifacts(flow_run_id: str) -> dict[str, Any]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    async def read() -> dict[str, Any]:
-        async with get_client() as prefect:
-            found = await prefect.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-            )
-            return {a.key: a for a in found}
-
-    return asyncio.run(read())
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +47,8 @@ def promoted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         version = client.get_model_version(NAME, summary["model_version"])
         promotion = client.get_run(version.tags["promotion.run_id"])
         artifacts = {
-            "retrain": _artifacts(version.tags["prefect_flow_run_id"]),
-            "promote": _artifacts(promotion.data.tags["prefect_flow_run_id"]),
+            "retrain": flow_run_artifacts(version.tags["prefect_flow_run_id"]),
+            "promote": flow_run_artifacts(promotion.data.tags["prefect_flow_run_id"]),
         }
     return {"summary": summary, "tmp": tmp, "client": client, "artifacts": artifacts}
 
@@ -91,7 +78,7 @@ def test_the_version_carries_its_lineage(promoted_run: dict[str, Any]) -> None:
     assert tags["promotion.decision"] == "promoted" and tags["promotion.against"] == "none"
 
 
-def test_retrain_and_promote_runs_have_their_artifacts(promoted_run: dict[str, Any]) -> None:
+def test_retrain_and_promote_runs_have_theirflow_run_artifacts(promoted_run: dict[str, Any]) -> None:
     summary = promoted_run["summary"]
     retrain, promote = promoted_run["artifacts"]["retrain"], promoted_run["artifacts"]["promote"]
     assert set(retrain) == {"retrain-summary", "retrain-eval-samples"}

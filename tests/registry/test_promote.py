@@ -4,7 +4,6 @@ champion then loads by `models:/NAME@champion` in `ChatModel`, `vlmops infer` an
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.prefect_artifacts import flow_run_artifacts
 from tests.registry.conftest import NAME, QUESTION, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,11 +92,13 @@ def test_decisions_are_mlflow_runs_and_version_tags(registry: Registry, contests
     assert better.data.metrics["challenger_accuracy"] == 1.0 and better.data.metrics["promoted"] == 1.0
     assert better.data.metrics["margin"] == pytest.approx(1.0 - contests["better"]["champion_score"])
     assert better.data.tags["prefect_flow_run_id"]
-    artifacts = {a.path for a in mlflow.list_artifacts(better.info.run_id, "promotion")}
+    artifacts = {a.path for a in mlflow.listflow_run_artifacts(better.info.run_id, "promotion")}
     assert artifacts == {
         f"promotion/{n}" for n in ("decision.json", "metrics_table.json", "samples.json", "promotion.md")
     }
-    table = json.loads(Path(mlflow.download_artifacts(better.info.run_id, "promotion/metrics_table.json")).read_text())
+    table = json.loads(
+        Path(mlflow.downloadflow_run_artifacts(better.info.run_id, "promotion/metrics_table.json")).read_text()
+    )
     assert [(row["role"], row["version"]) for row in table] == [("challenger", "2"), ("champion", "1")]
 
     tags = {v: mlflow.get_model_version(NAME, v).tags for v in ("1", "2", "3")}
@@ -106,25 +108,11 @@ def test_decisions_are_mlflow_runs_and_version_tags(registry: Registry, contests
     assert tags["3"]["promotion.run_id"] == contests["short_of_margin"]["mlflow_run_id"]
 
 
-def _artifacts(flow_run_id: str) -> dict[str, Any]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
-    async def read() -> dict[str, Any]:
-        async with get_client() as prefect:
-            found = await prefect.read_artifacts(
-                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-            )
-            return {a.key: a for a in found}
-
-    return asyncio.run(read())
-
-
-def test_each_promote_run_has_its_decision_and_samples_as_prefect_artifacts(
+def test_each_promote_run_has_its_decision_and_samples_as_prefectflow_run_artifacts(
     registry: Registry, contests: dict[str, dict[str, Any]]
 ) -> None:
     run = client(registry).get_run(contests["better"]["mlflow_run_id"])
-    artifacts = _artifacts(run.data.tags["prefect_flow_run_id"])
+    artifacts = flow_run_artifacts(run.data.tags["prefect_flow_run_id"])
     assert set(artifacts) == {"promote-decision", "promote-eval-samples"}
     decision = artifacts["promote-decision"]
     assert decision.type == "markdown"
