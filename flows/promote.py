@@ -1,7 +1,7 @@
 """The promote flow: challenger and champion answer the same evaluation set; `champion` moves past the gate.
 
     vlmops promote --config pipeline.yaml --set registry.promotion.min_margin=0.02
-    prefect deployment run promote/promote --param challenger=7
+    prefect deployment run 'promote/on-demand' --param challenger=7
 
 The gate (`registry.promotion`: metric, min_margin, eval_file) is in the config; with no champion the
 challenger becomes the first. The decision is an MLflow run, `promotion.*` tags on both versions, and two
