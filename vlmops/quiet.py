@@ -30,6 +30,9 @@ NOISY_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
     "DeepSpeed": ("Setting accelerator to CPU",),
     # The ephemeral Prefect API's start/stop lines, with a link to the server docs on every `vlmops run`.
     "prefect": ("Starting temporary server on", "Stopping temporary server on"),
+    # GPU steps hold a slot of the team stack's `gpu` limit (tasks/gpu.py); the embedded default has none, and
+    # Prefect says so at every such step.
+    "prefect.task_runs": ("Concurrency limits ['gpu'] do not exist",),
 }
 
 

@@ -54,12 +54,12 @@ def test_mlflow_ui_shows_the_model_and_its_alias(browser: Any, team_run: TeamRun
         },
     )
     page = context.new_page()
-    page.goto(f"{stack.mlflow_url}/#/models", wait_until="networkidle")
+    page.goto(f"{stack.mlflow_url}/#/models", wait_until="load", timeout=UI_TIMEOUT_MS)
     page.get_by_text(MODEL_NAME).first.wait_for(timeout=UI_TIMEOUT_MS)
     page.keyboard.press("Escape")  # the "new Model Registry UI" announcement covers the list on a first visit
     _shot(page, tmp_path, "mlflow-models")
-    page = context.new_page()  # a fresh load: a hash change on the list page never settles to "networkidle"
-    page.goto(f"{stack.mlflow_url}/#/models/{MODEL_NAME}")
+    page = context.new_page()  # a fresh load: a hash change on the list page does not reload the route
+    page.goto(f"{stack.mlflow_url}/#/models/{MODEL_NAME}", timeout=UI_TIMEOUT_MS)
     page.get_by_text("Version 1").first.wait_for(timeout=UI_TIMEOUT_MS)
     page.get_by_text(f"@ {alias}").first.wait_for(timeout=UI_TIMEOUT_MS)
     assert page.get_by_text("prefect_flow_run_id").count() >= 1
@@ -71,7 +71,7 @@ def test_prefect_ui_shows_the_flow_runs_and_artifacts(browser: Any, team_run: Te
     stack = team_run.stack
     ui = stack.prefect_url.removesuffix("/api")
     page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.goto(f"{ui}/runs", wait_until="networkidle")
+    page.goto(f"{ui}/runs", wait_until="load", timeout=UI_TIMEOUT_MS)
     page.get_by_placeholder("admin:pass").fill(stack.settings["PREFECT_API_AUTH_STRING"])
     page.get_by_role("button", name="Login").click()
     page.get_by_text("Dashboard").first.wait_for(timeout=UI_TIMEOUT_MS)
@@ -81,7 +81,7 @@ def test_prefect_ui_shows_the_flow_runs_and_artifacts(browser: Any, team_run: Te
         runs["promote"] = team_run.promote_id
     for flow, run_id in runs.items():
         flow_run = prefect_api(stack, "GET", f"/flow_runs/{run_id}")
-        page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="networkidle")
+        page.goto(f"{ui}/runs/flow-run/{run_id}", wait_until="load", timeout=UI_TIMEOUT_MS)
         page.get_by_text(flow_run["name"]).first.wait_for(timeout=UI_TIMEOUT_MS)
         page.get_by_text("Completed").first.wait_for(timeout=UI_TIMEOUT_MS)
         _shot(page, tmp_path, f"prefect-{flow}-run")

@@ -62,7 +62,7 @@ def test_mlflow_holds_the_runs_versions_aliases_and_lineage(team_run: TeamRun, m
     assert {k: v for k, v in model.aliases.items() if k in expected_aliases} == expected_aliases, model.aliases
     assert version.tags["prefect_flow_run_id"] == team_run.retrain_id
     assert version.tags["git_commit"] and version.tags["dvc.model.md5"].endswith(".dir")
-    assert version.tags["prefect_deployment"] == "retrain/on-demand" and version.tags["config.hash"]
+    assert version.tags["prefect_deployment"] == "on-demand" and version.tags["config.hash"]
     assert version.tags["promotion.decision"] == "promoted" and version.tags["promotion.role"] == "challenger"
     parent = client.get_run(version.tags["mlflow_run_id"])  # the version comes from its `register` step run
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect_flow_run_id"] == team_run.retrain_id
