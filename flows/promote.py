@@ -70,9 +70,8 @@ def promote(
         decision.markdown(links.run) + f"\nChallenger version: {links.model_version}\n",
         f"{decision.name} v{decision.challenger}: {decision.outcome}",
     )
-    publish_samples(
-        SAMPLES_KEY, samples, f"{decision.name}: challenger v{decision.challenger} vs champion v{decision.champion}"
-    )
+    against = f"champion v{decision.champion}" if decision.champion else "no champion yet"
+    publish_samples(SAMPLES_KEY, samples, f"{decision.name}: challenger v{decision.challenger} vs {against}")
     summary = {**asdict(decision), "decision": decision.outcome, "mlflow_run_id": run_id, "work_dir": str(work_dir)}
     (work_dir / "decision.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("%s", decision.reason)
