@@ -78,7 +78,7 @@ def test_the_version_carries_its_lineage(promoted_run: dict[str, Any]) -> None:
     assert tags["promotion.decision"] == "promoted" and tags["promotion.against"] == "none"
 
 
-def test_retrain_and_promote_runs_have_theirflow_run_artifacts(promoted_run: dict[str, Any]) -> None:
+def test_retrain_and_promote_runs_have_their_artifacts(promoted_run: dict[str, Any]) -> None:
     summary = promoted_run["summary"]
     retrain, promote = promoted_run["artifacts"]["retrain"], promoted_run["artifacts"]["promote"]
     assert set(retrain) == {"retrain-summary", "retrain-eval-samples"}

@@ -92,12 +92,12 @@ def test_decisions_are_mlflow_runs_and_version_tags(registry: Registry, contests
     assert better.data.metrics["challenger_accuracy"] == 1.0 and better.data.metrics["promoted"] == 1.0
     assert better.data.metrics["margin"] == pytest.approx(1.0 - contests["better"]["champion_score"])
     assert better.data.tags["prefect_flow_run_id"]
-    artifacts = {a.path for a in mlflow.listflow_run_artifacts(better.info.run_id, "promotion")}
+    artifacts = {a.path for a in mlflow.list_artifacts(better.info.run_id, "promotion")}
     assert artifacts == {
         f"promotion/{n}" for n in ("decision.json", "metrics_table.json", "samples.json", "promotion.md")
     }
     table = json.loads(
-        Path(mlflow.downloadflow_run_artifacts(better.info.run_id, "promotion/metrics_table.json")).read_text()
+        Path(mlflow.download_artifacts(better.info.run_id, "promotion/metrics_table.json")).read_text()
     )
     assert [(row["role"], row["version"]) for row in table] == [("challenger", "2"), ("champion", "1")]
 
@@ -108,7 +108,7 @@ def test_decisions_are_mlflow_runs_and_version_tags(registry: Registry, contests
     assert tags["3"]["promotion.run_id"] == contests["short_of_margin"]["mlflow_run_id"]
 
 
-def test_each_promote_run_has_its_decision_and_samples_as_prefectflow_run_artifacts(
+def test_each_promote_run_has_its_decision_and_samples_as_prefect_artifacts(
     registry: Registry, contests: dict[str, dict[str, Any]]
 ) -> None:
     run = client(registry).get_run(contests["better"]["mlflow_run_id"])
