@@ -96,9 +96,7 @@ def test_decisions_are_mlflow_runs_and_version_tags(registry: Registry, contests
     assert artifacts == {
         f"promotion/{n}" for n in ("decision.json", "metrics_table.json", "samples.json", "promotion.md")
     }
-    table = json.loads(
-        Path(mlflow.download_artifacts(better.info.run_id, "promotion/metrics_table.json")).read_text()
-    )
+    table = json.loads(Path(mlflow.download_artifacts(better.info.run_id, "promotion/metrics_table.json")).read_text())
     assert [(row["role"], row["version"]) for row in table] == [("challenger", "2"), ("champion", "1")]
 
     tags = {v: mlflow.get_model_version(NAME, v).tags for v in ("1", "2", "3")}
