@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
@@ -63,6 +64,9 @@ def handle(args: argparse.Namespace) -> int:
 
 def chat_loop(chat_model: ChatModel, read: Callable[[str], str], out: TextIO) -> int:
     """The read-answer loop: one turn per line, answers streamed as they are generated."""
+    # Ctrl-C stops an answer: a parent that ignored SIGINT (a non-interactive shell's background job, a test
+    # runner) passes that disposition on through exec, and the answer would run on.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     device = chat_model.loaded.device
     out.write(
         f"model: {chat_model.source.describe()} on {device}\n"
