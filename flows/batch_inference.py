@@ -21,13 +21,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import PrefectFuture, as_completed
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+from prefect.client.schemas.objects import State
 
 from tasks.gpu import gpu_slot
 from tasks.infer import answer_shard
@@ -48,6 +50,8 @@ from vlmops.infer.parallel import run_job_in_child
 from vlmops.redact import redact_log_handlers
 
 PROGRESS_EVERY_S = 5.0
+POLL_S = 1.0  # how often the flow reads its shards' task runs
+READ_BATCH = 200  # task runs per API read (the server's default page)
 
 
 @flow(name="batch-inference")
@@ -75,11 +79,9 @@ def batch_inference(
             logger.info(
                 "job %s: %d shards to hand to the task workers (%d done before)", plan.job_id, len(todo), done_before
             )
-            futures: list[PrefectFuture[ShardStats]] = [
-                answer_shard.delay(model, job_output.uri, config, shard.index) for shard in todo
-            ]
-            for future in as_completed(futures):
-                ran.append(future.result())
+            futures = [answer_shard.delay(model, job_output.uri, config, shard.index) for shard in todo]
+            for state in _final_states([f.task_run_id for f in futures]):
+                ran.append(state.result())
                 update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
         result = complete_job(plan, job_output, ran, config)
     else:
@@ -107,6 +109,31 @@ def batch_inference(
         result.output,
     )
     return summary
+
+
+def _final_states(task_run_ids: list[UUID], poll_s: float = POLL_S) -> Iterator[State[ShardStats]]:
+    """The final state of each task run, as each one ends (read from the API, every `poll_s` seconds).
+
+    Not `as_completed` + `future.result()`: that pairs the task worker's completion event with a read of the
+    task run, and under load the server may not have recorded the run's state yet when the event arrives
+    ("Task run ... has no state"), which failed a whole job whose shards were all fine. The API's record is
+    the one truth here; a run without a state yet is simply not finished.
+    """
+    pending = set(task_run_ids)
+    with get_client(sync_client=True) as client:
+        while pending:
+            ids = sorted(pending)
+            for start in range(0, len(ids), READ_BATCH):
+                runs = client.read_task_runs(
+                    task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids[start : start + READ_BATCH])),
+                    limit=READ_BATCH,
+                )
+                for run in runs:
+                    if run.state is not None and run.state.is_final():
+                        pending.discard(run.id)
+                        yield cast(State[ShardStats], run.state)
+            if pending:
+                time.sleep(poll_s)
 
 
 def _progress_poller(output: str, config: PipelineConfig, artifact: UUID) -> Callable[[], None]:
