@@ -3,6 +3,10 @@
 Everything goes through `MlflowClient` with explicit run ids (no fluent "active run" state), so steps
 running in Prefect worker threads or subprocesses log to the right run. A subprocess (training) gets the
 run through the `MLFLOW_TRACKING_URI` / `MLFLOW_RUN_ID` environment variables.
+
+Several pipeline runs may share one store at once (two `vlmops run` on one machine share the SQLite file;
+a team's runs share the server): creating the store, the experiment and the registered model, and moving an
+alias, are written so that the runs neither fail nor leave the registry inconsistent (tests/test_concurrent_runs.py).
 """
 
 from __future__ import annotations
@@ -18,12 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from vlmops.config import TrackingConfig
 from vlmops.errors import RunFailed
 from vlmops.redact import redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
+SQLITE_PREFIX = "sqlite:///"
+STORE_LOCK_TIMEOUT_S = 600
+# A writer that lost the alias to a newer version sets it again; a handful of rounds covers any number of runs
+# registering at once (each round, a newer registration only ever wins).
+ALIAS_ROUNDS = 10
+ALIAS_TAG = "registry.alias"
+"""Model-version tag: the alias the registering run asked for."""
 # MLflow caps a param value at 6000 characters and a batch at 100 params / 1000 metrics.
 MAX_PARAM_CHARS = 6000
 PARAM_BATCH = 100
@@ -36,29 +49,62 @@ class RegisteredVersion:
     version: str
     alias: str
     source: str
+    alias_version: str | None = None
+    """The version `alias` names after registration: this one, unless a newer version registered at the same
+    time (another run) took it."""
 
 
 def resolve_tracking_uri(uri: str) -> str:
     """Make a relative `sqlite:///path` absolute, so the store does not depend on the working directory."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        path = Path(uri[len(prefix) :]).expanduser().resolve()
+    if uri.startswith(SQLITE_PREFIX) and not uri.startswith(SQLITE_PREFIX + "/"):
+        path = Path(uri[len(SQLITE_PREFIX) :]).expanduser().resolve()
         path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
+        return SQLITE_PREFIX + str(path)
     return uri
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold a file lock beside a SQLite store (nothing for a server): for work that must not overlap between
+    processes sharing the file.
+
+    MLflow creates a new SQLite store's tables (its Alembic migrations) when the first client touches it, without
+    a lock: two processes doing that at once fail (`AttributeError: dimension_attributes` in a migration, seen
+    with two `vlmops run` started together). A server creates its tables once, at its own start.
+    """
+    if not uri.startswith(SQLITE_PREFIX):
+        yield
+        return
+    db = Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db.with_name(f".{db.name}.lock")), timeout=STORE_LOCK_TIMEOUT_S):
+        yield
+
+
+def open_client(uri: str, registry_uri: str | None = None) -> Any:
+    """An `MlflowClient` on `uri` whose tracking and registry stores exist (created under `store_lock`)."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        client = MlflowClient(tracking_uri=uri, registry_uri=registry_uri or uri)
+        # Touch both stores while the lock is held: this is what creates a new SQLite store's tables.
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)
+    return client
 
 
 class Tracker:
     """Logs a pipeline run to MLflow."""
 
     def __init__(self, config: TrackingConfig, artifact_root: Path | None = None):
-        from mlflow.tracking import MlflowClient
-
         self.uri = resolve_tracking_uri(config.uri)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-        self.experiment_id = self._experiment(config.experiment, artifact_root)
+        self.client = open_client(self.uri)
+        with store_lock(self.uri):
+            self.experiment_id = self._experiment(config.experiment, artifact_root)
 
     def _experiment(self, name: str, artifact_root: Path | None) -> str:
+        from mlflow.exceptions import MlflowException
+
         existing = self.client.get_experiment_by_name(name)
         if existing is not None:
             return str(existing.experiment_id)
@@ -67,7 +113,16 @@ class Tracker:
             # Keep artifacts beside the SQLite store instead of ./mlruns in whatever folder we run from.
             artifact_root.mkdir(parents=True, exist_ok=True)
             location = artifact_root.resolve().as_uri()
-        return str(self.client.create_experiment(name, artifact_location=location))
+        try:
+            return str(self.client.create_experiment(name, artifact_location=location))
+        except MlflowException as err:
+            # Another run on the same server created it between the lookup and here: use theirs.
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            created = self.client.get_experiment_by_name(name)
+            if created is None:
+                raise
+            return str(created.experiment_id)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
         all_tags = dict(tags or {})
@@ -161,9 +216,39 @@ class Tracker:
             version = self.client.create_model_version(
                 name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
             )
-        self.client.set_registered_model_alias(name, alias, str(version.version))
-        log.info("registered %s version %s as @%s", name, version.version, alias)
-        return RegisteredVersion(name, str(version.version), alias, str(version.source))
+        # The version asks for its alias in a tag, so that concurrent registrations agree on which one gets it.
+        self.client.set_model_version_tag(name, str(version.version), ALIAS_TAG, alias)
+        alias_version = self._point_alias_at_newest(name, alias)
+        if alias_version == str(version.version):
+            log.info("registered %s version %s as @%s", name, version.version, alias)
+        else:
+            log.warning(
+                "registered %s version %s; @%s names version %s, registered by another run at the same time",
+                name,
+                version.version,
+                alias,
+                alias_version,
+            )
+        return RegisteredVersion(name, str(version.version), alias, str(version.source), alias_version)
+
+    def _point_alias_at_newest(self, name: str, alias: str) -> str:
+        """Point `alias` at the newest version that asked for it; returns that version.
+
+        MLflow has no compare-and-set for aliases: two runs registering at once could each create their version
+        and then set the alias in either order, leaving it on the older one. So each sets it to the newest
+        version asking for it, reads it back, and sets it again while a newer version appeared meanwhile. The
+        last writer's read then sees every version there is (each one is created before its run sets the alias),
+        so the alias ends on the newest, whatever the interleaving.
+        """
+        target = ""
+        for _ in range(ALIAS_ROUNDS):
+            asking = self.client.search_model_versions(f"name = '{name}' and tags.`{ALIAS_TAG}` = '{alias}'")
+            target = str(max(int(v.version) for v in asking))
+            current = self.client.get_registered_model(name).aliases.get(alias)
+            if current is not None and str(current) == target:
+                return target
+            self.client.set_registered_model_alias(name, alias, target)
+        return target
 
     def check_uploaded(self, run_id: str, folder: Path, artifact_path: str) -> None:
         """Raise RunFailed unless every file of `folder` is among the run's artifacts under `artifact_path`, at
