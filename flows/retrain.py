@@ -67,6 +67,13 @@ class RunSummary:
     seconds: float
     promotion: str | None = None
     """promoted / rejected / unchanged when `registry.auto_promote` ran the gate, else None."""
+    alias_version: str | None = None
+    """The version `model_alias` names: this run's, unless a run registering at the same time made a newer one."""
+
+    def alias_text(self) -> str:
+        if self.alias_version in (None, self.model_version):
+            return f"@{self.model_alias}"
+        return f"@{self.model_alias} is on version {self.alias_version}, newer, from a run at the same time"
 
     def text(self) -> str:
         base = "n/a" if self.base_accuracy is None else f"{self.base_accuracy:.3f}"
@@ -74,7 +81,7 @@ class RunSummary:
             "",
             "vlmops retrain: done",
             f"  accuracy (exact match)  base {base}  ->  fine-tuned {self.finetuned_accuracy:.3f}",
-            f"  registered model        {self.model_name} version {self.model_version} (@{self.model_alias})",
+            f"  registered model        {self.model_name} version {self.model_version} ({self.alias_text()})",
             f"  MLflow run              {self.mlflow_run_id}",
             f"  MLflow store            {self.mlflow_tracking_uri}",
             f"  open the UI             {self.mlflow_ui}",
@@ -91,7 +98,7 @@ class RunSummary:
         """The flow run's summary artifact: the numbers, and links to the MLflow run and model version."""
         base = "n/a" if self.base_accuracy is None else f"{self.base_accuracy:.3f}"
         lines = [
-            f"# retrain: {self.model_name} version {self.model_version} (@{self.model_alias})",
+            f"# retrain: {self.model_name} version {self.model_version} ({self.alias_text()})",
             "",
             "| accuracy (exact match) | base | fine-tuned |",
             "| --- | --- | --- |",
@@ -110,6 +117,19 @@ class RunSummary:
         return "\n".join(lines) + "\n"
 
 
+def _new_run_dir(runs: Path) -> Path:
+    """A fresh run folder named by the time and a random suffix; runs started in the same second on one output
+    folder (two `vlmops run` at once) each get their own: mkdir is the atomic claim, a taken name draws again."""
+    runs.mkdir(parents=True, exist_ok=True)
+    while True:
+        run_dir = runs / (time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2))
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+
+
 def _cached(state: State) -> bool:
     return state.name == "Cached"
 
@@ -123,9 +143,8 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     logger = get_run_logger()
     config = load_config(config_path, overrides)
     output_dir = Path(config.run.output_dir).resolve()
-    run_id = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-    run_dir = output_dir / "runs" / run_id
-    run_dir.mkdir(parents=True)
+    run_dir = _new_run_dir(output_dir / "runs")
+    run_id = run_dir.name
     config_file = run_dir / "config.yaml"
     config_file.write_text(dump_config(config))
     tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
@@ -238,6 +257,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         model_name=version.name,
         model_version=version.version,
         model_alias=version.alias,
+        alias_version=version.alias_version,
         mlflow_run_id=parent,
         mlflow_tracking_uri=redact_uri(tracker.uri),
         mlflow_ui=ui_command(tracker.uri),
