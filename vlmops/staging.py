@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -10,8 +11,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 STAGING_PREFIX = ".staging-"
 """Names of folders being built; whatever still carries it after a crash is a leftover, never a result."""
+BUILD_LOCK_TIMEOUT_S = 3600
 
 
 def sync_files(folder: Path) -> None:
@@ -45,6 +49,36 @@ def publish_folder(staging: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def publish_new_folder(staging: Path, final: Path) -> bool:
+    """Rename a fully written folder to `final` unless a folder is there already (then `staging` is removed);
+    returns whether this one was published.
+
+    For content-addressed names, where an existing folder holds the same bytes. The rename itself is the test:
+    a check first would let two processes both publish, and the second would swap the folder out from under the
+    first while it reads it (or while DVC tracks it).
+    """
+    sync_files(staging)
+    try:
+        staging.rename(final)  # fails on an existing non-empty folder, atomically
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+            raise
+        shutil.rmtree(staging)
+        return False
+    sync_entries(final.parent)
+    return True
+
+
+@contextmanager
+def build_lock(final: Path) -> Iterator[None]:
+    """Hold a file lock beside `final` while checking for it and building it, so that of several processes
+    needing the same shared folder (the tiny model, the demo data of one output folder) one builds it and the
+    others wait and use it, instead of each replacing it while the others read it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.with_name(f".{final.name}.lock")), timeout=BUILD_LOCK_TIMEOUT_S):
+        yield
+
+
 @dataclass
 class Stage:
     """A folder being built in `parent`; `name()` says what it will be called once the block succeeds."""
@@ -74,10 +108,10 @@ def staging_in(parent: Path, prefix: str = "") -> Iterator[Stage]:
         yield stage
         if stage.final is None:
             raise RuntimeError(f"staged folder {stage.path} was never named; call Stage.name() inside the block")
-        if not stage.replace and stage.final.exists():
-            shutil.rmtree(stage.path)
-        else:
+        if stage.replace:
             publish_folder(stage.path, stage.final)
+        else:
+            publish_new_folder(stage.path, stage.final)
     except BaseException:
         shutil.rmtree(stage.path, ignore_errors=True)
         raise

@@ -32,7 +32,7 @@ from vlmops.data.validation import (
 from vlmops.errors import UserInputError
 from vlmops.hashing import sha256_file
 from vlmops.models.template import Tokenizer
-from vlmops.staging import staging_in
+from vlmops.staging import build_lock, staging_in
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -194,9 +194,12 @@ def dataset_inputs(config: PipelineConfig) -> tuple[Path, Path | None]:
         "seed": config.run.seed,
     }
     marker = folder / "params.json"
-    if not (marker.is_file() and json.loads(marker.read_text()) == params):
-        write_demo_dataset(folder, **params)
-        marker.write_text(json.dumps(params) + "\n")
+    # Two runs starting at once on one output folder: one writes it, the other waits and reads it (a rewrite
+    # swaps the folder, and a run reading it at that moment would find its files gone).
+    with build_lock(folder):
+        if not (marker.is_file() and json.loads(marker.read_text()) == params):
+            write_demo_dataset(folder, **params)
+            marker.write_text(json.dumps(params) + "\n")
     return folder / "train.jsonl", folder / "eval.jsonl"
 
 

@@ -33,6 +33,7 @@ from vlmops.models.manifest import (
     verify,
     write_manifest,
 )
+from vlmops.staging import build_lock
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,10 @@ def local_folder(resolved: ResolvedModel) -> Path:
     folder = Path(resolved.id).expanduser()
     entry = resolved.entry
     if not folder.exists() and entry is not None and entry.tiny_variant is not None:
-        log.info("building %s at %s", entry.name, folder)
-        build_tiny_model(folder, variant=entry.tiny_variant)
+        with build_lock(folder):  # two runs starting at once on one output folder build it once
+            if not folder.exists():
+                log.info("building %s at %s", entry.name, folder)
+                build_tiny_model(folder, variant=entry.tiny_variant)
     if not folder.is_dir():
         raise ModelFolderNotFoundError(f"model folder {folder} does not exist (model.id with model.source: local)")
     return folder
