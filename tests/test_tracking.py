@@ -66,3 +66,42 @@ def test_registering_again_from_the_same_run_reuses_the_version(tmp_path: Path) 
     assert (first.version, again.version, other.version) == ("1", "1", "2")
     assert [a.path for a in tracker.client.list_artifacts(first_run, "model")] == ["model/config.json"]
     assert len(tracker.client.search_model_versions("name = 'm'")) == 2
+
+
+def test_an_older_version_registered_again_leaves_the_alias_on_the_newest(tmp_path: Path) -> None:
+    """Two runs registering at once may set the alias in either order; the newest version keeps it. Here the
+    older run's step finishes last (its retry, after the newer run registered)."""
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t"), tmp_path / "artifacts")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with tracker.run("older") as older, tracker.run("newer") as newer:
+        first = tracker.register_model(older, model, "m", "challenger")
+        second = tracker.register_model(newer, model, "m", "challenger")
+        again = tracker.register_model(older, model, "m", "challenger")
+        other = tracker.register_model(older, model, "m2", "candidate")
+    assert (first.alias_version, second.alias_version) == ("1", "2")
+    assert (again.version, again.alias_version) == ("1", "2")
+    assert tracker.client.get_registered_model("m").aliases == {"challenger": 2}
+    assert (other.version, other.alias_version) == ("1", "1")  # another model's versions do not count
+
+
+def _open_store(uri: str, experiment: str) -> None:
+    Tracker(TrackingConfig(uri=uri, experiment=experiment))
+
+
+def test_processes_creating_one_store_at_once(tmp_path: Path) -> None:
+    """MLflow creates a new SQLite store's tables without a lock; several processes opening it at once (two
+    `vlmops run` started together) must all get the store and one experiment."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_open_store, args=(uri, "shared")) for _ in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0, 0, 0]
+    client = MlflowClient(tracking_uri=uri)
+    assert [e.name for e in client.search_experiments()] == ["shared", "Default"]

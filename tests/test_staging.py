@@ -1,0 +1,22 @@
+"""Folders published whole: content-addressed ones are never swapped under a process that reads them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlmops.staging import STAGING_PREFIX, staging_in
+
+
+def test_a_content_addressed_folder_published_twice_keeps_the_first(tmp_path: Path) -> None:
+    with staging_in(tmp_path, "dataset") as first:
+        (first.path / "data.txt").write_text("same bytes")
+        final = first.name("abc", replace=False)
+    reader = (final / "data.txt").open()  # another run reads (or DVC tracks) the folder meanwhile
+    inode = final.stat().st_ino
+    with staging_in(tmp_path, "dataset") as second:
+        (second.path / "data.txt").write_text("same bytes")
+        second.name("abc", replace=False)
+    assert final.stat().st_ino == inode  # the same folder, not a swapped-in copy
+    assert (final / "data.txt").is_file() and reader.read() == "same bytes"
+    reader.close()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)] == []
