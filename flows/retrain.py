@@ -46,6 +46,7 @@ from vlmops.registry.lineage import version_tags
 from vlmops.tracking import MlflowLinks, Tracker, git_commit, mlflow_links, ui_command
 
 SUMMARY_KEY = "retrain-summary"
+EPHEMERAL_STARTUP_TIMEOUT_S = 300
 SAMPLES_KEY = "retrain-eval-samples"
 
 
@@ -284,7 +285,14 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
 def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
     """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server; the
     summary goes to stdout as plain text once the flow is done."""
-    result = retrain(config_path or "pipeline.yaml", overrides)
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    # Prefect's temporary server gives up after 20 s by default. Two `vlmops run` started together on one
+    # PREFECT_HOME each start one, and the second waits on the first's database migrations (SQLite takes one
+    # writer): on a loaded two-core machine that took longer, and the run failed before its flow began.
+    timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_TIMEOUT_S)
+    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
+        result = retrain(config_path or "pipeline.yaml", overrides)
     summary = RunSummary(**{k: v for k, v in result.items() if k in RunSummary.__dataclass_fields__})
     print(summary.text())
     print(f"  summary                 {result['summary_file']}")
