@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,15 +73,23 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     command = [sys.executable, "-m", "vlmops.cli", "run", "--config", str(ROOT / "pipeline.yaml")]
     command += [arg for item in overrides for arg in ("--set", item)]
     logs = [tmp / f"run-{i}.log" for i in range(2)]
-    processes = [
-        subprocess.Popen(command, cwd=tmp, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT) for log in logs
-    ]
-    codes = [p.wait(timeout=840) for p in processes]
+    with ExitStack() as stack:
+        outs = [stack.enter_context(log.open("wb")) for log in logs]
+        processes = [subprocess.Popen(command, cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT) for out in outs]
+        for process in processes:  # a run that hangs must not outlive the test
+            stack.callback(_stop, process)
+        codes = [p.wait(timeout=840) for p in processes]
     texts = [log.read_text(errors="replace") for log in logs]
     for code, text in zip(codes, texts, strict=True):
         assert code == 0, text[-6000:]
     summaries = [json.loads(Path(_summary_file(text)).read_text()) for text in texts]
     return Runs(outputs, tracking_uri, summaries)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 def _summary_file(stdout: str) -> str:
