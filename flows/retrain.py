@@ -274,6 +274,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
 def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
     """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server; the
     summary goes to stdout as plain text once the flow is done."""
+    load_config(config_path or "pipeline.yaml", overrides)  # a bad key or a credential stops here, before a flow run
     result = retrain(config_path or "pipeline.yaml", overrides)
     summary = RunSummary(**{k: v for k, v in result.items() if k in RunSummary.__dataclass_fields__})
     print(summary.text())
