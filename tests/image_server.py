@@ -34,7 +34,26 @@ def noise_png(side: int) -> bytes:
     return buf.getvalue()
 
 
+class ImageServer(ThreadingHTTPServer):
+    """The server, with the first line of every request it received (any bytes at all: a TLS hello too)."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), ImageRoutes)
+        self.received: list[bytes] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.server_address[1]}"
+
+
 class ImageRoutes(BaseHTTPRequestHandler):
+    server: ImageServer
+    raw_requestline: bytes  # set by BaseHTTPRequestHandler.handle_one_request; typeshed leaves it out
+
+    def parse_request(self) -> bool:
+        self.server.received.append(self.raw_requestline)  # before parsing: a line that is not HTTP counts too
+        return super().parse_request()
+
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         if parts.path == "/ok.png":
@@ -72,13 +91,20 @@ class ImageRoutes(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def image_server() -> Iterator[str]:
-    """`http://127.0.0.1:PORT` of a running ImageRoutes server."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ImageRoutes)
+def serving_images(host: str = "127.0.0.1") -> Iterator[ImageServer]:
+    """A running ImageRoutes server (its `url` is `http://HOST:PORT`)."""
+    httpd = ImageServer(host)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield httpd
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextmanager
+def image_server() -> Iterator[str]:
+    """`http://127.0.0.1:PORT` of a running ImageRoutes server."""
+    with serving_images() as httpd:
+        yield httpd.url
