@@ -33,7 +33,7 @@ from vlmops.config import PipelineConfig
 from vlmops.data.formats import RecordError
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.errors import RunFailed, UserInputError
-from vlmops.hashing import sha256_file
+from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, written_file
@@ -191,18 +191,29 @@ def job_settings(config: PipelineConfig) -> dict[str, Any]:
 def resolve_job_model(ref: str, config: PipelineConfig) -> tuple[ModelSource, ModelInfo]:
     """The folders to load for `ref` (any form `vlmops infer` takes) and the model's identity."""
     source = model_source(ref, None, catalog_resolver(config))
-    digest = folder_hash(source.checkpoint)
+    digest = folder_hash(source.checkpoint, hash_cache_dir(config))
     if source.adapter is not None:
-        digest = hashlib.sha256(f"{digest}+{folder_hash(source.adapter)}".encode()).hexdigest()
+        adapter = folder_hash(source.adapter, hash_cache_dir(config))
+        digest = hashlib.sha256(f"{digest}+{adapter}".encode()).hexdigest()
     return source, ModelInfo(ref, _registry_version(source.checkpoint), f"sha256:{digest}")
 
 
-def folder_hash(folder: Path) -> str:
-    """One hash over every file's relative path and content (the registry's download note excluded)."""
+def folder_hash(folder: Path, cache_dir: Path | None = None) -> str:
+    """One hash over every file's relative path and content (the registry's download note excluded).
+
+    With `cache_dir`, large files unchanged since an earlier job (size, mtime, inode) are not read again.
+    """
+    hashes = FolderHashes(folder, cache_dir)
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != REGISTRY_MANIFEST):
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    for path in sorted(p for p in hashes.folder.rglob("*") if p.is_file() and p.name != REGISTRY_MANIFEST):
+        digest.update(f"{path.relative_to(hashes.folder).as_posix()}\0{hashes.sha256(path)}\n".encode())
+    hashes.save()
     return digest.hexdigest()
+
+
+def hash_cache_dir(config: PipelineConfig) -> Path:
+    """Where jobs remember the hashes of model files: beside the model cache (`model.cache_dir`)."""
+    return Path(config.model.cache_dir).expanduser() / "hashes"
 
 
 def _registry_version(checkpoint: Path) -> str | None:
