@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from tests.image_server import image_server, serving_images
+from tests.image_server import image_server, self_signed_certificate, serving_images
 from vlmops.config import StorageConfig
 from vlmops.data.fetch import HTTP_RETRIES, UrlFetchError, UrlPolicy, check_url, fetch_url
 from vlmops.data.images import ImageLoadError, load_image, open_image_bytes
@@ -189,10 +189,18 @@ def test_a_redirect_to_a_name_that_rebinds_is_refused_at_connect(rebinding_dns: 
     assert target.received == []
 
 
-def test_a_rebinding_name_reaches_an_allowed_address(rebinding_dns: list[str]) -> None:
-    """The same answers with 127.0.0.1 allowed: the server is reachable, so the refusal above is the check's."""
-    with serving_images() as server:
-        body = fetch_url(f"http://{REBINDING_HOST}:{server.server_address[1]}/ok.png", UrlPolicy.from_storage(LOOPBACK))
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_rebinding_name_reaches_an_allowed_address(
+    rebinding_dns: list[str], scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same answers with 127.0.0.1 allowed: the server is reachable, so the refusal above is the check's; over
+    https the checked connection still verifies the server's certificate by the host name."""
+    certificate = self_signed_certificate(tmp_path, REBINDING_HOST) if scheme == "https" else None
+    if certificate:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))
+    with serving_images(certificate=certificate) as server:
+        url = f"{scheme}://{REBINDING_HOST}:{server.server_address[1]}/ok.png"
+        body = fetch_url(url, UrlPolicy.from_storage(LOOPBACK))
     assert open_image_bytes(body).size == (4, 4)
     assert rebinding_dns == [PUBLIC, "127.0.0.1"]
     assert server.received == [b"GET /ok.png HTTP/1.1\r\n"]
