@@ -257,7 +257,17 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     summary.seconds = time.time() - started
     summary_file = run_dir / "summary.json"
     summary_file.write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    logger.info("%s\n  summary                 %s", summary.text(), summary_file)
+    # One line here (the flow log of a deployment run); the whole text is the CLI's output and the artifact.
+    logger.info(
+        "done in %.0f s: %s version %s (@%s), accuracy %s -> %.3f; summary %s",
+        summary.seconds,
+        summary.model_name,
+        summary.model_version,
+        summary.model_alias,
+        "n/a" if summary.base_accuracy is None else f"{summary.base_accuracy:.3f}",
+        summary.finetuned_accuracy,
+        summary_file,
+    )
     return asdict(summary) | {"summary_file": str(summary_file)}
 
 

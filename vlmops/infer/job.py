@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, written_file
+from vlmops.infer.prefetch import prefetched
 from vlmops.infer.records import InputFile, Prompt, RawRecord, Shard, find_inputs, parse_prompt, read_shard, scan_input
 from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolver, model_source
 from vlmops.models.loading import LoadedModel
@@ -49,6 +52,10 @@ SHARD_REJECTS = "_job/rejects-"
 PART_PREFIX = "part-"
 REJECTS_FILE = "rejects.jsonl"
 MANIFEST_FILE = "manifest.json"
+# Threads reading and decoding a shard's images ahead of the engine, and how many records they may run ahead:
+# image decoding releases the GIL, and the main thread is left to feed the GPU.
+READ_WORKERS = min(8, os.cpu_count() or 1)
+READ_AHEAD = 64
 
 
 class JobMismatchError(UserInputError):
@@ -320,34 +327,39 @@ class ShardRunner:
         rejects: list[dict[str, Any]] = []
         images = 0
 
-        def requests() -> Iterator[GenerationRequest]:
+        def requests(pool: ThreadPoolExecutor) -> Iterator[GenerationRequest]:
             nonlocal images
-            for position, raw in enumerate(read_shard(file, shard, self.config.storage)):
-                try:
-                    prompt, request = self._request(position, raw, base_dir)
-                except (RecordError, ImageLoadError) as err:
-                    reason = f"{err.field}: {err.reason}" if isinstance(err, RecordError) else str(err)
+            parsed = (
+                self._parse(position, raw, base_dir)
+                for position, raw in enumerate(read_shard(file, shard, self.config.storage))
+            )
+            for future in prefetched(pool, self._load_images, parsed, READ_AHEAD):
+                record = future.result()
+                if record.error is not None:
                     if self.config.infer.on_error == "fail":
                         raise RecordRejectedError(
-                            f"{raw.location}: {reason} (infer.on_error=skip writes it to rejects)"
-                        ) from err
-                    rejects.append(_reject(file, raw, reason))
+                            f"{record.raw.location}: {record.error} (infer.on_error=skip writes it to rejects)"
+                        ) from record.cause
+                    rejects.append(_reject(file, record.raw, record.error))
                     if on_record:
                         on_record(1)
                     continue
-                prompts[position] = prompt
-                images += len(request.images)
-                yield request
+                assert record.prompt is not None and record.request is not None
+                prompts[record.position] = record.prompt
+                images += len(record.request.images)
+                yield record.request
 
         results: dict[int, GenerationResult] = {}
-        for result in self.engine.generate(requests()):
-            results[result.key] = result
-            if on_record:
-                on_record(1)
+        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="job-images") as pool:
+            for result in self.engine.generate(requests(pool)):
+                results[result.key] = result
+                if on_record:
+                    on_record(1)
         missing = sorted(prompts.keys() - results.keys())
         if missing:
             raise RunFailed(f"shard {shard.name}: the engine returned no answer for records {missing[:10]}")
-        tokens = self._publish(plan, shard, output, [(prompts[i], results[i]) for i in sorted(prompts)], rejects)
+        answered = [(prompts[i], results[i]) for i in sorted(prompts)]
+        tokens = self._publish(plan, shard, output, answered, rejects)
         stats = ShardStats(
             shard.index, len(prompts), len(rejects), tokens, images, time.perf_counter() - started, self.worker
         )
@@ -361,18 +373,30 @@ class ShardRunner:
         )
         return stats
 
-    def _request(self, position: int, raw: RawRecord, base_dir: Path) -> tuple[Prompt, GenerationRequest]:
-        """The record's prompt and the request for it: template-encoded, its images read and decoded."""
-        prompt = parse_prompt(raw, base_dir)
-        encoded = encode(
-            prompt.messages,
-            self.loaded.tokenizer,
-            self.loaded.num_image_tokens,
-            self.config.model.system_prompt,
-            add_generation_prompt=True,
-        )
-        pictures = [load_image(ref.uri, self.config.storage) for ref in encoded.images]
-        return prompt, GenerationRequest(position, encoded.input_ids, pictures)
+    def _parse(self, position: int, raw: RawRecord, base_dir: Path) -> _Record:
+        """The record's prompt, template-encoded (in the reading thread: cheap, and the tokenizer stays there)."""
+        try:
+            prompt = parse_prompt(raw, base_dir)
+            encoded = encode(
+                prompt.messages,
+                self.loaded.tokenizer,
+                self.loaded.num_image_tokens,
+                self.config.model.system_prompt,
+                add_generation_prompt=True,
+            )
+        except RecordError as err:
+            return _Record(position, raw, error=f"{err.field}: {err.reason}", cause=err)
+        request = GenerationRequest(position, encoded.input_ids)
+        return _Record(position, raw, prompt, request, [ref.uri for ref in encoded.images])
+
+    def _load_images(self, record: _Record) -> _Record:
+        """Read and decode the record's images (in a pool thread: file or S3 reads and decoding overlap)."""
+        if record.request is not None:
+            try:
+                record.request.images = [load_image(uri, self.config.storage) for uri in record.image_uris]
+            except ImageLoadError as err:
+                record.error, record.cause = str(err), err
+        return record
 
     def _publish(
         self,
@@ -394,6 +418,19 @@ class ShardRunner:
                 response = decode_answer(self.loaded, result.token_ids)
                 f.write(json.dumps(_result_record(prompt, result, response, model), ensure_ascii=False) + "\n")
         return tokens
+
+
+@dataclass
+class _Record:
+    """One record on its way to the engine: parsed and encoded, then its images loaded; or why it cannot be."""
+
+    position: int
+    raw: RawRecord
+    prompt: Prompt | None = None
+    request: GenerationRequest | None = None
+    image_uris: list[str] = field(default_factory=list)
+    error: str | None = None
+    cause: Exception | None = None
 
 
 def _reject(file: InputFile, raw: RawRecord, reason: str) -> dict[str, Any]:
