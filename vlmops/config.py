@@ -93,8 +93,9 @@ class DataConfig(Section):
     """Where rejected records are written (jsonl: file, line, field, reason, the record's text), rewritten by
     each validation. null: `<run.output_dir>/datasets/rejects.jsonl`."""
     allowed_roots: list[str] = []
-    """Folders besides each dataset file's own where its local image paths may point. A path outside them
-    (`../../etc/passwd`, an absolute path elsewhere, a symlink out) rejects the record."""
+    """Folders besides each dataset file's own (and each batch-inference input file's own) where its local
+    image paths may point. A path outside them (`../../etc/passwd`, an absolute path elsewhere, a symlink out)
+    rejects the record."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes that load and preprocess images while the GPU trains. auto: half the CPU
     cores up to 8 when there is a GPU (preprocessing in the training process starves it), 0 without one."""

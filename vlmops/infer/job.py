@@ -323,6 +323,9 @@ class ShardRunner:
         started = time.perf_counter()
         file = plan.files[shard.file]
         base_dir = Path(file.uri).parent if not file.uri.startswith("s3://") else Path.cwd()
+        # A record's local images stay inside its file's folder or data.allowed_roots, as a dataset's do: a job
+        # run for someone else must not read `../../etc/shadow` (and quote its first bytes in a reject).
+        roots = (base_dir.resolve(), *(Path(r).expanduser().resolve() for r in self.config.data.allowed_roots))
         prompts: dict[int, Prompt] = {}
         rejects: list[dict[str, Any]] = []
         images = 0
@@ -330,7 +333,7 @@ class ShardRunner:
         def requests(pool: ThreadPoolExecutor) -> Iterator[GenerationRequest]:
             nonlocal images
             parsed = (
-                self._parse(position, raw, base_dir)
+                self._parse(position, raw, base_dir, roots)
                 for position, raw in enumerate(read_shard(file, shard, self.config.storage))
             )
             for future in prefetched(pool, self._load_images, parsed, READ_AHEAD):
@@ -373,10 +376,10 @@ class ShardRunner:
         )
         return stats
 
-    def _parse(self, position: int, raw: RawRecord, base_dir: Path) -> _Record:
+    def _parse(self, position: int, raw: RawRecord, base_dir: Path, roots: tuple[Path, ...]) -> _Record:
         """The record's prompt, template-encoded (in the reading thread: cheap, and the tokenizer stays there)."""
         try:
-            prompt = parse_prompt(raw, base_dir)
+            prompt = parse_prompt(raw, base_dir, roots)
             encoded = encode(
                 prompt.messages,
                 self.loaded.tokenizer,

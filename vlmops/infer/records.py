@@ -20,7 +20,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,8 +238,9 @@ def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = No
         yield RawRecord(f"{file.uri}[{index}]", f"{file.name}[{index}]", index, value=records[index])
 
 
-def parse_prompt(raw: RawRecord, base_dir: Path) -> Prompt:
-    """One raw record -> the prompt to answer.
+def parse_prompt(raw: RawRecord, base_dir: Path, roots: Sequence[Path] | None = None) -> Prompt:
+    """One raw record -> the prompt to answer; local image paths resolved against `base_dir` must lie inside
+    `roots` (None: anywhere), as a dataset's must (`data.allowed_roots`).
 
     Raises:
         RecordError: the line is not JSON, not an object, in neither form, or has an invalid field.
@@ -261,10 +262,11 @@ def parse_prompt(raw: RawRecord, base_dir: Path) -> Prompt:
     elif not isinstance(key, (str, int)) or isinstance(key, bool):
         raise RecordError("id", f"must be a string or an integer, got {type(key).__name__}")
     if "conversations" in value or "messages" in value:
-        conversation = parse_record(value, raw.location, base_dir, require_answer=False)
+        conversation = parse_record(value, raw.location, base_dir, require_answer=False, roots=roots)
         messages = conversation.messages
     elif "query" in value:
-        messages = parse_record(_simple_as_messages(value), raw.location, base_dir, require_answer=False).messages
+        simple = _simple_as_messages(value)
+        messages = parse_record(simple, raw.location, base_dir, require_answer=False, roots=roots).messages
     else:
         keys = ", ".join(sorted(value)) or "none"
         raise RecordError("(record)", f"needs 'conversations', 'messages' or 'query' (found: {keys})")
