@@ -71,6 +71,27 @@ def test_every_record_once_in_input_order_across_uneven_batches_and_shards(
     assert rejects(out) == []
 
 
+def test_a_json_list_input_is_sharded_and_read_from_each_shards_offset(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The same records as a .json list (indented, so items span lines): the same answers, keyed by index."""
+    train_file, _ = demo_data
+    lines = [json.loads(line) for line in train_file.read_text().splitlines()]
+    as_list = train_file.parent / "train-list.json"  # beside the images
+    as_list.write_text(json.dumps(lines, indent=2, ensure_ascii=False))
+    config = job_config(batch_size=4, shard_size=4)
+    run_batch_job(str(tiny_model), str(train_file), str(tmp_path / "from-jsonl"), config)
+    result = run_batch_job(str(tiny_model), str(as_list), str(tmp_path / "from-json"), config)
+    assert (result.records, result.results, result.rejects) == (11, 11, 0)
+    from_json, from_jsonl = results(tmp_path / "from-json"), results(tmp_path / "from-jsonl")
+    assert [r["key"] for r in from_json] == [f"train-list.json[{i}]" for i in range(11)]
+    assert [r["response"] for r in from_json] == [r["response"] for r in from_jsonl]
+    assert [r["conversations"] for r in from_json] == [line["conversations"] for line in lines]
+    plan = json.loads((tmp_path / "from-json" / "_job" / "job.json").read_text())
+    offsets = [shard["offset"] for shard in plan["shards"]]
+    assert len(offsets) == 3 and all(as_list.read_bytes()[o : o + 1] == b"{" for o in offsets)
+
+
 def test_answers_end_at_the_first_eos() -> None:
     # generate pads a row that finished early (here: pad 2 after EOS 1) until the longest row is done
     assert answer_tokens([5, 6, 1, 2, 2], eos_token_id=1) == [5, 6, 1]
