@@ -7,7 +7,9 @@ The default engine (`infer.engine: auto`, the fast one on CUDA) and the plain `g
 (`infer.engine=plain`, batch 32: the baseline, on fewer prompts) run in the same call on the same files.
 
 images/s = records answered / wall time of the command (model loading included: it is what a job pays);
-gpu busy = share of nvidia-smi's 100 ms samples that saw the GPU busy while the command ran.
+gpu busy = share of nvidia-smi's 100 ms samples that saw the GPU busy while the command ran; 1st part s =
+seconds from launch until the first shard's part was published (start-up: load, hash, compile, capture, plus
+that shard); steady img/s = the records of the later shards / the time between the first and the last part.
 
     python bench/batch_e2e_bench.py --models 1.3b,7b --out bench/results/batch-e2e-DATE.json
     python bench/batch_e2e_bench.py --size tiny --models 1.3b --records 8 --plain-records 4   # CPU smoke
@@ -95,6 +97,7 @@ def run_job(model: Path, prompts: Path, out: Path, sets: list[str], limit: int |
     for s in sets:
         cmd += ["--set", s]
     start = time.perf_counter()
+    launched = time.time()
     with GpuSampler() as gpu:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -103,6 +106,11 @@ def run_job(model: Path, prompts: Path, out: Path, sets: list[str], limit: int |
     manifest = json.loads((out / "manifest.json").read_text())
     records = [json.loads(line) for part in manifest["parts"] for line in (out / part["name"]).read_text().splitlines()]
     tokens = sum(r["generated_tokens"] for r in records)
+    # Each part is published when its shard ends: from the first part on, the job runs at its steady rate
+    # (the model loaded, hashed, compiled and its graphs captured before then).
+    parts = sorted((out / part["name"]).stat().st_mtime for part in manifest["parts"])
+    first = manifest["parts"][0]["records"] if manifest["parts"] else 0
+    steady = (len(records) - first) / (parts[-1] - parts[0]) if len(parts) > 1 and parts[-1] > parts[0] else None
     return {
         "records": len(records),
         "rejects": sum(1 for _ in (out / "rejects.jsonl").open()) if (out / "rejects.jsonl").exists() else 0,
@@ -111,6 +119,8 @@ def run_job(model: Path, prompts: Path, out: Path, sets: list[str], limit: int |
         "tokens_per_s": round(tokens / seconds, 1),
         "mean_answer_tokens": round(tokens / max(len(records), 1), 1),
         "gpu_busy": gpu.busy(),
+        "first_part_s": round(parts[0] - launched, 2) if parts else None,
+        "steady_images_per_s": round(steady, 2) if steady is not None else None,
         "settings": sets,
     }
 
@@ -119,9 +129,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="1.3b,7b")
     parser.add_argument("--size", choices=["real", "tiny"], default="real")
-    parser.add_argument("--records", default="1.3b=2400,7b=640", help="prompts per model for the default engine")
+    parser.add_argument("--records", default="1.3b=6000,7b=1600", help="prompts per model for the default engine")
     parser.add_argument("--plain-records", type=int, default=128, help="prompts for the plain generate baseline")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--shards", type=int, default=8, help="shards per job: the steady rate is read from them")
     parser.add_argument("--work", default="/tmp/batch-e2e")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -139,7 +150,8 @@ def main() -> int:
             torch.cuda.empty_cache() if device == "cuda" else None
         count = int(counts.get(arch, args.records if "=" not in args.records else 64))
         prompts = write_inputs(work / "inputs", count)
-        base = [f"infer.max_new_tokens={args.new_tokens}", "model.system_prompt=", f"infer.shard_size={count}"]
+        shard = max(1, count // args.shards)
+        base = [f"infer.max_new_tokens={args.new_tokens}", "model.system_prompt=", f"infer.shard_size={shard}"]
         for case, sets, limit in (
             ("batch-infer (auto engine)", base, None),
             ("batch-infer plain generate", [*base, "infer.engine=plain", "infer.batch_size=32"], args.plain_records),
@@ -151,7 +163,10 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             save(args, rows)
-    print(f"\n{'model':6} {'case':30} {'records':>8} {'s':>8} {'images/s':>9} {'tokens/s':>9} {'gpu busy':>9}")
+    print(
+        f"\n{'model':6} {'case':30} {'records':>8} {'s':>8} {'images/s':>9} {'tokens/s':>9} {'gpu busy':>9} "
+        f"{'1st part s':>10} {'steady img/s':>12}"
+    )
     for r in rows:
         if "error" in r:
             print(f"{r['model']:6} {r['case']:30} error: {r['error'][:80]}")
@@ -159,7 +174,7 @@ def main() -> int:
         busy = "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}"
         print(
             f"{r['model']:6} {r['case']:30} {r['records']:>8} {r['seconds']:>8} {r['images_per_s']:>9} "
-            f"{r['tokens_per_s']:>9} {busy:>9}"
+            f"{r['tokens_per_s']:>9} {busy:>9} {r['first_part_s']!s:>10} {r['steady_images_per_s']!s:>12}"
         )
     return 0
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from prefect.states import State
 
 from flows.promote import promote
@@ -278,15 +279,24 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     summary.seconds = time.time() - started
     summary_file = run_dir / "summary.json"
     summary_file.write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    logger.info("%s\n  summary                 %s", summary.text(), summary_file)
+    # One line here (the flow log of a deployment run); the whole text is the CLI's output and the artifact.
+    logger.info(
+        "done in %.0f s: %s version %s (@%s), accuracy %s -> %.3f; summary %s",
+        summary.seconds,
+        summary.model_name,
+        summary.model_version,
+        summary.model_alias,
+        "n/a" if summary.base_accuracy is None else f"{summary.base_accuracy:.3f}",
+        summary.finetuned_accuracy,
+        summary_file,
+    )
     return asdict(summary) | {"summary_file": str(summary_file)}
 
 
 def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
     """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server; the
     summary goes to stdout as plain text once the flow is done."""
-    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
-
+    load_config(config_path or "pipeline.yaml", overrides)  # a bad key or a credential stops here, before a flow run
     # Prefect's temporary server gives up after 20 s by default. Two `vlmops run` started together on one
     # PREFECT_HOME each start one, and the second waits on the first's database migrations (SQLite takes one
     # writer): on a loaded two-core machine that took longer, and the run failed before its flow began.

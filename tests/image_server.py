@@ -2,20 +2,28 @@
 
 Routes: `/ok.png` an image; `/missing.png` 404; `/slow.png` answers after `SLOW_S`; `/page.png` an HTML page;
 `/big.png` a 64 KiB image with its length announced, `/big-unannounced.png` the same without a length;
-`/redirect?to=URL` a 302 to URL (relative or absolute: `file://`, a private address, `/ok.png`).
+`/redirect?to=URL` a 302 to URL (relative or absolute: `file://`, a private address, `/ok.png`). Over https
+with `serving_images(certificate=...)` and a certificate from `self_signed_certificate`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from PIL import Image
 
 SLOW_S = 3.0
@@ -34,7 +42,31 @@ def noise_png(side: int) -> bytes:
     return buf.getvalue()
 
 
+class ImageServer(ThreadingHTTPServer):
+    """The server, with the first line of every request it received (any bytes at all: a TLS hello too)."""
+
+    def __init__(self, host: str = "127.0.0.1", certificate: tuple[Path, Path] | None = None) -> None:
+        super().__init__((host, 0), ImageRoutes)
+        self.received: list[bytes] = []
+        self.scheme = "https" if certificate else "http"
+        if certificate:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+            self.socket = context.wrap_socket(self.socket, server_side=True)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.server_address[0]}:{self.server_address[1]}"
+
+
 class ImageRoutes(BaseHTTPRequestHandler):
+    server: ImageServer
+    raw_requestline: bytes  # set by BaseHTTPRequestHandler.handle_one_request; typeshed leaves it out
+
+    def parse_request(self) -> bool:
+        self.server.received.append(self.raw_requestline)  # before parsing: a line that is not HTTP counts too
+        return super().parse_request()
+
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         if parts.path == "/ok.png":
@@ -72,13 +104,46 @@ class ImageRoutes(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def image_server() -> Iterator[str]:
-    """`http://127.0.0.1:PORT` of a running ImageRoutes server."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ImageRoutes)
+def serving_images(host: str = "127.0.0.1", certificate: tuple[Path, Path] | None = None) -> Iterator[ImageServer]:
+    """A running ImageRoutes server (its `url` is `http://HOST:PORT`; https with a (certificate, key) pair)."""
+    httpd = ImageServer(host, certificate)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield httpd
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextmanager
+def image_server() -> Iterator[str]:
+    """`http://127.0.0.1:PORT` of a running ImageRoutes server."""
+    with serving_images() as httpd:
+        yield httpd.url
+
+
+def self_signed_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """PEM files (certificate, key) of a certificate for the DNS name `name` that signs itself: a client that
+    takes the certificate file as its CA bundle verifies the server by that name."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / f"{name}.crt", folder / f"{name}.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file

@@ -32,3 +32,11 @@ def test_an_unknown_key_points_to_config_show_which_exists(tmp_path: Path, capsy
     assert main(["config", "--show", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "train.epochz" in err and "`vlmops config --show` prints every valid key" in err
+
+
+def test_run_refuses_a_credential_before_any_flow_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`vlmops run` checks the config before Prefect records the overrides as the flow run's parameters."""
+    uri = "http://alice:hunter2pw@127.0.0.1:9/"
+    assert main(["run", "--config", str(ROOT / "pipeline.yaml"), "--set", f"tracking.uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert "override tracking.uri: holds a password" in err and "hunter2pw" not in err

@@ -53,6 +53,15 @@ def test_bad_override_value_is_a_config_error() -> None:
         load_config(None, ["train.batch_size=zero"])
 
 
+def test_an_override_holding_a_credential_is_refused() -> None:
+    """Overrides become flow-run parameters (stored by the Prefect server): credentials go in the environment."""
+    with pytest.raises(ConfigError, match=r"override tracking\.uri: holds a password.*MLFLOW_TRACKING_PASSWORD"):
+        load_config(None, ["tracking.uri=http://alice:hunter2pw@mlflow:5000"])
+    with pytest.raises(ConfigError, match=r"override data\.train"):
+        load_config(None, {"data.train": "https://x/d.jsonl?token=abcdef123"})
+    assert load_config(None, ["tracking.uri=http://alice@mlflow:5000"]).tracking.uri == "http://alice@mlflow:5000"
+
+
 def test_base_file_is_extended(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text("train:\n  epochs: 4\n  lr: 0.01\n")
     (tmp_path / "top.yaml").write_text("base: base.yaml\ntrain:\n  lr: 0.5\n")

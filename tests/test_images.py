@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,9 +15,9 @@ from typing import ClassVar
 import pytest
 from PIL import Image
 
-from tests.image_server import image_server
+from tests.image_server import image_server, self_signed_certificate, serving_images
 from vlmops.config import StorageConfig
-from vlmops.data.fetch import HTTP_RETRIES, UrlFetchError, UrlPolicy, check_url
+from vlmops.data.fetch import HTTP_RETRIES, UrlFetchError, UrlPolicy, check_url, fetch_url
 from vlmops.data.images import ImageLoadError, load_image, open_image_bytes
 
 LOOPBACK = StorageConfig(url_allow_networks=["127.0.0.1"])  # the test server, and nothing else non-public
@@ -125,6 +126,97 @@ def test_an_allowed_network_lets_its_addresses_through() -> None:
     check_url("http://[::1]/a.png", policy)
     with pytest.raises(UrlFetchError, match="private"):
         check_url("http://10.2.0.1/a.png", policy)
+
+
+REBINDING_HOST = "images.rebind.test"
+PUBLIC = "93.184.215.14"  # a global address: the check up front lets it through
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture
+def rebinding_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Name resolution where REBINDING_HOST answers PUBLIC the first time and 127.0.0.1 from then on, as a
+    rebinding DNS server does (other names resolve as usual); the list holds the answers given. No proxy
+    from the environment: through one, the peer would be the proxy."""
+    resolve = socket.getaddrinfo
+    answers: list[str] = []
+
+    def rebinding(host: str, port: object, *args: object, **kwargs: object) -> object:
+        if host != REBINDING_HOST:
+            return resolve(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        answers.append(PUBLIC if not answers else "127.0.0.1")
+        return resolve(answers[-1], port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return answers
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_name_that_rebinds_to_loopback_after_the_check_is_refused_at_connect(
+    rebinding_dns: list[str], scheme: str
+) -> None:
+    with serving_images() as server:
+        url = f"{scheme}://{REBINDING_HOST}:{server.server_address[1]}/ok.png"
+        with pytest.raises(
+            UrlFetchError,
+            match=rf"host {re.escape(REBINDING_HOST)} connected to 127\.0\.0\.1, a loopback address: refused by "
+            r"default.*storage\.url_allow_networks .*its DNS answers changed",
+        ):
+            fetch_url(url, UrlPolicy())
+    assert rebinding_dns == [PUBLIC, "127.0.0.1"]  # once for the check, once to connect (no retry)
+    # the server is shut down and its handlers joined: no request line reached it, not even a TLS hello
+    assert server.received == []
+
+
+def test_a_redirect_to_a_name_that_rebinds_is_refused_at_connect(rebinding_dns: list[str]) -> None:
+    """The first hop is another loopback address that the policy allows; the redirect's target rebinds."""
+    with serving_images() as target, serving_images("127.0.0.2") as first:
+        url = f"http://{REBINDING_HOST}:{target.server_address[1]}/ok.png"
+        with pytest.raises(
+            UrlFetchError,
+            match=rf"redirected to {re.escape(url)}: host {re.escape(REBINDING_HOST)} connected to 127\.0\.0\.1, a "
+            "loopback address: refused",
+        ):
+            fetch_url(
+                f"{first.url}/redirect?to={url}",
+                UrlPolicy.from_storage(StorageConfig(url_allow_networks=["127.0.0.2"])),
+            )
+    assert rebinding_dns == [PUBLIC, "127.0.0.1"]
+    assert first.received == [f"GET /redirect?to={url} HTTP/1.1\r\n".encode()]
+    assert target.received == []
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_rebinding_name_reaches_an_allowed_address(
+    rebinding_dns: list[str], scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same answers with 127.0.0.1 allowed: the server is reachable, so the refusal above is the check's; over
+    https the checked connection still verifies the server's certificate by the host name."""
+    certificate = self_signed_certificate(tmp_path, REBINDING_HOST) if scheme == "https" else None
+    if certificate:
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate[0]))
+    with serving_images(certificate=certificate) as server:
+        url = f"{scheme}://{REBINDING_HOST}:{server.server_address[1]}/ok.png"
+        body = fetch_url(url, UrlPolicy.from_storage(LOOPBACK))
+    assert open_image_bytes(body).size == (4, 4)
+    assert rebinding_dns == [PUBLIC, "127.0.0.1"]
+    assert server.received == [b"GET /ok.png HTTP/1.1\r\n"]
+
+
+def test_through_a_proxy_the_peer_is_the_proxy_and_is_not_checked(
+    rebinding_dns: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the module docstring says of proxies: the operator's proxy (here the test server, on loopback, which
+    the policy refuses) is connected to; the target's name is checked up front only, and the proxy resolves it."""
+    with serving_images() as server:
+        monkeypatch.setenv("HTTP_PROXY", server.url)
+        url = f"http://{REBINDING_HOST}/ok.png"
+        assert open_image_bytes(fetch_url(url, UrlPolicy())).size == (4, 4)
+    assert rebinding_dns == [PUBLIC]
+    assert server.received == [f"GET {url} HTTP/1.1\r\n".encode()]
 
 
 def test_a_bad_network_in_the_config_is_an_error() -> None:

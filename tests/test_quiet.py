@@ -82,3 +82,18 @@ warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarnin
     assert "another DeepSpeed warning" in done.stderr  # only the known messages are filtered
     assert ("Setting accelerator to CPU" in done.stderr) is verbose
     assert ("is_gradient_checkpointing" in done.stderr) is verbose
+
+
+@pytest.mark.parametrize("server", ["", "http://127.0.0.1:4200/api"])
+def test_a_missing_gpu_limit_is_hidden_only_on_the_embedded_default(server: str) -> None:
+    script = """
+import logging, sys
+from vlmops import quiet
+quiet.configure(False)
+logging.basicConfig(stream=sys.stderr)
+logging.getLogger("prefect.task_runs").warning("Concurrency limits ['gpu'] do not exist - skipping acquisition.")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": server}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("Concurrency limits ['gpu'] do not exist" in done.stderr) is bool(server)

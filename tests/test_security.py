@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlmops.app.access import AUTH_ENV
 from vlmops.models.loading import PickleWeightsError, load_model, safe_weights
 from vlmops.redact import MASK, RedactingFilter, redact_text, redact_uri
 
@@ -116,3 +118,67 @@ def test_redact_text_masks_environment_secrets_and_log_records(caplog: pytest.Lo
     finally:
         handler.removeFilter(handler.filters[-1])
     assert "hunter22" not in caplog.text and f"http://bob:{MASK}@mlflow:5000" in caplog.text
+
+
+# The settings in .env.example that are no credentials (places, names, ports, sizes); every other name there is one.
+PLAIN_SETTINGS = frozenset(
+    {
+        "VLMOPS_STACK_DIR",
+        "VLMOPS_PG_OS_USER",
+        "POSTGRES_USER",
+        "POSTGRES_PORT",
+        "AWS_DEFAULT_REGION",
+        "S3_PORT",
+        "VLMOPS_BUCKET",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_PORT",
+        "PREFECT_PORT",
+        "GPU_SLOTS",
+    }
+)
+# A word of an environment variable's name that says it holds a credential.
+CREDENTIAL_WORDS = frozenset({"PASSWORD", "PGPASSWORD", "PASSWD", "PASS", "SECRET", "TOKEN", "AUTH", "KEY"})
+# Names in the code with such a word that hold no credential, and what they hold instead.
+NOT_CREDENTIALS = {"MLFLOW_AUTH_CONFIG_PATH": "the path of MLflow's basic-auth config file"}
+UNMASKED = "add it to SECRET_ENV_NAMES in vlmops/redact.py"
+
+
+def _masked(name: str) -> bool:
+    """Whether a value of the variable `name` is masked in free text."""
+    value = f"{name.lower()}-value-1234"
+    return redact_text(f"{name}={value};", {name: value}) == f"{name}={MASK};"
+
+
+def test_every_credential_in_env_example_is_redacted() -> None:
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    names = [line.partition("=")[0].strip() for line in lines if "=" in line and not line.lstrip().startswith("#")]
+    assert set(names) >= PLAIN_SETTINGS, "PLAIN_SETTINGS names a variable that .env.example no longer has"
+    assert not [name for name in PLAIN_SETTINGS if CREDENTIAL_WORDS & set(name.split("_"))]
+    credentials = [name for name in names if name not in PLAIN_SETTINGS]
+    # the file is read right: the stack's required secrets are among them
+    assert {"POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING"} <= set(
+        credentials
+    )
+    unmasked = [name for name in credentials if not _masked(name)]
+    assert not unmasked, f"credentials in .env.example not redacted: {unmasked}; {UNMASKED} (or, if one is no "
+    "credential, to PLAIN_SETTINGS here)"
+
+
+def test_every_credential_variable_the_code_names_is_redacted() -> None:
+    """Every string in vlmops/, tasks/, flows/ and infra/local/ that names an environment variable with a
+    credential word (what the code reads, or sets for the servers it starts) is masked."""
+    strings = {
+        node.value
+        for path in SOURCES + list((ROOT / "infra" / "local").rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+    names = {
+        text
+        for text in strings
+        if re.fullmatch(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*", text) and CREDENTIAL_WORDS & set(text.split("_"))
+    } - set(NOT_CREDENTIALS)
+    # the scan finds what it must: the chat page's login, the servers' own credentials
+    assert {AUTH_ENV, "PREFECT_SERVER_API_AUTH_STRING", "MLFLOW_AUTH_ADMIN_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= names
+    unmasked = sorted(name for name in names if not _masked(name))
+    assert not unmasked, f"credential variables not redacted: {unmasked}; {UNMASKED}"

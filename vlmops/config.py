@@ -93,8 +93,9 @@ class DataConfig(Section):
     """Where rejected records are written (jsonl: file, line, field, reason, the record's text), rewritten by
     each validation. null: `<run.output_dir>/datasets/rejects.jsonl`."""
     allowed_roots: list[str] = []
-    """Folders besides each dataset file's own where its local image paths may point. A path outside them
-    (`../../etc/passwd`, an absolute path elsewhere, a symlink out) rejects the record."""
+    """Folders besides each dataset file's own (and each batch-inference input file's own) where its local
+    image paths may point. A path outside them (`../../etc/passwd`, an absolute path elsewhere, a symlink out)
+    rejects the record."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes that load and preprocess images while the GPU trains. auto: half the CPU
     cores up to 8 when there is a GPU (preprocessing in the training process starves it), 0 without one."""
@@ -504,14 +505,40 @@ def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, 
     if not overrides:
         return {}
     if isinstance(overrides, dict):
-        return dict(overrides)
-    parsed: dict[str, Any] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError([f"override {item!r}: write it as key.path=value, e.g. train.epochs=2"])
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        parsed = dict(overrides)
+    else:
+        parsed = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError([f"override {item!r}: write it as key.path=value, e.g. train.epochs=2"])
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    _refuse_credentials(parsed)
     return parsed
+
+
+def _refuse_credentials(overrides: dict[str, Any]) -> None:
+    """Overrides are flow-run parameters: the Prefect server stores them, its UI shows them, and a shell keeps
+    them in its history. A password or token in one would be kept where the redaction never reaches."""
+    from vlmops.redact import redact_uri
+
+    def holds_secret(value: Any) -> bool:
+        if isinstance(value, dict):
+            return any(holds_secret(v) for v in value.values())
+        if isinstance(value, list):
+            return any(holds_secret(v) for v in value)
+        return isinstance(value, str) and redact_uri(value) != value
+
+    keys = [key for key, value in overrides.items() if holds_secret(value)]
+    if keys:
+        raise ConfigError(
+            [
+                f"override {key}: holds a password or token; overrides are stored as flow-run parameters, so "
+                "put credentials in the environment instead (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, PGPASSWORD; see .env.example)"
+                for key in keys
+            ]
+        )
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

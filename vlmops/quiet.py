@@ -33,7 +33,12 @@ NOISY_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
     # GPU steps hold a slot of the team stack's `gpu` limit (tasks/gpu.py); the embedded default has none, and
     # Prefect says so at every such step.
     "prefect.task_runs": ("Concurrency limits ['gpu'] do not exist",),
+    # DVC prints this itself and logs it again; vlmops.versioning says where it initialised the repository.
+    "dvc.repo.init": ("Initialized DVC repository",),
 }
+# Dropped only on the embedded default: on a team server (PREFECT_API_URL set) a missing `gpu` limit is a
+# set-up mistake worth seeing.
+EMBEDDED_ONLY_NOISE = {"prefect.task_runs"}
 
 
 class _DropMessages(logging.Filter):
@@ -68,7 +73,10 @@ def configure(verbose: bool) -> None:
     os.environ.pop(VERBOSE_ENV, None)
     for category, message, module in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    on_server = bool(os.environ.get("PREFECT_API_URL"))
     for name, fragments in NOISY_LOG_MESSAGES.items():
+        if on_server and name in EMBEDDED_ONLY_NOISE:
+            continue
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(fragments))

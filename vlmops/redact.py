@@ -13,9 +13,10 @@ import os
 import re
 
 MASK = "***"
-# Environment variables whose values are credentials (the names boto3, huggingface_hub, ModelScope, MLflow
-# and libpq read). Values shorter than MIN_SECRET_CHARS are not masked in free text: "1" or "true" would
-# mask half of every line.
+# Environment variables whose values are credentials: the names boto3, huggingface_hub, ModelScope, MLflow
+# (client and server), Prefect (client and server) and libpq read, and the chat page's login. Values shorter
+# than MIN_SECRET_CHARS are not masked in free text: "1" or "true" would mask half of every line. A URL with a
+# password in it (MLFLOW_TRACKING_URI, PREFECT_API_DATABASE_CONNECTION_URL) is masked by the userinfo rule below.
 SECRET_ENV_NAMES = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -25,10 +26,14 @@ SECRET_ENV_NAMES = (
     "MODELSCOPE_API_TOKEN",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_AUTH_ADMIN_PASSWORD",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY",
     "PGPASSWORD",
     "POSTGRES_PASSWORD",
     "PREFECT_API_KEY",
     "PREFECT_API_AUTH_STRING",
+    "PREFECT_SERVER_API_AUTH_STRING",
+    "VLMOPS_APP_AUTH",
 )
 MIN_SECRET_CHARS = 6
 # scheme://user:password@host  ->  scheme://user:***@host (any scheme: http, s3, postgresql+asyncpg, ...)

@@ -57,7 +57,7 @@ DEFAULTS = {
     "VLMOPS_PG_OS_USER": "postgres",
     "POSTGRES_USER": "vlmops",
     "POSTGRES_PORT": "5433",
-    "AWS_ACCESS_KEY_ID": "vlmops",
+    "AWS_ACCESS_KEY_ID": "vlmops-s3-key",  # distinctive: the redaction masks it wherever it appears
     "AWS_DEFAULT_REGION": "us-east-1",
     "S3_PORT": "8333",
     "VLMOPS_BUCKET": "vlmops",

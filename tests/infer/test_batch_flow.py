@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -68,10 +69,10 @@ def test_two_task_workers_share_one_job_exactly_once(
     from flows.batch_inference import batch_inference
 
     prompts = tmp_path / "prompts.jsonl"
+    shutil.copy(images["red"], tmp_path / "red.png")  # beside the input: inside its root
     prompts.write_text(
         "".join(
-            json.dumps({"id": f"r{i}", "query": f"<img>{images['red']}</img>Colour {i}?" if i % 2 else f"Say {i}"})
-            + "\n"
+            json.dumps({"id": f"r{i}", "query": f"<img>red.png</img>Colour {i}?" if i % 2 else f"Say {i}"}) + "\n"
             for i in range(24)
         )
     )

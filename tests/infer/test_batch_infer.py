@@ -71,6 +71,27 @@ def test_every_record_once_in_input_order_across_uneven_batches_and_shards(
     assert rejects(out) == []
 
 
+def test_a_json_list_input_is_sharded_and_read_from_each_shards_offset(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The same records as a .json list (indented, so items span lines): the same answers, keyed by index."""
+    train_file, _ = demo_data
+    lines = [json.loads(line) for line in train_file.read_text().splitlines()]
+    as_list = train_file.parent / "train-list.json"  # beside the images
+    as_list.write_text(json.dumps(lines, indent=2, ensure_ascii=False))
+    config = job_config(batch_size=4, shard_size=4)
+    run_batch_job(str(tiny_model), str(train_file), str(tmp_path / "from-jsonl"), config)
+    result = run_batch_job(str(tiny_model), str(as_list), str(tmp_path / "from-json"), config)
+    assert (result.records, result.results, result.rejects) == (11, 11, 0)
+    from_json, from_jsonl = results(tmp_path / "from-json"), results(tmp_path / "from-jsonl")
+    assert [r["key"] for r in from_json] == [f"train-list.json[{i}]" for i in range(11)]
+    assert [r["response"] for r in from_json] == [r["response"] for r in from_jsonl]
+    assert [r["conversations"] for r in from_json] == [line["conversations"] for line in lines]
+    plan = json.loads((tmp_path / "from-json" / "_job" / "job.json").read_text())
+    offsets = [shard["offset"] for shard in plan["shards"]]
+    assert len(offsets) == 3 and all(as_list.read_bytes()[o : o + 1] == b"{" for o in offsets)
+
+
 def test_answers_end_at_the_first_eos() -> None:
     # generate pads a row that finished early (here: pad 2 after EOS 1) until the longest row is done
     assert answer_tokens([5, 6, 1, 2, 2], eos_token_id=1) == [5, 6, 1]
@@ -109,7 +130,9 @@ def test_simple_records_keep_every_field_and_use_their_id_as_key(
     ]
     (tmp_path / "in" / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     out = tmp_path / "out"
-    result = run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), job_config(max_new_tokens=3))
+    # record 3 names images elsewhere by absolute path: their folder must be an allowed root
+    config = load_config(None, {"infer.max_new_tokens": 3, "data.allowed_roots": [str(images["red"].parent)]})
+    result = run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), config)
     got = results(out)
     assert result.results == 4 and result.rejects == 0
     assert [r["key"] for r in got] == ["q1", 7, "prompts.jsonl:3", "prompts.jsonl:4"]
@@ -133,13 +156,18 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     lines.append(json.dumps({"query": "<img>images/gone.png</img>Colour?"}))
     lines.append(json.dumps({"prompt": "neither form"}))
     lines.append(json.dumps({"query": "clash", "response": "mine"}))
+    outside = tmp_path / "outside.png"  # a real image, but outside the input's folder
+    shutil.copy(next((tmp_path / "data" / "images").glob("*.png")), outside)
+    lines.append(json.dumps({"query": "<img>../outside.png</img>Colour?"}))
     dataset.write_text("\n".join(lines) + "\n")
 
     out = tmp_path / "out"
     result = run_batch_job(str(tiny_model), str(dataset), str(out), job_config(batch_size=2, shard_size=4))
-    assert (result.records, result.results, result.rejects) == (14, 9, 5)
+    assert (result.records, result.results, result.rejects) == (15, 9, 6)
     by_line = {r["line"]: r for r in rejects(out)}
-    assert sorted(by_line) == [3, 9, 12, 13, 14]
+    assert sorted(by_line) == [3, 9, 12, 13, 14, 15]
+    assert "outside.png is outside the dataset's folder" in by_line[15]["reason"]
+    assert "data.allowed_roots" in by_line[15]["reason"]
     assert all(r["file"] == str(dataset) for r in by_line.values())
     assert "not valid JSON" in by_line[3]["reason"]
     assert "broken.png: not a readable image" in by_line[9]["reason"]
@@ -147,8 +175,13 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     assert "needs 'conversations', 'messages' or 'query'" in by_line[13]["reason"]
     assert by_line[14]["reason"].startswith("response: is a field batch inference adds")
     answered = {int(r["key"].split(":")[1]) for r in results(out)}
-    assert answered | set(by_line) == set(range(1, 15)) and not answered & set(by_line)  # exactly once
+    assert answered | set(by_line) == set(range(1, 16)) and not answered & set(by_line)  # exactly once
     assert list((out / "_job" / "tmp").iterdir()) == []  # no temp file left behind
+    config = load_config(
+        None, {"infer.max_new_tokens": 10, "infer.shard_size": 4, "data.allowed_roots": [str(tmp_path)]}
+    )
+    allowed = run_batch_job(str(tiny_model), str(dataset), str(tmp_path / "out2"), config)
+    assert (allowed.results, allowed.rejects) == (10, 5)  # with its folder allowed, the outside image is read
 
 
 def test_on_error_fail_stops_at_the_first_unanswerable_record(
@@ -157,7 +190,7 @@ def test_on_error_fail_stops_at_the_first_unanswerable_record(
     shutil.copytree(demo_data[0].parent, tmp_path / "data")
     dataset = tmp_path / "data" / "train.jsonl"
     lines = dataset.read_text().splitlines()
-    lines[8] = json.dumps({"query": f"<img>{tmp_path / 'gone.png'}</img>Colour?"})
+    lines[8] = json.dumps({"query": f"<img>{tmp_path / 'data' / 'gone.png'}</img>Colour?"})
     dataset.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     with pytest.raises(RecordRejectedError, match=r"train\.jsonl:9: image \S*gone\.png: file not found"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,12 +29,14 @@ def job_config(**overrides: Any) -> PipelineConfig:
 
 
 def simple_prompts(path: Path, count: int, image: Path | None = None) -> Path:
-    """`count` simple records with ids (every third with an image)."""
+    """`count` simple records with ids (every third with an image, copied beside the file: inside its root)."""
+    if image is not None:
+        shutil.copy(image, path.parent / image.name)
     with path.open("w") as f:
         for i in range(count):
             record: dict[str, Any] = {"id": f"r{i}", "query": f"Question {i}: what is {i} plus {i}?"}
             if image is not None and i % 3 == 0:
-                record["images"] = [str(image)]
+                record["images"] = [image.name]
             f.write(json.dumps(record) + "\n")
     return path
 

@@ -90,6 +90,7 @@ def test_greedy_answers_equal_generate(variant: str, count: int, prefill: str, r
     expected = reference(loaded, reqs, cfg)
     # 8 slots refilled 3 prompts at a time: rows join and leave the decoding batch at different steps.
     engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, image_workers=2, prefill=prefill)
+    assert engine.device_pixels is not None  # uint8 pixels normalised on the device, not the processor's floats
     got = {result.key: result for result in engine.generate(iter(reqs))}
     assert sorted(got) == sorted(expected)
     for key, want in expected.items():

@@ -9,8 +9,16 @@ resolves to is a public one (not loopback, private, link-local, shared or reserv
 way (`file://` and private targets are refused); the body is read up to `storage.url_max_mib`, within
 `storage.url_timeout_s` in all.
 
-Left open: the address is checked when the name is resolved here, and the HTTP library resolves it again
-to connect; a DNS server that answers differently the second time (rebinding) is not caught.
+The HTTP library resolves the name again to connect, and a DNS server may answer differently the second
+time (rebinding: a public address for the check, 127.0.0.1 for the connection). So the address actually
+connected to is checked too, by the same rule: the connections of `http_session` read their socket's peer
+address right after the TCP connect and close the socket, before a TLS handshake or a request byte, if the
+policy refuses it. The check up front stays: it gives the early, plain error for the common case.
+
+Through a proxy (HTTP_PROXY / HTTPS_PROXY / ALL_PROXY in the environment, which requests honours) the socket's
+peer is the proxy, which the operator chose and which is often on a private address itself; it is not
+checked, and the proxy resolves the target's name on its own. Then only the check up front applies, on this
+machine's answer for the name: against rebinding, the proxy has to refuse private targets itself.
 """
 
 from __future__ import annotations
@@ -20,11 +28,14 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util.retry import Retry
 
 from vlmops.config import StorageConfig
@@ -64,8 +75,9 @@ class UrlPolicy:
 
 
 @functools.cache
-def http_session() -> requests.Session:
-    """The session image downloads share: pooled connections, and urllib3's retry with backoff for
+def http_session(allow_networks: tuple[IpNetwork, ...] = ()) -> requests.Session:
+    """The session the image downloads under one allow list share: pooled connections that refuse a peer
+    address outside `allow_networks` (see `PeerCheckedAdapter`), and urllib3's retry with backoff for
     connection errors, 5xx and 429 (honouring Retry-After), never for another 4xx. Redirects are not
     followed here: `fetch_url` follows them itself, checking each hop."""
     retry = Retry(
@@ -77,7 +89,7 @@ def http_session() -> requests.Session:
         raise_on_status=False,  # the last response comes back, and its status goes into the message
     )
     session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
+    adapter = PeerCheckedAdapter(allow_networks, max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
@@ -94,11 +106,14 @@ def fetch_url(url: str, policy: UrlPolicy | None = None) -> bytes:
     deadline = time.monotonic() + policy.timeout_s
     current = url
     for _ in range(MAX_REDIRECTS + 1):
-        check_url(current, policy, via=url if current != url else None)
+        via = url if current != url else None
+        check_url(current, policy, via=via)
         try:
-            response = http_session().get(
+            response = http_session(policy.allow_networks).get(
                 current, timeout=policy.timeout_s, stream=True, allow_redirects=False, headers={"Accept": "image/*"}
             )
+        except RefusedPeerError as err:
+            raise UrlFetchError(f"{_hop(current, via)}{err}") from err
         except requests.RequestException as err:
             if _timed_out(err):
                 raise UrlFetchError(
@@ -117,7 +132,7 @@ def fetch_url(url: str, policy: UrlPolicy | None = None) -> bytes:
 
 def check_url(url: str, policy: UrlPolicy, via: str | None = None) -> None:
     """Refuse a URL that is not http(s), or whose host resolves to an address the policy does not allow."""
-    how = f"redirected to {url}: " if via else ""
+    how = _hop(url, via)
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise UrlFetchError(f"{how}only http:// and https:// URLs are fetched, not {parts.scheme or 'no scheme'}://")
@@ -131,13 +146,88 @@ def check_url(url: str, policy: UrlPolicy, via: str | None = None) -> None:
         raise UrlFetchError(f"{how}cannot resolve host {host} ({err})") from err
     for info in infos:
         address = _address(str(info[4][0]))
-        kind = _non_public_kind(address)
-        if kind and not any(address in network for network in policy.allow_networks if _same_family(address, network)):
-            raise UrlFetchError(
-                f"{how}host {host} is {address}, a {kind} address: refused by default on a shared machine; "
-                f"if the images are served from inside your network on purpose, add it to storage.url_allow_networks "
-                f'(e.g. "{address}/{address.max_prefixlen}")'
+        kind = _refused_kind(address, policy.allow_networks)
+        if kind:
+            raise UrlFetchError(f"{how}host {host} is {_refusal(address, kind)}")
+
+
+class RefusedPeerError(UrlFetchError):
+    """The address a connection reached is one the policy refuses (the name resolved differently to connect
+    than when it was checked); `fetch_url` adds which URL."""
+
+
+class PeerCheckedHTTPConnection(HTTPConnection):
+    """A urllib3 connection that refuses its peer address by the URL policy right after the TCP connect.
+
+    `_new_conn` is the one place both schemes open the socket, before HTTPS wraps it in TLS and before a
+    request (or a proxy's CONNECT) is written, so a refused peer has received no byte. The error is not an
+    OSError: urllib3 neither retries it nor wraps it, it closes the connection and lets it through.
+    """
+
+    def __init__(self, *args: Any, allow_networks: tuple[IpNetwork, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.allow_networks = allow_networks
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        try:
+            address = _address(str(sock.getpeername()[0]))
+        except OSError:  # the peer hung up already: fail closed (urllib3 retries it as a connection error)
+            sock.close()
+            raise
+        kind = _refused_kind(address, self.allow_networks)
+        if kind:
+            sock.close()
+            raise RefusedPeerError(
+                f"host {self.host} connected to {_refusal(address, kind)}; the name resolved to an allowed address "
+                "when checked a moment before (its DNS answers changed between the two lookups)"
             )
+        return sock
+
+
+class PeerCheckedHTTPSConnection(PeerCheckedHTTPConnection, HTTPSConnection):
+    """The https:// twin: the peer check of `PeerCheckedHTTPConnection`, then `HTTPSConnection`'s TLS."""
+
+
+class PeerCheckedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = PeerCheckedHTTPConnection
+
+
+class PeerCheckedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = PeerCheckedHTTPSConnection
+
+
+class PeerCheckedPools(urllib3.PoolManager):
+    """A pool manager whose pools open `PeerChecked*Connection`s under one allow list."""
+
+    def __init__(self, allow_networks: tuple[IpNetwork, ...], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.allow_networks = allow_networks
+        self.pool_classes_by_scheme = {"http": PeerCheckedHTTPPool, "https": PeerCheckedHTTPSPool}
+
+    def _new_pool(
+        self, scheme: str, host: str, port: int, request_context: dict[str, Any] | None = None
+    ) -> HTTPConnectionPool:
+        # urllib3's documented hook for customising pools; the allow list goes in here, after the pool key
+        # was made (a key field it does not know would be a TypeError), and reaches each connection.
+        context = dict(self.connection_pool_kw if request_context is None else request_context)
+        context["allow_networks"] = self.allow_networks
+        return super()._new_pool(scheme, host, port, context)
+
+
+class PeerCheckedAdapter(HTTPAdapter):
+    """requests' adapter with `PeerCheckedPools` for direct connections. Connections through a proxy come
+    from requests' own proxy managers and are not peer-checked (see the module docstring)."""
+
+    def __init__(self, allow_networks: tuple[IpNetwork, ...], **kwargs: Any) -> None:
+        self.allow_networks = allow_networks  # before HTTPAdapter.__init__, which calls init_poolmanager
+        super().__init__(**kwargs)
+
+    def init_poolmanager(self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)  # records the sizes proxies reuse
+        self.poolmanager = PeerCheckedPools(
+            self.allow_networks, num_pools=connections, maxsize=maxsize, block=block, **pool_kwargs
+        )
 
 
 def _read_body(response: requests.Response, policy: UrlPolicy, deadline: float) -> bytes:
@@ -179,6 +269,26 @@ def _address(text: str) -> IpAddress:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
     return address
+
+
+def _hop(url: str, via: str | None) -> str:
+    """The prefix of an error about a redirect's target (the caller names the URL it asked for)."""
+    return f"redirected to {url}: " if via else ""
+
+
+def _refused_kind(address: IpAddress, allow_networks: tuple[IpNetwork, ...]) -> str | None:
+    """What kind of non-public address this is when no allowed network holds it, else None."""
+    kind = _non_public_kind(address)
+    if kind and any(address in network for network in allow_networks if _same_family(address, network)):
+        return None
+    return kind
+
+
+def _refusal(address: IpAddress, kind: str) -> str:
+    return (
+        f"{address}, a {kind} address: refused by default on a shared machine; if the images are served from "
+        f'inside your network on purpose, add it to storage.url_allow_networks (e.g. "{address}/{address.max_prefixlen}")'
+    )
 
 
 def _non_public_kind(address: IpAddress) -> str | None:

@@ -24,6 +24,7 @@ from vlmops.conversation import (
     parse_img_tags,
     to_img_tags,
 )
+from vlmops.data.jsonarray import JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
 ROLE_ALIASES: dict[str, Role] = {
@@ -176,35 +177,25 @@ def _records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
 
 
 def _list_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
-    """(location, index, item, item or problem) for each item of a .json file (parsed whole: keep big
-    datasets in .jsonl). A file that does not parse is one problem, at the line where it breaks."""
+    """(location, index, item, item or problem) for each item of a .json file, streamed (vlmops.data.jsonarray).
 
-    def broken(line: int, reason: str) -> tuple[str, int, Any, Any]:
-        location = f"{file}:{line}" if line else str(file)
-        return location, line, None, RecordProblem(location, "(file)", reason)
-
-    data = file.read_bytes()
+    The whole file is checked first: a file that does not parse is one problem, at the line where it breaks,
+    and none of its items count (it is not a list of records until it parses)."""
     try:
-        records = json.loads(data.decode("utf-8-sig"))
-    except UnicodeDecodeError as err:
-        line_start = data.rfind(b"\n", 0, err.start) + 1
-        yield broken(data[: err.start].count(b"\n") + 1, _not_utf8(err, data, line_start))
+        with file.open("rb") as f:
+            for _ in json_array_items(f):
+                pass
+    except JsonArrayError as err:
+        location = f"{file}:{err.line}" if err.line else str(file)
+        yield location, err.line, None, RecordProblem(location, "(file)", err.problem())
         return
-    except json.JSONDecodeError as err:
-        yield broken(err.lineno, f"not valid JSON: {err.msg} at column {err.colno}")
-        return
-    if not isinstance(records, list):
-        kind = type(records).__name__
-        yield broken(0, f"a .json dataset must be a list of records, not {kind} (use .jsonl for one per line)")
-        return
-    for index, record in enumerate(records):
-        yield f"{file}[{index}]", index, record, record
+    with file.open("rb") as f:
+        for item in json_array_items(f):
+            yield f"{file}[{item.index}]", item.index, item.value, item.value
 
 
-def _not_utf8(err: UnicodeDecodeError, data: bytes, line_start: int = 0) -> str:
-    return (
-        f"not UTF-8 text: byte {data[err.start]:#04x} at column {err.start - line_start + 1} (save the file as UTF-8)"
-    )
+def _not_utf8(err: UnicodeDecodeError, line: bytes) -> str:
+    return f"not UTF-8 text: byte {line[err.start]:#04x} at column {err.start + 1} (save the file as UTF-8)"
 
 
 def parse_record(

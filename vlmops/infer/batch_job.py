@@ -29,6 +29,7 @@ from vlmops.infer.job import (
     ShardStats,
     finalize,
     folder_hash,
+    hash_cache_dir,
     open_job,
     pending_shards,
     plan_job,
@@ -170,7 +171,7 @@ def predict_eval_file(loaded: LoadedModel, eval_file: Path, out_file: Path, conf
     records would be another score.
     """
     config = strict_copy(config)
-    info = ModelInfo(str(loaded.path), None, f"sha256:{folder_hash(loaded.path)}")
+    info = ModelInfo(str(loaded.path), None, f"sha256:{folder_hash(loaded.path, hash_cache_dir(config))}")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_file.name}.", suffix=JOB_DIR_SUFFIX, dir=out_file.parent) as tmp:
         output = open_output(tmp)

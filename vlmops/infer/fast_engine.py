@@ -3,7 +3,8 @@
 How a request travels:
 
 1. Worker threads run the image processor on each request's images ahead of the GPU (`image_workers`,
-   a bounded look-ahead, so requests are still pulled lazily).
+   a bounded look-ahead, so requests are still pulled lazily): its resize and padding, to uint8; the
+   rescale and normalise happen on the device as a table lookup (vlmops.infer.pixels).
 2. Prefill: waiting prompts fill the free slots, up to `prefill_batch` at a time, through the VLM's own
    forward (vision towers, features scattered into the image-token positions, the whole LLM) on a
    right-padded batch: a row's real tokens never see the padding after them, so no mask is needed and
@@ -26,10 +27,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import os
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,11 +41,14 @@ from vlmops.errors import UserInputError
 from vlmops.infer.engine import GenerationRequest, GenerationResult
 from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.generation import model_dtype
+from vlmops.infer.pixels import DevicePixels
+from vlmops.infer.prefetch import prefetched
 from vlmops.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
 GIB = 2**30
+IMAGE_WORKERS = min(8, os.cpu_count() or 1)
 # Below this many free slots (and while other rows still decode) prefill waits for more to free up.
 MIN_REFILL_SHARE = 8
 
@@ -94,7 +98,9 @@ class FastEngine:
         prefill: "own" runs the vision towers through transformers, then the language model with the
             decode step's (compiled) layer functions, K/V written straight into the slots; "model" runs
             the VLM's own forward and copies K/V out of its cache.
-        image_workers: threads preprocessing images ahead of the GPU.
+        image_workers: threads preprocessing images ahead of the GPU (default: up to 8, one per core).
+        device_pixels: hand the device uint8 pixels and rescale/normalise them there (vlmops.infer.pixels),
+            where that reproduces the processor exactly; False: the processor's float output, as generate gets.
         ignore_eos: never produce EOS (its logit masked, as generate's min_new_tokens does): every answer
             runs to max_new_tokens. For benchmarks.
     """
@@ -113,7 +119,8 @@ class FastEngine:
         compile: bool | None = None,
         attention: str = "sdpa",
         prefill: str = "own",
-        image_workers: int = 4,
+        image_workers: int | None = None,
+        device_pixels: bool = True,
         ignore_eos: bool = False,
         row_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512),
         column_bucket: int = 128,
@@ -143,7 +150,8 @@ class FastEngine:
         self.max_new_tokens = infer_cfg.max_new_tokens
         self.max_context = max_context
         self.prefill_batch = prefill_batch
-        self.image_workers = max(1, image_workers)
+        self.image_workers = max(1, image_workers or IMAGE_WORKERS)
+        self.device_pixels = DevicePixels.build(loaded.processor.image_processor) if device_pixels else None
         tokenizer = loaded.tokenizer
         self.eos_id: int | None = None if ignore_eos else tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -231,18 +239,12 @@ class FastEngine:
 
     def _prepared(self, requests: Iterable[GenerationRequest], pool: ThreadPoolExecutor) -> Iterator[_Prepared]:
         """Requests with their pixel tensors, preprocessed by `pool` up to a bounded look-ahead."""
-        ahead: deque[Future[_Prepared]] = deque()
-        source = iter(requests)
-        limit = max(2 * self.slots, 2 * self.prefill_batch)
-        for request in source:
-            self._check(request)
-            ahead.append(pool.submit(self._preprocess, request))
-            if len(ahead) >= limit:
-                yield ahead.popleft().result()
-        while ahead:
-            yield ahead.popleft().result()
+        checked = (self._check(request) for request in requests)
+        ahead = max(2 * self.slots, 2 * self.prefill_batch)
+        for future in prefetched(pool, self._preprocess, checked, ahead):
+            yield future.result()
 
-    def _check(self, request: GenerationRequest) -> None:
+    def _check(self, request: GenerationRequest) -> GenerationRequest:
         length = len(request.prompt_ids)
         if length == 0:
             raise UserInputError(f"request {request.key!r} has an empty prompt")
@@ -257,12 +259,16 @@ class FastEngine:
                 f"request {request.key!r} has {image_tokens} image tokens for {len(request.images)} images "
                 f"({self.num_image_tokens} per image); encode the prompt with vlmops.models.template.encode"
             )
+        return request
 
     def _preprocess(self, request: GenerationRequest) -> _Prepared:
         if not request.images:
             return _Prepared(request, {})
-        features = self.loaded.processor.image_processor(request.images, return_tensors="pt")
-        pixels = {name: value.to(self.dtype) for name, value in features.items()}
+        if self.device_pixels is not None:  # uint8: rescale and normalise happen on the device
+            pixels = self.device_pixels.host(request.images)
+        else:
+            features = self.loaded.processor.image_processor(request.images, return_tensors="pt")
+            pixels = {name: value.to(self.dtype) for name, value in features.items()}
         if self.device.type == "cuda":
             pixels = {name: value.pin_memory() for name, value in pixels.items()}
         return _Prepared(request, pixels)
@@ -298,6 +304,8 @@ class FastEngine:
         for name in {name for item in group for name in item.pixels}:
             tensors = [item.pixels[name] for item in group if name in item.pixels]
             inputs[name] = torch.cat(tensors).to(self.device, non_blocking=True)
+            if self.device_pixels is not None:
+                inputs[name] = self.device_pixels.values(name, inputs[name]).to(self.dtype)
         if self.prefill_mode == "own":
             # Flat [rows * width, hidden]: the layer functions see one token per row, as in decode.
             embeds = self.model.get_input_embeddings()(inputs.pop("input_ids").view(-1))

@@ -23,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,11 @@ from vlmops.config import PipelineConfig
 from vlmops.data.formats import RecordError
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.errors import RunFailed, UserInputError
-from vlmops.hashing import sha256_file
+from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, written_file
+from vlmops.infer.prefetch import prefetched
 from vlmops.infer.records import InputFile, Prompt, RawRecord, Shard, find_inputs, parse_prompt, read_shard, scan_input
 from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolver, model_source
 from vlmops.models.loading import LoadedModel
@@ -49,6 +52,10 @@ SHARD_REJECTS = "_job/rejects-"
 PART_PREFIX = "part-"
 REJECTS_FILE = "rejects.jsonl"
 MANIFEST_FILE = "manifest.json"
+# Threads reading and decoding a shard's images ahead of the engine, and how many records they may run ahead:
+# image decoding releases the GIL, and the main thread is left to feed the GPU.
+READ_WORKERS = min(8, os.cpu_count() or 1)
+READ_AHEAD = 64
 
 
 class JobMismatchError(UserInputError):
@@ -191,18 +198,29 @@ def job_settings(config: PipelineConfig) -> dict[str, Any]:
 def resolve_job_model(ref: str, config: PipelineConfig) -> tuple[ModelSource, ModelInfo]:
     """The folders to load for `ref` (any form `vlmops infer` takes) and the model's identity."""
     source = model_source(ref, None, catalog_resolver(config))
-    digest = folder_hash(source.checkpoint)
+    digest = folder_hash(source.checkpoint, hash_cache_dir(config))
     if source.adapter is not None:
-        digest = hashlib.sha256(f"{digest}+{folder_hash(source.adapter)}".encode()).hexdigest()
+        adapter = folder_hash(source.adapter, hash_cache_dir(config))
+        digest = hashlib.sha256(f"{digest}+{adapter}".encode()).hexdigest()
     return source, ModelInfo(ref, _registry_version(source.checkpoint), f"sha256:{digest}")
 
 
-def folder_hash(folder: Path) -> str:
-    """One hash over every file's relative path and content (the registry's download note excluded)."""
+def folder_hash(folder: Path, cache_dir: Path | None = None) -> str:
+    """One hash over every file's relative path and content (the registry's download note excluded).
+
+    With `cache_dir`, large files unchanged since an earlier job (size, mtime, inode) are not read again.
+    """
+    hashes = FolderHashes(folder, cache_dir)
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != REGISTRY_MANIFEST):
-        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    for path in sorted(p for p in hashes.folder.rglob("*") if p.is_file() and p.name != REGISTRY_MANIFEST):
+        digest.update(f"{path.relative_to(hashes.folder).as_posix()}\0{hashes.sha256(path)}\n".encode())
+    hashes.save()
     return digest.hexdigest()
+
+
+def hash_cache_dir(config: PipelineConfig) -> Path:
+    """Where jobs remember the hashes of model files: beside the model cache (`model.cache_dir`)."""
+    return Path(config.model.cache_dir).expanduser() / "hashes"
 
 
 def _registry_version(checkpoint: Path) -> str | None:
@@ -305,38 +323,46 @@ class ShardRunner:
         started = time.perf_counter()
         file = plan.files[shard.file]
         base_dir = Path(file.uri).parent if not file.uri.startswith("s3://") else Path.cwd()
+        # A record's local images stay inside its file's folder or data.allowed_roots, as a dataset's do: a job
+        # run for someone else must not read `../../etc/shadow` (and quote its first bytes in a reject).
+        roots = (base_dir.resolve(), *(Path(r).expanduser().resolve() for r in self.config.data.allowed_roots))
         prompts: dict[int, Prompt] = {}
         rejects: list[dict[str, Any]] = []
         images = 0
 
-        def requests() -> Iterator[GenerationRequest]:
+        def requests(pool: ThreadPoolExecutor) -> Iterator[GenerationRequest]:
             nonlocal images
-            for position, raw in enumerate(read_shard(file, shard, self.config.storage)):
-                try:
-                    prompt, request = self._request(position, raw, base_dir)
-                except (RecordError, ImageLoadError) as err:
-                    reason = f"{err.field}: {err.reason}" if isinstance(err, RecordError) else str(err)
+            parsed = (
+                self._parse(position, raw, base_dir, roots)
+                for position, raw in enumerate(read_shard(file, shard, self.config.storage))
+            )
+            for future in prefetched(pool, self._load_images, parsed, READ_AHEAD):
+                record = future.result()
+                if record.error is not None:
                     if self.config.infer.on_error == "fail":
                         raise RecordRejectedError(
-                            f"{raw.location}: {reason} (infer.on_error=skip writes it to rejects)"
-                        ) from err
-                    rejects.append(_reject(file, raw, reason))
+                            f"{record.raw.location}: {record.error} (infer.on_error=skip writes it to rejects)"
+                        ) from record.cause
+                    rejects.append(_reject(file, record.raw, record.error))
                     if on_record:
                         on_record(1)
                     continue
-                prompts[position] = prompt
-                images += len(request.images)
-                yield request
+                assert record.prompt is not None and record.request is not None
+                prompts[record.position] = record.prompt
+                images += len(record.request.images)
+                yield record.request
 
         results: dict[int, GenerationResult] = {}
-        for result in self.engine.generate(requests()):
-            results[result.key] = result
-            if on_record:
-                on_record(1)
+        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="job-images") as pool:
+            for result in self.engine.generate(requests(pool)):
+                results[result.key] = result
+                if on_record:
+                    on_record(1)
         missing = sorted(prompts.keys() - results.keys())
         if missing:
             raise RunFailed(f"shard {shard.name}: the engine returned no answer for records {missing[:10]}")
-        tokens = self._publish(plan, shard, output, [(prompts[i], results[i]) for i in sorted(prompts)], rejects)
+        answered = [(prompts[i], results[i]) for i in sorted(prompts)]
+        tokens = self._publish(plan, shard, output, answered, rejects)
         stats = ShardStats(
             shard.index, len(prompts), len(rejects), tokens, images, time.perf_counter() - started, self.worker
         )
@@ -350,18 +376,30 @@ class ShardRunner:
         )
         return stats
 
-    def _request(self, position: int, raw: RawRecord, base_dir: Path) -> tuple[Prompt, GenerationRequest]:
-        """The record's prompt and the request for it: template-encoded, its images read and decoded."""
-        prompt = parse_prompt(raw, base_dir)
-        encoded = encode(
-            prompt.messages,
-            self.loaded.tokenizer,
-            self.loaded.num_image_tokens,
-            self.config.model.system_prompt,
-            add_generation_prompt=True,
-        )
-        pictures = [load_image(ref.uri, self.config.storage) for ref in encoded.images]
-        return prompt, GenerationRequest(position, encoded.input_ids, pictures)
+    def _parse(self, position: int, raw: RawRecord, base_dir: Path, roots: tuple[Path, ...]) -> _Record:
+        """The record's prompt, template-encoded (in the reading thread: cheap, and the tokenizer stays there)."""
+        try:
+            prompt = parse_prompt(raw, base_dir, roots)
+            encoded = encode(
+                prompt.messages,
+                self.loaded.tokenizer,
+                self.loaded.num_image_tokens,
+                self.config.model.system_prompt,
+                add_generation_prompt=True,
+            )
+        except RecordError as err:
+            return _Record(position, raw, error=f"{err.field}: {err.reason}", cause=err)
+        request = GenerationRequest(position, encoded.input_ids)
+        return _Record(position, raw, prompt, request, [ref.uri for ref in encoded.images])
+
+    def _load_images(self, record: _Record) -> _Record:
+        """Read and decode the record's images (in a pool thread: file or S3 reads and decoding overlap)."""
+        if record.request is not None:
+            try:
+                record.request.images = [load_image(uri, self.config.storage) for uri in record.image_uris]
+            except ImageLoadError as err:
+                record.error, record.cause = str(err), err
+        return record
 
     def _publish(
         self,
@@ -383,6 +421,19 @@ class ShardRunner:
                 response = decode_answer(self.loaded, result.token_ids)
                 f.write(json.dumps(_result_record(prompt, result, response, model), ensure_ascii=False) + "\n")
         return tokens
+
+
+@dataclass
+class _Record:
+    """One record on its way to the engine: parsed and encoded, then its images loaded; or why it cannot be."""
+
+    position: int
+    raw: RawRecord
+    prompt: Prompt | None = None
+    request: GenerationRequest | None = None
+    image_uris: list[str] = field(default_factory=list)
+    error: str | None = None
+    cause: Exception | None = None
 
 
 def _reject(file: InputFile, raw: RawRecord, reason: str) -> dict[str, Any]:

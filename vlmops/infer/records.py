@@ -9,18 +9,18 @@ final assistant turn, if present, is kept as `reference`) or the simple form
 where `images` fill `<image>` marks of the query and history in order (without any mark they come before
 the query's text). Relative image paths resolve against the input file's folder (local inputs only).
 
-`.jsonl` files are read a line at a time from a byte offset, so a job never holds more than one shard's
-records; a `.json` file (one list) is parsed whole each time one of its shards is read: keep big inputs
-in `.jsonl`.
+Both file types are read from a shard's byte offset, a line (`.jsonl`) or a list item (`.json`,
+vlmops.data.jsonarray) at a time, so a job never holds more than one shard's records.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import IO, Any
 from vlmops.config import StorageConfig
 from vlmops.conversation import Message
 from vlmops.data.formats import RecordError, parse_record
+from vlmops.data.jsonarray import JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
 INPUT_SUFFIXES = (".jsonl", ".json")
@@ -52,8 +53,8 @@ class InputFile:
 class Shard:
     """A run of consecutive records of one file: the unit written, resumed and handed to a worker.
 
-    `offset` is the byte offset of its first record's line (jsonl) and `line` that line's number; for a
-    `.json` file `start` is the list index of its first record.
+    `offset` is the byte offset of its first record (the start of its line in a .jsonl file, of the item in a
+    .json list) and `line` that line's number; `start` is the index of its first record in the file.
     """
 
     index: int
@@ -183,7 +184,8 @@ def scan_input(
 ) -> tuple[InputFile, list[Shard]]:
     """Read a file once: its content hash, its record count and where each of its shards starts.
 
-    Shards never cross files, so a shard's records are one ranged read. Memory stays one line (jsonl).
+    Shards never cross files, so a shard's records are one ranged read. Memory stays one line (jsonl) or
+    one item and a chunk (a .json list).
     Shard indexes are left 0: the job numbers shards across files.
     """
     digest = hashlib.sha256()
@@ -201,17 +203,16 @@ def scan_input(
                 size += len(line)
     else:
         with open_input(file.uri, storage) as stream:
-            data = stream.read()
-        digest.update(data)
-        size = len(data)
-        try:
-            records = json.loads(data)
-        except json.JSONDecodeError as err:
-            raise UserInputError(f"{file.uri}:{err.lineno}: not valid JSON: {err.msg} at column {err.colno}") from None
-        if not isinstance(records, list):
-            raise UserInputError(f"{file.uri}: a .json input must be a list of records (use .jsonl for one per line)")
-        count = len(records)
-        shards = [Shard(0, file_index, start, 0, 0, 0) for start in range(0, count, shard_size)]
+            counted = _Counted(stream, digest)
+            try:
+                for item in json_array_items(counted):
+                    if count % shard_size == 0:
+                        shards.append(Shard(0, file_index, count, 0, item.offset, item.line))
+                    count += 1
+            except JsonArrayError as err:
+                where = f"{file.uri}:{err.line}" if err.line else file.uri
+                raise UserInputError(f"{where}: {err.problem()}") from None
+            size = counted.size
     sized = [Shard(0, s.file, s.start, min(shard_size, count - s.start), s.offset, s.line) for s in shards]
     scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count)
     return scanned, sized
@@ -232,14 +233,33 @@ def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = No
                     f"{file.uri}:{number}", f"{file.name}:{number}", number, line.decode("utf-8", "replace")
                 )
         return
-    with open_input(file.uri, storage) as stream:
-        records = json.loads(stream.read())
-    for index in range(shard.start, shard.start + shard.count):
-        yield RawRecord(f"{file.uri}[{index}]", f"{file.name}[{index}]", index, value=records[index])
+    with open_input(file.uri, storage, shard.offset) as stream:
+        if shard.offset:  # streamed from the shard's first item
+            items = itertools.islice(json_array_items(stream, shard.offset, shard.line, shard.start), shard.count)
+        else:  # a plan from before shards knew their offset: read up to the shard
+            items = itertools.islice(json_array_items(stream), shard.start, shard.start + shard.count)
+        for item in items:
+            yield RawRecord(f"{file.uri}[{item.index}]", f"{file.name}[{item.index}]", item.index, value=item.value)
 
 
-def parse_prompt(raw: RawRecord, base_dir: Path) -> Prompt:
-    """One raw record -> the prompt to answer.
+class _Counted:
+    """A stream that hashes and counts the bytes read through it."""
+
+    def __init__(self, stream: IO[bytes], digest: Any):
+        self.stream = stream
+        self.digest = digest
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+def parse_prompt(raw: RawRecord, base_dir: Path, roots: Sequence[Path] | None = None) -> Prompt:
+    """One raw record -> the prompt to answer; local image paths resolved against `base_dir` must lie inside
+    `roots` (None: anywhere), as a dataset's must (`data.allowed_roots`).
 
     Raises:
         RecordError: the line is not JSON, not an object, in neither form, or has an invalid field.
@@ -261,10 +281,11 @@ def parse_prompt(raw: RawRecord, base_dir: Path) -> Prompt:
     elif not isinstance(key, (str, int)) or isinstance(key, bool):
         raise RecordError("id", f"must be a string or an integer, got {type(key).__name__}")
     if "conversations" in value or "messages" in value:
-        conversation = parse_record(value, raw.location, base_dir, require_answer=False)
+        conversation = parse_record(value, raw.location, base_dir, require_answer=False, roots=roots)
         messages = conversation.messages
     elif "query" in value:
-        messages = parse_record(_simple_as_messages(value), raw.location, base_dir, require_answer=False).messages
+        simple = _simple_as_messages(value)
+        messages = parse_record(simple, raw.location, base_dir, require_answer=False, roots=roots).messages
     else:
         keys = ", ".join(sorted(value)) or "none"
         raise RecordError("(record)", f"needs 'conversations', 'messages' or 'query' (found: {keys})")

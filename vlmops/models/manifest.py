@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vlmops.hashing import sha256_file
+from vlmops.hashing import SMALL_FILE_BYTES, sha256_file
 from vlmops.models.catalog import ResolvedModel
 from vlmops.models.download_errors import REFRESH_HINT, SnapshotCorruptedError
 
@@ -32,7 +32,6 @@ ALLOW_PATTERNS = [
     "merges.txt",
     "vocab.txt",
 ]
-SMALL_FILE_BYTES = 1024 * 1024  # always re-hashed when verifying: cheap, and configs are what people edit
 MANIFEST_FORMAT = 1
 
 

@@ -1,0 +1,68 @@
+"""Pixels normalised on the device equal the image processor's own output, value for value."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vlmops.data.demo import draw_shape
+from vlmops.infer.pixels import DevicePixels
+from vlmops.models.tiny import image_processor
+
+
+def _released(variant: str) -> object:
+    """The released models' preprocessing (384 px SigLIP; the 7b adds 1024 px SAM), as convert builds it."""
+    from transformers import DeepseekVLHybridImageProcessorPil, DeepseekVLImageProcessorPil
+    from transformers.image_utils import PILImageResampling
+
+    if variant == "1.3b":
+        return DeepseekVLImageProcessorPil(
+            size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_size=14,
+            resample=PILImageResampling.BICUBIC,
+        )  # fmt: skip
+    return DeepseekVLHybridImageProcessorPil(
+        size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_size=14,
+        high_res_size={"height": 1024, "width": 1024}, high_res_image_mean=[0.48145466, 0.4578275, 0.40821073],
+        high_res_image_std=[0.26862954, 0.26130258, 0.27577711], high_res_resample=PILImageResampling.BICUBIC,
+        resample=PILImageResampling.BILINEAR,
+    )  # fmt: skip
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(3)
+    noise = Image.fromarray(rng.integers(0, 256, (37, 211, 3), dtype=np.uint8))  # wide: padded top and bottom
+    tall = Image.fromarray(rng.integers(0, 256, (300, 20, 3), dtype=np.uint8))
+    flat = Image.new("RGB", (64, 64), (0, 255, 128))
+    return [noise, tall, flat, draw_shape("red", "circle", 48, random.Random(0))]
+
+
+@pytest.mark.parametrize("which", ["deepseek_vl", "deepseek_vl_hybrid", "1.3b", "7b"])
+def test_device_values_equal_the_processor(which: str) -> None:
+    processor = image_processor(which) if which.startswith("deepseek") else _released(which)  # type: ignore[arg-type]
+    split = DevicePixels.build(processor)
+    assert split is not None
+    images = _images()
+    expected = processor(images, return_tensors="pt")
+    raw = split.host(images)
+    assert set(raw) == set(expected)
+    for name, value in expected.items():
+        assert raw[name].dtype == torch.uint8  # a quarter of float32's bytes to pin and copy
+        assert torch.equal(split.values(name, raw[name]), value), name
+
+
+def test_other_settings_are_reproduced_or_left_on_the_host() -> None:
+    processor = image_processor("deepseek_vl")
+    processor.do_normalize = False  # rescale only: still a table
+    split = DevicePixels.build(processor)
+    assert split is not None
+    images = _images()
+    assert torch.equal(
+        split.values("pixel_values", split.host(images)["pixel_values"]),
+        processor(images, return_tensors="pt")["pixel_values"],
+    )
+    processor.do_rescale = False  # float input expected: nothing to split
+    assert DevicePixels.build(processor) is None

@@ -1,0 +1,59 @@
+"""Folder hashes with a cache: a large file unchanged since the last job is not read again; any change is seen."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vlmops.hashing import SMALL_FILE_BYTES, FolderHashes
+from vlmops.infer.job import folder_hash
+
+
+def _model(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text('{"a": 1}')
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"\x01" * (SMALL_FILE_BYTES + 10))
+    return weights
+
+
+def _rewrite_keeping_stamp(path: Path, data: bytes) -> None:
+    """Same size, same inode, same mtime, other bytes: what only a read would notice."""
+    stat = path.stat()
+    with path.open("r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_cached_hash_equals_the_uncached_one_and_skips_the_read(tmp_path: Path) -> None:
+    weights = _model(tmp_path / "m")
+    cache = tmp_path / "hashes"
+    first = folder_hash(tmp_path / "m", cache)
+    assert first == folder_hash(tmp_path / "m")  # the cache changes nothing but the time it takes
+    assert len(list(cache.glob("*.json"))) == 1
+    _rewrite_keeping_stamp(weights, b"\x02" * 100)
+    assert folder_hash(tmp_path / "m", cache) == first  # the large file was not read again
+    assert folder_hash(tmp_path / "m") != first
+
+
+def test_a_changed_file_is_hashed_again(tmp_path: Path) -> None:
+    weights = _model(tmp_path / "m")
+    cache = tmp_path / "hashes"
+    first = folder_hash(tmp_path / "m", cache)
+    weights.write_bytes(b"\x03" * (SMALL_FILE_BYTES + 10))  # same size, new mtime
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    second = folder_hash(tmp_path / "m", cache)
+    assert second != first and second == folder_hash(tmp_path / "m")
+    # small files are always read: an edited config is seen even with its old stamp
+    _rewrite_keeping_stamp(tmp_path / "m" / "config.json", b'{"a": 2}')
+    assert folder_hash(tmp_path / "m", cache) != second
+
+
+def test_an_unreadable_cache_is_rebuilt(tmp_path: Path) -> None:
+    _model(tmp_path / "m")
+    cache = tmp_path / "hashes"
+    first = folder_hash(tmp_path / "m", cache)
+    for path in cache.glob("*.json"):
+        path.write_text("{not json")
+    assert folder_hash(tmp_path / "m", cache) == first
+    assert FolderHashes(tmp_path / "m", cache).known  # written again, readable
