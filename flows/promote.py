@@ -19,6 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.launch import patient_ephemeral_server
 from tasks.infer import batch_infer_task
 from tasks.promote import fetch_evaluation_set, find_contenders, record_promotion, score
 from tasks.report import flow_run_tags, publish_samples, publish_summary
@@ -76,3 +77,10 @@ def promote(
     (work_dir / "decision.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info("%s", decision.reason)
     return summary
+
+
+def promote_from_cli(config_path: str | None, overrides: list[str], challenger: str | None) -> dict[str, Any]:
+    """`vlmops promote`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server."""
+    load_config(config_path or "pipeline.yaml", overrides)  # a bad key or a credential stops here, before a flow run
+    with patient_ephemeral_server():
+        return promote(config_path or "pipeline.yaml", overrides, challenger)

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 from prefect.states import State
 
+from flows.launch import patient_ephemeral_server
 from flows.promote import promote
 from tasks.download import download_model, log_download
 from tasks.evaluate import evaluate, log_evaluation
@@ -47,7 +47,6 @@ from vlmops.registry.lineage import version_tags
 from vlmops.tracking import MlflowLinks, Tracker, git_commit, mlflow_links, ui_command
 
 SUMMARY_KEY = "retrain-summary"
-EPHEMERAL_STARTUP_TIMEOUT_S = 300
 SAMPLES_KEY = "retrain-eval-samples"
 
 
@@ -297,11 +296,7 @@ def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
     """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server; the
     summary goes to stdout as plain text once the flow is done."""
     load_config(config_path or "pipeline.yaml", overrides)  # a bad key or a credential stops here, before a flow run
-    # Prefect's temporary server gives up after 20 s by default. Two `vlmops run` started together on one
-    # PREFECT_HOME each start one, and the second waits on the first's database migrations (SQLite takes one
-    # writer): on a loaded two-core machine that took longer, and the run failed before its flow began.
-    timeout = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), EPHEMERAL_STARTUP_TIMEOUT_S)
-    with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: timeout}):
+    with patient_ephemeral_server():
         result = retrain(config_path or "pipeline.yaml", overrides)
     summary = RunSummary(**{k: v for k, v in result.items() if k in RunSummary.__dataclass_fields__})
     print(summary.text())

@@ -23,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     # Like `vlmops run`, the launcher of a flow: Prefect's ephemeral API unless PREFECT_API_URL names a server.
-    from flows.promote import promote
+    from flows.promote import promote_from_cli
 
-    result = promote(args.config, args.overrides, args.challenger)
+    result = promote_from_cli(args.config, args.overrides, args.challenger)
     if result["decision"] == "unchanged":
         print(f"{result['model_name']} version {result['champion']} is the champion already: nothing to do")
         return 0
