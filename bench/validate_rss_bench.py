@@ -11,6 +11,7 @@ baseline, in the same call: the same files parsed whole into memory with `read_d
 before it streamed), which grows with the input.
 
     python bench/validate_rss_bench.py --work /tmp/vbench --sizes 10000,100000
+    python bench/validate_rss_bench.py --work /tmp/vbench --sizes 10000,100000 --format json   # one list
 
 Prints a table and appends one JSON row per size and mode to bench/results/validate_rss.jsonl (date, machine,
 command, figures).
@@ -36,8 +37,11 @@ IMAGE_EVERY = 100
 
 
 def write_records(path: Path, count: int) -> None:
-    """`count` distinct records (seed format); every IMAGE_EVERY-th asks about images/shape.png."""
+    """`count` distinct records (seed format); every IMAGE_EVERY-th asks about images/shape.png. A `.json` path
+    gets one list (an item per line), a `.jsonl` path a record per line."""
+    as_list = path.suffix == ".json"
     with path.open("w", encoding="utf-8") as f:
+        f.write("[\n" if as_list else "")
         for i in range(count):
             question = f"Record {i}: what is in the picture, and why does it matter for item {i % 97}?"
             if i % IMAGE_EVERY == 0:
@@ -45,10 +49,12 @@ def write_records(path: Path, count: int) -> None:
             turns = [{"from": "user", "value": question}, {"from": "assistant", "value": f"Answer number {i}."}]
             if i % 3 == 0:
                 turns += [{"from": "user", "value": "And then?"}, {"from": "assistant", "value": "Nothing more."}]
-            f.write(json.dumps({"id": i, "conversations": turns}) + "\n")
+            separator = ("," if i < count - 1 else "") if as_list else ""
+            f.write(json.dumps({"id": i, "conversations": turns}) + separator + "\n")
+        f.write("]\n" if as_list else "")
 
 
-def prepare(work: Path, sizes: list[int]) -> tuple[Path, dict[int, Path]]:
+def prepare(work: Path, sizes: list[int], suffix: str) -> tuple[Path, dict[int, Path]]:
     import random
 
     from vlmops.data.demo import draw_shape
@@ -63,7 +69,7 @@ def prepare(work: Path, sizes: list[int]) -> tuple[Path, dict[int, Path]]:
         draw_shape("red", "circle", 64, random.Random(0)).save(image)
     inputs = {}
     for size in sizes:
-        inputs[size] = work / f"records-{size}.jsonl"
+        inputs[size] = work / f"records-{size}{suffix}"
         if not inputs[size].is_file():
             write_records(inputs[size], size)
     return model, inputs
@@ -124,6 +130,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (model, inputs, rejects)")
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated record counts")
     parser.add_argument("--no-baseline", action="store_true", help="skip the in-memory read_dataset rows")
+    parser.add_argument("--format", choices=["jsonl", "json"], default="jsonl", help="a line per record, or one list")
     parser.add_argument("--one", nargs=4, metavar=("MODE", "MODEL", "RECORDS", "REJECTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -132,7 +139,7 @@ def main() -> int:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
-    model, inputs = prepare(args.work, sizes)
+    model, inputs = prepare(args.work, sizes, f".{args.format}")
     command = "python bench/validate_rss_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     modes = ["stream"] if args.no_baseline else ["stream", "in-memory"]
     rows = []
@@ -150,6 +157,7 @@ def main() -> int:
                 "command": command,
                 "model": "tiny-deepseek-vl (random)",
                 "mode": mode,
+                "format": args.format,
                 "input_mib": round(inputs[size].stat().st_size / 2**20, 1),
                 **figures,
             }
