@@ -72,8 +72,9 @@ def publish_new_folder(staging: Path, final: Path) -> bool:
 @contextmanager
 def build_lock(final: Path) -> Iterator[None]:
     """Hold a file lock beside `final` while checking for it and building it, so that of several processes
-    needing the same shared folder (the tiny model, the demo data of one output folder) one builds it and the
-    others wait and use it, instead of each replacing it while the others read it."""
+    needing the same shared folder or file (the tiny model, the demo data of one output folder, a new MLflow
+    SQLite store) one builds it and the others wait and use it, instead of each replacing it while the others
+    read it."""
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final.with_name(f".{final.name}.lock")), timeout=BUILD_LOCK_TIMEOUT_S):
         yield

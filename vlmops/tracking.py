@@ -22,16 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from vlmops.config import TrackingConfig
 from vlmops.errors import RunFailed
 from vlmops.redact import redact_text, redact_uri
+from vlmops.staging import build_lock
 
 log = logging.getLogger(__name__)
 
 SQLITE_PREFIX = "sqlite:///"
-STORE_LOCK_TIMEOUT_S = 600
 # A writer that lost the alias to a newer version sets it again; a handful of rounds covers any number of runs
 # registering at once (each round, a newer registration only ever wins).
 ALIAS_ROUNDS = 10
@@ -75,9 +73,7 @@ def store_lock(uri: str) -> Iterator[None]:
     if not uri.startswith(SQLITE_PREFIX):
         yield
         return
-    db = Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(db.with_name(f".{db.name}.lock")), timeout=STORE_LOCK_TIMEOUT_S):
+    with build_lock(Path(uri[len(SQLITE_PREFIX) :].split("?", 1)[0])):
         yield
 
 

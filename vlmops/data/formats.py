@@ -122,7 +122,7 @@ def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> It
     suffix = file.suffix.lower()
     if suffix not in DATASET_SUFFIXES:
         raise ValueError(f"{file}: unsupported dataset file type {suffix!r}; use .json (a list) or .jsonl")
-    allowed = (file.parent.resolve(), *(Path(r).expanduser().resolve() for r in roots))
+    allowed = image_roots(file.parent, roots)
     for location, number, raw, value in _records(file) if suffix == ".jsonl" else _list_records(file):
         if isinstance(value, RecordProblem):
             yield Entry(location, number, raw, value)
@@ -196,6 +196,11 @@ def _list_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
 
 def _not_utf8(err: UnicodeDecodeError, line: bytes) -> str:
     return f"not UTF-8 text: byte {line[err.start]:#04x} at column {err.start + 1} (save the file as UTF-8)"
+
+
+def image_roots(folder: Path, allowed_roots: Sequence[str | os.PathLike[str]] = ()) -> tuple[Path, ...]:
+    """Where a file's local image paths may point: its own folder and the configured `data.allowed_roots`."""
+    return (folder.resolve(), *(Path(r).expanduser().resolve() for r in allowed_roots))
 
 
 def parse_record(

@@ -27,7 +27,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,13 +41,12 @@ from vlmops.infer.engine import GenerationRequest, GenerationResult
 from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.generation import model_dtype
 from vlmops.infer.pixels import DevicePixels
-from vlmops.infer.prefetch import prefetched
+from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-IMAGE_WORKERS = min(8, os.cpu_count() or 1)
 # Below this many free slots (and while other rows still decode) prefill waits for more to free up.
 MIN_REFILL_SHARE = 8
 
@@ -150,7 +148,7 @@ class FastEngine:
         self.max_new_tokens = infer_cfg.max_new_tokens
         self.max_context = max_context
         self.prefill_batch = prefill_batch
-        self.image_workers = max(1, image_workers or IMAGE_WORKERS)
+        self.image_workers = max(1, image_workers or HOST_THREADS)
         self.device_pixels = DevicePixels.build(loaded.processor.image_processor) if device_pixels else None
         tokenizer = loaded.tokenizer
         self.eos_id: int | None = None if ignore_eos else tokenizer.eos_token_id

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,14 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.config import PipelineConfig
-from vlmops.data.formats import RecordError
+from vlmops.data.formats import RecordError, image_roots
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, written_file
-from vlmops.infer.prefetch import prefetched
+from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.infer.records import InputFile, Prompt, RawRecord, Shard, find_inputs, parse_prompt, read_shard, scan_input
 from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolver, model_source
 from vlmops.models.loading import LoadedModel
@@ -52,9 +51,8 @@ SHARD_REJECTS = "_job/rejects-"
 PART_PREFIX = "part-"
 REJECTS_FILE = "rejects.jsonl"
 MANIFEST_FILE = "manifest.json"
-# Threads reading and decoding a shard's images ahead of the engine, and how many records they may run ahead:
-# image decoding releases the GIL, and the main thread is left to feed the GPU.
-READ_WORKERS = min(8, os.cpu_count() or 1)
+# How many records the image-reading threads (HOST_THREADS of them) may run ahead of the engine: image decoding
+# releases the GIL, and the main thread is left to feed the GPU.
 READ_AHEAD = 64
 
 
@@ -198,9 +196,10 @@ def job_settings(config: PipelineConfig) -> dict[str, Any]:
 def resolve_job_model(ref: str, config: PipelineConfig) -> tuple[ModelSource, ModelInfo]:
     """The folders to load for `ref` (any form `vlmops infer` takes) and the model's identity."""
     source = model_source(ref, None, catalog_resolver(config))
-    digest = folder_hash(source.checkpoint, hash_cache_dir(config))
+    cache = hash_cache_dir(config)
+    digest = folder_hash(source.checkpoint, cache)
     if source.adapter is not None:
-        adapter = folder_hash(source.adapter, hash_cache_dir(config))
+        adapter = folder_hash(source.adapter, cache)
         digest = hashlib.sha256(f"{digest}+{adapter}".encode()).hexdigest()
     return source, ModelInfo(ref, _registry_version(source.checkpoint), f"sha256:{digest}")
 
@@ -325,7 +324,7 @@ class ShardRunner:
         base_dir = Path(file.uri).parent if not file.uri.startswith("s3://") else Path.cwd()
         # A record's local images stay inside its file's folder or data.allowed_roots, as a dataset's do: a job
         # run for someone else must not read `../../etc/shadow` (and quote its first bytes in a reject).
-        roots = (base_dir.resolve(), *(Path(r).expanduser().resolve() for r in self.config.data.allowed_roots))
+        roots = image_roots(base_dir, self.config.data.allowed_roots)
         prompts: dict[int, Prompt] = {}
         rejects: list[dict[str, Any]] = []
         images = 0
@@ -353,7 +352,7 @@ class ShardRunner:
                 yield record.request
 
         results: dict[int, GenerationResult] = {}
-        with ThreadPoolExecutor(READ_WORKERS, thread_name_prefix="job-images") as pool:
+        with ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="job-images") as pool:
             for result in self.engine.generate(requests(pool)):
                 results[result.key] = result
                 if on_record:

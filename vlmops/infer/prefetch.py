@@ -7,10 +7,14 @@ consumer sees the same sequence it would without threads.
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import TypeVar
+
+# Threads for a job's host work (reading, decoding, preprocessing images): one per core, up to 8.
+HOST_THREADS = min(8, os.cpu_count() or 1)
 
 T = TypeVar("T")
 R = TypeVar("R")
