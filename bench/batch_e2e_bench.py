@@ -86,13 +86,25 @@ class GpuSampler:
         return round(sum(1 for s in self.samples if s > 0) / len(self.samples), 3) if self.samples else None
 
 
-def run_job(model: Path, prompts: Path, out: Path, sets: list[str], limit: int | None) -> dict[str, Any]:
+def run_job(
+    model: Path, prompts: Path, out: Path, sets: list[str], limit: int | None, wrap: list[str] | None = None
+) -> dict[str, Any]:
     if limit is not None:
         head = prompts.with_name(f"prompts-{limit}.jsonl")
         head.write_text("".join(prompts.read_text().splitlines(keepends=True)[:limit]))
         prompts = head
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "vlmops.cli", "batch-infer", "--model", str(model), "--input", str(prompts)]
+    cmd = [
+        *(wrap or []),
+        sys.executable,
+        "-m",
+        "vlmops.cli",
+        "batch-infer",
+        "--model",
+        str(model),
+        "--input",
+        str(prompts),
+    ]
     cmd += ["--output", str(out), "--config", str(ROOT / "pipeline.yaml")]
     for s in sets:
         cmd += ["--set", s]
@@ -135,6 +147,13 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=8, help="shards per job: the steady rate is read from them")
     parser.add_argument("--work", default="/tmp/batch-e2e")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--py-spy",
+        default=None,
+        metavar="DIR",
+        help="also run the default engine on a third of the prompts under py-spy (on PATH); "
+        "the raw stacks go to DIR and the busiest frames are printed",
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     counts = dict(item.split("=") for item in args.records.split(",")) if "=" in args.records else {}
@@ -152,12 +171,25 @@ def main() -> int:
         prompts = write_inputs(work / "inputs", count)
         shard = max(1, count // args.shards)
         base = [f"infer.max_new_tokens={args.new_tokens}", "model.system_prompt=", f"infer.shard_size={shard}"]
-        for case, sets, limit in (
-            ("batch-infer (auto engine)", base, None),
-            ("batch-infer plain generate", [*base, "infer.engine=plain", "infer.batch_size=32"], args.plain_records),
-        ):
+        cases: list[tuple[str, list[str], int | None, list[str] | None]] = [
+            ("batch-infer (auto engine)", base, None, None),
+            (
+                "batch-infer plain generate",
+                [*base, "infer.engine=plain", "infer.batch_size=32"],
+                args.plain_records,
+                None,
+            ),
+        ]
+        if args.py_spy:
+            stacks = Path(args.py_spy) / f"{arch}.txt"
+            stacks.parent.mkdir(parents=True, exist_ok=True)
+            spy = ["py-spy", "record", "--idle", "--threads", "--format", "raw", "-r", "50", "-o", str(stacks), "--"]
+            cases.append(("batch-infer (auto) under py-spy", base, max(1, count // 3), spy))
+        for case, sets, limit, wrap in cases:
             try:
-                row = {"model": arch, "case": case, **run_job(model, prompts, work / "out", sets, limit)}
+                row = {"model": arch, "case": case, **run_job(model, prompts, work / "out", sets, limit, wrap)}
+                if wrap:
+                    print(busiest_frames(stacks), flush=True)
             except Exception as err:  # one failed case must not lose the rows already measured
                 row = {"model": arch, "case": case, "error": str(err)[-2000:]}
             rows.append(row)
@@ -177,6 +209,31 @@ def main() -> int:
             f"{r['tokens_per_s']:>9} {busy:>9} {r['first_part_s']!s:>10} {r['steady_images_per_s']!s:>12}"
         )
     return 0
+
+
+def busiest_frames(stacks: Path, top: int = 18) -> str:
+    """Per thread of a py-spy raw profile: its samples, the frames it spent them in (self) and under (total)."""
+    threads: dict[str, dict[str, Any]] = {}
+    for line in stacks.read_text().splitlines():
+        path, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = path.split(";")
+        thread = next((f for f in frames if f.startswith("thread ")), "?")
+        frames = [f for f in frames if not f.startswith(("thread ", "process "))]
+        entry = threads.setdefault(thread, {"samples": 0, "self": {}, "total": {}})
+        entry["samples"] += int(count)
+        if frames:
+            entry["self"][frames[-1]] = entry["self"].get(frames[-1], 0) + int(count)
+        for frame in set(frames):
+            entry["total"][frame] = entry["total"].get(frame, 0) + int(count)
+    lines = [f"py-spy {stacks}:"]
+    for thread, entry in sorted(threads.items(), key=lambda t: -t[1]["samples"])[:6]:
+        lines.append(f"  {thread}: {entry['samples']} samples")
+        for kind in ("self", "total"):
+            ranked = sorted(entry[kind].items(), key=lambda kv: -kv[1])[:top]
+            lines += [f"    {kind:5} {n / entry['samples']:6.1%}  {frame[:150]}" for frame, n in ranked]
+    return "\n".join(lines)
 
 
 def save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT
 from vlmops.conversation import ImageRef, Message, parse_img_tags
-from vlmops.models.template import EOS_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode, render
+from vlmops.models.template import EOS_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode, render, text_encoder
 
 SYS = DEFAULT_SYSTEM_PROMPT
 
@@ -109,3 +109,36 @@ def test_generation_prompt_has_no_labels(tiny_processor: Any) -> None:
     )
     assert set(enc.labels) == {IGNORE_INDEX}
     assert tiny_processor.tokenizer.decode(enc.input_ids).endswith("\n\nAssistant:")
+
+
+TEXTS = [
+    "",
+    " ",
+    "What colour is the shape?",
+    "  leading and trailing  \n\n",
+    "User: hi\n\nAssistant:",
+    "naïve café — 日本語のテキスト, emoji 🙂, tabs\tand\r\nnewlines",
+    f"text around {IMAGE_TOKEN} a placeholder and {EOS_TOKEN} an EOS written out",
+    "x" * 3000,
+]
+
+
+def test_text_encoder_gives_the_tokenizers_own_ids(tiny_processor: Any) -> None:
+    tok = tiny_processor.tokenizer
+    fast = text_encoder(tok)
+    for text in TEXTS:
+        assert fast(text) == tok.encode(text, add_special_tokens=False), text[:40]
+
+
+def test_text_encoder_respects_truncation_left_on_the_rust_tokenizer(tiny_processor: Any) -> None:
+    tok = tiny_processor.tokenizer
+    fast = text_encoder(tok)
+    try:
+        for text in TEXTS:
+            tok(["a b c d e f g"], truncation=True, max_length=3)  # transformers leaves truncation set on the backend
+            assert tok.backend_tokenizer.truncation is not None
+            got = fast(text)
+            assert got == tok.encode(text, add_special_tokens=False), text[:40]
+        assert len(fast("x" * 3000)) > 3
+    finally:
+        tok.backend_tokenizer.no_truncation()

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from vlmops.infer.prefetch import prefetched
+from vlmops.infer.prefetch import in_background, prefetched
 
 
 def test_order_bound_and_errors() -> None:
@@ -55,3 +55,44 @@ def test_closing_early_cancels_what_has_not_started() -> None:
         gate.set()
         assert first.result() == 0
     assert len(started) <= 2  # the one running when closed (and at most one more), not the ten submitted
+
+
+def test_in_background_keeps_order_and_the_bound_and_raises_in_the_consumer() -> None:
+    made: list[int] = []
+    threads: set[str] = set()
+
+    def items() -> Iterator[int]:
+        for i in range(50):
+            threads.add(threading.current_thread().name)
+            made.append(i)
+            if i == 40:
+                raise ValueError("record 40 is bad")
+            yield i
+
+    got = []
+    feed = in_background(items(), ahead=4, name="feeder")
+    with pytest.raises(ValueError, match="record 40"):
+        for item in feed:
+            if item == 0:
+                time.sleep(0.3)  # the producer runs ahead while the consumer waits, but only `ahead` (+1 in hand)
+                assert len(made) <= 4 + 2
+            got.append(item)
+    assert got == list(range(40))
+    assert threads == {"feeder"}
+
+
+def test_in_background_closed_early_stops_its_thread_and_closes_the_source() -> None:
+    closed = threading.Event()
+
+    def items() -> Iterator[int]:
+        try:
+            yield from range(1_000_000)
+        finally:
+            closed.set()
+
+    before = threading.active_count()
+    feed = in_background(items(), ahead=2)
+    assert [next(feed) for _ in range(3)] == [0, 1, 2]
+    feed.close()
+    assert closed.wait(5)
+    assert threading.active_count() == before

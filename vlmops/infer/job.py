@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, written_file
-from vlmops.infer.prefetch import HOST_THREADS, prefetched
+from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
 from vlmops.infer.records import InputFile, Prompt, RawRecord, Shard, find_inputs, parse_prompt, read_shard, scan_input
 from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolver, model_source
 from vlmops.models.loading import LoadedModel
@@ -330,13 +331,15 @@ class ShardRunner:
         images = 0
 
         def requests(pool: ThreadPoolExecutor) -> Iterator[GenerationRequest]:
+            """Run by a thread of its own (`in_background`); the pool reads and decodes the images."""
             nonlocal images
-            parsed = (
-                self._parse(position, raw, base_dir, roots)
-                for position, raw in enumerate(read_shard(file, shard, self.config.storage))
-            )
-            for future in prefetched(pool, self._load_images, parsed, READ_AHEAD):
-                record = future.result()
+
+            def read(item: tuple[int, RawRecord]) -> _Record:
+                return self._load_images(self._parse(*item, base_dir, roots))
+
+            raws = enumerate(read_shard(file, shard, self.config.storage))
+            for future in prefetched(pool, read, raws, READ_AHEAD):
+                record = self._encode(future.result())
                 if record.error is not None:
                     if self.config.infer.on_error == "fail":
                         raise RecordRejectedError(
@@ -352,8 +355,11 @@ class ShardRunner:
                 yield record.request
 
         results: dict[int, GenerationResult] = {}
-        with ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="job-images") as pool:
-            for result in self.engine.generate(requests(pool)):
+        with (
+            ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="job-images") as pool,
+            closing(in_background(requests(pool), READ_AHEAD, "job-records")) as feed,
+        ):
+            for result in self.engine.generate(feed):
                 results[result.key] = result
                 if on_record:
                     on_record(1)
@@ -376,28 +382,40 @@ class ShardRunner:
         return stats
 
     def _parse(self, position: int, raw: RawRecord, base_dir: Path, roots: tuple[Path, ...]) -> _Record:
-        """The record's prompt, template-encoded (in the reading thread: cheap, and the tokenizer stays there)."""
+        """The record's prompt and its image paths, checked against the roots (in a pool thread)."""
         try:
             prompt = parse_prompt(raw, base_dir, roots)
+        except RecordError as err:
+            return _Record(position, raw, error=f"{err.field}: {err.reason}", cause=err)
+        return _Record(position, raw, prompt)
+
+    def _load_images(self, record: _Record) -> _Record:
+        """Read and decode the record's images (in a pool thread: file or S3 reads and decoding overlap)."""
+        if record.prompt is not None:
+            uris = {part.uri for message in record.prompt.messages for part in message.images}
+            try:
+                record.images = {uri: load_image(uri, self.config.storage) for uri in sorted(uris)}
+            except ImageLoadError as err:
+                record.error, record.cause = str(err), err
+        return record
+
+    def _encode(self, record: _Record) -> _Record:
+        """The prompt template-encoded into the engine's request (one thread only: the tokenizer's)."""
+        if record.prompt is None or record.error is not None:
+            return record
+        try:
             encoded = encode(
-                prompt.messages,
+                record.prompt.messages,
                 self.loaded.tokenizer,
                 self.loaded.num_image_tokens,
                 self.config.model.system_prompt,
                 add_generation_prompt=True,
             )
         except RecordError as err:
-            return _Record(position, raw, error=f"{err.field}: {err.reason}", cause=err)
-        request = GenerationRequest(position, encoded.input_ids)
-        return _Record(position, raw, prompt, request, [ref.uri for ref in encoded.images])
-
-    def _load_images(self, record: _Record) -> _Record:
-        """Read and decode the record's images (in a pool thread: file or S3 reads and decoding overlap)."""
-        if record.request is not None:
-            try:
-                record.request.images = [load_image(uri, self.config.storage) for uri in record.image_uris]
-            except ImageLoadError as err:
-                record.error, record.cause = str(err), err
+            record.error, record.cause = f"{err.field}: {err.reason}", err
+            return record
+        images = [record.images[ref.uri] for ref in encoded.images]
+        record.request = GenerationRequest(record.position, encoded.input_ids, images)
         return record
 
     def _publish(
@@ -429,8 +447,9 @@ class _Record:
     position: int
     raw: RawRecord
     prompt: Prompt | None = None
+    images: dict[str, Any] = field(default_factory=dict)
+    """The decoded images by URI (each read once however often the prompt shows it)."""
     request: GenerationRequest | None = None
-    image_uris: list[str] = field(default_factory=list)
     error: str | None = None
     cause: Exception | None = None
 
