@@ -18,7 +18,7 @@ non-padding tokens (image tokens included) after the warm-up steps.
     python bench/train_bench.py                           # every case on the GPU
     python bench/train_bench.py --cases lora-qkv-7b
     python bench/train_bench.py --sizes tiny --device cpu  # smoke test: tiny models, no DeepSpeed on CPU
-    python bench/train_bench.py --data realistic --packing true  # mixed lengths and images (bench/train_data.py)
+    python bench/train_bench.py --data realistic --packing true --attn flex_attention  # mixed lengths and images
 
 Prints one JSON line per case (and appends them to --out). The random models and the synthetic dataset
 are built once under --work and reused.
@@ -325,11 +325,12 @@ def build_realistic_dataset(folder: Path, model: Path, records: int) -> Path:
     return validated(raw, folder / "snapshots", processor)
 
 
-def case_config(case: Case, device: str, packing: str = "auto") -> Any:
+def case_config(case: Case, device: str, packing: str = "auto", attn: str = "sdpa") -> Any:
     from vlmops.config import load_config
 
     overrides = dict(case.overrides)
     overrides["train.packing"] = packing if packing == "auto" else packing == "true"
+    overrides["model.attn"] = attn
     note = None
     if device == "cpu" and overrides.get("train.deepspeed"):
         note = f"DeepSpeed ({overrides['train.deepspeed']}) needs CUDA: this CPU smoke run goes without it"
@@ -350,7 +351,7 @@ def case_config(case: Case, device: str, packing: str = "auto") -> Any:
 
 
 def run_one(
-    case: Case, model: Path, dataset: Path, run_dir: Path, device: str, packing: str = "auto"
+    case: Case, model: Path, dataset: Path, run_dir: Path, device: str, packing: str = "auto", attn: str = "sdpa"
 ) -> dict[str, Any]:
     """One case in this process: the same setup as `train()`, then the Trainer's own loop."""
     import torch
@@ -360,7 +361,7 @@ def run_one(
     from vlmops.train.sft import setup_training
     from vlmops.train.trainer import CheckpointPolicy
 
-    config, note = case_config(case, device, packing)
+    config, note = case_config(case, device, packing, attn)
     setup = setup_training(config, model, dataset, run_dir)
     trainer = setup.trainer
     trainer.remove_callback(CheckpointPolicy)  # it would evaluate and save at the last step
@@ -402,7 +403,10 @@ def run_one(
         "grad_accum": batching.grad_accum,
         "packing": batching.packing,
         "packing_tokens": batching.packing_tokens,
-        "padding_fraction": round(padding_fraction(lengths, groups, packed=batching.packing), 4),
+        "padding_fraction": round(
+            padding_fraction(lengths, groups, batching.packing, getattr(trainer.data_collator, "packed_length", None)),
+            4,
+        ),
         "tokens_per_sample": round(tokens_per_sample, 1),
         "tokens_per_s": round(tokens_per_s, 1),
         "samples_per_s": round(samples_per_s, 3),
@@ -681,6 +685,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--packing", default="auto", choices=["auto", "true", "false"], help="train.packing of the vlmops cases"
     )
+    parser.add_argument(
+        "--attn",
+        default="sdpa",
+        choices=["sdpa", "flex_attention"],
+        help="model.attn of the vlmops cases (the plain baselines use SDPA)",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this case in this process
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
@@ -698,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.work) / "runs" / case.name,
                 args.device,
                 args.packing,
+                args.attn,
             )
         result["data"] = args.data
         print("BENCH_RESULT " + json.dumps(result), flush=True)
@@ -728,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = ""
         child = [str(Path(__file__).resolve()), "--one", case.name, "--model", str(model), "--dataset", str(dataset)]
         child += ["--work", str(work), "--device", args.device, "--data", args.data, "--packing", args.packing]
+        child += ["--attn", args.attn]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
         proc = subprocess.run([*launcher, *child], env=env, text=True, capture_output=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]

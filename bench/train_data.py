@@ -60,12 +60,15 @@ def write_realistic_dataset(folder: Path, processor: Any, count: int, seed: int 
     return folder
 
 
-def padding_fraction(lengths: Sequence[int], groups: Sequence[Sequence[int]], packed: bool = False) -> float:
+def padding_fraction(
+    lengths: Sequence[int], groups: Sequence[Sequence[int]], packed: bool = False, packed_length: int | None = None
+) -> float:
     """Share of the computed positions that are padding when each group of sample indices is one micro-batch:
-    padded to its longest sample, or (packed) one row with none."""
-    if packed:
-        return 0.0
+    padded to its longest sample, or (packed) one row with none, or filled up to `packed_length` tokens."""
     real = sum(lengths[i] for g in groups for i in g)
+    if packed:
+        computed = len(groups) * packed_length if packed_length else real
+        return 0.0 if computed == 0 else 1.0 - real / computed
     computed = sum(len(g) * max(lengths[i] for i in g) for g in groups if g)
     return 0.0 if computed == 0 else 1.0 - real / computed
 

@@ -23,6 +23,7 @@ from vlmops.data.formats import parse_record
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.train.data import SFTDataset, VisionLanguageCollator
 from vlmops.train.packing import (
+    FILLER_KEY,
     GroupCollator,
     GroupedDataset,
     check_packing_support,
@@ -109,8 +110,11 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tenso
     return per_sample
 
 
-def assert_packed_learns_as_padded(path: Path, images: list[str], attn: str = "sdpa", device: str = "cpu") -> None:
-    """Per-token losses and gradients of the sum of the losses: padded batch (SDPA) vs one packed row (`attn`)."""
+def assert_packed_learns_as_padded(
+    path: Path, images: list[str], attn: str = "sdpa", device: str = "cpu", filler: int = 0
+) -> None:
+    """Per-token losses and gradients of the sum of the losses: padded batch (SDPA) vs one packed row (`attn`),
+    filled with `filler` padding tokens of its own at the end when that is not 0."""
     reference, processor = load(path, "sdpa", device)
     model, _ = load(path, attn, device)
     check_packing_support(model)
@@ -118,9 +122,11 @@ def assert_packed_learns_as_padded(path: Path, images: list[str], attn: str = "s
     samples = [data[i] for i in range(len(data))]
     assert sorted({int(s.get("pixel_values", torch.empty(0)).shape[0]) for s in samples}) == [0, 1, 2]
     padded = VisionLanguageCollator(pad_token_id=processor.tokenizer.pad_token_id)(samples)
-    packed = pack_samples(samples)
-    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, sum(data.lengths))
-    assert padding_fraction([packed]) == 0.0 < padding_fraction([padded])
+    pad = processor.tokenizer.pad_token_id
+    packed = pack_samples(samples, sum(data.lengths) + filler if filler else None, pad)
+    assert "attention_mask" not in packed and packed["input_ids"].shape == (1, sum(data.lengths) + filler)
+    assert (padding_fraction([packed]) > 0) == bool(filler) and padding_fraction([padded]) > 0
+    packed.pop(FILLER_KEY, None)
 
     results = []
     for net, batch in ((reference, padded), (model, packed)):
@@ -131,6 +137,9 @@ def assert_packed_learns_as_padded(path: Path, images: list[str], attn: str = "s
         grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
         results.append((per_sample, total.detach(), grads))
     (ref_tokens, ref_total, ref_grads), (tokens, total, grads) = results
+    if filler:
+        assert len(tokens[-1]) == 0  # the filler: a sequence of its own with nothing trained
+        tokens = tokens[:-1]
 
     assert [len(t) for t in tokens] == [len(t) for t in ref_tokens]  # the same trained tokens, sample by sample
     for ours, ref in zip(tokens, ref_tokens, strict=True):
@@ -150,6 +159,12 @@ def test_packed_and_padded_give_the_same_token_losses_and_gradients(
     arch: str, tiny_models: dict[str, Path], images: list[str]
 ) -> None:
     assert_packed_learns_as_padded(tiny_models[arch], images)
+
+
+def test_a_filled_packed_row_gives_the_same_token_losses_and_gradients(
+    tiny_models: dict[str, Path], images: list[str]
+) -> None:
+    assert_packed_learns_as_padded(tiny_models["deepseek_vl"], images, filler=37)
 
 
 @pytest.mark.gpu
@@ -248,6 +263,13 @@ def test_group_collator_packs_groups_and_pads_plain_samples(tiny_processor: Any,
     pad = tiny_processor.tokenizer.pad_token_id
     packed = GroupCollator(pad, pack=True)([grouped[0]])
     assert packed["input_ids"].shape == (1, grouped.lengths[0]) and packed["pixel_values"].shape[0] == 1
+    filled = GroupCollator(pad, pack=True, packed_length=grouped.lengths[0] + 50)([grouped[0]])
+    assert filled["input_ids"].shape == (1, grouped.lengths[0] + 50) and int(filled[FILLER_KEY]) == 50
+    assert filled["input_ids"][0, -50:].eq(pad).all() and filled["labels"][0, -50:].eq(IGNORE_INDEX).all()
+    assert filled["position_ids"][0, -50:].tolist() == list(range(50))  # a sequence of its own
+    assert padding_fraction([filled]) == pytest.approx(50 / (grouped.lengths[0] + 50))
+    with pytest.raises(ValueError, match="more than the row"):
+        GroupCollator(pad, pack=True, packed_length=grouped.lengths[0] - 1)([grouped[0]])
     by_length = GroupCollator(pad, pack=False)([grouped[1]])
     assert by_length["input_ids"].shape[0] == 2 and by_length["pixel_values"].shape[0] == 2
     plain = GroupCollator(pad, pack=True)([data[0], data[1]])  # the eval split: padded as before
@@ -270,7 +292,9 @@ LOSS_CURVE_STEPS = 20
 LOSS_CURVE_RTOL = 1e-4
 
 
-def trained_losses(tiny_model: Path, snapshot: Any, run_dir: Path, pack: bool) -> list[float]:
+def trained_losses(tiny_model: Path, snapshot: Any, run_dir: Path, layout: str) -> tuple[list[float], int]:
+    """The loss curve and the tokens the Trainer counted as seen; `layout`: packed, filled (packed rows filled to
+    one length, as with compiled layers) or padded (the same groups as padded batches)."""
     from vlmops.config import load_config
     from vlmops.train.sft import setup_training
 
@@ -289,18 +313,26 @@ def trained_losses(tiny_model: Path, snapshot: Any, run_dir: Path, pack: bool) -
     }
     setup = setup_training(load_config(None, overrides), tiny_model, snapshot.path, run_dir)
     assert setup.batching.packing and setup.trainer.args.per_device_train_batch_size == 1
-    if not pack:  # the same groups, each as a padded batch
-        setup.trainer.data_collator = GroupCollator(setup.trainer.data_collator.pad_token_id, pack=False)
+    pad = setup.trainer.data_collator.pad_token_id
+    if layout == "padded":  # the same groups, each as a padded batch
+        setup.trainer.data_collator = GroupCollator(pad, pack=False)
+    elif layout == "filled":
+        setup.trainer.data_collator = GroupCollator(pad, pack=True, packed_length=320)
     setup.trainer.train()
-    return [entry["loss"] for entry in setup.trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in setup.trainer.state.log_history if "loss" in entry]
+    return losses, setup.trainer.state.num_input_tokens_seen
 
 
 def test_packed_training_follows_the_padded_loss_curve(tiny_model: Path, snapshot: Any, tmp_path: Path) -> None:
-    packed = trained_losses(tiny_model, snapshot, tmp_path / "packed", pack=True)
-    padded = trained_losses(tiny_model, snapshot, tmp_path / "padded", pack=False)
-    assert len(packed) == len(padded) == LOSS_CURVE_STEPS
+    packed, packed_seen = trained_losses(tiny_model, snapshot, tmp_path / "packed", "packed")
+    padded, _ = trained_losses(tiny_model, snapshot, tmp_path / "padded", "padded")
+    filled, filled_seen = trained_losses(tiny_model, snapshot, tmp_path / "filled", "filled")
+    assert len(packed) == len(padded) == len(filled) == LOSS_CURVE_STEPS
     assert packed[-1] < 0.8 * packed[0]  # it learns
     assert packed == pytest.approx(padded, rel=LOSS_CURVE_RTOL)
+    # Rows filled to one length learn the same, and the filler is not counted as tokens seen.
+    assert filled == pytest.approx(packed, rel=LOSS_CURVE_RTOL)
+    assert filled_seen == packed_seen > 0
 
 
 @pytest.mark.gpu

@@ -150,4 +150,13 @@ def train_dataset(batching: Batching, dataset: Any, seed: int) -> Dataset[Any]:
 
 def collator(batching: Batching, pad_token_id: int, pad_to_multiple_of: int = 1) -> GroupCollator:
     """Packs groups into one row (packing), pads groups and plain samples (everything else, and evaluation)."""
-    return GroupCollator(pad_token_id=pad_token_id, pack=batching.packing, pad_to_multiple_of=pad_to_multiple_of)
+    packed_length = None
+    if batching.packing and pad_to_multiple_of > 1:  # compiled layers: every packed row one shape, the budget's
+        assert batching.packing_tokens is not None
+        packed_length = -(-batching.packing_tokens // pad_to_multiple_of) * pad_to_multiple_of
+    return GroupCollator(
+        pad_token_id=pad_token_id,
+        pack=batching.packing,
+        pad_to_multiple_of=pad_to_multiple_of,
+        packed_length=packed_length,
+    )

@@ -39,6 +39,8 @@ from vlmops.train.data import VisionLanguageCollator
 log = logging.getLogger(__name__)
 
 PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
+# A packed row filled to a fixed length carries the filler's token count under this key (not a model input).
+FILLER_KEY = "packing_filler_tokens"
 # Attention kernels whose transformers mask path understands packed position ids (eager builds the same mask).
 PACKING_ATTENTION = ("sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "eager")
 # Length-grouped batches are formed within windows of this many batches: similar lengths in a batch, while the
@@ -146,11 +148,17 @@ class GroupedDataset(Dataset[list[dict[str, torch.Tensor]]]):
         return len(self.samples) / max(1, len(self.groups))
 
 
-def pack_samples(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def pack_samples(
+    samples: Sequence[dict[str, torch.Tensor]], length: int | None = None, pad_token_id: int = 0
+) -> dict[str, torch.Tensor]:
     """One row holding every sample: `input_ids`, `labels`, `position_ids` (1, total) and the images in row order.
 
     No `attention_mask`: its absence is what makes transformers derive per-sample attention from the
     position ids (a 2-D mask, even all ones, would switch that off).
+
+    `length`: fill the row up to this many tokens with a filler sequence of its own (padding ids, positions from
+    0, no labels), so that every packed row has one shape (compiled layers are specialised per shape). The
+    filler's size is `FILLER_KEY` in the batch (the trainer takes it out before the forward pass).
     """
     if not samples:
         raise ValueError("cannot pack an empty list of samples")
@@ -159,11 +167,23 @@ def pack_samples(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.
         own = s["labels"].clone()
         own[0] = IGNORE_INDEX  # the previous sample's last token must not learn to predict this one's first
         labels.append(own)
+    ids = [s["input_ids"] for s in samples]
+    positions = [torch.arange(len(s["input_ids"])) for s in samples]
+    total = sum(len(i) for i in ids)
+    filler = 0 if length is None else length - total
+    if filler < 0:
+        raise ValueError(f"the packed samples hold {total} tokens, more than the row's {length}")
+    if filler:
+        ids.append(torch.full((filler,), pad_token_id, dtype=ids[0].dtype))
+        labels.append(torch.full((filler,), IGNORE_INDEX, dtype=labels[0].dtype))
+        positions.append(torch.arange(filler))
     batch = {
-        "input_ids": torch.cat([s["input_ids"] for s in samples]).unsqueeze(0),
+        "input_ids": torch.cat(ids).unsqueeze(0),
         "labels": torch.cat(labels).unsqueeze(0),
-        "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples]).unsqueeze(0),
+        "position_ids": torch.cat(positions).unsqueeze(0),
     }
+    if length is not None:
+        batch[FILLER_KEY] = torch.tensor(filler)
     for key in PIXEL_KEYS:
         stacks = [s[key] for s in samples if key in s]
         if stacks:
@@ -180,6 +200,8 @@ class GroupCollator:
     pack: bool = True
     pad_to_multiple_of: int = 1
     """Padded batches only: round their length up (compiled layers then see a few shapes, not one per length)."""
+    packed_length: int | None = None
+    """Packed rows only: fill each to this many tokens (one shape for compiled layers); None: as long as its samples."""
 
     def __call__(
         self, features: Sequence[list[dict[str, torch.Tensor]]] | Sequence[dict[str, torch.Tensor]]
@@ -193,7 +215,7 @@ class GroupCollator:
                 grouped = True
                 samples.extend(f)
         if grouped and self.pack:
-            return pack_samples(samples)
+            return pack_samples(samples, self.packed_length, self.pad_token_id)
         return VisionLanguageCollator(self.pad_token_id, self.pad_to_multiple_of)(samples)
 
 
@@ -215,7 +237,10 @@ def check_packing_support(model: Any) -> None:
 
 
 def padding_fraction(batches: Sequence[dict[str, torch.Tensor]]) -> float:
-    """Share of the computed token positions that are padding, over collated batches (packed rows have none)."""
+    """Share of the computed token positions that are padding, over collated batches (a packed row's is its filler)."""
     total = sum(b["input_ids"].numel() for b in batches)
-    real = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in batches)
+    real = sum(
+        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() - int(b.get(FILLER_KEY, 0))
+        for b in batches
+    )
     return 0.0 if total == 0 else 1.0 - real / total

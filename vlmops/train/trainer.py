@@ -26,11 +26,11 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files
+from vlmops.train.packing import FILLER_KEY, PIXEL_KEYS
 from vlmops.train.rundir import COMPLETE_MARKER, METRICS_FILE, TRAINER_STATE, checkpoints
 
 log = logging.getLogger(__name__)
 
-PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
 # What a checkpoint holds beside the model: optimizer, scheduler, RNG and DeepSpeed state.
 TRAINING_STATE_FILES = (
     "optimizer.pt",
@@ -104,6 +104,11 @@ class VLTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
+        filler = inputs.pop(FILLER_KEY, None)
+        if filler is not None and model.training:
+            # The Trainer counted the packed row's filler among the tokens seen ("all": a packed row has no
+            # attention_mask to tell real tokens); take it back out, summed over the processes as it counts.
+            self.state.num_input_tokens_seen -= int(self.accelerator.gather(filler.reshape(1)).sum().item())
         core = vision_language_core(self.accelerator.unwrap_model(model))
         dtype = next(core.vision_model.parameters()).dtype
         for key in PIXEL_KEYS:
