@@ -142,7 +142,9 @@ def main() -> int:
     parser.add_argument("--models", default="1.3b,7b")
     parser.add_argument("--size", choices=["real", "tiny"], default="real")
     parser.add_argument("--records", default="1.3b=6000,7b=1600", help="prompts per model for the default engine")
-    parser.add_argument("--plain-records", type=int, default=128, help="prompts for the plain generate baseline")
+    parser.add_argument(
+        "--plain-records", type=int, default=128, help="prompts for the plain generate baseline (0: skip it)"
+    )
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--shards", type=int, default=8, help="shards per job: the steady rate is read from them")
     parser.add_argument("--work", default="/tmp/batch-e2e")
@@ -172,14 +174,11 @@ def main() -> int:
         shard = max(1, count // args.shards)
         base = [f"infer.max_new_tokens={args.new_tokens}", "model.system_prompt=", f"infer.shard_size={shard}"]
         cases: list[tuple[str, list[str], int | None, list[str] | None]] = [
-            ("batch-infer (auto engine)", base, None, None),
-            (
-                "batch-infer plain generate",
-                [*base, "infer.engine=plain", "infer.batch_size=32"],
-                args.plain_records,
-                None,
-            ),
+            ("batch-infer (auto engine)", base, None, None)
         ]
+        if args.plain_records > 0:
+            plain = [*base, "infer.engine=plain", "infer.batch_size=32"]
+            cases.append(("batch-infer plain generate", plain, args.plain_records, None))
         if args.py_spy:
             stacks = Path(args.py_spy) / f"{arch}.txt"
             stacks.parent.mkdir(parents=True, exist_ok=True)
