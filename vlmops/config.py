@@ -195,7 +195,9 @@ class TrainConfig(Section):
     packing."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each decoder layer of the language model. auto: on with a CUDA GPU (not under DeepSpeed),
-    off on CPU. The first steps are slower while the layers compile (~30 s)."""
+    off on CPU. The first steps are slower while the layers compile (~30 s), and a step with a batch length not
+    seen before compiles again: packed rows are filled to one length, padded batches pad up to at most 16 lengths
+    chosen from the data."""
     fused_loss: Literal["auto", "on", "off"] = "auto"
     """Fused LM head + cross-entropy over the answer positions (Liger Kernel, `pip install 'vlmops[gpu]'`): the
     logits over the 102,400-word vocabulary are never materialised. auto: on with a CUDA GPU when Liger Kernel is

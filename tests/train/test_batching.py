@@ -3,7 +3,9 @@ TrainingArguments they produce."""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from vlmops.config import load_config
-from vlmops.train.batching import Batching, resolve_batching
+from vlmops.train.batching import COMPILED_LENGTHS, Batching, collator, length_buckets, resolve_batching
 from vlmops.train.packing import GroupedDataset
 
 LENGTHS = [100, 300, 250, 90, 700, 60]
@@ -64,3 +66,48 @@ def test_packed_runs_count_every_token_as_real(tiny_model: Path, snapshot: Any, 
     batch = next(iter(setup.trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch and "attention_mask" not in batch
     assert setup.trainer.model.config.text_config.use_cache is False
+
+
+def _padding(lengths: list[int], edges: tuple[int, ...], multiple: int) -> int:
+    return sum(min(e for e in edges if e >= -(-n // multiple) * multiple) - n for n in lengths)
+
+
+def test_length_buckets_are_the_fewest_padding_split_of_at_most_count_lengths() -> None:
+    rng = random.Random(0)
+    for _ in range(150):
+        multiple = rng.choice([1, 8, 64])
+        lengths = [rng.randrange(1, 600) for _ in range(rng.randrange(1, 30))]
+        count = rng.randrange(1, 6)
+        edges = length_buckets(lengths, count, multiple)
+        rounded = sorted({-(-n // multiple) * multiple for n in lengths})
+        assert len(edges) <= count and edges == tuple(sorted(edges)) and edges[-1] == rounded[-1]
+        assert all(e % multiple == 0 for e in edges)
+        best = min(  # every choice of up to count - 1 lengths below the longest
+            _padding(lengths, (*choice, rounded[-1]), multiple)
+            for k in range(min(count, len(rounded)))
+            for choice in itertools.combinations(rounded[:-1], k)
+        )
+        assert _padding(lengths, edges, multiple) == best
+    with pytest.raises(ValueError):
+        length_buckets([10], 0, 64)
+
+
+def test_compiled_runs_pad_batches_to_a_few_lengths() -> None:
+    batching = Batching(4, 1, False, False, None, True)
+    rng = random.Random(1)
+    lengths = [rng.randrange(64, 2700) for _ in range(5000)]
+    plain = collator(batching, 0)  # CPU: no compile, each batch as long as its longest sample
+    assert plain.pad_to_lengths == () and plain.pad_to_multiple_of == 1
+    compiled = collator(batching, 0, 64, lengths)
+    assert (
+        len(compiled.pad_to_lengths) == COMPILED_LENGTHS and max(compiled.pad_to_lengths) == -(-max(lengths) // 64) * 64
+    )
+    waste = _padding(lengths, compiled.pad_to_lengths, 64) / sum(lengths)
+    assert waste < 0.08  # the price of 16 shapes instead of ~41 (multiples of 64)
+    sample = {"input_ids": torch.ones(700, dtype=torch.long), "labels": torch.ones(700, dtype=torch.long)}
+    batch = compiled([[sample, sample]])
+    assert batch["input_ids"].shape[1] == min(e for e in compiled.pad_to_lengths if e >= 700)
+    longer = {"input_ids": torch.ones(3000, dtype=torch.long), "labels": torch.ones(3000, dtype=torch.long)}
+    assert compiled([longer])["input_ids"].shape[1] == 3008  # past the buckets (an eval sample): the multiple
+    packed = collator(Batching(4, 1, False, True, 1000, False), 0, 64, lengths)
+    assert packed.packed_length == 1024 and packed.pad_to_lengths == ()

@@ -142,10 +142,14 @@ class VisionLanguageCollator:
 
     pad_token_id: int
     pad_to_multiple_of: int = 1
+    pad_to_lengths: tuple[int, ...] = ()
+    """Sorted lengths a batch pads up to (the smallest that holds it; longer batches round up to the multiple):
+    with compiled layers, a few shapes in all (`vlmops.train.batching.length_buckets`)."""
 
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
-        longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        fitting = [n for n in self.pad_to_lengths if n >= longest]
+        longest = fitting[0] if fitting else -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch_size = len(features)
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)

@@ -202,6 +202,8 @@ class GroupCollator:
     """Padded batches only: round their length up (compiled layers then see a few shapes, not one per length)."""
     packed_length: int | None = None
     """Packed rows only: fill each to this many tokens (one shape for compiled layers); None: as long as its samples."""
+    pad_to_lengths: tuple[int, ...] = ()
+    """Padded batches only: the lengths they pad up to (see `VisionLanguageCollator`)."""
 
     def __call__(
         self, features: Sequence[list[dict[str, torch.Tensor]]] | Sequence[dict[str, torch.Tensor]]
@@ -216,7 +218,7 @@ class GroupCollator:
                 samples.extend(f)
         if grouped and self.pack:
             return pack_samples(samples, self.packed_length, self.pad_token_id)
-        return VisionLanguageCollator(self.pad_token_id, self.pad_to_multiple_of)(samples)
+        return VisionLanguageCollator(self.pad_token_id, self.pad_to_multiple_of, self.pad_to_lengths)(samples)
 
 
 def check_packing_support(model: Any) -> None:

@@ -303,7 +303,9 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         args=args,
         train_dataset=train_dataset(batching, datasets["train"], config.run.seed),
         eval_dataset=datasets["eval"],
-        data_collator=collator(batching, processor.tokenizer.pad_token_id, speed.pad_to_multiple_of),
+        data_collator=collator(
+            batching, processor.tokenizer.pad_token_id, speed.pad_to_multiple_of, datasets["train"].lengths
+        ),
         processing_class=processor,
         callbacks=[
             CheckpointPolicy(),

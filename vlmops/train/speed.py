@@ -51,8 +51,9 @@ class SpeedPlan:
 
     @property
     def pad_to_multiple_of(self) -> int:
-        """Padded batch lengths round up to this: compiled layers are specialised per shape (dynamic shapes measured
-        slower than the uncompiled layers on the H200), so lengths come in a few buckets."""
+        """Padded and packed lengths are multiples of this: compiled layers are specialised per shape (dynamic shapes
+        measured slower than the uncompiled layers on the H200), so lengths come in a few buckets
+        (`vlmops.train.batching.collator`: packed rows one length, padded batches at most `COMPILED_LENGTHS`)."""
         return COMPILE_BUCKET if self.compile_layers else 1
 
     def describe(self) -> str:
