@@ -110,10 +110,10 @@ def answer_shards(
     progress: bool = True,
     on_shard: OnShard | None = None,
 ) -> list[ShardStats]:
-    """Answer `todo` one shard after another in this process."""
+    """Answer `todo` in this process, as one stream through the engine (each shard published when it completes)."""
     with _Progress(plan, todo, progress, on_shard) as bar:
-        for shard in todo:
-            bar.shard_done(runner.run(plan, shard, output, bar.records))
+        for stats in runner.run_many(plan, todo, output, bar.records):
+            bar.shard_done(stats)
     return bar.ran
 
 

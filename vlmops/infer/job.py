@@ -21,9 +21,11 @@ this one, a process per GPU (`vlmops.infer.parallel`), or Prefect task workers o
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -313,69 +315,100 @@ class ShardRunner:
     def run(
         self, plan: JobPlan, shard: Shard, output: JobOutput, on_record: Callable[[int], None] | None = None
     ) -> ShardStats:
-        """Answer one shard; publish its rejects, then its part (the shard is done once the part exists).
+        """Answer one shard and publish it (see `run_many`)."""
+        (stats,) = self.run_many(plan, [shard], output, on_record)
+        return stats
 
-        Only this shard's records and answers are held; the engine pulls the prompts (images decoded) lazily.
+    def run_many(
+        self, plan: JobPlan, shards: list[Shard], output: JobOutput, on_record: Callable[[int], None] | None = None
+    ) -> Iterator[ShardStats]:
+        """Answer `shards` through one stream of the engine; publish each as soon as all its records are answered.
+
+        The engine never drains between shards: the next shard's prompts fill slots as the last one's finish. A
+        shard is published as its rejects, then its part (the commit point: the shard is done once the part
+        exists). Only the shards in flight (being read or answered) are held in memory; the engine pulls the
+        prompts (images decoded) lazily. Each shard's `seconds` is the wall time since the previous one was
+        published (or since the start), so they add up to the run's.
 
         Raises:
-            RecordRejectedError: `infer.on_error: fail` and a record cannot be answered (nothing is published).
+            RecordRejectedError: `infer.on_error: fail` and a record cannot be answered (shards published before
+                stay published; the rest is not).
         """
-        started = time.perf_counter()
-        file = plan.files[shard.file]
-        base_dir = Path(file.uri).parent if not file.uri.startswith("s3://") else Path.cwd()
-        # A record's local images stay inside its file's folder or data.allowed_roots, as a dataset's do: a job
-        # run for someone else must not read `../../etc/shadow` (and quote its first bytes in a reject).
-        roots = image_roots(base_dir, self.config.data.allowed_roots)
-        prompts: dict[int, Prompt] = {}
-        rejects: list[dict[str, Any]] = []
-        images = 0
+        works = [_ShardWork(shard, plan.files[shard.file]) for shard in shards]
 
         def requests(pool: ThreadPoolExecutor) -> Iterator[GenerationRequest]:
             """Run by a thread of its own (`in_background`); the pool reads and decodes the images."""
-            nonlocal images
+            for index, work in enumerate(works):
+                work.begun = True
+                file = work.file
+                base_dir = Path(file.uri).parent if not file.uri.startswith("s3://") else Path.cwd()
+                # A record's local images stay inside its file's folder or data.allowed_roots, as a dataset's do: a
+                # job run for someone else must not read `../../etc/shadow` (and quote its first bytes in a reject).
+                roots = image_roots(base_dir, self.config.data.allowed_roots)
 
-            def read(item: tuple[int, RawRecord]) -> _Record:
-                return self._load_images(self._parse(*item, base_dir, roots))
+                def read(
+                    item: tuple[int, RawRecord], base_dir: Path = base_dir, roots: tuple[Path, ...] = roots
+                ) -> _Record:
+                    return self._load_images(self._parse(*item, base_dir, roots))
 
-            raws = enumerate(read_shard(file, shard, self.config.storage))
-            for future in prefetched(pool, read, raws, READ_AHEAD):
-                record = self._encode(future.result())
-                if record.error is not None:
-                    if self.config.infer.on_error == "fail":
-                        raise RecordRejectedError(
-                            f"{record.raw.location}: {record.error} (infer.on_error=skip writes it to rejects)"
-                        ) from record.cause
-                    rejects.append(_reject(file, record.raw, record.error))
-                    if on_record:
-                        on_record(1)
-                    continue
-                assert record.prompt is not None and record.request is not None
-                prompts[record.position] = record.prompt
-                images += len(record.request.images)
-                yield record.request
+                raws = enumerate(read_shard(file, work.shard, self.config.storage))
+                for future in prefetched(pool, read, raws, READ_AHEAD):
+                    record = self._encode(future.result())
+                    if record.error is not None:
+                        if self.config.infer.on_error == "fail":
+                            raise RecordRejectedError(
+                                f"{record.raw.location}: {record.error} (infer.on_error=skip writes it to rejects)"
+                            ) from record.cause
+                        work.rejects.append(_reject(file, record.raw, record.error))
+                        if on_record:
+                            on_record(1)
+                        continue
+                    assert record.prompt is not None and record.request is not None
+                    work.prompts[record.position] = record.prompt
+                    work.images += len(record.request.images)
+                    record.request.key = (index, record.position)
+                    yield record.request
+                work.read = True  # last: the main thread takes a read shard's prompts as final
 
-        results: dict[int, GenerationResult] = {}
+        pending = deque(works)
+        last = time.perf_counter()
+
+        def finished() -> Iterator[ShardStats]:
+            nonlocal last
+            for work in [w for w in itertools.takewhile(lambda w: w.begun, pending) if w.complete]:
+                pending.remove(work)
+                stats = self._finish(plan, work, output, time.perf_counter() - last)
+                last = time.perf_counter()
+                yield stats
+
         with (
             ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="job-images") as pool,
             closing(in_background(requests(pool), READ_AHEAD, "job-records")) as feed,
         ):
             for result in self.engine.generate(feed):
-                results[result.key] = result
+                index, position = result.key
+                works[index].results[position] = result
                 if on_record:
                     on_record(1)
-        missing = sorted(prompts.keys() - results.keys())
-        if missing:
-            raise RunFailed(f"shard {shard.name}: the engine returned no answer for records {missing[:10]}")
-        answered = [(prompts[i], results[i]) for i in sorted(prompts)]
-        tokens = self._publish(plan, shard, output, answered, rejects)
+                if works[index].complete:
+                    yield from finished()
+        yield from finished()  # shards whose last records were rejects
+        for work in pending:
+            missing = sorted(work.prompts.keys() - work.results.keys())
+            raise RunFailed(f"shard {work.shard.name}: the engine returned no answer for records {missing[:10]}")
+
+    def _finish(self, plan: JobPlan, work: _ShardWork, output: JobOutput, seconds: float) -> ShardStats:
+        """Publish a shard whose records are all answered or rejected."""
+        answered = [(work.prompts[i], work.results[i]) for i in sorted(work.prompts)]
+        tokens = self._publish(plan, work.shard, output, answered, work.rejects)
         stats = ShardStats(
-            shard.index, len(prompts), len(rejects), tokens, images, time.perf_counter() - started, self.worker
+            work.shard.index, len(work.prompts), len(work.rejects), tokens, work.images, seconds, self.worker
         )
         log.info(
             "shard %s: %d results, %d rejects, %d tokens in %.1f s",
-            shard.name,
-            len(prompts),
-            len(rejects),
+            work.shard.name,
+            len(work.prompts),
+            len(work.rejects),
             tokens,
             stats.seconds,
         )
@@ -438,6 +471,25 @@ class ShardRunner:
                 response = decode_answer(self.loaded, result.token_ids)
                 f.write(json.dumps(_result_record(prompt, result, response, model), ensure_ascii=False) + "\n")
         return tokens
+
+
+@dataclass
+class _ShardWork:
+    """A shard in flight: its prompts and rejects as they are read (by the feeding thread), its answers."""
+
+    shard: Shard
+    file: InputFile
+    prompts: dict[int, Prompt] = field(default_factory=dict)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[int, GenerationResult] = field(default_factory=dict)
+    images: int = 0
+    begun: bool = False
+    read: bool = False
+    """Every record of the shard has been read (set last by the feeding thread)."""
+
+    @property
+    def complete(self) -> bool:
+        return self.read and len(self.results) == len(self.prompts)
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""One stream through the engine for a whole job (`ShardRunner.run_many`): the next shard's prompts fill the slots
+the last one's finished rows free, and each shard is still published alone, complete and exactly once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from vlmops.config import load_config
+from vlmops.infer.engine import GenerationRequest, GenerationResult
+from vlmops.infer.fast_engine import FastEngine
+from vlmops.infer.job import ModelInfo, ShardRunner, finalize, open_job, pending_shards, plan_job
+from vlmops.infer.output import open_output
+from vlmops.models.loading import load_model
+
+
+class Recording:
+    """The real engine, with the order in which requests went in and answers came out."""
+
+    def __init__(self, engine: FastEngine):
+        self.engine = engine
+        self.events: list[tuple[str, Any]] = []
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
+        def pulled() -> Iterator[GenerationRequest]:
+            for request in requests:
+                self.events.append(("in", request.key))
+                yield request
+
+        for result in self.engine.generate(pulled()):
+            self.events.append(("out", result.key))
+            yield result
+
+
+def test_shards_overlap_in_the_engine_and_each_is_published_whole(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    shutil.copy(images["red"], tmp_path / "red.png")
+    lines = []
+    for i in range(23):
+        record: dict[str, Any] = {"id": f"r{i}", "query": f"What is {i} plus {i}?"}
+        if i % 4 == 0:
+            record["images"] = ["red.png"]
+        lines.append(json.dumps(record))
+    lines[7] = "{not json"  # a reject in shard 1
+    lines[10:15] = [
+        json.dumps({"id": f"m{i}", "query": "<img>missing.png</img>?"}) for i in range(5)
+    ]  # shard 2: all rejects
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    config = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 5})
+    loaded = load_model(tiny_model)
+    engine = Recording(FastEngine(loaded, config.infer, max_batch=8, prefill_batch=2, max_context=256))
+    output = open_output(str(tmp_path / "out"))
+    plan = open_job(plan_job(ModelInfo(str(tiny_model), None, "sha256:x"), str(tmp_path / "in.jsonl"), config), output)
+    shards = pending_shards(plan, output)
+    assert len(shards) == 5
+
+    stats = list(ShardRunner(loaded, engine, config).run_many(plan, shards, output))
+
+    assert sorted(s.shard for s in stats) == [0, 1, 2, 3, 4] and pending_shards(plan, output) == []
+    assert [(s.results, s.rejects) for s in sorted(stats, key=lambda s: s.shard)] == [
+        (5, 0),
+        (4, 1),
+        (0, 5),
+        (5, 0),
+        (3, 0),
+    ]
+    # The engine took the next shard's prompts before the previous shard's last answer came out.
+    first_in = {k[0]: i for i, (e, k) in reversed(list(enumerate(engine.events))) if e == "in"}
+    last_out = {k[0]: i for i, (e, k) in enumerate(engine.events) if e == "out"}
+    assert first_in[1] < last_out[0]
+    # Each part holds its own shard's records, in input order; rejects name their file and line.
+    manifest = finalize(plan, output)
+    assert manifest["results"] == 17 and manifest["rejects"] == 6 and manifest["records_read"] == 23
+    for shard in range(5):
+        part = tmp_path / "out" / f"part-{shard:05d}.jsonl"
+        keys = [json.loads(line)["key"] for line in part.read_text().splitlines()]
+        expected = [f"r{i}" for i in range(shard * 5, min(shard * 5 + 5, 23)) if i != 7 and not 10 <= i < 15]
+        assert keys == expected
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["line"] for r in rejects) == [8, 11, 12, 13, 14, 15]
+    assert all(s.seconds >= 0 for s in stats)
