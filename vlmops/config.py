@@ -204,7 +204,9 @@ class TrainConfig(Section):
     installed (not under DeepSpeed)."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
-    or a path to your own JSON. null: no DeepSpeed."""
+    or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of
+    data.max_length tokens with recompute, float32 master weights, in train.memory_gib) takes the
+    zero3-offload-partial preset instead of failing for memory (train.auto_batch: false keeps null as it is)."""
     nproc_per_node: int | None = Field(None, ge=1)
     """GPUs (processes) on this node. null: the NPROC_PER_NODE environment variable, else 1."""
     logging_steps: int = Field(1, ge=1)

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
+from pathlib import Path
 
+import pytest
+import torch
+
+from vlmops.config import load_config
 from vlmops.testing.architectures import architecture_config
-from vlmops.train.memory import GIB, ModelShape, count_parameters, plan_batch
+from vlmops.train.batching import resolve_deepspeed
+from vlmops.train.memory import (
+    GIB,
+    OFFLOAD_PRESET,
+    ModelShape,
+    count_parameters,
+    fits_without_deepspeed,
+    plan_batch,
+)
+from vlmops.train.speed import SpeedPlan
 
 LONGEST, MEAN = 1700, 900  # realistic data: 64-1,500 text tokens and 0-2 images of 576 tokens
 
@@ -106,3 +120,32 @@ def test_the_gpu_speed_levers_shrink_the_estimate(shapes: dict[str, ModelShape])
     # 20 GiB: recompute, micro-batches of 4 (measured 21.6 GiB at 8 x 1,088 tokens with recompute)
     plan = plan_batch(compiled, 20, 8, 1090, 1088, packing=False)
     assert plan.recompute and plan.micro_batch == 4 and plan.estimate_gib <= 20
+
+
+def test_full_7b_fits_an_h200_without_deepspeed_but_not_an_80_gb_card(shapes: dict[str, ModelShape]) -> None:
+    """The plain float32-master loop trained the 7b at 107.5 GiB on an H200 (DESIGN.md §7)."""
+    fused = replace(shapes["7b-full"], fused_loss=True, compiled=True)  # the GPU levers: no logits kept
+    assert fits_without_deepspeed(fused, 125.0, 4096)
+    assert not fits_without_deepspeed(fused, 72.0, 4096)
+    assert fits_without_deepspeed(shapes["1.3b-full"], 40.0, 4096)
+
+
+def test_full_training_takes_the_offload_preset_only_where_it_would_not_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = tmp_path / "7b"
+    architecture_config("deepseek-vl-7b-chat").save_pretrained(base)
+
+    gpu_levers = SpeedPlan(compile_layers=True, fused_loss=True, fused_adamw=True)
+
+    def chosen(**overrides: object) -> str | None:
+        return resolve_deepspeed(load_config(None, overrides), base, gpu_levers).train.deepspeed
+
+    full = {"train.mode": "full"}
+    assert chosen(**full, **{"train.memory_gib": 72}) is None  # no GPU here: as written
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, sized by train.memory_gib
+    assert chosen(**full, **{"train.memory_gib": 72}) == OFFLOAD_PRESET
+    assert chosen(**full, **{"train.memory_gib": 125}) is None  # fits: the fast path, no offload
+    assert chosen(**{"train.mode": "lora", "train.memory_gib": 20}) is None
+    assert chosen(**full, **{"train.memory_gib": 72, "train.auto_batch": False}) is None
+    assert chosen(**full, **{"train.memory_gib": 72, "train.deepspeed": "zero2"}) == "zero2"

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlmops.config import PipelineConfig, TrainConfig
-from vlmops.train.memory import ModelShape, gpu_memory_gib, plan_batch
+from vlmops.train.memory import OFFLOAD_PRESET, ModelShape, fits_without_deepspeed, gpu_memory_gib, plan_batch
 from vlmops.train.packing import GroupCollator, GroupedDataset, length_groups, pack_groups, resolve_packing
 from vlmops.train.speed import SpeedPlan
 
@@ -99,6 +99,34 @@ def resolve_batching(
         packing_tokens=tokens if packing else None,
         group_by_length=t.group_by_length and not packing,
     )
+
+
+def resolve_deepspeed(config: PipelineConfig, base_model: Path, speed: SpeedPlan | None = None) -> PipelineConfig:
+    """`config` with `train.deepspeed` chosen where it is null and full training would not fit the GPU.
+
+    Full training on one GPU is fastest without DeepSpeed (float32 masters under autocast, fused AdamW, no
+    offload): that is kept whenever one sample of `data.max_length` tokens fits `train.memory_gib` with recompute.
+    Otherwise the run takes the `OFFLOAD_PRESET` preset instead of failing for memory. LoRA, CPU runs, an explicit
+    `train.deepspeed`, `model.dtype` set, and `train.auto_batch: false` keep the config as written. `speed`: the
+    levers the run would use without DeepSpeed (a fused loss keeps no logits).
+    """
+    t = config.train
+    if t.deepspeed is not None or t.mode != "full" or not t.auto_batch or config.model.dtype != "auto":
+        return config
+    if not torch.cuda.is_available():
+        return config
+    budget = gpu_memory_gib(t.memory_gib)
+    shape = training_shape(base_model, t, torch.float32, speed)  # float32 masters: full training without DeepSpeed
+    if fits_without_deepspeed(shape, budget, config.data.max_length):
+        return config
+    log.warning(
+        "train.deepspeed: full training of %s does not fit %.0f GiB of GPU memory without DeepSpeed; using the %s "
+        "preset (set train.deepspeed to choose another, or raise train.memory_gib)",
+        base_model.name,
+        budget,
+        OFFLOAD_PRESET,
+    )
+    return config.model_copy(update={"train": t.model_copy(update={"deepspeed": OFFLOAD_PRESET})})
 
 
 def training_shape(

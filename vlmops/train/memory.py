@@ -44,6 +44,9 @@ COMPILED_ACTIVATION_SHARE = 0.9
 # one image per ~1,100-token sample: a 7b LoRA micro-batch of 8 x 1,088 tokens peaked 2.5 GiB above the estimate
 # without this term (H200, 2026-12-01).
 HIGH_RES_VISION_BYTES_PER_TOKEN = 300_000
+# What full training falls back to on a GPU it does not fit (`resolve_deepspeed`): parameters and 70% of the
+# optimizer state on the GPU, the rest on the host.
+OFFLOAD_PRESET = "zero3-offload-partial"
 TRAINED_PARAM_BYTES = 16  # float32 weight + gradient + AdamW's two moments
 AUTOCAST_COPY_BYTES = 2  # the bf16 copy autocast makes of a float32 master weight
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, float32 copy in the loss, float32 gradient
@@ -203,6 +206,12 @@ def plan_batch(
         used = micro_batch * longest
     estimate = (shape.static_bytes() + RESERVE_GIB * GIB + used * shape.bytes_per_token(checkpointed)) / GIB
     return BatchPlan(micro_batch, grad_accum, checkpointed, budget, round(estimate, 2))
+
+
+def fits_without_deepspeed(shape: ModelShape, memory_gib: float, longest: int) -> bool:
+    """Whether training holds one sample of `longest` tokens, with recompute, in `memory_gib` without DeepSpeed."""
+    need = shape.static_bytes() + RESERVE_GIB * GIB + longest * shape.bytes_per_token(True)
+    return bool(need <= memory_gib * GIB)
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:

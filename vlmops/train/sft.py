@@ -23,7 +23,7 @@ from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
 from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
-from vlmops.train.batching import Batching, collator, resolve_batching, train_dataset
+from vlmops.train.batching import Batching, collator, resolve_batching, resolve_deepspeed, train_dataset
 from vlmops.train.data import SFTDataset
 from vlmops.train.deepspeed_config import load_deepspeed_config
 from vlmops.train.packing import check_packing_support
@@ -252,8 +252,9 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     from transformers.trainer_callback import ProgressCallback
 
     base_model, dataset, run_dir = Path(base_model).resolve(), Path(dataset).resolve(), Path(run_dir).resolve()
+    precision = resolve_precision(config.train.precision)
+    config = resolve_deepspeed(config, base_model, plan_speed(config.train, torch.cuda.is_available(), precision))
     t = config.train
-    precision = resolve_precision(t.precision)
     if t.deepspeed is not None:
         single_process_rendezvous()
     # The datasets are measured first: their lengths size the micro-batches, which the TrainingArguments carry.
