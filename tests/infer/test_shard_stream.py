@@ -3,6 +3,7 @@ the last one's finished rows free, and each shard is still published alone, comp
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 from collections.abc import Iterable, Iterator
@@ -14,6 +15,7 @@ from vlmops.infer.engine import GenerationRequest, GenerationResult
 from vlmops.infer.fast_engine import FastEngine
 from vlmops.infer.job import ModelInfo, ShardRunner, finalize, open_job, pending_shards, plan_job
 from vlmops.infer.output import open_output
+from vlmops.infer.records import Prompt
 from vlmops.models.loading import load_model
 
 
@@ -58,7 +60,13 @@ def test_shards_overlap_in_the_engine_and_each_is_published_whole(
     shards = pending_shards(plan, output)
     assert len(shards) == 5
 
-    stats = list(ShardRunner(loaded, engine, config).run_many(plan, shards, output))
+    stats, live = [], []
+    for shard_stats in ShardRunner(loaded, engine, config).run_many(plan, shards, output):
+        stats.append(shard_stats)
+        gc.collect()
+        live.append(sum(type(o) is Prompt for o in gc.get_objects()))
+    # Published shards let their records go: at the end only the last shard's (3) are alive, not all 17 answered.
+    assert live[-1] <= 5
 
     assert sorted(s.shard for s in stats) == [0, 1, 2, 3, 4] and pending_shards(plan, output) == []
     assert [(s.results, s.rejects) for s in sorted(stats, key=lambda s: s.shard)] == [

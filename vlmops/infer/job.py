@@ -378,6 +378,7 @@ class ShardRunner:
             for work in [w for w in itertools.takewhile(lambda w: w.begun, pending) if w.complete]:
                 pending.remove(work)
                 stats = self._finish(plan, work, output, time.perf_counter() - last)
+                work.release()  # published: its records and answers are let go (memory stays flat over a long job)
                 last = time.perf_counter()
                 yield stats
 
@@ -490,6 +491,9 @@ class _ShardWork:
     @property
     def complete(self) -> bool:
         return self.read and len(self.results) == len(self.prompts)
+
+    def release(self) -> None:
+        self.prompts, self.rejects, self.results = {}, [], {}
 
 
 @dataclass
