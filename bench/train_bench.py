@@ -27,6 +27,7 @@ are built once under --work and reused.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -323,6 +324,11 @@ def build_realistic_dataset(folder: Path, model: Path, records: int) -> Path:
     processor = AutoProcessor.from_pretrained(model)
     raw = write_realistic_dataset(folder / f"realistic-{records}", processor, records)
     return validated(raw, folder / "snapshots", processor)
+
+
+def with_warmup(case: Case, steps: int) -> Case:
+    """`case` with `steps` warm-up steps (0: its own)."""
+    return dataclasses.replace(case, warmup_steps=steps) if steps > 0 else case
 
 
 def case_config(case: Case, device: str, packing: str = "auto", attn: str = "sdpa") -> Any:
@@ -686,6 +692,13 @@ def main(argv: list[str] | None = None) -> int:
         "--packing", default="auto", choices=["auto", "true", "false"], help="train.packing of the vlmops cases"
     )
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        help="warm-up steps before the measured ones (0: each case's own); realistic data without packing compiles "
+        "one graph per padded length (up to 16) and wants more",
+    )
+    parser.add_argument(
         "--attn",
         default="sdpa",
         choices=["sdpa", "flex_attention"],
@@ -697,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.one:
-        case = next(c for c in CASES if c.name == args.one)
+        case = with_warmup(next(c for c in CASES if c.name == args.one), args.warmup)
         if case.baseline:
             result = run_baseline(case, Path(args.model), Path(args.dataset), args.device)
         else:
@@ -724,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     results = []
     peak = matmul_peak_tflops() if args.device == "cuda" else None
-    for case in [c for c in CASES if c.name in args.cases.split(",")]:
+    for case in [with_warmup(c, args.warmup) for c in CASES if c.name in args.cases.split(",")]:
         size = "tiny" if "tiny" in sizes else case.arch
         if size not in sizes:
             continue
@@ -739,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = ""
         child = [str(Path(__file__).resolve()), "--one", case.name, "--model", str(model), "--dataset", str(dataset)]
         child += ["--work", str(work), "--device", args.device, "--data", args.data, "--packing", args.packing]
-        child += ["--attn", args.attn]
+        child += ["--attn", args.attn, "--warmup", str(args.warmup)]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
         proc = subprocess.run([*launcher, *child], env=env, text=True, capture_output=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
