@@ -428,7 +428,7 @@ class ShardRunner:
         if record.prompt is not None:
             uris = {part.uri for message in record.prompt.messages for part in message.images}
             try:
-                record.images = {uri: load_image(uri, self.config.storage) for uri in sorted(uris)}
+                record.images = {uri: load_image(uri, self.config.storage) for uri in uris}
             except ImageLoadError as err:
                 record.error, record.cause = str(err), err
         return record

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlmops.config import PipelineConfig, TrainConfig
+from vlmops.train.data import round_up
 from vlmops.train.memory import OFFLOAD_PRESET, ModelShape, fits_without_deepspeed, gpu_memory_gib, plan_batch
 from vlmops.train.packing import GroupCollator, GroupedDataset, length_groups, pack_groups, resolve_packing
 from vlmops.train.speed import SpeedPlan
@@ -195,7 +196,7 @@ def collator(
     buckets: tuple[int, ...] = ()
     if batching.packing and pad_to_multiple_of > 1:
         assert batching.packing_tokens is not None
-        packed_length = -(-batching.packing_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        packed_length = round_up(batching.packing_tokens, pad_to_multiple_of)
     elif pad_to_multiple_of > 1 and lengths:
         buckets = length_buckets(lengths, COMPILED_LENGTHS, pad_to_multiple_of)
         log.info("padded batch lengths: %s tokens", ", ".join(map(str, buckets)))
@@ -219,7 +220,7 @@ def length_buckets(lengths: Sequence[int], count: int, multiple: int) -> tuple[i
     """
     if count < 1 or multiple < 1:
         raise ValueError("length_buckets needs count >= 1 and multiple >= 1")
-    rounded = Counter(-(-n // multiple) * multiple for n in lengths)
+    rounded = Counter(round_up(n, multiple) for n in lengths)
     values = sorted(rounded)
     if len(values) <= count:
         return tuple(values)

@@ -131,6 +131,15 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
         return sample
 
 
+# The image inputs of DeepSeek-VL batches: SigLIP's, and the 7b's high-resolution (SAM) ones.
+PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is at least `n`."""
+    return -(-n // multiple) * multiple
+
+
 @dataclass
 class VisionLanguageCollator:
     """Pads a batch to its longest sample (right padding) and stacks every image of the batch in order.
@@ -149,7 +158,7 @@ class VisionLanguageCollator:
     def __call__(self, features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         longest = max(len(f["input_ids"]) for f in features)
         fitting = [n for n in self.pad_to_lengths if n >= longest]
-        longest = fitting[0] if fitting else -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        longest = fitting[0] if fitting else round_up(longest, self.pad_to_multiple_of)
         batch_size = len(features)
         input_ids = torch.full((batch_size, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch_size, longest), IGNORE_INDEX, dtype=torch.long)
@@ -160,7 +169,7 @@ class VisionLanguageCollator:
             labels[row, :n] = f["labels"]
             attention_mask[row, :n] = 1
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-        for key in ("pixel_values", "high_res_pixel_values"):
+        for key in PIXEL_KEYS:
             stacks = [f[key] for f in features if key in f]
             if stacks:
                 batch[key] = torch.cat(stacks)

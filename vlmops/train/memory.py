@@ -211,7 +211,7 @@ def plan_batch(
 def fits_without_deepspeed(shape: ModelShape, memory_gib: float, longest: int) -> bool:
     """Whether training holds one sample of `longest` tokens, with recompute, in `memory_gib` without DeepSpeed."""
     need = shape.static_bytes() + RESERVE_GIB * GIB + longest * shape.bytes_per_token(True)
-    return bool(need <= memory_gib * GIB)
+    return need <= memory_gib * GIB
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:

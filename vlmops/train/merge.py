@@ -114,11 +114,13 @@ def parity_batch(processor: Any) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def batch_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """float32 logits at the batch's real (non-padding) positions."""
+    from vlmops.train.data import PIXEL_KEYS
+
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     inputs = {k: v.to(device) for k, v in batch.items()}
-    for key in ("pixel_values", "high_res_pixel_values"):
+    for key in PIXEL_KEYS:
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
     logits = model(**inputs).logits.float()

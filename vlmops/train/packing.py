@@ -34,11 +34,10 @@ import torch
 from torch.utils.data import Dataset
 
 from vlmops.models.template import IGNORE_INDEX
-from vlmops.train.data import VisionLanguageCollator
+from vlmops.train.data import PIXEL_KEYS, VisionLanguageCollator
 
 log = logging.getLogger(__name__)
 
-PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
 # A packed row filled to a fixed length carries the filler's token count under this key (not a model input).
 FILLER_KEY = "packing_filler_tokens"
 # Attention kernels whose transformers mask path understands packed position ids (eager builds the same mask).

@@ -26,7 +26,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files
-from vlmops.train.packing import FILLER_KEY, PIXEL_KEYS
+from vlmops.train.data import PIXEL_KEYS
+from vlmops.train.packing import FILLER_KEY
 from vlmops.train.rundir import COMPLETE_MARKER, METRICS_FILE, TRAINER_STATE, checkpoints
 
 log = logging.getLogger(__name__)
