@@ -168,13 +168,17 @@ class TrainConfig(Section):
     """Mixed precision. auto: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
     gradient_checkpointing: bool | Literal["auto"] = "auto"
     """Recompute activations in the backward pass: much less memory, about 30% slower. auto: on a GPU, chosen with
-    the micro-batch by the memory policy (`memory_gib`; on only when the GPU would otherwise get too small a
-    micro-batch to keep busy); on CPU, and under DeepSpeed, on."""
+    the micro-batch by the memory policy (`memory_gib`): with compiled layers first *selective* recompute (the
+    compiler keeps a share of the layer activations, at least half, and recomputes the cheapest of the rest) when it
+    gives bigger micro-batches; full recompute only when the GPU would otherwise get too small a micro-batch to keep
+    busy. On CPU, and under DeepSpeed, on. true / false: full recompute / none, never selective."""
     memory_gib: float | None = Field(None, gt=0)
     """GPU memory (GiB) a training process may use. On a GPU without DeepSpeed, the micro-batch (and so
     grad_accum) and, when gradient_checkpointing is auto, recompute are chosen to fit it from an estimate of the
     model's memory per token (vlmops/train/memory.py), keeping batch_size x grad_accum samples per optimizer step.
-    null: 90% of the GPU. Ignored on CPU and under DeepSpeed (batch_size and grad_accum are used as written)."""
+    null: 90% of the GPU. Ignored on CPU and under DeepSpeed (batch_size and grad_accum are used as written).
+    Training processes on a GPU use PyTorch's expandable memory segments (PYTORCH_CUDA_ALLOC_CONF, unless set), so
+    that micro-batches of varying lengths do not leave the allocator holding memory beyond the plan."""
     auto_batch: bool = True
     """Let `memory_gib` re-split batch_size x grad_accum into micro-batches (the same samples per step, so the
     same learning). false: batch_size and grad_accum exactly as written."""
@@ -182,10 +186,11 @@ class TrainConfig(Section):
     """Padding-free training batches: the samples of a micro-batch are concatenated into one row, position ids
     restart per sample and attention stays within each sample (model.attn sdpa, flex_attention or
     flash_attention_2). Same learning as padded batches, no compute spent on padding. auto: on with a CUDA GPU when
-    model.attn is flex_attention or flash_attention_2, which skip the masked-out blocks; off with sdpa (it computes
-    the packed row's attention densely under a block-diagonal mask: 0.75x the padded batches on an H200, 7b LoRA)
-    and on CPU (the tiny demo and tests: little padding, no FlexAttention backward, pinned losses). Evaluation
-    batches are never packed."""
+    model.attn is flex_attention or flash_attention_2, which skip the masked-out blocks, and with sdpa when padded
+    batches of the training split would be at least 15% padding: the language model then attends with
+    flex_attention (sdpa computes a packed row densely under a block-diagonal mask: 0.75x the padded batches on an
+    H200, 7b LoRA; packed FlexAttention ran 4x the padded batches on mixed-length data, 1.3b LoRA). Off on CPU (the
+    tiny demo and tests: no FlexAttention backward, pinned losses). Evaluation batches are never packed."""
     packing_tokens: int | None = Field(None, ge=16)
     """Tokens per packed micro-batch. null: the memory policy's choice on a GPU, else train.batch_size x the
     training split's mean sample length (so a step holds about as many samples as unpacked); never less than the

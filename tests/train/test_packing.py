@@ -23,7 +23,9 @@ from vlmops.data.formats import parse_record
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.train.data import SFTDataset, VisionLanguageCollator
 from vlmops.train.packing import (
-    FILLER_KEY,
+    REAL_TOKENS_KEY,
+    TRAINED_INDEX_KEY,
+    TRAINED_TARGETS_KEY,
     GroupCollator,
     GroupedDataset,
     check_packing_support,
@@ -31,7 +33,10 @@ from vlmops.train.packing import (
     pack_groups,
     pack_samples,
     padding_fraction,
+    padding_share,
     resolve_packing,
+    training_attention,
+    with_step_keys,
 )
 
 WORDS = [
@@ -125,8 +130,8 @@ def assert_packed_learns_as_padded(
     pad = processor.tokenizer.pad_token_id
     packed = pack_samples(samples, sum(data.lengths) + filler if filler else None, pad)
     assert "attention_mask" not in packed and packed["input_ids"].shape == (1, sum(data.lengths) + filler)
-    assert (padding_fraction([packed]) > 0) == bool(filler) and padding_fraction([padded]) > 0
-    packed.pop(FILLER_KEY, None)
+    counted = with_step_keys(dict(packed), sum(data.lengths))
+    assert (padding_fraction([counted]) > 0) == bool(filler) and padding_fraction([padded]) > 0
 
     results = []
     for net, batch in ((reference, padded), (model, packed)):
@@ -264,7 +269,7 @@ def test_group_collator_packs_groups_and_pads_plain_samples(tiny_processor: Any,
     packed = GroupCollator(pad, pack=True)([grouped[0]])
     assert packed["input_ids"].shape == (1, grouped.lengths[0]) and packed["pixel_values"].shape[0] == 1
     filled = GroupCollator(pad, pack=True, packed_length=grouped.lengths[0] + 50)([grouped[0]])
-    assert filled["input_ids"].shape == (1, grouped.lengths[0] + 50) and int(filled[FILLER_KEY]) == 50
+    assert filled["input_ids"].shape == (1, grouped.lengths[0] + 50) and filled[REAL_TOKENS_KEY] == grouped.lengths[0]
     assert filled["input_ids"][0, -50:].eq(pad).all() and filled["labels"][0, -50:].eq(IGNORE_INDEX).all()
     assert filled["position_ids"][0, -50:].tolist() == list(range(50))  # a sequence of its own
     assert padding_fraction([filled]) == pytest.approx(50 / (grouped.lengths[0] + 50))
@@ -274,12 +279,33 @@ def test_group_collator_packs_groups_and_pads_plain_samples(tiny_processor: Any,
     assert by_length["input_ids"].shape[0] == 2 and by_length["pixel_values"].shape[0] == 2
     plain = GroupCollator(pad, pack=True)([data[0], data[1]])  # the eval split: padded as before
     assert "attention_mask" in plain and plain["input_ids"].shape[0] == 2
+    # The step keys, counted on the CPU: real tokens, and the flat positions that learn a next token with it.
+    assert plain[REAL_TOKENS_KEY] == data.lengths[0] + data.lengths[1] == int(plain["attention_mask"].sum())
+    for batch in (plain, filled, by_length):
+        labels = batch["labels"]
+        width = labels.shape[1]
+        expected = [
+            (row * width + col, int(labels[row, col + 1]))
+            for row in range(labels.shape[0])
+            for col in range(width - 1)
+            if labels[row, col + 1] != IGNORE_INDEX
+        ]
+        got = list(zip(batch[TRAINED_INDEX_KEY].tolist(), batch[TRAINED_TARGETS_KEY].tolist(), strict=True))
+        assert got == expected and expected
 
 
 def test_resolve_packing() -> None:
     assert resolve_packing(True) is True and resolve_packing(False) is False
     assert resolve_packing("auto") is False  # SDPA's dense packed mask costs more than padding
     assert resolve_packing("auto", "flex_attention") is torch.cuda.is_available()
+    # With the default SDPA, auto packs on a GPU where padded batches would be mostly padding (FlexAttention then).
+    assert resolve_packing("auto", "sdpa", padding=0.4, cuda=True) is True
+    assert resolve_packing("auto", "sdpa", padding=0.01, cuda=True) is False
+    assert resolve_packing("auto", "sdpa", padding=0.4, cuda=False) is False  # CPU: never by itself
+    assert resolve_packing("auto", "eager", padding=0.4, cuda=True) is False
+    assert training_attention("sdpa", "auto", packing=True) == "flex_attention"
+    assert training_attention("sdpa", True, packing=True) == "sdpa"  # asked for by name: as configured
+    assert training_attention("sdpa", "auto", packing=False) == "sdpa"
     with pytest.raises(ValueError, match="train.packing"):
         resolve_packing("yes")
 
@@ -351,3 +377,12 @@ def test_a_gpu_run_packs_and_sizes_its_batches_by_default(tiny_model: Path, snap
     setup.trainer.train()
     losses = [entry["loss"] for entry in setup.trainer.state.log_history if "loss" in entry]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_padding_share_of_shuffled_batches() -> None:
+    assert padding_share([100] * 64, 8) == 0.0
+    assert padding_share([], 8) == 0.0
+    assert padding_share([100, 300], 2) == pytest.approx(1 - 400 / 600)
+    # realistic spreads (64 to ~2,700 tokens) in batches of 8 are mostly padding; batches of 1 never are
+    spread = [64 + (i * 997) % 2600 for i in range(400)]
+    assert padding_share(spread, 8, seed=0) > 0.3 and padding_share(spread, 1) == 0.0

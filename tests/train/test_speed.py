@@ -15,6 +15,7 @@ import torch
 
 from vlmops.config import ConfigError, load_config
 from vlmops.models.template import IGNORE_INDEX
+from vlmops.train.packing import TRAINED_INDEX_KEY, TRAINED_TARGETS_KEY, with_step_keys
 from vlmops.train.speed import fuse_loss, liger_available, plan_speed, reference_head_loss
 from vlmops.train.trainer import trained_positions
 
@@ -75,13 +76,16 @@ def test_fused_forward_gives_the_models_own_loss_and_gradients(
     batch = _batch(processor, arch == "deepseek_vl_hybrid")
     kwargs: dict[str, Any] = {} if items is None else {"num_items_in_batch": torch.tensor(items)}
 
-    def loss_and_grads(fused: bool, positions: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_and_grads(fused: bool, positions: str | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
         if fused:
             fuse_loss(model, reference_head_loss)
         inputs = dict(batch, **kwargs)
-        if positions:
+        if positions == "logits_to_keep":
             inputs.update(trained_positions(inputs["labels"]))
+        elif positions == "collator":  # flat positions and targets found on the CPU (`with_step_keys`)
+            keys = with_step_keys(dict(batch), 0)
+            inputs.update(trained_index=keys[TRAINED_INDEX_KEY], trained_targets=keys[TRAINED_TARGETS_KEY])
         output = model(**inputs)
         assert (output.logits is None) == fused  # the fused forward never materialises the logits
         loss = output.loss
@@ -89,8 +93,9 @@ def test_fused_forward_gives_the_models_own_loss_and_gradients(
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach(), grads
 
-    reference, reference_grads = loss_and_grads(fused=False, positions=False)
-    for positions in (False, True):  # plain labels, and the Trainer's trained positions + shift_labels
+    reference, reference_grads = loss_and_grads(fused=False, positions=None)
+    # plain labels, the trained positions + shift_labels, and the collator's flat positions + targets
+    for positions in (None, "logits_to_keep", "collator"):
         loss, grads = loss_and_grads(fused=True, positions=positions)
         torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
         assert grads.keys() == reference_grads.keys()

@@ -23,7 +23,14 @@ from torch.utils.data import Dataset
 from vlmops.config import PipelineConfig, TrainConfig
 from vlmops.train.data import round_up
 from vlmops.train.memory import OFFLOAD_PRESET, ModelShape, fits_without_deepspeed, gpu_memory_gib, plan_batch
-from vlmops.train.packing import GroupCollator, GroupedDataset, length_groups, pack_groups, resolve_packing
+from vlmops.train.packing import (
+    GroupCollator,
+    GroupedDataset,
+    length_groups,
+    pack_groups,
+    padding_share,
+    resolve_packing,
+)
 from vlmops.train.speed import SpeedPlan
 
 log = logging.getLogger(__name__)
@@ -45,6 +52,8 @@ class Batching:
     packing_tokens: int | None
     """Tokens per packed micro-batch (packing only)."""
     group_by_length: bool
+    activation_budget: float = 1.0
+    """Below 1: selective recompute (compiled layers keep this share of their activations; `vlmops.train.memory`)."""
 
     @property
     def grouped(self) -> bool:
@@ -66,9 +75,10 @@ def resolve_batching(
 ) -> Batching:
     """The batching of a run: the config as written, or on a GPU the memory policy's split (see `TrainConfig`)."""
     t = config.train
-    packing = resolve_packing(t.packing, config.model.attn)
+    packing = resolve_packing(t.packing, config.model.attn, padding_share(lengths, t.batch_size, config.run.seed))
     recompute = None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing)
     batch_size, grad_accum, tokens = t.batch_size, t.grad_accum, t.packing_tokens
+    activation_budget = 1.0
     mean = sum(lengths) / len(lengths)
     fixed_budget = packing and t.packing_tokens is not None  # the user sized the micro-batch: keep the split
     if torch.cuda.is_available() and t.deepspeed is None and t.auto_batch and not fixed_budget:
@@ -77,11 +87,12 @@ def resolve_batching(
             shape, gpu_memory_gib(t.memory_gib), t.batch_size * t.grad_accum, max(lengths), mean, packing, recompute
         )
         log.info("train.memory_gib: %s", plan.describe())
-        batch_size, grad_accum, recompute, tokens = (
+        batch_size, grad_accum, recompute, tokens, activation_budget = (
             plan.micro_batch,
             plan.grad_accum,
             plan.recompute,
             plan.packing_tokens,
+            plan.activation_budget,
         )
     elif t.memory_gib is not None:
         why = (
@@ -99,6 +110,7 @@ def resolve_batching(
         packing=packing,
         packing_tokens=tokens if packing else None,
         group_by_length=t.group_by_length and not packing,
+        activation_budget=activation_budget,
     )
 
 

@@ -21,6 +21,13 @@ Recompute (gradient checkpointing) costs about a third of the forward pass again
 without it, a micro-batch could not hold `SATURATING_TOKENS` tokens (or the whole step): below that the GPU's
 matmuls are not yet busy enough for a bigger batch to be worth less than the recompute (the 7b plain loop does
 7.5k tokens/s at 1 x ~1,100 tokens and 11.4k at 4 x ~1,100).
+
+With compiled decoder layers there is a third way, chosen first when it gives bigger micro-batches: **selective
+recompute**. The compiler's partitioner keeps only a share of the layer activations it would keep
+(`activation_budget`, torch's `activation_memory_budget`) and recomputes the cheapest of the rest in the backward
+pass. Fewer, bigger micro-batches then fit: the 1.3b at 16 GiB trained at 50.9k tokens/s with micro-batches of
+8 samples and a budget of 0.5 (11.8 GiB), against 31.7k with micro-batches of 4 and no recompute (11.4 GiB), in
+the same run on an H200. The budget is never set below `SELECTIVE_MIN_BUDGET`, the share measured.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ HIGH_RES_VISION_BYTES_PER_TOKEN = 300_000
 # What full training falls back to on a GPU it does not fit (`resolve_deepspeed`): parameters and 70% of the
 # optimizer state on the GPU, the rest on the host.
 OFFLOAD_PRESET = "zero3-offload-partial"
+# Selective recompute keeps at least this share of the compiled layers' activations (the share measured; less
+# recomputes matmuls too, and full recompute is then the better trade).
+SELECTIVE_MIN_BUDGET = 0.5
 TRAINED_PARAM_BYTES = 16  # float32 weight + gradient + AdamW's two moments
 AUTOCAST_COPY_BYTES = 2  # the bf16 copy autocast makes of a float32 master weight
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, float32 copy in the loss, float32 gradient
@@ -97,14 +107,24 @@ class ModelShape:
         trained = self.trained_params * (TRAINED_PARAM_BYTES + (AUTOCAST_COPY_BYTES if self.master_weights else 0))
         return (self.total_params - self.trained_params) * self.frozen_bytes + trained
 
-    def bytes_per_token(self, recompute: bool) -> int:
-        """Activation and logit memory of one token of a micro-batch."""
+    def bytes_per_token(self, recompute: bool, activation_budget: float = 1.0) -> int:
+        """Activation and logit memory of one token of a micro-batch; `activation_budget` < 1: selective recompute
+        keeping that share of the layer activations (compiled layers, no full recompute)."""
         layer = (13 * self.hidden_size + 4 * self.intermediate_size) * ACTIVATION_BYTES
         if self.compiled:
             layer = int(layer * COMPILED_ACTIVATION_SHARE)
-        kept = self.num_layers * self.hidden_size * ACTIVATION_BYTES + layer if recompute else self.num_layers * layer
+        if recompute:
+            kept = self.num_layers * self.hidden_size * ACTIVATION_BYTES + layer
+        else:
+            kept = int(self.num_layers * layer * activation_budget)
         vision = HIGH_RES_VISION_BYTES_PER_TOKEN if self.high_res_vision else 0
         return kept + vision + (0 if self.fused_loss else self.vocab_size * LOGIT_BYTES)
+
+    def activation_budget_for(self, room: float, tokens: int) -> float:
+        """The share of the layer activations that `tokens` tokens may keep in `room` bytes (may exceed 1)."""
+        full = self.bytes_per_token(False)
+        other = self.bytes_per_token(False, 0.0)  # what the budget does not shrink: vision transients, logits
+        return (room / tokens - other) / max(1, full - other)
 
 
 def count_parameters(config: Any) -> int:
@@ -129,13 +149,15 @@ class BatchPlan:
     """Tokens per packed micro-batch (None: not packed)."""
     estimate_gib: float
     """Estimated peak GPU memory of the plan."""
+    activation_budget: float = 1.0
+    """Below 1: selective recompute, the compiled layers keep this share of their activations."""
 
     def describe(self) -> str:
         split = f"{self.packing_tokens} packed tokens" if self.packing_tokens else f"{self.micro_batch} samples"
-        return (
-            f"micro-batch {split} x {self.grad_accum} accumulation, recompute {'on' if self.recompute else 'off'}, "
-            f"~{self.estimate_gib:.1f} GiB estimated"
-        )
+        recompute = "on" if self.recompute else "off"
+        if self.activation_budget < 1:
+            recompute = f"selective (activation budget {self.activation_budget:g})"
+        return f"micro-batch {split} x {self.grad_accum} accumulation, recompute {recompute}, ~{self.estimate_gib:.1f} GiB estimated"
 
 
 def plan_batch(
@@ -186,6 +208,10 @@ def plan_batch(
                 break  # busy enough without recompute
         elif tokens > best[1]:
             best = (checkpointed, tokens)
+    selective = _selective(shape, room, samples_per_step, longest, step_tokens, packing) if recompute is None else None
+    if selective is not None and (best is None or selective[1] > best[1]):
+        budget, tokens = selective
+        return _plan(shape, samples_per_step, longest, step_tokens, packing, False, tokens, budget)
     if best is None:
         need = (shape.static_bytes() + RESERVE_GIB * GIB + longest * shape.bytes_per_token(True)) / GIB
         raise ValueError(
@@ -194,6 +220,37 @@ def plan_batch(
             "DeepSpeed offload preset (train.deepspeed)"
         )
     checkpointed, tokens = best
+    return _plan(shape, samples_per_step, longest, step_tokens, packing, checkpointed, tokens)
+
+
+def _selective(
+    shape: ModelShape, room: float, samples_per_step: int, longest: int, step_tokens: int, packing: bool
+) -> tuple[float, int] | None:
+    """(activation budget, micro-batch tokens) of the biggest micro-batch selective recompute fits, if any."""
+    if not shape.compiled:
+        return None  # the budget is the compiler's: eager layers keep everything
+    if packing:  # the whole step in one row, else in 2, 3, ... rows (never shorter than the longest sample)
+        sizes = sorted({max(longest, math.ceil(step_tokens / k)) for k in range(1, samples_per_step + 1)}, reverse=True)
+    else:
+        sizes = [d * longest for d in range(samples_per_step, 0, -1) if samples_per_step % d == 0]
+    for tokens in sizes:
+        budget = shape.activation_budget_for(room, tokens)
+        if budget >= SELECTIVE_MIN_BUDGET:
+            return (math.floor(budget * 20) / 20 if budget < 1 else 1.0), tokens
+    return None
+
+
+def _plan(
+    shape: ModelShape,
+    samples_per_step: int,
+    longest: int,
+    step_tokens: int,
+    packing: bool,
+    checkpointed: bool,
+    tokens: int,
+    activation_budget: float = 1.0,
+) -> BatchPlan:
+    """The plan whose micro-batches hold `tokens` tokens."""
     if packing:
         grad_accum = math.ceil(step_tokens / tokens)
         budget = max(longest, math.ceil(step_tokens / grad_accum))  # even micro-batches
@@ -204,8 +261,9 @@ def plan_batch(
         grad_accum = samples_per_step // micro_batch
         budget = None
         used = micro_batch * longest
-    estimate = (shape.static_bytes() + RESERVE_GIB * GIB + used * shape.bytes_per_token(checkpointed)) / GIB
-    return BatchPlan(micro_batch, grad_accum, checkpointed, budget, round(estimate, 2))
+    per_token = shape.bytes_per_token(checkpointed, activation_budget)
+    estimate = (shape.static_bytes() + RESERVE_GIB * GIB + used * per_token) / GIB
+    return BatchPlan(micro_batch, grad_accum, checkpointed, budget, round(estimate, 2), activation_budget)
 
 
 def fits_without_deepspeed(shape: ModelShape, memory_gib: float, longest: int) -> bool:

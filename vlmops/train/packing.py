@@ -38,8 +38,12 @@ from vlmops.train.data import PIXEL_KEYS, VisionLanguageCollator
 
 log = logging.getLogger(__name__)
 
-# A packed row filled to a fixed length carries the filler's token count under this key (not a model input).
-FILLER_KEY = "packing_filler_tokens"
+# What a training batch carries beside the model's inputs (`GroupCollator`, computed on the CPU in the DataLoader's
+# workers, so that the step on the GPU never waits for the host to read a count back; `VLTrainer` takes them out):
+REAL_TOKENS_KEY = "real_tokens"  # int: the batch's real tokens (padding and a packed row's filler not counted)
+TRAINED_INDEX_KEY = "trained_index"  # flat positions (row x length + column) whose next token is learned
+TRAINED_TARGETS_KEY = "trained_targets"  # the tokens they learn
+STEP_KEYS = (REAL_TOKENS_KEY, TRAINED_INDEX_KEY, TRAINED_TARGETS_KEY)
 # Attention kernels whose transformers mask path understands packed position ids (eager builds the same mask).
 PACKING_ATTENTION = ("sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "eager")
 # Length-grouped batches are formed within windows of this many batches: similar lengths in a batch, while the
@@ -60,15 +64,41 @@ class SizedSamples(Protocol):
 # Attention implementations that skip the masked-out blocks of a packed row. SDPA gets a dense per-row mask
 # instead: on an H200 (7b LoRA, 8 samples of ~1,100 tokens per row) packed SDPA ran at 0.75x the padded batches.
 BLOCK_SPARSE_ATTENTION = ("flash_attention_2", "flex_attention")
+# `train.packing: auto` with the default SDPA packs (the language model then attends with FlexAttention) when padded
+# batches of the training split would be at least this share padding. Measured on an H200, 1.3b LoRA at 16 GiB, the
+# same run: realistic data (64-1,500 text tokens, 0-2 images; 40% padding in random batches of 8) trained at 32.0k
+# real tokens/s packed with FlexAttention against 8.0k in padded batches; uniform data (1% padding) stays padded
+# with SDPA (50.9k tokens/s).
+PACKING_MIN_PADDING = 0.15
 
 
-def resolve_packing(value: bool | str, attn: str = "sdpa") -> bool:
-    """`train.packing` as a bool: `auto` packs on a CUDA GPU when the attention skips masked blocks (see the key)."""
+def padding_share(lengths: Sequence[int], batch_size: int, seed: int = 0) -> float:
+    """Share of padding in shuffled padded batches of `batch_size` samples: what an unpacked run would compute."""
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    computed = real = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        computed += max(batch) * len(batch)
+        real += sum(batch)
+    return 0.0 if computed == 0 else 1.0 - real / computed
+
+
+def resolve_packing(value: bool | str, attn: str = "sdpa", padding: float = 0.0, cuda: bool | None = None) -> bool:
+    """`train.packing` as a bool. `auto` packs on a CUDA GPU when the attention skips masked blocks, and with the
+    default SDPA when padded batches would be at least `PACKING_MIN_PADDING` padding (`padding`; see the key)."""
     if value == "auto":
-        return torch.cuda.is_available() and attn in BLOCK_SPARSE_ATTENTION
+        on_gpu = torch.cuda.is_available() if cuda is None else cuda
+        return on_gpu and (attn in BLOCK_SPARSE_ATTENTION or (attn == "sdpa" and padding >= PACKING_MIN_PADDING))
     if not isinstance(value, bool):
         raise ValueError(f"train.packing must be auto, true or false, not {value!r}")
     return value
+
+
+def training_attention(attn: str, packing_setting: bool | str, packing: bool) -> str:
+    """The language model's attention for a run: rows that `auto` packed take FlexAttention where model.attn is SDPA
+    (SDPA would compute each packed row densely); anything else as configured."""
+    return "flex_attention" if packing and packing_setting == "auto" and attn == "sdpa" else attn
 
 
 def pack_groups(lengths: Sequence[int], budget: int, seed: int = 0) -> list[list[int]]:
@@ -156,8 +186,7 @@ def pack_samples(
     position ids (a 2-D mask, even all ones, would switch that off).
 
     `length`: fill the row up to this many tokens with a filler sequence of its own (padding ids, positions from
-    0, no labels), so that every packed row has one shape (compiled layers are specialised per shape). The
-    filler's size is `FILLER_KEY` in the batch (the trainer takes it out before the forward pass).
+    0, no labels), so that every packed row has one shape (compiled layers are specialised per shape).
     """
     if not samples:
         raise ValueError("cannot pack an empty list of samples")
@@ -181,8 +210,6 @@ def pack_samples(
         "labels": torch.cat(labels).unsqueeze(0),
         "position_ids": torch.cat(positions).unsqueeze(0),
     }
-    if length is not None:
-        batch[FILLER_KEY] = torch.tensor(filler)
     for key in PIXEL_KEYS:
         stacks = [s[key] for s in samples if key in s]
         if stacks:
@@ -206,7 +233,7 @@ class GroupCollator:
 
     def __call__(
         self, features: Sequence[list[dict[str, torch.Tensor]]] | Sequence[dict[str, torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, Any]:
         samples: list[dict[str, torch.Tensor]] = []
         grouped = False
         for f in features:
@@ -216,8 +243,21 @@ class GroupCollator:
                 grouped = True
                 samples.extend(f)
         if grouped and self.pack:
-            return pack_samples(samples, self.packed_length, self.pad_token_id)
-        return VisionLanguageCollator(self.pad_token_id, self.pad_to_multiple_of, self.pad_to_lengths)(samples)
+            batch = pack_samples(samples, self.packed_length, self.pad_token_id)
+        else:
+            batch = VisionLanguageCollator(self.pad_token_id, self.pad_to_multiple_of, self.pad_to_lengths)(samples)
+        return with_step_keys(batch, sum(len(s["input_ids"]) for s in samples))
+
+
+def with_step_keys(batch: dict[str, Any], real_tokens: int) -> dict[str, Any]:
+    """`batch` plus `STEP_KEYS`: its real token count and, from its labels, the positions that learn a next token
+    and their targets (the labels shifted by one, over the flattened batch)."""
+    targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    index = targets.ne(IGNORE_INDEX).nonzero().squeeze(-1)
+    batch[REAL_TOKENS_KEY] = real_tokens
+    batch[TRAINED_INDEX_KEY] = index
+    batch[TRAINED_TARGETS_KEY] = targets[index]
+    return batch
 
 
 def check_packing_support(model: Any) -> None:
@@ -237,11 +277,15 @@ def check_packing_support(model: Any) -> None:
         )
 
 
-def padding_fraction(batches: Sequence[dict[str, torch.Tensor]]) -> float:
+def padding_fraction(batches: Sequence[dict[str, Any]]) -> float:
     """Share of the computed token positions that are padding, over collated batches (a packed row's is its filler)."""
     total = sum(b["input_ids"].numel() for b in batches)
     real = sum(
-        int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() - int(b.get(FILLER_KEY, 0))
+        int(b[REAL_TOKENS_KEY])
+        if REAL_TOKENS_KEY in b
+        else int(b["attention_mask"].sum())
+        if "attention_mask" in b
+        else b["input_ids"].numel()
         for b in batches
     )
     return 0.0 if total == 0 else 1.0 - real / total

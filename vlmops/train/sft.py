@@ -26,7 +26,7 @@ from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype,
 from vlmops.train.batching import Batching, collator, resolve_batching, resolve_deepspeed, train_dataset
 from vlmops.train.data import SFTDataset
 from vlmops.train.deepspeed_config import load_deepspeed_config
-from vlmops.train.packing import check_packing_support
+from vlmops.train.packing import check_packing_support, training_attention
 from vlmops.train.rundir import (
     CONFIG_FILE,
     FINAL_DIR,
@@ -210,6 +210,11 @@ def training_arguments(
         dataloader_num_workers=resolve_num_workers(config.data.num_workers),
         dataloader_persistent_workers=resolve_num_workers(config.data.num_workers) > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Batches go to the GPU without the host waiting for the copy (and so for every kernel queued before it).
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
+        # The NaN/inf check of each micro-batch's loss reads it back to the host: the host would wait for the GPU
+        # on every micro-batch. A NaN loss shows in the logged loss instead of being averaged away.
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,
         label_names=["labels"],
         # A packed row has no padding and no attention_mask (see vlmops.train.packing): all its tokens are real.
@@ -252,6 +257,11 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     from transformers.trainer_callback import ProgressCallback
 
     base_model, dataset, run_dir = Path(base_model).resolve(), Path(dataset).resolve(), Path(run_dir).resolve()
+    if torch.cuda.is_available() and not torch.cuda.is_initialized():
+        # Segments that grow instead of new blocks for each size: micro-batches of varying lengths otherwise leave
+        # the allocator holding GiBs it cannot reuse, beyond the train.memory_gib the policy planned for. Read at
+        # the first CUDA allocation; a setting of the user's own is kept.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     precision = resolve_precision(config.train.precision)
     config = resolve_deepspeed(config, base_model, plan_speed(config.train, torch.cuda.is_available(), precision))
     t = config.train
@@ -276,10 +286,13 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     set_seed(config.run.seed)
     hybrid = is_hybrid(base_model)
     dtype = weights_dtype(config, precision)
+    attn = training_attention(config.model.attn, t.packing, batching.packing)
+    if attn != config.model.attn:
+        log.info("train.packing: auto packs this data (padded batches would be >= 15%% padding); the LLM uses %s", attn)
     model: Any = AutoModelForImageTextToText.from_pretrained(
         base_model,
         dtype=dtype,
-        attn_implementation=attn_implementation(config.model.attn, hybrid),
+        attn_implementation=attn_implementation(attn, hybrid),
         **safe_weights(base_model, config.model.allow_pickle),
     )
     model.config.use_cache = False
@@ -295,7 +308,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         require_grads_on_inputs(model)
     if batching.packing:
         check_packing_support(model)
-    apply_speed(model, speed)
+    apply_speed(model, speed, batching.activation_budget)
 
     throughput = Throughput()
     run_files = [run_dir / CONFIG_FILE, run_dir / RUN_INFO]

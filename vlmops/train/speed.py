@@ -100,8 +100,11 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
     )
 
 
-def apply_speed(model: Any, plan: SpeedPlan) -> None:
-    """Apply the plan to a loaded (and peft-wrapped) model, in place. Call before the Trainer wraps it."""
+def apply_speed(model: Any, plan: SpeedPlan, activation_budget: float = 1.0) -> None:
+    """Apply the plan to a loaded (and peft-wrapped) model, in place. Call before the Trainer wraps it.
+
+    `activation_budget` < 1 (selective recompute, chosen by the memory policy): the compiled layers keep that share
+    of their activations and recompute the rest (torch's `activation_memory_budget`, read when they compile)."""
     top = model.get_base_model() if hasattr(model, "get_base_model") else model
     if plan.lora_compute_dtype:
         for module in model.modules():
@@ -110,6 +113,7 @@ def apply_speed(model: Any, plan: SpeedPlan) -> None:
     if plan.compile_layers:
         # Many layers share one compiled graph; the limit covers a few shapes per layer (eval, last batch).
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        torch._functorch.config.activation_memory_budget = activation_budget
         for layer in top.model.language_model.layers:
             layer.compile(dynamic=False)
     if plan.fused_loss:
@@ -141,7 +145,10 @@ def fuse_loss(top: Any, head_loss: HeadLoss) -> None:
 
     Same loss as transformers' `ForCausalLMLoss`: targets are the labels shifted by one (or `shift_labels`), the
     sum over trained positions divided by `num_items_in_batch` when given (gradient accumulation), else the
-    mean. Without labels (generation, logits wanted) the original forward runs.
+    mean. `trained_index` / `trained_targets` (flat positions of the batch and their targets, found on the CPU by
+    the collator: `vlmops.train.packing.with_step_keys`) stand in for the labels without the GPU-to-host read that
+    selecting positions from a GPU tensor costs. Without labels (generation, logits wanted) the original forward
+    runs.
     """
     original = type(top).forward
 
@@ -152,25 +159,29 @@ def fuse_loss(top: Any, head_loss: HeadLoss) -> None:
         shift_labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        trained_index: torch.Tensor | None = None,
+        trained_targets: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        if labels is None and shift_labels is None:
+        if labels is None and shift_labels is None and trained_targets is None:
             return original(self, *args, logits_to_keep=logits_to_keep, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         hidden = self.model(*args, **kwargs).last_hidden_state
-        if shift_labels is None:
-            assert labels is not None
-            shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-        elif isinstance(logits_to_keep, torch.Tensor):
-            hidden = hidden[:, logits_to_keep]
-        keep = shift_labels.ne(IGNORE_INDEX)
+        if trained_index is not None and trained_targets is not None:
+            rows, targets = hidden.flatten(0, 1).index_select(0, trained_index), trained_targets
+        else:
+            if shift_labels is None:
+                assert labels is not None
+                shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+            elif isinstance(logits_to_keep, torch.Tensor):
+                hidden = hidden[:, logits_to_keep]
+            keep = shift_labels.ne(IGNORE_INDEX)
+            rows, targets = hidden[keep], shift_labels[keep]
         weight = self.lm_head.weight
-        if keep.any():
-            loss = head_loss(weight, hidden[keep], shift_labels[keep])
-        else:  # nothing to learn in this batch: a zero that still reaches every trained weight
-            loss = 0.0 * (hidden.sum() + weight.sum())
-        count = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+        # nothing to learn in this batch: a zero that still reaches every trained weight
+        loss = head_loss(weight, rows, targets) if targets.numel() else 0.0 * (hidden.sum() + weight.sum())
+        count = num_items_in_batch if num_items_in_batch is not None else max(1, targets.numel())
         return CausalLMOutputWithPast(loss=loss / count)
 
     top.forward = types.MethodType(forward, top)

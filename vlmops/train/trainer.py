@@ -27,7 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files
 from vlmops.train.data import PIXEL_KEYS
-from vlmops.train.packing import FILLER_KEY
+from vlmops.train.packing import REAL_TOKENS_KEY, STEP_KEYS, TRAINED_INDEX_KEY, TRAINED_TARGETS_KEY
 from vlmops.train.rundir import COMPLETE_MARKER, METRICS_FILE, TRAINER_STATE, checkpoints
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,9 @@ class VLTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> Any:
-        filler = inputs.pop(FILLER_KEY, None)
-        if filler is not None and model.training:
-            # The Trainer counted the packed row's filler among the tokens seen ("all": a packed row has no
-            # attention_mask to tell real tokens); take it back out, summed over the processes as it counts.
-            self.state.num_input_tokens_seen -= int(self.accelerator.gather(filler.reshape(1)).sum().item())
+        # The collator's step keys are not model inputs (a copy: the Trainer reads the real token count afterwards).
+        step = {key: inputs[key] for key in STEP_KEYS if key in inputs}
+        inputs = {key: value for key, value in inputs.items() if key not in STEP_KEYS}
         core = vision_language_core(self.accelerator.unwrap_model(model))
         dtype = next(core.vision_model.parameters()).dtype
         for key in PIXEL_KEYS:
@@ -118,6 +116,8 @@ class VLTrainer(Trainer):
         has_images = "pixel_values" in inputs
         if not self.fused_loss:
             inputs.update(trained_positions(inputs["labels"]))
+        elif TRAINED_INDEX_KEY in step:  # positions chosen on the CPU: no GPU-to-host read in the loss
+            inputs.update(trained_index=step[TRAINED_INDEX_KEY], trained_targets=step[TRAINED_TARGETS_KEY])
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
@@ -128,12 +128,28 @@ class VLTrainer(Trainer):
         # every rank must take part, and under DDP/ZeRO the gradient hooks of trainable vision/aligner
         # weights must fire on every rank, or the ranks fall out of step and hang.
         device = inputs["input_ids"].device
-        dummy = {k: v.to(device=device, dtype=dtype) for k, v in self.dummy_pixels.items()}
+        if any(v.device != device or v.dtype != dtype for v in self.dummy_pixels.values()):
+            # moved once: a copy from pageable host memory would make the host wait for the GPU on each such step
+            self.dummy_pixels = {k: v.to(device=device, dtype=dtype) for k, v in self.dummy_pixels.items()}
+        dummy = self.dummy_pixels
         zero = 0.0 * core.get_image_features(**dummy).pooler_output.float().sum()
         if return_outputs:
             loss, outputs = result
             return loss + zero, outputs
         return result + zero
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Tokens seen, from the collator's count of real tokens (`REAL_TOKENS_KEY`, a host integer): the Trainer's
+        own count reads a GPU tensor back every micro-batch, which makes the host wait for the GPU each time."""
+        real = inputs.get(REAL_TOKENS_KEY)
+        if self.args.include_num_input_tokens_seen in ("no", False):
+            return
+        if real is None:
+            super()._track_num_input_tokens(inputs)
+            return
+        if self.args.world_size > 1:  # the Trainer counts over all processes
+            real = self.accelerator.gather(torch.tensor([real], device=self.args.device)).sum().item()
+        self.state.num_input_tokens_seen += int(real)
 
     def save_final(self, folder: Path, from_checkpoint: Path | None = None) -> None:
         """The trained result (adapter or full model, with the processor and run files), written atomically.
@@ -298,15 +314,21 @@ class CompactProgress(ProgressCallback):
 
 
 class Throughput(TrainerCallback):
-    """Tokens and samples per second, measured from the end of a warm-up step to the last step."""
+    """Tokens and samples per second, measured from the end of a warm-up step to the last step.
+
+    On a GPU each step's end is a CUDA event, timed by the GPU when it gets there: the host never waits for it
+    (a synchronisation per step would drain the queue of work the host has launched ahead)."""
 
     def __init__(self) -> None:
-        self.marks: list[tuple[float, int, int]] = []  # (time, tokens seen, global step) at each step end
+        # (time in seconds or a CUDA event, tokens seen, global step) at each step end
+        self.marks: list[tuple[float | torch.cuda.Event, int, int]] = []
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        mark: float | torch.cuda.Event = time.perf_counter()
         if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.marks.append((time.perf_counter(), state.num_input_tokens_seen, state.global_step))
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record()
+        self.marks.append((mark, state.num_input_tokens_seen, state.global_step))
 
     def rates(self, samples_per_step: int, warmup_steps: int = 1) -> tuple[float, float]:
         """(samples/s, tokens/s) over the steps after the first `warmup_steps` of this session; zeros when
@@ -315,7 +337,12 @@ class Throughput(TrainerCallback):
         if len(self.marks) <= warmup_steps:
             return 0.0, 0.0
         (t0, tokens0, step0), (t1, tokens1, step1) = self.marks[warmup_steps - 1], self.marks[-1]
-        seconds = t1 - t0
+        if isinstance(t0, torch.cuda.Event) and isinstance(t1, torch.cuda.Event):
+            t1.synchronize()
+            seconds = t0.elapsed_time(t1) / 1000
+        else:
+            assert isinstance(t0, float) and isinstance(t1, float)
+            seconds = t1 - t0
         return (step1 - step0) * samples_per_step / seconds, (tokens1 - tokens0) / seconds
 
 
