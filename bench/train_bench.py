@@ -331,10 +331,10 @@ def with_warmup(case: Case, steps: int) -> Case:
     return dataclasses.replace(case, warmup_steps=steps) if steps > 0 else case
 
 
-def case_config(case: Case, device: str, packing: str = "auto", attn: str = "sdpa") -> Any:
+def case_config(case: Case, device: str, packing: str = "auto", attn: str = "sdpa", extra: tuple[str, ...] = ()) -> Any:
     from vlmops.config import load_config
 
-    overrides = dict(case.overrides)
+    overrides: dict[str, Any] = dict(case.overrides)
     overrides["train.packing"] = packing if packing == "auto" else packing == "true"
     overrides["model.attn"] = attn
     note = None
@@ -353,11 +353,21 @@ def case_config(case: Case, device: str, packing: str = "auto", attn: str = "sdp
             "train.resume": "never",  # a rerun of the bench on the same --work measures afresh
         }
     )
+    for item in extra:  # --set KEY=VALUE, last: what the run is about
+        key, _, value = item.partition("=")
+        overrides[key] = value
     return load_config(None, overrides), note
 
 
 def run_one(
-    case: Case, model: Path, dataset: Path, run_dir: Path, device: str, packing: str = "auto", attn: str = "sdpa"
+    case: Case,
+    model: Path,
+    dataset: Path,
+    run_dir: Path,
+    device: str,
+    packing: str = "auto",
+    attn: str = "sdpa",
+    extra: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """One case in this process: the same setup as `train()`, then the Trainer's own loop."""
     import torch
@@ -367,7 +377,7 @@ def run_one(
     from vlmops.train.sft import setup_training
     from vlmops.train.trainer import CheckpointPolicy
 
-    config, note = case_config(case, device, packing, attn)
+    config, note = case_config(case, device, packing, attn, extra)
     setup = setup_training(config, model, dataset, run_dir)
     trainer = setup.trainer
     trainer.remove_callback(CheckpointPolicy)  # it would evaluate and save at the last step
@@ -432,7 +442,9 @@ def run_one(
         "precision": setup.precision,
         "deepspeed": config.train.deepspeed,
         "gradient_checkpointing": batching.recompute,
-        "attn": config.model.attn,
+        "activation_budget": batching.activation_budget,
+        "settings": list(extra),
+        "attn": getattr(core.config.text_config, "_attn_implementation", config.model.attn),  # the LLM's, as run
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         **({"note": note} if note else {}),
@@ -704,6 +716,13 @@ def main(argv: list[str] | None = None) -> int:
         choices=["sdpa", "flex_attention"],
         help="model.attn of the vlmops cases (the plain baselines use SDPA)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the vlmops cases (repeatable), e.g. train.compile=off",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this case in this process
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
@@ -722,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.device,
                 args.packing,
                 args.attn,
+                tuple(args.set),
             )
         result["data"] = args.data
         print("BENCH_RESULT " + json.dumps(result), flush=True)
@@ -753,6 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         child = [str(Path(__file__).resolve()), "--one", case.name, "--model", str(model), "--dataset", str(dataset)]
         child += ["--work", str(work), "--device", args.device, "--data", args.data, "--packing", args.packing]
         child += ["--attn", args.attn, "--warmup", str(args.warmup)]
+        child += [arg for item in args.set for arg in ("--set", item)]
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
         proc = subprocess.run([*launcher, *child], env=env, text=True, capture_output=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
