@@ -114,3 +114,24 @@ def test_fused_forward_without_labels_is_the_original(tiny_model: Path) -> None:
         expected = model(**batch).logits
         fuse_loss(model, reference_head_loss)
         torch.testing.assert_close(model(**batch).logits, expected)
+
+
+def test_throughput_counts_the_steps_after_the_warmup_and_keeps_few_marks() -> None:
+    import time
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from vlmops.train.trainer import Throughput
+
+    meter, state = Throughput(), TrainerState()
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    assert meter.rates(2, warmup_steps=5) == (0.0, 0.0)
+    for step in range(1, 201):
+        state.global_step, state.num_input_tokens_seen = step, 100 * step
+        time.sleep(0.0005)
+        meter.on_step_end(args, state, TrainerControl())
+    assert len(meter.marks) == Throughput.KEPT_WARMUP_MARKS + 1  # the warm-up marks and the latest
+    samples_per_s, tokens_per_s = meter.rates(2, warmup_steps=5)
+    assert samples_per_s > 0 and tokens_per_s / samples_per_s == pytest.approx(
+        100 / 2
+    )  # steps 5 -> 200, 2 samples each

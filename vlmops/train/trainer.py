@@ -319,6 +319,9 @@ class Throughput(TrainerCallback):
     On a GPU each step's end is a CUDA event, timed by the GPU when it gets there: the host never waits for it
     (a synchronisation per step would drain the queue of work the host has launched ahead)."""
 
+    KEPT_WARMUP_MARKS = 64
+    """`rates` accepts up to this many warm-up steps."""
+
     def __init__(self) -> None:
         # (time in seconds or a CUDA event, tokens seen, global step) at each step end
         self.marks: list[tuple[float | torch.cuda.Event, int, int]] = []
@@ -328,12 +331,16 @@ class Throughput(TrainerCallback):
         if torch.cuda.is_available():
             mark = torch.cuda.Event(enable_timing=True)
             mark.record()
-        self.marks.append((mark, state.num_input_tokens_seen, state.global_step))
+        entry = (mark, state.num_input_tokens_seen, state.global_step)
+        if len(self.marks) > self.KEPT_WARMUP_MARKS:  # the warm-up marks and the latest: a long run holds no more
+            self.marks[-1] = entry
+        else:
+            self.marks.append(entry)
 
     def rates(self, samples_per_step: int, warmup_steps: int = 1) -> tuple[float, float]:
         """(samples/s, tokens/s) over the steps after the first `warmup_steps` of this session; zeros when
         there were not enough steps."""
-        warmup_steps = max(1, warmup_steps)
+        warmup_steps = min(max(1, warmup_steps), self.KEPT_WARMUP_MARKS)
         if len(self.marks) <= warmup_steps:
             return 0.0, 0.0
         (t0, tokens0, step0), (t1, tokens1, step1) = self.marks[warmup_steps - 1], self.marks[-1]
