@@ -219,17 +219,22 @@ def test_a_kv_cache_would_mix_packed_samples(tiny_model: Path) -> None:
 
 def test_flex_attention_keeps_packed_samples_apart(tiny_model: Path, images: list[str]) -> None:
     """FlexAttention (the GPU's padding-free kernel without flash-attn) on the language model: the same per-token
-    losses as padded SDPA. Forward only: torch has no FlexAttention backward on CPU."""
+    losses as padded SDPA, for packed rows and for padded batches (the evaluation batches of a run that
+    `train.packing: auto` packed with FlexAttention). Forward only: torch has no FlexAttention backward on CPU."""
     model, processor = load(tiny_model)
     flex, _ = load(tiny_model, "flex_attention")
     check_packing_support(flex)
     data = SFTDataset(conversations(images, [2, 0, 1]), processor, 512, "error")
     samples = [data[i] for i in range(len(data))]
+    padded = VisionLanguageCollator(pad_token_id=processor.tokenizer.pad_token_id)(samples)
+    assert not padded["attention_mask"].all()  # samples of different lengths: real padding
     with torch.no_grad():
-        ref = token_losses(model, VisionLanguageCollator(pad_token_id=processor.tokenizer.pad_token_id)(samples))
+        ref = token_losses(model, padded)
         ours = token_losses(flex, pack_samples(samples))
-    for a, b in zip(ours, ref, strict=True):
+        flex_padded = token_losses(flex, padded)
+    for a, b, c in zip(ours, ref, flex_padded, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5)
 
 
 def test_pack_groups_fill_the_budget_and_keep_every_sample() -> None:
