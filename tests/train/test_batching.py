@@ -14,7 +14,7 @@ import torch
 
 from vlmops.config import load_config
 from vlmops.train.batching import COMPILED_LENGTHS, Batching, collator, length_buckets, resolve_batching
-from vlmops.train.packing import GroupedDataset
+from vlmops.train.packing import REAL_TOKENS_KEY, GroupedDataset
 
 LENGTHS = [100, 300, 250, 90, 700, 60]
 
@@ -62,9 +62,9 @@ def test_packed_runs_count_every_token_as_real(tiny_model: Path, snapshot: Any, 
     from vlmops.train.sft import setup_training
 
     setup = setup_training(load_config(None, {"train.packing": True}), tiny_model, snapshot.path, tmp_path)
-    assert setup.trainer.args.include_num_input_tokens_seen == "all"  # a packed row has no padding
     batch = next(iter(setup.trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 1 and "position_ids" in batch and "attention_mask" not in batch
+    assert batch[REAL_TOKENS_KEY] == batch["input_ids"].numel()  # a packed row without filler: no padding
     assert setup.trainer.model.config.text_config.use_cache is False
 
 

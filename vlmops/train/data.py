@@ -135,6 +135,11 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
 PIXEL_KEYS = ("pixel_values", "high_res_pixel_values")
 
 
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """The label each position learns to predict: the next position's (the last one learns nothing)."""
+    return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of `multiple` that is at least `n`."""
     return -(-n // multiple) * multiple

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlmops.models.template import IGNORE_INDEX
-from vlmops.train.data import PIXEL_KEYS, VisionLanguageCollator
+from vlmops.train.data import PIXEL_KEYS, VisionLanguageCollator, next_token_targets
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ class GroupCollator:
 def with_step_keys(batch: dict[str, Any], real_tokens: int) -> dict[str, Any]:
     """`batch` plus `STEP_KEYS`: its real token count and, from its labels, the positions that learn a next token
     and their targets (the labels shifted by one, over the flattened batch)."""
-    targets = torch.nn.functional.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    targets = next_token_targets(batch["labels"]).reshape(-1)
     index = targets.ne(IGNORE_INDEX).nonzero().squeeze(-1)
     batch[REAL_TOKENS_KEY] = real_tokens
     batch[TRAINED_INDEX_KEY] = index

@@ -217,8 +217,9 @@ def training_arguments(
         logging_nan_inf_filter=False,
         remove_unused_columns=False,
         label_names=["labels"],
-        # A packed row has no padding and no attention_mask (see vlmops.train.packing): all its tokens are real.
-        include_num_input_tokens_seen="all" if batching.packing else "non_padding",
+        # VLTrainer counts the collator's real tokens; "non_padding" is the Trainer's own count where a batch lacks
+        # them (it tells a packed row's filler by its padding ids).
+        include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,  # every step runs every part (see VLTrainer.compute_loss)
         report_to="none",
         disable_tqdm=False,

@@ -31,6 +31,7 @@ import torch
 
 from vlmops.config import ConfigError, TrainConfig
 from vlmops.models.template import IGNORE_INDEX
+from vlmops.train.data import next_token_targets
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def fuse_loss(top: Any, head_loss: HeadLoss) -> None:
         else:
             if shift_labels is None:
                 assert labels is not None
-                shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+                shift_labels = next_token_targets(labels)
             elif isinstance(logits_to_keep, torch.Tensor):
                 hidden = hidden[:, logits_to_keep]
             keep = shift_labels.ne(IGNORE_INDEX)

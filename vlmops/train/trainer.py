@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files
-from vlmops.train.data import PIXEL_KEYS
+from vlmops.train.data import PIXEL_KEYS, next_token_targets
 from vlmops.train.packing import REAL_TOKENS_KEY, STEP_KEYS, TRAINED_INDEX_KEY, TRAINED_TARGETS_KEY
 from vlmops.train.rundir import COMPLETE_MARKER, METRICS_FILE, TRAINER_STATE, checkpoints
 
@@ -61,7 +61,7 @@ def trained_positions(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     carry no loss, so those positions are skipped. `shift_labels` are the matching next-token targets;
     the loss and its normalisation (`num_items_in_batch`) are unchanged.
     """
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    shifted = next_token_targets(labels)
     keep = shifted.ne(IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     if keep.numel() == 0:  # nothing to learn in this batch: let the model compute its usual (zero-weight) loss
         return {}
@@ -141,9 +141,9 @@ class VLTrainer(Trainer):
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         """Tokens seen, from the collator's count of real tokens (`REAL_TOKENS_KEY`, a host integer): the Trainer's
         own count reads a GPU tensor back every micro-batch, which makes the host wait for the GPU each time."""
-        real = inputs.get(REAL_TOKENS_KEY)
         if self.args.include_num_input_tokens_seen in ("no", False):
             return
+        real = inputs.get(REAL_TOKENS_KEY)
         if real is None:
             super()._track_num_input_tokens(inputs)
             return
