@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,16 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from vlmops.data.demo import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_train=48, num_eval=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's test harness (a temporary API server on SQLite), started once for every flow test of the session.
+
+    Its start costs 10-20 s; the modules that run flows share it and keep their own result storage. Tests read
+    back only what their own flow runs made (by flow-run id or artifact description).
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):  # a loaded CI machine starts the server slowly
+        yield
