@@ -16,6 +16,12 @@ EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'dev,gpu' || ech
 CONFIG ?= pipeline.yaml
 ARGS   ?=
 PYTEST_ARGS ?=
+# `make test` and `make unit` run pytest on this many workers (pytest-xdist), a test module per worker at a time
+# (tests/conftest.py: the team stack's modules are one unit, the longest start first). The suite waits on servers
+# and subprocesses much of the time: two workers on two cores take about two thirds of a serial run's time.
+# PYTEST_WORKERS=0 runs it serially in one process.
+PYTEST_WORKERS ?= 2
+XDIST  := -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # Offline, quiet tools: the embedded default needs no hub, and nothing should phone home.
 export DVC_NO_ANALYTICS := 1
@@ -87,14 +93,14 @@ typecheck: setup
 	$(BIN)/mypy
 
 test: chromium postgres lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 
 # The team-mode integration test alone: the whole stack natively, deploy, retrain, retry, promote, batch job.
 test-team: setup postgres
 	$(BIN)/pytest -m team $(PYTEST_ARGS)
 
 unit: setup
-	$(BIN)/pytest -m "not integration and not e2e and not browser and not team" $(PYTEST_ARGS)
+	$(BIN)/pytest $(XDIST) -m "not integration and not e2e and not browser and not team" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache

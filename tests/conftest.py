@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,10 +20,21 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# On pytest-xdist workers, each worker's torch (and every process it starts, which inherit the variable) gets its
+# share of the cores. torch's default is a thread per core in every process; its OpenMP threads spin while they
+# wait, so two trainings at once on two cores with two threads each crawl (measured on a busy 2-core machine:
+# 3.3 samples/s each with 2 threads against 87-104 with 1). Set before torch is imported; an explicit
+# OMP_NUM_THREADS is kept.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: see "Two workers" below
+        _longest_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -59,3 +72,54 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from vlmops.data.demo import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_train=48, num_eval=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Prefect's test harness (a temporary API server on SQLite), started once for every flow test of the session.
+
+    Its start costs 10-20 s; the modules that run flows share it and keep their own result storage. Tests read
+    back only what their own flow runs made (by flow-run id or artifact description).
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):  # a loaded CI machine starts the server slowly
+        yield
+
+
+# -- Two workers (pytest-xdist) ----------------------------------------------------------------------------------
+# `make test` runs pytest on two workers with `--dist loadscope`: a module goes to one worker whole, so its
+# module-scoped fixtures (a trained run, a registry, a flow's results) are built once, as in a serial run. The
+# team stack's two modules share one session-scoped stack and workflow: they are one unit. Units are handed out
+# in the order the workers collected them, which puts the modules that take longest first, so that no worker
+# is left with a long one at the end while the other waits.
+LONGEST_FIRST = ("team", "e2e", "slow", "integration")
+"""Markers of the modules that take longest, longest first; the rest keep their order, after them."""
+
+
+def _unit(nodeid: str) -> str:
+    """The scheduling unit of a test: its module, or `tests/team` for the team stack's modules."""
+    return "tests/team" if nodeid.startswith("tests/team/") else nodeid.split("::", 1)[0]
+
+
+def _longest_first(items: list[pytest.Item]) -> None:
+    rank: dict[str, int] = {}
+    for item in items:
+        marked = [i for i, name in enumerate(LONGEST_FIRST) if item.get_closest_marker(name)]
+        unit = _unit(item.nodeid)
+        rank[unit] = min([rank.get(unit, len(LONGEST_FIRST)), *marked])
+    items.sort(key=lambda item: rank[_unit(item.nodeid)])  # stable: the order within a rank is kept
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadscope` with the team stack's modules as one unit and the units in collection order."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    return ModuleScheduling(config, log)

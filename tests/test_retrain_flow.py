@@ -21,9 +21,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict, list[str]]:
+def two_runs(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> tuple[Path, dict, dict, list[str]]:
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import retrain
 
@@ -33,10 +32,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict
         f"model.cache_dir={tmp}/outputs/cache",
         f"tracking.uri=sqlite:///{tmp}/outputs/mlflow.db",
     ]
-    with (
-        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "prefect-storage"}),
-        prefect_test_harness(server_startup_timeout=300),  # a loaded CI machine starts the server slowly
-    ):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "prefect-storage"}):
         first = retrain(str(ROOT / "pipeline.yaml"), overrides)
         second = retrain(str(ROOT / "pipeline.yaml"), overrides)
         states = _task_states(second)

@@ -21,10 +21,9 @@ NAME = "vlmops-demo"
 
 
 @pytest.fixture(scope="module")
-def promoted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def promoted_run(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> dict[str, Any]:
     """One retrain run (a smaller demo) with auto_promote, and the Prefect artifacts of it and its promotion."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import retrain
 
@@ -38,10 +37,7 @@ def promoted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "data.demo.num_eval=8",
         "train.epochs=2",
     ]
-    with (
-        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "prefect-storage"}),
-        prefect_test_harness(server_startup_timeout=300),
-    ):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "prefect-storage"}):
         summary = retrain(str(ROOT / "pipeline.yaml"), overrides)
         client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"], registry_uri=summary["mlflow_tracking_uri"])
         version = client.get_model_version(NAME, summary["model_version"])

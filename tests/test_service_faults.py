@@ -83,14 +83,6 @@ def mlflow_server(tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.Monke
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def prefect_api() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=300):
-        yield
-
-
 def _task_runs(flow_run_id: Any) -> list[Any]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -103,7 +95,7 @@ def _task_runs(flow_run_id: Any) -> list[Any]:
 
 
 def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
-    mlflow_server: MlflowServer, prefect_api: None, tmp_path: Path
+    mlflow_server: MlflowServer, prefect_harness: None, tmp_path: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
     from prefect import flow
@@ -163,7 +155,7 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
 
 
 def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_lost(
-    prefect_api: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The DVC remote is a bucket on SeaweedFS; S3 stops between two pushes of one flow run, and comes back on
     the same address with its data."""

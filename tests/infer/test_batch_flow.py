@@ -20,17 +20,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A temporary Prefect server (the test harness); the settings a worker process needs to reach it."""
+def prefect_api(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None) -> Iterator[dict[str, str]]:
+    """The session's temporary Prefect server (the test harness); the settings a worker process needs to reach it."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
 
     storage = tmp_path_factory.mktemp("prefect-storage")
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
         yield {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_LOCAL_STORAGE_PATH": str(storage)}
 
 
-def _progress_artifacts() -> list[Any]:
+def _progress_artifacts(model: Path, output: Path) -> list[Any]:
+    """The progress artifacts of the batch jobs from `model` into `output` (the flow's description names both)."""
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -38,9 +38,10 @@ def _progress_artifacts() -> list[Any]:
 
     async def read() -> list[Any]:
         async with get_client() as client:
-            return list(
-                await client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
             )
+            return [a for a in found if a.description == f"batch inference {model} -> {output}"]
 
     return asyncio.run(read())
 
@@ -57,7 +58,7 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     assert summary["records"] == summary["results"] == 6 and summary["rejects"] == 0
     assert summary["output"] == str(out) and (out / "manifest.json").is_file()
     assert len(list(out.glob("part-*.jsonl"))) == 3
-    assert any(a.data == 100.0 for a in _progress_artifacts())
+    assert any(a.data == 100.0 for a in _progress_artifacts(tiny_model, out))
     again = batch_inference(str(tiny_model), str(eval_file), str(out), None, overrides)  # done: nothing to redo
     assert summary["shards_run"] == 3
     assert again["job_id"] == summary["job_id"] and again["shards_run"] == 0
@@ -107,4 +108,4 @@ def test_two_task_workers_share_one_job_exactly_once(
     assert keys == [f"r{i}" for i in range(24)]  # every input exactly once, in input order
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["records"] for p in manifest["parts"]] == [3] * 8
-    assert any(a.data == 100.0 for a in _progress_artifacts())
+    assert any(a.data == 100.0 for a in _progress_artifacts(tiny_model, out))

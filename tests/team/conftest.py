@@ -1,7 +1,8 @@
 """The team stack (infra/local) started natively for the `team` and `browser` tests, and one team workflow on it.
 
 `team_stack`: PostgreSQL, SeaweedFS, MLflow and Prefect servers and a worker, in a temporary folder on free ports,
-with random credentials; stopped (and the stop checked) at the end of the session.
+with random credentials; stopped (and the stop checked) after the last test of tests/team/, so that its idle
+servers and polling worker do not run beside the rest of the suite.
 
 `team_run`: what a team does with it, through the real CLIs: `prefect deploy`, then `retrain/on-demand` while
 the pool's GPU slots are set to 0 (the train step fails, the finished steps' results are in S3), then
@@ -58,7 +59,7 @@ class TeamRun:
     deploy_log: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def team_stack() -> Iterator[Stack]:
     """The whole stack, natively, in a temporary folder (open to PostgreSQL's user: mode 711)."""
     root = Path(tempfile.mkdtemp(prefix="vlmops-team-stack-"))
@@ -76,8 +77,12 @@ def team_stack() -> Iterator[Stack]:
     }
     stack = Stack(Settings.load(env=env, env_file=root / "no.env"))
     try:
-        stack.up()
-        yield stack
+        with pytest.MonkeyPatch.context() as patch:
+            # The workers the stack starts (they inherit this environment) look for new flow runs every second
+            # instead of Prefect's 10 s: each of the four flow runs of `team_run` waited 5 s on average for one.
+            patch.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
+            stack.up()
+            yield stack
     finally:
         stack.down()
         still_up = [name for name, healthy in stack.status().items() if healthy]
@@ -119,7 +124,7 @@ def wait_for_flow_run(stack: Stack, flow_run_id: str, timeout: float = 900) -> d
         if flow_run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return flow_run
         assert time.monotonic() < deadline, f"flow run {flow_run_id} still {flow_run['state']['name']}"
-        time.sleep(3)
+        time.sleep(1)
 
 
 def set_gpu_slots(stack: Stack, slots: int) -> None:
@@ -147,7 +152,7 @@ def upload_prompts(stack: Stack, workdir: Path) -> tuple[str, list[str]]:
     return f"s3://{stack.bucket}/prompts/prompts.jsonl", keys
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def team_run(team_stack: Stack) -> Iterator[TeamRun]:
     stack = team_stack
     workdir = Path(tempfile.mkdtemp(prefix="vlmops-team-run-"))
