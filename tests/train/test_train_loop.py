@@ -212,6 +212,40 @@ def test_hybrid_text_only_batch_runs_both_towers(
     assert sam and all(g is not None and float(g.abs().max()) == 0.0 for g in sam)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "vision_graph"),
+    [
+        ({"train.mode": "full"}, False),
+        ({"train.lora.targets": "qkv"}, False),
+        ({"train.lora.targets": "ALL", "train.freeze.aligner": None}, True),
+    ],
+)
+def test_recompute_keeps_frozen_towers_out_of_the_backward(
+    tiny_hybrid_model: Path, snapshot: PreparedDataset, tmp_path: Path, overrides: dict[str, Any], vision_graph: bool
+) -> None:
+    """With recompute on, the Trainer's checkpointing asks the model for input gradients on every tower; a frozen
+    SigLIP and SAM must still record no graph (they would run a backward for nothing on every step)."""
+    settings = {**overrides, "train.gradient_checkpointing": True, "train.max_steps": 2}
+    setup = setup_training(config(**settings), tiny_hybrid_model, snapshot.path, tmp_path / "r")
+    model = setup.trainer.model
+    core = (model.get_base_model() if hasattr(model, "get_base_model") else model).model
+    graphs: dict[str, list[bool]] = {"vision_model": [], "high_res_vision_model": [], "language_model": []}
+
+    def record(name: str) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if torch.is_grad_enabled():  # training steps, not evaluation
+                graphs[name].append(bool(output.last_hidden_state.requires_grad))
+
+        return hook
+
+    for name in graphs:
+        getattr(core, name).register_forward_hook(record(name))
+    setup.trainer.train()
+    assert len(graphs["language_model"]) >= 2 and all(graphs["language_model"])  # the LLM trains, recomputing
+    assert graphs["vision_model"] and set(graphs["vision_model"]) == {vision_graph}
+    assert graphs["high_res_vision_model"] and set(graphs["high_res_vision_model"]) == {vision_graph}
+
+
 @pytest.mark.parametrize("variant", ["deepseek_vl", "deepseek_vl_hybrid"])
 def test_full_mode_and_bf16_train(
     variant: str, tiny_models: dict[str, Path], snapshot: PreparedDataset, tmp_path: Path

@@ -41,7 +41,7 @@ from vlmops.train.rundir import (
     start_run_folder,
 )
 from vlmops.train.speed import SpeedPlan, apply_speed, plan_speed
-from vlmops.train.trainable import TrainableSummary, prepare_trainable, require_grads_on_inputs
+from vlmops.train.trainable import TrainableSummary, prepare_trainable, route_input_grads
 from vlmops.train.trainer import (
     CheckpointPolicy,
     CompactProgress,
@@ -305,8 +305,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         for param in model.parameters():  # trained weights (adapters, modules_to_save) stay float32 under autocast
             if param.requires_grad:
                 param.data = param.data.float()
-    if batching.recompute and t.mode == "lora":
-        require_grads_on_inputs(model)
+    route_input_grads(model)  # the Trainer's checkpointing would give every tower input gradients
     if batching.packing:
         check_packing_support(model)
     apply_speed(model, speed, batching.activation_budget)

@@ -217,18 +217,39 @@ def require_grads_on_inputs(model: nn.Module) -> list[str]:
 
     transformers' `enable_input_require_grads` hooks every tower's embeddings: with a frozen vision side that
     makes SigLIP (and SAM on the 7b) record their whole graph and run their backward for nothing (measured on
-    the 7b LoRA q/k/v case: 24 SigLIP attention backwards per step, and the CPU time that goes with them).
+    the 7b LoRA q/k/v case: 24 SigLIP attention backwards per step, and the CPU time that goes with them). The
+    handles go where transformers keeps its own (`_require_grads_hooks`), so `disable_input_require_grads`
+    removes these too.
     """
     trained = {part_of(_base_name(name)) for name, param in model.named_parameters() if param.requires_grad}
-    hooked = []
+    top = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for handle in getattr(top, "_require_grads_hooks", []):  # called again: hook once
+        handle.remove()
+    handles, hooked = [], []
     for name, module in model.named_modules():
         base = _base_name(name)
         is_text_embedding = base.endswith("language_model.embed_tokens")
         is_vision_embedding = base.endswith(("vision_model.embeddings.patch_embedding", "vision_encoder.patch_embed"))
         if (is_text_embedding and "llm" in trained) or (is_vision_embedding and "vision" in trained):
-            module.register_forward_hook(_output_requires_grad)
+            handles.append(module.register_forward_hook(_output_requires_grad))
             hooked.append(base)
+    top._require_grads_hooks = handles
     return hooked
+
+
+def route_input_grads(model: nn.Module) -> None:
+    """Make transformers' own `enable_input_require_grads` on this model instance do `require_grads_on_inputs`.
+
+    The Trainer turns activation checkpointing on inside `train()`, and that calls the model's
+    `enable_input_require_grads` (transformers 5, for every model whose main input is `input_ids`): every
+    tower's embeddings, so the frozen SigLIP and SAM recorded a graph and ran their backward on every step of a
+    recomputing run (LoRA and full alike; on the 7b ~195 needless linear backwards per step). Only the towers
+    with trained weights behind them get input gradients now.
+    """
+    top = model.get_base_model() if hasattr(model, "get_base_model") else model
+    top.enable_input_require_grads = lambda: require_grads_on_inputs(model)
+    if getattr(top, "_require_grads_hooks", None):  # hooked already (peft does when checkpointing was on)
+        require_grads_on_inputs(model)
 
 
 def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
