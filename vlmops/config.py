@@ -177,8 +177,9 @@ class TrainConfig(Section):
     grad_accum) and, when gradient_checkpointing is auto, recompute are chosen to fit it from an estimate of the
     model's memory per token (vlmops/train/memory.py), keeping batch_size x grad_accum samples per optimizer step.
     null: 90% of the GPU. Ignored on CPU and under DeepSpeed (batch_size and grad_accum are used as written).
-    Training processes on a GPU use PyTorch's expandable memory segments (PYTORCH_CUDA_ALLOC_CONF, unless set), so
-    that micro-batches of varying lengths do not leave the allocator holding memory beyond the plan."""
+    LoRA training processes on a GPU use PyTorch's expandable memory segments (PYTORCH_CUDA_ALLOC_CONF, unless
+    set), so that micro-batches of varying lengths do not leave the allocator holding memory beyond the plan (full
+    training does not: its step measured twice as slow with them)."""
     auto_batch: bool = True
     """Let `memory_gib` re-split batch_size x grad_accum into micro-batches (the same samples per step, so the
     same learning). false: batch_size and grad_accum exactly as written."""
