@@ -660,6 +660,9 @@ def table(rows: list[dict[str, Any]], peak: float | None) -> str:
     return "\n".join(lines)
 
 
+ENVIRONMENT = ("PYTORCH_CUDA_ALLOC_CONF", "TORCH_LOGS", "CUDA_VISIBLE_DEVICES")
+
+
 def save(path: Path, argv: list[str], rows: list[dict[str, Any]], peak: float | None) -> None:
     import datetime
     import platform
@@ -674,6 +677,8 @@ def save(path: Path, argv: list[str], rows: list[dict[str, Any]], peak: float | 
             "cpus": os.cpu_count(),
         },
         "command": "bench/train_bench.py " + " ".join(argv),
+        # Settings from the environment that change the result (the command line does not show them).
+        "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
         "matmul_peak_tflops": round(peak, 1) if peak else None,
         "rows": rows,
     }
