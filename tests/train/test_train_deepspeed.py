@@ -102,3 +102,15 @@ def test_deepspeed_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="DeepSpeed through the HF Trainer runs on GPUs only"):
         training_arguments(load_config(None, {"train.deepspeed": "zero2"}), tmp_path, "fp32")
+
+
+def test_deepspeed_not_installed_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed is an optional extra: asking for it without it names the extra (not accelerate's ImportError)."""
+    import importlib.util
+
+    from vlmops.train.sft import training_arguments
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ValueError, match=r"train.deepspeed is 'zero2', but DeepSpeed is not installed: pip install"):
+        training_arguments(load_config(None, {"train.deepspeed": "zero2"}), tmp_path, "fp32")

@@ -22,12 +22,14 @@ from torch.utils.data import Dataset
 
 from vlmops.config import PipelineConfig, TrainConfig
 from vlmops.train.data import round_up
+from vlmops.train.deepspeed_config import require_deepspeed
 from vlmops.train.memory import OFFLOAD_PRESET, ModelShape, fits_without_deepspeed, gpu_memory_gib, plan_batch
 from vlmops.train.packing import (
     GroupCollator,
     GroupedDataset,
     length_groups,
     pack_groups,
+    padded_lengths,
     padding_share,
     resolve_packing,
 )
@@ -38,6 +40,11 @@ log = logging.getLogger(__name__)
 # With compiled layers, padded batches come in at most this many lengths (see `length_buckets`): each is a compile
 # (seconds to tens of seconds), each bucket boundary costs padding (uniform lengths of 64-2,700 tokens: ~6% at 16).
 COMPILED_LENGTHS = 16
+# ... and no more lengths than it takes to come within this share of the computed tokens of the least padding:
+# a length that saves less is not worth its compile. Near-uniform data (one image + ~490-540 text tokens) in
+# batches of 8: a second length would serve about one batch in 30 and save ~0.2% of the tokens, for a compile
+# that can come at any step of the run.
+LENGTH_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,10 @@ def resolve_deepspeed(config: PipelineConfig, base_model: Path, speed: SpeedPlan
     shape = training_shape(base_model, t, torch.float32, speed)  # float32 masters: full training without DeepSpeed
     if fits_without_deepspeed(shape, budget, config.data.max_length):
         return config
+    require_deepspeed(
+        f"full training of {base_model.name} does not fit {budget:.0f} GiB of GPU memory without DeepSpeed (it would "
+        f"take the {OFFLOAD_PRESET} preset; or raise train.memory_gib, lower data.max_length, or train with LoRA)"
+    )
     log.warning(
         "train.deepspeed: full training of %s does not fit %.0f GiB of GPU memory without DeepSpeed; using the %s "
         "preset (set train.deepspeed to choose another, or raise train.memory_gib)",
@@ -197,12 +208,13 @@ def train_dataset(batching: Batching, dataset: Any, seed: int) -> Dataset[Any]:
 
 
 def collator(
-    batching: Batching, pad_token_id: int, pad_to_multiple_of: int = 1, lengths: Sequence[int] = ()
+    batching: Batching, pad_token_id: int, pad_to_multiple_of: int = 1, lengths: Sequence[int] = (), seed: int = 0
 ) -> GroupCollator:
     """Packs groups into one row (packing), pads groups and plain samples (everything else, and evaluation).
 
     `pad_to_multiple_of` > 1 (compiled layers, specialised per shape): packed rows are filled to the budget, one
-    shape; padded batches pad up to at most `COMPILED_LENGTHS` lengths chosen from the train split's `lengths`.
+    shape; padded batches pad up to at most `COMPILED_LENGTHS` lengths chosen from the train split's `lengths` as
+    they pad in batches: grouped by length, or shuffled (`seed`) micro-batches, each as long as its longest.
     """
     packed_length = None
     buckets: tuple[int, ...] = ()
@@ -210,7 +222,8 @@ def collator(
         assert batching.packing_tokens is not None
         packed_length = round_up(batching.packing_tokens, pad_to_multiple_of)
     elif pad_to_multiple_of > 1 and lengths:
-        buckets = length_buckets(lengths, COMPILED_LENGTHS, pad_to_multiple_of)
+        padded = lengths if batching.group_by_length else padded_lengths(lengths, batching.per_device_batch, seed)
+        buckets = length_buckets(padded, COMPILED_LENGTHS, pad_to_multiple_of, LENGTH_TOLERANCE)
         log.info("padded batch lengths: %s tokens", ", ".join(map(str, buckets)))
     return GroupCollator(
         pad_token_id=pad_token_id,
@@ -221,21 +234,20 @@ def collator(
     )
 
 
-def length_buckets(lengths: Sequence[int], count: int, multiple: int) -> tuple[int, ...]:
+def length_buckets(lengths: Sequence[int], count: int, multiple: int, tolerance: float = 0.0) -> tuple[int, ...]:
     """At most `count` padded lengths (multiples of `multiple`, the longest sample's among them) that waste the
-    fewest padding tokens when each sample pads up to the smallest one that holds it.
+    fewest padding tokens when each sample pads up to the smallest one that holds it; with `tolerance` > 0, the
+    fewest lengths whose padding is within that share of the computed tokens of the least.
 
-    An exact split of the sorted distinct lengths into `count` runs (dynamic programming over at most a few
-    hundred distinct values). Padded batches then come in at most `count` lengths: each length is one compiled
-    graph per layer, and on realistic data (64 to ~2,700 tokens) multiples of 64 alone gave dozens, each compiled
-    anew while training waited.
+    An exact split of the sorted distinct lengths into runs (dynamic programming over at most a few hundred
+    distinct values). Padded batches then come in at most `count` lengths: each length is one compiled graph per
+    layer, and on realistic data (64 to ~2,700 tokens) multiples of 64 alone gave dozens, each compiled anew while
+    training waited.
     """
     if count < 1 or multiple < 1:
         raise ValueError("length_buckets needs count >= 1 and multiple >= 1")
     rounded = Counter(round_up(n, multiple) for n in lengths)
     values = sorted(rounded)
-    if len(values) <= count:
-        return tuple(values)
     # cost(i, j): padding when the samples of values[i..j] all pad to values[j]
     weights = [rounded[v] for v in values]
     prefix_n = [0, *itertools.accumulate(weights)]
@@ -244,10 +256,10 @@ def length_buckets(lengths: Sequence[int], count: int, multiple: int) -> tuple[i
     def cost(i: int, j: int) -> int:
         return values[j] * (prefix_n[j + 1] - prefix_n[i]) - (prefix_sum[j + 1] - prefix_sum[i])
 
-    # With more distinct lengths than buckets, exactly `count` buckets is best (another never costs padding).
     # total[k][j]: the least padding of values[0..j] in k + 1 buckets, the last ending at values[j]; `start`: where
-    # the bucket before it ended.
+    # the bucket before it ended. More buckets never cost padding, so the best uses min(count, n).
     n = len(values)
+    count = min(count, n)
     total = [[cost(0, j) for j in range(n)]]
     start = [[-1] * n]
     for k in range(1, count):
@@ -256,6 +268,8 @@ def length_buckets(lengths: Sequence[int], count: int, multiple: int) -> tuple[i
             row[j], back[j] = min((total[k - 1][i] + cost(i + 1, j), i) for i in range(k - 1, j))
         total.append(row)
         start.append(back)
+    allowed = total[count - 1][n - 1] + tolerance * sum(round_up(x, multiple) for x in lengths)
+    count = next(k + 1 for k in range(count) if total[k][n - 1] <= allowed)
     edges, j = [], n - 1
     for k in range(count - 1, -1, -1):
         edges.append(values[j])

@@ -13,6 +13,7 @@ them from `train.*`, so one config works for any model size and GPU count (as sw
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from importlib import resources
@@ -30,6 +31,14 @@ def preset_path(name: str) -> Path:
     if name not in PRESETS:
         raise ValueError(f"unknown DeepSpeed preset {name!r}: use one of {', '.join(PRESETS)} or a path to a JSON file")
     return Path(str(resources.files("vlmops.train").joinpath("deepspeed_presets", f"{name}.json")))
+
+
+def require_deepspeed(why: str) -> None:
+    """Raise a clear error, saying `why` DeepSpeed is wanted, when it is not installed (it is an optional extra)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(
+            f"{why}, but DeepSpeed is not installed: pip install 'vlmops[deepspeed]' (or set train.deepspeed: null)"
+        )
 
 
 def load_deepspeed_config(value: str | None) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -72,16 +72,26 @@ BLOCK_SPARSE_ATTENTION = ("flash_attention_2", "flex_attention")
 PACKING_MIN_PADDING = 0.15
 
 
-def padding_share(lengths: Sequence[int], batch_size: int, seed: int = 0) -> float:
-    """Share of padding in shuffled padded batches of `batch_size` samples: what an unpacked run would compute."""
+def shuffled_batches(lengths: Sequence[int], batch_size: int, seed: int = 0) -> Iterator[list[int]]:
+    """The lengths of random batches of `batch_size` samples over one shuffled pass (how unpacked runs batch)."""
     order = list(range(len(lengths)))
     random.Random(seed).shuffle(order)
-    computed = real = 0
     for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start : start + batch_size]]
+        yield [lengths[i] for i in order[start : start + batch_size]]
+
+
+def padding_share(lengths: Sequence[int], batch_size: int, seed: int = 0) -> float:
+    """Share of padding in shuffled padded batches of `batch_size` samples: what an unpacked run would compute."""
+    computed = real = 0
+    for batch in shuffled_batches(lengths, batch_size, seed):
         computed += max(batch) * len(batch)
         real += sum(batch)
     return 0.0 if computed == 0 else 1.0 - real / computed
+
+
+def padded_lengths(lengths: Sequence[int], batch_size: int, seed: int = 0) -> list[int]:
+    """Each sample's length once padded in a shuffled batch of `batch_size`: its batch's longest, per sample."""
+    return [max(batch) for batch in shuffled_batches(lengths, batch_size, seed) for _ in batch]
 
 
 def resolve_packing(value: bool | str, attn: str = "sdpa", padding: float = 0.0, cuda: bool | None = None) -> bool:

@@ -25,7 +25,7 @@ from vlmops.data.prepare import PreparedDataset, load_prepared
 from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
 from vlmops.train.batching import Batching, collator, resolve_batching, resolve_deepspeed, train_dataset
 from vlmops.train.data import SFTDataset
-from vlmops.train.deepspeed_config import load_deepspeed_config
+from vlmops.train.deepspeed_config import load_deepspeed_config, require_deepspeed
 from vlmops.train.packing import check_packing_support, training_attention
 from vlmops.train.rundir import (
     CONFIG_FILE,
@@ -168,6 +168,8 @@ def training_arguments(
     if batching is None:
         recompute = t.gradient_checkpointing is not False
         batching = Batching(t.batch_size, t.grad_accum, recompute, False, None, False)
+    if t.deepspeed is not None:
+        require_deepspeed(f"train.deepspeed is {t.deepspeed!r}")
     if t.deepspeed is not None and not torch.cuda.is_available():
         raise ValueError(
             f"train.deepspeed is {t.deepspeed!r} but there is no CUDA GPU: DeepSpeed through the HF Trainer runs on "
@@ -320,7 +322,11 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         train_dataset=train_dataset(batching, datasets["train"], config.run.seed),
         eval_dataset=datasets["eval"],
         data_collator=collator(
-            batching, processor.tokenizer.pad_token_id, speed.pad_to_multiple_of, datasets["train"].lengths
+            batching,
+            processor.tokenizer.pad_token_id,
+            speed.pad_to_multiple_of,
+            datasets["train"].lengths,
+            config.run.seed,
         ),
         processing_class=processor,
         callbacks=[

@@ -222,7 +222,7 @@ def require_grads_on_inputs(model: nn.Module) -> list[str]:
     removes these too.
     """
     trained = {part_of(_base_name(name)) for name, param in model.named_parameters() if param.requires_grad}
-    top = model.get_base_model() if hasattr(model, "get_base_model") else model
+    top = _unwrapped(model)
     for handle in getattr(top, "_require_grads_hooks", []):  # called again: hook once
         handle.remove()
     handles, hooked = [], []
@@ -233,7 +233,7 @@ def require_grads_on_inputs(model: nn.Module) -> list[str]:
         if (is_text_embedding and "llm" in trained) or (is_vision_embedding and "vision" in trained):
             handles.append(module.register_forward_hook(_output_requires_grad))
             hooked.append(base)
-    top._require_grads_hooks = handles
+    setattr(top, "_require_grads_hooks", handles)  # noqa: B010 (nn.Module's typed __setattr__)
     return hooked
 
 
@@ -246,10 +246,16 @@ def route_input_grads(model: nn.Module) -> None:
     recomputing run (LoRA and full alike; on the 7b ~195 needless linear backwards per step). Only the towers
     with trained weights behind them get input gradients now.
     """
-    top = model.get_base_model() if hasattr(model, "get_base_model") else model
-    top.enable_input_require_grads = lambda: require_grads_on_inputs(model)
+    top = _unwrapped(model)
+    setattr(top, "enable_input_require_grads", lambda: require_grads_on_inputs(model))  # noqa: B010
     if getattr(top, "_require_grads_hooks", None):  # hooked already (peft does when checkpointing was on)
         require_grads_on_inputs(model)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (the model itself when not wrapped)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
