@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -427,6 +428,8 @@ def run_one(
         "tokens_per_s": round(tokens_per_s, 1),
         "samples_per_s": round(samples_per_s, 3),
         "step_time_s": round(samples_per_step / samples_per_s, 3) if samples_per_s else None,
+        # every step after the first: compiles (and other stalls) show as outliers, in the warm-up or not
+        "step_times_s": [round(t, 3) for t in setup.throughput.step_seconds()],
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -591,6 +594,7 @@ def run_baseline(case: Case, model_dir: Path, dataset: Path, device: str) -> dic
             llm_params=llm_parameters(model.get_base_model() if hasattr(model, "get_base_model") else model),
             gradient_checkpointing=train.gradient_checkpointing,
             padding_fraction=round(1 - tokens / computed, 4),
+            step_times_s=[round(b[0] - a[0], 3) for a, b in itertools.pairwise(marks)],
         )
     except torch.OutOfMemoryError as err:
         result["out_of_memory"] = str(err).splitlines()[0]

@@ -135,3 +135,23 @@ def test_throughput_counts_the_steps_after_the_warmup_and_keeps_few_marks() -> N
     assert samples_per_s > 0 and tokens_per_s / samples_per_s == pytest.approx(
         100 / 2
     )  # steps 5 -> 200, 2 samples each
+
+
+def test_throughput_times_each_kept_step() -> None:
+    """Per-step durations of the kept consecutive marks (the benchmark's compile outliers), none past them."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from vlmops.train.trainer import Throughput
+
+    meter, state = Throughput(), TrainerState()
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    clock = iter(float(t) for t in [0, 1, 3, 3.5, *range(10, 200)])
+    for step in range(1, 101):
+        state.global_step = step
+        meter.on_step_end(args, state, TrainerControl())
+        _, tokens, at = meter.marks[-1]
+        meter.marks[-1] = (next(clock), tokens, at)  # a known time for each step end (CPU marks are floats)
+    durations = meter.step_seconds()
+    assert durations[:3] == [1.0, 2.0, 0.5]
+    # steps 2..64 (the first 64 step ends are kept in a row); the latest mark, step 100, is not the next one
+    assert len(durations) == Throughput.KEPT_WARMUP_MARKS - 1

@@ -11,6 +11,7 @@ live metrics.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -336,6 +337,21 @@ class Throughput(TrainerCallback):
             self.marks[-1] = entry
         else:
             self.marks.append(entry)
+
+    def step_seconds(self) -> list[float]:
+        """How long each step after the first took, up to step `KEPT_WARMUP_MARKS` (the marks kept in a row); a step
+        that compiled, or waited on data, shows as an outlier. Waits for the GPU to reach the last of them."""
+        durations: list[float] = []
+        for (t0, _, step0), (t1, _, step1) in itertools.pairwise(self.marks):
+            if step1 != step0 + 1:
+                break  # past the kept marks: the latest replaces the one before it
+            if isinstance(t0, torch.cuda.Event) and isinstance(t1, torch.cuda.Event):
+                t1.synchronize()
+                durations.append(t0.elapsed_time(t1) / 1000)
+            else:
+                assert isinstance(t0, float) and isinstance(t1, float)
+                durations.append(t1 - t0)
+        return durations
 
     def rates(self, samples_per_step: int, warmup_steps: int = 1) -> tuple[float, float]:
         """(samples/s, tokens/s) over the steps after the first `warmup_steps` of this session; zeros when
