@@ -13,6 +13,7 @@ that shard); steady img/s = the records of the later shards / the time between t
 
     python bench/batch_e2e_bench.py --models 1.3b,7b --out bench/results/batch-e2e-DATE.json
     python bench/batch_e2e_bench.py --size tiny --models 1.3b --records 8 --plain-records 4   # CPU smoke
+    python bench/batch_e2e_bench.py --models 1.3b --set infer.decode_window=8   # + a run with that setting
 """
 
 from __future__ import annotations
@@ -150,6 +151,13 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/batch-e2e")
     parser.add_argument("--out", default=None)
     parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for an extra run of the default engine (repeatable), e.g. infer.decode_window=8",
+    )
+    parser.add_argument(
         "--py-spy",
         default=None,
         metavar="DIR",
@@ -176,6 +184,8 @@ def main() -> int:
         cases: list[tuple[str, list[str], int | None, list[str] | None]] = [
             ("batch-infer (auto engine)", base, None, None)
         ]
+        if args.set:
+            cases.append((f"batch-infer (auto engine, {' '.join(args.set)})", [*base, *args.set], None, None))
         if args.plain_records > 0:
             plain = [*base, "infer.engine=plain", "infer.batch_size=32"]
             cases.append(("batch-infer plain generate", plain, args.plain_records, None))

@@ -305,6 +305,11 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         guarded("engine-eager", lambda: engine_row("engine-eager", match_batch, match_batch, compile=False))
     for batch in batches:
         guarded(f"engine-{batch}", lambda b=batch: engine_row("engine", b, b))
+        if args.window_alt:
+            guarded(
+                f"engine-{batch}-window",
+                lambda b=batch: engine_row("engine-window", b, b, decode_window=args.window_alt),
+            )
     if device == "cuda":
         guarded(
             "engine-matmul-attention",
@@ -327,6 +332,8 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         )
     if args.e2e:
         guarded("e2e", lambda: e2e(loaded, arch, args, max(batches), max_context, record))
+        if args.window_alt:
+            guarded("e2e-window", lambda: e2e(loaded, arch, args, max(batches), max_context, record, args.window_alt))
 
     def rebatched() -> None:
         half = match_batch // 2
@@ -379,7 +386,15 @@ def profile_prefill(loaded: LoadedModel, reqs: list[GenerationRequest], max_cont
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
 
-def e2e(loaded: LoadedModel, arch: str, args: argparse.Namespace, batch: int, max_context: int, record: Any) -> None:
+def e2e(
+    loaded: LoadedModel,
+    arch: str,
+    args: argparse.Namespace,
+    batch: int,
+    max_context: int,
+    record: Any,
+    decode_window: int = 1,
+) -> None:
     """Images as JPEG/PNG files, opened lazily: the engine's worker threads decode them ahead of the GPU."""
     folder = Path(args.work) / "e2e-images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -403,6 +418,7 @@ def e2e(loaded: LoadedModel, arch: str, args: argparse.Namespace, batch: int, ma
         max_context=max_context,
         prefill_batch=args.prefill_batch,
         image_workers=args.image_workers,
+        decode_window=decode_window,
     )
     for _ in engine.generate(requests()):
         pass
@@ -414,14 +430,14 @@ def e2e(loaded: LoadedModel, arch: str, args: argparse.Namespace, batch: int, ma
     stats = engine.stats
     record(
         {
-            "case": "e2e-files",
+            "case": "e2e-files" if decode_window == 1 else f"e2e-files-window-{decode_window}",
             "batch": engine.slots,
             "prompts": done,
             "seconds": round(seconds, 3),
             "images_per_s": round(done / seconds, 2),
             "tokens_per_s": round(stats.generated_tokens / seconds, 1),
             "gpu_busy": round((stats.prefill_s + stats.decode_s) / seconds, 3),
-            "settings": {"image_workers": args.image_workers},
+            "settings": {"image_workers": args.image_workers, "decode_window": decode_window},
         }
     )
 
@@ -458,6 +474,9 @@ def main() -> int:
     parser.add_argument("--image-workers", type=int, default=8)
     parser.add_argument("--e2e", action="store_true", help="also decode image files through the engine")
     parser.add_argument("--prefill-alt", type=int, default=0, help="prefill batch of an extra row (0: skip)")
+    parser.add_argument(
+        "--window-alt", type=int, default=0, help="decode window of an extra row per batch and e2e run (0: skip)"
+    )
     parser.add_argument("--float32", action="store_true", help="also check the 1.3b in float32 on the GPU")
     parser.add_argument("--profile", action="store_true", help="print the kernel times of one prefill batch")
     parser.add_argument("--work", default="/tmp/infer-bench")

@@ -258,6 +258,10 @@ class InferConfig(Section):
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
     a 7b inside an 80 GB card). null: 90% of the GPU."""
+    decode_window: int = Field(1, ge=1)
+    """Fast engine: decode steps queued on the GPU before the host reads their tokens back (1: after every step,
+    the GPU idling while the host does its bookkeeping). A row that stops inside a window keeps its slot until the
+    window ends. Answers are the same for any value."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""

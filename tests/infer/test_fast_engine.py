@@ -80,16 +80,32 @@ def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConf
 
 
 @pytest.mark.parametrize(
-    ("variant", "count", "prefill"),
-    [("tiny_model", 64, "own"), ("tiny_hybrid_model", 24, "own"), ("tiny_model", 24, "model")],
+    ("variant", "count", "prefill", "window"),
+    [
+        ("tiny_model", 64, "own", 1),
+        ("tiny_hybrid_model", 24, "own", 1),
+        ("tiny_model", 24, "model", 1),
+        ("tiny_model", 64, "own", 5),  # 5 steps per read: rows stop inside windows, and windows get cut short
+    ],
 )
-def test_greedy_answers_equal_generate(variant: str, count: int, prefill: str, request: pytest.FixtureRequest) -> None:
+def test_greedy_answers_equal_generate(
+    variant: str, count: int, prefill: str, window: int, request: pytest.FixtureRequest
+) -> None:
     loaded = loaded_with_eos(request.getfixturevalue(variant))
     cfg = InferConfig(max_new_tokens=16)
     reqs = requests(loaded, count)
     expected = reference(loaded, reqs, cfg)
     # 8 slots refilled 3 prompts at a time: rows join and leave the decoding batch at different steps.
-    engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, image_workers=2, prefill=prefill)
+    engine = FastEngine(
+        loaded,
+        cfg,
+        max_batch=8,
+        prefill_batch=3,
+        max_context=256,
+        image_workers=2,
+        prefill=prefill,
+        decode_window=window,
+    )
     assert engine.device_pixels is not None  # uint8 pixels normalised on the device, not the processor's floats
     got = {result.key: result for result in engine.generate(iter(reqs))}
     assert sorted(got) == sorted(expected)
@@ -111,11 +127,17 @@ def test_ignore_eos_matches_min_new_tokens(tiny_model: Path) -> None:
     with torch.no_grad():
         output = loaded.model.generate(**inputs, generation_config=gen)
     expected = output[:, inputs["input_ids"].shape[1] :].tolist()
-    engine = FastEngine(loaded, cfg, max_batch=4, prefill_batch=2, max_context=256, ignore_eos=True)
-    got = {result.key: result for result in engine.generate(reqs)}
-    for request, tokens in zip(reqs, expected, strict=True):
-        assert got[request.key].token_ids == tokens
-        assert got[request.key].finish_reason == "length"
+    # 12 tokens in windows of 5 (5, 5 and a cut one); in windows of 8 with slots just long enough for the longest
+    # prompt's answer, the windows are cut to stay inside the slots (a write past one is an IndexError here).
+    tight = max(len(r.prompt_ids) for r in reqs) + cfg.max_new_tokens
+    for window, context in ((1, 256), (5, 256), (8, tight)):
+        engine = FastEngine(
+            loaded, cfg, max_batch=4, prefill_batch=2, max_context=context, ignore_eos=True, decode_window=window
+        )
+        got = {result.key: result for result in engine.generate(reqs)}
+        for request, tokens in zip(reqs, expected, strict=True):
+            assert got[request.key].token_ids == tokens
+            assert got[request.key].finish_reason == "length"
 
 
 def test_requests_are_pulled_lazily(tiny_model: Path) -> None:

@@ -77,7 +77,11 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
         from vlmops.infer.fast_engine import FastEngine
 
         return FastEngine(  # type: ignore[no-any-return,unused-ignore]
-            loaded, infer_cfg, max_batch=infer_cfg.max_batch, memory_gib=infer_cfg.memory_gib
+            loaded,
+            infer_cfg,
+            max_batch=infer_cfg.max_batch,
+            memory_gib=infer_cfg.memory_gib,
+            decode_window=infer_cfg.decode_window,
         )
     from vlmops.infer.plain_engine import PlainEngine
 

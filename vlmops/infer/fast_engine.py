@@ -101,6 +101,10 @@ class FastEngine:
             where that reproduces the processor exactly; False: the processor's float output, as generate gets.
         ignore_eos: never produce EOS (its logit masked, as generate's min_new_tokens does): every answer
             runs to max_new_tokens. For benchmarks.
+        decode_window: decode steps launched before the host reads their tokens back (1: read after every
+            step). Reading back waits for the GPU, so between two reads it idles while the host does its
+            bookkeeping; with a window of k the GPU has k steps queued. A row that stops inside a window keeps
+            its slot (decoding tokens that are dropped) until the window ends.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class FastEngine:
         ignore_eos: bool = False,
         row_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512),
         column_bucket: int = 128,
+        decode_window: int = 1,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -133,8 +138,11 @@ class FastEngine:
                 f"infer.repetition_penalty is {infer_cfg.repetition_penalty}: FastEngine does not apply it; set it "
                 "to 1 or use the plain engine"
             )
-        if max_batch < 1 or prefill_batch < 1 or max_context < 2:
-            raise UserInputError("max_batch and prefill_batch must be at least 1 and max_context at least 2")
+        if max_batch < 1 or prefill_batch < 1 or max_context < 2 or decode_window < 1:
+            raise UserInputError(
+                "max_batch, prefill_batch and decode_window must be at least 1 and max_context at least 2"
+            )
+        self.decode_window = decode_window
         self.loaded = loaded
         self.model = loaded.model
         if not hasattr(self.model, "lm_head") or not hasattr(self.model, "model"):
@@ -322,29 +330,37 @@ class FastEngine:
         return [int(t) for t in tokens.tolist()]
 
     def _decode(self, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
-        """One step for every decoding row; finished rows are answered and their slots freed."""
+        """Up to `decode_window` steps for every decoding row, then one read of their tokens; finished rows are
+        answered and their slots freed."""
         start = time.perf_counter()
         span = max(rows) + 1
         step_rows = next(b for b in self.row_buckets if b >= span)
-        # A row's new token sits at position (prompt + tokens so far - 1) and attends to everything up to it.
-        longest = max(row.prompt_length + len(row.tokens) for row in rows.values())
+        # A row's step writes its newest token's K/V at position (prompt + tokens so far - 1): the window stays
+        # within every row's slot, and the columns cover the positions its last step attends to.
+        filled = [row.prompt_length + len(row.tokens) for row in rows.values()]
+        window = min(self.decode_window, self.max_context - max(filled) + 1)
+        longest = max(filled) + window - 1
         columns = min(self.max_context, -(-longest // self.column_bucket) * self.column_bucket)
-        self.decoder.step(step_rows, columns)
-        tokens = self.decoder.tokens[:step_rows].tolist()
+        launched = []
+        for _ in range(window):
+            self.decoder.step(step_rows, columns)
+            launched.append(self.decoder.tokens[:step_rows].clone())
+        steps = torch.stack(launched).tolist()  # the one wait for the GPU
         self.stats.decode_s += time.perf_counter() - start
-        self.stats.decode_steps += 1
-        finished = []
-        for slot, row in rows.items():
-            result = self._advance(row, int(tokens[slot]))
-            if result is not None:
-                finished.append((slot, result))
-        for slot, _ in finished:
+        self.stats.decode_steps += window
+        finished: dict[int, GenerationResult] = {}
+        for tokens in steps:
+            for slot, row in rows.items():
+                if slot not in finished:
+                    result = self._advance(row, int(tokens[slot]))
+                    if result is not None:
+                        finished[slot] = result
+        for slot in finished:
             del rows[slot]
             heapq.heappush(free, slot)
         if finished:
             self.decoder.set_active([slot in rows for slot in range(self.slots)])
-        for _, result in finished:
-            yield result
+        yield from finished.values()
 
     def _advance(self, row: _Row, token: int) -> GenerationResult | None:
         """Take one generated token; the row's result once it stops."""
