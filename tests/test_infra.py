@@ -133,3 +133,20 @@ def test_team_config_points_at_the_default_stack() -> None:
     assert config.versioning.remote_url == f"s3://{stack.bucket}/dvc"
     # Each override of team_overrides() names a key the config has, set to the same value here.
     assert load_config(ROOT / "configs/team.yaml", stack.team_overrides()) == config
+
+
+def test_seaweedfs_start_failure_names_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below 1% free, SeaweedFS answers but takes no writes: the start error says so (and nothing when there is room)."""
+    import shutil
+
+    from infra.local import seaweedfs
+
+    assert seaweedfs.low_disk_hint(tmp_path) == ""  # the test machine's disk has room
+    full = shutil._ntuple_diskusage(total=250 * 2**30, used=248 * 2**30, free=int(1.7 * 2**30))  # type: ignore[attr-defined]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    hint = seaweedfs.low_disk_hint(tmp_path)
+    assert f"the disk holding {tmp_path} has 1.7 GiB free (0.7%)" in hint and "free some space" in hint
+    log = tmp_path / "weed.log"
+    log.write_text("topo failed to pick 1 from 0 node candidates\n")
+    with pytest.raises(RuntimeError, match=r"(?s)did not come up in 0s .*has 1.7 GiB free .*0 node candidates"):
+        seaweedfs.wait_s3_ready(object(), None, log, timeout=0)

@@ -129,4 +129,26 @@ def wait_s3_ready(client: Any, process: subprocess.Popen[bytes] | None, log: Pat
             last = err
             time.sleep(0.3)
     tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
-    raise RuntimeError(f"SeaweedFS did not come up in {timeout:.0f}s (last error: {last}); log {log}:\n{tail}")
+    raise RuntimeError(
+        f"SeaweedFS did not come up in {timeout:.0f}s (last error: {last}){low_disk_hint(log.parent)}; "
+        f"log {log}:\n{tail}"
+    )
+
+
+# SeaweedFS's volume server stops taking writes when its disk has less than this share free (`-volume.minFreeSpace`,
+# 1% by default): the gateway answers, but every write fails with "topo failed to pick 1 from 0 node candidates".
+MIN_FREE_SHARE = 0.01
+
+
+def low_disk_hint(folder: Path) -> str:
+    """A sentence for the error when the disk holding `folder` is (nearly) too full for SeaweedFS to write."""
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return ""
+    if usage.free >= 2 * MIN_FREE_SHARE * usage.total:
+        return ""
+    return (
+        f"; the disk holding {folder} has {usage.free / 2**30:.1f} GiB free ({100 * usage.free / usage.total:.1f}%), "
+        f"and SeaweedFS takes no writes below {100 * MIN_FREE_SHARE:.0f}% free: free some space and start it again"
+    )
