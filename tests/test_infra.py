@@ -138,11 +138,12 @@ def test_team_config_points_at_the_default_stack() -> None:
 def test_seaweedfs_start_failure_names_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Below 1% free, SeaweedFS answers but takes no writes: the start error says so (and nothing when there is room)."""
     import shutil
+    from types import SimpleNamespace
 
     from infra.local import seaweedfs
 
     assert seaweedfs.low_disk_hint(tmp_path) == ""  # the test machine's disk has room
-    full = shutil._ntuple_diskusage(total=250 * 2**30, used=248 * 2**30, free=int(1.7 * 2**30))  # type: ignore[attr-defined]
+    full = SimpleNamespace(total=250 * 2**30, used=248 * 2**30, free=int(1.7 * 2**30))
     monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
     hint = seaweedfs.low_disk_hint(tmp_path)
     assert f"the disk holding {tmp_path} has 1.7 GiB free (0.7%)" in hint and "free some space" in hint

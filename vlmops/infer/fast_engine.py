@@ -342,10 +342,11 @@ class FastEngine:
         longest = max(filled) + window - 1
         columns = min(self.max_context, -(-longest // self.column_bucket) * self.column_bucket)
         launched = []
-        for _ in range(window):
+        for index in range(window):
             self.decoder.step(step_rows, columns)
-            launched.append(self.decoder.tokens[:step_rows].clone())
-        steps = torch.stack(launched).tolist()  # the one wait for the GPU
+            tokens = self.decoder.tokens[:step_rows]
+            launched.append(tokens if index == window - 1 else tokens.clone())  # the next step overwrites them
+        steps = (torch.stack(launched) if window > 1 else launched[0][None]).tolist()  # the one wait for the GPU
         self.stats.decode_s += time.perf_counter() - start
         self.stats.decode_steps += window
         finished: dict[int, GenerationResult] = {}

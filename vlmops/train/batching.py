@@ -268,7 +268,7 @@ def length_buckets(lengths: Sequence[int], count: int, multiple: int, tolerance:
             row[j], back[j] = min((total[k - 1][i] + cost(i + 1, j), i) for i in range(k - 1, j))
         total.append(row)
         start.append(back)
-    allowed = total[count - 1][n - 1] + tolerance * sum(round_up(x, multiple) for x in lengths)
+    allowed = total[count - 1][n - 1] + tolerance * prefix_sum[-1]  # prefix_sum[-1]: the tokens unbucketed
     count = next(k + 1 for k in range(count) if total[k][n - 1] <= allowed)
     edges, j = [], n - 1
     for k in range(count - 1, -1, -1):

@@ -170,11 +170,11 @@ def training_arguments(
         batching = Batching(t.batch_size, t.grad_accum, recompute, False, None, False)
     if t.deepspeed is not None:
         require_deepspeed(f"train.deepspeed is {t.deepspeed!r}")
-    if t.deepspeed is not None and not torch.cuda.is_available():
-        raise ValueError(
-            f"train.deepspeed is {t.deepspeed!r} but there is no CUDA GPU: DeepSpeed through the HF Trainer runs on "
-            "GPUs only; set train.deepspeed: null to train on CPU"
-        )
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"train.deepspeed is {t.deepspeed!r} but there is no CUDA GPU: DeepSpeed through the HF Trainer runs on "
+                "GPUs only; set train.deepspeed: null to train on CPU"
+            )
     eval_steps = t.eval_steps
     # Saving at the eval steps keeps the best eval step restorable.
     save_steps = t.save_steps if t.save_steps is not None else eval_steps

@@ -342,11 +342,12 @@ class Throughput(TrainerCallback):
         """How long each step after the first took, up to step `KEPT_WARMUP_MARKS` (the marks kept in a row); a step
         that compiled, or waited on data, shows as an outlier. Waits for the GPU to reach the last of them."""
         durations: list[float] = []
+        if self.marks and isinstance(self.marks[-1][0], torch.cuda.Event):
+            self.marks[-1][0].synchronize()  # every earlier mark is done too
         for (t0, _, step0), (t1, _, step1) in itertools.pairwise(self.marks):
             if step1 != step0 + 1:
                 break  # past the kept marks: the latest replaces the one before it
             if isinstance(t0, torch.cuda.Event) and isinstance(t1, torch.cuda.Event):
-                t1.synchronize()
                 durations.append(t0.elapsed_time(t1) / 1000)
             else:
                 assert isinstance(t0, float) and isinstance(t1, float)
