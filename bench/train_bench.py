@@ -454,6 +454,16 @@ def run_one(
     }
 
 
+def force_plan(spec: str) -> None:
+    """`--plan`: make the memory policy return this split (this process only)."""
+    from vlmops.train import batching
+    from vlmops.train.memory import BatchPlan
+
+    micro, accum, recompute, budget = spec.split(",")
+    plan = BatchPlan(int(micro), int(accum), recompute == "1", None, 0.0, float(budget))
+    batching.plan_batch = lambda *args, **kwargs: plan  # type: ignore[assignment]
+
+
 class StepProfiler:
     """`--profile`: torch.profiler over `steps` steps after the warm-up; prints the top GPU ops."""
 
@@ -732,6 +742,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a config override for the vlmops cases (repeatable), e.g. train.compile=off",
     )
+    parser.add_argument(
+        "--plan",
+        default=None,
+        metavar="MICRO,ACCUM,RECOMPUTE,BUDGET",
+        help="instead of the memory policy's choice, this split for the vlmops cases (padded batches): samples per "
+        "micro-batch, accumulation, full recompute (0/1), activation budget of selective recompute (1: none), "
+        "e.g. 1,8,0,0.7; to measure what the policy weighs",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this case in this process
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
@@ -742,6 +760,8 @@ def main(argv: list[str] | None = None) -> int:
         if case.baseline:
             result = run_baseline(case, Path(args.model), Path(args.dataset), args.device)
         else:
+            if args.plan:
+                force_plan(args.plan)
             result = run_one(
                 case,
                 Path(args.model),
@@ -753,6 +773,8 @@ def main(argv: list[str] | None = None) -> int:
                 tuple(args.set),
             )
         result["data"] = args.data
+        if args.plan and not case.baseline:
+            result["forced_plan"] = args.plan
         print("BENCH_RESULT " + json.dumps(result), flush=True)
         return 0
 
@@ -783,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         child += ["--work", str(work), "--device", args.device, "--data", args.data, "--packing", args.packing]
         child += ["--attn", args.attn, "--warmup", str(args.warmup)]
         child += [arg for item in args.set for arg in ("--set", item)]
+        child += ["--plan", args.plan] if args.plan else []
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
         proc = subprocess.run([*launcher, *child], env=env, text=True, capture_output=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]

@@ -5,8 +5,13 @@ optimizer step (`train.batch_size` x `train.grad_accum`) and only changes how th
 (the Trainer normalises the loss by the trained tokens of the whole step, so the split does not change what is
 learned). The estimate is deliberately simple (DeepSeek-VL's language model dominates; numbers per token, bf16):
 
-- weights: frozen parameters at their load dtype; trained ones at 16 bytes (float32 weight, gradient and the
-  two AdamW moments), plus a 2-byte autocast copy when the weights are float32 masters (full training);
+- for the whole step: frozen parameters at their load dtype; trained ones at 12 bytes (float32 weight and the
+  two AdamW moments);
+- within a micro-batch: the 4-byte gradients, a 2-byte autocast copy of each trained weight when the weights are
+  float32 masters (full training), and the activations below. The backward pass frees a layer's activations and
+  weight copies as it fills in that layer's gradients, so a step without accumulation peaks at the larger of the
+  two; with accumulation the earlier micro-batches' gradients stay, and all three add up (full 7b on an H200,
+  micro-batches of 4 x 1,135 tokens without recompute: 113.2 GiB; of 2, accumulated twice: 128.7 GiB);
 - activations saved for the backward pass, per token and LLM layer, without recompute: about 13 hidden-size
   and 4 intermediate-size vectors (norm inputs and outputs, q/k/v, rotary q/k, attention output, residuals,
   gate/up/activation products); with recompute only the layer input is kept, plus one layer's worth while it is
@@ -20,7 +25,10 @@ learned). The estimate is deliberately simple (DeepSeek-VL's language model domi
 Recompute (gradient checkpointing) costs about a third of the forward pass again, so it is chosen only when,
 without it, a micro-batch could not hold `SATURATING_TOKENS` tokens (or the whole step): below that the GPU's
 matmuls are not yet busy enough for a bigger batch to be worth less than the recompute (the 7b plain loop does
-7.5k tokens/s at 1 x ~1,100 tokens and 11.4k at 4 x ~1,100).
+7.5k tokens/s at 1 x ~1,100 tokens and 11.4k at 4 x ~1,100; vlmops' 7b LoRA at 20 GiB did 10.6k with micro-batches
+of 4 x 1,135 tokens under recompute, 7.7k with micro-batches of 1 without it, 7.4k with 1 and selective recompute,
+H200, 2026-12-02). Full training of the 7b on an H200 (126 GiB) runs micro-batches of 4 without recompute: 8.8k
+tokens/s, against 5.6k with it.
 
 With compiled decoder layers there is a third way, chosen first when it gives bigger micro-batches: **selective
 recompute**. The compiler's partitioner keeps only a share of the layer activations it would keep
@@ -58,6 +66,7 @@ OFFLOAD_PRESET = "zero3-offload-partial"
 # recomputes matmuls too, and full recompute is then the better trade).
 SELECTIVE_MIN_BUDGET = 0.5
 TRAINED_PARAM_BYTES = 16  # float32 weight + gradient + AdamW's two moments
+GRADIENT_BYTES = 4  # the float32 gradient, allocated in the backward pass and freed after the optimizer step
 AUTOCAST_COPY_BYTES = 2  # the bf16 copy autocast makes of a float32 master weight
 LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, float32 copy in the loss, float32 gradient
 ACTIVATION_BYTES = 2  # bf16 / fp16 activations
@@ -102,10 +111,32 @@ class ModelShape:
             master_weights=master_weights,
         )
 
-    def static_bytes(self) -> int:
-        """Weights, gradients and optimizer state."""
-        trained = self.trained_params * (TRAINED_PARAM_BYTES + (AUTOCAST_COPY_BYTES if self.master_weights else 0))
+    def persistent_bytes(self) -> int:
+        """What stays allocated through the whole step: weights and the optimizer state."""
+        trained = self.trained_params * (TRAINED_PARAM_BYTES - GRADIENT_BYTES)
         return (self.total_params - self.trained_params) * self.frozen_bytes + trained
+
+    def transient_bytes(self, tokens: int, per_token: int, accumulates: bool) -> int:
+        """What comes and goes within a micro-batch's forward and backward on top of `persistent_bytes`: the
+        gradients, autocast's weight copies and `tokens` x `per_token` of activations.
+
+        The backward pass frees each layer's activations and weight copies as it fills in that layer's gradients,
+        so without accumulation the peak is the larger of the two (measured on the full 7b, H200: 113.2 GiB at
+        4 x 1,135 tokens without recompute, 105.0 with it). With accumulation the gradients of the earlier
+        micro-batches are there all along (128.7 GiB at 2 x 1,135 tokens, 2 accumulated)."""
+        gradients = self.trained_params * GRADIENT_BYTES
+        copies = self.trained_params * AUTOCAST_COPY_BYTES if self.master_weights else 0
+        activations = tokens * per_token
+        return gradients + copies + activations if accumulates else max(gradients, copies + activations)
+
+    def activation_room(self, memory_bytes: float, accumulates: bool) -> float:
+        """Bytes left for activations in `memory_bytes` (negative: not even the weights and gradients fit)."""
+        gradients = self.trained_params * GRADIENT_BYTES
+        copies = self.trained_params * AUTOCAST_COPY_BYTES if self.master_weights else 0
+        room = memory_bytes - self.persistent_bytes() - RESERVE_GIB * GIB - copies
+        if accumulates:
+            return room - gradients
+        return room if room + copies >= gradients else -1.0
 
     def bytes_per_token(self, recompute: bool, activation_budget: float = 1.0) -> int:
         """Activation and logit memory of one token of a micro-batch; `activation_budget` < 1: selective recompute
@@ -180,26 +211,19 @@ def plan_batch(
     """
     if samples_per_step < 1 or longest < 1:
         raise ValueError("plan_batch needs at least one sample per step and a positive longest length")
-    room = memory_gib * GIB - shape.static_bytes() - RESERVE_GIB * GIB
-
-    def fit(checkpointed: bool) -> int:
-        return max(0, int(room // shape.bytes_per_token(checkpointed)))
-
+    memory = memory_gib * GIB
     step_tokens = max(longest, math.ceil(samples_per_step * mean_length))
+    sizes = _micro_batch_sizes(samples_per_step, longest, step_tokens, packing)
 
-    def micro_tokens(checkpointed: bool) -> int:
-        """Tokens one micro-batch would hold (0: not even the longest sample fits)."""
-        tokens = fit(checkpointed)
-        if tokens < longest:
-            return 0
-        if packing:
-            return min(tokens, step_tokens)
-        return _largest_divisor_at_most(samples_per_step, tokens // longest) * longest
+    def biggest(checkpointed: bool) -> int:
+        """Tokens of the biggest micro-batch that fits (0: not even the longest sample)."""
+        per_token = shape.bytes_per_token(checkpointed)
+        return next((t for t, accumulates in sizes if t * per_token <= shape.activation_room(memory, accumulates)), 0)
 
     choices = [recompute] if recompute is not None else [False, True]
     best: tuple[bool, int] | None = None
     for checkpointed in choices:
-        tokens = micro_tokens(checkpointed)
+        tokens = biggest(checkpointed)
         if tokens == 0:
             continue
         if best is None:
@@ -208,12 +232,12 @@ def plan_batch(
                 break  # busy enough without recompute
         elif tokens > best[1]:
             best = (checkpointed, tokens)
-    selective = _selective(shape, room, samples_per_step, longest, step_tokens, packing) if recompute is None else None
+    selective = _selective(shape, memory, sizes) if recompute is None else None
     if selective is not None and (best is None or selective[1] > best[1]):
         budget, tokens = selective
         return _plan(shape, samples_per_step, longest, step_tokens, packing, False, tokens, budget)
     if best is None:
-        need = (shape.static_bytes() + RESERVE_GIB * GIB + longest * shape.bytes_per_token(True)) / GIB
+        need = estimate_peak_bytes(shape, longest, True, 1.0, samples_per_step > 1) / GIB
         raise ValueError(
             f"train.memory_gib {memory_gib:g}: not even one sample of {longest} tokens fits (about {need:.1f} GiB "
             "needed with recompute): raise train.memory_gib, lower data.max_length, train with LoRA, or use a "
@@ -223,18 +247,31 @@ def plan_batch(
     return _plan(shape, samples_per_step, longest, step_tokens, packing, checkpointed, tokens)
 
 
-def _selective(
-    shape: ModelShape, room: float, samples_per_step: int, longest: int, step_tokens: int, packing: bool
-) -> tuple[float, int] | None:
+def _micro_batch_sizes(samples_per_step: int, longest: int, step_tokens: int, packing: bool) -> list[tuple[int, bool]]:
+    """(tokens, whether the step accumulates) of each micro-batch size, biggest first: packed, the step in 1, 2,
+    3, ... even rows (never shorter than the longest sample); padded, a divisor of the step's samples times the
+    longest sample."""
+    if packing:
+        rows = {max(longest, math.ceil(step_tokens / k)) for k in range(1, samples_per_step + 1)}
+        return [(tokens, tokens < step_tokens) for tokens in sorted(rows, reverse=True)]
+    divisors = [d for d in range(samples_per_step, 0, -1) if samples_per_step % d == 0]
+    return [(d * longest, d < samples_per_step) for d in divisors]
+
+
+def estimate_peak_bytes(
+    shape: ModelShape, tokens: int, checkpointed: bool, activation_budget: float, accumulates: bool
+) -> int:
+    """Estimated peak GPU memory of micro-batches of `tokens` tokens, reserve included."""
+    per_token = shape.bytes_per_token(checkpointed, activation_budget)
+    return shape.persistent_bytes() + int(RESERVE_GIB * GIB) + shape.transient_bytes(tokens, per_token, accumulates)
+
+
+def _selective(shape: ModelShape, memory: float, sizes: list[tuple[int, bool]]) -> tuple[float, int] | None:
     """(activation budget, micro-batch tokens) of the biggest micro-batch selective recompute fits, if any."""
     if not shape.compiled:
         return None  # the budget is the compiler's: eager layers keep everything
-    if packing:  # the whole step in one row, else in 2, 3, ... rows (never shorter than the longest sample)
-        sizes = sorted({max(longest, math.ceil(step_tokens / k)) for k in range(1, samples_per_step + 1)}, reverse=True)
-    else:
-        sizes = [d * longest for d in range(samples_per_step, 0, -1) if samples_per_step % d == 0]
-    for tokens in sizes:
-        budget = shape.activation_budget_for(room, tokens)
+    for tokens, accumulates in sizes:
+        budget = shape.activation_budget_for(shape.activation_room(memory, accumulates), tokens)
         if budget >= SELECTIVE_MIN_BUDGET:
             return (math.floor(budget * 20) / 20 if budget < 1 else 1.0), tokens
     return None
@@ -261,20 +298,14 @@ def _plan(
         grad_accum = samples_per_step // micro_batch
         budget = None
         used = micro_batch * longest
-    per_token = shape.bytes_per_token(checkpointed, activation_budget)
-    estimate = (shape.static_bytes() + RESERVE_GIB * GIB + used * per_token) / GIB
+    estimate = estimate_peak_bytes(shape, used, checkpointed, activation_budget, grad_accum > 1) / GIB
     return BatchPlan(micro_batch, grad_accum, checkpointed, budget, round(estimate, 2), activation_budget)
 
 
 def fits_without_deepspeed(shape: ModelShape, memory_gib: float, longest: int) -> bool:
-    """Whether training holds one sample of `longest` tokens, with recompute, in `memory_gib` without DeepSpeed."""
-    need = shape.static_bytes() + RESERVE_GIB * GIB + longest * shape.bytes_per_token(True)
-    return need <= memory_gib * GIB
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    """The largest divisor of n that is <= limit (at least 1): micro-batches that split the step exactly."""
-    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+    """Whether training holds one sample of `longest` tokens, with recompute (and gradient accumulation), in
+    `memory_gib` without DeepSpeed."""
+    return estimate_peak_bytes(shape, longest, True, 1.0, accumulates=True) <= memory_gib * GIB
 
 
 def gpu_memory_gib(memory_gib: float | None) -> float:
