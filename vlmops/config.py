@@ -261,7 +261,8 @@ class InferConfig(Section):
     decode_window: int = Field(1, ge=1)
     """Fast engine: decode steps queued on the GPU before the host reads their tokens back (1: after every step,
     the GPU idling while the host does its bookkeeping). A row that stops inside a window keeps its slot until the
-    window ends. Answers are the same for any value."""
+    window ends. Answers are the same for any value. Measured on an H200 (1.3b, batches of 32 and 256): a window of 8
+    decoded no faster than 1, so the default stays 1."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""
