@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.profiling import cuda_kernels, gpu_time_summary  # noqa: E402
 from vlmops.config import InferConfig  # noqa: E402
 from vlmops.conversation import ImageRef, Message  # noqa: E402
 from vlmops.infer.engine import GenerationRequest  # noqa: E402
@@ -378,11 +379,15 @@ def profile_prefill(loaded: LoadedModel, reqs: list[GenerationRequest], max_cont
     )
     for _ in engine.generate(reqs):
         pass
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
         for _ in engine.generate(reqs):
             pass
         torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - started) * 1e6
     print(f"prefill of {len(reqs)} prompts: {1000 * engine.stats.prefill_s:.1f} ms", flush=True)
+    print("\n".join(gpu_time_summary(cuda_kernels(prof), wall_us)), flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
 

@@ -43,7 +43,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.train_data import padding_fraction, random_batches  # noqa: E402 (after the path setup)
+from bench.profiling import cuda_kernels, gpu_time_summary  # noqa: E402 (after the path setup)
+from bench.train_data import padding_fraction, random_batches  # noqa: E402
 
 NUM_IMAGE_TOKENS = 576
 PROMPT_TOKENS = 256  # + ANSWER_TOKENS: ~512 text tokens per sample (plus the system prompt and the template)
@@ -489,12 +490,7 @@ class StepProfiler:
                 torch.cuda.synchronize()
             wall_us = (time.perf_counter() - self.started) * 1e6
             self.prof.__exit__(None, None, None)
-            kernels = [
-                (e.name, e.time_range.start, e.time_range.end)
-                for e in self.prof.events()
-                if e.device_type == torch.autograd.DeviceType.CUDA
-            ]
-            summary = "\n".join(gpu_time_summary(kernels, wall_us))
+            summary = "\n".join(gpu_time_summary(cuda_kernels(self.prof), wall_us))
             table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
             print(
                 f"PROFILE {self.label} (steps {self.start + 1}-{self.stop})\n{summary}\n{table}",
@@ -502,42 +498,6 @@ class StepProfiler:
                 flush=True,
             )
             self.prof = None
-
-
-# Kernel names -> what they do (first match wins); the rest are eager elementwise ops and reductions (the vision
-# towers, the Trainer's own).
-KERNEL_GROUPS = (
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "wgmma")),
-    ("attention", ("flash", "fmha", "attention")),
-    ("compiled / Triton", ("triton",)),
-    ("optimizer", ("adam",)),
-    ("convolution", ("conv",)),
-    ("copies", ("memcpy", "memset", "copy")),
-)
-
-
-def kernel_group(name: str) -> str:
-    lowered = name.lower()
-    return next((group for group, keys in KERNEL_GROUPS if any(k in lowered for k in keys)), "other")
-
-
-def gpu_time_summary(kernels: list[tuple[str, float, float]], wall_us: float) -> list[str]:
-    """Lines: the GPU's busy time (the union of the kernels' intervals, overlapping streams counted once) and its
-    share of the wall time, then each kernel group's time and share of the busy time. `kernels`: (name, start,
-    end) in microseconds."""
-    busy, reach = 0.0, float("-inf")
-    for _, start, end in sorted(kernels, key=lambda k: k[1]):
-        if end > reach:
-            busy += end - max(start, reach)
-            reach = end
-    groups: dict[str, float] = {}
-    for name, start, end in kernels:
-        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + end - start
-    idle = 1 - busy / wall_us if wall_us > 0 else 0.0
-    lines = [f"GPU busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall (idle {idle:.0%})"]
-    for group, spent in sorted(groups.items(), key=lambda g: -g[1]):
-        lines.append(f"  {group:20} {spent / 1e3:9.1f} ms  {spent / max(busy, 1e-9):5.0%} of busy")
-    return lines
 
 
 def _profiler(label: str, warmup: int) -> StepProfiler | None:

@@ -1,8 +1,8 @@
-"""bench/train_bench.py `--profile`: where the GPU's time went, from the profiler's kernel intervals."""
+"""bench/profiling.py (both benchmarks' `--profile`): where the GPU's time went, from the profiler's kernel intervals."""
 
 from __future__ import annotations
 
-from bench.train_bench import gpu_time_summary, kernel_group
+from bench.profiling import gpu_time_summary, kernel_group
 
 
 def test_busy_time_counts_overlapping_kernels_once_and_groups_them() -> None:
