@@ -267,7 +267,10 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             }
         )
 
-    def engine_row(case: str, batch: int, prompts: int, **kwargs: Any) -> None:
+    answers: dict[tuple[str, int], dict[Any, list[int]]] = {}  # (case, batch) -> the row's tokens
+
+    def engine_row(case: str, batch: int, prompts: int, same_as: str | None = None, **kwargs: Any) -> None:
+        """One engine setting's row; `same_as`: also the share of tokens equal to that case's row at this batch."""
         reset_memory(device)
         reqs = pool[:prompts]
         got, seconds, engine = run_engine(
@@ -298,6 +301,9 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         if all(key in got for key in reference):
             rate, whole, divergence = match_rate(reference, got)
             row.update({"match": round(rate, 4), "rows_equal": whole, "mean_first_divergence": round(divergence, 1)})
+        answers[case, batch] = got
+        if same_as is not None and (same_as, batch) in answers:
+            row[f"same_as_{same_as}"] = round(match_rate(answers[same_as, batch], got)[0], 4)
         record(row)
         del engine
 
@@ -310,6 +316,11 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             guarded(
                 f"engine-{batch}-window",
                 lambda b=batch: engine_row("engine-window", b, b, decode_window=args.window_alt),
+            )
+        if args.vision_graphs_alt:
+            guarded(
+                f"engine-{batch}-vision-graphs",
+                lambda b=batch: engine_row("engine-vision-graphs", b, b, same_as="engine", vision_graphs=True),
             )
     if device == "cuda":
         guarded(
@@ -334,7 +345,26 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     if args.e2e:
         guarded("e2e", lambda: e2e(loaded, arch, args, max(batches), max_context, record))
         if args.window_alt:
-            guarded("e2e-window", lambda: e2e(loaded, arch, args, max(batches), max_context, record, args.window_alt))
+            guarded(
+                "e2e-window",
+                lambda: e2e(
+                    loaded,
+                    arch,
+                    args,
+                    max(batches),
+                    max_context,
+                    record,
+                    "e2e-files-window",
+                    decode_window=args.window_alt,
+                ),
+            )
+        if args.vision_graphs_alt:
+            guarded(
+                "e2e-vision-graphs",
+                lambda: e2e(
+                    loaded, arch, args, max(batches), max_context, record, "e2e-files-vision-graphs", vision_graphs=True
+                ),
+            )
 
     def rebatched() -> None:
         half = match_batch // 2
@@ -398,9 +428,11 @@ def e2e(
     batch: int,
     max_context: int,
     record: Any,
-    decode_window: int = 1,
+    case: str = "e2e-files",
+    **engine_kwargs: Any,
 ) -> None:
-    """Images as JPEG/PNG files, opened lazily: the engine's worker threads decode them ahead of the GPU."""
+    """Images as JPEG/PNG files, opened lazily: the engine's worker threads decode them ahead of the GPU.
+    `engine_kwargs`: FastEngine settings of this row (`case`)."""
     folder = Path(args.work) / "e2e-images"
     folder.mkdir(parents=True, exist_ok=True)
     count = 2 * batch
@@ -423,7 +455,7 @@ def e2e(
         max_context=max_context,
         prefill_batch=args.prefill_batch,
         image_workers=args.image_workers,
-        decode_window=decode_window,
+        **engine_kwargs,
     )
     for _ in engine.generate(requests()):
         pass
@@ -435,14 +467,14 @@ def e2e(
     stats = engine.stats
     record(
         {
-            "case": "e2e-files" if decode_window == 1 else f"e2e-files-window-{decode_window}",
+            "case": case,
             "batch": engine.slots,
             "prompts": done,
             "seconds": round(seconds, 3),
             "images_per_s": round(done / seconds, 2),
             "tokens_per_s": round(stats.generated_tokens / seconds, 1),
             "gpu_busy": round((stats.prefill_s + stats.decode_s) / seconds, 3),
-            "settings": {"image_workers": args.image_workers, "decode_window": decode_window},
+            "settings": {"image_workers": args.image_workers, **engine_kwargs},
         }
     )
 
@@ -481,6 +513,11 @@ def main() -> int:
     parser.add_argument("--prefill-alt", type=int, default=0, help="prefill batch of an extra row (0: skip)")
     parser.add_argument(
         "--window-alt", type=int, default=0, help="decode window of an extra row per batch and e2e run (0: skip)"
+    )
+    parser.add_argument(
+        "--vision-graphs-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run with the vision towers replayed from CUDA graphs (infer.vision_graphs)",
     )
     parser.add_argument("--float32", action="store_true", help="also check the 1.3b in float32 on the GPU")
     parser.add_argument("--profile", action="store_true", help="print the kernel times of one prefill batch")

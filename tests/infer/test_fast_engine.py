@@ -170,3 +170,33 @@ def test_refuses_what_it_cannot_serve(tiny_model: Path) -> None:
     missing = GenerationRequest("no-image", [1] + [image_token] * loaded.num_image_tokens + [5])
     with pytest.raises(UserInputError, match="'no-image' has 16 image tokens for 0 images"):
         list(engine.generate([missing]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["tiny_model", "tiny_hybrid_model"])
+def test_vision_graphs_replay_the_eager_towers(variant: str, request: pytest.FixtureRequest) -> None:
+    """A graph per image count, captured once and replayed: the same features as the eager towers, bit for bit;
+    and the engine's answers with the graphs are the answers without them."""
+    from vlmops.infer.fast_engine import _image_features
+    from vlmops.infer.vision_graphs import VisionGraphs
+
+    loaded = load_model(request.getfixturevalue(variant), dtype="float32", device="cuda")
+    vlm = loaded.model.model
+    graphs = VisionGraphs(lambda pixels: _image_features(vlm, pixels))
+    rng = random.Random(1)
+    with torch.no_grad():
+        for count in (1, 3, 1, 3):
+            images = [draw_shape(rng.choice(["red", "blue"]), "circle", 48, rng) for _ in range(count)]
+            features = loaded.processor.image_processor(images, return_tensors="pt")
+            pixels = {name: value.to("cuda") for name, value in features.items()}
+            assert torch.equal(graphs(pixels), _image_features(vlm, pixels))
+    assert graphs.enabled and len(graphs.graphs) == 2
+
+    cfg = InferConfig(max_new_tokens=16)
+    reqs = requests(loaded, 24)
+    answers = []
+    for vision_graphs in (False, True):
+        engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, vision_graphs=vision_graphs)
+        answers.append({r.key: r.token_ids for r in engine.generate(iter(reqs))})
+        assert engine.vision.enabled == vision_graphs
+    assert answers[0] == answers[1]

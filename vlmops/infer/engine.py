@@ -82,6 +82,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             max_batch=infer_cfg.max_batch,
             memory_gib=infer_cfg.memory_gib,
             decode_window=infer_cfg.decode_window,
+            vision_graphs=infer_cfg.vision_graphs,
         )
     from vlmops.infer.plain_engine import PlainEngine
 

@@ -42,6 +42,7 @@ from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.generation import model_dtype
 from vlmops.infer.pixels import DevicePixels
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
+from vlmops.infer.vision_graphs import VisionGraphs
 from vlmops.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,8 @@ class FastEngine:
             step). Reading back waits for the GPU, so between two reads it idles while the host does its
             bookkeeping; with a window of k the GPU has k steps queued. A row that stops inside a window keeps
             its slot (decoding tokens that are dropped) until the window ends.
+        vision_graphs: run the vision towers of each prefill batch from CUDA graphs, one per image count
+            (vlmops.infer.vision_graphs); False: eagerly.
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class FastEngine:
         row_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512),
         column_bucket: int = 128,
         decode_window: int = 1,
+        vision_graphs: bool = False,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -183,6 +187,7 @@ class FastEngine:
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
+        self.vision = VisionGraphs(lambda pixels: _image_features(self.model.model, pixels), on_cuda and vision_graphs)
 
     def _fit_slots(self, max_batch: int, memory_gib: float | None) -> int:
         """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set."""
@@ -316,7 +321,7 @@ class FastEngine:
             # Flat [rows * width, hidden]: the layer functions see one token per row, as in decode.
             embeds = self.model.get_input_embeddings()(inputs.pop("input_ids").view(-1))
             if inputs:
-                features = _image_features(self.model.model, inputs)
+                features = self.vision(inputs)
                 mask = (input_ids.view(-1, 1) == self.image_token_id).to(self.device, non_blocking=True)
                 embeds = embeds.masked_scatter(mask, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
             return [int(t) for t in self.decoder.prefill(embeds, width, slots, lengths).tolist()]
