@@ -124,19 +124,22 @@ class ModelShape:
         so without accumulation the peak is the larger of the two (measured on the full 7b, H200: 113.2 GiB at
         4 x 1,135 tokens without recompute, 105.0 with it). With accumulation the gradients of the earlier
         micro-batches are there all along (128.7 GiB at 2 x 1,135 tokens, 2 accumulated)."""
-        gradients = self.trained_params * GRADIENT_BYTES
-        copies = self.trained_params * AUTOCAST_COPY_BYTES if self.master_weights else 0
+        gradients, copies = self._gradients_and_copies()
         activations = tokens * per_token
         return gradients + copies + activations if accumulates else max(gradients, copies + activations)
 
     def activation_room(self, memory_bytes: float, accumulates: bool) -> float:
         """Bytes left for activations in `memory_bytes` (negative: not even the weights and gradients fit)."""
-        gradients = self.trained_params * GRADIENT_BYTES
-        copies = self.trained_params * AUTOCAST_COPY_BYTES if self.master_weights else 0
+        gradients, copies = self._gradients_and_copies()
         room = memory_bytes - self.persistent_bytes() - RESERVE_GIB * GIB - copies
         if accumulates:
             return room - gradients
         return room if room + copies >= gradients else -1.0
+
+    def _gradients_and_copies(self) -> tuple[int, int]:
+        """Bytes of the trained weights' gradients and of autocast's bf16 copies of them (float32 masters only)."""
+        copies = self.trained_params * AUTOCAST_COPY_BYTES if self.master_weights else 0
+        return self.trained_params * GRADIENT_BYTES, copies
 
     def bytes_per_token(self, recompute: bool, activation_budget: float = 1.0) -> int:
         """Activation and logit memory of one token of a micro-batch; `activation_budget` < 1: selective recompute
