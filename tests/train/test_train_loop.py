@@ -307,3 +307,30 @@ def test_loss_on_trained_positions_equals_the_full_loss(
     assert float(loss) == pytest.approx(float(full), abs=1e-6)
     for name, grad in reference.items():
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6), name
+
+
+@pytest.mark.parametrize("variant", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_padded_batches_learn_the_same_without_their_mask(
+    variant: str, tiny_models: dict[str, Path], snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """Right-padded batches under causal attention need no padding mask (what `causal_padding` does on a GPU, where
+    it lets SDPA take its FlashAttention kernel): the same loss and gradients as with the mask."""
+    setup = setup_training(config(), tiny_models[variant], snapshot.path, tmp_path)
+    trainer, dataset = setup.trainer, setup.datasets["train"]
+    assert not setup.speed.causal_padding  # CPU: the plain path
+    batch = batch_of(dataset, [0, 1, 2, 3, 4, 5], dataset.tokenizer.pad_token_id)
+    assert not bool(batch["attention_mask"].all())  # some rows are padded
+    model = trainer.model
+    model.train()
+    results = []
+    for causal_padding in (False, True):
+        trainer.causal_padding = causal_padding
+        model.zero_grad()
+        torch.manual_seed(0)  # same dropout masks
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        results.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (masked, masked_grads), (unmasked, unmasked_grads) = results
+    assert unmasked == pytest.approx(masked, abs=1e-6)
+    for name, grad in masked_grads.items():
+        assert torch.allclose(unmasked_grads[name], grad, atol=1e-6), name

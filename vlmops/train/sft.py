@@ -338,6 +338,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         run_files=run_files,
         dummy_pixels=dummy_pixel_values(processor),
         fused_loss=speed.fused_loss,
+        causal_padding=speed.causal_padding,
     )
     # The default bar prints every log dict on its own line; this one shows the latest numbers on the bar.
     trainer.remove_callback(ProgressCallback)

@@ -13,6 +13,10 @@ Measured on an H200 (bench/train_bench.py, bench/RESULTS.md "Training speed"), e
 - **LoRA in the compute dtype**: peft casts each LoRA input to the adapter's float32; under autocast the
   adapter's matmul is bf16 anyway, so the float32 copy of every q/k/v input only costs memory and time.
 - **Fused AdamW** (`adamw_torch_fused`): one kernel per step for all trainable tensors.
+- **Padded batches attend causally, without a mask** (`causal_padding`): batches are right-padded, so under causal
+  attention no real token can see the padding after it, and the padding's outputs train nothing; without the
+  padding mask SDPA takes its FlashAttention kernel, which skips the blocks above the diagonal, instead of the
+  memory-efficient kernel with a dense mask. Loss and gradients are unchanged (tests/train/test_train_loop.py).
 
 None of it applies on CPU (the plain path, the reference for the tests), and compile/fused loss are off under
 DeepSpeed (ZeRO-3 shards the LM head the fused loss reads; DeepSpeed wraps the layers itself).
@@ -46,6 +50,7 @@ class SpeedPlan:
     compile_layers: bool = False
     fused_loss: bool = False
     fused_adamw: bool = False
+    causal_padding: bool = False
     lora_compute_dtype: bool = False
     why_off: dict[str, str] = field(default_factory=dict)
     """For each lever that is off: why (CPU, DeepSpeed, not installed, switched off)."""
@@ -60,7 +65,7 @@ class SpeedPlan:
     def describe(self) -> str:
         on = [
             name
-            for name in ("compile_layers", "fused_loss", "fused_adamw", "lora_compute_dtype")
+            for name in ("compile_layers", "fused_loss", "fused_adamw", "lora_compute_dtype", "causal_padding")
             if getattr(self, name)
         ]
         off = [f"{name} ({why})" for name, why in self.why_off.items()]
@@ -96,6 +101,7 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
         compile_layers=compile_layers,
         fused_loss=fused_loss,
         fused_adamw=cuda and not deepspeed,
+        causal_padding=cuda,
         lora_compute_dtype=lora_dtype,
         why_off=why_off,
     )

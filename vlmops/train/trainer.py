@@ -92,12 +92,14 @@ class VLTrainer(Trainer):
         run_files: list[Path],
         dummy_pixels: dict[str, torch.Tensor],
         fused_loss: bool = False,
+        causal_padding: bool = False,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.run_files = run_files
         self.dummy_pixels = dummy_pixels
         self.fused_loss = fused_loss  # the model's forward computes the loss over trained positions itself
+        self.causal_padding = causal_padding  # right-padded batches go without their mask (speed.SpeedPlan)
 
     def compute_loss(
         self,
@@ -109,6 +111,8 @@ class VLTrainer(Trainer):
         # The collator's step keys are not model inputs (a copy: the Trainer reads the real token count afterwards).
         step = {key: inputs[key] for key in STEP_KEYS if key in inputs}
         inputs = {key: value for key, value in inputs.items() if key not in STEP_KEYS}
+        if self.causal_padding and "position_ids" not in inputs:  # padded, not packed: causal attention suffices
+            inputs.pop("attention_mask", None)
         core = vision_language_core(self.accelerator.unwrap_model(model))
         dtype = next(core.vision_model.parameters()).dtype
         for key in PIXEL_KEYS:
