@@ -78,7 +78,8 @@ class VisionGraphs:
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: the engine's image threads may pin host memory while this thread captures.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 output = self.features(inputs)
         except RuntimeError as err:  # an operation that cannot be captured, or out of memory
             self.enabled = False
