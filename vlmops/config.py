@@ -265,8 +265,9 @@ class InferConfig(Section):
     decoded no faster than 1, so the default stays 1."""
     vision_graphs: bool = False
     """Fast engine: run the vision towers of each prefill batch from CUDA graphs, captured once per number of images
-    (the eager towers are hundreds of small kernels launched from the thread that also drives decoding). Off until
-    measured on a GPU (bench/infer_bench.py --vision-graphs-alt); answers are the same either way."""
+    (the eager towers are hundreds of small kernels launched from the thread that also drives decoding). The graphs
+    keep the towers' working memory for the engine's life (the 7b's SAM: ~0.8 GiB per image of a prefill batch).
+    Off until measured on a GPU (bench/infer_bench.py --vision-graphs-alt); answers are the same either way."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""
