@@ -33,7 +33,8 @@ def gpu_time_summary(kernels: list[tuple[str, float, float]], wall_us: float) ->
             reach = end
     groups: dict[str, float] = {}
     for name, start, end in kernels:
-        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + end - start
+        group = kernel_group(name)
+        groups[group] = groups.get(group, 0.0) + end - start
     idle = 1 - busy / wall_us if wall_us > 0 else 0.0
     lines = [f"GPU busy {busy / 1e3:.1f} ms of {wall_us / 1e3:.1f} ms wall (idle {idle:.0%})"]
     for group, spent in sorted(groups.items(), key=lambda g: -g[1]):

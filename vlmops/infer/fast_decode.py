@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmops.errors import UserInputError
+from vlmops.infer.cuda_graphs import capture
 
 log = logging.getLogger(__name__)
 
@@ -278,20 +279,14 @@ class StaticDecoder:
         graph.replay()
 
     def _capture(self, rows: int, columns: int) -> torch.cuda.CUDAGraph:
-        # One eager run on a side stream first (cuBLAS set-up, compilation), as CUDA graph capture requires;
-        # it writes the same K/V the real step will, and tokens/positions are restored after it.
+        # The warm-up run writes the same K/V the real step will; tokens and positions are restored after it.
         saved = self.tokens.clone(), self.positions.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._step(rows, columns)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.tokens.copy_(saved[0])
-        self.positions.copy_(saved[1])
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the engine's image threads may pin host memory while this thread captures.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            self._step(rows, columns)
+
+        def restore() -> None:
+            self.tokens.copy_(saved[0])
+            self.positions.copy_(saved[1])
+
+        graph, _ = capture(lambda: self._step(rows, columns), self._pool, after_warmup=restore)
         self._graphs[(rows, columns)] = graph
         log.debug("captured a decode step for %d rows x %d columns", rows, columns)
         return graph

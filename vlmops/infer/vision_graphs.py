@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from vlmops.infer.cuda_graphs import capture
+
 log = logging.getLogger(__name__)
 
 Pixels = dict[str, torch.Tensor]
@@ -68,19 +70,9 @@ class VisionGraphs:
     def _capture(self, key: ShapeKey, pixels: Pixels) -> _Captured | None:
         inputs = {name: tensor.clone() for name, tensor in pixels.items()}
         try:
-            # One eager run on a side stream first (cuBLAS and attention set-up happen outside the capture), as
-            # CUDA graph capture requires.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.features(inputs)
-            torch.cuda.current_stream().wait_stream(stream)
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: the engine's image threads may pin host memory while this thread captures.
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                output = self.features(inputs)
+            graph, output = capture(lambda: self.features(inputs), self.pool)
         except RuntimeError as err:  # an operation that cannot be captured, or out of memory
             self.enabled = False
             self.graphs.clear()
