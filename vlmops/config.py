@@ -208,6 +208,11 @@ class TrainConfig(Section):
     """Fused LM head + cross-entropy over the answer positions (Liger Kernel, `pip install 'vlmops[gpu]'`): the
     logits over the 102,400-word vocabulary are never materialised. auto: on with a CUDA GPU when Liger Kernel is
     installed (not under DeepSpeed)."""
+    vision_graphs: Literal["auto", "off"] = "auto"
+    """Run frozen vision towers from CUDA graphs (one image per graph, replayed per image): the eager towers are
+    hundreds of small kernel launches per micro-batch, during which the GPU mostly waits. auto: on with a CUDA GPU
+    when nothing in the towers or the aligner trains (not under DeepSpeed); the towers' results are the same. The
+    graphs keep one image's working memory of the towers (the 7b's SAM: ~1 GiB)."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of

@@ -172,24 +172,59 @@ def test_refuses_what_it_cannot_serve(tiny_model: Path) -> None:
         list(engine.generate([missing]))
 
 
+def test_sam_tables_are_made_once_per_size(tiny_hybrid_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`memoise_rel_pos`: SAM's relative-position tables computed once per size and weight version, the features
+    unchanged; a table whose weights train is computed afresh."""
+    from transformers.models.sam.modeling_sam import SamVisionAttention
+
+    from vlmops.models.vision_graphs import image_features, memoise_rel_pos
+
+    loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
+    vlm = loaded.model.model
+    images = [draw_shape("red", "circle", 48, random.Random(0))]
+    pixels = dict(loaded.processor.image_processor(images, return_tensors="pt"))
+    with torch.no_grad():
+        expected = image_features(vlm, pixels)
+    calls = []
+    original = SamVisionAttention.get_rel_pos
+    monkeypatch.setattr(SamVisionAttention, "get_rel_pos", lambda self, *a: calls.append(a[:2]) or original(self, *a))
+    layers = memoise_rel_pos(vlm)
+    assert layers == sum(isinstance(m, SamVisionAttention) for m in vlm.modules()) > 0
+    assert memoise_rel_pos(vlm) == 0  # once is enough
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(image_features(vlm, pixels), expected)
+    assert len(calls) == 2 * layers  # height and width, once each
+    sam = next(m for m in vlm.modules() if isinstance(m, SamVisionAttention))
+    with torch.no_grad():
+        sam.rel_pos_h.add_(1.0)  # a new weight version: its table again (the width table stays)
+        image_features(vlm, pixels)
+    assert len(calls) == 2 * layers + 1
+    vlm.requires_grad_(False)
+    sam.rel_pos_h.requires_grad_(True)
+    image_features(vlm, pixels)  # trained, with gradients on: computed each time; frozen ones stay stored
+    image_features(vlm, pixels)
+    assert len(calls) == 2 * layers + 3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["tiny_model", "tiny_hybrid_model"])
 def test_vision_graphs_replay_the_eager_towers(variant: str, request: pytest.FixtureRequest) -> None:
     """A graph per image count, captured once and replayed: the same features as the eager towers, bit for bit;
     and the engine's answers with the graphs are the answers without them."""
-    from vlmops.infer.fast_engine import _image_features
-    from vlmops.infer.vision_graphs import VisionGraphs
+    from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
     loaded = load_model(request.getfixturevalue(variant), dtype="float32", device="cuda")
     vlm = loaded.model.model
-    graphs = VisionGraphs(lambda pixels: _image_features(vlm, pixels))
+    memoise_rel_pos(vlm)  # the hybrid's SAM: its tables come from CPU index tensors, which a capture cannot copy
+    graphs = VisionGraphs(lambda pixels: image_features(vlm, pixels))
     rng = random.Random(1)
     with torch.no_grad():
         for count in (1, 3, 1, 3):
             images = [draw_shape(rng.choice(["red", "blue"]), "circle", 48, rng) for _ in range(count)]
             features = loaded.processor.image_processor(images, return_tensors="pt")
             pixels = {name: value.to("cuda") for name, value in features.items()}
-            assert torch.equal(graphs(pixels), _image_features(vlm, pixels))
+            assert torch.equal(graphs(pixels), image_features(vlm, pixels))
     assert graphs.enabled and len(graphs.graphs) == 2
 
     cfg = InferConfig(max_new_tokens=16)

@@ -15,15 +15,16 @@ import torch
 
 from vlmops.config import ConfigError, load_config
 from vlmops.models.template import IGNORE_INDEX
+from vlmops.models.vision_graphs import graph_image_features
 from vlmops.train.packing import TRAINED_INDEX_KEY, TRAINED_TARGETS_KEY, with_step_keys
-from vlmops.train.speed import fuse_loss, liger_available, plan_speed, reference_head_loss
+from vlmops.train.speed import SpeedPlan, apply_speed, fuse_loss, liger_available, plan_speed, reference_head_loss
 from vlmops.train.trainer import trained_positions
 
 
 def test_cpu_gets_the_plain_path() -> None:
     plan = plan_speed(load_config(None).train, cuda=False, precision="fp32")
     assert not (plan.compile_layers or plan.fused_loss or plan.fused_adamw or plan.lora_compute_dtype)
-    assert plan.why_off == {"compile": "no CUDA GPU", "fused_loss": "no CUDA GPU"}
+    assert plan.why_off == {"compile": "no CUDA GPU", "fused_loss": "no CUDA GPU", "vision_graphs": "no CUDA GPU"}
     assert "off compile (no CUDA GPU)" in plan.describe()
     assert plan.pad_to_multiple_of == 1
 
@@ -31,13 +32,14 @@ def test_cpu_gets_the_plain_path() -> None:
 def test_gpu_gets_every_lever_and_deepspeed_the_safe_ones() -> None:
     train = load_config(None, {"train.mode": "lora"}).train
     plan = plan_speed(train, cuda=True, precision="bf16")
-    assert plan.compile_layers and plan.fused_adamw and plan.lora_compute_dtype
+    assert plan.compile_layers and plan.fused_adamw and plan.lora_compute_dtype and plan.vision_graphs
     assert plan.pad_to_multiple_of == 64  # compiled layers see a few bucketed lengths
     assert plan.fused_loss == liger_available()
     if not liger_available():
         assert "pip install 'vlmops[gpu]'" in plan.why_off["fused_loss"]
     zero3 = plan_speed(load_config(None, {"train.deepspeed": "zero3"}).train, cuda=True, precision="bf16")
     assert not (zero3.compile_layers or zero3.fused_loss or zero3.fused_adamw or zero3.lora_compute_dtype)
+    assert not zero3.vision_graphs
     assert zero3.why_off["compile"] == "DeepSpeed is on"
     off = plan_speed(load_config(None, {"train.compile": "off"}).train, cuda=True, precision="bf16")
     assert not off.compile_layers and off.why_off["compile"] == "train.compile: off"
@@ -101,6 +103,64 @@ def test_fused_forward_gives_the_models_own_loss_and_gradients(
         assert grads.keys() == reference_grads.keys()
         for name, grad in grads.items():
             torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("arch", ["deepseek_vl", "deepseek_vl_hybrid"])
+def test_graphed_towers_train_the_same(arch: str, device: str, tiny_model: Path, tiny_hybrid_model: Path) -> None:
+    """Frozen towers routed through `graph_image_features` (graphs of one image, replayed per image on CUDA; eager
+    on CPU): the model's forward gets what it got from its own towers, the loss and the trained weights' gradients are
+    the same; a call asking for more than the features still runs the towers themselves."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmops.train.trainable import prepare_trainable
+
+    folder = tiny_hybrid_model if arch == "deepseek_vl_hybrid" else tiny_model
+    batch = {k: v.to(device) for k, v in _batch(AutoProcessor.from_pretrained(folder), False).items()}
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).to(device)
+    model, _ = prepare_trainable(model, load_config(None, {"train.mode": "lora"}).train, seed=0)
+    model.eval()  # no LoRA dropout: the two forwards draw the same numbers
+    core = model.get_base_model().model
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    pixels = {k: v for k, v in batch.items() if k.endswith("pixel_values")}
+    eager_features = core.get_image_features(**pixels, return_dict=True).pooler_output
+    reference, reference_grads = loss_and_grads()
+    graphs = graph_image_features(core)
+    for _ in range(2):  # the first call captures, the second replays
+        loss, grads = loss_and_grads()
+        assert torch.equal(loss, reference)
+        assert grads.keys() == reference_grads.keys() and grads
+        for name, grad in grads.items():
+            assert torch.equal(grad, reference_grads[name]), name
+    assert torch.equal(core.get_image_features(**pixels).pooler_output, eager_features)
+    assert len(graphs.graphs) == (1 if device == "cuda" else 0) and graphs.enabled  # one graph: one image each
+    full = core.get_image_features(**pixels, output_hidden_states=True)
+    assert full.hidden_states is not None  # not the graphs' features-only output
+
+
+def test_towers_that_train_keep_their_eager_forward(tiny_model: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model, dtype=torch.float32)
+    for param in model.parameters():
+        param.requires_grad = False
+    model.model.aligner.requires_grad_(True)
+    original = model.model.get_image_features
+    plan = apply_speed(model, SpeedPlan(vision_graphs=True))
+    assert not plan.vision_graphs and plan.why_off == {"vision_graphs": "the vision towers or the aligner train"}
+    assert model.model.get_image_features == original
+    model.model.aligner.requires_grad_(False)
+    assert apply_speed(model, SpeedPlan(vision_graphs=True)).vision_graphs
+    assert model.model.get_image_features != original
 
 
 def test_fused_forward_without_labels_is_the_original(tiny_model: Path) -> None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmops.errors import UserInputError
-from vlmops.infer.cuda_graphs import capture
+from vlmops.models.cuda_graphs import capture
 
 log = logging.getLogger(__name__)
 

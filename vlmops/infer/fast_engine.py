@@ -42,8 +42,8 @@ from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.generation import model_dtype
 from vlmops.infer.pixels import DevicePixels
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
-from vlmops.infer.vision_graphs import VisionGraphs
 from vlmops.models.loading import LoadedModel
+from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class FastEngine:
             bookkeeping; with a window of k the GPU has k steps queued. A row that stops inside a window keeps
             its slot (decoding tokens that are dropped) until the window ends.
         vision_graphs: run the vision towers of each prefill batch from CUDA graphs, one per image count
-            (vlmops.infer.vision_graphs); False: eagerly.
+            (vlmops.models.vision_graphs); False: eagerly.
     """
 
     def __init__(
@@ -187,7 +187,9 @@ class FastEngine:
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
-        self.vision = VisionGraphs(lambda pixels: _image_features(self.model.model, pixels), on_cuda and vision_graphs)
+        if on_cuda and vision_graphs:
+            memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
+        self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)
 
     def _fit_slots(self, max_batch: int, memory_gib: float | None) -> int:
         """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set."""
@@ -377,20 +379,6 @@ class FastEngine:
         if len(row.tokens) >= self.max_new_tokens:
             return GenerationResult(row.key, row.tokens, "length")
         return None
-
-
-def _image_features(vlm: Any, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The aligned image embeddings [images, tokens, hidden]: what the VLM scatters into the prompt.
-
-    transformers 5.17 returns the tensor, later releases an output object carrying it as `pooler_output`.
-    """
-    output = vlm.get_image_features(**pixels)
-    features = output if isinstance(output, torch.Tensor) else getattr(output, "pooler_output", None)
-    if not isinstance(features, torch.Tensor):
-        raise TypeError(
-            f"get_image_features returned {type(output).__name__}; use prefill='model' with this transformers"
-        )
-    return features
 
 
 def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

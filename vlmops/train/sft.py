@@ -312,7 +312,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     route_input_grads(model)  # the Trainer's checkpointing would give every tower input gradients
     if batching.packing:
         check_packing_support(model)
-    apply_speed(model, speed, batching.activation_budget)
+    speed = apply_speed(model, speed, batching.activation_budget)
 
     throughput = Throughput()
     run_files = [run_dir / CONFIG_FILE, run_dir / RUN_INFO]

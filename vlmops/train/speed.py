@@ -13,6 +13,10 @@ Measured on an H200 (bench/train_bench.py, bench/RESULTS.md "Training speed"), e
 - **LoRA in the compute dtype**: peft casts each LoRA input to the adapter's float32; under autocast the
   adapter's matmul is bf16 anyway, so the float32 copy of every q/k/v input only costs memory and time.
 - **Fused AdamW** (`adamw_torch_fused`): one kernel per step for all trainable tensors.
+- **Frozen vision towers from CUDA graphs** (`train.vision_graphs`): where nothing in the towers or the aligner
+  trains, `get_image_features` replays a graph of one image per image (vlmops.models.vision_graphs) instead of
+  launching SigLIP's and SAM's hundreds of small kernels from Python, which kept the GPU waiting at the start of
+  every micro-batch.
 - **Padded batches attend causally, without a mask** (`causal_padding`): batches are right-padded, so under causal
   attention no real token can see the padding after it, and the padding's outputs train nothing; without the
   padding mask SDPA takes its FlashAttention kernel, which skips the blocks above the diagonal, instead of the
@@ -24,6 +28,7 @@ DeepSpeed (ZeRO-3 shards the LM head the fused loss reads; DeepSpeed wraps the l
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import types
@@ -35,6 +40,7 @@ import torch
 
 from vlmops.config import ConfigError, TrainConfig
 from vlmops.models.template import IGNORE_INDEX
+from vlmops.models.vision_graphs import graph_image_features, towers_frozen
 from vlmops.train.data import next_token_targets
 
 log = logging.getLogger(__name__)
@@ -52,6 +58,8 @@ class SpeedPlan:
     fused_adamw: bool = False
     causal_padding: bool = False
     lora_compute_dtype: bool = False
+    vision_graphs: bool = False
+    """Frozen towers from CUDA graphs where the towers turn out frozen (checked on the model in `apply_speed`)."""
     why_off: dict[str, str] = field(default_factory=dict)
     """For each lever that is off: why (CPU, DeepSpeed, not installed, switched off)."""
 
@@ -65,7 +73,14 @@ class SpeedPlan:
     def describe(self) -> str:
         on = [
             name
-            for name in ("compile_layers", "fused_loss", "fused_adamw", "lora_compute_dtype", "causal_padding")
+            for name in (
+                "compile_layers",
+                "fused_loss",
+                "fused_adamw",
+                "lora_compute_dtype",
+                "causal_padding",
+                "vision_graphs",
+            )
             if getattr(self, name)
         ]
         off = [f"{name} ({why})" for name, why in self.why_off.items()]
@@ -97,18 +112,21 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
     loss_blocker = common or (None if liger_available() else f"Liger Kernel is not installed: {LIGER_HINT}")
     fused_loss = decide("fused_loss", train.fused_loss, loss_blocker)
     lora_dtype = cuda and train.mode == "lora" and precision in ("bf16", "fp16") and not deepspeed
+    vision_graphs = decide("vision_graphs", train.vision_graphs, common)
     return SpeedPlan(
         compile_layers=compile_layers,
         fused_loss=fused_loss,
         fused_adamw=cuda and not deepspeed,
         causal_padding=cuda,
         lora_compute_dtype=lora_dtype,
+        vision_graphs=vision_graphs,
         why_off=why_off,
     )
 
 
-def apply_speed(model: Any, plan: SpeedPlan, activation_budget: float = 1.0) -> None:
-    """Apply the plan to a loaded (and peft-wrapped) model, in place. Call before the Trainer wraps it.
+def apply_speed(model: Any, plan: SpeedPlan, activation_budget: float = 1.0) -> SpeedPlan:
+    """Apply the plan to a loaded (and peft-wrapped) model, in place; returns the plan as applied (a lever the model
+    turns out not to allow is off). Call before the Trainer wraps it.
 
     `activation_budget` < 1 (selective recompute, chosen by the memory policy): the compiled layers keep that share
     of their activations and recompute the rest (torch's `activation_memory_budget`, read when they compile)."""
@@ -125,7 +143,13 @@ def apply_speed(model: Any, plan: SpeedPlan, activation_budget: float = 1.0) -> 
             layer.compile(dynamic=False)
     if plan.fused_loss:
         fuse_loss(top, liger_head_loss())
+    if plan.vision_graphs and not towers_frozen(top.model):
+        why_off = {**plan.why_off, "vision_graphs": "the vision towers or the aligner train"}
+        plan = dataclasses.replace(plan, vision_graphs=False, why_off=why_off)
+    if plan.vision_graphs:
+        graph_image_features(top.model, images_per_graph=1)
     log.info(plan.describe())
+    return plan
 
 
 HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,4 +1,4 @@
-"""Capturing a CUDA graph the way the fast engine's graphs all are (the decode step, the vision towers)."""
+"""Capturing a CUDA graph the way all of vlmops' graphs are (the fast engine's decode step, the frozen vision towers)."""
 
 from __future__ import annotations
 
