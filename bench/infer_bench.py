@@ -317,10 +317,10 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
                 f"engine-{batch}-window",
                 lambda b=batch: engine_row("engine-window", b, b, decode_window=args.window_alt),
             )
-        if args.vision_graphs_alt:
+        if args.eager_towers_alt:
             guarded(
-                f"engine-{batch}-vision-graphs",
-                lambda b=batch: engine_row("engine-vision-graphs", b, b, same_as="engine", vision_graphs=True),
+                f"engine-{batch}-eager-towers",
+                lambda b=batch: engine_row("engine-eager-towers", b, b, same_as="engine", vision_graphs=False),
             )
     if device == "cuda":
         guarded(
@@ -358,11 +358,11 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
                     decode_window=args.window_alt,
                 ),
             )
-        if args.vision_graphs_alt:
+        if args.eager_towers_alt:
             guarded(
-                "e2e-vision-graphs",
+                "e2e-eager-towers",
                 lambda: e2e(
-                    loaded, arch, args, max(batches), max_context, record, "e2e-files-vision-graphs", vision_graphs=True
+                    loaded, arch, args, max(batches), max_context, record, "e2e-files-eager-towers", vision_graphs=False
                 ),
             )
 
@@ -515,9 +515,9 @@ def main() -> int:
         "--window-alt", type=int, default=0, help="decode window of an extra row per batch and e2e run (0: skip)"
     )
     parser.add_argument(
-        "--vision-graphs-alt",
+        "--eager-towers-alt",
         action="store_true",
-        help="an extra row per batch and e2e run with the vision towers replayed from CUDA graphs (infer.vision_graphs)",
+        help="an extra row per batch and e2e run with the vision towers run eagerly (infer.vision_graphs false)",
     )
     parser.add_argument("--float32", action="store_true", help="also check the 1.3b in float32 on the GPU")
     parser.add_argument("--profile", action="store_true", help="print the kernel times of one prefill batch")

@@ -107,7 +107,7 @@ class FastEngine:
             bookkeeping; with a window of k the GPU has k steps queued. A row that stops inside a window keeps
             its slot (decoding tokens that are dropped) until the window ends.
         vision_graphs: run the vision towers of each prefill batch from CUDA graphs, one per image count
-            (vlmops.models.vision_graphs); False: eagerly.
+            (vlmops.models.vision_graphs; default: on CUDA); False: eagerly.
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class FastEngine:
         row_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512),
         column_bucket: int = 128,
         decode_window: int = 1,
-        vision_graphs: bool = False,
+        vision_graphs: bool = True,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(

@@ -166,6 +166,7 @@ def training_shape(
         model = AutoModelForImageTextToText.from_config(config)
     full = trained_parts(train)
     trained = sum(p.numel() for name, p in model.named_parameters() if part_of(name) in full)
+    targets: set[str] = set()
     if train.mode == "lora":
         modules = dict(model.named_modules())
         _, targets = lora_target_modules(model, train.lora.targets)
@@ -186,6 +187,11 @@ def training_shape(
         fused_loss=speed is not None and speed.fused_loss,
         compiled=speed is not None and speed.compile_layers,
         high_res_vision=hasattr(config, "high_res_vision_config"),
+        # what `apply_speed` finds on the loaded model: graphs only where nothing behind the towers trains
+        vision_graphs=speed is not None
+        and speed.vision_graphs
+        and full <= {"llm"}
+        and all(part_of(name) == "llm" for name in targets),
     )
 
 

@@ -20,7 +20,10 @@ learned). The estimate is deliberately simple (DeepSeek-VL's language model domi
 - logits: bf16 logits, their float32 copy in the loss and its gradient over the 102,400-word vocabulary, for
   every position (an upper bound: only answer positions get logits in `VLTrainer`);
 - a fixed reserve for the CUDA context, the allocator's slack and the vision towers' working memory (their
-  activations are not kept when they are frozen).
+  activations are not kept when they are frozen). The 7b's SAM tower holds large transients while it runs, one
+  image per sample when the towers run eagerly; from CUDA graphs of one image (`train.vision_graphs`) only one
+  image's, whatever the micro-batch (the 7b LoRA at 4 x 1,135 tokens with recompute: 17.45 GiB eagerly, 15.97 from
+  graphs, H200).
 
 Recompute (gradient checkpointing) costs about a third of the forward pass again, so it is chosen only when,
 without it, a micro-batch could not hold `SATURATING_TOKENS` tokens (or the whole step): below that the GPU's
@@ -59,6 +62,9 @@ COMPILED_ACTIVATION_SHARE = 0.9
 # one image per ~1,100-token sample: a 7b LoRA micro-batch of 8 x 1,088 tokens peaked 2.5 GiB above the estimate
 # without this term (H200, 2026-12-01).
 HIGH_RES_VISION_BYTES_PER_TOKEN = 300_000
+# The same towers replayed from CUDA graphs of one image (`train.vision_graphs`): one image's working set, kept by
+# the graphs' pool (reserved rather than allocated, counted all the same).
+HIGH_RES_VISION_GRAPH_BYTES = 2**29
 # What full training falls back to on a GPU it does not fit (`resolve_deepspeed`): parameters and 70% of the
 # optimizer state on the GPU, the rest on the host.
 OFFLOAD_PRESET = "zero3-offload-partial"
@@ -92,6 +98,8 @@ class ModelShape:
     """The decoder layers are compiled (train.compile)."""
     high_res_vision: bool = False
     """The model has the hybrid 7b's high-resolution (SAM) tower."""
+    vision_graphs: bool = False
+    """The frozen towers run from CUDA graphs of one image (train.vision_graphs)."""
 
     @classmethod
     def from_config(
@@ -112,9 +120,10 @@ class ModelShape:
         )
 
     def persistent_bytes(self) -> int:
-        """What stays allocated through the whole step: weights and the optimizer state."""
+        """What stays allocated through the whole step: weights, the optimizer state and the vision graphs' pool."""
         trained = self.trained_params * (TRAINED_PARAM_BYTES - GRADIENT_BYTES)
-        return (self.total_params - self.trained_params) * self.frozen_bytes + trained
+        graphs = HIGH_RES_VISION_GRAPH_BYTES if self.high_res_vision and self.vision_graphs else 0
+        return (self.total_params - self.trained_params) * self.frozen_bytes + trained + graphs
 
     def transient_bytes(self, tokens: int, per_token: int, accumulates: bool) -> int:
         """What comes and goes within a micro-batch's forward and backward on top of `persistent_bytes`: the
@@ -151,7 +160,7 @@ class ModelShape:
             kept = self.num_layers * self.hidden_size * ACTIVATION_BYTES + layer
         else:
             kept = int(self.num_layers * layer * activation_budget)
-        vision = HIGH_RES_VISION_BYTES_PER_TOKEN if self.high_res_vision else 0
+        vision = HIGH_RES_VISION_BYTES_PER_TOKEN if self.high_res_vision and not self.vision_graphs else 0
         return kept + vision + (0 if self.fused_loss else self.vocab_size * LOGIT_BYTES)
 
     def activation_budget_for(self, room: float, tokens: int) -> float:
