@@ -317,6 +317,11 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
                 f"engine-{batch}-window",
                 lambda b=batch: engine_row("engine-window", b, b, decode_window=args.window_alt),
             )
+        if args.prefill_graphs_alt:
+            guarded(
+                f"engine-{batch}-prefill-graphs",
+                lambda b=batch: engine_row("engine-prefill-graphs", b, b, same_as="engine", prefill_graphs=True),
+            )
         if args.eager_towers_alt:
             guarded(
                 f"engine-{batch}-eager-towers",
@@ -356,6 +361,20 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
                     record,
                     "e2e-files-window",
                     decode_window=args.window_alt,
+                ),
+            )
+        if args.prefill_graphs_alt:
+            guarded(
+                "e2e-prefill-graphs",
+                lambda: e2e(
+                    loaded,
+                    arch,
+                    args,
+                    max(batches),
+                    max_context,
+                    record,
+                    "e2e-files-prefill-graphs",
+                    prefill_graphs=True,
                 ),
             )
         if args.eager_towers_alt:
@@ -513,6 +532,11 @@ def main() -> int:
     parser.add_argument("--prefill-alt", type=int, default=0, help="prefill batch of an extra row (0: skip)")
     parser.add_argument(
         "--window-alt", type=int, default=0, help="decode window of an extra row per batch and e2e run (0: skip)"
+    )
+    parser.add_argument(
+        "--prefill-graphs-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run with the prefill's language model from CUDA graphs (infer.prefill_graphs)",
     )
     parser.add_argument(
         "--eager-towers-alt",

@@ -275,6 +275,12 @@ class InferConfig(Section):
     what the engine sets aside for prefill). Measured on an H200 (1.3b, bench/RESULTS.md session 9): `vlmops
     batch-infer` 91.3 steady images/s against 79.2 eagerly, the engine alone 9.3k against 8.4k tokens/s at batch 256.
     Answers are the same either way; false runs the towers eagerly."""
+    prefill_graphs: bool = False
+    """Fast engine: run the language model's half of each prefill (its layers over the prompt embeddings) from CUDA
+    graphs, one per number of prompts and width, the widths padded up to multiples of 32 tokens. Eagerly, each
+    layer's compiled functions and attention are launched from Python: a profiled 1.3b prefill of 16 prompts kept the
+    GPU busy 72 of its 105 ms. Off until measured on a GPU (bench/infer_bench.py --prefill-graphs-alt); answers are
+    the same either way."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""

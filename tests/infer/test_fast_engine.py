@@ -80,16 +80,17 @@ def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConf
 
 
 @pytest.mark.parametrize(
-    ("variant", "count", "prefill", "window"),
+    ("variant", "count", "prefill", "window", "prefill_graphs"),
     [
-        ("tiny_model", 64, "own", 1),
-        ("tiny_hybrid_model", 24, "own", 1),
-        ("tiny_model", 24, "model", 1),
-        ("tiny_model", 64, "own", 5),  # 5 steps per read: rows stop inside windows, and windows get cut short
+        ("tiny_model", 64, "own", 1, False),
+        ("tiny_hybrid_model", 24, "own", 1, False),
+        ("tiny_model", 24, "model", 1, False),
+        ("tiny_model", 64, "own", 5, False),  # 5 steps per read: rows stop inside windows, and windows get cut short
+        ("tiny_model", 64, "own", 1, True),  # prompts padded to the graphs' width buckets (the graphs: CUDA only)
     ],
 )
 def test_greedy_answers_equal_generate(
-    variant: str, count: int, prefill: str, window: int, request: pytest.FixtureRequest
+    variant: str, count: int, prefill: str, window: int, prefill_graphs: bool, request: pytest.FixtureRequest
 ) -> None:
     loaded = loaded_with_eos(request.getfixturevalue(variant))
     cfg = InferConfig(max_new_tokens=16)
@@ -105,7 +106,9 @@ def test_greedy_answers_equal_generate(
         image_workers=2,
         prefill=prefill,
         decode_window=window,
+        prefill_graphs=prefill_graphs,
     )
+    assert engine.width_bucket == (32 if prefill_graphs else 1)
     assert engine.device_pixels is not None  # uint8 pixels normalised on the device, not the processor's floats
     got = {result.key: result for result in engine.generate(iter(reqs))}
     assert sorted(got) == sorted(expected)
@@ -234,4 +237,24 @@ def test_vision_graphs_replay_the_eager_towers(variant: str, request: pytest.Fix
         engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, vision_graphs=vision_graphs)
         answers.append({r.key: r.token_ids for r in engine.generate(iter(reqs))})
         assert engine.vision.enabled == vision_graphs
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["tiny_model", "tiny_hybrid_model"])
+def test_prefill_graphs_replay_the_eager_prefill(variant: str, request: pytest.FixtureRequest) -> None:
+    """The language model's prefill from CUDA graphs (one per prompts x width bucket) answers as the eager prefill of
+    the same padded widths, token for token (float32); the graphs were captured and stayed on."""
+    loaded = load_model(request.getfixturevalue(variant), dtype="float32", device="cuda")
+    with torch.no_grad():
+        loaded.model.lm_head.weight[loaded.tokenizer.eos_token_id] *= EOS_ROW_SCALE
+    cfg = InferConfig(max_new_tokens=16)
+    reqs = requests(loaded, 40)
+    answers = []
+    for graphs in (False, True):
+        engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, prefill_graphs=True)
+        engine.decoder.prefill_graphs = graphs  # the same padded widths either way; only the capture differs
+        answers.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs))})
+        assert engine.decoder.prefill_graphs == graphs
+        assert (len(engine.decoder._prefill_graphs) > 1) == graphs  # several row counts: 3, and 1-2 on refills
     assert answers[0] == answers[1]

@@ -83,6 +83,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             memory_gib=infer_cfg.memory_gib,
             decode_window=infer_cfg.decode_window,
             vision_graphs=infer_cfg.vision_graphs,
+            prefill_graphs=infer_cfg.prefill_graphs,
         )
     from vlmops.infer.plain_engine import PlainEngine
 

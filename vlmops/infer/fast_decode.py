@@ -15,7 +15,9 @@ CUDA graph and replayed:
   fused copy of their weights (the modules' parameters become views into it, so no memory is doubled).
 
 A step over `b` rows and `L` cache columns is graph-captured once per `(b, L)` bucket on CUDA; on CPU
-it runs eagerly (the float32 equality test runs this same code).
+it runs eagerly (the float32 equality test runs this same code). With `prefill_graphs` the language model's half of
+a prefill (the layers over the prompt embeddings, K/V into the slots, the first tokens) is captured too, once per
+(rows, width), in its own memory pool; the caller pads widths to a few buckets.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ from vlmops.errors import UserInputError
 from vlmops.models.cuda_graphs import capture
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _PrefillGraph:
+    """A captured prefill of `rows` prompts of `width` tokens, and the static tensors it reads and writes."""
+
+    graph: torch.cuda.CUDAGraph
+    embeds: torch.Tensor
+    index: torch.Tensor
+    lengths: torch.Tensor
+    tokens: torch.Tensor
+
+
+# Prefill shapes captured at most (each keeps its static input of rows x width embeddings); beyond, eagerly.
+MAX_PREFILL_GRAPHS = 64
 
 
 @dataclass
@@ -139,6 +156,7 @@ class StaticDecoder:
         compile_step: bool,
         attention: str,
         suppress_token: int | None,
+        prefill_graphs: bool = False,
     ) -> None:
         lm = model.model.language_model
         config = lm.config
@@ -197,6 +215,14 @@ class StaticDecoder:
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.prefill_graphs = prefill_graphs and device.type == "cuda"
+        self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.prefill_graphs else None
+        # The graphs' static inputs are views into one buffer each (graphs never run at once): rows x max_context
+        # embeddings for the most rows seen, and the slots' indices and lengths.
+        self._prefill_embeds: torch.Tensor | None = None
+        self._prefill_index = torch.zeros(slots, dtype=torch.long, device=device)
+        self._prefill_lengths = torch.zeros(slots, dtype=torch.long, device=device)
 
     @staticmethod
     def bytes_per_slot(model: Any, max_context: int) -> int:
@@ -230,10 +256,57 @@ class StaticDecoder:
         """Run the language model over right-padded prompt embeddings [rows * width, hidden] into `slots`.
 
         The same per-layer functions as the decode step (compiled once for any row count), with causal
-        attention over each row; K/V go straight into the slots. Returns each row's first greedy token.
+        attention over each row; K/V go straight into the slots. Returns each row's first greedy token (with
+        prefill graphs, a static tensor the next prefill of the same shape overwrites: read it before).
         """
-        rows = len(slots)
         index = torch.tensor(slots, device=self.device)
+        lengths_t = torch.tensor(lengths, device=self.device)
+        if not self.prefill_graphs:
+            return self._prefill(embeds, width, index, lengths_t)
+        key = (len(slots), width)
+        captured = self._prefill_graphs.get(key)
+        if captured is None:
+            if len(self._prefill_graphs) >= MAX_PREFILL_GRAPHS:
+                return self._prefill(embeds, width, index, lengths_t)
+            captured = self._capture_prefill(embeds, width, index, lengths_t)
+            if captured is None:
+                return self._prefill(embeds, width, index, lengths_t)
+        else:
+            captured.embeds.copy_(embeds)
+            captured.index.copy_(index)
+            captured.lengths.copy_(lengths_t)
+        captured.graph.replay()
+        return captured.tokens
+
+    def _capture_prefill(
+        self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths: torch.Tensor
+    ) -> _PrefillGraph | None:
+        """A graph of this prefill's shape, its static inputs holding this prefill (a replay computes it). The
+        warm-up run writes the same K/V, positions and tokens a replay will, so nothing needs undoing. A capture
+        that fails turns prefill graphs off for the decoder's life, with a warning."""
+        rows = len(index)
+        if self._prefill_embeds is None or self._prefill_embeds.shape[0] < rows * self.max_context:
+            self._prefill_graphs.clear()  # their inputs were views into the smaller buffer
+            self._prefill_embeds = torch.empty(
+                rows * self.max_context, embeds.shape[-1], dtype=embeds.dtype, device=self.device
+            )
+        inputs = (self._prefill_embeds[: embeds.shape[0]], self._prefill_index[:rows], self._prefill_lengths[:rows])
+        for static, value in zip(inputs, (embeds, index, lengths), strict=True):
+            static.copy_(value)
+        try:
+            graph, tokens = capture(lambda: self._prefill(inputs[0], width, inputs[1], inputs[2]), self._prefill_pool)
+        except RuntimeError as err:  # an operation that cannot be captured, or out of memory
+            self.prefill_graphs = False
+            self._prefill_graphs.clear()
+            log.warning("prefill: CUDA graph capture failed (%s); prefilling eagerly", str(err).splitlines()[0])
+            return None
+        captured = _PrefillGraph(graph, *inputs, tokens)
+        self._prefill_graphs[(rows, width)] = captured
+        log.debug("captured a prefill of %d rows x %d tokens", len(index), width)
+        return captured
+
+    def _prefill(self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        rows = len(index)
         positions = torch.arange(width, device=self.device).repeat(rows)
         cos, sin = self.cos[positions], self.sin[positions]
         x = embeds
@@ -249,9 +322,9 @@ class StaticDecoder:
                 v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
             x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
-        last = torch.tensor(lengths, device=self.device) - 1 + torch.arange(rows, device=self.device) * width
+        last = lengths - 1 + torch.arange(rows, device=self.device) * width
         logits = F.linear(rms_norm(x[last], self.final_norm, self.eps), self.lm_head)
-        self.positions.index_copy_(0, index, torch.tensor(lengths, device=self.device))
+        self.positions.index_copy_(0, index, lengths)
         tokens = self.greedy(logits)
         self.tokens.index_copy_(0, index, tokens)
         return tokens

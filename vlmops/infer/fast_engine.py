@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 # Below this many free slots (and while other rows still decode) prefill waits for more to free up.
 MIN_REFILL_SHARE = 8
+# With prefill graphs, prompt batches are right-padded to a multiple of this many tokens (at most ~5% more prefill
+# work on ~600-token prompts), so that a few graphs serve every batch.
+PREFILL_WIDTH_BUCKET = 32
 
 
 @dataclass
@@ -108,6 +111,9 @@ class FastEngine:
             its slot (decoding tokens that are dropped) until the window ends.
         vision_graphs: run the vision towers of each prefill batch from CUDA graphs, one per image count
             (vlmops.models.vision_graphs; default: on CUDA); False: eagerly.
+        prefill_graphs: with prefill "own", run the language model's half of each prefill from a CUDA graph, one
+            per (prompts, width) with widths padded up to a multiple of `PREFILL_WIDTH_BUCKET` (the padding on any
+            device, the graphs on CUDA).
     """
 
     def __init__(
@@ -131,6 +137,7 @@ class FastEngine:
         column_bucket: int = 128,
         decode_window: int = 1,
         vision_graphs: bool = True,
+        prefill_graphs: bool = False,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -170,7 +177,7 @@ class FastEngine:
         self.dtype = model_dtype(loaded)
         self.device = loaded.device
         on_cuda = self.device.type == "cuda"
-        slots = self._fit_slots(max_batch, memory_gib)
+        slots = self._fit_slots(max_batch, memory_gib, prefill_graphs and prefill == "own")
         self.decoder = StaticDecoder(
             self.model,
             slots=slots,
@@ -179,7 +186,11 @@ class FastEngine:
             compile_step=on_cuda if compile is None else compile,
             attention=attention,
             suppress_token=tokenizer.eos_token_id if ignore_eos else None,
+            prefill_graphs=prefill_graphs and prefill == "own",
         )
+        # Graphs are keyed by width: a few buckets rather than every prompt length. The padding is right-padding,
+        # which a row's real tokens never see under causal attention.
+        self.width_bucket = PREFILL_WIDTH_BUCKET if prefill_graphs and prefill == "own" else 1
         self.slots = slots
         # Never more than a prefill batch: otherwise the last few free slots of a wave would stay empty.
         default_refill = min(prefill_batch, max(1, slots // MIN_REFILL_SHARE))
@@ -191,7 +202,7 @@ class FastEngine:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)
 
-    def _fit_slots(self, max_batch: int, memory_gib: float | None) -> int:
+    def _fit_slots(self, max_batch: int, memory_gib: float | None, prefill_graphs: bool = False) -> int:
         """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set."""
         if self.device.type != "cuda":
             return max_batch
@@ -210,6 +221,8 @@ class FastEngine:
         prefill_tokens = self.prefill_batch * self.max_context
         activations = prefill_tokens * (6 * config.hidden_size + 3 * config.intermediate_size) * element
         reserve = per_slot // self.max_context * prefill_tokens + activations + 2 * GIB
+        if prefill_graphs:  # the graphs' static input: a prefill batch's embeddings at max_context
+            reserve += prefill_tokens * config.hidden_size * element
         high_res = getattr(self.model.config, "high_res_vision_config", None)
         if high_res is not None:
             # The 7b's SAM tower materialises a relative-position bias of heads x tokens^2 per image in its
@@ -309,7 +322,7 @@ class FastEngine:
     def _prefill(self, group: list[_Prepared], slots: list[int]) -> list[int]:
         """Run the VLM over `group` (right-padded), copy each row's K/V into its slot; the first tokens."""
         lengths = [len(item.request.prompt_ids) for item in group]
-        width = max(lengths)
+        width = min(self.max_context, -(-max(lengths) // self.width_bucket) * self.width_bucket)
         input_ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
         for row, item in enumerate(group):
             input_ids[row, : lengths[row]] = torch.tensor(item.request.prompt_ids, dtype=torch.long)
