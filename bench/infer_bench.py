@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.profiling import cuda_kernels, gpu_time_summary  # noqa: E402
+from bench.profiling import cpu_ops, cuda_kernels, gpu_time_summary, idle_gaps  # noqa: E402
 from vlmops.config import InferConfig  # noqa: E402
 from vlmops.conversation import ImageRef, Message  # noqa: E402
 from vlmops.infer.engine import GenerationRequest  # noqa: E402
@@ -436,7 +436,8 @@ def profile_prefill(loaded: LoadedModel, reqs: list[GenerationRequest], max_cont
         torch.cuda.synchronize()
         wall_us = (time.perf_counter() - started) * 1e6
     print(f"prefill of {len(reqs)} prompts: {1000 * engine.stats.prefill_s:.1f} ms", flush=True)
-    print("\n".join(gpu_time_summary(cuda_kernels(prof), wall_us)), flush=True)
+    kernels = cuda_kernels(prof)
+    print("\n".join(gpu_time_summary(kernels, wall_us) + idle_gaps(kernels, cpu_ops(prof))), flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
 
 

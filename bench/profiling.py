@@ -1,8 +1,9 @@
-"""Where a profiled stretch of GPU work spent its time: busy against wall, and by kernel group (both benchmarks'
-`--profile`)."""
+"""Where a profiled stretch of GPU work spent its time: busy against wall, by kernel group, and what the host was doing
+while the GPU waited (both benchmarks' `--profile`)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 # Kernel names -> what they do (first match wins); the rest are eager elementwise ops and reductions (the vision
@@ -40,6 +41,52 @@ def gpu_time_summary(kernels: list[tuple[str, float, float]], wall_us: float) ->
     for group, spent in sorted(groups.items(), key=lambda g: -g[1]):
         lines.append(f"  {group:20} {spent / 1e3:9.1f} ms  {spent / max(busy, 1e-9):5.0%} of busy")
     return lines
+
+
+def idle_gaps(
+    kernels: list[tuple[str, float, float]],
+    host_ops: list[tuple[str, float, float]],
+    count: int = 8,
+    min_us: float = 200,
+) -> list[str]:
+    """Lines: the GPU's idle gaps of at least `min_us` (between the union of the kernels' intervals), how many and how
+    long in all, then the `count` longest, each with the host ops that explain it: of the ops covering at least half
+    the gap, the three shortest (the innermost: what the host was busy with, not the step that encloses everything).
+    `kernels`, `host_ops`: (name, start, end) in microseconds on one clock."""
+    merged: list[list[float]] = []
+    for _, start, end in sorted(kernels, key=lambda k: k[1]):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    gaps = sorted(
+        ((b[0] - a[1], a[1], b[0]) for a, b in itertools.pairwise(merged) if b[0] - a[1] >= min_us),
+        reverse=True,
+    )
+    origin = merged[0][0] if merged else 0.0
+    lines = [f"GPU idle gaps >= {min_us / 1e3:g} ms: {len(gaps)}, {sum(g[0] for g in gaps) / 1e3:.1f} ms in all"]
+    for length, start, end in gaps[:count]:
+        covering = [
+            (op_end - op_start, name)
+            for name, op_start, op_end in host_ops
+            if min(op_end, end) - max(op_start, start) >= length / 2
+        ]
+        names = [name for _, name in sorted(covering)[:3]]
+        lines.append(
+            f"  {length / 1e3:8.1f} ms at +{(start - origin) / 1e3:.1f} ms: {', '.join(names) or '(no host op)'}"
+        )
+    return lines
+
+
+def cpu_ops(prof: Any) -> list[tuple[str, float, float]]:
+    """(name, start, end) in microseconds of every host event a finished `torch.profiler.profile` recorded."""
+    import torch
+
+    return [
+        (e.name, e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CPU
+    ]
 
 
 def cuda_kernels(prof: Any) -> list[tuple[str, float, float]]:

@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.profiling import cuda_kernels, gpu_time_summary  # noqa: E402 (after the path setup)
+from bench.profiling import cpu_ops, cuda_kernels, gpu_time_summary, idle_gaps  # noqa: E402 (after the path setup)
 from bench.train_data import padding_fraction, random_batches  # noqa: E402
 
 NUM_IMAGE_TOKENS = 576
@@ -466,8 +466,9 @@ def force_plan(spec: str) -> None:
 
 
 class StepProfiler:
-    """`--profile`: torch.profiler over `steps` steps after the warm-up; prints where the GPU's time went (busy and
-    idle share of the wall time, kernel groups) and the top GPU ops."""
+    """`--profile`: torch.profiler over `steps` steps ending with the warm-up (outside the measured steps, where the
+    warm-up is long enough; the profiler slows the steps it records); prints where the GPU's time went (busy and idle
+    share of the wall time, kernel groups, the longest idle gaps and what the host did in them) and the top GPU ops."""
 
     def __init__(self, label: str, start: int, steps: int = 3):
         self.label, self.start, self.stop, self.prof = label, start, start + steps, None
@@ -490,7 +491,8 @@ class StepProfiler:
                 torch.cuda.synchronize()
             wall_us = (time.perf_counter() - self.started) * 1e6
             self.prof.__exit__(None, None, None)
-            summary = "\n".join(gpu_time_summary(cuda_kernels(self.prof), wall_us))
+            kernels = cuda_kernels(self.prof)
+            summary = "\n".join(gpu_time_summary(kernels, wall_us) + idle_gaps(kernels, cpu_ops(self.prof)))
             table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
             print(
                 f"PROFILE {self.label} (steps {self.start + 1}-{self.stop})\n{summary}\n{table}",
@@ -501,7 +503,11 @@ class StepProfiler:
 
 
 def _profiler(label: str, warmup: int) -> StepProfiler | None:
-    return StepProfiler(label, warmup) if os.environ.get("VLMOPS_BENCH_PROFILE") else None
+    """The profiler of a run, if asked for: its 3 steps are the warm-up's last (with at least 4 warm-up steps: the
+    first compile the layers), else the first measured ones."""
+    if not os.environ.get("VLMOPS_BENCH_PROFILE"):
+        return None
+    return StepProfiler(label, warmup - 3 if warmup >= 4 else warmup)
 
 
 def llm_parameters(top: Any) -> int:

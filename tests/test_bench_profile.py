@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.profiling import gpu_time_summary, kernel_group
+from bench.profiling import gpu_time_summary, idle_gaps, kernel_group
 
 
 def test_busy_time_counts_overlapping_kernels_once_and_groups_them() -> None:
@@ -23,3 +23,26 @@ def test_busy_time_counts_overlapping_kernels_once_and_groups_them() -> None:
     ]
     assert kernel_group("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNT") == "matmul"
     assert kernel_group("multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+
+
+def test_idle_gaps_name_what_the_host_was_doing() -> None:
+    kernels = [
+        ("gemm_a", 0.0, 1_000.0),
+        ("gemm_b", 500.0, 2_000.0),  # overlaps: one busy stretch
+        ("gemm_c", 2_100.0, 3_000.0),  # a 0.1 ms gap: too short to list
+        ("gemm_d", 8_000.0, 9_000.0),  # 5 ms idle before it
+        ("gemm_e", 10_000.0, 11_000.0),  # 1 ms idle before it
+    ]
+    host = [
+        ("ProfilerStep#9", 0.0, 11_000.0),  # encloses everything: not the explanation
+        ("Optimizer.step#AdamW.step", 2_900.0, 8_100.0),
+        ("aten::item", 3_000.0, 7_900.0),
+        ("aten::add_", 7_950.0, 7_960.0),  # too small a share of the gap
+        ("DataLoader.__next__", 9_000.0, 9_950.0),
+    ]
+    assert idle_gaps(kernels, host) == [
+        "GPU idle gaps >= 0.2 ms: 2, 6.0 ms in all",
+        "       5.0 ms at +3.0 ms: aten::item, Optimizer.step#AdamW.step, ProfilerStep#9",
+        "       1.0 ms at +9.0 ms: DataLoader.__next__, ProfilerStep#9",
+    ]
+    assert idle_gaps([], host) == ["GPU idle gaps >= 0.2 ms: 0, 0.0 ms in all"]
