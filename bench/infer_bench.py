@@ -310,22 +310,22 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     guarded("generate", baseline)
     if device == "cuda":
         guarded("engine-eager", lambda: engine_row("engine-eager", match_batch, match_batch, compile=False))
+    # The alternatives asked for, each a row per batch and an e2e run beside the defaults: (name, engine settings).
+    alternatives: list[tuple[str, dict[str, Any]]] = [
+        (name, settings)
+        for name, settings, wanted in (
+            ("window", {"decode_window": args.window_alt}, bool(args.window_alt)),
+            ("prefill-graphs", {"prefill_graphs": True}, args.prefill_graphs_alt),
+            ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
+        )
+        if wanted
+    ]
     for batch in batches:
         guarded(f"engine-{batch}", lambda b=batch: engine_row("engine", b, b))
-        if args.window_alt:
+        for name, settings in alternatives:
             guarded(
-                f"engine-{batch}-window",
-                lambda b=batch: engine_row("engine-window", b, b, decode_window=args.window_alt),
-            )
-        if args.prefill_graphs_alt:
-            guarded(
-                f"engine-{batch}-prefill-graphs",
-                lambda b=batch: engine_row("engine-prefill-graphs", b, b, same_as="engine", prefill_graphs=True),
-            )
-        if args.eager_towers_alt:
-            guarded(
-                f"engine-{batch}-eager-towers",
-                lambda b=batch: engine_row("engine-eager-towers", b, b, same_as="engine", vision_graphs=False),
+                f"engine-{batch}-{name}",
+                lambda b=batch, n=name, s=settings: engine_row(f"engine-{n}", b, b, same_as="engine", **s),
             )
     if device == "cuda":
         guarded(
@@ -349,39 +349,11 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         )
     if args.e2e:
         guarded("e2e", lambda: e2e(loaded, arch, args, max(batches), max_context, record))
-        if args.window_alt:
+        for name, settings in alternatives:
             guarded(
-                "e2e-window",
-                lambda: e2e(
-                    loaded,
-                    arch,
-                    args,
-                    max(batches),
-                    max_context,
-                    record,
-                    "e2e-files-window",
-                    decode_window=args.window_alt,
-                ),
-            )
-        if args.prefill_graphs_alt:
-            guarded(
-                "e2e-prefill-graphs",
-                lambda: e2e(
-                    loaded,
-                    arch,
-                    args,
-                    max(batches),
-                    max_context,
-                    record,
-                    "e2e-files-prefill-graphs",
-                    prefill_graphs=True,
-                ),
-            )
-        if args.eager_towers_alt:
-            guarded(
-                "e2e-eager-towers",
-                lambda: e2e(
-                    loaded, arch, args, max(batches), max_context, record, "e2e-files-eager-towers", vision_graphs=False
+                f"e2e-{name}",
+                lambda n=name, s=settings: e2e(
+                    loaded, arch, args, max(batches), max_context, record, f"e2e-files-{n}", **s
                 ),
             )
 
