@@ -441,6 +441,7 @@ def run_one(
         "losses": [round(x, 5) for x in losses],
         "llm_params": llm_parameters(core),
         "speed": setup.speed.describe(),
+        "vision_graphs": vision_graphs_state(core),
         "train_wall_s": round(wall, 1),
         "train_loss_mean": output.training_loss,
         "precision": setup.precision,
@@ -463,6 +464,12 @@ def force_plan(spec: str) -> None:
     micro, accum, recompute, budget = spec.split(",")
     plan = BatchPlan(int(micro), int(accum), recompute == "1", None, 0.0, float(budget))
     batching.plan_batch = lambda *args, **kwargs: plan  # type: ignore[assignment]
+
+
+def vision_graphs_state(core: Any) -> dict[str, Any] | None:
+    """Whether the towers ran from graphs (`train.vision_graphs`) and how many were captured; None: eager towers."""
+    graphs = getattr(getattr(core.model, "get_image_features", None), "graphs", None)
+    return None if graphs is None else {"enabled": graphs.enabled, "captured": len(graphs.graphs)}
 
 
 class StepProfiler:

@@ -146,6 +146,7 @@ def test_graphed_towers_train_the_same(arch: str, device: str, tiny_model: Path,
             torch.testing.assert_close(grad, reference_grads[name], **tolerance, msg=name)
     torch.testing.assert_close(core.get_image_features(**pixels).pooler_output, eager_features, **tolerance)
     assert len(graphs.graphs) == (1 if device == "cuda" else 0) and graphs.enabled  # one graph: one image each
+    assert core.get_image_features.graphs is graphs  # what the benchmark reports
     full = core.get_image_features(**pixels, output_hidden_states=True)
     assert full.hidden_states is not None  # not the graphs' features-only output
 

@@ -207,5 +207,6 @@ def graph_image_features(vlm: Any, images_per_graph: int = 1) -> VisionGraphs:
         kind: Any = returned[0] if returned else torch.Tensor
         return tensor if issubclass(kind, torch.Tensor) else kind(pooler_output=tensor)
 
+    get_image_features.graphs = graphs  # type: ignore[attr-defined]  # for a look at what was captured
     vlm.get_image_features = get_image_features
     return graphs
