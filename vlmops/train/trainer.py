@@ -26,6 +26,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.template import IGNORE_INDEX
+from vlmops.models.vision_graphs import image_features
 from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files
 from vlmops.train.data import PIXEL_KEYS, next_token_targets
 from vlmops.train.packing import REAL_TOKENS_KEY, STEP_KEYS, TRAINED_INDEX_KEY, TRAINED_TARGETS_KEY
@@ -137,10 +138,11 @@ class VLTrainer(Trainer):
             # moved once: a copy from pageable host memory would make the host wait for the GPU on each such step
             self.dummy_pixels = {k: v.to(device=device, dtype=dtype) for k, v in self.dummy_pixels.items()}
         dummy = self.dummy_pixels
-        zero = 0.0 * core.get_image_features(**dummy).pooler_output.float().sum()
+        zero = 0.0 * image_features(core, dummy).float().sum()  # a tensor or `pooler_output`, by release
         if return_outputs:
             loss, outputs = result
             return loss + zero, outputs
+        assert isinstance(result, torch.Tensor)
         return result + zero
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
