@@ -377,7 +377,8 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
 
     guarded("generate-rebatched", rebatched)
     if args.profile and device == "cuda":
-        guarded("profile", lambda: profile_prefill(loaded, pool[: args.prefill_batch], max_context, args))
+        guarded("profile-prefill", lambda: profile_engine(loaded, pool[: args.prefill_batch], max_context, 1))
+        guarded("profile-decode", lambda: profile_engine(loaded, pool[:match_batch], max_context, new_tokens))
     if args.float32 and arch == "1.3b" and device == "cuda":
 
         def float32() -> None:
@@ -391,23 +392,38 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         guarded("float32", float32)
 
 
-def profile_prefill(loaded: LoadedModel, reqs: list[GenerationRequest], max_context: int, args: Any) -> None:
-    """Kernel times of one prefill batch (the engine with max_new_tokens 1 does nothing else)."""
+def profile_engine(loaded: LoadedModel, reqs: list[GenerationRequest], max_context: int, new_tokens: int) -> None:
+    """Kernel times of one `generate` call over `reqs` with `new_tokens` forced (one prefill batch for all of them;
+    1 token: the prefill alone), after an unprofiled call that compiles and captures."""
     from torch.profiler import ProfilerActivity, profile
 
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     engine = FastEngine(
-        loaded, InferConfig(max_new_tokens=1), max_batch=len(reqs), max_context=max_context, prefill_batch=len(reqs)
+        loaded,
+        InferConfig(max_new_tokens=new_tokens),
+        max_batch=len(reqs),
+        max_context=max_context,
+        prefill_batch=len(reqs),
+        ignore_eos=True,
     )
     for _ in engine.generate(reqs):
         pass
-    torch.cuda.synchronize()
+    sync()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         started = time.perf_counter()
         for _ in engine.generate(reqs):
             pass
-        torch.cuda.synchronize()
+        sync()
         wall_us = (time.perf_counter() - started) * 1e6
-    print(f"prefill of {len(reqs)} prompts: {1000 * engine.stats.prefill_s:.1f} ms", flush=True)
+    stats = engine.stats
+    print(
+        f"PROFILE {len(reqs)} prompts, {new_tokens} new tokens: prefill {1000 * stats.prefill_s:.1f} ms, "
+        f"{stats.decode_steps} decode steps {1000 * stats.decode_s:.1f} ms (host clock)",
+        flush=True,
+    )
     kernels = cuda_kernels(prof)
     print("\n".join(gpu_time_summary(kernels, wall_us) + idle_gaps(kernels, cpu_ops(prof))), flush=True)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
@@ -517,7 +533,11 @@ def main() -> int:
         help="an extra row per batch and e2e run with the vision towers run eagerly (infer.vision_graphs false)",
     )
     parser.add_argument("--float32", action="store_true", help="also check the 1.3b in float32 on the GPU")
-    parser.add_argument("--profile", action="store_true", help="print the kernel times of one prefill batch")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the kernel times and GPU idle gaps of one prefill batch, then of a batch's whole call",
+    )
     parser.add_argument("--work", default="/tmp/infer-bench")
     parser.add_argument("--out", default=None, help="JSON results file")
     args = parser.parse_args()
