@@ -302,7 +302,7 @@ class StaticDecoder:
             return None
         captured = _PrefillGraph(graph, *inputs, tokens)
         self._prefill_graphs[(rows, width)] = captured
-        log.debug("captured a prefill of %d rows x %d tokens", len(index), width)
+        log.debug("captured a prefill of %d rows x %d tokens", rows, width)
         return captured
 
     def _prefill(self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -177,7 +177,8 @@ class FastEngine:
         self.dtype = model_dtype(loaded)
         self.device = loaded.device
         on_cuda = self.device.type == "cuda"
-        slots = self._fit_slots(max_batch, memory_gib, prefill_graphs and prefill == "own")
+        prefill_graphs = prefill_graphs and prefill == "own"  # the VLM's own forward is not captured
+        slots = self._fit_slots(max_batch, memory_gib, prefill_graphs)
         self.decoder = StaticDecoder(
             self.model,
             slots=slots,
@@ -186,11 +187,11 @@ class FastEngine:
             compile_step=on_cuda if compile is None else compile,
             attention=attention,
             suppress_token=tokenizer.eos_token_id if ignore_eos else None,
-            prefill_graphs=prefill_graphs and prefill == "own",
+            prefill_graphs=prefill_graphs,
         )
         # Graphs are keyed by width: a few buckets rather than every prompt length. The padding is right-padding,
         # which a row's real tokens never see under causal attention.
-        self.width_bucket = PREFILL_WIDTH_BUCKET if prefill_graphs and prefill == "own" else 1
+        self.width_bucket = PREFILL_WIDTH_BUCKET if prefill_graphs else 1
         self.slots = slots
         # Never more than a prefill batch: otherwise the last few free slots of a wave would stay empty.
         default_refill = min(prefill_batch, max(1, slots // MIN_REFILL_SHARE))

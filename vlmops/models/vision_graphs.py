@@ -74,9 +74,9 @@ class VisionGraphs:
     def __call__(self, pixels: Pixels) -> torch.Tensor:
         if not self.enabled or not all(t.is_cuda for t in pixels.values()):
             return self.features(pixels)
-        images = {t.shape[0] for t in pixels.values()}
+        counts = {t.shape[0] for t in pixels.values()}  # images per tensor (one per tower)
         chunk = self.images_per_graph
-        if chunk is None or len(images) != 1 or images.pop() <= chunk:
+        if chunk is None or len(counts) != 1 or max(counts) <= chunk:
             return self._replay(pixels)
         names = list(pixels)
         pieces = zip(*(pixels[name].split(chunk) for name in names), strict=True)

@@ -71,18 +71,7 @@ class SpeedPlan:
         return COMPILE_BUCKET if self.compile_layers else 1
 
     def describe(self) -> str:
-        on = [
-            name
-            for name in (
-                "compile_layers",
-                "fused_loss",
-                "fused_adamw",
-                "lora_compute_dtype",
-                "causal_padding",
-                "vision_graphs",
-            )
-            if getattr(self, name)
-        ]
+        on = [f.name for f in dataclasses.fields(self) if f.type == "bool" and getattr(self, f.name)]
         off = [f"{name} ({why})" for name, why in self.why_off.items()]
         return f"speed: on {', '.join(on) or 'nothing'}; off {', '.join(off) or 'nothing'}"
 
