@@ -125,6 +125,60 @@ def test_max_steps_mid_epoch_still_logs_evaluates_and_saves_at_the_end(
     assert result.last_checkpoint == tmp_path / "r" / "checkpoint-4"
 
 
+def test_logs_read_back_late_are_the_logs_of_their_steps(
+    tiny_model: Path, tiny_processor: Any, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForImageTextToText, TrainerCallback
+
+    from vlmops.data.formats import read_dataset
+    from vlmops.train.data import SFTDataset, VisionLanguageCollator
+    from vlmops.train.sft import dummy_pixel_values, training_arguments
+    from vlmops.train.trainer import CheckpointPolicy, VLTrainer
+
+    dataset = SFTDataset(read_dataset(snapshot.train_file).conversations[:24], tiny_processor, 512, "error")
+
+    class Arrivals(TrainerCallback):
+        """(steps the trainer had taken, the step a log is for) for each log as it arrives."""
+
+        def __init__(self) -> None:
+            self.taken = 0
+            self.seen: list[tuple[int, int]] = []
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.taken += 1
+
+        def on_log(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.seen.append((self.taken, state.global_step))
+
+    def run(lag: bool) -> tuple[list[dict[str, Any]], float, list[tuple[int, int]]]:
+        overrides = {"train.max_steps": 5, "train.logging_steps": 2, "train.eval_steps": 3, "train.batch_size": 4}
+        arrivals = Arrivals()
+        torch.manual_seed(0)
+        trainer = VLTrainer(
+            model=AutoModelForImageTextToText.from_pretrained(tiny_model),
+            args=training_arguments(config(**overrides), tmp_path / f"lag-{lag}", "fp32"),
+            train_dataset=dataset,
+            eval_dataset=dataset,
+            data_collator=VisionLanguageCollator(pad_token_id=tiny_processor.tokenizer.pad_token_id),
+            callbacks=[CheckpointPolicy(), arrivals],  # as sft has it: the last step logs, evaluates, saves
+            run_files=[],
+            dummy_pixels=dummy_pixel_values(tiny_processor),
+            lag_logs=lag,
+        )
+        output = trainer.train()
+        timing = ("_runtime", "_per_second")
+        logs = [{k: v for k, v in log.items() if not k.endswith(timing)} for log in trainer.state.log_history]
+        return logs, output.training_loss, arrivals.seen
+
+    lagged, lagged_loss, lagged_arrivals = run(lag=True)
+    read_at_once, loss, arrivals = run(lag=False)
+    assert lagged == read_at_once and lagged_loss == loss  # same values, steps, epochs and order
+    assert [log["step"] for log in lagged if "loss" in log] == [2, 4, 5]
+    assert all(taken == step for taken, step in arrivals)
+    # Read a step late: step 4's loss arrived with step 5's (the eval at step 3 published step 2's first).
+    assert (5, 4) in lagged_arrivals and (3, 2) in lagged_arrivals
+
+
 def test_rotation_keeps_latest_and_best(tmp_path: Path) -> None:
     for step in (1, 2, 3, 4, 5):
         (tmp_path / f"checkpoint-{step}").mkdir()

@@ -7,6 +7,10 @@ live metrics.
   complete. Rotation keeps `train.save_total_limit` checkpoints plus the latest (to resume) and the best
   (lowest eval loss).
 - Every step runs the vision tower(s), even on a text-only batch (see `VLTrainer.compute_loss`).
+- A logging step's loss and grad norm are read back one logging step later (`LaggedLog`): the Trainer's own
+  read-back makes the host wait for the GPU to finish the step, and the GPU then idles while the host
+  prepares the next one. Logs keep their own step, epoch and token count; evaluation, saving and the
+  run's end publish what is pending first.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +89,61 @@ def rotate_checkpoints(run_dir: Path, keep: int, best: str | None) -> list[Path]
     return deleted
 
 
+@dataclass
+class LaggedLog:
+    """A logging step's values on their way to the host: `values` (loss summed over `steps` steps, then the grad
+    norm if it was a tensor) is a host copy the GPU fills when it gets there, `done` marks that point."""
+
+    step: int
+    epoch: float
+    tokens_seen: int
+    steps: int
+    values: torch.Tensor
+    done: torch.cuda.Event | None
+    grad_norm: float | None
+    learning_rate: float
+
+    @classmethod
+    def take(
+        cls, state: TrainerState, steps: int, loss: torch.Tensor, grad_norm: Any, learning_rate: float
+    ) -> LaggedLog:
+        """Copies `loss` and a tensor `grad_norm` off the GPU without waiting for them."""
+        parts = [loss.detach().reshape(1).float()]
+        if isinstance(grad_norm, torch.Tensor):
+            parts.append(grad_norm.detach().reshape(1).float().to(loss.device))
+        values = torch.cat(parts)
+        done = None
+        if values.is_cuda:
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            values = host
+        return cls(
+            step=state.global_step,
+            epoch=state.epoch,
+            tokens_seen=state.num_input_tokens_seen,
+            steps=steps,
+            values=values,
+            done=done,
+            grad_norm=None if grad_norm is None or isinstance(grad_norm, torch.Tensor) else float(grad_norm),
+            learning_rate=learning_rate,
+        )
+
+    def logs(self) -> tuple[float, dict[str, float]]:
+        """(the loss summed over the steps, the log's values); waits for the GPU to reach the copy."""
+        if self.done is not None:
+            self.done.synchronize()
+        values = self.values.tolist()
+        logs = {"loss": values[0] / self.steps}
+        if len(values) > 1:
+            logs["grad_norm"] = values[1]
+        elif self.grad_norm is not None:
+            logs["grad_norm"] = self.grad_norm
+        logs["learning_rate"] = self.learning_rate
+        return values[0], logs
+
+
 class VLTrainer(Trainer):
     """`Trainer` with a vision pass on every step and a final folder that carries the run's config."""
 
@@ -94,6 +154,7 @@ class VLTrainer(Trainer):
         dummy_pixels: dict[str, torch.Tensor],
         fused_loss: bool = False,
         causal_padding: bool = False,
+        lag_logs: bool = True,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -101,6 +162,59 @@ class VLTrainer(Trainer):
         self.dummy_pixels = dummy_pixels
         self.fused_loss = fused_loss  # the model's forward computes the loss over trained positions itself
         self.causal_padding = causal_padding  # right-padded batches go without their mask (speed.SpeedPlan)
+        self.lag_logs = lag_logs  # read a logging step's values back one logging step later (LaggedLog)
+        self.lagged: LaggedLog | None = None
+
+    def _maybe_log_save_evaluate(
+        self,
+        tr_loss: torch.Tensor,
+        grad_norm: Any,
+        model: torch.nn.Module,
+        trial: Any,
+        epoch: float,
+        ignore_keys_for_eval: list[str] | None,
+        start_time: float,
+        learning_rate: float | None = None,
+    ) -> None:
+        control = self.control
+        if self.lag_logs and control.should_log and self.state.global_step > self._globalstep_last_logged:
+            from transformers.trainer_pt_utils import nested_gather
+
+            # The step before was logged one logging step ago: the GPU is past it, so reading it waits for nothing.
+            self._publish_lagged(start_time)
+            steps = self.state.global_step - self._globalstep_last_logged
+            # A new tensor (a collective across processes is queued like any kernel); then the running sum restarts.
+            loss = nested_gather(tr_loss, self.args.parallel_mode).mean()
+            tr_loss -= tr_loss
+            rate = learning_rate if learning_rate is not None else self._get_learning_rate()
+            self.lagged = LaggedLog.take(self.state, steps, loss, grad_norm, rate)
+            self._globalstep_last_logged = self.state.global_step
+            self.store_flos()
+            control.should_log = False
+        if control.should_evaluate or control.should_save or control.should_training_stop:
+            self._publish_lagged(start_time)  # logs in step order, and all of them in a checkpoint's state
+        super()._maybe_log_save_evaluate(
+            tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time, learning_rate=learning_rate
+        )
+
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float) -> Any:
+        self._publish_lagged(start_time)  # before the Trainer totals the run's loss
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
+    def _publish_lagged(self, start_time: float) -> None:
+        """Logs the pending logging step under its own step, epoch and token count."""
+        if self.lagged is None:
+            return
+        pending, self.lagged = self.lagged, None
+        loss_sum, logs = pending.logs()
+        self._total_loss_scalar += loss_sum
+        state = self.state
+        now = state.global_step, state.epoch, state.num_input_tokens_seen
+        state.global_step, state.epoch, state.num_input_tokens_seen = pending.step, pending.epoch, pending.tokens_seen
+        try:
+            self.log(logs, start_time)
+        finally:
+            state.global_step, state.epoch, state.num_input_tokens_seen = now
 
     def compute_loss(
         self,
