@@ -395,6 +395,7 @@ def run_one(
                 profiler.step(state.global_step)
 
         trainer.add_callback(_Profile())
+    widths = record_widths(trainer)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
@@ -406,6 +407,13 @@ def run_one(
     batching = setup.batching
     samples_per_step = batching.batch_size * args.gradient_accumulation_steps * args.world_size
     samples_per_s, tokens_per_s = setup.throughput.rates(samples_per_step, warmup_steps=case.warmup_steps)
+    # Compiled layers are specialised per batch length: a length first seen after the warm-up compiles in the window.
+    first_seen = first_width_steps(widths, args.gradient_accumulation_steps)
+    compiled = setup.speed.compile_layers
+    compiled_in_window = [step for step in first_seen if step > case.warmup_steps] if compiled else []
+    steady = None
+    if compiled_in_window and trainer.state.global_step - compiled_in_window[-1] >= MIN_STEADY_STEPS:
+        steady = setup.throughput.rates(samples_per_step, warmup_steps=compiled_in_window[-1])[1]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     core = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
     tokens_per_sample = trainer.state.num_input_tokens_seen / max(1, trainer.state.global_step * samples_per_step)
@@ -431,6 +439,10 @@ def run_one(
         "step_time_s": round(samples_per_step / samples_per_s, 3) if samples_per_s else None,
         # every step after the first: compiles (and other stalls) show as outliers, in the warm-up or not
         "step_times_s": [round(t, 3) for t in setup.throughput.step_seconds()],
+        "batch_lengths_first_seen": {str(step): width for step, width in first_seen.items()},
+        "compiled_in_window": compiled_in_window,
+        # tokens/s over the steps after the last new length: what the rest of a long run goes at
+        "steady_tokens_per_s": round(steady, 1) if steady else None,
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
@@ -454,6 +466,35 @@ def run_one(
         "transformers": transformers.__version__,
         **({"note": note} if note else {}),
     }
+
+
+MIN_STEADY_STEPS = 4
+"""A steady rate needs at least this many steps after the last new batch length."""
+
+
+def record_widths(trainer: Any) -> list[int]:
+    """The padded (or packed) length of every training micro-batch, in order, as the trainer computes its loss."""
+    widths: list[int] = []
+    compute_loss = trainer.compute_loss
+
+    def recording(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if model.training:
+            widths.append(int(inputs["input_ids"].shape[1]))
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording
+    return widths
+
+
+def first_width_steps(widths: list[int], grad_accum: int) -> dict[int, int]:
+    """{optimizer step (from 1): a micro-batch length first seen in it}, in step order."""
+    first: dict[int, int] = {}
+    seen: set[int] = set()
+    for index, width in enumerate(widths):
+        if width not in seen:
+            seen.add(width)
+            first.setdefault(index // grad_accum + 1, width)
+    return first
 
 
 def force_plan(spec: str) -> None:
@@ -688,6 +729,10 @@ def table(rows: list[dict[str, Any]], peak: float | None) -> str:
             lines.append(f"{r['case']:34} {r.get('error') or 'out of memory'}")
             continue
         target = "" if "target" not in r else f"{r['target']}: {'met' if r['target_met'] else 'NOT met'}"
+        if r.get("compiled_in_window"):
+            steps = ", ".join(map(str, r["compiled_in_window"]))
+            after = f"; {r['steady_tokens_per_s']:.0f} tokens/s after it" if r.get("steady_tokens_per_s") else ""
+            target += f" (a new batch length compiled in the measured steps: step {steps}{after})"
         lines.append(
             f"{r['case']:34} {r.get('tokens_per_s', 0):>9.0f} {r.get('peak_gpu_mem_gib') or 0:>8.1f} "
             f"{r.get('mfu', 0):>5.2f} {r.get('padding_fraction') or 0:>5.2f} {r.get('baseline_tokens_per_s', 0):>9.0f} "
@@ -732,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sizes", default="1.3b,7b", help="comma list of 1.3b, 7b, or tiny (tiny stand-ins for every case)"
     )
+    parser.add_argument("--child-logs", help="write each case's output (stdout and stderr) to DIR/CASE.log")
     parser.add_argument("--cases", default=",".join(c.name for c in CASES), help="comma list of case names")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--work", default=str(ROOT / "outputs" / "bench-train"), help="models, data and runs")
@@ -835,6 +881,10 @@ def main(argv: list[str] | None = None) -> int:
         child += ["--plan", args.plan] if args.plan else []
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
         proc = subprocess.run([*launcher, *child], env=env, text=True, capture_output=True)
+        if args.child_logs:  # e.g. with TORCH_LOGS=recompiles: why a step compiled
+            folder = Path(args.child_logs)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{case.name}.log").write_text(proc.stdout + proc.stderr)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
         if proc.returncode != 0 or not lines:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])

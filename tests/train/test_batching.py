@@ -106,6 +106,21 @@ def test_length_buckets_take_the_fewest_lengths_within_the_tolerance() -> None:
             assert _padding(lengths, fewer, 64) > best + tolerance * computed
 
 
+def test_length_buckets_take_a_length_only_where_it_saves_its_cost() -> None:
+    rng = random.Random(4)
+    for _ in range(60):
+        lengths = [rng.randrange(1, 3000) for _ in range(rng.randrange(1, 80))]
+        cost = rng.choice([0, 500, 5_000, 50_000])
+        edges = length_buckets(lengths, 16, 64, length_cost=cost)
+
+        def priced(count: int) -> int:
+            best = length_buckets(lengths, count, 64)  # the least padding in at most `count` lengths
+            return _padding(lengths, best, 64) + (len(best) - 1) * cost
+
+        assert _padding(lengths, edges, 64) + (len(edges) - 1) * cost == min(priced(k) for k in range(1, 17))
+    assert length_buckets([100, 1000] * 50, 16, 64, length_cost=10**9) == (1024,)  # never worth a second
+
+
 def test_compiled_lengths_follow_the_batches_longest_samples() -> None:
     """Near-uniform data (one image + a few hundred text tokens): a padded batch is as long as its longest sample, so
     in batches of 8 the shorter length would rarely be used and is not worth a compile; sample by sample it is."""
@@ -115,8 +130,10 @@ def test_compiled_lengths_follow_the_batches_longest_samples() -> None:
     ]
     shuffled = collator(Batching(8, 1, False, False, None, False), 0, 64, lengths, seed=0)
     assert shuffled.pad_to_lengths == (1216,)
-    grouped = collator(Batching(8, 1, False, False, None, True), 0, 64, lengths, seed=0)
+    grouped = collator(Batching(8, 1, False, False, None, True), 0, 64, lengths, seed=0, passes=20)
     assert grouped.pad_to_lengths == (1152, 1216)  # grouped by length, the short samples pad together
+    # ... once over the 400 samples, the ~17k tokens that saves are not worth a compile
+    assert collator(Batching(8, 1, False, False, None, True), 0, 64, lengths, seed=0).pad_to_lengths == (1216,)
 
 
 def test_compiled_runs_pad_batches_to_a_few_lengths() -> None:
@@ -125,12 +142,14 @@ def test_compiled_runs_pad_batches_to_a_few_lengths() -> None:
     lengths = [rng.randrange(64, 2700) for _ in range(5000)]
     plain = collator(batching, 0)  # CPU: no compile, each batch as long as its longest sample
     assert plain.pad_to_lengths == () and plain.pad_to_multiple_of == 1
-    compiled = collator(batching, 0, 64, lengths)
+    compiled = collator(batching, 0, 64, lengths, passes=10)
     assert (
         len(compiled.pad_to_lengths) <= COMPILED_LENGTHS and max(compiled.pad_to_lengths) == -(-max(lengths) // 64) * 64
     )
     waste = _padding(lengths, compiled.pad_to_lengths, 64) / sum(lengths)
     assert waste < 0.08  # the price of 16 shapes instead of ~41 (multiples of 64)
+    once = collator(batching, 0, 64, lengths, passes=1).pad_to_lengths  # one pass: fewer compiles pay
+    assert len(once) < len(compiled.pad_to_lengths) and max(once) == max(compiled.pad_to_lengths)
     sample = {"input_ids": torch.ones(700, dtype=torch.long), "labels": torch.ones(700, dtype=torch.long)}
     batch = compiled([[sample, sample]])
     assert batch["input_ids"].shape[1] == min(e for e in compiled.pad_to_lengths if e >= 700)
@@ -138,3 +157,12 @@ def test_compiled_runs_pad_batches_to_a_few_lengths() -> None:
     assert compiled([longer])["input_ids"].shape[1] == 3008  # past the buckets (an eval sample): the multiple
     packed = collator(Batching(4, 1, False, True, 1000, False), 0, 64, lengths)
     assert packed.packed_length == 1024 and packed.pad_to_lengths == ()
+
+
+def test_a_run_passes_over_its_data_as_its_epochs_or_max_steps_say() -> None:
+    from vlmops.train.batching import train_passes
+
+    batching = Batching(4, 2, False, False, None, False)
+    assert train_passes(load_config(None, {"train.epochs": 3}).train, batching, 100) == 3
+    # max_steps wins over epochs: 50 steps of 4 x 2 samples over 100 samples
+    assert train_passes(load_config(None, {"train.epochs": 3, "train.max_steps": 50}).train, batching, 100) == 4

@@ -45,6 +45,11 @@ COMPILED_LENGTHS = 16
 # batches of 8: a second length would serve about one batch in 30 and save ~0.2% of the tokens, for a compile
 # that can come at any step of the run.
 LENGTH_TOLERANCE = 0.005
+# ... and a length must save at least this many padding tokens over the run: a new length compiles the decoder
+# layers twice (the first layer's input needs no gradient, the others' do), ~11 s for the 1.3b on an H200 while
+# training waits, the time of ~600k of its tokens (~130k of the 7b's). Measured: a 160-sample benchmark run took a
+# second length to save ~1% of its tokens, and the compile landing among its measured steps cost 40% of them.
+LENGTH_COST_TOKENS = 200_000
 
 
 @dataclass(frozen=True)
@@ -214,13 +219,19 @@ def train_dataset(batching: Batching, dataset: Any, seed: int) -> Dataset[Any]:
 
 
 def collator(
-    batching: Batching, pad_token_id: int, pad_to_multiple_of: int = 1, lengths: Sequence[int] = (), seed: int = 0
+    batching: Batching,
+    pad_token_id: int,
+    pad_to_multiple_of: int = 1,
+    lengths: Sequence[int] = (),
+    seed: int = 0,
+    passes: float = 1.0,
 ) -> GroupCollator:
     """Packs groups into one row (packing), pads groups and plain samples (everything else, and evaluation).
 
     `pad_to_multiple_of` > 1 (compiled layers, specialised per shape): packed rows are filled to the budget, one
     shape; padded batches pad up to at most `COMPILED_LENGTHS` lengths chosen from the train split's `lengths` as
-    they pad in batches: grouped by length, or shuffled (`seed`) micro-batches, each as long as its longest.
+    they pad in batches: grouped by length, or shuffled (`seed`) micro-batches, each as long as its longest. A
+    length must save `LENGTH_COST_TOKENS` over the run's `passes` through the split (epochs).
     """
     packed_length = None
     buckets: tuple[int, ...] = ()
@@ -229,7 +240,8 @@ def collator(
         packed_length = round_up(batching.packing_tokens, pad_to_multiple_of)
     elif pad_to_multiple_of > 1 and lengths:
         padded = lengths if batching.group_by_length else padded_lengths(lengths, batching.per_device_batch, seed)
-        buckets = length_buckets(padded, COMPILED_LENGTHS, pad_to_multiple_of, LENGTH_TOLERANCE)
+        cost = LENGTH_COST_TOKENS / max(passes, 1e-9)  # per pass: `padded` is one pass's padded lengths
+        buckets = length_buckets(padded, COMPILED_LENGTHS, pad_to_multiple_of, LENGTH_TOLERANCE, round(cost))
         log.info("padded batch lengths: %s tokens", ", ".join(map(str, buckets)))
     return GroupCollator(
         pad_token_id=pad_token_id,
@@ -240,10 +252,21 @@ def collator(
     )
 
 
-def length_buckets(lengths: Sequence[int], count: int, multiple: int, tolerance: float = 0.0) -> tuple[int, ...]:
+def train_passes(train: TrainConfig, batching: Batching, samples: int) -> float:
+    """How many times the run goes through its `samples` training samples: `train.epochs`, or as many as
+    `train.max_steps` steps take (the Trainer stops there whatever the epochs)."""
+    if train.max_steps is None:
+        return train.epochs
+    return train.max_steps * batching.batch_size * batching.grad_accum / max(samples, 1)
+
+
+def length_buckets(
+    lengths: Sequence[int], count: int, multiple: int, tolerance: float = 0.0, length_cost: int = 0
+) -> tuple[int, ...]:
     """At most `count` padded lengths (multiples of `multiple`, the longest sample's among them) that waste the
-    fewest padding tokens when each sample pads up to the smallest one that holds it; with `tolerance` > 0, the
-    fewest lengths whose padding is within that share of the computed tokens of the least.
+    fewest padding tokens when each sample pads up to the smallest one that holds it; with `length_cost` > 0, the
+    number of lengths that minimises padding + `length_cost` per length after the first; with `tolerance` > 0, then
+    the fewest lengths whose padding is within that share of the computed tokens of that number's.
 
     An exact split of the sorted distinct lengths into runs (dynamic programming over at most a few hundred
     distinct values). Padded batches then come in at most `count` lengths: each length is one compiled graph per
@@ -274,6 +297,7 @@ def length_buckets(lengths: Sequence[int], count: int, multiple: int, tolerance:
             row[j], back[j] = min((total[k - 1][i] + cost(i + 1, j), i) for i in range(k - 1, j))
         total.append(row)
         start.append(back)
+    count = min(range(1, count + 1), key=lambda k: total[k - 1][n - 1] + (k - 1) * length_cost)  # the fewest at a tie
     allowed = total[count - 1][n - 1] + tolerance * prefix_sum[-1]  # prefix_sum[-1]: the tokens unbucketed
     count = next(k + 1 for k in range(count) if total[k][n - 1] <= allowed)
     edges, j = [], n - 1

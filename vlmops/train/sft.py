@@ -23,7 +23,14 @@ from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
 from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
-from vlmops.train.batching import Batching, collator, resolve_batching, resolve_deepspeed, train_dataset
+from vlmops.train.batching import (
+    Batching,
+    collator,
+    resolve_batching,
+    resolve_deepspeed,
+    train_dataset,
+    train_passes,
+)
 from vlmops.train.data import SFTDataset
 from vlmops.train.deepspeed_config import load_deepspeed_config, require_deepspeed
 from vlmops.train.packing import check_packing_support, training_attention
@@ -327,6 +334,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
             speed.pad_to_multiple_of,
             datasets["train"].lengths,
             config.run.seed,
+            passes=train_passes(t, batching, len(datasets["train"])),
         ),
         processing_class=processor,
         callbacks=[
