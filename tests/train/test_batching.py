@@ -112,13 +112,14 @@ def test_length_buckets_take_a_length_only_where_it_saves_its_cost() -> None:
         lengths = [rng.randrange(1, 3000) for _ in range(rng.randrange(1, 80))]
         cost = rng.choice([0, 500, 5_000, 50_000])
         edges = length_buckets(lengths, 16, 64, length_cost=cost)
-
-        def priced(count: int) -> int:
-            best = length_buckets(lengths, count, 64)  # the least padding in at most `count` lengths
-            return _padding(lengths, best, 64) + (len(best) - 1) * cost
-
-        assert _padding(lengths, edges, 64) + (len(edges) - 1) * cost == min(priced(k) for k in range(1, 17))
+        # the least padding in at most k lengths, priced
+        priced = [_priced(lengths, length_buckets(lengths, k, 64), cost) for k in range(1, 17)]
+        assert _priced(lengths, edges, cost) == min(priced)
     assert length_buckets([100, 1000] * 50, 16, 64, length_cost=10**9) == (1024,)  # never worth a second
+
+
+def _priced(lengths: list[int], edges: tuple[int, ...], cost: int) -> int:
+    return _padding(lengths, edges, 64) + (len(edges) - 1) * cost
 
 
 def test_compiled_lengths_follow_the_batches_longest_samples() -> None:
