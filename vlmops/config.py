@@ -279,8 +279,10 @@ class InferConfig(Section):
     """Fast engine: run the language model's half of each prefill (its layers over the prompt embeddings) from CUDA
     graphs, one per number of prompts and width, the widths padded up to multiples of 32 tokens. Eagerly, each
     layer's compiled functions and attention are launched from Python: a profiled 1.3b prefill of 16 prompts kept the
-    GPU busy 72 of its 105 ms. Off until measured on a GPU (bench/infer_bench.py --prefill-graphs-alt); answers are
-    the same either way."""
+    GPU busy 72 of its 105 ms. Measured on an H200 (1.3b, bench/RESULTS.md session 10): the engine 10.9k against
+    10.0k tokens/s at batch 256 (the same at 32), `vlmops batch-infer` over 6,000 records 70.7 against 65.0 images/s
+    (steady 99.9 against 98.9), +0.1-0.4 GiB. Off by default until the 7b's memory-budget run is measured with it
+    (its graphs' pool comes on top of the 7b's ~77 GiB at `memory_gib` 75). Answers are the same either way."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""
