@@ -81,7 +81,7 @@ def test_interactive_chat_streams_keeps_history_clears_and_quits(
             if attempt:
                 child.expect_exact(PROMPT)
                 child.sendline("clear")
-                child.expect_exact("history cleared: 0 turns")
+                child.expect_exact("history cleared: 1 earlier turn forgotten")
             answer, reads = ask(child, expected["q1"])
             assert answer == expected["r1"]
             if reads >= 5:
@@ -101,7 +101,7 @@ def test_interactive_chat_streams_keeps_history_clears_and_quits(
 
         child.expect_exact(PROMPT)
         child.sendline("clear")
-        child.expect_exact("history cleared: 0 turns")
+        child.expect_exact("history cleared: 2 earlier turns forgotten")  # the failed turn was not kept
         answer, _ = ask(child, "And what shape is it?")
         assert answer == expected["fresh"] != expected["r2"]  # no earlier turns in the prompt any more
 
@@ -140,7 +140,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_session(readable_model: Path) -> N
         child.expect_exact("[stopped: this turn is not kept in the history]", timeout=90)
         child.expect_exact(PROMPT)
         child.sendline("clear")
-        child.expect_exact("history cleared: 0 turns")
+        child.expect_exact("history cleared: 0 earlier turns forgotten")  # the stopped turn was not kept
         child.expect_exact(PROMPT)
         child.sendintr()  # at the prompt, Ctrl-C leaves
         child.expect(pexpect.EOF)

@@ -86,8 +86,8 @@ def chat_loop(chat_model: ChatModel, read: Callable[[str], str], out: TextIO) ->
         if query.lower() in QUIT_WORDS:
             return 0
         if query.lower() == CLEAR_WORD:
+            out.write(f"history cleared: {len(history)} earlier turn{'' if len(history) == 1 else 's'} forgotten\n")
             history = []
-            out.write(f"history cleared: {len(history)} turns\n")
             continue
         history = _turn(chat_model, query, history, out)
         out.write(SEPARATOR + "\n")
