@@ -61,6 +61,9 @@ class RunInfo:
     mode: str
     merged_from: str | None = None
     """Set in a merged (exported) model folder: the adapter or final/ folder it was made from."""
+    trained_with: dict[str, Any] | None = None
+    """What the run resolved where the settings leave the choice to vlmops (the language model's attention, packing,
+    micro-batch, accumulation, recompute): config.yaml keeps the settings as given, `auto` included."""
 
     def write(self, folder: Path) -> None:
         """run.json in `folder`, with each path also relative to `folder`: `open_run` falls back to those when a

@@ -287,7 +287,17 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     batching = resolve_batching(config, base_model, datasets["train"].lengths, weights_dtype(config, precision), speed)
     args = training_arguments(config, run_dir, precision, batching, speed)
     main = args.should_save
-    info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode)
+    attn = training_attention(config.model.attn, t.packing, batching.packing)
+    trained_with = {
+        "attention": attn,
+        "packing": batching.packing,
+        "packing_tokens": batching.packing_tokens,
+        "micro_batch": batching.batch_size,
+        "grad_accum": batching.grad_accum,
+        "recompute": batching.recompute,
+        "activation_budget": batching.activation_budget,
+    }
+    info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode, trained_with=trained_with)
     plan = plan_resume(run_dir, config, info)
     barrier()  # every rank has read the folder before rank 0 changes it
     if main:
@@ -298,7 +308,6 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     set_seed(config.run.seed)
     hybrid = is_hybrid(base_model)
     dtype = weights_dtype(config, precision)
-    attn = training_attention(config.model.attn, t.packing, batching.packing)
     if attn != config.model.attn:
         log.info("train.packing: auto packs this data (padded batches would be >= 15%% padding); the LLM uses %s", attn)
     model: Any = AutoModelForImageTextToText.from_pretrained(
