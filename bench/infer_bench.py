@@ -11,7 +11,8 @@ Rows, per model:
                 first: CUDA-graph capture and compilation), for each B of --batches
   engine-eager  the same at batch 32 without torch.compile; engine-matmul: matmul attention in decode;
                 engine-model-prefill: prefill through the VLM's own forward (what each choice buys)
-  budget        the 7b under `memory_gib` (default 75, inside an 80 GB card) with up to 256 slots
+  budget        the 7b under `memory_gib` (default 75, inside an 80 GB card) with up to 256 slots; with an
+                alternative (--prefill-graphs-alt, ...), a budget row with it too
   generate-rebatched  generate again on the same 32 prompts in two batches of 16: how far bf16 generate
                 agrees with itself when only the batching changes (the noise floor of the match rate)
   float32       the 1.3b in float32 on the GPU (CUDA graphs and compilation on): engine vs generate,
@@ -308,7 +309,8 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         del engine
 
     guarded("generate", baseline)
-    if device == "cuda":
+    skip = set(filter(None, args.skip.split(",")))
+    if device == "cuda" and "eager" not in skip:
         guarded("engine-eager", lambda: engine_row("engine-eager", match_batch, match_batch, compile=False))
     # The alternatives asked for, each a row per batch and an e2e run beside the defaults: (name, engine settings).
     alternatives: list[tuple[str, dict[str, Any]]] = [
@@ -327,7 +329,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
                 f"engine-{batch}-{name}",
                 lambda b=batch, n=name, s=settings: engine_row(f"engine-{n}", b, b, same_as="engine", **s),
             )
-    if device == "cuda":
+    if device == "cuda" and "matmul" not in skip:
         guarded(
             "engine-matmul-attention",
             lambda: engine_row("engine-matmul", max(batches), max(batches), attention="matmul"),
@@ -337,16 +339,16 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             "engine-prefill-alt",
             lambda: engine_row("engine", max(batches), max(batches), prefill_batch=args.prefill_alt),
         )
-    if device == "cuda":
+    if device == "cuda" and "model-prefill" not in skip:
         guarded(
             "engine-model-prefill",
             lambda: engine_row("engine-model-prefill", max(batches), max(batches), prefill="model"),
         )
     if args.budget and arch == "7b":
-        guarded(
-            "budget",
-            lambda: engine_row("budget", 256, 256, memory_gib=args.budget, prefill_batch=min(8, args.prefill_batch)),
-        )
+        budget = {"memory_gib": args.budget, "prefill_batch": min(8, args.prefill_batch)}
+        guarded("budget", lambda: engine_row("budget", 256, 256, **budget))
+        for name, settings in alternatives:  # what each alternative costs the 80 GB card
+            guarded(f"budget-{name}", lambda n=name, s=settings: engine_row(f"budget-{n}", 256, 256, **budget, **s))
     if args.e2e:
         guarded("e2e", lambda: e2e(loaded, arch, args, max(batches), max_context, record))
         for name, settings in alternatives:
@@ -375,7 +377,8 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             }
         )
 
-    guarded("generate-rebatched", rebatched)
+    if "rebatched" not in skip:
+        guarded("generate-rebatched", rebatched)
     if args.profile and device == "cuda":
         guarded("profile-prefill", lambda: profile_engine(loaded, pool[: args.prefill_batch], max_context, 1))
         guarded("profile-decode", lambda: profile_engine(loaded, pool[:match_batch], max_context, new_tokens))
@@ -531,6 +534,11 @@ def main() -> int:
         "--eager-towers-alt",
         action="store_true",
         help="an extra row per batch and e2e run with the vision towers run eagerly (infer.vision_graphs false)",
+    )
+    parser.add_argument(
+        "--skip",
+        default="",
+        help="comma list of rows to leave out (to spend less device time): eager, matmul, model-prefill, rebatched",
     )
     parser.add_argument("--float32", action="store_true", help="also check the 1.3b in float32 on the GPU")
     parser.add_argument(
