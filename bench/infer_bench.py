@@ -319,6 +319,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("window", {"decode_window": args.window_alt}, bool(args.window_alt)),
             ("prefill-graphs", {"prefill_graphs": True}, args.prefill_graphs_alt),
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
+            ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
         )
         if wanted
     ]
@@ -534,6 +535,11 @@ def main() -> int:
         "--eager-towers-alt",
         action="store_true",
         help="an extra row per batch and e2e run with the vision towers run eagerly (infer.vision_graphs false)",
+    )
+    parser.add_argument(
+        "--sam-flex-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run with the 7b's SAM attention in FlexAttention (infer.sam_attention flex)",
     )
     parser.add_argument(
         "--skip",

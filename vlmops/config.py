@@ -54,7 +54,8 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
     attn: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
-    """Attention kernel for the LLM and SigLIP (SAM always uses SDPA). flash_attention_2 needs flash-attn.
+    """Attention kernel for the LLM and SigLIP (SAM uses SDPA, or FlexAttention with `train.sam_attention` /
+    `infer.sam_attention`: flex). flash_attention_2 needs flash-attn.
     flex_attention (the LLM only; the vision towers use SDPA): skips the masked blocks of packed rows
     (train.packing) on the GPU; no backward on CPU."""
     system_prompt: str | None = None
@@ -213,6 +214,11 @@ class TrainConfig(Section):
     hundreds of small kernel launches per micro-batch, during which the GPU mostly waits. auto: on with a CUDA GPU
     when nothing in the towers or the aligner trains (not under DeepSpeed); the towers' results are the same. The
     graphs keep one image's working memory of the towers (the 7b's SAM: ~1 GiB)."""
+    sam_attention: Literal["sdpa", "flex"] = "sdpa"
+    """The 7b's SAM tower (frozen, on a GPU): sdpa materialises its relative-position bias as a dense tokens x tokens
+    tensor per head (~400 MB per image in each global-attention layer) for SDPA's memory-efficient kernel; flex adds
+    the bias inside a compiled FlexAttention kernel instead (vlmops.models.sam_flex), the same attention. Not yet
+    measured on a GPU (bench/train_bench.py --set train.sam_attention=flex), so sdpa by default."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of
@@ -275,6 +281,9 @@ class InferConfig(Section):
     what the engine sets aside for prefill). Measured on an H200 (1.3b, bench/RESULTS.md session 9): `vlmops
     batch-infer` 91.3 steady images/s against 79.2 eagerly, the engine alone 9.3k against 8.4k tokens/s at batch 256.
     Answers are the same either way; false runs the towers eagerly."""
+    sam_attention: Literal["sdpa", "flex"] = "sdpa"
+    """Fast engine, the 7b's SAM tower: sdpa or flex, as `train.sam_attention` says. Not yet measured on a GPU
+    (bench/infer_bench.py --sam-flex-alt), so sdpa by default."""
     prefill_graphs: bool = False
     """Fast engine: run the language model's half of each prefill (its layers over the prompt embeddings) from CUDA
     graphs, one per number of prompts and width, the widths padded up to multiples of 32 tokens. Eagerly, each

@@ -210,6 +210,75 @@ def test_sam_tables_are_made_once_per_size(tiny_hybrid_model: Path, monkeypatch:
     assert len(calls) == 2 * layers + 3
 
 
+def _randomised_sam(vlm: Any) -> list[Any]:
+    """The tiny hybrid's SAM attention layers with every weight drawn at random (its relative-position tables start
+    at zero, which would hide a wrong bias)."""
+    layers = [m for m in vlm.modules() if getattr(m, "use_rel_pos", False)]
+    with torch.no_grad():
+        for layer in layers:
+            for param in layer.parameters():
+                param.normal_(0.0, 0.5)
+    return layers
+
+
+def test_flex_sam_attention_is_transformers_attention(tiny_hybrid_model: Path) -> None:
+    """FlexAttention with the decomposed relative-position bias as a score_mod: the same outputs as transformers'
+    SDPA attention with the dense bias, windowed and global layers alike (float32, the unfused reference kernel)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from vlmops.models.sam_flex import flex_sam_attention
+
+    loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
+    layers = _randomised_sam(loaded.model.model)
+    config = loaded.model.config.high_res_vision_config
+    assert config.global_attn_indexes and config.window_size  # both kinds of layer are covered
+    torch.manual_seed(0)
+    for layer in layers:
+        for shape in ((3, config.window_size, config.window_size), (1, 8, 6)):  # a batch of windows; a whole grid
+            x = torch.randn(*shape, config.hidden_size)
+            with torch.no_grad():
+                expected = layer(x)[0]
+                got = flex_sam_attention(layer, x, flex_attention)
+                unbiased = flex_sam_attention(layer, x, lambda q, k, v, score_mod: flex_attention(q, k, v))
+            scale = expected.abs().max()
+            assert (got - expected).abs().max() <= 1e-5 * scale
+            assert (unbiased - expected).abs().max() > 0.1 * scale  # the bias matters: the test would see it missing
+
+
+def test_flex_sam_attention_takes_over_only_frozen_layers(tiny_hybrid_model: Path) -> None:
+    """Patched towers give the same image features; a SAM that trains keeps transformers' forward."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from vlmops.models.sam_flex import use_flex_sam_attention
+    from vlmops.models.vision_graphs import image_features
+
+    loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
+    vlm = loaded.model.model
+    layers = _randomised_sam(vlm)
+    images = [draw_shape("red", "circle", 48, random.Random(0)), draw_shape("blue", "square", 48, random.Random(1))]
+    pixels = dict(loaded.processor.image_processor(images, return_tensors="pt"))
+    with torch.no_grad():
+        expected = image_features(vlm, pixels)
+    used = []
+
+    def attend(*args: Any, **kwargs: Any) -> torch.Tensor:
+        used.append(1)
+        return flex_attention(*args, **kwargs)
+
+    assert use_flex_sam_attention(vlm, attend) == len(layers) > 0
+    assert use_flex_sam_attention(vlm, attend) == 0  # once is enough
+    vlm.requires_grad_(False)
+    with torch.no_grad():
+        got = image_features(vlm, pixels)
+    assert len(used) == len(layers) and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    layers[-1].qkv.weight.requires_grad_(True)  # the last layer trains: transformers' forward, with its gradients
+    image_features(vlm, pixels).sum().backward()
+    assert len(used) == 2 * len(layers) - 1 and layers[-1].qkv.weight.grad is not None
+    layers[0].qkv.weight.requires_grad_(True)  # the first trains: a gradient flows through every layer after it
+    image_features(vlm, pixels).sum().backward()
+    assert len(used) == 2 * len(layers) - 1 and layers[0].qkv.weight.grad is not None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["tiny_model", "tiny_hybrid_model"])
 def test_vision_graphs_replay_the_eager_towers(variant: str, request: pytest.FixtureRequest) -> None:
@@ -237,6 +306,37 @@ def test_vision_graphs_replay_the_eager_towers(variant: str, request: pytest.Fix
         engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, vision_graphs=vision_graphs)
         answers.append({r.key: r.token_ids for r in engine.generate(iter(reqs))})
         assert engine.vision.enabled == vision_graphs
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.gpu
+def test_flex_sam_attention_in_graphs_and_the_engine(tiny_hybrid_model: Path) -> None:
+    """On the GPU (FlexAttention compiled, then captured in the towers' graphs): the features of transformers' SDPA
+    attention within float32 noise, and the engine's answers with `sam_attention="flex"` those without."""
+    from vlmops.models.sam_flex import use_flex_sam_attention
+    from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
+
+    loaded = load_model(tiny_hybrid_model, dtype="float32", device="cuda")
+    vlm = loaded.model.model
+    _randomised_sam(vlm)
+    images = [draw_shape("red", "circle", 48, random.Random(0)), draw_shape("blue", "square", 48, random.Random(1))]
+    pixels = {k: v.to("cuda") for k, v in loaded.processor.image_processor(images, return_tensors="pt").items()}
+    with torch.no_grad():
+        expected = image_features(vlm, pixels)
+        memoise_rel_pos(vlm)
+        assert use_flex_sam_attention(vlm) > 0
+        graphs = VisionGraphs(lambda p: image_features(vlm, p))
+        for _ in range(2):  # captured, then replayed
+            assert torch.allclose(graphs(pixels), expected, rtol=1e-3, atol=1e-4)
+    assert graphs.enabled
+
+    plain = load_model(tiny_hybrid_model, dtype="float32", device="cuda")
+    cfg = InferConfig(max_new_tokens=16)
+    reqs = requests(plain, 12)
+    answers = []
+    for sam_attention in ("sdpa", "flex"):
+        engine = FastEngine(plain, cfg, max_batch=8, prefill_batch=3, max_context=256, sam_attention=sam_attention)
+        answers.append({r.key: r.token_ids for r in engine.generate(iter(reqs))})
     assert answers[0] == answers[1]
 
 

@@ -43,6 +43,11 @@ def test_gpu_gets_every_lever_and_deepspeed_the_safe_ones() -> None:
     assert zero3.why_off["compile"] == "DeepSpeed is on"
     off = plan_speed(load_config(None, {"train.compile": "off"}).train, cuda=True, precision="bf16")
     assert not off.compile_layers and off.why_off["compile"] == "train.compile: off"
+    assert not plan.sam_flex  # SAM's FlexAttention only when asked for (not yet measured), and only on a GPU
+    flex = load_config(None, {"train.sam_attention": "flex"}).train
+    assert plan_speed(flex, cuda=True, precision="bf16").sam_flex
+    on_cpu = plan_speed(flex, cuda=False, precision="fp32")
+    assert not on_cpu.sam_flex and on_cpu.why_off["sam_flex"] == "no CUDA GPU"
 
 
 def test_on_where_it_cannot_apply_is_a_config_error() -> None:

@@ -84,6 +84,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             decode_window=infer_cfg.decode_window,
             vision_graphs=infer_cfg.vision_graphs,
             prefill_graphs=infer_cfg.prefill_graphs,
+            sam_attention=infer_cfg.sam_attention,
         )
     from vlmops.infer.plain_engine import PlainEngine
 

@@ -43,6 +43,7 @@ from vlmops.infer.generation import model_dtype
 from vlmops.infer.pixels import DevicePixels
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.models.loading import LoadedModel
+from vlmops.models.sam_flex import use_flex_sam_attention
 from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class FastEngine:
         prefill_graphs: with prefill "own", run the language model's half of each prefill from a CUDA graph, one
             per (prompts, width) with widths padded up to a multiple of `PREFILL_WIDTH_BUCKET` (the padding on any
             device, the graphs on CUDA).
+        sam_attention: "flex": the 7b's SAM attention with its relative-position bias inside a compiled FlexAttention
+            kernel on CUDA (vlmops.models.sam_flex); "sdpa": transformers' own.
     """
 
     def __init__(
@@ -138,6 +141,7 @@ class FastEngine:
         decode_window: int = 1,
         vision_graphs: bool = True,
         prefill_graphs: bool = False,
+        sam_attention: str = "sdpa",
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -199,6 +203,10 @@ class FastEngine:
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
+        if sam_attention not in ("sdpa", "flex"):
+            raise UserInputError(f"sam_attention={sam_attention!r}: use sdpa or flex")
+        if on_cuda and sam_attention == "flex":
+            use_flex_sam_attention(self.model)
         if on_cuda and vision_graphs:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)

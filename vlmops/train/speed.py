@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from vlmops.config import ConfigError, TrainConfig
+from vlmops.models.sam_flex import use_flex_sam_attention
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.models.vision_graphs import graph_image_features, towers_frozen
 from vlmops.train.data import next_token_targets
@@ -60,6 +61,8 @@ class SpeedPlan:
     lora_compute_dtype: bool = False
     vision_graphs: bool = False
     """Frozen towers from CUDA graphs where the towers turn out frozen (checked on the model in `apply_speed`)."""
+    sam_flex: bool = False
+    """The 7b's SAM attention with its relative-position bias inside FlexAttention (`train.sam_attention: flex`)."""
     why_off: dict[str, str] = field(default_factory=dict)
     """For each lever that is off: why (CPU, DeepSpeed, not installed, switched off)."""
 
@@ -102,6 +105,7 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
     fused_loss = decide("fused_loss", train.fused_loss, loss_blocker)
     lora_dtype = cuda and train.mode == "lora" and precision in ("bf16", "fp16") and not deepspeed
     vision_graphs = decide("vision_graphs", train.vision_graphs, common)
+    sam_flex = train.sam_attention == "flex" and decide("sam_flex", "auto", common)
     return SpeedPlan(
         compile_layers=compile_layers,
         fused_loss=fused_loss,
@@ -109,6 +113,7 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
         causal_padding=cuda,
         lora_compute_dtype=lora_dtype,
         vision_graphs=vision_graphs,
+        sam_flex=sam_flex,
         why_off=why_off,
     )
 
@@ -135,6 +140,8 @@ def apply_speed(model: Any, plan: SpeedPlan, activation_budget: float = 1.0) -> 
     if plan.vision_graphs and not towers_frozen(top.model):
         why_off = {**plan.why_off, "vision_graphs": "the vision towers or the aligner train"}
         plan = dataclasses.replace(plan, vision_graphs=False, why_off=why_off)
+    if plan.sam_flex:
+        use_flex_sam_attention(top.model)  # before any capture: the graphs record the FlexAttention kernels
     if plan.vision_graphs:
         graph_image_features(top.model, images_per_graph=1)
     log.info(plan.describe())
