@@ -30,10 +30,12 @@ Attend = Callable[..., torch.Tensor]
 
 @functools.cache
 def compiled_flex_attention() -> Attend:
-    """FlexAttention compiled once per process (each new shape compiles its kernel the first time it comes)."""
+    """FlexAttention compiled once per process. Shapes as torch.compile handles them by default: a second size of a
+    dimension compiles once more with that dimension dynamic, so the engine's prefill batches of any image count
+    (windows x images) do not each compile a kernel, nor run past the recompile limit into the slow unfused one."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def use_flex_sam_attention(model: Any, attend: Attend | None = None) -> int:
