@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vlmops.data.demo import draw_shape
-from vlmops.infer.pixels import DevicePixels
+from vlmops.models.pixels import DevicePixels
 from vlmops.models.tiny import image_processor
 
 

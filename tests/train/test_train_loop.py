@@ -353,7 +353,10 @@ def test_loss_on_trained_positions_equals_the_full_loss(
     model = trainer.model
     model.train()
     torch.manual_seed(0)
-    outputs = model(**batch)  # the model's own loss over every position
+    # The datasets hand the trainer uint8 images; the model's own forward takes the processor's values.
+    assert batch["pixel_values"].dtype == torch.uint8
+    as_processed = {k: dataset.pixels.values(k, v) if v.dtype == torch.uint8 else v for k, v in batch.items()}
+    outputs = model(**as_processed)  # the model's own loss over every position
     full = outputs.loss
     full.backward()
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -365,6 +368,28 @@ def test_loss_on_trained_positions_equals_the_full_loss(
     assert float(loss) == pytest.approx(float(full), abs=1e-6)
     for name, grad in reference.items():
         assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-6), name
+
+
+def test_images_travel_as_uint8_and_train_as_the_processor_made_them(
+    tiny_hybrid_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """The datasets hand the trainer the processor's uint8 geometry (a quarter of the bytes through the DataLoader
+    and to the GPU); the trainer's lookup gives the processor's float values, so the loss is the same, bit for bit."""
+    setup = setup_training(config(), tiny_hybrid_model, snapshot.path, tmp_path)
+    trainer, dataset = setup.trainer, setup.datasets["train"]
+    pad = dataset.tokenizer.pad_token_id
+    with_images = [i for i in range(len(dataset)) if dataset.encoded(i).images][:4]
+    small = batch_of(dataset, with_images, pad)
+    pixels, dataset.pixels = dataset.pixels, None  # the processor's own float32, as without the split
+    full = batch_of(dataset, with_images, pad)
+    dataset.pixels = pixels
+    for key in ("pixel_values", "high_res_pixel_values"):
+        assert small[key].dtype == torch.uint8 and full[key].dtype == torch.float32
+        assert full[key].nbytes == 4 * small[key].nbytes
+        assert torch.equal(pixels.values(key, small[key]), full[key])
+    trainer.model.eval()  # no dropout: two forwards compute the same
+    with torch.no_grad():
+        assert torch.equal(trainer.compute_loss(trainer.model, dict(small)), trainer.compute_loss(trainer.model, full))
 
 
 @pytest.mark.parametrize("variant", ["deepseek_vl", "deepseek_vl_hybrid"])

@@ -4,7 +4,7 @@ How a request travels:
 
 1. Worker threads run the image processor on each request's images ahead of the GPU (`image_workers`,
    a bounded look-ahead, so requests are still pulled lazily): its resize and padding, to uint8; the
-   rescale and normalise happen on the device as a table lookup (vlmops.infer.pixels).
+   rescale and normalise happen on the device as a table lookup (vlmops.models.pixels).
 2. Prefill: waiting prompts fill the free slots, up to `prefill_batch` at a time, through the VLM's own
    forward (vision towers, features scattered into the image-token positions, the whole LLM) on a
    right-padded batch: a row's real tokens never see the padding after them, so no mask is needed and
@@ -40,9 +40,9 @@ from vlmops.errors import UserInputError
 from vlmops.infer.engine import GenerationRequest, GenerationResult
 from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.generation import model_dtype
-from vlmops.infer.pixels import DevicePixels
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.models.loading import LoadedModel
+from vlmops.models.pixels import DevicePixels
 from vlmops.models.sam_flex import use_flex_sam_attention
 from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
@@ -102,7 +102,7 @@ class FastEngine:
             decode step's (compiled) layer functions, K/V written straight into the slots; "model" runs
             the VLM's own forward and copies K/V out of its cache.
         image_workers: threads preprocessing images ahead of the GPU (default: up to 8, one per core).
-        device_pixels: hand the device uint8 pixels and rescale/normalise them there (vlmops.infer.pixels),
+        device_pixels: hand the device uint8 pixels and rescale/normalise them there (vlmops.models.pixels),
             where that reproduces the processor exactly; False: the processor's float output, as generate gets.
         ignore_eos: never produce EOS (its logit masked, as generate's min_new_tokens does): every answer
             runs to max_new_tokens. For benchmarks.

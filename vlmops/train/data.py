@@ -22,6 +22,7 @@ from vlmops.conversation import Conversation
 from vlmops.data.formats import DatasetError, RecordProblem
 from vlmops.data.images import load_image
 from vlmops.data.length import MaxLength, cut_sample
+from vlmops.models.pixels import DevicePixels
 from vlmops.models.template import IGNORE_INDEX, Encoded, encode
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,15 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
         storage: StorageConfig | None = None,
         split: str = "train",
         lengths: list[int] | None = None,
+        pixels: DevicePixels | None = None,
     ):
         """`lengths`: the records' token lengths as validation measured them (the snapshot's lengths.json), so
-        only the records to cut are tokenised here; None: measure every record."""
+        only the records to cut are tokenised here; None: measure every record. `pixels`: images leave as the
+        processor's resized and padded uint8 (a quarter of float32's bytes through the DataLoader's workers, pinning
+        and the copy to the GPU), rescaled and normalised where the trainer runs (`VLTrainer`); None: the
+        processor's float32."""
         self.processor = processor
+        self.pixels = pixels
         self.tokenizer = processor.tokenizer
         self.num_image_tokens = int(processor.num_image_tokens)
         self.limit = MaxLength.for_tokenizer(max_length, policy, self.tokenizer, self.num_image_tokens)
@@ -126,7 +132,10 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
         }
         if enc.images:
             images = [load_image(ref.uri, self.storage) for ref in enc.images]
-            features = self.processor.image_processor(images, return_tensors="pt")
+            if self.pixels is not None:
+                features = self.pixels.host(images)
+            else:
+                features = self.processor.image_processor(images, return_tensors="pt")
             sample.update({k: v for k, v in features.items() if k.endswith("pixel_values")})
         return sample
 

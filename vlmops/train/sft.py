@@ -23,6 +23,7 @@ from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
 from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
+from vlmops.models.pixels import DevicePixels
 from vlmops.train.batching import (
     Batching,
     collator,
@@ -354,6 +355,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         ],
         run_files=run_files,
         dummy_pixels=dummy_pixel_values(processor),
+        pixels=datasets["train"].pixels,
         fused_loss=speed.fused_loss,
         causal_padding=speed.causal_padding,
     )
@@ -364,7 +366,9 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
 
 
 def build_datasets(config: PipelineConfig, processor: Any, prepared: PreparedDataset) -> dict[str, SFTDataset]:
-    """The train and eval splits of a prepared snapshot, measured against data.max_length."""
+    """The train and eval splits of a prepared snapshot, measured against data.max_length; images as uint8 where
+    `DevicePixels` reproduces the processor exactly (the trainer rescales and normalises them)."""
+    pixels = DevicePixels.build(processor.image_processor)
     saved_lengths = read_lengths(
         prepared.path,
         length_fingerprint(processor.tokenizer, int(processor.num_image_tokens), config.model.system_prompt),
@@ -383,6 +387,7 @@ def build_datasets(config: PipelineConfig, processor: Any, prepared: PreparedDat
             config.storage,
             split,
             saved_lengths.get(split),
+            pixels,
         )
     return datasets
 

@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from vlmops.models.pixels import DevicePixels
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.models.vision_graphs import image_features
 from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files
@@ -152,6 +153,7 @@ class VLTrainer(Trainer):
         *args: Any,
         run_files: list[Path],
         dummy_pixels: dict[str, torch.Tensor],
+        pixels: DevicePixels | None = None,
         fused_loss: bool = False,
         causal_padding: bool = False,
         lag_logs: bool = True,
@@ -160,6 +162,7 @@ class VLTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.run_files = run_files
         self.dummy_pixels = dummy_pixels
+        self.pixels = pixels  # uint8 images from the datasets become the processor's values here (SFTDataset)
         self.fused_loss = fused_loss  # the model's forward computes the loss over trained positions itself
         self.causal_padding = causal_padding  # right-padded batches go without their mask (speed.SpeedPlan)
         self.lag_logs = lag_logs  # read a logging step's values back one logging step later (LaggedLog)
@@ -231,8 +234,13 @@ class VLTrainer(Trainer):
         core = vision_language_core(self.accelerator.unwrap_model(model))
         dtype = next(core.vision_model.parameters()).dtype
         for key in PIXEL_KEYS:
-            if key in inputs:
-                inputs[key] = inputs[key].to(dtype)
+            if key not in inputs:
+                continue
+            if inputs[key].dtype == torch.uint8:
+                if self.pixels is None:
+                    raise ValueError(f"{key} arrived as uint8 but the trainer has no DevicePixels to normalise it")
+                inputs[key] = self.pixels.values(key, inputs[key])
+            inputs[key] = inputs[key].to(dtype)
         has_images = "pixel_values" in inputs
         if not self.fused_loss:
             inputs.update(trained_positions(inputs["labels"]))
