@@ -75,7 +75,7 @@ def test_run_folder_and_result(recipe_run: TrainResult) -> None:
     # run.json says what the run resolved where config.yaml leaves it to vlmops (train.packing: auto, ...)
     trained_with = json.loads((run_dir / "run.json").read_text())["trained_with"]
     assert trained_with["attention"] == "sdpa" and trained_with["packing"] is False  # CPU: padded batches
-    assert trained_with["micro_batch"] * trained_with["grad_accum"] == 8 and "recompute" in trained_with
+    assert trained_with["batch_size"] * trained_with["grad_accum"] == 8 and "recompute" in trained_with
     assert {"step", "loss", "learning_rate", "epoch"} <= set(lines[0])
     assert [(m["step"], m["eval_loss"]) for m in lines if "eval_loss" in m] == result.eval_history
     # save_total_limit 2 (default): the latest two; the best (lowest eval loss, step 18) is among them

@@ -8,10 +8,10 @@ windowed layers do the same per 14 x 14 window. The bias is a sum of two small t
 (`rel_h[query, key row]` + `rel_w[query, key column]`), so FlexAttention adds them to each score inside its kernel
 instead (`score_mod`), and nothing of tokens x tokens size is ever stored.
 
-`use_flex_sam_attention(model)` swaps the forward of each SAM attention layer of `model` (per instance). The new forward
-computes the same function as transformers' (a CPU test compares it in float32 with the reference kernel); it takes
-over only where no gradient flows through the layer and the input is on a GPU (FlexAttention is compiled there: the uncompiled
-kernel is a slow reference). Anything else runs transformers' forward as before.
+`use_flex_sam_attention(model)` swaps the forward of each SAM attention layer of `model` (per instance). The new
+forward computes the same function as transformers' (a CPU test compares it in float32 with the reference kernel); it
+takes over only where no gradient flows through the layer and the input is on a GPU (FlexAttention is compiled there:
+the uncompiled kernel is a slow reference). Anything else runs transformers' forward as before.
 """
 
 from __future__ import annotations
@@ -62,8 +62,9 @@ def _flex_forward(module: Any, original: Callable[..., Any], attend: Attend | No
         trains = torch.is_grad_enabled() and (
             hidden_states.requires_grad or any(p.requires_grad for p in module.parameters())
         )
-        on_gpu = hidden_states.is_cuda or attend is not None
-        if trains or output_attentions or not on_gpu:
+        # The compiled kernel runs on a GPU; a given `attend` runs anywhere (the CPU tests' unfused reference).
+        runs = hidden_states.is_cuda or attend is not None
+        if trains or output_attentions or not runs:
             return original(hidden_states, output_attentions=output_attentions)
         return flex_sam_attention(module, hidden_states, attend or compiled_flex_attention()), None
 

@@ -289,15 +289,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     args = training_arguments(config, run_dir, precision, batching, speed)
     main = args.should_save
     attn = training_attention(config.model.attn, t.packing, batching.packing)
-    trained_with = {
-        "attention": attn,
-        "packing": batching.packing,
-        "packing_tokens": batching.packing_tokens,
-        "micro_batch": batching.batch_size,
-        "grad_accum": batching.grad_accum,
-        "recompute": batching.recompute,
-        "activation_budget": batching.activation_budget,
-    }
+    trained_with = {"attention": attn, **dataclasses.asdict(batching)}  # the micro-batch split, packing, recompute
     info = RunInfo(str(base_model), str(dataset), prepared.content_hash, t.mode, trained_with=trained_with)
     plan = plan_resume(run_dir, config, info)
     barrier()  # every rank has read the folder before rank 0 changes it

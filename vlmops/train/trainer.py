@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_pt_utils import nested_gather
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from vlmops.models.pixels import DevicePixels
@@ -181,8 +182,6 @@ class VLTrainer(Trainer):
     ) -> None:
         control = self.control
         if self.lag_logs and control.should_log and self.state.global_step > self._globalstep_last_logged:
-            from transformers.trainer_pt_utils import nested_gather
-
             # The step before was logged one logging step ago: the GPU is past it, so reading it waits for nothing.
             self._publish_lagged(start_time)
             steps = self.state.global_step - self._globalstep_last_logged
