@@ -320,6 +320,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("prefill-graphs", {"prefill_graphs": True}, args.prefill_graphs_alt),
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
+            ("flex-decode", {"attention": "flex"}, args.flex_decode_alt),
         )
         if wanted
     ]
@@ -540,6 +541,12 @@ def main() -> int:
         "--sam-flex-alt",
         action="store_true",
         help="an extra row per batch and e2e run with the 7b's SAM attention in FlexAttention (infer.sam_attention flex)",
+    )
+    parser.add_argument(
+        "--flex-decode-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run with the decode step's attention in FlexAttention "
+        "(infer.decode_attention flex)",
     )
     parser.add_argument(
         "--skip",

@@ -282,8 +282,14 @@ class InferConfig(Section):
     batch-infer` 91.3 steady images/s against 79.2 eagerly, the engine alone 9.3k against 8.4k tokens/s at batch 256.
     Answers are the same either way; false runs the towers eagerly."""
     sam_attention: Literal["sdpa", "flex"] = "sdpa"
-    """Fast engine, the 7b's SAM tower: sdpa or flex, as `train.sam_attention` says. Not yet measured on a GPU
-    (bench/infer_bench.py --sam-flex-alt), so sdpa by default."""
+    """Fast engine, the 7b's SAM tower: sdpa or flex (its global-attention layers), as `train.sam_attention` says.
+    FlexAttention in every SAM layer made the 7b's prefill 2.4x slower on an H200 (bench/RESULTS.md session 11), so
+    flex now takes the global layers only; sdpa by default."""
+    decode_attention: Literal["sdpa", "matmul", "flex"] = "sdpa"
+    """Fast engine: the decode step's attention over each row's KV cache. sdpa: PyTorch's SDPA with a mask (one
+    thread block per row and head walks all of the row's columns); flex: FlexAttention's decoding kernel, which splits
+    the columns across blocks (compiled on CUDA); matmul: two matmuls and a softmax. The same answers (a CPU test);
+    speed in bench/RESULTS.md (bench/infer_bench.py --flex-decode-alt)."""
     prefill_graphs: bool = False
     """Fast engine: run the language model's half of each prefill (its layers over the prompt embeddings) from CUDA
     graphs, one per number of prompts and width, the widths padded up to multiples of 32 tokens. Eagerly, each

@@ -80,17 +80,26 @@ def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConf
 
 
 @pytest.mark.parametrize(
-    ("variant", "count", "prefill", "window", "prefill_graphs"),
+    ("variant", "count", "prefill", "window", "prefill_graphs", "attention"),
     [
-        ("tiny_model", 64, "own", 1, False),
-        ("tiny_hybrid_model", 24, "own", 1, False),
-        ("tiny_model", 24, "model", 1, False),
-        ("tiny_model", 64, "own", 5, False),  # 5 steps per read: rows stop inside windows, and windows get cut short
-        ("tiny_model", 64, "own", 1, True),  # prompts padded to the graphs' width buckets (the graphs: CUDA only)
+        ("tiny_model", 64, "own", 1, False, "sdpa"),
+        ("tiny_hybrid_model", 24, "own", 1, False, "sdpa"),
+        ("tiny_model", 24, "model", 1, False, "sdpa"),
+        # 5 steps per read: rows stop inside windows, and windows get cut short
+        ("tiny_model", 64, "own", 5, False, "sdpa"),
+        # prompts padded to the graphs' width buckets (the graphs: CUDA only)
+        ("tiny_model", 64, "own", 1, True, "sdpa"),
+        ("tiny_model", 64, "own", 1, False, "flex"),  # FlexAttention decoding (its unfused reference on CPU)
     ],
 )
 def test_greedy_answers_equal_generate(
-    variant: str, count: int, prefill: str, window: int, prefill_graphs: bool, request: pytest.FixtureRequest
+    variant: str,
+    count: int,
+    prefill: str,
+    window: int,
+    prefill_graphs: bool,
+    attention: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     loaded = loaded_with_eos(request.getfixturevalue(variant))
     cfg = InferConfig(max_new_tokens=16)
@@ -107,6 +116,7 @@ def test_greedy_answers_equal_generate(
         prefill=prefill,
         decode_window=window,
         prefill_graphs=prefill_graphs,
+        attention=attention,
     )
     assert engine.width_bucket == (32 if prefill_graphs else 1)
     assert engine.device_pixels is not None  # uint8 pixels normalised on the device, not the processor's floats
@@ -249,7 +259,7 @@ def test_flex_sam_attention_takes_over_only_frozen_layers(tiny_hybrid_model: Pat
     """Patched towers give the same image features; a SAM that trains keeps transformers' forward."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from vlmops.models.sam_flex import use_flex_sam_attention
+    from vlmops.models.sam_flex import restore_sam_attention, use_flex_sam_attention
     from vlmops.models.vision_graphs import image_features
 
     loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
@@ -265,8 +275,8 @@ def test_flex_sam_attention_takes_over_only_frozen_layers(tiny_hybrid_model: Pat
         used.append(1)
         return flex_attention(*args, **kwargs)
 
-    assert use_flex_sam_attention(vlm, attend) == len(layers) > 0
-    assert use_flex_sam_attention(vlm, attend) == 0  # once is enough
+    assert use_flex_sam_attention(vlm, attend, min_tokens=0) == len(layers) > 0
+    assert use_flex_sam_attention(vlm, attend, min_tokens=0) == 0  # once is enough
     vlm.requires_grad_(False)
     with torch.no_grad():
         got = image_features(vlm, pixels)
@@ -277,6 +287,16 @@ def test_flex_sam_attention_takes_over_only_frozen_layers(tiny_hybrid_model: Pat
     layers[0].qkv.weight.requires_grad_(True)  # the first trains: a gradient flows through every layer after it
     image_features(vlm, pixels).sum().backward()
     assert len(used) == 2 * len(layers) - 1 and layers[0].qkv.weight.grad is not None
+    vlm.requires_grad_(False)
+    assert restore_sam_attention(vlm) == len(layers)  # transformers' forward again, on every layer
+    with torch.no_grad():
+        assert torch.equal(image_features(vlm, pixels), expected)
+    assert len(used) == 2 * len(layers) - 1
+    # Small grids (the windowed layers' windows) keep transformers' forward
+    assert use_flex_sam_attention(vlm, attend, min_tokens=10_000) == len(layers)
+    with torch.no_grad():
+        image_features(vlm, pixels)
+    assert len(used) == 2 * len(layers) - 1
 
 
 @pytest.mark.gpu
@@ -324,7 +344,7 @@ def test_flex_sam_attention_in_graphs_and_the_engine(tiny_hybrid_model: Path) ->
     with torch.no_grad():
         expected = image_features(vlm, pixels)
         memoise_rel_pos(vlm)
-        assert use_flex_sam_attention(vlm) > 0
+        assert use_flex_sam_attention(vlm, min_tokens=0) > 0
         graphs = VisionGraphs(lambda p: image_features(vlm, p))
         for _ in range(2):  # captured, then replayed
             assert torch.allclose(graphs(pixels), expected, rtol=1e-3, atol=1e-4)
@@ -357,4 +377,21 @@ def test_prefill_graphs_replay_the_eager_prefill(variant: str, request: pytest.F
         answers.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs))})
         assert engine.decoder.prefill_graphs == graphs
         assert (len(engine.decoder._prefill_graphs) > 1) == graphs  # several row counts: 3, and 1-2 on refills
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.gpu
+def test_flex_decode_answers_as_sdpa_decode(tiny_model: Path) -> None:
+    """FlexAttention's decoding kernel, compiled and captured in the step's CUDA graphs across row and column buckets,
+    answers as SDPA's decode, token for token (float32)."""
+    loaded = load_model(tiny_model, dtype="float32", device="cuda")
+    with torch.no_grad():
+        loaded.model.lm_head.weight[loaded.tokenizer.eos_token_id] *= EOS_ROW_SCALE
+    cfg = InferConfig(max_new_tokens=40)
+    reqs = requests(loaded, 40)
+    answers = []
+    for attention in ("sdpa", "flex"):
+        engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, attention=attention)
+        answers.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs))})
+        assert len(engine.decoder._graphs) > 2  # several (rows, columns) shapes were captured
     assert answers[0] == answers[1]

@@ -43,7 +43,7 @@ from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.models.loading import LoadedModel
 from vlmops.models.pixels import DevicePixels
-from vlmops.models.sam_flex import use_flex_sam_attention
+from vlmops.models.sam_flex import restore_sam_attention, use_flex_sam_attention
 from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class FastEngine:
         memory_gib: cap on the GPU memory the model, the cache and prefill may take together (None: 90% of the card).
         cuda_graphs: capture decode steps (default: on CUDA).
         compile: torch.compile the per-layer arithmetic of the step (default: on CUDA).
-        attention: "sdpa" or "matmul" for the decode step's attention.
+        attention: the decode step's attention: "sdpa", "matmul" or "flex" (FlexAttention's split-columns decoding
+            kernel, compiled on CUDA).
         prefill: "own" runs the vision towers through transformers, then the language model with the
             decode step's (compiled) layer functions, K/V written straight into the slots; "model" runs
             the VLM's own forward and copies K/V out of its cache.
@@ -207,6 +208,8 @@ class FastEngine:
             raise UserInputError(f"sam_attention={sam_attention!r}: use sdpa or flex")
         if on_cuda and sam_attention == "flex":
             use_flex_sam_attention(self.model)
+        else:  # an earlier engine over the same model may have changed it
+            restore_sam_attention(self.model)
         if on_cuda and vision_graphs:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 Attend = Callable[..., torch.Tensor]
 
+# Grids of fewer tokens (the windowed layers' 14 x 14 windows) keep transformers' attention: their dense bias is
+# small, and FlexAttention over all layers made the 7b's prefill 2.4x slower on an H200 (bench/RESULTS.md session 11).
+FLEX_MIN_TOKENS = 1024
+
 
 @functools.cache
 def compiled_flex_attention() -> Attend:
@@ -38,25 +42,37 @@ def compiled_flex_attention() -> Attend:
     return torch.compile(flex_attention)
 
 
-def use_flex_sam_attention(model: Any, attend: Attend | None = None) -> int:
+def use_flex_sam_attention(model: Any, attend: Attend | None = None, min_tokens: int = FLEX_MIN_TOKENS) -> int:
     """Give each SAM attention layer of `model` with relative positions the FlexAttention forward; returns how many.
 
-    `attend` is the FlexAttention function to use (default: compiled on the GPU); a layer already changed is left as
-    it is."""
+    `attend` is the FlexAttention function to use (default: compiled on the GPU); grids of fewer than `min_tokens`
+    tokens keep transformers' forward; a layer already changed is left as it is."""
     changed = 0
     for module in model.modules():
         if not getattr(module, "use_rel_pos", False) or not hasattr(module, "get_decomposed_rel_pos"):
             continue
         if getattr(module.forward, "flex_sam", False):
             continue
-        module.forward = _flex_forward(module, module.forward, attend)
+        module.forward = _flex_forward(module, module.forward, attend, min_tokens)
         changed += 1
     if changed:
         log.debug("SAM attention with FlexAttention in %d layers", changed)
     return changed
 
 
-def _flex_forward(module: Any, original: Callable[..., Any], attend: Attend | None) -> Callable[..., Any]:
+def restore_sam_attention(model: Any) -> int:
+    """Undo `use_flex_sam_attention`: each changed layer runs transformers' forward again; returns how many."""
+    restored = 0
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "flex_sam", False):
+            del module.forward  # the instance's forward shadowed the class's
+            restored += 1
+    return restored
+
+
+def _flex_forward(
+    module: Any, original: Callable[..., Any], attend: Attend | None, min_tokens: int
+) -> Callable[..., Any]:
     def forward(hidden_states: torch.Tensor, output_attentions: bool | None = False) -> Any:
         # A gradient through the layer (its weights train, or a layer before it does) keeps transformers' forward.
         trains = torch.is_grad_enabled() and (
@@ -64,7 +80,8 @@ def _flex_forward(module: Any, original: Callable[..., Any], attend: Attend | No
         )
         # The compiled kernel runs on a GPU; a given `attend` runs anywhere (the CPU tests' unfused reference).
         runs = hidden_states.is_cuda or attend is not None
-        if trains or output_attentions or not runs:
+        small = hidden_states.shape[1] * hidden_states.shape[2] < min_tokens
+        if trains or output_attentions or not runs or small:
             return original(hidden_states, output_attentions=output_attentions)
         return flex_sam_attention(module, hidden_states, attend or compiled_flex_attention()), None
 
