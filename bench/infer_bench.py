@@ -12,7 +12,7 @@ Rows, per model:
   engine-eager  the same at batch 32 without torch.compile; engine-matmul: matmul attention in decode;
                 engine-model-prefill: prefill through the VLM's own forward (what each choice buys)
   budget        the 7b under `memory_gib` (default 75, inside an 80 GB card) with up to 256 slots; with an
-                alternative (--prefill-graphs-alt, ...), a budget row with it too
+                alternative (--eager-prefill-alt, ...), a budget row with it too
   generate-rebatched  generate again on the same 32 prompts in two batches of 16: how far bf16 generate
                 agrees with itself when only the batching changes (the noise floor of the match rate)
   float32       the 1.3b in float32 on the GPU (CUDA graphs and compilation on): engine vs generate,
@@ -317,10 +317,9 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         (name, settings)
         for name, settings, wanted in (
             ("window", {"decode_window": args.window_alt}, bool(args.window_alt)),
-            ("prefill-graphs", {"prefill_graphs": True}, args.prefill_graphs_alt),
+            ("eager-prefill", {"prefill_graphs": False}, args.eager_prefill_alt),
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
-            ("flex-decode", {"attention": "flex"}, args.flex_decode_alt),
         )
         if wanted
     ]
@@ -528,9 +527,10 @@ def main() -> int:
         "--window-alt", type=int, default=0, help="decode window of an extra row per batch and e2e run (0: skip)"
     )
     parser.add_argument(
-        "--prefill-graphs-alt",
+        "--eager-prefill-alt",
         action="store_true",
-        help="an extra row per batch and e2e run with the prefill's language model from CUDA graphs (infer.prefill_graphs)",
+        help="an extra row per batch and e2e run with the prefill's language model run eagerly "
+        "(infer.prefill_graphs false)",
     )
     parser.add_argument(
         "--eager-towers-alt",
@@ -541,12 +541,6 @@ def main() -> int:
         "--sam-flex-alt",
         action="store_true",
         help="an extra row per batch and e2e run with the 7b's SAM attention in FlexAttention (infer.sam_attention flex)",
-    )
-    parser.add_argument(
-        "--flex-decode-alt",
-        action="store_true",
-        help="an extra row per batch and e2e run with the decode step's attention in FlexAttention "
-        "(infer.decode_attention flex)",
     )
     parser.add_argument(
         "--skip",

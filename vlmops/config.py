@@ -217,8 +217,10 @@ class TrainConfig(Section):
     sam_attention: Literal["sdpa", "flex"] = "sdpa"
     """The 7b's SAM tower (frozen, on a GPU): sdpa materialises its relative-position bias as a dense tokens x tokens
     tensor per head (~400 MB per image in each global-attention layer) for SDPA's memory-efficient kernel; flex adds
-    the bias inside a compiled FlexAttention kernel instead (vlmops.models.sam_flex), the same attention. Not yet
-    measured on a GPU (bench/train_bench.py --set train.sam_attention=flex), so sdpa by default."""
+    the bias inside a compiled FlexAttention kernel instead (vlmops.models.sam_flex), the same attention, in the
+    global-attention layers (the windows' bias is small). In batch inference on an H200 flex made the 7b's SAM
+    slower (bench/RESULTS.md session 11: 34.5 against 28.2 ms per prompt of prefill), so sdpa by default; flex saves
+    memory (~11 GiB of the 7b's prefill peak over 16 images)."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of
@@ -282,22 +284,18 @@ class InferConfig(Section):
     batch-infer` 91.3 steady images/s against 79.2 eagerly, the engine alone 9.3k against 8.4k tokens/s at batch 256.
     Answers are the same either way; false runs the towers eagerly."""
     sam_attention: Literal["sdpa", "flex"] = "sdpa"
-    """Fast engine, the 7b's SAM tower: sdpa or flex (its global-attention layers), as `train.sam_attention` says.
-    FlexAttention in every SAM layer made the 7b's prefill 2.4x slower on an H200 (bench/RESULTS.md session 11), so
-    flex now takes the global layers only; sdpa by default."""
-    decode_attention: Literal["sdpa", "matmul", "flex"] = "sdpa"
-    """Fast engine: the decode step's attention over each row's KV cache. sdpa: PyTorch's SDPA with a mask (one
-    thread block per row and head walks all of the row's columns); flex: FlexAttention's decoding kernel, which splits
-    the columns across blocks (compiled on CUDA); matmul: two matmuls and a softmax. The same answers (a CPU test);
-    speed in bench/RESULTS.md (bench/infer_bench.py --flex-decode-alt)."""
-    prefill_graphs: bool = False
+    """Fast engine, the 7b's SAM tower: sdpa, or flex in its global-attention layers (as `train.sam_attention`).
+    Measured on an H200 (bench/RESULTS.md session 11): flex in every SAM layer made the 7b's prefill 2.4x slower, in
+    the global layers alone 34.5 against 28.2 ms per prompt (it saves ~11 GiB of the prefill's peak at batch 32). So
+    sdpa by default. Answers are the same either way."""
+    prefill_graphs: bool = True
     """Fast engine: run the language model's half of each prefill (its layers over the prompt embeddings) from CUDA
     graphs, one per number of prompts and width, the widths padded up to multiples of 32 tokens. Eagerly, each
     layer's compiled functions and attention are launched from Python: a profiled 1.3b prefill of 16 prompts kept the
-    GPU busy 72 of its 105 ms. Measured on an H200 (1.3b, bench/RESULTS.md session 10): the engine 10.9k against
-    10.0k tokens/s at batch 256 (the same at 32), `vlmops batch-infer` over 6,000 records 70.7 against 65.0 images/s
-    (steady 99.9 against 98.9), +0.1-0.4 GiB. Off by default until the 7b's memory-budget run is measured with it
-    (its graphs' pool comes on top of the 7b's ~77 GiB at `memory_gib` 75). Answers are the same either way."""
+    GPU busy 72 of its 105 ms. Measured on an H200 (bench/RESULTS.md sessions 10 and 11): the 1.3b engine 11.1k
+    against 10.2k tokens/s at batch 256 (the same at 32), `vlmops batch-infer` over 6,000 records 70.7 against 65.0
+    images/s; the 7b the same speed, its memory-budget run +0.4 GiB (70.8 GiB reserved at `memory_gib` 75).
+    Answers are the same either way; false prefills eagerly."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""

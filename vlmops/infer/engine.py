@@ -85,7 +85,6 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             vision_graphs=infer_cfg.vision_graphs,
             prefill_graphs=infer_cfg.prefill_graphs,
             sam_attention=infer_cfg.sam_attention,
-            attention=infer_cfg.decode_attention,
         )
     from vlmops.infer.plain_engine import PlainEngine
 

@@ -30,11 +30,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import flex_attention
 
 from vlmops.errors import UserInputError
 from vlmops.models.cuda_graphs import capture
-from vlmops.models.sam_flex import compiled_flex_attention
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +47,6 @@ class _PrefillGraph:
     lengths: torch.Tensor
     tokens: torch.Tensor
 
-
-# The decode step's attention kernels (StaticDecoder's `attention`).
-ATTENTIONS = ("sdpa", "matmul", "flex")
 
 # Prefill shapes captured at most (each keeps its static input of rows x width embeddings); beyond, eagerly.
 MAX_PREFILL_GRAPHS = 64
@@ -167,8 +162,8 @@ class StaticDecoder:
         config = lm.config
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UserInputError(f"FastEngine decodes SiLU Llamas; this model's hidden_act is {config.hidden_act!r}")
-        if attention not in ATTENTIONS:
-            raise UserInputError(f"attention={attention!r}: use {', '.join(ATTENTIONS)}")
+        if attention not in ("sdpa", "matmul"):
+            raise UserInputError(f"attention={attention!r}: use sdpa or matmul")
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
@@ -212,9 +207,7 @@ class StaticDecoder:
         self.columns = torch.arange(max_context, device=device)
         self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = pre_attention
         self._post: Callable[..., torch.Tensor] = post_attention
-        self._flex: Callable[..., torch.Tensor] = flex_attention
         if compile_step:
-            self._flex = compiled_flex_attention()
             # Two small functions compiled once with a dynamic row count, reused by every layer and every
             # captured shape; the cache writes and attention stay outside, so nothing compiled mutates inputs.
             self._pre = torch.compile(pre_attention, dynamic=True)
@@ -392,12 +385,10 @@ class StaticDecoder:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """Attention of one query per row over the row's cache columns; returns [rows, heads, 1, head_dim]."""
-        q = q.unsqueeze(2)
-        if self.attention == "flex":
-            return self._attend_flex(q, k, v)
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        q = q.unsqueeze(2)
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
         else:
@@ -405,16 +396,3 @@ class StaticDecoder:
             scores = scores.masked_fill(~visible, float("-inf"))
             out = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
         return out
-
-    def _attend_flex(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The same attention through FlexAttention, whose kernel for a query or a few per row splits each row's
-        cache columns across thread blocks (flash decoding); SDPA with a mask runs one block per row and head
-        over all of its columns. q: [rows, heads, 1, head_dim], k and v: [rows, kv_heads, columns, head_dim]."""
-        positions = self.positions[: q.shape[0]]
-
-        def visible(
-            score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
-        ) -> torch.Tensor:
-            return torch.where(kv_idx <= positions[b], score, -float("inf"))
-
-        return self._flex(q, k, v, score_mod=visible, scale=self.scale, enable_gqa=self.kv_heads != self.heads)

@@ -97,8 +97,7 @@ class FastEngine:
         memory_gib: cap on the GPU memory the model, the cache and prefill may take together (None: 90% of the card).
         cuda_graphs: capture decode steps (default: on CUDA).
         compile: torch.compile the per-layer arithmetic of the step (default: on CUDA).
-        attention: the decode step's attention: "sdpa", "matmul" or "flex" (FlexAttention's split-columns decoding
-            kernel, compiled on CUDA).
+        attention: "sdpa" or "matmul" for the decode step's attention.
         prefill: "own" runs the vision towers through transformers, then the language model with the
             decode step's (compiled) layer functions, K/V written straight into the slots; "model" runs
             the VLM's own forward and copies K/V out of its cache.
@@ -141,7 +140,7 @@ class FastEngine:
         column_bucket: int = 128,
         decode_window: int = 1,
         vision_graphs: bool = True,
-        prefill_graphs: bool = False,
+        prefill_graphs: bool = True,
         sam_attention: str = "sdpa",
     ) -> None:
         if infer_cfg.temperature != 0:
