@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from vlmops.staging import STAGING_PREFIX, staging_in
 
 
@@ -20,3 +22,19 @@ def test_a_content_addressed_folder_published_twice_keeps_the_first(tmp_path: Pa
     assert (final / "data.txt").is_file() and reader.read() == "same bytes"
     reader.close()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(STAGING_PREFIX)] == []
+
+
+def test_a_text_written_atomically_is_old_or_new_never_a_part(tmp_path: Path) -> None:
+    """run.json, config.yaml and result.json go through write_text_atomic: a write that breaks off mid-way (here a
+    character UTF-8 cannot encode, after the good text) leaves the old file as it was and nothing beside it."""
+    from vlmops.staging import write_text_atomic
+
+    target = tmp_path / "run.json"
+    write_text_atomic(target, '{"old": true}\n')
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(target, '{"new": "' + "x" * 100_000 + '\ud800"}\n')
+    assert target.read_text() == '{"old": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+    write_text_atomic(target, '{"new": true}\n')
+    assert target.read_text() == '{"new": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]

@@ -137,3 +137,15 @@ def publish_file(staging: Path, final: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a file beside it and one rename: whoever reads `path` (a rerun after a crash
+    too) finds the old content or the new one whole, never a part."""
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        publish_file(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise

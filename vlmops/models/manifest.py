@@ -19,6 +19,7 @@ from typing import Any
 from vlmops.hashing import SMALL_FILE_BYTES, sha256_file
 from vlmops.models.catalog import ResolvedModel
 from vlmops.models.download_errors import REFRESH_HINT, SnapshotCorruptedError
+from vlmops.staging import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,7 @@ def verify(folder: Path, manifest_path: Path, *, owned: bool) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def read_json_or_none(path: Path) -> dict[str, Any] | None:

@@ -33,7 +33,7 @@ import yaml
 
 from vlmops.config import PipelineConfig, dump_config, load_config
 from vlmops.errors import UserInputError
-from vlmops.staging import STAGING_PREFIX
+from vlmops.staging import STAGING_PREFIX, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class RunInfo:
         data[RELATIVE_KEY] = {
             key: os.path.relpath(Path(data[key]).resolve(), folder.resolve()) for key in PATH_FIELDS if data[key]
         }
-        (folder / RUN_INFO).write_text(json.dumps(data, indent=2) + "\n")
+        write_text_atomic(folder / RUN_INFO, json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def read(cls, folder: Path, root: Path) -> RunInfo:
@@ -269,7 +269,7 @@ def start_run_folder(run_dir: Path, config: PipelineConfig, info: RunInfo, plan:
         _clear_run(run_dir, config.train.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_unfinished(run_dir, plan.checkpoint)
-    (run_dir / CONFIG_FILE).write_text(dump_config(config))
+    write_text_atomic(run_dir / CONFIG_FILE, dump_config(config))
     info.write(run_dir)
 
 

@@ -24,6 +24,7 @@ from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
 from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
 from vlmops.models.pixels import DevicePixels
+from vlmops.staging import write_text_atomic
 from vlmops.train.batching import (
     Batching,
     collator,
@@ -438,7 +439,7 @@ def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path
         truncated_records=datasets["train"].report.truncated + datasets["eval"].report.truncated,
     )
     if args.should_save:
-        (run_dir / RESULT_FILE).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_json(), indent=2) + "\n")
     log.info(
         "trained %d steps in %.1f s: train loss %.4f, best eval loss %.4f, %.0f tokens/s; final: %s",
         result.steps,
