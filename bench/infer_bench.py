@@ -318,6 +318,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         for name, settings, wanted in (
             ("window", {"decode_window": args.window_alt}, bool(args.window_alt)),
             ("eager-prefill", {"prefill_graphs": False}, args.eager_prefill_alt),
+            ("overlap", {"overlap_prefill": True}, args.overlap_alt),
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
         )
@@ -541,6 +542,12 @@ def main() -> int:
         "--sam-flex-alt",
         action="store_true",
         help="an extra row per batch and e2e run with the 7b's SAM attention in FlexAttention (infer.sam_attention flex)",
+    )
+    parser.add_argument(
+        "--overlap-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run with prefills on their own stream beside decoding "
+        "(infer.overlap_prefill)",
     )
     parser.add_argument(
         "--skip",

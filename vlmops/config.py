@@ -296,6 +296,12 @@ class InferConfig(Section):
     against 10.2k tokens/s at batch 256 (the same at 32), `vlmops batch-infer` over 6,000 records 70.7 against 65.0
     images/s; the 7b the same speed, its memory-budget run +0.4 GiB (70.8 GiB reserved at `memory_gib` 75).
     Answers are the same either way; false prefills eagerly."""
+    overlap_prefill: bool = False
+    """Fast engine: run each prefill on a CUDA stream of its own while the rows already in their slots go on decoding
+    (prefill is compute-bound, a decode step bandwidth-bound, so they can share the GPU); the prompts join the
+    decoding batch when their prefill is done. Prefill-then-decode cannot reach issue 10's 7b target on an H200
+    (bench/RESULTS.md session 11). Answers are the same either way (a CPU test runs the same interleaving); off until
+    measured (bench/infer_bench.py --overlap-alt)."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""

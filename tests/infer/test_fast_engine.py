@@ -80,16 +80,19 @@ def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConf
 
 
 @pytest.mark.parametrize(
-    ("variant", "count", "prefill", "window", "prefill_graphs", "attention"),
+    ("variant", "count", "prefill", "window", "prefill_graphs", "attention", "overlap"),
     [
-        ("tiny_model", 64, "own", 1, False, "sdpa"),
-        ("tiny_hybrid_model", 24, "own", 1, False, "sdpa"),
-        ("tiny_model", 24, "model", 1, False, "sdpa"),
+        ("tiny_model", 64, "own", 1, False, "sdpa", False),
+        ("tiny_hybrid_model", 24, "own", 1, False, "sdpa", False),
+        ("tiny_model", 24, "model", 1, False, "sdpa", False),
         # 5 steps per read: rows stop inside windows, and windows get cut short
-        ("tiny_model", 64, "own", 5, False, "sdpa"),
+        ("tiny_model", 64, "own", 5, False, "sdpa", False),
         # prompts padded to the graphs' width buckets (the graphs: CUDA only)
-        ("tiny_model", 64, "own", 1, True, "sdpa"),
-        ("tiny_model", 24, "own", 1, False, "matmul"),
+        ("tiny_model", 64, "own", 1, True, "sdpa", False),
+        ("tiny_model", 24, "own", 1, False, "matmul", False),
+        # prefills beside decoding: their slots sit idle through a decoding window before their rows join
+        ("tiny_model", 64, "own", 1, True, "sdpa", True),
+        ("tiny_hybrid_model", 24, "own", 3, False, "sdpa", True),
     ],
 )
 def test_greedy_answers_equal_generate(
@@ -99,6 +102,7 @@ def test_greedy_answers_equal_generate(
     window: int,
     prefill_graphs: bool,
     attention: str,
+    overlap: bool,
     request: pytest.FixtureRequest,
 ) -> None:
     loaded = loaded_with_eos(request.getfixturevalue(variant))
@@ -117,6 +121,7 @@ def test_greedy_answers_equal_generate(
         decode_window=window,
         prefill_graphs=prefill_graphs,
         attention=attention,
+        overlap_prefill=overlap,
     )
     assert engine.width_bucket == (32 if prefill_graphs else 1)
     assert engine.device_pixels is not None  # uint8 pixels normalised on the device, not the processor's floats
@@ -377,4 +382,23 @@ def test_prefill_graphs_replay_the_eager_prefill(variant: str, request: pytest.F
         answers.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs))})
         assert engine.decoder.prefill_graphs == graphs
         assert (len(engine.decoder._prefill_graphs) > 1) == graphs  # several row counts: 3, and 1-2 on refills
+    assert answers[0] == answers[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["tiny_model", "tiny_hybrid_model"])
+def test_prefill_beside_decoding_answers_the_same(variant: str, request: pytest.FixtureRequest) -> None:
+    """Prefills on their own CUDA stream while other rows decode (graphs and compilation on): the same answers as
+    prefilling in turn, token for token (float32)."""
+    loaded = load_model(request.getfixturevalue(variant), dtype="float32", device="cuda")
+    with torch.no_grad():
+        loaded.model.lm_head.weight[loaded.tokenizer.eos_token_id] *= EOS_ROW_SCALE
+    cfg = InferConfig(max_new_tokens=24)
+    reqs = requests(loaded, 48)
+    answers = []
+    for overlap in (False, True):
+        engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, overlap_prefill=overlap)
+        assert (engine.prefill_stream is not None) == overlap
+        answers.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs))})
+        assert engine.stats.prompts == len(reqs)
     assert answers[0] == answers[1]

@@ -251,19 +251,47 @@ class StaticDecoder:
             self.v_cache[layer, :, :, :width].index_copy_(0, index, v)
         self.positions.index_copy_(0, index, torch.tensor(lengths, device=self.device))
 
+    def device_longs(self, values: list[int]) -> torch.Tensor:
+        """A small index tensor on the device, copied without making the host wait for the stream (pinned memory)."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, width: int, slots: list[int], lengths: list[int]) -> torch.Tensor:
+    def prefill(
+        self, embeds: torch.Tensor, width: int, slots: list[int], lengths: list[int], commit: bool = True
+    ) -> torch.Tensor:
         """Run the language model over right-padded prompt embeddings [rows * width, hidden] into `slots`.
 
         The same per-layer functions as the decode step (compiled once for any row count), with causal
         attention over each row; K/V go straight into the slots. Returns each row's first greedy token (with
         prefill graphs, a static tensor the next prefill of the same shape overwrites: read it before).
+        `commit`: also make the slots' positions and first tokens the step's (else `commit` does it later, on the
+        stream that decodes: a prefill beside decoding steps touches only its slots' K/V).
         """
-        index = torch.tensor(slots, device=self.device)
-        lengths_t = torch.tensor(lengths, device=self.device)
+        index = self.device_longs(slots)
+        lengths_t = self.device_longs(lengths)
+        tokens = self._prefill_tokens(embeds, width, index, lengths_t)
+        if commit:
+            self._commit(index, lengths_t, tokens)
+        return tokens
+
+    @torch.no_grad()
+    def commit(self, slots: list[int], lengths: list[int], tokens: list[int]) -> None:
+        """Slots prefilled with `commit=False` start decoding: their positions and first tokens."""
+        self._commit(self.device_longs(slots), self.device_longs(lengths), self.device_longs(tokens))
+
+    def _commit(self, index: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor) -> None:
+        self.positions.index_copy_(0, index, lengths)
+        self.tokens.index_copy_(0, index, tokens)
+
+    def _prefill_tokens(
+        self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths_t: torch.Tensor
+    ) -> torch.Tensor:
         if not self.prefill_graphs:
             return self._prefill(embeds, width, index, lengths_t)
-        key = (len(slots), width)
+        key = (len(index), width)
         captured = self._prefill_graphs.get(key)
         if captured is None:
             if len(self._prefill_graphs) >= MAX_PREFILL_GRAPHS:
@@ -282,7 +310,7 @@ class StaticDecoder:
         self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths: torch.Tensor
     ) -> _PrefillGraph | None:
         """A graph of this prefill's shape, its static inputs holding this prefill (a replay computes it). The
-        warm-up run writes the same K/V, positions and tokens a replay will, so nothing needs undoing. A capture
+        warm-up run writes the same K/V a replay will, so nothing needs undoing. A capture
         that fails turns prefill graphs off for the decoder's life, with a warning."""
         rows = len(index)
         if self._prefill_embeds is None or self._prefill_embeds.shape[0] < rows * self.max_context:
@@ -324,10 +352,7 @@ class StaticDecoder:
             x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
         last = lengths - 1 + torch.arange(rows, device=self.device) * width
         logits = F.linear(rms_norm(x[last], self.final_norm, self.eps), self.lm_head)
-        self.positions.index_copy_(0, index, lengths)
-        tokens = self.greedy(logits)
-        self.tokens.index_copy_(0, index, tokens)
-        return tokens
+        return self.greedy(logits)
 
     @torch.no_grad()
     def set_first_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
@@ -335,10 +360,13 @@ class StaticDecoder:
 
     @torch.no_grad()
     def set_active(self, active: list[bool]) -> None:
-        """Which slots decode; an idle slot's position goes back to 0, so its (ignored) cache write stays in range."""
-        flags = torch.tensor(active, dtype=torch.long).to(self.device)
+        """Which slots decode. An idle slot's position moves to the last cache column: its (ignored) step writes K/V
+        there, a column no prompt reaches (a prompt leaves room for its answer), so a prefill into the slot running
+        beside the steps is never overwritten; the slot's first step once it decodes rewrites that column before
+        reading it."""
+        flags = self.device_longs([int(flag) for flag in active])
         self.active.copy_(flags)
-        self.positions.mul_(self.active)
+        self.positions.copy_(torch.where(self.active.bool(), self.positions, self.max_context - 1))
 
     @torch.no_grad()
     def step(self, rows: int, columns: int) -> None:

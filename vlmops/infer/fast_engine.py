@@ -8,7 +8,10 @@ How a request travels:
 2. Prefill: waiting prompts fill the free slots, up to `prefill_batch` at a time, through the VLM's own
    forward (vision towers, features scattered into the image-token positions, the whole LLM) on a
    right-padded batch: a row's real tokens never see the padding after them, so no mask is needed and
-   each row's K/V for positions [0, length) land in its slot of the static cache unchanged.
+   each row's K/V for positions [0, length) land in its slot of the static cache unchanged. With
+   `overlap_prefill` the prefill runs on a CUDA stream of its own while the rows already in their slots go on
+   decoding; it writes only its slots' K/V (an idle slot's step writes the slot's last column, which no prompt
+   reaches), and its rows' positions and first tokens are set on the decoding stream when they join.
 3. Decode: `StaticDecoder` (vlmops.infer.fast_decode) makes one greedy token for every slot per step from
    the static cache, each step a CUDA graph replay on CUDA. A finished row (EOS or `max_new_tokens`)
    yields its result at once and its slot is refilled by waiting prompts (once at least `min_refill`
@@ -81,6 +84,25 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Pending:
+    """A prefill launched and not yet joined: its prompts, their slots, the first tokens (on the device) and, when
+    it runs on its own stream, the event that marks it done."""
+
+    group: list[_Prepared]
+    slots: list[int]
+    lengths: list[int]
+    tokens: torch.Tensor
+    committed: bool
+    done: torch.cuda.Event | None = None
+    waited: bool = False  # a decoding window ran since the launch
+
+    def ready(self) -> bool:
+        """Done on the GPU; without a stream of its own (CPU), after one decoding window: the order in which an
+        overlapped prefill's rows join on a GPU, so that CPU tests run the same interleaving."""
+        return bool(self.done.query()) if self.done is not None else self.waited
+
+
 class FastEngine:
     """Greedy generation for DeepSeek-VL (1.3b and the 7b hybrid) on CUDA, and on CPU for tests.
 
@@ -117,6 +139,9 @@ class FastEngine:
             device, the graphs on CUDA).
         sam_attention: "flex": the 7b's SAM attention with its relative-position bias inside a compiled FlexAttention
             kernel on CUDA (vlmops.models.sam_flex); "sdpa": transformers' own.
+        overlap_prefill: on CUDA with prefill "own", run each prefill on a stream of its own while the rows already
+            in their slots go on decoding (compute-bound prefill beside bandwidth-bound decode steps); the prompts
+            join the decoding batch when their prefill is done. The same answers either way.
     """
 
     def __init__(
@@ -142,6 +167,7 @@ class FastEngine:
         vision_graphs: bool = True,
         prefill_graphs: bool = True,
         sam_attention: str = "sdpa",
+        overlap_prefill: bool = False,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -200,6 +226,9 @@ class FastEngine:
         # Never more than a prefill batch: otherwise the last few free slots of a wave would stay empty.
         default_refill = min(prefill_batch, max(1, slots // MIN_REFILL_SHARE))
         self.min_refill = max(1, min_refill if min_refill is not None else default_refill)
+        # Prefills beside decoding (own prefill only): on a stream of their own on CUDA.
+        self.overlap_prefill = overlap_prefill and prefill == "own"
+        self.prefill_stream = torch.cuda.Stream(self.device) if self.overlap_prefill and on_cuda else None
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
@@ -260,19 +289,28 @@ class FastEngine:
             free = list(range(self.slots))
             rows: dict[int, _Row] = {}
             exhausted = False
+            pending: _Pending | None = None  # a prefill running beside the decoding rows
             while True:
-                if not exhausted and len(free) >= (self.min_refill if rows else 1):
+                if pending is not None and (not rows or pending.ready()):
+                    yield from self._join(pending, rows, free)
+                    pending = None
+                if pending is None and not exhausted and len(free) >= (self.min_refill if rows else 1):
                     group = list(itertools.islice(waiting, min(len(free), self.prefill_batch)))
                     exhausted = not group
                     if group:
                         slots = [heapq.heappop(free) for _ in group]
-                        yield from self._admit(group, slots, rows, free)
+                        pending = self._launch(group, slots)
+                        if not self.overlap_prefill:
+                            yield from self._join(pending, rows, free)
+                            pending = None
                         continue
                 if not rows:
-                    if exhausted:
+                    if exhausted and pending is None:
                         return
                     continue
                 yield from self._decode(rows, free)
+                if pending is not None:
+                    pending.waited = True
 
     def _prepared(self, requests: Iterable[GenerationRequest], pool: ThreadPoolExecutor) -> Iterator[_Prepared]:
         """Requests with their pixel tensors, preprocessed by `pool` up to a bounded look-ahead."""
@@ -310,15 +348,39 @@ class FastEngine:
             pixels = {name: value.pin_memory() for name, value in pixels.items()}
         return _Prepared(request, pixels)
 
-    def _admit(
-        self, group: list[_Prepared], slots: list[int], rows: dict[int, _Row], free: list[int]
-    ) -> Iterator[GenerationResult]:
-        """Prefill `group` into `slots`; a row whose first token already ends it is answered and freed."""
+    def _launch(self, group: list[_Prepared], slots: list[int]) -> _Pending:
+        """Start prefilling `group` into `slots`: on the prefill stream (after what the decoding stream has queued:
+        the slots' last steps) when prefills overlap decoding, else where the engine runs."""
         start = time.perf_counter()
-        first = self._prefill(group, slots)
+        if self.prefill_stream is None:
+            pending = self._prefill(group, slots, commit=not self.overlap_prefill)
+        else:
+            self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.prefill_stream):
+                pending = self._prefill(group, slots, commit=False)
+                pending.done = torch.cuda.Event()
+                pending.done.record(self.prefill_stream)
+        self.stats.prefill_s += time.perf_counter() - start
+        return pending
+
+    def _join(self, pending: _Pending, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
+        """The prefilled rows start decoding; a row whose first token already ends it is answered and freed."""
+        start = time.perf_counter()
+        if pending.done is not None:
+            pending.done.synchronize()
+        first = [int(t) for t in pending.tokens.tolist()]
+        if not pending.committed:
+            self.decoder.commit(pending.slots, pending.lengths, first)
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prefill_calls += 1
-        self.stats.prompts += len(group)
+        self.stats.prompts += len(pending.group)
+        yield from self._admit(pending.group, pending.slots, first, rows, free)
+
+    def _admit(
+        self, group: list[_Prepared], slots: list[int], first: list[int], rows: dict[int, _Row], free: list[int]
+    ) -> Iterator[GenerationResult]:
+        """Rows for `group` in `slots`, from their first tokens; a row whose first token already ends it is answered
+        and freed."""
         for item, slot, token in zip(group, slots, first, strict=True):
             row = _Row(item.request.key, len(item.request.prompt_ids))
             rows[slot] = row
@@ -330,11 +392,14 @@ class FastEngine:
         self.decoder.set_active([slot in rows for slot in range(self.slots)])
 
     @torch.no_grad()
-    def _prefill(self, group: list[_Prepared], slots: list[int]) -> list[int]:
-        """Run the VLM over `group` (right-padded), copy each row's K/V into its slot; the first tokens."""
+    def _prefill(self, group: list[_Prepared], slots: list[int], commit: bool) -> _Pending:
+        """Run the VLM over `group` (right-padded), each row's K/V into its slot; the first tokens, not yet read back.
+        Nothing here makes the host wait for the GPU, so decoding steps can be queued while it runs."""
         lengths = [len(item.request.prompt_ids) for item in group]
         width = min(self.max_context, -(-max(lengths) // self.width_bucket) * self.width_bucket)
-        input_ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        input_ids = torch.full(
+            (len(group), width), self.pad_id, dtype=torch.long, pin_memory=self.device.type == "cuda"
+        )
         for row, item in enumerate(group):
             input_ids[row, : lengths[row]] = torch.tensor(item.request.prompt_ids, dtype=torch.long)
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(self.device, non_blocking=True)}
@@ -348,9 +413,13 @@ class FastEngine:
             embeds = self.model.get_input_embeddings()(inputs.pop("input_ids").view(-1))
             if inputs:
                 features = self.vision(inputs)
-                mask = (input_ids.view(-1, 1) == self.image_token_id).to(self.device, non_blocking=True)
-                embeds = embeds.masked_scatter(mask, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-            return [int(t) for t in self.decoder.prefill(embeds, width, slots, lengths).tolist()]
+                # The image tokens' rows, found on the host (masked_scatter would count them on the device: a wait)
+                image_rows = self.decoder.device_longs(
+                    (input_ids.view(-1) == self.image_token_id).nonzero()[:, 0].tolist()
+                )
+                embeds = embeds.index_copy(0, image_rows, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
+            tokens = self.decoder.prefill(embeds, width, slots, lengths, commit=commit)
+            return _Pending(group, slots, lengths, tokens, committed=commit)
         output = self.model.model(**inputs, use_cache=True)
         last = torch.tensor(lengths, device=self.device) - 1
         hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), last]
@@ -358,7 +427,7 @@ class FastEngine:
         keys, values = _cache_tensors(output.past_key_values)
         self.decoder.load(slots, keys, values, lengths)
         self.decoder.set_first_tokens(slots, tokens)
-        return [int(t) for t in tokens.tolist()]
+        return _Pending(group, slots, lengths, tokens, committed=True)
 
     def _decode(self, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
         """Up to `decode_window` steps for every decoding row, then one read of their tokens; finished rows are
