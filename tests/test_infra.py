@@ -89,18 +89,21 @@ def test_mlflow_server_settings_match_infra_local() -> None:
         "--app-name basic-auth",
         "--allowed-hosts",
         '--artifacts-destination "s3://',
-        "postgresql+psycopg2://",
+        'export MLFLOW_BACKEND_STORE_URI="postgresql+psycopg2://',
     ):
         assert flag in command, flag
+    assert "--backend-store-uri" not in command  # the URI holds the database password: never in the arguments
     deployment = next(yaml.safe_load_all((ROOT / "infra/k8s/mlflow.yaml").read_text()))
     args = " ".join(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
     for flag in (
         "--app-name=basic-auth",
         "--allowed-hosts=",
         "--artifacts-destination=s3://",
-        "postgresql+psycopg2://",
     ):
         assert flag in args, flag
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@")
+    assert "postgresql" not in args
 
 
 def test_the_gpu_worker_gets_the_client_environment_and_the_gpus() -> None:

@@ -397,8 +397,6 @@ class Stack:
             str(port),
             "--workers",
             "1",
-            "--backend-store-uri",
-            self.database_url("mlflow"),
             "--artifacts-destination",
             f"s3://{self.bucket}/mlflow",
             "--app-name",
@@ -407,6 +405,9 @@ class Stack:
             f"{HOST}:{port},localhost:{port}",
         ]
         env = {
+            # From the environment, not the command line: the URI holds the database password, and any local user
+            # can read a process's arguments (ps).
+            "MLFLOW_BACKEND_STORE_URI": self.database_url("mlflow"),
             "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
             # The admin is created with this password on the first start against an empty user store.
             "MLFLOW_AUTH_ADMIN_PASSWORD": s["MLFLOW_TRACKING_PASSWORD"],

@@ -146,3 +146,27 @@ def test_up_again_starts_nothing(team_stack: Any) -> None:
     stack.up()
     assert {p.name: p.read_text() for p in (stack.root / "pids").glob("*.pid")} == pids
     assert all(stack.status().values())
+
+
+def test_no_secret_on_a_command_line(team_stack: Any) -> None:
+    """Any local user can read a process's arguments (ps): the stack's servers and every process they started get
+    their passwords, keys and database URIs from the environment or files, never from their arguments."""
+    import psutil
+
+    stack = team_stack
+    secrets_given = [
+        stack.settings[name]
+        for name in (
+            "POSTGRES_PASSWORD",
+            "AWS_SECRET_ACCESS_KEY",
+            "MLFLOW_TRACKING_PASSWORD",
+            "PREFECT_API_AUTH_STRING",
+        )
+    ]
+    servers = [psutil.Process(int(p.read_text())) for p in (stack.root / "pids").glob("*.pid")]
+    processes = servers + [child for server in servers for child in server.children(recursive=True)]
+    assert len(servers) >= 4
+    for process in processes:
+        command = " ".join(process.cmdline())
+        leaked = [secret for secret in secrets_given if secret in command]
+        assert not leaked, f"{process.name()} (pid {process.pid}) has a secret in its arguments: {command[:200]}"
