@@ -34,8 +34,8 @@ WORDS = [
 EOS_ROW_SCALE = 2.0
 
 
-def loaded_with_eos(path: Path) -> LoadedModel:
-    loaded = load_model(path, dtype="float32", device="cpu")
+def loaded_with_eos(path: Path, device: str = "cpu") -> LoadedModel:
+    loaded = load_model(path, dtype="float32", device=device)
     with torch.no_grad():
         loaded.model.lm_head.weight[loaded.tokenizer.eos_token_id] *= EOS_ROW_SCALE
     return loaded
@@ -370,9 +370,7 @@ def test_flex_sam_attention_in_graphs_and_the_engine(tiny_hybrid_model: Path) ->
 def test_prefill_graphs_replay_the_eager_prefill(variant: str, request: pytest.FixtureRequest) -> None:
     """The language model's prefill from CUDA graphs (one per prompts x width bucket) answers as the eager prefill of
     the same padded widths, token for token (float32); the graphs were captured and stayed on."""
-    loaded = load_model(request.getfixturevalue(variant), dtype="float32", device="cuda")
-    with torch.no_grad():
-        loaded.model.lm_head.weight[loaded.tokenizer.eos_token_id] *= EOS_ROW_SCALE
+    loaded = loaded_with_eos(request.getfixturevalue(variant), "cuda")
     cfg = InferConfig(max_new_tokens=16)
     reqs = requests(loaded, 40)
     answers = []
@@ -390,9 +388,7 @@ def test_prefill_graphs_replay_the_eager_prefill(variant: str, request: pytest.F
 def test_prefill_beside_decoding_answers_the_same(variant: str, request: pytest.FixtureRequest) -> None:
     """Prefills on their own CUDA stream while other rows decode (graphs and compilation on): the same answers as
     prefilling in turn, token for token (float32)."""
-    loaded = load_model(request.getfixturevalue(variant), dtype="float32", device="cuda")
-    with torch.no_grad():
-        loaded.model.lm_head.weight[loaded.tokenizer.eos_token_id] *= EOS_ROW_SCALE
+    loaded = loaded_with_eos(request.getfixturevalue(variant), "cuda")
     cfg = InferConfig(max_new_tokens=24)
     reqs = requests(loaded, 48)
     answers = []
