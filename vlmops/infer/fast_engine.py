@@ -61,7 +61,9 @@ PREFILL_WIDTH_BUCKET = 32
 
 @dataclass
 class EngineStats:
-    """Where the last `generate` call spent its time (host clock; both phases end in a GPU sync)."""
+    """Where the last `generate` call spent its time (host clock; both phases end in a GPU sync). With
+    `overlap_prefill`, `prefill_s` is the host's time launching prefills and waiting for them: the GPU time of a
+    prefill that ran beside decoding steps falls inside `decode_s`."""
 
     prompts: int = 0
     generated_tokens: int = 0
