@@ -6,7 +6,8 @@ tower) and about 32 text tokens in the `deepseek` template (no system prompt); 1
 architectures (DESIGN.md §5), bf16, SDPA, built on the GPU without a checkpoint on disk.
 
 Rows, per model:
-  generate      plain `model.generate` on a batch of 32 (the baseline; its tokens are the reference)
+  generate      plain `model.generate` on a batch of 32 after a short warm-up (the baseline; its tokens are the
+                reference)
   engine        FastEngine with `max_batch` B over B prompts (one warm-up pass over the same prompts
                 first: CUDA-graph capture and compilation), for each B of --batches
   engine-eager  the same at batch 32 without torch.compile; engine-matmul: matmul attention in decode;
@@ -252,6 +253,9 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     reference: dict[Any, list[int]] = {}
 
     def baseline() -> None:
+        # A short warm-up first, as the engine rows get theirs: the first CUDA work of the process (library handles,
+        # kernel loading) took up to half of a timed call (generate measured 214-392 tokens/s on the same prompts).
+        plain_generate(loaded, pool[:2], 4, device)
         reset_memory(device)
         tokens, seconds = plain_generate(loaded, pool[:match_batch], new_tokens, device)
         reference.update(tokens)
