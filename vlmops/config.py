@@ -298,8 +298,8 @@ class InferConfig(Section):
     Answers are the same either way; false prefills eagerly."""
     overlap_prefill: bool = False
     """Fast engine: run each prefill on a CUDA stream of its own while the rows already in their slots go on decoding
-    (prefill is compute-bound, a decode step bandwidth-bound, so they can share the GPU); the prompts join the
-    decoding batch when their prefill is done. Prefill-then-decode cannot reach issue 10's 7b target on an H200
+    on a high-priority stream (prefill is compute-bound, a decode step bandwidth-bound, so they can share the GPU);
+    the prompts join the decoding batch when their prefill is done. Prefill-then-decode cannot reach issue 10's 7b target on an H200
     (bench/RESULTS.md session 11). Answers are the same either way (a CPU test runs the same interleaving); off until
     measured (bench/infer_bench.py --overlap-alt)."""
     shard_size: int = Field(1000, ge=1)

@@ -394,7 +394,7 @@ def test_prefill_beside_decoding_answers_the_same(variant: str, request: pytest.
     answers = []
     for overlap in (False, True):
         engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, overlap_prefill=overlap)
-        assert (engine.prefill_stream is not None) == overlap
+        assert (engine.prefill_stream is not None) == (engine.decode_stream is not None) == overlap
         answers.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs))})
         assert engine.stats.prompts == len(reqs)
     assert answers[0] == answers[1]

@@ -27,6 +27,7 @@ bf16 the different kernel choices change rounding, measured by bench/infer_bench
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -142,8 +143,9 @@ class FastEngine:
         sam_attention: "flex": the 7b's SAM attention with its relative-position bias inside a compiled FlexAttention
             kernel on CUDA (vlmops.models.sam_flex); "sdpa": transformers' own.
         overlap_prefill: on CUDA with prefill "own", run each prefill on a stream of its own while the rows already
-            in their slots go on decoding (compute-bound prefill beside bandwidth-bound decode steps); the prompts
-            join the decoding batch when their prefill is done. The same answers either way.
+            in their slots go on decoding, on a high-priority stream (compute-bound prefill beside bandwidth-bound
+            decode steps); the prompts join the decoding batch when their prefill is done. The same answers either
+            way.
     """
 
     def __init__(
@@ -231,6 +233,9 @@ class FastEngine:
         # Prefills beside decoding (own prefill only): on a stream of their own on CUDA.
         self.overlap_prefill = overlap_prefill and prefill == "own"
         self.prefill_stream = torch.cuda.Stream(self.device) if self.overlap_prefill and on_cuda else None
+        # ...and the decoding rows' work then on a high-priority stream: the GPU dispatches a step's small kernels
+        # ahead of a prefill's queued ones, so decoding does not wait behind whole prefill matmuls.
+        self.decode_stream = torch.cuda.Stream(self.device, priority=-1) if self.prefill_stream is not None else None
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
@@ -290,29 +295,44 @@ class FastEngine:
             waiting = self._prepared(requests, pool)
             free = list(range(self.slots))
             rows: dict[int, _Row] = {}
-            exhausted = False
-            pending: _Pending | None = None  # a prefill running beside the decoding rows
-            while True:
-                if pending is not None and (not rows or pending.ready()):
-                    yield from self._join(pending, rows, free)
-                    pending = None
-                if pending is None and not exhausted and len(free) >= (self.min_refill if rows else 1):
-                    group = list(itertools.islice(waiting, min(len(free), self.prefill_batch)))
-                    exhausted = not group
-                    if group:
-                        slots = [heapq.heappop(free) for _ in group]
-                        pending = self._launch(group, slots)
-                        if not self.overlap_prefill:
-                            yield from self._join(pending, rows, free)
-                            pending = None
-                        continue
-                if not rows:
-                    if exhausted and pending is None:
-                        return
+            if self.decode_stream is None or self.prefill_stream is None:
+                yield from self._serve(waiting, free, rows)
+                return
+            current = torch.cuda.current_stream(self.device)
+            self.decode_stream.wait_stream(current)  # after what was queued before (the weights, the cache)
+            try:
+                yield from self._serve(waiting, free, rows)
+            finally:  # what comes after (a new engine reusing the cache's memory) waits for both streams' work
+                current.wait_stream(self.decode_stream)
+                current.wait_stream(self.prefill_stream)
+
+    def _serve(
+        self, waiting: Iterator[_Prepared], free: list[int], rows: dict[int, _Row]
+    ) -> Iterator[GenerationResult]:
+        """Prefill waiting prompts into free slots and decode the rows until both run out."""
+        exhausted = False
+        pending: _Pending | None = None  # a prefill running beside the decoding rows
+        while True:
+            if pending is not None and (not rows or pending.ready()):
+                yield from self._join(pending, rows, free)
+                pending = None
+            if pending is None and not exhausted and len(free) >= (self.min_refill if rows else 1):
+                group = list(itertools.islice(waiting, min(len(free), self.prefill_batch)))
+                exhausted = not group
+                if group:
+                    slots = [heapq.heappop(free) for _ in group]
+                    pending = self._launch(group, slots)
+                    if not self.overlap_prefill:
+                        yield from self._join(pending, rows, free)
+                        pending = None
                     continue
-                yield from self._decode(rows, free)
-                if pending is not None:
-                    pending.waited = True
+            if not rows:
+                if exhausted and pending is None:
+                    return
+                continue
+            yield from self._decode(rows, free)
+            if pending is not None:
+                pending.waited = True
 
     def _prepared(self, requests: Iterable[GenerationRequest], pool: ThreadPoolExecutor) -> Iterator[_Prepared]:
         """Requests with their pixel tensors, preprocessed by `pool` up to a bounded look-ahead."""
@@ -350,6 +370,11 @@ class FastEngine:
             pixels = {name: value.pin_memory() for name, value in pixels.items()}
         return _Prepared(request, pixels)
 
+    def _decoding(self) -> contextlib.AbstractContextManager[Any]:
+        """Where the decoding rows' GPU work runs: the decode stream beside overlapped prefills, else the current
+        stream. Entered around each piece of work, never across a `yield`."""
+        return torch.cuda.stream(self.decode_stream) if self.decode_stream is not None else contextlib.nullcontext()
+
     def _launch(self, group: list[_Prepared], slots: list[int]) -> _Pending:
         """Start prefilling `group` into `slots`: on the prefill stream (after what the decoding stream has queued:
         the slots' last steps) when prefills overlap decoding, else where the engine runs."""
@@ -357,7 +382,7 @@ class FastEngine:
         if self.prefill_stream is None:
             pending = self._prefill(group, slots, commit=not self.overlap_prefill)
         else:
-            self.prefill_stream.wait_stream(torch.cuda.current_stream(self.device))
+            self.prefill_stream.wait_stream(self.decode_stream or torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.prefill_stream):
                 pending = self._prefill(group, slots, commit=False)
                 pending.done = torch.cuda.Event()
@@ -370,9 +395,10 @@ class FastEngine:
         start = time.perf_counter()
         if pending.done is not None:
             pending.done.synchronize()
-        first = [int(t) for t in pending.tokens.tolist()]
-        if not pending.committed:
-            self.decoder.commit(pending.slots, pending.lengths, first)
+        with self._decoding():
+            first = [int(t) for t in pending.tokens.tolist()]
+            if not pending.committed:
+                self.decoder.commit(pending.slots, pending.lengths, first)
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prefill_calls += 1
         self.stats.prompts += len(pending.group)
@@ -391,7 +417,8 @@ class FastEngine:
                 del rows[slot]
                 heapq.heappush(free, slot)
                 yield result
-        self.decoder.set_active([slot in rows for slot in range(self.slots)])
+        with self._decoding():
+            self.decoder.set_active([slot in rows for slot in range(self.slots)])
 
     @torch.no_grad()
     def _prefill(self, group: list[_Prepared], slots: list[int], commit: bool) -> _Pending:
@@ -444,11 +471,12 @@ class FastEngine:
         longest = max(filled) + window - 1
         columns = min(self.max_context, -(-longest // self.column_bucket) * self.column_bucket)
         launched = []
-        for index in range(window):
-            self.decoder.step(step_rows, columns)
-            tokens = self.decoder.tokens[:step_rows]
-            launched.append(tokens if index == window - 1 else tokens.clone())  # the next step overwrites them
-        steps = (torch.stack(launched) if window > 1 else launched[0][None]).tolist()  # the one wait for the GPU
+        with self._decoding():
+            for index in range(window):
+                self.decoder.step(step_rows, columns)
+                tokens = self.decoder.tokens[:step_rows]
+                launched.append(tokens if index == window - 1 else tokens.clone())  # the next step overwrites them
+            steps = (torch.stack(launched) if window > 1 else launched[0][None]).tolist()  # the one wait for the GPU
         self.stats.decode_s += time.perf_counter() - start
         self.stats.decode_steps += window
         finished: dict[int, GenerationResult] = {}
@@ -462,7 +490,8 @@ class FastEngine:
             del rows[slot]
             heapq.heappush(free, slot)
         if finished:
-            self.decoder.set_active([slot in rows for slot in range(self.slots)])
+            with self._decoding():
+                self.decoder.set_active([slot in rows for slot in range(self.slots)])
         yield from finished.values()
 
     def _advance(self, row: _Row, token: int) -> GenerationResult | None:
