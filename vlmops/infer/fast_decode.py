@@ -242,14 +242,13 @@ class StaticDecoder:
         return logits.argmax(dim=-1)
 
     @torch.no_grad()
-    def load(self, slots: list[int], keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int]) -> None:
+    def load(self, slots: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Copy prefilled K/V ([rows, kv_heads, T, head_dim] per layer, rows right-padded) into `slots`."""
-        index = torch.tensor(slots, device=self.device)
+        index = self.device_longs(slots)
         width = keys[0].shape[2]
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             self.k_cache[layer, :, :, :width].index_copy_(0, index, k)
             self.v_cache[layer, :, :, :width].index_copy_(0, index, v)
-        self.positions.index_copy_(0, index, torch.tensor(lengths, device=self.device))
 
     def device_longs(self, values: list[int]) -> torch.Tensor:
         """A small index tensor on the device, copied without making the host wait for the stream (pinned memory)."""
@@ -259,32 +258,22 @@ class StaticDecoder:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     @torch.no_grad()
-    def prefill(
-        self, embeds: torch.Tensor, width: int, slots: list[int], lengths: list[int], commit: bool = True
-    ) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, width: int, slots: list[int], lengths: list[int]) -> torch.Tensor:
         """Run the language model over right-padded prompt embeddings [rows * width, hidden] into `slots`.
 
         The same per-layer functions as the decode step (compiled once for any row count), with causal
-        attention over each row; K/V go straight into the slots. Returns each row's first greedy token (with
-        prefill graphs, a static tensor the next prefill of the same shape overwrites: read it before).
-        `commit`: also make the slots' positions and first tokens the step's (else `commit` does it later, on the
-        stream that decodes: a prefill beside decoding steps touches only its slots' K/V).
+        attention over each row; K/V go straight into the slots, and nothing else of the decoder's state changes
+        (a prefill may run beside decoding steps): `commit` starts the rows. Returns each row's first greedy token
+        (with prefill graphs, a static tensor the next prefill of the same shape overwrites: read it before).
         """
-        index = self.device_longs(slots)
-        lengths_t = self.device_longs(lengths)
-        tokens = self._prefill_tokens(embeds, width, index, lengths_t)
-        if commit:
-            self._commit(index, lengths_t, tokens)
-        return tokens
+        return self._prefill_tokens(embeds, width, self.device_longs(slots), self.device_longs(lengths))
 
     @torch.no_grad()
     def commit(self, slots: list[int], lengths: list[int], tokens: list[int]) -> None:
-        """Slots prefilled with `commit=False` start decoding: their positions and first tokens."""
-        self._commit(self.device_longs(slots), self.device_longs(lengths), self.device_longs(tokens))
-
-    def _commit(self, index: torch.Tensor, lengths: torch.Tensor, tokens: torch.Tensor) -> None:
-        self.positions.index_copy_(0, index, lengths)
-        self.tokens.index_copy_(0, index, tokens)
+        """Prefilled slots start decoding: their positions (the prompts' lengths) and first tokens."""
+        index = self.device_longs(slots)
+        self.positions.index_copy_(0, index, self.device_longs(lengths))
+        self.tokens.index_copy_(0, index, self.device_longs(tokens))
 
     def _prefill_tokens(
         self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths_t: torch.Tensor
@@ -353,10 +342,6 @@ class StaticDecoder:
         last = lengths - 1 + torch.arange(rows, device=self.device) * width
         logits = F.linear(rms_norm(x[last], self.final_norm, self.eps), self.lm_head)
         return self.greedy(logits)
-
-    @torch.no_grad()
-    def set_first_tokens(self, slots: list[int], tokens: torch.Tensor) -> None:
-        self.tokens.index_copy_(0, torch.tensor(slots, device=self.device), tokens)
 
     @torch.no_grad()
     def set_active(self, active: list[bool]) -> None:

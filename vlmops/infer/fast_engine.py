@@ -90,13 +90,12 @@ class _Row:
 @dataclass
 class _Pending:
     """A prefill launched and not yet joined: its prompts, their slots, the first tokens (on the device) and, when
-    it runs on its own stream, the event that marks it done."""
+    it runs on its own stream, the event that marks it done. Its rows start decoding when it is joined."""
 
     group: list[_Prepared]
     slots: list[int]
     lengths: list[int]
     tokens: torch.Tensor
-    committed: bool
     done: torch.cuda.Event | None = None
     waited: bool = False  # a decoding window ran since the launch
 
@@ -380,11 +379,11 @@ class FastEngine:
         the slots' last steps) when prefills overlap decoding, else where the engine runs."""
         start = time.perf_counter()
         if self.prefill_stream is None:
-            pending = self._prefill(group, slots, commit=not self.overlap_prefill)
+            pending = self._prefill(group, slots)
         else:
             self.prefill_stream.wait_stream(self.decode_stream or torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.prefill_stream):
-                pending = self._prefill(group, slots, commit=False)
+                pending = self._prefill(group, slots)
                 pending.done = torch.cuda.Event()
                 pending.done.record(self.prefill_stream)
         self.stats.prefill_s += time.perf_counter() - start
@@ -397,8 +396,7 @@ class FastEngine:
             pending.done.synchronize()
         with self._decoding():
             first = [int(t) for t in pending.tokens.tolist()]
-            if not pending.committed:
-                self.decoder.commit(pending.slots, pending.lengths, first)
+            self.decoder.commit(pending.slots, pending.lengths, first)
         self.stats.prefill_s += time.perf_counter() - start
         self.stats.prefill_calls += 1
         self.stats.prompts += len(pending.group)
@@ -421,7 +419,7 @@ class FastEngine:
             self.decoder.set_active([slot in rows for slot in range(self.slots)])
 
     @torch.no_grad()
-    def _prefill(self, group: list[_Prepared], slots: list[int], commit: bool) -> _Pending:
+    def _prefill(self, group: list[_Prepared], slots: list[int]) -> _Pending:
         """Run the VLM over `group` (right-padded), each row's K/V into its slot; the first tokens, not yet read back.
         Nothing here makes the host wait for the GPU, so decoding steps can be queued while it runs."""
         lengths = [len(item.request.prompt_ids) for item in group]
@@ -447,16 +445,14 @@ class FastEngine:
                     (input_ids.view(-1) == self.image_token_id).nonzero()[:, 0].tolist()
                 )
                 embeds = embeds.index_copy(0, image_rows, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-            tokens = self.decoder.prefill(embeds, width, slots, lengths, commit=commit)
-            return _Pending(group, slots, lengths, tokens, committed=commit)
+            return _Pending(group, slots, lengths, self.decoder.prefill(embeds, width, slots, lengths))
         output = self.model.model(**inputs, use_cache=True)
         last = torch.tensor(lengths, device=self.device) - 1
         hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), last]
         tokens = self.decoder.greedy(self.model.lm_head(hidden))
         keys, values = _cache_tensors(output.past_key_values)
-        self.decoder.load(slots, keys, values, lengths)
-        self.decoder.set_first_tokens(slots, tokens)
-        return _Pending(group, slots, lengths, tokens, committed=True)
+        self.decoder.load(slots, keys, values)
+        return _Pending(group, slots, lengths, tokens)
 
     def _decode(self, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
         """Up to `decode_window` steps for every decoding row, then one read of their tokens; finished rows are
