@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmops.errors import UserInputError
-from vlmops.models.cuda_graphs import capture
+from vlmops.models.cuda_graphs import GraphMemory, capture
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +214,10 @@ class StaticDecoder:
             self._post = torch.compile(post_attention, dynamic=True)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._memory: GraphMemory | None = None  # the decode steps' graphs, once the first is captured
         self.prefill_graphs = prefill_graphs and device.type == "cuda"
         self._prefill_graphs: dict[tuple[int, int], _PrefillGraph] = {}
-        self._prefill_pool = torch.cuda.graph_pool_handle() if self.prefill_graphs else None
+        self._prefill_memory: GraphMemory | None = None  # the prefills' (their own: they run beside the steps)
         # The graphs' static inputs are views into one buffer each (graphs never run at once): rows x max_context
         # embeddings for the most rows seen, and the slots' indices and lengths.
         self._prefill_embeds: torch.Tensor | None = None
@@ -310,8 +310,10 @@ class StaticDecoder:
         inputs = (self._prefill_embeds[: embeds.shape[0]], self._prefill_index[:rows], self._prefill_lengths[:rows])
         for static, value in zip(inputs, (embeds, index, lengths), strict=True):
             static.copy_(value)
+        if self._prefill_memory is None:
+            self._prefill_memory = GraphMemory()
         try:
-            graph, tokens = capture(lambda: self._prefill(inputs[0], width, inputs[1], inputs[2]), self._prefill_pool)
+            graph, tokens = capture(lambda: self._prefill(inputs[0], width, inputs[1], inputs[2]), self._prefill_memory)
         except RuntimeError as err:  # an operation that cannot be captured, or out of memory
             self.prefill_graphs = False
             self._prefill_graphs.clear()
@@ -372,7 +374,9 @@ class StaticDecoder:
             self.tokens.copy_(saved[0])
             self.positions.copy_(saved[1])
 
-        graph, _ = capture(lambda: self._step(rows, columns), self._pool, after_warmup=restore)
+        if self._memory is None:
+            self._memory = GraphMemory()
+        graph, _ = capture(lambda: self._step(rows, columns), self._memory, after_warmup=restore)
         self._graphs[(rows, columns)] = graph
         log.debug("captured a decode step for %d rows x %d columns", rows, columns)
         return graph

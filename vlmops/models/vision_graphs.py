@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from vlmops.models.cuda_graphs import capture
+from vlmops.models.cuda_graphs import GraphMemory, capture
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class VisionGraphs:
         self.max_graphs = max_graphs
         self.images_per_graph = images_per_graph
         self.graphs: dict[ShapeKey, _Captured] = {}
-        self.pool: Any = None  # torch.cuda.graph_pool_handle(), once the first graph is captured
+        self.memory: GraphMemory | None = None  # once the first graph is captured
 
     def __call__(self, pixels: Pixels) -> torch.Tensor:
         if not self.enabled or not all(t.is_cuda for t in pixels.values()):
@@ -99,9 +99,9 @@ class VisionGraphs:
     def _capture(self, key: ShapeKey, pixels: Pixels) -> _Captured | None:
         inputs = {name: tensor.clone() for name, tensor in pixels.items()}
         try:
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph, output = capture(lambda: self.features(inputs), self.pool)
+            if self.memory is None:
+                self.memory = GraphMemory()
+            graph, output = capture(lambda: self.features(inputs), self.memory)
         except RuntimeError as err:  # an operation that cannot be captured, or out of memory
             self.enabled = False
             self.graphs.clear()
