@@ -299,9 +299,11 @@ class InferConfig(Section):
     overlap_prefill: bool = False
     """Fast engine: run each prefill on a CUDA stream of its own while the rows already in their slots go on decoding
     on a high-priority stream (prefill is compute-bound, a decode step bandwidth-bound, so they can share the GPU);
-    the prompts join the decoding batch when their prefill is done. Prefill-then-decode cannot reach issue 10's 7b target on an H200
-    (bench/RESULTS.md session 11). Answers are the same either way (a CPU test runs the same interleaving); off until
-    measured (bench/infer_bench.py --overlap-alt)."""
+    the prompts join the decoding batch when their prefill is done. Answers are the same either way (a CPU test runs
+    the same interleaving, a GPU test the same schedule with and without the second stream). Measured slower on an
+    H200 (bench/RESULTS.md session 12): the prefill's matmuls take the SMs the decode steps need, decoding ran at half
+    speed beside them, and the 1.3b's whole call 6.2k / 9.8k tokens/s at batch 32 / 256 against 6.4k / 10.6k; so
+    off."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""
