@@ -431,8 +431,7 @@ class FastEngine:
             input_ids[row, : lengths[row]] = torch.tensor(item.request.prompt_ids, dtype=torch.long)
         inputs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(self.device, non_blocking=True)}
         for name in {name for item in group for name in item.pixels}:
-            tensors = [item.pixels[name] for item in group if name in item.pixels]
-            inputs[name] = torch.cat(tensors).to(self.device, non_blocking=True)
+            inputs[name] = self._stacked([item.pixels[name] for item in group if name in item.pixels])
             if self.device_pixels is not None:
                 inputs[name] = self.device_pixels.values(name, inputs[name]).to(self.dtype)
         if self.prefill_mode == "own":
@@ -453,6 +452,20 @@ class FastEngine:
         keys, values = _cache_tensors(output.past_key_values)
         self.decoder.load(slots, keys, values)
         return _Pending(group, slots, lengths, tokens)
+
+    def _stacked(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The images' pixel tensors, concatenated on the device. On CUDA each pinned piece is copied into its rows:
+        no host copy (a concatenation on the host is pageable memory, whose copy makes the host wait for the stream)."""
+        if self.device.type != "cuda":
+            return torch.cat(tensors)
+        stacked = torch.empty(
+            (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype, device=self.device
+        )
+        start = 0
+        for tensor in tensors:
+            stacked[start : start + tensor.shape[0]].copy_(tensor, non_blocking=True)
+            start += tensor.shape[0]
+        return stacked
 
     def _decode(self, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
         """Up to `decode_window` steps for every decoding row, then one read of their tokens; finished rows are
