@@ -15,9 +15,10 @@ class GraphMemory:
     """What the graphs of one owner share: a memory pool, and the stream they are warmed up and captured on.
 
     The stream matters beyond the capture: a captured matmul keeps the cuBLAS workspace of the stream it was captured
-    on (PyTorch keeps one per stream), and cuBLAS keeps split-K counters there. Graphs of two owners that replay at
-    once on two streams (the engine's decode steps beside a prefill) must not share it: with one capture stream for
-    all (torch.cuda.graph's default) they did, and the H200 answered wrong tokens or spun forever."""
+    on (PyTorch keeps one per stream; cuBLAS kernels use it as scratch). Graphs of two owners that replay at once on two
+    streams (the engine's decode steps beside a prefill) must not share it: with one capture stream for all
+    (torch.cuda.graph's default) they did, and on an H200 the engine answered wrong tokens or never finished a step
+    (bench/RESULTS.md session 12)."""
 
     def __init__(self) -> None:
         self.pool = torch.cuda.graph_pool_handle()
