@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.profiling import cpu_ops, cuda_kernels, gpu_time_summary, idle_gaps  # noqa: E402
+from bench.profiling import cpu_ops, cuda_kernels, gpu_time_summary, idle_gaps, op_tables  # noqa: E402
 from vlmops.config import InferConfig  # noqa: E402
 from vlmops.conversation import ImageRef, Message  # noqa: E402
 from vlmops.infer.engine import GenerationRequest  # noqa: E402
@@ -421,7 +421,7 @@ def profile_engine(loaded: LoadedModel, reqs: list[GenerationRequest], max_conte
     for _ in engine.generate(reqs):
         pass
     sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         started = time.perf_counter()
         for _ in engine.generate(reqs):
             pass
@@ -435,7 +435,7 @@ def profile_engine(loaded: LoadedModel, reqs: list[GenerationRequest], max_conte
     )
     kernels = cuda_kernels(prof)
     print("\n".join(gpu_time_summary(kernels, wall_us) + idle_gaps(kernels, cpu_ops(prof))), flush=True)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    print(op_tables(prof), flush=True)
 
 
 def e2e(

@@ -98,3 +98,13 @@ def cuda_kernels(prof: Any) -> list[tuple[str, float, float]]:
         for e in prof.events()
         if e.device_type == torch.autograd.DeviceType.CUDA
     ]
+
+
+def op_tables(prof: Any, rows: int = 25) -> str:
+    """The top ops by GPU time including their children, then by their own GPU time per input shape (with
+    `record_shapes`): which host op launched the eager elementwise kernels and copies, and on what tensors."""
+    total = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    own = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cuda_time_total", row_limit=2 * rows, max_name_column_width=50, max_shapes_column_width=90
+    )
+    return f"{total}\nby own GPU time and input shape:\n{own}"

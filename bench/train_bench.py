@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.profiling import cpu_ops, cuda_kernels, gpu_time_summary, idle_gaps  # noqa: E402 (after the path setup)
+from bench.profiling import cpu_ops, cuda_kernels, gpu_time_summary, idle_gaps, op_tables  # noqa: E402 (after the path setup)
 from bench.train_data import padding_fraction, random_batches  # noqa: E402
 
 NUM_IMAGE_TOKENS = 576
@@ -528,7 +528,8 @@ class StepProfiler:
 
         if step == self.start and self.prof is None:
             self.prof = torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                record_shapes=True,
             )
             self.prof.__enter__()
             if torch.cuda.is_available():
@@ -541,9 +542,9 @@ class StepProfiler:
             self.prof.__exit__(None, None, None)
             kernels = cuda_kernels(self.prof)
             summary = "\n".join(gpu_time_summary(kernels, wall_us) + idle_gaps(kernels, cpu_ops(self.prof)))
-            table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
+            table = op_tables(self.prof)
             print(
-                f"PROFILE {self.label} (steps {self.start + 1}-{self.stop})\n{summary}\n{table}",
+                f"PROFILE {self.label} (steps {self.start + 1}-{self.stop})\n{summary}\n{table}\nEND PROFILE",
                 file=sys.stderr,
                 flush=True,
             )
@@ -894,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         if "PROFILE " in proc.stderr:
             profile = proc.stderr[proc.stderr.index("PROFILE ") :]
-            print(profile[: profile.find("\n\n", profile.find("---")) + 1 or None], flush=True)
+            print(profile[: profile.find("END PROFILE")], flush=True)
         print(json.dumps(result), flush=True)
     rows = summarise(results, peak)
     print(table(rows, peak))
