@@ -107,4 +107,28 @@ def op_tables(prof: Any, rows: int = 25) -> str:
     own = prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cuda_time_total", row_limit=2 * rows, max_name_column_width=50, max_shapes_column_width=90
     )
-    return f"{total}\nby own GPU time and input shape:\n{own}"
+    return f"{total}\nby own GPU time and input shape:\n{own}\n{kernel_sources(prof, rows)}"
+
+
+def kernel_sources(prof: Any, rows: int = 25) -> str:
+    """Lines: the kernels by total GPU time, each with the host op that launched it and that op's input shapes (kernels
+    replayed from a CUDA graph have none: their launch is the graph's)."""
+    spent: dict[tuple[str, str, str], list[float]] = {}
+    attributed: dict[str, float] = {}
+    for event in prof.events():
+        for kernel in getattr(event, "kernels", []):
+            key = (kernel.name[:70], event.name[:40], str(event.input_shapes)[:110])
+            entry = spent.setdefault(key, [0.0, 0])
+            entry[0] += kernel.duration
+            entry[1] += 1
+            attributed[kernel.name] = attributed.get(kernel.name, 0.0) + kernel.duration
+    lines = ["kernels by the host op that launched them (total ms, count, kernel, op, op's input shapes):"]
+    for (kernel, op, shapes), (total, count) in sorted(spent.items(), key=lambda item: -item[1][0])[:rows]:
+        lines.append(f"  {total / 1e3:9.1f} {count:6d}  {kernel:70}  {op:40}  {shapes}")
+    alone: dict[str, float] = {}
+    for name, start, end in cuda_kernels(prof):
+        alone[name] = alone.get(name, 0.0) + end - start
+    lines.append("kernel time no host op launched (CUDA graph replays), total ms:")
+    for name, total in sorted(alone.items(), key=lambda item: attributed.get(item[0], 0.0) - item[1])[:10]:
+        lines.append(f"  {(total - attributed.get(name, 0.0)) / 1e3:9.1f}  {name[:100]}")
+    return "\n".join(lines)
