@@ -325,6 +325,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("overlap", {"overlap_prefill": True}, args.overlap_alt),
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
+            ("sam-folded", {"sam_attention": "folded"}, args.sam_folded_alt),
         )
         if wanted
     ]
@@ -546,6 +547,12 @@ def main() -> int:
         "--sam-flex-alt",
         action="store_true",
         help="an extra row per batch and e2e run with the 7b's SAM attention in FlexAttention (infer.sam_attention flex)",
+    )
+    parser.add_argument(
+        "--sam-folded-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run with the 7b's SAM relative positions folded into the query and key "
+        "(infer.sam_attention folded)",
     )
     parser.add_argument(
         "--overlap-alt",

@@ -214,7 +214,7 @@ class TrainConfig(Section):
     hundreds of small kernel launches per micro-batch, during which the GPU mostly waits. auto: on with a CUDA GPU
     when nothing in the towers or the aligner trains (not under DeepSpeed); the towers' results are the same. The
     graphs keep one image's working memory of the towers (the 7b's SAM: ~1 GiB)."""
-    sam_attention: Literal["sdpa", "flex"] = "sdpa"
+    sam_attention: Literal["sdpa", "folded", "flex"] = "sdpa"
     """The 7b's SAM tower (frozen, on a GPU): sdpa materialises its relative-position bias as a dense tokens x tokens
     tensor per head (~400 MB per image in each global-attention layer) for SDPA's memory-efficient kernel; flex adds
     the bias inside a compiled FlexAttention kernel instead (vlmops.models.sam_flex), the same attention, in the
@@ -283,7 +283,7 @@ class InferConfig(Section):
     what the engine sets aside for prefill). Measured on an H200 (1.3b, bench/RESULTS.md session 9): `vlmops
     batch-infer` 91.3 steady images/s against 79.2 eagerly, the engine alone 9.3k against 8.4k tokens/s at batch 256.
     Answers are the same either way; false runs the towers eagerly."""
-    sam_attention: Literal["sdpa", "flex"] = "sdpa"
+    sam_attention: Literal["sdpa", "folded", "flex"] = "sdpa"
     """Fast engine, the 7b's SAM tower: sdpa, or flex in its global-attention layers (as `train.sam_attention`).
     Measured on an H200 (bench/RESULTS.md session 11): flex in every SAM layer made the 7b's prefill 2.4x slower, in
     the global layers alone 34.5 against 28.2 ms per prompt (it saves ~11 GiB of the prefill's peak at batch 32). So

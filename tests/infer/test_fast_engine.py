@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vlmops.config import InferConfig
 from vlmops.conversation import ImageRef, Message
@@ -241,7 +242,7 @@ def test_flex_sam_attention_is_transformers_attention(tiny_hybrid_model: Path) -
     SDPA attention with the dense bias, windowed and global layers alike (float32, the unfused reference kernel)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from vlmops.models.sam_flex import flex_sam_attention
+    from vlmops.models.sam_attention import flex_sam_attention
 
     loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
     layers = _randomised_sam(loaded.model.model)
@@ -260,11 +261,55 @@ def test_flex_sam_attention_is_transformers_attention(tiny_hybrid_model: Path) -
             assert (unbiased - expected).abs().max() > 0.1 * scale  # the bias matters: the test would see it missing
 
 
+def test_folded_sam_attention_is_transformers_attention(tiny_hybrid_model: Path) -> None:
+    """The relative positions folded into the query and key: the same outputs and gradients as transformers' SDPA
+    attention with the dense bias, windowed and global layers alike (float32); the towers give the same features
+    with it installed, and restoring brings transformers' forward back."""
+    from vlmops.models.sam_attention import folded_sam_attention, restore_sam_attention, use_folded_sam_attention
+    from vlmops.models.vision_graphs import image_features
+
+    loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
+    vlm = loaded.model.model
+    layers = _randomised_sam(vlm)
+    config = loaded.model.config.high_res_vision_config
+    torch.manual_seed(0)
+    for layer in layers:
+        for shape in ((3, config.window_size, config.window_size), (1, 8, 6)):  # a batch of windows; a whole grid
+            x = torch.randn(*shape, config.hidden_size, requires_grad=True)
+            expected = layer(x)[0]
+            (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+            got = folded_sam_attention(layer, x)
+            (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+            assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+            assert (got_grad - expected_grad).abs().max() <= 1e-5 * expected_grad.abs().max()
+            with torch.no_grad():
+                unbiased = F.scaled_dot_product_attention(*_sam_qkv(layer, x))  # the same attention without the bias
+            unbiased = layer.proj(unbiased.permute(0, 2, 1, 3).reshape(*shape, -1))
+            assert (unbiased - expected).abs().max() > 0.1 * expected.abs().max()  # the bias matters here
+
+    images = [draw_shape("red", "circle", 48, random.Random(0)), draw_shape("blue", "square", 48, random.Random(1))]
+    pixels = dict(loaded.processor.image_processor(images, return_tensors="pt"))
+    with torch.no_grad():
+        expected = image_features(vlm, pixels)
+        assert use_folded_sam_attention(vlm) == len(layers) > 0
+        assert use_folded_sam_attention(vlm) == 0  # once is enough
+        assert torch.allclose(image_features(vlm, pixels), expected, rtol=1e-4, atol=1e-5)
+        assert restore_sam_attention(vlm) == len(layers)
+        assert torch.equal(image_features(vlm, pixels), expected)
+
+
+def _sam_qkv(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A SAM attention layer's query, key and value [batch, heads, tokens, head_dim] for `x` [batch, h, w, channels]."""
+    batch, height, width, _ = x.shape
+    qkv = layer.qkv(x).reshape(batch, height * width, 3, layer.num_attention_heads, -1).permute(2, 0, 3, 1, 4)
+    return qkv[0], qkv[1], qkv[2]
+
+
 def test_flex_sam_attention_takes_over_only_frozen_layers(tiny_hybrid_model: Path) -> None:
     """Patched towers give the same image features; a SAM that trains keeps transformers' forward."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from vlmops.models.sam_flex import restore_sam_attention, use_flex_sam_attention
+    from vlmops.models.sam_attention import restore_sam_attention, use_flex_sam_attention
     from vlmops.models.vision_graphs import image_features
 
     loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
@@ -335,10 +380,12 @@ def test_vision_graphs_replay_the_eager_towers(variant: str, request: pytest.Fix
 
 
 @pytest.mark.gpu
-def test_flex_sam_attention_in_graphs_and_the_engine(tiny_hybrid_model: Path) -> None:
-    """On the GPU (FlexAttention compiled, then captured in the towers' graphs): the features of transformers' SDPA
-    attention within float32 noise, and the engine's answers with `sam_attention="flex"` those without."""
-    from vlmops.models.sam_flex import use_flex_sam_attention
+@pytest.mark.parametrize("kind", ["flex", "folded"])
+def test_sam_attention_in_graphs_and_the_engine(kind: str, tiny_hybrid_model: Path) -> None:
+    """On the GPU (FlexAttention compiled, or the folded query and key through SDPA's fused kernels; then captured in
+    the towers' graphs): the features of transformers' SDPA attention within float32 noise, and the engine's answers
+    with `sam_attention=kind` those without."""
+    from vlmops.models.sam_attention import use_flex_sam_attention, use_folded_sam_attention
     from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
     loaded = load_model(tiny_hybrid_model, dtype="float32", device="cuda")
@@ -349,7 +396,7 @@ def test_flex_sam_attention_in_graphs_and_the_engine(tiny_hybrid_model: Path) ->
     with torch.no_grad():
         expected = image_features(vlm, pixels)
         memoise_rel_pos(vlm)
-        assert use_flex_sam_attention(vlm, min_tokens=0) > 0
+        assert (use_flex_sam_attention(vlm, min_tokens=0) if kind == "flex" else use_folded_sam_attention(vlm)) > 0
         graphs = VisionGraphs(lambda p: image_features(vlm, p))
         for _ in range(2):  # captured, then replayed
             assert torch.allclose(graphs(pixels), expected, rtol=1e-3, atol=1e-4)
@@ -359,7 +406,7 @@ def test_flex_sam_attention_in_graphs_and_the_engine(tiny_hybrid_model: Path) ->
     cfg = InferConfig(max_new_tokens=16)
     reqs = requests(plain, 12)
     answers = []
-    for sam_attention in ("sdpa", "flex"):
+    for sam_attention in ("sdpa", kind):
         engine = FastEngine(plain, cfg, max_batch=8, prefill_batch=3, max_context=256, sam_attention=sam_attention)
         answers.append({r.key: r.token_ids for r in engine.generate(iter(reqs))})
     assert answers[0] == answers[1]

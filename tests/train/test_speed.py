@@ -48,6 +48,10 @@ def test_gpu_gets_every_lever_and_deepspeed_the_safe_ones() -> None:
     assert plan_speed(flex, cuda=True, precision="bf16").sam_flex
     on_cpu = plan_speed(flex, cuda=False, precision="fp32")
     assert not on_cpu.sam_flex and on_cpu.why_off["sam_flex"] == "no CUDA GPU"
+    folded = load_config(None, {"train.sam_attention": "folded"}).train
+    assert plan_speed(folded, cuda=True, precision="bf16").sam_folded
+    on_cpu = plan_speed(folded, cuda=False, precision="fp32")
+    assert not on_cpu.sam_folded and on_cpu.why_off["sam_folded"] == "no CUDA GPU"
 
 
 def test_on_where_it_cannot_apply_is_a_config_error() -> None:

@@ -47,7 +47,7 @@ from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.models.loading import LoadedModel
 from vlmops.models.pixels import DevicePixels
-from vlmops.models.sam_flex import restore_sam_attention, use_flex_sam_attention
+from vlmops.models.sam_attention import restore_sam_attention, use_flex_sam_attention, use_folded_sam_attention
 from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
 log = logging.getLogger(__name__)
@@ -139,8 +139,9 @@ class FastEngine:
         prefill_graphs: with prefill "own", run the language model's half of each prefill from a CUDA graph, one
             per (prompts, width) with widths padded up to a multiple of `PREFILL_WIDTH_BUCKET` (the padding on any
             device, the graphs on CUDA).
-        sam_attention: "flex": the 7b's SAM attention with its relative-position bias inside a compiled FlexAttention
-            kernel on CUDA (vlmops.models.sam_flex); "sdpa": transformers' own.
+        sam_attention: the 7b's SAM attention on CUDA (vlmops.models.sam_attention): "folded", its relative positions
+            folded into the query and key (no dense bias); "flex", the bias inside a compiled FlexAttention kernel;
+            "sdpa": transformers' own.
         overlap_prefill: on CUDA with prefill "own", run each prefill on a stream of its own while the rows already
             in their slots go on decoding, on a high-priority stream (compute-bound prefill beside bandwidth-bound
             decode steps); the prompts join the decoding batch when their prefill is done. The same answers either
@@ -238,12 +239,13 @@ class FastEngine:
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
-        if sam_attention not in ("sdpa", "flex"):
-            raise UserInputError(f"sam_attention={sam_attention!r}: use sdpa or flex")
+        if sam_attention not in ("sdpa", "flex", "folded"):
+            raise UserInputError(f"sam_attention={sam_attention!r}: use sdpa, folded or flex")
+        restore_sam_attention(self.model)  # an earlier engine over the same model may have changed it
         if on_cuda and sam_attention == "flex":
             use_flex_sam_attention(self.model)
-        else:  # an earlier engine over the same model may have changed it
-            restore_sam_attention(self.model)
+        elif on_cuda and sam_attention == "folded":
+            use_folded_sam_attention(self.model)
         if on_cuda and vision_graphs:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)

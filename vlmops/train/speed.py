@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from vlmops.config import ConfigError, TrainConfig
-from vlmops.models.sam_flex import use_flex_sam_attention
+from vlmops.models.sam_attention import use_flex_sam_attention, use_folded_sam_attention
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.models.vision_graphs import graph_image_features, towers_frozen
 from vlmops.train.data import next_token_targets
@@ -63,6 +63,9 @@ class SpeedPlan:
     """Frozen towers from CUDA graphs where the towers turn out frozen (checked on the model in `apply_speed`)."""
     sam_flex: bool = False
     """The 7b's SAM attention with its relative-position bias inside FlexAttention (`train.sam_attention: flex`)."""
+    sam_folded: bool = False
+    """The 7b's SAM attention with its relative positions folded into the query and key (`train.sam_attention:
+    folded`): no dense bias tensors."""
     why_off: dict[str, str] = field(default_factory=dict)
     """For each lever that is off: why (CPU, DeepSpeed, not installed, switched off)."""
 
@@ -106,6 +109,7 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
     lora_dtype = cuda and train.mode == "lora" and precision in ("bf16", "fp16") and not deepspeed
     vision_graphs = decide("vision_graphs", train.vision_graphs, common)
     sam_flex = train.sam_attention == "flex" and decide("sam_flex", "auto", common)
+    sam_folded = train.sam_attention == "folded" and decide("sam_folded", "auto", common)
     return SpeedPlan(
         compile_layers=compile_layers,
         fused_loss=fused_loss,
@@ -114,6 +118,7 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
         lora_compute_dtype=lora_dtype,
         vision_graphs=vision_graphs,
         sam_flex=sam_flex,
+        sam_folded=sam_folded,
         why_off=why_off,
     )
 
@@ -142,6 +147,8 @@ def apply_speed(model: Any, plan: SpeedPlan, activation_budget: float = 1.0) -> 
         plan = dataclasses.replace(plan, vision_graphs=False, why_off=why_off)
     if plan.sam_flex:
         use_flex_sam_attention(top.model)  # before any capture: the graphs record the FlexAttention kernels
+    if plan.sam_folded:
+        use_folded_sam_attention(top.model)
     if plan.vision_graphs:
         graph_image_features(top.model, images_per_graph=1)
     log.info(plan.describe())
