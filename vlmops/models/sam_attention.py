@@ -154,10 +154,9 @@ def folded_sam_attention(module: Any, hidden_states: torch.Tensor) -> torch.Tens
     ).to(query.dtype)
     folded_query = torch.cat((query, rel_h / scale, rel_w / scale, query.new_zeros(batch, heads, tokens, pad)), -1)
     folded_key = torch.cat((key, one_hots.expand(batch, heads, tokens, -1)), dim=-1)
-    # The value padded with zeros to the same width (the flash and cuDNN kernels take one head width): the output's
-    # extra columns are zero, and dropped.
-    folded_value = F.pad(value, (0, folded_query.shape[-1] - head_dim))
-    out = F.scaled_dot_product_attention(folded_query, folded_key, folded_value, scale=scale)[..., :head_dim]
+    # The value keeps its width: SDPA's cuDNN and memory-efficient kernels take a narrower value than query and key
+    # (on an H200 cuDNN ran 8 images' global attention in 1.38 ms so, 1.77 with the value padded to match).
+    out = F.scaled_dot_product_attention(folded_query, folded_key, value, scale=scale)
     out = out.reshape(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
     return module.proj(out)
 
