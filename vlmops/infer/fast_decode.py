@@ -71,6 +71,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask SDPA makes of a bool one on every call (0 where visible, -inf elsewhere), to build it once."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin."""
     half = x.shape[-1] // 2
@@ -386,7 +391,8 @@ class StaticDecoder:
         index = self.rows[:rows]
         x = F.embedding(tokens, self.embed)
         cos, sin = self.cos[positions], self.sin[positions]
-        visible = (self.columns[:columns][None, :] <= positions[:, None])[:, None, None, :]
+        visible = self.columns[:columns][None, :] <= positions[:, None]
+        mask = additive_mask(visible, x.dtype)[:, None, None, :]  # once a step, not once a layer
         for layer_index, layer in enumerate(self.layers):
             q, k, v = self._pre(
                 x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
@@ -394,22 +400,23 @@ class StaticDecoder:
             k_cache, v_cache = self.k_cache[layer_index], self.v_cache[layer_index]
             k_cache[index, :, positions] = k
             v_cache[index, :, positions] = v
-            attn = self._attend(q, k_cache[:rows, :, :columns], v_cache[:rows, :, :columns], visible)
+            attn = self._attend(q, k_cache[:rows, :, :columns], v_cache[:rows, :, :columns], mask)
             x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
         logits = F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)
         self.tokens[:rows].copy_(self.greedy(logits))
         self.positions[:rows].add_(self.active[:rows])
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Attention of one query per row over the row's cache columns; returns [rows, heads, 1, head_dim]."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per row over the row's cache columns (`mask` additive, [rows, 1, 1, columns]);
+        returns [rows, heads, 1, head_dim]."""
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         q = q.unsqueeze(2)
         if self.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-            scores = scores.masked_fill(~visible, float("-inf"))
+            # Adding 0 leaves a score as it is and -inf masks it: what masked_fill would give.
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale + mask
             out = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
         return out
