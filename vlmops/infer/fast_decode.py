@@ -5,8 +5,8 @@ image features scattered into the prompt, the whole LLM); from then on each row 
 step, which this module computes itself so that a step has fixed shapes and can be captured once in a
 CUDA graph and replayed:
 
-- the KV cache is one buffer per layer, `[slots, kv_heads, max_context, head_dim]`; row `s` owns slot `s`,
-  its valid length is its position, and attention masks out everything after it;
+- the KV cache is one buffer, `[layers, 2 (K, V), slots, kv_heads, max_context, head_dim]`; row `s` owns slot
+  `s`, its valid length is its position, and attention masks out everything after it;
 - `tokens`, `positions` and `active` are static `[slots]` tensors the step reads and updates in place
   (each step writes its greedy token back into `tokens` and advances the active rows' positions), so a
   replay needs no host-to-device copy;
@@ -93,15 +93,17 @@ def pre_attention(
     heads: int,
     kv_heads: int,
     head_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Input norm, q/k/v projection and rotary for one token per row: q [b, H, hd], k and v [b, KVH, hd]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input norm, q/k/v projection and rotary for one token per row: q [b, H, hd] and kv [b, 2, KVH, hd] (K, V).
+
+    q, k and v stay in one tensor, so that one kernel ropes q and k and passes v through, and one write puts a
+    row's K and V into the cache.
+    """
     rows = x.shape[0]
-    h = F.linear(rms_norm(x, norm, eps), qkv)
-    q, k, v = h.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = rotate(q.view(rows, heads, head_dim), cos, sin)
-    k = rotate(k.view(rows, kv_heads, head_dim), cos, sin)
-    return q, k, v.view(rows, kv_heads, head_dim)
+    h = F.linear(rms_norm(x, norm, eps), qkv).view(rows, heads + 2 * kv_heads, head_dim)
+    roped = rotate(h[:, : heads + kv_heads], cos.unsqueeze(1), sin.unsqueeze(1))
+    h = torch.cat((roped, h[:, heads + kv_heads :]), dim=1)
+    return h[:, :heads], h[:, heads:].view(rows, 2, kv_heads, head_dim)
 
 
 def post_attention(
@@ -202,15 +204,14 @@ class StaticDecoder:
         with torch.no_grad():
             cos, sin = lm.rotary_emb(self.embed[:1], torch.arange(max_context, device=device)[None])
         self.cos, self.sin = cos[0], sin[0]
-        shape = (len(self.layers), slots, self.kv_heads, max_context, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (len(self.layers), 2, slots, self.kv_heads, max_context, self.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)  # K and V side by side: one write a layer
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = torch.zeros(slots, dtype=torch.long, device=device)
         self.rows = torch.arange(slots, device=device)
         self.columns = torch.arange(max_context, device=device)
-        self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = pre_attention
+        self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor]] = pre_attention
         self._post: Callable[..., torch.Tensor] = post_attention
         if compile_step:
             # Two small functions compiled once with a dynamic row count, reused by every layer and every
@@ -252,8 +253,8 @@ class StaticDecoder:
         index = self.device_longs(slots)
         width = keys[0].shape[2]
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            self.k_cache[layer, :, :, :width].index_copy_(0, index, k)
-            self.v_cache[layer, :, :, :width].index_copy_(0, index, v)
+            self.kv_cache[layer, 0, :, :, :width].index_copy_(0, index, k)
+            self.kv_cache[layer, 1, :, :, :width].index_copy_(0, index, v)
 
     def device_longs(self, values: list[int]) -> torch.Tensor:
         """A small index tensor on the device, copied without making the host wait for the stream (pinned memory)."""
@@ -335,12 +336,11 @@ class StaticDecoder:
         cos, sin = self.cos[positions], self.sin[positions]
         x = embeds
         for layer_index, layer in enumerate(self.layers):
-            q, k, v = self._pre(
-                x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
-            )
-            q, k, v = (t.view(rows, width, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            self.k_cache[layer_index, :, :, :width].index_copy_(0, index, k)
-            self.v_cache[layer_index, :, :, :width].index_copy_(0, index, v)
+            q, kv = self._pre(x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim)
+            q = q.view(rows, width, self.heads, self.head_dim).transpose(1, 2)
+            kv = kv.view(rows, width, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [2, rows, KVH, T, hd]
+            self.kv_cache[layer_index, :, :, :, :width].index_copy_(1, index, kv)
+            k, v = kv
             if self.kv_heads != self.heads:
                 k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
                 v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
@@ -394,13 +394,10 @@ class StaticDecoder:
         visible = self.columns[:columns][None, :] <= positions[:, None]
         mask = additive_mask(visible, x.dtype)[:, None, None, :]  # once a step, not once a layer
         for layer_index, layer in enumerate(self.layers):
-            q, k, v = self._pre(
-                x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
-            )
-            k_cache, v_cache = self.k_cache[layer_index], self.v_cache[layer_index]
-            k_cache[index, :, positions] = k
-            v_cache[index, :, positions] = v
-            attn = self._attend(q, k_cache[:rows, :, :columns], v_cache[:rows, :, :columns], mask)
+            q, kv = self._pre(x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim)
+            cache = self.kv_cache[layer_index]
+            cache[:, index, :, positions] = kv
+            attn = self._attend(q, cache[0, :rows, :, :columns], cache[1, :rows, :, :columns], mask)
             x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
         logits = F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)
         self.tokens[:rows].copy_(self.greedy(logits))
