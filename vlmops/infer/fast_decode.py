@@ -54,12 +54,12 @@ MAX_PREFILL_GRAPHS = 64
 
 @dataclass
 class _Layer:
-    norm_in: torch.Tensor
     qkv: torch.Tensor
     o: torch.Tensor
     norm_post: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    norm_next: torch.Tensor  # the norm of this layer's output: the next layer's input norm, or the final norm
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,23 +84,22 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def pre_attention(
-    x: torch.Tensor,
-    norm: torch.Tensor,
+    normed: torch.Tensor,
     qkv: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    eps: float,
     heads: int,
     kv_heads: int,
     head_dim: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input norm, q/k/v projection and rotary for one token per row: q [b, H, hd] and kv [b, 2, KVH, hd] (K, V).
+    """q/k/v projection of the normed input and rotary, one token per row: q [b, H, hd], kv [b, 2, KVH, hd] (K, V).
 
-    q, k and v stay in one tensor, so that one kernel ropes q and k and passes v through, and one write puts a
-    row's K and V into the cache.
+    The input norm is done by whatever produced the input (`post_attention` of the layer before). q, k and v stay in
+    one tensor, so that one kernel ropes q and k and passes v through, and one write puts a row's K and V into the
+    cache.
     """
-    rows = x.shape[0]
-    h = F.linear(rms_norm(x, norm, eps), qkv).view(rows, heads + 2 * kv_heads, head_dim)
+    rows = normed.shape[0]
+    h = F.linear(normed, qkv).view(rows, heads + 2 * kv_heads, head_dim)
     roped = rotate(h[:, : heads + kv_heads], cos.unsqueeze(1), sin.unsqueeze(1))
     h = torch.cat((roped, h[:, heads + kv_heads :]), dim=1)
     return h[:, :heads], h[:, heads:].view(rows, 2, kv_heads, head_dim)
@@ -113,10 +112,13 @@ def post_attention(
     norm: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
+    norm_next: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
-    """Output projection and residual, then the post-attention norm, the SiLU MLP and its residual.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output projection and residual, the post-attention norm, the SiLU MLP and its residual; returns the new residual
+    stream and its norm by `norm_next` (the next layer's input norm, or the final norm).
 
+    The next norm is done here so that the compiler fuses it with the residual add before it (one kernel, not two).
     `attn` is the attention output [batch, heads, tokens, head_dim] as SDPA returns it (tokens 1 in decode);
     it is flattened here, inside the compiled function, so that no view of another tensor is passed in
     (torch.compile guards on a view's base and would recompile for each new prefill shape).
@@ -124,7 +126,8 @@ def post_attention(
     attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = x + F.linear(attn, o)
     gate, up = F.linear(rms_norm(x, norm, eps), gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down)
+    x = x + F.linear(F.silu(gate) * up, down)
+    return x, rms_norm(x, norm_next, eps)
 
 
 def _fuse(linears: list[Any], where: str) -> torch.Tensor:
@@ -181,21 +184,22 @@ class StaticDecoder:
         self.attention = attention
         self.suppress_token = suppress_token
         self.layers = []
-        for index, layer in enumerate(lm.layers):
+        next_norms = [layer.input_layernorm.weight for layer in lm.layers[1:]] + [lm.norm.weight]
+        for index, (layer, norm_next) in enumerate(zip(lm.layers, next_norms, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
             where = f"language_model.layers.{index}"
             self.layers.append(
                 _Layer(
-                    norm_in=layer.input_layernorm.weight,
                     qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj], f"{where}.self_attn.q/k/v_proj"),
                     o=attn.o_proj.weight,
                     norm_post=layer.post_attention_layernorm.weight,
                     gate_up=_fuse([mlp.gate_proj, mlp.up_proj], f"{where}.mlp.gate/up_proj"),
                     down=mlp.down_proj.weight,
+                    norm_next=norm_next,
                 )
             )
+        self.norm_in = lm.layers[0].input_layernorm.weight  # of the embeddings; each layer norms its own output
         self.embed = lm.embed_tokens.weight
-        self.final_norm = lm.norm.weight
         self.lm_head = model.lm_head.weight
         device, dtype = self.embed.device, self.embed.dtype
         self.device = device
@@ -211,11 +215,13 @@ class StaticDecoder:
         self.active = torch.zeros(slots, dtype=torch.long, device=device)
         self.rows = torch.arange(slots, device=device)
         self.columns = torch.arange(max_context, device=device)
+        self._norm: Callable[..., torch.Tensor] = rms_norm
         self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor]] = pre_attention
-        self._post: Callable[..., torch.Tensor] = post_attention
+        self._post: Callable[..., tuple[torch.Tensor, torch.Tensor]] = post_attention
         if compile_step:
-            # Two small functions compiled once with a dynamic row count, reused by every layer and every
-            # captured shape; the cache writes and attention stay outside, so nothing compiled mutates inputs.
+            # Small functions compiled once with a dynamic row count, reused by every layer and every captured
+            # shape; the cache writes and attention stay outside, so nothing compiled mutates inputs.
+            self._norm = torch.compile(rms_norm, dynamic=True)
             self._pre = torch.compile(pre_attention, dynamic=True)
             self._post = torch.compile(post_attention, dynamic=True)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
@@ -335,8 +341,9 @@ class StaticDecoder:
         positions = torch.arange(width, device=self.device).repeat(rows)
         cos, sin = self.cos[positions], self.sin[positions]
         x = embeds
+        normed = self._norm(x, self.norm_in, self.eps)
         for layer_index, layer in enumerate(self.layers):
-            q, kv = self._pre(x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim)
+            q, kv = self._pre(normed, layer.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
             q = q.view(rows, width, self.heads, self.head_dim).transpose(1, 2)
             kv = kv.view(rows, width, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [2, rows, KVH, T, hd]
             self.kv_cache[layer_index, :, :, :, :width].index_copy_(1, index, kv)
@@ -345,9 +352,11 @@ class StaticDecoder:
                 k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
                 v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
+            x, normed = self._post(
+                x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, layer.norm_next, self.eps
+            )
         last = lengths - 1 + torch.arange(rows, device=self.device) * width
-        logits = F.linear(rms_norm(x[last], self.final_norm, self.eps), self.lm_head)
+        logits = F.linear(normed[last], self.lm_head)
         return self.greedy(logits)
 
     @torch.no_grad()
@@ -390,16 +399,19 @@ class StaticDecoder:
         tokens, positions = self.tokens[:rows], self.positions[:rows]
         index = self.rows[:rows]
         x = F.embedding(tokens, self.embed)
+        normed = self._norm(x, self.norm_in, self.eps)
         cos, sin = self.cos[positions], self.sin[positions]
         visible = self.columns[:columns][None, :] <= positions[:, None]
         mask = additive_mask(visible, x.dtype)[:, None, None, :]  # once a step, not once a layer
         for layer_index, layer in enumerate(self.layers):
-            q, kv = self._pre(x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim)
+            q, kv = self._pre(normed, layer.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
             cache = self.kv_cache[layer_index]
             cache[:, index, :, positions] = kv
             attn = self._attend(q, cache[0, :rows, :, :columns], cache[1, :rows, :, :columns], mask)
-            x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
-        logits = F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)
+            x, normed = self._post(
+                x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, layer.norm_next, self.eps
+            )
+        logits = F.linear(normed, self.lm_head)
         self.tokens[:rows].copy_(self.greedy(logits))
         self.positions[:rows].add_(self.active[:rows])
 
