@@ -221,9 +221,13 @@ class StaticDecoder:
         if compile_step:
             # Small functions compiled once with a dynamic row count, reused by every layer and every captured
             # shape; the cache writes and attention stay outside, so nothing compiled mutates inputs.
-            self._norm = torch.compile(rms_norm, dynamic=True)
-            self._pre = torch.compile(pre_attention, dynamic=True)
-            self._post = torch.compile(post_attention, dynamic=True)
+            # Without inductor's pattern matcher: it turns a residual `x + F.linear(...)` into addmm (always in bf16),
+            # which on CUDA is a copy of x plus a GEMM that adds x before rounding (transformers rounds the product
+            # first), and the add then cannot fuse into the norm after it (H200, torch 2.11: two copies a layer).
+            options: dict[str, str | int | bool | Callable[..., Any]] = {"pattern_matcher": False}
+            self._norm = torch.compile(rms_norm, dynamic=True, options=options)
+            self._pre = torch.compile(pre_attention, dynamic=True, options=options)
+            self._post = torch.compile(post_attention, dynamic=True, options=options)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._memory: GraphMemory | None = None  # the decode steps' graphs, once the first is captured
