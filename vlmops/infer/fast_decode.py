@@ -5,8 +5,8 @@ image features scattered into the prompt, the whole LLM); from then on each row 
 step, which this module computes itself so that a step has fixed shapes and can be captured once in a
 CUDA graph and replayed:
 
-- the KV cache is one buffer per layer, `[slots, kv_heads, max_context, head_dim]`; row `s` owns slot `s`,
-  its valid length is its position, and attention masks out everything after it;
+- the KV cache is one buffer, `[layers, 2 (K, V), slots, kv_heads, max_context, head_dim]`; row `s` owns slot
+  `s`, its valid length is its position, and attention masks out everything after it;
 - `tokens`, `positions` and `active` are static `[slots]` tensors the step reads and updates in place
   (each step writes its greedy token back into `tokens` and advances the active rows' positions), so a
   replay needs no host-to-device copy;
@@ -54,12 +54,12 @@ MAX_PREFILL_GRAPHS = 64
 
 @dataclass
 class _Layer:
-    norm_in: torch.Tensor
     qkv: torch.Tensor
     o: torch.Tensor
     norm_post: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    norm_next: torch.Tensor  # the norm of this layer's output: the next layer's input norm, or the final norm
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,6 +71,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(dtype)
 
 
+def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask SDPA makes of a bool one on every call (0 where visible, -inf elsewhere), to build it once."""
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """transformers' apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin."""
     half = x.shape[-1] // 2
@@ -79,24 +84,25 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def pre_attention(
-    x: torch.Tensor,
-    norm: torch.Tensor,
+    normed: torch.Tensor,
     qkv: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    eps: float,
     heads: int,
     kv_heads: int,
     head_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Input norm, q/k/v projection and rotary for one token per row: q [b, H, hd], k and v [b, KVH, hd]."""
-    rows = x.shape[0]
-    h = F.linear(rms_norm(x, norm, eps), qkv)
-    q, k, v = h.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    q = rotate(q.view(rows, heads, head_dim), cos, sin)
-    k = rotate(k.view(rows, kv_heads, head_dim), cos, sin)
-    return q, k, v.view(rows, kv_heads, head_dim)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k/v projection of the normed input and rotary, one token per row: q [b, H, hd], kv [b, 2, KVH, hd] (K, V).
+
+    The input norm is done by whatever produced the input (`post_attention` of the layer before). q, k and v stay in
+    one tensor, so that one kernel ropes q and k and passes v through, and one write puts a row's K and V into the
+    cache.
+    """
+    rows = normed.shape[0]
+    h = F.linear(normed, qkv).view(rows, heads + 2 * kv_heads, head_dim)
+    roped = rotate(h[:, : heads + kv_heads], cos.unsqueeze(1), sin.unsqueeze(1))
+    h = torch.cat((roped, h[:, heads + kv_heads :]), dim=1)
+    return h[:, :heads], h[:, heads:].view(rows, 2, kv_heads, head_dim)
 
 
 def post_attention(
@@ -106,10 +112,13 @@ def post_attention(
     norm: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
+    norm_next: torch.Tensor,
     eps: float,
-) -> torch.Tensor:
-    """Output projection and residual, then the post-attention norm, the SiLU MLP and its residual.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output projection and residual, the post-attention norm, the SiLU MLP and its residual; returns the new residual
+    stream and its norm by `norm_next` (the next layer's input norm, or the final norm).
 
+    The next norm is done here so that the compiler fuses it with the residual add before it (one kernel, not two).
     `attn` is the attention output [batch, heads, tokens, head_dim] as SDPA returns it (tokens 1 in decode);
     it is flattened here, inside the compiled function, so that no view of another tensor is passed in
     (torch.compile guards on a view's base and would recompile for each new prefill shape).
@@ -117,7 +126,8 @@ def post_attention(
     attn = attn.transpose(1, 2).reshape(x.shape[0], -1)
     x = x + F.linear(attn, o)
     gate, up = F.linear(rms_norm(x, norm, eps), gate_up).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, down)
+    x = x + F.linear(F.silu(gate) * up, down)
+    return x, rms_norm(x, norm_next, eps)
 
 
 def _fuse(linears: list[Any], where: str) -> torch.Tensor:
@@ -174,21 +184,22 @@ class StaticDecoder:
         self.attention = attention
         self.suppress_token = suppress_token
         self.layers = []
-        for index, layer in enumerate(lm.layers):
+        next_norms = [layer.input_layernorm.weight for layer in lm.layers[1:]] + [lm.norm.weight]
+        for index, (layer, norm_next) in enumerate(zip(lm.layers, next_norms, strict=True)):
             attn, mlp = layer.self_attn, layer.mlp
             where = f"language_model.layers.{index}"
             self.layers.append(
                 _Layer(
-                    norm_in=layer.input_layernorm.weight,
                     qkv=_fuse([attn.q_proj, attn.k_proj, attn.v_proj], f"{where}.self_attn.q/k/v_proj"),
                     o=attn.o_proj.weight,
                     norm_post=layer.post_attention_layernorm.weight,
                     gate_up=_fuse([mlp.gate_proj, mlp.up_proj], f"{where}.mlp.gate/up_proj"),
                     down=mlp.down_proj.weight,
+                    norm_next=norm_next,
                 )
             )
+        self.norm_in = lm.layers[0].input_layernorm.weight  # of the embeddings; each layer norms its own output
         self.embed = lm.embed_tokens.weight
-        self.final_norm = lm.norm.weight
         self.lm_head = model.lm_head.weight
         device, dtype = self.embed.device, self.embed.dtype
         self.device = device
@@ -197,21 +208,26 @@ class StaticDecoder:
         with torch.no_grad():
             cos, sin = lm.rotary_emb(self.embed[:1], torch.arange(max_context, device=device)[None])
         self.cos, self.sin = cos[0], sin[0]
-        shape = (len(self.layers), slots, self.kv_heads, max_context, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (len(self.layers), 2, slots, self.kv_heads, max_context, self.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=dtype, device=device)  # K and V side by side: one write a layer
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = torch.zeros(slots, dtype=torch.long, device=device)
         self.rows = torch.arange(slots, device=device)
         self.columns = torch.arange(max_context, device=device)
-        self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = pre_attention
-        self._post: Callable[..., torch.Tensor] = post_attention
+        self._norm: Callable[..., torch.Tensor] = rms_norm
+        self._pre: Callable[..., tuple[torch.Tensor, torch.Tensor]] = pre_attention
+        self._post: Callable[..., tuple[torch.Tensor, torch.Tensor]] = post_attention
         if compile_step:
-            # Two small functions compiled once with a dynamic row count, reused by every layer and every
-            # captured shape; the cache writes and attention stay outside, so nothing compiled mutates inputs.
-            self._pre = torch.compile(pre_attention, dynamic=True)
-            self._post = torch.compile(post_attention, dynamic=True)
+            # Small functions compiled once with a dynamic row count, reused by every layer and every captured
+            # shape; the cache writes and attention stay outside, so nothing compiled mutates inputs.
+            # Without inductor's pattern matcher: it turns a residual `x + F.linear(...)` into addmm (always in bf16),
+            # which on CUDA is a copy of x plus a GEMM that adds x before rounding (transformers rounds the product
+            # first), and the add then cannot fuse into the norm after it (H200, torch 2.11: two copies a layer).
+            options: dict[str, str | int | bool | Callable[..., Any]] = {"pattern_matcher": False}
+            self._norm = torch.compile(rms_norm, dynamic=True, options=options)
+            self._pre = torch.compile(pre_attention, dynamic=True, options=options)
+            self._post = torch.compile(post_attention, dynamic=True, options=options)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._memory: GraphMemory | None = None  # the decode steps' graphs, once the first is captured
@@ -247,8 +263,8 @@ class StaticDecoder:
         index = self.device_longs(slots)
         width = keys[0].shape[2]
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            self.k_cache[layer, :, :, :width].index_copy_(0, index, k)
-            self.v_cache[layer, :, :, :width].index_copy_(0, index, v)
+            self.kv_cache[layer, 0, :, :, :width].index_copy_(0, index, k)
+            self.kv_cache[layer, 1, :, :, :width].index_copy_(0, index, v)
 
     def device_longs(self, values: list[int]) -> torch.Tensor:
         """A small index tensor on the device, copied without making the host wait for the stream (pinned memory)."""
@@ -329,20 +345,22 @@ class StaticDecoder:
         positions = torch.arange(width, device=self.device).repeat(rows)
         cos, sin = self.cos[positions], self.sin[positions]
         x = embeds
+        normed = self._norm(x, self.norm_in, self.eps)
         for layer_index, layer in enumerate(self.layers):
-            q, k, v = self._pre(
-                x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
-            )
-            q, k, v = (t.view(rows, width, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))
-            self.k_cache[layer_index, :, :, :width].index_copy_(0, index, k)
-            self.v_cache[layer_index, :, :, :width].index_copy_(0, index, v)
+            q, kv = self._pre(normed, layer.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
+            q = q.view(rows, width, self.heads, self.head_dim).transpose(1, 2)
+            kv = kv.view(rows, width, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [2, rows, KVH, T, hd]
+            self.kv_cache[layer_index, :, :, :, :width].index_copy_(1, index, kv)
+            k, v = kv
             if self.kv_heads != self.heads:
                 k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
                 v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
+            x, normed = self._post(
+                x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, layer.norm_next, self.eps
+            )
         last = lengths - 1 + torch.arange(rows, device=self.device) * width
-        logits = F.linear(rms_norm(x[last], self.final_norm, self.eps), self.lm_head)
+        logits = F.linear(normed[last], self.lm_head)
         return self.greedy(logits)
 
     @torch.no_grad()
@@ -385,31 +403,33 @@ class StaticDecoder:
         tokens, positions = self.tokens[:rows], self.positions[:rows]
         index = self.rows[:rows]
         x = F.embedding(tokens, self.embed)
+        normed = self._norm(x, self.norm_in, self.eps)
         cos, sin = self.cos[positions], self.sin[positions]
-        visible = (self.columns[:columns][None, :] <= positions[:, None])[:, None, None, :]
+        visible = self.columns[:columns][None, :] <= positions[:, None]
+        mask = additive_mask(visible, x.dtype)[:, None, None, :]  # once a step, not once a layer
         for layer_index, layer in enumerate(self.layers):
-            q, k, v = self._pre(
-                x, layer.norm_in, layer.qkv, cos, sin, self.eps, self.heads, self.kv_heads, self.head_dim
+            q, kv = self._pre(normed, layer.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
+            cache = self.kv_cache[layer_index]
+            cache[:, index, :, positions] = kv
+            attn = self._attend(q, cache[0, :rows, :, :columns], cache[1, :rows, :, :columns], mask)
+            x, normed = self._post(
+                x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, layer.norm_next, self.eps
             )
-            k_cache, v_cache = self.k_cache[layer_index], self.v_cache[layer_index]
-            k_cache[index, :, positions] = k
-            v_cache[index, :, positions] = v
-            attn = self._attend(q, k_cache[:rows, :, :columns], v_cache[:rows, :, :columns], visible)
-            x = self._post(x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, self.eps)
-        logits = F.linear(rms_norm(x, self.final_norm, self.eps), self.lm_head)
+        logits = F.linear(normed, self.lm_head)
         self.tokens[:rows].copy_(self.greedy(logits))
         self.positions[:rows].add_(self.active[:rows])
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Attention of one query per row over the row's cache columns; returns [rows, heads, 1, head_dim]."""
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per row over the row's cache columns (`mask` additive, [rows, 1, 1, columns]);
+        returns [rows, heads, 1, head_dim]."""
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         q = q.unsqueeze(2)
         if self.attention == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
-            scores = scores.masked_fill(~visible, float("-inf"))
+            # Adding 0 leaves a score as it is and -inf masks it: what masked_fill would give.
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale + mask
             out = torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
         return out
