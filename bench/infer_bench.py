@@ -325,7 +325,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("overlap", {"overlap_prefill": True}, args.overlap_alt),
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
-            ("sam-folded", {"sam_attention": "folded"}, args.sam_folded_alt),
+            ("sam-sdpa", {"sam_attention": "sdpa"}, args.sam_sdpa_alt),
         )
         if wanted
     ]
@@ -549,10 +549,10 @@ def main() -> int:
         help="an extra row per batch and e2e run with the 7b's SAM attention in FlexAttention (infer.sam_attention flex)",
     )
     parser.add_argument(
-        "--sam-folded-alt",
+        "--sam-sdpa-alt",
         action="store_true",
-        help="an extra row per batch and e2e run with the 7b's SAM relative positions folded into the query and key "
-        "(infer.sam_attention folded)",
+        help="an extra row per batch and e2e run with the 7b's SAM attention as transformers runs it, the dense "
+        "relative-position bias materialised (infer.sam_attention sdpa; the default folds it into the query and key)",
     )
     parser.add_argument(
         "--overlap-alt",

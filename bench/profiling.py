@@ -129,6 +129,8 @@ def kernel_sources(prof: Any, rows: int = 25) -> str:
     for name, start, end in cuda_kernels(prof):
         alone[name] = alone.get(name, 0.0) + end - start
     lines.append("kernel time no host op launched (CUDA graph replays), total ms:")
-    for name, total in sorted(alone.items(), key=lambda item: attributed.get(item[0], 0.0) - item[1])[:10]:
-        lines.append(f"  {(total - attributed.get(name, 0.0)) / 1e3:9.1f}  {name[:100]}")
+    unlaunched = {name: total - attributed.get(name, 0.0) for name, total in alone.items()}
+    for name, total in sorted(unlaunched.items(), key=lambda item: -item[1])[:10]:
+        if total > 0:
+            lines.append(f"  {total / 1e3:9.1f}  {name[:100]}")
     return "\n".join(lines)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from bench.profiling import gpu_time_summary, idle_gaps, kernel_group
+from types import SimpleNamespace
+
+import torch
+
+from bench.profiling import gpu_time_summary, idle_gaps, kernel_group, kernel_sources
 
 
 def test_busy_time_counts_overlapping_kernels_once_and_groups_them() -> None:
@@ -46,3 +50,31 @@ def test_idle_gaps_name_what_the_host_was_doing() -> None:
         "       1.0 ms at +9.0 ms: DataLoader.__next__, ProfilerStep#9",
     ]
     assert idle_gaps([], host) == ["GPU idle gaps >= 0.2 ms: 0, 0.0 ms in all"]
+
+
+def test_kernels_are_traced_to_the_host_op_that_launched_them() -> None:
+    """Each kernel with its launching op and that op's shapes, largest total first; kernel time no op launched (CUDA
+    graph replays) listed apart."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def kernel(name: str, start: float, end: float) -> SimpleNamespace:
+        return SimpleNamespace(name=name, device_type=cuda, time_range=SimpleNamespace(start=start, end=end))
+
+    def op(name: str, shapes: list[list[int]], *launched: tuple[str, float]) -> SimpleNamespace:
+        kernels = [SimpleNamespace(name=k, duration=d) for k, d in launched]
+        return SimpleNamespace(name=name, device_type=cpu, input_shapes=shapes, kernels=kernels)
+
+    events = [
+        op("aten::mm", [[8, 4096], [4096, 4096]], ("nvjet_gemm", 900.0), ("nvjet_gemm", 900.0)),
+        op("aten::add", [[8, 4096], [8, 4096]], ("elementwise_add", 50.0)),
+        kernel("nvjet_gemm", 0.0, 900.0),
+        kernel("nvjet_gemm", 1_000.0, 1_900.0),
+        kernel("elementwise_add", 2_000.0, 2_050.0),
+        kernel("elementwise_add", 3_000.0, 3_400.0),  # replayed from a graph: no op launched it
+    ]
+    lines = kernel_sources(SimpleNamespace(events=lambda: events)).splitlines()
+    assert lines[1].split()[:4] == ["1.8", "2", "nvjet_gemm", "aten::mm"]
+    assert lines[1].endswith("[[8, 4096], [4096, 4096]]")
+    assert lines[2].split()[:4] == ["0.1", "1", "elementwise_add", "aten::add"]
+    assert lines[3].startswith("kernel time no host op launched")
+    assert lines[4:] == ["        0.4  elementwise_add"]

@@ -214,13 +214,16 @@ class TrainConfig(Section):
     hundreds of small kernel launches per micro-batch, during which the GPU mostly waits. auto: on with a CUDA GPU
     when nothing in the towers or the aligner trains (not under DeepSpeed); the towers' results are the same. The
     graphs keep one image's working memory of the towers (the 7b's SAM: ~1 GiB)."""
-    sam_attention: Literal["sdpa", "folded", "flex"] = "sdpa"
-    """The 7b's SAM tower (frozen, on a GPU): sdpa materialises its relative-position bias as a dense tokens x tokens
-    tensor per head (~400 MB per image in each global-attention layer) for SDPA's memory-efficient kernel; flex adds
-    the bias inside a compiled FlexAttention kernel instead (vlmops.models.sam_flex), the same attention, in the
-    global-attention layers (the windows' bias is small). In batch inference on an H200 flex made the 7b's SAM
-    slower (bench/RESULTS.md session 11: 34.5 against 28.2 ms per prompt of prefill), so sdpa by default; flex saves
-    memory (~11 GiB of the 7b's prefill peak over 16 images)."""
+    sam_attention: Literal["folded", "sdpa", "flex"] = "folded"
+    """The 7b's SAM tower, on a GPU (not under DeepSpeed): transformers' attention (sdpa) materialises its
+    relative-position bias as a dense tokens x tokens tensor per head (~400 MB per image in each global-attention
+    layer), copies it once more and feeds it to SDPA's memory-efficient kernel. folded appends the bias's two small
+    tables to the query and one-hots of each key's row and column to the key (vlmops.models.sam_attention), the same
+    attention through SDPA's fused kernels with no bias tensor; flex adds the bias inside a compiled FlexAttention
+    kernel in the global-attention layers. Measured on an H200 (bench/RESULTS.md session 13): SAM-B over 8 images at
+    1,024 px 48.2 ms folded against 85.4 sdpa (peak 1.0 against 6.6 GiB; in bf16 closer to the float32 result), the
+    7b LoRA memory-free step 16,864 against 15,890 tokens/s; flex was slower than sdpa (session 11). On CPU, and for
+    the 1.3b (no SAM), nothing changes."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of
@@ -283,11 +286,11 @@ class InferConfig(Section):
     what the engine sets aside for prefill). Measured on an H200 (1.3b, bench/RESULTS.md session 9): `vlmops
     batch-infer` 91.3 steady images/s against 79.2 eagerly, the engine alone 9.3k against 8.4k tokens/s at batch 256.
     Answers are the same either way; false runs the towers eagerly."""
-    sam_attention: Literal["sdpa", "folded", "flex"] = "sdpa"
-    """Fast engine, the 7b's SAM tower: sdpa, or flex in its global-attention layers (as `train.sam_attention`).
-    Measured on an H200 (bench/RESULTS.md session 11): flex in every SAM layer made the 7b's prefill 2.4x slower, in
-    the global layers alone 34.5 against 28.2 ms per prompt (it saves ~11 GiB of the prefill's peak at batch 32). So
-    sdpa by default. Answers are the same either way."""
+    sam_attention: Literal["folded", "sdpa", "flex"] = "folded"
+    """Fast engine on CUDA, the 7b's SAM tower: folded, sdpa or flex, as `train.sam_attention` (where the choices and
+    their measurements are described). The engine's own figure with folded is not measured yet; the tower alone ran
+    1.77x faster (session 13). flex in the global layers was slower (34.5 against 28.2 ms per prompt, session 11).
+    Answers are the same attention either way."""
     prefill_graphs: bool = True
     """Fast engine: run the language model's half of each prefill (its layers over the prompt embeddings) from CUDA
     graphs, one per number of prompts and width, the widths padded up to multiples of 32 tokens. Eagerly, each

@@ -24,7 +24,12 @@ from vlmops.train.trainer import trained_positions
 def test_cpu_gets_the_plain_path() -> None:
     plan = plan_speed(load_config(None).train, cuda=False, precision="fp32")
     assert not (plan.compile_layers or plan.fused_loss or plan.fused_adamw or plan.lora_compute_dtype)
-    assert plan.why_off == {"compile": "no CUDA GPU", "fused_loss": "no CUDA GPU", "vision_graphs": "no CUDA GPU"}
+    assert plan.why_off == {
+        "compile": "no CUDA GPU",
+        "fused_loss": "no CUDA GPU",
+        "vision_graphs": "no CUDA GPU",
+        "sam_folded": "no CUDA GPU",
+    }
     assert "off compile (no CUDA GPU)" in plan.describe()
     assert plan.pad_to_multiple_of == 1
 
@@ -43,15 +48,16 @@ def test_gpu_gets_every_lever_and_deepspeed_the_safe_ones() -> None:
     assert zero3.why_off["compile"] == "DeepSpeed is on"
     off = plan_speed(load_config(None, {"train.compile": "off"}).train, cuda=True, precision="bf16")
     assert not off.compile_layers and off.why_off["compile"] == "train.compile: off"
-    assert not plan.sam_flex  # SAM's FlexAttention only when asked for (not yet measured), and only on a GPU
+    assert not plan.sam_flex  # SAM's FlexAttention only when asked for (measured slower), and only on a GPU
+    assert plan.sam_folded  # SAM's relative positions folded into the query and key: the default on a GPU
     flex = load_config(None, {"train.sam_attention": "flex"}).train
     assert plan_speed(flex, cuda=True, precision="bf16").sam_flex
     on_cpu = plan_speed(flex, cuda=False, precision="fp32")
     assert not on_cpu.sam_flex and on_cpu.why_off["sam_flex"] == "no CUDA GPU"
-    folded = load_config(None, {"train.sam_attention": "folded"}).train
-    assert plan_speed(folded, cuda=True, precision="bf16").sam_folded
-    on_cpu = plan_speed(folded, cuda=False, precision="fp32")
+    on_cpu = plan_speed(load_config(None, {}).train, cuda=False, precision="fp32")
     assert not on_cpu.sam_folded and on_cpu.why_off["sam_folded"] == "no CUDA GPU"
+    sdpa = plan_speed(load_config(None, {"train.sam_attention": "sdpa"}).train, cuda=True, precision="bf16")
+    assert not (sdpa.sam_folded or sdpa.sam_flex)
 
 
 def test_on_where_it_cannot_apply_is_a_config_error() -> None:

@@ -170,7 +170,7 @@ class FastEngine:
         decode_window: int = 1,
         vision_graphs: bool = True,
         prefill_graphs: bool = True,
-        sam_attention: str = "sdpa",
+        sam_attention: str = "folded",
         overlap_prefill: bool = False,
     ) -> None:
         if infer_cfg.temperature != 0:
