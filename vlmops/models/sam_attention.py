@@ -54,14 +54,7 @@ def use_flex_sam_attention(model: Any, attend: Attend | None = None, min_tokens:
 
     `attend` is the FlexAttention function to use (default: compiled on the GPU); grids of fewer than `min_tokens`
     tokens keep transformers' forward; a layer already changed is left as it is."""
-    changed = 0
-    for module in model.modules():
-        if not getattr(module, "use_rel_pos", False) or not hasattr(module, "get_decomposed_rel_pos"):
-            continue
-        if getattr(module.forward, "sam_attention", None):
-            continue
-        module.forward = _flex_forward(module, module.forward, attend, min_tokens)
-        changed += 1
+    changed = _swap_forwards(model, lambda module: _flex_forward(module, module.forward, attend, min_tokens))
     if changed:
         log.debug("SAM attention with FlexAttention in %d layers", changed)
     return changed
@@ -71,16 +64,22 @@ def use_folded_sam_attention(model: Any) -> int:
     """Give each SAM attention layer of `model` with relative positions the folded forward (`folded_sam_attention`);
     returns how many. A layer already changed (either way) is left as it is. The folded forward is plain
     differentiable tensor work, so it also runs where the layer trains."""
+    changed = _swap_forwards(model, lambda module: _folded_forward(module, module.forward))
+    if changed:
+        log.debug("SAM attention with the relative positions folded into the query and key in %d layers", changed)
+    return changed
+
+
+def _swap_forwards(model: Any, make: Callable[[Any], Callable[..., Any]]) -> int:
+    """Set `make(layer)` as the forward of each SAM attention layer with relative positions not yet changed."""
     changed = 0
     for module in model.modules():
         if not getattr(module, "use_rel_pos", False) or not hasattr(module, "get_decomposed_rel_pos"):
             continue
         if getattr(module.forward, "sam_attention", None):
             continue
-        module.forward = _folded_forward(module, module.forward)
+        module.forward = make(module)
         changed += 1
-    if changed:
-        log.debug("SAM attention with the relative positions folded into the query and key in %d layers", changed)
     return changed
 
 
@@ -129,17 +128,10 @@ def folded_sam_attention(module: Any, hidden_states: torch.Tensor) -> torch.Tens
 
     `hidden_states`: [batch, height, width, channels] (a window or the whole grid); returns the same shape."""
     batch, height, width, _ = hidden_states.shape
-    heads = module.num_attention_heads
-    tokens = height * width
-    qkv = module.qkv(hidden_states).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    query, key, value = qkv.unbind(0)
+    heads, tokens = module.num_attention_heads, height * width
+    query, key, value, rel_h, rel_w = _attention_terms(module, hidden_states)
     head_dim = query.shape[-1]
     scale = head_dim**-0.5  # SDPA's default for the unfolded query, SAM's `scale`
-    table_h = module.get_rel_pos(height, height, module.rel_pos_h)  # [query row, key row, head_dim]
-    table_w = module.get_rel_pos(width, width, module.rel_pos_w)  # [query column, key column, head_dim]
-    grid = query.reshape(batch, heads, height, width, -1)  # the unscaled query, as transformers uses it
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).reshape(batch, heads, tokens, height)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).reshape(batch, heads, tokens, width)
     # Key t sits at row t // width and column t % width of the grid: its one-hots pick rel_h's and rel_w's term.
     # Zero dimensions pad the folded width to a multiple of 8 (what the fused kernels take).
     position = torch.arange(tokens, device=query.device)[:, None]
@@ -161,21 +153,29 @@ def folded_sam_attention(module: Any, hidden_states: torch.Tensor) -> torch.Tens
     return module.proj(out)
 
 
+def _attention_terms(module: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Query, key and value [batch, heads, tokens, head_dim], split from the fused projection as transformers does, and
+    the decomposed bias's tables for each query: rel_h [batch, heads, tokens, height] (its term for each key row) and
+    rel_w [batch, heads, tokens, width] (for each key column), from the unscaled query as transformers computes them."""
+    batch, height, width, _ = hidden_states.shape
+    heads, tokens = module.num_attention_heads, height * width
+    qkv = module.qkv(hidden_states).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    query, key, value = qkv.unbind(0)
+    table_h = module.get_rel_pos(height, height, module.rel_pos_h)  # [query row, key row, head_dim]
+    table_w = module.get_rel_pos(width, width, module.rel_pos_w)  # [query column, key column, head_dim]
+    grid = query.reshape(batch, heads, height, width, -1)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).reshape(batch, heads, tokens, height)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).reshape(batch, heads, tokens, width)
+    return query, key, value, rel_h, rel_w
+
+
 def flex_sam_attention(module: Any, hidden_states: torch.Tensor, attend: Attend) -> torch.Tensor:
     """transformers' `SamVisionSdpaAttention.forward` (its output, not its weights) with the bias inside `attend`.
 
     `hidden_states`: [batch, height, width, channels] (a window or the whole grid); returns the same shape."""
     batch, height, width, _ = hidden_states.shape
     heads = module.num_attention_heads
-    tokens = height * width
-    # [3, batch, heads, tokens, head_dim], as transformers splits its fused projection
-    qkv = module.qkv(hidden_states).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
-    query, key, value = qkv.unbind(0)
-    table_h = module.get_rel_pos(height, height, module.rel_pos_h)  # [query row, key row, head_dim]
-    table_w = module.get_rel_pos(width, width, module.rel_pos_w)  # [query column, key column, head_dim]
-    grid = query.reshape(batch, heads, height, width, -1)  # the unscaled query, as transformers uses it
-    rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).reshape(batch, heads, tokens, height)
-    rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).reshape(batch, heads, tokens, width)
+    query, key, value, rel_h, rel_w = _attention_terms(module, hidden_states)
 
     def score_mod(
         score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
