@@ -150,6 +150,15 @@ def image_processor(variant: Variant) -> Any:
     )
 
 
+def _wake_sam(sam: Any) -> None:
+    """Redraw the SAM tower's convolutions (patch embedding, neck) at a unit-variance scale: transformers initialises
+    them near 1e-10, which makes SAM's output ~0, so the hybrid's image features would not depend on its high-res
+    image or SAM's attention, and no test of those would see a fault in them."""
+    for module in sam.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.normal_(0.0, module.weight[0].numel() ** -0.5)
+
+
 def build_tiny_model(out_dir: str | os.PathLike[str], variant: Variant = "deepseek_vl", seed: int = 0) -> Path:
     """Write a tiny random DeepSeek-VL checkpoint (model, tokenizer, processor) to `out_dir`.
 
@@ -185,6 +194,8 @@ def build_tiny_model(out_dir: str | os.PathLike[str], variant: Variant = "deepse
         # answers every demo question right keeps a loss near ln(vocab); a wider head lets it become confident.
         with torch.no_grad():
             model.lm_head.weight.normal_(0.0, LM_HEAD_STD)
+            if variant != "deepseek_vl":
+                _wake_sam(model.model.high_res_vision_model)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.bos_token_id = tokenizer.bos_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
