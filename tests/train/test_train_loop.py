@@ -132,7 +132,7 @@ def test_max_steps_mid_epoch_still_logs_evaluates_and_saves_at_the_end(
 def test_logs_read_back_late_are_the_logs_of_their_steps(
     tiny_model: Path, tiny_processor: Any, snapshot: PreparedDataset, tmp_path: Path
 ) -> None:
-    from transformers import AutoModelForImageTextToText, TrainerCallback
+    from transformers import AutoModelForImageTextToText, Trainer, TrainerCallback
 
     from vlmops.data.formats import read_dataset
     from vlmops.train.data import SFTDataset, VisionLanguageCollator
@@ -170,6 +170,8 @@ def test_logs_read_back_late_are_the_logs_of_their_steps(
             lag_logs=lag,
         )
         output = trainer.train()
+        batch = {"input_ids": torch.zeros(2, 7, dtype=torch.long)}  # its parameters counted once, the same count
+        assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) > 0
         timing = ("_runtime", "_per_second")
         logs = [{k: v for k, v in log.items() if not k.endswith(timing)} for log in trainer.state.log_history]
         return logs, output.training_loss, arrivals.seen
