@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from vlmops.models.sam_attention import restore_sam_attention, use_folded_sam_attention  # noqa: E402
+from vlmops.models.sam_attention import set_sam_attention  # noqa: E402
 from vlmops.testing.architectures import architecture_config  # noqa: E402
 
 SETTINGS = ("sdpa", "folded")
@@ -50,12 +50,6 @@ def sam_tower(device: str) -> Any:
                 module.rel_pos_h.normal_(0.0, 0.5)
                 module.rel_pos_w.normal_(0.0, 0.5)
     return model
-
-
-def use(model: Any, setting: str) -> None:
-    restore_sam_attention(model)
-    if setting == "folded":
-        use_folded_sam_attention(model)
 
 
 def timed(model: Any, pixels: torch.Tensor, repeats: int) -> tuple[float, float]:
@@ -84,7 +78,7 @@ def errors(model: Any, device: str) -> dict[str, float]:
             for dtype in (torch.float32, torch.bfloat16):
                 model.to(dtype)
                 for setting in SETTINGS:
-                    use(model, setting)
+                    set_sam_attention(model, setting)
                     out = model(pixel_values=pixels.to(dtype)).last_hidden_state
                     outputs[f"{setting}-{str(dtype).removeprefix('torch.')}"] = out.double()
     finally:
@@ -109,7 +103,7 @@ def main() -> int:
     pixels = torch.randn(args.images, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
     rows = []
     for setting in SETTINGS:
-        use(model, setting)
+        set_sam_attention(model, setting)
         ms, peak = timed(model, pixels, args.repeats)
         rows.append(
             {

@@ -267,7 +267,12 @@ def test_folded_sam_attention_is_transformers_attention(tiny_hybrid_model: Path)
     """The relative positions folded into the query and key: the same outputs and gradients as transformers' SDPA
     attention with the dense bias, windowed and global layers alike (float32); the towers give the same features
     with it installed, and restoring brings transformers' forward back."""
-    from vlmops.models.sam_attention import folded_sam_attention, restore_sam_attention, use_folded_sam_attention
+    from vlmops.models.sam_attention import (
+        folded_sam_attention,
+        restore_sam_attention,
+        set_sam_attention,
+        use_folded_sam_attention,
+    )
     from vlmops.models.vision_graphs import image_features
 
     loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
@@ -300,6 +305,12 @@ def test_folded_sam_attention_is_transformers_attention(tiny_hybrid_model: Path)
         assert not torch.equal(folded, expected)  # the folded forward ran: other float32 rounding
         assert restore_sam_attention(vlm) == len(layers)
         assert torch.equal(image_features(vlm, pixels), expected)
+        assert set_sam_attention(vlm, "folded") == len(layers)
+        assert set_sam_attention(vlm, "flex") == len(layers)  # one replaces the other
+        assert set_sam_attention(vlm, "sdpa") == 0
+        assert torch.equal(image_features(vlm, pixels), expected)
+    with pytest.raises(ValueError, match="sam_attention='dense'"):
+        set_sam_attention(vlm, "dense")
 
 
 def _sam_qkv(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

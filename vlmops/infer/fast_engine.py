@@ -47,7 +47,7 @@ from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.models.loading import LoadedModel
 from vlmops.models.pixels import DevicePixels
-from vlmops.models.sam_attention import restore_sam_attention, use_flex_sam_attention, use_folded_sam_attention
+from vlmops.models.sam_attention import SAM_ATTENTION, set_sam_attention
 from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
 log = logging.getLogger(__name__)
@@ -239,13 +239,10 @@ class FastEngine:
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
-        if sam_attention not in ("sdpa", "flex", "folded"):
-            raise UserInputError(f"sam_attention={sam_attention!r}: use sdpa, folded or flex")
-        restore_sam_attention(self.model)  # an earlier engine over the same model may have changed it
-        if on_cuda and sam_attention == "flex":
-            use_flex_sam_attention(self.model)
-        elif on_cuda and sam_attention == "folded":
-            use_folded_sam_attention(self.model)
+        if sam_attention not in SAM_ATTENTION:
+            raise UserInputError(f"sam_attention={sam_attention!r}: use {', '.join(SAM_ATTENTION)}")
+        # Set on every engine: an earlier one over the same model may have changed it. Off CUDA, transformers' own.
+        set_sam_attention(self.model, sam_attention if on_cuda else "sdpa")
         if on_cuda and vision_graphs:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)

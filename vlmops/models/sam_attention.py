@@ -49,6 +49,22 @@ def compiled_flex_attention() -> Attend:
     return torch.compile(flex_attention)
 
 
+SAM_ATTENTION = ("sdpa", "folded", "flex")
+
+
+def set_sam_attention(model: Any, kind: str) -> int:
+    """SAM's attention in `model` as `kind` (one of `SAM_ATTENTION`) names it, undoing whatever an earlier call set:
+    "sdpa" is transformers' own. Returns how many layers now run another forward than transformers'."""
+    if kind not in SAM_ATTENTION:
+        raise ValueError(f"sam_attention={kind!r}: use {', '.join(SAM_ATTENTION)}")
+    restore_sam_attention(model)
+    if kind == "folded":
+        return use_folded_sam_attention(model)
+    if kind == "flex":
+        return use_flex_sam_attention(model)
+    return 0
+
+
 def use_flex_sam_attention(model: Any, attend: Attend | None = None, min_tokens: int = FLEX_MIN_TOKENS) -> int:
     """Give each SAM attention layer of `model` with relative positions the FlexAttention forward; returns how many.
 
