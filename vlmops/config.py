@@ -224,6 +224,11 @@ class TrainConfig(Section):
     1,024 px 48.2 ms folded against 85.4 sdpa (peak 1.0 against 6.6 GiB; in bf16 closer to the float32 result), the
     7b LoRA memory-free step 16,864 against 15,890 tokens/s; flex was slower than sdpa (session 11). On CPU, and for
     the 1.3b (no SAM), nothing changes."""
+    sam_compile: Literal["auto", "off"] = "auto"
+    """The 7b's SAM tower through torch.compile (with `sam_attention: folded`; the towers frozen; a CUDA GPU, not under
+    DeepSpeed): the compiler fuses the layer norms, GELU, window partitions and the folded query and key around the
+    matmuls. Measured on an H200 (bench/RESULTS.md session 14): 8 images at 1,024 px 25.4 ms against 53.5 eagerly.
+    The first step compiles it (~20 s), before the towers' CUDA graphs are captured. off: the eager tower."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of
@@ -291,6 +296,10 @@ class InferConfig(Section):
     their measurements are described). The engine's own figure with folded is not measured yet; the tower alone ran
     1.77x faster (session 13). flex in the global layers was slower (34.5 against 28.2 ms per prompt, session 11).
     Answers are the same attention either way."""
+    sam_compile: bool = True
+    """Fast engine on CUDA with `sam_attention: folded`: the 7b's SAM tower through torch.compile, as
+    `train.sam_compile` (the image count a dynamic size, so one compilation serves every prefill batch; ~20 s at the
+    first prefill). false: the eager tower."""
     prefill_graphs: bool = True
     """Fast engine: run the language model's half of each prefill (its layers over the prompt embeddings) from CUDA
     graphs, one per number of prompts and width, the widths padded up to multiples of 32 tokens. Eagerly, each

@@ -313,6 +313,39 @@ def test_folded_sam_attention_is_transformers_attention(tiny_hybrid_model: Path)
         set_sam_attention(vlm, "dense")
 
 
+def test_sam_tower_compiled_gives_the_eager_features(tiny_hybrid_model: Path) -> None:
+    """The folded SAM tower through torch.compile (inductor's C++ backend here, Triton on the GPU): the image features
+    of the eager tower within float32 rounding, for two image counts (the count is a dynamic size); switched off, the
+    eager forward again, bit for bit. The relative-position tables made on the device equal transformers'."""
+    from torch._dynamo.utils import counters
+
+    from vlmops.models.sam_attention import rel_pos_table, set_sam_attention, set_sam_compiled
+    from vlmops.models.vision_graphs import image_features
+
+    loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
+    vlm = loaded.model.model
+    layers = _randomised_sam(vlm)
+    for layer in layers:
+        for size in (layer.rel_pos_h.shape[0] // 2 + 1, 5):  # the table's own grid; a smaller one (resized)
+            assert torch.equal(rel_pos_table(size, layer.rel_pos_h), layer.get_rel_pos(size, size, layer.rel_pos_h))
+    set_sam_attention(vlm, "folded")
+    images = [draw_shape("red", "circle", 48, random.Random(seed)) for seed in range(3)]
+    pixels = dict(loaded.processor.image_processor(images, return_tensors="pt"))
+    with torch.no_grad():
+        expected = image_features(vlm, pixels)
+        assert set_sam_compiled(loaded.model, True) == 1  # one tower, found from the top model too
+        tower_forward = vlm.high_res_vision_model.forward
+        graphs = counters["stats"]["unique_graphs"]
+        for count in (3, 2):
+            got = image_features(vlm, {name: value[:count] for name, value in pixels.items()})
+            assert torch.allclose(got, expected[:count], rtol=1e-4, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] > graphs  # compiled, and run from what was compiled
+        assert vlm.high_res_vision_model.forward is tower_forward
+        assert set_sam_compiled(vlm, True) == 1  # once more replaces, never wraps twice
+        assert set_sam_compiled(vlm, False) == 0
+        assert torch.equal(image_features(vlm, pixels), expected)
+
+
 def _sam_qkv(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A SAM attention layer's query, key and value [batch, heads, tokens, head_dim] for `x` [batch, h, w, channels]."""
     batch, height, width, _ = x.shape

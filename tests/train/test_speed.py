@@ -29,6 +29,7 @@ def test_cpu_gets_the_plain_path() -> None:
         "fused_loss": "no CUDA GPU",
         "vision_graphs": "no CUDA GPU",
         "sam_folded": "no CUDA GPU",
+        "sam_compile": "no CUDA GPU",
     }
     assert "off compile (no CUDA GPU)" in plan.describe()
     assert plan.pad_to_multiple_of == 1
@@ -58,6 +59,12 @@ def test_gpu_gets_every_lever_and_deepspeed_the_safe_ones() -> None:
     assert not on_cpu.sam_folded and on_cpu.why_off["sam_folded"] == "no CUDA GPU"
     sdpa = plan_speed(load_config(None, {"train.sam_attention": "sdpa"}).train, cuda=True, precision="bf16")
     assert not (sdpa.sam_folded or sdpa.sam_flex)
+    # The folded SAM tower compiled: the default on a GPU; not with transformers' attention, nor when switched off
+    assert plan.sam_compiled and plan.sam_folded
+    assert not sdpa.sam_compiled and sdpa.why_off["sam_compile"] == "SAM's attention is not folded"
+    off = plan_speed(load_config(None, {"train.sam_compile": "off"}).train, cuda=True, precision="bf16")
+    assert not off.sam_compiled and off.why_off["sam_compile"] == "train.sam_compile: off"
+    assert not zero3.sam_compiled and zero3.why_off["sam_compile"] == "DeepSpeed is on"
 
 
 def test_on_where_it_cannot_apply_is_a_config_error() -> None:
@@ -174,8 +181,10 @@ def test_towers_that_train_keep_their_eager_forward(tiny_model: Path) -> None:
         param.requires_grad = False
     model.model.aligner.requires_grad_(True)
     original = model.model.get_image_features
-    plan = apply_speed(model, SpeedPlan(vision_graphs=True))
-    assert not plan.vision_graphs and plan.why_off == {"vision_graphs": "the vision towers or the aligner train"}
+    plan = apply_speed(model, SpeedPlan(vision_graphs=True, sam_compiled=True))
+    trains = "the vision towers or the aligner train"
+    assert not (plan.vision_graphs or plan.sam_compiled)
+    assert plan.why_off == {"vision_graphs": trains, "sam_compile": trains}
     assert model.model.get_image_features == original
     model.model.aligner.requires_grad_(False)
     assert apply_speed(model, SpeedPlan(vision_graphs=True)).vision_graphs

@@ -85,6 +85,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             vision_graphs=infer_cfg.vision_graphs,
             prefill_graphs=infer_cfg.prefill_graphs,
             sam_attention=infer_cfg.sam_attention,
+            sam_compile=infer_cfg.sam_compile,
             overlap_prefill=infer_cfg.overlap_prefill,
         )
     from vlmops.infer.plain_engine import PlainEngine

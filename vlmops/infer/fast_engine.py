@@ -47,7 +47,7 @@ from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.models.loading import LoadedModel
 from vlmops.models.pixels import DevicePixels
-from vlmops.models.sam_attention import SAM_ATTENTION, set_sam_attention
+from vlmops.models.sam_attention import SAM_ATTENTION, set_sam_attention, set_sam_compiled
 from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ class FastEngine:
         sam_attention: the 7b's SAM attention on CUDA (vlmops.models.sam_attention): "folded", its relative positions
             folded into the query and key (no dense bias); "flex", the bias inside a compiled FlexAttention kernel;
             "sdpa": transformers' own.
+        sam_compile: with `sam_attention` "folded" on CUDA, the 7b's SAM tower through torch.compile (compiled at the
+            first prefill, before its graph is captured).
         overlap_prefill: on CUDA with prefill "own", run each prefill on a stream of its own while the rows already
             in their slots go on decoding, on a high-priority stream (compute-bound prefill beside bandwidth-bound
             decode steps); the prompts join the decoding batch when their prefill is done. The same answers either
@@ -171,6 +173,7 @@ class FastEngine:
         vision_graphs: bool = True,
         prefill_graphs: bool = True,
         sam_attention: str = "folded",
+        sam_compile: bool = True,
         overlap_prefill: bool = False,
     ) -> None:
         if infer_cfg.temperature != 0:
@@ -243,6 +246,7 @@ class FastEngine:
             raise UserInputError(f"sam_attention={sam_attention!r}: use {', '.join(SAM_ATTENTION)}")
         # Set on every engine: an earlier one over the same model may have changed it. Off CUDA, transformers' own.
         set_sam_attention(self.model, sam_attention if on_cuda else "sdpa")
+        set_sam_compiled(self.model, on_cuda and sam_compile and sam_attention == "folded")
         if on_cuda and vision_graphs:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 Attend = Callable[..., torch.Tensor]
+Tables = Callable[[int, torch.Tensor], torch.Tensor]
+"""(grid size, a layer's rel_pos_h or rel_pos_w) -> the [query, key, head_dim] table SAM's attention adds from."""
 
 # Grids of fewer tokens (the windowed layers' 14 x 14 windows) keep transformers' attention: their dense bias is
 # small, and FlexAttention over all layers made the 7b's prefill 2.4x slower on an H200 (bench/RESULTS.md session 11).
@@ -113,6 +115,8 @@ def restore_sam_attention(model: Any) -> int:
 def _flex_forward(
     module: Any, original: Callable[..., Any], attend: Attend | None, min_tokens: int
 ) -> Callable[..., Any]:
+    tables = _tables_of(module)  # resolved here, not in the (compiled) forward
+
     def forward(hidden_states: torch.Tensor, output_attentions: bool | None = False) -> Any:
         # A gradient through the layer (its weights train, or a layer before it does) keeps transformers' forward.
         trains = torch.is_grad_enabled() and (
@@ -123,29 +127,31 @@ def _flex_forward(
         small = hidden_states.shape[1] * hidden_states.shape[2] < min_tokens
         if trains or output_attentions or not runs or small:
             return original(hidden_states, output_attentions=output_attentions)
-        return flex_sam_attention(module, hidden_states, attend or compiled_flex_attention()), None
+        return flex_sam_attention(module, hidden_states, attend or compiled_flex_attention(), tables), None
 
     forward.sam_attention = "flex"  # type: ignore[attr-defined]
     return forward
 
 
 def _folded_forward(module: Any, original: Callable[..., Any]) -> Callable[..., Any]:
+    tables = _tables_of(module)  # resolved here, not in the (compiled) forward
+
     def forward(hidden_states: torch.Tensor, output_attentions: bool | None = False) -> Any:
         if output_attentions:
             return original(hidden_states, output_attentions=output_attentions)
-        return folded_sam_attention(module, hidden_states), None
+        return folded_sam_attention(module, hidden_states, tables), None
 
     forward.sam_attention = "folded"  # type: ignore[attr-defined]
     return forward
 
 
-def folded_sam_attention(module: Any, hidden_states: torch.Tensor) -> torch.Tensor:
+def folded_sam_attention(module: Any, hidden_states: torch.Tensor, tables: Tables | None = None) -> torch.Tensor:
     """transformers' `SamVisionSdpaAttention.forward` (its output) with the bias folded into the query and key.
 
     `hidden_states`: [batch, height, width, channels] (a window or the whole grid); returns the same shape."""
     batch, height, width, _ = hidden_states.shape
     heads, tokens = module.num_attention_heads, height * width
-    query, key, value, rel_h, rel_w = _attention_terms(module, hidden_states)
+    query, key, value, rel_h, rel_w = _attention_terms(module, hidden_states, tables or _tables_of(module))
     head_dim = query.shape[-1]
     scale = head_dim**-0.5  # SDPA's default for the unfolded query, SAM's `scale`
     # Key t sits at row t // width and column t % width of the grid: its one-hots pick rel_h's and rel_w's term.
@@ -169,7 +175,7 @@ def folded_sam_attention(module: Any, hidden_states: torch.Tensor) -> torch.Tens
     return module.proj(out)
 
 
-def _attention_terms(module: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _attention_terms(module: Any, hidden_states: torch.Tensor, tables: Tables) -> tuple[torch.Tensor, ...]:
     """Query, key and value [batch, heads, tokens, head_dim], split from the fused projection as transformers does, and
     the decomposed bias's tables for each query: rel_h [batch, heads, tokens, height] (its term for each key row) and
     rel_w [batch, heads, tokens, width] (for each key column), from the unscaled query as transformers computes them."""
@@ -177,21 +183,45 @@ def _attention_terms(module: Any, hidden_states: torch.Tensor) -> tuple[torch.Te
     heads, tokens = module.num_attention_heads, height * width
     qkv = module.qkv(hidden_states).reshape(batch, tokens, 3, heads, -1).permute(2, 0, 3, 1, 4)
     query, key, value = qkv.unbind(0)
-    table_h = module.get_rel_pos(height, height, module.rel_pos_h)  # [query row, key row, head_dim]
-    table_w = module.get_rel_pos(width, width, module.rel_pos_w)  # [query column, key column, head_dim]
+    table_h = tables(height, module.rel_pos_h)  # [query row, key row, head_dim]
+    table_w = tables(width, module.rel_pos_w)  # [query column, key column, head_dim]
     grid = query.reshape(batch, heads, height, width, -1)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid, table_h).reshape(batch, heads, tokens, height)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid, table_w).reshape(batch, heads, tokens, width)
     return query, key, value, rel_h, rel_w
 
 
-def flex_sam_attention(module: Any, hidden_states: torch.Tensor, attend: Attend) -> torch.Tensor:
+def rel_pos_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """transformers' `SamVisionAttention.get_rel_pos(size, size, rel_pos)` (queries and keys on one grid, as in SAM's
+    self-attention): the table resized to 2 x size - 1 positions, then row `q - k + size - 1` for each query and key,
+    with the indices made on the table's device. transformers makes them on the CPU, which a CUDA graph capture cannot
+    copy over (hence `memoise_rel_pos` in vlmops.models.vision_graphs) and torch.compile splits its graph at."""
+    positions = 2 * size - 1
+    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).transpose(1, 2), size=positions, mode="linear")
+    resized = resized.reshape(-1, positions).permute(1, 0)
+    index = torch.arange(size, device=rel_pos.device)
+    return resized[index[:, None] - index[None, :] + (size - 1)]
+
+
+def _tables_of(module: Any) -> Tables:
+    """How the swapped forward gets `module`'s relative-position tables: `rel_pos_table` where the layer's class keeps
+    transformers' `get_rel_pos` (the one it reproduces), else the layer's own."""
+    from transformers.models.sam.modeling_sam import SamVisionAttention
+
+    if getattr(type(module), "get_rel_pos", None) is SamVisionAttention.get_rel_pos:
+        return rel_pos_table
+    return lambda size, rel_pos: module.get_rel_pos(size, size, rel_pos)
+
+
+def flex_sam_attention(
+    module: Any, hidden_states: torch.Tensor, attend: Attend, tables: Tables | None = None
+) -> torch.Tensor:
     """transformers' `SamVisionSdpaAttention.forward` (its output, not its weights) with the bias inside `attend`.
 
     `hidden_states`: [batch, height, width, channels] (a window or the whole grid); returns the same shape."""
     batch, height, width, _ = hidden_states.shape
     heads = module.num_attention_heads
-    query, key, value, rel_h, rel_w = _attention_terms(module, hidden_states)
+    query, key, value, rel_h, rel_w = _attention_terms(module, hidden_states, tables or _tables_of(module))
 
     def score_mod(
         score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
@@ -203,3 +233,39 @@ def flex_sam_attention(module: Any, hidden_states: torch.Tensor, attend: Attend)
     out = attend(query, key, value, score_mod=score_mod)
     out = out.view(batch, heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1)
     return module.proj(out)
+
+
+def set_sam_compiled(model: Any, on: bool) -> int:
+    """The 7b's SAM tower of `model` (its VLM's `high_res_vision_model`) run through torch.compile (`on`) or eagerly,
+    undoing an earlier call; returns how many towers are compiled now.
+
+    With the relative positions folded (no dense bias) the tower is matmuls, two SDPA calls a layer and the elementwise
+    work around them (layer norms, GELU, window partitions, the folded query and key), which the compiler fuses: on an
+    H200, 8 images at 1,024 px took 25.4 ms compiled against 53.5 eagerly (bench/RESULTS.md, session 14). The image
+    count is a dynamic size, so the engine's prefill batches of any count share one compiled graph. The first call
+    compiles (~20 s for SAM-B on an H200): that is done before any CUDA graph is captured, by the capture's warm-up
+    run."""
+    changed = 0
+    towers = {id(m.high_res_vision_model): m.high_res_vision_model for m in _with_sam_tower(model)}
+    for tower in towers.values():
+        if getattr(tower.__dict__.get("forward"), "sam_compiled", False):
+            del tower.forward  # the instance's forward shadowed the class's
+        if not on:
+            continue
+        compiled = torch.compile(tower.forward)
+
+        def forward(
+            pixel_values: torch.Tensor | None = None, *args: Any, _compiled: Any = compiled, **kwargs: Any
+        ) -> Any:
+            if pixel_values is not None:
+                torch._dynamo.maybe_mark_dynamic(pixel_values, 0)
+            return _compiled(pixel_values, *args, **kwargs)
+
+        forward.sam_compiled = True  # type: ignore[attr-defined]
+        tower.forward = forward
+        changed += 1
+    return changed
+
+
+def _with_sam_tower(model: Any) -> list[Any]:
+    return [m for m in model.modules() if isinstance(getattr(m, "high_res_vision_model", None), torch.nn.Module)]

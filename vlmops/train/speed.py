@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from vlmops.config import ConfigError, TrainConfig
-from vlmops.models.sam_attention import use_flex_sam_attention, use_folded_sam_attention
+from vlmops.models.sam_attention import set_sam_compiled, use_flex_sam_attention, use_folded_sam_attention
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.models.vision_graphs import graph_image_features, towers_frozen
 from vlmops.train.data import next_token_targets
@@ -66,6 +66,8 @@ class SpeedPlan:
     sam_folded: bool = False
     """The 7b's SAM attention with its relative positions folded into the query and key (`train.sam_attention:
     folded`): no dense bias tensors."""
+    sam_compiled: bool = False
+    """The 7b's (folded, frozen) SAM tower through torch.compile (`train.sam_compile`)."""
     why_off: dict[str, str] = field(default_factory=dict)
     """For each lever that is off: why (CPU, DeepSpeed, not installed, switched off)."""
 
@@ -110,6 +112,9 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
     vision_graphs = decide("vision_graphs", train.vision_graphs, common)
     sam_flex = train.sam_attention == "flex" and decide("sam_flex", "auto", common)
     sam_folded = train.sam_attention == "folded" and decide("sam_folded", "auto", common)
+    sam_compiled = decide(
+        "sam_compile", train.sam_compile, common or (None if sam_folded else "SAM's attention is not folded")
+    )
     return SpeedPlan(
         compile_layers=compile_layers,
         fused_loss=fused_loss,
@@ -119,6 +124,7 @@ def plan_speed(train: TrainConfig, cuda: bool, precision: str) -> SpeedPlan:
         vision_graphs=vision_graphs,
         sam_flex=sam_flex,
         sam_folded=sam_folded,
+        sam_compiled=sam_compiled,
         why_off=why_off,
     )
 
@@ -142,13 +148,17 @@ def apply_speed(model: Any, plan: SpeedPlan, activation_budget: float = 1.0) -> 
             layer.compile(dynamic=False)
     if plan.fused_loss:
         fuse_loss(top, liger_head_loss())
-    if plan.vision_graphs and not towers_frozen(top.model):
-        why_off = {**plan.why_off, "vision_graphs": "the vision towers or the aligner train"}
-        plan = dataclasses.replace(plan, vision_graphs=False, why_off=why_off)
+    if not towers_frozen(top.model):
+        trains = "the vision towers or the aligner train"
+        for lever, setting in (("vision_graphs", "vision_graphs"), ("sam_compiled", "sam_compile")):
+            if getattr(plan, lever):
+                plan = dataclasses.replace(plan, **{lever: False}, why_off={**plan.why_off, setting: trains})
     if plan.sam_flex:
         use_flex_sam_attention(top.model)  # before any capture: the graphs record the FlexAttention kernels
     if plan.sam_folded:
         use_folded_sam_attention(top.model)
+    if plan.sam_compiled:
+        set_sam_compiled(top.model, True)  # compiled by the first call: the graphs' warm-up run, before their capture
     if plan.vision_graphs:
         graph_image_features(top.model, images_per_graph=1)
     log.info(plan.describe())
