@@ -300,8 +300,8 @@ class StaticDecoder:
 
         The same per-layer functions as the decode step (compiled once for any row count), with causal
         attention over each row; K/V go straight into the slots, and nothing else of the decoder's state changes
-        (a prefill may run beside decoding steps): `commit` starts the rows. Returns each row's first greedy token
-        (with prefill graphs, a static tensor the next prefill of the same shape overwrites: read it before).
+        (a prefill may run beside decoding steps): `commit` starts the rows. Returns each row's first greedy token, on
+        the device, not yet read back.
         """
         return self._prefill_tokens(embeds, width, self.device_longs(slots), self.device_longs(lengths))
 
@@ -330,7 +330,9 @@ class StaticDecoder:
             captured.index.copy_(index)
             captured.lengths.copy_(lengths_t)
         captured.graph.replay()
-        return captured.tokens
+        # A copy: the next replay of this shape overwrites the graph's static output, and the engine queues further
+        # prefills before it reads these tokens back.
+        return captured.tokens.clone()
 
     def _capture_prefill(
         self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths: torch.Tensor
