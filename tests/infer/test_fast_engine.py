@@ -177,6 +177,35 @@ def test_requests_are_pulled_lazily(tiny_model: Path) -> None:
     assert len(list(results)) == 39
 
 
+def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
+    """Without overlap, 8 prompts into 8 free slots, 2 per prefill: all four prefills are launched before the first
+    is joined (read back), the joins follow in launch order, and the answers are `generate`'s."""
+    loaded = loaded_with_eos(tiny_model)
+    cfg = InferConfig(max_new_tokens=16)
+    reqs = requests(loaded, 8, seed=3)
+    expected = reference(loaded, reqs, cfg)
+    engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=2, max_context=256, image_workers=2)
+    events: list[tuple[str, list[int]]] = []
+    launch, join = engine._launch, engine._join
+
+    def launch_seen(group: Any, slots: list[int]) -> Any:
+        events.append(("launch", slots))
+        return launch(group, slots)
+
+    def join_seen(pending: Any, rows: Any, free: Any) -> Any:
+        events.append(("join", pending.slots))
+        return join(pending, rows, free)
+
+    engine._launch, engine._join = launch_seen, join_seen  # type: ignore[method-assign]
+    got = {result.key: result for result in engine.generate(iter(reqs))}
+    pairs = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert events == [("launch", slots) for slots in pairs] + [("join", slots) for slots in pairs]
+    assert {key: (r.token_ids, r.finish_reason) for key, r in got.items()} == {
+        key: (r.token_ids, r.finish_reason) for key, r in expected.items()
+    }
+    assert engine.stats.prefill_calls == 4 and engine.stats.prompts == 8
+
+
 def test_refuses_what_it_cannot_serve(tiny_model: Path) -> None:
     loaded = load_model(tiny_model, dtype="float32", device="cpu")
     with pytest.raises(UserInputError, match="temperature"):

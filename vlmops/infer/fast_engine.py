@@ -8,10 +8,13 @@ How a request travels:
 2. Prefill: waiting prompts fill the free slots, up to `prefill_batch` at a time, through the VLM's own
    forward (vision towers, features scattered into the image-token positions, the whole LLM) on a
    right-padded batch: a row's real tokens never see the padding after them, so no mask is needed and
-   each row's K/V for positions [0, length) land in its slot of the static cache unchanged. With
-   `overlap_prefill` the prefill runs on a CUDA stream of its own while the rows already in their slots go on
-   decoding; it writes only its slots' K/V (an idle slot's step writes the slot's last column, which no prompt
-   reaches), and its rows' positions and first tokens are set on the decoding stream when they join.
+   each row's K/V for positions [0, length) land in its slot of the static cache unchanged. Prefills are queued
+   back to back: while slots are free and prompts wait, the next prefill is launched before the earlier ones' first
+   tokens are read back, so the GPU runs one while the host builds the next; their rows join the decoding batch,
+   oldest first, before the next step. With `overlap_prefill` instead, one prefill at a time runs on a CUDA stream
+   of its own while the rows already in their slots go on decoding; it writes only its slots' K/V (an idle slot's
+   step writes the slot's last column, which no prompt reaches), and its rows' positions and first tokens are set on
+   the decoding stream when they join.
 3. Decode: `StaticDecoder` (vlmops.infer.fast_decode) makes one greedy token for every slot per step from
    the static cache, each step a CUDA graph replay on CUDA. A finished row (EOS or `max_new_tokens`)
    yields its result at once and its slot is refilled by waiting prompts (once at least `min_refill`
@@ -62,9 +65,10 @@ PREFILL_WIDTH_BUCKET = 32
 
 @dataclass
 class EngineStats:
-    """Where the last `generate` call spent its time (host clock; both phases end in a GPU sync). With
-    `overlap_prefill`, `prefill_s` is the host's time launching prefills and waiting for them: the GPU time of a
-    prefill that ran beside decoding steps falls inside `decode_s`."""
+    """Where the last `generate` call spent its time (host clock; both phases end in a GPU sync). `prefill_s` is the
+    host's time launching prefills and waiting for them: with prefills queued back to back, the GPU time of one falls
+    partly in the launch of the next. With `overlap_prefill`, the GPU time of a prefill that ran beside decoding steps
+    falls inside `decode_s`."""
 
     prompts: int = 0
     generated_tokens: int = 0
@@ -313,28 +317,33 @@ class FastEngine:
     ) -> Iterator[GenerationResult]:
         """Prefill waiting prompts into free slots and decode the rows until both run out."""
         exhausted = False
-        pending: _Pending | None = None  # a prefill running beside the decoding rows
+        # Prefills launched and not yet joined, oldest first. Beside decoding (`overlap_prefill`): at most one, joined
+        # once done. Otherwise as many as the free slots take, queued back to back on one stream and joined before the
+        # next decoding step: a join reads the first tokens back (the first join waits for all the queued prefills), so
+        # joining each prefill before launching the next left the GPU idle while the host built the next.
+        pending: list[_Pending] = []
         while True:
-            if pending is not None and (not rows or pending.ready()):
-                yield from self._join(pending, rows, free)
-                pending = None
-            if pending is None and not exhausted and len(free) >= (self.min_refill if rows else 1):
+            if self.overlap_prefill and pending and (not rows or pending[0].ready()):
+                yield from self._join(pending.pop(0), rows, free)
+            may_launch = not exhausted and not (self.overlap_prefill and pending)
+            if may_launch and len(free) >= (self.min_refill if rows or pending else 1):
                 group = list(itertools.islice(waiting, min(len(free), self.prefill_batch)))
                 exhausted = not group
                 if group:
                     slots = [heapq.heappop(free) for _ in group]
-                    pending = self._launch(group, slots)
-                    if not self.overlap_prefill:
-                        yield from self._join(pending, rows, free)
-                        pending = None
+                    pending.append(self._launch(group, slots))
                     continue
+            if pending and not self.overlap_prefill:
+                while pending:
+                    yield from self._join(pending.pop(0), rows, free)
+                continue  # rows that stopped at their first token freed slots: refill them before decoding
             if not rows:
-                if exhausted and pending is None:
+                if exhausted and not pending:
                     return
                 continue
             yield from self._decode(rows, free)
-            if pending is not None:
-                pending.waited = True
+            for launched in pending:
+                launched.waited = True
 
     def _prepared(self, requests: Iterable[GenerationRequest], pool: ThreadPoolExecutor) -> Iterator[_Prepared]:
         """Requests with their pixel tensors, preprocessed by `pool` up to a bounded look-ahead."""
