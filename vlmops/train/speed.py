@@ -3,7 +3,8 @@
 Measured on an H200 (bench/train_bench.py, bench/RESULTS.md "Training speed"), each lever on its own:
 
 - **Compiled decoder layers** (`train.compile`): `torch.compile` on each Llama decoder layer, not on the whole
-  VLM (the vision towers lost speed compiled; the whole VLM does not compile cleanly, DESIGN.md §7). Fuses the
+  VLM (the whole VLM does not compile cleanly, DESIGN.md §7; the towers, eager, lost speed compiled before SAM's
+  attention was folded). Fuses the
   norms, SwiGLU, rotary embedding and the LoRA branches, and cuts the kernel launches that made the step
   host-bound.
 - **Fused linear + cross-entropy** (`train.fused_loss`): Liger Kernel's chunked LM head + loss, over the answer
@@ -17,6 +18,9 @@ Measured on an H200 (bench/train_bench.py, bench/RESULTS.md "Training speed"), e
   trains, `get_image_features` replays a graph of one image per image (vlmops.models.vision_graphs) instead of
   launching SigLIP's and SAM's hundreds of small kernels from Python, which kept the GPU waiting at the start of
   every micro-batch.
+- **SAM folded and compiled** (`train.sam_attention: folded`, `train.sam_compile`): the 7b's SAM tower without its
+  dense relative-position bias, then through torch.compile (vlmops.models.sam_attention); frozen, it is compiled by
+  the graphs' warm-up run and captured as compiled kernels.
 - **Padded batches attend causally, without a mask** (`causal_padding`): batches are right-padded, so under causal
   attention no real token can see the padding after it, and the padding's outputs train nothing; without the
   padding mask SDPA takes its FlashAttention kernel, which skips the blocks above the diagonal, instead of the
