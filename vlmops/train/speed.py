@@ -4,9 +4,8 @@ Measured on an H200 (bench/train_bench.py, bench/RESULTS.md "Training speed"), e
 
 - **Compiled decoder layers** (`train.compile`): `torch.compile` on each Llama decoder layer, not on the whole
   VLM (the whole VLM does not compile cleanly, DESIGN.md §7; the towers, eager, lost speed compiled before SAM's
-  attention was folded). Fuses the
-  norms, SwiGLU, rotary embedding and the LoRA branches, and cuts the kernel launches that made the step
-  host-bound.
+  attention was folded). Fuses the norms, SwiGLU, rotary embedding and the LoRA branches, and cuts the kernel
+  launches that made the step host-bound.
 - **Fused linear + cross-entropy** (`train.fused_loss`): Liger Kernel's chunked LM head + loss, over the answer
   positions only: the 102,400-word logits are never materialised (7b, batch 4: ~1.8 GB in float32, twice with
   its gradient). DeepSeek-VL is not in Liger's model map, so the head is applied here, in the model's own
