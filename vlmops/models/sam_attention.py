@@ -241,7 +241,7 @@ def set_sam_compiled(model: Any, on: bool) -> int:
 
     With the relative positions folded (no dense bias) the tower is matmuls, two SDPA calls a layer and the elementwise
     work around them (layer norms, GELU, window partitions, the folded query and key), which the compiler fuses: on an
-    H200, 8 images at 1,024 px took 25.4 ms compiled against 53.5 eagerly (bench/RESULTS.md, session 14). The image
+    H200, 8 images at 1,024 px took 25.4 ms compiled against 43.0 eagerly (bench/RESULTS.md, session 14). The image
     count is a dynamic size, so the engine's prefill batches of any count share one compiled graph. The first call
     compiles (~20 s for SAM-B on an H200): that is done before any CUDA graph is captured, by the capture's warm-up
     run."""
