@@ -227,9 +227,9 @@ class TrainConfig(Section):
     sam_compile: Literal["auto", "off"] = "auto"
     """The 7b's SAM tower through torch.compile (with `sam_attention: folded`; the towers frozen; a CUDA GPU, not under
     DeepSpeed): the compiler fuses the layer norms, GELU, window partitions and the folded query and key around the
-    matmuls. Measured on an H200 (bench/RESULTS.md session 14): 8 images at 1,024 px 25.4 ms against 43.0 eagerly (bf16 closer to the
-    float32 result).
-    The first step compiles it (~20 s), before the towers' CUDA graphs are captured. off: the eager tower."""
+    matmuls. Measured on an H200 (bench/RESULTS.md session 14): 8 images at 1,024 px 25.4 ms against 43.0 eagerly,
+    in bf16 closer to the float32 result. The first step compiles it (~20 s), before the towers' CUDA graphs are
+    captured. off: the eager tower."""
     deepspeed: str | None = None
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of
