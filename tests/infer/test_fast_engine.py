@@ -7,6 +7,7 @@ bf16 match rate on the GPU is measured by bench/infer_bench.py.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -342,10 +343,11 @@ def test_folded_sam_attention_is_transformers_attention(tiny_hybrid_model: Path)
         set_sam_attention(vlm, "dense")
 
 
-def test_sam_tower_compiled_gives_the_eager_features(tiny_hybrid_model: Path) -> None:
+def test_sam_tower_compiled_gives_the_eager_features(tiny_hybrid_model: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The folded SAM tower through torch.compile (inductor's C++ backend here, Triton on the GPU): the image features
     of the eager tower within float32 rounding, for two image counts (the count is a dynamic size); switched off, the
-    eager forward again, bit for bit. The relative-position tables made on the device equal transformers'."""
+    eager forward again, bit for bit; a compiler that fails leaves the eager tower. The relative-position tables made on
+    the device equal transformers'."""
     from torch._dynamo.utils import counters
 
     from vlmops.models.sam_attention import rel_pos_table, set_sam_attention, set_sam_compiled
@@ -373,6 +375,19 @@ def test_sam_tower_compiled_gives_the_eager_features(tiny_hybrid_model: Path) ->
         assert set_sam_compiled(vlm, True) == 1  # once more replaces, never wraps twice
         assert set_sam_compiled(vlm, False) == 0
         assert torch.equal(image_features(vlm, pixels), expected)
+
+        def broken(graph: Any, inputs: Any) -> Any:
+            raise RuntimeError("no kernels today")
+
+        # A compiler that fails: the tower runs eagerly (the same features, bit for bit), with a warning, from then on
+        set_sam_compiled(vlm, True, backend=broken)
+        with caplog.at_level(logging.WARNING, logger="vlmops.models.sam_attention"):
+            assert torch.equal(image_features(vlm, pixels), expected)
+            assert torch.equal(image_features(vlm, pixels), expected)
+        warned = [
+            r.getMessage() for r in caplog.records if r.getMessage().startswith("SAM tower: torch.compile failed")
+        ]
+        assert len(warned) == 1 and "broken" in warned[0] and warned[0].endswith("running it eagerly")
 
 
 def _sam_qkv(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

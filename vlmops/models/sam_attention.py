@@ -235,7 +235,7 @@ def flex_sam_attention(
     return module.proj(out)
 
 
-def set_sam_compiled(model: Any, on: bool) -> int:
+def set_sam_compiled(model: Any, on: bool, backend: str | Callable[..., Any] = "inductor") -> int:
     """The 7b's SAM tower of `model` (its VLM's `high_res_vision_model`) run through torch.compile (`on`) or eagerly,
     undoing an earlier call; returns how many towers are compiled now.
 
@@ -244,27 +244,35 @@ def set_sam_compiled(model: Any, on: bool) -> int:
     H200, 8 images at 1,024 px took 25.4 ms compiled against 43.0 eagerly (bench/RESULTS.md, session 14). The image
     count is a dynamic size, so the engine's prefill batches of any count share one compiled graph. The first call
     compiles (~20 s for SAM-B on an H200): that is done before any CUDA graph is captured, by the capture's warm-up
-    run."""
+    run. A tower the compiler fails on runs eagerly from then on, with a warning."""
     changed = 0
     towers = {id(m.high_res_vision_model): m.high_res_vision_model for m in _with_sam_tower(model)}
     for tower in towers.values():
         if getattr(tower.__dict__.get("forward"), "sam_compiled", False):
             del tower.forward  # the instance's forward shadowed the class's
-        if not on:
-            continue
-        compiled = torch.compile(tower.forward)
+        if on:
+            tower.forward = _compiled_forward(tower.forward, backend)
+            changed += 1
+    return changed
 
-        def forward(
-            pixel_values: torch.Tensor | None = None, *args: Any, _compiled: Any = compiled, **kwargs: Any
-        ) -> Any:
+
+def _compiled_forward(eager: Callable[..., Any], backend: str | Callable[..., Any]) -> Callable[..., Any]:
+    compiled = torch.compile(eager, backend=backend)
+    failed: list[str] = []
+
+    def forward(pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+        if not failed:
             if pixel_values is not None:
                 torch._dynamo.maybe_mark_dynamic(pixel_values, 0)
-            return _compiled(pixel_values, *args, **kwargs)
+            try:
+                return compiled(pixel_values, *args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as err:  # tracing or the backend failed, not the tower
+                failed.append(str(err).splitlines()[0])
+                log.warning("SAM tower: torch.compile failed (%s); running it eagerly", failed[0])
+        return eager(pixel_values, *args, **kwargs)
 
-        forward.sam_compiled = True  # type: ignore[attr-defined]
-        tower.forward = forward
-        changed += 1
-    return changed
+    forward.sam_compiled = True  # type: ignore[attr-defined]
+    return forward
 
 
 def _with_sam_tower(model: Any) -> list[Any]:
