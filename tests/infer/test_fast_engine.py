@@ -372,7 +372,8 @@ def test_sam_tower_compiled_gives_the_eager_features(tiny_hybrid_model: Path, ca
             assert torch.allclose(got, expected[:count], rtol=1e-4, atol=1e-5)
         assert counters["stats"]["unique_graphs"] > graphs  # compiled, and run from what was compiled
         assert vlm.high_res_vision_model.forward is tower_forward
-        assert set_sam_compiled(vlm, True) == 1  # once more replaces, never wraps twice
+        assert set_sam_compiled(vlm, True) == 1  # once more keeps the compiled forward, never wraps twice
+        assert vlm.high_res_vision_model.forward is tower_forward
         assert set_sam_compiled(vlm, False) == 0
         assert torch.equal(image_features(vlm, pixels), expected)
 

@@ -244,11 +244,16 @@ def set_sam_compiled(model: Any, on: bool, backend: str | Callable[..., Any] = "
     H200, 8 images at 1,024 px took 25.4 ms compiled against 43.0 eagerly (bench/RESULTS.md, session 14). The image
     count is a dynamic size, so the engine's prefill batches of any count share one compiled graph. The first call
     compiles (~20 s for SAM-B on an H200): that is done before any CUDA graph is captured, by the capture's warm-up
-    run. A tower the compiler fails on runs eagerly from then on, with a warning."""
+    run. A tower the compiler fails on runs eagerly from then on, with a warning. A tower already compiled with the same
+    backend keeps its compiled forward (each engine built over the model calls this: no compiling the tower again)."""
     changed = 0
     towers = {id(m.high_res_vision_model): m.high_res_vision_model for m in _with_sam_tower(model)}
     for tower in towers.values():
-        if getattr(tower.__dict__.get("forward"), "sam_compiled", False):
+        compiled_with = getattr(tower.__dict__.get("forward"), "sam_compiled", None)
+        if on and compiled_with is not None and compiled_with == backend:
+            changed += 1
+            continue
+        if compiled_with is not None:
             del tower.forward  # the instance's forward shadowed the class's
         if on:
             tower.forward = _compiled_forward(tower.forward, backend)
@@ -271,7 +276,7 @@ def _compiled_forward(eager: Callable[..., Any], backend: str | Callable[..., An
                 log.warning("SAM tower: torch.compile failed (%s); running it eagerly", failed[0])
         return eager(pixel_values, *args, **kwargs)
 
-    forward.sam_compiled = True  # type: ignore[attr-defined]
+    forward.sam_compiled = backend  # type: ignore[attr-defined]
     return forward
 
 
