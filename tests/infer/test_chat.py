@@ -140,6 +140,17 @@ def test_closing_the_stream_stops_generation(readable_model: Path) -> None:
     assert time.perf_counter() - start < 20  # 4000 tokens would take far longer
 
 
+def test_setting_stop_ends_the_answer_and_the_stream(readable_model: Path) -> None:
+    model = ChatModel.load(readable_model, infer_cfg=infer(4000))
+    stop = threading.Event()
+    pieces = []
+    for text in model.chat_stream("Say hello.", stop=stop):  # ends by itself: nobody closes it
+        pieces.append(text)
+        stop.set()  # as `vlmops infer`'s Ctrl-C handler does
+    tokens = len(model.loaded.tokenizer(pieces[-1], add_special_tokens=False).input_ids)
+    assert 0 < tokens < 20  # stopped a step or two after the first piece, not at 4000
+
+
 def test_error_in_the_generation_thread_reaches_the_caller(tiny_model: Path) -> None:
     model = ChatModel.load(tiny_model, infer_cfg=infer(20))
     calls = 0

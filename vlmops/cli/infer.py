@@ -18,6 +18,7 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
@@ -95,22 +96,31 @@ def chat_loop(chat_model: ChatModel, read: Callable[[str], str], out: TextIO) ->
 
 
 def _turn(chat_model: ChatModel, query: str, history: History, out: TextIO) -> History:
-    """Stream one answer; return the history with this turn, or unchanged if the turn failed."""
+    """Stream one answer; return the history with this turn, or unchanged if the turn failed or was stopped.
+
+    Ctrl-C during the turn sets an event that ends generation after the current token, rather than raising
+    KeyboardInterrupt: an exception raised by the signal inside the streamer's queue can leave its lock held,
+    and the generating thread, blocked on it, would never see the stop.
+    """
+    stopped = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: stopped.set())
     shown = 0
     response = ""
     try:
-        for response in chat_model.chat_stream(query, history):
+        for response in chat_model.chat_stream(query, history, stop=stopped):
             out.write(response[shown:])
             out.flush()
             shown = len(response)
         out.write("\n")
-    except KeyboardInterrupt:
-        out.write("\n[stopped: this turn is not kept in the history]\n")
-        return history
     except (ValueError, OSError, RuntimeError) as err:
         # One bad turn (an unreadable image, out of memory on a long history) should not end the session.
         log.debug("turn failed", exc_info=True)
         out.write(("\n" if shown else "") + f"error: {err}\n")
+        return history
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stopped.is_set():
+        out.write("[stopped: this turn is not kept in the history]\n")
         return history
     return [*history, [chat_model.history_turn(query), response]]
 

@@ -159,19 +159,22 @@ class ChatModel:
         history: History | None = None,
         images: Sequence[str] | None = None,
         system: str | None = None,
+        stop: threading.Event | None = None,
     ) -> Iterator[str]:
         """As `chat`, but yield the answer so far each time it grows; the last value is the whole answer.
 
         Every value is a prefix of the next (whitespace at the ends is held back until it is followed by
         text). The new history is `history + [[query + image tags, last value]]`. Closing the iterator
-        early stops generation. An error in generation is raised here.
+        early stops generation, and so does setting `stop` (from a signal handler, say): the answer then
+        ends after the token being generated, and the iterator ends normally. An error in generation is
+        raised here.
         """
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         _turn, prompt, pil_images = self._prompt(query, history, images, system)
         inputs = model_inputs(self.loaded, [prompt], pil_images)
         streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop = threading.Event()
+        closed = threading.Event()
         errors: list[BaseException] = []
 
         def generate() -> None:
@@ -181,7 +184,7 @@ class ChatModel:
                         **inputs,
                         generation_config=generation_config(self.loaded, self.infer_cfg),
                         streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_StopWhenSet(stop)]),
+                        stopping_criteria=StoppingCriteriaList([_StopWhenSet(closed, *([stop] if stop else []))]),
                     )
             except BaseException as err:  # handed to the consumer, which re-raises it
                 errors.append(err)
@@ -198,7 +201,7 @@ class ChatModel:
                     shown = text.strip()
                     yield shown
         finally:
-            stop.set()
+            closed.set()
             thread.join()
         if errors:
             raise errors[0]
@@ -265,10 +268,11 @@ class ChatModel:
 
 
 class _StopWhenSet(StoppingCriteria):
-    """A stopping criterion that ends generation for every row once `event` is set."""
+    """A stopping criterion that ends generation for every row once any of `events` is set."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, *events: threading.Event):
+        self.events = events
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stopped = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
