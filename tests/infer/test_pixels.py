@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from vlmops.data.demo import draw_shape
-from vlmops.models.pixels import DevicePixels
+from vlmops.models.pixels import DevicePixels, PilGeometry, processor_geometry
 from vlmops.models.tiny import image_processor
 
 
@@ -52,6 +52,48 @@ def test_device_values_equal_the_processor(which: str) -> None:
     for name, value in expected.items():
         assert raw[name].dtype == torch.uint8  # a quarter of float32's bytes to pin and copy
         assert torch.equal(split.values(name, raw[name]), value), name
+
+
+@pytest.mark.parametrize("which", ["deepseek_vl", "deepseek_vl_hybrid", "1.3b", "7b"])
+def test_pil_geometry_equals_the_processors_resize_and_pad(which: str) -> None:
+    processor = image_processor(which) if which.startswith("deepseek") else _released(which)  # type: ignore[arg-type]
+    geometry = PilGeometry.build(processor)
+    assert geometry is not None
+    split = DevicePixels.build(processor)
+    assert split is not None and split.geometry == geometry  # what the engine's image threads run
+    rng = np.random.default_rng(7)
+    shapes = [(int(h), int(w)) for h, w in rng.integers(1, 1500, (12, 2))]
+    images = _images() + [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in shapes]
+    expected = processor_geometry(processor, images)
+    got = geometry(images)
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == torch.uint8
+        assert torch.equal(got[name], value), name
+
+
+def test_geometry_it_does_not_reproduce_stays_the_processors() -> None:
+    processor = _released("1.3b")
+    processor.do_pad = False  # resized, not padded: a shape the PIL path does not make
+    assert PilGeometry.build(processor) is None
+    processor = _released("7b")
+    processor.high_res_background_color = (0, 0, 0)  # the PIL path would pad with another colour than ...
+    geometry = PilGeometry.build(processor)
+    assert geometry is not None  # ... read from the processor itself, so it still matches
+    assert dict(geometry.fits)["high_res_pixel_values"].background == (0, 0, 0)
+
+
+def test_images_other_than_rgb_take_the_processors_geometry() -> None:
+    processor = _released("1.3b")
+    split = DevicePixels.build(processor)
+    assert split is not None and split.geometry is not None
+    # Three channels the processor takes as they are, where pasting onto an RGB square would convert them.
+    ycbcr = _images()[0].convert("YCbCr")
+    images = [ycbcr, _images()[1]]
+    assert torch.equal(
+        split.values("pixel_values", split.host(images)["pixel_values"]),
+        processor(images, return_tensors="pt")["pixel_values"],
+    )
 
 
 def test_other_settings_are_reproduced_or_left_on_the_host() -> None:
