@@ -326,6 +326,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
             ("sam-sdpa", {"sam_attention": "sdpa"}, args.sam_sdpa_alt),
+            ("decode-flex", {"attention": "flex"}, args.decode_flex_alt),
         )
         if wanted
     ]
@@ -553,6 +554,12 @@ def main() -> int:
         action="store_true",
         help="an extra row per batch and e2e run with the 7b's SAM attention as transformers runs it, the dense "
         "relative-position bias materialised (infer.sam_attention sdpa; the default folds it into the query and key)",
+    )
+    parser.add_argument(
+        "--decode-flex-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run with the decode step's attention in FlexAttention, compiled into "
+        "inductor's decoding kernel (the columns split across thread blocks); the default is SDPA under a mask",
     )
     parser.add_argument(
         "--overlap-alt",

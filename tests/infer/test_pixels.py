@@ -12,24 +12,12 @@ from PIL import Image
 from vlmops.data.demo import draw_shape
 from vlmops.models.pixels import DevicePixels, PilGeometry, processor_geometry
 from vlmops.models.tiny import image_processor
+from vlmops.testing.architectures import released_image_processor
 
 
 def _released(variant: str) -> object:
     """The released models' preprocessing (384 px SigLIP; the 7b adds 1024 px SAM), as convert builds it."""
-    from transformers import DeepseekVLHybridImageProcessorPil, DeepseekVLImageProcessorPil
-    from transformers.image_utils import PILImageResampling
-
-    if variant == "1.3b":
-        return DeepseekVLImageProcessorPil(
-            size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_size=14,
-            resample=PILImageResampling.BICUBIC,
-        )  # fmt: skip
-    return DeepseekVLHybridImageProcessorPil(
-        size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3, min_size=14,
-        high_res_size={"height": 1024, "width": 1024}, high_res_image_mean=[0.48145466, 0.4578275, 0.40821073],
-        high_res_image_std=[0.26862954, 0.26130258, 0.27577711], high_res_resample=PILImageResampling.BICUBIC,
-        resample=PILImageResampling.BILINEAR,
-    )  # fmt: skip
+    return released_image_processor(f"deepseek-vl-{variant}-chat")
 
 
 def _images() -> list[Image.Image]:

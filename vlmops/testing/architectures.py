@@ -80,3 +80,31 @@ def architecture_config(name: str) -> DeepseekVLConfig | DeepseekVLHybridConfig:
         "layer_norm_eps": 1e-6,
     }
     return DeepseekVLHybridConfig(**common, high_res_vision_config=sam)
+
+
+def released_image_processor(name: str) -> Any:
+    """The image processor of a released model as `vlmops convert` builds it from the release's settings: 384 px
+    SigLIP input (bicubic) for the 1.3b; for the 7b, 1,024 px SAM input (bicubic) and the 384 px input resized
+    from that (bilinear, as the release's torchvision resize)."""
+    from transformers import DeepseekVLHybridConfig, DeepseekVLHybridImageProcessorPil, DeepseekVLImageProcessorPil
+    from transformers.image_utils import PILImageResampling
+
+    from vlmops.models.tiny import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN
+
+    hybrid = isinstance(architecture_config(name), DeepseekVLHybridConfig)
+    common: dict[str, Any] = {
+        "size": {"height": 384, "width": 384},
+        "image_mean": SIGLIP_MEAN,
+        "image_std": SIGLIP_MEAN,
+        "min_size": 14,
+    }
+    if not hybrid:
+        return DeepseekVLImageProcessorPil(**common, resample=PILImageResampling.BICUBIC)
+    return DeepseekVLHybridImageProcessorPil(
+        **common,
+        resample=PILImageResampling.BILINEAR,
+        high_res_size={"height": 1024, "width": 1024},
+        high_res_image_mean=CLIP_MEAN,
+        high_res_image_std=CLIP_STD,
+        high_res_resample=PILImageResampling.BICUBIC,
+    )
