@@ -237,7 +237,12 @@ def test_sam_tables_are_made_once_per_size(tiny_hybrid_model: Path, monkeypatch:
         expected = image_features(vlm, pixels)
     calls = []
     original = SamVisionAttention.get_rel_pos
-    monkeypatch.setattr(SamVisionAttention, "get_rel_pos", lambda self, *a: calls.append(a[:2]) or original(self, *a))
+
+    def counted(self: SamVisionAttention, *args: Any) -> torch.Tensor:
+        calls.append(args[:2])
+        return original(self, *args)
+
+    monkeypatch.setattr(SamVisionAttention, "get_rel_pos", counted)
     layers = memoise_rel_pos(vlm)
     assert layers == sum(isinstance(m, SamVisionAttention) for m in vlm.modules()) > 0
     assert memoise_rel_pos(vlm) == 0  # once is enough
