@@ -33,7 +33,6 @@ Prints one table; writes the rows, machine, versions and command as JSON to --ou
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
@@ -52,6 +51,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.profiling import cpu_ops, cuda_kernels, gpu_time_summary, idle_gaps, op_tables  # noqa: E402
+from bench.results_file import write_results  # noqa: E402
 from vlmops.config import InferConfig  # noqa: E402
 from vlmops.conversation import ImageRef, Message  # noqa: E402
 from vlmops.infer.engine import GenerationRequest  # noqa: E402
@@ -593,22 +593,10 @@ def main() -> int:
 def save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     if not args.out:
         return
-    import transformers
-
     machine = platform.node()
     if args.device == "cuda":
         machine = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / GIB:.0f} GiB)"
-    result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine,
-        "cpus": os.cpu_count(),
-        "command": "python " + " ".join(sys.argv),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "rows": rows,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, machine, rows, cpus=os.cpu_count())
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ baseline of the engine's previous path).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import sys
@@ -41,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bench.results_file import write_results  # noqa: E402
 from vlmops.models.pixels import PilGeometry, processor_geometry  # noqa: E402
 from vlmops.testing.architectures import released_image_processor  # noqa: E402
 
@@ -123,18 +122,9 @@ def main() -> int:
         )
     if args.out:
         import PIL
-        import transformers
 
-        result = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({platform.node()})",
-            "command": "python " + " ".join(sys.argv),
-            "pillow": PIL.__version__,
-            "transformers": transformers.__version__,
-            "rows": rows,
-        }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({platform.node()})"
+        write_results(args.out, machine, rows, pillow=PIL.__version__)
         print(f"wrote {args.out}")
     return 0
 

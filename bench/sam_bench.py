@@ -15,8 +15,6 @@ Prints a table; `--out` writes the rows as JSON (date, machine, command, figures
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
 import sys
 import time
@@ -28,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.results_file import write_results  # noqa: E402
 from vlmops.models.sam_attention import set_sam_attention, set_sam_compiled  # noqa: E402
 from vlmops.testing.architectures import architecture_config  # noqa: E402
 
@@ -137,19 +136,9 @@ def main() -> int:
     for setting in SETTINGS[1:]:
         print(f"{setting} in float32: {error[f'{setting}-float32']} (against transformers' float32)")
     if args.out:
-        import transformers
-
-        result = {
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": f"{torch.cuda.get_device_name()} ({platform.node()})",
-            "command": "python " + " ".join(sys.argv),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "float32_errors": {setting: error[f"{setting}-float32"] for setting in SETTINGS[1:]},
-            "rows": rows,
-        }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        machine = f"{torch.cuda.get_device_name()} ({platform.node()})"
+        errors_fp32 = {setting: error[f"{setting}-float32"] for setting in SETTINGS[1:]}
+        write_results(args.out, machine, rows, float32_errors=errors_fp32)
     return 0
 
 
