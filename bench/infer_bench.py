@@ -327,6 +327,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
             ("sam-sdpa", {"sam_attention": "sdpa"}, args.sam_sdpa_alt),
             ("decode-flex", {"attention": "flex"}, args.decode_flex_alt),
+            ("siglip-compiled", {"siglip_compile": True}, args.siglip_compile_alt),
         )
         if wanted
     ]
@@ -560,6 +561,12 @@ def main() -> int:
         action="store_true",
         help="an extra row per batch and e2e run with the decode step's attention in FlexAttention, compiled into "
         "inductor's decoding kernel (the columns split across thread blocks); the default is SDPA under a mask",
+    )
+    parser.add_argument(
+        "--siglip-compile-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run with the SigLIP tower through torch.compile (its layer norms, biases, "
+        "GELU and residual adds fused; the first prefill compiles it)",
     )
     parser.add_argument(
         "--overlap-alt",

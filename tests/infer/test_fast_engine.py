@@ -388,13 +388,49 @@ def test_sam_tower_compiled_gives_the_eager_features(tiny_hybrid_model: Path, ca
 
         # A compiler that fails: the tower runs eagerly (the same features, bit for bit), with a warning, from then on
         set_sam_compiled(vlm, True, backend=broken)
-        with caplog.at_level(logging.WARNING, logger="vlmops.models.sam_attention"):
+        with caplog.at_level(logging.WARNING, logger="vlmops.models.tower_compile"):
             assert torch.equal(image_features(vlm, pixels), expected)
             assert torch.equal(image_features(vlm, pixels), expected)
         warned = [
             r.getMessage() for r in caplog.records if r.getMessage().startswith("SAM tower: torch.compile failed")
         ]
         assert len(warned) == 1 and "broken" in warned[0] and warned[0].endswith("running it eagerly")
+
+
+def test_siglip_tower_compiled_gives_the_eager_features(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """SigLIP through torch.compile (image count dynamic): the eager features within float32 rounding for two image
+    counts, run from what was compiled; off again, the eager forward bit for bit; a compiler that fails leaves the
+    eager tower, with one warning."""
+    from torch._dynamo.utils import counters
+
+    from vlmops.models.tower_compile import set_siglip_compiled
+    from vlmops.models.vision_graphs import image_features
+
+    loaded = load_model(tiny_model, dtype="float32", device="cpu")
+    vlm = loaded.model.model
+    images = [draw_shape("blue", "square", 48, random.Random(seed)) for seed in range(3)]
+    pixels = dict(loaded.processor.image_processor(images, return_tensors="pt"))
+    with torch.no_grad():
+        expected = image_features(vlm, pixels)
+        assert set_siglip_compiled(loaded.model, True) == 1
+        graphs = counters["stats"]["unique_graphs"]
+        for count in (3, 2):
+            got = image_features(vlm, {name: value[:count] for name, value in pixels.items()})
+            assert torch.allclose(got, expected[:count], rtol=1e-4, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] > graphs
+        assert set_siglip_compiled(vlm, False) == 0
+        assert torch.equal(image_features(vlm, pixels), expected)
+
+        def broken(graph: Any, inputs: Any) -> Any:
+            raise RuntimeError("no kernels today")
+
+        set_siglip_compiled(vlm, True, backend=broken)
+        with caplog.at_level(logging.WARNING, logger="vlmops.models.tower_compile"):
+            for _ in range(2):
+                assert torch.equal(image_features(vlm, pixels), expected)
+        warned = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].startswith("SigLIP tower:")
+        set_siglip_compiled(vlm, False)
 
 
 def _sam_qkv(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -616,20 +652,21 @@ def test_a_trained_model_answers_64_prompts_as_generate_does(
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("overlap", "attention"), [(False, "sdpa"), (True, "sdpa"), (False, "flex")])
+@pytest.mark.parametrize(
+    "engine",
+    [{}, {"overlap_prefill": True}, {"attention": "flex"}, {"siglip_compile": True}],
+    ids=["defaults", "overlap", "flex-decode", "siglip-compiled"],
+)
 def test_bf16_answers_of_a_trained_model_match_generate(
-    overlap: bool, attention: str, tiny_model: Path, snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    engine: dict[str, Any], tiny_model: Path, snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 10's bf16 check, on trained weights: random weights leave near-ties between logits that any change of
     kernel or rounding flips; a trained model answers with margins. In bf16 on the GPU the engine's greedy tokens
     equal `generate`'s on >= 99% of the positions, with prefills in turn and beside decoding (joined when the GPU
-    is done with them)."""
-    equal, total = trained_match(
-        tiny_model, snapshot, tmp_path, "cuda", "bfloat16", overlap_prefill=overlap, attention=attention
-    )
+    is done with them), and with the settings measured as alternatives (FlexAttention in decode, SigLIP compiled)."""
+    equal, total = trained_match(tiny_model, snapshot, tmp_path, "cuda", "bfloat16", **engine)
     with capsys.disabled():
         print(
-            f"\nbf16, trained tiny model, overlap={overlap}, attention={attention}: {equal} of {total} positions equal "
-            f"({equal / total:.2%})"
+            f"\nbf16, trained tiny model, {engine or 'defaults'}: {equal} of {total} positions equal ({equal / total:.2%})"
         )
     assert equal / total >= 0.99

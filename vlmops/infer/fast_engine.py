@@ -51,6 +51,7 @@ from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.models.loading import LoadedModel
 from vlmops.models.pixels import DevicePixels
 from vlmops.models.sam_attention import SAM_ATTENTION, set_sam_attention, set_sam_compiled
+from vlmops.models.tower_compile import set_siglip_compiled
 from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
 
 log = logging.getLogger(__name__)
@@ -151,6 +152,8 @@ class FastEngine:
             "sdpa": transformers' own.
         sam_compile: with `sam_attention` "folded" on CUDA, the 7b's SAM tower through torch.compile (compiled at the
             first prefill, before its graph is captured).
+        siglip_compile: on CUDA, the SigLIP tower through torch.compile (vlmops.models.tower_compile), as SAM's;
+            off by default until measured on a GPU (`bench/infer_bench.py --siglip-compile-alt`).
         overlap_prefill: on CUDA with prefill "own", run each prefill on a stream of its own while the rows already
             in their slots go on decoding, on a high-priority stream (compute-bound prefill beside bandwidth-bound
             decode steps); the prompts join the decoding batch when their prefill is done. The same answers either
@@ -181,6 +184,7 @@ class FastEngine:
         prefill_graphs: bool = True,
         sam_attention: str = "folded",
         sam_compile: bool = True,
+        siglip_compile: bool = False,
         overlap_prefill: bool = False,
     ) -> None:
         if infer_cfg.temperature != 0:
@@ -254,6 +258,7 @@ class FastEngine:
         # Set on every engine: an earlier one over the same model may have changed it. Off CUDA, transformers' own.
         set_sam_attention(self.model, sam_attention if on_cuda else "sdpa")
         set_sam_compiled(self.model, on_cuda and sam_compile and sam_attention == "folded")
+        set_siglip_compiled(self.model, on_cuda and siglip_compile)
         if on_cuda and vision_graphs:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vlmops.models.tower_compile import Backend, set_tower_compiled
+
 log = logging.getLogger(__name__)
 
 Attend = Callable[..., torch.Tensor]
@@ -235,7 +237,7 @@ def flex_sam_attention(
     return module.proj(out)
 
 
-def set_sam_compiled(model: Any, on: bool, backend: str | Callable[..., Any] = "inductor") -> int:
+def set_sam_compiled(model: Any, on: bool, backend: Backend = "inductor") -> int:
     """The 7b's SAM tower of `model` (its VLM's `high_res_vision_model`) run through torch.compile (`on`) or eagerly,
     undoing an earlier call; returns how many towers are compiled now.
 
@@ -246,38 +248,8 @@ def set_sam_compiled(model: Any, on: bool, backend: str | Callable[..., Any] = "
     compiles (~20 s for SAM-B on an H200): that is done before any CUDA graph is captured, by the capture's warm-up
     run. A tower the compiler fails on runs eagerly from then on, with a warning. A tower already compiled with the same
     backend keeps its compiled forward (each engine built over the model calls this: no compiling the tower again)."""
-    changed = 0
-    towers = {id(m.high_res_vision_model): m.high_res_vision_model for m in _with_sam_tower(model)}
-    for tower in towers.values():
-        compiled_with = getattr(tower.__dict__.get("forward"), "sam_compiled", None)
-        if on and compiled_with is not None and compiled_with == backend:
-            changed += 1
-            continue
-        if compiled_with is not None:
-            del tower.forward  # the instance's forward shadowed the class's
-        if on:
-            tower.forward = _compiled_forward(tower.forward, backend)
-            changed += 1
-    return changed
-
-
-def _compiled_forward(eager: Callable[..., Any], backend: str | Callable[..., Any]) -> Callable[..., Any]:
-    compiled = torch.compile(eager, backend=backend)
-    failed: list[str] = []
-
-    def forward(pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-        if not failed:
-            if pixel_values is not None:
-                torch._dynamo.maybe_mark_dynamic(pixel_values, 0)
-            try:
-                return compiled(pixel_values, *args, **kwargs)
-            except torch._dynamo.exc.TorchDynamoException as err:  # tracing or the backend failed, not the tower
-                failed.append(str(err).splitlines()[0])
-                log.warning("SAM tower: torch.compile failed (%s); running it eagerly", failed[0])
-        return eager(pixel_values, *args, **kwargs)
-
-    forward.sam_compiled = backend  # type: ignore[attr-defined]
-    return forward
+    towers = [m.high_res_vision_model for m in _with_sam_tower(model)]
+    return set_tower_compiled(towers, on, backend, "SAM tower")
 
 
 def _with_sam_tower(model: Any) -> list[Any]:
