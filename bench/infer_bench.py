@@ -326,7 +326,6 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
             ("sam-sdpa", {"sam_attention": "sdpa"}, args.sam_sdpa_alt),
-            ("decode-flex", {"attention": "flex"}, args.decode_flex_alt),
             ("siglip-compiled", {"siglip_compile": True}, args.siglip_compile_alt),
         )
         if wanted
@@ -555,12 +554,6 @@ def main() -> int:
         action="store_true",
         help="an extra row per batch and e2e run with the 7b's SAM attention as transformers runs it, the dense "
         "relative-position bias materialised (infer.sam_attention sdpa; the default folds it into the query and key)",
-    )
-    parser.add_argument(
-        "--decode-flex-alt",
-        action="store_true",
-        help="an extra row per batch and e2e run with the decode step's attention in FlexAttention, compiled into "
-        "inductor's decoding kernel (the columns split across thread blocks); the default is SDPA under a mask",
     )
     parser.add_argument(
         "--siglip-compile-alt",

@@ -48,11 +48,6 @@ class _PrefillGraph:
     tokens: torch.Tensor
 
 
-# The decode step's attention: SDPA over the bucket's columns under an additive mask; the same as two matmuls and a
-# softmax; or FlexAttention, which inductor compiles into its decoding kernel (the columns split across thread blocks,
-# so a few rows of short queries still fill the GPU), the mask a score modification on each row's position.
-DECODE_ATTENTION = ("sdpa", "matmul", "flex")
-
 # Prefill shapes captured at most (each keeps its static input of rows x width embeddings); beyond, eagerly.
 MAX_PREFILL_GRAPHS = 64
 
@@ -74,20 +69,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
     return weight * h.to(dtype)
-
-
-def _flex_attention(compiled: bool) -> Callable[..., torch.Tensor]:
-    """FlexAttention, through torch.compile where `compiled` (eagerly it computes the whole score matrix: CPU tests).
-
-    The compiled function is specialised to each row count (inductor's decoding kernel needs the batch size static),
-    a recompilation per row bucket: more than dynamo's default limit of 8 when an engine has many buckets."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if not compiled:
-        return flex_attention
-    compiled_flex = torch.compile(flex_attention, dynamic=None)
-    limits = torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096)
-    return limits(compiled_flex)
 
 
 def additive_mask(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -199,8 +180,8 @@ class StaticDecoder:
         config = lm.config
         if getattr(config, "hidden_act", "silu") != "silu":
             raise UserInputError(f"FastEngine decodes SiLU Llamas; this model's hidden_act is {config.hidden_act!r}")
-        if attention not in DECODE_ATTENTION:
-            raise UserInputError(f"attention={attention!r}: use {', '.join(DECODE_ATTENTION)}")
+        if attention not in ("sdpa", "matmul"):
+            raise UserInputError(f"attention={attention!r}: use sdpa or matmul")
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
@@ -268,15 +249,6 @@ class StaticDecoder:
                 _rows_dynamic(normed), qkv, _rows_dynamic(cos), _rows_dynamic(sin), *rest
             )
             self._post = lambda x, attn, *rest: post(_rows_dynamic(x), _rows_dynamic(attn, 0, 2), *rest)
-        self._flex: Callable[..., torch.Tensor] | None = None
-        if attention == "flex":
-            self._flex = _flex_attention(compiled=compile_step or device.type == "cuda")
-            positions = self.positions
-
-            def up_to_position(score: torch.Tensor, b: Any, h: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
-                return torch.where(kv_idx <= positions[b], score, -float("inf"))
-
-            self._visible = up_to_position
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._memory: GraphMemory | None = None  # the decode steps' graphs, once the first is captured
@@ -456,10 +428,8 @@ class StaticDecoder:
         x = F.embedding(tokens, self.embed)
         normed = self._norm(x, self.norm_in, self.eps)
         cos, sin = self.cos[positions], self.sin[positions]
-        mask = None
-        if self._flex is None:
-            visible = self.columns[:columns][None, :] <= positions[:, None]
-            mask = additive_mask(visible, x.dtype)[:, None, None, :]  # once a step, not once a layer
+        visible = self.columns[:columns][None, :] <= positions[:, None]
+        mask = additive_mask(visible, x.dtype)[:, None, None, :]  # once a step, not once a layer
         for layer_index, layer in enumerate(self.layers):
             q, kv = self._pre(normed, layer.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
             cache = self.kv_cache[layer_index]
@@ -472,17 +442,9 @@ class StaticDecoder:
         self.tokens[:rows].copy_(self.greedy(logits))
         self.positions[:rows].add_(self.active[:rows])
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention of one query per row over the row's cache columns (`mask` additive, [rows, 1, 1, columns]; None
-        with flex, which masks by the rows' positions); returns [rows, heads, 1, head_dim]."""
-        if self._flex is not None:
-            # The column count is a dynamic size: one compilation per row bucket serves every column bucket.
-            torch._dynamo.maybe_mark_dynamic(k, 2)
-            torch._dynamo.maybe_mark_dynamic(v, 2)
-            return self._flex(
-                q.unsqueeze(2), k, v, score_mod=self._visible, scale=self.scale, enable_gqa=self.kv_heads != self.heads
-            )
-        assert mask is not None
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of one query per row over the row's cache columns (`mask` additive, [rows, 1, 1, columns]);
+        returns [rows, heads, 1, head_dim]."""
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)

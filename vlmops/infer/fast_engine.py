@@ -126,10 +126,8 @@ class FastEngine:
         memory_gib: cap on the GPU memory the model, the cache and prefill may take together (None: 90% of the card).
         cuda_graphs: capture decode steps (default: on CUDA).
         compile: torch.compile the per-layer arithmetic of the step (default: on CUDA).
-        attention: the decode step's attention (vlmops.infer.fast_decode.DECODE_ATTENTION): "sdpa" under an additive
-            mask, "matmul" (the same as two matmuls and a softmax) or "flex" (FlexAttention, compiled on CUDA into
-            inductor's decoding kernel, which splits the columns across thread blocks; not yet measured on a GPU:
-            `bench/infer_bench.py --decode-flex-alt`).
+        attention: "sdpa" or "matmul" for the decode step's attention (FlexAttention's decoding kernel measured
+            slower on an H200 in session 11 and was taken out: bench/RESULTS.md).
         prefill: "own" runs the vision towers through transformers, then the language model with the
             decode step's (compiled) layer functions, K/V written straight into the slots; "model" runs
             the VLM's own forward and copies K/V out of its cache.
