@@ -329,6 +329,9 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("siglip-compiled", {"siglip_compile": True}, args.siglip_compile_alt),
         )
         if wanted
+    ] + [
+        (f"overlap-carveout-{sms}", {"overlap_prefill": True, "prefill_sm_carveout": sms})
+        for sms in (int(n) for n in args.overlap_carveout_alt.split(",") if n)
     ]
     for batch in batches:
         guarded(f"engine-{batch}", lambda b=batch: engine_row("engine", b, b))
@@ -560,6 +563,12 @@ def main() -> int:
         action="store_true",
         help="an extra row per batch and e2e run with the SigLIP tower through torch.compile (its layer norms, biases, "
         "GELU and residual adds fused; the first prefill compiles it)",
+    )
+    parser.add_argument(
+        "--overlap-carveout-alt",
+        default="",
+        help="comma list of SM counts: for each, an extra row per batch and e2e run with prefills beside decoding "
+        "whose matmuls leave that many SMs to the decode steps (overlap_prefill + prefill_sm_carveout)",
     )
     parser.add_argument(
         "--overlap-alt",

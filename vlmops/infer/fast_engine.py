@@ -156,6 +156,10 @@ class FastEngine:
             in their slots go on decoding, on a high-priority stream (compute-bound prefill beside bandwidth-bound
             decode steps); the prompts join the decoding batch when their prefill is done. The same answers either
             way.
+        prefill_sm_carveout: with `overlap_prefill`, the number of SMs the prefill's cuBLAS matmuls leave free for the
+            decoding stream (torch's experimental SM carve-out, set around each prefill and baked into its graphs);
+            0: none. Session 12 measured overlap without it slower (the prefill's matmuls starved the decode steps);
+            an alternative of `bench/infer_bench.py --overlap-carveout-alt`, not yet measured.
     """
 
     def __init__(
@@ -184,6 +188,7 @@ class FastEngine:
         sam_compile: bool = True,
         siglip_compile: bool = False,
         overlap_prefill: bool = False,
+        prefill_sm_carveout: int = 0,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -195,6 +200,8 @@ class FastEngine:
                 f"infer.repetition_penalty is {infer_cfg.repetition_penalty}: FastEngine does not apply it; set it "
                 "to 1 or use the plain engine"
             )
+        if prefill_sm_carveout < 0:
+            raise UserInputError(f"prefill_sm_carveout={prefill_sm_carveout}: a number of SMs, 0 or more")
         if max_batch < 1 or prefill_batch < 1 or max_context < 2 or decode_window < 1:
             raise UserInputError(
                 "max_batch, prefill_batch and decode_window must be at least 1 and max_context at least 2"
@@ -248,6 +255,7 @@ class FastEngine:
         # ...and the decoding rows' work then on a high-priority stream: the GPU dispatches a step's small kernels
         # ahead of a prefill's queued ones, so decoding does not wait behind whole prefill matmuls.
         self.decode_stream = torch.cuda.Stream(self.device, priority=-1) if self.prefill_stream is not None else None
+        self.prefill_sm_carveout = prefill_sm_carveout if self.prefill_stream is not None else 0
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
@@ -400,7 +408,7 @@ class FastEngine:
             pending = self._prefill(group, slots)
         else:
             self.prefill_stream.wait_stream(self.decode_stream or torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.prefill_stream):
+            with torch.cuda.stream(self.prefill_stream), sm_carveout(self.prefill_sm_carveout):
                 pending = self._prefill(group, slots)
                 pending.done = torch.cuda.Event()
                 pending.done.record(self.prefill_stream)
@@ -538,3 +546,17 @@ def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     if layers is not None:
         return [layer.keys for layer in layers], [layer.values for layer in layers]
     return list(cache.key_cache), list(cache.value_cache)
+
+
+@contextlib.contextmanager
+def sm_carveout(sms: int) -> Iterator[None]:
+    """cuBLAS matmuls launched (or captured) inside leave `sms` SMs free; 0 changes nothing."""
+    if not sms:
+        yield
+        return
+    previous = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(previous)
