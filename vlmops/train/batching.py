@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,9 @@ from vlmops.train.packing import (
 from vlmops.train.speed import SpeedPlan
 
 log = logging.getLogger(__name__)
+
+# DeepSpeed presets that only shard state across processes (no offload): nothing to gain in a run of one process.
+SHARDING_PRESETS = ("zero2", "zero3")
 
 # With compiled layers, padded batches come in at most this many lengths (see `length_buckets`): each is a compile
 # (seconds to tens of seconds), each bucket boundary costs padding (uniform lengths of 64-2,700 tokens: ~6% at 16).
@@ -136,6 +140,14 @@ def resolve_deepspeed(config: PipelineConfig, base_model: Path, speed: SpeedPlan
     levers the run would use without DeepSpeed (a fused loss keeps no logits).
     """
     t = config.train
+    if t.deepspeed in SHARDING_PRESETS and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        log.warning(
+            "train.deepspeed: %s shards training state across GPUs, and this run has one process, so it shards "
+            "nothing, and DeepSpeed turns off levers of the run without it (the compiled SAM tower, for one); on one "
+            "GPU leave train.deepspeed null (vlmops then takes an offload preset by itself where full training would "
+            "not fit)",
+            t.deepspeed,
+        )
     if t.deepspeed is not None or t.mode != "full" or not t.auto_batch or config.model.dtype != "auto":
         return config
     if not torch.cuda.is_available():
