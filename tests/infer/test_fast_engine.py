@@ -366,88 +366,72 @@ def test_folded_sam_attention_is_transformers_attention(tiny_hybrid_model: Path)
         set_sam_attention(vlm, "dense")
 
 
-def test_sam_tower_compiled_gives_the_eager_features(tiny_hybrid_model: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The folded SAM tower through torch.compile (inductor's C++ backend here, Triton on the GPU): the image features
-    of the eager tower within float32 rounding, for two image counts (the count is a dynamic size); switched off, the
-    eager forward again, bit for bit; a compiler that fails leaves the eager tower. The relative-position tables made on
-    the device equal transformers'."""
+def _compiled_tower_contract(
+    loaded: LoadedModel,
+    set_compiled: Any,
+    tower: str,
+    label: str,
+    images: list[Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What `vlmops.models.tower_compile` promises for the tower `tower` of the VLM: compiled (found from the top
+    model too), the eager features within float32 rounding for two image counts (the count a dynamic size), run from
+    what was compiled; asked again, the same compiled forward, never wrapped twice; off, the eager forward bit for bit;
+    a compiler that fails leaves the eager tower, with one warning naming it."""
     from torch._dynamo.utils import counters
 
-    from vlmops.models.sam_attention import rel_pos_table, set_sam_attention, set_sam_compiled
     from vlmops.models.vision_graphs import image_features
 
-    loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
     vlm = loaded.model.model
-    layers = _randomised_sam(vlm)
-    for layer in layers:
-        for size in (layer.rel_pos_h.shape[0] // 2 + 1, 5):  # the table's own grid; a smaller one (resized)
-            assert torch.equal(rel_pos_table(size, layer.rel_pos_h), layer.get_rel_pos(size, size, layer.rel_pos_h))
-    set_sam_attention(vlm, "folded")
-    images = [draw_shape("red", "circle", 48, random.Random(seed)) for seed in range(3)]
     pixels = dict(loaded.processor.image_processor(images, return_tensors="pt"))
     with torch.no_grad():
         expected = image_features(vlm, pixels)
-        assert set_sam_compiled(loaded.model, True) == 1  # one tower, found from the top model too
-        tower_forward = vlm.high_res_vision_model.forward
+        assert set_compiled(loaded.model, True) == 1
+        tower_forward = getattr(vlm, tower).forward
         graphs = counters["stats"]["unique_graphs"]
-        for count in (3, 2):
+        for count in (len(images), len(images) - 1):
             got = image_features(vlm, {name: value[:count] for name, value in pixels.items()})
             assert torch.allclose(got, expected[:count], rtol=1e-4, atol=1e-5)
         assert counters["stats"]["unique_graphs"] > graphs  # compiled, and run from what was compiled
-        assert vlm.high_res_vision_model.forward is tower_forward
-        assert set_sam_compiled(vlm, True) == 1  # once more keeps the compiled forward, never wraps twice
-        assert vlm.high_res_vision_model.forward is tower_forward
-        assert set_sam_compiled(vlm, False) == 0
+        assert set_compiled(vlm, True) == 1
+        assert getattr(vlm, tower).forward is tower_forward
+        assert set_compiled(vlm, False) == 0
         assert torch.equal(image_features(vlm, pixels), expected)
 
         def broken(graph: Any, inputs: Any) -> Any:
             raise RuntimeError("no kernels today")
 
-        # A compiler that fails: the tower runs eagerly (the same features, bit for bit), with a warning, from then on
-        set_sam_compiled(vlm, True, backend=broken)
-        with caplog.at_level(logging.WARNING, logger="vlmops.models.tower_compile"):
-            assert torch.equal(image_features(vlm, pixels), expected)
-            assert torch.equal(image_features(vlm, pixels), expected)
-        warned = [
-            r.getMessage() for r in caplog.records if r.getMessage().startswith("SAM tower: torch.compile failed")
-        ]
-        assert len(warned) == 1 and "broken" in warned[0] and warned[0].endswith("running it eagerly")
-
-
-def test_siglip_tower_compiled_gives_the_eager_features(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """SigLIP through torch.compile (image count dynamic): the eager features within float32 rounding for two image
-    counts, run from what was compiled; off again, the eager forward bit for bit; a compiler that fails leaves the
-    eager tower, with one warning."""
-    from torch._dynamo.utils import counters
-
-    from vlmops.models.tower_compile import set_siglip_compiled
-    from vlmops.models.vision_graphs import image_features
-
-    loaded = load_model(tiny_model, dtype="float32", device="cpu")
-    vlm = loaded.model.model
-    images = [draw_shape("blue", "square", 48, random.Random(seed)) for seed in range(3)]
-    pixels = dict(loaded.processor.image_processor(images, return_tensors="pt"))
-    with torch.no_grad():
-        expected = image_features(vlm, pixels)
-        assert set_siglip_compiled(loaded.model, True) == 1
-        graphs = counters["stats"]["unique_graphs"]
-        for count in (3, 2):
-            got = image_features(vlm, {name: value[:count] for name, value in pixels.items()})
-            assert torch.allclose(got, expected[:count], rtol=1e-4, atol=1e-5)
-        assert counters["stats"]["unique_graphs"] > graphs
-        assert set_siglip_compiled(vlm, False) == 0
-        assert torch.equal(image_features(vlm, pixels), expected)
-
-        def broken(graph: Any, inputs: Any) -> Any:
-            raise RuntimeError("no kernels today")
-
-        set_siglip_compiled(vlm, True, backend=broken)
+        set_compiled(vlm, True, backend=broken)
         with caplog.at_level(logging.WARNING, logger="vlmops.models.tower_compile"):
             for _ in range(2):
                 assert torch.equal(image_features(vlm, pixels), expected)
         warned = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
-        assert len(warned) == 1 and warned[0].startswith("SigLIP tower:")
-        set_siglip_compiled(vlm, False)
+        assert len(warned) == 1 and warned[0].startswith(f"{label}: ") and warned[0].endswith("running it eagerly")
+        set_compiled(vlm, False)
+
+
+def test_sam_tower_compiled_gives_the_eager_features(tiny_hybrid_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The folded SAM tower through torch.compile (inductor's C++ backend here, Triton on the GPU), as
+    `_compiled_tower_contract` states. The relative-position tables made on the device equal transformers'."""
+    from vlmops.models.sam_attention import rel_pos_table, set_sam_attention, set_sam_compiled
+
+    loaded = load_model(tiny_hybrid_model, dtype="float32", device="cpu")
+    layers = _randomised_sam(loaded.model.model)
+    for layer in layers:
+        for size in (layer.rel_pos_h.shape[0] // 2 + 1, 5):  # the table's own grid; a smaller one (resized)
+            assert torch.equal(rel_pos_table(size, layer.rel_pos_h), layer.get_rel_pos(size, size, layer.rel_pos_h))
+    set_sam_attention(loaded.model.model, "folded")
+    images = [draw_shape("red", "circle", 48, random.Random(seed)) for seed in range(3)]
+    _compiled_tower_contract(loaded, set_sam_compiled, "high_res_vision_model", "SAM tower", images, caplog)
+
+
+def test_siglip_tower_compiled_gives_the_eager_features(tiny_model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The SigLIP tower through torch.compile, as `_compiled_tower_contract` states."""
+    from vlmops.models.tower_compile import set_siglip_compiled
+
+    loaded = load_model(tiny_model, dtype="float32", device="cpu")
+    images = [draw_shape("blue", "square", 48, random.Random(seed)) for seed in range(3)]
+    _compiled_tower_contract(loaded, set_siglip_compiled, "vision_model", "SigLIP tower", images, caplog)
 
 
 def _sam_qkv(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
