@@ -149,6 +149,7 @@ def test_setting_stop_ends_the_answer_and_the_stream(readable_model: Path) -> No
         stop.set()  # as `vlmops infer`'s Ctrl-C handler does
     tokens = len(model.loaded.tokenizer(pieces[-1], add_special_tokens=False).input_ids)
     assert 0 < tokens < 20  # stopped a step or two after the first piece, not at 4000
+    assert list(model.chat_stream("Say hello.", stop=stop)) == []  # set before generation began: none at all
 
 
 def test_error_in_the_generation_thread_reaches_the_caller(tiny_model: Path) -> None:

@@ -166,12 +166,14 @@ class ChatModel:
         Every value is a prefix of the next (whitespace at the ends is held back until it is followed by
         text). The new history is `history + [[query + image tags, last value]]`. Closing the iterator
         early stops generation, and so does setting `stop` (from a signal handler, say): the answer then
-        ends after the token being generated, and the iterator ends normally. An error in generation is
-        raised here.
+        ends after the token being generated, and the iterator ends normally (with no value at all where `stop`
+        was set before generation began). An error in generation is raised here.
         """
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         _turn, prompt, pil_images = self._prompt(query, history, images, system)
+        if stop is not None and stop.is_set():
+            return  # stopped while the images were read: nothing is generated, nothing yielded
         inputs = model_inputs(self.loaded, [prompt], pil_images)
         streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
         closed = threading.Event()
