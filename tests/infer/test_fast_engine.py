@@ -596,23 +596,30 @@ def test_prefill_beside_decoding_answers_the_same(
     assert answers[0] == answers[1]
 
 
-def trained_match(
-    tiny_model: Path, snapshot: Path, tmp_path: Path, device: str, dtype: str, **engine: Any
-) -> tuple[int, int]:
-    """The tiny model trained in full on the demo data (colours of shapes), then 64 demo prompts it has not seen:
-    (positions where the engine's greedy tokens equal `generate`'s, positions), a stop (EOS) counting as one."""
+@pytest.fixture(scope="module")
+def trained_tiny(tiny_model: Path, snapshot: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model trained in full on the demo data (colours of shapes), once for the tests of this module that
+    need answers with margins (on the GPU machine, trained there)."""
+    from vlmops.config import load_config
+    from vlmops.train.sft import train
+
+    overrides = ["train.mode=full", "train.epochs=10", "train.batch_size=8", "train.lr=1e-3", "train.save_steps=10000"]
+    return train(
+        load_config(None, overrides), tiny_model, snapshot, tmp_path_factory.mktemp("trained") / "run"
+    ).final_dir
+
+
+def trained_match(trained: Path, tmp_path: Path, device: str, dtype: str, **engine: Any) -> tuple[int, int]:
+    """The trained tiny model (`trained_tiny`) on 64 demo prompts it has not seen: (positions where the engine's
+    greedy tokens equal `generate`'s, positions), a stop (EOS) counting as one."""
     import json
     import re
 
     from PIL import Image
 
-    from vlmops.config import load_config
     from vlmops.data.demo import write_demo_dataset
-    from vlmops.train.sft import train
 
-    overrides = ["train.mode=full", "train.epochs=10", "train.batch_size=8", "train.lr=1e-3", "train.save_steps=10000"]
-    result = train(load_config(None, overrides), tiny_model, snapshot, tmp_path / "run")
-    loaded = load_model(result.final_dir, dtype=dtype, device=device)
+    loaded = load_model(trained, dtype=dtype, device=device)
     _, eval_file = write_demo_dataset(tmp_path / "prompts", num_train=1, num_eval=64, seed=5)
     reqs = []
     for index, line in enumerate(eval_file.read_text().splitlines()):
@@ -641,13 +648,11 @@ def trained_match(
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_a_trained_model_answers_64_prompts_as_generate_does(
-    compile: bool, tiny_model: Path, snapshot: Path, tmp_path: Path
-) -> None:
+def test_a_trained_model_answers_64_prompts_as_generate_does(compile: bool, trained_tiny: Path, tmp_path: Path) -> None:
     """Issue 10's fixed set of 64 prompts, on trained weights: token for token in float32 (CPU); also with the decode
     step's functions compiled (inductor's C++ backend here, Triton on the GPU: other kernels, so other rounding, which
     the trained model's margins absorb where random weights' near-ties would not)."""
-    equal, total = trained_match(tiny_model, snapshot, tmp_path, "cpu", "float32", compile=compile)
+    equal, total = trained_match(trained_tiny, tmp_path, "cpu", "float32", compile=compile)
     assert total >= 2 * 64 and equal == total
 
 
@@ -658,14 +663,14 @@ def test_a_trained_model_answers_64_prompts_as_generate_does(
     ids=["defaults", "overlap", "overlap-carveout", "siglip-compiled"],
 )
 def test_bf16_answers_of_a_trained_model_match_generate(
-    engine: dict[str, Any], tiny_model: Path, snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    engine: dict[str, Any], trained_tiny: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 10's bf16 check, on trained weights: random weights leave near-ties between logits that any change of
     kernel or rounding flips; a trained model answers with margins. In bf16 on the GPU the engine's greedy tokens
     equal `generate`'s on >= 99% of the positions, with prefills in turn and beside decoding (joined when the GPU
     is done with them; the prefill's matmuls also leaving SMs to the decode steps), and with the SigLIP tower compiled
     (alternatives measured by bench/infer_bench.py)."""
-    equal, total = trained_match(tiny_model, snapshot, tmp_path, "cuda", "bfloat16", **engine)
+    equal, total = trained_match(trained_tiny, tmp_path, "cuda", "bfloat16", **engine)
     with capsys.disabled():
         print(
             f"\nbf16, trained tiny model, {engine or 'defaults'}: {equal} of {total} positions equal ({equal / total:.2%})"
