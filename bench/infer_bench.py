@@ -72,17 +72,16 @@ def build_random(arch: str, size: str, work: Path, device: str) -> LoadedModel:
         AutoTokenizer,
         DeepseekVLForConditionalGeneration,
         DeepseekVLHybridForConditionalGeneration,
-        DeepseekVLHybridImageProcessorPil,
         DeepseekVLHybridProcessor,
-        DeepseekVLImageProcessorPil,
         DeepseekVLProcessor,
     )
 
     from vlmops.models.template import IMAGE_TOKEN
-    from vlmops.models.tiny import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, build_tiny_model, build_tokenizer
-    from vlmops.testing.architectures import architecture_config
+    from vlmops.models.tiny import build_tiny_model, build_tokenizer
+    from vlmops.testing.architectures import architecture_config, released_image_processor
 
     hybrid = arch == "7b"
+    name = "deepseek-vl-7b-chat" if hybrid else "deepseek-vl-1.3b-chat"
     if size == "tiny":
         folder = work / f"tiny-{arch}"
         if not (folder / "config.json").is_file():
@@ -95,26 +94,12 @@ def build_random(arch: str, size: str, work: Path, device: str) -> LoadedModel:
         folder.mkdir(parents=True, exist_ok=True)
         build_tokenizer(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        if hybrid:
-            image_processor: Any = DeepseekVLHybridImageProcessorPil(
-                size={"height": 384, "width": 384},
-                image_mean=SIGLIP_MEAN,
-                image_std=SIGLIP_MEAN,
-                high_res_size={"height": 1024, "width": 1024},
-                high_res_image_mean=CLIP_MEAN,
-                high_res_image_std=CLIP_STD,
-            )
-            DeepseekVLHybridProcessor(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS).save_pretrained(
-                folder
-            )
-        else:
-            image_processor = DeepseekVLImageProcessorPil(
-                size={"height": 384, "width": 384}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_MEAN
-            )
-            DeepseekVLProcessor(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS).save_pretrained(folder)
+        image_processor = released_image_processor(name)
+        processor_cls: Any = DeepseekVLHybridProcessor if hybrid else DeepseekVLProcessor
+        processor_cls(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS).save_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
     tokenizer = processor.tokenizer
-    config = architecture_config("deepseek-vl-7b-chat" if hybrid else "deepseek-vl-1.3b-chat")
+    config = architecture_config(name)
     config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(config, key, getattr(tokenizer, key))

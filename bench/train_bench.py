@@ -191,10 +191,14 @@ CASES += list(BASELINES.values())
 TINY = {"1.3b": "deepseek_vl", "7b": "deepseek_vl_hybrid"}
 
 
+def catalog_name(arch: str) -> str:
+    return "deepseek-vl-7b-chat" if arch == "7b" else "deepseek-vl-1.3b-chat"
+
+
 def architecture_config(arch: str) -> Any:
     from vlmops.testing.architectures import architecture_config as catalog_config
 
-    return catalog_config("deepseek-vl-7b-chat" if arch == "7b" else "deepseek-vl-1.3b-chat")
+    return catalog_config(catalog_name(arch))
 
 
 def build_model(arch: str, size: str, folder: Path, device: str) -> Path:
@@ -210,14 +214,13 @@ def build_model(arch: str, size: str, folder: Path, device: str) -> Path:
         AutoTokenizer,
         DeepseekVLForConditionalGeneration,
         DeepseekVLHybridForConditionalGeneration,
-        DeepseekVLHybridImageProcessorPil,
         DeepseekVLHybridProcessor,
-        DeepseekVLImageProcessorPil,
         DeepseekVLProcessor,
     )
 
     from vlmops.models.template import IMAGE_TOKEN
-    from vlmops.models.tiny import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, build_tokenizer
+    from vlmops.models.tiny import build_tokenizer
+    from vlmops.testing.architectures import released_image_processor
 
     staging = folder.with_name(folder.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
@@ -238,21 +241,10 @@ def build_model(arch: str, size: str, folder: Path, device: str) -> Path:
     del model
     if device == "cuda":
         torch.cuda.empty_cache()  # the cases run in child processes: leave them the whole GPU
-    if arch == "7b":
-        image_processor: Any = DeepseekVLHybridImageProcessorPil(
-            size={"height": 384, "width": 384},
-            image_mean=SIGLIP_MEAN,
-            image_std=SIGLIP_MEAN,
-            high_res_size={"height": 1024, "width": 1024},
-            high_res_image_mean=CLIP_MEAN,
-            high_res_image_std=CLIP_STD,
-        )
-        processor: Any = DeepseekVLHybridProcessor(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS)
-    else:
-        image_processor = DeepseekVLImageProcessorPil(
-            size={"height": 384, "width": 384}, image_mean=SIGLIP_MEAN, image_std=SIGLIP_MEAN
-        )
-        processor = DeepseekVLProcessor(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS)
+    processor_cls: Any = DeepseekVLHybridProcessor if arch == "7b" else DeepseekVLProcessor
+    processor = processor_cls(
+        released_image_processor(catalog_name(arch)), tokenizer, num_image_tokens=NUM_IMAGE_TOKENS
+    )
     processor.save_pretrained(staging)
     staging.rename(folder)
     return folder
