@@ -33,6 +33,7 @@ from torch import nn
 
 from vlmops.errors import UserInputError
 from vlmops.models.cuda_graphs import GraphMemory, capture
+from vlmops.models.tower_compile import INDUCTOR_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -237,13 +238,9 @@ class StaticDecoder:
             # first), and the add then cannot fuse into the norm after it (H200, torch 2.11: two copies a layer).
             # With precision casts emulated, a fused kernel rounds each value eager code would store in the model's
             # dtype (the residual sum before the norm that reads it), as transformers' separate kernels do.
-            options: dict[str, str | int | bool | Callable[..., Any]] = {
-                "pattern_matcher": False,
-                "emulate_precision_casts": True,
-            }
-            norm = torch.compile(rms_norm, dynamic=None, options=options)
-            pre = torch.compile(pre_attention, dynamic=None, options=options)
-            post = torch.compile(post_attention, dynamic=None, options=options)
+            norm = torch.compile(rms_norm, dynamic=None, options=INDUCTOR_OPTIONS)
+            pre = torch.compile(pre_attention, dynamic=None, options=INDUCTOR_OPTIONS)
+            post = torch.compile(post_attention, dynamic=None, options=INDUCTOR_OPTIONS)
             self._norm = lambda x, *rest: norm(_rows_dynamic(x), *rest)
             self._pre = lambda normed, qkv, cos, sin, *rest: pre(
                 _rows_dynamic(normed), qkv, _rows_dynamic(cos), _rows_dynamic(sin), *rest

@@ -24,9 +24,11 @@ log = logging.getLogger(__name__)
 Backend = str | Callable[..., Any]
 
 
-def set_tower_compiled(towers: Iterable[torch.nn.Module], on: bool, backend: Backend, label: str) -> int:
+def set_tower_compiled(
+    towers: Iterable[torch.nn.Module], on: bool, backend: Backend, label: str, exact_casts: bool = False
+) -> int:
     """Each of `towers` through torch.compile (`on`) or eagerly, undoing an earlier call; how many are compiled now.
-    `label` names the tower in the warning of a failed compilation."""
+    `label` names the tower in the warning of a failed compilation; `exact_casts`: inductor with `INDUCTOR_OPTIONS`."""
     changed = 0
     for tower in {id(tower): tower for tower in towers}.values():
         compiled_with = getattr(tower.__dict__.get("forward"), "compiled_with", None)
@@ -36,7 +38,7 @@ def set_tower_compiled(towers: Iterable[torch.nn.Module], on: bool, backend: Bac
         if compiled_with is not None:
             del tower.forward  # the instance's forward shadowed the class's
         if on:
-            tower.forward = _compiled_forward(tower.forward, backend, label)
+            tower.forward = _compiled_forward(tower.forward, backend, label, exact_casts)
             changed += 1
     return changed
 
@@ -44,11 +46,22 @@ def set_tower_compiled(towers: Iterable[torch.nn.Module], on: bool, backend: Bac
 def set_siglip_compiled(model: Any, on: bool, backend: Backend = "inductor") -> int:
     """The SigLIP tower of `model` (its VLM's `vision_model`) through torch.compile or eagerly; see the module."""
     towers = [m.vision_model for m in model.modules() if isinstance(getattr(m, "vision_model", None), torch.nn.Module)]
-    return set_tower_compiled(towers, on, backend, "SigLIP tower")
+    return set_tower_compiled(towers, on, backend, "SigLIP tower", exact_casts=True)
 
 
-def _compiled_forward(eager: Callable[..., Any], backend: Backend, label: str) -> Callable[..., Any]:
-    compiled = torch.compile(eager, backend=backend)
+# Inductor's fused kernels keep intermediates in float32; with precision casts emulated they round each value that
+# eager code stores in the tower's dtype, as transformers' separate kernels do (bf16: without it, the compiled SigLIP
+# changed 4 of 192 greedy tokens of a trained tiny model against `generate`, H200, torch 2.11). Without the pattern
+# matcher: it rewrites `x + F.linear(...)` into addmm, which rounds differently (see vlmops.infer.fast_decode).
+INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
+    "pattern_matcher": False,
+    "emulate_precision_casts": True,
+}
+
+
+def _compiled_forward(eager: Callable[..., Any], backend: Backend, label: str, exact_casts: bool) -> Callable[..., Any]:
+    options = INDUCTOR_OPTIONS if exact_casts and backend == "inductor" else None
+    compiled = torch.compile(eager, backend=backend, options=options)
     failed: list[str] = []
 
     def forward(pixel_values: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
