@@ -311,12 +311,9 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
             ("sam-sdpa", {"sam_attention": "sdpa"}, args.sam_sdpa_alt),
-            ("siglip-compiled", {"siglip_compile": True}, args.siglip_compile_alt),
+            ("eager-siglip", {"siglip_compile": False}, args.eager_siglip_alt),
         )
         if wanted
-    ] + [
-        (f"overlap-carveout-{sms}", {"overlap_prefill": True, "prefill_sm_carveout": sms})
-        for sms in (int(n) for n in args.overlap_carveout_alt.split(",") if n)
     ]
     for batch in batches:
         guarded(f"engine-{batch}", lambda b=batch: engine_row("engine", b, b))
@@ -544,16 +541,10 @@ def main() -> int:
         "relative-position bias materialised (infer.sam_attention sdpa; the default folds it into the query and key)",
     )
     parser.add_argument(
-        "--siglip-compile-alt",
+        "--eager-siglip-alt",
         action="store_true",
-        help="an extra row per batch and e2e run with the SigLIP tower through torch.compile (its layer norms, biases, "
-        "GELU and residual adds fused; the first prefill compiles it)",
-    )
-    parser.add_argument(
-        "--overlap-carveout-alt",
-        default="",
-        help="comma list of SM counts: for each, an extra row per batch and e2e run with prefills beside decoding "
-        "whose matmuls leave that many SMs to the decode steps (overlap_prefill + prefill_sm_carveout)",
+        help="an extra row per batch and e2e run with the SigLIP tower run eagerly (infer.siglip_compile false; the "
+        "default compiles it)",
     )
     parser.add_argument(
         "--overlap-alt",

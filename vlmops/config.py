@@ -303,6 +303,13 @@ class InferConfig(Section):
     """Fast engine on CUDA with `sam_attention: folded`: the 7b's SAM tower through torch.compile, as
     `train.sam_compile` (the image count a dynamic size, so one compilation serves every prefill batch; ~20 s at the
     first prefill). false: the eager tower."""
+    siglip_compile: bool = True
+    """Fast engine on CUDA: the SigLIP tower (the 384 px tower of both models) through torch.compile, with the image
+    count a dynamic size, fusing the layer norms, biases, GELU and residual adds around its matmuls; compiled at the
+    first prefill (~10 s). Measured on an H200 (bench/RESULTS.md session 16): the 1.3b's prefill 4.31 against 4.63 ms
+    a prompt, its whole call 7,272 against 6,974 tokens/s at batch 32 and 12,963 against 12,692 at 256; the 7b's 3,588
+    against 3,522 at 128. Its fused kernels round as the eager tower's do (bf16: the trained tiny model's greedy
+    answers equal `generate`'s on 192 of 192 positions). false: the eager tower."""
     prefill_graphs: bool = True
     """Fast engine: run the language model's half of each prefill (its layers over the prompt embeddings) from CUDA
     graphs, one per number of prompts and width, the widths padded up to multiples of 32 tokens. Eagerly, each
@@ -318,7 +325,8 @@ class InferConfig(Section):
     the same interleaving, a GPU test the same schedule with and without the second stream). Measured slower on an
     H200 (bench/RESULTS.md session 12): the prefill's matmuls take the SMs the decode steps need, decoding ran at half
     speed beside them, and the 1.3b's whole call 6.2k / 9.8k tokens/s at batch 32 / 256 against 6.4k / 10.6k; so
-    off."""
+    off. Again in session 16: 6.9k / 9.8k against 6.9k / 11.5k, also with 32 or 64 SMs left to decoding (torch's
+    cuBLAS SM carve-out around each prefill: 6.0-6.3k / 9.1-9.9k)."""
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""

@@ -86,6 +86,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             prefill_graphs=infer_cfg.prefill_graphs,
             sam_attention=infer_cfg.sam_attention,
             sam_compile=infer_cfg.sam_compile,
+            siglip_compile=infer_cfg.siglip_compile,
             overlap_prefill=infer_cfg.overlap_prefill,
         )
     from vlmops.infer.plain_engine import PlainEngine

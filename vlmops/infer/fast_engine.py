@@ -150,16 +150,12 @@ class FastEngine:
             "sdpa": transformers' own.
         sam_compile: with `sam_attention` "folded" on CUDA, the 7b's SAM tower through torch.compile (compiled at the
             first prefill, before its graph is captured).
-        siglip_compile: on CUDA, the SigLIP tower through torch.compile (vlmops.models.tower_compile), as SAM's;
-            off by default until measured on a GPU (`bench/infer_bench.py --siglip-compile-alt`).
+        siglip_compile: on CUDA, the SigLIP tower through torch.compile (vlmops.models.tower_compile), as SAM's
+            (compiled at the first prefill, before its graph is captured).
         overlap_prefill: on CUDA with prefill "own", run each prefill on a stream of its own while the rows already
             in their slots go on decoding, on a high-priority stream (compute-bound prefill beside bandwidth-bound
             decode steps); the prompts join the decoding batch when their prefill is done. The same answers either
-            way.
-        prefill_sm_carveout: with `overlap_prefill`, the number of SMs the prefill's cuBLAS matmuls leave free for the
-            decoding stream (torch's experimental SM carve-out, set around each prefill and baked into its graphs);
-            0: none. Session 12 measured overlap without it slower (the prefill's matmuls starved the decode steps);
-            an alternative of `bench/infer_bench.py --overlap-carveout-alt`, not yet measured.
+            way. Measured slower on an H200 (sessions 12 and 16), also with cuBLAS told to leave SMs to decoding.
     """
 
     def __init__(
@@ -186,9 +182,8 @@ class FastEngine:
         prefill_graphs: bool = True,
         sam_attention: str = "folded",
         sam_compile: bool = True,
-        siglip_compile: bool = False,
+        siglip_compile: bool = True,
         overlap_prefill: bool = False,
-        prefill_sm_carveout: int = 0,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -200,8 +195,6 @@ class FastEngine:
                 f"infer.repetition_penalty is {infer_cfg.repetition_penalty}: FastEngine does not apply it; set it "
                 "to 1 or use the plain engine"
             )
-        if prefill_sm_carveout < 0:
-            raise UserInputError(f"prefill_sm_carveout={prefill_sm_carveout}: a number of SMs, 0 or more")
         if max_batch < 1 or prefill_batch < 1 or max_context < 2 or decode_window < 1:
             raise UserInputError(
                 "max_batch, prefill_batch and decode_window must be at least 1 and max_context at least 2"
@@ -255,7 +248,6 @@ class FastEngine:
         # ...and the decoding rows' work then on a high-priority stream: the GPU dispatches a step's small kernels
         # ahead of a prefill's queued ones, so decoding does not wait behind whole prefill matmuls.
         self.decode_stream = torch.cuda.Stream(self.device, priority=-1) if self.prefill_stream is not None else None
-        self.prefill_sm_carveout = prefill_sm_carveout if self.prefill_stream is not None else 0
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
@@ -408,7 +400,7 @@ class FastEngine:
             pending = self._prefill(group, slots)
         else:
             self.prefill_stream.wait_stream(self.decode_stream or torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.prefill_stream), sm_carveout(self.prefill_sm_carveout):
+            with torch.cuda.stream(self.prefill_stream):
                 pending = self._prefill(group, slots)
                 pending.done = torch.cuda.Event()
                 pending.done.record(self.prefill_stream)
@@ -546,17 +538,3 @@ def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     if layers is not None:
         return [layer.keys for layer in layers], [layer.values for layer in layers]
     return list(cache.key_cache), list(cache.value_cache)
-
-
-@contextlib.contextmanager
-def sm_carveout(sms: int) -> Iterator[None]:
-    """cuBLAS matmuls launched (or captured) inside leave `sms` SMs free; 0 changes nothing."""
-    if not sms:
-        yield
-        return
-    previous = torch._C._get_sm_carveout_experimental()
-    torch._C._set_sm_carveout_experimental(sms)
-    try:
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(previous)
