@@ -5,7 +5,8 @@ Random-initialised real architectures (built once by `train_bench.build_model`),
 
   --part zero2-full  7b full SFT (vision frozen) with the train settings of configs/deepseek-vl-7b-full-zero2.yaml
                      (DeepSpeed `zero2`, batch 2 per GPU, grad_accum 4) on each GPU count of --gpus: tokens/s, the
-                     peak memory of every rank, scaling efficiency. Prints first the command that
+                     peak memory of every rank, scaling efficiency (one GPU: one process, which trains without
+                     DeepSpeed, as `vlmops sft` does with a sharding preset there). Prints first the command that
                      `NPROC_PER_NODE=N vlmops sft --config <that file>` runs (torchrun, N processes).
   --part lora-dp     1.3b LoRA on the LLM's q/k/v (batch 8 per GPU), data-parallel on each count: tokens/s, peak
                      memory per rank, scaling efficiency. Then --mixed-steps (200) steps on the largest count through

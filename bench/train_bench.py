@@ -5,7 +5,8 @@ Cases (compare with DESIGN.md §7, H100 80GB, bf16, SDPA):
   lora-qkv-7b            LoRA on the LLM's q/k/v, batch 4, gradient checkpointing: tokens/s and peak GPU
                          memory (goal: at most 20 GiB; the plain transformers + peft baseline: 5.4k tokens/s,
                          20.5 GiB)
-  full-zero2-1.3b        full SFT (aligner + LLM, vision frozen) with DeepSpeed ZeRO-2 on one GPU
+  full-zero2-1.3b        full SFT (aligner + LLM, vision frozen) with `train.deepspeed: zero2` on one GPU: a run of
+                         one process, which vlmops trains without DeepSpeed (ZeRO-2 would shard nothing)
   full-zero3-offload-7b  full SFT of the 7b on one GPU, ZeRO-3 with parameters and optimizer offloaded to
                          CPU: tokens/s, peak GPU memory and peak host RSS
 

@@ -235,8 +235,8 @@ class TrainConfig(Section):
     or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of
     data.max_length tokens with recompute, float32 master weights, in train.memory_gib) takes the
     zero3-offload-partial preset instead of failing for memory (train.auto_batch: false keeps null as it is). zero2 and
-    zero3 shard state across processes: in a run of one process they shard nothing and turn off levers of the run
-    without DeepSpeed (a warning says so); on one GPU leave this null."""
+    zero3 shard state across processes: a run of one process trains as with null, with a warning (they would shard
+    nothing, cost speed and turn off the run's own levers), so one config serves one GPU and several."""
     nproc_per_node: int | None = Field(None, ge=1)
     """GPUs (processes) on this node. null: the NPROC_PER_NODE environment variable, else 1."""
     logging_steps: int = Field(1, ge=1)

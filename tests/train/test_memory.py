@@ -192,27 +192,35 @@ def test_full_training_takes_the_offload_preset_only_where_it_would_not_fit(
     assert chosen(**full, **{"train.memory_gib": 125}) is None  # fits: the fast path, no offload
     assert chosen(**{"train.mode": "lora", "train.memory_gib": 20}) is None
     assert chosen(**full, **{"train.memory_gib": 72, "train.auto_batch": False}) is None
+    # A sharding preset in a run of one process shards nothing: taken as null, so the offload preset where it would
+    # not fit; a run of several processes keeps it
+    assert chosen(**full, **{"train.memory_gib": 72, "train.deepspeed": "zero2"}) == OFFLOAD_PRESET
+    assert chosen(**full, **{"train.memory_gib": 125, "train.deepspeed": "zero3"}) is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert chosen(**full, **{"train.memory_gib": 72, "train.deepspeed": "zero2"}) == "zero2"
 
 
-def test_a_sharding_preset_in_a_run_of_one_process_is_kept_with_a_warning(
+def test_a_sharding_preset_in_a_run_of_one_process_trains_without_deepspeed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     base = tmp_path / "1.3b"
     architecture_config("deepseek-vl-1.3b-chat").save_pretrained(base)
 
-    def warnings(preset: str) -> list[str]:
+    def resolved(preset: str) -> tuple[str | None, list[str]]:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="vlmops.train.batching"):
-            kept = resolve_deepspeed(load_config(None, {"train.mode": "full", "train.deepspeed": preset}), base)
-        assert kept.train.deepspeed == preset  # the user's choice stands
-        return [r.getMessage() for r in caplog.records if "shards nothing" in r.getMessage()]
+            config = resolve_deepspeed(load_config(None, {"train.mode": "full", "train.deepspeed": preset}), base)
+        said = [r.getMessage() for r in caplog.records if "would shard nothing" in r.getMessage()]
+        return config.train.deepspeed, said
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert len(warnings("zero2")) == 1 and "leave train.deepspeed null" in warnings("zero3")[0]
-    assert warnings("zero3-offload") == []  # offload is a reason of its own on one GPU
+    for preset in ("zero2", "zero3"):
+        chosen, said = resolved(preset)
+        assert chosen is None and len(said) == 1
+        assert said[0].startswith(f"train.deepspeed: {preset} ") and "trains without DeepSpeed" in said[0]
+    assert resolved("zero3-offload") == ("zero3-offload", [])  # offload is a reason of its own on one GPU
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert warnings("zero2") == []
+    assert resolved("zero2") == ("zero2", [])
 
 
 def test_compiled_layers_buy_bigger_micro_batches_with_selective_recompute(shapes: dict[str, ModelShape]) -> None:
