@@ -23,6 +23,15 @@ log = logging.getLogger(__name__)
 
 Backend = str | Callable[..., Any]
 
+# Inductor's fused kernels keep intermediates in float32; with precision casts emulated they round each value that
+# eager code stores in the tower's dtype, as transformers' separate kernels do (bf16: without it, the compiled SigLIP
+# changed 4 of 192 greedy tokens of a trained tiny model against `generate`, H200, torch 2.11). Without the pattern
+# matcher: it rewrites `x + F.linear(...)` into addmm, which rounds differently (see vlmops.infer.fast_decode).
+INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
+    "pattern_matcher": False,
+    "emulate_precision_casts": True,
+}
+
 
 def set_tower_compiled(
     towers: Iterable[torch.nn.Module], on: bool, backend: Backend, label: str, exact_casts: bool = False
@@ -47,16 +56,6 @@ def set_siglip_compiled(model: Any, on: bool, backend: Backend = "inductor") -> 
     """The SigLIP tower of `model` (its VLM's `vision_model`) through torch.compile or eagerly; see the module."""
     towers = [m.vision_model for m in model.modules() if isinstance(getattr(m, "vision_model", None), torch.nn.Module)]
     return set_tower_compiled(towers, on, backend, "SigLIP tower", exact_casts=True)
-
-
-# Inductor's fused kernels keep intermediates in float32; with precision casts emulated they round each value that
-# eager code stores in the tower's dtype, as transformers' separate kernels do (bf16: without it, the compiled SigLIP
-# changed 4 of 192 greedy tokens of a trained tiny model against `generate`, H200, torch 2.11). Without the pattern
-# matcher: it rewrites `x + F.linear(...)` into addmm, which rounds differently (see vlmops.infer.fast_decode).
-INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
-    "pattern_matcher": False,
-    "emulate_precision_casts": True,
-}
 
 
 def _compiled_forward(eager: Callable[..., Any], backend: Backend, label: str, exact_casts: bool) -> Callable[..., Any]:
