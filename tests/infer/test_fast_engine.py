@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,29 @@ def test_requests_are_pulled_lazily(tiny_model: Path) -> None:
     next(results)
     assert pulled <= 2 * 2 + 2  # the preprocessing look-ahead plus the slots, not the whole input
     assert len(list(results)) == 39
+
+
+def test_switch_interval_holds_during_a_call_and_is_restored(tiny_model: Path) -> None:
+    """`switch_interval` is Python's thread switch interval while a call runs, the old one again after it (also when
+    the caller stops early); the call's stats say how long the host waited for images and for its first prefill."""
+    loaded = load_model(tiny_model, dtype="float32", device="cpu")
+    with pytest.raises(UserInputError, match="switch_interval=0"):
+        FastEngine(loaded, InferConfig(max_new_tokens=2), switch_interval=0)
+    before = sys.getswitchinterval()
+    engine = FastEngine(
+        loaded, InferConfig(max_new_tokens=2), max_batch=2, prefill_batch=2, max_context=256, switch_interval=0.0007
+    )
+    results = engine.generate(requests(loaded, 4, seed=4))
+    next(results)
+    assert sys.getswitchinterval() == pytest.approx(0.0007)
+    assert len(list(results)) == 3
+    assert sys.getswitchinterval() == before
+    assert engine.stats.first_prefill_s is not None and engine.stats.first_prefill_s > 0
+    assert engine.stats.image_wait_s > 0
+    stopped = engine.generate(requests(loaded, 4, seed=5))
+    next(stopped)
+    stopped.close()
+    assert sys.getswitchinterval() == before
 
 
 def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:

@@ -34,6 +34,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,7 +70,8 @@ class EngineStats:
     """Where the last `generate` call spent its time (host clock; both phases end in a GPU sync). `prefill_s` is the
     host's time launching prefills and waiting for them: with prefills queued back to back, the GPU time of one falls
     partly in the launch of the next. With `overlap_prefill`, the GPU time of a prefill that ran beside decoding steps
-    falls inside `decode_s`."""
+    falls inside `decode_s`. `image_wait_s`: the host's time waiting for the image threads' preprocessing (the GPU
+    idles through it when nothing is queued); `first_prefill_s`: from the call's start to its first prefill's launch."""
 
     prompts: int = 0
     generated_tokens: int = 0
@@ -77,6 +79,8 @@ class EngineStats:
     decode_s: float = 0.0
     decode_steps: int = 0
     prefill_calls: int = 0
+    image_wait_s: float = 0.0
+    first_prefill_s: float | None = None
 
 
 @dataclass
@@ -156,6 +160,11 @@ class FastEngine:
             in their slots go on decoding, on a high-priority stream (compute-bound prefill beside bandwidth-bound
             decode steps); the prompts join the decoding batch when their prefill is done. The same answers either
             way. Measured slower on an H200 (sessions 12 and 16), also with cuBLAS told to leave SMs to decoding.
+        switch_interval: Python's thread switch interval (`sys.setswitchinterval`, seconds) while `generate` runs,
+            restored after it (None: left as it is, 5 ms by default). The image threads hold the GIL in turns with the
+            thread that launches the GPU's work: a shorter interval hands it back to that thread sooner. Measured on
+            an H200 (1.3b, batch 32, median of 5 calls, bench/RESULTS.md session 17): 0.5 ms gave +1.2% with prefills
+            of 16 and +2.7% with prefills of 8; within one call's noise in bench/infer_bench.py, so not the default.
     """
 
     def __init__(
@@ -184,6 +193,7 @@ class FastEngine:
         sam_compile: bool = True,
         siglip_compile: bool = True,
         overlap_prefill: bool = False,
+        switch_interval: float | None = None,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -199,6 +209,9 @@ class FastEngine:
             raise UserInputError(
                 "max_batch, prefill_batch and decode_window must be at least 1 and max_context at least 2"
             )
+        if switch_interval is not None and switch_interval <= 0:
+            raise UserInputError(f"switch_interval={switch_interval}: use a positive number of seconds or None")
+        self.switch_interval = switch_interval
         self.decode_window = decode_window
         self.loaded = loaded
         self.model = loaded.model
@@ -251,6 +264,7 @@ class FastEngine:
         self.row_buckets = sorted({b for b in row_buckets if b < slots} | {slots})
         self.column_bucket = column_bucket
         self.stats = EngineStats()
+        self._started = 0.0  # the perf_counter of the current call's start
         if sam_attention not in SAM_ATTENTION:
             raise UserInputError(f"sam_attention={sam_attention!r}: use {', '.join(SAM_ATTENTION)}")
         # Set on every engine: an earlier one over the same model may have changed it. Off CUDA, transformers' own.
@@ -303,7 +317,11 @@ class FastEngine:
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
         """One result per request, finished rows first; pulls `requests` a bounded look-ahead at a time."""
         self.stats = EngineStats()
-        with ThreadPoolExecutor(self.image_workers, thread_name_prefix="fast-engine-images") as pool:
+        self._started = time.perf_counter()
+        with (
+            self._switch_interval(),
+            ThreadPoolExecutor(self.image_workers, thread_name_prefix="fast-engine-images") as pool,
+        ):
             waiting = self._prepared(requests, pool)
             free = list(range(self.slots))
             rows: dict[int, _Row] = {}
@@ -317,6 +335,18 @@ class FastEngine:
             finally:  # what comes after (a new engine reusing the cache's memory) waits for both streams' work
                 current.wait_stream(self.decode_stream)
                 current.wait_stream(self.prefill_stream)
+
+    @contextlib.contextmanager
+    def _switch_interval(self) -> Iterator[None]:
+        if self.switch_interval is None:
+            yield
+            return
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(self.switch_interval)
+        try:
+            yield
+        finally:
+            sys.setswitchinterval(previous)
 
     def _serve(
         self, waiting: Iterator[_Prepared], free: list[int], rows: dict[int, _Row]
@@ -356,7 +386,10 @@ class FastEngine:
         checked = (self._check(request) for request in requests)
         ahead = max(2 * self.slots, 2 * self.prefill_batch)
         for future in prefetched(pool, self._preprocess, checked, ahead):
-            yield future.result()
+            start = time.perf_counter()
+            prepared = future.result()
+            self.stats.image_wait_s += time.perf_counter() - start
+            yield prepared
 
     def _check(self, request: GenerationRequest) -> GenerationRequest:
         length = len(request.prompt_ids)
@@ -396,6 +429,8 @@ class FastEngine:
         """Start prefilling `group` into `slots`: on the prefill stream (after what the decoding stream has queued:
         the slots' last steps) when prefills overlap decoding, else where the engine runs."""
         start = time.perf_counter()
+        if self.stats.first_prefill_s is None:
+            self.stats.first_prefill_s = start - self._started
         if self.prefill_stream is None:
             pending = self._prefill(group, slots)
         else:
