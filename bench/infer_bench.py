@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 import traceback
@@ -178,9 +177,9 @@ def plain_generate(
 
 def run_engine(
     loaded: LoadedModel, reqs: list[GenerationRequest], new_tokens: int, device: str, repeats: int, **kwargs: Any
-) -> tuple[dict[Any, list[int]], list[float], EngineStats, FastEngine]:
+) -> tuple[dict[Any, list[int]], float, list[float], EngineStats, FastEngine]:
     """One warm-up pass (graph capture, compilation), then `repeats` timed passes over the same requests: the
-    median pass's tokens and stats, and every pass's seconds."""
+    median pass's tokens, seconds and stats, and every pass's seconds in order."""
     engine = FastEngine(loaded, InferConfig(max_new_tokens=new_tokens), ignore_eos=True, **kwargs)
     for _ in engine.generate(reqs):
         pass
@@ -191,9 +190,8 @@ def run_engine(
         results = {r.key: r.token_ids for r in engine.generate(reqs)}
         sync(device)
         passes.append((time.perf_counter() - start, results, engine.stats))
-    seconds = [p[0] for p in passes]
-    _, results, stats = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
-    return results, seconds, stats, engine
+    seconds, results, stats = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
+    return results, seconds, [p[0] for p in passes], stats, engine
 
 
 def match_rate(reference: dict[Any, list[int]], got: dict[Any, list[int]]) -> tuple[float, int, float]:
@@ -272,7 +270,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         """One engine setting's row; `same_as`: also the share of tokens equal to that case's row at this batch."""
         reset_memory(device)
         reqs = pool[:prompts]
-        got, passes, stats, engine = run_engine(
+        got, seconds, passes, stats, engine = run_engine(
             loaded,
             reqs,
             new_tokens,
@@ -284,7 +282,6 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             **kwargs,
         )
         allocated, reserved = peak_gib(device)
-        seconds = statistics.median(passes)
         row: dict[str, Any] = {
             "case": case,
             "batch": engine.slots,
