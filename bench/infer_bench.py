@@ -59,7 +59,7 @@ from vlmops.conversation import ImageRef, Message  # noqa: E402
 from vlmops.infer.engine import GenerationRequest  # noqa: E402
 from vlmops.infer.fast_engine import EngineStats, FastEngine  # noqa: E402
 from vlmops.infer.generation import generation_config, model_inputs  # noqa: E402
-from vlmops.models.loading import LoadedModel, load_model  # noqa: E402
+from vlmops.models.loading import LoadedModel, load_model, load_processor  # noqa: E402
 from vlmops.models.template import encode  # noqa: E402
 
 GIB = 2**30
@@ -70,7 +70,6 @@ TEXT_WORDS = 22  # ~32 text tokens with BOS and the template's "User: ... Assist
 def build_random(arch: str, size: str, work: Path, device: str) -> LoadedModel:
     """A random-initialised model with the released architecture (or a tiny one) and its processor."""
     from transformers import (
-        AutoProcessor,
         AutoTokenizer,
         DeepseekVLForConditionalGeneration,
         DeepseekVLHybridForConditionalGeneration,
@@ -99,7 +98,7 @@ def build_random(arch: str, size: str, work: Path, device: str) -> LoadedModel:
         image_processor = released_image_processor(name)
         processor_cls: Any = DeepseekVLHybridProcessor if hybrid else DeepseekVLProcessor
         processor_cls(image_processor, tokenizer, num_image_tokens=NUM_IMAGE_TOKENS).save_pretrained(folder)
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     tokenizer = processor.tokenizer
     config = architecture_config(name)
     config.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -225,7 +224,13 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     pool = make_requests(loaded, max([*batches, 256 if args.budget else 0]), images, seed=0)
     prompt_len = sum(len(r.prompt_ids) for r in pool) / len(pool)
     max_context = -(-(max(len(r.prompt_ids) for r in pool) + new_tokens) // 128) * 128
-    base = {"model": arch, "size": args.size, "new_tokens": new_tokens, "prompt_tokens": round(prompt_len, 1)}
+    base = {
+        "model": arch,
+        "size": args.size,
+        "new_tokens": new_tokens,
+        "prompt_tokens": round(prompt_len, 1),
+        "image_processor": type(loaded.processor.image_processor).__name__,
+    }
 
     def record(row: dict[str, Any]) -> None:
         row = {**base, **row}

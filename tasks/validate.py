@@ -31,9 +31,9 @@ def validate_dataset(
     seed: int,
 ) -> PreparedDataset:
     """Validate the dataset files with the base model's tokenizer and write their snapshot."""
-    from transformers import AutoProcessor
+    from vlmops.models.loading import load_processor
 
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_processor(model_path)
     return prepare_dataset(
         data,
         train_file,

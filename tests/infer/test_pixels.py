@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +12,9 @@ import torch
 from PIL import Image
 
 from vlmops.data.demo import draw_shape
+from vlmops.models.loading import load_processor
 from vlmops.models.pixels import DevicePixels, PilGeometry, processor_geometry
-from vlmops.models.tiny import image_processor
+from vlmops.models.tiny import build_tokenizer, image_processor
 from vlmops.testing.architectures import released_image_processor
 
 
@@ -96,3 +99,24 @@ def test_other_settings_are_reproduced_or_left_on_the_host() -> None:
     )
     processor.do_rescale = False  # float input expected: nothing to split
     assert DevicePixels.build(processor) is None
+
+
+@pytest.mark.parametrize("variant", ["1.3b", "7b"])
+def test_loaded_processors_take_the_split_where_torchvision_is_installed(variant: str, tmp_path: Path) -> None:
+    """transformers picks torchvision's image processor where it is installed (GPU machines): vlmops loads PIL's on
+    every machine, the same pixels as the CPU tests and the one the uint8 split reproduces. Without torchvision (CI)
+    both choices are PIL's; the GPU machine's image has torchvision, and there this test tells them apart."""
+    from transformers import AutoProcessor, AutoTokenizer, DeepseekVLHybridProcessor, DeepseekVLProcessor
+
+    tokenizer_folder = tmp_path / "tokenizer"
+    build_tokenizer(tokenizer_folder)
+    processor_cls = DeepseekVLHybridProcessor if variant == "7b" else DeepseekVLProcessor
+    processor_cls(
+        _released(variant), AutoTokenizer.from_pretrained(tokenizer_folder), num_image_tokens=576
+    ).save_pretrained(tmp_path / "checkpoint")
+    loaded = load_processor(tmp_path / "checkpoint").image_processor
+    assert type(loaded).__name__.endswith("ImageProcessorPil")
+    assert DevicePixels.build(loaded) is not None
+    if importlib.util.find_spec("torchvision") is not None:  # what vlmops overrides
+        default = AutoProcessor.from_pretrained(tmp_path / "checkpoint").image_processor
+        assert not type(default).__name__.endswith("ImageProcessorPil")

@@ -87,15 +87,15 @@ def conversations(images: list[str], counts: list[int], seed: int = 0) -> list[C
 
 
 def load(path: Path, attn: str = "sdpa", device: str = "cpu") -> tuple[Any, Any]:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
-    from vlmops.models.loading import attn_implementation, is_hybrid
+    from vlmops.models.loading import attn_implementation, is_hybrid, load_processor
 
     model = AutoModelForImageTextToText.from_pretrained(
         path, dtype=torch.float32, attn_implementation=attn_implementation(attn, is_hybrid(path))
     ).to(device)
     model.config.text_config.use_cache = False
-    return model, AutoProcessor.from_pretrained(path)
+    return model, load_processor(path)
 
 
 def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:

@@ -23,16 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     """Fetch the base model, validate the data, then train in a child process; print a summary."""
-    from transformers import AutoProcessor
-
     from vlmops.config import load_config
     from vlmops.data.prepare import prepare_from_config
     from vlmops.models.download import download_model
+    from vlmops.models.loading import load_processor
     from vlmops.train.launch import TRAIN_LOG, TrainingFailed, default_run_dir, launch_training
 
     config = load_config(args.config, args.overrides)
     base_model = download_model(config.model, config.storage, config.run.output_dir).path
-    prepared = prepare_from_config(config, AutoProcessor.from_pretrained(base_model))
+    prepared = prepare_from_config(config, load_processor(base_model))
     folder = Path(args.run_dir) if args.run_dir else default_run_dir(config)
     print(f"run folder: {folder} (resume a stopped run with --run-dir {folder})", file=sys.stderr)
     config_file = Path(args.config) if args.config else None

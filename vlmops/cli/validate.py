@@ -26,19 +26,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from transformers import AutoProcessor
-
     from vlmops.config import load_config
     from vlmops.data.formats import DatasetError
     from vlmops.data.prepare import prepare_from_config
     from vlmops.data.validation import rejects_path, validate_files
     from vlmops.models.download import download_model
+    from vlmops.models.loading import load_processor
 
     # Without --config: ./pipeline.yaml when there is one (as the other commands), else the built-in defaults.
     config_file = args.config or (DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None)
     config = load_config(config_file, args.overrides)
     snapshot = download_model(config.model, config.storage, Path(config.run.output_dir))
-    processor = AutoProcessor.from_pretrained(snapshot.path)
+    processor = load_processor(snapshot.path)
     try:
         if not args.paths:
             prepared = prepare_from_config(config, processor)

@@ -16,6 +16,11 @@ from vlmops.models.layout import native_arch
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The image processors' backend, on every machine. transformers picks torchvision's where it is installed (GPU
+# machines, as a rule) and PIL's elsewhere; their resizes differ in rounding, so the same checkpoint saw other pixels
+# on a GPU worker than in the CPU tests, and the uint8 split of vlmops.models.pixels (geometry on the host, rescale
+# and normalise on the device), which reproduces the PIL processor only, never ran on the GPU.
+IMAGE_BACKEND = "pil"
 
 
 @dataclass
@@ -116,7 +121,7 @@ def load_model(
     """Load model and processor from a native checkpoint folder; apply a peft adapter folder if given.
 
     Only safetensors weights load unless `allow_pickle` (model.allow_pickle; see `safe_weights`)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     folder = Path(path)
     hybrid = is_hybrid(folder)
@@ -128,7 +133,7 @@ def load_model(
         attn_implementation=attn_implementation(attn, hybrid),
         **safe_weights(folder, allow_pickle),
     )
-    processor = AutoProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     check_image_tokens(model.config, processor, folder)
     if adapter is not None:
         from peft import PeftModel
@@ -139,6 +144,13 @@ def load_model(
     model.eval()
     log.info("loaded %s (%s, %s) on %s", folder, "hybrid" if hybrid else "deepseek_vl", torch_dtype, dev)
     return LoadedModel(model=model, processor=processor, path=folder, hybrid=hybrid)
+
+
+def load_processor(path: str | os.PathLike[str]) -> Any:
+    """The checkpoint's processor, its image processor on the `IMAGE_BACKEND`."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path, backend=IMAGE_BACKEND)
 
 
 def image_tokens_per_image(config: Any) -> int:

@@ -26,7 +26,7 @@ import torch
 
 from vlmops import quiet
 from vlmops.errors import RunFailed
-from vlmops.models.loading import DTYPES, default_device, resolve_dtype, safe_weights
+from vlmops.models.loading import DTYPES, default_device, load_processor, resolve_dtype, safe_weights
 from vlmops.staging import staged_folder
 from vlmops.train.child import run_child
 from vlmops.train.rundir import CONFIG_FILE, TrainedRun, open_run
@@ -170,8 +170,6 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
     float32 on CPU). `atol` None: the run's merge.parity_atol, else
     1e-3 for float32 and 5e-2 for 16-bit weights.
     """
-    from transformers import AutoProcessor
-
     run = open_run(run_dir_or_ckpt)
     out_dir = Path(out_dir).resolve()
     base = Path(run.info.base_model)
@@ -180,7 +178,7 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
     tolerance = atol if atol is not None else run.config.merge.parity_atol
     tolerance = tolerance if tolerance is not None else default_atol(torch_dtype)
     has_processor = (run.weights / "processor_config.json").is_file()
-    processor = AutoProcessor.from_pretrained(run.weights if has_processor else base)
+    processor = load_processor(run.weights if has_processor else base)
     batch = parity_batch(processor)
 
     with staged_folder(out_dir) as staging:

@@ -22,7 +22,7 @@ from vlmops.config import PipelineConfig, resolve_num_workers
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
-from vlmops.models.loading import attn_implementation, is_hybrid, resolve_dtype, safe_weights
+from vlmops.models.loading import attn_implementation, is_hybrid, load_processor, resolve_dtype, safe_weights
 from vlmops.models.pixels import DevicePixels
 from vlmops.staging import write_text_atomic
 from vlmops.train.batching import (
@@ -265,7 +265,7 @@ class TrainingSetup:
 
 def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path) -> TrainingSetup:
     """Prepare the run folder, load and wrap the model, build the datasets and the trainer."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+    from transformers import AutoModelForImageTextToText, set_seed
     from transformers.trainer_callback import ProgressCallback
 
     base_model, dataset, run_dir = Path(base_model).resolve(), Path(dataset).resolve(), Path(run_dir).resolve()
@@ -282,7 +282,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     if t.deepspeed is not None:
         single_process_rendezvous()
     # The datasets are measured first: their lengths size the micro-batches, which the TrainingArguments carry.
-    processor = AutoProcessor.from_pretrained(base_model)
+    processor = load_processor(base_model)
     prepared = load_prepared(dataset)
     datasets = build_datasets(config, processor, prepared)
     speed = plan_speed(t, torch.cuda.is_available(), precision)
