@@ -164,7 +164,11 @@ class FastEngine:
             restored after it (None: left as it is, 5 ms by default). The image threads hold the GIL in turns with the
             thread that launches the GPU's work: a shorter interval hands it back to that thread sooner. Measured on
             an H200 (1.3b, batch 32, median of 5 calls, bench/RESULTS.md session 17): 0.5 ms gave +1.2% with prefills
-            of 16 and +2.7% with prefills of 8; within one call's noise in bench/infer_bench.py, so not the default.
+            of 16 and +2.7% with prefills of 8; within one call's noise in bench/infer_bench.py, so not the default;
+            nothing with PIL's image processor (session 18).
+        gemm_autotune: with `compile`, the decode step's matmuls through inductor's max-autotune (its Triton templates
+            timed against cuBLAS, per row bucket; vlmops.infer.fast_decode). Compiling takes longer. Not yet measured
+            on a GPU: off by default.
     """
 
     def __init__(
@@ -194,6 +198,7 @@ class FastEngine:
         siglip_compile: bool = True,
         overlap_prefill: bool = False,
         switch_interval: float | None = None,
+        gemm_autotune: bool = False,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -247,6 +252,7 @@ class FastEngine:
             attention=attention,
             suppress_token=tokenizer.eos_token_id if ignore_eos else None,
             prefill_graphs=prefill_graphs,
+            gemm_autotune=gemm_autotune,
         )
         # Graphs are keyed by width: a few buckets rather than every prompt length. The padding is right-padding,
         # which a row's real tokens never see under causal attention.
