@@ -330,6 +330,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("eager-siglip", {"siglip_compile": False}, args.eager_siglip_alt),
             ("switch", {"switch_interval": args.switch_interval_alt / 1000}, bool(args.switch_interval_alt)),
             ("autotune", {"gemm_autotune": True}, args.autotune_alt),
+            ("columns", {"column_bucket": args.column_bucket_alt}, bool(args.column_bucket_alt)),
         )
         if wanted
     ]
@@ -595,6 +596,13 @@ def main() -> int:
         "--autotune-alt",
         action="store_true",
         help="an extra row per batch and e2e run with the decode step's matmuls autotuned (gemm_autotune)",
+    )
+    parser.add_argument(
+        "--column-bucket-alt",
+        type=int,
+        default=0,
+        help="the decode step's cache columns rounded up to this many (the engine's column_bucket, 128) in an extra "
+        "row per batch and e2e run: fewer columns read past the rows' lengths, more graphs captured (0: skip)",
     )
     parser.add_argument(
         "--skip",

@@ -231,10 +231,24 @@ def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
     assert engine.stats.prefill_calls == 4 and engine.stats.prompts == 8
 
 
+def test_small_column_buckets_answer_as_generate(tiny_model: Path) -> None:
+    """Cache columns rounded up to 8 rather than 128: the rows' steps cross several column buckets (a graph each on a
+    GPU) and read fewer columns past their lengths, with the same answers."""
+    loaded = loaded_with_eos(tiny_model)
+    cfg = InferConfig(max_new_tokens=16)
+    reqs = requests(loaded, 12)
+    expected = reference(loaded, reqs, cfg)
+    engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, column_bucket=8, image_workers=2)
+    got = {result.key: (result.token_ids, result.finish_reason) for result in engine.generate(iter(reqs))}
+    assert got == {key: (want.token_ids, want.finish_reason) for key, want in expected.items()}
+
+
 def test_refuses_what_it_cannot_serve(tiny_model: Path) -> None:
     loaded = load_model(tiny_model, dtype="float32", device="cpu")
     with pytest.raises(UserInputError, match="temperature"):
         FastEngine(loaded, InferConfig(temperature=0.7))
+    with pytest.raises(UserInputError, match="column_bucket must be at least 1"):
+        FastEngine(loaded, InferConfig(), column_bucket=0)
     engine = FastEngine(loaded, InferConfig(max_new_tokens=8), max_context=64)
     long = GenerationRequest("long", [1] * 60)
     with pytest.raises(UserInputError, match="'long'.*max_context 64"):

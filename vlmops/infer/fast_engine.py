@@ -166,6 +166,10 @@ class FastEngine:
             an H200 (1.3b, batch 32, median of 5 calls, bench/RESULTS.md session 17): 0.5 ms gave +1.2% with prefills
             of 16 and +2.7% with prefills of 8; within one call's noise in bench/infer_bench.py, so not the default;
             nothing with PIL's image processor (session 18).
+        row_buckets, column_bucket: a decode step covers the slots up to the next row bucket and the cache columns up
+            to the next multiple of `column_bucket`; each (rows, columns) pair is one graph. A smaller column bucket
+            reads fewer columns past the rows' lengths (the step's attention reads every covered column) for more
+            graphs.
         gemm_autotune: with `compile`, the decode step's matmuls through inductor's max-autotune (its Triton templates
             timed against cuBLAS, per row bucket; vlmops.infer.fast_decode). Compiling takes longer. Not yet measured
             on a GPU: off by default.
@@ -210,9 +214,9 @@ class FastEngine:
                 f"infer.repetition_penalty is {infer_cfg.repetition_penalty}: FastEngine does not apply it; set it "
                 "to 1 or use the plain engine"
             )
-        if max_batch < 1 or prefill_batch < 1 or max_context < 2 or decode_window < 1:
+        if max_batch < 1 or prefill_batch < 1 or max_context < 2 or decode_window < 1 or column_bucket < 1:
             raise UserInputError(
-                "max_batch, prefill_batch and decode_window must be at least 1 and max_context at least 2"
+                "max_batch, prefill_batch, decode_window and column_bucket must be at least 1 and max_context at least 2"
             )
         if switch_interval is not None and switch_interval <= 0:
             raise UserInputError(f"switch_interval={switch_interval}: use a positive number of seconds or None")
