@@ -601,7 +601,7 @@ def main() -> int:
         "--column-bucket-alt",
         type=int,
         default=0,
-        help="the decode step's cache columns rounded up to this many (the engine's column_bucket, 128) in an extra "
+        help="the decode step's cache columns rounded up to this many (the engine's column_bucket, 32) in an extra "
         "row per batch and e2e run: fewer columns read past the rows' lengths, more graphs captured (0: skip)",
     )
     parser.add_argument(

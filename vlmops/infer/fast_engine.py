@@ -169,7 +169,8 @@ class FastEngine:
         row_buckets, column_bucket: a decode step covers the slots up to the next row bucket and the cache columns up
             to the next multiple of `column_bucket`; each (rows, columns) pair is one graph. A smaller column bucket
             reads fewer columns past the rows' lengths (the step's attention reads every covered column) for more
-            graphs.
+            graphs. 32 measured on an H200 (bench/RESULTS.md session 19) against 128: +2.8% at batch 256 (1.3b),
+            +1.8% at 128 (7b), the same at 32.
         gemm_autotune: with `compile`, the decode step's matmuls through inductor's max-autotune (its Triton templates
             timed against cuBLAS, per row bucket; vlmops.infer.fast_decode). Compiling takes longer. Not yet measured
             on a GPU: off by default.
@@ -193,7 +194,7 @@ class FastEngine:
         device_pixels: bool = True,
         ignore_eos: bool = False,
         row_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512),
-        column_bucket: int = 128,
+        column_bucket: int = 32,
         decode_window: int = 1,
         vision_graphs: bool = True,
         prefill_graphs: bool = True,
