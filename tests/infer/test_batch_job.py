@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,6 +136,7 @@ def test_cli_summary_and_exit_codes(
     printed = capsys.readouterr().out
     assert "6 read: 6 answered, 0 rejected" in printed and "tokens/s" in printed and "images/s" in printed
     assert f"{out}/part-*.jsonl (1 parts)" in printed
+    assert re.search(r"start-up +\d+\.\d s before the first shard", printed), printed
     assert main([*args, "--set", "infer.max_new_tokens=2"]) == 2
     assert "error: output" in capsys.readouterr().err
     assert main([*args[:-1], str(tmp_path / "new"), "--set", "infer.engine=turbo"]) == 2

@@ -44,6 +44,11 @@ def handle(args: argparse.Namespace) -> int:
         print(
             f"  this run          {len(result.ran)} shard(s) in {result.seconds:.1f} s: {result.tokens_per_s:.1f} tokens/s, {result.images_per_s:.1f} images/s"
         )
+    if result.startup_s is not None:
+        print(
+            f"  start-up          {result.startup_s:.1f} s before the first shard (resolve, hash and load the model, "
+            "build the engine; on a GPU the first shard also compiles and captures)"
+        )
     print(f"  output            {result.output}/part-*.jsonl ({len(manifest['parts'])} parts), manifest.json")
     if result.rejects:
         print(f"  rejects           {result.output}/rejects.jsonl")

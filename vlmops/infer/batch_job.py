@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,7 @@ def run_batch_job(
     """
     from vlmops.infer.parallel import default_workers, run_on_workers
 
+    started = time.perf_counter()
     source, plan, output = prepare_job(model_ref, input_spec, output_uri, config)
     manifest = read_manifest(plan, output)
     if manifest is not None:
@@ -75,14 +77,20 @@ def run_batch_job(
         return _tracked(JobResult(output.uri, manifest), plan, config)
     todo = pending_shards(plan, output)
     workers = min(config.infer.workers or default_workers(), max(len(todo), 1))
+    startup: float | None = None  # with workers, each loads its own copy: their logs say how long it took
     if workers > 1:
         with _Progress(plan, todo, progress, on_shard) as bar:
             run_on_workers(source, output.uri, config, todo, workers, bar.records, bar.shard_done)
         ran = bar.ran
     else:
         runner = load_runner(source, config) if todo else None  # all done but the manifest: no model needed
+        if runner:
+            startup = time.perf_counter() - started
+            log.info(
+                "job %s: started in %.1f s (model resolved, hashed and loaded; engine built)", plan.job_id, startup
+            )
         ran = answer_shards(runner, plan, todo, output, progress, on_shard) if runner else []
-    return complete_job(plan, output, ran, config)
+    return complete_job(plan, output, ran, config, startup)
 
 
 def prepare_job(
@@ -97,9 +105,11 @@ def prepare_job(
     return source, open_job(plan_job(info, input_spec, config), output), output
 
 
-def complete_job(plan: JobPlan, output: JobOutput, ran: list[ShardStats], config: PipelineConfig) -> JobResult:
+def complete_job(
+    plan: JobPlan, output: JobOutput, ran: list[ShardStats], config: PipelineConfig, startup_s: float | None = None
+) -> JobResult:
     """Check and gather every shard, write the manifest, and log the job to MLflow with `infer.track`."""
-    return _tracked(JobResult(output.uri, finalize(plan, output), ran), plan, config)
+    return _tracked(JobResult(output.uri, finalize(plan, output), ran, startup_s=startup_s), plan, config)
 
 
 def answer_shards(
@@ -197,6 +207,7 @@ def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -
     """Load the model once and wrap it with the engine `infer.engine` picks."""
     from vlmops.models.loading import load_model
 
+    started = time.perf_counter()
     loaded = load_model(
         source.checkpoint,
         dtype=config.model.dtype,
@@ -204,7 +215,16 @@ def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -
         adapter=source.adapter,
         allow_pickle=config.model.allow_pickle,
     )
-    return ShardRunner(loaded, make_engine(loaded, config.infer), config, worker)
+    loaded_at = time.perf_counter()
+    engine = make_engine(loaded, config.infer)
+    log.info(
+        "%s: model loaded in %.1f s, %s built in %.1f s",
+        source.checkpoint.name,
+        loaded_at - started,
+        type(engine).__name__,
+        time.perf_counter() - loaded_at,
+    )
+    return ShardRunner(loaded, engine, config, worker)
 
 
 @functools.lru_cache(maxsize=1)

@@ -141,6 +141,9 @@ class JobResult:
     manifest: dict[str, Any]
     ran: list[ShardStats] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    startup_s: float | None = None
+    """Seconds before the shards began in this process: resolve and hash the model, plan, load it, build the engine
+    (None: nothing ran here, or the shards ran in worker processes)."""
 
     @property
     def records(self) -> int:
@@ -176,6 +179,7 @@ class JobResult:
             "seconds": self.seconds,
             "tokens_per_s": self.tokens_per_s,
             "images_per_s": self.images_per_s,
+            **({"startup_seconds": self.startup_s} if self.startup_s is not None else {}),
         }
 
 
