@@ -262,7 +262,8 @@ class StaticDecoder:
         # have few rows (the slots in use) against the whole weight, a shape where cuBLAS's choice reads the weights
         # at ~50% of the card's bandwidth (H200, session 16's profile); inductor's max-autotune times its Triton
         # templates against cuBLAS for each row bucket and keeps the fastest. Sizes are then fixed (one compilation
-        # and one tuning per bucket, at the bucket's first step, outside any graph capture).
+        # and one tuning per bucket, at the bucket's first step, outside any graph capture). Measured slower than the
+        # prefill's functions on an H200 (session 19), so off by default.
         self._step_pre: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._pre
         self._step_post: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._post
         if compile_step and gemm_autotune:

@@ -172,8 +172,8 @@ class FastEngine:
             graphs. 32 measured on an H200 (bench/RESULTS.md session 19) against 128: +2.8% at batch 256 (1.3b),
             +1.8% at 128 (7b), the same at 32.
         gemm_autotune: with `compile`, the decode step's matmuls through inductor's max-autotune (its Triton templates
-            timed against cuBLAS, per row bucket; vlmops.infer.fast_decode). Compiling takes longer. Not yet measured
-            on a GPU: off by default.
+            timed against cuBLAS, per row bucket; vlmops.infer.fast_decode). Compiling takes longer. Measured slower on an
+            H200 (bench/RESULTS.md session 19: -10% at batch 32, -1% at 256, the 1.3b): off by default.
     """
 
     def __init__(
