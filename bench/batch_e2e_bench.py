@@ -9,7 +9,9 @@ The default engine (`infer.engine: auto`, the fast one on CUDA) and the plain `g
 images/s = records answered / wall time of the command (model loading included: it is what a job pays);
 gpu busy = share of nvidia-smi's 100 ms samples that saw the GPU busy while the command ran; 1st part s =
 seconds from launch until the first shard's part was published (start-up: load, hash, compile, capture, plus
-that shard); steady img/s = the records of the later shards / the time between the first and the last part.
+that shard); steady img/s = the records of the later shards / the time between the first and the last part;
+start-up s (load s, engine s) = what the command itself reports: the seconds before its first shard began (of them,
+loading the model and building the engine); the rest of "1st part s" is the first shard, compiling and capturing.
 
     python bench/batch_e2e_bench.py --models 1.3b,7b --out bench/results/batch-e2e-DATE.json
     python bench/batch_e2e_bench.py --size tiny --models 1.3b --records 8 --plain-records 4   # CPU smoke
@@ -23,6 +25,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -87,6 +90,18 @@ class GpuSampler:
         return round(sum(1 for s in self.samples if s > 0) / len(self.samples), 3) if self.samples else None
 
 
+def startup_figures(output: str) -> dict[str, float]:
+    """What the command said about its start-up: the summary's seconds before the first shard, and the log's model
+    load and engine build (absent where it ran no shard or logged less)."""
+    patterns = {
+        "startup_s": r"start-up +([\d.]+) s before the first shard",
+        "load_s": r"model loaded in ([\d.]+) s",
+        "engine_build_s": r"Engine built in ([\d.]+) s",
+    }
+    found = {key: re.search(pattern, output) for key, pattern in patterns.items()}
+    return {key: float(match.group(1)) for key, match in found.items() if match}
+
+
 def run_job(
     model: Path, prompts: Path, out: Path, sets: list[str], limit: int | None, wrap: list[str] | None = None
 ) -> dict[str, Any]:
@@ -125,6 +140,7 @@ def run_job(
     first = manifest["parts"][0]["records"] if manifest["parts"] else 0
     steady = (len(records) - first) / (parts[-1] - parts[0]) if len(parts) > 1 and parts[-1] > parts[0] else None
     return {
+        **startup_figures(proc.stdout + proc.stderr),
         "records": len(records),
         "rejects": sum(1 for _ in (out / "rejects.jsonl").open()) if (out / "rejects.jsonl").exists() else 0,
         "seconds": round(seconds, 2),
@@ -206,7 +222,7 @@ def main() -> int:
             save(args, rows)
     print(
         f"\n{'model':6} {'case':30} {'records':>8} {'s':>8} {'images/s':>9} {'tokens/s':>9} {'gpu busy':>9} "
-        f"{'1st part s':>10} {'steady img/s':>12}"
+        f"{'1st part s':>10} {'steady img/s':>12} {'start-up s':>10} {'load s':>7} {'engine s':>8}"
     )
     for r in rows:
         if "error" in r:
@@ -215,7 +231,8 @@ def main() -> int:
         busy = "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}"
         print(
             f"{r['model']:6} {r['case']:30} {r['records']:>8} {r['seconds']:>8} {r['images_per_s']:>9} "
-            f"{r['tokens_per_s']:>9} {busy:>9} {r['first_part_s']!s:>10} {r['steady_images_per_s']!s:>12}"
+            f"{r['tokens_per_s']:>9} {busy:>9} {r['first_part_s']!s:>10} {r['steady_images_per_s']!s:>12} "
+            f"{r.get('startup_s', '-')!s:>10} {r.get('load_s', '-')!s:>7} {r.get('engine_build_s', '-')!s:>8}"
         )
     return 0
 
