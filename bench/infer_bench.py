@@ -329,7 +329,6 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("sam-sdpa", {"sam_attention": "sdpa"}, args.sam_sdpa_alt),
             ("eager-siglip", {"siglip_compile": False}, args.eager_siglip_alt),
             ("switch", {"switch_interval": args.switch_interval_alt / 1000}, bool(args.switch_interval_alt)),
-            ("autotune", {"gemm_autotune": True}, args.autotune_alt),
             ("columns", {"column_bucket": args.column_bucket_alt}, bool(args.column_bucket_alt)),
         )
         if wanted
@@ -591,11 +590,6 @@ def main() -> int:
         default=0,
         help="Python's thread switch interval in ms of an extra row per batch and e2e run (the engine's "
         "switch_interval; 0: skip)",
-    )
-    parser.add_argument(
-        "--autotune-alt",
-        action="store_true",
-        help="an extra row per batch and e2e run with the decode step's matmuls autotuned (gemm_autotune)",
     )
     parser.add_argument(
         "--column-bucket-alt",

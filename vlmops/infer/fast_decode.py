@@ -131,17 +131,6 @@ def post_attention(
     return x, rms_norm(x, norm_next, eps)
 
 
-def _decode_pre(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pre_attention` under a code object of its own: compiled per row bucket (`gemm_autotune`), its entries do not
-    count against the dynamic one's recompile limit (torch.compile keeps its cache per code object)."""
-    return pre_attention(*args)
-
-
-def _decode_post(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """`post_attention` under a code object of its own (see `_decode_pre`)."""
-    return post_attention(*args)
-
-
 def _rows_dynamic(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
     """`tensor` with its row dimensions (default the first) compiled as dynamic sizes, every other size fixed. A size of
     1 (a decode step's one token) stays fixed: torch.compile specialises it anyway."""
@@ -187,7 +176,6 @@ class StaticDecoder:
         attention: str,
         suppress_token: int | None,
         prefill_graphs: bool = False,
-        gemm_autotune: bool = False,
     ) -> None:
         lm = model.model.language_model
         config = lm.config
@@ -258,18 +246,6 @@ class StaticDecoder:
                 _rows_dynamic(normed), qkv, _rows_dynamic(cos), _rows_dynamic(sin), *rest
             )
             self._post = lambda x, attn, *rest: post(_rows_dynamic(x), _rows_dynamic(attn, 0, 2), *rest)
-        # The decode step's own functions: the prefill's, unless its matmuls are autotuned. A decode step's matmuls
-        # have few rows (the slots in use) against the whole weight, a shape where cuBLAS's choice reads the weights
-        # at ~50% of the card's bandwidth (H200, session 16's profile); inductor's max-autotune times its Triton
-        # templates against cuBLAS for each row bucket and keeps the fastest. Sizes are then fixed (one compilation
-        # and one tuning per bucket, at the bucket's first step, outside any graph capture). Measured slower than the
-        # prefill's functions on an H200 (session 19), so off by default.
-        self._step_pre: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._pre
-        self._step_post: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._post
-        if compile_step and gemm_autotune:
-            tuned = {**INDUCTOR_OPTIONS, "max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
-            self._step_pre = torch.compile(_decode_pre, dynamic=False, options=tuned)
-            self._step_post = torch.compile(_decode_post, dynamic=False, options=tuned)
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._memory: GraphMemory | None = None  # the decode steps' graphs, once the first is captured
@@ -452,11 +428,11 @@ class StaticDecoder:
         visible = self.columns[:columns][None, :] <= positions[:, None]
         mask = additive_mask(visible, x.dtype)[:, None, None, :]  # once a step, not once a layer
         for layer_index, layer in enumerate(self.layers):
-            q, kv = self._step_pre(normed, layer.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
+            q, kv = self._pre(normed, layer.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
             cache = self.kv_cache[layer_index]
             cache[:, index, :, positions] = kv
             attn = self._attend(q, cache[0, :rows, :, :columns], cache[1, :rows, :, :columns], mask)
-            x, normed = self._step_post(
+            x, normed = self._post(
                 x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, layer.norm_next, self.eps
             )
         logits = F.linear(normed, self.lm_head)

@@ -129,7 +129,9 @@ class FastEngine:
             most prefill_batch).
         memory_gib: cap on the GPU memory the model, the cache and prefill may take together (None: 90% of the card).
         cuda_graphs: capture decode steps (default: on CUDA).
-        compile: torch.compile the per-layer arithmetic of the step (default: on CUDA).
+        compile: torch.compile the per-layer arithmetic of the step (default: on CUDA). Its matmuls stay cuBLAS's:
+            inductor's max-autotune for them measured slower on an H200 in session 19 and was taken out
+            (bench/RESULTS.md).
         attention: "sdpa" or "matmul" for the decode step's attention (FlexAttention's decoding kernel measured
             slower on an H200 in session 11 and was taken out: bench/RESULTS.md).
         prefill: "own" runs the vision towers through transformers, then the language model with the
@@ -171,9 +173,6 @@ class FastEngine:
             reads fewer columns past the rows' lengths (the step's attention reads every covered column) for more
             graphs. 32 measured on an H200 (bench/RESULTS.md session 19) against 128: +2.8% at batch 256 (1.3b),
             +1.8% at 128 (7b), the same at 32.
-        gemm_autotune: with `compile`, the decode step's matmuls through inductor's max-autotune (its Triton templates
-            timed against cuBLAS, per row bucket; vlmops.infer.fast_decode). Compiling takes longer. Measured slower on an
-            H200 (bench/RESULTS.md session 19: -10% at batch 32, -1% at 256, the 1.3b): off by default.
     """
 
     def __init__(
@@ -203,7 +202,6 @@ class FastEngine:
         siglip_compile: bool = True,
         overlap_prefill: bool = False,
         switch_interval: float | None = None,
-        gemm_autotune: bool = False,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -257,7 +255,6 @@ class FastEngine:
             attention=attention,
             suppress_token=tokenizer.eos_token_id if ignore_eos else None,
             prefill_graphs=prefill_graphs,
-            gemm_autotune=gemm_autotune,
         )
         # Graphs are keyed by width: a few buckets rather than every prompt length. The padding is right-padding,
         # which a row's real tokens never see under causal attention.
