@@ -73,7 +73,7 @@ def cases(
 
         found["efficient"] = forced(SDPBackend.EFFICIENT_ATTENTION)
         found["cudnn"] = forced(SDPBackend.CUDNN_ATTENTION)
-        found["flex"] = lambda: flex(q, k, v, score_mod=score_mod, scale=scale)  # type: ignore[return-value]
+        found["flex"] = lambda: flex(q, k, v, score_mod=score_mod, scale=scale)
         found["flash-no-mask"] = forced(SDPBackend.FLASH_ATTENTION, with_mask=False)
     return found
 

@@ -83,13 +83,14 @@ def run_batch_job(
             run_on_workers(source, output.uri, config, todo, workers, bar.records, bar.shard_done)
         ran = bar.ran
     else:
-        runner = load_runner(source, config) if todo else None  # all done but the manifest: no model needed
-        if runner:
+        ran = []
+        if todo:  # else all done but the manifest: no model needed
+            runner = load_runner(source, config)
             startup = time.perf_counter() - started
             log.info(
                 "job %s: started in %.1f s (model resolved, hashed and loaded; engine built)", plan.job_id, startup
             )
-        ran = answer_shards(runner, plan, todo, output, progress, on_shard) if runner else []
+            ran = answer_shards(runner, plan, todo, output, progress, on_shard)
     return complete_job(plan, output, ran, config, startup)
 
 
