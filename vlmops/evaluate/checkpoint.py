@@ -67,6 +67,7 @@ def _load(config: PipelineConfig, checkpoint: Path, adapter: Path | None) -> Loa
         attn=config.model.attn,
         adapter=adapter,
         allow_pickle=config.model.allow_pickle,
+        compile_cache=config.model.compile_cache,
     )
 
 

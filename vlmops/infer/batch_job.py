@@ -215,6 +215,7 @@ def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -
         attn=config.model.attn,
         adapter=source.adapter,
         allow_pickle=config.model.allow_pickle,
+        compile_cache=config.model.compile_cache,
     )
     loaded_at = time.perf_counter()
     engine = make_engine(loaded, config.infer)

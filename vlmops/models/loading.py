@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from vlmops.errors import UserInputError
+from vlmops.models.compile_cache import use_compile_cache
 from vlmops.models.layout import native_arch
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,15 @@ def load_model(
     device: torch.device | str | None = None,
     adapter: str | os.PathLike[str] | None = None,
     allow_pickle: bool = False,
+    compile_cache: str | os.PathLike[str] | None = None,
 ) -> LoadedModel:
     """Load model and processor from a native checkpoint folder; apply a peft adapter folder if given.
 
-    Only safetensors weights load unless `allow_pickle` (model.allow_pickle; see `safe_weights`)."""
+    Only safetensors weights load unless `allow_pickle` (model.allow_pickle; see `safe_weights`). torch.compile's
+    caches go to `compile_cache` (model.compile_cache; see vlmops.models.compile_cache), None: torch's default."""
     from transformers import AutoModelForImageTextToText
+
+    use_compile_cache(compile_cache)
 
     folder = Path(path)
     hybrid = is_hybrid(folder)

@@ -22,6 +22,7 @@ from vlmops.config import PipelineConfig, resolve_num_workers
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
+from vlmops.models.compile_cache import use_compile_cache
 from vlmops.models.loading import attn_implementation, is_hybrid, load_processor, resolve_dtype, safe_weights
 from vlmops.models.pixels import DevicePixels
 from vlmops.staging import write_text_atomic
@@ -304,6 +305,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
     dtype = weights_dtype(config, precision)
     if attn != config.model.attn:
         log.info("train.packing: auto packs this data (padded batches would be >= 15%% padding); the LLM uses %s", attn)
+    use_compile_cache(config.model.compile_cache)  # train.compile, train.sam_compile
     model: Any = AutoModelForImageTextToText.from_pretrained(
         base_model,
         dtype=dtype,
