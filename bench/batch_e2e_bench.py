@@ -12,10 +12,14 @@ seconds from launch until the first shard's part was published (start-up: load, 
 that shard); steady img/s = the records of the later shards / the time between the first and the last part;
 start-up s (load s, engine s) = what the command itself reports: the seconds before its first shard began (of them,
 loading the model and building the engine); the rest of "1st part s" is the first shard, compiling and capturing.
+compile cache = torch.compile's cache (`model.compile_cache`, a folder under --work emptied when a model's cases
+begin) as the run found it: "empty" is a fresh machine's first job; "filled" (`--again`: the default engine once more)
+a later job on a machine, or a fleet, that keeps the folder.
 
     python bench/batch_e2e_bench.py --models 1.3b,7b --out bench/results/batch-e2e-DATE.json
     python bench/batch_e2e_bench.py --size tiny --models 1.3b --records 8 --plain-records 4   # CPU smoke
     python bench/batch_e2e_bench.py --models 1.3b --set infer.decode_window=8   # + a run with that setting
+    python bench/batch_e2e_bench.py --models 7b --records 7b=3000 --again   # + a run with the compile cache filled
 """
 
 from __future__ import annotations
@@ -174,6 +178,9 @@ def main() -> int:
         help="a config override for an extra run of the default engine (repeatable), e.g. infer.decode_window=8",
     )
     parser.add_argument(
+        "--again", action="store_true", help="run the default engine a second time, torch.compile's cache filled"
+    )
+    parser.add_argument(
         "--py-spy",
         default=None,
         metavar="DIR",
@@ -196,10 +203,19 @@ def main() -> int:
         count = int(counts.get(arch, args.records if "=" not in args.records else 64))
         prompts = write_inputs(work / "inputs", count)
         shard = max(1, count // args.shards)
-        base = [f"infer.max_new_tokens={args.new_tokens}", "model.system_prompt=", f"infer.shard_size={shard}"]
+        compile_cache = work / "compile-cache"
+        shutil.rmtree(compile_cache, ignore_errors=True)
+        base = [
+            f"infer.max_new_tokens={args.new_tokens}",
+            "model.system_prompt=",
+            f"infer.shard_size={shard}",
+            f"model.compile_cache={compile_cache}",
+        ]
         cases: list[tuple[str, list[str], int | None, list[str] | None]] = [
             ("batch-infer (auto engine)", base, None, None)
         ]
+        if args.again:
+            cases.append(("batch-infer (auto engine) again", base, None, None))
         if args.set:
             cases.append((f"batch-infer (auto engine, {' '.join(args.set)})", [*base, *args.set], None, None))
         if args.plain_records > 0:
@@ -211,8 +227,14 @@ def main() -> int:
             spy = ["py-spy", "record", "--idle", "--threads", "--format", "raw", "-r", "50", "-o", str(stacks), "--"]
             cases.append(("batch-infer (auto) under py-spy", base, max(1, count // 3), spy))
         for case, sets, limit, wrap in cases:
+            cache = "filled" if compile_cache.is_dir() and any(compile_cache.iterdir()) else "empty"
             try:
-                row = {"model": arch, "case": case, **run_job(model, prompts, work / "out", sets, limit, wrap)}
+                row = {
+                    "model": arch,
+                    "case": case,
+                    "compile_cache": cache,
+                    **run_job(model, prompts, work / "out", sets, limit, wrap),
+                }
                 if wrap:
                     print(busiest_frames(stacks), flush=True)
             except Exception as err:  # one failed case must not lose the rows already measured
@@ -221,18 +243,19 @@ def main() -> int:
             print(json.dumps(row), flush=True)
             save(args, rows)
     print(
-        f"\n{'model':6} {'case':30} {'records':>8} {'s':>8} {'images/s':>9} {'tokens/s':>9} {'gpu busy':>9} "
-        f"{'1st part s':>10} {'steady img/s':>12} {'start-up s':>10} {'load s':>7} {'engine s':>8}"
+        f"\n{'model':6} {'case':32} {'records':>8} {'s':>8} {'images/s':>9} {'tokens/s':>9} {'gpu busy':>9} "
+        f"{'1st part s':>10} {'steady img/s':>12} {'start-up s':>10} {'load s':>7} {'engine s':>8} {'compile cache':>13}"
     )
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:6} {r['case']:30} error: {r['error'][:80]}")
+            print(f"{r['model']:6} {r['case']:32} error: {r['error'][:80]}")
             continue
         busy = "-" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}"
         print(
-            f"{r['model']:6} {r['case']:30} {r['records']:>8} {r['seconds']:>8} {r['images_per_s']:>9} "
+            f"{r['model']:6} {r['case']:32} {r['records']:>8} {r['seconds']:>8} {r['images_per_s']:>9} "
             f"{r['tokens_per_s']:>9} {busy:>9} {r['first_part_s']!s:>10} {r['steady_images_per_s']!s:>12} "
-            f"{r.get('startup_s', '-')!s:>10} {r.get('load_s', '-')!s:>7} {r.get('engine_build_s', '-')!s:>8}"
+            f"{r.get('startup_s', '-')!s:>10} {r.get('load_s', '-')!s:>7} {r.get('engine_build_s', '-')!s:>8} "
+            f"{r.get('compile_cache', '-'):>13}"
         )
     return 0
 
