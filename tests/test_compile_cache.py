@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-from vlmops.models.compile_cache import ENV, use_compile_cache
+from vlmops.models.compile_cache import ENV, describe_compile_cache, use_compile_cache
 from vlmops.models.loading import load_model
 
 # A fresh process compiles a small function with inductor (its C++ backend on CPU) after pointing the caches at a
@@ -47,6 +47,16 @@ def test_a_second_process_finds_what_the_first_compiled(tmp_path: Path) -> None:
     assert any(folder.rglob("*")), f"nothing cached under {folder}"
     second = compile_in_fresh_process(folder)
     assert second == {"miss": 0, "hit": 1}
+
+
+def test_the_log_line_says_where_the_cache_is_and_what_it_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ENV, str(tmp_path))
+    assert describe_compile_cache() == f"{tmp_path} (empty)"
+    (tmp_path / "fxgraph").mkdir()
+    (tmp_path / "fxgraph" / "entry").write_bytes(b"x" * 3_000_000)
+    assert describe_compile_cache() == f"{tmp_path} (3 MB)"
 
 
 def test_the_users_variable_wins_and_null_keeps_torchs_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -669,12 +669,17 @@ def trained_match(trained: Path, tmp_path: Path, device: str, dtype: str, **engi
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_a_trained_model_answers_64_prompts_as_generate_does(compile: bool, trained_tiny: Path, tmp_path: Path) -> None:
+def test_a_trained_model_answers_64_prompts_as_generate_does(
+    compile: bool, trained_tiny: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Issue 10's fixed set of 64 prompts, on trained weights: token for token in float32 (CPU); also with the decode
     step's functions compiled (inductor's C++ backend here, Triton on the GPU: other kernels, so other rounding, which
-    the trained model's margins absorb where random weights' near-ties would not)."""
-    equal, total = trained_match(trained_tiny, tmp_path, "cpu", "float32", compile=compile)
+    the trained model's margins absorb where random weights' near-ties would not). A compiling engine says so first."""
+    with caplog.at_level(logging.INFO, logger="vlmops.infer.fast_engine"):
+        equal, total = trained_match(trained_tiny, tmp_path, "cpu", "float32", compile=compile)
     assert total >= 2 * 64 and equal == total
+    said = [r.getMessage() for r in caplog.records if "the first prompts compile" in r.getMessage()]
+    assert len(said) == (1 if compile else 0), said
 
 
 @pytest.mark.gpu

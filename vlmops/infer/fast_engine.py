@@ -49,6 +49,7 @@ from vlmops.infer.engine import GenerationRequest, GenerationResult
 from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
+from vlmops.models.compile_cache import describe_compile_cache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.pixels import DevicePixels
 from vlmops.models.sam_attention import SAM_ATTENTION, set_sam_attention, set_sam_compiled
@@ -246,12 +247,13 @@ class FastEngine:
         on_cuda = self.device.type == "cuda"
         prefill_graphs = prefill_graphs and prefill == "own"  # the VLM's own forward is not captured
         slots = self._fit_slots(max_batch, memory_gib, prefill_graphs)
+        compile_step = on_cuda if compile is None else compile
         self.decoder = StaticDecoder(
             self.model,
             slots=slots,
             max_context=max_context,
             cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
-            compile_step=on_cuda if compile is None else compile,
+            compile_step=compile_step,
             attention=attention,
             suppress_token=tokenizer.eos_token_id if ignore_eos else None,
             prefill_graphs=prefill_graphs,
@@ -277,8 +279,11 @@ class FastEngine:
             raise UserInputError(f"sam_attention={sam_attention!r}: use {', '.join(SAM_ATTENTION)}")
         # Set on every engine: an earlier one over the same model may have changed it. Off CUDA, transformers' own.
         set_sam_attention(self.model, sam_attention if on_cuda else "sdpa")
-        set_sam_compiled(self.model, on_cuda and sam_compile and sam_attention == "folded")
-        set_siglip_compiled(self.model, on_cuda and siglip_compile)
+        towers = set_sam_compiled(self.model, on_cuda and sam_compile and sam_attention == "folded")
+        towers += set_siglip_compiled(self.model, on_cuda and siglip_compile)
+        # The first call compiles (and captures graphs) before its first answers: say so, or a job's bar sits at 0 for
+        # a minute with nothing to tell a stall from work.
+        self._compiles_first = compile_step or towers > 0
         if on_cuda and vision_graphs:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)
@@ -326,6 +331,13 @@ class FastEngine:
         """One result per request, finished rows first; pulls `requests` a bounded look-ahead at a time."""
         self.stats = EngineStats()
         self._started = time.perf_counter()
+        if self._compiles_first:
+            self._compiles_first = False
+            log.info(
+                "the first prompts compile the engine's towers and decode step (torch.compile, cache %s) and capture "
+                "its CUDA graphs: a minute or more with an empty cache (model.compile_cache keeps it for the next job)",
+                describe_compile_cache(),
+            )
         with (
             self._switch_interval(),
             ThreadPoolExecutor(self.image_workers, thread_name_prefix="fast-engine-images") as pool,

@@ -42,3 +42,12 @@ def use_compile_cache(folder: str | os.PathLike[str] | None) -> Path | None:
     os.environ[ENV] = str(path)  # torch makes the folder when it first compiles: a CPU job leaves none behind
     log.info("torch.compile's caches: %s", path)
     return path
+
+
+def describe_compile_cache() -> str:
+    """The folder torch.compile caches in now and how much it holds, for a log line: "/path (empty)", "/path (51 MB)"."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    folder = Path(os.environ.get(ENV) or default_cache_dir())
+    held = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+    return f"{folder} ({held / 1e6:.0f} MB)" if held else f"{folder} (empty)"
