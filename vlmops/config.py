@@ -53,9 +53,14 @@ class ModelConfig(Section):
     """Where downloaded and converted snapshots are kept (with their manifests)."""
     compile_cache: str | None = "~/.cache/vlmops/torch-compile"
     """Where torch.compile keeps what it compiled (the fast engine's towers and decode step, `train.compile`'s layers),
-    so that the next job on this machine does not compile again: ~80 s less before a 7b job's first shard. On GPU
+    so that the next job on this machine does not compile again: ~50 s less in a 7b job's first shard on an H200. On GPU
     workers that start fresh, a persistent volume, as `cache_dir`. null: torch's default (/tmp/torchinductor_<user>,
     gone with the machine). The environment variable TORCHINDUCTOR_CACHE_DIR, where set, wins."""
+    shared_compile_cache: str | None = None
+    """An s3:// prefix (or a folder) where a fleet's GPU workers share what torch.compile compiled, for workers that
+    each start on a fresh machine: a batch job loads it into `compile_cache` before its first shard and, after a shard
+    that compiled anything new, writes it back (one file per torch version and GPU kind, under `storage`'s
+    credentials). null: no sharing."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
     attn: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"

@@ -142,9 +142,14 @@ def publish_file(staging: Path, final: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a file beside it and one rename: whoever reads `path` (a rerun after a crash
     too) finds the old content or the new one whole, never a part."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """`write_text_atomic` for bytes."""
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        staging.write_text(text, encoding="utf-8")
+        staging.write_bytes(data)
         publish_file(staging, path)
     except BaseException:
         staging.unlink(missing_ok=True)

@@ -41,6 +41,7 @@ from vlmops.infer.job import (
 from vlmops.infer.output import JobOutput, open_output
 from vlmops.infer.records import Shard
 from vlmops.infer.resolve import ModelSource
+from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,10 @@ def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -
         compile_cache=config.model.compile_cache,
     )
     loaded_at = time.perf_counter()
+    share = None
+    if config.model.shared_compile_cache:
+        share = SharedCompileCache(config.model.shared_compile_cache, config.storage, loaded.device)
+        share.fetch()  # before anything compiles: the engine's first shard
     engine = make_engine(loaded, config.infer)
     log.info(
         "%s: model loaded in %.1f s, %s built in %.1f s",
@@ -226,7 +231,7 @@ def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -
         type(engine).__name__,
         time.perf_counter() - loaded_at,
     )
-    return ShardRunner(loaded, engine, config, worker)
+    return ShardRunner(loaded, engine, config, worker, share)
 
 
 @functools.lru_cache(maxsize=1)

@@ -44,6 +44,7 @@ from vlmops.infer.output import JobOutput, written_file
 from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
 from vlmops.infer.records import InputFile, Prompt, RawRecord, Shard, find_inputs, parse_prompt, read_shard, scan_input
 from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolver, model_source
+from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.template import encode
 
@@ -310,11 +311,19 @@ def pending_shards(plan: JobPlan, output: JobOutput) -> list[Shard]:
 class ShardRunner:
     """Answers shards with one loaded model and engine; any shard of any job with the same model."""
 
-    def __init__(self, loaded: LoadedModel, engine: Engine, config: PipelineConfig, worker: str = ""):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        engine: Engine,
+        config: PipelineConfig,
+        worker: str = "",
+        compile_share: SharedCompileCache | None = None,
+    ):
         self.loaded = loaded
         self.engine = engine
         self.config = config
         self.worker = worker
+        self.compile_share = compile_share  # written back after a shard that compiled anything new
 
     def run(
         self, plan: JobPlan, shard: Shard, output: JobOutput, on_record: Callable[[int], None] | None = None
@@ -417,6 +426,8 @@ class ShardRunner:
             tokens,
             stats.seconds,
         )
+        if self.compile_share is not None:
+            self.compile_share.publish_new()
         return stats
 
     def _parse(self, position: int, raw: RawRecord, base_dir: Path, roots: tuple[Path, ...]) -> _Record:
