@@ -14,12 +14,15 @@ start-up s (load s, engine s) = what the command itself reports: the seconds bef
 loading the model and building the engine); the rest of "1st part s" is the first shard, compiling and capturing.
 compile cache = torch.compile's cache (`model.compile_cache`, a folder under --work emptied when a model's cases
 begin) as the run found it: "empty" is a fresh machine's first job; "filled" (`--again`: the default engine once more)
-a later job on a machine, or a fleet, that keeps the folder.
+a later job on a machine that keeps the folder; "shared file" (`--again shared`: every run also sets
+`model.shared_compile_cache` to a folder under --work, and the local cache is emptied before the second run) a fresh
+machine of a fleet that shares the artifacts the first run published.
 
     python bench/batch_e2e_bench.py --models 1.3b,7b --out bench/results/batch-e2e-DATE.json
     python bench/batch_e2e_bench.py --size tiny --models 1.3b --records 8 --plain-records 4   # CPU smoke
     python bench/batch_e2e_bench.py --models 1.3b --set infer.decode_window=8   # + a run with that setting
     python bench/batch_e2e_bench.py --models 7b --records 7b=3000 --again   # + a run with the compile cache filled
+    python bench/batch_e2e_bench.py --models 7b --records 7b=3000 --again shared   # + a fresh machine of a fleet
 """
 
 from __future__ import annotations
@@ -178,7 +181,12 @@ def main() -> int:
         help="a config override for an extra run of the default engine (repeatable), e.g. infer.decode_window=8",
     )
     parser.add_argument(
-        "--again", action="store_true", help="run the default engine a second time, torch.compile's cache filled"
+        "--again",
+        nargs="?",
+        const="local",
+        choices=["local", "shared"],
+        help="run the default engine a second time: with torch.compile's local cache filled (local, the default), or "
+        "with it emptied and the first run's artifacts in model.shared_compile_cache (shared)",
     )
     parser.add_argument(
         "--py-spy",
@@ -203,13 +211,15 @@ def main() -> int:
         count = int(counts.get(arch, args.records if "=" not in args.records else 64))
         prompts = write_inputs(work / "inputs", count)
         shard = max(1, count // args.shards)
-        compile_cache = work / "compile-cache"
+        compile_cache, shared_cache = work / "compile-cache", work / "shared-compile-cache"
         shutil.rmtree(compile_cache, ignore_errors=True)
+        shutil.rmtree(shared_cache, ignore_errors=True)
         base = [
             f"infer.max_new_tokens={args.new_tokens}",
             "model.system_prompt=",
             f"infer.shard_size={shard}",
             f"model.compile_cache={compile_cache}",
+            *([f"model.shared_compile_cache={shared_cache}"] if args.again == "shared" else []),
         ]
         cases: list[tuple[str, list[str], int | None, list[str] | None]] = [
             ("batch-infer (auto engine)", base, None, None)
@@ -227,7 +237,11 @@ def main() -> int:
             spy = ["py-spy", "record", "--idle", "--threads", "--format", "raw", "-r", "50", "-o", str(stacks), "--"]
             cases.append(("batch-infer (auto) under py-spy", base, max(1, count // 3), spy))
         for case, sets, limit, wrap in cases:
+            if args.again == "shared" and case.endswith(" again"):
+                shutil.rmtree(compile_cache, ignore_errors=True)  # a fresh machine: only the shared file carries over
             cache = "filled" if compile_cache.is_dir() and any(compile_cache.iterdir()) else "empty"
+            if cache == "empty" and shared_cache.is_dir() and any(shared_cache.iterdir()):
+                cache = "shared file"
             try:
                 row = {
                     "model": arch,
