@@ -4,9 +4,9 @@ torch.compile's on-disk caches (inductor's generated code and FX graphs, AOTAuto
 their autotuning results) live under one folder, `TORCHINDUCTOR_CACHE_DIR`, by default `/tmp/torchinductor_<user>`:
 gone with a fresh machine or container, so every batch job on a new GPU worker compiled the fast engine's towers and
 decode step again (the 7b's first shard spent ~77 s compiling and capturing with that cache empty, ~25 s with it
-filled: bench/RESULTS.md session 20). Pointed at a lasting folder (a persistent volume, as `model.cache_dir`), the next job finds them. Entries are
-keyed by torch, Triton and the GPU, so one folder can serve several kinds of machine; each is written aside and then
-renamed, so a crash leaves none half-written.
+filled: bench/RESULTS.md session 20). Pointed at a lasting folder (a persistent volume, as `model.cache_dir`), the
+next job finds them. Entries are keyed by torch, Triton and the GPU, so one folder can serve several kinds of machine;
+each is written aside and then renamed, so a crash leaves none half-written.
 
 The variable is read each time torch looks a cache entry up; this sets it before the model is loaded, so before
 anything compiles. A `TORCHINDUCTOR_CACHE_DIR` the user set wins.
@@ -31,14 +31,6 @@ from vlmops.staging import write_bytes_atomic
 from vlmops.storage import parse_s3_uri, s3_client
 
 log = logging.getLogger(__name__)
-
-
-def unreachable() -> tuple[type[Exception], ...]:
-    """What reading or writing the shared file raises when storage is unreachable or refuses (the disk's, boto's)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    return (OSError, BotoCoreError, ClientError)
-
 
 ENV = "TORCHINDUCTOR_CACHE_DIR"
 
@@ -65,7 +57,7 @@ def use_compile_cache(folder: str | os.PathLike[str] | None) -> Path | None:
 
 
 def describe_compile_cache() -> str:
-    """The folder torch.compile caches in now and how much it holds, for a log line: "/path (empty)", "/path (51 MB)"."""
+    """Where torch.compile caches now and how much it holds, for a log line: "/path (empty)", "/path (51 MB)"."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     folder = Path(os.environ.get(ENV) or default_cache_dir())
@@ -154,3 +146,10 @@ def compiled_graphs() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["fxgraph_cache_miss"])
+
+
+def unreachable() -> tuple[type[Exception], ...]:
+    """What reading or writing the shared file raises when storage is unreachable or refuses (the disk's, boto's)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return (OSError, BotoCoreError, ClientError)
