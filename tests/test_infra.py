@@ -134,6 +134,7 @@ def test_team_config_points_at_the_default_stack() -> None:
     assert config.tracking.uri == stack.mlflow_url
     assert config.storage.endpoint_url == stack.s3_url
     assert config.versioning.remote_url == f"s3://{stack.bucket}/dvc"
+    assert config.model.shared_compile_cache == f"s3://{stack.bucket}/compile-cache"
     # Each override of team_overrides() names a key the config has, set to the same value here.
     assert load_config(ROOT / "configs/team.yaml", stack.team_overrides()) == config
 

@@ -189,6 +189,7 @@ class Stack:
             f"tracking.uri={self.mlflow_url}",
             f"storage.endpoint_url={self.s3_url}",
             f"versioning.remote_url=s3://{self.bucket}/dvc",
+            f"model.shared_compile_cache=s3://{self.bucket}/compile-cache",
         ]
 
     def _log(self, name: str) -> Path:
