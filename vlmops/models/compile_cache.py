@@ -28,7 +28,7 @@ import torch
 
 from vlmops.config import StorageConfig
 from vlmops.staging import write_bytes_atomic
-from vlmops.storage import parse_s3_uri, s3_client
+from vlmops.storage import parse_s3_uri, read_object, s3_client
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,9 @@ class SharedCompileCache:
         if not self.uri.startswith("s3://"):
             path = Path(self.uri).expanduser()
             return path.read_bytes() if path.is_file() else None
-        bucket, key = parse_s3_uri(self.uri)
-        client = s3_client(self.storage)
         try:
-            return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except client.exceptions.NoSuchKey:
+            return read_object(self.uri, self.storage)
+        except s3_client(self.storage).exceptions.NoSuchKey:  # one client per setting: the one read_object used
             return None
 
     def _write(self, blob: bytes) -> None:
