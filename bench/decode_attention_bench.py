@@ -78,7 +78,7 @@ def cases(
     return found
 
 
-def time_call(fn: Callable[[], torch.Tensor], repeats: int, cuda: bool) -> float:
+def time_call(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
     """Microseconds a call: CUDA-graph replays of `CALLS_PER_GRAPH` calls on CUDA, a plain loop elsewhere."""
     for _ in range(3):
         fn()

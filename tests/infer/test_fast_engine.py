@@ -23,6 +23,7 @@ from vlmops.conversation import ImageRef, Message
 from vlmops.data.demo import draw_shape
 from vlmops.errors import UserInputError
 from vlmops.infer.engine import GenerationRequest, GenerationResult
+from vlmops.infer.fast_decode import wide
 from vlmops.infer.fast_engine import FastEngine
 from vlmops.infer.generation import answer_tokens, generation_config, model_inputs
 from vlmops.models.loading import LoadedModel, load_model
@@ -241,6 +242,29 @@ def test_small_column_buckets_answer_as_generate(tiny_model: Path) -> None:
     engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, column_bucket=8, image_workers=2)
     got = {result.key: (result.token_ids, result.finish_reason) for result in engine.generate(iter(reqs))}
     assert got == {key: (want.token_ids, want.finish_reason) for key, want in expected.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cache_writes_move_whole_head_vectors_as_wide_elements(dtype: torch.dtype) -> None:
+    """The K/V scatter through `wide` (8-byte elements) writes the bytes the plain scatter writes; a layout that
+    cannot be read so (a head vector of 3 bf16 values, an odd offset) is written as it is."""
+    rows, width, kv_heads, head_dim = 3, 5, 2, 8
+    projection = torch.randn(rows * width, (2 + 2 * kv_heads) * head_dim).to(dtype)  # q, k, v of 2 heads
+    kv = projection.view(rows * width, -1, head_dim)[:, 2:].reshape(rows, width, 2, kv_heads, head_dim)
+    kv = kv.permute(2, 0, 3, 1, 4)
+    cache = torch.zeros(2, 6, kv_heads, 16, head_dim, dtype=dtype)
+    index = torch.tensor([4, 0, 2])
+    target, source = wide(cache[:, :, :, :width], kv)
+    assert target.dtype == source.dtype == torch.int64
+    target.index_copy_(1, index, source)
+    plain = torch.zeros_like(cache)
+    plain[:, :, :, :width].index_copy_(1, index, kv)
+    assert torch.equal(cache, plain)
+
+    odd = torch.zeros(4, 3, dtype=torch.bfloat16)
+    assert wide(odd, odd)[0] is odd
+    shifted = torch.zeros(17, 8, dtype=torch.bfloat16).view(-1)[1:129].view(16, 8)
+    assert wide(shifted, shifted)[1] is shifted
 
 
 def test_refuses_what_it_cannot_serve(tiny_model: Path) -> None:
