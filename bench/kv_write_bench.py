@@ -46,8 +46,10 @@ HEAD_DIM = 128
 MAX_CONTEXT = 832
 SLOTS = 256
 
+Cases = dict[str, Callable[[], None]]
 
-def prefill_cases(kv_heads: int, rows: int, width: int, device: str) -> tuple[torch.Tensor, dict[str, Callable[[], None]]]:
+
+def prefill_cases(kv_heads: int, rows: int, width: int, device: str) -> tuple[torch.Tensor, Cases]:
     """The cache and the two ways to scatter one layer's prefill into `rows` random slots."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator = torch.Generator(device).manual_seed(0)
@@ -67,7 +69,7 @@ def prefill_cases(kv_heads: int, rows: int, width: int, device: str) -> tuple[to
     return cache, {"prefill plain": plain, "prefill wide": wide_write}
 
 
-def step_cases(kv_heads: int, rows: int, device: str) -> tuple[torch.Tensor, dict[str, Callable[[], None]]]:
+def step_cases(kv_heads: int, rows: int, device: str) -> tuple[torch.Tensor, Cases]:
     """The cache and the two ways to write a decode step's K/V, one column a row, at the rows' own positions."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     generator = torch.Generator(device).manual_seed(0)
@@ -87,9 +89,7 @@ def step_cases(kv_heads: int, rows: int, device: str) -> tuple[torch.Tensor, dic
     return cache, {"step plain": plain, "step wide": wide_write}
 
 
-def measure(
-    made: tuple[torch.Tensor, dict[str, Callable[[], None]]], moved: int, shape: dict[str, Any], repeats: int
-) -> list[dict[str, Any]]:
+def measure(made: tuple[torch.Tensor, Cases], moved: int, shape: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
     cache, found = made
     cuda = cache.is_cuda
     out, reference = [], None
