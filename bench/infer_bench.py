@@ -330,6 +330,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("eager-siglip", {"siglip_compile": False}, args.eager_siglip_alt),
             ("switch", {"switch_interval": args.switch_interval_alt / 1000}, bool(args.switch_interval_alt)),
             ("columns", {"column_bucket": args.column_bucket_alt}, bool(args.column_bucket_alt)),
+            ("first-prefill", {"first_prefill": args.first_prefill_alt}, bool(args.first_prefill_alt)),
         )
         if wanted
     ]
@@ -597,6 +598,13 @@ def main() -> int:
         default=0,
         help="the decode step's cache columns rounded up to this many (the engine's column_bucket, 32) in an extra "
         "row per batch and e2e run: fewer columns read past the rows' lengths, more graphs captured (0: skip)",
+    )
+    parser.add_argument(
+        "--first-prefill-alt",
+        type=int,
+        default=0,
+        help="prompts in a call's first prefill (the engine's first_prefill, default the prefill batch of 16) in an "
+        "extra row per batch and e2e run; 8, one per image thread, starts the GPU on the first round of images (0: skip)",
     )
     parser.add_argument(
         "--skip",

@@ -232,6 +232,32 @@ def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
     assert engine.stats.prefill_calls == 4 and engine.stats.prompts == 8
 
 
+def test_the_first_prefill_of_a_call_starts_the_gpu_with_first_prefill_prompts(tiny_model: Path) -> None:
+    """With the GPU idle a prefill takes `first_prefill` prompts (by default a whole prefill batch), then whole
+    prefill batches; the answers are `generate`'s."""
+    loaded = loaded_with_eos(tiny_model)
+    cfg = InferConfig(max_new_tokens=16)
+    reqs = requests(loaded, 7, seed=5)
+    expected = reference(loaded, reqs, cfg)
+    sizes: dict[int | None, list[int]] = {}
+    for first in (None, 1):
+        engine = FastEngine(
+            loaded, cfg, max_batch=8, prefill_batch=3, first_prefill=first, max_context=256, image_workers=2
+        )
+        launch = engine._launch
+
+        def launch_seen(group: Any, slots: list[int], launch: Any = launch, first: int | None = first) -> Any:
+            sizes.setdefault(first, []).append(len(slots))
+            return launch(group, slots)
+
+        engine._launch = launch_seen  # type: ignore[method-assign]
+        got = {result.key: (result.token_ids, result.finish_reason) for result in engine.generate(iter(reqs))}
+        assert got == {key: (want.token_ids, want.finish_reason) for key, want in expected.items()}
+    assert sizes == {None: [3, 3, 1], 1: [1, 3, 3]}
+    with pytest.raises(UserInputError, match="first_prefill=0"):
+        FastEngine(loaded, cfg, first_prefill=0)
+
+
 def test_small_column_buckets_answer_as_generate(tiny_model: Path) -> None:
     """Cache columns rounded up to 8 rather than 128: the rows' steps cross several column buckets (a graph each on a
     GPU) and read fewer columns past their lengths, with the same answers."""

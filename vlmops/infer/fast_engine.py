@@ -126,6 +126,11 @@ class FastEngine:
         max_batch: decoding slots (rows per step); lowered to fit `memory_gib`.
         max_context: prompt + answer tokens a slot holds; longer requests are refused.
         prefill_batch: prompts per prefill forward.
+        first_prefill: prompts in a prefill launched while the GPU has nothing else queued (a call's first; default
+            `prefill_batch`). The image threads finish their first images together, one per thread: with
+            `first_prefill` = `image_workers` the GPU starts on those rather than waiting for a second round to fill
+            a whole prefill batch (on an H200, 1.3b at batch 32, the first prefill waited ~31 ms for 16 images;
+            session 21). Not yet measured: `bench/infer_bench.py --first-prefill-alt 8`.
         min_refill: free slots that trigger a prefill while other rows decode (default max_batch / 8, at
             most prefill_batch).
         memory_gib: cap on the GPU memory the model, the cache and prefill may take together (None: 90% of the card).
@@ -184,6 +189,7 @@ class FastEngine:
         max_batch: int = 64,
         max_context: int = 2048,
         prefill_batch: int = 16,
+        first_prefill: int | None = None,
         min_refill: int | None = None,
         memory_gib: float | None = None,
         cuda_graphs: bool | None = None,
@@ -218,6 +224,8 @@ class FastEngine:
             raise UserInputError(
                 "max_batch, prefill_batch, decode_window and column_bucket must be at least 1 and max_context at least 2"
             )
+        if first_prefill is not None and first_prefill < 1:
+            raise UserInputError(f"first_prefill={first_prefill}: use at least 1 (or None: prefill_batch)")
         if switch_interval is not None and switch_interval <= 0:
             raise UserInputError(f"switch_interval={switch_interval}: use a positive number of seconds or None")
         self.switch_interval = switch_interval
@@ -236,6 +244,7 @@ class FastEngine:
         self.max_context = max_context
         self.prefill_batch = prefill_batch
         self.image_workers = max(1, image_workers or HOST_THREADS)
+        self.first_prefill = min(prefill_batch, first_prefill or prefill_batch)
         self.device_pixels = DevicePixels.build(loaded.processor.image_processor) if device_pixels else None
         tokenizer = loaded.tokenizer
         self.eos_id: int | None = None if ignore_eos else tokenizer.eos_token_id
@@ -383,7 +392,8 @@ class FastEngine:
                 yield from self._join(pending.pop(0), rows, free)
             may_launch = not exhausted and not (self.overlap_prefill and pending)
             if may_launch and len(free) >= (self.min_refill if rows or pending else 1):
-                group = list(itertools.islice(waiting, min(len(free), self.prefill_batch)))
+                size = self.prefill_batch if rows or pending else self.first_prefill  # the GPU idle: start it
+                group = list(itertools.islice(waiting, min(len(free), size)))
                 exhausted = not group
                 if group:
                     slots = [heapq.heappop(free) for _ in group]
