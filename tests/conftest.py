@@ -30,6 +30,30 @@ if _XDIST_WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """torch.compile's caches in this run's temporary folder, for the tests and every process they start: training
+    and batch jobs would otherwise point them at the product's default (`~/.cache/vlmops/torch-compile`), and a
+    later run would find kernels an earlier one compiled. A folder the user set is kept (torch's own default, which
+    torch writes into the variable itself, is not the user's)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from vlmops.models.compile_cache import ENV
+
+    before = os.environ.get(ENV)
+    if before and Path(before).resolve() != Path(default_cache_dir()).resolve():
+        yield
+        return
+    os.environ[ENV] = str(tmp_path_factory.mktemp("torch-compile"))
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
