@@ -36,14 +36,12 @@ def _compile_cache_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iter
     and batch jobs would otherwise point them at the product's default (`~/.cache/vlmops/torch-compile`), and a
     later run would find kernels an earlier one compiled. A folder the user set is kept (torch's own default, which
     torch writes into the variable itself, is not the user's)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    from vlmops.models.compile_cache import ENV, users_compile_cache
 
-    from vlmops.models.compile_cache import ENV
-
-    before = os.environ.get(ENV)
-    if before and Path(before).resolve() != Path(default_cache_dir()).resolve():
+    if users_compile_cache() is not None:
         yield
         return
+    before = os.environ.get(ENV)
     os.environ[ENV] = str(tmp_path_factory.mktemp("torch-compile"))
     try:
         yield

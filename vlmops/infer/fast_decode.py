@@ -140,8 +140,8 @@ def wide(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torc
     ratio = 8 // target.element_size()
 
     def fits(tensor: torch.Tensor) -> bool:
-        strides = (*tensor.stride()[:-1], tensor.storage_offset(), tensor.shape[-1])
-        return tensor.stride(-1) == 1 and all(value % ratio == 0 for value in strides)
+        in_elements = (*tensor.stride()[:-1], tensor.storage_offset(), tensor.shape[-1])
+        return tensor.stride(-1) == 1 and all(value % ratio == 0 for value in in_elements)
 
     if ratio <= 1 or source.dtype != target.dtype or not (fits(target) and fits(source)):
         return target, source

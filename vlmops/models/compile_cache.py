@@ -35,21 +35,28 @@ log = logging.getLogger(__name__)
 ENV = "TORCHINDUCTOR_CACHE_DIR"
 
 
-def use_compile_cache(folder: str | os.PathLike[str] | None) -> Path | None:
-    """Keep torch.compile's caches under `folder` (None or "": torch's default); the folder in use, if known."""
+def users_compile_cache() -> Path | None:
+    """The folder the user set in `TORCHINDUCTOR_CACHE_DIR`, if any. torch writes its own default into the variable
+    the first time it looks (some versions on `import torch._dynamo`): that value is not the user's choice."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     current = os.environ.get(ENV)
-    # torch writes its default into the variable the first time it looks (some versions on `import torch._dynamo`):
-    # that value is not the user's choice.
-    if current is not None and Path(current).resolve() != Path(default_cache_dir()).resolve():
+    if not current or Path(current).resolve() == Path(default_cache_dir()).resolve():
+        return None
+    return Path(current)
+
+
+def use_compile_cache(folder: str | os.PathLike[str] | None) -> Path | None:
+    """Keep torch.compile's caches under `folder` (None or "": torch's default); the folder in use, if known."""
+    users = users_compile_cache()
+    if users is not None:
         if folder:
-            log.debug("%s=%s is set: torch.compile's caches stay there, not in %s", ENV, current, folder)
-        return Path(current)
+            log.debug("%s=%s is set: torch.compile's caches stay there, not in %s", ENV, users, folder)
+        return users
     if not folder:
         return None
     path = Path(folder).expanduser().resolve()
-    if current == str(path):  # set by an earlier load in this process
+    if os.environ.get(ENV) == str(path):  # set by an earlier load in this process
         return path
     os.environ[ENV] = str(path)  # torch makes the folder when it first compiles: a CPU job leaves none behind
     log.info("torch.compile's caches: %s", path)
