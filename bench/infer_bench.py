@@ -603,8 +603,9 @@ def main() -> int:
         "--first-prefill-alt",
         type=int,
         default=0,
-        help="prompts in a call's first prefill (the engine's first_prefill, default the prefill batch of 16) in an "
-        "extra row per batch and e2e run; 8, one per image thread, starts the GPU on the first round of images (0: skip)",
+        help="prompts in a call's first prefill (the engine's first_prefill; default one per image thread, 8 on a "
+        "16-core machine) in an extra row per batch and e2e run; 16, a whole prefill batch, was the default before "
+        "session 22 (0: skip)",
     )
     parser.add_argument(
         "--skip",

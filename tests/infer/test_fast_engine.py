@@ -233,27 +233,35 @@ def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
 
 
 def test_the_first_prefill_of_a_call_starts_the_gpu_with_first_prefill_prompts(tiny_model: Path) -> None:
-    """With the GPU idle a prefill takes `first_prefill` prompts (by default a whole prefill batch), then whole
-    prefill batches; the answers are `generate`'s."""
+    """With the GPU idle a prefill takes `first_prefill` prompts (by default one per image thread), then whole
+    prefill batches, and before any row decodes every free slot is filled, however few (`min_refill` waits for
+    several only beside decoding rows); the answers are `generate`'s."""
     loaded = loaded_with_eos(tiny_model)
     cfg = InferConfig(max_new_tokens=16)
-    reqs = requests(loaded, 7, seed=5)
+    reqs = requests(loaded, 8, seed=5)
     expected = reference(loaded, reqs, cfg)
-    sizes: dict[int | None, list[int]] = {}
+    sizes: dict[int | None, list[tuple[int, int]]] = {}  # (prompts, decode steps before the launch) per prefill
     for first in (None, 1):
         engine = FastEngine(
-            loaded, cfg, max_batch=8, prefill_batch=3, first_prefill=first, max_context=256, image_workers=2
+            loaded,
+            cfg,
+            max_batch=8,
+            prefill_batch=3,
+            first_prefill=first,
+            min_refill=3,
+            max_context=256,
+            image_workers=2,
         )
         launch = engine._launch
 
         def launch_seen(group: Any, slots: list[int], launch: Any = launch, first: int | None = first) -> Any:
-            sizes.setdefault(first, []).append(len(slots))
+            sizes.setdefault(first, []).append((len(slots), engine.stats.decode_steps))
             return launch(group, slots)
 
         engine._launch = launch_seen  # type: ignore[method-assign]
         got = {result.key: (result.token_ids, result.finish_reason) for result in engine.generate(iter(reqs))}
         assert got == {key: (want.token_ids, want.finish_reason) for key, want in expected.items()}
-    assert sizes == {None: [3, 3, 1], 1: [1, 3, 3]}
+    assert sizes == {None: [(2, 0), (3, 0), (3, 0)], 1: [(1, 0), (3, 0), (3, 0), (1, 0)]}
     with pytest.raises(UserInputError, match="first_prefill=0"):
         FastEngine(loaded, cfg, first_prefill=0)
 

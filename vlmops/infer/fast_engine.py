@@ -127,12 +127,12 @@ class FastEngine:
         max_context: prompt + answer tokens a slot holds; longer requests are refused.
         prefill_batch: prompts per prefill forward.
         first_prefill: prompts in a prefill launched while the GPU has nothing else queued (a call's first; default
-            `prefill_batch`). The image threads finish their first images together, one per thread: with
-            `first_prefill` = `image_workers` the GPU starts on those rather than waiting for a second round to fill
-            a whole prefill batch (on an H200, 1.3b at batch 32, the first prefill waited ~31 ms for 16 images;
-            session 21). Not yet measured: `bench/infer_bench.py --first-prefill-alt 8`.
+            `image_workers`, at most `prefill_batch`). The image threads finish their first images together, one
+            per thread: the GPU starts on those rather than waiting for a second round to fill a whole prefill
+            batch (on an H200, 1.3b at batch 32: 8,216 generated tokens/s against 8,035 with a first prefill of 16;
+            session 22, bench/RESULTS.md).
         min_refill: free slots that trigger a prefill while other rows decode (default max_batch / 8, at
-            most prefill_batch).
+            most prefill_batch). Before any row decodes, every free slot is filled.
         memory_gib: cap on the GPU memory the model, the cache and prefill may take together (None: 90% of the card).
         cuda_graphs: capture decode steps (default: on CUDA).
         compile: torch.compile the per-layer arithmetic of the step (default: on CUDA). Its matmuls stay cuBLAS's:
@@ -244,7 +244,7 @@ class FastEngine:
         self.max_context = max_context
         self.prefill_batch = prefill_batch
         self.image_workers = max(1, image_workers or HOST_THREADS)
-        self.first_prefill = min(prefill_batch, first_prefill or prefill_batch)
+        self.first_prefill = min(prefill_batch, first_prefill or self.image_workers)
         self.device_pixels = DevicePixels.build(loaded.processor.image_processor) if device_pixels else None
         tokenizer = loaded.tokenizer
         self.eos_id: int | None = None if ignore_eos else tokenizer.eos_token_id
@@ -391,7 +391,9 @@ class FastEngine:
             if self.overlap_prefill and pending and (not rows or pending[0].ready()):
                 yield from self._join(pending.pop(0), rows, free)
             may_launch = not exhausted and not (self.overlap_prefill and pending)
-            if may_launch and len(free) >= (self.min_refill if rows or pending else 1):
+            # min_refill spares decoding rows a prefill for a few slots; with none decoding yet, fill every slot (a
+            # first prefill of `first_prefill` otherwise left the last few empty until the rows finished).
+            if may_launch and len(free) >= (self.min_refill if rows else 1):
                 size = self.prefill_batch if rows or pending else self.first_prefill  # the GPU idle: start it
                 group = list(itertools.islice(waiting, min(len(free), size)))
                 exhausted = not group
