@@ -60,7 +60,8 @@ class ModelConfig(Section):
     """An s3:// prefix (or a folder) where a fleet's GPU workers share what torch.compile compiled, for workers that
     each start on a fresh machine: a batch job loads it into `compile_cache` before its first shard and, after a shard
     that compiled anything new, writes it back (one file per torch version and GPU kind, under `storage`'s
-    credentials). null: no sharing."""
+    credentials; with `infer.workers` above 1 the first worker of a machine writes it, the others only load it).
+    null: no sharing."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype. auto: bfloat16 on GPUs that support it, float16 on older GPUs, float32 on CPU."""
     attn: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"

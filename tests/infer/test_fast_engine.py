@@ -254,7 +254,9 @@ def test_the_first_prefill_of_a_call_starts_the_gpu_with_first_prefill_prompts(t
         )
         launch = engine._launch
 
-        def launch_seen(group: Any, slots: list[int], launch: Any = launch, first: int | None = first) -> Any:
+        def launch_seen(
+            group: Any, slots: list[int], launch: Any = launch, first: int | None = first, engine: Any = engine
+        ) -> Any:
             sizes.setdefault(first, []).append((len(slots), engine.stats.decode_steps))
             return launch(group, slots)
 

@@ -93,3 +93,15 @@ def test_a_damaged_or_missing_file_leaves_the_job_compiling(tmp_path: Path, capl
     assert any("could not be loaded" in r.getMessage() and share.uri in r.getMessage() for r in caplog.records)
     assert share.publish_new() is False  # nothing compiled since: nothing written over it
     assert target.read_bytes() == b"not torch's artifacts"
+
+
+@pytest.mark.integration
+def test_only_the_publishing_worker_of_a_machine_writes_the_file(tmp_path: Path) -> None:
+    """`infer.workers` processes of one machine compile the same kernels: the first publishes, the rest only fetch."""
+    import torch
+
+    writer = SharedCompileCache(str(tmp_path / "shared"))
+    reader = SharedCompileCache(str(tmp_path / "other"), publish=False)
+    torch.compile(lambda x: x * 3 + 1)(torch.arange(5.0))  # one graph compiled after both were made
+    assert reader.publish_new() is False and not Path(reader.uri).exists()
+    assert writer.publish_new() is True and Path(writer.uri).stat().st_size > 0

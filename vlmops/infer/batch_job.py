@@ -205,8 +205,11 @@ def strict_copy(config: PipelineConfig) -> PipelineConfig:
     return config.model_copy(update={"infer": config.infer.model_copy(update={"on_error": "fail"})})
 
 
-def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -> ShardRunner:
-    """Load the model once and wrap it with the engine `infer.engine` picks."""
+def load_runner(
+    source: ModelSource, config: PipelineConfig, worker: str = "", publish_compiles: bool = True
+) -> ShardRunner:
+    """Load the model once and wrap it with the engine `infer.engine` picks; `publish_compiles=False` loads
+    `model.shared_compile_cache` but leaves writing it to another worker of this machine."""
     from vlmops.models.loading import load_model
 
     started = time.perf_counter()
@@ -221,7 +224,9 @@ def load_runner(source: ModelSource, config: PipelineConfig, worker: str = "") -
     loaded_at = time.perf_counter()
     share = None
     if config.model.shared_compile_cache:
-        share = SharedCompileCache(config.model.shared_compile_cache, config.storage, loaded.device)
+        share = SharedCompileCache(
+            config.model.shared_compile_cache, config.storage, loaded.device, publish=publish_compiles
+        )
         share.fetch()  # before anything compiles: the engine's first shard
     engine = make_engine(loaded, config.infer)
     log.info(

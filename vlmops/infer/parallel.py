@@ -83,6 +83,8 @@ def run_on_workers(
                     "--output", output_uri, "--config", str(config_file), "--stats", str(stats_files[rank]),
                     "--shards", ",".join(str(s.index) for s in shards[rank::workers]),
                 ] + (["--adapter", str(source.adapter)] if source.adapter else [])  # fmt: skip
+                if rank:  # the workers compile the same kernels: the first writes model.shared_compile_cache
+                    cmd.append("--no-publish-compiles")
                 procs.append(subprocess.Popen(cmd, env=env))
             while True:
                 codes = [p.poll() for p in procs]
@@ -165,7 +167,7 @@ def _worker(args: argparse.Namespace) -> int:
     output = open_output(args.output, config.storage)
     plan = JobPlan.from_json(output.read_text(JOB_FILE) or "")
     source = ModelSource(Path(args.checkpoint), Path(args.adapter) if args.adapter else None)
-    runner = load_runner(source, config, f"{os.uname().nodename}:{os.getpid()}")
+    runner = load_runner(source, config, f"{os.uname().nodename}:{os.getpid()}", not args.no_publish_compiles)
     for index in [int(i) for i in args.shards.split(",") if i]:
         stats = runner.run(plan, plan.shards[index], output)
         with open(args.stats, "a", encoding="utf-8") as f:
@@ -181,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the job's pipeline config")
     parser.add_argument("--shards", required=True, help="comma-separated shard indexes to answer")
     parser.add_argument("--stats", required=True, help="file to append each shard's stats to")
+    parser.add_argument(
+        "--no-publish-compiles",
+        action="store_true",
+        help="fetch model.shared_compile_cache but leave writing it to another worker of this machine",
+    )
     args = parser.parse_args(argv)
     quiet.child_logging()
     return _worker(args)

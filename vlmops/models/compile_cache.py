@@ -73,11 +73,22 @@ def describe_compile_cache() -> str:
 
 
 class SharedCompileCache:
-    """torch.compile's artifacts in one file under an s3:// prefix or a folder, shared by the machines of a fleet."""
+    """torch.compile's artifacts in one file under an s3:// prefix or a folder, shared by the machines of a fleet.
 
-    def __init__(self, uri: str, storage: StorageConfig | None = None, device: torch.device | None = None):
+    `publish=False` only fetches: the processes of one machine (`infer.workers`) compile the same kernels, so one of
+    them writes the file rather than each overwriting the others' copy."""
+
+    def __init__(
+        self,
+        uri: str,
+        storage: StorageConfig | None = None,
+        device: torch.device | None = None,
+        *,
+        publish: bool = True,
+    ):
         self.uri = f"{uri.rstrip('/')}/{artifacts_name(device or torch.device('cpu'))}"
         self.storage = storage
+        self.publish = publish
         self._compiled = compiled_graphs()
 
     def fetch(self) -> bool:
@@ -105,8 +116,9 @@ class SharedCompileCache:
         return True
 
     def publish_new(self) -> bool:
-        """Write this process's artifacts back if it compiled anything since the last fetch or publish."""
-        if compiled_graphs() == self._compiled:
+        """Write this process's artifacts back if it compiled anything since the last fetch or publish (and it
+        publishes)."""
+        if not self.publish or compiled_graphs() == self._compiled:
             return False
         saved = torch.compiler.save_cache_artifacts()
         self._compiled = compiled_graphs()
