@@ -129,8 +129,8 @@ class FastEngine:
         first_prefill: prompts in a prefill launched while the GPU has nothing else queued (a call's first; default
             `image_workers`, at most `prefill_batch`). The image threads finish their first images together, one
             per thread: the GPU starts on those rather than waiting for a second round to fill a whole prefill
-            batch (on an H200, 1.3b at batch 32: 8,216 generated tokens/s against 8,035 with a first prefill of 16;
-            session 22, bench/RESULTS.md).
+            batch (on an H200, 1.3b at batch 32: 8,221 generated tokens/s against 8,072 with a first prefill of 16
+            in the same run; session 22, bench/RESULTS.md).
         min_refill: free slots that trigger a prefill while other rows decode (default max_batch / 8, at
             most prefill_batch). Before any row decodes, every free slot is filled.
         memory_gib: cap on the GPU memory the model, the cache and prefill may take together (None: 90% of the card).
