@@ -331,7 +331,6 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("switch", {"switch_interval": args.switch_interval_alt / 1000}, bool(args.switch_interval_alt)),
             ("columns", {"column_bucket": args.column_bucket_alt}, bool(args.column_bucket_alt)),
             ("first-prefill", {"first_prefill": args.first_prefill_alt}, bool(args.first_prefill_alt)),
-            ("step-groups", {"step_groups": args.step_groups_alt}, bool(args.step_groups_alt)),
         )
         if wanted
     ]
@@ -607,13 +606,6 @@ def main() -> int:
         help="prompts in a call's first prefill (the engine's first_prefill; default one per image thread, 8 on a "
         "16-core machine) in an extra row per batch and e2e run; 16, a whole prefill batch, was the default before "
         "session 22 (0: skip)",
-    )
-    parser.add_argument(
-        "--step-groups-alt",
-        type=int,
-        default=0,
-        help="a decode step's rows in this many groups on streams of their own (the engine's step_groups, 1), one "
-        "group's attention beside another's matmuls, in an extra row per batch and e2e run (0: skip)",
     )
     parser.add_argument(
         "--skip",

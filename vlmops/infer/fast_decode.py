@@ -22,9 +22,8 @@ a prefill (the layers over the prompt embeddings, K/V into the slots, the first 
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,10 +48,6 @@ class _PrefillGraph:
     lengths: torch.Tensor
     tokens: torch.Tensor
 
-
-# A decode step's row groups (`step_groups`): each at least this many rows, and a multiple of the second.
-STEP_GROUP_MIN_ROWS = 64
-STEP_GROUP_ALIGN = 8
 
 # Prefill shapes captured at most (each keeps its static input of rows x width embeddings); beyond, eagerly.
 MAX_PREFILL_GRAPHS = 64
@@ -198,7 +193,6 @@ class StaticDecoder:
         attention: str,
         suppress_token: int | None,
         prefill_graphs: bool = False,
-        step_groups: int = 1,
     ) -> None:
         lm = model.model.language_model
         config = lm.config
@@ -206,8 +200,6 @@ class StaticDecoder:
             raise UserInputError(f"FastEngine decodes SiLU Llamas; this model's hidden_act is {config.hidden_act!r}")
         if attention not in ("sdpa", "matmul"):
             raise UserInputError(f"attention={attention!r}: use sdpa or matmul")
-        if step_groups < 1:
-            raise UserInputError(f"step_groups={step_groups}: use at least 1 (1: a step is one chain of kernels)")
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
@@ -271,11 +263,6 @@ class StaticDecoder:
                 _rows_dynamic(normed), qkv, _rows_dynamic(cos), _rows_dynamic(sin), *rest
             )
             self._post = lambda x, attn, *rest: post(_rows_dynamic(x), _rows_dynamic(attn, 0, 2), *rest)
-        self.step_groups = step_groups
-        # The groups after the first run on streams of their own (on CUDA); the first on the step's stream.
-        self._group_streams = (
-            [torch.cuda.Stream(device) for _ in range(step_groups - 1)] if device.type == "cuda" else []
-        )
         self.cuda_graphs = cuda_graphs and device.type == "cuda"
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._memory: GraphMemory | None = None  # the decode steps' graphs, once the first is captured
@@ -451,78 +438,26 @@ class StaticDecoder:
         log.debug("captured a decode step for %d rows x %d columns", rows, columns)
         return graph
 
-    def groups(self, rows: int) -> list[tuple[int, int]]:
-        """The step's row groups over slots [0, rows): `step_groups` equal runs of whole multiples of
-        `STEP_GROUP_ALIGN` rows, none narrower than `STEP_GROUP_MIN_ROWS` (fewer groups where rows are few)."""
-        count = max(1, min(self.step_groups, rows // STEP_GROUP_MIN_ROWS))
-        size = -(-rows // count // STEP_GROUP_ALIGN) * STEP_GROUP_ALIGN
-        return list(itertools.pairwise([*range(0, rows, size), rows]))
-
     def _step(self, rows: int, columns: int) -> None:
         tokens, positions = self.tokens[:rows], self.positions[:rows]
+        index = self.rows[:rows]
         x = F.embedding(tokens, self.embed)
         normed = self._norm(x, self.norm_in, self.eps)
         cos, sin = self.cos[positions], self.sin[positions]
         visible = self.columns[:columns][None, :] <= positions[:, None]
         mask = additive_mask(visible, x.dtype)[:, None, None, :]  # once a step, not once a layer
-        groups = self.groups(rows)
-        if len(groups) == 1 or not self._group_streams:
-            for a, b in groups:  # on CPU, the groups one after the other: the same arithmetic as on CUDA
-                for _ in self._layers(a, b, columns, x[a:b], normed[a:b], cos[a:b], sin[a:b], mask[a:b]):
-                    pass
-            return
-        # Each group's rows run the layers as a chain of their own (rows do not meet in a decode step), on a stream
-        # of their own: one group's attention (bound by reading its cache) runs beside another's matmuls (bound by
-        # arithmetic at many rows). The attentions take turns: two at once would only share the bandwidth.
-        main = torch.cuda.current_stream()
-        streams = [main, *self._group_streams[: len(groups) - 1]]
-        for stream in streams[1:]:
-            stream.wait_stream(main)
-        chains = [self._layers(a, b, columns, x[a:b], normed[a:b], cos[a:b], sin[a:b], mask[a:b]) for a, b in groups]
-        turn: torch.cuda.Event | None = None  # the attention before this one
-        for _ in self.layers:
-            for stream, chain in zip(streams, chains, strict=True):
-                with torch.cuda.stream(stream):
-                    next(chain)  # up to this layer's attention
-                    if turn is not None:
-                        stream.wait_event(turn)
-                    next(chain)  # the attention
-                    turn = torch.cuda.Event()
-                    turn.record(stream)
-        for stream, chain in zip(streams, chains, strict=True):
-            with torch.cuda.stream(stream):
-                next(chain, None)  # the rest of the last layer, the head
-        for stream in streams[1:]:
-            main.wait_stream(stream)
-        # x, normed, cos, sin and mask (the main stream's) stay referenced until here, after every stream's last use
-
-    def _layers(
-        self,
-        a: int,
-        b: int,
-        columns: int,
-        x: torch.Tensor,
-        normed: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> Iterator[None]:
-        """The step's layers and head for slots [a, b) (x, normed, cos, sin and mask: theirs), pausing before each
-        layer's attention and after it: the caller orders the groups' attentions."""
         for layer_index, layer in enumerate(self.layers):
             q, kv = self._pre(normed, layer.qkv, cos, sin, self.heads, self.kv_heads, self.head_dim)
             cache = self.kv_cache[layer_index]
             target, source = wide(cache, kv)
-            target[:, self.rows[a:b], :, self.positions[a:b]] = source
-            yield
-            attn = self._attend(q, cache[0, a:b, :, :columns], cache[1, a:b, :, :columns], mask)
-            yield
+            target[:, index, :, positions] = source
+            attn = self._attend(q, cache[0, :rows, :, :columns], cache[1, :rows, :, :columns], mask)
             x, normed = self._post(
                 x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, layer.norm_next, self.eps
             )
         logits = F.linear(normed, self.lm_head)
-        self.tokens[a:b].copy_(self.greedy(logits))
-        self.positions[a:b].add_(self.active[a:b])
+        self.tokens[:rows].copy_(self.greedy(logits))
+        self.positions[:rows].add_(self.active[:rows])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Attention of one query per row over the row's cache columns (`mask` additive, [rows, 1, 1, columns]);

@@ -179,10 +179,6 @@ class FastEngine:
             reads fewer columns past the rows' lengths (the step's attention reads every covered column) for more
             graphs. 32 measured on an H200 (bench/RESULTS.md session 19) against 128: +2.8% at batch 256 (1.3b),
             +1.8% at 128 (7b), the same at 32.
-        step_groups: a decode step's rows in this many groups (each at least `fast_decode.STEP_GROUP_MIN_ROWS` rows;
-            fewer groups on fewer rows), each running the layers on a CUDA stream of its own: one group's attention,
-            bound by reading its cache, beside another's matmuls, bound by arithmetic at many rows. The attentions
-            take turns. The same arithmetic per row (on CPU the groups run one after the other).
     """
 
     def __init__(
@@ -213,7 +209,6 @@ class FastEngine:
         siglip_compile: bool = True,
         overlap_prefill: bool = False,
         switch_interval: float | None = None,
-        step_groups: int = 1,
     ) -> None:
         if infer_cfg.temperature != 0:
             raise UserInputError(
@@ -271,7 +266,6 @@ class FastEngine:
             attention=attention,
             suppress_token=tokenizer.eos_token_id if ignore_eos else None,
             prefill_graphs=prefill_graphs,
-            step_groups=step_groups,
         )
         # Graphs are keyed by width: a few buckets rather than every prompt length. The padding is right-padding,
         # which a row's real tokens never see under causal attention.
