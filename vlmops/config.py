@@ -295,6 +295,12 @@ class InferConfig(Section):
     Measured on an H200 (1.3b, bench/RESULTS.md session 23): `vlmops batch-infer` 146 images/s once started with
     256 against 138 with 128 (the default before), the engine's call of B prompts 14.0k generated tokens/s at 256
     and 14.4k at 768."""
+    max_context: int = Field(2048, ge=2)
+    """Fast engine: prompt + answer tokens one slot holds (an image is 576 prompt tokens, so 2048 takes three images
+    and their text with a 64-token answer). The K/V cache is slots x this: lower it for short prompts to get more
+    slots from the same memory. A record that does not fit goes to the job's rejects with its token count; to answer
+    it, raise this and run it into a new output folder (a record once rejected stays in that job's rejects). The
+    plain engine's limit is the model's `max_position_embeddings`."""
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
     a 7b inside an 80 GB card). null: 90% of the GPU."""

@@ -143,6 +143,22 @@ def test_simple_records_keep_every_field_and_use_their_id_as_key(
     assert result.images_per_s > 0  # 4 images were loaded
 
 
+def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny_model: Path, tmp_path: Path) -> None:
+    """The plain engine takes what the model's positions allow (the tiny model's `max_position_embeddings`: 4096): a
+    longer record is a reject that says so; the others are answered."""
+    records = [
+        {"id": "short", "query": "Colour?"},
+        {"id": "long", "query": "colour " * 4200},
+        {"id": "last", "query": "?"},
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
+    assert (result.results, result.rejects) == (2, 1)
+    (reject,) = rejects(tmp_path / "out")
+    assert reject["line"] == 2 and "exceed the 4096 tokens a request may take" in reject["reason"], reject
+    assert sorted(r["id"] for r in results(tmp_path / "out")) == ["last", "short"]
+
+
 def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:

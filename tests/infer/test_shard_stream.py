@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ class Recording:
 
     def __init__(self, engine: FastEngine):
         self.engine = engine
+        self.max_context = engine.max_context
         self.events: list[tuple[str, Any]] = []
 
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
@@ -95,3 +97,36 @@ def test_shards_overlap_in_the_engine_and_each_is_published_whole(
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert sorted(r["line"] for r in rejects) == [8, 11, 12, 13, 14, 15]
     assert all(s.seconds >= 0 for s in stats)
+
+
+def test_a_prompt_longer_than_the_engine_takes_is_a_reject_not_a_failed_job(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """The fast engine refuses a request longer than its `max_context`; a job sends such a record to its rejects, with
+    its token count and what to change, and answers the rest (before, the engine's refusal ended the job at that
+    record, on every rerun)."""
+    shutil.copy(images["red"], tmp_path / "red.png")
+    lines = [json.dumps({"id": f"r{i}", "query": f"<img>red.png</img>What colour is shape {i}?"}) for i in range(6)]
+    lines[3] = json.dumps({"id": "long", "query": "<img>red.png</img>" + "colour " * 300})
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    config = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.max_context": 128})
+    loaded = load_model(tiny_model)
+    engine = FastEngine(loaded, config.infer, max_batch=4, prefill_batch=2, max_context=config.infer.max_context)
+    output = open_output(str(tmp_path / "out"))
+    plan = open_job(plan_job(ModelInfo(str(tiny_model), None, "sha256:x"), str(tmp_path / "in.jsonl"), config), output)
+    stats = list(ShardRunner(loaded, engine, config).run_many(plan, pending_shards(plan, output), output))
+    assert [(s.results, s.rejects) for s in stats] == [(3, 1), (2, 0)]
+    finalize(plan, output)
+    (reject,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["line"] == 4
+    assert re.fullmatch(
+        r"prompt: \d+ tokens \(1 images of \d+\) \+ infer.max_new_tokens 3 exceed the 128 tokens a request may take .*"
+        r"raise infer.max_context",
+        reject["reason"],
+    ), reject["reason"]
+    answered = [
+        json.loads(line)["id"]
+        for part in sorted((tmp_path / "out").glob("part-*.jsonl"))
+        for line in part.read_text().splitlines()
+    ]
+    assert sorted(answered) == ["r0", "r1", "r2", "r4", "r5"]

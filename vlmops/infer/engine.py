@@ -50,6 +50,12 @@ class GenerationResult:
 
 
 class Engine(Protocol):
+    @property
+    def max_context(self) -> int | None:
+        """Prompt + answer tokens one request may take (None: no limit of the engine's own). A job sends a longer
+        record to its rejects rather than to the engine."""
+        ...
+
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
         """One result per request, in any order; pulls `requests` lazily."""
         ...
@@ -80,6 +86,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             loaded,
             infer_cfg,
             max_batch=infer_cfg.max_batch,
+            max_context=infer_cfg.max_context,
             memory_gib=infer_cfg.memory_gib,
             decode_window=infer_cfg.decode_window,
             vision_graphs=infer_cfg.vision_graphs,

@@ -463,6 +463,15 @@ class ShardRunner:
         except RecordError as err:
             record.error, record.cause = f"{err.field}: {err.reason}", err
             return record
+        limit, answer = self.engine.max_context, self.config.infer.max_new_tokens
+        if limit is not None and len(encoded.input_ids) + answer > limit:
+            record.error = (
+                f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} images of "
+                f"{self.loaded.num_image_tokens}) + infer.max_new_tokens {answer} exceed the {limit} tokens a request "
+                "may take (the fast engine's infer.max_context; the plain engine's: the model's "
+                "max_position_embeddings); send fewer images or less text, or raise infer.max_context"
+            )
+            return record
         images = [record.images[ref.uri] for ref in encoded.images]
         record.request = GenerationRequest(record.position, encoded.input_ids, images)
         return record

@@ -27,6 +27,10 @@ class PlainEngine:
         self.batch_size = infer_cfg.batch_size
         self.config = generation_config(loaded, infer_cfg)
         self.eos_token_id: int | None = loaded.tokenizer.eos_token_id
+        # The positions the language model was built for: past them rotary positions it never saw (transformers
+        # computes them anyway, and the answers degrade without an error).
+        text_config = loaded.model.config.get_text_config()
+        self.max_context: int | None = getattr(text_config, "max_position_embeddings", None)
 
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
         pending = iter(requests)
