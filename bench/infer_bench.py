@@ -221,7 +221,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     }
     print(f"[{arch}] attention: {attn}", flush=True)
     images = random_images(16, seed=1)
-    pool = make_requests(loaded, max([*batches, 256 if args.budget else 0]), images, seed=0)
+    pool = make_requests(loaded, max([*batches, 256 if args.budget else 0, args.profile_batch]), images, seed=0)
     prompt_len = sum(len(r.prompt_ids) for r in pool) / len(pool)
     max_context = -(-(max(len(r.prompt_ids) for r in pool) + new_tokens) // 128) * 128
     base = {
@@ -394,6 +394,13 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     if args.profile and device == "cuda":
         guarded("profile-prefill", lambda: profile_engine(loaded, pool[: args.prefill_batch], max_context, 1))
         guarded("profile-decode", lambda: profile_engine(loaded, pool[:match_batch], max_context, new_tokens))
+    if args.profile_batch and device == "cuda":
+        guarded(
+            "profile-call",
+            lambda: profile_engine(
+                loaded, pool[: args.profile_batch], max_context, new_tokens, prefill_batch=args.prefill_batch
+            ),
+        )
     if args.float32 and arch == "1.3b" and device == "cuda":
 
         def float32() -> None:
@@ -407,9 +414,15 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
         guarded("float32", float32)
 
 
-def profile_engine(loaded: LoadedModel, reqs: list[GenerationRequest], max_context: int, new_tokens: int) -> None:
-    """Kernel times of one `generate` call over `reqs` with `new_tokens` forced (one prefill batch for all of them;
-    1 token: the prefill alone), after an unprofiled call that compiles and captures."""
+def profile_engine(
+    loaded: LoadedModel,
+    reqs: list[GenerationRequest],
+    max_context: int,
+    new_tokens: int,
+    prefill_batch: int | None = None,
+) -> None:
+    """Kernel times of one `generate` call over `reqs` with `new_tokens` forced (by default one prefill batch for all
+    of them; 1 token: the prefill alone), after an unprofiled call that compiles and captures."""
     from torch.profiler import ProfilerActivity, profile
 
     def sync() -> None:
@@ -421,7 +434,7 @@ def profile_engine(loaded: LoadedModel, reqs: list[GenerationRequest], max_conte
         InferConfig(max_new_tokens=new_tokens),
         max_batch=len(reqs),
         max_context=max_context,
-        prefill_batch=len(reqs),
+        prefill_batch=prefill_batch or len(reqs),
         ignore_eos=True,
     )
     for _ in engine.generate(reqs):
@@ -617,6 +630,13 @@ def main() -> int:
         "--profile",
         action="store_true",
         help="print the kernel times and GPU idle gaps of one prefill batch, then of a batch's whole call",
+    )
+    parser.add_argument(
+        "--profile-batch",
+        type=int,
+        default=0,
+        help="print the kernel times and GPU idle gaps of one call of this many prompts with the engine's own prefill "
+        "batch (--prefill-batch), as the engine rows run it (0: skip)",
     )
     parser.add_argument("--work", default="/tmp/infer-bench")
     parser.add_argument("--out", default=None, help="JSON results file")
