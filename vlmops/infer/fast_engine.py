@@ -224,6 +224,12 @@ class FastEngine:
             raise UserInputError(
                 "max_batch, prefill_batch, decode_window and column_bucket must be at least 1 and max_context at least 2"
             )
+        if infer_cfg.max_new_tokens >= max_context:
+            raise UserInputError(
+                f"max_context {max_context} (infer.max_context) leaves no room for a prompt beside infer.max_new_tokens "
+                f"{infer_cfg.max_new_tokens}: raise infer.max_context (an image is 576 prompt tokens) or lower "
+                "infer.max_new_tokens"
+            )
         if first_prefill is not None and first_prefill < 1:
             raise UserInputError(f"first_prefill={first_prefill}: use at least 1 (or None: prefill_batch)")
         if switch_interval is not None and switch_interval <= 0:
