@@ -186,6 +186,23 @@ def test_retrain_step_runs_the_job_in_a_child_and_writes_what_evaluate_reads(
 
 
 @pytest.mark.integration
+def test_an_output_inside_the_input_folder_is_not_read_as_input(tiny_model: Path, tmp_path: Path) -> None:
+    """`--input data --output data/out`: the rerun finds the same input (the output's parts, rejects, manifest and
+    `_job/job.json` are not records) and has nothing left to do; before, it read `_job/job.json` as an input file."""
+    (tmp_path / "data").mkdir()
+    simple_prompts(tmp_path / "data" / "in.jsonl", 5)
+    model, data, out = str(tiny_model), str(tmp_path / "data"), tmp_path / "data" / "out"
+    first = run_batch_job(model, data, str(out), job_config(), progress=False)
+    assert (first.records, first.results) == (5, 5)
+    assert sorted(p.name for p in out.iterdir()) == ["_job", "manifest.json", "part-00000.jsonl", "rejects.jsonl"]
+    again = run_batch_job(model, data, str(out), job_config(), progress=False)
+    assert (again.ran, again.records) == ([], 5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [f["name"] for f in manifest["input"]["files"]] == ["in.jsonl"]
+    globbed = run_batch_job(model, str(tmp_path / "data" / "**" / "*.jsonl"), str(out), job_config(), progress=False)
+    assert (globbed.ran, globbed.records) == ([], 5)  # a glob over the folder finds the same one file
+
+
 def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path: Path, s3_server: Any) -> None:
     client = s3_server.client()
     client.create_bucket(Bucket="jobs")
@@ -214,3 +231,8 @@ def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path
         ]
         assert got == [f"r{i}" for i in range(10)]
         assert run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/answers/run1", config).ran == []
+        # An output under the input prefix: its parts, manifest and job file are the job's, not input, on a rerun too.
+        inside = run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/prompts/out", config, progress=False)
+        assert (inside.records, inside.results) == (10, 10)
+        again = run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/prompts/out", config, progress=False)
+        assert (again.ran, again.records) == ([], 10)

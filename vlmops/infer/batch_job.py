@@ -104,7 +104,7 @@ def prepare_job(
     """
     source, info = resolve_job_model(model_ref, config)
     output = open_output(output_uri, config.storage)
-    return source, open_job(plan_job(info, input_spec, config), output), output
+    return source, open_job(plan_job(info, input_spec, config, output.uri), output), output
 
 
 def complete_job(

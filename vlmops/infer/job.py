@@ -239,11 +239,12 @@ def _registry_version(checkpoint: Path) -> str | None:
     return None
 
 
-def plan_job(model: ModelInfo, input_spec: str, config: PipelineConfig) -> JobPlan:
-    """Read the inputs once (hash, count, shard offsets) and give the job its id and shards."""
+def plan_job(model: ModelInfo, input_spec: str, config: PipelineConfig, output_uri: str | None = None) -> JobPlan:
+    """Read the inputs once (hash, count, shard offsets) and give the job its id and shards. Files under `output_uri`
+    (an output inside the input folder) are the job's own, never input."""
     files: list[InputFile] = []
     shards: list[Shard] = []
-    for file_index, found in enumerate(find_inputs(input_spec, config.storage)):
+    for file_index, found in enumerate(find_inputs(input_spec, config.storage, output_uri)):
         scanned, file_shards = scan_input(found, file_index, config.infer.shard_size, config.storage)
         files.append(scanned)
         shards += [replace(s, index=len(shards) + i) for i, s in enumerate(file_shards)]

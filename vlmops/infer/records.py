@@ -19,6 +19,7 @@ import glob
 import hashlib
 import itertools
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,6 +32,8 @@ from vlmops.conversation import Message
 from vlmops.data.formats import RecordError, parse_record
 from vlmops.data.jsonarray import JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 INPUT_SUFFIXES = (".jsonl", ".json")
 ADDED_FIELDS = ("key", "source", "response", "reference", "generated_tokens", "finish_reason", "model")
@@ -92,14 +95,16 @@ class Prompt:
     reference: str | None
 
 
-def find_inputs(spec: str, storage: StorageConfig | None = None) -> list[InputFile]:
-    """The input files `spec` names, in a stable order (sorted by name).
+def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | None = None) -> list[InputFile]:
+    """The input files `spec` names, in a stable order (sorted by name). A folder, glob or prefix never yields what
+    lies under `output` (the job's own output location, when it sits inside its input: its parts, rejects, manifest
+    and `_job/` files would otherwise be read as input on a rerun, and make it another job).
 
     Raises:
         FileNotFoundError: nothing there, or no .json/.jsonl file in it.
     """
     if spec.startswith("s3://"):
-        return _find_s3_inputs(spec, storage)
+        return _find_s3_inputs(spec, storage, output)
     path = Path(spec).expanduser()
     if path.is_file():
         _check_suffix(path.name, spec)
@@ -107,11 +112,12 @@ def find_inputs(spec: str, storage: StorageConfig | None = None) -> list[InputFi
     if path.is_dir():
         root = path.resolve()
         found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+        found = _outside(found, output, spec)
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     elif glob.has_magic(spec):
         # Path.glob takes no absolute patterns: the glob module does.
         found = sorted(Path(p).resolve() for p in glob.glob(str(path), recursive=True))  # noqa: PTH207
-        found = [p for p in found if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES]
+        found = _outside([p for p in found if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES], output, spec)
         root = Path(os.path.commonpath([p.parent for p in found])) if found else Path()
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     else:
@@ -121,12 +127,25 @@ def find_inputs(spec: str, storage: StorageConfig | None = None) -> list[InputFi
     return files
 
 
+def _outside(found: list[Path], output: str | None, spec: str) -> list[Path]:
+    """`found` less the files under the local folder `output`, said in the log when there are any."""
+    if output is None or output.startswith("s3://"):
+        return found
+    folder = Path(output).expanduser().resolve()
+    kept = [p for p in found if not p.is_relative_to(folder)]
+    if len(kept) < len(found):
+        log.info(
+            "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), folder
+        )
+    return kept
+
+
 def _check_suffix(name: str, spec: str) -> None:
     if not name.lower().endswith(INPUT_SUFFIXES):
         raise UserInputError(f"input {spec}: unsupported file type; use .jsonl (a record per line) or .json (a list)")
 
 
-def _find_s3_inputs(spec: str, storage: StorageConfig | None) -> list[InputFile]:
+def _find_s3_inputs(spec: str, storage: StorageConfig | None, output: str | None = None) -> list[InputFile]:
     from vlmops.storage import list_objects, parse_s3_uri, s3_client
 
     bucket, prefix = parse_s3_uri(spec)
@@ -138,11 +157,20 @@ def _find_s3_inputs(spec: str, storage: StorageConfig | None) -> list[InputFile]
             _check_suffix(prefix, spec)
             return [InputFile(f"s3://{bucket}/{prefix}", prefix.rpartition("/")[2])]
     folder = f"{prefix}/" if prefix else ""
-    files = [
-        InputFile(f"s3://{bucket}/{o.key}", o.key[len(folder) :])
-        for o in sorted(objects, key=lambda o: o.key)
-        if o.key.lower().endswith(INPUT_SUFFIXES)
-    ]
+    found = [o.key for o in sorted(objects, key=lambda o: o.key) if o.key.lower().endswith(INPUT_SUFFIXES)]
+    if output is not None and output.startswith("s3://"):
+        out_bucket, out_prefix = parse_s3_uri(output)
+        own = f"{out_prefix.rstrip('/')}/"
+        kept = [key for key in found if out_bucket != bucket or not key.startswith(own)]
+        if len(kept) < len(found):
+            log.info(
+                "input %s: %d objects under the output %s are the job's own, not input",
+                spec,
+                len(found) - len(kept),
+                output,
+            )
+        found = kept
+    files = [InputFile(f"s3://{bucket}/{key}", key[len(folder) :]) for key in found]
     if not files:
         raise FileNotFoundError(f"input {spec}: no .jsonl or .json objects under it")
     return files
