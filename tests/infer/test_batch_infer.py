@@ -143,6 +143,16 @@ def test_simple_records_keep_every_field_and_use_their_id_as_key(
     assert result.images_per_s > 0  # 4 images were loaded
 
 
+def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tiny_model: Path, tmp_path: Path) -> None:
+    """A .jsonl saved by a Windows editor (a UTF-8 byte-order mark, CRLF line ends, a blank line): every record is
+    answered, the first one too (it was a reject: "Unexpected UTF-8 BOM")."""
+    lines = [json.dumps({"id": "first", "query": "Colour?"}), json.dumps({"id": "second", "query": "Shape?"}), ""]
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join([*lines, ""]).encode())
+    result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
+    assert (result.records, result.results, result.rejects) == (2, 2, 0)
+    assert [r["key"] for r in results(tmp_path / "out")] == ["first", "second"]
+
+
 def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny_model: Path, tmp_path: Path) -> None:
     """The plain engine takes what the model's positions allow (the tiny model's `max_position_embeddings`: 4096): a
     longer record is a reject that says so; the others are answered."""

@@ -144,6 +144,11 @@ def test_cli_summary_and_exit_codes(
         main(["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "none"), "--output", str(out)]) == 2
     )
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n")
+    empty = ["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "empty.jsonl")]
+    assert main([*empty, "--output", str(tmp_path / "out-empty")]) == 0
+    printed = capsys.readouterr().out
+    assert ": the input holds no records" in printed and "0 read: 0 answered, 0 rejected" in printed, printed
 
 
 def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(

@@ -36,7 +36,10 @@ def handle(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     result = run_batch_job(args.model, args.input, args.output, config)
     manifest = result.manifest
-    print(f"batch inference job {manifest['job_id']}: {'done' if result.ran else 'finished before, nothing to do'}")
+    state = (
+        "done" if result.ran else "finished before, nothing to do" if result.records else "the input holds no records"
+    )
+    print(f"batch inference job {manifest['job_id']}: {state}")
     print(f"  model             {manifest['model']['uri']} ({manifest['model']['content_hash'][:19]})")
     print(f"  records           {result.records} read: {result.results} answered, {result.rejects} rejected")
     print(f"  generated tokens  {manifest['generated_tokens']}")

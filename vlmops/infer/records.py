@@ -257,9 +257,9 @@ def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = No
                 if read == shard.count:
                     return
                 read += 1
-                yield RawRecord(
-                    f"{file.uri}:{number}", f"{file.name}:{number}", number, line.decode("utf-8", "replace")
-                )
+                # A byte-order mark (Windows editors write one) opens the file: not part of the first record.
+                text = line.decode("utf-8-sig" if number == 1 else "utf-8", "replace")
+                yield RawRecord(f"{file.uri}:{number}", f"{file.name}:{number}", number, text)
         return
     with open_input(file.uri, storage, shard.offset) as stream:
         if shard.offset:  # streamed from the shard's first item
