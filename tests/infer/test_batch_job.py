@@ -151,6 +151,44 @@ def test_cli_summary_and_exit_codes(
     assert ": the input holds no records" in printed and "0 read: 0 answered, 0 rejected" in printed, printed
 
 
+def test_s3_records_take_relative_images_from_under_their_prefix(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path, s3_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record read from `s3://bucket/set/p.jsonl` names `images/red.png`: the object `set/images/red.png`, as a local
+    file's relative paths are its folder's. Never a file of the worker's own disk (before, relative paths resolved
+    against the worker's working directory), never outside the prefix."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="rel")
+    client.upload_file(str(images["red"]), "rel", "set/images/red.png")
+    client.upload_file(str(images["red"]), "rel", "other/red.png")
+    (tmp_path / "images").mkdir()
+    shutil.copy(images["red"], tmp_path / "images" / "blue.png")  # on the worker's disk, not in the bucket
+    monkeypatch.chdir(tmp_path)
+    records = [
+        {"id": "relative", "query": "<img>images/red.png</img>Colour?"},
+        {"id": "listed", "query": "Colour?", "images": ["./images/../images/red.png"]},
+        {"id": "local-only", "query": "<img>images/blue.png</img>Colour?"},
+        {"id": "outside", "query": "<img>../other/red.png</img>Colour?"},
+        {"id": "absolute", "query": f"<img>{tmp_path / 'images' / 'blue.png'}</img>Colour?"},
+        {"id": "full-uri", "query": "<img>s3://rel/other/red.png</img>Colour?"},
+    ]
+    body = "".join(json.dumps(r) + "\n" for r in records).encode()
+    client.put_object(Bucket="rel", Key="set/p.jsonl", Body=body)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    result = run_batch_job(str(tiny_model), "s3://rel/set/p.jsonl", str(tmp_path / "out"), job_config(), progress=False)
+    assert (result.results, result.rejects) == (3, 3)
+    answered = [json.loads(line)["id"] for line in (tmp_path / "out" / "part-00000.jsonl").read_text().splitlines()]
+    assert answered == ["relative", "listed", "full-uri"]
+    reasons = {
+        json.loads(line)["key"]: json.loads(line)["reason"]
+        for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
+    }
+    assert "s3://rel/set/images/blue.png" in reasons["local-only"], reasons
+    assert "is outside s3://rel/set, where the record was read from" in reasons["outside"], reasons
+    assert "a local path in a record read from s3://rel/set" in reasons["absolute"], reasons
+
+
 def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
     tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:

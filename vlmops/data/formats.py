@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -204,9 +205,14 @@ def image_roots(folder: Path, allowed_roots: Sequence[str | os.PathLike[str]] = 
 
 
 def parse_record(
-    record: Any, location: str, base_dir: Path, require_answer: bool = True, roots: Sequence[Path] | None = None
+    record: Any,
+    location: str,
+    base_dir: Path | str,
+    require_answer: bool = True,
+    roots: Sequence[Path] | None = None,
 ) -> Conversation:
-    """One record in either format -> Conversation, image paths resolved against `base_dir`.
+    """One record in either format -> Conversation, image paths resolved against `base_dir` (a local folder, or the
+    `s3://bucket/prefix` a record was read from: relative paths are then keys under it).
 
     `require_answer=False` also takes records that end with a user turn (prompts for batch inference).
     `roots`: the folders local image paths must resolve into (None: anywhere).
@@ -226,7 +232,7 @@ def parse_record(
     return Conversation(messages, source=location, meta=meta)
 
 
-def _parse_conversations(turns: Any, base_dir: Path, roots: Sequence[Path] | None) -> list[Message]:
+def _parse_conversations(turns: Any, base_dir: Path | str, roots: Sequence[Path] | None) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise RecordError("conversations", "must be a non-empty list of {from, value} turns")
     messages = []
@@ -259,7 +265,7 @@ def _role_and_text(turn: Any, field: str, role_key: str, text_key: str, what: st
     return role, text
 
 
-def _parse_messages(turns: Any, images: Any, base_dir: Path, roots: Sequence[Path] | None) -> list[Message]:
+def _parse_messages(turns: Any, images: Any, base_dir: Path | str, roots: Sequence[Path] | None) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise RecordError("messages", "must be a non-empty list of {role, content} messages")
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
@@ -294,7 +300,7 @@ def _role(value: Any, field: str) -> Role:
     return ROLE_ALIASES[value.lower()]
 
 
-def _resolve(image: ImageRef, base_dir: Path, field: str, roots: Sequence[Path] | None) -> ImageRef:
+def _resolve(image: ImageRef, base_dir: Path | str, field: str, roots: Sequence[Path] | None) -> ImageRef:
     uri = image.uri
     if not uri:
         raise RecordError(field, "empty image reference <img></img>")
@@ -305,6 +311,8 @@ def _resolve(image: ImageRef, base_dir: Path, field: str, roots: Sequence[Path] 
         raise RecordError(
             field, f"image {uri}: {other.group(1)}:// is not supported; use a path, http(s)://, s3:// or data:"
         )
+    if isinstance(base_dir, str):
+        return ImageRef(_under_remote(base_dir, uri, field), field)
     path = Path(uri).expanduser()
     resolved = (path if path.is_absolute() else base_dir / path).resolve()  # symlinks followed: a link out is out
     if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
@@ -314,6 +322,25 @@ def _resolve(image: ImageRef, base_dir: Path, field: str, roots: Sequence[Path] 
             "or add its folder to data.allowed_roots",
         )
     return ImageRef(str(resolved), field)
+
+
+def _under_remote(base: str, uri: str, field: str) -> str:
+    """A relative image path of a record read from the remote folder `base` (`s3://bucket/prefix`): the URI of the
+    object under it. Never a local file (the worker's disk is not where the record came from), never outside `base`."""
+    scheme, _, rest = base.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    if uri.startswith(("/", "~")) or re.match(r"[A-Za-z]:[\\/]", uri):
+        raise RecordError(
+            field,
+            f"image {uri}: a local path in a record read from {base}; use a path relative to it or a full "
+            f"{scheme}:// URI",
+        )
+    key = posixpath.normpath(posixpath.join(prefix, uri))
+    if key == ".." or key.startswith("../") or (prefix and not key.startswith(prefix.rstrip("/") + "/")):
+        raise RecordError(
+            field, f"image {uri} is outside {base}, where the record was read from; use a full {scheme}:// URI"
+        )
+    return f"{scheme}://{bucket}/{key}"
 
 
 def _check_turns(messages: list[Message], require_answer: bool = True) -> None:

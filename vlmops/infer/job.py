@@ -42,7 +42,17 @@ from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, written_file
 from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
-from vlmops.infer.records import InputFile, Prompt, RawRecord, Shard, find_inputs, parse_prompt, read_shard, scan_input
+from vlmops.infer.records import (
+    InputFile,
+    Prompt,
+    RawRecord,
+    Shard,
+    find_inputs,
+    parse_prompt,
+    read_shard,
+    reject_key,
+    scan_input,
+)
 from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolver, model_source
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
@@ -355,13 +365,20 @@ class ShardRunner:
             for index, work in enumerate(works):
                 work.begun = True
                 file = work.file
-                base_dir = Path(file.uri).parent if not file.uri.startswith("s3://") else Path.cwd()
-                # A record's local images stay inside its file's folder or data.allowed_roots, as a dataset's do: a
-                # job run for someone else must not read `../../etc/shadow` (and quote its first bytes in a reject).
-                roots = image_roots(base_dir, self.config.data.allowed_roots)
+                # A record's relative image paths resolve against its file's folder: on S3, keys under the file's
+                # prefix (never the worker's disk). Local images stay inside the folder or data.allowed_roots, as a
+                # dataset's do: a job run for someone else must not read `../../etc/shadow` (and quote its first
+                # bytes in a reject).
+                base_dir: Path | str
+                roots: tuple[Path, ...]
+                if file.uri.startswith("s3://"):
+                    base_dir, roots = file.uri.rpartition("/")[0], ()
+                else:
+                    base_dir = Path(file.uri).parent
+                    roots = image_roots(base_dir, self.config.data.allowed_roots)
 
                 def read(
-                    item: tuple[int, RawRecord], base_dir: Path = base_dir, roots: tuple[Path, ...] = roots
+                    item: tuple[int, RawRecord], base_dir: Path | str = base_dir, roots: tuple[Path, ...] = roots
                 ) -> _Record:
                     return self._load_images(self._parse(*item, base_dir, roots))
 
@@ -431,7 +448,7 @@ class ShardRunner:
             self.compile_share.publish_new()
         return stats
 
-    def _parse(self, position: int, raw: RawRecord, base_dir: Path, roots: tuple[Path, ...]) -> _Record:
+    def _parse(self, position: int, raw: RawRecord, base_dir: Path | str, roots: tuple[Path, ...]) -> _Record:
         """The record's prompt and its image paths, checked against the roots (in a pool thread)."""
         try:
             prompt = parse_prompt(raw, base_dir, roots)
@@ -536,8 +553,10 @@ class _Record:
 
 
 def _reject(file: InputFile, raw: RawRecord, reason: str) -> dict[str, Any]:
+    """A reject's line: its file, line (or list index), key (its `id` where one can be read, as a result's) and
+    reason."""
     where = {"line": raw.number} if raw.text is not None else {"index": raw.number}
-    return {"file": file.uri, **where, "key": raw.key_location, "reason": reason}
+    return {"file": file.uri, **where, "key": reject_key(raw), "reason": reason}
 
 
 def _result_record(prompt: Prompt, result: GenerationResult, response: str, model: dict[str, Any]) -> dict[str, Any]:

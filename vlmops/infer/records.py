@@ -285,7 +285,20 @@ class _Counted:
         return data
 
 
-def parse_prompt(raw: RawRecord, base_dir: Path, roots: Sequence[Path] | None = None) -> Prompt:
+def reject_key(raw: RawRecord) -> Any:
+    """A record's key where it cannot be answered: its `id` where one can be read (as its result's would be), else its
+    file and line."""
+    value = raw.value
+    if raw.text is not None:
+        try:
+            value = json.loads(raw.text)
+        except json.JSONDecodeError:
+            return raw.key_location
+    key = value.get("id") if isinstance(value, dict) else None
+    return key if isinstance(key, (str, int)) and not isinstance(key, bool) else raw.key_location
+
+
+def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | None = None) -> Prompt:
     """One raw record -> the prompt to answer; local image paths resolved against `base_dir` must lie inside
     `roots` (None: anywhere), as a dataset's must (`data.allowed_roots`).
 
