@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from vlmops.config import PipelineConfig, load_config
+from vlmops.config import DEFAULT_SYSTEM_PROMPT, PipelineConfig, load_config
 from vlmops.data.formats import read_dataset
 from vlmops.errors import UserInputError
 from vlmops.infer.batch_job import run_batch_job
@@ -19,7 +19,9 @@ from vlmops.infer.engine import GenerationRequest, make_engine
 from vlmops.infer.generation import answer_tokens
 from vlmops.infer.job import RecordRejectedError
 from vlmops.infer.plain_engine import PlainEngine
+from vlmops.infer.records import RawRecord, parse_prompt
 from vlmops.models.loading import LoadedModel, load_model
+from vlmops.models.template import encode
 
 
 def job_config(**infer: Any) -> PipelineConfig:
@@ -141,6 +143,28 @@ def test_simple_records_keep_every_field_and_use_their_id_as_key(
         assert set(record) - set(given) == {"key", "source", "response", "generated_tokens", "finish_reason", "model"}
         assert record["generated_tokens"] <= 3
     assert result.images_per_s > 0  # 4 images were loaded
+
+
+def test_a_simple_records_system_field_is_its_system_prompt(tiny_model: Path, tmp_path: Path) -> None:
+    """ms-swift's query-response form carries `system`: the record's prompt is encoded with it instead of the model's
+    default (it was kept as a field and not used); "" means none; anything but a string is a reject."""
+
+    def prompt_text(record: dict[str, Any]) -> str:
+        prompt = parse_prompt(RawRecord("in.jsonl:1", "in.jsonl:1", 1, json.dumps(record)), tmp_path)
+        assert prompt.fields == record  # kept as it was, too
+        encoded = encode(prompt.messages, tokenizer, loaded.num_image_tokens, None, add_generation_prompt=True)
+        return str(tokenizer.decode(encoded.input_ids))
+
+    loaded = load_model(tiny_model)
+    tokenizer = loaded.tokenizer
+    own = prompt_text({"id": "s", "query": "Hi", "system": "Answer in one word."})
+    assert "Answer in one word." in own and DEFAULT_SYSTEM_PROMPT not in own
+    assert DEFAULT_SYSTEM_PROMPT in prompt_text({"id": "d", "query": "Hi"})
+    none = prompt_text({"id": "n", "query": "Hi", "system": ""})
+    assert none.replace(tokenizer.bos_token or "", "").startswith("User: Hi"), none
+    (tmp_path / "in.jsonl").write_text(json.dumps({"id": "bad", "query": "Hi", "system": 5}) + "\n")
+    result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
+    assert result.rejects == 1 and rejects(tmp_path / "out")[0]["reason"] == "system: must be a string, got int"
 
 
 def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tiny_model: Path, tmp_path: Path) -> None:

@@ -348,9 +348,14 @@ def _simple_as_messages(record: dict[str, Any]) -> dict[str, Any]:
         raise RecordError("history", "must be a list of [query, response] string pairs")
     if not isinstance(images, list):
         raise RecordError("images", "must be a list of image paths or URLs")
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RecordError("system", f"must be a string, got {type(system).__name__}")
     turns = [text for pair in history for text in pair] + [query]
     if images and not any("<image>" in text for text in turns[::2]):
         query = "<image>" * len(images) + query
         turns[-1] = query
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    if system is not None:  # ms-swift's query-response form: the record's own system prompt ("" for none)
+        messages.insert(0, {"role": "system", "content": system})
     return {"messages": messages, "images": images}
