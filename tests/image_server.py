@@ -1,6 +1,6 @@
 """A real local HTTP server that serves images and misbehaves on purpose, for the URL-fetching tests.
 
-Routes: `/ok.png` an image; `/missing.png` 404; `/slow.png` answers after `SLOW_S`; `/page.png` an HTML page;
+Routes: `/ok.png` an image; `/flaky.png` 503 while the server's `down` is set, then the image; `/missing.png` 404; `/slow.png` answers after `SLOW_S`; `/page.png` an HTML page;
 `/big.png` a 64 KiB image with its length announced, `/big-unannounced.png` the same without a length;
 `/redirect?to=URL` a 302 to URL (relative or absolute: `file://`, a private address, `/ok.png`). Over https
 with `serving_images(certificate=...)` and a certificate from `self_signed_certificate`.
@@ -48,6 +48,7 @@ class ImageServer(ThreadingHTTPServer):
     def __init__(self, host: str = "127.0.0.1", certificate: tuple[Path, Path] | None = None) -> None:
         super().__init__((host, 0), ImageRoutes)
         self.received: list[bytes] = []
+        self.down = False  # /flaky.png answers 503 while set
         self.scheme = "https" if certificate else "http"
         if certificate:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -69,8 +70,10 @@ class ImageRoutes(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
-        if parts.path == "/ok.png":
+        if parts.path == "/ok.png" or (parts.path == "/flaky.png" and not self.server.down):
             self._send(200, png_bytes(), "image/png")
+        elif parts.path == "/flaky.png":
+            self._send(503, b"try again later", "text/plain")
         elif parts.path == "/slow.png":
             time.sleep(SLOW_S)
             self._send(200, png_bytes(), "image/png")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.image_server import image_server, png_bytes
+from tests.image_server import image_server, png_bytes, serving_images
 from tests.s3_server import S3Server
 from vlmops.cli.main import main
 from vlmops.config import DataConfig, StorageConfig
@@ -552,6 +552,48 @@ def test_s3_image_missing(tmp_path: Path, s3_env: S3Server, tiny_processor: Any)
     [problem] = info.value.problems
     assert (problem.location, problem.field) == (f"{dataset}:1", "conversations[0].value")
     assert problem.reason.startswith("image s3://bad-input/nope.png: no such object")
+
+
+def test_an_image_server_that_fails_for_now_stops_validation_instead_of_dropping_the_record(
+    tmp_path: Path, tiny_processor: Any
+) -> None:
+    """A 503 after the fetcher's retries may pass: validation stops (exit 1, `RunFailed`) rather than leave the record
+    out of the snapshot with data.invalid_records: skip; once the server answers, the record is in."""
+    from vlmops.data.images import ImageStoreError
+    from vlmops.errors import RunFailed
+
+    with serving_images() as server:
+        dataset = tmp_path / "d.jsonl"
+        dataset.write_text(json.dumps(ask(f"<img>{server.url}/flaky.png</img>What?")) + "\n")
+        run = check(tiny_processor.tokenizer, [dataset], {"invalid_records": "skip"}, {}, tmp_path / "r.jsonl")
+        server.down = True
+        with pytest.raises(ImageStoreError, match=r"d\.jsonl:1: image .*flaky\.png: HTTP 503 .*run it again") as info:
+            run()
+        assert isinstance(info.value, RunFailed)
+        server.down = False
+        report = run()
+    assert (report.read, report.rejected_count) == (1, 0)  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+def test_s3_image_failures_say_whether_they_may_pass(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing object is the record's fault for good; an S3 server that does not answer may come back (a batch job
+    stops for it rather than reject the record: tests/infer/test_batch_job.py)."""
+    import socket
+
+    from vlmops.data.images import ImageLoadError, load_image
+
+    s3_env.client().create_bucket(Bucket="bad-input-retry")
+    with pytest.raises(ImageLoadError, match="no such object") as missing:
+        load_image("s3://bad-input-retry/nope.png")
+    assert missing.value.retryable is False
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(ImageLoadError, match="cannot read it from S3") as down:
+        load_image("s3://bad-input-retry/a.png", StorageConfig(endpoint_url=f"http://127.0.0.1:{port}"))
+    assert down.value.retryable is True
 
 
 @pytest.mark.integration

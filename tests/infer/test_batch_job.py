@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.image_server import serving_images
 from vlmops.cli.main import main
 from vlmops.config import PipelineConfig, load_config
 from vlmops.evaluate.metrics import evaluate_predictions
@@ -187,6 +188,34 @@ def test_s3_records_take_relative_images_from_under_their_prefix(
     assert "s3://rel/set/images/blue.png" in reasons["local-only"], reasons
     assert "is outside s3://rel/set, where the record was read from" in reasons["outside"], reasons
     assert "a local path in a record read from s3://rel/set" in reasons["absolute"], reasons
+
+
+def test_an_image_server_that_fails_for_now_stops_the_job_without_a_reject(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 503 (after the fetcher's retries) may pass: the job stops with exit 1, the record is not rejected and its
+    shard not published, and the rerun, once the server is back, answers it. A 404 is the record's own
+    fault: a reject, as before."""
+    with serving_images() as server:
+        records = [{"id": f"r{i}", "query": f"Question {i}?"} for i in range(6)]
+        records[3]["images"] = [f"{server.url}/flaky.png"]
+        records[5]["images"] = [f"{server.url}/missing.png"]
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        args = ["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "in.jsonl")]
+        args += ["--output", str(tmp_path / "out"), "--set", "infer.max_new_tokens=2", "--set", "infer.shard_size=2"]
+        args += ["--set", "storage.url_allow_networks=[127.0.0.1/32]"]
+        server.down = True
+        assert main(args) == 1
+        assert "HTTP 503 Service Unavailable after 3 retries. The job stops here" in capsys.readouterr().err
+        # What was in flight is not published (the first shard may be, if it was answered before record 3 was read)
+        assert {p.name for p in (tmp_path / "out").glob("part-*")} <= {"part-00000.jsonl"}
+        assert not list((tmp_path / "out" / "_job").glob("rejects-00001*"))
+        server.down = False
+        assert main(args) == 0
+    assert "6 read: 5 answered, 1 rejected" in capsys.readouterr().out
+    assert keys_across_parts(tmp_path / "out") == ["r0", "r1", "r2", "r3", "r4"]
+    (reject,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert reject["key"] == "r5" and "HTTP 404" in reject["reason"]
 
 
 def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(

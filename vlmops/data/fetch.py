@@ -53,7 +53,13 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class UrlFetchError(UserInputError):
-    """A URL that was refused or could not be downloaded; the message says why and what to change."""
+    """A URL that was refused or could not be downloaded; the message says why and what to change. `retryable`: the
+    failure may pass (no connection, a broken download, a 5xx or 429 after the retries), unlike a 4xx, a refused
+    address, a body over the limit or a server slower than `storage.url_timeout_s` (the setting's to change)."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 @dataclass(frozen=True)
@@ -116,11 +122,11 @@ def fetch_url(url: str, policy: UrlPolicy | None = None) -> bytes:
             raise UrlFetchError(f"{_hop(current, via)}{err}") from err
         except requests.RequestException as err:
             if _timed_out(err):
-                raise UrlFetchError(
+                raise UrlFetchError(  # the setting decides, not the moment: the record's problem
                     f"no answer within {policy.timeout_s:g} s, {HTTP_RETRIES} retries (storage.url_timeout_s)"
                 ) from err
             raise UrlFetchError(
-                f"could not download it after {HTTP_RETRIES} retries ({err}); is the host reachable?"
+                f"could not download it after {HTTP_RETRIES} retries ({err}); is the host reachable?", retryable=True
             ) from err
         with response:
             if response.is_redirect:
@@ -234,8 +240,9 @@ def _read_body(response: requests.Response, policy: UrlPolicy, deadline: float) 
     if response.status_code == 404:
         raise UrlFetchError("HTTP 404 not found")
     if not response.ok:
-        tried = f" after {HTTP_RETRIES} retries" if response.status_code in HTTP_RETRY_STATUSES else ""
-        raise UrlFetchError(f"HTTP {response.status_code} {response.reason}{tried}")
+        retried = response.status_code in HTTP_RETRY_STATUSES
+        tried = f" after {HTTP_RETRIES} retries" if retried else ""
+        raise UrlFetchError(f"HTTP {response.status_code} {response.reason}{tried}", retryable=retried)
     limit = f"larger than storage.url_max_mib ({policy.max_bytes / 1024 / 1024:.3g} MiB)"
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > policy.max_bytes:
@@ -249,7 +256,7 @@ def _read_body(response: requests.Response, policy: UrlPolicy, deadline: float) 
             if time.monotonic() > deadline:
                 raise UrlFetchError(f"the download took longer than {policy.timeout_s:g} s (storage.url_timeout_s)")
     except requests.RequestException as err:
-        raise UrlFetchError(f"the download broke off ({err})") from err
+        raise UrlFetchError(f"the download broke off ({err})", retryable=True) from err
     return bytes(body)
 
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vlmops.config import StorageConfig
 from vlmops.data.fetch import UrlFetchError, UrlPolicy, fetch_url
-from vlmops.errors import UserInputError
+from vlmops.errors import RunFailed, UserInputError
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 """Largest image decoded (8192 x 8192). Below Pillow's own limit (89M pixels), so Pillow never gets as far
@@ -26,8 +26,25 @@ as its warning: the bomb is refused here, from the header, before any pixel is u
 WHITE = (255, 255, 255)
 
 
+class ImageStoreError(RunFailed):
+    """An image could not be read for a reason that may pass (no connection, a 5xx, throttling), so the work stops rather
+    than treat the record as bad for good: a batch job without rejecting it (a rerun goes on from the shards not yet
+    done), a dataset validation without leaving it out of the snapshot."""
+
+
+# S3 error codes that may pass (besides any 5xx or 429): throttling and timeouts.
+S3_RETRYABLE_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
+)
+
+
 class ImageLoadError(UserInputError):
-    """An image that could not be read; the message names the image and the fix."""
+    """An image that could not be read; the message names the image and the fix. `retryable`: the failure may pass
+    (no connection, a 5xx, S3 throttling): a batch job stops rather than reject the record for good."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def read_image_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
@@ -38,7 +55,7 @@ def read_image_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         try:
             return fetch_url(uri, UrlPolicy.from_storage(storage))
         except UrlFetchError as err:
-            raise ImageLoadError(f"image {_short(uri)}: {err}") from err
+            raise ImageLoadError(f"image {_short(uri)}: {err}", retryable=err.retryable) from err
     if uri.startswith("s3://"):
         return _s3_bytes(uri, storage)
     path = Path(uri).expanduser()
@@ -108,7 +125,7 @@ def _too_large(uri: str, size: str) -> str:
 
 
 def _s3_bytes(uri: str, storage: StorageConfig | None) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, NoRegionError, ParamValidationError
 
     from vlmops.storage import read_object
 
@@ -128,10 +145,17 @@ def _s3_bytes(uri: str, storage: StorageConfig | None) -> bytes:
             reason = f"access denied ({code}); check the S3 credentials"
         else:
             reason = str(err)
-        raise ImageLoadError(f"image {uri}: {reason} (storage.endpoint_url: the S3 server)") from err
-    except (BotoCoreError, ValueError) as err:
+        status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        retryable = status >= 500 or status == 429 or code in S3_RETRYABLE_CODES
         raise ImageLoadError(
-            f"image {uri}: cannot read it from S3 ({err}); check storage.endpoint_url and credentials"
+            f"image {uri}: {reason} (storage.endpoint_url: the S3 server)", retryable=retryable
+        ) from err
+    except ValueError as err:
+        raise ImageLoadError(f"image {uri}: cannot read it from S3 ({err}); check storage.endpoint_url") from err
+    except BotoCoreError as err:  # no connection, a timeout, a broken read: after botocore's own retries
+        raise ImageLoadError(
+            f"image {uri}: cannot read it from S3 ({err}); check storage.endpoint_url and credentials",
+            retryable=not isinstance(err, (ParamValidationError, NoRegionError)),
         ) from err
 
 

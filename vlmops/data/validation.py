@@ -26,7 +26,7 @@ from tqdm import tqdm
 from vlmops.config import DataConfig, StorageConfig
 from vlmops.conversation import Conversation
 from vlmops.data.formats import DatasetError, Entry, RecordProblem, dataset_files, iter_dataset, record_line
-from vlmops.data.images import ImageLoadError, open_image_bytes, read_image_bytes
+from vlmops.data.images import ImageLoadError, ImageStoreError, open_image_bytes, read_image_bytes
 from vlmops.data.length import MaxLength
 from vlmops.models.template import Tokenizer, encode
 from vlmops.staging import publish_file
@@ -272,6 +272,11 @@ class RecordChecker:
                 try:
                     name = self._store_image(image.uri)
                 except ImageLoadError as err:
+                    if err.retryable:  # not the record's fault: left out, it would be missing from the snapshot
+                        raise ImageStoreError(
+                            f"{conv.source}: {err}. Validation stops here rather than leave the record out for a "
+                            "failure that may pass: run it again"
+                        ) from err
                     name = err
                 self.image_names[image.uri] = name
             if isinstance(name, ImageLoadError):

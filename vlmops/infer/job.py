@@ -35,7 +35,7 @@ from typing import Any
 
 from vlmops.config import PipelineConfig
 from vlmops.data.formats import RecordError, image_roots
-from vlmops.data.images import ImageLoadError, load_image
+from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
@@ -386,6 +386,13 @@ class ShardRunner:
                 for future in prefetched(pool, read, raws, READ_AHEAD):
                     record = self._encode(future.result())
                     if record.error is not None:
+                        if isinstance(record.cause, ImageLoadError) and record.cause.retryable:
+                            # Not the record's fault: rejected, it would stay out of the job's answers for good.
+                            raise ImageStoreError(
+                                f"{record.raw.location}: {record.error}. The job stops here rather than reject the "
+                                "record for a failure that may pass; the shards published so far stay done: run "
+                                "the same command again to go on"
+                            ) from record.cause
                         if self.config.infer.on_error == "fail":
                             raise RecordRejectedError(
                                 f"{record.raw.location}: {record.error} (infer.on_error=skip writes it to rejects)"
