@@ -268,6 +268,40 @@ def test_the_first_prefill_of_a_call_starts_the_gpu_with_first_prefill_prompts(t
         FastEngine(loaded, cfg, first_prefill=0)
 
 
+def test_a_lora_adapter_is_merged_for_the_fast_engine(tiny_model: Path, tmp_path: Path) -> None:
+    """A batch job over a LoRA run loads the adapter on its base: the fast engine takes it merged into the weights (in
+    memory) and answers as `generate` with the adapter does (float32), which is not what the base answers."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlmops.infer.engine import merge_adapter
+
+    base = loaded_with_eos(tiny_model)
+    peft_model = get_peft_model(
+        base.model, LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.5)  # peft starts B at zero: an adapter that changes nothing
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cfg = InferConfig(max_new_tokens=12)
+    with_adapter = load_model(tiny_model, dtype="float32", device="cpu", adapter=tmp_path / "adapter")
+    with torch.no_grad():
+        with_adapter.model.base_model.model.lm_head.weight[with_adapter.tokenizer.eos_token_id] *= EOS_ROW_SCALE
+    reqs = requests(with_adapter, 16)
+    expected = reference(with_adapter, reqs, cfg)
+    plain = reference(loaded_with_eos(tiny_model), reqs, cfg)
+    engine = FastEngine(merge_adapter(with_adapter), cfg, max_batch=8, prefill_batch=3, max_context=256)
+    got = {result.key: result for result in engine.generate(iter(reqs))}
+    equal = sum(got[key].token_ids == want.token_ids for key, want in expected.items())
+    assert equal >= 15, f"{equal} of 16 answers equal to generate's with the adapter"
+    differ = sum(want.token_ids != plain[key].token_ids for key, want in expected.items())
+    assert differ >= 8, f"only {differ} of 16 answers changed by the adapter"
+    with pytest.raises(UserInputError, match="got PeftModel; merge a LoRA adapter first"):  # unmerged: refused
+        FastEngine(load_model(tiny_model, dtype="float32", device="cpu", adapter=tmp_path / "adapter"), cfg)
+
+
 def test_small_column_buckets_answer_as_generate(tiny_model: Path) -> None:
     """Cache columns rounded up to 8 rather than 128: the rows' steps cross several column buckets (a graph each on a
     GPU) and read fewer columns past their lengths, with the same answers."""

@@ -18,6 +18,7 @@ Engines:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -27,6 +28,8 @@ from PIL import Image
 from vlmops.config import InferConfig
 from vlmops.errors import UserInputError
 from vlmops.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 
@@ -61,6 +64,18 @@ class Engine(Protocol):
         ...
 
 
+def merge_adapter(loaded: LoadedModel) -> LoadedModel:
+    """`loaded` with a LoRA adapter loaded on top of its weights (a `vlmops sft` LoRA run, `models:/...` of one)
+    merged into them, in memory (peft's `merge_and_unload`; the run folder is unchanged): the fast engine decodes
+    plain weights. A model without an adapter is left as it is."""
+    from peft import PeftModel
+
+    if isinstance(loaded.model, PeftModel):
+        log.info("merging the LoRA adapter into the weights for the fast engine (in memory)")
+        loaded.model = loaded.model.merge_and_unload()
+    return loaded
+
+
 def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
     """The engine `infer.engine` names; `auto` is the fast one where it applies (CUDA, greedy), else plain.
 
@@ -81,6 +96,8 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             )
         # Imported here: the fast engine pulls in CUDA-graph machinery that a CPU job never needs.
         from vlmops.infer.fast_engine import FastEngine
+
+        merge_adapter(loaded)
 
         return FastEngine(  # type: ignore[no-any-return,unused-ignore]
             loaded,

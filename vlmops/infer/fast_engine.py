@@ -238,10 +238,13 @@ class FastEngine:
         self.decode_window = decode_window
         self.loaded = loaded
         self.model = loaded.model
-        if not hasattr(self.model, "lm_head") or not hasattr(self.model, "model"):
+        # A peft wrapper passes lm_head and model through to the model it wraps: its class tells it apart.
+        wrapped = type(self.model).__module__.startswith("peft.")
+        if wrapped or not hasattr(self.model, "lm_head") or not hasattr(self.model, "model"):
             raise UserInputError(
                 f"FastEngine needs a DeepSeek-VL model with merged weights, got {type(self.model).__name__}; "
-                "merge a LoRA adapter first (peft's merge_and_unload) or use the plain engine"
+                "merge a LoRA adapter first (vlmops.infer.engine.merge_adapter: peft's merge_and_unload) or use the "
+                "plain engine"
             )
         if prefill not in ("own", "model"):
             raise UserInputError(f"prefill={prefill!r}: use own or model")
