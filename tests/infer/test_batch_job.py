@@ -157,7 +157,8 @@ def test_s3_records_take_relative_images_from_under_their_prefix(
 ) -> None:
     """A record read from `s3://bucket/set/p.jsonl` names `images/red.png`: the object `set/images/red.png`, as a local
     file's relative paths are its folder's. Never a file of the worker's own disk (before, relative paths resolved
-    against the worker's working directory), never outside the prefix."""
+    against the worker's working directory), never outside the prefix; an absolute local path only under
+    data.allowed_roots (a mount every worker has)."""
     client = s3_server.client()
     client.create_bucket(Bucket="rel")
     client.upload_file(str(images["red"]), "rel", "set/images/red.png")
@@ -179,6 +180,10 @@ def test_s3_records_take_relative_images_from_under_their_prefix(
         monkeypatch.setenv(key, value)
     result = run_batch_job(str(tiny_model), "s3://rel/set/p.jsonl", str(tmp_path / "out"), job_config(), progress=False)
     assert (result.results, result.rejects) == (3, 3)
+    # A folder every worker mounts, named in data.allowed_roots: its absolute paths are local files
+    shared = job_config(**{"data.allowed_roots": [str(tmp_path / "images")]})
+    mounted = run_batch_job(str(tiny_model), "s3://rel/set/p.jsonl", str(tmp_path / "out2"), shared, progress=False)
+    assert (mounted.results, mounted.rejects) == (4, 2)
     answered = [json.loads(line)["id"] for line in (tmp_path / "out" / "part-00000.jsonl").read_text().splitlines()]
     assert answered == ["relative", "listed", "full-uri"]
     reasons = {

@@ -312,6 +312,9 @@ def _resolve(image: ImageRef, base_dir: Path | str, field: str, roots: Sequence[
             field, f"image {uri}: {other.group(1)}:// is not supported; use a path, http(s)://, s3:// or data:"
         )
     if isinstance(base_dir, str):
+        absolute = Path(uri).expanduser()
+        if absolute.is_absolute() and roots and any(absolute.resolve().is_relative_to(root) for root in roots):
+            return ImageRef(str(absolute.resolve()), field)  # a shared mount the config names (data.allowed_roots)
         return ImageRef(_under_remote(base_dir, uri, field), field)
     path = Path(uri).expanduser()
     resolved = (path if path.is_absolute() else base_dir / path).resolve()  # symlinks followed: a link out is out
@@ -333,7 +336,7 @@ def _under_remote(base: str, uri: str, field: str) -> str:
         raise RecordError(
             field,
             f"image {uri}: a local path in a record read from {base}; use a path relative to it or a full "
-            f"{scheme}:// URI",
+            f"{scheme}:// URI (or list its folder, a mount every worker has, in data.allowed_roots)",
         )
     key = posixpath.normpath(posixpath.join(prefix, uri))
     if key == ".." or key.startswith("../") or (prefix and not key.startswith(prefix.rstrip("/") + "/")):

@@ -371,8 +371,9 @@ class ShardRunner:
                 # bytes in a reject).
                 base_dir: Path | str
                 roots: tuple[Path, ...]
-                if file.uri.startswith("s3://"):
-                    base_dir, roots = file.uri.rpartition("/")[0], ()
+                if file.uri.startswith("s3://"):  # local paths only under data.allowed_roots (a shared mount)
+                    base_dir = file.uri.rpartition("/")[0]
+                    roots = tuple(Path(r).expanduser().resolve() for r in self.config.data.allowed_roots)
                 else:
                     base_dir = Path(file.uri).parent
                     roots = image_roots(base_dir, self.config.data.allowed_roots)
