@@ -27,15 +27,13 @@ WHITE = (255, 255, 255)
 
 
 class ImageStoreError(RunFailed):
-    """An image could not be read for a reason that may pass (no connection, a 5xx, throttling), so the work stops rather
-    than treat the record as bad for good: a batch job without rejecting it (a rerun goes on from the shards not yet
-    done), a dataset validation without leaving it out of the snapshot."""
+    """An image could not be read for a reason that may pass (no connection, a 5xx, throttling), so the work stops
+    rather than treat the record as bad for good: a batch job without rejecting it (a rerun goes on from the shards
+    not yet done), a dataset validation without leaving it out of the snapshot."""
 
 
 # S3 error codes that may pass (besides any 5xx or 429): throttling and timeouts.
-S3_RETRYABLE_CODES = frozenset(
-    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed"}
-)
+S3_RETRYABLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"})
 
 
 class ImageLoadError(UserInputError):
