@@ -4,6 +4,7 @@ MLflow tracking, S3 input and output, and the retrain step's child process."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -221,6 +222,22 @@ def test_an_image_server_that_fails_for_now_stops_the_job_without_a_reject(
     assert keys_across_parts(tmp_path / "out") == ["r0", "r1", "r2", "r3", "r4"]
     (reject,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert reject["key"] == "r5" and "HTTP 404" in reject["reason"]
+
+
+@pytest.mark.gpu
+def test_a_lora_run_is_answered_by_the_fast_engine(
+    lora_run: Path, demo_data: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On CUDA `infer.engine: auto` is the fast engine, which decodes plain weights: a LoRA run's adapter is merged
+    into them for it (the job failed on the peft wrapper before). Every record is answered, as by the plain engine."""
+    _, eval_file = demo_data
+    with caplog.at_level(logging.INFO):
+        fast = run_batch_job(str(lora_run), str(eval_file), str(tmp_path / "fast"), job_config(), progress=False)
+    assert any("merging the LoRA adapter" in r.getMessage() for r in caplog.records)
+    assert any("FastEngine built" in r.getMessage() for r in caplog.records)
+    plain = job_config(**{"infer.engine": "plain"})
+    reference = run_batch_job(str(lora_run), str(eval_file), str(tmp_path / "plain"), plain, progress=False)
+    assert (fast.records, fast.results, fast.rejects) == (reference.records, reference.results, 0)
 
 
 def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
