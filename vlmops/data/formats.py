@@ -199,9 +199,11 @@ def _not_utf8(err: UnicodeDecodeError, line: bytes) -> str:
     return f"not UTF-8 text: byte {line[err.start]:#04x} at column {err.start + 1} (save the file as UTF-8)"
 
 
-def image_roots(folder: Path, allowed_roots: Sequence[str | os.PathLike[str]] = ()) -> tuple[Path, ...]:
-    """Where a file's local image paths may point: its own folder and the configured `data.allowed_roots`."""
-    return (folder.resolve(), *(Path(r).expanduser().resolve() for r in allowed_roots))
+def image_roots(folder: Path | None, allowed_roots: Sequence[str | os.PathLike[str]] = ()) -> tuple[Path, ...]:
+    """Where a file's local image paths may point: its own folder (None: a file not on this disk) and the configured
+    `data.allowed_roots`."""
+    own = () if folder is None else (folder.resolve(),)
+    return (*own, *(Path(r).expanduser().resolve() for r in allowed_roots))
 
 
 def parse_record(

@@ -373,7 +373,7 @@ class ShardRunner:
                 roots: tuple[Path, ...]
                 if file.uri.startswith("s3://"):  # local paths only under data.allowed_roots (a shared mount)
                     base_dir = file.uri.rpartition("/")[0]
-                    roots = tuple(Path(r).expanduser().resolve() for r in self.config.data.allowed_roots)
+                    roots = image_roots(None, self.config.data.allowed_roots)
                 else:
                     base_dir = Path(file.uri).parent
                     roots = image_roots(base_dir, self.config.data.allowed_roots)

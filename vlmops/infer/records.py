@@ -21,11 +21,11 @@ import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from vlmops.config import StorageConfig
 from vlmops.conversation import Message
@@ -34,6 +34,8 @@ from vlmops.data.jsonarray import JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 INPUT_SUFFIXES = (".jsonl", ".json")
 ADDED_FIELDS = ("key", "source", "response", "reference", "generated_tokens", "finish_reason", "model")
@@ -112,12 +114,13 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
     if path.is_dir():
         root = path.resolve()
         found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
-        found = _outside(found, output, spec)
+        found = _outside(found, _under_local(output), spec, output)
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     elif glob.has_magic(spec):
         # Path.glob takes no absolute patterns: the glob module does.
         found = sorted(Path(p).resolve() for p in glob.glob(str(path), recursive=True))  # noqa: PTH207
-        found = _outside([p for p in found if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES], output, spec)
+        found = [p for p in found if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES]
+        found = _outside(found, _under_local(output), spec, output)
         root = Path(os.path.commonpath([p.parent for p in found])) if found else Path()
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     else:
@@ -127,17 +130,22 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
     return files
 
 
-def _outside(found: list[Path], output: str | None, spec: str) -> list[Path]:
-    """`found` less the files under the local folder `output`, said in the log when there are any."""
-    if output is None or output.startswith("s3://"):
-        return found
-    folder = Path(output).expanduser().resolve()
-    kept = [p for p in found if not p.is_relative_to(folder)]
+def _outside(found: list[T], is_own: Callable[[T], bool], spec: str, output: str | None) -> list[T]:
+    """`found` less the job's own files (`is_own`: under its `output`), said in the log when there are any."""
+    kept = [item for item in found if not is_own(item)]
     if len(kept) < len(found):
         log.info(
-            "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), folder
+            "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), output
         )
     return kept
+
+
+def _under_local(output: str | None) -> Callable[[Path], bool]:
+    """Whether a local path lies under the local output folder (never, for no output or an S3 one)."""
+    if output is None or output.startswith("s3://"):
+        return lambda path: False
+    folder = Path(output).expanduser().resolve()
+    return lambda path: path.is_relative_to(folder)
 
 
 def _check_suffix(name: str, spec: str) -> None:
@@ -161,15 +169,7 @@ def _find_s3_inputs(spec: str, storage: StorageConfig | None, output: str | None
     if output is not None and output.startswith("s3://"):
         out_bucket, out_prefix = parse_s3_uri(output)
         own = f"{out_prefix.rstrip('/')}/"
-        kept = [key for key in found if out_bucket != bucket or not key.startswith(own)]
-        if len(kept) < len(found):
-            log.info(
-                "input %s: %d objects under the output %s are the job's own, not input",
-                spec,
-                len(found) - len(kept),
-                output,
-            )
-        found = kept
+        found = _outside(found, lambda key: out_bucket == bucket and key.startswith(own), spec, output)
     files = [InputFile(f"s3://{bucket}/{key}", key[len(folder) :]) for key in found]
     if not files:
         raise FileNotFoundError(f"input {spec}: no .jsonl or .json objects under it")
@@ -285,25 +285,11 @@ class _Counted:
         return data
 
 
-def reject_key(raw: RawRecord) -> Any:
-    """A record's key where it cannot be answered: its `id` where one can be read (as its result's would be), else its
-    file and line."""
-    value = raw.value
-    if raw.text is not None:
-        try:
-            value = json.loads(raw.text)
-        except json.JSONDecodeError:
-            return raw.key_location
-    key = value.get("id") if isinstance(value, dict) else None
-    return key if isinstance(key, (str, int)) and not isinstance(key, bool) else raw.key_location
-
-
-def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | None = None) -> Prompt:
-    """One raw record -> the prompt to answer; local image paths resolved against `base_dir` must lie inside
-    `roots` (None: anywhere), as a dataset's must (`data.allowed_roots`).
+def _record_object(raw: RawRecord) -> dict[str, Any]:
+    """The record's JSON object (a .jsonl line parsed, a .json item as read).
 
     Raises:
-        RecordError: the line is not JSON, not an object, in neither form, or has an invalid field.
+        RecordError: the line is not JSON, or the record not an object.
     """
     value = raw.value
     if raw.text is not None:
@@ -313,13 +299,38 @@ def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | N
             raise RecordError("(line)", f"not valid JSON: {err.msg} at column {err.colno}") from None
     if not isinstance(value, dict):
         raise RecordError("(record)", f"must be an object, got {type(value).__name__}")
+    return value
+
+
+def _is_id(key: Any) -> bool:
+    return isinstance(key, (str, int)) and not isinstance(key, bool)
+
+
+def reject_key(raw: RawRecord) -> Any:
+    """A record's key where it cannot be answered: its `id` where one can be read (as its result's would be), else its
+    file and line."""
+    try:
+        key = _record_object(raw).get("id")
+    except RecordError:
+        return raw.key_location
+    return key if _is_id(key) else raw.key_location
+
+
+def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | None = None) -> Prompt:
+    """One raw record -> the prompt to answer; local image paths resolved against `base_dir` must lie inside
+    `roots` (None: anywhere), as a dataset's must (`data.allowed_roots`).
+
+    Raises:
+        RecordError: the line is not JSON, not an object, in neither form, or has an invalid field.
+    """
+    value = _record_object(raw)
     clash = [name for name in ADDED_FIELDS if name in value]
     if clash:
         raise RecordError(clash[0], "is a field batch inference adds to its results; rename it in the input")
     key = value.get("id")
     if key is None:
         key = raw.key_location
-    elif not isinstance(key, (str, int)) or isinstance(key, bool):
+    elif not _is_id(key):
         raise RecordError("id", f"must be a string or an integer, got {type(key).__name__}")
     if "conversations" in value or "messages" in value:
         conversation = parse_record(value, raw.location, base_dir, require_answer=False, roots=roots)
