@@ -324,6 +324,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("window", {"decode_window": args.window_alt}, bool(args.window_alt)),
             ("eager-prefill", {"prefill_graphs": False}, args.eager_prefill_alt),
             ("overlap", {"overlap_prefill": True}, args.overlap_alt),
+            ("no-lookahead", {"lookahead": False}, args.no_lookahead_alt),
             ("eager-towers", {"vision_graphs": False}, args.eager_towers_alt),
             ("sam-flex", {"sam_attention": "flex"}, args.sam_flex_alt),
             ("sam-sdpa", {"sam_attention": "sdpa"}, args.sam_sdpa_alt),
@@ -591,6 +592,12 @@ def main() -> int:
         action="store_true",
         help="an extra row per batch and e2e run with the SigLIP tower run eagerly (infer.siglip_compile false; the "
         "default compiles it)",
+    )
+    parser.add_argument(
+        "--no-lookahead-alt",
+        action="store_true",
+        help="an extra row per batch and e2e run reading each decoding window back before launching the next "
+        "(infer.lookahead false)",
     )
     parser.add_argument(
         "--overlap-alt",

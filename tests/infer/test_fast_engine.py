@@ -84,19 +84,22 @@ def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConf
 
 
 @pytest.mark.parametrize(
-    ("variant", "count", "prefill", "window", "prefill_graphs", "attention", "overlap"),
+    ("variant", "count", "prefill", "window", "prefill_graphs", "attention", "overlap", "lookahead"),
     [
-        ("tiny_model", 64, "own", 1, False, "sdpa", False),
-        ("tiny_hybrid_model", 24, "own", 1, False, "sdpa", False),
-        ("tiny_model", 24, "model", 1, False, "sdpa", False),
+        ("tiny_model", 64, "own", 1, False, "sdpa", False, True),
+        # each window read back before the next is launched
+        ("tiny_model", 64, "own", 1, False, "sdpa", False, False),
+        ("tiny_hybrid_model", 24, "own", 1, False, "sdpa", False, True),
+        ("tiny_model", 24, "model", 1, False, "sdpa", False, True),
         # 5 steps per read: rows stop inside windows, and windows get cut short
-        ("tiny_model", 64, "own", 5, False, "sdpa", False),
+        ("tiny_model", 64, "own", 5, False, "sdpa", False, True),
+        ("tiny_model", 64, "own", 5, False, "sdpa", False, False),
         # prompts padded to the graphs' width buckets (the graphs: CUDA only)
-        ("tiny_model", 64, "own", 1, True, "sdpa", False),
-        ("tiny_model", 24, "own", 1, False, "matmul", False),
+        ("tiny_model", 64, "own", 1, True, "sdpa", False, True),
+        ("tiny_model", 24, "own", 1, False, "matmul", False, True),
         # prefills beside decoding: their slots sit idle through a decoding window before their rows join
-        ("tiny_model", 64, "own", 1, True, "sdpa", True),
-        ("tiny_hybrid_model", 24, "own", 3, False, "sdpa", True),
+        ("tiny_model", 64, "own", 1, True, "sdpa", True, True),
+        ("tiny_hybrid_model", 24, "own", 3, False, "sdpa", True, False),
     ],
 )
 def test_greedy_answers_equal_generate(
@@ -107,6 +110,7 @@ def test_greedy_answers_equal_generate(
     prefill_graphs: bool,
     attention: str,
     overlap: bool,
+    lookahead: bool,
     request: pytest.FixtureRequest,
 ) -> None:
     loaded = loaded_with_eos(request.getfixturevalue(variant))
@@ -126,6 +130,7 @@ def test_greedy_answers_equal_generate(
         prefill_graphs=prefill_graphs,
         attention=attention,
         overlap_prefill=overlap,
+        lookahead=lookahead,
     )
     assert engine.width_bucket == (32 if prefill_graphs else 1)
     assert engine.device_pixels is not None  # uint8 pixels normalised on the device, not the processor's floats
@@ -150,11 +155,19 @@ def test_ignore_eos_matches_min_new_tokens(tiny_model: Path) -> None:
         output = loaded.model.generate(**inputs, generation_config=gen)
     expected = output[:, inputs["input_ids"].shape[1] :].tolist()
     # 12 tokens in windows of 5 (5, 5 and a cut one); in windows of 8 with slots just long enough for the longest
-    # prompt's answer, the windows are cut to stay inside the slots (a write past one is an IndexError here).
+    # prompt's answer, the windows are cut to stay inside the slots (a write past one is an IndexError here); with
+    # the window before still unread (lookahead), a window with no room left waits for that read instead.
     tight = max(len(r.prompt_ids) for r in reqs) + cfg.max_new_tokens
-    for window, context in ((1, 256), (5, 256), (8, tight)):
+    for window, context, lookahead in ((1, 256, True), (5, 256, True), (8, tight, True), (8, tight, False)):
         engine = FastEngine(
-            loaded, cfg, max_batch=4, prefill_batch=2, max_context=context, ignore_eos=True, decode_window=window
+            loaded,
+            cfg,
+            max_batch=4,
+            prefill_batch=2,
+            max_context=context,
+            ignore_eos=True,
+            decode_window=window,
+            lookahead=lookahead,
         )
         got = {result.key: result for result in engine.generate(reqs)}
         for request, tokens in zip(reqs, expected, strict=True):

@@ -106,6 +106,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             max_context=infer_cfg.max_context,
             memory_gib=infer_cfg.memory_gib,
             decode_window=infer_cfg.decode_window,
+            lookahead=infer_cfg.lookahead,
             vision_graphs=infer_cfg.vision_graphs,
             prefill_graphs=infer_cfg.prefill_graphs,
             sam_attention=infer_cfg.sam_attention,

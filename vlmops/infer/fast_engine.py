@@ -95,6 +95,23 @@ class _Row:
     key: Any
     prompt_length: int
     tokens: list[int] = field(default_factory=list)
+    ahead: int = 0  # decode steps launched for the row whose tokens are not read yet
+
+
+@dataclass
+class _Window:
+    """Decode steps launched and not yet read: the rows they stepped (slot, row) and their tokens [steps, rows],
+    on the device or being copied to pinned host memory until `done`."""
+
+    rows: list[tuple[int, _Row]]
+    tokens: torch.Tensor
+    done: torch.cuda.Event | None
+
+    def read(self) -> list[list[int]]:
+        """The tokens, each step a list over the slots: waits for the GPU."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tokens.tolist()
 
 
 @dataclass
@@ -152,6 +169,10 @@ class FastEngine:
             step). Reading back waits for the GPU, so between two reads it idles while the host does its
             bookkeeping; with a window of k the GPU has k steps queued. A row that stops inside a window keeps
             its slot (decoding tokens that are dropped) until the window ends.
+        lookahead: launch each decoding window before reading the one before it back, so the GPU has the next steps
+            queued while the host waits for the last ones' tokens and does its bookkeeping (the idle gap between
+            steps). A row that stops is seen one window later: its slot runs one more window of dropped tokens and is
+            refilled that much later. Answers are the same either way.
         vision_graphs: run the vision towers of each prefill batch from CUDA graphs, one per image count
             (vlmops.models.vision_graphs; default: on CUDA); False: eagerly.
         prefill_graphs: with prefill "own", run the language model's half of each prefill from a CUDA graph, one
@@ -202,6 +223,7 @@ class FastEngine:
         row_buckets: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512),
         column_bucket: int = 32,
         decode_window: int = 1,
+        lookahead: bool = True,
         vision_graphs: bool = True,
         prefill_graphs: bool = True,
         sam_attention: str = "folded",
@@ -236,6 +258,8 @@ class FastEngine:
             raise UserInputError(f"switch_interval={switch_interval}: use a positive number of seconds or None")
         self.switch_interval = switch_interval
         self.decode_window = decode_window
+        self.lookahead = lookahead
+        self._in_flight: _Window | None = None  # with lookahead, the window launched and not read yet
         self.loaded = loaded
         self.model = loaded.model
         # A peft wrapper passes lm_head and model through to the model it wraps: its class tells it apart.
@@ -349,6 +373,7 @@ class FastEngine:
         """One result per request, finished rows first; pulls `requests` a bounded look-ahead at a time."""
         self.stats = EngineStats()
         self._started = time.perf_counter()
+        self._in_flight = None
         if self._compiles_first:
             self._compiles_first = False
             log.info(
@@ -562,33 +587,24 @@ class FastEngine:
         return stacked
 
     def _decode(self, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
-        """Up to `decode_window` steps for every decoding row, then one read of their tokens; finished rows are
-        answered and their slots freed."""
+        """Up to `decode_window` steps for every decoding row, then one read of their tokens (with `lookahead`, of the
+        window launched before these steps); finished rows are answered and their slots freed."""
         start = time.perf_counter()
-        span = max(rows) + 1
-        step_rows = next(b for b in self.row_buckets if b >= span)
-        # A row's step writes its newest token's K/V at position (prompt + tokens so far - 1): the window stays
-        # within every row's slot, and the columns cover the positions its last step attends to.
-        filled = [row.prompt_length + len(row.tokens) for row in rows.values()]
-        window = min(self.decode_window, self.max_context - max(filled) + 1)
-        longest = max(filled) + window - 1
-        columns = min(self.max_context, -(-longest // self.column_bucket) * self.column_bucket)
-        launched = []
-        with self._decoding():
-            for index in range(window):
-                self.decoder.step(step_rows, columns)
-                tokens = self.decoder.tokens[:step_rows]
-                launched.append(tokens if index == window - 1 else tokens.clone())  # the next step overwrites them
-            steps = (torch.stack(launched) if window > 1 else launched[0][None]).tolist()  # the one wait for the GPU
+        launched = self._launch_window(rows)
+        if self.lookahead:
+            launched, self._in_flight = self._in_flight, launched
+        steps = launched.read() if launched is not None else []  # the one wait for the GPU
         self.stats.decode_s += time.perf_counter() - start
-        self.stats.decode_steps += window
         finished: dict[int, GenerationResult] = {}
-        for tokens in steps:
-            for slot, row in rows.items():
-                if slot not in finished:
-                    result = self._advance(row, int(tokens[slot]))
-                    if result is not None:
-                        finished[slot] = result
+        for slot, row in launched.rows if launched is not None else []:
+            row.ahead -= len(steps)
+            if rows.get(slot) is not row:  # stopped in a window read before (its slot may hold a new row now)
+                continue
+            for tokens in steps:
+                result = self._advance(row, int(tokens[slot]))
+                if result is not None:
+                    finished[slot] = result
+                    break
         for slot in finished:
             del rows[slot]
             heapq.heappush(free, slot)
@@ -596,6 +612,42 @@ class FastEngine:
             with self._decoding():
                 self.decoder.set_active([slot in rows for slot in range(self.slots)])
         yield from finished.values()
+
+    def _launch_window(self, rows: dict[int, _Row]) -> _Window | None:
+        """Launch up to `decode_window` steps for every decoding row, their tokens copied back without a wait; None
+        (lookahead only) when a row's slot has no room for another step, or no row needs one, before the window in
+        flight is read."""
+        span = max(rows) + 1
+        step_rows = next(b for b in self.row_buckets if b >= span)
+        # A row's step writes its newest token's K/V at position (prompt + tokens so far - 1): the window stays
+        # within every row's slot, and the columns cover the positions its last step attends to. Steps launched and
+        # not read yet count: a row that stopped in them is not known to have stopped.
+        filled = max(row.prompt_length + len(row.tokens) + row.ahead for row in rows.values())
+        # No more steps than the row furthest from max_new_tokens needs: past that every token is dropped (with
+        # lookahead, once every row's window in flight brings it to max_new_tokens, nothing more is launched).
+        needed = max(self.max_new_tokens - len(row.tokens) - row.ahead for row in rows.values())
+        window = min(self.decode_window, self.max_context - filled + 1, needed)
+        if window < 1:
+            return None
+        longest = filled + window - 1
+        columns = min(self.max_context, -(-longest // self.column_bucket) * self.column_bucket)
+        launched = []
+        with self._decoding():
+            for index in range(window):
+                self.decoder.step(step_rows, columns)
+                tokens = self.decoder.tokens[:step_rows]
+                launched.append(tokens if index == window - 1 and not self.lookahead else tokens.clone())
+            stacked = torch.stack(launched) if window > 1 else launched[0][None]
+            done = None
+            if self.device.type == "cuda":
+                host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+                stacked = host.copy_(stacked, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+        self.stats.decode_steps += window
+        for row in rows.values():
+            row.ahead += window
+        return _Window(list(rows.items()), stacked, done)
 
     def _advance(self, row: _Row, token: int) -> GenerationResult | None:
         """Take one generated token; the row's result once it stops."""
