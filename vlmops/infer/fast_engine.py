@@ -18,7 +18,9 @@ How a request travels:
 3. Decode: `StaticDecoder` (vlmops.infer.fast_decode) makes one greedy token for every slot per step from
    the static cache, each step a CUDA graph replay on CUDA. A finished row (EOS or `max_new_tokens`)
    yields its result at once and its slot is refilled by waiting prompts (once at least `min_refill`
-   slots are free, so prefill runs in batches rather than one prompt at a time).
+   slots are free, so prefill runs in batches rather than one prompt at a time). With `lookahead` (the default) the
+   next step is launched before the last one's tokens are read back: the GPU works through the host's read and
+   bookkeeping, and a finished row is seen (and its slot freed) one step later.
 
 A step covers slots [0, rows) and cache columns [0, columns), both rounded up to buckets, so short
 contexts and a part-empty batch cost less; each (rows, columns) bucket is captured once.
