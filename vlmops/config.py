@@ -310,6 +310,11 @@ class InferConfig(Section):
     the GPU idling while the host does its bookkeeping). A row that stops inside a window keeps its slot until the
     window ends. Answers are the same for any value. Measured on an H200 (1.3b, batches of 32 and 256): a window of 8
     decoded no faster than 1, so the default stays 1."""
+    column_bucket: int = Field(32, ge=1)
+    """Fast engine: a decode step attends to the cache columns up to the next multiple of this past its rows'
+    lengths, one CUDA graph per (rows, columns) bucket. Smaller reads fewer unused columns for more graphs (each
+    captured once, at its first step). Measured on an H200 (bench/RESULTS.md sessions 19 and 24): 32 against 128 +2.8%
+    (1.3b, 256 rows); 8 or 16 against 32 +0.5-0.8% in the engine's call of 768 prompts, not yet measured in a job."""
     lookahead: bool = True
     """Fast engine: launch each decoding window before reading the one before it back, so that the GPU has the next
     step queued while the host waits for the last one's tokens and does its bookkeeping. A row that stops is seen one

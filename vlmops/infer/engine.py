@@ -107,6 +107,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             memory_gib=infer_cfg.memory_gib,
             decode_window=infer_cfg.decode_window,
             lookahead=infer_cfg.lookahead,
+            column_bucket=infer_cfg.column_bucket,
             vision_graphs=infer_cfg.vision_graphs,
             prefill_graphs=infer_cfg.prefill_graphs,
             sam_attention=infer_cfg.sam_attention,
