@@ -597,8 +597,10 @@ class FastEngine:
             launched, self._in_flight = self._in_flight, launched
         steps = launched.read() if launched is not None else []  # the one wait for the GPU
         self.stats.decode_s += time.perf_counter() - start
+        if launched is None:  # lookahead: nothing was in flight yet
+            return
         finished: dict[int, GenerationResult] = {}
-        for slot, row in launched.rows if launched is not None else []:
+        for slot, row in launched.rows:
             row.ahead -= len(steps)
             if rows.get(slot) is not row:  # stopped in a window read before (its slot may hold a new row now)
                 continue
