@@ -52,7 +52,14 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench.profiling import cpu_ops, cuda_kernels, gpu_time_summary, idle_gaps, op_tables  # noqa: E402
+from bench.profiling import (  # noqa: E402
+    cpu_ops,
+    cuda_kernels,
+    gpu_time_summary,
+    idle_gaps,
+    idle_timeline,
+    op_tables,
+)
 from bench.results_file import write_results  # noqa: E402
 from vlmops.config import InferConfig  # noqa: E402
 from vlmops.conversation import ImageRef, Message  # noqa: E402
@@ -454,7 +461,8 @@ def profile_engine(
         flush=True,
     )
     kernels = cuda_kernels(prof)
-    print("\n".join(gpu_time_summary(kernels, wall_us) + idle_gaps(kernels, cpu_ops(prof))), flush=True)
+    host = cpu_ops(prof)
+    print("\n".join(gpu_time_summary(kernels, wall_us) + idle_timeline(kernels) + idle_gaps(kernels, host)), flush=True)
     print(op_tables(prof), flush=True)
 
 

@@ -43,6 +43,36 @@ def gpu_time_summary(kernels: list[tuple[str, float, float]], wall_us: float) ->
     return lines
 
 
+def _busy_stretches(kernels: list[tuple[str, float, float]]) -> list[list[float]]:
+    """The union of the kernels' intervals as sorted [start, end] stretches (overlapping streams counted once)."""
+    merged: list[list[float]] = []
+    for _, start, end in sorted(kernels, key=lambda k: k[1]):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return merged
+
+
+def idle_timeline(kernels: list[tuple[str, float, float]], slices: int = 10) -> list[str]:
+    """One line: the GPU's idle time (every gap, however short) in each of `slices` equal parts of the stretch from
+    the first kernel's start to the last one's end, in ms: where in a call the GPU waits (a prefill phase, the decode
+    steps, the tail). A gap across a boundary counts in both parts by its share."""
+    merged = _busy_stretches(kernels)
+    if not merged:
+        return ["GPU idle by tenth of the stretch (ms): -"]
+    origin, finish = merged[0][0], merged[-1][1]
+    width = (finish - origin) / slices or 1.0
+    idle = [0.0] * slices
+    for a, b in itertools.pairwise(merged):
+        start, end = a[1], b[0]
+        for part in range(int((start - origin) // width), min(slices, int((end - origin) // width) + 1)):
+            low, high = origin + part * width, origin + (part + 1) * width
+            idle[part] += max(0.0, min(end, high) - max(start, low))
+    label = "tenth" if slices == 10 else f"1/{slices}"
+    return [f"GPU idle by {label} of the stretch (ms): " + " ".join(f"{value / 1e3:.1f}" for value in idle)]
+
+
 def idle_gaps(
     kernels: list[tuple[str, float, float]],
     host_ops: list[tuple[str, float, float]],
@@ -53,12 +83,7 @@ def idle_gaps(
     long in all, then the `count` longest, each with the host ops that explain it: of the ops covering at least half
     the gap, the three shortest (the innermost: what the host was busy with, not the step that encloses everything).
     `kernels`, `host_ops`: (name, start, end) in microseconds on one clock."""
-    merged: list[list[float]] = []
-    for _, start, end in sorted(kernels, key=lambda k: k[1]):
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
+    merged = _busy_stretches(kernels)
     gaps = sorted(
         ((b[0] - a[1], a[1], b[0]) for a, b in itertools.pairwise(merged) if b[0] - a[1] >= min_us),
         reverse=True,

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from bench.profiling import gpu_time_summary, idle_gaps, kernel_group, kernel_sources
+from bench.profiling import gpu_time_summary, idle_gaps, idle_timeline, kernel_group, kernel_sources
 
 
 def test_busy_time_counts_overlapping_kernels_once_and_groups_them() -> None:
@@ -50,6 +50,18 @@ def test_idle_gaps_name_what_the_host_was_doing() -> None:
         "       1.0 ms at +9.0 ms: DataLoader.__next__, ProfilerStep#9",
     ]
     assert idle_gaps([], host) == ["GPU idle gaps >= 0.2 ms: 0, 0.0 ms in all"]
+
+
+def test_the_idle_timeline_puts_every_gap_in_its_part_of_the_stretch() -> None:
+    """Every gap counts, the 0.1 ms one too; a gap across a boundary is split between the parts it spans."""
+    kernels = [
+        ("a", 0.0, 1_000.0),
+        ("b", 1_100.0, 2_000.0),  # 0.1 ms idle in the first fifth
+        ("c", 3_000.0, 5_000.0),  # 1 ms idle: the second fifth ends at 4 ms, so it is the second fifth's
+        ("d", 7_000.0, 10_000.0),  # 2 ms idle, 5-7 ms: 1 ms in the third fifth (ends at 6 ms), 1 ms in the fourth
+    ]
+    assert idle_timeline(kernels, slices=5) == ["GPU idle by 1/5 of the stretch (ms): 0.1 1.0 1.0 1.0 0.0"]
+    assert idle_timeline([]) == ["GPU idle by tenth of the stretch (ms): -"]
 
 
 def test_kernels_are_traced_to_the_host_op_that_launched_them() -> None:
