@@ -290,18 +290,20 @@ class InferConfig(Section):
     max_batch: int = Field(256, ge=1)
     """Fast engine: prompts decoded at once (a finished one's slot is refilled at once from the waiting
     prompts); more is faster until the GPU's memory bandwidth is saturated. Capped by memory_gib: each slot holds
-    2,048 tokens of K/V (1.3b: 0.375 GiB, 7b: 0.94 GiB), so the 7b's slots (and the 1.3b's on an 80 GB card) are
-    set by the memory, not by this.
+    max_context tokens of K/V (at 2,048: 1.3b 0.375 GiB, 7b 0.94 GiB; a job of one-image prompts sizes them to ~768),
+    so a 7b's slots (and a 1.3b's on an 80 GB card) may be set by the memory, not by this.
     Measured on an H200 (1.3b, bench/RESULTS.md session 23): `vlmops batch-infer` 146 images/s once started with
     256 against 138 with 128 (the default before), the engine's call of B prompts 14.0k generated tokens/s at 256
     and 14.4k at 768."""
-    max_context: int = Field(2048, ge=2)
-    """Fast engine: prompt + answer tokens one slot holds (an image is 576 prompt tokens, so 2048 takes three images
-    and their text with a 64-token answer). The K/V cache is slots x this: lower it for short prompts to get more
-    slots from the same memory (on an H200, a 7b job of one-image records ran at 41.7 images/s once started with 1024
-    against 37.0 with 2048: bench/RESULTS.md session 24). A record that does not fit goes to the job's rejects with
-    its token count; to answer it, raise this and run it into a new output folder (a record once rejected stays in
-    that job's rejects). The plain engine's limit is the model's `max_position_embeddings`."""
+    max_context: int | None = Field(None, ge=2)
+    """Fast engine: prompt + answer tokens one slot holds. null: sized to the job (its plan counts every record's
+    prompt tokens: the longest prompt + max_new_tokens, rounded up to 128, at most the model's
+    max_position_embeddings), or 2048 outside a job. The K/V cache is slots x this, so short prompts get more slots
+    from the same memory (an image is 576 prompt tokens; on an H200, a 7b job of one-image records ran at 41.7
+    images/s once started with 1024 against 37.0 with 2048: bench/RESULTS.md session 24). Set it to cap the slots: a
+    record that does not fit goes to the job's rejects with its token count; to answer it, raise this and run it
+    into a new output folder (a record once rejected stays in that job's rejects). The plain engine's limit is the
+    model's `max_position_embeddings`."""
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
     a 7b inside an 80 GB card). null: 90% of the GPU."""

@@ -240,6 +240,33 @@ def test_a_lora_run_is_answered_by_the_fast_engine(
     assert (fast.records, fast.results, fast.rejects) == (reference.records, reference.results, 0)
 
 
+@pytest.mark.gpu
+def test_the_fast_engines_slots_hold_the_jobs_longest_prompt(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On CUDA a job's fast engine gets slots of the plan's longest prompt + the answer (rounded up to 128), not
+    2048; `infer.max_context` set keeps that size."""
+    train_file, _ = demo_data
+    with caplog.at_level(logging.INFO):
+        result = run_batch_job(str(tiny_model), str(train_file), str(tmp_path / "sized"), job_config(), progress=False)
+    plan = json.loads((tmp_path / "sized" / "_job" / "job.json").read_text())
+    (longest,) = [f["longest_prompt"] for f in plan["files"]]
+    sizes = [re.search(r"FastEngine: \d+ slots of (\d+) tokens", r.getMessage()) for r in caplog.records]
+    assert [int(m.group(1)) for m in sizes if m] == [-(-(longest + 4) // 128) * 128]
+    assert (result.results, result.rejects) == (11, 0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        run_batch_job(
+            str(tiny_model),
+            str(train_file),
+            str(tmp_path / "fixed"),
+            job_config(**{"infer.max_context": 1024}),
+            progress=False,
+        )
+    sizes = [re.search(r"FastEngine: \d+ slots of (\d+) tokens", r.getMessage()) for r in caplog.records]
+    assert [int(m.group(1)) for m in sizes if m] == [1024]
+
+
 def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
     tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:

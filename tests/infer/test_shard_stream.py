@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.config import load_config
-from vlmops.infer.engine import GenerationRequest, GenerationResult
+from vlmops.infer.batch_job import prepare_job
+from vlmops.infer.engine import DEFAULT_CONTEXT, GenerationRequest, GenerationResult, slot_context
 from vlmops.infer.fast_engine import FastEngine
-from vlmops.infer.job import ModelInfo, ShardRunner, finalize, open_job, pending_shards, plan_job
+from vlmops.infer.job import JobPlan, ModelInfo, ShardRunner, finalize, open_job, pending_shards, plan_job
 from vlmops.infer.output import open_output
-from vlmops.infer.records import Prompt
+from vlmops.infer.records import Prompt, RawRecord, parse_prompt
 from vlmops.models.loading import load_model
+from vlmops.models.template import encode
 
 
 class Recording:
@@ -111,7 +113,7 @@ def test_a_prompt_longer_than_the_engine_takes_is_a_reject_not_a_failed_job(
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     config = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.max_context": 128})
     loaded = load_model(tiny_model)
-    engine = FastEngine(loaded, config.infer, max_batch=4, prefill_batch=2, max_context=config.infer.max_context)
+    engine = FastEngine(loaded, config.infer, max_batch=4, prefill_batch=2, max_context=128)
     output = open_output(str(tmp_path / "out"))
     plan = open_job(plan_job(ModelInfo(str(tiny_model), None, "sha256:x"), str(tmp_path / "in.jsonl"), config), output)
     stats = list(ShardRunner(loaded, engine, config).run_many(plan, pending_shards(plan, output), output))
@@ -130,3 +132,56 @@ def test_a_prompt_longer_than_the_engine_takes_is_a_reject_not_a_failed_job(
         for line in part.read_text().splitlines()
     ]
     assert sorted(answered) == ["r0", "r1", "r2", "r4", "r5"]
+
+
+def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """With `infer.max_context` unset, the plan counts every record's prompt tokens as the runner will encode them
+    (a .jsonl and a .json list file, a malformed line not counted) and the fast engine's slots hold the longest prompt
+    and the answer: the longest record is answered; one token less per slot and it is a reject, so the count is the
+    runner's to the token. An old plan (no counts) and a set `infer.max_context` keep the fixed sizes."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(images["red"], folder / "red.png")
+    short = [json.dumps({"id": f"s{i}", "query": f"<img>red.png</img>What colour is shape {i}?"}) for i in range(5)]
+    (folder / "a.jsonl").write_text("\n".join([*short, "{not json"]) + "\n")
+    long = {"id": "long", "query": "<img>red.png</img>Describe it. " + "The colour naïve 🙂 " * 40, "history": []}
+    (folder / "b.json").write_text(json.dumps([{"id": "t", "query": "<img>red.png</img>Shape?"}, long], indent=1))
+    config = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4})
+    loaded = load_model(tiny_model)
+    _, plan, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "out"), config)
+
+    def encoded(record: dict[str, Any]) -> int:
+        prompt = parse_prompt(RawRecord("x", "x", 1, json.dumps(record)), folder)
+        return len(encode(prompt.messages, loaded.tokenizer, loaded.num_image_tokens, add_generation_prompt=True))
+
+    longest = encoded(long)
+    assert [f.longest_prompt for f in plan.files] == [max(encoded(json.loads(line)) for line in short), longest]
+    assert plan.longest_prompt == longest > 2 * encoded(json.loads(short[0]))
+    context = slot_context(loaded, config.infer, plan.longest_prompt)
+    assert context == -(-(longest + 3) // 128) * 128
+
+    def run(max_context: int, out: str) -> list[str]:
+        engine = FastEngine(loaded, config.infer, max_batch=4, prefill_batch=2, max_context=max_context)
+        target = open_output(str(tmp_path / out))
+        job = open_job(plan, target)
+        list(ShardRunner(loaded, engine, config).run_many(job, pending_shards(job, target), target))
+        finalize(job, target)
+        return [json.loads(line)["key"] for line in (tmp_path / out / "rejects.jsonl").read_text().splitlines()]
+
+    assert run(context, "sized") == ["a.jsonl:6"]  # only the malformed line
+    assert run(longest + 3, "exact") == ["a.jsonl:6"]
+    assert run(longest + 2, "short") == ["a.jsonl:6", "long"]
+
+    assert slot_context(loaded, config.infer, None) == DEFAULT_CONTEXT  # no job, or a plan from before the counts
+    saved = json.loads(plan.to_json())
+    for file in saved["files"]:
+        del file["longest_prompt"]
+    assert JobPlan.from_json(json.dumps(saved)).longest_prompt is None
+    limit = loaded.model.config.get_text_config().max_position_embeddings
+    assert slot_context(loaded, config.infer, limit) == limit  # capped: a longer record is a reject
+    fixed = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.max_context": 512})
+    assert slot_context(loaded, fixed.infer, longest) == 512
+    _, unmeasured, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), fixed)
+    assert unmeasured.longest_prompt is None

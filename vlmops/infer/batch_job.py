@@ -26,8 +26,10 @@ from vlmops.infer.job import (
     JobPlan,
     JobResult,
     ModelInfo,
+    PromptCounter,
     ShardRunner,
     ShardStats,
+    counts_prompts,
     finalize,
     folder_hash,
     hash_cache_dir,
@@ -86,7 +88,7 @@ def run_batch_job(
     else:
         ran = []
         if todo:  # else all done but the manifest: no model needed
-            runner = load_runner(source, config)
+            runner = load_runner(source, config, plan.longest_prompt)
             startup = time.perf_counter() - started
             log.info(
                 "job %s: started in %.1f s (model resolved, hashed and loaded; engine built)", plan.job_id, startup
@@ -100,11 +102,17 @@ def prepare_job(
 ) -> tuple[ModelSource, JobPlan, JobOutput]:
     """Resolve and hash the model, plan the job from the inputs, and start it in the output (or pick it up).
 
-    The model is downloaded if it has to be, never loaded.
+    The model is downloaded if it has to be, never loaded (its processor is, to count the prompts' tokens).
     """
     source, info = resolve_job_model(model_ref, config)
     output = open_output(output_uri, config.storage)
-    return source, open_job(plan_job(info, input_spec, config, output.uri), output), output
+    measure = None
+    if counts_prompts(config):
+        from vlmops.models.loading import load_processor
+
+        processor = load_processor(source.checkpoint)
+        measure = PromptCounter(processor.tokenizer, int(processor.num_image_tokens), config)
+    return source, open_job(plan_job(info, input_spec, config, output.uri, measure), output), output
 
 
 def complete_job(
@@ -187,8 +195,9 @@ def predict_eval_file(loaded: LoadedModel, eval_file: Path, out_file: Path, conf
     out_file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_file.name}.", suffix=JOB_DIR_SUFFIX, dir=out_file.parent) as tmp:
         output = open_output(tmp)
-        plan = open_job(plan_job(info, str(eval_file), config), output)
-        runner = ShardRunner(loaded, make_engine(loaded, config.infer), config)
+        measure = PromptCounter(loaded.tokenizer, loaded.num_image_tokens, config) if counts_prompts(config) else None
+        plan = open_job(plan_job(info, str(eval_file), config, measure=measure), output)
+        runner = ShardRunner(loaded, make_engine(loaded, config.infer, plan.longest_prompt), config)
         ran = answer_shards(runner, plan, plan.shards, output)
         manifest = finalize(plan, output)
         count = write_eval_predictions(output, out_file)
@@ -206,10 +215,15 @@ def strict_copy(config: PipelineConfig) -> PipelineConfig:
 
 
 def load_runner(
-    source: ModelSource, config: PipelineConfig, worker: str = "", publish_compiles: bool = True
+    source: ModelSource,
+    config: PipelineConfig,
+    longest_prompt: int | None = None,
+    worker: str = "",
+    publish_compiles: bool = True,
 ) -> ShardRunner:
-    """Load the model once and wrap it with the engine `infer.engine` picks; `publish_compiles=False` loads
-    `model.shared_compile_cache` but leaves writing it to another worker of this machine."""
+    """Load the model once and wrap it with the engine `infer.engine` picks, its slots sized to the job's longest
+    prompt (`JobPlan.longest_prompt`, `slot_context`); `publish_compiles=False` loads `model.shared_compile_cache` but leaves writing it to
+    another worker of this machine."""
     from vlmops.models.loading import load_model
 
     started = time.perf_counter()
@@ -228,7 +242,7 @@ def load_runner(
             config.model.shared_compile_cache, config.storage, loaded.device, publish=publish_compiles
         )
         share.fetch()  # before anything compiles: the engine's first shard
-    engine = make_engine(loaded, config.infer)
+    engine = make_engine(loaded, config.infer, longest_prompt)
     log.info(
         "%s: model loaded in %.1f s, %s built in %.1f s",
         source.checkpoint.name,
@@ -240,10 +254,10 @@ def load_runner(
 
 
 @functools.lru_cache(maxsize=1)
-def _worker_runner(model_ref: str, config_json: str) -> tuple[ShardRunner, str]:
+def _worker_runner(model_ref: str, config_json: str, longest_prompt: int | None) -> tuple[ShardRunner, str]:
     config = PipelineConfig.model_validate_json(config_json)
     source, info = resolve_job_model(model_ref, config)
-    return load_runner(source, config, f"{os.uname().nodename}:{os.getpid()}"), info.content_hash
+    return load_runner(source, config, longest_prompt, f"{os.uname().nodename}:{os.getpid()}"), info.content_hash
 
 
 def run_job_shard(model_ref: str, output_uri: str, config: PipelineConfig, shard_index: int) -> ShardStats:
@@ -253,12 +267,12 @@ def run_job_shard(model_ref: str, output_uri: str, config: PipelineConfig, shard
     Raises:
         RunFailed: this worker's copy of the model is not the job's model (another content hash).
     """
-    runner, content_hash = _worker_runner(model_ref, config.model_dump_json())
     output = open_output(output_uri, config.storage)
     saved = output.read_text(JOB_FILE)
     if saved is None:
         raise RunFailed(f"{output_uri} has no {JOB_FILE}: plan the job (run_batch_job / the flow) first")
     plan = JobPlan.from_json(saved)
+    runner, content_hash = _worker_runner(model_ref, config.model_dump_json(), plan.longest_prompt)
     if content_hash != plan.model.content_hash:
         raise RunFailed(
             f"{model_ref} resolves to {content_hash} on this worker but job {plan.job_id} runs "

@@ -76,8 +76,48 @@ def merge_adapter(loaded: LoadedModel) -> LoadedModel:
     return loaded
 
 
-def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
+DEFAULT_CONTEXT = 2048
+"""The fast engine's slot size where neither `infer.max_context` nor the job's prompts give one (three images and
+their text with a 64-token answer)."""
+CONTEXT_STEP = 128
+
+
+def slot_context(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: int | None = None) -> int:
+    """Tokens one slot of the fast engine holds: `infer.max_context` where set; else the job's longest prompt and
+    `infer.max_new_tokens`, rounded up to a multiple of 128 and at most the model's `max_position_embeddings` (a
+    longer record goes to the rejects); else 2048."""
+    if infer_cfg.max_context is not None:
+        return infer_cfg.max_context
+    if longest_prompt is None:
+        return DEFAULT_CONTEXT
+    need = longest_prompt + infer_cfg.max_new_tokens
+    context = -(-need // CONTEXT_STEP) * CONTEXT_STEP
+    limit = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and context > limit:
+        log.warning(
+            "the job's longest prompt (%d tokens) and infer.max_new_tokens %d exceed the model's %d positions: "
+            "slots hold %d, and longer records go to the rejects",
+            longest_prompt,
+            infer_cfg.max_new_tokens,
+            limit,
+            limit,
+        )
+        return int(limit)
+    if context > DEFAULT_CONTEXT:
+        log.warning(
+            "the job's longest prompt takes %d tokens: every slot holds %d (fewer slots fit the memory); "
+            "set infer.max_context lower to send longer records to the rejects instead",
+            longest_prompt,
+            context,
+        )
+    return context
+
+
+def make_engine(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: int | None = None) -> Engine:
     """The engine `infer.engine` names; `auto` is the fast one where it applies (CUDA, greedy), else plain.
+
+    `longest_prompt`: a job's longest prompt in tokens (its plan counts them), which sizes the fast engine's slots
+    when `infer.max_context` is not set (`slot_context`).
 
     Raises:
         UserInputError: `fast` asked for where it cannot run (no CUDA, or sampling).
@@ -103,7 +143,7 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig) -> Engine:
             loaded,
             infer_cfg,
             max_batch=infer_cfg.max_batch,
-            max_context=infer_cfg.max_context,
+            max_context=slot_context(loaded, infer_cfg, longest_prompt),
             memory_gib=infer_cfg.memory_gib,
             decode_window=infer_cfg.decode_window,
             lookahead=infer_cfg.lookahead,

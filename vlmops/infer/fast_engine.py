@@ -291,6 +291,12 @@ class FastEngine:
         on_cuda = self.device.type == "cuda"
         prefill_graphs = prefill_graphs and prefill == "own"  # the VLM's own forward is not captured
         slots = self._fit_slots(max_batch, memory_gib, prefill_graphs)
+        log.info(
+            "FastEngine: %d slots of %d tokens (K/V cache %.1f GiB)",
+            slots,
+            max_context,
+            slots * StaticDecoder.bytes_per_slot(self.model, max_context) / GIB,
+        )
         compile_step = on_cuda if compile is None else compile
         self.decoder = StaticDecoder(
             self.model,

@@ -45,11 +45,13 @@ from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
 from vlmops.infer.records import (
     InputFile,
     Prompt,
+    PromptMeasure,
     RawRecord,
     Shard,
     find_inputs,
     parse_prompt,
     read_shard,
+    record_base,
     reject_key,
     scan_input,
 )
@@ -129,6 +131,15 @@ class JobPlan:
     @property
     def records(self) -> int:
         return sum(f.records for f in self.files)
+
+    @property
+    def longest_prompt(self) -> int | None:
+        """The most prompt tokens any record encodes to (what a slot of the fast engine must hold before the answer);
+        None where the plan did not count them."""
+        counted = [f.longest_prompt for f in self.files]
+        if not counted or any(n is None for n in counted):
+            return None
+        return max(n for n in counted if n is not None)
 
 
 @dataclass
@@ -249,13 +260,51 @@ def _registry_version(checkpoint: Path) -> str | None:
     return None
 
 
-def plan_job(model: ModelInfo, input_spec: str, config: PipelineConfig, output_uri: str | None = None) -> JobPlan:
-    """Read the inputs once (hash, count, shard offsets) and give the job its id and shards. Files under `output_uri`
-    (an output inside the input folder) are the job's own, never input."""
+class PromptCounter:
+    """A record's prompt tokens exactly as a `ShardRunner` encodes it (template, system prompt, image tokens), for the
+    plan's `longest_prompt`: the fast engine sizes its K/V slots to the job with it."""
+
+    def __init__(self, tokenizer: Any, num_image_tokens: int, config: PipelineConfig):
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.system_prompt = config.model.system_prompt
+
+    def __call__(self, raw: RawRecord, base_dir: Path | str) -> int | None:
+        try:
+            prompt = parse_prompt(raw, base_dir)
+            encoded = encode(
+                prompt.messages,
+                self.tokenizer,
+                self.num_image_tokens,
+                self.system_prompt,
+                add_generation_prompt=True,
+            )
+        except (RecordError, ValueError):  # rejected when the job reads it: no slot needs to hold it
+            return None
+        return len(encoded.input_ids)
+
+
+def counts_prompts(config: PipelineConfig) -> bool:
+    """Whether a job's plan counts its prompts' tokens: only the fast engine uses them, and only when
+    `infer.max_context` leaves the slots' size to the job."""
+    infer = config.infer
+    return infer.max_context is None and infer.engine != "plain" and infer.temperature == 0
+
+
+def plan_job(
+    model: ModelInfo,
+    input_spec: str,
+    config: PipelineConfig,
+    output_uri: str | None = None,
+    measure: PromptMeasure | None = None,
+) -> JobPlan:
+    """Read the inputs once (hash, count, shard offsets; with `measure`, each file's longest prompt) and give the job
+    its id and shards. Files under `output_uri` (an output inside the input folder) are the job's own, never
+    input."""
     files: list[InputFile] = []
     shards: list[Shard] = []
     for file_index, found in enumerate(find_inputs(input_spec, config.storage, output_uri)):
-        scanned, file_shards = scan_input(found, file_index, config.infer.shard_size, config.storage)
+        scanned, file_shards = scan_input(found, file_index, config.infer.shard_size, config.storage, measure)
         files.append(scanned)
         shards += [replace(s, index=len(shards) + i) for i, s in enumerate(file_shards)]
     settings = job_settings(config)
@@ -369,14 +418,9 @@ class ShardRunner:
                 # prefix (never the worker's disk). Local images stay inside the folder or data.allowed_roots, as a
                 # dataset's do: a job run for someone else must not read `../../etc/shadow` (and quote its first
                 # bytes in a reject).
-                base_dir: Path | str
-                roots: tuple[Path, ...]
-                if file.uri.startswith("s3://"):  # local paths only under data.allowed_roots (a shared mount)
-                    base_dir = file.uri.rpartition("/")[0]
-                    roots = image_roots(None, self.config.data.allowed_roots)
-                else:
-                    base_dir = Path(file.uri).parent
-                    roots = image_roots(base_dir, self.config.data.allowed_roots)
+                base_dir = record_base(file.uri)
+                # On S3, local paths only under data.allowed_roots (a shared mount).
+                roots = image_roots(base_dir if isinstance(base_dir, Path) else None, self.config.data.allowed_roots)
 
                 def read(
                     item: tuple[int, RawRecord], base_dir: Path | str = base_dir, roots: tuple[Path, ...] = roots

@@ -167,7 +167,9 @@ def _worker(args: argparse.Namespace) -> int:
     output = open_output(args.output, config.storage)
     plan = JobPlan.from_json(output.read_text(JOB_FILE) or "")
     source = ModelSource(Path(args.checkpoint), Path(args.adapter) if args.adapter else None)
-    runner = load_runner(source, config, f"{os.uname().nodename}:{os.getpid()}", not args.no_publish_compiles)
+    runner = load_runner(
+        source, config, plan.longest_prompt, f"{os.uname().nodename}:{os.getpid()}", not args.no_publish_compiles
+    )
     for index in [int(i) for i in args.shards.split(",") if i]:
         stats = runner.run(plan, plan.shards[index], output)
         with open(args.stats, "a", encoding="utf-8") as f:

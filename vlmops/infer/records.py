@@ -30,7 +30,7 @@ from typing import IO, Any, TypeVar
 from vlmops.config import StorageConfig
 from vlmops.conversation import Message
 from vlmops.data.formats import RecordError, parse_record
-from vlmops.data.jsonarray import JsonArrayError, json_array_items
+from vlmops.data.jsonarray import ArrayItem, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,18 @@ CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class InputFile:
-    """One input file: where it is, the name its keys use (relative to the input root), and its identity."""
+    """One input file: where it is, the name its keys use (relative to the input root), and its identity.
+
+    `longest_prompt`: the most prompt tokens (image tokens included) any of its records encodes to, where the scan
+    counted them (None: not counted, as in plans written before it was).
+    """
 
     uri: str
     name: str
     size: int = 0
     sha256: str = ""
     records: int = 0
+    longest_prompt: int | None = None
 
 
 @dataclass(frozen=True)
@@ -207,10 +212,20 @@ def _lines(stream: IO[bytes]) -> Iterator[bytes]:
         yield rest
 
 
+PromptMeasure = Callable[[RawRecord, Path | str], int | None]
+"""A record's prompt tokens as the job will encode it, given the folder its image paths resolve against; None for a
+record the job will reject."""
+
+
 def scan_input(
-    file: InputFile, file_index: int, shard_size: int, storage: StorageConfig | None = None
+    file: InputFile,
+    file_index: int,
+    shard_size: int,
+    storage: StorageConfig | None = None,
+    measure: PromptMeasure | None = None,
 ) -> tuple[InputFile, list[Shard]]:
-    """Read a file once: its content hash, its record count and where each of its shards starts.
+    """Read a file once: its content hash, its record count, where each of its shards starts and, with `measure`,
+    its longest prompt.
 
     Shards never cross files, so a shard's records are one ranged read. Memory stays one line (jsonl) or
     one item and a chunk (a .json list).
@@ -220,6 +235,14 @@ def scan_input(
     shards: list[Shard] = []
     count = 0
     size = 0
+    longest = 0
+    base_dir = record_base(file.uri)
+
+    def measured(raw: RawRecord) -> None:
+        nonlocal longest
+        if measure is not None:
+            longest = max(longest, measure(raw, base_dir) or 0)
+
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage) as stream:
             for number, line in enumerate(_lines(stream), start=1):
@@ -227,6 +250,7 @@ def scan_input(
                     if count % shard_size == 0:
                         shards.append(Shard(0, file_index, count, 0, size, number))
                     count += 1
+                    measured(_line_record(file, number, line))
                 digest.update(line)
                 size += len(line)
     else:
@@ -237,13 +261,29 @@ def scan_input(
                     if count % shard_size == 0:
                         shards.append(Shard(0, file_index, count, 0, item.offset, item.line))
                     count += 1
+                    measured(_item_record(file, item))
             except JsonArrayError as err:
                 where = f"{file.uri}:{err.line}" if err.line else file.uri
                 raise UserInputError(f"{where}: {err.problem()}") from None
             size = counted.size
     sized = [Shard(0, s.file, s.start, min(shard_size, count - s.start), s.offset, s.line) for s in shards]
-    scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count)
+    scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count, longest if measure else None)
     return scanned, sized
+
+
+def record_base(uri: str) -> Path | str:
+    """The folder a record's relative image paths resolve against: its file's folder, or on S3 the file's prefix."""
+    return uri.rpartition("/")[0] if uri.startswith("s3://") else Path(uri).parent
+
+
+def _line_record(file: InputFile, number: int, line: bytes) -> RawRecord:
+    # A byte-order mark (Windows editors write one) opens the file: not part of the first record.
+    text = line.decode("utf-8-sig" if number == 1 else "utf-8", "replace")
+    return RawRecord(f"{file.uri}:{number}", f"{file.name}:{number}", number, text)
+
+
+def _item_record(file: InputFile, item: ArrayItem) -> RawRecord:
+    return RawRecord(f"{file.uri}[{item.index}]", f"{file.name}[{item.index}]", item.index, value=item.value)
 
 
 def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = None) -> Iterator[RawRecord]:
@@ -257,9 +297,7 @@ def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = No
                 if read == shard.count:
                     return
                 read += 1
-                # A byte-order mark (Windows editors write one) opens the file: not part of the first record.
-                text = line.decode("utf-8-sig" if number == 1 else "utf-8", "replace")
-                yield RawRecord(f"{file.uri}:{number}", f"{file.name}:{number}", number, text)
+                yield _line_record(file, number, line)
         return
     with open_input(file.uri, storage, shard.offset) as stream:
         if shard.offset:  # streamed from the shard's first item
@@ -267,7 +305,7 @@ def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = No
         else:  # a plan from before shards knew their offset: read up to the shard
             items = itertools.islice(json_array_items(stream), shard.start, shard.start + shard.count)
         for item in items:
-            yield RawRecord(f"{file.uri}[{item.index}]", f"{file.name}[{item.index}]", item.index, value=item.value)
+            yield _item_record(file, item)
 
 
 class _Counted:
