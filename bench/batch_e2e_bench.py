@@ -16,7 +16,8 @@ compile cache = torch.compile's cache (`model.compile_cache`, a folder under --w
 begin) as the run found it: "empty" is a fresh machine's first job; "filled" (`--again`: the default engine once more)
 a later job on a machine that keeps the folder; "shared file" (`--again shared`: every run also sets
 `model.shared_compile_cache` to a folder under --work, and the local cache is emptied before the second run) a fresh
-machine of a fleet that shares the artifacts the first run published.
+machine of a fleet that shares the artifacts the first run published. slots x tokens = the fast engine's K/V slots and
+the tokens each holds, as the command logged them (sized to the job's longest prompt unless `infer.max_context` is set).
 
     python bench/batch_e2e_bench.py --models 1.3b,7b --out bench/results/batch-e2e-DATE.json
     python bench/batch_e2e_bench.py --size tiny --models 1.3b --records 8 --plain-records 4   # CPU smoke
@@ -98,12 +99,15 @@ class GpuSampler:
 
 
 def startup_figures(output: str) -> dict[str, float]:
-    """What the command said about its start-up: the summary's seconds before the first shard, and the log's model
-    load and engine build (absent where it ran no shard or logged less)."""
+    """What the command said about its start-up: the summary's seconds before the first shard, the log's model
+    load and engine build, and the fast engine's slots and their tokens (absent where it ran no shard or logged
+    less)."""
     patterns = {
         "startup_s": r"start-up +([\d.]+) s before the first shard",
         "load_s": r"model loaded in ([\d.]+) s",
         "engine_build_s": r"Engine built in ([\d.]+) s",
+        "slots": r"FastEngine: (\d+) slots of \d+ tokens",
+        "slot_tokens": r"FastEngine: \d+ slots of (\d+) tokens",
     }
     found = {key: re.search(pattern, output) for key, pattern in patterns.items()}
     return {key: float(match.group(1)) for key, match in found.items() if match}
@@ -258,7 +262,8 @@ def main() -> int:
             save(args, rows)
     print(
         f"\n{'model':6} {'case':32} {'records':>8} {'s':>8} {'images/s':>9} {'tokens/s':>9} {'gpu busy':>9} "
-        f"{'1st part s':>10} {'steady img/s':>12} {'start-up s':>10} {'load s':>7} {'engine s':>8} {'compile cache':>13}"
+        f"{'1st part s':>10} {'steady img/s':>12} {'start-up s':>10} {'load s':>7} {'engine s':>8} {'compile cache':>13} "
+        f"{'slots x tokens':>14}"
     )
     for r in rows:
         if "error" in r:
@@ -269,9 +274,13 @@ def main() -> int:
             f"{r['model']:6} {r['case']:32} {r['records']:>8} {r['seconds']:>8} {r['images_per_s']:>9} "
             f"{r['tokens_per_s']:>9} {busy:>9} {r['first_part_s']!s:>10} {r['steady_images_per_s']!s:>12} "
             f"{r.get('startup_s', '-')!s:>10} {r.get('load_s', '-')!s:>7} {r.get('engine_build_s', '-')!s:>8} "
-            f"{r.get('compile_cache', '-'):>13}"
+            f"{r.get('compile_cache', '-'):>13} {_slots(r):>14}"
         )
     return 0
+
+
+def _slots(row: dict[str, Any]) -> str:
+    return f"{row['slots']:g} x {row['slot_tokens']:g}" if "slots" in row and "slot_tokens" in row else "-"
 
 
 def busiest_frames(stacks: Path, top: int = 18) -> str:
