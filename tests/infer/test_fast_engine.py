@@ -217,8 +217,8 @@ def test_switch_interval_holds_during_a_call_and_is_restored(tiny_model: Path) -
 
 
 def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
-    """Without overlap, 8 prompts into 8 free slots, 2 per prefill: all four prefills are launched before the first
-    is joined (read back), the joins follow in launch order, and the answers are `generate`'s."""
+    """Without overlap, 8 prompts into 8 free slots, 2 per prefill: all four prefills are launched before they are
+    joined (read back), together in one join in launch order, and the answers are `generate`'s."""
     loaded = loaded_with_eos(tiny_model)
     cfg = InferConfig(max_new_tokens=16)
     reqs = requests(loaded, 8, seed=3)
@@ -231,14 +231,14 @@ def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
         events.append(("launch", slots))
         return launch(group, slots)
 
-    def join_seen(pending: Any, rows: Any, free: Any) -> Any:
-        events.append(("join", pending.slots))
-        return join(pending, rows, free)
+    def join_seen(pendings: Any, rows: Any, free: Any) -> Any:
+        events.append(("join", [slot for pending in pendings for slot in pending.slots]))
+        return join(pendings, rows, free)
 
     engine._launch, engine._join = launch_seen, join_seen  # type: ignore[method-assign]
     got = {result.key: result for result in engine.generate(iter(reqs))}
     pairs = [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert events == [("launch", slots) for slots in pairs] + [("join", slots) for slots in pairs]
+    assert events == [("launch", slots) for slots in pairs] + [("join", list(range(8)))]
     assert {key: (r.token_ids, r.finish_reason) for key, r in got.items()} == {
         key: (r.token_ids, r.finish_reason) for key, r in expected.items()
     }

@@ -431,7 +431,7 @@ class FastEngine:
         pending: list[_Pending] = []
         while True:
             if self.overlap_prefill and pending and (not rows or pending[0].ready()):
-                yield from self._join(pending.pop(0), rows, free)
+                yield from self._join([pending.pop(0)], rows, free)
             may_launch = not exhausted and not (self.overlap_prefill and pending)
             # min_refill spares decoding rows a prefill for a few slots; with none decoding yet, fill every slot (a
             # first prefill of `first_prefill` otherwise left the last few empty until the rows finished).
@@ -444,8 +444,8 @@ class FastEngine:
                     pending.append(self._launch(group, slots))
                     continue
             if pending and not self.overlap_prefill:
-                while pending:
-                    yield from self._join(pending.pop(0), rows, free)
+                joined, pending = pending, []
+                yield from self._join(joined, rows, free)
                 continue  # rows that stopped at their first token freed slots: refill them before decoding
             if not rows:
                 if exhausted and not pending:
@@ -516,18 +516,26 @@ class FastEngine:
         self.stats.prefill_s += time.perf_counter() - start
         return pending
 
-    def _join(self, pending: _Pending, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
-        """The prefilled rows start decoding; a row whose first token already ends it is answered and freed."""
+    def _join(self, pendings: list[_Pending], rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
+        """The prefilled rows start decoding; a row whose first token already ends it is answered and freed.
+
+        The prefills queued back to back are joined together: one read of their first tokens, one commit and one
+        change of the active slots (joined one by one, a call's 48 prefills of 768 prompts left the GPU idle ~35 ms
+        between the last prefill and the first decoding step while the host committed each)."""
         start = time.perf_counter()
-        if pending.done is not None:
-            pending.done.synchronize()
+        for pending in pendings:
+            if pending.done is not None:
+                pending.done.synchronize()
+        group = [item for pending in pendings for item in pending.group]
+        slots = [slot for pending in pendings for slot in pending.slots]
         with self._decoding():
-            first = [int(t) for t in pending.tokens.tolist()]
-            self.decoder.commit(pending.slots, pending.lengths, first)
+            tokens = torch.cat([pending.tokens for pending in pendings]) if len(pendings) > 1 else pendings[0].tokens
+            first = [int(t) for t in tokens.tolist()]
+            self.decoder.commit(slots, [length for pending in pendings for length in pending.lengths], first)
         self.stats.prefill_s += time.perf_counter() - start
-        self.stats.prefill_calls += 1
-        self.stats.prompts += len(pending.group)
-        yield from self._admit(pending.group, pending.slots, first, rows, free)
+        self.stats.prefill_calls += len(pendings)
+        self.stats.prompts += len(group)
+        yield from self._admit(group, slots, first, rows, free)
 
     def _admit(
         self, group: list[_Prepared], slots: list[int], first: list[int], rows: dict[int, _Row], free: list[int]
