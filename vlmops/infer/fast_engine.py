@@ -520,8 +520,9 @@ class FastEngine:
         """The prefilled rows start decoding; a row whose first token already ends it is answered and freed.
 
         The prefills queued back to back are joined together: one read of their first tokens, one commit and one
-        change of the active slots (joined one by one, a call's 48 prefills of 768 prompts left the GPU idle ~35 ms
-        between the last prefill and the first decoding step while the host committed each)."""
+        change of the active slots (joined one by one, the host's work for each of a call's 48 prefills of 768
+        prompts kept the GPU idle before the first decoding step: 37.6 ms in that tenth of the call against 13.7
+        joined together; bench/RESULTS.md session 25)."""
         start = time.perf_counter()
         for pending in pendings:
             if pending.done is not None:
