@@ -262,8 +262,8 @@ def main() -> int:
             save(args, rows)
     print(
         f"\n{'model':6} {'case':32} {'records':>8} {'s':>8} {'images/s':>9} {'tokens/s':>9} {'gpu busy':>9} "
-        f"{'1st part s':>10} {'steady img/s':>12} {'start-up s':>10} {'load s':>7} {'engine s':>8} {'compile cache':>13} "
-        f"{'slots x tokens':>14}"
+        f"{'1st part s':>10} {'steady img/s':>12} {'start-up s':>10} {'load s':>7} {'engine s':>8} "
+        f"{'compile cache':>13} {'slots x tokens':>14}"
     )
     for r in rows:
         if "error" in r:

@@ -222,8 +222,8 @@ def load_runner(
     publish_compiles: bool = True,
 ) -> ShardRunner:
     """Load the model once and wrap it with the engine `infer.engine` picks, its slots sized to the job's longest
-    prompt (`JobPlan.longest_prompt`, `slot_context`); `publish_compiles=False` loads `model.shared_compile_cache` but leaves writing it to
-    another worker of this machine."""
+    prompt (`JobPlan.longest_prompt`, `slot_context`); `publish_compiles=False` loads `model.shared_compile_cache`
+    but leaves writing it to another worker of this machine."""
     from vlmops.models.loading import load_model
 
     started = time.perf_counter()
