@@ -538,8 +538,9 @@ class ShardRunner:
             record.error = (
                 f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} images of "
                 f"{self.loaded.num_image_tokens}) + infer.max_new_tokens {answer} exceed the {limit} tokens a request "
-                "may take (the fast engine's infer.max_context; the plain engine's: the model's "
-                "max_position_embeddings); send fewer images or less text, or raise infer.max_context"
+                "may take (the fast engine's slots: infer.max_context, or unset, the job's longest prompt up to the "
+                "model's max_position_embeddings; the plain engine's: max_position_embeddings); send fewer images or "
+                "less text, or raise infer.max_context"
             )
             return record
         images = [record.images[ref.uri] for ref in encoded.images]
