@@ -237,12 +237,6 @@ def scan_input(
     size = 0
     longest = 0
     base_dir = record_base(file.uri)
-
-    def measured(raw: RawRecord) -> None:
-        nonlocal longest
-        if measure is not None:
-            longest = max(longest, measure(raw, base_dir) or 0)
-
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage) as stream:
             for number, line in enumerate(_lines(stream), start=1):
@@ -250,7 +244,8 @@ def scan_input(
                     if count % shard_size == 0:
                         shards.append(Shard(0, file_index, count, 0, size, number))
                     count += 1
-                    measured(_line_record(file, number, line))
+                    if measure is not None:  # a record is only decoded to be counted
+                        longest = max(longest, measure(_line_record(file, number, line), base_dir) or 0)
                 digest.update(line)
                 size += len(line)
     else:
@@ -261,7 +256,8 @@ def scan_input(
                     if count % shard_size == 0:
                         shards.append(Shard(0, file_index, count, 0, item.offset, item.line))
                     count += 1
-                    measured(_item_record(file, item))
+                    if measure is not None:
+                        longest = max(longest, measure(_item_record(file, item), base_dir) or 0)
             except JsonArrayError as err:
                 where = f"{file.uri}:{err.line}" if err.line else file.uri
                 raise UserInputError(f"{where}: {err.problem()}") from None
