@@ -287,14 +287,14 @@ class InferConfig(Section):
     """Batch generation engine. plain: `model.generate` on fixed batches, any device and sampling setting;
     fast: CUDA and greedy only (static KV cache, continuous batching); auto: fast on CUDA when
     temperature is 0, else plain."""
-    max_batch: int = Field(256, ge=1)
+    max_batch: int = Field(512, ge=1)
     """Fast engine: prompts decoded at once (a finished one's slot is refilled at once from the waiting
     prompts); more is faster until the GPU's memory bandwidth is saturated. Capped by memory_gib: each slot holds
     max_context tokens of K/V (at 2,048: 1.3b 0.375 GiB, 7b 0.94 GiB; a job of one-image prompts sizes them to ~768),
     so a 7b's slots (and a 1.3b's on an 80 GB card) may be set by the memory, not by this.
-    Measured on an H200 (1.3b, bench/RESULTS.md session 23): `vlmops batch-infer` 146 images/s once started with
-    256 against 138 with 128 (the default before), the engine's call of B prompts 14.0k generated tokens/s at 256
-    and 14.4k at 768."""
+    Measured on an H200 (1.3b, 768-token slots, bench/RESULTS.md sessions 25 and 26): `vlmops batch-infer` 152.3 and
+    152.5 images/s once started with 512 against 149.4 and 148.6 with 256 (the default before; 146 against 138 with
+    128 in session 23); the engine's call of B prompts 14.0k generated tokens/s at 256 and 14.9-15.3k at 768."""
     max_context: int | None = Field(None, ge=2)
     """Fast engine: prompt + answer tokens one slot holds. null: sized to the job (its plan counts every record's
     prompt tokens: the longest prompt + max_new_tokens, rounded up to 128, at most the model's
