@@ -24,6 +24,8 @@ the tokens each holds, as the command logged them (sized to the job's longest pr
     python bench/batch_e2e_bench.py --models 1.3b --set infer.decode_window=8   # + a run with that setting
     python bench/batch_e2e_bench.py --models 7b --records 7b=3000 --again   # + a run with the compile cache filled
     python bench/batch_e2e_bench.py --models 7b --records 7b=3000 --again shared   # + a fresh machine of a fleet
+    python bench/batch_e2e_bench.py --models 1.3b --set infer.temperature=0.7 --set infer.top_p=0.9   # + sampled
+                                                                                  # (the plain baseline sampled too)
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 from infer_bench import build_random, random_images  # noqa: E402
+
+SAMPLING = {"infer.temperature", "infer.top_p", "infer.top_k", "infer.repetition_penalty"}
+"""`--set` keys that change how tokens are picked: the plain baseline also runs with them."""
 
 
 def write_inputs(folder: Path, count: int) -> Path:
@@ -235,6 +240,9 @@ def main() -> int:
         if args.plain_records > 0:
             plain = [*base, "infer.engine=plain", "infer.batch_size=32"]
             cases.append(("batch-infer plain generate", plain, args.plain_records, None))
+            if any(item.partition("=")[0] in SAMPLING for item in args.set):  # the sampled run's own baseline
+                sets = " ".join(args.set)
+                cases.append((f"batch-infer plain generate ({sets})", [*plain, *args.set], args.plain_records, None))
         if args.py_spy:
             stacks = Path(args.py_spy) / f"{arch}.txt"
             stacks.parent.mkdir(parents=True, exist_ok=True)

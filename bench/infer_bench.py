@@ -6,11 +6,13 @@ tower) and about 32 text tokens in the `deepseek` template (no system prompt); 1
 architectures (DESIGN.md §5), bf16, SDPA, built on the GPU without a checkpoint on disk.
 
 Rows, per model:
-  generate      plain `model.generate` on a batch of 32 after a short warm-up (the baseline; its tokens are the
-                reference)
+  generate      plain `model.generate` on a batch of 32 after a short warm-up, timed twice, the row the second call
+                (the baseline; its tokens are the reference; before session 26's last change one call, which
+                carried first-use costs); generate-sampled: the same with --sample-alt's settings
   engine        FastEngine with `max_batch` B over B prompts (one warm-up pass over the same prompts
                 first: CUDA-graph capture and compilation, then --repeats timed passes, the row the median one),
                 for each B of --batches
+  engine-sampled  with --sample-alt: the engine sampling with those settings (seeded draws: vlmops.infer.sampling)
   engine-eager  the same at batch 32 without torch.compile; engine-matmul: matmul attention in decode;
                 engine-model-prefill: prefill through the VLM's own forward (what each choice buys)
   budget        the 7b under `memory_gib` (default 75, inside an 80 GB card) with up to 256 slots; with an
@@ -137,8 +139,18 @@ def make_requests(loaded: LoadedModel, count: int, images: list[Image.Image], se
         encoded = encode(
             [message], loaded.tokenizer, loaded.num_image_tokens, system_prompt="", add_generation_prompt=True
         )
-        out.append(GenerationRequest(index, encoded.input_ids, [images[index % len(images)]]))
+        out.append(GenerationRequest(index, encoded.input_ids, [images[index % len(images)]], seed=index))
     return out
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """`temperature=0.7,top_p=0.9` as InferConfig keyword arguments (numbers as numbers)."""
+    settings: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        settings[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+    InferConfig(**settings)  # a typo fails here, before any model is built
+    return settings
 
 
 def random_images(count: int, seed: int) -> list[Image.Image]:
@@ -165,10 +177,15 @@ def peak_gib(device: str) -> tuple[float | None, float | None]:
 
 
 def plain_generate(
-    loaded: LoadedModel, reqs: list[GenerationRequest], new_tokens: int, device: str
+    loaded: LoadedModel,
+    reqs: list[GenerationRequest],
+    new_tokens: int,
+    device: str,
+    infer: dict[str, Any] | None = None,
 ) -> tuple[dict[Any, list[int]], float]:
-    """`model.generate` on one batch, EOS suppressed (min_new_tokens); tokens per key and seconds."""
-    config = generation_config(loaded, InferConfig(max_new_tokens=new_tokens))
+    """`model.generate` on one batch, EOS suppressed (min_new_tokens), with `infer` settings (sampling) if given;
+    tokens per key and seconds."""
+    config = generation_config(loaded, InferConfig(max_new_tokens=new_tokens, **(infer or {})))
     config.min_new_tokens = new_tokens
     sync(device)
     start = time.perf_counter()
@@ -182,11 +199,18 @@ def plain_generate(
 
 
 def run_engine(
-    loaded: LoadedModel, reqs: list[GenerationRequest], new_tokens: int, device: str, repeats: int, **kwargs: Any
+    loaded: LoadedModel,
+    reqs: list[GenerationRequest],
+    new_tokens: int,
+    device: str,
+    repeats: int,
+    infer: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> tuple[dict[Any, list[int]], float, list[float], EngineStats, FastEngine]:
     """One warm-up pass (graph capture, compilation), then `repeats` timed passes over the same requests: the
-    median pass's tokens, seconds and stats, and every pass's seconds in order."""
-    engine = FastEngine(loaded, InferConfig(max_new_tokens=new_tokens), ignore_eos=True, **kwargs)
+    median pass's tokens, seconds and stats, and every pass's seconds in order. `infer`: settings of `infer.*`
+    (sampling) beside max_new_tokens."""
+    engine = FastEngine(loaded, InferConfig(max_new_tokens=new_tokens, **(infer or {})), ignore_eos=True, **kwargs)
     for _ in engine.generate(reqs):
         pass
     passes = []
@@ -256,25 +280,35 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
     plain_generate(loaded, pool[:2], 2, device)  # cuBLAS / cuDNN set-up outside the timing
     reference: dict[Any, list[int]] = {}
 
+    def generate_row(case: str, infer: dict[str, Any] | None = None) -> dict[Any, list[int]]:
+        """Plain `generate` over the match batch, timed twice: the row keeps the second call (the first also pays
+        first-use costs: in session 26 a sampled `generate` timed right after the greedy one ran 3.6x faster)."""
+        calls = []
+        for _ in range(2):
+            reset_memory(device)
+            calls.append(plain_generate(loaded, pool[:match_batch], new_tokens, device, infer))
+        tokens, seconds = calls[-1]
+        allocated, reserved = peak_gib(device)
+        record(
+            {
+                "case": case,
+                "batch": match_batch,
+                "prompts": match_batch,
+                "seconds": round(seconds, 3),
+                "seconds_each": [round(call[1], 3) for call in calls],
+                "tokens_per_s": round(match_batch * new_tokens / seconds, 1),
+                "peak_allocated_gib": allocated,
+                "peak_reserved_gib": reserved,
+                **({"settings": {"infer": infer}} if infer else {}),
+            }
+        )
+        return tokens
+
     def baseline() -> None:
         # A short warm-up first, as the engine rows get theirs: the first CUDA work of the process (library handles,
         # kernel loading) took up to half of a timed call (generate measured 214-392 tokens/s on the same prompts).
         plain_generate(loaded, pool[:2], 4, device)
-        reset_memory(device)
-        tokens, seconds = plain_generate(loaded, pool[:match_batch], new_tokens, device)
-        reference.update(tokens)
-        allocated, reserved = peak_gib(device)
-        record(
-            {
-                "case": "generate",
-                "batch": match_batch,
-                "prompts": match_batch,
-                "seconds": round(seconds, 3),
-                "tokens_per_s": round(match_batch * new_tokens / seconds, 1),
-                "peak_allocated_gib": allocated,
-                "peak_reserved_gib": reserved,
-            }
-        )
+        reference.update(generate_row("generate"))
 
     answers: dict[tuple[str, int], dict[Any, list[int]]] = {}  # (case, batch) -> the row's tokens
 
@@ -322,6 +356,7 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
 
     guarded("generate", baseline)
     skip = set(filter(None, args.skip.split(",")))
+    sampled = parse_settings(args.sample_alt) if args.sample_alt else {}
     if device == "cuda" and "eager" not in skip:
         guarded("engine-eager", lambda: engine_row("engine-eager", match_batch, match_batch, compile=False))
     # The alternatives asked for, each a row per batch and an e2e run beside the defaults: (name, engine settings).
@@ -339,9 +374,12 @@ def bench_model(arch: str, args: argparse.Namespace, rows: list[dict[str, Any]])
             ("switch", {"switch_interval": args.switch_interval_alt / 1000}, bool(args.switch_interval_alt)),
             ("columns", {"column_bucket": args.column_bucket_alt}, bool(args.column_bucket_alt)),
             ("first-prefill", {"first_prefill": args.first_prefill_alt}, bool(args.first_prefill_alt)),
+            ("sampled", {"infer": sampled}, bool(sampled)),
         )
         if wanted
     ]
+    if sampled:  # the baseline of the sampled rows: generate with the same settings on the same prompts
+        guarded("generate-sampled", lambda: generate_row("generate-sampled", sampled))
     for batch in batches:
         guarded(f"engine-{batch}", lambda b=batch: engine_row("engine", b, b))
         for name, settings in alternatives:
@@ -490,11 +528,13 @@ def e2e(
 
     def requests() -> Any:
         for index, request in enumerate(template):
-            yield GenerationRequest(request.key, request.prompt_ids, [Image.open(paths[index % len(paths)])])
+            image = Image.open(paths[index % len(paths)])
+            yield GenerationRequest(request.key, request.prompt_ids, [image], seed=request.seed)
 
+    infer = engine_kwargs.pop("infer", None) or {}
     engine = FastEngine(
         loaded,
-        InferConfig(max_new_tokens=args.new_tokens),
+        InferConfig(max_new_tokens=args.new_tokens, **infer),
         ignore_eos=True,
         max_batch=batch,
         max_context=max_context,
@@ -634,6 +674,15 @@ def main() -> int:
         help="prompts in a call's first prefill (the engine's first_prefill; default one per image thread, 8 on a "
         "16-core machine) in an extra row per batch and e2e run; 16, a whole prefill batch, was the default before "
         "session 22 (0: skip)",
+    )
+    parser.add_argument(
+        "--sample-alt",
+        nargs="?",
+        const="temperature=0.7,top_p=0.9",
+        default=None,
+        metavar="SETTINGS",
+        help="an extra row per batch and e2e run sampling with these infer settings (default temperature=0.7,top_p=0.9; "
+        "e.g. temperature=1,top_k=50,repetition_penalty=1.1), and plain generate with the same settings at batch 32",
     )
     parser.add_argument(
         "--skip",

@@ -276,17 +276,25 @@ class InferConfig(Section):
     batch_size: int = Field(8, ge=1)
     """Prompts per generate call in batch inference."""
     temperature: float = Field(0.0, ge=0)
-    """0: greedy decoding; above 0: sampling."""
+    """0: greedy decoding; above 0: sampling (both engines: the fast one on CUDA, vlmops.infer.sampling)."""
     top_p: float = Field(1.0, gt=0, le=1)
-    """Nucleus sampling threshold (temperature > 0)."""
+    """Nucleus sampling threshold (temperature > 0): the fewest most likely tokens whose probabilities add up to
+    this. 1: off."""
+    top_k: int = Field(0, ge=0)
+    """Sampling from the k most likely tokens only (temperature > 0). 0: off (transformers' `generate` would apply
+    its default of 50 when unset; here it is off unless asked for)."""
     repetition_penalty: float = Field(1.0, gt=0)
-    """Above 1 discourages repeating tokens."""
+    """Above 1 discourages repeating tokens (any token of the prompt or the answer so far), greedy or sampled."""
+    seed: int = 0
+    """Sampling (temperature > 0): the fast engine draws each record's tokens from a stream of this seed and the
+    record's key, so rerunning a job, a resumed shard or another batching draws the same answers (in bf16, up to the
+    rounding the batching changes). The plain engine seeds `generate` per batch from it."""
     workers: int | None = Field(None, ge=1)
     """Batch inference processes, one per GPU of this machine. null: every visible GPU (1 without CUDA)."""
     engine: Literal["auto", "plain", "fast"] = "auto"
-    """Batch generation engine. plain: `model.generate` on fixed batches, any device and sampling setting;
-    fast: CUDA and greedy only (static KV cache, continuous batching); auto: fast on CUDA when
-    temperature is 0, else plain."""
+    """Batch generation engine. plain: `model.generate` on fixed batches, any device; fast: CUDA (static KV cache,
+    continuous batching); auto: fast on CUDA, else plain. Both take every setting of how tokens are picked
+    (temperature, top_p, top_k, repetition_penalty)."""
     max_batch: int = Field(512, ge=1)
     """Fast engine: prompts decoded at once (a finished one's slot is refilled at once from the waiting
     prompts); more is faster until the GPU's memory bandwidth is saturated. Capped by memory_gib: each slot holds

@@ -289,11 +289,21 @@ def test_plain_engine_finish_reasons_and_lazy_pull(tiny_model: Path) -> None:
 def test_sampling_settings_run_on_the_plain_engine_and_fast_is_refused_on_cpu(
     tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    """Sampled on CPU (the plain engine): a rerun draws the same answers (each batch seeded from its records); the
+    seed and top-k are part of the job, so another seed is another job with other answers."""
     _, eval_file = demo_data
-    config = job_config(temperature=0.8, top_p=0.9, repetition_penalty=1.2, max_new_tokens=3)
-    torch.manual_seed(0)
+    config = job_config(temperature=1.5, top_p=0.95, repetition_penalty=1.2, max_new_tokens=6, batch_size=2)
     result = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "out"), config)
     assert result.results == 6
+    again = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "again"), config)
+    assert [r["response"] for r in results(tmp_path / "again")] == [r["response"] for r in results(tmp_path / "out")]
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("out", "again")]
+    assert manifests[0]["job_id"] == manifests[1]["job_id"] == again.manifest["job_id"]
+    assert {"seed": 0, "top_k": 0}.items() <= manifests[0]["settings"].items()
+    reseeded = job_config(temperature=1.5, top_p=0.95, repetition_penalty=1.2, max_new_tokens=6, batch_size=2, seed=7)
+    other = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "other"), reseeded)
+    assert other.manifest["job_id"] != again.manifest["job_id"]
+    assert [r["response"] for r in results(tmp_path / "other")] != [r["response"] for r in results(tmp_path / "out")]
     loaded: LoadedModel = load_model(tiny_model)
     with pytest.raises(UserInputError, match="infer.engine=fast needs a CUDA device"):
         make_engine(loaded, job_config(engine="fast").infer)

@@ -65,12 +65,14 @@ def requests(loaded: LoadedModel, count: int, seed: int = 0) -> list[GenerationR
     return out
 
 
-def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConfig) -> dict[Any, GenerationResult]:
+def reference(
+    loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConfig, batch_size: int = 8
+) -> dict[Any, GenerationResult]:
     """`model.generate` on left-padded batches of 8, as the plain engine runs it."""
     eos = loaded.tokenizer.eos_token_id
     results = {}
-    for start in range(0, len(reqs), 8):
-        batch = reqs[start : start + 8]
+    for start in range(0, len(reqs), batch_size):
+        batch = reqs[start : start + batch_size]
         inputs = model_inputs(loaded, [r.prompt_ids for r in batch], [image for r in batch for image in r.images])
         with torch.no_grad():
             output = loaded.model.generate(**inputs, generation_config=generation_config(loaded, cfg))
@@ -84,22 +86,26 @@ def reference(loaded: LoadedModel, reqs: list[GenerationRequest], cfg: InferConf
 
 
 @pytest.mark.parametrize(
-    ("variant", "count", "prefill", "window", "prefill_graphs", "attention", "overlap", "lookahead"),
+    ("variant", "count", "prefill", "window", "prefill_graphs", "attention", "overlap", "lookahead", "penalty"),
     [
-        ("tiny_model", 64, "own", 1, False, "sdpa", False, True),
+        ("tiny_model", 64, "own", 1, False, "sdpa", False, True, 1.0),
         # each window read back before the next is launched
-        ("tiny_model", 64, "own", 1, False, "sdpa", False, False),
-        ("tiny_hybrid_model", 24, "own", 1, False, "sdpa", False, True),
-        ("tiny_model", 24, "model", 1, False, "sdpa", False, True),
+        ("tiny_model", 64, "own", 1, False, "sdpa", False, False, 1.0),
+        ("tiny_hybrid_model", 24, "own", 1, False, "sdpa", False, True, 1.0),
+        ("tiny_model", 24, "model", 1, False, "sdpa", False, True, 1.0),
         # 5 steps per read: rows stop inside windows, and windows get cut short
-        ("tiny_model", 64, "own", 5, False, "sdpa", False, True),
-        ("tiny_model", 64, "own", 5, False, "sdpa", False, False),
+        ("tiny_model", 64, "own", 5, False, "sdpa", False, True, 1.0),
+        ("tiny_model", 64, "own", 5, False, "sdpa", False, False, 1.0),
         # prompts padded to the graphs' width buckets (the graphs: CUDA only)
-        ("tiny_model", 64, "own", 1, True, "sdpa", False, True),
-        ("tiny_model", 24, "own", 1, False, "matmul", False, True),
+        ("tiny_model", 64, "own", 1, True, "sdpa", False, True, 1.0),
+        ("tiny_model", 24, "own", 1, False, "matmul", False, True, 1.0),
         # prefills beside decoding: their slots sit idle through a decoding window before their rows join
-        ("tiny_model", 64, "own", 1, True, "sdpa", True, True),
-        ("tiny_hybrid_model", 24, "own", 3, False, "sdpa", True, False),
+        ("tiny_model", 64, "own", 1, True, "sdpa", True, True, 1.0),
+        ("tiny_hybrid_model", 24, "own", 3, False, "sdpa", True, False, 1.0),
+        # greedy with a repetition penalty: `generate`'s own processor over each row's ids
+        ("tiny_model", 24, "own", 1, False, "sdpa", False, True, 1.5),
+        ("tiny_model", 24, "model", 5, False, "sdpa", False, False, 1.5),
+        ("tiny_model", 24, "own", 1, True, "sdpa", True, True, 1.5),
     ],
 )
 def test_greedy_answers_equal_generate(
@@ -111,12 +117,17 @@ def test_greedy_answers_equal_generate(
     attention: str,
     overlap: bool,
     lookahead: bool,
+    penalty: float,
     request: pytest.FixtureRequest,
 ) -> None:
+    """The engine's answers are `generate`'s token for token. With a repetition penalty the reference runs one request
+    at a time: in a left-padded batch `generate` penalises the padding too."""
     loaded = loaded_with_eos(request.getfixturevalue(variant))
-    cfg = InferConfig(max_new_tokens=16)
+    cfg = InferConfig(max_new_tokens=16, repetition_penalty=penalty)
     reqs = requests(loaded, count)
-    expected = reference(loaded, reqs, cfg)
+    expected = reference(loaded, reqs, cfg, batch_size=8 if penalty == 1.0 else 1)
+    if penalty != 1.0:
+        assert expected != reference(loaded, reqs, InferConfig(max_new_tokens=16), batch_size=1)  # it changes them
     # 8 slots refilled 3 prompts at a time: rows join and leave the decoding batch at different steps.
     engine = FastEngine(
         loaded,
@@ -173,6 +184,69 @@ def test_ignore_eos_matches_min_new_tokens(tiny_model: Path) -> None:
         for request, tokens in zip(reqs, expected, strict=True):
             assert got[request.key].token_ids == tokens
             assert got[request.key].finish_reason == "length"
+
+
+def test_sampling_with_top_k_1_answers_as_greedy_generate(tiny_model: Path) -> None:
+    """A draw from one token is that token: the sampled path (processors in float32, seeded draws, history) answers
+    as greedy `generate`."""
+    loaded = loaded_with_eos(tiny_model)
+    reqs = requests(loaded, 32, seed=5)
+    expected = reference(loaded, reqs, InferConfig(max_new_tokens=16))
+    cfg = InferConfig(max_new_tokens=16, temperature=0.9, top_k=1, top_p=0.95)
+    engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, image_workers=2)
+    got = {result.key: result for result in engine.generate(iter(reqs))}
+    for key, want in expected.items():
+        assert (got[key].token_ids, got[key].finish_reason) == (want.token_ids, want.finish_reason), key
+
+
+def test_sampled_answers_follow_each_requests_seed_whatever_the_batching(tiny_model: Path) -> None:
+    """The same requests in another order, other slots, prefill batches and windows: the same sampled answers; other
+    seeds draw other answers; every token lies within what top-k (after the penalty and temperature) allows, checked
+    against the model's own logits over the prompt and the answer."""
+    from transformers.generation.logits_process import LogitsProcessorList
+
+    from vlmops.infer.sampling import logits_processors
+
+    loaded = loaded_with_eos(tiny_model)
+    cfg = InferConfig(max_new_tokens=12, temperature=1.5, top_k=3, repetition_penalty=1.1)
+    reqs = requests(loaded, 24, seed=6)
+    for index, item in enumerate(reqs):
+        item.seed = 1000 + index
+    runs = []
+    for max_batch, prefill_batch, window, lookahead, order in ((8, 3, 1, True, 1), (3, 1, 4, False, -1)):
+        engine = FastEngine(
+            loaded,
+            cfg,
+            max_batch=max_batch,
+            prefill_batch=prefill_batch,
+            max_context=256,
+            image_workers=2,
+            decode_window=window,
+            lookahead=lookahead,
+        )
+        runs.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs[::order]))})
+    assert runs[0] == runs[1]
+    greedy = reference(loaded, reqs, InferConfig(max_new_tokens=12, repetition_penalty=1.1), batch_size=1)
+    assert sum(runs[0][key][0] != want.token_ids for key, want in greedy.items()) >= len(reqs) // 2
+
+    reseeded = [GenerationRequest(r.key, r.prompt_ids, r.images, seed=r.seed + 1) for r in reqs]
+    engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=3, max_context=256, image_workers=2)
+    other = {r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reseeded))}
+    assert sum(other[key] != runs[0][key] for key in other) >= len(reqs) // 2
+
+    processors = LogitsProcessorList(logits_processors(cfg))
+    below_top = 0
+    for item in reqs:
+        answer = runs[0][item.key][0]
+        ids = item.prompt_ids + answer
+        with torch.no_grad():
+            logits = loaded.model(**model_inputs(loaded, [ids], item.images)).logits[0].float()
+        for step, token in enumerate(answer):
+            seen = torch.tensor([ids[: len(item.prompt_ids) + step]])
+            scores = processors(seen, logits[len(item.prompt_ids) + step - 1][None].clone())[0]
+            assert torch.isfinite(scores[token]), (item.key, step)
+            below_top += int(token != int(scores.argmax()))
+    assert below_top > 0  # not greedy in disguise
 
 
 def test_requests_are_pulled_lazily(tiny_model: Path) -> None:
@@ -352,8 +426,6 @@ def test_cache_writes_move_whole_head_vectors_as_wide_elements(dtype: torch.dtyp
 
 def test_refuses_what_it_cannot_serve(tiny_model: Path) -> None:
     loaded = load_model(tiny_model, dtype="float32", device="cpu")
-    with pytest.raises(UserInputError, match="temperature"):
-        FastEngine(loaded, InferConfig(temperature=0.7))
     with pytest.raises(UserInputError, match="column_bucket must be at least 1"):
         FastEngine(loaded, InferConfig(), column_bucket=0)
     with pytest.raises(
@@ -726,6 +798,42 @@ def test_prefill_beside_decoding_answers_the_same(
         answers.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs))})
         assert engine.stats.prompts == len(reqs)
     assert answers[0] == answers[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["tiny_model", "tiny_hybrid_model"])
+def test_sampling_on_cuda_follows_each_requests_seed(variant: str, request: pytest.FixtureRequest) -> None:
+    """Sampled in CUDA graphs with the compiled step (float32): the same answers in another batching and order; with
+    top_k 1 the greedy engine's answers; a repetition penalty from graphs as without them (the CPU tests check the
+    penalty against `generate`)."""
+    loaded = loaded_with_eos(request.getfixturevalue(variant), "cuda")
+    reqs = requests(loaded, 40, seed=7)
+    for index, item in enumerate(reqs):
+        item.seed = index
+    sampled = InferConfig(max_new_tokens=16, temperature=1.3, top_p=0.9, repetition_penalty=1.2)
+    runs = []
+    for max_batch, prefill_batch, order in ((8, 3, 1), (16, 5, -1)):
+        engine = FastEngine(loaded, sampled, max_batch=max_batch, prefill_batch=prefill_batch, max_context=256)
+        runs.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs[::order]))})
+        assert engine.decoder.cuda_graphs and engine.decoder._graphs
+    assert runs[0] == runs[1]
+
+    greedy = FastEngine(loaded, InferConfig(max_new_tokens=16), max_batch=8, prefill_batch=3, max_context=256)
+    top1 = FastEngine(
+        loaded, InferConfig(max_new_tokens=16, temperature=0.8, top_k=1), max_batch=8, prefill_batch=3, max_context=256
+    )
+    want = {r.key: (r.token_ids, r.finish_reason) for r in greedy.generate(iter(reqs))}
+    assert {r.key: (r.token_ids, r.finish_reason) for r in top1.generate(iter(reqs))} == want
+    assert sum(runs[0][key] != want[key] for key in want) >= len(reqs) // 2
+
+    # The penalty's history written inside the captured steps: as the same steps run without graphs.
+    penalised = InferConfig(max_new_tokens=16, repetition_penalty=1.5)
+    answers = []
+    for graphs in (False, True):
+        engine = FastEngine(loaded, penalised, max_batch=8, prefill_batch=3, max_context=256, cuda_graphs=graphs)
+        answers.append({r.key: (r.token_ids, r.finish_reason) for r in engine.generate(iter(reqs))})
+    assert answers[0] == answers[1]
+    assert answers[1] != want
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ records never holds more than the engine's working set.
 Engines:
 - `PlainEngine` (vlmops.infer.plain_engine): `model.generate` on fixed batches; any device, any sampling
   setting of `infer.*`. The reference the others are checked against.
-- `FastEngine` (vlmops.infer.fast_engine): CUDA, greedy; batched prefill through the whole VLM, then the
-  language model decodes alone from a static KV cache with CUDA graphs, finished rows replaced by waiting
-  prompts.
+- `FastEngine` (vlmops.infer.fast_engine): CUDA; batched prefill through the whole VLM, then the language model
+  decodes alone from a static KV cache with CUDA graphs, finished rows replaced by waiting prompts. Greedy or
+  sampled with `generate`'s logits processors, each request's draws from its own seed (vlmops.infer.sampling).
 
 `make_engine` picks one from `infer.engine`.
 """
@@ -36,11 +36,14 @@ FinishReason = Literal["stop", "length"]
 
 @dataclass
 class GenerationRequest:
-    """One prompt to answer. `key` is opaque to the engine and comes back on the result."""
+    """One prompt to answer. `key` is opaque to the engine and comes back on the result; `seed` starts the stream the
+    fast engine draws this request's tokens from when it samples (a job derives it from `infer.seed` and the record's
+    key)."""
 
     key: Any
     prompt_ids: list[int]
     images: list[Image.Image] = field(default_factory=list)
+    seed: int = 0
 
 
 @dataclass
@@ -114,26 +117,21 @@ def slot_context(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: in
 
 
 def make_engine(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: int | None = None) -> Engine:
-    """The engine `infer.engine` names; `auto` is the fast one where it applies (CUDA, greedy), else plain.
+    """The engine `infer.engine` names; `auto` is the fast one on CUDA, else plain.
 
     `longest_prompt`: a job's longest prompt in tokens (its plan counts them), which sizes the fast engine's slots
     when `infer.max_context` is not set (`slot_context`).
 
     Raises:
-        UserInputError: `fast` asked for where it cannot run (no CUDA, or sampling).
+        UserInputError: `fast` asked for where it cannot run (no CUDA).
     """
     choice = infer_cfg.engine
     on_cuda = loaded.device.type == "cuda"
     if choice == "auto":
-        choice = "fast" if on_cuda and infer_cfg.temperature == 0 else "plain"
+        choice = "fast" if on_cuda else "plain"
     if choice == "fast":
         if not on_cuda:
             raise UserInputError(f"infer.engine=fast needs a CUDA device (the model is on {loaded.device}); use plain")
-        if infer_cfg.temperature > 0:
-            raise UserInputError(
-                f"infer.engine=fast decodes greedily but infer.temperature is {infer_cfg.temperature}; "
-                "set infer.temperature=0 or infer.engine=plain"
-            )
         # Imported here: the fast engine pulls in CUDA-graph machinery that a CPU job never needs.
         from vlmops.infer.fast_engine import FastEngine
 

@@ -1,4 +1,4 @@
-"""The decode half of `FastEngine`: a static KV cache and one greedy Llama step over the loaded weights.
+"""The decode half of `FastEngine`: a static KV cache and one Llama step over the loaded weights.
 
 The language model of DeepSeek-VL is a plain Llama. Prefill runs through transformers (vision towers,
 image features scattered into the prompt, the whole LLM); from then on each row only needs one token per
@@ -8,8 +8,9 @@ CUDA graph and replayed:
 - the KV cache is one buffer, `[layers, 2 (K, V), slots, kv_heads, max_context, head_dim]`; row `s` owns slot
   `s`, its valid length is its position, and attention masks out everything after it;
 - `tokens`, `positions` and `active` are static `[slots]` tensors the step reads and updates in place
-  (each step writes its greedy token back into `tokens` and advances the active rows' positions), so a
-  replay needs no host-to-device copy;
+  (each step writes its next token back into `tokens` and advances the active rows' positions), so a
+  replay needs no host-to-device copy; the next token is greedy or sampled (`TokenSelector`,
+  vlmops.infer.sampling), from each slot's `seeds` and, for a repetition penalty, the ids it has seen (`history`);
 - the arithmetic is transformers' Llama, op for op (RMSNorm in float32, rotary from the model's own
   `rotary_emb`, SDPA with the same scale, SiLU MLP); q/k/v and gate/up run as one matmul each over a
   fused copy of their weights (the modules' parameters become views into it, so no memory is doubled).
@@ -17,7 +18,8 @@ CUDA graph and replayed:
 A step over `b` rows and `L` cache columns is graph-captured once per `(b, L)` bucket on CUDA; on CPU
 it runs eagerly (the float32 equality test runs this same code). With `prefill_graphs` the language model's half of
 a prefill (the layers over the prompt embeddings, K/V into the slots, the first tokens) is captured too, once per
-(rows, width), in its own memory pool; the caller pads widths to a few buckets.
+(rows, width), in its own memory pool; the caller pads widths to a few buckets. The first tokens are picked from the
+graph's logits after it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmops.errors import UserInputError
+from vlmops.infer.sampling import TokenSelector
 from vlmops.models.cuda_graphs import GraphMemory, capture
 from vlmops.models.tower_compile import INDUCTOR_OPTIONS
 
@@ -46,7 +49,7 @@ class _PrefillGraph:
     embeds: torch.Tensor
     index: torch.Tensor
     lengths: torch.Tensor
-    tokens: torch.Tensor
+    logits: torch.Tensor
 
 
 # Prefill shapes captured at most (each keeps its static input of rows x width embeddings); beyond, eagerly.
@@ -181,7 +184,7 @@ def _fuse(linears: list[Any], where: str) -> torch.Tensor:
 
 
 class StaticDecoder:
-    """The KV cache of `slots` rows and the greedy step over them (graph-captured per shape on CUDA)."""
+    """The KV cache of `slots` rows and the decode step over them (graph-captured per shape on CUDA)."""
 
     def __init__(
         self,
@@ -191,7 +194,7 @@ class StaticDecoder:
         cuda_graphs: bool,
         compile_step: bool,
         attention: str,
-        suppress_token: int | None,
+        selector: TokenSelector,
         prefill_graphs: bool = False,
     ) -> None:
         lm = model.model.language_model
@@ -208,7 +211,7 @@ class StaticDecoder:
         self.slots = slots
         self.max_context = max_context
         self.attention = attention
-        self.suppress_token = suppress_token
+        self.selector = selector
         self.layers = []
         next_norms = [layer.input_layernorm.weight for layer in lm.layers[1:]] + [lm.norm.weight]
         for index, (layer, norm_next) in enumerate(zip(lm.layers, next_norms, strict=True)):
@@ -239,6 +242,13 @@ class StaticDecoder:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.active = torch.zeros(slots, dtype=torch.long, device=device)
+        # Each slot's sampling seed, and (repetition penalty) the ids its row has seen: the prompt, then the tokens fed
+        # back; the columns past the newest hold the row's first id again (the penalty's gather and scatter see each
+        # of the row's ids, one repeated, and nothing else).
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=device)
+        self.history = (
+            torch.zeros(slots, max_context, dtype=torch.long, device=device) if selector.needs_history else None
+        )
         self.rows = torch.arange(slots, device=device)
         self.columns = torch.arange(max_context, device=device)
         self._norm: Callable[..., torch.Tensor] = rms_norm
@@ -285,12 +295,23 @@ class StaticDecoder:
         element = model.lm_head.weight.element_size()
         return 2 * int(config.num_hidden_layers) * kv_heads * max_context * head_dim * element
 
-    def greedy(self, logits: torch.Tensor) -> torch.Tensor:
-        """Argmax over the vocabulary, `suppress_token` (EOS when asked to ignore it) never chosen."""
-        if self.suppress_token is not None:
-            logits = logits.clone()
-            logits[:, self.suppress_token] = float("-inf")
-        return logits.argmax(dim=-1)
+    @torch.no_grad()
+    def first_tokens(
+        self, slots: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor, prompts: torch.Tensor, seeds: list[int]
+    ) -> torch.Tensor:
+        """The prefilled rows' first answer tokens from their last prompt positions' `logits` [rows, vocab], on the
+        device; `slots` take the rows' `seeds` and (repetition penalty) their `prompts` [rows, width] (right-padded
+        ids) as the ids seen so far. Nothing else of the decoder's state changes: `commit` starts the rows."""
+        history = None
+        if self.history is not None:
+            columns = torch.arange(self.max_context, device=self.device)[None, :]
+            width = min(prompts.shape[1], self.max_context)
+            padded = torch.nn.functional.pad(prompts[:, :width], (0, self.max_context - width))
+            history = torch.where(columns < lengths[:, None], padded, prompts[:, :1])
+            self.history.index_copy_(0, slots, history)
+        seeds_t = self.device_longs(seeds)
+        self.seeds.index_copy_(0, slots, seeds_t)
+        return self.selector(logits, history, seeds_t, lengths)
 
     @torch.no_grad()
     def load(self, slots: list[int], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -310,15 +331,25 @@ class StaticDecoder:
         return host.pin_memory().to(self.device, non_blocking=True)
 
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, width: int, slots: list[int], lengths: list[int]) -> torch.Tensor:
+    def prefill(
+        self,
+        embeds: torch.Tensor,
+        width: int,
+        slots: list[int],
+        lengths: list[int],
+        prompts: torch.Tensor,
+        seeds: list[int],
+    ) -> torch.Tensor:
         """Run the language model over right-padded prompt embeddings [rows * width, hidden] into `slots`.
 
         The same per-layer functions as the decode step (compiled once for any row count), with causal
         attention over each row; K/V go straight into the slots, and nothing else of the decoder's state changes
-        (a prefill may run beside decoding steps): `commit` starts the rows. Returns each row's first greedy token, on
-        the device, not yet read back.
+        (a prefill may run beside decoding steps): `commit` starts the rows. Returns each row's first token
+        (`first_tokens`, from `prompts` [rows, width] and `seeds`), on the device, not yet read back.
         """
-        return self._prefill_tokens(embeds, width, self.device_longs(slots), self.device_longs(lengths))
+        index, lengths_t = self.device_longs(slots), self.device_longs(lengths)
+        logits = self._prefill_logits(embeds, width, index, lengths_t)
+        return self.first_tokens(index, lengths_t, logits, prompts, seeds)
 
     @torch.no_grad()
     def commit(self, slots: list[int], lengths: list[int], tokens: list[int]) -> None:
@@ -327,7 +358,7 @@ class StaticDecoder:
         self.positions.index_copy_(0, index, self.device_longs(lengths))
         self.tokens.index_copy_(0, index, self.device_longs(tokens))
 
-    def _prefill_tokens(
+    def _prefill_logits(
         self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths_t: torch.Tensor
     ) -> torch.Tensor:
         if not self.prefill_graphs:
@@ -346,8 +377,8 @@ class StaticDecoder:
             captured.lengths.copy_(lengths_t)
         captured.graph.replay()
         # A copy: the next replay of this shape overwrites the graph's static output, and the engine queues further
-        # prefills before it reads these tokens back.
-        return captured.tokens.clone()
+        # prefills before it reads the tokens picked from these back.
+        return captured.logits.clone()
 
     def _capture_prefill(
         self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths: torch.Tensor
@@ -367,13 +398,13 @@ class StaticDecoder:
         if self._prefill_memory is None:
             self._prefill_memory = GraphMemory()
         try:
-            graph, tokens = capture(lambda: self._prefill(inputs[0], width, inputs[1], inputs[2]), self._prefill_memory)
+            graph, logits = capture(lambda: self._prefill(inputs[0], width, inputs[1], inputs[2]), self._prefill_memory)
         except RuntimeError as err:  # an operation that cannot be captured, or out of memory
             self.prefill_graphs = False
             self._prefill_graphs.clear()
             log.warning("prefill: CUDA graph capture failed (%s); prefilling eagerly", str(err).splitlines()[0])
             return None
-        captured = _PrefillGraph(graph, *inputs, tokens)
+        captured = _PrefillGraph(graph, *inputs, logits)
         self._prefill_graphs[(rows, width)] = captured
         log.debug("captured a prefill of %d rows x %d tokens", rows, width)
         return captured
@@ -399,8 +430,7 @@ class StaticDecoder:
                 x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, layer.norm_next, self.eps
             )
         last = lengths - 1 + torch.arange(rows, device=self.device) * width
-        logits = F.linear(normed[last], self.lm_head)
-        return self.greedy(logits)
+        return F.linear(normed[last], self.lm_head)  # the last prompt positions' logits
 
     @torch.no_grad()
     def set_active(self, active: list[bool]) -> None:
@@ -414,7 +444,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def step(self, rows: int, columns: int) -> None:
-        """One greedy token for slots [0, rows), attending to cache columns [0, columns)."""
+        """The next token for slots [0, rows), attending to cache columns [0, columns)."""
         if not self.cuda_graphs:
             self._step(rows, columns)
             return
@@ -441,6 +471,13 @@ class StaticDecoder:
     def _step(self, rows: int, columns: int) -> None:
         tokens, positions = self.tokens[:rows], self.positions[:rows]
         index = self.rows[:rows]
+        history = None
+        if self.history is not None:
+            # The fed-back token joins the ids its row has seen; an idle slot (a prefill may be filling it) writes its
+            # first id again at its parked position, which keeps its history as it was.
+            history = self.history[:rows]
+            seen = torch.where(self.active[:rows].bool(), tokens, history[:, 0])
+            history[index, positions] = seen
         x = F.embedding(tokens, self.embed)
         normed = self._norm(x, self.norm_in, self.eps)
         cos, sin = self.cos[positions], self.sin[positions]
@@ -456,7 +493,7 @@ class StaticDecoder:
                 x, attn, layer.o, layer.norm_post, layer.gate_up, layer.down, layer.norm_next, self.eps
             )
         logits = F.linear(normed, self.lm_head)
-        self.tokens[:rows].copy_(self.greedy(logits))
+        self.tokens[:rows].copy_(self.selector(logits, history, self.seeds[:rows], positions + 1))
         self.positions[:rows].add_(self.active[:rows])
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""FastEngine: greedy DeepSeek-VL generation with batched prefill, a static KV cache and continuous batching.
+"""FastEngine: DeepSeek-VL generation with batched prefill, a static KV cache and continuous batching.
 
 How a request travels:
 
@@ -15,7 +15,7 @@ How a request travels:
    of its own while the rows already in their slots go on decoding; it writes only its slots' K/V (an idle slot's
    step writes the slot's last column, which no prompt reaches), and its rows' positions and first tokens are set on
    the decoding stream when they join.
-3. Decode: `StaticDecoder` (vlmops.infer.fast_decode) makes one greedy token for every slot per step from
+3. Decode: `StaticDecoder` (vlmops.infer.fast_decode) makes one token for every slot per step from
    the static cache, each step a CUDA graph replay on CUDA. A finished row (EOS or `max_new_tokens`)
    yields its result at once and its slot is refilled by waiting prompts (once at least `min_refill`
    slots are free, so prefill runs in batches rather than one prompt at a time). With `lookahead` (the default) the
@@ -25,9 +25,11 @@ How a request travels:
 A step covers slots [0, rows) and cache columns [0, columns), both rounded up to buckets, so short
 contexts and a part-empty batch cost less; each (rows, columns) bucket is captured once.
 
-Greedy only (`infer.temperature` 0, `infer.repetition_penalty` 1): the plain engine serves sampling.
-The answers equal `model.generate`'s token for token in float32 (tests/infer/test_fast_engine.py); in
-bf16 the different kernel choices change rounding, measured by bench/infer_bench.py.
+Tokens are picked as `generate` picks them for the same `infer.*` (vlmops.infer.sampling: transformers' own logits
+processors for the repetition penalty, temperature, top-k and top-p): greedy answers equal `model.generate`'s token
+for token in float32 (tests/infer/test_fast_engine.py), in bf16 the different kernel choices change rounding
+(measured by bench/infer_bench.py); sampled ones draw each request's tokens from its own seed, so a request gets the
+same answer whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from vlmops.infer.engine import GenerationRequest, GenerationResult
 from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
+from vlmops.infer.sampling import TokenSelector
 from vlmops.models.compile_cache import describe_compile_cache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.pixels import DevicePixels
@@ -135,7 +138,7 @@ class _Pending:
 
 
 class FastEngine:
-    """Greedy generation for DeepSeek-VL (1.3b and the 7b hybrid) on CUDA, and on CPU for tests.
+    """Generation for DeepSeek-VL (1.3b and the 7b hybrid) on CUDA, and on CPU for tests: greedy or sampled.
 
     Building one rebinds the language model's q/k/v and gate/up weights to views of fused tensors (values
     unchanged, no extra memory) and allocates the KV cache for `max_batch` slots. One `generate` call at a
@@ -234,16 +237,6 @@ class FastEngine:
         overlap_prefill: bool = False,
         switch_interval: float | None = None,
     ) -> None:
-        if infer_cfg.temperature != 0:
-            raise UserInputError(
-                f"infer.temperature is {infer_cfg.temperature}: FastEngine decodes greedily; set "
-                "infer.temperature=0 or use the plain engine for sampling"
-            )
-        if infer_cfg.repetition_penalty != 1.0:
-            raise UserInputError(
-                f"infer.repetition_penalty is {infer_cfg.repetition_penalty}: FastEngine does not apply it; set it "
-                "to 1 or use the plain engine"
-            )
         if max_batch < 1 or prefill_batch < 1 or max_context < 2 or decode_window < 1 or column_bucket < 1:
             raise UserInputError(
                 "max_batch, prefill_batch, decode_window and column_bucket must be at least 1 and max_context at least 2"
@@ -298,6 +291,11 @@ class FastEngine:
             slots * StaticDecoder.bytes_per_slot(self.model, max_context) / GIB,
         )
         compile_step = on_cuda if compile is None else compile
+        selector = TokenSelector(
+            infer_cfg, suppress_token=tokenizer.eos_token_id if ignore_eos else None, compile=compile_step
+        )
+        if not selector.plain_greedy:
+            log.info("FastEngine: tokens %s", selector.describe())
         self.decoder = StaticDecoder(
             self.model,
             slots=slots,
@@ -305,7 +303,7 @@ class FastEngine:
             cuda_graphs=on_cuda if cuda_graphs is None else cuda_graphs,
             compile_step=compile_step,
             attention=attention,
-            suppress_token=tokenizer.eos_token_id if ignore_eos else None,
+            selector=selector,
             prefill_graphs=prefill_graphs,
         )
         # Graphs are keyed by width: a few buckets rather than every prompt length. The padding is right-padding,
@@ -565,7 +563,9 @@ class FastEngine:
         )
         for row, item in enumerate(group):
             input_ids[row, : lengths[row]] = torch.tensor(item.request.prompt_ids, dtype=torch.long)
-        inputs: dict[str, torch.Tensor] = {"input_ids": input_ids.to(self.device, non_blocking=True)}
+        prompts = input_ids.to(self.device, non_blocking=True)
+        seeds = [item.request.seed for item in group]
+        inputs: dict[str, torch.Tensor] = {"input_ids": prompts}
         for name in {name for item in group for name in item.pixels}:
             inputs[name] = self._stacked([item.pixels[name] for item in group if name in item.pixels])
             if self.device_pixels is not None:
@@ -580,11 +580,12 @@ class FastEngine:
                     (input_ids.view(-1) == self.image_token_id).nonzero()[:, 0].tolist()
                 )
                 embeds = embeds.index_copy(0, image_rows, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-            return _Pending(group, slots, lengths, self.decoder.prefill(embeds, width, slots, lengths))
+            return _Pending(group, slots, lengths, self.decoder.prefill(embeds, width, slots, lengths, prompts, seeds))
         output = self.model.model(**inputs, use_cache=True)
-        last = torch.tensor(lengths, device=self.device) - 1
-        hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), last]
-        tokens = self.decoder.greedy(self.model.lm_head(hidden))
+        lengths_t = torch.tensor(lengths, device=self.device)
+        hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), lengths_t - 1]
+        logits = self.model.lm_head(hidden)
+        tokens = self.decoder.first_tokens(self.decoder.device_longs(slots), lengths_t, logits, prompts, seeds)
         keys, values = _cache_tensors(output.past_key_values)
         self.decoder.load(slots, keys, values)
         return _Pending(group, slots, lengths, tokens)

@@ -18,7 +18,7 @@ from vlmops.models.loading import LoadedModel, image_inputs
 
 
 def generation_config(loaded: LoadedModel, infer_cfg: InferConfig) -> Any:
-    """A complete GenerationConfig from `infer.*`: temperature 0 is greedy, above 0 samples with top_p.
+    """A complete GenerationConfig from `infer.*`: temperature 0 is greedy, above 0 samples with top_k and top_p.
 
     Built from scratch rather than merged into the checkpoint's own generation_config, so a released
     checkpoint's sampling defaults never change what the config file asked for.
@@ -32,7 +32,8 @@ def generation_config(loaded: LoadedModel, infer_cfg: InferConfig) -> Any:
         do_sample=sampling,
         temperature=infer_cfg.temperature if sampling else None,
         top_p=infer_cfg.top_p if sampling else None,
-        top_k=None,
+        # 0 turns top-k off: unset (None), `generate` fills in transformers' default of 50.
+        top_k=infer_cfg.top_k if sampling else None,
         repetition_penalty=infer_cfg.repetition_penalty,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

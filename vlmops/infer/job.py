@@ -209,12 +209,15 @@ class JobResult:
 
 
 def job_settings(config: PipelineConfig) -> dict[str, Any]:
-    """The settings that change answers or the shard layout; batch size, workers and engine do not."""
+    """The settings that change answers or the shard layout; batch size, workers and engine do not (sampled, the
+    engines draw differently, but each draw is a valid answer of the same settings)."""
     infer = config.infer
+    sampling = {"top_k": infer.top_k, "seed": infer.seed} if infer.temperature > 0 else {}
     return {
         "max_new_tokens": infer.max_new_tokens,
         "temperature": infer.temperature,
         "top_p": infer.top_p,
+        **sampling,
         "repetition_penalty": infer.repetition_penalty,
         "shard_size": infer.shard_size,
         "system_prompt": config.model.system_prompt,
@@ -288,7 +291,7 @@ def counts_prompts(config: PipelineConfig) -> bool:
     """Whether a job's plan counts its prompts' tokens: only the fast engine uses them, and only when
     `infer.max_context` leaves the slots' size to the job."""
     infer = config.infer
-    return infer.max_context is None and infer.engine != "plain" and infer.temperature == 0
+    return infer.max_context is None and infer.engine != "plain"
 
 
 def plan_job(
@@ -544,7 +547,8 @@ class ShardRunner:
             )
             return record
         images = [record.images[ref.uri] for ref in encoded.images]
-        record.request = GenerationRequest(record.position, encoded.input_ids, images)
+        seed = record_seed(self.config.infer.seed, record.prompt.key)
+        record.request = GenerationRequest(record.position, encoded.input_ids, images, seed)
         return record
 
     def _publish(
@@ -603,6 +607,13 @@ class _Record:
     request: GenerationRequest | None = None
     error: str | None = None
     cause: Exception | None = None
+
+
+def record_seed(seed: int, key: Any) -> int:
+    """The seed of a record's sampled tokens: `infer.seed` and the record's key (its `id`, or file and line), so the
+    record draws the same answer in any shard, batch or rerun."""
+    digest = hashlib.sha256(json.dumps([seed, key], sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFFFFFFFFFFFFFF
 
 
 def _reject(file: InputFile, raw: RawRecord, reason: str) -> dict[str, Any]:

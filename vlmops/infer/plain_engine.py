@@ -26,6 +26,7 @@ class PlainEngine:
         self.loaded = loaded
         self.batch_size = infer_cfg.batch_size
         self.config = generation_config(loaded, infer_cfg)
+        self.sampling = infer_cfg.temperature > 0
         self.eos_token_id: int | None = loaded.tokenizer.eos_token_id
         # The positions the language model was built for: past them rotary positions it never saw (transformers
         # computes them anyway, and the answers degrade without an error).
@@ -40,6 +41,10 @@ class PlainEngine:
     def _generate_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
         images = [image for request in batch for image in request.images]
         inputs = model_inputs(self.loaded, [request.prompt_ids for request in batch], images)
+        if self.sampling:
+            # `generate` draws from torch's global stream: seeded from the batch's requests, the same batch draws the
+            # same answers on a rerun (another batching draws others; the fast engine's draws are per request).
+            torch.manual_seed(hash(tuple(request.seed for request in batch)) & 0x7FFFFFFFFFFFFFFF)
         with torch.inference_mode():
             output: Any = self.loaded.model.generate(**inputs, generation_config=self.config)
         prompt_width = inputs["input_ids"].shape[1]
