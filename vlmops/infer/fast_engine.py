@@ -283,16 +283,16 @@ class FastEngine:
         self.device = loaded.device
         on_cuda = self.device.type == "cuda"
         prefill_graphs = prefill_graphs and prefill == "own"  # the VLM's own forward is not captured
-        slots = self._fit_slots(max_batch, memory_gib, prefill_graphs)
+        compile_step = on_cuda if compile is None else compile
+        selector = TokenSelector(
+            infer_cfg, suppress_token=tokenizer.eos_token_id if ignore_eos else None, compile=compile_step
+        )
+        slots = self._fit_slots(max_batch, memory_gib, prefill_graphs, _pick_bytes(selector, self.model, max_context))
         log.info(
             "FastEngine: %d slots of %d tokens (K/V cache %.1f GiB)",
             slots,
             max_context,
             slots * StaticDecoder.bytes_per_slot(self.model, max_context) / GIB,
-        )
-        compile_step = on_cuda if compile is None else compile
-        selector = TokenSelector(
-            infer_cfg, suppress_token=tokenizer.eos_token_id if ignore_eos else None, compile=compile_step
         )
         if not selector.plain_greedy:
             log.info("FastEngine: tokens %s", selector.describe())
@@ -336,8 +336,11 @@ class FastEngine:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
         self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)
 
-    def _fit_slots(self, max_batch: int, memory_gib: float | None, prefill_graphs: bool = False) -> int:
-        """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set."""
+    def _fit_slots(
+        self, max_batch: int, memory_gib: float | None, prefill_graphs: bool = False, pick_bytes: int = 0
+    ) -> int:
+        """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set;
+        `pick_bytes`: what each slot's row takes beside its K/V when tokens are sampled or penalised."""
         if self.device.type != "cuda":
             return max_batch
         if memory_gib is None:
@@ -346,7 +349,7 @@ class FastEngine:
             # alone take 125 GiB).
             free, _total = torch.cuda.mem_get_info(self.device)
             memory_gib = 0.9 * (free + torch.cuda.memory_allocated(self.device)) / GIB
-        per_slot = StaticDecoder.bytes_per_slot(self.model, self.max_context)
+        per_slot = StaticDecoder.bytes_per_slot(self.model, self.max_context) + pick_bytes
         config = self.model.model.language_model.config
         element = self.dtype.itemsize
         # A prefill batch holds its own K/V (transformers' cache, until copied into the slots), the hidden
@@ -678,6 +681,21 @@ class FastEngine:
         if len(row.tokens) >= self.max_new_tokens:
             return GenerationResult(row.key, row.tokens, "length")
         return None
+
+
+# Bytes per vocabulary entry of a decode step's row while the processors and the draw run (float32 scores, top-p's
+# sorted values and int64 indices, its softmax and cumsum, masks, the noise): on an H200 the 1.3b's call of 768 rows
+# peaked 5.1 GiB higher sampled (temperature, top-p) than greedy, ~69 bytes a score.
+PICK_BYTES_PER_SCORE = 72
+
+
+def _pick_bytes(selector: TokenSelector, model: Any, max_context: int) -> int:
+    """Memory a slot's row needs beside its K/V to pick its tokens: nothing for plain greedy; the processors' and the
+    draw's working set over the vocabulary, and the ids seen (repetition penalty), otherwise."""
+    if selector.plain_greedy:
+        return 0
+    vocab = int(model.lm_head.weight.shape[0])
+    return PICK_BYTES_PER_SCORE * vocab + (max_context * 8 if selector.needs_history else 0)
 
 
 def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
