@@ -185,3 +185,8 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     assert slot_context(loaded, fixed.infer, longest) == 512
     _, unmeasured, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), fixed)
     assert unmeasured.longest_prompt is None
+    # The same job run again without the cap (max_context is not part of the job): its slots are sized after all,
+    # and the saved plan (what workers read) now holds the counts.
+    _, resumed, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), config)
+    assert resumed.job_id == unmeasured.job_id and resumed.longest_prompt == longest
+    assert JobPlan.from_json((tmp_path / "fixed" / "_job" / "job.json").read_text()).longest_prompt == longest

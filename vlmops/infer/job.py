@@ -321,7 +321,8 @@ def plan_job(
 
 
 def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
-    """Start the job in `output`, or pick it up again; refuse an output that holds anything else.
+    """Start the job in `output`, or pick it up again (with `plan`'s prompt counts where the saved plan has none);
+    refuse an output that holds anything else.
 
     Raises:
         JobMismatchError: the output holds another job, or files that no job of this kind wrote.
@@ -344,6 +345,12 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
             f"({_difference(old, plan)}); a different model, input or settings is a different job: pass another "
             f"--output, or delete {output.uri} to start over"
         )
+    if old.longest_prompt is None and plan.longest_prompt is not None:
+        # Planned before without the prompts' counts (infer.max_context was set then, or by an older vlmops): the same
+        # files (the same job), now counted. Saved, so that workers reading the plan size their slots the same way.
+        old = replace(old, files=plan.files)
+        with written_file(output, JOB_FILE) as path:
+            path.write_text(old.to_json() + "\n", encoding="utf-8")
     return old
 
 
