@@ -139,6 +139,10 @@ def test_cli_summary_and_exit_codes(
     assert "6 read: 6 answered, 0 rejected" in printed and "tokens/s" in printed and "images/s" in printed
     assert f"{out}/part-*.jsonl (1 parts)" in printed
     assert re.search(r"start-up +\d+\.\d s before the first shard", printed), printed
+    assert re.search(r"answers +greedy\n", printed), printed
+    sampled = ["--set", "infer.temperature=0.7", "--set", "infer.top_p=0.9", "--set", "infer.seed=3"]
+    assert main([*args[:-1], str(tmp_path / "sampled"), "--set", "infer.max_new_tokens=3", *sampled]) == 0
+    assert "answers           sampled: temperature 0.7, top_p 0.9, top_k off, seed 3\n" in capsys.readouterr().out
     assert main([*args, "--set", "infer.max_new_tokens=2"]) == 2
     assert "error: output" in capsys.readouterr().err
     assert main([*args[:-1], str(tmp_path / "new"), "--set", "infer.engine=turbo"]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from vlmops.cli.args import add_config_args
 
@@ -43,6 +44,7 @@ def handle(args: argparse.Namespace) -> int:
     print(f"  model             {manifest['model']['uri']} ({manifest['model']['content_hash'][:19]})")
     print(f"  records           {result.records} read: {result.results} answered, {result.rejects} rejected")
     print(f"  generated tokens  {manifest['generated_tokens']}")
+    print(f"  answers           {_token_choice(manifest['settings'])}")
     if result.ran:
         print(
             f"  this run          {len(result.ran)} shard(s) in {result.seconds:.1f} s: {result.tokens_per_s:.1f} tokens/s, {result.images_per_s:.1f} images/s"
@@ -58,3 +60,16 @@ def handle(args: argparse.Namespace) -> int:
     if result.mlflow_run_id:
         print(f"  MLflow run        {result.mlflow_run_id}")
     return 0
+
+
+def _token_choice(settings: dict[str, Any]) -> str:
+    """How the job's tokens were picked, from its settings: greedy, or sampled with what."""
+    penalty = settings.get("repetition_penalty", 1.0)
+    extra = f", repetition_penalty {penalty}" if penalty != 1.0 else ""
+    if not settings.get("temperature"):
+        return f"greedy{extra}"
+    top_k = settings.get("top_k") or "off"
+    return (
+        f"sampled: temperature {settings['temperature']}, top_p {settings.get('top_p', 1.0)}, top_k {top_k}, "
+        f"seed {settings.get('seed', 0)}{extra}"
+    )
