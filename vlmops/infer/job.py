@@ -554,7 +554,8 @@ class ShardRunner:
             )
             return record
         images = [record.images[ref.uri] for ref in encoded.images]
-        seed = record_seed(self.config.infer.seed, record.prompt.key)
+        infer = self.config.infer
+        seed = record_seed(infer.seed, record.prompt.key) if infer.temperature > 0 else 0  # only draws read it
         record.request = GenerationRequest(record.position, encoded.input_ids, images, seed)
         return record
 
