@@ -1,8 +1,9 @@
-"""PNG charts logged beside the numbers: token lengths and the training loss curve (the accuracy chart
-lives with the evaluation, in vlmops.evaluate.report)."""
+"""PNG charts logged beside the numbers: token lengths, the training loss curve and a batch-inference job's speed
+per shard (the accuracy chart lives with the evaluation, in vlmops.evaluate.report)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,33 @@ def loss_curve(train: list[tuple[int, float]], evals: list[tuple[int, float]], o
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def shard_throughput(shards: Sequence[tuple[str, int, float]], job_rate: float, out: Path) -> Path:
+    """A batch-inference job's images/s per shard, in the order the shards finished: (worker, images, seconds) each,
+    the x axis the images answered so far, one colour per worker, the job's rate (`job_rate`, all workers) dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    done = 0
+    points: dict[str, tuple[list[int], list[float]]] = {}
+    for worker, images, seconds in shards:
+        done += images
+        xs, ys = points.setdefault(worker or "this process", ([], []))
+        xs.append(done)
+        ys.append(images / seconds if seconds > 0 else 0.0)
+    for worker, (xs, ys) in points.items():
+        ax.plot(xs, ys, "o-", markersize=3, linewidth=1, label=worker if len(points) > 1 else None)
+    if job_rate > 0:
+        ax.axhline(job_rate, linestyle="--", color="grey", linewidth=1, label=f"job: {job_rate:.1f}")
+    ax.set_xlabel("images answered (shards in the order they finished)")
+    ax.set_ylabel("images/s of the shard")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -16,7 +16,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +154,20 @@ class Tracker:
         now = int(time.time() * 1000)
         items = [
             Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+        ]
+        for i in range(0, len(items), METRIC_BATCH):
+            self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])
+
+    def log_series(self, run_id: str, series: Mapping[str, Sequence[float]]) -> None:
+        """Each metric's values as its steps 0, 1, ...: MLflow's run page charts them."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step)
+            for k, values in series.items()
+            for step, v in enumerate(values)
+            if math.isfinite(float(v))
         ]
         for i in range(0, len(items), METRIC_BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])

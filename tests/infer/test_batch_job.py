@@ -277,7 +277,9 @@ def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    config = job_config(**{"infer.track": True, "tracking.uri": uri, "tracking.experiment": "jobs"})
+    config = job_config(
+        **{"infer.track": True, "tracking.uri": uri, "tracking.experiment": "jobs", "infer.shard_size": 3}
+    )
     result = run_batch_job(str(tiny_model), str(demo_data[1]), str(tmp_path / "out"), config, progress=False)
     assert result.mlflow_run_id is not None
     client = MlflowClient(tracking_uri=uri)
@@ -290,6 +292,31 @@ def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
     assert run.data.params["max_new_tokens"] == "4"
     manifest = Path(client.download_artifacts(run.info.run_id, "manifest.json", str(tmp_path)))
     assert json.loads(manifest.read_text()) == result.manifest
+    # Each shard's speed, charted: a metric series with a step per shard, and the PNG.
+    speeds = client.get_metric_history(run.info.run_id, "shard_images_per_s")
+    assert [m.step for m in speeds] == list(range(len(result.ran))) and len(result.ran) == 2
+    assert [m.value for m in speeds] == pytest.approx([s.images / s.seconds for s in result.ran])
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "shard_rejects")] == [0, 0]
+    plot = Path(client.download_artifacts(run.info.run_id, "throughput.png", str(tmp_path)))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_runs_speed_counts_workers_side_by_side() -> None:
+    """Each worker answers its shards in turn and the workers run at once: the run took as long as its busiest
+    worker, not the sum of every shard's seconds (which read 8 GPUs as 8 times slower than they were)."""
+    from vlmops.infer.job import JobResult, ShardStats
+
+    ran = [
+        ShardStats(0, 3, 0, 30, 3, 2.0, "node:11"),
+        ShardStats(1, 3, 0, 60, 6, 3.0, "node:12"),
+        ShardStats(2, 2, 1, 30, 3, 2.5, "node:11"),
+    ]
+    side_by_side = JobResult("out", {}, ran)
+    assert side_by_side.seconds == 4.5
+    assert side_by_side.images_per_s == 12 / 4.5 and side_by_side.tokens_per_s == 120 / 4.5
+    one_worker = JobResult("out", {}, [ShardStats(s.shard, 3, 0, 30, 3, s.seconds, "") for s in ran])
+    assert one_worker.seconds == 7.5 and one_worker.images_per_s == 9 / 7.5
+    assert JobResult("out", {}).seconds == 0.0 and JobResult("out", {}).images_per_s == 0.0
 
 
 def test_retrain_step_runs_the_job_in_a_child_and_writes_what_evaluate_reads(

@@ -46,8 +46,11 @@ def handle(args: argparse.Namespace) -> int:
     print(f"  generated tokens  {manifest['generated_tokens']}")
     print(f"  answers           {_token_choice(manifest['settings'])}")
     if result.ran:
+        workers = len({s.worker for s in result.ran})
+        side_by_side = f" on {workers} workers" if workers > 1 else ""
         print(
-            f"  this run          {len(result.ran)} shard(s) in {result.seconds:.1f} s: {result.tokens_per_s:.1f} tokens/s, {result.images_per_s:.1f} images/s"
+            f"  this run          {len(result.ran)} shard(s){side_by_side} in {result.seconds:.1f} s: "
+            f"{result.tokens_per_s:.1f} tokens/s, {result.images_per_s:.1f} images/s"
         )
     if result.startup_s is not None:
         print(

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -45,6 +46,9 @@ from vlmops.infer.records import Shard
 from vlmops.infer.resolve import ModelSource
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
+
+if TYPE_CHECKING:
+    from vlmops.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -305,5 +309,32 @@ def _tracked(result: JobResult, plan: JobPlan, config: PipelineConfig) -> JobRes
         tracker.log_params(run_id, {"input": plan.input, **plan.settings})
         tracker.log_metrics(run_id, result.metrics())
         tracker.log_text(run_id, json.dumps(result.manifest, indent=2), "manifest.json")
+        if result.ran:  # the shards this run answered, as MLflow charts and a PNG
+            _log_shard_speed(tracker, run_id, result)
     result.mlflow_run_id = run_id
     return result
+
+
+def _log_shard_speed(tracker: Tracker, run_id: str, result: JobResult) -> None:
+    """Per shard, in the order they finished (steps 0, 1, ...): images/s, generated tokens/s, seconds and rejects;
+    and `throughput.png`, images/s per shard against the images answered so far."""
+    from vlmops.plots import shard_throughput
+
+    ran = result.ran
+
+    def rate(count: int, seconds: float) -> float:
+        return count / seconds if seconds > 0 else 0.0
+
+    tracker.log_series(
+        run_id,
+        {
+            "shard_images_per_s": [rate(s.images, s.seconds) for s in ran],
+            "shard_tokens_per_s": [rate(s.generated_tokens, s.seconds) for s in ran],
+            "shard_seconds": [s.seconds for s in ran],
+            "shard_rejects": [s.rejects for s in ran],
+        },
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = [(s.worker, s.images, s.seconds) for s in ran]
+        plot = shard_throughput(shards, result.images_per_s, Path(tmp) / "throughput.png")
+        tracker.log_artifact(run_id, plot)

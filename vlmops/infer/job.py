@@ -26,7 +26,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
@@ -155,6 +155,14 @@ class ShardStats:
     worker: str = ""
 
 
+def shards_wall_s(ran: Sequence[ShardStats]) -> float:
+    """The wall time of shards run by workers side by side: the largest of the workers' sums."""
+    per_worker: dict[str, float] = {}
+    for stats in ran:
+        per_worker[stats.worker] = per_worker.get(stats.worker, 0.0) + stats.seconds
+    return max(per_worker.values(), default=0.0)
+
+
 @dataclass
 class JobResult:
     """A finished job: its manifest, and what this run did (shards it ran, their speed)."""
@@ -181,7 +189,9 @@ class JobResult:
 
     @property
     def seconds(self) -> float:
-        return sum(s.seconds for s in self.ran)
+        """How long the shards took: a worker's shards run one after another (each shard's seconds count from the
+        end of its worker's previous one), workers side by side, so the busiest worker's sum."""
+        return shards_wall_s(self.ran)
 
     @property
     def tokens_per_s(self) -> float:
