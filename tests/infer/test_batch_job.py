@@ -71,6 +71,9 @@ def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
     first.wait()
     done_before = sorted(p.name for p in out.glob("part-*.jsonl"))
     assert 2 <= len(done_before) < 10 and not (out / "manifest.json").exists()
+    status = subprocess.run([*cmd[:3], "batch-status", str(out)], env=env, capture_output=True, text=True, check=True)
+    assert f"{len(done_before)} of 10 shards done" in status.stdout and "the same command resumes it" in status.stdout
+    assert f"{len(done_before)} shard(s): {4 * len(done_before)} records" in status.stdout
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert "done" in second.stdout and "40 read: 40 answered, 0 rejected" in second.stdout
@@ -299,6 +302,35 @@ def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
     assert [m.value for m in client.get_metric_history(run.info.run_id, "shard_rejects")] == [0, 0]
     plot = Path(client.download_artifacts(run.info.run_id, "throughput.png", str(tmp_path)))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 6)
+    with prompts.open("a") as f:
+        f.write("{not json\n")  # line 7: a reject, in the last shard
+    out = tmp_path / "out"
+    run_batch_job(str(tiny_model), str(prompts), str(out), job_config(**{"infer.shard_size": 3}), progress=False)
+    assert main(["batch-status", str(out)]) == 0
+    finished = capsys.readouterr().out
+    assert "finished at" in finished and "3 shard(s): 7 records, 6 answered, 1 rejected" in finished
+    assert "to do" not in finished
+
+    # As a crash leaves it: the last shard's part and the manifest not written yet.
+    (out / "part-00002.jsonl").unlink()
+    (out / "manifest.json").unlink()
+    assert main(["batch-status", str(out), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["state"] == "running or stopped" and status["finished_at"] is None
+    assert (status["shards"], status["shards_done"], status["pending_shards"]) == (3, 2, ["00002"])
+    assert (status["records"], status["records_done"], status["rejects_done"]) == (7, 6, 0)
+    assert status["model"]["uri"] == str(tiny_model) and status["settings"]["max_new_tokens"] == 4
+    assert main(["batch-status", str(out)]) == 0
+    assert "to do             1 shard(s): 1 records (00002)" in capsys.readouterr().out
+
+    assert main(["batch-status", str(tmp_path)]) == 2
+    assert "holds no batch inference job (no _job/job.json)" in capsys.readouterr().err
 
 
 def test_a_runs_speed_counts_workers_side_by_side() -> None:

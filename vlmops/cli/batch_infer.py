@@ -44,7 +44,7 @@ def handle(args: argparse.Namespace) -> int:
     print(f"  model             {manifest['model']['uri']} ({manifest['model']['content_hash'][:19]})")
     print(f"  records           {result.records} read: {result.results} answered, {result.rejects} rejected")
     print(f"  generated tokens  {manifest['generated_tokens']}")
-    print(f"  answers           {_token_choice(manifest['settings'])}")
+    print(f"  answers           {token_choice(manifest['settings'])}")
     if result.ran:
         workers = len({s.worker for s in result.ran})
         side_by_side = f" on {workers} workers" if workers > 1 else ""
@@ -65,7 +65,7 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token_choice(settings: dict[str, Any]) -> str:
+def token_choice(settings: dict[str, Any]) -> str:
     """How the job's tokens were picked, from its settings: greedy, or sampled with what."""
     penalty = settings.get("repetition_penalty", 1.0)
     extra = f", repetition_penalty {penalty}" if penalty != 1.0 else ""

@@ -4,6 +4,7 @@ vlmops run       [--config pipeline.yaml] [--set key=value ...]   the whole pipe
 vlmops sft       [--config ...] [--set ...] [--run-dir DIR]        fine-tune (LoRA or full)
 vlmops infer     --model NAME|DIR|models:/NAME@ALIAS | --ckpt RUN  interactive chat
 vlmops batch-infer --model M --input IN --output OUT [--set ...]  resumable batch inference job
+vlmops batch-status OUT [--json]                                  where that job stands (shards, records, rejects)
 vlmops promote   [--config ...] [--set ...] [--challenger V]       challenger vs champion; move `champion`
 vlmops pull      models:/NAME@ALIAS [--config ...] [--out DIR]     restore a version's dataset and model (DVC)
 vlmops app       --model M [--compare M2] [--host H --auth U:P]     chat page in the browser, side by side
@@ -30,6 +31,7 @@ from vlmops import quiet
 from vlmops.cli import (
     app,
     batch_infer,
+    batch_status,
     config,
     convert,
     demo_data,
@@ -55,6 +57,7 @@ COMMANDS = (
     sft,
     infer,
     batch_infer,
+    batch_status,
     promote,
     pull,
     app,

@@ -720,6 +720,65 @@ def read_manifest(plan: JobPlan, output: JobOutput) -> dict[str, Any] | None:
     return manifest if manifest.get("job_id") == plan.job_id else None
 
 
+@dataclass
+class JobStatus:
+    """Where a job in an output folder stands, read from the folder alone (no model, no input needed)."""
+
+    output: str
+    plan: JobPlan
+    done: list[Shard]
+    pending: list[Shard]
+    rejects: int
+    """Records rejected in the done shards."""
+    manifest: dict[str, Any] | None
+    """The manifest once the job is finished (every shard done and gathered), else None."""
+
+    def as_dict(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "output": self.output,
+            "job_id": plan.job_id,
+            "state": "finished" if self.manifest else "running or stopped",
+            "model": plan.model.as_dict(),
+            "input": plan.input,
+            "files": len(plan.files),
+            "records": plan.records,
+            "settings": plan.settings,
+            "shards": len(plan.shards),
+            "shards_done": len(self.done),
+            "records_done": sum(s.count for s in self.done),
+            "rejects_done": self.rejects,
+            "pending_shards": [s.name for s in self.pending],
+            "finished_at": self.manifest.get("finished_at") if self.manifest else None,
+        }
+
+
+def job_status(output: JobOutput) -> JobStatus:
+    """The job in `output`: its plan, the shards whose part is there and the rejects in them.
+
+    Raises:
+        UserInputError: the folder holds no job (no `_job/job.json`).
+    """
+    saved = output.read_text(JOB_FILE)
+    if saved is None:
+        raise UserInputError(
+            f"{output.uri} holds no batch inference job (no {JOB_FILE}): give the --output of a `vlmops batch-infer` "
+            "command or a batch-inference flow run"
+        )
+    plan = JobPlan.from_json(saved)
+    manifest = read_manifest(plan, output)
+    pending = pending_shards(plan, output)
+    waiting = {s.index for s in pending}
+    done = [s for s in plan.shards if s.index not in waiting]
+    if manifest is not None:
+        rejects = int(manifest["rejects"])
+    else:  # each done shard's rejects file, a read each (a GET on S3: in threads)
+        with ThreadPoolExecutor(HOST_THREADS) as pool:
+            texts = pool.map(lambda s: output.read_text(f"{SHARD_REJECTS}{s.name}.jsonl") or "", done)
+            rejects = sum(len(text.splitlines()) for text in texts)
+    return JobStatus(output.uri, plan, done, pending, rejects, manifest)
+
+
 def iter_results(output: JobOutput) -> Iterator[dict[str, Any]]:
     """Every result of a finished job, in input order (parts in manifest order)."""
     text = output.read_text(MANIFEST_FILE)

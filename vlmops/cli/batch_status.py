@@ -1,0 +1,58 @@
+"""`vlmops batch-status OUT`: where a batch inference job stands, read from its output folder or prefix alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from vlmops.cli.args import add_config_args
+from vlmops.cli.batch_infer import token_choice
+
+SHOWN_PENDING = 8
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch-status",
+        help="where a batch inference job stands: shards done and to do, records and rejects so far",
+        description="Reads the job's output (a folder or an s3:// prefix) alone: no model, no input, no GPU. "
+        "Run it from another terminal or machine while the job runs, or after it stopped.",
+    )
+    p.add_argument("output", help="the job's --output: a folder or an s3:// prefix")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    add_config_args(p, default=None)  # storage.* for an s3:// output
+    p.set_defaults(handler=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from vlmops.config import load_config
+    from vlmops.infer.job import job_status
+    from vlmops.infer.output import open_output
+
+    config = load_config(args.config, args.overrides)
+    status = job_status(open_output(args.output, config.storage))
+    if args.json:
+        print(json.dumps(status.as_dict(), indent=2))
+        return 0
+    plan, done, pending = status.plan, status.done, status.pending
+    shards = len(plan.shards)
+    share = f"{100 * len(done) / shards:.0f}%" if shards else "no records"
+    state = (
+        f"finished at {status.manifest.get('finished_at', '?')}"
+        if status.manifest
+        else f"{len(done)} of {shards} shards done ({share}); running, or stopped: the same command resumes it"
+    )
+    print(f"batch inference job {plan.job_id}: {state}")
+    print(f"  model             {plan.model.uri} ({plan.model.content_hash[:19]})")
+    print(f"  input             {plan.input} ({len(plan.files)} file(s), {plan.records} records)")
+    print(f"  answers           {token_choice(plan.settings)}, max_new_tokens {plan.settings.get('max_new_tokens')}")
+    done_records = sum(s.count for s in done)
+    print(
+        f"  done              {len(done)} shard(s): {done_records} records, "
+        f"{done_records - status.rejects} answered, {status.rejects} rejected"
+    )
+    if pending:
+        names = ", ".join(s.name for s in pending[:SHOWN_PENDING]) + (", ..." if len(pending) > SHOWN_PENDING else "")
+        print(f"  to do             {len(pending)} shard(s): {sum(s.count for s in pending)} records ({names})")
+    print(f"  output            {status.output}")
+    return 0
