@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from vlmops.config import load_config
 from vlmops.infer.batch_job import prepare_job
@@ -190,3 +193,37 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     _, resumed, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), config)
     assert resumed.job_id == unmeasured.job_id and resumed.longest_prompt == longest
     assert JobPlan.from_json((tmp_path / "fixed" / "_job" / "job.json").read_text()).longest_prompt == longest
+
+
+def test_a_few_long_records_are_named_with_the_setting_that_trades_them_for_slots(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One record in 201 makes every slot three times as long as the rest need: planning says which record, what
+    the others need, and the `infer.max_context` that gives the slots back (at the cost of that record)."""
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [json.dumps({"id": f"s{i}", "query": f"What is {i} plus {i}?"}) for i in range(200)]
+    lines.insert(57, json.dumps({"id": "long", "query": "Describe it. " + "The colour naïve 🙂 " * 90}))
+    prompts.write_text("\n".join(lines) + "\n")
+    config = load_config(None, {"infer.max_new_tokens": 4})
+    with caplog.at_level(logging.WARNING, logger="vlmops.infer.batch_job"):
+        _, plan, _ = prepare_job(str(tiny_model), str(prompts), str(tmp_path / "out"), config)
+    (file,) = plan.files
+    longest = plan.longest_prompt
+    assert longest is not None and file.longest_line == 58
+    steps = -(-longest // 128)
+    assert steps >= 4 and file.prompt_steps == [[1, 200], [steps, 1]]  # the short ones: 128 tokens or fewer
+    context = -(-(longest + 4) // 128) * 128
+    (advice,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert advice == (
+        f"the job's longest prompt (prompts.jsonl:58) takes {longest} tokens, so each slot of the fast engine holds "
+        f"{context} tokens with the answer, where 200 of its 201 records need 256 or fewer: --set "
+        f"infer.max_context=256 fits ~{context // 256}x the slots in the same memory and sends at most 1 records "
+        "(those over 128 prompt tokens) to the rejects"
+    )
+    # The plan keeps the counts (workers and a resumed run read them); records of one length: no advice.
+    assert JobPlan.from_json((tmp_path / "out" / "_job" / "job.json").read_text()).files == plan.files
+    prompts.write_text("\n".join(line for line in lines if '"long"' not in line) + "\n")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vlmops.infer.batch_job"):
+        _, even, _ = prepare_job(str(tiny_model), str(prompts), str(tmp_path / "even"), config)
+    assert even.slot_advice(4) is None and not [r for r in caplog.records if r.levelno == logging.WARNING]

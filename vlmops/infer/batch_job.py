@@ -116,7 +116,10 @@ def prepare_job(
 
         processor = load_processor(source.checkpoint)
         measure = PromptCounter(processor.tokenizer, int(processor.num_image_tokens), config)
-    return source, open_job(plan_job(info, input_spec, config, output.uri, measure), output), output
+    plan = open_job(plan_job(info, input_spec, config, output.uri, measure), output)
+    if measure is not None and (advice := plan.slot_advice(config.infer.max_new_tokens)):
+        log.warning("%s", advice)
+    return source, plan, output
 
 
 def complete_job(

@@ -27,6 +27,7 @@ from PIL import Image
 
 from vlmops.config import InferConfig
 from vlmops.errors import UserInputError
+from vlmops.infer.records import PROMPT_STEP
 from vlmops.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,13 @@ def merge_adapter(loaded: LoadedModel) -> LoadedModel:
 DEFAULT_CONTEXT = 2048
 """The fast engine's slot size where neither `infer.max_context` nor the job's prompts give one (three images and
 their text with a 64-token answer)."""
-CONTEXT_STEP = 128
+CONTEXT_STEP = PROMPT_STEP
+"""Slots hold a multiple of this many tokens (a job's plan counts prompts in the same steps)."""
+
+
+def slot_tokens(tokens: int) -> int:
+    """`tokens` rounded up to a whole number of CONTEXT_STEP."""
+    return -(-tokens // CONTEXT_STEP) * CONTEXT_STEP
 
 
 def slot_context(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: int | None = None) -> int:
@@ -93,8 +100,7 @@ def slot_context(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: in
         return infer_cfg.max_context
     if longest_prompt is None:
         return DEFAULT_CONTEXT
-    need = longest_prompt + infer_cfg.max_new_tokens
-    context = -(-need // CONTEXT_STEP) * CONTEXT_STEP
+    context = slot_tokens(longest_prompt + infer_cfg.max_new_tokens)
     limit = getattr(loaded.model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and context > limit:
         log.warning(
@@ -106,14 +112,7 @@ def slot_context(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: in
             limit,
         )
         return int(limit)
-    if context > DEFAULT_CONTEXT:
-        log.warning(
-            "the job's longest prompt takes %d tokens: every slot holds %d (fewer slots fit the memory); "
-            "set infer.max_context lower to send longer records to the rejects instead",
-            longest_prompt,
-            context,
-        )
-    return context
+    return context  # where a few long records make it long, the job says so when it plans (JobPlan.slot_advice)
 
 
 def make_engine(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: int | None = None) -> Engine:

@@ -20,6 +20,7 @@ this one, a process per GPU (`vlmops.infer.parallel`), or Prefect task workers o
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -38,11 +39,12 @@ from vlmops.data.formats import RecordError, image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.hashing import FolderHashes
-from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
+from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult, slot_tokens
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, written_file
 from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
 from vlmops.infer.records import (
+    PROMPT_STEP,
     InputFile,
     Prompt,
     PromptMeasure,
@@ -140,6 +142,39 @@ class JobPlan:
         if not counted or any(n is None for n in counted):
             return None
         return max(n for n in counted if n is not None)
+
+    def slot_advice(self, max_new_tokens: int) -> str | None:
+        """Where a few long records make every slot of the fast engine long: what they cost and the setting that
+        trades them for slots (None where 99% of the records need at least half the slot, or nothing was counted).
+        """
+        longest = self.longest_prompt
+        steps: collections.Counter[int] = collections.Counter()
+        for file in self.files:
+            for step, count in file.prompt_steps or []:
+                steps[step] += count
+        total = sum(steps.values())
+        if longest is None or not total:
+            return None
+        covered, bulk = 0, 0
+        for step, count in sorted(steps.items()):
+            covered += count
+            if covered >= 0.99 * total:
+                bulk = step
+                break
+        context, bulk_context = slot_tokens(longest + max_new_tokens), slot_tokens(bulk * PROMPT_STEP + max_new_tokens)
+        if 2 * bulk_context > context:
+            return None
+        where = next(
+            (f"{f.name}:{f.longest_line}" for f in self.files if f.longest_prompt == longest and f.longest_line),
+            "?",
+        )
+        longer = sum(count for step, count in steps.items() if step > bulk)
+        return (
+            f"the job's longest prompt ({where}) takes {longest} tokens, so each slot of the fast engine holds {context} "
+            f"tokens with the answer, where {covered} of its {total} records need {bulk_context} or fewer: "
+            f"--set infer.max_context={bulk_context} fits ~{context // bulk_context}x the slots in the same memory and "
+            f"sends at most {longer} records (those over {bulk * PROMPT_STEP} prompt tokens) to the rejects"
+        )
 
 
 @dataclass

@@ -15,6 +15,7 @@ vlmops.data.jsonarray) at a time, so a job never holds more than one shard's rec
 
 from __future__ import annotations
 
+import collections
 import glob
 import hashlib
 import itertools
@@ -23,7 +24,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -48,7 +49,9 @@ class InputFile:
     """One input file: where it is, the name its keys use (relative to the input root), and its identity.
 
     `longest_prompt`: the most prompt tokens (image tokens included) any of its records encodes to, where the scan
-    counted them (None: not counted, as in plans written before it was).
+    counted them (None: not counted, as in plans written before it was); `longest_line`: that record's line;
+    `prompt_steps`: [steps, records] pairs, how many of its records take `steps` x PROMPT_STEP tokens or fewer (and
+    more than one step fewer), ascending.
     """
 
     uri: str
@@ -57,6 +60,12 @@ class InputFile:
     sha256: str = ""
     records: int = 0
     longest_prompt: int | None = None
+    longest_line: int | None = None
+    prompt_steps: list[list[int]] | None = None
+
+
+PROMPT_STEP = 128
+"""The prompt lengths' histogram step in a plan (the fast engine rounds its slots up to the same step)."""
 
 
 @dataclass(frozen=True)
@@ -235,8 +244,19 @@ def scan_input(
     shards: list[Shard] = []
     count = 0
     size = 0
-    longest = 0
+    longest, longest_line, steps = 0, 0, collections.Counter[int]()
     base_dir = record_base(file.uri)
+
+    def measured(raw: RawRecord, line: int) -> None:
+        nonlocal longest, longest_line
+        assert measure is not None
+        tokens = measure(raw, base_dir)
+        if tokens is None:  # a reject when the job reads it
+            return
+        steps[-(-tokens // PROMPT_STEP)] += 1
+        if tokens > longest:
+            longest, longest_line = tokens, line
+
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage) as stream:
             for number, line in enumerate(_lines(stream), start=1):
@@ -245,7 +265,7 @@ def scan_input(
                         shards.append(Shard(0, file_index, count, 0, size, number))
                     count += 1
                     if measure is not None:  # a record is only decoded to be counted
-                        longest = max(longest, measure(_line_record(file, number, line), base_dir) or 0)
+                        measured(_line_record(file, number, line), number)
                 digest.update(line)
                 size += len(line)
     else:
@@ -257,13 +277,16 @@ def scan_input(
                         shards.append(Shard(0, file_index, count, 0, item.offset, item.line))
                     count += 1
                     if measure is not None:
-                        longest = max(longest, measure(_item_record(file, item), base_dir) or 0)
+                        measured(_item_record(file, item), item.line)
             except JsonArrayError as err:
                 where = f"{file.uri}:{err.line}" if err.line else file.uri
                 raise UserInputError(f"{where}: {err.problem()}") from None
             size = counted.size
     sized = [Shard(0, s.file, s.start, min(shard_size, count - s.start), s.offset, s.line) for s in shards]
-    scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count, longest if measure else None)
+    scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count)
+    if measure is not None:
+        histogram = [[step, steps[step]] for step in sorted(steps)]
+        scanned = replace(scanned, longest_prompt=longest, longest_line=longest_line or None, prompt_steps=histogram)
     return scanned, sized
 
 
