@@ -22,7 +22,8 @@ from vlmops.cli.main import main
 from vlmops.config import PipelineConfig, load_config
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch_job import run_batch_job
-from vlmops.infer.job import JobMismatchError
+from vlmops.infer.job import JobMismatchError, job_status
+from vlmops.infer.output import open_output
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -415,6 +416,13 @@ def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path
         ]
         assert got == [f"r{i}" for i in range(10)]
         assert run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/answers/run1", config).ran == []
+        # Where the job stands, from the prefix alone; with a part gone (as a crash leaves it) the rejects of the done
+        # shards are read from the bucket.
+        client.delete_object(Bucket="jobs", Key="answers/run1/part-00003.jsonl")
+        client.delete_object(Bucket="jobs", Key="answers/run1/manifest.json")
+        status = job_status(open_output("s3://jobs/answers/run1", config.storage)).as_dict()
+        assert (status["shards_done"], status["records_done"], status["rejects_done"]) == (3, 8, 0)
+        assert status["pending_shards"] == ["00003"] and status["input"] == "s3://jobs/prompts"
         # An output under the input prefix: its parts, manifest and job file are the job's, not input, on a rerun too.
         inside = run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/prompts/out", config, progress=False)
         assert (inside.records, inside.results) == (10, 10)
