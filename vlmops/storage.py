@@ -38,6 +38,7 @@ class S3Object:
     key: str
     size: int
     etag: str  # without the quotes S3 wraps it in
+    modified: float = 0.0  # seconds since the epoch (S3's LastModified)
 
 
 @dataclass
@@ -100,7 +101,8 @@ def list_objects(client: S3Client, bucket: str, prefix: str) -> list[S3Object]:
         for item in page.get("Contents", []):
             key = item["Key"]
             if not key.endswith("/"):  # folder markers some tools create
-                objects.append(S3Object(key=key, size=int(item["Size"]), etag=item["ETag"].strip('"')))
+                etag, modified = item["ETag"].strip('"'), item["LastModified"].timestamp()
+                objects.append(S3Object(key=key, size=int(item["Size"]), etag=etag, modified=modified))
     return objects
 
 

@@ -318,20 +318,31 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     assert "finished at" in finished and "3 shard(s): 7 records, 6 answered, 1 rejected" in finished
     assert "to do" not in finished
 
-    # As a crash leaves it: the last shard's part and the manifest not written yet.
+    # As a crash leaves it: the last shard's part and the manifest not written yet. The parts' times give the pace:
+    # 3 records in the 60 s between the two parts, so the one record to go takes ~20 s.
     (out / "part-00002.jsonl").unlink()
     (out / "manifest.json").unlink()
+    now = time.time()
+    os.utime(out / "part-00000.jsonl", (now - 100, now - 100))
+    os.utime(out / "part-00001.jsonl", (now - 40, now - 40))
     assert main(["batch-status", str(out), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["state"] == "running or stopped" and status["finished_at"] is None
     assert (status["shards"], status["shards_done"], status["pending_shards"]) == (3, 2, ["00002"])
     assert (status["records"], status["records_done"], status["rejects_done"]) == (7, 6, 0)
     assert status["model"]["uri"] == str(tiny_model) and status["settings"]["max_new_tokens"] == 4
+    assert status["records_per_s"] == pytest.approx(3 / 60) and status["eta_s"] == pytest.approx(20)
+    assert status["last_part_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 40))
     assert main(["batch-status", str(out)]) == 0
-    assert "to do             1 shard(s): 1 records (00002)" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "to do             1 shard(s): 1 records (00002)" in text
+    assert re.search(r"pace              0\.05 records/s over the last 1 part\(s\), the last part written 4\d s ago; "
+                     r"~20 s to go at that pace", text), text  # fmt: skip
 
     assert main(["batch-status", str(tmp_path)]) == 2
     assert "holds no batch inference job (no _job/job.json)" in capsys.readouterr().err
+    assert main(["batch-status", str(tmp_path / "typo")]) == 2  # a read: never creates the folder
+    assert "no such folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
 def test_a_runs_speed_counts_workers_side_by_side() -> None:
@@ -423,6 +434,7 @@ def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path
         status = job_status(open_output("s3://jobs/answers/run1", config.storage)).as_dict()
         assert (status["shards_done"], status["records_done"], status["rejects_done"]) == (3, 8, 0)
         assert status["pending_shards"] == ["00003"] and status["input"] == "s3://jobs/prompts"
+        assert status["last_part_at"] is not None and status["state"] == "running or stopped"
         # An output under the input prefix: its parts, manifest and job file are the job's, not input, on a rerun too.
         inside = run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/prompts/out", config, progress=False)
         assert (inside.records, inside.results) == (10, 10)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlmops.cli.args import add_config_args
 from vlmops.cli.batch_infer import token_choice
+from vlmops.errors import UserInputError
+
+if TYPE_CHECKING:
+    from vlmops.infer.job import JobStatus
 
 SHOWN_PENDING = 8
 
@@ -30,6 +37,8 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.infer.output import open_output
 
     config = load_config(args.config, args.overrides)
+    if not args.output.startswith("s3://") and not Path(args.output).expanduser().is_dir():
+        raise UserInputError(f"{args.output}: no such folder; give the --output of a `vlmops batch-infer` command")
     status = job_status(open_output(args.output, config.storage))
     if args.json:
         print(json.dumps(status.as_dict(), indent=2))
@@ -54,5 +63,30 @@ def handle(args: argparse.Namespace) -> int:
     if pending:
         names = ", ".join(s.name for s in pending[:SHOWN_PENDING]) + (", ..." if len(pending) > SHOWN_PENDING else "")
         print(f"  to do             {len(pending)} shard(s): {sum(s.count for s in pending)} records ({names})")
+        print(f"  pace              {_pace(status)}")
     print(f"  output            {status.output}")
     return 0
+
+
+def _pace(status: JobStatus) -> str:
+    """The recent pace, how long ago the last part was written and the time to go at that pace."""
+    from vlmops.infer.job import PACE_PARTS
+
+    last = status.last_part_at
+    if last is None:
+        return "no part written yet"
+    ago = f"the last part written {_duration(max(0.0, time.time() - last))} ago"
+    rate, eta = status.records_per_s, status.eta_s
+    if rate is None or eta is None:
+        return ago
+    parts = min(len(status.published) - 1, PACE_PARTS)
+    pace = f"{rate:,.1f}" if rate >= 1 else f"{rate:.2g}"
+    return f"{pace} records/s over the last {parts} part(s), {ago}; ~{_duration(eta)} to go at that pace"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

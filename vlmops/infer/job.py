@@ -755,6 +755,10 @@ def read_manifest(plan: JobPlan, output: JobOutput) -> dict[str, Any] | None:
     return manifest if manifest.get("job_id") == plan.job_id else None
 
 
+PACE_PARTS = 10
+"""`vlmops batch-status` reads a running job's pace from its last this many parts."""
+
+
 @dataclass
 class JobStatus:
     """Where a job in an output folder stands, read from the folder alone (no model, no input needed)."""
@@ -767,9 +771,33 @@ class JobStatus:
     """Records rejected in the done shards."""
     manifest: dict[str, Any] | None
     """The manifest once the job is finished (every shard done and gathered), else None."""
+    published: list[tuple[float, int]] = field(default_factory=list)
+    """(when, records) of each done shard's part, in the order they were written (seconds since the epoch)."""
+
+    @property
+    def last_part_at(self) -> float | None:
+        return self.published[-1][0] if self.published else None
+
+    @property
+    def records_per_s(self) -> float | None:
+        """The recent pace: records of the last PACE_PARTS parts after the first of them, over the time between
+        (None below two parts, or parts written in the same instant)."""
+        recent = self.published[-(PACE_PARTS + 1) :]
+        if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
+            return None
+        return sum(records for _, records in recent[1:]) / (recent[-1][0] - recent[0][0])
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until the pending records are answered at the recent pace (None when finished or unknown)."""
+        pace = self.records_per_s
+        if self.manifest is not None or not pace:
+            return None
+        return sum(s.count for s in self.pending) / pace
 
     def as_dict(self) -> dict[str, Any]:
         plan = self.plan
+        last = self.last_part_at
         return {
             "output": self.output,
             "job_id": plan.job_id,
@@ -785,6 +813,9 @@ class JobStatus:
             "rejects_done": self.rejects,
             "pending_shards": [s.name for s in self.pending],
             "finished_at": self.manifest.get("finished_at") if self.manifest else None,
+            "last_part_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last is not None else None,
+            "records_per_s": self.records_per_s,
+            "eta_s": self.eta_s,
         }
 
 
@@ -802,16 +833,17 @@ def job_status(output: JobOutput) -> JobStatus:
         )
     plan = JobPlan.from_json(saved)
     manifest = read_manifest(plan, output)
-    pending = pending_shards(plan, output)
-    waiting = {s.index for s in pending}
-    done = [s for s in plan.shards if s.index not in waiting]
+    parts = output.modified(PART_PREFIX)
+    done = [s for s in plan.shards if part_name(s) in parts]
+    pending = [s for s in plan.shards if part_name(s) not in parts]
+    published = sorted((parts[part_name(s)], s.count) for s in done)
     if manifest is not None:
         rejects = int(manifest["rejects"])
     else:  # each done shard's rejects file, a read each (a GET on S3: in threads)
         with ThreadPoolExecutor(HOST_THREADS) as pool:
             texts = pool.map(lambda s: output.read_text(f"{SHARD_REJECTS}{s.name}.jsonl") or "", done)
             rejects = sum(len(text.splitlines()) for text in texts)
-    return JobStatus(output.uri, plan, done, pending, rejects, manifest)
+    return JobStatus(output.uri, plan, done, pending, rejects, manifest, published)
 
 
 def iter_results(output: JobOutput) -> Iterator[dict[str, Any]]:

@@ -31,6 +31,10 @@ class JobOutput(Protocol):
         """Names (relative to the output root) of the files whose name starts with `prefix`."""
         ...
 
+    def modified(self, prefix: str) -> dict[str, float]:
+        """When each file whose name starts with `prefix` was written (seconds since the epoch), by name."""
+        ...
+
     def publish(self, local: Path, name: str) -> None:
         """Make the finished local file `local` appear as `name` at once (it is consumed)."""
         ...
@@ -54,15 +58,25 @@ class LocalOutput:
         return path.read_text(encoding="utf-8") if path.is_file() else None
 
     def names(self, prefix: str) -> list[str]:
+        return sorted(name for name, _ in self._files(prefix))
+
+    def modified(self, prefix: str) -> dict[str, float]:
+        found = {}
+        for name, path in self._files(prefix):
+            try:
+                found[name] = path.stat().st_mtime
+            except FileNotFoundError:  # removed since it was listed
+                continue
+        return found
+
+    def _files(self, prefix: str) -> Iterator[tuple[str, Path]]:
         folder, _, start = prefix.rpartition("/")
         base = self.root / folder
         if not base.is_dir():
-            return []
-        return sorted(
-            f"{folder}/{p.name}" if folder else p.name
-            for p in base.iterdir()
-            if p.is_file() and p.name.startswith(start)
-        )
+            return
+        for path in base.iterdir():
+            if path.is_file() and path.name.startswith(start):
+                yield (f"{folder}/{path.name}" if folder else path.name), path
 
     def publish(self, local: Path, name: str) -> None:
         final = self.root / name
@@ -98,11 +112,14 @@ class S3Output:
         return bytes(body.read()).decode("utf-8")
 
     def names(self, prefix: str) -> list[str]:
+        return sorted(self.modified(prefix))
+
+    def modified(self, prefix: str) -> dict[str, float]:
         from vlmops.storage import list_objects
 
         root = f"{self.prefix}/" if self.prefix else ""
-        keys = [o.key[len(root) :] for o in list_objects(self.client, self.bucket, self.prefix)]
-        return sorted(k for k in keys if k.startswith(prefix))
+        found = {o.key[len(root) :]: o.modified for o in list_objects(self.client, self.bucket, self.prefix)}
+        return {name: when for name, when in found.items() if name.startswith(prefix)}
 
     def publish(self, local: Path, name: str) -> None:
         self.client.upload_file(str(local), self.bucket, self._key(name))
