@@ -53,23 +53,23 @@ def loss_curve(train: list[tuple[int, float]], evals: list[tuple[int, float]], o
 
 
 def shard_throughput(shards: Sequence[tuple[str, int, float]], job_rate: float, out: Path) -> Path:
-    """A batch-inference job's images/s per shard, in the order the shards finished: (worker, images, seconds) each,
-    the x axis the images answered so far, one colour per worker, the job's rate (`job_rate`, all workers) dashed."""
+    """A batch-inference job's records/s per shard, in the order the shards finished: (worker, records, seconds)
+    each, the x axis the records done so far, one colour per worker, the job's rate (`job_rate`, all workers) dashed."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     done = 0
     points: dict[str, tuple[list[int], list[float]]] = {}
-    for worker, images, seconds in shards:
-        done += images
+    for worker, records, seconds in shards:
+        done += records
         xs, ys = points.setdefault(worker or "this process", ([], []))
         xs.append(done)
-        ys.append(images / seconds if seconds > 0 else 0.0)
+        ys.append(records / seconds if seconds > 0 else 0.0)
     for worker, (xs, ys) in points.items():
         ax.plot(xs, ys, "o-", markersize=3, linewidth=1, label=worker if len(points) > 1 else None)
     if job_rate > 0:
         ax.axhline(job_rate, linestyle="--", color="grey", linewidth=1, label=f"job: {job_rate:.1f}")
-    ax.set_xlabel("images answered (shards in the order they finished)")
-    ax.set_ylabel("images/s of the shard")
+    ax.set_xlabel("records done (shards in the order they finished)")
+    ax.set_ylabel("records/s of the shard")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()

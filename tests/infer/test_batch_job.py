@@ -301,6 +301,8 @@ def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
     assert [m.step for m in speeds] == list(range(len(result.ran))) and len(result.ran) == 2
     assert [m.value for m in speeds] == pytest.approx([s.images / s.seconds for s in result.ran])
     assert [m.value for m in client.get_metric_history(run.info.run_id, "shard_rejects")] == [0, 0]
+    records = client.get_metric_history(run.info.run_id, "shard_records_per_s")
+    assert [m.value for m in records] == pytest.approx([(s.results + s.rejects) / s.seconds for s in result.ran])
     plot = Path(client.download_artifacts(run.info.run_id, "throughput.png", str(tmp_path)))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

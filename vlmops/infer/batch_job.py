@@ -319,8 +319,8 @@ def _tracked(result: JobResult, plan: JobPlan, config: PipelineConfig) -> JobRes
 
 
 def _log_shard_speed(tracker: Tracker, run_id: str, result: JobResult) -> None:
-    """Per shard, in the order they finished (steps 0, 1, ...): images/s, generated tokens/s, seconds and rejects;
-    and `throughput.png`, images/s per shard against the images answered so far."""
+    """Per shard, in the order they finished (steps 0, 1, ...): records/s (answered or rejected), images/s,
+    generated tokens/s, seconds and rejects; and `throughput.png`, records/s per shard against the records done."""
     from vlmops.plots import shard_throughput
 
     ran = result.ran
@@ -331,6 +331,7 @@ def _log_shard_speed(tracker: Tracker, run_id: str, result: JobResult) -> None:
     tracker.log_series(
         run_id,
         {
+            "shard_records_per_s": [rate(s.results + s.rejects, s.seconds) for s in ran],
             "shard_images_per_s": [rate(s.images, s.seconds) for s in ran],
             "shard_tokens_per_s": [rate(s.generated_tokens, s.seconds) for s in ran],
             "shard_seconds": [s.seconds for s in ran],
@@ -338,6 +339,7 @@ def _log_shard_speed(tracker: Tracker, run_id: str, result: JobResult) -> None:
         },
     )
     with tempfile.TemporaryDirectory() as tmp:
-        shards = [(s.worker, s.images, s.seconds) for s in ran]
-        plot = shard_throughput(shards, result.images_per_s, Path(tmp) / "throughput.png")
+        shards = [(s.worker, s.results + s.rejects, s.seconds) for s in ran]
+        job_rate = rate(sum(records for _, records, _ in shards), result.seconds)
+        plot = shard_throughput(shards, job_rate, Path(tmp) / "throughput.png")
         tracker.log_artifact(run_id, plot)
