@@ -17,6 +17,13 @@ def _pyplot() -> Any:
     return plt
 
 
+def _saved(plt: Any, fig: Any, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def length_histogram(lengths: dict[str, list[int]], out: Path) -> Path:
     """Token lengths per split (image tokens included)."""
     plt = _pyplot()
@@ -27,10 +34,7 @@ def length_histogram(lengths: dict[str, list[int]], out: Path) -> Path:
     ax.set_xlabel("tokens per sample (image tokens included)")
     ax.set_ylabel("samples")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _saved(plt, fig, out)
 
 
 def loss_curve(train: list[tuple[int, float]], evals: list[tuple[int, float]], out: Path) -> Path:
@@ -46,10 +50,7 @@ def loss_curve(train: list[tuple[int, float]], evals: list[tuple[int, float]], o
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _saved(plt, fig, out)
 
 
 def shard_throughput(shards: Sequence[tuple[str, int, float]], job_rate: float, out: Path) -> Path:
@@ -73,7 +74,4 @@ def shard_throughput(shards: Sequence[tuple[str, int, float]], job_rate: float, 
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _saved(plt, fig, out)

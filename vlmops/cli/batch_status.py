@@ -55,10 +55,9 @@ def handle(args: argparse.Namespace) -> int:
     print(f"  model             {plan.model.uri} ({plan.model.content_hash[:19]})")
     print(f"  input             {plan.input} ({len(plan.files)} file(s), {plan.records} records)")
     print(f"  answers           {token_choice(plan.settings)}, max_new_tokens {plan.settings.get('max_new_tokens')}")
-    done_records = sum(s.count for s in done)
     print(
-        f"  done              {len(done)} shard(s): {done_records} records, "
-        f"{done_records - status.rejects} answered, {status.rejects} rejected"
+        f"  done              {len(done)} shard(s): {status.records_done} records, "
+        f"{status.records_done - status.rejects} answered, {status.rejects} rejected"
     )
     if pending:
         names = ", ".join(s.name for s in pending[:SHOWN_PENDING]) + (", ..." if len(pending) > SHOWN_PENDING else "")
@@ -70,8 +69,6 @@ def handle(args: argparse.Namespace) -> int:
 
 def _pace(status: JobStatus) -> str:
     """The recent pace, how long ago the last part was written and the time to go at that pace."""
-    from vlmops.infer.job import PACE_PARTS
-
     last = status.last_part_at
     if last is None:
         return "no part written yet"
@@ -79,9 +76,8 @@ def _pace(status: JobStatus) -> str:
     rate, eta = status.records_per_s, status.eta_s
     if rate is None or eta is None:
         return ago
-    parts = min(len(status.published) - 1, PACE_PARTS)
     pace = f"{rate:,.1f}" if rate >= 1 else f"{rate:.2g}"
-    return f"{pace} records/s over the last {parts} part(s), {ago}; ~{_duration(eta)} to go at that pace"
+    return f"{pace} records/s over the last {status.pace_parts} part(s), {ago}; ~{_duration(eta)} to go at that pace"
 
 
 def _duration(seconds: float) -> str:

@@ -779,10 +779,19 @@ class JobStatus:
         return self.published[-1][0] if self.published else None
 
     @property
+    def records_done(self) -> int:
+        return sum(s.count for s in self.done)
+
+    @property
+    def pace_parts(self) -> int:
+        """How many parts the pace is read from: the last PACE_PARTS, after the one before them."""
+        return min(len(self.published) - 1, PACE_PARTS) if self.published else 0
+
+    @property
     def records_per_s(self) -> float | None:
-        """The recent pace: records of the last PACE_PARTS parts after the first of them, over the time between
+        """The recent pace: the records of the last `pace_parts` parts over the time since the part before them
         (None below two parts, or parts written in the same instant)."""
-        recent = self.published[-(PACE_PARTS + 1) :]
+        recent = self.published[-(self.pace_parts + 1) :]
         if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
             return None
         return sum(records for _, records in recent[1:]) / (recent[-1][0] - recent[0][0])
@@ -809,7 +818,7 @@ class JobStatus:
             "settings": plan.settings,
             "shards": len(plan.shards),
             "shards_done": len(self.done),
-            "records_done": sum(s.count for s in self.done),
+            "records_done": self.records_done,
             "rejects_done": self.rejects,
             "pending_shards": [s.name for s in self.pending],
             "finished_at": self.manifest.get("finished_at") if self.manifest else None,
