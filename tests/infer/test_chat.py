@@ -19,6 +19,7 @@ from vlmops.config import InferConfig, StorageConfig
 from vlmops.conversation import Message, parse_img_tags
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.chat import ChatModel
+from vlmops.infer.generation import _CudnnAttentionOff
 from vlmops.models.loading import image_inputs, load_model
 from vlmops.models.template import encode
 
@@ -169,6 +170,50 @@ def test_error_in_the_generation_thread_reaches_the_caller(tiny_model: Path) -> 
     finally:
         handle.remove()
     assert model.chat("Say hello.")[0] is not None  # the model is usable afterwards
+
+
+def test_answers_run_with_cudnn_attention_off_and_the_switch_is_restored(chat_model: ChatModel) -> None:
+    """cuDNN's SDPA builds a kernel graph for every new shape (seconds a first answer on a GPU): chat keeps it off."""
+    seen: list[bool] = []
+    handle = chat_model.loaded.model.lm_head.register_forward_hook(
+        lambda *_: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
+    try:
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        chat_model.chat("Say hello.")
+        list(chat_model.chat_stream("Say hello."))
+        assert seen and not any(seen), seen
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after each answer
+        torch.backends.cuda.enable_cudnn_sdp(False)  # a caller's own choice is kept too
+        chat_model.chat("Say hello.")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        handle.remove()
+
+
+def test_overlapping_answers_restore_cudnn_attention_after_the_last_one() -> None:
+    """Two answers from two threads: the first to finish leaves cuDNN off for the other; the last restores it."""
+    switch = _CudnnAttentionOff()
+    entered, first_done, second_done = threading.Event(), threading.Event(), threading.Event()
+    during: list[bool] = []
+
+    def second() -> None:
+        with switch.held():
+            entered.set()
+            first_done.wait(10)
+            during.append(torch.backends.cuda.cudnn_sdp_enabled())
+        second_done.set()
+
+    thread = threading.Thread(target=second)
+    with switch.held():
+        thread.start()
+        assert entered.wait(10)
+    first_done.set()
+    assert second_done.wait(10)
+    thread.join()
+    assert during == [False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def test_hybrid_model_chats_and_streams(tiny_hybrid_model: Path, images: dict[str, Path]) -> None:

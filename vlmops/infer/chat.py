@@ -29,7 +29,7 @@ from vlmops.config import InferConfig, PipelineConfig, StorageConfig
 from vlmops.conversation import Message, parse_img_tags
 from vlmops.data.formats import REMOTE_PREFIXES
 from vlmops.data.images import ImageLoadError, load_image
-from vlmops.infer.generation import answer_tokens, decode_answer, generation_config, model_inputs
+from vlmops.infer.generation import answer_tokens, decode_answer, generate, generation_config, model_inputs
 from vlmops.infer.resolve import ModelSource, ResolveModel, model_source, resolve_model_ref
 from vlmops.models.loading import LoadedModel, load_model
 from vlmops.models.template import encode
@@ -145,10 +145,7 @@ class ChatModel:
         """
         turn, prompt, pil_images = self._prompt(query, history, images, system)
         inputs = model_inputs(self.loaded, [prompt], pil_images)
-        with torch.inference_mode():
-            output = self.loaded.model.generate(
-                **inputs, generation_config=generation_config(self.loaded, self.infer_cfg)
-            )
+        output = generate(self.loaded, inputs, generation_config(self.loaded, self.infer_cfg))
         generated = output[0, inputs["input_ids"].shape[1] :].tolist()
         response = decode_answer(self.loaded, answer_tokens(generated, self.loaded.tokenizer.eos_token_id))
         return response, [*(history or []), [turn, response]]
@@ -179,20 +176,20 @@ class ChatModel:
         closed = threading.Event()
         errors: list[BaseException] = []
 
-        def generate() -> None:
+        def answer() -> None:
             try:
-                with torch.inference_mode():
-                    self.loaded.model.generate(
-                        **inputs,
-                        generation_config=generation_config(self.loaded, self.infer_cfg),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_StopWhenSet(closed, *([stop] if stop else []))]),
-                    )
+                generate(
+                    self.loaded,
+                    inputs,
+                    generation_config(self.loaded, self.infer_cfg),
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(closed, *([stop] if stop else []))]),
+                )
             except BaseException as err:  # handed to the consumer, which re-raises it
                 errors.append(err)
                 streamer.end()  # wakes the consumer, which would otherwise wait for text forever
 
-        thread = threading.Thread(target=generate, name="vlmops-generate", daemon=True)
+        thread = threading.Thread(target=answer, name="vlmops-generate", daemon=True)
         thread.start()
         text = ""
         shown: str | None = None

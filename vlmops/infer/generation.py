@@ -1,4 +1,4 @@
-"""What chat and batch inference share: model inputs from encoded prompts, and the generation settings.
+"""What chat and batch inference share: model inputs from encoded prompts, the generation settings, and `generate`.
 
 Prompts are left-padded so that every row's last prompt token sits in the last column and generation
 continues all rows from the same step. Images are passed in row order, then in prompt order within a
@@ -7,7 +7,9 @@ row: the model scatters image features into the image-token positions in exactly
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,6 +41,53 @@ def generation_config(loaded: LoadedModel, infer_cfg: InferConfig) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
+
+
+class _CudnnAttentionOff:
+    """Keeps SDPA off cuDNN's backend while at least one `with` block holds it (threads included).
+
+    Torch's backend switches are process-wide, so overlapping blocks (two chat answers streamed from two threads) are
+    counted: the first to enter turns cuDNN off, the last to leave restores what was set before.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._before = True
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._before = torch.backends.cuda.cudnn_sdp_enabled()
+                torch.backends.cuda.enable_cudnn_sdp(False)
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    torch.backends.cuda.enable_cudnn_sdp(self._before)
+
+
+_CUDNN_ATTENTION_OFF = _CudnnAttentionOff()
+
+
+def generate(loaded: LoadedModel, inputs: Mapping[str, torch.Tensor], config: Any, **kwargs: Any) -> torch.Tensor:
+    """`model.generate` in inference mode with SDPA kept off cuDNN's backend (FlashAttention or the memory-efficient
+    kernel instead), for chat and the plain engine.
+
+    On Hopper torch tries cuDNN's attention first, and cuDNN builds and compiles a kernel graph for each attention
+    shape it has not seen: over `generate`'s growing cache every step is a new key length, so every answer longer
+    than those before it, and every new batch size, paid ~35-60 ms a step. On an H200 (`bench/chat_latency_bench.py`,
+    bench/RESULTS.md session 28): a process's first 64-token chat answer 9.0-9.4 s with cuDNN against 1.7-2.3 s
+    without (1.3b; 7b 5.4-7.9 against 1.7-2.8), a follow-up turn 1.4-2.3x faster, a first batch of 32 x 128 tokens
+    1.9-3.9x; with every shape seen before 0.94-1.44x. The fast engine keeps cuDNN: its shapes are few
+    and fixed (CUDA graphs), and there its masked decode attention is the fastest kernel (bench/RESULTS.md session 19).
+    """
+    with torch.inference_mode(), _CUDNN_ATTENTION_OFF.held():
+        return loaded.model.generate(**inputs, generation_config=config, **kwargs)
 
 
 def model_inputs(

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any
 
 import torch
 
 from vlmops.config import InferConfig
 from vlmops.infer.engine import GenerationRequest, GenerationResult
-from vlmops.infer.generation import answer_tokens, generation_config, model_inputs
+from vlmops.infer.generation import answer_tokens, generate, generation_config, model_inputs
 from vlmops.models.loading import LoadedModel
 
 
@@ -45,8 +44,7 @@ class PlainEngine:
             # `generate` draws from torch's global stream: seeded from the batch's requests, the same batch draws the
             # same answers on a rerun (another batching draws others; the fast engine's draws are per request).
             torch.manual_seed(hash(tuple(request.seed for request in batch)) & 0x7FFFFFFFFFFFFFFF)
-        with torch.inference_mode():
-            output: Any = self.loaded.model.generate(**inputs, generation_config=self.config)
+        output = generate(self.loaded, inputs, self.config)
         prompt_width = inputs["input_ids"].shape[1]
         results = []
         for request, row in zip(batch, output[:, prompt_width:].tolist(), strict=True):
