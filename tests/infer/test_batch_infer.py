@@ -243,16 +243,19 @@ def test_on_error_fail_stops_at_the_first_unanswerable_record(
     lines[8] = json.dumps({"query": f"<img>{tmp_path / 'data' / 'gone.png'}</img>Colour?"})
     dataset.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
+    # Batches of 3 over shards of 4: the batch that meets the bad record (line 9, shard 2) already holds the last two
+    # records of shard 1, as the fast engine's slots hold prompts read ahead of its answers.
     with pytest.raises(RecordRejectedError, match=r"train\.jsonl:9: image \S*gone\.png: file not found"):
-        run_batch_job(str(tiny_model), str(dataset), str(out), job_config(batch_size=2, shard_size=4, on_error="fail"))
-    # The shards before it are done and kept; the failed shard published nothing; no temp file is left.
+        run_batch_job(str(tiny_model), str(dataset), str(out), job_config(batch_size=3, shard_size=4, on_error="fail"))
+    # The prompts in flight are answered and the shards read whole are published; the failed shard published nothing;
+    # no temp file is left.
     assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.jsonl", "part-00001.jsonl"]
     assert not (out / "manifest.json").exists() and not (out / "_job" / "rejects-00002.jsonl").exists()
     assert list((out / "_job" / "tmp").iterdir()) == []
 
 
 def test_plain_engine_finish_reasons_and_lazy_pull(tiny_model: Path) -> None:
-    loaded = load_model(tiny_model)
+    loaded = load_model(tiny_model, device="cpu")  # also on a GPU machine
     config = job_config(max_new_tokens=4, batch_size=2)
     engine = make_engine(loaded, config.infer)
     assert isinstance(engine, PlainEngine)  # auto on CPU
@@ -266,8 +269,15 @@ def test_plain_engine_finish_reasons_and_lazy_pull(tiny_model: Path) -> None:
             pulled.append(key)
             yield GenerationRequest(key, prompt)
 
+    cudnn_attention: list[bool] = []
+    handle = loaded.model.lm_head.register_forward_hook(
+        lambda *_: cudnn_attention.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
     stream = engine.generate(requests())
     first = next(stream)
+    handle.remove()
+    assert cudnn_attention and not any(cudnn_attention)  # as chat: no cuDNN graph built per new shape
+    assert torch.backends.cuda.cudnn_sdp_enabled()
     assert pulled == [0, 1]  # one batch taken, not the whole iterator
     rest = list(stream)
     assert [r.key for r in [first, *rest]] == [0, 1, 2, 3, 4]
@@ -292,7 +302,8 @@ def test_sampling_settings_run_on_the_plain_engine_and_fast_is_refused_on_cpu(
     """Sampled on CPU (the plain engine): a rerun draws the same answers (each batch seeded from its records); the
     seed and top-k are part of the job, so another seed is another job with other answers."""
     _, eval_file = demo_data
-    config = job_config(temperature=1.5, top_p=0.95, repetition_penalty=1.2, max_new_tokens=6, batch_size=2)
+    sampled = {"temperature": 1.5, "top_p": 0.95, "repetition_penalty": 1.2, "max_new_tokens": 6, "batch_size": 2}
+    config = job_config(engine="plain", **sampled)  # plain also on a GPU machine
     result = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "out"), config)
     assert result.results == 6
     again = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "again"), config)
@@ -300,10 +311,10 @@ def test_sampling_settings_run_on_the_plain_engine_and_fast_is_refused_on_cpu(
     manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("out", "again")]
     assert manifests[0]["job_id"] == manifests[1]["job_id"] == again.manifest["job_id"]
     assert {"seed": 0, "top_k": 0}.items() <= manifests[0]["settings"].items()
-    reseeded = job_config(temperature=1.5, top_p=0.95, repetition_penalty=1.2, max_new_tokens=6, batch_size=2, seed=7)
+    reseeded = job_config(engine="plain", seed=7, **sampled)
     other = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "other"), reseeded)
     assert other.manifest["job_id"] != again.manifest["job_id"]
     assert [r["response"] for r in results(tmp_path / "other")] != [r["response"] for r in results(tmp_path / "out")]
-    loaded: LoadedModel = load_model(tiny_model)
+    loaded: LoadedModel = load_model(tiny_model, device="cpu")
     with pytest.raises(UserInputError, match="infer.engine=fast needs a CUDA device"):
         make_engine(loaded, job_config(engine="fast").infer)

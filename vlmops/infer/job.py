@@ -458,6 +458,12 @@ class ShardRunner:
         prompts (images decoded) lazily. Each shard's `seconds` is the wall time since the previous one was
         published (or since the start), so they add up to the run's.
 
+        An error while reading the records (a record `infer.on_error: fail` refuses, an image store that fails, an
+        unreadable input) stops the reading, not the engine: the prompts already taken are answered and every shard
+        read whole before the error is published, then the error is raised. With many slots in flight (the fast
+        engine pulls prompts ahead of its answers) those shards would otherwise be lost and answered again on the
+        rerun; the shard where reading stopped publishes nothing.
+
         Raises:
             RecordRejectedError: `infer.on_error: fail` and a record cannot be answered (shards published before
                 stay published; the rest is not).
@@ -520,11 +526,21 @@ class ShardRunner:
                 last = time.perf_counter()
                 yield stats
 
+        stopped: list[Exception] = []
+
+        def until_error(feed: Iterator[GenerationRequest]) -> Iterator[GenerationRequest]:
+            """`feed` up to its first error, which is kept for after the prompts in flight are answered."""
+            try:
+                yield from feed
+            except Exception as err:
+                log.warning("%s: finishing the prompts in flight and publishing the shards read whole first", err)
+                stopped.append(err)
+
         with (
             ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="job-images") as pool,
             closing(in_background(requests(pool), READ_AHEAD, "job-records")) as feed,
         ):
-            for result in self.engine.generate(feed):
+            for result in self.engine.generate(until_error(feed)):
                 index, position = result.key
                 works[index].results[position] = result
                 if on_record:
@@ -532,6 +548,8 @@ class ShardRunner:
                 if works[index].complete:
                     yield from finished()
         yield from finished()  # shards whose last records were rejects
+        if stopped:
+            raise stopped[0]
         for work in pending:
             missing = sorted(work.prompts.keys() - work.results.keys())
             raise RunFailed(f"shard {work.shard.name}: the engine returned no answer for records {missing[:10]}")
