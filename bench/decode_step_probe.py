@@ -10,13 +10,15 @@ machine, floor) was added when it moved here.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.results_file import write_results
 
 LAYERS, HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM, VOCAB = 30, 4096, 11008, 32, 128, 102400  # DeepSeek-VL 7b's LLM
 SHAPES = {
@@ -101,15 +103,12 @@ def main() -> int:
         )
     if args.out:
         props = torch.cuda.get_device_properties(0)
-        result = {
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-            "machine": f"{props.name} ({props.total_memory / 2**30:.0f} GiB)",
-            "command": "python " + " ".join(sys.argv),
-            "torch": torch.__version__,
-            "baseline": f"the HBM floor: the same bytes at {HBM_TBPS} TB/s",
-            "rows": rows_out,
-        }
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_results(
+            args.out,
+            f"{props.name} ({props.total_memory / 2**30:.0f} GiB)",
+            rows_out,
+            baseline=f"the HBM floor: the same bytes at {HBM_TBPS} TB/s",
+        )
     return 0
 
 
