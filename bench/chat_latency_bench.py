@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.infer_bench import build_random, make_requests, random_images
-from bench.results_file import write_results
+from bench.results_file import gpu_machine, write_results
 from vlmops.config import InferConfig
 from vlmops.infer.chat import ChatModel
 from vlmops.infer.generation import (
@@ -109,16 +109,15 @@ def child(arch: str, way: str, new_tokens: int, work: Path) -> list[dict[str, An
     config = generation_config(loaded, InferConfig(max_new_tokens=128))
     config.min_new_tokens = 128
     inputs = model_inputs(loaded, [r.prompt_ids for r in reqs], [image for r in reqs for image in r.images])
+
+    def batch() -> Any:
+        if way == "vlmops":
+            return generate(loaded, inputs, config)
+        with torch.inference_mode():
+            return loaded.model.generate(**inputs, generation_config=config)
+
     for step in ("batch 32, first", "batch 32, second"):
-        if way == "generate":
-
-            def run() -> Any:
-                with torch.inference_mode():
-                    return loaded.model.generate(**inputs, generation_config=config)
-
-            _, seconds = timed(run)
-        else:
-            _, seconds = timed(lambda: generate(loaded, inputs, config))
+        _, seconds = timed(batch)
         rows.append({"step": step, "seconds": round(seconds, 3), "tokens": 32 * 128})
     for row in rows:
         row.update(model=arch, way=way, tokens_per_s=round(row["tokens"] / row["seconds"], 1))
@@ -165,10 +164,9 @@ def main() -> int:
             rows.extend(json.loads(found[-1][5:]))
     print(table(rows))
     if args.out:
-        props = torch.cuda.get_device_properties(0)
         write_results(
             args.out,
-            f"{props.name} ({props.total_memory / 2**30:.0f} GiB)",
+            gpu_machine(),
             rows,
             baseline="`generate`: a hand-written model.generate with torch's default attention backends, same run",
         )

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results_file import write_results
+from bench.results_file import gpu_machine, write_results
 
 LAYERS, HIDDEN, INTERMEDIATE, HEADS, HEAD_DIM, VOCAB = 30, 4096, 11008, 32, 128, 102400  # DeepSeek-VL 7b's LLM
 SHAPES = {
@@ -102,10 +102,9 @@ def main() -> int:
             f"| {r['part']} | {r['rows']} | {r['us']} | {r['tb_per_s']} | {r['ms_a_step']} | {r['floor_ms_a_step']} |"
         )
     if args.out:
-        props = torch.cuda.get_device_properties(0)
         write_results(
             args.out,
-            f"{props.name} ({props.total_memory / 2**30:.0f} GiB)",
+            gpu_machine(),
             rows_out,
             baseline=f"the HBM floor: the same bytes at {HBM_TBPS} TB/s",
         )

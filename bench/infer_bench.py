@@ -62,7 +62,7 @@ from bench.profiling import (  # noqa: E402
     idle_timeline,
     op_tables,
 )
-from bench.results_file import write_results  # noqa: E402
+from bench.results_file import gpu_machine, write_results  # noqa: E402
 from vlmops.config import InferConfig  # noqa: E402
 from vlmops.conversation import ImageRef, Message  # noqa: E402
 from vlmops.infer.engine import GenerationRequest  # noqa: E402
@@ -719,7 +719,7 @@ def save(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         return
     machine = platform.node()
     if args.device == "cuda":
-        machine = f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / GIB:.0f} GiB)"
+        machine = gpu_machine()
     write_results(args.out, machine, rows, cpus=os.cpu_count())
 
 

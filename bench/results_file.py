@@ -25,3 +25,11 @@ def write_results(out: str | Path, machine: str, rows: list[dict[str, Any]], **f
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def gpu_machine() -> str:
+    """The GPU as a results file names it: `NVIDIA H200 (140 GiB)`."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
