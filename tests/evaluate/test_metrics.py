@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmops.evaluate.metrics import EvalResult, evaluate_predictions, exact_match, normalize_answer
+from vlmops.answers import exact_match, normalize_answer
+from vlmops.evaluate.metrics import EvalResult, evaluate_predictions
 from vlmops.evaluate.report import compare, plot_comparison, write_comparison
 
 

@@ -22,7 +22,7 @@ from vlmops.cli.main import main
 from vlmops.config import PipelineConfig, load_config
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch_job import run_batch_job
-from vlmops.infer.job import JobMismatchError, job_status
+from vlmops.infer.job import JobMismatchError, job_status, write_eval_predictions
 from vlmops.infer.output import open_output
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -159,6 +159,61 @@ def test_cli_summary_and_exit_codes(
     assert main([*empty, "--output", str(tmp_path / "out-empty")]) == 0
     printed = capsys.readouterr().out
     assert ": the input holds no records" in printed and "0 read: 0 answered, 0 rejected" in printed, printed
+
+
+def test_a_job_scores_its_answers_against_the_records_reference_answers(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Dataset records that end with an answer are scored by exact match (as the evaluate step scores): in the
+    manifest, the metrics, the summary and `batch-status`. Records without one are answered and not scored."""
+    _, eval_file = demo_data
+    first = run_batch_job(str(tiny_model), str(eval_file), str(tmp_path / "first"), job_config(), progress=False)
+    # The same score the evaluate step gives the job's predictions file.
+    assert write_eval_predictions(open_output(first.output), tmp_path / "pred.jsonl") == 6
+    predictions = evaluate_predictions(tmp_path / "pred.jsonl")
+    assert first.score == {
+        "metric": "exact_match",
+        "scored": 6,
+        "correct": predictions.correct,
+        "accuracy": pytest.approx(predictions.accuracy),
+    }
+
+    # References rewritten from the answers: the first three the answer itself as a person would write it (other
+    # spacing, a final full stop), the last three another answer; and a simple record, which has no reference.
+    answers = [
+        json.loads(line)["response"] for line in (tmp_path / "first" / "part-00000.jsonl").read_text().splitlines()
+    ]
+    assert all(a.strip() for a in answers), answers
+    shutil.copytree(eval_file.parent / "images", tmp_path / "images")
+    lines = []
+    for i, (line, answer) in enumerate(zip(eval_file.read_text().splitlines(), answers, strict=True)):
+        record = json.loads(line)
+        record["conversations"][-1]["value"] = f"  {answer}." if i < 3 else f"{answer} or not"
+        lines.append(json.dumps(record))
+    lines.append(json.dumps({"id": "no-reference", "query": "What colour is it?"}))
+    (tmp_path / "graded.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "graded"
+    args = ["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "graded.jsonl"), "--output", str(out)]
+    assert main([*args, "--set", "infer.max_new_tokens=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "7 read: 7 answered, 0 rejected" in printed
+    assert "exact match       3 of 6 answers equal the record's reference answer (50.0%;" in printed, printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["score"] == {"metric": "exact_match", "scored": 6, "correct": 3, "accuracy": 0.5}
+    graded = [json.loads(line) for line in (out / "part-00000.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in graded[:6]] == answers  # the reference is not part of the prompt
+    assert "reference" not in graded[6]
+    assert main(["batch-status", str(out)]) == 0
+    assert "exact match       3 of 6 answers" in capsys.readouterr().out
+    assert main(["batch-status", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["score"] == manifest["score"]
+
+    # No reference anywhere: nothing scored, no line in the summary.
+    plain = run_batch_job(
+        str(tiny_model), str(simple_prompts(tmp_path / "simple.jsonl", 2)), str(tmp_path / "s"), job_config(),
+        progress=False,
+    )  # fmt: skip
+    assert plain.score is None and "exact_match" not in plain.metrics()
 
 
 def test_s3_records_take_relative_images_from_under_their_prefix(

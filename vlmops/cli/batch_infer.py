@@ -45,6 +45,8 @@ def handle(args: argparse.Namespace) -> int:
     print(f"  records           {result.records} read: {result.results} answered, {result.rejects} rejected")
     print(f"  generated tokens  {manifest['generated_tokens']}")
     print(f"  answers           {token_choice(manifest['settings'])}")
+    if score := result.score:
+        print(f"  exact match       {score_text(score)}")
     if result.ran:
         workers = len({s.worker for s in result.ran})
         side_by_side = f" on {workers} workers" if workers > 1 else ""
@@ -75,4 +77,12 @@ def token_choice(settings: dict[str, Any]) -> str:
     return (
         f"sampled: temperature {settings['temperature']}, top_p {settings.get('top_p', 1.0)}, top_k {top_k}, "
         f"seed {settings.get('seed', 0)}{extra}"
+    )
+
+
+def score_text(score: dict[str, Any]) -> str:
+    """A manifest's `score`: how many answers equal their record's reference answer."""
+    return (
+        f"{score['correct']} of {score['scored']} answers equal the record's reference answer "
+        f"({100 * score['accuracy']:.1f}%; case, spacing and final punctuation aside)"
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlmops.cli.args import add_config_args
-from vlmops.cli.batch_infer import token_choice
+from vlmops.cli.batch_infer import score_text, token_choice
 from vlmops.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -59,6 +59,8 @@ def handle(args: argparse.Namespace) -> int:
         f"  done              {len(done)} shard(s): {status.records_done} records, "
         f"{status.records_done - status.rejects} answered, {status.rejects} rejected"
     )
+    if status.manifest and (score := status.manifest.get("score")):
+        print(f"  exact match       {score_text(score)}")
     if pending:
         names = ", ".join(s.name for s in pending[:SHOWN_PENDING]) + (", ..." if len(pending) > SHOWN_PENDING else "")
         print(f"  to do             {len(pending)} shard(s): {sum(s.count for s in pending)} records ({names})")

@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Sentence-ending punctuation a model adds to a short answer ("Red." for "red"), ASCII and CJK.
-TRAILING_PUNCTUATION = ".,!?;:。，！？；：…"
-_WHITESPACE = re.compile(r"\s+")
+from vlmops.answers import exact_match
+
 REQUIRED_FIELDS = ("index", "reference", "prediction")
-
-
-def normalize_answer(text: str) -> str:
-    """Case-folded, whitespace runs made one space, outer whitespace and trailing punctuation removed."""
-    text = _WHITESPACE.sub(" ", text.casefold()).strip()
-    return text.rstrip(TRAILING_PUNCTUATION + " ")
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """True when the two answers are equal after `normalize_answer`."""
-    return normalize_answer(prediction) == normalize_answer(reference)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from vlmops.answers import Score
 from vlmops.config import PipelineConfig
 from vlmops.data.formats import RecordError, image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
@@ -247,7 +248,14 @@ class JobResult:
             "tokens_per_s": self.tokens_per_s,
             "images_per_s": self.images_per_s,
             **({"startup_seconds": self.startup_s} if self.startup_s is not None else {}),
+            **({"scored": score["scored"], "exact_match": score["accuracy"]} if (score := self.score) else {}),
         }
+
+    @property
+    def score(self) -> dict[str, Any] | None:
+        """Exact match of the answers against the records' reference answers (None: no record had one, or a
+        manifest written before jobs scored)."""
+        return self.manifest.get("score")
 
 
 # -- identity -----------------------------------------------------------------------------------------------
@@ -719,29 +727,34 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
         )
     parts = []
     results = rejects = tokens = 0
+    score = Score()
     with written_file(output, REJECTS_FILE) as gathered, gathered.open("w", encoding="utf-8") as out:
         for shard in plan.shards:
             part_text = output.read_text(part_name(shard)) or ""
-            part_lines = part_text.splitlines()
+            part_records = [json.loads(line) for line in part_text.splitlines()]
             reject_lines = (output.read_text(f"{SHARD_REJECTS}{shard.name}.jsonl") or "").splitlines()
-            if len(part_lines) + len(reject_lines) != shard.count:
+            if len(part_records) + len(reject_lines) != shard.count:
                 raise RunFailed(
-                    f"job {plan.job_id}: shard {shard.name} has {len(part_lines)} results and {len(reject_lines)} "
-                    f"rejects for {shard.count} records; delete {part_name(shard)} and run the job again"
+                    f"job {plan.job_id}: shard {shard.name} has {len(part_records)} results and "
+                    f"{len(reject_lines)} rejects for {shard.count} records; delete {part_name(shard)} and run the "
+                    "job again"
                 )
             for line in reject_lines:
                 out.write(line + "\n")
-            shard_tokens = sum(int(json.loads(line)["generated_tokens"]) for line in part_lines)
+            shard_tokens = sum(int(record["generated_tokens"]) for record in part_records)
+            for record in part_records:  # dataset records that ended with an answer: scored against it
+                if "reference" in record:
+                    score = score.add(str(record["response"]), str(record["reference"]))
             parts.append(
                 {
                     "name": part_name(shard),
-                    "records": len(part_lines),
+                    "records": len(part_records),
                     "rejects": len(reject_lines),
                     "generated_tokens": shard_tokens,
                     "sha256": hashlib.sha256(part_text.encode("utf-8")).hexdigest(),
                 }
             )
-            results += len(part_lines)
+            results += len(part_records)
             rejects += len(reject_lines)
             tokens += shard_tokens
     manifest = {
@@ -755,6 +768,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
         "rejects": rejects,
         "rejects_file": REJECTS_FILE,
         "generated_tokens": tokens,
+        "score": score.as_dict() if score.scored else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if results + rejects != plan.records:
@@ -840,6 +854,7 @@ class JobStatus:
             "rejects_done": self.rejects,
             "pending_shards": [s.name for s in self.pending],
             "finished_at": self.manifest.get("finished_at") if self.manifest else None,
+            "score": self.manifest.get("score") if self.manifest else None,
             "last_part_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last is not None else None,
             "records_per_s": self.records_per_s,
             "eta_s": self.eta_s,
