@@ -52,6 +52,7 @@ def recipe_run(
         return train(config(**{"train.epochs": 4}), tiny_model, snapshot.path, tmp_path_factory.mktemp("run") / "r")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinned on the CPU in float32; a GPU trains in bf16, compiled")
 def test_loss_falls_to_pinned_values(recipe_run: TrainResult) -> None:
     result = recipe_run
     assert result.steps == 24
