@@ -13,7 +13,8 @@ Where the shards run:
   the server and the output on storage every machine reaches, e.g. S3). N workers share one job; each keeps
   its model loaded between shards. Prefect retries a failed shard; a done shard is never redone.
 
-A progress artifact (shards done / shards) is updated as shards finish, and the flow returns the summary.
+A progress artifact (shards done / shards) is updated as shards finish; at the end a markdown artifact
+(`batch-inference-summary`) holds the summary `vlmops batch-infer` prints, and the flow returns it as a dict.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from prefect.client.schemas.objects import State
 
 from tasks.gpu import gpu_slot
 from tasks.infer import answer_shard
+from tasks.report import publish_summary
 from vlmops.config import PipelineConfig, load_config
 from vlmops.infer.batch_job import complete_job, prepare_job
 from vlmops.infer.job import (
@@ -47,11 +49,13 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
+from vlmops.infer.summary import summary_rows
 from vlmops.redact import redact_log_handlers
 
 PROGRESS_EVERY_S = 5.0
 POLL_S = 1.0  # how often the flow reads its shards' task runs
 READ_BATCH = 200  # task runs per API read (the server's default page)
+SUMMARY_KEY = "batch-inference-summary"
 
 
 @flow(name="batch-inference")
@@ -100,6 +104,7 @@ def batch_inference(
         summary["shards_run"] = len(job_output.names(PART_PREFIX)) - parts_before
         summary["seconds"] = time.monotonic() - started
     summary["workers"] = sorted({s.worker for s in result.ran if s.worker})
+    publish_summary(SUMMARY_KEY, _markdown(result, summary), f"batch inference {model} -> {output}")
     logger.info(
         "job %s: %d records, %d answered, %d rejected -> %s",
         summary["job_id"],
@@ -109,6 +114,17 @@ def batch_inference(
         result.output,
     )
     return summary
+
+
+def _markdown(result: JobResult, summary: dict[str, Any]) -> str:
+    """The flow run's summary artifact: the rows `vlmops batch-infer` prints, as a table."""
+    rows = summary_rows(result)
+    if not result.ran:  # the job ran in a child process: what this flow run added, from the flow's own count
+        at = [label for label, _ in rows].index("output")
+        rows.insert(at, ("this run", f"{summary['shards_run']} shard(s) in {summary['seconds']:.1f} s"))
+    lines = [f"# batch inference job {result.manifest['job_id']}", "", "| | |", "| --- | --- |"]
+    lines += [f"| {label} | {text.replace('|', '&#124;')} |" for label, text in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _final_states(task_run_ids: list[UUID], poll_s: float = POLL_S) -> Iterator[State[ShardStats]]:

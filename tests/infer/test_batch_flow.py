@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,17 +30,19 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None)
         yield {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_LOCAL_STORAGE_PATH": str(storage)}
 
 
-def _progress_artifacts(model: Path, output: Path) -> list[Any]:
-    """The progress artifacts of the batch jobs from `model` into `output` (the flow's description names both)."""
+def _artifacts(model: Path, output: Path, kind: str = "progress") -> list[Any]:
+    """The `kind` artifacts of the batch jobs from `model` into `output` (the flow's description names both), newest
+    first."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.client.schemas.sorting import ArtifactSort
 
     async def read() -> list[Any]:
         async with get_client() as client:
             found = await client.read_artifacts(
-                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=[kind])), sort=ArtifactSort.CREATED_DESC
             )
             return [a for a in found if a.description == f"batch inference {model} -> {output}"]
 
@@ -58,10 +61,18 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     assert summary["records"] == summary["results"] == 6 and summary["rejects"] == 0
     assert summary["output"] == str(out) and (out / "manifest.json").is_file()
     assert len(list(out.glob("part-*.jsonl"))) == 3
-    assert any(a.data == 100.0 for a in _progress_artifacts(tiny_model, out))
+    assert any(a.data == 100.0 for a in _artifacts(tiny_model, out))
     again = batch_inference(str(tiny_model), str(eval_file), str(out), None, overrides)  # done: nothing to redo
     assert summary["shards_run"] == 3
     assert again["job_id"] == summary["job_id"] and again["shards_run"] == 0
+    # A summary artifact per flow run: the rows the command prints, with this run's shards.
+    second, first = (a.data for a in _artifacts(tiny_model, out, "markdown"))
+    assert first.startswith(f"# batch inference job {summary['job_id']}\n"), first
+    assert "| records | 6 read: 6 answered, 0 rejected |" in first
+    assert f"| exact match | {summary['exact_match'] * 6:.0f} of 6 answers equal the record's reference" in first
+    assert "| answers | greedy |" in first and f"| output | {out}/part-*.jsonl (3 parts), manifest.json |" in first
+    assert re.search(r"\| this run \| 3 shard\(s\) in \d+\.\d s \|", first), first
+    assert re.search(r"\| this run \| 0 shard\(s\) in \d+\.\d s \|", second), second
 
 
 def test_two_task_workers_share_one_job_exactly_once(
@@ -108,4 +119,7 @@ def test_two_task_workers_share_one_job_exactly_once(
     assert keys == [f"r{i}" for i in range(24)]  # every input exactly once, in input order
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["records"] for p in manifest["parts"]] == [3] * 8
-    assert any(a.data == 100.0 for a in _progress_artifacts(tiny_model, out))
+    assert any(a.data == 100.0 for a in _artifacts(tiny_model, out))
+    (markdown,) = (a.data for a in _artifacts(tiny_model, out, "markdown"))
+    assert re.search(r"\| this run \| 8 shard\(s\) on 2 workers in \d+\.\d s: [\d.]+ tokens/s", markdown), markdown
+    assert "exact match" not in markdown  # simple records have no reference answer

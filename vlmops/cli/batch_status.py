@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlmops.cli.args import add_config_args
-from vlmops.cli.batch_infer import score_text, token_choice
 from vlmops.errors import UserInputError
 
 if TYPE_CHECKING:
@@ -35,6 +34,7 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
     from vlmops.infer.job import job_status
     from vlmops.infer.output import open_output
+    from vlmops.infer.summary import score_text, token_choice
 
     config = load_config(args.config, args.overrides)
     if not args.output.startswith("s3://") and not Path(args.output).expanduser().is_dir():
