@@ -1,6 +1,6 @@
 # vlmops — two commands do all the set-up on a fresh machine:
 #   make run    creates .venv, installs the pinned dependencies, runs the retrain flow on pipeline.yaml
-#   make test   the same set-up, then ruff, mypy and pytest
+#   make test   the same set-up, then ruff, mypy and pytest (with a GPU: the CPU tests with CUDA hidden, then -m gpu)
 # `make test` also installs Debian's chromium (browser tests) and postgresql-15 (the team stack's tests) when
 # they are missing and make runs as root, e.g. in CI. Team mode: make stack-up / stack-status / stack-down.
 # Set-up is done once (it reruns when pyproject.toml or requirements/lock.txt change).
@@ -92,15 +92,25 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# On a machine with an NVIDIA GPU the suite runs in two parts: everything but the `gpu` tests with CUDA hidden
+# (CUDA_VISIBLE_DEVICES empty, inherited by every process a test starts), so those tests take the CPU path they were
+# written and pinned for, as in CI; then the `gpu` tests, with the GPU. Elsewhere one run (the `gpu` tests skip).
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+
 test: chromium postgres lint typecheck
+ifeq ($(HAS_GPU),1)
+	CUDA_VISIBLE_DEVICES= $(BIN)/pytest $(XDIST) -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/pytest -m gpu $(PYTEST_ARGS)
+else
 	$(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
+endif
 
 # The team-mode integration test alone: the whole stack natively, deploy, retrain, retry, promote, batch job.
 test-team: setup postgres
 	$(BIN)/pytest -m team $(PYTEST_ARGS)
 
 unit: setup
-	$(BIN)/pytest $(XDIST) -m "not integration and not e2e and not browser and not team" $(PYTEST_ARGS)
+	$(if $(HAS_GPU),CUDA_VISIBLE_DEVICES= )$(BIN)/pytest $(XDIST) -m "not integration and not e2e and not browser and not team and not gpu" $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache

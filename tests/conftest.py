@@ -52,6 +52,19 @@ def _compile_cache_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iter
             os.environ[ENV] = before
 
 
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """Where CUDA is visible, a reminder that the tests not marked `gpu` were written (and their numbers pinned) for
+    the CPU path: `make test` hides CUDA from them and runs the `gpu` tests apart."""
+    import torch
+
+    if not torch.cuda.is_available() or config.option.markexpr.strip() == "gpu":
+        return None
+    return (
+        "CUDA is visible: the tests not marked gpu expect the CPU path (make test runs them with "
+        "CUDA_VISIBLE_DEVICES= and then pytest -m gpu)"
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
