@@ -14,7 +14,8 @@ Where the shards run:
   its model loaded between shards. Prefect retries a failed shard; a done shard is never redone.
 
 A progress artifact (shards done / shards) is updated as shards finish; at the end a markdown artifact
-(`batch-inference-summary`) holds the summary `vlmops batch-infer` prints, and the flow returns it as a dict.
+(`batch-inference-summary`) holds the summary `vlmops batch-infer` prints, a table artifact
+(`batch-inference-samples`) the first results beside their questions, and the flow returns the summary as a dict.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from prefect.client.schemas.objects import State
 
 from tasks.gpu import gpu_slot
 from tasks.infer import answer_shard
-from tasks.report import publish_summary
+from tasks.report import publish_samples, publish_summary
 from vlmops.config import PipelineConfig, load_config
 from vlmops.infer.batch_job import complete_job, prepare_job
 from vlmops.infer.job import (
@@ -49,13 +50,14 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
-from vlmops.infer.summary import summary_rows
+from vlmops.infer.summary import sample_rows, summary_rows
 from vlmops.redact import redact_log_handlers
 
 PROGRESS_EVERY_S = 5.0
 POLL_S = 1.0  # how often the flow reads its shards' task runs
 READ_BATCH = 200  # task runs per API read (the server's default page)
 SUMMARY_KEY = "batch-inference-summary"
+SAMPLES_KEY = "batch-inference-samples"
 
 
 @flow(name="batch-inference")
@@ -105,6 +107,8 @@ def batch_inference(
         summary["seconds"] = time.monotonic() - started
     summary["workers"] = sorted({s.worker for s in result.ran if s.worker})
     publish_summary(SUMMARY_KEY, _markdown(result, summary), f"batch inference {model} -> {output}")
+    if result.results:
+        publish_samples(SAMPLES_KEY, sample_rows(job_output), f"batch inference {model} -> {output}")
     logger.info(
         "job %s: %d records, %d answered, %d rejected -> %s",
         summary["job_id"],

@@ -73,6 +73,11 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     assert "| answers | greedy |" in first and f"| output | {out}/part-*.jsonl (3 parts), manifest.json |" in first
     assert re.search(r"\| this run \| 3 shard\(s\) in \d+\.\d s \|", first), first
     assert re.search(r"\| this run \| 0 shard\(s\) in \d+\.\d s \|", second), second
+    # And a table of the first results beside their questions (a table artifact's data is its rows as JSON).
+    table = json.loads(_artifacts(tiny_model, out, "table")[0].data)
+    assert [row["key"] for row in table] == [f"eval.jsonl:{i}" for i in range(1, 7)]
+    reference = json.loads(eval_file.read_text().splitlines()[0])["conversations"][-1]["value"]
+    assert table[0]["question"] == "What colour is the shape?" and table[0]["reference"] == reference
 
 
 def test_two_task_workers_share_one_job_exactly_once(

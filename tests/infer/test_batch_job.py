@@ -24,6 +24,7 @@ from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.job import JobMismatchError, job_status, write_eval_predictions
 from vlmops.infer.output import open_output
+from vlmops.infer.summary import sample_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -208,12 +209,26 @@ def test_a_job_scores_its_answers_against_the_records_reference_answers(
     assert main(["batch-status", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["score"] == manifest["score"]
 
+    # The first results as a table to read: the question each answered, beside its reference.
+    rows = sample_rows(open_output(str(out)), limit=7)
+    assert [r["key"] for r in rows] == [f"graded.jsonl:{i}" for i in range(1, 7)] + ["no-reference"]
+    first_image = json.loads(eval_file.read_text().splitlines()[0])["conversations"][0]["value"].split("</img>")[0]
+    assert rows[0]["question"] == "What colour is the shape?" and rows[0]["images"] == Path(first_image).name
+    assert [r["exact match"] for r in rows] == [True] * 3 + [False] * 3 + [""]
+    assert rows[0]["reference"] == f"{answers[0]}." and rows[6]["reference"] == ""  # as the result keeps it: stripped
+    assert [r["answer"] for r in rows[:6]] == answers and rows[6]["question"] == "What colour is it?"
+    assert {tuple(r) for r in rows} == {
+        ("key", "images", "question", "answer", "finish_reason", "reference", "exact match")
+    }
+    assert len(sample_rows(open_output(str(out)), limit=2)) == 2
+
     # No reference anywhere: nothing scored, no line in the summary.
     plain = run_batch_job(
         str(tiny_model), str(simple_prompts(tmp_path / "simple.jsonl", 2)), str(tmp_path / "s"), job_config(),
         progress=False,
     )  # fmt: skip
     assert plain.score is None and "exact_match" not in plain.metrics()
+    assert list(sample_rows(open_output(plain.output))[0]) == ["key", "images", "question", "answer", "finish_reason"]
 
 
 def test_s3_records_take_relative_images_from_under_their_prefix(

@@ -1,11 +1,19 @@
 """A finished batch job in words: the rows `vlmops batch-infer` prints and the batch-inference flow publishes as its
-summary artifact, and the phrases `vlmops batch-status` shares with them."""
+summary artifact, the phrases `vlmops batch-status` shares with them, and its first answers as a table to read."""
 
 from __future__ import annotations
 
+import itertools
+from pathlib import PurePath
 from typing import Any
 
-from vlmops.infer.job import JobResult
+from vlmops.answers import exact_match
+from vlmops.infer.job import JobResult, iter_results
+from vlmops.infer.output import JobOutput
+from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
+
+SAMPLE_ROWS = 50
+"""Results in a samples table: enough to see what the answers look like, small enough for a UI page."""
 
 
 def summary_rows(result: JobResult) -> list[tuple[str, str]]:
@@ -66,3 +74,28 @@ def score_text(score: dict[str, Any]) -> str:
         f"{score['correct']} of {score['scored']} answers equal the record's reference answer "
         f"({100 * score['accuracy']:.1f}%; case, spacing and final punctuation aside)"
     )
+
+
+def sample_rows(output: JobOutput, limit: int = SAMPLE_ROWS) -> list[dict[str, Any]]:
+    """The first `limit` results of a finished job, a row each: its key, the images and question of the turn it
+    answered, the answer and why it ended; where records had a reference answer, also the reference and whether the
+    answer matches it (empty for a record without one)."""
+    rows: list[dict[str, Any]] = []
+    for record in itertools.islice(iter_results(output), limit):
+        fields = {k: v for k, v in record.items() if k not in ADDED_FIELDS}
+        source = str(record["source"])
+        question = parse_prompt(RawRecord(source, source, 0, value=fields), ".").messages[-1]
+        row: dict[str, Any] = {
+            "key": str(record["key"]),
+            "images": ", ".join(PurePath(image.uri).name for image in question.images),
+            "question": question.text("").strip(),
+            "answer": record["response"],
+            "finish_reason": record["finish_reason"],
+        }
+        if "reference" in record:
+            row["reference"] = record["reference"]
+            row["exact match"] = exact_match(str(record["response"]), str(record["reference"]))
+        rows.append(row)
+    scored = ("reference", "exact match") if any("reference" in row for row in rows) else ()
+    columns = ("key", "images", "question", "answer", "finish_reason", *scored)
+    return [{column: row.get(column, "") for column in columns} for row in rows]  # one set of columns for the table
