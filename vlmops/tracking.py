@@ -191,6 +191,11 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
+    def log_table(self, run_id: str, rows: Sequence[Mapping[str, Any]], artifact_file: str) -> None:
+        """Rows (one set of columns) as an MLflow table artifact, shown as a table on the run's page."""
+        columns = list(rows[0]) if rows else []
+        self.client.log_table(run_id, {c: [row[c] for row in rows] for c in columns}, artifact_file)
+
     def register_model(
         self,
         run_id: str,

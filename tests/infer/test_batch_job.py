@@ -375,6 +375,10 @@ def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
     assert [m.value for m in records] == pytest.approx([(s.results + s.rejects) / s.seconds for s in result.ran])
     plot = Path(client.download_artifacts(run.info.run_id, "throughput.png", str(tmp_path)))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The first answers as a table on the run's page: the question, the answer, the reference.
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "samples.json", str(tmp_path))).read_text())
+    assert table["columns"][:4] == ["key", "images", "question", "answer"] and "reference" in table["columns"]
+    assert len(table["data"]) == 6 and table["data"][0][2] == "What colour is the shape?"
 
 
 def test_batch_status_reads_where_a_job_stands_from_its_output_alone(

@@ -44,6 +44,7 @@ from vlmops.infer.job import (
 from vlmops.infer.output import JobOutput, open_output
 from vlmops.infer.records import Shard
 from vlmops.infer.resolve import ModelSource
+from vlmops.infer.summary import sample_rows
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 
@@ -312,6 +313,8 @@ def _tracked(result: JobResult, plan: JobPlan, config: PipelineConfig) -> JobRes
         tracker.log_params(run_id, {"input": plan.input, **plan.settings})
         tracker.log_metrics(run_id, result.metrics())
         tracker.log_text(run_id, json.dumps(result.manifest, indent=2), "manifest.json")
+        if result.results:  # the first answers beside their questions (and references), as a table
+            tracker.log_table(run_id, sample_rows(open_output(result.output, config.storage)), "samples.json")
         if result.ran:  # the shards this run answered, as MLflow charts and a PNG
             _log_shard_speed(tracker, run_id, result)
     result.mlflow_run_id = run_id
