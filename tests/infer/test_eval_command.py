@@ -97,3 +97,19 @@ def test_eval_command_on_a_full_fine_tuning_run_loads_the_base_separately(
     for folder, name in ((full_run / "final", "predictions.jsonl"), (tiny_model, "base_predictions.jsonl")):
         plain = predict_eval_file(load_model(folder), eval_split, tmp_path / f"plain-{name}", config)
         assert [r["prediction"] for r in read_lines(out / name)] == [r["prediction"] for r in read_lines(plain.path)]
+
+
+@pytest.mark.gpu
+def test_eval_command_on_cuda_answers_a_lora_runs_base_without_its_adapter(
+    lora_run: Path, tiny_model: Path, snapshot: Path, tmp_path: Path
+) -> None:
+    """On CUDA the fast engine merges the adapter into the weights for the tuned predictions, so it can no longer be
+    switched off: the base predictions come from the base loaded again, not from the merged (tuned) weights."""
+    out = tmp_path / "eval"
+    assert eval_command(str(lora_run), ["infer.max_new_tokens=6"], str(out)) == 0
+    config = run_config(str(lora_run), None, ["infer.max_new_tokens=6"])
+    tuned = [r["prediction"] for r in read_lines(out / "predictions.jsonl")]
+    base = [r["prediction"] for r in read_lines(out / "base_predictions.jsonl")]
+    plain = predict_eval_file(load_model(tiny_model), snapshot / "eval.jsonl", tmp_path / "plain.jsonl", config)
+    assert base == [r["prediction"] for r in read_lines(plain.path)]
+    assert tuned != base

@@ -2,7 +2,8 @@
 
 The run folder says everything: its saved config, its base model, and the dataset snapshot whose
 `eval.jsonl` was held out. With `eval.evaluate_base` the base model answers the same split, so the report
-shows what the fine-tuning gained. The files are `vlmops.evaluate.run`'s layout.
+shows what the fine-tuning gained: a LoRA run's adapter is switched off for it (or, where the fast engine merged it
+into the weights, the base is loaded again). The files are `vlmops.evaluate.run`'s layout.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from vlmops.config import PipelineConfig
 from vlmops.evaluate.run import BASE_PREDICTIONS, PREDICTIONS, RunEvaluation, evaluate_run
@@ -49,13 +51,17 @@ def evaluate_checkpoint(
     tuned_batch = _predict(loaded, config, eval_file, out / PREDICTIONS)
     base_batch = None
     if config.eval.evaluate_base:
-        if source.adapter is not None:
+        if isinstance(loaded.model, PeftModel):
             with loaded.model.disable_adapter():  # the same weights without the adapter: no second load
                 base_batch = _predict(loaded, config, eval_file, out / BASE_PREDICTIONS)
         else:
-            del loaded  # full fine-tuning: the base is another model; free the tuned one first
+            # Full fine-tuning: the base is another model. LoRA on CUDA: the fast engine merged the adapter into the
+            # weights (merge_adapter), and a merged adapter cannot be switched off. Either way: free the tuned model
+            # first, then load the base (a LoRA run's is the checkpoint its adapter was loaded on).
+            del loaded
             _free_memory()
-            loaded = _load(config, resolve(run.info.base_model), None)
+            base = source.checkpoint if source.adapter is not None else resolve(run.info.base_model)
+            loaded = _load(config, base, None)
             base_batch = _predict(loaded, config, eval_file, out / BASE_PREDICTIONS)
     return evaluate_run(out, eval_file, str(run_dir), tuned_batch, base_batch)
 
