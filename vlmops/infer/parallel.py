@@ -2,7 +2,7 @@
 
 Workers: the coordinating process (`run_batch_job`) has planned the job in the output; each worker sees one
 GPU (`CUDA_VISIBLE_DEVICES`), loads the model once and answers the shards it is given (the pending ones dealt
-out round-robin), publishing each part as it goes. Workers need no collective communication, so no NCCL;
+out round-robin) as one stream through its engine, publishing each part as it goes. Workers need no collective communication, so no NCCL;
 NVLink multicast is switched off in their environment all the same. The coordinator follows their progress
 through a stats file each worker appends to after every shard.
 
@@ -170,8 +170,10 @@ def _worker(args: argparse.Namespace) -> int:
     runner = load_runner(
         source, config, plan.longest_prompt, f"{os.uname().nodename}:{os.getpid()}", not args.no_publish_compiles
     )
-    for index in [int(i) for i in args.shards.split(",") if i]:
-        stats = runner.run(plan, plan.shards[index], output)
+    shards = [plan.shards[int(i)] for i in args.shards.split(",") if i]
+    # One stream through the engine, as a job in one process runs: the next shard's prompts fill the slots the last
+    # one's free, rather than the engine draining at every shard's end. Each shard's stats as it is published.
+    for stats in runner.run_many(plan, shards, output):
         with open(args.stats, "a", encoding="utf-8") as f:
             f.write(json.dumps(stats.__dict__) + "\n")
     return 0
