@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +420,42 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     assert "holds no batch inference job (no _job/job.json)" in capsys.readouterr().err
     assert main(["batch-status", str(tmp_path / "typo")]) == 2  # a read: never creates the folder
     assert "no such folder" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+def test_a_task_worker_releases_the_last_jobs_model_before_loading_the_next(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Prefect task worker keeps its runner between shards of a job; for another job (here: other settings) the
+    old model and engine go first, since on a GPU the engine's cache takes what the card has free and two would not
+    fit."""
+    from vlmops.infer import batch_job
+
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 4)
+    events: list[str] = []
+
+    class Loads(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "model loaded in" in record.getMessage():
+                events.append("loaded")
+
+    handler = Loads()
+    logging.getLogger("vlmops.infer.batch_job").addHandler(handler)
+    caplog.set_level(logging.INFO, "vlmops.infer.batch_job")
+    try:
+        for tokens in (2, 3):
+            config = job_config(**{"infer.max_new_tokens": tokens, "infer.shard_size": 2})
+            _, plan, output = batch_job.prepare_job(
+                str(tiny_model), str(prompts), str(tmp_path / f"out{tokens}"), config
+            )
+            for shard in plan.shards:  # both shards on one runner
+                assert batch_job.run_job_shard(str(tiny_model), output.uri, config, shard.index).results == 2
+            ((runner, _),) = batch_job._WORKER_RUNNER.values()
+            weakref.finalize(runner, events.append, f"released {tokens}")
+            del runner
+    finally:
+        logging.getLogger("vlmops.infer.batch_job").removeHandler(handler)
+        batch_job._WORKER_RUNNER.clear()
+    assert events[:3] == ["loaded", "released 2", "loaded"], events
 
 
 def test_a_runs_speed_counts_workers_side_by_side() -> None:

@@ -7,16 +7,18 @@ not done yet (here, or in a process per GPU), write the manifest, and optionally
 
 from __future__ import annotations
 
-import functools
+import gc
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from tqdm import tqdm
 
 from vlmops.config import PipelineConfig
@@ -261,11 +263,26 @@ def load_runner(
     return ShardRunner(loaded, engine, config, worker, share)
 
 
-@functools.lru_cache(maxsize=1)
+_WORKER_RUNNER: dict[tuple[str, str, int | None], tuple[ShardRunner, str]] = {}
+_WORKER_LOCK = threading.Lock()
+
+
 def _worker_runner(model_ref: str, config_json: str, longest_prompt: int | None) -> tuple[ShardRunner, str]:
-    config = PipelineConfig.model_validate_json(config_json)
-    source, info = resolve_job_model(model_ref, config)
-    return load_runner(source, config, longest_prompt, f"{os.uname().nodename}:{os.getpid()}"), info.content_hash
+    """A task worker's runner for this job's model and settings, and the model's content hash: kept between shards;
+    the last job's runner (its model and its engine's cache, most of the GPU) is released before another is loaded,
+    because the two would not fit side by side (the engine sizes its cache to what the card has free)."""
+    key = (model_ref, config_json, longest_prompt)
+    with _WORKER_LOCK:
+        if key not in _WORKER_RUNNER:
+            _WORKER_RUNNER.clear()
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            config = PipelineConfig.model_validate_json(config_json)
+            source, info = resolve_job_model(model_ref, config)
+            runner = load_runner(source, config, longest_prompt, f"{os.uname().nodename}:{os.getpid()}")
+            _WORKER_RUNNER[key] = (runner, info.content_hash)
+        return _WORKER_RUNNER[key]
 
 
 def run_job_shard(model_ref: str, output_uri: str, config: PipelineConfig, shard_index: int) -> ShardStats:
