@@ -31,9 +31,6 @@ class Score:
     def add(self, prediction: str, reference: str) -> Score:
         return Score(self.scored + 1, self.correct + exact_match(prediction, reference))
 
-    def __add__(self, other: Score) -> Score:
-        return Score(self.scored + other.scored, self.correct + other.correct)
-
     @property
     def accuracy(self) -> float:
         return self.correct / self.scored if self.scored else 0.0
