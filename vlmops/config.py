@@ -266,8 +266,8 @@ class TrainConfig(Section):
 
 class MergeConfig(Section):
     parity_atol: float | None = Field(None, gt=0)
-    """Largest allowed |merged - adapter-on-base| logit difference. null: 1e-3 for float32 weights,
-    5e-2 for 16-bit weights."""
+    """Largest allowed logit difference, in float32, of the merged model against the adapter on its base, and of
+    the folder written against the merged model rounded to model.dtype (vlmops.train.merge). null: 1e-3."""
 
 
 class InferConfig(Section):

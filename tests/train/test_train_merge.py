@@ -3,6 +3,7 @@ fails loudly on genuinely wrong weights, full-mode export, and `vlmops export`."
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -114,9 +115,28 @@ def test_adapter_altered_after_the_reference_fails_the_check(lora_run: Path, tmp
 def test_merge_above_tolerance_raises_and_publishes_nothing(lora_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "merged-bf16"
     with pytest.raises(MergeParityError) as err:
-        merge_run(lora_run, out, atol=1e-9, dtype="bfloat16")  # bf16 rounding of the merged weights is real
+        merge_run(lora_run, out, atol=1e-9, dtype="bfloat16")  # float32 rounding of the merge itself is real
     assert err.value.max_abs_diff > 1e-9
     assert not out.exists() and not list(tmp_path.glob(".staging-*"))
+
+
+def test_a_bf16_merge_is_proved_in_float32(lora_run: Path, tmp_path: Path) -> None:
+    """Written in bf16 (as on a GPU), checked in float32: the merge against the adapter on its base, the folder
+    against the merged weights rounded to bf16. Compared in bf16, rounding alone moved the logits past 1e-3 (and a
+    real-size model's by a few percent of their range)."""
+    from transformers import AutoProcessor
+
+    result = merge_run(lora_run, tmp_path / "merged", atol=1e-3, dtype="bfloat16")
+    assert result.max_abs_diff <= 1e-3
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
+    run = open_run(lora_run)
+    processor = AutoProcessor.from_pretrained(run.weights)
+    batch = parity_batch(processor)
+    with torch.no_grad():
+        adapter_bf16 = batch_logits(adapter_on_base(run, torch.bfloat16, CPU), batch)
+        merged_bf16 = batch_logits(load_plain(tmp_path / "merged", torch.bfloat16, CPU), batch)
+    assert float((merged_bf16 - adapter_bf16).abs().max()) > 1e-3  # what a 16-bit comparison would have seen
 
 
 def test_merge_in_a_child_process(lora_run: Path, tmp_path: Path) -> None:
