@@ -123,7 +123,7 @@ def test_merge_above_tolerance_raises_and_publishes_nothing(lora_run: Path, tmp_
 def test_a_bf16_merge_is_proved_in_float32(lora_run: Path, tmp_path: Path) -> None:
     """Written in bf16 (as on a GPU), checked in float32: the merge against the adapter on its base, the folder
     against the merged weights rounded to bf16. Compared in bf16, rounding alone moved the logits past 1e-3 (and a
-    real-size model's by a few percent of their range)."""
+    real-size model's by a few percent of their range: bench/merge_parity_probe.py)."""
     from transformers import AutoProcessor
 
     result = merge_run(lora_run, tmp_path / "merged", atol=1e-3, dtype="bfloat16")

@@ -10,10 +10,11 @@ from disk, the merged model's logits once its weights are rounded to the dtype w
 each within `atol`; otherwise `MergeParityError` is raised and nothing is published. A full-mode run has no
 adapter: its "merge" exports final/ as the model, with the second check.
 
-Why not compare in 16 bits: rounding merged weights to bfloat16 moves a real-size model's logits by a few percent of
-their range (the 1.3b's architecture, random weights, a trained-size adapter, on the CPU: up to 0.20 where the
-logits reach 5.2), the same order as switching the whole adapter off (0.59): no tolerance would pass a good bf16
-merge and still catch a wrong one.
+Why not compare in 16 bits: in bfloat16 a correct merge moves a real-size model's logits by a few percent of their
+range, the same order as losing the whole adapter (`bench/merge_parity_probe.py`, the 1.3b architecture with random
+weights and a trained-size adapter, on the CPU: 0.156 against 0.434, where the logits reach ~5; the old 16-bit
+tolerance was 5e-2), so no tolerance passes a good merge and still catches a wrong one. In float32 the merge shows
+1.2e-5 and the folder written in bf16, loaded back, exactly the merged weights rounded to bf16.
 """
 
 from __future__ import annotations
@@ -169,6 +170,17 @@ def _within(logits: torch.Tensor, reference: torch.Tensor, atol: float, where: s
     return diff
 
 
+def round_weights(model: Any, dtype: torch.dtype) -> None:
+    """Round what a checkpoint of `model` holds (its parameters and persistent buffers) to the values `dtype` can
+    hold, in place, each tensor keeping its own dtype. Not `model.to(dtype)` and back: that would also round buffers
+    no checkpoint holds (rotary frequencies, computed afresh at load: rounded, they moved the 1.3b architecture's
+    logits by ~1%)."""
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(dtype))
+
+
 @contextmanager
 def _exact_float32() -> Iterator[None]:
     """float32 matmuls and convolutions in full float32 (no TF32 on the GPU) while the parity is measured."""
@@ -208,8 +220,9 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
             del reference
         else:
             model = load_plain(run.weights, torch.float32, device, run.config.model.allow_pickle)
+        round_weights(model, written_dtype)
+        written = batch_logits(model, batch)  # the weights as written, computed in float32
         model.to(written_dtype).save_pretrained(staging)
-        written = batch_logits(model.to(torch.float32), batch)  # the weights as written, computed in float32
         del model
         processor.save_pretrained(staging)
         shutil.copy2(run.root / CONFIG_FILE, staging / CONFIG_FILE)
