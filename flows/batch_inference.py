@@ -45,12 +45,14 @@ from vlmops.infer.job import (
     JobPlan,
     JobResult,
     ShardStats,
+    StoppedJob,
+    job_status,
     pending_shards,
     read_manifest,
 )
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
-from vlmops.infer.summary import sample_rows, summary_rows
+from vlmops.infer.summary import sample_rows, stopped_rows, summary_rows
 from vlmops.redact import redact_log_handlers
 
 PROGRESS_EVERY_S = 5.0
@@ -82,6 +84,7 @@ def batch_inference(
         if manifest is None:
             todo = pending_shards(plan, job_output)
             done_before = len(plan.shards) - len(todo)
+            todo = todo[: config.infer.max_shards]  # a trial run's first shards (None: all)
             logger.info(
                 "job %s: %d shards to hand to the task workers (%d done before)", plan.job_id, len(todo), done_before
             )
@@ -89,6 +92,8 @@ def batch_inference(
             for state in _final_states([f.task_run_id for f in futures]):
                 ran.append(state.result())
                 update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
+        if manifest is None and pending_shards(plan, job_output):  # infer.max_shards left shards to do
+            return _stopped(StoppedJob(job_status(job_output), ran), model, output)
         result = complete_job(plan, job_output, ran, config)
     else:
         job_output = open_output(output, config.storage)
@@ -97,6 +102,8 @@ def batch_inference(
         with gpu_slot():
             run_job_in_child(model, input, output, config, poll=_progress_poller(output, config, artifact))
         manifest_text = job_output.read_text(MANIFEST_FILE)
+        if manifest_text is None and config.infer.max_shards is not None:
+            return _stopped(StoppedJob(job_status(job_output), []), model, output)
         if manifest_text is None:
             raise RuntimeError(f"the batch inference job ended without writing {output}/{MANIFEST_FILE}")
         result = JobResult(job_output.uri, json.loads(manifest_text))
@@ -120,13 +127,32 @@ def batch_inference(
     return summary
 
 
+def _stopped(stopped: StoppedJob, model: str, output: str) -> dict[str, Any]:
+    """A job `infer.max_shards` stopped: its summary artifact (where it stands, how to go on) and its status."""
+    status = stopped.status
+    title = f"batch inference job {status.plan.job_id}: stopped by infer.max_shards"
+    publish_summary(SUMMARY_KEY, _table(title, stopped_rows(stopped)), f"batch inference {model} -> {output}")
+    get_run_logger().info(
+        "job %s: stopped by infer.max_shards, %d of %d shards done -> %s",
+        status.plan.job_id,
+        len(status.done),
+        len(status.plan.shards),
+        status.output,
+    )
+    return {**status.as_dict(), "state": "stopped", "workers": sorted({s.worker for s in stopped.ran if s.worker})}
+
+
 def _markdown(result: JobResult, summary: dict[str, Any]) -> str:
     """The flow run's summary artifact: the rows `vlmops batch-infer` prints, as a table."""
     rows = summary_rows(result)
     if not result.ran:  # the job ran in a child process: what this flow run added, from the flow's own count
         at = [label for label, _ in rows].index("output")
         rows.insert(at, ("this run", f"{summary['shards_run']} shard(s) in {summary['seconds']:.1f} s"))
-    lines = [f"# batch inference job {result.manifest['job_id']}", "", "| | |", "| --- | --- |"]
+    return _table(f"batch inference job {result.manifest['job_id']}", rows)
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> str:
+    lines = [f"# {title}", "", "| | |", "| --- | --- |"]
     lines += [f"| {label} | {text.replace('|', '&#124;')} |" for label, text in rows]
     return "\n".join(lines) + "\n"
 

@@ -375,6 +375,10 @@ class InferConfig(Section):
     shard_size: int = Field(1000, ge=1)
     """Records per shard of a batch inference job: the unit written at once, resumed and handed to a worker.
     Part of the job's identity (a different size is a different job)."""
+    max_shards: int | None = Field(None, ge=1)
+    """Batch inference job: answer at most this many of the shards not yet done, then stop without the manifest (a
+    trial run: read the first parts, then run the same command without it to go on; the job and its output are the
+    same, so nothing answered is redone). null: every shard. Not part of the job's identity."""
     on_error: Literal["skip", "fail"] = "skip"
     """A record that cannot be answered (malformed line, missing or unreadable image). skip: write it to
     rejects.jsonl with its file, line and reason and go on; fail: stop the job at the first one."""

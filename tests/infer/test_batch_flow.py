@@ -57,21 +57,29 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     _, eval_file = demo_data
     out = tmp_path / "out"
     overrides = ["infer.max_new_tokens=3", "infer.shard_size=2"]
+    # A trial run (infer.max_shards): the first shard, then the flow reports where the job stands.
+    trial = batch_inference(str(tiny_model), str(eval_file), str(out), None, [*overrides, "infer.max_shards=1"])
+    assert trial["state"] == "stopped" and trial["shards_done"] == 1 and trial["shards"] == 3, trial
+    assert trial["pending_shards"] == ["00001", "00002"] and not (out / "manifest.json").exists()
+    (stopped,) = (a.data for a in _artifacts(tiny_model, out, "markdown"))
+    assert stopped.startswith(f"# batch inference job {trial['job_id']}: stopped by infer.max_shards\n"), stopped
+    assert "| done | 1 of 3 shard(s): 2 records, 2 answered, 0 rejected |" in stopped
+    assert "| to do | 2 shard(s): 4 records |" in stopped
     summary = batch_inference(str(tiny_model), str(eval_file), str(out), None, overrides)
     assert summary["records"] == summary["results"] == 6 and summary["rejects"] == 0
     assert summary["output"] == str(out) and (out / "manifest.json").is_file()
     assert len(list(out.glob("part-*.jsonl"))) == 3
     assert any(a.data == 100.0 for a in _artifacts(tiny_model, out))
     again = batch_inference(str(tiny_model), str(eval_file), str(out), None, overrides)  # done: nothing to redo
-    assert summary["shards_run"] == 3
+    assert summary["shards_run"] == 2 and summary["job_id"] == trial["job_id"]  # the trial's shard not redone
     assert again["job_id"] == summary["job_id"] and again["shards_run"] == 0
     # A summary artifact per flow run: the rows the command prints, with this run's shards.
-    second, first = (a.data for a in _artifacts(tiny_model, out, "markdown"))
+    second, first, _ = (a.data for a in _artifacts(tiny_model, out, "markdown"))
     assert first.startswith(f"# batch inference job {summary['job_id']}\n"), first
     assert "| records | 6 read: 6 answered, 0 rejected |" in first
     assert f"| exact match | {summary['exact_match'] * 6:.0f} of 6 answers equal the record's reference" in first
     assert "| answers | greedy |" in first and f"| output | {out}/part-*.jsonl (3 parts), manifest.json |" in first
-    assert re.search(r"\| this run \| 3 shard\(s\) in \d+\.\d s \|", first), first
+    assert re.search(r"\| this run \| 2 shard\(s\) in \d+\.\d s \|", first), first
     assert re.search(r"\| this run \| 0 shard\(s\) in \d+\.\d s \|", second), second
     # And a table of the first results beside their questions (a table artifact's data is its rows as JSON).
     table = json.loads(_artifacts(tiny_model, out, "table")[0].data)
@@ -109,6 +117,9 @@ def test_two_task_workers_share_one_job_exactly_once(
             time.sleep(0.5)
         time.sleep(2)  # the subscription is made just after the log line
         overrides = ["infer.max_new_tokens=3", "infer.shard_size=3", "infer.batch_size=3"]
+        trial = batch_inference(  # a trial run of two shards first: the job then goes on from there
+            str(tiny_model), str(prompts), str(out), None, [*overrides, "infer.max_shards=2"], distributed=True
+        )
         summary = batch_inference(str(tiny_model), str(prompts), str(out), None, overrides, distributed=True)
     finally:
         for worker in workers:
@@ -116,7 +127,8 @@ def test_two_task_workers_share_one_job_exactly_once(
         for worker in workers:
             worker.wait(30)
 
-    assert summary["records"] == summary["results"] == 24 and summary["shards_run"] == 8
+    assert trial["state"] == "stopped" and trial["shards_done"] == 2 and len(trial["pending_shards"]) == 6, trial
+    assert summary["records"] == summary["results"] == 24 and summary["shards_run"] == 6
     assert len(summary["workers"]) == 2, summary["workers"]  # both worker processes answered shards
     keys = [
         json.loads(line)["key"] for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()
@@ -125,6 +137,7 @@ def test_two_task_workers_share_one_job_exactly_once(
     manifest = json.loads((out / "manifest.json").read_text())
     assert [p["records"] for p in manifest["parts"]] == [3] * 8
     assert any(a.data == 100.0 for a in _artifacts(tiny_model, out))
-    (markdown,) = (a.data for a in _artifacts(tiny_model, out, "markdown"))
-    assert re.search(r"\| this run \| 8 shard\(s\) on 2 workers in \d+\.\d s: [\d.]+ tokens/s", markdown), markdown
+    markdown, stopped = (a.data for a in _artifacts(tiny_model, out, "markdown"))
+    assert "| done | 2 of 8 shard(s): 6 records, 6 answered, 0 rejected |" in stopped, stopped
+    assert re.search(r"\| this run \| 6 shard\(s\) on 2 workers in \d+\.\d s: [\d.]+ tokens/s", markdown), markdown
     assert "exact match" not in markdown  # simple records have no reference answer

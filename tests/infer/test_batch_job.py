@@ -163,6 +163,36 @@ def test_cli_summary_and_exit_codes(
     assert ": the input holds no records" in printed and "0 read: 0 answered, 0 rejected" in printed, printed
 
 
+def test_a_trial_run_answers_the_first_shards_and_the_same_command_goes_on(
+    tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`infer.max_shards`: a run answers that many of the shards to do and stops without the manifest; the job is
+    the same, so the command without it answers only the rest, every record once."""
+    train_file, _ = demo_data  # 11 records: shards of 4, 4 and 3
+    out = tmp_path / "out"
+    args = ["batch-infer", "--model", str(tiny_model), "--input", str(train_file), "--output", str(out)]
+    args += ["--set", "infer.max_new_tokens=3", "--set", "infer.shard_size=4"]
+    assert main([*args, "--set", "infer.max_shards=1"]) == 0
+    printed = capsys.readouterr().out
+    assert ": stopped after infer.max_shards=1\n" in printed, printed
+    assert re.search(r"done +1 of 3 shard\(s\): 4 records, 4 answered, 0 rejected", printed), printed
+    assert re.search(r"to do +2 shard\(s\): 7 records", printed), printed
+    assert re.search(r"this run +1 shard\(s\) in \d+\.\d s", printed), printed
+    assert "run the same command without infer.max_shards" in printed
+    assert sorted(p.name for p in out.glob("part-*.jsonl")) == ["part-00000.jsonl"]
+    assert not (out / "manifest.json").exists()
+    status = job_status(open_output(str(out)))
+    assert [s.name for s in status.pending] == ["00001", "00002"] and status.manifest is None
+
+    assert main([*args, "--set", "infer.max_shards=5"]) == 0  # more than are left: the job finishes
+    printed = capsys.readouterr().out
+    assert ": done\n" in printed and "this run          2 shard(s)" in printed, printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    keys = [json.loads(line)["key"] for part in manifest["parts"] for line in (out / part["name"]).open()]
+    assert keys == [f"train.jsonl:{i}" for i in range(1, 12)]  # every record once, in input order
+    assert main(args) == 0 and ": finished before, nothing to do" in capsys.readouterr().out
+
+
 def test_a_job_scores_its_answers_against_the_records_reference_answers(
     tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -483,7 +513,9 @@ def test_retrain_step_runs_the_job_in_a_child_and_writes_what_evaluate_reads(
 
     _, eval_file = demo_data
     out_file = tmp_path / "predictions" / "base.jsonl"
-    result = batch_infer_task.fn(str(tiny_model), str(eval_file), str(out_file), job_config())
+    # A trial setting in the pipeline's config does not cut the evaluation short: every record or none.
+    config = job_config(**{"infer.shard_size": 2, "infer.max_shards": 1})
+    result = batch_infer_task.fn(str(tiny_model), str(eval_file), str(out_file), config)
     assert result.path == out_file and result.count == 6 and result.generated_tokens > 0
     rows = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["index"] for r in rows] == list(range(6))

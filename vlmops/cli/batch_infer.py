@@ -11,7 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch-infer",
         help="answer every record of jsonl/json files (or an s3:// prefix) with a model into part files",
-        description="Rerun the same command to finish an interrupted job; a finished job is not redone.",
+        description="Rerun the same command to finish an interrupted job; a finished job is not redone. "
+        "--set infer.max_shards=1 is a trial run: the first shard only, then the same command without it goes on.",
     )
     p.add_argument(
         "--model",
@@ -32,14 +33,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
     from vlmops.infer.batch_job import run_batch_job
-    from vlmops.infer.summary import summary_rows
+    from vlmops.infer.job import StoppedJob
+    from vlmops.infer.summary import stopped_rows, summary_rows
 
     config = load_config(args.config, args.overrides)
     result = run_batch_job(args.model, args.input, args.output, config)
-    state = (
-        "done" if result.ran else "finished before, nothing to do" if result.records else "the input holds no records"
-    )
-    print(f"batch inference job {result.manifest['job_id']}: {state}")
-    for label, text in summary_rows(result):
+    if isinstance(result, StoppedJob):
+        job_id = result.status.plan.job_id
+        state = f"stopped after infer.max_shards={config.infer.max_shards}"
+        rows = stopped_rows(result)
+    else:
+        job_id = result.manifest["job_id"]
+        state = "done" if result.ran else "finished before, nothing to do"
+        if not result.ran and not result.records:
+            state = "the input holds no records"
+        rows = summary_rows(result)
+    print(f"batch inference job {job_id}: {state}")
+    for label, text in rows:
         print(f"  {label:<17} {text}")
     return 0

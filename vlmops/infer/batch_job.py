@@ -32,10 +32,12 @@ from vlmops.infer.job import (
     PromptCounter,
     ShardRunner,
     ShardStats,
+    StoppedJob,
     counts_prompts,
     finalize,
     folder_hash,
     hash_cache_dir,
+    job_status,
     open_job,
     pending_shards,
     plan_job,
@@ -67,10 +69,12 @@ def run_batch_job(
     *,
     progress: bool = True,
     on_shard: OnShard | None = None,
-) -> JobResult:
+) -> JobResult | StoppedJob:
     """Answer every record of `input_spec` with `model_ref` into `output_uri`, doing only what is not done.
 
-    With `infer.workers` above 1 the shards go to a process per GPU; else the model loads here.
+    With `infer.workers` above 1 the shards go to a process per GPU; else the model loads here. With
+    `infer.max_shards`, at most that many shards are answered: where shards remain, the job stops without its
+    manifest (a `StoppedJob`) and the same command without the setting goes on from there.
 
     Raises:
         JobMismatchError: the output holds another job.
@@ -86,6 +90,8 @@ def run_batch_job(
         log.info("job %s in %s is finished already: nothing to do", plan.job_id, output.uri)
         return _tracked(JobResult(output.uri, manifest), plan, config)
     todo = pending_shards(plan, output)
+    left = todo[config.infer.max_shards :] if config.infer.max_shards is not None else []
+    todo = todo[: len(todo) - len(left)]
     workers = min(config.infer.workers or default_workers(), max(len(todo), 1))
     startup: float | None = None  # with workers, each loads its own copy: their logs say how long it took
     if workers > 1:
@@ -101,6 +107,14 @@ def run_batch_job(
                 "job %s: started in %.1f s (model resolved, hashed and loaded; engine built)", plan.job_id, startup
             )
             ran = answer_shards(runner, plan, todo, output, progress, on_shard)
+    if left:
+        log.info(
+            "job %s: stopped after infer.max_shards=%d shard(s), %d to go: run the same command without it to go on",
+            plan.job_id,
+            config.infer.max_shards,
+            len(left),
+        )
+        return StoppedJob(job_status(output), ran, startup)
     return complete_job(plan, output, ran, config, startup)
 
 
@@ -220,8 +234,8 @@ JOB_DIR_SUFFIX = ".job"
 
 
 def strict_copy(config: PipelineConfig) -> PipelineConfig:
-    """`config` with `infer.on_error: fail` (evaluation scores every record or none)."""
-    return config.model_copy(update={"infer": config.infer.model_copy(update={"on_error": "fail"})})
+    """`config` with `infer.on_error: fail` and no `infer.max_shards` (evaluation scores every record or none)."""
+    return config.model_copy(update={"infer": config.infer.model_copy(update={"on_error": "fail", "max_shards": None})})
 
 
 def load_runner(

@@ -199,6 +199,14 @@ def shards_wall_s(ran: Sequence[ShardStats]) -> float:
     return max(per_worker.values(), default=0.0)
 
 
+def shards_rates(ran: Sequence[ShardStats]) -> tuple[float, float]:
+    """Generated tokens/s and images/s of shards over their wall time (`shards_wall_s`); 0 where it is 0."""
+    seconds = shards_wall_s(ran)
+    if not seconds:
+        return 0.0, 0.0
+    return sum(s.generated_tokens for s in ran) / seconds, sum(s.images for s in ran) / seconds
+
+
 @dataclass
 class JobResult:
     """A finished job: its manifest, and what this run did (shards it ran, their speed)."""
@@ -231,11 +239,11 @@ class JobResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return sum(s.generated_tokens for s in self.ran) / self.seconds if self.seconds else 0.0
+        return shards_rates(self.ran)[0]
 
     @property
     def images_per_s(self) -> float:
-        return sum(s.images for s in self.ran) / self.seconds if self.seconds else 0.0
+        return shards_rates(self.ran)[1]
 
     def metrics(self) -> dict[str, float]:
         return {
@@ -256,6 +264,16 @@ class JobResult:
         """Exact match of the answers against the records' reference answers (None: no record had one, or a
         manifest written before jobs scored)."""
         return self.manifest.get("score")
+
+
+@dataclass
+class StoppedJob:
+    """A job stopped by `infer.max_shards` before its last shard: where it stands (read back from its output) and
+    what this run did."""
+
+    status: JobStatus
+    ran: list[ShardStats]
+    startup_s: float | None = None
 
 
 # -- identity -----------------------------------------------------------------------------------------------

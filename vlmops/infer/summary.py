@@ -1,4 +1,4 @@
-"""A finished batch job in words: the rows `vlmops batch-infer` prints and the batch-inference flow publishes as its
+"""A batch job in words: the rows `vlmops batch-infer` prints and the batch-inference flow publishes as its
 summary artifact, the phrases `vlmops batch-status` shares with them, and its first answers as a table to read."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import PurePath
 from typing import Any
 
 from vlmops.answers import exact_match
-from vlmops.infer.job import JobResult, iter_results
+from vlmops.infer.job import JobResult, ShardStats, StoppedJob, iter_results, shards_rates, shards_wall_s
 from vlmops.infer.output import JobOutput
 from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
 
@@ -29,29 +29,59 @@ def summary_rows(result: JobResult) -> list[tuple[str, str]]:
     ]
     if score := result.score:
         rows.append(("exact match", score_text(score)))
-    if result.ran:
-        workers = len({s.worker for s in result.ran})
-        side_by_side = f" on {workers} workers" if workers > 1 else ""
-        rows.append(
-            (
-                "this run",
-                f"{len(result.ran)} shard(s){side_by_side} in {result.seconds:.1f} s: {result.tokens_per_s:.1f} "
-                f"tokens/s, {result.images_per_s:.1f} images/s",
-            )
-        )
-    if result.startup_s is not None:
-        rows.append(
-            (
-                "start-up",
-                f"{result.startup_s:.1f} s before the first shard (resolve, hash and load the model, build the engine; "
-                "on a GPU the first shard also compiles and captures)",
-            )
-        )
+    rows += _run_rows(result.ran, result.startup_s)
     rows.append(("output", f"{result.output}/part-*.jsonl ({len(manifest['parts'])} parts), manifest.json"))
     if result.rejects:
         rows.append(("rejects", f"{result.output}/rejects.jsonl"))
     if result.mlflow_run_id:
         rows.append(("MLflow run", result.mlflow_run_id))
+    return rows
+
+
+def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
+    """(label, text) rows for a job `infer.max_shards` stopped: the model, what is done and to do, this run's speed,
+    where the parts are and how to go on."""
+    status = stopped.status
+    plan = status.plan
+    version = f"version {plan.model.version}, " if plan.model.version else ""
+    rows = [
+        ("model", f"{plan.model.uri} ({version}{plan.model.content_hash[:19]})"),
+        (
+            "done",
+            f"{len(status.done)} of {len(plan.shards)} shard(s): {status.records_done} records, "
+            f"{status.records_done - status.rejects} answered, {status.rejects} rejected",
+        ),
+        ("to do", f"{len(status.pending)} shard(s): {sum(s.count for s in status.pending)} records"),
+        ("answers", token_choice(plan.settings)),
+        *_run_rows(stopped.ran, stopped.startup_s),
+        ("output", f"{status.output}/part-*.jsonl ({len(status.done)} parts so far), no manifest.json yet"),
+        ("go on", "run the same command without infer.max_shards (or with a larger one): done shards are not redone"),
+    ]
+    return rows
+
+
+def _run_rows(ran: list[ShardStats], startup_s: float | None) -> list[tuple[str, str]]:
+    """This run's speed over the shards it answered, and its start-up."""
+    rows = []
+    if ran:
+        workers = len({s.worker for s in ran})
+        side_by_side = f" on {workers} workers" if workers > 1 else ""
+        tokens, images = shards_rates(ran)
+        rows.append(
+            (
+                "this run",
+                f"{len(ran)} shard(s){side_by_side} in {shards_wall_s(ran):.1f} s: {tokens:.1f} tokens/s, "
+                f"{images:.1f} images/s",
+            )
+        )
+    if startup_s is not None:
+        rows.append(
+            (
+                "start-up",
+                f"{startup_s:.1f} s before the first shard (resolve, hash and load the model, build the engine; "
+                "on a GPU the first shard also compiles and captures)",
+            )
+        )
     return rows
 
 
