@@ -16,7 +16,7 @@ from vlmops.errors import RunFailed
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.job import ModelInfo, finalize, open_job, pending_shards, plan_job
 from vlmops.infer.output import open_output
-from vlmops.infer.parallel import run_in_process_group
+from vlmops.infer.parallel import complete_lines, run_in_process_group
 
 
 def results(out: Path) -> list[dict]:
@@ -101,3 +101,17 @@ def test_an_interrupt_stops_the_child_and_everything_it_started(tmp_path: Path) 
 
     with pytest.raises(RunFailed, match="exited with status 3"):
         run_in_process_group([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_a_stats_line_being_written_is_read_once_whole(tmp_path: Path) -> None:
+    """The coordinator polls each worker's stats file while the worker appends to it: a line without its newline
+    yet is not parsed (json.loads of half a line failed the whole job), and is read whole on the next poll."""
+    stats = tmp_path / "stats-0.jsonl"
+    assert complete_lines(stats) == []  # not written yet
+    first = json.dumps({"shard": 0, "results": 3})
+    second = json.dumps({"shard": 2, "results": 4})
+    stats.write_text(first + "\n" + second[:9], encoding="utf-8")
+    assert complete_lines(stats) == [first]
+    with stats.open("a", encoding="utf-8") as f:
+        f.write(second[9:] + "\n")
+    assert [json.loads(line) for line in complete_lines(stats)] == [json.loads(first), json.loads(second)]

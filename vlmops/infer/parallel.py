@@ -89,7 +89,7 @@ def run_on_workers(
             while True:
                 codes = [p.poll() for p in procs]
                 for rank, path in enumerate(stats_files):
-                    lines = path.read_text().splitlines() if path.is_file() else []
+                    lines = complete_lines(path)
                     for line in lines[seen[rank] :]:
                         stats = ShardStats(**json.loads(line))
                         on_records(sizes[stats.shard])
@@ -112,6 +112,13 @@ def run_on_workers(
                     proc.wait(STOP_GRACE_S)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def complete_lines(path: Path) -> list[str]:
+    """The lines of a file another process appends to, up to its last newline: a line being written is read on a
+    later poll, whole (not parsed half-written, which failed the job)."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    return text.split("\n")[:-1]
 
 
 def _visible_device(rank: int) -> str:
