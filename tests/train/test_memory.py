@@ -132,11 +132,12 @@ def test_the_gpu_speed_levers_shrink_the_estimate(shapes: dict[str, ModelShape])
     """No logits with the fused loss; compiled layers keep a measured share of the plain activations."""
     import dataclasses
 
-    from vlmops.train.memory import COMPILED_ACTIVATION_SHARE, HIGH_RES_VISION_BYTES_PER_TOKEN, LOGIT_BYTES
+    from vlmops.train.memory import COMPILED_ACTIVATION_SHARE, HIGH_RES_VISION_BYTES_PER_TOKEN
 
     plain = shapes["7b"]
     fused = dataclasses.replace(plain, fused_loss=True)
-    assert plain.bytes_per_token(False) - fused.bytes_per_token(False) == plain.vocab_size * LOGIT_BYTES
+    assert plain.logit_bytes == 2 + 4 + 4  # bf16 logits, the loss's float32 copy, the float32 gradient
+    assert plain.bytes_per_token(False) - fused.bytes_per_token(False) == plain.vocab_size * plain.logit_bytes
     compiled = dataclasses.replace(fused, compiled=True)
     vision = HIGH_RES_VISION_BYTES_PER_TOKEN  # the 7b's SAM transients are not layer activations
     share = (compiled.bytes_per_token(False) - vision) / (fused.bytes_per_token(False) - vision)
@@ -260,3 +261,50 @@ def test_apply_speed_hands_the_budget_to_the_compiler(tiny_model: Path) -> None:
         assert torch._functorch.config.activation_memory_budget == 0.55
     finally:
         torch._functorch.config.activation_memory_budget = before
+
+
+def test_ddp_without_deepspeed_counts_its_gradient_buckets(
+    shapes: dict[str, ModelShape], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several processes without DeepSpeed: DDP keeps a float32 bucket of every trained gradient for the whole run.
+    The full 7b that fits an H200 alone does not fit it beside them (~24 GiB more): the offload preset is taken."""
+    from vlmops.train.batching import training_shape
+
+    full = replace(shapes["7b-full"], fused_loss=True, compiled=True)
+    ddp = replace(full, ddp=True)
+    assert ddp.persistent_bytes() - full.persistent_bytes() == full.trained_params * 4
+    assert fits_without_deepspeed(full, 125.0, 4096) and not fits_without_deepspeed(ddp, 125.0, 4096)
+    base = tmp_path / "7b"
+    architecture_config("deepseek-vl-7b-chat").save_pretrained(base)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    levers = SpeedPlan(compile_layers=True, fused_loss=True, fused_adamw=True)
+    config = load_config(None, {"train.mode": "full", "train.memory_gib": 125})
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not training_shape(base, config.train, torch.float32, levers).ddp
+    assert resolve_deepspeed(config, base, levers).train.deepspeed is None
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert training_shape(base, config.train, torch.float32, levers).ddp
+    assert resolve_deepspeed(config, base, levers).train.deepspeed == OFFLOAD_PRESET
+    zero2 = load_config(None, {"train.mode": "full", "train.deepspeed": "zero2"})
+    assert not training_shape(base, zero2.train, torch.float32, levers).ddp  # DeepSpeed reduces without DDP
+
+
+def test_fp32_training_counts_4_byte_activations_and_logits(shapes: dict[str, ModelShape], tmp_path: Path) -> None:
+    """`train.precision: fp32` keeps float32 activations and logits: twice the bytes of bf16 autocast's, so smaller
+    micro-batches in the same budget (counted at 2 bytes, the 1.3b's plan at 24 GiB needed ~27)."""
+    from vlmops.train.batching import training_shape
+
+    base = tmp_path / "1.3b"
+    architecture_config("deepseek-vl-1.3b-chat").save_pretrained(base)
+
+    def shape(precision: str) -> ModelShape:
+        return training_shape(base, load_config(None, {"train.precision": precision}).train, torch.float32)
+
+    bf16, fp32 = shape("bf16"), shape("fp32")
+    assert (bf16.activation_bytes, fp32.activation_bytes, shape("auto").activation_bytes) == (2, 4, 2)
+    assert (bf16.logit_bytes, fp32.logit_bytes) == (10, 8)  # float32 logits need no float32 copy in the loss
+    layers = replace(fp32, fused_loss=True).bytes_per_token(False)
+    assert layers == 2 * replace(bf16, fused_loss=True).bytes_per_token(False)
+    at_2, at_4 = (plan_batch(s, 24, 16, LONGEST, MEAN, packing=False) for s in (bf16, fp32))
+    assert at_4.micro_batch * 2 <= at_2.micro_batch or (at_4.recompute and not at_2.recompute), (at_2, at_4)
+    assert at_4.estimate_gib <= 24

@@ -210,6 +210,8 @@ def training_shape(
         fused_loss=speed is not None and speed.fused_loss,
         compiled=speed is not None and speed.compile_layers,
         high_res_vision=hasattr(config, "high_res_vision_config"),
+        activation_bytes=4 if train.precision == "fp32" else 2,  # auto on a GPU: bf16 or fp16
+        ddp=train.deepspeed is None and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         # what `apply_speed` finds on the loaded model: graphs only where nothing behind the towers trains
         vision_graphs=speed is not None
         and speed.vision_graphs

@@ -74,8 +74,7 @@ SELECTIVE_MIN_BUDGET = 0.5
 TRAINED_PARAM_BYTES = 16  # float32 weight + gradient + AdamW's two moments
 GRADIENT_BYTES = 4  # the float32 gradient, allocated in the backward pass and freed after the optimizer step
 AUTOCAST_COPY_BYTES = 2  # the bf16 copy autocast makes of a float32 master weight
-LOGIT_BYTES = 2 + 4 + 4  # bf16 logits, float32 copy in the loss, float32 gradient
-ACTIVATION_BYTES = 2  # bf16 / fp16 activations
+ACTIVATION_BYTES = 2  # bf16 / fp16 activations (train.precision fp32: 4)
 
 
 @dataclass(frozen=True)
@@ -100,6 +99,11 @@ class ModelShape:
     """The model has the hybrid 7b's high-resolution (SAM) tower."""
     vision_graphs: bool = False
     """The frozen towers run from CUDA graphs of one image (train.vision_graphs)."""
+    activation_bytes: int = ACTIVATION_BYTES
+    """Bytes per activation and logit: 2 under bf16 / fp16 autocast, 4 with train.precision fp32."""
+    ddp: bool = False
+    """Several processes without DeepSpeed: DDP keeps a bucket of every trained gradient for the whole run (the
+    Trainer leaves gradient_as_bucket_view off), beside the gradients themselves."""
 
     @classmethod
     def from_config(
@@ -120,10 +124,12 @@ class ModelShape:
         )
 
     def persistent_bytes(self) -> int:
-        """What stays allocated through the whole step: weights, the optimizer state and the vision graphs' pool."""
+        """What stays allocated through the whole step: weights, the optimizer state, the vision graphs' pool and
+        DDP's gradient buckets."""
         trained = self.trained_params * (TRAINED_PARAM_BYTES - GRADIENT_BYTES)
         graphs = HIGH_RES_VISION_GRAPH_BYTES if self.high_res_vision and self.vision_graphs else 0
-        return (self.total_params - self.trained_params) * self.frozen_bytes + trained + graphs
+        buckets = self.trained_params * GRADIENT_BYTES if self.ddp else 0
+        return (self.total_params - self.trained_params) * self.frozen_bytes + trained + graphs + buckets
 
     def transient_bytes(self, tokens: int, per_token: int, accumulates: bool) -> int:
         """What comes and goes within a micro-batch's forward and backward on top of `persistent_bytes`: the
@@ -153,15 +159,21 @@ class ModelShape:
     def bytes_per_token(self, recompute: bool, activation_budget: float = 1.0) -> int:
         """Activation and logit memory of one token of a micro-batch; `activation_budget` < 1: selective recompute
         keeping that share of the layer activations (compiled layers, no full recompute)."""
-        layer = (13 * self.hidden_size + 4 * self.intermediate_size) * ACTIVATION_BYTES
+        layer = (13 * self.hidden_size + 4 * self.intermediate_size) * self.activation_bytes
         if self.compiled:
             layer = int(layer * COMPILED_ACTIVATION_SHARE)
         if recompute:
-            kept = self.num_layers * self.hidden_size * ACTIVATION_BYTES + layer
+            kept = self.num_layers * self.hidden_size * self.activation_bytes + layer
         else:
             kept = int(self.num_layers * layer * activation_budget)
         vision = HIGH_RES_VISION_BYTES_PER_TOKEN if self.high_res_vision and not self.vision_graphs else 0
-        return kept + vision + (0 if self.fused_loss else self.vocab_size * LOGIT_BYTES)
+        return kept + vision + (0 if self.fused_loss else self.vocab_size * self.logit_bytes)
+
+    @property
+    def logit_bytes(self) -> int:
+        """Bytes per logit of a micro-batch (no fused loss): itself, the loss's float32 copy of a 16-bit one and its
+        float32 gradient."""
+        return self.activation_bytes + (4 if self.activation_bytes < 4 else 0) + 4
 
     def activation_budget_for(self, room: float, tokens: int) -> float:
         """The share of the layer activations that `tokens` tokens may keep in `room` bytes (may exceed 1)."""
