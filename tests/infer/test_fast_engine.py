@@ -921,3 +921,22 @@ def test_bf16_answers_of_a_trained_model_match_generate(
             f"\nbf16, trained tiny model, {engine or 'defaults'}: {equal} of {total} positions equal ({equal / total:.2%})"
         )
     assert equal / total >= 0.99
+
+
+def test_a_dropped_engine_is_freed_at_once(tiny_model: Path) -> None:
+    """Nothing in the engine points back at it (its vision towers' callable captured it): the last reference gone,
+    its K/V cache is freed there and then, not at the collector's next full pass, which on a GPU left the next
+    engine of the process sizing itself to what the old cache left free."""
+    import gc
+    import weakref
+
+    loaded = load_model(tiny_model)
+    engine = FastEngine(loaded, InferConfig(max_new_tokens=4), max_batch=4, prefill_batch=2, max_context=256)
+    list(engine.generate(requests(loaded, 3)))  # a job's worth of state: the cache written, results made
+    cache, dropped = weakref.ref(engine.decoder.kv_cache), weakref.ref(engine)
+    gc.disable()  # only reference counts free it
+    try:
+        del engine
+        assert dropped() is None and cache() is None
+    finally:
+        gc.enable()

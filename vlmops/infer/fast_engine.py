@@ -334,7 +334,10 @@ class FastEngine:
         self._compiles_first = compile_step or towers > 0
         if on_cuda and vision_graphs:
             memoise_rel_pos(self.model)  # SAM's tables, computed outside the capture
-        self.vision = VisionGraphs(lambda pixels: image_features(self.model.model, pixels), on_cuda and vision_graphs)
+        # Not a closure over self: a cycle would keep a dropped engine (its K/V cache, most of the GPU) until the
+        # collector's next full pass, and the next engine would size itself to what that left free.
+        vlm = self.model.model
+        self.vision = VisionGraphs(lambda pixels: image_features(vlm, pixels), on_cuda and vision_graphs)
 
     def _fit_slots(
         self, max_batch: int, memory_gib: float | None, prefill_graphs: bool = False, pick_bytes: int = 0
