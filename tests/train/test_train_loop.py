@@ -323,6 +323,26 @@ def test_full_mode_and_bf16_train(
     assert not (result.final_dir / "adapter_config.json").exists()
 
 
+def test_fp16_training_of_float16_weights_is_refused_before_the_run_starts(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """fp16's loss scaling cannot unscale float16 gradients (a GPU run stopped at its first step): weights trained
+    fully in float16 are refused, naming the settings and the fixes, before the run folder exists (the fixed
+    config starts afresh); LoRA alone (float32 adapters) is not."""
+    from vlmops.errors import UserInputError
+    from vlmops.train.sft import check_fp16_trainable
+
+    overrides = {"train.mode": "full", "train.max_steps": 1, "train.precision": "fp16", "model.dtype": "float16"}
+    with pytest.raises(UserInputError, match=r"model.dtype float16 with train.precision fp16 .* model.dtype: auto"):
+        train(config(**overrides), tiny_model, snapshot.path, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    lora = {"train.mode": "lora", "model.dtype": "float16"}
+    check_fp16_trainable(load_config(None, lora), "fp16")
+    with pytest.raises(UserInputError, match="the aligner weights"):
+        check_fp16_trainable(load_config(None, {**lora, "train.freeze.aligner": False}), "fp16")
+    check_fp16_trainable(load_config(None, overrides), "bf16")  # bf16 autocast scales nothing
+
+
 def test_resume_refuses_a_different_setup(tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path) -> None:
     train(config(**{"train.max_steps": 2}), tiny_model, snapshot.path, tmp_path / "r")
     with pytest.raises(ValueError, match=r"(?s)train.lr: 0.005 -> 0.01.*new run folder"):

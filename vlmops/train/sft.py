@@ -22,6 +22,7 @@ from vlmops.config import PipelineConfig, resolve_num_workers
 from vlmops.data.formats import DatasetError, read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
+from vlmops.errors import UserInputError
 from vlmops.models.compile_cache import use_compile_cache
 from vlmops.models.loading import attn_implementation, is_hybrid, load_processor, resolve_dtype, safe_weights
 from vlmops.models.pixels import DevicePixels
@@ -51,7 +52,7 @@ from vlmops.train.rundir import (
     start_run_folder,
 )
 from vlmops.train.speed import SpeedPlan, apply_speed, plan_speed
-from vlmops.train.trainable import TrainableSummary, prepare_trainable, route_input_grads
+from vlmops.train.trainable import TrainableSummary, prepare_trainable, route_input_grads, trained_parts
 from vlmops.train.trainer import (
     CheckpointPolicy,
     CompactProgress,
@@ -157,6 +158,24 @@ def weights_dtype(config: PipelineConfig, precision: str) -> torch.dtype:
     if config.train.mode == "lora" or config.train.deepspeed is not None:
         return PRECISION_DTYPES[precision]
     return torch.float32
+
+
+def check_fp16_trainable(config: PipelineConfig, precision: str) -> None:
+    """fp16 training scales its loss, and the GradScaler cannot unscale float16 gradients: on a GPU a run that
+    trains weights in float16 (`model.dtype: float16`, parts trained fully, no DeepSpeed) stopped at its first step
+    ("Attempting to unscale FP16 gradients"). Refused before anything starts. LoRA's adapters are float32.
+
+    Raises:
+        UserInputError: such a run.
+    """
+    parts = trained_parts(config.train)
+    if precision == "fp16" and config.model.dtype == "float16" and config.train.deepspeed is None and parts:
+        raise UserInputError(
+            f"model.dtype float16 with train.precision fp16 would train the {', '.join(sorted(parts))} weights in "
+            "float16, whose gradients fp16's loss scaling cannot unscale: set model.dtype: auto (trained weights "
+            "stay float32 under fp16 autocast), or train.precision: bf16 on a GPU that has it, or freeze those parts "
+            "(train.freeze) and train LoRA adapters alone"
+        )
 
 
 def training_arguments(
@@ -278,6 +297,7 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         # allocation; a setting of the user's own is kept.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     precision = resolve_precision(config.train.precision)
+    check_fp16_trainable(config, precision)  # before the run folder: the fixed config starts it afresh
     config = resolve_deepspeed(config, base_model, plan_speed(config.train, torch.cuda.is_available(), precision))
     t = config.train
     if t.deepspeed is not None:
