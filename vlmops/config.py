@@ -309,8 +309,8 @@ class InferConfig(Section):
     max_position_embeddings), or 2048 outside a job. The K/V cache is slots x this, so short prompts get more slots
     from the same memory (an image is 576 prompt tokens; on an H200, a 7b job of one-image records ran at 41.7
     images/s once started with 1024 against 37.0 with 2048: bench/RESULTS.md session 24). Set it to cap the slots: a
-    record that does not fit goes to the job's rejects with its token count; to answer it, raise this and run it
-    into a new output folder (a record once rejected stays in that job's rejects). The plain engine's limit is the
+    record that does not fit goes to the job's rejects with its token count; to answer it, raise this and answer
+    the job's rejects again into a new output folder (infer.retry_rejects). The plain engine's limit is the
     model's `max_position_embeddings`."""
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
@@ -379,6 +379,11 @@ class InferConfig(Section):
     """Batch inference job: answer at most this many of the shards not yet done, then stop without the manifest (a
     trial run: read the first parts, then run the same command without it to go on; the job and its output are the
     same, so nothing answered is redone). null: every shard. Not part of the job's identity."""
+    retry_rejects: str | None = None
+    """Batch inference job: answer only the records the finished job in this output (a folder or s3:// prefix)
+    rejected, read where they are in the same --input (after the images they lacked were added, or with a larger
+    infer.max_context), into a new --output: a job of its own (the records chosen are part of its identity); its
+    results carry the same keys as that job's would have."""
     on_error: Literal["skip", "fail"] = "skip"
     """A record that cannot be answered (malformed line, missing or unreadable image). skip: write it to
     rejects.jsonl with its file, line and reason and go on; fail: stop the job at the first one."""

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.image_server import serving_images
+from tests.infer.test_batch_infer import rejects, results
 from vlmops.cli.main import main
 from vlmops.config import PipelineConfig, load_config
 from vlmops.evaluate.metrics import evaluate_predictions
@@ -191,6 +192,80 @@ def test_a_trial_run_answers_the_first_shards_and_the_same_command_goes_on(
     keys = [json.loads(line)["key"] for part in manifest["parts"] for line in (out / part["name"]).open()]
     assert keys == [f"train.jsonl:{i}" for i in range(1, 12)]  # every record once, in input order
     assert main(args) == 0 and ": finished before, nothing to do" in capsys.readouterr().out
+
+
+def test_a_jobs_rejects_are_answered_again_alone_once_their_images_are_there(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`infer.retry_rejects`: after the missing images are added, a new job answers only the records the finished
+    job rejected, read where they are (a .jsonl's lines, a .json list's items; files without a reject not read),
+    with the keys and sources that job would have given them; resumable like any job, and a job of its own."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(images["red"], data / "red.png")
+
+    def record(i: int, image: str) -> dict[str, Any]:
+        return {"id": f"q{i}", "query": f"<img>{image}</img>Colour {i}?"}
+
+    lines = [record(i, "blue.png" if i in (1, 4, 6) else "red.png") for i in range(8)]
+    text = "".join(json.dumps(r) + "\n" + ("\n" if i == 2 else "") for i, r in enumerate(lines))  # a blank line too
+    (data / "a.jsonl").write_text(text)
+    items = [record(10 + i, "blue.png" if i == 1 else "red.png") for i in range(4)]
+    (data / "b.json").write_text(json.dumps(items, indent=2))
+    (data / "c.jsonl").write_text(json.dumps(record(20, "red.png")) + "\n")
+    first, retry = tmp_path / "first", tmp_path / "retry"
+    args = ["batch-infer", "--model", str(tiny_model), "--input", str(data)]
+    args += ["--set", "infer.max_new_tokens=3", "--set", "infer.shard_size=2"]
+    assert main([*args, "--output", str(first)]) == 0
+    rejected = rejects(first)
+    assert [r["key"] for r in rejected] == ["q1", "q4", "q6", "q11"] and "blue.png" in rejected[0]["reason"]
+    assert [r.get("line", r.get("index")) for r in rejected] == [2, 6, 8, 1]  # lines after the blank one shift
+    capsys.readouterr()
+
+    retry_args = [*args, "--output", str(retry), "--set", f"infer.retry_rejects={first}"]
+    # Before the images are there: answered again, rejected again (the same records, the same keys).
+    assert main([*retry_args[:-2], "--output", str(tmp_path / "too-soon"), *retry_args[-2:]]) == 0
+    assert [r["key"] for r in rejects(tmp_path / "too-soon")] == ["q1", "q4", "q6", "q11"]
+    shutil.copy(images["blue"], data / "blue.png")
+    assert main([*retry_args, "--set", "infer.max_shards=1"]) == 0  # resumable: a trial shard, then the rest
+    assert main(retry_args) == 0
+    printed = capsys.readouterr().out
+    assert "4 read: 4 answered, 0 rejected" in printed and f"retry of          the records {first} rejected" in printed
+    answered = results(retry)
+    assert [r["key"] for r in answered] == ["q1", "q4", "q6", "q11"] and rejects(retry) == []
+    assert [r["source"] for r in answered] == [
+        f"{data}/a.jsonl:2",
+        f"{data}/a.jsonl:6",
+        f"{data}/a.jsonl:8",
+        f"{data}/b.json[1]",
+    ]
+    assert [r["query"] for r in answered] == [
+        lines[1]["query"],
+        lines[4]["query"],
+        lines[6]["query"],
+        items[1]["query"],
+    ]
+    manifest = json.loads((retry / "manifest.json").read_text())
+    assert manifest["input"]["retry_of"] == str(first)
+    assert [(f["name"], f["only"]) for f in manifest["input"]["files"]] == [("a.jsonl", [2, 6, 8]), ("b.json", [1])]
+    assert [p["records"] for p in manifest["parts"]] == [2, 1, 1]  # shards of the chosen records, by file
+    assert main(retry_args) == 0 and "finished before, nothing to do" in capsys.readouterr().out
+    status = job_status(open_output(str(retry)))
+    assert status.plan.retry_of == str(first) and status.as_dict()["retry_of"] == str(first)
+    # Another job: never mixed into the first job's output, and what cannot be retried says why.
+    assert main([*args, "--output", str(first), "--set", f"infer.retry_rejects={first}"]) == 2
+    assert "records chosen: the rejects of no job vs " in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "r2"), "--set", f"infer.retry_rejects={retry}"]) == 2
+    assert f"job {manifest['job_id']} rejected no record: nothing to answer again" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "r3"), "--set", f"infer.retry_rejects={tmp_path}"]) == 2
+    assert "no batch inference job there" in capsys.readouterr().err
+    (data / "a.jsonl").rename(tmp_path / "a.jsonl")
+    assert main([*args, "--output", str(tmp_path / "r4"), "--set", f"infer.retry_rejects={first}"]) == 2
+    assert f"rejected records of {data}/a.jsonl, which --input does not name" in capsys.readouterr().err
+    unfinished = tmp_path / "unfinished"
+    assert main([*args, "--output", str(unfinished), "--set", "infer.max_shards=1"]) == 0
+    assert main([*args, "--output", str(tmp_path / "r5"), "--set", f"infer.retry_rejects={unfinished}"]) == 2
+    assert "is not finished" in capsys.readouterr().err
 
 
 def test_a_job_scores_its_answers_against_the_records_reference_answers(

@@ -54,6 +54,8 @@ def handle(args: argparse.Namespace) -> int:
     print(f"batch inference job {plan.job_id}: {state}")
     print(f"  model             {plan.model.uri} ({plan.model.content_hash[:19]})")
     print(f"  input             {plan.input} ({len(plan.files)} file(s), {plan.records} records)")
+    if plan.retry_of:
+        print(f"  retry of          the records {plan.retry_of} rejected")
     print(f"  answers           {token_choice(plan.settings)}, max_new_tokens {plan.settings.get('max_new_tokens')}")
     print(
         f"  done              {len(done)} shard(s): {status.records_done} records, "

@@ -234,8 +234,10 @@ JOB_DIR_SUFFIX = ".job"
 
 
 def strict_copy(config: PipelineConfig) -> PipelineConfig:
-    """`config` with `infer.on_error: fail` and no `infer.max_shards` (evaluation scores every record or none)."""
-    return config.model_copy(update={"infer": config.infer.model_copy(update={"on_error": "fail", "max_shards": None})})
+    """`config` with `infer.on_error: fail`, no `infer.max_shards` and no `infer.retry_rejects` (evaluation scores
+    every record or none)."""
+    strict = {"on_error": "fail", "max_shards": None, "retry_rejects": None}
+    return config.model_copy(update={"infer": config.infer.model_copy(update=strict)})
 
 
 def load_runner(

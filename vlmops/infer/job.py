@@ -42,7 +42,7 @@ from vlmops.errors import RunFailed, UserInputError
 from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult, slot_tokens
 from vlmops.infer.generation import decode_answer
-from vlmops.infer.output import JobOutput, written_file
+from vlmops.infer.output import JobOutput, open_output, written_file
 from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
 from vlmops.infer.records import (
     PROMPT_STEP,
@@ -105,6 +105,9 @@ class JobPlan:
     files: list[InputFile]
     shards: list[Shard]
     settings: dict[str, Any]
+    retry_of: str | None = None
+    """A job over another job's rejects (`infer.retry_rejects`): that job's output (its files' `only` say which
+    records)."""
 
     def to_json(self) -> str:
         return json.dumps(
@@ -115,6 +118,7 @@ class JobPlan:
                 "files": [asdict(f) for f in self.files],
                 "shards": [asdict(s) for s in self.shards],
                 "settings": self.settings,
+                "retry_of": self.retry_of,
             },
             indent=1,
         )
@@ -129,6 +133,7 @@ class JobPlan:
             [InputFile(**f) for f in data["files"]],
             [Shard(**s) for s in data["shards"]],
             data["settings"],
+            data.get("retry_of"),
         )
 
     @property
@@ -377,18 +382,72 @@ def plan_job(
     input."""
     files: list[InputFile] = []
     shards: list[Shard] = []
-    for file_index, found in enumerate(find_inputs(input_spec, config.storage, output_uri)):
-        scanned, file_shards = scan_input(found, file_index, config.infer.shard_size, config.storage, measure)
+    found = find_inputs(input_spec, config.storage, output_uri)
+    retry_of = config.infer.retry_rejects
+    before: dict[str, InputFile] = {}
+    if retry_of is not None:
+        old, found = _choose_rejected(retry_of, found, config)
+        before = {f.uri: f for f in old.files}
+    for file_index, chosen in enumerate(found):
+        scanned, file_shards = scan_input(chosen, file_index, config.infer.shard_size, config.storage, measure)
+        if retry_of is not None and scanned.sha256 != before[scanned.uri].sha256:
+            log.warning(
+                "%s changed since job %s read it: its rejects are taken by their line (or list index), so a line added "
+                "or removed above one answers another record; the results' keys and source say which",
+                scanned.uri,
+                old.job_id,
+            )
         files.append(scanned)
         shards += [replace(s, index=len(shards) + i) for i, s in enumerate(file_shards)]
     settings = job_settings(config)
-    identity = {
+    identity: dict[str, Any] = {
         "model": model.content_hash,
         "inputs": [[f.name, f.sha256] for f in files],
         "settings": settings,
     }
+    if retry_of is not None:  # the records chosen: another choice is another job
+        identity["only"] = [f.only for f in files]
     job_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return JobPlan(job_id, model, input_spec, files, shards, settings)
+    return JobPlan(job_id, model, input_spec, files, shards, settings, retry_of)
+
+
+def _choose_rejected(retry_of: str, found: list[InputFile], config: PipelineConfig) -> tuple[JobPlan, list[InputFile]]:
+    """The finished job in `retry_of` and the input files that hold records it rejected, each with `only` those
+    records (files without one are left out).
+
+    Raises:
+        UserInputError: no finished job there, it rejected nothing, or its rejects name files the input does not.
+    """
+
+    where = f"infer.retry_rejects={retry_of}"
+    output = open_output(retry_of, config.storage)
+    saved = output.read_text(JOB_FILE)
+    if saved is None:
+        raise UserInputError(
+            f"{where}: no batch inference job there (no {JOB_FILE}); give the --output of the job whose rejects to "
+            "answer again"
+        )
+    old = JobPlan.from_json(saved)
+    rejects = output.read_text(REJECTS_FILE) if read_manifest(old, output) is not None else None
+    if rejects is None:
+        raise UserInputError(
+            f"{where}: job {old.job_id} is not finished (its rejects are gathered into {REJECTS_FILE} as it finishes): "
+            "run its command again to finish it first"
+        )
+    chosen: dict[str, set[int]] = collections.defaultdict(set)
+    for line in rejects.splitlines():
+        reject = json.loads(line)
+        chosen[reject["file"]].add(int(reject["line"] if "line" in reject else reject["index"]))
+    if not chosen:
+        raise UserInputError(f"{where}: job {old.job_id} rejected no record: nothing to answer again")
+    missing = sorted(chosen.keys() - {f.uri for f in found})
+    if missing:
+        raise UserInputError(
+            f"{where}: job {old.job_id} rejected records of {missing[0]}"
+            + (f" (and {len(missing) - 1} more file(s))" if len(missing) > 1 else "")
+            + f", which --input does not name: give the input that job read ({old.input})"
+        )
+    return old, [replace(f, only=sorted(chosen[f.uri])) for f in found if f.uri in chosen]
 
 
 def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
@@ -430,6 +489,8 @@ def _difference(old: JobPlan, new: JobPlan) -> str:
         return (
             f"model {old.model.uri} ({old.model.content_hash[:19]}) vs {new.model.uri} ({new.model.content_hash[:19]})"
         )
+    if old.retry_of != new.retry_of or [f.only for f in old.files] != [f.only for f in new.files]:
+        return f"records chosen: the rejects of {old.retry_of or 'no job'} vs {new.retry_of or 'no job'}"
     if [(f.name, f.sha256) for f in old.files] != [(f.name, f.sha256) for f in new.files]:
         return f"input {old.input} vs {new.input}: other files or other content"
     changed = [k for k in new.settings if old.settings.get(k) != new.settings[k]]
@@ -778,7 +839,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
     manifest = {
         "job_id": plan.job_id,
         "model": plan.model.as_dict(),
-        "input": {"spec": plan.input, "files": [asdict(f) for f in plan.files]},
+        "input": {"spec": plan.input, "files": [asdict(f) for f in plan.files], "retry_of": plan.retry_of},
         "settings": plan.settings,
         "parts": parts,
         "records_read": plan.records,
@@ -863,6 +924,7 @@ class JobStatus:
             "state": "finished" if self.manifest else "running or stopped",
             "model": plan.model.as_dict(),
             "input": plan.input,
+            "retry_of": plan.retry_of,
             "files": len(plan.files),
             "records": plan.records,
             "settings": plan.settings,

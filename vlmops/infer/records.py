@@ -62,6 +62,9 @@ class InputFile:
     longest_prompt: int | None = None
     longest_line: int | None = None
     prompt_steps: list[list[int]] | None = None
+    only: list[int] | None = None
+    """The records the job reads from the file, by line (.jsonl) or list index (.json), ascending: a job over
+    another job's rejects (`infer.retry_rejects`); None: every record. `records` counts these alone."""
 
 
 PROMPT_STEP = 128
@@ -73,7 +76,8 @@ class Shard:
     """A run of consecutive records of one file: the unit written, resumed and handed to a worker.
 
     `offset` is the byte offset of its first record (the start of its line in a .jsonl file, of the item in a
-    .json list) and `line` that line's number; `start` is the index of its first record in the file.
+    .json list) and `line` that line's number; `start` is the index of its first record in the file. Where the
+    file's records are chosen (`InputFile.only`), the shard holds `count` of those, from its first one on.
     """
 
     index: int
@@ -242,7 +246,10 @@ def scan_input(
     """
     digest = hashlib.sha256()
     shards: list[Shard] = []
-    count = 0
+    ordinals: list[int] = []  # each shard's first record among those read (`count` before it)
+    chosen = frozenset(file.only) if file.only is not None else None
+    count = 0  # records read (all of them, or the chosen ones)
+    index = 0  # records in the file
     size = 0
     longest, longest_line, steps = 0, 0, collections.Counter[int]()
     base_dir = record_base(file.uri)
@@ -261,11 +268,14 @@ def scan_input(
         with open_input(file.uri, storage) as stream:
             for number, line in enumerate(_lines(stream), start=1):
                 if line.strip():
-                    if count % shard_size == 0:
-                        shards.append(Shard(0, file_index, count, 0, size, number))
-                    count += 1
-                    if measure is not None:  # a record is only decoded to be counted
-                        measured(_line_record(file, number, line), number)
+                    if chosen is None or number in chosen:
+                        if count % shard_size == 0:
+                            shards.append(Shard(0, file_index, index, 0, size, number))
+                            ordinals.append(count)
+                        count += 1
+                        if measure is not None:  # a record is only decoded to be counted
+                            measured(_line_record(file, number, line), number)
+                    index += 1
                 digest.update(line)
                 size += len(line)
     else:
@@ -273,8 +283,11 @@ def scan_input(
             counted = _Counted(stream, digest)
             try:
                 for item in json_array_items(counted):
+                    if chosen is not None and item.index not in chosen:
+                        continue
                     if count % shard_size == 0:
-                        shards.append(Shard(0, file_index, count, 0, item.offset, item.line))
+                        shards.append(Shard(0, file_index, item.index, 0, item.offset, item.line))
+                        ordinals.append(count)
                     count += 1
                     if measure is not None:
                         measured(_item_record(file, item), item.line)
@@ -282,8 +295,11 @@ def scan_input(
                 where = f"{file.uri}:{err.line}" if err.line else file.uri
                 raise UserInputError(f"{where}: {err.problem()}") from None
             size = counted.size
-    sized = [Shard(0, s.file, s.start, min(shard_size, count - s.start), s.offset, s.line) for s in shards]
-    scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count)
+    sized = [
+        Shard(0, s.file, s.start, min(shard_size, count - first), s.offset, s.line)
+        for s, first in zip(shards, ordinals, strict=True)
+    ]
+    scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count, only=file.only)
     if measure is not None:
         histogram = [[step, steps[step]] for step in sorted(steps)]
         scanned = replace(scanned, longest_prompt=longest, longest_line=longest_line or None, prompt_steps=histogram)
@@ -306,12 +322,14 @@ def _item_record(file: InputFile, item: ArrayItem) -> RawRecord:
 
 
 def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = None) -> Iterator[RawRecord]:
-    """The shard's records, in file order, each with its location."""
+    """The shard's records, in file order, each with its location (of the file's chosen records, where it has
+    `only`)."""
+    chosen = frozenset(file.only) if file.only is not None else None
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage, shard.offset) as stream:
             read = 0
             for number, line in enumerate(_lines(stream), start=shard.line):
-                if not line.strip():
+                if not line.strip() or (chosen is not None and number not in chosen):
                     continue
                 if read == shard.count:
                     return
@@ -320,10 +338,12 @@ def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = No
         return
     with open_input(file.uri, storage, shard.offset) as stream:
         if shard.offset:  # streamed from the shard's first item
-            items = itertools.islice(json_array_items(stream, shard.offset, shard.line, shard.start), shard.count)
+            items = json_array_items(stream, shard.offset, shard.line, shard.start)
         else:  # a plan from before shards knew their offset: read up to the shard
-            items = itertools.islice(json_array_items(stream), shard.start, shard.start + shard.count)
-        for item in items:
+            items = itertools.islice(json_array_items(stream), shard.start, None)
+        if chosen is not None:
+            items = (item for item in items if item.index in chosen)
+        for item in itertools.islice(items, shard.count):
             yield _item_record(file, item)
 
 

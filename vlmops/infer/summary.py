@@ -24,6 +24,7 @@ def summary_rows(result: JobResult) -> list[tuple[str, str]]:
     rows = [
         ("model", f"{model['uri']} ({version}{model['content_hash'][:19]})"),
         ("records", f"{result.records} read: {result.results} answered, {result.rejects} rejected"),
+        *_retry_row(manifest["input"].get("retry_of")),
         ("generated tokens", str(manifest["generated_tokens"])),
         ("answers", token_choice(manifest["settings"])),
     ]
@@ -52,12 +53,18 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
             f"{status.records_done - status.rejects} answered, {status.rejects} rejected",
         ),
         ("to do", f"{len(status.pending)} shard(s): {sum(s.count for s in status.pending)} records"),
+        *_retry_row(plan.retry_of),
         ("answers", token_choice(plan.settings)),
         *_run_rows(stopped.ran, stopped.startup_s),
         ("output", f"{status.output}/part-*.jsonl ({len(status.done)} parts so far), no manifest.json yet"),
         ("go on", "run the same command without infer.max_shards (or with a larger one): done shards are not redone"),
     ]
     return rows
+
+
+def _retry_row(retry_of: str | None) -> list[tuple[str, str]]:
+    """Where the job answers another job's rejects (`infer.retry_rejects`): whose."""
+    return [("retry of", f"the records {retry_of} rejected")] if retry_of else []
 
 
 def _run_rows(ran: list[ShardStats], startup_s: float | None) -> list[tuple[str, str]]:
