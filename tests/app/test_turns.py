@@ -97,3 +97,72 @@ def test_side_by_side_streams_both_answers(
         answer([page_model], "What colour?", [str(images["blue"])])[0],
         answer([challenger], "What colour?", [str(images["blue"])])[0],
     )
+
+
+def test_closing_a_side_by_side_turn_does_not_wait_for_a_busy_model_which_then_never_starts(
+    page_model: PageModel, challenger: PageModel, images: dict[str, Path]
+) -> None:
+    """Closing the stream (the page cancelled the turn) runs on the server's event loop: it must not wait for a model
+    another visitor's answer holds (every visitor's page would stall), and that model, once free, must not answer
+    the cancelled turn."""
+    import threading
+
+    steps: list[int] = []
+    handle = challenger.chat.loaded.model.lm_head.register_forward_hook(lambda *_: steps.append(1))
+    challenger.lock.acquire()  # another visitor's answer holds the challenger
+    try:
+        stream = stream_answers(
+            [page_model, challenger], "What colour?", [str(images["blue"])], [[], []], settings(page_model)
+        )
+        first = next(stream)
+        assert first[0] and first[1] == ""  # the free model answers; the busy one waits
+        closer = threading.Thread(target=stream.close)
+        closer.start()
+        closer.join(60)
+        assert not closer.is_alive(), "closing the turn waited for the busy model"
+    finally:
+        challenger.lock.release()
+    with challenger.lock:  # the waiting thread took the lock and left it at once: the turn was cancelled
+        pass
+    assert steps == []
+    handle.remove()
+
+
+def test_a_side_by_side_turn_that_fails_lets_the_failed_generations_cache_go(
+    page_model: PageModel, challenger: PageModel, images: dict[str, Path]
+) -> None:
+    """One model's error (CUDA out of memory, say) reaches the page once both stopped, and once handled, the failed
+    generation's K/V cache goes with it, without waiting for the collector."""
+    import gc
+    import weakref
+
+    caches: list[weakref.ref[object]] = []
+
+    def remember_cache(_module: object, _args: object, kwargs: dict[str, object]) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.25 / 5.17
+        if cache is not None:
+            caches.append(weakref.ref(cache))
+
+    def fail(*_: object) -> None:
+        if len(caches) >= 3:
+            raise RuntimeError("injected failure in decode step 3")
+
+    model = challenger.chat.loaded.model
+    handles = [
+        model.model.language_model.register_forward_pre_hook(remember_cache, with_kwargs=True),
+        model.lm_head.register_forward_hook(fail),
+    ]
+    gc.disable()
+    try:
+        try:
+            answer([page_model, challenger], "What colour?", [str(images["blue"])])
+        except RuntimeError as err:
+            assert "injected failure" in str(err)
+        else:
+            raise AssertionError("the challenger's error did not reach the page")
+        assert caches and caches[-1]() is None
+    finally:
+        gc.enable()
+        for handle in handles:
+            handle.remove()
+    assert all(answer([page_model, challenger], "What colour?", [str(images["blue"])]))  # both answer again

@@ -172,6 +172,46 @@ def test_error_in_the_generation_thread_reaches_the_caller(tiny_model: Path) -> 
     assert model.chat("Say hello.")[0] is not None  # the model is usable afterwards
 
 
+def test_a_failed_answer_lets_its_cache_go_with_the_error(tiny_model: Path) -> None:
+    """The error a generation raised (CUDA out of memory, say) holds the failed generation's frames and so its K/V
+    cache; once the caller has handled it, that goes with it, as the collector is not there to break a cycle (on a
+    GPU the retry's prefill otherwise ran beside the failed turn's cache, and ran out of memory again)."""
+    import gc
+    import weakref
+
+    model = ChatModel.load(tiny_model, infer_cfg=infer(20))
+    caches: list[weakref.ref[object]] = []
+    calls = 0
+
+    def remember_cache(_module: object, _args: object, kwargs: dict[str, object]) -> None:
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.25 / 5.17
+        if cache is not None:
+            caches.append(weakref.ref(cache))
+
+    def fail_on_third_step(*_: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("injected failure in decode step 3")
+
+    language_model = model.loaded.model.model.language_model
+    handles = [
+        language_model.register_forward_pre_hook(remember_cache, with_kwargs=True),
+        model.loaded.model.lm_head.register_forward_hook(fail_on_third_step),
+    ]
+    gc.disable()
+    try:
+        try:
+            list(model.chat_stream("Say hello."))
+        except RuntimeError as err:
+            assert "injected failure" in str(err)
+        assert caches and caches[-1]() is None
+    finally:
+        gc.enable()
+        for handle in handles:
+            handle.remove()
+
+
 def test_answers_run_with_cudnn_attention_off_and_the_switch_is_restored(chat_model: ChatModel) -> None:
     """cuDNN's SDPA builds a kernel graph for every new shape (seconds a first answer on a GPU): chat keeps it off."""
     seen: list[bool] = []

@@ -91,12 +91,20 @@ def _unreadable(images: Sequence[str], err: ImageLoadError) -> str:
 
 
 def stream_answer(
-    model: PageModel, query: str, images: Sequence[str], history: History, settings: Settings
+    model: PageModel,
+    query: str,
+    images: Sequence[str],
+    history: History,
+    settings: Settings,
+    stop: threading.Event | None = None,
 ) -> Generator[str, None, None]:
-    """The answer so far, growing (as `ChatModel.chat_stream`), generated with the page's settings."""
+    """The answer so far, growing (as `ChatModel.chat_stream`), generated with the page's settings; `stop` set ends
+    it after the token being generated, or before it starts when it is set while waiting for the model."""
     with model.lock:
+        if stop is not None and stop.is_set():
+            return
         model.chat.infer_cfg = settings.apply(model.defaults)
-        yield from model.chat.chat_stream(query, history, images)
+        yield from model.chat.chat_stream(query, history, images, stop=stop)
 
 
 def stream_answers(
@@ -120,12 +128,10 @@ def stream_answers(
     stop = threading.Event()
 
     def run(index: int) -> None:
-        stream = stream_answer(models[index], query, images, histories[index], settings)
+        stream = stream_answer(models[index], query, images, histories[index], settings, stop)
         try:
             for text in stream:
                 updates.put((index, text))
-                if stop.is_set():
-                    break
         except Exception as err:  # handed to the consumer, which raises it
             errors.append(err)
         finally:
@@ -145,8 +151,10 @@ def stream_answers(
             answers[index] = update
             yield list(answers)
     finally:
-        stop.set()  # the page closed the stream (visitor left): end every model's generation
-        for thread in threads:
-            thread.join()
+        # The page closed the stream (the turn cancelled): every model's generation ends after its next token, and a
+        # model still waiting for its lock (another visitor's answer) never starts. Not joined: this runs on the
+        # server's event loop, which a wait for another visitor's answer would stall for every visitor. Run to the
+        # end, every thread has already said it is done.
+        stop.set()
     if errors:
-        raise errors[0]
+        raise errors.pop(0)  # not errors[0]: the frame would hold it, and its traceback the frame (a cycle)

@@ -203,7 +203,7 @@ class ChatModel:
             closed.set()
             thread.join()
         if errors:
-            raise errors[0]
+            raise errors.pop()  # not errors[0]: the frame would hold it, and its traceback the frame (a cycle)
         if shown is None:
             yield ""
 
