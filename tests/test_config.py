@@ -159,3 +159,18 @@ def _lookup(data: dict, dotted: str) -> object:  # type: ignore[type-arg]
             return _MISSING
         node = node[part]
     return node
+
+
+def test_auto_dtype_is_bf16_only_on_gpus_that_compute_in_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`model.dtype: auto` on a V100 or T4 (compute capability 7) is float16: bf16 is only emulated there, and
+    torch's `is_bf16_supported()` says yes to it by default. Each device is asked about itself."""
+    import torch
+
+    from vlmops.models.loading import resolve_dtype
+
+    capability = {"cuda:0": (7, 0), "cuda:1": (9, 0)}  # a V100 beside an H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[str(device)])
+    assert resolve_dtype("auto", "cuda:0") == torch.float16
+    assert resolve_dtype("auto", "cuda:1") == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bfloat16", "cuda:0") == torch.bfloat16  # asked for: as asked

@@ -84,7 +84,9 @@ def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.
         return DTYPES[name]
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Compute capability 8 (Ampere) on: bf16 in hardware. Not `is_bf16_supported()`, which by default also says
+        # yes where bf16 is only emulated (V100, T4: slow, no fast attention), and asks the current device, not `dev`.
+        return torch.bfloat16 if torch.cuda.get_device_capability(dev)[0] >= 8 else torch.float16
     return torch.float32
 
 
