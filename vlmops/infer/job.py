@@ -636,7 +636,7 @@ class ShardRunner:
                     yield from finished()
         yield from finished()  # shards whose last records were rejects
         if stopped:
-            raise stopped[0]
+            raise stopped.pop()  # not stopped[0]: the frame would hold it, and its traceback the frame
         for work in pending:
             missing = sorted(work.prompts.keys() - work.results.keys())
             raise RunFailed(f"shard {work.shard.name}: the engine returned no answer for records {missing[:10]}")
