@@ -418,16 +418,9 @@ def _choose_rejected(retry_of: str, found: list[InputFile], config: PipelineConf
     Raises:
         UserInputError: no finished job there, it rejected nothing, or its rejects name files the input does not.
     """
-
     where = f"infer.retry_rejects={retry_of}"
     output = open_output(retry_of, config.storage)
-    saved = output.read_text(JOB_FILE)
-    if saved is None:
-        raise UserInputError(
-            f"{where}: no batch inference job there (no {JOB_FILE}); give the --output of the job whose rejects to "
-            "answer again"
-        )
-    old = JobPlan.from_json(saved)
+    old = saved_plan(output, f"{where}: ")
     rejects = output.read_text(REJECTS_FILE) if read_manifest(old, output) is not None else None
     if rejects is None:
         raise UserInputError(
@@ -941,19 +934,28 @@ class JobStatus:
         }
 
 
+def saved_plan(output: JobOutput, context: str = "") -> JobPlan:
+    """The plan of the job in `output`.
+
+    Raises:
+        UserInputError: the folder holds no job (no `_job/job.json`); the message starts with `context`.
+    """
+    saved = output.read_text(JOB_FILE)
+    if saved is None:
+        raise UserInputError(
+            f"{context}{output.uri} holds no batch inference job (no {JOB_FILE}): give the --output of a `vlmops "
+            "batch-infer` command or a batch-inference flow run"
+        )
+    return JobPlan.from_json(saved)
+
+
 def job_status(output: JobOutput) -> JobStatus:
     """The job in `output`: its plan, the shards whose part is there and the rejects in them.
 
     Raises:
         UserInputError: the folder holds no job (no `_job/job.json`).
     """
-    saved = output.read_text(JOB_FILE)
-    if saved is None:
-        raise UserInputError(
-            f"{output.uri} holds no batch inference job (no {JOB_FILE}): give the --output of a `vlmops batch-infer` "
-            "command or a batch-inference flow run"
-        )
-    plan = JobPlan.from_json(saved)
+    plan = saved_plan(output)
     manifest = read_manifest(plan, output)
     parts = output.modified(PART_PREFIX)
     done = [s for s in plan.shards if part_name(s) in parts]
