@@ -660,3 +660,22 @@ def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path
         assert (inside.records, inside.results) == (10, 10)
         again = run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/prompts/out", config, progress=False)
         assert (again.ran, again.records) == ([], 10)
+        # A reject answered again once its image is in the bucket (infer.retry_rejects on S3).
+        lines = [
+            json.dumps({"id": f"s{i}", "query": f"<img>{'blue' if i == 1 else 'red'}.png</img>Colour?"})
+            for i in range(3)
+        ]
+        client.upload_file(str(images["red"]), "jobs", "more/red.png")
+        client.put_object(Bucket="jobs", Key="more/d.jsonl", Body=("\n".join(lines) + "\n").encode())
+        first = run_batch_job(str(tiny_model), "s3://jobs/more", "s3://jobs/answers/more", config, progress=False)
+        assert (first.results, first.rejects) == (2, 1)
+        client.upload_file(str(images["blue"]), "jobs", "more/blue.png")
+        retry = config.model_copy(
+            update={"infer": config.infer.model_copy(update={"retry_rejects": "s3://jobs/answers/more"})}
+        )
+        again = run_batch_job(str(tiny_model), "s3://jobs/more", "s3://jobs/answers/more-retry", retry, progress=False)
+        assert (again.records, again.results, again.rejects) == (1, 1, 0)
+        part = client.get_object(Bucket="jobs", Key="answers/more-retry/part-00000.jsonl")["Body"].read().decode()
+        assert [(r["key"], r["source"]) for r in map(json.loads, part.splitlines())] == [
+            ("s1", "s3://jobs/more/d.jsonl:2")
+        ]
