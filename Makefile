@@ -8,8 +8,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CPU machines get the CPU build of torch 2.13.0 (from the local wheel where there is one); a machine with
-# an NVIDIA driver keeps the CUDA build pip picks.
+# Machines without an NVIDIA driver get torch 2.13.0: the CPU build where pip finds one (a local wheel in its
+# find-links), else PyPI's default build, which runs on the CPU too; a machine with a driver keeps the CUDA build
+# pip picks.
 TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.11' || echo 'torch==2.13.0')
 # GPU machines also get the `gpu` extra (Liger Kernel's fused loss for fast training).
 EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'dev,gpu' || echo 'dev')

@@ -41,6 +41,7 @@ from vlmops.config import dump_config, load_config
 from vlmops.data.prepare import dataset_inputs
 from vlmops.evaluate.run import BASE_PREDICTIONS, EVAL_DIR, PREDICTIONS
 from vlmops.evaluate.samples import sample_rows
+from vlmops.infer.resolve import RETRAIN_MODEL_DIR
 from vlmops.models.download import local_source_path
 from vlmops.redact import redact_log_handlers, redact_uri
 from vlmops.registry.lineage import version_tags
@@ -196,7 +197,9 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
             log_training(tracker, step, trained)
 
         with tracker.run("merge", parent) as step:
-            merged = merge(str(trained.run_dir), str(run_dir / "merged"), config.merge.parity_atol, config.model.dtype)
+            merged = merge(
+                str(trained.run_dir), str(run_dir / RETRAIN_MODEL_DIR), config.merge.parity_atol, config.model.dtype
+            )
             log_merge(tracker, step, merged)
             model_version = version_path(config, str(merged.path)) if config.versioning.enabled else None
             if model_version:

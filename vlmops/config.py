@@ -255,7 +255,7 @@ class TrainConfig(Section):
     eval_steps: int | None = Field(None, ge=1)
     """Compute the eval loss every N steps. null: once per epoch."""
     save_steps: int | None = Field(None, ge=1)
-    """Write a checkpoint every N steps. null: once per epoch."""
+    """Write a checkpoint every N steps. null: at each evaluation (every `eval_steps`, else once per epoch)."""
     save_total_limit: int = Field(2, ge=1)
     """Checkpoints to keep (the best one is always kept)."""
     resume: str = "auto"
@@ -394,7 +394,8 @@ class InferConfig(Section):
 
 class EvalConfig(Section):
     metric: Literal["exact_match"] = "exact_match"
-    """How a prediction is scored against its reference answer (case- and punctuation-insensitive)."""
+    """How a prediction is scored against its reference answer (exact match, case, spacing and final punctuation
+    aside: vlmops/answers.py)."""
     evaluate_base: bool = True
     """Also run the eval split through the base model, to report the gain."""
 

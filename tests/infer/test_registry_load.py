@@ -106,3 +106,17 @@ def test_a_version_pointing_at_the_dvc_remote_is_pulled_from_there(
     assert (loaded.loaded.path / "config.json").is_file()
     assert not list((tmp_path / "cache").rglob(".dvc"))  # the pull's own cache was removed
     assert loaded.chat(query)[0] == ChatModel.load(tiny_model).chat(query)[0]
+
+
+def test_a_retrain_flow_run_folder_resolves_to_the_model_it_made(tiny_model: Path, tmp_path: Path) -> None:
+    """`vlmops app --model outputs/runs/<run>` (or infer, batch-infer): the retrain flow's run folder holds its
+    config, train/, merged/ and eval/, and the model it made is merged/; a checkpoint named so stays itself."""
+    import shutil
+
+    run = tmp_path / "runs" / "20261205-010000-ab12"
+    (run / "train").mkdir(parents=True)
+    (run / "config.yaml").write_text("run: {}\n")
+    shutil.copytree(tiny_model, run / "merged")
+    assert resolve_model_ref(str(run)) == run / "merged"
+    assert resolve_model_ref(str(run / "merged")) == run / "merged"
+    assert resolve_model_ref(str(tiny_model)) == tiny_model

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "dataset snapshot as training would. Rejected records go to the rejects file (data.rejects_file).",
     )
     p.add_argument("paths", nargs="*", metavar="PATH", help="dataset files (.json, .jsonl) or folders of them")
-    add_config_args(p, default=None)
+    add_config_args(p, default=None, default_text=f"./{DEFAULT_CONFIG} where there is one, else built-in defaults")
     p.set_defaults(handler=handle)
 
 

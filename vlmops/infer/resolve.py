@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 REGISTRY_SCHEME = "models:/"
 REGISTRY_MANIFEST = "vlmops_registry.json"
+RETRAIN_MODEL_DIR = "merged"
+"""A retrain flow run folder's model (`outputs/runs/<run>/merged`: the merged, parity-checked weights it ships)."""
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 ResolveModel = Callable[[str], Path]
@@ -79,7 +81,8 @@ def catalog_resolver(config: PipelineConfig) -> ResolveModel:
 def resolve_model_ref(
     ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
 ) -> Path:
-    """A local folder for `ref`: a checkpoint or run folder as it is, a `models:/` URI downloaded.
+    """A local folder for `ref`: a checkpoint or training run folder as it is, a retrain flow run folder's `merged/`
+    model, a `models:/` URI downloaded.
 
     Raises:
         FileNotFoundError: `ref` is neither an existing folder nor a `models:/` URI (a catalog name that was
@@ -92,6 +95,9 @@ def resolve_model_ref(
         return download_registered_model(ref, tracking_uri, cache_dir)
     folder = Path(ref).expanduser()
     if folder.is_dir():
+        shipped = folder / RETRAIN_MODEL_DIR
+        if not (folder / "config.json").exists() and not (folder / RUN_INFO).exists() and shipped.is_dir():
+            return shipped  # a retrain flow run folder (outputs/runs/<run>): the model it made
         return folder
     if folder.exists():
         raise FileNotFoundError(f"model {ref}: is a file; pass the checkpoint folder that holds config.json")
