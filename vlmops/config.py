@@ -245,7 +245,8 @@ class TrainConfig(Section):
     """DeepSpeed: a preset (zero2, zero3, zero3-offload, zero3-offload-partial; see vlmops/train/deepspeed_config.py)
     or a path to your own JSON. null: no DeepSpeed, except that full training on a GPU it would not fit (one sample of
     data.max_length tokens with recompute, float32 master weights, in train.memory_gib) takes the
-    zero3-offload-partial preset instead of failing for memory (train.auto_batch: false keeps null as it is). zero2 and
+    zero3-offload-partial preset instead of failing for memory (with model.dtype auto and train.auto_batch true, the
+    defaults; otherwise null stays null; several processes without DeepSpeed count DDP's gradient buckets). zero2 and
     zero3 shard state across processes: a run of one process trains as with null, with a warning (they would shard
     nothing, cost speed and turn off the run's own levers), so one config serves one GPU and several."""
     nproc_per_node: int | None = Field(None, ge=1)
