@@ -943,8 +943,8 @@ def saved_plan(output: JobOutput, context: str = "") -> JobPlan:
     saved = output.read_text(JOB_FILE)
     if saved is None:
         raise UserInputError(
-            f"{context}{output.uri} holds no batch inference job (no {JOB_FILE}): give the --output of a `vlmops "
-            "batch-infer` command or a batch-inference flow run"
+            f"{context}{output.uri} holds no batch inference job (no {JOB_FILE}): give the --output of a "
+            "`vlmops batch-infer` command or a batch-inference flow run"
         )
     return JobPlan.from_json(saved)
 
