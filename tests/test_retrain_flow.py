@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 
-def retrain_runs(tmp: Path, count: int) -> list[dict]:
+def retrain_runs(tmp: Path, count: int, *extra: str) -> list[dict]:
     """`count` runs of the retrain flow on the shipped pipeline.yaml, one after another, everything they write (outputs,
-    MLflow store, model cache, Prefect's result storage) under `tmp`."""
+    MLflow store, model cache, Prefect's result storage) under `tmp`; `extra`: more overrides."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from flows.retrain import retrain
@@ -32,6 +32,7 @@ def retrain_runs(tmp: Path, count: int) -> list[dict]:
         f"run.output_dir={tmp}/outputs",
         f"model.cache_dir={tmp}/outputs/cache",
         f"tracking.uri=sqlite:///{tmp}/outputs/mlflow.db",
+        *extra,
     ]
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp / "prefect-storage"}):
         return [retrain(str(ROOT / "pipeline.yaml"), overrides) for _ in range(count)]
@@ -197,7 +198,7 @@ def test_retrain_flow_on_cuda(tmp_path: Path, prefect_harness: None) -> None:
     (written in bf16, proved in float32), the eval split answered by the fast engine (base and fine-tuned), and the
     registration. Bugs in those paths (a merge checked in bf16, an adapter merged under the eval's base step) were
     found by reading the code, not by a test."""
-    (summary,) = retrain_runs(tmp_path, 1)
+    (summary,) = retrain_runs(tmp_path, 1, "infer.fast_min_records=0")  # the fast engine for the tiny eval split
 
     assert summary["finetuned_accuracy"] > summary["base_accuracy"]
     merged = json.loads((Path(summary["run_dir"]) / "merged" / "config.json").read_text())

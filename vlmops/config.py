@@ -294,8 +294,15 @@ class InferConfig(Section):
     """Batch inference processes, one per GPU of this machine. null: every visible GPU (1 without CUDA)."""
     engine: Literal["auto", "plain", "fast"] = "auto"
     """Batch generation engine. plain: `model.generate` on fixed batches, any device; fast: CUDA (static KV cache,
-    continuous batching); auto: fast on CUDA, else plain. Both take every setting of how tokens are picked
-    (temperature, top_p, top_k, repetition_penalty)."""
+    continuous batching); auto: fast on CUDA for a job of at least `fast_min_records` records to answer, else plain.
+    Both take every setting of how tokens are picked (temperature, top_p, top_k, repetition_penalty)."""
+    fast_min_records: int = Field(500, ge=0)
+    """infer.engine auto: the fewest records a job (or a process's share of it) must have left to answer for the fast
+    engine; below, plain `generate`, because the fast engine's compiling and capturing (25-100 s) costs more than it
+    saves. Measured on an H200 (bench/RESULTS.md session 30), the whole command: 64 records 1.3b plain 18.8 s
+    against fast 29.8 s (its compile cache filled) / 47.3 s (empty), 7b 26.8 against 45.1 / 105.8; 512 records 1.3b
+    36.9 against 30.9 / 53.7, 7b 82.5 against 58.4 / 106.0. The crossover: ~260-350 records with a filled compile
+    cache, ~700-1,150 with an empty one. 0: the fast engine whatever the size."""
     max_batch: int = Field(512, ge=1)
     """Fast engine: prompts decoded at once (a finished one's slot is refilled at once from the waiting
     prompts); more is faster until the GPU's memory bandwidth is saturated. Capped by memory_gib: each slot holds

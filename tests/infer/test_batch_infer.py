@@ -244,9 +244,11 @@ def test_on_error_fail_stops_at_the_first_unanswerable_record(
     dataset.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     # Batches of 3 over shards of 4: the batch that meets the bad record (line 9, shard 2) already holds the last two
-    # records of shard 1, as the fast engine's slots hold prompts read ahead of its answers.
+    # records of shard 1, as the fast engine's slots hold prompts read ahead of its answers (on a GPU machine this job
+    # runs on the fast engine: fast_min_records 0).
+    config = job_config(batch_size=3, shard_size=4, on_error="fail", fast_min_records=0)
     with pytest.raises(RecordRejectedError, match=r"train\.jsonl:9: image \S*gone\.png: file not found"):
-        run_batch_job(str(tiny_model), str(dataset), str(out), job_config(batch_size=3, shard_size=4, on_error="fail"))
+        run_batch_job(str(tiny_model), str(dataset), str(out), config)
     # The prompts in flight are answered and the shards read whole are published; the failed shard published nothing;
     # no temp file is left.
     assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.jsonl", "part-00001.jsonl"]

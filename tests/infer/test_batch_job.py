@@ -412,11 +412,18 @@ def test_an_image_server_that_fails_for_now_stops_the_job_without_a_reject(
 def test_a_lora_run_is_answered_by_the_fast_engine(
     lora_run: Path, demo_data: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """On CUDA `infer.engine: auto` is the fast engine, which decodes plain weights: a LoRA run's adapter is merged
-    into them for it (the job failed on the peft wrapper before). Every record is answered, as by the plain engine."""
+    """On CUDA `infer.engine: auto` is the fast engine for a job of `infer.fast_min_records` or more, which decodes
+    plain weights: a LoRA run's adapter is merged into them for it (the job failed on the peft wrapper before). Every
+    record is answered, as by the plain engine. A job below that size takes the plain engine."""
     _, eval_file = demo_data
     with caplog.at_level(logging.INFO):
-        fast = run_batch_job(str(lora_run), str(eval_file), str(tmp_path / "fast"), job_config(), progress=False)
+        small = run_batch_job(str(lora_run), str(eval_file), str(tmp_path / "small"), job_config(), progress=False)
+    assert any("6 records to answer: the plain engine" in r.getMessage() for r in caplog.records)
+    assert not any("FastEngine built" in r.getMessage() for r in caplog.records) and small.results == 6
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        config = job_config(**{"infer.fast_min_records": 6})
+        fast = run_batch_job(str(lora_run), str(eval_file), str(tmp_path / "fast"), config, progress=False)
     assert any("merging the LoRA adapter" in r.getMessage() for r in caplog.records)
     assert any("FastEngine built" in r.getMessage() for r in caplog.records)
     plain = job_config(**{"infer.engine": "plain"})
@@ -431,8 +438,11 @@ def test_the_fast_engines_slots_hold_the_jobs_longest_prompt(
     """On CUDA a job's fast engine gets slots of the plan's longest prompt + the answer (rounded up to 128), not
     2048; `infer.max_context` set keeps that size."""
     train_file, _ = demo_data
+    fast = {"infer.fast_min_records": 0}  # the fast engine for a small job
     with caplog.at_level(logging.INFO):
-        result = run_batch_job(str(tiny_model), str(train_file), str(tmp_path / "sized"), job_config(), progress=False)
+        result = run_batch_job(
+            str(tiny_model), str(train_file), str(tmp_path / "sized"), job_config(**fast), progress=False
+        )
     plan = json.loads((tmp_path / "sized" / "_job" / "job.json").read_text())
     (longest,) = [f["longest_prompt"] for f in plan["files"]]
     sizes = [re.search(r"FastEngine: \d+ slots of (\d+) tokens", r.getMessage()) for r in caplog.records]
@@ -444,7 +454,7 @@ def test_the_fast_engines_slots_hold_the_jobs_longest_prompt(
             str(tiny_model),
             str(train_file),
             str(tmp_path / "fixed"),
-            job_config(**{"infer.max_context": 1024}),
+            job_config(**fast, **{"infer.max_context": 1024}),
             progress=False,
         )
     sizes = [re.search(r"FastEngine: \d+ slots of (\d+) tokens", r.getMessage()) for r in caplog.records]

@@ -106,7 +106,8 @@ def test_eval_command_on_cuda_answers_a_lora_runs_base_without_its_adapter(
     """On CUDA the fast engine merges the adapter into the weights for the tuned predictions, so it can no longer be
     switched off: the base predictions come from the base loaded again, not from the merged (tuned) weights."""
     out = tmp_path / "eval"
-    assert eval_command(str(lora_run), ["infer.max_new_tokens=6"], str(out)) == 0
+    overrides = ["infer.max_new_tokens=6", "infer.fast_min_records=0"]  # the fast engine for the tiny split
+    assert eval_command(str(lora_run), overrides, str(out)) == 0
     config = run_config(str(lora_run), None, ["infer.max_new_tokens=6"])
     tuned = [r["prediction"] for r in read_lines(out / "predictions.jsonl")]
     base = [r["prediction"] for r in read_lines(out / "base_predictions.jsonl")]

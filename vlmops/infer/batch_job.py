@@ -101,7 +101,7 @@ def run_batch_job(
     else:
         ran = []
         if todo:  # else all done but the manifest: no model needed
-            runner = load_runner(source, config, plan.longest_prompt)
+            runner = load_runner(source, config, plan.longest_prompt, records=sum(s.count for s in todo))
             startup = time.perf_counter() - started
             log.info(
                 "job %s: started in %.1f s (model resolved, hashed and loaded; engine built)", plan.job_id, startup
@@ -221,7 +221,7 @@ def predict_eval_file(loaded: LoadedModel, eval_file: Path, out_file: Path, conf
         output = open_output(tmp)
         measure = PromptCounter(loaded.tokenizer, loaded.num_image_tokens, config) if counts_prompts(config) else None
         plan = open_job(plan_job(info, str(eval_file), config, measure=measure), output)
-        runner = ShardRunner(loaded, make_engine(loaded, config.infer, plan.longest_prompt), config)
+        runner = ShardRunner(loaded, make_engine(loaded, config.infer, plan.longest_prompt, plan.records), config)
         ran = answer_shards(runner, plan, plan.shards, output)
         manifest = finalize(plan, output)
         count = write_eval_predictions(output, out_file)
@@ -246,10 +246,11 @@ def load_runner(
     longest_prompt: int | None = None,
     worker: str = "",
     publish_compiles: bool = True,
+    records: int | None = None,
 ) -> ShardRunner:
-    """Load the model once and wrap it with the engine `infer.engine` picks, its slots sized to the job's longest
-    prompt (`JobPlan.longest_prompt`, `slot_context`); `publish_compiles=False` loads `model.shared_compile_cache`
-    but leaves writing it to another worker of this machine."""
+    """Load the model once and wrap it with the engine `infer.engine` picks for `records` to answer (`make_engine`),
+    its slots sized to the job's longest prompt (`JobPlan.longest_prompt`, `slot_context`); `publish_compiles=False`
+    loads `model.shared_compile_cache` but leaves writing it to another worker of this machine."""
     from vlmops.models.loading import load_model
 
     started = time.perf_counter()
@@ -268,7 +269,7 @@ def load_runner(
             config.model.shared_compile_cache, config.storage, loaded.device, publish=publish_compiles
         )
         share.fetch()  # before anything compiles: the engine's first shard
-    engine = make_engine(loaded, config.infer, longest_prompt)
+    engine = make_engine(loaded, config.infer, longest_prompt, records)
     log.info(
         "%s: model loaded in %.1f s, %s built in %.1f s",
         source.checkpoint.name,
@@ -279,15 +280,18 @@ def load_runner(
     return ShardRunner(loaded, engine, config, worker, share)
 
 
-_WORKER_RUNNER: dict[tuple[str, str, int | None], tuple[ShardRunner, str]] = {}
+_WORKER_RUNNER: dict[tuple[str, str, int | None, int], tuple[ShardRunner, str]] = {}
 _WORKER_LOCK = threading.Lock()
 
 
-def _worker_runner(model_ref: str, config_json: str, longest_prompt: int | None) -> tuple[ShardRunner, str]:
+def _worker_runner(
+    model_ref: str, config_json: str, longest_prompt: int | None, records: int
+) -> tuple[ShardRunner, str]:
     """A task worker's runner for this job's model and settings, and the model's content hash: kept between shards;
     the last job's runner (its model and its engine's cache, most of the GPU) is released before another is loaded,
-    because the two would not fit side by side (the engine sizes its cache to what the card has free)."""
-    key = (model_ref, config_json, longest_prompt)
+    because the two would not fit side by side (the engine sizes its cache to what the card has free). `records`: the
+    job's, which picks the engine (`make_engine`): a worker does not know its share in advance."""
+    key = (model_ref, config_json, longest_prompt, records)
     with _WORKER_LOCK:
         if key not in _WORKER_RUNNER:
             _WORKER_RUNNER.clear()
@@ -296,7 +300,9 @@ def _worker_runner(model_ref: str, config_json: str, longest_prompt: int | None)
                 torch.cuda.empty_cache()
             config = PipelineConfig.model_validate_json(config_json)
             source, info = resolve_job_model(model_ref, config)
-            runner = load_runner(source, config, longest_prompt, f"{os.uname().nodename}:{os.getpid()}")
+            runner = load_runner(
+                source, config, longest_prompt, f"{os.uname().nodename}:{os.getpid()}", records=records
+            )
             _WORKER_RUNNER[key] = (runner, info.content_hash)
         return _WORKER_RUNNER[key]
 
@@ -313,7 +319,7 @@ def run_job_shard(model_ref: str, output_uri: str, config: PipelineConfig, shard
     if saved is None:
         raise RunFailed(f"{output_uri} has no {JOB_FILE}: plan the job (run_batch_job / the flow) first")
     plan = JobPlan.from_json(saved)
-    runner, content_hash = _worker_runner(model_ref, config.model_dump_json(), plan.longest_prompt)
+    runner, content_hash = _worker_runner(model_ref, config.model_dump_json(), plan.longest_prompt, plan.records)
     if content_hash != plan.model.content_hash:
         raise RunFailed(
             f"{model_ref} resolves to {content_hash} on this worker but job {plan.job_id} runs "

@@ -115,8 +115,11 @@ def slot_context(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: in
     return context  # where a few long records make it long, the job says so when it plans (JobPlan.slot_advice)
 
 
-def make_engine(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: int | None = None) -> Engine:
-    """The engine `infer.engine` names; `auto` is the fast one on CUDA, else plain.
+def make_engine(
+    loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: int | None = None, records: int | None = None
+) -> Engine:
+    """The engine `infer.engine` names; `auto` is the fast one on CUDA for `records` (what the job has left to answer
+    here; None: unknown, as large) of at least `infer.fast_min_records`, else plain.
 
     `longest_prompt`: a job's longest prompt in tokens (its plan counts them), which sizes the fast engine's slots
     when `infer.max_context` is not set (`slot_context`).
@@ -127,7 +130,15 @@ def make_engine(loaded: LoadedModel, infer_cfg: InferConfig, longest_prompt: int
     choice = infer_cfg.engine
     on_cuda = loaded.device.type == "cuda"
     if choice == "auto":
-        choice = "fast" if on_cuda else "plain"
+        small = records is not None and records < infer_cfg.fast_min_records
+        choice = "fast" if on_cuda and not small else "plain"
+        if on_cuda and small:
+            log.info(
+                "%d records to answer: the plain engine (below infer.fast_min_records=%d the fast engine's compiling "
+                "costs more than it saves; set infer.engine=fast to have it anyway)",
+                records,
+                infer_cfg.fast_min_records,
+            )
     if choice == "fast":
         if not on_cuda:
             raise UserInputError(f"infer.engine=fast needs a CUDA device (the model is on {loaded.device}); use plain")

@@ -174,10 +174,10 @@ def _worker(args: argparse.Namespace) -> int:
     output = open_output(args.output, config.storage)
     plan = JobPlan.from_json(output.read_text(JOB_FILE) or "")
     source = ModelSource(Path(args.checkpoint), Path(args.adapter) if args.adapter else None)
-    runner = load_runner(
-        source, config, plan.longest_prompt, f"{os.uname().nodename}:{os.getpid()}", not args.no_publish_compiles
-    )
     shards = [plan.shards[int(i)] for i in args.shards.split(",") if i]
+    worker = f"{os.uname().nodename}:{os.getpid()}"
+    share = sum(s.count for s in shards)  # what this worker answers picks its engine
+    runner = load_runner(source, config, plan.longest_prompt, worker, not args.no_publish_compiles, records=share)
     # One stream through the engine, as a job in one process runs: the next shard's prompts fill the slots the last
     # one's free, rather than the engine draining at every shard's end. Each shard's stats as it is published.
     for stats in runner.run_many(plan, shards, output):
