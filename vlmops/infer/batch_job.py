@@ -89,9 +89,8 @@ def run_batch_job(
     if manifest is not None:
         log.info("job %s in %s is finished already: nothing to do", plan.job_id, output.uri)
         return _tracked(JobResult(output.uri, manifest), plan, config)
-    todo = pending_shards(plan, output)
-    left = todo[config.infer.max_shards :] if config.infer.max_shards is not None else []
-    todo = todo[: len(todo) - len(left)]
+    pending = pending_shards(plan, output)
+    todo = pending[: config.infer.max_shards]  # a trial run's first shards (None: all)
     workers = min(config.infer.workers or default_workers(), max(len(todo), 1))
     startup: float | None = None  # with workers, each loads its own copy: their logs say how long it took
     if workers > 1:
@@ -107,12 +106,12 @@ def run_batch_job(
                 "job %s: started in %.1f s (model resolved, hashed and loaded; engine built)", plan.job_id, startup
             )
             ran = answer_shards(runner, plan, todo, output, progress, on_shard)
-    if left:
+    if len(todo) < len(pending):
         log.info(
             "job %s: stopped after infer.max_shards=%d shard(s), %d to go: run the same command without it to go on",
             plan.job_id,
             config.infer.max_shards,
-            len(left),
+            len(pending) - len(todo),
         )
         return StoppedJob(job_status(output), ran, startup)
     return complete_job(plan, output, ran, config, startup)

@@ -246,7 +246,6 @@ def scan_input(
     """
     digest = hashlib.sha256()
     shards: list[Shard] = []
-    ordinals: list[int] = []  # each shard's first record among those read (`count` before it)
     chosen = frozenset(file.only) if file.only is not None else None
     count = 0  # records read (all of them, or the chosen ones)
     index = 0  # records in the file
@@ -271,7 +270,6 @@ def scan_input(
                     if chosen is None or number in chosen:
                         if count % shard_size == 0:
                             shards.append(Shard(0, file_index, index, 0, size, number))
-                            ordinals.append(count)
                         count += 1
                         if measure is not None:  # a record is only decoded to be counted
                             measured(_line_record(file, number, line), number)
@@ -287,7 +285,6 @@ def scan_input(
                         continue
                     if count % shard_size == 0:
                         shards.append(Shard(0, file_index, item.index, 0, item.offset, item.line))
-                        ordinals.append(count)
                     count += 1
                     if measure is not None:
                         measured(_item_record(file, item), item.line)
@@ -295,9 +292,10 @@ def scan_input(
                 where = f"{file.uri}:{err.line}" if err.line else file.uri
                 raise UserInputError(f"{where}: {err.problem()}") from None
             size = counted.size
+    # The k-th shard begins at the (k x shard_size)-th record read.
     sized = [
-        Shard(0, s.file, s.start, min(shard_size, count - first), s.offset, s.line)
-        for s, first in zip(shards, ordinals, strict=True)
+        Shard(0, s.file, s.start, min(shard_size, count - k * shard_size), s.offset, s.line)
+        for k, s in enumerate(shards)
     ]
     scanned = InputFile(file.uri, file.name, size, digest.hexdigest(), count, only=file.only)
     if measure is not None:

@@ -19,10 +19,8 @@ SAMPLE_ROWS = 50
 def summary_rows(result: JobResult) -> list[tuple[str, str]]:
     """(label, text) rows: the model, the records, the answers and their score, this run's speed, where it all is."""
     manifest = result.manifest
-    model = manifest["model"]
-    version = f"version {model['version']}, " if model.get("version") else ""
     rows = [
-        ("model", f"{model['uri']} ({version}{model['content_hash'][:19]})"),
+        _model_row(manifest["model"]),
         ("records", f"{result.records} read: {result.results} answered, {result.rejects} rejected"),
         *_retry_row(manifest["input"].get("retry_of")),
         ("generated tokens", str(manifest["generated_tokens"])),
@@ -44,9 +42,8 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
     where the parts are and how to go on."""
     status = stopped.status
     plan = status.plan
-    version = f"version {plan.model.version}, " if plan.model.version else ""
-    rows = [
-        ("model", f"{plan.model.uri} ({version}{plan.model.content_hash[:19]})"),
+    return [
+        _model_row(plan.model.as_dict()),
         (
             "done",
             f"{len(status.done)} of {len(plan.shards)} shard(s): {status.records_done} records, "
@@ -59,7 +56,12 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
         ("output", f"{status.output}/part-*.jsonl ({len(status.done)} parts so far), no manifest.json yet"),
         ("go on", "run the same command without infer.max_shards (or with a larger one): done shards are not redone"),
     ]
-    return rows
+
+
+def _model_row(model: dict[str, Any]) -> tuple[str, str]:
+    """The model: its URI, registry version and content hash (`ModelInfo.as_dict`, as a manifest holds it)."""
+    version = f"version {model['version']}, " if model.get("version") else ""
+    return ("model", f"{model['uri']} ({version}{model['content_hash'][:19]})")
 
 
 def _retry_row(retry_of: str | None) -> list[tuple[str, str]]:
