@@ -301,8 +301,9 @@ class InferConfig(Section):
     engine; below, plain `generate`, because the fast engine's compiling and capturing (25-100 s) costs more than it
     saves. Measured on an H200 (bench/RESULTS.md session 30), the whole command: 64 records 1.3b plain 18.8 s
     against fast 29.8 s (its compile cache filled) / 47.3 s (empty), 7b 26.8 against 45.1 / 105.8; 512 records 1.3b
-    36.9 against 30.9 / 53.7, 7b 82.5 against 58.4 / 106.0. The crossover: ~260-350 records with a filled compile
-    cache, ~700-1,150 with an empty one. 0: the fast engine whatever the size."""
+    36.9 against 30.9 / 53.7, 7b 82.5 against 58.4 / 106.0; 1,024 records 1.3b 62.9 against 33.4 / 64.5 (session 31).
+    The crossover: ~260-350 records with a filled compile cache, ~700-1,000 with an empty one. 0: the fast engine
+    whatever the size."""
     max_batch: int = Field(512, ge=1)
     """Fast engine: prompts decoded at once (a finished one's slot is refilled at once from the waiting
     prompts); more is faster until the GPU's memory bandwidth is saturated. Capped by memory_gib: each slot holds
