@@ -17,7 +17,8 @@ from vlmops.errors import UserInputError
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.engine import GenerationRequest, make_engine
 from vlmops.infer.generation import answer_tokens
-from vlmops.infer.job import RecordRejectedError
+from vlmops.infer.job import RecordRejectedError, iter_results, job_status
+from vlmops.infer.output import open_output
 from vlmops.infer.plain_engine import PlainEngine
 from vlmops.infer.records import RawRecord, parse_prompt
 from vlmops.models.loading import LoadedModel, load_model
@@ -175,6 +176,31 @@ def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tiny_model: Pa
     result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
     assert (result.records, result.results, result.rejects) == (2, 2, 0)
     assert [r["key"] for r in results(tmp_path / "out")] == ["first", "second"]
+
+
+def test_line_separators_inside_strings_stay_inside_their_record(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """U+2028, U+2029 and U+0085 inside a JSON string are text, not line ends (results and rejects are written with
+    them as they are): the job finishes with each record once, its fields as they were, and its rejects can be
+    answered again. Read back with str.splitlines, a result or reject became two broken lines and the job could never
+    finish (a JSONDecodeError at every rerun)."""
+    records = [
+        {"id": "a\u2028b", "query": "Line\u2028separator?", "meta": {"note": "para\u2029graph\x85"}},
+        {"id": "gone\u2029", "query": "<img>red.png</img>Colour?"},  # its image comes later
+    ]
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    out = tmp_path / "out"
+    result = run_batch_job(str(tiny_model), str(prompts), str(out), job_config())
+    assert (result.records, result.results, result.rejects) == (2, 1, 1)
+    (answered,) = iter_results(open_output(str(out)))
+    assert {k: answered[k] for k in records[0]} == records[0]
+    assert job_status(open_output(str(out))).rejects == 1
+    shutil.copy(images["red"], tmp_path / "red.png")
+    again = run_batch_job(str(tiny_model), str(prompts), str(tmp_path / "retry"), job_config(retry_rejects=str(out)))
+    assert (again.records, again.results, again.rejects) == (1, 1, 0)
+    assert [r["key"] for r in iter_results(open_output(str(tmp_path / "retry")))] == ["gone\u2029"]
 
 
 def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny_model: Path, tmp_path: Path) -> None:

@@ -428,7 +428,7 @@ def _choose_rejected(retry_of: str, found: list[InputFile], config: PipelineConf
             "run its command again to finish it first"
         )
     chosen: dict[str, set[int]] = collections.defaultdict(set)
-    for line in rejects.splitlines():
+    for line in jsonl_lines(rejects):
         reject = json.loads(line)
         chosen[reject["file"]].add(int(reject["line"] if "line" in reject else reject["index"]))
     if not chosen:
@@ -488,6 +488,12 @@ def _difference(old: JobPlan, new: JobPlan) -> str:
         return f"input {old.input} vs {new.input}: other files or other content"
     changed = [k for k in new.settings if old.settings.get(k) != new.settings[k]]
     return "settings " + ", ".join(f"{k}: {old.settings.get(k)!r} -> {new.settings[k]!r}" for k in changed)
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a .jsonl file the job wrote. Not `str.splitlines`: it also ends lines at U+2028, U+2029 and U+0085,
+    which results and rejects hold as they are inside their strings (written with `ensure_ascii=False`)."""
+    return [line for line in text.split("\n") if line]
 
 
 def part_name(shard: Shard) -> str:
@@ -803,8 +809,8 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
     with written_file(output, REJECTS_FILE) as gathered, gathered.open("w", encoding="utf-8") as out:
         for shard in plan.shards:
             part_text = output.read_text(part_name(shard)) or ""
-            part_records = [json.loads(line) for line in part_text.splitlines()]
-            reject_lines = (output.read_text(f"{SHARD_REJECTS}{shard.name}.jsonl") or "").splitlines()
+            part_records = [json.loads(line) for line in jsonl_lines(part_text)]
+            reject_lines = jsonl_lines(output.read_text(f"{SHARD_REJECTS}{shard.name}.jsonl") or "")
             if len(part_records) + len(reject_lines) != shard.count:
                 raise RunFailed(
                     f"job {plan.job_id}: shard {shard.name} has {len(part_records)} results and "
@@ -966,7 +972,7 @@ def job_status(output: JobOutput) -> JobStatus:
     else:  # each done shard's rejects file, a read each (a GET on S3: in threads)
         with ThreadPoolExecutor(HOST_THREADS) as pool:
             texts = pool.map(lambda s: output.read_text(f"{SHARD_REJECTS}{s.name}.jsonl") or "", done)
-            rejects = sum(len(text.splitlines()) for text in texts)
+            rejects = sum(len(jsonl_lines(text)) for text in texts)
     return JobStatus(output.uri, plan, done, pending, rejects, manifest, published)
 
 
@@ -976,7 +982,7 @@ def iter_results(output: JobOutput) -> Iterator[dict[str, Any]]:
     if text is None:
         raise FileNotFoundError(f"{output.uri} has no {MANIFEST_FILE}: the job is not finished")
     for part in json.loads(text)["parts"]:
-        for line in (output.read_text(part["name"]) or "").splitlines():
+        for line in jsonl_lines(output.read_text(part["name"]) or ""):
             yield json.loads(line)
 
 
