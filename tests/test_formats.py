@@ -105,3 +105,24 @@ def test_missing_file_and_wrong_type(tmp_path: Path) -> None:
     other.write_text("a,b")
     with pytest.raises(ValueError, match="unsupported dataset file type"):
         read_dataset(other)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_a_key_twice_in_one_object_is_rejected_not_dropped(tmp_path: Path, suffix: str) -> None:
+    # json keeps the last of two values for one key: the first answer, or the first id, would be lost unseen.
+    answer_twice = (
+        '{"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "a", "value": "b"}]}'
+    )
+    id_twice = (
+        '{"id": 1, "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "a"}], "id": 2}'
+    )
+    path = tmp_path / f"d{suffix}"
+    good = json.dumps(SEED_EXAMPLE[2])
+    records = [good, answer_twice, id_twice]
+    path.write_text("\n".join(records) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(records) + "]")
+    read = read_dataset(path)
+    assert len(read.conversations) == 1
+    assert [(p.field, "appears twice" in p.reason) for p in read.problems] == [
+        ("conversations[1].value", True),
+        ("id", True),
+    ]

@@ -129,6 +129,7 @@ def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> It
             yield Entry(location, number, raw, value)
             continue
         try:
+            _refuse_repeated_keys(value)
             result: Conversation | RecordProblem = parse_record(value, location, file.parent, roots=allowed)
         except RecordError as err:
             result = RecordProblem(location, err.field, err.reason)
@@ -171,7 +172,7 @@ def _records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
                 continue
             value: Any
             try:
-                value = json.loads(line)
+                value = json.loads(line, object_pairs_hook=_json_object)
             except json.JSONDecodeError as err:
                 value = RecordProblem(location, "(line)", f"not valid JSON: {err.msg} at column {err.colno}")
             yield location, number, line, value
@@ -191,8 +192,48 @@ def _list_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
         yield location, err.line, None, RecordProblem(location, "(file)", err.problem())
         return
     with file.open("rb") as f:
-        for item in json_array_items(f):
+        for item in json_array_items(f, decoder=RECORD_DECODER):
             yield f"{file}[{item.index}]", item.index, item.value, item.value
+
+
+class _KeyTwice(dict[str, Any]):
+    """A JSON object that had a key more than once (`twice`): json keeps the last value and drops the others."""
+
+    twice = ""
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The `object_pairs_hook` of dataset records: a dict, marked when a key repeats (`_refuse_repeated_keys`)."""
+    value = dict(pairs)
+    if len(value) == len(pairs):
+        return value
+    marked = _KeyTwice(value)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            marked.twice = key
+            break
+        seen.add(key)
+    return marked
+
+
+RECORD_DECODER = json.JSONDecoder(object_pairs_hook=_json_object)
+
+
+def _refuse_repeated_keys(value: Any, field: str = "") -> None:
+    """Raise RecordError naming a key that appears twice in one object of the record: of the two values json keeps
+    the last, so the other would be lost without a word."""
+    if isinstance(value, _KeyTwice):
+        raise RecordError(
+            f"{field}.{value.twice}" if field else value.twice,
+            "this key appears twice in one object and only its last value would be read: keep one",
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_repeated_keys(item, f"{field}.{key}" if field else key)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _refuse_repeated_keys(item, f"{field}[{i}]")
 
 
 def _not_utf8(err: UnicodeDecodeError, line: bytes) -> str:

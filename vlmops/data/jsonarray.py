@@ -50,11 +50,13 @@ class ArrayItem:
     value: Any
 
 
-def json_array_items(stream: Readable, offset: int = 0, line: int = 1, index: int = 0) -> Iterator[ArrayItem]:
+def json_array_items(
+    stream: Readable, offset: int = 0, line: int = 1, index: int = 0, decoder: json.JSONDecoder | None = None
+) -> Iterator[ArrayItem]:
     """Each item of the JSON list in `stream`, read in chunks.
 
     `stream` is at the start of the file (offset 0), or at an item's offset (as an earlier pass reported it,
-    with its line and index) to read from that item on.
+    with its line and index) to read from that item on. `decoder` decodes each item (default: the plain one).
 
     Raises:
         JsonArrayError: not a list, a syntax error, not UTF-8, or an item over MAX_ITEM_BYTES.
@@ -75,7 +77,7 @@ def json_array_items(stream: Readable, offset: int = 0, line: int = 1, index: in
             reader.consume(1)
             reader.expect_end()
             return
-    decoder = json.JSONDecoder()
+    decoder = decoder or json.JSONDecoder()
     while True:
         start_offset, start_line = reader.position()
         value = reader.decode(decoder)
