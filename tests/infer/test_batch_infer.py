@@ -178,6 +178,21 @@ def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tiny_model: Pa
     assert [r["key"] for r in results(tmp_path / "out")] == ["first", "second"]
 
 
+def test_a_line_that_is_not_utf8_is_a_reject_not_answered_with_its_text_changed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A line saved in another encoding (Latin-1's "café") is a reject that names the byte, as validation's is; it was
+    answered with U+FFFD in place of the byte, its fields written back changed."""
+    (tmp_path / "in.jsonl").write_bytes(
+        json.dumps({"id": "ok", "query": "Colour?"}).encode() + b"\n" + b'{"id": "latin", "query": "caf\xe9?"}\n'
+    )
+    result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
+    assert (result.records, result.results, result.rejects) == (2, 1, 1)
+    (reject,) = rejects(tmp_path / "out")
+    assert (reject["line"], reject["key"]) == (2, "in.jsonl:2")
+    assert reject["reason"] == "(line): not UTF-8 text: byte 0xe9 at column 30 (save the file as UTF-8)"
+
+
 def test_line_separators_inside_strings_stay_inside_their_record(
     tiny_model: Path, images: dict[str, Path], tmp_path: Path
 ) -> None:

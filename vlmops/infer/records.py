@@ -102,6 +102,8 @@ class RawRecord:
     number: int
     text: str | None = None
     value: Any = None
+    problem: str | None = None
+    """Why the line is not text (a byte that is not UTF-8): the record is a reject, never answered with it replaced."""
 
 
 @dataclass
@@ -311,8 +313,14 @@ def record_base(uri: str) -> Path | str:
 
 def _line_record(file: InputFile, number: int, line: bytes) -> RawRecord:
     # A byte-order mark (Windows editors write one) opens the file: not part of the first record.
-    text = line.decode("utf-8-sig" if number == 1 else "utf-8", "replace")
-    return RawRecord(f"{file.uri}:{number}", f"{file.name}:{number}", number, text)
+    encoding = "utf-8-sig" if number == 1 else "utf-8"
+    problem = None
+    try:
+        text = line.decode(encoding)
+    except UnicodeDecodeError as err:
+        text = line.decode(encoding, "replace")
+        problem = f"not UTF-8 text: byte {line[err.start]:#04x} at column {err.start + 1} (save the file as UTF-8)"
+    return RawRecord(f"{file.uri}:{number}", f"{file.name}:{number}", number, text, problem=problem)
 
 
 def _item_record(file: InputFile, item: ArrayItem) -> RawRecord:
@@ -364,8 +372,10 @@ def _record_object(raw: RawRecord) -> dict[str, Any]:
     """The record's JSON object (a .jsonl line parsed, a .json item as read).
 
     Raises:
-        RecordError: the line is not JSON, or the record not an object.
+        RecordError: the line is not UTF-8 text or not JSON, or the record not an object.
     """
+    if raw.problem is not None:
+        raise RecordError("(line)", raw.problem)
     value = raw.value
     if raw.text is not None:
         try:
