@@ -218,6 +218,16 @@ def test_line_separators_inside_strings_stay_inside_their_record(
     assert [r["key"] for r in iter_results(open_output(str(tmp_path / "retry")))] == ["gone\u2029"]
 
 
+def test_a_first_line_holding_only_a_byte_order_mark_is_blank(tiny_model: Path, tmp_path: Path) -> None:
+    """A Windows editor's file that opens with a blank line (its byte-order mark alone on it): no record there, as
+    validation reads it; it was counted as a record and rejected as "not valid JSON"."""
+    lines = [json.dumps({"query": "Colour?"}), json.dumps({"query": "Shape?"})]
+    (tmp_path / "in.jsonl").write_bytes(b"\xef\xbb\xbf\r\n" + "\r\n".join([*lines, ""]).encode())
+    result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
+    assert (result.records, result.results, result.rejects) == (2, 2, 0)
+    assert [r["key"] for r in results(tmp_path / "out")] == ["in.jsonl:2", "in.jsonl:3"]
+
+
 def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny_model: Path, tmp_path: Path) -> None:
     """The plain engine takes what the model's positions allow (the tiny model's `max_position_embeddings`: 4096): a
     longer record is a reject that says so; the others are answered."""

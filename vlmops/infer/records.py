@@ -15,6 +15,7 @@ vlmops.data.jsonarray) at a time, so a job never holds more than one shard's rec
 
 from __future__ import annotations
 
+import codecs
 import collections
 import glob
 import hashlib
@@ -268,7 +269,7 @@ def scan_input(
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage) as stream:
             for number, line in enumerate(_lines(stream), start=1):
-                if line.strip():
+                if not _blank(number, line):
                     if chosen is None or number in chosen:
                         if count % shard_size == 0:
                             shards.append(Shard(0, file_index, index, 0, size, number))
@@ -311,6 +312,11 @@ def record_base(uri: str) -> Path | str:
     return uri.rpartition("/")[0] if uri.startswith("s3://") else Path(uri).parent
 
 
+def _blank(number: int, line: bytes) -> bool:
+    """Whether a .jsonl line holds no record: whitespace alone (opening the file, after a byte-order mark)."""
+    return not (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip()
+
+
 def _line_record(file: InputFile, number: int, line: bytes) -> RawRecord:
     # A byte-order mark (Windows editors write one) opens the file: not part of the first record.
     encoding = "utf-8-sig" if number == 1 else "utf-8"
@@ -335,7 +341,7 @@ def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = No
         with open_input(file.uri, storage, shard.offset) as stream:
             read = 0
             for number, line in enumerate(_lines(stream), start=shard.line):
-                if not line.strip() or (chosen is not None and number not in chosen):
+                if _blank(number, line) or (chosen is not None and number not in chosen):
                     continue
                 if read == shard.count:
                     return
