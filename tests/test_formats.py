@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,58 @@ def test_a_key_twice_in_one_object_is_rejected_not_dropped(tmp_path: Path, suffi
         ("conversations[1].value", True),
         ("id", True),
     ]
+
+
+@pytest.mark.parametrize(
+    ("record", "field", "reason"),
+    [
+        (
+            {
+                "conversations": [
+                    {"from": "user", "value": "<image>What is it?"},
+                    {"from": "assistant", "value": "a cat"},
+                ],
+                "images": ["cat.png"],
+            },
+            "images",
+            r"<img>path</img> tags",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "draft", "loss": False},
+                    {"role": "user", "content": "again"},
+                    {"role": "assistant", "content": "final"},
+                ]
+            },
+            "messages[1].loss",
+            r'a turn has "role" and "content" only',
+        ),
+        (
+            {"conversations": [{"from": "user", "value": "hi", "name": "ann"}, {"from": "assistant", "value": "a"}]},
+            "conversations[0].name",
+            r'a turn has "from" and "value" only',
+        ),
+        (
+            {
+                "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "a"}],
+                "messages": [{"role": "user", "content": "bye"}, {"role": "assistant", "content": "b"}],
+            },
+            "messages",
+            r"a record is in one format",
+        ),
+    ],
+    ids=["images beside conversations", "a turn's loss", "a turn's name", "messages beside conversations"],
+)
+def test_a_field_the_parser_would_not_read_is_rejected(
+    tmp_path: Path, record: dict[str, object], field: str, reason: str
+) -> None:
+    # Left unread, each would be gone from the snapshot without a word: the image, the turn masked from the loss.
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(SEED_EXAMPLE[2]) + "\n" + json.dumps(record) + "\n")
+    read = read_dataset(path)
+    assert len(read.conversations) == 1
+    [problem] = read.problems
+    assert (problem.location, problem.field) == (f"{path}:2", field)
+    assert re.search(reason, problem.reason), problem.reason

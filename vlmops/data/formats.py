@@ -130,6 +130,7 @@ def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> It
             continue
         try:
             _refuse_repeated_keys(value)
+            _refuse_unread_keys(value)
             result: Conversation | RecordProblem = parse_record(value, location, file.parent, roots=allowed)
         except RecordError as err:
             result = RecordProblem(location, err.field, err.reason)
@@ -234,6 +235,35 @@ def _refuse_repeated_keys(value: Any, field: str = "") -> None:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             _refuse_repeated_keys(item, f"{field}[{i}]")
+
+
+TURN_KEYS = {"conversations": ("from", "value"), "messages": ("role", "content")}
+
+
+def _refuse_unread_keys(record: Any) -> None:
+    """Raise RecordError for a key `parse_record` would pass over: a turn's field besides its role and text (a
+    per-turn `loss` or `name`), an `images` list or `messages` beside `conversations`. Training would go on without
+    it, unseen. The record's other top-level fields are kept with it (`Conversation.meta`)."""
+    if not isinstance(record, dict):
+        return
+    if "conversations" in record and "images" in record:
+        raise RecordError(
+            "images",
+            "not read beside 'conversations', whose images are <img>path</img> tags in the text: put each image "
+            "in an <img> tag, or write the record as messages + images (an <image> mark per image)",
+        )
+    if "conversations" in record and "messages" in record:
+        raise RecordError("messages", "not read beside 'conversations' (a record is in one format): keep one")
+    form = "conversations" if "conversations" in record else "messages"
+    turns = record.get(form)
+    role, text = TURN_KEYS[form]
+    for i, turn in enumerate(turns if isinstance(turns, list) else []):
+        extra = [key for key in turn if key not in (role, text)] if isinstance(turn, dict) else []
+        if extra:
+            raise RecordError(
+                f"{form}[{i}].{extra[0]}",
+                f'not read: a turn has "{role}" and "{text}" only, so training would go on without it; remove it',
+            )
 
 
 def _not_utf8(err: UnicodeDecodeError, line: bytes) -> str:
