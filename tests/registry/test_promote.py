@@ -199,3 +199,39 @@ def test_vlmops_promote_runs_the_flow(
     assert f"{NAME} version 2 is the champion already: nothing to do" in capsys.readouterr().out
     assert main(["promote", "--config", str(registry.config_file), "--challenger", "9"]) == 2
     assert f"models:/{NAME}/9: not found in the registry" in capsys.readouterr().err
+
+
+def test_a_champion_moved_by_another_promotion_is_not_replaced_unchecked(tmp_path: Path) -> None:
+    """Two promotions at once (two retrain runs with auto_promote) each compare their challenger with the champion
+    they found; the one that moves the alias second must not replace a champion it was never compared with."""
+    from vlmops.config import load_config
+    from vlmops.errors import RunFailed
+    from vlmops.evaluate.metrics import EvalResult, RecordScore
+    from vlmops.registry.promote import decide, find_contest, record_decision
+    from vlmops.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = load_config(None, [f"tracking.uri={uri}", "registry.model_name=race"])
+    tracker = Tracker(config.tracking, artifact_root=tmp_path / "artifacts")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    for _ in range(3):
+        with tracker.run("register") as run_id:
+            tracker.register_model(run_id, model, "race", "challenger")
+    tracker.client.set_registered_model_alias("race", "champion", "1")
+    contest = find_contest(config, "3")  # version 3 against champion 1
+    tracker.client.set_registered_model_alias("race", "champion", "2")  # the other promotion finishes first
+
+    def result(right: int) -> EvalResult:
+        scores = [
+            RecordScore(i, f"e.jsonl:{i + 1}", "red", "red" if i < right else "blue", i < right) for i in range(4)
+        ]
+        return EvalResult(right / 4, right, 4, scores)
+
+    decision = decide(contest, result(3), result(1), config, Path("e.jsonl"))
+    assert decision.promoted and decision.champion == "1"
+    with pytest.raises(RunFailed, match=r"@champion of race moved to version 2 while version 3 was compared"):
+        record_decision(tracker, decision, contest)
+    assert str(tracker.client.get_model_version_by_alias("race", "champion").version) == "2"
+    assert "promotion.decision" not in tracker.client.get_model_version("race", "2").tags

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.config import PipelineConfig
-from vlmops.errors import UserInputError
+from vlmops.errors import RunFailed, UserInputError
 from vlmops.evaluate.metrics import EvalResult
 from vlmops.evaluate.report import compare
 from vlmops.infer.resolve import registered_version
@@ -219,7 +219,8 @@ def record_decision(
     """The decision as an MLflow run, `promotion.*` tags on both versions, and `champion` moved if it passed.
 
     Returns the MLflow run id. The alias moves last, inside the run: a failure leaves the run FAILED and the
-    old champion in place.
+    old champion in place. It moves only away from the champion the challenger was compared with (RunFailed when
+    another promotion moved it meanwhile).
     """
     with tracker.run(
         f"promote-{decision.name}-v{decision.challenger}", tags={**(tags or {}), "promotion": decision.outcome}
@@ -242,6 +243,8 @@ def record_decision(
             tracker.log_text(run_id, json.dumps(samples, indent=2) + "\n", "promotion/samples.json")
         link = mlflow_links(tracker.uri, tracker.experiment_id, run_id).run
         tracker.log_text(run_id, decision.markdown(link), "promotion/promotion.md")
+        if decision.promoted:
+            _refuse_a_moved_champion(tracker, decision)
         common = {"promotion.run_id": run_id, "promotion.metric": decision.metric}
         tracker.set_version_tags(
             decision.name,
@@ -272,3 +275,17 @@ def record_decision(
         else:
             log.info("%s version %s stays @%s: %s", decision.name, decision.champion, CHAMPION, decision.reason)
     return run_id
+
+
+def _refuse_a_moved_champion(tracker: Tracker, decision: Decision) -> None:
+    """Raise RunFailed when `champion` no longer names the version the challenger was compared with: another
+    promotion moved it meanwhile (MLflow has no compare-and-set), and replacing that one would skip the gate."""
+    current = tracker.client.get_registered_model(decision.name).aliases.get(CHAMPION)
+    current = None if current is None else str(current)
+    if current != decision.champion:
+        raise RunFailed(
+            f"@{CHAMPION} of {decision.name} moved to version {current} while version {decision.challenger} was "
+            f"compared with {f'version {decision.champion}' if decision.champion else 'no champion'} (another "
+            f"promotion ran meanwhile), so it was left there; run `vlmops promote --challenger "
+            f"{decision.challenger}` again to compare with the new {CHAMPION}"
+        )
