@@ -434,12 +434,23 @@ class RegistryConfig(Section):
     model_name: str = "vlmops-demo"
     """Registered model name in the MLflow model registry."""
     alias: str = "challenger"
-    """Alias given to the newly registered version."""
+    """Alias given to the newly registered version (not `champion`: only the promotion gate moves that one)."""
     auto_promote: bool = False
     """After registering, run the promotion gate in the same retrain flow run (else `vlmops promote` or the
     `promote` deployment does it later)."""
     promotion: PromotionConfig = PromotionConfig()
     """The champion/challenger gate."""
+
+    @field_validator("alias")
+    @classmethod
+    def _not_champion(cls, value: str) -> str:
+        if value == "champion":
+            raise ValueError(
+                "champion is the alias the promotion gate moves; registering with it would make every new version "
+                "the champion unchecked: use another alias (the default, challenger) and `vlmops promote` or "
+                "registry.auto_promote: true"
+            )
+        return value
 
 
 class VersioningConfig(Section):

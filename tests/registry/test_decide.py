@@ -100,3 +100,9 @@ def test_mlflow_links() -> None:
     assert served.run == "http://mlflow:5000/#/experiments/7/runs/abc"
     assert served.model_version == "http://mlflow:5000/#/models/m/versions/3"
     assert mlflow_links("sqlite:////x/mlflow.db", "1", "abc").run.startswith("http://127.0.0.1:5000/#/")
+
+
+def test_new_versions_cannot_be_registered_as_champion() -> None:
+    # The registering run would point champion at every new version, past the gate.
+    with pytest.raises(ValueError, match=r"registry\.alias: .*champion is the alias the promotion gate moves"):
+        load_config(None, ["registry.alias=champion"])
