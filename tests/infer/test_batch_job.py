@@ -22,6 +22,7 @@ from tests.image_server import serving_images
 from tests.infer.test_batch_infer import rejects, results
 from vlmops.cli.main import main
 from vlmops.config import PipelineConfig, load_config
+from vlmops.errors import UserInputError
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.job import JobMismatchError, job_status, write_eval_predictions
@@ -627,6 +628,27 @@ def test_an_output_inside_the_input_folder_is_not_read_as_input(tiny_model: Path
     assert [f["name"] for f in manifest["input"]["files"]] == ["in.jsonl"]
     globbed = run_batch_job(model, str(tmp_path / "data" / "**" / "*.jsonl"), str(out), job_config(), progress=False)
     assert (globbed.ran, globbed.records) == ([], 5)  # a glob over the folder finds the same one file
+
+
+@pytest.mark.integration
+def test_an_output_that_is_the_input_folder_is_refused_naming_the_fix(
+    tiny_model: Path, tmp_path: Path, s3_server: Any
+) -> None:
+    """`--output` the input folder (or prefix) itself: every input file lies under it, so none is input; refused with
+    the reason and what to pass. Locally the error said there were no .jsonl files there; at an S3 bucket's root the
+    job ran, then read its own parts, manifest and job file as input on the rerun and refused its own output."""
+    simple_prompts(tmp_path / "in.jsonl", 3)
+    with pytest.raises(UserInputError, match=r"every input file .* lies under the output .*pass an --output outside"):
+        run_batch_job(str(tiny_model), str(tmp_path), str(tmp_path), job_config(), progress=False)
+    client = s3_server.client()
+    client.create_bucket(Bucket="same")
+    client.upload_file(str(tmp_path / "in.jsonl"), "same", "in.jsonl")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_server.env().items():
+            patch.setenv(key, value)
+        for spec in ("s3://same/", "s3://same"):
+            with pytest.raises(UserInputError, match=r"every input file .* lies under the output s3://same"):
+                run_batch_job(str(tiny_model), spec, spec, job_config(), progress=False)
 
 
 def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path: Path, s3_server: Any) -> None:

@@ -152,8 +152,17 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
 
 
 def _outside(found: list[T], is_own: Callable[[T], bool], spec: str, output: str | None) -> list[T]:
-    """`found` less the job's own files (`is_own`: under its `output`), said in the log when there are any."""
+    """`found` less the job's own files (`is_own`: under its `output`), said in the log when there are any.
+
+    Raises:
+        UserInputError: every file found lies under the output (it is the input folder, or holds it).
+    """
     kept = [item for item in found if not is_own(item)]
+    if found and not kept:
+        raise UserInputError(
+            f"input {spec}: every input file there lies under the output {output}, whose files are the job's own, never "
+            "input: pass an --output outside the input"
+        )
     if len(kept) < len(found):
         log.info(
             "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), output
@@ -189,7 +198,7 @@ def _find_s3_inputs(spec: str, storage: StorageConfig | None, output: str | None
     found = [o.key for o in sorted(objects, key=lambda o: o.key) if o.key.lower().endswith(INPUT_SUFFIXES)]
     if output is not None and output.startswith("s3://"):
         out_bucket, out_prefix = parse_s3_uri(output)
-        own = f"{out_prefix.rstrip('/')}/"
+        own = f"{out_prefix}/" if out_prefix else ""  # the bucket's root holds every key
         found = _outside(found, lambda key: out_bucket == bucket and key.startswith(own), spec, output)
     files = [InputFile(f"s3://{bucket}/{key}", key[len(folder) :]) for key in found]
     if not files:
