@@ -46,18 +46,24 @@ class FileContents(CachePolicy):
     """Adds the contents of the paths passed in `params` to the cache key.
 
     `siblings`: for these params, also fingerprint the files beside the named file (a dataset's images).
+    `roots`: params holding a `DataConfig`, whose `allowed_roots` folders are fingerprinted too (a dataset's images
+    may live there, outside its own folder).
     """
 
     params: list[str] = field(default_factory=list)
     siblings: list[str] = field(default_factory=list)
+    roots: list[str] = field(default_factory=list)
 
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
         parts = [fingerprint(inputs.get(name), name in self.siblings) for name in self.params]
+        parts += [fingerprint(root, False) for name in self.roots for root in inputs[name].allowed_roots]
         return hash_objects(parts, raise_on_failure=True)
 
 
-def inputs_and_files(params: list[str], siblings: list[str] | None = None) -> CachePolicy:
-    """INPUTS + TASK_SOURCE + the files behind `params`."""
-    return INPUTS + TASK_SOURCE + FileContents(params=params, siblings=siblings or [])
+def inputs_and_files(
+    params: list[str], siblings: list[str] | None = None, roots: list[str] | None = None
+) -> CachePolicy:
+    """INPUTS + TASK_SOURCE + the files behind `params` (and `siblings`, `roots`: see `FileContents`)."""
+    return INPUTS + TASK_SOURCE + FileContents(params=params, siblings=siblings or [], roots=roots or [])

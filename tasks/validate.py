@@ -17,7 +17,9 @@ from vlmops.tracking import Tracker
 
 @task(
     name="validate_dataset",
-    cache_policy=inputs_and_files(["train_file", "eval_file", "model_path"], siblings=["train_file", "eval_file"]),
+    cache_policy=inputs_and_files(
+        ["train_file", "eval_file", "model_path"], siblings=["train_file", "eval_file"], roots=["data"]
+    ),
     persist_result=True,
 )
 def validate_dataset(

@@ -209,3 +209,47 @@ def test_retrain_flow_on_cuda(tmp_path: Path, prefect_harness: None) -> None:
     merge = steps["merge"].data.metrics
     assert merge["parity_max_abs_diff"] <= merge["parity_atol"] == 1e-3
     assert client.get_model_version_by_alias("vlmops-demo", "challenger").version == summary["model_version"]
+
+
+def test_validation_is_not_reused_after_an_image_in_an_allowed_root_changed(
+    tmp_path: Path, prefect_harness: None, tiny_model: Path
+) -> None:
+    """The validate step's cache follows the images it reads outside the dataset's folder (data.allowed_roots, a
+    shared mount): a changed image there is validated again, not served from the older snapshot."""
+    from PIL import Image
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.validate import validate_dataset
+    from vlmops.config import DataConfig, StorageConfig
+
+    shared, data = tmp_path / "shared", tmp_path / "data"
+    shared.mkdir()
+    data.mkdir()
+    Image.new("RGB", (32, 32), "red").save(shared / "shape.png")
+    record = {
+        "conversations": [
+            {"from": "user", "value": f"<img>{shared / 'shape.png'}</img>Colour?"},
+            {"from": "assistant", "value": "red"},
+        ]
+    }
+    for name in ("train.jsonl", "eval.jsonl"):
+        (data / name).write_text(json.dumps(record) + "\n")
+    config = DataConfig(allowed_roots=[str(shared)])
+    args = (config, str(data / "train.jsonl"), str(data / "eval.jsonl"), str(tiny_model), str(tmp_path / "datasets"))
+
+    @flow
+    def validate_twice() -> list[tuple[str | None, Path]]:
+        states = []
+        for colour in ("red", "blue"):
+            Image.new("RGB", (32, 32), colour).save(shared / "shape.png")
+            state = validate_dataset(*args, None, StorageConfig(), 0, return_state=True)
+            states.append((state.name, state.result().path))
+        return states
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        (first, red), (second, blue) = validate_twice()
+    assert first != "Cached" and second != "Cached"
+    assert red != blue
+    [image] = (blue / "images").iterdir()
+    assert Image.open(image).getpixel((0, 0)) == (0, 0, 255)
