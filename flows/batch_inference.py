@@ -21,6 +21,7 @@ A progress artifact (shards done / shards) is updated as shards finish; at the e
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +55,8 @@ from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
 from vlmops.infer.summary import sample_rows, stopped_rows, summary_rows
 from vlmops.redact import redact_log_handlers
+
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 5.0
 POLL_S = 1.0  # how often the flow reads its shards' task runs
@@ -189,10 +192,20 @@ def _progress_poller(output: str, config: PipelineConfig, artifact: UUID) -> Cal
     last = 0.0
 
     def poll() -> None:
-        nonlocal job_output, total, last
+        nonlocal last
         if time.monotonic() - last < PROGRESS_EVERY_S:
             return
         last = time.monotonic()
+        # A view of the job, never a reason to stop it: a poll that raises stops the job's process group (and the
+        # prompts in its engine's slots). An output that stays unreachable fails the job itself, the Prefect API the
+        # flow's next call.
+        try:
+            update()
+        except Exception as err:
+            log.warning("batch inference: progress not updated (the job goes on): %s", err)
+
+    def update() -> None:
+        nonlocal job_output, total
         job_output = job_output or open_output(output, config.storage)
         if not total:
             saved = job_output.read_text(JOB_FILE)

@@ -141,3 +141,27 @@ def test_two_task_workers_share_one_job_exactly_once(
     assert "| done | 2 of 8 shard(s): 6 records, 6 answered, 0 rejected |" in stopped, stopped
     assert re.search(r"\| this run \| 6 shard\(s\) on 2 workers in \d+\.\d s: [\d.]+ tokens/s", markdown), markdown
     assert "exact match" not in markdown  # simple records have no reference answer
+
+
+def test_a_progress_poll_that_cannot_reach_the_output_does_not_stop_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progress artifact is a view of the job: a poll that cannot read the output (S3 down for a moment) is logged
+    and the job goes on. It raised, and `run_in_process_group` stops the job's whole process group on a poll that
+    raises: an outage of seconds killed a GPU job, the prompts in flight with it."""
+    import uuid
+
+    from flows.batch_inference import _progress_poller
+    from infra.local.seaweedfs import free_ports
+    from vlmops.config import load_config
+    from vlmops.infer.parallel import run_in_process_group
+
+    (port,) = free_ports(1)  # nothing listens there
+    for key, value in {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "key",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    poll = _progress_poller("s3://jobs/out", load_config(None), uuid.uuid4())
+    # The job ends on its own and is polled at least once: it raised EndpointConnectionError, the job stopped.
+    run_in_process_group([sys.executable, "-c", "pass"], poll=poll)
