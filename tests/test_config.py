@@ -30,6 +30,23 @@ def test_every_problem_reported_with_path_and_line(tmp_path: Path) -> None:
     assert f"{bad}:7: model.dtype:" in text
 
 
+def test_a_key_set_twice_is_refused_not_settled_silently(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys: `epochs: 1` then `epochs: 3` trained 3 epochs without a word."""
+    bad = tmp_path / "twice.yaml"
+    bad.write_text("train:\n  epochs: 1\n  lora:\n    r: 8\n  epochs: 3\nmodel:\n  dtype: auto\ntrain:\n  mode: full\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert info.value.problems == [
+        f"{bad}:5: train.epochs is set twice (first on line 2); keep one of them",
+        f"{bad}:8: train is set twice (first on line 1); keep one of them",
+    ]
+    # the same key in two sections, or once here and once in a base, is not a repeat
+    base = tmp_path / "base.yaml"
+    base.write_text("train:\n  epochs: 1\n")
+    (tmp_path / "own.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 2\ndata:\n  num_workers: 2\n")
+    assert load_config(tmp_path / "own.yaml").train.epochs == 2
+
+
 def test_dotted_overrides_parse_yaml_values() -> None:
     config = load_config(
         None, ["train.epochs=2", "train.lora.targets=ALL", "model.revision=null", "data.num_workers=2"]

@@ -596,6 +596,8 @@ def _read_yaml_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str
         raise ConfigError([f"{path}: not valid YAML: {err}"], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: the top level must be a mapping of sections"], str(path))
+    if twice := _keys_set_twice(node):  # YAML keeps the last of them without a word
+        raise ConfigError([f"{path}:{line}: {message}" for line, message in twice], str(path))
     lines = {key: (str(path), line) for key, line in (_key_lines(node) if node is not None else {}).items()}
     base = data.pop("base", None)
     if base is None:
@@ -625,6 +627,21 @@ def _is_leaf(data: dict[str, Any], dotted: str) -> bool:
             return False
         node = node[part]
     return not isinstance(node, dict)
+
+
+def _keys_set_twice(node: yaml.Node | None, prefix: str = "") -> list[tuple[int, str]]:
+    """(line, message) for each key set again in the same mapping, which YAML would settle by dropping the first."""
+    found: list[tuple[int, str]] = []
+    if not isinstance(node, yaml.MappingNode):
+        return found
+    first: dict[str, int] = {}
+    for key_node, value_node in node.value:
+        key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+        if key_node.value != "<<" and key in first:
+            found.append((line, f"{key} is set twice (first on line {first[key]}); keep one of them"))
+        first.setdefault(key, line)
+        found += _keys_set_twice(value_node, key + ".")
+    return found
 
 
 def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
