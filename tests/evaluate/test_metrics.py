@@ -79,6 +79,21 @@ def test_accuracy_over_a_predictions_file(tmp_path: Path) -> None:
     }
 
 
+def test_line_separators_inside_an_answer_stay_inside_its_record(tmp_path: Path) -> None:
+    """The predictions file is written with ensure_ascii=False: U+2028, U+2029 and U+0085 stay raw in its strings."""
+    pred = tmp_path / "p.jsonl"
+    rows = [("red\u2028car", "red\u2028car"), ("a\u0085b\u2029", "ab")]
+    pred.write_text(
+        "".join(
+            json.dumps({"index": i, "reference": r, "prediction": p}, ensure_ascii=False) + "\n"
+            for i, (p, r) in enumerate(rows)
+        ),
+        encoding="utf-8",
+    )
+    result = evaluate_predictions(pred)
+    assert (result.correct, result.total) == (1, 2)
+
+
 def test_bad_predictions_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         evaluate_predictions(tmp_path / "none.jsonl")

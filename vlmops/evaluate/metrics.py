@@ -53,7 +53,9 @@ def evaluate_predictions(pred_file: str | os.PathLike[str]) -> EvalResult:
     if not path.is_file():
         raise FileNotFoundError(f"predictions file {path} does not exist (batch inference writes it)")
     scores: list[RecordScore] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # Split at newlines only: str.splitlines also ends lines at U+2028, U+2029 and U+0085, which an answer holds as
+    # it is (the file is written with ensure_ascii=False).
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
