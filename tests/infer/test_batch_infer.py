@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT, PipelineConfig, load_config
-from vlmops.data.formats import read_dataset
+from vlmops.data.formats import RecordError, read_dataset
 from vlmops.errors import UserInputError
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.engine import GenerationRequest, make_engine
@@ -166,6 +166,24 @@ def test_a_simple_records_system_field_is_its_system_prompt(tiny_model: Path, tm
     (tmp_path / "in.jsonl").write_text(json.dumps({"id": "bad", "query": "Hi", "system": 5}) + "\n")
     result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
     assert result.rejects == 1 and rejects(tmp_path / "out")[0]["reason"] == "system: must be a string, got int"
+
+
+def test_images_beside_conversations_are_a_reject_not_a_prompt_without_them(tmp_path: Path) -> None:
+    """`conversations` carry their images as <img> tags: an ms-swift style `images` list beside them was passed over,
+    and the prompt answered without its images. A turn's other keys are harmless: the result keeps the record."""
+
+    def parse(record: dict[str, Any]) -> Any:
+        return parse_prompt(RawRecord("in.jsonl:1", "in.jsonl:1", 1, json.dumps(record)), tmp_path)
+
+    turns = [{"from": "user", "value": "<image>What colour?"}]
+    with pytest.raises(RecordError, match="not read beside 'conversations'") as info:
+        parse({"conversations": turns, "images": ["a.png"]})
+    assert info.value.field == "images"
+    with pytest.raises(RecordError) as info:
+        parse({"conversations": turns, "messages": [{"role": "user", "content": "Hi"}]})
+    assert info.value.field == "messages"
+    record = {"conversations": [{"from": "user", "value": "Hi", "name": "ann"}]}
+    assert parse(record).fields == record
 
 
 def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tiny_model: Path, tmp_path: Path) -> None:

@@ -240,10 +240,9 @@ def _refuse_repeated_keys(value: Any, field: str = "") -> None:
 TURN_KEYS = {"conversations": ("from", "value"), "messages": ("role", "content")}
 
 
-def _refuse_unread_keys(record: Any) -> None:
-    """Raise RecordError for a key `parse_record` would pass over: a turn's field besides its role and text (a
-    per-turn `loss` or `name`), an `images` list or `messages` beside `conversations`. Training would go on without
-    it, unseen. The record's other top-level fields are kept with it (`Conversation.meta`)."""
+def refuse_mixed_formats(record: Any) -> None:
+    """Raise RecordError for an `images` list or `messages` beside `conversations`: `parse_record` reads the
+    conversations alone, so the prompt would go without them (its images), unseen."""
     if not isinstance(record, dict):
         return
     if "conversations" in record and "images" in record:
@@ -254,6 +253,15 @@ def _refuse_unread_keys(record: Any) -> None:
         )
     if "conversations" in record and "messages" in record:
         raise RecordError("messages", "not read beside 'conversations' (a record is in one format): keep one")
+
+
+def _refuse_unread_keys(record: Any) -> None:
+    """Raise RecordError for a key `parse_record` would pass over: a turn's field besides its role and text (a
+    per-turn `loss` or `name`), an `images` list or `messages` beside `conversations`. Training would go on without
+    it, unseen. The record's other top-level fields are kept with it (`Conversation.meta`)."""
+    if not isinstance(record, dict):
+        return
+    refuse_mixed_formats(record)
     form = "conversations" if "conversations" in record else "messages"
     turns = record.get(form)
     role, text = TURN_KEYS[form]

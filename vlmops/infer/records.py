@@ -31,7 +31,7 @@ from typing import IO, Any, TypeVar
 
 from vlmops.config import StorageConfig
 from vlmops.conversation import Message
-from vlmops.data.formats import RecordError, parse_record
+from vlmops.data.formats import RecordError, parse_record, refuse_mixed_formats
 from vlmops.data.jsonarray import ArrayItem, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
@@ -433,6 +433,7 @@ def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | N
     elif not _is_id(key):
         raise RecordError("id", f"must be a string or an integer, got {type(key).__name__}")
     if "conversations" in value or "messages" in value:
+        refuse_mixed_formats(value)  # a turn's other keys are harmless here: the result keeps the whole record
         conversation = parse_record(value, raw.location, base_dir, require_answer=False, roots=roots)
         messages = conversation.messages
     elif "query" in value:
