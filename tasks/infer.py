@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.gpu import gpu_slot
+from tasks.retry import another_try_could_pass
 from vlmops.config import PipelineConfig
 from vlmops.infer.batch_job import JOB_DIR_SUFFIX, BatchResult, run_job_shard, strict_copy
 from vlmops.infer.job import MANIFEST_FILE, ShardStats, write_eval_predictions
@@ -51,10 +52,17 @@ def log_batch(tracker: Tracker, run_id: str, label: str, result: BatchResult) ->
     tracker.log_artifact(run_id, result.path, "predictions")
 
 
-@task(name="answer_shard", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(
+    name="answer_shard",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=another_try_could_pass,
+    cache_policy=NO_CACHE,
+)
 def answer_shard(model: str, output: str, config: PipelineConfig, shard: int) -> ShardStats:
     """Answer one shard of a planned job; a task worker keeps its model loaded between shards.
 
-    Retrying is safe: a shard's part is published whole or not at all, and a done shard is not redone.
+    Retrying is safe: a shard's part is published whole or not at all, and a done shard is not redone. A failure of
+    the input's own (a reject under `on_error: fail`) is not retried: it would answer the shard up to it again.
     """
     return run_job_shard(model, output, config, shard)

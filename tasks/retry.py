@@ -77,6 +77,19 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
+def another_try_could_pass(task: Any, task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn` of a GPU task (a batch job's shard): retry any failure but the input's own (a
+    `UserInputError`: a reject under `on_error: fail`, a model that is not the job's) and a full disk. A worker that
+    lost its GPU or its connection may do better on the next try; a bad record fails the same way each time, after
+    answering the shard up to it again."""
+    from vlmops.errors import UserInputError
+
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if not isinstance(exc, BaseException) or isinstance(exc, UserInputError):
+        return False
+    return not any(isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS for e in _chain(exc))
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc

@@ -95,3 +95,24 @@ def test_the_prefect_condition_reads_the_exception_off_the_failed_state() -> Non
     # What Prefect's task engine hands `retry_condition_fn` after a task raised (prefect/task_engine.py).
     assert transient(None, None, Failed(data=http_error(503), message="Task run encountered an exception"))
     assert not transient(None, None, Failed(data=ValueError("corrupt snapshot"), message="..."))
+
+
+def test_a_gpu_shard_is_retried_unless_its_input_or_the_disk_failed() -> None:
+    """answer_shard retries what another try (another worker) could pass, not a bad record under on_error: fail,
+    which would answer the shard up to it again, each time."""
+    import errno
+
+    from prefect.states import Failed
+
+    from tasks.infer import answer_shard
+    from tasks.retry import another_try_could_pass
+    from vlmops.infer.job import RecordRejectedError
+
+    def retried(exc: BaseException) -> bool:
+        return another_try_could_pass(None, None, Failed(data=exc, message="Task run encountered an exception"))
+
+    assert answer_shard.retry_condition_fn is another_try_could_pass
+    assert retried(RuntimeError("CUDA error: unspecified launch failure"))
+    assert retried(http_error(503))
+    assert not retried(RecordRejectedError("in.jsonl:7: images/gone.png: file not found"))
+    assert not retried(OSError(errno.ENOSPC, "No space left on device"))
