@@ -45,6 +45,19 @@ def test_failed_block_marks_run_failed(tmp_path: Path) -> None:
     assert tracker.client.get_run(run_id).info.status == "FAILED"
 
 
+def test_a_finished_run_is_found_by_its_tags_whatever_quotes_they_hold(tmp_path: Path) -> None:
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", experiment="e"))
+    for output in ["/data/it's here", "s3://b/a\\b", 'say "x"']:
+        with tracker.run("job", tags={"job_id": "j1", "output": output}) as run_id:
+            pass
+        assert tracker.finished_run({"job_id": "j1", "output": output}) == run_id
+    assert tracker.finished_run({"job_id": "j2", "output": "/data/it's here"}) is None
+    with pytest.raises(RuntimeError), tracker.run("job", tags={"job_id": "j3"}):
+        raise RuntimeError("crashed")
+    assert tracker.finished_run({"job_id": "j3"}) is None  # a failed run is not the job's record
+    assert tracker.finished_run({"output": 'it\'s "both"'}) is None  # no filter can hold it: none found
+
+
 def test_relative_sqlite_uri_becomes_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert resolve_tracking_uri("sqlite:///out/m.db") == f"sqlite:///{tmp_path}/out/m.db"

@@ -141,6 +141,21 @@ class Tracker:
             raise
         self.end_run(run_id)
 
+    def finished_run(self, tags: Mapping[str, str]) -> str | None:
+        """The newest FINISHED run of this experiment carrying every one of `tags`, if any (None also where a value
+        holds both kinds of quote, which a search filter cannot hold)."""
+        quoted = {key: _quoted(value) for key, value in tags.items()}
+        if None in quoted.values():
+            return None
+        where = " and ".join(f"tags.`{key}` = {value}" for key, value in quoted.items())
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"{where} and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return str(runs[0].info.run_id) if runs else None
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -284,6 +299,15 @@ class Tracker:
                 f"after the upload ({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); the model version "
                 f"was not created. Check the artifact store of {redact_uri(self.uri)} and register again"
             )
+
+
+def _quoted(value: str) -> str | None:
+    """`value` as a string of an MLflow search filter: in single or double quotes, as it is (the filter has no escapes);
+    None for a value holding both."""
+    for quote in "'\"":
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    return None
 
 
 def git_commit(folder: Path | None = None) -> str | None:

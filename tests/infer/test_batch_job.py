@@ -496,6 +496,10 @@ def test_tracking_logs_a_run_with_the_model_version_metrics_and_manifest(
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "samples.json", str(tmp_path))).read_text())
     assert table["columns"][:4] == ["key", "images", "question", "answer"] and "reference" in table["columns"]
     assert len(table["data"]) == 6 and table["data"][0][2] == "What colour is the shape?"
+    # The same command again does nothing: it logs no second run of the job (one of another output would be).
+    again = run_batch_job(str(tiny_model), str(demo_data[1]), str(tmp_path / "out"), config, progress=False)
+    assert again.mlflow_run_id == result.mlflow_run_id and not again.ran
+    assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
 def test_batch_status_reads_where_a_job_stands_from_its_output_alone(

@@ -88,7 +88,7 @@ def run_batch_job(
     manifest = read_manifest(plan, output)
     if manifest is not None:
         log.info("job %s in %s is finished already: nothing to do", plan.job_id, output.uri)
-        return _tracked(JobResult(output.uri, manifest), plan, config)
+        return _tracked(JobResult(output.uri, manifest), plan, config, again=True)
     pending = pending_shards(plan, output)
     todo = pending[: config.infer.max_shards]  # a trial run's first shards (None: all)
     workers = min(config.infer.workers or default_workers(), max(len(todo), 1))
@@ -331,8 +331,9 @@ def run_job_shard(model_ref: str, output_uri: str, config: PipelineConfig, shard
     return runner.run(plan, shard, output)
 
 
-def _tracked(result: JobResult, plan: JobPlan, config: PipelineConfig) -> JobResult:
-    """With `infer.track`, an MLflow run for the job: model version tags, settings, metrics, manifest."""
+def _tracked(result: JobResult, plan: JobPlan, config: PipelineConfig, again: bool = False) -> JobResult:
+    """With `infer.track`, an MLflow run for the job: model version tags, settings, metrics, manifest. `again`: the
+    job was finished before this command; the run logged then stands (a new one only where there is none)."""
     if not config.infer.track:
         return result
     import json
@@ -347,6 +348,10 @@ def _tracked(result: JobResult, plan: JobPlan, config: PipelineConfig) -> JobRes
         "model.content_hash": plan.model.content_hash,
         "output": result.output,
     }
+    if again and (logged := tracker.finished_run({"job_id": plan.job_id, "output": result.output})):
+        log.info("job %s: its MLflow run %s was logged when it finished", plan.job_id, logged)
+        result.mlflow_run_id = logged
+        return result
     with tracker.run(f"batch-infer-{plan.job_id}", tags=tags) as run_id:
         tracker.log_params(run_id, {"input": plan.input, **plan.settings})
         tracker.log_metrics(run_id, result.metrics())
