@@ -260,6 +260,9 @@ def test_a_jobs_rejects_are_answered_again_alone_once_their_images_are_there(
     assert f"job {manifest['job_id']} rejected no record: nothing to answer again" in capsys.readouterr().err
     assert main([*args, "--output", str(tmp_path / "r3"), "--set", f"infer.retry_rejects={tmp_path}"]) == 2
     assert f"infer.retry_rejects={tmp_path}: {tmp_path} holds no batch inference job" in capsys.readouterr().err
+    typo = tmp_path / "frist"
+    assert main([*args, "--output", str(tmp_path / "r5"), "--set", f"infer.retry_rejects={typo}"]) == 2
+    assert f"{typo} holds no batch inference job" in capsys.readouterr().err and not typo.exists()  # none made
     (data / "a.jsonl").rename(tmp_path / "a.jsonl")
     assert main([*args, "--output", str(tmp_path / "r4"), "--set", f"infer.retry_rejects={first}"]) == 2
     assert f"rejected records of {data}/a.jsonl, which --input does not name" in capsys.readouterr().err

@@ -99,7 +99,7 @@ class S3Output:
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = s3_client(storage)
-        self._scratch = Path(tempfile.mkdtemp(prefix="vlmops-job-"))
+        self._scratch: Path | None = None  # made when a file is first written: a reader leaves no empty folder
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -129,17 +129,19 @@ class S3Output:
         return None
 
     def scratch(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="vlmops-job-"))
         return self._scratch
 
 
 def open_output(uri: str, storage: StorageConfig | None = None) -> JobOutput:
-    """The output at `uri`: an `s3://` prefix or a local folder (created)."""
+    """The output at `uri`: an `s3://` prefix or a local folder (made when the first file is written there: reading
+    where nothing is, `vlmops batch-status TYPO` say, leaves nothing behind)."""
     if uri.startswith("s3://"):
         return S3Output(uri, storage)
     root = Path(uri).expanduser()
     if root.exists() and not root.is_dir():
         raise FileExistsError(f"output {uri} is a file; pass a folder (or an s3:// prefix) for the job to fill")
-    root.mkdir(parents=True, exist_ok=True)
     return LocalOutput(root)
 
 
