@@ -93,6 +93,11 @@ def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
     third = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert "finished before, nothing to do" in third.stdout
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json*")} == stamps
+    # Stopped between its last part and its manifest: the rerun answers nothing, and says it finished the job.
+    (out / "manifest.json").unlink()
+    fourth = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert "every shard was answered before: gathered them and wrote the manifest" in fourth.stdout
+    assert json.loads((out / "manifest.json").read_text())["parts"] == manifest["parts"]
 
 
 def test_a_missing_part_is_redone_alone_and_another_job_is_refused(

@@ -44,7 +44,11 @@ def handle(args: argparse.Namespace) -> int:
         rows = stopped_rows(result)
     else:
         job_id = result.manifest["job_id"]
-        state = "done" if result.ran else "finished before, nothing to do"
+        state = "done"
+        if result.finished_before:
+            state = "finished before, nothing to do"
+        elif not result.ran:  # a run stopped between its last shard and its manifest
+            state = "done (every shard was answered before: gathered them and wrote the manifest)"
         if not result.ran and not result.records:
             state = "the input holds no records"
         rows = summary_rows(result)

@@ -88,7 +88,7 @@ def run_batch_job(
     manifest = read_manifest(plan, output)
     if manifest is not None:
         log.info("job %s in %s is finished already: nothing to do", plan.job_id, output.uri)
-        return _tracked(JobResult(output.uri, manifest), plan, config, again=True)
+        return _tracked(JobResult(output.uri, manifest, finished_before=True), plan, config, again=True)
     pending = pending_shards(plan, output)
     todo = pending[: config.infer.max_shards]  # a trial run's first shards (None: all)
     workers = min(config.infer.workers or default_workers(), max(len(todo), 1))

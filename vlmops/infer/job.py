@@ -223,6 +223,8 @@ class JobResult:
     startup_s: float | None = None
     """Seconds before the shards began in this process: resolve and hash the model, plan, load it, build the engine
     (None: nothing ran here, or the shards ran in worker processes)."""
+    finished_before: bool = False
+    """The manifest was there already: this command did nothing."""
 
     @property
     def records(self) -> int:
