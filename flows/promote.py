@@ -35,13 +35,14 @@ SAMPLES_KEY = "promote-eval-samples"
 
 @flow(name="promote")
 def promote(
-    config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: str | None = None
+    config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: int | str | None = None
 ) -> dict[str, Any]:
     """Compare `challenger` (a version number or models:/ URI; default: the config's alias) with the champion
     on one evaluation set and move `champion` if the gate in the config passes."""
     logger = get_run_logger()
     config = load_config(config_path, overrides)
-    contest = find_contenders(config, challenger)
+    # An int too: Prefect's CLI reads `--param challenger=7` as JSON, and the parameter schema would refuse a number.
+    contest = find_contenders(config, None if challenger is None else str(challenger))
     if contest.settled:
         logger.info(
             "%s version %s is @%s already: nothing to do", contest.challenger.name, contest.challenger.version, CHAMPION
