@@ -62,7 +62,7 @@ def promote(
             )
             results[role] = score(str(predictions.path))
     decision = decide(contest, results["challenger"], results.get(CHAMPION), config, Path(eval_file))
-    samples = sample_rows(eval_file, results)
+    samples = sample_rows(eval_file, results, allowed_roots=config.data.allowed_roots)
 
     tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
     run_id = record_promotion(tracker, decision, contest, flow_run_tags(), samples)

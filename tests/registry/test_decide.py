@@ -95,6 +95,27 @@ def test_sample_rows_match_records_by_position(tmp_path: Path) -> None:
         sample_rows(eval_file, {"new": result([True, True, True])})
 
 
+def test_sample_rows_read_images_where_the_batch_job_may(tmp_path: Path) -> None:
+    """An evaluation set whose images lie in data.allowed_roots (a shared mount): the batch job answered it, so its
+    samples table must read it too (it said 'not a record of' the file, after both versions had answered)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    eval_file = tmp_path / "evalset" / "eval.jsonl"
+    eval_file.parent.mkdir()
+    record = {
+        "conversations": [
+            {"from": "user", "value": f"<img>{shared / 'a.png'}</img>Colour?"},
+            {"from": "assistant", "value": "red"},
+        ]
+    }
+    eval_file.write_text(json.dumps(record) + "\n")
+    results = {"challenger": result([True], str(eval_file))}
+    rows = sample_rows(eval_file, results, allowed_roots=[str(shared)])
+    assert [(row["image"], row["challenger correct"]) for row in rows] == [("a.png", True)]
+    with pytest.raises(ValueError, match="data.allowed_roots"):  # outside them: refused, saying why
+        sample_rows(eval_file, results)
+
+
 def test_mlflow_links() -> None:
     served = mlflow_links("http://mlflow:5000/", "7", "abc", "m", "3")
     assert served.run == "http://mlflow:5000/#/experiments/7/runs/abc"

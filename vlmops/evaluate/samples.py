@@ -6,6 +6,7 @@ The rows feed a table a person reads (a Prefect table artifact): the first `limi
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +18,33 @@ SAMPLE_ROWS = 50
 
 
 def sample_rows(
-    eval_file: str | os.PathLike[str], results: dict[str, EvalResult], limit: int = SAMPLE_ROWS
+    eval_file: str | os.PathLike[str],
+    results: dict[str, EvalResult],
+    limit: int = SAMPLE_ROWS,
+    allowed_roots: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """One row per record (first `limit`): `image`, `prompt`, `reference`, then `<label>` (the answer) and
     `<label> correct` for each labelled result (e.g. {"challenger": ..., "champion": ...}).
 
     Records are matched by their position in `eval_file` (the line or list index the predictions' `source`
-    ends with), so every result must come from predicting that file.
+    ends with), so every result must come from predicting that file. `allowed_roots` (`data.allowed_roots`): the
+    folders besides the file's own that its images may lie in, as for the batch job that answered it.
 
     Raises:
         ValueError: a prediction's source is not a record of `eval_file`.
     """
-    prompts = {_position(c.source): c for c in read_dataset(eval_file).conversations}
+    roots = [Path(root) for root in allowed_roots]
+    dataset = read_dataset(eval_file, roots)
+    prompts = {_position(c.source): c for c in dataset.conversations}
+    problems = {_position(p.location): p for p in dataset.problems}
     scores = {label: {_position(s.source): s for s in result.per_record} for label, result in results.items()}
     first = next(iter(results.values()))
     rows: list[dict[str, Any]] = []
     for record in sorted(first.per_record, key=lambda s: s.index)[:limit]:
         position = _position(record.source)
         conversation = prompts.get(position)
+        if position in problems:
+            raise ValueError(f"{problems[position]} (the record of the prediction of {record.source})")
         if conversation is None:
             raise ValueError(f"prediction of {record.source} is not a record of {eval_file}: predict that file")
         user = [m for m in conversation.messages if m.role == "user"][-1]
