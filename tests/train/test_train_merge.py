@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from vlmops.cli.main import main
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
+from vlmops.errors import UserInputError
 from vlmops.evaluate.checkpoint import evaluate_checkpoint
 from vlmops.train.merge import (
     MergeFailed,
@@ -137,6 +138,20 @@ def test_a_bf16_merge_is_proved_in_float32(lora_run: Path, tmp_path: Path) -> No
         adapter_bf16 = batch_logits(adapter_on_base(run, torch.bfloat16, CPU), batch)
         merged_bf16 = batch_logits(load_plain(tmp_path / "merged", torch.bfloat16, CPU), batch)
     assert float((merged_bf16 - adapter_bf16).abs().max()) > 1e-3  # what a 16-bit comparison would have seen
+
+
+def test_merge_refuses_an_out_folder_that_is_not_a_merged_model(lora_run: Path, tmp_path: Path) -> None:
+    """The merged model replaces its out folder whole: an out that holds the runs (or anything else but an earlier
+    merge) was replaced, deleting every run folder in it."""
+    runs = tmp_path / "runs"
+    run = runs / "run"
+    shutil.copytree(lora_run, run)
+    with pytest.raises(UserInputError, match=r"is not a merged model .*pass a new folder"):
+        merge_run(run, runs)
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    (tmp_path / "empty").mkdir()
+    merged = merge_run(run, tmp_path / "empty").path  # an empty folder holds nothing to lose
+    assert merge_run(run, merged).path == merged  # an earlier merge is written again
 
 
 def test_merge_in_a_child_process(lora_run: Path, tmp_path: Path) -> None:

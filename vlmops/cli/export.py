@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a trained run; --merge-lora merges the adapter into the base")
     p.add_argument("--ckpt", required=True, help="training run or checkpoint folder")
     p.add_argument("--merge-lora", action="store_true", help="merge the LoRA adapter (as swift export --merge_lora)")
-    p.add_argument("--out", help="output folder (default: <ckpt>-merged)")
+    p.add_argument("--out", help="the merged model's folder, new or an earlier merge (default: <ckpt>-merged)")
     add_config_args(p, default=None)
     p.set_defaults(handler=handle)
 

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 
 from vlmops import quiet
-from vlmops.errors import RunFailed
+from vlmops.errors import RunFailed, UserInputError
 from vlmops.models.loading import default_device, load_processor, resolve_dtype, safe_weights
 from vlmops.staging import staged_folder
 from vlmops.train.child import run_child
-from vlmops.train.rundir import CONFIG_FILE, TrainedRun, open_run
+from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,7 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
     """
     run = open_run(run_dir_or_ckpt)
     out_dir = Path(out_dir).resolve()
+    check_merge_target(out_dir)
     base = Path(run.info.base_model)
     device = default_device()
     written_dtype = resolve_dtype(dtype, device)
@@ -230,6 +231,25 @@ def merge_run(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None, d
         diff = max(merge_diff, check_parity(staging, written, batch, tolerance, device))
     log.info("merged %s into %s (max logit difference %.3g, float32)", run.weights, out_dir, diff)
     return MergeResult(out_dir, diff, tolerance, run.is_adapter)
+
+
+def check_merge_target(out_dir: Path) -> None:
+    """Refuse an `out_dir` that holds something other than a merged model: the merged model is written as that
+    folder, replacing it whole, not into it (`--out outputs/runs` deleted every run folder there).
+
+    Raises:
+        UserInputError: `out_dir` is a file, or a non-empty folder without a merged model's run.json.
+    """
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    info = out_dir / RUN_INFO
+    if info.is_file() and json.loads(info.read_text()).get("merged_from"):
+        return  # an earlier merge: written again
+    raise UserInputError(
+        f"{out_dir} exists and is not a merged model (no {RUN_INFO} with merged_from): the merged model is written "
+        "as that folder, replacing everything in it; pass a new folder (e.g. --out "
+        f"{out_dir / 'merged'}), or leave --out out for <ckpt>-merged"
+    )
 
 
 def default_export_dir(ckpt: Path) -> Path:
