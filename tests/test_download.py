@@ -311,6 +311,22 @@ def test_download_command_fetches_a_catalog_name_and_refresh_repairs_it(
     assert main(["download", "deepseek-vl-1.3b-chat", *args]) == 0  # and offline again afterwards
 
 
+def test_download_command_applies_model_overrides_to_the_named_model(
+    native_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlmops download NAME --set model.source=huggingface` fetches NAME from the HF hub: the override was dropped
+    with the config's own model section (another model's) and NAME came from ModelScope, the catalog's default."""
+    hub = FakeHub(repos={("deepseek-community/deepseek-vl-7b-chat", "main"): native_repo})
+    use_modelscope(monkeypatch, "http://127.0.0.1:9")  # nothing answers there
+    args = ["--config", "pipeline.yaml", "--set", f"model.cache_dir={tmp_path / 'cache'}"]
+    with serve(hub):
+        use_hf_hub(monkeypatch, hub.url)
+        assert main(["download", "deepseek-vl-7b-chat", *args, "--set", "model.source=huggingface"]) == 0
+    assert (
+        "model deepseek-vl-7b-chat: huggingface deepseek-community/deepseek-vl-7b-chat@main" in capsys.readouterr().out
+    )
+
+
 def test_download_errors_say_whose_move_it_is() -> None:
     assert ModelNotFoundError("x").exit_code == 2 and isinstance(ModelNotFoundError("x"), ModelDownloadError)
     assert ModelFolderNotFoundError("x").exit_code == 2 and isinstance(ModelFolderNotFoundError("x"), FileNotFoundError)
