@@ -137,3 +137,25 @@ def test_resume_unfinished_continues_a_stopped_run_and_starts_a_finished_one_ove
     (run_dir / "result.json").unlink()
     with pytest.raises(ValueError, match=r"(?s)train\.lr: 0\.002 -> 0\.0001.*or delete the folder"):
         train(load_config(None, unfinished), tiny_model, snapshot.path, run_dir)
+
+
+def test_a_checkpoint_path_of_another_setup_is_refused(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """train.resume: PATH is compared with the checkpoint's own config.yaml and run.json, as a run folder is: a
+    checkpoint of another run trained at another lr went on at its old lr (the scheduler state it holds), unsaid."""
+    steps = ["train.max_steps=4", "train.save_steps=2", "train.gradient_checkpointing=false"]
+    first = train(load_config(None, steps), tiny_model, snapshot.path, tmp_path / "a")
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    with pytest.raises(
+        ValueError, match=r"(?s)checkpoint-2 was trained with a different setup.*train\.lr: 0\.0001 -> "
+    ):
+        train(
+            load_config(None, [*steps, "train.lr=3e-3", f"train.resume={checkpoint}"]),
+            tiny_model,
+            snapshot.path,
+            tmp_path / "b",
+        )
+    assert not (tmp_path / "b" / "checkpoint-4").exists()
+    same = train(load_config(None, [*steps, f"train.resume={checkpoint}"]), tiny_model, snapshot.path, tmp_path / "c")
+    assert same.resumed_from == checkpoint and same.loss_history == first.loss_history[2:]

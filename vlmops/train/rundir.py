@@ -235,6 +235,9 @@ def plan_resume(run_dir: Path, config: PipelineConfig, info: RunInfo) -> ResumeP
             f"train.resume: {resume} is not a complete checkpoint (no {TRAINER_STATE} or {COMPLETE_MARKER}); "
             "use auto, never, or a checkpoint-N folder"
         )
+    # Its own copies of config.yaml and run.json say what it was trained with (another run folder's, maybe): the
+    # optimizer and scheduler states it holds would otherwise carry the old settings (its lr, for one) on unseen.
+    check_same_run(resume, config, info)
     plan = ResumePlan(resume, start_over=False)
     unfinished_after(run_dir, plan.checkpoint)
     return plan
@@ -274,7 +277,9 @@ def start_run_folder(run_dir: Path, config: PipelineConfig, info: RunInfo, plan:
 
 
 def check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> None:
-    """Raise ValueError listing what differs when `run_dir` holds a run with another setup."""
+    """Raise ValueError listing what differs when `run_dir` (a run folder, or a checkpoint to resume from) holds a
+    run with another setup."""
+    checkpoint = CHECKPOINT_RE.match(run_dir.name) is not None
     old_config = PipelineConfig.model_validate(yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
     old = {k: v for k, v in old_config.to_flat_dict().items() if k.split(".")[0] in RUN_SECTIONS}
     new = {k: v for k, v in config.to_flat_dict().items() if k.split(".")[0] in RUN_SECTIONS}
@@ -284,18 +289,27 @@ def check_same_run(run_dir: Path, config: PipelineConfig, info: RunInfo) -> None
         if not k.startswith(RESUMABLE_CHANGES) and old.get(k) != new.get(k)
     ]
     if (run_dir / RUN_INFO).is_file():
-        old_info = RunInfo.read(run_dir, run_dir)  # a moved run folder finds a base model that moved with it
+        # a moved run folder finds a base model that moved with it
+        old_info = RunInfo.read(run_dir, run_dir.parent if checkpoint else run_dir)
         if Path(old_info.base_model).resolve() != Path(info.base_model).resolve():
             changed.append(f"base model: {old_info.base_model} -> {info.base_model}")
         if old_info.dataset_hash != info.dataset_hash:
             changed.append(f"dataset: {old_info.dataset} -> {info.dataset} (different content)")
-    if changed:
+    if not changed:
+        return
+    if checkpoint:
         raise ValueError(
-            f"{run_dir} holds a run with a different setup, so it cannot be resumed:\n"
+            f"train.resume: {run_dir} was trained with a different setup, so it cannot be resumed:\n"
             + "\n".join(f"  - {c}" for c in changed)
-            + "\nuse a new run folder (--run-dir), or start this one over: set train.resume: never, or delete the "
-            "folder (the DVC sft stage, which sets train.resume: unfinished)"
+            + "\nresume from a checkpoint of this setup, or set train.resume: auto (this run folder's own checkpoints) or "
+            "never (from the base model)"
         )
+    raise ValueError(
+        f"{run_dir} holds a run with a different setup, so it cannot be resumed:\n"
+        + "\n".join(f"  - {c}" for c in changed)
+        + "\nuse a new run folder (--run-dir), or start this one over: set train.resume: never, or delete the "
+        "folder (the DVC sft stage, which sets train.resume: unfinished)"
+    )
 
 
 def is_last_step(checkpoint: Path) -> bool:
