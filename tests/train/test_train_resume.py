@@ -18,7 +18,7 @@ from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
 from vlmops.train.launch import training_command
 from vlmops.train.rundir import COMPLETE_MARKER, checkpoints
-from vlmops.train.sft import train
+from vlmops.train.sft import setup_training, train
 
 # 4 epochs of 12 steps, a checkpoint every 4; LoRA dropout on, so the RNG state must be restored too.
 OVERRIDES = [
@@ -159,3 +159,22 @@ def test_a_checkpoint_path_of_another_setup_is_refused(
     assert not (tmp_path / "b" / "checkpoint-4").exists()
     same = train(load_config(None, [*steps, f"train.resume={checkpoint}"]), tiny_model, snapshot.path, tmp_path / "c")
     assert same.resumed_from == checkpoint and same.loss_history == first.loss_history[2:]
+
+
+def test_resuming_an_earlier_checkpoint_deletes_what_came_after_it(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """train.resume: a checkpoint before the latest: the later checkpoints, final/ and result.json are the part of
+    the run that is redone. Kept, checkpoint-4 was rewritten in place under its old completion marker (a kill
+    mid-save left it looking complete), and `auto` resumed from it after a kill before step 4."""
+    steps = ["train.max_steps=4", "train.save_steps=2", "train.gradient_checkpointing=false"]
+    run_dir = tmp_path / "r"
+    first = train(load_config(None, steps), tiny_model, snapshot.path, run_dir)
+    again = load_config(None, [*steps, f"train.resume={run_dir / 'checkpoint-2'}"])
+    setup_training(again, tiny_model, snapshot.path, run_dir)  # the run folder as the resumed training starts it
+    assert checkpoints(run_dir) == [run_dir / "checkpoint-2"]
+    assert not (run_dir / "checkpoint-4").exists() and not (run_dir / "final").exists()
+    assert not (run_dir / "result.json").exists()
+    redone = train(again, tiny_model, snapshot.path, run_dir)
+    assert redone.resumed_from == run_dir / "checkpoint-2" and redone.loss_history == first.loss_history
+    assert checkpoints(run_dir) == [run_dir / "checkpoint-2", run_dir / "checkpoint-4"]

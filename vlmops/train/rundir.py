@@ -272,6 +272,7 @@ def start_run_folder(run_dir: Path, config: PipelineConfig, info: RunInfo, plan:
         _clear_run(run_dir, config.train.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_unfinished(run_dir, plan.checkpoint)
+    remove_superseded(run_dir, plan.checkpoint)
     write_text_atomic(run_dir / CONFIG_FILE, dump_config(config))
     info.write(run_dir)
 
@@ -328,6 +329,29 @@ def remove_unfinished(run_dir: Path, resume: Path | None) -> list[Path]:
     for path in incomplete_checkpoints(run_dir):
         if path not in removed:
             log.warning("%s has no %s: kept, but never resumed from", path, COMPLETE_MARKER)
+    return removed
+
+
+def remove_superseded(run_dir: Path, resume: Path | None) -> list[Path]:
+    """Resumed from an earlier checkpoint than the latest (train.resume: PATH): delete what the part of the run after
+    it wrote, its later checkpoints, final/ and result.json (rank 0); returns them. The resumed run writes them again:
+    a later checkpoint kept would be rewritten in place, its completion marker there all along (a kill mid-save left
+    it looking complete), and resumed from by `auto` after a kill before it; final/ and result.json would stand for
+    this run meanwhile."""
+    if resume is None or not CHECKPOINT_RE.match(resume.name):
+        return []
+    later = [p for p in checkpoints(run_dir) if checkpoint_step(p) > checkpoint_step(resume)]
+    if not later:
+        return []
+    removed = [*later, *(p for p in (run_dir / FINAL_DIR, run_dir / RESULT_FILE) if p.exists())]
+    for path in removed:
+        log.warning(
+            "resuming from %s: deleting %s, written after it by the part of the run that is redone", resume, path
+        )
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     return removed
 
 
