@@ -130,6 +130,24 @@ def test_interactive_ckpt_chats_with_the_trained_run_and_ctrl_d_quits(lora_run: 
     assert child.exitstatus == 0
 
 
+def test_interactive_model_given_a_run_folder_takes_its_saved_config(lora_run: Path, images: dict[str, Path]) -> None:
+    """`--model RUN` is the run's model with its saved config (generation settings, system prompt), as `--ckpt RUN`,
+    `vlmops app --model RUN` and `ChatModel.load(RUN)` take it; it answered with the defaults (64 new tokens, not the
+    run's 8)."""
+    query = f"<img>{images['blue']}</img>What colour is the shape?"
+    tuned, _ = ChatModel.load(lora_run).chat(query)
+    child = spawn("--model", str(lora_run))
+    try:
+        answer, _ = ask(child, query)
+        assert answer == tuned
+        child.expect_exact(PROMPT)
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
 def test_ctrl_c_stops_an_answer_and_keeps_the_session(readable_model: Path) -> None:
     child = spawn("--model", str(readable_model), "--set", "infer.max_new_tokens=1000000")
     try:

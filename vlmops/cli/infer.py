@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from vlmops.cli.args import add_config_args
@@ -49,15 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     """Load the model, then chat on stdin/stdout until `quit`, `exit` or Ctrl-D.
 
-    `--model`: a checkpoint folder, run folder or `models:/NAME@ALIAS`; with `--ckpt`, the base to apply the
-    run's adapter to. Neither: the run's base model (with `--ckpt`), else the config's `model`.
-    `--config`: None means the run's saved config (with `--ckpt`), else the defaults.
+    `--model`: a checkpoint folder, run folder, catalog name or `models:/NAME@ALIAS`; `--ckpt`: a run folder.
+    `--config`: None means the run's saved config (a run folder, given either way, as `vlmops app` takes it), else
+    the defaults.
     """
-    from vlmops.train.rundir import run_config
+    from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, run_config
 
     if not args.verbose:  # a chat session shows answers, not library progress logs
         logging.getLogger().setLevel(logging.WARNING)
-    config = run_config(args.ckpt, args.config, args.overrides)
+    run = args.ckpt
+    if run is None and (Path(args.model) / RUN_INFO).is_file() and (Path(args.model) / CONFIG_FILE).is_file():
+        run = args.model
+    config = run_config(run, args.config, args.overrides)
     chat_model = _load(args.model, args.ckpt, config, args.system)
     _import_readline()
     return chat_loop(chat_model, input, sys.stdout)
