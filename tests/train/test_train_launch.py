@@ -14,7 +14,13 @@ import yaml
 from vlmops.cli.main import main
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset, prepare_dataset
-from vlmops.train.launch import TrainingFailed, launch_training, resolve_nproc, training_command
+from vlmops.train.launch import (
+    TrainingFailed,
+    default_run_dir,
+    launch_training,
+    resolve_nproc,
+    training_command,
+)
 from vlmops.train.sft import TrainResult
 
 FAST = ["train.gradient_checkpointing=false", "train.batch_size=4", "train.lr=5e-3"]
@@ -72,6 +78,15 @@ def test_nproc_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NPROC_PER_NODE", "four")
     with pytest.raises(ValueError, match="NPROC_PER_NODE='four' must be a positive integer"):
         resolve_nproc(load_config())
+
+
+def test_default_run_folders_started_in_one_second_are_distinct(tmp_path: Path) -> None:
+    """`vlmops sft` without --run-dir: runs started in the same second (a sweep launched from a loop) got one folder,
+    and the second resumed the first's run there, or was refused for its other settings."""
+    config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=sweep"])
+    folders = [default_run_dir(config) for _ in range(4)]
+    assert len(set(folders)) == 4 and all(f.is_dir() and f.parent == tmp_path / "runs" for f in folders)
+    assert all(f.name.startswith("sweep-") for f in folders)
 
 
 def test_sft_command_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

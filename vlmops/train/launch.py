@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import logging
 import os
 import sys
@@ -118,9 +119,20 @@ def launch_training(
 
 
 def default_run_dir(config: PipelineConfig) -> Path:
-    """`<output_dir>/runs/<run.name>-<date-time>`, like swift's output/<model>/vX-<date-time>."""
+    """A new run folder, `<output_dir>/runs/<run.name>-<date-time>` like swift's output/<model>/vX-<date-time>,
+    created here: a second run started in the same second gets `-2` (the same name made it resume the first
+    run's folder, or be refused there for its other settings)."""
+    runs = Path(config.run.output_dir) / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path(config.run.output_dir) / "runs" / f"{config.run.name}-{stamp}"
+    for n in itertools.count(1):
+        folder = runs / (f"{config.run.name}-{stamp}" + (f"-{n}" if n > 1 else ""))
+        try:
+            folder.mkdir()  # the test and the claim in one step: two runs never get the same folder
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")
 
 
 def main(argv: list[str] | None = None) -> int:
