@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from vlmops.app.models import load_page_model, registered_card
 from vlmops.app.page import card_markdown
-from vlmops.config import TrackingConfig
+from vlmops.config import TrackingConfig, dump_config, load_config
+from vlmops.infer.resolve import RETRAIN_MODEL_DIR
 from vlmops.tracking import Tracker
+from vlmops.train.rundir import CONFIG_FILE, RunInfo
 
 NAME = "vlmops-app-test"
 LINEAGE = {"git_commit": "abc1234", "dataset.hash": "d41d8c", "finetuned_accuracy": "0.9000"}
@@ -58,3 +61,21 @@ def test_page_model_from_the_registry(registry: str, tmp_path: Path, monkeypatch
         < shown.index("dataset.hash")
         < shown.index("finetuned_accuracy")
     )
+
+
+def test_a_retrain_flow_run_folder_brings_its_merged_models_saved_config(chat_model_dir: Path, tmp_path: Path) -> None:
+    """`vlmops app --model outputs/runs/<run>` (the README's example) serves the run's merged/ model with the config
+    saved beside it (system prompt, generation settings, max_length), as `--model outputs/runs/<run>/merged` and
+    `ChatModel.load("outputs/runs/<run>")` take it; it used the built-in defaults (64 new tokens, the released system
+    prompt), which the model was not trained with."""
+    run = tmp_path / "runs" / "r1"
+    merged = run / RETRAIN_MODEL_DIR
+    shutil.copytree(chat_model_dir, merged)
+    saved = ["model.system_prompt=You answer in colours.", "infer.max_new_tokens=5", "data.max_length=1500"]
+    (merged / CONFIG_FILE).write_text(dump_config(load_config(None, saved)))
+    RunInfo(str(chat_model_dir), str(tmp_path), "test", "full", merged_from=str(tmp_path / "final")).write(merged)
+    for ref in (run, merged):
+        model = load_page_model(str(ref), None, [], None)
+        assert model.chat.system_prompt == "You answer in colours."
+        assert (model.defaults.max_new_tokens, model.max_length) == (5, 1500)
+    assert load_page_model(str(run), None, ["infer.max_new_tokens=7"], None).defaults.max_new_tokens == 7

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from vlmops.config import InferConfig
 from vlmops.infer.chat import ChatModel
-from vlmops.infer.resolve import REGISTRY_SCHEME, ModelSource, registered_version
-from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, run_config
+from vlmops.infer.resolve import REGISTRY_SCHEME, ModelSource, registered_version, saved_run_folder
+from vlmops.train.rundir import run_config
 
 # `models:/NAME@ALIAS` or `models:/NAME/VERSION`; anything else under models:/ is left to resolve_model_ref,
 # which explains the accepted forms.
@@ -58,12 +58,10 @@ class PageModel:
 def load_page_model(ref: str, config_path: str | None, overrides: list[str], system: str | None) -> PageModel:
     """Load `ref` (checkpoint or run folder, `models:/NAME@ALIAS`, catalog name) as `vlmops infer` does.
 
-    A run folder brings its saved config (system prompt, generation settings, max_length) unless
-    `config_path` is given; `overrides` apply on top either way.
+    A run folder (a retrain flow run's too: its merged/ model's) brings its saved config (system prompt, generation
+    settings, max_length) unless `config_path` is given; `overrides` apply on top either way.
     """
-    folder = Path(ref).expanduser()
-    is_run = (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file()
-    config = run_config(str(folder) if is_run else None, config_path, overrides)
+    config = run_config(saved_run_folder(ref), config_path, overrides)
     card = registered_card(ref, config.tracking.uri) if ref.startswith(REGISTRY_SCHEME) else None
     chat = ChatModel.from_config(card.load_ref if card else ref, config, system=system)
     return PageModel(chat, card or local_card(ref, chat.source), config.data.max_length, config.infer)

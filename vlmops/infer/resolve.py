@@ -27,7 +27,7 @@ from vlmops.config import ModelConfig, PipelineConfig
 from vlmops.filenames import safe_name
 from vlmops.staging import staged_folder
 from vlmops.tracking import resolve_tracking_uri
-from vlmops.train.rundir import RUN_INFO, TrainedRun, open_run
+from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
 from vlmops.versioning import POINTER_FILE, checkout_pointer
 
 log = logging.getLogger(__name__)
@@ -95,10 +95,7 @@ def resolve_model_ref(
         return download_registered_model(ref, tracking_uri, cache_dir)
     folder = Path(ref).expanduser()
     if folder.is_dir():
-        shipped = folder / RETRAIN_MODEL_DIR
-        if not (folder / "config.json").exists() and not (folder / RUN_INFO).exists() and shipped.is_dir():
-            return shipped  # a retrain flow run folder (outputs/runs/<run>): the model it made
-        return folder
+        return _retrain_model(folder) or folder
     if folder.exists():
         raise FileNotFoundError(f"model {ref}: is a file; pass the checkpoint folder that holds config.json")
     if "/" not in ref and "\\" not in ref:
@@ -108,6 +105,25 @@ def resolve_model_ref(
             "it prints"
         )
     raise FileNotFoundError(f"model folder {ref} does not exist")
+
+
+def _retrain_model(folder: Path) -> Path | None:
+    """A retrain flow run folder's (outputs/runs/<run>) model, its merged/; None for any other folder."""
+    shipped = folder / RETRAIN_MODEL_DIR
+    if not (folder / "config.json").exists() and not (folder / RUN_INFO).exists() and shipped.is_dir():
+        return shipped
+    return None
+
+
+def saved_run_folder(ref: str) -> str | None:
+    """The folder whose saved config comes with the model `ref` names: a `vlmops sft` run or checkpoint folder, or a
+    retrain flow run folder's merged/ model (config.yaml beside run.json); None for anything else (a plain checkpoint,
+    a `models:/` URI, a catalog name)."""
+    folder = Path(ref).expanduser()
+    if not folder.is_dir():
+        return None
+    folder = _retrain_model(folder) or folder
+    return str(folder) if (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file() else None
 
 
 def model_source(
