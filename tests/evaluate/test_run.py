@@ -49,3 +49,15 @@ def test_without_a_base_writes_metrics_only(tmp_path: Path) -> None:
 def test_no_predictions_is_an_error_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=f"{PREDICTIONS} does not exist"):
         evaluate_run(tmp_path, tmp_path / "eval.jsonl", "m")
+
+
+def test_without_a_base_an_earlier_comparison_goes(tmp_path: Path) -> None:
+    """Evaluated again without the base (`vlmops eval --set eval.evaluate_base=false` on the same folder), the earlier
+    evaluation's comparison.json and .png went on standing beside the new metrics, their numbers from other
+    predictions."""
+    write_predictions(tmp_path / PREDICTIONS, [("red", "red"), ("blue", "red")])
+    write_predictions(tmp_path / BASE_PREDICTIONS, [("red", "x"), ("blue", "blue")])
+    evaluate_run(tmp_path, tmp_path / "eval.jsonl", "m")
+    (tmp_path / BASE_PREDICTIONS).unlink()
+    evaluate_run(tmp_path, tmp_path / "eval.jsonl", "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", PREDICTIONS]

@@ -114,3 +114,20 @@ def test_eval_command_on_cuda_answers_a_lora_runs_base_without_its_adapter(
     plain = predict_eval_file(load_model(tiny_model), snapshot / "eval.jsonl", tmp_path / "plain.jsonl", config)
     assert base == [r["prediction"] for r in read_lines(plain.path)]
     assert tuned != base
+
+
+def test_an_evaluation_that_fails_leaves_no_earlier_scores_beside_its_predictions(
+    full_run: Path, tmp_path: Path
+) -> None:
+    """The base model gone, the second evaluation fails after writing the fine-tuned predictions: the first one's
+    metrics.json and comparison (other predictions' numbers) stood beside them, looking like this evaluation's."""
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    out = tmp_path / "eval"
+    assert eval_command(str(run), ["infer.max_new_tokens=2"], str(out)) == 0
+    assert {"metrics.json", "comparison.json", "comparison.png", "base_predictions.jsonl"} <= {
+        p.name for p in out.iterdir()
+    }
+    dataclasses.replace(RunInfo.read(run, run), base_model=str(tmp_path / "gone")).write(run)
+    assert eval_command(str(run), ["infer.max_new_tokens=3"], str(out)) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl"]

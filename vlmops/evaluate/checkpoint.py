@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel
 
 from vlmops.config import PipelineConfig
-from vlmops.evaluate.run import BASE_PREDICTIONS, PREDICTIONS, RunEvaluation, evaluate_run
+from vlmops.evaluate.run import BASE_PREDICTIONS, PREDICTIONS, RunEvaluation, evaluate_run, remove_scores
 from vlmops.infer.batch_job import BatchResult, predict_eval_file
 from vlmops.infer.resolve import model_source, resolve_model_ref
 from vlmops.models.loading import LoadedModel, load_model
@@ -43,7 +43,7 @@ def evaluate_checkpoint(
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / BASE_PREDICTIONS).unlink(missing_ok=True)  # a base file from an earlier evaluation is not this one's
+    remove_scores(out)
     resolve = functools.partial(resolve_model_ref, tracking_uri=config.tracking.uri)
     source = model_source(str(run_dir), None, resolve)
 

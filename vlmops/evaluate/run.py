@@ -31,6 +31,7 @@ EVAL_DIR = "eval"
 PREDICTIONS = "predictions.jsonl"
 BASE_PREDICTIONS = "base_predictions.jsonl"
 METRICS = "metrics.json"
+COMPARISON_FILES = ("comparison.json", "comparison.png")
 
 
 @dataclass
@@ -83,11 +84,22 @@ def evaluate_run(
         result.base_batch = base_batch
         result.comparison = compare(result.base, result.tuned)
         write_comparison(result.base, result.tuned, out)
+    else:
+        for name in COMPARISON_FILES:  # an earlier evaluation's, with a base: not these predictions' numbers
+            (out / name).unlink(missing_ok=True)
     result.metrics_file.write_text(json.dumps(_metrics_json(result, run), indent=2) + "\n")
     log.info(
         "evaluated %s: accuracy %.4f (%d/%d)", run, result.tuned.accuracy, result.tuned.correct, result.tuned.total
     )
     return result
+
+
+def remove_scores(out_dir: str | os.PathLike[str]) -> None:
+    """Delete what an earlier evaluation wrote in `out_dir` besides its predictions (the base's predictions, metrics,
+    comparison), before a new one writes its own: one that stops part way then leaves no other predictions' numbers
+    beside its own."""
+    for name in (BASE_PREDICTIONS, METRICS, *COMPARISON_FILES):
+        (Path(out_dir) / name).unlink(missing_ok=True)
 
 
 def _metrics_json(result: RunEvaluation, run: str) -> dict[str, Any]:
