@@ -63,19 +63,35 @@ def test_page_model_from_the_registry(registry: str, tmp_path: Path, monkeypatch
     )
 
 
+def retrain_run(run: Path, model_dir: Path, saved: list[str]) -> Path:
+    """A retrain flow run folder (outputs/runs/<run>) around its merged/ model: `model_dir` with a saved config."""
+    merged = run / RETRAIN_MODEL_DIR
+    shutil.copytree(model_dir, merged)
+    (merged / CONFIG_FILE).write_text(dump_config(load_config(None, saved)))
+    RunInfo(str(model_dir), str(run), "test", "full", merged_from=str(run / "final")).write(merged)
+    return run
+
+
 def test_a_retrain_flow_run_folder_brings_its_merged_models_saved_config(chat_model_dir: Path, tmp_path: Path) -> None:
     """`vlmops app --model outputs/runs/<run>` (the README's example) serves the run's merged/ model with the config
     saved beside it (system prompt, generation settings, max_length), as `--model outputs/runs/<run>/merged` and
     `ChatModel.load("outputs/runs/<run>")` take it; it used the built-in defaults (64 new tokens, the released system
     prompt), which the model was not trained with."""
-    run = tmp_path / "runs" / "r1"
-    merged = run / RETRAIN_MODEL_DIR
-    shutil.copytree(chat_model_dir, merged)
     saved = ["model.system_prompt=You answer in colours.", "infer.max_new_tokens=5", "data.max_length=1500"]
-    (merged / CONFIG_FILE).write_text(dump_config(load_config(None, saved)))
-    RunInfo(str(chat_model_dir), str(tmp_path), "test", "full", merged_from=str(tmp_path / "final")).write(merged)
+    run = retrain_run(tmp_path / "runs" / "r1", chat_model_dir, saved)
+    merged = run / RETRAIN_MODEL_DIR
     for ref in (run, merged):
         model = load_page_model(str(ref), None, [], None)
         assert model.chat.system_prompt == "You answer in colours."
         assert (model.defaults.max_new_tokens, model.max_length) == (5, 1500)
     assert load_page_model(str(run), None, ["infer.max_new_tokens=7"], None).defaults.max_new_tokens == 7
+
+
+def test_retrain_flow_runs_side_by_side_are_told_apart(chat_model_dir: Path, tmp_path: Path) -> None:
+    """Each panel is labelled with its run (`r1/merged`): both were labelled `merged`, the folder every retrain flow run
+    keeps its model in, so `--model outputs/runs/r1 --compare outputs/runs/r2` showed two answers under one name."""
+    cards = [
+        load_page_model(str(retrain_run(tmp_path / name, chat_model_dir, [])), None, [], None).card
+        for name in ("r1", "r2")
+    ]
+    assert [card.label for card in cards] == ["r1/merged", "r2/merged"]

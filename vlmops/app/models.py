@@ -14,7 +14,13 @@ from pathlib import Path
 
 from vlmops.config import InferConfig
 from vlmops.infer.chat import ChatModel
-from vlmops.infer.resolve import REGISTRY_SCHEME, ModelSource, registered_version, saved_run_folder
+from vlmops.infer.resolve import (
+    REGISTRY_SCHEME,
+    RETRAIN_MODEL_DIR,
+    ModelSource,
+    registered_version,
+    saved_run_folder,
+)
 from vlmops.train.rundir import run_config
 
 # `models:/NAME@ALIAS` or `models:/NAME/VERSION`; anything else under models:/ is left to resolve_model_ref,
@@ -101,4 +107,6 @@ def local_card(ref: str, source: ModelSource) -> ModelCard:
     }
     if run.info.merged_from:
         lineage["merged_from"] = run.info.merged_from
-    return ModelCard(ref, ref, run.root.name, lineage=lineage)
+    # Every retrain flow run keeps its model in merged/: named by its run, two side by side are told apart.
+    name = f"{run.root.parent.name}/{run.root.name}" if run.root.name == RETRAIN_MODEL_DIR else run.root.name
+    return ModelCard(ref, ref, name, lineage=lineage)
