@@ -133,3 +133,30 @@ def test_the_snapshot_copies_images_and_leaves_the_users_files_alone(
     prepared = prepare_dataset(DataConfig(), train, evals, tmp_path, tiny_processor.tokenizer, 16)
     sources = {p.stat().st_ino for p in train.parent.rglob("*.png")}
     assert sources and all(p.stat().st_ino not in sources for p in (prepared.path / "images").iterdir())
+
+
+def test_a_broken_data_uri_is_a_rejected_record_naming_it(tmp_path: Path, tiny_processor: Any) -> None:
+    """A data: URI whose payload is not ASCII base64, or whose media type is not a plain name, is the record's
+    problem (line, field, what to fix), not an error that stops validation."""
+    png = base64.b64encode(_png_bytes()).decode()
+
+    def record(uri: str) -> str:
+        turns = [{"from": "user", "value": f"<img>{uri}</img>Hi"}, {"from": "assistant", "value": "red"}]
+        return json.dumps({"conversations": turns})
+
+    data = tmp_path / "d.jsonl"
+    uris = [
+        f"data:image/png;base64,{png}",
+        f"data:image/png;base64,{png[:8]}\u00e9{png[8:]}",  # a non-ASCII character in the payload
+        f"data:image/png/x;base64,{png}",  # a slash in the media type: not a file name suffix
+    ]
+    data.write_text("\n".join(record(u) for u in uris) + "\n")
+    evals = tmp_path / "e.jsonl"
+    evals.write_text(record(uris[0]) + "\n")
+    prepared = prepare_dataset(
+        DataConfig(invalid_records="skip"), data, evals, tmp_path / "out", tiny_processor.tokenizer, 16
+    )
+    rows = [json.loads(line) for line in Path(prepared.report.rejects_file).read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in rows] == [(2, "conversations[0].value")]
+    assert "base64" in rows[0]["reason"]
+    assert sorted(p.suffix for p in (prepared.path / "images").iterdir()) == [".img", ".png"]

@@ -10,7 +10,6 @@ was taken), transparency laid on white, the first frame of an animation, 16-bit 
 from __future__ import annotations
 
 import base64
-import binascii
 import io
 from pathlib import Path
 
@@ -163,8 +162,11 @@ def _data_uri_bytes(uri: str) -> bytes:
         raise ImageLoadError(f"image {_short(uri)}: only base64 data: URIs are supported (data:image/png;base64,...)")
     try:
         return base64.b64decode(payload, validate=True)
-    except binascii.Error as err:
-        raise ImageLoadError(f"image {_short(uri)}: bad base64 payload ({err})") from err
+    except ValueError as err:  # binascii.Error, or a non-ASCII character (a plain ValueError)
+        raise ImageLoadError(
+            f"image {_short(uri)}: bad base64 payload ({err}); encode the image again (base64 uses only A-Z a-z 0-9 + /"
+            " and = padding)"
+        ) from err
 
 
 def _short(uri: str) -> str:

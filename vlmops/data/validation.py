@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import statistics
 from array import array
 from collections.abc import Iterator, Sequence
@@ -297,7 +298,10 @@ class RecordChecker:
             return ""
         digest = hashlib.sha256(data).hexdigest()
         if uri.startswith("data:"):
-            suffix = "." + uri[len("data:image/") : uri.index(";")] if uri.startswith("data:image/") else ".img"
+            # The media type is the record's text: only a plain subtype (png, jpeg, svg+xml) names the file; a
+            # slash or a NUL in it would make a path that cannot be written.
+            subtype = uri[len("data:image/") : uri.index(";")] if uri.startswith("data:image/") else ""
+            suffix = f".{subtype}" if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,15}", subtype) else ".img"
         else:
             suffix = Path(uri.split("?")[0]).suffix.lower() or ".img"
         target = self.image_dir / f"{digest[:24]}{suffix}"
