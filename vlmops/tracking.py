@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from vlmops.config import TrackingConfig
 from vlmops.errors import RunFailed
@@ -350,8 +351,11 @@ def mlflow_links(
     uri: str, experiment_id: str, run_id: str, name: str | None = None, version: str | None = None
 ) -> MlflowLinks:
     """Links into the UI of the tracking server at `uri`; for a local store, into `mlflow ui` on it (started with
-    `ui_command(uri)`)."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    `ui_command(uri)`). A login in the URI (user:password@, ?token=) stays out: the links go into artifacts others read."""
+    base = LOCAL_UI
+    if uri.startswith(("http://", "https://")):
+        parts = urlsplit(uri)
+        base = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
     model = f"{base}/#/models/{name}/versions/{version}" if name and version else None
     return MlflowLinks(f"{base}/#/experiments/{experiment_id}/runs/{run_id}", model)
 

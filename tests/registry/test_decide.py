@@ -123,6 +123,14 @@ def test_mlflow_links() -> None:
     assert mlflow_links("sqlite:////x/mlflow.db", "1", "abc").run.startswith("http://127.0.0.1:5000/#/")
 
 
+def test_mlflow_links_carry_no_credentials_of_the_tracking_uri() -> None:
+    """A team's tracking URI with its login in it (http://user:password@host): the links went as they were into the
+    promotion's promotion.md (an MLflow artifact) and the flows' Prefect artifacts, password and all."""
+    links = mlflow_links("https://ann:s3cret-pw@mlflow.example:5443/base/?token=tok123", "7", "abc", "m", "3")
+    assert links.run == "https://mlflow.example:5443/base/#/experiments/7/runs/abc"
+    assert links.model_version == "https://mlflow.example:5443/base/#/models/m/versions/3"
+
+
 def test_new_versions_cannot_be_registered_as_champion() -> None:
     # The registering run would point champion at every new version, past the gate.
     with pytest.raises(ValueError, match=r"registry\.alias: .*champion is the alias the promotion gate moves"):
