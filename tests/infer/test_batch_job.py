@@ -643,6 +643,33 @@ def test_an_output_inside_the_input_folder_is_not_read_as_input(tiny_model: Path
 
 
 @pytest.mark.integration
+def test_another_jobs_output_inside_the_input_folder_is_refused_naming_the_fix(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A job's output kept beside its input (`--input data --output data/run1`), then a second job over `data`: it
+    read run1's parts as prompts and its manifest and job file as records. Refused naming run1 and the fix; a glob
+    of the input files runs, and so does a job over run1's rejects (which reads only the files they name)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    simple_prompts(data / "in.jsonl", 5)
+    with (data / "in.jsonl").open("a") as f:
+        f.write("{not json\n")
+    model = str(tiny_model)
+    first = run_batch_job(model, str(data), str(data / "run1"), job_config(), progress=False)
+    assert (first.records, first.results, first.rejects) == (6, 5, 1)
+    with pytest.raises(UserInputError, match=r"holds the output of another batch job \(.*data/run1: .*pass the input"):
+        run_batch_job(model, str(data), str(data / "run2"), job_config(), progress=False)
+    assert not (data / "run2").exists()
+    with pytest.raises(UserInputError, match=r"input .*run1 holds the output of another batch job \(.*run1: it has"):
+        run_batch_job(model, str(data / "run1"), str(tmp_path / "again"), job_config(), progress=False)
+    globbed = run_batch_job(model, str(data / "*.jsonl"), str(data / "run2"), job_config(), progress=False)
+    assert (globbed.records, globbed.results) == (6, 5)
+    retry = job_config(**{"infer.retry_rejects": str(data / "run1")})
+    again = run_batch_job(model, str(data), str(tmp_path / "retry"), retry, progress=False)
+    assert (again.records, again.rejects) == (1, 1)
+
+
+@pytest.mark.integration
 def test_an_output_that_is_the_input_folder_is_refused_naming_the_fix(
     tiny_model: Path, tmp_path: Path, s3_server: Any
 ) -> None:

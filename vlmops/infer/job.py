@@ -45,6 +45,7 @@ from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, open_output, written_file
 from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
 from vlmops.infer.records import (
+    JOB_FILE,
     PROMPT_STEP,
     InputFile,
     Prompt,
@@ -55,6 +56,7 @@ from vlmops.infer.records import (
     parse_prompt,
     read_shard,
     record_base,
+    refuse_other_jobs,
     reject_key,
     scan_input,
 )
@@ -65,7 +67,6 @@ from vlmops.models.template import encode
 
 log = logging.getLogger(__name__)
 
-JOB_FILE = "_job/job.json"
 SHARD_REJECTS = "_job/rejects-"
 PART_PREFIX = "part-"
 REJECTS_FILE = "rejects.jsonl"
@@ -387,9 +388,11 @@ def plan_job(
     found = find_inputs(input_spec, config.storage, output_uri)
     retry_of = config.infer.retry_rejects
     before: dict[str, InputFile] = {}
+    every = found
     if retry_of is not None:
         old, found = _choose_rejected(retry_of, found, config)
         before = {f.uri: f for f in old.files}
+    refuse_other_jobs(input_spec, every, found)
     for file_index, chosen in enumerate(found):
         scanned, file_shards = scan_input(chosen, file_index, config.infer.shard_size, config.storage, measure)
         if retry_of is not None and scanned.sha256 != before[scanned.uri].sha256:

@@ -43,6 +43,8 @@ INPUT_SUFFIXES = (".jsonl", ".json")
 ADDED_FIELDS = ("key", "source", "response", "reference", "generated_tokens", "finish_reason", "model")
 """Fields a job adds to every result; an input record that already has one is rejected (rename it)."""
 CHUNK = 1 << 20
+JOB_FILE = "_job/job.json"
+"""A batch job's identity file, under its output: a folder that holds one is a job's output, not input."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,27 @@ def _outside(found: list[T], is_own: Callable[[T], bool], spec: str, output: str
             "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), output
         )
     return kept
+
+
+def refuse_other_jobs(spec: str, found: list[InputFile], read: list[InputFile]) -> None:
+    """Refuse to read (`read`) files of another batch job's output that the input (`found`: every file it names)
+    holds: its parts, rejects, manifest and `_job/` files are not prompts. A job's output kept beside its input
+    (`--input data --output data/run1`) made the next job over `data` answer the first one's results again, and its
+    manifest and job file as records. (A job's own output inside its input is left out before: `find_inputs`.)
+
+    Raises:
+        UserInputError: naming the job folders found and the fix.
+    """
+    jobs = {f.name.removesuffix(JOB_FILE) for f in found if f"/{f.name}".endswith(f"/{JOB_FILE}")}
+    held = sorted(job.rstrip("/") or "." for job in jobs if any(f.name.startswith(job) for f in read))
+    if held:
+        shown = ", ".join(spec if job == "." else f"{spec.rstrip('/')}/{job}" for job in held[:3])
+        more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+        raise UserInputError(
+            f"input {spec} holds the output of another batch job ({shown}{more}: it has {JOB_FILE}), whose parts, "
+            "rejects and manifest are not prompts: move that output out of the input, or pass the input files "
+            "themselves as a glob (e.g. 'data/*.jsonl')"
+        )
 
 
 def _under_local(output: str | None) -> Callable[[Path], bool]:
