@@ -120,3 +120,44 @@ def test_a_retrain_flow_run_folder_resolves_to_the_model_it_made(tiny_model: Pat
     assert resolve_model_ref(str(run)) == run / "merged"
     assert resolve_model_ref(str(run / "merged")) == run / "merged"
     assert resolve_model_ref(str(tiny_model)) == tiny_model
+
+
+@pytest.mark.integration
+def test_a_registry_error_does_not_show_the_login_of_the_tracking_uri(tmp_path: Path) -> None:
+    """A team's tracking URI with its login in it (http://user:password@host): a version the registry lacks was
+    refused with the URI as it was, password included, in an error the CLI, the chat page's log and Prefect's flow run
+    state show."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from vlmops.infer.resolve import registered_version
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--default-artifact-root", str(tmp_path / "a"),
+    ]  # fmt: skip
+    with (tmp_path / "server.log").open("wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        with pytest.raises(
+            ValueError, match=rf"not found in the registry at http://ann:\*\*\*@127.0.0.1:{port}"
+        ) as err:
+            registered_version(f"models:/{NAME}@champion", f"http://ann:s3cret-pw@127.0.0.1:{port}")
+        assert "s3cret-pw" not in str(err.value)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -25,6 +25,7 @@ from typing import Any
 
 from vlmops.config import ModelConfig, PipelineConfig
 from vlmops.filenames import safe_name
+from vlmops.redact import redact_uri
 from vlmops.staging import staged_folder
 from vlmops.tracking import resolve_tracking_uri
 from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
@@ -206,7 +207,7 @@ def registered_version(uri: str, tracking_uri: str | None = None) -> RegisteredV
         else:
             version = client.get_model_version(name, match.group("version"))
     except MlflowException as err:
-        raise ValueError(f"model {uri}: not found in the registry at {registry} ({err.message})") from err
+        raise ValueError(redact_uri(f"model {uri}: not found in the registry at {registry} ({err.message})")) from err
     return RegisteredVersion(name, version, registry, client)
 
 
@@ -226,7 +227,7 @@ def download_registered_model(
     try:
         source = found.client.get_model_version_download_uri(name, version.version)
     except MlflowException as err:
-        raise ValueError(f"model {uri}: not found in the registry at {registry} ({err.message})") from err
+        raise ValueError(redact_uri(f"model {uri}: not found in the registry at {registry} ({err.message})")) from err
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_registry_cache()
     registry_key = hashlib.sha256(registry.encode()).hexdigest()[:12]
