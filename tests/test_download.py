@@ -374,3 +374,38 @@ def test_s3_download_convert_and_resync(release_repo: Path, tmp_path: Path, s3_e
     assert (snap.original_path / shard).is_file()
     assert refreshed.digest != snap.digest and refreshed.path != snap.path
     assert json.loads((refreshed.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+
+
+@pytest.mark.integration
+def test_s3_model_changed_upstream_is_fetched_again_without_refresh(
+    release_repo: Path, tmp_path: Path, s3_env: Any
+) -> None:
+    """A cached S3 copy is used while the prefix's listing (keys and ETags) is the one it was copied from; a changed
+    object is copied again (only it), a removed one removed, and the new content gets its own conversion."""
+    from vlmops.storage import s3_client, upload_folder
+
+    storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
+    client = s3_client(storage)
+    client.create_bucket(Bucket="models-changed")
+    uri = "s3://models-changed/tiny-vl"
+    upload_folder(client, release_repo, uri, progress=False)
+    config = ModelConfig(name="tiny-vl", source="s3", id=uri, cache_dir=str(tmp_path / "cache"))
+    snap = download_model(config, storage, tmp_path / "out")
+    untouched = snap.original_path / _shards(release_repo)[0]
+    stamp = untouched.stat().st_mtime_ns
+    assert download_model(config, storage, tmp_path / "out") == snap  # same listing: the cached copy as is
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    settings = json.loads((release_repo / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 4096}))
+    upload_folder(client, changed, uri, progress=False)
+    client.delete_object(Bucket="models-changed", Key="tiny-vl/special_tokens_map.json")
+    fresh = download_model(config, storage, tmp_path / "out")
+    assert fresh.digest != snap.digest and fresh.path != snap.path
+    assert json.loads((fresh.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+    assert not (snap.original_path / "special_tokens_map.json").exists()
+    assert untouched.stat().st_mtime_ns == stamp  # unchanged objects are not copied again
+
+    # S3 out of reach: the verified copy of the last listing, with a warning
+    assert download_model(config, StorageConfig(endpoint_url="http://127.0.0.1:9"), tmp_path / "out") == fresh

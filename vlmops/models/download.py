@@ -11,7 +11,9 @@
    manifest was written. Re-hashing 15 GB on every run would take minutes; a changed mtime is what every
    rewrite, truncation and re-download leaves behind. (A bit flip that keeps size and mtime is not caught:
    `refresh=True` re-downloads and re-hashes everything.) A local folder is the user's to change: if it
-   no longer matches, its manifest is rebuilt rather than the run refused.
+   no longer matches, its manifest is rebuilt rather than the run refused. An S3 copy is reused while the
+   prefix's listing (keys and ETags, one request) is the one it was made from; what changed there is copied
+   again, and with S3 out of reach the verified copy is used with a warning.
 3. A snapshot in the original release layout is converted once into `<cache_dir>/converted/`, keyed by
    the source manifest's digest, and that folder is returned.
 

@@ -1,8 +1,9 @@
 """Where model files come from: ModelScope, the HF hub, a local folder, an S3 prefix.
 
-Each fetcher returns (folder, manifest path, manifest): it reuses a verified snapshot with no network, or
-downloads only the files a model needs (`manifest.ALLOW_PATTERNS`, no `.bin` copies beside safetensors) after
-checking the disk has room, and writes the manifest. Failures are `download_errors` with what to do.
+Each fetcher returns (folder, manifest path, manifest): it reuses a verified snapshot (with no network; an S3
+prefix's listing is read to see whether it changed), or downloads only the files a model needs
+(`manifest.ALLOW_PATTERNS`, no `.bin` copies beside safetensors) after checking the disk has room, and writes
+the manifest. Failures are `download_errors` with what to do.
 """
 
 from __future__ import annotations
@@ -288,7 +289,12 @@ def _is_connection_error(err: BaseException) -> bool:
 def s3_snapshot(
     resolved: ResolvedModel, storage_cfg: StorageConfig | None, cache: Path, refresh: bool
 ) -> tuple[Path, Path, dict[str, Any]]:
-    """(folder, manifest path, manifest) of an S3 prefix: the verified copy, or a sync of the model files."""
+    """(folder, manifest path, manifest) of an S3 prefix: the verified copy, or a sync of the model files.
+
+    The copy is reused while the prefix's listing (each model file's key and ETag, one LIST request) is the one it
+    was made from: an object rewritten or removed in place is copied again (only it) or removed here. With S3 out of
+    reach the verified copy is used as it is, with a warning.
+    """
     from botocore.exceptions import BotoCoreError, ClientError
 
     from vlmops.storage import download_prefix, list_objects, parse_s3_uri, s3_client
@@ -296,33 +302,59 @@ def s3_snapshot(
     bucket, prefix = parse_s3_uri(resolved.id)
     folder = cache / "s3" / bucket / prefix
     manifest_path = cache / "manifests" / "s3" / bucket / f"{safe_name(prefix or 'root')}.json"
-    if folder.is_dir() and manifest_path.is_file() and not refresh:
-        return folder, manifest_path, verify(folder, manifest_path, owned=True)
-    client = s3_client(storage_cfg)
+    recorded = read_json_or_none(manifest_path) if folder.is_dir() and not refresh else None
     try:
-        objects = list_objects(client, bucket, prefix)
-        if not objects:
-            raise ModelNotFoundError(f"no objects under {resolved.id}: check model.id (and storage.endpoint_url)")
-        sizes = {(o.key[len(prefix) + 1 :] if prefix else o.key): o.size for o in objects}
-        patterns = patterns_for(sizes)
-        wanted = sorted(rel for rel in sizes if matches(rel, patterns))
-        if not wanted:
-            raise ModelNotFoundError(f"no model files under {resolved.id} (nothing matches {', '.join(patterns)})")
-        check_free_space(folder, sum(sizes[rel] for rel in wanted), resolved.id)
-        download_prefix(client, resolved.id, folder, patterns=patterns, progress=True)
-        for rel in model_files(folder):
-            if rel not in wanted:  # gone upstream: a stale shard or index must not reach the conversion
-                log.info("removing %s: no longer under %s", folder / rel, resolved.id)
-                (folder / rel).unlink()
-    except ModelDownloadError:
-        raise
+        objects = list_objects(s3_client(storage_cfg), bucket, prefix)
     except (BotoCoreError, ClientError) as err:
-        raise TransferFailedError(
-            f"cannot read {resolved.id} ({type(err).__name__}: {err}). Check storage.endpoint_url "
-            "(or AWS_ENDPOINT_URL), the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
-            "and the bucket name."
-        ) from err
+        if recorded is None:
+            raise _unreadable(resolved.id, err) from err
+        log.warning(
+            "cannot list %s (%s: %s); using the copy made %s at %s as it is",
+            resolved.id,
+            type(err).__name__,
+            err,
+            recorded.get("created", "earlier"),
+            folder,
+        )
+        return folder, manifest_path, verify(folder, manifest_path, owned=True)
+    if not objects:
+        raise ModelNotFoundError(f"no objects under {resolved.id}: check model.id (and storage.endpoint_url)")
+    listing = {(o.key[len(prefix) + 1 :] if prefix else o.key): o for o in objects}
+    patterns = patterns_for(listing)
+    etags = {rel: o.etag for rel, o in sorted(listing.items()) if matches(rel, patterns)}
+    if not etags:
+        raise ModelNotFoundError(f"no model files under {resolved.id} (nothing matches {', '.join(patterns)})")
+    if recorded is not None and recorded.get("etags") == etags:
+        return folder, manifest_path, verify(folder, manifest_path, owned=True)
+
+    if recorded is not None:
+        log.info("%s changed since %s was copied from it: copying what differs", resolved.id, folder)
+    # Until the new manifest is written the folder is a sync in progress: a run after a kill here syncs again
+    # rather than trust a mix of old and new files.
+    manifest_path.unlink(missing_ok=True)
+    needed = sum(o.size for rel, o in listing.items() if rel in etags and not _same_size(folder / rel, o.size))
+    check_free_space(folder, needed, resolved.id)
+    try:
+        download_prefix(s3_client(storage_cfg), resolved.id, folder, patterns=patterns, progress=True)
+    except (BotoCoreError, ClientError) as err:
+        raise _unreadable(resolved.id, err) from err
     except OSError as err:
         raise_if_disk_full(err, folder, "downloading (the next run resumes)")
         raise
-    return folder, manifest_path, write_manifest(folder, manifest_path, resolved, files=wanted)
+    for rel in model_files(folder):
+        if rel not in etags:  # gone upstream: a stale shard or index must not reach the conversion
+            log.info("removing %s: no longer under %s", folder / rel, resolved.id)
+            (folder / rel).unlink()
+    return folder, manifest_path, write_manifest(folder, manifest_path, resolved, files=etags, extra={"etags": etags})
+
+
+def _same_size(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+def _unreadable(uri: str, err: BaseException) -> TransferFailedError:
+    return TransferFailedError(
+        f"cannot read {uri} ({type(err).__name__}: {err}). Check storage.endpoint_url "
+        "(or AWS_ENDPOINT_URL), the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
+        "and the bucket name."
+    )
