@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import task
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
 
 from tasks.caching import inputs_and_files
 from tasks.retry import transient
 from vlmops.config import ModelConfig, StorageConfig
-from vlmops.models.download import ModelSnapshot
+from vlmops.models.download import ModelSnapshot, s3_source_etags
 from vlmops.models.download import download_model as fetch_model
 from vlmops.tracking import Tracker
 
 
+@dataclass
+class S3SourceListing(CachePolicy):
+    """Adds an S3 model's listing (keys and ETags) to the key; nothing for other sources."""
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        etags = s3_source_etags(inputs["model"], inputs["storage"], inputs["output_dir"])
+        return None if etags is None else hash_objects(etags, raise_on_failure=True)
+
+
 @task(
     name="download_model",
-    cache_policy=inputs_and_files(["local_source"]),
+    cache_policy=inputs_and_files(["local_source"]) + S3SourceListing(),
     persist_result=True,
     retries=2,
     retry_delay_seconds=30,

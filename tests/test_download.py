@@ -409,3 +409,41 @@ def test_s3_model_changed_upstream_is_fetched_again_without_refresh(
 
     # S3 out of reach: the verified copy of the last listing, with a warning
     assert download_model(config, StorageConfig(endpoint_url="http://127.0.0.1:9"), tmp_path / "out") == fresh
+
+
+@pytest.mark.integration
+def test_the_download_task_is_not_reused_after_an_s3_model_changed(
+    release_repo: Path, tmp_path: Path, s3_env: Any, prefect_harness: None
+) -> None:
+    """The download step's cache key follows an S3 model's listing (keys and ETags): a prefix rewritten in place is
+    downloaded again by the retrain flow, not served as Cached from the run before."""
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.download import download_model as download_task
+    from vlmops.storage import s3_client, upload_folder
+
+    storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
+    client = s3_client(storage)
+    client.create_bucket(Bucket="models-task")
+    uri = "s3://models-task/tiny-vl"
+    upload_folder(client, release_repo, uri, progress=False)
+    config = ModelConfig(name="tiny-vl", source="s3", id=uri, cache_dir=str(tmp_path / "cache"))
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    settings = json.loads((release_repo / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 4096}))
+
+    @flow
+    def download_three_times() -> list[tuple[str | None, str]]:
+        states = []
+        for _ in range(3):
+            state = download_task(config, storage, str(tmp_path / "out"), None, return_state=True)
+            states.append((state.name, state.result().digest))
+            upload_folder(client, changed, uri, progress=False)  # after the first: changed; after the second: same
+        return states
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        (first, old), (second, new), (third, same) = download_three_times()
+    assert (first, second, third) == ("Completed", "Completed", "Cached")
+    assert old != new == same

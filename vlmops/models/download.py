@@ -41,7 +41,15 @@ from vlmops.models.download_errors import (
     SnapshotCorruptedError,
     TransferFailedError,
 )
-from vlmops.models.hubs import HuggingFace, ModelScope, hub_snapshot, local_folder, local_snapshot, s3_snapshot
+from vlmops.models.hubs import (
+    HuggingFace,
+    ModelScope,
+    hub_snapshot,
+    local_folder,
+    local_snapshot,
+    s3_model_files,
+    s3_snapshot,
+)
 from vlmops.models.manifest import ensure_manifest, manifest_digest
 
 # The errors callers catch come from here, with the function that raises them.
@@ -54,6 +62,7 @@ __all__ = [
     "TransferFailedError",
     "download_model",
     "local_source_path",
+    "s3_source_etags",
 ]
 
 log = logging.getLogger(__name__)
@@ -158,3 +167,24 @@ def local_source_path(config: PipelineConfig) -> str | None:
     if resolved.source != "local":
         return None
     return str(local_folder(resolved))
+
+
+def s3_source_etags(
+    model_cfg: ModelConfig, storage_cfg: StorageConfig | None, output_dir: str | os.PathLike[str]
+) -> dict[str, str] | None:
+    """{relative path: ETag} of an S3 model's files as the prefix lists them now; None for other sources, or when
+    the bucket cannot be listed (the download then uses its cached copy, with a warning).
+
+    The download task's cache key includes it: a prefix rewritten in place is downloaded again, not served from the
+    run before.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    resolved = resolve(model_cfg, output_dir)
+    if resolved.source != "s3":
+        return None
+    try:
+        wanted, _ = s3_model_files(resolved.id, storage_cfg)
+    except (BotoCoreError, ClientError, ModelNotFoundError):
+        return None  # the download itself says what is wrong
+    return {rel: o.etag for rel, o in wanted.items()}

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vlmops.config import StorageConfig
 from vlmops.filenames import safe_name
@@ -35,6 +35,9 @@ from vlmops.models.manifest import (
     write_manifest,
 )
 from vlmops.staging import build_lock
+
+if TYPE_CHECKING:
+    from vlmops.storage import S3Object
 
 log = logging.getLogger(__name__)
 
@@ -286,6 +289,27 @@ def _is_connection_error(err: BaseException) -> bool:
 # s3
 
 
+def s3_model_files(uri: str, storage_cfg: StorageConfig | None) -> tuple[dict[str, S3Object], list[str]]:
+    """({path relative to the prefix: object} of the model files under `uri` now, the patterns that chose them).
+
+    Raises:
+        ModelNotFoundError: nothing under `uri`, or no model files.
+        botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError: the bucket cannot be listed.
+    """
+    from vlmops.storage import list_objects, parse_s3_uri, s3_client
+
+    bucket, prefix = parse_s3_uri(uri)
+    objects = list_objects(s3_client(storage_cfg), bucket, prefix)
+    if not objects:
+        raise ModelNotFoundError(f"no objects under {uri}: check model.id (and storage.endpoint_url)")
+    listing = {(o.key[len(prefix) + 1 :] if prefix else o.key): o for o in objects}
+    patterns = patterns_for(listing)
+    wanted = {rel: o for rel, o in sorted(listing.items()) if matches(rel, patterns)}
+    if not wanted:
+        raise ModelNotFoundError(f"no model files under {uri} (nothing matches {', '.join(patterns)})")
+    return wanted, patterns
+
+
 def s3_snapshot(
     resolved: ResolvedModel, storage_cfg: StorageConfig | None, cache: Path, refresh: bool
 ) -> tuple[Path, Path, dict[str, Any]]:
@@ -297,14 +321,14 @@ def s3_snapshot(
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from vlmops.storage import download_prefix, list_objects, parse_s3_uri, s3_client
+    from vlmops.storage import download_prefix, parse_s3_uri, s3_client
 
     bucket, prefix = parse_s3_uri(resolved.id)
     folder = cache / "s3" / bucket / prefix
     manifest_path = cache / "manifests" / "s3" / bucket / f"{safe_name(prefix or 'root')}.json"
     recorded = read_json_or_none(manifest_path) if folder.is_dir() and not refresh else None
     try:
-        objects = list_objects(s3_client(storage_cfg), bucket, prefix)
+        wanted, patterns = s3_model_files(resolved.id, storage_cfg)
     except (BotoCoreError, ClientError) as err:
         if recorded is None:
             raise _unreadable(resolved.id, err) from err
@@ -317,13 +341,7 @@ def s3_snapshot(
             folder,
         )
         return folder, manifest_path, verify(folder, manifest_path, owned=True)
-    if not objects:
-        raise ModelNotFoundError(f"no objects under {resolved.id}: check model.id (and storage.endpoint_url)")
-    listing = {(o.key[len(prefix) + 1 :] if prefix else o.key): o for o in objects}
-    patterns = patterns_for(listing)
-    etags = {rel: o.etag for rel, o in sorted(listing.items()) if matches(rel, patterns)}
-    if not etags:
-        raise ModelNotFoundError(f"no model files under {resolved.id} (nothing matches {', '.join(patterns)})")
+    etags = {rel: o.etag for rel, o in wanted.items()}
     if recorded is not None and recorded.get("etags") == etags:
         return folder, manifest_path, verify(folder, manifest_path, owned=True)
 
@@ -332,7 +350,7 @@ def s3_snapshot(
     # Until the new manifest is written the folder is a sync in progress: a run after a kill here syncs again
     # rather than trust a mix of old and new files.
     manifest_path.unlink(missing_ok=True)
-    needed = sum(o.size for rel, o in listing.items() if rel in etags and not _same_size(folder / rel, o.size))
+    needed = sum(o.size for rel, o in wanted.items() if not _same_size(folder / rel, o.size))
     check_free_space(folder, needed, resolved.id)
     try:
         download_prefix(s3_client(storage_cfg), resolved.id, folder, patterns=patterns, progress=True)
