@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import io
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,3 +111,32 @@ def test_one_client_per_storage_setting(monkeypatch: pytest.MonkeyPatch) -> None
     assert s3_client(StorageConfig(endpoint_url="http://127.0.0.1:2", region="us-east-1")) is not client
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k2")  # other credentials: another client
     assert s3_client(here) is not client
+
+
+@pytest.mark.parametrize("key", ["models/m/../../escape.json", "models/m/{tmp_path}/escape.json", "models/m/./x.json"])
+def test_a_key_that_would_land_outside_the_folder_is_refused(key: str, tmp_path: Path) -> None:
+    """S3 keys are strings: `..`, `.` or an empty part (AWS keeps them as written) must not make a path that leaves
+    the destination folder. SeaweedFS normalises such keys, so the listing is botocore's stubbed response."""
+    import boto3
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url="http://127.0.0.1:9",
+        region_name="us-east-1",
+        aws_access_key_id="k",
+        aws_secret_access_key="s",
+    )
+    key = key.format(tmp_path=tmp_path)  # an absolute path after the prefix's slash
+    etag = '"99914b932bd37a50b983c5e7c90ae93b"'  # MD5 of b"{}"
+    item = {"Key": key, "Size": 2, "ETag": etag, "LastModified": datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC)}
+    listing = {"Contents": [item], "KeyCount": 1}
+    with Stubber(client) as stub:
+        stub.add_response("list_objects_v2", listing, {"Bucket": "bucket", "Prefix": "models/m/"})
+        # what a download of it would get, so that the old code's write shows where it lands
+        stub.add_response("head_object", {"ContentLength": 2, "ETag": etag})
+        stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(b"{}"), 2), "ContentLength": 2})
+        with pytest.raises(ValueError, match=r"s3://bucket/models/m/.*rename the object"):
+            download_prefix(client, "s3://bucket/models/m", tmp_path / "out" / "dest", progress=False)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -156,7 +156,7 @@ def download_prefix(
         rel = obj.key[len(prefix) + 1 :] if prefix else obj.key
         if patterns is not None and not any(fnmatch.fnmatch(rel, p) for p in patterns):
             continue
-        target = root / rel
+        target = _local_path(root, rel, f"s3://{bucket}/{obj.key}")
         if same_content(target, obj.size, obj.etag):
             report.skipped.append(rel)
         else:
@@ -200,6 +200,21 @@ def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, pr
             report.bytes_copied += path.stat().st_size
     log.info("%s -> %s: %d copied, %d already there", root, uri, len(report.copied), len(report.skipped))
     return report
+
+
+def _local_path(root: Path, rel: str, uri: str) -> Path:
+    """`root / rel` for an object's key below the prefix, refused when the key would not name a file inside `root`.
+
+    S3 keys are plain strings: AWS keeps `a/../b`, `a/./b` and `a//b` as written, and pathlib would take `..` up a
+    folder and an empty part (`prefix//etc/x` -> `/etc/x`) for the filesystem's root.
+    """
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(
+            f"{uri}: its key has an empty, '.' or '..' part, so it names no file inside {root}; rename the object "
+            "(a key without '//', '/./' or '/../') or leave it out of the prefix"
+        )
+    return root.joinpath(*parts)
 
 
 def _md5(path: Path) -> str:
