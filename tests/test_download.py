@@ -447,3 +447,18 @@ def test_the_download_task_is_not_reused_after_an_s3_model_changed(
         (first, old), (second, new), (third, same) = download_three_times()
     assert (first, second, third) == ("Completed", "Completed", "Cached")
     assert old != new == same
+
+
+def test_a_file_added_to_a_local_folder_changes_its_digest_and_conversion(tmp_path: Path) -> None:
+    """The manifest of a local folder covers every model file in it: one added since (a tokenizer file put in
+    later) is part of the content, so the folder is re-hashed and converted again rather than served from the
+    conversion of the files it held before."""
+    source = write_original_checkpoint(tmp_path / "mine", tiny_release_config("deepseek_vl"), dtype=torch.float32)
+    settings = json.loads((source / "tokenizer_config.json").read_text())
+    (source / "tokenizer_config.json").unlink()  # optional for the converter: its defaults stand in
+    config = ModelConfig(name="my-vl", source="local", id=str(source), cache_dir=str(tmp_path / "cache"))
+    snap = download_model(config, None, tmp_path / "out")
+    (source / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 4096}))
+    again = download_model(config, None, tmp_path / "out")
+    assert again.digest != snap.digest and again.path != snap.path
+    assert json.loads((again.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096

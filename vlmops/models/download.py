@@ -11,7 +11,8 @@
    manifest was written. Re-hashing 15 GB on every run would take minutes; a changed mtime is what every
    rewrite, truncation and re-download leaves behind. (A bit flip that keeps size and mtime is not caught:
    `refresh=True` re-downloads and re-hashes everything.) A local folder is the user's to change: if it
-   no longer matches, its manifest is rebuilt rather than the run refused. An S3 copy is reused while the
+   no longer matches, or holds a model file its manifest does not list, its manifest is rebuilt rather than
+   the run refused. An S3 copy is reused while the
    prefix's listing (keys and ETags, one request) is the one it was made from; what changed there is copied
    again, and with S3 out of reach the verified copy is used with a warning.
 3. A snapshot in the original release layout is converted once into `<cache_dir>/converted/`, keyed by
@@ -50,7 +51,7 @@ from vlmops.models.hubs import (
     s3_model_files,
     s3_snapshot,
 )
-from vlmops.models.manifest import ensure_manifest, manifest_digest
+from vlmops.models.manifest import ensure_manifest, manifest_digest, model_files, read_json_or_none
 
 # The errors callers catch come from here, with the function that raises them.
 __all__ = [
@@ -114,7 +115,10 @@ def download_model(
     cache = Path(model_cfg.cache_dir).expanduser()
     if resolved.source == "local":
         original, manifest_path = local_snapshot(resolved, cache)
-        manifest = ensure_manifest(original, manifest_path, resolved, owned=False, refresh=refresh)
+        added = _added_files(original, manifest_path)
+        if added:
+            log.info("%s has model files its manifest does not list (%s); re-hashing it", original, ", ".join(added))
+        manifest = ensure_manifest(original, manifest_path, resolved, owned=False, refresh=refresh or bool(added))
     elif resolved.source == "modelscope":
         original, manifest_path, manifest = hub_snapshot(resolved, cache, refresh, ModelScope())
     elif resolved.source == "huggingface":
@@ -155,6 +159,15 @@ def download_model(
         True,
         original,
     )
+
+
+def _added_files(folder: Path, manifest_path: Path) -> list[str]:
+    """Model files in a user's folder that its manifest does not list: put there since, and part of its content (a
+    tokenizer file the converter reads), which checking the listed files alone would miss."""
+    recorded = read_json_or_none(manifest_path)
+    if recorded is None or not isinstance(recorded.get("files"), dict):
+        return []
+    return sorted(set(model_files(folder)) - set(recorded["files"]))
 
 
 def local_source_path(config: PipelineConfig) -> str | None:
