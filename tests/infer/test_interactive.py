@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,8 +13,10 @@ import pexpect
 import pytest
 
 from vlmops.cli.infer import PROMPT, SEPARATOR
-from vlmops.config import InferConfig
+from vlmops.config import InferConfig, dump_config, load_config
 from vlmops.infer.chat import ChatModel
+from vlmops.infer.resolve import RETRAIN_MODEL_DIR
+from vlmops.train.rundir import CONFIG_FILE, RunInfo
 
 REPO = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
@@ -140,6 +143,34 @@ def test_interactive_model_given_a_run_folder_takes_its_saved_config(lora_run: P
     try:
         answer, _ = ask(child, query)
         assert answer == tuned
+        child.expect_exact(PROMPT)
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_interactive_model_given_a_retrain_flow_run_folder_takes_its_merged_models_saved_config(
+    readable_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """`--model outputs/runs/<run>` (a retrain flow run folder: its model is merged/, with the run's config beside it)
+    answers with that config, as `ChatModel.load` and `vlmops app --model` take it; it used the built-in defaults
+    (the released system prompt and 64 new tokens where the run said 3)."""
+    run = tmp_path / "runs" / "r1"
+    merged = run / RETRAIN_MODEL_DIR
+    shutil.copytree(readable_model, merged)
+    saved = ["model.system_prompt=You answer in colours.", "infer.max_new_tokens=3"]
+    (merged / CONFIG_FILE).write_text(dump_config(load_config(None, saved)))
+    RunInfo(str(readable_model), str(tmp_path), "test", "full", merged_from=str(tmp_path / "final")).write(merged)
+    query = f"<img>{images['blue']}</img>What colour is the shape?"
+    expected, _ = ChatModel.load(str(run)).chat(query)
+    default, _ = ChatModel.load(str(readable_model)).chat(query)
+    assert expected != default  # the saved config makes a difference to see
+    child = spawn("--model", str(run))
+    try:
+        answer, _ = ask(child, query)
+        assert answer == expected
         child.expect_exact(PROMPT)
         child.sendline("quit")
         child.expect(pexpect.EOF)

@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from vlmops.cli.args import add_config_args
@@ -54,13 +53,14 @@ def handle(args: argparse.Namespace) -> int:
     `--config`: None means the run's saved config (a run folder, given either way, as `vlmops app` takes it), else
     the defaults.
     """
-    from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, run_config
+    from vlmops.infer.resolve import saved_run_folder
+    from vlmops.train.rundir import run_config
 
     if not args.verbose:  # a chat session shows answers, not library progress logs
         logging.getLogger().setLevel(logging.WARNING)
-    run = args.ckpt
-    if run is None and (Path(args.model) / RUN_INFO).is_file() and (Path(args.model) / CONFIG_FILE).is_file():
-        run = args.model
+    # A run folder given as --model (a `vlmops sft` run, or a retrain flow run's folder: its merged/) comes with
+    # its saved config, as `vlmops app --model` takes it.
+    run = args.ckpt or (saved_run_folder(args.model) if args.model else None)
     config = run_config(run, args.config, args.overrides)
     chat_model = _load(args.model, args.ckpt, config, args.system)
     _import_readline()
