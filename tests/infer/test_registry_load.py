@@ -123,15 +123,20 @@ def test_a_retrain_flow_run_folder_resolves_to_the_model_it_made(tiny_model: Pat
 
 
 @pytest.mark.integration
-def test_a_registry_error_does_not_show_the_login_of_the_tracking_uri(tmp_path: Path) -> None:
+def test_the_login_of_the_tracking_uri_is_in_no_registry_error_and_no_cache_file(
+    tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A team's tracking URI with its login in it (http://user:password@host): a version the registry lacks was
     refused with the URI as it was, password included, in an error the CLI, the chat page's log and Prefect's flow run
-    state show."""
+    state show; a version downloaded was cached with the URI, password included, written in its vlmops_registry.json
+    (a cache on a shared disk). The cached copy is still reused."""
     import socket
     import subprocess
     import sys
     import time
     import urllib.request
+
+    import mlflow
 
     from vlmops.infer.resolve import registered_version
 
@@ -158,6 +163,19 @@ def test_a_registry_error_does_not_show_the_login_of_the_tracking_uri(tmp_path: 
         ) as err:
             registered_version(f"models:/{NAME}@champion", f"http://ann:s3cret-pw@127.0.0.1:{port}")
         assert "s3cret-pw" not in str(err.value)
+
+        login = f"http://ann:s3cret-pw@127.0.0.1:{port}"
+        mlflow.MlflowClient(tracking_uri=login).create_experiment("registry")
+        assert register(login, tiny_model, "champion") == "1"
+        cache = tmp_path / "cache"
+        downloaded = resolve_model_ref(f"models:/{NAME}@champion", tracking_uri=login, cache_dir=cache)
+        assert (downloaded / "config.json").is_file()
+        written = [p for p in cache.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".txt")]
+        assert written and not [p for p in written if "s3cret-pw" in p.read_text(errors="replace")]
+        caplog.set_level(logging.INFO, logger="vlmops.infer.resolve")
+        assert resolve_model_ref(f"models:/{NAME}/1", tracking_uri=login, cache_dir=cache) == downloaded
+        assert "cached at" in caplog.text and "downloading" not in caplog.text
     finally:
+        mlflow.set_tracking_uri(None)
         server.terminate()
         server.wait(timeout=30)

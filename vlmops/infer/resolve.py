@@ -232,14 +232,21 @@ def download_registered_model(
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_registry_cache()
     registry_key = hashlib.sha256(registry.encode()).hexdigest()[:12]
     target = root / registry_key / safe_name(name) / f"v{version.version}"
-    manifest = {"registry": registry, "name": name, "version": str(version.version), "source": source}
+    # Recorded with any login of the URIs masked: the cache may sit on a disk others read (the folder's name is a
+    # hash of the whole registry URI, so another login still gets its own copy).
+    manifest = {
+        "registry": redact_uri(registry),
+        "name": name,
+        "version": str(version.version),
+        "source": redact_uri(source),
+    }
     cached = _cached_checkpoint(target, manifest)
     if cached is not None:
         log.info("%s is version %s, cached at %s", uri, version.version, cached)
         return cached
 
     with staged_folder(target) as staging:
-        log.info("downloading %s (version %s) from %s", uri, version.version, source)
+        log.info("downloading %s (version %s) from %s", uri, version.version, manifest["source"])
         local = Path(_download(source, staging, tracking_uri))
         if (local / POINTER_FILE).is_file():  # the version points at the copy in the DVC remote
             local = checkout_pointer(local / POINTER_FILE, staging / "dvc")
@@ -264,11 +271,12 @@ def _cached_checkpoint(target: Path, manifest: dict[str, str]) -> Path | None:
     if not manifest_file.is_file():
         return None
     saved = json.loads(manifest_file.read_text())
-    if any(saved.get(key) != value for key, value in manifest.items()):
+    # A copy cached before the URIs were masked in it holds them whole: compared masked, it is reused.
+    if any(redact_uri(str(saved.get(key))) != value for key, value in manifest.items()):
         log.warning(
             "cached %s was downloaded from %s, the registry now says %s: downloading again",
             target,
-            saved.get("source"),
+            redact_uri(str(saved.get("source"))),
             manifest["source"],
         )
         return None
