@@ -95,3 +95,33 @@ def test_retrain_flow_runs_side_by_side_are_told_apart(chat_model_dir: Path, tmp
         for name in ("r1", "r2")
     ]
     assert [card.label for card in cards] == ["r1/merged", "r2/merged"]
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        ["infer.top_p=0.01", "infer.temperature=0.7"],
+        ["infer.temperature=3.5", "infer.max_new_tokens=6000"],
+    ],
+)
+def test_the_sliders_hold_the_models_own_settings(chat_model_dir: Path, saved: list[str]) -> None:
+    """A run whose settings lie outside the page's fixed slider ranges (top-p 0.01, temperature 3.5, 6,000 new
+    tokens) started with sliders out of range: Gradio refuses a value outside a slider's range on every turn (and the
+    browser shows it clamped), so the page could not be used with the settings the run was made with."""
+    import gradio as gr
+
+    from vlmops.app.page import build_page
+
+    model = load_page_model(str(chat_model_dir), None, saved, None)
+    page = build_page([model])
+    sliders = {b.label: b for b in page.blocks.values() if isinstance(b, gr.Slider)}
+    wanted = {
+        "max new tokens": model.defaults.max_new_tokens,
+        "temperature (0: greedy)": model.defaults.temperature,
+        "top-p (sampling only)": model.defaults.top_p,
+    }
+    assert sliders.keys() == wanted.keys()
+    for label, value in wanted.items():
+        slider = sliders[label]
+        assert slider.minimum <= slider.value == value <= slider.maximum, label
+        assert slider.preprocess(value) == value  # the value the page starts with is one a turn may send

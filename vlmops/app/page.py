@@ -102,12 +102,26 @@ def build_page(models: Sequence[PageModel]) -> gr.Blocks:
         with gr.Row():
             clear = gr.Button("Clear", elem_id="clear", variant="secondary", scale=0, min_width=120)
             status = gr.Markdown("", elem_id="status")
+        # Each range reaches the model's own setting (a run saved with top-p 0.01): Gradio refuses a value outside a
+        # slider's range, so a setting beyond it made every turn fail.
         with gr.Accordion("Generation settings", open=True, elem_id="settings"), gr.Row():
             max_new_tokens = gr.Slider(
-                1, MAX_NEW_TOKENS_LIMIT, value=defaults.max_new_tokens, step=1, label="max new tokens"
+                1,
+                max(MAX_NEW_TOKENS_LIMIT, defaults.max_new_tokens),
+                value=defaults.max_new_tokens,
+                step=1,
+                label="max new tokens",
             )
-            temperature = gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="temperature (0: greedy)")
-            top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="top-p (sampling only)")
+            temperature = gr.Slider(
+                0.0,
+                max(2.0, defaults.temperature),
+                value=defaults.temperature,
+                step=0.05,
+                label="temperature (0: greedy)",
+            )
+            top_p = gr.Slider(
+                min(0.05, defaults.top_p), 1.0, value=defaults.top_p, step=0.05, label="top-p (sampling only)"
+            )
         histories = gr.State([[] for _ in models])
 
         def respond(
