@@ -343,6 +343,28 @@ def test_fp16_training_of_float16_weights_is_refused_before_the_run_starts(
     check_fp16_trainable(load_config(None, overrides), "bf16")  # bf16 autocast scales nothing
 
 
+@pytest.mark.parametrize("preset", ["zero2", "zero3"])
+def test_fp16_training_of_float16_weights_is_refused_where_a_sharding_preset_shards_nothing(
+    preset: str, tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zero2 / zero3 in a run of one process train without DeepSpeed (`resolve_deepspeed`), so float16 weights
+    trained fully meet fp16's GradScaler as with train.deepspeed null: refused the same, before the run folder. The
+    check ran on the preset as written, passed, and a GPU run stopped at its first step."""
+    from vlmops.errors import UserInputError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    overrides = {
+        "train.mode": "full",
+        "train.max_steps": 1,
+        "train.precision": "fp16",
+        "model.dtype": "float16",
+        "train.deepspeed": preset,
+    }
+    with pytest.raises(UserInputError, match=r"model.dtype float16 with train.precision fp16"):
+        train(config(**overrides), tiny_model, snapshot.path, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_refuses_a_different_setup(tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path) -> None:
     train(config(**{"train.max_steps": 2}), tiny_model, snapshot.path, tmp_path / "r")
     with pytest.raises(ValueError, match=r"(?s)train.lr: 0.005 -> 0.01.*new run folder"):

@@ -297,8 +297,10 @@ def setup_training(config: PipelineConfig, base_model: Path, dataset: Path, run_
         # allocation; a setting of the user's own is kept.
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     precision = resolve_precision(config.train.precision)
-    check_fp16_trainable(config, precision)  # before the run folder: the fixed config starts it afresh
     config = resolve_deepspeed(config, base_model, plan_speed(config.train, torch.cuda.is_available(), precision))
+    # On the DeepSpeed setting the run takes (zero2 / zero3 in one process train without it), before the run folder:
+    # the fixed config starts it afresh.
+    check_fp16_trainable(config, precision)
     t = config.train
     if t.deepspeed is not None:
         single_process_rendezvous()
