@@ -128,6 +128,20 @@ def test_a_budget_too_small_for_one_sample_says_what_to_do(shapes: dict[str, Mod
         plan_batch(shapes["7b"], 20, 16, LONGEST, MEAN, packing=False, recompute=False)
 
 
+def test_a_budget_too_small_without_recompute_names_gradient_checkpointing(shapes: dict[str, ModelShape]) -> None:
+    """train.gradient_checkpointing: false where a sample fits the budget only with recompute: the error names that
+    key and its fix. It said 'about 18.5 GiB needed with recompute' to a budget of 24 and told the user to raise it."""
+    with pytest.raises(
+        ValueError, match=r"without recompute .*gradient_checkpointing: false.*: set train.gradient_che"
+    ):
+        plan_batch(shapes["7b"], 24, 16, LONGEST, MEAN, packing=False, recompute=False)
+    with_it = plan_batch(shapes["7b"], 24, 16, LONGEST, MEAN, packing=False, recompute=True)  # as the error says
+    assert with_it.recompute and with_it.estimate_gib <= 24
+    # too small even with recompute: both fixes
+    with pytest.raises(ValueError, match=r"gradient_checkpointing: auto and raise train.memory_gib"):
+        plan_batch(shapes["7b"], 16, 16, LONGEST, MEAN, packing=False, recompute=False)
+
+
 def test_the_gpu_speed_levers_shrink_the_estimate(shapes: dict[str, ModelShape]) -> None:
     """No logits with the fused loss; compiled layers keep a measured share of the plain activations."""
     import dataclasses

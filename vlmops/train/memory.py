@@ -261,14 +261,31 @@ def plan_batch(
         budget, tokens = selective
         return _plan(shape, samples_per_step, longest, step_tokens, packing, False, tokens, budget)
     if best is None:
-        need = estimate_peak_bytes(shape, longest, True, 1.0, samples_per_step > 1) / GIB
-        raise ValueError(
-            f"train.memory_gib {memory_gib:g}: not even one sample of {longest} tokens fits (about {need:.1f} GiB "
-            "needed with recompute): raise train.memory_gib, lower data.max_length, train with LoRA, or use a "
-            "DeepSpeed offload preset (train.deepspeed)"
-        )
+        raise ValueError(_no_sample_fits(shape, memory_gib, longest, samples_per_step > 1, recompute))
     checkpointed, tokens = best
     return _plan(shape, samples_per_step, longest, step_tokens, packing, checkpointed, tokens)
+
+
+def _no_sample_fits(
+    shape: ModelShape, memory_gib: float, longest: int, accumulates: bool, recompute: bool | None
+) -> str:
+    """Why not even one sample of `longest` tokens fits `memory_gib`, and what to change."""
+    need = estimate_peak_bytes(shape, longest, True, 1.0, accumulates) / GIB
+    fixes = "raise train.memory_gib, lower data.max_length, train with LoRA, or use a DeepSpeed offload preset"
+    if recompute is not False:
+        return (
+            f"train.memory_gib {memory_gib:g}: not even one sample of {longest} tokens fits (about {need:.1f} GiB "
+            f"needed with recompute): {fixes} (train.deepspeed)"
+        )
+    # train.gradient_checkpointing: false ruled recompute out: that, not the budget, may be what does not fit.
+    without = estimate_peak_bytes(shape, longest, False, 1.0, accumulates) / GIB
+    problem = (
+        f"train.memory_gib {memory_gib:g}: not even one sample of {longest} tokens fits without recompute "
+        f"(train.gradient_checkpointing: false; about {without:.1f} GiB needed, {need:.1f} with recompute)"
+    )
+    if need <= memory_gib:
+        return f"{problem}: set train.gradient_checkpointing: auto (or true)"
+    return f"{problem}: set train.gradient_checkpointing: auto and {fixes} (train.deepspeed)"
 
 
 def _micro_batch_sizes(samples_per_step: int, longest: int, step_tokens: int, packing: bool) -> list[tuple[int, bool]]:
