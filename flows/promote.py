@@ -23,6 +23,7 @@ from flows.launch import patient_ephemeral_server
 from tasks.infer import batch_infer_task
 from tasks.promote import fetch_evaluation_set, find_contenders, record_promotion, score
 from tasks.report import flow_run_tags, publish_samples, publish_summary
+from tasks.retry import names_unreachable_service
 from vlmops.config import load_config
 from vlmops.evaluate.samples import sample_rows
 from vlmops.filenames import safe_name
@@ -34,6 +35,7 @@ SAMPLES_KEY = "promote-eval-samples"
 
 
 @flow(name="promote")
+@names_unreachable_service
 def promote(
     config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: int | str | None = None
 ) -> dict[str, Any]:

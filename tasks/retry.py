@@ -154,18 +154,21 @@ def unreachable_service(exc: BaseException) -> tuple[str, str] | None:
     import requests
     import urllib3.exceptions as urllib3
 
-    for e in _chain(exc):
-        url: str | None = None
+    # The request that failed first (the URL it asked for says which service); a URL in a message only where no
+    # request is in the chain: a message may name a server with no path (vlmops' "not found in the registry at
+    # http://host:5000"), which says nothing of which service it is.
+    chain = list(_chain(exc))
+    for e in chain:
         if isinstance(e, botocore.BotoCoreError) and "endpoint_url" in getattr(e, "kwargs", {}):
             return "S3", _base(str(e.kwargs["endpoint_url"]))
         if isinstance(e, requests.RequestException) and e.request is not None and e.request.url:
-            url = e.request.url
-        elif isinstance(e, urllib3.MaxRetryError) and e.pool is not None:
+            return _service_of(e.request.url), _base(e.request.url)
+        if isinstance(e, urllib3.MaxRetryError) and e.pool is not None:
             url = f"{e.pool.scheme}://{e.pool.host}:{e.pool.port}{e.url or ''}"
-        elif (found := _URL.search(str(e))) is not None:
-            url = found.group(0)
-        if url:
             return _service_of(url), _base(url)
+    for e in chain:
+        if (found := _URL.search(str(e))) is not None:
+            return _service_of(found.group(0)), _base(found.group(0))
     return None
 
 
@@ -177,6 +180,8 @@ def names_unreachable_service(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except ServiceUnavailable:
+            raise  # named already, by a flow this one ran (retrain's promote)
         except Exception as err:
             outage = unreachable_service(err)
             if outage is None:

@@ -212,3 +212,36 @@ def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_
         keys = {o["Key"] for o in restarted.client().list_objects_v2(Bucket="dvc")["Contents"]}
     # Both folders are in the remote: the first push survived the outage, the second completed on the rerun.
     assert {f"store/files/md5/{md5[:2]}/{md5[2:]}" for md5 in (first, second)} <= keys
+
+
+def test_promote_with_mlflow_down_names_the_server_once_on_its_own_and_inside_retrain(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The promote flow (`vlmops promote`, promote/on-demand) with its registry out of reach: after the registry
+    reads' retries the run fails naming MLflow and its URL (a RunFailed, exit 1), not with 'not found in the
+    registry' (a ValueError, exit 2: the wrong fix); run by the retrain flow (auto_promote) it is named once."""
+    from prefect import flow
+
+    from flows.promote import promote
+    from tasks.retry import ServiceUnavailable, names_unreachable_service
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    overrides = [f"run.output_dir={tmp_path}", f"tracking.uri={url}"]
+    config = str(Path(__file__).resolve().parents[1] / "pipeline.yaml")
+
+    state = promote(config, overrides, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ServiceUnavailable, match=rf"(?s)^MLflow at {url} did not answer.*run again"):
+        state.result()
+
+    @flow(name="retrain-like")
+    @names_unreachable_service
+    def around() -> None:
+        promote(config, overrides)
+
+    with pytest.raises(ServiceUnavailable, match=rf"^MLflow at {url} did not answer") as raised:
+        around()
+    assert str(raised.value).count("did not answer") == 1
