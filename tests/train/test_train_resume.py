@@ -3,6 +3,7 @@ exactly the losses of an uninterrupted run; a half-written checkpoint (no comple
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -178,3 +179,26 @@ def test_resuming_an_earlier_checkpoint_deletes_what_came_after_it(
     redone = train(again, tiny_model, snapshot.path, run_dir)
     assert redone.resumed_from == run_dir / "checkpoint-2" and redone.loss_history == first.loss_history
     assert checkpoints(run_dir) == [run_dir / "checkpoint-2", run_dir / "checkpoint-4"]
+
+
+def test_a_metrics_line_cut_short_does_not_stop_the_resume(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """A run stopped while it appended to metrics.jsonl (a kill, a full disk) leaves its last line cut short, always
+    a step past its last complete checkpoint (a step logs before it saves). The resume drops that part as it drops
+    every later line; it failed on parsing it (JSONDecodeError) at every try, so the run could not be resumed."""
+    steps = ["train.max_steps=4", "train.save_steps=2", "train.gradient_checkpointing=false"]
+    run_dir = tmp_path / "r"
+    first = train(load_config(None, steps), tiny_model, snapshot.path, run_dir)
+    # As the run stood when stopped in the middle of writing step 3's line: checkpoint-2 its latest.
+    for later in (run_dir / "checkpoint-4", run_dir / "final"):
+        shutil.rmtree(later)
+    (run_dir / "result.json").unlink()
+    metrics = run_dir / "metrics.jsonl"
+    kept = [line for line in metrics.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= 2]
+    metrics.write_text("".join(kept) + '{"step": 3, "loss": 1.2')
+
+    resumed = train(load_config(None, steps), tiny_model, snapshot.path, run_dir)
+    assert resumed.resumed_from == run_dir / "checkpoint-2"
+    assert resumed.loss_history == first.loss_history and resumed.eval_history == first.eval_history
+    assert metrics.read_text().endswith("\n")

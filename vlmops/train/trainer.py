@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from vlmops.models.pixels import DevicePixels
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.models.vision_graphs import image_features
-from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files
+from vlmops.staging import STAGING_PREFIX, publish_folder, sync_entries, sync_files, write_text_atomic
 from vlmops.train.data import PIXEL_KEYS, next_token_targets
 from vlmops.train.packing import REAL_TOKENS_KEY, STEP_KEYS, TRAINED_INDEX_KEY, TRAINED_TARGETS_KEY
 from vlmops.train.rundir import COMPLETE_MARKER, METRICS_FILE, TRAINER_STATE, checkpoints
@@ -410,9 +410,10 @@ class MetricsLog(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero:
             return
-        # On resume, lines past the checkpoint's step belong to the lost part of the run: they are redone.
+        # On resume, lines past the checkpoint's step belong to the lost part of the run: they are redone. Rewritten
+        # aside and renamed: a kill (or a full disk) mid-rewrite would leave the history cut short.
         kept = [line for line in read_metrics(self.path) if line["step"] <= state.global_step]
-        self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        write_text_atomic(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         if self.run_id:
             from mlflow.tracking import MlflowClient
 
@@ -519,7 +520,14 @@ class Throughput(TrainerCallback):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The lines of a metrics.jsonl file (none if it does not exist)."""
+    """The lines of a metrics.jsonl file (none if it does not exist), up to its last newline.
+
+    A last line without its newline is an append a stopped run cut short (a kill, a full disk): always a step past
+    its last complete checkpoint, since a step logs before it saves, so the resume would drop it anyway.
+    """
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    whole, _, cut = path.read_text().rpartition("\n")
+    if cut.strip():
+        log.warning("%s: its last line was cut short (a run stopped while writing it); left out: %r", path, cut)
+    return [json.loads(line) for line in whole.split("\n") if line.strip()]
