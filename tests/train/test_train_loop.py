@@ -374,6 +374,28 @@ def test_resume_refuses_a_different_setup(tiny_model: Path, snapshot: PreparedDa
     assert again.resumed_from == tmp_path / "r" / "checkpoint-2" and again.steps == 2
 
 
+def test_resume_takes_moved_caches_and_validation_settings(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where torch.compile keeps its caches (model.compile_cache moved to a worker's lasting volume, as its docstring
+    advises), where validation writes its rejects and which folders it lets images come from (the snapshot's hash
+    says what came of them) change nothing a checkpoint holds: the run resumes. Each was refused as 'a run with a
+    different setup', the fix given a new run folder, its steps lost."""
+    from vlmops.models.compile_cache import ENV
+
+    monkeypatch.delenv(ENV, raising=False)  # training points it at model.compile_cache: put back afterwards
+    train(config(**{"train.max_steps": 2}), tiny_model, snapshot.path, tmp_path / "r")
+    moved = {
+        "train.max_steps": 2,
+        "model.compile_cache": str(tmp_path / "compile-cache"),
+        "model.shared_compile_cache": "s3://team/compile-cache",
+        "data.rejects_file": str(tmp_path / "rejects.jsonl"),
+        "data.allowed_roots": [str(tmp_path)],
+    }
+    again = train(config(**moved), tiny_model, snapshot.path, tmp_path / "r")
+    assert again.resumed_from == tmp_path / "r" / "checkpoint-2" and again.steps == 2
+
+
 def test_flash_attention_without_flash_attn_is_a_clear_error(
     tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
 ) -> None:

@@ -180,8 +180,9 @@ def run_config(ckpt: str | None, config_path: str | None, overrides: list[str]) 
 
 
 # Config keys that may differ between a run and its resumption: where things are written and looked up
-# (the base model and the data are compared by path and content hash instead), bookkeeping, and the GPU
-# count. Any other change in run/model/data/train makes it a different run.
+# (the base model and the data are compared by path and content hash instead; torch.compile's caches hold only what
+# was compiled), what validation reads and writes (the snapshot's hash says what came of it), bookkeeping, and the
+# GPU count. Any other change in run/model/data/train makes it a different run.
 RESUMABLE_CHANGES = (
     "run.name",
     "run.output_dir",
@@ -189,10 +190,14 @@ RESUMABLE_CHANGES = (
     "model.id",
     "model.revision",
     "model.cache_dir",
+    "model.compile_cache",
+    "model.shared_compile_cache",
     "data.train",
     "data.eval",
     "data.eval_ratio",
     "data.invalid_records",
+    "data.rejects_file",
+    "data.allowed_roots",
     "data.demo.",
     "data.num_workers",
     "train.resume",
