@@ -15,6 +15,7 @@ import torch
 from tests.fake_hubs import FakeHub, serve, use_hf_hub, use_modelscope
 from vlmops.cli.main import main
 from vlmops.config import ModelConfig, StorageConfig
+from vlmops.errors import UserInputError
 from vlmops.hashing import sha256_file
 from vlmops.models.download import (
     ModelDownloadError,
@@ -462,3 +463,45 @@ def test_a_file_added_to_a_local_folder_changes_its_digest_and_conversion(tmp_pa
     again = download_model(config, None, tmp_path / "out")
     assert again.digest != snap.digest and again.path != snap.path
     assert json.loads((again.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+
+
+@pytest.mark.integration
+def test_s3_prefixes_whose_safe_names_meet_keep_their_own_manifests(
+    release_repo: Path, tmp_path: Path, s3_env: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'m/a/b' and 'm/a--b' (or '' and 'root') spelled one manifest file: each download of one replaced the other's,
+    so going back to the first copied its files again (checked them all) as if it had changed."""
+    import logging
+
+    from vlmops.storage import s3_client, upload_folder
+
+    storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
+    client = s3_client(storage)
+    client.create_bucket(Bucket="models-names")
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    settings = json.loads((release_repo / "tokenizer_config.json").read_text())
+    (changed / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 4096}))
+    configs = []
+    for prefix in ("m/a/b", "m/a--b"):
+        upload_folder(client, release_repo, f"s3://models-names/{prefix}", progress=False)
+        configs.append(
+            ModelConfig(name="tiny-vl", source="s3", id=f"s3://models-names/{prefix}", cache_dir=str(tmp_path / "c"))
+        )
+    upload_folder(client, changed, "s3://models-names/m/a--b", progress=False)  # another model there
+    first = download_model(configs[0], storage, tmp_path / "out")
+    assert download_model(configs[1], storage, tmp_path / "out").digest != first.digest
+    caplog.set_level(logging.INFO, logger="vlmops.models.hubs")
+    assert download_model(configs[0], storage, tmp_path / "out") == first
+    assert "changed since" not in caplog.text
+    assert len(list((tmp_path / "c" / "manifests" / "s3" / "models-names").iterdir())) == 2
+
+
+def test_an_s3_model_id_with_a_dot_dot_part_is_refused(tmp_path: Path) -> None:
+    """The copy goes to <cache_dir>/s3/<bucket>/<prefix>: 's3://b/x/../../../../escape' named a folder outside the
+    cache, which the sync would have filled (and pruned)."""
+    for model_id in ("s3://b/x/../../../../escape", "s3://b/x//y", "s3://b/./x"):
+        config = ModelConfig(name="tiny-vl", source="s3", id=model_id, cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(UserInputError, match=r"empty, '\.' or '\.\.' part .*write it as s3://bucket/some/prefix"):
+            download_model(config, StorageConfig(endpoint_url="http://127.0.0.1:9"), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

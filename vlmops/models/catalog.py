@@ -222,6 +222,12 @@ def catalog_model_config(config: PipelineConfig, name: str) -> ModelConfig:
 def _check_id(source: Source, model_id: str) -> None:
     if source == "s3" and not model_id.startswith("s3://"):
         raise UserInputError(f"model.source is s3 but model.id {model_id!r} is not an s3://bucket/prefix URI")
+    if source == "s3" and any(part in ("", ".", "..") for part in model_id[len("s3://") :].rstrip("/").split("/")):
+        # The copy goes to <cache_dir>/s3/<bucket>/<prefix>: '..' took it out of the cache (over other folders).
+        raise UserInputError(
+            f"model.id {model_id!r}: a bucket and prefix with an empty, '.' or '..' part name no folder to copy it "
+            "to; write it as s3://bucket/some/prefix"
+        )
     if source in ("modelscope", "huggingface") and (model_id.startswith("s3://") or model_id.count("/") != 1):
         raise UserInputError(
             f"model.id {model_id!r} is not a {source} id (owner/name); "

@@ -325,7 +325,9 @@ def s3_snapshot(
 
     bucket, prefix = parse_s3_uri(resolved.id)
     folder = cache / "s3" / bucket / prefix
-    manifest_path = cache / "manifests" / "s3" / bucket / f"{safe_name(prefix or 'root')}.json"
+    # The prefix's hash keeps two prefixes whose safe names meet ('a/b' and 'a--b', '' and 'root') apart.
+    key = hashlib.sha256(prefix.encode()).hexdigest()[:12]
+    manifest_path = cache / "manifests" / "s3" / bucket / f"{safe_name(prefix or 'root')}-{key}.json"
     recorded = read_json_or_none(manifest_path) if folder.is_dir() and not refresh else None
     try:
         wanted, patterns = s3_model_files(resolved.id, storage_cfg)
