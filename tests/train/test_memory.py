@@ -126,6 +126,12 @@ def test_a_budget_too_small_for_one_sample_says_what_to_do(shapes: dict[str, Mod
         plan_batch(shapes["7b"], 16, 16, LONGEST, MEAN, packing=False)
     with pytest.raises(ValueError, match="recompute"):
         plan_batch(shapes["7b"], 20, 16, LONGEST, MEAN, packing=False, recompute=False)
+    # LoRA is a fix for full training alone: a LoRA run was told to train with LoRA
+    with pytest.raises(ValueError) as lora:
+        plan_batch(shapes["7b"], 16, 16, LONGEST, MEAN, packing=False)
+    assert "LoRA" not in str(lora.value) and "DeepSpeed offload" in str(lora.value)
+    with pytest.raises(ValueError, match=r"lower data.max_length, train with LoRA, or use a DeepSpeed offload"):
+        plan_batch(shapes["7b-full"], 16, 16, LONGEST, MEAN, packing=False)
 
 
 def test_a_budget_too_small_without_recompute_names_gradient_checkpointing(shapes: dict[str, ModelShape]) -> None:

@@ -271,7 +271,8 @@ def _no_sample_fits(
 ) -> str:
     """Why not even one sample of `longest` tokens fits `memory_gib`, and what to change."""
     need = estimate_peak_bytes(shape, longest, True, 1.0, accumulates) / GIB
-    fixes = "raise train.memory_gib, lower data.max_length, train with LoRA, or use a DeepSpeed offload preset"
+    lora = "" if shape.trained_params < shape.total_params // 2 else "train with LoRA, "  # a LoRA run trains LoRA
+    fixes = f"raise train.memory_gib, lower data.max_length, {lora}or use a DeepSpeed offload preset"
     if recompute is not False:
         return (
             f"train.memory_gib {memory_gib:g}: not even one sample of {longest} tokens fits (about {need:.1f} GiB "
