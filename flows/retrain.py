@@ -175,7 +175,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 str(train_file),
                 str(eval_file) if eval_file else None,
                 str(snapshot.path),
-                str(output_dir / "datasets"),
+                str(output_dir),
                 config.model.system_prompt,
                 config.storage,
                 config.run.seed,

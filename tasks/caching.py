@@ -4,11 +4,15 @@ Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alon
 result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's
 sha256, and for a folder (or the folder beside a dataset file, where its images live) each file's relative
 path, size and modification time — cheap for multi-GB checkpoints, which are hashed once by the step itself.
+What the flow writes (its output folder, a rejects file) is left out of those folders: a dataset in the checkout
+beside outputs/ would otherwise get a new key from every run's own writes, and never be reused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,24 +24,30 @@ from prefect.utilities.hashing import hash_objects
 from vlmops.hashing import sha256_file
 
 
-def folder_stat_fingerprint(folder: Path) -> str:
-    """Relative path, size and mtime of every file below `folder`."""
+def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
+    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute)."""
+    folder = folder.resolve()
+    inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
+    files = []
+    for root, dirs, names in os.walk(folder):  # symlinked folders are not followed (as rglob did)
+        dirs[:] = [d for d in dirs if Path(root, d) not in inside]
+        files += [path for name in names if (path := Path(root, name)) not in inside and path.is_file()]
     h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(files):
         stat = path.stat()
         h.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
-def fingerprint(value: Any, with_siblings: bool) -> str | None:
+def fingerprint(value: Any, with_siblings: bool, skip: Collection[Path] = ()) -> str | None:
     if value is None:
         return None
     path = Path(str(value)).expanduser()
     if path.is_dir():
-        return folder_stat_fingerprint(path)
+        return folder_stat_fingerprint(path, skip)
     if path.is_file():
         key = sha256_file(path)
-        return key + folder_stat_fingerprint(path.parent) if with_siblings else key
+        return key + folder_stat_fingerprint(path.parent, skip) if with_siblings else key
     return f"missing:{path}"
 
 
@@ -47,23 +57,33 @@ class FileContents(CachePolicy):
 
     `siblings`: for these params, also fingerprint the files beside the named file (a dataset's images).
     `roots`: params holding a `DataConfig`, whose `allowed_roots` folders are fingerprinted too (a dataset's images
-    may live there, outside its own folder).
+    may live there, outside its own folder); its `rejects_file`, which the validation writes, is left out of them.
+    `written`: params naming a folder or file the flow writes (`run.output_dir`), left out of every folder above
+    that holds it.
     """
 
     params: list[str] = field(default_factory=list)
     siblings: list[str] = field(default_factory=list)
     roots: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
 
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
-        parts = [fingerprint(inputs.get(name), name in self.siblings) for name in self.params]
-        parts += [fingerprint(root, False) for name in self.roots for root in inputs[name].allowed_roots]
+        written = [inputs.get(name) for name in self.written]
+        written += [inputs[name].rejects_file for name in self.roots]
+        skip = {Path(str(path)).expanduser().resolve() for path in written if path is not None}
+        parts = [fingerprint(inputs.get(name), name in self.siblings, skip) for name in self.params]
+        parts += [fingerprint(root, False, skip) for name in self.roots for root in inputs[name].allowed_roots]
         return hash_objects(parts, raise_on_failure=True)
 
 
 def inputs_and_files(
-    params: list[str], siblings: list[str] | None = None, roots: list[str] | None = None
+    params: list[str],
+    siblings: list[str] | None = None,
+    roots: list[str] | None = None,
+    written: list[str] | None = None,
 ) -> CachePolicy:
-    """INPUTS + TASK_SOURCE + the files behind `params` (and `siblings`, `roots`: see `FileContents`)."""
-    return INPUTS + TASK_SOURCE + FileContents(params=params, siblings=siblings or [], roots=roots or [])
+    """INPUTS + TASK_SOURCE + the files behind `params` (and `siblings`, `roots`, `written`: see `FileContents`)."""
+    policy = FileContents(params=params, siblings=siblings or [], roots=roots or [], written=written or [])
+    return INPUTS + TASK_SOURCE + policy

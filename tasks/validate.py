@@ -10,7 +10,7 @@ from prefect import task
 
 from tasks.caching import inputs_and_files
 from vlmops.config import DataConfig, StorageConfig
-from vlmops.data.prepare import PreparedDataset, prepare_dataset
+from vlmops.data.prepare import DATASETS_DIR, PreparedDataset, prepare_dataset
 from vlmops.plots import length_histogram
 from vlmops.tracking import Tracker
 
@@ -18,7 +18,10 @@ from vlmops.tracking import Tracker
 @task(
     name="validate_dataset",
     cache_policy=inputs_and_files(
-        ["train_file", "eval_file", "model_path"], siblings=["train_file", "eval_file"], roots=["data"]
+        ["train_file", "eval_file", "model_path"],
+        siblings=["train_file", "eval_file"],
+        roots=["data"],
+        written=["output_dir"],
     ),
     persist_result=True,
 )
@@ -27,12 +30,12 @@ def validate_dataset(
     train_file: str,
     eval_file: str | None,
     model_path: str,
-    out_root: str,
+    output_dir: str,
     system_prompt: str | None,
     storage: StorageConfig,
     seed: int,
 ) -> PreparedDataset:
-    """Validate the dataset files with the base model's tokenizer and write their snapshot."""
+    """Validate the dataset files with the base model's tokenizer and write their snapshot under `output_dir`."""
     from vlmops.models.loading import load_processor
 
     processor = load_processor(model_path)
@@ -40,7 +43,7 @@ def validate_dataset(
         data,
         train_file,
         eval_file,
-        out_root,
+        Path(output_dir) / DATASETS_DIR,
         processor.tokenizer,
         int(processor.num_image_tokens),
         system_prompt=system_prompt,

@@ -253,3 +253,52 @@ def test_validation_is_not_reused_after_an_image_in_an_allowed_root_changed(
     assert red != blue
     [image] = (blue / "images").iterdir()
     assert Image.open(image).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_validation_is_reused_with_the_outputs_inside_the_dataset_folder(
+    tmp_path: Path, prefect_harness: None, tiny_model: Path
+) -> None:
+    """A dataset file in the checkout, where outputs/ is too (`--param overrides='["data.train=new.jsonl"]'`, as
+    prefect.yaml's retrain/on-demand says), with its rejects file beside it: what the runs write there (the snapshot,
+    the rejects, run folders) is not what the validation reads, so the next run's validation is Cached; an image
+    changed beside the dataset is still validated again."""
+    from PIL import Image
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.validate import validate_dataset
+    from vlmops.config import DataConfig, StorageConfig
+
+    checkout = tmp_path / "checkout"
+    (checkout / "images").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(checkout / "images" / "red.png")
+    record = {
+        "conversations": [
+            {"from": "user", "value": "<img>images/red.png</img>Colour?"},
+            {"from": "assistant", "value": "red"},
+        ]
+    }
+    lines = [json.dumps(record)] * 10 + ['{"conversations": "not a list"}']
+    (checkout / "new.jsonl").write_text("\n".join(lines) + "\n")
+    data = DataConfig(train="new.jsonl", invalid_records="skip", rejects_file=str(checkout / "rejects.jsonl"))
+    output_dir = checkout / "outputs"
+
+    @flow
+    def three_runs() -> list[str | None]:
+        states = []
+        for run in ("first", "second", "third"):
+            if run == "third":
+                Image.new("RGB", (32, 32), "blue").save(checkout / "images" / "red.png")
+            state = validate_dataset(
+                data, str(checkout / "new.jsonl"), None, str(tiny_model), str(output_dir), None, StorageConfig(), 0,
+                return_state=True,
+            )  # fmt: skip
+            assert state.result().report.rejected_count == 1
+            (output_dir / "runs" / run).mkdir(parents=True)  # what the rest of a retrain run writes
+            (output_dir / "runs" / run / "config.yaml").write_text("run: {}\n")
+            states.append(state.name)
+        return states
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        first, second, third = three_runs()
+    assert (first, second, third) == ("Completed", "Cached", "Completed")

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
     from vlmops.data.formats import DatasetError
-    from vlmops.data.prepare import prepare_from_config
+    from vlmops.data.prepare import DATASETS_DIR, prepare_from_config
     from vlmops.data.validation import rejects_path, validate_files
     from vlmops.models.download import download_model
     from vlmops.models.loading import load_processor
@@ -51,7 +51,7 @@ def handle(args: argparse.Namespace) -> int:
             data,
             processor.tokenizer,
             int(processor.num_image_tokens),
-            rejects_path(data, Path(config.run.output_dir) / "datasets"),
+            rejects_path(data, Path(config.run.output_dir) / DATASETS_DIR),
             system_prompt=config.model.system_prompt,
             storage=config.storage,
         )

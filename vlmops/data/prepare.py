@@ -37,6 +37,9 @@ from vlmops.staging import build_lock, staging_in
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+DATASETS_DIR = "datasets"
+"""The folder of `run.output_dir` that holds the dataset snapshots (and, by default, the rejects file)."""
+
 
 @dataclass
 class PreparedDataset:
@@ -210,7 +213,7 @@ def prepare_from_config(config: PipelineConfig, processor: Any) -> PreparedDatas
         config.data,
         train_file,
         eval_file,
-        Path(config.run.output_dir) / "datasets",
+        Path(config.run.output_dir) / DATASETS_DIR,
         processor.tokenizer,
         int(processor.num_image_tokens),
         system_prompt=config.model.system_prompt,
