@@ -27,6 +27,7 @@ from tasks.retry import names_unreachable_service
 from vlmops.config import load_config
 from vlmops.evaluate.samples import sample_rows
 from vlmops.filenames import safe_name
+from vlmops.redact import redact_log_handlers
 from vlmops.registry.promote import CHAMPION, decide
 from vlmops.tracking import Tracker, mlflow_links
 
@@ -41,6 +42,7 @@ def promote(
 ) -> dict[str, Any]:
     """Compare `challenger` (a version number or models:/ URI; default: the config's alias) with the champion
     on one evaluation set and move `champion` if the gate in the config passes."""
+    redact_log_handlers()  # Prefect's handlers (console, API) are set up by now
     logger = get_run_logger()
     config = load_config(config_path, overrides)
     # An int too: Prefect's CLI reads `--param challenger=7` as JSON, and the parameter schema would refuse a number.

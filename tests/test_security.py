@@ -120,6 +120,27 @@ def test_redact_text_masks_environment_secrets_and_log_records(caplog: pytest.Lo
     assert "hunter22" not in caplog.text and f"http://bob:{MASK}@mlflow:5000" in caplog.text
 
 
+def test_a_logged_traceback_is_masked(caplog: pytest.LogCaptureFixture) -> None:
+    """An exception logged with its traceback (Prefect's 'Encountered exception during execution'): the errors of its
+    chain name the URL they were given, login included."""
+    logger = logging.getLogger("vlmops.test_redact")
+    caplog.handler.addFilter(RedactingFilter())
+    try:
+        with caplog.at_level(logging.INFO, logger="vlmops.test_redact"):
+            try:
+                try:
+                    raise ConnectionError("API request to http://bob:hunter22@mlflow:5000/api failed")
+                except ConnectionError as err:
+                    raise ValueError("the registry did not answer") from err
+            except ValueError:
+                logger.exception("step failed")
+    finally:
+        caplog.handler.removeFilter(caplog.handler.filters[-1])
+    assert "hunter22" not in caplog.text
+    assert f"ConnectionError: API request to http://bob:{MASK}@mlflow:5000/api failed" in caplog.text
+    assert "ValueError: the registry did not answer" in caplog.text
+
+
 # The settings in .env.example that are no credentials (places, names, ports, sizes); every other name there is one.
 PLAIN_SETTINGS = frozenset(
     {

@@ -245,3 +245,38 @@ def test_promote_with_mlflow_down_names_the_server_once_on_its_own_and_inside_re
     with pytest.raises(ServiceUnavailable, match=rf"^MLflow at {url} did not answer") as raised:
         around()
     assert str(raised.value).count("did not answer") == 1
+
+
+def test_promote_logs_no_password_of_the_tracking_uri_in_prefect(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promote run (promote/on-demand, vlmops promote) whose config's tracking.uri carries a login, with MLflow out
+    of reach: the logs Prefect keeps of it (its server's database, the UI), the tracebacks of the failed task and flow
+    included, hold no password. MLflow's error names the URL it requested, login and all."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from flows.promote import promote
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(
+        f"run:\n  output_dir: {tmp_path}\ntracking:\n  uri: http://alice:s3cretpassw0rd@127.0.0.1:{port}\n"
+    )
+
+    state = promote(str(config), return_state=True)
+    assert state.is_failed()
+    APILogWorker.drain_all()
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            flow_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=flow_run))
+
+    logs = [log.message for log in asyncio.run(read())]
+    assert any("Traceback" in message and f"alice:***@127.0.0.1:{port}" in message for message in logs), logs
+    assert not [message for message in logs if "s3cretpassw0rd" in message]

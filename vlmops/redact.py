@@ -66,14 +66,24 @@ def redact_text(text: str, environ: dict[str, str] | None = None) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """A handler filter that masks credentials in the formatted message (arguments included)."""
+    """A handler filter that masks credentials in the formatted message (arguments included) and in the traceback
+    of a logged exception: an error deep in the chain names what it was given (MLflow's 'API request to
+    http://user:password@host/... failed'), and Prefect's handlers send the traceback to its API with the message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         redacted = redact_text(message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        trace = record.exc_text or (_TRACEBACKS.formatException(record.exc_info) if record.exc_info else None)
+        if trace and (masked := redact_text(trace)) != trace:
+            # The masked text stands for the traceback: formatters append exc_text, and with exc_info gone none
+            # renders the frames again (Prefect's JSON formatter would, from exc_info).
+            record.exc_info, record.exc_text = None, masked
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 def redact_log_handlers() -> None:
