@@ -179,3 +179,22 @@ def test_the_login_of_the_tracking_uri_is_in_no_registry_error_and_no_cache_file
         mlflow.set_tracking_uri(None)
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_registry_that_does_not_answer_is_named_as_such(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tracking server that is down: the lookup said 'not found in the registry' (a ValueError, exit 2 from the CLI),
+    pointing at the model name; now it says the registry could not be reached (RunFailed, exit 1: run again)."""
+    import socket
+
+    from vlmops.errors import RunFailed
+    from vlmops.infer.resolve import registered_version
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(
+        RunFailed, match=rf"the registry at http://127.0.0.1:{port} could not be reached .*run again"
+    ) as err:
+        registered_version(f"models:/{NAME}@champion", f"http://127.0.0.1:{port}")
+    assert "not found" not in str(err.value)

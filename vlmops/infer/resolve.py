@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.config import ModelConfig, PipelineConfig
+from vlmops.errors import RunFailed
 from vlmops.filenames import safe_name
 from vlmops.redact import redact_uri
 from vlmops.staging import staged_folder
@@ -190,6 +191,7 @@ def registered_version(uri: str, tracking_uri: str | None = None) -> RegisteredV
 
     Raises:
         ValueError: a malformed URI, or a name, version or alias the registry does not know.
+        RunFailed: the registry did not answer.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -207,8 +209,28 @@ def registered_version(uri: str, tracking_uri: str | None = None) -> RegisteredV
         else:
             version = client.get_model_version(name, match.group("version"))
     except MlflowException as err:
-        raise ValueError(redact_uri(f"model {uri}: not found in the registry at {registry} ({err.message})")) from err
+        raise _registry_error(uri, registry, err) from err
     return RegisteredVersion(name, version, registry, client)
+
+
+REGISTRY_OUTAGE_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+"""MLflow error codes of a registry that did not answer (MLflow's client says INTERNAL_ERROR for a refused
+connection), as against one that answered that it does not know the model."""
+
+
+def _registry_error(uri: str, registry: str, err: Any) -> Exception:
+    """What to raise for an MlflowException `err` of a registry lookup: the registry's outage as such (RunFailed: a
+    rerun may pass), or a model it does not know (ValueError). Every outage read as 'not found in the registry',
+    pointing at the model name rather than the server."""
+    status = err.get_http_status_code()
+    if err.error_code in REGISTRY_OUTAGE_CODES or status >= 500 or status == 429:
+        return RunFailed(
+            redact_uri(
+                f"model {uri}: the registry at {registry} could not be reached ({err.message}): start it (or fix "
+                "tracking.uri) and run again"
+            )
+        )
+    return ValueError(redact_uri(f"model {uri}: not found in the registry at {registry} ({err.message})"))
 
 
 def download_registered_model(
@@ -227,7 +249,7 @@ def download_registered_model(
     try:
         source = found.client.get_model_version_download_uri(name, version.version)
     except MlflowException as err:
-        raise ValueError(redact_uri(f"model {uri}: not found in the registry at {registry} ({err.message})")) from err
+        raise _registry_error(uri, registry, err) from err
 
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_registry_cache()
     registry_key = hashlib.sha256(registry.encode()).hexdigest()[:12]
