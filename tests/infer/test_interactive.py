@@ -54,6 +54,20 @@ def ask(child: pexpect.spawn, query: str) -> tuple[str, int]:
     return _answer_part(seen, query).strip(), reads_with_answer
 
 
+def answer_once(query: str, *args: str) -> str:
+    """`vlmops infer ARGS`: one question, its answer, then `quit` (the session must end cleanly)."""
+    child = spawn(*args)
+    try:
+        answer, _ = ask(child, query)
+        child.expect_exact(PROMPT)
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    return answer
+
+
 def _answer_part(output: str, query: str) -> str:
     """What the program printed after echoing the query line, up to the separator."""
     text = ANSI.sub("", output).replace("\r", "")
@@ -139,16 +153,7 @@ def test_interactive_model_given_a_run_folder_takes_its_saved_config(lora_run: P
     run's 8)."""
     query = f"<img>{images['blue']}</img>What colour is the shape?"
     tuned, _ = ChatModel.load(lora_run).chat(query)
-    child = spawn("--model", str(lora_run))
-    try:
-        answer, _ = ask(child, query)
-        assert answer == tuned
-        child.expect_exact(PROMPT)
-        child.sendline("quit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
+    assert answer_once(query, "--model", str(lora_run)) == tuned
 
 
 def test_interactive_model_given_a_retrain_flow_run_folder_takes_its_merged_models_saved_config(
@@ -167,16 +172,7 @@ def test_interactive_model_given_a_retrain_flow_run_folder_takes_its_merged_mode
     expected, _ = ChatModel.load(str(run)).chat(query)
     default, _ = ChatModel.load(str(readable_model)).chat(query)
     assert expected != default  # the saved config makes a difference to see
-    child = spawn("--model", str(run))
-    try:
-        answer, _ = ask(child, query)
-        assert answer == expected
-        child.expect_exact(PROMPT)
-        child.sendline("quit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close(force=True)
-    assert child.exitstatus == 0
+    assert answer_once(query, "--model", str(run)) == expected
 
 
 def test_ctrl_c_stops_an_answer_and_keeps_the_session(readable_model: Path) -> None:
