@@ -69,6 +69,28 @@ def _shards(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("model-*.safetensors"))
 
 
+def _s3_model(s3_env: Any, release: Path, bucket: str, cache: Path) -> tuple[StorageConfig, Any, str, ModelConfig]:
+    """The release uploaded to s3://BUCKET/tiny-vl: (storage, S3 client, URI, a model config of it cached in
+    `cache`)."""
+    from vlmops.storage import s3_client, upload_folder
+
+    storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
+    client = s3_client(storage)
+    client.create_bucket(Bucket=bucket)
+    uri = f"s3://{bucket}/tiny-vl"
+    upload_folder(client, release, uri, progress=False)
+    return storage, client, uri, ModelConfig(name="tiny-vl", source="s3", id=uri, cache_dir=str(cache))
+
+
+def _changed_tokenizer(release: Path, folder: Path) -> Path:
+    """`folder` holding the release's tokenizer_config.json with another model_max_length (4096): an object to
+    rewrite in place, as a changed upstream model would."""
+    folder.mkdir()
+    settings = json.loads((release / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 4096}))
+    return folder
+
+
 # ---- ModelScope ------------------------------------------------------------------------------------------
 
 
@@ -362,11 +384,7 @@ def test_s3_download_convert_and_resync(release_repo: Path, tmp_path: Path, s3_e
     shard = _shards(release_repo)[0]
     untouched = snap.original_path / _shards(release_repo)[1]
     stamp = untouched.stat().st_mtime_ns
-    changed = tmp_path / "changed"
-    changed.mkdir()
-    (changed / "tokenizer_config.json").write_text(
-        json.dumps({**json.loads((release_repo / "tokenizer_config.json").read_text()), "model_max_length": 4096})
-    )
+    changed = _changed_tokenizer(release_repo, tmp_path / "changed")
     upload_folder(client, changed, "s3://models/releases/tiny-vl", progress=False)
     client.delete_object(Bucket="models", Key="releases/tiny-vl/special_tokens_map.json")
     refreshed = download_model(config, storage, tmp_path / "out", refresh=True)
@@ -383,23 +401,15 @@ def test_s3_model_changed_upstream_is_fetched_again_without_refresh(
 ) -> None:
     """A cached S3 copy is used while the prefix's listing (keys and ETags) is the one it was copied from; a changed
     object is copied again (only it), a removed one removed, and the new content gets its own conversion."""
-    from vlmops.storage import s3_client, upload_folder
+    from vlmops.storage import upload_folder
 
-    storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
-    client = s3_client(storage)
-    client.create_bucket(Bucket="models-changed")
-    uri = "s3://models-changed/tiny-vl"
-    upload_folder(client, release_repo, uri, progress=False)
-    config = ModelConfig(name="tiny-vl", source="s3", id=uri, cache_dir=str(tmp_path / "cache"))
+    storage, client, uri, config = _s3_model(s3_env, release_repo, "models-changed", tmp_path / "cache")
     snap = download_model(config, storage, tmp_path / "out")
     untouched = snap.original_path / _shards(release_repo)[0]
     stamp = untouched.stat().st_mtime_ns
     assert download_model(config, storage, tmp_path / "out") == snap  # same listing: the cached copy as is
 
-    changed = tmp_path / "changed"
-    changed.mkdir()
-    settings = json.loads((release_repo / "tokenizer_config.json").read_text())
-    (changed / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 4096}))
+    changed = _changed_tokenizer(release_repo, tmp_path / "changed")
     upload_folder(client, changed, uri, progress=False)
     client.delete_object(Bucket="models-changed", Key="tiny-vl/special_tokens_map.json")
     fresh = download_model(config, storage, tmp_path / "out")
@@ -422,18 +432,10 @@ def test_the_download_task_is_not_reused_after_an_s3_model_changed(
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     from tasks.download import download_model as download_task
-    from vlmops.storage import s3_client, upload_folder
+    from vlmops.storage import upload_folder
 
-    storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
-    client = s3_client(storage)
-    client.create_bucket(Bucket="models-task")
-    uri = "s3://models-task/tiny-vl"
-    upload_folder(client, release_repo, uri, progress=False)
-    config = ModelConfig(name="tiny-vl", source="s3", id=uri, cache_dir=str(tmp_path / "cache"))
-    changed = tmp_path / "changed"
-    changed.mkdir()
-    settings = json.loads((release_repo / "tokenizer_config.json").read_text())
-    (changed / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 4096}))
+    storage, client, uri, config = _s3_model(s3_env, release_repo, "models-task", tmp_path / "cache")
+    changed = _changed_tokenizer(release_repo, tmp_path / "changed")
 
     @flow
     def download_three_times() -> list[tuple[str | None, str]]:
@@ -478,10 +480,7 @@ def test_s3_prefixes_whose_safe_names_meet_keep_their_own_manifests(
     storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
     client = s3_client(storage)
     client.create_bucket(Bucket="models-names")
-    changed = tmp_path / "changed"
-    changed.mkdir()
-    settings = json.loads((release_repo / "tokenizer_config.json").read_text())
-    (changed / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 4096}))
+    changed = _changed_tokenizer(release_repo, tmp_path / "changed")
     configs = []
     for prefix in ("m/a/b", "m/a--b"):
         upload_folder(client, release_repo, f"s3://models-names/{prefix}", progress=False)
