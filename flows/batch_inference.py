@@ -53,6 +53,7 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
+from vlmops.infer.resolve import config_for_model
 from vlmops.infer.summary import sample_rows, stopped_rows, summary_rows
 from vlmops.redact import redact_log_handlers
 
@@ -77,7 +78,7 @@ def batch_inference(
     """Answer every record of `input` with `model` into `output` (part-*.jsonl, rejects.jsonl, manifest.json)."""
     redact_log_handlers()
     logger = get_run_logger()
-    config = load_config(config_path, overrides)
+    config = config_for_model(load_config(config_path, overrides), model, overrides or [])
     # sync_compatible: called from sync code it returns the artifact's id, not a coroutine
     artifact = cast(UUID, create_progress_artifact(0.0, description=f"batch inference {model} -> {output}"))
     if distributed:

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ def default_registry_cache() -> Path:
 
 def catalog_resolver(config: PipelineConfig) -> ResolveModel:
     """`resolve_model_ref` that also takes catalog names, fetching them with the config's cache and storage."""
-    from vlmops.models.catalog import CATALOG
+    from vlmops.models.catalog import CATALOG, catalog_model_config
     from vlmops.models.download import download_model
 
     def resolve(ref: str) -> Path:
@@ -72,12 +72,20 @@ def catalog_resolver(config: PipelineConfig) -> ResolveModel:
             return resolve_model_ref(
                 ref, tracking_uri=resolve_tracking_uri(config.tracking.uri), cache_dir=registry_cache
             )
-        model_cfg = (
-            config.model if ref == config.model.name else ModelConfig(name=ref, cache_dir=config.model.cache_dir)
-        )
-        return download_model(model_cfg, config.storage, config.run.output_dir).path
+        return download_model(catalog_model_config(config, ref), config.storage, config.run.output_dir).path
 
     return resolve
+
+
+def config_for_model(config: PipelineConfig, ref: str, overrides: Sequence[str]) -> PipelineConfig:
+    """`config` for a command that names the model `ref` (`--model`): where `ref` is a catalog name, its `model:`
+    section is `ref`'s, with the command line's `--set model.*` (source, id, revision) applied to it
+    (`catalog_model_config`); the config's own model section is another model's."""
+    from vlmops.models.catalog import CATALOG, catalog_model_config
+
+    if ref not in CATALOG:
+        return config
+    return config.model_copy(update={"model": catalog_model_config(config, ref, overrides)})
 
 
 def resolve_model_ref(
