@@ -136,6 +136,26 @@ def saved_run_folder(ref: str) -> str | None:
     return str(folder) if (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file() else None
 
 
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+"""The `infer` settings a model brings in its saved config (how its answers are generated); batch settings (engine,
+batch and shard sizes, workers) belong to the machine and the job, not the model."""
+
+
+def with_saved_settings(config: PipelineConfig, source: ModelSource) -> PipelineConfig:
+    """`config` with the generation settings (`infer.` GENERATION_KEYS) and `model.system_prompt` saved with the model
+    (a run folder, a retrain run's merged model, a registered version of one) wherever `config` leaves them unset:
+    what its file or `--set` gives wins. `ChatModel.load` takes them so; a model without a saved config changes
+    nothing."""
+    if source.run is None:
+        return config
+    saved = source.run.config
+    infer = {key: getattr(saved.infer, key) for key in GENERATION_KEYS if key not in config.infer.model_fields_set}
+    model = {} if "system_prompt" in config.model.model_fields_set else {"system_prompt": saved.model.system_prompt}
+    return config.model_copy(
+        update={"infer": config.infer.model_copy(update=infer), "model": config.model.model_copy(update=model)}
+    )
+
+
 def model_source(
     model: str, adapter: str | None = None, resolve_model: ResolveModel = resolve_model_ref
 ) -> ModelSource:
