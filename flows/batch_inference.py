@@ -53,6 +53,7 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
+from vlmops.infer.resolve import catalog_resolver, config_for_model, model_source, with_saved_settings
 from vlmops.infer.summary import sample_rows, stopped_rows, summary_rows
 from vlmops.redact import redact_log_handlers
 
@@ -77,11 +78,11 @@ def batch_inference(
     """Answer every record of `input` with `model` into `output` (part-*.jsonl, rejects.jsonl, manifest.json)."""
     redact_log_handlers()
     logger = get_run_logger()
-    config = load_config(config_path, overrides)
+    config = config_for_model(load_config(config_path, overrides), model, overrides or [])
     # sync_compatible: called from sync code it returns the artifact's id, not a coroutine
     artifact = cast(UUID, create_progress_artifact(0.0, description=f"batch inference {model} -> {output}"))
     if distributed:
-        _source, plan, job_output = prepare_job(model, input, output, config)
+        _source, plan, job_output, config = prepare_job(model, input, output, config)
         manifest = read_manifest(plan, job_output)
         ran: list[ShardStats] = []
         if manifest is None:
@@ -99,6 +100,9 @@ def batch_inference(
             return _stopped(StoppedJob(job_status(job_output), ran), model, output)
         result = complete_job(plan, job_output, ran, config)
     else:
+        # The child reads the config written out whole, where every key is set: the settings the model brings go in
+        # here (the model is fetched here, not loaded; the child finds it in the cache).
+        config = with_saved_settings(config, model_source(model, None, catalog_resolver(config)))
         job_output = open_output(output, config.storage)
         parts_before = len(job_output.names(PART_PREFIX))
         started = time.monotonic()

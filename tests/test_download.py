@@ -350,6 +350,24 @@ def test_download_command_applies_model_overrides_to_the_named_model(
     )
 
 
+def test_batch_infer_applies_model_overrides_to_the_catalog_model_it_names(
+    native_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlmops batch-infer --model deepseek-vl-7b-chat --set model.source=huggingface` (and `vlmops infer`, `vlmops
+    app`) fetch that model from the HF hub, as `vlmops download NAME` does: the override went with the config's own
+    model section (pipeline.yaml's tiny one), and the model came from ModelScope, the catalog's default."""
+    hub = FakeHub(repos={("deepseek-community/deepseek-vl-7b-chat", "main"): native_repo})
+    use_modelscope(monkeypatch, "http://127.0.0.1:9")  # nothing answers there
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "query": "Say hello."}) + "\n")
+    settings = [f"model.cache_dir={tmp_path / 'cache'}", "model.source=huggingface", "infer.max_new_tokens=2"]
+    args = ["--input", str(prompts), "--output", str(tmp_path / "answers"), "--config", "pipeline.yaml"]
+    with serve(hub):
+        use_hf_hub(monkeypatch, hub.url)
+        assert main(["batch-infer", "--model", "deepseek-vl-7b-chat", *args, *(f"--set={s}" for s in settings)]) == 0
+    assert hub.downloads("model.safetensors") and "1 answered" in capsys.readouterr().out.replace("  ", " ")
+
+
 def test_download_errors_say_whose_move_it_is() -> None:
     assert ModelNotFoundError("x").exit_code == 2 and isinstance(ModelNotFoundError("x"), ModelDownloadError)
     assert ModelFolderNotFoundError("x").exit_code == 2 and isinstance(ModelFolderNotFoundError("x"), FileNotFoundError)

@@ -255,6 +255,10 @@ class TrainConfig(Section):
     """Log the training loss every N optimizer steps."""
     eval_steps: int | None = Field(None, ge=1)
     """Compute the eval loss every N steps. null: once per epoch."""
+    eval_batch_size: int | None = Field(None, ge=1)
+    """Eval samples per device per forward pass of the eval loss (no backward: it may be larger than training's
+    micro-batch). null: the run's micro-batch (train.batch_size, or on a GPU the memory policy's split of it, see
+    `memory_gib`), which fits. The evaluation after training answers with `infer.batch_size`."""
     save_steps: int | None = Field(None, ge=1)
     """Write a checkpoint every N steps. null: at each evaluation (every `eval_steps`, else once per epoch)."""
     save_total_limit: int = Field(2, ge=1)

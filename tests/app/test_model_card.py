@@ -87,6 +87,27 @@ def test_a_retrain_flow_run_folder_brings_its_merged_models_saved_config(chat_mo
     assert load_page_model(str(run), None, ["infer.max_new_tokens=7"], None).defaults.max_new_tokens == 7
 
 
+def test_a_registered_version_brings_its_saved_settings(
+    registry: str, chat_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`vlmops app --model models:/...` (and `vlmops infer`, `ChatModel.from_config`) of a version the retrain flow
+    registered, its merged model with the config saved beside it, starts with that config's generation settings and
+    system prompt, as `ChatModel.load` does; `--set infer.*` still wins. The page started at the built-in defaults
+    (64 new tokens, temperature 0)."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # the registry download cache lives under ~/.cache
+    saved = ["model.system_prompt=You answer in colours.", "infer.max_new_tokens=5", "infer.temperature=0.5"]
+    merged = retrain_run(tmp_path / "runs" / "r1", chat_model_dir, saved) / RETRAIN_MODEL_DIR
+    tracker = Tracker(TrackingConfig(uri=registry, experiment="app"))
+    with tracker.run("register-saved") as run_id:
+        tracker.register_model(run_id, merged, f"{NAME}-saved", "champion")
+    ref = f"models:/{NAME}-saved@champion"
+    model = load_page_model(ref, None, [f"tracking.uri={registry}"], None)
+    assert (model.defaults.max_new_tokens, model.defaults.temperature) == (5, 0.5)
+    assert model.chat.system_prompt == "You answer in colours."
+    given = load_page_model(ref, None, [f"tracking.uri={registry}", "infer.max_new_tokens=7"], None)
+    assert (given.defaults.max_new_tokens, given.defaults.temperature) == (7, 0.5)
+
+
 def test_retrain_flow_runs_side_by_side_are_told_apart(chat_model_dir: Path, tmp_path: Path) -> None:
     """Each panel is labelled with its run (`r1/merged`): both were labelled `merged`, the folder every retrain flow run
     keeps its model in, so `--model outputs/runs/r1 --compare outputs/runs/r2` showed two answers under one name."""

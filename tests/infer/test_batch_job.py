@@ -572,7 +572,7 @@ def test_a_task_worker_releases_the_last_jobs_model_before_loading_the_next(
     try:
         for tokens in (2, 3):
             config = job_config(**{"infer.max_new_tokens": tokens, "infer.shard_size": 2})
-            _, plan, output = batch_job.prepare_job(
+            _, plan, output, _ = batch_job.prepare_job(
                 str(tiny_model), str(prompts), str(tmp_path / f"out{tokens}"), config
             )
             for shard in plan.shards:  # both shards on one runner

@@ -122,6 +122,37 @@ def test_a_retrain_flow_run_folder_resolves_to_the_model_it_made(tiny_model: Pat
     assert resolve_model_ref(str(tiny_model)) == tiny_model
 
 
+def test_batch_infer_answers_with_a_registered_versions_saved_settings(
+    registry: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`vlmops batch-infer --model models:/...` of a version the retrain flow registered (its merged model, with the
+    config it was made with) answers with that config's generation settings and system prompt, as
+    `ChatModel.load` does, where the command line does not set them (`--set infer.max_new_tokens` wins). It used the
+    built-in defaults (64 new tokens, no repetition penalty, the released system prompt)."""
+    import json
+
+    from vlmops.cli.main import main
+    from vlmops.config import dump_config, load_config
+    from vlmops.train.rundir import CONFIG_FILE, RunInfo
+
+    merged = tmp_path / "merged"
+    shutil.copytree(tiny_model, merged)
+    saved = ["infer.max_new_tokens=3", "infer.repetition_penalty=1.3", "model.system_prompt=Answer in colours."]
+    (merged / CONFIG_FILE).write_text(dump_config(load_config(None, saved)))
+    RunInfo(str(tiny_model), str(tmp_path), "test", "full", merged_from=str(tmp_path / "final")).write(merged)
+    version = register(registry, merged, "saved")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "query": "Say hello."}) + "\n")
+
+    settings = [f"tracking.uri={registry}", f"model.cache_dir={tmp_path / 'cache'}", "infer.max_new_tokens=2"]
+    args = ["--input", str(prompts), "--output", str(tmp_path / "answers"), *(f"--set={s}" for s in settings)]
+    assert main(["batch-infer", "--model", f"models:/{NAME}/{version}", *args]) == 0
+    manifest = json.loads((tmp_path / "answers" / "manifest.json").read_text())
+    assert manifest["settings"]["max_new_tokens"] == 2  # the command line's
+    assert manifest["settings"]["repetition_penalty"] == 1.3  # the version's
+    assert manifest["settings"]["system_prompt"] == "Answer in colours."
+
+
 @pytest.mark.integration
 def test_the_login_of_the_tracking_uri_is_in_no_registry_error_and_no_cache_file(
     tmp_path: Path, tiny_model: Path, caplog: pytest.LogCaptureFixture

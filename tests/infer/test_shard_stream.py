@@ -153,7 +153,7 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     (folder / "b.json").write_text(json.dumps([{"id": "t", "query": "<img>red.png</img>Shape?"}, long], indent=1))
     config = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4})
     loaded = load_model(tiny_model)
-    _, plan, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "out"), config)
+    _, plan, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "out"), config)
 
     def encoded(record: dict[str, Any]) -> int:
         prompt = parse_prompt(RawRecord("x", "x", 1, json.dumps(record)), folder)
@@ -186,11 +186,11 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     assert slot_context(loaded, config.infer, limit) == limit  # capped: a longer record is a reject
     fixed = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.max_context": 512})
     assert slot_context(loaded, fixed.infer, longest) == 512
-    _, unmeasured, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), fixed)
+    _, unmeasured, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), fixed)
     assert unmeasured.longest_prompt is None
     # The same job run again without the cap (max_context is not part of the job): its slots are sized after all,
     # and the saved plan (what workers read) now holds the counts.
-    _, resumed, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), config)
+    _, resumed, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), config)
     assert resumed.job_id == unmeasured.job_id and resumed.longest_prompt == longest
     assert JobPlan.from_json((tmp_path / "fixed" / "_job" / "job.json").read_text()).longest_prompt == longest
 
@@ -206,7 +206,7 @@ def test_a_few_long_records_are_named_with_the_setting_that_trades_them_for_slot
     prompts.write_text("\n".join(lines) + "\n")
     config = load_config(None, {"infer.max_new_tokens": 4})
     with caplog.at_level(logging.WARNING, logger="vlmops.infer.batch_job"):
-        _, plan, _ = prepare_job(str(tiny_model), str(prompts), str(tmp_path / "out"), config)
+        _, plan, _, _ = prepare_job(str(tiny_model), str(prompts), str(tmp_path / "out"), config)
     (file,) = plan.files
     longest = plan.longest_prompt
     assert longest is not None and file.longest_line == 58
@@ -225,5 +225,5 @@ def test_a_few_long_records_are_named_with_the_setting_that_trades_them_for_slot
     prompts.write_text("\n".join(line for line in lines if '"long"' not in line) + "\n")
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="vlmops.infer.batch_job"):
-        _, even, _ = prepare_job(str(tiny_model), str(prompts), str(tmp_path / "even"), config)
+        _, even, _, _ = prepare_job(str(tiny_model), str(prompts), str(tmp_path / "even"), config)
     assert even.slot_advice(4) is None and not [r for r in caplog.records if r.levelno == logging.WARNING]

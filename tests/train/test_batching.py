@@ -44,6 +44,19 @@ def test_packing_budget_defaults_to_batch_size_times_the_mean_length() -> None:
     assert not resolve_batching(load_config(None), Path("unused"), LENGTHS, torch.float32).packing  # auto: off on CPU
 
 
+def test_the_eval_loss_runs_micro_batches_that_fit(tmp_path: Path) -> None:
+    """The eval loss ran `train.batch_size` samples a forward pass as written, not the micro-batch the memory policy
+    split it into on a GPU: a run of train.batch_size 16 trained in micro-batches of 2, then ran out of memory at its
+    first evaluation (and a train.batch_size of 1 that the policy ran 8 at a time evaluated one sample a pass)."""
+    from vlmops.train.sft import training_arguments
+
+    split = Batching(2, 8, recompute=True, packing=False, packing_tokens=None, group_by_length=False)  # the policy's
+    config = load_config(None, {"train.batch_size": 16})
+    assert training_arguments(config, tmp_path, "fp32", split).per_device_eval_batch_size == 2
+    given = load_config(None, {"train.batch_size": 16, "train.eval_batch_size": 32})
+    assert training_arguments(given, tmp_path, "fp32", split).per_device_eval_batch_size == 32
+
+
 def test_group_by_length_serves_padded_batches_of_similar_lengths(
     tiny_model: Path, snapshot: Any, tmp_path: Path
 ) -> None:

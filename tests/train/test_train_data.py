@@ -64,6 +64,14 @@ def test_drop_policy_drops_and_reports(processor: Any, image: str) -> None:
     assert len(dataset) == 2
     assert dataset.report.dropped == ["a.jsonl:2"]
 
+    # Every record dropped: the error names the file and what to change (it said only "the train split has no
+    # record left after data.max_length_policy drop").
+    with pytest.raises(ValueError) as err:
+        SFTDataset([long_a], processor, length(short, processor), "drop")
+    assert str(err.value).startswith("a.jsonl: all 1 record(s) of the train split are longer than data.max_length")
+    assert f"raise data.max_length to at least {length(long_a, processor)}" in str(err.value)
+    assert "data.max_length_policy to truncate-text" in str(err.value)
+
 
 def check_sample(dataset: SFTDataset, index: int, limit: int) -> dict[str, torch.Tensor]:
     """A loaded sample fits, holds only whole images, and every image has its pixels."""

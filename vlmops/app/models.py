@@ -18,6 +18,7 @@ from vlmops.infer.resolve import (
     REGISTRY_SCHEME,
     RETRAIN_MODEL_DIR,
     ModelSource,
+    config_for_model,
     registered_version,
     saved_run_folder,
 )
@@ -67,10 +68,10 @@ def load_page_model(ref: str, config_path: str | None, overrides: list[str], sys
     A run folder (a retrain flow run's too: its merged/ model's) brings its saved config (system prompt, generation
     settings, max_length) unless `config_path` is given; `overrides` apply on top either way.
     """
-    config = run_config(saved_run_folder(ref), config_path, overrides)
+    config = config_for_model(run_config(saved_run_folder(ref), config_path, overrides), ref, overrides)
     card = registered_card(ref, config.tracking.uri) if ref.startswith(REGISTRY_SCHEME) else None
     chat = ChatModel.from_config(card.load_ref if card else ref, config, system=system)
-    return PageModel(chat, card or local_card(ref, chat.source), config.data.max_length, config.infer)
+    return PageModel(chat, card or local_card(ref, chat.source), config.data.max_length, chat.infer_cfg)
 
 
 def registered_card(ref: str, tracking_uri: str | None) -> ModelCard:

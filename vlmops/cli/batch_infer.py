@@ -34,9 +34,10 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
     from vlmops.infer.batch_job import run_batch_job
     from vlmops.infer.job import StoppedJob
+    from vlmops.infer.resolve import config_for_model
     from vlmops.infer.summary import stopped_rows, summary_rows
 
-    config = load_config(args.config, args.overrides)
+    config = config_for_model(load_config(args.config, args.overrides), args.model, args.overrides)
     result = run_batch_job(args.model, args.input, args.output, config)
     if isinstance(result, StoppedJob):
         job_id = result.status.plan.job_id

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from vlmops.cli.args import add_config_args
-
-if TYPE_CHECKING:
-    from vlmops.config import ModelConfig, PipelineConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,10 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
+    from vlmops.models.catalog import catalog_model_config
     from vlmops.models.download import download_model
 
     config = load_config(args.config, args.overrides)
-    model_cfg = _named_model(args.name, config, args.overrides) if args.name else config.model
+    model_cfg = catalog_model_config(config, args.name, args.overrides) if args.name else config.model
     snapshot = download_model(model_cfg, config.storage, config.run.output_dir, refresh=args.refresh)
     print(
         f"model {model_cfg.name}: {snapshot.source} {snapshot.id}"
@@ -42,18 +39,3 @@ def handle(args: argparse.Namespace) -> int:
         print(f"  checkpoint:      {snapshot.path}")
     print(f"  manifest:        {snapshot.manifest_path} (sha256 {snapshot.digest[:16]}...)")
     return 0
-
-
-def _named_model(name: str, config: PipelineConfig, overrides: list[str]) -> ModelConfig:
-    """The `model:` section for NAME: the catalog's (under the config's cache_dir), with the `--set model.*`
-    overrides of this command line (source, revision, ...), which are meant for NAME, not for the file's model."""
-    from vlmops.config import load_config
-    from vlmops.models.catalog import catalog_model_config
-
-    section = catalog_model_config(config, name)
-    given = [item for item in overrides if item.partition("=")[0].strip().startswith("model.")]
-    if section is config.model or not given:
-        return section
-    overridden = load_config(None, given).model
-    keys = {item.partition("=")[0].strip().split(".")[1] for item in given} - {"name", "cache_dir"}
-    return section.model_copy(update={key: getattr(overridden, key) for key in keys})

@@ -53,7 +53,7 @@ def handle(args: argparse.Namespace) -> int:
     `--config`: None means the run's saved config (a run folder, given either way, as `vlmops app` takes it), else
     the defaults.
     """
-    from vlmops.infer.resolve import saved_run_folder
+    from vlmops.infer.resolve import config_for_model, saved_run_folder
     from vlmops.train.rundir import run_config
 
     if not args.verbose:  # a chat session shows answers, not library progress logs
@@ -62,6 +62,8 @@ def handle(args: argparse.Namespace) -> int:
     # its saved config, as `vlmops app --model` takes it.
     run = args.ckpt or (saved_run_folder(args.model) if args.model else None)
     config = run_config(run, args.config, args.overrides)
+    if args.model:
+        config = config_for_model(config, args.model, args.overrides)
     chat_model = _load(args.model, args.ckpt, config, args.system)
     _import_readline()
     return chat_loop(chat_model, input, sys.stdout)

@@ -47,7 +47,7 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import JobOutput, open_output
 from vlmops.infer.records import Shard
-from vlmops.infer.resolve import ModelSource
+from vlmops.infer.resolve import ModelSource, with_saved_settings
 from vlmops.infer.summary import sample_rows
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
@@ -84,7 +84,7 @@ def run_batch_job(
     from vlmops.infer.parallel import default_workers, run_on_workers
 
     started = time.perf_counter()
-    source, plan, output = prepare_job(model_ref, input_spec, output_uri, config)
+    source, plan, output, config = prepare_job(model_ref, input_spec, output_uri, config)
     manifest = read_manifest(plan, output)
     if manifest is not None:
         log.info("job %s in %s is finished already: nothing to do", plan.job_id, output.uri)
@@ -119,12 +119,15 @@ def run_batch_job(
 
 def prepare_job(
     model_ref: str, input_spec: str, output_uri: str, config: PipelineConfig
-) -> tuple[ModelSource, JobPlan, JobOutput]:
-    """Resolve and hash the model, plan the job from the inputs, and start it in the output (or pick it up).
+) -> tuple[ModelSource, JobPlan, JobOutput, PipelineConfig]:
+    """Resolve and hash the model, plan the job from the inputs, and start it in the output (or pick it up); return
+    them with the job's config: `config` with the generation settings the model brings where it sets none
+    (`with_saved_settings`), which the shards must be answered with.
 
     The model is downloaded if it has to be, never loaded (its processor is, to count the prompts' tokens).
     """
     source, info = resolve_job_model(model_ref, config)
+    config = with_saved_settings(config, source)
     output = open_output(output_uri, config.storage)
     measure = None
     if counts_prompts(config):
@@ -135,7 +138,7 @@ def prepare_job(
     plan = open_job(plan_job(info, input_spec, config, output.uri, measure), output)
     if measure is not None and (advice := plan.slot_advice(config.infer.max_new_tokens)):
         log.warning("%s", advice)
-    return source, plan, output
+    return source, plan, output, config
 
 
 def complete_job(

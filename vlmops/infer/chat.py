@@ -109,21 +109,22 @@ class ChatModel:
         system: str | None = None,
     ) -> ChatModel:
         """`load` with the settings of a pipeline config (dtype, attention, system prompt, generation,
-        storage, registry, catalog); `system` overrides the config's system prompt ("" for none)."""
-        from vlmops.infer.resolve import catalog_resolver
+        storage, registry, catalog); `system` overrides the config's system prompt ("" for none). A model that
+        comes with a saved config (a run, a registered version of one) brings its generation settings and system
+        prompt where `config` does not set them (`with_saved_settings`)."""
+        from vlmops.infer.resolve import catalog_resolver, with_saved_settings
 
-        return cls.load(
-            model,
-            adapter,
+        source = model_source(str(model), None if adapter is None else str(adapter), catalog_resolver(config))
+        config = with_saved_settings(config, source)
+        loaded = load_model(
+            source.checkpoint,
             dtype=config.model.dtype,
             attn=config.model.attn,
-            system_prompt=config.model.system_prompt if system is None else system,
-            infer_cfg=config.infer,
-            storage=config.storage,
-            tracking_uri=config.tracking.uri,
-            resolve_model=catalog_resolver(config),
+            adapter=source.adapter,
             allow_pickle=config.model.allow_pickle,
         )
+        system_prompt = config.model.system_prompt if system is None else system
+        return cls(loaded, system_prompt, config.infer, config.storage, source)
 
     def chat(
         self,

@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ def default_registry_cache() -> Path:
 
 def catalog_resolver(config: PipelineConfig) -> ResolveModel:
     """`resolve_model_ref` that also takes catalog names, fetching them with the config's cache and storage."""
-    from vlmops.models.catalog import CATALOG
+    from vlmops.models.catalog import CATALOG, catalog_model_config
     from vlmops.models.download import download_model
 
     def resolve(ref: str) -> Path:
@@ -72,12 +72,20 @@ def catalog_resolver(config: PipelineConfig) -> ResolveModel:
             return resolve_model_ref(
                 ref, tracking_uri=resolve_tracking_uri(config.tracking.uri), cache_dir=registry_cache
             )
-        model_cfg = (
-            config.model if ref == config.model.name else ModelConfig(name=ref, cache_dir=config.model.cache_dir)
-        )
-        return download_model(model_cfg, config.storage, config.run.output_dir).path
+        return download_model(catalog_model_config(config, ref), config.storage, config.run.output_dir).path
 
     return resolve
+
+
+def config_for_model(config: PipelineConfig, ref: str, overrides: Sequence[str]) -> PipelineConfig:
+    """`config` for a command that names the model `ref` (`--model`): where `ref` is a catalog name, its `model:`
+    section is `ref`'s, with the command line's `--set model.*` (source, id, revision) applied to it
+    (`catalog_model_config`); the config's own model section is another model's."""
+    from vlmops.models.catalog import CATALOG, catalog_model_config
+
+    if ref not in CATALOG:
+        return config
+    return config.model_copy(update={"model": catalog_model_config(config, ref, overrides)})
 
 
 def resolve_model_ref(
@@ -126,6 +134,26 @@ def saved_run_folder(ref: str) -> str | None:
         return None
     folder = _retrain_model(folder) or folder
     return str(folder) if (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file() else None
+
+
+GENERATION_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+"""The `infer` settings a model brings in its saved config (how its answers are generated); batch settings (engine,
+batch and shard sizes, workers) belong to the machine and the job, not the model."""
+
+
+def with_saved_settings(config: PipelineConfig, source: ModelSource) -> PipelineConfig:
+    """`config` with the generation settings (`infer.` GENERATION_KEYS) and `model.system_prompt` saved with the model
+    (a run folder, a retrain run's merged model, a registered version of one) wherever `config` leaves them unset:
+    what its file or `--set` gives wins. `ChatModel.load` takes them so; a model without a saved config changes
+    nothing."""
+    if source.run is None:
+        return config
+    saved = source.run.config
+    infer = {key: getattr(saved.infer, key) for key in GENERATION_KEYS if key not in config.infer.model_fields_set}
+    model = {} if "system_prompt" in config.model.model_fields_set else {"system_prompt": saved.model.system_prompt}
+    return config.model_copy(
+        update={"infer": config.infer.model_copy(update=infer), "model": config.model.model_copy(update=model)}
+    )
 
 
 def model_source(

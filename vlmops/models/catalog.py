@@ -9,6 +9,7 @@ benchmarks, are `vlmops.testing.architectures`.)
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -206,9 +207,14 @@ def resolve(model_cfg: ModelConfig, output_dir: str | os.PathLike[str]) -> Resol
     return ResolvedModel(source, model_id, revision, entry)
 
 
-def catalog_model_config(config: PipelineConfig, name: str) -> ModelConfig:
-    """The `model:` section for catalog model `name` under `config`'s cache: the config's own section when it
-    names that model, else the catalog's defaults (source, id, revision) with the config's `model.cache_dir`.
+WEIGHTS_KEYS = ("source", "id", "revision")
+"""The `model:` keys that say where a model's weights come from: a config file's are its own model's."""
+
+
+def catalog_model_config(config: PipelineConfig, name: str, overrides: Sequence[str] = ()) -> ModelConfig:
+    """The `model:` section for catalog model `name`: the config's own section when it names that model, else that
+    section with `name`, and with the catalog's source, id and revision unless `overrides` (the command line's
+    `--set model.*` that names `name`) give them: the file's are another model's.
 
     Raises:
         UnknownModelError: `name` is not in the catalog.
@@ -216,7 +222,9 @@ def catalog_model_config(config: PipelineConfig, name: str) -> ModelConfig:
     if name == config.model.name:
         return config.model
     get_entry(name)
-    return ModelConfig(name=name, cache_dir=config.model.cache_dir)
+    keys = {item.partition("=")[0].strip() for item in overrides}
+    given = set(WEIGHTS_KEYS) if "model" in keys else {key.removeprefix("model.") for key in keys}
+    return config.model.model_copy(update={"name": name} | {key: None for key in WEIGHTS_KEYS if key not in given})
 
 
 def _check_id(source: Source, model_id: str) -> None:

@@ -75,6 +75,7 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
         if lengths is not None and len(lengths) != len(conversations):
             raise ValueError(f"{len(lengths)} saved lengths for {len(conversations)} {split} records")
         problems: list[RecordProblem] = []
+        shortest_dropped: int | None = None
         for i, conv in enumerate(
             tqdm(conversations, desc=f"measure {split}", unit="rec", leave=False, mininterval=1.0)
         ):
@@ -85,6 +86,7 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
                 continue
             if check.dropped:
                 self.report.dropped.append(conv.source)
+                shortest_dropped = length if shortest_dropped is None else min(shortest_dropped, length)
                 continue
             if check.cut is not None:
                 self.report.truncated.append(conv.source)
@@ -110,7 +112,22 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
                 ", ".join(self.report.truncated[:10]),
             )
         if not self.records:
-            raise ValueError(f"the {split} split has no record left after data.max_length_policy {policy}")
+            raise ValueError(self._nothing_left(split, conversations, max_length, policy, shortest_dropped))
+
+    @staticmethod
+    def _nothing_left(
+        split: str, conversations: list[Conversation], max_length: int, policy: str, shortest: int | None
+    ) -> str:
+        """Why the split is empty, naming its file(s) and the setting to change."""
+        if shortest is None:  # nothing was dropped: there was nothing to begin with
+            return f"the {split} split has no records"
+        files = ", ".join(sorted({conv.source.rpartition(":")[0] or conv.source for conv in conversations}))
+        return (
+            f"{files}: all {len(conversations)} record(s) of the {split} split are longer than data.max_length "
+            f"{max_length} and data.max_length_policy {policy} dropped them, leaving none: raise data.max_length to at "
+            f"least {shortest} (the shortest record's tokens, image tokens included), or set data.max_length_policy "
+            "to truncate-text (cut the text of their last turns)"
+        )
 
     def _encode(self, conv: Conversation) -> Encoded:
         return encode(conv.messages, self.tokenizer, self.num_image_tokens, self.system_prompt)

@@ -181,8 +181,9 @@ def run_config(ckpt: str | None, config_path: str | None, overrides: list[str]) 
 
 # Config keys that may differ between a run and its resumption: where things are written and looked up
 # (the base model and the data are compared by path and content hash instead; torch.compile's caches hold only what
-# was compiled), what validation reads and writes (the snapshot's hash says what came of it), bookkeeping, and the
-# GPU count. Any other change in run/model/data/train makes it a different run.
+# was compiled), what validation reads and writes (the snapshot's hash says what came of it), bookkeeping, the
+# GPU count, and the eval loss's batch size (lowered to resume a run whose evaluation ran out of memory). Any other
+# change in run/model/data/train makes it a different run.
 RESUMABLE_CHANGES = (
     "run.name",
     "run.output_dir",
@@ -204,6 +205,7 @@ RESUMABLE_CHANGES = (
     "train.nproc_per_node",
     "train.save_total_limit",
     "train.logging_steps",
+    "train.eval_batch_size",
 )
 RUN_SECTIONS = ("run", "model", "data", "train")
 

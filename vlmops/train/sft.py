@@ -215,7 +215,9 @@ def training_arguments(
     return TrainingArguments(
         output_dir=str(run_dir),
         per_device_train_batch_size=batching.per_device_batch,
-        per_device_eval_batch_size=t.batch_size,
+        # The micro-batch fits training's forward and backward, so the eval loss's forward alone; train.batch_size as
+        # written may be 64 that the memory policy split into micro-batches of 4 (out of memory at the first eval).
+        per_device_eval_batch_size=t.eval_batch_size or batching.batch_size,
         gradient_accumulation_steps=batching.grad_accum,
         learning_rate=t.lr,
         weight_decay=t.weight_decay,
