@@ -39,11 +39,12 @@ from tasks.validate import log_validation, validate_dataset
 from tasks.version import version_path
 from vlmops.config import dump_config, load_config
 from vlmops.data.prepare import dataset_inputs
+from vlmops.errors import RunFailed, UserInputError
 from vlmops.evaluate.run import BASE_PREDICTIONS, EVAL_DIR, PREDICTIONS
 from vlmops.evaluate.samples import sample_rows
 from vlmops.infer.resolve import RETRAIN_MODEL_DIR
 from vlmops.models.download import local_source_path
-from vlmops.redact import redact_log_handlers, redact_uri
+from vlmops.redact import redact_log_handlers, redact_text, redact_uri
 from vlmops.registry.lineage import version_tags
 from vlmops.tracking import MlflowLinks, Tracker, git_commit, mlflow_links, ui_command
 
@@ -117,6 +118,28 @@ class RunSummary:
             lines.append(f"- Promotion: {self.promotion}")
         lines.append(f"- Took {self.seconds:.0f} s")
         return "\n".join(lines) + "\n"
+
+
+class PromotionFailed(RunFailed):
+    """`registry.auto_promote`'s promotion failed after the version was registered; carries the run's summary
+    (written as summary.json too). Its exit code is the promotion error's: 2 for bad input, else 1."""
+
+    def __init__(self, message: str, summary: RunSummary | None = None, summary_file: str = "", exit_code: int = 1):
+        super().__init__(message)  # the message alone in args: the exception pickles (and Prefect may pickle it)
+        self.summary = summary
+        self.summary_file = summary_file
+        self.exit_code = exit_code
+
+    @classmethod
+    def after(cls, summary: RunSummary, summary_file: str, cause: BaseException) -> PromotionFailed:
+        message = (
+            f"{summary.model_name} version {summary.model_version} was trained and registered "
+            f"(@{summary.model_alias}; summary {summary_file}), but its promotion failed: {type(cause).__name__}: "
+            f"{redact_text(str(cause))}\nfix that and promote it with `vlmops promote --challenger "
+            f"{summary.model_version}`: no need to train again"
+        )
+        bad_input = isinstance(cause, (UserInputError, ValueError, FileNotFoundError))
+        return cls(message, summary, summary_file, 2 if bad_input else 1)
 
 
 def _new_run_dir(runs: Path) -> Path:
@@ -270,8 +293,14 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         model_dvc_md5=model_version.md5 if model_version else None,
         seconds=time.time() - started,
     )
+    promotion_error: Exception | None = None
     if config.registry.auto_promote:
-        summary.promotion = promote(config_path, overrides, challenger=version.version)["decision"]
+        try:
+            summary.promotion = promote(config_path, overrides, challenger=version.version)["decision"]
+        except Exception as err:
+            # The version is trained, evaluated and registered: its summary is written before the run fails.
+            promotion_error = err
+            summary.promotion = f"failed: {type(err).__name__}: {(redact_text(str(err)).splitlines() or [''])[0][:300]}"
     links = mlflow_links(tracker.uri, tracker.experiment_id, parent, version.name, version.version)
     publish_summary(SUMMARY_KEY, summary.markdown(links), f"{version.name} v{version.version}")
     results = {"finetuned": result.tuned, **({"base": result.base} if result.base is not None else {})}
@@ -292,6 +321,8 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         summary.finetuned_accuracy,
         summary_file,
     )
+    if promotion_error is not None:
+        raise PromotionFailed.after(summary, str(summary_file), promotion_error) from promotion_error
     return asdict(summary) | {"summary_file": str(summary_file)}
 
 
@@ -299,8 +330,14 @@ def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
     """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server; the
     summary goes to stdout as plain text once the flow is done."""
     load_config(config_path or "pipeline.yaml", overrides)  # a bad key or a credential stops here, before a flow run
-    with patient_ephemeral_server():
-        result = retrain(config_path or "pipeline.yaml", overrides)
+    try:
+        with patient_ephemeral_server():
+            result = retrain(config_path or "pipeline.yaml", overrides)
+    except PromotionFailed as err:  # what the run did is worth showing before the error `vlmops` prints
+        if err.summary is not None:
+            print(err.summary.text())
+            print(f"  summary                 {err.summary_file}")
+        raise
     summary = RunSummary(**{k: v for k, v in result.items() if k in RunSummary.__dataclass_fields__})
     print(summary.text())
     print(f"  summary                 {result['summary_file']}")
