@@ -36,7 +36,7 @@ from tasks.report import flow_run_tags, publish_samples, publish_summary
 from tasks.retry import names_unreachable_service
 from tasks.train import log_training, train_model
 from tasks.validate import log_validation, validate_dataset
-from tasks.version import version_path
+from tasks.version import dvc_store, version_path
 from vlmops.config import dump_config, load_config
 from vlmops.data.prepare import dataset_inputs
 from vlmops.errors import RunFailed, UserInputError
@@ -202,6 +202,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 config.model.system_prompt,
                 config.storage,
                 config.run.seed,
+                [str(path) for path in dvc_store(config).writes()] if config.versioning.enabled else None,
             )
             validate_state = validate_dataset(*args, return_state=True)
             dataset = validate_state.result()

@@ -4,8 +4,9 @@ Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alon
 result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's
 sha256, and for a folder (or the folder beside a dataset file, where its images live) each file's relative
 path, size and modification time — cheap for multi-GB checkpoints, which are hashed once by the step itself.
-What the flow writes (its output folder, a rejects file) is left out of those folders: a dataset in the checkout
-beside outputs/ would otherwise get a new key from every run's own writes, and never be reused.
+What the flow writes (its output folder, a rejects file, DVC's repository files) is left out of those folders: a
+dataset in the checkout beside outputs/ (or holding versioning.repo) would otherwise get a new key from every run's
+own writes, and never be reused.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class FileContents(CachePolicy):
     `siblings`: for these params, also fingerprint the files beside the named file (a dataset's images).
     `roots`: params holding a `DataConfig`, whose `allowed_roots` folders are fingerprinted too (a dataset's images
     may live there, outside its own folder); its `rejects_file`, which the validation writes, is left out of them.
-    `written`: params naming a folder or file the flow writes (`run.output_dir`), left out of every folder above
-    that holds it.
+    `written`: params naming a folder or file the flow writes (`run.output_dir`), or a list of them (what DVC writes
+    in its repository), left out of every folder above that holds it.
     """
 
     params: list[str] = field(default_factory=list)
@@ -70,7 +71,10 @@ class FileContents(CachePolicy):
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
-        written = [inputs.get(name) for name in self.written]
+        written: list[Any] = []
+        for name in self.written:
+            value = inputs.get(name)
+            written += value if isinstance(value, list) else [value]
         written += [inputs[name].rejects_file for name in self.roots]
         skip = {Path(str(path)).expanduser().resolve() for path in written if path is not None}
         parts = [fingerprint(inputs.get(name), name in self.siblings, skip) for name in self.params]
