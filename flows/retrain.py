@@ -27,7 +27,7 @@ from prefect.states import State
 
 from flows.launch import patient_ephemeral_server
 from flows.promote import promote
-from tasks.download import download_model, log_download
+from tasks.download import fetch_base_model, log_download
 from tasks.evaluate import evaluate, log_evaluation
 from tasks.infer import batch_infer_task, log_batch
 from tasks.merge import log_merge, merge
@@ -180,16 +180,10 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         tracker.log_artifact(parent, config_file)
 
         with tracker.run("download_model", parent) as step:
-            download_state = download_model(
-                config.model, config.storage, str(output_dir), local_source_path(config), return_state=True
+            snapshot, cached = fetch_base_model(
+                config.model, config.storage, str(output_dir), local_source_path(config)
             )
-            snapshot = download_state.result()
-            if not Path(snapshot.path).is_dir():
-                logger.warning("cached model %s is gone; downloading again", snapshot.path)
-                snapshot = download_model.with_options(refresh_cache=True)(
-                    config.model, config.storage, str(output_dir), local_source_path(config)
-                )
-            log_download(tracker, step, snapshot, _cached(download_state))
+            log_download(tracker, step, snapshot, cached)
 
         train_file, eval_file = dataset_inputs(config)
         with tracker.run("validate_dataset", parent) as step:
