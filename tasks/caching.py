@@ -23,16 +23,22 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from vlmops.hashing import sha256_file
+from vlmops.storage import is_partial
 
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
-    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute)."""
+    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute) and
+    partial S3 downloads (a killed run's, removed by the next download)."""
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
     files = []
     for root, dirs, names in os.walk(folder):  # symlinked folders are not followed (as rglob did)
         dirs[:] = [d for d in dirs if Path(root, d) not in inside]
-        files += [path for name in names if (path := Path(root, name)) not in inside and path.is_file()]
+        files += [
+            path
+            for name in names
+            if (path := Path(root, name)) not in inside and path.is_file() and not is_partial(path)
+        ]
     h = hashlib.sha256()
     for path in sorted(files):
         stat = path.stat()
