@@ -27,7 +27,7 @@ from prefect.states import State
 
 from flows.launch import patient_ephemeral_server
 from flows.promote import promote
-from tasks.download import download_model, log_download
+from tasks.download import fetch_base_model, log_download
 from tasks.evaluate import evaluate, log_evaluation
 from tasks.infer import batch_infer_task, log_batch
 from tasks.merge import log_merge, merge
@@ -36,14 +36,15 @@ from tasks.report import flow_run_tags, publish_samples, publish_summary
 from tasks.retry import names_unreachable_service
 from tasks.train import log_training, train_model
 from tasks.validate import log_validation, validate_dataset
-from tasks.version import version_path
+from tasks.version import dvc_store, version_path
 from vlmops.config import dump_config, load_config
 from vlmops.data.prepare import dataset_inputs
+from vlmops.errors import RunFailed, UserInputError
 from vlmops.evaluate.run import BASE_PREDICTIONS, EVAL_DIR, PREDICTIONS
 from vlmops.evaluate.samples import sample_rows
 from vlmops.infer.resolve import RETRAIN_MODEL_DIR
 from vlmops.models.download import local_source_path
-from vlmops.redact import redact_log_handlers, redact_uri
+from vlmops.redact import redact_log_handlers, redact_text, redact_uri
 from vlmops.registry.lineage import version_tags
 from vlmops.tracking import MlflowLinks, Tracker, git_commit, mlflow_links, ui_command
 
@@ -119,6 +120,28 @@ class RunSummary:
         return "\n".join(lines) + "\n"
 
 
+class PromotionFailed(RunFailed):
+    """`registry.auto_promote`'s promotion failed after the version was registered; carries the run's summary
+    (written as summary.json too). Its exit code is the promotion error's: 2 for bad input, else 1."""
+
+    def __init__(self, message: str, summary: RunSummary | None = None, summary_file: str = "", exit_code: int = 1):
+        super().__init__(message)  # the message alone in args: the exception pickles (and Prefect may pickle it)
+        self.summary = summary
+        self.summary_file = summary_file
+        self.exit_code = exit_code
+
+    @classmethod
+    def after(cls, summary: RunSummary, summary_file: str, cause: BaseException) -> PromotionFailed:
+        message = (
+            f"{summary.model_name} version {summary.model_version} was trained and registered "
+            f"(@{summary.model_alias}; summary {summary_file}), but its promotion failed: {type(cause).__name__}: "
+            f"{redact_text(str(cause))}\nfix that and promote it with `vlmops promote --challenger "
+            f"{summary.model_version}`: no need to train again"
+        )
+        bad_input = isinstance(cause, (UserInputError, ValueError, FileNotFoundError))
+        return cls(message, summary, summary_file, 2 if bad_input else 1)
+
+
 def _new_run_dir(runs: Path) -> Path:
     """A fresh run folder named by the time and a random suffix; runs started in the same second on one output
     folder (two `vlmops run` at once) each get their own: mkdir is the atomic claim, a taken name draws again."""
@@ -157,16 +180,10 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         tracker.log_artifact(parent, config_file)
 
         with tracker.run("download_model", parent) as step:
-            download_state = download_model(
-                config.model, config.storage, str(output_dir), local_source_path(config), return_state=True
+            snapshot, cached = fetch_base_model(
+                config.model, config.storage, str(output_dir), local_source_path(config)
             )
-            snapshot = download_state.result()
-            if not Path(snapshot.path).is_dir():
-                logger.warning("cached model %s is gone; downloading again", snapshot.path)
-                snapshot = download_model.with_options(refresh_cache=True)(
-                    config.model, config.storage, str(output_dir), local_source_path(config)
-                )
-            log_download(tracker, step, snapshot, _cached(download_state))
+            log_download(tracker, step, snapshot, cached)
 
         train_file, eval_file = dataset_inputs(config)
         with tracker.run("validate_dataset", parent) as step:
@@ -179,6 +196,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 config.model.system_prompt,
                 config.storage,
                 config.run.seed,
+                [str(path) for path in dvc_store(config).writes()] if config.versioning.enabled else None,
             )
             validate_state = validate_dataset(*args, return_state=True)
             dataset = validate_state.result()
@@ -270,8 +288,14 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         model_dvc_md5=model_version.md5 if model_version else None,
         seconds=time.time() - started,
     )
+    promotion_error: Exception | None = None
     if config.registry.auto_promote:
-        summary.promotion = promote(config_path, overrides, challenger=version.version)["decision"]
+        try:
+            summary.promotion = promote(config_path, overrides, challenger=version.version)["decision"]
+        except Exception as err:
+            # The version is trained, evaluated and registered: its summary is written before the run fails.
+            promotion_error = err
+            summary.promotion = f"failed: {type(err).__name__}: {(redact_text(str(err)).splitlines() or [''])[0][:300]}"
     links = mlflow_links(tracker.uri, tracker.experiment_id, parent, version.name, version.version)
     publish_summary(SUMMARY_KEY, summary.markdown(links), f"{version.name} v{version.version}")
     results = {"finetuned": result.tuned, **({"base": result.base} if result.base is not None else {})}
@@ -292,6 +316,8 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         summary.finetuned_accuracy,
         summary_file,
     )
+    if promotion_error is not None:
+        raise PromotionFailed.after(summary, str(summary_file), promotion_error) from promotion_error
     return asdict(summary) | {"summary_file": str(summary_file)}
 
 
@@ -299,8 +325,14 @@ def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
     """`vlmops run`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server; the
     summary goes to stdout as plain text once the flow is done."""
     load_config(config_path or "pipeline.yaml", overrides)  # a bad key or a credential stops here, before a flow run
-    with patient_ephemeral_server():
-        result = retrain(config_path or "pipeline.yaml", overrides)
+    try:
+        with patient_ephemeral_server():
+            result = retrain(config_path or "pipeline.yaml", overrides)
+    except PromotionFailed as err:  # what the run did is worth showing before the error `vlmops` prints
+        if err.summary is not None:
+            print(err.summary.text())
+            print(f"  summary                 {err.summary_file}")
+        raise
     summary = RunSummary(**{k: v for k, v in result.items() if k in RunSummary.__dataclass_fields__})
     print(summary.text())
     print(f"  summary                 {result['summary_file']}")

@@ -4,8 +4,9 @@ Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alon
 result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's
 sha256, and for a folder (or the folder beside a dataset file, where its images live) each file's relative
 path, size and modification time — cheap for multi-GB checkpoints, which are hashed once by the step itself.
-What the flow writes (its output folder, a rejects file) is left out of those folders: a dataset in the checkout
-beside outputs/ would otherwise get a new key from every run's own writes, and never be reused.
+What the flow writes (its output folder, a rejects file, DVC's repository files) is left out of those folders: a
+dataset in the checkout beside outputs/ (or holding versioning.repo) would otherwise get a new key from every run's
+own writes, and never be reused.
 """
 
 from __future__ import annotations
@@ -22,16 +23,22 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from vlmops.hashing import sha256_file
+from vlmops.storage import is_partial
 
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
-    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute)."""
+    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute) and
+    partial S3 downloads (a killed run's, removed by the next download)."""
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
     files = []
     for root, dirs, names in os.walk(folder):  # symlinked folders are not followed (as rglob did)
         dirs[:] = [d for d in dirs if Path(root, d) not in inside]
-        files += [path for name in names if (path := Path(root, name)) not in inside and path.is_file()]
+        files += [
+            path
+            for name in names
+            if (path := Path(root, name)) not in inside and path.is_file() and not is_partial(path)
+        ]
     h = hashlib.sha256()
     for path in sorted(files):
         stat = path.stat()
@@ -58,8 +65,8 @@ class FileContents(CachePolicy):
     `siblings`: for these params, also fingerprint the files beside the named file (a dataset's images).
     `roots`: params holding a `DataConfig`, whose `allowed_roots` folders are fingerprinted too (a dataset's images
     may live there, outside its own folder); its `rejects_file`, which the validation writes, is left out of them.
-    `written`: params naming a folder or file the flow writes (`run.output_dir`), left out of every folder above
-    that holds it.
+    `written`: params naming a folder or file the flow writes (`run.output_dir`), or a list of them (what DVC writes
+    in its repository), left out of every folder above that holds it.
     """
 
     params: list[str] = field(default_factory=list)
@@ -70,7 +77,10 @@ class FileContents(CachePolicy):
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
-        written = [inputs.get(name) for name in self.written]
+        written: list[Any] = []
+        for name in self.written:
+            value = inputs.get(name)
+            written += value if isinstance(value, list) else [value]
         written += [inputs[name].rejects_file for name in self.roots]
         skip = {Path(str(path)).expanduser().resolve() for path in written if path is not None}
         parts = [fingerprint(inputs.get(name), name in self.siblings, skip) for name in self.params]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
@@ -43,6 +43,22 @@ def download_model(
 ) -> ModelSnapshot:
     """Download (or copy) and verify the base model; `local_source` only feeds the cache key."""
     return fetch_model(model, storage, Path(output_dir))
+
+
+def fetch_base_model(
+    model: ModelConfig, storage: StorageConfig, output_dir: str, local_source: str | None
+) -> tuple[ModelSnapshot, bool]:
+    """The download step's snapshot and whether it was Cached. A cached snapshot the model cache no longer holds (its
+    folder gone, or fetched again since by `vlmops download --refresh`) is not used: the step runs again."""
+    state = download_model(model, storage, output_dir, local_source, return_state=True)
+    snapshot = state.result()
+    if state.name != "Cached" or snapshot.is_current():
+        return snapshot, state.name == "Cached"
+    get_run_logger().warning(
+        "cached model %s is gone or was fetched again since (vlmops download --refresh); checking it again",
+        snapshot.path,
+    )
+    return download_model.with_options(refresh_cache=True)(model, storage, output_dir, local_source), False
 
 
 def log_download(tracker: Tracker, run_id: str, snapshot: ModelSnapshot, cached: bool) -> None:

@@ -180,9 +180,9 @@ def names_unreachable_service(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ServiceUnavailable:
-            raise  # named already, by a flow this one ran (retrain's promote)
         except Exception as err:
+            if any(isinstance(e, ServiceUnavailable) for e in _chain(err)):
+                raise  # named already, by a flow this one ran (retrain's promote, or the failure that carries it)
             outage = unreachable_service(err)
             if outage is None:
                 raise

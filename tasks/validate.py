@@ -21,7 +21,7 @@ from vlmops.tracking import Tracker
         ["train_file", "eval_file", "model_path"],
         siblings=["train_file", "eval_file"],
         roots=["data"],
-        written=["output_dir"],
+        written=["output_dir", "dvc_writes"],
     ),
     persist_result=True,
 )
@@ -34,8 +34,10 @@ def validate_dataset(
     system_prompt: str | None,
     storage: StorageConfig,
     seed: int,
+    dvc_writes: list[str] | None = None,
 ) -> PreparedDataset:
-    """Validate the dataset files with the base model's tokenizer and write their snapshot under `output_dir`."""
+    """Validate the dataset files with the base model's tokenizer and write their snapshot under `output_dir`;
+    `dvc_writes` (what DVC writes in versioning.repo: `DvcStore.writes`) only feeds the cache key."""
     from vlmops.models.loading import load_processor
 
     processor = load_processor(model_path)

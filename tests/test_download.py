@@ -147,6 +147,45 @@ def test_modelscope_download_resume_convert_then_offline_verify(
     assert repaired.digest == snap.digest
 
 
+def test_the_download_step_is_not_reused_after_vlmops_download_refresh(
+    release_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prefect_harness: None
+) -> None:
+    """The release changed upstream and `vlmops download --refresh` fetched and converted it again: the retrain
+    flow's download step, whose cache key has not changed, runs again rather than serve its cached snapshot (the
+    conversion of the old release, still on disk, and its digest); once run, it is Cached again."""
+    import shutil
+
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.download import fetch_base_model
+
+    repo = ("deepseek-ai/deepseek-vl-1.3b-chat", "master")
+    hub = FakeHub(repos={repo: release_repo})
+    changed = tmp_path / "changed"
+    shutil.copytree(release_repo, changed)
+    (_changed_tokenizer(release_repo, tmp_path / "tokenizer") / "tokenizer_config.json").replace(
+        changed / "tokenizer_config.json"
+    )
+    config = ModelConfig(name="deepseek-vl-1.3b-chat", cache_dir=str(tmp_path / "cache"))
+
+    @flow
+    def download_step() -> tuple[Any, bool]:
+        return fetch_base_model(config, StorageConfig(), str(tmp_path / "out"), None)
+
+    with serve(hub), temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        use_modelscope(monkeypatch, hub.url)
+        first, first_cached = download_step()
+        hub.repos[repo] = changed
+        refreshed = download_model(config, None, tmp_path / "out", refresh=True)  # vlmops download --refresh
+        second, second_cached = download_step()
+        third, third_cached = download_step()
+    assert refreshed.path != first.path and first.path.is_dir()  # the old conversion is still there
+    assert (second, second_cached) == (refreshed, False)
+    assert json.loads((second.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096
+    assert (first_cached, third_cached) == (False, True) and third == refreshed
+
+
 def test_modelscope_unknown_id(release_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     hub = FakeHub(repos={("deepseek-ai/deepseek-vl-1.3b-chat", "master"): release_repo})
     config = ModelConfig(name="mine", source="modelscope", id="deepseek-ai/no-such-model", cache_dir=str(tmp_path))

@@ -57,3 +57,15 @@ def test_an_unreadable_cache_is_rebuilt(tmp_path: Path) -> None:
         path.write_text("{not json")
     assert folder_hash(tmp_path / "m", cache) == first
     assert FolderHashes(tmp_path / "m", cache).known  # written again, readable
+
+
+def test_partial_downloads_are_neither_hashed_nor_fingerprinted(tmp_path: Path) -> None:
+    """An S3 model copy killed mid-download leaves `.NAME.part` files (and boto3's `.NAME.part.XXXXXXXX`) until the
+    next download removes them: not model files, so neither a batch job's model hash nor a cache key sees them."""
+    from tasks.caching import folder_stat_fingerprint
+
+    _model(tmp_path / "m")
+    hashed, fingerprint = folder_hash(tmp_path / "m"), folder_stat_fingerprint(tmp_path / "m")
+    (tmp_path / "m" / ".model.safetensors.part").write_bytes(b"half")
+    (tmp_path / "m" / ".config.json.part.3fA9c0dE").write_bytes(b"ha")
+    assert (folder_hash(tmp_path / "m"), folder_stat_fingerprint(tmp_path / "m")) == (hashed, fingerprint)

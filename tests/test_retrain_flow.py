@@ -255,12 +255,14 @@ def test_validation_is_not_reused_after_an_image_in_an_allowed_root_changed(
     assert Image.open(image).getpixel((0, 0)) == (0, 0, 255)
 
 
+@pytest.mark.parametrize("repo", ["checkout", "outputs"])
 def test_validation_is_reused_with_the_outputs_inside_the_dataset_folder(
-    tmp_path: Path, prefect_harness: None, tiny_model: Path
+    repo: str, tmp_path: Path, prefect_harness: None, tiny_model: Path
 ) -> None:
     """A dataset file in the checkout, where outputs/ is too (`--param overrides='["data.train=new.jsonl"]'`, as
-    prefect.yaml's retrain/on-demand says), with its rejects file beside it: what the runs write there (the snapshot,
-    the rejects, run folders) is not what the validation reads, so the next run's validation is Cached; an image
+    prefect.yaml's retrain/on-demand says), with its rejects file beside it, and the checkout or outputs/ (the default)
+    as versioning.repo: what the runs write there (the snapshot, the rejects, run folders, DVC's .dvc/, .dvcignore and
+    the lock beside the repository) is not what the validation reads, so the next run's validation is Cached; an image
     changed beside the dataset is still validated again."""
     from PIL import Image
     from prefect import flow
@@ -268,6 +270,7 @@ def test_validation_is_reused_with_the_outputs_inside_the_dataset_folder(
 
     from tasks.validate import validate_dataset
     from vlmops.config import DataConfig, StorageConfig
+    from vlmops.versioning import DvcStore
 
     checkout = tmp_path / "checkout"
     (checkout / "images").mkdir(parents=True)
@@ -282,6 +285,8 @@ def test_validation_is_reused_with_the_outputs_inside_the_dataset_folder(
     (checkout / "new.jsonl").write_text("\n".join(lines) + "\n")
     data = DataConfig(train="new.jsonl", invalid_records="skip", rejects_file=str(checkout / "rejects.jsonl"))
     output_dir = checkout / "outputs"
+    dvc = DvcStore(checkout if repo == "checkout" else output_dir, "local", str(output_dir / "dvc-remote"))
+    dvc_writes = [str(path) for path in dvc.writes()]
 
     @flow
     def three_runs() -> list[str | None]:
@@ -291,9 +296,11 @@ def test_validation_is_reused_with_the_outputs_inside_the_dataset_folder(
                 Image.new("RGB", (32, 32), "blue").save(checkout / "images" / "red.png")
             state = validate_dataset(
                 data, str(checkout / "new.jsonl"), None, str(tiny_model), str(output_dir), None, StorageConfig(), 0,
-                return_state=True,
+                dvc_writes, return_state=True,
             )  # fmt: skip
             assert state.result().report.rejected_count == 1
+            if run == "first":
+                dvc.track(state.result().path)  # as the flow versions the snapshot: dvc init, add, push
             (output_dir / "runs" / run).mkdir(parents=True)  # what the rest of a retrain run writes
             (output_dir / "runs" / run / "config.yaml").write_text("run: {}\n")
             states.append(state.name)

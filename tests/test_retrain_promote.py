@@ -115,3 +115,35 @@ def test_a_second_clone_pulls_the_champion(
 
     assert digests(pulled / "model") == digests(Path(summary["run_dir"]) / "merged")
     assert digests(pulled / "dataset") == digests(Path(tags["dataset.path"]))
+
+
+def test_a_failed_promotion_still_leaves_the_summary(tmp_path: Path, prefect_harness: None) -> None:
+    """auto_promote's gate failing (here: registry.promotion.eval_file is not there) fails the run after the summary
+    of what it trained, scored and registered is written, with the failure in it."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.retrain import PromotionFailed, retrain
+
+    missing = tmp_path / "missing.jsonl"
+    overrides = [
+        f"run.output_dir={tmp_path}/outputs",
+        f"model.cache_dir={tmp_path}/outputs/cache",
+        f"tracking.uri=sqlite:///{tmp_path}/outputs/mlflow.db",
+        "registry.auto_promote=true",
+        f"registry.promotion.eval_file={missing}",
+        "versioning.enabled=false",
+        "eval.evaluate_base=false",
+        "data.demo.num_train=8",
+        "data.demo.num_eval=2",
+        "train.epochs=1",
+    ]
+    failed = pytest.raises(PromotionFailed, match=r"(?s)version 1 was trained and registered.*promote --challenger 1")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}), failed:
+        retrain(str(ROOT / "pipeline.yaml"), overrides)
+    [summary_file] = (tmp_path / "outputs" / "runs").glob("*/summary.json")
+    summary = json.loads(summary_file.read_text())
+    assert summary["model_version"] == "1" and summary["finetuned_accuracy"] is not None
+    assert summary["promotion"] == f"failed: FileNotFoundError: registry.promotion.eval_file: {missing} does not exist"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/outputs/mlflow.db")
+    flow_run = client.get_run(summary["mlflow_run_id"]).data.tags["prefect_flow_run_id"]
+    assert f"Promotion: {summary['promotion']}" in flow_run_artifacts(flow_run)["retrain-summary"].data

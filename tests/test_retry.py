@@ -116,3 +116,21 @@ def test_a_gpu_shard_is_retried_unless_its_input_or_the_disk_failed() -> None:
     assert retried(http_error(503))
     assert not retried(RecordRejectedError("in.jsonl:7: images/gone.png: file not found"))
     assert not retried(OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_a_failure_that_carries_a_named_outage_is_not_named_again() -> None:
+    """retrain's auto_promote failing on an MLflow outage: promote named it (ServiceUnavailable), and retrain's own
+    failure raised from it (PromotionFailed, with the run's summary) reaches the user as it is, not renamed."""
+    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from vlmops.errors import RunFailed
+
+    refused = requests.ConnectionError("refused")
+    outage = raised_from(ServiceUnavailable("MLflow", "http://127.0.0.1:9", refused), refused)
+
+    @names_unreachable_service
+    def flow_body() -> None:
+        raise RunFailed("version 1 was trained and registered, but its promotion failed") from outage
+
+    with pytest.raises(RunFailed, match="promotion failed") as raised:
+        flow_body()
+    assert not isinstance(raised.value, ServiceUnavailable) and raised.value.__cause__ is outage

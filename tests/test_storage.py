@@ -5,13 +5,22 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
 from vlmops.config import StorageConfig
-from vlmops.storage import download_prefix, list_objects, parse_s3_uri, s3_client, same_content, upload_folder
+from vlmops.storage import (
+    STALE_PARTIAL_S,
+    download_prefix,
+    list_objects,
+    parse_s3_uri,
+    s3_client,
+    same_content,
+    upload_folder,
+)
 
 if TYPE_CHECKING:
     from tests.s3_server import S3Server
@@ -65,6 +74,21 @@ def test_round_trip_skips_what_is_already_there(s3_env: S3Server, tmp_path: Path
     assert _tree(dest) == _tree(src)
     assert down.bytes_copied == sum(len(v) for v in _tree(src).values())
     assert not list(dest.rglob(".*"))  # no partial files left behind
+
+    # A run killed mid-download leaves partial files (its own, and boto3's temporary one): the next download removes
+    # those nothing has written to for STALE_PARTIAL_S; one being written now (another run's copy) stays. None of
+    # them is uploaded.
+    stale = [dest / ".big.safetensors.part", dest / "sub" / ".weights.bin.part.3fA9c0dE"]
+    live = dest / ".config.json.part"
+    for path in [*stale, live]:
+        path.write_bytes(b"half a file")
+    for path in stale:
+        os.utime(path, (time.time() - STALE_PARTIAL_S - 60,) * 2)
+    assert download_prefix(client, "s3://roundtrip/models/m1", dest, progress=False).copied == []
+    assert list(dest.rglob(".*")) == [live]
+    pushed = upload_folder(client, dest, "s3://roundtrip/models/m1", progress=False)
+    assert pushed.copied == [] and len(pushed.skipped) == 3
+    live.unlink()
 
     # same size, different content: not "already there"
     damaged = dest / "big.safetensors"

@@ -11,7 +11,7 @@ from vlmops.config import TrackingConfig
 from vlmops.tracking import Tracker, resolve_tracking_uri
 
 
-def test_parent_child_runs_params_metrics_and_registration(tmp_path: Path) -> None:
+def test_parent_child_runs_params_metrics_and_registration(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(TrackingConfig(uri=uri, experiment="t"), artifact_root=tmp_path / "artifacts")
     model = tmp_path / "model"
@@ -21,7 +21,11 @@ def test_parent_child_runs_params_metrics_and_registration(tmp_path: Path) -> No
         tracker.log_params(parent, {"train.lr": 0.1, "long": "x" * 7000, "none": None})
         with tracker.run("train", parent) as child:
             for step, loss in [(1, 2.0), (2, 1.5), (3, float("nan")), (4, 1.0)]:
-                tracker.log_metrics(child, {"loss": loss}, step=step)  # a NaN is left out
+                tracker.log_metrics(child, {"loss": loss}, step=step)  # a NaN is a tag (below)
+            # An accuracy with nothing scored, a norm gone infinite: MLflow keeps finite metrics only, so each is a
+            # `metric.<name>` tag and a warning naming it; None is "not measured" (no eval split) and skipped.
+            tracker.log_metrics(child, {"finetuned_accuracy": float("nan"), "samples": 4, "best_eval_loss": None})
+            tracker.log_series(child, {"grad_norm": [2.0, float("inf"), 1.0, float("-inf")]})
         version = tracker.register_model(child, model, "m", "challenger", tags={"dvc.model.md5": "123"})
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     p = client.get_run(parent)
@@ -31,6 +35,20 @@ def test_parent_child_runs_params_metrics_and_registration(tmp_path: Path) -> No
     c = client.get_run(child)
     assert c.data.tags["mlflow.parentRunId"] == parent
     assert [(m.step, m.value) for m in client.get_metric_history(child, "loss")] == [(1, 2.0), (2, 1.5), (4, 1.0)]
+    assert [m.value for m in client.get_metric_history(child, "grad_norm")] == [2.0, 1.0]
+    assert c.data.metrics["samples"] == 4.0 and "finetuned_accuracy" not in c.data.metrics
+    assert {k: v for k, v in c.data.tags.items() if k.startswith("metric.")} == {
+        "metric.loss": "nan at step 3",
+        "metric.finetuned_accuracy": "nan",
+        "metric.grad_norm": "inf at step 1; -inf at step 3",
+    }
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        m.startswith("metric finetuned_accuracy of MLflow run")
+        and m.endswith("is nan: recorded as the tag metric.finetuned_accuracy")
+        for m in warned
+    )
+    assert any(m.startswith("metric grad_norm") and "is inf at step 1; -inf at step 3" in m for m in warned)
     mv = client.get_model_version_by_alias("m", "challenger")
     assert str(mv.version) == version.version == "1"
     assert mv.tags["dvc.model.md5"] == "123"

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MIB  # boto3's TransferConfig.multipart_chunksize
+STALE_PARTIAL_S = 15 * 60
+"""A partial download untouched this long is a dead process's: one in progress writes every few seconds (boto3
+gives up on a read after 60 s). Younger ones may be another run's copy into the same folder, and are left alone."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,7 @@ def download_prefix(
     if not objects:
         raise FileNotFoundError(f"no objects under {uri}: check the bucket and prefix (and storage.endpoint_url)")
     root = Path(dest)
+    _remove_stale_partials(root)
     report = TransferReport()
     todo: list[tuple[S3Object, Path]] = []
     for obj in objects:
@@ -164,7 +169,7 @@ def download_prefix(
     with _bar(sum(o.size for o, _ in todo), f"download {uri}", progress) as bar:
         for obj, target in todo:
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial = target.with_name(f".{target.name}.part")
+            partial = partial_path(target)
             client.download_file(bucket, obj.key, str(partial), Callback=bar.update)
             if "-" not in obj.etag and _md5(partial) != obj.etag:
                 partial.unlink()
@@ -185,7 +190,10 @@ def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, pr
     remote = {o.key: o for o in list_objects(client, bucket, prefix)}
     report = TransferReport()
     todo: list[tuple[Path, str]] = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    partials = sorted(p for p in root.rglob("*") if p.is_file() and is_partial(p))
+    if partials:
+        log.info("%s: leaving out %d partial downloads (%s)", root, len(partials), ", ".join(p.name for p in partials))
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and not is_partial(p)):
         rel = path.relative_to(root).as_posix()
         key = f"{prefix}/{rel}" if prefix else rel
         existing = remote.get(key)
@@ -200,6 +208,29 @@ def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, pr
             report.bytes_copied += path.stat().st_size
     log.info("%s -> %s: %d copied, %d already there", root, uri, len(report.copied), len(report.skipped))
     return report
+
+
+def partial_path(target: Path) -> Path:
+    """Where `download_prefix` writes `target` before renaming it into place: hidden, beside it."""
+    return target.with_name(f".{target.name}.part")
+
+
+def is_partial(path: Path) -> bool:
+    """Whether `path` is a download in progress or left by a killed one: `partial_path`'s, or the temporary file
+    boto3 writes it through (`.NAME.part.XXXXXXXX`). Not model or data files: never listed, hashed or uploaded."""
+    name = path.name
+    return name.startswith(".") and (name.endswith(".part") or ".part." in name)
+
+
+def _remove_stale_partials(root: Path) -> None:
+    """Delete the partial downloads a killed run left under `root` (not those being written now)."""
+    if not root.is_dir():
+        return
+    now = time.time()
+    for path in root.rglob(".*"):
+        if path.is_file() and is_partial(path) and now - path.stat().st_mtime > STALE_PARTIAL_S:
+            log.info("removing %s: a partial download left by a run that stopped", path)
+            path.unlink(missing_ok=True)
 
 
 def _local_path(root: Path, rel: str, uri: str) -> Path:

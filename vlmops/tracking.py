@@ -164,15 +164,17 @@ class Tracker:
         for i in range(0, len(items), PARAM_BATCH):
             self.client.log_batch(run_id, params=items[i : i + PARAM_BATCH])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float | None], step: int | None = None) -> None:
+        """Finite values as metrics; a NaN or infinite one as a tag with a warning; a None (not measured) is skipped."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [
-            Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
-        ]
+        values = {k: float(v) for k, v in metrics.items() if v is not None}  # None: not measured (no eval split)
+        items = [Metric(k, v, now, step or 0) for k, v in values.items() if math.isfinite(v)]
         for i in range(0, len(items), METRIC_BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])
+        at = "" if step is None else f" at step {step}"
+        self._record_non_finite(run_id, {k: f"{v}{at}" for k, v in values.items() if not math.isfinite(v)})
 
     def log_series(self, run_id: str, series: Mapping[str, Sequence[float]]) -> None:
         """Each metric's values as its steps 0, 1, ...: MLflow's run page charts them."""
@@ -187,6 +189,24 @@ class Tracker:
         ]
         for i in range(0, len(items), METRIC_BATCH):
             self.client.log_batch(run_id, metrics=items[i : i + METRIC_BATCH])
+        non_finite = {}
+        for key, values in series.items():
+            steps: dict[str, list[int]] = {}  # "nan" / "inf" / "-inf" -> the steps that hold it
+            for step, v in enumerate(values):
+                if not math.isfinite(float(v)):
+                    steps.setdefault(str(float(v)), []).append(step)
+            if steps:
+                non_finite[key] = "; ".join(f"{value} at step {_few(at)}" for value, at in steps.items())
+        self._record_non_finite(run_id, non_finite)
+
+    def _record_non_finite(self, run_id: str, found: Mapping[str, str]) -> None:
+        """A NaN or infinite value (an accuracy with nothing scored, a diverged loss) as a `metric.<name>` tag and a
+        warning: MLflow's metrics keep finite numbers only (a SQL store turns inf into 1.8e308), and a value left
+        out silently would hide the problem it reports."""
+        for key, value in found.items():
+            log.warning("metric %s of MLflow run %s is %s: recorded as the tag metric.%s", key, run_id, value, key)
+        if found:
+            self.set_tags(run_id, {f"metric.{key}": value for key, value in found.items()})
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
@@ -300,6 +320,12 @@ class Tracker:
                 f"after the upload ({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); the model version "
                 f"was not created. Check the artifact store of {redact_uri(self.uri)} and register again"
             )
+
+
+def _few(steps: list[int], shown: int = 10) -> str:
+    """The first `shown` steps, and how many more."""
+    more = f" and {len(steps) - shown} more" if len(steps) > shown else ""
+    return ", ".join(map(str, steps[:shown])) + more
 
 
 def _quoted(value: str) -> str | None:

@@ -55,6 +55,16 @@ class DvcStore:
         self.remote_url = _absolute_url(remote_url)
         self.lock = FileLock(str(self.root.parent / f".{self.root.name}.dvc.lock"), timeout=LOCK_TIMEOUT_S)
 
+    def writes(self) -> list[Path]:
+        """What DVC writes besides the tracked paths and their .dvc files: the repository's .dvc folder (its cache,
+        its tmp) and .dvcignore, the lock beside the repository, and a remote in a local folder. A cache key that
+        fingerprints a folder holding the repository (a dataset in the checkout that is versioning.repo) leaves
+        these out: every run writes them."""
+        paths = [self.root / ".dvc", self.root / ".dvcignore", Path(self.lock.lock_file)]
+        if "://" not in self.remote_url:
+            paths.append(Path(self.remote_url))
+        return paths
+
     def _open(self) -> Any:
         from dvc.repo import Repo
 

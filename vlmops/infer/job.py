@@ -64,6 +64,7 @@ from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolve
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.template import encode
+from vlmops.storage import is_partial
 
 log = logging.getLogger(__name__)
 
@@ -316,13 +317,15 @@ def resolve_job_model(ref: str, config: PipelineConfig) -> tuple[ModelSource, Mo
 
 
 def folder_hash(folder: Path, cache_dir: Path | None = None) -> str:
-    """One hash over every file's relative path and content (the registry's download note excluded).
+    """One hash over every file's relative path and content (the registry's download note and partial S3 downloads
+    excluded).
 
     With `cache_dir`, large files unchanged since an earlier job (size, mtime, inode) are not read again.
     """
     hashes = FolderHashes(folder, cache_dir)
     digest = hashlib.sha256()
-    for path in sorted(p for p in hashes.folder.rglob("*") if p.is_file() and p.name != REGISTRY_MANIFEST):
+    files = (p for p in hashes.folder.rglob("*") if p.is_file() and p.name != REGISTRY_MANIFEST and not is_partial(p))
+    for path in sorted(files):
         digest.update(f"{path.relative_to(hashes.folder).as_posix()}\0{hashes.sha256(path)}\n".encode())
     hashes.save()
     return digest.hexdigest()

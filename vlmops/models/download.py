@@ -86,6 +86,22 @@ class ModelSnapshot:
     """Whether `path` is a conversion of the downloaded release layout."""
     original_path: Path
     """The downloaded (or local) folder as the source has it; equals `path` when no conversion was needed."""
+    source_manifest_path: Path | None = None
+    """Manifest of `original_path` (`manifest_path` when no conversion was needed); None in a snapshot cached by a
+    Prefect run before it was recorded."""
+
+    def is_current(self) -> bool:
+        """Whether the model cache still holds what this snapshot says: its folder, and manifests with the digests it
+        was made from. A snapshot kept by another process (a flow's cached download step) goes out of date when
+        `vlmops download --refresh` fetches the model again: a hub revision or S3 prefix that changed meanwhile gets a
+        new manifest in place, and a release layout a new conversion beside the old one, which is still there."""
+        manifest = read_json_or_none(self.manifest_path)
+        if not self.path.is_dir() or manifest is None or manifest_digest(manifest) != self.digest:
+            return False
+        if not self.converted:
+            return True
+        source = read_json_or_none(self.source_manifest_path) if self.source_manifest_path else None
+        return source is not None and manifest.get("source_digest") == manifest_digest(source)
 
 
 def download_model(
@@ -129,7 +145,15 @@ def download_model(
     digest = manifest_digest(manifest)
     if detect_layout(original) == "native":
         return ModelSnapshot(
-            original, manifest_path, digest, resolved.source, resolved.id, resolved.revision, False, original
+            original,
+            manifest_path,
+            digest,
+            resolved.source,
+            resolved.id,
+            resolved.revision,
+            False,
+            original,
+            manifest_path,
         )
 
     converted = cache / "converted" / f"{safe_name(model_cfg.name)}-{digest[:16]}"
@@ -158,6 +182,7 @@ def download_model(
         resolved.revision,
         True,
         original,
+        manifest_path,
     )
 
 
