@@ -12,7 +12,7 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from tasks.caching import inputs_and_files
-from tasks.retry import transient
+from tasks.retry import retry_delays, transient
 from vlmops.config import ModelConfig, StorageConfig
 from vlmops.models.download import ModelSnapshot, s3_source_etags
 from vlmops.models.download import download_model as fetch_model
@@ -35,7 +35,7 @@ class S3SourceListing(CachePolicy):
     cache_policy=inputs_and_files(["local_source"]) + S3SourceListing(),
     persist_result=True,
     retries=2,
-    retry_delay_seconds=30,
+    retry_delay_seconds=retry_delays(30, 30),
     retry_condition_fn=transient,
 )
 def download_model(

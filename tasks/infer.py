@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.gpu import gpu_slot
-from tasks.retry import another_try_could_pass
+from tasks.retry import another_try_could_pass, retry_delays
 from vlmops.config import PipelineConfig
 from vlmops.infer.batch_job import JOB_DIR_SUFFIX, BatchResult, run_job_shard, strict_copy
 from vlmops.infer.job import MANIFEST_FILE, ShardStats, write_eval_predictions
@@ -55,7 +55,7 @@ def log_batch(tracker: Tracker, run_id: str, label: str, result: BatchResult) ->
 @task(
     name="answer_shard",
     retries=2,
-    retry_delay_seconds=10,
+    retry_delay_seconds=retry_delays(10, 10),
     retry_condition_fn=another_try_could_pass,
     cache_policy=NO_CACHE,
 )

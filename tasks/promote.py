@@ -7,20 +7,32 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.retry import transient
+from tasks.retry import retry_delays, transient
 from vlmops.config import PipelineConfig
 from vlmops.evaluate.metrics import EvalResult, evaluate_predictions
 from vlmops.registry.promote import Contest, Decision, evaluation_set, find_contest, record_decision
 from vlmops.tracking import Tracker
 
 
-@task(name="find_contest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=transient)
+@task(
+    name="find_contest",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=retry_delays(10, 10),
+    retry_condition_fn=transient,
+)
 def find_contenders(config: PipelineConfig, challenger: str | None) -> Contest:
     """The challenger version and the current champion (if any), from the registry."""
     return find_contest(config, challenger)
 
 
-@task(name="evaluation_set", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10, retry_condition_fn=transient)
+@task(
+    name="evaluation_set",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=retry_delays(10, 10),
+    retry_condition_fn=transient,
+)
 def fetch_evaluation_set(config: PipelineConfig, contest: Contest, work_dir: str) -> str:
     """The file both versions answer (pulled from the DVC remote when this worker lacks it)."""
     return str(evaluation_set(config, contest, Path(work_dir)))

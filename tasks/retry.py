@@ -6,6 +6,10 @@ snapshot, a bad config or a full disk fail the same way every time: retrying the
 
     @task(retries=SERVICE_RETRIES, retry_delay_seconds=SERVICE_BACKOFF, retry_condition_fn=transient)
 
+The waits between tries are the tasks' own (a few seconds for a server, longer for a hub); VLMOPS_RETRY_DELAY_S,
+read when the tasks are imported, replaces each with that many seconds (e.g. 1 on a test machine, where the outages
+are staged and a retry need not wait for a server to come back).
+
 When the retries are spent, `names_unreachable_service` (around a flow) turns the last error into a
 `ServiceUnavailable` that says which service (S3, MLflow, Prefect) at which URL did not answer, and that a rerun
 reuses the finished steps.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import re
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -26,10 +31,27 @@ from vlmops.redact import redact_uri
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+RETRY_DELAY_ENV = "VLMOPS_RETRY_DELAY_S"
+
+
+def retry_delays(*seconds: float) -> list[float]:
+    """The waits before each retry of a task: `seconds`, or VLMOPS_RETRY_DELAY_S for each where it is set."""
+    setting = os.environ.get(RETRY_DELAY_ENV, "").strip()
+    if not setting:
+        return list(seconds)
+    try:
+        delay = float(setting)
+    except ValueError:
+        delay = -1.0
+    if delay < 0:
+        raise ValueError(f"{RETRY_DELAY_ENV}={setting!r}: must be a number of seconds, 0 or more (unset: the defaults)")
+    return [delay] * len(seconds)
+
+
 # Two retries, 5 s then 10 s apart (Prefect adds no jitter unless asked): long enough for a restarting server
 # or a network blip, short enough that a real outage is reported within a minute.
 SERVICE_RETRIES = 2
-SERVICE_BACKOFF = exponential_backoff(backoff_factor=5)
+SERVICE_BACKOFF = retry_delays(*exponential_backoff(backoff_factor=5)(SERVICE_RETRIES))
 
 # Error codes S3 (and S3-compatible servers) answer when they want the client to slow down or come back.
 THROTTLING_CODES = frozenset(

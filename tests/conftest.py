@@ -19,6 +19,9 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The outages the tests stage end when the test says so: a retry need not wait 5-30 s for a server to come back
+# (tasks/retry.py). Set before the tasks are imported; the processes the tests start inherit it.
+os.environ.setdefault("VLMOPS_RETRY_DELAY_S", "1")
 
 # On pytest-xdist workers, each worker's torch (and every process it starts, which inherit the variable) gets its
 # share of the cores. torch's default is a thread per core in every process; its OpenMP threads spin while they

@@ -134,3 +134,18 @@ def test_a_failure_that_carries_a_named_outage_is_not_named_again() -> None:
     with pytest.raises(RunFailed, match="promotion failed") as raised:
         flow_body()
     assert not isinstance(raised.value, ServiceUnavailable) and raised.value.__cause__ is outage
+
+
+def test_retry_delays_are_the_tasks_own_unless_the_environment_sets_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VLMOPS_RETRY_DELAY_S replaces every wait (the suite sets it to 1: its outages are staged); unset, each task's
+    own; a value that is no number of seconds is an error naming the variable."""
+    from tasks.retry import RETRY_DELAY_ENV, retry_delays
+
+    monkeypatch.delenv(RETRY_DELAY_ENV, raising=False)
+    assert retry_delays(5, 10) == [5, 10]
+    monkeypatch.setenv(RETRY_DELAY_ENV, "0.5")
+    assert retry_delays(5, 10) == [0.5, 0.5]
+    for bad in ("soon", "-1"):
+        monkeypatch.setenv(RETRY_DELAY_ENV, bad)
+        with pytest.raises(ValueError, match=rf"^{RETRY_DELAY_ENV}='{bad}': must be a number of seconds"):
+            retry_delays(5)
