@@ -78,11 +78,17 @@ class RunSummary:
             return f"@{self.model_alias}"
         return f"@{self.model_alias} is on version {self.alias_version}, newer, from a run at the same time"
 
+    @property
+    def promotion_failed(self) -> bool:
+        return (self.promotion or "").startswith("failed")
+
     def text(self) -> str:
         base = "n/a" if self.base_accuracy is None else f"{self.base_accuracy:.3f}"
         lines = [
             "",
-            "vlmops retrain: done",
+            "vlmops retrain: trained and registered; the promotion failed"
+            if self.promotion_failed
+            else "vlmops retrain: done",
             f"  accuracy (exact match)  base {base}  ->  fine-tuned {self.finetuned_accuracy:.3f}",
             f"  registered model        {self.model_name} version {self.model_version} ({self.alias_text()})",
             f"  MLflow run              {self.mlflow_run_id}",
@@ -100,8 +106,9 @@ class RunSummary:
     def markdown(self, links: MlflowLinks) -> str:
         """The flow run's summary artifact: the numbers, and links to the MLflow run and model version."""
         base = "n/a" if self.base_accuracy is None else f"{self.base_accuracy:.3f}"
+        failed = " (promotion failed)" if self.promotion_failed else ""
         lines = [
-            f"# retrain: {self.model_name} version {self.model_version} ({self.alias_text()})",
+            f"# retrain: {self.model_name} version {self.model_version} ({self.alias_text()}){failed}",
             "",
             "| accuracy (exact match) | base | fine-tuned |",
             "| --- | --- | --- |",

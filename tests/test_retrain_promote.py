@@ -117,12 +117,15 @@ def test_a_second_clone_pulls_the_champion(
     assert digests(pulled / "dataset") == digests(Path(tags["dataset.path"]))
 
 
-def test_a_failed_promotion_still_leaves_the_summary(tmp_path: Path, prefect_harness: None) -> None:
+def test_a_failed_promotion_still_leaves_the_summary(
+    tmp_path: Path, prefect_harness: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     """auto_promote's gate failing (here: registry.promotion.eval_file is not there) fails the run after the summary
-    of what it trained, scored and registered is written, with the failure in it."""
+    of what it trained, scored and registered is written, with the failure in it; `vlmops run` prints it, headed
+    so."""
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from flows.retrain import PromotionFailed, retrain
+    from flows.retrain import PromotionFailed, run_from_cli
 
     missing = tmp_path / "missing.jsonl"
     overrides = [
@@ -139,11 +142,14 @@ def test_a_failed_promotion_still_leaves_the_summary(tmp_path: Path, prefect_har
     ]
     failed = pytest.raises(PromotionFailed, match=r"(?s)version 1 was trained and registered.*promote --challenger 1")
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}), failed:
-        retrain(str(ROOT / "pipeline.yaml"), overrides)
+        run_from_cli(str(ROOT / "pipeline.yaml"), overrides)
     [summary_file] = (tmp_path / "outputs" / "runs").glob("*/summary.json")
     summary = json.loads(summary_file.read_text())
     assert summary["model_version"] == "1" and summary["finetuned_accuracy"] is not None
     assert summary["promotion"] == f"failed: FileNotFoundError: registry.promotion.eval_file: {missing} does not exist"
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/outputs/mlflow.db")
     flow_run = client.get_run(summary["mlflow_run_id"]).data.tags["prefect_flow_run_id"]
-    assert f"Promotion: {summary['promotion']}" in flow_run_artifacts(flow_run)["retrain-summary"].data
+    markdown = flow_run_artifacts(flow_run)["retrain-summary"].data
+    assert f"Promotion: {summary['promotion']}" in markdown and markdown.splitlines()[0].endswith("(promotion failed)")
+    printed = capsys.readouterr().out
+    assert "vlmops retrain: trained and registered; the promotion failed" in printed and str(summary_file) in printed
