@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -42,8 +43,8 @@ def retry_delays(*seconds: float) -> list[float]:
     try:
         delay = float(setting)
     except ValueError:
-        delay = -1.0
-    if delay < 0:
+        delay = math.nan
+    if not 0 <= delay < math.inf:  # not a number, negative, NaN or infinite
         raise ValueError(f"{RETRY_DELAY_ENV}={setting!r}: must be a number of seconds, 0 or more (unset: the defaults)")
     return [delay] * len(seconds)
 

@@ -145,7 +145,7 @@ def test_retry_delays_are_the_tasks_own_unless_the_environment_sets_one(monkeypa
     assert retry_delays(5, 10) == [5, 10]
     monkeypatch.setenv(RETRY_DELAY_ENV, "0.5")
     assert retry_delays(5, 10) == [0.5, 0.5]
-    for bad in ("soon", "-1"):
+    for bad in ("soon", "-1", "nan", "inf"):
         monkeypatch.setenv(RETRY_DELAY_ENV, bad)
         with pytest.raises(ValueError, match=rf"^{RETRY_DELAY_ENV}='{bad}': must be a number of seconds"):
             retry_delays(5)
