@@ -322,9 +322,9 @@ class InferConfig(Section):
     max_position_embeddings), or 2048 outside a job. The K/V cache is slots x this, so short prompts get more slots
     from the same memory (an image is 576 prompt tokens; on an H200, a 7b job of one-image records ran at 41.7
     images/s once started with 1024 against 37.0 with 2048: bench/RESULTS.md session 24). Set it to cap the slots: a
-    record that does not fit goes to the job's rejects with its token count; to answer it, raise this and answer
-    the job's rejects again into a new output folder (infer.retry_rejects). The plain engine's limit is the
-    model's `max_position_embeddings`."""
+    record that does not fit goes to the job's rejects with its token count, whichever engine answers it (the plain
+    engine's own limit is the model's `max_position_embeddings`). To answer such a record, raise this and answer the
+    job's rejects again into a new output folder (infer.retry_rejects)."""
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
     a 7b inside an 80 GB card). null: 90% of the GPU."""

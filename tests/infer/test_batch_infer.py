@@ -248,7 +248,8 @@ def test_a_first_line_holding_only_a_byte_order_mark_is_blank(tiny_model: Path, 
 
 def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny_model: Path, tmp_path: Path) -> None:
     """The plain engine takes what the model's positions allow (the tiny model's `max_position_embeddings`: 4096): a
-    longer record is a reject that says so; the others are answered."""
+    longer record is a reject that says so; the others are answered. `infer.max_context`, where set, holds for it too
+    (it took any prompt up to 4096 positions, so the job's rejects hung on which engine `auto` picked)."""
     records = [
         {"id": "short", "query": "Colour?"},
         {"id": "long", "query": "colour " * 4200},
@@ -260,6 +261,13 @@ def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny
     (reject,) = rejects(tmp_path / "out")
     assert reject["line"] == 2 and "exceed the 4096 tokens a request may take" in reject["reason"], reject
     assert sorted(r["id"] for r in results(tmp_path / "out")) == ["last", "short"]
+
+    (tmp_path / "mid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [records[0], {"query": "colour " * 300}]))
+    capped = job_config(max_context=256, engine="plain")
+    result = run_batch_job(str(tiny_model), str(tmp_path / "mid.jsonl"), str(tmp_path / "capped"), capped)
+    assert (result.results, result.rejects) == (1, 1)
+    (reject,) = rejects(tmp_path / "capped")
+    assert reject["line"] == 2 and "exceed the 256 tokens a request may take (infer.max_context" in reject["reason"]
 
 
 def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(

@@ -700,14 +700,17 @@ class ShardRunner:
         except RecordError as err:
             record.error, record.cause = f"{err.field}: {err.reason}", err
             return record
-        limit, answer = self.engine.max_context, self.config.infer.max_new_tokens
+        # infer.max_context holds whichever engine answers: `auto` picks the engine by the records a process has left,
+        # so a resumed job or one worker of several may answer with the plain engine, and the rejects must not hang on it.
+        limits = [n for n in (self.engine.max_context, self.config.infer.max_context) if n is not None]
+        limit, answer = min(limits, default=None), self.config.infer.max_new_tokens
         if limit is not None and len(encoded.input_ids) + answer > limit:
             record.error = (
                 f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} images of "
                 f"{self.loaded.num_image_tokens}) + infer.max_new_tokens {answer} exceed the {limit} tokens a request "
-                "may take (the fast engine's slots: infer.max_context, or unset, the job's longest prompt up to the "
-                "model's max_position_embeddings; the plain engine's: max_position_embeddings); send fewer images or "
-                "less text, or raise infer.max_context"
+                "may take (infer.max_context where it is set; else the model's max_position_embeddings, which the fast "
+                "engine's slots hold where the job's longest prompt needs it); send fewer images or less text, or "
+                "raise infer.max_context"
             )
             return record
         images = [record.images[ref.uri] for ref in encoded.images]
