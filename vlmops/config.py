@@ -107,7 +107,7 @@ class DataConfig(Section):
     allowed_roots: list[str] = []
     """Folders besides each dataset file's own (and each batch-inference input file's own) where its local
     image paths may point. A path outside them (`../../etc/passwd`, an absolute path elsewhere, a symlink out)
-    rejects the record."""
+    rejects the record. Set, part of a batch inference job's identity."""
     num_workers: int | Literal["auto"] = "auto"
     """DataLoader worker processes that load and preprocess images while the GPU trains. auto: half the CPU
     cores up to 8 when there is a GPU (preprocessing in the training process starves it), 0 without one."""
@@ -323,8 +323,8 @@ class InferConfig(Section):
     from the same memory (an image is 576 prompt tokens; on an H200, a 7b job of one-image records ran at 41.7
     images/s once started with 1024 against 37.0 with 2048: bench/RESULTS.md session 24). Set it to cap the slots: a
     record that does not fit goes to the job's rejects with its token count, whichever engine answers it (the plain
-    engine's own limit is the model's `max_position_embeddings`). To answer such a record, raise this and answer the
-    job's rejects again into a new output folder (infer.retry_rejects)."""
+    engine's own limit is the model's `max_position_embeddings`); set, it is part of the job's identity. To answer
+    such a record, raise this and answer the job's rejects again into a new output folder (infer.retry_rejects)."""
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
     a 7b inside an 80 GB card). null: 90% of the GPU."""
@@ -475,12 +475,14 @@ class StorageConfig(Section):
     region: str | None = None
     """S3 region. null: boto3's default chain."""
     url_max_mib: float = Field(20.0, gt=0)
-    """Largest image downloaded by http(s) URL, in MiB; a larger one is refused, not cut."""
+    """Largest image downloaded by http(s) URL, in MiB; a larger one is refused, not cut (a batch inference job's
+    reject: another value than the default is part of the job's identity)."""
     url_timeout_s: float = Field(30.0, gt=0)
     """Time limit for one image download (each try, and the whole body)."""
     url_allow_networks: list[str] = []
     """Non-public networks that image URLs may reach, as addresses or CIDRs (e.g. "10.1.2.0/24"). By default
-    an http(s) URL (or a redirect) that resolves to a loopback, private or link-local address is refused."""
+    an http(s) URL (or a redirect) that resolves to a loopback, private or link-local address is refused (a batch
+    inference job's reject: set, this is part of the job's identity)."""
 
     @field_validator("url_allow_networks")
     @classmethod

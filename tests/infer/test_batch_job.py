@@ -25,7 +25,7 @@ from vlmops.config import PipelineConfig, load_config
 from vlmops.errors import UserInputError
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch_job import run_batch_job
-from vlmops.infer.job import JobMismatchError, job_status, write_eval_predictions
+from vlmops.infer.job import JobMismatchError, JobResult, job_settings, job_status, write_eval_predictions
 from vlmops.infer.output import open_output
 from vlmops.infer.summary import sample_rows
 
@@ -119,7 +119,7 @@ def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(JobMismatchError, match=r"holds job \w+, not this job \w+ \(model .*tiny-deepseek-vl"):
         run_batch_job(str(full_run), str(eval_file), str(out), config, progress=False)
-    with pytest.raises(JobMismatchError, match=r"settings max_new_tokens: 4 -> 5"):
+    with pytest.raises(JobMismatchError, match=r"settings infer.max_new_tokens: 4 -> 5"):
         run_batch_job(
             str(tiny_model), str(eval_file), str(out), job_config(**{"infer.shard_size": 2, "infer.max_new_tokens": 5})
         )
@@ -139,6 +139,48 @@ def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
     (foreign / "part-00000.jsonl").write_text("{}\n")
     with pytest.raises(JobMismatchError, match="not a batch inference job's folder"):
         run_batch_job(str(tiny_model), str(eval_file), str(foreign), config, progress=False)
+
+
+def test_the_limits_on_prompts_and_images_are_part_of_the_job(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """`infer.max_context` and `data.allowed_roots` decide which records are rejects (`infer.max_context` whichever
+    engine answers: the plain engine took prompts up to the model's 4,096 positions), so a rerun with another value
+    into the same output is refused, naming the setting; it said 'finished before' and kept rejects (or answers) that
+    the new value would not have given. The same roots written another way are the same job; the way out the
+    settings' docs name, the rejects answered again into a new output, answers the record the cap rejected."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(images["blue"], elsewhere / "blue.png")
+    (tmp_path / "in").mkdir()
+    prompts = simple_prompts(tmp_path / "in" / "prompts.jsonl", 4, images["red"])
+    with prompts.open("a") as f:
+        f.write(json.dumps({"id": "long", "query": "Describe it. " + "colour " * 300}) + "\n")
+        f.write(json.dumps({"id": "outside", "query": f"<img>{elsewhere / 'blue.png'}</img>What colour?"}) + "\n")
+    cap, roots = {"infer.max_context": 256}, {"data.allowed_roots": [str(elsewhere)]}
+    out = tmp_path / "out"
+    first = run_batch_job(str(tiny_model), str(prompts), str(out), job_config(**cap, **roots), progress=False)
+    assert (first.results, first.rejects) == (5, 1)
+    (reject,) = rejects(out)
+    assert reject["key"] == "long" and "exceed the 256 tokens a request may take" in reject["reason"]
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(JobMismatchError, match=r"\(settings infer.max_context: 256 -> unset\); a different"):
+        run_batch_job(str(tiny_model), str(prompts), str(out), job_config(**roots), progress=False)
+    with pytest.raises(JobMismatchError, match=r"\(settings data.allowed_roots: \['[^']*elsewhere'\] -> unset\)"):
+        run_batch_job(str(tiny_model), str(prompts), str(out), job_config(**cap), progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    same_roots = {"data.allowed_roots": [f"{tmp_path}/in/../elsewhere/", str(elsewhere)]}
+    done = run_batch_job(str(tiny_model), str(prompts), str(out), job_config(**cap, **same_roots), progress=False)
+    assert isinstance(done, JobResult) and done.finished_before
+
+    again = job_config(**roots, **{"infer.retry_rejects": str(out)})
+    retried = run_batch_job(str(tiny_model), str(prompts), str(tmp_path / "again"), again, progress=False)
+    assert (retried.results, retried.rejects) == (1, 0) and results(tmp_path / "again")[0]["key"] == "long"
+    # Left at their defaults the limits are not in the job: a job planned before they were keeps its id.
+    assert set(job_settings(job_config())) == {
+        "max_new_tokens", "temperature", "top_p", "repetition_penalty", "shard_size", "system_prompt", "dtype"
+    }  # fmt: skip
 
 
 def test_cli_summary_and_exit_codes(

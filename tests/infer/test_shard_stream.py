@@ -143,7 +143,8 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     """With `infer.max_context` unset, the plan counts every record's prompt tokens as the runner will encode them
     (a .jsonl and a .json list file, a malformed line not counted) and the fast engine's slots hold the longest prompt
     and the answer: the longest record is answered; one token less per slot and it is a reject, so the count is the
-    runner's to the token. An old plan (no counts) and a set `infer.max_context` keep the fixed sizes."""
+    runner's to the token. An old plan (no counts) and a set `infer.max_context` keep the fixed sizes; a plan made for the
+    plain engine (not counted) gets its counts when the job is resumed with the fast engine possible."""
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(images["red"], folder / "red.png")
@@ -186,13 +187,16 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     assert slot_context(loaded, config.infer, limit) == limit  # capped: a longer record is a reject
     fixed = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.max_context": 512})
     assert slot_context(loaded, fixed.infer, longest) == 512
-    _, unmeasured, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), fixed)
-    assert unmeasured.longest_prompt is None
-    # The same job run again without the cap (max_context is not part of the job): its slots are sized after all,
-    # and the saved plan (what workers read) now holds the counts.
-    _, resumed, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), config)
+    _, capped, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), fixed)
+    assert capped.longest_prompt is None
+    plain = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.engine": "plain"})
+    _, unmeasured, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "plain"), plain)
+    assert unmeasured.longest_prompt is None  # the plain engine has no slots to size
+    # The same job run again with the fast engine possible (the engine is not part of the job; infer.max_context is):
+    # its slots are sized after all, and the saved plan (what workers read) now holds the counts.
+    _, resumed, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "plain"), config)
     assert resumed.job_id == unmeasured.job_id and resumed.longest_prompt == longest
-    assert JobPlan.from_json((tmp_path / "fixed" / "_job" / "job.json").read_text()).longest_prompt == longest
+    assert JobPlan.from_json((tmp_path / "plain" / "_job" / "job.json").read_text()).longest_prompt == longest
 
 
 def test_a_few_long_records_are_named_with_the_setting_that_trades_them_for_slots(

@@ -6,12 +6,12 @@
     OUT/_job/job.json         the job's identity and its shards (written first)
     OUT/_job/rejects-N.jsonl  each shard's rejects (gathered into rejects.jsonl at the end)
 
-A job is the model's content hash, the inputs' content hashes and the settings that change answers or the
-shard layout (`job_settings`); its id is a hash of those. The input is cut into shards of `infer.shard_size`
-records (never across files). A shard is done when its part exists: the shard's rejects are published
-first, its part last (each written aside and renamed, or one PUT on S3). A rerun of the same job does only
-the shards whose part is missing; a rerun after the manifest is written does nothing. An output folder
-holding another job is refused, never mixed.
+A job is the model's content hash, the inputs' content hashes and the settings that change answers, which records
+are rejected, or the shard layout (`job_settings`); its id is a hash of those. The input is cut into shards of
+`infer.shard_size` records (never across files). A shard is done when its part exists: the shard's rejects are
+published first, its part last (each written aside and renamed, or one PUT on S3). A rerun of the same job does only
+the shards whose part is missing; a rerun after the manifest is written does nothing. An output folder holding
+another job is refused, never mixed.
 
 Everything a shard needs is in `_job/job.json`, so any process that can load the model can do any shard:
 this one, a process per GPU (`vlmops.infer.parallel`), or Prefect task workers on other machines
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.answers import Score
-from vlmops.config import PipelineConfig
+from vlmops.config import PipelineConfig, StorageConfig
 from vlmops.data.formats import RecordError, image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
 from vlmops.errors import RunFailed, UserInputError
@@ -288,11 +288,47 @@ class StoppedJob:
 # -- identity -----------------------------------------------------------------------------------------------
 
 
+SETTING_KEYS = {
+    "max_new_tokens": "infer.max_new_tokens",
+    "temperature": "infer.temperature",
+    "top_p": "infer.top_p",
+    "top_k": "infer.top_k",
+    "seed": "infer.seed",
+    "repetition_penalty": "infer.repetition_penalty",
+    "shard_size": "infer.shard_size",
+    "system_prompt": "model.system_prompt",
+    "dtype": "model.dtype",
+    "max_context": "infer.max_context",
+    "allowed_roots": "data.allowed_roots",
+    "url_max_mib": "storage.url_max_mib",
+    "url_allow_networks": "storage.url_allow_networks",
+}
+"""Each of a job's settings (`job_settings`) and the config key it comes from, which a mismatch names."""
+
+_DEFAULT_URL_MAX_MIB = StorageConfig().url_max_mib
+
+
 def job_settings(config: PipelineConfig) -> dict[str, Any]:
-    """The settings that change answers or the shard layout; batch size, workers and engine do not (sampled, the
-    engines draw differently, but each draw is a valid answer of the same settings)."""
-    infer = config.infer
+    """The settings that change answers, which records are answered or rejected, or the shard layout; batch size,
+    workers and engine do not (sampled, the engines draw differently, but each draw is a valid answer of the same
+    settings).
+
+    The limits on prompts and images (`infer.max_context`, `data.allowed_roots`, `storage.url_max_mib`,
+    `storage.url_allow_networks`) decide which records are rejects: a rerun with another would answer records the
+    done shards rejected, or the reverse. They are in only where set (not their defaults), so that a job planned
+    before they were part of the identity keeps its id.
+    """
+    infer, storage = config.infer, config.storage
     sampling = {"top_k": infer.top_k, "seed": infer.seed} if infer.temperature > 0 else {}
+    limits: dict[str, Any] = {}
+    if infer.max_context is not None:
+        limits["max_context"] = infer.max_context
+    if config.data.allowed_roots:  # as the records' image paths are checked against them: resolved, in any order
+        limits["allowed_roots"] = sorted({str(root) for root in image_roots(None, config.data.allowed_roots)})
+    if storage.url_max_mib != _DEFAULT_URL_MAX_MIB:
+        limits["url_max_mib"] = storage.url_max_mib
+    if storage.url_allow_networks:
+        limits["url_allow_networks"] = sorted(storage.url_allow_networks)
     return {
         "max_new_tokens": infer.max_new_tokens,
         "temperature": infer.temperature,
@@ -302,6 +338,7 @@ def job_settings(config: PipelineConfig) -> dict[str, Any]:
         "shard_size": infer.shard_size,
         "system_prompt": config.model.system_prompt,
         "dtype": config.model.dtype,
+        **limits,
     }
 
 
@@ -477,7 +514,7 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
             f"--output, or delete {output.uri} to start over"
         )
     if old.longest_prompt is None and plan.longest_prompt is not None:
-        # Planned before without the prompts' counts (infer.max_context was set then, or by an older vlmops): the same
+        # Planned before without the prompts' counts (with infer.engine plain then, or by an older vlmops): the same
         # files (the same job), now counted. Saved, so that workers reading the plan size their slots the same way.
         old = replace(old, files=plan.files)
         with written_file(output, JOB_FILE) as path:
@@ -494,8 +531,17 @@ def _difference(old: JobPlan, new: JobPlan) -> str:
         return f"records chosen: the rejects of {old.retry_of or 'no job'} vs {new.retry_of or 'no job'}"
     if [(f.name, f.sha256) for f in old.files] != [(f.name, f.sha256) for f in new.files]:
         return f"input {old.input} vs {new.input}: other files or other content"
-    changed = [k for k in new.settings if old.settings.get(k) != new.settings[k]]
-    return "settings " + ", ".join(f"{k}: {old.settings.get(k)!r} -> {new.settings[k]!r}" for k in changed)
+    keys = [*new.settings, *(k for k in old.settings if k not in new.settings)]
+    changed = [k for k in keys if (k in old.settings, old.settings.get(k)) != (k in new.settings, new.settings.get(k))]
+    if not changed:
+        return "the same model, input and settings, identified by another version of vlmops"
+    return "settings " + ", ".join(
+        f"{SETTING_KEYS.get(k, k)}: {_shown(old.settings, k)} -> {_shown(new.settings, k)}" for k in changed
+    )
+
+
+def _shown(settings: dict[str, Any], key: str) -> str:
+    return repr(settings[key]) if key in settings else "unset"
 
 
 def jsonl_lines(text: str) -> list[str]:
