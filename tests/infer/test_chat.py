@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlmops.config import InferConfig, StorageConfig
+from vlmops.config import InferConfig, StorageConfig, dump_config, load_config
 from vlmops.conversation import Message, parse_img_tags
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.chat import ChatModel
 from vlmops.infer.generation import _CudnnAttentionOff
+from vlmops.infer.resolve import GENERATION_KEYS
 from vlmops.models.loading import image_inputs, load_model
 from vlmops.models.template import encode
+from vlmops.train.rundir import CONFIG_FILE, RunInfo
 
 QUESTION = "What colour is the shape?"
 
@@ -304,6 +306,33 @@ def test_run_folder_applies_its_adapter_and_config(lora_run: Path, tiny_model: P
     # The same adapter applied to the base explicitly gives the same answers.
     explicit = ChatModel.load(tiny_model, adapter=lora_run, infer_cfg=tuned.infer_cfg)
     assert explicit.chat(query)[0] == tuned.chat(query)[0]
+
+
+def test_given_generation_settings_keep_a_runs_other_saved_ones(tiny_model: Path, tmp_path: Path) -> None:
+    """`ChatModel.load(RUN, infer_cfg=InferConfig(max_new_tokens=7))` takes the 7 and keeps the run's saved
+    temperature, top-p and penalty, as `vlmops infer --model RUN --set infer.max_new_tokens=7` and
+    `ChatModel.from_config` do (`with_saved_settings`); the given InferConfig replaced all of them (greedy, where the
+    run samples). Given nothing, every saved setting applies, as before."""
+    merged = tmp_path / "runs" / "r1" / "merged"
+    shutil.copytree(tiny_model, merged)
+    saved = ["infer.max_new_tokens=5", "infer.temperature=0.5", "infer.top_p=0.9", "infer.repetition_penalty=1.2"]
+    (merged / CONFIG_FILE).write_text(dump_config(load_config(None, saved)))
+    RunInfo(str(tiny_model), str(merged.parent), "test", "full", merged_from=str(merged.parent / "final")).write(merged)
+
+    def generation(model: ChatModel) -> dict[str, object]:
+        return model.infer_cfg.model_dump(include=set(GENERATION_KEYS))
+
+    given = generation(ChatModel.load(merged, infer_cfg=infer(7)))
+    assert given == {
+        "max_new_tokens": 7,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 0,
+        "repetition_penalty": 1.2,
+        "seed": 0,
+    }
+    assert generation(ChatModel.from_config(merged, load_config(None, ["infer.max_new_tokens=7"]))) == given
+    assert generation(ChatModel.load(merged)) == {**given, "max_new_tokens": 5}
 
 
 def test_unknown_model_reference_says_what_to_do() -> None:

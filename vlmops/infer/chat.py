@@ -30,7 +30,7 @@ from vlmops.conversation import Message, parse_img_tags
 from vlmops.data.formats import REMOTE_PREFIXES
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.generation import answer_tokens, decode_answer, generate, generation_config, model_inputs
-from vlmops.infer.resolve import ModelSource, ResolveModel, model_source, resolve_model_ref
+from vlmops.infer.resolve import ModelSource, ResolveModel, model_source, resolve_model_ref, with_saved_generation
 from vlmops.models.loading import LoadedModel, load_model
 from vlmops.models.template import encode
 
@@ -83,8 +83,9 @@ class ChatModel:
             adapter: a peft adapter folder or LoRA run folder to apply to `model`.
             system_prompt: None: the run's `model.system_prompt` when `model` is a run, else the released
                 default; "": none.
-            infer_cfg: generation settings; None: the run's `infer` section when `model` is a run, else
-                the defaults.
+            infer_cfg: generation settings. Those it was given (`InferConfig(max_new_tokens=8)`, a config file's)
+                win; where `model` is a run (a registered version of one too) the others are its saved `infer`
+                settings, as `vlmops infer --set` takes them (`with_saved_settings`); else the defaults.
             tracking_uri: the MLflow registry for `models:/` (None: MLflow's current tracking URI).
             cache_dir: where registered versions are downloaded (None: ~/.cache/vlmops/models/registry).
             resolve_model: turns a model reference into a local folder (default: `resolve_model_ref`).
@@ -93,8 +94,10 @@ class ChatModel:
         resolve = resolve_model or functools.partial(resolve_model_ref, tracking_uri=tracking_uri, cache_dir=cache_dir)
         source = model_source(str(model), None if adapter is None else str(adapter), resolve)
         if source.run is not None:
-            system_prompt = source.run.config.model.system_prompt if system_prompt is None else system_prompt
-            infer_cfg = source.run.config.infer if infer_cfg is None else infer_cfg
+            saved = source.run.config
+            system_prompt = saved.model.system_prompt if system_prompt is None else system_prompt
+            given = infer_cfg if infer_cfg is not None else InferConfig.model_validate({})
+            infer_cfg = with_saved_generation(given, saved.infer)
         loaded = load_model(
             source.checkpoint, dtype=dtype, attn=attn, device=device, adapter=source.adapter, allow_pickle=allow_pickle
         )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmops.config import ModelConfig, PipelineConfig
+from vlmops.config import InferConfig, ModelConfig, PipelineConfig
 from vlmops.errors import RunFailed
 from vlmops.filenames import safe_name
 from vlmops.redact import redact_uri
@@ -149,11 +149,20 @@ def with_saved_settings(config: PipelineConfig, source: ModelSource) -> Pipeline
     if source.run is None:
         return config
     saved = source.run.config
-    infer = {key: getattr(saved.infer, key) for key in GENERATION_KEYS if key not in config.infer.model_fields_set}
     model = {} if "system_prompt" in config.model.model_fields_set else {"system_prompt": saved.model.system_prompt}
     return config.model_copy(
-        update={"infer": config.infer.model_copy(update=infer), "model": config.model.model_copy(update=model)}
+        update={
+            "infer": with_saved_generation(config.infer, saved.infer),
+            "model": config.model.model_copy(update=model),
+        }
     )
+
+
+def with_saved_generation(infer: InferConfig, saved: InferConfig) -> InferConfig:
+    """`infer` with the generation settings (GENERATION_KEYS) of `saved` wherever `infer` leaves them unset (the keys
+    it was given: `model_fields_set`)."""
+    unset = {key: getattr(saved, key) for key in GENERATION_KEYS if key not in infer.model_fields_set}
+    return infer.model_copy(update=unset)
 
 
 def model_source(
