@@ -92,11 +92,11 @@ def test_a_registered_version_brings_its_saved_settings(
 ) -> None:
     """`vlmops app --model models:/...` (and `vlmops infer`, `ChatModel.from_config`) of a version the retrain flow
     registered, its merged model with the config saved beside it, starts with that config's generation settings and
-    system prompt, as `ChatModel.load` does; `--set infer.*` still wins. The page started at the built-in defaults
-    (64 new tokens, temperature 0)."""
+    system prompt, as `ChatModel.load` does, and its `data.max_length`, as a run folder's; `--set` still wins. The page
+    started at the built-in defaults (64 new tokens, temperature 0, then a max_length of 2048)."""
     monkeypatch.setenv("HOME", str(tmp_path))  # the registry download cache lives under ~/.cache
     saved = ["model.system_prompt=You answer in colours.", "infer.max_new_tokens=5", "infer.temperature=0.5"]
-    merged = retrain_run(tmp_path / "runs" / "r1", chat_model_dir, saved) / RETRAIN_MODEL_DIR
+    merged = retrain_run(tmp_path / "runs" / "r1", chat_model_dir, [*saved, "data.max_length=1500"]) / RETRAIN_MODEL_DIR
     tracker = Tracker(TrackingConfig(uri=registry, experiment="app"))
     with tracker.run("register-saved") as run_id:
         tracker.register_model(run_id, merged, f"{NAME}-saved", "champion")
@@ -104,8 +104,11 @@ def test_a_registered_version_brings_its_saved_settings(
     model = load_page_model(ref, None, [f"tracking.uri={registry}"], None)
     assert (model.defaults.max_new_tokens, model.defaults.temperature) == (5, 0.5)
     assert model.chat.system_prompt == "You answer in colours."
-    given = load_page_model(ref, None, [f"tracking.uri={registry}", "infer.max_new_tokens=7"], None)
-    assert (given.defaults.max_new_tokens, given.defaults.temperature) == (7, 0.5)
+    assert model.max_length == 1500  # as a run folder's: the page took the built-in 2048
+    given = load_page_model(
+        ref, None, [f"tracking.uri={registry}", "infer.max_new_tokens=7", "data.max_length=900"], None
+    )
+    assert (given.defaults.max_new_tokens, given.defaults.temperature, given.max_length) == (7, 0.5, 900)
 
 
 def test_retrain_flow_runs_side_by_side_are_told_apart(chat_model_dir: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from vlmops.infer.resolve import (
     config_for_model,
     registered_version,
     saved_run_folder,
+    with_saved_settings,
 )
 from vlmops.train.rundir import run_config
 
@@ -55,7 +56,8 @@ class PageModel:
     chat: ChatModel
     card: ModelCard
     max_length: int
-    """`data.max_length`: the longest conversation (prompt, image tokens and answer) the page accepts."""
+    """`data.max_length`: the longest conversation (prompt, image tokens and answer) the page accepts (the model's
+    saved one where the config leaves it unset)."""
     defaults: InferConfig
     """The generation settings the page starts with (the run's or the config's `infer` section)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -65,12 +67,15 @@ class PageModel:
 def load_page_model(ref: str, config_path: str | None, overrides: list[str], system: str | None) -> PageModel:
     """Load `ref` (checkpoint or run folder, `models:/NAME@ALIAS`, catalog name) as `vlmops infer` does.
 
-    A run folder (a retrain flow run's too: its merged/ model's) brings its saved config (system prompt, generation
-    settings, max_length) unless `config_path` is given; `overrides` apply on top either way.
+    A run folder (a retrain flow run's too: its merged/ model's) brings its whole saved config unless `config_path`
+    is given; `overrides` apply on top either way. Any model that comes with a saved config (a run folder, a
+    registered version of one) brings its system prompt, generation settings and `data.max_length` wherever
+    `config_path` and `overrides` leave them unset (`with_saved_settings`).
     """
     config = config_for_model(run_config(saved_run_folder(ref), config_path, overrides), ref, overrides)
     card = registered_card(ref, config.tracking.uri) if ref.startswith(REGISTRY_SCHEME) else None
     chat = ChatModel.from_config(card.load_ref if card else ref, config, system=system)
+    config = with_saved_settings(config, chat.source)  # as `from_config` took them: here for data.max_length
     return PageModel(chat, card or local_card(ref, chat.source), config.data.max_length, chat.infer_cfg)
 
 

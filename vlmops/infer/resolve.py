@@ -142,18 +142,21 @@ batch and shard sizes, workers) belong to the machine and the job, not the model
 
 
 def with_saved_settings(config: PipelineConfig, source: ModelSource) -> PipelineConfig:
-    """`config` with the generation settings (`infer.` GENERATION_KEYS) and `model.system_prompt` saved with the model
-    (a run folder, a retrain run's merged model, a registered version of one) wherever `config` leaves them unset:
-    what its file or `--set` gives wins. `ChatModel.load` takes them so; a model without a saved config changes
+    """`config` with the generation settings (`infer.` GENERATION_KEYS), `model.system_prompt` and `data.max_length`
+    (the longest conversation the chat page takes) saved with the model (a run folder, a retrain run's merged model, a
+    registered version of one) wherever `config` leaves them unset: what its file or `--set` gives wins.
+    `ChatModel.load` takes the generation settings and system prompt so; a model without a saved config changes
     nothing."""
     if source.run is None:
         return config
     saved = source.run.config
     model = {} if "system_prompt" in config.model.model_fields_set else {"system_prompt": saved.model.system_prompt}
+    data = {} if "max_length" in config.data.model_fields_set else {"max_length": saved.data.max_length}
     return config.model_copy(
         update={
             "infer": with_saved_generation(config.infer, saved.infer),
             "model": config.model.model_copy(update=model),
+            "data": config.data.model_copy(update=data),
         }
     )
 
