@@ -6,7 +6,8 @@ sha256, and for a folder (or the folder beside a dataset file, where its images 
 path, size and modification time — cheap for multi-GB checkpoints, which are hashed once by the step itself.
 What the flow writes (its output folder, a rejects file, DVC's repository files) is left out of those folders: a
 dataset in the checkout beside outputs/ (or holding versioning.repo) would otherwise get a new key from every run's
-own writes, and never be reused.
+own writes, and never be reused. So is what version control and other tools write there (`NOT_DATA`): a commit or a
+fetch in the checkout is no reason to validate the data again.
 """
 
 from __future__ import annotations
@@ -25,19 +26,34 @@ from prefect.utilities.hashing import hash_objects
 from vlmops.hashing import sha256_file
 from vlmops.storage import is_partial
 
+# Folders and files that version control, DVC, Python, notebooks, linters and file browsers write beside the data, at
+# any depth. Exact names only: every other dotfile (`.gitkeep`, `.gitignore`, an image named `.cat.png`) is data,
+# since a record may name it. Content a record reaches through a link into one of them (DVC's symlink cache under
+# .dvc/cache, git-annex's under .git/annex) is still followed: the link is a file of the dataset, stat'ed at its target.
+NOT_DATA = frozenset(
+    {
+        *(".git", ".hg", ".svn", ".dvc"),  # version control; DVC's cache, tmp and config
+        *("__pycache__", ".ipynb_checkpoints", ".pytest_cache", ".mypy_cache", ".ruff_cache"),  # caches, autosaves
+        *(".DS_Store", "Thumbs.db"),  # file browsers' folder views
+    }
+)
+
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
-    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute) and
-    partial S3 downloads (a killed run's, removed by the next download)."""
+    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute),
+    tool metadata (`NOT_DATA`) and partial S3 downloads (a killed run's, removed by the next download)."""
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
     files = []
     for root, dirs, names in os.walk(folder):  # symlinked folders are not followed (as rglob did)
-        dirs[:] = [d for d in dirs if Path(root, d) not in inside]
+        dirs[:] = [d for d in dirs if d not in NOT_DATA and Path(root, d) not in inside]
         files += [
             path
             for name in names
-            if (path := Path(root, name)) not in inside and path.is_file() and not is_partial(path)
+            if name not in NOT_DATA
+            and (path := Path(root, name)) not in inside
+            and path.is_file()
+            and not is_partial(path)
         ]
     h = hashlib.sha256()
     for path in sorted(files):

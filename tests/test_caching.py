@@ -1,0 +1,75 @@
+"""The part of a cache key that follows a dataset's files (tasks.caching.FileContents, as validate_dataset uses it):
+what changes the data changes the key, and what tools write beside the data does not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import cast
+
+from PIL import Image
+from prefect.context import TaskRunContext
+
+from tasks.caching import FileContents
+from vlmops.config import DataConfig
+
+RECORD = json.dumps(
+    {
+        "conversations": [
+            {"from": "user", "value": "<img>images/shape.bmp</img>Colour?"},
+            {"from": "assistant", "value": "red"},
+        ]
+    }
+)
+
+
+def dataset_key(train_file: Path, data: DataConfig) -> str | None:
+    """validate_dataset's file part of the key: the dataset file, the files beside it, data.allowed_roots."""
+    policy = FileContents(params=["train_file"], siblings=["train_file"], roots=["data"])
+    return policy.compute_key(cast(TaskRunContext, None), {"train_file": str(train_file), "data": data}, {})
+
+
+def image(path: Path, colour: str) -> Path:
+    """A BMP: every 32x32 image is the same number of bytes, whatever its colours."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), colour).save(path, format="BMP")
+    return path
+
+
+def dataset(folder: Path) -> Path:
+    image(folder / "images" / "shape.bmp", "red")
+    (folder / "train.jsonl").write_text(RECORD)
+    return folder / "train.jsonl"
+
+
+def test_version_control_and_tool_metadata_beside_the_data_leave_the_key_as_it_is(tmp_path: Path) -> None:
+    """A dataset in a git checkout: a commit (or a fetch) rewrites .git/, Python writes __pycache__/, DVC its .dvc/tmp,
+    Finder .DS_Store. None of that is data, and none of it may make the next run validate again. Other dotfiles are
+    data (a record may name `.hidden.png`), `.gitkeep` included, and so is what a file of the dataset links to inside
+    one of those folders (DVC's symlink cache)."""
+    train = dataset(tmp_path / "checkout")
+    (tmp_path / "checkout" / "images" / ".gitkeep").write_text("")
+    before = dataset_key(train, DataConfig())
+
+    git = ["git", "-C", str(tmp_path / "checkout"), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "data"], check=True)
+    for name in ("__pycache__/prepare.cpython-311.pyc", ".dvc/tmp/lock", ".dvc/cache/files/md5/ab/cdef", ".DS_Store"):
+        (tmp_path / "checkout" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "checkout" / name).write_text("tool metadata")
+    (tmp_path / "checkout" / "images" / ".shape.bmp.part").write_text("half a download")
+    assert dataset_key(train, DataConfig()) == before
+
+    (tmp_path / "checkout" / "images" / ".gitkeep").write_text("kept")
+    kept = dataset_key(train, DataConfig())
+    assert kept != before
+
+    # DVC's symlink cache: the image in the dataset is a link into .dvc/cache; what it points at is the data
+    obj = image(tmp_path / "checkout" / ".dvc" / "cache" / "files" / "md5" / "12" / "3456", "red")
+    (tmp_path / "checkout" / "images" / "linked.bmp").symlink_to(obj)
+    linked = dataset_key(train, DataConfig())
+    assert linked != kept
+    Image.new("RGB", (16, 16), "blue").save(obj, format="BMP")
+    assert dataset_key(train, DataConfig()) != linked
