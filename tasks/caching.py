@@ -3,7 +3,8 @@
 Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale
 result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's
 sha256, and for a folder (or the folder beside a dataset file, where its images live) each file's relative
-path, size and modification time — cheap for multi-GB checkpoints, which are hashed once by the step itself.
+path, size and modification time, and where each symlink leads — cheap for multi-GB checkpoints, which are
+hashed once by the step itself.
 What the flow writes (its output folder, a rejects file, DVC's repository files) is left out of those folders: a
 dataset in the checkout beside outputs/ (or holding versioning.repo) would otherwise get a new key from every run's
 own writes, and never be reused. So is what version control and other tools write there (`NOT_DATA`): a commit or a
@@ -40,13 +41,19 @@ NOT_DATA = frozenset(
 
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
-    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute),
-    tool metadata (`NOT_DATA`) and partial S3 downloads (a killed run's, removed by the next download)."""
+    """Relative path, size and mtime of every file below `folder` (and where each symlink leads), but those in or at a
+    path of `skip` (absolute), tool metadata (`NOT_DATA`) and partial S3 downloads (a killed run's, removed by the next
+    download)."""
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
-    files = []
-    for root, dirs, names in os.walk(folder):  # symlinked folders are not followed (as rglob did)
+    files, links = [], []
+    for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if d not in NOT_DATA and Path(root, d) not in inside]
+        # A symlinked folder is not walked: an image a record reads through it lies in a folder that is (validation
+        # resolves links and refuses any outside the dataset's folder and data.allowed_roots, both fingerprinted
+        # whole), and following links could lead far beyond the data or round in circles. Where it leads is part
+        # of the key: pointing `images/` at another version of the images changes no file that is walked.
+        links += [path for d in dirs if (path := Path(root, d)).is_symlink()]
         files += [
             path
             for name in names
@@ -56,9 +63,14 @@ def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
             and not is_partial(path)
         ]
     h = hashlib.sha256()
-    for path in sorted(files):
-        stat = path.stat()
-        h.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for path in sorted(files + links):
+        line = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            line += f"\0-> {path.resolve()}"
+        if path.is_file():  # a link's target
+            stat = path.stat()
+            line += f"\0{stat.st_size}\0{stat.st_mtime_ns}"
+        h.update(f"{line}\n".encode())
     return h.hexdigest()
 
 

@@ -73,3 +73,25 @@ def test_version_control_and_tool_metadata_beside_the_data_leave_the_key_as_it_i
     assert linked != kept
     Image.new("RGB", (16, 16), "blue").save(obj, format="BMP")
     assert dataset_key(train, DataConfig()) != linked
+
+
+def test_an_image_folder_linked_from_an_allowed_root_is_followed(tmp_path: Path) -> None:
+    """images/ is a symlink into a shared mount (data.allowed_roots: validation refuses a link that leads anywhere
+    else). An image changed behind the link changes the key (the mount is fingerprinted); so does pointing the link
+    at another folder of that mount, whose files did not change."""
+    shared = tmp_path / "shared"
+    image(shared / "v1" / "shape.bmp", "red")
+    image(shared / "v2" / "shape.bmp", "blue")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text(RECORD)
+    (tmp_path / "data" / "images").symlink_to(shared / "v1", target_is_directory=True)
+    data = DataConfig(allowed_roots=[str(shared)])
+    first = dataset_key(tmp_path / "data" / "train.jsonl", data)
+
+    image(shared / "v1" / "shape.bmp", "green")
+    second = dataset_key(tmp_path / "data" / "train.jsonl", data)
+    assert second != first
+
+    (tmp_path / "data" / "images").unlink()
+    (tmp_path / "data" / "images").symlink_to(shared / "v2", target_is_directory=True)
+    assert dataset_key(tmp_path / "data" / "train.jsonl", data) != second
