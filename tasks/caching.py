@@ -3,8 +3,14 @@
 Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale
 result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's
 sha256, and for a folder (or the folder beside a dataset file, where its images live) each file's relative
-path, size and modification time, and where each symlink leads — cheap for multi-GB checkpoints, which are
-hashed once by the step itself.
+path and stat data, and where each symlink leads: no file is read, which keeps the key cheap for multi-GB
+checkpoints and image folders. The stat data is what git's index compares: size, mtime, and the change time and
+inode, which no tool sets back. Size and mtime alone miss a file replaced by one of the same size and mtime (a
+release of a dataset unpacked over the last from archives that give every file one date, copied with cp -p or
+rsync -t); the change time moves with every write, copy and utime. Still missed: a same-size rewrite within the
+clock tick (milliseconds) of the stat an earlier key took (git's "racy" case, which git settles by reading such
+files again). A copy on another disk is another inode: its first run there is not reused from elsewhere.
+
 What the flow writes (its output folder, a rejects file, DVC's repository files) is left out of those folders: a
 dataset in the checkout beside outputs/ (or holding versioning.repo) would otherwise get a new key from every run's
 own writes, and never be reused. So is what version control and other tools write there (`NOT_DATA`): a commit or a
@@ -41,9 +47,9 @@ NOT_DATA = frozenset(
 
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
-    """Relative path, size and mtime of every file below `folder` (and where each symlink leads), but those in or at a
-    path of `skip` (absolute), tool metadata (`NOT_DATA`) and partial S3 downloads (a killed run's, removed by the next
-    download)."""
+    """Relative path and stat data (size, mtime, ctime, inode) of every file below `folder` and where each symlink
+    leads, but those in or at a path of `skip` (absolute), tool metadata (`NOT_DATA`) and partial S3 downloads (a
+    killed run's, removed by the next download)."""
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
     files, links = [], []
@@ -67,9 +73,9 @@ def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
         line = path.relative_to(folder).as_posix()
         if path.is_symlink():
             line += f"\0-> {path.resolve()}"
-        if path.is_file():  # a link's target
+        if path.is_file():  # a file, or the file a link leads to (stat follows links)
             stat = path.stat()
-            line += f"\0{stat.st_size}\0{stat.st_mtime_ns}"
+            line += f"\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
         h.update(f"{line}\n".encode())
     return h.hexdigest()
 

@@ -4,10 +4,14 @@ what changes the data changes the key, and what tools write beside the data does
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import cast
 
+import pytest
 from PIL import Image
 from prefect.context import TaskRunContext
 
@@ -95,3 +99,27 @@ def test_an_image_folder_linked_from_an_allowed_root_is_followed(tmp_path: Path)
     (tmp_path / "data" / "images").unlink()
     (tmp_path / "data" / "images").symlink_to(shared / "v2", target_is_directory=True)
     assert dataset_key(tmp_path / "data" / "train.jsonl", data) != second
+
+
+@pytest.mark.parametrize("how", ["in place (cp -p)", "renamed over (rsync -t, tar)"])
+def test_an_image_replaced_with_its_size_and_mtime_changes_the_key(how: str, tmp_path: Path) -> None:
+    """A new release of a dataset unpacked over the old one: reproducible archives give every file one fixed mtime
+    (zip's 1980-01-01, SOURCE_DATE_EPOCH), copies keep it (cp -p, rsync -t, tar), and BMPs of one size have one file
+    size. Size and mtime alone cannot tell the new image from the old; its change time can (no tool sets it back)."""
+    fixed = 315_532_800_000_000_000  # 1980-01-01, in ns
+    train = dataset(tmp_path / "data")
+    old = tmp_path / "data" / "images" / "shape.bmp"
+    new = image(tmp_path / "release-2" / "shape.bmp", "blue")
+    for path in (old, new):
+        os.utime(path, ns=(fixed, fixed))
+    assert (old.stat().st_size, old.stat().st_mtime_ns) == (new.stat().st_size, new.stat().st_mtime_ns)
+    before = dataset_key(train, DataConfig())
+
+    time.sleep(0.02)  # the change time ticks with the kernel's clock (up to 10 ms before Linux 6.13)
+    if how.startswith("in place"):
+        shutil.copy2(new, old)
+    else:
+        shutil.copy2(new, old.with_name(".shape.bmp.tmp"))
+        old.with_name(".shape.bmp.tmp").replace(old)
+    assert (old.stat().st_size, old.stat().st_mtime_ns) == (new.stat().st_size, new.stat().st_mtime_ns)
+    assert dataset_key(train, DataConfig()) != before
