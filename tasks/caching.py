@@ -3,10 +3,18 @@
 Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale
 result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's
 sha256, and for a folder (or the folder beside a dataset file, where its images live) each file's relative
-path, size and modification time — cheap for multi-GB checkpoints, which are hashed once by the step itself.
+path and stat data, and where each symlink leads: no file is read, which keeps the key cheap for multi-GB
+checkpoints and image folders. The stat data is what git's index compares: size, mtime, and the change time and
+inode, which no tool sets back. Size and mtime alone miss a file replaced by one of the same size and mtime (a
+release of a dataset unpacked over the last from archives that give every file one date, copied with cp -p or
+rsync -t); the change time moves with every write, copy and utime. Still missed: a same-size rewrite within the
+clock tick (milliseconds) of the stat an earlier key took (git's "racy" case, which git settles by reading such
+files again). A copy on another disk is another inode: its first run there is not reused from elsewhere.
+
 What the flow writes (its output folder, a rejects file, DVC's repository files) is left out of those folders: a
 dataset in the checkout beside outputs/ (or holding versioning.repo) would otherwise get a new key from every run's
-own writes, and never be reused.
+own writes, and never be reused. So is what version control and other tools write there (`NOT_DATA`): a commit or a
+fetch in the checkout is no reason to validate the data again.
 """
 
 from __future__ import annotations
@@ -25,24 +33,50 @@ from prefect.utilities.hashing import hash_objects
 from vlmops.hashing import sha256_file
 from vlmops.storage import is_partial
 
+# Folders and files that version control, DVC, Python, notebooks, linters and file browsers write beside the data, at
+# any depth. Exact names only: every other dotfile (`.gitkeep`, `.gitignore`, an image named `.cat.png`) is data,
+# since a record may name it. Content a record reaches through a link into one of them (DVC's symlink cache under
+# .dvc/cache, git-annex's under .git/annex) is still followed: the link is a file of the dataset, stat'ed at its target.
+NOT_DATA = frozenset(
+    {
+        *(".git", ".hg", ".svn", ".dvc"),  # version control; DVC's cache, tmp and config
+        *("__pycache__", ".ipynb_checkpoints", ".pytest_cache", ".mypy_cache", ".ruff_cache"),  # caches, autosaves
+        *(".DS_Store", "Thumbs.db"),  # file browsers' folder views
+    }
+)
+
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
-    """Relative path, size and mtime of every file below `folder`, but those in or at a path of `skip` (absolute) and
-    partial S3 downloads (a killed run's, removed by the next download)."""
+    """Relative path and stat data (size, mtime, ctime, inode) of every file below `folder` and where each symlink
+    leads, but those in or at a path of `skip` (absolute), tool metadata (`NOT_DATA`) and partial S3 downloads (a
+    killed run's, removed by the next download)."""
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
-    files = []
-    for root, dirs, names in os.walk(folder):  # symlinked folders are not followed (as rglob did)
-        dirs[:] = [d for d in dirs if Path(root, d) not in inside]
+    files, links = [], []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if d not in NOT_DATA and Path(root, d) not in inside]
+        # A symlinked folder is not walked: an image a record reads through it lies in a folder that is (validation
+        # resolves links and refuses any outside the dataset's folder and data.allowed_roots, both fingerprinted
+        # whole), and following links could lead far beyond the data or round in circles. Where it leads is part
+        # of the key: pointing `images/` at another version of the images changes no file that is walked.
+        links += [path for d in dirs if (path := Path(root, d)).is_symlink()]
         files += [
             path
             for name in names
-            if (path := Path(root, name)) not in inside and path.is_file() and not is_partial(path)
+            if name not in NOT_DATA
+            and (path := Path(root, name)) not in inside
+            and path.is_file()
+            and not is_partial(path)
         ]
     h = hashlib.sha256()
-    for path in sorted(files):
-        stat = path.stat()
-        h.update(f"{path.relative_to(folder).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    for path in sorted(files + links):
+        line = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            line += f"\0-> {path.resolve()}"
+        if path.is_file():  # a file, or the file a link leads to (stat follows links)
+            stat = path.stat()
+            line += f"\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+        h.update(f"{line}\n".encode())
     return h.hexdigest()
 
 
