@@ -1,9 +1,10 @@
 """Content hashes of files (streamed by hashlib, so multi-GB weights do not load into memory).
 
-`FolderHashes` remembers each large file's sha256 against its size, mtime and inode, so a batch job over a
-15 GB checkpoint does not read every byte again to name its job (DVC's state database does the same). A file
-that changed gets a new mtime and is hashed again; small files always are (cheap, and configs are what people
-edit), as the model manifests do (vlmops.models.manifest).
+`FolderHashes` remembers each large file's sha256 against its size, mtime, change time (ctime) and inode, so a
+batch job over a 15 GB checkpoint does not read every byte again to name its job (DVC's state database and git's
+index do the same). A file written since gets a new ctime, whatever its mtime says (`cp -p`, `rsync -t` and `tar`
+set mtimes back; nothing sets ctime back), and is hashed again; small files always are (cheap, and configs are what
+people edit), as the model manifests do (vlmops.models.manifest).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class FolderHashes:
     def sha256(self, path: Path) -> str:
         rel = path.relative_to(self.folder).as_posix()
         stat = path.stat()
-        stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+        stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
         record = self.known.get(rel)
         if (
             stat.st_size >= SMALL_FILE_BYTES

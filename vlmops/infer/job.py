@@ -357,7 +357,7 @@ def folder_hash(folder: Path, cache_dir: Path | None = None) -> str:
     """One hash over every file's relative path and content (the registry's download note and partial S3 downloads
     excluded).
 
-    With `cache_dir`, large files unchanged since an earlier job (size, mtime, inode) are not read again.
+    With `cache_dir`, large files unchanged since an earlier job (size, mtime, ctime, inode) are not read again.
     """
     hashes = FolderHashes(folder, cache_dir)
     digest = hashlib.sha256()
