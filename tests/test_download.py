@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,23 @@ def _s3_model(s3_env: Any, release: Path, bucket: str, cache: Path) -> tuple[Sto
     uri = f"s3://{bucket}/tiny-vl"
     upload_folder(client, release, uri, progress=False)
     return storage, client, uri, ModelConfig(name="tiny-vl", source="s3", id=uri, cache_dir=str(cache))
+
+
+@contextmanager
+def _s3_requests(client: Any, operation: str) -> Iterator[list[str]]:
+    """The keys or prefixes of the `operation` requests (e.g. ListObjectsV2) `client` sends inside the block, as
+    botocore's event hooks see them (the process's `s3_client` is shared: the hook is removed after)."""
+    seen: list[str] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        seen.append(params.get("Key") or params.get("Prefix") or "")
+
+    event = f"before-parameter-build.s3.{operation}"
+    client.meta.events.register(event, record)
+    try:
+        yield seen
+    finally:
+        client.meta.events.unregister(event, record)
 
 
 def _changed_tokenizer(release: Path, folder: Path) -> Path:
@@ -461,7 +480,9 @@ def test_s3_model_changed_upstream_is_fetched_again_without_refresh(
     from vlmops.storage import upload_folder
 
     storage, client, uri, config = _s3_model(s3_env, release_repo, "models-changed", tmp_path / "cache")
-    snap = download_model(config, storage, tmp_path / "out")
+    with _s3_requests(client, "ListObjectsV2") as listed:
+        snap = download_model(config, storage, tmp_path / "out")
+    assert listed == ["tiny-vl/"]  # one listing for the check and the copy (it was two)
     untouched = snap.original_path / _shards(release_repo)[0]
     stamp = untouched.stat().st_mtime_ns
     assert download_model(config, storage, tmp_path / "out") == snap  # same listing: the cached copy as is
@@ -469,7 +490,9 @@ def test_s3_model_changed_upstream_is_fetched_again_without_refresh(
     changed = _changed_tokenizer(release_repo, tmp_path / "changed")
     upload_folder(client, changed, uri, progress=False)
     client.delete_object(Bucket="models-changed", Key="tiny-vl/special_tokens_map.json")
-    fresh = download_model(config, storage, tmp_path / "out")
+    with _s3_requests(client, "ListObjectsV2") as listed:
+        fresh = download_model(config, storage, tmp_path / "out")
+    assert listed == ["tiny-vl/"]
     assert fresh.digest != snap.digest and fresh.path != snap.path
     assert json.loads((fresh.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096
     assert not (snap.original_path / "special_tokens_map.json").exists()

@@ -172,11 +172,13 @@ def download_prefix(
     dest: str | os.PathLike[str],
     *,
     patterns: list[str] | None = None,
+    objects: list[S3Object] | None = None,
     progress: bool = True,
 ) -> TransferReport:
     """Copy the objects under `uri` into `dest` (keys relative to the prefix), skipping identical files.
 
     `patterns`: only keys whose relative path matches one of these globs (fnmatch); None copies all.
+    `objects`: the objects under `uri` as the caller just listed them (`list_objects`), to save listing again.
 
     Each object is written to a hidden temporary file, checked against its ETag (`same_as_object`; a multipart one
     too) and renamed into place, so an interrupted or corrupted copy never leaves a file under its real name.
@@ -186,7 +188,8 @@ def download_prefix(
         ValueError: a downloaded object does not match its ETag (its partial file is removed).
     """
     bucket, prefix = parse_s3_uri(uri)
-    objects = list_objects(client, bucket, prefix)
+    if objects is None:
+        objects = list_objects(client, bucket, prefix)
     if not objects:
         raise FileNotFoundError(f"no objects under {uri}: check the bucket and prefix (and storage.endpoint_url)")
     root = Path(dest)

@@ -222,7 +222,7 @@ def s3_source_etags(
     if resolved.source != "s3":
         return None
     try:
-        wanted, _ = s3_model_files(resolved.id, storage_cfg)
+        wanted = s3_model_files(resolved.id, storage_cfg)
     except (BotoCoreError, ClientError, ModelNotFoundError):
         return None  # the download itself says what is wrong
     return {rel: o.etag for rel, o in wanted.items()}

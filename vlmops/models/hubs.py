@@ -289,8 +289,8 @@ def _is_connection_error(err: BaseException) -> bool:
 # s3
 
 
-def s3_model_files(uri: str, storage_cfg: StorageConfig | None) -> tuple[dict[str, S3Object], list[str]]:
-    """({path relative to the prefix: object} of the model files under `uri` now, the patterns that chose them).
+def s3_model_files(uri: str, storage_cfg: StorageConfig | None) -> dict[str, S3Object]:
+    """{path relative to the prefix: object} of the model files under `uri` now (one LIST request).
 
     Raises:
         ModelNotFoundError: nothing under `uri`, or no model files.
@@ -307,7 +307,7 @@ def s3_model_files(uri: str, storage_cfg: StorageConfig | None) -> tuple[dict[st
     wanted = {rel: o for rel, o in sorted(listing.items()) if matches(rel, patterns)}
     if not wanted:
         raise ModelNotFoundError(f"no model files under {uri} (nothing matches {', '.join(patterns)})")
-    return wanted, patterns
+    return wanted
 
 
 def s3_snapshot(
@@ -315,9 +315,9 @@ def s3_snapshot(
 ) -> tuple[Path, Path, dict[str, Any]]:
     """(folder, manifest path, manifest) of an S3 prefix: the verified copy, or a sync of the model files.
 
-    The copy is reused while the prefix's listing (each model file's key and ETag, one LIST request) is the one it
-    was made from: an object rewritten or removed in place is copied again (only it) or removed here. With S3 out of
-    reach the verified copy is used as it is, with a warning.
+    The copy is reused while the prefix's listing (each model file's key and ETag, one LIST request, which a sync
+    copies from without listing again) is the one it was made from: an object rewritten or removed in place is copied
+    again (only it) or removed here. With S3 out of reach the verified copy is used as it is, with a warning.
     """
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -330,7 +330,7 @@ def s3_snapshot(
     manifest_path = cache / "manifests" / "s3" / bucket / f"{safe_name(prefix or 'root')}-{key}.json"
     recorded = read_json_or_none(manifest_path) if folder.is_dir() and not refresh else None
     try:
-        wanted, patterns = s3_model_files(resolved.id, storage_cfg)
+        wanted = s3_model_files(resolved.id, storage_cfg)
     except (BotoCoreError, ClientError) as err:
         if recorded is None:
             raise _unreadable(resolved.id, err) from err
@@ -355,7 +355,7 @@ def s3_snapshot(
     needed = sum(o.size for rel, o in wanted.items() if not _same_size(folder / rel, o.size))
     check_free_space(folder, needed, resolved.id)
     try:
-        download_prefix(s3_client(storage_cfg), resolved.id, folder, patterns=patterns, progress=True)
+        download_prefix(s3_client(storage_cfg), resolved.id, folder, objects=list(wanted.values()), progress=True)
     except (BotoCoreError, ClientError) as err:
         raise _unreadable(resolved.id, err) from err
     except OSError as err:
