@@ -16,6 +16,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ class FakeHub:
     """File paths whose first full download sends half the body and hangs up (to exercise resume)."""
     listed_sizes: dict[str, int] = field(default_factory=dict)
     """File path -> size to report in listings instead of the real one (to exercise the disk check)."""
+    hold: dict[str, float] = field(default_factory=dict)
+    """File path -> seconds its first download waits before it is sent (a slow transfer, for two clients at once)."""
+    held: threading.Event = field(default_factory=threading.Event)
+    """Set when a download in `hold` starts waiting."""
     url: str = ""
 
     def files(self, repo_id: str, revision: str) -> dict[str, Path] | None:
@@ -169,6 +174,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     # plumbing ---------------------------------------------------------------------------------------
     def _send_file(self, name: str, path: Path, head: bool, headers: dict[str, str]) -> None:
+        if not head and name in self.hub.hold:
+            seconds = self.hub.hold.pop(name)
+            self.hub.held.set()
+            time.sleep(seconds)
         data = path.read_bytes()
         wanted = self.headers.get("Range")
         if wanted and (m := re.fullmatch(r"bytes=(\d+)-(\d*)", wanted)):

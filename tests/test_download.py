@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import errno
 import json
+import multiprocessing
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 from tests.fake_hubs import FakeHub, serve, use_hf_hub, use_modelscope
+from tests.snapshot_process import SLOW_GET_S, fetch_snapshot
 from vlmops.cli.main import main
 from vlmops.config import ModelConfig, StorageConfig
 from vlmops.errors import UserInputError
@@ -80,6 +84,23 @@ def _s3_model(s3_env: Any, release: Path, bucket: str, cache: Path) -> tuple[Sto
     uri = f"s3://{bucket}/tiny-vl"
     upload_folder(client, release, uri, progress=False)
     return storage, client, uri, ModelConfig(name="tiny-vl", source="s3", id=uri, cache_dir=str(cache))
+
+
+@contextmanager
+def _s3_requests(client: Any, operation: str) -> Iterator[list[str]]:
+    """The keys or prefixes of the `operation` requests (e.g. ListObjectsV2) `client` sends inside the block, as
+    botocore's event hooks see them (the process's `s3_client` is shared: the hook is removed after)."""
+    seen: list[str] = []
+
+    def record(params: dict[str, Any], **_: Any) -> None:
+        seen.append(params.get("Key") or params.get("Prefix") or "")
+
+    event = f"before-parameter-build.s3.{operation}"
+    client.meta.events.register(event, record)
+    try:
+        yield seen
+    finally:
+        client.meta.events.unregister(event, record)
 
 
 def _changed_tokenizer(release: Path, folder: Path) -> Path:
@@ -461,7 +482,9 @@ def test_s3_model_changed_upstream_is_fetched_again_without_refresh(
     from vlmops.storage import upload_folder
 
     storage, client, uri, config = _s3_model(s3_env, release_repo, "models-changed", tmp_path / "cache")
-    snap = download_model(config, storage, tmp_path / "out")
+    with _s3_requests(client, "ListObjectsV2") as listed:
+        snap = download_model(config, storage, tmp_path / "out")
+    assert listed == ["tiny-vl/"]  # one listing for the check and the copy (it was two)
     untouched = snap.original_path / _shards(release_repo)[0]
     stamp = untouched.stat().st_mtime_ns
     assert download_model(config, storage, tmp_path / "out") == snap  # same listing: the cached copy as is
@@ -469,7 +492,9 @@ def test_s3_model_changed_upstream_is_fetched_again_without_refresh(
     changed = _changed_tokenizer(release_repo, tmp_path / "changed")
     upload_folder(client, changed, uri, progress=False)
     client.delete_object(Bucket="models-changed", Key="tiny-vl/special_tokens_map.json")
-    fresh = download_model(config, storage, tmp_path / "out")
+    with _s3_requests(client, "ListObjectsV2") as listed:
+        fresh = download_model(config, storage, tmp_path / "out")
+    assert listed == ["tiny-vl/"]
     assert fresh.digest != snap.digest and fresh.path != snap.path
     assert json.loads((fresh.path / "tokenizer_config.json").read_text())["model_max_length"] == 4096
     assert not (snap.original_path / "special_tokens_map.json").exists()
@@ -550,7 +575,93 @@ def test_s3_prefixes_whose_safe_names_meet_keep_their_own_manifests(
     caplog.set_level(logging.INFO, logger="vlmops.models.hubs")
     assert download_model(configs[0], storage, tmp_path / "out") == first
     assert "changed since" not in caplog.text
-    assert len(list((tmp_path / "c" / "manifests" / "s3" / "models-names").iterdir())) == 2
+    assert len(list((tmp_path / "c" / "manifests" / "s3" / "models-names").glob("*.json"))) == 2  # and their locks
+
+
+def _fetch_in_two_processes(
+    model: dict[str, Any], endpoint: str | None, release: Callable[[Any], Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What two processes fetching `model` at once report (`tests.snapshot_process`): the first starts fetching, the
+    second once `start` is set: by the first's first S3 GetObject (which then takes SLOW_GET_S longer), or by
+    `release(start)`, called here meanwhile. Fails with their tracebacks if either raised."""
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    slow_get = None if release else start
+    processes = [
+        ctx.Process(target=fetch_snapshot, args=("first", model, endpoint, slow_get, None, results)),
+        ctx.Process(target=fetch_snapshot, args=("second", model, endpoint, None, start, results)),
+    ]
+    for process in processes:
+        process.start()
+    try:
+        if release is not None:
+            release(start)
+        reports = {r["name"]: r for r in (results.get(timeout=120) for _ in processes)}
+    finally:
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    errors = [f"{name}:\n{r['error']}" for name, r in reports.items() if "error" in r]
+    assert not errors, "\n".join(errors)
+    return reports["first"], reports["second"]
+
+
+@pytest.mark.integration
+def test_two_processes_fetching_one_s3_model_download_it_once(tmp_path: Path, s3_env: Any) -> None:
+    """A scheduled retrain and a batch job that start together fetch the same S3 model into one cache: the second
+    waits for the first's sync (and says so), then uses the copy it verified; nothing is downloaded twice. Without a
+    lock both copied every object through the same hidden `.NAME.part` files (one could rename the other's away
+    before that one checked it), and either could delete the manifest the other had just written."""
+    from vlmops.storage import MIB, s3_client, upload_folder
+
+    storage = StorageConfig(endpoint_url=s3_env.endpoint_url)
+    client = s3_client(storage)
+    client.create_bucket(Bucket="models-shared")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "deepseek_vl"}')
+    (src / "model.safetensors").write_bytes(os.urandom(11 * MIB))  # two 8 MiB parts, fetched in two ranges
+    upload_folder(client, src, "s3://models-shared/vl", progress=False)
+    model = {"name": "vl", "source": "s3", "id": "s3://models-shared/vl", "cache_dir": str(tmp_path / "cache")}
+
+    first, second = _fetch_in_two_processes(model, s3_env.endpoint_url)
+    assert sorted(set(first["gets"])) == ["vl/config.json", "vl/model.safetensors"]
+    assert second["gets"] == []  # it used the first one's copy
+    assert any("waiting for another process" in line for line in second["log"])
+    folder = Path(first["folder"])
+    assert (second["folder"], second["digest"]) == (first["folder"], first["digest"])
+    assert {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == {
+        "config.json": (src / "config.json").read_bytes(),
+        "model.safetensors": (src / "model.safetensors").read_bytes(),
+    }  # and no partial files
+
+
+def test_two_processes_fetching_one_hub_model_download_it_once(
+    native_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for a hub model: the second process waits for the first's download, then uses its snapshot and
+    manifest without asking the hub anything (it listed the repository and checked every file again, and a
+    `refresh` in either could delete the snapshot the other was reading)."""
+    hub = FakeHub(repos={("deepseek-community/deepseek-vl-7b-chat", "main"): native_repo})
+    hub.hold["model.safetensors"] = SLOW_GET_S
+    model = {"name": "deepseek-vl-7b-chat", "source": "huggingface", "cache_dir": str(tmp_path / "cache")}
+    asked: list[int] = []
+
+    def release_when_downloading(start: Any) -> None:
+        hub.held.wait(60)  # a first process that failed before says why in its report
+        asked.append(len(hub.requests))  # the first's listing is done: its files are being fetched
+        start.set()
+
+    with serve(hub):
+        use_hf_hub(monkeypatch, hub.url)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)  # huggingface_hub reads it as HF_HUB_OFFLINE
+        first, second = _fetch_in_two_processes(model, None, release_when_downloading)
+    # After the first's listing, only its file requests: the second did not list the repository (nor fetch a file)
+    assert [r for r in hub.requests[asked[0] :] if "/resolve/" not in r.path] == []
+    assert all(len(hub.downloads(p.name)) == 1 for p in native_repo.iterdir() if p.name != "README.md")
+    assert any("waiting for another process" in line for line in second["log"])
+    assert (second["folder"], second["digest"]) == (first["folder"], first["digest"])
 
 
 def test_an_s3_model_id_with_a_dot_dot_part_is_refused(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ from vlmops.storage import (
 )
 
 if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
     from tests.s3_server import S3Server
 
 
@@ -109,6 +111,59 @@ def test_round_trip_skips_what_is_already_there(s3_env: S3Server, tmp_path: Path
         client, "s3://roundtrip/models/m1", tmp_path / "json", patterns=["*.json"], progress=False
     )
     assert only_json.copied == ["config.json"]
+
+
+@pytest.mark.integration
+def test_multipart_objects_are_checked_for_any_part_size(s3_env: S3Server, tmp_path: Path) -> None:
+    """A multipart object's ETag (the MD5 of its parts' MD5s, and their count) is checked after a download as a single
+    part's MD5 is. 11.5 MiB in 5 MiB parts (boto3 with multipart_chunksize=5 MiB) is one of the whole-MiB sizes that
+    make 3 parts; in 5.5 MiB parts, a size no guess gives, the server says it. Both arrive checked and are "already
+    there" the next time (the old guesses, 8 MiB and the 4 MiB the count implies, copied them again on every run).
+    Parts of unequal sizes give an ETag no part size reproduces: that download is refused, its partial file removed."""
+    from boto3.s3.transfer import TransferConfig
+
+    from vlmops.storage import MIB
+
+    client = s3_client()
+    client.create_bucket(Bucket="multipart")
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(11 * MIB + MIB // 2)
+    for name, part_size in [("five.safetensors", 5 * MIB), ("odd.safetensors", 5 * MIB + MIB // 2)]:
+        (src / name).write_bytes(data)
+        config = TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=part_size)
+        client.upload_file(str(src / name), "multipart", f"equal/{name}", Config=config)
+    objects = list_objects(client, "multipart", "equal")
+    assert [o.etag[-2:] for o in objects] == ["-3", "-3"]  # 5 + 5 + 1.5 MiB and 5.5 + 5.5 + 0.5 MiB
+
+    dest = tmp_path / "dest"
+    first = download_prefix(client, "s3://multipart/equal", dest, progress=False)
+    assert sorted(first.copied) == ["five.safetensors", "odd.safetensors"] and _tree(dest) == _tree(src)
+    again = download_prefix(client, "s3://multipart/equal", dest, progress=False)
+    assert (again.copied, sorted(again.skipped)) == ([], ["five.safetensors", "odd.safetensors"])
+    assert upload_folder(client, dest, "s3://multipart/equal", progress=False).copied == []
+
+    # parts of 5 and 6.5 MiB, as a hand-made multipart upload may have them
+    upload = client.create_multipart_upload(Bucket="multipart", Key="unequal/model.safetensors")
+    parts: list[CompletedPartTypeDef] = []
+    for number, body in enumerate([data[: 5 * MIB], data[5 * MIB :]], start=1):
+        part = client.upload_part(
+            Bucket="multipart",
+            Key="unequal/model.safetensors",
+            UploadId=upload["UploadId"],
+            PartNumber=number,
+            Body=body,
+        )
+        parts.append({"PartNumber": number, "ETag": part["ETag"]})
+    client.complete_multipart_upload(
+        Bucket="multipart",
+        Key="unequal/model.safetensors",
+        UploadId=upload["UploadId"],
+        MultipartUpload={"Parts": parts},
+    )
+    with pytest.raises(ValueError, match=r"unequal/model\.safetensors arrived corrupted, or was uploaded in parts of"):
+        download_prefix(client, "s3://multipart/unequal", tmp_path / "unequal", progress=False)
+    assert not [p for p in (tmp_path / "unequal").rglob("*") if p.is_file()]  # no file under its name, no partial
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import tempfile
@@ -11,7 +12,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 """Names of folders being built; whatever still carries it after a crash is a leftover, never a result."""
@@ -70,14 +73,26 @@ def publish_new_folder(staging: Path, final: Path) -> bool:
 
 
 @contextmanager
-def build_lock(final: Path) -> Iterator[None]:
+def build_lock(final: Path, work: str | None = None) -> Iterator[None]:
     """Hold a file lock beside `final` while checking for it and building it, so that of several processes
     needing the same shared folder or file (the tiny model, the demo data of one output folder, a new MLflow
-    SQLite store) one builds it and the others wait and use it, instead of each replacing it while the others
-    read it."""
+    SQLite store, a model download and its manifest) one builds it and the others wait and use it, instead of each
+    replacing it while the others read it.
+
+    `work` says what the holder does, in the line logged when this process has to wait (default: building `final`).
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final.with_name(f".{final.name}.lock")), timeout=BUILD_LOCK_TIMEOUT_S):
+    lock = FileLock(str(final.with_name(f".{final.name}.lock")), timeout=BUILD_LOCK_TIMEOUT_S)
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        # A wait can last as long as a model download: say why nothing seems to happen.
+        log.info("waiting for another process to finish %s (lock %s)", work or f"building {final}", lock.lock_file)
+        lock.acquire()
+    try:
         yield
+    finally:
+        lock.release()
 
 
 @dataclass

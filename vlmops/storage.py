@@ -5,8 +5,10 @@ the `AWS_ENDPOINT_URL` environment variable, else AWS. Credentials come from bot
 (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, `~/.aws`, instance roles).
 
 "Already there" means same size and same content by the object's ETag: the MD5 of the file for a
-single-part upload, the MD5 of the parts' MD5s for a multipart one (computed for the part size that the
-ETag's part count implies, and boto3's default 8 MiB).
+single-part upload, the MD5 of the parts' MD5s for a multipart one. A multipart ETag does not say the part size, only
+the count of parts: boto3's default 8 MiB and the few other whole-MiB sizes that make that count are tried, then the
+size the server reports for the object's first part. Every download is checked the same way before it is renamed
+into place.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MIB  # boto3's TransferConfig.multipart_chunksize
+GUESSED_PART_SIZES = 4
+"""How many part sizes `same_content` tries for a multipart ETag: each is a pass over the file."""
 STALE_PARTIAL_S = 15 * 60
 """A partial download untouched this long is a dead process's: one in progress writes every few seconds (boto3
 gives up on a read after 60 s). Younger ones may be another run's copy into the same folder, and are left alone."""
@@ -110,17 +114,49 @@ def list_objects(client: S3Client, bucket: str, prefix: str) -> list[S3Object]:
     return objects
 
 
-def same_content(path: Path, size: int, etag: str) -> bool:
-    """Whether the local file has this size and an MD5-based ETag equal to `etag`."""
-    if not path.is_file() or path.stat().st_size != size:
+def same_content(path: Path, size: int, etag: str, part_size: int | None = None) -> bool:
+    """Whether the local file has this size and an MD5-based ETag equal to `etag`.
+
+    `part_size`: the part size of a multipart upload, when known; else the likeliest ones are tried
+    (`guessed_part_sizes`).
+    """
+    if not _same_size(path, size):
         return False
-    parts = etag.partition("-")[2]
-    if not parts:
+    count = _part_count(etag)
+    if count is None:
         return _md5(path) == etag
-    count = int(parts)
-    implied = -(-size // count)  # the part size a count of parts implies, rounded up to whole MiB
-    candidates = {DEFAULT_PART_SIZE, -(-implied // MIB) * MIB}
-    return any(_multipart_etag(path, part_size) == etag for part_size in sorted(candidates))
+    sizes = [part_size] if part_size else guessed_part_sizes(size, count)
+    return any(_multipart_etag(path, s) == etag for s in sizes)
+
+
+def guessed_part_sizes(size: int, count: int) -> list[int]:
+    """Part sizes that cut `size` bytes into `count` parts, likeliest first: boto3's default 8 MiB, then whole MiB
+    sizes from the smallest up (at most GUESSED_PART_SIZES).
+
+    Uploaders use whole MiB parts (boto3 and the AWS CLI 8 MiB, rclone 5, s3cmd 15, mc 16), and a count of parts
+    admits a range of them: 11 MiB in 3 parts is 4+4+3 or 5+5+1 (boto3 with multipart_chunksize=5 MiB).
+    """
+    if count == 1:
+        return [max(size, 1)]  # one part: the whole file, whatever the part size was
+    smallest = -(-size // count)  # `count` parts hold `size` bytes...
+    largest = (size - 1) // (count - 1)  # ...and `count - 1` of them do not
+    whole = range(-(-smallest // MIB) * MIB, largest + 1, MIB)
+    default = [DEFAULT_PART_SIZE] if DEFAULT_PART_SIZE in whole else []
+    return (default + [s for s in whole if s != DEFAULT_PART_SIZE])[:GUESSED_PART_SIZES]
+
+
+def same_as_object(client: S3Client, bucket: str, obj: S3Object, path: Path) -> bool:
+    """`same_content` of `path` and `obj`; when no guessed part size gives its multipart ETag, the part size the
+    server reports for the object's first part is tried too (one HEAD request)."""
+    if same_content(path, obj.size, obj.etag):
+        return True
+    count = _part_count(obj.etag)
+    if count is None or not _same_size(path, obj.size):
+        return False
+    part_size = _server_part_size(client, bucket, obj.key, count)
+    if part_size is None or part_size in guessed_part_sizes(obj.size, count):
+        return False
+    return same_content(path, obj.size, obj.etag, part_size)
 
 
 def read_object(uri: str, storage: StorageConfig | None = None) -> bytes:
@@ -136,21 +172,24 @@ def download_prefix(
     dest: str | os.PathLike[str],
     *,
     patterns: list[str] | None = None,
+    objects: list[S3Object] | None = None,
     progress: bool = True,
 ) -> TransferReport:
     """Copy the objects under `uri` into `dest` (keys relative to the prefix), skipping identical files.
 
     `patterns`: only keys whose relative path matches one of these globs (fnmatch); None copies all.
+    `objects`: the objects under `uri` as the caller just listed them (`list_objects`), to save listing again.
 
-    Each object is written to a hidden temporary file and renamed into place once complete, so an
-    interrupted copy never leaves a truncated file under its real name.
+    Each object is written to a hidden temporary file, checked against its ETag (`same_as_object`; a multipart one
+    too) and renamed into place, so an interrupted or corrupted copy never leaves a file under its real name.
 
     Raises:
         FileNotFoundError: nothing under `uri`.
-        ValueError: a downloaded object does not match its ETag.
+        ValueError: a downloaded object does not match its ETag (its partial file is removed).
     """
     bucket, prefix = parse_s3_uri(uri)
-    objects = list_objects(client, bucket, prefix)
+    if objects is None:
+        objects = list_objects(client, bucket, prefix)
     if not objects:
         raise FileNotFoundError(f"no objects under {uri}: check the bucket and prefix (and storage.endpoint_url)")
     root = Path(dest)
@@ -162,7 +201,7 @@ def download_prefix(
         if patterns is not None and not any(fnmatch.fnmatch(rel, p) for p in patterns):
             continue
         target = _local_path(root, rel, f"s3://{bucket}/{obj.key}")
-        if same_content(target, obj.size, obj.etag):
+        if same_as_object(client, bucket, obj, target):
             report.skipped.append(rel)
         else:
             todo.append((obj, target))
@@ -171,9 +210,9 @@ def download_prefix(
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = partial_path(target)
             client.download_file(bucket, obj.key, str(partial), Callback=bar.update)
-            if "-" not in obj.etag and _md5(partial) != obj.etag:
+            if not same_as_object(client, bucket, obj, partial):
                 partial.unlink()
-                raise ValueError(f"s3://{bucket}/{obj.key} arrived corrupted (MD5 differs from its ETag); run again")
+                raise ValueError(_corrupted(f"s3://{bucket}/{obj.key}", obj))
             partial.replace(target)
             report.copied.append(str(target.relative_to(root)))
             report.bytes_copied += obj.size
@@ -197,7 +236,7 @@ def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, pr
         rel = path.relative_to(root).as_posix()
         key = f"{prefix}/{rel}" if prefix else rel
         existing = remote.get(key)
-        if existing is not None and same_content(path, existing.size, existing.etag):
+        if existing is not None and same_as_object(client, bucket, existing, path):
             report.skipped.append(rel)
         else:
             todo.append((path, key))
@@ -246,6 +285,42 @@ def _local_path(root: Path, rel: str, uri: str) -> Path:
             "(a key without '//', '/./' or '/../') or leave it out of the prefix"
         )
     return root.joinpath(*parts)
+
+
+def _corrupted(uri: str, obj: S3Object) -> str:
+    count = _part_count(obj.etag)
+    if count is None:
+        return f"{uri} arrived corrupted (MD5 differs from its ETag); run again"
+    return (
+        f"{uri} arrived corrupted, or was uploaded in parts of unequal sizes: no part size gives its multipart ETag "
+        f"{obj.etag} (tried {', '.join(f'{s / MIB:g} MiB' for s in guessed_part_sizes(obj.size, count))} and the "
+        "size the server reports for its first part); run again, and if it fails the same way, upload the object "
+        "again in parts of one size (`aws s3 cp`, boto3's `upload_file`)"
+    )
+
+
+def _part_count(etag: str) -> int | None:
+    """The count of parts a multipart ETag (`<md5 of the parts' md5s>-<count>`) ends with; None for a single part."""
+    parts = etag.partition("-")[2]
+    return int(parts) if parts else None
+
+
+def _server_part_size(client: S3Client, bucket: str, key: str, count: int) -> int | None:
+    """The size of the object's first part, as the server reports it (HeadObject with PartNumber=1); None when it
+    does not tell. AWS, SeaweedFS, MinIO and Ceph do; a server that ignores PartNumber describes the whole object,
+    without the count of parts."""
+    from botocore.exceptions import ClientError
+
+    try:
+        head = client.head_object(Bucket=bucket, Key=key, PartNumber=1)
+    except ClientError as err:
+        log.info("s3://%s/%s: the server does not tell its part size (%s)", bucket, key, err)
+        return None
+    return int(head["ContentLength"]) if head.get("PartsCount") == count else None
+
+
+def _same_size(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
 
 
 def _md5(path: Path) -> str:

@@ -14,7 +14,8 @@
    no longer matches, or holds a model file its manifest does not list, its manifest is rebuilt rather than
    the run refused. An S3 copy is reused while the
    prefix's listing (keys and ETags, one request) is the one it was made from; what changed there is copied
-   again, and with S3 out of reach the verified copy is used with a warning.
+   again, and with S3 out of reach the verified copy is used with a warning. Two processes that fetch one hub or S3
+   model into one cache take turns (a lock beside its manifest): the second waits, then uses what the first verified.
 3. A snapshot in the original release layout is converted once into `<cache_dir>/converted/`, keyed by
    the source manifest's digest, and that folder is returned.
 
@@ -222,7 +223,7 @@ def s3_source_etags(
     if resolved.source != "s3":
         return None
     try:
-        wanted, _ = s3_model_files(resolved.id, storage_cfg)
+        wanted = s3_model_files(resolved.id, storage_cfg)
     except (BotoCoreError, ClientError, ModelNotFoundError):
         return None  # the download itself says what is wrong
     return {rel: o.etag for rel, o in wanted.items()}

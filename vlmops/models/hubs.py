@@ -199,11 +199,22 @@ class HuggingFace:
 
 
 def hub_snapshot(resolved: ResolvedModel, cache: Path, refresh: bool, hub: Hub) -> tuple[Path, Path, dict[str, Any]]:
-    """(snapshot, manifest path, manifest) of a hub model: the verified cache, or a (resumed) download."""
-    hub_cache = cache / hub.subdir
+    """(snapshot, manifest path, manifest) of a hub model: the verified cache, or a (resumed) download.
+
+    One process at a time per model and revision in a cache (a lock beside the manifest): another one that fetches it
+    at the same time waits, then uses the snapshot this one verified.
+    """
     manifest_path = (
         cache / "manifests" / hub.subdir / safe_name(resolved.id) / f"{safe_name(resolved.revision or 'default')}.json"
     )
+    with build_lock(manifest_path, f"fetching {hub.name} {resolved.id}@{resolved.revision} into {cache}"):
+        return _hub_snapshot(resolved, cache, refresh, hub, manifest_path)
+
+
+def _hub_snapshot(
+    resolved: ResolvedModel, cache: Path, refresh: bool, hub: Hub, manifest_path: Path
+) -> tuple[Path, Path, dict[str, Any]]:
+    hub_cache = cache / hub.subdir
     recorded = read_json_or_none(manifest_path)
     patterns = list(recorded.get("allow_patterns", ALLOW_PATTERNS)) if recorded else list(ALLOW_PATTERNS)
     snapshot = hub.cached(resolved.id, resolved.revision, hub_cache, patterns)
@@ -289,8 +300,8 @@ def _is_connection_error(err: BaseException) -> bool:
 # s3
 
 
-def s3_model_files(uri: str, storage_cfg: StorageConfig | None) -> tuple[dict[str, S3Object], list[str]]:
-    """({path relative to the prefix: object} of the model files under `uri` now, the patterns that chose them).
+def s3_model_files(uri: str, storage_cfg: StorageConfig | None) -> dict[str, S3Object]:
+    """{path relative to the prefix: object} of the model files under `uri` now (one LIST request).
 
     Raises:
         ModelNotFoundError: nothing under `uri`, or no model files.
@@ -307,7 +318,7 @@ def s3_model_files(uri: str, storage_cfg: StorageConfig | None) -> tuple[dict[st
     wanted = {rel: o for rel, o in sorted(listing.items()) if matches(rel, patterns)}
     if not wanted:
         raise ModelNotFoundError(f"no model files under {uri} (nothing matches {', '.join(patterns)})")
-    return wanted, patterns
+    return wanted
 
 
 def s3_snapshot(
@@ -315,22 +326,36 @@ def s3_snapshot(
 ) -> tuple[Path, Path, dict[str, Any]]:
     """(folder, manifest path, manifest) of an S3 prefix: the verified copy, or a sync of the model files.
 
-    The copy is reused while the prefix's listing (each model file's key and ETag, one LIST request) is the one it
-    was made from: an object rewritten or removed in place is copied again (only it) or removed here. With S3 out of
-    reach the verified copy is used as it is, with a warning.
-    """
-    from botocore.exceptions import BotoCoreError, ClientError
+    The copy is reused while the prefix's listing (each model file's key and ETag, one LIST request, which a sync
+    copies from without listing again) is the one it was made from: an object rewritten or removed in place is copied
+    again (only it) or removed here. With S3 out of reach the verified copy is used as it is, with a warning.
 
-    from vlmops.storage import download_prefix, parse_s3_uri, s3_client
+    One process at a time per prefix in a cache (a lock beside the manifest): another one that fetches it at the same
+    time (a scheduled retrain and a batch job) waits, then uses the copy this one verified.
+    """
+    from vlmops.storage import parse_s3_uri
 
     bucket, prefix = parse_s3_uri(resolved.id)
     folder = cache / "s3" / bucket / prefix
     # The prefix's hash keeps two prefixes whose safe names meet ('a/b' and 'a--b', '' and 'root') apart.
     key = hashlib.sha256(prefix.encode()).hexdigest()[:12]
     manifest_path = cache / "manifests" / "s3" / bucket / f"{safe_name(prefix or 'root')}-{key}.json"
+    # Without it both wrote the same hidden .NAME.part files (one could rename the other's away before that one
+    # checked it), and one deleted the manifest the other had just written or was reading.
+    with build_lock(manifest_path, f"fetching {resolved.id} into {folder}"):
+        return _s3_snapshot(resolved, storage_cfg, folder, manifest_path, refresh)
+
+
+def _s3_snapshot(
+    resolved: ResolvedModel, storage_cfg: StorageConfig | None, folder: Path, manifest_path: Path, refresh: bool
+) -> tuple[Path, Path, dict[str, Any]]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from vlmops.storage import download_prefix, s3_client
+
     recorded = read_json_or_none(manifest_path) if folder.is_dir() and not refresh else None
     try:
-        wanted, patterns = s3_model_files(resolved.id, storage_cfg)
+        wanted = s3_model_files(resolved.id, storage_cfg)
     except (BotoCoreError, ClientError) as err:
         if recorded is None:
             raise _unreadable(resolved.id, err) from err
@@ -355,7 +380,7 @@ def s3_snapshot(
     needed = sum(o.size for rel, o in wanted.items() if not _same_size(folder / rel, o.size))
     check_free_space(folder, needed, resolved.id)
     try:
-        download_prefix(s3_client(storage_cfg), resolved.id, folder, patterns=patterns, progress=True)
+        download_prefix(s3_client(storage_cfg), resolved.id, folder, objects=list(wanted.values()), progress=True)
     except (BotoCoreError, ClientError) as err:
         raise _unreadable(resolved.id, err) from err
     except OSError as err:
