@@ -40,7 +40,13 @@ from vlmops.data.formats import RecordError, image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.hashing import FolderHashes
-from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult, slot_tokens
+from vlmops.infer.engine import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    refuse_context_without_room,
+    slot_tokens,
+)
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, open_output, written_file
 from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
@@ -422,7 +428,14 @@ def plan_job(
 ) -> JobPlan:
     """Read the inputs once (hash, count, shard offsets; with `measure`, each file's longest prompt) and give the job
     its id and shards. Files under `output_uri` (an output inside the input folder) are the job's own, never
-    input."""
+    input.
+
+    Raises:
+        UserInputError: `infer.max_context` leaves no room for a prompt beside `infer.max_new_tokens`.
+    """
+    if config.infer.max_context is not None:
+        # Before any input is read: every record would be a reject (the plain engine answers none), whichever engine.
+        refuse_context_without_room(config.infer.max_context, config.infer.max_new_tokens)
     files: list[InputFile] = []
     shards: list[Shard] = []
     found = find_inputs(input_spec, config.storage, output_uri)
