@@ -210,6 +210,41 @@ def test_a_promotion_while_a_job_runs_puts_no_other_version_on_its_workers(
         batch_job._WORKER_RUNNER.clear()
 
 
+def test_a_job_resumed_after_its_alias_moved_is_refused_naming_the_version_it_started_with(
+    registry: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`vlmops batch-infer --model models:/NAME@champion` stopped part way (here a trial run), then a promotion, then
+    the same command: the alias names another model, so another job, and the output holds the first: refused, now
+    naming the two versions and the reference that finishes the first job (it said only `model X (sha256:...) vs X
+    (sha256:...)`, the same URI twice). That reference finishes it, recorded as the alias at version 1."""
+    from vlmops.config import load_config
+    from vlmops.infer.batch_job import run_batch_job
+    from vlmops.infer.job import JobMismatchError, StoppedJob
+
+    name, alias = "vlmops-resumed", "models:/vlmops-resumed@champion"
+    assert register(registry, tiny_model, "champion", name) == "1"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"id": "r{i}", "query": "Say {i}."}}\n' for i in range(4)))
+    out = tmp_path / "out"
+    settings = [f"tracking.uri={registry}", f"model.cache_dir={tmp_path / 'cache'}", "infer.max_new_tokens=2"]
+    config = load_config(None, [*settings, "infer.shard_size=2"])
+    trial = load_config(None, [*settings, "infer.shard_size=2", "infer.max_shards=1"])
+    assert isinstance(run_batch_job(alias, str(prompts), str(out), trial, progress=False), StoppedJob)
+    assert register(registry, build_tiny_model(tmp_path / "other", "deepseek_vl", seed=5), "champion", name) == "2"
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(
+        JobMismatchError,
+        match=rf"\(model {alias}: version 1 when the job started, version 2 now; to finish that job, name the version "
+        rf"it started with, models:/{name}/1\)",
+    ):
+        run_batch_job(alias, str(prompts), str(out), config, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    done = run_batch_job(f"models:/{name}/1", str(prompts), str(out), config, progress=False)
+    assert done.manifest["model"]["uri"] == alias and done.manifest["model"]["version"] == "1"
+    assert [s.shard for s in done.ran] == [1]  # the trial's shard is not redone
+
+
 def test_a_model_is_recorded_as_an_alias_only_where_it_is_a_version_of_that_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -560,6 +560,11 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
 
 def _difference(old: JobPlan, new: JobPlan) -> str:
     if old.model.content_hash != new.model.content_hash:
+        if old.model.uri == new.model.uri and old.model.pinned != new.model.pinned:  # an alias moved since the start
+            return (
+                f"model {new.model.uri}: version {old.model.version} when the job started, version "
+                f"{new.model.version} now; to finish that job, name the version it started with, {old.model.pinned}"
+            )
         return (
             f"model {old.model.uri} ({old.model.content_hash[:19]}) vs {new.model.uri} ({new.model.content_hash[:19]})"
         )
