@@ -53,7 +53,13 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
-from vlmops.infer.resolve import catalog_resolver, config_for_model, model_source, with_saved_settings
+from vlmops.infer.resolve import (
+    catalog_resolver,
+    config_for_model,
+    model_source,
+    pinned_model_ref,
+    with_saved_settings,
+)
 from vlmops.infer.summary import sample_rows, stopped_rows, summary_rows
 from vlmops.redact import redact_log_handlers
 
@@ -79,10 +85,17 @@ def batch_inference(
     redact_log_handlers()
     logger = get_run_logger()
     config = config_for_model(load_config(config_path, overrides), model, overrides or [])
+    # An alias (models:/NAME@champion) is looked up once, here: the child or the task workers get the version it names
+    # now, so a promotion while the job starts or runs cannot mix two versions (or one's settings and another's
+    # weights) in one job. The job records the alias as the model's URI and the version beside it.
+    pinned = pinned_model_ref(model, config)
+    named_as = model if pinned != model else None
+    if named_as:
+        logger.info("model %s is %s: the job loads that version in every process", model, pinned)
     # sync_compatible: called from sync code it returns the artifact's id, not a coroutine
     artifact = cast(UUID, create_progress_artifact(0.0, description=f"batch inference {model} -> {output}"))
     if distributed:
-        _source, plan, job_output, config = prepare_job(model, input, output, config)
+        _source, plan, job_output, config = prepare_job(pinned, input, output, config, named_as)
         manifest = read_manifest(plan, job_output)
         ran: list[ShardStats] = []
         if manifest is None:
@@ -92,7 +105,7 @@ def batch_inference(
             logger.info(
                 "job %s: %d shards to hand to the task workers (%d done before)", plan.job_id, len(todo), done_before
             )
-            futures = [answer_shard.delay(model, job_output.uri, config, shard.index) for shard in todo]
+            futures = [answer_shard.delay(pinned, job_output.uri, config, shard.index) for shard in todo]
             for state in _final_states([f.task_run_id for f in futures]):
                 ran.append(state.result())
                 update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
@@ -102,12 +115,13 @@ def batch_inference(
     else:
         # The child reads the config written out whole, where every key is set: the settings the model brings go in
         # here (the model is fetched here, not loaded; the child finds it in the cache).
-        config = with_saved_settings(config, model_source(model, None, catalog_resolver(config)))
+        config = with_saved_settings(config, model_source(pinned, None, catalog_resolver(config)))
         job_output = open_output(output, config.storage)
         parts_before = len(job_output.names(PART_PREFIX))
         started = time.monotonic()
         with gpu_slot():
-            run_job_in_child(model, input, output, config, poll=_progress_poller(output, config, artifact))
+            poll = _progress_poller(output, config, artifact)
+            run_job_in_child(pinned, input, output, config, poll=poll, named_as=named_as)
         manifest_text = job_output.read_text(MANIFEST_FILE)
         if manifest_text is None and config.infer.max_shards is not None:
             return _stopped(StoppedJob(job_status(job_output), []), model, output)

@@ -324,7 +324,8 @@ class InferConfig(Section):
     images/s once started with 1024 against 37.0 with 2048: bench/RESULTS.md session 24). Set it to cap the slots: a
     record that does not fit goes to the job's rejects with its token count, whichever engine answers it (the plain
     engine's own limit is the model's `max_position_embeddings`); set, it is part of the job's identity. To answer
-    such a record, raise this and answer the job's rejects again into a new output folder (infer.retry_rejects)."""
+    such a record, raise this and answer the job's rejects again into a new output folder (infer.retry_rejects).
+    It must exceed max_new_tokens: a job refuses one that leaves no room for a prompt before it starts."""
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
     a 7b inside an 80 GB card). null: 90% of the GPU."""

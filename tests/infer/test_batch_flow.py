@@ -30,7 +30,7 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory, prefect_harness: None)
         yield {"PREFECT_API_URL": str(PREFECT_API_URL.value()), "PREFECT_LOCAL_STORAGE_PATH": str(storage)}
 
 
-def _artifacts(model: Path, output: Path, kind: str = "progress") -> list[Any]:
+def _artifacts(model: Path | str, output: Path, kind: str = "progress") -> list[Any]:
     """The `kind` artifacts of the batch jobs from `model` into `output` (the flow's description names both), newest
     first."""
     import asyncio
@@ -86,6 +86,90 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     assert [row["key"] for row in table] == [f"eval.jsonl:{i}" for i in range(1, 7)]
     reference = json.loads(eval_file.read_text().splitlines()[0])["conversations"][-1]["value"]
     assert table[0]["question"] == "What colour is the shape?" and table[0]["reference"] == reference
+
+
+def _registered_copy(model: Path, folder: Path, max_new_tokens: int) -> Path:
+    """A copy of `model` as the retrain flow registers one: merged weights with the config they were made with (here:
+    its `infer.max_new_tokens`)."""
+    from vlmops.config import dump_config, load_config
+    from vlmops.train.rundir import CONFIG_FILE, RunInfo
+
+    shutil.copytree(model, folder)
+    (folder / CONFIG_FILE).write_text(dump_config(load_config(None, [f"infer.max_new_tokens={max_new_tokens}"])))
+    RunInfo(str(model), str(folder.parent), "test", "full", merged_from=str(folder.parent / "final")).write(folder)
+    return folder
+
+
+def test_a_promotion_while_the_flow_starts_its_job_puts_no_other_version_in_it(
+    prefect_api: dict[str, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    """`batch_inference(model="models:/NAME@champion")` takes the version's saved settings in the flow and starts the
+    job in a child; the alias moves (`vlmops promote`) while the flow waits for its `gpu` slot. The child looked the
+    alias up again: the job ran version 2's weights with version 1's settings and recorded version 2. Now the flow
+    looks the alias up once and hands the child that version: the job is version 1 throughout, recorded as the alias
+    the user named and the version it resolved to, in the manifest, the results and the summary artifact."""
+    import threading
+
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+
+    from flows.batch_inference import batch_inference
+    from tasks.gpu import GPU_LIMIT
+    from tests.infer.test_registry_load import register
+    from vlmops.infer.job import folder_hash
+    from vlmops.models.tiny import build_tiny_model
+
+    registry = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.MlflowClient(tracking_uri=registry).create_experiment("registry", (tmp_path / "artifacts").as_uri())
+    name, alias = "vlmops-flow", "models:/vlmops-flow@champion"
+    first = _registered_copy(tiny_model, tmp_path / "v1" / "merged", max_new_tokens=3)
+    second = _registered_copy(build_tiny_model(tmp_path / "other", "deepseek_vl", seed=5), tmp_path / "v2" / "m", 5)
+    assert register(registry, first, "champion", name) == "1"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "query": f"Say {i}."}) + "\n" for i in range(3)))
+    out, cache = tmp_path / "out", tmp_path / "cache"
+
+    held, failed = threading.Event(), []
+
+    def promote_while_the_flow_waits() -> None:
+        """Hold the one `gpu` slot until the flow has fetched version 1, then move the alias and let the flow go on."""
+        try:
+            with concurrency(GPU_LIMIT, occupy=1, strict=True):
+                held.set()
+                deadline = time.monotonic() + 300
+                while not list(cache.glob(f"registry/*/{name}/v1/vlmops_registry.json")):
+                    assert time.monotonic() < deadline, "the flow did not fetch version 1"
+                    time.sleep(0.2)
+                assert register(registry, second, "champion", name) == "2"
+        except BaseException as err:
+            failed.append(err)
+            held.set()
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+    promoter = threading.Thread(target=promote_while_the_flow_waits)
+    try:
+        promoter.start()
+        assert held.wait(120) and not failed, failed
+        overrides = [f"tracking.uri={registry}", f"model.cache_dir={cache}", "infer.shard_size=2"]
+        summary = batch_inference(alias, str(prompts), str(out), None, overrides)
+    finally:
+        promoter.join(300)
+        mlflow.set_tracking_uri(None)
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(GPU_LIMIT)
+    assert not failed, failed
+    assert summary["records"] == summary["results"] == 3
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    v1 = {"uri": alias, "version": "1", "content_hash": f"sha256:{folder_hash(first)}"}
+    assert (manifest["model"], manifest["settings"]["max_new_tokens"]) == (v1, 3)  # version 1's settings and weights
+    results = [json.loads(line) for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()]
+    assert [r["model"] for r in results] == [v1] * 3
+    (markdown,) = (a.data for a in _artifacts(alias, out, "markdown"))
+    assert f"| model | {alias} (version 1, {v1['content_hash'][:19]}) |" in markdown, markdown
 
 
 def test_two_task_workers_share_one_job_exactly_once(

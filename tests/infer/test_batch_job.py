@@ -183,6 +183,31 @@ def test_the_limits_on_prompts_and_images_are_part_of_the_job(
     }  # fmt: skip
 
 
+def test_a_max_context_without_room_for_a_prompt_is_refused_before_the_job_starts(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`infer.max_context` at or below `infer.max_new_tokens` holds no prompt: the plain engine rejected every record
+    one by one (a finished job of rejects); now the job refuses the config before it reads any input, whichever engine,
+    naming both keys and the fix, as the fast engine does when it is built."""
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 3)
+    out = tmp_path / "out"
+    for context in (8, 4):  # equal, and below
+        config = job_config(**{"infer.engine": "plain", "infer.max_context": context, "infer.max_new_tokens": 8})
+        with pytest.raises(
+            UserInputError,
+            match=rf"infer.max_context {context} leaves no room for a prompt beside infer.max_new_tokens 8 .*every "
+            r"record would be rejected. Raise infer.max_context .* or lower infer.max_new_tokens",
+        ):
+            run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
+    assert not out.exists()  # no job started
+    settings = ["--set", "infer.max_context=8", "--set", "infer.max_new_tokens=8"]
+    assert main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings]) == 2
+    assert "infer.max_context 8 leaves no room" in capsys.readouterr().err and not out.exists()
+    # Room for these prompts beside the answer: the job runs as before.
+    config = job_config(**{"infer.engine": "plain", "infer.max_context": 128, "infer.max_new_tokens": 2})
+    assert run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False).results == 3
+
+
 def test_cli_summary_and_exit_codes(
     tiny_model: Path, demo_data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -18,8 +19,8 @@ from vlmops.versioning import POINTER_FILE, DvcStore, write_pointer
 NAME = "vlmops-test"
 
 
-def register(tracking_uri: str, model_dir: Path, alias: str) -> str:
-    """Log `model_dir` as plain run artifacts and register them as a new version with `alias`."""
+def register(tracking_uri: str, model_dir: Path, alias: str, name: str = NAME) -> str:
+    """Log `model_dir` as plain run artifacts and register them as a new version of `name` with `alias`."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -27,10 +28,10 @@ def register(tracking_uri: str, model_dir: Path, alias: str) -> str:
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(experiment_id=client.get_experiment_by_name("registry").experiment_id) as run:
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
-    if not client.search_registered_models(filter_string=f"name = '{NAME}'"):
-        client.create_registered_model(NAME)
-    version = client.create_model_version(NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
-    client.set_registered_model_alias(NAME, alias, version.version)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, alias, version.version)
     return str(version.version)
 
 
@@ -151,6 +152,119 @@ def test_batch_infer_answers_with_a_registered_versions_saved_settings(
     assert manifest["settings"]["max_new_tokens"] == 2  # the command line's
     assert manifest["settings"]["repetition_penalty"] == 1.3  # the version's
     assert manifest["settings"]["system_prompt"] == "Answer in colours."
+
+
+def test_a_promotion_while_a_job_runs_puts_no_other_version_on_its_workers(
+    registry: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The alias moves (`vlmops promote`) after a job over `models:/NAME@champion` was planned and while its shards
+    are answered by the task workers of the `gpu` pool, each handed the reference as the batch-inference flow hands it.
+    A worker that loaded the model before the promotion answered with version 1; one that started after it looked the
+    alias up again, found version 2 and failed its shard (another content hash), so the job could not finish. Now every
+    shard is answered with the version the job was planned with, the results and the manifest say which (the alias as
+    the user named it, and version 1), and the next job through the alias gets version 2 on the same worker."""
+    from vlmops.config import load_config
+    from vlmops.infer import batch_job
+    from vlmops.infer.job import folder_hash
+
+    name, alias = "vlmops-moving", "models:/vlmops-moving@champion"
+    assert register(registry, tiny_model, "champion", name) == "1"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"id": "r{i}", "query": "Say {i}."}}\n' for i in range(6)))
+    config = load_config(
+        None,
+        [
+            f"tracking.uri={registry}",
+            f"model.cache_dir={tmp_path / 'cache'}",
+            "infer.max_new_tokens=2",
+            "infer.shard_size=2",
+        ],
+    )
+    _, plan, output, config = batch_job.prepare_job(alias, str(prompts), str(tmp_path / "out"), config)
+    assert (plan.model.uri, plan.model.version) == (alias, "1")
+    assert plan.model.content_hash == f"sha256:{folder_hash(tiny_model)}"
+    first, second, third = plan.shards
+    try:
+        assert batch_job.run_job_shard(alias, output.uri, config, first.index).results == 2  # before the promotion
+        other = build_tiny_model(tmp_path / "other", "deepseek_vl", seed=5)
+        assert register(registry, other, "champion", name) == "2"
+        assert batch_job.run_job_shard(alias, output.uri, config, second.index).results == 2  # the same worker
+        batch_job._WORKER_RUNNER.clear()  # a worker process that starts after the promotion
+        assert batch_job.run_job_shard(alias, output.uri, config, third.index).results == 2
+        result = batch_job.complete_job(plan, output, [], config)
+        assert result.manifest["model"] == plan.model.as_dict()
+        answered = [
+            json.loads(line)
+            for p in sorted((tmp_path / "out").glob("part-*.jsonl"))
+            for line in p.read_text().splitlines()
+        ]
+        assert len(answered) == 6 and all(r["model"] == plan.model.as_dict() for r in answered)
+
+        # The next job through the alias takes it where it is now, on the same worker.
+        _, moved, moved_output, _ = batch_job.prepare_job(alias, str(prompts), str(tmp_path / "next"), config)
+        assert (moved.model.uri, moved.model.version) == (alias, "2")
+        assert moved.model.content_hash == f"sha256:{folder_hash(other)}"
+        for shard in moved.shards:
+            assert batch_job.run_job_shard(alias, moved_output.uri, config, shard.index).results == 2
+    finally:
+        batch_job._WORKER_RUNNER.clear()
+
+
+def test_a_job_resumed_after_its_alias_moved_is_refused_naming_the_version_it_started_with(
+    registry: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`vlmops batch-infer --model models:/NAME@champion` stopped part way (here a trial run), then a promotion, then
+    the same command: the alias names another model, so another job, and the output holds the first: refused, now
+    naming the two versions and the reference that finishes the first job (it said only `model X (sha256:...) vs X
+    (sha256:...)`, the same URI twice). That reference finishes it, recorded as the alias at version 1."""
+    from vlmops.config import load_config
+    from vlmops.infer.batch_job import run_batch_job
+    from vlmops.infer.job import JobMismatchError, StoppedJob
+
+    name, alias = "vlmops-resumed", "models:/vlmops-resumed@champion"
+    assert register(registry, tiny_model, "champion", name) == "1"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"id": "r{i}", "query": "Say {i}."}}\n' for i in range(4)))
+    out = tmp_path / "out"
+    settings = [f"tracking.uri={registry}", f"model.cache_dir={tmp_path / 'cache'}", "infer.max_new_tokens=2"]
+    config = load_config(None, [*settings, "infer.shard_size=2"])
+    trial = load_config(None, [*settings, "infer.shard_size=2", "infer.max_shards=1"])
+    assert isinstance(run_batch_job(alias, str(prompts), str(out), trial, progress=False), StoppedJob)
+    assert register(registry, build_tiny_model(tmp_path / "other", "deepseek_vl", seed=5), "champion", name) == "2"
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(
+        JobMismatchError,
+        match=rf"\(model {alias}: version 1 when the job started, version 2 now; to finish that job, name the version "
+        rf"it started with, models:/{name}/1\)",
+    ):
+        run_batch_job(alias, str(prompts), str(out), config, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    done = run_batch_job(f"models:/{name}/1", str(prompts), str(out), config, progress=False)
+    assert done.manifest["model"]["uri"] == alias and done.manifest["model"]["version"] == "1"
+    assert [s.shard for s in done.ran] == [1]  # the trial's shard is not redone
+
+
+def test_a_model_is_recorded_as_an_alias_only_where_it_is_a_version_of_that_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--model-named-as` (what the batch-inference flow passes its child with the version it looked an alias up to)
+    names a pinned model, never another one: refused before the registry is asked or anything is written."""
+    from vlmops.cli.main import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"query": "Say 1."}\n')
+    args = ["-i", str(prompts), "-o", str(tmp_path / "out"), "--set", f"tracking.uri=sqlite:///{tmp_path}/none.db"]
+    for model, named in [
+        (f"models:/{NAME}/1", "models:/another@champion"),  # another registered model
+        (f"models:/{NAME}@champion", f"models:/{NAME}@challenger"),  # not a version
+        (f"models:/{NAME}/1", f"models:/{NAME}/2"),  # not an alias
+        (str(tmp_path), f"models:/{NAME}@champion"),  # not a registered model
+    ]:
+        assert main(["batch-infer", "-m", model, "--model-named-as", named, *args]) == 2
+        err = capsys.readouterr().err
+        assert f"model {model} named as {named}: a model is named as the alias it was pinned from only" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "none.db").exists()
 
 
 @pytest.mark.integration

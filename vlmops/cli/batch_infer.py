@@ -21,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="models:/NAME@ALIAS, models:/NAME/VERSION, run or checkpoint folder, catalog name",
     )
     p.add_argument(
+        "--model-named-as",
+        metavar="models:/NAME@ALIAS",
+        help="record the job's model as this alias, --model being the version it was resolved to (models:/NAME/N); "
+        "the batch-inference flow passes it, so that every process of the job loads one version",
+    )
+    p.add_argument(
         "--input", "-i", required=True, help="a .jsonl/.json file, a folder or glob of them, or an s3:// prefix"
     )
     p.add_argument(
@@ -38,7 +44,7 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.infer.summary import stopped_rows, summary_rows
 
     config = config_for_model(load_config(args.config, args.overrides), args.model, args.overrides)
-    result = run_batch_job(args.model, args.input, args.output, config)
+    result = run_batch_job(args.model, args.input, args.output, config, named_as=args.model_named_as)
     if isinstance(result, StoppedJob):
         job_id = result.status.plan.job_id
         state = f"stopped after infer.max_shards={config.infer.max_shards}"

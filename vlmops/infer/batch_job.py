@@ -69,8 +69,10 @@ def run_batch_job(
     *,
     progress: bool = True,
     on_shard: OnShard | None = None,
+    named_as: str | None = None,
 ) -> JobResult | StoppedJob:
     """Answer every record of `input_spec` with `model_ref` into `output_uri`, doing only what is not done.
+    `named_as`: the alias a pinned `model_ref` was resolved from, as the job records its model (`prepare_job`).
 
     With `infer.workers` above 1 the shards go to a process per GPU; else the model loads here. With
     `infer.max_shards`, at most that many shards are answered: where shards remain, the job stops without its
@@ -84,7 +86,7 @@ def run_batch_job(
     from vlmops.infer.parallel import default_workers, run_on_workers
 
     started = time.perf_counter()
-    source, plan, output, config = prepare_job(model_ref, input_spec, output_uri, config)
+    source, plan, output, config = prepare_job(model_ref, input_spec, output_uri, config, named_as)
     manifest = read_manifest(plan, output)
     if manifest is not None:
         log.info("job %s in %s is finished already: nothing to do", plan.job_id, output.uri)
@@ -118,15 +120,18 @@ def run_batch_job(
 
 
 def prepare_job(
-    model_ref: str, input_spec: str, output_uri: str, config: PipelineConfig
+    model_ref: str, input_spec: str, output_uri: str, config: PipelineConfig, named_as: str | None = None
 ) -> tuple[ModelSource, JobPlan, JobOutput, PipelineConfig]:
     """Resolve and hash the model, plan the job from the inputs, and start it in the output (or pick it up); return
     them with the job's config: `config` with the generation settings the model brings where it sets none
     (`with_saved_settings`), which the shards must be answered with.
 
-    The model is downloaded if it has to be, never loaded (its processor is, to count the prompts' tokens).
+    The model is resolved once, here (a registry alias to the version it names now: the plan records both, and
+    `plan.model.pinned` loads that version again), downloaded if it has to be, never loaded (its processor is, to
+    count the prompts' tokens). `named_as`: the alias a caller resolved `model_ref` from (`pinned_model_ref`),
+    recorded as the job's model URI.
     """
-    source, info = resolve_job_model(model_ref, config)
+    source, info = resolve_job_model(model_ref, config, named_as)
     config = with_saved_settings(config, source)
     output = open_output(output_uri, config.storage)
     measure = None
@@ -321,11 +326,15 @@ def run_job_shard(model_ref: str, output_uri: str, config: PipelineConfig, shard
     if saved is None:
         raise RunFailed(f"{output_uri} has no {JOB_FILE}: plan the job (run_batch_job / the flow) first")
     plan = JobPlan.from_json(saved)
-    runner, content_hash = _worker_runner(model_ref, config.model_dump_json(), plan.longest_prompt, plan.records)
+    # The job's model as it named it (a registry alias) is the version the job resolved it to when it was planned,
+    # never the one the alias names now: a promotion while the job runs must not put another model on this worker.
+    ref = plan.model.pinned if model_ref == plan.model.uri else model_ref
+    runner, content_hash = _worker_runner(ref, config.model_dump_json(), plan.longest_prompt, plan.records)
     if content_hash != plan.model.content_hash:
         raise RunFailed(
-            f"{model_ref} resolves to {content_hash} on this worker but job {plan.job_id} runs "
-            f"{plan.model.content_hash}: pin the model (models:/NAME/VERSION) so every worker loads the same one"
+            f"{ref} resolves to {content_hash} on this worker but job {plan.job_id} runs {plan.model.content_hash} "
+            f"({plan.model.pinned}): every worker must load the same model (a registered version, or the same folder "
+            "on every machine)"
         )
     shard = plan.shards[shard_index]
     if shard not in pending_shards(plan, output):  # a retried task after its shard was published

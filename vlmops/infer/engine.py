@@ -87,6 +87,22 @@ CONTEXT_STEP = PROMPT_STEP
 """Slots hold a multiple of this many tokens (a job's plan counts prompts in the same steps)."""
 
 
+def refuse_context_without_room(max_context: int, max_new_tokens: int) -> None:
+    """Refuse a request size of `max_context` tokens that holds no prompt beside an answer of `max_new_tokens`: every
+    record would be refused, one by one (the job's rejects; the fast engine's slots).
+
+    Raises:
+        UserInputError: naming both keys and what to change.
+    """
+    if max_new_tokens >= max_context:
+        raise UserInputError(
+            f"infer.max_context {max_context} leaves no room for a prompt beside infer.max_new_tokens {max_new_tokens} "
+            "(a request holds its prompt and its answer): every record would be rejected. Raise infer.max_context "
+            "above infer.max_new_tokens by the longest prompt (an image is 576 prompt tokens), or unset it to size it "
+            "to the job's prompts, or lower infer.max_new_tokens"
+        )
+
+
 def slot_tokens(tokens: int) -> int:
     """`tokens` rounded up to a whole number of CONTEXT_STEP."""
     return -(-tokens // CONTEXT_STEP) * CONTEXT_STEP

@@ -49,7 +49,7 @@ import torch
 
 from vlmops.config import InferConfig
 from vlmops.errors import UserInputError
-from vlmops.infer.engine import GenerationRequest, GenerationResult
+from vlmops.infer.engine import GenerationRequest, GenerationResult, refuse_context_without_room
 from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
@@ -241,12 +241,7 @@ class FastEngine:
             raise UserInputError(
                 "max_batch, prefill_batch, decode_window and column_bucket must be at least 1 and max_context at least 2"
             )
-        if infer_cfg.max_new_tokens >= max_context:
-            raise UserInputError(
-                f"max_context {max_context} (infer.max_context) leaves no room for a prompt beside infer.max_new_tokens "
-                f"{infer_cfg.max_new_tokens}: raise infer.max_context (an image is 576 prompt tokens) or lower "
-                "infer.max_new_tokens"
-            )
+        refuse_context_without_room(max_context, infer_cfg.max_new_tokens)
         if first_prefill is not None and first_prefill < 1:
             raise UserInputError(f"first_prefill={first_prefill}: use at least 1 (or None: prefill_batch)")
         if switch_interval is not None and switch_interval <= 0:

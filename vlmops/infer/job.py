@@ -40,7 +40,13 @@ from vlmops.data.formats import RecordError, image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.hashing import FolderHashes
-from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult, slot_tokens
+from vlmops.infer.engine import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    refuse_context_without_room,
+    slot_tokens,
+)
 from vlmops.infer.generation import decode_answer
 from vlmops.infer.output import JobOutput, open_output, written_file
 from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
@@ -60,7 +66,14 @@ from vlmops.infer.records import (
     reject_key,
     scan_input,
 )
-from vlmops.infer.resolve import REGISTRY_MANIFEST, ModelSource, catalog_resolver, model_source
+from vlmops.infer.resolve import (
+    REGISTRY_MANIFEST,
+    ModelSource,
+    catalog_resolver,
+    check_pinned_from,
+    model_source,
+    registry_alias_version,
+)
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.template import encode
@@ -87,11 +100,18 @@ class RecordRejectedError(UserInputError):
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The model a job runs: as the user named it, its registry version if any, and its content hash."""
+    """The model a job runs: as the user named it (`models:/NAME@ALIAS` stays the alias), the registry version it
+    resolved to if any, and its content hash."""
 
     uri: str
     version: str | None
     content_hash: str
+
+    @property
+    def pinned(self) -> str:
+        """The reference that loads this very model whatever the registry does since: `models:/NAME/VERSION` for an
+        alias (the version the job took it at), else `uri`."""
+        return registry_alias_version(self.uri, self.version) or self.uri
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -342,15 +362,24 @@ def job_settings(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def resolve_job_model(ref: str, config: PipelineConfig) -> tuple[ModelSource, ModelInfo]:
-    """The folders to load for `ref` (any form `vlmops infer` takes) and the model's identity."""
+def resolve_job_model(ref: str, config: PipelineConfig, named_as: str | None = None) -> tuple[ModelSource, ModelInfo]:
+    """The folders to load for `ref` (any form `vlmops infer` takes) and the model's identity: a registry alias is
+    looked up once, and the version it names is the one downloaded, hashed and recorded. `named_as`: the alias a
+    pinned `ref` (`models:/NAME/VERSION`) was resolved from by the caller (`pinned_model_ref`), recorded as the job's
+    model URI, as the user named it.
+
+    Raises:
+        UserInputError: `named_as` is not an alias of the registered model `ref` is a version of.
+    """
+    if named_as is not None:
+        check_pinned_from(named_as, ref)
     source = model_source(ref, None, catalog_resolver(config))
     cache = hash_cache_dir(config)
     digest = folder_hash(source.checkpoint, cache)
     if source.adapter is not None:
         adapter = folder_hash(source.adapter, cache)
         digest = hashlib.sha256(f"{digest}+{adapter}".encode()).hexdigest()
-    return source, ModelInfo(ref, _registry_version(source.checkpoint), f"sha256:{digest}")
+    return source, ModelInfo(named_as or ref, _registry_version(source.checkpoint), f"sha256:{digest}")
 
 
 def folder_hash(folder: Path, cache_dir: Path | None = None) -> str:
@@ -422,7 +451,14 @@ def plan_job(
 ) -> JobPlan:
     """Read the inputs once (hash, count, shard offsets; with `measure`, each file's longest prompt) and give the job
     its id and shards. Files under `output_uri` (an output inside the input folder) are the job's own, never
-    input."""
+    input.
+
+    Raises:
+        UserInputError: `infer.max_context` leaves no room for a prompt beside `infer.max_new_tokens`.
+    """
+    if config.infer.max_context is not None:
+        # Before any input is read: every record would be a reject (the plain engine answers none), whichever engine.
+        refuse_context_without_room(config.infer.max_context, config.infer.max_new_tokens)
     files: list[InputFile] = []
     shards: list[Shard] = []
     found = find_inputs(input_spec, config.storage, output_uri)
@@ -524,6 +560,11 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
 
 def _difference(old: JobPlan, new: JobPlan) -> str:
     if old.model.content_hash != new.model.content_hash:
+        if old.model.uri == new.model.uri and old.model.pinned != new.model.pinned:  # an alias moved since the start
+            return (
+                f"model {new.model.uri}: version {old.model.version} when the job started, version "
+                f"{new.model.version} now; to finish that job, name the version it started with, {old.model.pinned}"
+            )
         return (
             f"model {old.model.uri} ({old.model.content_hash[:19]}) vs {new.model.uri} ({new.model.content_hash[:19]})"
         )

@@ -208,12 +208,14 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def job_command(model_ref: str, input_spec: str, output_uri: str, config_file: Path) -> list[str]:
+def job_command(
+    model_ref: str, input_spec: str, output_uri: str, config_file: Path, named_as: str | None = None
+) -> list[str]:
     """`vlmops batch-infer` for this job, as a child process runs it."""
     return [
         sys.executable, "-m", "vlmops.cli", "batch-infer", "--model", model_ref, "--input", input_spec,
         "--output", output_uri, "--config", str(config_file),
-    ]  # fmt: skip
+    ] + (["--model-named-as", named_as] if named_as else [])  # fmt: skip
 
 
 def run_job_in_child(
@@ -222,9 +224,11 @@ def run_job_in_child(
     output_uri: str,
     config: PipelineConfig,
     poll: Callable[[], None] | None = None,
+    named_as: str | None = None,
 ) -> None:
     """Run the whole job (`vlmops batch-infer`) in a child process group: the model never loads here, so this
-    process holds no GPU memory afterwards; a failure or interrupt stops the child and its workers.
+    process holds no GPU memory afterwards; a failure or interrupt stops the child and its workers. `named_as`: the
+    alias a pinned `model_ref` was resolved from, which the job records as its model (`prepare_job`).
 
     Raises:
         RunFailed: the job failed (its output says why; a rerun resumes it).
@@ -232,4 +236,4 @@ def run_job_in_child(
     with tempfile.TemporaryDirectory(prefix="vlmops-job-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         config_file.write_text(dump_config(config))
-        run_in_process_group(job_command(model_ref, input_spec, output_uri, config_file), poll=poll)
+        run_in_process_group(job_command(model_ref, input_spec, output_uri, config_file, named_as), poll=poll)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.config import InferConfig, ModelConfig, PipelineConfig
-from vlmops.errors import RunFailed
+from vlmops.errors import RunFailed, UserInputError
 from vlmops.filenames import safe_name
 from vlmops.redact import redact_uri
 from vlmops.staging import staged_folder
@@ -251,6 +251,56 @@ def registered_version(uri: str, tracking_uri: str | None = None) -> RegisteredV
     except MlflowException as err:
         raise _registry_error(uri, registry, err) from err
     return RegisteredVersion(name, version, registry, client)
+
+
+def pinned_model_ref(ref: str, config: PipelineConfig) -> str:
+    """`ref` with a registry alias looked up once, now: `models:/NAME@ALIAS` -> `models:/NAME/N`, the version the alias
+    names; any other reference as it is (no lookup).
+
+    A job that loads its model in more than one place (the batch-inference flow, which reads the model's saved settings,
+    and its child process; the task workers that answer its shards) hands them this rather than the alias: a promotion
+    meanwhile (`vlmops promote` moving the alias) would otherwise give the job the settings of one version and the
+    weights of the next, or one version on some workers and another on the rest.
+
+    Raises:
+        ValueError: an alias or model the registry does not know.
+        RunFailed: the registry did not answer.
+    """
+    match = _REGISTRY_URI.match(ref)
+    if match is None or match.group("alias") is None:
+        return ref
+    found = registered_version(ref, resolve_tracking_uri(config.tracking.uri))
+    return f"{REGISTRY_SCHEME}{found.name}/{found.version.version}"
+
+
+def registry_alias_version(alias_uri: str, version: str | None) -> str | None:
+    """`models:/NAME/VERSION` for the alias URI `models:/NAME@ALIAS` taken at `version`; None for any other reference
+    (or no version)."""
+    match = _REGISTRY_URI.match(alias_uri)
+    if match is None or match.group("alias") is None or version is None:
+        return None
+    return f"{REGISTRY_SCHEME}{match.group('name')}/{version}"
+
+
+def check_pinned_from(named_as: str, ref: str) -> None:
+    """Refuse to record the model `ref` as `named_as` unless `ref` is a version of the registered model `named_as` is an
+    alias of (what `pinned_model_ref` makes of it).
+
+    Raises:
+        UserInputError: `named_as` is not a `models:/NAME@ALIAS`, or `ref` not a `models:/NAME/VERSION` of that NAME.
+    """
+    named, pinned = _REGISTRY_URI.match(named_as), _REGISTRY_URI.match(ref)
+    if (
+        named is None
+        or pinned is None
+        or named.group("alias") is None
+        or pinned.group("version") is None
+        or named.group("name") != pinned.group("name")
+    ):
+        raise UserInputError(
+            f"model {ref} named as {named_as}: a model is named as the alias it was pinned from only, "
+            "models:/NAME@ALIAS for models:/NAME/VERSION of the same NAME; leave the name out for any other model"
+        )
 
 
 REGISTRY_OUTAGE_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
