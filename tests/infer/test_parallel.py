@@ -99,8 +99,20 @@ def test_an_interrupt_stops_the_child_and_everything_it_started(tmp_path: Path) 
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids)
 
-    with pytest.raises(RunFailed, match="exited with status 3"):
+    with pytest.raises(RunFailed, match="exited with status 3") as failed:
         run_in_process_group([sys.executable, "-c", "import sys; sys.exit(3)"])
+    assert "last lines" not in str(failed.value)
+
+
+def test_a_failed_childs_last_error_lines_end_its_error(capfd: pytest.CaptureFixture[str]) -> None:
+    """A flow shows the task's exception, not the child's terminal: why the child failed must be in it."""
+    child = "import sys\nfor i in range(30): print(f'line {i}', file=sys.stderr)\nsys.exit('vlmops: error: the reason')"
+    with pytest.raises(RunFailed) as failed:
+        run_in_process_group([sys.executable, "-c", child])
+    message = str(failed.value)
+    assert message.endswith("  line 28\n  line 29\n  vlmops: error: the reason"), message
+    assert "  line 19\n" in message and "line 18" not in message
+    assert "line 0" in capfd.readouterr().err  # all of it still reached our stderr as it came
 
 
 def test_a_stats_line_being_written_is_read_once_whole(tmp_path: Path) -> None:

@@ -23,7 +23,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -36,11 +38,13 @@ from vlmops.infer.job import JOB_FILE, JobPlan, ShardStats
 from vlmops.infer.records import Shard
 from vlmops.infer.resolve import ModelSource
 from vlmops.multigpu import NO_MULTICAST_ENV
+from vlmops.train.child import copy_output
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 STOP_GRACE_S = 10.0
+ERROR_TAIL_LINES = 12  # of a failed child's stderr, in its RunFailed
 
 
 def default_workers() -> int:
@@ -130,7 +134,8 @@ def _visible_device(rank: int) -> str:
 def run_in_process_group(
     cmd: Sequence[str], env: dict[str, str] | None = None, poll: Callable[[], None] | None = None
 ) -> None:
-    """Run `cmd` in a new process group and wait; `poll` is called every half second meanwhile.
+    """Run `cmd` in a new process group and wait; `poll` is called every half second meanwhile. The child's stderr
+    is copied to ours as it comes, and its last lines end the error when it fails: a flow's log shows why.
 
     On a failure of `poll`, an interrupt or any other exception here, the whole group (the child and every
     process it started) is stopped: SIGTERM, then SIGKILL after a grace period.
@@ -138,7 +143,11 @@ def run_in_process_group(
     Raises:
         RunFailed: the command exited with a non-zero status.
     """
-    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
+    proc = subprocess.Popen(list(cmd), env=env, stderr=subprocess.PIPE, start_new_session=True)
+    assert proc.stderr is not None
+    copier = threading.Thread(target=copy_output, args=(proc.stderr.fileno(), tail), daemon=True)
+    copier.start()
     try:
         while proc.poll() is None:
             if poll is not None:
@@ -149,8 +158,14 @@ def run_in_process_group(
     except BaseException:
         _stop_group(proc)
         raise
+    finally:
+        copier.join(timeout=POLL_S)  # done once every process of the group closed its stderr
     if proc.returncode != 0:
-        raise RunFailed(f"{' '.join(cmd[:6])} ... exited with status {proc.returncode}; see its output above")
+        last = "\n".join(f"  {line}" for line in tail)
+        raise RunFailed(
+            f"{' '.join(cmd[:6])} ... exited with status {proc.returncode}"
+            + (f"; its last lines:\n{last}" if last else "")
+        )
 
 
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:

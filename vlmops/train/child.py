@@ -19,6 +19,7 @@ import subprocess
 import sys
 from collections import deque
 from pathlib import Path
+from typing import BinaryIO
 
 from vlmops.multigpu import NO_MULTICAST_ENV
 
@@ -42,8 +43,6 @@ def run_child(command: list[str], log_file: Path, extra_env: dict[str, str] | No
     appending it to `log_file`. Returns the exit code and the last lines of the output."""
     log.info("launching: %s", " ".join(command))
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    partial = b""
-    out = getattr(sys.stderr, "buffer", None)
     proc = subprocess.Popen(
         tied_to_this_process(command),
         stdout=subprocess.PIPE,
@@ -54,23 +53,32 @@ def run_child(command: list[str], log_file: Path, extra_env: dict[str, str] | No
     assert proc.stdout is not None
     try:
         with log_file.open("ab") as saved:
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                saved.write(chunk)
-                if out is not None:
-                    out.write(chunk)
-                    out.flush()
-                else:
-                    sys.stderr.write(chunk.decode("utf-8", "replace"))
-                lines = (partial + chunk).replace(b"\r", b"\n").split(b"\n")
-                partial = lines.pop()
-                tail.extend(line.decode("utf-8", "replace") for line in lines if line.strip())
+            copy_output(proc.stdout.fileno(), tail, saved)
         returncode = proc.wait()
     except BaseException:
         stop_group(proc)
         raise
+    return returncode, "\n".join(tail)
+
+
+def copy_output(fd: int, tail: deque[str], saved: BinaryIO | None = None) -> None:
+    """Copy a child's output from `fd` to our stderr (and to `saved`) until the child closes it, keeping its last
+    non-blank lines in `tail` (a progress bar's redraws count as lines)."""
+    partial = b""
+    out = getattr(sys.stderr, "buffer", None)
+    while chunk := os.read(fd, 65536):
+        if saved is not None:
+            saved.write(chunk)
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stderr.write(chunk.decode("utf-8", "replace"))
+        lines = (partial + chunk).replace(b"\r", b"\n").split(b"\n")
+        partial = lines.pop()
+        tail.extend(line.decode("utf-8", "replace") for line in lines if line.strip())
     if partial.strip():
         tail.append(partial.decode("utf-8", "replace"))
-    return returncode, "\n".join(tail)
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
