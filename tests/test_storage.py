@@ -14,6 +14,7 @@ import pytest
 from vlmops.config import StorageConfig
 from vlmops.storage import (
     STALE_PARTIAL_S,
+    CorruptedDownloadError,
     download_prefix,
     list_objects,
     parse_s3_uri,
@@ -161,9 +162,45 @@ def test_multipart_objects_are_checked_for_any_part_size(s3_env: S3Server, tmp_p
         UploadId=upload["UploadId"],
         MultipartUpload={"Parts": parts},
     )
-    with pytest.raises(ValueError, match=r"unequal/model\.safetensors arrived corrupted, or was uploaded in parts of"):
+    with pytest.raises(
+        CorruptedDownloadError, match=r"unequal/model\.safetensors arrived corrupted, or was uploaded in"
+    ):
         download_prefix(client, "s3://multipart/unequal", tmp_path / "unequal", progress=False)
     assert not [p for p in (tmp_path / "unequal").rglob("*") if p.is_file()]  # no file under its name, no partial
+
+
+@pytest.mark.integration
+def test_a_download_damaged_on_the_way_is_refused_and_the_next_one_passes(s3_env: S3Server, tmp_path: Path) -> None:
+    """Bytes damaged between the server and here (a proxy flips a byte of each reply's marker) are refused as a
+    transfer failure, not as bad input: `CorruptedDownloadError` (exit 1, retried by a Prefect task), its partial file
+    removed. A large object comes in ranges that nothing checks on the way: its ETag check after the copy finds it; a
+    small one in one request, whose CRC32 (boto3 sends one with each upload, the server keeps it) botocore checks as
+    it reads. The same download straight from the server passes: running again is the fix."""
+    from tests.corrupting_proxy import corrupting_proxy
+    from vlmops.storage import MIB
+
+    client = s3_client()
+    client.create_bucket(Bucket="damaged")
+    marker = b"<<a byte flipped on the way>>"
+    sizes = {"large": 9 * MIB, "small": 1000}  # above and below boto3's 8 MiB threshold for ranged downloads
+    (tmp_path / "src").mkdir()
+    for name, size in sizes.items():
+        (tmp_path / "src" / name).write_bytes(os.urandom(size // 2) + marker + os.urandom(size // 2))
+        client.upload_file(str(tmp_path / "src" / name), "damaged", f"{name}/model.safetensors")
+
+    port = int(s3_env.endpoint_url.rsplit(":", 1)[1])
+    with corrupting_proxy(port, marker) as url:
+        through_proxy = s3_client(StorageConfig(endpoint_url=url, region="us-east-1"))
+        for name in sizes:
+            with pytest.raises(
+                CorruptedDownloadError, match=rf"s3://damaged/{name}/model\.safetensors arrived corrupted"
+            ):
+                download_prefix(through_proxy, f"s3://damaged/{name}", tmp_path / name / "dest", progress=False)
+            assert not [p for p in (tmp_path / name / "dest").rglob("*") if p.is_file()]  # nothing, not even a partial
+
+    for name in sizes:
+        download_prefix(client, f"s3://damaged/{name}", tmp_path / name / "dest", progress=False)
+        assert (tmp_path / name / "dest" / "model.safetensors").read_bytes() == (tmp_path / "src" / name).read_bytes()
 
 
 @pytest.mark.integration

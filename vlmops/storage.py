@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from vlmops.config import StorageConfig
+from vlmops.errors import RunFailed
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -39,6 +40,11 @@ GUESSED_PART_SIZES = 4
 STALE_PARTIAL_S = 15 * 60
 """A partial download untouched this long is a dead process's: one in progress writes every few seconds (boto3
 gives up on a read after 60 s). Younger ones may be another run's copy into the same folder, and are left alone."""
+
+
+class CorruptedDownloadError(RunFailed):
+    """A downloaded object's bytes differ from what S3 says it holds: the copy broke on the way (exit 1, and a
+    Prefect task retries it), or the object cannot be checked the way it was uploaded (the message says which)."""
 
 
 @dataclass(frozen=True)
@@ -185,8 +191,11 @@ def download_prefix(
 
     Raises:
         FileNotFoundError: nothing under `uri`.
-        ValueError: a downloaded object does not match its ETag (its partial file is removed).
+        ValueError: an object's key names no file inside `dest`.
+        CorruptedDownloadError: a downloaded object does not match its ETag (its partial file is removed).
     """
+    from botocore.exceptions import FlexibleChecksumError
+
     bucket, prefix = parse_s3_uri(uri)
     if objects is None:
         objects = list_objects(client, bucket, prefix)
@@ -209,10 +218,14 @@ def download_prefix(
         for obj, target in todo:
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = partial_path(target)
-            client.download_file(bucket, obj.key, str(partial), Callback=bar.update)
+            try:
+                client.download_file(bucket, obj.key, str(partial), Callback=bar.update)
+            except FlexibleChecksumError as err:  # botocore's own check of a download made in one request
+                partial.unlink(missing_ok=True)
+                raise CorruptedDownloadError(f"s3://{bucket}/{obj.key} arrived corrupted ({err}); run again") from err
             if not same_as_object(client, bucket, obj, partial):
                 partial.unlink()
-                raise ValueError(_corrupted(f"s3://{bucket}/{obj.key}", obj))
+                raise CorruptedDownloadError(_corrupted(f"s3://{bucket}/{obj.key}", obj))
             partial.replace(target)
             report.copied.append(str(target.relative_to(root)))
             report.bytes_copied += obj.size
