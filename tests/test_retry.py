@@ -13,6 +13,8 @@ from urllib3.connectionpool import HTTPConnectionPool
 
 from tasks.retry import is_transient
 from vlmops.errors import UserInputError
+from vlmops.models.download_errors import TransferFailedError
+from vlmops.storage import CorruptedDownloadError
 
 
 def http_error(status: int) -> requests.HTTPError:
@@ -56,6 +58,10 @@ TRANSIENT = [
     ConnectionResetError(errno.ECONNRESET, "reset by peer"),
     TimeoutError("timed out"),
     raised_from(RuntimeError("download broke off"), requests.ConnectionError("reset")),
+    CorruptedDownloadError("s3://b/k arrived corrupted (MD5 differs from its ETag); run again"),
+    raised_from(
+        TransferFailedError("s3://b/k arrived corrupted"), CorruptedDownloadError("s3://b/k arrived corrupted")
+    ),
 ]
 PERMANENT = [
     http_error(404),  # an unknown model id on the hub
@@ -66,7 +72,7 @@ PERMANENT = [
     RestException({"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such model"}),
     RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"}),
     MlflowException("an artifact path that is not a folder"),
-    ValueError("s3://b/k arrived corrupted (MD5 differs from its ETag); run again"),
+    ValueError("s3://b/a/../k: its key has an empty, '.' or '..' part, so it names no file inside /cache"),
     FileNotFoundError(errno.ENOENT, "no such snapshot"),
     OSError(errno.ENOSPC, "No space left on device"),
     OSError(errno.EDQUOT, "Disk quota exceeded"),

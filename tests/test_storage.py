@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 import pytest
 
 from vlmops.config import StorageConfig
+from vlmops.s3_content import ETAG, ContentCheck
 from vlmops.storage import (
     STALE_PARTIAL_S,
+    CorruptedDownloadError,
     download_prefix,
     list_objects,
     parse_s3_uri,
     s3_client,
-    same_content,
     upload_folder,
 )
 
@@ -97,9 +98,8 @@ def test_round_trip_skips_what_is_already_there(s3_env: S3Server, tmp_path: Path
     data = bytearray(damaged.read_bytes())
     data[100] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    assert not same_content(
-        damaged, objects["models/m1/big.safetensors"].size, objects["models/m1/big.safetensors"].etag
-    )
+    big = objects["models/m1/big.safetensors"]
+    assert not ContentCheck(ETAG, big.etag).matches(damaged, big.size)
     repaired = download_prefix(client, "s3://roundtrip/models/m1", dest, progress=False)
     assert repaired.copied == ["big.safetensors"] and sorted(repaired.skipped) == [
         "config.json",
@@ -161,9 +161,129 @@ def test_multipart_objects_are_checked_for_any_part_size(s3_env: S3Server, tmp_p
         UploadId=upload["UploadId"],
         MultipartUpload={"Parts": parts},
     )
-    with pytest.raises(ValueError, match=r"unequal/model\.safetensors arrived corrupted, or was uploaded in parts of"):
+    with pytest.raises(
+        CorruptedDownloadError, match=r"unequal/model\.safetensors arrived corrupted, or was uploaded in"
+    ):
         download_prefix(client, "s3://multipart/unequal", tmp_path / "unequal", progress=False)
     assert not [p for p in (tmp_path / "unequal").rglob("*") if p.is_file()]  # no file under its name, no partial
+
+
+@pytest.mark.integration
+def test_a_download_damaged_on_the_way_is_refused_and_the_next_one_passes(s3_env: S3Server, tmp_path: Path) -> None:
+    """Bytes damaged between the server and here (a proxy flips a byte of each reply's marker) are refused as a
+    transfer failure, not as bad input: `CorruptedDownloadError` (exit 1, retried by a Prefect task), its partial file
+    removed. A large object comes in ranges that nothing checks on the way: its ETag check after the copy finds it; a
+    small one in one request, whose CRC32 (boto3 sends one with each upload, the server keeps it) botocore checks as
+    it reads. The same download straight from the server passes: running again is the fix."""
+    from tests.corrupting_proxy import corrupting_proxy
+    from vlmops.storage import MIB
+
+    client = s3_client()
+    client.create_bucket(Bucket="damaged")
+    marker = b"<<a byte flipped on the way>>"
+    sizes = {"large": 9 * MIB, "small": 1000}  # above and below boto3's 8 MiB threshold for ranged downloads
+    (tmp_path / "src").mkdir()
+    for name, size in sizes.items():
+        (tmp_path / "src" / name).write_bytes(os.urandom(size // 2) + marker + os.urandom(size // 2))
+        client.upload_file(str(tmp_path / "src" / name), "damaged", f"{name}/model.safetensors")
+
+    port = int(s3_env.endpoint_url.rsplit(":", 1)[1])
+    with corrupting_proxy(port, marker) as url:
+        through_proxy = s3_client(StorageConfig(endpoint_url=url, region="us-east-1"))
+        for name in sizes:
+            with pytest.raises(
+                CorruptedDownloadError, match=rf"s3://damaged/{name}/model\.safetensors arrived corrupted"
+            ):
+                download_prefix(through_proxy, f"s3://damaged/{name}", tmp_path / name / "dest", progress=False)
+            assert not [p for p in (tmp_path / name / "dest").rglob("*") if p.is_file()]  # nothing, not even a partial
+
+    for name in sizes:
+        download_prefix(client, f"s3://damaged/{name}", tmp_path / name / "dest", progress=False)
+        assert (tmp_path / name / "dest" / "model.safetensors").read_bytes() == (tmp_path / "src" / name).read_bytes()
+
+
+@pytest.mark.integration
+def test_encrypted_objects_are_checked_by_their_checksum(
+    s3_env: S3Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SSE-KMS objects (a bucket's default encryption, as enterprises set it) and SSE-C ones on a real server: their
+    HEADs name the encryption, so their ETags are not taken for MD5s (AWS's are not; SeaweedFS's happen to be) and
+    the CRC32 that boto3 sends with each upload checks them instead, whole for a small file, part by part for a
+    multipart one. Both are "already there" the next time; one damaged on the way is refused. An object uploaded
+    without a checksum is downloaded with a warning that only its size was checked, and copied again the next time:
+    a file of the same size may be another version of it (a retrained checkpoint has the size of the last one)."""
+    import boto3
+    from botocore.config import Config
+
+    from tests.corrupting_proxy import corrupting_proxy
+    from vlmops.s3_content import content_check
+    from vlmops.storage import MIB
+
+    client = s3_client()
+    client.create_bucket(Bucket="kms")
+    client.put_bucket_encryption(
+        Bucket="kms",
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": "models"}}]
+        },
+    )
+    marker = b"<<a byte flipped on the way>>"
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "deepseek_vl"}')
+    (src / "model.safetensors").write_bytes(os.urandom(5 * MIB) + marker + os.urandom(4 * MIB))  # 2 parts
+    (src / "legacy.json").write_text('{"uploaded": "without a checksum"}')
+    upload_folder(client, src, "s3://kms/m", progress=False)
+    no_checksums = boto3.session.Session().client(
+        "s3",
+        endpoint_url=s3_env.endpoint_url,
+        region_name=s3_env.region,
+        config=Config(s3={"addressing_style": "path"}, request_checksum_calculation="when_required"),
+    )
+    no_checksums.put_object(Bucket="kms", Key="m/legacy.json", Body=(src / "legacy.json").read_bytes())
+
+    heads = {name: client.head_object(Bucket="kms", Key=f"m/{name}", ChecksumMode="ENABLED") for name in _tree(src)}
+    assert {h["ServerSideEncryption"] for h in heads.values()} == {"aws:kms"}
+    checks = {name: content_check(head) for name, head in heads.items()}
+    assert {name: (c.algorithm, c.parts) for name, c in checks.items()} == {
+        "config.json": ("CRC32", None),
+        "legacy.json": (None, None),
+        "model.safetensors": ("CRC32", 2),
+    }
+    assert "the ETag of an object with SSE-KMS is not its MD5, and S3 keeps no" in checks["legacy.json"].why_size_only
+
+    dest = tmp_path / "dest"
+    with caplog.at_level("WARNING", logger="vlmops.storage"):
+        first = download_prefix(client, "s3://kms/m", dest, progress=False)
+    assert sorted(first.copied) == ["config.json", "legacy.json", "model.safetensors"] and _tree(dest) == _tree(src)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and warnings[0].startswith("s3://kms/m/legacy.json: only its size could be checked")
+    again = download_prefix(client, "s3://kms/m", dest, progress=False)
+    assert (again.copied, sorted(again.skipped)) == (["legacy.json"], ["config.json", "model.safetensors"])
+
+    (dest / "model.safetensors").unlink()
+    with corrupting_proxy(int(s3_env.endpoint_url.rsplit(":", 1)[1]), marker) as url:
+        through_proxy = s3_client(StorageConfig(endpoint_url=url, region="us-east-1"))
+        with pytest.raises(CorruptedDownloadError, match=r"model\.safetensors arrived corrupted.*multipart CRC32"):
+            download_prefix(through_proxy, "s3://kms/m", dest, progress=False)
+    assert not (dest / "model.safetensors").exists()
+
+    # uploaded again by this boto3, the object gains a CRC32, and is "already there" from then on
+    assert upload_folder(client, src, "s3://kms/m", progress=False).copied == ["legacy.json"]
+    last = download_prefix(client, "s3://kms/m", dest, progress=False)
+    assert (last.copied, sorted(last.skipped)) == (["model.safetensors"], ["config.json", "legacy.json"])
+
+    # SSE-C: the HEAD (which needs the key) names the algorithm; the checksum checks the bytes
+    key = os.urandom(32)
+    client.create_bucket(Bucket="ssec")
+    client.put_object(Bucket="ssec", Key="config.json", Body=b"{}", SSECustomerAlgorithm="AES256", SSECustomerKey=key)
+    head = client.head_object(
+        Bucket="ssec", Key="config.json", SSECustomerAlgorithm="AES256", SSECustomerKey=key, ChecksumMode="ENABLED"
+    )
+    (tmp_path / "ssec.json").write_bytes(b"{}")
+    check = content_check(head)
+    assert head["SSECustomerAlgorithm"] == "AES256" and check.algorithm == "CRC32"
+    assert check.matches(tmp_path / "ssec.json", 2)
 
 
 @pytest.mark.integration

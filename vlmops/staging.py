@@ -14,11 +14,19 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from vlmops.errors import RunFailed
+
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 """Names of folders being built; whatever still carries it after a crash is a leftover, never a result."""
-BUILD_LOCK_TIMEOUT_S = 3600
+BUILD_LOCK_TIMEOUT_S = 3600.0
+"""How long `build_lock` waits for another process's build (a model download can take this long)."""
+
+
+class LockTimeoutError(RunFailed):
+    """Another process held a build lock longer than this one would wait (exit 1); the message says what it is doing
+    and what to do."""
 
 
 def sync_files(folder: Path) -> None:
@@ -73,26 +81,48 @@ def publish_new_folder(staging: Path, final: Path) -> bool:
 
 
 @contextmanager
-def build_lock(final: Path, work: str | None = None) -> Iterator[None]:
+def build_lock(final: Path, work: str | None = None, timeout: float = BUILD_LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold a file lock beside `final` while checking for it and building it, so that of several processes
     needing the same shared folder or file (the tiny model, the demo data of one output folder, a new MLflow
     SQLite store, a model download and its manifest) one builds it and the others wait and use it, instead of each
     replacing it while the others read it.
 
-    `work` says what the holder does, in the line logged when this process has to wait (default: building `final`).
+    `work` says what the holder does, in the line logged when this process has to wait and in the error when it
+    gives up (default: building `final`). `timeout`: seconds to wait for the holder.
+
+    Raises:
+        LockTimeoutError: another process held the lock for `timeout` seconds.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(final.with_name(f".{final.name}.lock")), timeout=BUILD_LOCK_TIMEOUT_S)
+    lock = FileLock(str(final.with_name(f".{final.name}.lock")), timeout=timeout)
+    work = work or f"building {final}"
     try:
         lock.acquire(blocking=False)
     except Timeout:
         # A wait can last as long as a model download: say why nothing seems to happen.
-        log.info("waiting for another process to finish %s (lock %s)", work or f"building {final}", lock.lock_file)
-        lock.acquire()
+        log.info("waiting for another process to finish %s (lock %s)", work, lock.lock_file)
+        try:
+            lock.acquire()
+        except Timeout as err:
+            raise LockTimeoutError(_lock_held(lock.lock_file, work, timeout)) from err
     try:
         yield
     finally:
         lock.release()
+
+
+def _lock_held(lock_file: str, work: str, timeout: float) -> str:
+    # On Linux filelock takes an flock (fcntl.flock) on the open file: the kernel releases it when the holder's
+    # process ends, however it ends, and the file stays for the next one. Only where the file system has no flock
+    # (ENOSYS) does filelock fall back to a lock that is the file itself, which a crash leaves behind.
+    return (
+        f"{lock_file} is still locked after {timeout:g} s: another process is {work} (on this machine, or on another "
+        f"one that shares the folder). Let it finish and run again; `lsof {lock_file}` lists the processes here that "
+        "have the file open. Do not delete the file while that process runs (the next run would lock a new file and "
+        "work beside it). The lock is an flock, which ends with its process, even a killed one: a lock file left "
+        "behind locks nothing. Only on a file system without flock, where filelock falls back to the file itself, "
+        "can a crashed run leave it locked: delete it then, once no such process runs."
+    )
 
 
 @dataclass

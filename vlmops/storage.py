@@ -4,18 +4,18 @@ Works with AWS and any S3-compatible server (SeaweedFS, MinIO): `storage.endpoin
 the `AWS_ENDPOINT_URL` environment variable, else AWS. Credentials come from boto3's usual chain
 (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, `~/.aws`, instance roles).
 
-"Already there" means same size and same content by the object's ETag: the MD5 of the file for a
-single-part upload, the MD5 of the parts' MD5s for a multipart one. A multipart ETag does not say the part size, only
-the count of parts: boto3's default 8 MiB and the few other whole-MiB sizes that make that count are tried, then the
-size the server reports for the object's first part. Every download is checked the same way before it is renamed
-into place.
+"Already there" means the same size and the same content, as far as the object's HEAD lets a file be checked
+(`vlmops.s3_content`): against its ETag where that is an MD5 (not for SSE-KMS or SSE-C objects), else against the
+checksum S3 keeps with it. A multipart value does not say the part size: the likeliest sizes are tried, then the size
+the server reports for the object's first part. Every download is checked the same way before it is renamed into
+place. An object with neither is never taken to be a local file of its size: it is downloaded again, and only the
+download's size is checked, with a warning that says why.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
-import hashlib
 import logging
 import os
 import time
@@ -26,19 +26,22 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from vlmops.config import StorageConfig
+from vlmops.errors import RunFailed
+from vlmops.s3_content import ETAG, MIB, ContentCheck, content_check, guessed_part_sizes
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 log = logging.getLogger(__name__)
 
-MIB = 1024 * 1024
-DEFAULT_PART_SIZE = 8 * MIB  # boto3's TransferConfig.multipart_chunksize
-GUESSED_PART_SIZES = 4
-"""How many part sizes `same_content` tries for a multipart ETag: each is a pass over the file."""
 STALE_PARTIAL_S = 15 * 60
 """A partial download untouched this long is a dead process's: one in progress writes every few seconds (boto3
 gives up on a read after 60 s). Younger ones may be another run's copy into the same folder, and are left alone."""
+
+
+class CorruptedDownloadError(RunFailed):
+    """A downloaded object's bytes differ from what S3 says it holds: the copy broke on the way (exit 1, and a
+    Prefect task retries it), or it cannot be checked the way it was uploaded (the message says which)."""
 
 
 @dataclass(frozen=True)
@@ -114,49 +117,28 @@ def list_objects(client: S3Client, bucket: str, prefix: str) -> list[S3Object]:
     return objects
 
 
-def same_content(path: Path, size: int, etag: str, part_size: int | None = None) -> bool:
-    """Whether the local file has this size and an MD5-based ETag equal to `etag`.
+def object_check(client: S3Client, bucket: str, key: str) -> ContentCheck:
+    """How a local copy of the object is checked (`content_check` of its HEAD: one request)."""
+    return content_check(client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))
 
-    `part_size`: the part size of a multipart upload, when known; else the likeliest ones are tried
-    (`guessed_part_sizes`).
-    """
-    if not _same_size(path, size):
+
+def same_as_object(client: S3Client, bucket: str, obj: S3Object, path: Path, check: ContentCheck | None = None) -> bool:
+    """Whether `path` holds `obj`'s bytes: its size, and its ETag or checksum as `check` (default: `object_check`)
+    says. A multipart value is tried with the guessed part sizes, then with the size the server reports for the
+    object's first part (one more HEAD). False where only the size can be compared: a file of the same size may be
+    another version of the object (a retrained checkpoint has the same size as the last one)."""
+    if not _same_size(path, obj.size):
         return False
-    count = _part_count(etag)
-    if count is None:
-        return _md5(path) == etag
-    sizes = [part_size] if part_size else guessed_part_sizes(size, count)
-    return any(_multipart_etag(path, s) == etag for s in sizes)
-
-
-def guessed_part_sizes(size: int, count: int) -> list[int]:
-    """Part sizes that cut `size` bytes into `count` parts, likeliest first: boto3's default 8 MiB, then whole MiB
-    sizes from the smallest up (at most GUESSED_PART_SIZES).
-
-    Uploaders use whole MiB parts (boto3 and the AWS CLI 8 MiB, rclone 5, s3cmd 15, mc 16), and a count of parts
-    admits a range of them: 11 MiB in 3 parts is 4+4+3 or 5+5+1 (boto3 with multipart_chunksize=5 MiB).
-    """
-    if count == 1:
-        return [max(size, 1)]  # one part: the whole file, whatever the part size was
-    smallest = -(-size // count)  # `count` parts hold `size` bytes...
-    largest = (size - 1) // (count - 1)  # ...and `count - 1` of them do not
-    whole = range(-(-smallest // MIB) * MIB, largest + 1, MIB)
-    default = [DEFAULT_PART_SIZE] if DEFAULT_PART_SIZE in whole else []
-    return (default + [s for s in whole if s != DEFAULT_PART_SIZE])[:GUESSED_PART_SIZES]
-
-
-def same_as_object(client: S3Client, bucket: str, obj: S3Object, path: Path) -> bool:
-    """`same_content` of `path` and `obj`; when no guessed part size gives its multipart ETag, the part size the
-    server reports for the object's first part is tried too (one HEAD request)."""
-    if same_content(path, obj.size, obj.etag):
+    check = check or object_check(client, bucket, obj.key)
+    if check.matches(path, obj.size):
         return True
-    count = _part_count(obj.etag)
-    if count is None or not _same_size(path, obj.size):
+    count = check.parts
+    if count is None:
         return False
     part_size = _server_part_size(client, bucket, obj.key, count)
     if part_size is None or part_size in guessed_part_sizes(obj.size, count):
         return False
-    return same_content(path, obj.size, obj.etag, part_size)
+    return check.matches(path, obj.size, part_size)
 
 
 def read_object(uri: str, storage: StorageConfig | None = None) -> bytes:
@@ -180,13 +162,18 @@ def download_prefix(
     `patterns`: only keys whose relative path matches one of these globs (fnmatch); None copies all.
     `objects`: the objects under `uri` as the caller just listed them (`list_objects`), to save listing again.
 
-    Each object is written to a hidden temporary file, checked against its ETag (`same_as_object`; a multipart one
-    too) and renamed into place, so an interrupted or corrupted copy never leaves a file under its real name.
+    Each object is written to a hidden temporary file, checked against its ETag or checksum (`same_as_object`) and
+    renamed into place, so an interrupted or corrupted copy never leaves a file under its real name. An object that
+    can be checked by its size alone is logged with a warning that says why.
 
     Raises:
         FileNotFoundError: nothing under `uri`.
-        ValueError: a downloaded object does not match its ETag (its partial file is removed).
+        ValueError: an object's key names no file inside `dest`.
+        CorruptedDownloadError: a downloaded object does not match its ETag or checksum (its partial file is
+            removed).
     """
+    from botocore.exceptions import FlexibleChecksumError
+
     bucket, prefix = parse_s3_uri(uri)
     if objects is None:
         objects = list_objects(client, bucket, prefix)
@@ -195,24 +182,28 @@ def download_prefix(
     root = Path(dest)
     _remove_stale_partials(root)
     report = TransferReport()
-    todo: list[tuple[S3Object, Path]] = []
+    todo: list[tuple[S3Object, Path, ContentCheck | None]] = []
     for obj in objects:
         rel = obj.key[len(prefix) + 1 :] if prefix else obj.key
         if patterns is not None and not any(fnmatch.fnmatch(rel, p) for p in patterns):
             continue
         target = _local_path(root, rel, f"s3://{bucket}/{obj.key}")
-        if same_as_object(client, bucket, obj, target):
+        # One HEAD per object at most, kept for the check after its download; none for a file that is not there.
+        check = object_check(client, bucket, obj.key) if _same_size(target, obj.size) else None
+        if check is not None and same_as_object(client, bucket, obj, target, check):
             report.skipped.append(rel)
         else:
-            todo.append((obj, target))
-    with _bar(sum(o.size for o, _ in todo), f"download {uri}", progress) as bar:
-        for obj, target in todo:
+            todo.append((obj, target, check))
+    with _bar(sum(o.size for o, _, _ in todo), f"download {uri}", progress) as bar:
+        for obj, target, check in todo:
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = partial_path(target)
-            client.download_file(bucket, obj.key, str(partial), Callback=bar.update)
-            if not same_as_object(client, bucket, obj, partial):
-                partial.unlink()
-                raise ValueError(_corrupted(f"s3://{bucket}/{obj.key}", obj))
+            try:
+                client.download_file(bucket, obj.key, str(partial), Callback=bar.update)
+            except FlexibleChecksumError as err:  # botocore's own check of a download made in one request
+                partial.unlink(missing_ok=True)
+                raise CorruptedDownloadError(f"s3://{bucket}/{obj.key} arrived corrupted ({err}); run again") from err
+            _check_download(client, bucket, obj, partial, check or object_check(client, bucket, obj.key))
             partial.replace(target)
             report.copied.append(str(target.relative_to(root)))
             report.bytes_copied += obj.size
@@ -287,22 +278,33 @@ def _local_path(root: Path, rel: str, uri: str) -> Path:
     return root.joinpath(*parts)
 
 
-def _corrupted(uri: str, obj: S3Object) -> str:
-    count = _part_count(obj.etag)
+def _check_download(client: S3Client, bucket: str, obj: S3Object, partial: Path, check: ContentCheck) -> None:
+    """Return if `partial` holds `obj` as far as `check` can tell; else remove it and raise CorruptedDownloadError."""
+    uri = f"s3://{bucket}/{obj.key}"
+    if check.algorithm is None and _same_size(partial, obj.size):
+        log.warning("%s: only its size could be checked, not its content: %s", uri, check.why_size_only)
+        return
+    if check.algorithm is not None and same_as_object(client, bucket, obj, partial, check):
+        return
+    size = partial.stat().st_size if partial.is_file() else 0
+    partial.unlink(missing_ok=True)
+    raise CorruptedDownloadError(_corrupted(uri, obj, check, size))
+
+
+def _corrupted(uri: str, obj: S3Object, check: ContentCheck, size: int) -> str:
+    if size != obj.size:
+        return f"{uri} arrived corrupted ({size} bytes of {obj.size}); run again"
+    value = "ETag" if check.algorithm == ETAG else f"{check.algorithm} checksum"
+    count = check.parts
     if count is None:
-        return f"{uri} arrived corrupted (MD5 differs from its ETag); run again"
+        differs = "MD5 differs from its ETag" if check.algorithm == ETAG else f"{value} differs from the one S3 keeps"
+        return f"{uri} arrived corrupted ({differs}); run again"
     return (
-        f"{uri} arrived corrupted, or was uploaded in parts of unequal sizes: no part size gives its multipart ETag "
-        f"{obj.etag} (tried {', '.join(f'{s / MIB:g} MiB' for s in guessed_part_sizes(obj.size, count))} and the "
+        f"{uri} arrived corrupted, or was uploaded in parts of unequal sizes: no part size gives its multipart {value} "
+        f"{check.expected} (tried {', '.join(f'{s / MIB:g} MiB' for s in guessed_part_sizes(obj.size, count))} and the "
         "size the server reports for its first part); run again, and if it fails the same way, upload the object "
         "again in parts of one size (`aws s3 cp`, boto3's `upload_file`)"
     )
-
-
-def _part_count(etag: str) -> int | None:
-    """The count of parts a multipart ETag (`<md5 of the parts' md5s>-<count>`) ends with; None for a single part."""
-    parts = etag.partition("-")[2]
-    return int(parts) if parts else None
 
 
 def _server_part_size(client: S3Client, bucket: str, key: str, count: int) -> int | None:
@@ -321,19 +323,6 @@ def _server_part_size(client: S3Client, bucket: str, key: str, count: int) -> in
 
 def _same_size(path: Path, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size
-
-
-def _md5(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
-
-
-def _multipart_etag(path: Path, part_size: int) -> str:
-    digests = []
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(part_size), b""):
-            digests.append(hashlib.md5(block, usedforsecurity=False).digest())
-    return f"{hashlib.md5(b''.join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"
 
 
 def _bar(total: int, label: str, enabled: bool) -> tqdm:

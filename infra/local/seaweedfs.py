@@ -49,10 +49,17 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def weed_command(binary: Path, workdir: Path, ports: dict[str, int], access_key: str, secret_key: str) -> list[str]:
-    """The `weed server -s3` command line, data in `workdir/data`, the S3 identity in `workdir/s3.json`."""
+def weed_command(
+    binary: Path, workdir: Path, ports: dict[str, int], access_key: str, secret_key: str, *, local_kms: bool = False
+) -> list[str]:
+    """The `weed server -s3` command line, data in `workdir/data`, the S3 identity in `workdir/s3.json`.
+
+    `local_kms`: SeaweedFS's in-memory KMS, which makes a key for any key id it is given, so that SSE-KMS uploads
+    (`ServerSideEncryption="aws:kms"` with an `SSEKMSKeyId`, or a bucket's default encryption) work; for tests only,
+    its keys die with the process.
+    """
     (workdir / "data").mkdir(parents=True, exist_ok=True)
-    identity = {
+    identity: dict[str, Any] = {
         "identities": [
             {
                 "name": "vlmops",
@@ -61,6 +68,11 @@ def weed_command(binary: Path, workdir: Path, ports: dict[str, int], access_key:
             }
         ]
     }
+    if local_kms:
+        identity["kms"] = {
+            "default_provider": "local",
+            "providers": {"local": {"type": "local", "enableOnDemandCreate": True}},
+        }
     config = workdir / "s3.json"
     config.write_text(json.dumps(identity))
     config.chmod(0o600)

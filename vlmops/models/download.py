@@ -122,8 +122,10 @@ def download_model(
         UserInputError: the model section names no known model or an impossible source/id (exit 2).
         ModelFolderNotFoundError: a local folder that does not exist (exit 2).
         ModelNotFoundError: the source has no such id or revision, or no model files under it (exit 2).
-        TransferFailedError: hub or bucket unreachable, a download that broke off (exit 1).
+        TransferFailedError: hub or bucket unreachable, a download that broke off or arrived damaged (exit 1).
         SnapshotCorruptedError: a cached snapshot no longer matches its manifest (exit 1).
+        vlmops.staging.LockTimeoutError: another process has been fetching the model into the same cache for
+            longer than BUILD_LOCK_TIMEOUT_S (exit 1).
         vlmops.models.diskspace.DiskFullError: not enough disk space (an OSError, errno ENOSPC), with how
             much is needed (exit 1).
         vlmops.models.convert.ConversionError: a release-layout folder the converter refuses (exit 2).

@@ -23,7 +23,7 @@ class ModelFolderNotFoundError(UserInputError, FileNotFoundError):
 
 
 class TransferFailedError(ModelDownloadError, RunFailed):
-    """The source could not be reached or the transfer broke off; a rerun resumes."""
+    """The source could not be reached, or the transfer broke off or arrived damaged; a rerun resumes."""
 
 
 class SnapshotCorruptedError(ModelDownloadError, RunFailed):

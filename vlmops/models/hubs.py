@@ -351,7 +351,7 @@ def _s3_snapshot(
 ) -> tuple[Path, Path, dict[str, Any]]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from vlmops.storage import download_prefix, s3_client
+    from vlmops.storage import CorruptedDownloadError, download_prefix, s3_client
 
     recorded = read_json_or_none(manifest_path) if folder.is_dir() and not refresh else None
     try:
@@ -383,6 +383,8 @@ def _s3_snapshot(
         download_prefix(s3_client(storage_cfg), resolved.id, folder, objects=list(wanted.values()), progress=True)
     except (BotoCoreError, ClientError) as err:
         raise _unreadable(resolved.id, err) from err
+    except CorruptedDownloadError as err:  # the message says what to do; the type says a rerun may pass
+        raise TransferFailedError(str(err)) from err
     except OSError as err:
         raise_if_disk_full(err, folder, "downloading (the next run resumes)")
         raise
