@@ -83,11 +83,13 @@ def is_transient(exc: BaseException) -> bool:
     """Whether `exc` (or an exception it was raised from) is one a retry can fix.
 
     A `UserInputError` never is, whatever it was raised from: the library judged the input wrong (an unknown
-    model id answered 404, an image that is not there), and its own I/O retries have already run.
+    model id answered 404, an image that is not there), and its own I/O retries have already run. Nor is a lock that
+    another process held past this one's wait (an hour for a download): another try only waits as long again.
     """
     from vlmops.errors import UserInputError
+    from vlmops.staging import LockTimeoutError
 
-    if isinstance(exc, UserInputError):
+    if isinstance(exc, (UserInputError, LockTimeoutError)):
         return False
     chain = list(_chain(exc))
     if any(isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS for e in chain):

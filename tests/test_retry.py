@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 
 import botocore.exceptions
+import filelock
 import pytest
 import requests
 import urllib3.exceptions
@@ -14,6 +15,7 @@ from urllib3.connectionpool import HTTPConnectionPool
 from tasks.retry import is_transient
 from vlmops.errors import UserInputError
 from vlmops.models.download_errors import TransferFailedError
+from vlmops.staging import LockTimeoutError
 from vlmops.storage import CorruptedDownloadError
 
 
@@ -78,6 +80,8 @@ PERMANENT = [
     OSError(errno.EDQUOT, "Disk quota exceeded"),
     raised_from(OSError(errno.ENOSPC, "No space left on device"), requests.ConnectionError("reset")),
     raised_from(UserInputError("model 'deepseek-vl-9b' is not in the catalog"), http_error(503)),
+    # another process held the model's download lock for the whole wait: a retry would wait as long again
+    raised_from(LockTimeoutError("/cache/.m.json.lock is still locked after 3600 s"), filelock.Timeout("/c/.m.lock")),
     RuntimeError("parity check failed"),
     KeyError("config"),
 ]

@@ -93,9 +93,21 @@ def build_lock(final: Path, work: str | None = None, timeout: float = BUILD_LOCK
     Raises:
         LockTimeoutError: another process held the lock for `timeout` seconds.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(final.with_name(f".{final.name}.lock")), timeout=timeout)
-    work = work or f"building {final}"
+    with held_lock(final.with_name(f".{final.name}.lock"), work or f"building {final}", timeout):
+        yield
+
+
+@contextmanager
+def held_lock(lock_file: Path, work: str, timeout: float) -> Iterator[None]:
+    """Hold the file lock `lock_file` (created with its folder), logging a line when another process holds it first.
+
+    `work` says what a holder does, in that line and in the error when this process gives up after `timeout` s.
+
+    Raises:
+        LockTimeoutError: another process held the lock for `timeout` seconds.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_file), timeout=timeout)
     try:
         lock.acquire(blocking=False)
     except Timeout:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from filelock import FileLock
 
 from vlmops.errors import RunFailed
 from vlmops.redact import redact_uri
+from vlmops.staging import held_lock
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,14 @@ class DvcStore:
         self.root = Path(repo_root).expanduser().resolve()
         self.remote_name = remote_name
         self.remote_url = _absolute_url(remote_url)
-        self.lock = FileLock(str(self.root.parent / f".{self.root.name}.dvc.lock"), timeout=LOCK_TIMEOUT_S)
+        self.lock_file = self.root.parent / f".{self.root.name}.dvc.lock"
 
     def writes(self) -> list[Path]:
         """What DVC writes besides the tracked paths and their .dvc files: the repository's .dvc folder (its cache,
         its tmp) and .dvcignore, the lock beside the repository, and a remote in a local folder. A cache key that
         fingerprints a folder holding the repository (a dataset in the checkout that is versioning.repo) leaves
         these out: every run writes them."""
-        paths = [self.root / ".dvc", self.root / ".dvcignore", Path(self.lock.lock_file)]
+        paths = [self.root / ".dvc", self.root / ".dvcignore", self.lock_file]
         if "://" not in self.remote_url:
             paths.append(Path(self.remote_url))
         return paths
@@ -86,7 +86,7 @@ class DvcStore:
                 f"{target} is outside the DVC repository {self.root}: set versioning.repo to a folder that "
                 "contains run.output_dir (or leave it null to use run.output_dir)"
             )
-        with self.lock:
+        with held_lock(self.lock_file, f"versioning into the DVC repository {self.root}", LOCK_TIMEOUT_S):
             repo = self._open()
             try:
                 repo.add([str(target)])
