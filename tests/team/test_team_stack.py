@@ -102,6 +102,9 @@ def test_promotion_and_batch_job_on_the_servers(team_run: TeamRun) -> None:
     ]
     assert answered == team_run.prompt_keys
     assert f"{prefix}manifest.json" in keys
+    # The alias the user named, and the one version it named when the job started (the flow pins it for its child).
+    manifest = json.loads(s3.get_object(Bucket=stack.bucket, Key=f"{prefix}manifest.json")["Body"].read())
+    assert manifest["model"]["uri"] == team_run.batch_model and manifest["model"]["version"] == "1", manifest["model"]
     print(f"batch job {team_run.batch_model}: {len(answered)} answers for {len(team_run.prompt_keys)} prompts")
 
 
