@@ -43,7 +43,8 @@ IMAGE_HAS = {
     "idna", "charset-normalizer", "six", "python-dateutil", "pytz", "tzdata", "cycler", "pyparsing",
 }  # fmt: skip
 # Imported only when present (accelerate probes boto3; deepspeed and kernels are optional training paths).
-OPTIONAL = {"boto3", "botocore", "s3transfer", "deepspeed", "kernels", "brotli", "torchvision", "vlmops"}
+# asyncpg: Prefect's PostgreSQL driver (the test's server uses SQLite).
+OPTIONAL = {"boto3", "botocore", "s3transfer", "deepspeed", "kernels", "brotli", "torchvision", "vlmops", "asyncpg"}
 # What Prefect's server process imports (uvicorn and the rest), which the trace cannot see.
 # Published as an sdist only: built into a wheel here (pure Python).
 SDIST_ONLY = {"antlr4-python3-runtime"}
