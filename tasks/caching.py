@@ -1,27 +1,36 @@
 """Cache keys that change when the files a step reads change, not only when its arguments do.
 
 Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale
-result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's
-sha256, and for a folder (or the folder beside a dataset file, where its images live) each file's relative
-path and stat data, and where each symlink leads: no file is read, which keeps the key cheap for multi-GB
-checkpoints and image folders. The stat data is what git's index compares: size, mtime, and the change time and
-inode, which no tool sets back. Size and mtime alone miss a file replaced by one of the same size and mtime (a
-release of a dataset unpacked over the last from archives that give every file one date, copied with cp -p or
-rsync -t); the change time moves with every write, copy and utime. Still missed: a same-size rewrite within the
-clock tick (milliseconds) of the stat an earlier key took (git's "racy" case, which git settles by reading such
-files again). A copy on another disk is another inode: its first run there is not reused from elsewhere.
+result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's sha256; for
+a dataset file, also each local image its records name, found as validation finds them (`iter_dataset`, which
+resolves relative paths against the file's folder, follows symlinks and keeps to that folder and
+`data.allowed_roots`); for a folder (a model), each file's relative path and where each symlink leads. An image or a
+folder's file is in the key by its stat data, never read, which keeps the key cheap for multi-GB checkpoints and
+image sets: the dataset file is read (to hash and to parse it) and each image it names is stat'ed once, wherever it
+lies (in an output folder, under .git/ or in a shared mount of millions of files, of which only the named ones
+count), and nothing else beside it is looked at: a code edit or a `pip install` beside a dataset at a checkout's
+root is no reason to validate again. An image a record names that is not there is "missing" in the key, so its
+arrival is a change; a record that does not parse adds nothing but its text, already in the sha256, and the reason
+validation will give (which can name where a symlink led). An image by URL (http, s3, data:) is its URI, part of the
+file's text: a URL's content changed in place is not seen.
 
-What the flow writes (its output folder, a rejects file, DVC's repository files) is left out of those folders: a
-dataset in the checkout beside outputs/ (or holding versioning.repo) would otherwise get a new key from every run's
-own writes, and never be reused. So is what version control and other tools write there (`NOT_DATA`): a commit or a
-fetch in the checkout is no reason to validate the data again.
+The stat data is what git's index compares: size, mtime, and the change time and inode, which no tool sets back.
+Size and mtime alone miss a file replaced by one of the same size and mtime (a release of a dataset unpacked over
+the last from archives that give every file one date, copied with cp -p or rsync -t); the change time moves with
+every write, copy and utime. Still missed: a same-size rewrite within the clock tick (milliseconds) of the stat an
+earlier key took (git's "racy" case, which git settles by reading such files again). A copy on another disk is
+another inode: its first run there is not reused from elsewhere.
+
+A folder walk leaves out what the flow writes (its output folder, a rejects file, DVC's repository files): a model
+folder holding them would otherwise get a new key from every run's own writes, and never be reused. So is what
+version control and other tools write there (`NOT_DATA`): a commit or a fetch is no reason to validate again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +39,14 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
+from vlmops.data.formats import DATASET_SUFFIXES, REMOTE_PREFIXES, RecordProblem, iter_dataset
 from vlmops.hashing import sha256_file
 from vlmops.storage import is_partial
 
-# Folders and files that version control, DVC, Python, notebooks, linters and file browsers write beside the data, at
-# any depth. Exact names only: every other dotfile (`.gitkeep`, `.gitignore`, an image named `.cat.png`) is data,
-# since a record may name it. Content a record reaches through a link into one of them (DVC's symlink cache under
-# .dvc/cache, git-annex's under .git/annex) is still followed: the link is a file of the dataset, stat'ed at its target.
+# Folders and files that version control, DVC, Python, notebooks, linters and file browsers write, at any depth, left
+# out of a folder walk. Exact names only: every other dotfile (`.gitkeep`, `.gitignore`) is data. A file the folder
+# holds through a link into one of them (DVC's symlink cache under .dvc/cache, git-annex's under .git/annex) is
+# still in: the link is a file of the folder, stat'ed at its target.
 NOT_DATA = frozenset(
     {
         *(".git", ".hg", ".svn", ".dvc"),  # version control; DVC's cache, tmp and config
@@ -44,6 +54,12 @@ NOT_DATA = frozenset(
         *(".DS_Store", "Thumbs.db"),  # file browsers' folder views
     }
 )
+
+
+def stat_data(path: Path) -> str:
+    """Size, mtime, ctime and inode of the file at `path` (symlinks followed), NUL-separated."""
+    stat = path.stat()
+    return f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
 
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
@@ -55,10 +71,9 @@ def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
     files, links = [], []
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if d not in NOT_DATA and Path(root, d) not in inside]
-        # A symlinked folder is not walked: an image a record reads through it lies in a folder that is (validation
-        # resolves links and refuses any outside the dataset's folder and data.allowed_roots, both fingerprinted
-        # whole), and following links could lead far beyond the data or round in circles. Where it leads is part
-        # of the key: pointing `images/` at another version of the images changes no file that is walked.
+        # A symlinked folder is not walked: following links could lead far beyond the folder or round in circles.
+        # Where it leads is part of the key: pointing a subfolder at another version of its files changes no file
+        # that is walked.
         links += [path for d in dirs if (path := Path(root, d)).is_symlink()]
         files += [
             path
@@ -74,21 +89,43 @@ def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
         if path.is_symlink():
             line += f"\0-> {path.resolve()}"
         if path.is_file():  # a file, or the file a link leads to (stat follows links)
-            stat = path.stat()
-            line += f"\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+            line += f"\0{stat_data(path)}"
         h.update(f"{line}\n".encode())
     return h.hexdigest()
 
 
-def fingerprint(value: Any, with_siblings: bool, skip: Collection[Path] = ()) -> str | None:
+def dataset_fingerprint(file: Path, allowed_roots: Sequence[str] = ()) -> str:
+    """The dataset file's sha256, then each local image its records name (once, as validation resolves it: its path
+    and stat data, or "missing"), and the reason for each record validation will refuse before opening its images."""
+    h = hashlib.sha256(f"{sha256_file(file)}\n".encode())
+    if file.suffix.lower() not in DATASET_SUFFIXES:
+        return h.hexdigest()  # validation refuses the file by its name, whatever it holds
+    seen: set[str] = set()
+    # The same call as RecordChecker.check_file: the same parsing, path rules and roots.
+    for entry in iter_dataset(file, [Path(root) for root in allowed_roots]):
+        if isinstance(entry.result, RecordProblem):
+            # Its text is in the sha256; the reason may name what the text does not (where a symlink led).
+            h.update(f"{entry.result}\n".encode())
+            continue
+        for image in entry.result.images:
+            if image.uri in seen or image.uri.startswith(REMOTE_PREFIXES):
+                continue
+            seen.add(image.uri)
+            path = Path(image.uri)  # absolute, every symlink followed
+            h.update(f"{image.uri}\0{stat_data(path) if path.is_file() else 'missing'}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint(
+    value: Any, dataset: bool, allowed_roots: Sequence[str] = (), skip: Collection[Path] = ()
+) -> str | None:
     if value is None:
         return None
     path = Path(str(value)).expanduser()
     if path.is_dir():
         return folder_stat_fingerprint(path, skip)
     if path.is_file():
-        key = sha256_file(path)
-        return key + folder_stat_fingerprint(path.parent, skip) if with_siblings else key
+        return dataset_fingerprint(path, allowed_roots) if dataset else sha256_file(path)
     return f"missing:{path}"
 
 
@@ -96,16 +133,16 @@ def fingerprint(value: Any, with_siblings: bool, skip: Collection[Path] = ()) ->
 class FileContents(CachePolicy):
     """Adds the contents of the paths passed in `params` to the cache key.
 
-    `siblings`: for these params, also fingerprint the files beside the named file (a dataset's images).
-    `roots`: params holding a `DataConfig`, whose `allowed_roots` folders are fingerprinted too (a dataset's images
-    may live there, outside its own folder); its `rejects_file`, which the validation writes, is left out of them.
+    `datasets`: params naming a dataset file, whose records' local images are in the key too (`dataset_fingerprint`).
+    `data`: the param holding the `DataConfig`: its `allowed_roots` are where those images may lie, and its
+    `rejects_file`, which the validation writes, is left out of folder walks.
     `written`: params naming a folder or file the flow writes (`run.output_dir`), or a list of them (what DVC writes
-    in its repository), left out of every folder above that holds it.
+    in its repository), left out of every folder walked above that holds it.
     """
 
     params: list[str] = field(default_factory=list)
-    siblings: list[str] = field(default_factory=list)
-    roots: list[str] = field(default_factory=list)
+    datasets: list[str] = field(default_factory=list)
+    data: str | None = None
     written: list[str] = field(default_factory=list)
 
     def compute_key(
@@ -115,19 +152,21 @@ class FileContents(CachePolicy):
         for name in self.written:
             value = inputs.get(name)
             written += value if isinstance(value, list) else [value]
-        written += [inputs[name].rejects_file for name in self.roots]
+        data = inputs[self.data] if self.data else None
+        if data is not None:
+            written.append(data.rejects_file)
         skip = {Path(str(path)).expanduser().resolve() for path in written if path is not None}
-        parts = [fingerprint(inputs.get(name), name in self.siblings, skip) for name in self.params]
-        parts += [fingerprint(root, False, skip) for name in self.roots for root in inputs[name].allowed_roots]
+        roots = data.allowed_roots if data is not None else []
+        parts = [fingerprint(inputs.get(name), name in self.datasets, roots, skip) for name in self.params]
         return hash_objects(parts, raise_on_failure=True)
 
 
 def inputs_and_files(
     params: list[str],
-    siblings: list[str] | None = None,
-    roots: list[str] | None = None,
+    datasets: list[str] | None = None,
+    data: str | None = None,
     written: list[str] | None = None,
 ) -> CachePolicy:
-    """INPUTS + TASK_SOURCE + the files behind `params` (and `siblings`, `roots`, `written`: see `FileContents`)."""
-    policy = FileContents(params=params, siblings=siblings or [], roots=roots or [], written=written or [])
+    """INPUTS + TASK_SOURCE + the files behind `params` (and `datasets`, `data`, `written`: see `FileContents`)."""
+    policy = FileContents(params=params, datasets=datasets or [], data=data, written=written or [])
     return INPUTS + TASK_SOURCE + policy

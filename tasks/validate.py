@@ -19,8 +19,8 @@ from vlmops.tracking import Tracker
     name="validate_dataset",
     cache_policy=inputs_and_files(
         ["train_file", "eval_file", "model_path"],
-        siblings=["train_file", "eval_file"],
-        roots=["data"],
+        datasets=["train_file", "eval_file"],
+        data="data",
         written=["output_dir", "dvc_writes"],
     ),
     persist_result=True,

@@ -268,6 +268,21 @@ CASES = [
         outside={"secret.png": png_bytes()},
     ),
     Case("file URL", "conversations[0].value", r"file:// is not supported", record=tag("file:///etc/passwd")),
+    Case(
+        "NUL byte in a path",
+        "conversations[0].value",
+        r"'a\\x00b\.png' is not a path that can be read \(embedded null byte\)",
+        record=tag("a\0b.png"),
+    ),
+    Case(
+        "home folder of an unknown user",
+        "images[0]",
+        r"~no-such-user-h36/cat\.png' is not a path that can be read \(Could not determine home directory",
+        record={
+            "messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "x"}],
+            "images": ["~no-such-user-h36/cat.png"],
+        },
+    ),
     # URLs
     Case("url 404", "conversations[0].value", r"missing\.png: HTTP 404 not found", record=tag("{URL}/missing.png")),
     Case(
@@ -526,6 +541,15 @@ def test_a_symlink_out_of_the_root_is_refused_and_allowed_roots_let_it_in(tmp_pa
         validate_files([dataset], DataConfig(), tok, 16, tmp_path / "r.jsonl")
     report = validate_files([dataset], DataConfig(allowed_roots=[str(shared)]), tok, 16, tmp_path / "r.jsonl")
     assert report.splits["all"].images == 1
+
+
+def test_a_symlink_loop_is_refused(tmp_path: Path, tiny_processor: Any) -> None:
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(json.dumps(ask("<img>a/cat.png</img>What?")) + "\n")
+    with pytest.raises(DatasetError, match=r"a/cat\.png' is not a path that can be read \(Symlink loop"):
+        validate_files([dataset], DataConfig(), tiny_processor.tokenizer, 16, tmp_path / "rejects.jsonl")
 
 
 def test_too_long_records_under_drop_and_truncate_text(tmp_path: Path, tiny_processor: Any) -> None:

@@ -1,5 +1,5 @@
 """The part of a cache key that follows a dataset's files (tasks.caching.FileContents, as validate_dataset uses it):
-what changes the data changes the key, and what tools write beside the data does not."""
+what changes the data validation reads changes the key, and nothing else beside it does."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from PIL import Image
+from prefect.cache_policies import CompoundCachePolicy
 from prefect.context import TaskRunContext
 
 from tasks.caching import FileContents
+from tasks.validate import validate_dataset
 from vlmops.config import DataConfig
 
 RECORD = json.dumps(
@@ -28,10 +30,29 @@ RECORD = json.dumps(
 )
 
 
-def dataset_key(train_file: Path, data: DataConfig) -> str | None:
-    """validate_dataset's file part of the key: the dataset file, the files beside it, data.allowed_roots."""
-    policy = FileContents(params=["train_file"], siblings=["train_file"], roots=["data"])
-    return policy.compute_key(cast(TaskRunContext, None), {"train_file": str(train_file), "data": data}, {})
+def ask(image: str) -> str:
+    """A record in the `messages` + `images` form naming one image."""
+    return json.dumps(
+        {
+            "messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "red"}],
+            "images": [image],
+        }
+    )
+
+
+def dataset_key(train_file: Path, data: DataConfig, output_dir: Path | None = None) -> str | None:
+    """The file part of validate_dataset's own cache policy, for a dataset file and its DataConfig."""
+    policy = cast(CompoundCachePolicy, validate_dataset.cache_policy)
+    [files] = [p for p in policy.policies if isinstance(p, FileContents)]
+    inputs: dict[str, Any] = {
+        "data": data,
+        "train_file": str(train_file),
+        "eval_file": None,
+        "model_path": None,
+        "output_dir": str(output_dir) if output_dir else None,
+        "dvc_writes": None,
+    }
+    return files.compute_key(cast(TaskRunContext, None), inputs, {})
 
 
 def image(path: Path, colour: str) -> Path:
@@ -47,42 +68,132 @@ def dataset(folder: Path) -> Path:
     return folder / "train.jsonl"
 
 
-def test_version_control_and_tool_metadata_beside_the_data_leave_the_key_as_it_is(tmp_path: Path) -> None:
-    """A dataset in a git checkout: a commit (or a fetch) rewrites .git/, Python writes __pycache__/, DVC its .dvc/tmp,
-    Finder .DS_Store. None of that is data, and none of it may make the next run validate again. Other dotfiles are
-    data (a record may name `.hidden.png`), `.gitkeep` included, and so is what a file of the dataset links to inside
-    one of those folders (DVC's symlink cache)."""
-    train = dataset(tmp_path / "checkout")
-    (tmp_path / "checkout" / "images" / ".gitkeep").write_text("")
-    before = dataset_key(train, DataConfig())
+def rewrite(path: Path, colour: str) -> None:
+    """The same image file, rewritten with the same size (and a later change time)."""
+    time.sleep(0.02)  # the change time ticks with the kernel's clock (up to 10 ms before Linux 6.13)
+    size = path.stat().st_size
+    image(path, colour)
+    assert path.stat().st_size == size
 
-    git = ["git", "-C", str(tmp_path / "checkout"), "-c", "user.name=t", "-c", "user.email=t@example.com"]
+
+def test_a_dataset_at_a_checkouts_root_follows_its_images_and_nothing_else_there(tmp_path: Path) -> None:
+    """train.jsonl at the root of a checkout, beside code, a virtualenv, outputs/ and .git/: a code edit, a pip
+    install, a commit and a run's outputs leave the key as it is (the whole checkout was in it: every edit validated
+    the data again); an image the records name, rewritten in place with its size, changes it."""
+    checkout = tmp_path / "checkout"
+    train = dataset(checkout)
+    (checkout / "train.py").write_text("print('train')\n")
+    (checkout / "images" / "unnamed.bmp").write_bytes(b"not named by any record")
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "-A"], check=True)
     subprocess.run([*git, "commit", "-q", "-m", "data"], check=True)
-    for name in ("__pycache__/prepare.cpython-311.pyc", ".dvc/tmp/lock", ".dvc/cache/files/md5/ab/cdef", ".DS_Store"):
-        (tmp_path / "checkout" / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "checkout" / name).write_text("tool metadata")
-    (tmp_path / "checkout" / "images" / ".shape.bmp.part").write_text("half a download")
-    assert dataset_key(train, DataConfig()) == before
+    before = dataset_key(train, DataConfig(), checkout / "outputs")
 
-    (tmp_path / "checkout" / "images" / ".gitkeep").write_text("kept")
-    kept = dataset_key(train, DataConfig())
-    assert kept != before
+    (checkout / "train.py").write_text("print('train, edited')\n")
+    (checkout / ".venv" / "lib" / "site-packages" / "pkg").mkdir(parents=True)
+    (checkout / ".venv" / "lib" / "site-packages" / "pkg" / "__init__.py").write_text("")
+    (checkout / "images" / "unnamed.bmp").write_bytes(b"changed, still named by no record")
+    (checkout / "outputs" / "runs" / "1").mkdir(parents=True)
+    subprocess.run([*git, "commit", "-q", "-am", "edit"], check=True)
+    assert dataset_key(train, DataConfig(), checkout / "outputs") == before
 
-    # DVC's symlink cache: the image in the dataset is a link into .dvc/cache; what it points at is the data
-    obj = image(tmp_path / "checkout" / ".dvc" / "cache" / "files" / "md5" / "12" / "3456", "red")
-    (tmp_path / "checkout" / "images" / "linked.bmp").symlink_to(obj)
-    linked = dataset_key(train, DataConfig())
-    assert linked != kept
-    Image.new("RGB", (16, 16), "blue").save(obj, format="BMP")
-    assert dataset_key(train, DataConfig()) != linked
+    rewrite(checkout / "images" / "shape.bmp", "blue")
+    assert dataset_key(train, DataConfig(), checkout / "outputs") != before
+
+
+@pytest.mark.parametrize(
+    ("named", "stored"),
+    [
+        (".git/annex/objects/shape.bmp", ".git/annex/objects/shape.bmp"),
+        ("outputs/shape.bmp", "outputs/shape.bmp"),
+        ("images/linked.bmp", ".dvc/cache/files/md5/12/3456"),  # DVC's symlink cache
+    ],
+)
+def test_an_image_in_a_folder_a_walk_leaves_out_is_followed_when_a_record_names_it(
+    named: str, stored: str, tmp_path: Path
+) -> None:
+    """A record that names an image under .git/ or in the output folder, or a link into .dvc/cache: validation reads
+    it, so it is in the key (a folder walk left out the first two)."""
+    folder = tmp_path / "data"
+    obj = image(folder / stored, "red")
+    if named != stored:
+        (folder / named).parent.mkdir(parents=True)
+        (folder / named).symlink_to(obj)
+    train = folder / "train.jsonl"
+    train.write_text(ask(named) + "\n")
+    before = dataset_key(train, DataConfig(), folder / "outputs")
+
+    rewrite(obj, "blue")
+    assert dataset_key(train, DataConfig(), folder / "outputs") != before
+
+
+def test_an_image_that_appears_changes_the_key(tmp_path: Path) -> None:
+    """A record names an image that is not there yet (validation rejects it); once it is, validation's answer is
+    another, and so is the key. So is its going away again."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    train = folder / "train.jsonl"
+    train.write_text(RECORD + "\n")
+    missing = dataset_key(train, DataConfig())
+
+    image(folder / "images" / "shape.bmp", "red")
+    present = dataset_key(train, DataConfig())
+    assert present != missing
+
+    (folder / "images" / "shape.bmp").unlink()
+    assert dataset_key(train, DataConfig()) == missing
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_malformed_records_are_passed_over_and_the_rest_still_count(suffix: str, tmp_path: Path) -> None:
+    """Records validation will reject (not JSON, not an object, the wrong shape, an image path with a NUL byte or an
+    unknown ~user, one outside the dataset's folder) do not stop the key: its images and those of the good record
+    after them are still followed."""
+    folder = tmp_path / "data"
+    train = dataset(folder)
+    bad = [
+        '{"conversations": [',
+        "[1, 2]",
+        '{"conversations": "not a list"}',
+        ask("a\0b.bmp"),
+        ask("~no-such-user-h36/shape.bmp"),
+        ask("../outside.bmp"),
+        ask("images/other.bmp"),
+    ]
+    if suffix == ".jsonl":
+        train.write_text("\n".join([*bad, RECORD]) + "\n")
+    else:
+        train = train.with_suffix(".json")
+        train.write_text("[" + ", ".join([*bad[1:], RECORD]) + "]")  # each but the first is a JSON value
+        (folder / "broken.json").write_text("[" + RECORD + ", {")
+        assert dataset_key(folder / "broken.json", DataConfig())  # a .json file that does not parse
+    before = dataset_key(train, DataConfig())
+
+    rewrite(folder / "images" / "shape.bmp", "blue")
+    assert dataset_key(train, DataConfig()) != before
+
+
+def test_a_link_repointed_out_of_the_dataset_folder_changes_the_key(tmp_path: Path) -> None:
+    """images/ leads out of the dataset's folder (validation rejects the record, naming where it led); pointed at
+    another folder out of it, the record is still rejected, for another reason, and the key changes."""
+    for name in ("a", "b"):
+        image(tmp_path / name / "shape.bmp", "red")
+    (tmp_path / "data").mkdir()
+    train = tmp_path / "data" / "train.jsonl"
+    train.write_text(RECORD + "\n")
+    (tmp_path / "data" / "images").symlink_to(tmp_path / "a", target_is_directory=True)
+    before = dataset_key(train, DataConfig())
+
+    (tmp_path / "data" / "images").unlink()
+    (tmp_path / "data" / "images").symlink_to(tmp_path / "b", target_is_directory=True)
+    assert dataset_key(train, DataConfig()) != before
 
 
 def test_an_image_folder_linked_from_an_allowed_root_is_followed(tmp_path: Path) -> None:
     """images/ is a symlink into a shared mount (data.allowed_roots: validation refuses a link that leads anywhere
-    else). An image changed behind the link changes the key (the mount is fingerprinted); so does pointing the link
-    at another folder of that mount, whose files did not change."""
+    else). An image changed behind the link changes the key; so does pointing the link at another folder of that
+    mount, whose files did not change. What else the mount holds is not looked at."""
     shared = tmp_path / "shared"
     image(shared / "v1" / "shape.bmp", "red")
     image(shared / "v2" / "shape.bmp", "blue")
@@ -91,6 +202,10 @@ def test_an_image_folder_linked_from_an_allowed_root_is_followed(tmp_path: Path)
     (tmp_path / "data" / "images").symlink_to(shared / "v1", target_is_directory=True)
     data = DataConfig(allowed_roots=[str(shared)])
     first = dataset_key(tmp_path / "data" / "train.jsonl", data)
+
+    image(shared / "v1" / "other.bmp", "green")
+    image(shared / "v3" / "shape.bmp", "green")
+    assert dataset_key(tmp_path / "data" / "train.jsonl", data) == first
 
     image(shared / "v1" / "shape.bmp", "green")
     second = dataset_key(tmp_path / "data" / "train.jsonl", data)

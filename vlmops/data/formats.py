@@ -393,12 +393,12 @@ def _resolve(image: ImageRef, base_dir: Path | str, field: str, roots: Sequence[
             field, f"image {uri}: {other.group(1)}:// is not supported; use a path, http(s)://, s3:// or data:"
         )
     if isinstance(base_dir, str):
-        absolute = Path(uri).expanduser()
-        if absolute.is_absolute() and roots and any(absolute.resolve().is_relative_to(root) for root in roots):
-            return ImageRef(str(absolute.resolve()), field)  # a shared mount the config names (data.allowed_roots)
+        if uri.startswith(("/", "~")) and roots:
+            absolute = _real_path(uri, None, field)
+            if any(absolute.is_relative_to(root) for root in roots):
+                return ImageRef(str(absolute), field)  # a shared mount the config names (data.allowed_roots)
         return ImageRef(_under_remote(base_dir, uri, field), field)
-    path = Path(uri).expanduser()
-    resolved = (path if path.is_absolute() else base_dir / path).resolve()  # symlinks followed: a link out is out
+    resolved = _real_path(uri, base_dir, field)
     if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
         raise RecordError(
             field,
@@ -406,6 +406,16 @@ def _resolve(image: ImageRef, base_dir: Path | str, field: str, roots: Sequence[
             "or add its folder to data.allowed_roots",
         )
     return ImageRef(str(resolved), field)
+
+
+def _real_path(uri: str, base_dir: Path | None, field: str) -> Path:
+    """The local path `uri` names, `~` expanded, made absolute against `base_dir` and every symlink followed (a link
+    out of the roots is out); RecordError for one that names no path (a NUL byte, an unknown `~user`, a link loop)."""
+    try:
+        path = Path(uri).expanduser()
+        return (path if path.is_absolute() or base_dir is None else base_dir / path).resolve()
+    except (ValueError, RuntimeError, OSError) as err:
+        raise RecordError(field, f"image {uri!r} is not a path that can be read ({err})") from None
 
 
 def _under_remote(base: str, uri: str, field: str) -> str:
