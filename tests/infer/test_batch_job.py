@@ -123,7 +123,7 @@ def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
         run_batch_job(
             str(tiny_model), str(eval_file), str(out), job_config(**{"infer.shard_size": 2, "infer.max_new_tokens": 5})
         )
-    with pytest.raises(JobMismatchError, match=r"input .*other files or other content"):
+    with pytest.raises(JobMismatchError, match=r"input .*: eval.jsonl was read then, not now, train.jsonl is new"):
         run_batch_job(str(tiny_model), str(demo_data[0]), str(out), config, progress=False)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # Batch size is not part of the job: the same job, done.
@@ -139,6 +139,25 @@ def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
     (foreign / "part-00000.jsonl").write_text("{}\n")
     with pytest.raises(JobMismatchError, match="not a batch inference job's folder"):
         run_batch_job(str(tiny_model), str(eval_file), str(foreign), config, progress=False)
+
+
+def test_another_input_into_a_job_output_is_refused_naming_the_files_that_differ(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A folder's job, rerun on one of its files or after a file changed: the refusal names the file. It named
+    'records chosen: the rejects of no job vs no job' whenever the number of files differed."""
+    (tmp_path / "in").mkdir()
+    first = simple_prompts(tmp_path / "in" / "a.jsonl", 2)
+    simple_prompts(tmp_path / "in" / "b.jsonl", 3)
+    out = tmp_path / "out"
+    assert run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), job_config(), progress=False).results == 5
+
+    with pytest.raises(JobMismatchError, match=r"\(input \S+ vs \S+a.jsonl: b.jsonl was read then, not now\); a diff"):
+        run_batch_job(str(tiny_model), str(first), str(out), job_config(), progress=False)
+    with first.open("a") as f:
+        f.write(json.dumps({"id": "r9", "query": "One more?"}) + "\n")
+    with pytest.raises(JobMismatchError, match=r"\(input \S+ vs \S+: a.jsonl changed\); a different"):
+        run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), job_config(), progress=False)
 
 
 def test_the_limits_on_prompts_and_images_are_part_of_the_job(
