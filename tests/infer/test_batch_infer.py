@@ -279,7 +279,7 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     broken = tmp_path / "data" / "images" / "broken.png"
     broken.write_bytes(b"this is not a png")
     lines[8] = json.dumps({"conversations": [{"from": "user", "value": f"<img>{broken}</img>Colour?"}]})
-    lines[2] = '{"conversations": [not json'
+    lines[2] = '{"conversations": [{"from": "user", "value": "cut off"}]'  # no closing brace: breaks at its end
     lines.append(json.dumps({"query": "<img>images/gone.png</img>Colour?"}))
     lines.append(json.dumps({"prompt": "neither form"}))
     lines.append(json.dumps({"query": "clash", "response": "mine"}))
@@ -296,7 +296,8 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     assert "outside.png is outside the dataset's folder" in by_line[15]["reason"]
     assert "data.allowed_roots" in by_line[15]["reason"]
     assert all(r["file"] == str(dataset) for r in by_line.values())
-    assert "not valid JSON" in by_line[3]["reason"]
+    # The column where the line breaks, as `vlmops validate` names it (it named column 1: the next line's start).
+    assert by_line[3]["reason"] == f"(line): not valid JSON: Expecting ',' delimiter at column {len(lines[2]) + 1}"
     assert "broken.png: not a readable image" in by_line[9]["reason"]
     assert "gone.png: file not found" in by_line[12]["reason"]
     assert "needs 'conversations', 'messages' or 'query'" in by_line[13]["reason"]

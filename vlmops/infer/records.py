@@ -350,8 +350,10 @@ def _blank(number: int, line: bytes) -> bool:
 
 
 def _line_record(file: InputFile, number: int, line: bytes) -> RawRecord:
-    # A byte-order mark (Windows editors write one) opens the file: not part of the first record.
+    # A byte-order mark (Windows editors write one) opens the file: not part of the first record. The line ending is
+    # not part of it either: a record cut off at its end would be "not valid JSON at column 1" (of the next line).
     encoding = "utf-8-sig" if number == 1 else "utf-8"
+    line = line.rstrip(b"\r\n")
     problem = None
     try:
         text = line.decode(encoding)
