@@ -249,6 +249,12 @@ def test_cli_summary_and_exit_codes(
         main(["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "none"), "--output", str(out)]) == 2
     )
     assert "does not exist" in capsys.readouterr().err
+    # A folder that holds no model (here the input's): said so, with the forms --model takes, before anything is read.
+    # It was transformers' "Unrecognized processing class in ... Can't instantiate a processor, a tokenizer, ...".
+    assert main([*args[:2], str(eval_file.parent), *args[3:-1], str(tmp_path / "not-a-model")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: model {eval_file.parent}: not a model folder (no config.json, no run.json)" in err, err
+    assert "models:/NAME@ALIAS" in err and not (tmp_path / "not-a-model").exists()
     (tmp_path / "empty.jsonl").write_text("\n")
     empty = ["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "empty.jsonl")]
     assert main([*empty, "--output", str(tmp_path / "out-empty")]) == 0
