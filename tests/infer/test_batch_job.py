@@ -100,6 +100,30 @@ def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
     assert json.loads((out / "manifest.json").read_text())["parts"] == manifest["parts"]
 
 
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tiny_model: Path, tmp_path: Path) -> None:
+    """An interrupted command (Ctrl-C: SIGINT to its process group) exits 130 and says that the parts written are kept
+    and how to go on; it said only 'interrupted'."""
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 40)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "vlmops.cli", "batch-infer", "--model", str(tiny_model), "--input", str(prompts),
+        "--output", str(out), "--set", "infer.shard_size=2", "--set", "infer.batch_size=1",
+        "--set", "infer.max_new_tokens=8",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("part-*.jsonl")):
+        assert job.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and not (out / "manifest.json").exists()
+    assert "interrupted: the parts written so far are kept" in err, err
+    assert f"run the same command again to answer the rest (vlmops batch-status {out} says where it stands)" in err
+
+
 def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
     tiny_model: Path, full_run: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
