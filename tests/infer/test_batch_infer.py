@@ -4,6 +4,7 @@ written down, batching that does not change answers, the plain engine's finish r
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,21 @@ def test_a_json_list_input_is_sharded_and_read_from_each_shards_offset(
     plan = json.loads((tmp_path / "from-json" / "_job" / "job.json").read_text())
     offsets = [shard["offset"] for shard in plan["shards"]]
     assert len(offsets) == 3 and all(as_list.read_bytes()[o : o + 1] == b"{" for o in offsets)
+
+
+def test_the_jobs_files_take_the_umasks_mode_as_every_other_file(tiny_model: Path, tmp_path: Path) -> None:
+    """Parts, rejects, manifest and job.json are readable by whoever may read the folder: they were 0600
+    (mkstemp's mode), so a teammate's `vlmops batch-status` or reader of the results on a shared disk was refused."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "query": "Hello?"}) + "\n")
+    out = tmp_path / "out"
+    umask = os.umask(0o022)
+    try:
+        run_batch_job(str(tiny_model), str(prompts), str(out), job_config(max_new_tokens=2), progress=False)
+    finally:
+        os.umask(umask)
+    written = ["part-00000.jsonl", "rejects.jsonl", "manifest.json", "_job/job.json", "_job/rejects-00000.jsonl"]
+    assert {name: oct((out / name).stat().st_mode & 0o777) for name in written} == dict.fromkeys(written, "0o644")
 
 
 def test_answers_end_at_the_first_eos() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,9 +149,10 @@ def open_output(uri: str, storage: StorageConfig | None = None) -> JobOutput:
 @contextmanager
 def written_file(output: JobOutput, name: str) -> Iterator[Path]:
     """A scratch file to write; published as `name` when the block succeeds, removed when it raises."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(name).name}.", suffix=".tmp", dir=output.scratch())
-    os.close(fd)
-    path = Path(tmp)
+    path = output.scratch() / f".{Path(name).name}.{uuid.uuid4().hex}.tmp"
+    # Created with the umask's mode, as every other file vlmops writes: mkstemp's 0600 left a job's results unreadable
+    # to the rest of a team on a shared disk. O_EXCL: never another writer's file.
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield path
         output.publish(path, name)
