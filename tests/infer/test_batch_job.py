@@ -279,6 +279,10 @@ def test_cli_summary_and_exit_codes(
     err = capsys.readouterr().err
     assert f"error: model {eval_file.parent}: not a model folder (no config.json, no run.json)" in err, err
     assert "models:/NAME@ALIAS" in err and not (tmp_path / "not-a-model").exists()
+    # An --output that is a file: a message and exit 2, not a traceback and exit 1.
+    assert main([*args[:-1], str(eval_file)]) == 2
+    assert f"error: output {eval_file} is a file; pass a folder" in capsys.readouterr().err
+    assert main(["batch-status", str(eval_file)]) == 2
     (tmp_path / "empty.jsonl").write_text("\n")
     empty = ["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "empty.jsonl")]
     assert main([*empty, "--output", str(tmp_path / "out-empty")]) == 0

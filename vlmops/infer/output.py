@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vlmops.config import StorageConfig
+from vlmops.errors import UserInputError
 from vlmops.staging import publish_file
 
 TMP_DIR = "_job/tmp"
@@ -137,12 +138,16 @@ class S3Output:
 
 def open_output(uri: str, storage: StorageConfig | None = None) -> JobOutput:
     """The output at `uri`: an `s3://` prefix or a local folder (made when the first file is written there: reading
-    where nothing is, `vlmops batch-status TYPO` say, leaves nothing behind)."""
+    where nothing is, `vlmops batch-status TYPO` say, leaves nothing behind).
+
+    Raises:
+        UserInputError: `uri` names a file.
+    """
     if uri.startswith("s3://"):
         return S3Output(uri, storage)
     root = Path(uri).expanduser()
     if root.exists() and not root.is_dir():
-        raise FileExistsError(f"output {uri} is a file; pass a folder (or an s3:// prefix) for the job to fill")
+        raise UserInputError(f"output {uri} is a file; pass a folder (or an s3:// prefix) for the job to fill")
     return LocalOutput(root)
 
 
