@@ -4,6 +4,7 @@ written down, batching that does not change answers, the plain engine's finish r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +22,7 @@ from vlmops.infer.generation import answer_tokens
 from vlmops.infer.job import RecordRejectedError, iter_results, job_status
 from vlmops.infer.output import open_output
 from vlmops.infer.plain_engine import PlainEngine
-from vlmops.infer.records import RawRecord, parse_prompt
+from vlmops.infer.records import RawRecord, find_inputs, parse_prompt
 from vlmops.models.loading import LoadedModel, load_model
 from vlmops.models.template import encode
 
@@ -109,6 +110,30 @@ def test_the_jobs_files_take_the_umasks_mode_as_every_other_file(tiny_model: Pat
         os.umask(umask)
     written = ["part-00000.jsonl", "rejects.jsonl", "manifest.json", "_job/job.json", "_job/rejects-00000.jsonl"]
     assert {name: oct((out / name).stat().st_mode & 0o777) for name in written} == dict.fromkeys(written, "0o644")
+
+
+def test_files_of_records_in_a_form_the_job_does_not_read_are_named_not_left_out_unsaid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder of prompts with a compressed `.jsonl.gz` (or an `.ndjson`) beside its `.jsonl`: those records were left
+    out without a word. Their names are logged as a warning; images and other files beside the prompts are not."""
+    (tmp_path / "in" / "images").mkdir(parents=True)
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"query": "Hello?"}) + "\n")
+    for name in ("b.jsonl.gz", "more/c.ndjson", "images/red.png", "notes.txt", ".hidden.jsonl.tmp"):
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="vlmops"):
+        assert [f.name for f in find_inputs(str(tmp_path / "in"))] == ["a.jsonl"]
+        assert [f.name for f in find_inputs(str(tmp_path / "in" / "*"))] == ["a.jsonl"]
+    folder, globbed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        "2 file(s) that look like records are not read (only .jsonl and .json are): b.jsonl.gz, more/c.ndjson; "
+        in folder
+    )
+    assert (
+        f"1 file(s) that look like records are not read (only .jsonl and .json are): {tmp_path}/in/b.jsonl.gz; "
+        in globbed
+    )
 
 
 def test_answers_end_at_the_first_eos() -> None:
