@@ -70,6 +70,21 @@ def test_bad_override_value_is_a_config_error() -> None:
         load_config(None, ["train.batch_size=zero"])
 
 
+def test_a_bad_override_value_names_the_override_and_the_value_it_gave(tmp_path: Path) -> None:
+    """`--set infer.max_new_tokens=four` said only 'infer.max_new_tokens: Input should be a valid integer', as if the
+    config file were wrong; a list key given one path did not say how to write a list."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("infer:\n  max_new_tokens: 8\n  temperature: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config, ["infer.max_new_tokens=four", "data.allowed_roots=/data/images"])
+    assert info.value.problems == [
+        "override data.allowed_roots=/data/images: Input should be a valid list (a YAML list: "
+        "data.allowed_roots=[a, b], quoted in a shell)",
+        "override infer.max_new_tokens=four: Input should be a valid integer, unable to parse string as an integer",
+        f"{config}:3: infer.temperature: Input should be greater than or equal to 0",
+    ]
+
+
 def test_an_override_holding_a_credential_is_refused() -> None:
     """Overrides become flow-run parameters (stored by the Prefect server): credentials go in the environment."""
     with pytest.raises(ConfigError, match=r"override tracking\.uri: holds a password.*MLFLOW_TRACKING_PASSWORD"):

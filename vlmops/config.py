@@ -553,7 +553,8 @@ def load_config(
         source = str(path)
         data, lines = _read_yaml_with_bases(Path(path), ())
     problems: list[str] = []
-    for key, value in _parse_overrides(overrides).items():
+    given = _parse_overrides(overrides)
+    for key, value in given.items():
         try:
             _set_dotted(data, key, value)
         except ValueError as err:
@@ -564,7 +565,7 @@ def load_config(
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError([_describe(e, lines) for e in err.errors()], source) from None
+        raise ConfigError([_describe(e, lines, given) for e in err.errors()], source) from None
 
 
 def dump_config(config: PipelineConfig) -> str:
@@ -662,7 +663,7 @@ def _key_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     return out
 
 
-def _describe(error: Any, lines: dict[str, KeyLocation]) -> str:
+def _describe(error: Any, lines: dict[str, KeyLocation], overrides: dict[str, Any]) -> str:
     loc = [str(p) for p in error["loc"]]
     key = ".".join(loc) or "(top level)"
     message = error["msg"]
@@ -670,6 +671,12 @@ def _describe(error: Any, lines: dict[str, KeyLocation]) -> str:
         message = "unknown key (check the spelling; `vlmops config --show` prints every valid key)"
     elif error["type"] == "literal_error":
         message = message.replace("Input should be", "must be")
+    given = next((k for k in overrides if _under(key, k)), None)
+    if error["type"] == "list_type":
+        message += f" (a YAML list: {given or key}=[a, b], quoted in a shell)"
+    if given is not None:  # the override's words, not the file's key: the file may not set it at all
+        shown = f"override {given}={_shown_value(overrides[given])}"
+        return f"{shown}: {message}" if given == key else f"{shown}: {key}: {message}"
     location = None
     for i in range(len(loc), 0, -1):
         location = lines.get(".".join(loc[:i]))
@@ -677,6 +684,12 @@ def _describe(error: Any, lines: dict[str, KeyLocation]) -> str:
             break
     where = f"{location[0]}:{location[1]}: " if location else ""
     return f"{where}{key}: {message}"
+
+
+def _shown_value(value: Any) -> str:
+    """An override's value as it would be written after `=` (YAML's flow style), cut short past 80 characters."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _parse_overrides(overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:

@@ -4,6 +4,8 @@ written down, batching that does not change answers, the plain engine's finish r
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from vlmops.infer.generation import answer_tokens
 from vlmops.infer.job import RecordRejectedError, iter_results, job_status
 from vlmops.infer.output import open_output
 from vlmops.infer.plain_engine import PlainEngine
-from vlmops.infer.records import RawRecord, parse_prompt
+from vlmops.infer.records import RawRecord, find_inputs, parse_prompt
 from vlmops.models.loading import LoadedModel, load_model
 from vlmops.models.template import encode
 
@@ -93,6 +95,45 @@ def test_a_json_list_input_is_sharded_and_read_from_each_shards_offset(
     plan = json.loads((tmp_path / "from-json" / "_job" / "job.json").read_text())
     offsets = [shard["offset"] for shard in plan["shards"]]
     assert len(offsets) == 3 and all(as_list.read_bytes()[o : o + 1] == b"{" for o in offsets)
+
+
+def test_the_jobs_files_take_the_umasks_mode_as_every_other_file(tiny_model: Path, tmp_path: Path) -> None:
+    """Parts, rejects, manifest and job.json are readable by whoever may read the folder: they were 0600
+    (mkstemp's mode), so a teammate's `vlmops batch-status` or reader of the results on a shared disk was refused."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "query": "Hello?"}) + "\n")
+    out = tmp_path / "out"
+    umask = os.umask(0o022)
+    try:
+        run_batch_job(str(tiny_model), str(prompts), str(out), job_config(max_new_tokens=2), progress=False)
+    finally:
+        os.umask(umask)
+    written = ["part-00000.jsonl", "rejects.jsonl", "manifest.json", "_job/job.json", "_job/rejects-00000.jsonl"]
+    assert {name: oct((out / name).stat().st_mode & 0o777) for name in written} == dict.fromkeys(written, "0o644")
+
+
+def test_files_of_records_in_a_form_the_job_does_not_read_are_named_not_left_out_unsaid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder of prompts with a compressed `.jsonl.gz` (or an `.ndjson`) beside its `.jsonl`: those records were left
+    out without a word. Their names are logged as a warning; images and other files beside the prompts are not."""
+    (tmp_path / "in" / "images").mkdir(parents=True)
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"query": "Hello?"}) + "\n")
+    for name in ("b.jsonl.gz", "more/c.ndjson", "images/red.png", "notes.txt", ".hidden.jsonl.tmp"):
+        (tmp_path / "in" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    with caplog.at_level(logging.WARNING, logger="vlmops"):
+        assert [f.name for f in find_inputs(str(tmp_path / "in"))] == ["a.jsonl"]
+        assert [f.name for f in find_inputs(str(tmp_path / "in" / "*"))] == ["a.jsonl"]
+    folder, globbed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        "2 file(s) that look like records are not read (only .jsonl and .json are): b.jsonl.gz, more/c.ndjson; "
+        in folder
+    )
+    assert (
+        f"1 file(s) that look like records are not read (only .jsonl and .json are): {tmp_path}/in/b.jsonl.gz; "
+        in globbed
+    )
 
 
 def test_answers_end_at_the_first_eos() -> None:
@@ -279,7 +320,7 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     broken = tmp_path / "data" / "images" / "broken.png"
     broken.write_bytes(b"this is not a png")
     lines[8] = json.dumps({"conversations": [{"from": "user", "value": f"<img>{broken}</img>Colour?"}]})
-    lines[2] = '{"conversations": [not json'
+    lines[2] = '{"conversations": [{"from": "user", "value": "cut off"}]'  # no closing brace: breaks at its end
     lines.append(json.dumps({"query": "<img>images/gone.png</img>Colour?"}))
     lines.append(json.dumps({"prompt": "neither form"}))
     lines.append(json.dumps({"query": "clash", "response": "mine"}))
@@ -296,7 +337,8 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     assert "outside.png is outside the dataset's folder" in by_line[15]["reason"]
     assert "data.allowed_roots" in by_line[15]["reason"]
     assert all(r["file"] == str(dataset) for r in by_line.values())
-    assert "not valid JSON" in by_line[3]["reason"]
+    # The column where the line breaks, as `vlmops validate` names it (it named column 1: the next line's start).
+    assert by_line[3]["reason"] == f"(line): not valid JSON: Expecting ',' delimiter at column {len(lines[2]) + 1}"
     assert "broken.png: not a readable image" in by_line[9]["reason"]
     assert "gone.png: file not found" in by_line[12]["reason"]
     assert "needs 'conversations', 'messages' or 'query'" in by_line[13]["reason"]

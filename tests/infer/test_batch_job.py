@@ -100,6 +100,30 @@ def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
     assert json.loads((out / "manifest.json").read_text())["parts"] == manifest["parts"]
 
 
+def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tiny_model: Path, tmp_path: Path) -> None:
+    """An interrupted command (Ctrl-C: SIGINT to its process group) exits 130 and says that the parts written are kept
+    and how to go on; it said only 'interrupted'."""
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 40)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "vlmops.cli", "batch-infer", "--model", str(tiny_model), "--input", str(prompts),
+        "--output", str(out), "--set", "infer.shard_size=2", "--set", "infer.batch_size=1",
+        "--set", "infer.max_new_tokens=8",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("part-*.jsonl")):
+        assert job.poll() is None, "the job ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and not (out / "manifest.json").exists()
+    assert "interrupted: the parts written so far are kept" in err, err
+    assert f"run the same command again to answer the rest (vlmops batch-status {out} says where it stands)" in err
+
+
 def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
     tiny_model: Path, full_run: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -123,7 +147,7 @@ def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
         run_batch_job(
             str(tiny_model), str(eval_file), str(out), job_config(**{"infer.shard_size": 2, "infer.max_new_tokens": 5})
         )
-    with pytest.raises(JobMismatchError, match=r"input .*other files or other content"):
+    with pytest.raises(JobMismatchError, match=r"input .*: eval.jsonl was read then, not now, train.jsonl is new"):
         run_batch_job(str(tiny_model), str(demo_data[0]), str(out), config, progress=False)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # Batch size is not part of the job: the same job, done.
@@ -139,6 +163,25 @@ def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
     (foreign / "part-00000.jsonl").write_text("{}\n")
     with pytest.raises(JobMismatchError, match="not a batch inference job's folder"):
         run_batch_job(str(tiny_model), str(eval_file), str(foreign), config, progress=False)
+
+
+def test_another_input_into_a_job_output_is_refused_naming_the_files_that_differ(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A folder's job, rerun on one of its files or after a file changed: the refusal names the file. It named
+    'records chosen: the rejects of no job vs no job' whenever the number of files differed."""
+    (tmp_path / "in").mkdir()
+    first = simple_prompts(tmp_path / "in" / "a.jsonl", 2)
+    simple_prompts(tmp_path / "in" / "b.jsonl", 3)
+    out = tmp_path / "out"
+    assert run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), job_config(), progress=False).results == 5
+
+    with pytest.raises(JobMismatchError, match=r"\(input \S+ vs \S+a.jsonl: b.jsonl was read then, not now\); a diff"):
+        run_batch_job(str(tiny_model), str(first), str(out), job_config(), progress=False)
+    with first.open("a") as f:
+        f.write(json.dumps({"id": "r9", "query": "One more?"}) + "\n")
+    with pytest.raises(JobMismatchError, match=r"\(input \S+ vs \S+: a.jsonl changed\); a different"):
+        run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), job_config(), progress=False)
 
 
 def test_the_limits_on_prompts_and_images_are_part_of_the_job(
@@ -230,6 +273,16 @@ def test_cli_summary_and_exit_codes(
         main(["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "none"), "--output", str(out)]) == 2
     )
     assert "does not exist" in capsys.readouterr().err
+    # A folder that holds no model (here the input's): said so, with the forms --model takes, before anything is read.
+    # It was transformers' "Unrecognized processing class in ... Can't instantiate a processor, a tokenizer, ...".
+    assert main([*args[:2], str(eval_file.parent), *args[3:-1], str(tmp_path / "not-a-model")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: model {eval_file.parent}: not a model folder (no config.json, no run.json)" in err, err
+    assert "models:/NAME@ALIAS" in err and not (tmp_path / "not-a-model").exists()
+    # An --output that is a file: a message and exit 2, not a traceback and exit 1.
+    assert main([*args[:-1], str(eval_file)]) == 2
+    assert f"error: output {eval_file} is a file; pass a folder" in capsys.readouterr().err
+    assert main(["batch-status", str(eval_file)]) == 2
     (tmp_path / "empty.jsonl").write_text("\n")
     empty = ["batch-infer", "--model", str(tiny_model), "--input", str(tmp_path / "empty.jsonl")]
     assert main([*empty, "--output", str(tmp_path / "out-empty")]) == 0

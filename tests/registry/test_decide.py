@@ -133,5 +133,7 @@ def test_mlflow_links_carry_no_credentials_of_the_tracking_uri() -> None:
 
 def test_new_versions_cannot_be_registered_as_champion() -> None:
     # The registering run would point champion at every new version, past the gate.
-    with pytest.raises(ValueError, match=r"registry\.alias: .*champion is the alias the promotion gate moves"):
+    with pytest.raises(
+        ValueError, match=r"override registry\.alias=champion: .*champion is the alias the promotion gate moves"
+    ):
         load_config(None, ["registry.alias=champion"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from vlmops.cli.args import add_config_args
 
@@ -44,7 +45,16 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.infer.summary import stopped_rows, summary_rows
 
     config = config_for_model(load_config(args.config, args.overrides), args.model, args.overrides)
-    result = run_batch_job(args.model, args.input, args.output, config, named_as=args.model_named_as)
+    try:
+        result = run_batch_job(args.model, args.input, args.output, config, named_as=args.model_named_as)
+    except KeyboardInterrupt:
+        # Each part is published whole or not at all, so a rerun goes on from the shards without one.
+        print(
+            "interrupted: the parts written so far are kept; run the same command again to answer the rest "
+            f"(vlmops batch-status {args.output} says where it stands)",
+            file=sys.stderr,
+        )
+        return 130
     if isinstance(result, StoppedJob):
         job_id = result.status.plan.job_id
         state = f"stopped after infer.max_shards={config.infer.max_shards}"

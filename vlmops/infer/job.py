@@ -568,10 +568,12 @@ def _difference(old: JobPlan, new: JobPlan) -> str:
         return (
             f"model {old.model.uri} ({old.model.content_hash[:19]}) vs {new.model.uri} ({new.model.content_hash[:19]})"
         )
-    if old.retry_of != new.retry_of or [f.only for f in old.files] != [f.only for f in new.files]:
+    if old.retry_of != new.retry_of:
         return f"records chosen: the rejects of {old.retry_of or 'no job'} vs {new.retry_of or 'no job'}"
     if [(f.name, f.sha256) for f in old.files] != [(f.name, f.sha256) for f in new.files]:
-        return f"input {old.input} vs {new.input}: other files or other content"
+        return f"input {old.input} vs {new.input}: {_input_difference(old.files, new.files)}"
+    if [f.only for f in old.files] != [f.only for f in new.files]:
+        return f"records chosen: other records of the rejects of {old.retry_of}"
     keys = [*new.settings, *(k for k in old.settings if k not in new.settings)]
     changed = [k for k in keys if (k in old.settings, old.settings.get(k)) != (k in new.settings, new.settings.get(k))]
     if not changed:
@@ -579,6 +581,24 @@ def _difference(old: JobPlan, new: JobPlan) -> str:
     return "settings " + ", ".join(
         f"{SETTING_KEYS.get(k, k)}: {_shown(old.settings, k)} -> {_shown(new.settings, k)}" for k in changed
     )
+
+
+def _input_difference(old: list[InputFile], new: list[InputFile]) -> str:
+    """The first way the input files differ, by name: one that is not read now, one that was not read then, or one
+    whose content changed."""
+    before = {f.name: f.sha256 for f in old}
+    now = {f.name: f.sha256 for f in new}
+    gone = [name for name in before if name not in now]
+    added = [name for name in now if name not in before]
+    changed = [name for name in now if name in before and now[name] != before[name]]
+    named = [
+        *(f"{name} was read then, not now" for name in gone),
+        *(f"{name} is new" for name in added),
+        *(f"{name} changed" for name in changed),
+    ]
+    if not named:
+        return "the same files in another order"
+    return ", ".join(named[:3]) + (f" (and {len(named) - 3} more)" if len(named) > 3 else "")
 
 
 def _shown(settings: dict[str, Any], key: str) -> str:

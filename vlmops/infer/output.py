@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
 from vlmops.config import StorageConfig
+from vlmops.errors import UserInputError
 from vlmops.staging import publish_file
 
 TMP_DIR = "_job/tmp"
@@ -136,21 +138,26 @@ class S3Output:
 
 def open_output(uri: str, storage: StorageConfig | None = None) -> JobOutput:
     """The output at `uri`: an `s3://` prefix or a local folder (made when the first file is written there: reading
-    where nothing is, `vlmops batch-status TYPO` say, leaves nothing behind)."""
+    where nothing is, `vlmops batch-status TYPO` say, leaves nothing behind).
+
+    Raises:
+        UserInputError: `uri` names a file.
+    """
     if uri.startswith("s3://"):
         return S3Output(uri, storage)
     root = Path(uri).expanduser()
     if root.exists() and not root.is_dir():
-        raise FileExistsError(f"output {uri} is a file; pass a folder (or an s3:// prefix) for the job to fill")
+        raise UserInputError(f"output {uri} is a file; pass a folder (or an s3:// prefix) for the job to fill")
     return LocalOutput(root)
 
 
 @contextmanager
 def written_file(output: JobOutput, name: str) -> Iterator[Path]:
     """A scratch file to write; published as `name` when the block succeeds, removed when it raises."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{Path(name).name}.", suffix=".tmp", dir=output.scratch())
-    os.close(fd)
-    path = Path(tmp)
+    path = output.scratch() / f".{Path(name).name}.{uuid.uuid4().hex}.tmp"
+    # Created with the umask's mode, as every other file vlmops writes: mkstemp's 0600 left a job's results unreadable
+    # to the rest of a team on a shared disk. O_EXCL: never another writer's file.
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield path
         output.publish(path, name)

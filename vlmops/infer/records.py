@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -136,13 +137,17 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
         return [InputFile(str(path.resolve()), path.name)]
     if path.is_dir():
         root = path.resolve()
-        found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES)
+        every = sorted(p for p in root.rglob("*") if p.is_file())
+        _name_unread(spec, [p.relative_to(root).as_posix() for p in every])
+        found = [p for p in every if p.suffix.lower() in INPUT_SUFFIXES]
         found = _outside(found, _under_local(output), spec, output)
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     elif glob.has_magic(spec):
         # Path.glob takes no absolute patterns: the glob module does.
         found = sorted(Path(p).resolve() for p in glob.glob(str(path), recursive=True))  # noqa: PTH207
-        found = [p for p in found if p.is_file() and p.suffix.lower() in INPUT_SUFFIXES]
+        found = [p for p in found if p.is_file()]
+        _name_unread(spec, [str(p) for p in found])
+        found = [p for p in found if p.suffix.lower() in INPUT_SUFFIXES]
         found = _outside(found, _under_local(output), spec, output)
         root = Path(os.path.commonpath([p.parent for p in found])) if found else Path()
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
@@ -151,6 +156,33 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
     if not files:
         raise FileNotFoundError(f"input {spec}: no .jsonl or .json files there")
     return files
+
+
+LOOKS_LIKE_RECORDS = re.compile(r"\.json|\.ndjson$|\.jsonlines$", re.IGNORECASE)
+"""Names of files that hold records in a form the job does not read: `a.jsonl.gz`, `a.json.zst`, `a.ndjson`."""
+
+
+def _name_unread(spec: str, names: Sequence[str]) -> None:
+    """Warn of the files a folder, glob or prefix holds that look like records but are not read (not .jsonl/.json): a
+    compressed `.jsonl.gz` beside the prompts left its records out without a word. Images and other files beside
+    the prompts are not named, nor hidden ones (a job's scratch files)."""
+    unread = [
+        name
+        for name in names
+        if not name.lower().endswith(INPUT_SUFFIXES)
+        and LOOKS_LIKE_RECORDS.search(name.rpartition("/")[2])
+        and not any(part.startswith(".") for part in name.split("/"))
+    ]
+    if unread:
+        more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
+        log.warning(
+            "input %s: %d file(s) that look like records are not read (only .jsonl and .json are): %s%s; "
+            "decompress or rename them to answer their records",
+            spec,
+            len(unread),
+            ", ".join(unread[:5]),
+            more,
+        )
 
 
 def _outside(found: list[T], is_own: Callable[[T], bool], spec: str, output: str | None) -> list[T]:
@@ -218,6 +250,7 @@ def _find_s3_inputs(spec: str, storage: StorageConfig | None, output: str | None
             _check_suffix(prefix, spec)
             return [InputFile(f"s3://{bucket}/{prefix}", prefix.rpartition("/")[2])]
     folder = f"{prefix}/" if prefix else ""
+    _name_unread(spec, [o.key[len(folder) :] for o in sorted(objects, key=lambda o: o.key)])
     found = [o.key for o in sorted(objects, key=lambda o: o.key) if o.key.lower().endswith(INPUT_SUFFIXES)]
     if output is not None and output.startswith("s3://"):
         out_bucket, out_prefix = parse_s3_uri(output)
@@ -350,8 +383,10 @@ def _blank(number: int, line: bytes) -> bool:
 
 
 def _line_record(file: InputFile, number: int, line: bytes) -> RawRecord:
-    # A byte-order mark (Windows editors write one) opens the file: not part of the first record.
+    # A byte-order mark (Windows editors write one) opens the file: not part of the first record. The line ending is
+    # not part of it either: a record cut off at its end would be "not valid JSON at column 1" (of the next line).
     encoding = "utf-8-sig" if number == 1 else "utf-8"
+    line = line.rstrip(b"\r\n")
     problem = None
     try:
         text = line.decode(encoding)

@@ -96,7 +96,7 @@ def resolve_model_ref(
 
     Raises:
         FileNotFoundError: `ref` is neither an existing folder nor a `models:/` URI (a catalog name that was
-            not downloaded yet, or a typo).
+            not downloaded yet, or a typo), or a folder that holds no model.
         ValueError: a malformed `models:/` URI or an unknown registered model, version or alias.
     """
     if not ref.strip():
@@ -105,7 +105,14 @@ def resolve_model_ref(
         return download_registered_model(ref, tracking_uri, cache_dir)
     folder = Path(ref).expanduser()
     if folder.is_dir():
-        return _retrain_model(folder) or folder
+        model = _retrain_model(folder) or folder
+        if not (model / "config.json").is_file() and not (model / RUN_INFO).is_file():
+            raise FileNotFoundError(
+                f"model {ref}: not a model folder (no config.json, no run.json): pass a checkpoint folder (config.json "
+                "beside the weights), a `vlmops sft` run or checkpoint folder, a retrain run folder (with merged/), a "
+                "models:/NAME@ALIAS URI or a catalog name (`vlmops models`)"
+            )
+        return model
     if folder.exists():
         raise FileNotFoundError(f"model {ref}: is a file; pass the checkpoint folder that holds config.json")
     if "/" not in ref and "\\" not in ref:
