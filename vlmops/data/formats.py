@@ -25,7 +25,7 @@ from vlmops.conversation import (
     parse_img_tags,
     to_img_tags,
 )
-from vlmops.data.jsonarray import JsonArrayError, json_array_items
+from vlmops.data.jsonarray import TOO_DEEP, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
 ROLE_ALIASES: dict[str, Role] = {
@@ -176,6 +176,8 @@ def _records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
                 value = json.loads(line, object_pairs_hook=_json_object)
             except json.JSONDecodeError as err:
                 value = RecordProblem(location, "(line)", f"not valid JSON: {err.msg} at column {err.colno}")
+            except RecursionError:  # json's parser recurses per level of nesting, and stops at Python's limit
+                value = RecordProblem(location, "(line)", f"not valid JSON: {TOO_DEEP}")
             yield location, number, line, value
 
 
