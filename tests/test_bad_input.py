@@ -90,6 +90,14 @@ CASES = [
     Case("json syntax error", "(line)", r"not valid JSON: Expecting property name", line="{not json"),
     Case("json cut short", "(line)", r"not valid JSON", line='{"conversations": [{"from": "user"'),
     Case("record not an object", "(record)", r"must be an object, got list", record=[1, 2]),
+    # json's parser recurses per level and raised RecursionError, which stopped validation with a traceback
+    Case("lists nested 100,000 deep", "(line)", r"nested too deeply to read", line="[" * 100_000 + "]" * 100_000),
+    Case(
+        "a field nested 100,000 deep",
+        "(line)",
+        r"nested too deeply to read",
+        line=json.dumps(GOOD)[:-1] + ', "meta": ' + '{"a": ' * 100_000 + "1" + "}" * 100_001,
+    ),
     Case(
         "no conversations or messages",
         "(record)",
@@ -513,6 +521,8 @@ def test_json_files_name_the_line_or_the_index(tmp_path: Path, tiny_processor: A
     latin1.write_bytes(b'[\n{"conversations": [{"from": "user", "value": "caf\xe9"}]}\n]')
     items = tmp_path / "items.json"
     items.write_text(json.dumps([ask("hi"), ask("hi", "")]))
+    deep = tmp_path / "deep.json"
+    deep.write_text(f"[\n{json.dumps(ask('hi'))},\n{'[' * 100_000}{']' * 100_000}\n]")
     with pytest.raises(DatasetError) as info:
         validate_files([tmp_path], DataConfig(), tiny_processor.tokenizer, 16, tmp_path / "rejects.jsonl")
     found = {(p.location, p.field) for p in info.value.problems}
@@ -521,10 +531,15 @@ def test_json_files_name_the_line_or_the_index(tmp_path: Path, tiny_processor: A
         (f"{items}[1]", "(turns)"),
         (f"{latin1}:2", "(file)"),
         (str(not_a_list), "(file)"),
+        (f"{deep}:3", "(file)"),
     }
     reasons = {p.location: p.reason for p in info.value.problems}
     assert reasons[f"{latin1}:2"] == "not UTF-8 text: byte 0xe9 at column 50 (save the file as UTF-8)"
     assert "must be a list of records, not dict" in reasons[str(not_a_list)]
+    assert (
+        reasons[f"{deep}:3"]
+        == "not valid JSON: lists and objects nested too deeply to read (at most about 1,000 levels) at column 1"
+    )
 
 
 def test_a_symlink_out_of_the_root_is_refused_and_allowed_roots_let_it_in(tmp_path: Path, tiny_processor: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -182,3 +183,52 @@ def test_a_field_the_parser_would_not_read_is_rejected(
     [problem] = read.problems
     assert (problem.location, problem.field) == (f"{path}:2", field)
     assert re.search(reason, problem.reason), problem.reason
+
+
+def test_each_spelling_of_an_image_resolves_and_a_link_is_followed_where_it_leads_at_each_scan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan resolves each distinct reference once (`ImagePaths`): every spelling of one image still names it, a
+    reference refused once is refused again under its own field, and the next scan sees a symlink pointed elsewhere."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    a, b, outside = data / "images" / "a.png", data / "images" / "b.png", tmp_path / "outside.png"
+    for path in (a, b, outside):
+        path.write_bytes(b"png")
+    a, b, outside = a.resolve(), b.resolve(), outside.resolve()  # as scans name them, if tmp_path is under a link
+    link = data / "link.png"
+    link.symlink_to(a)
+    spellings = ["images/a.png", "./images/a.png", "link.png", "images/../link.png", "~/data/images/a.png", "link.png"]
+    records: list[dict[str, Any]] = [
+        {"conversations": [{"from": "user", "value": f"<img>{name}</img>What?"}, {"from": "assistant", "value": "A"}]}
+        for name in spellings
+    ]
+    records.append(
+        {
+            "messages": [{"role": "user", "content": "<image>What?"}, {"role": "assistant", "content": "A"}],
+            "images": ["link.png"],
+        }
+    )
+    file = data / "d.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def scan() -> list[str]:
+        read = read_dataset(file)
+        assert read.problems == []
+        return [image.uri for conv in read.conversations for image in conv.images]
+
+    assert scan() == [str(a)] * 7
+    link.unlink()
+    link.symlink_to(b)
+    assert scan() == [str(a), str(a), str(b), str(b), str(a), str(b), str(b)]
+    link.unlink()
+    link.symlink_to(outside)
+    problems = read_dataset(file).problems
+    assert [(p.location, p.field) for p in problems] == [
+        (f"{file}:3", "conversations[0].value"),
+        (f"{file}:4", "conversations[0].value"),
+        (f"{file}:6", "conversations[0].value"),
+        (f"{file}:7", "images[0]"),
+    ]
+    assert all(f"outside the dataset's folder ({outside})" in p.reason for p in problems)

@@ -25,7 +25,7 @@ from vlmops.conversation import (
     parse_img_tags,
     to_img_tags,
 )
-from vlmops.data.jsonarray import JsonArrayError, json_array_items
+from vlmops.data.jsonarray import TOO_DEEP, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
 ROLE_ALIASES: dict[str, Role] = {
@@ -123,7 +123,7 @@ def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> It
     suffix = file.suffix.lower()
     if suffix not in DATASET_SUFFIXES:
         raise ValueError(f"{file}: unsupported dataset file type {suffix!r}; use .json (a list) or .jsonl")
-    allowed = image_roots(file.parent, roots)
+    paths = ImagePaths(file.parent, image_roots(file.parent, roots))  # this scan's, forgotten with it
     for location, number, raw, value in _records(file) if suffix == ".jsonl" else _list_records(file):
         if isinstance(value, RecordProblem):
             yield Entry(location, number, raw, value)
@@ -131,7 +131,7 @@ def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> It
         try:
             _refuse_repeated_keys(value)
             _refuse_unread_keys(value)
-            result: Conversation | RecordProblem = parse_record(value, location, file.parent, roots=allowed)
+            result: Conversation | RecordProblem = _parse_record(value, location, paths)
         except RecordError as err:
             result = RecordProblem(location, err.field, err.reason)
         yield Entry(location, number, raw, result)
@@ -176,6 +176,8 @@ def _records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
                 value = json.loads(line, object_pairs_hook=_json_object)
             except json.JSONDecodeError as err:
                 value = RecordProblem(location, "(line)", f"not valid JSON: {err.msg} at column {err.colno}")
+            except RecursionError:  # json's parser recurses per level of nesting, and stops at Python's limit
+                value = RecordProblem(location, "(line)", f"not valid JSON: {TOO_DEEP}")
             yield location, number, line, value
 
 
@@ -298,13 +300,50 @@ def parse_record(
     `require_answer=False` also takes records that end with a user turn (prompts for batch inference).
     `roots`: the folders local image paths must resolve into (None: anywhere).
     """
+    return _parse_record(record, location, ImagePaths(base_dir, roots), require_answer)
+
+
+class ImagePaths:
+    """The image references of one dataset file's records resolved (`_resolve`), each distinct local one once.
+
+    Resolving a path costs a syscall per folder on it (every symlink followed), and a file often names the same few
+    images over and over: 100,000 records naming 1,000 images spent most of a scan there (bench/scan_bench.py). What
+    it finds is a snapshot, good for one scan of the file (`iter_dataset`) and no longer: a later scan must see a
+    symlink pointed elsewhere or an image moved since, so keep none beyond it. It holds a path per distinct
+    reference, as validation's table of checked images does.
+    """
+
+    def __init__(self, base_dir: Path | str, roots: Sequence[Path] | None):
+        self.base_dir = base_dir
+        self.roots = roots
+        self._resolved: dict[str, str] = {}  # reference as written -> the path it names
+        self._refused: dict[str, str] = {}  # reference as written -> why it names no image the dataset may use
+
+    def resolve(self, image: ImageRef, field: str) -> ImageRef:
+        """`image` as the record names it at `field`: see `_resolve`."""
+        uri = image.uri
+        if uri.startswith(REMOTE_PREFIXES):
+            return ImageRef(uri, field)  # nothing on disk to look at (and a data: URI can be megabytes: not kept)
+        if uri in self._refused:
+            raise RecordError(field, self._refused[uri])
+        if uri not in self._resolved:
+            try:
+                self._resolved[uri] = _resolve(image, self.base_dir, field, self.roots).uri
+            except RecordError as err:
+                self._refused[uri] = err.reason
+                raise
+        return ImageRef(self._resolved[uri], field)
+
+
+def _parse_record(record: Any, location: str, paths: ImagePaths, require_answer: bool = True) -> Conversation:
+    """`parse_record`, with the images resolved by `paths`."""
     if not isinstance(record, dict):
         raise RecordError("(record)", f"must be an object, got {type(record).__name__}")
     if "conversations" in record:
-        messages = _parse_conversations(record["conversations"], base_dir, roots)
+        messages = _parse_conversations(record["conversations"], paths)
         meta = {k: v for k, v in record.items() if k != "conversations"}
     elif "messages" in record:
-        messages = _parse_messages(record["messages"], record.get("images", []), base_dir, roots)
+        messages = _parse_messages(record["messages"], record.get("images", []), paths)
         meta = {k: v for k, v in record.items() if k not in ("messages", "images")}
     else:
         keys = ", ".join(sorted(record)) or "none"
@@ -313,7 +352,7 @@ def parse_record(
     return Conversation(messages, source=location, meta=meta)
 
 
-def _parse_conversations(turns: Any, base_dir: Path | str, roots: Sequence[Path] | None) -> list[Message]:
+def _parse_conversations(turns: Any, paths: ImagePaths) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise RecordError("conversations", "must be a non-empty list of {from, value} turns")
     messages = []
@@ -321,7 +360,7 @@ def _parse_conversations(turns: Any, base_dir: Path | str, roots: Sequence[Path]
         field = f"conversations[{i}]"
         role, value = _role_and_text(turn, field, "from", "value", "each turn")
         parts = [
-            _resolve(p, base_dir, f"{field}.value", roots) if isinstance(p, ImageRef) else p
+            paths.resolve(p, f"{field}.value") if isinstance(p, ImageRef) else p
             for p in _img_tags(value, f"{field}.value")
         ]
         messages.append(Message(role, parts))
@@ -346,12 +385,12 @@ def _role_and_text(turn: Any, field: str, role_key: str, text_key: str, what: st
     return role, text
 
 
-def _parse_messages(turns: Any, images: Any, base_dir: Path | str, roots: Sequence[Path] | None) -> list[Message]:
+def _parse_messages(turns: Any, images: Any, paths: ImagePaths) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise RecordError("messages", "must be a non-empty list of {role, content} messages")
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise RecordError("images", "must be a list of image paths or URLs")
-    queue = [_resolve(ImageRef(uri), base_dir, f"images[{i}]", roots) for i, uri in enumerate(images)]
+    queue = [paths.resolve(ImageRef(uri), f"images[{i}]") for i, uri in enumerate(images)]
     messages = []
     used = 0
     for i, turn in enumerate(turns):
@@ -361,9 +400,7 @@ def _parse_messages(turns: Any, images: Any, base_dir: Path | str, roots: Sequen
         pieces = IMAGE_MARK.split(content)
         for j, piece in enumerate(pieces):
             for part in _img_tags(piece, f"{field}.content"):
-                parts.append(
-                    _resolve(part, base_dir, f"{field}.content", roots) if isinstance(part, ImageRef) else part
-                )
+                parts.append(paths.resolve(part, f"{field}.content") if isinstance(part, ImageRef) else part)
             if j < len(pieces) - 1:
                 if used >= len(queue):
                     raise RecordError(f"{field}.content", f"more <image> tags than the {len(queue)} entries in images")

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 CHUNK_BYTES = 1 << 20
 MAX_ITEM_BYTES = 256 << 20  # one record larger than this is an error, not a reason to read the whole file
+# The reason for a value nested deeper than json's parser goes: it recurses per level, up to Python's recursion limit.
+TOO_DEEP = "lists and objects nested too deeply to read (at most about 1,000 levels)"
 _WHITESPACE = " \t\n\r"
 BOM = "\ufeff"
 _KINDS = {"{": "dict", '"': "str", "t": "bool", "f": "bool", "n": "NoneType"}
@@ -161,6 +163,8 @@ class _Reader:
         while True:
             try:
                 value, end = decoder.raw_decode(self.text, self.pos)
+            except RecursionError:  # json's parser recurses per level: the item is too deep whatever follows it
+                raise self.error(TOO_DEEP) from None
             except json.JSONDecodeError as err:
                 if self.eof:  # the whole rest of the file is in the window: a real error, at err.pos
                     raise self.error(err.msg, err.pos) from None
