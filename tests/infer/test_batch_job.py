@@ -777,7 +777,8 @@ def test_another_jobs_output_inside_the_input_folder_is_refused_naming_the_fix(
     model = str(tiny_model)
     first = run_batch_job(model, str(data), str(data / "run1"), job_config(), progress=False)
     assert (first.records, first.results, first.rejects) == (6, 5, 1)
-    with pytest.raises(UserInputError, match=r"holds the output of another batch job \(.*data/run1: .*pass the input"):
+    fix = rf"pass the input files themselves as a glob \('{re.escape(str(data))}/\*\.jsonl'\)$"
+    with pytest.raises(UserInputError, match=r"holds the output of another batch job \(.*data/run1: .*" + fix):
         run_batch_job(model, str(data), str(data / "run2"), job_config(), progress=False)
     assert not (data / "run2").exists()
     with pytest.raises(UserInputError, match=r"input .*run1 holds the output of another batch job \(.*run1: it has"):
@@ -797,8 +798,16 @@ def test_an_output_that_is_the_input_folder_is_refused_naming_the_fix(
     the reason and what to pass. Locally the error said there were no .jsonl files there; at an S3 bucket's root the
     job ran, then read its own parts, manifest and job file as input on the rerun and refused its own output."""
     simple_prompts(tmp_path / "in.jsonl", 3)
-    with pytest.raises(UserInputError, match=r"every input file .* lies under the output .*pass an --output outside"):
+    same = rf"every input file .* lies under the output {re.escape(str(tmp_path))}, which is the input itself .*: pass an --output "
+    with pytest.raises(UserInputError, match=same + rf"outside the input, e.g. {re.escape(str(tmp_path))}-results$"):
         run_batch_job(str(tiny_model), str(tmp_path), str(tmp_path), job_config(), progress=False)
+    # An output that holds the input (`--input nest/in --output nest`): "outside the input" did not fit.
+    (tmp_path / "nest" / "in").mkdir(parents=True)
+    simple_prompts(tmp_path / "nest" / "in" / "in.jsonl", 3)
+    nest, inner = tmp_path / "nest", tmp_path / "nest" / "in"
+    holds = rf"lies under the output {re.escape(str(nest))}, which holds the input .*: pass an --output that neither is the input nor "
+    with pytest.raises(UserInputError, match=holds + rf"holds it, e.g. {re.escape(str(inner))}-results$"):
+        run_batch_job(str(tiny_model), str(inner), str(nest), job_config(), progress=False)
     client = s3_server.client()
     client.create_bucket(Bucket="same")
     client.upload_file(str(tmp_path / "in.jsonl"), "same", "in.jsonl")
@@ -806,8 +815,16 @@ def test_an_output_that_is_the_input_folder_is_refused_naming_the_fix(
         for key, value in s3_server.env().items():
             patch.setenv(key, value)
         for spec in ("s3://same/", "s3://same"):
-            with pytest.raises(UserInputError, match=r"every input file .* lies under the output s3://same"):
+            with pytest.raises(
+                UserInputError, match=r"every input file .* lies under the output s3://same, which is the"
+            ):
                 run_batch_job(str(tiny_model), spec, spec, job_config(), progress=False)
+        client.upload_file(str(tmp_path / "in.jsonl"), "same", "nest/in/in.jsonl")
+        with pytest.raises(
+            UserInputError,
+            match=r"under the output s3://same/nest, which holds the input .*holds it, e.g. s3://same/nest/in-results$",
+        ):
+            run_batch_job(str(tiny_model), "s3://same/nest/in", "s3://same/nest", job_config(), progress=False)
 
 
 def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path: Path, s3_server: Any) -> None:
