@@ -887,3 +887,69 @@ def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path
         assert [(r["key"], r["source"]) for r in map(json.loads, part.splitlines())] == [
             ("s1", "s3://jobs/more/d.jsonl:2")
         ]
+
+
+def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_and_manifest(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The summary said only how many records were rejected and where rejects.jsonl is: now it names the kinds, most
+    first, with a count and the first such record each; the manifest holds the counts (`rejects_by_reason`), counted
+    from the shards' rejects, so a job resumed after one shard gives the totals of one run straight through;
+    batch-status shows them for the shards done; MLflow gets a metric per kind."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(images["red"], data / "red.png")
+    (data / "bad.png").write_text("not a png")
+    lines = [
+        json.dumps({"id": "a", "query": "<img>gone.png</img>Colour?"}),
+        "{not json",
+        json.dumps({"id": "c", "query": "<img>bad.png</img>Colour?"}),
+        json.dumps({"id": "d", "query": "<img>gone-too.png</img>Colour?"}),
+        json.dumps({"id": "e", "query": "<img>red.png</img>Colour?"}),
+        json.dumps({"prompt": "neither form"}),
+    ]
+    prompts = data / "in.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    args = ["batch-infer", "--model", str(tiny_model), "--input", str(prompts)]
+    args += ["--set", "infer.max_new_tokens=2", "--set", "infer.shard_size=3"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    assert main([*args, "--output", str(resumed), "--set", "infer.max_shards=1"]) == 0
+    capsys.readouterr()
+    assert main(["batch-status", str(resumed)]) == 0
+    status = capsys.readouterr().out
+    assert f"missing image 1 (first: {prompts}:1)\n" in status and f"not an image 1 (first: {prompts}:3)" in status
+    assert main([*args, "--output", str(resumed)]) == 0
+    printed = capsys.readouterr().out
+    assert main([*args, "--output", str(straight)]) == 0
+    capsys.readouterr()
+
+    expected = {
+        "missing_image": {"count": 2, "first": f"{prompts}:1"},
+        "malformed_json": {"count": 1, "first": f"{prompts}:2"},
+        "invalid_record": {"count": 1, "first": f"{prompts}:6"},
+        "not_an_image": {"count": 1, "first": f"{prompts}:3"},
+    }
+    for out in (resumed, straight):
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["rejects_by_reason"] == expected and list(manifest["rejects_by_reason"]) == list(expected)
+        kinds = ["missing_image", "malformed_json", "not_an_image", "missing_image", "invalid_record"]
+        assert [r["kind"] for r in rejects(out)] == kinds
+    rows = [line.strip() for line in printed.splitlines()]
+    at = rows.index(f"{'rejects':<17} {resumed}/rejects.jsonl")
+    assert rows[at + 1 : at + 5] == [
+        f"missing image 2 (first: {prompts}:1)",
+        f"malformed JSON 1 (first: {prompts}:2)",
+        f"invalid record 1 (first: {prompts}:6)",
+        "1 more of 1 other kind(s), in rejects.jsonl",
+    ], printed
+    assert main(["batch-status", str(resumed), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rejects_by_reason"] == expected
+    result = JobResult(str(straight), json.loads((straight / "manifest.json").read_text()))
+    metrics = result.metrics()
+    assert {k: v for k, v in metrics.items() if k.startswith("rejects")} == {
+        "rejects": 5,
+        "rejects.missing_image": 2,
+        "rejects.malformed_json": 1,
+        "rejects.invalid_record": 1,
+        "rejects.not_an_image": 1,
+    }

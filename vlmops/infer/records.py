@@ -479,13 +479,15 @@ def _record_object(raw: RawRecord) -> dict[str, Any]:
         RecordError: the line is not UTF-8 text or not JSON, or the record not an object.
     """
     if raw.problem is not None:
-        raise RecordError("(line)", raw.problem)
+        raise RecordError("(line)", raw.problem, kind="not_text")
     value = raw.value
     if raw.text is not None:
         try:
             value = json.loads(raw.text)
         except json.JSONDecodeError as err:
-            raise RecordError("(line)", f"not valid JSON: {err.msg} at column {err.colno}") from None
+            raise RecordError(
+                "(line)", f"not valid JSON: {err.msg} at column {err.colno}", kind="malformed_json"
+            ) from None
     if not isinstance(value, dict):
         raise RecordError("(record)", f"must be an object, got {type(value).__name__}")
     return value
