@@ -260,7 +260,7 @@ def test_cli_summary_and_exit_codes(
     assert main([*args, "--set", "infer.max_new_tokens=3"]) == 0
     printed = capsys.readouterr().out
     assert "6 read: 6 answered, 0 rejected" in printed and "tokens/s" in printed and "images/s" in printed
-    assert f"{out}/part-*.jsonl (1 parts)" in printed
+    assert f"{out}/part-*.jsonl (1 part)" in printed
     assert re.search(r"start-up +\d+\.\d s before the first shard", printed), printed
     assert re.search(r"answers +greedy\n", printed), printed
     sampled = ["--set", "infer.temperature=0.7", "--set", "infer.top_p=0.9", "--set", "infer.seed=3"]
@@ -940,7 +940,7 @@ def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_an
         f"missing image 2 (first: {prompts}:1)",
         f"malformed JSON 1 (first: {prompts}:2)",
         f"invalid record 1 (first: {prompts}:6)",
-        "1 more of 1 other kind(s), in rejects.jsonl",
+        "1 more of 1 other kind, in rejects.jsonl",
     ], printed
     assert main(["batch-status", str(resumed), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rejects_by_reason"] == expected

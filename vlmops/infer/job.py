@@ -828,8 +828,9 @@ class ShardRunner:
         limit, answer = min(limits, default=None), self.config.infer.max_new_tokens
         if limit is not None and len(encoded.input_ids) + answer > limit:
             record.error = (
-                f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} images of "
-                f"{self.loaded.num_image_tokens}) + infer.max_new_tokens {answer} exceed the {limit} tokens a request "
+                f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} "
+                f"{'image' if len(encoded.images) == 1 else 'images'} of {self.loaded.num_image_tokens} tokens) + "
+                f"infer.max_new_tokens {answer} exceed the {limit} tokens a request "
                 "may take (infer.max_context where it is set; else the model's max_position_embeddings, which the fast "
                 "engine's slots hold where the job's longest prompt needs it); send fewer images or less text, or "
                 "raise infer.max_context"

@@ -39,7 +39,7 @@ def summary_rows(result: JobResult) -> list[tuple[str, str]]:
     if score := result.score:
         rows.append(("exact match", score_text(score)))
     rows += _run_rows(result.ran, result.startup_s)
-    rows.append(("output", f"{result.output}/part-*.jsonl ({len(manifest['parts'])} parts), manifest.json"))
+    rows.append(("output", f"{result.output}/part-*.jsonl ({counted(len(manifest['parts']), 'part')}), manifest.json"))
     if result.rejects:
         rows.append(("rejects", f"{result.output}/rejects.jsonl"))
         rows += reason_rows(manifest.get("rejects_by_reason", {}))
@@ -64,9 +64,14 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
         *_retry_row(plan.retry_of),
         ("answers", token_choice(plan.settings)),
         *_run_rows(stopped.ran, stopped.startup_s),
-        ("output", f"{status.output}/part-*.jsonl ({len(status.done)} parts so far), no manifest.json yet"),
+        ("output", f"{status.output}/part-*.jsonl ({counted(len(status.done), 'part')} so far), no manifest.json yet"),
         ("go on", "run the same command without infer.max_shards (or with a larger one): done shards are not redone"),
     ]
+
+
+def counted(count: int, noun: str) -> str:
+    """`count` and `noun`, plural but for one: "1 part", "3 parts"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def reason_rows(by_reason: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
@@ -78,7 +83,9 @@ def reason_rows(by_reason: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
     ]
     rest = list(by_reason.values())[SHOWN_REASONS:]
     if rest:
-        rows.append(("", f"{sum(n['count'] for n in rest)} more of {len(rest)} other kind(s), in rejects.jsonl"))
+        rows.append(
+            ("", f"{sum(n['count'] for n in rest)} more of {counted(len(rest), 'other kind')}, in rejects.jsonl")
+        )
     return rows
 
 
