@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from vlmops.errors import RunFailed
+from vlmops.errors import RunFailed, UserInputError
 from vlmops.redact import redact_uri
 from vlmops.staging import held_lock
 
@@ -174,10 +174,11 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
         printf 'outs:\n- md5: MD5\n  hash: md5\n  path: NAME\n' > NAME.dvc && dvc pull NAME.dvc
 
     Raises:
+        UserInputError: `dest/<name>` exists already.
         DvcPullError: the remote's copy is missing or fails its hash check.
     """
     if (dest / name).exists():
-        raise FileExistsError(f"{dest / name} exists already: pull into an empty folder")
+        raise UserInputError(f"{dest / name} exists already: remove it or pull into an empty folder")
     dvc_text = yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": name}]}, sort_keys=False)
     _pull(dest, name, dvc_text, _absolute_url(remote_url), md5)
     return dest / name

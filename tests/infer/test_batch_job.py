@@ -260,7 +260,7 @@ def test_cli_summary_and_exit_codes(
     assert main([*args, "--set", "infer.max_new_tokens=3"]) == 0
     printed = capsys.readouterr().out
     assert "6 read: 6 answered, 0 rejected" in printed and "tokens/s" in printed and "images/s" in printed
-    assert f"{out}/part-*.jsonl (1 parts)" in printed
+    assert f"{out}/part-*.jsonl (1 part)" in printed
     assert re.search(r"start-up +\d+\.\d s before the first shard", printed), printed
     assert re.search(r"answers +greedy\n", printed), printed
     sampled = ["--set", "infer.temperature=0.7", "--set", "infer.top_p=0.9", "--set", "infer.seed=3"]
@@ -777,7 +777,8 @@ def test_another_jobs_output_inside_the_input_folder_is_refused_naming_the_fix(
     model = str(tiny_model)
     first = run_batch_job(model, str(data), str(data / "run1"), job_config(), progress=False)
     assert (first.records, first.results, first.rejects) == (6, 5, 1)
-    with pytest.raises(UserInputError, match=r"holds the output of another batch job \(.*data/run1: .*pass the input"):
+    fix = rf"pass the input files themselves as a glob \('{re.escape(str(data))}/\*\.jsonl'\)$"
+    with pytest.raises(UserInputError, match=r"holds the output of another batch job \(.*data/run1: .*" + fix):
         run_batch_job(model, str(data), str(data / "run2"), job_config(), progress=False)
     assert not (data / "run2").exists()
     with pytest.raises(UserInputError, match=r"input .*run1 holds the output of another batch job \(.*run1: it has"):
@@ -797,8 +798,16 @@ def test_an_output_that_is_the_input_folder_is_refused_naming_the_fix(
     the reason and what to pass. Locally the error said there were no .jsonl files there; at an S3 bucket's root the
     job ran, then read its own parts, manifest and job file as input on the rerun and refused its own output."""
     simple_prompts(tmp_path / "in.jsonl", 3)
-    with pytest.raises(UserInputError, match=r"every input file .* lies under the output .*pass an --output outside"):
+    same = rf"every input file .* lies under the output {re.escape(str(tmp_path))}, which is the input itself .*: pass an --output "
+    with pytest.raises(UserInputError, match=same + rf"outside the input, e.g. {re.escape(str(tmp_path))}-results$"):
         run_batch_job(str(tiny_model), str(tmp_path), str(tmp_path), job_config(), progress=False)
+    # An output that holds the input (`--input nest/in --output nest`): "outside the input" did not fit.
+    (tmp_path / "nest" / "in").mkdir(parents=True)
+    simple_prompts(tmp_path / "nest" / "in" / "in.jsonl", 3)
+    nest, inner = tmp_path / "nest", tmp_path / "nest" / "in"
+    holds = rf"lies under the output {re.escape(str(nest))}, which holds the input .*: pass an --output that neither is the input nor "
+    with pytest.raises(UserInputError, match=holds + rf"holds it, e.g. {re.escape(str(inner))}-results$"):
+        run_batch_job(str(tiny_model), str(inner), str(nest), job_config(), progress=False)
     client = s3_server.client()
     client.create_bucket(Bucket="same")
     client.upload_file(str(tmp_path / "in.jsonl"), "same", "in.jsonl")
@@ -806,8 +815,16 @@ def test_an_output_that_is_the_input_folder_is_refused_naming_the_fix(
         for key, value in s3_server.env().items():
             patch.setenv(key, value)
         for spec in ("s3://same/", "s3://same"):
-            with pytest.raises(UserInputError, match=r"every input file .* lies under the output s3://same"):
+            with pytest.raises(
+                UserInputError, match=r"every input file .* lies under the output s3://same, which is the"
+            ):
                 run_batch_job(str(tiny_model), spec, spec, job_config(), progress=False)
+        client.upload_file(str(tmp_path / "in.jsonl"), "same", "nest/in/in.jsonl")
+        with pytest.raises(
+            UserInputError,
+            match=r"under the output s3://same/nest, which holds the input .*holds it, e.g. s3://same/nest/in-results$",
+        ):
+            run_batch_job(str(tiny_model), "s3://same/nest/in", "s3://same/nest", job_config(), progress=False)
 
 
 def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path: Path, s3_server: Any) -> None:
@@ -870,3 +887,69 @@ def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path
         assert [(r["key"], r["source"]) for r in map(json.loads, part.splitlines())] == [
             ("s1", "s3://jobs/more/d.jsonl:2")
         ]
+
+
+def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_and_manifest(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The summary said only how many records were rejected and where rejects.jsonl is: now it names the kinds, most
+    first, with a count and the first such record each; the manifest holds the counts (`rejects_by_reason`), counted
+    from the shards' rejects, so a job resumed after one shard gives the totals of one run straight through;
+    batch-status shows them for the shards done; MLflow gets a metric per kind."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(images["red"], data / "red.png")
+    (data / "bad.png").write_text("not a png")
+    lines = [
+        json.dumps({"id": "a", "query": "<img>gone.png</img>Colour?"}),
+        "{not json",
+        json.dumps({"id": "c", "query": "<img>bad.png</img>Colour?"}),
+        json.dumps({"id": "d", "query": "<img>gone-too.png</img>Colour?"}),
+        json.dumps({"id": "e", "query": "<img>red.png</img>Colour?"}),
+        json.dumps({"prompt": "neither form"}),
+    ]
+    prompts = data / "in.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    args = ["batch-infer", "--model", str(tiny_model), "--input", str(prompts)]
+    args += ["--set", "infer.max_new_tokens=2", "--set", "infer.shard_size=3"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    assert main([*args, "--output", str(resumed), "--set", "infer.max_shards=1"]) == 0
+    capsys.readouterr()
+    assert main(["batch-status", str(resumed)]) == 0
+    status = capsys.readouterr().out
+    assert f"missing image 1 (first: {prompts}:1)\n" in status and f"not an image 1 (first: {prompts}:3)" in status
+    assert main([*args, "--output", str(resumed)]) == 0
+    printed = capsys.readouterr().out
+    assert main([*args, "--output", str(straight)]) == 0
+    capsys.readouterr()
+
+    expected = {
+        "missing_image": {"count": 2, "first": f"{prompts}:1"},
+        "malformed_json": {"count": 1, "first": f"{prompts}:2"},
+        "invalid_record": {"count": 1, "first": f"{prompts}:6"},
+        "not_an_image": {"count": 1, "first": f"{prompts}:3"},
+    }
+    for out in (resumed, straight):
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["rejects_by_reason"] == expected and list(manifest["rejects_by_reason"]) == list(expected)
+        kinds = ["missing_image", "malformed_json", "not_an_image", "missing_image", "invalid_record"]
+        assert [r["kind"] for r in rejects(out)] == kinds
+    rows = [line.strip() for line in printed.splitlines()]
+    at = rows.index(f"{'rejects':<17} {resumed}/rejects.jsonl")
+    assert rows[at + 1 : at + 5] == [
+        f"missing image 2 (first: {prompts}:1)",
+        f"malformed JSON 1 (first: {prompts}:2)",
+        f"invalid record 1 (first: {prompts}:6)",
+        "1 more of 1 other kind, in rejects.jsonl",
+    ], printed
+    assert main(["batch-status", str(resumed), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rejects_by_reason"] == expected
+    result = JobResult(str(straight), json.loads((straight / "manifest.json").read_text()))
+    metrics = result.metrics()
+    assert {k: v for k, v in metrics.items() if k.startswith("rejects")} == {
+        "rejects": 5,
+        "rejects.missing_image": 2,
+        "rejects.malformed_json": 1,
+        "rejects.invalid_record": 1,
+        "rejects.not_an_image": 1,
+    }

@@ -125,7 +125,7 @@ def test_a_prompt_longer_than_the_engine_takes_is_a_reject_not_a_failed_job(
     (reject,) = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert reject["line"] == 4
     assert re.fullmatch(
-        r"prompt: \d+ tokens \(1 images of \d+\) \+ infer.max_new_tokens 3 exceed the 128 tokens a request may take .*"
+        r"prompt: \d+ tokens \(1 image of \d+ tokens\) \+ infer.max_new_tokens 3 exceed the 128 tokens a request may take .*"
         r"raise infer.max_context",
         reject["reason"],
     ), reject["reason"]

@@ -140,6 +140,36 @@ def test_pull_refuses_what_it_cannot_restore(
     assert f"models:/{NAME}@nobody: not found in the registry" in capsys.readouterr().err
 
 
+def test_pull_into_a_taken_target_is_an_input_error_of_one_line(
+    registry: Registry, champion: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A target that holds files, or is a file, is refused up front (exit 2, one line naming it and the fix); the file
+    case raised a bare NotADirectoryError, which the CLI printed as a traceback."""
+    config = str(clone(registry, tmp_path / "second") / "pipeline.yaml")
+    target = tmp_path / "out" / f"{NAME}-v{champion}"
+    target.mkdir(parents=True)
+    (target / "notes.txt").write_text("mine")
+    assert main(["pull", f"models:/{NAME}@champion", "--config", config, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {target} is not empty: ") and "(--out)" in err and err.count("\n") == 1, err
+    shutil.rmtree(target)
+    target.write_text("a file where the folder goes")
+    assert main(["pull", f"models:/{NAME}@champion", "--config", config, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {target} is a file: ") and "(--out)" in err and err.count("\n") == 1, err
+
+
+def test_pull_tracked_into_a_taken_folder_is_an_input_error(tmp_path: Path) -> None:
+    """The folder a tracked copy goes to exists already: a UserInputError (exit 2 in the CLI), not a bare
+    FileExistsError that the CLI shows as a traceback."""
+    from vlmops.errors import UserInputError
+    from vlmops.versioning import pull_tracked
+
+    (tmp_path / "dataset").write_text("a file where the folder goes")
+    with pytest.raises(UserInputError, match=r"dataset exists already: remove it or pull into an empty folder$"):
+        pull_tracked("0" * 32 + ".dir", "dataset", str(tmp_path / "remote"), tmp_path)
+
+
 def test_pull_from_an_s3_remote_checks_every_object(s3_env: S3Server, tmp_path: Path) -> None:
     """The team's remote is S3 (SeaweedFS here): the same pull, and the same refusal of a damaged object."""
     from vlmops.versioning import DvcPullError, DvcStore, pull_tracked

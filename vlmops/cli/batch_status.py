@@ -34,7 +34,7 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
     from vlmops.infer.job import job_status
     from vlmops.infer.output import open_output
-    from vlmops.infer.summary import score_text, token_choice
+    from vlmops.infer.summary import reason_rows, score_text, token_choice
 
     config = load_config(args.config, args.overrides)
     if not args.output.startswith("s3://") and not Path(args.output).expanduser().is_dir():
@@ -61,6 +61,8 @@ def handle(args: argparse.Namespace) -> int:
         f"  done              {len(done)} shard(s): {status.records_done} records, "
         f"{status.records_done - status.rejects} answered, {status.rejects} rejected"
     )
+    for label, text in reason_rows(status.rejects_by_reason):
+        print(f"  {label:<17} {text}")
     if status.manifest and (score := status.manifest.get("score")):
         print(f"  exact match       {score_text(score)}")
     if pending:

@@ -70,9 +70,12 @@ class DatasetError(UserInputError):
 
 
 class RecordError(UserInputError):
-    def __init__(self, field: str, reason: str):
+    """A record that cannot be read; `kind` sorts a batch job's rejects (`vlmops.infer.job.REJECT_KINDS`)."""
+
+    def __init__(self, field: str, reason: str, *, kind: str = "invalid_record"):
         self.field = field
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{field}: {reason}")
 
 

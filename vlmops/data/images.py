@@ -39,9 +39,10 @@ class ImageLoadError(UserInputError):
     """An image that could not be read; the message names the image and the fix. `retryable`: the failure may pass
     (no connection, a 5xx, S3 throttling): a batch job stops rather than reject the record for good."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, message: str, *, retryable: bool = False, kind: str = "unreadable_image") -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.kind = kind  # sorts a batch job's rejects (vlmops.infer.job.REJECT_KINDS)
 
 
 def read_image_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
@@ -57,10 +58,13 @@ def read_image_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
         return _s3_bytes(uri, storage)
     path = Path(uri).expanduser()
     if not path.is_file():
-        raise ImageLoadError(f"image {uri}: file not found (relative paths resolve against the dataset file's folder)")
+        raise ImageLoadError(
+            f"image {uri}: file not found (relative paths resolve against the dataset file's folder)",
+            kind="missing_image",
+        )
     data = path.read_bytes()
     if not data:
-        raise ImageLoadError(f"image {uri}: the file is empty (0 bytes)")
+        raise ImageLoadError(f"image {uri}: the file is empty (0 bytes)", kind="not_an_image")
     return data
 
 
@@ -72,26 +76,27 @@ def load_image(uri: str, storage: StorageConfig | None = None) -> Image.Image:
 def open_image_bytes(data: bytes, uri: str = "(bytes)") -> Image.Image:
     """Decode image bytes as RGB; `uri` only names the image in errors."""
     if not data:
-        raise ImageLoadError(f"image {_short(uri)}: empty (0 bytes)")
+        raise ImageLoadError(f"image {_short(uri)}: empty (0 bytes)", kind="not_an_image")
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as err:  # a format whose size Pillow checks before ours can be
-        raise ImageLoadError(_too_large(uri, str(err).partition(",")[0])) from err
+        raise ImageLoadError(_too_large(uri, str(err).partition(",")[0]), kind="image_too_large") from err
     except UnidentifiedImageError as err:
         raise ImageLoadError(
-            f"image {_short(uri)}: not a readable image (no image format starts like {data[:16]!r})"
+            f"image {_short(uri)}: not a readable image (no image format starts like {data[:16]!r})",
+            kind="not_an_image",
         ) from err
     except OSError as err:
-        raise ImageLoadError(f"image {_short(uri)}: not a readable image ({err})") from err
+        raise ImageLoadError(f"image {_short(uri)}: not a readable image ({err})", kind="not_an_image") from err
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
-        raise ImageLoadError(_too_large(uri, f"{width} x {height} = {width * height:,} pixels"))
+        raise ImageLoadError(_too_large(uri, f"{width} x {height} = {width * height:,} pixels"), kind="image_too_large")
     try:
         image.load()  # of an animation: the first frame
         return _as_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError) as err:
         # OSError: truncated or corrupt data; SyntaxError and ValueError: some decoders' way of saying the same.
-        raise ImageLoadError(f"image {_short(uri)}: not a readable image ({err})") from err
+        raise ImageLoadError(f"image {_short(uri)}: not a readable image ({err})", kind="not_an_image") from err
 
 
 def _as_rgb(image: Image.Image) -> Image.Image:
@@ -145,7 +150,9 @@ def _s3_bytes(uri: str, storage: StorageConfig | None) -> bytes:
         status = int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         retryable = status >= 500 or status == 429 or code in S3_RETRYABLE_CODES
         raise ImageLoadError(
-            f"image {uri}: {reason} (storage.endpoint_url: the S3 server)", retryable=retryable
+            f"image {uri}: {reason} (storage.endpoint_url: the S3 server)",
+            retryable=retryable,
+            kind="missing_image" if reason.startswith("no such") else "unreadable_image",
         ) from err
     except ValueError as err:
         raise ImageLoadError(f"image {uri}: cannot read it from S3 ({err}); check storage.endpoint_url") from err

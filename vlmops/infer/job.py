@@ -27,7 +27,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
@@ -88,6 +88,20 @@ MANIFEST_FILE = "manifest.json"
 # How many records the image-reading threads (HOST_THREADS of them) may run ahead of the engine: image decoding
 # releases the GIL, and the main thread is left to feed the GPU.
 READ_AHEAD = 64
+
+
+REJECT_KINDS = {
+    "malformed_json": "malformed JSON",
+    "not_text": "not UTF-8 text",
+    "invalid_record": "invalid record",
+    "missing_image": "missing image",
+    "not_an_image": "not an image",
+    "image_too_large": "image too large",
+    "unreadable_image": "unreadable image",
+    "prompt_too_long": "prompt too long",
+}
+"""Why a record is a reject, as its line's `kind` says (set where the reject is made, not read from its reason), and
+the words the summaries use; `other` for lines written before rejects had a kind."""
 
 
 class JobMismatchError(UserInputError):
@@ -279,6 +293,7 @@ class JobResult:
             "records": self.records,
             "results": self.results,
             "rejects": self.rejects,
+            **{f"rejects.{kind}": n["count"] for kind, n in self.manifest.get("rejects_by_reason", {}).items()},
             "generated_tokens": float(self.manifest["generated_tokens"]),
             "shards_run": len(self.ran),
             "seconds": self.seconds,
@@ -704,7 +719,7 @@ class ShardRunner:
                             raise RecordRejectedError(
                                 f"{record.raw.location}: {record.error} (infer.on_error=skip writes it to rejects)"
                             ) from record.cause
-                        work.rejects.append(_reject(file, record.raw, record.error))
+                        work.rejects.append(_reject(file, record.raw, record.error, record.kind))
                         if on_record:
                             on_record(1)
                         continue
@@ -779,7 +794,7 @@ class ShardRunner:
         try:
             prompt = parse_prompt(raw, base_dir, roots)
         except RecordError as err:
-            return _Record(position, raw, error=f"{err.field}: {err.reason}", cause=err)
+            return _Record(position, raw, error=f"{err.field}: {err.reason}", cause=err, kind=err.kind)
         return _Record(position, raw, prompt)
 
     def _load_images(self, record: _Record) -> _Record:
@@ -789,7 +804,7 @@ class ShardRunner:
             try:
                 record.images = {uri: load_image(uri, self.config.storage) for uri in uris}
             except ImageLoadError as err:
-                record.error, record.cause = str(err), err
+                record.error, record.cause, record.kind = str(err), err, err.kind
         return record
 
     def _encode(self, record: _Record) -> _Record:
@@ -805,7 +820,7 @@ class ShardRunner:
                 add_generation_prompt=True,
             )
         except RecordError as err:
-            record.error, record.cause = f"{err.field}: {err.reason}", err
+            record.error, record.cause, record.kind = f"{err.field}: {err.reason}", err, err.kind
             return record
         # infer.max_context holds whichever engine answers: `auto` picks the engine by the records a process has left,
         # so a resumed job or one worker of several may answer with the plain engine, and the rejects must not hang on it.
@@ -813,12 +828,14 @@ class ShardRunner:
         limit, answer = min(limits, default=None), self.config.infer.max_new_tokens
         if limit is not None and len(encoded.input_ids) + answer > limit:
             record.error = (
-                f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} images of "
-                f"{self.loaded.num_image_tokens}) + infer.max_new_tokens {answer} exceed the {limit} tokens a request "
+                f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} "
+                f"{'image' if len(encoded.images) == 1 else 'images'} of {self.loaded.num_image_tokens} tokens) + "
+                f"infer.max_new_tokens {answer} exceed the {limit} tokens a request "
                 "may take (infer.max_context where it is set; else the model's max_position_embeddings, which the fast "
                 "engine's slots hold where the job's longest prompt needs it); send fewer images or less text, or "
                 "raise infer.max_context"
             )
+            record.kind = "prompt_too_long"
             return record
         images = [record.images[ref.uri] for ref in encoded.images]
         infer = self.config.infer
@@ -882,6 +899,8 @@ class _Record:
     request: GenerationRequest | None = None
     error: str | None = None
     cause: Exception | None = None
+    kind: str = "invalid_record"
+    """Which of REJECT_KINDS the error is."""
 
 
 def record_seed(seed: int, key: Any) -> int:
@@ -891,11 +910,26 @@ def record_seed(seed: int, key: Any) -> int:
     return int.from_bytes(digest[:8], "big") & 0x7FFFFFFFFFFFFFFF
 
 
-def _reject(file: InputFile, raw: RawRecord, reason: str) -> dict[str, Any]:
-    """A reject's line: its file, line (or list index), key (its `id` where one can be read, as a result's) and
-    reason."""
+def _reject(file: InputFile, raw: RawRecord, reason: str, kind: str) -> dict[str, Any]:
+    """A reject's line: its file, line (or list index), key (its `id` where one can be read, as a result's), reason
+    and kind (one of REJECT_KINDS)."""
     where = {"line": raw.number} if raw.text is not None else {"index": raw.number}
-    return {"file": file.uri, **where, "key": reject_key(raw), "reason": reason}
+    return {"file": file.uri, **where, "key": reject_key(raw), "reason": reason, "kind": kind}
+
+
+def rejects_by_reason(lines: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Reject lines counted by kind, most first (ties in REJECT_KINDS' order): {kind: {"count", "first"}}, `first`
+    the first such record's `file:line` (or `file[index]`) in input order. Counted from the shards' rejects files, so
+    the counts add up across workers and a resumed job's equal an uninterrupted one's."""
+    counts: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        reject = json.loads(line)
+        kind = reject.get("kind", "other")
+        where = f"{reject['file']}:{reject['line']}" if "line" in reject else f"{reject['file']}[{reject['index']}]"
+        counts.setdefault(kind, {"count": 0, "first": where})["count"] += 1
+    order = list(REJECT_KINDS)
+    ranked = sorted(counts, key=lambda k: (-counts[k]["count"], order.index(k) if k in order else len(order)))
+    return {kind: counts[kind] for kind in ranked}
 
 
 def _result_record(prompt: Prompt, result: GenerationResult, response: str, model: dict[str, Any]) -> dict[str, Any]:
@@ -923,6 +957,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
         )
     parts = []
     results = rejects = tokens = 0
+    every_reject: list[str] = []
     score = Score()
     with written_file(output, REJECTS_FILE) as gathered, gathered.open("w", encoding="utf-8") as out:
         for shard in plan.shards:
@@ -937,6 +972,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
                 )
             for line in reject_lines:
                 out.write(line + "\n")
+            every_reject += reject_lines
             shard_tokens = sum(int(record["generated_tokens"]) for record in part_records)
             for record in part_records:  # dataset records that ended with an answer: scored against it
                 if "reference" in record:
@@ -962,6 +998,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
         "records_read": plan.records,
         "results": results,
         "rejects": rejects,
+        "rejects_by_reason": rejects_by_reason(every_reject),
         "rejects_file": REJECTS_FILE,
         "generated_tokens": tokens,
         "score": score.as_dict() if score.scored else None,
@@ -999,6 +1036,8 @@ class JobStatus:
     """Records rejected in the done shards."""
     manifest: dict[str, Any] | None
     """The manifest once the job is finished (every shard done and gathered), else None."""
+    rejects_by_reason: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """The done shards' rejects by kind (`rejects_by_reason`)."""
     published: list[tuple[float, int]] = field(default_factory=list)
     """(when, records) of each done shard's part, in the order they were written (seconds since the epoch)."""
 
@@ -1049,6 +1088,7 @@ class JobStatus:
             "shards_done": len(self.done),
             "records_done": self.records_done,
             "rejects_done": self.rejects,
+            "rejects_by_reason": self.rejects_by_reason,
             "pending_shards": [s.name for s in self.pending],
             "finished_at": self.manifest.get("finished_at") if self.manifest else None,
             "score": self.manifest.get("score") if self.manifest else None,
@@ -1085,13 +1125,14 @@ def job_status(output: JobOutput) -> JobStatus:
     done = [s for s in plan.shards if part_name(s) in parts]
     pending = [s for s in plan.shards if part_name(s) not in parts]
     published = sorted((parts[part_name(s)], s.count) for s in done)
-    if manifest is not None:
-        rejects = int(manifest["rejects"])
+    if manifest is not None and "rejects_by_reason" in manifest:
+        rejects, by_reason = int(manifest["rejects"]), manifest["rejects_by_reason"]
     else:  # each done shard's rejects file, a read each (a GET on S3: in threads)
         with ThreadPoolExecutor(HOST_THREADS) as pool:
             texts = pool.map(lambda s: output.read_text(f"{SHARD_REJECTS}{s.name}.jsonl") or "", done)
-            rejects = sum(len(jsonl_lines(text)) for text in texts)
-    return JobStatus(output.uri, plan, done, pending, rejects, manifest, published)
+            lines = [line for text in texts for line in jsonl_lines(text)]
+        rejects, by_reason = len(lines), rejects_by_reason(lines)
+    return JobStatus(output.uri, plan, done, pending, rejects, manifest, by_reason, published)
 
 
 def iter_results(output: JobOutput) -> Iterator[dict[str, Any]]:

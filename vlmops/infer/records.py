@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, Any, TypeVar
 
 from vlmops.config import StorageConfig
@@ -193,15 +193,35 @@ def _outside(found: list[T], is_own: Callable[[T], bool], spec: str, output: str
     """
     kept = [item for item in found if not is_own(item)]
     if found and not kept:
+        assert output is not None  # nothing is under no output
         raise UserInputError(
-            f"input {spec}: every input file there lies under the output {output}, whose files are the job's own, never "
-            "input: pass an --output outside the input"
+            f"input {spec}: every input file there lies under the output {output}, {_own_output_fix(spec, output)}"
         )
     if len(kept) < len(found):
         log.info(
             "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), output
         )
     return kept
+
+
+def _own_output_fix(spec: str, output: str) -> str:
+    """Why every input file under `output` is none, and the fix that fits: the output is the input itself, holds it
+    (`--input nest/in --output nest`, where "outside the input" is no fix), or holds every file a glob names."""
+    if output.startswith("s3://") or spec.startswith("s3://"):
+        same = spec.rstrip("/") == output.rstrip("/")
+        holds = spec.startswith(output.rstrip("/") + "/")
+    else:
+        inner, outer = Path(spec).expanduser().resolve(), Path(output).expanduser().resolve()
+        same, holds = inner == outer, inner.is_relative_to(outer)
+    # A sibling of the input, never under it nor above it (not for a glob, nor a bucket's root: another bucket).
+    bucket_root = spec.startswith("s3://") and "/" not in spec[len("s3://") :].rstrip("/")
+    example = "" if glob.has_magic(spec) or bucket_root else f", e.g. {spec.rstrip('/')}-results"
+    own = "(the job's own files are never input)"
+    if same:
+        return f"which is the input itself {own}: pass an --output outside the input{example}"
+    if holds:
+        return f"which holds the input {own}: pass an --output that neither is the input nor holds it{example}"
+    return f"{own}: pass an --output that holds none of the input files"
 
 
 def refuse_other_jobs(spec: str, found: list[InputFile], read: list[InputFile]) -> None:
@@ -220,9 +240,20 @@ def refuse_other_jobs(spec: str, found: list[InputFile], read: list[InputFile]) 
         more = f" and {len(held) - 3} more" if len(held) > 3 else ""
         raise UserInputError(
             f"input {spec} holds the output of another batch job ({shown}{more}: it has {JOB_FILE}), whose parts, "
-            "rejects and manifest are not prompts: move that output out of the input, or pass the input files "
-            "themselves as a glob (e.g. 'data/*.jsonl')"
+            f"rejects and manifest are not prompts: move that output out of the input{_glob_fix(spec, read, jobs)}"
         )
+
+
+def _glob_fix(spec: str, read: list[InputFile], jobs: set[str]) -> str:
+    """The glob of the input's own files beside another job's output in the folder `spec`, as a second fix: only where
+    they lie in the folder itself (a `**` glob would take in the job's parts again); none for a glob or an S3 prefix
+    (not globbed)."""
+    prompts = [f.name for f in read if not any(f.name.startswith(job) for job in jobs)]
+    if spec.startswith("s3://") or glob.has_magic(spec) or not prompts or any("/" in name for name in prompts):
+        return ""
+    suffixes = {PurePath(name).suffix.lower() for name in prompts}
+    pattern = f"{spec.rstrip('/')}/*{suffixes.pop() if len(suffixes) == 1 else '.json*'}"
+    return f", or pass the input files themselves as a glob ('{pattern}')"
 
 
 def _under_local(output: str | None) -> Callable[[Path], bool]:
@@ -448,13 +479,15 @@ def _record_object(raw: RawRecord) -> dict[str, Any]:
         RecordError: the line is not UTF-8 text or not JSON, or the record not an object.
     """
     if raw.problem is not None:
-        raise RecordError("(line)", raw.problem)
+        raise RecordError("(line)", raw.problem, kind="not_text")
     value = raw.value
     if raw.text is not None:
         try:
             value = json.loads(raw.text)
         except json.JSONDecodeError as err:
-            raise RecordError("(line)", f"not valid JSON: {err.msg} at column {err.colno}") from None
+            raise RecordError(
+                "(line)", f"not valid JSON: {err.msg} at column {err.colno}", kind="malformed_json"
+            ) from None
     if not isinstance(value, dict):
         raise RecordError("(record)", f"must be an object, got {type(value).__name__}")
     return value

@@ -8,10 +8,20 @@ from pathlib import PurePath
 from typing import Any
 
 from vlmops.answers import exact_match
-from vlmops.infer.job import JobResult, ShardStats, StoppedJob, iter_results, shards_rates, shards_wall_s
+from vlmops.infer.job import (
+    REJECT_KINDS,
+    JobResult,
+    ShardStats,
+    StoppedJob,
+    iter_results,
+    shards_rates,
+    shards_wall_s,
+)
 from vlmops.infer.output import JobOutput
 from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
 
+SHOWN_REASONS = 3
+"""Reject kinds a summary names, most first; the rest are counted in one more row."""
 SAMPLE_ROWS = 50
 """Results in a samples table: enough to see what the answers look like, small enough for a UI page."""
 
@@ -29,9 +39,10 @@ def summary_rows(result: JobResult) -> list[tuple[str, str]]:
     if score := result.score:
         rows.append(("exact match", score_text(score)))
     rows += _run_rows(result.ran, result.startup_s)
-    rows.append(("output", f"{result.output}/part-*.jsonl ({len(manifest['parts'])} parts), manifest.json"))
+    rows.append(("output", f"{result.output}/part-*.jsonl ({counted(len(manifest['parts']), 'part')}), manifest.json"))
     if result.rejects:
         rows.append(("rejects", f"{result.output}/rejects.jsonl"))
+        rows += reason_rows(manifest.get("rejects_by_reason", {}))
     if result.mlflow_run_id:
         rows.append(("MLflow run", result.mlflow_run_id))
     return rows
@@ -53,9 +64,29 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
         *_retry_row(plan.retry_of),
         ("answers", token_choice(plan.settings)),
         *_run_rows(stopped.ran, stopped.startup_s),
-        ("output", f"{status.output}/part-*.jsonl ({len(status.done)} parts so far), no manifest.json yet"),
+        ("output", f"{status.output}/part-*.jsonl ({counted(len(status.done), 'part')} so far), no manifest.json yet"),
         ("go on", "run the same command without infer.max_shards (or with a larger one): done shards are not redone"),
     ]
+
+
+def counted(count: int, noun: str) -> str:
+    """`count` and `noun`, plural but for one: "1 part", "3 parts"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def reason_rows(by_reason: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """A row per kind of reject (`rejects_by_reason`), most first: its count and the first such record, so the summary
+    says why without opening rejects.jsonl; the kinds past SHOWN_REASONS in one row."""
+    rows = [
+        ("", f"{REJECT_KINDS.get(kind, kind)} {n['count']} (first: {n['first']})")
+        for kind, n in list(by_reason.items())[:SHOWN_REASONS]
+    ]
+    rest = list(by_reason.values())[SHOWN_REASONS:]
+    if rest:
+        rows.append(
+            ("", f"{sum(n['count'] for n in rest)} more of {counted(len(rest), 'other kind')}, in rejects.jsonl")
+        )
+    return rows
 
 
 def _model_row(model: dict[str, Any]) -> tuple[str, str]:

@@ -113,7 +113,8 @@ def pull_version(uri: str, config: PipelineConfig, out_dir: str | os.PathLike[st
 
     Raises:
         ValueError: an unknown model, version or alias.
-        UserInputError: the version was registered without DVC versioning; the target folder is not empty.
+        UserInputError: the version was registered without DVC versioning; the target folder is not empty, or is
+            a file.
         DvcPullError: the remote's copy is missing or damaged.
     """
     found = registered_version(uri, resolve_tracking_uri(config.tracking.uri))
@@ -128,6 +129,8 @@ def pull_version(uri: str, config: PipelineConfig, out_dir: str | os.PathLike[st
     remote = dvc_remote_for(tags, config)
     root = Path(out_dir) if out_dir is not None else Path(config.run.output_dir) / "pulled"
     folder = (root / f"{safe_name(found.name)}-v{version}").resolve()
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{folder} is a file: remove it or pull into another folder (--out)")
     if folder.exists() and any(folder.iterdir()):
         raise UserInputError(f"{folder} is not empty: remove it or pull into another folder (--out)")
     log.info("pulling %s (version %s) from %s into %s", uri, version, remote, folder)
