@@ -119,9 +119,18 @@ def prefect_harness() -> Iterator[None]:
     Its start costs 10-20 s; the modules that run flows share it and keep their own result storage. Tests read
     back only what their own flow runs made (by flow-run id or artifact description).
     """
+    from prefect.concurrency.services import (
+        ConcurrencySlotAcquisitionService,
+        ConcurrencySlotAcquisitionWithLeaseService,
+    )
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=300):  # a loaded CI machine starts the server slowly
+        # Prefect keeps one slot-acquiring service per set of limit names, its client bound to the API of its first
+        # use: a test before this one that held a `gpu` slot outside any API (tasks/gpu.py on the ephemeral server)
+        # would have this module's flows ask that server for their slots. Drained, the next use binds to the harness.
+        for service in (ConcurrencySlotAcquisitionService, ConcurrencySlotAcquisitionWithLeaseService):
+            service.drain_all(timeout=60)
         yield
 
 
