@@ -55,6 +55,19 @@ def keys_across_parts(out: Path) -> list[Any]:
     ]
 
 
+def start_until_parts(
+    cmd: list[str], env: dict[str, str], out: Path, parts: int, **popen: Any
+) -> subprocess.Popen[Any]:
+    """`cmd` started in a process group of its own, returned once `parts` parts are written under `out`."""
+    job = subprocess.Popen(cmd, env=env, start_new_session=True, **popen)
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("part-*.jsonl"))) < parts:
+        assert job.poll() is None, "the job ended before it could be stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return job
+
+
 def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
     tiny_model: Path, images: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -66,12 +79,7 @@ def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
         "--set", "infer.max_new_tokens=4",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    first = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while len(list(out.glob("part-*.jsonl"))) < 2:  # kill once the job is under way
-        assert first.poll() is None, "the job ended before it could be killed"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    first = start_until_parts(cmd, env, out, 2, stderr=subprocess.DEVNULL)  # kill once the job is under way
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_before = sorted(p.name for p in out.glob("part-*.jsonl"))
@@ -111,12 +119,7 @@ def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tiny_model: Path, tmp_path: P
         "--set", "infer.max_new_tokens=8",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    job = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list(out.glob("part-*.jsonl")):
-        assert job.poll() is None, "the job ended before it could be interrupted"
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    job = start_until_parts(cmd, env, out, 1, stderr=subprocess.PIPE, text=True)
     os.killpg(job.pid, signal.SIGINT)
     _, err = job.communicate(timeout=120)
     assert job.returncode == 130 and not (out / "manifest.json").exists()
