@@ -327,13 +327,15 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     outside = tmp_path / "outside.png"  # a real image, but outside the input's folder
     shutil.copy(next((tmp_path / "data" / "images").glob("*.png")), outside)
     lines.append(json.dumps({"query": "<img>../outside.png</img>Colour?"}))
+    deep = "[" * 100_000 + "]" * 100_000  # json's parser recursed to Python's limit: a RecursionError ended the job
+    lines.append(deep)
     dataset.write_text("\n".join(lines) + "\n")
 
     out = tmp_path / "out"
     result = run_batch_job(str(tiny_model), str(dataset), str(out), job_config(batch_size=2, shard_size=4))
-    assert (result.records, result.results, result.rejects) == (15, 9, 6)
+    assert (result.records, result.results, result.rejects) == (16, 9, 7)
     by_line = {r["line"]: r for r in rejects(out)}
-    assert sorted(by_line) == [3, 9, 12, 13, 14, 15]
+    assert sorted(by_line) == [3, 9, 12, 13, 14, 15, 16]
     assert "outside.png is outside the dataset's folder" in by_line[15]["reason"]
     assert "data.allowed_roots" in by_line[15]["reason"]
     assert all(r["file"] == str(dataset) for r in by_line.values())
@@ -343,14 +345,18 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     assert "gone.png: file not found" in by_line[12]["reason"]
     assert "needs 'conversations', 'messages' or 'query'" in by_line[13]["reason"]
     assert by_line[14]["reason"].startswith("response: is a field batch inference adds")
+    assert (
+        by_line[16]["reason"]
+        == "(line): not valid JSON: lists and objects nested too deeply to read (at most about 1,000 levels)"
+    )
     answered = {int(r["key"].split(":")[1]) for r in results(out)}
-    assert answered | set(by_line) == set(range(1, 16)) and not answered & set(by_line)  # exactly once
+    assert answered | set(by_line) == set(range(1, 17)) and not answered & set(by_line)  # exactly once
     assert list((out / "_job" / "tmp").iterdir()) == []  # no temp file left behind
     config = load_config(
         None, {"infer.max_new_tokens": 10, "infer.shard_size": 4, "data.allowed_roots": [str(tmp_path)]}
     )
     allowed = run_batch_job(str(tiny_model), str(dataset), str(tmp_path / "out2"), config)
-    assert (allowed.results, allowed.rejects) == (10, 5)  # with its folder allowed, the outside image is read
+    assert (allowed.results, allowed.rejects) == (10, 6)  # with its folder allowed, the outside image is read
 
 
 def test_on_error_fail_stops_at_the_first_unanswerable_record(

@@ -33,7 +33,7 @@ from typing import IO, Any, TypeVar
 from vlmops.config import StorageConfig
 from vlmops.conversation import Message
 from vlmops.data.formats import RecordError, parse_record, refuse_mixed_formats
-from vlmops.data.jsonarray import ArrayItem, JsonArrayError, json_array_items
+from vlmops.data.jsonarray import TOO_DEEP, ArrayItem, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -488,6 +488,8 @@ def _record_object(raw: RawRecord) -> dict[str, Any]:
             raise RecordError(
                 "(line)", f"not valid JSON: {err.msg} at column {err.colno}", kind="malformed_json"
             ) from None
+        except RecursionError:  # json's parser recurses per level of nesting, and stops at Python's limit
+            raise RecordError("(line)", f"not valid JSON: {TOO_DEEP}", kind="malformed_json") from None
     if not isinstance(value, dict):
         raise RecordError("(record)", f"must be an object, got {type(value).__name__}")
     return value
