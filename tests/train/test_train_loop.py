@@ -484,3 +484,23 @@ def test_padded_batches_learn_the_same_without_their_mask(
     assert unmasked == pytest.approx(masked, abs=1e-6)
     for name, grad in masked_grads.items():
         assert torch.allclose(unmasked_grads[name], grad, atol=1e-6), name
+
+
+def test_text_only_batch_in_bf16_runs_the_dummy_image_under_autocast(
+    tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path
+) -> None:
+    """bf16 training keeps the trained aligner (a modules_to_save copy) in float32 and runs the model under the
+    accelerator's autocast; the dummy image of a text-only batch went through the towers outside it, so the bf16
+    features met the float32 aligner ('mat1 and mat2 must have the same dtype'): the retrain flow's gpu test stopped
+    at the first text-only step (step 35) on an H100. bf16 autocast runs on the CPU too."""
+    setup = setup_training(config(**{"train.precision": "bf16"}), tiny_model, snapshot.path, tmp_path)
+    trainer, dataset = setup.trainer, setup.datasets["train"]
+    text_only = [i for i in range(len(dataset)) if not dataset.encoded(i).images][:2]
+    model = trainer.accelerator.prepare_model(trainer.model)  # its forward under autocast, as train() has it
+    model.train()
+    batch = batch_of(dataset, text_only, dataset.tokenizer.pad_token_id)
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    aligner = [p for n, p in model.named_parameters() if p.requires_grad and "aligner" in n]
+    assert aligner and all(p.dtype == torch.float32 and p.grad is not None for p in aligner)

@@ -260,7 +260,10 @@ class VLTrainer(Trainer):
             # moved once: a copy from pageable host memory would make the host wait for the GPU on each such step
             self.dummy_pixels = {k: v.to(device=device, dtype=dtype) for k, v in self.dummy_pixels.items()}
         dummy = self.dummy_pixels
-        zero = 0.0 * image_features(core, dummy).float().sum()  # a tensor or `pooler_output`, by release
+        # Under the autocast the model's own forward runs in (the accelerator wraps it, not `core`): in bf16 or fp16
+        # the trained aligner is float32 and the towers' features are not.
+        with self.accelerator.autocast():
+            zero = 0.0 * image_features(core, dummy).float().sum()  # a tensor or `pooler_output`, by release
         if return_outputs:
             loss, outputs = result
             return loss + zero, outputs
