@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +35,21 @@ PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary
 ]
 BASE = {"pydantic", "pydantic-core", "annotated-types", "typing-inspection"}  # at the lock's versions
 EXTRA = ["liger-kernel==0.8.5", "py-spy"]  # the gpu extra's fused loss; a sampling profiler
-# On the image already (and large, or tied to torch's build): never carried.
+# On the image already (and large, or tied to torch's build): never carried. Not pytz, asyncpg, six, python-dateutil or
+# tzdata: the image lacks pytz and Prefect's server imports it and asyncpg.
 IMAGE_HAS = {
     "torch", "triton", "transformers", "tokenizers", "safetensors", "huggingface-hub", "hf-xet", "peft",
     "accelerate", "numpy", "scipy", "pandas", "pyarrow", "matplotlib", "pillow", "sympy", "mpmath", "networkx",
     "fonttools", "kiwisolver", "contourpy", "regex", "pyyaml", "setuptools", "pip", "jinja2", "markupsafe",
     "fsspec", "filelock", "typing-extensions", "packaging", "psutil", "tqdm", "requests", "urllib3", "certifi",
-    "idna", "charset-normalizer", "six", "python-dateutil", "pytz", "tzdata", "cycler", "pyparsing",
+    "idna", "charset-normalizer", "cycler", "pyparsing",
 }  # fmt: skip
-# Imported only when present (accelerate probes boto3; deepspeed and kernels are optional training paths).
-# asyncpg: Prefect's PostgreSQL driver (the test's server uses SQLite).
-OPTIONAL = {"boto3", "botocore", "s3transfer", "deepspeed", "kernels", "brotli", "torchvision", "vlmops", "asyncpg"}
+# Imported only when present (accelerate probes boto3; deepspeed and kernels are optional training paths). botocore is
+# imported by tasks/retry.py when a step fails: without it a failing step's error is hidden behind ModuleNotFoundError
+# (13 MB: it does not fit beside the rest).
+OPTIONAL = {"boto3", "botocore", "s3transfer", "deepspeed", "kernels", "brotli", "torchvision", "vlmops"}
+# Files a wheel carries that no test reads: MLflow's web UI (7 of its 12 MB), left out to fit the 64 MiB.
+UNREAD = {"mlflow": "mlflow/server/js/"}
 # What Prefect's server process imports (uvicorn and the rest), which the trace cannot see.
 # Published as an sdist only: built into a wheel here (pure Python).
 SDIST_ONLY = {"antlr4-python3-runtime"}
@@ -121,6 +126,21 @@ def traced_distributions() -> set[str]:
     return {canonical(dist) for module in modules for dist in by_module.get(module, [])}
 
 
+def without(wheel: Path, prefix: str) -> None:
+    """Rewrite `wheel` without its files under `prefix`, and without their lines in its RECORD."""
+    smaller = wheel.with_suffix(".tmp")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(smaller, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            if item.filename.startswith(prefix):
+                continue
+            data = src.read(item)
+            if item.filename.endswith(".dist-info/RECORD"):
+                kept = [line for line in data.decode().splitlines(keepends=True) if not line.startswith(prefix)]
+                data = "".join(kept).encode()
+            dst.writestr(item, data)
+    smaller.replace(wheel)
+
+
 def megabytes(folder: Path) -> float:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 2**20
 
@@ -139,6 +159,9 @@ def build_flow() -> None:
     if built := pinned(names & SDIST_ONLY):
         pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels)]
         subprocess.run([*pip_wheel, *built], check=True)
+    for name, prefix in UNREAD.items():
+        for wheel in wheels.glob(f"{name}-*.whl"):
+            without(wheel, prefix)
     (KIT / "flow" / "call.sh").write_text(FLOW_CALL)
     print(f".device/flow/whl: {len(list(wheels.glob('*.whl')))} wheels, {megabytes(wheels):.1f} MB")
 
