@@ -209,7 +209,7 @@ def vision_grads(
     core = trainer.model.get_base_model().model
     handle = core.vision_model.register_forward_hook(lambda *_: calls.append(1))
     trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, dict(batch))
+    loss = trainer.compute_loss(trainer.model, on_device(batch, trainer.args.device))
     loss.backward()
     handle.remove()
     assert torch.isfinite(loss)
@@ -219,6 +219,11 @@ def vision_grads(
         if p.requires_grad and ("vision_model" in n or "aligner" in n)
     }
     return len(calls), grads
+
+
+def on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """`batch` where the trainer's model is (the Trainer moves its batches there; these tests call compute_loss)."""
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def batch_of(setup_dataset: Any, indices: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -498,7 +503,7 @@ def test_text_only_batch_in_bf16_runs_the_dummy_image_under_autocast(
     text_only = [i for i in range(len(dataset)) if not dataset.encoded(i).images][:2]
     model = trainer.accelerator.prepare_model(trainer.model)  # its forward under autocast, as train() has it
     model.train()
-    batch = batch_of(dataset, text_only, dataset.tokenizer.pad_token_id)
+    batch = on_device(batch_of(dataset, text_only, dataset.tokenizer.pad_token_id), trainer.args.device)
     loss = trainer.compute_loss(model, batch)
     loss.backward()
     assert torch.isfinite(loss)
