@@ -917,19 +917,29 @@ def _reject(file: InputFile, raw: RawRecord, reason: str, kind: str) -> dict[str
     return {"file": file.uri, **where, "key": reject_key(raw), "reason": reason, "kind": kind}
 
 
-def rejects_by_reason(lines: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Reject lines counted by kind, most first (ties in REJECT_KINDS' order): {kind: {"count", "first"}}, `first`
-    the first such record's `file:line` (or `file[index]`) in input order. Counted from the shards' rejects files, so
-    the counts add up across workers and a resumed job's equal an uninterrupted one's."""
-    counts: dict[str, dict[str, Any]] = {}
-    for line in lines:
-        reject = json.loads(line)
-        kind = reject.get("kind", "other")
-        where = f"{reject['file']}:{reject['line']}" if "line" in reject else f"{reject['file']}[{reject['index']}]"
-        counts.setdefault(kind, {"count": 0, "first": where})["count"] += 1
-    order = list(REJECT_KINDS)
-    ranked = sorted(counts, key=lambda k: (-counts[k]["count"], order.index(k) if k in order else len(order)))
-    return {kind: counts[kind] for kind in ranked}
+class RejectTally:
+    """Reject lines counted by kind as they are read (a job's rejects are never held all at once), with the first
+    record of each kind: {kind: {"count", "first"}}, `first` that record's `file:line` (or `file[index]`) in input
+    order. Counted from the shards' rejects files, so the counts add up across workers and a resumed job's equal an
+    uninterrupted one's."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, Any]] = {}
+
+    def add(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            reject = json.loads(line)
+            kind = reject.get("kind", "other")
+            where = f"{reject['file']}:{reject['line']}" if "line" in reject else f"{reject['file']}[{reject['index']}]"
+            self.counts.setdefault(kind, {"count": 0, "first": where})["count"] += 1
+
+    def by_reason(self) -> dict[str, dict[str, Any]]:
+        """The counts, most first (ties in REJECT_KINDS' order)."""
+        order = list(REJECT_KINDS)
+        ranked = sorted(
+            self.counts, key=lambda k: (-self.counts[k]["count"], order.index(k) if k in order else len(order))
+        )
+        return {kind: self.counts[kind] for kind in ranked}
 
 
 def _result_record(prompt: Prompt, result: GenerationResult, response: str, model: dict[str, Any]) -> dict[str, Any]:
@@ -957,7 +967,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
         )
     parts = []
     results = rejects = tokens = 0
-    every_reject: list[str] = []
+    tally = RejectTally()
     score = Score()
     with written_file(output, REJECTS_FILE) as gathered, gathered.open("w", encoding="utf-8") as out:
         for shard in plan.shards:
@@ -972,7 +982,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
                 )
             for line in reject_lines:
                 out.write(line + "\n")
-            every_reject += reject_lines
+            tally.add(reject_lines)
             shard_tokens = sum(int(record["generated_tokens"]) for record in part_records)
             for record in part_records:  # dataset records that ended with an answer: scored against it
                 if "reference" in record:
@@ -998,7 +1008,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
         "records_read": plan.records,
         "results": results,
         "rejects": rejects,
-        "rejects_by_reason": rejects_by_reason(every_reject),
+        "rejects_by_reason": tally.by_reason(),
         "rejects_file": REJECTS_FILE,
         "generated_tokens": tokens,
         "score": score.as_dict() if score.scored else None,
@@ -1128,10 +1138,12 @@ def job_status(output: JobOutput) -> JobStatus:
     if manifest is not None and "rejects_by_reason" in manifest:
         rejects, by_reason = int(manifest["rejects"]), manifest["rejects_by_reason"]
     else:  # each done shard's rejects file, a read each (a GET on S3: in threads)
+        tally = RejectTally()
         with ThreadPoolExecutor(HOST_THREADS) as pool:
-            texts = pool.map(lambda s: output.read_text(f"{SHARD_REJECTS}{s.name}.jsonl") or "", done)
-            lines = [line for text in texts for line in jsonl_lines(text)]
-        rejects, by_reason = len(lines), rejects_by_reason(lines)
+            for text in pool.map(lambda s: output.read_text(f"{SHARD_REJECTS}{s.name}.jsonl") or "", done):
+                tally.add(jsonl_lines(text))
+        by_reason = tally.by_reason()
+        rejects = sum(n["count"] for n in by_reason.values())
     return JobStatus(output.uri, plan, done, pending, rejects, manifest, by_reason, published)
 
 
