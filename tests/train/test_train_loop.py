@@ -208,8 +208,9 @@ def vision_grads(
     calls = []
     core = trainer.model.get_base_model().model
     handle = core.vision_model.register_forward_hook(lambda *_: calls.append(1))
-    trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, on_device(batch, trainer.args.device))
+    model = trainer.accelerator.prepare_model(trainer.model)  # its forward under autocast, as train() has it
+    model.train()
+    loss = trainer.compute_loss(model, on_device(batch, trainer.args.device))
     loss.backward()
     handle.remove()
     assert torch.isfinite(loss)
@@ -271,8 +272,10 @@ def test_hybrid_text_only_batch_runs_both_towers(
     for name in ("vision_model", "high_res_vision_model"):
         getattr(core, name).register_forward_hook(lambda *_, name=name: calls.append(name))
     text_only = [i for i in range(len(dataset)) if not dataset.encoded(i).images][:2]
-    trainer.model.train()
-    trainer.compute_loss(trainer.model, batch_of(dataset, text_only, dataset.tokenizer.pad_token_id)).backward()
+    model = trainer.accelerator.prepare_model(trainer.model)  # its forward under autocast, as train() has it
+    model.train()
+    batch = on_device(batch_of(dataset, text_only, dataset.tokenizer.pad_token_id), trainer.args.device)
+    trainer.compute_loss(model, batch).backward()
     assert sorted(calls) == ["high_res_vision_model", "vision_model"]
     sam = [p.grad for n, p in trainer.model.named_parameters() if p.requires_grad and "high_res_vision_model" in n]
     assert sam and all(g is not None and float(g.abs().max()) == 0.0 for g in sam)
