@@ -69,8 +69,10 @@ def run_one(file: Path, repeats: int) -> dict[str, object]:
     from tasks.caching import dataset_fingerprint
     from vlmops.data.formats import iter_dataset
 
-    before_kib = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
+    sys.path.append(str(ROOT))  # after the tree under test: its vlmops stays the one imported above
+    from bench.host_memory import reset_peak, status_kib
+
+    before_kib = reset_peak()
     key_s, iter_s, keys, records = [], [], set(), 0
     for _ in range(repeats):
         started = time.perf_counter()
@@ -86,15 +88,8 @@ def run_one(file: Path, repeats: int) -> dict[str, object]:
         "key": key,
         "key_s": round(min(key_s), 2),
         "iter_dataset_s": round(min(iter_s), 2),
-        "growth_mib": round((_status_kib("VmHWM") - before_kib) / 1024, 1),
+        "growth_mib": round((status_kib("VmHWM") - before_kib) / 1024, 1),
     }
-
-
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status (this benchmark needs Linux)")
 
 
 def main() -> int:

@@ -79,12 +79,12 @@ def run_one(mode: str, model: str, records: str, rejects: str) -> dict[str, obje
     """One validation (or the in-memory baseline) in this process; its figures and this process's peak RSS."""
     from transformers import AutoProcessor
 
+    from bench.host_memory import reset_peak, status_kib
     from vlmops.config import DataConfig
 
     processor = AutoProcessor.from_pretrained(model)
     gc.collect()
-    before_kib = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the peak from here on
+    before_kib = reset_peak()
     started = time.perf_counter()
     if mode == "stream":
         from vlmops.data.validation import validate_files
@@ -105,7 +105,7 @@ def run_one(mode: str, model: str, records: str, rejects: str) -> dict[str, obje
         read = read_dataset(records)
         figures = {"records": len(read.conversations) + len(read.problems), "kept": len(read.conversations)}
     seconds = time.perf_counter() - started
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     return {
         **figures,
         "seconds": round(seconds, 1),
@@ -115,14 +115,6 @@ def run_one(mode: str, model: str, records: str, rejects: str) -> dict[str, obje
         "growth_mib": round((peak_kib - before_kib) / 1024, 1),
         "process_peak_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # KiB on Linux
     }
-
-
-def _status_kib(key: str) -> int:
-    """A `kB` figure of /proc/self/status (VmRSS: resident now, VmHWM: peak since the last reset)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {key} in /proc/self/status (this benchmark needs Linux)")
 
 
 def main() -> int:
