@@ -10,6 +10,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,7 +314,8 @@ class ImagePaths:
     images over and over: 100,000 records naming 1,000 images spent most of a scan there (bench/scan_bench.py). What
     it finds is a snapshot, good for one scan of the file (`iter_dataset`) and no longer: a later scan must see a
     symlink pointed elsewhere or an image moved since, so keep none beyond it. It holds a path per distinct
-    reference, as validation's table of checked images does.
+    reference, as validation's table of checked images does. A file whose records each name an image of their own
+    resolves each folder once (`RealFolders`), then each image's own name.
     """
 
     def __init__(self, base_dir: Path | str, roots: Sequence[Path] | None):
@@ -321,6 +323,7 @@ class ImagePaths:
         self.roots = roots
         self._resolved: dict[str, str] = {}  # reference as written -> the path it names
         self._refused: dict[str, str] = {}  # reference as written -> why it names no image the dataset may use
+        self._folders = RealFolders(roots) if isinstance(base_dir, Path) else None
 
     def resolve(self, image: ImageRef, field: str) -> ImageRef:
         """`image` as the record names it at `field`: see `_resolve`."""
@@ -331,11 +334,67 @@ class ImagePaths:
             raise RecordError(field, self._refused[uri])
         if uri not in self._resolved:
             try:
-                self._resolved[uri] = _resolve(image, self.base_dir, field, self.roots).uri
+                self._resolved[uri] = _resolve(image, self.base_dir, field, self.roots, self._folders).uri
             except RecordError as err:
                 self._refused[uri] = err.reason
                 raise
         return ImageRef(self._resolved[uri], field)
+
+
+MAX_LINKS = 40  # links in a row an image's own name may lead through before the whole resolution is left to tell
+
+
+class RealFolders:
+    """The real path of each folder one scan's local images lie in, and whether it is under the roots.
+
+    Resolving a path (`_real_path`) costs a syscall per folder on it, every symlink followed: 100,000 records each
+    naming an image of its own paid it 100,000 times for one folder. Here a folder is resolved once, and each image in
+    it costs an lstat of its own name (the link followed, if it is one, the same way). The answers are those of the
+    whole resolution, by the same steps (`os.path.realpath`'s, component by component, `..` taken from the path
+    resolved so far); where the shortcut cannot be sure of that it answers None and the whole resolution runs (a
+    folder missing or in a loop, a link chain longer than `MAX_LINKS`, a NUL byte, a `..` for a last component). A
+    snapshot like `ImagePaths`: for one scan, and no longer. Paths are strings here, not `Path`s: pathlib parses
+    every path it makes, and its parsing led the whole resolution's profile (bench/RESULTS.md, helper h43).
+    """
+
+    def __init__(self, roots: Sequence[Path] | None):
+        self.roots = roots
+        self._folders: dict[str, tuple[str, bool] | None] = {}  # folder as written -> real path, under the roots
+
+    def real_path(self, path: str) -> tuple[str, bool] | None:
+        """`os.path.realpath(path)` and whether it is under the roots; None where only `_real_path` can tell."""
+        for _ in range(MAX_LINKS):
+            folder, name = os.path.split(path)
+            if name in ("", ".", ".."):
+                return None
+            if folder not in self._folders:
+                self._folders[folder] = self._resolve_folder(folder)
+            found = self._folders[folder]
+            if found is None:
+                return None
+            real, under = found
+            path = os.path.join(real, name)  # noqa: PTH118 (strings: see the class's docstring)
+            try:
+                is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+            except OSError:
+                is_link = False  # as realpath: a name that is not there is kept as written (the image is missing)
+            except ValueError:
+                return None
+            if not is_link:
+                return path, under or _within(path, self.roots)
+            try:
+                # A relative target goes on from the link's folder.
+                path = os.path.join(real, os.readlink(path))  # noqa: PTH115, PTH118
+            except OSError:
+                return None
+        return None
+
+    def _resolve_folder(self, folder: str) -> tuple[str, bool] | None:
+        try:  # strict: an error is anything realpath would have walked past or stopped at (a missing folder, a loop)
+            real = os.path.realpath(folder, strict=True)
+        except (OSError, ValueError):
+            return None
+        return real, _within(real, self.roots)
 
 
 def _parse_record(record: Any, location: str, paths: ImagePaths, require_answer: bool = True) -> Conversation:
@@ -421,7 +480,11 @@ def _role(value: Any, field: str) -> Role:
     return ROLE_ALIASES[value.lower()]
 
 
-def _resolve(image: ImageRef, base_dir: Path | str, field: str, roots: Sequence[Path] | None) -> ImageRef:
+def _resolve(
+    image: ImageRef, base_dir: Path | str, field: str, roots: Sequence[Path] | None, folders: RealFolders | None = None
+) -> ImageRef:
+    """The image `image.uri` names, resolved against `base_dir` and kept to `roots`; `folders` (this scan's, for the
+    same `roots`) answers for a local path where it can, at a syscall or two."""
     uri = image.uri
     if not uri:
         raise RecordError(field, "empty image reference <img></img>")
@@ -438,14 +501,36 @@ def _resolve(image: ImageRef, base_dir: Path | str, field: str, roots: Sequence[
             if any(absolute.is_relative_to(root) for root in roots):
                 return ImageRef(str(absolute), field)  # a shared mount the config names (data.allowed_roots)
         return ImageRef(_under_remote(base_dir, uri, field), field)
-    resolved = _real_path(uri, base_dir, field)
-    if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
+    found = None
+    if folders is not None and (written := _joined(uri, base_dir)) is not None:
+        found = folders.real_path(written)
+    if found is None:
+        whole = str(_real_path(uri, base_dir, field))
+        found = whole, _within(whole, roots)
+    resolved, under = found
+    if roots is not None and not under:
         raise RecordError(
             field,
             f"image {uri} is outside the dataset's folder ({resolved}); move it under {roots[0]} "
             "or add its folder to data.allowed_roots",
         )
-    return ImageRef(str(resolved), field)
+    return ImageRef(resolved, field)
+
+
+def _within(path: str, roots: Sequence[Path] | None) -> bool:
+    """Whether `path` (absolute, every link followed) is in one of `roots` or is one (None: anywhere is)."""
+    return roots is None or any(Path(path).is_relative_to(root) for root in roots)
+
+
+def _joined(uri: str, base_dir: Path) -> str | None:
+    """`uri` expanded and joined to `base_dir` as `_real_path` does it, as a string; None for a `~user` that does not
+    expand (`_real_path` says why)."""
+    if "~" not in uri:
+        return os.path.join(base_dir, uri)  # noqa: PTH118 (a string for `RealFolders`)
+    try:  # pathlib's rule, not os.path's: it expands the first component it keeps, so `./~user/a.png` too
+        return os.path.join(base_dir, Path(uri).expanduser())  # noqa: PTH118
+    except (RuntimeError, ValueError):
+        return None
 
 
 def _real_path(uri: str, base_dir: Path | None, field: str) -> Path:
