@@ -28,8 +28,10 @@ version control and other tools write there (`NOT_DATA`): a commit or a fetch is
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +60,28 @@ NOT_DATA = frozenset(
 
 def stat_data(path: Path) -> str:
     """Size, mtime, ctime and inode of the file at `path` (symlinks followed), NUL-separated."""
-    stat = path.stat()
-    return f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}"
+    return _stat_fields(path.stat())
+
+
+def _stat_fields(found: os.stat_result) -> str:
+    return f"{found.st_size}\0{found.st_mtime_ns}\0{found.st_ctime_ns}\0{found.st_ino}"
+
+
+# The errors `Path.is_file` takes for "no file there" (pathlib's own list); any other (a folder it may not read) is
+# raised, as it was when the key asked `is_file` first.
+NO_FILE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
+
+
+def image_stat_data(path: str) -> str:
+    """`stat_data` of the image file at `path`, or "missing" where there is none (nothing there, or not a file), from
+    one stat."""
+    try:
+        found = os.stat(path)  # noqa: PTH116 (a string: a Path per image is parsed for nothing)
+    except OSError as err:
+        if err.errno in NO_FILE:
+            return "missing"
+        raise
+    return _stat_fields(found) if stat.S_ISREG(found.st_mode) else "missing"
 
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
@@ -111,8 +133,7 @@ def dataset_fingerprint(file: Path, allowed_roots: Sequence[str] = ()) -> str:
             if image.uri in seen or image.uri.startswith(REMOTE_PREFIXES):
                 continue
             seen.add(image.uri)
-            path = Path(image.uri)  # absolute, every symlink followed
-            h.update(f"{image.uri}\0{stat_data(path) if path.is_file() else 'missing'}\n".encode())
+            h.update(f"{image.uri}\0{image_stat_data(image.uri)}\n".encode())  # absolute, every link followed
     return h.hexdigest()
 
 

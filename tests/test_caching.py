@@ -16,7 +16,7 @@ from PIL import Image
 from prefect.cache_policies import CompoundCachePolicy
 from prefect.context import TaskRunContext
 
-from tasks.caching import FileContents
+from tasks.caching import FileContents, image_stat_data, stat_data
 from tasks.validate import validate_dataset
 from vlmops.config import DataConfig
 
@@ -237,4 +237,31 @@ def test_an_image_replaced_with_its_size_and_mtime_changes_the_key(how: str, tmp
         shutil.copy2(new, old.with_name(".shape.bmp.tmp"))
         old.with_name(".shape.bmp.tmp").replace(old)
     assert (old.stat().st_size, old.stat().st_mtime_ns) == (new.stat().st_size, new.stat().st_mtime_ns)
+    assert dataset_key(train, DataConfig()) != before
+
+
+def test_an_image_is_stated_once_with_the_answers_of_is_file_and_stat(tmp_path: Path) -> None:
+    """The key stats each image once: a file gives its stat data, and a folder, a link to one, nothing there or a
+    path through a file give "missing", as `is_file` and then `stat` did."""
+    file = image(tmp_path / "shape.bmp", "red")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder-link").symlink_to(tmp_path / "folder")
+    (tmp_path / "file-link").symlink_to(file)
+    for name in ("shape.bmp", "file-link", "folder", "folder-link", "absent.bmp", "shape.bmp/x.bmp"):
+        path = tmp_path / name
+        assert image_stat_data(str(path)) == (stat_data(path) if path.is_file() else "missing"), name
+    assert image_stat_data(str(file)) != "missing"
+
+
+def test_a_record_naming_a_folder_changes_the_key_when_a_file_takes_its_place(tmp_path: Path) -> None:
+    """A record names images/shape.bmp while it is a folder (validation finds no image there); once the folder is
+    replaced by an image, validation's answer is another, and so is the key."""
+    folder = tmp_path / "data"
+    (folder / "images" / "shape.bmp").mkdir(parents=True)
+    train = folder / "train.jsonl"
+    train.write_text(RECORD + "\n")
+    before = dataset_key(train, DataConfig())
+
+    (folder / "images" / "shape.bmp").rmdir()
+    image(folder / "images" / "shape.bmp", "red")
     assert dataset_key(train, DataConfig()) != before
