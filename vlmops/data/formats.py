@@ -323,7 +323,7 @@ class ImagePaths:
         self.roots = roots
         self._resolved: dict[str, str] = {}  # reference as written -> the path it names
         self._refused: dict[str, str] = {}  # reference as written -> why it names no image the dataset may use
-        self._folders = RealFolders(roots) if isinstance(base_dir, Path) else None
+        self._folders = RealFolders(base_dir, roots) if isinstance(base_dir, Path) else None
 
     def resolve(self, image: ImageRef, field: str) -> ImageRef:
         """`image` as the record names it at `field`: see `_resolve`."""
@@ -352,19 +352,26 @@ class RealFolders:
     it costs an lstat of its own name (the link followed, if it is one, the same way). The answers are those of the
     whole resolution, by the same steps (`os.path.realpath`'s, component by component, `..` taken from the path
     resolved so far); where the shortcut cannot be sure of that it answers None and the whole resolution runs (a
-    folder missing or in a loop, a link chain longer than `MAX_LINKS`, a NUL byte, a `..` for a last component). A
-    snapshot like `ImagePaths`: for one scan, and no longer. Paths are strings here, not `Path`s: pathlib parses
-    every path it makes, and its parsing led the whole resolution's profile (bench/RESULTS.md, helper h43).
+    folder missing or in a loop, a link chain longer than `MAX_LINKS`, a NUL byte, a `~user` that does not expand, a
+    `..` for a last component). A snapshot like `ImagePaths`: for one scan, and no longer. Paths are strings here, not
+    `Path`s: pathlib parses every path it makes, and its parsing led the whole resolution's profile (bench/RESULTS.md,
+    helper h43).
     """
 
-    def __init__(self, roots: Sequence[Path] | None):
+    def __init__(self, base_dir: Path, roots: Sequence[Path] | None):
         self.roots = roots
-        self._folders: dict[str, tuple[str, bool] | None] = {}  # folder as written -> real path, under the roots
+        self._base = os.fspath(base_dir)
+        self._folders: dict[str, tuple[str, bool] | None] = {}  # folder as written -> real path + "/", under the roots
 
-    def real_path(self, path: str) -> tuple[str, bool] | None:
-        """`os.path.realpath(path)` and whether it is under the roots; None where only `_real_path` can tell."""
+    def real_path(self, uri: str) -> tuple[str, bool] | None:
+        """The real path of the image `uri` names (as `_real_path`), and whether it is under the roots; None where
+        only `_real_path` can tell."""
+        path = self._written(uri)
         for _ in range(MAX_LINKS):
-            folder, name = os.path.split(path)
+            if path is None:
+                return None
+            cut = path.rfind("/") + 1  # the folder with its slash ("/" for the root), then the name in it
+            folder, name = path[:cut], path[cut:]
             if name in ("", ".", ".."):
                 return None
             if folder not in self._folders:
@@ -373,7 +380,7 @@ class RealFolders:
             if found is None:
                 return None
             real, under = found
-            path = os.path.join(real, name)  # noqa: PTH118 (strings: see the class's docstring)
+            path = real + name
             try:
                 is_link = stat.S_ISLNK(os.lstat(path).st_mode)
             except OSError:
@@ -389,12 +396,22 @@ class RealFolders:
                 return None
         return None
 
+    def _written(self, uri: str) -> str | None:
+        """`uri` expanded and joined to the dataset's folder as `_real_path` does it; None for a `~user` that does not
+        expand."""
+        if "~" in uri:
+            try:  # pathlib's rule, not os.path's: it expands the first component it keeps, so `./~user/a.png` too
+                uri = str(Path(uri).expanduser())
+            except (RuntimeError, ValueError):
+                return None
+        return uri if uri.startswith("/") else f"{self._base}/{uri}"
+
     def _resolve_folder(self, folder: str) -> tuple[str, bool] | None:
         try:  # strict: an error is anything realpath would have walked past or stopped at (a missing folder, a loop)
             real = os.path.realpath(folder, strict=True)
         except (OSError, ValueError):
             return None
-        return real, _within(real, self.roots)
+        return real.rstrip("/") + "/", _within(real, self.roots)
 
 
 def _parse_record(record: Any, location: str, paths: ImagePaths, require_answer: bool = True) -> Conversation:
@@ -484,7 +501,7 @@ def _resolve(
     image: ImageRef, base_dir: Path | str, field: str, roots: Sequence[Path] | None, folders: RealFolders | None = None
 ) -> ImageRef:
     """The image `image.uri` names, resolved against `base_dir` and kept to `roots`; `folders` (this scan's, for the
-    same `roots`) answers for a local path where it can, at a syscall or two."""
+    same folder and roots) answers for a local path where it can, at a syscall or two."""
     uri = image.uri
     if not uri:
         raise RecordError(field, "empty image reference <img></img>")
@@ -501,9 +518,7 @@ def _resolve(
             if any(absolute.is_relative_to(root) for root in roots):
                 return ImageRef(str(absolute), field)  # a shared mount the config names (data.allowed_roots)
         return ImageRef(_under_remote(base_dir, uri, field), field)
-    found = None
-    if folders is not None and (written := _joined(uri, base_dir)) is not None:
-        found = folders.real_path(written)
+    found = folders.real_path(uri) if folders is not None else None
     if found is None:
         whole = str(_real_path(uri, base_dir, field))
         found = whole, _within(whole, roots)
@@ -520,17 +535,6 @@ def _resolve(
 def _within(path: str, roots: Sequence[Path] | None) -> bool:
     """Whether `path` (absolute, every link followed) is in one of `roots` or is one (None: anywhere is)."""
     return roots is None or any(Path(path).is_relative_to(root) for root in roots)
-
-
-def _joined(uri: str, base_dir: Path) -> str | None:
-    """`uri` expanded and joined to `base_dir` as `_real_path` does it, as a string; None for a `~user` that does not
-    expand (`_real_path` says why)."""
-    if "~" not in uri:
-        return os.path.join(base_dir, uri)  # noqa: PTH118 (a string for `RealFolders`)
-    try:  # pathlib's rule, not os.path's: it expands the first component it keeps, so `./~user/a.png` too
-        return os.path.join(base_dir, Path(uri).expanduser())  # noqa: PTH118
-    except (RuntimeError, ValueError):
-        return None
 
 
 def _real_path(uri: str, base_dir: Path | None, field: str) -> Path:
