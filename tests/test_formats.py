@@ -118,15 +118,36 @@ def test_a_key_twice_in_one_object_is_rejected_not_dropped(tmp_path: Path, suffi
     id_twice = (
         '{"id": 1, "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "a"}], "id": 2}'
     )
+    deep_twice = (
+        '{"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "a"}], '
+        '"m": [[{"k": 1, "k": 2}]]}'
+    )
     path = tmp_path / f"d{suffix}"
     good = json.dumps(SEED_EXAMPLE[2])
-    records = [good, answer_twice, id_twice]
+    records = [good, answer_twice, id_twice, good, deep_twice, good]
     path.write_text("\n".join(records) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(records) + "]")
     read = read_dataset(path)
-    assert len(read.conversations) == 1
+    assert len(read.conversations) == 3  # a record after one with a key twice is read as any other
     assert [(p.field, "appears twice" in p.reason) for p in read.problems] == [
         ("conversations[1].value", True),
         ("id", True),
+        ("m[0][0].k", True),
+    ]
+
+
+def test_a_line_that_does_not_parse_leaves_the_next_as_it_is_and_a_bom_past_the_first_line_is_named(
+    tmp_path: Path,
+) -> None:
+    """A line that breaks after an object with a key twice is one problem, and the line after it is read as any other;
+    a BOM at the start of a line past the first (a file joined from others) is named as json names it."""
+    good = json.dumps(SEED_EXAMPLE[2])
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(["\ufeff" + good, '[{"k": 1, "k": 2}, ', good, "\ufeff" + good]) + "\n")
+    read = read_dataset(path)
+    assert len(read.conversations) == 2
+    assert [str(p) for p in read.problems] == [
+        f"{path}:2 (line): not valid JSON: Expecting value at column 20",
+        f"{path}:4 (line): not valid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1",
     ]
 
 

@@ -26,7 +26,7 @@ from vlmops.conversation import (
     parse_img_tags,
     to_img_tags,
 )
-from vlmops.data.jsonarray import TOO_DEEP, JsonArrayError, json_array_items
+from vlmops.data.jsonarray import BOM, TOO_DEEP, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
 
 ROLE_ALIASES: dict[str, Role] = {
@@ -133,7 +133,6 @@ def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> It
             yield Entry(location, number, raw, value)
             continue
         try:
-            _refuse_repeated_keys(value)
             _refuse_unread_keys(value)
             result: Conversation | RecordProblem = _parse_record(value, location, paths)
         except RecordError as err:
@@ -164,6 +163,7 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 def _records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
     """(location, line, text, value or problem) for each non-blank line of a .jsonl file, read one at a time."""
+    decoder = _RecordDecoder()
     with file.open("rb") as f:
         for number, data in enumerate(f, start=1):
             location = f"{file}:{number}"
@@ -177,7 +177,8 @@ def _records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
                 continue
             value: Any
             try:
-                value = json.loads(line, object_pairs_hook=_json_object)
+                # json.loads refuses a line that starts with a BOM in its own words; its decoder does not look.
+                value = json.loads(line) if line.startswith(BOM) else decoder.checked(decoder.decode(line), location)
             except json.JSONDecodeError as err:
                 value = RecordProblem(location, "(line)", f"not valid JSON: {err.msg} at column {err.colno}")
             except RecursionError:  # json's parser recurses per level of nesting, and stops at Python's limit
@@ -198,9 +199,11 @@ def _list_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
         location = f"{file}:{err.line}" if err.line else str(file)
         yield location, err.line, None, RecordProblem(location, "(file)", err.problem())
         return
+    decoder = _RecordDecoder()
     with file.open("rb") as f:
-        for item in json_array_items(f, decoder=RECORD_DECODER):
-            yield f"{file}[{item.index}]", item.index, item.value, item.value
+        for item in json_array_items(f, decoder=decoder):
+            location = f"{file}[{item.index}]"
+            yield location, item.index, item.value, decoder.checked(item.value, location)
 
 
 class _KeyTwice(dict[str, Any]):
@@ -224,7 +227,31 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return marked
 
 
-RECORD_DECODER = json.JSONDecoder(object_pairs_hook=_json_object)
+class _RecordDecoder(json.JSONDecoder):
+    """One file's decoder of records: objects as `_json_object` makes them, and `twice` set when one of them had a
+    key twice, so that the walk that names the key (`_refuse_repeated_keys`: a call per value) runs for those records
+    alone. json.loads with a hook would also build a decoder per line."""
+
+    def __init__(self) -> None:
+        super().__init__(object_pairs_hook=self._object)
+        self.twice = False
+
+    def _object(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        value = _json_object(pairs)
+        if isinstance(value, _KeyTwice):
+            self.twice = True
+        return value
+
+    def checked(self, value: Any, location: str) -> Any:
+        """The record just decoded, or the problem of a key it has twice. A flag left by a value that did not decode
+        (a broken line) costs a walk that finds nothing, never a wrong answer."""
+        twice, self.twice = self.twice, False
+        if twice:
+            try:
+                _refuse_repeated_keys(value)
+            except RecordError as err:
+                return RecordProblem(location, err.field, err.reason)
+        return value
 
 
 def _refuse_repeated_keys(value: Any, field: str = "") -> None:
