@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT
-from vlmops.conversation import ImageRef, Message, parse_img_tags
+from vlmops.conversation import ImageRef, ImageTagError, Message, parse_img_tags
 from vlmops.models.template import EOS_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, encode, render, text_encoder
 
 SYS = DEFAULT_SYSTEM_PROMPT
@@ -142,3 +142,11 @@ def test_text_encoder_respects_truncation_left_on_the_rust_tokenizer(tiny_proces
         assert len(fast("x" * 3000)) > 3
     finally:
         tok.backend_tokenizer.no_truncation()
+
+
+def test_text_without_a_tag_is_one_part_and_a_lone_closing_tag_is_refused() -> None:
+    assert parse_img_tags("") == []
+    assert parse_img_tags("What is <im g> this?") == ["What is <im g> this?"]
+    assert parse_img_tags("<img> a.png </img>") == [ImageRef("a.png")]
+    with pytest.raises(ImageTagError, match="closes no <img> tag"):
+        parse_img_tags("What is this?</img>")
