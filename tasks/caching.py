@@ -67,8 +67,8 @@ def _stat_fields(found: os.stat_result) -> str:
     return f"{found.st_size}\0{found.st_mtime_ns}\0{found.st_ctime_ns}\0{found.st_ino}"
 
 
-# The errors `Path.is_file` takes for "no file there" (pathlib's own list); any other (a folder it may not read) is
-# raised, as it was when the key asked `is_file` first.
+# The errors `Path.is_file` takes for "no file there" (pathlib's own list, and a NUL byte); any other (a folder it may
+# not read) is raised, as it was when the key asked `is_file` first.
 NO_FILE = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
 
 
@@ -81,6 +81,8 @@ def image_stat_data(path: str) -> str:
         if err.errno in NO_FILE:
             return "missing"
         raise
+    except ValueError:
+        return "missing"
     return _stat_fields(found) if stat.S_ISREG(found.st_mode) else "missing"
 
 
