@@ -65,8 +65,6 @@ def parse_img_tags(text: str) -> list[Part]:
         ImageTagError: an `<img>` without its `</img>`, one inside another, or a `</img>` that closes nothing
             (read as plain text, they would train the model on a tag and silently drop the image).
     """
-    if OPEN_TAG not in text and CLOSE_TAG not in text:  # most turns (an answer, a question without an image)
-        return [text] if text else []
     parts: list[Part] = []
     pos = 0
     opened: int | None = None  # where the open tag's content starts
