@@ -238,12 +238,27 @@ def test_a_max_context_without_room_for_a_prompt_is_refused_before_the_job_start
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`infer.max_context` at or below `infer.max_new_tokens` holds no prompt: the plain engine rejected every record
-    one by one (a finished job of rejects); now the job refuses the config before it reads any input, whichever engine,
-    naming both keys and the fix, as the fast engine does when it is built."""
+    one by one (a finished job of rejects). The config is refused where it is read, before the model is resolved:
+    `batch-infer` named a model that does not exist, and said so only after that, so a catalog 7b would have been
+    downloaded (and hashed) first. Settings that reach the job without the config's check (a model's saved
+    `infer.max_new_tokens`, a config copied in code) are refused before any input is read, whichever engine, naming
+    both keys and the fix, as the fast engine does when it is built."""
     prompts = simple_prompts(tmp_path / "prompts.jsonl", 3)
     out = tmp_path / "out"
+    missing = tmp_path / "no-such-model"
     for context in (8, 4):  # equal, and below
-        config = job_config(**{"infer.engine": "plain", "infer.max_context": context, "infer.max_new_tokens": 8})
+        settings = ["--set", f"infer.max_context={context}", "--set", "infer.max_new_tokens=8"]
+        assert main(["batch-infer", "-m", str(missing), "-i", str(prompts), "-o", str(out), *settings]) == 2
+        err = capsys.readouterr().err
+        assert f"override infer.max_context={context}: infer.max_context {context} leaves no room" in err, err
+        assert "no-such-model" not in err and not out.exists()
+    # The model exists: the same refusal, and no job started.
+    main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings])
+    assert "infer.max_context 4 leaves no room" in capsys.readouterr().err and not out.exists()
+
+    valid = job_config(**{"infer.engine": "plain", "infer.max_new_tokens": 8})
+    for context in (8, 4):
+        config = valid.model_copy(update={"infer": valid.infer.model_copy(update={"max_context": context})})
         with pytest.raises(
             UserInputError,
             match=rf"infer.max_context {context} leaves no room for a prompt beside infer.max_new_tokens 8 .*every "
@@ -251,9 +266,6 @@ def test_a_max_context_without_room_for_a_prompt_is_refused_before_the_job_start
         ):
             run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
     assert not out.exists()  # no job started
-    settings = ["--set", "infer.max_context=8", "--set", "infer.max_new_tokens=8"]
-    assert main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings]) == 2
-    assert "infer.max_context 8 leaves no room" in capsys.readouterr().err and not out.exists()
     # Room for these prompts beside the answer: the job runs as before.
     config = job_config(**{"infer.engine": "plain", "infer.max_context": 128, "infer.max_new_tokens": 2})
     assert run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False).results == 3
