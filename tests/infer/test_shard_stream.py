@@ -188,7 +188,8 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     fixed = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.max_context": 512})
     assert slot_context(loaded, fixed.infer, longest) == 512
     _, capped, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), fixed)
-    assert capped.longest_prompt is None
+    # Counted too (the plan checks that some prompt fits the setting), but the slots keep the size set.
+    assert capped.longest_prompt == longest and slot_context(loaded, fixed.infer, capped.longest_prompt) == 512
     plain = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.engine": "plain"})
     _, unmeasured, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "plain"), plain)
     assert unmeasured.longest_prompt is None  # the plain engine has no slots to size
