@@ -875,13 +875,11 @@ class ShardRunner:
         limits = [n for n in (self.engine.max_context, self.config.infer.max_context) if n is not None]
         limit, answer = min(limits, default=None), self.config.infer.max_new_tokens
         if limit is not None and len(encoded.input_ids) + answer > limit:
+            source, fix = self._limit_source(limit, len(encoded.input_ids) + answer)
             record.error = (
                 f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} "
                 f"{'image' if len(encoded.images) == 1 else 'images'} of {self.loaded.num_image_tokens} tokens) + "
-                f"infer.max_new_tokens {answer} exceed the {limit} tokens a request "
-                "may take (infer.max_context where it is set; else the model's max_position_embeddings, which the fast "
-                "engine's slots hold where the job's longest prompt needs it); send fewer images or less text, or "
-                "raise infer.max_context"
+                f"infer.max_new_tokens {answer} exceed the {limit} tokens a request may take ({source}); {fix}"
             )
             record.kind = "prompt_too_long"
             return record
@@ -890,6 +888,15 @@ class ShardRunner:
         seed = record_seed(infer.seed, record.prompt.key) if infer.temperature > 0 else 0  # only draws read it
         record.request = GenerationRequest(record.position, encoded.input_ids, images, seed)
         return record
+
+    def _limit_source(self, limit: int, needed: int) -> tuple[str, str]:
+        """Where a request's limit of `limit` tokens comes from, and what lets one of `needed` tokens in."""
+        shorter = "send fewer images or less text"
+        if limit == self.config.infer.max_context:
+            return "infer.max_context", f"{shorter}, or raise infer.max_context"
+        if limit == getattr(self.loaded.model.config.get_text_config(), "max_position_embeddings", None):
+            return "the model's max_position_embeddings", shorter
+        return "the fast engine's slots", f"{shorter}, or size them with infer.max_context={needed} or more"
 
     def _publish(
         self,
