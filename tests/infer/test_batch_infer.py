@@ -300,7 +300,12 @@ def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny
     result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
     assert (result.results, result.rejects) == (2, 1)
     (reject,) = rejects(tmp_path / "out")
-    assert reject["line"] == 2 and "exceed the 4096 tokens a request may take" in reject["reason"], reject
+    # The model's positions are the limit here: raising infer.max_context would not let it in, so the reason does not
+    # say to (it named infer.max_context whichever limit applied).
+    assert reject["line"] == 2 and reject["reason"].endswith(
+        " + infer.max_new_tokens 10 exceed the 4096 tokens a request may take (the model's max_position_embeddings); "
+        "send fewer images or less text"
+    ), reject
     assert sorted(r["id"] for r in results(tmp_path / "out")) == ["last", "short"]
 
     (tmp_path / "mid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [records[0], {"query": "colour " * 300}]))
@@ -308,7 +313,10 @@ def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny
     result = run_batch_job(str(tiny_model), str(tmp_path / "mid.jsonl"), str(tmp_path / "capped"), capped)
     assert (result.results, result.rejects) == (1, 1)
     (reject,) = rejects(tmp_path / "capped")
-    assert reject["line"] == 2 and "exceed the 256 tokens a request may take (infer.max_context" in reject["reason"]
+    assert reject["line"] == 2 and reject["reason"].endswith(
+        "exceed the 256 tokens a request may take (infer.max_context); send fewer images or less text, or raise "
+        "infer.max_context"
+    ), reject
 
 
 def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(

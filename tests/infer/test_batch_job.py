@@ -238,12 +238,27 @@ def test_a_max_context_without_room_for_a_prompt_is_refused_before_the_job_start
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`infer.max_context` at or below `infer.max_new_tokens` holds no prompt: the plain engine rejected every record
-    one by one (a finished job of rejects); now the job refuses the config before it reads any input, whichever engine,
-    naming both keys and the fix, as the fast engine does when it is built."""
+    one by one (a finished job of rejects). The config is refused where it is read, before the model is resolved:
+    `batch-infer` named a model that does not exist, and said so only after that, so a catalog 7b would have been
+    downloaded (and hashed) first. Settings that reach the job without the config's check (a model's saved
+    `infer.max_new_tokens`, a config copied in code) are refused before any input is read, whichever engine, naming
+    both keys and the fix, as the fast engine does when it is built."""
     prompts = simple_prompts(tmp_path / "prompts.jsonl", 3)
     out = tmp_path / "out"
+    missing = tmp_path / "no-such-model"
     for context in (8, 4):  # equal, and below
-        config = job_config(**{"infer.engine": "plain", "infer.max_context": context, "infer.max_new_tokens": 8})
+        settings = ["--set", f"infer.max_context={context}", "--set", "infer.max_new_tokens=8"]
+        assert main(["batch-infer", "-m", str(missing), "-i", str(prompts), "-o", str(out), *settings]) == 2
+        err = capsys.readouterr().err
+        assert f"override infer.max_context={context}: infer.max_context {context} leaves no room" in err, err
+        assert "no-such-model" not in err and not out.exists()
+    # The model exists: the same refusal, and no job started.
+    main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings])
+    assert "infer.max_context 4 leaves no room" in capsys.readouterr().err and not out.exists()
+
+    valid = job_config(**{"infer.engine": "plain", "infer.max_new_tokens": 8})
+    for context in (8, 4):
+        config = valid.model_copy(update={"infer": valid.infer.model_copy(update={"max_context": context})})
         with pytest.raises(
             UserInputError,
             match=rf"infer.max_context {context} leaves no room for a prompt beside infer.max_new_tokens 8 .*every "
@@ -251,12 +266,65 @@ def test_a_max_context_without_room_for_a_prompt_is_refused_before_the_job_start
         ):
             run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
     assert not out.exists()  # no job started
-    settings = ["--set", "infer.max_context=8", "--set", "infer.max_new_tokens=8"]
-    assert main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings]) == 2
-    assert "infer.max_context 8 leaves no room" in capsys.readouterr().err and not out.exists()
     # Room for these prompts beside the answer: the job runs as before.
     config = job_config(**{"infer.engine": "plain", "infer.max_context": 128, "infer.max_new_tokens": 2})
     assert run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False).results == 3
+
+
+def test_a_max_context_that_holds_none_of_the_jobs_prompts_is_refused_before_the_model_loads(
+    tiny_model: Path,
+    images: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`infer.max_context` a few tokens above `infer.max_new_tokens` passes the config's check but holds no real
+    prompt (the chat template and system prompt alone are dozens of tokens, an image 576 on the real models): the job
+    loaded the model and rejected every record one by one. The plan counts the prompts as the runner encodes them, so
+    the job is refused once its inputs are read, before the weights load, naming the shortest prompt, its tokens and
+    the setting that holds it; at exactly that setting the shortest record is answered (the count is the runner's to
+    the token) and each longer one is a reject that gives its token count and the limit."""
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 3, images["red"])  # line 1 with an image, 2 and 3 without
+    out = tmp_path / "out"
+
+    def no_weights(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model's weights were loaded")
+
+    monkeypatch.setattr("vlmops.infer.batch_job.load_runner", no_weights)
+    for engine in ("plain", "auto"):
+        config = job_config(**{"infer.engine": engine, "infer.max_context": 12, "infer.max_new_tokens": 8})
+        with pytest.raises(UserInputError) as info:
+            run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
+        found = re.fullmatch(
+            r"infer.max_context 12 holds none of this job's prompts beside infer.max_new_tokens 8: its shortest prompt "
+            r"\(prompts.jsonl:(\d)\) takes (\d+) tokens \(chat template, system prompt and image tokens included\), "
+            r"so every one of its 3 records would be rejected. Raise infer.max_context to at least (\d+) \(\d+ \+ 8\), "
+            r"or unset it to size it to the job's prompts",
+            str(info.value),
+        )
+        assert found, str(info.value)
+        line, shortest, needed = (int(n) for n in found.groups())
+        assert line == 2 and needed == shortest + 8 and shortest > 20, str(info.value)  # the text-only record
+        assert not out.exists()  # no job started
+    settings = ["--set", "infer.max_context=12", "--set", "infer.max_new_tokens=8"]
+    assert main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings]) == 2
+    assert not out.exists()
+
+    monkeypatch.undo()
+    config = job_config(**{"infer.engine": "plain", "infer.max_context": needed, "infer.max_new_tokens": 8})
+    with caplog.at_level(logging.WARNING, logger="vlmops.infer.batch_job"):
+        done = run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
+    assert (done.results, done.rejects) == (2, 1) and [r["key"] for r in results(out)] == ["r1", "r2"]
+    (reject,) = rejects(out)
+    assert reject["key"] == "r0" and reject["kind"] == "prompt_too_long"
+    assert re.match(
+        rf"prompt: \d+ tokens \(1 image of \d+ tokens\) \+ infer.max_new_tokens 8 exceed the {needed} tokens a request "
+        r"may take \(infer.max_context",
+        reject["reason"],
+    ), reject["reason"]
+    (advice,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert advice.startswith(f"infer.max_context {needed} holds prompts of up to {shortest} tokens beside infer.")
+    assert "the job's longest prompt (prompts.jsonl:" in advice and "goes to the rejects with its token count" in advice
 
 
 def test_cli_summary_and_exit_codes(

@@ -128,8 +128,13 @@ def prepare_job(
 
     The model is resolved once, here (a registry alias to the version it names now: the plan records both, and
     `plan.model.pinned` loads that version again), downloaded if it has to be, never loaded (its processor is, to
-    count the prompts' tokens). `named_as`: the alias a caller resolved `model_ref` from (`pinned_model_ref`),
-    recorded as the job's model URI.
+    count the prompts' tokens: the fast engine's slots are sized with them, and a set `infer.max_context` that holds
+    none of them is refused here, before the weights load). `named_as`: the alias a caller resolved `model_ref` from
+    (`pinned_model_ref`), recorded as the job's model URI.
+
+    Raises:
+        UserInputError: `infer.max_context` holds none of the job's prompts beside `infer.max_new_tokens`.
+        JobMismatchError: the output holds another job.
     """
     source, info = resolve_job_model(model_ref, config, named_as)
     config = with_saved_settings(config, source)
@@ -141,8 +146,14 @@ def prepare_job(
         processor = load_processor(source.checkpoint)
         measure = PromptCounter(processor.tokenizer, int(processor.num_image_tokens), config)
     plan = open_job(plan_job(info, input_spec, config, output.uri, measure), output)
-    if measure is not None and (advice := plan.slot_advice(config.infer.max_new_tokens)):
-        log.warning("%s", advice)
+    if measure is not None:
+        infer = config.infer
+        if infer.max_context is None:
+            advice = plan.slot_advice(infer.max_new_tokens)
+        else:
+            advice = plan.context_advice(infer.max_context, infer.max_new_tokens)
+        if advice:
+            log.warning("%s", advice)
     return source, plan, output, config
 
 

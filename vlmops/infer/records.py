@@ -54,6 +54,7 @@ class InputFile:
 
     `longest_prompt`: the most prompt tokens (image tokens included) any of its records encodes to, where the scan
     counted them (None: not counted, as in plans written before it was); `longest_line`: that record's line;
+    `shortest_prompt`, `shortest_line`: the fewest, and where (None: not counted, or no record could be);
     `prompt_steps`: [steps, records] pairs, how many of its records take `steps` x PROMPT_STEP tokens or fewer (and
     more than one step fewer), ascending.
     """
@@ -66,6 +67,8 @@ class InputFile:
     longest_prompt: int | None = None
     longest_line: int | None = None
     prompt_steps: list[list[int]] | None = None
+    shortest_prompt: int | None = None
+    shortest_line: int | None = None
     only: list[int] | None = None
     """The records the job reads from the file, by line (.jsonl) or list index (.json), ascending: a job over
     another job's rejects (`infer.retry_rejects`); None: every record. `records` counts these alone."""
@@ -337,7 +340,7 @@ def scan_input(
     measure: PromptMeasure | None = None,
 ) -> tuple[InputFile, list[Shard]]:
     """Read a file once: its content hash, its record count, where each of its shards starts and, with `measure`,
-    its longest prompt.
+    its longest and shortest prompts.
 
     Shards never cross files, so a shard's records are one ranged read. Memory stays one line (jsonl) or
     one item and a chunk (a .json list).
@@ -350,10 +353,11 @@ def scan_input(
     index = 0  # records in the file
     size = 0
     longest, longest_line, steps = 0, 0, collections.Counter[int]()
+    shortest: tuple[int, int] | None = None  # (tokens, line)
     base_dir = record_base(file.uri)
 
     def measured(raw: RawRecord, line: int) -> None:
-        nonlocal longest, longest_line
+        nonlocal longest, longest_line, shortest
         assert measure is not None
         tokens = measure(raw, base_dir)
         if tokens is None:  # a reject when the job reads it
@@ -361,6 +365,8 @@ def scan_input(
         steps[-(-tokens // PROMPT_STEP)] += 1
         if tokens > longest:
             longest, longest_line = tokens, line
+        if shortest is None or tokens < shortest[0]:
+            shortest = (tokens, line)
 
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage) as stream:
@@ -400,6 +406,8 @@ def scan_input(
     if measure is not None:
         histogram = [[step, steps[step]] for step in sorted(steps)]
         scanned = replace(scanned, longest_prompt=longest, longest_line=longest_line or None, prompt_steps=histogram)
+        if shortest is not None:
+            scanned = replace(scanned, shortest_prompt=shortest[0], shortest_line=shortest[1])
     return scanned, sized
 
 
