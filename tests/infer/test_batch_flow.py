@@ -227,6 +227,54 @@ def test_two_task_workers_share_one_job_exactly_once(
     assert "exact match" not in markdown  # simple records have no reference answer
 
 
+def test_a_shard_task_retried_after_its_part_was_published_answers_nothing_twice_in_the_same_output(
+    prefect_api: dict[str, str], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect retries `answer_shard` (its `retries`) whose worker lost its connection after the shard's part was
+    published: the retry writes into the same output, finds the shard done and answers nothing. The job stays one
+    folder, every record in it once, the part as the first try wrote it."""
+    from prefect import flow
+
+    import tasks.infer
+    from tasks.infer import answer_shard
+    from vlmops.config import load_config
+    from vlmops.infer.batch_job import complete_job, prepare_job, run_job_shard
+    from vlmops.infer.job import JobResult, ShardStats
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "query": f"Say {i}."}) + "\n" for i in range(6)))
+    out = tmp_path / "out"
+    tries: list[tuple[int, int]] = []  # (shard, records it answered) of each try
+    published: dict[str, int] = {}
+
+    def shard_reported_lost(model: str, output: str, config: Any, shard: int) -> ShardStats:
+        stats = run_job_shard(model, output, config, shard)
+        tries.append((shard, stats.results))
+        if tries.count((1, 2)) == 1 and tries[-1] == (1, 2):
+            published["part"] = (out / "part-00001.jsonl").stat().st_mtime_ns
+            raise ConnectionError("the worker lost the Prefect API before it reported the shard")
+        return stats
+
+    monkeypatch.setattr(tasks.infer, "run_job_shard", shard_reported_lost)
+
+    @flow
+    def job() -> JobResult:
+        config = load_config(None, ["infer.max_new_tokens=3", "infer.shard_size=2"])
+        _, plan, output, config = prepare_job(str(tiny_model), str(prompts), str(out), config)
+        ran = [answer_shard(str(tiny_model), output.uri, config, shard.index) for shard in plan.shards]
+        return complete_job(plan, output, ran, config)
+
+    result = job()
+    assert tries == [(0, 2), (1, 2), (1, 0), (2, 2)]  # shard 1's retry found its part: nothing answered again
+    assert result.records == result.results == 6 and result.output == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prompts.jsonl"]  # one output folder
+    assert (out / "part-00001.jsonl").stat().st_mtime_ns == published["part"]
+    keys = [
+        json.loads(line)["key"] for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()
+    ]
+    assert keys == [f"r{i}" for i in range(6)]
+
+
 def test_a_progress_poll_that_cannot_reach_the_output_does_not_stop_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
     """The progress artifact is a view of the job: a poll that cannot read the output (S3 down for a moment) is logged
     and the job goes on. It raised, and `run_in_process_group` stops the job's whole process group on a poll that
