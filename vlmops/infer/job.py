@@ -77,6 +77,7 @@ from vlmops.infer.resolve import (
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.template import encode
+from vlmops.plural import counted
 from vlmops.storage import is_partial
 
 log = logging.getLogger(__name__)
@@ -828,8 +829,8 @@ class ShardRunner:
         limit, answer = min(limits, default=None), self.config.infer.max_new_tokens
         if limit is not None and len(encoded.input_ids) + answer > limit:
             record.error = (
-                f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} "
-                f"{'image' if len(encoded.images) == 1 else 'images'} of {self.loaded.num_image_tokens} tokens) + "
+                f"prompt: {len(encoded.input_ids)} tokens ({counted(len(encoded.images), 'image')} "
+                f"of {self.loaded.num_image_tokens} tokens) + "
                 f"infer.max_new_tokens {answer} exceed the {limit} tokens a request "
                 "may take (infer.max_context where it is set; else the model's max_position_embeddings, which the fast "
                 "engine's slots hold where the job's longest prompt needs it); send fewer images or less text, or "

@@ -19,6 +19,7 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import JobOutput
 from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
+from vlmops.plural import counted
 
 SHOWN_REASONS = 3
 """Reject kinds a summary names, most first; the rest are counted in one more row."""
@@ -67,11 +68,6 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
         ("output", f"{status.output}/part-*.jsonl ({counted(len(status.done), 'part')} so far), no manifest.json yet"),
         ("go on", "run the same command without infer.max_shards (or with a larger one): done shards are not redone"),
     ]
-
-
-def counted(count: int, noun: str) -> str:
-    """`count` and `noun`, plural but for one: "1 part", "3 parts"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def reason_rows(by_reason: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
