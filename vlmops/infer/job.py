@@ -534,7 +534,7 @@ def _choose_rejected(retry_of: str, found: list[InputFile], config: PipelineConf
     if missing:
         raise UserInputError(
             f"{where}: job {old.job_id} rejected records of {missing[0]}"
-            + (f" (and {len(missing) - 1} more file(s))" if len(missing) > 1 else "")
+            + (f" (and {counted(len(missing) - 1, 'more file')})" if len(missing) > 1 else "")
             + f", which --input does not name: give the input that job read ({old.input})"
         )
     return old, [replace(f, only=sorted(chosen[f.uri])) for f in found if f.uri in chosen]
@@ -963,7 +963,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
     missing = pending_shards(plan, output)
     if missing:
         raise RunFailed(
-            f"job {plan.job_id}: {len(missing)} shard(s) not done yet ({', '.join(s.name for s in missing[:10])}); "
+            f"job {plan.job_id}: {counted(len(missing), 'shard')} not done yet ({', '.join(s.name for s in missing[:10])}); "
             "run the same job again to finish them"
         )
     parts = []

@@ -35,6 +35,7 @@ from vlmops.conversation import Message
 from vlmops.data.formats import RecordError, parse_record, refuse_mixed_formats
 from vlmops.data.jsonarray import TOO_DEEP, ArrayItem, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,10 @@ def _name_unread(spec: str, names: Sequence[str]) -> None:
     if unread:
         more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
         log.warning(
-            "input %s: %d file(s) that look like records are not read (only .jsonl and .json are): %s%s; "
-            "decompress or rename them to answer their records",
+            "input %s: %s named like records, not read (only .jsonl and .json are): %s%s; "
+            "decompress or rename each to answer its records",
             spec,
-            len(unread),
+            counted(len(unread), "file"),
             ", ".join(unread[:5]),
             more,
         )
@@ -199,7 +200,10 @@ def _outside(found: list[T], is_own: Callable[[T], bool], spec: str, output: str
         )
     if len(kept) < len(found):
         log.info(
-            "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), output
+            "input %s: left out %s under the output %s, the job's own (not input)",
+            spec,
+            counted(len(found) - len(kept), "file"),
+            output,
         )
     return kept
 

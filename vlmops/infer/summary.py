@@ -19,7 +19,7 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import JobOutput
 from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
-from vlmops.plural import counted
+from vlmops.plural import counted, counted_of
 
 SHOWN_REASONS = 3
 """Reject kinds a summary names, most first; the rest are counted in one more row."""
@@ -54,14 +54,15 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
     where the parts are and how to go on."""
     status = stopped.status
     plan = status.plan
+    records_to_do = counted(sum(s.count for s in status.pending), "record")
     return [
         _model_row(plan.model.as_dict()),
         (
             "done",
-            f"{len(status.done)} of {len(plan.shards)} shard(s): {status.records_done} records, "
+            f"{counted_of(len(status.done), len(plan.shards), 'shard')}: {counted(status.records_done, 'record')}, "
             f"{status.records_done - status.rejects} answered, {status.rejects} rejected",
         ),
-        ("to do", f"{len(status.pending)} shard(s): {sum(s.count for s in status.pending)} records"),
+        ("to do", f"{counted(len(status.pending), 'shard')}: {records_to_do}"),
         *_retry_row(plan.retry_of),
         ("answers", token_choice(plan.settings)),
         *_run_rows(stopped.ran, stopped.startup_s),
@@ -106,7 +107,7 @@ def _run_rows(ran: list[ShardStats], startup_s: float | None) -> list[tuple[str,
         rows.append(
             (
                 "this run",
-                f"{len(ran)} shard(s){side_by_side} in {shards_wall_s(ran):.1f} s: {tokens:.1f} tokens/s, "
+                f"{counted(len(ran), 'shard')}{side_by_side} in {shards_wall_s(ran):.1f} s: {tokens:.1f} tokens/s, "
                 f"{images:.1f} images/s",
             )
         )
