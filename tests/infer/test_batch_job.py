@@ -728,6 +728,35 @@ def test_a_task_worker_releases_the_last_jobs_model_before_loading_the_next(
     assert events[:3] == ["loaded", "released 2", "loaded"], events
 
 
+def test_reject_kinds_past_the_shown_ones_share_a_labelled_row_in_the_summary_and_the_flows_table() -> None:
+    """Three kinds by name, the rest in one row; every row has a label, in the command's text and in the flow's
+    markdown table (where the kinds' rows were `|  | missing image 2 (first: ...) |`)."""
+    from flows.batch_inference import _table
+    from vlmops.infer.summary import reason_rows
+
+    by_reason = {
+        "missing_image": {"count": 4, "first": "in.jsonl:1"},
+        "malformed_json": {"count": 2, "first": "in.jsonl:2"},
+        "not_an_image": {"count": 1, "first": "in.jsonl:5"},
+        "prompt_too_long": {"count": 1, "first": "in.jsonl:7"},
+        "not_text": {"count": 1, "first": "in.jsonl:9"},
+    }
+    rows = reason_rows(by_reason)
+    assert rows == [
+        ("missing image", "4 records (first: in.jsonl:1)"),
+        ("malformed JSON", "2 records (first: in.jsonl:2)"),
+        ("not an image", "1 record (first: in.jsonl:5)"),
+        ("other kinds", "2 records of 2 kinds, in rejects.jsonl"),
+    ]
+    table = _table("job", rows).splitlines()
+    assert table[-4:] == [
+        "| missing image | 4 records (first: in.jsonl:1) |",
+        "| malformed JSON | 2 records (first: in.jsonl:2) |",
+        "| not an image | 1 record (first: in.jsonl:5) |",
+        "| other kinds | 2 records of 2 kinds, in rejects.jsonl |",
+    ]
+
+
 def test_a_runs_speed_counts_workers_side_by_side() -> None:
     """Each worker answers its shards in turn and the workers run at once: the run took as long as its busiest
     worker, not the sum of every shard's seconds (which read 8 GPUs as 8 times slower than they were)."""
@@ -939,7 +968,8 @@ def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_an
     capsys.readouterr()
     assert main(["batch-status", str(resumed)]) == 0
     status = capsys.readouterr().out
-    assert f"missing image 1 (first: {prompts}:1)\n" in status and f"not an image 1 (first: {prompts}:3)" in status
+    assert f"  missing image     1 record (first: {prompts}:1)\n" in status, status
+    assert f"  not an image      1 record (first: {prompts}:3)\n" in status, status
     assert main([*args, "--output", str(resumed)]) == 0
     printed = capsys.readouterr().out
     assert main([*args, "--output", str(straight)]) == 0
@@ -956,13 +986,14 @@ def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_an
         assert manifest["rejects_by_reason"] == expected and list(manifest["rejects_by_reason"]) == list(expected)
         kinds = ["missing_image", "malformed_json", "not_an_image", "missing_image", "invalid_record"]
         assert [r["kind"] for r in rejects(out)] == kinds
-    rows = [line.strip() for line in printed.splitlines()]
-    at = rows.index(f"{'rejects':<17} {resumed}/rejects.jsonl")
-    assert rows[at + 1 : at + 5] == [
-        f"missing image 2 (first: {prompts}:1)",
-        f"malformed JSON 1 (first: {prompts}:2)",
-        f"invalid record 1 (first: {prompts}:6)",
-        "1 more of 1 other kind, in rejects.jsonl",
+    # A row per kind, the kind its label (the label column was blank); a fourth kind gets its row as the first three.
+    rows = printed.splitlines()
+    at = rows.index(f"  rejects           {resumed}/rejects.jsonl")
+    assert rows[at + 1 :] == [
+        f"  missing image     2 records (first: {prompts}:1)",
+        f"  malformed JSON    1 record (first: {prompts}:2)",
+        f"  invalid record    1 record (first: {prompts}:6)",
+        f"  not an image      1 record (first: {prompts}:3)",
     ], printed
     assert main(["batch-status", str(resumed), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rejects_by_reason"] == expected

@@ -22,7 +22,8 @@ from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
 from vlmops.plural import counted, counted_of
 
 SHOWN_REASONS = 3
-"""Reject kinds a summary names, most first; the rest are counted in one more row."""
+"""Reject kinds a summary names, most first; the rest are counted in one more row (one kind more is named instead:
+the row is spent either way)."""
 SAMPLE_ROWS = 50
 """Results in a samples table: enough to see what the answers look like, small enough for a UI page."""
 
@@ -72,17 +73,17 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
 
 
 def reason_rows(by_reason: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """A row per kind of reject (`rejects_by_reason`), most first: its count and the first such record, so the summary
-    says why without opening rejects.jsonl; the kinds past SHOWN_REASONS in one row."""
+    """A row per kind of reject (`rejects_by_reason`), most first, labelled with the kind: its count and the first such
+    record, so the summary says why without opening rejects.jsonl; past SHOWN_REASONS kinds, the rest in one row."""
+    kinds = list(by_reason.items())
+    shown = kinds if len(kinds) <= SHOWN_REASONS + 1 else kinds[:SHOWN_REASONS]
     rows = [
-        ("", f"{REJECT_KINDS.get(kind, kind)} {n['count']} (first: {n['first']})")
-        for kind, n in list(by_reason.items())[:SHOWN_REASONS]
+        (REJECT_KINDS.get(kind, kind), f"{counted(n['count'], 'record')} (first: {n['first']})") for kind, n in shown
     ]
-    rest = list(by_reason.values())[SHOWN_REASONS:]
+    rest = [n for _, n in kinds[len(shown) :]]
     if rest:
-        rows.append(
-            ("", f"{sum(n['count'] for n in rest)} more of {counted(len(rest), 'other kind')}, in rejects.jsonl")
-        )
+        records = counted(sum(n["count"] for n in rest), "record")
+        rows.append(("other kinds", f"{records} of {counted(len(rest), 'kind')}, in rejects.jsonl"))
     return rows
 
 
