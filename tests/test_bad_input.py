@@ -505,11 +505,11 @@ def test_the_command_lists_every_problem_without_a_traceback(
     err = capsys.readouterr().err
     assert code == 2
     assert "Traceback" not in err
-    assert f"error: {len(cases)} rejected record(s):" in err
+    assert f"error: {len(cases)} rejected records:" in err
     for number, case in enumerate(cases, start=1):
         assert f"  - {dataset}:{number} {case.field}: " in err
     assert f"every rejected record is listed, with its reason, in {Path('outputs/datasets/rejects.jsonl')}" in err
-    assert "all: 1 records" in err  # the counts come with the error
+    assert "all: 1 record (" in err  # the counts come with the error
 
 
 def test_json_files_name_the_line_or_the_index(tmp_path: Path, tiny_processor: Any) -> None:

@@ -67,7 +67,7 @@ class DatasetError(UserInputError):
         total = len(problems) if total is None else total
         shown = "\n".join(f"  - {p}" for p in problems[:50])
         more = f"\n  ... and {total - min(50, len(problems))} more" if total > min(50, len(problems)) else ""
-        super().__init__(f"{total} rejected record(s):\n{shown}{more}" + (f"\n{hint}" if hint else ""))
+        super().__init__(f"{counted(total, 'rejected record')}:\n{shown}{more}" + (f"\n{hint}" if hint else ""))
 
 
 class RecordError(UserInputError):
