@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from vlmops.errors import UserInputError
+from vlmops.plural import counted
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
@@ -565,7 +566,7 @@ class ConfigError(UserInputError):
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = problems
         where = f" in {source}" if source else ""
-        super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{counted(len(problems), 'problem')}{where}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def load_config(

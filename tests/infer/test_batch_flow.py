@@ -63,8 +63,8 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     assert trial["pending_shards"] == ["00001", "00002"] and not (out / "manifest.json").exists()
     (stopped,) = (a.data for a in _artifacts(tiny_model, out, "markdown"))
     assert stopped.startswith(f"# batch inference job {trial['job_id']}: stopped by infer.max_shards\n"), stopped
-    assert "| done | 1 of 3 shard(s): 2 records, 2 answered, 0 rejected |" in stopped
-    assert "| to do | 2 shard(s): 4 records |" in stopped
+    assert "| done | 1 of 3 shards: 2 records, 2 answered, 0 rejected |" in stopped
+    assert "| to do | 2 shards: 4 records |" in stopped
     summary = batch_inference(str(tiny_model), str(eval_file), str(out), None, overrides)
     assert summary["records"] == summary["results"] == 6 and summary["rejects"] == 0
     assert summary["output"] == str(out) and (out / "manifest.json").is_file()
@@ -79,8 +79,8 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     assert "| records | 6 read: 6 answered, 0 rejected |" in first
     assert f"| exact match | {summary['exact_match'] * 6:.0f} of 6 answers equal the record's reference" in first
     assert "| answers | greedy |" in first and f"| output | {out}/part-*.jsonl (3 parts), manifest.json |" in first
-    assert re.search(r"\| this run \| 2 shard\(s\) in \d+\.\d s \|", first), first
-    assert re.search(r"\| this run \| 0 shard\(s\) in \d+\.\d s \|", second), second
+    assert re.search(r"\| this run \| 2 shards in \d+\.\d s \|", first), first
+    assert re.search(r"\| this run \| 0 shards in \d+\.\d s \|", second), second
     # And a table of the first results beside their questions (a table artifact's data is its rows as JSON).
     table = json.loads(_artifacts(tiny_model, out, "table")[0].data)
     assert [row["key"] for row in table] == [f"eval.jsonl:{i}" for i in range(1, 7)]
@@ -222,8 +222,8 @@ def test_two_task_workers_share_one_job_exactly_once(
     assert [p["records"] for p in manifest["parts"]] == [3] * 8
     assert any(a.data == 100.0 for a in _artifacts(tiny_model, out))
     markdown, stopped = (a.data for a in _artifacts(tiny_model, out, "markdown"))
-    assert "| done | 2 of 8 shard(s): 6 records, 6 answered, 0 rejected |" in stopped, stopped
-    assert re.search(r"\| this run \| 6 shard\(s\) on 2 workers in \d+\.\d s: [\d.]+ tokens/s", markdown), markdown
+    assert "| done | 2 of 8 shards: 6 records, 6 answered, 0 rejected |" in stopped, stopped
+    assert re.search(r"\| this run \| 6 shards on 2 workers in \d+\.\d s: [\d.]+ tokens/s", markdown), markdown
     assert "exact match" not in markdown  # simple records have no reference answer
 
 

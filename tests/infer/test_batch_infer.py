@@ -126,14 +126,8 @@ def test_files_of_records_in_a_form_the_job_does_not_read_are_named_not_left_out
         assert [f.name for f in find_inputs(str(tmp_path / "in"))] == ["a.jsonl"]
         assert [f.name for f in find_inputs(str(tmp_path / "in" / "*"))] == ["a.jsonl"]
     folder, globbed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert (
-        "2 file(s) that look like records are not read (only .jsonl and .json are): b.jsonl.gz, more/c.ndjson; "
-        in folder
-    )
-    assert (
-        f"1 file(s) that look like records are not read (only .jsonl and .json are): {tmp_path}/in/b.jsonl.gz; "
-        in globbed
-    )
+    assert "2 files named like records, not read (only .jsonl and .json are): b.jsonl.gz, more/c.ndjson; " in folder
+    assert f"1 file named like records, not read (only .jsonl and .json are): {tmp_path}/in/b.jsonl.gz; " in globbed
 
 
 def test_answers_end_at_the_first_eos() -> None:
@@ -225,6 +219,56 @@ def test_images_beside_conversations_are_a_reject_not_a_prompt_without_them(tmp_
     assert info.value.field == "messages"
     record = {"conversations": [{"from": "user", "value": "Hi", "name": "ann"}]}
     assert parse(record).fields == record
+
+
+def test_a_simple_records_reject_names_its_own_field_and_the_path_once(tiny_model: Path, tmp_path: Path) -> None:
+    """A simple record is read as a `messages` record, and its rejects named that record's fields: "messages[0].content:
+    image /x/secret.png is outside the dataset's folder (/x/secret.png)". They name the simple record's own field
+    (`query`, `history[i][j]`, `images[i]`) and the path once; a dataset record keeps its own field paths."""
+    data = tmp_path / "data"
+    data.mkdir()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    refused = f"is outside the dataset's folder; move it under {data} or add its folder to data.allowed_roots"
+    records = {
+        "query": ({"id": "query", "query": f"<img>{outside}</img>Colour?"}, f"query: image {outside} {refused}"),
+        "history": (
+            {
+                "id": "history",
+                "query": "And now?",
+                "history": [["Hi", "Hello"], ["<img>../secret.png</img>Colour?", "Red"]],
+            },
+            f"history[1][0]: image ../secret.png {refused}",
+        ),
+        "images": (
+            {"id": "images", "query": "<image>?", "images": [str(outside)]},
+            f"images[0]: image {outside} {refused}",
+        ),
+        "not a path": (
+            {"id": "not a path", "query": "?", "images": [3]},
+            "images[0]: must be an image path or URL, got int",
+        ),
+        "marks": (
+            {"id": "marks", "query": "<image><image>Differences?", "images": ["red.png"]},
+            "query: more <image> tags than the 1 entry in images",
+        ),
+        "pair": (
+            {"id": "pair", "query": "?", "history": [["Hi"]]},
+            "history[0]: must be a [query, response] pair of strings",
+        ),
+        "empty": (
+            {"id": "empty", "query": "?", "history": [["Hi", " "]]},
+            "history[0][1]: turn 2 (assistant) is empty",
+        ),
+        "dataset": (
+            {"id": "dataset", "messages": [{"role": "user", "content": f"<img>{outside}</img>Colour?"}]},
+            f"messages[0].content: image {outside} {refused}",
+        ),
+    }
+    (data / "in.jsonl").write_text("".join(json.dumps(record) + "\n" for record, _ in records.values()))
+    result = run_batch_job(str(tiny_model), str(data / "in.jsonl"), str(tmp_path / "out"), job_config())
+    assert result.rejects == len(records)
+    assert {r["key"]: r["reason"] for r in rejects(tmp_path / "out")} == {k: v for k, (_, v) in records.items()}
 
 
 def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tiny_model: Path, tmp_path: Path) -> None:

@@ -86,11 +86,11 @@ def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
     assert 2 <= len(done_before) < 10 and not (out / "manifest.json").exists()
     status = subprocess.run([*cmd[:3], "batch-status", str(out)], env=env, capture_output=True, text=True, check=True)
     assert f"{len(done_before)} of 10 shards done" in status.stdout and "the same command resumes it" in status.stdout
-    assert f"{len(done_before)} shard(s): {4 * len(done_before)} records" in status.stdout
+    assert f"{len(done_before)} shards: {4 * len(done_before)} records" in status.stdout
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert "done" in second.stdout and "40 read: 40 answered, 0 rejected" in second.stdout
-    assert f"{10 - len(done_before)} shard(s)" in second.stdout  # only the shards not done before
+    assert f"this run          {10 - len(done_before)} shards in " in second.stdout  # only the shards not done before
     keys = keys_across_parts(out)
     assert sorted(keys) == sorted(f"r{i}" for i in range(40)) and len(keys) == 40  # every input exactly once
     manifest = json.loads((out / "manifest.json").read_text())
@@ -378,9 +378,9 @@ def test_a_trial_run_answers_the_first_shards_and_the_same_command_goes_on(
     assert main([*args, "--set", "infer.max_shards=1"]) == 0
     printed = capsys.readouterr().out
     assert ": stopped after infer.max_shards=1\n" in printed, printed
-    assert re.search(r"done +1 of 3 shard\(s\): 4 records, 4 answered, 0 rejected", printed), printed
-    assert re.search(r"to do +2 shard\(s\): 7 records", printed), printed
-    assert re.search(r"this run +1 shard\(s\) in \d+\.\d s", printed), printed
+    assert re.search(r"done +1 of 3 shards: 4 records, 4 answered, 0 rejected", printed), printed
+    assert re.search(r"to do +2 shards: 7 records", printed), printed
+    assert re.search(r"this run +1 shard in \d+\.\d s", printed), printed
     assert "run the same command without infer.max_shards" in printed
     assert sorted(p.name for p in out.glob("part-*.jsonl")) == ["part-00000.jsonl"]
     assert not (out / "manifest.json").exists()
@@ -389,7 +389,7 @@ def test_a_trial_run_answers_the_first_shards_and_the_same_command_goes_on(
 
     assert main([*args, "--set", "infer.max_shards=5"]) == 0  # more than are left: the job finishes
     printed = capsys.readouterr().out
-    assert ": done\n" in printed and "this run          2 shard(s)" in printed, printed
+    assert ": done\n" in printed and "this run          2 shards in " in printed, printed
     manifest = json.loads((out / "manifest.json").read_text())
     keys = [json.loads(line)["key"] for part in manifest["parts"] for line in (out / part["name"]).open()]
     assert keys == [f"train.jsonl:{i}" for i in range(1, 12)]  # every record once, in input order
@@ -716,7 +716,8 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     run_batch_job(str(tiny_model), str(prompts), str(out), job_config(**{"infer.shard_size": 3}), progress=False)
     assert main(["batch-status", str(out)]) == 0
     finished = capsys.readouterr().out
-    assert "finished at" in finished and "3 shard(s): 7 records, 6 answered, 1 rejected" in finished
+    assert "finished at" in finished and "done              3 shards: 7 records, 6 answered, 1 rejected" in finished
+    assert f"input             {prompts} (1 file, 7 records)" in finished
     assert "to do" not in finished
 
     # As a crash leaves it: the last shard's part and the manifest not written yet. The parts' times give the pace:
@@ -736,9 +737,22 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     assert status["last_part_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 40))
     assert main(["batch-status", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "to do             1 shard(s): 1 records (00002)" in text
-    assert re.search(r"pace              0\.05 records/s over the last 1 part\(s\), the last part written 4\d s ago; "
+    assert "batch inference job" in text and ": 2 of 3 shards done (67%); running, or stopped" in text, text
+    assert "to do             1 shard: 1 record (00002)" in text
+    assert re.search(r"pace              0\.05 records/s over the last 1 part, the last part written 4\d s ago; "
                      r"~20 s to go at that pace", text), text  # fmt: skip
+
+    # One shard of one record, not done: every count is one or of one, and reads so (it said "0 of 1 shards done",
+    # "1 file(s)", "1 shard(s): 1 records").
+    one, one_record = tmp_path / "one", simple_prompts(tmp_path / "one.jsonl", 1)
+    run_batch_job(str(tiny_model), str(one_record), str(one), job_config(), progress=False)
+    (one / "part-00000.jsonl").unlink()
+    (one / "manifest.json").unlink()
+    assert main(["batch-status", str(one)]) == 0
+    text = capsys.readouterr().out
+    assert ": 0 of 1 shard done (0%); running, or stopped" in text and "one.jsonl (1 file, 1 record)\n" in text, text
+    assert "done              0 shards: 0 records, 0 answered, 0 rejected\n" in text
+    assert "to do             1 shard: 1 record (00000)\n" in text
 
     assert main(["batch-status", str(tmp_path)]) == 2
     assert "holds no batch inference job (no _job/job.json)" in capsys.readouterr().err
@@ -780,6 +794,35 @@ def test_a_task_worker_releases_the_last_jobs_model_before_loading_the_next(
         logging.getLogger("vlmops.infer.batch_job").removeHandler(handler)
         batch_job._WORKER_RUNNER.clear()
     assert events[:3] == ["loaded", "released 2", "loaded"], events
+
+
+def test_reject_kinds_past_the_shown_ones_share_a_labelled_row_in_the_summary_and_the_flows_table() -> None:
+    """Three kinds by name, the rest in one row; every row has a label, in the command's text and in the flow's
+    markdown table (where the kinds' rows were `|  | missing image 2 (first: ...) |`)."""
+    from flows.batch_inference import _table
+    from vlmops.infer.summary import reason_rows
+
+    by_reason = {
+        "missing_image": {"count": 4, "first": "in.jsonl:1"},
+        "malformed_json": {"count": 2, "first": "in.jsonl:2"},
+        "not_an_image": {"count": 1, "first": "in.jsonl:5"},
+        "prompt_too_long": {"count": 1, "first": "in.jsonl:7"},
+        "not_text": {"count": 1, "first": "in.jsonl:9"},
+    }
+    rows = reason_rows(by_reason)
+    assert rows == [
+        ("missing image", "4 records (first: in.jsonl:1)"),
+        ("malformed JSON", "2 records (first: in.jsonl:2)"),
+        ("not an image", "1 record (first: in.jsonl:5)"),
+        ("other kinds", "2 records of 2 kinds, in rejects.jsonl"),
+    ]
+    table = _table("job", rows).splitlines()
+    assert table[-4:] == [
+        "| missing image | 4 records (first: in.jsonl:1) |",
+        "| malformed JSON | 2 records (first: in.jsonl:2) |",
+        "| not an image | 1 record (first: in.jsonl:5) |",
+        "| other kinds | 2 records of 2 kinds, in rejects.jsonl |",
+    ]
 
 
 def test_a_runs_speed_counts_workers_side_by_side() -> None:
@@ -993,7 +1036,8 @@ def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_an
     capsys.readouterr()
     assert main(["batch-status", str(resumed)]) == 0
     status = capsys.readouterr().out
-    assert f"missing image 1 (first: {prompts}:1)\n" in status and f"not an image 1 (first: {prompts}:3)" in status
+    assert f"  missing image     1 record (first: {prompts}:1)\n" in status, status
+    assert f"  not an image      1 record (first: {prompts}:3)\n" in status, status
     assert main([*args, "--output", str(resumed)]) == 0
     printed = capsys.readouterr().out
     assert main([*args, "--output", str(straight)]) == 0
@@ -1010,13 +1054,14 @@ def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_an
         assert manifest["rejects_by_reason"] == expected and list(manifest["rejects_by_reason"]) == list(expected)
         kinds = ["missing_image", "malformed_json", "not_an_image", "missing_image", "invalid_record"]
         assert [r["kind"] for r in rejects(out)] == kinds
-    rows = [line.strip() for line in printed.splitlines()]
-    at = rows.index(f"{'rejects':<17} {resumed}/rejects.jsonl")
-    assert rows[at + 1 : at + 5] == [
-        f"missing image 2 (first: {prompts}:1)",
-        f"malformed JSON 1 (first: {prompts}:2)",
-        f"invalid record 1 (first: {prompts}:6)",
-        "1 more of 1 other kind, in rejects.jsonl",
+    # A row per kind, the kind its label (the label column was blank); a fourth kind gets its row as the first three.
+    rows = printed.splitlines()
+    at = rows.index(f"  rejects           {resumed}/rejects.jsonl")
+    assert rows[at + 1 :] == [
+        f"  missing image     2 records (first: {prompts}:1)",
+        f"  malformed JSON    1 record (first: {prompts}:2)",
+        f"  invalid record    1 record (first: {prompts}:6)",
+        f"  not an image      1 record (first: {prompts}:3)",
     ], printed
     assert main(["batch-status", str(resumed), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rejects_by_reason"] == expected

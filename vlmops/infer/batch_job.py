@@ -51,6 +51,7 @@ from vlmops.infer.resolve import ModelSource, with_saved_settings
 from vlmops.infer.summary import sample_rows
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
+from vlmops.plural import counted, counted_of
 
 if TYPE_CHECKING:
     from vlmops.tracking import Tracker
@@ -110,10 +111,10 @@ def run_batch_job(
             ran = answer_shards(runner, plan, todo, output, progress, on_shard)
     if len(todo) < len(pending):
         log.info(
-            "job %s: stopped after infer.max_shards=%d shard(s), %d to go: run the same command without it to go on",
+            "job %s: stopped at infer.max_shards=%d with %s to go: run the same command without it to go on",
             plan.job_id,
             config.infer.max_shards,
-            len(pending) - len(todo),
+            counted(len(pending) - len(todo), "shard"),
         )
         return StoppedJob(job_status(output), ran, startup)
     return complete_job(plan, output, ran, config, startup)
@@ -189,10 +190,9 @@ class _Progress:
         self.ran: list[ShardStats] = []
         if self.done_before:
             log.info(
-                "job %s: %d of %d shards done before, %d to go",
+                "job %s: %s done before, %d to go",
                 plan.job_id,
-                self.done_before,
-                len(plan.shards),
+                counted_of(self.done_before, len(plan.shards), "shard"),
                 len(todo),
             )
         total = sum(s.count for s in todo)

@@ -77,6 +77,7 @@ from vlmops.infer.resolve import (
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.template import encode
+from vlmops.plural import counted
 from vlmops.storage import is_partial
 
 log = logging.getLogger(__name__)
@@ -581,7 +582,7 @@ def _choose_rejected(retry_of: str, found: list[InputFile], config: PipelineConf
     if missing:
         raise UserInputError(
             f"{where}: job {old.job_id} rejected records of {missing[0]}"
-            + (f" (and {len(missing) - 1} more file(s))" if len(missing) > 1 else "")
+            + (f" (and {counted(len(missing) - 1, 'more file')})" if len(missing) > 1 else "")
             + f", which --input does not name: give the input that job read ({old.input})"
         )
     return old, [replace(f, only=sorted(chosen[f.uri])) for f in found if f.uri in chosen]
@@ -877,8 +878,8 @@ class ShardRunner:
         if limit is not None and len(encoded.input_ids) + answer > limit:
             source, fix = self._limit_source(limit, len(encoded.input_ids) + answer)
             record.error = (
-                f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} "
-                f"{'image' if len(encoded.images) == 1 else 'images'} of {self.loaded.num_image_tokens} tokens) + "
+                f"prompt: {len(encoded.input_ids)} tokens ({counted(len(encoded.images), 'image')} of "
+                f"{self.loaded.num_image_tokens} tokens) + "
                 f"infer.max_new_tokens {answer} exceed the {limit} tokens a request may take ({source}); {fix}"
             )
             record.kind = "prompt_too_long"
@@ -1017,7 +1018,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
     missing = pending_shards(plan, output)
     if missing:
         raise RunFailed(
-            f"job {plan.job_id}: {len(missing)} shard(s) not done yet ({', '.join(s.name for s in missing[:10])}); "
+            f"job {plan.job_id}: {counted(len(missing), 'shard')} not done yet ({', '.join(s.name for s in missing[:10])}); "
             "run the same job again to finish them"
         )
     parts = []

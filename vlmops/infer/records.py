@@ -32,9 +32,10 @@ from typing import IO, Any, TypeVar
 
 from vlmops.config import StorageConfig
 from vlmops.conversation import Message
-from vlmops.data.formats import RecordError, parse_record, refuse_mixed_formats
+from vlmops.data.formats import RecordError, Turn, parse_record, parse_turns, refuse_mixed_formats
 from vlmops.data.jsonarray import TOO_DEEP, ArrayItem, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,10 @@ def _name_unread(spec: str, names: Sequence[str]) -> None:
     if unread:
         more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
         log.warning(
-            "input %s: %d file(s) that look like records are not read (only .jsonl and .json are): %s%s; "
-            "decompress or rename them to answer their records",
+            "input %s: %s named like records, not read (only .jsonl and .json are): %s%s; "
+            "decompress or rename each to answer its records",
             spec,
-            len(unread),
+            counted(len(unread), "file"),
             ", ".join(unread[:5]),
             more,
         )
@@ -202,7 +203,10 @@ def _outside(found: list[T], is_own: Callable[[T], bool], spec: str, output: str
         )
     if len(kept) < len(found):
         log.info(
-            "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), output
+            "input %s: left out %s under the output %s, the job's own (not input)",
+            spec,
+            counted(len(found) - len(kept), "file"),
+            output,
         )
     return kept
 
@@ -538,8 +542,8 @@ def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | N
         conversation = parse_record(value, raw.location, base_dir, require_answer=False, roots=roots)
         messages = conversation.messages
     elif "query" in value:
-        simple = _simple_as_messages(value)
-        messages = parse_record(simple, raw.location, base_dir, require_answer=False, roots=roots).messages
+        turns, images = _simple_turns(value)
+        messages = parse_turns(turns, images, base_dir, require_answer=False, roots=roots)
     else:
         keys = ", ".join(sorted(value)) or "none"
         raise RecordError("(record)", f"needs 'conversations', 'messages' or 'query' (found: {keys})")
@@ -550,25 +554,31 @@ def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | N
     return Prompt(key, raw.location, value, messages, reference)
 
 
-def _simple_as_messages(record: dict[str, Any]) -> dict[str, Any]:
-    """The simple form as a `messages` record, so both forms go through one parser."""
+def _simple_turns(record: dict[str, Any]) -> tuple[list[Turn], list[str]]:
+    """The simple form's turns and images, each turn with the field that holds it (`query`, `history[i][0]`, ...),
+    for the parser both forms share: a problem names the record's own field, not the `messages` it is read as."""
     query, history, images = record["query"], record.get("history") or [], record.get("images") or []
     if not isinstance(query, str):
         raise RecordError("query", f"must be a string, got {type(query).__name__}")
-    if not isinstance(history, list) or not all(
-        isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in history
-    ):
+    if not isinstance(history, list):
         raise RecordError("history", "must be a list of [query, response] string pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise RecordError(f"history[{i}]", "must be a [query, response] pair of strings")
     if not isinstance(images, list):
         raise RecordError("images", "must be a list of image paths or URLs")
+    for i, image in enumerate(images):
+        if not isinstance(image, str):
+            raise RecordError(f"images[{i}]", f"must be an image path or URL, got {type(image).__name__}")
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         raise RecordError("system", f"must be a string, got {type(system).__name__}")
-    turns = [text for pair in history for text in pair] + [query]
-    if images and not any("<image>" in text for text in turns[::2]):
-        query = "<image>" * len(images) + query
-        turns[-1] = query
-    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    turns: list[Turn] = []
+    for i, (asked, answered) in enumerate(history):
+        turns += [Turn("user", asked, f"history[{i}][0]"), Turn("assistant", answered, f"history[{i}][1]")]
+    if images and not any("<image>" in text for text in [*(turn.text for turn in turns[::2]), query]):
+        query = "<image>" * len(images) + query  # without marks, the images come before the query's text
+    turns.append(Turn("user", query, "query"))
     if system is not None:  # ms-swift's query-response form: the record's own system prompt ("" for none)
-        messages.insert(0, {"role": "system", "content": system})
-    return {"messages": messages, "images": images}
+        turns.insert(0, Turn("system", system, "system"))
+    return turns, images
