@@ -61,6 +61,7 @@ from vlmops.infer.resolve import (
     with_saved_settings,
 )
 from vlmops.infer.summary import sample_rows, stopped_rows, summary_rows
+from vlmops.plural import counted, counted_of
 from vlmops.redact import redact_log_handlers
 
 log = logging.getLogger(__name__)
@@ -154,10 +155,9 @@ def _stopped(stopped: StoppedJob, model: str, output: str) -> dict[str, Any]:
     title = f"batch inference job {status.plan.job_id}: stopped by infer.max_shards"
     publish_summary(SUMMARY_KEY, _table(title, stopped_rows(stopped)), f"batch inference {model} -> {output}")
     get_run_logger().info(
-        "job %s: stopped by infer.max_shards, %d of %d shards done -> %s",
+        "job %s: stopped by infer.max_shards, %s done -> %s",
         status.plan.job_id,
-        len(status.done),
-        len(status.plan.shards),
+        counted_of(len(status.done), len(status.plan.shards), "shard"),
         status.output,
     )
     return {**status.as_dict(), "state": "stopped", "workers": sorted({s.worker for s in stopped.ran if s.worker})}
@@ -168,7 +168,7 @@ def _markdown(result: JobResult, summary: dict[str, Any]) -> str:
     rows = summary_rows(result)
     if not result.ran:  # the job ran in a child process: what this flow run added, from the flow's own count
         at = [label for label, _ in rows].index("output")
-        rows.insert(at, ("this run", f"{summary['shards_run']} shard(s) in {summary['seconds']:.1f} s"))
+        rows.insert(at, ("this run", f"{counted(summary['shards_run'], 'shard')} in {summary['seconds']:.1f} s"))
     return _table(f"batch inference job {result.manifest['job_id']}", rows)
 
 

@@ -4,7 +4,9 @@
 One MLflow parent run per flow run, a child run per step. The dataset snapshot and the merged model are
 versioned with DVC; their hashes, the git commit and the Prefect flow-run id tag the run and the model
 version. Download and validation are cached on their inputs and the content of the files they read, so a
-rerun with unchanged inputs reuses them (the log says `Cached`). The registered version carries its whole
+rerun with unchanged inputs reuses them (the log says `Cached`). A retry of a flow run (`prefect flow-run retry`)
+goes on in the run folder its first try made: train, merge and the eval predictions that finished are reused too,
+and an eval job it stopped answers only the shards it had not finished. The registered version carries its whole
 lineage (vlmops.registry.lineage); the flow run has two artifacts: a summary with links to the MLflow run and
 model version, and a table of eval samples.
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as prefect_flow_run
 from prefect.states import State
 
 from flows.launch import patient_ephemeral_server
@@ -149,17 +152,43 @@ class PromotionFailed(RunFailed):
         return cls(message, summary, summary_file, 2 if bad_input else 1)
 
 
-def _new_run_dir(runs: Path) -> Path:
-    """A fresh run folder named by the time and a random suffix; runs started in the same second on one output
-    folder (two `vlmops run` at once) each get their own: mkdir is the atomic claim, a taken name draws again."""
+FLOW_RUN_FILE = "prefect_flow_run_id"
+"""In a run folder: the id of the flow run it belongs to, by which a retry of that flow run finds it."""
+
+
+def _run_dir(runs: Path, flow_run_id: str) -> Path:
+    """The flow run's folder. A retry of the flow run (`prefect flow-run retry`, a flow's `retries`) goes on in the one
+    its earlier try made, where the results of the steps that finished point and its eval jobs' finished shards lie;
+    otherwise a fresh one, named by the time and a random suffix: runs started in the same second on one output
+    folder (two `vlmops run` at once) each get their own (mkdir is the atomic claim, a taken name draws again)."""
+    if flow_run_id:  # a new flow run's id is in no folder yet
+        for marker in sorted(runs.glob(f"*/{FLOW_RUN_FILE}")):
+            if marker.read_text().strip() == flow_run_id:
+                return marker.parent
     runs.mkdir(parents=True, exist_ok=True)
     while True:
         run_dir = runs / (time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2))
         try:
             run_dir.mkdir()
-            return run_dir
         except FileExistsError:
             continue
+        (run_dir / FLOW_RUN_FILE).write_text(f"{flow_run_id}\n")
+        return run_dir
+
+
+def _write_run_config(config_file: Path, text: str) -> None:
+    """The run's config.yaml; a retry's must be its earlier try's: the folder's training, model and eval jobs were
+    made with that one (pipeline.yaml edited between the tries is another run).
+
+    Raises:
+        UserInputError: the folder holds another config.
+    """
+    if config_file.is_file() and config_file.read_text() != text:
+        raise UserInputError(
+            f"this flow run's folder {config_file.parent} was started with another config than the one its retry reads "
+            f"now (compare {config_file} with the config and overrides): start a new run instead of retrying this one"
+        )
+    config_file.write_text(text)
 
 
 def _cached(state: State) -> bool:
@@ -175,10 +204,13 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     logger = get_run_logger()
     config = load_config(config_path, overrides)
     output_dir = Path(config.run.output_dir).resolve()
-    run_dir = _new_run_dir(output_dir / "runs")
+    this_run = prefect_flow_run.id or ""
+    run_dir = _run_dir(output_dir / "runs", this_run)
+    if (run_dir / "config.yaml").is_file():
+        logger.info("try %d of flow run %s: going on in %s", prefect_flow_run.run_count, this_run, run_dir)
     run_id = run_dir.name
     config_file = run_dir / "config.yaml"
-    config_file.write_text(dump_config(config))
+    _write_run_config(config_file, dump_config(config))
     tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
     lineage = {"git_commit": git_commit() or "unknown", **flow_run_tags()}
 
@@ -232,7 +264,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
 
         with tracker.run("batch_infer", parent) as step:
             evaluation = run_dir / EVAL_DIR  # the layout `vlmops eval` writes too
-            evaluation.mkdir()
+            evaluation.mkdir(exist_ok=True)  # a retry's: its jobs go on from the shards they finished
             base = None
             if config.eval.evaluate_base:
                 base = batch_infer_task(

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
@@ -193,3 +193,18 @@ def inputs_and_files(
     """INPUTS + TASK_SOURCE + the files behind `params` (and `datasets`, `data`, `written`: see `FileContents`)."""
     policy = FileContents(params=params, datasets=datasets or [], data=data, written=written or [])
     return INPUTS + TASK_SOURCE + policy
+
+
+def within_flow_run(params: list[str], datasets: list[str] | None = None, ignore: Sequence[str] = ()) -> CachePolicy:
+    """`inputs_and_files(params, datasets)` (but the inputs in `ignore`) + the flow run's id: reused by a retry of the
+    same flow run only.
+
+    For the steps that write into the flow run's own folder (train, merge, the eval predictions): another flow run is
+    another run and does them again, while a retry of this one (`prefect flow-run retry`, a flow's `retries`) goes on
+    in the same folder (flows/retrain.py) and takes the results of the steps that finished: a model is not trained
+    twice, nor an eval record answered twice. `ignore`: inputs that differ between tries of one step (the MLflow run
+    of this try's step)."""
+    inputs: CachePolicy = INPUTS
+    for name in ignore:
+        inputs = inputs - name
+    return inputs + TASK_SOURCE + FileContents(params=params, datasets=datasets or []) + RUN_ID

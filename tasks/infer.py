@@ -10,6 +10,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.caching import within_flow_run
 from tasks.gpu import gpu_slot
 from tasks.retry import another_try_could_pass, retry_delays
 from vlmops.config import PipelineConfig
@@ -20,11 +21,17 @@ from vlmops.infer.parallel import run_job_in_child
 from vlmops.tracking import Tracker
 
 
-@task(name="batch_infer", cache_policy=NO_CACHE)
+@task(
+    name="batch_infer",
+    cache_policy=within_flow_run(["model_path", "dataset_file"], datasets=["dataset_file"]),
+    persist_result=True,
+)
 def batch_infer_task(model_path: str, dataset_file: str, out_file: str, config: PipelineConfig) -> BatchResult:
     """Answer every record of `dataset_file` (the job in `out_file`.job, removed when done), then write `out_file`.
 
-    The model loads in a child process (and its per-GPU workers), so this worker frees the GPU after the step.
+    The model loads in a child process (and its per-GPU workers), so this worker frees the GPU after the step. A retry
+    of the flow run (in the same run folder) takes a finished step's result, and a step it stopped goes on from the
+    shards its job finished: the same job in the same folder (another model or settings would be refused there).
     """
     started = time.perf_counter()
     job_dir = f"{out_file}{JOB_DIR_SUFFIX}"

@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
+from tasks.caching import within_flow_run
 from tasks.gpu import gpu_slot
 from vlmops.tracking import Tracker
 from vlmops.train.merge import MergeResult, launch_merge
 
 
-@task(name="merge", cache_policy=NO_CACHE)
+@task(name="merge", cache_policy=within_flow_run(["run_dir"]), persist_result=True)  # a retry of the flow run reuses it
 def merge(run_dir: str, out_dir: str, atol: float | None, dtype: str) -> MergeResult:
     """Merge and run the parity check; a failed check raises and stops the flow."""
     with gpu_slot():

@@ -6,8 +6,8 @@ import tempfile
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
+from tasks.caching import within_flow_run
 from tasks.gpu import gpu_slot
 from vlmops.plots import loss_curve
 from vlmops.tracking import Tracker
@@ -15,7 +15,13 @@ from vlmops.train.launch import launch_training
 from vlmops.train.sft import TrainResult
 
 
-@task(name="train", cache_policy=NO_CACHE)
+# Reused by a retry of the flow run only. The dataset snapshot's folder is named by its content hash; the base model's
+# folder can be fetched again in place (`vlmops download --refresh`), so its files are in the key.
+@task(
+    name="train",
+    cache_policy=within_flow_run(["config_file", "base_model"], ignore=["mlflow_run_id"]),
+    persist_result=True,
+)
 def train_model(
     config_file: str, base_model: str, dataset: str, run_dir: str, tracking_uri: str, mlflow_run_id: str
 ) -> TrainResult:

@@ -198,7 +198,7 @@ CASES = [
     Case(
         "more image marks than images",
         "messages[0].content",
-        r"more <image> tags than the 1 entries",
+        r"more <image> tags than the 1 entry in images",
         record={
             "messages": [{"role": "user", "content": "<image><image>?"}, {"role": "assistant", "content": "x"}],
             "images": ["ok.png"],
@@ -207,7 +207,7 @@ CASES = [
     Case(
         "fewer image marks than images",
         "images",
-        r"2 images listed but 1 <image> tags",
+        r"2 images listed but 1 <image> tag in the messages",
         record={
             "messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "x"}],
             "images": ["ok.png", "ok.png"],
@@ -268,7 +268,7 @@ CASES = [
     Case(
         "absolute path elsewhere",
         "images[0]",
-        r"outside the dataset's folder",
+        r"^image /\S+/outside/secret\.png is outside the dataset's folder; move it under ",  # the path once
         record={
             "messages": [{"role": "user", "content": "<image>?"}, {"role": "assistant", "content": "x"}],
             "images": ["{OUTSIDE}/secret.png"],
@@ -505,11 +505,11 @@ def test_the_command_lists_every_problem_without_a_traceback(
     err = capsys.readouterr().err
     assert code == 2
     assert "Traceback" not in err
-    assert f"error: {len(cases)} rejected record(s):" in err
+    assert f"error: {len(cases)} rejected records:" in err
     for number, case in enumerate(cases, start=1):
         assert f"  - {dataset}:{number} {case.field}: " in err
     assert f"every rejected record is listed, with its reason, in {Path('outputs/datasets/rejects.jsonl')}" in err
-    assert "all: 1 records" in err  # the counts come with the error
+    assert "all: 1 record (" in err  # the counts come with the error
 
 
 def test_json_files_name_the_line_or_the_index(tmp_path: Path, tiny_processor: Any) -> None:
@@ -552,8 +552,13 @@ def test_a_symlink_out_of_the_root_is_refused_and_allowed_roots_let_it_in(tmp_pa
     dataset = folder / "d.jsonl"
     dataset.write_text(json.dumps(ask("<img>cat.png</img>What?")) + "\n")
     tok = tiny_processor.tokenizer
-    with pytest.raises(DatasetError, match=r"cat\.png is outside the dataset's folder .*data\.allowed_roots"):
+    with pytest.raises(DatasetError) as info:
         validate_files([dataset], DataConfig(), tok, 16, tmp_path / "r.jsonl")
+    [problem] = info.value.problems
+    assert problem.reason == (
+        f"image cat.png is outside the dataset's folder (a link to {shared / 'cat.png'}); move it under {folder} "
+        "or add its folder to data.allowed_roots"
+    )
     report = validate_files([dataset], DataConfig(allowed_roots=[str(shared)]), tok, 16, tmp_path / "r.jsonl")
     assert report.splits["all"].images == 1
 

@@ -237,6 +237,7 @@ def test_each_run_folder_holds_only_its_own_run(two_runs: Runs) -> None:
             "merged",
             "merged.dvc",
             "merged.log",
+            "prefect_flow_run_id",
             "summary.json",
             "train",
         ]

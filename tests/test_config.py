@@ -85,6 +85,28 @@ def test_a_bad_override_value_names_the_override_and_the_value_it_gave(tmp_path:
     ]
 
 
+def test_a_max_context_without_room_for_a_prompt_is_a_config_error(tmp_path: Path) -> None:
+    """`infer.max_context` at or below `infer.max_new_tokens` holds no prompt beside the answer: refused where the config
+    is read, with the file and line (or the override) and both numbers, before any command resolves a model (a
+    batch job refused it only after downloading and hashing one). The validator's own words, without pydantic's
+    "Value error, " before them."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("infer:\n  max_new_tokens: 16\n  max_context: 16\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    (problem,) = info.value.problems
+    assert problem.startswith(
+        f"{config}:3: infer.max_context: infer.max_context 16 leaves no room for a prompt beside infer.max_new_tokens "
+        "16 (a request holds its prompt and its answer): every record would be rejected. Raise infer.max_context"
+    ), problem
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["infer.max_context=8"])  # below the default answer of 64
+    assert info.value.problems[0].startswith("override infer.max_context=8: infer.max_context 8 leaves no room for a")
+    assert "infer.max_new_tokens 64 " in info.value.problems[0]
+    assert load_config(config, ["infer.max_new_tokens=15"]).infer.max_context == 16  # one token of room: allowed
+    assert load_config(None, ["infer.max_new_tokens=4096"]).infer.max_context is None  # unset: sized to the job
+
+
 def test_an_override_holding_a_credential_is_refused() -> None:
     """Overrides become flow-run parameters (stored by the Prefect server): credentials go in the environment."""
     with pytest.raises(ConfigError, match=r"override tracking\.uri: holds a password.*MLFLOW_TRACKING_PASSWORD"):

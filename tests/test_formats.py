@@ -252,4 +252,4 @@ def test_each_spelling_of_an_image_resolves_and_a_link_is_followed_where_it_lead
         (f"{file}:6", "conversations[0].value"),
         (f"{file}:7", "images[0]"),
     ]
-    assert all(f"outside the dataset's folder ({outside})" in p.reason for p in problems)
+    assert all(f"outside the dataset's folder (a link to {outside})" in p.reason for p in problems)

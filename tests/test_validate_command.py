@@ -32,12 +32,12 @@ def test_one_record_file_is_validated_as_a_whole(workdir: Path, capsys: pytest.C
     assert main(["validate", "one.jsonl", *CACHE]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert "read 1 record(s)" in lines
+    assert "read 1 record" in lines
     [stats] = [line for line in lines if line.startswith("all: ")]
-    assert stats.startswith("all: 1 records (0 multi-turn, 0 multi-image, 1 text-only), 1 turns, 0 images")
+    assert stats.startswith("all: 1 record (0 multi-turn, 0 multi-image, 1 text-only), 1 turn, 0 images")
     assert "tokens min/p50/p95/max" in stats
-    assert "all: 1 records" not in err  # the report once, on stdout
-    assert f"rejects:  {Path('outputs/datasets/rejects.jsonl')} (0 record(s))" in out
+    assert "all: 1 record" not in err  # the report once, on stdout
+    assert f"rejects:  {Path('outputs/datasets/rejects.jsonl')} (0 records)" in out
     assert Path("outputs/datasets/rejects.jsonl").read_text() == ""
 
 
@@ -51,7 +51,7 @@ def test_files_and_folders_together(workdir: Path, capsys: pytest.CaptureFixture
     Path("c.jsonl").write_text(record("Four?"))
     assert main(["validate", "parts", "c.jsonl", *CACHE]) == 0
     out = capsys.readouterr().out
-    assert "read 4 record(s)" in out
+    assert "read 4 records" in out
     assert "all: 4 records (0 multi-turn, 0 multi-image, 2 text-only), 4 turns, 2 images" in out
     # image tokens count in the lengths: 16 per image on the tiny model
     assert "(incl. 16 per image)" in out
@@ -62,8 +62,8 @@ def test_skip_writes_the_rejects_file_and_exits_0(workdir: Path, capsys: pytest.
     args = ["validate", "d.jsonl", *CACHE, "--set", "data.invalid_records=skip", "--set", "data.rejects_file=bad.jsonl"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "read 4 record(s)" in out and "all: 2 records" in out
-    assert "rejected: 2 record(s), each with its reason in bad.jsonl" in out
+    assert "read 4 records" in out and "all: 2 records" in out
+    assert "rejected: 2 records; bad.jsonl says why" in out
     rows = [json.loads(line) for line in Path("bad.jsonl").read_text().splitlines()]
     assert [(r["file"], r["line"], r["field"]) for r in rows] == [
         ("d.jsonl", 2, "(line)"),
@@ -89,7 +89,7 @@ def test_a_split_that_would_leave_train_empty_names_eval_ratio(
     Path("train.jsonl").write_text(record("Only one?"))
     assert main(["validate", *CACHE, "--set", "data.train=train.jsonl"]) == 2
     err = capsys.readouterr().err
-    assert "error: 1 valid record(s): holding out data.eval_ratio 0.1 of them for eval leaves none to train on" in err
+    assert "error: 1 valid record, and holding out data.eval_ratio 0.1 for eval leaves none to train on" in err
     assert "Traceback" not in err
 
 

@@ -13,9 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vlmops.errors import UserInputError
+from vlmops.plural import counted
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
@@ -275,6 +284,19 @@ class MergeConfig(Section):
     the folder written against the merged model rounded to model.dtype (vlmops.train.merge). null: 1e-3."""
 
 
+def no_room_for_a_prompt(max_context: int, max_new_tokens: int) -> str | None:
+    """Why requests of `max_context` tokens hold no prompt beside an answer of `max_new_tokens` (every record would
+    be rejected, one by one), naming both keys and what to change; None where they leave room."""
+    if max_new_tokens < max_context:
+        return None
+    return (
+        f"infer.max_context {max_context} leaves no room for a prompt beside infer.max_new_tokens {max_new_tokens} "
+        "(a request holds its prompt and its answer): every record would be rejected. Raise infer.max_context "
+        "above infer.max_new_tokens by the longest prompt (an image is 576 prompt tokens), or unset it to size it "
+        "to the job's prompts, or lower infer.max_new_tokens"
+    )
+
+
 class InferConfig(Section):
     max_new_tokens: int = Field(64, ge=1)
     """Longest generated answer, in tokens."""
@@ -325,7 +347,18 @@ class InferConfig(Section):
     record that does not fit goes to the job's rejects with its token count, whichever engine answers it (the plain
     engine's own limit is the model's `max_position_embeddings`); set, it is part of the job's identity. To answer
     such a record, raise this and answer the job's rejects again into a new output folder (infer.retry_rejects).
-    It must exceed max_new_tokens: a job refuses one that leaves no room for a prompt before it starts."""
+    It must exceed max_new_tokens (the config is refused otherwise, before any model is downloaded), and a job
+    none of whose prompts fits beside max_new_tokens is refused once its inputs are read, before the model's weights
+    load: set, the plan counts every record's prompt tokens to check it (as it does to size the slots)."""
+
+    @field_validator("max_context")
+    @classmethod
+    def _room_for_a_prompt(cls, value: int | None, info: ValidationInfo) -> int | None:
+        answer = info.data.get("max_new_tokens")  # absent where it failed its own check
+        if value is not None and answer is not None and (problem := no_room_for_a_prompt(value, answer)):
+            raise ValueError(problem)
+        return value
+
     memory_gib: float | None = Field(None, gt=0)
     """Fast engine: GPU memory (GiB) the model's weights and KV cache may use; it caps the slots (e.g. 75 keeps
     a 7b inside an 80 GB card). null: 90% of the GPU."""
@@ -533,7 +566,7 @@ class ConfigError(UserInputError):
     def __init__(self, problems: list[str], source: str | None = None):
         self.problems = problems
         where = f" in {source}" if source else ""
-        super().__init__(f"{len(problems)} problem(s){where}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"{counted(len(problems), 'problem')}{where}:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def load_config(
@@ -671,6 +704,8 @@ def _describe(error: Any, lines: dict[str, KeyLocation], overrides: dict[str, An
         message = "unknown key (check the spelling; `vlmops config --show` prints every valid key)"
     elif error["type"] == "literal_error":
         message = message.replace("Input should be", "must be")
+    elif error["type"] == "value_error":  # a validator's own words, which pydantic prefixes with "Value error, "
+        message = message.removeprefix("Value error, ")
     given = next((k for k in overrides if _under(key, k)), None)
     if error["type"] == "list_type":
         message += f" (a YAML list: {given or key}=[a, b], quoted in a shell)"

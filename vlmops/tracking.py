@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from vlmops.config import TrackingConfig
 from vlmops.errors import RunFailed
+from vlmops.plural import counted
 from vlmops.redact import redact_text, redact_uri
 from vlmops.staging import build_lock
 
@@ -316,7 +317,7 @@ class Tracker:
         wrong = sorted(name for name, size in local.items() if stored.get(name, -1) not in (size, None))
         if wrong:
             raise RunFailed(
-                f"MLflow run {run_id}: {len(wrong)} file(s) of {folder} are missing or truncated in its artifacts "
+                f"MLflow run {run_id}: {counted(len(wrong), 'file')} of {folder} missing or truncated in its artifacts "
                 f"after the upload ({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); the model version "
                 f"was not created. Check the artifact store of {redact_uri(self.uri)} and register again"
             )

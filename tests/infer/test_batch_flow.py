@@ -63,8 +63,8 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     assert trial["pending_shards"] == ["00001", "00002"] and not (out / "manifest.json").exists()
     (stopped,) = (a.data for a in _artifacts(tiny_model, out, "markdown"))
     assert stopped.startswith(f"# batch inference job {trial['job_id']}: stopped by infer.max_shards\n"), stopped
-    assert "| done | 1 of 3 shard(s): 2 records, 2 answered, 0 rejected |" in stopped
-    assert "| to do | 2 shard(s): 4 records |" in stopped
+    assert "| done | 1 of 3 shards: 2 records, 2 answered, 0 rejected |" in stopped
+    assert "| to do | 2 shards: 4 records |" in stopped
     summary = batch_inference(str(tiny_model), str(eval_file), str(out), None, overrides)
     assert summary["records"] == summary["results"] == 6 and summary["rejects"] == 0
     assert summary["output"] == str(out) and (out / "manifest.json").is_file()
@@ -79,8 +79,8 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     assert "| records | 6 read: 6 answered, 0 rejected |" in first
     assert f"| exact match | {summary['exact_match'] * 6:.0f} of 6 answers equal the record's reference" in first
     assert "| answers | greedy |" in first and f"| output | {out}/part-*.jsonl (3 parts), manifest.json |" in first
-    assert re.search(r"\| this run \| 2 shard\(s\) in \d+\.\d s \|", first), first
-    assert re.search(r"\| this run \| 0 shard\(s\) in \d+\.\d s \|", second), second
+    assert re.search(r"\| this run \| 2 shards in \d+\.\d s \|", first), first
+    assert re.search(r"\| this run \| 0 shards in \d+\.\d s \|", second), second
     # And a table of the first results beside their questions (a table artifact's data is its rows as JSON).
     table = json.loads(_artifacts(tiny_model, out, "table")[0].data)
     assert [row["key"] for row in table] == [f"eval.jsonl:{i}" for i in range(1, 7)]
@@ -222,9 +222,57 @@ def test_two_task_workers_share_one_job_exactly_once(
     assert [p["records"] for p in manifest["parts"]] == [3] * 8
     assert any(a.data == 100.0 for a in _artifacts(tiny_model, out))
     markdown, stopped = (a.data for a in _artifacts(tiny_model, out, "markdown"))
-    assert "| done | 2 of 8 shard(s): 6 records, 6 answered, 0 rejected |" in stopped, stopped
-    assert re.search(r"\| this run \| 6 shard\(s\) on 2 workers in \d+\.\d s: [\d.]+ tokens/s", markdown), markdown
+    assert "| done | 2 of 8 shards: 6 records, 6 answered, 0 rejected |" in stopped, stopped
+    assert re.search(r"\| this run \| 6 shards on 2 workers in \d+\.\d s: [\d.]+ tokens/s", markdown), markdown
     assert "exact match" not in markdown  # simple records have no reference answer
+
+
+def test_a_shard_task_retried_after_its_part_was_published_answers_nothing_twice_in_the_same_output(
+    prefect_api: dict[str, str], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect retries `answer_shard` (its `retries`) whose worker lost its connection after the shard's part was
+    published: the retry writes into the same output, finds the shard done and answers nothing. The job stays one
+    folder, every record in it once, the part as the first try wrote it."""
+    from prefect import flow
+
+    import tasks.infer
+    from tasks.infer import answer_shard
+    from vlmops.config import load_config
+    from vlmops.infer.batch_job import complete_job, prepare_job, run_job_shard
+    from vlmops.infer.job import JobResult, ShardStats
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "query": f"Say {i}."}) + "\n" for i in range(6)))
+    out = tmp_path / "out"
+    tries: list[tuple[int, int]] = []  # (shard, records it answered) of each try
+    published: dict[str, int] = {}
+
+    def shard_reported_lost(model: str, output: str, config: Any, shard: int) -> ShardStats:
+        stats = run_job_shard(model, output, config, shard)
+        tries.append((shard, stats.results))
+        if tries.count((1, 2)) == 1 and tries[-1] == (1, 2):
+            published["part"] = (out / "part-00001.jsonl").stat().st_mtime_ns
+            raise ConnectionError("the worker lost the Prefect API before it reported the shard")
+        return stats
+
+    monkeypatch.setattr(tasks.infer, "run_job_shard", shard_reported_lost)
+
+    @flow
+    def job() -> JobResult:
+        config = load_config(None, ["infer.max_new_tokens=3", "infer.shard_size=2"])
+        _, plan, output, config = prepare_job(str(tiny_model), str(prompts), str(out), config)
+        ran = [answer_shard(str(tiny_model), output.uri, config, shard.index) for shard in plan.shards]
+        return complete_job(plan, output, ran, config)
+
+    result = job()
+    assert tries == [(0, 2), (1, 2), (1, 0), (2, 2)]  # shard 1's retry found its part: nothing answered again
+    assert result.records == result.results == 6 and result.output == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prompts.jsonl"]  # one output folder
+    assert (out / "part-00001.jsonl").stat().st_mtime_ns == published["part"]
+    keys = [
+        json.loads(line)["key"] for part in sorted(out.glob("part-*.jsonl")) for line in part.read_text().splitlines()
+    ]
+    assert keys == [f"r{i}" for i in range(6)]
 
 
 def test_a_progress_poll_that_cannot_reach_the_output_does_not_stop_the_job(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -126,14 +126,8 @@ def test_files_of_records_in_a_form_the_job_does_not_read_are_named_not_left_out
         assert [f.name for f in find_inputs(str(tmp_path / "in"))] == ["a.jsonl"]
         assert [f.name for f in find_inputs(str(tmp_path / "in" / "*"))] == ["a.jsonl"]
     folder, globbed = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert (
-        "2 file(s) that look like records are not read (only .jsonl and .json are): b.jsonl.gz, more/c.ndjson; "
-        in folder
-    )
-    assert (
-        f"1 file(s) that look like records are not read (only .jsonl and .json are): {tmp_path}/in/b.jsonl.gz; "
-        in globbed
-    )
+    assert "2 files named like records, not read (only .jsonl and .json are): b.jsonl.gz, more/c.ndjson; " in folder
+    assert f"1 file named like records, not read (only .jsonl and .json are): {tmp_path}/in/b.jsonl.gz; " in globbed
 
 
 def test_answers_end_at_the_first_eos() -> None:
@@ -227,6 +221,56 @@ def test_images_beside_conversations_are_a_reject_not_a_prompt_without_them(tmp_
     assert parse(record).fields == record
 
 
+def test_a_simple_records_reject_names_its_own_field_and_the_path_once(tiny_model: Path, tmp_path: Path) -> None:
+    """A simple record is read as a `messages` record, and its rejects named that record's fields: "messages[0].content:
+    image /x/secret.png is outside the dataset's folder (/x/secret.png)". They name the simple record's own field
+    (`query`, `history[i][j]`, `images[i]`) and the path once; a dataset record keeps its own field paths."""
+    data = tmp_path / "data"
+    data.mkdir()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    refused = f"is outside the dataset's folder; move it under {data} or add its folder to data.allowed_roots"
+    records = {
+        "query": ({"id": "query", "query": f"<img>{outside}</img>Colour?"}, f"query: image {outside} {refused}"),
+        "history": (
+            {
+                "id": "history",
+                "query": "And now?",
+                "history": [["Hi", "Hello"], ["<img>../secret.png</img>Colour?", "Red"]],
+            },
+            f"history[1][0]: image ../secret.png {refused}",
+        ),
+        "images": (
+            {"id": "images", "query": "<image>?", "images": [str(outside)]},
+            f"images[0]: image {outside} {refused}",
+        ),
+        "not a path": (
+            {"id": "not a path", "query": "?", "images": [3]},
+            "images[0]: must be an image path or URL, got int",
+        ),
+        "marks": (
+            {"id": "marks", "query": "<image><image>Differences?", "images": ["red.png"]},
+            "query: more <image> tags than the 1 entry in images",
+        ),
+        "pair": (
+            {"id": "pair", "query": "?", "history": [["Hi"]]},
+            "history[0]: must be a [query, response] pair of strings",
+        ),
+        "empty": (
+            {"id": "empty", "query": "?", "history": [["Hi", " "]]},
+            "history[0][1]: turn 2 (assistant) is empty",
+        ),
+        "dataset": (
+            {"id": "dataset", "messages": [{"role": "user", "content": f"<img>{outside}</img>Colour?"}]},
+            f"messages[0].content: image {outside} {refused}",
+        ),
+    }
+    (data / "in.jsonl").write_text("".join(json.dumps(record) + "\n" for record, _ in records.values()))
+    result = run_batch_job(str(tiny_model), str(data / "in.jsonl"), str(tmp_path / "out"), job_config())
+    assert result.rejects == len(records)
+    assert {r["key"]: r["reason"] for r in rejects(tmp_path / "out")} == {k: v for k, (_, v) in records.items()}
+
+
 def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tiny_model: Path, tmp_path: Path) -> None:
     """A .jsonl saved by a Windows editor (a UTF-8 byte-order mark, CRLF line ends, a blank line): every record is
     answered, the first one too (it was a reject: "Unexpected UTF-8 BOM")."""
@@ -300,7 +344,12 @@ def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny
     result = run_batch_job(str(tiny_model), str(tmp_path / "in.jsonl"), str(tmp_path / "out"), job_config())
     assert (result.results, result.rejects) == (2, 1)
     (reject,) = rejects(tmp_path / "out")
-    assert reject["line"] == 2 and "exceed the 4096 tokens a request may take" in reject["reason"], reject
+    # The model's positions are the limit here: raising infer.max_context would not let it in, so the reason does not
+    # say to (it named infer.max_context whichever limit applied).
+    assert reject["line"] == 2 and reject["reason"].endswith(
+        " + infer.max_new_tokens 10 exceed the 4096 tokens a request may take (the model's max_position_embeddings); "
+        "send fewer images or less text"
+    ), reject
     assert sorted(r["id"] for r in results(tmp_path / "out")) == ["last", "short"]
 
     (tmp_path / "mid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [records[0], {"query": "colour " * 300}]))
@@ -308,7 +357,10 @@ def test_a_prompt_past_the_models_positions_is_rejected_by_the_plain_engine(tiny
     result = run_batch_job(str(tiny_model), str(tmp_path / "mid.jsonl"), str(tmp_path / "capped"), capped)
     assert (result.results, result.rejects) == (1, 1)
     (reject,) = rejects(tmp_path / "capped")
-    assert reject["line"] == 2 and "exceed the 256 tokens a request may take (infer.max_context" in reject["reason"]
+    assert reject["line"] == 2 and reject["reason"].endswith(
+        "exceed the 256 tokens a request may take (infer.max_context); send fewer images or less text, or raise "
+        "infer.max_context"
+    ), reject
 
 
 def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(

@@ -86,11 +86,11 @@ def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
     assert 2 <= len(done_before) < 10 and not (out / "manifest.json").exists()
     status = subprocess.run([*cmd[:3], "batch-status", str(out)], env=env, capture_output=True, text=True, check=True)
     assert f"{len(done_before)} of 10 shards done" in status.stdout and "the same command resumes it" in status.stdout
-    assert f"{len(done_before)} shard(s): {4 * len(done_before)} records" in status.stdout
+    assert f"{len(done_before)} shards: {4 * len(done_before)} records" in status.stdout
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert "done" in second.stdout and "40 read: 40 answered, 0 rejected" in second.stdout
-    assert f"{10 - len(done_before)} shard(s)" in second.stdout  # only the shards not done before
+    assert f"this run          {10 - len(done_before)} shards in " in second.stdout  # only the shards not done before
     keys = keys_across_parts(out)
     assert sorted(keys) == sorted(f"r{i}" for i in range(40)) and len(keys) == 40  # every input exactly once
     manifest = json.loads((out / "manifest.json").read_text())
@@ -238,12 +238,27 @@ def test_a_max_context_without_room_for_a_prompt_is_refused_before_the_job_start
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`infer.max_context` at or below `infer.max_new_tokens` holds no prompt: the plain engine rejected every record
-    one by one (a finished job of rejects); now the job refuses the config before it reads any input, whichever engine,
-    naming both keys and the fix, as the fast engine does when it is built."""
+    one by one (a finished job of rejects). The config is refused where it is read, before the model is resolved:
+    `batch-infer` named a model that does not exist, and said so only after that, so a catalog 7b would have been
+    downloaded (and hashed) first. Settings that reach the job without the config's check (a model's saved
+    `infer.max_new_tokens`, a config copied in code) are refused before any input is read, whichever engine, naming
+    both keys and the fix, as the fast engine does when it is built."""
     prompts = simple_prompts(tmp_path / "prompts.jsonl", 3)
     out = tmp_path / "out"
+    missing = tmp_path / "no-such-model"
     for context in (8, 4):  # equal, and below
-        config = job_config(**{"infer.engine": "plain", "infer.max_context": context, "infer.max_new_tokens": 8})
+        settings = ["--set", f"infer.max_context={context}", "--set", "infer.max_new_tokens=8"]
+        assert main(["batch-infer", "-m", str(missing), "-i", str(prompts), "-o", str(out), *settings]) == 2
+        err = capsys.readouterr().err
+        assert f"override infer.max_context={context}: infer.max_context {context} leaves no room" in err, err
+        assert "no-such-model" not in err and not out.exists()
+    # The model exists: the same refusal, and no job started.
+    main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings])
+    assert "infer.max_context 4 leaves no room" in capsys.readouterr().err and not out.exists()
+
+    valid = job_config(**{"infer.engine": "plain", "infer.max_new_tokens": 8})
+    for context in (8, 4):
+        config = valid.model_copy(update={"infer": valid.infer.model_copy(update={"max_context": context})})
         with pytest.raises(
             UserInputError,
             match=rf"infer.max_context {context} leaves no room for a prompt beside infer.max_new_tokens 8 .*every "
@@ -251,12 +266,65 @@ def test_a_max_context_without_room_for_a_prompt_is_refused_before_the_job_start
         ):
             run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
     assert not out.exists()  # no job started
-    settings = ["--set", "infer.max_context=8", "--set", "infer.max_new_tokens=8"]
-    assert main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings]) == 2
-    assert "infer.max_context 8 leaves no room" in capsys.readouterr().err and not out.exists()
     # Room for these prompts beside the answer: the job runs as before.
     config = job_config(**{"infer.engine": "plain", "infer.max_context": 128, "infer.max_new_tokens": 2})
     assert run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False).results == 3
+
+
+def test_a_max_context_that_holds_none_of_the_jobs_prompts_is_refused_before_the_model_loads(
+    tiny_model: Path,
+    images: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`infer.max_context` a few tokens above `infer.max_new_tokens` passes the config's check but holds no real
+    prompt (the chat template and system prompt alone are dozens of tokens, an image 576 on the real models): the job
+    loaded the model and rejected every record one by one. The plan counts the prompts as the runner encodes them, so
+    the job is refused once its inputs are read, before the weights load, naming the shortest prompt, its tokens and
+    the setting that holds it; at exactly that setting the shortest record is answered (the count is the runner's to
+    the token) and each longer one is a reject that gives its token count and the limit."""
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 3, images["red"])  # line 1 with an image, 2 and 3 without
+    out = tmp_path / "out"
+
+    def no_weights(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model's weights were loaded")
+
+    monkeypatch.setattr("vlmops.infer.batch_job.load_runner", no_weights)
+    for engine in ("plain", "auto"):
+        config = job_config(**{"infer.engine": engine, "infer.max_context": 12, "infer.max_new_tokens": 8})
+        with pytest.raises(UserInputError) as info:
+            run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
+        found = re.fullmatch(
+            r"infer.max_context 12 holds none of this job's prompts beside infer.max_new_tokens 8: its shortest prompt "
+            r"\(prompts.jsonl:(\d)\) takes (\d+) tokens \(chat template, system prompt and image tokens included\), "
+            r"so every one of its 3 records would be rejected. Raise infer.max_context to at least (\d+) \(\d+ \+ 8\), "
+            r"or unset it to size it to the job's prompts",
+            str(info.value),
+        )
+        assert found, str(info.value)
+        line, shortest, needed = (int(n) for n in found.groups())
+        assert line == 2 and needed == shortest + 8 and shortest > 20, str(info.value)  # the text-only record
+        assert not out.exists()  # no job started
+    settings = ["--set", "infer.max_context=12", "--set", "infer.max_new_tokens=8"]
+    assert main(["batch-infer", "-m", str(tiny_model), "-i", str(prompts), "-o", str(out), *settings]) == 2
+    assert not out.exists()
+
+    monkeypatch.undo()
+    config = job_config(**{"infer.engine": "plain", "infer.max_context": needed, "infer.max_new_tokens": 8})
+    with caplog.at_level(logging.WARNING, logger="vlmops.infer.batch_job"):
+        done = run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
+    assert (done.results, done.rejects) == (2, 1) and [r["key"] for r in results(out)] == ["r1", "r2"]
+    (reject,) = rejects(out)
+    assert reject["key"] == "r0" and reject["kind"] == "prompt_too_long"
+    assert re.match(
+        rf"prompt: \d+ tokens \(1 image of \d+ tokens\) \+ infer.max_new_tokens 8 exceed the {needed} tokens a request "
+        r"may take \(infer.max_context",
+        reject["reason"],
+    ), reject["reason"]
+    (advice,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert advice.startswith(f"infer.max_context {needed} holds prompts of up to {shortest} tokens beside infer.")
+    assert "the job's longest prompt (prompts.jsonl:" in advice and "goes to the rejects with its token count" in advice
 
 
 def test_cli_summary_and_exit_codes(
@@ -310,9 +378,9 @@ def test_a_trial_run_answers_the_first_shards_and_the_same_command_goes_on(
     assert main([*args, "--set", "infer.max_shards=1"]) == 0
     printed = capsys.readouterr().out
     assert ": stopped after infer.max_shards=1\n" in printed, printed
-    assert re.search(r"done +1 of 3 shard\(s\): 4 records, 4 answered, 0 rejected", printed), printed
-    assert re.search(r"to do +2 shard\(s\): 7 records", printed), printed
-    assert re.search(r"this run +1 shard\(s\) in \d+\.\d s", printed), printed
+    assert re.search(r"done +1 of 3 shards: 4 records, 4 answered, 0 rejected", printed), printed
+    assert re.search(r"to do +2 shards: 7 records", printed), printed
+    assert re.search(r"this run +1 shard in \d+\.\d s", printed), printed
     assert "run the same command without infer.max_shards" in printed
     assert sorted(p.name for p in out.glob("part-*.jsonl")) == ["part-00000.jsonl"]
     assert not (out / "manifest.json").exists()
@@ -321,7 +389,7 @@ def test_a_trial_run_answers_the_first_shards_and_the_same_command_goes_on(
 
     assert main([*args, "--set", "infer.max_shards=5"]) == 0  # more than are left: the job finishes
     printed = capsys.readouterr().out
-    assert ": done\n" in printed and "this run          2 shard(s)" in printed, printed
+    assert ": done\n" in printed and "this run          2 shards in " in printed, printed
     manifest = json.loads((out / "manifest.json").read_text())
     keys = [json.loads(line)["key"] for part in manifest["parts"] for line in (out / part["name"]).open()]
     assert keys == [f"train.jsonl:{i}" for i in range(1, 12)]  # every record once, in input order
@@ -648,7 +716,8 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     run_batch_job(str(tiny_model), str(prompts), str(out), job_config(**{"infer.shard_size": 3}), progress=False)
     assert main(["batch-status", str(out)]) == 0
     finished = capsys.readouterr().out
-    assert "finished at" in finished and "3 shard(s): 7 records, 6 answered, 1 rejected" in finished
+    assert "finished at" in finished and "done              3 shards: 7 records, 6 answered, 1 rejected" in finished
+    assert f"input             {prompts} (1 file, 7 records)" in finished
     assert "to do" not in finished
 
     # As a crash leaves it: the last shard's part and the manifest not written yet. The parts' times give the pace:
@@ -668,9 +737,22 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     assert status["last_part_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 40))
     assert main(["batch-status", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "to do             1 shard(s): 1 records (00002)" in text
-    assert re.search(r"pace              0\.05 records/s over the last 1 part\(s\), the last part written 4\d s ago; "
+    assert "batch inference job" in text and ": 2 of 3 shards done (67%); running, or stopped" in text, text
+    assert "to do             1 shard: 1 record (00002)" in text
+    assert re.search(r"pace              0\.05 records/s over the last 1 part, the last part written 4\d s ago; "
                      r"~20 s to go at that pace", text), text  # fmt: skip
+
+    # One shard of one record, not done: every count is one or of one, and reads so (it said "0 of 1 shards done",
+    # "1 file(s)", "1 shard(s): 1 records").
+    one, one_record = tmp_path / "one", simple_prompts(tmp_path / "one.jsonl", 1)
+    run_batch_job(str(tiny_model), str(one_record), str(one), job_config(), progress=False)
+    (one / "part-00000.jsonl").unlink()
+    (one / "manifest.json").unlink()
+    assert main(["batch-status", str(one)]) == 0
+    text = capsys.readouterr().out
+    assert ": 0 of 1 shard done (0%); running, or stopped" in text and "one.jsonl (1 file, 1 record)\n" in text, text
+    assert "done              0 shards: 0 records, 0 answered, 0 rejected\n" in text
+    assert "to do             1 shard: 1 record (00000)\n" in text
 
     assert main(["batch-status", str(tmp_path)]) == 2
     assert "holds no batch inference job (no _job/job.json)" in capsys.readouterr().err
@@ -712,6 +794,35 @@ def test_a_task_worker_releases_the_last_jobs_model_before_loading_the_next(
         logging.getLogger("vlmops.infer.batch_job").removeHandler(handler)
         batch_job._WORKER_RUNNER.clear()
     assert events[:3] == ["loaded", "released 2", "loaded"], events
+
+
+def test_reject_kinds_past_the_shown_ones_share_a_labelled_row_in_the_summary_and_the_flows_table() -> None:
+    """Three kinds by name, the rest in one row; every row has a label, in the command's text and in the flow's
+    markdown table (where the kinds' rows were `|  | missing image 2 (first: ...) |`)."""
+    from flows.batch_inference import _table
+    from vlmops.infer.summary import reason_rows
+
+    by_reason = {
+        "missing_image": {"count": 4, "first": "in.jsonl:1"},
+        "malformed_json": {"count": 2, "first": "in.jsonl:2"},
+        "not_an_image": {"count": 1, "first": "in.jsonl:5"},
+        "prompt_too_long": {"count": 1, "first": "in.jsonl:7"},
+        "not_text": {"count": 1, "first": "in.jsonl:9"},
+    }
+    rows = reason_rows(by_reason)
+    assert rows == [
+        ("missing image", "4 records (first: in.jsonl:1)"),
+        ("malformed JSON", "2 records (first: in.jsonl:2)"),
+        ("not an image", "1 record (first: in.jsonl:5)"),
+        ("other kinds", "2 records of 2 kinds, in rejects.jsonl"),
+    ]
+    table = _table("job", rows).splitlines()
+    assert table[-4:] == [
+        "| missing image | 4 records (first: in.jsonl:1) |",
+        "| malformed JSON | 2 records (first: in.jsonl:2) |",
+        "| not an image | 1 record (first: in.jsonl:5) |",
+        "| other kinds | 2 records of 2 kinds, in rejects.jsonl |",
+    ]
 
 
 def test_a_runs_speed_counts_workers_side_by_side() -> None:
@@ -925,7 +1036,8 @@ def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_an
     capsys.readouterr()
     assert main(["batch-status", str(resumed)]) == 0
     status = capsys.readouterr().out
-    assert f"missing image 1 (first: {prompts}:1)\n" in status and f"not an image 1 (first: {prompts}:3)" in status
+    assert f"  missing image     1 record (first: {prompts}:1)\n" in status, status
+    assert f"  not an image      1 record (first: {prompts}:3)\n" in status, status
     assert main([*args, "--output", str(resumed)]) == 0
     printed = capsys.readouterr().out
     assert main([*args, "--output", str(straight)]) == 0
@@ -942,13 +1054,14 @@ def test_rejects_are_counted_by_kind_with_the_first_of_each_in_summary_status_an
         assert manifest["rejects_by_reason"] == expected and list(manifest["rejects_by_reason"]) == list(expected)
         kinds = ["missing_image", "malformed_json", "not_an_image", "missing_image", "invalid_record"]
         assert [r["kind"] for r in rejects(out)] == kinds
-    rows = [line.strip() for line in printed.splitlines()]
-    at = rows.index(f"{'rejects':<17} {resumed}/rejects.jsonl")
-    assert rows[at + 1 : at + 5] == [
-        f"missing image 2 (first: {prompts}:1)",
-        f"malformed JSON 1 (first: {prompts}:2)",
-        f"invalid record 1 (first: {prompts}:6)",
-        "1 more of 1 other kind, in rejects.jsonl",
+    # A row per kind, the kind its label (the label column was blank); a fourth kind gets its row as the first three.
+    rows = printed.splitlines()
+    at = rows.index(f"  rejects           {resumed}/rejects.jsonl")
+    assert rows[at + 1 :] == [
+        f"  missing image     2 records (first: {prompts}:1)",
+        f"  malformed JSON    1 record (first: {prompts}:2)",
+        f"  invalid record    1 record (first: {prompts}:6)",
+        f"  not an image      1 record (first: {prompts}:3)",
     ], printed
     assert main(["batch-status", str(resumed), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rejects_by_reason"] == expected

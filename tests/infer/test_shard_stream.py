@@ -177,6 +177,12 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     assert run(context, "sized") == ["a.jsonl:6"]  # only the malformed line
     assert run(longest + 3, "exact") == ["a.jsonl:6"]
     assert run(longest + 2, "short") == ["a.jsonl:6", "long"]
+    reason = json.loads((tmp_path / "short" / "rejects.jsonl").read_text().splitlines()[1])["reason"]
+    assert reason == (
+        f"prompt: {longest} tokens (1 image of {loaded.num_image_tokens} tokens) + infer.max_new_tokens 3 exceed the "
+        f"{longest + 2} tokens a request may take (the fast engine's slots); send fewer images or less text, or size "
+        f"them with infer.max_context={longest + 3} or more"
+    )
 
     assert slot_context(loaded, config.infer, None) == DEFAULT_CONTEXT  # no job, or a plan from before the counts
     saved = json.loads(plan.to_json())
@@ -188,7 +194,8 @@ def test_a_job_sizes_the_fast_engines_slots_to_its_longest_prompt(
     fixed = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.max_context": 512})
     assert slot_context(loaded, fixed.infer, longest) == 512
     _, capped, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "fixed"), fixed)
-    assert capped.longest_prompt is None
+    # Counted too (the plan checks that some prompt fits the setting), but the slots keep the size set.
+    assert capped.longest_prompt == longest and slot_context(loaded, fixed.infer, capped.longest_prompt) == 512
     plain = load_config(None, {"infer.max_new_tokens": 3, "infer.shard_size": 4, "infer.engine": "plain"})
     _, unmeasured, _, _ = prepare_job(str(tiny_model), str(folder), str(tmp_path / "plain"), plain)
     assert unmeasured.longest_prompt is None  # the plain engine has no slots to size

@@ -68,7 +68,10 @@ def test_drop_policy_drops_and_reports(processor: Any, image: str) -> None:
     # record left after data.max_length_policy drop").
     with pytest.raises(ValueError) as err:
         SFTDataset([long_a], processor, length(short, processor), "drop")
-    assert str(err.value).startswith("a.jsonl: all 1 record(s) of the train split are longer than data.max_length")
+    assert str(err.value).startswith(
+        "a.jsonl: every record of the train split (1 record) is longer than data.max_length "
+    ), err.value
+    assert ", and data.max_length_policy drop left none: raise data.max_length to at least " in str(err.value)
     assert f"raise data.max_length to at least {length(long_a, processor)}" in str(err.value)
     assert "data.max_length_policy to truncate-text" in str(err.value)
 

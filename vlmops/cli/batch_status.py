@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from vlmops.cli.args import add_config_args
 from vlmops.errors import UserInputError
+from vlmops.plural import counted, counted_of
 
 if TYPE_CHECKING:
     from vlmops.infer.job import JobStatus
@@ -49,16 +50,16 @@ def handle(args: argparse.Namespace) -> int:
     state = (
         f"finished at {status.manifest.get('finished_at', '?')}"
         if status.manifest
-        else f"{len(done)} of {shards} shards done ({share}); running, or stopped: the same command resumes it"
+        else f"{counted_of(len(done), shards, 'shard')} done ({share}); running, or stopped: the same command resumes it"
     )
     print(f"batch inference job {plan.job_id}: {state}")
     print(f"  model             {plan.model.uri} ({plan.model.content_hash[:19]})")
-    print(f"  input             {plan.input} ({len(plan.files)} file(s), {plan.records} records)")
+    print(f"  input             {plan.input} ({counted(len(plan.files), 'file')}, {counted(plan.records, 'record')})")
     if plan.retry_of:
         print(f"  retry of          the records {plan.retry_of} rejected")
     print(f"  answers           {token_choice(plan.settings)}, max_new_tokens {plan.settings.get('max_new_tokens')}")
     print(
-        f"  done              {len(done)} shard(s): {status.records_done} records, "
+        f"  done              {counted(len(done), 'shard')}: {counted(status.records_done, 'record')}, "
         f"{status.records_done - status.rejects} answered, {status.rejects} rejected"
     )
     for label, text in reason_rows(status.rejects_by_reason):
@@ -67,7 +68,8 @@ def handle(args: argparse.Namespace) -> int:
         print(f"  exact match       {score_text(score)}")
     if pending:
         names = ", ".join(s.name for s in pending[:SHOWN_PENDING]) + (", ..." if len(pending) > SHOWN_PENDING else "")
-        print(f"  to do             {len(pending)} shard(s): {sum(s.count for s in pending)} records ({names})")
+        records = counted(sum(s.count for s in pending), "record")
+        print(f"  to do             {counted(len(pending), 'shard')}: {records} ({names})")
         print(f"  pace              {_pace(status)}")
     print(f"  output            {status.output}")
     return 0
@@ -83,7 +85,8 @@ def _pace(status: JobStatus) -> str:
     if rate is None or eta is None:
         return ago
     pace = f"{rate:,.1f}" if rate >= 1 else f"{rate:.2g}"
-    return f"{pace} records/s over the last {status.pace_parts} part(s), {ago}; ~{_duration(eta)} to go at that pace"
+    parts = counted(status.pace_parts, "part")
+    return f"{pace} records/s over the last {parts}, {ago}; ~{_duration(eta)} to go at that pace"
 
 
 def _duration(seconds: float) -> str:

@@ -6,6 +6,8 @@ import argparse
 import re
 from collections import Counter
 
+from vlmops.plural import counted
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an original-layout DeepSeek-VL checkpoint to transformers")
@@ -30,7 +32,7 @@ def handle(args: argparse.Namespace) -> int:
     print(f"converted {report.src} -> {report.dst} ({report.arch})")
     print(
         f"  tensors: {report.tensors_in} read, {report.tensors_out} written "
-        f"in {report.shards} shard(s), {gb(report.bytes_written)}"
+        f"in {counted(report.shards, 'shard')}, {gb(report.bytes_written)}"
     )
     print(f"  dropped: {len(report.dropped)} ({groups})")
     print(f"  time:    {report.seconds:.1f}s")

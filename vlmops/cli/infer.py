@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from vlmops.cli.args import add_config_args
+from vlmops.plural import counted
 
 if TYPE_CHECKING:
     from vlmops.config import PipelineConfig
@@ -93,7 +94,7 @@ def chat_loop(chat_model: ChatModel, read: Callable[[str], str], out: TextIO) ->
         if query.lower() in QUIT_WORDS:
             return 0
         if query.lower() == CLEAR_WORD:
-            out.write(f"history cleared: {len(history)} earlier turn{'' if len(history) == 1 else 's'} forgotten\n")
+            out.write(f"history cleared: {counted(len(history), 'earlier turn')} forgotten\n")
             history = []
             continue
         history = _turn(chat_model, query, history, out)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from vlmops.cli.args import add_config_args
 from vlmops.errors import RunFailed
+from vlmops.plural import counted
 
 if TYPE_CHECKING:
     from vlmops.train.sft import TrainResult
@@ -55,6 +56,7 @@ def summary(result: TrainResult) -> str:
     ]
     if result.dropped_records or result.truncated_records:
         lines.append(
-            f"data.max_length: {len(result.dropped_records)} record(s) dropped, {len(result.truncated_records)} truncated"
+            f"data.max_length: {counted(len(result.dropped_records), 'record')} dropped, "
+            f"{len(result.truncated_records)} truncated"
         )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from vlmops.cli.args import add_config_args
+from vlmops.plural import counted
 
 DEFAULT_CONFIG = "pipeline.yaml"
 
@@ -60,5 +61,5 @@ def handle(args: argparse.Namespace) -> int:
             print(err.report.summary(), file=sys.stderr)
         raise
     print(report.summary())
-    print(f"rejects:  {report.rejects_file} ({report.rejected_count} record(s))")
+    print(f"rejects:  {report.rejects_file} ({counted(report.rejected_count, 'record')})")
     return 0

@@ -11,7 +11,7 @@ import os
 import posixpath
 import re
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from vlmops.conversation import (
 )
 from vlmops.data.jsonarray import BOM, TOO_DEEP, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
+from vlmops.plural import counted
 
 ROLE_ALIASES: dict[str, Role] = {
     "system": "system",
@@ -67,7 +68,7 @@ class DatasetError(UserInputError):
         total = len(problems) if total is None else total
         shown = "\n".join(f"  - {p}" for p in problems[:50])
         more = f"\n  ... and {total - min(50, len(problems))} more" if total > min(50, len(problems)) else ""
-        super().__init__(f"{total} rejected record(s):\n{shown}{more}" + (f"\n{hint}" if hint else ""))
+        super().__init__(f"{counted(total, 'rejected record')}:\n{shown}{more}" + (f"\n{hint}" if hint else ""))
 
 
 class RecordError(UserInputError):
@@ -78,6 +79,16 @@ class RecordError(UserInputError):
         self.reason = reason
         self.kind = kind
         super().__init__(f"{field}: {reason}")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn as a record holds it: its role, its text (<img> tags, <image> marks) and the field that holds that
+    text, which errors name."""
+
+    role: Role
+    text: str
+    field: str
 
 
 @dataclass
@@ -334,6 +345,22 @@ def parse_record(
     return _parse_record(record, location, ImagePaths(base_dir, roots), require_answer)
 
 
+def parse_turns(
+    turns: Sequence[Turn],
+    images: Sequence[str],
+    base_dir: Path | str,
+    require_answer: bool = True,
+    roots: Sequence[Path] | None = None,
+) -> list[Message]:
+    """The turns of a record in a form of its own -> messages, read as `parse_record` reads a `messages` record
+    (<img> tags, <image> marks filled from `images` in order, paths resolved and checked, the turns checked), its
+    problems named by the record's own fields: each turn's `field`, and `images[i]`."""
+    paths = ImagePaths(base_dir, roots)
+    messages = _with_images(turns, _image_queue(images, paths), paths, "the query and history")
+    _check_turns(messages, require_answer, [turn.field for turn in turns])
+    return messages
+
+
 class ImagePaths:
     """The image references of one dataset file's records resolved (`_resolve`), each distinct local one once.
 
@@ -496,25 +523,41 @@ def _parse_messages(turns: Any, images: Any, paths: ImagePaths) -> list[Message]
         raise RecordError("messages", "must be a non-empty list of {role, content} messages")
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
         raise RecordError("images", "must be a list of image paths or URLs")
-    queue = [paths.resolve(ImageRef(uri), f"images[{i}]") for i, uri in enumerate(images)]
+    queue = _image_queue(images, paths)
+    # A generator: each message's role and content are checked as it is reached, so the first problem is named.
+    texts = (
+        Turn(*_role_and_text(turn, f"messages[{i}]", "role", "content", "each message"), f"messages[{i}].content")
+        for i, turn in enumerate(turns)
+    )
+    return _with_images(texts, queue, paths, "the messages")
+
+
+def _image_queue(images: Sequence[str], paths: ImagePaths) -> list[ImageRef]:
+    """The `images` list resolved, in order: what a record's <image> marks stand for."""
+    return [paths.resolve(ImageRef(uri), f"images[{i}]") for i, uri in enumerate(images)]
+
+
+def _with_images(turns: Iterable[Turn], queue: list[ImageRef], paths: ImagePaths, marks_in: str) -> list[Message]:
+    """Each turn's text as a message: its <img> tags resolved, its <image> marks filled from `queue` in order, every
+    mark with an image and every image with a mark (`marks_in` says where the marks are, in the error)."""
     messages = []
     used = 0
-    for i, turn in enumerate(turns):
-        field = f"messages[{i}]"
-        role, content = _role_and_text(turn, field, "role", "content", "each message")
+    for turn in turns:
         parts: list[Part] = []
-        pieces = IMAGE_MARK.split(content)
+        pieces = IMAGE_MARK.split(turn.text)
         for j, piece in enumerate(pieces):
-            for part in _img_tags(piece, f"{field}.content"):
-                parts.append(paths.resolve(part, f"{field}.content") if isinstance(part, ImageRef) else part)
+            for part in _img_tags(piece, turn.field):
+                parts.append(paths.resolve(part, turn.field) if isinstance(part, ImageRef) else part)
             if j < len(pieces) - 1:
                 if used >= len(queue):
-                    raise RecordError(f"{field}.content", f"more <image> tags than the {len(queue)} entries in images")
+                    entries = counted(len(queue), "entry", "entries")
+                    raise RecordError(turn.field, f"more <image> tags than the {entries} in images")
                 parts.append(queue[used])
                 used += 1
-        messages.append(Message(role, [p for p in parts if not (isinstance(p, str) and not p)]))
+        messages.append(Message(turn.role, [p for p in parts if not (isinstance(p, str) and not p)]))
     if used != len(queue):
-        raise RecordError("images", f"{len(queue)} images listed but {used} <image> tags in the messages")
+        listed = counted(len(queue), "image")
+        raise RecordError("images", f"{listed} listed but {counted(used, '<image> tag')} in {marks_in}")
     return messages
 
 
@@ -551,9 +594,12 @@ def _resolve(
         found = whole, _within(whole, roots)
     resolved, under = found
     if roots is not None and not under:
+        # Where the path is read as written, naming it again adds nothing; a link that leads out is the surprise.
+        written = Path(os.path.normpath(base_dir.resolve() / Path(uri).expanduser()))
+        link = "" if written == Path(resolved) else f" (a link to {resolved})"
         raise RecordError(
             field,
-            f"image {uri} is outside the dataset's folder ({resolved}); move it under {roots[0]} "
+            f"image {uri} is outside the dataset's folder{link}; move it under {roots[0]} "
             "or add its folder to data.allowed_roots",
         )
     return ImageRef(resolved, field)
@@ -593,21 +639,25 @@ def _under_remote(base: str, uri: str, field: str) -> str:
     return f"{scheme}://{bucket}/{key}"
 
 
-def _check_turns(messages: list[Message], require_answer: bool = True) -> None:
-    turns = messages[1:] if messages[0].role == "system" else messages
+def _check_turns(messages: list[Message], require_answer: bool = True, fields: Sequence[str] | None = None) -> None:
+    """Refuse turns that do not make a conversation; `fields`, where the record names its turns' texts itself (one a
+    message), are what a turn's problem names, else `(turns)`."""
+    first = 1 if messages[0].role == "system" else 0
+    turns = messages[first:]
     if not turns:
         raise RecordError("(turns)", "a system message alone is not a conversation")
     for i, message in enumerate(turns):
+        field = fields[first + i] if fields else "(turns)"
         expected = "user" if i % 2 == 0 else "assistant"
         if message.role != expected:
             raise RecordError(
-                "(turns)",
+                field,
                 f"turn {i + 1} is {message.role!r} but {expected!r} was expected (turns alternate user/assistant)",
             )
         if message.role == "assistant" and message.images:
-            raise RecordError("(turns)", f"turn {i + 1}: images are only allowed in user turns")
+            raise RecordError(field, f"turn {i + 1}: images are only allowed in user turns")
         if not message.text("").strip() and not message.images:
-            raise RecordError("(turns)", f"turn {i + 1} ({message.role}) is empty")
+            raise RecordError(field, f"turn {i + 1} ({message.role}) is empty")
     if require_answer and turns[-1].role != "assistant":
         raise RecordError("(turns)", "the conversation must end with an assistant turn (the answer to learn)")
     if any(m.role == "system" for m in turns):

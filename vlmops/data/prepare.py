@@ -32,6 +32,7 @@ from vlmops.data.validation import (
 from vlmops.errors import UserInputError
 from vlmops.hashing import sha256_file
 from vlmops.models.template import Tokenizer
+from vlmops.plural import counted
 from vlmops.staging import build_lock, staging_in
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,8 @@ def _split_file(
     train_ids, eval_ids = split_by_ratio(range(len(kept)), ratio, seed)
     if ratio > 0 and not train_ids:
         raise UserInputError(
-            f"{len(kept)} valid record(s): holding out data.eval_ratio {ratio:g} of them for eval leaves none to "
-            "train on; add records, give data.eval a file of its own, or lower data.eval_ratio"
+            f"{counted(len(kept), 'valid record')}, and holding out data.eval_ratio {ratio:g} for eval leaves none "
+            "to train on; add records, give data.eval a file of its own, or lower data.eval_ratio"
         )
     if not eval_ids:
         raise UserInputError(

@@ -30,6 +30,7 @@ from vlmops.data.formats import DatasetError, Entry, RecordProblem, dataset_file
 from vlmops.data.images import ImageLoadError, ImageStoreError, open_image_bytes, read_image_bytes
 from vlmops.data.length import MaxLength
 from vlmops.models.template import Tokenizer, encode
+from vlmops.plural import counted
 from vlmops.staging import publish_file
 
 log = logging.getLogger(__name__)
@@ -88,21 +89,22 @@ class ValidationReport:
         return data
 
     def summary(self) -> str:
-        lines = [f"read {self.read} record(s)"]
+        lines = [f"read {counted(self.read, 'record')}"]
         for name, s in self.splits.items():
             lines.append(
-                f"{name}: {s.records} records ({s.multi_turn_records} multi-turn, {s.multi_image_records} multi-image, "
-                f"{s.text_only_records} text-only), {s.turns} turns, {s.images} images; tokens min/p50/p95/max "
+                f"{name}: {counted(s.records, 'record')} ({s.multi_turn_records} multi-turn, "
+                f"{s.multi_image_records} multi-image, {s.text_only_records} text-only), {counted(s.turns, 'turn')}, "
+                f"{counted(s.images, 'image')}; tokens min/p50/p95/max "
                 f"{s.tokens_min}/{s.tokens_p50}/{s.tokens_p95}/{s.tokens_max} (incl. {self.num_image_tokens} per image)"
             )
         if self.rejected_count:
-            lines.append(f"rejected: {self.rejected_count} record(s), each with its reason in {self.rejects_file}")
+            lines.append(f"rejected: {counted(self.rejected_count, 'record')}; {self.rejects_file} says why")
         if self.dropped_too_long:
             lines.append(f"dropped (longer than {self.max_length} tokens): {len(self.dropped_too_long)}")
         if self.duplicates:
             shown = ", ".join(f"{d['location']} (= {d['duplicate_of']})" for d in self.duplicate_examples[:5])
             more = " ..." if self.duplicates > 5 else ""
-            lines.append(f"warning: {self.duplicates} duplicate record(s), kept: {shown}{more}")
+            lines.append(f"warning: {counted(self.duplicates, 'duplicate record')}, kept: {shown}{more}")
         return "\n".join(lines)
 
 
@@ -256,7 +258,7 @@ class RecordChecker:
         stopping = self.too_long + (self.invalid if self.data.invalid_records == "error" else 0)
         if not stopping:
             if self.invalid:
-                log.warning("left out %d invalid record(s); see %s", self.invalid, report.rejects_file)
+                log.warning("left out %s; see %s", counted(self.invalid, "invalid record"), report.rejects_file)
             return
         hints = []
         if self.invalid and self.data.invalid_records == "error":

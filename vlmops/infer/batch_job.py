@@ -51,6 +51,7 @@ from vlmops.infer.resolve import ModelSource, with_saved_settings
 from vlmops.infer.summary import sample_rows
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
+from vlmops.plural import counted, counted_of
 
 if TYPE_CHECKING:
     from vlmops.tracking import Tracker
@@ -110,10 +111,10 @@ def run_batch_job(
             ran = answer_shards(runner, plan, todo, output, progress, on_shard)
     if len(todo) < len(pending):
         log.info(
-            "job %s: stopped after infer.max_shards=%d shard(s), %d to go: run the same command without it to go on",
+            "job %s: stopped at infer.max_shards=%d with %s to go: run the same command without it to go on",
             plan.job_id,
             config.infer.max_shards,
-            len(pending) - len(todo),
+            counted(len(pending) - len(todo), "shard"),
         )
         return StoppedJob(job_status(output), ran, startup)
     return complete_job(plan, output, ran, config, startup)
@@ -128,8 +129,13 @@ def prepare_job(
 
     The model is resolved once, here (a registry alias to the version it names now: the plan records both, and
     `plan.model.pinned` loads that version again), downloaded if it has to be, never loaded (its processor is, to
-    count the prompts' tokens). `named_as`: the alias a caller resolved `model_ref` from (`pinned_model_ref`),
-    recorded as the job's model URI.
+    count the prompts' tokens: the fast engine's slots are sized with them, and a set `infer.max_context` that holds
+    none of them is refused here, before the weights load). `named_as`: the alias a caller resolved `model_ref` from
+    (`pinned_model_ref`), recorded as the job's model URI.
+
+    Raises:
+        UserInputError: `infer.max_context` holds none of the job's prompts beside `infer.max_new_tokens`.
+        JobMismatchError: the output holds another job.
     """
     source, info = resolve_job_model(model_ref, config, named_as)
     config = with_saved_settings(config, source)
@@ -141,8 +147,14 @@ def prepare_job(
         processor = load_processor(source.checkpoint)
         measure = PromptCounter(processor.tokenizer, int(processor.num_image_tokens), config)
     plan = open_job(plan_job(info, input_spec, config, output.uri, measure), output)
-    if measure is not None and (advice := plan.slot_advice(config.infer.max_new_tokens)):
-        log.warning("%s", advice)
+    if measure is not None:
+        infer = config.infer
+        if infer.max_context is None:
+            advice = plan.slot_advice(infer.max_new_tokens)
+        else:
+            advice = plan.context_advice(infer.max_context, infer.max_new_tokens)
+        if advice:
+            log.warning("%s", advice)
     return source, plan, output, config
 
 
@@ -178,10 +190,9 @@ class _Progress:
         self.ran: list[ShardStats] = []
         if self.done_before:
             log.info(
-                "job %s: %d of %d shards done before, %d to go",
+                "job %s: %s done before, %d to go",
                 plan.job_id,
-                self.done_before,
-                len(plan.shards),
+                counted_of(self.done_before, len(plan.shards), "shard"),
                 len(todo),
             )
         total = sum(s.count for s in todo)

@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol
 
 from PIL import Image
 
-from vlmops.config import InferConfig
+from vlmops.config import InferConfig, no_room_for_a_prompt
 from vlmops.errors import UserInputError
 from vlmops.infer.records import PROMPT_STEP
 from vlmops.models.loading import LoadedModel
@@ -89,18 +89,15 @@ CONTEXT_STEP = PROMPT_STEP
 
 def refuse_context_without_room(max_context: int, max_new_tokens: int) -> None:
     """Refuse a request size of `max_context` tokens that holds no prompt beside an answer of `max_new_tokens`: every
-    record would be refused, one by one (the job's rejects; the fast engine's slots).
+    record would be refused, one by one (the job's rejects; the fast engine's slots). The config's own check
+    (`InferConfig.max_context`), for settings that reach here without it (a model's saved `infer.max_new_tokens`, an
+    engine built in code).
 
     Raises:
         UserInputError: naming both keys and what to change.
     """
-    if max_new_tokens >= max_context:
-        raise UserInputError(
-            f"infer.max_context {max_context} leaves no room for a prompt beside infer.max_new_tokens {max_new_tokens} "
-            "(a request holds its prompt and its answer): every record would be rejected. Raise infer.max_context "
-            "above infer.max_new_tokens by the longest prompt (an image is 576 prompt tokens), or unset it to size it "
-            "to the job's prompts, or lower infer.max_new_tokens"
-        )
+    if problem := no_room_for_a_prompt(max_context, max_new_tokens):
+        raise UserInputError(problem)
 
 
 def slot_tokens(tokens: int) -> int:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.answers import Score
-from vlmops.config import PipelineConfig, StorageConfig
+from vlmops.config import InferConfig, PipelineConfig, StorageConfig
 from vlmops.data.formats import RecordError, image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
 from vlmops.errors import RunFailed, UserInputError
@@ -77,6 +77,7 @@ from vlmops.infer.resolve import (
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.template import encode
+from vlmops.plural import counted
 from vlmops.storage import is_partial
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,23 @@ class JobPlan:
             f"tokens with the answer, where {covered} of its {total} records need {bulk_context} or fewer: "
             f"--set infer.max_context={bulk_context} fits ~{context // bulk_context}x the slots in the same memory and "
             f"sends at most {longer} records (those over {bulk * PROMPT_STEP} prompt tokens) to the rejects"
+        )
+
+    def context_advice(self, max_context: int, max_new_tokens: int) -> str | None:
+        """Where a set `infer.max_context` holds some of the job's prompts but not its longest: which records go to
+        the rejects (None where every counted prompt fits, or nothing was counted)."""
+        longest = self.longest_prompt
+        if longest is None or longest + max_new_tokens <= max_context:
+            return None
+        where = next(
+            (f"{f.name}:{f.longest_line}" for f in self.files if f.longest_prompt == longest and f.longest_line),
+            "?",
+        )
+        return (
+            f"infer.max_context {max_context} holds prompts of up to {max_context - max_new_tokens} tokens beside "
+            f"infer.max_new_tokens {max_new_tokens}; the job's longest prompt ({where}) takes {longest}: each longer "
+            f"record goes to the rejects with its token count (unset infer.max_context to size the slots to the job's "
+            f"prompts, or raise it to {longest + max_new_tokens})"
         )
 
 
@@ -451,10 +469,11 @@ class PromptCounter:
 
 
 def counts_prompts(config: PipelineConfig) -> bool:
-    """Whether a job's plan counts its prompts' tokens: only the fast engine uses them, and only when
-    `infer.max_context` leaves the slots' size to the job."""
+    """Whether a job's plan counts its prompts' tokens: the fast engine sizes its slots with them where
+    `infer.max_context` leaves that to the job; where it is set, the plan checks that some prompt fits it
+    (`refuse_when_no_prompt_fits`), whichever engine answers."""
     infer = config.infer
-    return infer.max_context is None and infer.engine != "plain"
+    return infer.max_context is not None or infer.engine != "plain"
 
 
 def plan_job(
@@ -469,7 +488,8 @@ def plan_job(
     input.
 
     Raises:
-        UserInputError: `infer.max_context` leaves no room for a prompt beside `infer.max_new_tokens`.
+        UserInputError: `infer.max_context` leaves no room for a prompt beside `infer.max_new_tokens` (before any
+            input is read), or for any of the job's prompts as `measure` counted them.
     """
     if config.infer.max_context is not None:
         # Before any input is read: every record would be a reject (the plain engine answers none), whichever engine.
@@ -504,7 +524,36 @@ def plan_job(
     if retry_of is not None:  # the records chosen: another choice is another job
         identity["only"] = [f.only for f in files]
     job_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return JobPlan(job_id, model, input_spec, files, shards, settings, retry_of)
+    plan = JobPlan(job_id, model, input_spec, files, shards, settings, retry_of)
+    refuse_when_no_prompt_fits(plan, config.infer)
+    return plan
+
+
+def refuse_when_no_prompt_fits(plan: JobPlan, infer: InferConfig) -> None:
+    """Refuse a job none of whose prompts fits `infer.max_context` beside `infer.max_new_tokens`: every record would
+    go to the rejects one by one, after the model's weights loaded. The prompts as the plan counted them (the runner's
+    own encoding: the chat template, the system prompt and each image's tokens); nothing is checked where they were
+    not counted. A job where some prompt fits runs, and each longer record is a reject that gives its token count.
+
+    Raises:
+        UserInputError: naming the shortest prompt, its tokens, both keys and what to change.
+    """
+    counted = [(f.shortest_prompt, f"{f.name}:{f.shortest_line}") for f in plan.files if f.shortest_prompt is not None]
+    if infer.max_context is None or not counted:
+        return
+    tokens, where = min(counted)
+    needed = tokens + infer.max_new_tokens
+    if needed <= infer.max_context:
+        return
+    room = infer.max_context - tokens
+    lower = f", or lower infer.max_new_tokens to {room} or less" if room >= 1 else ""
+    raise UserInputError(
+        f"infer.max_context {infer.max_context} holds none of this job's prompts beside infer.max_new_tokens "
+        f"{infer.max_new_tokens}: its shortest prompt ({where}) takes {tokens} tokens (chat template, system prompt "
+        f"and image tokens included), so every one of its {plan.records} records would be rejected. Raise "
+        f"infer.max_context to at least {needed} ({tokens} + {infer.max_new_tokens}), or unset it to size it to the "
+        f"job's prompts{lower}"
+    )
 
 
 def _choose_rejected(retry_of: str, found: list[InputFile], config: PipelineConfig) -> tuple[JobPlan, list[InputFile]]:
@@ -533,7 +582,7 @@ def _choose_rejected(retry_of: str, found: list[InputFile], config: PipelineConf
     if missing:
         raise UserInputError(
             f"{where}: job {old.job_id} rejected records of {missing[0]}"
-            + (f" (and {len(missing) - 1} more file(s))" if len(missing) > 1 else "")
+            + (f" (and {counted(len(missing) - 1, 'more file')})" if len(missing) > 1 else "")
             + f", which --input does not name: give the input that job read ({old.input})"
         )
     return old, [replace(f, only=sorted(chosen[f.uri])) for f in found if f.uri in chosen]
@@ -827,13 +876,11 @@ class ShardRunner:
         limits = [n for n in (self.engine.max_context, self.config.infer.max_context) if n is not None]
         limit, answer = min(limits, default=None), self.config.infer.max_new_tokens
         if limit is not None and len(encoded.input_ids) + answer > limit:
+            source, fix = self._limit_source(limit, len(encoded.input_ids) + answer)
             record.error = (
-                f"prompt: {len(encoded.input_ids)} tokens ({len(encoded.images)} "
-                f"{'image' if len(encoded.images) == 1 else 'images'} of {self.loaded.num_image_tokens} tokens) + "
-                f"infer.max_new_tokens {answer} exceed the {limit} tokens a request "
-                "may take (infer.max_context where it is set; else the model's max_position_embeddings, which the fast "
-                "engine's slots hold where the job's longest prompt needs it); send fewer images or less text, or "
-                "raise infer.max_context"
+                f"prompt: {len(encoded.input_ids)} tokens ({counted(len(encoded.images), 'image')} of "
+                f"{self.loaded.num_image_tokens} tokens) + "
+                f"infer.max_new_tokens {answer} exceed the {limit} tokens a request may take ({source}); {fix}"
             )
             record.kind = "prompt_too_long"
             return record
@@ -842,6 +889,15 @@ class ShardRunner:
         seed = record_seed(infer.seed, record.prompt.key) if infer.temperature > 0 else 0  # only draws read it
         record.request = GenerationRequest(record.position, encoded.input_ids, images, seed)
         return record
+
+    def _limit_source(self, limit: int, needed: int) -> tuple[str, str]:
+        """Where a request's limit of `limit` tokens comes from, and what lets one of `needed` tokens in."""
+        shorter = "send fewer images or less text"
+        if limit == self.config.infer.max_context:
+            return "infer.max_context", f"{shorter}, or raise infer.max_context"
+        if limit == getattr(self.loaded.model.config.get_text_config(), "max_position_embeddings", None):
+            return "the model's max_position_embeddings", shorter
+        return "the fast engine's slots", f"{shorter}, or size them with infer.max_context={needed} or more"
 
     def _publish(
         self,
@@ -962,7 +1018,7 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
     missing = pending_shards(plan, output)
     if missing:
         raise RunFailed(
-            f"job {plan.job_id}: {len(missing)} shard(s) not done yet ({', '.join(s.name for s in missing[:10])}); "
+            f"job {plan.job_id}: {counted(len(missing), 'shard')} not done yet ({', '.join(s.name for s in missing[:10])}); "
             "run the same job again to finish them"
         )
     parts = []

@@ -38,6 +38,7 @@ from vlmops.infer.job import JOB_FILE, JobPlan, ShardStats
 from vlmops.infer.records import Shard
 from vlmops.infer.resolve import ModelSource
 from vlmops.multigpu import NO_MULTICAST_ENV
+from vlmops.plural import counted
 from vlmops.train.child import copy_output
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def run_on_workers(
     """
     gpus = torch.cuda.device_count()
     if gpus and workers > gpus:
-        raise ValueError(f"infer.workers={workers} but only {gpus} GPU(s) are visible")
+        raise ValueError(f"infer.workers={workers} but this machine shows only {counted(gpus, 'GPU')}")
     sizes = {s.index: s.count for s in shards}
     with tempfile.TemporaryDirectory(prefix="vlmops-workers-") as tmp:
         config_file = Path(tmp) / "config.yaml"
@@ -102,7 +103,8 @@ def run_on_workers(
                 failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
                     raise RunFailed(
-                        f"batch inference worker(s) failed (rank, exit code): {failed}; see their output above"
+                        f"{counted(len(failed), 'batch inference worker')} failed (rank, exit code): {failed}; "
+                        "see their output above"
                     )
                 if all(c == 0 for c in codes):
                     return

@@ -32,9 +32,10 @@ from typing import IO, Any, TypeVar
 
 from vlmops.config import StorageConfig
 from vlmops.conversation import Message
-from vlmops.data.formats import RecordError, parse_record, refuse_mixed_formats
+from vlmops.data.formats import RecordError, Turn, parse_record, parse_turns, refuse_mixed_formats
 from vlmops.data.jsonarray import TOO_DEEP, ArrayItem, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class InputFile:
 
     `longest_prompt`: the most prompt tokens (image tokens included) any of its records encodes to, where the scan
     counted them (None: not counted, as in plans written before it was); `longest_line`: that record's line;
+    `shortest_prompt`, `shortest_line`: the fewest, and where (None: not counted, or no record could be);
     `prompt_steps`: [steps, records] pairs, how many of its records take `steps` x PROMPT_STEP tokens or fewer (and
     more than one step fewer), ascending.
     """
@@ -66,6 +68,8 @@ class InputFile:
     longest_prompt: int | None = None
     longest_line: int | None = None
     prompt_steps: list[list[int]] | None = None
+    shortest_prompt: int | None = None
+    shortest_line: int | None = None
     only: list[int] | None = None
     """The records the job reads from the file, by line (.jsonl) or list index (.json), ascending: a job over
     another job's rejects (`infer.retry_rejects`); None: every record. `records` counts these alone."""
@@ -176,10 +180,10 @@ def _name_unread(spec: str, names: Sequence[str]) -> None:
     if unread:
         more = f" and {len(unread) - 5} more" if len(unread) > 5 else ""
         log.warning(
-            "input %s: %d file(s) that look like records are not read (only .jsonl and .json are): %s%s; "
-            "decompress or rename them to answer their records",
+            "input %s: %s named like records, not read (only .jsonl and .json are): %s%s; "
+            "decompress or rename each to answer its records",
             spec,
-            len(unread),
+            counted(len(unread), "file"),
             ", ".join(unread[:5]),
             more,
         )
@@ -199,7 +203,10 @@ def _outside(found: list[T], is_own: Callable[[T], bool], spec: str, output: str
         )
     if len(kept) < len(found):
         log.info(
-            "input %s: %d files under the output %s are the job's own, not input", spec, len(found) - len(kept), output
+            "input %s: left out %s under the output %s, the job's own (not input)",
+            spec,
+            counted(len(found) - len(kept), "file"),
+            output,
         )
     return kept
 
@@ -337,7 +344,7 @@ def scan_input(
     measure: PromptMeasure | None = None,
 ) -> tuple[InputFile, list[Shard]]:
     """Read a file once: its content hash, its record count, where each of its shards starts and, with `measure`,
-    its longest prompt.
+    its longest and shortest prompts.
 
     Shards never cross files, so a shard's records are one ranged read. Memory stays one line (jsonl) or
     one item and a chunk (a .json list).
@@ -350,10 +357,11 @@ def scan_input(
     index = 0  # records in the file
     size = 0
     longest, longest_line, steps = 0, 0, collections.Counter[int]()
+    shortest: tuple[int, int] | None = None  # (tokens, line)
     base_dir = record_base(file.uri)
 
     def measured(raw: RawRecord, line: int) -> None:
-        nonlocal longest, longest_line
+        nonlocal longest, longest_line, shortest
         assert measure is not None
         tokens = measure(raw, base_dir)
         if tokens is None:  # a reject when the job reads it
@@ -361,6 +369,8 @@ def scan_input(
         steps[-(-tokens // PROMPT_STEP)] += 1
         if tokens > longest:
             longest, longest_line = tokens, line
+        if shortest is None or tokens < shortest[0]:
+            shortest = (tokens, line)
 
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage) as stream:
@@ -400,6 +410,8 @@ def scan_input(
     if measure is not None:
         histogram = [[step, steps[step]] for step in sorted(steps)]
         scanned = replace(scanned, longest_prompt=longest, longest_line=longest_line or None, prompt_steps=histogram)
+        if shortest is not None:
+            scanned = replace(scanned, shortest_prompt=shortest[0], shortest_line=shortest[1])
     return scanned, sized
 
 
@@ -530,8 +542,8 @@ def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | N
         conversation = parse_record(value, raw.location, base_dir, require_answer=False, roots=roots)
         messages = conversation.messages
     elif "query" in value:
-        simple = _simple_as_messages(value)
-        messages = parse_record(simple, raw.location, base_dir, require_answer=False, roots=roots).messages
+        turns, images = _simple_turns(value)
+        messages = parse_turns(turns, images, base_dir, require_answer=False, roots=roots)
     else:
         keys = ", ".join(sorted(value)) or "none"
         raise RecordError("(record)", f"needs 'conversations', 'messages' or 'query' (found: {keys})")
@@ -542,25 +554,31 @@ def parse_prompt(raw: RawRecord, base_dir: Path | str, roots: Sequence[Path] | N
     return Prompt(key, raw.location, value, messages, reference)
 
 
-def _simple_as_messages(record: dict[str, Any]) -> dict[str, Any]:
-    """The simple form as a `messages` record, so both forms go through one parser."""
+def _simple_turns(record: dict[str, Any]) -> tuple[list[Turn], list[str]]:
+    """The simple form's turns and images, each turn with the field that holds it (`query`, `history[i][0]`, ...),
+    for the parser both forms share: a problem names the record's own field, not the `messages` it is read as."""
     query, history, images = record["query"], record.get("history") or [], record.get("images") or []
     if not isinstance(query, str):
         raise RecordError("query", f"must be a string, got {type(query).__name__}")
-    if not isinstance(history, list) or not all(
-        isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in history
-    ):
+    if not isinstance(history, list):
         raise RecordError("history", "must be a list of [query, response] string pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise RecordError(f"history[{i}]", "must be a [query, response] pair of strings")
     if not isinstance(images, list):
         raise RecordError("images", "must be a list of image paths or URLs")
+    for i, image in enumerate(images):
+        if not isinstance(image, str):
+            raise RecordError(f"images[{i}]", f"must be an image path or URL, got {type(image).__name__}")
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         raise RecordError("system", f"must be a string, got {type(system).__name__}")
-    turns = [text for pair in history for text in pair] + [query]
-    if images and not any("<image>" in text for text in turns[::2]):
-        query = "<image>" * len(images) + query
-        turns[-1] = query
-    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    turns: list[Turn] = []
+    for i, (asked, answered) in enumerate(history):
+        turns += [Turn("user", asked, f"history[{i}][0]"), Turn("assistant", answered, f"history[{i}][1]")]
+    if images and not any("<image>" in text for text in [*(turn.text for turn in turns[::2]), query]):
+        query = "<image>" * len(images) + query  # without marks, the images come before the query's text
+    turns.append(Turn("user", query, "query"))
     if system is not None:  # ms-swift's query-response form: the record's own system prompt ("" for none)
-        messages.insert(0, {"role": "system", "content": system})
-    return {"messages": messages, "images": images}
+        turns.insert(0, Turn("system", system, "system"))
+    return turns, images

@@ -19,9 +19,11 @@ from vlmops.infer.job import (
 )
 from vlmops.infer.output import JobOutput
 from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
+from vlmops.plural import counted, counted_of
 
 SHOWN_REASONS = 3
-"""Reject kinds a summary names, most first; the rest are counted in one more row."""
+"""Reject kinds a summary names, most first; the rest are counted in one more row (one kind more is named instead:
+the row is spent either way)."""
 SAMPLE_ROWS = 50
 """Results in a samples table: enough to see what the answers look like, small enough for a UI page."""
 
@@ -53,14 +55,15 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
     where the parts are and how to go on."""
     status = stopped.status
     plan = status.plan
+    records_to_do = counted(sum(s.count for s in status.pending), "record")
     return [
         _model_row(plan.model.as_dict()),
         (
             "done",
-            f"{len(status.done)} of {len(plan.shards)} shard(s): {status.records_done} records, "
+            f"{counted_of(len(status.done), len(plan.shards), 'shard')}: {counted(status.records_done, 'record')}, "
             f"{status.records_done - status.rejects} answered, {status.rejects} rejected",
         ),
-        ("to do", f"{len(status.pending)} shard(s): {sum(s.count for s in status.pending)} records"),
+        ("to do", f"{counted(len(status.pending), 'shard')}: {records_to_do}"),
         *_retry_row(plan.retry_of),
         ("answers", token_choice(plan.settings)),
         *_run_rows(stopped.ran, stopped.startup_s),
@@ -69,23 +72,18 @@ def stopped_rows(stopped: StoppedJob) -> list[tuple[str, str]]:
     ]
 
 
-def counted(count: int, noun: str) -> str:
-    """`count` and `noun`, plural but for one: "1 part", "3 parts"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
 def reason_rows(by_reason: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """A row per kind of reject (`rejects_by_reason`), most first: its count and the first such record, so the summary
-    says why without opening rejects.jsonl; the kinds past SHOWN_REASONS in one row."""
+    """A row per kind of reject (`rejects_by_reason`), most first, labelled with the kind: its count and the first such
+    record, so the summary says why without opening rejects.jsonl; past SHOWN_REASONS kinds, the rest in one row."""
+    kinds = list(by_reason.items())
+    shown = kinds if len(kinds) <= SHOWN_REASONS + 1 else kinds[:SHOWN_REASONS]
     rows = [
-        ("", f"{REJECT_KINDS.get(kind, kind)} {n['count']} (first: {n['first']})")
-        for kind, n in list(by_reason.items())[:SHOWN_REASONS]
+        (REJECT_KINDS.get(kind, kind), f"{counted(n['count'], 'record')} (first: {n['first']})") for kind, n in shown
     ]
-    rest = list(by_reason.values())[SHOWN_REASONS:]
+    rest = [n for _, n in kinds[len(shown) :]]
     if rest:
-        rows.append(
-            ("", f"{sum(n['count'] for n in rest)} more of {counted(len(rest), 'other kind')}, in rejects.jsonl")
-        )
+        records = counted(sum(n["count"] for n in rest), "record")
+        rows.append(("other kinds", f"{records} of {counted(len(rest), 'kind')}, in rejects.jsonl"))
     return rows
 
 
@@ -110,7 +108,7 @@ def _run_rows(ran: list[ShardStats], startup_s: float | None) -> list[tuple[str,
         rows.append(
             (
                 "this run",
-                f"{len(ran)} shard(s){side_by_side} in {shards_wall_s(ran):.1f} s: {tokens:.1f} tokens/s, "
+                f"{counted(len(ran), 'shard')}{side_by_side} in {shards_wall_s(ran):.1f} s: {tokens:.1f} tokens/s, "
                 f"{images:.1f} images/s",
             )
         )

@@ -28,6 +28,7 @@ from vlmops.models.convert_weights import ShardWriter, iter_tensors, weight_file
 from vlmops.models.diskspace import check_free_space, raise_if_disk_full
 from vlmops.models.layout import Arch, ConversionError, detect_layout, read_json
 from vlmops.models.loading import safe_weights
+from vlmops.plural import counted
 from vlmops.staging import staged_folder
 
 # Callers import the conversion's public names from here, wherever they live.
@@ -130,13 +131,13 @@ def convert_checkpoint(
         raise
     report.seconds = time.perf_counter() - started
     log.info(
-        "converted %s -> %s: %d tensors in, %d out, %d dropped, %d shard(s), %.1fs",
+        "converted %s -> %s: %d tensors in, %d out, %d dropped, %s, %.1fs",
         src_dir,
         dst_dir,
         report.tensors_in,
         report.tensors_out,
         len(report.dropped),
-        report.shards,
+        counted(report.shards, "shard"),
         report.seconds,
     )
     return report

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from vlmops.models.layout import ConversionError, read_json
+from vlmops.plural import counted
 
 
 def weight_files(src: Path, allow_pickle: bool = False) -> list[Path]:
@@ -28,8 +29,8 @@ def weight_files(src: Path, allow_pickle: bool = False) -> list[Path]:
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise ConversionError(
-                    f"{index} lists shard(s) {', '.join(missing)} that are not in {src}: the download is "
-                    "incomplete; download the model again"
+                    f"{index} lists {counted(len(missing), 'shard')} not in {src} ({', '.join(missing)}): the "
+                    "download is incomplete; download the model again"
                 )
             return _allowed(files, allow_pickle)
         if (src / single).is_file():

@@ -24,6 +24,7 @@ from vlmops.data.images import load_image
 from vlmops.data.length import MaxLength, cut_sample
 from vlmops.models.pixels import DevicePixels
 from vlmops.models.template import IGNORE_INDEX, Encoded, encode
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -97,17 +98,17 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
             raise DatasetError(problems, self.limit.hint())
         if self.report.dropped:
             log.warning(
-                "%s: dropped %d record(s) longer than data.max_length %d: %s",
+                "%s: dropped %s longer than data.max_length %d: %s",
                 split,
-                len(self.report.dropped),
+                counted(len(self.report.dropped), "record"),
                 max_length,
                 ", ".join(self.report.dropped[:10]),
             )
         if self.report.truncated:
             log.warning(
-                "%s: cut the text of %d record(s) to data.max_length %d: %s",
+                "%s: cut the text of %s to data.max_length %d: %s",
                 split,
-                len(self.report.truncated),
+                counted(len(self.report.truncated), "record"),
                 max_length,
                 ", ".join(self.report.truncated[:10]),
             )
@@ -118,15 +119,15 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
     def _nothing_left(
         split: str, conversations: list[Conversation], max_length: int, policy: str, shortest: int | None
     ) -> str:
-        """Why the split is empty, naming its file(s) and the setting to change."""
+        """Why the split is empty, naming its files and the setting to change."""
         if shortest is None:  # nothing was dropped: there was nothing to begin with
             return f"the {split} split has no records"
         files = ", ".join(sorted({conv.source.rpartition(":")[0] or conv.source for conv in conversations}))
         return (
-            f"{files}: all {len(conversations)} record(s) of the {split} split are longer than data.max_length "
-            f"{max_length} and data.max_length_policy {policy} dropped them, leaving none: raise data.max_length to at "
+            f"{files}: every record of the {split} split ({counted(len(conversations), 'record')}) is longer than "
+            f"data.max_length {max_length}, and data.max_length_policy {policy} left none: raise data.max_length to at "
             f"least {shortest} (the shortest record's tokens, image tokens included), or set data.max_length_policy "
-            "to truncate-text (cut the text of their last turns)"
+            "to truncate-text (cut the text of each record's last turn)"
         )
 
     def _encode(self, conv: Conversation) -> Encoded:

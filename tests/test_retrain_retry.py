@@ -1,0 +1,169 @@
+"""A retried retrain flow run goes on where it stopped: in the run folder its first try made, the steps that finished
+reused, its eval jobs resumed from their finished shards. Nothing is trained twice and no eval record is answered twice.
+
+One flow run, three tries: the first fails in the fine-tuned eval job (its child dies after one shard of three), the
+second (the flow's own retry, in this process) after both eval jobs, in evaluate; the third is `prefect flow-run retry`
+as a user runs it, in a process of its own. Before, each try made a new run folder, trained and merged again and
+answered every eval record again there, leaving the last try's half-done job behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MARK = "answered before the crash"
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    """Inode and mtime: a step that writes its file again (aside, then renamed) changes both."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def _task_states(flow_run_id: Any) -> dict[str, list[str]]:
+    """The states of the flow run's task runs (of every try), by task name, oldest first."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    async def read() -> dict[str, list[str]]:
+        async with get_client() as client:
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            )
+        states: dict[str, list[str]] = defaultdict(list)
+        for run in runs:
+            states[run.name.rsplit("-", 1)[0]].append(str(run.state_name))
+        return dict(states)
+
+    return asyncio.run(read())
+
+
+def test_a_retry_finds_its_flow_runs_folder_and_a_new_flow_run_gets_its_own(tmp_path: Path) -> None:
+    from flows.retrain import _run_dir
+
+    runs = tmp_path / "runs"
+    first, other = _run_dir(runs, "flow-run-1"), _run_dir(runs, "flow-run-2")
+    assert first != other and (_run_dir(runs, "flow-run-1"), _run_dir(runs, "flow-run-2")) == (first, other)
+    assert _run_dir(runs, "flow-run-3") not in (first, other) and len(list(runs.iterdir())) == 3
+
+
+def test_a_retry_that_reads_another_config_is_refused(tmp_path: Path) -> None:
+    from flows.retrain import _write_run_config
+    from vlmops.errors import UserInputError
+
+    config_file = tmp_path / "config.yaml"
+    _write_run_config(config_file, "train:\n  epochs: 10\n")
+    _write_run_config(config_file, "train:\n  epochs: 10\n")  # the same config: the retry goes on
+    with pytest.raises(UserInputError, match="start a new run instead of retrying this one"):
+        _write_run_config(config_file, "train:\n  epochs: 2\n")
+    assert config_file.read_text() == "train:\n  epochs: 10\n"
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1200)
+def test_a_retried_flow_run_goes_on_in_its_run_folder_and_answers_no_eval_record_twice(
+    tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    import flows.retrain
+    import tasks.infer
+    from vlmops.errors import RunFailed
+
+    outputs = tmp_path / "outputs"
+    runs = outputs / "runs"
+    overrides = [
+        f"run.output_dir={outputs}",
+        f"model.cache_dir={outputs}/cache",
+        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+        *("data.demo.num_train=16", "data.demo.num_eval=6", "train.max_steps=2", "infer.shard_size=2"),
+    ]
+    real_job = tasks.infer.run_job_in_child
+    jobs: list[tuple[str, int, int]] = []  # each eval job run: its folder under runs/, parts before, parts after
+    stamps: dict[str, tuple[int, int]] = {}  # files of the run folder the later tries must leave as they are
+
+    def job_dying_after_its_first_shard(model: str, input_spec: str, output: str, config: Any, **kwargs: Any) -> None:
+        job = Path(output)
+        first_try = job.name == "predictions.jsonl.job" and not any(Path(j[0]).name == job.name for j in jobs)
+        if first_try:  # the child answers one shard, then dies
+            config = config.model_copy(update={"infer": config.infer.model_copy(update={"max_shards": 1})})
+        before = len(list(job.glob("part-*.jsonl")))
+        try:
+            real_job(model, input_spec, output, config, **kwargs)
+        finally:
+            jobs.append((job.relative_to(runs).as_posix(), before, len(list(job.glob("part-*.jsonl")))))
+        if first_try:
+            # The shard done before the crash, marked: a retry that answers it again would answer it without the mark.
+            part = job / "part-00000.jsonl"
+            rows = [json.loads(line) for line in part.read_text().splitlines()]
+            part.write_text("".join(json.dumps({**row, "response": MARK}) + "\n" for row in rows))
+            run_dir = job.parents[1]
+            for name in ("train/result.json", "merged/model.safetensors", "eval/base_predictions.jsonl"):
+                stamps[name] = _stamp(run_dir / name)
+            raise RunFailed("the GPU worker went away")
+
+    def evaluate_failing(out_dir: str, *args: Any) -> None:
+        stamps["eval/predictions.jsonl"] = _stamp(Path(out_dir) / "predictions.jsonl")
+        raise RuntimeError("the evaluation's worker went away")
+
+    monkeypatch.setattr(tasks.infer, "run_job_in_child", job_dying_after_its_first_shard)
+    monkeypatch.setattr(flows.retrain, "evaluate", evaluate_failing)
+    storage = tmp_path / "prefect-storage"
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}):
+        state = flows.retrain.retrain.with_options(retries=1)(str(ROOT / "pipeline.yaml"), overrides, return_state=True)
+        api = str(PREFECT_API_URL.value())
+    assert state.is_failed(), state
+    (run,) = (p.name for p in runs.iterdir())
+    # Both tries in one run folder: the base job once, the fine-tuned one resumed with the two shards it lacked.
+    assert jobs == [
+        (f"{run}/eval/base_predictions.jsonl.job", 0, 3),
+        (f"{run}/eval/predictions.jsonl.job", 0, 1),
+        (f"{run}/eval/predictions.jsonl.job", 1, 3),
+    ], jobs
+
+    # The third try: `prefect flow-run retry` (no deployment: the flow's entrypoint, run here) with the same results
+    # storage, in a process without the faults above.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api, "PREFECT_LOCAL_STORAGE_PATH": str(storage)}
+    flow_run_id = state.state_details.flow_run_id
+    command = [str(Path(sys.executable).with_name("prefect")), "flow-run", "retry", str(flow_run_id)]
+    retried = subprocess.run(
+        [*command, "--entrypoint", "flows/retrain.py:retrain"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert retried.returncode == 0, retried.stdout[-3000:] + retried.stderr[-3000:]
+
+    assert [p.name for p in runs.iterdir()] == [run]
+    run_dir = runs / run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["run_dir"] == str(run_dir)
+    for name, stamp in stamps.items():  # not trained, merged or answered again
+        assert _stamp(run_dir / name) == stamp, name
+    states = _task_states(flow_run_id)
+    assert states["train"] == states["merge"] == ["Completed", "Cached", "Cached"], states
+    assert sorted(states["batch_infer"]) == ["Cached", "Cached", "Cached", "Completed", "Completed", "Failed"], states
+    # Every eval record once, in order; the shard answered before the crash as it was then.
+    rows = [json.loads(line) for line in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["source"].rsplit(":", 1)[1] for row in rows] == [str(i) for i in range(1, 7)]
+    assert [row["prediction"] for row in rows].count(MARK) == 2 and rows[0]["prediction"] == rows[1][
+        "prediction"
+    ] == MARK
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == [
+        "base_predictions.jsonl",
+        "comparison.json",
+        "comparison.png",
+        "metrics.json",
+        "predictions.jsonl",
+    ]
