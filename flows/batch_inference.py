@@ -104,7 +104,10 @@ def batch_inference(
             done_before = len(plan.shards) - len(todo)
             todo = todo[: config.infer.max_shards]  # a trial run's first shards (None: all)
             logger.info(
-                "job %s: %d shards to hand to the task workers (%d done before)", plan.job_id, len(todo), done_before
+                "job %s: %s to hand to the task workers (%d done before)",
+                plan.job_id,
+                counted(len(todo), "shard"),
+                done_before,
             )
             futures = [answer_shard.delay(pinned, job_output.uri, config, shard.index) for shard in todo]
             for state in _final_states([f.task_run_id for f in futures]):
@@ -139,9 +142,9 @@ def batch_inference(
     if result.results:
         publish_samples(SAMPLES_KEY, sample_rows(job_output), f"batch inference {model} -> {output}")
     logger.info(
-        "job %s: %d records, %d answered, %d rejected -> %s",
+        "job %s: %s, %d answered, %d rejected -> %s",
         summary["job_id"],
-        result.records,
+        counted(result.records, "record"),
         result.results,
         result.rejects,
         result.output,

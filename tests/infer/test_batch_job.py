@@ -298,7 +298,7 @@ def test_a_max_context_that_holds_none_of_the_jobs_prompts_is_refused_before_the
         found = re.fullmatch(
             r"infer.max_context 12 holds none of this job's prompts beside infer.max_new_tokens 8: its shortest prompt "
             r"\(prompts.jsonl:(\d)\) takes (\d+) tokens \(chat template, system prompt and image tokens included\), "
-            r"so every one of its 3 records would be rejected. Raise infer.max_context to at least (\d+) \(\d+ \+ 8\), "
+            r"so every record would be rejected \(3 records\). Raise infer.max_context to at least (\d+) \(\d+ \+ 8\), "
             r"or unset it to size it to the job's prompts",
             str(info.value),
         )
@@ -364,6 +364,20 @@ def test_cli_summary_and_exit_codes(
     assert main([*empty, "--output", str(tmp_path / "out-empty")]) == 0
     printed = capsys.readouterr().out
     assert ": the input holds no records" in printed and "0 read: 0 answered, 0 rejected" in printed, printed
+
+
+def test_a_shards_log_line_says_1_result_1_reject_1_token(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The line each finished shard logs read "shard 00000: 1 results, 1 rejects, 1 tokens in 0.2 s"."""
+    prompts = tmp_path / "prompts.jsonl"
+    records = [{"id": "a", "query": "Hello?"}, {"id": "bad", "query": "Hi", "system": 5}]  # the second: a reject
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = job_config(**{"infer.max_new_tokens": 1})
+    with caplog.at_level(logging.INFO, logger="vlmops.infer.job"):
+        run_batch_job(str(tiny_model), str(prompts), str(tmp_path / "out"), config, progress=False)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shard 00000: ")]
+    assert len(said) == 1 and re.fullmatch(r"shard 00000: 1 result, 1 reject, 1 token in \d+\.\d s", said[0]), said
 
 
 def test_a_trial_run_answers_the_first_shards_and_the_same_command_goes_on(

@@ -55,7 +55,7 @@ def test_finalize_refuses_missing_shards_and_shards_that_do_not_add_up(
     with pytest.raises(RunFailed, match=r"1 shard not done yet \(00001\); run the same job again"):
         finalize(plan, output)
     (tmp_path / "out" / "part-00001.jsonl").write_text(json.dumps({"key": 4, "generated_tokens": 1}) + "\n")
-    with pytest.raises(RunFailed, match=r"shard 00001 has 1 results and 0 rejects for 2 records"):
+    with pytest.raises(RunFailed, match=r"shard 00001 has 1 result and 0 rejects for 2 records"):
         finalize(plan, output)
     (tmp_path / "out" / "part-00001.jsonl").write_text(
         "".join(json.dumps({"key": i, "generated_tokens": 1}) + "\n" for i in (4, 5))

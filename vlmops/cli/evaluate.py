@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from vlmops.cli.args import add_config_args
+from vlmops.plural import counted
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +26,7 @@ def handle(args: argparse.Namespace) -> int:
     result = evaluate_checkpoint(args.ckpt, config, args.out if args.out is not None else Path(args.ckpt) / EVAL_DIR)
     tuned = result.tuned
     speed = f"  [{result.tuned_batch.tokens_per_s:.1f} tokens/s]" if result.tuned_batch is not None else ""
-    print(f"eval split: {result.eval_file} ({tuned.total} records, metric {tuned.metric})")
+    print(f"eval split: {result.eval_file} ({counted(tuned.total, 'record')}, metric {tuned.metric})")
     print(f"fine-tuned: accuracy {tuned.accuracy:.1%} ({tuned.correct}/{tuned.total}){speed}")
     if result.base is not None and result.comparison is not None:
         c = result.comparison

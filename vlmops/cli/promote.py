@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from vlmops.cli.args import add_config_args
+from vlmops.plural import counted
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +32,7 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     print(f"promotion of {result['name']} version {result['challenger']}: {result['decision']}")
     print(f"  {result['reason']}")
-    print(f"  evaluation set    {result['eval_file']} ({result['total']} records)")
+    print(f"  evaluation set    {result['eval_file']} ({counted(result['total'], 'record')})")
     print(f"  MLflow run        {result['mlflow_run_id']}")
     print(f"  predictions       {result['work_dir']}")
     return 0

@@ -47,8 +47,9 @@ def handle(args: argparse.Namespace) -> int:
 
 def summary(result: TrainResult) -> str:
     """A few lines a person can read at the end of a run."""
+    steps = counted(result.steps, "step")
     lines = [
-        f"trained {result.steps} steps: train loss {result.train_loss:.4f}, best eval loss {result.eval_loss:.4f}",
+        f"trained {steps}: train loss {result.train_loss:.4f}, best eval loss {result.eval_loss:.4f}",
         f"trainable params {result.trainable_params:,} of {result.total_params:,}; "
         f"{result.tokens_per_s:,.0f} tokens/s, {result.samples_per_s:.1f} samples/s",
         f"result: {result.final_dir}",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vlmops.plural import counted
 from vlmops.staging import staged_folder
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -81,7 +82,7 @@ def write_demo_dataset(
         _write_jsonl(staging / "train.jsonl", train)
         _write_jsonl(staging / "eval.jsonl", evals)
         (staging / "README.md").write_text(
-            f"Synthetic vlmops demo data: {num_train} train / {num_eval} eval records, "
+            f"Synthetic vlmops demo data: {counted(num_train, 'train record')}, {counted(num_eval, 'eval record')}, "
             f"{image_size}px images, seed {seed}.\n"
         )
     return out / "train.jsonl", out / "eval.jsonl"

@@ -29,6 +29,7 @@ from vlmops.config import InferConfig, no_room_for_a_prompt
 from vlmops.errors import UserInputError
 from vlmops.infer.records import PROMPT_STEP
 from vlmops.models.loading import LoadedModel
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +146,11 @@ def make_engine(
     if choice == "auto":
         small = records is not None and records < infer_cfg.fast_min_records
         choice = "fast" if on_cuda and not small else "plain"
-        if on_cuda and small:
+        if on_cuda and records is not None and small:
             log.info(
-                "%d records to answer: the plain engine (below infer.fast_min_records=%d the fast engine's compiling "
+                "%s to answer: the plain engine (below infer.fast_min_records=%d the fast engine's compiling "
                 "costs more than it saves; set infer.engine=fast to have it anyway)",
-                records,
+                counted(records, "record"),
                 infer_cfg.fast_min_records,
             )
     if choice == "fast":

@@ -37,6 +37,7 @@ from vlmops.errors import UserInputError
 from vlmops.infer.sampling import TokenSelector
 from vlmops.models.cuda_graphs import GraphMemory, capture
 from vlmops.models.tower_compile import INDUCTOR_OPTIONS
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +407,7 @@ class StaticDecoder:
             return None
         captured = _PrefillGraph(graph, *inputs, logits)
         self._prefill_graphs[(rows, width)] = captured
-        log.debug("captured a prefill of %d rows x %d tokens", rows, width)
+        log.debug("captured a prefill of %s x %d tokens", counted(rows, "row"), width)
         return captured
 
     def _prefill(self, embeds: torch.Tensor, width: int, index: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -465,7 +466,7 @@ class StaticDecoder:
             self._memory = GraphMemory()
         graph, _ = capture(lambda: self._step(rows, columns), self._memory, after_warmup=restore)
         self._graphs[(rows, columns)] = graph
-        log.debug("captured a decode step for %d rows x %d columns", rows, columns)
+        log.debug("captured a decode step for %s x %d columns", counted(rows, "row"), columns)
         return graph
 
     def _step(self, rows: int, columns: int) -> None:

@@ -60,6 +60,7 @@ from vlmops.models.pixels import DevicePixels
 from vlmops.models.sam_attention import SAM_ATTENTION, set_sam_attention, set_sam_compiled
 from vlmops.models.tower_compile import set_siglip_compiled
 from vlmops.models.vision_graphs import VisionGraphs, image_features, memoise_rel_pos
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +285,8 @@ class FastEngine:
         )
         slots = self._fit_slots(max_batch, memory_gib, prefill_graphs, _pick_bytes(selector, self.model, max_context))
         log.info(
-            "FastEngine: %d slots of %d tokens (K/V cache %.1f GiB)",
-            slots,
+            "FastEngine: %s of %d tokens (K/V cache %.1f GiB)",
+            counted(slots, "slot"),
             max_context,
             slots * StaticDecoder.bytes_per_slot(self.model, max_context) / GIB,
         )
@@ -475,8 +476,9 @@ class FastEngine:
             )
         image_tokens = sum(1 for token in request.prompt_ids if token == self.image_token_id)
         if image_tokens != len(request.images) * self.num_image_tokens:
+            images = counted(len(request.images), "image")
             raise UserInputError(
-                f"request {request.key!r} has {image_tokens} image tokens for {len(request.images)} images "
+                f"request {request.key!r} has {counted(image_tokens, 'image token')} for {images} "
                 f"({self.num_image_tokens} per image); encode the prompt with vlmops.models.template.encode"
             )
         return request

@@ -216,7 +216,7 @@ class JobPlan:
             f"the job's longest prompt ({where}) takes {longest} tokens, so each slot of the fast engine holds {context} "
             f"tokens with the answer, where {covered} of its {total} records need {bulk_context} or fewer: "
             f"--set infer.max_context={bulk_context} fits ~{context // bulk_context}x the slots in the same memory and "
-            f"sends at most {longer} records (those over {bulk * PROMPT_STEP} prompt tokens) to the rejects"
+            f"sends at most {counted(longer, 'record')} (those over {bulk * PROMPT_STEP} prompt tokens) to the rejects"
         )
 
     def context_advice(self, max_context: int, max_new_tokens: int) -> str | None:
@@ -538,10 +538,10 @@ def refuse_when_no_prompt_fits(plan: JobPlan, infer: InferConfig) -> None:
     Raises:
         UserInputError: naming the shortest prompt, its tokens, both keys and what to change.
     """
-    counted = [(f.shortest_prompt, f"{f.name}:{f.shortest_line}") for f in plan.files if f.shortest_prompt is not None]
-    if infer.max_context is None or not counted:
+    shortest = [(f.shortest_prompt, f"{f.name}:{f.shortest_line}") for f in plan.files if f.shortest_prompt is not None]
+    if infer.max_context is None or not shortest:
         return
-    tokens, where = min(counted)
+    tokens, where = min(shortest)
     needed = tokens + infer.max_new_tokens
     if needed <= infer.max_context:
         return
@@ -550,7 +550,7 @@ def refuse_when_no_prompt_fits(plan: JobPlan, infer: InferConfig) -> None:
     raise UserInputError(
         f"infer.max_context {infer.max_context} holds none of this job's prompts beside infer.max_new_tokens "
         f"{infer.max_new_tokens}: its shortest prompt ({where}) takes {tokens} tokens (chat template, system prompt "
-        f"and image tokens included), so every one of its {plan.records} records would be rejected. Raise "
+        f"and image tokens included), so every record would be rejected ({counted(plan.records, 'record')}). Raise "
         f"infer.max_context to at least {needed} ({tokens} + {infer.max_new_tokens}), or unset it to size it to the "
         f"job's prompts{lower}"
     )
@@ -827,11 +827,11 @@ class ShardRunner:
             work.shard.index, len(work.prompts), len(work.rejects), tokens, work.images, seconds, self.worker
         )
         log.info(
-            "shard %s: %d results, %d rejects, %d tokens in %.1f s",
+            "shard %s: %s, %s, %s in %.1f s",
             work.shard.name,
-            len(work.prompts),
-            len(work.rejects),
-            tokens,
+            counted(len(work.prompts), "result"),
+            counted(len(work.rejects), "reject"),
+            counted(tokens, "token"),
             stats.seconds,
         )
         if self.compile_share is not None:
@@ -1032,9 +1032,9 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
             reject_lines = jsonl_lines(output.read_text(f"{SHARD_REJECTS}{shard.name}.jsonl") or "")
             if len(part_records) + len(reject_lines) != shard.count:
                 raise RunFailed(
-                    f"job {plan.job_id}: shard {shard.name} has {len(part_records)} results and "
-                    f"{len(reject_lines)} rejects for {shard.count} records; delete {part_name(shard)} and run the "
-                    "job again"
+                    f"job {plan.job_id}: shard {shard.name} has {counted(len(part_records), 'result')} and "
+                    f"{counted(len(reject_lines), 'reject')} for {counted(shard.count, 'record')}; delete "
+                    f"{part_name(shard)} and run the job again"
                 )
             for line in reject_lines:
                 out.write(line + "\n")
@@ -1071,7 +1071,10 @@ def finalize(plan: JobPlan, output: JobOutput) -> dict[str, Any]:
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if results + rejects != plan.records:
-        raise RunFailed(f"job {plan.job_id}: {results} results + {rejects} rejects != {plan.records} records read")
+        raise RunFailed(
+            f"job {plan.job_id}: {counted(results, 'result')} + {counted(rejects, 'reject')} != "
+            f"{counted(plan.records, 'record')} read"
+        )
     with written_file(output, MANIFEST_FILE) as path:
         path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest

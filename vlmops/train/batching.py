@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlmops.config import PipelineConfig, TrainConfig
+from vlmops.plural import counted
 from vlmops.train.data import round_up
 from vlmops.train.deepspeed_config import require_deepspeed
 from vlmops.train.memory import OFFLOAD_PRESET, ModelShape, fits_without_deepspeed, gpu_memory_gib, plan_batch
@@ -226,9 +227,9 @@ def train_dataset(batching: Batching, dataset: Any, seed: int) -> Dataset[Any]:
         assert batching.packing_tokens is not None
         grouped = GroupedDataset(dataset, pack_groups(dataset.lengths, batching.packing_tokens, seed))
         log.info(
-            "packing: %d samples into %d micro-batches of <= %d tokens (%.1f samples each on average)",
-            len(dataset),
-            len(grouped),
+            "packing: %s into %s of <= %d tokens (%.1f samples each on average)",
+            counted(len(dataset), "sample"),
+            counted(len(grouped), "micro-batch", "micro-batches"),
             batching.packing_tokens,
             grouped.mean_group_size,
         )

@@ -74,7 +74,9 @@ class SFTDataset(Dataset[dict[str, torch.Tensor]]):
         self.cuts: list[int | None] = []
         self.lengths: list[int] = []
         if lengths is not None and len(lengths) != len(conversations):
-            raise ValueError(f"{len(lengths)} saved lengths for {len(conversations)} {split} records")
+            raise ValueError(
+                f"{counted(len(lengths), 'saved length')} for {counted(len(conversations), split + ' record')}"
+            )
         problems: list[RecordProblem] = []
         shortest_dropped: int | None = None
         for i, conv in enumerate(

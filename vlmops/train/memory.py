@@ -48,6 +48,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from vlmops.plural import counted
+
 log = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -208,7 +210,7 @@ class BatchPlan:
     """Below 1: selective recompute, the compiled layers keep this share of their activations."""
 
     def describe(self) -> str:
-        split = f"{self.packing_tokens} packed tokens" if self.packing_tokens else f"{self.micro_batch} samples"
+        split = f"{self.packing_tokens} packed tokens" if self.packing_tokens else counted(self.micro_batch, "sample")
         recompute = "on" if self.recompute else "off"
         if self.activation_budget < 1:
             recompute = f"selective (activation budget {self.activation_budget:g})"

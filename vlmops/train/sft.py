@@ -26,6 +26,7 @@ from vlmops.errors import UserInputError
 from vlmops.models.compile_cache import use_compile_cache
 from vlmops.models.loading import attn_implementation, is_hybrid, load_processor, resolve_dtype, safe_weights
 from vlmops.models.pixels import DevicePixels
+from vlmops.plural import counted
 from vlmops.staging import write_text_atomic
 from vlmops.train.batching import (
     Batching,
@@ -467,8 +468,8 @@ def train(config: PipelineConfig, base_model: Path, dataset: Path, run_dir: Path
     if args.should_save:
         write_text_atomic(run_dir / RESULT_FILE, json.dumps(result.to_json(), indent=2) + "\n")
     log.info(
-        "trained %d steps in %.1f s: train loss %.4f, best eval loss %.4f, %.0f tokens/s; final: %s",
-        result.steps,
+        "trained %s in %.1f s: train loss %.4f, best eval loss %.4f, %.0f tokens/s; final: %s",
+        counted(result.steps, "step"),
         runtime,
         result.train_loss,
         result.eval_loss,

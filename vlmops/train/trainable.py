@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from vlmops.config import TrainConfig
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class TrainableSummary:
 
     def describe(self) -> str:
         share = 100.0 * self.trainable_params / max(self.total_params, 1)
-        what = f"LoRA on {len(self.lora_targets)} modules" if self.mode == "lora" else "full"
+        what = f"LoRA on {counted(len(self.lora_targets), 'module')}" if self.mode == "lora" else "full"
         parts = ", ".join(self.fully_trained_parts) or "none"
         return (
             f"trainable params: {self.trainable_params:,} of {self.total_params:,} ({share:.4f}%); "
