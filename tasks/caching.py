@@ -86,35 +86,45 @@ def image_stat_data(path: str) -> str:
     return _stat_fields(found) if stat.S_ISREG(found.st_mode) else "missing"
 
 
+def folder_file_data(path: Path) -> str | None:
+    """The key's words for a file a folder walk lists: where a symlink leads and the stat data of the file at its end,
+    or None where that is no regular file (a broken link, a fifo); from one lstat for a file that is not a link."""
+    try:
+        found = os.lstat(path)
+    except OSError as err:
+        if err.errno in NO_FILE:
+            return None
+        raise
+    if stat.S_ISREG(found.st_mode):
+        return f"\0{_stat_fields(found)}"
+    if not stat.S_ISLNK(found.st_mode):
+        return None
+    target = image_stat_data(str(path))  # stat follows every link, with is_file's answers
+    return None if target == "missing" else f"\0-> {path.resolve()}\0{target}"
+
+
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
     """Relative path and stat data (size, mtime, ctime, inode) of every file below `folder` and where each symlink
     leads, but those in or at a path of `skip` (absolute), tool metadata (`NOT_DATA`) and partial S3 downloads (a
     killed run's, removed by the next download)."""
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
-    files, links = [], []
+    lines: list[tuple[Path, str]] = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if d not in NOT_DATA and Path(root, d) not in inside]
         # A symlinked folder is not walked: following links could lead far beyond the folder or round in circles.
         # Where it leads is part of the key: pointing a subfolder at another version of its files changes no file
         # that is walked.
-        links += [path for d in dirs if (path := Path(root, d)).is_symlink()]
-        files += [
-            path
-            for name in names
-            if name not in NOT_DATA
-            and (path := Path(root, name)) not in inside
-            and path.is_file()
-            and not is_partial(path)
-        ]
+        lines += [(path, f"\0-> {path.resolve()}") for d in dirs if (path := Path(root, d)).is_symlink()]
+        for name in names:
+            path = Path(root, name)
+            if name in NOT_DATA or path in inside or is_partial(path):
+                continue
+            if (data := folder_file_data(path)) is not None:
+                lines.append((path, data))
     h = hashlib.sha256()
-    for path in sorted(files + links):
-        line = path.relative_to(folder).as_posix()
-        if path.is_symlink():
-            line += f"\0-> {path.resolve()}"
-        if path.is_file():  # a file, or the file a link leads to (stat follows links)
-            line += f"\0{stat_data(path)}"
-        h.update(f"{line}\n".encode())
+    for path, data in sorted(lines):  # each path once: no two tuples compare their data
+        h.update(f"{path.relative_to(folder).as_posix()}{data}\n".encode())
     return h.hexdigest()
 
 

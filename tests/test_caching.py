@@ -16,7 +16,7 @@ from PIL import Image
 from prefect.cache_policies import CompoundCachePolicy
 from prefect.context import TaskRunContext
 
-from tasks.caching import FileContents, image_stat_data, stat_data
+from tasks.caching import FileContents, folder_stat_fingerprint, image_stat_data, stat_data
 from tasks.validate import validate_dataset
 from vlmops.config import DataConfig
 
@@ -265,3 +265,39 @@ def test_a_record_naming_a_folder_changes_the_key_when_a_file_takes_its_place(tm
     (folder / "images" / "shape.bmp").rmdir()
     image(folder / "images" / "shape.bmp", "red")
     assert dataset_key(train, DataConfig()) != before
+
+
+def test_a_model_folders_key_follows_its_files_and_links_and_nothing_else(tmp_path: Path) -> None:
+    """The model folder's key: the same for an untouched folder; another for a file rewritten with its size (also
+    through a link), a link pointed elsewhere or a new file; the same again for what the walk leaves out (tool
+    metadata, a partial download, a written folder, a link that leads to no file, a fifo)."""
+    model, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
+    weights = image(model / "weights.bmp", "red")
+    shared = image(elsewhere / "v1" / "tokenizer.bmp", "red")
+    image(elsewhere / "v2" / "tokenizer.bmp", "red")
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.bmp").symlink_to(shared)
+    (model / "vision").symlink_to(elsewhere / "v1", target_is_directory=True)
+    outputs = (model / "outputs").resolve()  # as FileContents passes the written folders
+    before = folder_stat_fingerprint(model, [outputs])
+    assert folder_stat_fingerprint(model, [outputs]) == before
+
+    (model / ".git").mkdir()
+    (model / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (model / ".weights.bmp.part").write_bytes(b"half")
+    (outputs / "runs").mkdir(parents=True)
+    (outputs / "runs" / "result.json").write_text("{}")
+    (model / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(model / "fifo")
+    assert folder_stat_fingerprint(model, [outputs]) == before
+
+    rewrite(weights, "blue")
+    keys = [before, folder_stat_fingerprint(model, [outputs])]
+    rewrite(shared, "blue")  # behind the link: stat follows it
+    keys.append(folder_stat_fingerprint(model, [outputs]))
+    (model / "vision").unlink()
+    (model / "vision").symlink_to(elsewhere / "v2", target_is_directory=True)
+    keys.append(folder_stat_fingerprint(model, [outputs]))
+    (model / "extra.json").write_text("{}")
+    keys.append(folder_stat_fingerprint(model, [outputs]))
+    assert len(set(keys)) == len(keys), keys
