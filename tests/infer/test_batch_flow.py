@@ -77,7 +77,7 @@ def test_flow_runs_the_job_in_a_child_and_reports_progress(
     second, first, _ = (a.data for a in _artifacts(tiny_model, out, "markdown"))
     assert first.startswith(f"# batch inference job {summary['job_id']}\n"), first
     assert "| records | 6 read: 6 answered, 0 rejected |" in first
-    assert f"| exact match | {summary['exact_match'] * 6:.0f} of 6 answers equal the record's reference" in first
+    assert f"| exact match | {summary['exact_match'] * 6:.0f} of 6 answers equal to the record's reference" in first
     assert "| answers | greedy |" in first and f"| output | {out}/part-*.jsonl (3 parts), manifest.json |" in first
     assert re.search(r"\| this run \| 2 shards in \d+\.\d s \|", first), first
     assert re.search(r"\| this run \| 0 shards in \d+\.\d s \|", second), second

@@ -523,7 +523,7 @@ def test_a_job_scores_its_answers_against_the_records_reference_answers(
     assert main([*args, "--set", "infer.max_new_tokens=4"]) == 0
     printed = capsys.readouterr().out
     assert "7 read: 7 answered, 0 rejected" in printed
-    assert "exact match       3 of 6 answers equal the record's reference answer (50.0%;" in printed, printed
+    assert "exact match       3 of 6 answers equal to the record's reference answer (50.0%;" in printed, printed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["score"] == {"metric": "exact_match", "scored": 6, "correct": 3, "accuracy": 0.5}
     graded = [json.loads(line) for line in (out / "part-00000.jsonl").read_text().splitlines()]

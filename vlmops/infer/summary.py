@@ -139,7 +139,7 @@ def token_choice(settings: dict[str, Any]) -> str:
 def score_text(score: dict[str, Any]) -> str:
     """A manifest's `score`: how many answers equal their record's reference answer."""
     return (
-        f"{counted_of(score['correct'], score['scored'], 'answer')} equal the record's reference answer "
+        f"{counted_of(score['correct'], score['scored'], 'answer')} equal to the record's reference answer "
         f"({100 * score['accuracy']:.1f}%; case, spacing and final punctuation aside)"
     )
 
