@@ -5,8 +5,10 @@ One MLflow parent run per flow run, a child run per step. The dataset snapshot a
 versioned with DVC; their hashes, the git commit and the Prefect flow-run id tag the run and the model
 version. Download and validation are cached on their inputs and the content of the files they read, so a
 rerun with unchanged inputs reuses them (the log says `Cached`). A retry of a flow run (`prefect flow-run retry`)
-goes on in the run folder its first try made: train, merge and the eval predictions that finished are reused too,
-and an eval job it stopped answers only the shards it had not finished. The registered version carries its whole
+goes on in the run folder its first try made: train, merge, the eval predictions that finished and the registration
+are reused too (a flow run registers one version: a retry after register, say of a failed promotion, keeps that
+version and its alias as the earlier try left them, and runs the steps after it again), and an eval job it stopped
+answers only the shards it had not finished. The registered version carries its whole
 lineage (vlmops.registry.lineage); the flow run has two artifacts: a summary with links to the MLflow run and
 model version, and a table of eval samples.
 
@@ -35,7 +37,7 @@ from tasks.evaluate import evaluate, log_evaluation
 from tasks.infer import batch_infer_task, log_batch
 from tasks.merge import log_merge, merge
 from tasks.register import register
-from tasks.report import flow_run_tags, publish_samples, publish_summary
+from tasks.report import FLOW_RUN_TAG, flow_run_tags, publish_samples, publish_summary
 from tasks.retry import names_unreachable_service
 from tasks.train import log_training, train_model
 from tasks.validate import log_validation, validate_dataset
@@ -306,8 +308,17 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
             **{k: f"{v:.4f}" for k, v in metrics.items()},
         }
         with tracker.run("register", parent) as step:
+            # Once per flow run: a retry takes the version its earlier try registered (the task run is `Cached`), or
+            # finishes the one that try created before it failed (its alias not set yet).
             version = register(
-                tracker, step, str(merged.path), config.registry.model_name, config.registry.alias, tags, model_version
+                tracker,
+                step,
+                str(merged.path),
+                config.registry.model_name,
+                config.registry.alias,
+                tags,
+                model_version,
+                once_per=FLOW_RUN_TAG,
             )
             tracker.set_tags(step, {"model_name": version.name, "model_version": version.version})
         tracker.set_tags(parent, {k: v for k, v in tags.items() if k.startswith("dvc.")})

@@ -209,10 +209,11 @@ def within_flow_run(params: list[str], datasets: list[str] | None = None, ignore
     """`inputs_and_files(params, datasets)` (but the inputs in `ignore`) + the flow run's id: reused by a retry of the
     same flow run only.
 
-    For the steps that write into the flow run's own folder (train, merge, the eval predictions): another flow run is
-    another run and does them again, while a retry of this one (`prefect flow-run retry`, a flow's `retries`) goes on
-    in the same folder (flows/retrain.py) and takes the results of the steps that finished: a model is not trained
-    twice, nor an eval record answered twice. `ignore`: inputs that differ between tries of one step (the MLflow run
+    For the steps that write into the flow run's own folder (train, merge, the eval predictions) and the one that
+    registers its model: another flow run is another run and does them again, while a retry of this one (`prefect
+    flow-run retry`, a flow's `retries`) goes on in the same folder (flows/retrain.py) and takes the results of the
+    steps that finished: a model is not trained twice, nor an eval record answered twice, nor a version registered
+    twice. `ignore`: inputs that differ between tries of one step (the MLflow run
     of this try's step)."""
     inputs: CachePolicy = INPUTS
     for name in ignore:

@@ -2,25 +2,51 @@
 
 With versioning on, the version's artifacts are a pointer to the copy DVC pushed (`models:/NAME@ALIAS`
 loading pulls it from the DVC remote): the weights are stored once in the shared store, not uploaded again.
+
+The retrain flow registers once per flow run (`once_per` its `prefect_flow_run_id` tag): a retry of the flow run
+(`prefect flow-run retry`, a flow's `retries`) takes the registration its earlier try finished (the task run says
+`Cached`: the same version, its alias as that try and the steps after it left it), and one whose earlier try stopped
+between creating the version and setting its alias finishes that version.
 """
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.utilities.hashing import hash_objects
 
+from tasks.caching import within_flow_run
 from tasks.retry import SERVICE_BACKOFF, SERVICE_RETRIES, transient
 from vlmops.tracking import RegisteredVersion, Tracker
 from vlmops.versioning import DvcVersion, write_pointer
 
 
+@dataclass
+class SameRegistration(CachePolicy):
+    """What `Tracker.register_model` takes for the same registration, made once: the value of the `once_per` tag (the
+    flow run, whichever try), else the MLflow run: without `once_per`, another run's call registers anew."""
+
+    def compute_key(
+        self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
+        once_per = inputs.get("once_per")
+        which = inputs["tags"].get(once_per) if once_per else inputs["run_id"]
+        return hash_objects([once_per, str(which)], raise_on_failure=True)
+
+
 @task(
     name="register",
-    cache_policy=NO_CACHE,
+    # Out of the key: what differs between tries of one flow run (the MLflow run of this try's step, the parent's id
+    # among the tags) and the tracker, which is the config's; `SameRegistration` puts back what identifies the call.
+    cache_policy=within_flow_run([], ignore=["tracker", "run_id", "tags"]) + SameRegistration(),
+    persist_result=True,
     retries=SERVICE_RETRIES,
     retry_delay_seconds=SERVICE_BACKOFF,
     retry_condition_fn=transient,
@@ -33,10 +59,12 @@ def register(
     alias: str,
     tags: Mapping[str, object],
     pushed: DvcVersion | None = None,
+    once_per: str | None = None,
 ) -> RegisteredVersion:
-    """Register the model pushed to DVC (a pointer), else the folder itself; a retry reuses the version."""
+    """Register the model pushed to DVC (a pointer), else the folder itself; a retry reuses the version (of `run_id`,
+    or of every run whose `tags` give `once_per` this one's value: see `Tracker.register_model`)."""
     if pushed is None:
-        return tracker.register_model(run_id, Path(model_dir), name, alias, tags=tags)
+        return tracker.register_model(run_id, Path(model_dir), name, alias, tags=tags, once_per=once_per)
     with tempfile.TemporaryDirectory() as tmp:
         write_pointer(pushed, Path(tmp))
-        return tracker.register_model(run_id, Path(tmp), name, alias, tags=tags)
+        return tracker.register_model(run_id, Path(tmp), name, alias, tags=tags, once_per=once_per)

@@ -6,6 +6,9 @@ from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+FLOW_RUN_TAG = "prefect_flow_run_id"
+"""The tag naming the flow run (of the retrain run and its model version): a retry of the flow run keeps it."""
+
 
 def flow_run_tags() -> dict[str, str]:
     """The running flow run's id and its deployment's name ("none" when run outside a deployment)."""
@@ -14,7 +17,7 @@ def flow_run_tags() -> dict[str, str]:
     from vlmops.registry.lineage import NO_DEPLOYMENT
 
     return {
-        "prefect_flow_run_id": str(flow_run.id or ""),
+        FLOW_RUN_TAG: str(flow_run.id or ""),
         "prefect_deployment": str(deployment.name or NO_DEPLOYMENT),
     }
 

@@ -167,3 +167,47 @@ def test_a_retried_flow_run_goes_on_in_its_run_folder_and_answers_no_eval_record
         "metrics.json",
         "predictions.jsonl",
     ]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
+    tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try fails right after register (auto_promote's promotion); the flow's retry takes that registration
+    (`Cached`) and promotes the same version: one version, the summary names it. Before, the retry registered
+    version 2 of the same trained model (each try logs to new MLflow runs, the key of the registration's reuse)."""
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    import flows.retrain
+
+    outputs = tmp_path / "outputs"
+    overrides = [
+        f"run.output_dir={outputs}",
+        f"model.cache_dir={outputs}/cache",
+        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+        "registry.auto_promote=true",
+        *("versioning.enabled=false", "eval.evaluate_base=false"),
+        *("data.demo.num_train=8", "data.demo.num_eval=2", "train.max_steps=2"),
+    ]
+    challengers: list[str] = []
+
+    def promotion_failing_once(config_path: str, overrides: list[str] | None, challenger: str) -> dict[str, str]:
+        challengers.append(challenger)
+        if len(challengers) == 1:
+            raise RuntimeError("the promotion's worker went away")
+        return {"decision": "promoted"}  # the gate itself is tests/test_retrain_promote.py's
+
+    monkeypatch.setattr(flows.retrain, "promote", promotion_failing_once)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        state = flows.retrain.retrain.with_options(retries=1)(str(ROOT / "pipeline.yaml"), overrides, return_state=True)
+        assert state.is_completed(), state
+        summary = state.result()
+    assert challengers == ["1", "1"]
+    assert (summary["model_version"], summary["alias_version"], summary["promotion"]) == ("1", "1", "promoted")
+    assert json.loads(Path(summary["summary_file"]).read_text())["model_version"] == "1"
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
+    assert [str(v.version) for v in client.search_model_versions("name = 'vlmops-demo'")] == ["1"]
+    assert client.get_registered_model("vlmops-demo").aliases == {"challenger": 1}
+    assert _task_states(state.state_details.flow_run_id)["register"] == ["Completed", "Cached"]

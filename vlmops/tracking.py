@@ -241,6 +241,7 @@ class Tracker:
         alias: str,
         tags: Mapping[str, Any] | None = None,
         artifact_path: str = "model",
+        once_per: str | None = None,
     ) -> RegisteredVersion:
         """Log a folder as artifacts of `run_id` and register it as a new version of `name` with `alias`.
 
@@ -249,13 +250,26 @@ class Tracker:
         `run_id` exists already (a retry after the version was created), that version gets the alias and
         no second one is made. MLflow 3's `register_model("runs:/...")` only accepts logged models; plain
         artifacts register through `create_model_version` with the artifact URI as source.
+
+        Args:
+            once_per: a key of `tags` whose value, not `run_id`, says which registration this is: a version of
+                `name` carrying that value is reused whichever run made it. The retrain flow's
+                `prefect_flow_run_id`: each try of a flow run logs to new MLflow runs, and a try that failed after
+                creating its version (before its alias was set, or later in the flow) leaves that version to the
+                retry. The tag is written with the version, in the call that creates it, so no version is
+                without it.
+
+        Raises:
+            ValueError: `once_per` is not in `tags` with a value (one without both kinds of quote).
         """
         from mlflow.exceptions import MlflowException
 
-        existing = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        existing = self.client.search_model_versions(_earlier_registration(name, run_id, tags or {}, once_per))
         if existing:
             version = max(existing, key=lambda v: int(v.version))
-            log.info("%s version %s already registered from run %s: reusing it", name, version.version, run_id)
+            log.info(
+                "%s version %s already registered (from run %s): reusing it", name, version.version, version.run_id
+            )
         else:
             self.log_artifact(run_id, model_dir, artifact_path)
             self.check_uploaded(run_id, model_dir, artifact_path)
@@ -321,6 +335,21 @@ class Tracker:
                 f"after the upload ({', '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}); the model version "
                 f"was not created. Check the artifact store of {redact_uri(self.uri)} and register again"
             )
+
+
+def _earlier_registration(name: str, run_id: str, tags: Mapping[str, Any], once_per: str | None) -> str:
+    """The search filter for the versions of `name` that an earlier try of this registration made (`register_model`)."""
+    if once_per is None:
+        return f"name = '{name}' and run_id = '{run_id}'"
+    value = str(tags.get(once_per) or "")
+    quoted = _quoted(value)
+    if not value or quoted is None:
+        # An empty value would match every version registered without one: the wrong version, reused.
+        raise ValueError(
+            f"register_model(once_per={once_per!r}): tags must give {once_per!r} a value without both kinds of quote, "
+            f"got {value!r}"
+        )
+    return f"name = '{name}' and tags.`{once_per}` = {quoted}"
 
 
 def _few(steps: list[int], shown: int = 10) -> str:
