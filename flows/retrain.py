@@ -157,6 +157,9 @@ class PromotionFailed(RunFailed):
 FLOW_RUN_FILE = "prefect_flow_run_id"
 """In a run folder: the id of the flow run it belongs to, by which a retry of that flow run finds it."""
 
+RUN_FOLDER_TAG = "run_folder"
+"""The lineage tag naming the run folder (under `run.output_dir`/runs) that holds a run's training and merged model."""
+
 
 def _run_dir(runs: Path, flow_run_id: str) -> Path:
     """The flow run's folder. A retry of the flow run (`prefect flow-run retry`, a flow's `retries`) goes on in the one
@@ -214,7 +217,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     config_file = run_dir / "config.yaml"
     _write_run_config(config_file, dump_config(config))
     tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
-    lineage = {"git_commit": git_commit() or "unknown", **flow_run_tags()}
+    lineage = {"git_commit": git_commit() or "unknown", **flow_run_tags(), RUN_FOLDER_TAG: run_id}
 
     with tracker.run(f"{config.run.name}-{run_id}", tags=lineage) as parent:
         tracker.log_params(parent, config.to_flat_dict())
@@ -318,7 +321,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 config.registry.alias,
                 tags,
                 model_version,
-                once_per=FLOW_RUN_TAG,
+                once_per=(FLOW_RUN_TAG, RUN_FOLDER_TAG),
             )
             tracker.set_tags(step, {"model_name": version.name, "model_version": version.version})
         tracker.set_tags(parent, {k: v for k, v in tags.items() if k.startswith("dvc.")})

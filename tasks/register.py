@@ -3,16 +3,17 @@
 With versioning on, the version's artifacts are a pointer to the copy DVC pushed (`models:/NAME@ALIAS`
 loading pulls it from the DVC remote): the weights are stored once in the shared store, not uploaded again.
 
-The retrain flow registers once per flow run (`once_per` its `prefect_flow_run_id` tag): a retry of the flow run
-(`prefect flow-run retry`, a flow's `retries`) takes the registration its earlier try finished (the task run says
-`Cached`: the same version, its alias as that try and the steps after it left it), and one whose earlier try stopped
-between creating the version and setting its alias finishes that version.
+The retrain flow registers once per flow run and run folder (`once_per` its `prefect_flow_run_id` and `run_folder`
+tags): a retry of the flow run in the same folder (`prefect flow-run retry`, a flow's `retries`) takes the
+registration its earlier try finished (the task run says `Cached`: the same version, its alias as that try and the
+steps after it left it), and one whose earlier try stopped between creating the version and setting its alias
+finishes that version. A retry on a machine without the folder trains a model of its own and registers it anew.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,16 @@ from vlmops.versioning import DvcVersion, write_pointer
 
 @dataclass
 class SameRegistration(CachePolicy):
-    """What `Tracker.register_model` takes for the same registration, made once: the value of the `once_per` tag (the
-    flow run, whichever try), else the MLflow run: without `once_per`, another run's call registers anew."""
+    """What `Tracker.register_model` takes for the same registration, made once: the values of the `once_per` tags (the
+    flow run and its run folder, whichever try), else the MLflow run: without `once_per`, another run's call registers
+    anew."""
 
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
-        once_per = inputs.get("once_per")
-        which = inputs["tags"].get(once_per) if once_per else inputs["run_id"]
-        return hash_objects([once_per, str(which)], raise_on_failure=True)
+        once_per = list(inputs.get("once_per") or ())
+        which = [str(inputs["tags"].get(key)) for key in once_per] if once_per else [inputs["run_id"]]
+        return hash_objects([once_per, which], raise_on_failure=True)
 
 
 @task(
@@ -59,10 +61,10 @@ def register(
     alias: str,
     tags: Mapping[str, object],
     pushed: DvcVersion | None = None,
-    once_per: str | None = None,
+    once_per: Sequence[str] = (),
 ) -> RegisteredVersion:
     """Register the model pushed to DVC (a pointer), else the folder itself; a retry reuses the version (of `run_id`,
-    or of every run whose `tags` give `once_per` this one's value: see `Tracker.register_model`)."""
+    or of every run whose `tags` give the keys of `once_per` this one's values: see `Tracker.register_model`)."""
     if pushed is None:
         return tracker.register_model(run_id, Path(model_dir), name, alias, tags=tags, once_per=once_per)
     with tempfile.TemporaryDirectory() as tmp:

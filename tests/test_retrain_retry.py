@@ -208,6 +208,7 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
     assert (summary["model_version"], summary["alias_version"], summary["promotion"]) == ("1", "1", "promoted")
     assert json.loads(Path(summary["summary_file"]).read_text())["model_version"] == "1"
     client = MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
-    assert [str(v.version) for v in client.search_model_versions("name = 'vlmops-demo'")] == ["1"]
+    (version,) = client.search_model_versions("name = 'vlmops-demo'")
+    assert str(version.version) == "1" and version.tags["run_folder"] == Path(summary["run_dir"]).name
     assert client.get_registered_model("vlmops-demo").aliases == {"challenger": 1}
     assert _task_states(state.state_details.flow_run_id)["register"] == ["Completed", "Cached"]

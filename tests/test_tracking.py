@@ -103,12 +103,15 @@ def test_a_registration_once_per_flow_run_finishes_the_version_an_earlier_try_ma
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`once_per`: a try of the flow run died after creating its version, before the alias; the retry (new MLflow
-    runs) gives that version the alias instead of making a second one. Another flow run registers its own."""
+    runs, the same run folder) gives that version the alias instead of making a second one. Another flow run, or a
+    retry in another run folder (a machine without the first one's, which trained a model of its own), registers its
+    own."""
     tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t"), tmp_path / "artifacts")
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    flow_run = {"prefect_flow_run_id": "flow-1"}
+    once_per = ("prefect_flow_run_id", "run_folder")
+    flow_run = {"prefect_flow_run_id": "flow-1", "run_folder": "20261205-120000-ab12"}
 
     def worker_gone(*args: object) -> None:
         raise ConnectionError("the worker went away")
@@ -116,19 +119,21 @@ def test_a_registration_once_per_flow_run_finishes_the_version_an_earlier_try_ma
     with monkeypatch.context() as broken, tracker.run("first try") as first_try:
         broken.setattr(tracker.client, "set_registered_model_alias", worker_gone)
         with pytest.raises(ConnectionError):
-            tracker.register_model(first_try, model, "m", "challenger", tags=flow_run, once_per="prefect_flow_run_id")
+            tracker.register_model(first_try, model, "m", "challenger", tags=flow_run, once_per=once_per)
     assert tracker.client.get_registered_model("m").aliases == {}
     with tracker.run("retry") as retry, tracker.run("another flow run") as other_run:
-        again = tracker.register_model(retry, model, "m", "challenger", tags=flow_run, once_per="prefect_flow_run_id")
-        other = tracker.register_model(
-            other_run, model, "m", "challenger", tags={"prefect_flow_run_id": "flow-2"}, once_per="prefect_flow_run_id"
-        )
-        with pytest.raises(ValueError, match="tags must give 'prefect_flow_run_id' a value"):
-            tracker.register_model(retry, model, "m", "challenger", tags={}, once_per="prefect_flow_run_id")
-    assert (again.version, again.alias_version, other.version) == ("1", "1", "2")
-    assert tracker.client.list_artifacts(retry) == []  # the version's files are the first try's
-    assert len(tracker.client.search_model_versions("name = 'm'")) == 2
-    assert tracker.client.get_registered_model("m").aliases == {"challenger": 2}
+        again = tracker.register_model(retry, model, "m", "challenger", tags=flow_run, once_per=once_per)
+        elsewhere = {**flow_run, "run_folder": "20261205-120500-cd34"}
+        moved = tracker.register_model(retry, model, "m", "challenger", tags=elsewhere, once_per=once_per)
+        other_flow = {**flow_run, "prefect_flow_run_id": "flow-2"}
+        other = tracker.register_model(other_run, model, "m", "challenger", tags=other_flow, once_per=once_per)
+        with pytest.raises(ValueError, match="tags must give 'run_folder' a value"):
+            tracker.register_model(
+                retry, model, "m", "challenger", tags={"prefect_flow_run_id": "flow-1"}, once_per=once_per
+            )
+    assert (again.version, again.alias_version, moved.version, other.version) == ("1", "1", "2", "3")
+    assert len(tracker.client.search_model_versions("name = 'm'")) == 3
+    assert tracker.client.get_registered_model("m").aliases == {"challenger": 3}
 
 
 def test_an_older_version_registered_again_leaves_the_alias_on_the_newest(tmp_path: Path) -> None:

@@ -241,7 +241,7 @@ class Tracker:
         alias: str,
         tags: Mapping[str, Any] | None = None,
         artifact_path: str = "model",
-        once_per: str | None = None,
+        once_per: Sequence[str] = (),
     ) -> RegisteredVersion:
         """Log a folder as artifacts of `run_id` and register it as a new version of `name` with `alias`.
 
@@ -252,15 +252,16 @@ class Tracker:
         artifacts register through `create_model_version` with the artifact URI as source.
 
         Args:
-            once_per: a key of `tags` whose value, not `run_id`, says which registration this is: a version of
-                `name` carrying that value is reused whichever run made it. The retrain flow's
-                `prefect_flow_run_id`: each try of a flow run logs to new MLflow runs, and a try that failed after
-                creating its version (before its alias was set, or later in the flow) leaves that version to the
-                retry. The tag is written with the version, in the call that creates it, so no version is
-                without it.
+            once_per: keys of `tags` whose values, not `run_id`, say which registration this is: a version of
+                `name` carrying those values is reused whichever run made it. The retrain flow's
+                `prefect_flow_run_id` and `run_folder`: each try of a flow run logs to new MLflow runs, and a try
+                that failed after creating its version (before its alias was set, or later in the flow) leaves that
+                version to a retry in the same run folder (a retry on a machine without that folder trains a model
+                of its own, which is registered anew). The tags are written with the version, in the call that
+                creates it, so no version is without them.
 
         Raises:
-            ValueError: `once_per` is not in `tags` with a value (one without both kinds of quote).
+            ValueError: a key of `once_per` is not in `tags` with a value (one without both kinds of quote).
         """
         from mlflow.exceptions import MlflowException
 
@@ -337,19 +338,22 @@ class Tracker:
             )
 
 
-def _earlier_registration(name: str, run_id: str, tags: Mapping[str, Any], once_per: str | None) -> str:
+def _earlier_registration(name: str, run_id: str, tags: Mapping[str, Any], once_per: Sequence[str]) -> str:
     """The search filter for the versions of `name` that an earlier try of this registration made (`register_model`)."""
-    if once_per is None:
+    if not once_per:
         return f"name = '{name}' and run_id = '{run_id}'"
-    value = str(tags.get(once_per) or "")
-    quoted = _quoted(value)
-    if not value or quoted is None:
-        # An empty value would match every version registered without one: the wrong version, reused.
-        raise ValueError(
-            f"register_model(once_per={once_per!r}): tags must give {once_per!r} a value without both kinds of quote, "
-            f"got {value!r}"
-        )
-    return f"name = '{name}' and tags.`{once_per}` = {quoted}"
+    clauses = [f"name = '{name}'"]
+    for key in once_per:
+        value = str(tags.get(key) or "")
+        quoted = _quoted(value)
+        if not value or quoted is None:
+            # An empty value would match every version registered without one: the wrong version, reused.
+            raise ValueError(
+                f"register_model(once_per={list(once_per)!r}): tags must give {key!r} a value without both kinds of "
+                f"quote, got {value!r}"
+            )
+        clauses.append(f"tags.`{key}` = {quoted}")
+    return " and ".join(clauses)
 
 
 def _few(steps: list[int], shown: int = 10) -> str:
