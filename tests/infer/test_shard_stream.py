@@ -228,7 +228,7 @@ def test_a_few_long_records_are_named_with_the_setting_that_trades_them_for_slot
     assert advice == (
         f"the job's longest prompt (prompts.jsonl:58) takes {longest} tokens, so each slot of the fast engine holds "
         f"{context} tokens with the answer, where 200 of its 201 records need 256 or fewer: --set "
-        f"infer.max_context=256 fits ~{context // 256}x the slots in the same memory and sends at most 1 records "
+        f"infer.max_context=256 fits ~{context // 256}x the slots in the same memory and sends at most 1 record "
         "(those over 128 prompt tokens) to the rejects"
     )
     # The plan keeps the counts (workers and a resumed run read them); records of one length: no advice.
