@@ -224,7 +224,9 @@ def test_images_beside_conversations_are_a_reject_not_a_prompt_without_them(tmp_
 def test_a_simple_records_reject_names_its_own_field_and_the_path_once(tiny_model: Path, tmp_path: Path) -> None:
     """A simple record is read as a `messages` record, and its rejects named that record's fields: "messages[0].content:
     image /x/secret.png is outside the dataset's folder (/x/secret.png)". They name the simple record's own field
-    (`query`, `history[i][j]`, `images[i]`) and the path once; a dataset record keeps its own field paths."""
+    (`query`, `history[i][j]`, `images[i]`) and the path once; a dataset record keeps its own field paths. A turn's
+    problem is said in the simple form's words: "history[0][1]: is empty", where it read "history[0][1]: turn 2
+    (assistant) is empty", a dataset record's turn number."""
     data = tmp_path / "data"
     data.mkdir()
     outside = tmp_path / "secret.png"
@@ -258,11 +260,27 @@ def test_a_simple_records_reject_names_its_own_field_and_the_path_once(tiny_mode
         ),
         "empty": (
             {"id": "empty", "query": "?", "history": [["Hi", " "]]},
-            "history[0][1]: turn 2 (assistant) is empty",
+            "history[0][1]: is empty",
+        ),
+        "empty query": ({"id": "empty query", "query": " ", "history": [["Hi", "Hello"]]}, "query: is empty"),
+        "image in a response": (
+            {"id": "image in a response", "query": "?", "history": [["Hi", "<img>red.png</img>"]]},
+            "history[0][1]: images are only allowed in a query, not in a response",
         ),
         "dataset": (
             {"id": "dataset", "messages": [{"role": "user", "content": f"<img>{outside}</img>Colour?"}]},
             f"messages[0].content: image {outside} {refused}",
+        ),
+        "dataset empty": (  # a dataset record's turns are named by number, as `vlmops validate` names them
+            {
+                "id": "dataset empty",
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": " "},
+                    {"role": "user", "content": "?"},
+                ],
+            },
+            "(turns): turn 2 (assistant) is empty",
         ),
     }
     (data / "in.jsonl").write_text("".join(json.dumps(record) + "\n" for record, _ in records.values()))
