@@ -267,6 +267,10 @@ def test_a_simple_records_reject_names_its_own_field_and_the_path_once(tiny_mode
             {"id": "image in a response", "query": "?", "history": [["Hi", "<img>red.png</img>"]]},
             "history[0][1]: images are only allowed in a query, not in a response",
         ),
+        "mark in a response": (  # it read "query: more <image> tags than the 1 entry in images"
+            {"id": "mark in a response", "query": "?", "history": [["Hi", "<image>"]], "images": ["red.png"]},
+            "history[0][1]: images are only allowed in a query, not in a response",
+        ),
         "dataset": (
             {"id": "dataset", "messages": [{"role": "user", "content": f"<img>{outside}</img>Colour?"}]},
             f"messages[0].content: image {outside} {refused}",
