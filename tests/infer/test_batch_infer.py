@@ -224,7 +224,9 @@ def test_images_beside_conversations_are_a_reject_not_a_prompt_without_them(tmp_
 def test_a_simple_records_reject_names_its_own_field_and_the_path_once(tiny_model: Path, tmp_path: Path) -> None:
     """A simple record is read as a `messages` record, and its rejects named that record's fields: "messages[0].content:
     image /x/secret.png is outside the dataset's folder (/x/secret.png)". They name the simple record's own field
-    (`query`, `history[i][j]`, `images[i]`) and the path once; a dataset record keeps its own field paths."""
+    (`query`, `history[i][j]`, `images[i]`) and the path once; a dataset record keeps its own field paths. A turn's
+    problem is said in the simple form's words: "history[0][1]: is empty", where it read "history[0][1]: turn 2
+    (assistant) is empty", a dataset record's turn number."""
     data = tmp_path / "data"
     data.mkdir()
     outside = tmp_path / "secret.png"
@@ -258,17 +260,110 @@ def test_a_simple_records_reject_names_its_own_field_and_the_path_once(tiny_mode
         ),
         "empty": (
             {"id": "empty", "query": "?", "history": [["Hi", " "]]},
-            "history[0][1]: turn 2 (assistant) is empty",
+            "history[0][1]: is empty",
+        ),
+        "empty query": ({"id": "empty query", "query": " ", "history": [["Hi", "Hello"]]}, "query: is empty"),
+        "image in a response": (
+            {"id": "image in a response", "query": "?", "history": [["Hi", "<img>red.png</img>"]]},
+            "history[0][1]: images are only allowed in a query, not in a response",
+        ),
+        "mark in a response": (  # it read "query: more <image> tags than the 1 entry in images"
+            {"id": "mark in a response", "query": "?", "history": [["Hi", "<image>"]], "images": ["red.png"]},
+            "history[0][1]: images are only allowed in a query, not in a response",
         ),
         "dataset": (
             {"id": "dataset", "messages": [{"role": "user", "content": f"<img>{outside}</img>Colour?"}]},
             f"messages[0].content: image {outside} {refused}",
+        ),
+        "dataset empty": (  # a dataset record's turns are named by number, as `vlmops validate` names them
+            {
+                "id": "dataset empty",
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": " "},
+                    {"role": "user", "content": "?"},
+                ],
+            },
+            "(turns): turn 2 (assistant) is empty",
         ),
     }
     (data / "in.jsonl").write_text("".join(json.dumps(record) + "\n" for record, _ in records.values()))
     result = run_batch_job(str(tiny_model), str(data / "in.jsonl"), str(tmp_path / "out"), job_config())
     assert result.rejects == len(records)
     assert {r["key"]: r["reason"] for r in rejects(tmp_path / "out")} == {k: v for k, (_, v) in records.items()}
+
+
+def test_an_image_that_cannot_be_read_is_named_by_the_field_that_holds_it(
+    tiny_model: Path, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """A missing or unreadable image's reject named the image alone ("image /x/gone.png: file not found"): of a record's
+    several images, it now names the field it came from, as the parse's rejects do: `images[1]`, an <img> tag's
+    `query` or `history[0][0]`, a dataset record's `conversations[2].value`; the first field where two name one image
+    (it is read once)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(images["red"], data / "red.png")
+    (data / "bad.png").write_text("not a png")
+    gone = (data / "gone.png").resolve()
+    missing = f"image {gone}: file not found (relative paths resolve against the dataset file's folder)"
+    records = {
+        "second listed": (
+            {"id": "second listed", "query": "<image><image>Differences?", "images": ["red.png", "gone.png"]},
+            f"images[1]: {missing}",
+        ),
+        "history tag": (
+            {"id": "history tag", "query": "<img>red.png</img>And this?", "history": [["<img>gone.png</img>?", "A"]]},
+            f"history[0][0]: {missing}",
+        ),
+        "query tag": (
+            {"id": "query tag", "query": "<img>gone.png</img>And this?", "history": [["<img>red.png</img>?", "A"]]},
+            f"query: {missing}",
+        ),
+        "named twice": (
+            {"id": "named twice", "query": "<img>gone.png</img>Again?", "history": [["<img>gone.png</img>?", "A"]]},
+            f"history[0][0]: {missing}",
+        ),
+        "conversations": (
+            {
+                "id": "conversations",
+                "conversations": [
+                    {"from": "user", "value": "<img>red.png</img>Colour?"},
+                    {"from": "assistant", "value": "Red"},
+                    {"from": "user", "value": "<img>gone.png</img>And this one?"},
+                ],
+            },
+            f"conversations[2].value: {missing}",
+        ),
+    }
+    # Not an image: the reason quotes the path shortened where it is long, so its start and end are compared.
+    not_images = {
+        "second unreadable": (
+            {"id": "second unreadable", "query": "<image><image>Differences?", "images": ["red.png", "bad.png"]},
+            "images[1]: image ",
+        ),
+        "messages": (
+            {
+                "id": "messages",
+                "messages": [{"role": "user", "content": "<image><image>?"}],
+                "images": ["red.png", "bad.png"],
+            },
+            "images[1]: image ",
+        ),
+    }
+    answered = {"id": "answered", "query": "<image>Colour?", "images": ["red.png"]}
+    lines = [record for record, _ in [*records.values(), *not_images.values()]] + [answered]
+    (data / "in.jsonl").write_text("".join(json.dumps(record) + "\n" for record in lines))
+    result = run_batch_job(str(tiny_model), str(data / "in.jsonl"), str(tmp_path / "out"), job_config())
+    assert (result.records, result.results, result.rejects) == (len(lines), 1, len(lines) - 1)
+    reasons = {r["key"]: r["reason"] for r in rejects(tmp_path / "out")}
+    kinds = {r["key"]: r["kind"] for r in rejects(tmp_path / "out")}
+    assert {key: reasons[key] for key in records} == {key: reason for key, (_, reason) in records.items()}
+    assert {key: kinds[key] for key in records} == dict.fromkeys(records, "missing_image")
+    for key, (_, start) in not_images.items():
+        assert reasons[key].startswith(start), reasons[key]
+        assert reasons[key].endswith("bad.png: not a readable image (no image format starts like b'not a png')")
+        assert kinds[key] == "not_an_image"
+    assert [r["key"] for r in results(tmp_path / "out")] == ["answered"]
 
 
 def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tiny_model: Path, tmp_path: Path) -> None:
@@ -393,8 +488,11 @@ def test_unanswerable_records_go_to_rejects_with_file_line_and_reason(
     assert all(r["file"] == str(dataset) for r in by_line.values())
     # The column where the line breaks, as `vlmops validate` names it (it named column 1: the next line's start).
     assert by_line[3]["reason"] == f"(line): not valid JSON: Expecting ',' delimiter at column {len(lines[2]) + 1}"
+    assert by_line[9]["reason"].startswith("conversations[0].value: image ")  # the field that names the image
     assert "broken.png: not a readable image" in by_line[9]["reason"]
-    assert "gone.png: file not found" in by_line[12]["reason"]
+    assert by_line[12]["reason"] == f"query: image {dataset.parent / 'images' / 'gone.png'}: file not found " + (
+        "(relative paths resolve against the dataset file's folder)"
+    )
     assert "needs 'conversations', 'messages' or 'query'" in by_line[13]["reason"]
     assert by_line[14]["reason"].startswith("response: is a field batch inference adds")
     assert (
@@ -424,7 +522,7 @@ def test_on_error_fail_stops_at_the_first_unanswerable_record(
     # records of shard 1, as the fast engine's slots hold prompts read ahead of its answers (on a GPU machine this job
     # runs on the fast engine: fast_min_records 0).
     config = job_config(batch_size=3, shard_size=4, on_error="fail", fast_min_records=0)
-    with pytest.raises(RecordRejectedError, match=r"train\.jsonl:9: image \S*gone\.png: file not found"):
+    with pytest.raises(RecordRejectedError, match=r"train\.jsonl:9: query: image \S*gone\.png: file not found"):
         run_batch_job(str(tiny_model), str(dataset), str(out), config)
     # The prompts in flight are answered and the shards read whole are published; the failed shard published nothing;
     # no temp file is left.

@@ -354,7 +354,8 @@ def parse_turns(
 ) -> list[Message]:
     """The turns of a record in a form of its own -> messages, read as `parse_record` reads a `messages` record
     (<img> tags, <image> marks filled from `images` in order, paths resolved and checked, the turns checked), its
-    problems named by the record's own fields: each turn's `field`, and `images[i]`."""
+    problems named by the record's own fields: each turn's `field`, and `images[i]`. The words are batch inference's
+    simple form's (the query and history; a turn is a query or a response), never a turn's number."""
     paths = ImagePaths(base_dir, roots)
     messages = _with_images(turns, _image_queue(images, paths), paths, "the query and history")
     _check_turns(messages, require_answer, [turn.field for turn in turns])
@@ -640,24 +641,32 @@ def _under_remote(base: str, uri: str, field: str) -> str:
 
 
 def _check_turns(messages: list[Message], require_answer: bool = True, fields: Sequence[str] | None = None) -> None:
-    """Refuse turns that do not make a conversation; `fields`, where the record names its turns' texts itself (one a
-    message), are what a turn's problem names, else `(turns)`."""
+    """Refuse turns that do not make a conversation. A dataset record's turn is named by its number under `(turns)`
+    ("turn 2 (assistant) is empty"); where the record names its turns' texts itself (`fields`, one a message: the
+    simple form's `query` and `history[i][j]`), by that field alone, in the simple form's words (a query, a
+    response): a turn number would describe it as the dataset record it is not."""
     first = 1 if messages[0].role == "system" else 0
     turns = messages[first:]
     if not turns:
         raise RecordError("(turns)", "a system message alone is not a conversation")
+
+    def problem(i: int, numbered: str, own: str) -> RecordError:
+        """Turn `i`'s problem: by its number under `(turns)` (`numbered`), or by its own field (`own`)."""
+        return RecordError(fields[first + i], own) if fields else RecordError("(turns)", numbered)
+
     for i, message in enumerate(turns):
-        field = fields[first + i] if fields else "(turns)"
         expected = "user" if i % 2 == 0 else "assistant"
         if message.role != expected:
-            raise RecordError(
-                field,
-                f"turn {i + 1} is {message.role!r} but {expected!r} was expected (turns alternate user/assistant)",
-            )
+            alternate = f"is {message.role!r} but {expected!r} was expected (turns alternate user/assistant)"
+            raise problem(i, f"turn {i + 1} {alternate}", alternate)
         if message.role == "assistant" and message.images:
-            raise RecordError(field, f"turn {i + 1}: images are only allowed in user turns")
+            raise problem(
+                i,
+                f"turn {i + 1}: images are only allowed in user turns",
+                "images are only allowed in a query, not in a response",
+            )
         if not message.text("").strip() and not message.images:
-            raise RecordError(field, f"turn {i + 1} ({message.role}) is empty")
+            raise problem(i, f"turn {i + 1} ({message.role}) is empty", "is empty")
     if require_answer and turns[-1].role != "assistant":
         raise RecordError("(turns)", "the conversation must end with an assistant turn (the answer to learn)")
     if any(m.role == "system" for m in turns):

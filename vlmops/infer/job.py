@@ -847,13 +847,21 @@ class ShardRunner:
         return _Record(position, raw, prompt)
 
     def _load_images(self, record: _Record) -> _Record:
-        """Read and decode the record's images (in a pool thread: file or S3 reads and decoding overlap)."""
+        """Read and decode the record's images (in a pool thread: file or S3 reads and decoding overlap). An image that
+        cannot be read is named by the record's field that holds it (`images[1]`, `query`), the first of them where
+        several name it (it is read once), as the parse's rejects are: of several images, which one."""
         if record.prompt is not None:
-            uris = {part.uri for message in record.prompt.messages for part in message.images}
-            try:
-                record.images = {uri: load_image(uri, self.config.storage) for uri in uris}
-            except ImageLoadError as err:
-                record.error, record.cause, record.kind = str(err), err, err.kind
+            fields: dict[str, str] = {}  # URI -> the first field naming it
+            for message in record.prompt.messages:
+                for image in message.images:
+                    fields.setdefault(image.uri, image.field)
+            for uri, field in fields.items():
+                try:
+                    record.images[uri] = load_image(uri, self.config.storage)
+                except ImageLoadError as err:
+                    record.error, record.cause, record.kind = f"{field or 'image'}: {err}", err, err.kind
+                    record.images = {}  # a reject: the ones read before are not held
+                    break
         return record
 
     def _encode(self, record: _Record) -> _Record:

@@ -576,8 +576,10 @@ def _simple_turns(record: dict[str, Any]) -> tuple[list[Turn], list[str]]:
     turns: list[Turn] = []
     for i, (asked, answered) in enumerate(history):
         turns += [Turn("user", asked, f"history[{i}][0]"), Turn("assistant", answered, f"history[{i}][1]")]
-    if images and not any("<image>" in text for text in [*(turn.text for turn in turns[::2]), query]):
-        query = "<image>" * len(images) + query  # without marks, the images come before the query's text
+    # Without marks, the images come before the query's text. A mark in a response counts too: the parse fills it
+    # and refuses it there; not counted, the images were put in the query as well, and the reject blamed the query.
+    if images and not any("<image>" in text for text in [*(turn.text for turn in turns), query]):
+        query = "<image>" * len(images) + query
     turns.append(Turn("user", query, "query"))
     if system is not None:  # ms-swift's query-response form: the record's own system prompt ("" for none)
         turns.insert(0, Turn("system", system, "system"))
