@@ -43,7 +43,6 @@ from vlmops.infer.job import (
     JOB_FILE,
     MANIFEST_FILE,
     PART_PREFIX,
-    JobPlan,
     JobResult,
     ShardStats,
     StoppedJob,
@@ -51,6 +50,7 @@ from vlmops.infer.job import (
     pending_shards,
     read_manifest,
 )
+from vlmops.infer.job_plan import JobPlan
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
 from vlmops.infer.resolve import (

@@ -26,9 +26,7 @@ from vlmops.errors import RunFailed
 from vlmops.infer.engine import make_engine
 from vlmops.infer.job import (
     JOB_FILE,
-    JobPlan,
     JobResult,
-    ModelInfo,
     PromptCounter,
     ShardRunner,
     ShardStats,
@@ -45,6 +43,7 @@ from vlmops.infer.job import (
     resolve_job_model,
     write_eval_predictions,
 )
+from vlmops.infer.job_plan import JobPlan, ModelInfo
 from vlmops.infer.output import JobOutput, open_output
 from vlmops.infer.records import Shard
 from vlmops.infer.resolve import ModelSource, with_saved_settings
