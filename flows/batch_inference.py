@@ -40,19 +40,21 @@ from tasks.report import publish_samples, publish_summary
 from vlmops.config import PipelineConfig, load_config
 from vlmops.infer.batch_job import complete_job, prepare_job
 from vlmops.infer.job import (
-    JOB_FILE,
-    MANIFEST_FILE,
-    PART_PREFIX,
     JobResult,
     ShardStats,
     StoppedJob,
     job_status,
+)
+from vlmops.infer.job_output import (
+    MANIFEST_FILE,
+    PART_PREFIX,
     pending_shards,
     read_manifest,
 )
 from vlmops.infer.job_plan import JobPlan
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
+from vlmops.infer.records import JOB_FILE
 from vlmops.infer.resolve import (
     catalog_resolver,
     config_for_model,

@@ -25,7 +25,8 @@ from vlmops.config import PipelineConfig, load_config
 from vlmops.errors import UserInputError
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch_job import run_batch_job
-from vlmops.infer.job import JobMismatchError, JobResult, job_status, write_eval_predictions
+from vlmops.infer.job import JobResult, job_status
+from vlmops.infer.job_output import JobMismatchError, write_eval_predictions
 from vlmops.infer.job_plan import job_settings
 from vlmops.infer.output import open_output
 from vlmops.infer.summary import sample_rows

@@ -25,27 +25,28 @@ from vlmops.config import PipelineConfig
 from vlmops.errors import RunFailed
 from vlmops.infer.engine import make_engine
 from vlmops.infer.job import (
-    JOB_FILE,
     JobResult,
     PromptCounter,
     ShardRunner,
     ShardStats,
     StoppedJob,
     counts_prompts,
-    finalize,
     folder_hash,
     hash_cache_dir,
     job_status,
+    plan_job,
+    resolve_job_model,
+)
+from vlmops.infer.job_output import (
+    finalize,
     open_job,
     pending_shards,
-    plan_job,
     read_manifest,
-    resolve_job_model,
     write_eval_predictions,
 )
 from vlmops.infer.job_plan import JobPlan, ModelInfo
 from vlmops.infer.output import JobOutput, open_output
-from vlmops.infer.records import Shard
+from vlmops.infer.records import JOB_FILE, Shard
 from vlmops.infer.resolve import ModelSource, with_saved_settings
 from vlmops.infer.summary import sample_rows
 from vlmops.models.compile_cache import SharedCompileCache

@@ -9,14 +9,13 @@ from typing import Any
 
 from vlmops.answers import exact_match
 from vlmops.infer.job import (
-    REJECT_KINDS,
     JobResult,
     ShardStats,
     StoppedJob,
-    iter_results,
     shards_rates,
     shards_wall_s,
 )
+from vlmops.infer.job_output import REJECT_KINDS, iter_results
 from vlmops.infer.output import JobOutput
 from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
 from vlmops.plural import counted, counted_of
