@@ -39,12 +39,6 @@ from tasks.infer import answer_shard
 from tasks.report import publish_samples, publish_summary
 from vlmops.config import PipelineConfig, load_config
 from vlmops.infer.batch_job import complete_job, prepare_job
-from vlmops.infer.job import (
-    JobResult,
-    ShardStats,
-    StoppedJob,
-    job_status,
-)
 from vlmops.infer.job_output import (
     MANIFEST_FILE,
     PART_PREFIX,
@@ -52,6 +46,12 @@ from vlmops.infer.job_output import (
     read_manifest,
 )
 from vlmops.infer.job_plan import JobPlan
+from vlmops.infer.job_status import (
+    JobResult,
+    ShardStats,
+    StoppedJob,
+    job_status,
+)
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
 from vlmops.infer.records import JOB_FILE

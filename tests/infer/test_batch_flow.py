@@ -239,7 +239,7 @@ def test_a_shard_task_retried_after_its_part_was_published_answers_nothing_twice
     from tasks.infer import answer_shard
     from vlmops.config import load_config
     from vlmops.infer.batch_job import complete_job, prepare_job, run_job_shard
-    from vlmops.infer.job import JobResult, ShardStats
+    from vlmops.infer.job_status import JobResult, ShardStats
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"r{i}", "query": f"Say {i}."}) + "\n" for i in range(6)))

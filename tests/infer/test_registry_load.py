@@ -219,8 +219,8 @@ def test_a_job_resumed_after_its_alias_moved_is_refused_naming_the_version_it_st
     (sha256:...)`, the same URI twice). That reference finishes it, recorded as the alias at version 1."""
     from vlmops.config import load_config
     from vlmops.infer.batch_job import run_batch_job
-    from vlmops.infer.job import StoppedJob
     from vlmops.infer.job_output import JobMismatchError
+    from vlmops.infer.job_status import StoppedJob
 
     name, alias = "vlmops-resumed", "models:/vlmops-resumed@champion"
     assert register(registry, tiny_model, "champion", name) == "1"

@@ -25,15 +25,11 @@ from vlmops.config import PipelineConfig
 from vlmops.errors import RunFailed
 from vlmops.infer.engine import make_engine
 from vlmops.infer.job import (
-    JobResult,
     PromptCounter,
     ShardRunner,
-    ShardStats,
-    StoppedJob,
     counts_prompts,
     folder_hash,
     hash_cache_dir,
-    job_status,
     plan_job,
     resolve_job_model,
 )
@@ -45,6 +41,12 @@ from vlmops.infer.job_output import (
     write_eval_predictions,
 )
 from vlmops.infer.job_plan import JobPlan, ModelInfo
+from vlmops.infer.job_status import (
+    JobResult,
+    ShardStats,
+    StoppedJob,
+    job_status,
+)
 from vlmops.infer.output import JobOutput, open_output
 from vlmops.infer.records import JOB_FILE, Shard
 from vlmops.infer.resolve import ModelSource, with_saved_settings

@@ -8,14 +8,14 @@ from pathlib import PurePath
 from typing import Any
 
 from vlmops.answers import exact_match
-from vlmops.infer.job import (
+from vlmops.infer.job_output import REJECT_KINDS, iter_results
+from vlmops.infer.job_status import (
     JobResult,
     ShardStats,
     StoppedJob,
     shards_rates,
     shards_wall_s,
 )
-from vlmops.infer.job_output import REJECT_KINDS, iter_results
 from vlmops.infer.output import JobOutput
 from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
 from vlmops.plural import counted, counted_of
