@@ -118,7 +118,7 @@ def test_a_promotion_while_the_flow_starts_its_job_puts_no_other_version_in_it(
     from flows.batch_inference import batch_inference
     from tasks.gpu import GPU_LIMIT
     from tests.infer.test_registry_load import register
-    from vlmops.infer.job import folder_hash
+    from vlmops.infer.planning import folder_hash
     from vlmops.models.tiny import build_tiny_model
 
     registry = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -165,7 +165,7 @@ def test_a_promotion_while_a_job_runs_puts_no_other_version_on_its_workers(
     the user named it, and version 1), and the next job through the alias gets version 2 on the same worker."""
     from vlmops.config import load_config
     from vlmops.infer import batch_job
-    from vlmops.infer.job import folder_hash
+    from vlmops.infer.planning import folder_hash
 
     name, alias = "vlmops-moving", "models:/vlmops-moving@champion"
     assert register(registry, tiny_model, "champion", name) == "1"

@@ -24,15 +24,7 @@ from tqdm import tqdm
 from vlmops.config import PipelineConfig
 from vlmops.errors import RunFailed
 from vlmops.infer.engine import make_engine
-from vlmops.infer.job import (
-    PromptCounter,
-    ShardRunner,
-    counts_prompts,
-    folder_hash,
-    hash_cache_dir,
-    plan_job,
-    resolve_job_model,
-)
+from vlmops.infer.job import ShardRunner
 from vlmops.infer.job_output import (
     finalize,
     open_job,
@@ -48,6 +40,14 @@ from vlmops.infer.job_status import (
     job_status,
 )
 from vlmops.infer.output import JobOutput, open_output
+from vlmops.infer.planning import (
+    PromptCounter,
+    counts_prompts,
+    folder_hash,
+    hash_cache_dir,
+    plan_job,
+    resolve_job_model,
+)
 from vlmops.infer.records import JOB_FILE, Shard
 from vlmops.infer.resolve import ModelSource, with_saved_settings
 from vlmops.infer.summary import sample_rows
