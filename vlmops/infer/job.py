@@ -1,21 +1,17 @@
-"""Batch inference jobs: one model over a large set of prompts, streamed, sharded, resumable, exactly once.
+"""Answering a batch inference job's shards: its records streamed through the engine, each shard published as soon as
+it is answered.
 
-    OUT/part-00000.jsonl ...  results, a part per shard, records in input order
-    OUT/rejects.jsonl         every record that could not be answered, with its file, line and reason
-    OUT/manifest.json         written last: the parts with their record counts and hashes, model, input, settings
-    OUT/_job/job.json         the job's identity and its shards (written first)
-    OUT/_job/rejects-N.jsonl  each shard's rejects (gathered into rejects.jsonl at the end)
-
-A job is the model's content hash, the inputs' content hashes and the settings that change answers, which records
-are rejected, or the shard layout (`job_settings`); its id is a hash of those. The input is cut into shards of
-`infer.shard_size` records (never across files). A shard is done when its part exists: the shard's rejects are
-published first, its part last (each written aside and renamed, or one PUT on S3). A rerun of the same job does only
-the shards whose part is missing; a rerun after the manifest is written does nothing. An output folder holding
-another job is refused, never mixed.
+A `ShardRunner` holds one loaded model and engine. Pool threads parse the records and load their images ahead of the
+engine, one thread (the tokenizer's) encodes them, and the engine answers the shards as one stream; a shard is
+published as its rejects, then its part (the files: `vlmops.infer.job_output`).
 
 Everything a shard needs is in `_job/job.json`, so any process that can load the model can do any shard:
 this one, a process per GPU (`vlmops.infer.parallel`), or Prefect task workers on other machines
 (flows/batch_inference.py).
+
+The rest of a job: what defines it (`vlmops.infer.job_plan`), planning it from the model and inputs
+(`vlmops.infer.planning`), its output folder (`vlmops.infer.job_output`), where it stands (`vlmops.infer.job_status`),
+and all of it end to end (`vlmops.infer.batch_job`).
 """
 
 from __future__ import annotations
@@ -37,16 +33,9 @@ from vlmops.config import PipelineConfig
 from vlmops.data.formats import RecordError, image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
 from vlmops.errors import RunFailed, UserInputError
-from vlmops.infer.engine import (
-    Engine,
-    GenerationRequest,
-    GenerationResult,
-)
+from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
 from vlmops.infer.generation import decode_answer
-from vlmops.infer.job_output import (
-    SHARD_REJECTS,
-    part_name,
-)
+from vlmops.infer.job_output import SHARD_REJECTS, part_name
 from vlmops.infer.job_plan import JobPlan
 from vlmops.infer.job_status import ShardStats
 from vlmops.infer.output import JobOutput, written_file
@@ -75,9 +64,6 @@ READ_AHEAD = 64
 
 class RecordRejectedError(UserInputError):
     """`infer.on_error: fail` and a record could not be answered."""
-
-
-# -- running shards -----------------------------------------------------------------------------------------
 
 
 class ShardRunner:
