@@ -473,7 +473,7 @@ def infer_part(size: str, counts: list[int], work: Path, device: str) -> list[di
     from vlmops.config import load_config
     from vlmops.data.formats import read_dataset
     from vlmops.infer.batch_job import run_batch_job
-    from vlmops.infer.job import write_eval_predictions
+    from vlmops.infer.job_output import write_eval_predictions
     from vlmops.infer.output import open_output
 
     model = ensure_model("1.3b", size, work, device)

@@ -39,20 +39,22 @@ from tasks.infer import answer_shard
 from tasks.report import publish_samples, publish_summary
 from vlmops.config import PipelineConfig, load_config
 from vlmops.infer.batch_job import complete_job, prepare_job
-from vlmops.infer.job import (
-    JOB_FILE,
+from vlmops.infer.job_output import (
     MANIFEST_FILE,
     PART_PREFIX,
-    JobPlan,
+    pending_shards,
+    read_manifest,
+)
+from vlmops.infer.job_plan import JobPlan
+from vlmops.infer.job_status import (
     JobResult,
     ShardStats,
     StoppedJob,
     job_status,
-    pending_shards,
-    read_manifest,
 )
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
+from vlmops.infer.records import JOB_FILE
 from vlmops.infer.resolve import (
     catalog_resolver,
     config_for_model,

@@ -15,7 +15,8 @@ from tasks.gpu import gpu_slot
 from tasks.retry import another_try_could_pass, retry_delays
 from vlmops.config import PipelineConfig
 from vlmops.infer.batch_job import JOB_DIR_SUFFIX, BatchResult, run_job_shard, strict_copy
-from vlmops.infer.job import MANIFEST_FILE, ShardStats, write_eval_predictions
+from vlmops.infer.job_output import MANIFEST_FILE, write_eval_predictions
+from vlmops.infer.job_status import ShardStats
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import run_job_in_child
 from vlmops.tracking import Tracker

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from vlmops.hashing import SMALL_FILE_BYTES, FolderHashes
-from vlmops.infer.job import folder_hash
+from vlmops.infer.planning import folder_hash
 
 
 def _model(folder: Path) -> Path:

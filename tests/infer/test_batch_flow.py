@@ -118,7 +118,7 @@ def test_a_promotion_while_the_flow_starts_its_job_puts_no_other_version_in_it(
     from flows.batch_inference import batch_inference
     from tasks.gpu import GPU_LIMIT
     from tests.infer.test_registry_load import register
-    from vlmops.infer.job import folder_hash
+    from vlmops.infer.planning import folder_hash
     from vlmops.models.tiny import build_tiny_model
 
     registry = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -239,7 +239,7 @@ def test_a_shard_task_retried_after_its_part_was_published_answers_nothing_twice
     from tasks.infer import answer_shard
     from vlmops.config import load_config
     from vlmops.infer.batch_job import complete_job, prepare_job, run_job_shard
-    from vlmops.infer.job import JobResult, ShardStats
+    from vlmops.infer.job_status import JobResult, ShardStats
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"r{i}", "query": f"Say {i}."}) + "\n" for i in range(6)))

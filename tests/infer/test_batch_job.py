@@ -25,7 +25,9 @@ from vlmops.config import PipelineConfig, load_config
 from vlmops.errors import UserInputError
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch_job import run_batch_job
-from vlmops.infer.job import JobMismatchError, JobResult, job_settings, job_status, write_eval_predictions
+from vlmops.infer.job_output import JobMismatchError, write_eval_predictions
+from vlmops.infer.job_plan import job_settings
+from vlmops.infer.job_status import JobResult, job_status
 from vlmops.infer.output import open_output
 from vlmops.infer.summary import sample_rows
 
@@ -842,7 +844,7 @@ def test_reject_kinds_past_the_shown_ones_share_a_labelled_row_in_the_summary_an
 def test_a_runs_speed_counts_workers_side_by_side() -> None:
     """Each worker answers its shards in turn and the workers run at once: the run took as long as its busiest
     worker, not the sum of every shard's seconds (which read 8 GPUs as 8 times slower than they were)."""
-    from vlmops.infer.job import JobResult, ShardStats
+    from vlmops.infer.job_status import JobResult, ShardStats
 
     ran = [
         ShardStats(0, 3, 0, 30, 3, 2.0, "node:11"),

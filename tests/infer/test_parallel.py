@@ -14,9 +14,11 @@ import pytest
 from vlmops.config import load_config
 from vlmops.errors import RunFailed
 from vlmops.infer.batch_job import run_batch_job
-from vlmops.infer.job import ModelInfo, finalize, open_job, pending_shards, plan_job
+from vlmops.infer.job_output import finalize, open_job, pending_shards
+from vlmops.infer.job_plan import ModelInfo
 from vlmops.infer.output import open_output
 from vlmops.infer.parallel import complete_lines, run_in_process_group
+from vlmops.infer.planning import plan_job
 
 
 def results(out: Path) -> list[dict]:

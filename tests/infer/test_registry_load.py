@@ -165,7 +165,7 @@ def test_a_promotion_while_a_job_runs_puts_no_other_version_on_its_workers(
     the user named it, and version 1), and the next job through the alias gets version 2 on the same worker."""
     from vlmops.config import load_config
     from vlmops.infer import batch_job
-    from vlmops.infer.job import folder_hash
+    from vlmops.infer.planning import folder_hash
 
     name, alias = "vlmops-moving", "models:/vlmops-moving@champion"
     assert register(registry, tiny_model, "champion", name) == "1"
@@ -219,7 +219,8 @@ def test_a_job_resumed_after_its_alias_moved_is_refused_naming_the_version_it_st
     (sha256:...)`, the same URI twice). That reference finishes it, recorded as the alias at version 1."""
     from vlmops.config import load_config
     from vlmops.infer.batch_job import run_batch_job
-    from vlmops.infer.job import JobMismatchError, StoppedJob
+    from vlmops.infer.job_output import JobMismatchError
+    from vlmops.infer.job_status import StoppedJob
 
     name, alias = "vlmops-resumed", "models:/vlmops-resumed@champion"
     assert register(registry, tiny_model, "champion", name) == "1"

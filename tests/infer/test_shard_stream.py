@@ -18,8 +18,11 @@ from vlmops.config import load_config
 from vlmops.infer.batch_job import prepare_job
 from vlmops.infer.engine import DEFAULT_CONTEXT, GenerationRequest, GenerationResult, slot_context
 from vlmops.infer.fast_engine import FastEngine
-from vlmops.infer.job import JobPlan, ModelInfo, ShardRunner, finalize, open_job, pending_shards, plan_job
+from vlmops.infer.job import ShardRunner
+from vlmops.infer.job_output import finalize, open_job, pending_shards
+from vlmops.infer.job_plan import JobPlan, ModelInfo
 from vlmops.infer.output import open_output
+from vlmops.infer.planning import plan_job
 from vlmops.infer.records import Prompt, RawRecord, parse_prompt
 from vlmops.models.loading import load_model
 from vlmops.models.template import encode

@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 from vlmops.config import load_config
 from vlmops.infer.fast_engine import FastEngine
-from vlmops.infer.job import ModelInfo, ShardRunner, open_job, pending_shards, plan_job
+from vlmops.infer.job import ShardRunner
+from vlmops.infer.planning import plan_job
+from vlmops.infer.job_output import open_job, pending_shards
+from vlmops.infer.job_plan import ModelInfo
 from vlmops.infer.output import open_output
 from vlmops.models.compile_cache import SharedCompileCache, compiled_graphs
 from vlmops.models.loading import load_model

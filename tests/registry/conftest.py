@@ -69,7 +69,7 @@ class Registry:
 
 def _answers(model: Path, prompts: Path, out: Path, config: PipelineConfig) -> list[str]:
     from vlmops.infer.batch_job import run_batch_job
-    from vlmops.infer.job import iter_results
+    from vlmops.infer.job_output import iter_results
     from vlmops.infer.output import open_output
 
     run_batch_job(str(model), str(prompts), str(out), config, progress=False)

@@ -178,7 +178,7 @@ def test_the_champion_loads_in_vlmops_batch_infer(
     registry: Registry, contests: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
     from vlmops.cli.main import main
-    from vlmops.infer.job import iter_results
+    from vlmops.infer.job_output import iter_results
     from vlmops.infer.output import open_output
 
     out = tmp_path / "answers"

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
     from vlmops.infer.batch_job import run_batch_job
-    from vlmops.infer.job import StoppedJob
+    from vlmops.infer.job_status import StoppedJob
     from vlmops.infer.resolve import config_for_model
     from vlmops.infer.summary import stopped_rows, summary_rows
 

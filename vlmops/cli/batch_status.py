@@ -13,7 +13,7 @@ from vlmops.errors import UserInputError
 from vlmops.plural import counted, counted_of
 
 if TYPE_CHECKING:
-    from vlmops.infer.job import JobStatus
+    from vlmops.infer.job_status import JobStatus
 
 SHOWN_PENDING = 8
 
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
-    from vlmops.infer.job import job_status
+    from vlmops.infer.job_status import job_status
     from vlmops.infer.output import open_output
     from vlmops.infer.summary import reason_rows, score_text, token_choice
 

@@ -72,7 +72,7 @@ class DatasetError(UserInputError):
 
 
 class RecordError(UserInputError):
-    """A record that cannot be read; `kind` sorts a batch job's rejects (`vlmops.infer.job.REJECT_KINDS`)."""
+    """A record that cannot be read; `kind` sorts a batch job's rejects (`vlmops.infer.job_output.REJECT_KINDS`)."""
 
     def __init__(self, field: str, reason: str, *, kind: str = "invalid_record"):
         self.field = field

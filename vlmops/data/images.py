@@ -42,7 +42,7 @@ class ImageLoadError(UserInputError):
     def __init__(self, message: str, *, retryable: bool = False, kind: str = "unreadable_image") -> None:
         super().__init__(message)
         self.retryable = retryable
-        self.kind = kind  # sorts a batch job's rejects (vlmops.infer.job.REJECT_KINDS)
+        self.kind = kind  # sorts a batch job's rejects (vlmops.infer.job_output.REJECT_KINDS)
 
 
 def read_image_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:

@@ -24,29 +24,31 @@ from tqdm import tqdm
 from vlmops.config import PipelineConfig
 from vlmops.errors import RunFailed
 from vlmops.infer.engine import make_engine
-from vlmops.infer.job import (
-    JOB_FILE,
-    JobPlan,
-    JobResult,
-    ModelInfo,
-    PromptCounter,
-    ShardRunner,
-    ShardStats,
-    StoppedJob,
-    counts_prompts,
+from vlmops.infer.job import ShardRunner
+from vlmops.infer.job_output import (
     finalize,
-    folder_hash,
-    hash_cache_dir,
-    job_status,
     open_job,
     pending_shards,
-    plan_job,
     read_manifest,
-    resolve_job_model,
     write_eval_predictions,
 )
+from vlmops.infer.job_plan import JobPlan, ModelInfo
+from vlmops.infer.job_status import (
+    JobResult,
+    ShardStats,
+    StoppedJob,
+    job_status,
+)
 from vlmops.infer.output import JobOutput, open_output
-from vlmops.infer.records import Shard
+from vlmops.infer.planning import (
+    PromptCounter,
+    counts_prompts,
+    folder_hash,
+    hash_cache_dir,
+    plan_job,
+    resolve_job_model,
+)
+from vlmops.infer.records import JOB_FILE, Shard
 from vlmops.infer.resolve import ModelSource, with_saved_settings
 from vlmops.infer.summary import sample_rows
 from vlmops.models.compile_cache import SharedCompileCache

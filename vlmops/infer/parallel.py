@@ -34,8 +34,9 @@ import torch
 from vlmops import quiet
 from vlmops.config import PipelineConfig, dump_config, load_config
 from vlmops.errors import RunFailed
-from vlmops.infer.job import JOB_FILE, JobPlan, ShardStats
-from vlmops.infer.records import Shard
+from vlmops.infer.job_plan import JobPlan
+from vlmops.infer.job_status import ShardStats
+from vlmops.infer.records import JOB_FILE, Shard
 from vlmops.infer.resolve import ModelSource
 from vlmops.multigpu import NO_MULTICAST_ENV
 from vlmops.plural import counted

@@ -8,12 +8,11 @@ from pathlib import PurePath
 from typing import Any
 
 from vlmops.answers import exact_match
-from vlmops.infer.job import (
-    REJECT_KINDS,
+from vlmops.infer.job_output import REJECT_KINDS, iter_results
+from vlmops.infer.job_status import (
     JobResult,
     ShardStats,
     StoppedJob,
-    iter_results,
     shards_rates,
     shards_wall_s,
 )
