@@ -167,6 +167,16 @@ def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
         ).ran
         == []
     )
+    # A plan a newer vlmops wrote, with fields this one does not know: refused, not resumed without them.
+    plan = json.loads((out / "_job/job.json").read_text())
+    plan["priority"], plan["files"][0]["sampled"] = 1, [0]
+    (out / "_job/job.json").write_text(json.dumps(plan))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(
+        UserInputError, match=r"_job/job.json has 2 fields this vlmops does not know \(files\[\]\.sampled, priority\)"
+    ):
+        run_batch_job(str(tiny_model), str(eval_file), str(out), config, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import collections
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from vlmops.config import PipelineConfig, StorageConfig
 from vlmops.data.formats import image_roots
+from vlmops.errors import UserInputError
 from vlmops.infer.engine import slot_tokens
-from vlmops.infer.records import PROMPT_STEP, InputFile, Shard
+from vlmops.infer.records import JOB_FILE, PROMPT_STEP, InputFile, Shard
 from vlmops.infer.resolve import registry_alias_version
 from vlmops.plural import counted
 
@@ -69,7 +70,14 @@ class JobPlan:
 
     @classmethod
     def from_json(cls, text: str) -> JobPlan:
+        """The plan saved as `_job/job.json`.
+
+        Raises:
+            UserInputError: the plan has fields this vlmops does not know (a newer one planned the job): read
+                without them, a resumed job could answer records the plan leaves out.
+        """
         data = json.loads(text)
+        _refuse_unknown_fields(data)
         return cls(
             data["job_id"],
             ModelInfo(**data["model"]),
@@ -162,6 +170,24 @@ SETTING_KEYS = {
 """Each of a job's settings (`job_settings`) and the config key it comes from, which a mismatch names."""
 
 _DEFAULT_URL_MAX_MIB = StorageConfig().url_max_mib
+
+
+def _refuse_unknown_fields(data: dict[str, Any]) -> None:
+    parts: list[tuple[str, type, list[dict[str, Any]]]] = [
+        ("", JobPlan, [data]),
+        ("model.", ModelInfo, [data.get("model") or {}]),
+        ("files[].", InputFile, data.get("files") or []),
+        ("shards[].", Shard, data.get("shards") or []),
+    ]
+    unknown = sorted(
+        {prefix + key for prefix, kind, items in parts for item in items for key in item}
+        - {prefix + f.name for prefix, kind, _ in parts for f in fields(kind)}
+    )
+    if unknown:
+        raise UserInputError(
+            f"{JOB_FILE} has {counted(len(unknown), 'field')} this vlmops does not know ({', '.join(unknown)}): a "
+            "newer vlmops planned this job; run it with that version, or give another --output for a new job"
+        )
 
 
 def job_settings(config: PipelineConfig) -> dict[str, Any]:
