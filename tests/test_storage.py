@@ -49,7 +49,9 @@ def test_parse_s3_uri_refuses(uri: str) -> None:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file under `root` by relative path, through symlinked folders too."""
+    files = (Path(folder, name) for folder, _, names in os.walk(root, followlinks=True) for name in names)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(files)}
 
 
 @pytest.mark.integration
@@ -57,7 +59,9 @@ def test_round_trip_skips_what_is_already_there(s3_env: S3Server, tmp_path: Path
     client = s3_client()  # endpoint and credentials from the AWS_* environment
     client.create_bucket(Bucket="roundtrip")
     src = tmp_path / "src"
-    (src / "sub").mkdir(parents=True)
+    src.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (src / "sub").symlink_to(tmp_path / "elsewhere")  # a linked folder is uploaded like any other
     (src / "config.json").write_text('{"a": 1}')
     (src / "sub" / "weights.bin").write_bytes(os.urandom(300_000))
     (src / "big.safetensors").write_bytes(os.urandom(9 * 1024 * 1024))  # above boto3's multipart threshold

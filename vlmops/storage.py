@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from vlmops.config import StorageConfig
 from vlmops.errors import RunFailed
+from vlmops.folders import files_under
 from vlmops.s3_content import ETAG, MIB, ContentCheck, content_check, guessed_part_sizes
 
 if TYPE_CHECKING:
@@ -220,10 +221,11 @@ def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, pr
     remote = {o.key: o for o in list_objects(client, bucket, prefix)}
     report = TransferReport()
     todo: list[tuple[Path, str]] = []
-    partials = sorted(p for p in root.rglob("*") if p.is_file() and is_partial(p))
+    every = files_under(root)
+    partials = [p for p in every if is_partial(p)]
     if partials:
         log.info("%s: leaving out %d partial downloads (%s)", root, len(partials), ", ".join(p.name for p in partials))
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and not is_partial(p)):
+    for path in (p for p in every if not is_partial(p)):
         rel = path.relative_to(root).as_posix()
         key = f"{prefix}/{rel}" if prefix else rel
         existing = remote.get(key)

@@ -16,6 +16,7 @@ from typing import Any
 from vlmops.config import InferConfig, PipelineConfig
 from vlmops.data.formats import RecordError
 from vlmops.errors import UserInputError
+from vlmops.folders import files_under
 from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import refuse_context_without_room
 from vlmops.infer.job_output import REJECTS_FILE, jsonl_lines, read_manifest, saved_plan
@@ -73,8 +74,8 @@ def folder_hash(folder: Path, cache_dir: Path | None = None) -> str:
     """
     hashes = FolderHashes(folder, cache_dir)
     digest = hashlib.sha256()
-    files = (p for p in hashes.folder.rglob("*") if p.is_file() and p.name != REGISTRY_MANIFEST and not is_partial(p))
-    for path in sorted(files):
+    files = (p for p in files_under(hashes.folder) if p.name != REGISTRY_MANIFEST and not is_partial(p))
+    for path in files:
         digest.update(f"{path.relative_to(hashes.folder).as_posix()}\0{hashes.sha256(path)}\n".encode())
     hashes.save()
     return digest.hexdigest()

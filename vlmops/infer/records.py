@@ -35,6 +35,7 @@ from vlmops.conversation import Message
 from vlmops.data.formats import RecordError, Turn, parse_record, parse_turns, refuse_mixed_formats
 from vlmops.data.jsonarray import TOO_DEEP, ArrayItem, JsonArrayError, json_array_items
 from vlmops.errors import UserInputError
+from vlmops.folders import files_under
 from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
         return [InputFile(str(path.resolve()), path.name)]
     if path.is_dir():
         root = path.resolve()
-        every = sorted(p for p in root.rglob("*") if p.is_file())
+        every = files_under(root)
         _name_unread(spec, [p.relative_to(root).as_posix() for p in every])
         found = [p for p in every if p.suffix.lower() in INPUT_SUFFIXES]
         found = _outside(found, _under_local(output), spec, output)
