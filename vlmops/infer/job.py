@@ -36,8 +36,9 @@ from typing import Any
 
 from vlmops.answers import Score
 from vlmops.config import InferConfig, PipelineConfig, StorageConfig
-from vlmops.data.formats import RecordError, image_roots
+from vlmops.data.formats import image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
+from vlmops.data.problems import RecordError
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import (
