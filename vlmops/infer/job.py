@@ -36,7 +36,7 @@ from typing import Any
 
 from vlmops.answers import Score
 from vlmops.config import InferConfig, PipelineConfig, StorageConfig
-from vlmops.data.formats import image_roots
+from vlmops.data.image_paths import image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
 from vlmops.data.problems import RecordError
 from vlmops.errors import RunFailed, UserInputError
