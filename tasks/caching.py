@@ -41,7 +41,9 @@ from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from vlmops.data.formats import DATASET_SUFFIXES, REMOTE_PREFIXES, RecordProblem, iter_dataset
+from vlmops.data.formats import DATASET_SUFFIXES, iter_dataset
+from vlmops.data.image_paths import REMOTE_PREFIXES
+from vlmops.data.problems import RecordProblem
 from vlmops.hashing import sha256_file
 from vlmops.storage import is_partial
 

@@ -25,7 +25,7 @@ from tests.image_server import image_server, png_bytes, serving_images
 from tests.s3_server import S3Server
 from vlmops.cli.main import main
 from vlmops.config import DataConfig, StorageConfig
-from vlmops.data.formats import DatasetError
+from vlmops.data.problems import DatasetError
 from vlmops.data.validation import validate_files
 
 GOOD = {

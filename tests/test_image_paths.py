@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 
 from vlmops.conversation import ImageRef
-from vlmops.data.formats import (
-    MAX_LINKS,
-    ImagePaths,
-    RealFolders,
-    RecordError,
-    _resolve,
-    image_roots,
-    read_dataset,
-)
+from vlmops.data.formats import read_dataset
+from vlmops.data.image_paths import MAX_LINKS, ImagePaths, RealFolders, _resolve, image_roots
+from vlmops.data.problems import RecordError
 
 # Every reference below, against the tree `links` builds; HOME is the tree's root.
 REFERENCES = [

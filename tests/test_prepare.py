@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from vlmops.config import DataConfig
-from vlmops.data.formats import DatasetError, read_dataset
+from vlmops.data.formats import read_dataset
 from vlmops.data.prepare import load_prepared, prepare_dataset, split_by_ratio
+from vlmops.data.problems import DatasetError
 
 
 def _png_bytes() -> bytes:

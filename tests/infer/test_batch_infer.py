@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from vlmops.config import DEFAULT_SYSTEM_PROMPT, PipelineConfig, load_config
-from vlmops.data.formats import RecordError, read_dataset
+from vlmops.data.formats import read_dataset
+from vlmops.data.problems import RecordError
 from vlmops.errors import UserInputError
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.engine import GenerationRequest, make_engine

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from vlmops.conversation import Conversation
-from vlmops.data.formats import parse_record
+from vlmops.data.parsing import parse_record
 from vlmops.models.template import IGNORE_INDEX
 from vlmops.train.data import SFTDataset, VisionLanguageCollator
 from vlmops.train.packing import (

@@ -13,10 +13,12 @@ from torch.utils.data import DataLoader
 
 from vlmops.config import load_config
 from vlmops.conversation import Conversation
-from vlmops.data.formats import DatasetError, parse_record, read_dataset
+from vlmops.data.formats import read_dataset
 from vlmops.data.images import ImageLoadError
 from vlmops.data.length import length_fingerprint, read_lengths
+from vlmops.data.parsing import parse_record
 from vlmops.data.prepare import PreparedDataset
+from vlmops.data.problems import DatasetError
 from vlmops.models.template import IGNORE_INDEX, IMAGE_TOKEN, encode
 from vlmops.train.data import SFTDataset, VisionLanguageCollator
 

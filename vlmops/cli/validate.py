@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
-    from vlmops.data.formats import DatasetError
     from vlmops.data.prepare import DATASETS_DIR, prepare_from_config
+    from vlmops.data.problems import DatasetError
     from vlmops.data.validation import rejects_path, validate_files
     from vlmops.models.download import download_model
     from vlmops.models.loading import load_processor

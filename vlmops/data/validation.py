@@ -26,9 +26,10 @@ from tqdm import tqdm
 
 from vlmops.config import DataConfig, StorageConfig
 from vlmops.conversation import Conversation
-from vlmops.data.formats import DatasetError, Entry, RecordProblem, dataset_files, iter_dataset, record_line
+from vlmops.data.formats import Entry, dataset_files, iter_dataset, record_line
 from vlmops.data.images import ImageLoadError, ImageStoreError, open_image_bytes, read_image_bytes
 from vlmops.data.length import MaxLength
+from vlmops.data.problems import DatasetError, RecordProblem
 from vlmops.models.template import Tokenizer, encode
 from vlmops.plural import counted
 from vlmops.staging import publish_file

@@ -27,7 +27,7 @@ from transformers import StoppingCriteria
 
 from vlmops.config import InferConfig, PipelineConfig, StorageConfig
 from vlmops.conversation import Message, parse_img_tags
-from vlmops.data.formats import REMOTE_PREFIXES
+from vlmops.data.image_paths import REMOTE_PREFIXES
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.generation import answer_tokens, decode_answer, generate, generation_config, model_inputs
 from vlmops.infer.resolve import ModelSource, ResolveModel, model_source, resolve_model_ref, with_saved_generation

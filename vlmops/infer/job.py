@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.config import PipelineConfig
-from vlmops.data.formats import RecordError, image_roots
+from vlmops.data.image_paths import image_roots
 from vlmops.data.images import ImageLoadError, ImageStoreError, load_image
+from vlmops.data.problems import RecordError
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.infer.engine import Engine, GenerationRequest, GenerationResult
 from vlmops.infer.generation import decode_answer

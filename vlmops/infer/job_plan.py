@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from vlmops.config import PipelineConfig, StorageConfig
-from vlmops.data.formats import image_roots
+from vlmops.data.image_paths import image_roots
 from vlmops.errors import UserInputError
 from vlmops.infer.engine import slot_tokens
 from vlmops.infer.records import JOB_FILE, PROMPT_STEP, InputFile, Shard

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmops.config import InferConfig, PipelineConfig
-from vlmops.data.formats import RecordError
+from vlmops.data.problems import RecordError
 from vlmops.errors import UserInputError
 from vlmops.folders import files_under
 from vlmops.hashing import FolderHashes

@@ -32,8 +32,9 @@ from typing import IO, Any, TypeVar
 
 from vlmops.config import StorageConfig
 from vlmops.conversation import Message
-from vlmops.data.formats import RecordError, Turn, parse_record, parse_turns, refuse_mixed_formats
 from vlmops.data.jsonarray import TOO_DEEP, ArrayItem, JsonArrayError, json_array_items
+from vlmops.data.parsing import Turn, parse_record, parse_turns, refuse_mixed_formats
+from vlmops.data.problems import RecordError
 from vlmops.errors import UserInputError
 from vlmops.folders import files_under
 from vlmops.plural import counted

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from vlmops.config import StorageConfig
 from vlmops.conversation import Conversation
-from vlmops.data.formats import DatasetError, RecordProblem
 from vlmops.data.images import load_image
 from vlmops.data.length import MaxLength, cut_sample
+from vlmops.data.problems import DatasetError, RecordProblem
 from vlmops.models.pixels import DevicePixels
 from vlmops.models.template import IGNORE_INDEX, Encoded, encode
 from vlmops.plural import counted

@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from vlmops.config import PipelineConfig, resolve_num_workers
-from vlmops.data.formats import DatasetError, read_dataset
+from vlmops.data.formats import read_dataset
 from vlmops.data.length import length_fingerprint, read_lengths
 from vlmops.data.prepare import PreparedDataset, load_prepared
+from vlmops.data.problems import DatasetError
 from vlmops.errors import UserInputError
 from vlmops.models.compile_cache import use_compile_cache
 from vlmops.models.loading import attn_implementation, is_hybrid, load_processor, resolve_dtype, safe_weights
