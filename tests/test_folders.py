@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vlmops.data.formats import dataset_files
 from vlmops.folders import files_under
 from vlmops.infer.planning import folder_hash
 from vlmops.infer.records import find_inputs
@@ -41,9 +42,14 @@ def test_files_in_a_linked_folder_are_found_once_and_a_loop_is_not_followed(
     ]
 
 
-def test_a_batch_input_folder_reads_its_linked_subfolder(tmp_path: Path) -> None:
+def test_batch_inputs_and_dataset_folders_read_their_linked_subfolder(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     assert [f.name for f in find_inputs(str(root))] == ["a.jsonl", "more/b.jsonl", "more/deep/c.jsonl"]
+    assert [p.relative_to(root).as_posix() for p in dataset_files([root])] == [
+        "a.jsonl",
+        "more/b.jsonl",
+        "more/deep/c.jsonl",
+    ]
 
 
 def test_a_model_folders_hash_sees_a_file_in_a_linked_subfolder(tmp_path: Path) -> None:

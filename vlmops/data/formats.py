@@ -19,6 +19,7 @@ from vlmops.data.image_paths import ImagePaths, image_roots
 from vlmops.data.jsonrecords import json_list_records, jsonl_records
 from vlmops.data.parsing import parse_record_with, refuse_unread_keys
 from vlmops.data.problems import RecordError, RecordProblem
+from vlmops.folders import files_under
 
 DATASET_SUFFIXES = (".json", ".jsonl")
 
@@ -93,7 +94,7 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for spec in paths:
         path = Path(spec).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATASET_SUFFIXES)
+            found = [p for p in files_under(path) if p.suffix.lower() in DATASET_SUFFIXES]
             if not found:
                 raise FileNotFoundError(f"{path}: no .json or .jsonl dataset files in this folder")
             files += found
