@@ -46,7 +46,7 @@ from tasks.infer import batch_infer_task, log_batch
 from tasks.merge import log_merge, merge
 from tasks.register import register
 from tasks.report import FLOW_RUN_TAG, flow_run_tags, publish_samples, publish_summary
-from tasks.retry import names_unreachable_service
+from tasks.retry import names_unreachable_service, retry_this_flow_run
 from tasks.train import log_training, train_model
 from tasks.validate import log_validation, validate_dataset
 from tasks.version import dvc_store, version_path
@@ -208,8 +208,16 @@ def _cached(state: State) -> bool:
     return state.name == "Cached"
 
 
+def _after_an_outage() -> str:
+    """What to run once the server that did not answer is back, and what it reuses."""
+    return (
+        f"retry this flow run to reuse the steps that finished: {retry_this_flow_run(__file__, 'retrain')}; a new run "
+        "reuses only the download and the validation"
+    )
+
+
 @flow(name="retrain")
-@names_unreachable_service
+@names_unreachable_service(_after_an_outage)
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
     started = time.time()
