@@ -36,7 +36,7 @@ SAMPLES_KEY = "promote-eval-samples"
 
 
 @flow(name="promote")
-@names_unreachable_service
+@names_unreachable_service(lambda: "promote again: nothing of this run is reused, the evaluation set is answered anew")
 def promote(
     config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: int | str | None = None
 ) -> dict[str, Any]:

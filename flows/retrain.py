@@ -8,9 +8,16 @@ rerun with unchanged inputs reuses them (the log says `Cached`). A retry of a fl
 goes on in the run folder its first try made: train, merge, the eval predictions that finished and the registration
 are reused too (a flow run registers one version: a retry after register, say of a failed promotion, keeps that
 version and its alias as the earlier try left them, and runs the steps after it again), and an eval job it stopped
-answers only the shards it had not finished. The registered version carries its whole
-lineage (vlmops.registry.lineage); the flow run has two artifacts: a summary with links to the MLflow run and
-model version, and a table of eval samples.
+answers only the shards it had not finished. A cached result is reused only while the files and folders it names are
+there (`tasks.caching.run_or_reuse`): a retry after the run folder's train/ or merged/ was deleted runs that step
+again. The registered version carries its whole lineage (vlmops.registry.lineage); the flow run has two artifacts: a
+summary with links to the MLflow run and model version, and a table of eval samples.
+
+A retry goes on in the MLflow parent run its earlier try opened (found by the flow run's id and run folder tags),
+which ends FINISHED when the retry succeeds: one parent run per flow run, whose id the registered version's
+`mlflow_run_id` tag names. Each try logs a child run under it for every step it reaches; a step whose result the
+retry reused logs that result again in its own child run, tagged `cached: True` (`base.cached` / `finetuned.cached`
+for the eval predictions), beside the earlier try's child run that did the work (and holds its live loss curve).
 
     vlmops run --config pipeline.yaml --set train.epochs=2
     prefect deployment run retrain/scheduled --param overrides='["train.epochs=2"]'
@@ -32,13 +39,14 @@ from prefect.states import State
 
 from flows.launch import patient_ephemeral_server
 from flows.promote import promote
+from tasks.caching import run_or_reuse
 from tasks.download import fetch_base_model, log_download
 from tasks.evaluate import evaluate, log_evaluation
 from tasks.infer import batch_infer_task, log_batch
 from tasks.merge import log_merge, merge
 from tasks.register import register
 from tasks.report import FLOW_RUN_TAG, flow_run_tags, publish_samples, publish_summary
-from tasks.retry import names_unreachable_service
+from tasks.retry import names_unreachable_service, retry_this_flow_run
 from tasks.train import log_training, train_model
 from tasks.validate import log_validation, validate_dataset
 from tasks.version import dvc_store, version_path
@@ -200,8 +208,16 @@ def _cached(state: State) -> bool:
     return state.name == "Cached"
 
 
+def _after_an_outage() -> str:
+    """What to run once the server that did not answer is back, and what it reuses."""
+    return (
+        f"retry this flow run to reuse the steps that finished: {retry_this_flow_run(__file__, 'retrain')}; a new run "
+        "reuses only the download and the validation"
+    )
+
+
 @flow(name="retrain")
-@names_unreachable_service
+@names_unreachable_service(_after_an_outage)
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
     started = time.time()
@@ -219,7 +235,8 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
     lineage = {"git_commit": git_commit() or "unknown", **flow_run_tags(), RUN_FOLDER_TAG: run_id}
 
-    with tracker.run(f"{config.run.name}-{run_id}", tags=lineage) as parent:
+    # One parent run per flow run and run folder: a retry goes on in the one its earlier try opened.
+    with tracker.run(f"{config.run.name}-{run_id}", tags=lineage, once_per=(FLOW_RUN_TAG, RUN_FOLDER_TAG)) as parent:
         tracker.log_params(parent, config.to_flat_dict())
         tracker.log_artifact(parent, config_file)
 
@@ -242,27 +259,33 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 config.run.seed,
                 [str(path) for path in dvc_store(config).writes()] if config.versioning.enabled else None,
             )
-            validate_state = validate_dataset(*args, return_state=True)
-            dataset = validate_state.result()
-            if not dataset.path.is_dir():
-                logger.warning("cached dataset snapshot %s is gone; validating again", dataset.path)
-                dataset = validate_dataset.with_options(refresh_cache=True)(*args)
-            log_validation(tracker, step, dataset, _cached(validate_state))
+            dataset, cached = run_or_reuse(validate_dataset, *args)
+            log_validation(tracker, step, dataset, cached)
             data_version = version_path(config, str(dataset.path)) if config.versioning.enabled else None
             if data_version:
                 tracker.set_tags(step, {"dvc.md5": data_version.md5, "dvc.file": data_version.dvc_file})
 
         with tracker.run("train", parent) as step:
-            trained = train_model(
-                str(config_file), str(snapshot.path), str(dataset.path), str(run_dir / "train"), tracker.uri, step
+            trained, cached = run_or_reuse(
+                train_model,
+                str(config_file),
+                str(snapshot.path),
+                str(dataset.path),
+                str(run_dir / "train"),
+                tracker.uri,
+                step,
             )
-            log_training(tracker, step, trained)
+            log_training(tracker, step, trained, cached)
 
         with tracker.run("merge", parent) as step:
-            merged = merge(
-                str(trained.run_dir), str(run_dir / RETRAIN_MODEL_DIR), config.merge.parity_atol, config.model.dtype
+            merged, cached = run_or_reuse(
+                merge,
+                str(trained.run_dir),
+                str(run_dir / RETRAIN_MODEL_DIR),
+                config.merge.parity_atol,
+                config.model.dtype,
             )
-            log_merge(tracker, step, merged)
+            log_merge(tracker, step, merged, cached)
             model_version = version_path(config, str(merged.path)) if config.versioning.enabled else None
             if model_version:
                 tracker.set_tags(step, {"dvc.md5": model_version.md5, "dvc.file": model_version.dvc_file})
@@ -272,20 +295,22 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
             evaluation.mkdir(exist_ok=True)  # a retry's: its jobs go on from the shards they finished
             base = None
             if config.eval.evaluate_base:
-                base = batch_infer_task(
+                base, cached = run_or_reuse(
+                    batch_infer_task,
                     str(snapshot.path),
                     str(dataset.eval_file),
                     str(evaluation / BASE_PREDICTIONS),
                     config,
                 )
-                log_batch(tracker, step, "base", base)
-            tuned = batch_infer_task(
+                log_batch(tracker, step, "base", base, cached)
+            tuned, cached = run_or_reuse(
+                batch_infer_task,
                 str(merged.path),
                 str(dataset.eval_file),
                 str(evaluation / PREDICTIONS),
                 config,
             )
-            log_batch(tracker, step, "finetuned", tuned)
+            log_batch(tracker, step, "finetuned", tuned, cached)
 
         with tracker.run("evaluate", parent) as step:
             result = evaluate(str(evaluation), str(dataset.eval_file), str(merged.path), tuned, base)
@@ -313,7 +338,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         with tracker.run("register", parent) as step:
             # Once per flow run: a retry takes the version its earlier try registered (the task run is `Cached`), or
             # finishes the one that try created before it failed (its alias not set yet).
-            version = register(
+            registered = register(
                 tracker,
                 step,
                 str(merged.path),
@@ -322,8 +347,12 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 tags,
                 model_version,
                 once_per=(FLOW_RUN_TAG, RUN_FOLDER_TAG),
+                return_state=True,
             )
-            tracker.set_tags(step, {"model_name": version.name, "model_version": version.version})
+            version = registered.result()
+            tracker.set_tags(
+                step, {"model_name": version.name, "model_version": version.version, "cached": _cached(registered)}
+            )
         tracker.set_tags(parent, {k: v for k, v in tags.items() if k.startswith("dvc.")})
 
     summary = RunSummary(

@@ -35,8 +35,9 @@ import stat
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, Protocol, TypeVar
 
+from prefect import Task, get_run_logger
 from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
@@ -215,9 +216,40 @@ def within_flow_run(params: list[str], datasets: list[str] | None = None, ignore
     registers its model: another flow run is another run and does them again, while a retry of this one (`prefect
     flow-run retry`, a flow's `retries`) goes on in the same folder (flows/retrain.py) and takes the results of the
     steps that finished: a model is not trained twice, nor an eval record answered twice, nor a version registered
-    twice. `ignore`: inputs that differ between tries of one step (the MLflow run
+    twice. The flow takes the results of the steps that write into the folder through `run_or_reuse`, which runs a
+    step again whose output was deleted since. `ignore`: inputs that differ between tries of one step (the MLflow run
     of this try's step)."""
     inputs: CachePolicy = INPUTS
     for name in ignore:
         inputs = inputs - name
     return inputs + TASK_SOURCE + FileContents(params=params, datasets=datasets or []) + RUN_ID
+
+
+class WritesOutputs(Protocol):
+    """A step's result that names what the step wrote (`PreparedDataset`, `TrainResult`, `MergeResult`,
+    `BatchResult`)."""
+
+    def outputs(self) -> list[Path]: ...
+
+
+Args = ParamSpec("Args")
+Written = TypeVar("Written", bound=WritesOutputs)
+
+
+def run_or_reuse(task: Task[Args, Written], *args: Args.args, **kwargs: Args.kwargs) -> tuple[Written, bool]:
+    """Run `task`: its result, and whether that was reused from the cache (the task run says `Cached`).
+
+    A cached result is reused only while every path it names (`outputs()`) is there: a run folder's training or merged
+    model deleted since, a dataset snapshot cleaned away, and the step runs again, its new result written over the
+    cached one (`refresh_cache`: the same key). The key cannot see this itself: it is computed before the step runs,
+    when the first try, which has written nothing yet, finds the same nothing there as a retry whose output is gone.
+    """
+    state = task(*args, return_state=True, **kwargs)
+    result = state.result()
+    if state.name != "Cached":
+        return result, False
+    gone = [str(path) for path in result.outputs() if not path.exists()]
+    if not gone:
+        return result, True
+    get_run_logger().warning("%s: its cached result names %s, gone since; running it again", task.name, ", ".join(gone))
+    return task.with_options(refresh_cache=True)(*args, **kwargs), False

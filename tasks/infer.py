@@ -48,7 +48,7 @@ def batch_infer_task(model_path: str, dataset_file: str, out_file: str, config: 
     return BatchResult(Path(out_file), count, seconds, tokens, tokens / seconds if seconds else 0.0)
 
 
-def log_batch(tracker: Tracker, run_id: str, label: str, result: BatchResult) -> None:
+def log_batch(tracker: Tracker, run_id: str, label: str, result: BatchResult, cached: bool) -> None:
     tracker.log_metrics(
         run_id,
         {
@@ -57,6 +57,7 @@ def log_batch(tracker: Tracker, run_id: str, label: str, result: BatchResult) ->
             f"{label}.records": result.count,
         },
     )
+    tracker.set_tags(run_id, {f"{label}.cached": cached})
     tracker.log_artifact(run_id, result.path, "predictions")
 
 

@@ -20,6 +20,6 @@ def merge(run_dir: str, out_dir: str, atol: float | None, dtype: str) -> MergeRe
         return launch_merge(Path(run_dir), Path(out_dir), atol=atol, dtype=dtype)
 
 
-def log_merge(tracker: Tracker, run_id: str, result: MergeResult) -> None:
+def log_merge(tracker: Tracker, run_id: str, result: MergeResult, cached: bool) -> None:
     tracker.log_metrics(run_id, {"parity_max_abs_diff": result.max_abs_diff, "parity_atol": result.atol})
-    tracker.set_tags(run_id, {"merged_path": result.path, "adapter": result.adapter})
+    tracker.set_tags(run_id, {"cached": cached, "merged_path": result.path, "adapter": result.adapter})

@@ -12,8 +12,9 @@ read when the tasks are imported, replaces each with that many seconds (e.g. 1 o
 are staged and a retry need not wait for a server to come back).
 
 When the retries are spent, `names_unreachable_service` (around a flow) turns the last error into a
-`ServiceUnavailable` that says which service (S3, MLflow, Prefect) at which URL did not answer, and that a rerun
-reuses the finished steps.
+`ServiceUnavailable` that says which service (S3, MLflow, Prefect) at which URL did not answer, and what to run once it
+is back: the flow's own advice, which says what that reuses (a retry of the retrain flow run, `prefect flow-run retry
+ID`, reuses its finished steps; a new run only its download and validation).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import functools
 import math
 import os
 import re
+import shlex
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from prefect.tasks import exponential_backoff
@@ -160,15 +163,15 @@ def _retryable_status(status: int) -> bool:
 
 
 class ServiceUnavailable(RunFailed):
-    """A server the pipeline needs did not answer, after the retries; names it and its URL."""
+    """A server the pipeline needs did not answer, after the retries; names it and its URL, and what to run when it is
+    back (`then`: what the flow that failed reuses, see `names_unreachable_service`)."""
 
-    def __init__(self, service: str, url: str, cause: BaseException):
+    def __init__(self, service: str, url: str, cause: BaseException, then: str = "run again"):
         self.service = service
         self.url = url
         super().__init__(
             f"{service} at {url} did not answer, after retries: {type(cause).__name__}: "
-            f"{redact_uri(str(cause))[:500]}\nstart it (or fix its URL in the config) and run again: the steps "
-            "that finished are reused"
+            f"{redact_uri(str(cause))[:500]}\nstart it (or fix its URL in the config), then {then}"
         )
 
 
@@ -202,23 +205,45 @@ def unreachable_service(exc: BaseException) -> tuple[str, str] | None:
     return None
 
 
-def names_unreachable_service(fn: F) -> F:
+def names_unreachable_service(then: Callable[[], str]) -> Callable[[F], F]:
     """Around a flow function: a failure that `unreachable_service` recognises is raised again as
-    `ServiceUnavailable` (from the original), so the run ends saying which server to bring back."""
+    `ServiceUnavailable` (from the original), so the run ends saying which server to bring back and what to run then.
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            if any(isinstance(e, ServiceUnavailable) for e in _chain(err)):
-                raise  # named already, by a flow this one ran (retrain's promote, or the failure that carries it)
-            outage = unreachable_service(err)
-            if outage is None:
-                raise
-            raise ServiceUnavailable(*outage, err) from err
+    Args:
+        then: what to run once the server is back, and what that reuses; called when the error is raised, in the flow
+            run (it may name the flow run's id: `retry_this_flow_run`).
+    """
 
-    return wrapper  # type: ignore[return-value]
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:
+                if any(isinstance(e, ServiceUnavailable) for e in _chain(err)):
+                    raise  # named already, by a flow this one ran (retrain's promote, or the failure that carries it)
+                outage = unreachable_service(err)
+                if outage is None:
+                    raise
+                raise ServiceUnavailable(*outage, err, then()) from err
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def retry_this_flow_run(flow_file: str, flow_name: str) -> str:
+    """How to retry the running flow run: `prefect flow-run retry ID`; for a run of no deployment (`vlmops run`, which
+    no worker picks up), with the flow's entrypoint, which Prefect then runs in the shell that gives the command."""
+    from prefect.runtime import deployment, flow_run
+
+    command = f"prefect flow-run retry {flow_run.id}"
+    if deployment.id:
+        return f"`{command}`"
+    entrypoint = shlex.quote(f"{Path(flow_file).resolve()}:{flow_name}")
+    return (
+        f"`{command} --entrypoint {entrypoint}` in the folder it started in (its parameters' paths are read from there)"
+    )
 
 
 def _service_of(url: str) -> str:

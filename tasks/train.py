@@ -31,7 +31,7 @@ def train_model(
         return launch_training(Path(config_file), Path(base_model), Path(dataset), Path(run_dir), env=env)
 
 
-def log_training(tracker: Tracker, run_id: str, result: TrainResult) -> None:
+def log_training(tracker: Tracker, run_id: str, result: TrainResult, cached: bool) -> None:
     tracker.log_params(run_id, {"trainable_params": result.trainable_params, "total_params": result.total_params})
     tracker.log_metrics(
         run_id,
@@ -43,6 +43,6 @@ def log_training(tracker: Tracker, run_id: str, result: TrainResult) -> None:
             "tokens_per_s": result.tokens_per_s,
         },
     )
-    tracker.set_tags(run_id, {"run_dir": result.run_dir, "final_dir": result.final_dir})
+    tracker.set_tags(run_id, {"cached": cached, "run_dir": result.run_dir, "final_dir": result.final_dir})
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(run_id, loss_curve(result.loss_history, result.eval_history, Path(tmp) / "loss_curve.png"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -52,6 +53,27 @@ def _task_states(flow_run_id: Any) -> dict[str, list[str]]:
     return asyncio.run(read())
 
 
+def _parent_run(tracking_uri: str, flow_run_id: Any) -> Any:
+    """The one MLflow parent run of the flow run (every try's), failing the test if there are several."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    where = f"tags.prefect_flow_run_id = '{flow_run_id}' and tags.`mlflow.parentRunId` IS NULL"
+    (parent,) = client.search_runs(experiments, where)
+    return parent
+
+
+def _step_runs(tracking_uri: str, parent_id: str, step: str) -> list[Any]:
+    """The child runs of a step under the parent run, every try's, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    where = f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.run_name = '{step}'"
+    return list(client.search_runs([experiment_id], where, order_by=["attributes.start_time ASC"]))
+
+
 def test_a_retry_finds_its_flow_runs_folder_and_a_new_flow_run_gets_its_own(tmp_path: Path) -> None:
     from flows.retrain import _run_dir
 
@@ -71,6 +93,41 @@ def test_a_retry_that_reads_another_config_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="start a new run instead of retrying this one"):
         _write_run_config(config_file, "train:\n  epochs: 2\n")
     assert config_file.read_text() == "train:\n  epochs: 10\n"
+
+
+@pytest.mark.integration
+def test_a_cached_result_is_reused_only_while_what_it_names_is_there(tmp_path: Path, prefect_harness: None) -> None:
+    """`run_or_reuse`: a step cached for the flow run is reused while its folder is there; deleted, the step runs again
+    and its new result replaces the cached one, which the next call reuses."""
+    from prefect import flow, task
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from tasks.caching import run_or_reuse, within_flow_run
+    from vlmops.train.merge import MergeResult
+
+    ran: list[str] = []
+
+    @task(cache_policy=within_flow_run([]), persist_result=True)
+    def write_model(out_dir: str) -> MergeResult:
+        Path(out_dir).mkdir()
+        (Path(out_dir) / "model.safetensors").write_text(f"try {len(ran)}")
+        ran.append(out_dir)
+        return MergeResult(Path(out_dir), max_abs_diff=len(ran), atol=1.0, adapter=True)
+
+    @flow
+    def steps(out_dir: str) -> list[tuple[float, bool]]:
+        reused = []
+        for delete_before in (False, False, True, False):
+            if delete_before:
+                shutil.rmtree(out_dir)
+            result, cached = run_or_reuse(write_model, out_dir)
+            reused.append((result.max_abs_diff, cached))
+        return reused
+
+    model = tmp_path / "merged"
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        assert steps(str(model)) == [(1, False), (1, True), (2, False), (2, True)]
+    assert ran == [str(model)] * 2 and (model / "model.safetensors").read_text() == "try 1"
 
 
 @pytest.mark.e2e
@@ -151,6 +208,9 @@ def test_a_retried_flow_run_goes_on_in_its_run_folder_and_answers_no_eval_record
     assert summary["run_dir"] == str(run_dir)
     for name, stamp in stamps.items():  # not trained, merged or answered again
         assert _stamp(run_dir / name) == stamp, name
+    # The three tries are one MLflow parent run, finished.
+    parent = _parent_run(f"sqlite:///{outputs}/mlflow.db", flow_run_id)
+    assert (parent.info.run_id, parent.info.status) == (summary["mlflow_run_id"], "FINISHED")
     states = _task_states(flow_run_id)
     assert states["train"] == states["merge"] == ["Completed", "Cached", "Cached"], states
     assert sorted(states["batch_infer"]) == ["Cached", "Cached", "Cached", "Completed", "Completed", "Failed"], states
@@ -176,7 +236,11 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
 ) -> None:
     """The first try fails right after register (auto_promote's promotion); the flow's retry takes that registration
     (`Cached`) and promotes the same version: one version, the summary names it. Before, the retry registered
-    version 2 of the same trained model (each try logs to new MLflow runs, the key of the registration's reuse)."""
+    version 2 of the same trained model (each try logs to new MLflow runs, the key of the registration's reuse).
+
+    Both tries log to one MLflow parent run, which ends FINISHED with the evaluation's metrics, and which the version's
+    `mlflow_run_id` tag names. Before, each try opened a parent run of its own: the first try's stayed FAILED beside
+    the retry's, and the version (registered by the first try) named that failed one."""
     from mlflow.tracking import MlflowClient
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
@@ -212,3 +276,76 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
     assert str(version.version) == "1" and version.tags["run_folder"] == Path(summary["run_dir"]).name
     assert client.get_registered_model("vlmops-demo").aliases == {"challenger": 1}
     assert _task_states(state.state_details.flow_run_id)["register"] == ["Completed", "Cached"]
+
+    parent = _parent_run(f"sqlite:///{outputs}/mlflow.db", state.state_details.flow_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_id == summary["mlflow_run_id"]
+    assert parent.data.metrics["finetuned_accuracy"] == summary["finetuned_accuracy"]
+    assert version.tags["mlflow_run_id"] == parent.info.run_id
+    # Each try's register step has its child run under it; the retry's, which reused the registration, says so.
+    registers = _step_runs(f"sqlite:///{outputs}/mlflow.db", parent.info.run_id, "register")
+    assert [(run.info.status, run.data.tags["cached"]) for run in registers] == [
+        ("FINISHED", "False"),
+        ("FINISHED", "True"),
+    ]
+    assert version.run_id == registers[0].info.run_id  # the version was registered from the first try's step
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_a_retry_runs_again_a_finished_step_whose_output_was_deleted(
+    tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try fails in evaluate, after the run folder's merged model and base predictions were deleted (a
+    clean-up, a disk swapped); the flow's retry finds merge and the base eval job `Cached`, sees that what their results
+    name is gone, and runs them again (and the fine-tuned eval job, whose model changed), not train. Before, the retry
+    took the cached results and failed on the missing merged/ folder. One MLflow parent run, FINISHED."""
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    import flows.retrain
+
+    outputs = tmp_path / "outputs"
+    overrides = [
+        f"run.output_dir={outputs}",
+        f"model.cache_dir={outputs}/cache",
+        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+        *("versioning.enabled=false", "eval.evaluate_base=true"),
+        *("data.demo.num_train=8", "data.demo.num_eval=2", "train.max_steps=2"),
+    ]
+    real_evaluate = flows.retrain.evaluate
+    deleted: list[Path] = []
+
+    def evaluate_after_a_clean_up(out_dir: str, eval_file: str, model: str, *args: Any) -> Any:
+        if not deleted:
+            deleted.extend([Path(model), Path(out_dir) / "base_predictions.jsonl"])
+            shutil.rmtree(deleted[0])
+            deleted[1].unlink()
+            raise RuntimeError("the evaluation's worker went away")
+        return real_evaluate(out_dir, eval_file, model, *args)
+
+    monkeypatch.setattr(flows.retrain, "evaluate", evaluate_after_a_clean_up)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        state = flows.retrain.retrain.with_options(retries=1)(str(ROOT / "pipeline.yaml"), overrides, return_state=True)
+        assert state.is_completed(), state
+        summary = state.result()
+    run_dir = Path(summary["run_dir"])
+    assert deleted == [run_dir / "merged", run_dir / "eval" / "base_predictions.jsonl"]
+    assert all(path.exists() for path in deleted)
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["train"] == ["Completed", "Cached"], states
+    assert states["merge"] == ["Completed", "Cached", "Completed"], states
+    # The base job: Completed, then Cached and run again; the fine-tuned job: Completed twice (its model changed).
+    assert sorted(states["batch_infer"]) == ["Cached", "Completed", "Completed", "Completed", "Completed"], states
+
+    parent = _parent_run(f"sqlite:///{outputs}/mlflow.db", state.state_details.flow_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_id == summary["mlflow_run_id"]
+    assert parent.data.metrics["finetuned_accuracy"] == summary["finetuned_accuracy"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
+    (version,) = client.search_model_versions("name = 'vlmops-demo'")
+    assert version.tags["mlflow_run_id"] == parent.info.run_id
+    # The retry's child runs under the one parent: train reused (tagged), merge run again.
+    cached = {
+        step: [run.data.tags["cached"] for run in _step_runs(client.tracking_uri, parent.info.run_id, step)]
+        for step in ("train", "merge")
+    }
+    assert cached == {"train": ["False", "True"], "merge": ["False", "False"]}

@@ -137,7 +137,7 @@ def test_a_failure_that_carries_a_named_outage_is_not_named_again() -> None:
     refused = requests.ConnectionError("refused")
     outage = raised_from(ServiceUnavailable("MLflow", "http://127.0.0.1:9", refused), refused)
 
-    @names_unreachable_service
+    @names_unreachable_service(lambda: "run again")
     def flow_body() -> None:
         raise RunFailed("version 1 was trained and registered, but its promotion failed") from outage
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
     from prefect import flow
 
     from tasks.register import register
-    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.retry import ServiceUnavailable, names_unreachable_service, retry_this_flow_run
     from vlmops.config import TrackingConfig
     from vlmops.tracking import Tracker
 
@@ -113,7 +114,7 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
     first_run, second_run = tracker.start_run("first"), tracker.start_run("second")
 
     @flow(name="register-twice")
-    @names_unreachable_service
+    @names_unreachable_service(lambda: f"retry this flow run: {retry_this_flow_run(__file__, 'register_twice')}")
     def register_twice(between: Callable[[], None]) -> str:
         register(tracker, first_run, str(model), "faults-model", "challenger", {})
         between()  # the MLflow server goes away in the middle of the flow run
@@ -121,7 +122,12 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
 
     state = register_twice(mlflow_server.stop, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ServiceUnavailable, match=rf"(?s)MLflow at {mlflow_server.url} did not answer.*run again"):
+    # The advice names this flow run, and (a run of no deployment) the entrypoint `prefect flow-run retry` needs.
+    entrypoint = re.escape(f"{Path(__file__).resolve()}:register_twice")
+    retry = (
+        rf"retry this flow run: `prefect flow-run retry {state.state_details.flow_run_id} --entrypoint {entrypoint}`"
+    )
+    with pytest.raises(ServiceUnavailable, match=rf"(?s)MLflow at {mlflow_server.url} did not answer.*\n.*{retry}"):
         state.result()
     runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.expected_start_time)
     assert [(r.state_name, r.run_count) for r in runs] == [("Completed", 1), ("Failed", 3)]  # 2 retries
@@ -188,7 +194,7 @@ def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_
     )
 
     @flow(name="push-twice")
-    @names_unreachable_service
+    @names_unreachable_service(lambda: "run it again")
     def push_twice(between: Callable[[], None]) -> list[str]:
         first = version_path(config, folders[0])
         between()  # S3 goes away in the middle of the flow run
@@ -201,7 +207,7 @@ def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_
         s3.client().create_bucket(Bucket="dvc")
         state = push_twice(running.close, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ServiceUnavailable, match=rf"(?s)S3 at {s3.endpoint_url} did not answer.*run again"):
+    with pytest.raises(ServiceUnavailable, match=rf"(?s)S3 at {s3.endpoint_url} did not answer.*then run it again$"):
         state.result()
     runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.expected_start_time)
     assert [(r.state_name, r.run_count) for r in runs] == [("Completed", 1), ("Failed", 3)]  # 2 retries
@@ -234,11 +240,11 @@ def test_promote_with_mlflow_down_names_the_server_once_on_its_own_and_inside_re
 
     state = promote(config, overrides, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ServiceUnavailable, match=rf"(?s)^MLflow at {url} did not answer.*run again"):
+    with pytest.raises(ServiceUnavailable, match=rf"(?s)^MLflow at {url} did not answer.*promote again: nothing"):
         state.result()
 
     @flow(name="retrain-like")
-    @names_unreachable_service
+    @names_unreachable_service(lambda: "retry this flow run")
     def around() -> None:
         promote(config, overrides)
 

@@ -136,6 +136,42 @@ def test_a_registration_once_per_flow_run_finishes_the_version_an_earlier_try_ma
     assert tracker.client.get_registered_model("m").aliases == {"challenger": 3}
 
 
+def test_a_run_once_per_flow_run_goes_on_in_the_one_an_earlier_try_left(tmp_path: Path) -> None:
+    """`once_per`: the retry of a flow run reopens the parent run its failed try left (FAILED), its steps' child runs
+    join it, and it ends FINISHED; another flow run, or the same one in another run folder, gets a run of its own."""
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t"), tmp_path / "artifacts")
+    once_per = ("prefect_flow_run_id", "run_folder")
+    flow_run = {"prefect_flow_run_id": "flow-1", "run_folder": "20261205-120000-ab12", "git_commit": "abc"}
+
+    with pytest.raises(RuntimeError), tracker.run("retrain", tags=flow_run, once_per=once_per) as first_try:
+        with tracker.run("train", first_try):
+            pass
+        raise RuntimeError("the worker went away")
+    assert tracker.client.get_run(first_try).info.status == "FAILED"
+    with tracker.run("retrain", tags={**flow_run, "git_commit": "def"}, once_per=once_per) as retry:
+        assert tracker.client.get_run(retry).info.status == "RUNNING"
+        with tracker.run("evaluate", retry):
+            pass
+    with tracker.run("retrain", tags={**flow_run, "prefect_flow_run_id": "flow-2"}, once_per=once_per) as other:
+        pass
+    with tracker.run("retrain", tags={**flow_run, "run_folder": "20261205-120500-cd34"}, once_per=once_per) as moved:
+        pass
+    unnamed_folder = {"prefect_flow_run_id": "flow-1"}
+    with (
+        pytest.raises(ValueError, match="tags must give 'run_folder' a value"),
+        tracker.run("x", None, unnamed_folder, once_per),
+    ):
+        pass
+
+    assert retry == first_try and len({first_try, other, moved}) == 3
+    parent = tracker.client.get_run(retry)
+    assert (parent.info.status, parent.data.tags["git_commit"]) == ("FINISHED", "def")
+    children = tracker.client.search_runs([tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{retry}'")
+    assert sorted(run.info.run_name for run in children) == ["evaluate", "train"]
+    tops = tracker.client.search_runs([tracker.experiment_id], "tags.`mlflow.parentRunId` IS NULL")
+    assert sorted(run.info.run_id for run in tops) == sorted([first_try, other, moved])
+
+
 def test_an_older_version_registered_again_leaves_the_alias_on_the_newest(tmp_path: Path) -> None:
     """Two runs registering at once may set the alias in either order; the newest version keeps it. Here the
     older run's step finishes last (its retry, after the newer run registered)."""

@@ -132,10 +132,47 @@ class Tracker:
     def end_run(self, run_id: str, failed: bool = False) -> None:
         self.client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
+    def reopen_run(self, parent_id: str | None, tags: Mapping[str, str], once_per: Sequence[str]) -> str | None:
+        """The newest run of this experiment under `parent_id` (top-level for None) whose tags give the keys of
+        `once_per` the values `tags` gives them, set RUNNING again with `tags` (whatever state an earlier try left it
+        in: FINISHED, FAILED, or RUNNING after a kill); None when there is none.
+
+        Raises:
+            ValueError: a key of `once_per` is not in `tags` with a value (one without both kinds of quote).
+        """
+        parent = "IS NULL" if parent_id is None else f"= '{parent_id}'"
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"{_same_tags('reopen_run', tags, once_per)} and tags.`mlflow.parentRunId` {parent}",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            return None
+        run_id = str(runs[0].info.run_id)
+        self.client.update_run(run_id, status="RUNNING")  # MLflow reopens a finished run by id, as start_run(run_id=)
+        self.set_tags(run_id, tags)  # an earlier try's values of the other tags (its git commit) give way to this one's
+        return run_id
+
     @contextmanager
-    def run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> Iterator[str]:
-        """A run that ends FINISHED, or FAILED if the block raises."""
-        run_id = self.start_run(name, parent_id, tags)
+    def run(
+        self,
+        name: str,
+        parent_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        once_per: Sequence[str] = (),
+    ) -> Iterator[str]:
+        """A run that ends FINISHED, or FAILED if the block raises.
+
+        Args:
+            once_per: keys of `tags` whose values say which run this is: a run carrying those values under the same
+                parent (an earlier try's, in any state) goes on (`reopen_run`) instead of a second one being made.
+                The retrain flow's parent run, once per `prefect_flow_run_id` and `run_folder`: a retried flow run is
+                one MLflow run, which ends FINISHED when the retry succeeds.
+        """
+        run_id = (self.reopen_run(parent_id, tags or {}, once_per) if once_per else None) or self.start_run(
+            name, parent_id, tags
+        )
         try:
             yield run_id
         except BaseException:
@@ -254,7 +291,7 @@ class Tracker:
         Args:
             once_per: keys of `tags` whose values, not `run_id`, say which registration this is: a version of
                 `name` carrying those values is reused whichever run made it. The retrain flow's
-                `prefect_flow_run_id` and `run_folder`: each try of a flow run logs to new MLflow runs, and a try
+                `prefect_flow_run_id` and `run_folder`: each try of a flow run registers from a child run of its own, and a try
                 that failed after creating its version (before its alias was set, or later in the flow) leaves that
                 version to a retry in the same run folder (a retry on a machine without that folder trains a model
                 of its own, which is registered anew). The tags are written with the version, in the call that
@@ -342,14 +379,23 @@ def _earlier_registration(name: str, run_id: str, tags: Mapping[str, Any], once_
     """The search filter for the versions of `name` that an earlier try of this registration made (`register_model`)."""
     if not once_per:
         return f"name = '{name}' and run_id = '{run_id}'"
-    clauses = [f"name = '{name}'"]
+    return f"name = '{name}' and {_same_tags('register_model', tags, once_per)}"
+
+
+def _same_tags(caller: str, tags: Mapping[str, Any], once_per: Sequence[str]) -> str:
+    """The search filter clauses (runs or model versions) for the values `tags` gives the keys of `once_per`.
+
+    Raises:
+        ValueError: a key without a value, or with one holding both kinds of quote.
+    """
+    clauses = []
     for key in once_per:
         value = str(tags.get(key) or "")
         quoted = _quoted(value)
         if not value or quoted is None:
-            # An empty value would match every version registered without one: the wrong version, reused.
+            # An empty value would match every run or version made without one: the wrong one, reused.
             raise ValueError(
-                f"register_model(once_per={list(once_per)!r}): tags must give {key!r} a value without both kinds of "
+                f"{caller}(once_per={list(once_per)!r}): tags must give {key!r} a value without both kinds of "
                 f"quote, got {value!r}"
             )
         clauses.append(f"tags.`{key}` = {quoted}")

@@ -54,6 +54,10 @@ class PreparedDataset:
     def train_file(self) -> Path:
         return self.path / "train.jsonl"
 
+    def outputs(self) -> list[Path]:
+        """The snapshot's folder."""
+        return [self.path]
+
     @property
     def eval_file(self) -> Path:
         return self.path / "eval.jsonl"

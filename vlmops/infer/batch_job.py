@@ -225,6 +225,10 @@ class BatchResult:
     generated_tokens: int
     tokens_per_s: float
 
+    def outputs(self) -> list[Path]:
+        """The predictions file."""
+        return [self.path]
+
 
 def predict_eval_file(loaded: LoadedModel, eval_file: Path, out_file: Path, config: PipelineConfig) -> BatchResult:
     """A job over one eval split with a model loaded already (`vlmops eval`), then the file evaluate reads.

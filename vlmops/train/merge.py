@@ -80,6 +80,10 @@ class MergeResult:
     adapter: bool
     """True when a LoRA adapter was merged; False for a full-mode run exported as is."""
 
+    def outputs(self) -> list[Path]:
+        """The merged model's folder."""
+        return [self.path]
+
 
 PARITY_ATOL = 1e-3
 """The largest logit difference a merge may show, in float32 (merge.parity_atol: null)."""

@@ -105,6 +105,11 @@ class TrainResult:
     truncated_records: list[str] = field(default_factory=list)
     """Records whose text was cut to data.max_length (policy truncate-text)."""
 
+    def outputs(self) -> list[Path]:
+        """What the run wrote that the merge reads: without final/ it would take the latest checkpoint, another model
+        than this result describes."""
+        return [self.run_dir, self.final_dir]
+
     def to_json(self) -> dict[str, Any]:
         """result.json content: paths inside the run folder are stored relative to it, so it can move."""
         data = asdict(self)
