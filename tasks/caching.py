@@ -1,18 +1,18 @@
 """Cache keys that change when the files a step reads change, not only when its arguments do.
 
-Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale
-result after the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's sha256; for
-a dataset file, also each local image its records name, found as validation finds them (`iter_dataset`, which
-resolves relative paths against the file's folder, follows symlinks and keeps to that folder and
-`data.allowed_roots`); for a folder (a model), each file's relative path and where each symlink leads. An image or a
-folder's file is in the key by its stat data, never read, which keeps the key cheap for multi-GB checkpoints and
-image sets: the dataset file is read (to hash and to parse it) and each image it names is stat'ed once, wherever it
-lies (in an output folder, under .git/ or in a shared mount of millions of files, of which only the named ones
-count), and nothing else beside it is looked at: a code edit or a `pip install` beside a dataset at a checkout's
-root is no reason to validate again. An image a record names that is not there is "missing" in the key, so its
-arrival is a change; a record that does not parse adds nothing but its text, already in the sha256, and the reason
-validation will give (which can name where a symlink led). An image by URL (http, s3, data:) is its URI, part of the
-file's text: a URL's content changed in place is not seen.
+Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale result after
+the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's sha256; for a dataset
+file, also each local image its records name, found as validation finds them (`iter_dataset`, which resolves relative
+paths against the file's folder, follows symlinks and keeps to that folder and `data.allowed_roots`); for a folder (a
+model), each file's relative path (symlinked subfolders walked too, as the steps read them) and where each symlink
+leads. An image or a folder's file is in the key by its stat data, never read, which keeps the key cheap for multi-GB
+checkpoints and image sets: the dataset file is read (to hash and to parse it) and each image it names is stat'ed
+once, wherever it lies (in an output folder, under .git/ or in a shared mount of millions of files, of which only the
+named ones count), and nothing else beside it is looked at: a code edit or a `pip install` beside a dataset at a
+checkout's root is no reason to validate again. An image a record names that is not there is "missing" in the key, so
+its arrival is a change; a record that does not parse adds nothing but its text, already in the sha256, and the
+reason validation will give (which can name where a symlink led). An image by URL (http, s3, data:) is its URI, part
+of the file's text: a URL's content changed in place is not seen.
 
 The stat data is what git's index compares: size, mtime, and the change time and inode, which no tool sets back.
 Size and mtime alone miss a file replaced by one of the same size and mtime (a release of a dataset unpacked over
@@ -113,12 +113,22 @@ def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
     lines: list[tuple[Path, str]] = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = [d for d in dirs if d not in NOT_DATA and Path(root, d) not in inside]
-        # A symlinked folder is not walked: following links could lead far beyond the folder or round in circles.
-        # Where it leads is part of the key: pointing a subfolder at another version of its files changes no file
-        # that is walked.
-        lines += [(path, f"\0-> {path.resolve()}") for d in dirs if (path := Path(root, d)).is_symlink()]
+    seen = {folder}
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        # A symlinked folder is walked as the steps read it (vlmops.folders.files_under), each real folder once (a
+        # link back up the tree is not followed round); where it leads is part of the key too.
+        kept = []
+        for d in sorted(dirs):
+            path = Path(root, d)
+            real = path.resolve()
+            if d in NOT_DATA or real in inside:
+                continue
+            if path.is_symlink():
+                lines.append((path, f"\0-> {real}"))
+            if real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirs[:] = kept
         for name in names:
             path = Path(root, name)
             if name in NOT_DATA or path in inside or is_partial(path):

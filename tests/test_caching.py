@@ -269,7 +269,7 @@ def test_a_record_naming_a_folder_changes_the_key_when_a_file_takes_its_place(tm
 
 def test_a_model_folders_key_follows_its_files_and_links_and_nothing_else(tmp_path: Path) -> None:
     """The model folder's key: the same for an untouched folder; another for a file rewritten with its size (also
-    through a link), a link pointed elsewhere or a new file; the same again for what the walk leaves out (tool
+    through a link), a new file in a linked folder, a link pointed elsewhere or a new file; the same again for what the walk leaves out (tool
     metadata, a partial download, a written folder, a link that leads to no file, a fifo)."""
     model, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
     weights = image(model / "weights.bmp", "red")
@@ -295,6 +295,12 @@ def test_a_model_folders_key_follows_its_files_and_links_and_nothing_else(tmp_pa
     keys = [before, folder_stat_fingerprint(model, [outputs])]
     rewrite(shared, "blue")  # behind the link: stat follows it
     keys.append(folder_stat_fingerprint(model, [outputs]))
+    image(elsewhere / "v1" / "deep" / "patch.bmp", "red")  # a new file in the linked folder: it is walked
+    keys.append(folder_stat_fingerprint(model, [outputs]))
+    (elsewhere / "v1" / "deep" / "up").symlink_to(model, target_is_directory=True)  # a loop: not followed round
+    assert folder_stat_fingerprint(model, [outputs]) != keys[-1]  # the link itself is in the key
+    (elsewhere / "v1" / "deep" / "up").unlink()
+    assert folder_stat_fingerprint(model, [outputs]) == keys[-1]
     (model / "vision").unlink()
     (model / "vision").symlink_to(elsewhere / "v2", target_is_directory=True)
     keys.append(folder_stat_fingerprint(model, [outputs]))
