@@ -6,12 +6,15 @@ versioned with DVC; their hashes, the git commit and the Prefect flow-run id tag
 version. Download and validation are cached on their inputs and the content of the files they read, so a
 rerun with unchanged inputs reuses them (the log says `Cached`). A retry of a flow run (`prefect flow-run retry`)
 goes on in the run folder its first try made: train, merge, the eval predictions that finished and the registration
-are reused too (a flow run registers one version: a retry after register, say of a failed promotion, keeps that
-version and its alias as the earlier try left them, and runs the steps after it again), and an eval job it stopped
-answers only the shards it had not finished. A cached result is reused only while the files and folders it names are
-there (`tasks.caching.run_or_reuse`): a retry after the run folder's train/ or merged/ was deleted runs that step
-again. The registered version carries its whole lineage (vlmops.registry.lineage); the flow run has two artifacts: a
-summary with links to the MLflow run and model version, and a table of eval samples.
+are reused too, and an eval job it stopped answers only the shards it had not finished. A cached result is reused only
+while the files and folders it names are there (`tasks.caching.run_or_reuse`): a retry after the run folder's train/
+or merged/ was deleted runs that step again. A flow run registers one version per merged model: a retry after
+register, say of a failed promotion, keeps that version and its alias as the earlier try left them while its merge is
+reused (the version's `prefect_merge_task_run_id` tag names the merge task run), and runs the steps after register
+again; a retry that merged again (merged/ or train/ deleted since) evaluates and registers the new model as a new
+version, which takes the alias, the earlier version left as it was. The registered version carries its whole lineage
+(vlmops.registry.lineage); the flow run has two artifacts: a summary with links to the MLflow run and model version,
+and a table of eval samples.
 
 A retry goes on in the MLflow parent run its earlier try opened (found by the flow run's id and run folder tags),
 which ends FINISHED when the retry succeeds: one parent run per flow run, whose id the registered version's
@@ -168,6 +171,10 @@ FLOW_RUN_FILE = "prefect_flow_run_id"
 RUN_FOLDER_TAG = "run_folder"
 """The lineage tag naming the run folder (under `run.output_dir`/runs) that holds a run's training and merged model."""
 
+MERGE_TAG = "prefect_merge_task_run_id"
+"""The lineage tag naming the merge task run that made the registered model (`MergeResult.task_run_id`): the same for
+every try that reuses that merge, another once a retry merges again."""
+
 
 def _run_dir(runs: Path, flow_run_id: str) -> Path:
     """The flow run's folder. A retry of the flow run (`prefect flow-run retry`, a flow's `retries`) goes on in the one
@@ -321,7 +328,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
         tags = {
             **version_tags(
                 config=config,
-                run={**lineage, "mlflow_run_id": parent},
+                run={**lineage, "mlflow_run_id": parent, MERGE_TAG: merged.task_run_id},
                 base_model={
                     "id": snapshot.id,
                     "revision": snapshot.revision,
@@ -336,8 +343,9 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
             **{k: f"{v:.4f}" for k, v in metrics.items()},
         }
         with tracker.run("register", parent) as step:
-            # Once per flow run: a retry takes the version its earlier try registered (the task run is `Cached`), or
-            # finishes the one that try created before it failed (its alias not set yet).
+            # Once per flow run and merged model: a retry takes the version its earlier try registered (the task run
+            # is `Cached`), or finishes the one that try created before it failed (its alias not set yet), while the
+            # merge is that try's; a retry that merged again registers the new model as a version of its own.
             registered = register(
                 tracker,
                 step,
@@ -346,7 +354,7 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
                 config.registry.alias,
                 tags,
                 model_version,
-                once_per=(FLOW_RUN_TAG, RUN_FOLDER_TAG),
+                once_per=(FLOW_RUN_TAG, RUN_FOLDER_TAG, MERGE_TAG),
                 return_state=True,
             )
             version = registered.result()

@@ -3,11 +3,18 @@
 With versioning on, the version's artifacts are a pointer to the copy DVC pushed (`models:/NAME@ALIAS`
 loading pulls it from the DVC remote): the weights are stored once in the shared store, not uploaded again.
 
-The retrain flow registers once per flow run and run folder (`once_per` its `prefect_flow_run_id` and `run_folder`
-tags): a retry of the flow run in the same folder (`prefect flow-run retry`, a flow's `retries`) takes the
-registration its earlier try finished (the task run says `Cached`: the same version, its alias as that try and the
-steps after it left it), and one whose earlier try stopped between creating the version and setting its alias
-finishes that version. A retry on a machine without the folder trains a model of its own and registers it anew.
+The retrain flow registers once per flow run, run folder and merged model (`once_per` its `prefect_flow_run_id`,
+`run_folder` and `prefect_merge_task_run_id` tags): a retry of the flow run in the same folder (`prefect flow-run
+retry`, a flow's `retries`) that reuses its merge takes the registration its earlier try finished (the task run says
+`Cached`: the same version, its alias as that try and the steps after it left it), and one whose earlier try stopped
+between creating the version and setting its alias finishes that version. A retry that merged again (its merged/ or
+train/ deleted since) has a model the earlier version is not of: it registers that one as a new version. A retry on a
+machine without the folder trains a model of its own and registers it anew.
+
+A version registered before the merge tag existed (a flow run retried across the upgrade) has none, so no retry reuses
+it: which merge it is of cannot be told, and a second version of perhaps the same model is the safe side of that
+doubt, where reusing it could name weights the retry did not evaluate. (Such a retry merges again anyway: the merge
+step's code, part of its cache key, changed with the tag.)
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ from vlmops.versioning import DvcVersion, write_pointer
 @dataclass
 class SameRegistration(CachePolicy):
     """What `Tracker.register_model` takes for the same registration, made once: the values of the `once_per` tags (the
-    flow run and its run folder, whichever try), else the MLflow run: without `once_per`, another run's call registers
-    anew."""
+    flow run, its run folder and the merge task run, whichever try), else the MLflow run: without `once_per`, another
+    run's call registers anew. A retry that merged again has another merge tag, so another key: its registration
+    runs, and makes the new model's version."""
 
     def compute_key(
         self, task_ctx: TaskRunContext, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any

@@ -31,26 +31,31 @@ def _stamp(path: Path) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def _task_states(flow_run_id: Any) -> dict[str, list[str]]:
-    """The states of the flow run's task runs (of every try), by task name, oldest first."""
+def _task_runs(flow_run_id: Any) -> dict[str, list[tuple[str, str]]]:
+    """The state and id of each of the flow run's task runs (of every try), by task name, oldest first."""
     import asyncio
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
-    async def read() -> dict[str, list[str]]:
+    async def read() -> dict[str, list[tuple[str, str]]]:
         async with get_client() as client:
             runs = await client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
                 sort=TaskRunSort.EXPECTED_START_TIME_ASC,
             )
-        states: dict[str, list[str]] = defaultdict(list)
+        found: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for run in runs:
-            states[run.name.rsplit("-", 1)[0]].append(str(run.state_name))
-        return dict(states)
+            found[run.name.rsplit("-", 1)[0]].append((str(run.state_name), str(run.id)))
+        return dict(found)
 
     return asyncio.run(read())
+
+
+def _task_states(flow_run_id: Any) -> dict[str, list[str]]:
+    """The states of the flow run's task runs (of every try), by task name, oldest first."""
+    return {name: [state for state, _ in runs] for name, runs in _task_runs(flow_run_id).items()}
 
 
 def _parent_run(tracking_uri: str, flow_run_id: Any) -> Any:
@@ -245,6 +250,7 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     import flows.retrain
+    from flows.retrain import MERGE_TAG
 
     outputs = tmp_path / "outputs"
     overrides = [
@@ -275,7 +281,10 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
     (version,) = client.search_model_versions("name = 'vlmops-demo'")
     assert str(version.version) == "1" and version.tags["run_folder"] == Path(summary["run_dir"]).name
     assert client.get_registered_model("vlmops-demo").aliases == {"challenger": 1}
-    assert _task_states(state.state_details.flow_run_id)["register"] == ["Completed", "Cached"]
+    states = _task_states(state.state_details.flow_run_id)
+    assert (states["register"], states["merge"]) == (["Completed", "Cached"], ["Completed", "Cached"]), states
+    # The version names the merge its model came from: the first try's, which the retry reused.
+    assert version.tags[MERGE_TAG] == _task_runs(state.state_details.flow_run_id)["merge"][0][1]
 
     parent = _parent_run(f"sqlite:///{outputs}/mlflow.db", state.state_details.flow_run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_id == summary["mlflow_run_id"]
@@ -288,6 +297,70 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
         ("FINISHED", "True"),
     ]
     assert version.run_id == registers[0].info.run_id  # the version was registered from the first try's step
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
+def test_a_retry_after_register_that_merged_again_registers_the_new_model_as_a_new_version(
+    tmp_path: Path, prefect_harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first try registers version 1, then fails in the promotion, with the run folder's merged/ deleted; the
+    flow's retry merges again (train reused), evaluates the new model and registers it as version 2, whose merge tag
+    names the new merge task run, and which the alias and the promotion take; version 1 stays, naming the first merge.
+    Before, the retry reused version 1 (`Cached`), whose weights were the deleted model's, not the one it evaluated."""
+    from mlflow.tracking import MlflowClient
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    import flows.retrain
+    from flows.retrain import MERGE_TAG
+    from vlmops.infer.resolve import RETRAIN_MODEL_DIR
+
+    outputs = tmp_path / "outputs"
+    overrides = [
+        f"run.output_dir={outputs}",
+        f"model.cache_dir={outputs}/cache",
+        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+        "registry.auto_promote=true",
+        *("versioning.enabled=false", "eval.evaluate_base=false"),
+        *("data.demo.num_train=8", "data.demo.num_eval=2", "train.max_steps=2"),
+    ]
+    challengers: list[str] = []
+
+    def promotion_failing_after_a_clean_up(
+        config_path: str, overrides: list[str] | None, challenger: str
+    ) -> dict[str, str]:
+        challengers.append(challenger)
+        if len(challengers) == 1:
+            (run_dir,) = (outputs / "runs").iterdir()
+            shutil.rmtree(run_dir / RETRAIN_MODEL_DIR)
+            raise RuntimeError("the promotion's worker went away")
+        return {"decision": "promoted"}
+
+    monkeypatch.setattr(flows.retrain, "promote", promotion_failing_after_a_clean_up)
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        state = flows.retrain.retrain.with_options(retries=1)(str(ROOT / "pipeline.yaml"), overrides, return_state=True)
+        assert state.is_completed(), state
+        summary = state.result()
+    assert challengers == ["1", "2"]
+    assert (summary["model_version"], summary["alias_version"], summary["promotion"]) == ("2", "2", "promoted")
+    assert (Path(summary["run_dir"]) / RETRAIN_MODEL_DIR).is_dir()
+
+    states = _task_states(state.state_details.flow_run_id)
+    assert states["train"] == ["Completed", "Cached"], states
+    assert states["merge"] == ["Completed", "Cached", "Completed"], states
+    assert states["register"] == ["Completed", "Completed"], states
+    first_merge, _, new_merge = (run_id for _, run_id in _task_runs(state.state_details.flow_run_id)["merge"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'vlmops-demo'")}
+    assert sorted(versions) == ["1", "2"]
+    assert (versions["1"].tags[MERGE_TAG], versions["2"].tags[MERGE_TAG]) == (first_merge, new_merge)
+    for version in versions.values():  # one flow run, one run folder, one MLflow parent run
+        assert version.tags["run_folder"] == Path(summary["run_dir"]).name
+        assert version.tags["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert client.get_registered_model("vlmops-demo").aliases == {"challenger": 2}
+    # The retry's merge step (its MLflow child run) is the task run the new version names.
+    merges = _step_runs(client.tracking_uri, summary["mlflow_run_id"], "merge")
+    assert [run.data.tags["prefect_task_run_id"] for run in merges] == [first_merge, new_merge]
 
 
 @pytest.mark.e2e

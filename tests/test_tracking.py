@@ -136,6 +136,30 @@ def test_a_registration_once_per_flow_run_finishes_the_version_an_earlier_try_ma
     assert tracker.client.get_registered_model("m").aliases == {"challenger": 3}
 
 
+def test_a_registration_once_per_merge_is_new_for_a_new_merge_and_never_takes_a_version_without_the_tag(
+    tmp_path: Path,
+) -> None:
+    """`once_per` with the retrain flow's merge tag: a retry that reuses the merge reuses its version, one that merged
+    again registers a version of its own; a version of the same flow run and folder made before the tag existed (an
+    older flow run retried after an upgrade) is not taken for either."""
+    tracker = Tracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="t"), tmp_path / "artifacts")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    flow_run = {"prefect_flow_run_id": "flow-1", "run_folder": "20261205-120000-ab12"}
+    once_per = ("prefect_flow_run_id", "run_folder", "prefect_merge_task_run_id")
+
+    def register(run_id: str, merge: str) -> str:
+        tags = {**flow_run, "prefect_merge_task_run_id": merge}
+        return tracker.register_model(run_id, model, "m", "challenger", tags=tags, once_per=once_per).version
+
+    with tracker.run("before the upgrade") as old_try, tracker.run("retry") as retry:
+        old = tracker.register_model(old_try, model, "m", "challenger", tags=flow_run, once_per=tuple(flow_run))
+        versions = [old.version, register(retry, "merge-1"), register(retry, "merge-1"), register(retry, "merge-2")]
+    assert versions == ["1", "2", "2", "3"]
+    assert tracker.client.get_registered_model("m").aliases == {"challenger": 3}
+
+
 def test_a_run_once_per_flow_run_goes_on_in_the_one_an_earlier_try_left(tmp_path: Path) -> None:
     """`once_per`: the retry of a flow run reopens the parent run its failed try left (FAILED), its steps' child runs
     join it, and it ends FINISHED; another flow run, or the same one in another run folder, gets a run of its own."""

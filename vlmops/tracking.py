@@ -290,12 +290,13 @@ class Tracker:
 
         Args:
             once_per: keys of `tags` whose values, not `run_id`, say which registration this is: a version of
-                `name` carrying those values is reused whichever run made it. The retrain flow's
-                `prefect_flow_run_id` and `run_folder`: each try of a flow run registers from a child run of its own, and a try
+                `name` carrying those values is reused whichever run made it (a version without one of the tags is
+                never reused). The retrain flow's `prefect_flow_run_id`, `run_folder` and
+                `prefect_merge_task_run_id`: each try of a flow run registers from a child run of its own, and a try
                 that failed after creating its version (before its alias was set, or later in the flow) leaves that
-                version to a retry in the same run folder (a retry on a machine without that folder trains a model
-                of its own, which is registered anew). The tags are written with the version, in the call that
-                creates it, so no version is without them.
+                version to a retry in the same run folder that reuses its merge (a retry that merged again, or one on
+                a machine without that folder, has a model of its own, which is registered anew). The tags are
+                written with the version, in the call that creates it, so no version is without them.
 
         Raises:
             ValueError: a key of `once_per` is not in `tags` with a value (one without both kinds of quote).

@@ -5,6 +5,7 @@ Every version the retrain flow registers carries these tags (`version_tags`):
     git_commit                 the code that ran (`-dirty` with local changes)
     prefect_flow_run_id        the flow run that trained it; prefect_deployment: its deployment ("none" outside one)
     run_folder                 the run folder (under run.output_dir/runs) that holds its training and merged model
+    prefect_merge_task_run_id  the merge task run that made it: a retry of the flow run that merges again registers anew
     base_model.id, .revision, .source, .manifest_hash   the base checkpoint (manifest: every file's sha256)
     config.hash                sha256 of the resolved pipeline config (the run's config.yaml)
     dataset.path, dataset.hash the validated dataset snapshot and its content hash
@@ -59,7 +60,8 @@ def version_tags(
     """The lineage tags of a model version (see the module docstring).
 
     Args:
-        run: the run's own tags (git_commit, prefect_flow_run_id, prefect_deployment, run_folder, mlflow_run_id).
+        run: the run's own tags (git_commit, prefect_flow_run_id, prefect_deployment, run_folder,
+            prefect_merge_task_run_id, mlflow_run_id).
         base_model: id, revision, source and manifest_hash of the base checkpoint.
     """
     tags = {

@@ -79,6 +79,10 @@ class MergeResult:
     atol: float
     adapter: bool
     """True when a LoRA adapter was merged; False for a full-mode run exported as is."""
+    task_run_id: str = ""
+    """The orchestrator's task run that merged (the retrain flow's merge step sets it; empty for `vlmops export`). A
+    result reused from the cache keeps it, a merge run again gets a new one: the registration's name for this merged
+    model (flows/retrain.py `MERGE_TAG`)."""
 
     def outputs(self) -> list[Path]:
         """The merged model's folder."""
