@@ -7,8 +7,8 @@ Prefect, MLflow or DVC, and it has no network. This script, run here with the pr
   liger-kernel, py-spy), and `.device/setup.sh`, which a call's script sources to install them into /tmp/site.
 - `flow`: `.device/flow/whl`, the wheels the retrain flow's gpu test needs: the distributions a CPU run of
   `tests/test_retrain_flow.py` imports (every Python process it starts records its modules at exit), plus the
-  requirements of Prefect's server (its process is stopped by a signal, so it records nothing), less the large
-  packages the image has. `.device/flow/call.sh` installs them and runs `pytest -m gpu tests/test_retrain_flow.py`.
+  requirements of Prefect's server (its process is stopped by a signal, so it records nothing) and pexpect (which a
+  `pytest -m gpu tests/` run imports while collecting), less the large packages the image has. `.device/flow/call.sh` installs them and runs `pytest -m gpu tests/test_retrain_flow.py`.
 
 Usage: `.venv/bin/python bench/device_kit.py base flow`, then `run(command="bash .device/flow/call.sh",
 carry=[".device"])`. The carried paths and the tracked files share a 64 MiB limit; the script prints the sizes.
@@ -53,6 +53,8 @@ UNREAD = {"mlflow": "mlflow/server/js/"}
 # What Prefect's server process imports (uvicorn and the rest), which the trace cannot see.
 # Published as an sdist only: built into a wheel here (pure Python).
 SDIST_ONLY = {"antlr4-python3-runtime"}
+# Imported at collection by test files a `pytest -m gpu tests/` run also collects (tests/infer/test_interactive.py).
+COLLECTED = {"pexpect", "ptyprocess"}
 SERVER = ["prefect", "uvicorn", "aiosqlite", "apprise", "docker", "dateparser", "cyclopts", "griffe", "semver"]
 RECORDER = """\
 import atexit, os, sys
@@ -152,7 +154,7 @@ def build_base() -> None:
 
 
 def build_flow() -> None:
-    names = traced_distributions() | requirement_closure(SERVER) | BASE
+    names = traced_distributions() | requirement_closure(SERVER) | BASE | COLLECTED
     names -= IMAGE_HAS | OPTIONAL
     wheels = KIT / "flow" / "whl"
     download([*pinned(names - SDIST_ONLY), EXTRA[0]], wheels)
