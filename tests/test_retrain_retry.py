@@ -25,6 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 MARK = "answered before the crash"
 
 
+def _local_run(outputs: Path, *settings: str) -> list[str]:
+    """Overrides for a run under `outputs` (its output, model cache and SQLite tracking store), plus `settings`."""
+    return [
+        f"run.output_dir={outputs}",
+        f"model.cache_dir={outputs}/cache",
+        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+        *settings,
+    ]
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     """Inode and mtime: a step that writes its file again (aside, then renamed) changes both."""
     stat = path.stat()
@@ -148,12 +158,10 @@ def test_a_retried_flow_run_goes_on_in_its_run_folder_and_answers_no_eval_record
 
     outputs = tmp_path / "outputs"
     runs = outputs / "runs"
-    overrides = [
-        f"run.output_dir={outputs}",
-        f"model.cache_dir={outputs}/cache",
-        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+    overrides = _local_run(
+        outputs,
         *("data.demo.num_train=16", "data.demo.num_eval=6", "train.max_steps=2", "infer.shard_size=2"),
-    ]
+    )
     real_job = tasks.infer.run_job_in_child
     jobs: list[tuple[str, int, int]] = []  # each eval job run: its folder under runs/, parts before, parts after
     stamps: dict[str, tuple[int, int]] = {}  # files of the run folder the later tries must leave as they are
@@ -253,14 +261,12 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
     from flows.retrain import MERGE_TAG
 
     outputs = tmp_path / "outputs"
-    overrides = [
-        f"run.output_dir={outputs}",
-        f"model.cache_dir={outputs}/cache",
-        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+    overrides = _local_run(
+        outputs,
         "registry.auto_promote=true",
         *("versioning.enabled=false", "eval.evaluate_base=false"),
         *("data.demo.num_train=8", "data.demo.num_eval=2", "train.max_steps=2"),
-    ]
+    )
     challengers: list[str] = []
 
     def promotion_failing_once(config_path: str, overrides: list[str] | None, challenger: str) -> dict[str, str]:
@@ -316,14 +322,12 @@ def test_a_retry_after_register_that_merged_again_registers_the_new_model_as_a_n
     from vlmops.infer.resolve import RETRAIN_MODEL_DIR
 
     outputs = tmp_path / "outputs"
-    overrides = [
-        f"run.output_dir={outputs}",
-        f"model.cache_dir={outputs}/cache",
-        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+    overrides = _local_run(
+        outputs,
         "registry.auto_promote=true",
         *("versioning.enabled=false", "eval.evaluate_base=false"),
         *("data.demo.num_train=8", "data.demo.num_eval=2", "train.max_steps=2"),
-    ]
+    )
     challengers: list[str] = []
 
     def promotion_failing_after_a_clean_up(
@@ -378,13 +382,11 @@ def test_a_retry_runs_again_a_finished_step_whose_output_was_deleted(
     import flows.retrain
 
     outputs = tmp_path / "outputs"
-    overrides = [
-        f"run.output_dir={outputs}",
-        f"model.cache_dir={outputs}/cache",
-        f"tracking.uri=sqlite:///{outputs}/mlflow.db",
+    overrides = _local_run(
+        outputs,
         *("versioning.enabled=false", "eval.evaluate_base=true"),
         *("data.demo.num_train=8", "data.demo.num_eval=2", "train.max_steps=2"),
-    ]
+    )
     real_evaluate = flows.retrain.evaluate
     deleted: list[Path] = []
 
