@@ -35,6 +35,19 @@ def _local_run(outputs: Path, *settings: str) -> list[str]:
     ]
 
 
+def _retrain_retried_once(tmp_path: Path, overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """Run the retrain flow with one retry (its task results kept under `tmp_path`); it must complete: its state and
+    summary."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    import flows.retrain
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        state = flows.retrain.retrain.with_options(retries=1)(str(ROOT / "pipeline.yaml"), overrides, return_state=True)
+        assert state.is_completed(), state
+        return state, state.result()
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     """Inode and mtime: a step that writes its file again (aside, then renamed) changes both."""
     stat = path.stat()
@@ -255,7 +268,6 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
     `mlflow_run_id` tag names. Before, each try opened a parent run of its own: the first try's stayed FAILED beside
     the retry's, and the version (registered by the first try) named that failed one."""
     from mlflow.tracking import MlflowClient
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     import flows.retrain
     from flows.retrain import MERGE_TAG
@@ -276,10 +288,7 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
         return {"decision": "promoted"}  # the gate itself is tests/test_retrain_promote.py's
 
     monkeypatch.setattr(flows.retrain, "promote", promotion_failing_once)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
-        state = flows.retrain.retrain.with_options(retries=1)(str(ROOT / "pipeline.yaml"), overrides, return_state=True)
-        assert state.is_completed(), state
-        summary = state.result()
+    state, summary = _retrain_retried_once(tmp_path, overrides)
     assert challengers == ["1", "1"]
     assert (summary["model_version"], summary["alias_version"], summary["promotion"]) == ("1", "1", "promoted")
     assert json.loads(Path(summary["summary_file"]).read_text())["model_version"] == "1"
@@ -315,7 +324,6 @@ def test_a_retry_after_register_that_merged_again_registers_the_new_model_as_a_n
     names the new merge task run, and which the alias and the promotion take; version 1 stays, naming the first merge.
     Before, the retry reused version 1 (`Cached`), whose weights were the deleted model's, not the one it evaluated."""
     from mlflow.tracking import MlflowClient
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     import flows.retrain
     from flows.retrain import MERGE_TAG
@@ -341,10 +349,7 @@ def test_a_retry_after_register_that_merged_again_registers_the_new_model_as_a_n
         return {"decision": "promoted"}
 
     monkeypatch.setattr(flows.retrain, "promote", promotion_failing_after_a_clean_up)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
-        state = flows.retrain.retrain.with_options(retries=1)(str(ROOT / "pipeline.yaml"), overrides, return_state=True)
-        assert state.is_completed(), state
-        summary = state.result()
+    state, summary = _retrain_retried_once(tmp_path, overrides)
     assert challengers == ["1", "2"]
     assert (summary["model_version"], summary["alias_version"], summary["promotion"]) == ("2", "2", "promoted")
     assert (Path(summary["run_dir"]) / RETRAIN_MODEL_DIR).is_dir()
@@ -377,7 +382,6 @@ def test_a_retry_runs_again_a_finished_step_whose_output_was_deleted(
     name is gone, and runs them again (and the fine-tuned eval job, whose model changed), not train. Before, the retry
     took the cached results and failed on the missing merged/ folder. One MLflow parent run, FINISHED."""
     from mlflow.tracking import MlflowClient
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     import flows.retrain
 
@@ -399,10 +403,7 @@ def test_a_retry_runs_again_a_finished_step_whose_output_was_deleted(
         return real_evaluate(out_dir, eval_file, model, *args)
 
     monkeypatch.setattr(flows.retrain, "evaluate", evaluate_after_a_clean_up)
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
-        state = flows.retrain.retrain.with_options(retries=1)(str(ROOT / "pipeline.yaml"), overrides, return_state=True)
-        assert state.is_completed(), state
-        summary = state.result()
+    state, summary = _retrain_retried_once(tmp_path, overrides)
     run_dir = Path(summary["run_dir"])
     assert deleted == [run_dir / "merged", run_dir / "eval" / "base_predictions.jsonl"]
     assert all(path.exists() for path in deleted)
