@@ -12,9 +12,9 @@ import urllib3.exceptions
 from mlflow.exceptions import MlflowException, RestException
 from urllib3.connectionpool import HTTPConnectionPool
 
-from tasks.retry import is_transient
 from vlmops.errors import UserInputError
 from vlmops.models.download_errors import TransferFailedError
+from vlmops.outages import is_transient
 from vlmops.staging import LockTimeoutError
 from vlmops.storage import CorruptedDownloadError
 
@@ -131,8 +131,9 @@ def test_a_gpu_shard_is_retried_unless_its_input_or_the_disk_failed() -> None:
 def test_a_failure_that_carries_a_named_outage_is_not_named_again() -> None:
     """retrain's auto_promote failing on an MLflow outage: promote named it (ServiceUnavailable), and retrain's own
     failure raised from it (PromotionFailed, with the run's summary) reaches the user as it is, not renamed."""
-    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.retry import names_unreachable_service
     from vlmops.errors import RunFailed
+    from vlmops.outages import ServiceUnavailable
 
     refused = requests.ConnectionError("refused")
     outage = raised_from(ServiceUnavailable("MLflow", "http://127.0.0.1:9", refused), refused)

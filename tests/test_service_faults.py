@@ -102,8 +102,9 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
     from prefect import flow
 
     from tasks.register import register
-    from tasks.retry import ServiceUnavailable, names_unreachable_service, retry_this_flow_run
+    from tasks.retry import names_unreachable_service, retry_this_flow_run
     from vlmops.config import TrackingConfig
+    from vlmops.outages import ServiceUnavailable
     from vlmops.tracking import Tracker
 
     model = tmp_path / "merged"
@@ -169,10 +170,11 @@ def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_
 
     from prefect import flow
 
-    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.retry import names_unreachable_service
     from tasks.version import version_path
     from tests.s3_server import free_ports, seaweedfs_s3
     from vlmops.config import load_config
+    from vlmops.outages import ServiceUnavailable
 
     ports = free_ports(8)
     weed = tmp_path / "weed"
@@ -229,7 +231,8 @@ def test_promote_with_mlflow_down_names_the_server_once_on_its_own_and_inside_re
     from prefect import flow
 
     from flows.promote import promote
-    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.retry import names_unreachable_service
+    from vlmops.outages import ServiceUnavailable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with socket.socket() as sock:  # a port nothing listens on
