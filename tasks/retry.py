@@ -92,7 +92,7 @@ def names_unreachable_service(then: Callable[[], str]) -> Callable[[F], F]:
                 outage = unreachable_service(err)
                 if outage is None:
                     raise
-                raise ServiceUnavailable(*outage, err, then()) from err
+                raise ServiceUnavailable(outage, then()) from err
 
         return wrapper  # type: ignore[return-value]
 

@@ -1,11 +1,14 @@
 """Service faults, with real servers: SeaweedFS (S3) and an `mlflow server` process (SQLite backend, artifacts in
 S3) that the test stops in the middle of a flow run. The affected task retries with backoff, then the run fails
 with a message naming MLflow and its URL; after a restart the rerun completes and nothing registered before is
-lost. Two registrations at once get two distinct, complete versions."""
+lost. Two registrations at once get two distinct, complete versions. A batch inference job whose S3 output goes
+away (a proxy in front of SeaweedFS stops at the job's second part) fails naming S3 in `vlmops batch-infer`, and the
+same job goes on once it is back, every record once."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
@@ -20,9 +23,12 @@ from typing import Any
 
 import pytest
 
+from tests.outage_proxy import OutageProxy
 from tests.s3_server import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class MlflowServer:
@@ -289,3 +295,69 @@ def test_promote_logs_no_password_of_the_tracking_uri_in_prefect(
     logs = [log.message for log in asyncio.run(read())]
     assert any("Traceback" in message and f"alice:***@127.0.0.1:{port}" in message for message in logs), logs
     assert not [message for message in logs if "s3cretpassw0rd" in message]
+
+
+@pytest.fixture
+def s3_proxy(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[OutageProxy]:
+    """The session's SeaweedFS behind a proxy the test stops (the job's `storage.endpoint_url`); its keys in the
+    environment, as a job's child and workers read them."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    proxy = OutageProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _six_prompts(tmp_path: Path) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "query": f"Question {i}?"}) + "\n" for i in range(6)))
+    return prompts
+
+
+def _parts(s3: S3Server, bucket: str) -> dict[str, tuple[str, list[str]]]:
+    """The job's parts on the server itself (not through the proxy): name -> (ETag, the keys of its records)."""
+    client = s3.client()
+    found = {}
+    for listed in client.list_objects_v2(Bucket=bucket, Prefix="job/part-").get("Contents", []):
+        body = client.get_object(Bucket=bucket, Key=listed["Key"])["Body"].read().decode()
+        found[listed["Key"].rsplit("/", 1)[1]] = (
+            listed["ETag"],
+            [json.loads(line)["key"] for line in body.splitlines()],
+        )
+    return found
+
+
+def test_s3_outage_in_a_batch_infer_worker_names_s3_and_the_same_command_goes_on(
+    tiny_model: Path, s3_server: S3Server, s3_proxy: OutageProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlmops batch-infer` with two worker processes, its S3 output going away at the second part (worker 1's): the
+    command names S3 and its URL (read off the worker's last lines) and says to run it again, exit 1, not a worker's
+    traceback and "1 worker failed". The same command with S3 back answers only what is missing: every record once,
+    the parts written before the outage as they were."""
+    from vlmops.cli import main
+
+    s3_server.client().create_bucket(Bucket="answers-cli")
+    output = "s3://answers-cli/job"
+    args = ["batch-infer", "--model", str(tiny_model), "--input", str(_six_prompts(tmp_path)), "--output", output]
+    args += ["--set", f"storage.endpoint_url={s3_proxy.url}", "--set", "infer.shard_size=2"]
+    args += ["--set", "infer.max_new_tokens=2", "--set", "infer.workers=2"]
+    s3_proxy.fail_at(b"/job/part-00001.jsonl")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"\nerror: S3 at {re.escape(s3_proxy.url)} did not answer, after retries: \w+: [^\n]+\n"
+        r"start it \(or fix its URL in the config\), then run the same command again: the shards written so far "
+        rf"are kept and only the rest are answered \(vlmops batch-status {output} says where the job stands\)\n",
+        err,
+    ), err[-3000:]
+    before = _parts(s3_server, "answers-cli")
+    assert "part-00001.jsonl" not in before
+
+    s3_proxy.start()
+    assert main(args) == 0
+    assert ": done\n" in capsys.readouterr().out
+    after = _parts(s3_server, "answers-cli")
+    assert [key for name in sorted(after) for key in after[name][1]] == [f"q{i}" for i in range(6)]
+    assert {name: after[name] for name in before} == before  # kept, not written again

@@ -7,7 +7,9 @@ snapshot, a bad config or a full disk fail the same way every time: retrying the
 
 `ServiceUnavailable` is the error that names the server (S3, MLflow, Prefect) and its URL, and says what to run once
 it is back. Who raises it gives that advice: a flow (tasks.retry.names_unreachable_service) or a command
-(`vlmops batch-infer`). No Prefect here: the command and the flows share it.
+(`vlmops batch-infer`). No Prefect here: the command and the flows share it. A child process (a batch job's worker,
+the `vlmops batch-infer` a flow runs) says which server it could not reach in its last lines, which the error its
+parent raises quotes: `unreachable_service` reads the outage back off them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import errno
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from vlmops.errors import RunFailed
 from vlmops.redact import redact_uri
@@ -105,46 +108,72 @@ def _retryable_status(status: int) -> bool:
     return status >= 500 or status == 429
 
 
+@dataclass(frozen=True)
+class Outage:
+    """A server that did not answer: which service, its base URL, and the last error (`Type: message`)."""
+
+    service: str
+    url: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.service} at {self.url} {_DID_NOT_ANSWER}{self.error}"
+
+
+_DID_NOT_ANSWER = "did not answer, after retries: "
+# An outage as `Outage.__str__` writes it, wherever it stands in a line: after `error: ` (a vlmops command's last
+# words), after a traceback's exception type, indented in an error that quotes a child's last lines.
+_REPORTED = re.compile(rf"\b(S3|MLflow|Prefect|the server) at (\S+) {re.escape(_DID_NOT_ANSWER)}([^\n]*)")
+
+
 class ServiceUnavailable(RunFailed):
     """A server the pipeline needs did not answer, after the retries; names it and its URL, and what to run when it is
-    back (`then`: what that reuses; the flow's, see tasks.retry.names_unreachable_service)."""
+    back (`then`: what that reuses; a flow's, see tasks.retry.names_unreachable_service, or a command's). None: the
+    process that raises it is not the one a person ran (a batch job's worker); the one that started it names the
+    outage again from its output (`unreachable_service`), with its own advice."""
 
-    def __init__(self, service: str, url: str, cause: BaseException, then: str = "run again"):
-        self.service = service
-        self.url = url
-        super().__init__(
-            f"{service} at {url} did not answer, after retries: {type(cause).__name__}: "
-            f"{redact_uri(str(cause))[:500]}\nstart it (or fix its URL in the config), then {then}"
-        )
+    def __init__(self, outage: Outage, then: str | None = None):
+        self.outage = outage
+        self.service = outage.service
+        self.url = outage.url
+        advice = f"\nstart it (or fix its URL in the config), then {then}" if then else ""
+        super().__init__(f"{outage}{advice}")
 
 
 _URL = re.compile(r"https?://[^\s'\"<>)]+")
 
 
-def unreachable_service(exc: BaseException) -> tuple[str, str] | None:
-    """(service, base URL) of the server a transient failure could not reach, read off the exception chain;
-    None when `exc` is not transient or names no server."""
+def unreachable_service(exc: BaseException) -> Outage | None:
+    """The server a failure could not reach, read off the exception chain: a transient error's request, or an outage a
+    child process reported in the last lines its parent's error quotes (a `vlmops batch-infer` the batch-inference
+    flow ran, a batch job's worker); None when `exc` is neither or names no server."""
+    chain = list(exception_chain(exc))
     if not is_transient(exc):
-        return None
+        reported = [found for e in chain for found in _REPORTED.finditer(str(e))]
+        if not reported:
+            return None
+        service, url, error = reported[-1].groups()  # the child's last words
+        return Outage(service, url, error)
     import botocore.exceptions as botocore
     import requests
     import urllib3.exceptions as urllib3
 
+    # On one line: a child process's parent reads it back from the child's last lines.
+    error = f"{type(exc).__name__}: {' '.join(redact_uri(str(exc)).split())[:500]}"
     # The request that failed first (the URL it asked for says which service); a URL in a message only where no
     # request is in the chain: a message may name a server with no path (vlmops' "not found in the registry at
     # http://host:5000"), which says nothing of which service it is.
-    chain = list(exception_chain(exc))
     for e in chain:
         if isinstance(e, botocore.BotoCoreError) and "endpoint_url" in getattr(e, "kwargs", {}):
-            return "S3", _base(str(e.kwargs["endpoint_url"]))
+            return Outage("S3", _base(str(e.kwargs["endpoint_url"])), error)
         if isinstance(e, requests.RequestException) and e.request is not None and e.request.url:
-            return _service_of(e.request.url), _base(e.request.url)
+            return Outage(_service_of(e.request.url), _base(e.request.url), error)
         if isinstance(e, urllib3.MaxRetryError) and e.pool is not None:
             url = f"{e.pool.scheme}://{e.pool.host}:{e.pool.port}{e.url or ''}"
-            return _service_of(url), _base(url)
+            return Outage(_service_of(url), _base(url), error)
     for e in chain:
         if (found := _URL.search(str(e))) is not None:
-            return _service_of(found.group(0)), _base(found.group(0))
+            return Outage(_service_of(found.group(0)), _base(found.group(0)), error)
     return None
 
 
