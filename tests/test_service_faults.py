@@ -348,8 +348,8 @@ def test_s3_outage_in_a_batch_infer_worker_names_s3_and_the_same_command_goes_on
     err = capsys.readouterr().err
     assert re.search(
         rf"\nerror: S3 at {re.escape(s3_proxy.url)} did not answer, after retries: \w+: [^\n]+\n"
-        r"start it \(or fix its URL in the config\), then run the same command again: the shards written so far "
-        rf"are kept and only the rest are answered \(vlmops batch-status {output} says where the job stands\)\n",
+        r"start it \(or fix its URL in the config\), then run the same command again to answer the rest: the parts "
+        rf"written so far are kept \(vlmops batch-status {output} says where it stands\)\n",
         err,
     ), err[-3000:]
     before = _parts(s3_server, "answers-cli")

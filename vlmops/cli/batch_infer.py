@@ -62,8 +62,8 @@ def handle(args: argparse.Namespace) -> int:
             raise
         raise ServiceUnavailable(
             outage,
-            "run the same command again: the shards written so far are kept and only the rest are answered "
-            f"(vlmops batch-status {args.output} says where the job stands)",
+            "run the same command again to answer the rest: the parts written so far are kept "
+            f"(vlmops batch-status {args.output} says where it stands)",
         ) from err
     if isinstance(result, StoppedJob):
         job_id = result.status.plan.job_id
