@@ -16,6 +16,11 @@ Where the shards run:
 A progress artifact (shards done / shards) is updated as shards finish; at the end a markdown artifact
 (`batch-inference-summary`) holds the summary `vlmops batch-infer` prints, a table artifact
 (`batch-inference-samples`) the first results beside their questions, and the flow returns the summary as a dict.
+
+When S3 or MLflow stays away (after the clients' own retries and, for a shard handed to a task worker, the task's), the
+run fails naming the server and its URL (`ServiceUnavailable`), in the job's child too (read off its last lines). Once
+it is back, the same job goes on in the same output: a new run with the same parameters or a retry of this one keeps
+every shard whose part was written and answers only the rest.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from prefect.client.schemas.objects import State
 from tasks.gpu import gpu_slot
 from tasks.infer import answer_shard
 from tasks.report import publish_samples, publish_summary
+from tasks.retry import names_unreachable_service, retry_this_flow_run
 from vlmops.config import PipelineConfig, load_config
 from vlmops.infer.batch_job import complete_job, prepare_job
 from vlmops.infer.job_output import (
@@ -75,7 +81,19 @@ SUMMARY_KEY = "batch-inference-summary"
 SAMPLES_KEY = "batch-inference-samples"
 
 
+def _after_an_outage() -> str:
+    """What to run once the server that did not answer is back, and what that keeps: the same parameters name the same
+    job (its model, input and settings) in the same output, where a shard whose part is there is done
+    (vlmops.infer.job_output)."""
+    return (
+        "run the flow again with the same parameters, or retry this flow run: "
+        f"{retry_this_flow_run(__file__, 'batch_inference')}; the shards already written are kept and only the rest "
+        "are answered"
+    )
+
+
 @flow(name="batch-inference")
+@names_unreachable_service(_after_an_outage)
 def batch_inference(
     model: str,
     input: str,

@@ -586,8 +586,8 @@ def test_an_s3_model_damaged_on_the_way_is_a_failed_run_that_a_rerun_repairs(
     after the copy sees it) fails the download as a transfer: `TransferFailedError`, exit 1, which the download task's
     retry condition retries. It was a ValueError: exit 2, "bad input", and never retried, though the input was fine
     and running again is the fix. Straight to the server, the same command then passes."""
-    from tasks.retry import is_transient
     from tests.corrupting_proxy import corrupting_proxy
+    from vlmops.outages import is_transient
     from vlmops.storage import MIB, s3_client, upload_folder
 
     client = s3_client(StorageConfig(endpoint_url=s3_env.endpoint_url))

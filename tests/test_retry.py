@@ -12,9 +12,9 @@ import urllib3.exceptions
 from mlflow.exceptions import MlflowException, RestException
 from urllib3.connectionpool import HTTPConnectionPool
 
-from tasks.retry import is_transient
 from vlmops.errors import UserInputError
 from vlmops.models.download_errors import TransferFailedError
+from vlmops.outages import is_transient
 from vlmops.staging import LockTimeoutError
 from vlmops.storage import CorruptedDownloadError
 
@@ -131,11 +131,14 @@ def test_a_gpu_shard_is_retried_unless_its_input_or_the_disk_failed() -> None:
 def test_a_failure_that_carries_a_named_outage_is_not_named_again() -> None:
     """retrain's auto_promote failing on an MLflow outage: promote named it (ServiceUnavailable), and retrain's own
     failure raised from it (PromotionFailed, with the run's summary) reaches the user as it is, not renamed."""
-    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.retry import names_unreachable_service
     from vlmops.errors import RunFailed
+    from vlmops.outages import Outage, ServiceUnavailable
 
     refused = requests.ConnectionError("refused")
-    outage = raised_from(ServiceUnavailable("MLflow", "http://127.0.0.1:9", refused), refused)
+    outage = raised_from(
+        ServiceUnavailable(Outage("MLflow", "http://127.0.0.1:9", "ConnectionError: refused")), refused
+    )
 
     @names_unreachable_service(lambda: "run again")
     def flow_body() -> None:
@@ -159,3 +162,39 @@ def test_retry_delays_are_the_tasks_own_unless_the_environment_sets_one(monkeypa
         monkeypatch.setenv(RETRY_DELAY_ENV, bad)
         with pytest.raises(ValueError, match=rf"^{RETRY_DELAY_ENV}='{bad}': must be a number of seconds"):
             retry_delays(5)
+
+
+def test_an_outage_a_child_process_reported_is_named_again_by_its_parent_with_the_parents_advice() -> None:
+    """A batch job's child (the `vlmops batch-infer` the flow runs, a worker process of the job) names the server it
+    could not reach in its last lines; its parent's error quotes them, and the flow (or the command) names the outage
+    again with its own advice, the child's error kept. An error that quotes no outage is none."""
+    import sys
+
+    from tasks.retry import names_unreachable_service
+    from vlmops.errors import RunFailed
+    from vlmops.infer.parallel import run_in_process_group
+    from vlmops.outages import Outage, ServiceUnavailable, unreachable_service
+
+    refused = 'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:9/b/part-00001.jsonl"'
+    child = (
+        "from vlmops.outages import Outage, ServiceUnavailable\n"
+        f"raise ServiceUnavailable(Outage('S3', 'http://127.0.0.1:9', {refused!r}), 'run the same command again')"
+    )
+
+    @names_unreachable_service(lambda: "run the flow again")
+    def flow_body(code: str) -> None:
+        run_in_process_group([sys.executable, "-c", code])
+
+    with pytest.raises(ServiceUnavailable) as named:
+        flow_body(child)
+    assert str(named.value) == (
+        f"S3 at http://127.0.0.1:9 did not answer, after retries: {refused}\n"
+        "start it (or fix its URL in the config), then run the flow again"
+    )
+    assert isinstance(named.value.__cause__, RunFailed) and "run the same command again" in str(named.value.__cause__)
+    with pytest.raises(RunFailed) as failed:
+        flow_body("raise SystemExit('error: the model folder is empty')")
+    assert not isinstance(failed.value, ServiceUnavailable) and unreachable_service(failed.value) is None
+    assert unreachable_service(RunFailed(f"worker failed; its last lines:\n  error: {named.value}")) == Outage(
+        "S3", "http://127.0.0.1:9", refused
+    )

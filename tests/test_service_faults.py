@@ -1,11 +1,14 @@
 """Service faults, with real servers: SeaweedFS (S3) and an `mlflow server` process (SQLite backend, artifacts in
 S3) that the test stops in the middle of a flow run. The affected task retries with backoff, then the run fails
 with a message naming MLflow and its URL; after a restart the rerun completes and nothing registered before is
-lost. Two registrations at once get two distinct, complete versions."""
+lost. Two registrations at once get two distinct, complete versions. A batch inference job whose S3 output goes
+away (a proxy in front of SeaweedFS stops at the job's second part) fails naming S3, in the flow and in
+`vlmops batch-infer`, and the same job goes on once it is back, every record once."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
@@ -20,9 +23,12 @@ from typing import Any
 
 import pytest
 
+from tests.outage_proxy import OutageProxy
 from tests.s3_server import S3Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class MlflowServer:
@@ -102,8 +108,9 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
     from prefect import flow
 
     from tasks.register import register
-    from tasks.retry import ServiceUnavailable, names_unreachable_service, retry_this_flow_run
+    from tasks.retry import names_unreachable_service, retry_this_flow_run
     from vlmops.config import TrackingConfig
+    from vlmops.outages import ServiceUnavailable
     from vlmops.tracking import Tracker
 
     model = tmp_path / "merged"
@@ -169,10 +176,11 @@ def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_
 
     from prefect import flow
 
-    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.retry import names_unreachable_service
     from tasks.version import version_path
     from tests.s3_server import free_ports, seaweedfs_s3
     from vlmops.config import load_config
+    from vlmops.outages import ServiceUnavailable
 
     ports = free_ports(8)
     weed = tmp_path / "weed"
@@ -229,7 +237,8 @@ def test_promote_with_mlflow_down_names_the_server_once_on_its_own_and_inside_re
     from prefect import flow
 
     from flows.promote import promote
-    from tasks.retry import ServiceUnavailable, names_unreachable_service
+    from tasks.retry import names_unreachable_service
+    from vlmops.outages import ServiceUnavailable
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with socket.socket() as sock:  # a port nothing listens on
@@ -286,3 +295,123 @@ def test_promote_logs_no_password_of_the_tracking_uri_in_prefect(
     logs = [log.message for log in asyncio.run(read())]
     assert any("Traceback" in message and f"alice:***@127.0.0.1:{port}" in message for message in logs), logs
     assert not [message for message in logs if "s3cretpassw0rd" in message]
+
+
+@pytest.fixture
+def s3_proxy(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[OutageProxy]:
+    """The session's SeaweedFS behind a proxy the test stops (the job's `storage.endpoint_url`); its keys in the
+    environment, as a job's child and workers read them."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    proxy = OutageProxy(int(s3_server.endpoint_url.rsplit(":", 1)[1]))
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def _six_prompts(tmp_path: Path) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "query": f"Question {i}?"}) + "\n" for i in range(6)))
+    return prompts
+
+
+def _parts(s3: S3Server, bucket: str) -> dict[str, tuple[str, Any, list[str]]]:
+    """The job's parts on the server itself (not through the proxy): name -> (ETag, when it was written, the keys of
+    its records). The same answers written again would have the same ETag, not the same time."""
+    client = s3.client()
+    found = {}
+    for listed in client.list_objects_v2(Bucket=bucket, Prefix="job/part-").get("Contents", []):
+        body = client.get_object(Bucket=bucket, Key=listed["Key"])["Body"].read().decode()
+        keys = [json.loads(line)["key"] for line in body.splitlines()]
+        found[listed["Key"].rsplit("/", 1)[1]] = (listed["ETag"], listed["LastModified"], keys)
+    return found
+
+
+def test_s3_outage_mid_batch_inference_flow_names_s3_and_a_rerun_keeps_the_written_shards(
+    prefect_harness: None, tiny_model: Path, s3_server: S3Server, s3_proxy: OutageProxy, tmp_path: Path
+) -> None:
+    """The batch-inference flow (its job in a child: `vlmops batch-infer`) with its S3 output going away at the second
+    of three parts: the run fails naming S3 and its URL, and says to run the flow again (or retry this flow run),
+    which keeps the shards written. With S3 back, the retry the message gives, run as a user runs it (in a process of
+    its own), answers only the two shards left: every record once across the parts, the first part as the failed try
+    wrote it."""
+    import shlex
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.batch_inference import batch_inference
+    from vlmops.outages import ServiceUnavailable
+
+    s3_server.client().create_bucket(Bucket="answers-flow")
+    overrides = [f"storage.endpoint_url={s3_proxy.url}", "infer.shard_size=2", "infer.max_new_tokens=2"]
+    s3_proxy.fail_at(b"/job/part-00001.jsonl")
+    state = batch_inference(
+        str(tiny_model), str(_six_prompts(tmp_path)), "s3://answers-flow/job", None, overrides, return_state=True
+    )
+    assert state.is_failed() and s3_proxy.stops == 1
+    flow_run_id = state.state_details.flow_run_id
+    entrypoint = re.escape(f"{ROOT / 'flows' / 'batch_inference.py'}:batch_inference")
+    advice = (
+        r"run the flow again with the same parameters, or retry this flow run: "
+        rf"`(prefect flow-run retry {flow_run_id} --entrypoint {entrypoint})` in the folder it started in \(its "
+        r"parameters' paths are read from there\); the shards already written are kept and only the rest are answered"
+    )
+    url = re.escape(s3_proxy.url)
+    with pytest.raises(ServiceUnavailable, match=rf"^S3 at {url} did not answer, after retries: \w+: [^\n]+\n"):
+        state.result()
+    with pytest.raises(
+        ServiceUnavailable, match=rf"\nstart it \(or fix its URL in the config\), then {advice}$"
+    ) as named:
+        state.result()
+    before = _parts(s3_server, "answers-flow")
+    assert {name: keys for name, (_, _, keys) in before.items()} == {"part-00000.jsonl": ["q0", "q1"]}
+
+    s3_proxy.start()
+    given = re.search(advice, str(named.value))
+    assert given is not None
+    retry = shlex.split(given.group(1))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    retried = subprocess.run(
+        [str(Path(sys.executable).with_name("prefect")), *retry[1:]], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert retried.returncode == 0, retried.stdout[-3000:] + retried.stderr[-3000:]
+    after = _parts(s3_server, "answers-flow")
+    assert [key for name in sorted(after) for key in after[name][2]] == [f"q{i}" for i in range(6)]
+    assert after["part-00000.jsonl"] == before["part-00000.jsonl"]  # kept, not written again
+    manifest = json.loads(s3_server.client().get_object(Bucket="answers-flow", Key="job/manifest.json")["Body"].read())
+    assert manifest["results"] == 6 and manifest["rejects"] == 0
+
+
+def test_s3_outage_in_a_batch_infer_worker_names_s3_and_the_same_command_goes_on(
+    tiny_model: Path, s3_server: S3Server, s3_proxy: OutageProxy, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlmops batch-infer` with two worker processes, its S3 output going away at the second part (worker 1's): the
+    command names S3 and its URL (read off the worker's last lines) and says to run it again, exit 1, not a worker's
+    traceback and "1 worker failed". The same command with S3 back answers only what is missing: every record once,
+    the parts written before the outage as they were."""
+    from vlmops.cli import main
+
+    s3_server.client().create_bucket(Bucket="answers-cli")
+    output = "s3://answers-cli/job"
+    args = ["batch-infer", "--model", str(tiny_model), "--input", str(_six_prompts(tmp_path)), "--output", output]
+    args += ["--set", f"storage.endpoint_url={s3_proxy.url}", "--set", "infer.shard_size=2"]
+    args += ["--set", "infer.max_new_tokens=2", "--set", "infer.workers=2"]
+    s3_proxy.fail_at(b"/job/part-00001.jsonl")
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"\nerror: S3 at {re.escape(s3_proxy.url)} did not answer, after retries: \w+: [^\n]+\n"
+        r"start it \(or fix its URL in the config\), then run the same command again to answer the rest: the parts "
+        rf"written so far are kept \(vlmops batch-status {output} says where it stands\)\n",
+        err,
+    ), err[-3000:]
+    before = _parts(s3_server, "answers-cli")
+    assert "part-00001.jsonl" not in before
+
+    s3_proxy.start()
+    assert main(args) == 0
+    assert ": done\n" in capsys.readouterr().out
+    after = _parts(s3_server, "answers-cli")
+    assert [key for name in sorted(after) for key in after[name][2]] == [f"q{i}" for i in range(6)]
+    assert {name: after[name] for name in before} == before  # kept, not written again

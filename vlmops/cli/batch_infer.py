@@ -43,6 +43,7 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.infer.job_status import StoppedJob
     from vlmops.infer.resolve import config_for_model
     from vlmops.infer.summary import stopped_rows, summary_rows
+    from vlmops.outages import ServiceUnavailable, unreachable_service
 
     config = config_for_model(load_config(args.config, args.overrides), args.model, args.overrides)
     try:
@@ -55,6 +56,15 @@ def handle(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    except Exception as err:
+        outage = unreachable_service(err)  # in this process, or in a worker's (read off its last lines)
+        if outage is None:
+            raise
+        raise ServiceUnavailable(
+            outage,
+            "run the same command again to answer the rest: the parts written so far are kept "
+            f"(vlmops batch-status {args.output} says where it stands)",
+        ) from err
     if isinstance(result, StoppedJob):
         job_id = result.status.plan.job_id
         state = f"stopped after infer.max_shards={config.infer.max_shards}"

@@ -4,7 +4,8 @@ Workers: the coordinating process (`run_batch_job`) has planned the job in the o
 GPU (`CUDA_VISIBLE_DEVICES`), loads the model once and answers the shards it is given (the pending ones dealt
 out round-robin) as one stream through its engine, publishing each part as it goes. Workers need no collective communication, so no NCCL;
 NVLink multicast is switched off in their environment all the same. The coordinator follows their progress
-through a stats file each worker appends to after every shard.
+through a stats file each worker appends to after every shard, and a failed worker's error through its last lines
+(a server it could not reach is named there: `vlmops.outages`).
 
 Process groups: a step that must not keep a model in its own process (a Prefect task: the worker process
 lives on and would hold the GPU memory) runs the job as a child in a new process group, and on any failure
@@ -39,6 +40,7 @@ from vlmops.infer.job_status import ShardStats
 from vlmops.infer.records import JOB_FILE, Shard
 from vlmops.infer.resolve import ModelSource
 from vlmops.multigpu import NO_MULTICAST_ENV
+from vlmops.outages import ServiceUnavailable, unreachable_service
 from vlmops.plural import counted
 from vlmops.train.child import copy_output
 
@@ -77,6 +79,8 @@ def run_on_workers(
         config_file = Path(tmp) / "config.yaml"
         config_file.write_text(dump_config(config))
         procs: list[subprocess.Popen[bytes]] = []
+        tails: list[deque[str]] = []  # each worker's last lines: a failure's error quotes them
+        copiers: list[threading.Thread] = []
         stats_files = [Path(tmp) / f"stats-{rank}.jsonl" for rank in range(workers)]
         seen = [0] * workers
         try:
@@ -91,7 +95,9 @@ def run_on_workers(
                 ] + (["--adapter", str(source.adapter)] if source.adapter else [])  # fmt: skip
                 if rank:  # the workers compile the same kernels: the first writes model.shared_compile_cache
                     cmd.append("--no-publish-compiles")
-                procs.append(subprocess.Popen(cmd, env=env))
+                procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE))
+                tails.append(deque(maxlen=ERROR_TAIL_LINES))
+                copiers.append(_copying(procs[-1], tails[-1]))
             while True:
                 codes = [p.poll() for p in procs]
                 for rank, path in enumerate(stats_files):
@@ -103,9 +109,12 @@ def run_on_workers(
                     seen[rank] = len(lines)
                 failed = [(rank, c) for rank, c in enumerate(codes) if c not in (None, 0)]
                 if failed:
+                    rank = failed[0][0]
+                    copiers[rank].join(timeout=POLL_S)  # done once the worker (and all it started) closed its stderr
+                    last = "\n".join(f"  {line}" for line in tails[rank])
                     raise RunFailed(
                         f"{counted(len(failed), 'batch inference worker')} failed (rank, exit code): {failed}; "
-                        "see their output above"
+                        "see their output above" + (f"; the last lines of rank {rank}:\n{last}" if last else "")
                     )
                 if all(c == 0 for c in codes):
                     return
@@ -119,6 +128,16 @@ def run_on_workers(
                     proc.wait(STOP_GRACE_S)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+            for copier in copiers:
+                copier.join(timeout=POLL_S)
+
+
+def _copying(proc: subprocess.Popen[bytes], tail: deque[str]) -> threading.Thread:
+    """A thread that copies `proc`'s stderr to ours as it comes, keeping its last lines in `tail`."""
+    assert proc.stderr is not None
+    copier = threading.Thread(target=copy_output, args=(proc.stderr.fileno(), tail), daemon=True)
+    copier.start()
+    return copier
 
 
 def complete_lines(path: Path) -> list[str]:
@@ -148,9 +167,7 @@ def run_in_process_group(
     """
     tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
     proc = subprocess.Popen(list(cmd), env=env, stderr=subprocess.PIPE, start_new_session=True)
-    assert proc.stderr is not None
-    copier = threading.Thread(target=copy_output, args=(proc.stderr.fileno(), tail), daemon=True)
-    copier.start()
+    copier = _copying(proc, tail)
     try:
         while proc.poll() is None:
             if poll is not None:
@@ -219,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     quiet.child_logging()
-    return _worker(args)
+    try:
+        return _worker(args)
+    except Exception as err:
+        outage = unreachable_service(err)
+        if outage is None:
+            raise
+        # The last line of this worker's traceback: the coordinator reads the outage off it and names it, with what
+        # to run once the server is back (its own command, which keeps the parts this worker published).
+        raise ServiceUnavailable(outage) from err
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""Which failures are a service's outage: the network, a server's 5xx, throttling, a download that arrived damaged
+(`is_transient`: a retry may fix them), and which server did not answer (`unreachable_service`).
+
+A retry is worth it only when the same call can succeed a moment later. An unknown model id, a corrupt
+snapshot, a bad config or a full disk fail the same way every time: retrying them only delays the error
+(and, for a step that is not idempotent, repeats its side effects).
+
+`ServiceUnavailable` is the error that names the server (S3, MLflow, Prefect) and its URL, and says what to run once
+it is back. Who raises it gives that advice: a flow (tasks.retry.names_unreachable_service) or a command
+(`vlmops batch-infer`). No Prefect here: the command and the flows share it. A child process (a batch job's worker,
+the `vlmops batch-infer` a flow runs) says which server it could not reach in its last lines, which the error its
+parent raises quotes: `unreachable_service` reads the outage back off them.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from vlmops.errors import RunFailed
+from vlmops.redact import redact_uri
+
+# Error codes S3 (and S3-compatible servers) answer when they want the client to slow down or come back.
+THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "SlowDown",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "ProvisionedThroughputExceededException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+# MLflow REST error codes that mean "not now" rather than "never".
+MLFLOW_TRANSIENT_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+# Out of space: retrying fills the disk again.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` (or an exception it was raised from) is one a retry can fix.
+
+    A `UserInputError` never is, whatever it was raised from: the library judged the input wrong (an unknown
+    model id answered 404, an image that is not there), and its own I/O retries have already run. Nor is a lock that
+    another process held past this one's wait (an hour for a download): another try only waits as long again.
+    """
+    from vlmops.errors import UserInputError
+    from vlmops.staging import LockTimeoutError
+
+    if isinstance(exc, (UserInputError, LockTimeoutError)):
+        return False
+    chain = list(exception_chain(exc))
+    if any(isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS for e in chain):
+        return False
+    return any(_transient_alone(e) for e in chain)
+
+
+def exception_chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then the exception it was raised from (or while handling), and so on; each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _transient_alone(exc: BaseException) -> bool:
+    import botocore.exceptions as botocore
+    import requests
+    import urllib3.exceptions as urllib3
+    from mlflow.exceptions import RestException
+
+    from vlmops.storage import CorruptedDownloadError
+
+    if isinstance(exc, CorruptedDownloadError):  # bytes damaged on the way: the next copy is likely whole
+        return True
+    if isinstance(exc, requests.HTTPError):
+        return exc.response is not None and _retryable_status(exc.response.status_code)
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return True
+    if isinstance(exc, (urllib3.ProtocolError, urllib3.TimeoutError, urllib3.NewConnectionError)):
+        return True
+    if isinstance(exc, urllib3.MaxRetryError):  # urllib3 gave up on a connection or a retryable status
+        return exc.reason is None or _transient_alone(exc.reason) or isinstance(exc.reason, urllib3.ResponseError)
+    if isinstance(exc, botocore.ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return error.get("Code") in THROTTLING_CODES or (status is not None and _retryable_status(int(status)))
+    if isinstance(exc, (botocore.ConnectionError, botocore.HTTPClientError)):
+        return True  # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError
+    if isinstance(exc, RestException):  # the tracking server answered with an error
+        return exc.error_code in MLFLOW_TRANSIENT_CODES or _retryable_status(exc.get_http_status_code())
+    # The standard library's own network errors (socket resets, refused connections, timeouts).
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _retryable_status(status: int) -> bool:
+    return status >= 500 or status == 429
+
+
+@dataclass(frozen=True)
+class Outage:
+    """A server that did not answer: which service, its base URL, and the last error (`Type: message`)."""
+
+    service: str
+    url: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"{self.service} at {self.url} {_DID_NOT_ANSWER}{self.error}"
+
+
+_DID_NOT_ANSWER = "did not answer, after retries: "
+# An outage as `Outage.__str__` writes it, wherever it stands in a line: after `error: ` (a vlmops command's last
+# words), after a traceback's exception type, indented in an error that quotes a child's last lines.
+_REPORTED = re.compile(rf"\b(S3|MLflow|Prefect|the server) at (\S+) {re.escape(_DID_NOT_ANSWER)}([^\n]*)")
+
+
+class ServiceUnavailable(RunFailed):
+    """A server the pipeline needs did not answer, after the retries; names it and its URL, and what to run when it is
+    back (`then`: what that reuses; a flow's, see tasks.retry.names_unreachable_service, or a command's). None: the
+    process that raises it is not the one a person ran (a batch job's worker); the one that started it names the
+    outage again from its output (`unreachable_service`), with its own advice."""
+
+    def __init__(self, outage: Outage, then: str | None = None):
+        self.outage = outage
+        self.service = outage.service
+        self.url = outage.url
+        advice = f"\nstart it (or fix its URL in the config), then {then}" if then else ""
+        super().__init__(f"{outage}{advice}")
+
+
+_URL = re.compile(r"https?://[^\s'\"<>)]+")
+
+
+def unreachable_service(exc: BaseException) -> Outage | None:
+    """The server a failure could not reach, read off the exception chain: a transient error's request, or an outage a
+    child process reported in the last lines its parent's error quotes (a `vlmops batch-infer` the batch-inference
+    flow ran, a batch job's worker); None when `exc` is neither or names no server."""
+    chain = list(exception_chain(exc))
+    if not is_transient(exc):
+        reported = [found for e in chain for found in _REPORTED.finditer(str(e))]
+        if not reported:
+            return None
+        service, url, error = reported[-1].groups()  # the child's last words
+        return Outage(service, url, error)
+    import botocore.exceptions as botocore
+    import requests
+    import urllib3.exceptions as urllib3
+
+    # On one line: a child process's parent reads it back from the child's last lines.
+    error = f"{type(exc).__name__}: {' '.join(redact_uri(str(exc)).split())[:500]}"
+    # The request that failed first (the URL it asked for says which service); a URL in a message only where no
+    # request is in the chain: a message may name a server with no path (vlmops' "not found in the registry at
+    # http://host:5000"), which says nothing of which service it is.
+    for e in chain:
+        if isinstance(e, botocore.BotoCoreError) and "endpoint_url" in getattr(e, "kwargs", {}):
+            return Outage("S3", _base(str(e.kwargs["endpoint_url"])), error)
+        if isinstance(e, requests.RequestException) and e.request is not None and e.request.url:
+            return Outage(_service_of(e.request.url), _base(e.request.url), error)
+        if isinstance(e, urllib3.MaxRetryError) and e.pool is not None:
+            url = f"{e.pool.scheme}://{e.pool.host}:{e.pool.port}{e.url or ''}"
+            return Outage(_service_of(url), _base(url), error)
+    for e in chain:
+        if (found := _URL.search(str(e))) is not None:
+            return Outage(_service_of(found.group(0)), _base(found.group(0)), error)
+    return None
+
+
+def _service_of(url: str) -> str:
+    if "/mlflow" in url or "/ajax-api/" in url or "mlflow-artifacts" in url:
+        return "MLflow"
+    if "/api/" in url and ("flow_runs" in url or "task_runs" in url or "prefect" in url):
+        return "Prefect"
+    return "the server"
+
+
+def _base(url: str) -> str:
+    match = re.match(r"[a-z][a-z0-9+.-]*://[^/?#]+", url)
+    return redact_uri(match.group(0) if match else url)
