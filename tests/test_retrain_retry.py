@@ -74,27 +74,6 @@ def _step_runs(tracking_uri: str, parent_id: str, step: str) -> list[Any]:
     return list(client.search_runs([experiment_id], where, order_by=["attributes.start_time ASC"]))
 
 
-def test_a_retry_finds_its_flow_runs_folder_and_a_new_flow_run_gets_its_own(tmp_path: Path) -> None:
-    from flows.retrain import _run_dir
-
-    runs = tmp_path / "runs"
-    first, other = _run_dir(runs, "flow-run-1"), _run_dir(runs, "flow-run-2")
-    assert first != other and (_run_dir(runs, "flow-run-1"), _run_dir(runs, "flow-run-2")) == (first, other)
-    assert _run_dir(runs, "flow-run-3") not in (first, other) and len(list(runs.iterdir())) == 3
-
-
-def test_a_retry_that_reads_another_config_is_refused(tmp_path: Path) -> None:
-    from flows.retrain import _write_run_config
-    from vlmops.errors import UserInputError
-
-    config_file = tmp_path / "config.yaml"
-    _write_run_config(config_file, "train:\n  epochs: 10\n")
-    _write_run_config(config_file, "train:\n  epochs: 10\n")  # the same config: the retry goes on
-    with pytest.raises(UserInputError, match="start a new run instead of retrying this one"):
-        _write_run_config(config_file, "train:\n  epochs: 2\n")
-    assert config_file.read_text() == "train:\n  epochs: 10\n"
-
-
 @pytest.mark.integration
 def test_a_cached_result_is_reused_only_while_what_it_names_is_there(tmp_path: Path, prefect_harness: None) -> None:
     """`run_or_reuse`: a step cached for the flow run is reused while its folder is there; deleted, the step runs again
