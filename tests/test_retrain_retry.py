@@ -14,11 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.prefect_runs import task_states
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,28 +30,6 @@ def _stamp(path: Path) -> tuple[int, int]:
     """Inode and mtime: a step that writes its file again (aside, then renamed) changes both."""
     stat = path.stat()
     return stat.st_ino, stat.st_mtime_ns
-
-
-def _task_states(flow_run_id: Any) -> dict[str, list[str]]:
-    """The states of the flow run's task runs (of every try), by task name, oldest first."""
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    async def read() -> dict[str, list[str]]:
-        async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-            )
-        states: dict[str, list[str]] = defaultdict(list)
-        for run in runs:
-            states[run.name.rsplit("-", 1)[0]].append(str(run.state_name))
-        return dict(states)
-
-    return asyncio.run(read())
 
 
 def _parent_run(tracking_uri: str, flow_run_id: Any) -> Any:
@@ -190,7 +169,7 @@ def test_a_retried_flow_run_goes_on_in_its_run_folder_and_answers_no_eval_record
     # The three tries are one MLflow parent run, finished.
     parent = _parent_run(f"sqlite:///{outputs}/mlflow.db", flow_run_id)
     assert (parent.info.run_id, parent.info.status) == (summary["mlflow_run_id"], "FINISHED")
-    states = _task_states(flow_run_id)
+    states = task_states(flow_run_id)
     assert states["train"] == states["merge"] == ["Completed", "Cached", "Cached"], states
     assert sorted(states["batch_infer"]) == ["Cached", "Cached", "Cached", "Completed", "Completed", "Failed"], states
     # Every eval record once, in order; the shard answered before the crash as it was then.
@@ -254,7 +233,7 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
     (version,) = client.search_model_versions("name = 'vlmops-demo'")
     assert str(version.version) == "1" and version.tags["run_folder"] == Path(summary["run_dir"]).name
     assert client.get_registered_model("vlmops-demo").aliases == {"challenger": 1}
-    assert _task_states(state.state_details.flow_run_id)["register"] == ["Completed", "Cached"]
+    assert task_states(state.state_details.flow_run_id)["register"] == ["Completed", "Cached"]
 
     parent = _parent_run(f"sqlite:///{outputs}/mlflow.db", state.state_details.flow_run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_id == summary["mlflow_run_id"]
@@ -310,7 +289,7 @@ def test_a_retry_runs_again_a_finished_step_whose_output_was_deleted(
     run_dir = Path(summary["run_dir"])
     assert deleted == [run_dir / "merged", run_dir / "eval" / "base_predictions.jsonl"]
     assert all(path.exists() for path in deleted)
-    states = _task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id)
     assert states["train"] == ["Completed", "Cached"], states
     assert states["merge"] == ["Completed", "Cached", "Completed"], states
     # The base job: Completed, then Cached and run again; the fine-tuned job: Completed twice (its model changed).
