@@ -6,25 +6,33 @@
 The gate (`registry.promotion`: metric, min_margin, eval_file) is in the config; with no champion the
 challenger becomes the first. The decision is an MLflow run, `promotion.*` tags on both versions, and two
 artifacts of this flow run: the decision (markdown, with links) and the eval samples side by side (table).
+
+A retry of the flow run (`prefect flow-run retry`, a flow's `retries`) goes on in the work folder its earlier try made
+for the same challenger (flows/run_folder.py): a version's eval predictions that finished are reused (the task run says
+`Cached`, as long as the predictions file is there) and an eval job cut short answers only the shards it had not
+finished. The contest is read from the registry again and the decision made against it: a champion another promotion
+moved meanwhile answers the evaluation set as the new champion, and @challenger (with no `challenger` given) naming a
+newer version is another contest, in a folder of its own. A new flow run starts over in a new folder.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run as prefect_flow_run
 
 from flows.launch import patient_ephemeral_server
+from flows.run_folder import flow_run_folder, write_run_config
+from tasks.caching import run_or_reuse
 from tasks.infer import batch_infer_task
 from tasks.promote import fetch_evaluation_set, find_contenders, record_promotion, score
 from tasks.report import flow_run_tags, publish_samples, publish_summary
-from tasks.retry import names_unreachable_service
-from vlmops.config import load_config
+from tasks.retry import names_unreachable_service, retry_this_flow_run
+from vlmops.config import dump_config, load_config
 from vlmops.evaluate.samples import sample_rows
 from vlmops.filenames import safe_name
 from vlmops.redact import redact_log_handlers
@@ -35,8 +43,16 @@ DECISION_KEY = "promote-decision"
 SAMPLES_KEY = "promote-eval-samples"
 
 
+def _after_an_outage() -> str:
+    """What to run once the server that did not answer is back, and what it reuses."""
+    return (
+        f"retry this flow run to reuse the eval predictions that finished: {retry_this_flow_run(__file__, 'promote')}; "
+        "a new run answers the evaluation set anew"
+    )
+
+
 @flow(name="promote")
-@names_unreachable_service(lambda: "promote again: nothing of this run is reused, the evaluation set is answered anew")
+@names_unreachable_service(_after_an_outage)
 def promote(
     config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: int | str | None = None
 ) -> dict[str, Any]:
@@ -53,17 +69,22 @@ def promote(
         )
         return {"decision": "unchanged", "model_name": contest.challenger.name, "champion": contest.challenger.version}
     output_dir = Path(config.run.output_dir).resolve()
-    stamp = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)  # two runs in one second get two folders
-    work_dir = output_dir / "promotions" / f"{safe_name(contest.challenger.name)}-v{contest.challenger.version}-{stamp}"
-    work_dir.mkdir(parents=True)
-    eval_file = fetch_evaluation_set(config, contest, str(work_dir))
+    this_run = prefect_flow_run.id or ""
+    prefix = f"{safe_name(contest.challenger.name)}-v{contest.challenger.version}-"
+    work_dir = flow_run_folder(output_dir / "promotions", this_run, prefix)
+    if (work_dir / "config.yaml").is_file():
+        logger.info("try %d of flow run %s: going on in %s", prefect_flow_run.run_count, this_run, work_dir)
+    write_run_config(work_dir / "config.yaml", dump_config(config))
+    eval_file = fetch_evaluation_set(config, contest, str(work_dir))  # a retry's: restored once, into this folder
 
     results = {}
     for role, contender in (("challenger", contest.challenger), (CHAMPION, contest.champion)):
         if contender is not None:
-            predictions = batch_infer_task(
-                contender.uri, eval_file, str(work_dir / f"{role}_predictions.jsonl"), config
-            )
+            # Named by version: a champion that moved between two tries is another model, another job.
+            out_file = work_dir / f"{role}-v{contender.version}_predictions.jsonl"
+            predictions, cached = run_or_reuse(batch_infer_task, contender.uri, eval_file, str(out_file), config)
+            if cached:
+                logger.info("%s v%s: eval predictions reused from an earlier try", role, contender.version)
             results[role] = score(str(predictions.path))
     decision = decide(contest, results["challenger"], results.get(CHAMPION), config, Path(eval_file))
     samples = sample_rows(eval_file, results, allowed_roots=config.data.allowed_roots)

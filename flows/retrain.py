@@ -29,7 +29,6 @@ for the eval predictions), beside the earlier try's child run that did the work 
 from __future__ import annotations
 
 import json
-import secrets
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -42,6 +41,7 @@ from prefect.states import State
 
 from flows.launch import patient_ephemeral_server
 from flows.promote import promote
+from flows.run_folder import flow_run_folder, write_run_config
 from tasks.caching import run_or_reuse
 from tasks.download import fetch_base_model, log_download
 from tasks.evaluate import evaluate, log_evaluation
@@ -165,50 +165,12 @@ class PromotionFailed(RunFailed):
         return cls(message, summary, summary_file, 2 if bad_input else 1)
 
 
-FLOW_RUN_FILE = "prefect_flow_run_id"
-"""In a run folder: the id of the flow run it belongs to, by which a retry of that flow run finds it."""
-
 RUN_FOLDER_TAG = "run_folder"
 """The lineage tag naming the run folder (under `run.output_dir`/runs) that holds a run's training and merged model."""
 
 MERGE_TAG = "prefect_merge_task_run_id"
 """The lineage tag naming the merge task run that made the registered model (`MergeResult.task_run_id`): the same for
 every try that reuses that merge, another once a retry merges again."""
-
-
-def _run_dir(runs: Path, flow_run_id: str) -> Path:
-    """The flow run's folder. A retry of the flow run (`prefect flow-run retry`, a flow's `retries`) goes on in the one
-    its earlier try made, where the results of the steps that finished point and its eval jobs' finished shards lie;
-    otherwise a fresh one, named by the time and a random suffix: runs started in the same second on one output
-    folder (two `vlmops run` at once) each get their own (mkdir is the atomic claim, a taken name draws again)."""
-    if flow_run_id:  # a new flow run's id is in no folder yet
-        for marker in sorted(runs.glob(f"*/{FLOW_RUN_FILE}")):
-            if marker.read_text().strip() == flow_run_id:
-                return marker.parent
-    runs.mkdir(parents=True, exist_ok=True)
-    while True:
-        run_dir = runs / (time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2))
-        try:
-            run_dir.mkdir()
-        except FileExistsError:
-            continue
-        (run_dir / FLOW_RUN_FILE).write_text(f"{flow_run_id}\n")
-        return run_dir
-
-
-def _write_run_config(config_file: Path, text: str) -> None:
-    """The run's config.yaml; a retry's must be its earlier try's: the folder's training, model and eval jobs were
-    made with that one (pipeline.yaml edited between the tries is another run).
-
-    Raises:
-        UserInputError: the folder holds another config.
-    """
-    if config_file.is_file() and config_file.read_text() != text:
-        raise UserInputError(
-            f"this flow run's folder {config_file.parent} was started with another config than the one its retry reads "
-            f"now (compare {config_file} with the config and overrides): start a new run instead of retrying this one"
-        )
-    config_file.write_text(text)
 
 
 def _cached(state: State) -> bool:
@@ -233,12 +195,12 @@ def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = No
     config = load_config(config_path, overrides)
     output_dir = Path(config.run.output_dir).resolve()
     this_run = prefect_flow_run.id or ""
-    run_dir = _run_dir(output_dir / "runs", this_run)
+    run_dir = flow_run_folder(output_dir / "runs", this_run)
     if (run_dir / "config.yaml").is_file():
         logger.info("try %d of flow run %s: going on in %s", prefect_flow_run.run_count, this_run, run_dir)
     run_id = run_dir.name
     config_file = run_dir / "config.yaml"
-    _write_run_config(config_file, dump_config(config))
+    write_run_config(config_file, dump_config(config))
     tracker = Tracker(config.tracking, artifact_root=output_dir / "mlartifacts")
     lineage = {"git_commit": git_commit() or "unknown", **flow_run_tags(), RUN_FOLDER_TAG: run_id}
 

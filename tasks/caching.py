@@ -222,13 +222,13 @@ def within_flow_run(params: list[str], datasets: list[str] | None = None, ignore
     """`inputs_and_files(params, datasets)` (but the inputs in `ignore`) + the flow run's id: reused by a retry of the
     same flow run only.
 
-    For the steps that write into the flow run's own folder (train, merge, the eval predictions) and the one that
-    registers its model: another flow run is another run and does them again, while a retry of this one (`prefect
-    flow-run retry`, a flow's `retries`) goes on in the same folder (flows/retrain.py) and takes the results of the
-    steps that finished: a model is not trained twice, nor an eval record answered twice, nor a version registered
-    twice. The flow takes the results of the steps that write into the folder through `run_or_reuse`, which runs a
-    step again whose output was deleted since. `ignore`: inputs that differ between tries of one step (the MLflow run
-    of this try's step)."""
+    For the steps that write into the flow run's own folder (retrain's train, merge and eval predictions, promote's
+    eval predictions) and the one that registers its model: another flow run is another run and does them again, while
+    a retry of this one (`prefect flow-run retry`, a flow's `retries`) goes on in the same folder (flows/run_folder.py)
+    and takes the results of the steps that finished: a model is not trained twice, nor an eval record answered twice,
+    nor a version registered twice. The flow takes the results of the steps that write into the folder through
+    `run_or_reuse`, which runs a step again whose output was deleted since. `ignore`: inputs that differ between tries
+    of one step (the MLflow run of this try's step)."""
     inputs: CachePolicy = INPUTS
     for name in ignore:
         inputs = inputs - name

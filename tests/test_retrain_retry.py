@@ -14,11 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.prefect_runs import task_runs, task_states
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,33 +55,6 @@ def _stamp(path: Path) -> tuple[int, int]:
     return stat.st_ino, stat.st_mtime_ns
 
 
-def _task_runs(flow_run_id: Any) -> dict[str, list[tuple[str, str]]]:
-    """The state and id of each of the flow run's task runs (of every try), by task name, oldest first."""
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    async def read() -> dict[str, list[tuple[str, str]]]:
-        async with get_client() as client:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-            )
-        found: dict[str, list[tuple[str, str]]] = defaultdict(list)
-        for run in runs:
-            found[run.name.rsplit("-", 1)[0]].append((str(run.state_name), str(run.id)))
-        return dict(found)
-
-    return asyncio.run(read())
-
-
-def _task_states(flow_run_id: Any) -> dict[str, list[str]]:
-    """The states of the flow run's task runs (of every try), by task name, oldest first."""
-    return {name: [state for state, _ in runs] for name, runs in _task_runs(flow_run_id).items()}
-
-
 def _parent_run(tracking_uri: str, flow_run_id: Any) -> Any:
     """The one MLflow parent run of the flow run (every try's), failing the test if there are several."""
     from mlflow.tracking import MlflowClient
@@ -100,27 +74,6 @@ def _step_runs(tracking_uri: str, parent_id: str, step: str) -> list[Any]:
     experiment_id = client.get_run(parent_id).info.experiment_id
     where = f"tags.`mlflow.parentRunId` = '{parent_id}' and attributes.run_name = '{step}'"
     return list(client.search_runs([experiment_id], where, order_by=["attributes.start_time ASC"]))
-
-
-def test_a_retry_finds_its_flow_runs_folder_and_a_new_flow_run_gets_its_own(tmp_path: Path) -> None:
-    from flows.retrain import _run_dir
-
-    runs = tmp_path / "runs"
-    first, other = _run_dir(runs, "flow-run-1"), _run_dir(runs, "flow-run-2")
-    assert first != other and (_run_dir(runs, "flow-run-1"), _run_dir(runs, "flow-run-2")) == (first, other)
-    assert _run_dir(runs, "flow-run-3") not in (first, other) and len(list(runs.iterdir())) == 3
-
-
-def test_a_retry_that_reads_another_config_is_refused(tmp_path: Path) -> None:
-    from flows.retrain import _write_run_config
-    from vlmops.errors import UserInputError
-
-    config_file = tmp_path / "config.yaml"
-    _write_run_config(config_file, "train:\n  epochs: 10\n")
-    _write_run_config(config_file, "train:\n  epochs: 10\n")  # the same config: the retry goes on
-    with pytest.raises(UserInputError, match="start a new run instead of retrying this one"):
-        _write_run_config(config_file, "train:\n  epochs: 2\n")
-    assert config_file.read_text() == "train:\n  epochs: 10\n"
 
 
 @pytest.mark.integration
@@ -237,7 +190,7 @@ def test_a_retried_flow_run_goes_on_in_its_run_folder_and_answers_no_eval_record
     # The three tries are one MLflow parent run, finished.
     parent = _parent_run(f"sqlite:///{outputs}/mlflow.db", flow_run_id)
     assert (parent.info.run_id, parent.info.status) == (summary["mlflow_run_id"], "FINISHED")
-    states = _task_states(flow_run_id)
+    states = task_states(flow_run_id)
     assert states["train"] == states["merge"] == ["Completed", "Cached", "Cached"], states
     assert sorted(states["batch_infer"]) == ["Cached", "Cached", "Cached", "Completed", "Completed", "Failed"], states
     # Every eval record once, in order; the shard answered before the crash as it was then.
@@ -296,10 +249,10 @@ def test_a_retry_after_register_keeps_the_version_its_earlier_try_registered(
     (version,) = client.search_model_versions("name = 'vlmops-demo'")
     assert str(version.version) == "1" and version.tags["run_folder"] == Path(summary["run_dir"]).name
     assert client.get_registered_model("vlmops-demo").aliases == {"challenger": 1}
-    states = _task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id)
     assert (states["register"], states["merge"]) == (["Completed", "Cached"], ["Completed", "Cached"]), states
     # The version names the merge its model came from: the first try's, which the retry reused.
-    assert version.tags[MERGE_TAG] == _task_runs(state.state_details.flow_run_id)["merge"][0][1]
+    assert version.tags[MERGE_TAG] == task_runs(state.state_details.flow_run_id)["merge"][0][1]
 
     parent = _parent_run(f"sqlite:///{outputs}/mlflow.db", state.state_details.flow_run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_id == summary["mlflow_run_id"]
@@ -354,11 +307,11 @@ def test_a_retry_after_register_that_merged_again_registers_the_new_model_as_a_n
     assert (summary["model_version"], summary["alias_version"], summary["promotion"]) == ("2", "2", "promoted")
     assert (Path(summary["run_dir"]) / RETRAIN_MODEL_DIR).is_dir()
 
-    states = _task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id)
     assert states["train"] == ["Completed", "Cached"], states
     assert states["merge"] == ["Completed", "Cached", "Completed"], states
     assert states["register"] == ["Completed", "Completed"], states
-    first_merge, _, new_merge = (run_id for _, run_id in _task_runs(state.state_details.flow_run_id)["merge"])
+    first_merge, _, new_merge = (run_id for _, run_id in task_runs(state.state_details.flow_run_id)["merge"])
     client = MlflowClient(tracking_uri=f"sqlite:///{outputs}/mlflow.db")
     versions = {str(v.version): v for v in client.search_model_versions("name = 'vlmops-demo'")}
     assert sorted(versions) == ["1", "2"]
@@ -407,7 +360,7 @@ def test_a_retry_runs_again_a_finished_step_whose_output_was_deleted(
     run_dir = Path(summary["run_dir"])
     assert deleted == [run_dir / "merged", run_dir / "eval" / "base_predictions.jsonl"]
     assert all(path.exists() for path in deleted)
-    states = _task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id)
     assert states["train"] == ["Completed", "Cached"], states
     assert states["merge"] == ["Completed", "Cached", "Completed"], states
     # The base job: Completed, then Cached and run again; the fine-tuned job: Completed twice (its model changed).

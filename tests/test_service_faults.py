@@ -249,7 +249,10 @@ def test_promote_with_mlflow_down_names_the_server_once_on_its_own_and_inside_re
 
     state = promote(config, overrides, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ServiceUnavailable, match=rf"(?s)^MLflow at {url} did not answer.*promote again: nothing"):
+    # What to run once it is back: a retry of this flow run (which goes on in its work folder), with its entrypoint.
+    retry = rf"then retry this flow run to reuse .*`prefect flow-run retry {state.state_details.flow_run_id} "
+    entrypoint = r"--entrypoint \S*flows/promote.py:promote`"
+    with pytest.raises(ServiceUnavailable, match=rf"(?s)^MLflow at {url} did not answer.*{retry}{entrypoint}"):
         state.result()
 
     @flow(name="retrain-like")

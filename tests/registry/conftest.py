@@ -43,8 +43,8 @@ class Registry:
     versions: dict[str, DvcVersion]
     remote: Path
 
-    def register(self, model: str) -> RegisteredVersion:
-        """A new version of NAME (alias challenger) pointing at model `a` or `b` in the DVC remote."""
+    def register(self, model: str, name: str = NAME) -> RegisteredVersion:
+        """A new version of `name` (alias challenger) pointing at model `a` or `b` in the DVC remote."""
         tracker = Tracker(self.config.tracking)
         pushed = self.versions[model]
         with tracker.run(f"register-{model}") as run_id:
@@ -64,7 +64,7 @@ class Registry:
             )
             pointer = self.root / f"pointer-{run_id}"
             write_pointer(pushed, pointer)
-            return tracker.register_model(run_id, pointer, NAME, "challenger", tags=tags)
+            return tracker.register_model(run_id, pointer, name, "challenger", tags=tags)
 
 
 def _answers(model: Path, prompts: Path, out: Path, config: PipelineConfig) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.prefect_artifacts import flow_run_artifacts
+from tests.prefect_runs import task_states
 from tests.registry.conftest import NAME, QUESTION, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +69,8 @@ def test_a_better_challenger_replaces_the_champion(registry: Registry, contests:
     # both answered the same evaluation set: the challenger's snapshot, restored from the DVC remote
     work = Path(better["work_dir"])
     assert better["eval_file"] == str(work / "dataset" / "eval.jsonl")
-    for role in ("challenger", "champion"):
-        lines = (work / f"{role}_predictions.jsonl").read_text().splitlines()
+    for role, version in (("challenger", 2), ("champion", 1)):
+        lines = (work / f"{role}-v{version}_predictions.jsonl").read_text().splitlines()
         assert [json.loads(line)["reference"] for line in lines] == registry.references
 
 
@@ -199,6 +200,85 @@ def test_vlmops_promote_runs_the_flow(
     assert f"{NAME} version 2 is the champion already: nothing to do" in capsys.readouterr().out
     assert main(["promote", "--config", str(registry.config_file), "--challenger", "9"]) == 2
     assert f"models:/{NAME}/9: not found in the registry" in capsys.readouterr().err
+
+
+def test_a_retried_promotion_goes_on_where_it_stopped(
+    registry: Registry, contests: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A promote flow run whose first try fails in the champion's eval job, after the challenger's job finished and
+    one shard of two of the champion's: the flow's retry goes on in the same work folder, takes the challenger's
+    predictions (`Cached`, its job not run again), answers only the champion's missing shard, and decides as the
+    uninterrupted contest of the same two models did (`better`: A as version 2 against the champion B, version 1).
+    Before, each try made a work folder of its own and answered every eval record again, for both versions.
+
+    Another registered model of the same registry, so that the contests above are left as they are."""
+    import tasks.infer
+    from flows.promote import promote
+    from flows.run_folder import FLOW_RUN_FILE
+    from vlmops.errors import RunFailed
+
+    name = "vlmops-retry"
+    registry.register("b", name)
+    client(registry).set_registered_model_alias(name, "champion", "1")
+    assert registry.register("a", name).version == "2"
+
+    def stamp(path: Path) -> tuple[int, int]:
+        """Inode and mtime: a file written again (aside, then renamed) changes both."""
+        return path.stat().st_ino, path.stat().st_mtime_ns
+
+    real_job = tasks.infer.run_job_in_child
+    jobs: list[tuple[str, int, int]] = []  # each eval job run: its folder's name, parts before, parts after
+    stamps: dict[str, list[tuple[int, int]]] = {}  # the files the retry must leave as they are, after each job run
+
+    def champion_job_dying_after_its_first_shard(
+        model: str, input_spec: str, output: str, config: Any, **kwargs: Any
+    ) -> None:
+        job = Path(output)
+        first_try = job.name.startswith("champion") and not any(j[0] == job.name for j in jobs)
+        if first_try:  # the child answers one shard, then dies
+            config = config.model_copy(update={"infer": config.infer.model_copy(update={"max_shards": 1})})
+        before = len(list(job.glob("part-*.jsonl")))
+        try:
+            real_job(model, input_spec, output, config, **kwargs)
+        finally:
+            jobs.append((job.name, before, len(list(job.glob("part-*.jsonl")))))
+        if job.name.startswith("champion"):
+            (challenger,) = job.parent.glob("challenger*_predictions.jsonl")
+            stamps.setdefault("part-00000", []).append(stamp(job / "part-00000.jsonl"))
+            stamps.setdefault("challenger", []).append(stamp(challenger))
+        if first_try:
+            raise RunFailed("the GPU worker went away")
+
+    monkeypatch.setattr(tasks.infer, "run_job_in_child", champion_job_dying_after_its_first_shard)
+    overrides = [f"registry.model_name={name}", "infer.shard_size=2"]  # the eval set's 4 records in 2 shards
+    state = promote.with_options(retries=1)(str(registry.config_file), overrides, return_state=True)
+    assert state.is_completed(), state
+    retried = state.result()
+
+    assert jobs == [
+        ("challenger-v2_predictions.jsonl.job", 0, 2),
+        ("champion-v1_predictions.jsonl.job", 0, 1),
+        ("champion-v1_predictions.jsonl.job", 1, 2),
+    ], jobs
+    assert stamps["part-00000"][0] == stamps["part-00000"][1]  # the shard answered before the crash, not again
+    assert stamps["challenger"][0] == stamps["challenger"][1]
+    work = Path(retried["work_dir"])
+    assert stamp(work / "challenger-v2_predictions.jsonl") == stamps["challenger"][0]
+    flow_run_id = str(state.state_details.flow_run_id)
+    assert (work / FLOW_RUN_FILE).read_text().strip() == flow_run_id
+    promotions = Path(registry.config.run.output_dir) / "promotions"
+    assert [p for p in promotions.iterdir() if p.name.startswith(f"{name}-")] == [work]  # both tries in one folder
+    states = task_states(flow_run_id)
+    assert sorted(states["batch_infer"]) == ["Cached", "Completed", "Completed", "Failed"], states
+    assert states["find_contest"] == ["Completed", "Completed"], states  # the registry read again by the retry
+    for role, version in (("challenger", 2), ("champion", 1)):
+        lines = (work / f"{role}-v{version}_predictions.jsonl").read_text().splitlines()
+        assert [json.loads(line)["reference"] for line in lines] == registry.references
+
+    uninterrupted = contests["better"]
+    same = ("decision", "challenger", "champion", "challenger_score", "champion_score", "counts", "total", "reason")
+    assert {key: retried[key] for key in same} == {key: uninterrupted[key] for key in same}
+    assert str(client(registry).get_model_version_by_alias(name, "champion").version) == "2"
 
 
 def test_a_champion_moved_by_another_promotion_is_not_replaced_unchecked(tmp_path: Path) -> None:
