@@ -7,9 +7,10 @@ snapshot, a bad config or a full disk fail the same way every time: retrying the
 
 `ServiceUnavailable` is the error that names the server (S3, MLflow, Prefect) and its URL, and says what to run once
 it is back. Who raises it gives that advice: a flow (tasks.retry.names_unreachable_service) or a command
-(`vlmops batch-infer`). No Prefect here: the command and the flows share it. A child process (a batch job's worker,
-the `vlmops batch-infer` a flow runs) says which server it could not reach in its last lines, which the error its
-parent raises quotes: `unreachable_service` reads the outage back off them.
+(`vlmops batch-infer`; for any other, `vlmops` itself: vlmops.cli.main). No Prefect here: the command and the flows
+share it. A child process (a batch job's worker, the `vlmops batch-infer` a flow runs) says which server it could not
+reach in its last lines, which the error its parent raises quotes: `unreachable_service` reads the outage back off
+them. A `vlmops` command run so gives no advice of its own (`PARENT_ADVISES_ENV`).
 """
 
 from __future__ import annotations
