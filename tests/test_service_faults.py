@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,10 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
         self.env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url}
-        s3.client().create_bucket(Bucket="mlflow-artifacts")
+        client = s3.client()
+        # The session's S3 outlives a test: another test's server made the bucket (run ids keep their artifacts apart).
+        with suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket="mlflow-artifacts")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
