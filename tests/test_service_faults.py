@@ -3,7 +3,8 @@ S3) that the test stops in the middle of a flow run. The affected task retries w
 with a message naming MLflow and its URL; after a restart the rerun completes and nothing registered before is
 lost. Two registrations at once get two distinct, complete versions. A batch inference job whose S3 output goes
 away (a proxy in front of SeaweedFS stops at the job's second part) fails naming S3, in the flow and in
-`vlmops batch-infer`, and the same job goes on once it is back, every record once. Any other `vlmops` command whose S3 or MLflow goes away
+`vlmops batch-infer`, and the same job goes on once it is back, every record once; the job's child in the flow names
+the outage without advising its own (temporary) command line. Any other `vlmops` command whose S3 or MLflow goes away
 (`batch-status`, `infer --model models:/...`) names the server too, with exit 1 and no traceback."""
 
 from __future__ import annotations
@@ -373,6 +374,12 @@ def test_s3_outage_mid_batch_inference_flow_names_s3_and_a_rerun_keeps_the_writt
         ServiceUnavailable, match=rf"\nstart it \(or fix its URL in the config\), then {advice}$"
     ) as named:
         state.result()
+    # The child (`vlmops batch-infer --config` a temporary file, gone by now) named S3 without advice of its own: the
+    # flow's log quotes its last lines, and only the flow's advice says what to run.
+    assert "did not answer" in str(named.value.__cause__)
+    logs = _flow_run_logs(flow_run_id)
+    assert any(f"S3 at {s3_proxy.url} did not answer" in message for message in logs), logs
+    assert not [message for message in logs if "run the same command again" in message], logs
     before = _parts(s3_server, "answers-flow")
     assert {name: keys for name, (_, _, keys) in before.items()} == {"part-00000.jsonl": ["q0", "q1"]}
 

@@ -47,7 +47,7 @@ from vlmops.cli import (
     validate,
 )
 from vlmops.errors import VlmopsError
-from vlmops.outages import ServiceUnavailable, unreachable_service
+from vlmops.outages import ServiceUnavailable, rerun_advice, unreachable_service
 from vlmops.redact import redact_log_handlers, redact_text
 
 Handler = Callable[[argparse.Namespace], int]
@@ -141,7 +141,7 @@ def naming_outages(handler: Handler, args: argparse.Namespace) -> int:
         outage = unreachable_service(err)
         if outage is None:
             raise
-        raise ServiceUnavailable(outage, RUN_AGAIN) from err
+        raise ServiceUnavailable(outage, rerun_advice(RUN_AGAIN)) from err
 
 
 if __name__ == "__main__":
