@@ -3,7 +3,9 @@ S3) that the test stops in the middle of a flow run. The affected task retries w
 with a message naming MLflow and its URL; after a restart the rerun completes and nothing registered before is
 lost. Two registrations at once get two distinct, complete versions. A batch inference job whose S3 output goes
 away (a proxy in front of SeaweedFS stops at the job's second part) fails naming S3, in the flow and in
-`vlmops batch-infer`, and the same job goes on once it is back, every record once."""
+`vlmops batch-infer`, and the same job goes on once it is back, every record once; the job's child in the flow names
+the outage without advising its own (temporary) command line. Any other `vlmops` command whose S3 or MLflow goes away
+(`batch-status`, `infer --model models:/...`) names the server too, with exit 1 and no traceback."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,10 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.workdir = workdir
         self.env = {**os.environ, **s3.env(), "MLFLOW_S3_ENDPOINT_URL": s3.endpoint_url}
-        s3.client().create_bucket(Bucket="mlflow-artifacts")
+        client = s3.client()
+        # The session's S3 outlives a test: another test's server made the bucket (run ids keep their artifacts apart).
+        with suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket="mlflow-artifacts")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -271,10 +277,6 @@ def test_promote_logs_no_password_of_the_tracking_uri_in_prefect(
     """A promote run (promote/on-demand, vlmops promote) whose config's tracking.uri carries a login, with MLflow out
     of reach: the logs Prefect keeps of it (its server's database, the UI), the tracebacks of the failed task and flow
     included, hold no password. MLflow's error names the URL it requested, login and all."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-    from prefect.logging.handlers import APILogWorker
-
     from flows.promote import promote
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -288,16 +290,24 @@ def test_promote_logs_no_password_of_the_tracking_uri_in_prefect(
 
     state = promote(str(config), return_state=True)
     assert state.is_failed()
+    logs = _flow_run_logs(state.state_details.flow_run_id)
+    assert any("Traceback" in message and f"alice:***@127.0.0.1:{port}" in message for message in logs), logs
+    assert not [message for message in logs if "s3cretpassw0rd" in message]
+
+
+def _flow_run_logs(flow_run_id: Any) -> list[str]:
+    """The log messages Prefect keeps of a flow run (its server's database, the UI), its failures' tracebacks included."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
     APILogWorker.drain_all()
 
     async def read() -> list[Any]:
         async with get_client() as client:
-            flow_run = LogFilterFlowRunId(any_=[state.state_details.flow_run_id])
-            return await client.read_logs(log_filter=LogFilter(flow_run_id=flow_run))
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
-    logs = [log.message for log in asyncio.run(read())]
-    assert any("Traceback" in message and f"alice:***@127.0.0.1:{port}" in message for message in logs), logs
-    assert not [message for message in logs if "s3cretpassw0rd" in message]
+    return [log.message for log in asyncio.run(read())]
 
 
 @pytest.fixture
@@ -367,6 +377,12 @@ def test_s3_outage_mid_batch_inference_flow_names_s3_and_a_rerun_keeps_the_writt
         ServiceUnavailable, match=rf"\nstart it \(or fix its URL in the config\), then {advice}$"
     ) as named:
         state.result()
+    # The child (`vlmops batch-infer --config` a temporary file, gone by now) named S3 without advice of its own: the
+    # flow's log quotes its last lines, and only the flow's advice says what to run.
+    assert "did not answer" in str(named.value.__cause__)
+    logs = _flow_run_logs(flow_run_id)
+    assert any(f"S3 at {s3_proxy.url} did not answer" in message for message in logs), logs
+    assert not [message for message in logs if "run the same command again" in message], logs
     before = _parts(s3_server, "answers-flow")
     assert {name: keys for name, (_, _, keys) in before.items()} == {"part-00000.jsonl": ["q0", "q1"]}
 
@@ -418,3 +434,58 @@ def test_s3_outage_in_a_batch_infer_worker_names_s3_and_the_same_command_goes_on
     after = _parts(s3_server, "answers-cli")
     assert [key for name in sorted(after) for key in after[name][2]] == [f"q{i}" for i in range(6)]
     assert {name: after[name] for name in before} == before  # kept, not written again
+
+
+def test_batch_status_with_its_s3_down_names_s3_and_says_to_run_it_again(
+    s3_server: S3Server, s3_proxy: OutageProxy, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlmops batch-status` of an s3:// output, once with S3 answering (no job there: bad input, exit 2) and once with
+    it gone: the command names S3 and its URL and says to start it and run the command again, exit 1; it printed
+    botocore's traceback (`vlmops` names the outage for any command, vlmops.cli.main)."""
+    from vlmops.cli import main
+
+    s3_server.client().create_bucket(Bucket="answers-status")
+    args = ["batch-status", "s3://answers-status/job", "--set", f"storage.endpoint_url={s3_proxy.url}"]
+    assert main(args) == 2
+    assert "did not answer" not in capsys.readouterr().err
+    s3_proxy.stop()
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"(?m)^error: S3 at {re.escape(s3_proxy.url)} did not answer, after retries: EndpointConnectionError: [^\n]+\n"
+        r"start it \(or fix its URL in the config\), then run the command again\n\Z",
+        err,
+    ), err
+    assert "Traceback" not in err
+
+
+def test_a_registered_model_whose_mlflow_goes_away_mid_download_names_mlflow(
+    mlflow_server: MlflowServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlmops infer --model models:/NAME/1` with the MLflow server (behind a proxy) going away once the version is
+    found, as its artifacts are being listed for the download: the command names MLflow and its URL and says to start
+    it and run the command again, exit 1; it printed MLflow's error on the artifact request."""
+    from vlmops.cli import main
+    from vlmops.config import TrackingConfig
+    from vlmops.tracking import Tracker
+
+    model = tmp_path / "merged"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    tracker = Tracker(TrackingConfig(uri=mlflow_server.url, experiment="faults"))
+    tracker.register_model(tracker.start_run("infer"), model, "faults-infer", "challenger")
+    proxy = OutageProxy(mlflow_server.port)
+    try:
+        proxy.fail_at(b"/mlflow-artifacts/")
+        args = ["infer", "--model", "models:/faults-infer/1", "--set", f"tracking.uri={proxy.url}"]
+        assert main([*args, "--set", f"model.cache_dir={tmp_path / 'cache'}"]) == 1
+    finally:
+        proxy.stop()
+    assert proxy.stops == 2  # the outage, then the test's own stop
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"(?m)^error: MLflow at {re.escape(proxy.url)} did not answer, after retries: \w+: [^\n]+\n"
+        r"start it \(or fix its URL in the config\), then run the command again\n\Z",
+        err,
+    ), err
+    assert "Traceback" not in err

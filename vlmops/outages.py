@@ -7,14 +7,16 @@ snapshot, a bad config or a full disk fail the same way every time: retrying the
 
 `ServiceUnavailable` is the error that names the server (S3, MLflow, Prefect) and its URL, and says what to run once
 it is back. Who raises it gives that advice: a flow (tasks.retry.names_unreachable_service) or a command
-(`vlmops batch-infer`). No Prefect here: the command and the flows share it. A child process (a batch job's worker,
-the `vlmops batch-infer` a flow runs) says which server it could not reach in its last lines, which the error its
-parent raises quotes: `unreachable_service` reads the outage back off them.
+(`vlmops batch-infer`; for any other, `vlmops` itself: vlmops.cli.main). No Prefect here: the command and the flows
+share it. A child process (a batch job's worker, the `vlmops batch-infer` a flow runs) says which server it could not
+reach in its last lines, which the error its parent raises quotes: `unreachable_service` reads the outage back off
+them. A `vlmops` command run so gives no advice of its own (`PARENT_ADVISES_ENV`).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -138,6 +140,18 @@ class ServiceUnavailable(RunFailed):
         self.url = outage.url
         advice = f"\nstart it (or fix its URL in the config), then {then}" if then else ""
         super().__init__(f"{outage}{advice}")
+
+
+PARENT_ADVISES_ENV = "VLMOPS_PARENT_ADVISES"
+"""Set to 1 in the environment of a `vlmops` command that another process runs and whose failure that process reports
+with advice of its own (a flow's): the command then names an outage, or says it was interrupted, without saying what to
+run next. Its own command line would be the wrong advice there: it names a temporary config, gone by then."""
+
+
+def rerun_advice(advice: str) -> str | None:
+    """A command's `advice` on what to run once the server is back (or after an interrupt); None where the process that
+    runs the command gives its own (`PARENT_ADVISES_ENV`)."""
+    return None if os.environ.get(PARENT_ADVISES_ENV) == "1" else advice
 
 
 _URL = re.compile(r"https?://[^\s'\"<>)]+")

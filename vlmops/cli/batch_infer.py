@@ -43,28 +43,26 @@ def handle(args: argparse.Namespace) -> int:
     from vlmops.infer.job_status import StoppedJob
     from vlmops.infer.resolve import config_for_model
     from vlmops.infer.summary import stopped_rows, summary_rows
-    from vlmops.outages import ServiceUnavailable, unreachable_service
+    from vlmops.outages import ServiceUnavailable, rerun_advice, unreachable_service
 
     config = config_for_model(load_config(args.config, args.overrides), args.model, args.overrides)
+    where = f"(vlmops batch-status {args.output} says where it stands)"
     try:
         result = run_batch_job(args.model, args.input, args.output, config, named_as=args.model_named_as)
     except KeyboardInterrupt:
-        # Each part is published whole or not at all, so a rerun goes on from the shards without one.
-        print(
-            "interrupted: the parts written so far are kept; run the same command again to answer the rest "
-            f"(vlmops batch-status {args.output} says where it stands)",
-            file=sys.stderr,
-        )
+        # Each part is published whole or not at all, so a rerun goes on from the shards without one. Run by a flow,
+        # the flow says how to go on: this command line names a temporary config.
+        again = rerun_advice(f"run the same command again to answer the rest {where}")
+        print("interrupted: the parts written so far are kept" + (f"; {again}" if again else ""), file=sys.stderr)
         return 130
     except Exception as err:
         outage = unreachable_service(err)  # in this process, or in a worker's (read off its last lines)
         if outage is None:
             raise
-        raise ServiceUnavailable(
-            outage,
-            "run the same command again to answer the rest: the parts written so far are kept "
-            f"(vlmops batch-status {args.output} says where it stands)",
-        ) from err
+        again = rerun_advice(
+            f"run the same command again to answer the rest: the parts written so far are kept {where}"
+        )
+        raise ServiceUnavailable(outage, again) from err
     if isinstance(result, StoppedJob):
         job_id = result.status.plan.job_id
         state = f"stopped after infer.max_shards={config.infer.max_shards}"

@@ -47,9 +47,13 @@ from vlmops.cli import (
     validate,
 )
 from vlmops.errors import VlmopsError
+from vlmops.outages import ServiceUnavailable, rerun_advice, unreachable_service
 from vlmops.redact import redact_log_handlers, redact_text
 
 Handler = Callable[[argparse.Namespace], int]
+
+RUN_AGAIN = "run the command again"
+"""What to do once a server that did not answer is back, for a command that says nothing more of its own."""
 
 # In the order `vlmops --help` lists them.
 COMMANDS = (
@@ -106,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler: Handler = args.handler
     try:
-        return handler(args)
+        return naming_outages(handler, args)
     except VlmopsError as err:
         if args.verbose:
             raise
@@ -121,6 +125,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def naming_outages(handler: Handler, args: argparse.Namespace) -> int:
+    """`handler(args)`; a client's own error (botocore's, requests', MLflow's) of a server that did not answer, after
+    the client's retries, raised again as `ServiceUnavailable`: the service and its URL rather than a traceback of the
+    client's internals, exit 1 (a failed run that a rerun may pass; a ValueError raised from the outage is no bad
+    input, exit 2). An error of vlmops' own says what failed and what to do already (`vlmops batch-infer` names an
+    outage with its own advice, a registry lookup says the registry could not be reached)."""
+    try:
+        return handler(args)
+    except VlmopsError:
+        raise
+    except Exception as err:
+        outage = unreachable_service(err)
+        if outage is None:
+            raise
+        raise ServiceUnavailable(outage, rerun_advice(RUN_AGAIN)) from err
 
 
 if __name__ == "__main__":

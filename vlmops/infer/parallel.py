@@ -40,7 +40,7 @@ from vlmops.infer.job_status import ShardStats
 from vlmops.infer.records import JOB_FILE, Shard
 from vlmops.infer.resolve import ModelSource
 from vlmops.multigpu import NO_MULTICAST_ENV
-from vlmops.outages import ServiceUnavailable, unreachable_service
+from vlmops.outages import PARENT_ADVISES_ENV, ServiceUnavailable, unreachable_service
 from vlmops.plural import counted
 from vlmops.train.child import copy_output
 
@@ -273,10 +273,15 @@ def run_job_in_child(
     process holds no GPU memory afterwards; a failure or interrupt stops the child and its workers. `named_as`: the
     alias a pinned `model_ref` was resolved from, which the job records as its model (`prepare_job`).
 
+    The child names an outage without advice (PARENT_ADVISES_ENV): its command line names a temporary config, gone
+    once this returns; the caller (a flow) says what to run instead.
+
     Raises:
         RunFailed: the job failed (its output says why; a rerun resumes it).
     """
+    env = {**os.environ, PARENT_ADVISES_ENV: "1"}
     with tempfile.TemporaryDirectory(prefix="vlmops-job-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         config_file.write_text(dump_config(config))
-        run_in_process_group(job_command(model_ref, input_spec, output_uri, config_file, named_as), poll=poll)
+        command = job_command(model_ref, input_spec, output_uri, config_file, named_as)
+        run_in_process_group(command, env=env, poll=poll)
