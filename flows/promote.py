@@ -47,7 +47,8 @@ def _after_an_outage() -> str:
     """What to run once the server that did not answer is back, and what it reuses."""
     return (
         f"retry this flow run to reuse the eval predictions that finished: {retry_this_flow_run(__file__, 'promote')}; "
-        "a new run answers the evaluation set anew"
+        "a new run answers the evaluation set anew. A retry reads the flow run's config as it was: after fixing a URL in "
+        "it, start a new run"
     )
 
 

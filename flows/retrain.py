@@ -181,7 +181,8 @@ def _after_an_outage() -> str:
     """What to run once the server that did not answer is back, and what it reuses."""
     return (
         f"retry this flow run to reuse the steps that finished: {retry_this_flow_run(__file__, 'retrain')}; a new run "
-        "reuses only the download and the validation"
+        "reuses only the download and the validation. A retry reads the flow run's config as it was: after fixing a URL "
+        "in it, start a new run"
     )
 
 
