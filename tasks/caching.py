@@ -45,6 +45,7 @@ from prefect.utilities.hashing import hash_objects
 from vlmops.data.formats import DATASET_SUFFIXES, iter_dataset
 from vlmops.data.image_paths import REMOTE_PREFIXES
 from vlmops.data.problems import RecordProblem
+from vlmops.folders import walk
 from vlmops.hashing import sha256_file
 from vlmops.storage import is_partial
 
@@ -113,25 +114,12 @@ def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
     folder = folder.resolve()
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
     lines: list[tuple[Path, str]] = []
-    seen = {folder}
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        # A symlinked folder is walked as the steps read it (vlmops.folders.files_under), each real folder once (a
-        # link back up the tree is not followed round); where it leads is part of the key too.
-        kept = []
-        for d in sorted(dirs):
-            path = Path(root, d)
-            real = path.resolve()
-            if d in NOT_DATA or real in inside:
-                continue
-            if path.is_symlink():
-                lines.append((path, f"\0-> {real}"))
-            if real not in seen:
-                seen.add(real)
-                kept.append(d)
-        dirs[:] = kept
-        for name in names:
-            path = Path(root, name)
-            if name in NOT_DATA or path in inside or is_partial(path):
+    # A symlinked folder is walked as the steps read it (vlmops.folders), each real folder once (a link back up the
+    # tree is not followed round); where it leads is part of the key too.
+    for links, files in walk(folder, keep=lambda path: path.name not in NOT_DATA and path.resolve() not in inside):
+        lines += [(link, f"\0-> {link.resolve()}") for link in links]
+        for path in files:
+            if path.name in NOT_DATA or path in inside or is_partial(path):
                 continue
             if (data := folder_file_data(path)) is not None:
                 lines.append((path, data))
