@@ -307,7 +307,9 @@ def test_tiny_entry_is_built_once_and_its_manifest_stays_out_of_the_folder(tmp_p
     snap = download_model(config, None, tmp_path / "out")
     folder = tmp_path / "out" / "models" / "tiny-deepseek-vl"
     assert (snap.source, snap.path, snap.converted) == ("local", folder, False)
-    assert snap.manifest_path.is_relative_to(tmp_path / "cache" / "manifests" / "local")
+    # its manifest beside it in the run's output folder, not in the model cache
+    assert snap.manifest_path.is_relative_to(tmp_path / "out" / "models" / "manifests" / "local")
+    assert not (tmp_path / "cache").exists()
     files = sorted(p.name for p in folder.iterdir())
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     again = download_model(config, None, tmp_path / "out")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,13 +13,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.image_server import serving_images
+
 ROOT = Path(__file__).resolve().parents[1]
 # What third-party noise looks like: Python warnings, logged warnings, DeepSpeed's banner, Prefect's links.
 NOISE = re.compile(r"Warning\b|\bWARNING\b|[Dd]eprecat|Setting accelerator|See https?://|\{'loss'|\{'eval_loss'")
 
 
-def _vlmops(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def _vlmops(
+    *args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        **(env or {}),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("PYTHONWARNINGS", None)
     env.pop("VLMOPS_VERBOSE", None)
     return subprocess.run(
@@ -101,3 +110,27 @@ logging.getLogger("prefect.task_runs").warning("Concurrency limits ['gpu'] do no
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert ("Concurrency limits ['gpu'] do not exist" in done.stderr) is bool(server)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_s3_clients_info_lines_show_only_with_verbose(tmp_path: Path, verbose: bool) -> None:
+    """botocore logs "Found credentials in environment variables." at INFO for every S3 client a command makes; vlmops
+    logs at INFO too, so each S3 command printed it. It shows with --verbose, and vlmops's own INFO lines always."""
+    dataset = tmp_path / "d.jsonl"
+    turns = [{"from": "user", "value": "<img>s3://bucket/gone.png</img>What?"}, {"from": "assistant", "value": "A."}]
+    dataset.write_text(json.dumps({"conversations": turns}) + "\n")
+    credentials = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_DEFAULT_REGION": "us-east-1"}
+    with serving_images() as server:  # an S3 GET of the image is a 404 there: a rejected record
+        done = _vlmops(
+            *(["--verbose"] if verbose else []),
+            "validate",
+            str(dataset),
+            *("--set", f"run.output_dir={tmp_path / 'outputs'}", "--set", f"model.cache_dir={tmp_path / 'cache'}"),
+            *("--set", f"storage.endpoint_url={server.url}", "--set", "data.invalid_records=skip"),
+            cwd=tmp_path,
+            env=credentials,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rejected: 1 record" in done.stdout  # the image was asked of S3
+    assert re.search(r" INFO vlmops\.models\.tiny: built tiny deepseek_vl model", done.stderr)
+    assert ("INFO botocore.credentials: Found credentials in environment variables." in done.stderr) is verbose

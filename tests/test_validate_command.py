@@ -98,3 +98,23 @@ def test_a_path_that_does_not_exist(workdir: Path, capsys: pytest.CaptureFixture
     assert "error: nope.jsonl does not exist: pass .json/.jsonl dataset files or folders of them" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("paths", [["one.jsonl"], []], ids=["files", "configured-dataset"])
+def test_everything_goes_to_run_output_dir_and_nothing_to_the_home_cache(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], paths: list[str]
+) -> None:
+    """The tiny model's manifest went to ~/.cache/vlmops/models/manifests/ (model.cache_dir's default) while the model
+    itself was built under run.output_dir: a file left in the home cache per output folder."""
+    home = workdir / "home"
+    monkeypatch.setenv("HOME", str(home))
+    Path("one.jsonl").write_text("".join(record(f"Question {i}?") for i in range(10)))
+    out_dir = workdir / "out"
+    settings = ["--set", f"run.output_dir={out_dir}", "--set", "data.train=one.jsonl", "--set", "data.eval_ratio=0.2"]
+    assert main(["validate", *paths, *settings]) == 0
+    assert not (home / ".cache").exists()
+    [manifest] = (out_dir / "models" / "manifests").rglob("*.json")
+    assert json.loads(manifest.read_text())["folder"] == str(out_dir / "models" / "tiny-deepseek-vl")
+    out = capsys.readouterr().out
+    expected = "rejects:  " if paths else "snapshot: "
+    assert f"{expected}{out_dir / 'datasets'}" in out

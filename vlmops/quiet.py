@@ -1,7 +1,8 @@
 """Quiet by default: known third-party warnings and banners are hidden unless `vlmops --verbose` asks for them.
 
 Each entry below is a message a library prints on every ordinary run that tells the user nothing they can act
-on. Only these exact messages are filtered; any other warning still shows. `--verbose` (or VLMOPS_VERBOSE=1 in
+on. Only these exact messages are filtered; any other warning still shows. The libraries that report routine work
+at INFO (S3's botocore and boto3, HTTP clients) log from WARNING up. `--verbose` (or VLMOPS_VERBOSE=1 in
 the environment, which the training child inherits) shows them all.
 """
 
@@ -40,6 +41,11 @@ NOISY_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
 # set-up mistake worth seeing.
 EMBEDDED_ONLY_NOISE = {"prefect.task_runs"}
 
+# Loggers that report routine work at INFO, which a vlmops command logs at: botocore's "Found credentials in
+# environment variables." for every S3 client a command makes, boto3's resources each call, Prefect's HTTP client
+# (httpx) every API request. At WARNING their warnings and errors still show; --verbose shows all they log.
+CHATTY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "httpx")
+
 
 class _DropMessages(logging.Filter):
     def __init__(self, fragments: tuple[str, ...]):
@@ -67,6 +73,8 @@ def is_verbose() -> bool:
 
 def configure(verbose: bool) -> None:
     """Hide the known noise unless `verbose`; record the choice in the environment for child processes."""
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     if verbose:
         os.environ[VERBOSE_ENV] = "1"
         return

@@ -53,6 +53,23 @@ def test_unreadable_image_is_refused_and_the_next_turn_is_answered(
     assert answer([page_model], "What is this?", [str(images["red"])])[0]
 
 
+def test_an_unreadable_upload_among_several_is_named_by_its_place_and_a_gone_one_by_its_turn(
+    page_model: PageModel, images: dict[str, Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png at all")
+    two = [str(images["red"]), str(broken)]
+    with pytest.raises(TurnRefused, match=r"^broken\.png \(image 2 of 2\) cannot be read as an image: attach a PNG"):
+        check_turn(page_model, "What is this?", two, [], settings(page_model))
+    # an earlier turn's upload the server no longer has: the visitor cannot fix a path, only start over
+    gone = tmp_path / "gone.png"
+    history = [[page_model.chat.history_turn("What is this?", [str(gone)]), "A shape."]]
+    with pytest.raises(
+        TurnRefused, match=r"^an image of an earlier turn can no longer be read: clear the conversation"
+    ):
+        check_turn(page_model, "And now?", [str(images["red"])], history, settings(page_model))
+
+
 def test_too_many_images_for_max_length(page_model: PageModel, images: dict[str, Path]) -> None:
     two = [str(images["red"]), str(images["blue"])]
     check_turn(page_model, "Compare them.", two, [], settings(page_model))

@@ -286,14 +286,42 @@ def test_image_from_http_url_equals_the_file(chat_model: ChatModel, images: dict
 
 
 def test_unreadable_image_names_the_image(chat_model: ChatModel, tmp_path: Path) -> None:
-    with pytest.raises(ImageLoadError, match=r"nope\.png: file not found"):
-        chat_model.chat(f"<img>{tmp_path / 'nope.png'}</img>{QUESTION}")
+    nope = tmp_path / "nope.png"
+    with pytest.raises(
+        ImageLoadError, match=rf"^query: image {nope}: file not found \({nope}\); check the <img> tag's"
+    ):
+        chat_model.chat(f"<img>{nope}</img>{QUESTION}")
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
-    with pytest.raises(ImageLoadError, match=r"notes\.png: not a readable image"):
+    with pytest.raises(ImageLoadError, match=rf"^query: image {not_an_image}: not a readable image"):
         chat_model.chat(f"<img>{not_an_image}</img>{QUESTION}")
-    with pytest.raises(ImageLoadError, match="empty image tag"):
+    with pytest.raises(ImageLoadError, match="^query: empty image tag <img></img>: put a path or URL between"):
         chat_model.chat(f"<img></img>{QUESTION}")
+
+
+def test_an_unreadable_image_is_named_by_the_argument_that_holds_it(
+    chat_model: ChatModel, images: dict[str, Path], tmp_path: Path
+) -> None:
+    """Of several images, which one: its place in `images`, or the history turn whose <img> tag names it (as a batch
+    job's reject names the record's field), with the fix for that argument."""
+    red, nope = str(images["red"]), tmp_path / "nope.png"
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not a picture")
+    for call in (chat_model.chat, lambda *args: list(chat_model.chat_stream(*args)), chat_model.prompt_length):
+        with pytest.raises(
+            ImageLoadError, match=rf"^images\[1\]: image {nope}: file not found \({nope}\); check the path$"
+        ):
+            call(QUESTION, None, [red, str(nope)])
+    with pytest.raises(ImageLoadError, match=rf"^images\[2\]: image {not_an_image}: not a readable image"):
+        chat_model.chat(f"<img>{red}</img>{QUESTION}", None, [red, red, str(not_an_image)])
+    with pytest.raises(ImageLoadError, match=r"^images\[0\]: empty image reference: give an image path or URL"):
+        chat_model.chat(QUESTION, None, [""])
+    history = [[f"<img>{red}</img>{QUESTION}", "Red."], [f"<img>{nope}</img>{QUESTION}", "Blue."]]
+    with pytest.raises(ImageLoadError, match=rf"^history\[1\]\[0\]: image {nope}: file not found") as caught:
+        chat_model.chat(QUESTION, history, [red])
+    assert (caught.value.field, caught.value.kind) == ("history[1][0]", "missing_image")
+    with pytest.raises(ValueError, match=r"^history\[0\]\[0\]: <img> at character 0 is never closed"):
+        chat_model.chat(QUESTION, [[f"<img>{red}", "Red."]])
 
 
 def test_run_folder_applies_its_adapter_and_config(lora_run: Path, tiny_model: Path, images: dict[str, Path]) -> None:

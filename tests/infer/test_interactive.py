@@ -114,7 +114,7 @@ def test_interactive_chat_streams_keeps_history_clears_and_quits(
         missing = tmp_path / "missing.png"
         child.expect_exact(PROMPT)
         child.sendline(f"<img>{missing}</img>What is this?")
-        child.expect(r"error: image \S*missing\.png: file not found")
+        child.expect(r"error: query: image \S*missing\.png: file not found")
 
         child.expect_exact(PROMPT)
         child.sendline("clear")

@@ -8,6 +8,7 @@ of an answer; the conversation so far is kept and the server goes on serving.
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from vlmops.app.models import PageModel
 from vlmops.config import InferConfig
-from vlmops.data.images import ImageLoadError, load_image
+from vlmops.data.images import ImageLoadError
 from vlmops.errors import UserInputError
 from vlmops.infer.chat import History
 
@@ -79,15 +80,20 @@ def check_turn(model: PageModel, query: str, images: Sequence[str], history: His
 
 
 def _unreadable(images: Sequence[str], err: ImageLoadError) -> str:
-    """Which upload failed, named as the visitor knows it (not by the path the server saved it under)."""
-    for uri in images:
-        try:
-            load_image(uri)
-        except ImageLoadError:
-            return (
-                f"{Path(uri).name} cannot be read as an image: attach a PNG, JPEG, WebP or another format Pillow opens"
-            )
-    return str(err)
+    """Which upload failed (the error's `images[i]`), named as the visitor knows it: its file name and place among
+    this turn's uploads, not the path the server saved it under. An earlier turn's image that is gone (the server's
+    upload folder cleaned) is the conversation's to clear."""
+    if err.field.startswith("history["):
+        return "an image of an earlier turn can no longer be read: clear the conversation to go on"
+    match = re.fullmatch(r"images\[(\d+)\]", err.field)
+    if match is None:
+        return str(err)
+    index = int(match.group(1))
+    place = f" (image {index + 1} of {len(images)})" if len(images) > 1 else ""
+    return (
+        f"{Path(images[index]).name}{place} cannot be read as an image: attach a PNG, JPEG, WebP or another format "
+        "Pillow opens"
+    )
 
 
 def stream_answer(

@@ -37,12 +37,21 @@ S3_RETRYABLE_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException",
 
 class ImageLoadError(UserInputError):
     """An image that could not be read; the message names the image and the fix. `retryable`: the failure may pass
-    (no connection, a 5xx, S3 throttling): a batch job stops rather than reject the record for good."""
+    (no connection, a 5xx, S3 throttling): a batch job stops rather than reject the record for good. `field`: where
+    the reader was given the image (`images[1]`, `query`), once `at` has named it."""
 
-    def __init__(self, message: str, *, retryable: bool = False, kind: str = "unreadable_image") -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = False, kind: str = "unreadable_image", field: str = ""
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.kind = kind  # sorts a batch job's rejects (vlmops.infer.job_output.REJECT_KINDS)
+        self.field = field
+
+    def at(self, field: str) -> ImageLoadError:
+        """This error named by the field that holds the image, as a reader of several says which one failed:
+        `images[1]: image x.png: file not found (...)`."""
+        return ImageLoadError(f"{field or 'image'}: {self}", retryable=self.retryable, kind=self.kind, field=field)
 
 
 def read_image_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:

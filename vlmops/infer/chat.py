@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import StoppingCriteria
 
 from vlmops.config import InferConfig, PipelineConfig, StorageConfig
-from vlmops.conversation import Message, parse_img_tags
+from vlmops.conversation import ImageRef, ImageTagError, Message, Part, parse_img_tags
 from vlmops.data.image_paths import REMOTE_PREFIXES
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.generation import answer_tokens, decode_answer, generate, generation_config, model_inputs
@@ -145,7 +145,9 @@ class ChatModel:
             system: this call's system prompt instead of the model's ("" for none).
 
         Raises:
-            ImageLoadError: an image cannot be read (the message names it).
+            ImageLoadError: an image cannot be read; the message names it and the argument that holds it (`images[1]`,
+                `query`, `history[0][0]`; also its `field`), as a batch job's reject names the record's field.
+            ImageTagError: an `<img>` tag that is not closed or is nested, named the same way.
         """
         turn, prompt, pil_images = self._prompt(query, history, images, system)
         inputs = model_inputs(self.loaded, [prompt], pil_images)
@@ -231,7 +233,9 @@ class ChatModel:
     def _prompt(
         self, query: str, history: History | None, images: Sequence[str] | None, system: str | None
     ) -> tuple[str, list[int], list[Image.Image]]:
-        """The history entry for this turn, the prompt's token ids and its images in prompt order."""
+        """The history entry for this turn, the prompt's token ids and its images in prompt order. Each image is named
+        by the argument that holds it (`query`, `images[1]`, `history[0][0]`), in an error, as a batch job's reject names
+        a record's field."""
         turn = self.history_turn(query, images)
         if not turn.strip():
             raise ValueError("empty query: type a question, optionally with <img>path-or-URL</img> tags")
@@ -239,9 +243,10 @@ class ChatModel:
         for index, pair in enumerate(history or []):
             if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
                 raise ValueError(f"history[{index}] must be a [query, response] pair of strings, got {pair!r}")
-            messages.append(Message("user", parse_img_tags(pair[0])))
+            messages.append(Message("user", _named_parts(pair[0], f"history[{index}][0]")))
             messages.append(Message("assistant", [pair[1]]))
-        messages.append(Message("user", parse_img_tags(turn)))
+        given = [ImageRef(str(uri).strip(), f"images[{i}]") for i, uri in enumerate(images or [])]
+        messages.append(Message("user", [*_named_parts(query, "query"), *given]))
         encoded = encode(
             messages,
             self.loaded.tokenizer,
@@ -249,15 +254,27 @@ class ChatModel:
             self.system_prompt if system is None else system,
             add_generation_prompt=True,
         )
-        return turn, encoded.input_ids, [self._image(ref.uri) for ref in encoded.images]
+        return turn, encoded.input_ids, [self._named_image(ref) for ref in encoded.images]
 
-    def _image(self, uri: str) -> Image.Image:
+    def _named_image(self, ref: ImageRef) -> Image.Image:
+        """`_image`, its error named by the argument that holds the image: `images[1]: image x.png: file not found`."""
+        try:
+            return self._image(ref.uri, tagged=not ref.field.startswith("images["))
+        except ImageLoadError as err:
+            raise err.at(ref.field) from err
+
+    def _image(self, uri: str, tagged: bool) -> Image.Image:
+        """The image `uri` names; `tagged`: it was written in an <img> tag (the fix to a bad one is the tag's)."""
         if not uri:
-            raise ImageLoadError("empty image tag <img></img>: put a path or URL between the tags")
+            fix = "put a path or URL between the tags" if tagged else "give an image path or URL"
+            raise ImageLoadError(f"empty image {'tag <img></img>' if tagged else 'reference'}: {fix}")
         if not uri.startswith(REMOTE_PREFIXES):
             path = Path(uri).expanduser()
             if not path.is_file():
-                raise ImageLoadError(f"image {uri}: file not found ({path.resolve()}); check the <img> tag's path")
+                where = "the <img> tag's path" if tagged else "the path"
+                raise ImageLoadError(
+                    f"image {uri}: file not found ({path.resolve()}); check {where}", kind="missing_image"
+                )
             # Not cached: a local file is cheap to read, and may have been edited since the last turn.
             return load_image(str(path), self.storage)
         if uri in self._images:
@@ -268,6 +285,15 @@ class ChatModel:
         if len(self._images) > IMAGE_CACHE_SIZE:
             self._images.popitem(last=False)
         return image
+
+
+def _named_parts(text: str, field: str) -> list[Part]:
+    """`text`'s text and `<img>` images (`parse_img_tags`), each image and a broken tag named by `field`."""
+    try:
+        parts = parse_img_tags(text)
+    except ImageTagError as err:
+        raise ImageTagError(f"{field}: {err}") from None
+    return [ImageRef(part.uri, field) if isinstance(part, ImageRef) else part for part in parts]
 
 
 class _StopWhenSet(StoppingCriteria):

@@ -238,7 +238,7 @@ class ShardRunner:
                 try:
                     record.images[uri] = load_image(uri, self.config.storage)
                 except ImageLoadError as err:
-                    record.error, record.cause, record.kind = f"{field or 'image'}: {err}", err, err.kind
+                    record.error, record.cause, record.kind = str(err.at(field)), err, err.kind
                     record.images = {}  # a reject: the ones read before are not held
                     break
         return record

@@ -171,6 +171,11 @@ def _unknown_name(name: str) -> UnknownModelError:
     )
 
 
+def built_models_dir(output_dir: str | os.PathLike[str]) -> Path:
+    """The folder of `run.output_dir` where tiny catalog models are built, with their manifests."""
+    return Path(output_dir) / "models"
+
+
 def resolve(model_cfg: ModelConfig, output_dir: str | os.PathLike[str]) -> ResolvedModel:
     """Fill in the source, id and revision a `model:` section leaves to the catalog.
 
@@ -191,7 +196,7 @@ def resolve(model_cfg: ModelConfig, output_dir: str | os.PathLike[str]) -> Resol
     model_id = model_cfg.id
     if model_id is None:
         if source == "local" and entry.tiny_variant is not None:
-            model_id = str(Path(output_dir) / "models" / entry.name)
+            model_id = str(built_models_dir(output_dir) / entry.name)
         else:
             model_id = entry.hub_id(source)
         if model_id is None:

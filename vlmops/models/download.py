@@ -5,7 +5,8 @@
 1. `catalog.resolve` picks the source, id and revision. A tiny catalog entry is built on the spot
    (`build_tiny_model`) when its local folder does not exist, then used like any local folder.
 2. The first download writes a manifest (every file's size and sha256) under `<cache_dir>/manifests/`,
-   beside the snapshots: never inside a hub's snapshot folder (its layout belongs to the hub's tools) nor
+   beside the snapshots (a tiny model built under `run.output_dir`: under `<output_dir>/models/manifests/`,
+   beside the model): never inside a hub's snapshot folder (its layout belongs to the hub's tools) nor
    in a user's folder. Later runs use the snapshot with no network, after checking it against the
    manifest: sizes always; sha256 for files under 1 MiB and for any file whose mtime changed since the
    manifest was written. Re-hashing 15 GB on every run would take minutes; a changed mtime is what every
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from vlmops.config import ModelConfig, PipelineConfig, StorageConfig
 from vlmops.filenames import safe_name
-from vlmops.models.catalog import resolve
+from vlmops.models.catalog import ResolvedModel, built_models_dir, resolve
 from vlmops.models.convert import convert_checkpoint, detect_layout
 from vlmops.models.download_errors import (
     ModelDownloadError,
@@ -133,7 +134,7 @@ def download_model(
     resolved = resolve(model_cfg, output_dir)
     cache = Path(model_cfg.cache_dir).expanduser()
     if resolved.source == "local":
-        original, manifest_path = local_snapshot(resolved, cache)
+        original, manifest_path = local_snapshot(resolved, _manifest_root(resolved, cache, output_dir))
         added = _added_files(original, manifest_path)
         if added:
             log.info("%s has model files its manifest does not list (%s); re-hashing it", original, ", ".join(added))
@@ -187,6 +188,15 @@ def download_model(
         original,
         manifest_path,
     )
+
+
+def _manifest_root(resolved: ResolvedModel, cache: Path, output_dir: str | os.PathLike[str]) -> Path:
+    """Where a local folder's manifest goes: beside a tiny model built under `run.output_dir`, which is the run's own
+    output (its manifest in the model cache, ~/.cache by default, was a file left behind per output folder, even by
+    `vlmops validate`); the model cache for any other folder."""
+    built = built_models_dir(output_dir)
+    tiny = resolved.entry is not None and resolved.entry.tiny_variant is not None
+    return built if tiny and Path(resolved.id).parent == built else cache
 
 
 def _added_files(folder: Path, manifest_path: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """Manifests of model folders: every file's size and sha256, written once and checked on every later use.
 
-A manifest lives under `<cache_dir>/manifests/`, never inside a hub's snapshot folder (its layout belongs to
+A manifest lives under `<cache_dir>/manifests/` (a tiny model built under `run.output_dir`: under
+`<output_dir>/models/manifests/`), never inside a hub's snapshot folder (its layout belongs to
 the hub's tools) nor in a user's folder. `verify` checks sizes always, and sha256 for files under 1 MiB and
 for any file whose mtime changed since the manifest was written (the policy is in `vlmops.models.download`).
 """
