@@ -21,15 +21,15 @@ NOISE = re.compile(r"Warning\b|\bWARNING\b|[Dd]eprecat|Setting accelerator|See h
 
 
 def _vlmops(
-    *args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None
+    *args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         **(env or {}),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    env.pop("PYTHONWARNINGS", None)
-    env.pop("VLMOPS_VERBOSE", None)
+    for name in ("PYTHONWARNINGS", "VLMOPS_VERBOSE", *unset):
+        env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-m", "vlmops.cli", *args],
         cwd=cwd,
@@ -134,3 +134,18 @@ def test_s3_clients_info_lines_show_only_with_verbose(tmp_path: Path, verbose: b
     assert "rejected: 1 record" in done.stdout  # the image was asked of S3
     assert re.search(r" INFO vlmops\.models\.tiny: built tiny deepseek_vl model", done.stderr)
     assert ("INFO botocore.credentials: Found credentials in environment variables." in done.stderr) is verbose
+
+
+def test_a_command_leaves_nothing_in_the_home_folder(tmp_path: Path) -> None:
+    """MLflow's telemetry wrote ~/.config/mlflow/telemetry.json from any command that imports MLflow (`validate` does),
+    outside the CI and test environments it recognises, which are taken out of this run's environment."""
+    home = tmp_path / "home"
+    dataset = tmp_path / "d.jsonl"
+    turns = [{"from": "user", "value": "Hi?"}, {"from": "assistant", "value": "A."}]
+    dataset.write_text(json.dumps({"conversations": turns}) + "\n")
+    env = {"HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config"), "XDG_CACHE_HOME": str(home / ".cache")}
+    unset = ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "CI", "PYTEST_CURRENT_TEST", "GITHUB_ACTIONS")
+    done = _vlmops("validate", str(dataset), "--set", f"run.output_dir={tmp_path / 'outputs'}", cwd=tmp_path, env=env,
+                   unset=unset)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not home.exists() or sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
