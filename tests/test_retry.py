@@ -140,7 +140,8 @@ def test_a_failure_that_carries_a_named_outage_is_not_named_again() -> None:
 
     refused = requests.ConnectionError("refused")
     outage = raised_from(
-        ServiceUnavailable(Outage("MLflow", "http://127.0.0.1:9", "ConnectionError: refused")), refused
+        ServiceUnavailable(Outage("MLflow", "http://127.0.0.1:9", "ConnectionError: refused"), "retry this flow run"),
+        refused,
     )
 
     @names_unreachable_service(lambda: "run again")
@@ -275,3 +276,34 @@ def test_httpx_errors_of_a_server_that_went_away_are_transient_and_its_answers_a
         assert unreachable_service(transient) is not None
     for permanent in (missing, _failed(lambda: httpx.get("ftp://127.0.0.1/x"))):
         assert not is_transient(permanent) and unreachable_service(permanent) is None, repr(permanent)
+
+
+def test_an_outage_the_core_named_is_named_again_with_the_advice_of_the_flow_or_the_command() -> None:
+    """A DVC remote the core named without advice (vlmops.versioning, from the S3 client's error): the flow's error
+    and a command's name it again, with what they say to run and where the remote's URL is set."""
+    import argparse
+
+    from tasks.retry import names_unreachable_service
+    from vlmops.cli.main import naming_outages
+    from vlmops.outages import DVC_REMOTE, Outage, ServiceUnavailable
+
+    refused = 'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:9/dvc"'
+    outage = Outage(DVC_REMOTE, "s3://dvc/store", refused)
+
+    def push() -> int:
+        raise ServiceUnavailable(outage) from botocore.exceptions.EndpointConnectionError(endpoint_url="http://x")
+
+    where = "start it (or fix versioning.remote_url in the config, or the endpoint in AWS_ENDPOINT_URL)"
+    with pytest.raises(ServiceUnavailable) as by_flow:
+        names_unreachable_service(lambda: "retry this flow run")(push)()
+    assert str(by_flow.value) == f"{outage}\n{where}, then retry this flow run"
+    with pytest.raises(ServiceUnavailable) as by_command:
+        naming_outages(lambda args: push(), argparse.Namespace())
+    assert str(by_command.value) == f"{outage}\n{where}, then run the command again"
+    assert isinstance(by_command.value.__cause__, ServiceUnavailable) and by_command.value.outage == outage
+    local = Outage(DVC_REMOTE, "/mnt/dvc", refused)
+    assert "\nstart it (or fix versioning.remote_url in the config), then" in str(ServiceUnavailable(local, "rerun"))
+    prefect = Outage("Prefect API", "http://127.0.0.1:9/api", "ConnectError: [Errno 111] Connection refused")
+    assert str(ServiceUnavailable(prefect, "run the command again")).endswith(
+        "\nstart it (or point PREFECT_API_URL at the server), then run the command again"
+    )

@@ -6,7 +6,7 @@ away (a proxy in front of SeaweedFS stops at the job's second part) fails naming
 `vlmops batch-infer`, and the same job goes on once it is back, every record once; the job's child in the flow names
 the outage without advising its own (temporary) command line. Any other `vlmops` command whose S3 or MLflow goes away
 (`batch-status`, `infer --model models:/...`), or whose Prefect API does not answer (`promote`), names the server too,
-with exit 1 and no traceback."""
+with exit 1 and no traceback. A DVC push whose S3 goes away names the DVC remote."""
 
 from __future__ import annotations
 
@@ -175,11 +175,11 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
         assert len(client.list_artifacts(run, "model")) == 3
 
 
-def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_lost(
+def test_s3_outage_mid_flow_retries_names_the_dvc_remote_and_a_rerun_completes_with_nothing_lost(
     prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The DVC remote is a bucket on SeaweedFS; S3 stops between two pushes of one flow run, and comes back on
-    the same address with its data."""
+    the same address with its data. The run names the DVC remote (and, in the S3 client's error, its endpoint)."""
     from contextlib import ExitStack
 
     from prefect import flow
@@ -223,7 +223,10 @@ def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_
         s3.client().create_bucket(Bucket="dvc")
         state = push_twice(running.close, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ServiceUnavailable, match=rf"(?s)S3 at {s3.endpoint_url} did not answer.*then run it again$"):
+    # The DVC remote is named, with the S3 client's error, which names the endpoint DVC asked (AWS_ENDPOINT_URL).
+    remote = rf"^DVC remote at s3://dvc/store did not answer, after retries: \w+: [^\n]*{re.escape(s3.endpoint_url)}"
+    where = r"\nstart it \(or fix versioning.remote_url in the config, or the endpoint in AWS_ENDPOINT_URL\)"
+    with pytest.raises(ServiceUnavailable, match=rf"(?s){remote}.*{where}, then run it again$"):
         state.result()
     runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.expected_start_time)
     assert [(r.state_name, r.run_count) for r in runs] == [("Completed", 1), ("Failed", 3)]  # 2 retries

@@ -5,13 +5,15 @@ A retry is worth it only when the same call can succeed a moment later. An unkno
 snapshot, a bad config or a full disk fail the same way every time: retrying them only delays the error
 (and, for a step that is not idempotent, repeats its side effects).
 
-`ServiceUnavailable` is the error that names the server (S3, MLflow, the Prefect API) and its URL, and says what to run
-once it is back. Who raises it gives that advice: a flow (tasks.retry.names_unreachable_service) or a command
-(`vlmops batch-infer`; for any other, `vlmops` itself: vlmops.cli.main). No Prefect here: the command and the flows
-share it; the Prefect API is known by its client's requests (httpx, a plain library, with Prefect's user agent). A child
-process (a batch job's worker, the `vlmops batch-infer` a flow runs) says which server it could not reach in its last
-lines, which the error its parent raises quotes: `unreachable_service` reads the outage back off them. A `vlmops`
-command run so gives no advice of its own (`PARENT_ADVISES_ENV`).
+`ServiceUnavailable` is the error that names the server (S3, MLflow, the Prefect API, a DVC remote) and its URL, and
+says what to run once it is back. Who raises it gives that advice: a flow (tasks.retry.names_unreachable_service) or a
+command (`vlmops batch-infer`; for any other, `vlmops` itself: vlmops.cli.main). No Prefect here: the command and the
+flows share it; the Prefect API is known by its client's requests (httpx, a plain library, with Prefect's user agent).
+Core code that knows better than the client's error which service it talked to (vlmops.versioning: the DVC remote,
+whose push and pull report only a count of failed files) raises a `ServiceUnavailable` without advice, which the
+command or flow around it names again with its own. So does a child process (a batch job's worker, the
+`vlmops batch-infer` a flow runs), in its last lines, which the error its parent raises quotes: `unreachable_service`
+reads the outage back off them. A `vlmops` command run so gives no advice of its own (`PARENT_ADVISES_ENV`).
 """
 
 from __future__ import annotations
@@ -132,21 +134,26 @@ class Outage:
 
 _DID_NOT_ANSWER = "did not answer, after retries: "
 PREFECT_API = "Prefect API"
+DVC_REMOTE = "DVC remote"
 # An outage as `Outage.__str__` writes it, wherever it stands in a line: after `error: ` (a vlmops command's last
 # words), after a traceback's exception type, indented in an error that quotes a child's last lines.
-_REPORTED = re.compile(rf"\b(S3|MLflow|{PREFECT_API}|the server) at (\S+) {re.escape(_DID_NOT_ANSWER)}([^\n]*)")
+_REPORTED = re.compile(
+    rf"\b(S3|MLflow|{PREFECT_API}|{DVC_REMOTE}|the server) at (\S+) {re.escape(_DID_NOT_ANSWER)}([^\n]*)"
+)
 
 
 class ServiceUnavailable(RunFailed):
     """A server the pipeline needs did not answer, after the retries; names it and its URL, and what to run when it is
     back (`then`: what that reuses; a flow's, see tasks.retry.names_unreachable_service, or a command's). None: the
-    process that raises it is not the one a person ran (a batch job's worker); the one that started it names the
-    outage again from its output (`unreachable_service`), with its own advice."""
+    code that raises it does not know what a person ran (a batch job's worker, vlmops.versioning); the command or flow
+    around it names the outage again (`unreachable_service`), from the error or from the process's output, with its
+    own advice."""
 
     def __init__(self, outage: Outage, then: str | None = None):
         self.outage = outage
         self.service = outage.service
         self.url = outage.url
+        self.then = then
         advice = f"\nstart it (or {_fix_its_url(outage)}), then {then}" if then else ""
         super().__init__(f"{outage}{advice}")
 
@@ -155,6 +162,11 @@ def _fix_its_url(outage: Outage) -> str:
     """Where the URL of the server that did not answer is set."""
     if outage.service == PREFECT_API:
         return "point PREFECT_API_URL at the server"
+    if outage.service == DVC_REMOTE and outage.url.startswith("s3://"):
+        # DVC's S3 client reads its endpoint from the environment, not from storage.endpoint_url.
+        return "fix versioning.remote_url in the config, or the endpoint in AWS_ENDPOINT_URL"
+    if outage.service == DVC_REMOTE:
+        return "fix versioning.remote_url in the config"
     return "fix its URL in the config"
 
 
@@ -174,10 +186,14 @@ _URL = re.compile(r"https?://[^\s'\"<>)]+")
 
 
 def unreachable_service(exc: BaseException) -> Outage | None:
-    """The server a failure could not reach, read off the exception chain: a transient error's request, or an outage a
-    child process reported in the last lines its parent's error quotes (a `vlmops batch-infer` the batch-inference
-    flow ran, a batch job's worker); None when `exc` is neither or names no server."""
+    """The server a failure could not reach, read off the exception chain: an outage named already (the core's
+    `ServiceUnavailable` without advice: a DVC remote), a transient error's request, or an outage a child process
+    reported in the last lines its parent's error quotes (a `vlmops batch-infer` the batch-inference flow ran, a batch
+    job's worker); None when `exc` is none of these or names no server."""
     chain = list(exception_chain(exc))
+    named = [e for e in chain if isinstance(e, ServiceUnavailable)]
+    if named:  # by the code that met it (it may have named it better than the client's error), or a flow it ran
+        return named[0].outage
     if not is_transient(exc):
         reported = [found for e in chain for found in _REPORTED.finditer(str(e))]
         if not reported:
