@@ -9,10 +9,10 @@ read when the tasks are imported, replaces each with that many seconds (e.g. 1 o
 are staged and a retry need not wait for a server to come back).
 
 When the retries are spent, `names_unreachable_service` (around a flow) turns the last error into a
-`ServiceUnavailable` that says which service (S3, MLflow, Prefect) at which URL did not answer, and what to run once it
-is back: the flow's own advice, which says what that reuses (a retry of the flow run, `prefect flow-run retry ID`,
-reuses its finished steps: retrain's training and eval predictions, promote's eval predictions; a new retrain run
-reuses only its download and validation, a new promote run nothing).
+`ServiceUnavailable` that says which service (S3, MLflow, the Prefect API, a DVC remote) at which URL did not answer,
+and what to run once it is back: the flow's own advice, which says what that reuses (a retry of the flow run,
+`prefect flow-run retry ID`, reuses its finished steps: retrain's training and eval predictions, promote's eval
+predictions; a new retrain run reuses only its download and validation, a new promote run nothing).
 """
 
 from __future__ import annotations
@@ -88,9 +88,9 @@ def names_unreachable_service(then: Callable[[], str]) -> Callable[[F], F]:
             try:
                 return fn(*args, **kwargs)
             except Exception as err:
-                if any(isinstance(e, ServiceUnavailable) for e in exception_chain(err)):
+                if any(isinstance(e, ServiceUnavailable) and e.then for e in exception_chain(err)):
                     raise  # named already, by a flow this one ran (retrain's promote, or the failure that carries it)
-                outage = unreachable_service(err)
+                outage = unreachable_service(err)  # a client's error, or an outage the core named without advice
                 if outage is None:
                     raise
                 raise ServiceUnavailable(outage, then()) from err

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import socket
+from collections.abc import Callable
 
 import botocore.exceptions
 import filelock
+import httpx
 import pytest
 import requests
 import urllib3.exceptions
@@ -14,7 +17,7 @@ from urllib3.connectionpool import HTTPConnectionPool
 
 from vlmops.errors import UserInputError
 from vlmops.models.download_errors import TransferFailedError
-from vlmops.outages import is_transient
+from vlmops.outages import Outage, is_transient, unreachable_service
 from vlmops.staging import LockTimeoutError
 from vlmops.storage import CorruptedDownloadError
 
@@ -137,7 +140,8 @@ def test_a_failure_that_carries_a_named_outage_is_not_named_again() -> None:
 
     refused = requests.ConnectionError("refused")
     outage = raised_from(
-        ServiceUnavailable(Outage("MLflow", "http://127.0.0.1:9", "ConnectionError: refused")), refused
+        ServiceUnavailable(Outage("MLflow", "http://127.0.0.1:9", "ConnectionError: refused"), "retry this flow run"),
+        refused,
     )
 
     @names_unreachable_service(lambda: "run again")
@@ -197,4 +201,109 @@ def test_an_outage_a_child_process_reported_is_named_again_by_its_parent_with_th
     assert not isinstance(failed.value, ServiceUnavailable) and unreachable_service(failed.value) is None
     assert unreachable_service(RunFailed(f"worker failed; its last lines:\n  error: {named.value}")) == Outage(
         "S3", "http://127.0.0.1:9", refused
+    )
+
+
+def _closed_port_url() -> str:
+    """`http://127.0.0.1:PORT` where nothing listens: a port the system handed out and took back."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _failed(call: Callable[[], object]) -> Exception:
+    try:
+        call()
+    except Exception as err:
+        return err
+    raise AssertionError(f"{call} passed")
+
+
+def test_a_prefect_api_that_does_not_answer_is_transient_and_named_with_its_url() -> None:
+    """Prefect's own client at a port nothing listens on: transient, and the outage names the Prefect API at its URL
+    (what PREFECT_API_URL says) with httpx's error, also where Prefect raised a RuntimeError from it that repeats only
+    the URL (its version check before a flow run). A plain request to the API's paths (Prefect's version check uses a
+    client of its own) names it too; one elsewhere names the server."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from vlmops.outages import PREFECT_API
+
+    api = f"{_closed_port_url()}/api"
+    with SyncPrefectClient(api) as client:
+        refused = _failed(client.read_flow_runs)
+    assert isinstance(refused, httpx.ConnectError) and is_transient(refused)
+    outage = unreachable_service(refused)
+    assert outage is not None and (outage.service, outage.url) == (PREFECT_API, api)
+    assert outage.error.startswith("ConnectError: ") and "refused" in outage.error
+    wrapped = raised_from(RuntimeError(f"Failed to reach API at {api}/"), refused)
+    assert is_transient(wrapped) and unreachable_service(wrapped) == outage
+
+    plain = _failed(lambda: httpx.get(f"{api}/admin/version"))
+    assert unreachable_service(plain) == Outage(PREFECT_API, api, outage.error)
+    elsewhere = _failed(lambda: httpx.get(f"{api.removesuffix('/api')}/models/1"))
+    assert unreachable_service(elsewhere) == Outage("the server", api.removesuffix("/api"), outage.error)
+
+    with_login = api.replace("http://", "http://alice:s3cretpassw0rd@")
+    with SyncPrefectClient(with_login) as client:
+        named = unreachable_service(_failed(client.read_flow_runs))
+    assert named is not None and named.url == api.replace("http://", "http://alice:***@")
+
+
+def test_httpx_errors_of_a_server_that_went_away_are_transient_and_its_answers_are_not() -> None:
+    """Real httpx errors: a connection cut before the answer (a proxy that goes down as the request arrives), a read
+    that timed out, a 503 (also as Prefect's PrefectHTTPStatusError) are transient; a 404 and a URL httpx cannot ask
+    (no http) are the same on every try."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from tests.image_server import serving_images
+    from tests.outage_proxy import OutageProxy
+
+    with serving_images() as server:
+        proxy = OutageProxy(server.server_address[1])
+        try:
+            proxy.fail_at(b"/ok.png")
+            cut = _failed(lambda: httpx.get(f"{proxy.url}/ok.png"))
+        finally:
+            proxy.stop()
+        timed_out = _failed(lambda: httpx.get(f"{server.url}/slow.png", timeout=0.2))
+        server.down = True
+        unavailable = _failed(lambda: httpx.get(f"{server.url}/flaky.png").raise_for_status())
+        missing = _failed(lambda: httpx.get(f"{server.url}/missing.png").raise_for_status())
+    assert isinstance(cut, (httpx.RemoteProtocolError, httpx.ReadError)), repr(cut)
+    assert isinstance(timed_out, httpx.ReadTimeout) and isinstance(unavailable, httpx.HTTPStatusError)
+    for transient in (cut, timed_out, unavailable, PrefectHTTPStatusError.from_httpx_error(unavailable)):
+        assert is_transient(transient), repr(transient)
+        assert unreachable_service(transient) is not None
+    for permanent in (missing, _failed(lambda: httpx.get("ftp://127.0.0.1/x"))):
+        assert not is_transient(permanent) and unreachable_service(permanent) is None, repr(permanent)
+
+
+def test_an_outage_the_core_named_is_named_again_with_the_advice_of_the_flow_or_the_command() -> None:
+    """A DVC remote the core named without advice (vlmops.versioning, from the S3 client's error): the flow's error
+    and a command's name it again, with what they say to run and where the remote's URL is set."""
+    import argparse
+
+    from tasks.retry import names_unreachable_service
+    from vlmops.cli.main import naming_outages
+    from vlmops.outages import DVC_REMOTE, Outage, ServiceUnavailable
+
+    refused = 'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:9/dvc"'
+    outage = Outage(DVC_REMOTE, "s3://dvc/store", refused)
+
+    def push() -> int:
+        raise ServiceUnavailable(outage) from botocore.exceptions.EndpointConnectionError(endpoint_url="http://x")
+
+    where = "start it (or fix versioning.remote_url in the config, or the endpoint in AWS_ENDPOINT_URL)"
+    with pytest.raises(ServiceUnavailable) as by_flow:
+        names_unreachable_service(lambda: "retry this flow run")(push)()
+    assert str(by_flow.value) == f"{outage}\n{where}, then retry this flow run"
+    with pytest.raises(ServiceUnavailable) as by_command:
+        naming_outages(lambda args: push(), argparse.Namespace())
+    assert str(by_command.value) == f"{outage}\n{where}, then run the command again"
+    assert isinstance(by_command.value.__cause__, ServiceUnavailable) and by_command.value.outage == outage
+    local = Outage(DVC_REMOTE, "/mnt/dvc", refused)
+    assert "\nstart it (or fix versioning.remote_url in the config), then" in str(ServiceUnavailable(local, "rerun"))
+    prefect = Outage("Prefect API", "http://127.0.0.1:9/api", "ConnectError: [Errno 111] Connection refused")
+    assert str(ServiceUnavailable(prefect, "run the command again")).endswith(
+        "\nstart it (or point PREFECT_API_URL at the server), then run the command again"
     )

@@ -5,7 +5,8 @@ lost. Two registrations at once get two distinct, complete versions. A batch inf
 away (a proxy in front of SeaweedFS stops at the job's second part) fails naming S3, in the flow and in
 `vlmops batch-infer`, and the same job goes on once it is back, every record once; the job's child in the flow names
 the outage without advising its own (temporary) command line. Any other `vlmops` command whose S3 or MLflow goes away
-(`batch-status`, `infer --model models:/...`) names the server too, with exit 1 and no traceback."""
+(`batch-status`, `infer --model models:/...`), or whose Prefect API does not answer (`promote`), names the server too,
+with exit 1 and no traceback. A DVC push whose S3 goes away names the DVC remote."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -173,11 +175,11 @@ def test_mlflow_outage_mid_flow_retries_names_the_server_and_a_rerun_completes(
         assert len(client.list_artifacts(run, "model")) == 3
 
 
-def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_lost(
+def test_s3_outage_mid_flow_retries_names_the_dvc_remote_and_a_rerun_completes_with_nothing_lost(
     prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The DVC remote is a bucket on SeaweedFS; S3 stops between two pushes of one flow run, and comes back on
-    the same address with its data."""
+    the same address with its data. The run names the DVC remote (and, in the S3 client's error, its endpoint)."""
     from contextlib import ExitStack
 
     from prefect import flow
@@ -221,7 +223,10 @@ def test_s3_outage_mid_flow_retries_names_s3_and_a_rerun_completes_with_nothing_
         s3.client().create_bucket(Bucket="dvc")
         state = push_twice(running.close, return_state=True)
     assert state.is_failed()
-    with pytest.raises(ServiceUnavailable, match=rf"(?s)S3 at {s3.endpoint_url} did not answer.*then run it again$"):
+    # The DVC remote is named, with the S3 client's error, which names the endpoint DVC asked (AWS_ENDPOINT_URL).
+    remote = rf"^DVC remote at s3://dvc/store did not answer, after retries: \w+: [^\n]*{re.escape(s3.endpoint_url)}"
+    where = r"\nstart it \(or fix versioning.remote_url in the config, or the endpoint in AWS_ENDPOINT_URL\)"
+    with pytest.raises(ServiceUnavailable, match=rf"(?s){remote}.*{where}, then run it again$"):
         state.result()
     runs = sorted(_task_runs(state.state_details.flow_run_id), key=lambda r: r.expected_start_time)
     assert [(r.state_name, r.run_count) for r in runs] == [("Completed", 1), ("Failed", 3)]  # 2 retries
@@ -459,6 +464,41 @@ def test_batch_status_with_its_s3_down_names_s3_and_says_to_run_it_again(
         err,
     ), err
     assert "Traceback" not in err
+
+
+def test_a_command_whose_prefect_api_does_not_answer_names_it_and_its_url(
+    prefect_harness: None, tmp_path: Path
+) -> None:
+    """`vlmops promote` (a command that starts a flow run) with PREFECT_API_URL at a port nothing listens on, then at a
+    proxy in front of a real Prefect server that goes down as the flow run is created: each names the Prefect API and
+    its URL, says to start it (or point PREFECT_API_URL at it) and run the command again, exit 1. The first was "the
+    server" (read off Prefect's "Failed to reach API at URL"), to fix in the config; the second httpx's traceback."""
+    from prefect.settings import PREFECT_API_URL
+
+    def promote(api_url: str) -> subprocess.CompletedProcess[str]:
+        # Prefect's client retries a cut connection 5 times, 2 to 32 s apart; the command's message is under test.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api_url, "PREFECT_CLIENT_MAX_RETRIES": "0"}
+        command = [sys.executable, "-m", "vlmops.cli", "promote", "--set", f"run.output_dir={tmp_path}"]
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+    proxy = OutageProxy(urlsplit(str(PREFECT_API_URL.value())).port or 0)  # the test harness's server
+    try:
+        proxy.fail_at(b"POST /api/flow_runs/ ")
+        results = {url: promote(url) for url in (nowhere, f"{proxy.url}/api")}
+    finally:
+        proxy.stop()
+    assert proxy.stops == 2  # the outage, then the test's own stop
+    for url, result in results.items():
+        assert re.search(
+            rf"(?m)^error: Prefect API at {re.escape(url)} did not answer, after retries: \w+: [^\n]+\n"
+            r"start it \(or point PREFECT_API_URL at the server\), then run the command again\n\Z",
+            result.stderr,
+        ), result.stderr[-3000:]
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
 
 
 def test_a_registered_model_whose_mlflow_goes_away_mid_download_names_mlflow(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import threading
 from pathlib import Path
 
@@ -84,3 +86,47 @@ def test_the_cache_links_the_tracked_files_instead_of_copying_them(tmp_path: Pat
     md5 = hashlib.md5(weights.read_bytes(), usedforsecurity=False).hexdigest()
     assert weights.samefile(cache_object_path(tmp_path / "ws" / ".dvc" / "cache", md5))
     assert not weights.samefile(cache_object_path(tmp_path / "remote", md5))  # the shared store's own copy
+
+
+def test_an_s3_remote_that_does_not_answer_is_named_and_a_retry_may_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push and a pull with the DVC remote's S3 endpoint at a port nothing listens on: each raises
+    `ServiceUnavailable` naming the DVC remote and its URL, with the S3 client's error (which names the endpoint), and a
+    retry may pass. The pull's DVC error was only "1 files failed to download" (not even transient): DVC logs why."""
+    from vlmops.outages import DVC_REMOTE, ServiceUnavailable, is_transient, unreachable_service
+    from vlmops.versioning import pull_tracked
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "vlmops-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "vlmops-test-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the S3 client's own retries, 20-40 s of them, are not under test
+    data = tmp_path / "ws" / "dataset"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text('{"a": 1}\n')
+    refused = rf'EndpointConnectionError: Could not connect to the endpoint URL: "{re.escape(endpoint)}/dvc\S*"$'
+
+    with pytest.raises(ServiceUnavailable, match=rf"^DVC remote at s3://dvc/store did not answer, .*{refused}") as push:
+        DvcStore(tmp_path / "ws", "s3", "s3://dvc/store").track(data)
+    with pytest.raises(ServiceUnavailable, match=rf"^DVC remote at s3://dvc/store did not answer, .*{refused}") as pull:
+        pull_tracked("d41d8cd98f00b204e9800998ecf8427e.dir", "model", "s3://dvc/store", tmp_path / "pulled")
+    for raised in (push.value, pull.value):
+        assert raised.then is None  # the command or the flow around it says what to run
+        assert is_transient(raised)
+        assert unreachable_service(raised) == raised.outage
+        assert raised.service == DVC_REMOTE and raised.url == "s3://dvc/store"
+
+
+def test_a_remote_that_answers_with_an_error_of_its_own_is_no_outage(tmp_path: Path) -> None:
+    """A pull of an object the (local) remote does not have is no outage: DVC's own error, as before."""
+    from vlmops.outages import ServiceUnavailable
+    from vlmops.versioning import DvcPullError, pull_tracked
+
+    (tmp_path / "remote").mkdir()
+    with pytest.raises(DvcPullError) as raised:
+        pull_tracked("d41d8cd98f00b204e9800998ecf8427e.dir", "model", str(tmp_path / "remote"), tmp_path / "pulled")
+    assert not isinstance(raised.value, ServiceUnavailable)

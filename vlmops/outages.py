@@ -5,12 +5,15 @@ A retry is worth it only when the same call can succeed a moment later. An unkno
 snapshot, a bad config or a full disk fail the same way every time: retrying them only delays the error
 (and, for a step that is not idempotent, repeats its side effects).
 
-`ServiceUnavailable` is the error that names the server (S3, MLflow, Prefect) and its URL, and says what to run once
-it is back. Who raises it gives that advice: a flow (tasks.retry.names_unreachable_service) or a command
-(`vlmops batch-infer`; for any other, `vlmops` itself: vlmops.cli.main). No Prefect here: the command and the flows
-share it. A child process (a batch job's worker, the `vlmops batch-infer` a flow runs) says which server it could not
-reach in its last lines, which the error its parent raises quotes: `unreachable_service` reads the outage back off
-them. A `vlmops` command run so gives no advice of its own (`PARENT_ADVISES_ENV`).
+`ServiceUnavailable` is the error that names the server (S3, MLflow, the Prefect API, a DVC remote) and its URL, and
+says what to run once it is back. Who raises it gives that advice: a flow (tasks.retry.names_unreachable_service) or a
+command (`vlmops batch-infer`; for any other, `vlmops` itself: vlmops.cli.main). No Prefect here: the command and the
+flows share it; the Prefect API is known by its client's requests (httpx, a plain library, with Prefect's user agent).
+Core code that knows better than the client's error which service it talked to (vlmops.versioning: the DVC remote,
+whose push and pull report only a count of failed files) raises a `ServiceUnavailable` without advice, which the
+command or flow around it names again with its own. So does a child process (a batch job's worker, the
+`vlmops batch-infer` a flow runs), in its last lines, which the error its parent raises quotes: `unreachable_service`
+reads the outage back off them. A `vlmops` command run so gives no advice of its own (`PARENT_ADVISES_ENV`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from vlmops.errors import RunFailed
 from vlmops.redact import redact_uri
@@ -78,6 +82,7 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
 
 def _transient_alone(exc: BaseException) -> bool:
     import botocore.exceptions as botocore
+    import httpx
     import requests
     import urllib3.exceptions as urllib3
     from mlflow.exceptions import RestException
@@ -89,6 +94,11 @@ def _transient_alone(exc: BaseException) -> bool:
     if isinstance(exc, requests.HTTPError):
         return exc.response is not None and _retryable_status(exc.response.status_code)
     if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):  # the Prefect API's client (PrefectHTTPStatusError too)
+        return _retryable_status(exc.response.status_code)
+    # A refused or cut connection, a timeout, a server gone before it answered; not a bad URL (UnsupportedProtocol).
+    if isinstance(exc, (httpx.NetworkError, httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ProxyError)):
         return True
     if isinstance(exc, (urllib3.ProtocolError, urllib3.TimeoutError, urllib3.NewConnectionError)):
         return True
@@ -123,23 +133,41 @@ class Outage:
 
 
 _DID_NOT_ANSWER = "did not answer, after retries: "
+PREFECT_API = "Prefect API"
+DVC_REMOTE = "DVC remote"
 # An outage as `Outage.__str__` writes it, wherever it stands in a line: after `error: ` (a vlmops command's last
 # words), after a traceback's exception type, indented in an error that quotes a child's last lines.
-_REPORTED = re.compile(rf"\b(S3|MLflow|Prefect|the server) at (\S+) {re.escape(_DID_NOT_ANSWER)}([^\n]*)")
+_REPORTED = re.compile(
+    rf"\b(S3|MLflow|{PREFECT_API}|{DVC_REMOTE}|the server) at (\S+) {re.escape(_DID_NOT_ANSWER)}([^\n]*)"
+)
 
 
 class ServiceUnavailable(RunFailed):
     """A server the pipeline needs did not answer, after the retries; names it and its URL, and what to run when it is
     back (`then`: what that reuses; a flow's, see tasks.retry.names_unreachable_service, or a command's). None: the
-    process that raises it is not the one a person ran (a batch job's worker); the one that started it names the
-    outage again from its output (`unreachable_service`), with its own advice."""
+    code that raises it does not know what a person ran (a batch job's worker, vlmops.versioning); the command or flow
+    around it names the outage again (`unreachable_service`), from the error or from the process's output, with its
+    own advice."""
 
     def __init__(self, outage: Outage, then: str | None = None):
         self.outage = outage
         self.service = outage.service
         self.url = outage.url
-        advice = f"\nstart it (or fix its URL in the config), then {then}" if then else ""
+        self.then = then
+        advice = f"\nstart it (or {_fix_its_url(outage)}), then {then}" if then else ""
         super().__init__(f"{outage}{advice}")
+
+
+def _fix_its_url(outage: Outage) -> str:
+    """Where the URL of the server that did not answer is set."""
+    if outage.service == PREFECT_API:
+        return "point PREFECT_API_URL at the server"
+    if outage.service == DVC_REMOTE and outage.url.startswith("s3://"):
+        # DVC's S3 client reads its endpoint from the environment, not from storage.endpoint_url.
+        return "fix versioning.remote_url in the config, or the endpoint in AWS_ENDPOINT_URL"
+    if outage.service == DVC_REMOTE:
+        return "fix versioning.remote_url in the config"
+    return "fix its URL in the config"
 
 
 PARENT_ADVISES_ENV = "VLMOPS_PARENT_ADVISES"
@@ -158,10 +186,14 @@ _URL = re.compile(r"https?://[^\s'\"<>)]+")
 
 
 def unreachable_service(exc: BaseException) -> Outage | None:
-    """The server a failure could not reach, read off the exception chain: a transient error's request, or an outage a
-    child process reported in the last lines its parent's error quotes (a `vlmops batch-infer` the batch-inference
-    flow ran, a batch job's worker); None when `exc` is neither or names no server."""
+    """The server a failure could not reach, read off the exception chain: an outage named already (the core's
+    `ServiceUnavailable` without advice: a DVC remote), a transient error's request, or an outage a child process
+    reported in the last lines its parent's error quotes (a `vlmops batch-infer` the batch-inference flow ran, a batch
+    job's worker); None when `exc` is none of these or names no server."""
     chain = list(exception_chain(exc))
+    named = [e for e in chain if isinstance(e, ServiceUnavailable)]
+    if named:  # by the code that met it (it may have named it better than the client's error), or a flow it ran
+        return named[0].outage
     if not is_transient(exc):
         reported = [found for e in chain for found in _REPORTED.finditer(str(e))]
         if not reported:
@@ -169,11 +201,11 @@ def unreachable_service(exc: BaseException) -> Outage | None:
         service, url, error = reported[-1].groups()  # the child's last words
         return Outage(service, url, error)
     import botocore.exceptions as botocore
+    import httpx
     import requests
     import urllib3.exceptions as urllib3
 
-    # On one line: a child process's parent reads it back from the child's last lines.
-    error = f"{type(exc).__name__}: {' '.join(redact_uri(str(exc)).split())[:500]}"
+    error = one_line(exc)
     # The request that failed first (the URL it asked for says which service); a URL in a message only where no
     # request is in the chain: a message may name a server with no path (vlmops' "not found in the registry at
     # http://host:5000"), which says nothing of which service it is.
@@ -181,21 +213,57 @@ def unreachable_service(exc: BaseException) -> Outage | None:
         if isinstance(e, botocore.BotoCoreError) and "endpoint_url" in getattr(e, "kwargs", {}):
             return Outage("S3", _base(str(e.kwargs["endpoint_url"])), error)
         if isinstance(e, requests.RequestException) and e.request is not None and e.request.url:
-            return Outage(_service_of(e.request.url), _base(e.request.url), error)
+            return _outage_at(e.request.url, error)
+        if isinstance(e, (httpx.RequestError, httpx.HTTPStatusError)) and (request := _httpx_request(e)) is not None:
+            # Prefect's client raises httpx's errors as they are, or from a RuntimeError that only repeats the URL
+            # ("Failed to reach API at ..."): httpx's says why (refused, timed out, cut).
+            prefect = request.headers.get("user-agent", "").startswith("prefect/")
+            return _outage_at(str(request.url), error if e is exc else one_line(e), PREFECT_API if prefect else None)
         if isinstance(e, urllib3.MaxRetryError) and e.pool is not None:
             url = f"{e.pool.scheme}://{e.pool.host}:{e.pool.port}{e.url or ''}"
-            return Outage(_service_of(url), _base(url), error)
+            return _outage_at(url, error)
     for e in chain:
         if (found := _URL.search(str(e))) is not None:
-            return Outage(_service_of(found.group(0)), _base(found.group(0)), error)
+            return _outage_at(found.group(0), error)
     return None
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: message` of an error, on one line (a child process's parent reads it back from its last lines), with
+    passwords masked."""
+    return f"{type(exc).__name__}: {' '.join(redact_uri(str(exc)).split())[:500]}"
+
+
+def _httpx_request(exc: Exception) -> Any:
+    """The request an httpx error was raised for, None where it has none (`.request` raises then)."""
+    try:
+        return exc.request  # type: ignore[attr-defined]
+    except RuntimeError:
+        return None
+
+
+def _outage_at(url: str, error: str, service: str | None = None) -> Outage:
+    """The outage of the service a request to `url` went to: named by its base URL; the Prefect API by its own
+    (`.../api`, what PREFECT_API_URL says)."""
+    service = service or _service_of(url)
+    if service == PREFECT_API and (api := re.match(r"[a-z][a-z0-9+.-]*://[^/?#]+(?:/[^?#]*?)?/api(?=[/?#]|$)", url)):
+        return Outage(service, redact_uri(api.group(0)), error)
+    return Outage(service, _base(url), error)
+
+
+# The Prefect API's paths (after its `/api`) that a client without Prefect's user agent asks for: Prefect's version
+# check (a plain httpx client), a script's requests to the flow runs.
+_PREFECT_PATHS = re.compile(
+    r"/api/(?:admin|health|csrf-token|flows|flow_runs|task_runs|deployments|work_pools|work_queues|logs|artifacts"
+    r"|concurrency_limits|v2/concurrency_limits|variables|events|block_\w+)\b"
+)
 
 
 def _service_of(url: str) -> str:
     if "/mlflow" in url or "/ajax-api/" in url or "mlflow-artifacts" in url:
         return "MLflow"
-    if "/api/" in url and ("flow_runs" in url or "task_runs" in url or "prefect" in url):
-        return "Prefect"
+    if _PREFECT_PATHS.search(url):
+        return PREFECT_API
     return "the server"
 
 

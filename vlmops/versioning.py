@@ -3,6 +3,9 @@
 DVC commands in one repository must not overlap (they fail on the repo lock), so every operation holds
 a file lock beside the repository for its whole duration; two pipeline runs on one machine queue up.
 
+A remote that does not answer (an S3 endpoint down) is named as such: `ServiceUnavailable` of the DVC remote, from the
+S3 client's error, which a retry may fix (`remote_outages_named`).
+
 A model is stored once in the shared store: the DVC remote. The repository's cache links its files into the
 workspace (hardlinks, so a tracked folder and its cache entry are the same bytes on disk), and the registry
 points at the pushed copy through a small pointer (`write_pointer`) that `checkout_pointer` pulls back.
@@ -14,6 +17,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ from typing import Any
 import yaml
 
 from vlmops.errors import RunFailed, UserInputError
+from vlmops.outages import DVC_REMOTE, Outage, ServiceUnavailable, is_transient, one_line
 from vlmops.redact import redact_uri
 from vlmops.staging import held_lock
 
@@ -79,7 +85,11 @@ class DvcStore:
         return Repo(str(self.root))
 
     def track(self, path: str | os.PathLike[str]) -> DvcVersion:
-        """`dvc add` then `dvc push` one folder or file inside the repository."""
+        """`dvc add` then `dvc push` one folder or file inside the repository.
+
+        Raises:
+            ServiceUnavailable: the remote did not answer (a retry pushes what is missing).
+        """
         target = Path(path).resolve()
         if not target.is_relative_to(self.root):
             raise ValueError(
@@ -91,9 +101,10 @@ class DvcStore:
             try:
                 repo.add([str(target)])
                 dvc_file = target.with_name(target.name + ".dvc")
-                repo.push(targets=[str(dvc_file)], remote=self.remote_name)
-                # The pointer registered later must name a complete copy: check the remote has every object.
-                missing = repo.status(targets=[str(dvc_file)], cloud=True, remote=self.remote_name)
+                with remote_outages_named(self.remote_url):
+                    repo.push(targets=[str(dvc_file)], remote=self.remote_name)
+                    # The pointer registered later must name a complete copy: check the remote has every object.
+                    missing = repo.status(targets=[str(dvc_file)], cloud=True, remote=self.remote_name)
             finally:
                 repo.close()
         if missing:
@@ -148,6 +159,7 @@ def checkout_pointer(pointer: Path, dest: Path) -> Path:
     Raises:
         ValueError: the pointer file is not one `write_pointer` wrote.
         DvcPullError: the remote's copy is missing or fails its hash check.
+        ServiceUnavailable: the remote did not answer.
     """
     try:
         record = json.loads(pointer.read_text())
@@ -176,6 +188,7 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
     Raises:
         UserInputError: `dest/<name>` exists already.
         DvcPullError: the remote's copy is missing or fails its hash check.
+        ServiceUnavailable: the remote did not answer.
     """
     if (dest / name).exists():
         raise UserInputError(f"{dest / name} exists already: remove it or pull into an empty folder")
@@ -206,7 +219,8 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     repo = Repo(str(dest))
     try:
         log.info("DVC: pulling %s (%s) from %s", name, md5, remote_url)
-        repo.pull(targets=[str(dvc_file)], remote="origin")
+        with remote_outages_named(remote_url):
+            repo.pull(targets=[str(dvc_file)], remote="origin")
     except CheckoutError as err:
         raise DvcPullError(
             f"DVC could not restore {name} ({md5}) from {remote_url}: the remote's copy is missing or damaged "
@@ -216,6 +230,52 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     finally:
         repo.close()
     return dvc_file
+
+
+# Where DVC logs why a file did not move: its push and pull then raise only how many did not (UploadError,
+# DownloadError), and a remote it could not reach at all is logged, not raised ("failed to connect to s3").
+DVC_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
+
+
+@contextmanager
+def remote_outages_named(remote_url: str) -> Iterator[None]:
+    """Around DVC's calls to the remote at `remote_url`: a failure caused by the remote not answering (its S3 endpoint
+    down, a connection cut, 5xx) is raised as `ServiceUnavailable` of the DVC remote, from the client's error, without
+    advice (the command or flow around it gives that); any other failure as it was.
+
+    The client's error is the one raised, or, where DVC raised only a count of failed files, the last one DVC logged
+    while it ran (it logs each with its traceback, then goes on with the other files).
+
+    Raises:
+        ServiceUnavailable: the remote did not answer; a retry may pass (`is_transient`).
+    """
+    logged = _LoggedErrors()
+    loggers = [logging.getLogger(name) for name in DVC_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(logged)
+    try:
+        yield
+    except Exception as err:
+        causes = [err, *reversed(logged.errors)]  # what was raised, then the last file's error first
+        cause = next((e for e in causes if is_transient(e)), None)
+        if cause is None:
+            raise
+        raise ServiceUnavailable(Outage(DVC_REMOTE, redact_uri(remote_url), one_line(cause))) from cause
+    finally:
+        for logger in loggers:
+            logger.removeHandler(logged)
+
+
+class _LoggedErrors(logging.Handler):
+    """Keeps the exceptions logged with a record (`exc_info`) at ERROR or above, in the order they came."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
 
 
 def cache_object_path(remote_dir: Path, md5: str) -> Path:

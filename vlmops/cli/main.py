@@ -130,13 +130,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def naming_outages(handler: Handler, args: argparse.Namespace) -> int:
-    """`handler(args)`; a client's own error (botocore's, requests', MLflow's) of a server that did not answer, after
-    the client's retries, raised again as `ServiceUnavailable`: the service and its URL rather than a traceback of the
-    client's internals, exit 1 (a failed run that a rerun may pass; a ValueError raised from the outage is no bad
-    input, exit 2). An error of vlmops' own says what failed and what to do already (`vlmops batch-infer` names an
-    outage with its own advice, a registry lookup says the registry could not be reached)."""
+    """`handler(args)`; a client's own error (botocore's, requests', MLflow's, httpx's for the Prefect API) of a server
+    that did not answer, after the client's retries, raised again as `ServiceUnavailable`: the service and its URL
+    rather than a traceback of the client's internals, exit 1 (a failed run that a rerun may pass; a ValueError raised
+    from the outage is no bad input, exit 2). So is an outage the core named without advice (a DVC remote). An error
+    of vlmops' own says what failed and what to do already (`vlmops batch-infer` names an outage with its own advice,
+    a registry lookup says the registry could not be reached)."""
     try:
         return handler(args)
+    except ServiceUnavailable as err:
+        if err.then:
+            raise
+        raise ServiceUnavailable(err.outage, rerun_advice(RUN_AGAIN)) from err
     except VlmopsError:
         raise
     except Exception as err:
