@@ -51,6 +51,7 @@ from vlmops.config import InferConfig
 from vlmops.errors import UserInputError
 from vlmops.infer.engine import GenerationRequest, GenerationResult, refuse_context_without_room
 from vlmops.infer.fast_decode import StaticDecoder
+from vlmops.infer.fast_memory import GIB, fit_slots, slot_pick_bytes
 from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS, prefetched
 from vlmops.infer.sampling import TokenSelector
@@ -64,7 +65,6 @@ from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 # Below this many free slots (and while other rows still decode) prefill waits for more to free up.
 MIN_REFILL_SHARE = 8
 # With prefill graphs, prompt batches are right-padded to a multiple of this many tokens (at most ~5% more prefill
@@ -283,7 +283,18 @@ class FastEngine:
         selector = TokenSelector(
             infer_cfg, suppress_token=tokenizer.eos_token_id if ignore_eos else None, compile=compile_step
         )
-        slots = self._fit_slots(max_batch, memory_gib, prefill_graphs, _pick_bytes(selector, self.model, max_context))
+        pick_bytes = slot_pick_bytes(selector, self.model, max_context)
+        slots = fit_slots(
+            self.model,
+            self.device,
+            self.dtype,
+            self.max_context,
+            self.prefill_batch,
+            max_batch,
+            memory_gib,
+            prefill_graphs,
+            pick_bytes,
+        )
         log.info(
             "FastEngine: %s of %d tokens (K/V cache %.1f GiB)",
             counted(slots, "slot"),
@@ -334,48 +345,6 @@ class FastEngine:
         # collector's next full pass, and the next engine would size itself to what that left free.
         vlm = self.model.model
         self.vision = VisionGraphs(lambda pixels: image_features(vlm, pixels), on_cuda and vision_graphs)
-
-    def _fit_slots(
-        self, max_batch: int, memory_gib: float | None, prefill_graphs: bool = False, pick_bytes: int = 0
-    ) -> int:
-        """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set;
-        `pick_bytes`: what each slot's row takes beside its K/V when tokens are sampled or penalised."""
-        if self.device.type != "cuda":
-            return max_batch
-        if memory_gib is None:
-            # No budget given: 90% of what the card has (free + this process's own), never the whole card,
-            # or a prefill after the cache is allocated runs out of memory (a 7b's 128 slots of 2048 tokens
-            # alone take 125 GiB).
-            free, _total = torch.cuda.mem_get_info(self.device)
-            memory_gib = 0.9 * (free + torch.cuda.memory_allocated(self.device)) / GIB
-        per_slot = StaticDecoder.bytes_per_slot(self.model, self.max_context) + pick_bytes
-        config = self.model.model.language_model.config
-        element = self.dtype.itemsize
-        # A prefill batch holds its own K/V (transformers' cache, until copied into the slots), the hidden
-        # states and MLP activations of every token, and the vision towers' activations; 2 GiB covers the
-        # towers, the step's logits and allocator slack.
-        prefill_tokens = self.prefill_batch * self.max_context
-        activations = prefill_tokens * (6 * config.hidden_size + 3 * config.intermediate_size) * element
-        reserve = per_slot // self.max_context * prefill_tokens + activations + 2 * GIB
-        if prefill_graphs:  # the graphs' static input: a prefill batch's embeddings at max_context
-            reserve += prefill_tokens * config.hidden_size * element
-        high_res = getattr(self.model.config, "high_res_vision_config", None)
-        if high_res is not None:
-            # The 7b's SAM tower materialises a relative-position bias of heads x tokens^2 per image in its
-            # global-attention layers (4096 tokens at 1024 px): ~0.4 GiB per image in bf16, twice while built.
-            tokens = (high_res.image_size // high_res.patch_size) ** 2
-            reserve += 2 * self.prefill_batch * high_res.num_attention_heads * tokens**2 * element
-        used = torch.cuda.memory_allocated(self.device)
-        fit = int((memory_gib * GIB - used - reserve) // per_slot)
-        if fit < 1:
-            raise UserInputError(
-                f"memory_gib={memory_gib} leaves no room for the KV cache: the model takes {used / GIB:.1f} GiB, "
-                f"prefill needs ~{reserve / GIB:.1f} GiB and one slot of {self.max_context} tokens "
-                f"{per_slot / GIB:.2f} GiB; raise memory_gib or lower max_context or prefill_batch"
-            )
-        if fit < max_batch:
-            log.info("memory_gib=%s fits %d of %d slots", memory_gib, fit, max_batch)
-        return min(max_batch, fit)
 
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
         """One result per request, finished rows first; pulls `requests` a bounded look-ahead at a time."""
@@ -681,21 +650,6 @@ class FastEngine:
         if len(row.tokens) >= self.max_new_tokens:
             return GenerationResult(row.key, row.tokens, "length")
         return None
-
-
-# Bytes per vocabulary entry of a decode step's row while the processors and the draw run (float32 scores, top-p's
-# sorted values and int64 indices, its softmax and cumsum, masks, the noise): on an H200 the 1.3b's call of 768 rows
-# peaked 5.1 GiB higher sampled (temperature, top-p) than greedy, ~69 bytes a score.
-PICK_BYTES_PER_SCORE = 72
-
-
-def _pick_bytes(selector: TokenSelector, model: Any, max_context: int) -> int:
-    """Memory a slot's row needs beside its K/V to pick its tokens: nothing for plain greedy; the processors' and the
-    draw's working set over the vocabulary, and the ids seen (repetition penalty), otherwise."""
-    if selector.plain_greedy:
-        return 0
-    vocab = int(model.lm_head.weight.shape[0])
-    return PICK_BYTES_PER_SCORE * vocab + (max_context * 8 if selector.needs_history else 0)
 
 
 def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
