@@ -52,8 +52,9 @@ from vlmops.errors import UserInputError
 from vlmops.infer.engine import GenerationRequest, GenerationResult, refuse_context_without_room
 from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.fast_memory import GIB, fit_slots, slot_pick_bytes
+from vlmops.infer.fast_requests import Prepared, prepared_requests
 from vlmops.infer.generation import model_dtype
-from vlmops.infer.prefetch import HOST_THREADS, prefetched
+from vlmops.infer.prefetch import HOST_THREADS
 from vlmops.infer.sampling import TokenSelector
 from vlmops.models.compile_cache import describe_compile_cache
 from vlmops.models.loading import LoadedModel
@@ -91,12 +92,6 @@ class EngineStats:
 
 
 @dataclass
-class _Prepared:
-    request: GenerationRequest
-    pixels: dict[str, torch.Tensor]
-
-
-@dataclass
 class _Row:
     key: Any
     prompt_length: int
@@ -125,7 +120,7 @@ class _Pending:
     """A prefill launched and not yet joined: its prompts, their slots, the first tokens (on the device) and, when
     it runs on its own stream, the event that marks it done. Its rows start decoding when it is joined."""
 
-    group: list[_Prepared]
+    group: list[Prepared]
     slots: list[int]
     lengths: list[int]
     tokens: torch.Tensor
@@ -362,7 +357,7 @@ class FastEngine:
             self._switch_interval(),
             ThreadPoolExecutor(self.image_workers, thread_name_prefix="fast-engine-images") as pool,
         ):
-            waiting = self._prepared(requests, pool)
+            waiting = prepared_requests(self, requests, pool)
             free = list(range(self.slots))
             rows: dict[int, _Row] = {}
             if self.decode_stream is None or self.prefill_stream is None:
@@ -388,9 +383,7 @@ class FastEngine:
         finally:
             sys.setswitchinterval(previous)
 
-    def _serve(
-        self, waiting: Iterator[_Prepared], free: list[int], rows: dict[int, _Row]
-    ) -> Iterator[GenerationResult]:
+    def _serve(self, waiting: Iterator[Prepared], free: list[int], rows: dict[int, _Row]) -> Iterator[GenerationResult]:
         """Prefill waiting prompts into free slots and decode the rows until both run out."""
         exhausted = False
         # Prefills launched and not yet joined, oldest first. Beside decoding (`overlap_prefill`): at most one, joined
@@ -424,52 +417,12 @@ class FastEngine:
             for launched in pending:
                 launched.waited = True
 
-    def _prepared(self, requests: Iterable[GenerationRequest], pool: ThreadPoolExecutor) -> Iterator[_Prepared]:
-        """Requests with their pixel tensors, preprocessed by `pool` up to a bounded look-ahead."""
-        checked = (self._check(request) for request in requests)
-        ahead = max(2 * self.slots, 2 * self.prefill_batch)
-        for future in prefetched(pool, self._preprocess, checked, ahead):
-            start = time.perf_counter()
-            prepared = future.result()
-            self.stats.image_wait_s += time.perf_counter() - start
-            yield prepared
-
-    def _check(self, request: GenerationRequest) -> GenerationRequest:
-        length = len(request.prompt_ids)
-        if length == 0:
-            raise UserInputError(f"request {request.key!r} has an empty prompt")
-        if length + self.max_new_tokens > self.max_context:
-            raise UserInputError(
-                f"request {request.key!r}: {length} prompt tokens + max_new_tokens {self.max_new_tokens} exceed "
-                f"the engine's max_context {self.max_context}; raise max_context or shorten the prompt"
-            )
-        image_tokens = sum(1 for token in request.prompt_ids if token == self.image_token_id)
-        if image_tokens != len(request.images) * self.num_image_tokens:
-            images = counted(len(request.images), "image")
-            raise UserInputError(
-                f"request {request.key!r} has {counted(image_tokens, 'image token')} for {images} "
-                f"({self.num_image_tokens} per image); encode the prompt with vlmops.models.template.encode"
-            )
-        return request
-
-    def _preprocess(self, request: GenerationRequest) -> _Prepared:
-        if not request.images:
-            return _Prepared(request, {})
-        if self.device_pixels is not None:  # uint8: rescale and normalise happen on the device
-            pixels = self.device_pixels.host(request.images)
-        else:
-            features = self.loaded.processor.image_processor(request.images, return_tensors="pt")
-            pixels = {name: value.to(self.dtype) for name, value in features.items()}
-        if self.device.type == "cuda":
-            pixels = {name: value.pin_memory() for name, value in pixels.items()}
-        return _Prepared(request, pixels)
-
     def _decoding(self) -> contextlib.AbstractContextManager[Any]:
         """Where the decoding rows' GPU work runs: the decode stream beside overlapped prefills, else the current
         stream. Entered around each piece of work, never across a `yield`."""
         return torch.cuda.stream(self.decode_stream) if self.decode_stream is not None else contextlib.nullcontext()
 
-    def _launch(self, group: list[_Prepared], slots: list[int]) -> _Pending:
+    def _launch(self, group: list[Prepared], slots: list[int]) -> _Pending:
         """Start prefilling `group` into `slots`: on the prefill stream (after what the decoding stream has queued:
         the slots' last steps) when prefills overlap decoding, else where the engine runs."""
         start = time.perf_counter()
@@ -509,7 +462,7 @@ class FastEngine:
         yield from self._admit(group, slots, first, rows, free)
 
     def _admit(
-        self, group: list[_Prepared], slots: list[int], first: list[int], rows: dict[int, _Row], free: list[int]
+        self, group: list[Prepared], slots: list[int], first: list[int], rows: dict[int, _Row], free: list[int]
     ) -> Iterator[GenerationResult]:
         """Rows for `group` in `slots`, from their first tokens; a row whose first token already ends it is answered
         and freed."""
@@ -525,7 +478,7 @@ class FastEngine:
             self.decoder.set_active([slot in rows for slot in range(self.slots)])
 
     @torch.no_grad()
-    def _prefill(self, group: list[_Prepared], slots: list[int]) -> _Pending:
+    def _prefill(self, group: list[Prepared], slots: list[int]) -> _Pending:
         """Run the VLM over `group` (right-padded), each row's K/V into its slot; the first tokens, not yet read back.
         Nothing here makes the host wait for the GPU, so decoding steps can be queued while it runs."""
         lengths = [len(item.request.prompt_ids) for item in group]
