@@ -35,15 +35,12 @@ same answer whatever else shares its batch.
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -52,7 +49,8 @@ from vlmops.errors import UserInputError
 from vlmops.infer.engine import GenerationRequest, GenerationResult, refuse_context_without_room
 from vlmops.infer.fast_decode import StaticDecoder
 from vlmops.infer.fast_memory import GIB, fit_slots, slot_pick_bytes
-from vlmops.infer.fast_requests import Prepared, prepared_requests
+from vlmops.infer.fast_requests import prepared_requests
+from vlmops.infer.fast_serving import Row, Window, serve
 from vlmops.infer.generation import model_dtype
 from vlmops.infer.prefetch import HOST_THREADS
 from vlmops.infer.sampling import TokenSelector
@@ -89,48 +87,6 @@ class EngineStats:
     prefill_calls: int = 0
     image_wait_s: float = 0.0
     first_prefill_s: float | None = None
-
-
-@dataclass
-class _Row:
-    key: Any
-    prompt_length: int
-    tokens: list[int] = field(default_factory=list)
-    ahead: int = 0  # decode steps launched for the row whose tokens are not read yet
-
-
-@dataclass
-class _Window:
-    """Decode steps launched and not yet read: the rows they stepped (slot, row) and their tokens [steps, rows],
-    on the device or being copied to pinned host memory until `done`."""
-
-    rows: list[tuple[int, _Row]]
-    tokens: torch.Tensor
-    done: torch.cuda.Event | None
-
-    def read(self) -> list[list[int]]:
-        """The tokens, each step a list over the slots: waits for the GPU."""
-        if self.done is not None:
-            self.done.synchronize()
-        return self.tokens.tolist()
-
-
-@dataclass
-class _Pending:
-    """A prefill launched and not yet joined: its prompts, their slots, the first tokens (on the device) and, when
-    it runs on its own stream, the event that marks it done. Its rows start decoding when it is joined."""
-
-    group: list[Prepared]
-    slots: list[int]
-    lengths: list[int]
-    tokens: torch.Tensor
-    done: torch.cuda.Event | None = None
-    waited: bool = False  # a decoding window ran since the launch
-
-    def ready(self) -> bool:
-        """Done on the GPU; without a stream of its own (CPU), after one decoding window: the order in which an
-        overlapped prefill's rows join on a GPU, so that CPU tests run the same interleaving."""
-        return bool(self.done.query()) if self.done is not None else self.waited
 
 
 class FastEngine:
@@ -245,7 +201,7 @@ class FastEngine:
         self.switch_interval = switch_interval
         self.decode_window = decode_window
         self.lookahead = lookahead
-        self._in_flight: _Window | None = None  # with lookahead, the window launched and not read yet
+        self._in_flight: Window | None = None  # with lookahead, the window launched and not read yet
         self.loaded = loaded
         self.model = loaded.model
         # A peft wrapper passes lm_head and model through to the model it wraps: its class tells it apart.
@@ -359,14 +315,14 @@ class FastEngine:
         ):
             waiting = prepared_requests(self, requests, pool)
             free = list(range(self.slots))
-            rows: dict[int, _Row] = {}
+            rows: dict[int, Row] = {}
             if self.decode_stream is None or self.prefill_stream is None:
-                yield from self._serve(waiting, free, rows)
+                yield from serve(self, waiting, free, rows)
                 return
             current = torch.cuda.current_stream(self.device)
             self.decode_stream.wait_stream(current)  # after what was queued before (the weights, the cache)
             try:
-                yield from self._serve(waiting, free, rows)
+                yield from serve(self, waiting, free, rows)
             finally:  # what comes after (a new engine reusing the cache's memory) waits for both streams' work
                 current.wait_stream(self.decode_stream)
                 current.wait_stream(self.prefill_stream)
@@ -382,232 +338,3 @@ class FastEngine:
             yield
         finally:
             sys.setswitchinterval(previous)
-
-    def _serve(self, waiting: Iterator[Prepared], free: list[int], rows: dict[int, _Row]) -> Iterator[GenerationResult]:
-        """Prefill waiting prompts into free slots and decode the rows until both run out."""
-        exhausted = False
-        # Prefills launched and not yet joined, oldest first. Beside decoding (`overlap_prefill`): at most one, joined
-        # once done. Otherwise as many as the free slots take, queued back to back on one stream and joined before the
-        # next decoding step: a join reads the first tokens back (the first join waits for all the queued prefills), so
-        # joining each prefill before launching the next left the GPU idle while the host built the next.
-        pending: list[_Pending] = []
-        while True:
-            if self.overlap_prefill and pending and (not rows or pending[0].ready()):
-                yield from self._join([pending.pop(0)], rows, free)
-            may_launch = not exhausted and not (self.overlap_prefill and pending)
-            # min_refill spares decoding rows a prefill for a few slots; with none decoding yet, fill every slot (a
-            # first prefill of `first_prefill` otherwise left the last few empty until the rows finished).
-            if may_launch and len(free) >= (self.min_refill if rows else 1):
-                size = self.prefill_batch if rows or pending else self.first_prefill  # the GPU idle: start it
-                group = list(itertools.islice(waiting, min(len(free), size)))
-                exhausted = not group
-                if group:
-                    slots = [heapq.heappop(free) for _ in group]
-                    pending.append(self._launch(group, slots))
-                    continue
-            if pending and not self.overlap_prefill:
-                joined, pending = pending, []
-                yield from self._join(joined, rows, free)
-                continue  # rows that stopped at their first token freed slots: refill them before decoding
-            if not rows:
-                if exhausted and not pending:
-                    return
-                continue
-            yield from self._decode(rows, free)
-            for launched in pending:
-                launched.waited = True
-
-    def _decoding(self) -> contextlib.AbstractContextManager[Any]:
-        """Where the decoding rows' GPU work runs: the decode stream beside overlapped prefills, else the current
-        stream. Entered around each piece of work, never across a `yield`."""
-        return torch.cuda.stream(self.decode_stream) if self.decode_stream is not None else contextlib.nullcontext()
-
-    def _launch(self, group: list[Prepared], slots: list[int]) -> _Pending:
-        """Start prefilling `group` into `slots`: on the prefill stream (after what the decoding stream has queued:
-        the slots' last steps) when prefills overlap decoding, else where the engine runs."""
-        start = time.perf_counter()
-        if self.stats.first_prefill_s is None:
-            self.stats.first_prefill_s = start - self._started
-        if self.prefill_stream is None:
-            pending = self._prefill(group, slots)
-        else:
-            self.prefill_stream.wait_stream(self.decode_stream or torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.prefill_stream):
-                pending = self._prefill(group, slots)
-                pending.done = torch.cuda.Event()
-                pending.done.record(self.prefill_stream)
-        self.stats.prefill_s += time.perf_counter() - start
-        return pending
-
-    def _join(self, pendings: list[_Pending], rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
-        """The prefilled rows start decoding; a row whose first token already ends it is answered and freed.
-
-        The prefills queued back to back are joined together: one read of their first tokens, one commit and one
-        change of the active slots (joined one by one, the host's work for each of a call's 48 prefills of 768
-        prompts kept the GPU idle before the first decoding step: 37.6 ms in that tenth of the call against 13.7
-        joined together; bench/RESULTS.md session 25)."""
-        start = time.perf_counter()
-        for pending in pendings:
-            if pending.done is not None:
-                pending.done.synchronize()
-        group = [item for pending in pendings for item in pending.group]
-        slots = [slot for pending in pendings for slot in pending.slots]
-        with self._decoding():
-            tokens = torch.cat([pending.tokens for pending in pendings]) if len(pendings) > 1 else pendings[0].tokens
-            first = [int(t) for t in tokens.tolist()]
-            self.decoder.commit(slots, [length for pending in pendings for length in pending.lengths], first)
-        self.stats.prefill_s += time.perf_counter() - start
-        self.stats.prefill_calls += len(pendings)
-        self.stats.prompts += len(group)
-        yield from self._admit(group, slots, first, rows, free)
-
-    def _admit(
-        self, group: list[Prepared], slots: list[int], first: list[int], rows: dict[int, _Row], free: list[int]
-    ) -> Iterator[GenerationResult]:
-        """Rows for `group` in `slots`, from their first tokens; a row whose first token already ends it is answered
-        and freed."""
-        for item, slot, token in zip(group, slots, first, strict=True):
-            row = _Row(item.request.key, len(item.request.prompt_ids))
-            rows[slot] = row
-            result = self._advance(row, token)
-            if result is not None:
-                del rows[slot]
-                heapq.heappush(free, slot)
-                yield result
-        with self._decoding():
-            self.decoder.set_active([slot in rows for slot in range(self.slots)])
-
-    @torch.no_grad()
-    def _prefill(self, group: list[Prepared], slots: list[int]) -> _Pending:
-        """Run the VLM over `group` (right-padded), each row's K/V into its slot; the first tokens, not yet read back.
-        Nothing here makes the host wait for the GPU, so decoding steps can be queued while it runs."""
-        lengths = [len(item.request.prompt_ids) for item in group]
-        width = min(self.max_context, -(-max(lengths) // self.width_bucket) * self.width_bucket)
-        input_ids = torch.full(
-            (len(group), width), self.pad_id, dtype=torch.long, pin_memory=self.device.type == "cuda"
-        )
-        for row, item in enumerate(group):
-            input_ids[row, : lengths[row]] = torch.tensor(item.request.prompt_ids, dtype=torch.long)
-        prompts = input_ids.to(self.device, non_blocking=True)
-        seeds = [item.request.seed for item in group]
-        inputs: dict[str, torch.Tensor] = {"input_ids": prompts}
-        for name in {name for item in group for name in item.pixels}:
-            inputs[name] = self._stacked([item.pixels[name] for item in group if name in item.pixels])
-            if self.device_pixels is not None:
-                inputs[name] = self.device_pixels.values(name, inputs[name]).to(self.dtype)
-        if self.prefill_mode == "own":
-            # Flat [rows * width, hidden]: the layer functions see one token per row, as in decode.
-            embeds = self.model.get_input_embeddings()(inputs.pop("input_ids").view(-1))
-            if inputs:
-                features = self.vision(inputs)
-                # The image tokens' rows, found on the host (masked_scatter would count them on the device: a wait)
-                image_rows = self.decoder.device_longs(
-                    (input_ids.view(-1) == self.image_token_id).nonzero()[:, 0].tolist()
-                )
-                embeds = embeds.index_copy(0, image_rows, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-            return _Pending(group, slots, lengths, self.decoder.prefill(embeds, width, slots, lengths, prompts, seeds))
-        output = self.model.model(**inputs, use_cache=True)
-        lengths_t = torch.tensor(lengths, device=self.device)
-        hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), lengths_t - 1]
-        logits = self.model.lm_head(hidden)
-        tokens = self.decoder.first_tokens(self.decoder.device_longs(slots), lengths_t, logits, prompts, seeds)
-        keys, values = _cache_tensors(output.past_key_values)
-        self.decoder.load(slots, keys, values)
-        return _Pending(group, slots, lengths, tokens)
-
-    def _stacked(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The images' pixel tensors, concatenated on the device. On CUDA each pinned piece is copied into its rows:
-        no host copy (a concatenation on the host is pageable memory, whose copy makes the host wait for the stream)."""
-        if self.device.type != "cuda":
-            return torch.cat(tensors)
-        stacked = torch.empty(
-            (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype, device=self.device
-        )
-        start = 0
-        for tensor in tensors:
-            stacked[start : start + tensor.shape[0]].copy_(tensor, non_blocking=True)
-            start += tensor.shape[0]
-        return stacked
-
-    def _decode(self, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
-        """Up to `decode_window` steps for every decoding row, then one read of their tokens (with `lookahead`, of the
-        window launched before these steps); finished rows are answered and their slots freed."""
-        start = time.perf_counter()
-        launched = self._launch_window(rows)
-        if self.lookahead:
-            launched, self._in_flight = self._in_flight, launched
-        steps = launched.read() if launched is not None else []  # the one wait for the GPU
-        self.stats.decode_s += time.perf_counter() - start
-        if launched is None:  # lookahead: nothing was in flight yet
-            return
-        finished: dict[int, GenerationResult] = {}
-        for slot, row in launched.rows:
-            row.ahead -= len(steps)
-            if rows.get(slot) is not row:  # stopped in a window read before (its slot may hold a new row now)
-                continue
-            for tokens in steps:
-                result = self._advance(row, int(tokens[slot]))
-                if result is not None:
-                    finished[slot] = result
-                    break
-        for slot in finished:
-            del rows[slot]
-            heapq.heappush(free, slot)
-        if finished:
-            with self._decoding():
-                self.decoder.set_active([slot in rows for slot in range(self.slots)])
-        yield from finished.values()
-
-    def _launch_window(self, rows: dict[int, _Row]) -> _Window | None:
-        """Launch up to `decode_window` steps for every decoding row, their tokens copied back without a wait; None
-        (lookahead only) when a row's slot has no room for another step, or no row needs one, before the window in
-        flight is read."""
-        span = max(rows) + 1
-        step_rows = next(b for b in self.row_buckets if b >= span)
-        # A row's step writes its newest token's K/V at position (prompt + tokens so far - 1): the window stays
-        # within every row's slot, and the columns cover the positions its last step attends to. Steps launched and
-        # not read yet count: a row that stopped in them is not known to have stopped.
-        filled = max(row.prompt_length + len(row.tokens) + row.ahead for row in rows.values())
-        # No more steps than the row furthest from max_new_tokens needs: past that every token is dropped (with
-        # lookahead, once every row's window in flight brings it to max_new_tokens, nothing more is launched).
-        needed = max(self.max_new_tokens - len(row.tokens) - row.ahead for row in rows.values())
-        window = min(self.decode_window, self.max_context - filled + 1, needed)
-        if window < 1:
-            return None
-        longest = filled + window - 1
-        columns = min(self.max_context, -(-longest // self.column_bucket) * self.column_bucket)
-        launched = []
-        with self._decoding():
-            for index in range(window):
-                self.decoder.step(step_rows, columns)
-                tokens = self.decoder.tokens[:step_rows]
-                launched.append(tokens if index == window - 1 and not self.lookahead else tokens.clone())
-            stacked = torch.stack(launched) if window > 1 else launched[0][None]
-            done = None
-            if self.device.type == "cuda":
-                host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-                stacked = host.copy_(stacked, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-        self.stats.decode_steps += window
-        for row in rows.values():
-            row.ahead += window
-        return _Window(list(rows.items()), stacked, done)
-
-    def _advance(self, row: _Row, token: int) -> GenerationResult | None:
-        """Take one generated token; the row's result once it stops."""
-        if self.eos_id is not None and token == self.eos_id:
-            return GenerationResult(row.key, row.tokens, "stop")
-        row.tokens.append(token)
-        self.stats.generated_tokens += 1
-        if len(row.tokens) >= self.max_new_tokens:
-            return GenerationResult(row.key, row.tokens, "length")
-        return None
-
-
-def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer K and V ([batch, kv_heads, tokens, head_dim]) of a transformers DynamicCache."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [layer.keys for layer in layers], [layer.values for layer in layers]
-    return list(cache.key_cache), list(cache.value_cache)
