@@ -4,32 +4,29 @@ How a request travels:
 
 1. Worker threads run the image processor on each request's images ahead of the GPU (`image_workers`,
    a bounded look-ahead, so requests are still pulled lazily): its resize and padding, to uint8; the
-   rescale and normalise happen on the device as a table lookup (vlmops.models.pixels).
+   rescale and normalise happen on the device as a table lookup (vlmops.models.pixels). A request is checked
+   against the engine's limits on the way (vlmops.infer.fast_requests).
 2. Prefill: waiting prompts fill the free slots, up to `prefill_batch` at a time, through the VLM's own
    forward (vision towers, features scattered into the image-token positions, the whole LLM) on a
    right-padded batch: a row's real tokens never see the padding after them, so no mask is needed and
    each row's K/V for positions [0, length) land in its slot of the static cache unchanged. Prefills are queued
-   back to back: while slots are free and prompts wait, the next prefill is launched before the earlier ones' first
-   tokens are read back, so the GPU runs one while the host builds the next; their rows join the decoding batch,
-   oldest first, before the next step. With `overlap_prefill` instead, one prefill at a time runs on a CUDA stream
-   of its own while the rows already in their slots go on decoding; it writes only its slots' K/V (an idle slot's
-   step writes the slot's last column, which no prompt reaches), and its rows' positions and first tokens are set on
-   the decoding stream when they join.
+   back to back, or with `overlap_prefill` run one at a time beside the decoding rows (vlmops.infer.fast_serving
+   says how their rows join the decoding batch).
 3. Decode: `StaticDecoder` (vlmops.infer.fast_decode) makes one token for every slot per step from
    the static cache, each step a CUDA graph replay on CUDA. A finished row (EOS or `max_new_tokens`)
    yields its result at once and its slot is refilled by waiting prompts (once at least `min_refill`
    slots are free, so prefill runs in batches rather than one prompt at a time). With `lookahead` (the default) the
-   next step is launched before the last one's tokens are read back: the GPU works through the host's read and
-   bookkeeping, and a finished row is seen (and its slot freed) one step later.
-
-A step covers slots [0, rows) and cache columns [0, columns), both rounded up to buckets, so short
-contexts and a part-empty batch cost less; each (rows, columns) bucket is captured once.
+   next step is launched before the last one's tokens are read back (vlmops.infer.fast_serving).
 
 Tokens are picked as `generate` picks them for the same `infer.*` (vlmops.infer.sampling: transformers' own logits
 processors for the repetition penalty, temperature, top-k and top-p): greedy answers equal `model.generate`'s token
 for token in float32 (tests/infer/test_fast_engine.py), in bf16 the different kernel choices change rounding
 (measured by bench/infer_bench.py); sampled ones draw each request's tokens from its own seed, so a request gets the
 same answer whatever else shares its batch.
+
+This module builds the engine (`FastEngine`: its settings, decoder and streams) and starts a `generate` call. The call's
+loop of prefills and decoding steps (2 and 3) is in vlmops.infer.fast_serving, the requests' way to it (1) in
+vlmops.infer.fast_requests, and the number of slots that fit a memory budget in vlmops.infer.fast_memory.
 """
 
 from __future__ import annotations

@@ -1,6 +1,19 @@
 """The loop of a FastEngine `generate` call (vlmops.infer.fast_engine): waiting prompts prefilled into free slots,
 decoding steps for the rows in them, finished rows answered and their slots refilled.
 
+Prefills are queued back to back: while slots are free and prompts wait, the next prefill is launched before the
+earlier ones' first tokens are read back, so the GPU runs one while the host builds the next; their rows join the
+decoding batch, oldest first, before the next step. With `overlap_prefill` instead, one prefill at a time runs on a
+CUDA stream of its own while the rows already in their slots go on decoding; it writes only its slots' K/V (an idle
+slot's step writes the slot's last column, which no prompt reaches), and its rows' positions and first tokens are set
+on the decoding stream when they join.
+
+Decoding steps are launched `decode_window` at a time and their tokens read back once per window. With `lookahead`
+(the default) the next window is launched before the last one's tokens are read back: the GPU works through the
+host's read and bookkeeping, and a finished row is seen (and its slot freed) one window later. A step covers slots
+[0, rows) and cache columns [0, columns), both rounded up to buckets, so short contexts and a part-empty batch cost
+less; each (rows, columns) bucket is captured once.
+
 The functions take the engine: they read its settings, drive its decoder and streams, and add to its `stats`. What
 they hand each other: a slot's `Row`, a `Window` of decoding steps launched and not yet read, a `_Pending` prefill.
 """
