@@ -22,6 +22,7 @@ from vlmops.config import InferConfig
 from vlmops.conversation import ImageRef, Message
 from vlmops.data.demo import draw_shape
 from vlmops.errors import UserInputError
+from vlmops.infer import fast_serving
 from vlmops.infer.engine import GenerationRequest, GenerationResult
 from vlmops.infer.fast_decode import wide
 from vlmops.infer.fast_engine import FastEngine
@@ -290,7 +291,7 @@ def test_switch_interval_holds_during_a_call_and_is_restored(tiny_model: Path) -
     assert sys.getswitchinterval() == before
 
 
-def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
+def test_prefills_are_queued_before_the_first_join(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without overlap, 8 prompts into 8 free slots, 2 per prefill: all four prefills are launched before they are
     joined (read back), together in one join in launch order, and the answers are `generate`'s."""
     loaded = loaded_with_eos(tiny_model)
@@ -299,17 +300,18 @@ def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
     expected = reference(loaded, reqs, cfg)
     engine = FastEngine(loaded, cfg, max_batch=8, prefill_batch=2, max_context=256, image_workers=2)
     events: list[tuple[str, list[int]]] = []
-    launch, join = engine._launch, engine._join
+    launch, join = fast_serving._launch, fast_serving._join
 
-    def launch_seen(group: Any, slots: list[int]) -> Any:
+    def launch_seen(engine: Any, group: Any, slots: list[int]) -> Any:
         events.append(("launch", slots))
-        return launch(group, slots)
+        return launch(engine, group, slots)
 
-    def join_seen(pendings: Any, rows: Any, free: Any) -> Any:
+    def join_seen(engine: Any, pendings: Any, rows: Any, free: Any) -> Any:
         events.append(("join", [slot for pending in pendings for slot in pending.slots]))
-        return join(pendings, rows, free)
+        return join(engine, pendings, rows, free)
 
-    engine._launch, engine._join = launch_seen, join_seen  # type: ignore[method-assign]
+    monkeypatch.setattr(fast_serving, "_launch", launch_seen)
+    monkeypatch.setattr(fast_serving, "_join", join_seen)
     got = {result.key: result for result in engine.generate(iter(reqs))}
     pairs = [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert events == [("launch", slots) for slots in pairs] + [("join", list(range(8)))]
@@ -319,7 +321,9 @@ def test_prefills_are_queued_before_the_first_join(tiny_model: Path) -> None:
     assert engine.stats.prefill_calls == 4 and engine.stats.prompts == 8
 
 
-def test_the_first_prefill_of_a_call_starts_the_gpu_with_first_prefill_prompts(tiny_model: Path) -> None:
+def test_the_first_prefill_of_a_call_starts_the_gpu_with_first_prefill_prompts(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With the GPU idle a prefill takes `first_prefill` prompts (by default one per image thread), then whole
     prefill batches, and before any row decodes every free slot is filled, however few (`min_refill` waits for
     several only beside decoding rows); the answers are `generate`'s."""
@@ -328,6 +332,7 @@ def test_the_first_prefill_of_a_call_starts_the_gpu_with_first_prefill_prompts(t
     reqs = requests(loaded, 8, seed=5)
     expected = reference(loaded, reqs, cfg)
     sizes: dict[int | None, list[tuple[int, int]]] = {}  # (prompts, decode steps before the launch) per prefill
+    launch = fast_serving._launch
     for first in (None, 1):
         engine = FastEngine(
             loaded,
@@ -339,15 +344,12 @@ def test_the_first_prefill_of_a_call_starts_the_gpu_with_first_prefill_prompts(t
             max_context=256,
             image_workers=2,
         )
-        launch = engine._launch
 
-        def launch_seen(
-            group: Any, slots: list[int], launch: Any = launch, first: int | None = first, engine: Any = engine
-        ) -> Any:
+        def launch_seen(engine: Any, group: Any, slots: list[int], first: int | None = first) -> Any:
             sizes.setdefault(first, []).append((len(slots), engine.stats.decode_steps))
-            return launch(group, slots)
+            return launch(engine, group, slots)
 
-        engine._launch = launch_seen  # type: ignore[method-assign]
+        monkeypatch.setattr(fast_serving, "_launch", launch_seen)
         got = {result.key: (result.token_ids, result.finish_reason) for result in engine.generate(iter(reqs))}
         assert got == {key: (want.token_ids, want.finish_reason) for key, want in expected.items()}
     assert sizes == {None: [(2, 0), (3, 0), (3, 0)], 1: [(1, 0), (3, 0), (3, 0), (1, 0)]}
@@ -781,9 +783,7 @@ def test_prefill_beside_decoding_answers_the_same(
     means different batch shapes, whose float32 rounding flips near-ties of random weights. Here every prefill joins
     after exactly one decoding window (the CPU's order): both runs have the same shapes and kernels, and only the
     streams differ. `test_bf16_answers_of_a_trained_model_match_generate` covers the timing-driven joins."""
-    from vlmops.infer import fast_engine
-
-    monkeypatch.setattr(fast_engine._Pending, "ready", lambda pending: pending.waited)
+    monkeypatch.setattr(fast_serving._Pending, "ready", lambda pending: pending.waited)
     loaded = loaded_with_eos(request.getfixturevalue(variant), "cuda")
     cfg = InferConfig(max_new_tokens=24)
     reqs = requests(loaded, 48)

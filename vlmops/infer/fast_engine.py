@@ -4,46 +4,40 @@ How a request travels:
 
 1. Worker threads run the image processor on each request's images ahead of the GPU (`image_workers`,
    a bounded look-ahead, so requests are still pulled lazily): its resize and padding, to uint8; the
-   rescale and normalise happen on the device as a table lookup (vlmops.models.pixels).
+   rescale and normalise happen on the device as a table lookup (vlmops.models.pixels). A request is checked
+   against the engine's limits on the way (vlmops.infer.fast_requests).
 2. Prefill: waiting prompts fill the free slots, up to `prefill_batch` at a time, through the VLM's own
    forward (vision towers, features scattered into the image-token positions, the whole LLM) on a
    right-padded batch: a row's real tokens never see the padding after them, so no mask is needed and
    each row's K/V for positions [0, length) land in its slot of the static cache unchanged. Prefills are queued
-   back to back: while slots are free and prompts wait, the next prefill is launched before the earlier ones' first
-   tokens are read back, so the GPU runs one while the host builds the next; their rows join the decoding batch,
-   oldest first, before the next step. With `overlap_prefill` instead, one prefill at a time runs on a CUDA stream
-   of its own while the rows already in their slots go on decoding; it writes only its slots' K/V (an idle slot's
-   step writes the slot's last column, which no prompt reaches), and its rows' positions and first tokens are set on
-   the decoding stream when they join.
+   back to back, or with `overlap_prefill` run one at a time beside the decoding rows (vlmops.infer.fast_serving
+   says how their rows join the decoding batch).
 3. Decode: `StaticDecoder` (vlmops.infer.fast_decode) makes one token for every slot per step from
    the static cache, each step a CUDA graph replay on CUDA. A finished row (EOS or `max_new_tokens`)
    yields its result at once and its slot is refilled by waiting prompts (once at least `min_refill`
    slots are free, so prefill runs in batches rather than one prompt at a time). With `lookahead` (the default) the
-   next step is launched before the last one's tokens are read back: the GPU works through the host's read and
-   bookkeeping, and a finished row is seen (and its slot freed) one step later.
-
-A step covers slots [0, rows) and cache columns [0, columns), both rounded up to buckets, so short
-contexts and a part-empty batch cost less; each (rows, columns) bucket is captured once.
+   next step is launched before the last one's tokens are read back (vlmops.infer.fast_serving).
 
 Tokens are picked as `generate` picks them for the same `infer.*` (vlmops.infer.sampling: transformers' own logits
 processors for the repetition penalty, temperature, top-k and top-p): greedy answers equal `model.generate`'s token
 for token in float32 (tests/infer/test_fast_engine.py), in bf16 the different kernel choices change rounding
 (measured by bench/infer_bench.py); sampled ones draw each request's tokens from its own seed, so a request gets the
 same answer whatever else shares its batch.
+
+This module builds the engine (`FastEngine`: its settings, decoder and streams) and starts a `generate` call. The call's
+loop of prefills and decoding steps (2 and 3) is in vlmops.infer.fast_serving, the requests' way to it (1) in
+vlmops.infer.fast_requests, and the number of slots that fit a memory budget in vlmops.infer.fast_memory.
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -51,8 +45,11 @@ from vlmops.config import InferConfig
 from vlmops.errors import UserInputError
 from vlmops.infer.engine import GenerationRequest, GenerationResult, refuse_context_without_room
 from vlmops.infer.fast_decode import StaticDecoder
+from vlmops.infer.fast_memory import GIB, fit_slots, slot_pick_bytes
+from vlmops.infer.fast_requests import prepared_requests
+from vlmops.infer.fast_serving import Row, Window, serve
 from vlmops.infer.generation import model_dtype
-from vlmops.infer.prefetch import HOST_THREADS, prefetched
+from vlmops.infer.prefetch import HOST_THREADS
 from vlmops.infer.sampling import TokenSelector
 from vlmops.models.compile_cache import describe_compile_cache
 from vlmops.models.loading import LoadedModel
@@ -64,7 +61,6 @@ from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
-GIB = 2**30
 # Below this many free slots (and while other rows still decode) prefill waits for more to free up.
 MIN_REFILL_SHARE = 8
 # With prefill graphs, prompt batches are right-padded to a multiple of this many tokens (at most ~5% more prefill
@@ -88,54 +84,6 @@ class EngineStats:
     prefill_calls: int = 0
     image_wait_s: float = 0.0
     first_prefill_s: float | None = None
-
-
-@dataclass
-class _Prepared:
-    request: GenerationRequest
-    pixels: dict[str, torch.Tensor]
-
-
-@dataclass
-class _Row:
-    key: Any
-    prompt_length: int
-    tokens: list[int] = field(default_factory=list)
-    ahead: int = 0  # decode steps launched for the row whose tokens are not read yet
-
-
-@dataclass
-class _Window:
-    """Decode steps launched and not yet read: the rows they stepped (slot, row) and their tokens [steps, rows],
-    on the device or being copied to pinned host memory until `done`."""
-
-    rows: list[tuple[int, _Row]]
-    tokens: torch.Tensor
-    done: torch.cuda.Event | None
-
-    def read(self) -> list[list[int]]:
-        """The tokens, each step a list over the slots: waits for the GPU."""
-        if self.done is not None:
-            self.done.synchronize()
-        return self.tokens.tolist()
-
-
-@dataclass
-class _Pending:
-    """A prefill launched and not yet joined: its prompts, their slots, the first tokens (on the device) and, when
-    it runs on its own stream, the event that marks it done. Its rows start decoding when it is joined."""
-
-    group: list[_Prepared]
-    slots: list[int]
-    lengths: list[int]
-    tokens: torch.Tensor
-    done: torch.cuda.Event | None = None
-    waited: bool = False  # a decoding window ran since the launch
-
-    def ready(self) -> bool:
-        """Done on the GPU; without a stream of its own (CPU), after one decoding window: the order in which an
-        overlapped prefill's rows join on a GPU, so that CPU tests run the same interleaving."""
-        return bool(self.done.query()) if self.done is not None else self.waited
 
 
 class FastEngine:
@@ -250,7 +198,7 @@ class FastEngine:
         self.switch_interval = switch_interval
         self.decode_window = decode_window
         self.lookahead = lookahead
-        self._in_flight: _Window | None = None  # with lookahead, the window launched and not read yet
+        self._in_flight: Window | None = None  # with lookahead, the window launched and not read yet
         self.loaded = loaded
         self.model = loaded.model
         # A peft wrapper passes lm_head and model through to the model it wraps: its class tells it apart.
@@ -283,7 +231,18 @@ class FastEngine:
         selector = TokenSelector(
             infer_cfg, suppress_token=tokenizer.eos_token_id if ignore_eos else None, compile=compile_step
         )
-        slots = self._fit_slots(max_batch, memory_gib, prefill_graphs, _pick_bytes(selector, self.model, max_context))
+        pick_bytes = slot_pick_bytes(selector, self.model, max_context)
+        slots = fit_slots(
+            self.model,
+            self.device,
+            self.dtype,
+            self.max_context,
+            self.prefill_batch,
+            max_batch,
+            memory_gib,
+            prefill_graphs,
+            pick_bytes,
+        )
         log.info(
             "FastEngine: %s of %d tokens (K/V cache %.1f GiB)",
             counted(slots, "slot"),
@@ -335,48 +294,6 @@ class FastEngine:
         vlm = self.model.model
         self.vision = VisionGraphs(lambda pixels: image_features(vlm, pixels), on_cuda and vision_graphs)
 
-    def _fit_slots(
-        self, max_batch: int, memory_gib: float | None, prefill_graphs: bool = False, pick_bytes: int = 0
-    ) -> int:
-        """Slots that fit `memory_gib` next to what is already allocated (the model) and a prefill's working set;
-        `pick_bytes`: what each slot's row takes beside its K/V when tokens are sampled or penalised."""
-        if self.device.type != "cuda":
-            return max_batch
-        if memory_gib is None:
-            # No budget given: 90% of what the card has (free + this process's own), never the whole card,
-            # or a prefill after the cache is allocated runs out of memory (a 7b's 128 slots of 2048 tokens
-            # alone take 125 GiB).
-            free, _total = torch.cuda.mem_get_info(self.device)
-            memory_gib = 0.9 * (free + torch.cuda.memory_allocated(self.device)) / GIB
-        per_slot = StaticDecoder.bytes_per_slot(self.model, self.max_context) + pick_bytes
-        config = self.model.model.language_model.config
-        element = self.dtype.itemsize
-        # A prefill batch holds its own K/V (transformers' cache, until copied into the slots), the hidden
-        # states and MLP activations of every token, and the vision towers' activations; 2 GiB covers the
-        # towers, the step's logits and allocator slack.
-        prefill_tokens = self.prefill_batch * self.max_context
-        activations = prefill_tokens * (6 * config.hidden_size + 3 * config.intermediate_size) * element
-        reserve = per_slot // self.max_context * prefill_tokens + activations + 2 * GIB
-        if prefill_graphs:  # the graphs' static input: a prefill batch's embeddings at max_context
-            reserve += prefill_tokens * config.hidden_size * element
-        high_res = getattr(self.model.config, "high_res_vision_config", None)
-        if high_res is not None:
-            # The 7b's SAM tower materialises a relative-position bias of heads x tokens^2 per image in its
-            # global-attention layers (4096 tokens at 1024 px): ~0.4 GiB per image in bf16, twice while built.
-            tokens = (high_res.image_size // high_res.patch_size) ** 2
-            reserve += 2 * self.prefill_batch * high_res.num_attention_heads * tokens**2 * element
-        used = torch.cuda.memory_allocated(self.device)
-        fit = int((memory_gib * GIB - used - reserve) // per_slot)
-        if fit < 1:
-            raise UserInputError(
-                f"memory_gib={memory_gib} leaves no room for the KV cache: the model takes {used / GIB:.1f} GiB, "
-                f"prefill needs ~{reserve / GIB:.1f} GiB and one slot of {self.max_context} tokens "
-                f"{per_slot / GIB:.2f} GiB; raise memory_gib or lower max_context or prefill_batch"
-            )
-        if fit < max_batch:
-            log.info("memory_gib=%s fits %d of %d slots", memory_gib, fit, max_batch)
-        return min(max_batch, fit)
-
     def generate(self, requests: Iterable[GenerationRequest]) -> Iterator[GenerationResult]:
         """One result per request, finished rows first; pulls `requests` a bounded look-ahead at a time."""
         self.stats = EngineStats()
@@ -393,16 +310,16 @@ class FastEngine:
             self._switch_interval(),
             ThreadPoolExecutor(self.image_workers, thread_name_prefix="fast-engine-images") as pool,
         ):
-            waiting = self._prepared(requests, pool)
+            waiting = prepared_requests(self, requests, pool)
             free = list(range(self.slots))
-            rows: dict[int, _Row] = {}
+            rows: dict[int, Row] = {}
             if self.decode_stream is None or self.prefill_stream is None:
-                yield from self._serve(waiting, free, rows)
+                yield from serve(self, waiting, free, rows)
                 return
             current = torch.cuda.current_stream(self.device)
             self.decode_stream.wait_stream(current)  # after what was queued before (the weights, the cache)
             try:
-                yield from self._serve(waiting, free, rows)
+                yield from serve(self, waiting, free, rows)
             finally:  # what comes after (a new engine reusing the cache's memory) waits for both streams' work
                 current.wait_stream(self.decode_stream)
                 current.wait_stream(self.prefill_stream)
@@ -418,289 +335,3 @@ class FastEngine:
             yield
         finally:
             sys.setswitchinterval(previous)
-
-    def _serve(
-        self, waiting: Iterator[_Prepared], free: list[int], rows: dict[int, _Row]
-    ) -> Iterator[GenerationResult]:
-        """Prefill waiting prompts into free slots and decode the rows until both run out."""
-        exhausted = False
-        # Prefills launched and not yet joined, oldest first. Beside decoding (`overlap_prefill`): at most one, joined
-        # once done. Otherwise as many as the free slots take, queued back to back on one stream and joined before the
-        # next decoding step: a join reads the first tokens back (the first join waits for all the queued prefills), so
-        # joining each prefill before launching the next left the GPU idle while the host built the next.
-        pending: list[_Pending] = []
-        while True:
-            if self.overlap_prefill and pending and (not rows or pending[0].ready()):
-                yield from self._join([pending.pop(0)], rows, free)
-            may_launch = not exhausted and not (self.overlap_prefill and pending)
-            # min_refill spares decoding rows a prefill for a few slots; with none decoding yet, fill every slot (a
-            # first prefill of `first_prefill` otherwise left the last few empty until the rows finished).
-            if may_launch and len(free) >= (self.min_refill if rows else 1):
-                size = self.prefill_batch if rows or pending else self.first_prefill  # the GPU idle: start it
-                group = list(itertools.islice(waiting, min(len(free), size)))
-                exhausted = not group
-                if group:
-                    slots = [heapq.heappop(free) for _ in group]
-                    pending.append(self._launch(group, slots))
-                    continue
-            if pending and not self.overlap_prefill:
-                joined, pending = pending, []
-                yield from self._join(joined, rows, free)
-                continue  # rows that stopped at their first token freed slots: refill them before decoding
-            if not rows:
-                if exhausted and not pending:
-                    return
-                continue
-            yield from self._decode(rows, free)
-            for launched in pending:
-                launched.waited = True
-
-    def _prepared(self, requests: Iterable[GenerationRequest], pool: ThreadPoolExecutor) -> Iterator[_Prepared]:
-        """Requests with their pixel tensors, preprocessed by `pool` up to a bounded look-ahead."""
-        checked = (self._check(request) for request in requests)
-        ahead = max(2 * self.slots, 2 * self.prefill_batch)
-        for future in prefetched(pool, self._preprocess, checked, ahead):
-            start = time.perf_counter()
-            prepared = future.result()
-            self.stats.image_wait_s += time.perf_counter() - start
-            yield prepared
-
-    def _check(self, request: GenerationRequest) -> GenerationRequest:
-        length = len(request.prompt_ids)
-        if length == 0:
-            raise UserInputError(f"request {request.key!r} has an empty prompt")
-        if length + self.max_new_tokens > self.max_context:
-            raise UserInputError(
-                f"request {request.key!r}: {length} prompt tokens + max_new_tokens {self.max_new_tokens} exceed "
-                f"the engine's max_context {self.max_context}; raise max_context or shorten the prompt"
-            )
-        image_tokens = sum(1 for token in request.prompt_ids if token == self.image_token_id)
-        if image_tokens != len(request.images) * self.num_image_tokens:
-            images = counted(len(request.images), "image")
-            raise UserInputError(
-                f"request {request.key!r} has {counted(image_tokens, 'image token')} for {images} "
-                f"({self.num_image_tokens} per image); encode the prompt with vlmops.models.template.encode"
-            )
-        return request
-
-    def _preprocess(self, request: GenerationRequest) -> _Prepared:
-        if not request.images:
-            return _Prepared(request, {})
-        if self.device_pixels is not None:  # uint8: rescale and normalise happen on the device
-            pixels = self.device_pixels.host(request.images)
-        else:
-            features = self.loaded.processor.image_processor(request.images, return_tensors="pt")
-            pixels = {name: value.to(self.dtype) for name, value in features.items()}
-        if self.device.type == "cuda":
-            pixels = {name: value.pin_memory() for name, value in pixels.items()}
-        return _Prepared(request, pixels)
-
-    def _decoding(self) -> contextlib.AbstractContextManager[Any]:
-        """Where the decoding rows' GPU work runs: the decode stream beside overlapped prefills, else the current
-        stream. Entered around each piece of work, never across a `yield`."""
-        return torch.cuda.stream(self.decode_stream) if self.decode_stream is not None else contextlib.nullcontext()
-
-    def _launch(self, group: list[_Prepared], slots: list[int]) -> _Pending:
-        """Start prefilling `group` into `slots`: on the prefill stream (after what the decoding stream has queued:
-        the slots' last steps) when prefills overlap decoding, else where the engine runs."""
-        start = time.perf_counter()
-        if self.stats.first_prefill_s is None:
-            self.stats.first_prefill_s = start - self._started
-        if self.prefill_stream is None:
-            pending = self._prefill(group, slots)
-        else:
-            self.prefill_stream.wait_stream(self.decode_stream or torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.prefill_stream):
-                pending = self._prefill(group, slots)
-                pending.done = torch.cuda.Event()
-                pending.done.record(self.prefill_stream)
-        self.stats.prefill_s += time.perf_counter() - start
-        return pending
-
-    def _join(self, pendings: list[_Pending], rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
-        """The prefilled rows start decoding; a row whose first token already ends it is answered and freed.
-
-        The prefills queued back to back are joined together: one read of their first tokens, one commit and one
-        change of the active slots (joined one by one, the host's work for each of a call's 48 prefills of 768
-        prompts kept the GPU idle before the first decoding step: 37.6 ms in that tenth of the call against 13.7
-        joined together; bench/RESULTS.md session 25)."""
-        start = time.perf_counter()
-        for pending in pendings:
-            if pending.done is not None:
-                pending.done.synchronize()
-        group = [item for pending in pendings for item in pending.group]
-        slots = [slot for pending in pendings for slot in pending.slots]
-        with self._decoding():
-            tokens = torch.cat([pending.tokens for pending in pendings]) if len(pendings) > 1 else pendings[0].tokens
-            first = [int(t) for t in tokens.tolist()]
-            self.decoder.commit(slots, [length for pending in pendings for length in pending.lengths], first)
-        self.stats.prefill_s += time.perf_counter() - start
-        self.stats.prefill_calls += len(pendings)
-        self.stats.prompts += len(group)
-        yield from self._admit(group, slots, first, rows, free)
-
-    def _admit(
-        self, group: list[_Prepared], slots: list[int], first: list[int], rows: dict[int, _Row], free: list[int]
-    ) -> Iterator[GenerationResult]:
-        """Rows for `group` in `slots`, from their first tokens; a row whose first token already ends it is answered
-        and freed."""
-        for item, slot, token in zip(group, slots, first, strict=True):
-            row = _Row(item.request.key, len(item.request.prompt_ids))
-            rows[slot] = row
-            result = self._advance(row, token)
-            if result is not None:
-                del rows[slot]
-                heapq.heappush(free, slot)
-                yield result
-        with self._decoding():
-            self.decoder.set_active([slot in rows for slot in range(self.slots)])
-
-    @torch.no_grad()
-    def _prefill(self, group: list[_Prepared], slots: list[int]) -> _Pending:
-        """Run the VLM over `group` (right-padded), each row's K/V into its slot; the first tokens, not yet read back.
-        Nothing here makes the host wait for the GPU, so decoding steps can be queued while it runs."""
-        lengths = [len(item.request.prompt_ids) for item in group]
-        width = min(self.max_context, -(-max(lengths) // self.width_bucket) * self.width_bucket)
-        input_ids = torch.full(
-            (len(group), width), self.pad_id, dtype=torch.long, pin_memory=self.device.type == "cuda"
-        )
-        for row, item in enumerate(group):
-            input_ids[row, : lengths[row]] = torch.tensor(item.request.prompt_ids, dtype=torch.long)
-        prompts = input_ids.to(self.device, non_blocking=True)
-        seeds = [item.request.seed for item in group]
-        inputs: dict[str, torch.Tensor] = {"input_ids": prompts}
-        for name in {name for item in group for name in item.pixels}:
-            inputs[name] = self._stacked([item.pixels[name] for item in group if name in item.pixels])
-            if self.device_pixels is not None:
-                inputs[name] = self.device_pixels.values(name, inputs[name]).to(self.dtype)
-        if self.prefill_mode == "own":
-            # Flat [rows * width, hidden]: the layer functions see one token per row, as in decode.
-            embeds = self.model.get_input_embeddings()(inputs.pop("input_ids").view(-1))
-            if inputs:
-                features = self.vision(inputs)
-                # The image tokens' rows, found on the host (masked_scatter would count them on the device: a wait)
-                image_rows = self.decoder.device_longs(
-                    (input_ids.view(-1) == self.image_token_id).nonzero()[:, 0].tolist()
-                )
-                embeds = embeds.index_copy(0, image_rows, features.reshape(-1, embeds.shape[-1]).to(embeds.dtype))
-            return _Pending(group, slots, lengths, self.decoder.prefill(embeds, width, slots, lengths, prompts, seeds))
-        output = self.model.model(**inputs, use_cache=True)
-        lengths_t = torch.tensor(lengths, device=self.device)
-        hidden = output.last_hidden_state[torch.arange(len(group), device=self.device), lengths_t - 1]
-        logits = self.model.lm_head(hidden)
-        tokens = self.decoder.first_tokens(self.decoder.device_longs(slots), lengths_t, logits, prompts, seeds)
-        keys, values = _cache_tensors(output.past_key_values)
-        self.decoder.load(slots, keys, values)
-        return _Pending(group, slots, lengths, tokens)
-
-    def _stacked(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The images' pixel tensors, concatenated on the device. On CUDA each pinned piece is copied into its rows:
-        no host copy (a concatenation on the host is pageable memory, whose copy makes the host wait for the stream)."""
-        if self.device.type != "cuda":
-            return torch.cat(tensors)
-        stacked = torch.empty(
-            (sum(t.shape[0] for t in tensors), *tensors[0].shape[1:]), dtype=tensors[0].dtype, device=self.device
-        )
-        start = 0
-        for tensor in tensors:
-            stacked[start : start + tensor.shape[0]].copy_(tensor, non_blocking=True)
-            start += tensor.shape[0]
-        return stacked
-
-    def _decode(self, rows: dict[int, _Row], free: list[int]) -> Iterator[GenerationResult]:
-        """Up to `decode_window` steps for every decoding row, then one read of their tokens (with `lookahead`, of the
-        window launched before these steps); finished rows are answered and their slots freed."""
-        start = time.perf_counter()
-        launched = self._launch_window(rows)
-        if self.lookahead:
-            launched, self._in_flight = self._in_flight, launched
-        steps = launched.read() if launched is not None else []  # the one wait for the GPU
-        self.stats.decode_s += time.perf_counter() - start
-        if launched is None:  # lookahead: nothing was in flight yet
-            return
-        finished: dict[int, GenerationResult] = {}
-        for slot, row in launched.rows:
-            row.ahead -= len(steps)
-            if rows.get(slot) is not row:  # stopped in a window read before (its slot may hold a new row now)
-                continue
-            for tokens in steps:
-                result = self._advance(row, int(tokens[slot]))
-                if result is not None:
-                    finished[slot] = result
-                    break
-        for slot in finished:
-            del rows[slot]
-            heapq.heappush(free, slot)
-        if finished:
-            with self._decoding():
-                self.decoder.set_active([slot in rows for slot in range(self.slots)])
-        yield from finished.values()
-
-    def _launch_window(self, rows: dict[int, _Row]) -> _Window | None:
-        """Launch up to `decode_window` steps for every decoding row, their tokens copied back without a wait; None
-        (lookahead only) when a row's slot has no room for another step, or no row needs one, before the window in
-        flight is read."""
-        span = max(rows) + 1
-        step_rows = next(b for b in self.row_buckets if b >= span)
-        # A row's step writes its newest token's K/V at position (prompt + tokens so far - 1): the window stays
-        # within every row's slot, and the columns cover the positions its last step attends to. Steps launched and
-        # not read yet count: a row that stopped in them is not known to have stopped.
-        filled = max(row.prompt_length + len(row.tokens) + row.ahead for row in rows.values())
-        # No more steps than the row furthest from max_new_tokens needs: past that every token is dropped (with
-        # lookahead, once every row's window in flight brings it to max_new_tokens, nothing more is launched).
-        needed = max(self.max_new_tokens - len(row.tokens) - row.ahead for row in rows.values())
-        window = min(self.decode_window, self.max_context - filled + 1, needed)
-        if window < 1:
-            return None
-        longest = filled + window - 1
-        columns = min(self.max_context, -(-longest // self.column_bucket) * self.column_bucket)
-        launched = []
-        with self._decoding():
-            for index in range(window):
-                self.decoder.step(step_rows, columns)
-                tokens = self.decoder.tokens[:step_rows]
-                launched.append(tokens if index == window - 1 and not self.lookahead else tokens.clone())
-            stacked = torch.stack(launched) if window > 1 else launched[0][None]
-            done = None
-            if self.device.type == "cuda":
-                host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-                stacked = host.copy_(stacked, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record()
-        self.stats.decode_steps += window
-        for row in rows.values():
-            row.ahead += window
-        return _Window(list(rows.items()), stacked, done)
-
-    def _advance(self, row: _Row, token: int) -> GenerationResult | None:
-        """Take one generated token; the row's result once it stops."""
-        if self.eos_id is not None and token == self.eos_id:
-            return GenerationResult(row.key, row.tokens, "stop")
-        row.tokens.append(token)
-        self.stats.generated_tokens += 1
-        if len(row.tokens) >= self.max_new_tokens:
-            return GenerationResult(row.key, row.tokens, "length")
-        return None
-
-
-# Bytes per vocabulary entry of a decode step's row while the processors and the draw run (float32 scores, top-p's
-# sorted values and int64 indices, its softmax and cumsum, masks, the noise): on an H200 the 1.3b's call of 768 rows
-# peaked 5.1 GiB higher sampled (temperature, top-p) than greedy, ~69 bytes a score.
-PICK_BYTES_PER_SCORE = 72
-
-
-def _pick_bytes(selector: TokenSelector, model: Any, max_context: int) -> int:
-    """Memory a slot's row needs beside its K/V to pick its tokens: nothing for plain greedy; the processors' and the
-    draw's working set over the vocabulary, and the ids seen (repetition penalty), otherwise."""
-    if selector.plain_greedy:
-        return 0
-    vocab = int(model.lm_head.weight.shape[0])
-    return PICK_BYTES_PER_SCORE * vocab + (max_context * 8 if selector.needs_history else 0)
-
-
-def _cache_tensors(cache: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer K and V ([batch, kv_heads, tokens, head_dim]) of a transformers DynamicCache."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [layer.keys for layer in layers], [layer.values for layer in layers]
-    return list(cache.key_cache), list(cache.value_cache)
