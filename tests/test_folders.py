@@ -15,6 +15,7 @@ from vlmops.errors import UserInputError
 from vlmops.folders import files_under
 from vlmops.infer.planning import folder_hash
 from vlmops.infer.records import find_inputs
+from vlmops.models.manifest import model_files
 from vlmops.storage import s3_client, upload_folder
 
 
@@ -141,7 +142,7 @@ def test_a_named_pipe_or_a_link_loop_among_the_inputs_is_refused(tmp_path: Path)
 
 
 def test_a_model_folder_with_a_broken_link_is_neither_hashed_nor_uploaded(tmp_path: Path) -> None:
-    """The batch job's model hash and an S3 upload refuse it before reading or sending a byte
+    """The batch job's model hash, the model manifest and an S3 upload refuse it before reading or sending a byte
     (the client below points at no server: nothing is asked of it)."""
     model = tmp_path / "model"
     model.mkdir()
@@ -151,8 +152,37 @@ def test_a_model_folder_with_a_broken_link_is_neither_hashed_nor_uploaded(tmp_pa
     client = s3_client(StorageConfig(endpoint_url="http://127.0.0.1:9"))
     for read in (
         lambda: folder_hash(model),
+        lambda: model_files(model),
         lambda: upload_folder(client, model, "s3://models/m1", progress=False),
     ):
         with pytest.raises(UserInputError) as refused:
             read()
         assert str(refused.value) == message
+
+
+def test_a_model_folder_as_a_hub_caches_symlink_farm_is_listed_whole(tmp_path: Path) -> None:
+    """A hub cache's snapshot links each file into blobs/, and a folder may link a subfolder in: the manifest lists
+    every model file through the links, as the batch job's hash and the upload read them; a blob gone is refused."""
+    blobs = tmp_path / "hub" / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    (snapshot / "vision").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vision/preprocessor_config.json"):
+        blob = blobs / f"sha-{name.replace('/', '-')}"
+        blob.write_text(name)
+        (snapshot / name).symlink_to(blob)
+    shared = tmp_path / "shared-processor"
+    shared.mkdir()
+    (shared / "processor_config.json").write_text("{}")
+    (snapshot / "processor").symlink_to(shared)
+    (snapshot / "README.md").write_text("not a model file")
+    assert model_files(snapshot) == [
+        "config.json",
+        "model.safetensors",
+        "processor/processor_config.json",
+        "tokenizer.json",
+        "vision/preprocessor_config.json",
+    ]
+    (blobs / "sha-tokenizer.json").unlink()
+    with pytest.raises(UserInputError, match=f"{snapshot}/tokenizer.json is a broken symlink to {blobs}/sha-tok"):
+        model_files(snapshot)
