@@ -11,6 +11,7 @@ import pytest
 
 from vlmops.config import StorageConfig
 from vlmops.data.formats import dataset_files
+from vlmops.data.prepare import snapshot_hash
 from vlmops.errors import UserInputError
 from vlmops.folders import files_under
 from vlmops.infer.planning import folder_hash
@@ -186,3 +187,15 @@ def test_a_model_folder_as_a_hub_caches_symlink_farm_is_listed_whole(tmp_path: P
     (blobs / "sha-tokenizer.json").unlink()
     with pytest.raises(UserInputError, match=f"{snapshot}/tokenizer.json is a broken symlink to {blobs}/sha-tok"):
         model_files(snapshot)
+
+
+def test_a_prepared_datasets_hash_reads_a_linked_images_folder(tmp_path: Path) -> None:
+    """A snapshot folder whose images/ is a link (moved to another disk) keeps the hash it was recorded with."""
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "images").mkdir(parents=True)
+    (snapshot / "train.jsonl").write_text("{}\n")
+    (snapshot / "images" / "ab12.png").write_bytes(b"png")
+    recorded = snapshot_hash(snapshot)
+    (snapshot / "images").rename(tmp_path / "images-elsewhere")
+    (snapshot / "images").symlink_to(tmp_path / "images-elsewhere")
+    assert snapshot_hash(snapshot) == recorded
