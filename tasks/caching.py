@@ -91,8 +91,12 @@ def image_stat_data(path: str) -> str:
 
 
 def folder_file_data(path: Path) -> str | None:
-    """The key's words for a file a folder walk lists: where a symlink leads and the stat data of the file at its end,
-    or None where that is no regular file (a broken link, a fifo); from one lstat for a file that is not a link."""
+    """The key's words for a file a folder walk lists: where a symlink leads and the stat data of the file at its end
+    ("missing" for a broken link), "not a file" for a fifo or socket, from one lstat for a file that is not a link; None
+    for a name gone since the walk listed it.
+
+    A broken link or a fifo is in the key: a step that would read it refuses it (vlmops.folders), so the folder must
+    not reuse the result of the folder without it."""
     try:
         found = os.lstat(path)
     except OSError as err:
@@ -102,9 +106,10 @@ def folder_file_data(path: Path) -> str | None:
     if stat.S_ISREG(found.st_mode):
         return f"\0{_stat_fields(found)}"
     if not stat.S_ISLNK(found.st_mode):
-        return None
+        return "\0not a file"
     target = image_stat_data(str(path))  # stat follows every link, with is_file's answers
-    return None if target == "missing" else f"\0-> {path.resolve()}\0{target}"
+    # A broken link, or a loop (which resolve() raises on), by the target it names.
+    return f"\0-> {path.readlink() if target == 'missing' else path.resolve()}\0{target}"
 
 
 def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:

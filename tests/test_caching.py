@@ -269,8 +269,9 @@ def test_a_record_naming_a_folder_changes_the_key_when_a_file_takes_its_place(tm
 
 def test_a_model_folders_key_follows_its_files_and_links_and_nothing_else(tmp_path: Path) -> None:
     """The model folder's key: the same for an untouched folder; another for a file rewritten with its size (also
-    through a link), a new file in a linked folder, a link pointed elsewhere or a new file; the same again for what the walk leaves out (tool
-    metadata, a partial download, a written folder, a link that leads to no file, a fifo)."""
+    through a link), a new file in a linked folder, a link pointed elsewhere or a new file, a link that leads to no
+    file or a fifo (which the steps refuse to read); the same again for what the walk leaves out (tool metadata, a
+    partial download, a written folder)."""
     model, elsewhere = tmp_path / "model", tmp_path / "elsewhere"
     weights = image(model / "weights.bmp", "red")
     shared = image(elsewhere / "v1" / "tokenizer.bmp", "red")
@@ -287,12 +288,19 @@ def test_a_model_folders_key_follows_its_files_and_links_and_nothing_else(tmp_pa
     (model / ".weights.bmp.part").write_bytes(b"half")
     (outputs / "runs").mkdir(parents=True)
     (outputs / "runs" / "result.json").write_text("{}")
-    (model / "dangling").symlink_to(tmp_path / "nowhere")
-    os.mkfifo(model / "fifo")
     assert folder_stat_fingerprint(model, [outputs]) == before
 
-    rewrite(weights, "blue")
+    (model / "dangling").symlink_to(tmp_path / "nowhere")
     keys = [before, folder_stat_fingerprint(model, [outputs])]
+    (model / "dangling").unlink()
+    (model / "dangling").symlink_to(tmp_path / "elsewhere-gone")  # a broken link by where it leads
+    keys.append(folder_stat_fingerprint(model, [outputs]))
+    (model / "loop").symlink_to(model / "loop")  # no file either, and no error for the key
+    keys.append(folder_stat_fingerprint(model, [outputs]))
+    os.mkfifo(model / "fifo")
+    keys.append(folder_stat_fingerprint(model, [outputs]))
+    rewrite(weights, "blue")
+    keys.append(folder_stat_fingerprint(model, [outputs]))
     rewrite(shared, "blue")  # behind the link: stat follows it
     keys.append(folder_stat_fingerprint(model, [outputs]))
     image(elsewhere / "v1" / "deep" / "patch.bmp", "red")  # a new file in the linked folder: it is walked

@@ -324,6 +324,22 @@ def test_tiny_entry_is_built_once_and_its_manifest_stays_out_of_the_folder(tmp_p
     assert changed.digest != snap.digest
 
 
+def test_a_broken_link_in_a_local_model_folder_is_named_not_left_out(tmp_path: Path) -> None:
+    """A model file linked to what is gone (a hub cache's blob deleted, a mount not there) was left out of the
+    manifest without a word, and the model loaded without it or failed later; now the folder's check names it."""
+    config = ModelConfig(name="tiny-deepseek-vl", cache_dir=str(tmp_path / "cache"))
+    folder = download_model(config, None, tmp_path / "out").path
+    (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").symlink_to(tmp_path / "gone" / "tokenizer.json")
+    with pytest.raises(UserInputError) as refused:
+        download_model(config, None, tmp_path / "out")
+    assert str(refused.value) == (
+        f"cannot read 1 file: {folder}/tokenizer.json is a broken symlink to {tmp_path}/gone/tokenizer.json (No such "
+        "file or directory): restore the target or remove the link"
+    )
+    assert refused.value.exit_code == 2
+
+
 def test_local_release_layout_is_converted_once(tmp_path: Path) -> None:
     source = write_original_checkpoint(
         tmp_path / "mine", tiny_release_config("deepseek_vl_hybrid"), dtype=torch.float32

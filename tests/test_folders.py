@@ -1,16 +1,23 @@
-"""A folder someone gave is read whole: files in a symlinked subfolder are found, hashed and uploaded, once each."""
+"""A folder someone gave is read whole: files in a symlinked subfolder are found, hashed and uploaded, once each; a
+broken link (or a named pipe) among the files a step would read is refused, named, before the step starts."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
+from vlmops.config import StorageConfig
 from vlmops.data.formats import dataset_files
+from vlmops.data.prepare import snapshot_hash
+from vlmops.errors import UserInputError
 from vlmops.folders import files_under
 from vlmops.infer.planning import folder_hash
 from vlmops.infer.records import find_inputs
+from vlmops.models.manifest import model_files
+from vlmops.storage import s3_client, upload_folder
 
 
 def _tree(tmp_path: Path) -> Path:
@@ -63,3 +70,132 @@ def test_a_model_folders_hash_sees_a_file_in_a_linked_subfolder(tmp_path: Path) 
     first = folder_hash(model)
     (shared / "preprocessor_config.json").write_text('{"size": 1024}')
     assert folder_hash(model) != first
+
+
+def _broken(root: Path, name: str, tmp_path: Path) -> tuple[Path, Path]:
+    """`root/name` -> tmp_path/gone/name, which is not there (a mount gone, a file moved): (link, target)."""
+    link, target = root / name, tmp_path / "gone" / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target)
+    return link, target
+
+
+def _refused(link: Path, target: Path) -> str:
+    return f"{link} is a broken symlink to {target} (No such file or directory): restore the target or remove the link"
+
+
+def test_a_broken_link_among_the_inputs_is_refused_by_name_not_left_out(tmp_path: Path) -> None:
+    """A batch input folder, a glob and a dataset folder with `part3.jsonl -> /mnt/gone/part3.jsonl` in it: the job
+    ran on fewer records without a word; now each names the link, where it leads and the fix."""
+    root = _tree(tmp_path.resolve())  # the folder branch names files under the resolved root
+    link, target = _broken(root / "more" / "deep", "part3.jsonl", tmp_path)  # behind the linked folder: named so
+    for read in (
+        lambda: find_inputs(str(root)),
+        lambda: find_inputs(str(root / "more" / "**" / "*.jsonl")),
+        lambda: dataset_files([root]),
+        lambda: folder_hash(root),
+    ):
+        with pytest.raises(UserInputError) as refused:
+            read()
+        assert str(refused.value) == f"cannot read 1 file: {_refused(link, target)}"
+
+
+def test_a_broken_link_named_as_the_input_says_where_it_leads(tmp_path: Path) -> None:
+    link, target = _broken(tmp_path, "prompts.jsonl", tmp_path)
+    for read in (lambda: find_inputs(str(link)), lambda: dataset_files([link])):
+        with pytest.raises(UserInputError) as refused:
+            read()
+        assert str(refused.value) == f"cannot read 1 file: {_refused(link, target)}"
+
+
+def test_a_broken_link_the_step_would_not_read_is_no_matter(tmp_path: Path) -> None:
+    """Inputs are .jsonl/.json: a broken `notes.txt` link beside them is not read, so it stops nothing."""
+    root = _tree(tmp_path)
+    _broken(root, "notes.txt", tmp_path)
+    _broken(root, ".cache/old.jsonl.tmp", tmp_path)
+    assert [f.name for f in find_inputs(str(root))] == ["a.jsonl", "more/b.jsonl", "more/deep/c.jsonl"]
+    assert [f.name for f in find_inputs(str(root / "*"))] == ["a.jsonl"]
+    assert len(dataset_files([root])) == 3
+    assert [p.name for p in files_under(root, reads=lambda p: p.suffix == ".jsonl")] == [
+        "a.jsonl",
+        "b.jsonl",
+        "c.jsonl",
+    ]
+    with pytest.raises(
+        UserInputError, match=r"cannot read 2 files: .*/\.cache/old\.jsonl\.tmp is a broken .*/notes\.txt"
+    ):
+        files_under(root)  # every file read: both count
+
+
+def test_a_named_pipe_or_a_link_loop_among_the_inputs_is_refused(tmp_path: Path) -> None:
+    """Reading a named pipe would wait for a writer for ever; a link that leads round in a loop leads to no file."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text("{}\n")
+    os.mkfifo(tmp_path / "in" / "b.jsonl")
+    (tmp_path / "in" / "c.json").symlink_to(tmp_path / "in" / "c.json")
+    with pytest.raises(UserInputError) as refused:
+        find_inputs(str(tmp_path / "in"))
+    assert str(refused.value) == (
+        f"cannot read 2 files: {tmp_path}/in/b.jsonl is a named pipe, not a file: put the file there or remove it; "
+        f"{tmp_path}/in/c.json is a broken symlink to {tmp_path}/in/c.json (Too many levels of symbolic links): "
+        "restore the target or remove the link"
+    )
+
+
+def test_a_model_folder_with_a_broken_link_is_neither_hashed_nor_uploaded(tmp_path: Path) -> None:
+    """The batch job's model hash, the model manifest and an S3 upload refuse it before reading or sending a byte
+    (the client below points at no server: nothing is asked of it)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    link, target = _broken(model, "model-00002-of-00002.safetensors", tmp_path)
+    message = f"cannot read 1 file: {_refused(link, target)}"
+    client = s3_client(StorageConfig(endpoint_url="http://127.0.0.1:9"))
+    for read in (
+        lambda: folder_hash(model),
+        lambda: model_files(model),
+        lambda: upload_folder(client, model, "s3://models/m1", progress=False),
+    ):
+        with pytest.raises(UserInputError) as refused:
+            read()
+        assert str(refused.value) == message
+
+
+def test_a_model_folder_as_a_hub_caches_symlink_farm_is_listed_whole(tmp_path: Path) -> None:
+    """A hub cache's snapshot links each file into blobs/, and a folder may link a subfolder in: the manifest lists
+    every model file through the links, as the batch job's hash and the upload read them; a blob gone is refused."""
+    blobs = tmp_path / "hub" / "blobs"
+    blobs.mkdir(parents=True)
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    (snapshot / "vision").mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vision/preprocessor_config.json"):
+        blob = blobs / f"sha-{name.replace('/', '-')}"
+        blob.write_text(name)
+        (snapshot / name).symlink_to(blob)
+    shared = tmp_path / "shared-processor"
+    shared.mkdir()
+    (shared / "processor_config.json").write_text("{}")
+    (snapshot / "processor").symlink_to(shared)
+    (snapshot / "README.md").write_text("not a model file")
+    assert model_files(snapshot) == [
+        "config.json",
+        "model.safetensors",
+        "processor/processor_config.json",
+        "tokenizer.json",
+        "vision/preprocessor_config.json",
+    ]
+    (blobs / "sha-tokenizer.json").unlink()
+    with pytest.raises(UserInputError, match=f"{snapshot}/tokenizer.json is a broken symlink to {blobs}/sha-tok"):
+        model_files(snapshot)
+
+
+def test_a_prepared_datasets_hash_reads_a_linked_images_folder(tmp_path: Path) -> None:
+    """A snapshot folder whose images/ is a link (moved to another disk) keeps the hash it was recorded with."""
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "images").mkdir(parents=True)
+    (snapshot / "train.jsonl").write_text("{}\n")
+    (snapshot / "images" / "ab12.png").write_bytes(b"png")
+    recorded = snapshot_hash(snapshot)
+    (snapshot / "images").rename(tmp_path / "images-elsewhere")
+    (snapshot / "images").symlink_to(tmp_path / "images-elsewhere")
+    assert snapshot_hash(snapshot) == recorded

@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from vlmops.config import TrackingConfig
+from vlmops.errors import UserInputError
 from vlmops.tracking import Tracker, resolve_tracking_uri
 
 
@@ -97,6 +98,38 @@ def test_registering_again_from_the_same_run_reuses_the_version(tmp_path: Path) 
     assert (first.version, again.version, other.version) == ("1", "1", "2")
     assert [a.path for a in tracker.client.list_artifacts(first_run, "model")] == ["model/config.json"]
     assert len(tracker.client.search_model_versions("name = 'm'")) == 2
+
+
+def test_a_model_folder_is_logged_through_its_linked_subfolder_and_refused_with_a_broken_link(tmp_path: Path) -> None:
+    """MLflow's log_artifacts walks without entering a symlinked subfolder (every artifact store's), and the upload
+    check listed the folder the same way: the version was registered without those files. A broken link is named
+    before anything is logged or registered."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(TrackingConfig(uri=uri, experiment="t"), artifact_root=tmp_path / "artifacts")
+    (tmp_path / "shared" / "deep").mkdir(parents=True)
+    (tmp_path / "shared" / "preprocessor_config.json").write_text("{}")
+    (tmp_path / "shared" / "deep" / "extra.json").write_text("[]")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "processor").symlink_to(tmp_path / "shared")
+    with tracker.run("register") as run_id:
+        tracker.register_model(run_id, model, "m", "challenger")
+    (model / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    broken = f"{model}/tokenizer.json is a broken symlink to {tmp_path}/gone.json"
+    with tracker.run("register") as second, pytest.raises(UserInputError, match=broken):
+        tracker.register_model(second, model, "m", "challenger")
+    stored, pending = [], ["model"]
+    while pending:
+        for info in tracker.client.list_artifacts(run_id, pending.pop()):
+            (pending if info.is_dir else stored).append(info.path)
+    assert sorted(stored) == [
+        "model/config.json",
+        "model/processor/deep/extra.json",
+        "model/processor/preprocessor_config.json",
+    ]
+    assert tracker.client.list_artifacts(second) == []
+    assert [str(v.version) for v in tracker.client.search_model_versions("name = 'm'")] == ["1"]
 
 
 def test_a_registration_once_per_flow_run_finishes_the_version_an_earlier_try_made(

@@ -5,16 +5,27 @@
 by its path through the link (what the user sees), and goes into each real folder once: a link back up the tree is
 logged and left, not followed round. `files_under` lists the files; a step's cache key (tasks.caching) walks the same
 way, so what a step reads and what its key sees are the same files.
+
+A name the walk lists that is no file (a broken link such as `part3.jsonl -> /mnt/gone/part3.jsonl`, a named pipe)
+is refused when the caller would read it (`files_under`'s `reads`, `refuse_unreadable`): skipped, it would make a job
+answer fewer records, or a model's hash and upload miss a file, with no word said.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+import stat
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from vlmops.errors import UserInputError
+from vlmops.plural import counted
+
 log = logging.getLogger(__name__)
+
+NAMED = 5
+"""How many of the entries refused `refuse_unreadable` names in its message."""
 
 
 def _every(path: Path) -> bool:
@@ -45,6 +56,52 @@ def walk(root: Path, keep: Callable[[Path], bool] = _every) -> Iterator[tuple[li
         yield links, [here / name for name in names]
 
 
-def files_under(root: Path) -> list[Path]:
-    """Every file under `root` (symlinks to files and to folders followed), sorted by path."""
-    return sorted(path for _, files in walk(root) for path in files if path.is_file())
+def listed_under(root: Path) -> list[Path]:
+    """Every name a walk of `root` lists as a file, sorted by path: the files (symlinks to files and to folders
+    followed), and any broken link or named pipe among them."""
+    return sorted(path for _, names in walk(root) for path in names)
+
+
+def files_under(root: Path, reads: Callable[[Path], bool] = _every) -> list[Path]:
+    """The files under `root` (symlinks to files and to folders followed) whose path `reads` selects, sorted by path.
+
+    Raises:
+        UserInputError: a path `reads` selects is no file to read (a broken link, a named pipe): named, with the fix.
+    """
+    chosen = [path for path in listed_under(root) if reads(path)]
+    refuse_unreadable(chosen)
+    return chosen
+
+
+def refuse_unreadable(paths: Iterable[Path]) -> None:
+    """Refuse to go on when one of `paths`, which a step is about to read, is no file: a broken link (named with where
+    it leads) or a named pipe, socket or device. Folders are for the caller to leave out.
+
+    Raises:
+        UserInputError: naming each such path (the first few) and what to do.
+    """
+    found = [problem for path in paths if (problem := _not_a_file(path)) is not None]
+    if not found:
+        return
+    more = f"; and {len(found) - NAMED} more" if len(found) > NAMED else ""
+    raise UserInputError(f"cannot read {counted(len(found), 'file')}: {'; '.join(found[:NAMED])}{more}")
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What is wrong with reading `path` and the fix, or None for a regular file (or a folder)."""
+    try:
+        found = path.stat()
+    except OSError as err:
+        if not path.is_symlink():
+            raise
+        return (
+            f"{path} is a broken symlink to {path.readlink()} ({err.strerror or err}): restore the target or "
+            "remove the link"
+        )
+    if stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode):
+        return None
+    kind = (
+        "a named pipe" if stat.S_ISFIFO(found.st_mode) else "a socket" if stat.S_ISSOCK(found.st_mode) else "a device"
+    )
+    where = f"{path} links to {path.readlink()}, {kind}" if path.is_symlink() else f"{path} is {kind}"
+    return f"{where}, not a file: put the file there or remove it"

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from vlmops.config import StorageConfig
 from vlmops.errors import RunFailed
-from vlmops.folders import files_under
+from vlmops.folders import listed_under, refuse_unreadable
 from vlmops.s3_content import ETAG, MIB, ContentCheck, content_check, guessed_part_sizes
 
 if TYPE_CHECKING:
@@ -213,19 +213,25 @@ def download_prefix(
 
 
 def upload_folder(client: S3Client, src: str | os.PathLike[str], uri: str, *, progress: bool = True) -> TransferReport:
-    """Copy every file under `src` to `uri/<relative path>`, skipping objects that are already identical."""
+    """Copy every file under `src` to `uri/<relative path>`, skipping objects that are already identical.
+
+    Raises:
+        UserInputError: a file under `src` is a broken link or no file (a named pipe), before anything is copied.
+    """
     bucket, prefix = parse_s3_uri(uri)
     root = Path(src)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a folder")
+    listed = listed_under(root)
+    partials = [p for p in listed if is_partial(p)]
+    if partials:
+        log.info("%s: leaving out %d partial downloads (%s)", root, len(partials), ", ".join(p.name for p in partials))
+    files = [p for p in listed if not is_partial(p)]
+    refuse_unreadable(files)
     remote = {o.key: o for o in list_objects(client, bucket, prefix)}
     report = TransferReport()
     todo: list[tuple[Path, str]] = []
-    every = files_under(root)
-    partials = [p for p in every if is_partial(p)]
-    if partials:
-        log.info("%s: leaving out %d partial downloads (%s)", root, len(partials), ", ".join(p.name for p in partials))
-    for path in (p for p in every if not is_partial(p)):
+    for path in files:
         rel = path.relative_to(root).as_posix()
         key = f"{prefix}/{rel}" if prefix else rel
         existing = remote.get(key)

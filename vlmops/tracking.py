@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from vlmops.config import TrackingConfig
 from vlmops.errors import RunFailed
+from vlmops.folders import files_under
 from vlmops.plural import counted
 from vlmops.redact import redact_text, redact_uri
 from vlmops.staging import build_lock
@@ -256,11 +257,22 @@ class Tracker:
             self.client.set_model_version_tag(name, version, key, str(value))
 
     def log_artifact(self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        """Log a file, or every file of a folder under its relative path.
+
+        Raises:
+            UserInputError: a file of the folder is a broken link or no file (a named pipe), before any is logged.
+        """
         target = Path(path)
-        if target.is_dir():
-            self.client.log_artifacts(run_id, str(target), artifact_path)
-        else:
+        if not target.is_dir():
             self.client.log_artifact(run_id, str(target), artifact_path)
+            return
+        # File by file, not MLflow's log_artifacts: its os.walk does not go into a symlinked subfolder (every
+        # artifact store's, MLflow 3.x), so a model folder's linked files were left out of the upload (and of
+        # `check_uploaded`'s listing, which walked the same way), and a version registered without them.
+        for file in files_under(target):
+            parent = file.relative_to(target).parent.as_posix()
+            within = "/".join(part for part in (artifact_path, parent) if part and part != ".")
+            self.client.log_artifact(run_id, str(file), within or None)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
@@ -358,7 +370,7 @@ class Tracker:
     def check_uploaded(self, run_id: str, folder: Path, artifact_path: str) -> None:
         """Raise RunFailed unless every file of `folder` is among the run's artifacts under `artifact_path`, at
         its size: a version is created only over a complete upload, so none ever points at missing weights."""
-        local = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        local = {p.relative_to(folder).as_posix(): p.stat().st_size for p in files_under(folder)}
         stored: dict[str, int | None] = {}
         pending = [artifact_path]
         while pending:

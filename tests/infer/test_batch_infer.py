@@ -133,6 +133,23 @@ def test_files_of_records_in_a_form_the_job_does_not_read_are_named_not_left_out
     assert f"1 file named like records, not read (only .jsonl and .json are): {tmp_path}/in/b.jsonl.gz; " in globbed
 
 
+def test_a_broken_link_among_the_inputs_stops_the_job_before_it_starts(tiny_model: Path, tmp_path: Path) -> None:
+    """`in/part3.jsonl -> /mnt/gone/part3.jsonl`: the job answered the other files and said nothing of the third. Now
+    it is refused by name before a shard is planned or written; a broken `notes.txt` beside the prompts is not read,
+    so it stops nothing."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"id": "a", "query": "Hello?"}) + "\n")
+    (tmp_path / "in" / "notes.txt").symlink_to(tmp_path / "gone" / "notes.txt")
+    (tmp_path / "in" / "part3.jsonl").symlink_to(tmp_path / "gone" / "part3.jsonl")
+    out = tmp_path / "out"
+    with pytest.raises(UserInputError, match=f"{tmp_path}/in/part3.jsonl is a broken symlink to {tmp_path}/gone/"):
+        run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), job_config(max_new_tokens=2), progress=False)
+    assert not (out / "_job" / "job.json").exists()
+    (tmp_path / "in" / "part3.jsonl").unlink()
+    run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), job_config(max_new_tokens=2), progress=False)
+    assert [r["key"] for r in results(out)] == ["a"]
+
+
 def test_answers_end_at_the_first_eos() -> None:
     # generate pads a row that finished early (here: pad 2 after EOS 1) until the longest row is done
     assert answer_tokens([5, 6, 1, 2, 2], eos_token_id=1) == [5, 6, 1]

@@ -19,7 +19,7 @@ from vlmops.data.image_paths import ImagePaths, image_roots
 from vlmops.data.jsonrecords import json_list_records, jsonl_records
 from vlmops.data.parsing import parse_record_with, refuse_unread_keys
 from vlmops.data.problems import RecordError, RecordProblem
-from vlmops.folders import files_under
+from vlmops.folders import files_under, refuse_unreadable
 
 DATASET_SUFFIXES = (".json", ".jsonl")
 
@@ -89,18 +89,20 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without dataset files.
+        UserInputError: a dataset file given or in a folder is a broken link or no file (a named pipe).
     """
     files: list[Path] = []
     for spec in paths:
         path = Path(spec).expanduser()
         if path.is_dir():
-            found = [p for p in files_under(path) if p.suffix.lower() in DATASET_SUFFIXES]
+            found = files_under(path, reads=lambda p: p.suffix.lower() in DATASET_SUFFIXES)
             if not found:
                 raise FileNotFoundError(f"{path}: no .json or .jsonl dataset files in this folder")
             files += found
         elif path.is_file():
             files.append(path)
         else:
+            refuse_unreadable([path] if path.is_symlink() or path.exists() else [])  # a broken link: where it leads
             raise FileNotFoundError(f"{path} does not exist: pass .json/.jsonl dataset files or folders of them")
     return files
 

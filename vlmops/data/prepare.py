@@ -30,6 +30,7 @@ from vlmops.data.validation import (
     rejects_writer,
 )
 from vlmops.errors import UserInputError
+from vlmops.folders import files_under
 from vlmops.hashing import sha256_file
 from vlmops.models.template import Tokenizer
 from vlmops.plural import counted
@@ -168,7 +169,7 @@ def snapshot_hash(folder: Path) -> str:
     """Hash of every file's relative path and content (images are already named by their content hash)."""
     h = hashlib.sha256()
     derived = ("report.json", LENGTHS_FILE)  # written from the content, not part of it
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in derived):
+    for path in files_under(folder, reads=lambda p: p.name not in derived):
         rel = path.relative_to(folder).as_posix()
         h.update(rel.encode())
         h.update(b"\0")

@@ -71,11 +71,13 @@ def folder_hash(folder: Path, cache_dir: Path | None = None) -> str:
     excluded).
 
     With `cache_dir`, large files unchanged since an earlier job (size, mtime, ctime, inode) are not read again.
+
+    Raises:
+        UserInputError: a file of the folder is a broken link or no file (a named pipe).
     """
     hashes = FolderHashes(folder, cache_dir)
     digest = hashlib.sha256()
-    files = (p for p in files_under(hashes.folder) if p.name != REGISTRY_MANIFEST and not is_partial(p))
-    for path in files:
+    for path in files_under(hashes.folder, reads=lambda p: p.name != REGISTRY_MANIFEST and not is_partial(p)):
         digest.update(f"{path.relative_to(hashes.folder).as_posix()}\0{hashes.sha256(path)}\n".encode())
     hashes.save()
     return digest.hexdigest()

@@ -36,7 +36,7 @@ from vlmops.data.jsonarray import TOO_DEEP, ArrayItem, JsonArrayError, json_arra
 from vlmops.data.parsing import Turn, parse_record, parse_turns, refuse_mixed_formats
 from vlmops.data.problems import RecordError
 from vlmops.errors import UserInputError
-from vlmops.folders import files_under
+from vlmops.folders import listed_under, refuse_unreadable
 from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
 
     Raises:
         FileNotFoundError: nothing there, or no .json/.jsonl file in it.
+        UserInputError: an input file it names is a broken link or no file (a named pipe), before any is read.
     """
     if spec.startswith("s3://"):
         return _find_s3_inputs(spec, storage, output)
@@ -143,21 +144,25 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
         return [InputFile(str(path.resolve()), path.name)]
     if path.is_dir():
         root = path.resolve()
-        every = files_under(root)
-        _name_unread(spec, [p.relative_to(root).as_posix() for p in every])
-        found = [p for p in every if p.suffix.lower() in INPUT_SUFFIXES]
+        listed = listed_under(root)
+        _name_unread(spec, [p.relative_to(root).as_posix() for p in listed if p.is_file()])
+        found = [p for p in listed if p.suffix.lower() in INPUT_SUFFIXES]
         found = _outside(found, _under_local(output), spec, output)
+        refuse_unreadable(found)  # what would be read: a broken `notes.txt` link beside the inputs is no matter
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     elif glob.has_magic(spec):
-        # Path.glob takes no absolute patterns: the glob module does.
-        found = sorted(Path(p).resolve() for p in glob.glob(str(path), recursive=True))  # noqa: PTH207
-        found = [p for p in found if p.is_file()]
+        # Path.glob takes no absolute patterns: the glob module does. It lists broken links too: one named like an
+        # input is refused, as in a folder.
+        matched = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207
+        refuse_unreadable(p for p in matched if p.suffix.lower() in INPUT_SUFFIXES and not p.is_dir())
+        found = sorted(p.resolve() for p in matched if p.is_file())
         _name_unread(spec, [str(p) for p in found])
         found = [p for p in found if p.suffix.lower() in INPUT_SUFFIXES]
         found = _outside(found, _under_local(output), spec, output)
         root = Path(os.path.commonpath([p.parent for p in found])) if found else Path()
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     else:
+        refuse_unreadable([path] if path.is_symlink() or path.exists() else [])  # a broken link: say where it leads
         raise FileNotFoundError(f"input {spec} does not exist: pass a .jsonl/.json file, a folder, a glob or s3://")
     if not files:
         raise FileNotFoundError(f"input {spec}: no .jsonl or .json files there")

@@ -120,7 +120,8 @@ def download_model(
         refresh: download again and re-hash everything, whatever is cached.
 
     Raises:
-        UserInputError: the model section names no known model or an impossible source/id (exit 2).
+        UserInputError: the model section names no known model or an impossible source/id, or a model file of a
+            local folder is a broken link (exit 2).
         ModelFolderNotFoundError: a local folder that does not exist (exit 2).
         ModelNotFoundError: the source has no such id or revision, or no model files under it (exit 2).
         TransferFailedError: hub or bucket unreachable, a download that broke off or arrived damaged (exit 1).

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vlmops.folders import files_under
 from vlmops.hashing import SMALL_FILE_BYTES, sha256_file
 from vlmops.models.catalog import ResolvedModel
 from vlmops.models.download_errors import REFRESH_HINT, SnapshotCorruptedError
@@ -55,15 +56,19 @@ def build_manifest(folder: Path, files: Iterable[str] | None = None) -> dict[str
 
 
 def model_files(folder: Path) -> list[str]:
-    """Files under `folder` that a model needs (ALLOW_PATTERNS), skipping hidden files and folders."""
-    out = []
-    for path in folder.rglob("*"):
+    """Files under `folder` that a model needs (ALLOW_PATTERNS), skipping hidden files and folders. Symlinked
+    subfolders are read as `vlmops.folders` reads them, so the manifest lists what a batch job hashes and an upload
+    copies; a model folder can be a symlink farm (a hub cache's snapshot links each file into its blobs).
+
+    Raises:
+        UserInputError: a model file is a broken link (a snapshot whose blob is gone) or no file.
+    """
+
+    def needed(path: Path) -> bool:
         rel = path.relative_to(folder).as_posix()
-        if any(part.startswith(".") for part in rel.split("/")) or not path.is_file():
-            continue
-        if matches(rel, ALLOW_PATTERNS):
-            out.append(rel)
-    return sorted(out)
+        return not any(part.startswith(".") for part in rel.split("/")) and matches(rel, ALLOW_PATTERNS)
+
+    return sorted(path.relative_to(folder).as_posix() for path in files_under(folder, reads=needed))
 
 
 def write_manifest(
