@@ -13,6 +13,8 @@ Role = Literal["system", "user", "assistant"]
 # The seed's inline image tag: <img>path-or-url</img>, anywhere in a user turn.
 OPEN_TAG, CLOSE_TAG = "<img>", "</img>"
 TAG = re.compile(r"<img>|</img>")
+# ms-swift's mark for one of a record's (or a chat turn's) listed images, filled in order.
+IMAGE_MARK = re.compile(r"<image>")
 
 
 class ImageTagError(UserInputError):

@@ -88,6 +88,7 @@ def test_too_many_images_for_max_length(page_model: PageModel, images: dict[str,
     [
         ("", [], {}, "type a question"),
         ("<img>/etc/hosts.png</img>What is this?", [], {}, "upload button"),
+        ("Is <image> like <image>?", [], {}, r"^2 <image> marks for 0 listed images: write one mark per image"),
         ("Hi", [], {"top_p": 0.0}, "top_p"),
         ("Hi", [], {"max_new_tokens": 0}, "max_new_tokens"),
     ],

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vlmops.config import InferConfig, StorageConfig, dump_config, load_config
-from vlmops.conversation import Message, parse_img_tags
+from vlmops.conversation import ImageTagError, Message, parse_img_tags
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.chat import ChatModel
 from vlmops.infer.generation import _CudnnAttentionOff
@@ -92,11 +92,23 @@ def test_two_images_in_one_turn_in_order(chat_model: ChatModel, images: dict[str
     assert len(history) == 1
     assert red_blue != blue_red  # both images reach the model, in their order
 
-    # `images=` appends image parts after the text; the history records them as <img> tags.
-    appended, history = chat_model.chat("What differs?", images=[str(red), str(blue)])
-    assert history == [[f"What differs?<img>{red}</img><img>{blue}</img>", appended]]
-    tagged, _ = chat_model.chat(f"What differs?<img>{red}</img><img>{blue}</img>")
-    assert appended == tagged
+    # `images=` without <image> marks puts the images before the text, as a batch job's simple record (query +
+    # images) and ms-swift do; the history records them as <img> tags where they went.
+    listed, history = chat_model.chat("What differs?", images=[str(red), str(blue)])
+    assert history == [[f"<img>{red}</img><img>{blue}</img>What differs?", listed]]
+    assert listed == red_blue
+    # With marks, each fills one in order.
+    marked, history = chat_model.chat("First <image>, then <image>: what differs?", images=[str(blue), str(red)])
+    assert history == [[f"First <img>{blue}</img>, then <img>{red}</img>: what differs?", marked]]
+    assert marked == chat_model.chat(f"First <img>{blue}</img>, then <img>{red}</img>: what differs?")[0]
+
+
+def test_image_marks_not_one_per_listed_image_are_refused(chat_model: ChatModel, images: dict[str, Path]) -> None:
+    """A `<image>` mark was passed to the model as text, and the listed images went after the query."""
+    with pytest.raises(ImageTagError, match=r"query: 2 <image> marks for 1 listed image: write one mark per image"):
+        chat_model.chat("<image> or <image>?", images=[str(images["red"])])
+    with pytest.raises(ImageTagError, match=r"query: 1 <image> mark for 0 listed images"):
+        chat_model.prompt_length("What is <image>?")
 
 
 def test_text_only_turn(chat_model: ChatModel) -> None:

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from vlmops.app.models import PageModel
 from vlmops.config import InferConfig
+from vlmops.conversation import ImageTagError
 from vlmops.data.images import ImageLoadError
 from vlmops.errors import UserInputError
 from vlmops.infer.chat import History
@@ -53,7 +54,8 @@ def check_turn(model: PageModel, query: str, images: Sequence[str], history: His
     """Refuse a turn this model cannot answer, with the reason (reads the images once to be sure they open).
 
     Raises:
-        TurnRefused: no question, `<img>` tags in the text, an unreadable image, settings out of range, or a
+        TurnRefused: no question, `<img>` tags in the text, `<image>` marks not one per attached image, an unreadable
+            image, settings out of range, or a
             conversation longer than `max_length` tokens once the answer is added.
     """
     if not query.strip() and not images:
@@ -69,6 +71,8 @@ def check_turn(model: PageModel, query: str, images: Sequence[str], history: His
             length = model.chat.prompt_length(query, history, images)
     except ImageLoadError as err:
         raise TurnRefused(_unreadable(images, err)) from err
+    except ImageTagError as err:  # `<image>` marks typed in the box, not one per attached image
+        raise TurnRefused(str(err).removeprefix("query: ")) from err
     needed = length + int(settings.max_new_tokens)
     if needed > model.max_length:
         per_image = model.chat.loaded.num_image_tokens

@@ -6,13 +6,12 @@ image). The turns are checked (user and assistant alternate, images only in user
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmops.conversation import Conversation, ImageRef, ImageTagError, Message, Part, Role, parse_img_tags
+from vlmops.conversation import IMAGE_MARK, Conversation, ImageRef, ImageTagError, Message, Part, Role, parse_img_tags
 from vlmops.data.image_paths import ImagePaths
 from vlmops.data.problems import RecordError
 from vlmops.plural import counted
@@ -24,7 +23,6 @@ ROLE_ALIASES: dict[str, Role] = {
     "assistant": "assistant",
     "gpt": "assistant",
 }
-IMAGE_MARK = re.compile(r"<image>")
 TURN_KEYS = {"conversations": ("from", "value"), "messages": ("role", "content")}
 
 

@@ -26,13 +26,14 @@ from PIL import Image
 from transformers import StoppingCriteria
 
 from vlmops.config import InferConfig, PipelineConfig, StorageConfig
-from vlmops.conversation import ImageRef, ImageTagError, Message, Part, parse_img_tags
+from vlmops.conversation import IMAGE_MARK, ImageRef, ImageTagError, Message, Part, parse_img_tags
 from vlmops.data.image_paths import REMOTE_PREFIXES
 from vlmops.data.images import ImageLoadError, load_image
 from vlmops.infer.generation import answer_tokens, decode_answer, generate, generation_config, model_inputs
 from vlmops.infer.resolve import ModelSource, ResolveModel, model_source, resolve_model_ref, with_saved_generation
 from vlmops.models.loading import LoadedModel, load_model
 from vlmops.models.template import encode
+from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +142,15 @@ class ChatModel:
         Args:
             query: the user's text; `<img>path-or-URL</img>` tags anywhere in it add images at that place.
             history: earlier `[query, response]` pairs (not modified).
-            images: more images (paths or URIs), placed after the query's text.
+            images: more images (paths or URIs): they fill the query's `<image>` marks in order, or, where it has
+                none, come before its text, as in a batch job's simple record (`query` + `images`) and ms-swift.
             system: this call's system prompt instead of the model's ("" for none).
 
         Raises:
             ImageLoadError: an image cannot be read; the message names it and the argument that holds it (`images[1]`,
                 `query`, `history[0][0]`; also its `field`), as a batch job's reject names the record's field.
-            ImageTagError: an `<img>` tag that is not closed or is nested, named the same way.
+            ImageTagError: an `<img>` tag that is not closed or is nested, named the same way; `<image>` marks in the
+                query that are not one per listed image.
         """
         turn, prompt, pil_images = self._prompt(query, history, images, system)
         inputs = model_inputs(self.loaded, [prompt], pil_images)
@@ -227,8 +230,15 @@ class ChatModel:
         return len(self._prompt(query, history, images, system)[1])
 
     def history_turn(self, query: str, images: Sequence[str] | None = None) -> str:
-        """The query as stored in the history: the extra images appended as `<img>` tags."""
-        return query + "".join(f"<img>{uri}</img>" for uri in images or [])
+        """The query as stored in the history: `images` as `<img>` tags where the prompt has them (`_placed`).
+
+        Raises:
+            ImageTagError: `<image>` marks in the query that are not one per image.
+        """
+        listed = list(images or [])
+        return "".join(
+            piece if isinstance(piece, str) else f"<img>{listed[piece]}</img>" for piece in _placed(query, listed)
+        )
 
     def _prompt(
         self, query: str, history: History | None, images: Sequence[str] | None, system: str | None
@@ -246,7 +256,10 @@ class ChatModel:
             messages.append(Message("user", _named_parts(pair[0], f"history[{index}][0]")))
             messages.append(Message("assistant", [pair[1]]))
         given = [ImageRef(str(uri).strip(), f"images[{i}]") for i, uri in enumerate(images or [])]
-        messages.append(Message("user", [*_named_parts(query, "query"), *given]))
+        parts: list[Part] = []
+        for piece in _placed(query, given):
+            parts += _named_parts(piece, "query") if isinstance(piece, str) else [given[piece]]
+        messages.append(Message("user", parts))
         encoded = encode(
             messages,
             self.loaded.tokenizer,
@@ -285,6 +298,27 @@ class ChatModel:
         if len(self._images) > IMAGE_CACHE_SIZE:
             self._images.popitem(last=False)
         return image
+
+
+def _placed(query: str, images: Sequence[object]) -> list[str | int]:
+    """The query's text pieces and, by index, the listed `images` where they go: in its `<image>` marks, in order, or,
+    with no mark, all before the text (a batch job's simple record places them so: vlmops.infer.records).
+
+    Raises:
+        ImageTagError: marks in the query, but not one per image.
+    """
+    pieces = IMAGE_MARK.split(query)
+    if len(pieces) == 1:
+        return [*range(len(images)), query]
+    if len(pieces) - 1 != len(images):
+        raise ImageTagError(
+            f"query: {counted(len(pieces) - 1, '<image> mark')} for {counted(len(images), 'listed image')}: write one "
+            "mark per image in images, or none (the images then come before the text)"
+        )
+    placed: list[str | int] = [pieces[0]]
+    for index, piece in enumerate(pieces[1:]):
+        placed += [index, piece]
+    return placed
 
 
 def _named_parts(text: str, field: str) -> list[Part]:
