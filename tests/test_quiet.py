@@ -149,3 +149,14 @@ def test_a_command_leaves_nothing_in_the_home_folder(tmp_path: Path) -> None:
                    unset=unset)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert not home.exists() or sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
+
+
+def test_a_flow_runs_process_sends_no_mlflow_telemetry() -> None:
+    """A worker's flow run imports the flows package, not `vlmops`'s command line, which is where the default was set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "CI")}
+    env = {k: v for k, v in env.items() if k not in ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS")}
+    env["PYTHONPATH"] = str(ROOT)
+    check = "import flows.retrain, mlflow.telemetry.utils as u; print(u.is_telemetry_disabled())"
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "True"
