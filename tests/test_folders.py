@@ -1,10 +1,13 @@
 """A folder someone gave is read whole: files in a symlinked subfolder are found, hashed and uploaded, once each; a
-broken link (or a named pipe) among the files a step would read is refused, named, before the step starts."""
+broken link (or a named pipe) among the files a step would read, or a subfolder that cannot be listed, is refused,
+named, before the step starts."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -199,3 +202,44 @@ def test_a_prepared_datasets_hash_reads_a_linked_images_folder(tmp_path: Path) -
     (snapshot / "images").rename(tmp_path / "images-elsewhere")
     (snapshot / "images").symlink_to(tmp_path / "images-elsewhere")
     assert snapshot_hash(snapshot) == recorded
+
+
+@pytest.fixture
+def unlistable(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Folders `os.scandir` (what os.walk lists a folder with) fails on, by path, with the errno given: tests run as
+    root, which reads a folder without read permission."""
+    failing: dict[str, int] = {}
+    scandir = os.scandir
+
+    def listing(path: str | os.PathLike[str] = ".") -> Iterator[os.DirEntry[str]]:
+        if (code := failing.get(os.fspath(path))) is not None:
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return scandir(path)  # type: ignore[return-value]
+
+    monkeypatch.setattr(os, "scandir", listing)
+    yield failing
+
+
+def test_a_subfolder_that_cannot_be_listed_is_refused_by_name_not_left_out(
+    tmp_path: Path, unlistable: dict[str, int]
+) -> None:
+    """os.walk passes over a folder it cannot list unless told otherwise: an input folder's `more/deep/` without read
+    permission lost its records, a model folder's subfolder its files from the hash, without a word."""
+    root = _tree(tmp_path.resolve())
+    deep = root / "more" / "deep"  # behind the linked folder: named so
+    unlistable[str(deep)] = errno.EACCES
+    message = f"cannot list folder {deep} (Permission denied): give read permission or remove it from the input"
+    for read in (
+        lambda: find_inputs(str(root)),
+        lambda: dataset_files([root]),
+        lambda: folder_hash(root),
+        lambda: files_under(root),
+    ):
+        with pytest.raises(UserInputError) as refused:
+            read()
+        assert str(refused.value) == message
+    unlistable[str(deep)] = errno.ENOENT  # gone between the listing of more/ and its own
+    with pytest.raises(
+        UserInputError, match=f"cannot list folder {deep} \\(No such file or directory\\): it went away"
+    ):
+        files_under(root)
