@@ -3,6 +3,7 @@ what changes the data validation reads changes the key, and nothing else beside 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from prefect.context import TaskRunContext
 from tasks.caching import FileContents, folder_stat_fingerprint, image_stat_data, stat_data
 from tasks.validate import validate_dataset
 from vlmops.config import DataConfig
+from vlmops.errors import UserInputError
 
 RECORD = json.dumps(
     {
@@ -315,3 +317,31 @@ def test_a_model_folders_key_follows_its_files_and_links_and_nothing_else(tmp_pa
     (model / "extra.json").write_text("{}")
     keys.append(folder_stat_fingerprint(model, [outputs]))
     assert len(set(keys)) == len(keys), keys
+
+
+def test_a_model_folders_key_names_a_subfolder_it_cannot_list_and_passes_over_one_it_leaves_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """os.walk passed over a folder it could not list: the key was that of the folder without those files, and a
+    step reused a result computed without them. It is refused by name now (Prefect logs it and runs the step, which
+    reads the folder and stops with the same words); a folder the walk leaves out (.git) is not listed, so no matter.
+    Tests run as root, which lists any folder: `os.scandir`, what os.walk lists with, fails on the chosen ones."""
+    model = tmp_path.resolve() / "model"  # as the walk names its folders
+    image(model / "vision" / "weights.bmp", "red")
+    (model / ".git" / "objects").mkdir(parents=True)
+    locked = {str(model / "vision"), str(model / ".git")}
+    scandir = os.scandir
+
+    def listing(path: Any = ".") -> Any:
+        if os.fspath(path) in locked:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", listing)
+    with pytest.raises(UserInputError) as refused:
+        folder_stat_fingerprint(model)
+    assert str(refused.value) == (
+        f"cannot list folder {model}/vision (Permission denied): give read permission or remove it from the input"
+    )
+    locked.remove(str(model / "vision"))
+    folder_stat_fingerprint(model)  # .git is left out of the walk: never listed

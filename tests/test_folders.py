@@ -1,10 +1,13 @@
 """A folder someone gave is read whole: files in a symlinked subfolder are found, hashed and uploaded, once each; a
-broken link (or a named pipe) among the files a step would read is refused, named, before the step starts."""
+broken link (or a named pipe) among the files a step would read, or a subfolder that cannot be listed, is refused,
+named, before the step starts. A linked file is read by its own name (a hub cache's blob has none to go by)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,7 @@ from vlmops.data.prepare import snapshot_hash
 from vlmops.errors import UserInputError
 from vlmops.folders import files_under
 from vlmops.infer.planning import folder_hash
-from vlmops.infer.records import find_inputs
+from vlmops.infer.records import find_inputs, read_shard, scan_input
 from vlmops.models.manifest import model_files
 from vlmops.storage import s3_client, upload_folder
 
@@ -199,3 +202,101 @@ def test_a_prepared_datasets_hash_reads_a_linked_images_folder(tmp_path: Path) -
     (snapshot / "images").rename(tmp_path / "images-elsewhere")
     (snapshot / "images").symlink_to(tmp_path / "images-elsewhere")
     assert snapshot_hash(snapshot) == recorded
+
+
+def _hub_links(tmp_path: Path) -> Path:
+    """snapshot/a.jsonl and snapshot/b.json, each a link into blobs/ (a hub cache's layout: a blob's name is its hash,
+    with no suffix); a.jsonl holds two records, b.json a list of one."""
+    blobs = tmp_path / "hub" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / "3f2a9c").write_text('{"id": "a1", "query": "Hi?"}\n{"id": "a2", "query": "And?"}\n')
+    (blobs / "7d41e0").write_text('[{"id": "b1", "query": "Hello?"}]')
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "a.jsonl").symlink_to("../../blobs/3f2a9c")
+    (snapshot / "b.json").symlink_to(blobs / "7d41e0")
+    return snapshot.resolve()
+
+
+def _records(spec: str) -> list[tuple[str, str]]:
+    """Each record `find_inputs(spec)` leads to: (where it is, the location its key falls back to)."""
+    found = []
+    for file in find_inputs(spec):
+        scanned, shards = scan_input(file, 0, 10)
+        found += [(raw.location, raw.key_location) for shard in shards for raw in read_shard(scanned, shard)]
+    return found
+
+
+def test_a_glob_or_a_file_linked_into_a_hub_caches_blobs_is_read_by_its_own_name(tmp_path: Path) -> None:
+    """A glob matched the links and kept those whose target's name ended in .jsonl/.json: a blob's never does, so
+    the files were left out without a word; a link given as the input was read by its target's name (the .json
+    reader, on a .jsonl file). Each is read by the link's name now, and named by it in the plan and the records."""
+    snapshot = _hub_links(tmp_path)
+    by_glob = find_inputs(str(snapshot / "*"))
+    assert [(f.uri, f.name) for f in by_glob] == [(f"{snapshot}/a.jsonl", "a.jsonl"), (f"{snapshot}/b.json", "b.json")]
+    assert _records(str(snapshot / "*.json*")) == [
+        (f"{snapshot}/a.jsonl:1", "a.jsonl:1"),
+        (f"{snapshot}/a.jsonl:2", "a.jsonl:2"),
+        (f"{snapshot}/b.json[0]", "b.json[0]"),
+    ]
+    assert _records(str(snapshot / "a.jsonl")) == [
+        (f"{snapshot}/a.jsonl:1", "a.jsonl:1"),
+        (f"{snapshot}/a.jsonl:2", "a.jsonl:2"),
+    ]
+    assert dataset_files([snapshot / "a.jsonl"]) == [snapshot / "a.jsonl"]
+
+
+def test_a_glob_through_a_linked_folder_names_files_as_the_folder_input_does(tmp_path: Path) -> None:
+    """`in/*/*.jsonl` over in/x/ and in/more -> elsewhere/batch: the files were named by where the link led
+    (elsewhere/batch/b.jsonl, in/x/a.jsonl, from their common folder), not as the user sees them."""
+    tmp_path = tmp_path.resolve()
+    (tmp_path / "elsewhere" / "batch").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "batch" / "b.jsonl").write_text("{}\n")
+    (tmp_path / "in" / "x").mkdir(parents=True)
+    (tmp_path / "in" / "x" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "in" / "more").symlink_to(tmp_path / "elsewhere" / "batch")
+    assert [(f.uri, f.name) for f in find_inputs(str(tmp_path / "in" / "*" / "*.jsonl"))] == [
+        (f"{tmp_path}/in/more/b.jsonl", "more/b.jsonl"),
+        (f"{tmp_path}/in/x/a.jsonl", "x/a.jsonl"),
+    ]
+
+
+@pytest.fixture
+def unlistable(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Folders `os.scandir` (what os.walk lists a folder with) fails on, by path, with the errno given: tests run as
+    root, which reads a folder without read permission."""
+    failing: dict[str, int] = {}
+    scandir = os.scandir
+
+    def listing(path: str | os.PathLike[str] = ".") -> Iterator[os.DirEntry[str]]:
+        if (code := failing.get(os.fspath(path))) is not None:
+            raise OSError(code, os.strerror(code), os.fspath(path))
+        return scandir(path)  # type: ignore[return-value]
+
+    monkeypatch.setattr(os, "scandir", listing)
+    yield failing
+
+
+def test_a_subfolder_that_cannot_be_listed_is_refused_by_name_not_left_out(
+    tmp_path: Path, unlistable: dict[str, int]
+) -> None:
+    """os.walk passes over a folder it cannot list unless told otherwise: an input folder's `more/deep/` without read
+    permission lost its records, a model folder's subfolder its files from the hash, without a word."""
+    root = _tree(tmp_path.resolve())
+    deep = root / "more" / "deep"  # behind the linked folder: named so
+    unlistable[str(deep)] = errno.EACCES
+    message = f"cannot list folder {deep} (Permission denied): give read permission or remove it from the input"
+    for read in (
+        lambda: find_inputs(str(root)),
+        lambda: dataset_files([root]),
+        lambda: folder_hash(root),
+        lambda: files_under(root),
+    ):
+        with pytest.raises(UserInputError) as refused:
+            read()
+        assert str(refused.value) == message
+    unlistable[str(deep)] = errno.ENOENT  # gone between the listing of more/ and its own
+    with pytest.raises(
+        UserInputError, match=f"cannot list folder {deep} \\(No such file or directory\\): it went away"
+    ):
+        files_under(root)

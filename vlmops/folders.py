@@ -3,7 +3,9 @@
 `Path.rglob` does not go into a symlinked subfolder (Python 3.11 and 3.12), so a batch input folder with
 `batch2 -> /mnt/data/batch2` in it would lose those records without a word. `walk` follows such links, names each file
 by its path through the link (what the user sees), and goes into each real folder once: a link back up the tree is
-logged and left, not followed round. `files_under` lists the files; a step's cache key (tasks.caching) walks the same
+logged and left, not followed round. A folder it cannot list (no read permission, gone mid-walk) is refused by name:
+`os.walk` passes over it without a word unless told otherwise, and its files would be left out. `files_under` lists
+the files; a step's cache key (tasks.caching) walks the same
 way, so what a step reads and what its key sees are the same files.
 
 A name the walk lists that is no file (a broken link such as `part3.jsonl -> /mnt/gone/part3.jsonl`, a named pipe)
@@ -35,9 +37,13 @@ def _every(path: Path) -> bool:
 def walk(root: Path, keep: Callable[[Path], bool] = _every) -> Iterator[tuple[list[Path], list[Path]]]:
     """For `root` and each folder below it: the symlinks to folders in it, and the names `os.walk` lists as its
     files (a broken link among them). Folder links are followed, each real folder once; `keep(path)` False leaves a
-    subfolder (and its link) out."""
+    subfolder (and its link) out.
+
+    Raises:
+        UserInputError: `root` or a folder below it that the walk goes into cannot be listed, named with the error.
+    """
     seen = {root.resolve()}
-    for folder, dirs, names in os.walk(root, followlinks=True):
+    for folder, dirs, names in os.walk(root, onerror=_refuse_unlisted, followlinks=True):
         here = Path(folder)
         kept, links = [], []
         for name in sorted(dirs):
@@ -54,6 +60,15 @@ def walk(root: Path, keep: Callable[[Path], bool] = _every) -> Iterator[tuple[li
             kept.append(name)
         dirs[:] = kept
         yield links, [here / name for name in names]
+
+
+def _refuse_unlisted(err: OSError) -> None:
+    """os.walk's `onerror`: a folder it could not list would lose its files without a word."""
+    if isinstance(err, FileNotFoundError):
+        fix = "it went away while it was read: put it back (or leave it out of the input) and run again"
+    else:
+        fix = "give read permission or remove it from the input"
+    raise UserInputError(f"cannot list folder {err.filename} ({err.strerror or err}): {fix}") from err
 
 
 def listed_under(root: Path) -> list[Path]:

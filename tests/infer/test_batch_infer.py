@@ -150,6 +150,24 @@ def test_a_broken_link_among_the_inputs_stops_the_job_before_it_starts(tiny_mode
     assert [r["key"] for r in results(out)] == ["a"]
 
 
+def test_a_glob_over_links_into_a_hub_caches_blobs_answers_them_named_by_the_links(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`in/*.jsonl` over `in/a.jsonl -> ../blobs/3f2a9c` (a blob has no suffix): the glob kept the files whose target
+    ended in .jsonl, none here, and the job had no input. The plan, each result's source and each reject's file name
+    the link, as given; the key falls back to the link's name."""
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "3f2a9c").write_text(json.dumps({"query": "Hello?"}) + "\n" + json.dumps({"id": 1}) + "\n")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").symlink_to("../blobs/3f2a9c")
+    out, link = tmp_path / "out", f"{tmp_path.resolve()}/in/a.jsonl"
+    run_batch_job(str(tiny_model), str(tmp_path / "in" / "*.jsonl"), str(out), job_config(max_new_tokens=2))
+    plan = json.loads((out / "_job" / "job.json").read_text())
+    assert [(f["uri"], f["name"]) for f in plan["files"]] == [(link, "a.jsonl")]
+    assert [(r["key"], r["source"]) for r in results(out)] == [("a.jsonl:1", f"{link}:1")]
+    assert [(r["file"], r["line"], r["key"]) for r in rejects(out)] == [(link, 2, 1)]
+
+
 def test_answers_end_at_the_first_eos() -> None:
     # generate pads a row that finished early (here: pad 2 after EOS 1) until the longest row is done
     assert answer_tokens([5, 6, 1, 2, 2], eos_token_id=1) == [5, 6, 1]

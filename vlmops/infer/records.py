@@ -141,7 +141,8 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
     path = Path(spec).expanduser()
     if path.is_file():
         _check_suffix(path.name, spec)
-        return [InputFile(str(path.resolve()), path.name)]
+        # By its own name, a link too (a hub cache's `a.jsonl -> ../blobs/3f2a...`): its suffix picks the reader.
+        return [InputFile(str(path.parent.resolve() / path.name), path.name)]
     if path.is_dir():
         root = path.resolve()
         listed = listed_under(root)
@@ -155,7 +156,7 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
         # input is refused, as in a folder.
         matched = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207
         refuse_unreadable(p for p in matched if p.suffix.lower() in INPUT_SUFFIXES and not p.is_dir())
-        found = sorted(p.resolve() for p in matched if p.is_file())
+        found = sorted(_as_matched(p, path) for p in matched if p.is_file())
         _name_unread(spec, [str(p) for p in found])
         found = [p for p in found if p.suffix.lower() in INPUT_SUFFIXES]
         found = _outside(found, _under_local(output), spec, output)
@@ -167,6 +168,17 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
     if not files:
         raise FileNotFoundError(f"input {spec}: no .jsonl or .json files there")
     return files
+
+
+def _as_matched(match: Path, pattern: Path) -> Path:
+    """A glob's match by the names it was matched with, below the pattern's folder (resolved, as an input folder is):
+    a link's own name, `a.jsonl -> ../blobs/3f2a...` (a hub cache's layout), not its target's, which has no suffix
+    and would leave the file out; a linked subfolder's name, as a folder input names it."""
+    literal = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), pattern.parts))
+    below = match.relative_to(literal)
+    if ".." in below.parts:  # `..` after a linked folder leads from where the link leads: no name to keep
+        return match.parent.resolve() / match.name
+    return literal.resolve() / below
 
 
 LOOKS_LIKE_RECORDS = re.compile(r"\.json|\.ndjson$|\.jsonlines$", re.IGNORECASE)
