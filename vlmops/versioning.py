@@ -218,12 +218,12 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     dvc_file.write_text(dvc_text)
     repo = Repo(str(dest))
     try:
-        log.info("DVC: pulling %s (%s) from %s", name, md5, remote_url)
+        log.info("DVC: pulling %s (%s) from %s", name, md5, redact_uri(remote_url))
         with remote_outages_named(remote_url):
             repo.pull(targets=[str(dvc_file)], remote="origin")
     except CheckoutError as err:
         raise DvcPullError(
-            f"DVC could not restore {name} ({md5}) from {remote_url}: the remote's copy is missing or damaged "
+            f"DVC could not restore {name} ({md5}) from {redact_uri(remote_url)}: the remote's copy is missing or damaged "
             f"(a file's content does not match its recorded hash). Push it again from a machine that has it "
             f"(`dvc push` in the DVC repository that tracked it), or point versioning.remote_url at a good copy"
         ) from err
