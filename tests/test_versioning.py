@@ -155,6 +155,31 @@ def _served(folder: Path) -> Iterator[str]:
         thread.join()
 
 
+def test_an_http_remote_whose_host_does_not_answer_is_named_and_a_retry_may_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DVC's http remote reports a refused connection as a file not found: the pull said the remote's copy was missing
+    or damaged. Its host is asked once more after the failure, and one that does not answer is the outage, named
+    with the URL's password masked."""
+    from vlmops.outages import DVC_REMOTE, ServiceUnavailable, is_transient, unreachable_service
+    from vlmops.versioning import pull_tracked
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{sock.getsockname()[1]}"
+    caplog.set_level(logging.INFO, logger="vlmops")
+    with pytest.raises(ServiceUnavailable) as raised:
+        pull_tracked(MISSING_MD5, "model", f"http://vlmops:{PASSWORD}@{host}/dvc", tmp_path / "pulled")
+    assert re.match(
+        rf"DVC remote at http://vlmops:\*\*\*@{host}/dvc did not answer: ConnectionError: ", str(raised.value)
+    )
+    assert "Connection refused" in str(raised.value)
+    assert raised.value.service == DVC_REMOTE and raised.value.then is None
+    assert is_transient(raised.value)
+    assert unreachable_service(raised.value) == raised.value.outage
+    assert PASSWORD not in str(raised.value) and PASSWORD not in caplog.text
+
+
 def test_an_http_remote_that_answers_without_the_object_says_it_is_missing_with_its_password_masked(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
