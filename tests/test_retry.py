@@ -192,7 +192,7 @@ def test_an_outage_a_child_process_reported_is_named_again_by_its_parent_with_th
     with pytest.raises(ServiceUnavailable) as named:
         flow_body(child)
     assert str(named.value) == (
-        f"S3 at http://127.0.0.1:9 did not answer, after retries: {refused}\n"
+        f"S3 at http://127.0.0.1:9 did not answer: {refused}\n"
         "start it (or fix its URL in the config), then run the flow again"
     )
     assert isinstance(named.value.__cause__, RunFailed) and "run the same command again" in str(named.value.__cause__)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from vlmops.versioning import DvcStore, cache_object_path, read_dvc_file
+
+MISSING_MD5 = "d41d8cd98f00b204e9800998ecf8427e.dir"  # an object no remote of these tests has
+PASSWORD = "s3cret-dvc-pw"
 
 
 def test_track_folder_pushes_objects(tmp_path: Path) -> None:
@@ -110,9 +118,9 @@ def test_an_s3_remote_that_does_not_answer_is_named_and_a_retry_may_pass(
     (data / "train.jsonl").write_text('{"a": 1}\n')
     refused = rf'EndpointConnectionError: Could not connect to the endpoint URL: "{re.escape(endpoint)}/dvc\S*"$'
 
-    with pytest.raises(ServiceUnavailable, match=rf"^DVC remote at s3://dvc/store did not answer, .*{refused}") as push:
+    with pytest.raises(ServiceUnavailable, match=rf"^DVC remote at s3://dvc/store did not answer: .*{refused}") as push:
         DvcStore(tmp_path / "ws", "s3", "s3://dvc/store").track(data)
-    with pytest.raises(ServiceUnavailable, match=rf"^DVC remote at s3://dvc/store did not answer, .*{refused}") as pull:
+    with pytest.raises(ServiceUnavailable, match=rf"^DVC remote at s3://dvc/store did not answer: .*{refused}") as pull:
         pull_tracked("d41d8cd98f00b204e9800998ecf8427e.dir", "model", "s3://dvc/store", tmp_path / "pulled")
     for raised in (push.value, pull.value):
         assert raised.then is None  # the command or the flow around it says what to run
@@ -130,3 +138,68 @@ def test_a_remote_that_answers_with_an_error_of_its_own_is_no_outage(tmp_path: P
     with pytest.raises(DvcPullError) as raised:
         pull_tracked("d41d8cd98f00b204e9800998ecf8427e.dir", "model", str(tmp_path / "remote"), tmp_path / "pulled")
     assert not isinstance(raised.value, ServiceUnavailable)
+
+
+@contextmanager
+def _served(folder: Path) -> Iterator[str]:
+    """`folder` over plain HTTP (the standard library's file server, which ignores the URL's user and password)."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_an_http_remote_whose_host_does_not_answer_is_named_and_a_retry_may_pass(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DVC's http remote reports a refused connection as a file not found: the pull said the remote's copy was missing
+    or damaged. Its host is asked once more after the failure, and one that does not answer is the outage, named
+    with the URL's password masked."""
+    from vlmops.outages import DVC_REMOTE, ServiceUnavailable, is_transient, unreachable_service
+    from vlmops.versioning import pull_tracked
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        host = f"127.0.0.1:{sock.getsockname()[1]}"
+    caplog.set_level(logging.INFO, logger="vlmops")
+    with pytest.raises(ServiceUnavailable) as raised:
+        pull_tracked(MISSING_MD5, "model", f"http://vlmops:{PASSWORD}@{host}/dvc", tmp_path / "pulled")
+    assert re.match(
+        rf"DVC remote at http://vlmops:\*\*\*@{host}/dvc did not answer: ConnectionError: ", str(raised.value)
+    )
+    assert "Connection refused" in str(raised.value)
+    assert raised.value.service == DVC_REMOTE and raised.value.then is None
+    assert is_transient(raised.value)
+    assert unreachable_service(raised.value) == raised.value.outage
+    assert PASSWORD not in str(raised.value) and PASSWORD not in caplog.text
+
+
+def test_an_http_remote_that_answers_without_the_object_says_it_is_missing_with_its_password_masked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A remote served over HTTP pulls what was pushed to it; an object it lacks is DvcPullError (no outage: the host
+    answered), whose message and log lines name the remote without the password in its URL."""
+    from vlmops.outages import ServiceUnavailable
+    from vlmops.versioning import DvcPullError, pull_tracked
+
+    data = tmp_path / "ws" / "model"
+    data.mkdir(parents=True)
+    (data / "w.bin").write_bytes(b"weights")
+    version = DvcStore(tmp_path / "ws", "local", str(tmp_path / "remote")).track(data)
+    caplog.set_level(logging.INFO, logger="vlmops")
+    with _served(tmp_path / "remote") as host:
+        url = f"http://vlmops:{PASSWORD}@{host}"
+        pulled = pull_tracked(version.md5, "model", url, tmp_path / "pulled")
+        assert (pulled / "w.bin").read_bytes() == b"weights"
+        with pytest.raises(DvcPullError, match="the remote's copy is missing or damaged") as raised:
+            pull_tracked(MISSING_MD5, "model", url, tmp_path / "other")
+    assert not isinstance(raised.value, ServiceUnavailable)
+    assert f"from http://vlmops:***@{host}: " in str(raised.value)
+    assert PASSWORD not in str(raised.value)
+    assert PASSWORD not in " ".join(r.getMessage() for r in caplog.records if r.name.startswith("vlmops"))

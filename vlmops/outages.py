@@ -132,7 +132,10 @@ class Outage:
         return f"{self.service} at {self.url} {_DID_NOT_ANSWER}{self.error}"
 
 
-_DID_NOT_ANSWER = "did not answer, after retries: "
+# Not "after retries": whether the client retried is its own setting (AWS_MAX_ATTEMPTS, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+# PREFECT_CLIENT_MAX_RETRIES; Prefect's client retries a refused connection only once it has connected before),
+# unknown here.
+_DID_NOT_ANSWER = "did not answer: "
 PREFECT_API = "Prefect API"
 DVC_REMOTE = "DVC remote"
 # An outage as `Outage.__str__` writes it, wherever it stands in a line: after `error: ` (a vlmops command's last
@@ -143,11 +146,11 @@ _REPORTED = re.compile(
 
 
 class ServiceUnavailable(RunFailed):
-    """A server the pipeline needs did not answer, after the retries; names it and its URL, and what to run when it is
-    back (`then`: what that reuses; a flow's, see tasks.retry.names_unreachable_service, or a command's). None: the
-    code that raises it does not know what a person ran (a batch job's worker, vlmops.versioning); the command or flow
-    around it names the outage again (`unreachable_service`), from the error or from the process's output, with its
-    own advice."""
+    """A server the pipeline needs did not answer (after its client's retries, if any); names it and its URL, and what
+    to run when it is back (`then`: what that reuses; a flow's, see tasks.retry.names_unreachable_service, or a
+    command's). None: the code that raises it does not know what a person ran (a batch job's worker,
+    vlmops.versioning); the command or flow around it names the outage again (`unreachable_service`), from the error
+    or from the process's output, with its own advice."""
 
     def __init__(self, outage: Outage, then: str | None = None):
         self.outage = outage

@@ -3,8 +3,8 @@
 DVC commands in one repository must not overlap (they fail on the repo lock), so every operation holds
 a file lock beside the repository for its whole duration; two pipeline runs on one machine queue up.
 
-A remote that does not answer (an S3 endpoint down) is named as such: `ServiceUnavailable` of the DVC remote, from the
-S3 client's error, which a retry may fix (`remote_outages_named`).
+A remote that does not answer (an S3 endpoint down, an http(s) remote's host) is named as such: `ServiceUnavailable` of
+the DVC remote, from the client's error, which a retry may fix (`remote_outages_named`).
 
 A model is stored once in the shared store: the DVC remote. The repository's cache links its files into the
 workspace (hardlinks, so a tracked folder and its cache entry are the same bytes on disk), and the registry
@@ -218,12 +218,12 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     dvc_file.write_text(dvc_text)
     repo = Repo(str(dest))
     try:
-        log.info("DVC: pulling %s (%s) from %s", name, md5, remote_url)
+        log.info("DVC: pulling %s (%s) from %s", name, md5, redact_uri(remote_url))
         with remote_outages_named(remote_url):
             repo.pull(targets=[str(dvc_file)], remote="origin")
     except CheckoutError as err:
         raise DvcPullError(
-            f"DVC could not restore {name} ({md5}) from {remote_url}: the remote's copy is missing or damaged "
+            f"DVC could not restore {name} ({md5}) from {redact_uri(remote_url)}: the remote's copy is missing or damaged "
             f"(a file's content does not match its recorded hash). Push it again from a machine that has it "
             f"(`dvc push` in the DVC repository that tracked it), or point versioning.remote_url at a good copy"
         ) from err
@@ -244,7 +244,9 @@ def remote_outages_named(remote_url: str) -> Iterator[None]:
     advice (the command or flow around it gives that); any other failure as it was.
 
     The client's error is the one raised, or, where DVC raised only a count of failed files, the last one DVC logged
-    while it ran (it logs each with its traceback, then goes on with the other files).
+    while it ran (it logs each with its traceback, then goes on with the other files). An http(s) remote's client
+    says neither (a refused connection reads as a file not found): after a failure its URL is asked once more
+    (`_unanswered_http`), and a host that does not answer is the outage.
 
     Raises:
         ServiceUnavailable: the remote did not answer; a retry may pass (`is_transient`).
@@ -257,13 +259,34 @@ def remote_outages_named(remote_url: str) -> Iterator[None]:
         yield
     except Exception as err:
         causes = [err, *reversed(logged.errors)]  # what was raised, then the last file's error first
-        cause = next((e for e in causes if is_transient(e)), None)
+        cause = next((e for e in causes if is_transient(e)), None) or _unanswered_http(remote_url)
         if cause is None:
             raise
         raise ServiceUnavailable(Outage(DVC_REMOTE, redact_uri(remote_url), one_line(cause))) from cause
     finally:
         for logger in loggers:
             logger.removeHandler(logged)
+
+
+HTTP_PROBE_TIMEOUT_S = 10
+
+
+def _unanswered_http(remote_url: str) -> Exception | None:
+    """For an http(s) remote, the error of a request to its URL when its host does not answer at all (refused, timed
+    out, cut); None when it answers (whatever its status) or the remote is not http(s).
+
+    fsspec's HTTP filesystem, which DVC's http remote uses, reports a refused connection as a file not found: the pull
+    would fail as a missing or damaged copy (`DvcPullError`).
+    """
+    import requests
+
+    if not remote_url.startswith(("http://", "https://")):
+        return None
+    try:
+        requests.head(remote_url, timeout=HTTP_PROBE_TIMEOUT_S, allow_redirects=False).close()
+    except (requests.ConnectionError, requests.Timeout) as err:
+        return err
+    return None
 
 
 class _LoggedErrors(logging.Handler):

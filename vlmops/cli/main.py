@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def naming_outages(handler: Handler, args: argparse.Namespace) -> int:
     """`handler(args)`; a client's own error (botocore's, requests', MLflow's, httpx's for the Prefect API) of a server
-    that did not answer, after the client's retries, raised again as `ServiceUnavailable`: the service and its URL
+    that did not answer (after the client's retries, if any), raised again as `ServiceUnavailable`: the service and its URL
     rather than a traceback of the client's internals, exit 1 (a failed run that a rerun may pass; a ValueError raised
     from the outage is no bad input, exit 2). So is an outage the core named without advice (a DVC remote). An error
     of vlmops' own says what failed and what to do already (`vlmops batch-infer` names an outage with its own advice,

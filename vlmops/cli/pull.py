@@ -22,10 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def handle(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
+    from vlmops.redact import redact_uri
     from vlmops.registry.lineage import LINEAGE_FILE, pull_version
 
     pulled = pull_version(args.model, load_config(args.config, args.overrides), args.out)
-    print(f"{args.model}: {pulled.name} version {pulled.version}, from {pulled.remote}")
+    print(f"{args.model}: {pulled.name} version {pulled.version}, from {redact_uri(pulled.remote)}")
     print(f"  dataset   {pulled.dataset}  ({pulled.dataset_md5})")
     print(f"  model     {pulled.model}  ({pulled.model_md5})")
     print(f"  lineage   {pulled.folder / LINEAGE_FILE}")

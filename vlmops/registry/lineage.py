@@ -31,6 +31,7 @@ from vlmops.config import PipelineConfig, dump_config
 from vlmops.errors import UserInputError
 from vlmops.filenames import safe_name
 from vlmops.infer.resolve import registered_version
+from vlmops.redact import redact_uri
 from vlmops.tracking import resolve_tracking_uri
 from vlmops.versioning import DvcVersion, pull_tracked
 
@@ -136,7 +137,7 @@ def pull_version(uri: str, config: PipelineConfig, out_dir: str | os.PathLike[st
         raise UserInputError(f"{folder} is a file: remove it or pull into another folder (--out)")
     if folder.exists() and any(folder.iterdir()):
         raise UserInputError(f"{folder} is not empty: remove it or pull into another folder (--out)")
-    log.info("pulling %s (version %s) from %s into %s", uri, version, remote, folder)
+    log.info("pulling %s (version %s) from %s into %s", uri, version, redact_uri(remote), folder)
     dataset = pull_tracked(tags["dvc.dataset.md5"], DATASET_DIR, remote, folder)
     model = pull_tracked(tags["dvc.model.md5"], MODEL_DIR, remote, folder)
     record: dict[str, Any] = {"uri": uri, "name": found.name, "version": version, "tags": tags}
