@@ -313,3 +313,16 @@ def test_16_bit_rgb_png_keeps_its_colour(tmp_path: Path) -> None:
     path = tmp_path / "deep.png"
     path.write_bytes(png16)
     assert load_image(str(path)).getpixel((1, 1)) == (255, 128, 0)
+
+
+def test_an_error_shows_a_long_path_whole_and_a_data_uri_cut(tmp_path: Path) -> None:
+    """Paths over 80 characters were cut in the middle like a data: URI's payload, so the message named no file the
+    user could find."""
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 4) / "notes.png"
+    deep.parent.mkdir()
+    deep.write_text("not a picture")
+    with pytest.raises(ImageLoadError, match=rf"^image {re.escape(str(deep))}: not a readable image"):
+        load_image(str(deep), StorageConfig())
+    payload = "data:image/png;base64," + "QUJD" * 100 + "!"
+    with pytest.raises(ImageLoadError, match=r"^image data:image/png;base64,\w{38}\.\.\.\w{9}!: bad base64"):
+        load_image(payload, StorageConfig())

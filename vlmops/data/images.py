@@ -186,4 +186,8 @@ def _data_uri_bytes(uri: str) -> bytes:
 
 
 def _short(uri: str) -> str:
-    return uri if len(uri) <= 80 else uri[:60] + "..." + uri[-10:]
+    """`uri` as an error shows it: a data: URI's payload (megabytes of base64) cut to its ends; a path or URL whole,
+    which is what the user needs to find the image (one over 80 characters was cut as well)."""
+    if not uri.startswith("data:") or len(uri) <= 80:
+        return uri
+    return uri[:60] + "..." + uri[-10:]
