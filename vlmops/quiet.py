@@ -67,6 +67,14 @@ def child_logging(level: int = logging.INFO, fmt: str = "%(asctime)s %(levelname
     redact_log_handlers()
 
 
+def no_usage_reports() -> None:
+    """No usage reports from the libraries vlmops drives, unless the environment already says otherwise: DVC's
+    analytics, MLflow's telemetry (which also writes ~/.config/mlflow/telemetry.json in every process that imports
+    MLflow). For `vlmops` (vlmops.cli.main) and a flow run's process (flows/__init__), which does not start there."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
 def is_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 

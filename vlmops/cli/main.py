@@ -105,10 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     redact_log_handlers()
-    # No usage reports from the libraries vlmops drives (set either variable yourself to choose otherwise): MLflow's
-    # would also write ~/.config/mlflow/telemetry.json on every command that imports it, `validate` included.
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    quiet.no_usage_reports()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     handler: Handler = args.handler
     try:
