@@ -1,5 +1,6 @@
 """Quiet by default: ordinary commands on the tiny model print no third-party warnings or banners (DeepSpeed's
-"Setting accelerator to CPU", deprecations, the Trainer's per-step dicts); `--verbose` lets them through."""
+"Setting accelerator to CPU", deprecations, the Trainer's per-step dicts); `--verbose` (or VLMOPS_VERBOSE=1) lets
+them through, but not the HTTP clients' line per request, which `-vv` (VLMOPS_VERBOSE=2) adds."""
 
 from __future__ import annotations
 
@@ -24,12 +25,10 @@ def _vlmops(
     *args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "VLMOPS_VERBOSE", *unset)},
         **(env or {}),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    for name in ("PYTHONWARNINGS", "VLMOPS_VERBOSE", *unset):
-        env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-m", "vlmops.cli", *args],
         cwd=cwd,
@@ -76,13 +75,13 @@ def test_ordinary_commands_print_no_third_party_warnings(tmp_path: Path) -> None
     assert "loss=" in train_log and "{'loss'" not in train_log  # numbers on the progress bar, no dict per step
 
 
-@pytest.mark.parametrize("verbose", [False, True])
-def test_verbose_lets_the_filtered_warnings_through(verbose: bool) -> None:
-    """The filters in vlmops.quiet, in a fresh interpreter: hidden by default, shown with --verbose."""
+@pytest.mark.parametrize("verbosity", [0, 1, 2])
+def test_verbose_lets_the_filtered_warnings_through(verbosity: int) -> None:
+    """The filters in vlmops.quiet, in a fresh interpreter: hidden by default, shown with --verbose (and -vv)."""
     script = f"""
 import logging, sys, warnings
 from vlmops import quiet
-quiet.configure({verbose})
+quiet.configure({verbosity})
 logging.basicConfig(stream=sys.stderr)
 logger = logging.getLogger("DeepSpeed")
 logger.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
@@ -93,8 +92,34 @@ warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarnin
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "another DeepSpeed warning" in done.stderr  # only the known messages are filtered
-    assert ("Setting accelerator to CPU" in done.stderr) is verbose
-    assert ("is_gradient_checkpointing" in done.stderr) is verbose
+    assert ("Setting accelerator to CPU" in done.stderr) is (verbosity > 0)
+    assert ("is_gradient_checkpointing" in done.stderr) is (verbosity > 0)
+
+
+@pytest.mark.parametrize("verbosity", ["0", "1", "2"])
+def test_a_child_process_is_as_verbose_as_the_command_that_started_it(verbosity: str) -> None:
+    """A child's entry point (training, merge, an inference worker) reads VLMOPS_VERBOSE as `vlmops` set it: its own
+    debug lines and the libraries' banners from 1, an HTTP client's line per request (httpx, Prefect's client, here
+    asking a real local server) only from 2. A training rank other than 0 stays at its warnings."""
+    script = """
+import logging, sys, httpx
+from vlmops import quiet
+quiet.child_logging(logging.WARNING if sys.argv[2] == "rank1" else logging.INFO)
+logging.getLogger("vlmops.train.sft").debug("a debug line of vlmops")
+logging.getLogger("DeepSpeed").warning("Setting accelerator to CPU.")
+httpx.get(sys.argv[1] + "/ok.png").raise_for_status()
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLMOPS_VERBOSE": verbosity}
+    level = int(verbosity)
+    for rank in ("rank0", "rank1"):
+        with serving_images() as server:
+            command = [sys.executable, "-c", script, server.url, rank]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        shows = level if rank == "rank0" else 0
+        assert ("DEBUG vlmops.train.sft: a debug line of vlmops" in done.stderr) is (shows >= 1), done.stderr
+        assert ("Setting accelerator to CPU" in done.stderr) is (shows >= 1), done.stderr
+        assert ("INFO httpx: HTTP Request: GET http://127.0.0.1:" in done.stderr) is (shows == 2), done.stderr
 
 
 @pytest.mark.parametrize("server", ["", "http://127.0.0.1:4200/api"])
@@ -112,28 +137,67 @@ logging.getLogger("prefect.task_runs").warning("Concurrency limits ['gpu'] do no
     assert ("Concurrency limits ['gpu'] do not exist" in done.stderr) is bool(server)
 
 
-@pytest.mark.parametrize("verbose", [False, True])
-def test_s3_clients_info_lines_show_only_with_verbose(tmp_path: Path, verbose: bool) -> None:
+# How a level is asked for: on the command line, or in the environment (read by `vlmops` itself, not only by the
+# processes it starts).
+ASKED = {
+    "quiet": ([], {}, 0),
+    "--verbose": (["--verbose"], {}, 1),
+    "VLMOPS_VERBOSE=1": ([], {"VLMOPS_VERBOSE": "1"}, 1),
+    "-vv": (["-vv"], {}, 2),
+    "VLMOPS_VERBOSE=2": ([], {"VLMOPS_VERBOSE": "2"}, 2),
+    "-v with VLMOPS_VERBOSE=2": (["-v"], {"VLMOPS_VERBOSE": "2"}, 2),
+}
+
+
+@pytest.mark.parametrize("asked", list(ASKED))
+def test_s3_clients_info_lines_show_from_the_first_level_their_requests_from_the_second(
+    tmp_path: Path, asked: str
+) -> None:
     """botocore logs "Found credentials in environment variables." at INFO for every S3 client a command makes; vlmops
-    logs at INFO too, so each S3 command printed it. It shows with --verbose, and vlmops's own INFO lines always."""
+    logs at INFO too, so each S3 command printed it. It shows with --verbose, and vlmops's own INFO lines always.
+    urllib3's line per request (botocore's HTTP client) shows only with -vv."""
+    flags, verbose_env, level = ASKED[asked]
     dataset = tmp_path / "d.jsonl"
     turns = [{"from": "user", "value": "<img>s3://bucket/gone.png</img>What?"}, {"from": "assistant", "value": "A."}]
     dataset.write_text(json.dumps({"conversations": turns}) + "\n")
     credentials = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_DEFAULT_REGION": "us-east-1"}
     with serving_images() as server:  # an S3 GET of the image is a 404 there: a rejected record
         done = _vlmops(
-            *(["--verbose"] if verbose else []),
+            *flags,
             "validate",
             str(dataset),
             *("--set", f"run.output_dir={tmp_path / 'outputs'}", "--set", f"model.cache_dir={tmp_path / 'cache'}"),
             *("--set", f"storage.endpoint_url={server.url}", "--set", "data.invalid_records=skip"),
             cwd=tmp_path,
-            env=credentials,
+            env={**credentials, **verbose_env},
         )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rejected: 1 record" in done.stdout  # the image was asked of S3
     assert re.search(r" INFO vlmops\.models\.tiny: built tiny deepseek_vl model", done.stderr)
-    assert ("INFO botocore.credentials: Found credentials in environment variables." in done.stderr) is verbose
+    found_credentials = "INFO botocore.credentials: Found credentials in environment variables."
+    assert (found_credentials in done.stderr) is (level >= 1)
+    assert ("DEBUG urllib3.connectionpool: http://127.0.0.1:" in done.stderr) is (level == 2)
+    assert ("DEBUG botocore." in done.stderr) is (level == 2)
+
+
+def test_vlmops_verbose_in_the_environment_shows_tracebacks(tmp_path: Path) -> None:
+    """VLMOPS_VERBOSE=1 is --verbose for the command it is set for: an error comes with its traceback."""
+    command = ("validate", str(tmp_path / "missing.jsonl"), "--set", f"run.output_dir={tmp_path / 'outputs'}")
+    quiet = _vlmops(*command, cwd=tmp_path)
+    verbose = _vlmops(*command, cwd=tmp_path, env={"VLMOPS_VERBOSE": "1"})
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr, quiet.stderr[-3000:]
+    assert "missing.jsonl does not exist" in quiet.stderr
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr, verbose.stderr[-3000:]
+    assert "FileNotFoundError" in verbose.stderr and "missing.jsonl does not exist" in verbose.stderr
+
+
+def test_a_vlmops_verbose_that_is_no_level_is_refused(tmp_path: Path) -> None:
+    done = _vlmops("models", cwd=tmp_path, env={"VLMOPS_VERBOSE": "loud"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == (
+        "error: VLMOPS_VERBOSE='loud' in the environment is not a verbosity: set it to 0 (quiet), 1 (as --verbose) "
+        "or 2 (as -vv), or unset it"
+    )
 
 
 def test_a_command_leaves_nothing_in_the_home_folder(tmp_path: Path) -> None:

@@ -2,8 +2,13 @@
 
 Each entry below is a message a library prints on every ordinary run that tells the user nothing they can act
 on. Only these exact messages are filtered; any other warning still shows. The libraries that report routine work
-at INFO (S3's botocore and boto3, HTTP clients) log from WARNING up. `--verbose` (or VLMOPS_VERBOSE=1 in
-the environment, which the training child inherits) shows them all.
+at INFO (S3's botocore and boto3, HTTP clients) log from WARNING up.
+
+Two levels ask for more, from the command line or the environment (VLMOPS_VERBOSE, which a `vlmops` command
+and every child process it starts read; the larger of the two counts):
+- `-v` / `--verbose` / VLMOPS_VERBOSE=1: everything above, vlmops's own debug lines, and tracebacks on errors;
+  not the HTTP clients' line per request, hundreds per flow run (Prefect's client logs each API call).
+- `-vv` / VLMOPS_VERBOSE=2: every library's debug lines too, those per-request lines included.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ import os
 import warnings
 
 VERBOSE_ENV = "VLMOPS_VERBOSE"
+MAX_VERBOSITY = 2
+# VLMOPS_VERBOSE's words for a level; a number above MAX_VERBOSITY is MAX_VERBOSITY, as `-vvv` is `-vv`.
+VERBOSE_WORDS = {"": 0, "false": 0, "no": 0, "off": 0, "true": 1, "yes": 1, "on": 1}
 
 # (category, message regex, module regex) for `warnings.filterwarnings`.
 NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
@@ -41,10 +49,18 @@ NOISY_LOG_MESSAGES: dict[str, tuple[str, ...]] = {
 # set-up mistake worth seeing.
 EMBEDDED_ONLY_NOISE = {"prefect.task_runs"}
 
+# vlmops's own code (the core, the flows, the tasks): its debug lines show from the first level.
+OWN_LOGGERS = ("vlmops", "flows", "tasks")
+
 # Loggers that report routine work at INFO, which a vlmops command logs at: botocore's "Found credentials in
-# environment variables." for every S3 client a command makes, boto3's resources each call, Prefect's HTTP client
-# (httpx) every API request. At WARNING their warnings and errors still show; --verbose shows all they log.
-CHATTY_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3", "httpx")
+# environment variables." for every S3 client a command makes, boto3's resources each call. At WARNING their
+# warnings and errors still show; from the first level on, all they log at the command's level.
+CHATTY_LOGGERS = ("botocore", "boto3", "s3transfer")
+
+# HTTP clients' one line per request: httpx at INFO (`HTTP Request: POST http://.../api/... "HTTP/1.1 201 Created"`
+# for each of Prefect's API calls, hundreds per flow run), httpcore and urllib3 at DEBUG. They would drown what
+# the first level is for, so only the second shows them; their warnings and errors always show.
+PER_REQUEST_LOGGERS = ("httpx", "httpcore", "urllib3")
 
 
 class _DropMessages(logging.Filter):
@@ -58,12 +74,14 @@ class _DropMessages(logging.Filter):
 
 
 def child_logging(level: int = logging.INFO, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
-    """Logging for a child process's entry point (training, merge, inference workers): as quiet as the `vlmops`
-    command that started it (VLMOPS_VERBOSE), with credentials masked (`vlmops.redact`)."""
+    """Logging for a child process's entry point (training, merge, inference workers): as verbose as the `vlmops`
+    command that started it (VLMOPS_VERBOSE), with credentials masked (`vlmops.redact`). A `level` above INFO (a
+    training rank other than 0, whose other lines repeat rank 0's) keeps the process quiet at every verbosity."""
     from vlmops.redact import redact_log_handlers
 
-    configure(is_verbose())
-    logging.basicConfig(level=level, format=fmt)
+    verbosity = env_verbosity() if level <= logging.INFO else 0
+    configure(verbosity)
+    logging.basicConfig(level=root_level(verbosity, level), format=fmt)
     redact_log_handlers()
 
 
@@ -75,16 +93,39 @@ def no_usage_reports() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def is_verbose() -> bool:
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
+def env_verbosity() -> int:
+    """The level VLMOPS_VERBOSE asks for: 0 (unset, empty, 0, false, no, off), 1 (1, true, yes, on), 2 (2 or more).
+
+    Raises:
+        ValueError: any other value, named with the values that work.
+    """
+    value = os.environ.get(VERBOSE_ENV, "").strip().lower()
+    if value.isdecimal():
+        return min(int(value), MAX_VERBOSITY)
+    if value in VERBOSE_WORDS:
+        return VERBOSE_WORDS[value]
+    raise ValueError(
+        f"{VERBOSE_ENV}={os.environ[VERBOSE_ENV]!r} in the environment is not a verbosity: set it to 0 (quiet), "
+        f"1 (as --verbose) or 2 (as -vv), or unset it"
+    )
 
 
-def configure(verbose: bool) -> None:
-    """Hide the known noise unless `verbose`; record the choice in the environment for child processes."""
+def root_level(verbosity: int, quiet_level: int = logging.INFO) -> int:
+    """The root logger's level: `quiet_level` (the level a process logs at by default), DEBUG from the second level."""
+    return logging.DEBUG if verbosity >= 2 else quiet_level
+
+
+def configure(verbosity: int) -> None:
+    """Hide the known noise at verbosity 0, show some at 1 and all at 2 (see the module docstring); record the level
+    in the environment for child processes. The root logger's level is the caller's (`root_level`)."""
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity == 1 else logging.NOTSET)
     for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
-    if verbose:
-        os.environ[VERBOSE_ENV] = "1"
+        logging.getLogger(name).setLevel(logging.NOTSET if verbosity >= 1 else logging.WARNING)
+    for name in PER_REQUEST_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
+    if verbosity:
+        os.environ[VERBOSE_ENV] = str(verbosity)
         return
     os.environ.pop(VERBOSE_ENV, None)
     for category, message, module in NOISY_WARNINGS:

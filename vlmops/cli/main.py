@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose",
         "-v",
-        action="store_true",
-        help="debug logging, tracebacks on errors, and the third-party warnings hidden by default",
+        action="count",
+        default=0,
+        help="vlmops's debug lines, tracebacks on errors, and the third-party warnings, banners and INFO lines hidden "
+        "by default; -vv: every library's debug lines too, with the HTTP clients' line per request (Prefect's API "
+        f"calls). {quiet.VERBOSE_ENV}=1 or 2 in the environment does the same",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     module: ModuleType
@@ -98,9 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        # What the handlers and the child processes see: the flag's level or the environment's, the larger.
+        args.verbose = max(args.verbose, quiet.env_verbosity())
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     quiet.configure(args.verbose)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=quiet.root_level(args.verbose),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

@@ -107,13 +107,6 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return files
 
 
-def write_conversations(path: Path, conversations: list[Conversation], image_uri: dict[str, str] | None = None) -> None:
-    """Write records in the seed's `conversations` format (jsonl); `image_uri` maps old to new image URIs."""
-    with path.open("w", encoding="utf-8") as f:
-        for conv in conversations:
-            f.write(record_line(conv, image_uri or {}))
-
-
 def record_line(conv: Conversation, image_uri: dict[str, str]) -> str:
     """One record as a jsonl line in the seed's `conversations` format; `image_uri` maps old to new URIs."""
     turns = [
