@@ -36,7 +36,7 @@ from vlmops.data.jsonarray import TOO_DEEP, ArrayItem, JsonArrayError, json_arra
 from vlmops.data.parsing import Turn, parse_record, parse_turns, refuse_mixed_formats
 from vlmops.data.problems import RecordError
 from vlmops.errors import UserInputError
-from vlmops.folders import listed_under, refuse_unreadable
+from vlmops.folders import listed_matching, listed_under, refuse_unreadable
 from vlmops.plural import counted
 
 log = logging.getLogger(__name__)
@@ -152,10 +152,10 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
         refuse_unreadable(found)  # what would be read: a broken `notes.txt` link beside the inputs is no matter
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     elif glob.has_magic(spec):
-        # Path.glob takes no absolute patterns: the glob module does. It lists broken links too: one named like an
-        # input is refused, as in a folder.
-        matched = [Path(p) for p in glob.glob(str(path), recursive=True)]  # noqa: PTH207
-        refuse_unreadable(p for p in matched if p.suffix.lower() in INPUT_SUFFIXES and not p.is_dir())
+        # Matched by a walk, as a folder is read (each real file once, a link loop left); broken links are listed too:
+        # one named like an input is refused, as in a folder.
+        matched = listed_matching(path)
+        refuse_unreadable(p for p in matched if p.suffix.lower() in INPUT_SUFFIXES)
         found = sorted(_as_matched(p, path) for p in matched if p.is_file())
         _name_unread(spec, [str(p) for p in found])
         found = [p for p in found if p.suffix.lower() in INPUT_SUFFIXES]
@@ -173,12 +173,10 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
 def _as_matched(match: Path, pattern: Path) -> Path:
     """A glob's match by the names it was matched with, below the pattern's folder (resolved, as an input folder is):
     a link's own name, `a.jsonl -> ../blobs/3f2a...` (a hub cache's layout), not its target's, which has no suffix
-    and would leave the file out; a linked subfolder's name, as a folder input names it."""
+    and would leave the file out; a linked subfolder's name, as a folder input names it (a file reachable under two
+    names, by the first in sorted order: `listed_matching`)."""
     literal = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), pattern.parts))
-    below = match.relative_to(literal)
-    if ".." in below.parts:  # `..` after a linked folder leads from where the link leads: no name to keep
-        return match.parent.resolve() / match.name
-    return literal.resolve() / below
+    return literal.resolve() / match.relative_to(literal)
 
 
 LOOKS_LIKE_RECORDS = re.compile(r"\.json|\.ndjson$|\.jsonlines$", re.IGNORECASE)
