@@ -18,8 +18,9 @@ from vlmops.data.formats import dataset_files
 from vlmops.data.prepare import snapshot_hash
 from vlmops.errors import UserInputError
 from vlmops.folders import files_under, listed_matching
+from vlmops.infer.inputs import find_inputs
 from vlmops.infer.planning import folder_hash
-from vlmops.infer.records import find_inputs, read_shard, scan_input
+from vlmops.infer.shards import read_shard, scan_input
 from vlmops.models.manifest import model_files
 from vlmops.storage import s3_client, upload_folder
 

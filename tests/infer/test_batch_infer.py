@@ -20,12 +20,14 @@ from vlmops.errors import UserInputError
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.engine import GenerationRequest, make_engine
 from vlmops.infer.generation import answer_tokens
+from vlmops.infer.inputs import find_inputs
 from vlmops.infer.job import RecordRejectedError
 from vlmops.infer.job_output import iter_results
 from vlmops.infer.job_status import job_status
 from vlmops.infer.output import open_output
 from vlmops.infer.plain_engine import PlainEngine
-from vlmops.infer.records import RawRecord, find_inputs, parse_prompt
+from vlmops.infer.records import parse_prompt
+from vlmops.infer.shards import RawRecord
 from vlmops.models.loading import LoadedModel, load_model
 from vlmops.models.template import encode
 
