@@ -138,7 +138,7 @@ class _Wildcards:
         return places
 
     def _next(self, i: int, name: str) -> list[int]:
-        """Where a path at part `i` stands after `name`: still at `i` (a `**` takes it), at the next part, or nowhere."""
+        """Where a path at part `i` stands after `name`: at `i` (a `**` takes it), at the next part, or nowhere."""
         if i == len(self.parts):
             return []
         part, hidden = self.parts[i], name.startswith(".")
