@@ -58,9 +58,8 @@ from vlmops.infer.job_status import (
     StoppedJob,
     job_status,
 )
-from vlmops.infer.output import open_output
+from vlmops.infer.output import JOB_FILE, open_output
 from vlmops.infer.parallel import run_job_in_child
-from vlmops.infer.records import JOB_FILE
 from vlmops.infer.resolve import (
     catalog_resolver,
     config_for_model,

@@ -5,6 +5,7 @@ named, before the step starts. A linked file is read by its own name (a hub cach
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 from collections.abc import Iterator
@@ -16,9 +17,10 @@ from vlmops.config import StorageConfig
 from vlmops.data.formats import dataset_files
 from vlmops.data.prepare import snapshot_hash
 from vlmops.errors import UserInputError
-from vlmops.folders import files_under
+from vlmops.folders import files_under, listed_matching
+from vlmops.infer.inputs import find_inputs
 from vlmops.infer.planning import folder_hash
-from vlmops.infer.records import find_inputs, read_shard, scan_input
+from vlmops.infer.shards import read_shard, scan_input
 from vlmops.models.manifest import model_files
 from vlmops.storage import s3_client, upload_folder
 
@@ -46,10 +48,105 @@ def test_files_in_a_linked_folder_are_found_once_and_a_loop_is_not_followed(
         found = [p.relative_to(root).as_posix() for p in files_under(root)]
     assert found == ["a.jsonl", "more/b.jsonl", "more/deep/c.jsonl"]
     warned = sorted(r.getMessage() for r in caplog.records)
+    batch = (tmp_path / "elsewhere" / "batch").resolve()
     assert warned == [
-        f"{root / 'up'} links to {root.resolve()}, already read: not read twice",
-        f"{root / 'zz-again'} links to {(tmp_path / 'elsewhere' / 'batch').resolve()}, already read: not read twice",
+        f"{root / 'up'} links to {root.resolve()}, already read as {root}: not read twice",
+        f"{root / 'zz-again'} links to {batch}, already read as {root / 'more'}: not read twice",
     ]
+
+
+def test_a_folder_reached_under_two_names_is_read_under_the_first_in_sorted_order(tmp_path: Path) -> None:
+    """in/a/b/ and in/z -> in/a/b: the walk chose as it listed each folder, so in/z (listed with in/) took the folder
+    before in/a/b (listed with in/a/) was come to, and a folder input named its files z/..., not by their own path."""
+    root = tmp_path.resolve() / "in"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "x.jsonl").write_text("{}\n")
+    (root / "z").symlink_to(root / "a" / "b")
+    assert [f.name for f in find_inputs(str(root))] == ["a/b/x.jsonl"]
+    assert [f.uri for f in find_inputs(str(root / "**" / "*.jsonl"))] == [f"{root}/a/b/x.jsonl"]
+
+
+def test_a_glob_reads_a_folder_linked_twice_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`in/**/*.jsonl` over in/more and in/zz-again, both links to elsewhere/batch: glob.glob matched its files under
+    both names, and the job read each record twice (results + rejects > records). Each file is read once now, under
+    the first name in sorted order, as a folder input reads it; the other link is named in the log."""
+    root = _tree(tmp_path.resolve())
+    (root / "up").unlink()  # the loop: the next test
+    with caplog.at_level(logging.WARNING, logger="vlmops.folders"):
+        assert _records(str(root / "**" / "*.jsonl")) == [
+            (f"{root}/a.jsonl:1", "a.jsonl:1"),
+            (f"{root}/more/b.jsonl:1", "more/b.jsonl:1"),
+            (f"{root}/more/deep/c.jsonl:1", "more/deep/c.jsonl:1"),
+        ]
+        assert [f.uri for f in find_inputs(str(root / "*" / "b.jsonl"))] == [f"{root}/more/b.jsonl"]  # no `**`: once
+    assert {r.getMessage() for r in caplog.records} == {
+        f"{root}/zz-again links to {tmp_path.resolve()}/elsewhere/batch, already read as {root}/more: not read twice"
+    }
+
+
+def test_a_link_loop_under_a_glob_is_left_and_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """in/up -> in under `in/**/*.jsonl`: glob.glob went round it until the system refused (40 links deep), and the
+    job read in/'s files 41 times, as a.jsonl, up/a.jsonl, up/up/a.jsonl, ... Now the link is named and left."""
+    root = _tree(tmp_path.resolve())
+    with caplog.at_level(logging.WARNING, logger="vlmops.folders"):
+        assert [f.name for f in find_inputs(str(root / "**" / "*.jsonl"))] == [
+            "a.jsonl",
+            "more/b.jsonl",
+            "more/deep/c.jsonl",
+        ]
+    assert f"{root}/up links to {root}, already read as {root}: not read twice" in caplog.messages
+
+
+def test_a_glob_matches_what_glob_glob_matches_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a tree without links, the walk matches the files glob.glob matches (hidden names, `**` at any place, a
+    pattern relative to the working folder), each once: glob.glob itself gave `b/b/b.jsonl` twice for `**/b/**/*`."""
+    files = ["a.jsonl", "b.json", ".h.jsonl", "x/c.jsonl", "x/.d.jsonl", "x/y/e.jsonl", ".hid/f.jsonl", "b/b/b.jsonl"]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    patterns = [
+        "*",
+        "**",
+        "**/*.jsonl",
+        "*/*.jsonl",
+        "x/**",
+        ".*",
+        "**/.*",
+        ".*/*",
+        "**/b/**/*.jsonl",
+        "[ab]*",
+        "x/?/*",
+    ]
+    for pattern in [*patterns, *(f"{tmp_path}/{pattern}" for pattern in patterns)]:
+        globbed = {Path(p) for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir()}  # noqa: PTH207
+        assert listed_matching(Path(pattern)) == sorted(globbed), pattern
+    assert [f.uri for f in find_inputs(str(tmp_path / "**" / "b" / "**" / "*.jsonl"))] == [f"{tmp_path}/b/b/b.jsonl"]
+
+
+def test_a_folder_a_glob_reaches_under_two_names_keeps_each_match(tmp_path: Path) -> None:
+    """A folder is walked once for each place in the pattern its names reach: in/a -> X does not match
+    `in/**/b/*.jsonl`, in/c/b -> X does; walked once (as in/a) it would have left X's file out."""
+    root = tmp_path.resolve() / "in"
+    (tmp_path / "X").mkdir()
+    (tmp_path / "X" / "x.jsonl").write_text("{}\n")
+    (root / "c").mkdir(parents=True)
+    (root / "a").symlink_to(tmp_path / "X")
+    (root / "c" / "b").symlink_to(tmp_path / "X")
+    assert [f.name for f in find_inputs(str(root / "**" / "b" / "*.jsonl"))] == ["x.jsonl"]
+    assert [f.uri for f in find_inputs(str(root / "**" / "b" / "*.jsonl"))] == [f"{root}/c/b/x.jsonl"]
+
+
+def test_a_dotdot_after_a_wildcard_is_refused_by_name(tmp_path: Path) -> None:
+    (tmp_path / "in" / "x").mkdir(parents=True)
+    (tmp_path / "in" / "a.jsonl").write_text("{}\n")
+    pattern = tmp_path / "in" / "*" / ".." / "a.jsonl"
+    with pytest.raises(UserInputError) as refused:
+        find_inputs(str(pattern))
+    assert str(refused.value) == (
+        f"{pattern}: a '..' after a wildcard is not followed (a folder's walk lists no '..'): write the folder it "
+        "leads to instead"
+    )
 
 
 def test_batch_inputs_and_dataset_folders_read_their_linked_subfolder(tmp_path: Path) -> None:
@@ -288,6 +385,7 @@ def test_a_subfolder_that_cannot_be_listed_is_refused_by_name_not_left_out(
     message = f"cannot list folder {deep} (Permission denied): give read permission or remove it from the input"
     for read in (
         lambda: find_inputs(str(root)),
+        lambda: find_inputs(str(root / "**" / "*.jsonl")),  # glob.glob passed over it without a word
         lambda: dataset_files([root]),
         lambda: folder_hash(root),
         lambda: files_under(root),
@@ -295,6 +393,7 @@ def test_a_subfolder_that_cannot_be_listed_is_refused_by_name_not_left_out(
         with pytest.raises(UserInputError) as refused:
             read()
         assert str(refused.value) == message
+    assert [f.name for f in find_inputs(str(root / "*.jsonl"))] == ["a.jsonl"]  # a glob that does not go there
     unlistable[str(deep)] = errno.ENOENT  # gone between the listing of more/ and its own
     with pytest.raises(
         UserInputError, match=f"cannot list folder {deep} \\(No such file or directory\\): it went away"

@@ -6,7 +6,8 @@ by its path through the link (what the user sees), and goes into each real folde
 logged and left, not followed round. A folder it cannot list (no read permission, gone mid-walk) is refused by name:
 `os.walk` passes over it without a word unless told otherwise, and its files would be left out. `files_under` lists
 the files; a step's cache key (tasks.caching) walks the same way, so what a step reads and what its key sees are the
-same files.
+same files. `listed_matching` matches a glob by the same walk (`glob.glob` follows a linked folder under `**` as often
+as it comes to it, round a loop too), so a batch input glob reads what a folder input would: each real file once.
 
 A name the walk lists that is no file (a broken link such as `part3.jsonl -> /mnt/gone/part3.jsonl`, a named pipe)
 is refused when the caller would read it (`files_under`'s `reads`, `refuse_unreadable`): skipped, it would make a job
@@ -15,10 +16,14 @@ answer fewer records, or a model's hash and upload miss a file, with no word sai
 
 from __future__ import annotations
 
+import fnmatch
+import functools
+import glob
+import itertools
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from vlmops.errors import UserInputError
@@ -34,32 +39,32 @@ def _every(path: Path) -> bool:
     return True
 
 
-def walk(root: Path, keep: Callable[[Path], bool] = _every) -> Iterator[tuple[list[Path], list[Path]]]:
+def walk(
+    root: Path, keep: Callable[[Path], bool] = _every, visit: Callable[[Path], Hashable] = Path.resolve
+) -> Iterator[tuple[list[Path], list[Path]]]:
     """For `root` and each folder below it: the symlinks to folders in it, and the names `os.walk` lists as its
-    files (a broken link among them). Folder links are followed, each real folder once; `keep(path)` False leaves a
-    subfolder (and its link) out.
+    files (a broken link among them). Folder links are followed, and each real folder is walked once, under its first
+    name in sorted order (a walk goes depth-first, each folder's subfolders in sorted order); one reached again (a
+    second link to it, a link back up the tree) is logged and left. `keep(path)` False leaves a subfolder (and its
+    link) out; `visit(path)` is what makes two folders the same: their real folder (a glob's walk adds the place in
+    the pattern the folder's name reaches, `listed_matching`).
 
     Raises:
         UserInputError: `root` or a folder below it that the walk goes into cannot be listed, named with the error.
     """
-    seen = {root.resolve()}
+    seen: dict[Hashable, Path] = {}  # each visit, by the name it was read under
     for folder, dirs, names in os.walk(root, onerror=_refuse_unlisted, followlinks=True):
         here = Path(folder)
-        kept, links = [], []
-        for name in sorted(dirs):
-            path = here / name
-            if not keep(path):
-                continue
-            real = path.resolve()
-            if path.is_symlink():
-                links.append(path)
-            if real in seen:
-                log.warning("%s links to %s, already read: not read twice", path, real)
-                continue
-            seen.add(real)
-            kept.append(name)
-        dirs[:] = kept
-        yield links, [here / name for name in names]
+        # Checked as the walk comes to a folder, not as its parent is listed: the walk then meets every folder's names
+        # in sorted order, so the name kept is the first in sorted order, however deep the others lie.
+        if (first := seen.get(visited := visit(here))) is not None:
+            how = "links to" if here.is_symlink() else "is"
+            log.warning("%s %s %s, already read as %s: not read twice", here, how, here.resolve(), first)
+            dirs[:] = []
+            continue
+        seen[visited] = here
+        dirs[:] = sorted(name for name in dirs if keep(here / name))
+        yield [here / name for name in dirs if (here / name).is_symlink()], [here / name for name in names]
 
 
 def _refuse_unlisted(err: OSError) -> None:
@@ -75,6 +80,87 @@ def listed_under(root: Path) -> list[Path]:
     """Every name a walk of `root` lists as a file, sorted by path: the files (symlinks to files and to folders
     followed), and any broken link or named pipe among them."""
     return sorted(path for _, names in walk(root) for path in names)
+
+
+def listed_matching(pattern: Path) -> list[Path]:
+    """Every name a walk lists as a file (a broken link or a named pipe among them) that the glob `pattern` matches as
+    `glob.glob(pattern, recursive=True)` would, sorted by path: by the names it was matched with, below the pattern's
+    folder (its parts up to the first wildcard), as given.
+
+    `glob.glob` follows a linked folder under `**` each time it is reached: a folder linked twice had its files
+    matched under both names (records read twice), and a link back up the tree was followed round until the system
+    refused (40 links deep). This walks the pattern's folder as `walk` does, into each real folder once for each place
+    in the pattern its name reaches (the same folder at the same place matches the same files): a loop is logged and
+    left, and a subfolder the pattern cannot reach is not listed. A file reachable under two names (its folder
+    linked twice, each matched) is listed under the first in sorted order, the others logged; a link to a file is a
+    name of its own, as in a folder.
+
+    Raises:
+        UserInputError: a `..` after a wildcard (a walk lists no `..`); a folder the walk goes into cannot be listed.
+    """
+    literal = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), pattern.parts))
+    parts = pattern.parts[len(literal.parts) :]
+    if ".." in parts:
+        raise UserInputError(
+            f"{pattern}: a '..' after a wildcard is not followed (a folder's walk lists no '..'): write the folder it "
+            "leads to instead"
+        )
+    if not literal.is_dir():
+        return []
+    wildcards = _Wildcards(parts)
+
+    def place(path: Path) -> frozenset[int]:
+        return wildcards.after(path.relative_to(literal).parts)
+
+    walked = walk(literal, keep=lambda path: wildcards.goes_on(place(path)), visit=lambda p: (p.resolve(), place(p)))
+    matched: dict[tuple[Path, str], Path] = {}  # each file in a real folder, by its first name in sorted order
+    real = functools.cache(Path.resolve)  # a folder resolved once for all its files
+    for path in sorted(path for _, names in walked for path in names if wildcards.matches(place(path))):
+        first = matched.setdefault((real(path.parent), path.name), path)
+        if first != path:
+            log.warning("%s is %s by another name, already matched: not read twice", path, first)
+    return list(matched.values())
+
+
+class _Wildcards:
+    """A glob's parts below its folder, matched a name at a time as `glob.glob(..., recursive=True)` matches them:
+    `fnmatch` for each name, `**` for any number of folders, and no name that starts with "." unless the part does.
+    Python 3.11's glob has no matcher of its own for a path (glob.translate came in 3.13)."""
+
+    def __init__(self, parts: Sequence[str]):
+        self.parts = tuple(parts)
+
+    def after(self, names: Sequence[str]) -> frozenset[int]:
+        """Where in the pattern a path of these names can stand: how many of its parts each way of matching used."""
+        places = self._past_globstars({0})
+        for name in names:
+            places = self._past_globstars({j for i in places for j in self._next(i, name)})
+        return places
+
+    def _next(self, i: int, name: str) -> list[int]:
+        """Where a path at part `i` stands after `name`: at `i` (a `**` takes it), at the next part, or nowhere."""
+        if i == len(self.parts):
+            return []
+        part, hidden = self.parts[i], name.startswith(".")
+        if part == "**":
+            return [] if hidden else [i]
+        return [i + 1] if (not hidden or part.startswith(".")) and fnmatch.fnmatch(name, part) else []
+
+    def _past_globstars(self, places: set[int]) -> frozenset[int]:
+        """`places` and those past each `**` that follows one: a `**` matches no folder, too."""
+        reached = set(places)
+        for i in places:
+            while i < len(self.parts) and self.parts[i] == "**":
+                i += 1
+                reached.add(i)
+        return frozenset(reached)
+
+    def matches(self, places: frozenset[int]) -> bool:
+        return len(self.parts) in places
+
+    def goes_on(self, places: frozenset[int]) -> bool:
+        """Whether a folder at `places` may hold a match: some part is left to match below it."""
+        return any(i < len(self.parts) for i in places)
 
 
 def files_under(root: Path, reads: Callable[[Path], bool] = _every) -> list[Path]:

@@ -20,12 +20,14 @@ from vlmops.errors import UserInputError
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.engine import GenerationRequest, make_engine
 from vlmops.infer.generation import answer_tokens
+from vlmops.infer.inputs import find_inputs
 from vlmops.infer.job import RecordRejectedError
 from vlmops.infer.job_output import iter_results
 from vlmops.infer.job_status import job_status
 from vlmops.infer.output import open_output
 from vlmops.infer.plain_engine import PlainEngine
-from vlmops.infer.records import RawRecord, find_inputs, parse_prompt
+from vlmops.infer.records import parse_prompt
+from vlmops.infer.shards import RawRecord
 from vlmops.models.loading import LoadedModel, load_model
 from vlmops.models.template import encode
 
@@ -166,6 +168,25 @@ def test_a_glob_over_links_into_a_hub_caches_blobs_answers_them_named_by_the_lin
     assert [(f["uri"], f["name"]) for f in plan["files"]] == [(link, "a.jsonl")]
     assert [(r["key"], r["source"]) for r in results(out)] == [("a.jsonl:1", f"{link}:1")]
     assert [(r["file"], r["line"], r["key"]) for r in rejects(out)] == [(link, 2, 1)]
+
+
+def test_a_glob_over_a_folder_linked_twice_and_a_link_loop_answers_each_record_once(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`in/**/*.jsonl` over in/more and in/zz-again (both -> elsewhere/batch) and in/up -> in: glob.glob matched
+    batch's file under both names and in/'s 41 times round the loop, so the job answered each record many times.
+    Each is answered once now, under the first name in sorted order."""
+    (tmp_path / "elsewhere" / "batch").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "batch" / "b.jsonl").write_text(json.dumps({"query": "Hello?"}) + "\n")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(json.dumps({"id": "a", "query": "Hi?"}) + "\n")
+    for name in ("more", "zz-again"):
+        (tmp_path / "in" / name).symlink_to(tmp_path / "elsewhere" / "batch")
+    (tmp_path / "in" / "up").symlink_to(tmp_path / "in")
+    out = tmp_path / "out"
+    run_batch_job(str(tiny_model), str(tmp_path / "in" / "**" / "*.jsonl"), str(out), job_config(max_new_tokens=2))
+    assert [r["key"] for r in results(out)] == ["a", "more/b.jsonl:1"]
+    assert rejects(out) == []
 
 
 def test_answers_end_at_the_first_eos() -> None:

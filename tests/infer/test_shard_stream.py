@@ -23,7 +23,8 @@ from vlmops.infer.job_output import finalize, open_job, pending_shards
 from vlmops.infer.job_plan import JobPlan, ModelInfo
 from vlmops.infer.output import open_output
 from vlmops.infer.planning import plan_job
-from vlmops.infer.records import Prompt, RawRecord, parse_prompt
+from vlmops.infer.records import Prompt, parse_prompt
+from vlmops.infer.shards import RawRecord
 from vlmops.models.loading import load_model
 from vlmops.models.template import encode
 

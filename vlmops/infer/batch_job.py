@@ -39,7 +39,7 @@ from vlmops.infer.job_status import (
     StoppedJob,
     job_status,
 )
-from vlmops.infer.output import JobOutput, open_output
+from vlmops.infer.output import JOB_FILE, JobOutput, open_output
 from vlmops.infer.planning import (
     PromptCounter,
     counts_prompts,
@@ -48,8 +48,8 @@ from vlmops.infer.planning import (
     plan_job,
     resolve_job_model,
 )
-from vlmops.infer.records import JOB_FILE, Shard
 from vlmops.infer.resolve import ModelSource, with_saved_settings
+from vlmops.infer.shards import Shard
 from vlmops.infer.summary import sample_rows
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel

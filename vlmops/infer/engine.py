@@ -27,7 +27,7 @@ from PIL import Image
 
 from vlmops.config import InferConfig, no_room_for_a_prompt
 from vlmops.errors import UserInputError
-from vlmops.infer.records import PROMPT_STEP
+from vlmops.infer.shards import PROMPT_STEP
 from vlmops.models.loading import LoadedModel
 from vlmops.plural import counted
 

@@ -41,16 +41,8 @@ from vlmops.infer.job_plan import JobPlan
 from vlmops.infer.job_status import ShardStats
 from vlmops.infer.output import JobOutput, written_file
 from vlmops.infer.prefetch import HOST_THREADS, in_background, prefetched
-from vlmops.infer.records import (
-    InputFile,
-    Prompt,
-    RawRecord,
-    Shard,
-    parse_prompt,
-    read_shard,
-    record_base,
-    reject_key,
-)
+from vlmops.infer.records import Prompt, parse_prompt, reject_key
+from vlmops.infer.shards import InputFile, RawRecord, Shard, read_shard, record_base
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 from vlmops.models.template import encode

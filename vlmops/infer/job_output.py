@@ -24,8 +24,8 @@ from typing import Any
 from vlmops.answers import Score
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.infer.job_plan import SETTING_KEYS, JobPlan
-from vlmops.infer.output import JobOutput, written_file
-from vlmops.infer.records import JOB_FILE, InputFile, Shard
+from vlmops.infer.output import JOB_FILE, JobOutput, written_file
+from vlmops.infer.shards import InputFile, Shard
 from vlmops.plural import counted
 
 SHARD_REJECTS = "_job/rejects-"

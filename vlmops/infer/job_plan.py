@@ -16,8 +16,9 @@ from vlmops.config import PipelineConfig, StorageConfig
 from vlmops.data.image_paths import image_roots
 from vlmops.errors import UserInputError
 from vlmops.infer.engine import slot_tokens
-from vlmops.infer.records import JOB_FILE, PROMPT_STEP, InputFile, Shard
+from vlmops.infer.output import JOB_FILE
 from vlmops.infer.resolve import registry_alias_version
+from vlmops.infer.shards import PROMPT_STEP, InputFile, Shard
 from vlmops.plural import counted
 
 

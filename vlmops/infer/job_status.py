@@ -25,7 +25,7 @@ from vlmops.infer.job_output import (
 from vlmops.infer.job_plan import JobPlan
 from vlmops.infer.output import JobOutput
 from vlmops.infer.prefetch import HOST_THREADS
-from vlmops.infer.records import Shard
+from vlmops.infer.shards import Shard
 
 
 @dataclass

@@ -20,6 +20,8 @@ from vlmops.errors import UserInputError
 from vlmops.staging import publish_file
 
 TMP_DIR = "_job/tmp"
+JOB_FILE = "_job/job.json"
+"""A batch job's identity file, under its output: a folder that holds one is a job's output, not input."""
 
 
 class JobOutput(Protocol):

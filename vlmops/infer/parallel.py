@@ -37,8 +37,9 @@ from vlmops.config import PipelineConfig, dump_config, load_config
 from vlmops.errors import RunFailed
 from vlmops.infer.job_plan import JobPlan
 from vlmops.infer.job_status import ShardStats
-from vlmops.infer.records import JOB_FILE, Shard
+from vlmops.infer.output import JOB_FILE
 from vlmops.infer.resolve import ModelSource
+from vlmops.infer.shards import Shard
 from vlmops.multigpu import NO_MULTICAST_ENV
 from vlmops.outages import PARENT_ADVISES_ENV, ServiceUnavailable, unreachable_service
 from vlmops.plural import counted

@@ -19,19 +19,12 @@ from vlmops.errors import UserInputError
 from vlmops.folders import files_under
 from vlmops.hashing import FolderHashes
 from vlmops.infer.engine import refuse_context_without_room
+from vlmops.infer.input_overlap import refuse_other_jobs
+from vlmops.infer.inputs import find_inputs
 from vlmops.infer.job_output import REJECTS_FILE, jsonl_lines, read_manifest, saved_plan
 from vlmops.infer.job_plan import JobPlan, ModelInfo, job_settings
 from vlmops.infer.output import open_output
-from vlmops.infer.records import (
-    InputFile,
-    PromptMeasure,
-    RawRecord,
-    Shard,
-    find_inputs,
-    parse_prompt,
-    refuse_other_jobs,
-    scan_input,
-)
+from vlmops.infer.records import parse_prompt
 from vlmops.infer.resolve import (
     REGISTRY_MANIFEST,
     ModelSource,
@@ -39,6 +32,7 @@ from vlmops.infer.resolve import (
     check_pinned_from,
     model_source,
 )
+from vlmops.infer.shards import InputFile, PromptMeasure, RawRecord, Shard, scan_input
 from vlmops.models.template import encode
 from vlmops.plural import counted
 from vlmops.storage import is_partial

@@ -17,7 +17,8 @@ from vlmops.infer.job_status import (
     shards_wall_s,
 )
 from vlmops.infer.output import JobOutput
-from vlmops.infer.records import ADDED_FIELDS, RawRecord, parse_prompt
+from vlmops.infer.records import ADDED_FIELDS, parse_prompt
+from vlmops.infer.shards import RawRecord
 from vlmops.plural import counted, counted_of
 
 SHOWN_REASONS = 3
