@@ -274,3 +274,27 @@ def test_a_password_where_dvc_reads_none_is_refused_at_the_config_key(tmp_path: 
     with pytest.raises(UserInputError, match=r"^versioning.remote_url: s3://key:\*\*\*@bucket/dvc holds a password"):
         DvcStore(tmp_path / "ws", "s3", f"s3://key:{PASSWORD}@bucket/dvc").track(tmp_path / "ws" / "data")
     assert _files_holding(tmp_path / "ws", PASSWORD) == []
+
+
+def test_an_http_remote_that_answers_503_to_everything_is_named_unavailable(tmp_path: Path) -> None:
+    """A remote whose front end answers but whose storage is down (503 to every request): DVC's http client reads it as
+    a file not found, and the pull said the remote's copy was missing or damaged. It is the remote's outage, named
+    with its URL (password masked), and a retry may pass; a push there is the same."""
+    from vlmops.outages import DVC_REMOTE, ServiceUnavailable, is_transient, unreachable_service
+    from vlmops.versioning import pull_tracked
+
+    data = tmp_path / "ws" / "model"
+    data.mkdir(parents=True)
+    (data / "w.bin").write_bytes(b"weights")
+    with http_remote(tmp_path / "remote", status=503) as host:
+        url = f"http://vlmops:{PASSWORD}@{host}/dvc"
+        with pytest.raises(ServiceUnavailable) as pull:
+            pull_tracked(MISSING_MD5, "model", url, tmp_path / "pulled")
+        with pytest.raises(ServiceUnavailable) as push:
+            DvcStore(tmp_path / "ws", "http", url).track(data)
+    for raised in (pull.value, push.value):
+        assert str(raised).startswith(f"DVC remote at http://vlmops:***@{host}/dvc did not answer: HTTPError: 503 ")
+        assert raised.service == DVC_REMOTE and raised.then is None
+        assert is_transient(raised)
+        assert unreachable_service(raised) == raised.outage
+        assert PASSWORD not in str(raised)

@@ -45,6 +45,7 @@ LOCK_TIMEOUT_S = 3600
 # files read-only, so a tracked folder is never edited in place (a rerun writes a new folder and tracks it).
 CACHE_LINK_TYPE = "hardlink"
 POINTER_FILE = "vlmops_dvc_pointer.json"
+HTTP_SCHEMES = ("http://", "https://")
 
 
 @dataclass(frozen=True)
@@ -269,8 +270,9 @@ def remote_outages_named(remote_url: str) -> Iterator[None]:
 
     The client's error is the one raised, or, where DVC raised only a count of failed files, the last one DVC logged
     while it ran (it logs each with its traceback, then goes on with the other files). An http(s) remote's client
-    says neither (a refused connection reads as a file not found): after a failure its URL is asked once more
-    (`_unanswered_http`), and a host that does not answer is the outage.
+    says neither (a refused connection, or a 503 to every request, reads as a file not found): after a failure its URL
+    is asked once more (`_http_outage`), and a host that does not answer, or answers with a server error, is the
+    outage.
 
     Raises:
         ServiceUnavailable: the remote did not answer; a retry may pass (`is_transient`).
@@ -283,7 +285,7 @@ def remote_outages_named(remote_url: str) -> Iterator[None]:
         yield
     except Exception as err:
         causes = [err, *reversed(logged.errors)]  # what was raised, then the last file's error first
-        cause = next((e for e in causes if is_transient(e)), None) or _unanswered_http(remote_url)
+        cause = next((e for e in causes if is_transient(e)), None) or _http_outage(remote_url)
         if cause is None:
             raise
         raise ServiceUnavailable(Outage(DVC_REMOTE, redact_uri(remote_url), one_line(cause))) from cause
@@ -295,21 +297,26 @@ def remote_outages_named(remote_url: str) -> Iterator[None]:
 HTTP_PROBE_TIMEOUT_S = 10
 
 
-def _unanswered_http(remote_url: str) -> Exception | None:
-    """For an http(s) remote, the error of a request to its URL when its host does not answer at all (refused, timed
-    out, cut); None when it answers (whatever its status) or the remote is not http(s).
+def _http_outage(remote_url: str) -> Exception | None:
+    """For an http(s) remote, the error of a request to its URL when its host does not answer (refused, timed out, cut)
+    or answers with a server error or 'too many requests' (5xx, 429: `is_transient`); None when it answers otherwise
+    (a 404 of the folder, say, is a server that is up) or the remote is not http(s).
 
-    fsspec's HTTP filesystem, which DVC's http remote uses, reports a refused connection as a file not found: the pull
-    would fail as a missing or damaged copy (`DvcPullError`).
+    fsspec's HTTP filesystem, which DVC's http remote uses, reports a refused connection and a 5xx alike as a file not
+    found (after aiohttp-retry's own tries): the pull would fail as a missing or damaged copy (`DvcPullError`).
+    A GET, not a HEAD: a server may answer a HEAD with 501 (not implemented), which is no outage.
     """
     import requests
 
-    if not remote_url.startswith(("http://", "https://")):
+    if not remote_url.startswith(HTTP_SCHEMES):
         return None
     try:
-        requests.head(remote_url, timeout=HTTP_PROBE_TIMEOUT_S, allow_redirects=False).close()
+        with requests.get(remote_url, timeout=HTTP_PROBE_TIMEOUT_S, allow_redirects=False, stream=True) as answer:
+            answer.raise_for_status()
     except (requests.ConnectionError, requests.Timeout) as err:
         return err
+    except requests.HTTPError as err:
+        return err if is_transient(err) else None
     return None
 
 
