@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.http_remote import http_remote
 from vlmops.versioning import DvcStore, cache_object_path, read_dvc_file
 
 MISSING_MD5 = "d41d8cd98f00b204e9800998ecf8427e.dir"  # an object no remote of these tests has
@@ -203,3 +204,97 @@ def test_an_http_remote_that_answers_without_the_object_says_it_is_missing_with_
     assert f"from http://vlmops:***@{host}: " in str(raised.value)
     assert PASSWORD not in str(raised.value)
     assert PASSWORD not in " ".join(r.getMessage() for r in caplog.records if r.name.startswith("vlmops"))
+
+
+def _files_holding(root: Path, secret: str) -> list[str]:
+    """The files under `root` whose bytes hold `secret`, relative to `root`."""
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()
+    )
+
+
+def test_a_password_in_an_http_remote_url_is_given_to_dvc_and_recorded_nowhere(tmp_path: Path) -> None:
+    """A push to and a pull from an http remote behind basic auth, its login in versioning.remote_url: DVC gets the
+    password in `.dvc/config.local` (git-ignored), and neither `.dvc/config` (committed; an older vlmops wrote the URL
+    with its password there), the recorded URL, nor the registered pointer hold it. Pulling that pointer takes the
+    password from the config's remote_url; without it, the error says where to give it."""
+    import subprocess
+
+    from vlmops.errors import UserInputError
+    from vlmops.versioning import checkout_pointer, pull_tracked, write_pointer
+
+    workspace = tmp_path / "ws"
+    (workspace / "model").mkdir(parents=True)
+    (workspace / "model" / "w.bin").write_bytes(b"weights " * 100)
+    subprocess.run(["git", "init", "-q", str(workspace)], check=True)
+    with http_remote(tmp_path / "remote", login=("vlmops", PASSWORD)) as host:
+        url = f"http://vlmops:{PASSWORD}@{host}/dvc"
+        (workspace / ".dvc").mkdir()
+        (workspace / ".dvc" / "config").write_text(f"[core]\n    remote = http\n['remote \"http\"']\n    url = {url}\n")
+        version = DvcStore(workspace, "http", url).track(workspace / "model")
+        pointer = write_pointer(version, tmp_path / "registered")
+
+        assert version.remote_url == f"http://vlmops:***@{host}/dvc"
+        assert _files_holding(workspace, PASSWORD) == [".dvc/config.local"]
+        ignored = subprocess.run(["git", "check-ignore", ".dvc/config.local"], cwd=workspace, capture_output=True)
+        assert ignored.returncode == 0, "git would commit the password"
+        assert _files_holding(tmp_path / "registered", PASSWORD) == []
+
+        pulled = checkout_pointer(pointer, tmp_path / "pulled", config_remote_url=url)
+        assert (pulled / "w.bin").read_bytes() == b"weights " * 100
+        for pull in (
+            lambda: checkout_pointer(pointer, tmp_path / "no-password"),
+            lambda: checkout_pointer(pointer, tmp_path / "other-remote", config_remote_url=f"http://{host}/other"),
+            lambda: pull_tracked(version.md5, "model", version.remote_url, tmp_path / "by-hash"),
+        ):
+            with pytest.raises(UserInputError) as raised:
+                pull()
+            assert str(raised.value).startswith(f"the DVC remote http://vlmops:***@{host}/dvc needs its password")
+            assert "set versioning.remote_url in the config file to this URL with the password in place of ***" in (
+                str(raised.value)
+            )
+    assert _files_holding(tmp_path / "pulled", PASSWORD) == []  # the pull's throwaway DVC repository is gone
+
+
+def test_a_password_where_dvc_reads_none_is_refused_at_the_config_key(tmp_path: Path) -> None:
+    """DVC's S3 remote reads no login from its URL: a password there is refused when the config loads, naming the key
+    and its line and where S3 credentials go, with the password masked; the same from a DvcStore made in code (the
+    password would have landed in `.dvc/config` as the URL)."""
+    from vlmops.config import ConfigError, load_config
+    from vlmops.errors import UserInputError
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(f"versioning:\n  remote_url: s3://key:{PASSWORD}@bucket/dvc\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config)
+    message = str(raised.value)
+    assert f"{config}:2: versioning.remote_url: s3://key:***@bucket/dvc holds a password" in message
+    assert "AWS_SECRET_ACCESS_KEY in the environment" in message and PASSWORD not in message
+    (tmp_path / "ws" / "data").mkdir(parents=True)
+    with pytest.raises(UserInputError, match=r"^versioning.remote_url: s3://key:\*\*\*@bucket/dvc holds a password"):
+        DvcStore(tmp_path / "ws", "s3", f"s3://key:{PASSWORD}@bucket/dvc").track(tmp_path / "ws" / "data")
+    assert _files_holding(tmp_path / "ws", PASSWORD) == []
+
+
+def test_an_http_remote_that_answers_503_to_everything_is_named_unavailable(tmp_path: Path) -> None:
+    """A remote whose front end answers but whose storage is down (503 to every request): DVC's http client reads it as
+    a file not found, and the pull said the remote's copy was missing or damaged. It is the remote's outage, named
+    with its URL (password masked), and a retry may pass; a push there is the same."""
+    from vlmops.outages import DVC_REMOTE, ServiceUnavailable, is_transient, unreachable_service
+    from vlmops.versioning import pull_tracked
+
+    data = tmp_path / "ws" / "model"
+    data.mkdir(parents=True)
+    (data / "w.bin").write_bytes(b"weights")
+    with http_remote(tmp_path / "remote", status=503) as host:
+        url = f"http://vlmops:{PASSWORD}@{host}/dvc"
+        with pytest.raises(ServiceUnavailable) as pull:
+            pull_tracked(MISSING_MD5, "model", url, tmp_path / "pulled")
+        with pytest.raises(ServiceUnavailable) as push:
+            DvcStore(tmp_path / "ws", "http", url).track(data)
+    for raised in (pull.value, push.value):
+        assert str(raised).startswith(f"DVC remote at http://vlmops:***@{host}/dvc did not answer: HTTPError: 503 ")
+        assert raised.service == DVC_REMOTE and raised.then is None
+        assert is_transient(raised)
+        assert unreachable_service(raised) == raised.outage
+        assert PASSWORD not in str(raised)

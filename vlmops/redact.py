@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import NamedTuple
+from urllib.parse import unquote
 
 MASK = "***"
 # Environment variables whose values are credentials: the names boto3, huggingface_hub, ModelScope, MLflow
@@ -48,6 +50,26 @@ _QUERY_SECRET = re.compile(
 def redact_uri(uri: str) -> str:
     """`uri` with the password of its userinfo and secret query values masked; anything else unchanged."""
     return _QUERY_SECRET.sub(rf"\g<key>{MASK}", _USERINFO.sub(rf"\g<scheme>\g<user>:{MASK}@", uri))
+
+
+class UriLogin(NamedTuple):
+    """The login inside a URI's userinfo, and the URI without it."""
+
+    uri: str
+    """The URI with its whole userinfo (`user:password@`) taken out."""
+    user: str
+    password: str
+    """As the URI holds it, %-escapes decoded; `MASK` in a URI `redact_uri` wrote."""
+
+
+def uri_login(uri: str) -> UriLogin | None:
+    """The user and password in the userinfo that `uri` starts with (`scheme://user:password@host/...`); None where it
+    holds no password."""
+    match = _USERINFO.match(uri)
+    if match is None:
+        return None
+    rest = uri[match.end() :]
+    return UriLogin(match["scheme"] + rest, unquote(match["user"]), unquote(match["password"]))
 
 
 def secret_values(environ: dict[str, str] | None = None) -> list[str]:

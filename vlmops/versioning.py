@@ -9,6 +9,13 @@ the DVC remote, from the client's error, which a retry may fix (`remote_outages_
 A model is stored once in the shared store: the DVC remote. The repository's cache links its files into the
 workspace (hardlinks, so a tracked folder and its cache entry are the same bytes on disk), and the registry
 points at the pushed copy through a small pointer (`write_pointer`) that `checkout_pointer` pulls back.
+
+A password in the remote's URL (`https://user:password@host/dvc`, DVC's http remote with basic auth) is never written
+down: what vlmops records (the pointer, the model version's tag `dvc.remote`, `lineage.json`) holds the URL with it
+masked (`redact_uri`), and DVC is given it as its http remote's `auth`/`user`/`password` options in the repository's
+`.dvc/config.local` (git-ignored by `dvc init`), never in `.dvc/config`, which a repository commits. A pull of a
+recorded URL takes the password from the config's `versioning.remote_url` when that names the same remote
+(`with_password`).
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from typing import Any
 
 import yaml
 
+from vlmops.config import dvc_url_login_refused
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.outages import DVC_REMOTE, Outage, ServiceUnavailable, is_transient, one_line
-from vlmops.redact import redact_uri
+from vlmops.redact import MASK, redact_uri, uri_login
 from vlmops.staging import held_lock
 
 log = logging.getLogger(__name__)
@@ -37,11 +45,13 @@ LOCK_TIMEOUT_S = 3600
 # files read-only, so a tracked folder is never edited in place (a rerun writes a new folder and tracks it).
 CACHE_LINK_TYPE = "hardlink"
 POINTER_FILE = "vlmops_dvc_pointer.json"
+HTTP_SCHEMES = ("http://", "https://")
 
 
 @dataclass(frozen=True)
 class DvcVersion:
-    """A tracked output: its .dvc file and the content hash DVC recorded (`.dir` suffix for folders)."""
+    """A tracked output: its .dvc file and the content hash DVC recorded (`.dir` suffix for folders); `remote_url` as
+    vlmops records it, any password masked."""
 
     path: str
     dvc_file: str
@@ -112,7 +122,7 @@ class DvcStore:
                 f"DVC: after the push, the remote {self.remote_name} ({redact_uri(self.remote_url)}) still lacks "
                 f"objects of {target.name}: {missing}; run the step again (a push resumes with what is missing)"
             )
-        version = read_dvc_file(dvc_file, self.remote_name, self.remote_url)
+        version = read_dvc_file(dvc_file, self.remote_name, redact_uri(self.remote_url))
         log.info("DVC: %s -> %s (pushed to %s)", target.name, version.md5, self.remote_name)
         return version
 
@@ -150,14 +160,19 @@ def write_pointer(version: DvcVersion, folder: Path) -> Path:
     return pointer
 
 
-def checkout_pointer(pointer: Path, dest: Path) -> Path:
+def checkout_pointer(pointer: Path, dest: Path, config_remote_url: str | None = None) -> Path:
     """Pull the folder a pointer names from its DVC remote into `dest/<name>`; returns that folder.
 
     A throwaway DVC repository in `dest` does the pull (so any remote DVC supports works), and its cache is
     removed afterwards: the files are hardlinked out of it first, so `dest` keeps one copy.
 
+    Args:
+        config_remote_url: the config's `versioning.remote_url`: the password of the pointer's remote, when it is this
+            one (`with_password`).
+
     Raises:
         ValueError: the pointer file is not one `write_pointer` wrote.
+        UserInputError: the pointer's remote needs a password and `config_remote_url` does not give it.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
     """
@@ -166,6 +181,7 @@ def checkout_pointer(pointer: Path, dest: Path) -> Path:
         name, dvc_text, remote_url = record["name"], record["dvc_file"], record["remote_url"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{pointer}: not a vlmops DVC pointer ({err}); register the model again") from err
+    remote_url = with_password(remote_url, config_remote_url)
     dvc_file = _pull(dest, name, dvc_text, remote_url, str(record.get("md5")))
     for leftover in (".dvc", ".dvcignore", dvc_file.name):
         target = dest / leftover
@@ -186,7 +202,7 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
         printf 'outs:\n- md5: MD5\n  hash: md5\n  path: NAME\n' > NAME.dvc && dvc pull NAME.dvc
 
     Raises:
-        UserInputError: `dest/<name>` exists already.
+        UserInputError: `dest/<name>` exists already; `remote_url` is a recorded one whose password is masked.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
     """
@@ -199,6 +215,15 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
 
 class DvcPullError(RunFailed):
     """A tracked folder could not be restored whole from the DVC remote."""
+
+
+def with_password(recorded_url: str, config_remote_url: str | None) -> str:
+    """The remote URL to pull from, for one vlmops recorded (its password masked): the config's
+    `versioning.remote_url`, password and all, where that names the same remote (the same URL once masked); else the
+    recorded one as it is (`_configure` then takes the password from DVC's own config, or says where to give it)."""
+    if config_remote_url and redact_uri(_absolute_url(config_remote_url)) == recorded_url:
+        return _absolute_url(config_remote_url)
+    return recorded_url
 
 
 def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Path:
@@ -245,8 +270,9 @@ def remote_outages_named(remote_url: str) -> Iterator[None]:
 
     The client's error is the one raised, or, where DVC raised only a count of failed files, the last one DVC logged
     while it ran (it logs each with its traceback, then goes on with the other files). An http(s) remote's client
-    says neither (a refused connection reads as a file not found): after a failure its URL is asked once more
-    (`_unanswered_http`), and a host that does not answer is the outage.
+    says neither (a refused connection, or a 503 to every request, reads as a file not found): after a failure its URL
+    is asked once more (`_http_outage`), and a host that does not answer, or answers with a server error, is the
+    outage.
 
     Raises:
         ServiceUnavailable: the remote did not answer; a retry may pass (`is_transient`).
@@ -259,7 +285,7 @@ def remote_outages_named(remote_url: str) -> Iterator[None]:
         yield
     except Exception as err:
         causes = [err, *reversed(logged.errors)]  # what was raised, then the last file's error first
-        cause = next((e for e in causes if is_transient(e)), None) or _unanswered_http(remote_url)
+        cause = next((e for e in causes if is_transient(e)), None) or _http_outage(remote_url)
         if cause is None:
             raise
         raise ServiceUnavailable(Outage(DVC_REMOTE, redact_uri(remote_url), one_line(cause))) from cause
@@ -271,21 +297,26 @@ def remote_outages_named(remote_url: str) -> Iterator[None]:
 HTTP_PROBE_TIMEOUT_S = 10
 
 
-def _unanswered_http(remote_url: str) -> Exception | None:
-    """For an http(s) remote, the error of a request to its URL when its host does not answer at all (refused, timed
-    out, cut); None when it answers (whatever its status) or the remote is not http(s).
+def _http_outage(remote_url: str) -> Exception | None:
+    """For an http(s) remote, the error of a request to its URL when its host does not answer (refused, timed out, cut)
+    or answers with a server error or 'too many requests' (5xx, 429: `is_transient`); None when it answers otherwise
+    (a 404 of the folder, say, is a server that is up) or the remote is not http(s).
 
-    fsspec's HTTP filesystem, which DVC's http remote uses, reports a refused connection as a file not found: the pull
-    would fail as a missing or damaged copy (`DvcPullError`).
+    fsspec's HTTP filesystem, which DVC's http remote uses, reports a refused connection and a 5xx alike as a file not
+    found (after aiohttp-retry's own tries): the pull would fail as a missing or damaged copy (`DvcPullError`).
+    A GET, not a HEAD: a server may answer a HEAD with 501 (not implemented), which is no outage.
     """
     import requests
 
-    if not remote_url.startswith(("http://", "https://")):
+    if not remote_url.startswith(HTTP_SCHEMES):
         return None
     try:
-        requests.head(remote_url, timeout=HTTP_PROBE_TIMEOUT_S, allow_redirects=False).close()
+        with requests.get(remote_url, timeout=HTTP_PROBE_TIMEOUT_S, allow_redirects=False, stream=True) as answer:
+            answer.raise_for_status()
     except (requests.ConnectionError, requests.Timeout) as err:
         return err
+    except requests.HTTPError as err:
+        return err if is_transient(err) else None
     return None
 
 
@@ -306,24 +337,57 @@ def cache_object_path(remote_dir: Path, md5: str) -> Path:
     return remote_dir / "files" / "md5" / md5[:2] / md5[2:]
 
 
+# The remote's options that `_configure` sets from a login in its URL; DVC's http remote reads them.
+CREDENTIAL_KEYS = ("auth", "user", "password")
+
+
 def _configure(root: Path, remote_name: str, remote_url: str) -> None:
-    """Set the default remote and the cache link type in the repository's config file.
+    """Set the default remote and the cache link type in the repository's config file, and a login in the URL as the
+    remote's credentials in `.dvc/config.local`.
 
     Done before the `Repo` that does the work is opened: a `Repo` reads the cache settings once, so an edit
     through an open one would apply only to the next.
+
+    Raises:
+        UserInputError: `remote_url` holds a password DVC's remote would not read (`dvc_url_login_refused`), or is a
+            recorded URL whose password is masked and DVC's config has none for the remote.
     """
     from dvc.repo import Repo
 
+    if refused := dvc_url_login_refused(remote_url):
+        raise UserInputError(f"versioning.remote_url: {refused}")
+    login = uri_login(remote_url)
+    # Without the userinfo: aiohttp refuses a URL's login beside the `auth` DVC gives it.
+    url = login.uri if login else remote_url
     repo = Repo(str(root))
     try:
-        with repo.config.edit() as conf:
+        with repo.config.edit() as conf:  # .dvc/config: a repository commits it
             remote = conf["remote"].get(remote_name, {})
-            if remote.get("url") != remote_url:
-                conf["remote"][remote_name] = {"url": remote_url}
+            moved = remote.get("url") != url
+            if moved:  # a fresh section (also where an older vlmops wrote the URL with its password)
+                conf["remote"][remote_name] = {"url": url}
             # DVC trusts what it downloads unless told to hash it: a damaged object would load silently.
             conf["remote"][remote_name]["verify"] = True
             conf.setdefault("core", {})["remote"] = remote_name
             conf.setdefault("cache", {})["type"] = CACHE_LINK_TYPE
+        with repo.config.edit("local") as local:  # .dvc/config.local: git-ignored, DVC's place for credentials
+            credentials = local["remote"].get(remote_name, {})
+            if moved:  # a login for another URL is not sent to this one
+                credentials = {k: v for k, v in credentials.items() if k not in CREDENTIAL_KEYS}
+            if login is not None:
+                credentials.update(auth="basic", user=login.user)
+                if login.password != MASK:
+                    credentials["password"] = login.password
+            if credentials:
+                local["remote"][remote_name] = credentials
+            else:
+                local["remote"].pop(remote_name, None)
+        if login is not None and not repo.config["remote"][remote_name].get("password"):
+            raise UserInputError(
+                f"the DVC remote {remote_url} needs its password, which vlmops never records: set "
+                f"versioning.remote_url in the config file to this URL with the password in place of {MASK} (not "
+                "with --set: overrides are stored as flow-run parameters, so they may hold no password)"
+            )
     finally:
         repo.close()
 

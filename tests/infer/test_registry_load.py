@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.http_remote import http_remote
 from vlmops.config import TrackingConfig
 from vlmops.infer.chat import ChatModel
 from vlmops.infer.resolve import REGISTRY_MANIFEST, resolve_model_ref
@@ -107,6 +108,46 @@ def test_a_version_pointing_at_the_dvc_remote_is_pulled_from_there(
     assert (loaded.loaded.path / "config.json").is_file()
     assert not list((tmp_path / "cache").rglob(".dvc"))  # the pull's own cache was removed
     assert loaded.chat(query)[0] == ChatModel.load(tiny_model).chat(query)[0]
+
+
+def test_a_version_in_a_dvc_remote_behind_a_password_is_pulled_with_the_configs(
+    registry: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The pointer a version registers names its http DVC remote with the password masked; a command's model loading
+    (`catalog_resolver`) takes the password from the config's versioning.remote_url, and says where to give it when
+    the config names no such remote."""
+    from vlmops.config import PipelineConfig
+    from vlmops.errors import UserInputError
+    from vlmops.infer.resolve import catalog_resolver
+
+    password = "s3cret-dvc-pw"
+    workspace = tmp_path / "outputs"
+    shutil.copytree(tiny_model, workspace / "merged")
+    with http_remote(tmp_path / "remote", login=("vlmops", password)) as host:
+        url = f"http://vlmops:{password}@{host}/dvc"
+        pushed = DvcStore(workspace, "team", url).track(workspace / "merged")
+        tracker = Tracker(TrackingConfig(uri=registry, experiment="registry"))
+        with tracker.run("register") as run_id:
+            write_pointer(pushed, tmp_path / "pointer")
+            tracker.register_model(run_id, tmp_path / "pointer", "vlmops-dvc-http", "challenger")
+        assert password not in (tmp_path / "pointer" / POINTER_FILE).read_text()
+        shutil.rmtree(workspace)
+
+        def config(**versioning: str) -> PipelineConfig:
+            return PipelineConfig.model_validate(
+                {
+                    "tracking": {"uri": registry, "experiment": "registry"},
+                    "model": {"cache_dir": str(tmp_path / "cache" / str(len(versioning)))},
+                    "versioning": versioning,
+                }
+            )
+
+        loaded = catalog_resolver(config(remote_url=url))("models:/vlmops-dvc-http@challenger")
+        assert (loaded / "config.json").is_file()
+        with pytest.raises(
+            UserInputError, match=rf"^the DVC remote http://vlmops:\*\*\*@{host}/dvc needs its password"
+        ):
+            catalog_resolver(config())("models:/vlmops-dvc-http@challenger")
 
 
 def test_a_retrain_flow_run_folder_resolves_to_the_model_it_made(tiny_model: Path, tmp_path: Path) -> None:

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.http_remote import http_remote
 from tests.registry.conftest import NAME, Registry
 from tests.s3_server import S3Server
 from vlmops.cli.main import main
 from vlmops.versioning import cache_object_path
+
+PASSWORD = "s3cret-dvc-pw"
 
 pytestmark = [pytest.mark.integration]
 
@@ -189,3 +192,71 @@ def test_pull_from_an_s3_remote_checks_every_object(s3_env: S3Server, tmp_path: 
     s3.put_object(Bucket="dvc-pull", Key=f"dvc/files/md5/{weights[:2]}/{weights[2:]}", Body=b"damaged")
     with pytest.raises(DvcPullError, match=r"DVC could not restore model \(.*\) from s3://dvc-pull/dvc"):
         pull_tracked(pushed.md5, "model", "s3://dvc-pull/dvc", tmp_path / "second-clone")
+
+
+def test_a_remote_behind_a_password_is_pulled_with_the_configs_and_records_it_nowhere(
+    registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The team's DVC remote is an http server behind basic auth, its login in versioning.remote_url. What is
+    recorded (the version's tag dvc.remote, its pointer, the MLflow store, lineage.json) holds the URL with the
+    password masked; `vlmops pull` in a clone whose config gives the URL with its password restores the version, and
+    in one whose config does not, says where to give it (exit 2) instead of calling the remote's copy missing."""
+    from vlmops.data.prepare import snapshot_hash
+    from vlmops.registry.lineage import version_tags
+    from vlmops.tracking import Tracker
+    from vlmops.versioning import DvcStore, write_pointer
+
+    workspace = tmp_path / "outputs"
+    shutil.copytree(registry.snapshot_copy, workspace / "dataset")
+    shutil.copytree(registry.model_a, workspace / "model")
+    with http_remote(tmp_path / "remote", login=("vlmops", PASSWORD)) as host:
+        url = f"http://vlmops:{PASSWORD}@{host}/dvc"
+        store = DvcStore(workspace, "team", url)
+        data, model = store.track(workspace / "dataset"), store.track(workspace / "model")
+        tracker = Tracker(registry.config.tracking)
+        with tracker.run("register-http") as run_id:
+            tags = version_tags(
+                config=registry.config,
+                run={"git_commit": "test", "mlflow_run_id": run_id},
+                base_model={"id": "tiny", "revision": None, "source": "local", "manifest_hash": "test"},
+                dataset_path=str(workspace / "dataset"),
+                dataset_hash=snapshot_hash(registry.snapshot_copy),
+                data_version=data,
+                model_version=model,
+            )
+            write_pointer(model, tmp_path / "pointer")
+            version = tracker.register_model(run_id, tmp_path / "pointer", "vlmops-http", "champion", tags=tags).version
+        assert registry_client(registry).get_model_version("vlmops-http", version).tags["dvc.remote"] == (
+            f"http://vlmops:***@{host}/dvc"
+        )
+        shutil.rmtree(workspace / "dataset")  # only the remote has them now
+        shutil.rmtree(workspace / "model")
+
+        with_login = clone(registry, tmp_path / "with-login", versioning={"remote_url": url})
+        out = ["--out", str(tmp_path / "pulled")]
+        assert main(["pull", "models:/vlmops-http@champion", "--config", str(with_login / "pipeline.yaml"), *out]) == 0
+        pulled = tmp_path / "pulled" / f"vlmops-http-v{version}"
+        assert digests(pulled / "model") == digests(registry.model_a)
+        assert digests(pulled / "dataset") == digests(registry.snapshot_copy)
+        assert (
+            json.loads((pulled / "lineage.json").read_text())["tags"]["dvc.remote"] == f"http://vlmops:***@{host}/dvc"
+        )
+
+        without = clone(registry, tmp_path / "without-login")
+        out = ["--out", str(tmp_path / "not-pulled")]
+        assert main(["pull", "models:/vlmops-http@champion", "--config", str(without / "pipeline.yaml"), *out]) == 2
+        err = capsys.readouterr().err
+        assert f"the DVC remote http://vlmops:***@{host}/dvc needs its password" in err
+        assert "set versioning.remote_url in the config file" in err and PASSWORD not in err
+
+    holding = [
+        p
+        for p in [*registry.root.rglob("*"), *tmp_path.rglob("*")]
+        if p.is_file() and PASSWORD in p.read_text(errors="replace")
+    ]
+    # DVC's git-ignored place for credentials, in the repository that pushed and in the one the pull left.
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in holding) == [
+        "outputs/.dvc/config.local",
+        f"pulled/vlmops-http-v{version}/.dvc/config.local",
+        "with-login/pipeline.yaml",
+    ]

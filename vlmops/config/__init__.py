@@ -18,6 +18,7 @@ from vlmops.config.serving import (
     StorageConfig,
     TrackingConfig,
     VersioningConfig,
+    dvc_url_login_refused,
     no_room_for_a_prompt,
 )
 from vlmops.config.training import (
@@ -53,6 +54,7 @@ __all__ = [
     "TrainConfig",
     "VersioningConfig",
     "dump_config",
+    "dvc_url_login_refused",
     "load_config",
     "no_room_for_a_prompt",
     "resolve_num_workers",

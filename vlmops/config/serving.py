@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from vlmops.config.section import Section
+from vlmops.redact import redact_uri, uri_login
 
 
 def no_room_for_a_prompt(max_context: int, max_new_tokens: int) -> str | None:
@@ -219,6 +220,25 @@ class RegistryConfig(Section):
         return value
 
 
+# DVC's http remote: the one remote whose login vlmops takes from the URL (vlmops.versioning gives it to DVC as the
+# remote's `auth: basic`, `user` and `password`). The others read theirs elsewhere (S3: the AWS variables or config).
+DVC_LOGIN_SCHEMES = ("http://", "https://")
+
+
+def dvc_url_login_refused(remote_url: str) -> str | None:
+    """Why the DVC remote URL `remote_url` may not hold a password (DVC's remote of its scheme reads none from the
+    URL), the password masked; None if it may."""
+    login = uri_login(remote_url)
+    if login is None or login.uri.startswith(DVC_LOGIN_SCHEMES):
+        return None
+    scheme = login.uri.partition("://")[0]
+    return (
+        f"{redact_uri(remote_url)} holds a password, which DVC's {scheme} remote does not read from its URL: take the "
+        "login out of the URL and give the remote its credentials as DVC takes them (S3: AWS_ACCESS_KEY_ID and "
+        "AWS_SECRET_ACCESS_KEY in the environment). Only an http(s) remote's user and password may be in the URL"
+    )
+
+
 class VersioningConfig(Section):
     enabled: bool = True
     """Track the dataset snapshot and the merged model with DVC and push them to the remote."""
@@ -228,7 +248,16 @@ class VersioningConfig(Section):
     remote_name: str = "local"
     """Name of the DVC remote to push to."""
     remote_url: str | None = None
-    """URL of that remote: a folder, or s3://bucket/prefix. null: `<run.output_dir>/dvc-remote`."""
+    """URL of that remote: a folder, s3://bucket/prefix (credentials from the AWS variables), or
+    https://user:password@host/path (DVC's http remote; the password is given to DVC in the repository's
+    .dvc/config.local and masked wherever the URL is recorded). null: `<run.output_dir>/dvc-remote`."""
+
+    @field_validator("remote_url")
+    @classmethod
+    def _login(cls, value: str | None) -> str | None:
+        if value is not None and (refused := dvc_url_login_refused(value)):
+            raise ValueError(refused)
+        return value
 
 
 class StorageConfig(Section):

@@ -44,7 +44,9 @@ def evaluate_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     remove_scores(out)
-    resolve = functools.partial(resolve_model_ref, tracking_uri=config.tracking.uri)
+    resolve = functools.partial(
+        resolve_model_ref, tracking_uri=config.tracking.uri, dvc_remote_url=config.versioning.remote_url
+    )
     source = model_source(str(run_dir), None, resolve)
 
     loaded = _load(config, source.checkpoint, source.adapter)

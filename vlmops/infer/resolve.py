@@ -70,7 +70,10 @@ def catalog_resolver(config: PipelineConfig) -> ResolveModel:
             # Registered versions go beside the config's model cache (the default one: ~/.cache/vlmops/...).
             registry_cache = Path(config.model.cache_dir).expanduser() / "registry"
             return resolve_model_ref(
-                ref, tracking_uri=resolve_tracking_uri(config.tracking.uri), cache_dir=registry_cache
+                ref,
+                tracking_uri=resolve_tracking_uri(config.tracking.uri),
+                cache_dir=registry_cache,
+                dvc_remote_url=config.versioning.remote_url,
             )
         return download_model(catalog_model_config(config, ref), config.storage, config.run.output_dir).path
 
@@ -89,10 +92,14 @@ def config_for_model(config: PipelineConfig, ref: str, overrides: Sequence[str])
 
 
 def resolve_model_ref(
-    ref: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+    ref: str,
+    tracking_uri: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dvc_remote_url: str | None = None,
 ) -> Path:
     """A local folder for `ref`: a checkpoint or training run folder as it is, a retrain flow run folder's `merged/`
-    model, a `models:/` URI downloaded.
+    model, a `models:/` URI downloaded (`dvc_remote_url`: the config's `versioning.remote_url`, see
+    `download_registered_model`).
 
     Raises:
         FileNotFoundError: `ref` is neither an existing folder nor a `models:/` URI (a catalog name that was
@@ -102,7 +109,7 @@ def resolve_model_ref(
     if not ref.strip():
         raise ValueError("empty model reference: pass a checkpoint folder, run folder or models:/NAME@ALIAS")
     if ref.startswith(REGISTRY_SCHEME):
-        return download_registered_model(ref, tracking_uri, cache_dir)
+        return download_registered_model(ref, tracking_uri, cache_dir, dvc_remote_url)
     folder = Path(ref).expanduser()
     if folder.is_dir():
         model = _retrain_model(folder) or folder
@@ -331,13 +338,18 @@ def _registry_error(uri: str, registry: str, err: Any) -> Exception:
 
 
 def download_registered_model(
-    uri: str, tracking_uri: str | None = None, cache_dir: str | os.PathLike[str] | None = None
+    uri: str,
+    tracking_uri: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    dvc_remote_url: str | None = None,
 ) -> Path:
     """Download a registered model version's artifacts (a merged checkpoint) once; return the local folder.
 
     An alias is resolved to its version number first, so moving the alias is seen on the next load while an
     unchanged version is never downloaded twice. The cache is keyed on the registry, name and version, and a
-    cached copy is reused only if its recorded source still matches the registry's.
+    cached copy is reused only if its recorded source still matches the registry's. A version whose artifact is a
+    DVC pointer is pulled from its DVC remote; `dvc_remote_url` (the config's `versioning.remote_url`) gives that
+    remote's password, which the pointer never records (`checkout_pointer`).
     """
     from mlflow.exceptions import MlflowException
 
@@ -368,7 +380,7 @@ def download_registered_model(
         log.info("downloading %s (version %s) from %s", uri, version.version, manifest["source"])
         local = Path(_download(source, staging, tracking_uri))
         if (local / POINTER_FILE).is_file():  # the version points at the copy in the DVC remote
-            local = checkout_pointer(local / POINTER_FILE, staging / "dvc")
+            local = checkout_pointer(local / POINTER_FILE, staging / "dvc", dvc_remote_url)
         if not (local / "config.json").is_file():
             raise ValueError(
                 f"model {uri}: version {version.version}'s artifacts ({source}) are not a checkpoint folder "

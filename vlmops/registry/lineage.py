@@ -9,7 +9,8 @@ Every version the retrain flow registers carries these tags (`version_tags`):
     base_model.id, .revision, .source, .manifest_hash   the base checkpoint (manifest: every file's sha256)
     config.hash                sha256 of the resolved pipeline config (the run's config.yaml)
     dataset.path, dataset.hash the validated dataset snapshot and its content hash
-    dvc.dataset.md5, dvc.model.md5, dvc.remote          the snapshot and the merged model in the DVC remote
+    dvc.dataset.md5, dvc.model.md5, dvc.remote          the snapshot and the merged model in the DVC remote (its URL's
+                                                        password masked: a pull takes it from versioning.remote_url)
     mlflow_run_id              the retrain flow's MLflow parent run
 
 `pull_version` restores the dataset snapshot and the merged model of a version from the DVC remote by those
@@ -95,7 +96,8 @@ class PulledVersion:
 
 
 def dvc_remote_for(tags: dict[str, str], config: PipelineConfig) -> str:
-    """The remote to pull from: the config's `versioning.remote_url` when set, else the one the version recorded.
+    """The remote to pull from: the config's `versioning.remote_url` when set, else the one the version recorded (with
+    any password masked: `versioning.remote_url` gives it).
 
     Raises:
         UserInputError: neither says where.
@@ -140,7 +142,13 @@ def pull_version(uri: str, config: PipelineConfig, out_dir: str | os.PathLike[st
     log.info("pulling %s (version %s) from %s into %s", uri, version, redact_uri(remote), folder)
     dataset = pull_tracked(tags["dvc.dataset.md5"], DATASET_DIR, remote, folder)
     model = pull_tracked(tags["dvc.model.md5"], MODEL_DIR, remote, folder)
-    record: dict[str, Any] = {"uri": uri, "name": found.name, "version": version, "tags": tags}
+    # Masked: a version registered before vlmops masked it holds the remote's password in its tag dvc.remote.
+    record: dict[str, Any] = {
+        "uri": uri,
+        "name": found.name,
+        "version": version,
+        "tags": {key: redact_uri(value) for key, value in tags.items()},
+    }
     (folder / LINEAGE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return PulledVersion(
         found.name, version, folder, dataset, model, tags["dvc.dataset.md5"], tags["dvc.model.md5"], remote
