@@ -211,3 +211,19 @@ def test_a_file_one_folder_holds_under_two_names_is_read_once_and_the_other_name
     assert caplog.messages == [
         f"parts/latest.jsonl is parts/a.jsonl by another name (both lead to {real}): not read twice"
     ]
+
+
+@pytest.mark.parametrize("eval_name", ["train.jsonl", "held-out.jsonl"], ids=["same-name", "a-link"])
+def test_an_eval_file_that_is_the_training_file_is_refused(
+    workdir: Path, capsys: pytest.CaptureFixture[str], eval_name: str
+) -> None:
+    """The records were trained on and then scored as held out: an eval that measured nothing unseen."""
+    Path("train.jsonl").write_text("".join(record(f"Question {i}?") for i in range(10)))
+    if eval_name != "train.jsonl":
+        Path(eval_name).symlink_to("train.jsonl")
+    assert main(["validate", *CACHE, "--set", "data.train=train.jsonl", "--set", f"data.eval={eval_name}"]) == 2
+    named = "both train.jsonl" if eval_name == "train.jsonl" else f"train.jsonl and {eval_name}, the same file"
+    assert (
+        f"error: data.train and data.eval are {named}: its records would be trained on and then evaluated as held "
+        "out; give data.eval a file of its own, or set it to null to hold out data.eval_ratio of data.train\n"
+    ) in capsys.readouterr().err
