@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,111 @@ def test_everything_goes_to_run_output_dir_and_nothing_to_the_home_cache(
     out = capsys.readouterr().out
     expected = "rejects:  " if paths else "snapshot: "
     assert f"{expected}{out_dir / 'datasets'}" in out
+
+
+def _parts() -> None:
+    """parts/a.jsonl (2 records), parts/b.json (1), c.jsonl (1), linked -> parts, alias.jsonl -> c.jsonl."""
+    Path("parts").mkdir()
+    Path("parts/a.jsonl").write_text(record("One?") + record("Two?"))
+    Path("parts/b.json").write_text(json.dumps([json.loads(record("Three?"))]))
+    Path("c.jsonl").write_text(record("Four?"))
+    Path("linked").symlink_to("parts")
+    Path("alias.jsonl").symlink_to("c.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("paths", "refusal"),
+    [
+        (
+            ["parts", "parts"],
+            "dataset paths 1 (parts) and 2 (parts) both name 2 files, whose records would be read twice: "
+            "parts/a.jsonl, parts/b.json; drop one of them",
+        ),
+        (
+            ["parts", "c.jsonl", "parts/a.jsonl"],
+            "dataset paths 1 (parts) and 3 (parts/a.jsonl) both name 1 file, whose records would be read twice: "
+            "parts/a.jsonl; drop path 3 (path 1 names each of its files)",
+        ),
+        (
+            ["c.jsonl", "linked", "parts"],
+            "dataset paths 2 (linked) and 3 (parts) both name 2 files, whose records would be read twice: "
+            "linked/a.jsonl (as parts/a.jsonl), linked/b.json (as parts/b.json); drop one of them",
+        ),
+        (
+            ["alias.jsonl", "./c.jsonl"],
+            "dataset paths 1 (alias.jsonl) and 2 (./c.jsonl) both name 1 file, whose records would be read twice: "
+            "alias.jsonl (as c.jsonl); drop one of them",
+        ),
+        (
+            ["linked/b.json", "parts"],
+            "dataset paths 1 (linked/b.json) and 2 (parts) both name 1 file, whose records would be read twice: "
+            "linked/b.json (as parts/b.json); drop path 1 (path 2 names each of its files)",
+        ),
+    ],
+    ids=["a-folder-twice", "a-file-in-a-folder-given", "a-folder-and-a-link-to-it", "a-file-by-two-names", "by-link"],
+)
+def test_two_paths_that_name_one_file_are_refused_by_position(
+    workdir: Path, capsys: pytest.CaptureFixture[str], paths: list[str], refusal: str
+) -> None:
+    """Each shared file's records were read twice: training saw them twice and the report counted them twice."""
+    _parts()
+    assert main(["validate", *paths, *CACHE]) == 2
+    out, err = capsys.readouterr()
+    assert f"error: {refusal}\n" in err
+    assert "read " not in out and "Traceback" not in err
+
+
+def test_folders_that_share_a_linked_subfolder_are_refused_pair_by_pair(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Neither holds the other: dropping one would lose its own files, so the fix says what else will do."""
+    _parts()
+    for name in ("x", "y"):
+        Path(name).mkdir()
+        Path(name, f"{name}.jsonl").write_text(record(f"{name}?"))
+        Path(name, "shared").symlink_to(Path("parts").resolve())
+    assert main(["validate", "x", "y", "parts", *CACHE]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "error: dataset paths 1 (x) and 2 (y) both name 2 files, whose records would be read twice: x/shared/a.jsonl "
+        "(as y/shared/a.jsonl), x/shared/b.json (as y/shared/b.json); drop one of them, or take the shared files out "
+        "of one\n"
+        "dataset paths 1 (x) and 3 (parts) both name 2 files, whose records would be read twice: x/shared/a.jsonl (as "
+        "parts/a.jsonl), x/shared/b.json (as parts/b.json); drop path 3 (path 1 names each of its files)\n"
+        "dataset paths 2 (y) and 3 (parts) both name 2 files, whose records would be read twice: y/shared/a.jsonl (as "
+        "parts/a.jsonl), y/shared/b.json (as parts/b.json); drop path 3 (path 2 names each of its files)\n"
+    ) in err
+
+
+def test_a_file_one_folder_holds_under_two_names_is_read_once_and_the_other_name_logged(
+    workdir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """parts/latest.jsonl -> a.jsonl beside it: a folder's own links (a hub snapshot's, a DVC checkout's) may not be
+    the user's to change, so the file is read once, under its first name in sorted order, as a folder reached twice
+    through links is."""
+    _parts()
+    Path("parts/latest.jsonl").symlink_to("a.jsonl")
+    with caplog.at_level(logging.WARNING, logger="vlmops.data.formats"):
+        assert main(["validate", "parts", *CACHE]) == 0
+    out = capsys.readouterr().out
+    assert "read 3 records" in out and "all: 3 records" in out
+    real = Path("parts/a.jsonl").resolve()
+    assert caplog.messages == [
+        f"parts/latest.jsonl is parts/a.jsonl by another name (both lead to {real}): not read twice"
+    ]
+
+
+@pytest.mark.parametrize("eval_name", ["train.jsonl", "held-out.jsonl"], ids=["same-name", "a-link"])
+def test_an_eval_file_that_is_the_training_file_is_refused(
+    workdir: Path, capsys: pytest.CaptureFixture[str], eval_name: str
+) -> None:
+    """The records were trained on and then scored as held out: an eval that measured nothing unseen."""
+    Path("train.jsonl").write_text("".join(record(f"Question {i}?") for i in range(10)))
+    if eval_name != "train.jsonl":
+        Path(eval_name).symlink_to("train.jsonl")
+    assert main(["validate", *CACHE, "--set", "data.train=train.jsonl", "--set", f"data.eval={eval_name}"]) == 2
+    named = "both train.jsonl" if eval_name == "train.jsonl" else f"train.jsonl and {eval_name}, the same file"
+    assert (
+        f"error: data.train and data.eval are {named}: its records would be trained on and then evaluated as held "
+        "out; give data.eval a file of its own, or set it to null to hold out data.eval_ratio of data.train\n"
+    ) in capsys.readouterr().err

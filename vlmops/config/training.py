@@ -77,7 +77,8 @@ class DataConfig(Section):
     """Training data: a .json (list) or .jsonl file in the `conversations` or `messages` format.
     null: generate the demo dataset."""
     eval: str | None = None
-    """Held-out eval data, same formats. null: split `eval_ratio` off the training file."""
+    """Held-out eval data, same formats: a file other than `train` (the training file by any name is refused).
+    null: split `eval_ratio` off the training file."""
     eval_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of the training records held out for eval when `eval` is null (a seeded, saved split)."""
     max_length: int = Field(2048, ge=16)

@@ -7,7 +7,9 @@ is dropped without being listed. A file's records are decoded by `vlmops.data.js
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,11 @@ from vlmops.data.image_paths import ImagePaths, image_roots
 from vlmops.data.jsonrecords import json_list_records, jsonl_records
 from vlmops.data.parsing import parse_record_with, refuse_unread_keys
 from vlmops.data.problems import RecordError, RecordProblem
-from vlmops.folders import files_under, refuse_unreadable
+from vlmops.errors import UserInputError
+from vlmops.folders import NAMED, files_under, refuse_unreadable
+from vlmops.plural import counted
+
+log = logging.getLogger(__name__)
 
 DATASET_SUFFIXES = (".json", ".jsonl")
 
@@ -85,26 +91,73 @@ def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> It
 
 
 def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """The .json/.jsonl files that `paths` name: files as given, folders searched (sorted, recursively).
+    """The .json/.jsonl files that `paths` name, each read once: files as given, folders searched (sorted,
+    recursively, through their linked subfolders: `vlmops.folders.files_under`).
+
+    A file is the one its links lead to (`Path.resolve`). Two paths that name one file (a folder given twice, a file
+    and a folder that holds it, a folder and a link to it, a file and a link to it) are refused: its records would be
+    read twice, so training sees them twice and a report counts them twice, and the fix, dropping a path, is the
+    user's to make. A file that one folder holds under two names (`b.jsonl -> a.jsonl` beside it) is read once, under
+    its first name in sorted order, and the other name logged, as the walk reads a folder reached twice: the folder's
+    contents may not be the user's to change (a hub snapshot's links, a DVC checkout), and a folder is read as a whole.
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without dataset files.
-        UserInputError: a dataset file given or in a folder is a broken link or no file (a named pipe).
+        UserInputError: a dataset file given or in a folder is a broken link or no file (a named pipe); two paths
+            name the same file (each such pair named, by position and as written, with the files and the fix).
     """
-    files: list[Path] = []
+    named: list[dict[Path, Path]] = []  # for each path given: each real file it names -> the name it is read under
     for spec in paths:
-        path = Path(spec).expanduser()
-        if path.is_dir():
-            found = files_under(path, reads=lambda p: p.suffix.lower() in DATASET_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"{path}: no .json or .jsonl dataset files in this folder")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            refuse_unreadable([path] if path.is_symlink() or path.exists() else [])  # a broken link: where it leads
-            raise FileNotFoundError(f"{path} does not exist: pass .json/.jsonl dataset files or folders of them")
-    return files
+        names: dict[Path, Path] = {}
+        for path in _files_named(Path(spec).expanduser()):
+            first = names.setdefault(real := path.resolve(), path)
+            if first != path:
+                log.warning("%s is %s by another name (both lead to %s): not read twice", path, first, real)
+        named.append(names)
+    shared = [
+        _shared_files((i, os.fspath(paths[i]), named[i]), (j, os.fspath(paths[j]), named[j]))
+        for i, j in itertools.combinations(range(len(named)), 2)
+        if named[i].keys() & named[j].keys()
+    ]
+    if shared:
+        raise UserInputError("\n".join(shared))  # a line per pair
+    return [path for names in named for path in names.values()]
+
+
+def _files_named(path: Path) -> list[Path]:
+    """The dataset files one path names: itself, or those in the folder."""
+    if path.is_dir():
+        found = files_under(path, reads=lambda p: p.suffix.lower() in DATASET_SUFFIXES)
+        if not found:
+            raise FileNotFoundError(f"{path}: no .json or .jsonl dataset files in this folder")
+        return found
+    if path.is_file():
+        return [path]
+    refuse_unreadable([path] if path.is_symlink() or path.exists() else [])  # a broken link: where it leads
+    raise FileNotFoundError(f"{path} does not exist: pass .json/.jsonl dataset files or folders of them")
+
+
+def _shared_files(a: tuple[int, str, dict[Path, Path]], b: tuple[int, str, dict[Path, Path]]) -> str:
+    """What two dataset paths (position, as written, their files) share, and which to drop."""
+    (i, spec_a, files_a), (j, spec_b, files_b) = a, b
+    common = [real for real in files_a if real in files_b]
+    shown = ", ".join(
+        str(files_a[real]) if files_a[real] == files_b[real] else f"{files_a[real]} (as {files_b[real]})"
+        for real in common[:NAMED]
+    )
+    more = f" and {len(common) - NAMED} more" if len(common) > NAMED else ""
+    if len(common) == len(files_a) == len(files_b):
+        fix = "drop one of them"
+    elif len(common) == len(files_b):
+        fix = f"drop path {j + 1} (path {i + 1} names each of its files)"
+    elif len(common) == len(files_a):
+        fix = f"drop path {i + 1} (path {j + 1} names each of its files)"
+    else:
+        fix = "drop one of them, or take the shared files out of one"
+    return (
+        f"dataset paths {i + 1} ({spec_a}) and {j + 1} ({spec_b}) both name {counted(len(common), 'file')}, whose "
+        f"records would be read twice: {shown}{more}; {fix}"
+    )
 
 
 def record_line(conv: Conversation, image_uri: dict[str, str]) -> str:

@@ -83,8 +83,9 @@ def prepare_dataset(
     Raises:
         DatasetError: every rejected record (unless `data.invalid_records` is `skip`) and every too-long one
             (when `data.max_length_policy` is `error`), all of them, not just the first.
-        UserInputError: a split that would be empty.
+        UserInputError: a split that would be empty; `eval_file` the training file itself (by any name).
     """
+    _refuse_eval_is_train(Path(train_file), None if eval_file is None else Path(eval_file))
     sources = {"train": str(Path(train_file).resolve())}
     if eval_file is not None:
         sources["eval"] = str(Path(eval_file).resolve())
@@ -126,6 +127,22 @@ def prepare_dataset(
     log.info("dataset snapshot %s", final)
     log.debug("%s", report.summary())  # the caller shows the summary: logged at INFO it would show twice
     return PreparedDataset(final, content_hash, report)
+
+
+def _refuse_eval_is_train(train_file: Path, eval_file: Path | None) -> None:
+    """Refuse an eval file that is the training file (the same file by its links): its records would be read twice,
+    trained on and then scored as held out, so the eval would measure nothing the model had not seen.
+
+    Raises:
+        UserInputError: naming data.train and data.eval as given and the fix.
+    """
+    if eval_file is None or train_file.resolve() != eval_file.resolve():
+        return
+    named = f"both {train_file}" if train_file == eval_file else f"{train_file} and {eval_file}, the same file"
+    raise UserInputError(
+        f"data.train and data.eval are {named}: its records would be trained on and then evaluated as held out; give "
+        "data.eval a file of its own, or set it to null to hold out data.eval_ratio of data.train"
+    )
 
 
 def split_by_ratio(items: Sequence[T], ratio: float, seed: int) -> tuple[list[T], list[T]]:
