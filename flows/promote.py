@@ -53,7 +53,7 @@ def _after_an_outage() -> str:
 
 
 @flow(name="promote")
-@names_unreachable_service(_after_an_outage)
+@names_unreachable_service(_after_an_outage, new_run="start a new run: it answers the evaluation set anew")
 def promote(
     config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: int | str | None = None
 ) -> dict[str, Any]:

@@ -187,7 +187,7 @@ def _after_an_outage() -> str:
 
 
 @flow(name="retrain")
-@names_unreachable_service(_after_an_outage)
+@names_unreachable_service(_after_an_outage, new_run="start a new run: it reuses only the download and the validation")
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
     started = time.time()
