@@ -20,7 +20,8 @@ A progress artifact (shards done / shards) is updated as shards finish; at the e
 When S3 or MLflow stays away (after the clients' own retries and, for a shard handed to a task worker, the task's), the
 run fails naming the server and its URL (`ServiceUnavailable`), in the job's child too (read off its last lines). Once
 it is back, the same job goes on in the same output: a new run with the same parameters or a retry of this one keeps
-every shard whose part was written and answers only the rest.
+every shard whose part was written and answers only the rest. When the Prefect API is the one that went away, the advice
+is the new run: this one's end could not be recorded, and Prefect refuses to retry a run it shows Running.
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ def _after_an_outage() -> str:
 
 
 @flow(name="batch-inference")
-@names_unreachable_service(_after_an_outage)
+@names_unreachable_service(
+    _after_an_outage,
+    new_run="run the flow again with the same parameters: the shards already written are kept and only the rest are "
+    "answered",
+)
 def batch_inference(
     model: str,
     input: str,

@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_flow_run
 
-from flows.launch import patient_ephemeral_server
+from flows.launch import errors_after_prefect_reports, patient_ephemeral_server
 from flows.run_folder import flow_run_folder, write_run_config
 from tasks.caching import run_or_reuse
 from tasks.infer import batch_infer_task
@@ -53,7 +53,7 @@ def _after_an_outage() -> str:
 
 
 @flow(name="promote")
-@names_unreachable_service(_after_an_outage)
+@names_unreachable_service(_after_an_outage, new_run="start a new run: it answers the evaluation set anew")
 def promote(
     config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: int | str | None = None
 ) -> dict[str, Any]:
@@ -109,5 +109,5 @@ def promote(
 def promote_from_cli(config_path: str | None, overrides: list[str], challenger: str | None) -> dict[str, Any]:
     """`vlmops promote`: the flow on Prefect's ephemeral API unless PREFECT_API_URL points at a server."""
     load_config(config_path or "pipeline.yaml", overrides)  # a bad key or a credential stops here, before a flow run
-    with patient_ephemeral_server():
+    with patient_ephemeral_server(), errors_after_prefect_reports():
         return promote(config_path or "pipeline.yaml", overrides, challenger)

@@ -39,7 +39,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_flow_run
 from prefect.states import State
 
-from flows.launch import patient_ephemeral_server
+from flows.launch import errors_after_prefect_reports, patient_ephemeral_server
 from flows.promote import promote
 from flows.run_folder import flow_run_folder, write_run_config
 from tasks.caching import run_or_reuse
@@ -187,7 +187,7 @@ def _after_an_outage() -> str:
 
 
 @flow(name="retrain")
-@names_unreachable_service(_after_an_outage)
+@names_unreachable_service(_after_an_outage, new_run="start a new run: it reuses only the download and the validation")
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""
     started = time.time()
@@ -379,7 +379,7 @@ def run_from_cli(config_path: str | None, overrides: list[str]) -> int:
     summary goes to stdout as plain text once the flow is done."""
     load_config(config_path or "pipeline.yaml", overrides)  # a bad key or a credential stops here, before a flow run
     try:
-        with patient_ephemeral_server():
+        with patient_ephemeral_server(), errors_after_prefect_reports():
             result = retrain(config_path or "pipeline.yaml", overrides)
     except PromotionFailed as err:  # what the run did is worth showing before the error `vlmops` prints
         if err.summary is not None:

@@ -12,7 +12,9 @@ When the retries are spent, `names_unreachable_service` (around a flow) turns th
 `ServiceUnavailable` that says which service (S3, MLflow, the Prefect API, a DVC remote) at which URL did not answer,
 and what to run once it is back: the flow's own advice, which says what that reuses (a retry of the flow run,
 `prefect flow-run retry ID`, reuses its finished steps: retrain's training and eval predictions, promote's eval
-predictions; a new retrain run reuses only its download and validation, a new promote run nothing).
+predictions; a new retrain run reuses only its download and validation, a new promote run nothing). When the Prefect
+API is the one that did not answer, the flow's advice is a new run: the flow run's end cannot be recorded either, so
+Prefect keeps showing it Running, and `prefect flow-run retry` refuses a run that is not over.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from typing import Any, TypeVar
 
 from prefect.tasks import exponential_backoff
 
-from vlmops.outages import DISK_FULL_ERRNOS, ServiceUnavailable, exception_chain, is_transient, unreachable_service
+from vlmops.outages import (
+    DISK_FULL_ERRNOS,
+    PREFECT_API,
+    ServiceUnavailable,
+    exception_chain,
+    is_transient,
+    unreachable_service,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -73,13 +82,21 @@ def another_try_could_pass(task: Any, task_run: Any, state: Any) -> bool:
     return not any(isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS for e in exception_chain(exc))
 
 
-def names_unreachable_service(then: Callable[[], str]) -> Callable[[F], F]:
+NOT_RUN_AGAIN = (
+    "Prefect may still show flow run {id} Running (its end could not be recorded while the API was away), and "
+    "`prefect flow-run retry` refuses a run that is not over"
+)
+
+
+def names_unreachable_service(then: Callable[[], str], new_run: str | None = None) -> Callable[[F], F]:
     """Around a flow function: a failure that `unreachable_service` recognises is raised again as
     `ServiceUnavailable` (from the original), so the run ends saying which server to bring back and what to run then.
 
     Args:
         then: what to run once the server is back, and what that reuses; called when the error is raised, in the flow
             run (it may name the flow run's id: `retry_this_flow_run`).
+        new_run: what to run instead when the server is the Prefect API, and what that reuses: a new flow run (the
+            engine cannot record this one's end either: `NOT_RUN_AGAIN`). None: `then`, whichever server it is.
     """
 
     def decorate(fn: F) -> F:
@@ -93,6 +110,10 @@ def names_unreachable_service(then: Callable[[], str]) -> Callable[[F], F]:
                 outage = unreachable_service(err)  # a client's error, or an outage the core named without advice
                 if outage is None:
                     raise
+                if new_run is not None and outage.service == PREFECT_API:
+                    from prefect.runtime import flow_run
+
+                    raise ServiceUnavailable(outage, f"{new_run}. {NOT_RUN_AGAIN.format(id=flow_run.id)}") from err
                 raise ServiceUnavailable(outage, then()) from err
 
         return wrapper  # type: ignore[return-value]
@@ -103,10 +124,14 @@ def names_unreachable_service(then: Callable[[], str]) -> Callable[[F], F]:
 def retry_this_flow_run(flow_file: str, flow_name: str) -> str:
     """How to retry the running flow run: `prefect flow-run retry ID`; for a run of no deployment (`vlmops run`, which
     no worker picks up), with the flow's entrypoint, which Prefect then runs in the shell that gives the command."""
-    from prefect.runtime import deployment, flow_run
+    from prefect.context import FlowRunContext
+    from prefect.runtime import flow_run
 
     command = f"prefect flow-run retry {flow_run.id}"
-    if deployment.id:
+    # The deployment of the run the engine holds: `prefect.runtime.deployment.id` asks the API about a run of no
+    # deployment, which an error path must not (with the API away, its ConnectError took the outage's place).
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None and context.flow_run.deployment_id:
         return f"`{command}`"
     entrypoint = shlex.quote(f"{Path(flow_file).resolve()}:{flow_name}")
     return (

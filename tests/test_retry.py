@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import re
 import socket
 from collections.abc import Callable
 
@@ -307,3 +308,41 @@ def test_an_outage_the_core_named_is_named_again_with_the_advice_of_the_flow_or_
     assert str(ServiceUnavailable(prefect, "run the command again")).endswith(
         "\nstart it (or point PREFECT_API_URL at the server), then run the command again"
     )
+
+
+def test_a_flow_whose_prefect_api_did_not_answer_says_to_start_a_new_run_not_to_retry_it() -> None:
+    """Around a flow: an outage of the Prefect API gets the flow's advice for a new run, with the reason a retry would
+    be refused (the run's end cannot be recorded either, so Prefect shows it Running); any other server's gets the
+    retry advice (`then`), which is not even asked for the Prefect API's."""
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from tasks.retry import names_unreachable_service
+    from vlmops.outages import ServiceUnavailable
+
+    api = f"{_closed_port_url()}/api"
+    asked: list[str] = []
+
+    def then() -> str:
+        asked.append("then")
+        return "retry this flow run"
+
+    @names_unreachable_service(then, new_run="start a new run")
+    def flow_body(server: str) -> None:
+        if server == "prefect":
+            with SyncPrefectClient(api) as client:
+                client.read_flow_runs()
+        requests.get(f"{_closed_port_url()}/api/2.0/mlflow/runs/get", timeout=5)
+
+    with pytest.raises(ServiceUnavailable) as prefect:
+        flow_body("prefect")
+    assert prefect.value.url == api and asked == []
+    assert re.search(
+        r"\nstart it \(or point PREFECT_API_URL at the server\), then start a new run\. Prefect may still show flow "
+        r"run \S+ Running \(its end could not be recorded while the API was away\), and `prefect flow-run retry` "
+        r"refuses a run that is not over$",
+        str(prefect.value),
+    ), str(prefect.value)
+    with pytest.raises(ServiceUnavailable) as mlflow:
+        flow_body("mlflow")
+    assert mlflow.value.service == "MLflow" and asked == ["then"]
+    assert str(mlflow.value).endswith("\nstart it (or fix its URL in the config), then retry this flow run")
