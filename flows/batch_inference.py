@@ -40,6 +40,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 from prefect.client.schemas.objects import State
 
+# A worker loads this file by its path (prefect.yaml's entrypoint), not as `flows.batch_inference`, and nothing below
+# imports the package: its set-up (quiet defaults, VLMOPS_VERBOSE, no usage reports) runs only with this import.
+import flows  # noqa: F401
 from tasks.gpu import gpu_slot
 from tasks.infer import answer_shard
 from tasks.report import publish_samples, publish_summary

@@ -215,12 +215,61 @@ def test_a_command_leaves_nothing_in_the_home_folder(tmp_path: Path) -> None:
     assert not home.exists() or sorted(p.relative_to(home).as_posix() for p in home.rglob("*")) == []
 
 
-def test_a_flow_runs_process_sends_no_mlflow_telemetry() -> None:
-    """A worker's flow run imports the flows package, not `vlmops`'s command line, which is where the default was set."""
+# What a worker's flow run loads: each deployment's entrypoint, by its path.
+ENTRYPOINTS = sorted({d["entrypoint"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]})
+# VLMOPS_VERBOSE on the worker -> the levels of the root logger (Prefect's WARNING up to -vv), botocore, vlmops, httpx.
+FLOW_RUN_LEVELS = {
+    "0": "WARNING WARNING NOTSET WARNING",
+    "1": "WARNING INFO DEBUG WARNING",
+    "2": "DEBUG NOTSET NOTSET NOTSET",
+}
+
+
+# Each entrypoint once (a process each, 6-15 s), each level once (-vv's debug lines where the imports are fewest).
+@pytest.mark.parametrize(("entrypoint", "verbosity"), list(zip(ENTRYPOINTS, ["2", "0", "1"], strict=True)))
+def test_a_flow_runs_process_is_set_up_as_vlmops_sets_itself_up(entrypoint: str, verbosity: str) -> None:
+    """A worker's flow run loads its deployment's entrypoint as Prefect does (by the file's path, from the folder the
+    pull step went to), not `vlmops`'s command line, where the defaults were set: no MLflow telemetry, the quiet levels
+    or those VLMOPS_VERBOSE asks for. flows/batch_inference.py imported nothing of the flows package, so a flow run of
+    it had none of them."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "CI")}
-    env = {k: v for k, v in env.items() if k not in ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS")}
-    env["PYTHONPATH"] = str(ROOT)
-    check = "import flows.retrain, mlflow.telemetry.utils as u; print(u.is_telemetry_disabled())"
-    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in env.items() if k not in ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "PYTHONPATH")}
+    env["VLMOPS_VERBOSE"] = verbosity
+    check = (
+        "import logging, sys; from prefect.flows import load_flow_from_entrypoint; "
+        "load_flow_from_entrypoint(sys.argv[1]); import mlflow.telemetry.utils as u; "
+        "print(u.is_telemetry_disabled(), *(logging.getLevelName(logging.getLogger(n).level) for n in sys.argv[2:]))"
+    )
+    command = [sys.executable, "-c", check, entrypoint, "root", "botocore", "vlmops", "httpx"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "True"
+    assert done.stdout.strip().splitlines()[-1] == f"True {FLOW_RUN_LEVELS[verbosity]}"
+
+
+@pytest.mark.parametrize("flags", [[], ["-v"], ["-vv"]])
+def test_the_flows_set_up_changes_nothing_under_the_command_line(flags: list[str]) -> None:
+    """`vlmops run` and `vlmops promote` import the flows package after main() configured the process: its set-up then
+    leaves every level, filter, handler and warning filter as the command (and Prefect's logging set-up) left them."""
+    script = """
+import logging, os, sys, warnings
+from vlmops import quiet
+from vlmops.cli.main import main
+
+def state():
+    names = ["", *quiet.OWN_LOGGERS, *quiet.CHATTY_LOGGERS, *quiet.PER_REQUEST_LOGGERS, *quiet.NOISY_LOG_MESSAGES]
+    loggers = [logging.getLogger(name) for name in names]
+    return ([(lg.level, len(lg.filters), len(lg.handlers)) for lg in loggers], len(warnings.filters),
+            os.environ.get(quiet.VERBOSE_ENV))
+
+assert main([*sys.argv[1:], "models"]) == 0
+from prefect.logging.configuration import ensure_logging_setup
+ensure_logging_setup()  # Prefect's own loggers, handlers and filters: importing any flow module sets them up
+before = state()
+import flows
+print(before == state(), before, state())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("VLMOPS_VERBOSE", "PYTHONWARNINGS")}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "-c", script, *flags], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("True "), done.stdout.strip().splitlines()[-1]

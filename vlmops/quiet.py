@@ -4,8 +4,9 @@ Each entry below is a message a library prints on every ordinary run that tells 
 on. Only these exact messages are filtered; any other warning still shows. The libraries that report routine work
 at INFO (S3's botocore and boto3, HTTP clients) log from WARNING up.
 
-Two levels ask for more, from the command line or the environment (VLMOPS_VERBOSE, which a `vlmops` command
-and every child process it starts read; the larger of the two counts):
+Two levels ask for more, from the command line or the environment (VLMOPS_VERBOSE, which a `vlmops` command,
+every child process it starts and a flow run's process on a Prefect worker read, flows/__init__; the larger of the
+two counts):
 - `-v` / `--verbose` / VLMOPS_VERBOSE=1: everything above, vlmops's own debug lines, and tracebacks on errors;
   not the HTTP clients' line per request, hundreds per flow run (Prefect's client logs each API call).
 - `-vv` / VLMOPS_VERBOSE=2: every library's debug lines too, those per-request lines included.
@@ -54,7 +55,8 @@ OWN_LOGGERS = ("vlmops", "flows", "tasks")
 
 # Loggers that report routine work at INFO, which a vlmops command logs at: botocore's "Found credentials in
 # environment variables." for every S3 client a command makes, boto3's resources each call. At WARNING their
-# warnings and errors still show; from the first level on, all they log at the command's level.
+# warnings and errors still show; the first level shows their INFO lines, also in a worker's flow run, whose root
+# logger stays at WARNING (flows/__init__); the second all they log at the process's level.
 CHATTY_LOGGERS = ("botocore", "boto3", "s3transfer")
 
 # HTTP clients' one line per request: httpx at INFO (`HTTP Request: POST http://.../api/... "HTTP/1.1 201 Created"`
@@ -121,7 +123,9 @@ def configure(verbosity: int) -> None:
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbosity == 1 else logging.NOTSET)
     for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET if verbosity >= 1 else logging.WARNING)
+        logging.getLogger(name).setLevel(
+            logging.NOTSET if verbosity >= 2 else logging.INFO if verbosity else logging.WARNING
+        )
     for name in PER_REQUEST_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if verbosity >= 2 else logging.WARNING)
     if verbosity:

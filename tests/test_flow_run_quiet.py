@@ -1,0 +1,169 @@
+"""A flow run on a Prefect worker is as quiet as `vlmops run`, and as verbose as VLMOPS_VERBOSE set on the worker asks.
+
+A real process worker (`prefect worker start --type process --run-once`) against the session's Prefect server (the
+test harness) runs prefect.yaml's batch-inference deployment (its entrypoint and pull step) on the tiny model, with
+the output in S3 (SeaweedFS). The flow's own process makes an S3 client there, so botocore logs "Found credentials in
+environment variables." at INFO, and Prefect's client logs a line per API call through httpx. The job's child
+(`vlmops batch-infer`) followed VLMOPS_VERBOSE before; its lines have vlmops's format, while the flow run's process
+writes through Prefect's console handler (`| INFO    | botocore.credentials - ...`): that is how the checks below tell
+the flow run's process apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+import yaml
+
+from tests.s3_server import S3Server
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+BATCH = next(d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/batch_inference.py:batch_inference")
+BUCKET = "quiet-worker"
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(600)]
+
+# Lines of the flow run's own process (Prefect's console format), not of the job's child.
+CREDENTIALS = "| INFO    | botocore.credentials - Found credentials in environment variables."
+PER_REQUEST = "| INFO    | httpx - HTTP Request: "
+NO_GPU_LIMIT = "Concurrency limits ['gpu'] do not exist"
+# Where the flow run's life begins and ends in what the worker prints (Prefect's engine's lines).
+BEGINS, ENDS = "Beginning flow run", "Finished in state"
+
+
+def _deployment_run(name: str, parameters: dict[str, Any]) -> tuple[str, UUID]:
+    """A work pool of its own, prefect.yaml's batch-inference deployment on it, and a flow run of that deployment with
+    `parameters`: (pool name, flow run id)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.batch_inference import batch_inference
+
+    pool = f"quiet-{name}"
+
+    async def create() -> UUID:
+        async with get_client() as client:
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            flow_id = await client.create_flow_from_name(batch_inference.name)
+            deployment_id = await client.create_deployment(
+                flow_id=flow_id,
+                name=pool,
+                entrypoint=BATCH["entrypoint"],
+                pull_steps=PREFECT_YAML["pull"],
+                work_pool_name=pool,
+            )
+            flow_run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
+            return flow_run.id
+
+    return pool, asyncio.run(create())
+
+
+def _flow_run_state(flow_run_id: UUID) -> str | None:
+    from prefect.client.orchestration import get_client
+
+    async def read() -> str | None:
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run_id)).state_name
+
+    return asyncio.run(read())
+
+
+def _flow_run_logs(flow_run_id: UUID) -> list[str]:
+    """What Prefect's API handler sent the server of the flow run (the UI's log)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return [log.message for log in asyncio.run(read())]
+
+
+def _on_a_worker(name: str, worker_env: dict[str, str], s3: S3Server, model: Path, tmp_path: Path) -> tuple[str, UUID]:
+    """The batch-inference deployment of one prompt, run by a process worker with `worker_env` on top of the team's
+    client settings: (what the worker printed, its flow run's id)."""
+    from prefect.settings import PREFECT_API_URL
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "q0", "query": "What colour?"}) + "\n")
+    overrides = [f"run.output_dir={tmp_path / 'outputs'}", f"model.cache_dir={tmp_path / 'cache'}"]
+    overrides += [f"storage.endpoint_url={s3.endpoint_url}", "infer.max_new_tokens=1"]
+    parameters = {"model": str(model), "input": str(prompts), "output": f"s3://{BUCKET}/{name}", "overrides": overrides}
+    pool, flow_run_id = _deployment_run(name, parameters)
+    inherited = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLMOPS_VERBOSE")}
+    env = {
+        **inherited,
+        **s3.env(),
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-storage"),
+        "VLMOPS_HOME": str(ROOT),  # prefect.yaml's pull step: the flow runs from this checkout
+        **worker_env,
+    }
+    worker = [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool, "--type", "process"]
+    done = subprocess.run(
+        [*worker, "--run-once", "--limit", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr, flow_run_id
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server) -> S3Server:
+    client = s3_server.client()
+    if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
+        client.create_bucket(Bucket=BUCKET)
+    return s3_server
+
+
+def test_a_worker_s_flow_run_hides_the_noise_vlmops_run_hides(
+    prefect_harness: None, bucket: S3Server, tiny_model: Path, tmp_path: Path
+) -> None:
+    """A team that lets the INFO lines through on its workers (PREFECT_LOGGING_ROOT_LEVEL=INFO: at Prefect's default,
+    WARNING, the flow run's process shows no library's INFO line, and none of vlmops's either) saw botocore's line for
+    each S3 client and httpx's line for each of the hundreds of Prefect API calls; the defaults of `vlmops run` hide
+    them. A missing `gpu` limit still shows: on a server it is a set-up mistake (quiet.EMBEDDED_ONLY_NOISE). Prefect's
+    own handlers work as before: the flow run's lines reach the server."""
+    output, flow_run_id = _on_a_worker("quiet", {"PREFECT_LOGGING_ROOT_LEVEL": "INFO"}, bucket, tiny_model, tmp_path)
+    assert _flow_run_state(flow_run_id) == "Completed", output[-5000:]
+    # The worker's own process and the flow run's before it loads the flow (the pull step) are Prefect's, not vlmops's:
+    # from the flow's start to its end, the lines are the flow run's.
+    flow_run = output[output.index(BEGINS) : output.index(ENDS)]
+    assert CREDENTIALS not in flow_run and PER_REQUEST not in flow_run, flow_run
+    assert NO_GPU_LIMIT in flow_run, flow_run
+    assert any("1 record, 1 answered, 0 rejected" in line for line in _flow_run_logs(flow_run_id))
+
+
+def test_vlmops_verbose_on_the_worker_shows_the_noise_in_its_flow_runs(
+    prefect_harness: None, bucket: S3Server, tiny_model: Path, tmp_path: Path
+) -> None:
+    """VLMOPS_VERBOSE=1 on a worker is `vlmops --verbose` for its flow runs, at Prefect's default root level too:
+    botocore's INFO line shows in the flow run's process (before, only the job's child showed it), the per-request
+    lines do not (those are for -vv)."""
+    output, flow_run_id = _on_a_worker("verbose", {"VLMOPS_VERBOSE": "1"}, bucket, tiny_model, tmp_path)
+    assert _flow_run_state(flow_run_id) == "Completed", output[-5000:]
+    assert CREDENTIALS in output and PER_REQUEST not in output, output[-5000:]
+
+
+def test_a_vlmops_verbose_that_is_no_level_stops_the_flow_run_as_it_loads(
+    prefect_harness: None, bucket: S3Server, tiny_model: Path, tmp_path: Path
+) -> None:
+    """VLMOPS_VERBOSE=loud on a worker: the flow run stops before it begins, with the message that names the variable
+    and the values that work. Before, it began and failed in its job's child, whose `vlmops batch-infer` refused it."""
+    output, flow_run_id = _on_a_worker("loud", {"VLMOPS_VERBOSE": "loud"}, bucket, tiny_model, tmp_path)
+    assert _flow_run_state(flow_run_id) == "Crashed", output[-5000:]
+    assert (
+        "VLMOPS_VERBOSE='loud' in the environment is not a verbosity: set it to 0 (quiet), 1 (as --verbose) or 2 (as "
+        "-vv), or unset it"
+    ) in output, output[-5000:]
+    assert BEGINS not in output, output[-5000:]
+    assert any("VLMOPS_VERBOSE='loud' in the environment" in line for line in _flow_run_logs(flow_run_id))  # the UI's
