@@ -3,7 +3,9 @@
 Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale result after
 the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's sha256; for a dataset
 file, also each local image its records name, found as validation finds them (`iter_dataset`, which resolves relative
-paths against the file's folder, follows symlinks and keeps to that folder and `data.allowed_roots`); for a folder (a
+paths against the file's folder, follows symlinks and keeps to that folder and `data.allowed_roots`); for a dataset
+folder, each dataset file validation reads from it (`dataset_files`: a part added, removed or renamed is a change, a
+README beside the parts is not), by its relative path and as a dataset file; for another folder (a
 model), each file's relative path (symlinked subfolders walked too, as the steps read them) and where each symlink
 leads. An image or a folder's file is in the key by its stat data, never read, which keeps the key cheap for multi-GB
 checkpoints and image sets: the dataset file is read (to hash and to parse it) and each image it names is stat'ed
@@ -42,9 +44,10 @@ from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
-from vlmops.data.formats import DATASET_SUFFIXES, iter_dataset
+from vlmops.data.formats import DATASET_SUFFIXES, dataset_files, iter_dataset
 from vlmops.data.image_paths import REMOTE_PREFIXES
 from vlmops.data.problems import RecordProblem
+from vlmops.errors import UserInputError
 from vlmops.folders import walk
 from vlmops.hashing import sha256_file
 from vlmops.storage import is_partial
@@ -155,6 +158,20 @@ def dataset_fingerprint(file: Path, allowed_roots: Sequence[str] = ()) -> str:
     return h.hexdigest()
 
 
+def dataset_folder_fingerprint(folder: Path, allowed_roots: Sequence[str] = ()) -> str:
+    """Each dataset file of a dataset folder, as validation lists them (`dataset_files`: the same walk, order and
+    refusals): its path in the folder and its `dataset_fingerprint`. A folder validation refuses (no dataset files in
+    it, a broken link among them) is its reason: the step runs, and fails with it."""
+    try:
+        files = dataset_files([folder])
+    except (FileNotFoundError, UserInputError) as err:
+        return f"refused: {err}"
+    h = hashlib.sha256()
+    for file in files:
+        h.update(f"{file.relative_to(folder).as_posix()}\0{dataset_fingerprint(file, allowed_roots)}\n".encode())
+    return h.hexdigest()
+
+
 def fingerprint(
     value: Any, dataset: bool, allowed_roots: Sequence[str] = (), skip: Collection[Path] = ()
 ) -> str | None:
@@ -162,7 +179,7 @@ def fingerprint(
         return None
     path = Path(str(value)).expanduser()
     if path.is_dir():
-        return folder_stat_fingerprint(path, skip)
+        return dataset_folder_fingerprint(path, allowed_roots) if dataset else folder_stat_fingerprint(path, skip)
     if path.is_file():
         return dataset_fingerprint(path, allowed_roots) if dataset else sha256_file(path)
     return f"missing:{path}"
@@ -172,7 +189,8 @@ def fingerprint(
 class FileContents(CachePolicy):
     """Adds the contents of the paths passed in `params` to the cache key.
 
-    `datasets`: params naming a dataset file, whose records' local images are in the key too (`dataset_fingerprint`).
+    `datasets`: params naming a dataset file, whose records' local images are in the key too (`dataset_fingerprint`),
+    or a folder of them (`dataset_folder_fingerprint`).
     `data`: the param holding the `DataConfig`: its `allowed_roots` are where those images may lie, and its
     `rejects_file`, which the validation writes, is left out of folder walks.
     `written`: params naming a folder or file the flow writes (`run.output_dir`), or a list of them (what DVC writes

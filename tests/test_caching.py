@@ -345,3 +345,70 @@ def test_a_model_folders_key_names_a_subfolder_it_cannot_list_and_passes_over_on
     )
     locked.remove(str(model / "vision"))
     folder_stat_fingerprint(model)  # .git is left out of the walk: never listed
+
+
+def test_a_dataset_folders_key_follows_its_parts_and_their_images_and_nothing_else(tmp_path: Path) -> None:
+    """data.train a folder of parts: the key is each part as validation lists it (a part added, changed or renamed is
+    a change) and the images its records name (also outside the folder, in data.allowed_roots); a README beside the
+    parts, which validation does not read, is no change."""
+    shared, train = tmp_path / "shared", tmp_path / "train"
+    picture = image(shared / "shape.bmp", "red")
+    train.mkdir()
+    (train / "part-0000.jsonl").write_text(ask(str(picture)) + "\n")
+    (train / "README.md").write_text("parts of the training set\n")
+    data = DataConfig(allowed_roots=[str(shared)])
+    keys = [dataset_key(train, data)]
+
+    (train / "README.md").write_text("parts of the training set, edited\n")
+    assert dataset_key(train, data) == keys[-1]
+    rewrite(picture, "blue")
+    keys.append(dataset_key(train, data))
+    (train / "part-0001.jsonl").write_text(ask(str(picture)) + "\n")
+    keys.append(dataset_key(train, data))
+    (train / "part-0001.jsonl").write_text(ask(str(picture)) + "\n" + ask(str(picture)) + "\n")
+    keys.append(dataset_key(train, data))
+    (train / "part-0001.jsonl").rename(train / "part-0002.jsonl")
+    keys.append(dataset_key(train, data))
+    assert len(set(keys)) == len(keys), keys
+
+
+def test_a_dataset_folder_validation_refuses_has_a_key_that_says_why(tmp_path: Path) -> None:
+    """No dataset files in it, or a broken link among its parts: the key is the refusal (the step then runs and stops
+    with it), not a Prefect traceback, nor a key that would pass for the folder's data."""
+    train = tmp_path / "train"
+    train.mkdir()
+    assert dataset_key(train, DataConfig()) != dataset_key(tmp_path / "other", DataConfig())
+    empty = dataset_key(train, DataConfig())
+    (train / "part-0000.jsonl").symlink_to(tmp_path / "gone.jsonl")
+    assert dataset_key(train, DataConfig()) not in (empty, None)
+
+
+def test_a_part_added_to_the_dataset_folder_is_validated_again(
+    tmp_path: Path, prefect_harness: None, tiny_model: Path
+) -> None:
+    """The validate step on data.train and data.eval folders: cached while the parts stay as they are, run again (its
+    snapshot holding the new records) once a part is added."""
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from vlmops.config import StorageConfig
+
+    train, evals = tmp_path / "data" / "train", tmp_path / "data" / "eval"
+    image(train / "images" / "shape.bmp", "red")
+    (train / "part-0000.jsonl").write_text(RECORD + "\n")
+    image(evals / "images" / "shape.bmp", "red")
+    (evals / "part-0000.jsonl").write_text(RECORD + "\n")
+    args = (DataConfig(), str(train), str(evals), str(tiny_model), str(tmp_path / "outputs"), None, StorageConfig(), 0)
+
+    @flow
+    def validate_thrice() -> list[tuple[str | None, int]]:
+        states = []
+        for run in range(3):
+            if run == 2:
+                (train / "part-0001.jsonl").write_text(RECORD + "\n" + RECORD + "\n")
+            state = validate_dataset(*args, return_state=True)
+            states.append((state.name, state.result().report.splits["train"].records))
+        return states
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        assert validate_thrice() == [("Completed", 1), ("Cached", 1), ("Completed", 3)]

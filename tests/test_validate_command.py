@@ -227,3 +227,59 @@ def test_an_eval_file_that_is_the_training_file_is_refused(
         f"error: data.train and data.eval are {named}: its records would be trained on and then evaluated as held "
         "out; give data.eval a file of its own, or set it to null to hold out data.eval_ratio of data.train\n"
     ) in capsys.readouterr().err
+
+
+def test_without_paths_configured_folders_are_read_part_by_part(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data.train and data.eval as folders of parts (`data.train: data/train` was "dataset file data/train does not
+    exist"): every part's records in the snapshot, in sorted order, a reject named by its part and line."""
+    splits: dict[str, dict[str, list[str | None]]] = {
+        "train": {"part-0001.jsonl": ["C?", None, "D?"], "part-0000.jsonl": ["A?", "B?"]},  # None: a broken line
+        "eval": {"part-0000.jsonl": ["E?"], "part-0001.jsonl": ["F?"]},
+    }
+    for split, parts in splits.items():
+        Path("data", split).mkdir(parents=True)
+        for name, asked in parts.items():
+            Path("data", split, name).write_text("".join(record(q) if q else "{oops\n" for q in asked))
+    settings = ["--set", "data.train=data/train", "--set", "data.eval=data/eval", "--set", "data.invalid_records=skip"]
+    assert main(["validate", *CACHE, *settings]) == 0
+    out = capsys.readouterr().out
+    assert "read 7 records" in out and "train: 4 records" in out and "eval: 2 records" in out
+    snapshot = Path(out.split("snapshot: ")[1].splitlines()[0])
+    questions = {
+        split: [
+            json.loads(line)["conversations"][0]["value"]
+            for line in (snapshot / f"{split}.jsonl").read_text().splitlines()
+        ]
+        for split in ("train", "eval")
+    }
+    assert questions == {"train": ["A?", "B?", "C?", "D?"], "eval": ["E?", "F?"]}
+    [reject] = [json.loads(line) for line in Path("outputs/datasets/rejects.jsonl").read_text().splitlines()]
+    assert (reject["file"], reject["line"], reject["record"]) == ("data/train/part-0001.jsonl", 2, "{oops")
+
+
+def test_a_dataset_folder_that_holds_the_output_folder_is_refused(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data.train: . beside outputs/: the next run would read the last run's snapshot (a train.jsonl) as more data."""
+    Path("train.jsonl").write_text("".join(record(f"Question {i}?") for i in range(10)))
+    assert main(["validate", *CACHE, "--set", "data.train=."]) == 2
+    assert (
+        "error: data.train (.) is a folder that holds run.output_dir (outputs): what the runs write there would be "
+        "read back as dataset files by the next run; set run.output_dir outside it, or data.train to a folder that "
+        "holds only the dataset\n"
+    ) in capsys.readouterr().err
+
+
+def test_an_eval_folder_sharing_a_part_with_train_is_refused(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Path("train").mkdir()
+    Path("train/a.jsonl").write_text(record("A?"))
+    Path("eval").mkdir()
+    Path("eval/b.jsonl").write_text(record("B?"))
+    Path("eval/a.jsonl").symlink_to(Path("train/a.jsonl").resolve())
+    assert main(["validate", *CACHE, "--set", "data.train=train", "--set", "data.eval=eval"]) == 2
+    assert (
+        "error: data.train (train) and data.eval (eval) both name 1 file, whose records would be trained on and then "
+        "evaluated as held out: eval/a.jsonl (as train/a.jsonl); move them out of data.eval's folder (eval)\n"
+    ) in capsys.readouterr().err

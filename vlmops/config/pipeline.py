@@ -43,7 +43,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _eval_source(self) -> PipelineConfig:
         if self.data.train is not None and self.data.eval is None and self.data.eval_ratio == 0:
-            raise ValueError("no eval data: set data.eval to a file or data.eval_ratio above 0 (e.g. 0.1)")
+            raise ValueError("no eval data: set data.eval to a file or folder, or data.eval_ratio above 0 (e.g. 0.1)")
         return self
 
     def to_flat_dict(self) -> dict[str, Any]:

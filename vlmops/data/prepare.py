@@ -16,10 +16,11 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from vlmops.config import DataConfig, PipelineConfig, StorageConfig
 from vlmops.data.demo import write_demo_dataset
+from vlmops.data.formats import DATASET_SUFFIXES, dataset_files
 from vlmops.data.length import LENGTHS_FILE, length_fingerprint, write_lengths
 from vlmops.data.validation import (
     RecordChecker,
@@ -30,7 +31,7 @@ from vlmops.data.validation import (
     rejects_writer,
 )
 from vlmops.errors import UserInputError
-from vlmops.folders import files_under
+from vlmops.folders import NAMED, files_under
 from vlmops.hashing import sha256_file
 from vlmops.models.template import Tokenizer
 from vlmops.plural import counted
@@ -66,8 +67,8 @@ class PreparedDataset:
 
 def prepare_dataset(
     data: DataConfig,
-    train_file: str | os.PathLike[str],
-    eval_file: str | os.PathLike[str] | None,
+    train_path: str | os.PathLike[str],
+    eval_path: str | os.PathLike[str] | None,
     out_root: str | os.PathLike[str],
     tokenizer: Tokenizer,
     num_image_tokens: int,
@@ -75,7 +76,9 @@ def prepare_dataset(
     storage: StorageConfig | None = None,
     seed: int = 0,
 ) -> PreparedDataset:
-    """Validate the dataset files and write their snapshot under `out_root/<hash>` (reused if present).
+    """Validate the dataset (`train_path`, `eval_path`: each a .json/.jsonl file or a folder of them, whose files are
+    read in the order `vlmops validate PATH` reads them: `dataset_files`) and write its snapshot under
+    `out_root/<hash>` (reused if present).
 
     Records stream through (RecordChecker): each kept one is written to the snapshot as it is checked, each
     rejected one to the rejects file (`data.rejects_file`, default `out_root/rejects.jsonl`).
@@ -83,14 +86,21 @@ def prepare_dataset(
     Raises:
         DatasetError: every rejected record (unless `data.invalid_records` is `skip`) and every too-long one
             (when `data.max_length_policy` is `error`), all of them, not just the first.
-        UserInputError: a split that would be empty; `eval_file` the training file itself (by any name).
+        FileNotFoundError: a path that does not exist, or a folder without dataset files (named by its key).
+        UserInputError: a split that would be empty; eval data that is (or shares files with) the training data;
+            a dataset file that is a broken link.
     """
-    _refuse_eval_is_train(Path(train_file), None if eval_file is None else Path(eval_file))
-    sources = {"train": str(Path(train_file).resolve())}
-    if eval_file is not None:
-        sources["eval"] = str(Path(eval_file).resolve())
+    train, evals = Path(train_path), None if eval_path is None else Path(eval_path)
+    train_files = _files_of("data.train", train)
+    eval_files = None if evals is None else _files_of("data.eval", evals)
+    _refuse_eval_is_train(train, train_files, evals, eval_files)
+    where = {"train": str(train.resolve())}  # for messages; report.json's sources list a folder's files
+    sources = {"train": _source(train, train_files)}
+    if evals is not None and eval_files is not None:
+        where["eval"] = str(evals.resolve())
+        sources["eval"] = _source(evals, eval_files)
     else:
-        sources["eval"] = f"{data.eval_ratio:.0%} of train, seed {seed}"
+        where["eval"] = sources["eval"] = f"{data.eval_ratio:.0%} of train, seed {seed}"
     report = ValidationReport(sources, data.max_length, data.max_length_policy, num_image_tokens)
     rejects_file = rejects_path(data, out_root)
     # The snapshot's name is its content hash, known only once everything is written: build it aside and
@@ -101,23 +111,23 @@ def prepare_dataset(
             data, tokenizer, num_image_tokens, system_prompt, storage, rejects, stage.path / "images"
         )
         train_out, eval_out = stage.path / "train.jsonl", stage.path / "eval.jsonl"
-        if eval_file is not None:
+        if eval_files is not None:
             with train_out.open("w", encoding="utf-8") as out:
-                train = checker.check_file(Path(train_file), out)
+                train_kept = _check_files(checker, train_files, out)
             with eval_out.open("w", encoding="utf-8") as out:
-                evals = checker.check_file(Path(eval_file), out)
+                eval_kept = _check_files(checker, eval_files, out)
             checker.raise_problems(report)
         else:
             everything = stage.path / "all.jsonl"
             with everything.open("w", encoding="utf-8") as out:
-                kept = checker.check_file(Path(train_file), out)
+                kept = _check_files(checker, train_files, out)
             checker.raise_problems(report)
             if not len(kept):
-                raise UserInputError(f"the train split has no usable records ({sources['train']})")
-            train, evals = _split_file(everything, kept, data.eval_ratio, seed, train_out, eval_out)
-        for name, part in (("train", train), ("eval", evals)):
+                raise UserInputError(f"the train split has no usable records ({where['train']})")
+            train_kept, eval_kept = _split_file(everything, kept, data.eval_ratio, seed, train_out, eval_out)
+        for name, part in (("train", train_kept), ("eval", eval_kept)):
             if not len(part):
-                raise UserInputError(f"the {name} split has no usable records ({sources[name]})")
+                raise UserInputError(f"the {name} split has no usable records ({where[name]})")
             report.splits[name] = part.stats(num_image_tokens, data.max_length)
             report.lengths[name] = list(part.lengths)
         content_hash = snapshot_hash(stage.path)
@@ -129,19 +139,72 @@ def prepare_dataset(
     return PreparedDataset(final, content_hash, report)
 
 
-def _refuse_eval_is_train(train_file: Path, eval_file: Path | None) -> None:
-    """Refuse an eval file that is the training file (the same file by its links): its records would be read twice,
-    trained on and then scored as held out, so the eval would measure nothing the model had not seen.
+def _files_of(key: str, path: Path) -> list[Path]:
+    """The dataset files of one split's path (itself, or those its folder holds), as `vlmops validate PATH` reads them.
 
     Raises:
-        UserInputError: naming data.train and data.eval as given and the fix.
+        FileNotFoundError, UserInputError: `dataset_files`' errors, led by the config key.
     """
-    if eval_file is None or train_file.resolve() != eval_file.resolve():
+    try:
+        return dataset_files([path])
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{key}: {err}") from err
+    except UserInputError as err:
+        raise UserInputError(f"{key}: {err}") from err
+
+
+def _source(path: Path, files: list[Path]) -> str:
+    """What report.json records as a split's source: the file, or the folder with each of its files in read order."""
+    if not path.is_dir():
+        return str(path.resolve())  # as snapshots of a single file always said
+    names = ", ".join(file.relative_to(path.expanduser()).as_posix() for file in files)
+    return f"{path.resolve()} ({counted(len(files), 'file')}: {names})"
+
+
+def _check_files(checker: RecordChecker, files: list[Path], out: IO[str]) -> Tally:
+    """Check the files in order into one output and one tally: a split read from a folder is one split."""
+    tally = Tally()
+    for file in files:
+        checker.check_file(file, out, tally)
+    return tally
+
+
+def _refuse_eval_is_train(
+    train_path: Path, train_files: list[Path], eval_path: Path | None, eval_files: list[Path] | None
+) -> None:
+    """Refuse eval data that is the training data (the same file or folder by its links) or shares files with it (a
+    file in both folders, the eval file inside the training folder): those records would be read twice, trained on and
+    then scored as held out, so the eval would measure nothing the model had not seen.
+
+    Raises:
+        UserInputError: naming data.train and data.eval as given (and the files they share) and the fix.
+    """
+    if eval_path is None or eval_files is None:
         return
-    named = f"both {train_file}" if train_file == eval_file else f"{train_file} and {eval_file}, the same file"
+    if train_path.resolve() == eval_path.resolve():
+        kind = "folder" if train_path.is_dir() else "file"
+        named = f"both {train_path}" if train_path == eval_path else f"{train_path} and {eval_path}, the same {kind}"
+        raise UserInputError(
+            f"data.train and data.eval are {named}: its records would be trained on and then evaluated as held out; "
+            f"give data.eval a {kind} of its own, or set it to null to hold out data.eval_ratio of data.train"
+        )
+    in_train = {file.resolve(): file for file in train_files}
+    shared = [(in_train[real], file) for file in eval_files if (real := file.resolve()) in in_train]
+    if not shared:
+        return
+    shown = ", ".join(str(e) if t == e else f"{e} (as {t})" for t, e in shared[:NAMED])
+    more = f" and {len(shared) - NAMED} more" if len(shared) > NAMED else ""
+    if len(shared) == len(eval_files):
+        fix = "give data.eval files of its own, or set it to null to hold out data.eval_ratio of data.train"
+        if len(shared) < len(train_files):
+            fix = f"move them out of data.train's folder ({train_path}), or {fix}"
+    elif len(shared) == len(train_files):
+        fix = f"move them out of data.eval's folder ({eval_path})"
+    else:
+        fix = "move the shared files out of one of the two folders"
     raise UserInputError(
-        f"data.train and data.eval are {named}: its records would be trained on and then evaluated as held out; give "
-        "data.eval a file of its own, or set it to null to hold out data.eval_ratio of data.train"
+        f"data.train ({train_path}) and data.eval ({eval_path}) both name {counted(len(shared), 'file')}, whose records "
+        f"would be trained on and then evaluated as held out: {shown}{more}; {fix}"
     )
 
 
@@ -207,10 +270,19 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
 
 
 def dataset_inputs(config: PipelineConfig) -> tuple[Path, Path | None]:
-    """The train and eval files the config names; the demo dataset (written once) when data.train is null."""
+    """The train and eval data the config names (each a file or a folder of them); the demo dataset (written once)
+    when data.train is null.
+
+    Raises:
+        UserInputError: data.train or data.eval a folder that holds run.output_dir or data.rejects_file.
+    """
     data = config.data
     if data.train is not None:
-        return Path(data.train).expanduser(), Path(data.eval).expanduser() if data.eval else None
+        train, evals = Path(data.train).expanduser(), Path(data.eval).expanduser() if data.eval else None
+        _refuse_reading_own_writes(config, "data.train", train)
+        if evals is not None:
+            _refuse_reading_own_writes(config, "data.eval", evals)
+        return train, evals
     demo = data.demo
     folder = Path(config.run.output_dir) / "demo-data"
     params = {
@@ -231,11 +303,11 @@ def dataset_inputs(config: PipelineConfig) -> tuple[Path, Path | None]:
 
 def prepare_from_config(config: PipelineConfig, processor: Any) -> PreparedDataset:
     """Validate the configured dataset with the model's tokenizer and write its snapshot."""
-    train_file, eval_file = dataset_inputs(config)
+    train_path, eval_path = dataset_inputs(config)
     return prepare_dataset(
         config.data,
-        train_file,
-        eval_file,
+        train_path,
+        eval_path,
         Path(config.run.output_dir) / DATASETS_DIR,
         processor.tokenizer,
         int(processor.num_image_tokens),
@@ -243,3 +315,27 @@ def prepare_from_config(config: PipelineConfig, processor: Any) -> PreparedDatas
         storage=config.storage,
         seed=config.run.seed,
     )
+
+
+def _refuse_reading_own_writes(config: PipelineConfig, key: str, path: Path) -> None:
+    """Refuse a dataset folder that holds what the runs write: each run's snapshot (a train.jsonl), the rejects file and
+    the run folders' predictions would be read back as data by the next run, growing it with copies of itself.
+
+    Raises:
+        UserInputError: naming the key, the folder, what it holds and the fix.
+    """
+    if not path.is_dir():
+        return
+    folder = path.resolve()
+    output_dir = Path(config.run.output_dir).expanduser()
+    rejects = rejects_path(config.data, output_dir / DATASETS_DIR)
+    writes = [("run.output_dir", output_dir)]
+    if rejects.suffix.lower() in DATASET_SUFFIXES:  # read as a dataset file only by its name
+        writes.append(("data.rejects_file", rejects))
+    for setting, written in writes:
+        if written.resolve().is_relative_to(folder):
+            raise UserInputError(
+                f"{key} ({path}) is a folder that holds {setting} ({written}): what the runs write there would be "
+                f"read back as dataset files by the next run; set {setting} outside it, or {key} to a folder that holds "
+                "only the dataset"
+            )
