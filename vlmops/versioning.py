@@ -4,7 +4,8 @@ DVC commands in one repository must not overlap (they fail on the repo lock), so
 a file lock beside the repository for its whole duration; two pipeline runs on one machine queue up.
 
 A remote that does not answer (an S3 endpoint down, an http(s) remote's host) is named as such: `ServiceUnavailable` of
-the DVC remote, from the client's error, which a retry may fix (vlmops.dvc_remote_failures).
+the DVC remote, from the client's error, which a retry may fix; so is one that refuses the login (`RemoteLoginRefused`,
+a wrong password: the user's to fix). See vlmops.dvc_remote_failures.
 
 A model is stored once in the shared store: the DVC remote. The repository's cache links its files into the
 workspace (hardlinks, so a tracked folder and its cache entry are the same bytes on disk), and the registry
@@ -31,7 +32,7 @@ from typing import Any
 import yaml
 
 from vlmops.config import dvc_url_login_refused
-from vlmops.dvc_remote_failures import remote_outages_named
+from vlmops.dvc_remote_failures import NOT_WITH_SET, remote_failures_named
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.redact import MASK, redact_uri, uri_login
 from vlmops.staging import held_lock
@@ -96,6 +97,7 @@ class DvcStore:
 
         Raises:
             ServiceUnavailable: the remote did not answer (a retry pushes what is missing).
+            RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
         """
         target = Path(path).resolve()
         if not target.is_relative_to(self.root):
@@ -108,7 +110,7 @@ class DvcStore:
             try:
                 repo.add([str(target)])
                 dvc_file = target.with_name(target.name + ".dvc")
-                with remote_outages_named(self.remote_url):
+                with remote_failures_named(self.remote_url, _basic_login(repo, self.remote_name)):
                     repo.push(targets=[str(dvc_file)], remote=self.remote_name)
                     # The pointer registered later must name a complete copy: check the remote has every object.
                     missing = repo.status(targets=[str(dvc_file)], cloud=True, remote=self.remote_name)
@@ -172,6 +174,7 @@ def checkout_pointer(pointer: Path, dest: Path, config_remote_url: str | None = 
         UserInputError: the pointer's remote needs a password and `config_remote_url` does not give it.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
+        RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
     """
     try:
         record = json.loads(pointer.read_text())
@@ -202,6 +205,7 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
         UserInputError: `dest/<name>` exists already; `remote_url` is a recorded one whose password is masked.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
+        RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
     """
     if (dest / name).exists():
         raise UserInputError(f"{dest / name} exists already: remove it or pull into an empty folder")
@@ -241,7 +245,7 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     repo = Repo(str(dest))
     try:
         log.info("DVC: pulling %s (%s) from %s", name, md5, redact_uri(remote_url))
-        with remote_outages_named(remote_url):
+        with remote_failures_named(remote_url, _basic_login(repo, "origin")):
             repo.pull(targets=[str(dvc_file)], remote="origin")
     except CheckoutError as err:
         raise DvcPullError(
@@ -307,11 +311,20 @@ def _configure(root: Path, remote_name: str, remote_url: str) -> None:
         if login is not None and not repo.config["remote"][remote_name].get("password"):
             raise UserInputError(
                 f"the DVC remote {remote_url} needs its password, which vlmops never records: set "
-                f"versioning.remote_url in the config file to this URL with the password in place of {MASK} (not "
-                "with --set: overrides are stored as flow-run parameters, so they may hold no password)"
+                f"versioning.remote_url in the config file to this URL with the password in place of {MASK} "
+                f"{NOT_WITH_SET}"
             )
     finally:
         repo.close()
+
+
+def _basic_login(repo: Any, remote_name: str) -> tuple[str, str] | None:
+    """The user and password DVC sends the remote `remote_name` of the open `repo` (its http remote's basic auth, as
+    `_configure` sets it from the URL, or set by hand in DVC's config); None where it sends none."""
+    remote = repo.config["remote"].get(remote_name, {})
+    if remote.get("auth") != "basic":
+        return None
+    return str(remote.get("user", "")), str(remote.get("password", ""))
 
 
 def _absolute_url(url: str) -> str:
