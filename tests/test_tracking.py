@@ -193,6 +193,37 @@ def test_a_registration_once_per_merge_is_new_for_a_new_merge_and_never_takes_a_
     assert tracker.client.get_registered_model("m").aliases == {"challenger": 3}
 
 
+def test_a_password_in_a_model_version_tag_is_stored_masked_as_in_a_run_tag(tmp_path: Path) -> None:
+    """A tag value holding a URL with its password (a remote registered from an older vlmops, a source a user named)
+    is stored masked on the model version, as on runs: in the tags a version is registered with and in those set on it
+    later (a promotion's). A registration once per such a value finds its earlier version by the masked value."""
+    secret = "s3cret-tag-pw"
+    url = f"https://vlmops:{secret}@host/dvc"
+    masked = "https://vlmops:***@host/dvc"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(TrackingConfig(uri=uri, experiment="t"), tmp_path / "artifacts")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with tracker.run("register", tags={"source": url}) as first, tracker.run("retry") as retry:
+        tracker.set_tags(first, {"dvc.remote": url})
+        version = tracker.register_model(
+            first, model, "m", "challenger", tags={"dvc.remote": url}, once_per=["dvc.remote"]
+        )
+        again = tracker.register_model(
+            retry, model, "m", "challenger", tags={"dvc.remote": url}, once_per=["dvc.remote"]
+        )
+        tracker.set_version_tags("m", version.version, {"promotion.against": f"{url} (champion)"})
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tags = client.get_model_version("m", version.version).tags
+    assert (tags["dvc.remote"], tags["promotion.against"]) == (masked, f"{masked} (champion)")
+    run_tags = client.get_run(first).data.tags
+    assert (run_tags["source"], run_tags["dvc.remote"]) == (masked, masked)
+    assert again.version == version.version
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()] == []
+
+
 def test_a_run_once_per_flow_run_goes_on_in_the_one_an_earlier_try_left(tmp_path: Path) -> None:
     """`once_per`: the retry of a flow run reopens the parent run its failed try left (FAILED), its steps' child runs
     join it, and it ends FINISHED; another flow run, or the same one in another run folder, gets a run of its own."""

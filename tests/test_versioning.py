@@ -298,3 +298,50 @@ def test_an_http_remote_that_answers_503_to_everything_is_named_unavailable(tmp_
         assert is_transient(raised)
         assert unreachable_service(raised) == raised.outage
         assert PASSWORD not in str(raised)
+
+
+def _login_fix(host: str) -> str:
+    """What a refused login's message says to do, for the http remote at `host`."""
+    return (
+        f"set versioning.remote_url in the config file to http://USER:PASSWORD@{host}/dvc, a user and password the "
+        "remote lets read (and, for a push, write)"
+    )
+
+
+def test_an_http_remote_that_refuses_the_login_says_so_for_a_pull_and_a_push(tmp_path: Path) -> None:
+    """A wrong password for an http remote behind basic auth, or none: DVC's http client reads the 401 as a file not
+    found, and the pull said the remote's copy was missing or damaged (a push, `2 files failed to upload`). It is the
+    login the remote refused, named with the remote's URL (password masked), the status, and where the login goes; a
+    bad input (exit 2), no outage, so not retried. A remote answering 403 to everything reads the same."""
+    from vlmops.errors import UserInputError
+    from vlmops.outages import ServiceUnavailable, is_transient, unreachable_service
+    from vlmops.versioning import pull_tracked
+
+    wrong = "not-the-pw"
+    data = tmp_path / "ws" / "model"
+    data.mkdir(parents=True)
+    (data / "w.bin").write_bytes(b"weights")
+    raised: list[UserInputError] = []
+    with http_remote(tmp_path / "remote", login=("vlmops", PASSWORD)) as host:
+        pushed = DvcStore(tmp_path / "ws", "http", f"http://vlmops:{PASSWORD}@{host}/dvc").track(data)
+        refused = rf"^the DVC remote http://vlmops:\*\*\*@{host}/dvc refused the login of user 'vlmops' \(HTTP 401 "
+        with pytest.raises(UserInputError, match=refused) as pull:
+            pull_tracked(pushed.md5, "model", f"http://vlmops:{wrong}@{host}/dvc", tmp_path / "pulled")
+        (data / "more.bin").write_bytes(b"more weights")
+        with pytest.raises(UserInputError, match=refused) as push:
+            DvcStore(tmp_path / "ws", "http", f"http://vlmops:{wrong}@{host}/dvc").track(data)
+        anonymous = rf"^the DVC remote http://{host}/dvc refused a request without a login \(HTTP 401 Unauthorized"
+        with pytest.raises(UserInputError, match=anonymous) as without:
+            pull_tracked(pushed.md5, "model", f"http://{host}/dvc", tmp_path / "anonymous")
+        raised += [pull.value, push.value, without.value]
+        assert all(_login_fix(host) in str(e) for e in raised)
+    with http_remote(tmp_path / "remote", status=403) as host:
+        forbidden = rf"^the DVC remote http://vlmops:\*\*\*@{host}/dvc refused the login of user 'vlmops' \(HTTP 403 "
+        with pytest.raises(UserInputError, match=forbidden) as pull:
+            pull_tracked(pushed.md5, "model", f"http://vlmops:{wrong}@{host}/dvc", tmp_path / "forbidden")
+        raised.append(pull.value)
+        assert _login_fix(host) in str(pull.value)
+    for error in raised:
+        assert not isinstance(error, ServiceUnavailable) and not is_transient(error)
+        assert unreachable_service(error) is None
+        assert wrong not in str(error) and PASSWORD not in str(error)

@@ -124,7 +124,7 @@ class Tracker:
             return str(created.experiment_id)
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
-        all_tags = dict(tags or {})
+        all_tags = {key: tag_value(value) for key, value in (tags or {}).items()}
         if parent_id is not None:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
@@ -184,7 +184,7 @@ class Tracker:
     def finished_run(self, tags: Mapping[str, str]) -> str | None:
         """The newest FINISHED run of this experiment carrying every one of `tags`, if any (None also where a value
         holds both kinds of quote, which a search filter cannot hold)."""
-        quoted = {key: _quoted(value) for key, value in tags.items()}
+        quoted = {key: _quoted(tag_value(value)) for key, value in tags.items()}
         if None in quoted.values():
             return None
         where = " and ".join(f"tags.`{key}` = {value}" for key, value in quoted.items())
@@ -249,12 +249,12 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, redact_text(str(value)))
+            self.client.set_tag(run_id, key, tag_value(value))
 
     def set_version_tags(self, name: str, version: str, tags: Mapping[str, Any]) -> None:
-        """Tags on a registered model version (lineage, promotion decisions)."""
+        """Tags on a registered model version (lineage, promotion decisions), credentials masked as on runs."""
         for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, str(value))
+            self.client.set_model_version_tag(name, version, key, tag_value(value))
 
     def log_artifact(self, run_id: str, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
         """Log a file, or every file of a folder under its relative path.
@@ -331,7 +331,7 @@ class Tracker:
                     raise
             source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
             version = self.client.create_model_version(
-                name, source=source, run_id=run_id, tags={k: str(v) for k, v in (tags or {}).items()}
+                name, source=source, run_id=run_id, tags={k: tag_value(v) for k, v in (tags or {}).items()}
             )
         # The version asks for its alias in a tag, so that concurrent registrations agree on which one gets it.
         self.client.set_model_version_tag(name, str(version.version), ALIAS_TAG, alias)
@@ -388,6 +388,12 @@ class Tracker:
             )
 
 
+def tag_value(value: Any) -> str:
+    """A tag's value as vlmops stores it, on a run or a model version, and searches for it: as text, with credentials
+    masked (`redact_text`: a URL's password, a secret from the environment)."""
+    return redact_text(str(value))
+
+
 def _earlier_registration(name: str, run_id: str, tags: Mapping[str, Any], once_per: Sequence[str]) -> str:
     """The search filter for the versions of `name` that an earlier try of this registration made (`register_model`)."""
     if not once_per:
@@ -403,7 +409,7 @@ def _same_tags(caller: str, tags: Mapping[str, Any], once_per: Sequence[str]) ->
     """
     clauses = []
     for key in once_per:
-        value = str(tags.get(key) or "")
+        value = tag_value(tags.get(key) or "")  # as it was stored
         quoted = _quoted(value)
         if not value or quoted is None:
             # An empty value would match every run or version made without one: the wrong one, reused.

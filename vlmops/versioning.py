@@ -4,7 +4,8 @@ DVC commands in one repository must not overlap (they fail on the repo lock), so
 a file lock beside the repository for its whole duration; two pipeline runs on one machine queue up.
 
 A remote that does not answer (an S3 endpoint down, an http(s) remote's host) is named as such: `ServiceUnavailable` of
-the DVC remote, from the client's error, which a retry may fix (`remote_outages_named`).
+the DVC remote, from the client's error, which a retry may fix; so is one that refuses the login (`RemoteLoginRefused`,
+a wrong password: the user's to fix). See vlmops.dvc_remote_failures.
 
 A model is stored once in the shared store: the DVC remote. The repository's cache links its files into the
 workspace (hardlinks, so a tracked folder and its cache entry are the same bytes on disk), and the registry
@@ -24,8 +25,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,8 @@ from typing import Any
 import yaml
 
 from vlmops.config import dvc_url_login_refused
+from vlmops.dvc_remote_failures import NOT_WITH_SET, remote_failures_named
 from vlmops.errors import RunFailed, UserInputError
-from vlmops.outages import DVC_REMOTE, Outage, ServiceUnavailable, is_transient, one_line
 from vlmops.redact import MASK, redact_uri, uri_login
 from vlmops.staging import held_lock
 
@@ -45,7 +44,6 @@ LOCK_TIMEOUT_S = 3600
 # files read-only, so a tracked folder is never edited in place (a rerun writes a new folder and tracks it).
 CACHE_LINK_TYPE = "hardlink"
 POINTER_FILE = "vlmops_dvc_pointer.json"
-HTTP_SCHEMES = ("http://", "https://")
 
 
 @dataclass(frozen=True)
@@ -99,6 +97,7 @@ class DvcStore:
 
         Raises:
             ServiceUnavailable: the remote did not answer (a retry pushes what is missing).
+            RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
         """
         target = Path(path).resolve()
         if not target.is_relative_to(self.root):
@@ -111,7 +110,7 @@ class DvcStore:
             try:
                 repo.add([str(target)])
                 dvc_file = target.with_name(target.name + ".dvc")
-                with remote_outages_named(self.remote_url):
+                with remote_failures_named(self.remote_url, _basic_login(repo, self.remote_name)):
                     repo.push(targets=[str(dvc_file)], remote=self.remote_name)
                     # The pointer registered later must name a complete copy: check the remote has every object.
                     missing = repo.status(targets=[str(dvc_file)], cloud=True, remote=self.remote_name)
@@ -175,6 +174,7 @@ def checkout_pointer(pointer: Path, dest: Path, config_remote_url: str | None = 
         UserInputError: the pointer's remote needs a password and `config_remote_url` does not give it.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
+        RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
     """
     try:
         record = json.loads(pointer.read_text())
@@ -205,6 +205,7 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
         UserInputError: `dest/<name>` exists already; `remote_url` is a recorded one whose password is masked.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
+        RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
     """
     if (dest / name).exists():
         raise UserInputError(f"{dest / name} exists already: remove it or pull into an empty folder")
@@ -244,7 +245,7 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     repo = Repo(str(dest))
     try:
         log.info("DVC: pulling %s (%s) from %s", name, md5, redact_uri(remote_url))
-        with remote_outages_named(remote_url):
+        with remote_failures_named(remote_url, _basic_login(repo, "origin")):
             repo.pull(targets=[str(dvc_file)], remote="origin")
     except CheckoutError as err:
         raise DvcPullError(
@@ -255,81 +256,6 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     finally:
         repo.close()
     return dvc_file
-
-
-# Where DVC logs why a file did not move: its push and pull then raise only how many did not (UploadError,
-# DownloadError), and a remote it could not reach at all is logged, not raised ("failed to connect to s3").
-DVC_LOGGERS = ("dvc", "dvc_data", "dvc_objects")
-
-
-@contextmanager
-def remote_outages_named(remote_url: str) -> Iterator[None]:
-    """Around DVC's calls to the remote at `remote_url`: a failure caused by the remote not answering (its S3 endpoint
-    down, a connection cut, 5xx) is raised as `ServiceUnavailable` of the DVC remote, from the client's error, without
-    advice (the command or flow around it gives that); any other failure as it was.
-
-    The client's error is the one raised, or, where DVC raised only a count of failed files, the last one DVC logged
-    while it ran (it logs each with its traceback, then goes on with the other files). An http(s) remote's client
-    says neither (a refused connection, or a 503 to every request, reads as a file not found): after a failure its URL
-    is asked once more (`_http_outage`), and a host that does not answer, or answers with a server error, is the
-    outage.
-
-    Raises:
-        ServiceUnavailable: the remote did not answer; a retry may pass (`is_transient`).
-    """
-    logged = _LoggedErrors()
-    loggers = [logging.getLogger(name) for name in DVC_LOGGERS]
-    for logger in loggers:
-        logger.addHandler(logged)
-    try:
-        yield
-    except Exception as err:
-        causes = [err, *reversed(logged.errors)]  # what was raised, then the last file's error first
-        cause = next((e for e in causes if is_transient(e)), None) or _http_outage(remote_url)
-        if cause is None:
-            raise
-        raise ServiceUnavailable(Outage(DVC_REMOTE, redact_uri(remote_url), one_line(cause))) from cause
-    finally:
-        for logger in loggers:
-            logger.removeHandler(logged)
-
-
-HTTP_PROBE_TIMEOUT_S = 10
-
-
-def _http_outage(remote_url: str) -> Exception | None:
-    """For an http(s) remote, the error of a request to its URL when its host does not answer (refused, timed out, cut)
-    or answers with a server error or 'too many requests' (5xx, 429: `is_transient`); None when it answers otherwise
-    (a 404 of the folder, say, is a server that is up) or the remote is not http(s).
-
-    fsspec's HTTP filesystem, which DVC's http remote uses, reports a refused connection and a 5xx alike as a file not
-    found (after aiohttp-retry's own tries): the pull would fail as a missing or damaged copy (`DvcPullError`).
-    A GET, not a HEAD: a server may answer a HEAD with 501 (not implemented), which is no outage.
-    """
-    import requests
-
-    if not remote_url.startswith(HTTP_SCHEMES):
-        return None
-    try:
-        with requests.get(remote_url, timeout=HTTP_PROBE_TIMEOUT_S, allow_redirects=False, stream=True) as answer:
-            answer.raise_for_status()
-    except (requests.ConnectionError, requests.Timeout) as err:
-        return err
-    except requests.HTTPError as err:
-        return err if is_transient(err) else None
-    return None
-
-
-class _LoggedErrors(logging.Handler):
-    """Keeps the exceptions logged with a record (`exc_info`) at ERROR or above, in the order they came."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.errors: list[BaseException] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info and record.exc_info[1] is not None:
-            self.errors.append(record.exc_info[1])
 
 
 def cache_object_path(remote_dir: Path, md5: str) -> Path:
@@ -385,11 +311,20 @@ def _configure(root: Path, remote_name: str, remote_url: str) -> None:
         if login is not None and not repo.config["remote"][remote_name].get("password"):
             raise UserInputError(
                 f"the DVC remote {remote_url} needs its password, which vlmops never records: set "
-                f"versioning.remote_url in the config file to this URL with the password in place of {MASK} (not "
-                "with --set: overrides are stored as flow-run parameters, so they may hold no password)"
+                f"versioning.remote_url in the config file to this URL with the password in place of {MASK} "
+                f"{NOT_WITH_SET}"
             )
     finally:
         repo.close()
+
+
+def _basic_login(repo: Any, remote_name: str) -> tuple[str, str] | None:
+    """The user and password DVC sends the remote `remote_name` of the open `repo` (its http remote's basic auth, as
+    `_configure` sets it from the URL, or set by hand in DVC's config); None where it sends none."""
+    remote = repo.config["remote"].get(remote_name, {})
+    if remote.get("auth") != "basic":
+        return None
+    return str(remote.get("user", "")), str(remote.get("password", ""))
 
 
 def _absolute_url(url: str) -> str:

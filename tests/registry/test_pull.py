@@ -194,13 +194,45 @@ def test_pull_from_an_s3_remote_checks_every_object(s3_env: S3Server, tmp_path: 
         pull_tracked(pushed.md5, "model", "s3://dvc-pull/dvc", tmp_path / "second-clone")
 
 
+def test_an_s3_remote_that_refuses_the_credentials_says_so(
+    s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys the S3 server does not take: DVC said `1 files failed to download` (a pull) or a bare `Forbidden` (a push),
+    naming neither the remote nor the fix. It is the credentials the remote refused, named with the remote, the status
+    and where DVC's S3 remote reads them; a bad input (exit 2), not retried."""
+    from vlmops.errors import UserInputError
+    from vlmops.outages import is_transient
+    from vlmops.versioning import DvcStore, pull_tracked
+
+    s3_env.client().create_bucket(Bucket="dvc-refused")
+    workspace = tmp_path / "workspace"
+    (workspace / "model").mkdir(parents=True)
+    (workspace / "model" / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    pushed = DvcStore(workspace, "team", "s3://dvc-refused/dvc").track(workspace / "model")
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    refused = r"^the DVC remote s3://dvc-refused/dvc refused the credentials \(HTTP 403 Forbidden; ClientError: "
+    with pytest.raises(UserInputError, match=refused) as pull:
+        pull_tracked(pushed.md5, "model", "s3://dvc-refused/dvc", tmp_path / "clone")
+    (workspace / "model" / "more.bin").write_bytes(b"more weights")
+    with pytest.raises(UserInputError, match=refused) as push:
+        DvcStore(workspace, "team", "s3://dvc-refused/dvc").track(workspace / "model")
+    for raised in (pull.value, push.value):
+        assert str(raised).endswith(
+            "give DVC's S3 remote keys that may read (and, for a push, write) it: AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY in the environment, or a profile of the AWS config (AWS_PROFILE)"
+        )
+        assert not is_transient(raised)
+
+
 def test_a_remote_behind_a_password_is_pulled_with_the_configs_and_records_it_nowhere(
     registry: Registry, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The team's DVC remote is an http server behind basic auth, its login in versioning.remote_url. What is
     recorded (the version's tag dvc.remote, its pointer, the MLflow store, lineage.json) holds the URL with the
-    password masked; `vlmops pull` in a clone whose config gives the URL with its password restores the version, and
-    in one whose config does not, says where to give it (exit 2) instead of calling the remote's copy missing."""
+    password masked; `vlmops pull` in a clone whose config gives the URL with its password restores the version, in
+    one whose config does not, says where to give it (exit 2) instead of calling the remote's copy missing, and in one
+    whose config gives a wrong password, says the remote refused the login (exit 2)."""
     from vlmops.data.prepare import snapshot_hash
     from vlmops.registry.lineage import version_tags
     from vlmops.tracking import Tracker
@@ -248,6 +280,13 @@ def test_a_remote_behind_a_password_is_pulled_with_the_configs_and_records_it_no
         err = capsys.readouterr().err
         assert f"the DVC remote http://vlmops:***@{host}/dvc needs its password" in err
         assert "set versioning.remote_url in the config file" in err and PASSWORD not in err
+
+        wrong = clone(registry, tmp_path / "wrong-login", versioning={"remote_url": f"http://vlmops:not-it@{host}/dvc"})
+        out = ["--out", str(tmp_path / "refused")]
+        assert main(["pull", "models:/vlmops-http@champion", "--config", str(wrong / "pipeline.yaml"), *out]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: the DVC remote http://vlmops:***@{host}/dvc refused the login of user 'vlmops' ")
+        assert "(HTTP 401 Unauthorized; " in err and "not-it" not in err
 
     holding = [
         p

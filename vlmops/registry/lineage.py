@@ -122,6 +122,7 @@ def pull_version(uri: str, config: PipelineConfig, out_dir: str | os.PathLike[st
         UserInputError: the version was registered without DVC versioning; the target folder is not empty, or is
             a file.
         DvcPullError: the remote's copy is missing or damaged.
+        RemoteLoginRefused: the DVC remote refused the login (a wrong password in versioning.remote_url).
     """
     found = registered_version(uri, resolve_tracking_uri(config.tracking.uri))
     version = str(found.version.version)
@@ -162,6 +163,7 @@ def dataset_snapshot(tags: dict[str, str], config: PipelineConfig, work_dir: Pat
     Raises:
         UserInputError: neither the folder nor a DVC copy is recorded.
         DvcPullError: the remote's copy is missing or damaged.
+        RemoteLoginRefused: the DVC remote refused the login (a wrong password in versioning.remote_url).
     """
     from vlmops.data.prepare import snapshot_hash
 
