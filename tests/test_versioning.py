@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -141,21 +137,6 @@ def test_a_remote_that_answers_with_an_error_of_its_own_is_no_outage(tmp_path: P
     assert not isinstance(raised.value, ServiceUnavailable)
 
 
-@contextmanager
-def _served(folder: Path) -> Iterator[str]:
-    """`folder` over plain HTTP (the standard library's file server, which ignores the URL's user and password)."""
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(folder))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
 def test_an_http_remote_whose_host_does_not_answer_is_named_and_a_retry_may_pass(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -194,7 +175,7 @@ def test_an_http_remote_that_answers_without_the_object_says_it_is_missing_with_
     (data / "w.bin").write_bytes(b"weights")
     version = DvcStore(tmp_path / "ws", "local", str(tmp_path / "remote")).track(data)
     caplog.set_level(logging.INFO, logger="vlmops")
-    with _served(tmp_path / "remote") as host:
+    with http_remote(tmp_path / "remote") as host:  # it ignores the URL's login
         url = f"http://vlmops:{PASSWORD}@{host}"
         pulled = pull_tracked(version.md5, "model", url, tmp_path / "pulled")
         assert (pulled / "w.bin").read_bytes() == b"weights"
