@@ -7,7 +7,9 @@ paths against the file's folder, follows symlinks and keeps to that folder and `
 folder, each dataset file validation reads from it (`dataset_files`: a part added, removed or renamed is a change, a
 README beside the parts is not), by its relative path and as a dataset file; for another folder (a
 model), each file's relative path (symlinked subfolders walked too, as the steps read them) and where each symlink
-leads. An image or a folder's file is in the key by its stat data, never read, which keeps the key cheap for multi-GB
+leads; for an `s3://` object or prefix (a dataset read from S3), its listing: each object's key, size and ETag (one
+LIST request per 1,000 objects, nothing downloaded; an object replaced, added or removed under the prefix, a part or an
+image beside the parts, is a change). An image or a folder's file is in the key by its stat data, never read, which keeps the key cheap for multi-GB
 checkpoints and image sets: the dataset file is read (to hash and to parse it) and each image it names is stat'ed
 once, wherever it lies (in an output folder, under .git/ or in a shared mount of millions of files, of which only the
 named ones count), and nothing else beside it is looked at: a code edit or a `pip install` beside a dataset at a
@@ -34,6 +36,7 @@ import errno
 import hashlib
 import os
 import stat
+import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,13 +47,15 @@ from prefect.cache_policies import INPUTS, RUN_ID, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
+from vlmops.config import StorageConfig
 from vlmops.data.formats import DATASET_SUFFIXES, dataset_files, iter_dataset
 from vlmops.data.image_paths import REMOTE_PREFIXES
 from vlmops.data.problems import RecordProblem
 from vlmops.errors import UserInputError
 from vlmops.folders import walk
 from vlmops.hashing import sha256_file
-from vlmops.storage import is_partial
+from vlmops.outages import unreachable_service
+from vlmops.storage import is_partial, list_uri
 
 # Folders and files that version control, DVC, Python, notebooks, linters and file browsers write, at any depth, left
 # out of a folder walk. Exact names only: every other dotfile (`.gitkeep`, `.gitignore`) is data. A file the folder
@@ -163,7 +168,7 @@ def dataset_folder_fingerprint(folder: Path, allowed_roots: Sequence[str] = ()) 
     refusals): its path in the folder and its `dataset_fingerprint`. A folder validation refuses (no dataset files in
     it, a broken link among them) is its reason: the step runs, and fails with it."""
     try:
-        files = dataset_files([folder])
+        files = [Path(file) for file in dataset_files([folder])]  # a local folder's: paths
     except (FileNotFoundError, UserInputError) as err:
         return f"refused: {err}"
     h = hashlib.sha256()
@@ -172,11 +177,37 @@ def dataset_folder_fingerprint(folder: Path, allowed_roots: Sequence[str] = ()) 
     return h.hexdigest()
 
 
+def s3_fingerprint(uri: str, storage: StorageConfig | None = None) -> str:
+    """An `s3://` object, or every object under a prefix, by its listing (`list_uri`, as validation lists it): each
+    object's key, size and ETag, which S3 changes with the content, so nothing is downloaded. A URI validation refuses
+    (no bucket, nothing there, credentials refused) is its reason, as a folder's refusal is. With S3 out of reach the
+    key is one no run has had: there is no listing to compare, so nothing is reused, and the step runs and names the
+    outage."""
+    try:
+        listing = list_uri(uri, storage)
+    except (FileNotFoundError, UserInputError) as err:
+        return f"refused: {err}"
+    except Exception as err:
+        if unreachable_service(err) is None:
+            raise
+        return f"unlisted: {uuid.uuid4()}"
+    h = hashlib.sha256()
+    for obj in listing.objects:
+        h.update(f"{obj.key}\0{obj.size}\0{obj.etag}\n".encode())
+    return h.hexdigest()
+
+
 def fingerprint(
-    value: Any, dataset: bool, allowed_roots: Sequence[str] = (), skip: Collection[Path] = ()
+    value: Any,
+    dataset: bool,
+    allowed_roots: Sequence[str] = (),
+    skip: Collection[Path] = (),
+    storage: StorageConfig | None = None,
 ) -> str | None:
     if value is None:
         return None
+    if str(value).startswith("s3://"):
+        return s3_fingerprint(str(value), storage)
     path = Path(str(value)).expanduser()
     if path.is_dir():
         return dataset_folder_fingerprint(path, allowed_roots) if dataset else folder_stat_fingerprint(path, skip)
@@ -193,6 +224,7 @@ class FileContents(CachePolicy):
     or a folder of them (`dataset_folder_fingerprint`).
     `data`: the param holding the `DataConfig`: its `allowed_roots` are where those images may lie, and its
     `rejects_file`, which the validation writes, is left out of folder walks.
+    `storage`: the param holding the `StorageConfig`, the S3 server an `s3://` param is listed on.
     `written`: params naming a folder or file the flow writes (`run.output_dir`), or a list of them (what DVC writes
     in its repository), left out of every folder walked above that holds it.
     """
@@ -200,6 +232,7 @@ class FileContents(CachePolicy):
     params: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     data: str | None = None
+    storage: str | None = None
     written: list[str] = field(default_factory=list)
 
     def compute_key(
@@ -214,7 +247,8 @@ class FileContents(CachePolicy):
             written.append(data.rejects_file)
         skip = {Path(str(path)).expanduser().resolve() for path in written if path is not None}
         roots = data.allowed_roots if data is not None else []
-        parts = [fingerprint(inputs.get(name), name in self.datasets, roots, skip) for name in self.params]
+        storage = inputs[self.storage] if self.storage else None
+        parts = [fingerprint(inputs.get(name), name in self.datasets, roots, skip, storage) for name in self.params]
         return hash_objects(parts, raise_on_failure=True)
 
 
@@ -223,9 +257,11 @@ def inputs_and_files(
     datasets: list[str] | None = None,
     data: str | None = None,
     written: list[str] | None = None,
+    storage: str | None = None,
 ) -> CachePolicy:
-    """INPUTS + TASK_SOURCE + the files behind `params` (and `datasets`, `data`, `written`: see `FileContents`)."""
-    policy = FileContents(params=params, datasets=datasets or [], data=data, written=written or [])
+    """INPUTS + TASK_SOURCE + the files behind `params` (and `datasets`, `data`, `written`, `storage`: see
+    `FileContents`)."""
+    policy = FileContents(params=params, datasets=datasets or [], data=data, storage=storage, written=written or [])
     return INPUTS + TASK_SOURCE + policy
 
 

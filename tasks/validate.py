@@ -22,6 +22,7 @@ from vlmops.tracking import Tracker
         datasets=["train_file", "eval_file"],
         data="data",
         written=["output_dir", "dvc_writes"],
+        storage="storage",
     ),
     persist_result=True,
 )
@@ -36,8 +37,9 @@ def validate_dataset(
     seed: int,
     dvc_writes: list[str] | None = None,
 ) -> PreparedDataset:
-    """Validate the dataset files with the base model's tokenizer and write their snapshot under `output_dir`;
-    `dvc_writes` (what DVC writes in versioning.repo: `DvcStore.writes`) only feeds the cache key."""
+    """Validate the dataset files (local, or `s3://` objects and prefixes on `storage`'s server) with the base model's
+    tokenizer and write their snapshot under `output_dir`; `dvc_writes` (what DVC writes in versioning.repo:
+    `DvcStore.writes`) only feeds the cache key."""
     from vlmops.models.loading import load_processor
 
     processor = load_processor(model_path)

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from prefect.context import TaskRunContext
 
 from tasks.caching import FileContents, folder_stat_fingerprint, image_stat_data, stat_data
 from tasks.validate import validate_dataset
-from vlmops.config import DataConfig
+from tests.s3_server import S3Server
+from vlmops.config import DataConfig, StorageConfig
 from vlmops.errors import UserInputError
 
 RECORD = json.dumps(
@@ -42,8 +44,9 @@ def ask(image: str) -> str:
     )
 
 
-def dataset_key(train_file: Path, data: DataConfig, output_dir: Path | None = None) -> str | None:
-    """The file part of validate_dataset's own cache policy, for a dataset file and its DataConfig."""
+def dataset_key(train_file: Path | str, data: DataConfig, output_dir: Path | None = None) -> str | None:
+    """The file part of validate_dataset's own cache policy, for a dataset file (or folder, or s3:// URI) and its
+    DataConfig."""
     policy = cast(CompoundCachePolicy, validate_dataset.cache_policy)
     [files] = [p for p in policy.policies if isinstance(p, FileContents)]
     inputs: dict[str, Any] = {
@@ -52,6 +55,7 @@ def dataset_key(train_file: Path, data: DataConfig, output_dir: Path | None = No
         "eval_file": None,
         "model_path": None,
         "output_dir": str(output_dir) if output_dir else None,
+        "storage": StorageConfig(),
         "dvc_writes": None,
     }
     return files.compute_key(cast(TaskRunContext, None), inputs, {})
@@ -391,8 +395,6 @@ def test_a_part_added_to_the_dataset_folder_is_validated_again(
     from prefect import flow
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from vlmops.config import StorageConfig
-
     train, evals = tmp_path / "data" / "train", tmp_path / "data" / "eval"
     image(train / "images" / "shape.bmp", "red")
     (train / "part-0000.jsonl").write_text(RECORD + "\n")
@@ -412,3 +414,86 @@ def test_a_part_added_to_the_dataset_folder_is_validated_again(
 
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
         assert validate_thrice() == [("Completed", 1), ("Cached", 1), ("Completed", 3)]
+
+
+@pytest.mark.integration
+def test_an_s3_datasets_key_follows_the_listing_of_its_objects(
+    tmp_path: Path, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.train an s3:// prefix: the key is each object's key, size and ETag as one listing gives them: a part
+    replaced by one of the same size, an image beside the parts replaced, a part added change it; the same objects
+    listed again, or again as they were, do not. A prefix validation refuses is its reason; with S3 out of reach the key
+    is one no run has had, so nothing is reused (and no traceback comes from computing it)."""
+    client = s3_env.client()
+    client.create_bucket(Bucket="key-listing")
+    uri = "s3://key-listing/train"
+
+    def put(name: str, body: bytes) -> None:
+        client.put_object(Bucket="key-listing", Key=f"train/{name}", Body=body)
+
+    def bmp(colour: str) -> bytes:
+        return image(tmp_path / f"{colour}.bmp", colour).read_bytes()
+
+    put("part-0000.jsonl", f"{RECORD}\n".encode())
+    put("images/shape.bmp", bmp("red"))
+    keys = [dataset_key(uri, DataConfig())]
+    assert dataset_key(f"{uri}/", DataConfig()) == keys[0]
+    put("part-0000.jsonl", f"{RECORD.replace('red', 'tan')}\n".encode())  # the same size
+    keys.append(dataset_key(uri, DataConfig()))
+    put("images/shape.bmp", bmp("blue"))  # the same size
+    keys.append(dataset_key(uri, DataConfig()))
+    put("part-0001.jsonl", f"{RECORD}\n".encode())
+    keys.append(dataset_key(uri, DataConfig()))
+    keys.append(dataset_key(f"{uri}/part-0001.jsonl", DataConfig()))  # one object, by itself
+    assert len(set(keys)) == len(keys), keys
+    client.delete_object(Bucket="key-listing", Key="train/part-0001.jsonl")
+    assert dataset_key(uri, DataConfig()) == keys[2]
+    assert dataset_key("s3://key-listing/nothing", DataConfig()) not in (None, *keys)
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sock.getsockname()[1]}")
+    unreachable = {dataset_key(uri, DataConfig()) for _ in range(2)}
+    assert len(unreachable) == 2 and not unreachable & set(keys)
+
+
+@pytest.mark.integration
+def test_the_validate_step_on_an_s3_prefix_makes_the_local_copys_snapshot_and_runs_again_once_an_object_changes(
+    tmp_path: Path, prefect_harness: None, tiny_model: Path, s3_env: S3Server
+) -> None:
+    """data.train and data.eval as s3:// prefixes of parts with relative images (was "data.train: s3:/... does not
+    exist"): the snapshot is the one the same files make read locally (its name is its content's hash); cached while
+    the objects stay as they are, run again once one is replaced."""
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from vlmops.storage import upload_folder
+
+    local = tmp_path / "local"
+    for split in ("train", "eval"):
+        image(local / split / "images" / "shape.bmp", "red")
+        (local / split / "part-0000.jsonl").write_text(f"{RECORD}\n{ask('images/shape.bmp')}\n")
+        (local / split / "part-0001.json").write_text(json.dumps([json.loads(RECORD)]))
+    client = s3_env.client()
+    client.create_bucket(Bucket="validate-step")
+    upload_folder(client, local, "s3://validate-step/data", progress=False)
+    common = (str(tiny_model), str(tmp_path / "outputs"), None, StorageConfig(), 0)
+    on_s3 = (DataConfig(), "s3://validate-step/data/train", "s3://validate-step/data/eval", *common)
+    on_disk = (DataConfig(), str(local / "train"), str(local / "eval"), *common)
+
+    @flow
+    def validate_runs() -> list[tuple[str | None, str, int]]:
+        runs = []
+        for run in range(4):
+            if run == 3:  # the training images, replaced by another of the same size
+                blue = image(tmp_path / "blue.bmp", "blue")
+                client.upload_file(str(blue), "validate-step", "data/train/images/shape.bmp")
+            state = validate_dataset(*(on_disk if run == 0 else on_s3), return_state=True)
+            prepared = state.result()
+            runs.append((state.name, prepared.content_hash, prepared.report.splits["train"].records))
+        return runs
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        (local_run, first, again, changed) = validate_runs()
+    assert local_run[0] == first[0] == "Completed" and local_run[1] == first[1]
+    assert again == ("Cached", first[1], 3)
+    assert changed[0] == "Completed" and changed[1] != first[1] and changed[2] == 3

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
 
 from tests.image_server import png_bytes
+from tests.s3_server import S3Server
 from vlmops.cli.main import main
 
 
@@ -283,3 +285,124 @@ def test_an_eval_folder_sharing_a_part_with_train_is_refused(workdir: Path, caps
         "error: data.train (train) and data.eval (eval) both name 1 file, whose records would be trained on and then "
         "evaluated as held out: eval/a.jsonl (as train/a.jsonl); move them out of data.eval's folder (eval)\n"
     ) in capsys.readouterr().err
+
+
+@pytest.fixture
+def s3_parts(s3_env: S3Server) -> str:
+    """s3://validate-parts/data/parts: a.jsonl (a record with a relative image, a broken line, one with an image outside
+    the prefix), b.json (a record with a relative image), their images, and notes.txt; the AWS_* environment points at
+    the server. A bucket of the session's server, filled once."""
+    client = s3_env.client()
+    bucket = "validate-parts"
+    if any(found["Name"] == bucket for found in client.list_buckets().get("Buckets", [])):
+        return f"s3://{bucket}/data/parts"
+    client.create_bucket(Bucket=bucket)
+    a = record("Red?", "images/red.png") + "{oops\n" + record("Escape?", "../secret.png")
+    objects = {
+        "parts/a.jsonl": a.encode(),
+        "parts/b.json": json.dumps([json.loads(record("Blue?", "images/blue.png"))]).encode(),
+        "parts/images/red.png": png_bytes(),
+        "parts/images/blue.png": png_bytes(),
+        "parts/notes.txt": b"not a dataset",
+        "secret.png": png_bytes(),
+    }
+    for key, body in objects.items():
+        client.put_object(Bucket=bucket, Key=f"data/{key}", Body=body)
+    return f"s3://{bucket}/data/parts"
+
+
+@pytest.mark.integration
+def test_an_s3_prefix_of_parts_is_read_as_a_folder_is(
+    workdir: Path, s3_parts: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vlmops validate s3://bucket/prefix` (was "s3:/bucket/prefix does not exist"): its .json/.jsonl objects in key
+    order, read as they stream in; a relative image is the object under the part's prefix; a reject is named by its
+    object's URI and line."""
+    args = ["validate", s3_parts, *CACHE, "--set", "data.invalid_records=skip"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "read 4 records" in out
+    assert "all: 2 records (0 multi-turn, 0 multi-image, 0 text-only), 2 turns, 2 images" in out
+    rows = [json.loads(line) for line in Path("outputs/datasets/rejects.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["line"], r["field"]) for r in rows] == [
+        (f"{s3_parts}/a.jsonl", 2, "(line)"),
+        (f"{s3_parts}/a.jsonl", 3, "conversations[0].value"),
+    ]
+    assert rows[0]["record"] == "{oops"
+    assert f"image ../secret.png is outside {s3_parts}, where the record was read from" in rows[1]["reason"]
+    assert main(["validate", f"{s3_parts}/b.json", *CACHE]) == 0  # one object, by its key
+    assert "all: 1 record (0 multi-turn, 0 multi-image, 0 text-only), 1 turn, 1 image" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_s3_uris_that_name_one_object_twice_are_refused(
+    workdir: Path, s3_parts: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """By bucket and key, as local paths are refused by the file they lead to: a prefix and an object under it, and a
+    data.eval that is data.train (written with a trailing slash)."""
+    assert main(["validate", s3_parts, f"{s3_parts}/a.jsonl", *CACHE]) == 2
+    assert (
+        f"error: dataset paths 1 ({s3_parts}) and 2 ({s3_parts}/a.jsonl) both name 1 file, whose records would be read "
+        f"twice: {s3_parts}/a.jsonl; drop path 2 (path 1 names each of its files)\n"
+    ) in capsys.readouterr().err
+    settings = ["--set", f"data.train={s3_parts}", "--set", f"data.eval={s3_parts}/"]
+    assert main(["validate", *CACHE, *settings]) == 2
+    assert (
+        f"error: data.train and data.eval are {s3_parts} and {s3_parts}/, the same prefix: its records would be trained "
+        "on and then evaluated as held out; give data.eval a prefix of its own, or set it to null to hold out "
+        "data.eval_ratio of data.train\n"
+    ) in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("uri", "refusal"),
+    [
+        (
+            "s3://no-such-bucket/parts",
+            "error: s3://no-such-bucket/parts: there is no bucket 'no-such-bucket' on the S3 server at {endpoint}; check "
+            "the URI, and storage.endpoint_url (or AWS_ENDPOINT_URL) for the server\n",
+        ),
+        (
+            "s3://validate-parts/data/nothing",
+            "error: s3://validate-parts/data/nothing does not exist: no object has this key and none lies under it as a "
+            "prefix; pass an s3://bucket/key.jsonl object or the s3://bucket/prefix of .json/.jsonl objects\n",
+        ),
+        (
+            "s3://validate-parts/data/parts/images",
+            "error: s3://validate-parts/data/parts/images: no .json or .jsonl dataset objects under this prefix (it "
+            "holds blue.png, red.png); pass the prefix that holds the dataset's parts\n",
+        ),
+    ],
+    ids=["no-bucket", "nothing-there", "no-dataset-objects"],
+)
+def test_an_s3_uri_with_no_dataset_is_named_with_the_fix(
+    workdir: Path, s3_parts: str, s3_env: S3Server, capsys: pytest.CaptureFixture[str], uri: str, refusal: str
+) -> None:
+    assert main(["validate", uri, *CACHE]) == 2
+    out, err = capsys.readouterr()
+    assert refusal.format(endpoint=s3_env.endpoint_url) in err
+    assert "read " not in out and "Traceback" not in err
+
+
+@pytest.mark.integration
+def test_an_s3_server_that_does_not_answer_is_named_as_an_outage(
+    workdir: Path, s3_env: S3Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As batch inference names it: the service and its URL, and what to do (exit 1: a rerun may pass), not a
+    traceback, nor "does not exist"."""
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [
+        "validate",
+        "s3://validate-parts/data/parts",
+        *CACHE,
+        "--set",
+        f"storage.endpoint_url=http://127.0.0.1:{port}",
+    ]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"error: S3 at http://127.0.0.1:{port} did not answer: EndpointConnectionError: " in err
+    assert "start it (or fix its URL in the config), then run the command again" in err
+    assert "Traceback" not in err

@@ -19,14 +19,16 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from vlmops.config import StorageConfig
-from vlmops.errors import RunFailed
+from vlmops.errors import RunFailed, UserInputError
 from vlmops.folders import listed_under, refuse_unreadable
 from vlmops.s3_content import ETAG, MIB, ContentCheck, content_check, guessed_part_sizes
 
@@ -110,12 +112,96 @@ def list_objects(client: S3Client, bucket: str, prefix: str) -> list[S3Object]:
     folder = f"{prefix}/" if prefix else ""
     objects = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=folder):
-        for item in page.get("Contents", []):
-            key = item["Key"]
-            if not key.endswith("/"):  # folder markers some tools create
-                etag, modified = item["ETag"].strip('"'), item["LastModified"].timestamp()
-                objects.append(S3Object(key=key, size=int(item["Size"]), etag=etag, modified=modified))
-    return objects
+        objects += [_listed(item) for item in page.get("Contents", []) if not item["Key"].endswith("/")]
+    return objects  # (a key ending in "/" is a folder marker some tools create)
+
+
+def _listed(item: Any) -> S3Object:
+    etag, modified = item["ETag"].strip('"'), item["LastModified"].timestamp()
+    return S3Object(key=item["Key"], size=int(item["Size"]), etag=etag, modified=modified)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The objects an `s3://bucket/prefix` URI names: those under the prefix, sorted by key, or the one object whose key
+    it is (`single`). `folder` is what their names are relative to: the prefix with its slash, or the object's own
+    prefix (`""` at the bucket's root)."""
+
+    bucket: str
+    folder: str
+    objects: list[S3Object]
+    single: bool = False
+
+    def uri(self, obj: S3Object) -> str:
+        return f"s3://{self.bucket}/{obj.key}"
+
+    def name(self, obj: S3Object) -> str:
+        return obj.key[len(self.folder) :]
+
+
+def list_uri(uri: str, storage: StorageConfig | None = None) -> Listing:
+    """What `uri` names: the objects under it as a prefix (a folder: `s3://b/a` does not take `a.jsonl` or `ab/x`),
+    else the object it names; no objects for neither. One LIST per 1,000 objects, plus one for a single object.
+
+    Raises:
+        ValueError: not an s3://bucket[/prefix] URI.
+        FileNotFoundError: the bucket does not exist (on the server `storage.endpoint_url` names).
+        UserInputError: no credentials, or the server refuses them.
+    """
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    bucket, prefix = parse_s3_uri(uri)
+    client = s3_client(storage)
+    try:
+        objects = sorted(list_objects(client, bucket, prefix), key=lambda o: o.key)
+        if objects or not prefix:
+            return Listing(bucket, f"{prefix}/" if prefix else "", objects)
+        # The key itself sorts first among the keys it begins: one object listed answers whether it is there.
+        first = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("Contents", [])
+    except NoCredentialsError as err:
+        raise UserInputError(
+            f"{uri}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from err
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        where = f"on the S3 server at {client.meta.endpoint_url}"
+        if code == "NoSuchBucket":
+            raise FileNotFoundError(
+                f"{uri}: there is no bucket {bucket!r} {where}; check the URI, and storage.endpoint_url (or "
+                "AWS_ENDPOINT_URL) for the server"
+            ) from err
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            raise UserInputError(
+                f"{uri}: access denied ({code}) {where}; check the S3 credentials (AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+            ) from err
+        raise
+    named = [_listed(item) for item in first if item["Key"] == prefix]
+    return Listing(bucket, prefix.rpartition("/")[0] + "/" if "/" in prefix else "", named, single=bool(named))
+
+
+@contextmanager
+def open_object(uri: str, storage: StorageConfig | None = None, offset: int = 0) -> Iterator[IO[bytes]]:
+    """A binary stream of the object at `s3://bucket/key` from `offset` on (a ranged GET), read as it arrives: never
+    held whole.
+
+    Raises:
+        FileNotFoundError: no such object (deleted since it was listed).
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, key = parse_s3_uri(uri)
+    extra = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        body = s3_client(storage).get_object(Bucket=bucket, Key=key, **extra)["Body"]  # type: ignore[arg-type]
+    except ClientError as err:
+        if str(err.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404", "NotFound"):
+            raise FileNotFoundError(f"{uri}: no such object (deleted since it was listed?)") from err
+        raise
+    try:
+        yield body  # type: ignore[misc]
+    finally:
+        body.close()
 
 
 def object_check(client: S3Client, bucket: str, key: str) -> ContentCheck:

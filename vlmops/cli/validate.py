@@ -16,12 +16,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "validate",
         help="check dataset files (or the configured dataset) and print the report",
-        description="Check every record of the given .json/.jsonl files or folders, as one set: counts, token "
-        "lengths (image tokens included, with the configured model's tokenizer), and every problem with its "
-        "file, line, field and reason. Without PATH: the configured data.train / data.eval, frozen into a "
+        description="Check every record of the given .json/.jsonl files or folders (or s3:// objects and prefixes), "
+        "as one set: counts, token lengths (image tokens included, with the configured model's tokenizer), and every "
+        "problem with its file, line, field and reason. Without PATH: the configured data.train / data.eval, frozen into a "
         "dataset snapshot as training would. Rejected records go to the rejects file (data.rejects_file).",
     )
-    p.add_argument("paths", nargs="*", metavar="PATH", help="dataset files (.json, .jsonl) or folders of them")
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="dataset files (.json, .jsonl) or folders of them; s3://bucket/key objects or s3://bucket/prefix prefixes",
+    )
     add_config_args(p, default=None, default_text=f"./{DEFAULT_CONFIG} where there is one, else built-in defaults")
     p.set_defaults(handler=handle)
 

@@ -76,11 +76,15 @@ class DataConfig(Section):
     train: str | None = None
     """Training data: a .json (list) or .jsonl file in the `conversations` or `messages` format, or a folder of them
     (`data/train` holding `part-0000.jsonl` ...: its .json/.jsonl files, subfolders included, read in sorted path
-    order as one split, as `vlmops validate PATH` reads a folder; other files are not read). A local path (an `s3://`
-    prefix is not supported). A folder must not hold `run.output_dir` or `rejects_file`. null: the demo dataset."""
+    order as one split, as `vlmops validate PATH` reads a folder; other files are not read). On S3 (the server of
+    `storage`): an `s3://bucket/key.jsonl` object, or an `s3://bucket/prefix` read as a folder (its .json/.jsonl
+    objects, sorted by key), each streamed in, its relative image paths keys under the object's prefix; the validate
+    step is cached on the prefix's listing (each object's key, size and ETag). A folder must not hold
+    `run.output_dir` or `rejects_file`. null: the demo dataset."""
     eval: str | None = None
-    """Held-out eval data, same formats, a file or a folder: none of its files may be one of `train`'s (the training
-    data by any name, or a file both name, is refused). null: split `eval_ratio` off the training records."""
+    """Held-out eval data, same formats, a file, a folder or an S3 object or prefix: none of its files may be one of
+    `train`'s (the training data by any name or URI, or a file or object both name, is refused). null: split
+    `eval_ratio` off the training records."""
     eval_ratio: float = Field(0.1, ge=0.0, lt=1.0)
     """Share of the training records held out for eval when `eval` is null (a seeded, saved split)."""
     max_length: int = Field(2048, ge=16)

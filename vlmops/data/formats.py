@@ -1,7 +1,8 @@
 """Dataset files: the seed's `conversations` format and the `messages` + `images` format, json or jsonl.
 
 Every rejected record is reported with its file, line (jsonl) or index (json), field and reason; nothing
-is dropped without being listed. A file's records are decoded by `vlmops.data.jsonrecords` and parsed by
+is dropped without being listed. A dataset file is a local path or an S3 object, named by its `s3://bucket/key` URI (a
+str: `Path` would make it `s3:/bucket/key`), whose relative image paths are keys under its prefix. A file's records are decoded by `vlmops.data.jsonrecords` and parsed by
 `vlmops.data.parsing` (their images by `vlmops.data.image_paths`); their problems are `vlmops.data.problems`'.
 """
 
@@ -13,11 +14,12 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from vlmops.config import StorageConfig
 from vlmops.conversation import Conversation, ImageRef, to_img_tags
-from vlmops.data.image_paths import ImagePaths, image_roots
+from vlmops.data.image_paths import ImagePaths, image_roots, record_base
 from vlmops.data.jsonrecords import json_list_records, jsonl_records
 from vlmops.data.parsing import parse_record_with, refuse_unread_keys
 from vlmops.data.problems import RecordError, RecordProblem
@@ -28,6 +30,29 @@ from vlmops.plural import counted
 log = logging.getLogger(__name__)
 
 DATASET_SUFFIXES = (".json", ".jsonl")
+
+DatasetPath = Path | str
+"""A dataset file or folder: a local path, or an `s3://bucket/key` object or `s3://bucket/prefix` (kept as a str)."""
+
+
+def dataset_path(spec: str | os.PathLike[str]) -> DatasetPath:
+    """A dataset path as written: an `s3://` URI as it is, a local path with `~` expanded."""
+    text = os.fspath(spec)
+    return text if is_s3(text) else Path(text).expanduser()
+
+
+def is_s3(path: DatasetPath | os.PathLike[str]) -> bool:
+    return isinstance(path, str) and path.startswith("s3://")
+
+
+def is_jsonl(file: DatasetPath) -> bool:
+    """Whether a dataset file holds a record per line (else a list: its records are named by index)."""
+    return os.fspath(file).lower().endswith(".jsonl")
+
+
+def file_name(file: DatasetPath) -> str:
+    """A dataset file's own name, without its folder or prefix."""
+    return os.fspath(file).rpartition("/")[2]
 
 
 @dataclass
@@ -54,13 +79,13 @@ class Entry:
 
 
 def read_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> DatasetFile:
-    """Parse a .json (list of records) or .jsonl (one record per line) dataset file into memory.
+    """Parse a local .json (list of records) or .jsonl (one record per line) dataset file into memory.
 
     For a file of any size use `iter_dataset`, which holds one record at a time.
     """
     conversations: list[Conversation] = []
     problems: list[RecordProblem] = []
-    for entry in iter_dataset(path, roots):
+    for entry in iter_dataset(Path(path), roots):
         if isinstance(entry.result, RecordProblem):
             problems.append(entry.result)
         else:
@@ -68,17 +93,26 @@ def read_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> Da
     return DatasetFile(Path(path), conversations, problems)
 
 
-def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> Iterator[Entry]:
-    """Every record of a dataset file in order, parsed or with its problem; a .jsonl file is read a line
-    at a time. Local image paths must stay inside the file's folder or one of `roots`."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"dataset file {file} does not exist (check data.train / data.eval)")
-    suffix = file.suffix.lower()
+def iter_dataset(
+    path: DatasetPath | os.PathLike[str], roots: Sequence[Path] = (), storage: StorageConfig | None = None
+) -> Iterator[Entry]:
+    """Every record of a dataset file in order, parsed or with its problem; a .jsonl file is read a line at a time, an
+    S3 object (`storage`: the server) as it arrives. Local image paths must stay inside the file's folder or one of
+    `roots`; a relative one in an S3 object's records is a key under its prefix."""
+    file = path if isinstance(path, str) else Path(path)
+    suffix = PurePosixPath(os.fspath(file)).suffix.lower()
+    if is_s3(file):
+        base: Path | str = record_base(str(file))
+        paths = ImagePaths(base, image_roots(None, roots))  # local paths only under the roots (a shared mount)
+    else:
+        file = Path(file)
+        if not file.is_file():
+            raise FileNotFoundError(f"dataset file {file} does not exist (check data.train / data.eval)")
+        paths = ImagePaths(file.parent, image_roots(file.parent, roots))  # this scan's, forgotten with it
     if suffix not in DATASET_SUFFIXES:
         raise ValueError(f"{file}: unsupported dataset file type {suffix!r}; use .json (a list) or .jsonl")
-    paths = ImagePaths(file.parent, image_roots(file.parent, roots))  # this scan's, forgotten with it
-    for location, number, raw, value in jsonl_records(file) if suffix == ".jsonl" else json_list_records(file):
+    records = jsonl_records(file, storage) if suffix == ".jsonl" else json_list_records(file, storage)
+    for location, number, raw, value in records:
         if isinstance(value, RecordProblem):
             yield Entry(location, number, raw, value)
             continue
@@ -90,29 +124,38 @@ def iter_dataset(path: str | os.PathLike[str], roots: Sequence[Path] = ()) -> It
         yield Entry(location, number, raw, result)
 
 
-def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+def dataset_files(paths: Sequence[str | os.PathLike[str]], storage: StorageConfig | None = None) -> list[DatasetPath]:
     """The .json/.jsonl files that `paths` name, each read once: files as given, folders searched (sorted,
-    recursively, through their linked subfolders: `vlmops.folders.files_under`).
+    recursively, through their linked subfolders: `vlmops.folders.files_under`); an `s3://` URI names the object whose
+    key it is, or the .json/.jsonl objects under it as a prefix, sorted by key (`vlmops.storage.list_uri`, as batch
+    inference lists its input; `storage`: the server).
 
-    A file is the one its links lead to (`Path.resolve`). Two paths that name one file (a folder given twice, a file
-    and a folder that holds it, a folder and a link to it, a file and a link to it) are refused: its records would be
+    A file is the one its links lead to (`Path.resolve`); an object, its bucket and key. Two paths that name one file (a
+    folder given twice, a file and a folder that holds it, a folder and a link to it, a file and a link to it, an
+    object and a prefix above it) are refused: its records would be
     read twice, so training sees them twice and a report counts them twice, and the fix, dropping a path, is the
     user's to make. A file that one folder holds under two names (`b.jsonl -> a.jsonl` beside it) is read once, under
     its first name in sorted order, and the other name logged, as the walk reads a folder reached twice: the folder's
     contents may not be the user's to change (a hub snapshot's links, a DVC checkout), and a folder is read as a whole.
 
     Raises:
-        FileNotFoundError: a path that does not exist, or a folder without dataset files.
+        FileNotFoundError: a path that does not exist, or a folder without dataset files; an S3 bucket that does not
+            exist, or a URI with no object at it nor any under it, or none of them .json/.jsonl.
         UserInputError: a dataset file given or in a folder is a broken link or no file (a named pipe); two paths
-            name the same file (each such pair named, by position and as written, with the files and the fix).
+            name the same file (each such pair named, by position and as written, with the files and the fix); S3
+            refused the credentials.
     """
-    named: list[dict[Path, Path]] = []  # for each path given: each real file it names -> the name it is read under
+    named: list[dict[DatasetPath, DatasetPath]] = []  # for each path given: each real file it names -> its name
     for spec in paths:
-        names: dict[Path, Path] = {}
-        for path in _files_named(Path(spec).expanduser()):
-            first = names.setdefault(real := path.resolve(), path)
-            if first != path:
-                log.warning("%s is %s by another name (both lead to %s): not read twice", path, first, real)
+        names: dict[DatasetPath, DatasetPath] = {}
+        path = dataset_path(spec)
+        if isinstance(path, str):
+            names = {uri: uri for uri in _objects_named(path, storage)}
+        else:
+            for file in _files_named(path):
+                first = names.setdefault(real := file.resolve(), file)
+                if first != file:
+                    log.warning("%s is %s by another name (both lead to %s): not read twice", file, first, real)
         named.append(names)
     shared = [
         _shared_files((i, os.fspath(paths[i]), named[i]), (j, os.fspath(paths[j]), named[j]))
@@ -124,8 +167,31 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return [path for names in named for path in names.values()]
 
 
+def _objects_named(uri: str, storage: StorageConfig | None) -> list[str]:
+    """The dataset objects an `s3://` URI names: the object itself, or the .json/.jsonl objects under the prefix."""
+    from vlmops.storage import list_uri
+
+    listing = list_uri(uri, storage)
+    if listing.single:
+        return [listing.uri(obj) for obj in listing.objects]
+    if not listing.objects:
+        raise FileNotFoundError(
+            f"{uri} does not exist: no object has this key and none lies under it as a prefix; pass an "
+            "s3://bucket/key.jsonl object or the s3://bucket/prefix of .json/.jsonl objects"
+        )
+    found = [listing.uri(obj) for obj in listing.objects if obj.key.lower().endswith(DATASET_SUFFIXES)]
+    if not found:
+        shown = ", ".join(listing.name(obj) for obj in listing.objects[:NAMED])
+        more = f" and {len(listing.objects) - NAMED} more" if len(listing.objects) > NAMED else ""
+        raise FileNotFoundError(
+            f"{uri}: no .json or .jsonl dataset objects under this prefix (it holds {shown}{more}); "
+            "pass the prefix that holds the dataset's parts"
+        )
+    return found
+
+
 def _files_named(path: Path) -> list[Path]:
-    """The dataset files one path names: itself, or those in the folder."""
+    """The dataset files one local path names: itself, or those in the folder."""
     if path.is_dir():
         found = files_under(path, reads=lambda p: p.suffix.lower() in DATASET_SUFFIXES)
         if not found:
@@ -137,7 +203,9 @@ def _files_named(path: Path) -> list[Path]:
     raise FileNotFoundError(f"{path} does not exist: pass .json/.jsonl dataset files or folders of them")
 
 
-def _shared_files(a: tuple[int, str, dict[Path, Path]], b: tuple[int, str, dict[Path, Path]]) -> str:
+def _shared_files(
+    a: tuple[int, str, dict[DatasetPath, DatasetPath]], b: tuple[int, str, dict[DatasetPath, DatasetPath]]
+) -> str:
     """What two dataset paths (position, as written, their files) share, and which to drop."""
     (i, spec_a, files_a), (j, spec_b, files_b) = a, b
     common = [real for real in files_a if real in files_b]

@@ -29,6 +29,11 @@ def image_roots(folder: Path | None, allowed_roots: Sequence[str | os.PathLike[s
     return (*own, *(Path(r).expanduser().resolve() for r in allowed_roots))
 
 
+def record_base(uri: str) -> Path | str:
+    """The folder a record's relative image paths resolve against: its file's folder, or on S3 the file's prefix."""
+    return uri.rpartition("/")[0] if uri.startswith("s3://") else Path(uri).parent
+
+
 class ImagePaths:
     """The image references of one dataset file's records resolved (`_resolve`), each distinct local one once.
 

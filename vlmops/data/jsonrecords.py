@@ -1,5 +1,6 @@
 """The records of a dataset file as JSON values, read strictly: a .jsonl file a line at a time, a .json list streamed
-(`vlmops.data.jsonarray`).
+(`vlmops.data.jsonarray`). A file is a local path or an `s3://bucket/key` object, read as its bytes arrive (one GET,
+never held whole).
 
 A line that is not UTF-8 or not valid JSON, a .json file that does not parse, or an object with a key twice (json would
 keep the last value and drop the others) is a `RecordProblem` in the record's place, at its file:line or file[index];
@@ -8,20 +9,53 @@ what the values say is `vlmops.data.parsing`'s to read.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from vlmops.data.jsonarray import BOM, TOO_DEEP, JsonArrayError, json_array_items
+from vlmops.config import StorageConfig
+from vlmops.data.jsonarray import BOM, CHUNK_BYTES, TOO_DEEP, JsonArrayError, json_array_items
 from vlmops.data.problems import RecordError, RecordProblem
 
 
-def jsonl_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
+def lines(stream: IO[bytes]) -> Iterator[bytes]:
+    """The stream's lines, each with its newline (the last one may lack it); works on S3 bodies too, whose own
+    iteration yields chunks, not lines. A line longer than a chunk is joined once, not grown chunk by chunk."""
+    parts: list[bytes] = []  # the line so far
+    for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
+        *whole, rest = chunk.split(b"\n")
+        for line in whole:
+            parts.append(line)
+            yield b"".join(parts) + b"\n"
+            parts = []
+        if rest:
+            parts.append(rest)
+    if parts:
+        yield b"".join(parts)
+
+
+@contextmanager
+def open_dataset_file(file: Path | str, storage: StorageConfig | None = None) -> Iterator[IO[bytes]]:
+    """A binary stream of a dataset file: a local path, or an `s3://bucket/key` URI (`storage`: the server)."""
+    if isinstance(file, str) and file.startswith("s3://"):
+        from vlmops.storage import open_object
+
+        with open_object(file, storage) as body:
+            yield body
+        return
+    with Path(file).open("rb") as f:
+        yield f
+
+
+def jsonl_records(file: Path | str, storage: StorageConfig | None = None) -> Iterator[tuple[str, int, Any, Any]]:
     """(location, line, text, value or problem) for each non-blank line of a .jsonl file, read one at a time."""
     decoder = _RecordDecoder()
-    with file.open("rb") as f:
-        for number, data in enumerate(f, start=1):
+    with open_dataset_file(file, storage) as f:
+        # A local file's own iteration reads lines buffered, in C; an S3 body's yields chunks.
+        for number, data in enumerate(f if isinstance(f, io.BufferedIOBase) else lines(f), start=1):
             location = f"{file}:{number}"
             try:
                 line = data.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
@@ -42,13 +76,13 @@ def jsonl_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
             yield location, number, line, value
 
 
-def json_list_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
+def json_list_records(file: Path | str, storage: StorageConfig | None = None) -> Iterator[tuple[str, int, Any, Any]]:
     """(location, index, item, item or problem) for each item of a .json file, streamed (vlmops.data.jsonarray).
 
     The whole file is checked first: a file that does not parse is one problem, at the line where it breaks,
-    and none of its items count (it is not a list of records until it parses)."""
+    and none of its items count (it is not a list of records until it parses). An S3 object is read twice so."""
     try:
-        with file.open("rb") as f:
+        with open_dataset_file(file, storage) as f:
             for _ in json_array_items(f):
                 pass
     except JsonArrayError as err:
@@ -56,7 +90,7 @@ def json_list_records(file: Path) -> Iterator[tuple[str, int, Any, Any]]:
         yield location, err.line, None, RecordProblem(location, "(file)", err.problem())
         return
     decoder = _RecordDecoder()
-    with file.open("rb") as f:
+    with open_dataset_file(file, storage) as f:
         for item in json_array_items(f, decoder=decoder):
             location = f"{file}[{item.index}]"
             yield location, item.index, item.value, decoder.checked(item.value, location)

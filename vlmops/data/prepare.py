@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 
 from vlmops.config import DataConfig, PipelineConfig, StorageConfig
 from vlmops.data.demo import write_demo_dataset
-from vlmops.data.formats import DATASET_SUFFIXES, dataset_files
+from vlmops.data.formats import DATASET_SUFFIXES, DatasetPath, dataset_files, dataset_path
 from vlmops.data.length import LENGTHS_FILE, length_fingerprint, write_lengths
 from vlmops.data.validation import (
     RecordChecker,
@@ -36,6 +36,7 @@ from vlmops.hashing import sha256_file
 from vlmops.models.template import Tokenizer
 from vlmops.plural import counted
 from vlmops.staging import build_lock, staging_in
+from vlmops.storage import parse_s3_uri
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,9 +77,10 @@ def prepare_dataset(
     storage: StorageConfig | None = None,
     seed: int = 0,
 ) -> PreparedDataset:
-    """Validate the dataset (`train_path`, `eval_path`: each a .json/.jsonl file or a folder of them, whose files are
-    read in the order `vlmops validate PATH` reads them: `dataset_files`) and write its snapshot under
-    `out_root/<hash>` (reused if present).
+    """Validate the dataset (`train_path`, `eval_path`: each a .json/.jsonl file or a folder of them, or an `s3://`
+    object or prefix of them, whose files are read in the order `vlmops validate PATH` reads them: `dataset_files`) and
+    write its snapshot under `out_root/<hash>` (reused if present). The snapshot is named by its content: the same
+    records and images read from S3 or from a local copy make the same snapshot.
 
     Records stream through (RecordChecker): each kept one is written to the snapshot as it is checked, each
     rejected one to the rejects file (`data.rejects_file`, default `out_root/rejects.jsonl`).
@@ -86,18 +88,19 @@ def prepare_dataset(
     Raises:
         DatasetError: every rejected record (unless `data.invalid_records` is `skip`) and every too-long one
             (when `data.max_length_policy` is `error`), all of them, not just the first.
-        FileNotFoundError: a path that does not exist, or a folder without dataset files (named by its key).
+        FileNotFoundError: a path that does not exist, or a folder without dataset files (named by its key); an S3
+            bucket or prefix that does not exist, or holds no dataset files.
         UserInputError: a split that would be empty; eval data that is (or shares files with) the training data;
-            a dataset file that is a broken link.
+            a dataset file that is a broken link; S3 credentials refused.
     """
-    train, evals = Path(train_path), None if eval_path is None else Path(eval_path)
-    train_files = _files_of("data.train", train)
-    eval_files = None if evals is None else _files_of("data.eval", evals)
+    train, evals = dataset_path(train_path), None if eval_path is None else dataset_path(eval_path)
+    train_files = _files_of("data.train", train, storage)
+    eval_files = None if evals is None else _files_of("data.eval", evals, storage)
     _refuse_eval_is_train(train, train_files, evals, eval_files)
-    where = {"train": str(train.resolve())}  # for messages; report.json's sources list a folder's files
+    where = {"train": str(_real(train))}  # for messages; report.json's sources list a folder's files
     sources = {"train": _source(train, train_files)}
     if evals is not None and eval_files is not None:
-        where["eval"] = str(evals.resolve())
+        where["eval"] = str(_real(evals))
         sources["eval"] = _source(evals, eval_files)
     else:
         where["eval"] = sources["eval"] = f"{data.eval_ratio:.0%} of train, seed {seed}"
@@ -139,29 +142,48 @@ def prepare_dataset(
     return PreparedDataset(final, content_hash, report)
 
 
-def _files_of(key: str, path: Path) -> list[Path]:
-    """The dataset files of one split's path (itself, or those its folder holds), as `vlmops validate PATH` reads them.
+def _files_of(key: str, path: DatasetPath, storage: StorageConfig | None) -> list[DatasetPath]:
+    """The dataset files of one split's path (itself, or those its folder or prefix holds), as `vlmops validate PATH`
+    reads them.
 
     Raises:
         FileNotFoundError, UserInputError: `dataset_files`' errors, led by the config key.
     """
     try:
-        return dataset_files([path])
+        return dataset_files([path], storage)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{key}: {err}") from err
     except UserInputError as err:
         raise UserInputError(f"{key}: {err}") from err
 
 
-def _source(path: Path, files: list[Path]) -> str:
+def _real(path: DatasetPath) -> DatasetPath:
+    """What a dataset path names, to compare two by: a local one with its links followed, an `s3://` one as
+    `s3://bucket/key` (a trailing slash, which names the same prefix, left off)."""
+    if isinstance(path, Path):
+        return path.resolve()
+    bucket, key = parse_s3_uri(path)
+    return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+
+
+def _is_folder(path: DatasetPath, files: list[DatasetPath]) -> bool:
+    """Whether a split's path is a folder (or an S3 prefix) of files, not one file (or object)."""
+    return path.is_dir() if isinstance(path, Path) else files != [_real(path)]
+
+
+def _source(path: DatasetPath, files: list[DatasetPath]) -> str:
     """What report.json records as a split's source: the file, or the folder with each of its files in read order."""
-    if not path.is_dir():
-        return str(path.resolve())  # as snapshots of a single file always said
-    names = ", ".join(file.relative_to(path.expanduser()).as_posix() for file in files)
-    return f"{path.resolve()} ({counted(len(files), 'file')}: {names})"
+    real = str(_real(path))
+    if not _is_folder(path, files):
+        return real  # as snapshots of a single file always said
+    if isinstance(path, Path):  # by the names the folder gives them (a linked subfolder's files lead elsewhere)
+        names = ", ".join(Path(file).relative_to(path).as_posix() for file in files)
+    else:
+        names = ", ".join(str(file)[len(real) + 1 :] for file in files)  # keys below the prefix
+    return f"{real} ({counted(len(files), 'file')}: {names})"
 
 
-def _check_files(checker: RecordChecker, files: list[Path], out: IO[str]) -> Tally:
+def _check_files(checker: RecordChecker, files: list[DatasetPath], out: IO[str]) -> Tally:
     """Check the files in order into one output and one tally: a split read from a folder is one split."""
     tally = Tally()
     for file in files:
@@ -170,38 +192,46 @@ def _check_files(checker: RecordChecker, files: list[Path], out: IO[str]) -> Tal
 
 
 def _refuse_eval_is_train(
-    train_path: Path, train_files: list[Path], eval_path: Path | None, eval_files: list[Path] | None
+    train_path: DatasetPath,
+    train_files: list[DatasetPath],
+    eval_path: DatasetPath | None,
+    eval_files: list[DatasetPath] | None,
 ) -> None:
-    """Refuse eval data that is the training data (the same file or folder by its links) or shares files with it (a
-    file in both folders, the eval file inside the training folder): those records would be read twice, trained on and
-    then scored as held out, so the eval would measure nothing the model had not seen.
+    """Refuse eval data that is the training data (the same file or folder by its links, the same S3 object or prefix
+    by its bucket and key) or shares files with it (a file in both folders, the eval file inside the training folder):
+    those records would be read twice, trained on and then scored as held out, so the eval would measure nothing the
+    model had not seen.
 
     Raises:
         UserInputError: naming data.train and data.eval as given (and the files they share) and the fix.
     """
     if eval_path is None or eval_files is None:
         return
-    if train_path.resolve() == eval_path.resolve():
-        kind = "folder" if train_path.is_dir() else "file"
+    s3 = isinstance(train_path, str)
+    if _real(train_path) == _real(eval_path):
+        whole = _is_folder(train_path, train_files)
+        kind = ("prefix" if whole else "object") if s3 else ("folder" if whole else "file")
         named = f"both {train_path}" if train_path == eval_path else f"{train_path} and {eval_path}, the same {kind}"
         raise UserInputError(
             f"data.train and data.eval are {named}: its records would be trained on and then evaluated as held out; "
-            f"give data.eval a {kind} of its own, or set it to null to hold out data.eval_ratio of data.train"
+            f"give data.eval {'an' if kind == 'object' else 'a'} {kind} of its own, or set it to null to hold out "
+            "data.eval_ratio of data.train"
         )
-    in_train = {file.resolve(): file for file in train_files}
-    shared = [(in_train[real], file) for file in eval_files if (real := file.resolve()) in in_train]
+    in_train = {_real(file): file for file in train_files}
+    shared = [(in_train[real], file) for file in eval_files if (real := _real(file)) in in_train]
     if not shared:
         return
     shown = ", ".join(str(e) if t == e else f"{e} (as {t})" for t, e in shared[:NAMED])
     more = f" and {len(shared) - NAMED} more" if len(shared) > NAMED else ""
+    folder = "prefix" if s3 else "folder"  # files shared: both S3 objects, or both local
     if len(shared) == len(eval_files):
         fix = "give data.eval files of its own, or set it to null to hold out data.eval_ratio of data.train"
         if len(shared) < len(train_files):
-            fix = f"move them out of data.train's folder ({train_path}), or {fix}"
+            fix = f"move them out of data.train's {folder} ({train_path}), or {fix}"
     elif len(shared) == len(train_files):
-        fix = f"move them out of data.eval's folder ({eval_path})"
+        fix = f"move them out of data.eval's {folder} ({eval_path})"
     else:
-        fix = "move the shared files out of one of the two folders"
+        fix = f"move the shared files out of one of the two {'prefixes' if s3 else 'folders'}"
     raise UserInputError(
         f"data.train ({train_path}) and data.eval ({eval_path}) both name {counted(len(shared), 'file')}, whose records "
         f"would be trained on and then evaluated as held out: {shown}{more}; {fix}"
@@ -269,16 +299,16 @@ def load_prepared(path: str | os.PathLike[str]) -> PreparedDataset:
     return PreparedDataset(folder, snapshot_hash(folder), report)
 
 
-def dataset_inputs(config: PipelineConfig) -> tuple[Path, Path | None]:
-    """The train and eval data the config names (each a file or a folder of them); the demo dataset (written once)
-    when data.train is null.
+def dataset_inputs(config: PipelineConfig) -> tuple[DatasetPath, DatasetPath | None]:
+    """The train and eval data the config names (each a file or a folder of them, or an `s3://` object or prefix); the
+    demo dataset (written once) when data.train is null.
 
     Raises:
         UserInputError: data.train or data.eval a folder that holds run.output_dir or data.rejects_file.
     """
     data = config.data
     if data.train is not None:
-        train, evals = Path(data.train).expanduser(), Path(data.eval).expanduser() if data.eval else None
+        train, evals = dataset_path(data.train), dataset_path(data.eval) if data.eval else None
         _refuse_reading_own_writes(config, "data.train", train)
         if evals is not None:
             _refuse_reading_own_writes(config, "data.eval", evals)
@@ -317,14 +347,14 @@ def prepare_from_config(config: PipelineConfig, processor: Any) -> PreparedDatas
     )
 
 
-def _refuse_reading_own_writes(config: PipelineConfig, key: str, path: Path) -> None:
+def _refuse_reading_own_writes(config: PipelineConfig, key: str, path: DatasetPath) -> None:
     """Refuse a dataset folder that holds what the runs write: each run's snapshot (a train.jsonl), the rejects file and
     the run folders' predictions would be read back as data by the next run, growing it with copies of itself.
 
     Raises:
         UserInputError: naming the key, the folder, what it holds and the fix.
     """
-    if not path.is_dir():
+    if isinstance(path, str) or not path.is_dir():  # an S3 prefix: the runs write to local folders
         return
     folder = path.resolve()
     output_dir = Path(config.run.output_dir).expanduser()

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vlmops.config import DataConfig, StorageConfig
 from vlmops.conversation import Conversation
-from vlmops.data.formats import Entry, dataset_files, iter_dataset, record_line
+from vlmops.data.formats import DatasetPath, Entry, dataset_files, file_name, is_jsonl, iter_dataset, record_line
 from vlmops.data.images import ImageLoadError, ImageStoreError, open_image_bytes, read_image_bytes
 from vlmops.data.length import MaxLength
 from vlmops.data.problems import DatasetError, RecordProblem
@@ -213,15 +213,20 @@ class RecordChecker:
         self.duplicates = 0
         self.duplicate_examples: list[dict[str, str]] = []
         self._seen: dict[int, int] = {}  # record fingerprint -> (file number << 32 | line or index) of its first copy
-        self._files: list[Path] = []
+        self._files: list[DatasetPath] = []
 
-    def check_file(self, path: Path, out: IO[str] | None = None, tally: Tally | None = None) -> Tally:
-        """Check every record of one file; write each kept record to `out` (snapshot form); add it to `tally`."""
+    def check_file(self, path: DatasetPath, out: IO[str] | None = None, tally: Tally | None = None) -> Tally:
+        """Check every record of one file (local, or an `s3://` object); write each kept record to `out` (snapshot
+        form); add it to `tally`."""
         tally = tally if tally is not None else Tally()
         self._files.append(path)
         roots = [Path(r) for r in self.data.allowed_roots]
         for entry in tqdm(
-            iter_dataset(path, roots), desc=f"validate {path.name}", unit="rec", leave=False, disable=None
+            iter_dataset(path, roots, self.storage),
+            desc=f"validate {file_name(path)}",
+            unit="rec",
+            leave=False,
+            disable=None,
         ):
             self.read += 1
             if isinstance(entry.result, RecordProblem):
@@ -324,7 +329,7 @@ class RecordChecker:
         if (too_long or self.data.invalid_records == "error") and len(self.fatal) < EXAMPLES:
             self.fatal.append(problem)
         file = self._files[-1]
-        where = {"line": entry.number} if file.suffix.lower() == ".jsonl" else {"index": entry.number}
+        where = {"line": entry.number} if is_jsonl(file) else {"index": entry.number}
         row = {"file": str(file), **where, "field": problem.field, "reason": problem.reason, "record": entry.raw}
         self.rejects.write(row)
 
@@ -341,7 +346,7 @@ class RecordChecker:
     def _location(self, packed: int) -> str:
         file = self._files[packed >> 32]
         number = packed & 0xFFFFFFFF
-        return f"{file}:{number}" if file.suffix.lower() == ".jsonl" else f"{file}[{number}]"
+        return f"{file}:{number}" if is_jsonl(file) else f"{file}[{number}]"
 
 
 def validate_files(
@@ -353,13 +358,14 @@ def validate_files(
     system_prompt: str | None = None,
     storage: StorageConfig | None = None,
 ) -> ValidationReport:
-    """Check every record of the dataset files or folders `paths`, as one set (no split, no snapshot).
+    """Check every record of the dataset files or folders `paths` (or `s3://` objects and prefixes), as one set (no
+    split, no snapshot).
 
     Raises:
         DatasetError: records that stop the run (invalid ones unless `data.invalid_records` is skip, and too
             long ones under `data.max_length_policy: error`); it carries the report.
     """
-    files = dataset_files(paths)
+    files = dataset_files(paths, storage)
     report = ValidationReport(
         {"all": ", ".join(str(f) for f in files)}, data.max_length, data.max_length_policy, num_image_tokens
     )

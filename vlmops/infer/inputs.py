@@ -113,24 +113,22 @@ def _check_suffix(name: str, spec: str) -> None:
 
 
 def _find_s3_inputs(spec: str, storage: StorageConfig | None, output: str | None = None) -> list[InputFile]:
-    from vlmops.storage import list_objects, parse_s3_uri, s3_client
+    from vlmops.storage import list_uri, parse_s3_uri
 
-    bucket, prefix = parse_s3_uri(spec)
-    objects = list_objects(s3_client(storage), bucket, prefix)
-    if not objects and prefix:  # the prefix may name one object
-        parent, _, _ = prefix.rpartition("/")
-        objects = [o for o in list_objects(s3_client(storage), bucket, parent) if o.key == prefix]
-        if objects:
-            _check_suffix(prefix, spec)
-            return [InputFile(f"s3://{bucket}/{prefix}", prefix.rpartition("/")[2])]
-    folder = f"{prefix}/" if prefix else ""
-    _name_unread(spec, [o.key[len(folder) :] for o in sorted(objects, key=lambda o: o.key)])
-    found = [o.key for o in sorted(objects, key=lambda o: o.key) if o.key.lower().endswith(INPUT_SUFFIXES)]
+    listing = list_uri(spec, storage)
+    if listing.single:
+        [obj] = listing.objects
+        _check_suffix(obj.key, spec)
+        return [InputFile(listing.uri(obj), listing.name(obj))]
+    _name_unread(spec, [listing.name(o) for o in listing.objects])
+    found = [o.key for o in listing.objects if o.key.lower().endswith(INPUT_SUFFIXES)]
     if output is not None and output.startswith("s3://"):
         out_bucket, out_prefix = parse_s3_uri(output)
         own = f"{out_prefix}/" if out_prefix else ""  # the bucket's root holds every key
-        found = leave_out_own_output(found, lambda key: out_bucket == bucket and key.startswith(own), spec, output)
-    files = [InputFile(f"s3://{bucket}/{key}", key[len(folder) :]) for key in found]
+        found = leave_out_own_output(
+            found, lambda key: out_bucket == listing.bucket and key.startswith(own), spec, output
+        )
+    files = [InputFile(f"s3://{listing.bucket}/{key}", key[len(listing.folder) :]) for key in found]
     if not files:
         raise FileNotFoundError(f"input {spec}: no .jsonl or .json objects under it")
     return files

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import IO, Any
 
 from vlmops.config import StorageConfig
+from vlmops.data.image_paths import record_base
 from vlmops.data.jsonarray import ArrayItem, JsonArrayError, json_array_items
+from vlmops.data.jsonrecords import lines
 from vlmops.errors import UserInputError
-
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -94,31 +94,14 @@ class RawRecord:
 def open_input(uri: str, storage: StorageConfig | None = None, offset: int = 0) -> Iterator[IO[bytes]]:
     """A binary stream of the file from `offset` on (a ranged GET on S3)."""
     if uri.startswith("s3://"):
-        from vlmops.storage import parse_s3_uri, s3_client
+        from vlmops.storage import open_object
 
-        bucket, key = parse_s3_uri(uri)
-        extra = {"Range": f"bytes={offset}-"} if offset else {}
-        body = s3_client(storage).get_object(Bucket=bucket, Key=key, **extra)["Body"]  # type: ignore[arg-type]
-        try:
-            yield body  # type: ignore[misc]
-        finally:
-            body.close()
+        with open_object(uri, storage, offset) as body:
+            yield body
         return
     with open(uri, "rb") as f:
         f.seek(offset)
         yield f
-
-
-def _lines(stream: IO[bytes]) -> Iterator[bytes]:
-    """The stream's lines, each with its newline (the last one may lack it); works on S3 bodies too."""
-    rest = b""
-    for chunk in iter(lambda: stream.read(CHUNK), b""):
-        rest += chunk
-        *whole, rest = rest.split(b"\n")
-        for line in whole:
-            yield line + b"\n"
-    if rest:
-        yield rest
 
 
 PromptMeasure = Callable[[RawRecord, Path | str], int | None]
@@ -164,7 +147,7 @@ def scan_input(
 
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage) as stream:
-            for number, line in enumerate(_lines(stream), start=1):
+            for number, line in enumerate(lines(stream), start=1):
                 if not _blank(number, line):
                     if chosen is None or number in chosen:
                         if count % shard_size == 0:
@@ -205,11 +188,6 @@ def scan_input(
     return scanned, sized
 
 
-def record_base(uri: str) -> Path | str:
-    """The folder a record's relative image paths resolve against: its file's folder, or on S3 the file's prefix."""
-    return uri.rpartition("/")[0] if uri.startswith("s3://") else Path(uri).parent
-
-
 def _blank(number: int, line: bytes) -> bool:
     """Whether a .jsonl line holds no record: whitespace alone (opening the file, after a byte-order mark)."""
     return not (line.removeprefix(codecs.BOM_UTF8) if number == 1 else line).strip()
@@ -240,7 +218,7 @@ def read_shard(file: InputFile, shard: Shard, storage: StorageConfig | None = No
     if file.uri.lower().endswith(".jsonl"):
         with open_input(file.uri, storage, shard.offset) as stream:
             read = 0
-            for number, line in enumerate(_lines(stream), start=shard.line):
+            for number, line in enumerate(lines(stream), start=shard.line):
                 if _blank(number, line) or (chosen is not None and number not in chosen):
                     continue
                 if read == shard.count:
