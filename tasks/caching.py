@@ -2,21 +2,25 @@
 
 Prefect's INPUTS + TASK_SOURCE policy hashes the arguments; a path argument alone would reuse a stale result after
 the file behind it changed. `FileContents` adds the files behind chosen arguments: a file's sha256; for a dataset
-file, also each local image its records name, found as validation finds them (`iter_dataset`, which resolves relative
+file, also each image its records name, found as validation finds them (`iter_dataset`, which resolves relative
 paths against the file's folder, follows symlinks and keeps to that folder and `data.allowed_roots`); for a dataset
 folder, each dataset file validation reads from it (`dataset_files`: a part added, removed or renamed is a change, a
-README beside the parts is not), by its relative path and as a dataset file; for another folder (a
-model), each file's relative path (symlinked subfolders walked too, as the steps read them) and where each symlink
-leads; for an `s3://` object or prefix (a dataset read from S3), its listing: each object's key, size and ETag (one
-LIST request per 1,000 objects, nothing downloaded; an object replaced, added or removed under the prefix, a part or an
-image beside the parts, is a change). An image or a folder's file is in the key by its stat data, never read, which keeps the key cheap for multi-GB
-checkpoints and image sets: the dataset file is read (to hash and to parse it) and each image it names is stat'ed
-once, wherever it lies (in an output folder, under .git/ or in a shared mount of millions of files, of which only the
-named ones count), and nothing else beside it is looked at: a code edit or a `pip install` beside a dataset at a
-checkout's root is no reason to validate again. An image a record names that is not there is "missing" in the key, so
-its arrival is a change; a record that does not parse adds nothing but its text, already in the sha256, and the
-reason validation will give (which can name where a symlink led). An image by URL (http, s3, data:) is its URI, part
-of the file's text: a URL's content changed in place is not seen.
+README beside the parts is not), by its relative path and as a dataset file; for an `s3://` dataset object or prefix,
+the same: each dataset object validation reads (`list_uri`, `dataset_objects`: one LIST request per 1,000 objects) by
+its URI, its size and ETag (which S3 changes with the content) and the images its records name, streamed as
+validation reads them; for another folder (a model), each file's relative path (symlinked subfolders walked too, as
+the steps read them) and where each symlink leads. What each file and image is known by is `Identities`: a local
+image by its stat data, never read, which keeps the key cheap for multi-GB checkpoints and image sets; an `s3://`
+image (named by an S3 dataset or a local one) by its size and ETag, never downloaded, from the dataset's listing for
+one under its prefix, else from one HEAD request. The dataset file is read (to hash and to parse it) and each image it
+names is looked up once, wherever it lies (in an output folder, under .git/, in a shared mount of millions of files
+or in another bucket, of which only the named ones count), and nothing else beside it is looked at: a code edit or a
+`pip install` beside a dataset at a checkout's root, a README under an S3 dataset's prefix, is no reason to validate
+again. An image a record names that is not there is "missing" in the key, so its arrival is a change; a record that
+does not parse adds nothing but its text, already in the sha256 (or the ETag), and the reason validation will give
+(which can name where a symlink led). An image by http(s) or data: URL is its URI, part of the file's text: a URL's
+content changed in place is not seen. With S3 out of reach (a listing, a read, a HEAD) the key is one no run has
+had: there is nothing to compare, so nothing is reused, and the step runs and names the outage.
 
 The stat data is what git's index compares: size, mtime, and the change time and inode, which no tool sets back.
 Size and mtime alone miss a file replaced by one of the same size and mtime (a release of a dataset unpacked over
@@ -39,7 +43,7 @@ import stat
 import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from prefect import Task, get_run_logger
@@ -48,14 +52,14 @@ from prefect.context import TaskRunContext
 from prefect.utilities.hashing import hash_objects
 
 from vlmops.config import StorageConfig
-from vlmops.data.formats import DATASET_SUFFIXES, dataset_files, iter_dataset
+from vlmops.data.formats import DATASET_SUFFIXES, dataset_files, dataset_objects, iter_dataset
 from vlmops.data.image_paths import REMOTE_PREFIXES
 from vlmops.data.problems import RecordProblem
 from vlmops.errors import UserInputError
 from vlmops.folders import walk
 from vlmops.hashing import sha256_file
-from vlmops.outages import unreachable_service
-from vlmops.storage import is_partial, list_uri
+from vlmops.outages import is_transient, unreachable_service
+from vlmops.storage import Listing, S3Object, is_partial, list_uri, parse_s3_uri, stat_object
 
 # Folders and files that version control, DVC, Python, notebooks, linters and file browsers write, at any depth, left
 # out of a folder walk. Exact names only: every other dotfile (`.gitkeep`, `.gitignore`) is data. A file the folder
@@ -142,58 +146,153 @@ def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
     return h.hexdigest()
 
 
-def dataset_fingerprint(file: Path, allowed_roots: Sequence[str] = ()) -> str:
-    """The dataset file's sha256, then each local image its records name (once, as validation resolves it: its path
-    and stat data, or "missing"), and the reason for each record validation will refuse before opening its images."""
-    h = hashlib.sha256(f"{sha256_file(file)}\n".encode())
-    if file.suffix.lower() not in DATASET_SUFFIXES:
+URLS = tuple(prefix for prefix in REMOTE_PREFIXES if prefix != "s3://")
+"""Images by URL whose content the key does not look up: an http(s) server gives no identity a key could rely on, and
+a data: URI is its content."""
+
+
+def object_data(obj: S3Object) -> str:
+    """An S3 object's size and ETag, NUL-separated: S3 gives an object a new ETag with new content."""
+    return f"{obj.size}\0{obj.etag}"
+
+
+def s3_object_data(uri: str, storage: StorageConfig | None) -> str:
+    """`object_data` of the object at `uri` from one HEAD (`stat_object`), "missing" where there is none, or why S3
+    would not say (no credentials, access refused, not an object's URI): validation refuses the image for the same
+    reason, and a fix is a change. A failure that may pass (a 5xx, throttling, no answer) is raised."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    try:
+        found = stat_object(uri, storage)
+    except NoCredentialsError:
+        return "refused: no credentials"
+    except ClientError as err:
+        if is_transient(err):
+            raise
+        return f"refused: {err.response.get('Error', {}).get('Code', '')}"
+    except ValueError as err:
+        return f"refused: {err}"
+    return "missing" if found is None else object_data(found)
+
+
+@dataclass
+class Identities:
+    """What one key knows the files it reads by, each looked up once: a dataset file by its content (a local one's
+    sha256, an S3 object's size and ETag), an image by what changes with it (a local one's stat data, an S3 object's
+    size and ETag; an http(s) or data: URL by nothing but itself, in its file's text).
+
+    `listing`: the listing of the S3 dataset being keyed (`list_uri`), which answers for the objects it holds without
+    a HEAD each; one under its prefix that it does not hold is missing. `storage`: the S3 server."""
+
+    storage: StorageConfig | None = None
+    listing: Listing | None = None
+    _listed: dict[tuple[str, str], S3Object] = field(default_factory=dict, init=False)
+    _images: dict[str, str] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if self.listing is not None:
+            self._listed = {(self.listing.bucket, obj.key): obj for obj in self.listing.objects}
+
+    def dataset_file(self, file: Path | str) -> str:
+        return self.s3_object(file) if isinstance(file, str) else sha256_file(file)
+
+    def image(self, uri: str) -> str | None:
+        """The key's words for the image at `uri` (absolute, as validation resolved it); None for a URL."""
+        if uri.startswith(URLS):
+            return None
+        if uri not in self._images:
+            self._images[uri] = self.s3_object(uri) if uri.startswith("s3://") else image_stat_data(uri)
+        return self._images[uri]
+
+    def s3_object(self, uri: str) -> str:
+        try:
+            bucket, key = parse_s3_uri(uri)  # as validation reads it: `s3://b/a/` is the object a
+        except ValueError as err:
+            return f"refused: {err}"
+        if (obj := self._listed.get((bucket, key))) is not None:
+            return object_data(obj)
+        listing = self.listing
+        if listing is not None and not listing.single and bucket == listing.bucket and key.startswith(listing.folder):
+            return "missing"  # the listing holds every object under its prefix
+        return s3_object_data(uri, self.storage)
+
+
+def dataset_fingerprint(
+    file: Path | str, allowed_roots: Sequence[str] = (), identities: Identities | None = None
+) -> str:
+    """The dataset file's content (a local file's sha256, an `s3://` object's size and ETag), then each image its
+    records name (once, as validation resolves it: its path or URI and `Identities.image`), and the reason for each
+    record validation will refuse before opening its images. An S3 object's records are streamed as validation reads
+    them."""
+    identities = identities or Identities()
+    h = hashlib.sha256(f"{identities.dataset_file(file)}\n".encode())
+    if PurePosixPath(os.fspath(file)).suffix.lower() not in DATASET_SUFFIXES:
         return h.hexdigest()  # validation refuses the file by its name, whatever it holds
     seen: set[str] = set()
     # The same call as RecordChecker.check_file: the same parsing, path rules and roots.
-    for entry in iter_dataset(file, [Path(root) for root in allowed_roots]):
+    for entry in iter_dataset(file, [Path(root) for root in allowed_roots], identities.storage):
         if isinstance(entry.result, RecordProblem):
-            # Its text is in the sha256; the reason may name what the text does not (where a symlink led).
+            # Its text is in the content; the reason may name what the text does not (where a symlink led).
             h.update(f"{entry.result}\n".encode())
             continue
         for image in entry.result.images:
-            if image.uri in seen or image.uri.startswith(REMOTE_PREFIXES):
+            if image.uri in seen:
                 continue
             seen.add(image.uri)
-            h.update(f"{image.uri}\0{image_stat_data(image.uri)}\n".encode())  # absolute, every link followed
+            if (words := identities.image(image.uri)) is not None:
+                h.update(f"{image.uri}\0{words}\n".encode())  # a local one absolute, every link followed
     return h.hexdigest()
 
 
-def dataset_folder_fingerprint(folder: Path, allowed_roots: Sequence[str] = ()) -> str:
+def dataset_folder_fingerprint(
+    folder: Path, allowed_roots: Sequence[str] = (), storage: StorageConfig | None = None
+) -> str:
     """Each dataset file of a dataset folder, as validation lists them (`dataset_files`: the same walk, order and
-    refusals): its path in the folder and its `dataset_fingerprint`. A folder validation refuses (no dataset files in
-    it, a broken link among them) is its reason: the step runs, and fails with it."""
+    refusals): its path in the folder and its `dataset_fingerprint` (`storage`: the S3 server of its s3:// images). A
+    folder validation refuses (no dataset files in it, a broken link among them) is its reason: the step runs, and
+    fails with it."""
     try:
         files = [Path(file) for file in dataset_files([folder])]  # a local folder's: paths
     except (FileNotFoundError, UserInputError) as err:
         return f"refused: {err}"
+    identities = Identities(storage)
     h = hashlib.sha256()
     for file in files:
-        h.update(f"{file.relative_to(folder).as_posix()}\0{dataset_fingerprint(file, allowed_roots)}\n".encode())
+        key = dataset_fingerprint(file, allowed_roots, identities)
+        h.update(f"{file.relative_to(folder).as_posix()}\0{key}\n".encode())
+    return h.hexdigest()
+
+
+def s3_dataset_fingerprint(uri: str, allowed_roots: Sequence[str] = (), storage: StorageConfig | None = None) -> str:
+    """An `s3://` dataset object, or the dataset objects under a prefix, as validation lists them (`list_uri`, then
+    `dataset_objects`: one listing): each object's URI and its `dataset_fingerprint`, whose images under the prefix the
+    listing answers for (a README beside the parts is in no key). A URI validation refuses (no bucket, nothing
+    there, no dataset objects, credentials refused) is its reason, as a folder's refusal is."""
+    try:
+        listing = list_uri(uri, storage)
+        files = dataset_objects(uri, listing)
+    except (FileNotFoundError, UserInputError, ValueError) as err:
+        return f"refused: {err}"
+    identities = Identities(storage, listing)
+    h = hashlib.sha256()
+    try:
+        for file in files:
+            h.update(f"{file}\0{dataset_fingerprint(file, allowed_roots, identities)}\n".encode())
+    except FileNotFoundError:  # an object deleted since the listing: the dataset is changing, and no key is its own
+        return f"changing: {uuid.uuid4()}"
     return h.hexdigest()
 
 
 def s3_fingerprint(uri: str, storage: StorageConfig | None = None) -> str:
-    """An `s3://` object, or every object under a prefix, by its listing (`list_uri`, as validation lists it): each
-    object's key, size and ETag, which S3 changes with the content, so nothing is downloaded. A URI validation refuses
-    (no bucket, nothing there, credentials refused) is its reason, as a folder's refusal is. With S3 out of reach the
-    key is one no run has had: there is no listing to compare, so nothing is reused, and the step runs and names the
-    outage."""
+    """An `s3://` object, or every object under a prefix, by its listing (`list_uri`): each object's key, size and
+    ETag, which S3 changes with the content, so nothing is downloaded. A URI with nothing there is its reason."""
     try:
         listing = list_uri(uri, storage)
-    except (FileNotFoundError, UserInputError) as err:
+    except (FileNotFoundError, UserInputError, ValueError) as err:
         return f"refused: {err}"
-    except Exception as err:
-        if unreachable_service(err) is None:
-            raise
-        return f"unlisted: {uuid.uuid4()}"
     h = hashlib.sha256()
     for obj in listing.objects:
-        h.update(f"{obj.key}\0{obj.size}\0{obj.etag}\n".encode())
+        h.update(f"{obj.key}\0{object_data(obj)}\n".encode())
     return h.hexdigest()
 
 
@@ -204,15 +303,31 @@ def fingerprint(
     skip: Collection[Path] = (),
     storage: StorageConfig | None = None,
 ) -> str | None:
+    """The key's words for the files behind one param (see the module docstring); None for None."""
     if value is None:
         return None
-    if str(value).startswith("s3://"):
-        return s3_fingerprint(str(value), storage)
-    path = Path(str(value)).expanduser()
+    try:
+        return _files_fingerprint(str(value), dataset, allowed_roots, skip, storage)
+    except Exception as err:
+        if not is_transient(err) and unreachable_service(err) is None:
+            raise
+        # S3 out of reach (a listing, a dataset object, an image's HEAD): there is nothing to compare, so the key is
+        # one no run has had: nothing is reused, and the step runs and names the outage.
+        return f"unreachable: {uuid.uuid4()}"
+
+
+def _files_fingerprint(
+    value: str, dataset: bool, allowed_roots: Sequence[str], skip: Collection[Path], storage: StorageConfig | None
+) -> str:
+    if value.startswith("s3://"):
+        return s3_dataset_fingerprint(value, allowed_roots, storage) if dataset else s3_fingerprint(value, storage)
+    path = Path(value).expanduser()
     if path.is_dir():
-        return dataset_folder_fingerprint(path, allowed_roots) if dataset else folder_stat_fingerprint(path, skip)
+        return (
+            dataset_folder_fingerprint(path, allowed_roots, storage) if dataset else folder_stat_fingerprint(path, skip)
+        )
     if path.is_file():
-        return dataset_fingerprint(path, allowed_roots) if dataset else sha256_file(path)
+        return dataset_fingerprint(path, allowed_roots, Identities(storage)) if dataset else sha256_file(path)
     return f"missing:{path}"
 
 
@@ -220,11 +335,11 @@ def fingerprint(
 class FileContents(CachePolicy):
     """Adds the contents of the paths passed in `params` to the cache key.
 
-    `datasets`: params naming a dataset file, whose records' local images are in the key too (`dataset_fingerprint`),
-    or a folder of them (`dataset_folder_fingerprint`).
+    `datasets`: params naming a dataset file, whose records' images are in the key too (`dataset_fingerprint`), a
+    folder of them (`dataset_folder_fingerprint`), or an `s3://` object or prefix of them (`s3_dataset_fingerprint`).
     `data`: the param holding the `DataConfig`: its `allowed_roots` are where those images may lie, and its
     `rejects_file`, which the validation writes, is left out of folder walks.
-    `storage`: the param holding the `StorageConfig`, the S3 server an `s3://` param is listed on.
+    `storage`: the param holding the `StorageConfig`, the S3 server an `s3://` param or image is looked up on.
     `written`: params naming a folder or file the flow writes (`run.output_dir`), or a list of them (what DVC writes
     in its repository), left out of every folder walked above that holds it.
     """

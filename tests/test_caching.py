@@ -417,12 +417,12 @@ def test_a_part_added_to_the_dataset_folder_is_validated_again(
 
 
 @pytest.mark.integration
-def test_an_s3_datasets_key_follows_the_listing_of_its_objects(
+def test_an_s3_datasets_key_follows_its_parts_and_the_images_they_name(
     tmp_path: Path, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """data.train an s3:// prefix: the key is each object's key, size and ETag as one listing gives them: a part
-    replaced by one of the same size, an image beside the parts replaced, a part added change it; the same objects
-    listed again, or again as they were, do not. A prefix validation refuses is its reason; with S3 out of reach the key
+    """data.train an s3:// prefix: the key is each part's key, size and ETag as one listing gives them, and those of
+    each image its records name: a part replaced by one of the same size, a named image beside the parts replaced, a
+    part added change it; the same objects listed again, or again as they were, do not. A prefix validation refuses is its reason; with S3 out of reach the key
     is one no run has had, so nothing is reused (and no traceback comes from computing it)."""
     client = s3_env.client()
     client.create_bucket(Bucket="key-listing")
@@ -497,3 +497,110 @@ def test_the_validate_step_on_an_s3_prefix_makes_the_local_copys_snapshot_and_ru
     assert local_run[0] == first[0] == "Completed" and local_run[1] == first[1]
     assert again == ("Cached", first[1], 3)
     assert changed[0] == "Completed" and changed[1] != first[1] and changed[2] == 3
+
+
+def validate_runs(
+    tmp_path: Path, tiny_model: Path, train: str, evals: str, changes: list[Any]
+) -> list[tuple[str, str]]:
+    """The validate step run once, then once after each of `changes` (a callable, or None for no change) in one flow:
+    each run's state name and snapshot hash."""
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    args = (DataConfig(), train, evals, str(tiny_model), str(tmp_path / "outputs"), None, StorageConfig(), 0)
+
+    @flow
+    def runs() -> list[tuple[str, str]]:
+        found = []
+        for change in [None, *changes]:
+            if change is not None:
+                change()
+            state = validate_dataset(*args, return_state=True)
+            found.append((str(state.name), state.result().content_hash))
+        return found
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
+        return runs()
+
+
+@pytest.mark.integration
+def test_the_validate_step_on_one_s3_object_runs_again_once_an_image_beside_it_is_replaced(
+    tmp_path: Path, prefect_harness: None, tiny_model: Path, s3_env: S3Server
+) -> None:
+    """data.train and data.eval single objects whose records name images/shape.bmp beside them: cached while it stays,
+    run again once it is replaced by another of the same size (was Cached: the key was the dataset object's ETag alone,
+    and the model trained on the old image)."""
+    client = s3_env.client()
+    client.create_bucket(Bucket="one-object")
+    for split in ("train", "eval"):
+        client.put_object(Bucket="one-object", Key=f"data/{split}.jsonl", Body=f"{RECORD}\n".encode())
+    client.upload_file(str(image(tmp_path / "red.bmp", "red")), "one-object", "data/images/shape.bmp")
+
+    def replace_image() -> None:
+        client.upload_file(str(image(tmp_path / "blue.bmp", "blue")), "one-object", "data/images/shape.bmp")
+
+    first, again, replaced = validate_runs(
+        tmp_path,
+        tiny_model,
+        "s3://one-object/data/train.jsonl",
+        "s3://one-object/data/eval.jsonl",
+        [None, replace_image],
+    )
+    assert first[0] == "Completed" and again == ("Cached", first[1])
+    assert replaced[0] == "Completed" and replaced[1] != first[1]
+
+
+@pytest.mark.integration
+def test_the_validate_step_on_an_s3_prefix_follows_the_images_its_records_name_and_nothing_else_there(
+    tmp_path: Path, prefect_harness: None, tiny_model: Path, s3_env: S3Server
+) -> None:
+    """data.train a prefix whose records name an image beside the parts and one in another bucket: a README added
+    under the prefix leaves the step cached (was Completed: every object under the prefix was in the key); the image
+    in the other bucket replaced by another of the same size runs it again (was Cached: it was not in the key)."""
+    client = s3_env.client()
+    for bucket in ("named-data", "named-images"):
+        client.create_bucket(Bucket=bucket)
+    parts = f"{RECORD}\n{ask('s3://named-images/shape.bmp')}\n"
+    client.put_object(Bucket="named-data", Key="train/part-0000.jsonl", Body=parts.encode())
+    client.put_object(Bucket="named-data", Key="eval/part-0000.jsonl", Body=f"{RECORD}\n".encode())
+    red = image(tmp_path / "red.bmp", "red")
+    for bucket, key in (("named-data", "train/images/shape.bmp"), ("named-data", "eval/images/shape.bmp")):
+        client.upload_file(str(red), bucket, key)
+    client.upload_file(str(red), "named-images", "shape.bmp")
+
+    def add_readme() -> None:
+        client.put_object(Bucket="named-data", Key="train/README.md", Body=b"# The training parts\n")
+
+    def replace_other_buckets_image() -> None:
+        client.upload_file(str(image(tmp_path / "blue.bmp", "blue")), "named-images", "shape.bmp")
+
+    first, readme, replaced = validate_runs(
+        tmp_path, tiny_model, "s3://named-data/train", "s3://named-data/eval", [add_readme, replace_other_buckets_image]
+    )
+    assert first[0] == "Completed" and readme == ("Cached", first[1])
+    assert replaced[0] == "Completed" and replaced[1] != first[1]
+
+
+@pytest.mark.integration
+def test_an_s3_image_a_local_dataset_names_is_in_its_key_by_its_etag(
+    tmp_path: Path, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local dataset file naming s3://bucket/shape.bmp: the image is in the key by its size and ETag (one HEAD, not
+    downloaded): not there, there, replaced by another of the same size are three keys; the same object asked again is
+    the same key. With S3 out of reach the key is one no run has had."""
+    client = s3_env.client()
+    client.create_bucket(Bucket="local-names")
+    train = tmp_path / "train.jsonl"
+    train.write_text(ask("s3://local-names/shape.bmp") + "\n")
+    keys = [dataset_key(train, DataConfig())]
+    client.upload_file(str(image(tmp_path / "red.bmp", "red")), "local-names", "shape.bmp")
+    keys.append(dataset_key(train, DataConfig()))
+    assert dataset_key(train, DataConfig()) == keys[-1]
+    client.upload_file(str(image(tmp_path / "blue.bmp", "blue")), "local-names", "shape.bmp")
+    keys.append(dataset_key(train, DataConfig()))
+    assert len(set(keys)) == len(keys), keys
+    with socket.socket() as sock:  # a port nothing listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sock.getsockname()[1]}")
+    unreachable = {dataset_key(train, DataConfig()) for _ in range(2)}
+    assert len(unreachable) == 2 and not unreachable & set(keys)

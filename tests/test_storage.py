@@ -20,6 +20,7 @@ from vlmops.storage import (
     list_objects,
     parse_s3_uri,
     s3_client,
+    stat_object,
     upload_folder,
 )
 
@@ -303,6 +304,20 @@ def test_explicit_endpoint_and_empty_prefix(
         download_prefix(client, "s3://explicit/nothing", tmp_path)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         upload_folder(client, tmp_path / "missing", "s3://explicit/x")
+
+
+@pytest.mark.integration
+def test_stat_object_gives_what_the_listing_gives_and_none_where_there_is_no_object(s3_env: S3Server) -> None:
+    """One HEAD: the object's key, size and ETag as a listing gives them; None for a missing key, a missing bucket and
+    a bucket's own URI (a HEAD's 404 has no error code to tell them apart)."""
+    client = s3_env.client()
+    client.create_bucket(Bucket="stat-object")
+    client.put_object(Bucket="stat-object", Key="images/a.bmp", Body=b"0123456789")
+    [listed] = list_objects(client, "stat-object", "images")
+    found = stat_object("s3://stat-object/images/a.bmp")
+    assert found is not None and (found.key, found.size, found.etag) == (listed.key, 10, listed.etag)
+    for uri in ("s3://stat-object/images/b.bmp", "s3://no-such-bucket/a.bmp", "s3://stat-object"):
+        assert stat_object(uri) is None, uri
 
 
 def test_one_client_per_storage_setting(monkeypatch: pytest.MonkeyPatch) -> None:

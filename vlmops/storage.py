@@ -204,6 +204,31 @@ def open_object(uri: str, storage: StorageConfig | None = None, offset: int = 0)
         body.close()
 
 
+def stat_object(uri: str, storage: StorageConfig | None = None) -> S3Object | None:
+    """The object at `s3://bucket/key` as its HEAD describes it (one request, nothing downloaded); None where there is
+    none (no such key or bucket; a URI of a bucket alone names no object).
+
+    Raises:
+        ValueError: not an s3://bucket/key URI.
+        botocore.exceptions.ClientError: S3 refused the request (credentials) or failed (a 5xx, throttling).
+        botocore.exceptions.BotoCoreError: no credentials; the server did not answer.
+    """
+    from botocore.exceptions import ClientError
+
+    bucket, key = parse_s3_uri(uri)
+    if not key:
+        return None
+    try:
+        head = s3_client(storage).head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        # A HEAD's answer has no body: a missing key or bucket is a bare 404.
+        if str(err.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
+            return None
+        raise
+    etag, modified = head["ETag"].strip('"'), head["LastModified"].timestamp()
+    return S3Object(key=key, size=int(head["ContentLength"]), etag=etag, modified=modified)
+
+
 def object_check(client: S3Client, bucket: str, key: str) -> ContentCheck:
     """How a local copy of the object is checked (`content_check` of its HEAD: one request)."""
     return content_check(client.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED"))

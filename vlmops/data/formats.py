@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmops.config import StorageConfig
 from vlmops.conversation import Conversation, ImageRef, to_img_tags
@@ -26,6 +26,9 @@ from vlmops.data.problems import RecordError, RecordProblem
 from vlmops.errors import UserInputError
 from vlmops.folders import NAMED, files_under, refuse_unreadable
 from vlmops.plural import counted
+
+if TYPE_CHECKING:
+    from vlmops.storage import Listing
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +171,19 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]], storage: StorageConfi
 
 
 def _objects_named(uri: str, storage: StorageConfig | None) -> list[str]:
-    """The dataset objects an `s3://` URI names: the object itself, or the .json/.jsonl objects under the prefix."""
+    """The dataset objects an `s3://` URI names (`dataset_objects` of its listing)."""
     from vlmops.storage import list_uri
 
-    listing = list_uri(uri, storage)
+    return dataset_objects(uri, list_uri(uri, storage))
+
+
+def dataset_objects(uri: str, listing: Listing) -> list[str]:
+    """The dataset objects of `uri`, as its listing (`vlmops.storage.list_uri`) shows them: the object itself, or the
+    .json/.jsonl objects under the prefix, sorted by key.
+
+    Raises:
+        FileNotFoundError: nothing at `uri` nor under it, or none of it .json/.jsonl.
+    """
     if listing.single:
         return [listing.uri(obj) for obj in listing.objects]
     if not listing.objects:
