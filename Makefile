@@ -106,7 +106,8 @@ else
 	$(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 endif
 
-# The team-mode integration test alone: the whole stack natively, deploy, retrain, retry, promote, batch job.
+# The team-mode integration tests alone: the whole stack natively, deploy, retrain, retry, promote, batch job, and a
+# run whose worker was lost, marked Crashed by the server and retried.
 test-team: setup postgres
 	$(BIN)/pytest -m team $(PYTEST_ARGS)
 

@@ -13,8 +13,11 @@ When the retries are spent, `names_unreachable_service` (around a flow) turns th
 and what to run once it is back: the flow's own advice, which says what that reuses (a retry of the flow run,
 `prefect flow-run retry ID`, reuses its finished steps: retrain's training and eval predictions, promote's eval
 predictions; a new retrain run reuses only its download and validation, a new promote run nothing). When the Prefect
-API is the one that did not answer, the flow's advice is a new run: the flow run's end cannot be recorded either, so
-Prefect keeps showing it Running, and `prefect flow-run retry` refuses a run that is not over.
+API is the one that did not answer, the flow run's end cannot be recorded either, so Prefect keeps showing it Running,
+and `prefect flow-run retry` refuses a run that is not over. On a server that marks such a run Crashed once its
+heartbeats stop (the team stack's automation; its workers' environment says after how long: VLMOPS_CRASHED_AFTER_S), a
+deployment's run gets the retry advice, to follow once Prefect shows the run Crashed; elsewhere (the embedded default,
+a `vlmops run` of no deployment) the advice is a new run.
 """
 
 from __future__ import annotations
@@ -87,6 +90,31 @@ NOT_RUN_AGAIN = (
     "`prefect flow-run retry` refuses a run that is not over"
 )
 
+RETRY_ONCE_CRASHED = (
+    "Prefect accepts the retry once it shows the run Crashed: the server marks a run Crashed {s} s after its last "
+    "heartbeat"
+)
+
+CRASHED_AFTER_ENV = "VLMOPS_CRASHED_AFTER_S"
+
+
+def crashed_after_s() -> int | None:
+    """How long the Prefect server lets a Running flow run go without a heartbeat before it marks the run Crashed
+    (VLMOPS_CRASHED_AFTER_S, which the team stack sets beside its automation); None: unset, no such automation."""
+    setting = os.environ.get(CRASHED_AFTER_ENV, "").strip()
+    if not setting:
+        return None
+    if not setting.isdigit() or int(setting) == 0:
+        raise ValueError(
+            f"{CRASHED_AFTER_ENV}={setting!r}: must be a whole number of seconds, above 0 (unset: no automation)"
+        )
+    return int(setting)
+
+
+# Read when the flows import this module, as the retry delays are: a bad value stops the flow run at its start, not in
+# the middle of reporting an outage.
+CRASHED_AFTER_S = crashed_after_s()
+
 
 def names_unreachable_service(then: Callable[[], str], new_run: str | None = None) -> Callable[[F], F]:
     """Around a flow function: a failure that `unreachable_service` recognises is raised again as
@@ -96,7 +124,9 @@ def names_unreachable_service(then: Callable[[], str], new_run: str | None = Non
         then: what to run once the server is back, and what that reuses; called when the error is raised, in the flow
             run (it may name the flow run's id: `retry_this_flow_run`).
         new_run: what to run instead when the server is the Prefect API, and what that reuses: a new flow run (the
-            engine cannot record this one's end either: `NOT_RUN_AGAIN`). None: `then`, whichever server it is.
+            engine cannot record this one's end either: `NOT_RUN_AGAIN`). A deployment's run on a server that marks
+            runs whose heartbeats stopped Crashed (`CRASHED_AFTER_S`) gets `then` instead, with when a retry is
+            accepted (`RETRY_ONCE_CRASHED`). None: `then`, whichever server it is.
     """
 
     def decorate(fn: F) -> F:
@@ -113,7 +143,13 @@ def names_unreachable_service(then: Callable[[], str], new_run: str | None = Non
                 if new_run is not None and outage.service == PREFECT_API:
                     from prefect.runtime import flow_run
 
-                    raise ServiceUnavailable(outage, f"{new_run}. {NOT_RUN_AGAIN.format(id=flow_run.id)}") from err
+                    if CRASHED_AFTER_S is None or not _of_a_deployment():
+                        raise ServiceUnavailable(outage, f"{new_run}. {NOT_RUN_AGAIN.format(id=flow_run.id)}") from err
+                    # The server marks this run Crashed once its heartbeats have stopped that long (its worker reports
+                    # it sooner where it reaches the API), and a retry is accepted from then on.
+                    raise ServiceUnavailable(
+                        outage, f"{then()}. {RETRY_ONCE_CRASHED.format(s=CRASHED_AFTER_S)}"
+                    ) from err
                 raise ServiceUnavailable(outage, then()) from err
 
         return wrapper  # type: ignore[return-value]
@@ -124,16 +160,22 @@ def names_unreachable_service(then: Callable[[], str], new_run: str | None = Non
 def retry_this_flow_run(flow_file: str, flow_name: str) -> str:
     """How to retry the running flow run: `prefect flow-run retry ID`; for a run of no deployment (`vlmops run`, which
     no worker picks up), with the flow's entrypoint, which Prefect then runs in the shell that gives the command."""
-    from prefect.context import FlowRunContext
     from prefect.runtime import flow_run
 
     command = f"prefect flow-run retry {flow_run.id}"
-    # The deployment of the run the engine holds: `prefect.runtime.deployment.id` asks the API about a run of no
-    # deployment, which an error path must not (with the API away, its ConnectError took the outage's place).
-    context = FlowRunContext.get()
-    if context is not None and context.flow_run is not None and context.flow_run.deployment_id:
+    if _of_a_deployment():
         return f"`{command}`"
     entrypoint = shlex.quote(f"{Path(flow_file).resolve()}:{flow_name}")
     return (
         f"`{command} --entrypoint {entrypoint}` in the folder it started in (its parameters' paths are read from there)"
     )
+
+
+def _of_a_deployment() -> bool:
+    """Whether the running flow run is a deployment's, from the run the engine holds: `prefect.runtime.deployment.id`
+    asks the API about a run of no deployment, which an error path must not (with the API away, its ConnectError took
+    the outage's place)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    return context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None

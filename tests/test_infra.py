@@ -19,6 +19,7 @@ from infra.local.stack import (
     WORK_POOL,
     Settings,
     Stack,
+    StackError,
     read_env_file,
 )
 
@@ -51,6 +52,27 @@ def example_stack() -> Stack:
 def test_env_example_sets_every_variable_the_stack_reads() -> None:
     assert set(ENV_EXAMPLE) == set(DEFAULTS) | set(SECRETS)
     Settings.load(env={}, env_file=ROOT / ".env.example")  # valid as it stands (the passwords are placeholders)
+
+
+def test_flow_runs_send_heartbeats_for_the_window_the_server_gives_them() -> None:
+    """The clients (workers, their flow runs) get the heartbeat period and the window after which the server's
+    automation marks a silent run Crashed; a period Prefect refuses, or a window that would crash runs between two
+    heartbeats, is refused by name."""
+    env = example_stack().client_env()
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == ENV_EXAMPLE["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+    assert env["VLMOPS_CRASHED_AFTER_S"] == ENV_EXAMPLE["VLMOPS_CRASHED_AFTER_S"] == "90"
+    refused = {
+        ("29", "90"): r"^PREFECT_FLOWS_HEARTBEAT_FREQUENCY=29: Prefect's minimum is 30 s$",
+        (
+            "60",
+            "60",
+        ): r"^VLMOPS_CRASHED_AFTER_S=60 must exceed PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60: .*3 heartbeats, 180",
+        ("30", "1m"): r"^VLMOPS_CRASHED_AFTER_S='1m': must be a whole number of seconds$",
+    }
+    for (heartbeat, window), message in refused.items():
+        values = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": heartbeat, "VLMOPS_CRASHED_AFTER_S": window}
+        with pytest.raises(StackError, match=message):
+            Settings.load(env=values, env_file=ROOT / ".env.example")
 
 
 def test_compose_runs_the_services_of_infra_local() -> None:

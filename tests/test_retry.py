@@ -346,3 +346,72 @@ def test_a_flow_whose_prefect_api_did_not_answer_says_to_start_a_new_run_not_to_
         flow_body("mlflow")
     assert mlflow.value.service == "MLflow" and asked == ["then"]
     assert str(mlflow.value).endswith("\nstart it (or fix its URL in the config), then retry this flow run")
+
+
+def test_a_deployments_flow_whose_prefect_api_did_not_answer_is_retried_once_the_server_marks_it_crashed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a server that marks a run whose heartbeats stopped Crashed (VLMOPS_CRASHED_AFTER_S, set by the team stack), a
+    deployment's run whose Prefect API went away gets the retry advice (`then`), with when Prefect accepts the retry.
+    A run of no deployment there, and any run elsewhere, keeps the new-run advice."""
+    from uuid import uuid4
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.context import FlowRunContext
+
+    import tasks.retry
+    from tasks.retry import names_unreachable_service, retry_this_flow_run
+    from vlmops.outages import ServiceUnavailable
+
+    api = f"{_closed_port_url()}/api"
+
+    @names_unreachable_service(lambda: f"retry it: {retry_this_flow_run(__file__, 'f')}", new_run="start a new run")
+    def flow_body() -> None:
+        with SyncPrefectClient(api) as client:
+            client.read_flow_runs()
+
+    def advice(deployment: bool) -> str:
+        run = FlowRun(flow_id=uuid4(), deployment_id=uuid4() if deployment else None)
+        # Only the flow run the engine holds: all the advice reads of the context.
+        context = FlowRunContext.model_construct(flow_run=run)  # type: ignore[call-arg]
+        with context, pytest.raises(ServiceUnavailable) as raised:
+            flow_body()
+        assert raised.value.url == api
+        return (
+            str(raised.value)
+            .split("\nstart it (or point PREFECT_API_URL at the server), then ", 1)[1]
+            .replace(str(run.id), "ID")
+        )
+
+    new_run = (
+        "start a new run. Prefect may still show flow run ID Running (its end could not be recorded while the API was "
+        "away), and `prefect flow-run retry` refuses a run that is not over"
+    )
+    monkeypatch.setattr(tasks.retry, "CRASHED_AFTER_S", 90)
+    assert advice(deployment=True) == (
+        "retry it: `prefect flow-run retry ID`. Prefect accepts the retry once it shows the run Crashed: the server marks "
+        "a run Crashed 90 s after its last heartbeat"
+    )
+    assert advice(deployment=False) == new_run  # `vlmops run`: untested there, so the advice that always holds
+    monkeypatch.setattr(tasks.retry, "CRASHED_AFTER_S", None)  # the embedded default, or a server without it
+    assert advice(deployment=True) == new_run
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", None), ("90", 90), (" 120 ", 120)])
+def test_the_crashed_after_setting_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: int | None
+) -> None:
+    from tasks.retry import crashed_after_s
+
+    monkeypatch.setenv("VLMOPS_CRASHED_AFTER_S", value)
+    assert crashed_after_s() == expected
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1.5", "soon"])
+def test_a_crashed_after_setting_that_is_not_seconds_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from tasks.retry import crashed_after_s
+
+    monkeypatch.setenv("VLMOPS_CRASHED_AFTER_S", value)
+    with pytest.raises(ValueError, match=rf"^VLMOPS_CRASHED_AFTER_S='{re.escape(value)}': must be a whole number"):
+        crashed_after_s()

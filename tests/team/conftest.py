@@ -2,7 +2,7 @@
 
 `team_stack`: PostgreSQL, SeaweedFS, MLflow and Prefect servers and a worker, in a temporary folder on free ports,
 with random credentials; stopped (and the stop checked) after the last test of tests/team/, so that its idle
-servers and polling worker do not run beside the rest of the suite.
+servers and polling worker do not run beside the rest of the suite. `deployments`: `prefect deploy --all` on it, once.
 
 `team_run`: what a team does with it, through the real CLIs: `prefect deploy`, then `retrain/on-demand` while
 the pool's GPU slots are set to 0 (the train step fails, the finished steps' results are in S3), then
@@ -74,6 +74,9 @@ def team_stack() -> Iterator[Stack]:
         "AWS_SECRET_ACCESS_KEY": secrets.token_hex(8),
         "MLFLOW_TRACKING_PASSWORD": secrets.token_hex(8),
         "PREFECT_API_AUTH_STRING": f"admin:{secrets.token_hex(8)}",
+        # A run whose heartbeats (every 30 s, Prefect's minimum) stopped is marked Crashed after 45 s, not 90: the
+        # crash test waits that long. 15 s of slack is plenty for a heartbeat thread that sleeps in 1 s steps.
+        "VLMOPS_CRASHED_AFTER_S": "45",
     }
     stack = Stack(Settings.load(env=env, env_file=root / "no.env"))
     try:
@@ -153,13 +156,17 @@ def upload_prompts(stack: Stack, workdir: Path) -> tuple[str, list[str]]:
 
 
 @pytest.fixture(scope="package")
-def team_run(team_stack: Stack) -> Iterator[TeamRun]:
+def deployments(team_stack: Stack) -> str:
+    """The deployments of prefect.yaml on the stack, as a team member makes them; `prefect deploy`'s output."""
+    return prefect_cli(team_stack, "deploy", "--all").stdout
+
+
+@pytest.fixture(scope="package")
+def team_run(team_stack: Stack, deployments: str) -> Iterator[TeamRun]:
     stack = team_stack
     workdir = Path(tempfile.mkdtemp(prefix="vlmops-team-run-"))
     overrides = [*stack.team_overrides(), f"run.output_dir={workdir / 'outputs'}", *RUN_OVERRIDES]
     params = json.dumps({"overrides": overrides})
-
-    deployed = prefect_cli(stack, "deploy", "--all")
 
     # The pool's GPUs drained: the run does download, validation and DVC versioning, then train fails at once.
     set_gpu_slots(stack, 0)
@@ -197,6 +204,6 @@ def team_run(team_stack: Stack) -> Iterator[TeamRun]:
         batch_model=model,
         batch_output=output,
         prompt_keys=keys,
-        deploy_log=deployed.stdout,
+        deploy_log=deployments,
     )
     shutil.rmtree(workdir, ignore_errors=True)
