@@ -1,6 +1,6 @@
-"""How long one scan of a dataset file takes: the validate step's cache key (`tasks.caching.dataset_fingerprint`,
-computed on every run, cached or not) and `iter_dataset` alone (validation's reading of the file, which the key
-repeats), over a jsonl of many records naming a few images.
+"""How long one scan of a dataset file takes: the validate step's cache key
+(`vlmops.fingerprints.dataset_fingerprint`, computed on every run, cached or not) and `iter_dataset` alone
+(validation's reading of the file, which the key repeats), over a jsonl of many records naming a few images.
 
 The input: `--records` records (seed format, ~250 bytes each), record i naming `images/img-{i % N}.png` for each N
 in `--images` (1,000: a file naming the same images over and over; as many as records: no image named twice). The
@@ -19,12 +19,14 @@ Prints a table; `--out` writes the rows as JSON (date, machine, command, figures
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,11 +65,23 @@ def export_tree(revision: str, work: Path) -> Path:
     return tree
 
 
+def key_function() -> Callable[[Path], str]:
+    """`dataset_fingerprint` from the tree under test: in vlmops.fingerprints, or tasks.caching in a baseline from
+    before the key moved into the core."""
+    try:
+        return importlib.import_module("vlmops.fingerprints").dataset_fingerprint
+    except ModuleNotFoundError as err:
+        if err.name != "vlmops.fingerprints":
+            raise
+        return importlib.import_module("tasks.caching").dataset_fingerprint
+
+
 def run_one(file: Path, repeats: int) -> dict[str, object]:
     """Best-of-`repeats` seconds of the key and of iter_dataset over `file`, in this process."""
     import vlmops
-    from tasks.caching import dataset_fingerprint
     from vlmops.data.formats import iter_dataset
+
+    dataset_fingerprint = key_function()
 
     sys.path.append(str(ROOT))  # after the tree under test: its vlmops stays the one imported above
     from bench.host_memory import reset_peak, status_kib

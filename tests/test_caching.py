@@ -18,11 +18,12 @@ from PIL import Image
 from prefect.cache_policies import CompoundCachePolicy
 from prefect.context import TaskRunContext
 
-from tasks.caching import FileContents, folder_stat_fingerprint, image_stat_data, stat_data
+from tasks.caching import FileContents
 from tasks.validate import validate_dataset
 from tests.s3_server import S3Server
 from vlmops.config import DataConfig, StorageConfig
 from vlmops.errors import UserInputError
+from vlmops.fingerprints import folder_stat_fingerprint, image_stat_data, stat_data
 
 RECORD = json.dumps(
     {

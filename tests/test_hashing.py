@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from vlmops.fingerprints import folder_stat_fingerprint
 from vlmops.hashing import SMALL_FILE_BYTES, FolderHashes
 from vlmops.infer.planning import folder_hash
 
@@ -75,8 +76,6 @@ def test_an_unreadable_cache_is_rebuilt(tmp_path: Path) -> None:
 def test_partial_downloads_are_neither_hashed_nor_fingerprinted(tmp_path: Path) -> None:
     """An S3 model copy killed mid-download leaves `.NAME.part` files (and boto3's `.NAME.part.XXXXXXXX`) until the
     next download removes them: not model files, so neither a batch job's model hash nor a cache key sees them."""
-    from tasks.caching import folder_stat_fingerprint
-
     _model(tmp_path / "m")
     hashed, fingerprint = folder_hash(tmp_path / "m"), folder_stat_fingerprint(tmp_path / "m")
     (tmp_path / "m" / ".model.safetensors.part").write_bytes(b"half")

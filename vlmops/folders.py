@@ -5,9 +5,10 @@
 by its path through the link (what the user sees), and goes into each real folder once: a link back up the tree is
 logged and left, not followed round. A folder it cannot list (no read permission, gone mid-walk) is refused by name:
 `os.walk` passes over it without a word unless told otherwise, and its files would be left out. `files_under` lists
-the files; a step's cache key (tasks.caching) walks the same way, so what a step reads and what its key sees are the
-same files. `listed_matching` matches a glob by the same walk (`glob.glob` follows a linked folder under `**` as often
-as it comes to it, round a loop too), so a batch input glob reads what a folder input would: each real file once.
+the files; a step's cache key (vlmops.fingerprints) walks the same way, so what a step reads and what its key sees
+are the same files. `listed_matching` matches a glob by the same walk (`glob.glob` follows a linked folder under `**`
+as often as it comes to it, round a loop too), so a batch input glob reads what a folder input would: each real file
+once.
 
 A name the walk lists that is no file (a broken link such as `part3.jsonl -> /mnt/gone/part3.jsonl`, a named pipe)
 is refused when the caller would read it (`files_under`'s `reads`, `refuse_unreadable`): skipped, it would make a job
