@@ -137,7 +137,7 @@ def prefect_harness() -> Iterator[None]:
 # -- Two workers (pytest-xdist) ----------------------------------------------------------------------------------
 # `make test` runs pytest on two workers with `--dist loadscope`: a module goes to one worker whole, so its
 # module-scoped fixtures (a trained run, a registry, a flow's results) are built once, as in a serial run. The
-# team stack's two modules share one session-scoped stack and workflow: they are one unit. Units are handed out
+# team stack's modules share one session-scoped stack and workflow: they are one unit. Units are handed out
 # in the order the workers collected them, which puts the modules that take longest first, so that no worker
 # is left with a long one at the end while the other waits.
 LONGEST_FIRST = ("team", "e2e", "slow", "integration")

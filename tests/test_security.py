@@ -155,6 +155,8 @@ PLAIN_SETTINGS = frozenset(
         "MLFLOW_PORT",
         "PREFECT_PORT",
         "GPU_SLOTS",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
+        "VLMOPS_CRASHED_AFTER_S",
     }
 )
 # A word of an environment variable's name that says it holds a credential.
