@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import itertools
 import shutil
 import threading
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.http_remote import http_remote
 from vlmops.config import InferConfig, StorageConfig, dump_config, load_config
 from vlmops.conversation import ImageTagError, Message, parse_img_tags
 from vlmops.data.images import ImageLoadError, load_image
@@ -46,15 +45,8 @@ def readable_chat(readable_model: Path) -> ChatModel:
 @pytest.fixture(scope="module")
 def image_server(images: dict[str, Path]) -> Iterator[str]:
     """An HTTP server on localhost serving the test images; yields its base URL."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(images["red"].parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_remote(images["red"].parent) as host:
+        yield f"http://{host}"
 
 
 def test_single_image_turn_is_the_deepseek_prompt_generated_greedily(
