@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -326,3 +327,42 @@ def test_an_http_remote_that_refuses_the_login_says_so_for_a_pull_and_a_push(tmp
         assert not isinstance(error, ServiceUnavailable) and not is_transient(error)
         assert unreachable_service(error) is None
         assert wrong not in str(error) and PASSWORD not in str(error)
+
+
+def test_a_pulled_folder_keeps_no_password_and_dvc_pulls_there_with_the_login_given_as_dvc_takes_it(
+    tmp_path: Path,
+) -> None:
+    """A pull from an http remote behind basic auth gives DVC the login for the pull alone: the folder it leaves (a DVC
+    repository the user may copy or hand on) holds no password, nor does one a failed pull left. The versioning
+    repository that pushed keeps it in its git-ignored `.dvc/config.local` (as before). A `dvc pull` in the pulled
+    folder works once the login is given there as README says (`dvc remote modify --local origin ...`)."""
+    import subprocess
+    import sys
+
+    from vlmops.versioning import DvcPullError, pull_tracked
+
+    workspace = tmp_path / "ws"
+    (workspace / "model").mkdir(parents=True)
+    (workspace / "model" / "w.bin").write_bytes(b"weights " * 100)
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    with http_remote(tmp_path / "remote", login=("vlmops", PASSWORD)) as host:
+        url = f"http://vlmops:{PASSWORD}@{host}/dvc"
+        version = DvcStore(workspace, "http", url).track(workspace / "model")
+        assert _files_holding(workspace, PASSWORD) == [".dvc/config.local"]
+
+        pulled = pull_tracked(version.md5, "model", url, tmp_path / "pulled")
+        assert (pulled / "w.bin").read_bytes() == b"weights " * 100
+        assert _files_holding(tmp_path / "pulled", PASSWORD) == []
+        with pytest.raises(DvcPullError):
+            pull_tracked(MISSING_MD5, "model", url, tmp_path / "failed")
+        assert (tmp_path / "failed" / ".dvc").is_dir()
+        assert _files_holding(tmp_path / "failed", PASSWORD) == []
+
+        shutil.rmtree(pulled)
+        shutil.rmtree(tmp_path / "pulled" / ".dvc" / "cache")
+        for option, value in (("auth", "basic"), ("user", "vlmops"), ("password", PASSWORD)):
+            subprocess.run(
+                [*dvc, "remote", "modify", "--local", "origin", option, value], cwd=pulled.parent, check=True
+            )
+        subprocess.run([*dvc, "pull", "-q", "model.dvc"], cwd=pulled.parent, check=True, capture_output=True)
+    assert (pulled / "w.bin").read_bytes() == b"weights " * 100

@@ -13,9 +13,13 @@ points at the pushed copy through a small pointer (`write_pointer`) that `checko
 
 A password in the remote's URL (`https://user:password@host/dvc`, DVC's http remote with basic auth) is never written
 down: what vlmops records (the pointer, the model version's tag `dvc.remote`, `lineage.json`) holds the URL with it
-masked (`redact_uri`), and DVC is given it as its http remote's `auth`/`user`/`password` options in the repository's
-`.dvc/config.local` (git-ignored by `dvc init`), never in `.dvc/config`, which a repository commits. A pull of a
-recorded URL takes the password from the config's `versioning.remote_url` when that names the same remote
+masked (`redact_uri`), and DVC is given it as its http remote's `auth`/`user`/`password` options: for the length of the
+operation, in the config the `Repo` doing it is opened with (held in memory, `Repo(config=...)`), and, for the
+versioning repository (`DvcStore`) alone, in its `.dvc/config.local` (git-ignored by `dvc init`: DVC's place for
+credentials, so that `dvc push` and `dvc status -c` work there by hand), never in `.dvc/config`, which a repository
+commits. A pull writes it nowhere: the folder it leaves (a DVC repository, `pull_tracked`) may be copied or handed on,
+so a `dvc pull` there later needs the login given as DVC takes it (`dvc remote modify --local origin password ...`). A
+pull of a recorded URL takes the password from the config's `versioning.remote_url` when that names the same remote
 (`with_password`).
 """
 
@@ -89,8 +93,8 @@ class DvcStore:
             # the data, so it needs no git repository of its own.
             Repo.init(str(self.root), no_scm=not (self.root / ".git").exists())
             log.info("initialised a DVC repository at %s", self.root)
-        _configure(self.root, self.remote_name, self.remote_url)
-        return Repo(str(self.root))
+        login = _configure(self.root, self.remote_name, self.remote_url, keep_login=True)
+        return Repo(str(self.root), config=login)
 
     def track(self, path: str | os.PathLike[str]) -> DvcVersion:
         """`dvc add` then `dvc push` one folder or file inside the repository.
@@ -196,7 +200,9 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
     """Restore the folder DVC recorded as `md5` from `remote_url` into `dest/<name>`; returns that folder.
 
     `dest` stays a DVC repository with `<name>.dvc` and the remote configured, so `dvc status` or `dvc pull`
-    there check or redo it. The same as, in an empty folder:
+    there check or redo it; not the remote's login, which the pull gives DVC in memory only (for an http(s) remote
+    behind one, `dvc remote modify --local origin auth basic`, then `user` and `password`, give it there). The same
+    as, in an empty folder:
 
         dvc init --no-scm && dvc remote add -d origin REMOTE_URL && dvc remote modify origin verify true
         printf 'outs:\n- md5: MD5\n  hash: md5\n  path: NAME\n' > NAME.dvc && dvc pull NAME.dvc
@@ -239,10 +245,11 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     dest.mkdir(parents=True, exist_ok=True)
     if not (dest / ".dvc").is_dir():
         Repo.init(str(dest), no_scm=True)
-    _configure(dest, "origin", remote_url)
+    # The login in memory only: the folder is the user's, to copy or hand on (a crash mid-pull leaves no password).
+    login = _configure(dest, "origin", remote_url, keep_login=False)
     dvc_file = dest / f"{name}.dvc"
     dvc_file.write_text(dvc_text)
-    repo = Repo(str(dest))
+    repo = Repo(str(dest), config=login)
     try:
         log.info("DVC: pulling %s (%s) from %s", name, md5, redact_uri(remote_url))
         with remote_failures_named(remote_url, _basic_login(repo, "origin")):
@@ -267,9 +274,11 @@ def cache_object_path(remote_dir: Path, md5: str) -> Path:
 CREDENTIAL_KEYS = ("auth", "user", "password")
 
 
-def _configure(root: Path, remote_name: str, remote_url: str) -> None:
-    """Set the default remote and the cache link type in the repository's config file, and a login in the URL as the
-    remote's credentials in `.dvc/config.local`.
+def _configure(root: Path, remote_name: str, remote_url: str, *, keep_login: bool) -> dict[str, Any]:
+    """Set the default remote and the cache link type in the repository's config file; returns the config the `Repo`
+    that does the work is to be opened with (`Repo(config=...)`, merged over DVC's files in memory): a login in the URL
+    as the remote's credentials. `keep_login`: write that login to `.dvc/config.local` too (the versioning repository,
+    where DVC's own commands then work); a login there for another URL goes either way.
 
     Done before the `Repo` that does the work is opened: a `Repo` reads the cache settings once, so an edit
     through an open one would apply only to the next.
@@ -296,19 +305,22 @@ def _configure(root: Path, remote_name: str, remote_url: str) -> None:
             conf["remote"][remote_name]["verify"] = True
             conf.setdefault("core", {})["remote"] = remote_name
             conf.setdefault("cache", {})["type"] = CACHE_LINK_TYPE
+        given: dict[str, str] = {}
+        if login is not None:
+            given = {"auth": "basic", "user": login.user}
+            if login.password != MASK:
+                given["password"] = login.password
         with repo.config.edit("local") as local:  # .dvc/config.local: git-ignored, DVC's place for credentials
             credentials = local["remote"].get(remote_name, {})
             if moved:  # a login for another URL is not sent to this one
                 credentials = {k: v for k, v in credentials.items() if k not in CREDENTIAL_KEYS}
-            if login is not None:
-                credentials.update(auth="basic", user=login.user)
-                if login.password != MASK:
-                    credentials["password"] = login.password
+            if keep_login:
+                credentials.update(given)
             if credentials:
                 local["remote"][remote_name] = credentials
             else:
                 local["remote"].pop(remote_name, None)
-        if login is not None and not repo.config["remote"][remote_name].get("password"):
+        if login is not None and not (given.get("password") or repo.config["remote"][remote_name].get("password")):
             raise UserInputError(
                 f"the DVC remote {remote_url} needs its password, which vlmops never records: set "
                 f"versioning.remote_url in the config file to this URL with the password in place of {MASK} "
@@ -316,6 +328,7 @@ def _configure(root: Path, remote_name: str, remote_url: str) -> None:
             )
     finally:
         repo.close()
+    return {"remote": {remote_name: given}} if given else {}
 
 
 def _basic_login(repo: Any, remote_name: str) -> tuple[str, str] | None:
