@@ -5,7 +5,8 @@ a file lock beside the repository for its whole duration; two pipeline runs on o
 
 A remote that does not answer (an S3 endpoint down, an http(s) remote's host) is named as such: `ServiceUnavailable` of
 the DVC remote, from the client's error, which a retry may fix; so is one that refuses the login (`RemoteLoginRefused`,
-a wrong password: the user's to fix). See vlmops.dvc_remote_failures.
+a wrong password: the user's to fix) and one that refuses access to a login it took (`RemoteAccessRefused`, HTTP 403:
+a login without the access, or a missing object the server hides). See vlmops.dvc_remote_failures.
 
 A model is stored once in the shared store: the DVC remote. The repository's cache links its files into the
 workspace (hardlinks, so a tracked folder and its cache entry are the same bytes on disk), and the registry
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,7 +103,8 @@ class DvcStore:
 
         Raises:
             ServiceUnavailable: the remote did not answer (a retry pushes what is missing).
-            RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
+            RemoteLoginRefused: the remote refused the login (HTTP 401; S3's 403 for keys it does not know).
+            RemoteAccessRefused: the remote answered 403 to a login it took.
         """
         target = Path(path).resolve()
         if not target.is_relative_to(self.root):
@@ -114,7 +117,8 @@ class DvcStore:
             try:
                 repo.add([str(target)])
                 dvc_file = target.with_name(target.name + ".dvc")
-                with remote_failures_named(self.remote_url, _basic_login(repo, self.remote_name)):
+                login, listing = _basic_login(repo, self.remote_name), _lister(repo, self.remote_name)
+                with remote_failures_named(self.remote_url, login, listing):
                     repo.push(targets=[str(dvc_file)], remote=self.remote_name)
                     # The pointer registered later must name a complete copy: check the remote has every object.
                     missing = repo.status(targets=[str(dvc_file)], cloud=True, remote=self.remote_name)
@@ -178,7 +182,8 @@ def checkout_pointer(pointer: Path, dest: Path, config_remote_url: str | None = 
         UserInputError: the pointer's remote needs a password and `config_remote_url` does not give it.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
-        RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
+        RemoteLoginRefused: the remote refused the login (HTTP 401; S3's 403 for keys it does not know).
+        RemoteAccessRefused: the remote answered 403 to a login it took: it lacks access, or the copy is missing.
     """
     try:
         record = json.loads(pointer.read_text())
@@ -211,7 +216,8 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
         UserInputError: `dest/<name>` exists already; `remote_url` is a recorded one whose password is masked.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
-        RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
+        RemoteLoginRefused: the remote refused the login (HTTP 401; S3's 403 for keys it does not know).
+        RemoteAccessRefused: the remote answered 403 to a login it took: it lacks access, or the copy is missing.
     """
     if (dest / name).exists():
         raise UserInputError(f"{dest / name} exists already: remove it or pull into an empty folder")
@@ -252,7 +258,7 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     repo = Repo(str(dest), config=login)
     try:
         log.info("DVC: pulling %s (%s) from %s", name, md5, redact_uri(remote_url))
-        with remote_failures_named(remote_url, _basic_login(repo, "origin")):
+        with remote_failures_named(remote_url, _basic_login(repo, "origin"), _lister(repo, "origin")):
             repo.pull(targets=[str(dvc_file)], remote="origin")
     except CheckoutError as err:
         raise DvcPullError(
@@ -329,6 +335,17 @@ def _configure(root: Path, remote_name: str, remote_url: str, *, keep_login: boo
     finally:
         repo.close()
     return {"remote": {remote_name: given}} if given else {}
+
+
+def _lister(repo: Any, remote_name: str) -> Callable[[], object]:
+    """A listing of the remote `remote_name` of the open `repo` (its root, one level), with the credentials DVC uses:
+    after a 403, what tells a refused login from a lack of access (`remote_failures_named`)."""
+
+    def list_remote() -> object:
+        remote = repo.cloud.get_remote(remote_name)
+        return remote.fs.ls(remote.path, detail=False, refresh=True)
+
+    return list_remote
 
 
 def _basic_login(repo: Any, remote_name: str) -> tuple[str, str] | None:
