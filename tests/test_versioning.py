@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -293,7 +294,7 @@ def test_an_http_remote_that_refuses_the_login_says_so_for_a_pull_and_a_push(tmp
     """A wrong password for an http remote behind basic auth, or none: DVC's http client reads the 401 as a file not
     found, and the pull said the remote's copy was missing or damaged (a push, `2 files failed to upload`). It is the
     login the remote refused, named with the remote's URL (password masked), the status, and where the login goes; a
-    bad input (exit 2), no outage, so not retried. A remote answering 403 to everything reads the same."""
+    bad input (exit 2), no outage, so not retried."""
     from vlmops.errors import UserInputError
     from vlmops.outages import ServiceUnavailable, is_transient, unreachable_service
     from vlmops.versioning import pull_tracked
@@ -316,13 +317,83 @@ def test_an_http_remote_that_refuses_the_login_says_so_for_a_pull_and_a_push(tmp
             pull_tracked(pushed.md5, "model", f"http://{host}/dvc", tmp_path / "anonymous")
         raised += [pull.value, push.value, without.value]
         assert all(_login_fix(host) in str(e) for e in raised)
-    with http_remote(tmp_path / "remote", status=403) as host:
-        forbidden = rf"^the DVC remote http://vlmops:\*\*\*@{host}/dvc refused the login of user 'vlmops' \(HTTP 403 "
-        with pytest.raises(UserInputError, match=forbidden) as pull:
-            pull_tracked(pushed.md5, "model", f"http://vlmops:{wrong}@{host}/dvc", tmp_path / "forbidden")
-        raised.append(pull.value)
-        assert _login_fix(host) in str(pull.value)
     for error in raised:
         assert not isinstance(error, ServiceUnavailable) and not is_transient(error)
         assert unreachable_service(error) is None
         assert wrong not in str(error) and PASSWORD not in str(error)
+
+
+def test_an_http_remote_that_answers_403_names_both_readings_not_a_refused_login(tmp_path: Path) -> None:
+    """A 403 is no refused login: a server that hides what a login may not see answers 403 for a missing object too
+    (S3 and servers like it, to a login that may not list the bucket). A pull and a push that get 403 say the remote
+    refused the request and name both readings and both fixes (the login, or the copy); input to fix (exit 2), not
+    retried. They said `refused the login of user 'vlmops'`."""
+    from vlmops.dvc_remote_failures import RemoteAccessRefused, RemoteLoginRefused
+    from vlmops.outages import is_transient, unreachable_service
+    from vlmops.versioning import pull_tracked
+
+    data = tmp_path / "ws" / "model"
+    data.mkdir(parents=True)
+    (data / "w.bin").write_bytes(b"weights")
+    with http_remote(tmp_path / "remote", status=403) as host:
+        url = f"http://vlmops:{PASSWORD}@{host}/dvc"
+        with pytest.raises(RemoteAccessRefused) as pull:
+            pull_tracked(MISSING_MD5, "model", url, tmp_path / "pulled")
+        with pytest.raises(RemoteAccessRefused) as push:
+            DvcStore(tmp_path / "ws", "http", url).track(data)
+    for raised in (pull.value, push.value):
+        message = str(raised)
+        assert message.startswith(
+            f"the DVC remote http://vlmops:***@{host}/dvc refused a request with the login of user 'vlmops' "
+            "(HTTP 403 Forbidden; "
+        ), message
+        assert (
+            "either the login lacks access to what was asked for, or that is missing and the server hides it" in message
+        )
+        assert _login_fix(host) in message
+        assert message.endswith(
+            "if it has that access, the remote's copy is missing: push it again from the DVC repository that tracked "
+            "it (`dvc push` there), or point versioning.remote_url at a remote that has it"
+        )
+        assert not isinstance(raised, RemoteLoginRefused) and raised.exit_code == 2
+        assert not is_transient(raised) and unreachable_service(raised) is None
+        assert PASSWORD not in message
+
+
+def test_a_pulled_folder_keeps_no_password_and_dvc_pulls_there_with_the_login_given_as_dvc_takes_it(
+    tmp_path: Path,
+) -> None:
+    """A pull from an http remote behind basic auth gives DVC the login for the pull alone: the folder it leaves (a DVC
+    repository the user may copy or hand on) holds no password, nor does one a failed pull left. The versioning
+    repository that pushed keeps it in its git-ignored `.dvc/config.local` (as before). A `dvc pull` in the pulled
+    folder works once the login is given there as README says (`dvc remote modify --local origin ...`)."""
+    import subprocess
+    import sys
+
+    from vlmops.versioning import DvcPullError, pull_tracked
+
+    workspace = tmp_path / "ws"
+    (workspace / "model").mkdir(parents=True)
+    (workspace / "model" / "w.bin").write_bytes(b"weights " * 100)
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    with http_remote(tmp_path / "remote", login=("vlmops", PASSWORD)) as host:
+        url = f"http://vlmops:{PASSWORD}@{host}/dvc"
+        version = DvcStore(workspace, "http", url).track(workspace / "model")
+        assert _files_holding(workspace, PASSWORD) == [".dvc/config.local"]
+
+        pulled = pull_tracked(version.md5, "model", url, tmp_path / "pulled")
+        assert (pulled / "w.bin").read_bytes() == b"weights " * 100
+        assert _files_holding(tmp_path / "pulled", PASSWORD) == []
+        with pytest.raises(DvcPullError):
+            pull_tracked(MISSING_MD5, "model", url, tmp_path / "failed")
+        assert (tmp_path / "failed" / ".dvc").is_dir()
+        assert _files_holding(tmp_path / "failed", PASSWORD) == []
+
+        shutil.rmtree(pulled)
+        shutil.rmtree(tmp_path / "pulled" / ".dvc" / "cache")
+        for option, value in (("auth", "basic"), ("user", "vlmops"), ("password", PASSWORD)):
+            subprocess.run(
+                [*dvc, "remote", "modify", "--local", "origin", option, value], cwd=pulled.parent, check=True
+            )
+        subprocess.run([*dvc, "pull", "-q", "model.dvc"], cwd=pulled.parent, check=True, capture_output=True)
+    assert (pulled / "w.bin").read_bytes() == b"weights " * 100

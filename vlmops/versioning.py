@@ -5,7 +5,8 @@ a file lock beside the repository for its whole duration; two pipeline runs on o
 
 A remote that does not answer (an S3 endpoint down, an http(s) remote's host) is named as such: `ServiceUnavailable` of
 the DVC remote, from the client's error, which a retry may fix; so is one that refuses the login (`RemoteLoginRefused`,
-a wrong password: the user's to fix). See vlmops.dvc_remote_failures.
+a wrong password: the user's to fix) and one that refuses access to a login it took (`RemoteAccessRefused`, HTTP 403:
+a login without the access, or a missing object the server hides). See vlmops.dvc_remote_failures.
 
 A model is stored once in the shared store: the DVC remote. The repository's cache links its files into the
 workspace (hardlinks, so a tracked folder and its cache entry are the same bytes on disk), and the registry
@@ -13,9 +14,13 @@ points at the pushed copy through a small pointer (`write_pointer`) that `checko
 
 A password in the remote's URL (`https://user:password@host/dvc`, DVC's http remote with basic auth) is never written
 down: what vlmops records (the pointer, the model version's tag `dvc.remote`, `lineage.json`) holds the URL with it
-masked (`redact_uri`), and DVC is given it as its http remote's `auth`/`user`/`password` options in the repository's
-`.dvc/config.local` (git-ignored by `dvc init`), never in `.dvc/config`, which a repository commits. A pull of a
-recorded URL takes the password from the config's `versioning.remote_url` when that names the same remote
+masked (`redact_uri`), and DVC is given it as its http remote's `auth`/`user`/`password` options: for the length of the
+operation, in the config the `Repo` doing it is opened with (held in memory, `Repo(config=...)`), and, for the
+versioning repository (`DvcStore`) alone, in its `.dvc/config.local` (git-ignored by `dvc init`: DVC's place for
+credentials, so that `dvc push` and `dvc status -c` work there by hand), never in `.dvc/config`, which a repository
+commits. A pull writes it nowhere: the folder it leaves (a DVC repository, `pull_tracked`) may be copied or handed on,
+so a `dvc pull` there later needs the login given as DVC takes it (`dvc remote modify --local origin password ...`). A
+pull of a recorded URL takes the password from the config's `versioning.remote_url` when that names the same remote
 (`with_password`).
 """
 
@@ -25,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,15 +95,16 @@ class DvcStore:
             # the data, so it needs no git repository of its own.
             Repo.init(str(self.root), no_scm=not (self.root / ".git").exists())
             log.info("initialised a DVC repository at %s", self.root)
-        _configure(self.root, self.remote_name, self.remote_url)
-        return Repo(str(self.root))
+        login = _configure(self.root, self.remote_name, self.remote_url, keep_login=True)
+        return Repo(str(self.root), config=login)
 
     def track(self, path: str | os.PathLike[str]) -> DvcVersion:
         """`dvc add` then `dvc push` one folder or file inside the repository.
 
         Raises:
             ServiceUnavailable: the remote did not answer (a retry pushes what is missing).
-            RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
+            RemoteLoginRefused: the remote refused the login (HTTP 401; S3's 403 for keys it does not know).
+            RemoteAccessRefused: the remote answered 403 to a login it took.
         """
         target = Path(path).resolve()
         if not target.is_relative_to(self.root):
@@ -110,7 +117,8 @@ class DvcStore:
             try:
                 repo.add([str(target)])
                 dvc_file = target.with_name(target.name + ".dvc")
-                with remote_failures_named(self.remote_url, _basic_login(repo, self.remote_name)):
+                login, listing = _basic_login(repo, self.remote_name), _lister(repo, self.remote_name)
+                with remote_failures_named(self.remote_url, login, listing):
                     repo.push(targets=[str(dvc_file)], remote=self.remote_name)
                     # The pointer registered later must name a complete copy: check the remote has every object.
                     missing = repo.status(targets=[str(dvc_file)], cloud=True, remote=self.remote_name)
@@ -174,7 +182,8 @@ def checkout_pointer(pointer: Path, dest: Path, config_remote_url: str | None = 
         UserInputError: the pointer's remote needs a password and `config_remote_url` does not give it.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
-        RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
+        RemoteLoginRefused: the remote refused the login (HTTP 401; S3's 403 for keys it does not know).
+        RemoteAccessRefused: the remote answered 403 to a login it took: it lacks access, or the copy is missing.
     """
     try:
         record = json.loads(pointer.read_text())
@@ -196,7 +205,9 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
     """Restore the folder DVC recorded as `md5` from `remote_url` into `dest/<name>`; returns that folder.
 
     `dest` stays a DVC repository with `<name>.dvc` and the remote configured, so `dvc status` or `dvc pull`
-    there check or redo it. The same as, in an empty folder:
+    there check or redo it; not the remote's login, which the pull gives DVC in memory only (for an http(s) remote
+    behind one, `dvc remote modify --local origin auth basic`, then `user` and `password`, give it there). The same
+    as, in an empty folder:
 
         dvc init --no-scm && dvc remote add -d origin REMOTE_URL && dvc remote modify origin verify true
         printf 'outs:\n- md5: MD5\n  hash: md5\n  path: NAME\n' > NAME.dvc && dvc pull NAME.dvc
@@ -205,7 +216,8 @@ def pull_tracked(md5: str, name: str, remote_url: str, dest: Path) -> Path:
         UserInputError: `dest/<name>` exists already; `remote_url` is a recorded one whose password is masked.
         DvcPullError: the remote's copy is missing or fails its hash check.
         ServiceUnavailable: the remote did not answer.
-        RemoteLoginRefused: the remote refused the login (HTTP 401, 403).
+        RemoteLoginRefused: the remote refused the login (HTTP 401; S3's 403 for keys it does not know).
+        RemoteAccessRefused: the remote answered 403 to a login it took: it lacks access, or the copy is missing.
     """
     if (dest / name).exists():
         raise UserInputError(f"{dest / name} exists already: remove it or pull into an empty folder")
@@ -239,13 +251,14 @@ def _pull(dest: Path, name: str, dvc_text: str, remote_url: str, md5: str) -> Pa
     dest.mkdir(parents=True, exist_ok=True)
     if not (dest / ".dvc").is_dir():
         Repo.init(str(dest), no_scm=True)
-    _configure(dest, "origin", remote_url)
+    # The login in memory only: the folder is the user's, to copy or hand on (a crash mid-pull leaves no password).
+    login = _configure(dest, "origin", remote_url, keep_login=False)
     dvc_file = dest / f"{name}.dvc"
     dvc_file.write_text(dvc_text)
-    repo = Repo(str(dest))
+    repo = Repo(str(dest), config=login)
     try:
         log.info("DVC: pulling %s (%s) from %s", name, md5, redact_uri(remote_url))
-        with remote_failures_named(remote_url, _basic_login(repo, "origin")):
+        with remote_failures_named(remote_url, _basic_login(repo, "origin"), _lister(repo, "origin")):
             repo.pull(targets=[str(dvc_file)], remote="origin")
     except CheckoutError as err:
         raise DvcPullError(
@@ -267,9 +280,11 @@ def cache_object_path(remote_dir: Path, md5: str) -> Path:
 CREDENTIAL_KEYS = ("auth", "user", "password")
 
 
-def _configure(root: Path, remote_name: str, remote_url: str) -> None:
-    """Set the default remote and the cache link type in the repository's config file, and a login in the URL as the
-    remote's credentials in `.dvc/config.local`.
+def _configure(root: Path, remote_name: str, remote_url: str, *, keep_login: bool) -> dict[str, Any]:
+    """Set the default remote and the cache link type in the repository's config file; returns the config the `Repo`
+    that does the work is to be opened with (`Repo(config=...)`, merged over DVC's files in memory): a login in the URL
+    as the remote's credentials. `keep_login`: write that login to `.dvc/config.local` too (the versioning repository,
+    where DVC's own commands then work); a login there for another URL goes either way.
 
     Done before the `Repo` that does the work is opened: a `Repo` reads the cache settings once, so an edit
     through an open one would apply only to the next.
@@ -296,19 +311,22 @@ def _configure(root: Path, remote_name: str, remote_url: str) -> None:
             conf["remote"][remote_name]["verify"] = True
             conf.setdefault("core", {})["remote"] = remote_name
             conf.setdefault("cache", {})["type"] = CACHE_LINK_TYPE
+        given: dict[str, str] = {}
+        if login is not None:
+            given = {"auth": "basic", "user": login.user}
+            if login.password != MASK:
+                given["password"] = login.password
         with repo.config.edit("local") as local:  # .dvc/config.local: git-ignored, DVC's place for credentials
             credentials = local["remote"].get(remote_name, {})
             if moved:  # a login for another URL is not sent to this one
                 credentials = {k: v for k, v in credentials.items() if k not in CREDENTIAL_KEYS}
-            if login is not None:
-                credentials.update(auth="basic", user=login.user)
-                if login.password != MASK:
-                    credentials["password"] = login.password
+            if keep_login:
+                credentials.update(given)
             if credentials:
                 local["remote"][remote_name] = credentials
             else:
                 local["remote"].pop(remote_name, None)
-        if login is not None and not repo.config["remote"][remote_name].get("password"):
+        if login is not None and not (given.get("password") or repo.config["remote"][remote_name].get("password")):
             raise UserInputError(
                 f"the DVC remote {remote_url} needs its password, which vlmops never records: set "
                 f"versioning.remote_url in the config file to this URL with the password in place of {MASK} "
@@ -316,6 +334,18 @@ def _configure(root: Path, remote_name: str, remote_url: str) -> None:
             )
     finally:
         repo.close()
+    return {"remote": {remote_name: given}} if given else {}
+
+
+def _lister(repo: Any, remote_name: str) -> Callable[[], object]:
+    """A listing of the remote `remote_name` of the open `repo` (its root, one level), with the credentials DVC uses:
+    after a 403, what tells a refused login from a lack of access (`remote_failures_named`)."""
+
+    def list_remote() -> object:
+        remote = repo.cloud.get_remote(remote_name)
+        return remote.fs.ls(remote.path, detail=False, refresh=True)
+
+    return list_remote
 
 
 def _basic_login(repo: Any, remote_name: str) -> tuple[str, str] | None:

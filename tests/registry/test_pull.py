@@ -194,35 +194,99 @@ def test_pull_from_an_s3_remote_checks_every_object(s3_env: S3Server, tmp_path: 
         pull_tracked(pushed.md5, "model", "s3://dvc-pull/dvc", tmp_path / "second-clone")
 
 
-def test_an_s3_remote_that_refuses_the_credentials_says_so(
-    s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Keys the S3 server does not take: DVC said `1 files failed to download` (a pull) or a bare `Forbidden` (a push),
-    naming neither the remote nor the fix. It is the credentials the remote refused, named with the remote, the status
-    and where DVC's S3 remote reads them; a bad input (exit 2), not retried."""
-    from vlmops.errors import UserInputError
-    from vlmops.outages import is_transient
-    from vlmops.versioning import DvcStore, pull_tracked
+S3_FIX = (
+    "give DVC's S3 remote keys that may list and read (and, for a push, write) it: AWS_ACCESS_KEY_ID and "
+    "AWS_SECRET_ACCESS_KEY in the environment, or a profile of the AWS config (AWS_PROFILE)"
+)
 
-    s3_env.client().create_bucket(Bucket="dvc-refused")
+
+def _pushed(s3_env: S3Server, tmp_path: Path, bucket: str) -> tuple[Path, str]:
+    """A model folder pushed to `s3://BUCKET/dvc` with the keys allowed everything: the workspace and its hash."""
+    from vlmops.versioning import DvcStore
+
+    s3_env.client().create_bucket(Bucket=bucket)
     workspace = tmp_path / "workspace"
     (workspace / "model").mkdir(parents=True)
     (workspace / "model" / "weights.bin").write_bytes(bytes(range(256)) * 64)
-    pushed = DvcStore(workspace, "team", "s3://dvc-refused/dvc").track(workspace / "model")
+    return workspace, DvcStore(workspace, "team", f"s3://{bucket}/dvc").track(workspace / "model").md5
 
+
+def test_an_s3_remote_that_refuses_the_credentials_says_so(
+    s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys the S3 server does not take (a wrong secret, an unknown key): DVC said `1 files failed to download` (a
+    pull) or a bare `Forbidden` (a push), naming neither the remote nor the fix. S3 answers them 403, as it does keys it
+    takes that lack access; DVC's HEAD requests get no body saying which, so the remote's listing is asked with the same
+    keys, whose answer names them (SignatureDoesNotMatch, InvalidAccessKeyId). It is the credentials the remote refused,
+    named with the remote, the status and where DVC's S3 remote reads them; a bad input (exit 2), not retried."""
+    from vlmops.dvc_remote_failures import RemoteLoginRefused
+    from vlmops.outages import is_transient
+    from vlmops.versioning import DvcStore, pull_tracked
+
+    workspace, md5 = _pushed(s3_env, tmp_path, "dvc-refused")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     refused = r"^the DVC remote s3://dvc-refused/dvc refused the credentials \(HTTP 403 Forbidden; ClientError: "
-    with pytest.raises(UserInputError, match=refused) as pull:
-        pull_tracked(pushed.md5, "model", "s3://dvc-refused/dvc", tmp_path / "clone")
+    with pytest.raises(RemoteLoginRefused, match=refused + r".*\(SignatureDoesNotMatch\)") as pull:
+        pull_tracked(md5, "model", "s3://dvc-refused/dvc", tmp_path / "clone")
     (workspace / "model" / "more.bin").write_bytes(b"more weights")
-    with pytest.raises(UserInputError, match=refused) as push:
+    with pytest.raises(RemoteLoginRefused, match=refused + r".*\(SignatureDoesNotMatch\)") as push:
         DvcStore(workspace, "team", "s3://dvc-refused/dvc").track(workspace / "model")
-    for raised in (pull.value, push.value):
-        assert str(raised).endswith(
-            "give DVC's S3 remote keys that may read (and, for a push, write) it: AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY in the environment, or a profile of the AWS config (AWS_PROFILE)"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "nobody-has-this-key")
+    with pytest.raises(RemoteLoginRefused, match=refused + r".*\(InvalidAccessKeyId\)") as unknown:
+        pull_tracked(md5, "model", "s3://dvc-refused/dvc", tmp_path / "unknown")
+    for raised in (pull.value, push.value, unknown.value):
+        assert str(raised).endswith(S3_FIX)
+        assert raised.exit_code == 2 and not is_transient(raised)
+        assert "not-the-secret" not in str(raised)
+
+
+def test_an_s3_remote_that_answers_403_to_keys_it_takes_says_what_that_can_mean(
+    s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys the S3 server takes that lack access: not a refused login (which they read as before). Keys that may
+    neither read nor list (`Write` alone): the object asked for may be missing too (S3 answers 403 for a missing
+    object to keys that may not list the bucket), so the error names both readings and both fixes. Keys that may
+    list but not read (`List` alone), or not write, for a push: a missing object would be 404 to them, so it is their
+    access. Input to fix (exit 2), not retried."""
+    from tests.s3_server import LIMITED
+    from vlmops.dvc_remote_failures import RemoteAccessRefused, RemoteLoginRefused
+    from vlmops.outages import is_transient
+    from vlmops.versioning import DvcStore, pull_tracked
+
+    workspace, md5 = _pushed(s3_env, tmp_path, "dvc-forbidden")
+    url = "s3://dvc-forbidden/dvc"
+    head = rf"^the DVC remote {url} refused a request with the credentials \(HTTP 403 Forbidden; "
+    raised: list[RemoteAccessRefused] = []
+    for actions in ("Write", "List"):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", LIMITED[actions].access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", LIMITED[actions].secret_key)
+        with pytest.raises(RemoteAccessRefused, match=head) as pull:
+            pull_tracked(md5, "model", url, tmp_path / f"clone-{actions}")
+        raised.append(pull.value)
+    (workspace / "model" / "more.bin").write_bytes(b"more weights")
+    with pytest.raises(RemoteAccessRefused, match=head) as push:
+        DvcStore(workspace, "team", url).track(workspace / "model")
+    raised.append(push.value)
+
+    write_only, list_only, list_only_push = (str(e) for e in raised)
+    assert (
+        "either the login lacks access to what was asked for (it may not list the remote either), or that is missing "
+        "and the server hides it" in write_only
+    )
+    assert write_only.endswith(
+        f"{S3_FIX}; if it has that access, the remote's copy is missing: push it again from the DVC repository that "
+        "tracked it (`dvc push` there), or point versioning.remote_url at a remote that has it"
+    )
+    for message in (list_only, list_only_push):
+        assert (
+            "the login may list the remote but lacks access to what was asked for (were that only missing, the answer "
+            f"would be 404 Not Found): {S3_FIX}" in message
         )
-        assert not is_transient(raised)
+        assert message.endswith(S3_FIX)
+    assert [e.may_list for e in raised] == [False, True, True]
+    for error in raised:
+        assert not isinstance(error, RemoteLoginRefused)
+        assert error.exit_code == 2 and not is_transient(error)
 
 
 def test_a_remote_behind_a_password_is_pulled_with_the_configs_and_records_it_nowhere(
@@ -293,9 +357,8 @@ def test_a_remote_behind_a_password_is_pulled_with_the_configs_and_records_it_no
         for p in [*registry.root.rglob("*"), *tmp_path.rglob("*")]
         if p.is_file() and PASSWORD in p.read_text(errors="replace")
     ]
-    # DVC's git-ignored place for credentials, in the repository that pushed and in the one the pull left.
+    # DVC's git-ignored place for credentials in the repository that pushed; the folder the pull left has none.
     assert sorted(p.relative_to(tmp_path).as_posix() for p in holding) == [
         "outputs/.dvc/config.local",
-        f"pulled/vlmops-http-v{version}/.dvc/config.local",
         "with-login/pipeline.yaml",
     ]

@@ -250,7 +250,8 @@ class VersioningConfig(Section):
     remote_url: str | None = None
     """URL of that remote: a folder, s3://bucket/prefix (credentials from the AWS variables), or
     https://user:password@host/path (DVC's http remote; the password is given to DVC in the repository's
-    .dvc/config.local and masked wherever the URL is recorded). null: `<run.output_dir>/dvc-remote`."""
+    .dvc/config.local, to a pull in memory only, and masked wherever the URL is recorded). null:
+    `<run.output_dir>/dvc-remote`."""
 
     @field_validator("remote_url")
     @classmethod

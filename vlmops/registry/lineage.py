@@ -123,6 +123,7 @@ def pull_version(uri: str, config: PipelineConfig, out_dir: str | os.PathLike[st
             a file.
         DvcPullError: the remote's copy is missing or damaged.
         RemoteLoginRefused: the DVC remote refused the login (a wrong password in versioning.remote_url).
+        RemoteAccessRefused: the DVC remote answered 403: the login lacks access, or the copy is missing.
     """
     found = registered_version(uri, resolve_tracking_uri(config.tracking.uri))
     version = str(found.version.version)
@@ -164,6 +165,7 @@ def dataset_snapshot(tags: dict[str, str], config: PipelineConfig, work_dir: Pat
         UserInputError: neither the folder nor a DVC copy is recorded.
         DvcPullError: the remote's copy is missing or damaged.
         RemoteLoginRefused: the DVC remote refused the login (a wrong password in versioning.remote_url).
+        RemoteAccessRefused: the DVC remote answered 403: the login lacks access, or the copy is missing.
     """
     from vlmops.data.prepare import snapshot_hash
 
