@@ -13,7 +13,6 @@ import yaml
 from infra.local.postgres import PG_BIN
 from infra.local.stack import (
     DEFAULTS,
-    RESULTS_BLOCK,
     SECRETS,
     SERVICES,
     WORK_POOL,
@@ -22,10 +21,15 @@ from infra.local.stack import (
     StackError,
     read_env_file,
 )
+from infra.server_objects import RESULTS_BLOCK, RESULTS_BLOCK_TYPE, VARIABLES
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "infra/compose/compose.yaml").read_text())
 SERVICES_COMPOSE: dict[str, Any] = COMPOSE["services"]
+K8S = ROOT / "infra/k8s"
+WORKER_VALUES = yaml.safe_load((K8S / "prefect-worker-values.yaml").read_text())["worker"]
+# The entry point that makes the Prefect server's objects; infra/local calls its code after starting the server.
+SERVER_OBJECTS = ["python", "-m", "infra.server_objects"]
 ENV_EXAMPLE = read_env_file(ROOT / ".env.example")
 # Container port and the .env variable that publishes it, per service (infra/local uses the same variables).
 PORTS = {
@@ -76,7 +80,55 @@ def test_flow_runs_send_heartbeats_for_the_window_the_server_gives_them() -> Non
 
 
 def test_compose_runs_the_services_of_infra_local() -> None:
-    assert set(SERVICES_COMPOSE) == set(SERVICES)
+    # prefect-setup: what infra/local does once its Prefect server answers (ServerObjects.ensure), as a service.
+    assert set(SERVICES_COMPOSE) == {*SERVICES, "prefect-setup"}
+
+
+def test_compose_makes_the_prefect_server_objects_before_the_worker_starts() -> None:
+    """`prefect-setup` runs infra/server_objects.py in the worker's image once the server is healthy, with every
+    variable it reads (the defaults of .env.example, the worker's server and credentials); the worker waits for it."""
+    setup, server, worker = (SERVICES_COMPOSE[name] for name in ("prefect-setup", "prefect-server", "prefect-worker"))
+    assert setup["command"][: len(SERVER_OBJECTS)] == SERVER_OBJECTS
+    assert setup["build"] == worker["build"]
+    assert setup.get("restart") == "no" and "deploy" not in setup  # one shot, no GPU
+    assert set(setup["environment"]) == set(VARIABLES)
+    for key in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING"):
+        assert setup["environment"][key] == worker["environment"][key], key
+    for key, value in setup["environment"].items():
+        if key != "PREFECT_API_URL":
+            assert value in (f"${{{key}}}", f"${{{key}:-{ENV_EXAMPLE[key]}}}"), (key, value)
+    assert setup["depends_on"] == {"prefect-server": {"condition": "service_healthy"}}
+    assert "/api/health" in " ".join(server["healthcheck"]["test"])
+    assert worker["depends_on"]["prefect-setup"] == {"condition": "service_completed_successfully"}
+
+
+def test_kubernetes_job_makes_the_prefect_server_objects() -> None:
+    """The Job runs the same entry point in the flow-run image, on the worker's server, with the Secret vlmops-team."""
+    (job,) = yaml.safe_load_all((K8S / "prefect-server-objects.yaml").read_text())
+    assert job["kind"] == "Job" and job["metadata"]["namespace"] == "vlmops"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["command"][: len(SERVER_OBJECTS)] == SERVER_OBJECTS
+    template = json.loads((K8S / "gpu-job-template.json").read_text())
+    assert container["image"] == template["variables"]["properties"]["image"]["default"]
+    assert container["envFrom"] == [{"secretRef": {"name": "vlmops-team"}}]
+    assert "vlmops-team" in WORKER_VALUES["extraEnvVarsSecrets"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env == {"PREFECT_API_URL": WORKER_VALUES["selfHostedServerApiConfig"]["apiUrl"]}
+
+
+def test_kubernetes_secret_holds_what_its_readers_need() -> None:
+    """infra/k8s/team.env, as the values file's header makes it (.env, then the client settings with the cluster's
+    addresses), holds the client environment of infra/local and every variable the server-objects Job reads."""
+    header = (K8S / "prefect-worker-values.yaml").read_text().split("\nworker:", 1)[0]
+    appended = dict(re.findall(r"^#   ([A-Z][A-Z0-9_]+)=(\S+)$", header, re.MULTILINE))
+    team_env = {**ENV_EXAMPLE, **appended}
+    missing = (set(example_stack().client_env()) | set(VARIABLES)) - set(team_env)
+    assert not missing, f"team.env lacks {missing}"
+    assert appended["PREFECT_API_URL"] == WORKER_VALUES["selfHostedServerApiConfig"]["apiUrl"]
+    assert appended["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == f"{RESULTS_BLOCK_TYPE}/{RESULTS_BLOCK}"
+    mlflow = next(yaml.safe_load_all((K8S / "mlflow.yaml").read_text()))["spec"]["template"]["spec"]["containers"][0]
+    assert appended["AWS_ENDPOINT_URL"] == {e["name"]: e.get("value") for e in mlflow["env"]}["MLFLOW_S3_ENDPOINT_URL"]
+    assert "/infra/k8s/team.env" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 @pytest.mark.parametrize("service", sorted(PORTS))

@@ -188,11 +188,11 @@ def test_every_credential_in_env_example_is_redacted() -> None:
 
 
 def test_every_credential_variable_the_code_names_is_redacted() -> None:
-    """Every string in vlmops/, tasks/, flows/ and infra/local/ that names an environment variable with a
+    """Every string in vlmops/, tasks/, flows/ and infra/ that names an environment variable with a
     credential word (what the code reads, or sets for the servers it starts) is masked."""
     strings = {
         node.value
-        for path in SOURCES + list((ROOT / "infra" / "local").rglob("*.py"))
+        for path in SOURCES + list((ROOT / "infra").rglob("*.py"))
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
         if isinstance(node, ast.Constant) and isinstance(node.value, str)
     }

@@ -12,9 +12,10 @@ default `.stack/`):
 - SeaweedFS with its S3 gateway (infra/local/seaweedfs.py), one identity, bucket `VLMOPS_BUCKET`.
 - MLflow server: PostgreSQL store, artifacts proxied to s3://BUCKET/mlflow, basic auth (admin from the env),
   `--allowed-hosts`.
-- Prefect server on PostgreSQL, basic auth (`PREFECT_API_AUTH_STRING`), with the global concurrency limit `gpu`,
-  the result storage block `remote-file-system/vlmops-results` (s3://BUCKET/prefect-results) and the automation
-  `crash-zombie-flow-runs` (a Running flow run without a heartbeat for `VLMOPS_CRASHED_AFTER_S` is marked Crashed).
+- Prefect server on PostgreSQL, basic auth (`PREFECT_API_AUTH_STRING`), then its objects (infra/server_objects.py,
+  which compose and k8s run too): the global concurrency limit `gpu`, the result storage block
+  `remote-file-system/vlmops-results` (s3://BUCKET/prefect-results) and the automation `crash-zombie-flow-runs` (a
+  Running flow run without a heartbeat for `VLMOPS_CRASHED_AFTER_S` is marked Crashed).
 - A Prefect process worker on the work pool `gpu`, with the client environment (its flow runs send a heartbeat every
   `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` seconds).
 
@@ -39,25 +40,20 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 
+from infra import server_objects
+from infra.env_file import read_env_file
 from infra.local.postgres import Postgres, PostgresError
 from infra.local.seaweedfs import PORT_NAMES, free_ports, s3_client, wait_s3_ready, weed_binary, weed_command
-
-if TYPE_CHECKING:
-    from prefect.events.schemas.automations import AutomationCore
+from infra.server_objects import RESULTS_BLOCK, ServerObjects
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORK_POOL = "gpu"
-GPU_LIMIT = "gpu"
-RESULTS_BLOCK = "vlmops-results"
-ZOMBIE_AUTOMATION = "crash-zombie-flow-runs"
-# Prefect refuses a shorter heartbeat period (its setting's minimum).
-MIN_HEARTBEAT_S = 30
 # The variables `.env` must set (no defaults: secrets); the rest have defaults below.
 SECRETS = ("POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")
 DEFAULTS = {
@@ -68,15 +64,11 @@ DEFAULTS = {
     "AWS_ACCESS_KEY_ID": "vlmops-s3-key",  # distinctive: the redaction masks it wherever it appears
     "AWS_DEFAULT_REGION": "us-east-1",
     "S3_PORT": "8333",
-    "VLMOPS_BUCKET": "vlmops",
     "MLFLOW_PORT": "5000",
     "MLFLOW_TRACKING_USERNAME": "admin",
     "MLFLOW_FLASK_SERVER_SECRET_KEY": "",  # empty: one is made and kept in the stack folder
     "PREFECT_PORT": "4200",
-    "GPU_SLOTS": "1",
-    # Prefect's recipe for zombie flow runs: a heartbeat every 30 s, Crashed after 90 s without one (3 missed).
-    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
-    "VLMOPS_CRASHED_AFTER_S": "90",
+    **server_objects.DEFAULTS,  # VLMOPS_BUCKET, GPU_SLOTS, the heartbeat period and the window after it
 }
 HOST = "127.0.0.1"
 SERVICES = ("postgres", "seaweedfs", "mlflow", "prefect-server", "prefect-worker")
@@ -85,22 +77,6 @@ DATABASES = ("mlflow", "mlflow_auth", "prefect")
 
 class StackError(RuntimeError):
     """A service did not start, or the settings are incomplete; the message names the log or the variable."""
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines of a .env file (comments, blank lines and `export ` prefixes allowed; quotes stripped)."""
-    values: dict[str, str] = {}
-    if not path.is_file():
-        return values
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.removeprefix("export ").partition("=")
-        if not sep:
-            raise StackError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
-        values[key.strip()] = value.strip().strip("'\"")
-    return values
 
 
 @dataclass(frozen=True)
@@ -113,7 +89,10 @@ class Settings:
     def load(cls, env: Mapping[str, str] | None = None, env_file: Path | None = None) -> Settings:
         """Defaults < `env_file` (default: .env in the repository) < the process environment (or `env`)."""
         merged = dict(DEFAULTS)
-        merged.update(read_env_file(env_file or REPO_ROOT / ".env"))
+        try:
+            merged.update(read_env_file(env_file or REPO_ROOT / ".env"))
+        except ValueError as err:
+            raise StackError(str(err)) from None
         source = os.environ if env is None else env
         merged.update({k: v for k, v in source.items() if k in DEFAULTS or k in SECRETS})
         missing = [k for k in SECRETS if not merged.get(k)]
@@ -123,7 +102,9 @@ class Settings:
             raise StackError("MLFLOW_TRACKING_PASSWORD must have at least 12 characters (MLflow refuses shorter ones)")
         if ":" not in merged["PREFECT_API_AUTH_STRING"]:
             raise StackError("PREFECT_API_AUTH_STRING must be USER:PASSWORD (basic auth of the Prefect server)")
-        _check_heartbeat_settings(merged)
+        errors = server_objects.settings_errors(merged)
+        if errors:
+            raise StackError("; ".join(errors))
         return cls(merged)
 
     def __getitem__(self, key: str) -> str:
@@ -482,24 +463,10 @@ class Stack:
         self._prefect_objects()
 
     def _prefect_objects(self) -> None:
-        """The global concurrency limit `gpu` and the S3 result storage block (both kept when they exist), and the
-        zombie automation (updated to this stack's window when it exists)."""
-        response = self._prefect(
-            "POST", "/v2/concurrency_limits/", {"name": GPU_LIMIT, "limit": int(self.settings["GPU_SLOTS"])}
-        )
-        if response.status_code not in (200, 201, 409):
-            raise StackError(f"creating the concurrency limit {GPU_LIMIT}: {response.status_code} {response.text}")
-        from prefect.filesystems import RemoteFileSystem
-        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-        with temporary_settings({PREFECT_API_URL: self.prefect_url, PREFECT_API_AUTH_STRING: self._auth_string}):
-            # No credentials in the block: every worker reads its own AWS_* environment (s3fs, like boto3).
-            RemoteFileSystem(basepath=f"s3://{self.bucket}/prefect-results").save(RESULTS_BLOCK, overwrite=True)
-            save_automation(zombie_automation(int(self.settings["VLMOPS_CRASHED_AFTER_S"])))
-
-    @property
-    def _auth_string(self) -> str:
-        return self.settings["PREFECT_API_AUTH_STRING"]
+        """The server's limit `gpu`, result block and zombie automation (infra/server_objects.py: made when missing)."""
+        objects = ServerObjects.from_env({**self.settings.values, "PREFECT_API_URL": self.prefect_url})
+        for line in objects.ensure():
+            log.info("prefect-server: %s", line)
 
     def _worker_healthy(self, service: str = "prefect-worker") -> bool:
         """The worker's process is alive and the server lists it ONLINE on the pool."""
@@ -547,71 +514,6 @@ class Stack:
     def stop(self, service: str, timeout: float = 30.0) -> None:
         """Stop one process the stack started (a worker, a server; not PostgreSQL: `down` stops that)."""
         self._stop(service, timeout)
-
-
-def _check_heartbeat_settings(values: Mapping[str, str]) -> None:
-    """The heartbeat period is whole seconds, at least Prefect's minimum; the window without one is longer, or the
-    automation would mark healthy runs Crashed between two heartbeats."""
-    numbers = {}
-    for key in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "VLMOPS_CRASHED_AFTER_S"):
-        try:
-            numbers[key] = int(values[key])
-        except ValueError:
-            raise StackError(f"{key}={values[key]!r}: must be a whole number of seconds") from None
-    heartbeat, window = numbers["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"], numbers["VLMOPS_CRASHED_AFTER_S"]
-    if heartbeat < MIN_HEARTBEAT_S:
-        raise StackError(f"PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat}: Prefect's minimum is {MIN_HEARTBEAT_S} s")
-    if window <= heartbeat:
-        raise StackError(
-            f"VLMOPS_CRASHED_AFTER_S={window} must exceed PREFECT_FLOWS_HEARTBEAT_FREQUENCY={heartbeat}: a run is "
-            f"marked Crashed after that long without a heartbeat (Prefect's recipe: 3 heartbeats, {3 * heartbeat})"
-        )
-
-
-def zombie_automation(crashed_after_s: int) -> AutomationCore:
-    """Prefect's automation for zombie flow runs (its guide "Detect zombie flows"): after each heartbeat of a flow run,
-    expect another, or the run's end, within `crashed_after_s`; when neither comes, mark the run Crashed."""
-    from datetime import timedelta
-
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
-    ended = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
-    return AutomationCore(
-        name=ZOMBIE_AUTOMATION,
-        description="A Running flow run whose heartbeats stopped (its process or machine died, or it lost the API) is "
-        "marked Crashed, so that `prefect flow-run retry` accepts it (infra/local/stack.py).",
-        trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", *ended},
-            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=crashed_after_s),
-        ),
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=f"No heartbeat for {crashed_after_s} s: its process died or lost the API "
-                f"(automation {ZOMBIE_AUTOMATION})",
-            )
-        ],
-    )
-
-
-def save_automation(automation: AutomationCore) -> None:
-    """Create the automation, or replace the one of the same name (so a changed window takes effect)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        found = client.read_automations_by_name(automation.name)
-        if found:
-            client.update_automation(found[0].id, automation)
-        else:
-            client.create_automation(automation)
 
 
 def _worker_name(service: str) -> str:

@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from infra.local.stack import GPU_LIMIT, Settings, Stack
+from infra.local.stack import Settings, Stack
+from infra.server_objects import GPU_LIMIT
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).with_name("prefect"))

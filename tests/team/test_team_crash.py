@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from infra.local.stack import GPU_LIMIT, ZOMBIE_AUTOMATION, Stack
+from infra.local.stack import Stack
+from infra.server_objects import GPU_LIMIT, ZOMBIE_AUTOMATION
 from tests.team.conftest import RUN_OVERRIDES, flow_run_id, prefect_api, prefect_cli, wait_for_flow_run
 
 pytestmark = [pytest.mark.team, pytest.mark.integration, pytest.mark.timeout(1800)]
