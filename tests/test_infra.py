@@ -102,6 +102,29 @@ def test_compose_makes_the_prefect_server_objects_before_the_worker_starts() -> 
     assert worker["depends_on"]["prefect-setup"] == {"condition": "service_completed_successfully"}
 
 
+def test_the_worker_image_leaves_out_what_git_does() -> None:
+    """The worker image is built from the repository (`COPY . .`): every path .gitignore keeps out of git (credentials
+    in .env and infra/k8s/team.env, the native stack's data, the virtual environment, outputs) is kept out of the
+    image's build context by .dockerignore too."""
+    assert COMPOSE["x-worker-build"]["context"] == "../.."
+    ignored = {
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    missing = []
+    for line in (ROOT / ".gitignore").read_text().splitlines():
+        pattern = line.strip().rstrip("/")
+        if not pattern or pattern.startswith("#"):
+            continue
+        # `/x` is git's root-only form (docker's plain `x`); `x` alone matches at any depth (docker's `**/x`), and a
+        # root-only entry is enough for the folders that only ever sit at the root (.venv).
+        name = pattern.removeprefix("/")
+        if not ({name, f"**/{name}"} & ignored):
+            missing.append(pattern)
+    assert not missing, f".dockerignore lacks {missing}"
+
+
 def test_kubernetes_job_makes_the_prefect_server_objects() -> None:
     """The Job runs the same entry point in the flow-run image, on the worker's server, with the Secret vlmops-team."""
     (job,) = yaml.safe_load_all((K8S / "prefect-server-objects.yaml").read_text())
