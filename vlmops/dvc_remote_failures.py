@@ -29,9 +29,10 @@ from vlmops.outages import DVC_REMOTE, Outage, ServiceUnavailable, exception_cha
 from vlmops.redact import redact_uri, uri_login
 
 HTTP_SCHEMES = ("http://", "https://")
-# S3's codes for a login it does not take: keys it does not know, or a signature they do not make. S3 answers them 403,
-# not 401, with the code in the body (a HEAD's answer, without one, is a bare 403: the listing tells it apart).
-LOGIN_REFUSED_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch")
+# S3's codes for a login it does not take: keys it does not know, or a signature they do not make (answered 403, not
+# 401, with the code in the body: a HEAD's answer, without one, is a bare 403, and the listing tells it apart), and a
+# temporary login's session token that has expired or is not one (answered 400).
+LOGIN_REFUSED_CODES = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
 # Where a password given on the command line would end up: the reason a login's fix names the config file.
 NOT_WITH_SET = "(not with --set: overrides are stored as flow-run parameters, so they may hold no password)"
 
@@ -110,7 +111,8 @@ def _login_fix(remote_url: str) -> str:
     if remote_url.startswith("s3://"):
         return (
             "give DVC's S3 remote keys that may list and read (and, for a push, write) it: AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY in the environment, or a profile of the AWS config (AWS_PROFILE)"
+            "AWS_SECRET_ACCESS_KEY in the environment (with AWS_SESSION_TOKEN for temporary keys, renewed once they "
+            "expire), or a profile of the AWS config (AWS_PROFILE)"
         )
     return "give DVC credentials the remote takes, where DVC's remote of this kind reads them"
 

@@ -196,7 +196,8 @@ def test_pull_from_an_s3_remote_checks_every_object(s3_env: S3Server, tmp_path: 
 
 S3_FIX = (
     "give DVC's S3 remote keys that may list and read (and, for a push, write) it: AWS_ACCESS_KEY_ID and "
-    "AWS_SECRET_ACCESS_KEY in the environment, or a profile of the AWS config (AWS_PROFILE)"
+    "AWS_SECRET_ACCESS_KEY in the environment (with AWS_SESSION_TOKEN for temporary keys, renewed once they expire), "
+    "or a profile of the AWS config (AWS_PROFILE)"
 )
 
 
@@ -238,6 +239,37 @@ def test_an_s3_remote_that_refuses_the_credentials_says_so(
         assert str(raised).endswith(S3_FIX)
         assert raised.exit_code == 2 and not is_transient(raised)
         assert "not-the-secret" not in str(raised)
+
+
+def test_a_temporary_login_the_s3_remote_does_not_take_is_a_refused_login(
+    s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Temporary keys (AWS_SESSION_TOKEN): a session token the server does not know (SeaweedFS then looks the keys up
+    as temporary ones, InvalidAccessKeyId) and one AWS calls expired (ExpiredToken, answered 400, which no local server
+    gives: the client's own error for it) are a refused login, whose fix names the session token; not a retry."""
+    from botocore.exceptions import ClientError
+
+    from vlmops.dvc_remote_failures import RemoteLoginRefused, remote_failures_named
+    from vlmops.outages import is_transient
+    from vlmops.versioning import pull_tracked
+
+    _, md5 = _pushed(s3_env, tmp_path, "dvc-token")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "a-token-nobody-issued")
+    with pytest.raises(RemoteLoginRefused, match=r"refused the credentials .*\(InvalidAccessKeyId\)") as unknown:
+        pull_tracked(md5, "model", "s3://dvc-token/dvc", tmp_path / "clone")
+    expired = ClientError(
+        {
+            "Error": {"Code": "ExpiredToken", "Message": "The provided token has expired."},
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        },
+        "HeadObject",
+    )
+    late_match = r"\(HTTP 400 Bad Request; .*ExpiredToken"
+    with pytest.raises(RemoteLoginRefused, match=late_match) as late, remote_failures_named("s3://dvc-token/dvc"):
+        raise PermissionError("Forbidden") from expired
+    for raised in (unknown.value, late.value):
+        assert str(raised).endswith(S3_FIX) and "AWS_SESSION_TOKEN" in S3_FIX
+        assert raised.exit_code == 2 and not is_transient(raised)
 
 
 def test_an_s3_remote_that_answers_403_to_keys_it_takes_says_what_that_can_mean(
