@@ -7,8 +7,9 @@ logged and left, not followed round. A folder it cannot list (no read permission
 `os.walk` passes over it without a word unless told otherwise, and its files would be left out. `files_under` lists
 the files; a step's cache key (vlmops.fingerprints) walks the same way, so what a step reads and what its key sees
 are the same files. `listed_matching` matches a glob by the same walk (`glob.glob` follows a linked folder under `**`
-as often as it comes to it, round a loop too), so a batch input glob reads what a folder input would: each real file
-once.
+as often as it comes to it, round a loop too), so a batch input glob reads what a folder input would. A file that a
+folder or glob reaches under two names (`b.jsonl -> a.jsonl` beside it) is read once, under the first
+(`first_names`), as a dataset folder and a batch input read it.
 
 A name the walk lists that is no file (a broken link such as `part3.jsonl -> /mnt/gone/part3.jsonl`, a named pipe)
 is refused when the caller would read it (`files_under`'s `reads`, `refuse_unreadable`): skipped, it would make a job
@@ -18,7 +19,6 @@ answer fewer records, or a model's hash and upload miss a file, with no word sai
 from __future__ import annotations
 
 import fnmatch
-import functools
 import glob
 import itertools
 import logging
@@ -92,9 +92,8 @@ def listed_matching(pattern: Path) -> list[Path]:
     matched under both names (records read twice), and a link back up the tree was followed round until the system
     refused (40 links deep). This walks the pattern's folder as `walk` does, into each real folder once for each place
     in the pattern its name reaches (the same folder at the same place matches the same files): a loop is logged and
-    left, and a subfolder the pattern cannot reach is not listed. A file reachable under two names (its folder
-    linked twice, each matched) is listed under the first in sorted order, the others logged; a link to a file is a
-    name of its own, as in a folder.
+    left, and a subfolder the pattern cannot reach is not listed. A file a reader finds here under two names (its
+    folder matched at two places, a link to it beside it) is the reader's to read once (`first_names`).
 
     Raises:
         UserInputError: a `..` after a wildcard (a walk lists no `..`); a folder the walk goes into cannot be listed.
@@ -114,13 +113,7 @@ def listed_matching(pattern: Path) -> list[Path]:
         return wildcards.after(path.relative_to(literal).parts)
 
     walked = walk(literal, keep=lambda path: wildcards.goes_on(place(path)), visit=lambda p: (p.resolve(), place(p)))
-    matched: dict[tuple[Path, str], Path] = {}  # each file in a real folder, by its first name in sorted order
-    real = functools.cache(Path.resolve)  # a folder resolved once for all its files
-    for path in sorted(path for _, names in walked for path in names if wildcards.matches(place(path))):
-        first = matched.setdefault((real(path.parent), path.name), path)
-        if first != path:
-            log.warning("%s is %s by another name, already matched: not read twice", path, first)
-    return list(matched.values())
+    return sorted(path for _, names in walked for path in names if wildcards.matches(place(path)))
 
 
 class _Wildcards:
@@ -173,6 +166,19 @@ def files_under(root: Path, reads: Callable[[Path], bool] = _every) -> list[Path
     chosen = [path for path in listed_under(root) if reads(path)]
     refuse_unreadable(chosen)
     return chosen
+
+
+def first_names(paths: Iterable[Path]) -> dict[Path, Path]:
+    """Each file among `paths` (files to read, in the order read: sorted) by the file its links lead to
+    (`Path.resolve`), named by the first of its names; each other name is logged, and not read: a folder's own links
+    (`b.jsonl -> a.jsonl` beside it, a hub snapshot's, a DVC checkout's) may not be the user's to change, and its
+    records would be read twice."""
+    named: dict[Path, Path] = {}
+    for path in paths:
+        first = named.setdefault(real := path.resolve(), path)
+        if first != path:
+            log.warning("%s is %s by another name (both lead to %s): not read twice", path, first, real)
+    return named
 
 
 def refuse_unreadable(paths: Iterable[Path]) -> None:
