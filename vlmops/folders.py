@@ -14,6 +14,9 @@ folder or glob reaches under two names (`b.jsonl -> a.jsonl` beside it) is read 
 A name the walk lists that is no file (a broken link such as `part3.jsonl -> /mnt/gone/part3.jsonl`, a named pipe)
 is refused when the caller would read it (`files_under`'s `reads`, `refuse_unreadable`): skipped, it would make a job
 answer fewer records, or a model's hash and upload miss a file, with no word said.
+
+`quiet`: a cache key lists what its step will read, and the step says what it left out; said by both, a flow's log
+would name each thing twice.
 """
 
 from __future__ import annotations
@@ -41,14 +44,18 @@ def _every(path: Path) -> bool:
 
 
 def walk(
-    root: Path, keep: Callable[[Path], bool] = _every, visit: Callable[[Path], Hashable] = Path.resolve
+    root: Path,
+    keep: Callable[[Path], bool] = _every,
+    visit: Callable[[Path], Hashable] = Path.resolve,
+    *,
+    quiet: bool = False,
 ) -> Iterator[tuple[list[Path], list[Path]]]:
     """For `root` and each folder below it: the symlinks to folders in it, and the names `os.walk` lists as its
     files (a broken link among them). Folder links are followed, and each real folder is walked once, under its first
     name in sorted order (a walk goes depth-first, each folder's subfolders in sorted order); one reached again (a
-    second link to it, a link back up the tree) is logged and left. `keep(path)` False leaves a subfolder (and its
-    link) out; `visit(path)` is what makes two folders the same: their real folder (a glob's walk adds the place in
-    the pattern the folder's name reaches, `listed_matching`).
+    second link to it, a link back up the tree) is logged (unless `quiet`) and left. `keep(path)` False leaves a
+    subfolder (and its link) out; `visit(path)` is what makes two folders the same: their real folder (a glob's walk
+    adds the place in the pattern the folder's name reaches, `listed_matching`).
 
     Raises:
         UserInputError: `root` or a folder below it that the walk goes into cannot be listed, named with the error.
@@ -59,8 +66,9 @@ def walk(
         # Checked as the walk comes to a folder, not as its parent is listed: the walk then meets every folder's names
         # in sorted order, so the name kept is the first in sorted order, however deep the others lie.
         if (first := seen.get(visited := visit(here))) is not None:
-            how = "links to" if here.is_symlink() else "is"
-            log.warning("%s %s %s, already read as %s: not read twice", here, how, here.resolve(), first)
+            if not quiet:
+                how = "links to" if here.is_symlink() else "is"
+                log.warning("%s %s %s, already read as %s: not read twice", here, how, here.resolve(), first)
             dirs[:] = []
             continue
         seen[visited] = here
@@ -77,10 +85,10 @@ def _refuse_unlisted(err: OSError) -> None:
     raise UserInputError(f"cannot list folder {err.filename} ({err.strerror or err}): {fix}") from err
 
 
-def listed_under(root: Path) -> list[Path]:
+def listed_under(root: Path, *, quiet: bool = False) -> list[Path]:
     """Every name a walk of `root` lists as a file, sorted by path: the files (symlinks to files and to folders
     followed), and any broken link or named pipe among them."""
-    return sorted(path for _, names in walk(root) for path in names)
+    return sorted(path for _, names in walk(root, quiet=quiet) for path in names)
 
 
 def listed_matching(pattern: Path) -> list[Path]:
@@ -157,26 +165,26 @@ class _Wildcards:
         return any(i < len(self.parts) for i in places)
 
 
-def files_under(root: Path, reads: Callable[[Path], bool] = _every) -> list[Path]:
+def files_under(root: Path, reads: Callable[[Path], bool] = _every, *, quiet: bool = False) -> list[Path]:
     """The files under `root` (symlinks to files and to folders followed) whose path `reads` selects, sorted by path.
 
     Raises:
         UserInputError: a path `reads` selects is no file to read (a broken link, a named pipe): named, with the fix.
     """
-    chosen = [path for path in listed_under(root) if reads(path)]
+    chosen = [path for path in listed_under(root, quiet=quiet) if reads(path)]
     refuse_unreadable(chosen)
     return chosen
 
 
-def first_names(paths: Iterable[Path]) -> dict[Path, Path]:
+def first_names(paths: Iterable[Path], *, quiet: bool = False) -> dict[Path, Path]:
     """Each file among `paths` (files to read, in the order read: sorted) by the file its links lead to
-    (`Path.resolve`), named by the first of its names; each other name is logged, and not read: a folder's own links
-    (`b.jsonl -> a.jsonl` beside it, a hub snapshot's, a DVC checkout's) may not be the user's to change, and its
-    records would be read twice."""
+    (`Path.resolve`), named by the first of its names; each other name is logged (unless `quiet`), and not read: a
+    folder's own links (`b.jsonl -> a.jsonl` beside it, a hub snapshot's, a DVC checkout's) may not be the user's to
+    change, and its records would be read twice."""
     named: dict[Path, Path] = {}
     for path in paths:
         first = named.setdefault(real := path.resolve(), path)
-        if first != path:
+        if first != path and not quiet:
             log.warning("%s is %s by another name (both lead to %s): not read twice", path, first, real)
     return named
 
