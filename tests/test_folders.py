@@ -130,8 +130,14 @@ def test_a_file_an_input_holds_under_two_names_is_read_once_under_the_first(
 
 def test_a_glob_matches_what_glob_glob_matches_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a tree without links, the walk matches the files glob.glob matches (hidden names, `**` at any place, a
-    pattern relative to the working folder), each once: glob.glob itself gave `b/b/b.jsonl` twice for `**/b/**/*`."""
-    files = ["a.jsonl", "b.json", ".h.jsonl", "x/c.jsonl", "x/.d.jsonl", "x/y/e.jsonl", ".hid/f.jsonl", "b/b/b.jsonl"]
+    pattern relative to the working folder, a backslash as a character), each once: glob.glob itself gave
+    `b/b/b.jsonl` twice for `**/b/**/*`. But for a file that glob.glob gives as a folder, with a `/` after it, where a
+    `**` at the pattern's end took no folder (`x/c.jsonl/` for `*/c.jsonl/**`): a file holds none, and is not
+    matched."""
+    files = [
+        *("a.jsonl", "b.json", ".h.jsonl", "x/c.jsonl", "x/.d.jsonl", "x/y/e.jsonl", ".hid/f.jsonl", "b/b/b.jsonl"),
+        "w\\x.jsonl",
+    ]
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}\n")
@@ -142,17 +148,22 @@ def test_a_glob_matches_what_glob_glob_matches_each_file_once(tmp_path: Path, mo
         "**/*.jsonl",
         "*/*.jsonl",
         "x/**",
+        "*/**",
         ".*",
         "**/.*",
         ".*/*",
         "**/b/**/*.jsonl",
         "[ab]*",
         "x/?/*",
+        "w\\*",
     ]
     for pattern in [*patterns, *(f"{tmp_path}/{pattern}" for pattern in patterns)]:
-        globbed = {Path(p) for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir()}  # noqa: PTH207
-        assert listed_matching(Path(pattern)) == sorted(globbed), pattern
+        globbed = {Path(p) for p in glob.glob(pattern, recursive=True) if not p.endswith("/")}  # noqa: PTH207
+        assert listed_matching(Path(pattern)) == sorted(p for p in globbed if not p.is_dir()), pattern
     assert [f.uri for f in find_inputs(str(tmp_path / "**" / "b" / "**" / "*.jsonl"))] == [f"{tmp_path}/b/b/b.jsonl"]
+    assert [f.name for f in find_inputs(str(tmp_path / "w\\*"))] == ["w\\x.jsonl"]
+    assert glob.glob("*/c.jsonl/**", recursive=True) == ["x/c.jsonl/"]  # noqa: PTH207
+    assert listed_matching(Path("*/c.jsonl/**")) == []
 
 
 def test_a_folder_a_glob_reaches_under_two_names_keeps_each_match(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ logged and left, not followed round. A folder it cannot list (no read permission
 `os.walk` passes over it without a word unless told otherwise, and its files would be left out. `files_under` lists
 the files; a step's cache key (vlmops.fingerprints) walks the same way, so what a step reads and what its key sees
 are the same files. `listed_matching` matches a glob by the same walk (`glob.glob` follows a linked folder under `**`
-as often as it comes to it, round a loop too), so a batch input glob reads what a folder input would. A file that a
-folder or glob reaches under two names (`b.jsonl -> a.jsonl` beside it) is read once, under the first
-(`first_names`), as a dataset folder and a batch input read it.
+as often as it comes to it, round a loop too), its names matched by wcmatch, so a batch input glob reads what a folder
+input would. A file that a folder or glob reaches under two names (`b.jsonl -> a.jsonl` beside it) is read once, under
+the first (`first_names`), as a dataset folder and a batch input read it.
 
 A name the walk lists that is no file (a broken link such as `part3.jsonl -> /mnt/gone/part3.jsonl`, a named pipe)
 is refused when the caller would read it (`files_under`'s `reads`, `refuse_unreadable`): skipped, it would make a job
@@ -21,14 +21,15 @@ would name each thing twice.
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import itertools
 import logging
 import os
 import stat
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
+
+from wcmatch import glob as wcglob
 
 from vlmops.errors import UserInputError
 from vlmops.plural import counted
@@ -93,8 +94,8 @@ def listed_under(root: Path, *, quiet: bool = False) -> list[Path]:
 
 def listed_matching(pattern: Path) -> list[Path]:
     """Every name a walk lists as a file (a broken link or a named pipe among them) that the glob `pattern` matches as
-    `glob.glob(pattern, recursive=True)` would, sorted by path: by the names it was matched with, below the pattern's
-    folder (its parts up to the first wildcard), as given.
+    `glob.glob(pattern, recursive=True)` would (`_GlobParts`), sorted by path: by the names it was matched with, below
+    the pattern's folder (its parts up to the first wildcard), as given.
 
     `glob.glob` follows a linked folder under `**` each time it is reached: a folder linked twice had its files
     matched under both names (records read twice), and a link back up the tree was followed round until the system
@@ -115,54 +116,64 @@ def listed_matching(pattern: Path) -> list[Path]:
         )
     if not literal.is_dir():
         return []
-    wildcards = _Wildcards(parts)
+    wildcards = _GlobParts(parts)
 
     def place(path: Path) -> frozenset[int]:
-        return wildcards.after(path.relative_to(literal).parts)
+        return wildcards.places(path.relative_to(literal))
 
     walked = walk(literal, keep=lambda path: wildcards.goes_on(place(path)), visit=lambda p: (p.resolve(), place(p)))
-    return sorted(path for _, names in walked for path in names if wildcards.matches(place(path)))
+    return sorted(path for _, names in walked for path in names if wildcards.matches(path.relative_to(literal)))
 
 
-class _Wildcards:
-    """A glob's parts below its folder, matched a name at a time as `glob.glob(..., recursive=True)` matches them:
-    `fnmatch` for each name, `**` for any number of folders, and no name that starts with "." unless the part does.
-    Python 3.11's glob has no matcher of its own for a path (glob.translate came in 3.13)."""
+GLOB_FLAGS = wcglob.GLOBSTAR | wcglob.FORCEUNIX
+"""wcmatch's rules for `glob.glob(..., recursive=True)`'s on POSIX: `*`, `?` and `[...]` within a name, `**` for any
+number of folders, no name that starts with "." unless the pattern's part does, case kept; no braces, extglobs or
+negated patterns."""
+
+
+class _GlobParts:
+    """A glob's parts below its folder (a relative path's parts), matched by wcmatch as `glob.glob(...,
+    recursive=True)` matches them, a backslash a character as there (wcmatch escapes with it), but for:
+    - `[^a]`, which negates as `[!a]` does, and `[[:digit:]]`, a class, as in a shell (`glob.glob` reads the
+      characters written: `^` or `a`);
+    - a file where a folder stands: `glob.glob` gives `x/c.jsonl/` for `*/c.jsonl/**`, whose `**` took no folder after
+      the file; no file holds anything to match.
+
+    The one thing written here: where in the pattern a folder stands (`places`), which a walk asks and wcmatch has no
+    call for. The same real folder at the same places matches the same files below it; at others (`in/a -> X` and
+    `in/c/b -> X` under `in/**/b/*.jsonl`), other files.
+    """
 
     def __init__(self, parts: Sequence[str]):
         self.parts = tuple(parts)
+        self._prefixes = [  # the pattern's first i parts, for each i
+            wcglob.compile("/".join(self.parts[:i]).replace("\\", "\\\\"), flags=GLOB_FLAGS)
+            for i in range(len(self.parts) + 1)
+        ]
 
-    def after(self, names: Sequence[str]) -> frozenset[int]:
-        """Where in the pattern a path of these names can stand: how many of its parts each way of matching used."""
-        places = self._past_globstars({0})
-        for name in names:
-            places = self._past_globstars({j for i in places for j in self._next(i, name)})
-        return places
-
-    def _next(self, i: int, name: str) -> list[int]:
-        """Where a path at part `i` stands after `name`: at `i` (a `**` takes it), at the next part, or nowhere."""
-        if i == len(self.parts):
-            return []
-        part, hidden = self.parts[i], name.startswith(".")
-        if part == "**":
-            return [] if hidden else [i]
-        return [i + 1] if (not hidden or part.startswith(".")) and fnmatch.fnmatch(name, part) else []
-
-    def _past_globstars(self, places: set[int]) -> frozenset[int]:
-        """`places` and those past each `**` that follows one: a `**` matches no folder, too."""
-        reached = set(places)
-        for i in places:
-            while i < len(self.parts) and self.parts[i] == "**":
-                i += 1
-                reached.add(i)
-        return frozenset(reached)
-
-    def matches(self, places: frozenset[int]) -> bool:
-        return len(self.parts) in places
+    def places(self, path: PurePath) -> frozenset[int]:
+        """How many of the pattern's parts a folder's relative `path` may have taken: each `i` whose first `i` parts
+        match it, and those a `**` next to it joins: a `**` takes no folder, or any number more, so a path that
+        stands past one stands before it too, and one before it past it (`in/up -> in` under `in/**/*.jsonl` stands
+        where `in` does, and is a loop)."""
+        name = path.as_posix() if path.parts else ""
+        places = {i for i, prefix in enumerate(self._prefixes) if prefix.match(name)}
+        for i in list(places):
+            back, ahead = i, i
+            while back > 0 and self.parts[back - 1] == "**":
+                back -= 1
+            while ahead < len(self.parts) and self.parts[ahead] == "**":
+                ahead += 1
+            places.update(range(back, ahead + 1))
+        return frozenset(places)
 
     def goes_on(self, places: frozenset[int]) -> bool:
         """Whether a folder at `places` may hold a match: some part is left to match below it."""
         return any(i < len(self.parts) for i in places)
+
+    def matches(self, path: PurePath) -> bool:
+        """Whether a file's relative `path` matches the whole pattern."""
+        return self._prefixes[-1].match(path.as_posix())
 
 
 def files_under(root: Path, reads: Callable[[Path], bool] = _every, *, quiet: bool = False) -> list[Path]:
