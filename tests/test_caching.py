@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import socket
@@ -415,6 +416,41 @@ def test_a_part_added_to_the_dataset_folder_is_validated_again(
 
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}):
         assert validate_thrice() == [("Completed", 1), ("Cached", 1), ("Completed", 3)]
+
+
+def test_a_file_a_dataset_folder_holds_under_two_names_is_named_once_a_step_run(
+    tmp_path: Path, prefect_harness: None, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """data.train a folder with `latest.jsonl -> part-0000.jsonl` and two links to one folder of parts: the validate
+    step's key lists the folder as validation does, and said so too, so the flow's log named each twice. The key
+    lists it without a word; validation names each once."""
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    train, evals, parts = tmp_path / "data" / "train", tmp_path / "data" / "eval", tmp_path / "elsewhere" / "parts"
+    for folder in (train, evals, parts):
+        image(folder / "images" / "shape.bmp", "red")
+        (folder / "part-0000.jsonl").write_text(RECORD + "\n")
+    (train / "latest.jsonl").symlink_to("part-0000.jsonl")
+    (train / "more").symlink_to(parts)
+    (train / "zz-again").symlink_to(parts)
+    args = (DataConfig(), str(train), str(evals), str(tiny_model), str(tmp_path / "outputs"), None, StorageConfig(), 0)
+
+    @flow
+    def validate_once() -> str:
+        return validate_dataset(*args, return_state=True).name
+
+    with (
+        temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "prefect-storage"}),
+        caplog.at_level(logging.WARNING, logger="vlmops"),
+    ):
+        assert validate_once() == "Completed"
+    real = train.resolve()
+    assert sorted(r.getMessage() for r in caplog.records if r.name.startswith("vlmops")) == [
+        f"{train}/part-0000.jsonl is {train}/latest.jsonl by another name (both lead to {real}/part-0000.jsonl): "
+        "not read twice",
+        f"{train}/zz-again links to {parts.resolve()}, already read as {train}/more: not read twice",
+    ]
 
 
 @pytest.mark.integration

@@ -97,10 +97,47 @@ def test_a_link_loop_under_a_glob_is_left_and_named(tmp_path: Path, caplog: pyte
     assert f"{root}/up links to {root}, already read as {root}: not read twice" in caplog.messages
 
 
+def test_a_file_an_input_holds_under_two_names_is_read_once_under_the_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`in/a.jsonl -> b.jsonl` beside it, `in/sub/c.jsonl -> ../c.jsonl` (a hub snapshot's or a DVC checkout's own
+    links): a folder input and a glob read each such file under both names, and the job answered its records twice.
+    Each is read once now, under its first name in sorted order (a link too), the other name logged, as a dataset
+    folder reads it."""
+    root = tmp_path.resolve() / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "b.jsonl").write_text('{"id": "b"}\n')
+    (root / "a.jsonl").symlink_to("b.jsonl")
+    (root / "c.jsonl").write_text('{"id": "c"}\n')
+    (root / "sub" / "c.jsonl").symlink_to(root / "c.jsonl")
+    twice = {
+        "b": f"{root}/b.jsonl is {root}/a.jsonl by another name (both lead to {root}/b.jsonl): not read twice",
+        "c": f"{root}/sub/c.jsonl is {root}/c.jsonl by another name (both lead to {root}/c.jsonl): not read twice",
+    }
+    once = [(f"{root}/a.jsonl:1", "a.jsonl:1"), (f"{root}/c.jsonl:1", "c.jsonl:1")]
+    for spec, records, warned in (
+        (root, once, ["b", "c"]),
+        (root / "**" / "*.jsonl", once, ["b", "c"]),
+        (root / "*.jsonl", once, ["b"]),
+        (root / "sub" / "*.jsonl", [(f"{root}/sub/c.jsonl:1", "c.jsonl:1")], []),  # one name there
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vlmops"):
+            assert _records(str(spec)) == records, spec
+        assert caplog.messages == [twice[name] for name in warned], spec
+    assert [p.relative_to(root).as_posix() for p in dataset_files([root])] == ["a.jsonl", "c.jsonl"]
+
+
 def test_a_glob_matches_what_glob_glob_matches_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a tree without links, the walk matches the files glob.glob matches (hidden names, `**` at any place, a
-    pattern relative to the working folder), each once: glob.glob itself gave `b/b/b.jsonl` twice for `**/b/**/*`."""
-    files = ["a.jsonl", "b.json", ".h.jsonl", "x/c.jsonl", "x/.d.jsonl", "x/y/e.jsonl", ".hid/f.jsonl", "b/b/b.jsonl"]
+    pattern relative to the working folder, a backslash as a character), each once: glob.glob itself gave
+    `b/b/b.jsonl` twice for `**/b/**/*`. But for a file that glob.glob gives as a folder, with a `/` after it, where a
+    `**` at the pattern's end took no folder (`x/c.jsonl/` for `*/c.jsonl/**`): a file holds none, and is not
+    matched."""
+    files = [
+        *("a.jsonl", "b.json", ".h.jsonl", "x/c.jsonl", "x/.d.jsonl", "x/y/e.jsonl", ".hid/f.jsonl", "b/b/b.jsonl"),
+        "w\\x.jsonl",
+    ]
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}\n")
@@ -111,17 +148,22 @@ def test_a_glob_matches_what_glob_glob_matches_each_file_once(tmp_path: Path, mo
         "**/*.jsonl",
         "*/*.jsonl",
         "x/**",
+        "*/**",
         ".*",
         "**/.*",
         ".*/*",
         "**/b/**/*.jsonl",
         "[ab]*",
         "x/?/*",
+        "w\\*",
     ]
     for pattern in [*patterns, *(f"{tmp_path}/{pattern}" for pattern in patterns)]:
-        globbed = {Path(p) for p in glob.glob(pattern, recursive=True) if not Path(p).is_dir()}  # noqa: PTH207
-        assert listed_matching(Path(pattern)) == sorted(globbed), pattern
+        globbed = {Path(p) for p in glob.glob(pattern, recursive=True) if not p.endswith("/")}  # noqa: PTH207
+        assert listed_matching(Path(pattern)) == sorted(p for p in globbed if not p.is_dir()), pattern
     assert [f.uri for f in find_inputs(str(tmp_path / "**" / "b" / "**" / "*.jsonl"))] == [f"{tmp_path}/b/b/b.jsonl"]
+    assert [f.name for f in find_inputs(str(tmp_path / "w\\*"))] == ["w\\x.jsonl"]
+    assert glob.glob("*/c.jsonl/**", recursive=True) == ["x/c.jsonl/"]  # noqa: PTH207
+    assert listed_matching(Path("*/c.jsonl/**")) == []
 
 
 def test_a_folder_a_glob_reaches_under_two_names_keeps_each_match(tmp_path: Path) -> None:

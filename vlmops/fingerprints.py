@@ -32,7 +32,9 @@ another inode: its first run there is not reused from elsewhere.
 
 A folder walk leaves out what the flow writes (`skip`: its output folder, a rejects file, DVC's repository files): a
 model folder holding them would otherwise get a new key from every run's own writes, and never be reused. So is what
-version control and other tools write there (`NOT_DATA`): a commit or a fetch is no reason to validate again.
+version control and other tools write there (`NOT_DATA`): a commit or a fetch is no reason to validate again. A
+key walks without a word (`quiet`): a folder reached twice, or a file a folder holds under two names, is read once, and
+the step that reads it says so; said by its key too, the flow's log named each twice.
 
 A change to any word here is a new key for every existing run's cached steps, which then all run again: make one on
 purpose only.
@@ -131,8 +133,9 @@ def folder_stat_fingerprint(folder: Path, skip: Collection[Path] = ()) -> str:
     inside = {path for path in skip if folder in path.parents}  # a folder inside a written one is read whole
     lines: list[tuple[Path, str]] = []
     # A symlinked folder is walked as the steps read it (vlmops.folders), each real folder once (a link back up the
-    # tree is not followed round); where it leads is part of the key too.
-    for links, files in walk(folder, keep=lambda path: path.name not in NOT_DATA and path.resolve() not in inside):
+    # tree is not followed round, and left for the step to name: `quiet`); where it leads is part of the key too.
+    walked = walk(folder, keep=lambda path: path.name not in NOT_DATA and path.resolve() not in inside, quiet=True)
+    for links, files in walked:
         lines += [(link, f"\0-> {link.resolve()}") for link in links]
         for path in files:
             if path.name in NOT_DATA or path in inside or is_partial(path):
@@ -247,11 +250,11 @@ def dataset_folder_fingerprint(
     folder: Path, allowed_roots: Sequence[str] = (), storage: StorageConfig | None = None
 ) -> str:
     """Each dataset file of a dataset folder, as validation lists them (`dataset_files`: the same walk, order and
-    refusals): its path in the folder and its `dataset_fingerprint` (`storage`: the S3 server of its s3:// images). A
-    folder validation refuses (no dataset files in it, a broken link among them) is its reason: the step runs, and
-    fails with it."""
+    refusals, without its warnings: validation gives them): its path in the folder and its `dataset_fingerprint`
+    (`storage`: the S3 server of its s3:// images). A folder validation refuses (no dataset files in it, a broken
+    link among them) is its reason: the step runs, and fails with it."""
     try:
-        files = [Path(file) for file in dataset_files([folder])]  # a local folder's: paths
+        files = [Path(file) for file in dataset_files([folder], quiet=True)]  # a local folder's: paths
     except (FileNotFoundError, UserInputError) as err:
         return f"refused: {err}"
     identities = Identities(storage)

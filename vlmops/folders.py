@@ -7,25 +7,29 @@ logged and left, not followed round. A folder it cannot list (no read permission
 `os.walk` passes over it without a word unless told otherwise, and its files would be left out. `files_under` lists
 the files; a step's cache key (vlmops.fingerprints) walks the same way, so what a step reads and what its key sees
 are the same files. `listed_matching` matches a glob by the same walk (`glob.glob` follows a linked folder under `**`
-as often as it comes to it, round a loop too), so a batch input glob reads what a folder input would: each real file
-once.
+as often as it comes to it, round a loop too), its names matched by wcmatch, so a batch input glob reads what a folder
+input would. A file that a folder or glob reaches under two names (`b.jsonl -> a.jsonl` beside it) is read once, under
+the first (`first_names`), as a dataset folder and a batch input read it.
 
 A name the walk lists that is no file (a broken link such as `part3.jsonl -> /mnt/gone/part3.jsonl`, a named pipe)
 is refused when the caller would read it (`files_under`'s `reads`, `refuse_unreadable`): skipped, it would make a job
 answer fewer records, or a model's hash and upload miss a file, with no word said.
+
+`quiet`: a cache key lists what its step will read, and the step says what it left out; said by both, a flow's log
+would name each thing twice.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import functools
 import glob
 import itertools
 import logging
 import os
 import stat
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
+
+from wcmatch import glob as wcglob
 
 from vlmops.errors import UserInputError
 from vlmops.plural import counted
@@ -41,14 +45,18 @@ def _every(path: Path) -> bool:
 
 
 def walk(
-    root: Path, keep: Callable[[Path], bool] = _every, visit: Callable[[Path], Hashable] = Path.resolve
+    root: Path,
+    keep: Callable[[Path], bool] = _every,
+    visit: Callable[[Path], Hashable] = Path.resolve,
+    *,
+    quiet: bool = False,
 ) -> Iterator[tuple[list[Path], list[Path]]]:
     """For `root` and each folder below it: the symlinks to folders in it, and the names `os.walk` lists as its
     files (a broken link among them). Folder links are followed, and each real folder is walked once, under its first
     name in sorted order (a walk goes depth-first, each folder's subfolders in sorted order); one reached again (a
-    second link to it, a link back up the tree) is logged and left. `keep(path)` False leaves a subfolder (and its
-    link) out; `visit(path)` is what makes two folders the same: their real folder (a glob's walk adds the place in
-    the pattern the folder's name reaches, `listed_matching`).
+    second link to it, a link back up the tree) is logged (unless `quiet`) and left. `keep(path)` False leaves a
+    subfolder (and its link) out; `visit(path)` is what makes two folders the same: their real folder (a glob's walk
+    adds the place in the pattern the folder's name reaches, `listed_matching`).
 
     Raises:
         UserInputError: `root` or a folder below it that the walk goes into cannot be listed, named with the error.
@@ -59,8 +67,9 @@ def walk(
         # Checked as the walk comes to a folder, not as its parent is listed: the walk then meets every folder's names
         # in sorted order, so the name kept is the first in sorted order, however deep the others lie.
         if (first := seen.get(visited := visit(here))) is not None:
-            how = "links to" if here.is_symlink() else "is"
-            log.warning("%s %s %s, already read as %s: not read twice", here, how, here.resolve(), first)
+            if not quiet:
+                how = "links to" if here.is_symlink() else "is"
+                log.warning("%s %s %s, already read as %s: not read twice", here, how, here.resolve(), first)
             dirs[:] = []
             continue
         seen[visited] = here
@@ -77,24 +86,23 @@ def _refuse_unlisted(err: OSError) -> None:
     raise UserInputError(f"cannot list folder {err.filename} ({err.strerror or err}): {fix}") from err
 
 
-def listed_under(root: Path) -> list[Path]:
+def listed_under(root: Path, *, quiet: bool = False) -> list[Path]:
     """Every name a walk of `root` lists as a file, sorted by path: the files (symlinks to files and to folders
     followed), and any broken link or named pipe among them."""
-    return sorted(path for _, names in walk(root) for path in names)
+    return sorted(path for _, names in walk(root, quiet=quiet) for path in names)
 
 
 def listed_matching(pattern: Path) -> list[Path]:
     """Every name a walk lists as a file (a broken link or a named pipe among them) that the glob `pattern` matches as
-    `glob.glob(pattern, recursive=True)` would, sorted by path: by the names it was matched with, below the pattern's
-    folder (its parts up to the first wildcard), as given.
+    `glob.glob(pattern, recursive=True)` would (`_GlobParts`), sorted by path: by the names it was matched with, below
+    the pattern's folder (its parts up to the first wildcard), as given.
 
     `glob.glob` follows a linked folder under `**` each time it is reached: a folder linked twice had its files
     matched under both names (records read twice), and a link back up the tree was followed round until the system
     refused (40 links deep). This walks the pattern's folder as `walk` does, into each real folder once for each place
     in the pattern its name reaches (the same folder at the same place matches the same files): a loop is logged and
-    left, and a subfolder the pattern cannot reach is not listed. A file reachable under two names (its folder
-    linked twice, each matched) is listed under the first in sorted order, the others logged; a link to a file is a
-    name of its own, as in a folder.
+    left, and a subfolder the pattern cannot reach is not listed. A file a reader finds here under two names (its
+    folder matched at two places, a link to it beside it) is the reader's to read once (`first_names`).
 
     Raises:
         UserInputError: a `..` after a wildcard (a walk lists no `..`); a folder the walk goes into cannot be listed.
@@ -108,71 +116,88 @@ def listed_matching(pattern: Path) -> list[Path]:
         )
     if not literal.is_dir():
         return []
-    wildcards = _Wildcards(parts)
+    wildcards = _GlobParts(parts)
 
     def place(path: Path) -> frozenset[int]:
-        return wildcards.after(path.relative_to(literal).parts)
+        return wildcards.places(path.relative_to(literal))
 
     walked = walk(literal, keep=lambda path: wildcards.goes_on(place(path)), visit=lambda p: (p.resolve(), place(p)))
-    matched: dict[tuple[Path, str], Path] = {}  # each file in a real folder, by its first name in sorted order
-    real = functools.cache(Path.resolve)  # a folder resolved once for all its files
-    for path in sorted(path for _, names in walked for path in names if wildcards.matches(place(path))):
-        first = matched.setdefault((real(path.parent), path.name), path)
-        if first != path:
-            log.warning("%s is %s by another name, already matched: not read twice", path, first)
-    return list(matched.values())
+    return sorted(path for _, names in walked for path in names if wildcards.matches(path.relative_to(literal)))
 
 
-class _Wildcards:
-    """A glob's parts below its folder, matched a name at a time as `glob.glob(..., recursive=True)` matches them:
-    `fnmatch` for each name, `**` for any number of folders, and no name that starts with "." unless the part does.
-    Python 3.11's glob has no matcher of its own for a path (glob.translate came in 3.13)."""
+GLOB_FLAGS = wcglob.GLOBSTAR | wcglob.FORCEUNIX
+"""wcmatch's rules for `glob.glob(..., recursive=True)`'s on POSIX: `*`, `?` and `[...]` within a name, `**` for any
+number of folders, no name that starts with "." unless the pattern's part does, case kept; no braces, extglobs or
+negated patterns."""
+
+
+class _GlobParts:
+    """A glob's parts below its folder (a relative path's parts), matched by wcmatch as `glob.glob(...,
+    recursive=True)` matches them, a backslash a character as there (wcmatch escapes with it), but for:
+    - `[^a]`, which negates as `[!a]` does, and `[[:digit:]]`, a class, as in a shell (`glob.glob` reads the
+      characters written: `^` or `a`);
+    - a file where a folder stands: `glob.glob` gives `x/c.jsonl/` for `*/c.jsonl/**`, whose `**` took no folder after
+      the file; no file holds anything to match.
+
+    The one thing written here: where in the pattern a folder stands (`places`), which a walk asks and wcmatch has no
+    call for. The same real folder at the same places matches the same files below it; at others (`in/a -> X` and
+    `in/c/b -> X` under `in/**/b/*.jsonl`), other files.
+    """
 
     def __init__(self, parts: Sequence[str]):
         self.parts = tuple(parts)
+        self._prefixes = [  # the pattern's first i parts, for each i
+            wcglob.compile("/".join(self.parts[:i]).replace("\\", "\\\\"), flags=GLOB_FLAGS)
+            for i in range(len(self.parts) + 1)
+        ]
 
-    def after(self, names: Sequence[str]) -> frozenset[int]:
-        """Where in the pattern a path of these names can stand: how many of its parts each way of matching used."""
-        places = self._past_globstars({0})
-        for name in names:
-            places = self._past_globstars({j for i in places for j in self._next(i, name)})
-        return places
-
-    def _next(self, i: int, name: str) -> list[int]:
-        """Where a path at part `i` stands after `name`: at `i` (a `**` takes it), at the next part, or nowhere."""
-        if i == len(self.parts):
-            return []
-        part, hidden = self.parts[i], name.startswith(".")
-        if part == "**":
-            return [] if hidden else [i]
-        return [i + 1] if (not hidden or part.startswith(".")) and fnmatch.fnmatch(name, part) else []
-
-    def _past_globstars(self, places: set[int]) -> frozenset[int]:
-        """`places` and those past each `**` that follows one: a `**` matches no folder, too."""
-        reached = set(places)
-        for i in places:
-            while i < len(self.parts) and self.parts[i] == "**":
-                i += 1
-                reached.add(i)
-        return frozenset(reached)
-
-    def matches(self, places: frozenset[int]) -> bool:
-        return len(self.parts) in places
+    def places(self, path: PurePath) -> frozenset[int]:
+        """How many of the pattern's parts a folder's relative `path` may have taken: each `i` whose first `i` parts
+        match it, and those a `**` next to it joins: a `**` takes no folder, or any number more, so a path that
+        stands past one stands before it too, and one before it past it (`in/up -> in` under `in/**/*.jsonl` stands
+        where `in` does, and is a loop)."""
+        name = path.as_posix() if path.parts else ""
+        places = {i for i, prefix in enumerate(self._prefixes) if prefix.match(name)}
+        for i in list(places):
+            back, ahead = i, i
+            while back > 0 and self.parts[back - 1] == "**":
+                back -= 1
+            while ahead < len(self.parts) and self.parts[ahead] == "**":
+                ahead += 1
+            places.update(range(back, ahead + 1))
+        return frozenset(places)
 
     def goes_on(self, places: frozenset[int]) -> bool:
         """Whether a folder at `places` may hold a match: some part is left to match below it."""
         return any(i < len(self.parts) for i in places)
 
+    def matches(self, path: PurePath) -> bool:
+        """Whether a file's relative `path` matches the whole pattern."""
+        return self._prefixes[-1].match(path.as_posix())
 
-def files_under(root: Path, reads: Callable[[Path], bool] = _every) -> list[Path]:
+
+def files_under(root: Path, reads: Callable[[Path], bool] = _every, *, quiet: bool = False) -> list[Path]:
     """The files under `root` (symlinks to files and to folders followed) whose path `reads` selects, sorted by path.
 
     Raises:
         UserInputError: a path `reads` selects is no file to read (a broken link, a named pipe): named, with the fix.
     """
-    chosen = [path for path in listed_under(root) if reads(path)]
+    chosen = [path for path in listed_under(root, quiet=quiet) if reads(path)]
     refuse_unreadable(chosen)
     return chosen
+
+
+def first_names(paths: Iterable[Path], *, quiet: bool = False) -> dict[Path, Path]:
+    """Each file among `paths` (files to read, in the order read: sorted) by the file its links lead to
+    (`Path.resolve`), named by the first of its names; each other name is logged (unless `quiet`), and not read: a
+    folder's own links (`b.jsonl -> a.jsonl` beside it, a hub snapshot's, a DVC checkout's) may not be the user's to
+    change, and its records would be read twice."""
+    named: dict[Path, Path] = {}
+    for path in paths:
+        first = named.setdefault(real := path.resolve(), path)
+        if first != path and not quiet:
+            log.warning("%s is %s by another name (both lead to %s): not read twice", path, first, real)
+    return named
 
 
 def refuse_unreadable(paths: Iterable[Path]) -> None:

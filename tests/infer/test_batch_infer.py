@@ -23,7 +23,7 @@ from vlmops.infer.generation import answer_tokens
 from vlmops.infer.inputs import find_inputs
 from vlmops.infer.job import RecordRejectedError
 from vlmops.infer.job_output import iter_results
-from vlmops.infer.job_status import job_status
+from vlmops.infer.job_status import JobResult, StoppedJob, job_status
 from vlmops.infer.output import open_output
 from vlmops.infer.plain_engine import PlainEngine
 from vlmops.infer.records import parse_prompt
@@ -187,6 +187,35 @@ def test_a_glob_over_a_folder_linked_twice_and_a_link_loop_answers_each_record_o
     run_batch_job(str(tiny_model), str(tmp_path / "in" / "**" / "*.jsonl"), str(out), job_config(max_new_tokens=2))
     assert [r["key"] for r in results(out)] == ["a", "more/b.jsonl:1"]
     assert rejects(out) == []
+
+
+def test_a_file_the_input_folder_holds_under_two_names_is_answered_once_and_a_rerun_goes_on(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`in/b.jsonl -> a.jsonl` beside it: the job read the file under both names and answered each record twice. It
+    is read once now, under the first name in sorted order, so each run of the command plans the same job (its id
+    and shards): a trial run's shard is done for the next run, which answers the rest, and a third finds the job
+    finished."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text(
+        "".join(json.dumps({"id": f"r{i}", "query": f"{i}?"}) + "\n" for i in range(3))
+    )
+    (tmp_path / "in" / "b.jsonl").symlink_to("a.jsonl")
+    out = tmp_path / "out"
+
+    def run(**infer: Any) -> JobResult | StoppedJob:
+        config = job_config(max_new_tokens=2, shard_size=1, **infer)
+        return run_batch_job(str(tiny_model), str(tmp_path / "in"), str(out), config, progress=False)
+
+    trial = run(max_shards=1)
+    plan = json.loads((out / "_job" / "job.json").read_text())
+    assert [f["name"] for f in plan["files"]] == ["a.jsonl"] and len(plan["shards"]) == 3
+    assert isinstance(trial, StoppedJob) and [s.name for s in trial.status.pending] == ["00001", "00002"]
+    rest = run()
+    assert isinstance(rest, JobResult) and [s.shard for s in rest.ran] == [1, 2]
+    assert [r["key"] for r in results(out)] == ["r0", "r1", "r2"]
+    again = run()
+    assert isinstance(again, JobResult) and again.finished_before
 
 
 def test_answers_end_at_the_first_eos() -> None:

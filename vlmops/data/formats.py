@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,13 +23,11 @@ from vlmops.data.jsonrecords import json_list_records, jsonl_records
 from vlmops.data.parsing import parse_record_with, refuse_unread_keys
 from vlmops.data.problems import RecordError, RecordProblem
 from vlmops.errors import UserInputError
-from vlmops.folders import NAMED, files_under, refuse_unreadable
+from vlmops.folders import NAMED, files_under, first_names, refuse_unreadable
 from vlmops.plural import counted
 
 if TYPE_CHECKING:
     from vlmops.storage import Listing
-
-log = logging.getLogger(__name__)
 
 DATASET_SUFFIXES = (".json", ".jsonl")
 
@@ -127,7 +124,9 @@ def iter_dataset(
         yield Entry(location, number, raw, result)
 
 
-def dataset_files(paths: Sequence[str | os.PathLike[str]], storage: StorageConfig | None = None) -> list[DatasetPath]:
+def dataset_files(
+    paths: Sequence[str | os.PathLike[str]], storage: StorageConfig | None = None, *, quiet: bool = False
+) -> list[DatasetPath]:
     """The .json/.jsonl files that `paths` name, each read once: files as given, folders searched (sorted,
     recursively, through their linked subfolders: `vlmops.folders.files_under`); an `s3://` URI names the object whose
     key it is, or the .json/.jsonl objects under it as a prefix, sorted by key (`vlmops.storage.list_uri`, as batch
@@ -138,8 +137,10 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]], storage: StorageConfi
     object and a prefix above it) are refused: its records would be
     read twice, so training sees them twice and a report counts them twice, and the fix, dropping a path, is the
     user's to make. A file that one folder holds under two names (`b.jsonl -> a.jsonl` beside it) is read once, under
-    its first name in sorted order, and the other name logged, as the walk reads a folder reached twice: the folder's
-    contents may not be the user's to change (a hub snapshot's links, a DVC checkout), and a folder is read as a whole.
+    its first name in sorted order, and the other name logged (`vlmops.folders.first_names`, as batch inference reads
+    its input), as the walk reads a folder reached twice: the folder's contents may not be the user's to change (a hub
+    snapshot's links, a DVC checkout), and a folder is read as a whole. `quiet`: neither is said (a cache key's listing,
+    vlmops.fingerprints: its step says them).
 
     Raises:
         FileNotFoundError: a path that does not exist, or a folder without dataset files; an S3 bucket that does not
@@ -155,10 +156,7 @@ def dataset_files(paths: Sequence[str | os.PathLike[str]], storage: StorageConfi
         if isinstance(path, str):
             names = {uri: uri for uri in _objects_named(path, storage)}
         else:
-            for file in _files_named(path):
-                first = names.setdefault(real := file.resolve(), file)
-                if first != file:
-                    log.warning("%s is %s by another name (both lead to %s): not read twice", file, first, real)
+            names.update(first_names(_files_named(path, quiet), quiet=quiet).items())
         named.append(names)
     shared = [
         _shared_files((i, os.fspath(paths[i]), named[i]), (j, os.fspath(paths[j]), named[j]))
@@ -202,10 +200,10 @@ def dataset_objects(uri: str, listing: Listing) -> list[str]:
     return found
 
 
-def _files_named(path: Path) -> list[Path]:
+def _files_named(path: Path, quiet: bool) -> list[Path]:
     """The dataset files one local path names: itself, or those in the folder."""
     if path.is_dir():
-        found = files_under(path, reads=lambda p: p.suffix.lower() in DATASET_SUFFIXES)
+        found = files_under(path, reads=lambda p: p.suffix.lower() in DATASET_SUFFIXES, quiet=quiet)
         if not found:
             raise FileNotFoundError(f"{path}: no .json or .jsonl dataset files in this folder")
         return found

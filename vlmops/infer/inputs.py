@@ -2,8 +2,10 @@
 prefix.
 
 A folder is read with its subfolders (symlinked ones too, each real folder once: vlmops.folders), and so is a glob;
-a file is named relative to the input (a folder's root, a glob's common folder, the prefix), the name its records'
-keys fall back to. A job's own output inside its input is never read as input (vlmops.infer.input_overlap).
+a file that one reaches under two names (`b.jsonl -> a.jsonl` beside it) is read once, under the first in sorted
+order, the other named in the log, as a dataset folder reads it. A file is named relative to the input (a folder's
+root, a glob's common folder, the prefix), the name its records' keys fall back to. A job's own output inside its
+input is never read as input (vlmops.infer.input_overlap).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from vlmops.config import StorageConfig
 from vlmops.errors import UserInputError
-from vlmops.folders import listed_matching, listed_under, refuse_unreadable
+from vlmops.folders import first_names, listed_matching, listed_under, refuse_unreadable
 from vlmops.infer.input_overlap import leave_out_own_output, under_local_output
 from vlmops.infer.shards import InputFile
 from vlmops.plural import counted
@@ -31,7 +33,9 @@ INPUT_SUFFIXES = (".jsonl", ".json")
 def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | None = None) -> list[InputFile]:
     """The input files `spec` names, in a stable order (sorted by name). A folder, glob or prefix never yields what
     lies under `output` (the job's own output location, when it sits inside its input: its parts, rejects, manifest
-    and `_job/` files would otherwise be read as input on a rerun, and make it another job).
+    and `_job/` files would otherwise be read as input on a rerun, and make it another job), nor a file a second time
+    under another name (`vlmops.folders.first_names`: the first in sorted order is read, so each run plans the same
+    job).
 
     Raises:
         FileNotFoundError: nothing there, or no .json/.jsonl file in it.
@@ -51,7 +55,7 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
         found = [p for p in listed if p.suffix.lower() in INPUT_SUFFIXES]
         found = leave_out_own_output(found, under_local_output(output), spec, output)
         refuse_unreadable(found)  # what would be read: a broken `notes.txt` link beside the inputs is no matter
-        files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
+        files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in first_names(found).values()]
     elif glob.has_magic(spec):
         # Matched by a walk, as a folder is read (each real file once, a link loop left); broken links are listed too:
         # one named like an input is refused, as in a folder.
@@ -60,7 +64,7 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
         found = sorted(_as_matched(p, path) for p in matched if p.is_file())
         _name_unread(spec, [str(p) for p in found])
         found = [p for p in found if p.suffix.lower() in INPUT_SUFFIXES]
-        found = leave_out_own_output(found, under_local_output(output), spec, output)
+        found = list(first_names(leave_out_own_output(found, under_local_output(output), spec, output)).values())
         root = Path(os.path.commonpath([p.parent for p in found])) if found else Path()
         files = [InputFile(str(p), p.relative_to(root).as_posix()) for p in found]
     else:
@@ -74,8 +78,7 @@ def find_inputs(spec: str, storage: StorageConfig | None = None, output: str | N
 def _as_matched(match: Path, pattern: Path) -> Path:
     """A glob's match by the names it was matched with, below the pattern's folder (resolved, as an input folder is):
     a link's own name, `a.jsonl -> ../blobs/3f2a...` (a hub cache's layout), not its target's, which has no suffix
-    and would leave the file out; a linked subfolder's name, as a folder input names it (a file reachable under two
-    names, by the first in sorted order: `listed_matching`)."""
+    and would leave the file out; a linked subfolder's name, as a folder input names it."""
     literal = Path(*itertools.takewhile(lambda part: not glob.has_magic(part), pattern.parts))
     return literal.resolve() / match.relative_to(literal)
 
