@@ -33,7 +33,8 @@ PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--only-binary
     for tag in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
     for arg in ("--platform", tag)
 ]
-BASE = {"pydantic", "pydantic-core", "annotated-types", "typing-inspection"}  # at the lock's versions
+# At the lock's versions: pydantic and its parts; wcmatch and bracex (vlmops.folders matches globs with them).
+BASE = {"pydantic", "pydantic-core", "annotated-types", "typing-inspection", "wcmatch", "bracex"}
 EXTRA = ["liger-kernel==0.8.5", "py-spy"]  # the gpu extra's fused loss; a sampling profiler
 # On the image already (and large, or tied to torch's build): never carried. Not pytz, asyncpg, six, python-dateutil or
 # tzdata: the image lacks pytz and Prefect's server imports it and asyncpg.
