@@ -1,20 +1,96 @@
 """Prefect flows. `retrain` (flows/retrain.py) is the whole chain: download, validate, train, merge, batch
 inference on the eval split, evaluate, register as `@challenger`."""
 
-import logging
+from __future__ import annotations
 
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging import get_run_logger
 from prefect.logging.configuration import ensure_logging_setup
+from prefect.logging.handlers import APILogHandler
+from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
 
 from vlmops import quiet
+from vlmops.redact import redact_log_handlers
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class _InARun(logging.Filter):
+    """Only the records of a flow or task run: Prefect's API handler sends nothing else (it warns about each other
+    record), and vlmops logs outside runs too (`vlmops run` before and after its flow, a task worker between runs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _own_lines_to_the_run(verbosity: int, levels_before: dict[str, int]) -> None:
+    """vlmops's own loggers (quiet.OWN_LOGGERS) log from INFO, as under `vlmops run`, where the root logger is above
+    INFO (Prefect's WARNING on a worker): their records reach the root's handlers, Prefect's console among them, at any
+    root level. A level the logging config gave them (`levels_before`, e.g. a team's logging.yml) stays;
+    VLMOPS_VERBOSE's levels are quiet.configure's. Their lines inside a flow or task run go to the run's log on the
+    server too (the UI's), as PREFECT_LOGGING_EXTRA_LOGGERS=vlmops,flows,tasks would send them; where that setting is
+    set, it is the list, and vlmops adds no handler of its own."""
+    if verbosity == 0:
+        floor = logging.INFO if logging.getLogger().level > logging.INFO else logging.NOTSET
+        for name, level in levels_before.items():
+            logging.getLogger(name).setLevel(level or floor)
+    if PREFECT_LOGGING_EXTRA_LOGGERS.value():
+        return
+    for name in quiet.OWN_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
+            handler = APILogHandler()
+            handler.addFilter(_InARun())
+            logger.addHandler(handler)
+
 
 # A worker's flow run (`python -m prefect.engine`, which loads a deployment's entrypoint by its path) and a task
 # worker (`python -m flows.batch_inference serve`) start here, not in `vlmops`'s command line: the same defaults, and
-# VLMOPS_VERBOSE set on the worker is their level (a value that is no level stops the flow run as it loads, naming the
-# variable, before any step). On top of Prefect's logging, set up first: its handlers (the console, the API) stay as
-# they are, and the root logger keeps the level Prefect's settings give it (WARNING unless PREFECT_LOGGING_ROOT_LEVEL
-# says otherwise) up to -vv, which is DEBUG. Under `vlmops run`, main() has configured the same level: nothing changes.
+# VLMOPS_VERBOSE set on the worker is their level. On top of Prefect's logging, set up first: its handlers (the console,
+# the API) stay as they are, and the root logger keeps the level Prefect's settings give it (WARNING unless
+# PREFECT_LOGGING_ROOT_LEVEL says otherwise) up to -vv, which is DEBUG; vlmops's own INFO lines show at any root level
+# (_own_lines_to_the_run). Under `vlmops run`, main() has configured the same level and refused a VLMOPS_VERBOSE that is
+# no level: nothing changes but the lines sent to the server.
 quiet.no_usage_reports()
 ensure_logging_setup()
-_verbosity = quiet.env_verbosity()
+try:
+    _verbosity = quiet.env_verbosity()
+    SETTINGS_ERROR: str | None = None
+except ValueError as err:
+    # Not raised here: Prefect prints a failed import's traceback three times (the flow run, its engine, and the
+    # process that runs the on_crashed hooks, which loads the flow too). A flow refuses to run instead
+    # (refuses_bad_settings), a task worker to start (flows.batch_inference).
+    _verbosity, SETTINGS_ERROR = 0, str(err)
+_levels_before = {name: logging.getLogger(name).level for name in quiet.OWN_LOGGERS}
 quiet.configure(_verbosity)
 logging.getLogger().setLevel(quiet.root_level(_verbosity, logging.getLogger().level))
+_own_lines_to_the_run(_verbosity, _levels_before)
+redact_log_handlers()
+
+
+def refuses_bad_settings(fn: Callable[P, R]) -> Callable[P, R]:
+    """Around a flow (under `@flow`): a flow run whose process has a setting vlmops cannot use (SETTINGS_ERROR: a
+    VLMOPS_VERBOSE that is no level) stops before any step, its error once in the flow run's log (the worker's output,
+    the UI), and its process ends with status 1, which the worker reports as the run's crash. Not by raising the error
+    or SystemExit, nor by returning a Failed state: Prefect's engine then logs it again with its own traceback."""
+
+    @functools.wraps(fn)
+    def refusing(*args: P.args, **kwargs: P.kwargs) -> R:
+        if SETTINGS_ERROR is not None:
+            get_run_logger().error(
+                "%s on the worker that runs this flow; it stopped before its first step", SETTINGS_ERROR
+            )
+            logging.shutdown()  # flushes every handler: the line above to the console and the server
+            sys.stdout.flush()
+            os._exit(1)
+        return fn(*args, **kwargs)
+
+    return refusing

@@ -40,9 +40,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 from prefect.client.schemas.objects import State
 
-# A worker loads this file by its path (prefect.yaml's entrypoint), not as `flows.batch_inference`, and nothing below
-# imports the package: its set-up (quiet defaults, VLMOPS_VERBOSE, no usage reports) runs only with this import.
-import flows  # noqa: F401
+# A worker loads this file by its path (prefect.yaml's entrypoint), not as `flows.batch_inference`, and nothing else
+# here imports the package: its set-up (quiet defaults, VLMOPS_VERBOSE, no usage reports) runs with this import.
+from flows import SETTINGS_ERROR, refuses_bad_settings
 from tasks.gpu import gpu_slot
 from tasks.infer import answer_shard
 from tasks.report import publish_samples, publish_summary
@@ -96,6 +96,7 @@ def _after_an_outage() -> str:
 
 
 @flow(name="batch-inference")
+@refuses_bad_settings
 @names_unreachable_service(
     _after_an_outage,
     new_run="run the flow again with the same parameters: the shards already written are kept and only the rest are "
@@ -269,6 +270,8 @@ def serve_shards() -> None:
     """A task worker for distributed jobs: answers `answer_shard` runs, one at a time (one model, one GPU)."""
     from prefect.task_worker import serve
 
+    if SETTINGS_ERROR is not None:  # before any task run is taken: the flow runs would fail the same way
+        sys.exit(f"error: {SETTINGS_ERROR}")
     serve(answer_shard, limit=1)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_flow_run
 
+from flows import refuses_bad_settings
 from flows.launch import errors_after_prefect_reports, patient_ephemeral_server
 from flows.run_folder import flow_run_folder, write_run_config
 from tasks.caching import run_or_reuse
@@ -53,6 +54,7 @@ def _after_an_outage() -> str:
 
 
 @flow(name="promote")
+@refuses_bad_settings
 @names_unreachable_service(_after_an_outage, new_run="start a new run: it answers the evaluation set anew")
 def promote(
     config_path: str = "pipeline.yaml", overrides: list[str] | None = None, challenger: int | str | None = None

@@ -39,6 +39,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as prefect_flow_run
 from prefect.states import State
 
+from flows import refuses_bad_settings
 from flows.launch import errors_after_prefect_reports, patient_ephemeral_server
 from flows.promote import promote
 from flows.run_folder import flow_run_folder, write_run_config
@@ -187,6 +188,7 @@ def _after_an_outage() -> str:
 
 
 @flow(name="retrain")
+@refuses_bad_settings
 @names_unreachable_service(_after_an_outage, new_run="start a new run: it reuses only the download and the validation")
 def retrain(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune, evaluate and register a DeepSeek-VL model as pipeline.yaml (plus overrides) says."""

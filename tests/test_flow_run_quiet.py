@@ -1,4 +1,5 @@
-"""A flow run on a Prefect worker is as quiet as `vlmops run`, and as verbose as VLMOPS_VERBOSE set on the worker asks.
+"""A flow run on a Prefect worker is as quiet as `vlmops run`, and as verbose as VLMOPS_VERBOSE set on the worker asks;
+vlmops's own INFO lines show there and in the flow run's log on the server, as under `vlmops run`.
 
 A real process worker (`prefect worker start --type process --run-once`) against the session's Prefect server (the
 test harness) runs prefect.yaml's batch-inference deployment (its entrypoint and pull step) on the tiny model, with
@@ -6,7 +7,8 @@ the output in S3 (SeaweedFS). The flow's own process makes an S3 client there, s
 environment variables." at INFO, and Prefect's client logs a line per API call through httpx. The job's child
 (`vlmops batch-infer`) followed VLMOPS_VERBOSE before; its lines have vlmops's format, while the flow run's process
 writes through Prefect's console handler (`| INFO    | botocore.credentials - ...`): that is how the checks below tell
-the flow run's process apart.
+the flow run's process apart. Given the model as the catalog's tiny entry with its folder as `model.id`, the flow run's
+process fetches it (a local folder: it writes the folder's manifest, an INFO line of vlmops's) before the child loads it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(600)
 CREDENTIALS = "| INFO    | botocore.credentials - Found credentials in environment variables."
 PER_REQUEST = "| INFO    | httpx - HTTP Request: "
 NO_GPU_LIMIT = "Concurrency limits ['gpu'] do not exist"
+OWN_LINE = "| INFO    | vlmops.models.manifest - wrote manifest "  # vlmops's line, in the flow run's process
+LOUD = (
+    "VLMOPS_VERBOSE='loud' in the environment is not a verbosity: set it to 0 (quiet), 1 (as --verbose) or 2 (as -vv), "
+    "or unset it"
+)
 # Where the flow run's life begins and ends in what the worker prints (Prefect's engine's lines).
 BEGINS, ENDS = "Beginning flow run", "Finished in state"
 
@@ -67,12 +74,14 @@ def _deployment_run(name: str, parameters: dict[str, Any]) -> tuple[str, UUID]:
     return pool, asyncio.run(create())
 
 
-def _flow_run_state(flow_run_id: UUID) -> str | None:
+def _flow_run_state(flow_run_id: UUID) -> tuple[str | None, str | None]:
+    """The flow run's state: (name, message)."""
     from prefect.client.orchestration import get_client
 
-    async def read() -> str | None:
+    async def read() -> tuple[str | None, str | None]:
         async with get_client() as client:
-            return (await client.read_flow_run(flow_run_id)).state_name
+            state = (await client.read_flow_run(flow_run_id)).state
+            return (state.name, state.message) if state else (None, None)
 
     return asyncio.run(read())
 
@@ -89,16 +98,18 @@ def _flow_run_logs(flow_run_id: UUID) -> list[str]:
     return [log.message for log in asyncio.run(read())]
 
 
-def _on_a_worker(name: str, worker_env: dict[str, str], s3: S3Server, model: Path, tmp_path: Path) -> tuple[str, UUID]:
-    """The batch-inference deployment of one prompt, run by a process worker with `worker_env` on top of the team's
-    client settings: (what the worker printed, its flow run's id)."""
+def _on_a_worker(
+    name: str, worker_env: dict[str, str], s3: S3Server, model: str, tmp_path: Path, overrides: tuple[str, ...] = ()
+) -> tuple[str, UUID]:
+    """The batch-inference deployment of one prompt with `model` (and `overrides`), run by a process worker with
+    `worker_env` on top of the team's client settings: (what the worker printed, its flow run's id)."""
     from prefect.settings import PREFECT_API_URL
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "q0", "query": "What colour?"}) + "\n")
-    overrides = [f"run.output_dir={tmp_path / 'outputs'}", f"model.cache_dir={tmp_path / 'cache'}"]
-    overrides += [f"storage.endpoint_url={s3.endpoint_url}", "infer.max_new_tokens=1"]
-    parameters = {"model": str(model), "input": str(prompts), "output": f"s3://{BUCKET}/{name}", "overrides": overrides}
+    settings = [f"run.output_dir={tmp_path / 'outputs'}", f"model.cache_dir={tmp_path / 'cache'}"]
+    settings += [f"storage.endpoint_url={s3.endpoint_url}", "infer.max_new_tokens=1", *overrides]
+    parameters = {"model": model, "input": str(prompts), "output": f"s3://{BUCKET}/{name}", "overrides": settings}
     pool, flow_run_id = _deployment_run(name, parameters)
     inherited = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLMOPS_VERBOSE")}
     env = {
@@ -132,15 +143,22 @@ def test_a_worker_s_flow_run_hides_the_noise_vlmops_run_hides(
     WARNING, the flow run's process shows no library's INFO line, and none of vlmops's either) saw botocore's line for
     each S3 client and httpx's line for each of the hundreds of Prefect API calls; the defaults of `vlmops run` hide
     them. A missing `gpu` limit still shows: on a server it is a set-up mistake (quiet.EMBEDDED_ONLY_NOISE). Prefect's
-    own handlers work as before: the flow run's lines reach the server."""
-    output, flow_run_id = _on_a_worker("quiet", {"PREFECT_LOGGING_ROOT_LEVEL": "INFO"}, bucket, tiny_model, tmp_path)
-    assert _flow_run_state(flow_run_id) == "Completed", output[-5000:]
+    own handlers work as before: the flow run's lines reach the server, and vlmops's own INFO lines with them (before,
+    only the worker's output showed those; at Prefect's default root level, not even that: test_quiet's
+    test_a_flow_runs_process_is_set_up_as_vlmops_sets_itself_up)."""
+    model = ("model.source=local", f"model.id={tiny_model}")
+    env = {"PREFECT_LOGGING_ROOT_LEVEL": "INFO"}
+    output, flow_run_id = _on_a_worker("quiet", env, bucket, "tiny-deepseek-vl", tmp_path, model)
+    assert _flow_run_state(flow_run_id)[0] == "Completed", output[-5000:]
     # The worker's own process and the flow run's before it loads the flow (the pull step) are Prefect's, not vlmops's:
     # from the flow's start to its end, the lines are the flow run's.
     flow_run = output[output.index(BEGINS) : output.index(ENDS)]
     assert CREDENTIALS not in flow_run and PER_REQUEST not in flow_run, flow_run
     assert NO_GPU_LIMIT in flow_run, flow_run
-    assert any("1 record, 1 answered, 0 rejected" in line for line in _flow_run_logs(flow_run_id))
+    assert flow_run.count(OWN_LINE) == 1, flow_run
+    logs = _flow_run_logs(flow_run_id)
+    assert any("1 record, 1 answered, 0 rejected" in line for line in logs), logs
+    assert len([line for line in logs if line.startswith("wrote manifest ")]) == 1, logs
 
 
 def test_vlmops_verbose_on_the_worker_shows_the_noise_in_its_flow_runs(
@@ -149,21 +167,20 @@ def test_vlmops_verbose_on_the_worker_shows_the_noise_in_its_flow_runs(
     """VLMOPS_VERBOSE=1 on a worker is `vlmops --verbose` for its flow runs, at Prefect's default root level too:
     botocore's INFO line shows in the flow run's process (before, only the job's child showed it), the per-request
     lines do not (those are for -vv)."""
-    output, flow_run_id = _on_a_worker("verbose", {"VLMOPS_VERBOSE": "1"}, bucket, tiny_model, tmp_path)
-    assert _flow_run_state(flow_run_id) == "Completed", output[-5000:]
+    output, flow_run_id = _on_a_worker("verbose", {"VLMOPS_VERBOSE": "1"}, bucket, str(tiny_model), tmp_path)
+    assert _flow_run_state(flow_run_id)[0] == "Completed", output[-5000:]
     assert CREDENTIALS in output and PER_REQUEST not in output, output[-5000:]
 
 
-def test_a_vlmops_verbose_that_is_no_level_stops_the_flow_run_as_it_loads(
+def test_a_vlmops_verbose_that_is_no_level_stops_the_flow_run_with_one_message(
     prefect_harness: None, bucket: S3Server, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """VLMOPS_VERBOSE=loud on a worker: the flow run stops before it begins, with the message that names the variable
-    and the values that work. Before, it began and failed in its job's child, whose `vlmops batch-infer` refused it."""
-    output, flow_run_id = _on_a_worker("loud", {"VLMOPS_VERBOSE": "loud"}, bucket, tiny_model, tmp_path)
-    assert _flow_run_state(flow_run_id) == "Crashed", output[-5000:]
-    assert (
-        "VLMOPS_VERBOSE='loud' in the environment is not a verbosity: set it to 0 (quiet), 1 (as --verbose) or 2 (as "
-        "-vv), or unset it"
-    ) in output, output[-5000:]
-    assert BEGINS not in output, output[-5000:]
-    assert any("VLMOPS_VERBOSE='loud' in the environment" in line for line in _flow_run_logs(flow_run_id))  # the UI's
+    """VLMOPS_VERBOSE=loud on a worker: the flow run stops before any step and ends Crashed, with the message that
+    names the variable, its value and the values that work once, without a traceback, in what the worker prints and in
+    the flow run's log (the UI's). Before, the flow's import failed: Prefect printed its traceback three times (the flow
+    run, its engine, the process that runs the on_crashed hooks), the message last in each."""
+    output, flow_run_id = _on_a_worker("loud", {"VLMOPS_VERBOSE": "loud"}, bucket, str(tiny_model), tmp_path)
+    assert _flow_run_state(flow_run_id)[0] == "Crashed", output[-5000:]
+    assert output.count(LOUD) == 1 and "Traceback" not in output, output[-5000:]
+    assert "batch inference job" not in output, output[-5000:]  # the job's child never started
+    assert len([line for line in _flow_run_logs(flow_run_id) if LOUD in line]) == 1  # the UI's

@@ -4,6 +4,7 @@ them through, but not the HTTP clients' line per request, which `-vv` (VLMOPS_VE
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -200,6 +201,19 @@ def test_a_vlmops_verbose_that_is_no_level_is_refused(tmp_path: Path) -> None:
     )
 
 
+def test_a_task_worker_refuses_a_vlmops_verbose_that_is_no_level() -> None:
+    """A task worker (`python -m flows.batch_inference serve`) with VLMOPS_VERBOSE=loud stops before it serves, with the
+    error `vlmops` gives, not the traceback of the flows package's import."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"VLMOPS_VERBOSE": "loud"}
+    command = [sys.executable, "-m", "flows.batch_inference", "serve"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip() == (
+        "error: VLMOPS_VERBOSE='loud' in the environment is not a verbosity: set it to 0 (quiet), 1 (as --verbose) "
+        "or 2 (as -vv), or unset it"
+    )
+
+
 def test_a_command_leaves_nothing_in_the_home_folder(tmp_path: Path) -> None:
     """MLflow's telemetry wrote ~/.config/mlflow/telemetry.json from any command that imports MLflow (`validate` does),
     outside the CI and test environments it recognises, which are taken out of this run's environment."""
@@ -219,7 +233,7 @@ def test_a_command_leaves_nothing_in_the_home_folder(tmp_path: Path) -> None:
 ENTRYPOINTS = sorted({d["entrypoint"] for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]})
 # VLMOPS_VERBOSE on the worker -> the levels of the root logger (Prefect's WARNING up to -vv), botocore, vlmops, httpx.
 FLOW_RUN_LEVELS = {
-    "0": "WARNING WARNING NOTSET WARNING",
+    "0": "WARNING WARNING INFO WARNING",
     "1": "WARNING INFO DEBUG WARNING",
     "2": "DEBUG NOTSET NOTSET NOTSET",
 }
@@ -231,45 +245,83 @@ def test_a_flow_runs_process_is_set_up_as_vlmops_sets_itself_up(entrypoint: str,
     """A worker's flow run loads its deployment's entrypoint as Prefect does (by the file's path, from the folder the
     pull step went to), not `vlmops`'s command line, where the defaults were set: no MLflow telemetry, the quiet levels
     or those VLMOPS_VERBOSE asks for. flows/batch_inference.py imported nothing of the flows package, so a flow run of
-    it had none of them."""
+    it had none of them. vlmops's own INFO lines show through Prefect's console at its root level, WARNING, as under
+    `vlmops run` (before, they showed only with VLMOPS_VERBOSE); outside a flow run they are not sent to the server, so
+    Prefect's API handler on them does not warn of a line without a flow run."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK", "CI")}
     env = {k: v for k, v in env.items() if k not in ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "PYTHONPATH")}
     env["VLMOPS_VERBOSE"] = verbosity
     check = (
         "import logging, sys; from prefect.flows import load_flow_from_entrypoint; "
         "load_flow_from_entrypoint(sys.argv[1]); import mlflow.telemetry.utils as u; "
+        "logging.getLogger('vlmops.models.manifest').info('wrote manifest m.json (7 files)'); "
         "print(u.is_telemetry_disabled(), *(logging.getLevelName(logging.getLogger(n).level) for n in sys.argv[2:]))"
     )
     command = [sys.executable, "-c", check, entrypoint, "root", "botocore", "vlmops", "httpx"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == f"True {FLOW_RUN_LEVELS[verbosity]}"
+    assert done.stderr.count("| INFO    | vlmops.models.manifest - wrote manifest m.json (7 files)") == 1, done.stderr
+    assert "attempted to send logs to the API" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_team_s_logging_settings_stay_in_a_flow_run(tmp_path: Path) -> None:
+    """A team's own logging config (PREFECT_LOGGING_SETTINGS_PATH) that gives the `vlmops` logger a level keeps it, and
+    a team's PREFECT_LOGGING_EXTRA_LOGGERS is the list of loggers sent to the server: Prefect's API handler on the ones
+    it names, none of vlmops's own on the `vlmops` logger (its lines would reach the server twice where the list names
+    `vlmops.infer`)."""
+    prefect = importlib.util.find_spec("prefect")
+    assert prefect is not None and prefect.origin is not None
+    config = yaml.safe_load((Path(prefect.origin).parent / "logging" / "logging.yml").read_text())  # Prefect's default
+    config["loggers"]["vlmops"] = {"level": "WARNING"}
+    settings = tmp_path / "logging.yml"
+    settings.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("VLMOPS_VERBOSE", "PYTHONPATH")}
+    env |= {"PREFECT_LOGGING_SETTINGS_PATH": str(settings), "PREFECT_LOGGING_EXTRA_LOGGERS": "vlmops.infer"}
+    check = (
+        "import logging, sys; from prefect.flows import load_flow_from_entrypoint; "
+        "from prefect.logging.handlers import APILogHandler; load_flow_from_entrypoint(sys.argv[1]); "
+        "logging.getLogger('vlmops.models.manifest').info('wrote manifest m.json (7 files)'); "
+        "print(*(logging.getLevelName(logging.getLogger(n).level) for n in ('vlmops', 'flows')), "
+        "*(sum(isinstance(h, APILogHandler) for h in logging.getLogger(n).handlers) for n in ('vlmops', 'vlmops.infer')))"
+    )
+    command = [sys.executable, "-c", check, ENTRYPOINTS[0]]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "WARNING INFO 0 1"
+    assert "wrote manifest" not in done.stderr, done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("flags", [[], ["-v"], ["-vv"]])
 def test_the_flows_set_up_changes_nothing_under_the_command_line(flags: list[str]) -> None:
     """`vlmops run` and `vlmops promote` import the flows package after main() configured the process: its set-up then
-    leaves every level, filter, handler and warning filter as the command (and Prefect's logging set-up) left them."""
+    leaves every level, filter, handler and warning filter as the command (and Prefect's logging set-up) left them, but
+    for the handler that sends vlmops's own lines in a flow run to the server. A line of vlmops shows once."""
     script = """
 import logging, os, sys, warnings
+from prefect.logging.handlers import APILogHandler
 from vlmops import quiet
 from vlmops.cli.main import main
 
 def state():
     names = ["", *quiet.OWN_LOGGERS, *quiet.CHATTY_LOGGERS, *quiet.PER_REQUEST_LOGGERS, *quiet.NOISY_LOG_MESSAGES]
     loggers = [logging.getLogger(name) for name in names]
-    return ([(lg.level, len(lg.filters), len(lg.handlers)) for lg in loggers], len(warnings.filters),
-            os.environ.get(quiet.VERBOSE_ENV))
+    return ([(lg.level, len(lg.filters), len([h for h in lg.handlers if not isinstance(h, APILogHandler)]))
+             for lg in loggers], len(warnings.filters), os.environ.get(quiet.VERBOSE_ENV))
 
 assert main([*sys.argv[1:], "models"]) == 0
 from prefect.logging.configuration import ensure_logging_setup
 ensure_logging_setup()  # Prefect's own loggers, handlers and filters: importing any flow module sets them up
 before = state()
 import flows
-print(before == state(), before, state())
+logging.getLogger("vlmops.models.manifest").info("wrote manifest m.json (7 files)")
+api = [sum(isinstance(h, APILogHandler) for h in logging.getLogger(n).handlers) for n in quiet.OWN_LOGGERS]
+print(before == state(), api, before, state())
 """
     env = {k: v for k, v in os.environ.items() if k not in ("VLMOPS_VERBOSE", "PYTHONWARNINGS")}
     env["PYTHONPATH"] = str(ROOT)
     done = subprocess.run([sys.executable, "-c", script, *flags], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1].startswith("True "), done.stdout.strip().splitlines()[-1]
+    assert done.stdout.strip().splitlines()[-1].startswith("True [1, 1, 1] "), done.stdout.strip().splitlines()[-1]
+    assert done.stderr.count("INFO vlmops.models.manifest: wrote manifest m.json (7 files)") == 1, done.stderr[-3000:]
+    assert "attempted to send logs to the API" not in done.stderr, done.stderr[-3000:]
