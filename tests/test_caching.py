@@ -20,10 +20,10 @@ from prefect.context import TaskRunContext
 
 from tasks.caching import FileContents
 from tasks.validate import validate_dataset
-from tests.s3_server import S3Server
+from tests.s3_server import S3Server, watched_requests
 from vlmops.config import DataConfig, StorageConfig
 from vlmops.errors import UserInputError
-from vlmops.fingerprints import folder_stat_fingerprint, image_stat_data, stat_data
+from vlmops.fingerprints import fingerprint, folder_stat_fingerprint, image_stat_data, stat_data
 
 RECORD = json.dumps(
     {
@@ -605,3 +605,20 @@ def test_an_s3_image_a_local_dataset_names_is_in_its_key_by_its_etag(
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sock.getsockname()[1]}")
     unreachable = {dataset_key(train, DataConfig()) for _ in range(2)}
     assert len(unreachable) == 2 and not unreachable & set(keys)
+
+
+@pytest.mark.integration
+def test_each_s3_dataset_object_is_read_once_for_the_key(s3_env: S3Server) -> None:
+    """The key of a prefix of .json parts (one that does not parse) and a .jsonl part: one GET each (the .json one was read twice: once to find
+    whether the whole list parses, once for its records), the key as before (pinned: the sequential code's)."""
+    client = s3_env.client()
+    client.create_bucket(Bucket="read-once")
+    records = [json.loads(RECORD), json.loads(ask("images/shape.bmp")), "not a record"]
+    client.put_object(Bucket="read-once", Key="data/train.json", Body=json.dumps(records, indent=1).encode())
+    client.put_object(Bucket="read-once", Key="data/more.jsonl", Body=f"{RECORD}\n".encode())
+    client.put_object(Bucket="read-once", Key="data/broken.json", Body=f"[{RECORD},\n{{oops".encode())
+    client.put_object(Bucket="read-once", Key="data/images/shape.bmp", Body=b"an image")
+    with watched_requests() as requests:
+        key = fingerprint("s3://read-once/data", dataset=True)
+    assert key == "6afcfbbeeb89c4ad6f0c066403d3abaf9e5d954043998cd658341b2a67e39dca"  # the sequential code's
+    assert requests.of("GetObject") == ["data/broken.json", "data/more.jsonl", "data/train.json"]

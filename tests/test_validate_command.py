@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.image_server import png_bytes
-from tests.s3_server import S3Server
+from tests.s3_server import S3Server, watched_requests
 from vlmops.cli.main import main
 
 
@@ -317,9 +317,13 @@ def test_an_s3_prefix_of_parts_is_read_as_a_folder_is(
 ) -> None:
     """`vlmops validate s3://bucket/prefix` (was "s3:/bucket/prefix does not exist"): its .json/.jsonl objects in key
     order, read as they stream in; a relative image is the object under the part's prefix; a reject is named by its
-    object's URI and line."""
+    object's URI and line. Each object is one GET (b.json was two: once to find whether the whole list parses, once
+    for its records)."""
     args = ["validate", s3_parts, *CACHE, "--set", "data.invalid_records=skip"]
-    assert main(args) == 0
+    with watched_requests() as requests:
+        assert main(args) == 0
+    parts = ["a.jsonl", "images/red.png", "b.json", "images/blue.png"]
+    assert requests.of("GetObject") == [f"data/parts/{name}" for name in parts]
     out = capsys.readouterr().out
     assert "read 4 records" in out
     assert "all: 2 records (0 multi-turn, 0 multi-image, 0 text-only), 2 turns, 2 images" in out
