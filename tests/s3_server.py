@@ -60,10 +60,11 @@ class Requests:
 
 
 @contextmanager
-def watched_requests(delay_s: float = 0.0) -> Iterator[Requests]:
+def watched_requests(delay_s: float = 0.0, fail: dict[str, Exception] | None = None) -> Iterator[Requests]:
     """The requests `vlmops.storage.s3_client()` (the client the AWS_* environment names: the one the code under test
     uses) makes in the block, as botocore's own event hooks on that client see them. `delay_s`: how long each request
-    waits before it is sent, so that requests made at once overlap however fast the server answers."""
+    waits before it is sent, so that requests made at once overlap however fast the server answers. `fail`: keys whose
+    requests raise this error instead of being sent."""
     from vlmops.storage import s3_client
 
     events = s3_client().meta.events
@@ -72,8 +73,11 @@ def watched_requests(delay_s: float = 0.0) -> Iterator[Requests]:
     in_flight = 0
 
     def built(params: dict[str, Any], model: Any, **_: Any) -> None:
+        key = str(params.get("Key", ""))
         with lock:
-            seen.made.append((model.name, str(params.get("Key", ""))))
+            seen.made.append((model.name, key))
+        if fail and key in fail:
+            raise fail[key]
 
     def sending(**_: Any) -> None:
         nonlocal in_flight
