@@ -672,3 +672,10 @@ def test_a_head_that_fails_in_the_keys_threads_names_its_image_and_the_record(s3
         "while looking up image s3://head-fails/data/images/13.bmp (named at s3://head-fails/data/train.jsonl:20) for a "
         "cache key"
     ]
+
+
+def test_an_s3_param_that_is_not_a_dataset_is_refused_with_the_fix() -> None:
+    """No step passes one (its model, config and run folder are local by then), so the key of its listing alone
+    (`s3_fingerprint`) is gone: a step that came to pass one is told how to key it."""
+    with pytest.raises(ValueError, match="s3://models/m: the cache key follows an s3:// param only as a dataset; list"):
+        fingerprint("s3://models/m", dataset=False)

@@ -35,6 +35,9 @@ A folder walk leaves out what the flow writes (`skip`: its output folder, a reje
 model folder holding them would otherwise get a new key from every run's own writes, and never be reused. So is what
 version control and other tools write there (`NOT_DATA`): a commit or a fetch is no reason to validate again.
 
+An `s3://` param that is not a dataset is refused, with the fix: no step passes one (its model, config and run folder
+are local by the time it runs).
+
 A change to any word here is a new key for every existing run's cached steps, which then all run again: make one on
 purpose only.
 """
@@ -352,19 +355,6 @@ def s3_dataset_fingerprint(uri: str, allowed_roots: Sequence[str] = (), storage:
     return h.hexdigest()
 
 
-def s3_fingerprint(uri: str, storage: StorageConfig | None = None) -> str:
-    """An `s3://` object, or every object under a prefix, by its listing (`list_uri`): each object's key, size and
-    ETag, which S3 changes with the content, so nothing is downloaded. A URI with nothing there is its reason."""
-    try:
-        listing = list_uri(uri, storage)
-    except (FileNotFoundError, UserInputError, ValueError) as err:
-        return f"refused: {err}"
-    h = hashlib.sha256()
-    for obj in listing.objects:
-        h.update(f"{obj.key}\0{object_data(obj)}\n".encode())
-    return h.hexdigest()
-
-
 def fingerprint(
     value: Any,
     dataset: bool,
@@ -389,7 +379,12 @@ def _files_fingerprint(
     value: str, dataset: bool, allowed_roots: Sequence[str], skip: Collection[Path], storage: StorageConfig | None
 ) -> str:
     if value.startswith("s3://"):
-        return s3_dataset_fingerprint(value, allowed_roots, storage) if dataset else s3_fingerprint(value, storage)
+        if not dataset:  # no step passes one: its models, configs and run folders are local by the time it runs
+            raise ValueError(
+                f"{value}: the cache key follows an s3:// param only as a dataset; list the param in FileContents' "
+                "datasets, or give the key a fingerprint of what the step reads there"
+            )
+        return s3_dataset_fingerprint(value, allowed_roots, storage)
     path = Path(value).expanduser()
     if path.is_dir():
         return (
