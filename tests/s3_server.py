@@ -10,9 +10,12 @@ scope) wraps it; tests that use it are `integration` tests.
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,62 @@ class S3Server:
 
     def client(self) -> Any:
         return s3_client(self.endpoint_url, self.access_key, self.secret_key, self.region)
+
+
+@dataclass
+class Requests:
+    """The S3 requests a block made (`watched_requests`)."""
+
+    made: list[tuple[str, str]] = field(default_factory=list)
+    """(operation, key) of each, in the order they were sent: ("GetObject", "data/train.json")."""
+    most_at_once: int = 0
+    """The most that were in flight at once."""
+
+    def of(self, operation: str) -> list[str]:
+        return [key for name, key in self.made if name == operation]
+
+
+@contextmanager
+def watched_requests(delay_s: float = 0.0, fail: dict[str, Exception] | None = None) -> Iterator[Requests]:
+    """The requests `vlmops.storage.s3_client()` (the client the AWS_* environment names: the one the code under test
+    uses) makes in the block, as botocore's own event hooks on that client see them. `delay_s`: how long each request
+    waits before it is sent, so that requests made at once overlap however fast the server answers. `fail`: keys whose
+    requests raise this error instead of being sent."""
+    from vlmops.storage import s3_client
+
+    events = s3_client().meta.events
+    seen = Requests()
+    lock = threading.Lock()
+    in_flight = 0
+
+    def built(params: dict[str, Any], model: Any, **_: Any) -> None:
+        key = str(params.get("Key", ""))
+        with lock:
+            seen.made.append((model.name, key))
+        if fail and key in fail:
+            raise fail[key]
+
+    def sending(**_: Any) -> None:
+        nonlocal in_flight
+        with lock:
+            in_flight += 1
+            seen.most_at_once = max(seen.most_at_once, in_flight)
+        time.sleep(delay_s)
+
+    def answered(**_: Any) -> None:
+        nonlocal in_flight
+        with lock:
+            in_flight -= 1
+
+    hooks = [("before-parameter-build.s3", built), ("before-call.s3", sending), ("after-call.s3", answered)]
+    ids = [f"watched-requests-{uuid.uuid4()}" for _ in hooks]
+    for (event, handler), unique_id in zip(hooks, ids, strict=True):
+        events.register(event, handler, unique_id=unique_id)
+    try:
+        yield seen
+    finally:  # the client is shared (one per setting, for the whole session): leave it as it was
+        for (event, _), unique_id in zip(hooks, ids, strict=True):
+            events.unregister(event, unique_id=unique_id)
 
 
 @contextmanager

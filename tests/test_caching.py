@@ -21,10 +21,10 @@ from prefect.context import TaskRunContext
 
 from tasks.caching import FileContents
 from tasks.validate import validate_dataset
-from tests.s3_server import S3Server
+from tests.s3_server import S3Server, watched_requests
 from vlmops.config import DataConfig, StorageConfig
 from vlmops.errors import UserInputError
-from vlmops.fingerprints import folder_stat_fingerprint, image_stat_data, stat_data
+from vlmops.fingerprints import fingerprint, folder_stat_fingerprint, image_stat_data, stat_data
 
 RECORD = json.dumps(
     {
@@ -641,3 +641,77 @@ def test_an_s3_image_a_local_dataset_names_is_in_its_key_by_its_etag(
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{sock.getsockname()[1]}")
     unreachable = {dataset_key(train, DataConfig()) for _ in range(2)}
     assert len(unreachable) == 2 and not unreachable & set(keys)
+
+
+def beside_one_object(client: Any, bucket: str) -> str:
+    """s3://BUCKET/data/train.jsonl, whose records name 24 images beside it (three twice, one not there), one outside
+    its prefix (a refusal), one in another bucket and a broken line among them: each named image one HEAD."""
+    for name in (bucket, f"{bucket}-other"):
+        client.create_bucket(Bucket=name)
+    for i in range(23):
+        client.put_object(Bucket=bucket, Key=f"data/images/{i:02d}.bmp", Body=f"image {i}".encode() * (i + 1))
+    client.put_object(Bucket=f"{bucket}-other", Key="shape.bmp", Body=b"another bucket's image")
+    lines = [ask(f"images/{i:02d}.bmp") for i in range(12)]
+    lines += ["{oops", ask("../secret.bmp"), ask("images/missing.bmp"), ask(f"s3://{bucket}-other/shape.bmp")]
+    lines += [ask(f"images/{i:02d}.bmp") for i in (3, 12, 5, 13)]
+    lines += [ask(f"images/{i:02d}.bmp") for i in range(14, 23)] + [ask("images/07.bmp")]
+    client.put_object(Bucket=bucket, Key="data/train.jsonl", Body="\n".join(lines).encode() + b"\n")
+    return f"s3://{bucket}/data/train.jsonl"
+
+
+@pytest.mark.integration
+def test_the_images_beside_one_s3_object_are_looked_up_at_once_for_the_same_key(s3_env: S3Server) -> None:
+    """One s3:// object whose records name images beside it: each image one HEAD (no listing answers for them), at most
+    HEAD_THREADS of them in flight at once (were one at a time: a thousand images were a thousand round trips in a
+    row), and the key byte for byte the one the sequential code computed (pinned: the words in record order, whatever
+    order the answers come in)."""
+    uri = beside_one_object(s3_env.client(), "heads-at-once")
+    with watched_requests(delay_s=0.05) as requests:
+        key = fingerprint(uri, dataset=True)
+    assert key == "545eeb730bc11446574e15ab41a01d5f2f2cc62f0348f0e7de6134adbc856faf"  # the sequential code's
+    named = {*(f"data/images/{i:02d}.bmp" for i in range(23)), "data/images/missing.bmp", "shape.bmp"}
+    assert sorted(requests.of("HeadObject")) == sorted(named)
+    assert requests.most_at_once > 1
+    from vlmops.fingerprints import HEAD_THREADS  # (here: the sequential code, which pins the key, has none)
+
+    assert requests.most_at_once <= HEAD_THREADS
+
+
+@pytest.mark.integration
+def test_each_s3_dataset_object_is_read_once_for_the_key(s3_env: S3Server) -> None:
+    """The key of a prefix of .json parts (one that does not parse) and a .jsonl part: one GET each (the .json one was read twice: once to find
+    whether the whole list parses, once for its records), the key as before (pinned: the sequential code's)."""
+    client = s3_env.client()
+    client.create_bucket(Bucket="read-once")
+    records = [json.loads(RECORD), json.loads(ask("images/shape.bmp")), "not a record"]
+    client.put_object(Bucket="read-once", Key="data/train.json", Body=json.dumps(records, indent=1).encode())
+    client.put_object(Bucket="read-once", Key="data/more.jsonl", Body=f"{RECORD}\n".encode())
+    client.put_object(Bucket="read-once", Key="data/broken.json", Body=f"[{RECORD},\n{{oops".encode())
+    client.put_object(Bucket="read-once", Key="data/images/shape.bmp", Body=b"an image")
+    with watched_requests() as requests:
+        key = fingerprint("s3://read-once/data", dataset=True)
+    assert key == "6afcfbbeeb89c4ad6f0c066403d3abaf9e5d954043998cd658341b2a67e39dca"  # the sequential code's
+    assert requests.of("GetObject") == ["data/broken.json", "data/more.jsonl", "data/train.json"]
+
+
+@pytest.mark.integration
+def test_a_head_that_fails_in_the_keys_threads_names_its_image_and_the_record(s3_env: S3Server) -> None:
+    """An error a HEAD meets is raised as it was (an outage, by its type, still gives a key no run has had), with the
+    image and the file:line of the record that names it first: the key's own thread did not send that request."""
+    uri = beside_one_object(s3_env.client(), "head-fails")
+    with (
+        watched_requests(fail={"data/images/13.bmp": RuntimeError("the server fell over")}),
+        pytest.raises(RuntimeError, match="the server fell over") as raised,
+    ):
+        fingerprint(uri, dataset=True)
+    assert raised.value.__notes__ == [
+        "while looking up image s3://head-fails/data/images/13.bmp (named at s3://head-fails/data/train.jsonl:20) for a "
+        "cache key"
+    ]
+
+
+def test_an_s3_param_that_is_not_a_dataset_is_refused_with_the_fix() -> None:
+    """No step passes one (its model, config and run folder are local by then), so the key of its listing alone
+    (`s3_fingerprint`) is gone: a step that came to pass one is told how to key it."""
+    with pytest.raises(ValueError, match="s3://models/m: the cache key follows an s3:// param only as a dataset; list"):
+        fingerprint("s3://models/m", dataset=False)

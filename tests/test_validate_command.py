@@ -8,9 +8,10 @@ import socket
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import ClientError
 
 from tests.image_server import png_bytes
-from tests.s3_server import S3Server
+from tests.s3_server import S3Server, watched_requests
 from vlmops.cli.main import main
 
 
@@ -317,9 +318,13 @@ def test_an_s3_prefix_of_parts_is_read_as_a_folder_is(
 ) -> None:
     """`vlmops validate s3://bucket/prefix` (was "s3:/bucket/prefix does not exist"): its .json/.jsonl objects in key
     order, read as they stream in; a relative image is the object under the part's prefix; a reject is named by its
-    object's URI and line."""
+    object's URI and line. Each object is one GET (b.json was two: once to find whether the whole list parses, once
+    for its records)."""
     args = ["validate", s3_parts, *CACHE, "--set", "data.invalid_records=skip"]
-    assert main(args) == 0
+    with watched_requests() as requests:
+        assert main(args) == 0
+    parts = ["a.jsonl", "images/red.png", "b.json", "images/blue.png"]
+    assert requests.of("GetObject") == [f"data/parts/{name}" for name in parts]
     out = capsys.readouterr().out
     assert "read 4 records" in out
     assert "all: 2 records (0 multi-turn, 0 multi-image, 0 text-only), 2 turns, 2 images" in out
@@ -332,6 +337,54 @@ def test_an_s3_prefix_of_parts_is_read_as_a_folder_is(
     assert f"image ../secret.png is outside {s3_parts}, where the record was read from" in rows[1]["reason"]
     assert main(["validate", f"{s3_parts}/b.json", *CACHE]) == 0  # one object, by its key
     assert "all: 1 record (0 multi-turn, 0 multi-image, 0 text-only), 1 turn, 1 image" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_the_images_beside_one_s3_object_are_downloaded_at_once_and_checked_in_record_order(
+    workdir: Path, s3_env: S3Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each image one GET, several in flight at once while the records before them are checked (were one at a time:
+    a round trip's wait each), the records checked in order as before: the missing image and the one that is no
+    image rejected at their lines, an image named twice read once; a download that may pass stops validation at
+    the record that names it."""
+    client = s3_env.client()
+    client.create_bucket(Bucket="images-at-once")
+    names = [f"images/{i:02d}.png" for i in range(20)]
+    for name in names:
+        client.put_object(Bucket="images-at-once", Key=f"data/{name}", Body=png_bytes())
+    client.put_object(Bucket="images-at-once", Key="data/images/broken.png", Body=b"not an image")
+    lines = [record(f"Which {i}?", name) for i, name in enumerate(names)]
+    lines[10:10] = [record("Gone?", "images/missing.png"), record("Broken?", "images/broken.png")]
+    lines.append(record("Again?", names[3]))
+    client.put_object(Bucket="images-at-once", Key="data/train.jsonl", Body="".join(lines).encode())
+    args = ["validate", "s3://images-at-once/data/train.jsonl", *CACHE, "--set", "data.invalid_records=skip"]
+    with watched_requests(delay_s=0.05) as requests:
+        assert main(args) == 0
+    assert "read 23 records" in capsys.readouterr().out
+    gets = requests.of("GetObject")
+    assert gets[0] == "data/train.jsonl"
+    assert sorted(gets[1:]) == sorted(f"data/{name}" for name in [*names, "images/missing.png", "images/broken.png"])
+    assert requests.most_at_once > 1
+    from vlmops.data.validation import IMAGE_THREADS  # (here: the code before it read them one at a time)
+
+    assert requests.most_at_once <= IMAGE_THREADS
+    rows = [json.loads(line) for line in Path("outputs/datasets/rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rows] == [
+        (11, "image s3://images-at-once/data/images/missing.png: no such object (storage.endpoint_url: the S3 server)"),
+        (
+            12,
+            "image s3://images-at-once/data/images/broken.png: not a readable image (no image format starts like "
+            "b'not an image')",
+        ),
+    ]
+    slow_down = {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}
+    with watched_requests(fail={"data/images/15.png": ClientError(slow_down, "GetObject")}):  # downloaded ahead
+        assert main(args) == 1
+    assert (
+        "error: s3://images-at-once/data/train.jsonl:18: image s3://images-at-once/data/images/15.png: An error "
+        "occurred (SlowDown) when calling the GetObject operation: Unknown (storage.endpoint_url: the S3 server). "
+        "Validation stops here rather than leave the record out for a failure that may pass: run it again"
+    ) in capsys.readouterr().err
 
 
 @pytest.mark.integration

@@ -12,8 +12,9 @@ content) and the images its records name, streamed as validation reads them; for
 file's relative path (symlinked subfolders walked too, as the steps read them) and where each symlink leads. What each
 file and image is known by is `Identities`: a local image by its stat data, never read, which keeps the key cheap for
 multi-GB checkpoints and image sets; an `s3://` image (named by an S3 dataset or a local one) by its size and ETag,
-never downloaded, from the dataset's listing for one under its prefix, else from one HEAD request. The dataset file is
-read (to hash and to parse it) and each image it names is looked up once, wherever it lies (in an output folder, under
+never downloaded, from the dataset's listing for one under its prefix, else from one HEAD request (`HEAD_THREADS` of
+them at once, their answers taken in record order). The dataset file is read once (to hash and to parse it: an S3
+object's size and ETag come from its listing, and its one GET streams its records) and each image it names is looked up once, wherever it lies (in an output folder, under
 .git/, in a shared mount of millions of files or in another bucket, of which only the named ones count), and nothing
 else beside it is looked at: a code edit or a `pip install` beside a dataset at a checkout's root, a README under an
 S3 dataset's prefix, is no reason to validate again. An image a record names that is not there is "missing" in the
@@ -36,6 +37,9 @@ version control and other tools write there (`NOT_DATA`): a commit or a fetch is
 key walks without a word (`quiet`): a folder reached twice, or a file a folder holds under two names, is read once, and
 the step that reads it says so; said by its key too, the flow's log named each twice.
 
+An `s3://` param that is not a dataset is refused, with the fix: no step passes one (its model, config and run folder
+are local by the time it runs).
+
 A change to any word here is a new key for every existing run's cached steps, which then all run again: make one on
 purpose only.
 """
@@ -47,7 +51,9 @@ import hashlib
 import os
 import stat
 import uuid
+from collections import deque
 from collections.abc import Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -60,7 +66,7 @@ from vlmops.errors import UserInputError
 from vlmops.folders import walk
 from vlmops.hashing import sha256_file
 from vlmops.outages import is_transient, unreachable_service
-from vlmops.storage import Listing, S3Object, is_partial, list_uri, parse_s3_uri, stat_object
+from vlmops.storage import REQUESTS_AT_ONCE, Listing, S3Object, is_partial, list_uri, parse_s3_uri, stat_object
 
 # Folders and files that version control, DVC, Python, notebooks, linters and file browsers write, at any depth, left
 # out of a folder walk. Exact names only: every other dotfile (`.gitkeep`, `.gitignore`) is data. A file the folder
@@ -177,11 +183,24 @@ def s3_object_data(uri: str, storage: StorageConfig | None) -> str:
     return "missing" if found is None else object_data(found)
 
 
+HEAD_THREADS = REQUESTS_AT_ONCE
+"""HEAD requests one key has in flight at once: each image that no listing answers for (those beside one S3 object,
+those in another bucket) costs a round trip, and a thousand of them one after another were a thousand round trips'
+wait. The key's words still go in record order, whichever answer comes first."""
+LOOKAHEAD = 4 * HEAD_THREADS
+"""Lines of the key that may wait for their HEAD while the records after them are read: enough to keep every thread
+busy, few enough that memory does not grow with the file."""
+
+Words = str | Future[str]
+"""An image's words in the key, or the HEAD that will give them."""
+
+
 @dataclass
 class Identities:
     """What one key knows the files it reads by, each looked up once: a dataset file by its content (a local one's
     sha256, an S3 object's size and ETag), an image by what changes with it (a local one's stat data, an S3 object's
-    size and ETag; an http(s) or data: URL by nothing but itself, in its file's text).
+    size and ETag, from HEAD_THREADS requests at once; an http(s) or data: URL by nothing but itself, in its file's
+    text). Used as a context manager: its threads end with it.
 
     `listing`: the listing of the S3 dataset being keyed (`list_uri`), which answers for the objects it holds without
     a HEAD each; one under its prefix that it does not hold is missing. `storage`: the S3 server."""
@@ -189,24 +208,60 @@ class Identities:
     storage: StorageConfig | None = None
     listing: Listing | None = None
     _listed: dict[tuple[str, str], S3Object] = field(default_factory=dict, init=False)
-    _images: dict[str, str] = field(default_factory=dict, init=False)
+    _images: dict[str, Words] = field(default_factory=dict, init=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.listing is not None:
             self._listed = {(self.listing.bucket, obj.key): obj for obj in self.listing.objects}
 
-    def dataset_file(self, file: Path | str) -> str:
-        return self.s3_object(file) if isinstance(file, str) else sha256_file(file)
+    def __enter__(self) -> Identities:
+        return self
 
-    def image(self, uri: str) -> str | None:
-        """The key's words for the image at `uri` (absolute, as validation resolved it); None for a URL."""
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:  # a key that failed leaves the HEADs not yet sent unsent
+            self._pool.shutdown(cancel_futures=True)
+
+    def dataset_file(self, file: Path | str) -> str:
+        if isinstance(file, Path):
+            return sha256_file(file)
+        listed = self._listed_data(file)
+        return listed if listed is not None else s3_object_data(file, self.storage)
+
+    def image(self, uri: str, named_at: str) -> Words | None:
+        """The key's words for the image at `uri` (absolute, as validation resolved it), or the HEAD that will give
+        them; None for a URL. `named_at`: the record that names it first (file:line or file[index]), for an error."""
         if uri.startswith(URLS):
             return None
         if uri not in self._images:
-            self._images[uri] = self.s3_object(uri) if uri.startswith("s3://") else image_stat_data(uri)
+            self._images[uri] = self._s3_image(uri, named_at) if uri.startswith("s3://") else image_stat_data(uri)
         return self._images[uri]
 
-    def s3_object(self, uri: str) -> str:
+    def _s3_image(self, uri: str, named_at: str) -> Words:
+        listed = self._listed_data(uri)
+        if listed is not None:
+            return listed
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(HEAD_THREADS, thread_name_prefix="image-head")
+        head = self._pool.submit(self._head, uri, named_at)
+        head.add_done_callback(lambda done: self._settle(uri, done))
+        return head
+
+    def _head(self, uri: str, named_at: str) -> str:
+        try:
+            return s3_object_data(uri, self.storage)
+        except Exception as err:  # raised in the key's own thread, which did not send this request: say which it was
+            err.add_note(f"while looking up image {uri} (named at {named_at}) for a cache key")
+            raise
+
+    def _settle(self, uri: str, head: Future[str]) -> None:
+        """Keep a HEAD's answer, not the request: a dataset of a million images would hold a million of them."""
+        if not head.cancelled() and head.exception() is None:
+            self._images[uri] = head.result()
+
+    def _listed_data(self, uri: str) -> str | None:
+        """The words for the object at `uri` where they need no request: from the listing, "missing" under its prefix
+        and not in it, or why `uri` names no object; None where only a HEAD can tell."""
         try:
             bucket, key = parse_s3_uri(uri)  # as validation reads it: `s3://b/a/` is the object a
         except ValueError as err:
@@ -216,7 +271,7 @@ class Identities:
         listing = self.listing
         if listing is not None and not listing.single and bucket == listing.bucket and key.startswith(listing.folder):
             return "missing"  # the listing holds every object under its prefix
-        return s3_object_data(uri, self.storage)
+        return None
 
 
 def dataset_fingerprint(
@@ -224,26 +279,44 @@ def dataset_fingerprint(
 ) -> str:
     """The dataset file's content (a local file's sha256, an `s3://` object's size and ETag), then each image its
     records name (once, as validation resolves it: its path or URI and `Identities.image`), and the reason for each
-    record validation will refuse before opening its images. An S3 object's records are streamed as validation reads
-    them."""
-    identities = identities or Identities()
+    record validation will refuse before opening its images, in record order. An S3 object's records are streamed as
+    validation reads them."""
+    if identities is None:
+        with Identities() as own:
+            return dataset_fingerprint(file, allowed_roots, own)
     h = hashlib.sha256(f"{identities.dataset_file(file)}\n".encode())
     if PurePosixPath(os.fspath(file)).suffix.lower() not in DATASET_SUFFIXES:
         return h.hexdigest()  # validation refuses the file by its name, whatever it holds
     seen: set[str] = set()
+    lines: deque[tuple[str, Words]] = deque()  # each line of the key, as its start and its words (or their HEAD)
     # The same call as RecordChecker.check_file: the same parsing, path rules and roots.
     for entry in iter_dataset(file, [Path(root) for root in allowed_roots], identities.storage):
         if isinstance(entry.result, RecordProblem):
             # Its text is in the content; the reason may name what the text does not (where a symlink led).
-            h.update(f"{entry.result}\n".encode())
-            continue
-        for image in entry.result.images:
-            if image.uri in seen:
-                continue
-            seen.add(image.uri)
-            if (words := identities.image(image.uri)) is not None:
-                h.update(f"{image.uri}\0{words}\n".encode())  # a local one absolute, every link followed
+            lines.append(("", str(entry.result)))
+        else:
+            for image in entry.result.images:
+                if image.uri in seen:
+                    continue
+                seen.add(image.uri)
+                if (words := identities.image(image.uri, entry.location)) is not None:
+                    lines.append((f"{image.uri}\0", words))  # a local one absolute, every link followed
+        _hash_lines(h, lines, LOOKAHEAD)
+    _hash_lines(h, lines, 0)
     return h.hexdigest()
+
+
+def _hash_lines(h: Any, lines: deque[tuple[str, Words]], waiting: int) -> None:
+    """Hash the lines at the front of `lines` whose words are known; wait for a HEAD's answer while more than `waiting`
+    lines are left (0: all of them)."""
+    while lines:
+        start, words = lines[0]
+        if isinstance(words, Future):
+            if not words.done() and len(lines) <= waiting:
+                return
+            words = words.result()  # a failed HEAD raises here, in record order, as it did when they went one by one
+        lines.popleft()
+        h.update(f"{start}{words}\n".encode())
 
 
 def dataset_folder_fingerprint(
@@ -257,11 +330,11 @@ def dataset_folder_fingerprint(
         files = [Path(file) for file in dataset_files([folder], quiet=True)]  # a local folder's: paths
     except (FileNotFoundError, UserInputError) as err:
         return f"refused: {err}"
-    identities = Identities(storage)
     h = hashlib.sha256()
-    for file in files:
-        key = dataset_fingerprint(file, allowed_roots, identities)
-        h.update(f"{file.relative_to(folder).as_posix()}\0{key}\n".encode())
+    with Identities(storage) as identities:
+        for file in files:
+            key = dataset_fingerprint(file, allowed_roots, identities)
+            h.update(f"{file.relative_to(folder).as_posix()}\0{key}\n".encode())
     return h.hexdigest()
 
 
@@ -275,26 +348,13 @@ def s3_dataset_fingerprint(uri: str, allowed_roots: Sequence[str] = (), storage:
         files = dataset_objects(uri, listing)
     except (FileNotFoundError, UserInputError, ValueError) as err:
         return f"refused: {err}"
-    identities = Identities(storage, listing)
     h = hashlib.sha256()
     try:
-        for file in files:
-            h.update(f"{file}\0{dataset_fingerprint(file, allowed_roots, identities)}\n".encode())
+        with Identities(storage, listing) as identities:
+            for file in files:
+                h.update(f"{file}\0{dataset_fingerprint(file, allowed_roots, identities)}\n".encode())
     except FileNotFoundError:  # an object deleted since the listing: the dataset is changing, and no key is its own
         return f"changing: {uuid.uuid4()}"
-    return h.hexdigest()
-
-
-def s3_fingerprint(uri: str, storage: StorageConfig | None = None) -> str:
-    """An `s3://` object, or every object under a prefix, by its listing (`list_uri`): each object's key, size and
-    ETag, which S3 changes with the content, so nothing is downloaded. A URI with nothing there is its reason."""
-    try:
-        listing = list_uri(uri, storage)
-    except (FileNotFoundError, UserInputError, ValueError) as err:
-        return f"refused: {err}"
-    h = hashlib.sha256()
-    for obj in listing.objects:
-        h.update(f"{obj.key}\0{object_data(obj)}\n".encode())
     return h.hexdigest()
 
 
@@ -322,12 +382,20 @@ def _files_fingerprint(
     value: str, dataset: bool, allowed_roots: Sequence[str], skip: Collection[Path], storage: StorageConfig | None
 ) -> str:
     if value.startswith("s3://"):
-        return s3_dataset_fingerprint(value, allowed_roots, storage) if dataset else s3_fingerprint(value, storage)
+        if not dataset:  # no step passes one: its models, configs and run folders are local by the time it runs
+            raise ValueError(
+                f"{value}: the cache key follows an s3:// param only as a dataset; list the param in FileContents' "
+                "datasets, or give the key a fingerprint of what the step reads there"
+            )
+        return s3_dataset_fingerprint(value, allowed_roots, storage)
     path = Path(value).expanduser()
     if path.is_dir():
         return (
             dataset_folder_fingerprint(path, allowed_roots, storage) if dataset else folder_stat_fingerprint(path, skip)
         )
     if path.is_file():
-        return dataset_fingerprint(path, allowed_roots, Identities(storage)) if dataset else sha256_file(path)
+        if not dataset:
+            return sha256_file(path)
+        with Identities(storage) as identities:
+            return dataset_fingerprint(path, allowed_roots, identities)
     return f"missing:{path}"

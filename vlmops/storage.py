@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REQUESTS_AT_ONCE = 16
+"""Requests one step sends at once through a client (the cache key's HEADs: `vlmops.fingerprints.HEAD_THREADS`), and
+the connections the client keeps open for them (botocore keeps 10, and opens and drops the rest with a warning each)."""
+
 STALE_PARTIAL_S = 15 * 60
 """A partial download untouched this long is a dead process's: one in progress writes every few seconds (boto3
 gives up on a read after 60 s). Younger ones may be another run's copy into the same folder, and are left alone."""
@@ -87,6 +91,7 @@ def _client(endpoint: str | None, region: str | None, credentials: tuple[str | N
         s3={"addressing_style": "path" if endpoint else "auto"},
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=10,
+        max_pool_connections=REQUESTS_AT_ONCE,
     )
     # A session of its own: boto3's default session resolves credentials once and keeps them, so a client
     # made for a changed key pair (or for none) would still sign with the first pair it found.

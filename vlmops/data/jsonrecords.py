@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,20 +81,41 @@ def json_list_records(file: Path | str, storage: StorageConfig | None = None) ->
     """(location, index, item, item or problem) for each item of a .json file, streamed (vlmops.data.jsonarray).
 
     The whole file is checked first: a file that does not parse is one problem, at the line where it breaks,
-    and none of its items count (it is not a list of records until it parses). An S3 object is read twice so."""
-    try:
-        with open_dataset_file(file, storage) as f:
-            for _ in json_array_items(f):
+    and none of its items count (it is not a list of records until it parses). So it is read twice: a local file
+    from its start again, an S3 object from the copy kept as its one GET streamed in (`_Copying`)."""
+    with open_dataset_file(file, storage) as f, tempfile.SpooledTemporaryFile(SPOOL_BYTES) as copy:
+        local = not (isinstance(file, str) and file.startswith("s3://"))
+        try:
+            for _ in json_array_items(f if local else _Copying(f, copy)):
                 pass
-    except JsonArrayError as err:
-        location = f"{file}:{err.line}" if err.line else str(file)
-        yield location, err.line, None, RecordProblem(location, "(file)", err.problem())
-        return
-    decoder = _RecordDecoder()
-    with open_dataset_file(file, storage) as f:
-        for item in json_array_items(f, decoder=decoder):
+        except JsonArrayError as err:
+            location = f"{file}:{err.line}" if err.line else str(file)
+            yield location, err.line, None, RecordProblem(location, "(file)", err.problem())
+            return
+        again = f if local else copy
+        again.seek(0)
+        decoder = _RecordDecoder()
+        for item in json_array_items(again, decoder=decoder):
             location = f"{file}[{item.index}]"
             yield location, item.index, item.value, decoder.checked(item.value, location)
+
+
+SPOOL_BYTES = 16 << 20
+"""An S3 .json object's copy (`_Copying`) is kept in memory up to this size, in a temporary file past it."""
+
+
+class _Copying:
+    """An S3 object's body whose bytes are written to `copy` as they are read: read again from there, the object is
+    downloaded once, and memory stays flat whatever its size."""
+
+    def __init__(self, body: IO[bytes], copy: IO[bytes]):
+        self.body = body
+        self.copy = copy
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self.body.read(size)
+        self.copy.write(data)
+        return data
 
 
 def _not_utf8(err: UnicodeDecodeError, line: bytes) -> str:

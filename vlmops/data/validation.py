@@ -3,7 +3,8 @@ then it is written on (kept) or to the rejects file (with its reason), and forgo
 
 What stays in memory grows by a few numbers per record (its token length, image and turn counts, and an
 8-byte fingerprint to find duplicates), never by the records themselves, so a file of any size validates in
-about the same memory (bench/validate_rss_bench.py). `vlmops validate PATH` checks files this way without
+about the same memory (bench/validate_rss_bench.py). The records read ahead of the one being checked are a fixed
+number (`AHEAD`), with the bytes of their s3:// images, downloaded meanwhile (`ImagesAhead`). `vlmops validate PATH` checks files this way without
 writing anything but the rejects file; `vlmops.data.prepare` runs the same checker to build a snapshot.
 """
 
@@ -16,7 +17,9 @@ import os
 import re
 import statistics
 from array import array
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Container, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +36,16 @@ from vlmops.data.problems import DatasetError, RecordProblem
 from vlmops.models.template import Tokenizer, encode
 from vlmops.plural import counted
 from vlmops.staging import publish_file
+from vlmops.storage import REQUESTS_AT_ONCE
 
 log = logging.getLogger(__name__)
 
+IMAGE_THREADS = REQUESTS_AT_ONCE
+"""s3:// images downloaded at once: each is a round trip, and a dataset's thousands of them one after another were as
+many round trips' wait."""
+AHEAD = 4 * IMAGE_THREADS
+"""Records read ahead of the one being checked, whose s3:// images are downloaded meanwhile: enough to keep every
+thread busy, few enough that memory holds their images' bytes and no more."""
 EXAMPLES = 100
 """Problems and duplicates kept in memory and in report.json; the rejects file has every one."""
 REJECTS_FILE = "rejects.jsonl"
@@ -214,6 +224,7 @@ class RecordChecker:
         self.duplicate_examples: list[dict[str, str]] = []
         self._seen: dict[int, int] = {}  # record fingerprint -> (file number << 32 | line or index) of its first copy
         self._files: list[DatasetPath] = []
+        self._ahead: ImagesAhead | None = None  # while a file is checked
 
     def check_file(self, path: DatasetPath, out: IO[str] | None = None, tally: Tally | None = None) -> Tally:
         """Check every record of one file (local, or an `s3://` object); write each kept record to `out` (snapshot
@@ -221,36 +232,46 @@ class RecordChecker:
         tally = tally if tally is not None else Tally()
         self._files.append(path)
         roots = [Path(r) for r in self.data.allowed_roots]
-        for entry in tqdm(
-            iter_dataset(path, roots, self.storage),
-            desc=f"validate {file_name(path)}",
-            unit="rec",
-            leave=False,
-            disable=None,
-        ):
-            self.read += 1
-            if isinstance(entry.result, RecordProblem):
-                self._reject(entry, entry.result)
-                continue
-            conv = entry.result
-            problem = self._check_images(conv)
-            if problem is not None:
-                self._reject(entry, problem)
-                continue
-            enc = encode(conv.messages, self.tokenizer, self.num_image_tokens, self.system_prompt)
-            check = self.policy.check(len(enc), enc)
-            if check.problem is not None:
-                self._reject(entry, RecordProblem(entry.location, "(length)", check.problem), too_long=True)
-                continue
-            if check.dropped:
-                self.dropped.append(entry.location)
-                continue
-            line = record_line(conv, self._names(conv))
-            self._note_duplicate(line, entry)
-            if out is not None:
-                out.write(line)
-            tally.add(len(enc), conv)
+        with self._reading_ahead() as ahead:
+            entries = ahead.records(iter_dataset(path, roots, self.storage))
+            for entry in tqdm(entries, desc=f"validate {file_name(path)}", unit="rec", leave=False, disable=None):
+                self._check_record(entry, out, tally)
         return tally
+
+    @contextmanager
+    def _reading_ahead(self) -> Iterator[ImagesAhead]:
+        pool = ThreadPoolExecutor(IMAGE_THREADS, thread_name_prefix="image-read")
+        self._ahead = ImagesAhead(pool, self.storage, self.image_names)
+        try:
+            yield self._ahead
+        finally:  # validation stopped: the downloads not yet started never start
+            self._ahead = None
+            pool.shutdown(cancel_futures=True)
+
+    def _check_record(self, entry: Entry, out: IO[str] | None, tally: Tally) -> None:
+        """Check one record: write it to `out` and add it to `tally`, or reject or drop it."""
+        self.read += 1
+        if isinstance(entry.result, RecordProblem):
+            self._reject(entry, entry.result)
+            return
+        conv = entry.result
+        problem = self._check_images(conv)
+        if problem is not None:
+            self._reject(entry, problem)
+            return
+        enc = encode(conv.messages, self.tokenizer, self.num_image_tokens, self.system_prompt)
+        check = self.policy.check(len(enc), enc)
+        if check.problem is not None:
+            self._reject(entry, RecordProblem(entry.location, "(length)", check.problem), too_long=True)
+            return
+        if check.dropped:
+            self.dropped.append(entry.location)
+            return
+        line = record_line(conv, self._names(conv))
+        self._note_duplicate(line, entry)
+        if out is not None:
+            out.write(line)
+        tally.add(len(enc), conv)
 
     def raise_problems(self, report: ValidationReport) -> None:
         """Fill in the report's counts; raise DatasetError with every problem that stops the run."""
@@ -300,7 +321,8 @@ class RecordChecker:
 
     def _store_image(self, uri: str) -> str:
         """Check the image opens; keep its bytes under a content-hash name; its snapshot-relative path."""
-        data = read_image_bytes(uri, self.storage)
+        ahead = self._ahead.take(uri) if self._ahead is not None else None
+        data = ahead if ahead is not None else read_image_bytes(uri, self.storage)
         open_image_bytes(data, uri)
         if self.image_dir is None:
             return ""
@@ -347,6 +369,61 @@ class RecordChecker:
         file = self._files[packed >> 32]
         number = packed & 0xFFFFFFFF
         return f"{file}:{number}" if is_jsonl(file) else f"{file}[{number}]"
+
+
+class ImagesAhead:
+    """The s3:// images of the AHEAD records after the one being checked, downloaded meanwhile on `pool`
+    (IMAGE_THREADS at a time), each once, and held until the check of a record that names it takes them (`take`).
+
+    Records are still checked one at a time, in order, and each finds what it found when its images were read as it
+    came: a missing image, one that does not open, a failure that may pass (which stops validation). An image that no
+    record's check took (an earlier image of its record was refused) is dropped once no record ahead names it. Images
+    on disk or by URL are read as their record is checked; those in `checked` (their answer known) are not read
+    again.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, storage: StorageConfig | None, checked: Container[str]):
+        self.pool = pool
+        self.storage = storage
+        self.checked = checked
+        self._reads: dict[str, Future[bytes]] = {}
+        self._wanted: Counter[str] = Counter()  # image -> records ahead that name it
+
+    def records(self, entries: Iterator[Entry]) -> Iterator[Entry]:
+        """`entries`, each once the images of the AHEAD after it are on their way."""
+        window: deque[tuple[Entry, list[str]]] = deque()
+        for entry in entries:
+            window.append((entry, self._want(entry)))
+            if len(window) > AHEAD:
+                yield from self._check_first(window)
+        while window:
+            yield from self._check_first(window)
+
+    def take(self, uri: str) -> bytes | None:
+        """The image's bytes, downloaded ahead (an ImageLoadError where that failed); None where it was not."""
+        read = self._reads.pop(uri, None)
+        return None if read is None else read.result()
+
+    def _want(self, entry: Entry) -> list[str]:
+        if isinstance(entry.result, RecordProblem):
+            return []
+        wanted = [image.uri for image in entry.result.images if image.uri.startswith("s3://")]
+        wanted = [uri for uri in wanted if uri not in self.checked]
+        for uri in wanted:
+            self._wanted[uri] += 1
+            if uri not in self._reads:
+                self._reads[uri] = self.pool.submit(read_image_bytes, uri, self.storage)
+        return wanted
+
+    def _check_first(self, window: deque[tuple[Entry, list[str]]]) -> Iterator[Entry]:
+        entry, wanted = window.popleft()
+        yield entry
+        for uri in wanted:  # its check is done: what no record ahead names is not kept
+            self._wanted[uri] -= 1
+            if not self._wanted[uri]:
+                del self._wanted[uri]
+                if (read := self._reads.pop(uri, None)) is not None:
+                    read.cancel()
 
 
 def validate_files(
