@@ -89,19 +89,6 @@ def run_one(uri: str, model: Path, latency_ms: float, repeats: int) -> dict[str,
     }
 
 
-def export_tree(revision: str, work: Path) -> Path:
-    """The code of `revision` (vlmops/) in a folder of its own under `work`."""
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", revision], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    tree = work / f"tree-{commit}"
-    if not (tree / "vlmops").is_dir():
-        tree.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "vlmops"], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-    return tree
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (the server's data, the baseline)")
@@ -118,6 +105,7 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
+    from bench.baseline_tree import export_tree
     from bench.results_file import write_results
     from tests.s3_server import seaweedfs_s3
     from vlmops.models.tiny import build_tiny_model

@@ -50,21 +50,6 @@ def write_records(path: Path, count: int, images: int) -> None:
             f.write(json.dumps({"id": i, "conversations": turns}) + "\n")
 
 
-def export_tree(revision: str, work: Path) -> Path:
-    """The code of `revision` (vlmops/ and tasks/) in a folder of its own under `work`."""
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", revision], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    tree = work / f"tree-{commit}"
-    if not (tree / "vlmops").is_dir():
-        tree.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(
-            ["git", "-C", str(ROOT), "archive", commit, "vlmops", "tasks"], capture_output=True, check=True
-        )
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
-    return tree
-
-
 def key_function() -> Callable[[Path], str]:
     """`dataset_fingerprint` from the tree under test: in vlmops.fingerprints, or tasks.caching in a baseline from
     before the key moved into the core."""
@@ -121,6 +106,7 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
+    from bench.baseline_tree import export_tree
     from bench.results_file import write_results
 
     args.work.mkdir(parents=True, exist_ok=True)
