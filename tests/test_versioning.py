@@ -258,23 +258,31 @@ def test_a_password_where_dvc_reads_none_is_refused_at_the_config_key(tmp_path: 
     assert _files_holding(tmp_path / "ws", PASSWORD) == []
 
 
-def test_an_http_remote_that_answers_503_to_everything_is_named_unavailable(tmp_path: Path) -> None:
-    """A remote whose front end answers but whose storage is down (503 to every request): DVC's http client reads it as
-    a file not found, and the pull said the remote's copy was missing or damaged. It is the remote's outage, named
-    with its URL (password masked), and a retry may pass; a push there is the same."""
-    from vlmops.outages import DVC_REMOTE, ServiceUnavailable, is_transient, unreachable_service
+def _pull_and_push_answered(tmp_path: Path, status: int, error: type[Exception]) -> tuple[str, list[Exception]]:
+    """A pull and a push against an http remote that answers `status` to every request, each raising `error`: the
+    remote's host and what they raised."""
     from vlmops.versioning import pull_tracked
 
     data = tmp_path / "ws" / "model"
     data.mkdir(parents=True)
     (data / "w.bin").write_bytes(b"weights")
-    with http_remote(tmp_path / "remote", status=503) as host:
+    with http_remote(tmp_path / "remote", status=status) as host:
         url = f"http://vlmops:{PASSWORD}@{host}/dvc"
-        with pytest.raises(ServiceUnavailable) as pull:
+        with pytest.raises(error) as pull:
             pull_tracked(MISSING_MD5, "model", url, tmp_path / "pulled")
-        with pytest.raises(ServiceUnavailable) as push:
+        with pytest.raises(error) as push:
             DvcStore(tmp_path / "ws", "http", url).track(data)
-    for raised in (pull.value, push.value):
+    return host, [pull.value, push.value]
+
+
+def test_an_http_remote_that_answers_503_to_everything_is_named_unavailable(tmp_path: Path) -> None:
+    """A remote whose front end answers but whose storage is down (503 to every request): DVC's http client reads it as
+    a file not found, and the pull said the remote's copy was missing or damaged. It is the remote's outage, named
+    with its URL (password masked), and a retry may pass; a push there is the same."""
+    from vlmops.outages import DVC_REMOTE, ServiceUnavailable, is_transient, unreachable_service
+
+    host, raised_both = _pull_and_push_answered(tmp_path, 503, ServiceUnavailable)
+    for raised in raised_both:
         assert str(raised).startswith(f"DVC remote at http://vlmops:***@{host}/dvc did not answer: HTTPError: 503 ")
         assert raised.service == DVC_REMOTE and raised.then is None
         assert is_transient(raised)
@@ -330,18 +338,9 @@ def test_an_http_remote_that_answers_403_names_both_readings_not_a_refused_login
     retried. They said `refused the login of user 'vlmops'`."""
     from vlmops.dvc_remote_failures import RemoteAccessRefused, RemoteLoginRefused
     from vlmops.outages import is_transient, unreachable_service
-    from vlmops.versioning import pull_tracked
 
-    data = tmp_path / "ws" / "model"
-    data.mkdir(parents=True)
-    (data / "w.bin").write_bytes(b"weights")
-    with http_remote(tmp_path / "remote", status=403) as host:
-        url = f"http://vlmops:{PASSWORD}@{host}/dvc"
-        with pytest.raises(RemoteAccessRefused) as pull:
-            pull_tracked(MISSING_MD5, "model", url, tmp_path / "pulled")
-        with pytest.raises(RemoteAccessRefused) as push:
-            DvcStore(tmp_path / "ws", "http", url).track(data)
-    for raised in (pull.value, push.value):
+    host, raised_both = _pull_and_push_answered(tmp_path, 403, RemoteAccessRefused)
+    for raised in raised_both:
         message = str(raised)
         assert message.startswith(
             f"the DVC remote http://vlmops:***@{host}/dvc refused a request with the login of user 'vlmops' "
