@@ -201,6 +201,9 @@ def test_mlflow_server_settings_match_infra_local() -> None:
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@")
     assert "postgresql" not in args
+    # The admin MLflow creates on its first start gets the team's password, not a default anyone knows.
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "$(MLFLOW_TRACKING_PASSWORD)"
+    assert SERVICES_COMPOSE["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == "${MLFLOW_TRACKING_PASSWORD}"
 
 
 def test_the_gpu_worker_gets_the_client_environment_and_the_gpus() -> None:
