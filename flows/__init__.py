@@ -17,6 +17,7 @@ from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
 
 from vlmops import quiet
+from vlmops.outages import retry_delay_setting
 from vlmops.redact import redact_log_handlers
 
 P = ParamSpec("P")
@@ -61,14 +62,21 @@ def _own_lines_to_the_run(verbosity: int, levels_before: dict[str, int]) -> None
 # no level: nothing changes but the lines sent to the server.
 quiet.no_usage_reports()
 ensure_logging_setup()
+# A setting that is no value vlmops can use is not raised here: Prefect prints a failed import's traceback three times
+# (the flow run, its engine, and the process that runs the on_crashed hooks, which loads the flow too). A flow refuses
+# to run instead (refuses_bad_settings), a task worker to start (flows.batch_inference); tasks.retry's waits keep their
+# defaults until then.
+_refused: list[str] = []
 try:
     _verbosity = quiet.env_verbosity()
-    SETTINGS_ERROR: str | None = None
 except ValueError as err:
-    # Not raised here: Prefect prints a failed import's traceback three times (the flow run, its engine, and the
-    # process that runs the on_crashed hooks, which loads the flow too). A flow refuses to run instead
-    # (refuses_bad_settings), a task worker to start (flows.batch_inference).
-    _verbosity, SETTINGS_ERROR = 0, str(err)
+    _verbosity = 0
+    _refused.append(str(err))
+try:
+    retry_delay_setting()
+except ValueError as err:
+    _refused.append(str(err))
+SETTINGS_ERROR: str | None = "; ".join(_refused) or None
 _levels_before = {name: logging.getLogger(name).level for name in quiet.OWN_LOGGERS}
 quiet.configure(_verbosity)
 logging.getLogger().setLevel(quiet.root_level(_verbosity, logging.getLogger().level))

@@ -4,8 +4,8 @@ Which failures a retry can fix is `vlmops.outages.is_transient` (one classifier 
 
     @task(retries=SERVICE_RETRIES, retry_delay_seconds=SERVICE_BACKOFF, retry_condition_fn=transient)
 
-The waits between tries are the tasks' own (a few seconds for a server, longer for a hub); VLMOPS_RETRY_DELAY_S,
-read when the tasks are imported, replaces each with that many seconds (e.g. 1 on a test machine, where the outages
+The waits between tries are the tasks' own (a few seconds for a server, longer for a hub); VLMOPS_RETRY_DELAY_S
+(vlmops.outages.retry_delay_setting), read when the tasks are imported, replaces each with that many seconds (e.g. 1 on a test machine, where the outages
 are staged and a retry need not wait for a server to come back).
 
 When the retries are spent, `names_unreachable_service` (around a flow) turns the last error into a
@@ -23,7 +23,6 @@ a `vlmops run` of no deployment) the advice is a new run.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import shlex
 from collections.abc import Callable
@@ -38,26 +37,24 @@ from vlmops.outages import (
     ServiceUnavailable,
     exception_chain,
     is_transient,
+    retry_delay_setting,
     unreachable_service,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-RETRY_DELAY_ENV = "VLMOPS_RETRY_DELAY_S"
-
 
 def retry_delays(*seconds: float) -> list[float]:
-    """The waits before each retry of a task: `seconds`, or VLMOPS_RETRY_DELAY_S for each where it is set."""
-    setting = os.environ.get(RETRY_DELAY_ENV, "").strip()
-    if not setting:
-        return list(seconds)
+    """The waits before each retry of a task: `seconds`, or VLMOPS_RETRY_DELAY_S for each where it is set.
+
+    Read when the tasks are imported. A value that is no number of seconds leaves `seconds` here: it is refused where a
+    run starts (the command line; a flow run or a task worker, through flows.SETTINGS_ERROR, before any step), with one
+    message. Raised here, it failed the flows' import, whose traceback Prefect prints three times on a worker."""
     try:
-        delay = float(setting)
+        delay = retry_delay_setting()
     except ValueError:
-        delay = math.nan
-    if not 0 <= delay < math.inf:  # not a number, negative, NaN or infinite
-        raise ValueError(f"{RETRY_DELAY_ENV}={setting!r}: must be a number of seconds, 0 or more (unset: the defaults)")
-    return [delay] * len(seconds)
+        return list(seconds)
+    return list(seconds) if delay is None else [delay] * len(seconds)
 
 
 # Two retries, 5 s then 10 s apart (Prefect adds no jitter unless asked): long enough for a restarting server

@@ -39,6 +39,7 @@ CREDENTIALS = "| INFO    | botocore.credentials - Found credentials in environme
 PER_REQUEST = "| INFO    | httpx - HTTP Request: "
 NO_GPU_LIMIT = "Concurrency limits ['gpu'] do not exist"
 OWN_LINE = "| INFO    | vlmops.models.manifest - wrote manifest "  # vlmops's line, in the flow run's process
+SOON = "VLMOPS_RETRY_DELAY_S='soon': must be a number of seconds, 0 or more (unset: the defaults)"
 LOUD = (
     "VLMOPS_VERBOSE='loud' in the environment is not a verbosity: set it to 0 (quiet), 1 (as --verbose) or 2 (as -vv), "
     "or unset it"
@@ -175,12 +176,15 @@ def test_vlmops_verbose_on_the_worker_shows_the_noise_in_its_flow_runs(
 def test_a_vlmops_verbose_that_is_no_level_stops_the_flow_run_with_one_message(
     prefect_harness: None, bucket: S3Server, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """VLMOPS_VERBOSE=loud on a worker: the flow run stops before any step and ends Crashed, with the message that
-    names the variable, its value and the values that work once, without a traceback, in what the worker prints and in
-    the flow run's log (the UI's). Before, the flow's import failed: Prefect printed its traceback three times (the flow
-    run, its engine, the process that runs the on_crashed hooks), the message last in each."""
-    output, flow_run_id = _on_a_worker("loud", {"VLMOPS_VERBOSE": "loud"}, bucket, str(tiny_model), tmp_path)
+    """VLMOPS_VERBOSE=loud (and VLMOPS_RETRY_DELAY_S=soon, read by the tasks' import) on a worker: the flow run stops
+    before any step and ends Crashed, with the message that names each variable, its value and the values that work
+    once, without a traceback, in what the worker prints and in the flow run's log (the UI's). Before, the flow's import
+    failed: Prefect printed its traceback three times (the flow run, its engine, the process that runs the on_crashed
+    hooks), the message last in each."""
+    bad = {"VLMOPS_VERBOSE": "loud", "VLMOPS_RETRY_DELAY_S": "soon"}
+    output, flow_run_id = _on_a_worker("loud", bad, bucket, str(tiny_model), tmp_path)
     assert _flow_run_state(flow_run_id)[0] == "Crashed", output[-5000:]
-    assert output.count(LOUD) == 1 and "Traceback" not in output, output[-5000:]
+    assert output.count(LOUD) == 1 and output.count(SOON) == 1 and "Traceback" not in output, output[-5000:]
     assert "batch inference job" not in output, output[-5000:]  # the job's child never started
-    assert len([line for line in _flow_run_logs(flow_run_id) if LOUD in line]) == 1  # the UI's
+    logs = _flow_run_logs(flow_run_id)
+    assert len([line for line in logs if LOUD in line and SOON in line]) == 1  # the UI's: one line names both

@@ -201,6 +201,27 @@ def test_a_vlmops_verbose_that_is_no_level_is_refused(tmp_path: Path) -> None:
     )
 
 
+SOON = "VLMOPS_RETRY_DELAY_S='soon': must be a number of seconds, 0 or more (unset: the defaults)"
+
+
+def test_a_retry_delay_that_is_no_number_is_refused_by_every_command(tmp_path: Path) -> None:
+    """VLMOPS_RETRY_DELAY_S=soon: every command refuses it before it starts (exit 2), not only those whose import of the
+    tasks raised it (with a traceback); a command that imported none ran on."""
+    done = _vlmops("models", cwd=tmp_path, env={"VLMOPS_RETRY_DELAY_S": "soon"})
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == f"error: {SOON}"
+
+
+def test_a_task_worker_refuses_a_retry_delay_that_is_no_number() -> None:
+    """A task worker with VLMOPS_RETRY_DELAY_S=soon stops before it serves with the one message, not the traceback of
+    the tasks' import (where the waits are read)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"VLMOPS_RETRY_DELAY_S": "soon"}
+    command = [sys.executable, "-m", "flows.batch_inference", "serve"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert done.stderr.strip() == f"error: {SOON}"
+
+
 def test_a_task_worker_refuses_a_vlmops_verbose_that_is_no_level() -> None:
     """A task worker (`python -m flows.batch_inference serve`) with VLMOPS_VERBOSE=loud stops before it serves, with the
     error `vlmops` gives, not the traceback of the flows package's import."""

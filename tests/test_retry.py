@@ -156,17 +156,20 @@ def test_a_failure_that_carries_a_named_outage_is_not_named_again() -> None:
 
 def test_retry_delays_are_the_tasks_own_unless_the_environment_sets_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """VLMOPS_RETRY_DELAY_S replaces every wait (the suite sets it to 1: its outages are staged); unset, each task's
-    own; a value that is no number of seconds is an error naming the variable."""
-    from tasks.retry import RETRY_DELAY_ENV, retry_delays
+    own; a value that is no number of seconds is an error naming the variable (retry_delay_setting, which every entry
+    point checks first: test_quiet), while the tasks' import keeps their own waits (no traceback of a failed import)."""
+    from tasks.retry import retry_delays
+    from vlmops.outages import RETRY_DELAY_ENV, retry_delay_setting
 
     monkeypatch.delenv(RETRY_DELAY_ENV, raising=False)
-    assert retry_delays(5, 10) == [5, 10]
+    assert retry_delays(5, 10) == [5, 10] and retry_delay_setting() is None
     monkeypatch.setenv(RETRY_DELAY_ENV, "0.5")
     assert retry_delays(5, 10) == [0.5, 0.5]
     for bad in ("soon", "-1", "nan", "inf"):
         monkeypatch.setenv(RETRY_DELAY_ENV, bad)
         with pytest.raises(ValueError, match=rf"^{RETRY_DELAY_ENV}='{bad}': must be a number of seconds"):
-            retry_delays(5)
+            retry_delay_setting()
+        assert retry_delays(5, 10) == [5, 10]
 
 
 def test_an_outage_a_child_process_reported_is_named_again_by_its_parent_with_the_parents_advice() -> None:

@@ -19,6 +19,7 @@ reads the outage back off them. A `vlmops` command run so gives no advice of its
 from __future__ import annotations
 
 import errno
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -171,6 +172,27 @@ def _fix_its_url(outage: Outage) -> str:
     if outage.service == DVC_REMOTE:
         return "fix versioning.remote_url in the config"
     return "fix its URL in the config"
+
+
+RETRY_DELAY_ENV = "VLMOPS_RETRY_DELAY_S"
+
+
+def retry_delay_setting() -> float | None:
+    """VLMOPS_RETRY_DELAY_S: the seconds that replace every wait between a task's tries (tasks.retry); None unset.
+
+    Raises:
+        ValueError: it is set to no number of seconds (not a number, negative, NaN or infinite), named with the fix.
+    """
+    setting = os.environ.get(RETRY_DELAY_ENV, "").strip()
+    if not setting:
+        return None
+    try:
+        delay = float(setting)
+    except ValueError:
+        delay = math.nan
+    if not 0 <= delay < math.inf:
+        raise ValueError(f"{RETRY_DELAY_ENV}={setting!r}: must be a number of seconds, 0 or more (unset: the defaults)")
+    return delay
 
 
 PARENT_ADVISES_ENV = "VLMOPS_PARENT_ADVISES"

@@ -47,7 +47,7 @@ from vlmops.cli import (
     validate,
 )
 from vlmops.errors import VlmopsError
-from vlmops.outages import ServiceUnavailable, rerun_advice, unreachable_service
+from vlmops.outages import ServiceUnavailable, rerun_advice, retry_delay_setting, unreachable_service
 from vlmops.redact import redact_log_handlers, redact_text
 
 Handler = Callable[[argparse.Namespace], int]
@@ -104,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # What the handlers and the child processes see: the flag's level or the environment's, the larger.
         args.verbose = max(args.verbose, quiet.env_verbosity())
+        retry_delay_setting()  # read by the tasks' retries (tasks.retry), which keep their own waits for a bad one
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
