@@ -61,6 +61,7 @@ def test_load_registered_model_by_alias_and_version(
 
     # The same version again, by number: served from the cache, not downloaded twice.
     caplog.set_level(logging.INFO, logger="vlmops.infer.resolve")
+    caplog.clear()  # what the calls above logged (vlmops's INFO lines show once flows is imported)
     assert resolve_model_ref(f"models:/{NAME}/1", tracking_uri=registry, cache_dir=cache) == downloaded
     assert "cached at" in caplog.text and "downloading" not in caplog.text
 
@@ -360,6 +361,7 @@ def test_the_login_of_the_tracking_uri_is_in_no_registry_error_and_no_cache_file
         written = [p for p in cache.rglob("*") if p.is_file() and p.suffix in (".json", ".yaml", ".txt")]
         assert written and not [p for p in written if "s3cret-pw" in p.read_text(errors="replace")]
         caplog.set_level(logging.INFO, logger="vlmops.infer.resolve")
+        caplog.clear()  # what the calls above logged (vlmops's INFO lines show once flows is imported)
         assert resolve_model_ref(f"models:/{NAME}/1", tracking_uri=login, cache_dir=cache) == downloaded
         assert "cached at" in caplog.text and "downloading" not in caplog.text
     finally:
