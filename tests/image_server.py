@@ -1,6 +1,8 @@
 """A real local HTTP server that serves images and misbehaves on purpose, for the URL-fetching tests.
 
-Routes: `/ok.png` an image; `/flaky.png` 503 while the server's `down` is set, then the image; `/missing.png` 404; `/slow.png` answers after `SLOW_S`; `/page.png` an HTML page;
+Routes: `/ok.png` an image; `/flaky.png` 503 while the server's `down` is set, then the image; `/missing.png` 404;
+`/slow.png` answers after `SLOW_S`; `/paced.png` an image after `PACE_S` (a round trip's wait: the server's
+`most_at_once` says how many were in flight together); `/page.png` an HTML page;
 `/big.png` a 64 KiB image with its length announced, `/big-unannounced.png` the same without a length;
 `/redirect?to=URL` a 302 to URL (relative or absolute: `file://`, a private address, `/ok.png`). Over https
 with `serving_images(certificate=...)` and a certificate from `self_signed_certificate`.
@@ -27,6 +29,7 @@ from cryptography.x509.oid import NameOID
 from PIL import Image
 
 SLOW_S = 3.0
+PACE_S = 0.05
 
 
 def png_bytes(size: tuple[int, int] = (4, 4), colour: tuple[int, int, int] = (0, 0, 255)) -> bytes:
@@ -49,6 +52,9 @@ class ImageServer(ThreadingHTTPServer):
         super().__init__((host, 0), ImageRoutes)
         self.received: list[bytes] = []
         self.down = False  # /flaky.png answers 503 while set
+        self.in_flight = 0  # /paced.png requests being answered, and the most of them at once
+        self.most_at_once = 0
+        self.counting = threading.Lock()
         self.scheme = "https" if certificate else "http"
         if certificate:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -76,6 +82,14 @@ class ImageRoutes(BaseHTTPRequestHandler):
             self._send(503, b"try again later", "text/plain")
         elif parts.path == "/slow.png":
             time.sleep(SLOW_S)
+            self._send(200, png_bytes(), "image/png")
+        elif parts.path == "/paced.png":
+            with self.server.counting:
+                self.server.in_flight += 1
+                self.server.most_at_once = max(self.server.most_at_once, self.server.in_flight)
+            time.sleep(PACE_S)
+            with self.server.counting:
+                self.server.in_flight -= 1
             self._send(200, png_bytes(), "image/png")
         elif parts.path == "/page.png":
             self._send(200, b"<html><body>Not found, but 200</body></html>", "text/html")

@@ -619,6 +619,34 @@ def test_an_image_server_that_fails_for_now_stops_validation_instead_of_dropping
     assert (report.read, report.rejected_count) == (1, 0)  # type: ignore[attr-defined]
 
 
+def test_images_by_url_are_downloaded_at_once_and_checked_in_record_order(
+    tmp_path: Path, tiny_processor: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each URL one GET, several in flight at once while the records before them are checked (were one at a time: a
+    round trip's wait each), as s3:// images are (tests/test_validate_command.py); the records checked in order: the
+    missing image and the page that is no image rejected at their lines, an image named twice fetched once; every
+    download on a kept connection (urllib3 warns when it drops one its pool cannot hold)."""
+    from vlmops.data.validation import IMAGE_THREADS
+
+    with serving_images() as server:
+        urls = [f"{server.url}/paced.png?n={i}" for i in range(24)]
+        records = [ask(f"<img>{url}</img>Which {i}?") for i, url in enumerate(urls)]
+        records[10:10] = [ask(f"<img>{server.url}/missing.png</img>Gone?"), ask(f"<img>{server.url}/page.png</img>?")]
+        records.append(ask(f"<img>{urls[3]}</img>Again?"))
+        dataset = tmp_path / "d.jsonl"
+        dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
+        rejects = tmp_path / "r.jsonl"
+        report = check(tiny_processor.tokenizer, [dataset], {"invalid_records": "skip"}, {}, rejects)()
+        paced = [line for line in server.received if line.startswith(b"GET /paced.png")]
+    assert (report.read, report.rejected_count) == (27, 2)  # type: ignore[attr-defined]
+    assert len(paced) == len(urls)
+    assert 1 < server.most_at_once <= IMAGE_THREADS
+    rows = [json.loads(line) for line in rejects.read_text().splitlines()]
+    assert [(row["line"], row["reason"].split(":")[0]) for row in rows] == [(11, "image http"), (12, "image http")]
+    assert "HTTP 404" in rows[0]["reason"] and "not a readable image" in rows[1]["reason"]
+    assert "Connection pool is full" not in caplog.text
+
+
 @pytest.mark.integration
 def test_s3_image_failures_say_whether_they_may_pass(s3_env: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """A missing object is the record's fault for good; an S3 server that does not answer may come back (a batch job

@@ -43,6 +43,9 @@ from vlmops.errors import UserInputError
 
 HTTP_RETRIES = 3
 HTTP_BACKOFF_S = 0.5  # urllib3 backs off exponentially from this factor between tries
+# Connections kept per host: at least the threads that download at once (validation's 16, a batch job's up to 8);
+# requests' default of 10 made validation's downloads open and drop a connection each, with a warning each.
+CONNECTIONS_PER_HOST = 16
 # Worth another try: the server's own failures and throttling. A 4xx other than 429 answers the same again.
 HTTP_RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_REDIRECTS = 5
@@ -95,7 +98,7 @@ def http_session(allow_networks: tuple[IpNetwork, ...] = ()) -> requests.Session
         raise_on_status=False,  # the last response comes back, and its status goes into the message
     )
     session = requests.Session()
-    adapter = PeerCheckedAdapter(allow_networks, max_retries=retry)
+    adapter = PeerCheckedAdapter(allow_networks, max_retries=retry, pool_maxsize=CONNECTIONS_PER_HOST)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session

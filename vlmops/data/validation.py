@@ -4,7 +4,7 @@ then it is written on (kept) or to the rejects file (with its reason), and forgo
 What stays in memory grows by a few numbers per record (its token length, image and turn counts, and an
 8-byte fingerprint to find duplicates), never by the records themselves, so a file of any size validates in
 about the same memory (bench/validate_rss_bench.py). The records read ahead of the one being checked are a fixed
-number (`AHEAD`), with the bytes of their s3:// images, downloaded meanwhile (`ImagesAhead`). `vlmops validate PATH` checks files this way without
+number (`AHEAD`), with the bytes of their s3:// and http(s):// images, downloaded meanwhile (`ImagesAhead`). `vlmops validate PATH` checks files this way without
 writing anything but the rejects file; `vlmops.data.prepare` runs the same checker to build a snapshot.
 """
 
@@ -41,10 +41,12 @@ from vlmops.storage import REQUESTS_AT_ONCE
 log = logging.getLogger(__name__)
 
 IMAGE_THREADS = REQUESTS_AT_ONCE
-"""s3:// images downloaded at once: each is a round trip, and a dataset's thousands of them one after another were as
-many round trips' wait."""
+"""s3:// and http(s):// images downloaded at once: each is a round trip, and a dataset's thousands of them one after
+another were as many round trips' wait."""
+DOWNLOADED = ("s3://", "http://", "https://")
+"""The images downloaded ahead (ImagesAhead); those on disk and data: URIs are read as their record is checked."""
 AHEAD = 4 * IMAGE_THREADS
-"""Records read ahead of the one being checked, whose s3:// images are downloaded meanwhile: enough to keep every
+"""Records read ahead of the one being checked, whose downloaded images are fetched meanwhile: enough to keep every
 thread busy, few enough that memory holds their images' bytes and no more."""
 EXAMPLES = 100
 """Problems and duplicates kept in memory and in report.json; the rejects file has every one."""
@@ -372,7 +374,7 @@ class RecordChecker:
 
 
 class ImagesAhead:
-    """The s3:// images of the AHEAD records after the one being checked, downloaded meanwhile on `pool`
+    """The downloaded images (s3://, http(s)://) of the AHEAD records after the one being checked, fetched meanwhile on `pool`
     (IMAGE_THREADS at a time), each once, and held until the check of a record that names it takes them (`take`).
 
     Records are still checked one at a time, in order, and each finds what it found when its images were read as it
@@ -407,7 +409,7 @@ class ImagesAhead:
     def _want(self, entry: Entry) -> list[str]:
         if isinstance(entry.result, RecordProblem):
             return []
-        wanted = [image.uri for image in entry.result.images if image.uri.startswith("s3://")]
+        wanted = [image.uri for image in entry.result.images if image.uri.startswith(DOWNLOADED)]
         wanted = [uri for uri in wanted if uri not in self.checked]
         for uri in wanted:
             self._wanted[uri] += 1
