@@ -1,14 +1,18 @@
-"""How long the images beside one S3 dataset object take: the validate step's cache key (a HEAD per image, no listing
-answering for them) and validation (a GET per image, each opened), over a real SeaweedFS on loopback.
+"""How long a dataset's downloaded images take: the validate step's cache key and validation, for images beside one
+S3 dataset object (a HEAD per image for the key, no listing answering for them; a GET per image, each opened, for
+validation) over a real SeaweedFS on loopback, and for images a local dataset names by http URL (validation's GET per
+image; the key does not look at URLs) from a real HTTP server on loopback (tests/image_server.py).
 
-The input: one `train.jsonl` of `--images` records, record i naming `images/{i}.png` beside it (the same 64x64 PNG,
-152 bytes). The server answers on loopback in about a millisecond; a server further away (AWS S3 from another
-network, a gateway across a VPN) takes tens of milliseconds a request. `--latency-ms` rows add that wait before each
-request in botocore's own `before-send` hook, as a slower network would (the request then goes to the same server).
+The input: `--images` records, record i naming image i (the same 64x64 PNG, 152 bytes; `images/{i}.png` beside the S3
+object, `http://127.0.0.1:PORT/paced.png?n={i}` for http). The servers answer on loopback in about a millisecond; a
+server further away (AWS S3 from another network, a gateway across a VPN, an image host) takes tens of milliseconds a
+request. `--latency-ms` rows add that wait before each request: in botocore's own `before-send` hook for S3, as a
+slower network would (the request then goes to the same server), in the HTTP server before it answers for http.
 
-Each tree runs in a fresh process (`--one`): this checkout, and as the same-run baseline the code at `--baseline` (a
-git revision, exported with `git archive` under `--work`), which looked images up one at a time. Both must give the
-same key and the same counts, checked here. Each figure is the best of `--repeats`.
+Each tree runs in a fresh process (`--one`): this checkout, and as the same-run baseline the code at the source's
+baseline (`--baseline` for S3, `--http-baseline` for http: git revisions, exported with `git archive` under `--work`),
+which fetched images one at a time. Both must give the same key and the same counts, checked here. Each figure is the
+best of `--repeats`.
 
     python bench/s3_images_bench.py --work /tmp/s3bench --out bench/results/s3-images-$(date +%F)-cpu.json
 
@@ -26,11 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = "db90e33"  # the last commit that sent the key's HEADs and validation's GETs one at a time
+HTTP_BASELINE = "8e4ba47"  # the last commit whose validation fetched images by URL one at a time
 BUCKET = "s3-images-bench"
 
 
@@ -53,17 +59,33 @@ def fill_bucket(client: Any, images: int) -> str:
     return f"s3://{BUCKET}/data/train.jsonl"
 
 
+def url_dataset(folder: Path, server_url: str, images: int) -> Path:
+    """A local dataset file whose record i names image i by URL; its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    dataset = folder / "train.jsonl"
+    with dataset.open("w") as out:
+        for i in range(images):
+            turns = [
+                {"from": "user", "value": f"<img>{server_url}/paced.png?n={i}</img>Colour?"},
+                {"from": "assistant", "value": "blue"},
+            ]
+            out.write(json.dumps({"conversations": turns}) + "\n")
+    return dataset
+
+
 def run_one(uri: str, model: Path, latency_ms: float, repeats: int) -> dict[str, Any]:
-    """Best-of-`repeats` seconds of the key and of validation of `uri`, in this process."""
+    """Best-of-`repeats` seconds of the key and of validation of `uri` (an s3:// object, or a local file of URL
+    images), in this process."""
     import vlmops
-    from vlmops.config import DataConfig
+    from vlmops.config import DataConfig, StorageConfig
     from vlmops.data.validation import validate_files
     from vlmops.fingerprints import fingerprint
     from vlmops.models.loading import load_processor
     from vlmops.storage import s3_client
 
     processor = load_processor(model)
-    if latency_ms:
+    storage = None if uri.startswith("s3://") else StorageConfig(url_allow_networks=["127.0.0.1/32"])
+    if latency_ms and storage is None:
         s3_client().meta.events.register("before-send.s3", lambda **_: time.sleep(latency_ms / 1000))
     key_s, validate_s, keys, counts = [], [], set(), set()
     for _ in range(repeats):
@@ -73,7 +95,8 @@ def run_one(uri: str, model: Path, latency_ms: float, repeats: int) -> dict[str,
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:
             rejects = Path(scratch) / "rejects.jsonl"
-            report = validate_files([uri], DataConfig(), processor.tokenizer, int(processor.num_image_tokens), rejects)
+            tokens = int(processor.num_image_tokens)
+            report = validate_files([uri], DataConfig(), processor.tokenizer, tokens, rejects, storage=storage)
         validate_s.append(time.perf_counter() - started)
         counts.add((report.read, report.splits["all"].records, report.splits["all"].images))
     (key,) = keys
@@ -94,7 +117,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, required=True, help="scratch folder (the server's data, the baseline)")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--latency-ms", default="0,20", help="comma-separated waits added before each request")
-    parser.add_argument("--baseline", default=BASELINE, help="git revision measured as the baseline ('' for none)")
+    parser.add_argument("--sources", default="s3,http", help="comma-separated: s3, http")
+    parser.add_argument("--baseline", default=BASELINE, help="S3's baseline git revision ('' for none)")
+    parser.add_argument("--http-baseline", default=HTTP_BASELINE, help="http's baseline git revision ('' for none)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
     parser.add_argument("--one", nargs=4, metavar=("URI", "MODEL", "LATENCY_MS", "REPEATS"), help=argparse.SUPPRESS)
@@ -107,6 +132,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT))
     from bench.baseline_tree import export_tree
     from bench.results_file import write_results
+    from tests.image_server import serving_images
     from tests.s3_server import seaweedfs_s3
     from vlmops.models.tiny import build_tiny_model
 
@@ -114,29 +140,55 @@ def main() -> int:
     model = args.work / "tiny-deepseek-vl"
     if not model.is_dir():
         build_tiny_model(model)
-    trees = {"this checkout": ROOT}
-    if args.baseline:
-        trees = {f"baseline {args.baseline}": export_tree(args.baseline, args.work), **trees}
-    rows = []
-    with seaweedfs_s3(args.work / f"seaweedfs-{os.getpid()}") as server:
-        uri = fill_bucket(server.client(), args.images)
+    rows: list[dict[str, Any]] = []
+
+    def measure(source: str, uri: str, baseline: str, env: dict[str, str], pace: Callable[[float], None]) -> None:
+        trees = {"this checkout": ROOT}
+        if baseline:
+            trees = {f"baseline {baseline}": export_tree(baseline, args.work), **trees}
         for latency in [float(n) for n in args.latency_ms.split(",")]:
+            pace(latency)
             for name, tree in trees.items():
-                env = {**os.environ, **server.env(), "PYTHONPATH": str(tree)}
                 child = [sys.executable, __file__, "--work", str(args.work), "--one", uri, str(model)]
                 child += [str(latency), str(args.repeats)]
-                done = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
+                done = subprocess.run(
+                    child,
+                    env={**os.environ, **env, "PYTHONPATH": str(tree)},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 figures = json.loads(done.stdout.strip().splitlines()[-1])
-                row = {"code": name, "latency_ms": latency, **figures}
+                row = {"source": source, "code": name, "latency_ms": latency, **figures}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            mine = [r for r in rows if r["latency_ms"] == latency]
+            mine = [r for r in rows if (r["source"], r["latency_ms"]) == (source, latency)]
             if len({(r["key"], r["records"], r["kept"], r["images"]) for r in mine}) != 1:
-                raise SystemExit(f"the trees differ at {latency} ms: {mine}")
+                raise SystemExit(f"the trees differ for {source} at {latency} ms: {mine}")
 
-    print("\n| code | added latency (ms) | images | key (s) | validation (s) |\n| --- | ---: | ---: | ---: | ---: |")
+    sources = set(args.sources.split(","))
+    if "s3" in sources:
+        with seaweedfs_s3(args.work / f"seaweedfs-{os.getpid()}") as server:
+            uri = fill_bucket(server.client(), args.images)
+            measure("s3", uri, args.baseline, server.env(), lambda _: None)  # the child adds S3's latency
+    if "http" in sources:
+        with serving_images() as images:
+
+            def pace(latency_ms: float) -> None:
+                images.pace_s = latency_ms / 1000
+
+            dataset = url_dataset(args.work / "url-dataset", images.url, args.images)
+            measure("http", str(dataset), args.http_baseline, {}, pace)
+
+    print(
+        "\n| source | code | added latency (ms) | images | key (s) | validation (s) |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: |"
+    )
     for row in rows:
-        print(f"| {row['code']} | {row['latency_ms']:g} | {row['images']:,} | {row['key_s']} | {row['validate_s']} |")
+        print(
+            f"| {row['source']} | {row['code']} | {row['latency_ms']:g} | {row['images']:,} | {row['key_s']} | "
+            f"{row['validate_s']} |"
+        )
     if args.out:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores ({platform.node()}, CPU)"
         write_results(args.out, machine, rows, python=platform.python_version(), repeats=args.repeats)

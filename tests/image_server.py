@@ -1,8 +1,8 @@
 """A real local HTTP server that serves images and misbehaves on purpose, for the URL-fetching tests.
 
 Routes: `/ok.png` an image; `/flaky.png` 503 while the server's `down` is set, then the image; `/missing.png` 404;
-`/slow.png` answers after `SLOW_S`; `/paced.png` an image after `PACE_S` (a round trip's wait: the server's
-`most_at_once` says how many were in flight together); `/page.png` an HTML page;
+`/slow.png` answers after `SLOW_S`; `/paced.png` an image after the server's `pace_s` (a round trip's wait, PACE_S
+unless set; its `most_at_once` says how many were in flight together); `/page.png` an HTML page;
 `/big.png` a 64 KiB image with its length announced, `/big-unannounced.png` the same without a length;
 `/redirect?to=URL` a 302 to URL (relative or absolute: `file://`, a private address, `/ok.png`). Over https
 with `serving_images(certificate=...)` and a certificate from `self_signed_certificate`.
@@ -48,10 +48,15 @@ def noise_png(side: int) -> bytes:
 class ImageServer(ThreadingHTTPServer):
     """The server, with the first line of every request it received (any bytes at all: a TLS hello too)."""
 
+    # Connections waiting to be accepted, as a real server's (socketserver's 5 dropped a burst of 16 downloads'
+    # connects, each then retried by the kernel a second later).
+    request_queue_size = 128
+
     def __init__(self, host: str = "127.0.0.1", certificate: tuple[Path, Path] | None = None) -> None:
         super().__init__((host, 0), ImageRoutes)
         self.received: list[bytes] = []
         self.down = False  # /flaky.png answers 503 while set
+        self.pace_s = PACE_S
         self.in_flight = 0  # /paced.png requests being answered, and the most of them at once
         self.most_at_once = 0
         self.counting = threading.Lock()
@@ -87,7 +92,7 @@ class ImageRoutes(BaseHTTPRequestHandler):
             with self.server.counting:
                 self.server.in_flight += 1
                 self.server.most_at_once = max(self.server.most_at_once, self.server.in_flight)
-            time.sleep(PACE_S)
+            time.sleep(self.server.pace_s)
             with self.server.counting:
                 self.server.in_flight -= 1
             self._send(200, png_bytes(), "image/png")
