@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, cast
 
 from prefect.context import FlowRunContext, TaskRunContext
-from prefect.logging import get_run_logger
+from prefect.exceptions import FailedRun
 from prefect.logging.configuration import ensure_logging_setup
 from prefect.logging.handlers import APILogHandler
 from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS
+from prefect.states import Failed, State
 
 from vlmops import quiet
 from vlmops.outages import retry_delay_setting
@@ -84,21 +83,49 @@ _own_lines_to_the_run(_verbosity, _levels_before)
 redact_log_handlers()
 
 
+class _SaidOnce(logging.Filter):
+    """Drops the two lines Prefect adds to a refused flow run's "Finished in state Failed(<refusal>)" in its process.
+    Its engine then raises the state's error (FailedRun, the state's message) and logs it again with a traceback, as
+    "Engine execution exited with unexpected exception" (prefect.flow_engine.run_flow), to the console and the server.
+    And its events sender, still connecting when a run this short ends, notes at the exit that it sends the run's first
+    heartbeat ("EventsWorker - Still processing items: 1 items remaining..."), which it sends all the same."""
+
+    def __init__(self, refusal: str) -> None:
+        super().__init__()
+        self.refusal = refusal
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, FailedRun) and str(error) == self.refusal:
+            return False
+        return not (record.name == "EventsWorker" and record.getMessage().startswith("Still processing items"))
+
+
+def _refused_run(error: str) -> State[None]:
+    """The final state of a flow run refused for `error`, its lines after "Finished in state" dropped (_SaidOnce)."""
+    refusal = f"{error} on the worker that runs this flow; it stopped before its first step"
+    for name in ("prefect.flow_runs", "EventsWorker"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _SaidOnce) for f in logger.filters):  # a flow with `retries` comes back here
+            logger.addFilter(_SaidOnce(refusal))
+    return Failed(message=refusal)
+
+
 def refuses_bad_settings(fn: Callable[P, R]) -> Callable[P, R]:
     """Around a flow (under `@flow`): a flow run whose process has a setting vlmops cannot use (SETTINGS_ERROR: a
-    VLMOPS_VERBOSE that is no level) stops before any step, its error once in the flow run's log (the worker's output,
-    the UI), and its process ends with status 1, which the worker reports as the run's crash. Not by raising the error
-    or SystemExit, nor by returning a Failed state: Prefect's engine then logs it again with its own traceback."""
+    VLMOPS_VERBOSE that is no level, a VLMOPS_RETRY_DELAY_S that is no number of seconds) stops before any step and
+    ends Failed, the error its message, which Prefect's engine logs once ("Finished in state Failed(...)": the worker's
+    output, the UI's log) without a traceback; its process then ends as after any run. Not by raising the error
+    (Prefect logs it with its traceback, twice), nor by ending the process (the worker reports the run Crashed, an
+    infrastructure failure, and Prefect's threads raced the exit). A flow given `retries` (none of vlmops's is) is
+    refused that many times more in the same process, then ends Failed."""
 
     @functools.wraps(fn)
     def refusing(*args: P.args, **kwargs: P.kwargs) -> R:
         if SETTINGS_ERROR is not None:
-            get_run_logger().error(
-                "%s on the worker that runs this flow; it stopped before its first step", SETTINGS_ERROR
-            )
-            logging.shutdown()  # flushes every handler: the line above to the console and the server
-            sys.stdout.flush()
-            os._exit(1)
+            # Prefect's engine takes a state the flow returns as the run's final state; a caller of the flow (a parent
+            # flow, `flow()`) gets the state's error raised, never the state.
+            return cast(R, _refused_run(SETTINGS_ERROR))
         return fn(*args, **kwargs)
 
     return refusing
