@@ -18,6 +18,7 @@ from prefect.states import Failed, State
 from vlmops import quiet
 from vlmops.outages import retry_delay_setting
 from vlmops.redact import redact_log_handlers
+from vlmops.train.child import CHILD_OUTPUT_LOGGER, child_output_logger
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,15 +38,20 @@ def _own_lines_to_the_run(verbosity: int, levels_before: dict[str, int]) -> None
     root level. A level the logging config gave them (`levels_before`, e.g. a team's logging.yml) stays;
     VLMOPS_VERBOSE's levels are quiet.configure's. Their lines inside a flow or task run go to the run's log on the
     server too (the UI's), as PREFECT_LOGGING_EXTRA_LOGGERS=vlmops,flows,tasks would send them; where that setting is
-    set, it is the list, and vlmops adds no handler of its own."""
+    set, it is the list, and vlmops adds no handler of its own to them.
+
+    So do the lines of a step's child process (training, merge, a batch inference job), which the step copies to the
+    console and logs through CHILD_OUTPUT_LOGGER: that logger does not propagate (its lines are on the console already),
+    so it gets an API handler of its own, unless the setting leaves out every logger it would have reached (`vlmops`)."""
     if verbosity == 0:
         floor = logging.INFO if logging.getLogger().level > logging.INFO else logging.NOTSET
         for name, level in levels_before.items():
             logging.getLogger(name).setLevel(level or floor)
-    if PREFECT_LOGGING_EXTRA_LOGGERS.value():
-        return
-    for name in quiet.OWN_LOGGERS:
-        logger = logging.getLogger(name)
+    chosen = PREFECT_LOGGING_EXTRA_LOGGERS.value()
+    to_the_run = [] if chosen else [logging.getLogger(name) for name in quiet.OWN_LOGGERS]
+    if not chosen or any(f"{CHILD_OUTPUT_LOGGER}.".startswith(f"{name}.") for name in chosen):  # it or an ancestor
+        to_the_run.append(child_output_logger())
+    for logger in to_the_run:
         if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
             handler = APILogHandler()
             handler.addFilter(_InARun())

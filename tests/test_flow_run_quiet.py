@@ -39,6 +39,7 @@ CREDENTIALS = "| INFO    | botocore.credentials - Found credentials in environme
 PER_REQUEST = "| INFO    | httpx - HTTP Request: "
 NO_GPU_LIMIT = "Concurrency limits ['gpu'] do not exist"
 OWN_LINE = "| INFO    | vlmops.models.manifest - wrote manifest "  # vlmops's line, in the flow run's process
+CHILD_STARTED = "(model resolved, hashed and loaded; engine built)"  # vlmops.infer.batch_job's, in the job's child
 SOON = "VLMOPS_RETRY_DELAY_S='soon': must be a number of seconds, 0 or more (unset: the defaults)"
 LOUD = (
     "VLMOPS_VERBOSE='loud' in the environment is not a verbosity: set it to 0 (quiet), 1 (as --verbose) or 2 (as -vv), "
@@ -160,6 +161,8 @@ def test_a_worker_s_flow_run_hides_the_noise_vlmops_run_hides(
     logs = _flow_run_logs(flow_run_id)
     assert any("1 record, 1 answered, 0 rejected" in line for line in logs), logs
     assert len([line for line in logs if line.startswith("wrote manifest ")]) == 1, logs
+    # The job's child's lines too (before, the worker's output alone showed them), once each.
+    assert len([line for line in logs if line.endswith(CHILD_STARTED)]) == 1, logs
 
 
 def test_vlmops_verbose_on_the_worker_shows_the_noise_in_its_flow_runs(

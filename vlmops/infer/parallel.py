@@ -17,6 +17,7 @@ or interrupt stops the whole group: the child and the per-GPU workers it started
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import os
@@ -134,9 +135,13 @@ def run_on_workers(
 
 
 def _copying(proc: subprocess.Popen[bytes], tail: deque[str]) -> threading.Thread:
-    """A thread that copies `proc`'s stderr to ours as it comes, keeping its last lines in `tail`."""
+    """A thread that copies `proc`'s stderr to ours as it comes, keeping its last lines in `tail`.
+
+    It runs in a copy of the caller's context: the handlers on the lines it logs (`copy_output`) find the caller's
+    flow or task run there (Prefect keeps it in context variables, which a new thread does not inherit)."""
     assert proc.stderr is not None
-    copier = threading.Thread(target=copy_output, args=(proc.stderr.fileno(), tail), daemon=True)
+    run_in_context = contextvars.copy_context().run
+    copier = threading.Thread(target=run_in_context, args=(copy_output, proc.stderr.fileno(), tail), daemon=True)
     copier.start()
     return copier
 

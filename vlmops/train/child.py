@@ -7,6 +7,10 @@ runs no clean-up, so on Linux the child is also started through `python -m vlmop
 which asks the kernel to kill it when its parent dies and then becomes COMMAND; each rank does the same with
 its torchrun agent (`die_with_parent`). Otherwise an orphaned run would go on writing the run folder that a
 rerun resumes from.
+
+What a child writes is copied to the caller's stderr as it comes (the worker's console, a terminal) and each finished
+line is logged once through CHILD_OUTPUT_LOGGER, which sends it nowhere unless a caller puts a handler there: a flow
+run's process does (flows/__init__), so the lines reach the run's log on the Prefect server.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +33,16 @@ log = logging.getLogger(__name__)
 TAIL_LINES = 60
 STOP_GRACE_S = 30
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+CHILD_OUTPUT_LOGGER = "vlmops.child_output"
+# A child's line names its level where vlmops wrote it: after the time (and a training rank's number) in the formats
+# of `vlmops` and quiet.child_logging, as `error: ...` (a `vlmops` command's last line), or as a Python warning's
+# category (`file.py:12: UserWarning: ...`). Any other line (a progress bar, a library's print) logs at INFO.
+_LOGGED_LEVEL = re.compile(
+    r"(?:\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d(?:,\d+)? (?:\[rank \d+\] )?(DEBUG|INFO|WARNING|ERROR|CRITICAL) "
+)
+_ERROR_LINE = re.compile(r"error: ")
+_PYTHON_WARNING = re.compile(r"\S.*:\d+: \w*Warning: ")
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -63,7 +78,11 @@ def run_child(command: list[str], log_file: Path, extra_env: dict[str, str] | No
 
 def copy_output(fd: int, tail: deque[str], saved: BinaryIO | None = None) -> None:
     """Copy a child's output from `fd` to our stderr (and to `saved`) until the child closes it, keeping its last
-    non-blank lines in `tail` (a progress bar's redraws count as lines)."""
+    non-blank lines in `tail` and logging each once through CHILD_OUTPUT_LOGGER (`log_child_line`).
+
+    A progress bar redraws its line after a `\\r`: the line counts once it ends, as it was last drawn (its redraws
+    went to stderr as they came)."""
+    lines_out = child_output_logger()
     partial = b""
     out = getattr(sys.stderr, "buffer", None)
     while chunk := os.read(fd, 65536):
@@ -74,11 +93,49 @@ def copy_output(fd: int, tail: deque[str], saved: BinaryIO | None = None) -> Non
             out.flush()
         else:
             sys.stderr.write(chunk.decode("utf-8", "replace"))
-        lines = (partial + chunk).replace(b"\r", b"\n").split(b"\n")
-        partial = lines.pop()
-        tail.extend(line.decode("utf-8", "replace") for line in lines if line.strip())
-    if partial.strip():
-        tail.append(partial.decode("utf-8", "replace"))
+        *lines, partial = (partial + chunk).split(b"\n")
+        for line in lines:
+            _finished_line(line, tail, lines_out)
+        partial = _last_redraw(partial)  # a bar that redraws for hours keeps only what it shows now
+    _finished_line(partial, tail, lines_out)  # the child's last line, without its newline
+
+
+def _last_redraw(line: bytes) -> bytes:
+    """`line` from its last redraw on: the text after its last `\\r` but for those that end it (`\\r\\n`)."""
+    drawn = line.rstrip(b"\r")
+    return line[drawn.rfind(b"\r") + 1 :]
+
+
+def _finished_line(line: bytes, tail: deque[str], lines_out: logging.Logger) -> None:
+    text = _last_redraw(line).rstrip(b"\r").decode("utf-8", "replace")
+    if text.strip():
+        tail.append(text)
+        log_child_line(lines_out, text)
+
+
+def child_output_logger() -> logging.Logger:
+    """CHILD_OUTPUT_LOGGER, set up for the lines `copy_output` has written to stderr already: it does not propagate
+    (the console's handlers would print each line twice), and a NullHandler keeps logging's last resort from printing
+    its warnings again where no caller put a handler on it. Set up here rather than at import: a logging config loaded
+    later (Prefect's, a team's that names `vlmops`) resets the loggers under those it names."""
+    logger = logging.getLogger(CHILD_OUTPUT_LOGGER)
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def log_child_line(logger: logging.Logger, text: str) -> None:
+    """Log one line of a child's output at the level it names (`_LOGGED_LEVEL`), else at INFO."""
+    if named := _LOGGED_LEVEL.match(text):
+        level = logging.getLevelNamesMapping()[named[1]]
+    elif _ERROR_LINE.match(text):
+        level = logging.ERROR
+    elif _PYTHON_WARNING.match(text):
+        level = logging.WARNING
+    else:
+        level = logging.INFO
+    logger.log(level, "%s", text)
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:

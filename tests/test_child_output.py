@@ -1,0 +1,160 @@
+"""A step's child process (training and merge through run_child, a batch inference job through run_in_process_group)
+writes to the console as before, and each of its finished lines reaches the flow run's log on the Prefect server (the
+UI's) once, at the level the line names, with credentials masked: a progress bar as it was last drawn, no blank line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vlmops.train.child import CHILD_OUTPUT_LOGGER
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_childsecret1234"  # HF_TOKEN, in the environment the child inherits
+
+# A child that writes as vlmops's processes do (the formats of quiet.child_logging and `vlmops`), a tqdm-like bar of
+# four redraws, blank lines, a credential, a Python warning, `vlmops`'s error line and a last line without a newline;
+# each write flushed on its own, so that lines and redraws reach the copier in pieces.
+CHILD = r"""
+import os, sys, time
+name = sys.argv[1]
+def write(text):
+    sys.stderr.write(text)
+    sys.stderr.flush()
+    time.sleep(0.02)
+write(f"2026-12-01 10:00:00,123 WARNING vlmops.infer.job_plan: {name}: 2 prompts are longer than infer.max_context\n")
+write(f"10:00:01 INFO vlmops.infer.batch_job: {name}: started in 0.1 s\n")
+for done in range(4):
+    write(f"\r{name} job:  {100 * done // 3}%| {done}/3 [00:0{done}<00:00]")
+write("\n\n  \n")
+write(f"{name} logs in with {os.environ['HF_TOKEN']}\n")
+write(f"/opt/lib/thing.py:12: UserWarning: {name} is deprecated\n")
+write(f"error: {name} failed\n")
+write(f"{name}: the last line, unfinished")
+"""
+
+
+def _lines(name: str, token: str = TOKEN) -> list[tuple[int, str]]:
+    """What the child above writes, as finished lines with their levels."""
+    return [
+        (logging.WARNING, f"2026-12-01 10:00:00,123 WARNING vlmops.infer.job_plan: {name}: 2 prompts are longer than "
+                          "infer.max_context"),
+        (logging.INFO, f"10:00:01 INFO vlmops.infer.batch_job: {name}: started in 0.1 s"),
+        (logging.INFO, f"{name} job:  100%| 3/3 [00:03<00:00]"),
+        (logging.INFO, f"{name} logs in with {token}"),
+        (logging.WARNING, f"/opt/lib/thing.py:12: UserWarning: {name} is deprecated"),
+        (logging.ERROR, f"error: {name} failed"),
+        (logging.INFO, f"{name}: the last line, unfinished"),
+    ]  # fmt: skip
+
+
+def _run_logs(flow_run_id: Any) -> list[Any]:
+    """Every log record the server keeps of the flow run (its tasks' included)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+
+    async def read() -> list[Any]:
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
+@pytest.mark.integration
+def test_a_child_s_lines_reach_the_flow_run_s_log_once(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A flow that runs one child as the batch-inference flow does (run_in_process_group, in the flow: its copier is a
+    thread of its own) and one as training does (run_child, in a task). Before, the server had none of their lines."""
+    from prefect import flow, task
+
+    import flows  # noqa: F401  (what a worker's flow run loads: the handlers that send vlmops's lines to the server)
+    from vlmops.infer.parallel import run_in_process_group
+    from vlmops.train.child import run_child
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+    @task
+    def train_like() -> int:
+        return run_child([sys.executable, "-c", CHILD, "training"], tmp_path / "train.log")[0]
+
+    @flow
+    def children() -> int:
+        run_in_process_group([sys.executable, "-c", CHILD, "job"])
+        return train_like()
+
+    state = children(return_state=True)
+    assert state.is_completed(), state
+    logs = [log for log in _run_logs(state.state_details.flow_run_id) if log.name == CHILD_OUTPUT_LOGGER]
+    masked = {name: _lines(name, "***") for name in ("job", "training")}
+    in_the_flow = sorted((log.level, log.message) for log in logs if log.task_run_id is None)
+    in_the_task = sorted((log.level, log.message) for log in logs if log.task_run_id is not None)
+    assert (in_the_flow, in_the_task) == (sorted(masked["job"]), sorted(masked["training"])), logs
+    # The console as before: all the child wrote, redraws and the credential included (the child's own logging masks
+    # it in what vlmops logs), and no line a second time.
+    console = capfd.readouterr().err
+    for name in ("job", "training"):
+        for _, line in _lines(name):
+            assert console.count(line) == 1, (line, console[-3000:])
+        assert console.count(f"\r{name} job:  33%| 1/3 [00:01<00:00]") == 1, console[-3000:]
+    assert (tmp_path / "train.log").read_text().count("training: the last line, unfinished") == 1
+
+
+def test_a_command_prints_a_child_s_lines_once(tmp_path: Path) -> None:
+    """Under a command (no Prefect, the root's handler as `vlmops` configures it), the child's lines are printed once,
+    by the copy of its output: not again through the root's handler, nor by logging's last resort (which prints the
+    warnings of a logger whose records reach no handler)."""
+    script = (
+        "import logging, sys; from pathlib import Path; from vlmops.train.child import run_child; "
+        "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s'); "
+        "print(run_child([sys.executable, '-c', sys.argv[1], 'command'], Path(sys.argv[2]))[0])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_TOKEN": TOKEN}
+    command = [sys.executable, "-c", script, CHILD, str(tmp_path / "child.log")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "0", done.stderr[-3000:]
+    for _, line in _lines("command"):
+        assert done.stderr.count(line) == 1, (line, done.stderr)
+    assert CHILD_OUTPUT_LOGGER not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra_loggers", "to_the_server"),
+    [("", True), ("vlmops", True), ("flows,vlmops.infer", False), ("vlmops.child", False)],
+)
+def test_a_team_s_extra_loggers_say_whether_a_child_s_lines_go_to_the_server(
+    extra_loggers: str, to_the_server: bool
+) -> None:
+    """Where PREFECT_LOGGING_EXTRA_LOGGERS names `vlmops`, Prefect's API handler there does not reach the child's lines
+    (their logger does not propagate): they get a handler of their own. A list of other loggers
+    leaves them out, as it leaves out the rest of vlmops's lines."""
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS, temporary_settings
+
+    import flows
+
+    logger = logging.getLogger(CHILD_OUTPUT_LOGGER)
+    before = list(logger.handlers)
+    try:
+        for handler in before:
+            logger.removeHandler(handler)
+        with temporary_settings({PREFECT_LOGGING_EXTRA_LOGGERS: extra_loggers}):
+            flows._own_lines_to_the_run(0, {})
+        api = [h for h in logger.handlers if isinstance(h, APILogHandler)]
+        assert len(api) == int(to_the_server), logger.handlers
+    finally:
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        for handler in before:
+            logger.addHandler(handler)
