@@ -2,7 +2,8 @@
 
 Routes: `/ok.png` an image; `/flaky.png` 503 while the server's `down` is set, then the image; `/missing.png` 404;
 `/slow.png` answers after `SLOW_S`; `/paced.png` an image after the server's `pace_s` (a round trip's wait, PACE_S
-unless set; its `most_at_once` says how many were in flight together); `/page.png` an HTML page;
+unless set; its `most_at_once` says how many were in flight together); `/held.png` an image once the server's
+`release` is set (a client stuck until a test lets it go); `/page.png` an HTML page;
 `/big.png` a 64 KiB image with its length announced, `/big-unannounced.png` the same without a length;
 `/redirect?to=URL` a 302 to URL (relative or absolute: `file://`, a private address, `/ok.png`). Over https
 with `serving_images(certificate=...)` and a certificate from `self_signed_certificate`.
@@ -60,6 +61,7 @@ class ImageServer(ThreadingHTTPServer):
         self.in_flight = 0  # /paced.png requests being answered, and the most of them at once
         self.most_at_once = 0
         self.counting = threading.Lock()
+        self.release = threading.Event()  # /held.png waits for it
         self.scheme = "https" if certificate else "http"
         if certificate:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -96,6 +98,10 @@ class ImageRoutes(BaseHTTPRequestHandler):
             with self.server.counting:
                 self.server.in_flight -= 1
             self._send(200, png_bytes(), "image/png")
+        elif parts.path == "/held.png":
+            self.server.release.wait()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client may have died meanwhile
+                self._send(200, png_bytes(), "image/png")
         elif parts.path == "/page.png":
             self._send(200, b"<html><body>Not found, but 200</body></html>", "text/html")
         elif parts.path == "/big.png":
@@ -134,6 +140,7 @@ def serving_images(host: str = "127.0.0.1", certificate: tuple[Path, Path] | Non
     try:
         yield httpd
     finally:
+        httpd.release.set()
         httpd.shutdown()
         httpd.server_close()
 

@@ -3,27 +3,31 @@ that every shard adds up before the manifest is written, and child process group
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from tests.image_server import serving_images
+from tests.infer.test_batch_infer import rejects, results
 from vlmops.config import load_config
 from vlmops.errors import RunFailed
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.job_output import finalize, open_job, pending_shards
 from vlmops.infer.job_plan import ModelInfo
+from vlmops.infer.job_status import JobResult
 from vlmops.infer.output import open_output
-from vlmops.infer.parallel import complete_lines, run_in_process_group
+from vlmops.infer.parallel import POLL_S, complete_lines, run_in_process_group
 from vlmops.infer.planning import plan_job
 
-
-def results(out: Path) -> list[dict]:
-    manifest = json.loads((out / "manifest.json").read_text())
-    return [json.loads(line) for part in manifest["parts"] for line in (out / part["name"]).read_text().splitlines()]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_two_workers_give_every_record_once_and_the_same_answers(
@@ -129,3 +133,111 @@ def test_a_stats_line_being_written_is_read_once_whole(tmp_path: Path) -> None:
     with stats.open("a", encoding="utf-8") as f:
         f.write(second[9:] + "\n")
     assert [json.loads(line) for line in complete_lines(stats)] == [json.loads(first), json.loads(second)]
+
+
+# A step that runs a batch job in a child (a Prefect task's process, here a plain one): killed outright below.
+JOB_STARTER = """
+import sys
+from vlmops.config import load_config
+from vlmops.infer.parallel import run_job_in_child
+model, prompts, out, *overrides = sys.argv[1:]
+run_job_in_child(model, prompts, out, load_config(None, overrides))
+"""
+KILLED_JOB = ["infer.shard_size=2", "infer.max_new_tokens=4", "storage.url_allow_networks=[127.0.0.1/32]"]
+
+
+def _session(sid: int) -> list[int]:
+    """The live processes of session `sid` (a zombie has exited: it counts as gone)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, _pgrp, session = stat.read_text().rpartition(")")[2].split()[:4]
+        except OSError:
+            continue  # ended as we looked
+        if int(session) == sid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _children(pid: int, argument: str) -> list[int]:
+    """The children of `pid` whose command line holds `argument`."""
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if argument in child.cmdline():
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def _gone_within(pids: list[int], seconds: float) -> list[int]:
+    """Those of `pids` still alive after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while (alive := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a process dies with its parent on Linux")
+def test_a_step_killed_outright_takes_its_job_and_the_jobs_workers_with_it(tiny_model: Path, tmp_path: Path) -> None:
+    """SIGKILL of the step alone (the OOM killer, a cancellation past its grace period) runs no clean-up in it, yet
+    the job's child dies with it, and so, killed alone as it is, takes both its workers; an orphan kept the GPU's
+    memory and went on writing the output. The same job run again then answers every record exactly once."""
+    # 12 records in 6 shards of 2 (worker 0 answers shards 0, 2, 4; worker 1 shards 1, 3, 5), two of them rejects.
+    # Each worker's second shard holds an image the server holds back: the job stays mid-way until the test is done
+    # with it (left to run on, an orphan would finish its few records unseen).
+    lines: list[dict[str, object]] = [
+        {"id": f"r{i}", "query": f"What is {i}?"} if i % 5 != 4 else {"prompt": "neither"} for i in range(12)
+    ]
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out"
+    with serving_images() as server:
+        for i in (5, 7):
+            lines[i]["images"] = [f"{server.url}/held.png"]
+        prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        step = [sys.executable, "-c", JOB_STARTER, str(tiny_model), str(prompts), str(out)]
+        starter = subprocess.Popen(
+            [*step, "infer.workers=2", "infer.batch_size=1", *KILLED_JOB],
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            start_new_session=True,
+        )
+        job = None
+        try:
+            deadline = time.monotonic() + 120
+            while True:  # until both workers run and each has written its first part
+                assert starter.poll() is None, "the job ended before the step could be killed"
+                assert time.monotonic() < deadline, "the job did not get under way"
+                jobs = _children(starter.pid, "batch-infer")
+                job = jobs[0] if jobs else None  # the leader of a session of its own: its workers join it
+                workers = _children(job, "vlmops.infer.parallel") if job else []
+                if len(workers) == 2 and len(list(out.glob("part-*.jsonl"))) == 2:
+                    break
+                time.sleep(0.05)
+            assert job is not None
+            # The job has shown both parts in its progress bar and has nothing more to write while the workers
+            # wait: an orphan that wrote to its stderr (a pipe to the killed step) would end with a broken pipe,
+            # which a long shard on a GPU would not reach for minutes.
+            time.sleep(3 * POLL_S)
+            os.kill(starter.pid, signal.SIGKILL)  # the step alone, not its group
+            starter.wait()
+            assert not _gone_within([job], 3), "the job's child outlived the step that started it"
+            assert not _gone_within(workers, 3), "the job's workers outlived the job"
+            assert not _session(job), "a process of the job outlived it"
+        finally:
+            if starter.poll() is None:
+                starter.kill()
+                starter.wait()
+            for pid in _session(job) if job else []:  # what the code under test left behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        server.release.set()
+        assert not (out / "manifest.json").exists()
+
+        # The same job again (workers and batch size are not part of it: here in this process, faster).
+        config = load_config(None, ["infer.batch_size=4", *KILLED_JOB])
+        done = run_batch_job(str(tiny_model), str(prompts), str(out), config)
+    assert isinstance(done, JobResult) and (done.records, done.results, done.rejects) == (12, 10, 2)
+    assert sorted(s.shard for s in done.ran) == [2, 3, 4, 5]  # the two answered before the kill are kept
+    answered = [int(r["key"][1:]) for r in results(out)]
+    rejected = [r["line"] - 1 for r in rejects(out)]
+    assert sorted(answered + rejected) == list(range(12)) and sorted(rejected) == [4, 9]

@@ -11,6 +11,11 @@ Process groups: a step that must not keep a model in its own process (a Prefect 
 lives on and would hold the GPU memory) runs the job as a child in a new process group, and on any failure
 or interrupt stops the whole group: the child and the per-GPU workers it started.
 
+A starter killed outright (SIGKILL: the OOM killer, a cancellation past its grace period, an evicted pod) stops
+nothing, so each process here is started tied to its starter (`tied_to_this_process`): the kernel kills the job's
+child with the step that started it, and each worker with the job. An orphan would hold its GPU's memory and go on
+writing the output folder that the rerun resumes from.
+
     python -m vlmops.infer.parallel --checkpoint DIR --output OUT --config CFG --shards 0,2,4 --stats FILE
 """
 
@@ -44,7 +49,7 @@ from vlmops.infer.shards import Shard
 from vlmops.multigpu import NO_MULTICAST_ENV
 from vlmops.outages import PARENT_ADVISES_ENV, ServiceUnavailable, unreachable_service
 from vlmops.plural import counted
-from vlmops.train.child import copy_output
+from vlmops.train.child import copy_output, tied_to_this_process
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +102,9 @@ def run_on_workers(
                 ] + (["--adapter", str(source.adapter)] if source.adapter else [])  # fmt: skip
                 if rank:  # the workers compile the same kernels: the first writes model.shared_compile_cache
                     cmd.append("--no-publish-compiles")
-                procs.append(subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE))
+                # Tied to this thread, not only this process (PR_SET_PDEATHSIG): it returns only once every worker
+                # has ended or been killed, so no worker outlives it unless the whole job dies.
+                procs.append(subprocess.Popen(tied_to_this_process(cmd), env=env, stderr=subprocess.PIPE))
                 tails.append(deque(maxlen=ERROR_TAIL_LINES))
                 copiers.append(_copying(procs[-1], tails[-1]))
             while True:
@@ -166,13 +173,17 @@ def run_in_process_group(
     is copied to ours as it comes, and its last lines end the error when it fails: a flow's log shows why.
 
     On a failure of `poll`, an interrupt or any other exception here, the whole group (the child and every
-    process it started) is stopped: SIGTERM, then SIGKILL after a grace period.
+    process it started) is stopped: SIGTERM, then SIGKILL after a grace period. Killed outright, this process takes
+    the child with it (`tied_to_this_process`), and the child its workers (`run_on_workers`).
 
     Raises:
         RunFailed: the command exited with a non-zero status.
     """
     tail: deque[str] = deque(maxlen=ERROR_TAIL_LINES)
-    proc = subprocess.Popen(list(cmd), env=env, stderr=subprocess.PIPE, start_new_session=True)
+    # Tied to this thread, not only this process (PR_SET_PDEATHSIG): it returns only once the child has ended or been
+    # stopped, so the child does not outlive it unless this whole process dies.
+    tied = tied_to_this_process(list(cmd))
+    proc = subprocess.Popen(tied, env=env, stderr=subprocess.PIPE, start_new_session=True)
     copier = _copying(proc, tail)
     try:
         while proc.poll() is None:

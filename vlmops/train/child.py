@@ -6,7 +6,7 @@ stops the whole group, never leaving a rank behind on a GPU. A caller killed out
 runs no clean-up, so on Linux the child is also started through `python -m vlmops.train.child PID -- COMMAND`,
 which asks the kernel to kill it when its parent dies and then becomes COMMAND; each rank does the same with
 its torchrun agent (`die_with_parent`). Otherwise an orphaned run would go on writing the run folder that a
-rerun resumes from.
+rerun resumes from. A batch inference job's child and its per-GPU workers are tied the same way (vlmops.infer.parallel).
 
 What a child writes is copied to the caller's stderr as it comes (the worker's console, a terminal) and each finished
 line is logged once through CHILD_OUTPUT_LOGGER, which sends it nowhere unless a caller puts a handler there: a flow
@@ -164,8 +164,8 @@ def die_with_parent(parent_pid: int | None = None) -> None:
     """
     if not sys.platform.startswith("linux"):
         return
-    # The signal follows the *thread* that started this process: run_child blocks that thread until we exit,
-    # so it outlives us unless the whole caller dies, which is the case this is for.
+    # The signal follows the *thread* that started this process: each starter (run_child, vlmops.infer.parallel) blocks
+    # that thread until we exit, so it outlives us unless the whole caller dies, which is the case this is for.
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         log.warning("could not tie this process to its parent (prctl errno %d)", ctypes.get_errno())
