@@ -1,6 +1,7 @@
 """A step's child process (training and merge through run_child, a batch inference job through run_in_process_group)
 writes to the console as before, and each of its finished lines reaches the flow run's log on the Prefect server (the
-UI's) once, at the level the line names, with credentials masked: a progress bar as it was last drawn, no blank line.
+UI's) once, at the level the line names, with credentials masked: a progress bar as it was last drawn, no blank line,
+a traceback in one record with the line it follows (an uncaught exception's at ERROR).
 """
 
 from __future__ import annotations
@@ -8,21 +9,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from vlmops.train.child import CHILD_OUTPUT_LOGGER
+from vlmops.train.child import CHILD_OUTPUT_LOGGER, GROUP_WAIT_S, child_output_logger, copy_output, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_childsecret1234"  # HF_TOKEN, in the environment the child inherits
 
-# A child that writes as vlmops's processes do (the formats of quiet.child_logging and `vlmops`), a tqdm-like bar of
-# four redraws, blank lines, a credential, a Python warning, `vlmops`'s error line and a last line without a newline;
-# each write flushed on its own, so that lines and redraws reach the copier in pieces.
+# A child that writes as vlmops's processes do (the formats of quiet.child_logging and `vlmops`), an error logged with
+# its traceback, a tqdm-like bar of four redraws, blank lines, a credential, a Python warning, `vlmops`'s error line
+# and a last line without a newline; each write flushed on its own, so that lines and redraws reach the copier in
+# pieces.
 CHILD = r"""
 import os, sys, time
 name = sys.argv[1]
@@ -32,6 +39,8 @@ def write(text):
     time.sleep(0.02)
 write(f"2026-12-01 10:00:00,123 WARNING vlmops.infer.job_plan: {name}: 2 prompts are longer than infer.max_context\n")
 write(f"10:00:01 INFO vlmops.infer.batch_job: {name}: started in 0.1 s\n")
+write(f"10:00:02 ERROR vlmops.infer.batch_job: {name}: a batch failed\nTraceback (most recent call last):\n"
+      f'  File "/opt/job.py", line 3, in run\n    step()\nValueError: {name}: bad batch\n')
 for done in range(4):
     write(f"\r{name} job:  {100 * done // 3}%| {done}/3 [00:0{done}<00:00]")
 write("\n\n  \n")
@@ -48,6 +57,8 @@ def _lines(name: str, token: str = TOKEN) -> list[tuple[int, str]]:
         (logging.WARNING, f"2026-12-01 10:00:00,123 WARNING vlmops.infer.job_plan: {name}: 2 prompts are longer than "
                           "infer.max_context"),
         (logging.INFO, f"10:00:01 INFO vlmops.infer.batch_job: {name}: started in 0.1 s"),
+        (logging.ERROR, f"10:00:02 ERROR vlmops.infer.batch_job: {name}: a batch failed\nTraceback (most recent call "
+                        f'last):\n  File "/opt/job.py", line 3, in run\n    step()\nValueError: {name}: bad batch'),
         (logging.INFO, f"{name} job:  100%| 3/3 [00:03<00:00]"),
         (logging.INFO, f"{name} logs in with {token}"),
         (logging.WARNING, f"/opt/lib/thing.py:12: UserWarning: {name} is deprecated"),
@@ -158,3 +169,157 @@ def test_a_team_s_extra_loggers_say_whether_a_child_s_lines_go_to_the_server(
             logger.removeHandler(handler)
         for handler in before:
             logger.addHandler(handler)
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def logged(self) -> list[tuple[int, str]]:
+        return [(record.levelno, record.getMessage()) for record in self.records]
+
+
+@pytest.fixture
+def kept() -> Iterator[_Kept]:
+    """The records logged through CHILD_OUTPUT_LOGGER, at every level (a flow run's process gives it INFO)."""
+    logger = child_output_logger()
+    handler, level = _Kept(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+# A training-like child: logged lines (quiet.child_logging's format), an error logged with its traceback, a warning
+# logged with one (exc_info=True), a Python warning (with its source line), a bar stopped at 66% (its line starts with
+# spaces, as tqdm's without a description do), a print, and the crash: an uncaught exception raised from another, which
+# Python writes a line a write.
+CRASHING = """
+import logging, sys, warnings
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+log = logging.getLogger("vlmops.train.loop")
+log.info("step 1")
+try:
+    1 / 0
+except ZeroDivisionError:
+    log.exception("step 2 failed")
+    log.warning("retrying step 2", exc_info=True)
+log.info("step 2")
+warnings.warn("warmup_steps is ignored")
+for done in range(3):
+    sys.stderr.write(f"\\r{100 * done // 3:3d}%| {done}/3")
+    sys.stderr.flush()
+sys.stderr.write("\\n")
+print("saving the checkpoint", file=sys.stderr, flush=True)
+
+
+def read_config():
+    raise KeyError("lr")
+
+
+try:
+    read_config()
+except KeyError as err:
+    raise ValueError("pipeline.yaml: train.lr is missing") from err
+"""
+
+WARNS_AT = CRASHING.split("\n").index('warnings.warn("warmup_steps is ignored")') + 1
+
+
+def test_a_traceback_is_one_record_at_the_level_of_the_line_it_follows(tmp_path: Path, kept: _Kept) -> None:
+    """A logged error's traceback is one record with its line, at ERROR; a logged warning's at WARNING; a Python
+    warning is one with its source line; an uncaught exception's traceback (its cause's included) is one record at
+    ERROR, not a part of the print before it; the lines around them, the bar's included, stay records of their own.
+    Before, each line of a traceback was a record at INFO."""
+    script = tmp_path / "train.py"
+    script.write_text(CRASHING)
+    returncode, tail = run_child([sys.executable, str(script)], tmp_path / "train.log")
+    assert returncode == 1, tail
+    logged = [(level, message.split("\n")) for level, message in kept.logged()]
+    untimed = [(level, [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in lines]) for level, lines in logged]
+    assert [(level, lines[0], lines[-1]) for level, lines in untimed] == [
+        (logging.INFO, "INFO vlmops.train.loop: step 1", "INFO vlmops.train.loop: step 1"),
+        (logging.ERROR, "ERROR vlmops.train.loop: step 2 failed", "ZeroDivisionError: division by zero"),
+        (logging.WARNING, "WARNING vlmops.train.loop: retrying step 2", "ZeroDivisionError: division by zero"),
+        (logging.INFO, "INFO vlmops.train.loop: step 2", "INFO vlmops.train.loop: step 2"),
+        (
+            logging.WARNING,
+            f"{script}:{WARNS_AT}: UserWarning: warmup_steps is ignored",
+            '  warnings.warn("warmup_steps is ignored")',
+        ),
+        (logging.INFO, " 66%| 2/3", " 66%| 2/3"),
+        (logging.INFO, "saving the checkpoint", "saving the checkpoint"),
+        (logging.ERROR, "Traceback (most recent call last):", "ValueError: pipeline.yaml: train.lr is missing"),
+    ], logged
+    crash = logged[-1][1]
+    assert "KeyError: 'lr'" in crash and "The above exception was the direct cause of the following exception:" in crash
+    # Nothing lost, nothing twice: the records are the output's lines, blank ones aside; the tail is as before.
+    written = (tmp_path / "train.log").read_bytes().decode().split("\n")
+    lines = [line.split("\r")[-1] for line in written if line.split("\r")[-1].strip()]
+    assert [line for _, record in logged for line in record] == lines
+    assert tail.split("\n") == lines
+
+
+def _copied(pieces: list[bytes], kept: _Kept, pause_s: float) -> tuple[list[tuple[int, str]], list[str]]:
+    """What copy_output logs (and keeps in its tail) of `pieces`, written to a pipe `pause_s` apart, each read apart."""
+    read_end, write_end = os.pipe()
+    tail: deque[str] = deque(maxlen=100)
+    copier = threading.Thread(target=copy_output, args=(read_end, tail))
+    copier.start()
+    try:
+        for i, piece in enumerate(pieces):
+            if i:
+                time.sleep(pause_s)
+            os.write(write_end, piece)
+    finally:
+        os.close(write_end)
+        copier.join(timeout=10)
+        os.close(read_end)
+    return kept.logged(), list(tail)
+
+
+LOGGED_ERROR = (
+    b"10:00:02 ERROR vlmops.train.loop: step 2 failed\nTraceback (most recent call last):\n"
+    b'  File "/opt/loop.py", line 9, in step\n    loss = model(batch)\n           ^^^^^^^^^^^^\n'
+)
+ITS_END = b'  File "/opt/model.py", line 4, in forward\n    raise ValueError("bad batch")\nValueError: bad batch\n'
+
+
+def test_a_traceback_split_between_two_reads_is_one_record(kept: _Kept) -> None:
+    """The child's traceback reaches the copier in two reads (two writes 0.1 s apart): still one record."""
+    logged, tail = _copied([LOGGED_ERROR, ITS_END, b"10:00:03 INFO vlmops.train.loop: step 3\n"], kept, 0.1)
+    assert logged == [
+        (logging.ERROR, (LOGGED_ERROR + ITS_END).decode().rstrip("\n")),
+        (logging.INFO, "10:00:03 INFO vlmops.train.loop: step 3"),
+    ]
+    assert tail == [*(LOGGED_ERROR + ITS_END).decode().split("\n")[:-1], "10:00:03 INFO vlmops.train.loop: step 3"]
+
+
+def test_a_record_waits_no_longer_than_group_wait_s(kept: _Kept) -> None:
+    """A record is logged GROUP_WAIT_S after its first line though the child goes on (quietly): its traceback's lines
+    that come later are records of their own, none lost."""
+    read_end, write_end = os.pipe()
+    copier = threading.Thread(target=copy_output, args=(read_end, deque()))
+    copier.start()
+    try:
+        os.write(write_end, LOGGED_ERROR)
+        deadline = time.monotonic() + GROUP_WAIT_S + 5
+        while not kept.records and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert kept.logged() == [(logging.ERROR, LOGGED_ERROR.decode().rstrip("\n"))]
+        os.write(write_end, ITS_END)
+    finally:
+        os.close(write_end)
+        copier.join(timeout=10)
+        os.close(read_end)
+    assert [message for _, message in kept.logged()[1:]] == [
+        '  File "/opt/model.py", line 4, in forward\n    raise ValueError("bad batch")',
+        "ValueError: bad batch",
+    ]

@@ -9,19 +9,23 @@ its torchrun agent (`die_with_parent`). Otherwise an orphaned run would go on wr
 rerun resumes from. A batch inference job's child and its per-GPU workers are tied the same way (vlmops.infer.parallel).
 
 What a child writes is copied to the caller's stderr as it comes (the worker's console, a terminal) and each finished
-line is logged once through CHILD_OUTPUT_LOGGER, which sends it nowhere unless a caller puts a handler there: a flow
-run's process does (flows/__init__), so the lines reach the run's log on the Prefect server.
+line is logged once through CHILD_OUTPUT_LOGGER, a traceback as one record with the line it follows (`_Records`), which
+sends it nowhere unless a caller puts a handler there: a flow run's process does (flows/__init__), so the lines reach
+the run's log on the Prefect server.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import BinaryIO
@@ -43,6 +47,15 @@ _LOGGED_LEVEL = re.compile(
 )
 _ERROR_LINE = re.compile(r"error: ")
 _PYTHON_WARNING = re.compile(r"\S.*:\d+: \w*Warning: ")
+
+# How long a record waits, from its first line, for the lines that continue it (`_Records`): logging writes a record's
+# traceback with it in one write, and an uncaught exception's traceback comes a line a write, each right after the last.
+GROUP_WAIT_S = 0.5
+_TRACEBACK = "Traceback (most recent call last):"
+_CHAINED = (
+    "During handling of the above exception, another exception occurred:",
+    "The above exception was the direct cause of the following exception:",
+)
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -78,14 +91,23 @@ def run_child(command: list[str], log_file: Path, extra_env: dict[str, str] | No
 
 def copy_output(fd: int, tail: deque[str], saved: BinaryIO | None = None) -> None:
     """Copy a child's output from `fd` to our stderr (and to `saved`) until the child closes it, keeping its last
-    non-blank lines in `tail` and logging each once through CHILD_OUTPUT_LOGGER (`log_child_line`).
+    non-blank lines in `tail` and logging each once through CHILD_OUTPUT_LOGGER, a traceback and the lines that
+    continue a record with that record's first line (`_Records`).
 
     A progress bar redraws its line after a `\\r`: the line counts once it ends, as it was last drawn (its redraws
     went to stderr as they came)."""
-    lines_out = child_output_logger()
+    records = _Records(child_output_logger())
+    ready = select.poll()  # not select.select: a busy worker's descriptors pass its limit of 1024
+    ready.register(fd, select.POLLIN)
     partial = b""
+    reads = 0
     out = getattr(sys.stderr, "buffer", None)
-    while chunk := os.read(fd, 65536):
+    while True:
+        if records.lines and not _readable_before(ready, records.due):
+            records.log()  # its time is up: what comes later starts a record of its own
+        if not (chunk := os.read(fd, 65536)):
+            break
+        reads += 1
         if saved is not None:
             saved.write(chunk)
         if out is not None:
@@ -94,23 +116,82 @@ def copy_output(fd: int, tail: deque[str], saved: BinaryIO | None = None) -> Non
         else:
             sys.stderr.write(chunk.decode("utf-8", "replace"))
         *lines, partial = (partial + chunk).split(b"\n")
+        now = time.monotonic()
         for line in lines:
-            _finished_line(line, tail, lines_out)
+            _finished_line(line, tail, records, reads, now)
         partial = _last_redraw(partial)  # a bar that redraws for hours keeps only what it shows now
-    _finished_line(partial, tail, lines_out)  # the child's last line, without its newline
+    _finished_line(partial, tail, records, reads, time.monotonic())  # the child's last line, without its newline
+    records.log()
+
+
+def _readable_before(ready: select.poll, deadline: float) -> bool:
+    """Whether the output `ready` polls has more to read before `deadline` (time.monotonic), waiting till then."""
+    left = deadline - time.monotonic()
+    return left > 0 and bool(ready.poll(math.ceil(left * 1000)))
 
 
 def _last_redraw(line: bytes) -> bytes:
-    """`line` from its last redraw on: the text after its last `\\r` but for those that end it (`\\r\\n`)."""
+    """`line` from its last redraw on, that redraw's `\\r` kept (it marks a bar's line): from its last `\\r` but
+    for those that end it (`\\r\\n`)."""
     drawn = line.rstrip(b"\r")
-    return line[drawn.rfind(b"\r") + 1 :]
+    return line[max(drawn.rfind(b"\r"), 0) :]
 
 
-def _finished_line(line: bytes, tail: deque[str], lines_out: logging.Logger) -> None:
-    text = _last_redraw(line).rstrip(b"\r").decode("utf-8", "replace")
+def _finished_line(line: bytes, tail: deque[str], records: _Records, read: int, now: float) -> None:
+    drawn = line.rstrip(b"\r")
+    text = drawn[drawn.rfind(b"\r") + 1 :].decode("utf-8", "replace")
     if text.strip():
         tail.append(text)
-        log_child_line(lines_out, text)
+        records.add(text, read, now, redrawn=b"\r" in drawn)
+
+
+class _Records:
+    """The records a child's finished lines make, each logged once through `logger` at its first line's level, its
+    text the lines joined with newlines.
+
+    A line continues the record before it when it comes within GROUP_WAIT_S of that record's first line, is no
+    progress bar's, and is
+    - indented: a traceback's frames and source lines, a multi-line warning's source line, an error's `  - ` items;
+    - a traceback's header after a line at ERROR (logging.exception, a chained exception), or after a line logged at a
+      lower level in the same read (`exc_info=True`: logging writes the traceback with its line, in one write);
+    - a chained exception's "During handling ..." or "The above exception ..." line;
+    - the exception line that ends a traceback (the first unindented line after its frames) unless it names a level.
+    Any other line starts a record: a traceback's header one at ERROR (an uncaught exception: after a print or an
+    INFO line it is the crash that follows them, not theirs); the others one at the level they name (`line_level`).
+    A record waits no longer than GROUP_WAIT_S for its lines: logged when a line starts another, when its time is up
+    (copy_output waits for the next read no longer), or when the child ends."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.lines: list[str] = []
+        self.level = logging.INFO
+        self.due = 0.0  # when it is logged, whatever comes after
+        self.read = 0  # the read (of copy_output) that brought its last line
+        self.in_traceback = False  # its last line is a traceback's header or frame: an unindented line ends it
+
+    def add(self, text: str, read: int, now: float, redrawn: bool = False) -> None:
+        if self.lines and now < self.due and not redrawn and self._continued_by(text, read):
+            self.lines.append(text)
+            self.in_traceback = text.startswith(_TRACEBACK) or (self.in_traceback and text[:1].isspace())
+        else:
+            self.log()
+            self.lines, self.due = [text], now + GROUP_WAIT_S
+            self.level = logging.ERROR if text.startswith(_TRACEBACK) else line_level(text)
+            self.in_traceback = text.startswith(_TRACEBACK)
+        self.read = read
+
+    def _continued_by(self, text: str, read: int) -> bool:
+        if text.startswith(_TRACEBACK):
+            return self.level >= logging.ERROR or (read == self.read and _LOGGED_LEVEL.match(self.lines[0]) is not None)
+        if text[:1].isspace() or text in _CHAINED:
+            return True
+        return self.in_traceback and not _LOGGED_LEVEL.match(text)
+
+    def log(self) -> None:
+        """Log the record so far, if any."""
+        if self.lines:
+            self.logger.log(self.level, "%s", "\n".join(self.lines))
+            self.lines = []
 
 
 def child_output_logger() -> logging.Logger:
@@ -125,17 +206,15 @@ def child_output_logger() -> logging.Logger:
     return logger
 
 
-def log_child_line(logger: logging.Logger, text: str) -> None:
-    """Log one line of a child's output at the level it names (`_LOGGED_LEVEL`), else at INFO."""
+def line_level(text: str) -> int:
+    """The level a line of a child's output names (`_LOGGED_LEVEL`), else INFO."""
     if named := _LOGGED_LEVEL.match(text):
-        level = logging.getLevelNamesMapping()[named[1]]
-    elif _ERROR_LINE.match(text):
-        level = logging.ERROR
-    elif _PYTHON_WARNING.match(text):
-        level = logging.WARNING
-    else:
-        level = logging.INFO
-    logger.log(level, "%s", text)
+        return logging.getLevelNamesMapping()[named[1]]
+    if _ERROR_LINE.match(text):
+        return logging.ERROR
+    if _PYTHON_WARNING.match(text):
+        return logging.WARNING
+    return logging.INFO
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:
