@@ -22,6 +22,11 @@ run fails naming the server and its URL (`ServiceUnavailable`), in the job's chi
 it is back, the same job goes on in the same output: a new run with the same parameters or a retry of this one keeps
 every shard whose part was written and answers only the rest. When the Prefect API is the one that went away, the advice
 is the new run: this one's end could not be recorded, and Prefect refuses to retry a run it shows Running.
+
+A flow run cancelled mid-job (the UI's Cancel, `prefect flow-run cancel ID`) is sent SIGTERM by its worker: the flow
+stops the job's process group (the child and its per-GPU workers, whose GPU memory is free once they are gone), logs
+how many shards are done and how to finish the job, and the run ends Cancelled. A retry of it, or a new run with the
+same parameters, keeps the parts written and answers the rest.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 from prefect.client.schemas.objects import State
+from prefect.exceptions import TerminationSignal
 
 # A worker loads this file by its path (prefect.yaml's entrypoint), not as `flows.batch_inference`, and nothing else
 # here imports the package: its set-up (quiet defaults, VLMOPS_VERBOSE, no usage reports) runs with this import.
@@ -62,7 +68,7 @@ from vlmops.infer.job_status import (
     StoppedJob,
     job_status,
 )
-from vlmops.infer.output import JOB_FILE, open_output
+from vlmops.infer.output import JOB_FILE, JobOutput, open_output
 from vlmops.infer.parallel import run_job_in_child
 from vlmops.infer.resolve import (
     catalog_resolver,
@@ -84,10 +90,10 @@ SUMMARY_KEY = "batch-inference-summary"
 SAMPLES_KEY = "batch-inference-samples"
 
 
-def _after_an_outage() -> str:
-    """What to run once the server that did not answer is back, and what that keeps: the same parameters name the same
-    job (its model, input and settings) in the same output, where a shard whose part is there is done
-    (vlmops.infer.job_output)."""
+def _to_finish_the_job() -> str:
+    """What to run once the server that did not answer is back, or after a cancel, and what that keeps: the same
+    parameters name the same job (its model, input and settings) in the same output, where a shard whose part is there
+    is done (vlmops.infer.job_output)."""
     return (
         "run the flow again with the same parameters, or retry this flow run: "
         f"{retry_this_flow_run(__file__, 'batch_inference')}; the shards already written are kept and only the rest "
@@ -98,7 +104,7 @@ def _after_an_outage() -> str:
 @flow(name="batch-inference")
 @refuses_bad_settings
 @names_unreachable_service(
-    _after_an_outage,
+    _to_finish_the_job,
     new_run="run the flow again with the same parameters: the shards already written are kept and only the rest are "
     "answered",
 )
@@ -153,7 +159,11 @@ def batch_inference(
         started = time.monotonic()
         with gpu_slot():
             poll = _progress_poller(output, config, artifact)
-            run_job_in_child(pinned, input, output, config, poll=poll, named_as=named_as)
+            try:
+                run_job_in_child(pinned, input, output, config, poll=poll, named_as=named_as)
+            except (TerminationSignal, KeyboardInterrupt) as stop:  # the job's process group is stopped by now
+                _log_stopped_job(stop, job_output)
+                raise
         manifest_text = job_output.read_text(MANIFEST_FILE)
         if manifest_text is None and config.infer.max_shards is not None:
             return _stopped(StoppedJob(job_status(job_output), []), model, output)
@@ -192,6 +202,26 @@ def _stopped(stopped: StoppedJob, model: str, output: str) -> dict[str, Any]:
         status.output,
     )
     return {**status.as_dict(), "state": "stopped", "workers": sorted({s.worker for s in stopped.ran if s.worker})}
+
+
+def _log_stopped_job(stop: BaseException, job_output: JobOutput) -> None:
+    """The flow run's line when it is stopped mid-job: cancelled (the UI's Cancel, `prefect flow-run cancel`: the worker
+    sends SIGTERM), its worker shut down, or Ctrl-C. Where the job stands is read from its output; a read that fails
+    leaves the line without it, never the stop's own exception."""
+    why = "interrupted" if isinstance(stop, KeyboardInterrupt) else "the flow run was cancelled or terminated"
+    job, done = "job", f"nothing written to {job_output.uri} yet"
+    try:
+        saved = job_output.read_text(JOB_FILE)
+        if saved is not None:
+            plan = JobPlan.from_json(saved)
+            job = f"job {plan.job_id}"
+            finished = len(plan.shards) - len(pending_shards(plan, job_output))
+            done = f"{counted_of(finished, len(plan.shards), 'shard')} done in {job_output.uri}"
+    except Exception as err:
+        done = f"the shards done in {job_output.uri} could not be read ({err})"
+    get_run_logger().warning(
+        "%s stopped (%s), and its processes with it: %s; to finish it, %s", job, why, done, _to_finish_the_job()
+    )
 
 
 def _markdown(result: JobResult, summary: dict[str, Any]) -> str:

@@ -13,23 +13,16 @@ process fetches it (a local folder: it writes the folder's manifest, an INFO lin
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
 import pytest
-import yaml
 
+from tests.prefect_runs import deployment_run, flow_run_logs, flow_run_state, worker_command
 from tests.s3_server import S3Server
 
-ROOT = Path(__file__).resolve().parents[1]
-PREFECT_YAML = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-BATCH = next(d for d in PREFECT_YAML["deployments"] if d["entrypoint"] == "flows/batch_inference.py:batch_inference")
 BUCKET = "quiet-worker"
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -49,83 +42,20 @@ LOUD = (
 BEGINS, ENDS = "Beginning flow run", "Finished in state"
 
 
-def _deployment_run(name: str, parameters: dict[str, Any]) -> tuple[str, UUID]:
-    """A work pool of its own, prefect.yaml's batch-inference deployment on it, and a flow run of that deployment with
-    `parameters`: (pool name, flow run id)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-
-    from flows.batch_inference import batch_inference
-
-    pool = f"quiet-{name}"
-
-    async def create() -> UUID:
-        async with get_client() as client:
-            await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-            flow_id = await client.create_flow_from_name(batch_inference.name)
-            deployment_id = await client.create_deployment(
-                flow_id=flow_id,
-                name=pool,
-                entrypoint=BATCH["entrypoint"],
-                pull_steps=PREFECT_YAML["pull"],
-                work_pool_name=pool,
-            )
-            flow_run = await client.create_flow_run_from_deployment(deployment_id, parameters=parameters)
-            return flow_run.id
-
-    return pool, asyncio.run(create())
-
-
-def _flow_run_state(flow_run_id: UUID) -> tuple[str | None, str | None]:
-    """The flow run's state: (name, message)."""
-    from prefect.client.orchestration import get_client
-
-    async def read() -> tuple[str | None, str | None]:
-        async with get_client() as client:
-            state = (await client.read_flow_run(flow_run_id)).state
-            return (state.name, state.message) if state else (None, None)
-
-    return asyncio.run(read())
-
-
-def _flow_run_logs(flow_run_id: UUID) -> list[str]:
-    """What Prefect's API handler sent the server of the flow run (the UI's log)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-
-    return [log.message for log in asyncio.run(read())]
-
-
 def _on_a_worker(
     name: str, worker_env: dict[str, str], s3: S3Server, model: str, tmp_path: Path, overrides: tuple[str, ...] = ()
 ) -> tuple[str, UUID]:
     """The batch-inference deployment of one prompt with `model` (and `overrides`), run by a process worker with
     `worker_env` on top of the team's client settings: (what the worker printed, its flow run's id)."""
-    from prefect.settings import PREFECT_API_URL
-
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"id": "q0", "query": "What colour?"}) + "\n")
     settings = [f"run.output_dir={tmp_path / 'outputs'}", f"model.cache_dir={tmp_path / 'cache'}"]
     settings += [f"storage.endpoint_url={s3.endpoint_url}", "infer.max_new_tokens=1", *overrides]
     parameters = {"model": model, "input": str(prompts), "output": f"s3://{BUCKET}/{name}", "overrides": settings}
-    pool, flow_run_id = _deployment_run(name, parameters)
-    inherited = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VLMOPS_VERBOSE")}
-    env = {
-        **inherited,
-        **s3.env(),
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-storage"),
-        "VLMOPS_HOME": str(ROOT),  # prefect.yaml's pull step: the flow runs from this checkout
-        **worker_env,
-    }
-    worker = [str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool, "--type", "process"]
-    done = subprocess.run(
-        [*worker, "--run-once", "--limit", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
-    )
+    pool = f"quiet-{name}"
+    flow_run_id = deployment_run(pool, parameters)
+    worker, env = worker_command(pool, {**s3.env(), **worker_env}, tmp_path)
+    done = subprocess.run(worker, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr, flow_run_id
 
@@ -151,14 +81,14 @@ def test_a_worker_s_flow_run_hides_the_noise_vlmops_run_hides(
     model = ("model.source=local", f"model.id={tiny_model}")
     env = {"PREFECT_LOGGING_ROOT_LEVEL": "INFO"}
     output, flow_run_id = _on_a_worker("quiet", env, bucket, "tiny-deepseek-vl", tmp_path, model)
-    assert _flow_run_state(flow_run_id)[0] == "Completed", output[-5000:]
+    assert flow_run_state(flow_run_id)[0] == "Completed", output[-5000:]
     # The worker's own process and the flow run's before it loads the flow (the pull step) are Prefect's, not vlmops's:
     # from the flow's start to its end, the lines are the flow run's.
     flow_run = output[output.index(BEGINS) : output.index(ENDS)]
     assert CREDENTIALS not in flow_run and PER_REQUEST not in flow_run, flow_run
     assert NO_GPU_LIMIT in flow_run, flow_run
     assert flow_run.count(OWN_LINE) == 1, flow_run
-    logs = _flow_run_logs(flow_run_id)
+    logs = flow_run_logs(flow_run_id)
     assert any("1 record, 1 answered, 0 rejected" in line for line in logs), logs
     assert len([line for line in logs if line.startswith("wrote manifest ")]) == 1, logs
     # The job's child's lines too (before, the worker's output alone showed them), once each.
@@ -172,7 +102,7 @@ def test_vlmops_verbose_on_the_worker_shows_the_noise_in_its_flow_runs(
     botocore's INFO line shows in the flow run's process (before, only the job's child showed it), the per-request
     lines do not (those are for -vv)."""
     output, flow_run_id = _on_a_worker("verbose", {"VLMOPS_VERBOSE": "1"}, bucket, str(tiny_model), tmp_path)
-    assert _flow_run_state(flow_run_id)[0] == "Completed", output[-5000:]
+    assert flow_run_state(flow_run_id)[0] == "Completed", output[-5000:]
     assert CREDENTIALS in output and PER_REQUEST not in output, output[-5000:]
 
 
@@ -188,12 +118,12 @@ def test_a_vlmops_verbose_that_is_no_level_stops_the_flow_run_with_one_message(
     flushed and log its own traceback ("Cannot put items in a stopped service instance")."""
     bad = {"VLMOPS_VERBOSE": "loud", "VLMOPS_RETRY_DELAY_S": "soon"}
     output, flow_run_id = _on_a_worker("loud", bad, bucket, str(tiny_model), tmp_path)
-    state, message = _flow_run_state(flow_run_id)
+    state, message = flow_run_state(flow_run_id)
     assert state == "Failed" and message and LOUD in message and SOON in message, (state, message, output[-5000:])
     assert output.count(LOUD) == 1 and output.count(SOON) == 1, output[-5000:]
     assert "Traceback" not in output and "Still processing items" not in output, output[-5000:]
     assert "batch inference job" not in output, output[-5000:]  # the job's child never started
-    logs = _flow_run_logs(flow_run_id)
+    logs = flow_run_logs(flow_run_id)
     named = [line for line in logs if LOUD in line or SOON in line]
     assert len(named) == 1 and LOUD in named[0] and SOON in named[0], logs  # the UI's: one line names both
     assert not any("Traceback" in line for line in logs), logs
