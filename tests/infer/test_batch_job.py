@@ -3,6 +3,7 @@ MLflow tracking, S3 input and output, and the retrain step's child process."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from pathlib import Path
@@ -984,11 +986,16 @@ def test_s3_input_and_output(tiny_model: Path, images: dict[str, Path], tmp_path
         client.put_object(Bucket="jobs", Key=f"prompts/{name}", Body=("\n".join(lines) + "\n").encode())
     client.put_object(Bucket="jobs", Key="prompts/notes.txt", Body=b"not an input")
     config = job_config(**{"infer.shard_size": 3})
+    scratch = tmp_path / "tmp"  # where the parts are written before their PUT
+    scratch.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         for key, value in s3_server.env().items():
             patch.setenv(key, value)
+        patch.setattr(tempfile, "tempdir", str(scratch))
         result = run_batch_job(str(tiny_model), "s3://jobs/prompts", "s3://jobs/answers/run1", config, progress=False)
         assert (result.records, result.results, len(result.ran)) == (10, 10, 4)  # 3 + 2 per file
+        gc.collect()
+        assert not list(scratch.iterdir())  # a worker running job after job kept a folder for each
         keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket="jobs", Prefix="answers/run1/")["Contents"])
         assert [k for k in keys if "/part-" in k] == [f"answers/run1/part-0000{i}.jsonl" for i in range(4)]
         assert "answers/run1/manifest.json" in keys and "answers/run1/rejects.jsonl" in keys

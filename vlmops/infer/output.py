@@ -8,8 +8,10 @@ rerun deciding what is done, never sees half a file.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,6 +137,8 @@ class S3Output:
     def scratch(self) -> Path:
         if self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="vlmops-job-"))
+            # Removed with this output (or at exit): a worker that runs job after job kept a folder for each.
+            weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         return self._scratch
 
 
