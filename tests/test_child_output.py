@@ -84,7 +84,11 @@ def _run_logs(flow_run_id: Any) -> list[Any]:
 
 @pytest.mark.integration
 def test_a_child_s_lines_reach_the_flow_run_s_log_once(
-    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+    prefect_harness: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A flow that runs one child as the batch-inference flow does (run_in_process_group, in the flow: its copier is a
     thread of its own) and one as training does (run_child, in a task). Before, the server had none of their lines."""
@@ -95,6 +99,9 @@ def test_a_child_s_lines_reach_the_flow_run_s_log_once(
     from vlmops.train.child import run_child
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
+    # A worker's flow run logs vlmops's lines from INFO (flows/__init__); a `vlmops` command run earlier in this test
+    # process (quiet.configure) leaves them to the root logger's WARNING, which dropped the INFO lines here.
+    caplog.set_level(logging.INFO, logger="vlmops")
 
     @task
     def train_like() -> int:
