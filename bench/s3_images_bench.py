@@ -73,6 +73,11 @@ def url_dataset(folder: Path, server_url: str, images: int) -> Path:
     return dataset
 
 
+def _tree_name(tree: Path) -> str:
+    """Which tree a row imported vlmops from, without this machine's paths: this checkout, or `--work`'s baseline."""
+    return "this checkout" if tree.resolve() == ROOT else f"<work>/{tree.name}"
+
+
 def run_one(uri: str, model: Path, latency_ms: float, repeats: int) -> dict[str, Any]:
     """Best-of-`repeats` seconds of the key and of validation of `uri` (an s3:// object, or a local file of URL
     images), in this process."""
@@ -102,7 +107,7 @@ def run_one(uri: str, model: Path, latency_ms: float, repeats: int) -> dict[str,
     (key,) = keys
     ((read, kept, images),) = counts
     return {
-        "imported_from": str(Path(vlmops.__file__).parents[1]),
+        "imported_from": _tree_name(Path(vlmops.__file__).parents[1]),
         "key": key,
         "records": read,
         "kept": kept,
