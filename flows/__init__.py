@@ -41,8 +41,9 @@ def _own_lines_to_the_run(verbosity: int, levels_before: dict[str, int]) -> None
     set, it is the list, and vlmops adds no handler of its own to them.
 
     So do the lines of a step's child process (training, merge, a batch inference job), which the step copies to the
-    console and logs through CHILD_OUTPUT_LOGGER: that logger does not propagate (its lines are on the console already),
-    so it gets an API handler of its own, unless the setting leaves out every logger it would have reached (`vlmops`)."""
+    console and logs through CHILD_OUTPUT_LOGGER: that logger does not propagate (its lines are on the console
+    already), so it gets an API handler of its own, unless the setting leaves out every logger it would have reached
+    (`vlmops`)."""
     if verbosity == 0:
         floor = logging.INFO if logging.getLogger().level > logging.INFO else logging.NOTSET
         for name, level in levels_before.items():

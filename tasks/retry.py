@@ -5,8 +5,8 @@ Which failures a retry can fix is `vlmops.outages.is_transient` (one classifier 
     @task(retries=SERVICE_RETRIES, retry_delay_seconds=SERVICE_BACKOFF, retry_condition_fn=transient)
 
 The waits between tries are the tasks' own (a few seconds for a server, longer for a hub); VLMOPS_RETRY_DELAY_S
-(vlmops.outages.retry_delay_setting), read when the tasks are imported, replaces each with that many seconds (e.g. 1 on a test machine, where the outages
-are staged and a retry need not wait for a server to come back).
+(vlmops.outages.retry_delay_setting), read when the tasks are imported, replaces each with that many seconds (e.g. 1 on
+a test machine, where the outages are staged and a retry need not wait for a server to come back).
 
 When the retries are spent, `names_unreachable_service` (around a flow) turns the last error into a
 `ServiceUnavailable` that says which service (S3, MLflow, the Prefect API, a DVC remote) at which URL did not answer,

@@ -100,9 +100,9 @@ def _until(condition: Callable[[], object], seconds: float, what: str, every: fl
 def test_a_cancelled_flow_run_stops_its_job_at_once_and_a_retry_of_it_finishes_the_job(
     prefect_harness: None, tiny_model: Path, tmp_path: Path
 ) -> None:
-    """Before, the run ended Cancelled and its job stopped, but its log said nothing of the job: not that it was stopped,
-    nor how far it got, nor how to finish it. Without the group stop on the TerminationSignal (run_in_process_group),
-    the job ended only with the flow run's process, 1-3 s later (its PR_SET_PDEATHSIG)."""
+    """Before, the run ended Cancelled and its job stopped, but its log said nothing of the job: not that it was
+    stopped, nor how far it got, nor how to finish it. Without the group stop on the TerminationSignal
+    (run_in_process_group), the job ended only with the flow run's process, 1-3 s later (its PR_SET_PDEATHSIG)."""
     lines: list[dict[str, object]] = [
         {"id": f"r{i}", "query": f"What is {i}?"} if i % 5 != 4 else {"prompt": "neither"} for i in range(12)
     ]

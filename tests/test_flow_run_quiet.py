@@ -112,8 +112,9 @@ def test_a_vlmops_verbose_that_is_no_level_stops_the_flow_run_with_one_message(
     """VLMOPS_VERBOSE=loud (and VLMOPS_RETRY_DELAY_S=soon, read by the tasks' import) on a worker: the flow run stops
     before any step and ends Failed. Its state's message names each variable, its value and the values that work; what
     the worker prints and the flow run's log (the UI's) show it once, in Prefect's "Finished in state Failed(...)", with
-    no traceback, nor Prefect's note that it still sends events at the exit. Before, the flow's import failed: Prefect printed its traceback three times (the flow run, its engine, the process
-    that runs the on_crashed hooks), the message last in each. Then the flow run's process ended itself (os._exit):
+    no traceback, nor Prefect's note that it still sends events at the exit. Before, the flow's import failed: Prefect
+    printed its traceback three times (the flow run, its engine, the process that runs the on_crashed hooks), the
+    message last in each. Then the flow run's process ended itself (os._exit):
     the worker reported the run Crashed, and Prefect's heartbeat thread could outlive the events sender the exit
     flushed and log its own traceback ("Cannot put items in a stopped service instance")."""
     bad = {"VLMOPS_VERBOSE": "loud", "VLMOPS_RETRY_DELAY_S": "soon"}

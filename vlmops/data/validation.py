@@ -4,8 +4,9 @@ then it is written on (kept) or to the rejects file (with its reason), and forgo
 What stays in memory grows by a few numbers per record (its token length, image and turn counts, and an
 8-byte fingerprint to find duplicates), never by the records themselves, so a file of any size validates in
 about the same memory (bench/validate_rss_bench.py). The records read ahead of the one being checked are a fixed
-number (`AHEAD`), with the bytes of their s3:// and http(s):// images, downloaded meanwhile (`ImagesAhead`). `vlmops validate PATH` checks files this way without
-writing anything but the rejects file; `vlmops.data.prepare` runs the same checker to build a snapshot.
+number (`AHEAD`), with the bytes of their s3:// and http(s):// images, downloaded meanwhile (`ImagesAhead`).
+`vlmops validate PATH` checks files this way without writing anything but the rejects file; `vlmops.data.prepare`
+runs the same checker to build a snapshot.
 """
 
 from __future__ import annotations
@@ -374,8 +375,9 @@ class RecordChecker:
 
 
 class ImagesAhead:
-    """The downloaded images (s3://, http(s)://) of the AHEAD records after the one being checked, fetched meanwhile on `pool`
-    (IMAGE_THREADS at a time), each once, and held until the check of a record that names it takes them (`take`).
+    """The downloaded images (s3://, http(s)://) of the AHEAD records after the one being checked, fetched meanwhile
+    on `pool` (IMAGE_THREADS at a time), each once, and held until the check of a record that names it takes them
+    (`take`).
 
     Records are still checked one at a time, in order, and each finds what it found when its images were read as it
     came: a missing image, one that does not open, a failure that may pass (which stops validation). An image that no
