@@ -7,6 +7,12 @@ bf16 weights (so L2 holds none), at 32 and 192 rows, against the HBM-bandwidth f
 over its 32 decode rows plus C prompt tokens, against the decode rows alone plus C tokens' share of a batched prefill
 (16 prompts of 640 tokens), for the 7b's and the 1.3b's language models.
 
+`--part overlap` asks whether the 7b's prefills and decode steps gain from running at once: a stream of prompts
+through R slots (each prompt prefilled once, then 128 decode steps) timed one after the other on the whole card,
+against the same work on two CUDA streams, plain or with the decode stream at high priority, and on two green
+contexts (disjoint SM partitions, from the CUDA driver through ctypes) with D SMs for decoding and the rest for
+prefill. Language-model layers only (GEMMs, SDPA, SiLU), each workload one CUDA graph.
+
 Session 27 (bench/RESULTS.md) ran this probe's timing code as `.device/step7b_probe.py`; the reporting (table, date,
 machine, floor) was added when it moved here.
 """
@@ -14,7 +20,9 @@ machine, floor) was added when it moved here.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -112,6 +120,186 @@ def mixed_rows() -> list[dict]:
     return out
 
 
+OVERLAP_PROMPTS = 8  # prompts in one prefill graph (640 tokens each)
+ANSWER_TOKENS = 128  # decode steps a prompt takes: a stream through R slots admits R / 128 prompts a step
+
+
+def overlap_rows(slots: tuple[int, ...], decode_sms: tuple[int, ...]) -> list[dict]:
+    """Per slot count R: tokens/s of a stream through R slots, its prefills and decode steps one after the other on
+    the whole card (the baseline) and at once on two streams (plain, decode at high priority, green contexts)."""
+    layers, hidden, intermediate = MODELS["7b"]
+    shapes = gemm_shapes(hidden, intermediate)
+    weights = [
+        [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in shapes.values()] for _ in range(layers)
+    ]
+    most = max(slots)
+    caches = [
+        [torch.randn(most, HEADS, COLUMNS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        for _ in range(layers)
+    ]
+
+    def layers_forward(x: torch.Tensor, attend) -> torch.Tensor:
+        for (qkv, o, gate_up, down), cache in zip(weights, caches, strict=True):
+            q, k, v = F.linear(x, qkv).chunk(3, dim=-1)
+            x = x + F.linear(attend(q, k, v, cache), o)
+            gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, down)
+        return x
+
+    def prefill_attention(q, k, v, _cache):
+        q, k, v = (t.view(OVERLAP_PROMPTS, -1, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(-1, HEADS * HEAD_DIM)
+
+    prompt = torch.randn(OVERLAP_PROMPTS * 640, hidden, device="cuda", dtype=torch.bfloat16)
+
+    def prefill_fn() -> torch.Tensor:
+        return layers_forward(prompt, prefill_attention)
+
+    prefill = captured(prefill_fn)
+    progress("prefill graph captured")
+    out = []
+    for rows in slots:
+        step_in = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+
+        def decode_attention(q, _k, _v, cache, rows=rows):
+            query = q.view(rows, HEADS, 1, HEAD_DIM)
+            return F.scaled_dot_product_attention(query, cache[0][:rows], cache[1][:rows]).reshape(rows, -1)
+
+        def step_fn(step_in=step_in, attend=decode_attention) -> torch.Tensor:
+            return layers_forward(step_in, attend)
+
+        step = captured(step_fn)
+        # the work of 2 prefill graphs and the decode steps their 16 prompts' answers take through R slots
+        prefills, steps = 2, 2 * OVERLAP_PROMPTS * ANSWER_TOKENS // rows
+        tokens = steps * rows
+        alone_p = replays_ms([(prefill, None, prefills)])
+        alone_d = replays_ms([(step, None, steps)])
+        progress(f"{rows} slots: prefill {alone_p / prefills:.2f} ms, step {alone_d / steps:.3f} ms alone")
+        base = {"model": "7b", "slots": rows, "prefills": prefills, "steps": steps, "prefill_ms": round(alone_p / prefills, 2),
+                "step_ms": round(alone_d / steps, 3), "apart_ms": round(alone_p + alone_d, 1),
+                "apart_tokens_per_s": round(tokens / (alone_p + alone_d) * 1000)}  # fmt: skip
+        cases: list[tuple[str, torch.cuda.Stream, torch.cuda.Stream, bool]] = [
+            ("two streams", torch.cuda.Stream(), torch.cuda.Stream(), False),
+            ("decode stream at high priority", torch.cuda.Stream(), torch.cuda.Stream(priority=-1), False),
+        ]
+        for sms in decode_sms:
+            try:
+                (decode_stream, got), (prefill_stream, rest) = green_streams(sms)
+            except (OSError, RuntimeError) as err:
+                out.append({**base, "case": f"green contexts, {sms} SMs for decoding", "error": str(err)})
+                continue
+            cases.append((f"green: decode {got} SMs, prefill {rest}", prefill_stream, decode_stream, True))
+        for case, prefill_stream, decode_stream, own_graphs in cases:
+            try:
+                # a green context's graphs captured on its own stream
+                here_p = captured(prefill_fn, prefill_stream) if own_graphs else prefill
+                here_s = captured(step_fn, decode_stream) if own_graphs else step
+                parted_p = replays_ms([(here_p, prefill_stream, prefills)])
+                progress(f"{rows} slots, {case}: prefill alone there {parted_p / prefills:.2f} ms")
+                parted_d = replays_ms([(here_s, decode_stream, steps)])
+                progress(f"{rows} slots, {case}: step alone there {parted_d / steps:.3f} ms")
+                together = replays_ms([(here_p, prefill_stream, prefills), (here_s, decode_stream, steps)])
+                progress(f"{rows} slots, {case}: together {together:.1f} ms against {alone_p + alone_d:.1f} apart")
+            except RuntimeError as err:
+                out.append({**base, "case": case, "error": str(err)})
+                continue
+            out.append({
+                **base, "case": case, "prefill_alone_there_ms": round(parted_p / prefills, 2),
+                "step_alone_there_ms": round(parted_d / steps, 3), "together_ms": round(together, 1),
+                "together_tokens_per_s": round(tokens / together * 1000),
+                "gain": round((alone_p + alone_d) / together, 3),
+            })  # fmt: skip
+        del step
+    return out
+
+
+def progress(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
+def captured(fn, stream: torch.cuda.Stream | None = None) -> torch.cuda.CUDAGraph:
+    """`fn` captured in a CUDA graph (after a warm-up) on a stream of its own, or `stream` (a green context's: a graph
+    captured elsewhere and replayed there runs on every SM). A captured matmul keeps its capture stream's cuBLAS
+    workspace, and two graphs captured on torch's one default capture stream hang replayed at once."""
+    stream = stream or torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def replays_ms(work: list[tuple[torch.cuda.CUDAGraph, torch.cuda.Stream | None, int]]) -> float:
+    """Wall milliseconds for each graph replayed `times` on its stream (None: the current one), all queued at once,
+    the streams' launches interleaved so each has work queued from the start; the best of 2."""
+    best = float("inf")
+    streams = {stream for _, stream, _ in work if stream is not None}
+    for _ in range(2):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        queued = [0] * len(work)
+        while any(q < times for q, (_, _, times) in zip(queued, work, strict=True)):
+            for i, (graph, stream, times) in enumerate(work):
+                if queued[i] < times:
+                    with torch.cuda.stream(stream or torch.cuda.current_stream()):
+                        graph.replay()
+                    queued[i] += 1
+        for stream in streams:  # a green context's stream is not the primary context's: the device sync misses it
+            stream.synchronize()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - start) * 1000)
+    return best
+
+
+def green_streams(decode_sms: int) -> tuple[tuple[torch.cuda.Stream, int], tuple[torch.cuda.Stream, int]]:
+    """Two streams on disjoint SM partitions of GPU 0: one of `decode_sms` SMs (the driver rounds it to its
+    granularity) and one of the rest, each with its SM count. The CUDA driver's green contexts through ctypes:
+    torch's `GreenContext.create(num_sms=)` splits from the whole device each time, so two of them share SMs."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+
+    def check(result: int, call: str) -> None:
+        if result != 0:
+            raise RuntimeError(f"{call} returned CUDA error {result}")
+
+    size = 512  # more than any CUdevResource (type, 92 bytes of padding, a 48-byte union, a next pointer)
+    device = ctypes.c_int()
+    check(cuda.cuDeviceGet(ctypes.byref(device), 0), "cuDeviceGet")
+    whole, part, rest = (ctypes.create_string_buffer(size) for _ in range(3))
+    check(cuda.cuDeviceGetDevResource(device, whole, 1), "cuDeviceGetDevResource")  # 1: CU_DEV_RESOURCE_TYPE_SM
+    groups = ctypes.c_uint(1)
+    check(cuda.cuDevSmResourceSplitByCount(part, ctypes.byref(groups), whole, rest, 0, decode_sms), "split")
+    streams = []
+    for resource in (part, rest):
+        desc, context, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+        check(cuda.cuDevResourceGenerateDesc(ctypes.byref(desc), resource, 1), "cuDevResourceGenerateDesc")
+        check(cuda.cuGreenCtxCreate(ctypes.byref(context), desc, device, 1), "cuGreenCtxCreate")  # 1: default stream
+        check(cuda.cuGreenCtxStreamCreate(ctypes.byref(stream), context, 1, 0), "cuGreenCtxStreamCreate")
+        sm_count = int.from_bytes(resource.raw[96:100], "little")  # the union's first field: sm.smCount
+        streams.append((torch.cuda.ExternalStream(stream.value), sm_count))
+    return streams[0], streams[1]
+
+
+def print_overlap(rows: list[dict]) -> None:
+    print(
+        "| slots | case | prefill of 8 ms (alone there) | step ms (alone there) | apart: tokens/s | at once: tokens/s | "
+        "gain |\n| ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+    )
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['slots']} | {r['case']} | {r['error']} | | | | |")
+            continue
+        print(
+            f"| {r['slots']} | {r['case']} | {r['prefill_ms']} ({r['prefill_alone_there_ms']}) | {r['step_ms']} "
+            f"({r['step_alone_there_ms']}) | {r['apart_tokens_per_s']:,} | {r['together_tokens_per_s']:,} | "
+            f"{r['gain']:.2f}x |"
+        )
+
+
 def print_mixed(rows: list[dict]) -> None:
     print(
         "| model | decode rows | prompt tokens | mixed step GEMMs ms | decode alone ms | their prefill share ms | "
@@ -128,11 +316,29 @@ def print_mixed(rows: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="JSON results file")
-    parser.add_argument("--part", choices=("step", "mixed"), default="step", help="the step by part, or mixed steps")
+    parser.add_argument(
+        "--part", choices=("step", "mixed", "overlap"), default="step", help="the step by part, mixed steps, or overlap"
+    )
+    parser.add_argument("--slots", default="32,128", help="--part overlap: decode rows (slots), comma-separated")
+    parser.add_argument("--decode-sms", default="16,32,48,64", help="--part overlap: SMs for decoding, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
+    if args.part == "overlap":
+        torch.manual_seed(0)
+        rows = overlap_rows(
+            tuple(int(n) for n in args.slots.split(",")), tuple(int(n) for n in args.decode_sms.split(","))
+        )
+        print_overlap(rows)
+        if args.out:
+            write_results(
+                args.out,
+                gpu_machine(),
+                rows,
+                baseline="the same prefills and decode steps one after the other on the whole card, in the same run",
+            )
+        return 0
     if args.part == "mixed":
         torch.manual_seed(0)
         rows = mixed_rows()
