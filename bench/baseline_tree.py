@@ -22,3 +22,9 @@ def export_tree(revision: str, work: Path) -> Path:
         )
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
     return tree
+
+
+def tree_name(tree: Path) -> str:
+    """Which tree a row imported vlmops from, without this machine's paths: this checkout, or a baseline under the
+    benchmark's `--work` folder (`<work>/tree-REV`)."""
+    return "this checkout" if tree.resolve() == ROOT else f"<work>/{tree.name}"

@@ -73,11 +73,6 @@ def url_dataset(folder: Path, server_url: str, images: int) -> Path:
     return dataset
 
 
-def _tree_name(tree: Path) -> str:
-    """Which tree a row imported vlmops from, without this machine's paths: this checkout, or `--work`'s baseline."""
-    return "this checkout" if tree.resolve() == ROOT else f"<work>/{tree.name}"
-
-
 def run_one(uri: str, model: Path, latency_ms: float, repeats: int) -> dict[str, Any]:
     """Best-of-`repeats` seconds of the key and of validation of `uri` (an s3:// object, or a local file of URL
     images), in this process."""
@@ -87,6 +82,9 @@ def run_one(uri: str, model: Path, latency_ms: float, repeats: int) -> dict[str,
     from vlmops.fingerprints import fingerprint
     from vlmops.models.loading import load_processor
     from vlmops.storage import s3_client
+
+    sys.path.append(str(ROOT))  # after the tree under test: its vlmops stays the one imported above
+    from bench.baseline_tree import tree_name
 
     processor = load_processor(model)
     storage = None if uri.startswith("s3://") else StorageConfig(url_allow_networks=["127.0.0.1/32"])
@@ -107,7 +105,7 @@ def run_one(uri: str, model: Path, latency_ms: float, repeats: int) -> dict[str,
     (key,) = keys
     ((read, kept, images),) = counts
     return {
-        "imported_from": _tree_name(Path(vlmops.__file__).parents[1]),
+        "imported_from": tree_name(Path(vlmops.__file__).parents[1]),
         "key": key,
         "records": read,
         "kept": kept,

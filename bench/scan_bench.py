@@ -69,6 +69,7 @@ def run_one(file: Path, repeats: int) -> dict[str, object]:
     dataset_fingerprint = key_function()
 
     sys.path.append(str(ROOT))  # after the tree under test: its vlmops stays the one imported above
+    from bench.baseline_tree import tree_name
     from bench.host_memory import reset_peak, status_kib
 
     before_kib = reset_peak()
@@ -82,7 +83,7 @@ def run_one(file: Path, repeats: int) -> dict[str, object]:
         iter_s.append(time.perf_counter() - started)
     (key,) = keys
     return {
-        "imported_from": str(Path(vlmops.__file__).parents[1]),
+        "imported_from": tree_name(Path(vlmops.__file__).parents[1]),
         "records": records,
         "key": key,
         "key_s": round(min(key_s), 2),
