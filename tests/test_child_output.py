@@ -1,7 +1,8 @@
 """A step's child process (training and merge through run_child, a batch inference job through run_in_process_group)
 writes to the console as before, and each of its finished lines reaches the flow run's log on the Prefect server (the
-UI's) once, at the level the line names, with credentials masked: a progress bar as it was last drawn, no blank line,
-a traceback in one record with the line it follows (an uncaught exception's at ERROR).
+UI's) once, at the level the line names, with credentials masked: a progress bar as it was last drawn, no blank line, a
+traceback in one record with the line it follows (an uncaught exception's at ERROR), its whole message and an exception
+group's lines included, each torchrun rank's apart.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from vlmops.redact import RedactingFilter
 from vlmops.train.child import CHILD_OUTPUT_LOGGER, GROUP_WAIT_S, child_output_logger, copy_output, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,4 +332,156 @@ def test_a_record_waits_no_longer_than_group_wait_s(kept: _Kept) -> None:
     assert [message for _, message in kept.logged()[1:]] == [
         '  File "/opt/model.py", line 4, in forward\n    raise ValueError("bad batch")',
         "ValueError: bad batch",
+    ]
+
+
+# Each rank of a real torchrun (gloo, on CPU) joins the process group and fails with a two-line message: once in a
+# process group, torch.distributed's excepthook writes the traceback with `[rank0]: ` on each line (called here as for
+# an uncaught exception, so that both ranks have written theirs before either exits and torchrun stops the other); the
+# agent then ends with its own traceback, a ChildFailedError whose message is an unindented `====` framed summary.
+RANK_FAILS = """
+import sys
+import torch.distributed as dist
+dist.init_process_group("gloo")
+try:
+    raise ValueError(f"rank {dist.get_rank()}: bad batch\\nits second line")
+except ValueError:
+    sys.excepthook(*sys.exc_info())
+dist.barrier()
+sys.exit(1)
+"""
+
+
+def test_torchrun_s_failure_is_a_record_a_rank_and_one_for_its_summary(tmp_path: Path, kept: _Kept) -> None:
+    """Each rank's prefixed traceback is one record at ERROR, its message's second line included; torchrun's is one
+    record at ERROR to the summary's last `====` line. Before, each of their lines was a record at INFO but for
+    torchrun's traceback up to `ChildFailedError: `."""
+    script = tmp_path / "rank_fails.py"
+    script.write_text(RANK_FAILS)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    returncode, tail = run_child(torchrun, tmp_path / "train.log")
+    assert returncode == 1, tail
+    logged = kept.logged()
+    for rank in (0, 1):
+        prefix = f"[rank{rank}]: "
+        records = [(level, message.split("\n")) for level, message in logged if prefix in message]
+        assert len(records) == 1, logged
+        level, lines = records[0]
+        assert level == logging.ERROR and all(line.startswith(prefix) for line in lines), records
+        assert (lines[0], lines[-2:]) == (
+            f"{prefix}Traceback (most recent call last):",
+            [f"{prefix}ValueError: rank {rank}: bad batch", f"{prefix}its second line"],
+        ), records
+    summaries = [(level, message.split("\n")) for level, message in logged if "ChildFailedError" in message]
+    assert len(summaries) == 1, logged
+    level, lines = summaries[0]
+    assert level == logging.ERROR and lines[0] == "Traceback (most recent call last):", summaries
+    exception = lines.index("torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ")
+    assert lines[exception + 1] == lines[-1] == "=" * 60 and "Root Cause (first observed failure):" in lines, lines
+    assert not [message for _, message in logged if message == "=" * 60], logged
+
+
+def _prefixed(rank: int, error: BaseException) -> list[bytes]:
+    """`error`'s traceback as a rank writes it under torchrun's `--tee`: each line prefixed by torchrun's tailer
+    (`[default0]:`), after the rank's own prefix (torch.distributed's excepthook: `[rank0]: `), a line a write."""
+    text = "".join(traceback.format_exception(error)).rstrip("\n")
+    return [f"[default{rank}]:[rank{rank}]: {line}\n".encode() for line in text.split("\n")]
+
+
+def test_interleaved_ranks_tracebacks_are_a_record_each(kept: _Kept) -> None:
+    """Two ranks' tracebacks written line by line, their lines alternating and a line of torchrun's own in between:
+    a record at ERROR for each rank, the other line one of its own. Before, each line was a record at INFO."""
+    errors = []
+    for rank in (0, 1):
+        try:
+            raise ValueError(f"rank {rank}: bad batch")
+        except ValueError as err:
+            errors.append(err)
+    rank0, rank1 = (_prefixed(rank, error) for rank, error in enumerate(errors))
+    assert len(rank0) == len(rank1) > 3
+    agent = b"W1206 10:02:26.986000 12169 torch/distributed/elastic/multiprocessing/api.py:1028] Sending process 12\n"
+    alternating = [line for pair in zip(rank0, rank1, strict=True) for line in pair]
+    logged, _ = _copied([*alternating[:3], agent, *alternating[3:]], kept, 0.01)
+    assert sorted(logged) == sorted(
+        [
+            (logging.ERROR, b"".join(rank0).decode().rstrip("\n")),
+            (logging.ERROR, b"".join(rank1).decode().rstrip("\n")),
+            (logging.INFO, agent.decode().rstrip("\n")),
+        ]
+    ), logged
+
+
+# A child that logs an exception group (a batch's shards failed), prints, and then dies of one, whose message's second
+# line (with a credential in it) Python writes unindented where the group's other lines have their `  | ` margin.
+GROUP_FAILS = """
+import logging, os, sys
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def shards(message):
+    errors = []
+    for shard in (1, 2):
+        try:
+            raise OSError(f"shard {shard}: read timed out")
+        except OSError as err:
+            errors.append(err)
+    return ExceptionGroup(message, [*errors, ExceptionGroup("retries", [TimeoutError("3 of 3")])])
+
+
+try:
+    raise shards("2 shards failed")
+except ExceptionGroup:
+    logging.getLogger("vlmops.infer.batch_job").exception("batch 3 failed")
+print("saving the parts done", file=sys.stderr, flush=True)
+raise shards(f"2 shards failed\\nthe job logged in with {os.environ['HF_TOKEN']}")
+"""
+
+
+def test_an_exception_group_is_one_record(tmp_path: Path, kept: _Kept, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A logged exception group is one record at ERROR with its line; an uncaught one is one record at ERROR, its
+    unindented line and masked credential included, not a part of the print before it. Before, the uncaught group
+    joined the print at INFO and its unindented line was a record of its own."""
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    kept.addFilter(RedactingFilter())
+    script = tmp_path / "job.py"
+    script.write_text(GROUP_FAILS)
+    returncode, tail = run_child([sys.executable, str(script)], tmp_path / "job.log")
+    assert returncode == 1, tail
+    logged = [(level, message.split("\n")) for level, message in kept.logged()]
+    header = "  + Exception Group Traceback (most recent call last):"
+    end = "      +------------------------------------"
+    assert [(level, lines[:2], lines[-1]) for level, lines in logged] == [
+        (logging.ERROR, [logged[0][1][0], header], end),
+        (logging.INFO, ["saving the parts done"], "saving the parts done"),
+        (logging.ERROR, [header, logged[2][1][1]], end),
+    ], logged
+    assert logged[0][1][0].endswith("ERROR vlmops.infer.batch_job: batch 3 failed"), logged
+    assert "the job logged in with *** (3 sub-exceptions)" in logged[2][1], logged
+    written = (tmp_path / "job.log").read_text().split("\n")
+    assert [line for _, lines in logged for line in lines] == [
+        line.replace(TOKEN, "***") for line in written if line.strip()
+    ]
+
+
+MULTI_LINE_ERROR = (
+    b"10:00:02 ERROR vlmops.config: pipeline.yaml is invalid\nTraceback (most recent call last):\n"
+    b'  File "/opt/config.py", line 9, in load\n    raise ValueError(errors)\n'
+    b"ValueError: 2 errors\ntrain.lr\n  Input should be a number\ntrain.epochs\n  Field required\n"
+)
+
+
+def test_an_exception_s_message_is_one_record_with_it_a_print_after_it_not(kept: _Kept) -> None:
+    """The lines of a multi-line exception message that come with its traceback (unindented, as pydantic's) are one
+    record with it; a print that comes after it, indented or not, is a record of its own, and so is an indented print
+    after a logged line. Before, each unindented line of the message was a record of its own and the indented prints
+    joined the record before them."""
+    step = b"10:00:03 INFO vlmops.train.loop: step 3\n"
+    pieces = [MULTI_LINE_ERROR, b"  saving to /runs/1\n", b"saved\n", step, b"  loss 0.5\n"]
+    logged, _ = _copied(pieces, kept, 0.1)
+    assert logged == [
+        (logging.ERROR, MULTI_LINE_ERROR.decode().rstrip("\n")),
+        (logging.INFO, "  saving to /runs/1"),
+        (logging.INFO, "saved"),
+        (logging.INFO, step.decode().rstrip("\n")),
+        (logging.INFO, "  loss 0.5"),
     ]

@@ -9,14 +9,15 @@ its torchrun agent (`die_with_parent`). Otherwise an orphaned run would go on wr
 rerun resumes from. A batch inference job's child and its per-GPU workers are tied the same way (vlmops.infer.parallel).
 
 What a child writes is copied to the caller's stderr as it comes (the worker's console, a terminal) and each finished
-line is logged once through CHILD_OUTPUT_LOGGER, a traceback as one record with the line it follows (`_Records`), which
-sends it nowhere unless a caller puts a handler there: a flow run's process does (flows/__init__), so the lines reach
-the run's log on the Prefect server.
+line is logged once through CHILD_OUTPUT_LOGGER, a traceback as one record with the line it follows, each torchrun
+rank's apart (`_Records`), which sends it nowhere unless a caller puts a handler there: a flow run's process does
+(flows/__init__), so the lines reach the run's log on the Prefect server.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,11 +53,21 @@ _PYTHON_WARNING = re.compile(r"\S.*:\d+: \w*Warning: ")
 # How long a record waits, from its first line, for the lines that continue it (`_Records`): logging writes a record's
 # traceback with it in one write, and an uncaught exception's traceback comes a line a write, each right after the last.
 GROUP_WAIT_S = 0.5
-_TRACEBACK = "Traceback (most recent call last):"
+# A traceback's first line; an exception group's is indented, as all of its lines are.
+_TRACEBACK = re.compile(
+    r"Traceback \(most recent call last\):|\s+\+ Exception Group Traceback \(most recent call last\):"
+)
 _CHAINED = (
     "During handling of the above exception, another exception occurred:",
     "The above exception was the direct cause of the following exception:",
 )
+# A line of an exception group but its header: its frames, sub-exceptions and separators have a `|` or `+` margin, and
+# the group's end is a `+---...` line (the separators between sub-exceptions have numbers: `+---- 2 ----`).
+_GROUP_LINE = re.compile(r"\s+(?:\||\+(-+$)?)")
+# A rank's own prefixes under torchrun: `[rank0]: ` on every line of an uncaught exception once the rank is in a process
+# group (torch.distributed's excepthook writes its traceback so, in one write), and `[default0]:` (role, local rank)
+# on every line a rank writes where torchrun tees its output (`--tee`), before the rank's own.
+_RANK_PREFIX = re.compile(r"(?:\[rank\d+\]: |\[[A-Za-z_][\w-]*?\d+\]:)+")
 
 
 def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -100,14 +112,15 @@ def copy_output(fd: int, tail: deque[str], saved: BinaryIO | None = None) -> Non
     ready = select.poll()  # not select.select: a busy worker's descriptors pass its limit of 1024
     ready.register(fd, select.POLLIN)
     partial = b""
-    reads = 0
+    reads = began = 0  # `began`: the read that brought the first bytes of `partial`, the line not ended yet
     out = getattr(sys.stderr, "buffer", None)
     while True:
-        if records.lines and not _readable_before(ready, records.due):
-            records.log()  # its time is up: what comes later starts a record of its own
+        while (due := records.due) is not None and not _readable_before(ready, due):
+            records.log(until=due)  # their time is up: what comes later starts a record of its own
         if not (chunk := os.read(fd, 65536)):
             break
         reads += 1
+        began = began if partial else reads
         if saved is not None:
             saved.write(chunk)
         if out is not None:
@@ -118,9 +131,10 @@ def copy_output(fd: int, tail: deque[str], saved: BinaryIO | None = None) -> Non
         *lines, partial = (partial + chunk).split(b"\n")
         now = time.monotonic()
         for line in lines:
-            _finished_line(line, tail, records, reads, now)
+            _finished_line(line, began, reads, tail, records, now)
+            began = reads
         partial = _last_redraw(partial)  # a bar that redraws for hours keeps only what it shows now
-    _finished_line(partial, tail, records, reads, time.monotonic())  # the child's last line, without its newline
+    _finished_line(partial, began, reads, tail, records, time.monotonic())  # the child's last line, without its newline
     records.log()
 
 
@@ -137,61 +151,117 @@ def _last_redraw(line: bytes) -> bytes:
     return line[max(drawn.rfind(b"\r"), 0) :]
 
 
-def _finished_line(line: bytes, tail: deque[str], records: _Records, read: int, now: float) -> None:
+def _finished_line(line: bytes, began: int, ended: int, tail: deque[str], records: _Records, now: float) -> None:
     drawn = line.rstrip(b"\r")
     text = drawn[drawn.rfind(b"\r") + 1 :].decode("utf-8", "replace")
     if text.strip():
         tail.append(text)
-        records.add(text, read, now, redrawn=b"\r" in drawn)
+        records.add(text, began, ended, now, redrawn=b"\r" in drawn)
+
+
+class _After(enum.Enum):
+    """Where a record's last line leaves it, which says what may continue it (`_continued`)."""
+
+    LINE = enum.auto()  # a line of its own
+    FRAMES = enum.auto()  # a traceback's header or frames, an exception group's lines: an unindented line ends them
+    EXCEPTION = enum.auto()  # the exception line that ends a traceback's frames, or a line of its message
+    GROUP_END = enum.auto()  # an exception group's end: only more of the group (a nested group ends in its parent)
+
+
+@dataclass
+class _Record:
+    lines: list[str]
+    level: int
+    due: float  # when it is logged, whatever comes after
+    logged: bool  # its first line names its level: a line vlmops logged, which logging writes with its traceback
+    ended: int  # the read (of copy_output) that ended its last line
+    after: _After
 
 
 class _Records:
     """The records a child's finished lines make, each logged once through `logger` at its first line's level, its
     text the lines joined with newlines.
 
-    A line continues the record before it when it comes within GROUP_WAIT_S of that record's first line, is no
-    progress bar's, and is
-    - indented: a traceback's frames and source lines, a multi-line warning's source line, an error's `  - ` items;
-    - a traceback's header after a line at ERROR (logging.exception, a chained exception), or after a line logged at a
-      lower level in the same read (`exc_info=True`: logging writes the traceback with its line, in one write);
+    The lines a rank prefix marks (`_RANK_PREFIX`) make records apart from the others': torchrun's ranks write at once,
+    their lines interleaved in one stream. In each such stream, a line continues the record before it when it comes
+    within GROUP_WAIT_S of that record's first line, is no progress bar's, and is
+    - a traceback's header (an exception group's included) after a line at ERROR (logging.exception, a chained
+      exception), or written with a logged line at a lower level (`exc_info=True`: logging writes both in one write);
     - a chained exception's "During handling ..." or "The above exception ..." line;
-    - the exception line that ends a traceback (the first unindented line after its frames) unless it names a level.
-    Any other line starts a record: a traceback's header one at ERROR (an uncaught exception: after a print or an
-    INFO line it is the crash that follows them, not theirs); the others one at the level they name (`line_level`).
-    A record waits no longer than GROUP_WAIT_S for its lines: logged when a line starts another, when its time is up
-    (copy_output waits for the next read no longer), or when the child ends."""
+    - in a traceback, an exception group's line; after the group's end, nothing else;
+    - in a traceback's frames, an indented line, or the exception line that ends them (the first unindented one)
+      unless it names a level;
+    - after that exception line, a line written with the line before it that names no level: the rest of a multi-line
+      message, as pydantic's or torchrun's ChildFailedError summary (`====` framed, unindented);
+    - after any other line, an indented line written with it: a multi-line warning's source line, an error's `  - `
+      items.
+    "Written with" the line before: it began in the read (of copy_output) that ended that line. The child wrote both at
+    once, as logging writes a record and Python an exception's message, where a print of its own comes in a read of
+    its own (unless the child wrote it before copy_output read the lines before it, which then joins their record).
+    Any other line starts a record: a traceback's header one at ERROR (an uncaught exception: after a print or an INFO
+    line it is the crash that follows them, not theirs); the others one at the level they name (`line_level`). A
+    record waits no longer than GROUP_WAIT_S for its lines: logged when a line starts another in its stream, when its
+    time is up (copy_output waits for the next read no longer), or when the child ends."""
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
-        self.lines: list[str] = []
-        self.level = logging.INFO
-        self.due = 0.0  # when it is logged, whatever comes after
-        self.read = 0  # the read (of copy_output) that brought its last line
-        self.in_traceback = False  # its last line is a traceback's header or frame: an unindented line ends it
+        self.open: dict[str, _Record] = {}  # by the rank prefix of their lines ("" for none)
 
-    def add(self, text: str, read: int, now: float, redrawn: bool = False) -> None:
-        if self.lines and now < self.due and not redrawn and self._continued_by(text, read):
-            self.lines.append(text)
-            self.in_traceback = text.startswith(_TRACEBACK) or (self.in_traceback and text[:1].isspace())
-        else:
-            self.log()
-            self.lines, self.due = [text], now + GROUP_WAIT_S
-            self.level = logging.ERROR if text.startswith(_TRACEBACK) else line_level(text)
-            self.in_traceback = text.startswith(_TRACEBACK)
-        self.read = read
+    @property
+    def due(self) -> float | None:
+        """When the first of the open records is logged; None if none is open."""
+        return min((record.due for record in self.open.values()), default=None)
 
-    def _continued_by(self, text: str, read: int) -> bool:
-        if text.startswith(_TRACEBACK):
-            return self.level >= logging.ERROR or (read == self.read and _LOGGED_LEVEL.match(self.lines[0]) is not None)
-        if text[:1].isspace() or text in _CHAINED:
-            return True
-        return self.in_traceback and not _LOGGED_LEVEL.match(text)
+    def add(self, line: str, began: int, ended: int, now: float, redrawn: bool = False) -> None:
+        """Add a finished line that began in read `began` and ended in read `ended` (copy_output's) at `now`."""
+        prefix = prefixed[0] if (prefixed := _RANK_PREFIX.match(line)) else ""
+        text = line[len(prefix) :]
+        record = self.open.get(prefix)
+        if record is not None and now < record.due and not redrawn and (after := _continued(record, text, began)):
+            record.lines.append(line)
+            record.ended, record.after = ended, after
+            return
+        if record is not None:
+            self._log(self.open.pop(prefix))
+        header = _TRACEBACK.match(text) is not None
+        self.open[prefix] = _Record(
+            lines=[line],
+            level=logging.ERROR if header else line_level(text),
+            due=now + GROUP_WAIT_S,
+            logged=_LOGGED_LEVEL.match(text) is not None,
+            ended=ended,
+            after=_After.FRAMES if header else _After.LINE,
+        )
 
-    def log(self) -> None:
-        """Log the record so far, if any."""
-        if self.lines:
-            self.logger.log(self.level, "%s", "\n".join(self.lines))
-            self.lines = []
+    def log(self, until: float = math.inf) -> None:
+        """Log the open records due by `until` (all by default), the earliest first."""
+        for prefix, record in sorted(self.open.items(), key=lambda item: item[1].due):
+            if record.due <= until:
+                self._log(self.open.pop(prefix))
+
+    def _log(self, record: _Record) -> None:
+        self.logger.log(record.level, "%s", "\n".join(record.lines))
+
+
+def _continued(record: _Record, text: str, began: int) -> _After | None:
+    """Where `text` (a line without its rank prefix, which began in read `began`) leaves `record` if it continues it;
+    None if it starts a record (the rules: `_Records`)."""
+    written_with = began == record.ended
+    if _TRACEBACK.match(text):
+        return _After.FRAMES if record.level >= logging.ERROR or (written_with and record.logged) else None
+    if text in _CHAINED:
+        return record.after
+    if record.after is not _After.LINE and (group := _GROUP_LINE.match(text)):
+        return _After.GROUP_END if group[1] else _After.FRAMES
+    if record.after is _After.FRAMES:
+        if text[:1].isspace():
+            return _After.FRAMES
+        return None if _LOGGED_LEVEL.match(text) else _After.EXCEPTION
+    if record.after is _After.EXCEPTION and written_with and not _LOGGED_LEVEL.match(text):
+        return _After.EXCEPTION
+    if record.after is _After.LINE and written_with and text[:1].isspace():
+        return _After.LINE
+    return None
 
 
 def child_output_logger() -> logging.Logger:
