@@ -36,6 +36,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
@@ -302,6 +303,11 @@ def serve_shards() -> None:
 
     if SETTINGS_ERROR is not None:  # before any task run is taken: the flow runs would fail the same way
         sys.exit(f"error: {SETTINGS_ERROR}")
+    # A deployment's flow run loads this file by its path, as the module `batch_inference` (prefect.yaml's entrypoint),
+    # and each shard's task run carries that run's context, its flow pickled by reference to that module. Unless the
+    # module can be imported here too, the worker cannot read a shard's parameters and deletes its task run ("No module
+    # named 'batch_inference'"), and the flow run waits for it forever. Last on the path: it shadows nothing.
+    sys.path.append(str(Path(__file__).resolve().parent))
     serve(answer_shard, limit=1)
 
 
