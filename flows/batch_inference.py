@@ -25,8 +25,10 @@ is the new run: this one's end could not be recorded, and Prefect refuses to ret
 
 A flow run cancelled mid-job (the UI's Cancel, `prefect flow-run cancel ID`) is sent SIGTERM by its worker: the flow
 stops the job's process group (the child and its per-GPU workers, whose GPU memory is free once they are gone), logs
-how many shards are done and how to finish the job, and the run ends Cancelled. A retry of it, or a new run with the
-same parameters, keeps the parts written and answers the rest.
+how many shards are done and how to finish the job, and the run ends Cancelled. With `distributed=True` (and on any
+stop or failure there) it cancels the shards' task runs not started yet, which the task workers then skip, and a shard
+running on a task worker finishes its part. A retry of it, or a new run with the same parameters, keeps the parts
+written and answers the rest.
 """
 
 from __future__ import annotations
@@ -36,15 +38,19 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
-from prefect.client.schemas.objects import State
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import TerminationSignal
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+from prefect.states import Cancelled
 
 # A worker loads this file by its path (prefect.yaml's entrypoint), not as `flows.batch_inference`, and nothing else
 # here imports the package: its set-up (quiet defaults, VLMOPS_VERBOSE, no usage reports) runs with this import.
@@ -77,6 +83,7 @@ from vlmops.infer.resolve import (
     pinned_model_ref,
     with_saved_settings,
 )
+from vlmops.infer.shards import Shard
 from vlmops.infer.summary import sample_rows, stopped_rows, summary_rows
 from vlmops.plural import counted, counted_of
 from vlmops.redact import redact_log_handlers
@@ -86,6 +93,10 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 5.0
 POLL_S = 1.0  # how often the flow reads its shards' task runs
 READ_BATCH = 200  # task runs per API read (the server's default page)
+# A stopped flow run cancels its queued shards' task runs within this, a call at a time, each given CANCEL_CALL_S: well
+# under the 30 s a Prefect worker leaves a cancelled flow run's process before its SIGKILL.
+CANCEL_SHARDS_S = 15.0
+CANCEL_CALL_S = 5.0
 SUMMARY_KEY = "batch-inference-summary"
 SAMPLES_KEY = "batch-inference-samples"
 
@@ -143,10 +154,14 @@ def batch_inference(
                 counted(len(todo), "shard"),
                 done_before,
             )
-            futures = [answer_shard.delay(pinned, job_output.uri, config, shard.index) for shard in todo]
-            for state in _final_states([f.task_run_id for f in futures]):
-                ran.append(state.result())
-                update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
+            shards = {answer_shard.delay(pinned, job_output.uri, config, s.index).task_run_id: s for s in todo}
+            try:
+                for state in _final_states(list(shards)):
+                    ran.append(state.result())
+                    update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
+            except BaseException as stop:  # a cancel, Ctrl-C, a failed shard: nothing waits for the other shards now
+                _cancel_shards(stop, shards, job_output)
+                raise
         if manifest is None and pending_shards(plan, job_output):  # infer.max_shards left shards to do
             return _stopped(StoppedJob(job_status(job_output), ran), model, output)
         result = complete_job(plan, job_output, ran, config)
@@ -206,22 +221,97 @@ def _stopped(stopped: StoppedJob, model: str, output: str) -> dict[str, Any]:
 
 def _log_stopped_job(stop: BaseException, job_output: JobOutput) -> None:
     """The flow run's line when it is stopped mid-job: cancelled (the UI's Cancel, `prefect flow-run cancel`: the worker
-    sends SIGTERM), its worker shut down, or Ctrl-C. Where the job stands is read from its output; a read that fails
-    leaves the line without it, never the stop's own exception."""
-    why = "interrupted" if isinstance(stop, KeyboardInterrupt) else "the flow run was cancelled or terminated"
-    job, done = "job", f"nothing written to {job_output.uri} yet"
+    sends SIGTERM), its worker shut down, or Ctrl-C."""
+    job, done = _where_the_job_stands(job_output)
+    get_run_logger().warning(
+        "%s stopped (%s), and its processes with it: %s; to finish it, %s", job, _why(stop), done, _to_finish_the_job()
+    )
+
+
+def _cancel_shards(stop: BaseException, shards: dict[UUID, Shard], job_output: JobOutput) -> None:
+    """Stop handing out the shards of a distributed job whose flow run stops (nothing waits for them now), and say in the
+    flow run's line where the job stands. A shard already running on a task worker is left to finish: Prefect has no way
+    to stop a background task run, and its part is published whole, which the rerun keeps."""
+    cancelled, running, failed = _cancel_not_started(shards, _why(stop))
+    job, done = _where_the_job_stands(job_output)
+    still = (
+        f"still running on task workers: {counted(len(running), 'shard')} ({', '.join(sorted(running))}), each "
+        "finishing its shard and writing its part whole, which the rerun keeps (Prefect cannot stop a running "
+        "task run)"
+        if running
+        else "none still running"
+    )
+    left = (
+        f"; the other shards' task runs could not be cancelled ({failed}): a task worker skips them once this flow run "
+        "has ended"
+        if failed
+        else ""
+    )
+    get_run_logger().warning(
+        "%s stopped (%s): %s; %s cancelled before a task worker started them; %s%s; to finish it, %s",
+        job,
+        _why(stop),
+        done,
+        counted(len(cancelled), "shard"),
+        still,
+        left,
+        _to_finish_the_job(),
+    )
+
+
+def _cancel_not_started(shards: dict[UUID, Shard], why: str) -> tuple[list[str], list[str], str | None]:
+    """Set each of the shards' task runs that has not started to Cancelled (`why`), which a task worker that gets it
+    then skips (tasks.infer.answer_shard).
+
+    Returns:
+        The names of the shards cancelled, of those running (or that started or ended as they were cancelled), and why
+        the rest could not be, if they could not. The calls get no retries and a deadline: a stop never waits on an API
+        that is away (a task worker still skips a shard whose flow run has ended), and never raises over the stop.
+    """
+    cancelled: list[str] = []
+    running: list[str] = []
+    try:
+        # A client of its own: the flow run's may be the one the stop interrupted mid-call.
+        with (
+            temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 0}),
+            get_client(httpx_settings={"timeout": CANCEL_CALL_S}, sync_client=True) as client,
+        ):
+            deadline = time.monotonic() + CANCEL_SHARDS_S
+            for run in _task_runs(client, list(shards)):
+                if run.state is None or run.state.is_final():
+                    continue
+                if not run.state.is_running():  # Scheduled: still queued; Pending: handed out, not started
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"not all cancelled within {CANCEL_SHARDS_S:.0f} s")
+                    if client.set_task_run_state(run.id, Cancelled(message=why)).status == SetStateStatus.ACCEPT:
+                        cancelled.append(shards[run.id].name)
+                        continue
+                running.append(shards[run.id].name)
+    except Exception as err:
+        return cancelled, running, f"{type(err).__name__}: {err}"
+    return cancelled, running, None
+
+
+def _why(stop: BaseException) -> str:
+    if isinstance(stop, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(stop, TerminationSignal):
+        return "the flow run was cancelled or terminated"
+    return f"the flow run failed: {stop}"
+
+
+def _where_the_job_stands(job_output: JobOutput) -> tuple[str, str]:
+    """A stopped job's name ("job ID") and how many of its shards are done, read from its output; a read that fails
+    says so in place of the count, never raising over the stop."""
     try:
         saved = job_output.read_text(JOB_FILE)
-        if saved is not None:
-            plan = JobPlan.from_json(saved)
-            job = f"job {plan.job_id}"
-            finished = len(plan.shards) - len(pending_shards(plan, job_output))
-            done = f"{counted_of(finished, len(plan.shards), 'shard')} done in {job_output.uri}"
+        if saved is None:
+            return "job", f"nothing written to {job_output.uri} yet"
+        plan = JobPlan.from_json(saved)
+        finished = len(plan.shards) - len(pending_shards(plan, job_output))
+        return f"job {plan.job_id}", f"{counted_of(finished, len(plan.shards), 'shard')} done in {job_output.uri}"
     except Exception as err:
-        done = f"the shards done in {job_output.uri} could not be read ({err})"
-    get_run_logger().warning(
-        "%s stopped (%s), and its processes with it: %s; to finish it, %s", job, why, done, _to_finish_the_job()
-    )
+        return "job", f"the shards done in {job_output.uri} could not be read ({err})"
 
 
 def _markdown(result: JobResult, summary: dict[str, Any]) -> str:
@@ -250,18 +340,21 @@ def _final_states(task_run_ids: list[UUID], poll_s: float = POLL_S) -> Iterator[
     pending = set(task_run_ids)
     with get_client(sync_client=True) as client:
         while pending:
-            ids = sorted(pending)
-            for start in range(0, len(ids), READ_BATCH):
-                runs = client.read_task_runs(
-                    task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids[start : start + READ_BATCH])),
-                    limit=READ_BATCH,
-                )
-                for run in runs:
-                    if run.state is not None and run.state.is_final():
-                        pending.discard(run.id)
-                        yield cast(State[ShardStats], run.state)
+            for run in _task_runs(client, sorted(pending)):
+                if run.state is not None and run.state.is_final():
+                    pending.discard(run.id)
+                    yield cast(State[ShardStats], run.state)
             if pending:
                 time.sleep(poll_s)
+
+
+def _task_runs(client: SyncPrefectClient, task_run_ids: list[UUID]) -> Iterator[TaskRun]:
+    """The task runs of `task_run_ids`, read a page at a time."""
+    for start in range(0, len(task_run_ids), READ_BATCH):
+        yield from client.read_task_runs(
+            task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=task_run_ids[start : start + READ_BATCH])),
+            limit=READ_BATCH,
+        )
 
 
 def _progress_poller(output: str, config: PipelineConfig, artifact: UUID) -> Callable[[], None]:
@@ -302,6 +395,11 @@ def serve_shards() -> None:
 
     if SETTINGS_ERROR is not None:  # before any task run is taken: the flow runs would fail the same way
         sys.exit(f"error: {SETTINGS_ERROR}")
+    # A deployment's flow run loads this file by its path, as the module `batch_inference` (prefect.yaml's entrypoint),
+    # and each shard's task run carries that run's context, its flow pickled by reference to that module. Unless the
+    # module can be imported here too, the worker cannot read a shard's parameters and deletes its task run ("No module
+    # named 'batch_inference'"), and the flow run waits for it forever. Last on the path: it shadows nothing.
+    sys.path.append(str(Path(__file__).resolve().parent))
     serve(answer_shard, limit=1)
 
 

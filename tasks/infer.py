@@ -6,9 +6,14 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
+from prefect.context import TaskRunContext
+from prefect.states import Cancelled
 
 from tasks.caching import within_flow_run
 from tasks.gpu import gpu_slot
@@ -68,10 +73,36 @@ def log_batch(tracker: Tracker, run_id: str, label: str, result: BatchResult, ca
     retry_condition_fn=another_try_could_pass,
     cache_policy=NO_CACHE,
 )
-def answer_shard(model: str, output: str, config: PipelineConfig, shard: int) -> ShardStats:
+def answer_shard(model: str, output: str, config: PipelineConfig, shard: int) -> ShardStats | State[Any]:
     """Answer one shard of a planned job; a task worker keeps its model loaded between shards.
 
     Retrying is safe: a shard's part is published whole or not at all, and a done shard is not redone. A failure of
     the input's own (a reject under `on_error: fail`) is not retried: it would answer the shard up to it again.
+    A shard whose flow run stopped is not answered: the run ends Cancelled (see `_stopped_by_its_flow_run`).
     """
+    if why := _stopped_by_its_flow_run():
+        get_run_logger().warning("shard %05d of %s not answered: %s", shard, output, why)
+        return Cancelled(message=f"not answered: {why}")
     return run_job_shard(model, output, config, shard)
+
+
+def _stopped_by_its_flow_run() -> str | None:
+    """Why this shard's task run must not run, if it must not: the flow run that handed it out cancelled it, or that
+    flow run is no longer running (nothing waits for the shard; it was SIGKILLed, say, before it could cancel it).
+
+    Prefect's task worker does not look: it runs a background task run it was handed even when the run is Cancelled by
+    then (the server queues the run when it is scheduled and never takes it back; task states are recorded from the
+    worker's events, so the server's rule against running a stopped flow's tasks never sees them).
+    """
+    context = TaskRunContext.get()
+    if context is None:  # called as a plain function (`answer_shard.fn`): no run to look up
+        return None
+    task_run = context.task_run
+    with get_client(sync_client=True) as client:
+        if cancelled := [s for s in client.read_task_run_states(task_run.id) if s.is_cancelled()]:
+            return f"its task run was cancelled ({cancelled[0].message or 'no reason given'})"
+        if task_run.flow_run_id is not None:
+            state = client.read_flow_run(task_run.flow_run_id).state
+            if state is None or not state.is_running():
+                return f"its flow run is {state.name if state else 'gone'}"
+    return None

@@ -1,12 +1,16 @@
-"""Prefect flow runs and their task runs, read through the API the tests run against (harness or server), and
-prefect.yaml's batch-inference deployment run by a real process worker."""
+"""Prefect flow runs and their task runs, read through the API the tests run against (harness or server),
+prefect.yaml's batch-inference deployment run by a real process worker, and task workers for its distributed jobs."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
+import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -107,3 +111,29 @@ def flow_run_logs(flow_run_id: UUID) -> list[str]:
             return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
 
     return [log.message for log in asyncio.run(read())]
+
+
+@contextmanager
+def task_workers(count: int, env: dict[str, str], folder: Path) -> Iterator[list[Path]]:
+    """`count` task workers for distributed batch jobs (`python -m flows.batch_inference serve`) in `env` (the API and
+    the storage the flow runs use), subscribed when this yields their log files (under `folder`); ended on exit."""
+    workers = []
+    logs = [folder / f"task-worker-{n}.log" for n in range(count)]
+    try:
+        for log in logs:
+            with log.open("w") as f:
+                cmd = [sys.executable, "-m", "flows.batch_inference", "serve"]
+                env = {**env, "PYTHONPATH": str(ROOT)}
+                workers.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 180
+        while not all("Subscribing to runs of task" in log.read_text() for log in logs):
+            assert all(w.poll() is None for w in workers), [log.read_text()[-2000:] for log in logs]
+            assert time.monotonic() < deadline, [log.read_text()[-2000:] for log in logs]
+            time.sleep(0.5)
+        time.sleep(2)  # the subscription is made just after the log line
+        yield logs
+    finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(30)

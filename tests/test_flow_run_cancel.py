@@ -1,6 +1,7 @@
 """Cancelling a batch-inference flow run mid-job (the UI's Cancel, `prefect flow-run cancel ID`: the run's state set to
-Cancelling) on a real process worker: the job's processes end at once, the run ends Cancelled, its log says where the
-job stands and how to finish it, and a retry of the same flow run finishes the job, every record once.
+Cancelling) on a real process worker: the job's processes end at once (or, `distributed=True`, no task worker starts
+another of its shards), the run ends Cancelled, its log says where the job stands and how to finish it, and a rerun
+finishes the job, every record once.
 
 Prefect's worker sees the Cancelling state, sends SIGTERM to the flow run's process group, checks every 3 s whether it
 is gone and sends SIGKILL after 30 s. The job's child is in a session of its own (vlmops.infer.parallel), which that
@@ -22,7 +23,15 @@ import pytest
 from tests.image_server import serving_images
 from tests.infer.test_batch_infer import rejects, results
 from tests.infer.test_parallel import _session
-from tests.prefect_runs import deployment_run, flow_run_logs, flow_run_state, worker_command
+from tests.prefect_runs import (
+    deployment_run,
+    flow_run_logs,
+    flow_run_state,
+    task_runs,
+    task_states,
+    task_workers,
+    worker_command,
+)
 from vlmops.infer.parallel import POLL_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -187,3 +196,106 @@ def _written(path: Path) -> tuple[int, int]:
     """The file's inode and modification time: a part published again is another file."""
     stat = path.stat()
     return stat.st_ino, stat.st_mtime_ns
+
+
+def test_a_cancelled_distributed_flow_run_hands_out_no_more_shards_and_a_rerun_finishes_the_job(
+    prefect_harness: None, tiny_model: Path, tmp_path: Path
+) -> None:
+    """`distributed=True`, the deployment's flow run on a process worker: one task worker answers the job's 4 shards one
+    at a time and holds shard 1 (its image held back) when the flow run is cancelled. Before, the flow run ended
+    Cancelled and the task worker went on to answer shards 2 and 3 all the same, for no one. Now the flow sets their
+    task runs Cancelled and the task worker skips them when it gets them (Prefect's task worker alone runs a background
+    task run it was handed whatever its state by then); shard 1 finishes its part, and a rerun with the same parameters
+    answers the rest, every record once. (Before that, the task worker could not even read a deployment's shards: their
+    context names the flow's module, `batch_inference`, which it could not import; see serve_shards.)"""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from flows.batch_inference import batch_inference
+
+    lines: list[dict[str, object]] = [{"id": f"r{i}", "query": f"What is {i}?"} for i in range(8)]
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out"
+    with serving_images() as server:
+        lines[2]["images"] = [f"{server.url}/held.png"]  # shard 1 (records 2 and 3)
+        prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        overrides = [f"model.cache_dir={tmp_path / 'cache'}", *JOB]
+        parameters = {"model": str(tiny_model), "input": str(prompts), "output": str(out), "overrides": overrides}
+        flow_run_id = deployment_run("cancel-distributed", {**parameters, "distributed": True})
+        worker, env = worker_command("cancel-distributed", {}, tmp_path)
+        printed = tmp_path / "worker.log"
+        with (
+            printed.open("w") as log,
+            subprocess.Popen(worker, cwd=tmp_path, env=env, stdout=log, stderr=log) as flow_worker,
+            task_workers(1, env, tmp_path) as (task_log,),
+        ):
+            try:
+                _until(
+                    lambda: (
+                        task_states(flow_run_id).get("answer_shard")
+                        == ["Completed", "Running", "Scheduled", "Scheduled"]
+                    ),
+                    120,
+                    "the task worker did not get to shard 1",
+                    every=0.2,
+                )
+                _set_state(flow_run_id, "Cancelling")
+                _until(
+                    lambda: flow_run_state(flow_run_id)[0] not in ("Running", "Cancelling"),
+                    CANCELLED_S,
+                    "the flow run did not end in time",
+                    every=0.2,
+                )
+                flow_worker.wait(60)
+            finally:
+                if flow_worker.poll() is None:
+                    flow_worker.kill()
+            assert flow_run_state(flow_run_id)[0] == "Cancelled", printed.read_text()[-5000:]
+            # The shards not started are Cancelled on the server; shard 1 runs on.
+            assert task_states(flow_run_id)["answer_shard"] == ["Completed", "Running", "Cancelled", "Cancelled"]
+            stopped = [line for line in flow_run_logs(flow_run_id) if " stopped (" in line]
+            job_id = json.loads((out / "_job" / "job.json").read_text())["job_id"]
+            assert stopped == [
+                f"job {job_id} stopped (the flow run was cancelled or terminated): 1 of 4 shards done in {out}; 2 shards "
+                "cancelled before a task worker started them; still running on task workers: 1 shard (00001), each "
+                "finishing its shard and writing its part whole, which the rerun keeps (Prefect cannot stop a running "
+                "task run); to finish it, run the flow again with the same parameters, or retry this flow run: "
+                f"`prefect flow-run retry {flow_run_id}`; the shards already written are kept and only the rest are "
+                "answered"
+            ], stopped
+
+            # Shard 1 finishes; the task worker then gets shards 2 and 3 (it was handed shard 2 already, waiting for
+            # its one slot) and ends each without answering it.
+            server.release.set()
+            shard_runs = [run_id for _, run_id in task_runs(flow_run_id)["answer_shard"]]
+            _until(lambda: all(_taken_up(run_id) for run_id in shard_runs), 60, "shards left untaken", every=0.2)
+            assert task_states(flow_run_id)["answer_shard"] == ["Completed", "Completed", "Cancelled", "Cancelled"]
+            parts = sorted(p.name for p in out.glob("part-*.jsonl"))
+            assert parts == ["part-00000.jsonl", "part-00001.jsonl"], (parts, task_log.read_text()[-3000:])
+            skipped = [
+                line.split(" - ", 1)[1] for line in task_log.read_text().splitlines() if " not answered: " in line
+            ]
+            assert skipped == [
+                f"shard {shard} of {out} not answered: its task run was cancelled (the flow run was cancelled or "
+                "terminated)"
+                for shard in ("00002", "00003")
+            ], skipped
+            kept = {part: _written(out / part) for part in parts}
+
+            # The same job again (as the line says: the same parameters): shards 2 and 3, on the same task worker.
+            with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: env["PREFECT_LOCAL_STORAGE_PATH"]}):
+                summary = batch_inference(**parameters, distributed=True)
+    assert summary["records"] == summary["results"] == 8 and summary["shards_run"] == 2, summary
+    assert [str(r["key"]) for r in results(out)] == [f"r{i}" for i in range(8)]  # every record once, in input order
+    assert {part: _written(out / part) for part in kept} == kept  # the parts from before the cancel, not rewritten
+
+
+def _taken_up(task_run_id: str) -> bool:
+    """Whether a task worker has taken the task run up (it went Running) and ended it."""
+    from prefect.client.orchestration import get_client
+
+    async def read() -> bool:
+        async with get_client() as client:
+            run = await client.read_task_run(UUID(task_run_id))
+            states = await client.read_task_run_states(UUID(task_run_id))
+            return run.state is not None and run.state.is_final() and any(s.is_running() for s in states)
+
+    return asyncio.run(read())

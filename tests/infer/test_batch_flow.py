@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -16,7 +15,8 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.prefect_runs import task_workers
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
@@ -186,30 +186,12 @@ def test_two_task_workers_share_one_job_exactly_once(
         )
     )
     out = tmp_path / "out"
-    env = {**os.environ, **prefect_api, "PYTHONPATH": str(ROOT)}
-    workers = []
-    logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
-    try:
-        for log in logs:
-            with log.open("w") as f:
-                cmd = [sys.executable, "-m", "flows.batch_inference", "serve"]
-                workers.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 180
-        while not all("Subscribing to runs of task" in log.read_text() for log in logs):
-            assert all(w.poll() is None for w in workers), [log.read_text()[-2000:] for log in logs]
-            assert time.monotonic() < deadline, [log.read_text()[-2000:] for log in logs]
-            time.sleep(0.5)
-        time.sleep(2)  # the subscription is made just after the log line
+    with task_workers(2, {**os.environ, **prefect_api}, tmp_path):
         overrides = ["infer.max_new_tokens=3", "infer.shard_size=3", "infer.batch_size=3"]
         trial = batch_inference(  # a trial run of two shards first: the job then goes on from there
             str(tiny_model), str(prompts), str(out), None, [*overrides, "infer.max_shards=2"], distributed=True
         )
         summary = batch_inference(str(tiny_model), str(prompts), str(out), None, overrides, distributed=True)
-    finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(30)
 
     assert trial["state"] == "stopped" and trial["shards_done"] == 2 and len(trial["pending_shards"]) == 6, trial
     assert summary["records"] == summary["results"] == 24 and summary["shards_run"] == 6
@@ -297,3 +279,36 @@ def test_a_progress_poll_that_cannot_reach_the_output_does_not_stop_the_job(monk
     poll = _progress_poller("s3://jobs/out", load_config(None), uuid.uuid4())
     # The job ends on its own and is polled at least once: it raised EndpointConnectionError, the job stopped.
     run_in_process_group([sys.executable, "-c", "pass"], poll=poll)
+
+
+def test_cancelling_a_stopped_jobs_shards_as_the_api_goes_away_ends_at_once_and_says_why(
+    prefect_api: dict[str, str],
+) -> None:
+    """A distributed flow run stops (a cancel, Ctrl-C, its own failure) as the Prefect API goes away: the first call
+    that cancels a shard's task run is cut, and the API's address refuses the rest. The cancel gives up at once and
+    says why, raising nothing over the stop: with the client's own retries (5, backing off 2 s to 32 s) a Ctrl-C
+    would wait a minute for it, and a cancelled flow run would be SIGKILLed before its line was logged."""
+    from urllib.parse import urlsplit
+    from uuid import uuid4
+
+    from prefect import task
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.batch_inference import _cancel_not_started
+    from tests.outage_proxy import OutageProxy
+    from vlmops.infer.shards import Shard
+
+    @task
+    def queued() -> None:
+        """A background task no task worker serves: its runs stay Scheduled."""
+
+    runs = [queued.delay().task_run_id for _ in range(3)]
+    shards = {run: Shard(i, 0, 2 * i, 2, 0, 2 * i + 1) for i, run in enumerate([*runs, uuid4()])}
+    proxy = OutageProxy(int(urlsplit(prefect_api["PREFECT_API_URL"]).port or 0))
+    proxy.fail_at(b"/set_state")
+    started = time.monotonic()
+    with temporary_settings({PREFECT_API_URL: f"{proxy.url}/api"}):
+        cancelled, running, failed = _cancel_not_started(shards, "interrupted")
+    assert time.monotonic() - started < 5
+    assert (cancelled, running) == ([], []) and proxy.stops == 1
+    assert failed is not None and failed.startswith(("RemoteProtocolError", "ReadError")), failed
