@@ -53,6 +53,10 @@ class JobOutput(Protocol):
         """A local folder for files being written (same file system as the output when local)."""
         ...
 
+    def close(self) -> None:
+        """Remove this output's scratch folder where it is its own (S3), with what a stopped write left in it."""
+        ...
+
 
 class LocalOutput:
     def __init__(self, root: Path):
@@ -97,6 +101,9 @@ class LocalOutput:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
+    def close(self) -> None:
+        """Nothing: the scratch folder, `_job/tmp`, is the output's, shared by its writers."""
+
 
 class S3Output:
     def __init__(self, uri: str, storage: StorageConfig | None):
@@ -106,6 +113,7 @@ class S3Output:
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self.client = s3_client(storage)
         self._scratch: Path | None = None  # made when a file is first written: a reader leaves no empty folder
+        self._removal: weakref.finalize[..., S3Output] | None = None
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -137,9 +145,14 @@ class S3Output:
     def scratch(self) -> Path:
         if self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="vlmops-job-"))
-            # Removed with this output (or at exit): a worker that runs job after job kept a folder for each.
-            weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
+            # Removed with this output, at exit, or by `close`: a worker that runs job after job kept a folder for each.
+            self._removal = weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
         return self._scratch
+
+    def close(self) -> None:
+        if self._removal is not None:
+            self._removal()  # a finalizer runs once: not again with this output or at exit
+            self._scratch = self._removal = None  # a file written after this makes another
 
 
 def open_output(uri: str, storage: StorageConfig | None = None) -> JobOutput:
