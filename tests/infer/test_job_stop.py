@@ -1,5 +1,6 @@
 """A batch job stopped from outside: Ctrl-C, SIGTERM (`timeout`, systemd, Kubernetes, Slurm, `kill`) and a closed
-terminal (SIGHUP) stop `vlmops batch-infer` the same way.
+terminal (SIGHUP) stop `vlmops batch-infer` the same way, and what stopped runs leave in an output is removed by the
+next run of the job, never what a run going on writes.
 
 The jobs: 12 records in 6 shards of 2; a record of shard 2 (and of shard 3, with two workers) holds an image the test's
 server holds back, so that the job stays mid-way, two parts written, until the test lets it go.
@@ -25,10 +26,12 @@ import pytest
 
 from tests.image_server import serving_images
 from tests.infer.test_batch_infer import rejects, results
-from tests.infer.test_batch_job import ROOT, start_until_parts
+from tests.infer.test_batch_job import ROOT, job_config, simple_prompts, start_until_parts
 from tests.infer.test_parallel import _session
 from vlmops.cli.main import main
-from vlmops.infer.output import TMP_DIR
+from vlmops.infer.batch_job import run_batch_job
+from vlmops.infer.job_status import JobResult
+from vlmops.infer.output import FOREIGN_TMP_STALE_S, TMP_DIR, open_output, written_file
 
 JOB = [
     "--set", "infer.shard_size=2", "--set", "infer.batch_size=1", "--set", "infer.max_new_tokens=4",
@@ -177,3 +180,51 @@ def test_a_sigterm_stops_the_jobs_workers_and_removes_every_scratch_folder_of_an
     assert not _session(job.pid), "a worker outlived the job"
     assert not list(scratch.glob("vlmops-*")), sorted(p.name for p in scratch.iterdir())
     assert "stopped (terminated: SIGTERM): 2 of 6 shards done in s3://stops/out, kept;" in err.decode()
+
+
+KILLED_WHILE_WRITING = """
+import os, signal, sys
+from vlmops.infer.output import open_output, written_file
+with written_file(open_output(sys.argv[1]), "part-00001.jsonl") as path:
+    path.write_text('{"key": "r2", "response": "hal')
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_run_removes_the_files_that_killed_runs_left_half_written_and_not_those_being_written(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run killed while it writes a part (SIGKILL, the OOM killer) leaves the file it wrote in `_job/tmp`, one per
+    process; nothing removed them, run after run. The next run of the job removes those of writers that are gone, but
+    not the file of a run writing now (two runs of one job at once, or a distributed job's task workers on a shared
+    folder: the writer holds a lock on it), nor another machine's until it is a day old."""
+    prompts = simple_prompts(tmp_path / "prompts.jsonl", 4)
+    out = tmp_path / "out"
+    trial = job_config(**{"infer.shard_size": 2, "infer.max_shards": 1})
+    run_batch_job(str(tiny_model), str(prompts), str(out), trial, progress=False)  # the job, its first shard done
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_WRITING, str(out)], env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    assert killed.returncode == -signal.SIGKILL
+    tmp = out / TMP_DIR
+    (dead,) = tmp.iterdir()
+    old = tmp / f".part-00001.jsonl.{'0' * 32}.tmp"  # an older vlmops's name, or another machine's: judged by age
+    fresh = tmp / f".part-00001.jsonl.{'a' * 12}.{'1' * 32}.tmp"
+    for path in (old, fresh):
+        path.write_text("half")
+    os.utime(old, (time.time() - FOREIGN_TMP_STALE_S - 60,) * 2)
+
+    class AbandonedError(Exception):
+        """Ends the live writer's block: its file is removed, not published."""
+
+    with pytest.raises(AbandonedError), written_file(open_output(str(out)), "part-00001.jsonl") as live:
+        live.write_text("being written by a run of the same job going on now")
+        with caplog.at_level("INFO", logger="vlmops.infer.job_output"):
+            done = run_batch_job(str(tiny_model), str(prompts), str(out), job_config(**{"infer.shard_size": 2}))
+        assert sorted(p.name for p in tmp.iterdir()) == sorted([live.name, fresh.name])
+        raise AbandonedError
+    assert isinstance(done, JobResult) and [s.shard for s in done.ran] == [1]
+    assert sorted(r["key"] for r in results(out)) == ["r0", "r1", "r2", "r3"]
+    swept = ", ".join(sorted([old.name, dead.name]))
+    said = [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()]
+    assert said == [f"removed 2 temporary files that runs stopped while writing left in {out}/{TMP_DIR}: {swept}"], said
