@@ -73,6 +73,7 @@ from vlmops.infer.job_status import (
     ShardStats,
     StoppedJob,
     job_status,
+    where_it_stopped,
 )
 from vlmops.infer.output import JOB_FILE, JobOutput, open_output
 from vlmops.infer.parallel import run_job_in_child
@@ -222,7 +223,7 @@ def _stopped(stopped: StoppedJob, model: str, output: str) -> dict[str, Any]:
 def _log_stopped_job(stop: BaseException, job_output: JobOutput) -> None:
     """The flow run's line when it is stopped mid-job: cancelled (the UI's Cancel, `prefect flow-run cancel`: the worker
     sends SIGTERM), its worker shut down, or Ctrl-C."""
-    job, done = _where_the_job_stands(job_output)
+    job, done = where_it_stopped(job_output)
     get_run_logger().warning(
         "%s stopped (%s), and its processes with it: %s; to finish it, %s", job, _why(stop), done, _to_finish_the_job()
     )
@@ -233,7 +234,7 @@ def _cancel_shards(stop: BaseException, shards: dict[UUID, Shard], job_output: J
     flow run's line where the job stands. A shard already running on a task worker is left to finish: Prefect has no way
     to stop a background task run, and its part is published whole, which the rerun keeps."""
     cancelled, running, failed = _cancel_not_started(shards, _why(stop))
-    job, done = _where_the_job_stands(job_output)
+    job, done = where_it_stopped(job_output)
     still = (
         f"still running on task workers: {counted(len(running), 'shard')} ({', '.join(sorted(running))}), each "
         "finishing its shard and writing its part whole, which the rerun keeps (Prefect cannot stop a running "
@@ -298,20 +299,6 @@ def _why(stop: BaseException) -> str:
     if isinstance(stop, TerminationSignal):
         return "the flow run was cancelled or terminated"
     return f"the flow run failed: {stop}"
-
-
-def _where_the_job_stands(job_output: JobOutput) -> tuple[str, str]:
-    """A stopped job's name ("job ID") and how many of its shards are done, read from its output; a read that fails
-    says so in place of the count, never raising over the stop."""
-    try:
-        saved = job_output.read_text(JOB_FILE)
-        if saved is None:
-            return "job", f"nothing written to {job_output.uri} yet"
-        plan = JobPlan.from_json(saved)
-        finished = len(plan.shards) - len(pending_shards(plan, job_output))
-        return f"job {plan.job_id}", f"{counted_of(finished, len(plan.shards), 'shard')} done in {job_output.uri}"
-    except Exception as err:
-        return "job", f"the shards done in {job_output.uri} could not be read ({err})"
 
 
 def _markdown(result: JobResult, summary: dict[str, Any]) -> str:

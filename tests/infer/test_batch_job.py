@@ -112,30 +112,6 @@ def test_killed_job_resumes_exactly_once_and_a_third_run_does_nothing(
     assert json.loads((out / "manifest.json").read_text())["parts"] == manifest["parts"]
 
 
-def test_ctrl_c_says_what_is_kept_and_how_to_go_on(tiny_model: Path, tmp_path: Path) -> None:
-    """An interrupted command (Ctrl-C: SIGINT to its process group) exits 130 and says that the parts written are kept
-    and how to go on; it said only 'interrupted'. The command starts with SIGINT's default disposition, as from a
-    shell: a pytest-xdist worker ignores SIGINT, and a child inherits that (Python then raises no KeyboardInterrupt)."""
-    prompts = simple_prompts(tmp_path / "prompts.jsonl", 400)
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "vlmops.cli", "batch-infer", "--model", str(tiny_model), "--input", str(prompts),
-        "--output", str(out), "--set", "infer.shard_size=2", "--set", "infer.batch_size=1",
-        "--set", "infer.max_new_tokens=8",
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-
-    def as_from_a_shell() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-    job = start_until_parts(cmd, env, out, 1, stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_shell)
-    os.killpg(job.pid, signal.SIGINT)
-    _, err = job.communicate(timeout=120)
-    assert job.returncode == 130 and not (out / "manifest.json").exists()
-    assert "interrupted: the parts written so far are kept" in err, err
-    assert f"run the same command again to answer the rest (vlmops batch-status {out} says where it stands)" in err
-
-
 def test_a_missing_part_is_redone_alone_and_another_job_is_refused(
     tiny_model: Path, full_run: Path, demo_data: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from typing import TYPE_CHECKING
 
 from vlmops.cli.args import add_config_args
+
+if TYPE_CHECKING:
+    from vlmops.config import StorageConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "batch-infer",
         help="answer every record of jsonl/json files (or an s3:// prefix) with a model into part files",
-        description="Rerun the same command to finish an interrupted job; a finished job is not redone. "
+        description="Rerun the same command to finish an interrupted job; a finished job is not redone. Ctrl-C, "
+        "SIGTERM and a closed terminal (SIGHUP) stop it in order, saying how far it got (exit 130, 143, 129). "
         "--set infer.max_shards=1 is a trial run: the first shard only, then the same command without it goes on.",
     )
     p.add_argument(
@@ -38,23 +44,32 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    from vlmops.stopping import stop_signals_raised
+
+    with stop_signals_raised():  # SIGTERM (`timeout`, systemd, Kubernetes, Slurm, `kill`) stops the job as Ctrl-C does
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from vlmops.config import load_config
     from vlmops.infer.batch_job import run_batch_job
     from vlmops.infer.job_status import StoppedJob
     from vlmops.infer.resolve import config_for_model
     from vlmops.infer.summary import stopped_rows, summary_rows
     from vlmops.outages import ServiceUnavailable, rerun_advice, unreachable_service
+    from vlmops.stopping import StopSignal, exit_now, exit_status
 
     config = config_for_model(load_config(args.config, args.overrides), args.model, args.overrides)
     where = f"(vlmops batch-status {args.output} says where it stands)"
     try:
         result = run_batch_job(args.model, args.input, args.output, config, named_as=args.model_named_as)
-    except KeyboardInterrupt:
-        # Each part is published whole or not at all, so a rerun goes on from the shards without one. Run by a flow,
-        # the flow says how to go on: this command line names a temporary config.
-        again = rerun_advice(f"run the same command again to answer the rest {where}")
-        print("interrupted: the parts written so far are kept" + (f"; {again}" if again else ""), file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, StopSignal) as stop:
+        # The job's processes are stopped and the part being written removed by now (the exception went through
+        # them). Each part is published whole or not at all, so the same command goes on from the shards without one.
+        said = _stopped(args, config.storage, stop)
+        if said:
+            print(said, file=sys.stderr)
+        exit_now(exit_status(stop))
     except Exception as err:
         outage = unreachable_service(err)  # in this process, or in a worker's (read off its last lines)
         if outage is None:
@@ -81,3 +96,36 @@ def handle(args: argparse.Namespace) -> int:
     for label, text in rows:
         print(f"  {label:<17} {text}")
     return 0
+
+
+def _stopped(args: argparse.Namespace, storage: StorageConfig, stop: BaseException) -> str | None:
+    """What a job stopped by Ctrl-C or a signal says: which job, how far it got, and the command that finishes it.
+    Nothing when a flow runs it: the flow's line says all that, with what to run (this command line names a temporary
+    config)."""
+    from vlmops.infer.job_status import where_it_stopped
+    from vlmops.infer.output import open_output
+    from vlmops.outages import rerun_advice
+    from vlmops.stopping import stop_reason
+
+    again = rerun_advice(
+        f"to answer the rest, run the same command again (vlmops batch-status {args.output} says where it stands):\n"
+        f"  {same_command(args)}"
+    )
+    if again is None:
+        return None
+    job, done = where_it_stopped(open_output(args.output, storage))
+    return f"{job} stopped ({stop_reason(stop)}): {done}, kept; {again}"
+
+
+def same_command(args: argparse.Namespace) -> str:
+    """This `vlmops batch-infer` command, to run again from the same folder (spelled from its arguments: run as
+    `python -m vlmops.cli`, its own command line names no `vlmops`)."""
+    words = ["vlmops", "batch-infer", "--model", args.model]
+    if args.model_named_as:
+        words += ["--model-named-as", args.model_named_as]
+    words += ["--input", args.input, "--output", args.output]
+    if args.config:
+        words += ["--config", args.config]
+    for override in args.overrides:
+        words += ["--set", override]
+    return shlex.join(words)

@@ -49,6 +49,7 @@ from vlmops.cli import (
 from vlmops.errors import VlmopsError
 from vlmops.outages import ServiceUnavailable, rerun_advice, retry_delay_setting, unreachable_service
 from vlmops.redact import redact_log_handlers, redact_text
+from vlmops.stopping import StopSignal, exit_status, stop_reason
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -131,9 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, StopSignal) as stop:  # StopSignal: where a command takes SIGTERM as Ctrl-C (batch-infer)
+        print(stop_reason(stop), file=sys.stderr)
+        return exit_status(stop)
 
 
 def naming_outages(handler: Handler, args: argparse.Namespace) -> int:

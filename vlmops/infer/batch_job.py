@@ -86,10 +86,26 @@ def run_batch_job(
         RecordRejectedError: `infer.on_error: fail` and a record cannot be answered.
         RunFailed: a worker process failed.
     """
-    from vlmops.infer.parallel import default_workers, run_on_workers
-
     started = time.perf_counter()
     source, plan, output, config = prepare_job(model_ref, input_spec, output_uri, config, named_as)
+    try:
+        return _run_job(source, plan, output, config, started, progress, on_shard)
+    finally:
+        output.close()  # its scratch folder (S3): now, not at an exit that a stopped command skips (stopping.exit_now)
+
+
+def _run_job(
+    source: ModelSource,
+    plan: JobPlan,
+    output: JobOutput,
+    config: PipelineConfig,
+    started: float,
+    progress: bool,
+    on_shard: OnShard | None,
+) -> JobResult | StoppedJob:
+    """`run_batch_job` once the job is open in its output."""
+    from vlmops.infer.parallel import default_workers, run_on_workers
+
     manifest = read_manifest(plan, output)
     if manifest is not None:
         log.info("job %s in %s is finished already: nothing to do", plan.job_id, output.uri)
@@ -148,7 +164,11 @@ def prepare_job(
 
         processor = load_processor(source.checkpoint)
         measure = PromptCounter(processor.tokenizer, int(processor.num_image_tokens), config)
-    plan = open_job(plan_job(info, input_spec, config, output.uri, measure), output)
+    try:
+        plan = open_job(plan_job(info, input_spec, config, output.uri, measure), output)
+    except BaseException:
+        output.close()
+        raise
     if measure is not None:
         infer = config.infer
         if infer.max_context is None:

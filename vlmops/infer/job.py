@@ -172,17 +172,22 @@ class ShardRunner:
                 log.warning("%s: finishing the prompts in flight and publishing the shards read whole first", err)
                 stopped.append(err)
 
-        with (
-            ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="job-images") as pool,
-            closing(in_background(requests(pool), READ_AHEAD, "job-records")) as feed,
-        ):
-            for result in self.engine.generate(until_error(feed)):
-                index, position = result.key
-                works[index].results[position] = result
-                if on_record:
-                    on_record(1)
-                if works[index].complete:
-                    yield from finished()
+        pool = ThreadPoolExecutor(HOST_THREADS, thread_name_prefix="job-images")
+        try:
+            with closing(in_background(requests(pool), READ_AHEAD, "job-records")) as feed:
+                for result in self.engine.generate(until_error(feed)):
+                    index, position = result.key
+                    works[index].results[position] = result
+                    if on_record:
+                        on_record(1)
+                    if works[index].complete:
+                        yield from finished()
+        except BaseException:
+            # Stopped (an error, Ctrl-C, a SIGTERM): the images being read are not waited for, as a server that does
+            # not answer would hold the stop for storage.url_timeout_s, retried.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         yield from finished()  # shards whose last records were rejects
         if stopped:
             raise stopped.pop()  # not stopped[0]: the frame would hold it, and its traceback the frame

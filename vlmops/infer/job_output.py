@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, replace
@@ -24,9 +25,11 @@ from typing import Any
 from vlmops.answers import Score
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.infer.job_plan import SETTING_KEYS, JobPlan
-from vlmops.infer.output import JOB_FILE, JobOutput, written_file
+from vlmops.infer.output import JOB_FILE, TMP_DIR, JobOutput, written_file
 from vlmops.infer.shards import InputFile, Shard
 from vlmops.plural import counted
+
+log = logging.getLogger(__name__)
 
 SHARD_REJECTS = "_job/rejects-"
 PART_PREFIX = "part-"
@@ -54,7 +57,8 @@ class JobMismatchError(UserInputError):
 
 def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
     """Start the job in `output`, or pick it up again (with `plan`'s prompt counts where the saved plan has none);
-    refuse an output that holds anything else.
+    refuse an output that holds anything else. Picked up, the temporary files its runs stopped mid-write left are
+    removed (`JobOutput.sweep`: none that a run going on now writes).
 
     Raises:
         JobMismatchError: the output holds another job, or files that no job of this kind wrote.
@@ -67,6 +71,7 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
                 f"output {output.uri} already holds {foreign[0]} but no {JOB_FILE}: it is not a batch inference "
                 "job's folder; pass an empty or new --output"
             )
+        _sweep(output)  # a first run stopped while it wrote the job file
         with written_file(output, JOB_FILE) as path:
             path.write_text(plan.to_json() + "\n", encoding="utf-8")
         return plan
@@ -77,6 +82,7 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
             f"({_difference(old, plan)}); a different model, input or settings is a different job: pass another "
             f"--output, or delete {output.uri} to start over"
         )
+    _sweep(output)
     if old.longest_prompt is None and plan.longest_prompt is not None:
         # Planned before without the prompts' counts (with infer.engine plain then, or by an older vlmops): the same
         # files (the same job), now counted. Saved, so that workers reading the plan size their slots the same way.
@@ -84,6 +90,18 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
         with written_file(output, JOB_FILE) as path:
             path.write_text(old.to_json() + "\n", encoding="utf-8")
     return old
+
+
+def _sweep(output: JobOutput) -> None:
+    swept = output.sweep()
+    if swept:
+        log.info(
+            "removed %s that runs stopped while writing left in %s/%s: %s",
+            counted(len(swept), "temporary file"),
+            output.uri,
+            TMP_DIR,
+            ", ".join(swept[:3]) + (", ..." if len(swept) > 3 else ""),
+        )
 
 
 def _difference(old: JobPlan, new: JobPlan) -> str:

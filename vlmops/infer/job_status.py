@@ -19,13 +19,15 @@ from vlmops.infer.job_output import (
     RejectTally,
     jsonl_lines,
     part_name,
+    pending_shards,
     read_manifest,
     saved_plan,
 )
 from vlmops.infer.job_plan import JobPlan
-from vlmops.infer.output import JobOutput
+from vlmops.infer.output import JOB_FILE, JobOutput
 from vlmops.infer.prefetch import HOST_THREADS
 from vlmops.infer.shards import Shard
+from vlmops.plural import counted_of
 
 
 @dataclass
@@ -229,3 +231,20 @@ def job_status(output: JobOutput) -> JobStatus:
         by_reason = tally.by_reason()
         rejects = sum(n["count"] for n in by_reason.values())
     return JobStatus(output.uri, plan, done, pending, rejects, manifest, by_reason, published)
+
+
+def where_it_stopped(output: JobOutput) -> tuple[str, str]:
+    """A job stopped mid-way, read back from its output for the line that says so: its name (`job ID`; `job` before
+    it was planned) and how far it got (`2 of 6 shards done in OUT`). A read that fails is said in the second rather
+    than raised: the line that a stop prints must not fail (the output may be why the job stopped)."""
+    job, done = "job", f"nothing written to {output.uri} yet"
+    try:
+        saved = output.read_text(JOB_FILE)
+        if saved is not None:
+            plan = JobPlan.from_json(saved)
+            job = f"job {plan.job_id}"
+            finished = len(plan.shards) - len(pending_shards(plan, output))
+            done = f"{counted_of(finished, len(plan.shards), 'shard')} done in {output.uri}"
+    except Exception as err:
+        done = f"the shards done in {output.uri} could not be read ({err})"
+    return job, done

@@ -11,10 +11,12 @@ Process groups: a step that must not keep a model in its own process (a Prefect 
 lives on and would hold the GPU memory) runs the job as a child in a new process group, and on any failure
 or interrupt stops the whole group: the child and the per-GPU workers it started.
 
-A starter killed outright (SIGKILL: the OOM killer, a cancellation past its grace period, an evicted pod) stops
-nothing, so each process here is started tied to its starter (`tied_to_this_process`): the kernel kills the job's
-child with the step that started it, and each worker with the job. An orphan would hold its GPU's memory and go on
-writing the output folder that the rerun resumes from.
+A worker stopped by SIGTERM (its coordinator's, as the coordinator stops) or Ctrl-C removes the part it was writing
+and its scratch folder and ends at once (`vlmops.stopping`), without waiting on its image reads. A starter killed
+outright (SIGKILL: the OOM killer, a cancellation past its grace period, an evicted pod) stops nothing, so each process
+here is started tied to its starter (`tied_to_this_process`): the kernel kills the job's child with the step that
+started it, and each worker with the job. An orphan would hold its GPU's memory and go on writing the output folder
+that the rerun resumes from.
 
     python -m vlmops.infer.parallel --checkpoint DIR --output OUT --config CFG --shards 0,2,4 --stats FILE
 """
@@ -49,6 +51,7 @@ from vlmops.infer.shards import Shard
 from vlmops.multigpu import NO_MULTICAST_ENV
 from vlmops.outages import PARENT_ADVISES_ENV, ServiceUnavailable, unreachable_service
 from vlmops.plural import counted
+from vlmops.stopping import StopSignal, exit_now, exit_status, stop_signals_raised
 from vlmops.train.child import copy_output, tied_to_this_process
 
 log = logging.getLogger(__name__)
@@ -224,17 +227,20 @@ def _worker(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     output = open_output(args.output, config.storage)
-    plan = JobPlan.from_json(output.read_text(JOB_FILE) or "")
-    source = ModelSource(Path(args.checkpoint), Path(args.adapter) if args.adapter else None)
-    shards = [plan.shards[int(i)] for i in args.shards.split(",") if i]
-    worker = f"{os.uname().nodename}:{os.getpid()}"
-    share = sum(s.count for s in shards)  # what this worker answers picks its engine
-    runner = load_runner(source, config, plan.longest_prompt, worker, not args.no_publish_compiles, records=share)
-    # One stream through the engine, as a job in one process runs: the next shard's prompts fill the slots the last
-    # one's free, rather than the engine draining at every shard's end. Each shard's stats as it is published.
-    for stats in runner.run_many(plan, shards, output):
-        with open(args.stats, "a", encoding="utf-8") as f:
-            f.write(json.dumps(stats.__dict__) + "\n")
+    try:
+        plan = JobPlan.from_json(output.read_text(JOB_FILE) or "")
+        source = ModelSource(Path(args.checkpoint), Path(args.adapter) if args.adapter else None)
+        shards = [plan.shards[int(i)] for i in args.shards.split(",") if i]
+        worker = f"{os.uname().nodename}:{os.getpid()}"
+        share = sum(s.count for s in shards)  # what this worker answers picks its engine
+        runner = load_runner(source, config, plan.longest_prompt, worker, not args.no_publish_compiles, records=share)
+        # One stream through the engine, as a job in one process runs: the next shard's prompts fill the slots the
+        # last one's free, rather than the engine draining at every shard's end. Each shard's stats as it is published.
+        for stats in runner.run_many(plan, shards, output):
+            with open(args.stats, "a", encoding="utf-8") as f:
+                f.write(json.dumps(stats.__dict__) + "\n")
+    finally:
+        output.close()  # its scratch folder (S3), before a stop's exit_now
     return 0
 
 
@@ -254,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet.child_logging()
     try:
-        return _worker(args)
+        with stop_signals_raised():
+            return _worker(args)
+    except (KeyboardInterrupt, StopSignal) as stop:
+        # Stopped with the job (its coordinator's SIGTERM, Ctrl-C in the job's terminal): the part being written is
+        # removed, the rest is the coordinator's to say.
+        exit_now(exit_status(stop))
     except Exception as err:
         outage = unreachable_service(err)
         if outage is None:

@@ -52,7 +52,9 @@ def in_background(items: Iterable[T], ahead: int, name: str = "background") -> G
     """The items of `items`, made by a thread of its own up to `ahead` in front of the consumer, in order.
 
     An exception raised while making them is raised here, after the items made before it. Closing this iterator
-    early stops the thread at its next item (and closes `items`).
+    early (or an exception raised in it: Ctrl-C, a SIGTERM) tells the thread to stop at its next item (and close
+    `items`) without waiting for it: the item being made may be a read from a server that does not answer
+    (`storage.url_timeout_s`, retried: minutes), and a stop must not wait on it.
     """
     ready: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=max(1, ahead))
     stop = threading.Event()
@@ -82,14 +84,18 @@ def in_background(items: Iterable[T], ahead: int, name: str = "background") -> G
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
+    ended = False  # the thread made its last item (or failed): it is closing `items`, and is waited for
     try:
         while True:
             item, err = ready.get()
             if err is not None:
+                ended = True
                 raise err
             if item is _END:
+                ended = True
                 return
             yield item  # type: ignore[misc]
     finally:
         stop.set()
-        thread.join()
+        if ended:
+            thread.join()
