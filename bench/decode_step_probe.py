@@ -13,6 +13,10 @@ against the same work on two CUDA streams, plain or with the decode stream at hi
 contexts (disjoint SM partitions, from the CUDA driver through ctypes) with D SMs for decoding and the rest for
 prefill. Language-model layers only (GEMMs, SDPA, SiLU), each workload one CUDA graph.
 
+`--part verify` prices speculative decoding's verify step for the 7b: a decode step over R rows of K tokens each
+(a draft's K-1 guesses after the row's last token) against the one-token step, so that a draft whose rows keep T
+tokens a step on average pays when T exceeds the step's cost ratio. The mask among a row's K new tokens is left out.
+
 Session 27 (bench/RESULTS.md) ran this probe's timing code as `.device/step7b_probe.py`; the reporting (table, date,
 machine, floor) was added when it moved here.
 """
@@ -214,6 +218,54 @@ def overlap_rows(slots: tuple[int, ...], decode_sms: tuple[int, ...]) -> list[di
     return out
 
 
+def verify_rows(slots: tuple[int, ...], tokens: tuple[int, ...]) -> list[dict]:
+    """Per slot count R and tokens a row K: the 7b's step over R x K tokens (each row's K queries attend to its own
+    cache), against K = 1."""
+    layers, hidden, intermediate = MODELS["7b"]
+    weights = [
+        [torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02 for s in gemm_shapes(hidden, intermediate).values()]
+        for _ in range(layers)
+    ]
+    most = max(slots)
+    caches = [
+        [torch.randn(most, HEADS, COLUMNS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        for _ in range(layers)
+    ]
+    out = []
+    for rows in slots:
+        one = None
+        for k in tokens:
+            x = torch.randn(rows * k, hidden, device="cuda", dtype=torch.bfloat16)
+
+            def step(x=x, rows=rows, k=k) -> None:
+                h = x
+                for (qkv, o, gate_up, down), (keys, values) in zip(weights, caches, strict=True):
+                    q = F.linear(h, qkv)[:, :hidden].view(rows, k, HEADS, HEAD_DIM).transpose(1, 2)
+                    attn = F.scaled_dot_product_attention(q, keys[:rows], values[:rows])
+                    h = h + F.linear(attn.transpose(1, 2).reshape(rows * k, hidden), o)
+                    gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
+                    h = h + F.linear(F.silu(gate) * up, down)
+
+            ms = timed_us(step) / 1000
+            one = one or ms
+            out.append({"model": "7b", "slots": rows, "tokens_a_row": k, "step_ms": round(ms, 3),
+                        "cost_ratio": round(ms / one, 3), "tokens_per_s_if_all_kept": round(rows * k / ms * 1000)})  # fmt: skip
+            progress(f"{rows} rows x {k} tokens: {ms:.3f} ms a step ({ms / one:.2f}x one token)")
+    return out
+
+
+def print_verify(rows: list[dict]) -> None:
+    print(
+        "| slots | tokens a row | step ms | cost against one token | tokens/s if every token is kept |\n"
+        "| ---: | ---: | ---: | ---: | ---: |"
+    )
+    for r in rows:
+        print(
+            f"| {r['slots']} | {r['tokens_a_row']} | {r['step_ms']} | {r['cost_ratio']:.2f}x | "
+            f"{r['tokens_per_s_if_all_kept']:,} |"
+        )
+
+
 def progress(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
@@ -317,14 +369,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=None, help="JSON results file")
     parser.add_argument(
-        "--part", choices=("step", "mixed", "overlap"), default="step", help="the step by part, mixed steps, or overlap"
+        "--part",
+        choices=("step", "mixed", "overlap", "verify"),
+        default="step",
+        help="the step by part, mixed steps, prefill beside decoding, or speculative decoding's verify step",
     )
-    parser.add_argument("--slots", default="32,128", help="--part overlap: decode rows (slots), comma-separated")
+    parser.add_argument("--tokens", default="1,2,3,4,6,8", help="--part verify: tokens a row, comma-separated")
+    parser.add_argument("--slots", default="32,128", help="--part overlap/verify: decode rows, comma-separated")
     parser.add_argument("--decode-sms", default="16,32,48,64", help="--part overlap: SMs for decoding, comma-separated")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs CUDA", file=sys.stderr)
         return 2
+    if args.part == "verify":
+        torch.manual_seed(0)
+        rows = verify_rows(tuple(int(n) for n in args.slots.split(",")), tuple(int(n) for n in args.tokens.split(",")))
+        print_verify(rows)
+        if args.out:
+            write_results(args.out, gpu_machine(), rows, baseline="the one-token decode step, in the same run")
+        return 0
     if args.part == "overlap":
         torch.manual_seed(0)
         rows = overlap_rows(
