@@ -17,6 +17,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import termios
 import time
 from pathlib import Path
@@ -31,7 +32,9 @@ from tests.infer.test_parallel import _session
 from vlmops.cli.main import main
 from vlmops.infer.batch_job import run_batch_job
 from vlmops.infer.job_status import JobResult
-from vlmops.infer.output import FOREIGN_TMP_STALE_S, TMP_DIR, open_output, written_file
+from vlmops.infer.output import TMP_DIR, open_output, written_file
+from vlmops.plural import counted
+from vlmops.scratch import FOREIGN_STALE_S
 
 JOB = [
     "--set", "infer.shard_size=2", "--set", "infer.batch_size=1", "--set", "infer.max_new_tokens=4",
@@ -208,11 +211,12 @@ def test_a_run_removes_the_files_that_killed_runs_left_half_written_and_not_thos
     assert killed.returncode == -signal.SIGKILL
     tmp = out / TMP_DIR
     (dead,) = tmp.iterdir()
+    dead_size = dead.stat().st_size
     old = tmp / f".part-00001.jsonl.{'0' * 32}.tmp"  # an older vlmops's name, or another machine's: judged by age
     fresh = tmp / f".part-00001.jsonl.{'a' * 12}.{'1' * 32}.tmp"
     for path in (old, fresh):
         path.write_text("half")
-    os.utime(old, (time.time() - FOREIGN_TMP_STALE_S - 60,) * 2)
+    os.utime(old, (time.time() - FOREIGN_STALE_S - 60,) * 2)
 
     class AbandonedError(Exception):
         """Ends the live writer's block: its file is removed, not published."""
@@ -227,4 +231,54 @@ def test_a_run_removes_the_files_that_killed_runs_left_half_written_and_not_thos
     assert sorted(r["key"] for r in results(out)) == ["r0", "r1", "r2", "r3"]
     swept = ", ".join(sorted([old.name, dead.name]))
     said = [r.getMessage() for r in caplog.records if "temporary file" in r.getMessage()]
-    assert said == [f"removed 2 temporary files that runs stopped while writing left in {out}/{TMP_DIR}: {swept}"], said
+    size = counted(len(b"half") + dead_size, "byte")
+    assert said == [f"removed 2 temporary files ({size}) that runs killed while writing left in {tmp}: {swept}"], said
+
+
+WRITING_TO_S3 = """
+import os, signal, sys
+from vlmops.infer.output import open_output, written_file
+with written_file(open_output("s3://scratch/out"), "part-00001.jsonl") as path:
+    path.write_text("x" * 1000)  # a part waiting for its PUT
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print(path.parent, flush=True)
+    sys.stdin.read()  # until the test is done with it
+"""
+
+
+def test_an_s3_job_removes_the_scratch_folders_of_killed_processes_on_this_machine_and_not_a_live_ones(
+    tiny_model: Path, tmp_path: Path, s3_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process writing to an s3:// output killed outright (SIGKILL, the OOM killer) left its scratch folder in
+    /tmp, with the part it was about to PUT: a GPU worker killed now and then filled its disk. A job's start removes
+    those of dead processes on this machine, not the folder of a live one (another job writing now, holding its lock)
+    nor another machine's until it is a day old."""
+    s3_server.client().create_bucket(Bucket="scratch")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, **s3_server.env(), "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
+    writer = [sys.executable, "-c", WRITING_TO_S3]
+    assert subprocess.run([*writer, "kill"], env=env).returncode == -signal.SIGKILL
+    (dead,) = scratch.iterdir()
+    foreign = scratch / f"vlmops-job-{'a' * 12}.{'1' * 32}"  # another kernel's (TMPDIR on NFS): judged by its age
+    unnamed = scratch / "vlmops-job-k2x9_q1z"  # a folder no held scratch is named like (tempfile.mkdtemp's)
+    for folder in (foreign, unnamed):
+        folder.mkdir()
+    live = subprocess.Popen([*writer, "wait"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None
+        held = Path(live.stdout.readline().strip())
+        with pytest.MonkeyPatch.context() as patch, caplog.at_level("INFO", logger="vlmops.infer.job_output"):
+            for key, value in s3_server.env().items():
+                patch.setenv(key, value)
+            patch.setattr(tempfile, "tempdir", str(scratch))
+            prompts = simple_prompts(tmp_path / "prompts.jsonl", 2)
+            done = run_batch_job(str(tiny_model), str(prompts), "s3://scratch/job", job_config(), progress=False)
+        assert held.parent == scratch and held.is_dir()
+        assert sorted(scratch.iterdir()) == sorted([held, foreign, unnamed])
+    finally:
+        live.communicate("")
+    assert isinstance(done, JobResult) and done.records == 2
+    said = [r.getMessage() for r in caplog.records if "scratch folder" in r.getMessage()]
+    assert said == [f"removed 1 scratch folder (1.0 kB) that runs killed while writing left in {scratch}: {dead.name}"]

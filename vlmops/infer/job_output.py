@@ -25,7 +25,7 @@ from typing import Any
 from vlmops.answers import Score
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.infer.job_plan import SETTING_KEYS, JobPlan
-from vlmops.infer.output import JOB_FILE, TMP_DIR, JobOutput, written_file
+from vlmops.infer.output import JOB_FILE, JobOutput, written_file
 from vlmops.infer.shards import InputFile, Shard
 from vlmops.plural import counted
 
@@ -57,8 +57,9 @@ class JobMismatchError(UserInputError):
 
 def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
     """Start the job in `output`, or pick it up again (with `plan`'s prompt counts where the saved plan has none);
-    refuse an output that holds anything else. Picked up, the temporary files its runs stopped mid-write left are
-    removed (`JobOutput.sweep`: none that a run going on now writes).
+    refuse an output that holds anything else. The temporary files that runs killed mid-write left are removed
+    (`JobOutput.sweep`: none that a run going on now writes), and for an S3 output the scratch folders that
+    processes killed outright left on this machine.
 
     Raises:
         JobMismatchError: the output holds another job, or files that no job of this kind wrote.
@@ -94,14 +95,23 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
 
 def _sweep(output: JobOutput) -> None:
     swept = output.sweep()
-    if swept:
+    if swept.removed:
+        names = [r.name for r in swept.removed]
         log.info(
-            "removed %s that runs stopped while writing left in %s/%s: %s",
-            counted(len(swept), "temporary file"),
-            output.uri,
-            TMP_DIR,
-            ", ".join(swept[:3]) + (", ..." if len(swept) > 3 else ""),
+            "removed %s (%s) that runs killed while writing left in %s: %s",
+            counted(len(names), swept.noun),
+            _in_bytes(sum(r.size for r in swept.removed)),
+            swept.where,
+            ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
         )
+
+
+def _in_bytes(size: int) -> str:
+    """`size` bytes in words: "34 bytes", "3.4 kB", "1.2 GB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return counted(size, "byte")
 
 
 def _difference(old: JobPlan, new: JobPlan) -> str:

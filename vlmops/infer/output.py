@@ -7,8 +7,9 @@ rerun deciding what is done, never sees half a file.
 A run killed while it writes a file leaves the temporary file. A local output's are in `_job/tmp/`, where several runs
 of one job may write at once (two commands by mistake, a distributed job's task workers on a shared folder), so a run
 removes only those no live process writes (`LocalOutput.sweep`): each writer holds a lock on its file (flock) while it
-writes it, which the kernel drops when the process ends, however it ends. On S3 the files are written in a scratch
-folder of the process's own, removed with it (`close`); a part of more than 8 MiB is PUT in parts (boto3's multipart
+writes it, which the kernel drops when the process ends, however it ends (`vlmops.scratch`). On S3 the files are
+written in a scratch folder of the process's own under the temp dir, removed with it (`close`), held by a lock the same
+way: a job's start removes those of processes killed outright on this machine (`S3Output.sweep`). A part of more than 8 MiB is PUT in parts (boto3's multipart
 upload), and one killed outright leaves the parts sent so far on the server, out of sight of every listing, until they
 are aborted (a bucket lifecycle rule `AbortIncompleteMultipartUpload`); one stopped in order (Ctrl-C, SIGTERM) is
 aborted by boto3 as it stops.
@@ -16,44 +17,45 @@ aborted by boto3 as it stops.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import re
-import shutil
 import tempfile
-import time
-import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from vlmops.config import StorageConfig
 from vlmops.errors import UserInputError
+from vlmops.scratch import (
+    Removed,
+    hold_new,
+    kernel_pattern,
+    new_held_folder,
+    remove_abandoned,
+    remove_held,
+    unique_name,
+)
 from vlmops.staging import publish_file
 
 TMP_DIR = "_job/tmp"
 JOB_FILE = "_job/job.json"
 """A batch job's identity file, under its output: a folder that holds one is a job's output, not input."""
 
-FOREIGN_TMP_STALE_S = 24 * 3600.0
-"""A temporary file another machine wrote (or a vlmops before the locks) counts as a stopped run's once it has not
-changed for this long: its writer's lock cannot be seen from here, and a file is written in seconds, then renamed."""
+SCRATCH_STEM = "vlmops-job-"
+"""How the scratch folder of a process writing to an S3 output is named, under the temp dir (`unique_name`)."""
+_SCRATCH_NAME = kernel_pattern(SCRATCH_STEM)
+_TMP_NAME = kernel_pattern(r"\..+?\.", ".tmp")
 
 
-def _this_kernel() -> str:
-    """The running kernel's boot id (its first 12 hex digits), which a temporary file's name carries: the processes of
-    one kernel see each other's file locks (the containers of one machine too), others may not (a folder on NFS)."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
-    except OSError:  # not Linux: every file is judged by its age
-        return ""
+@dataclass(frozen=True)
+class Swept:
+    """What a sweep removed from `where`: each a `noun` ("temporary file")."""
 
-
-KERNEL = _this_kernel()
-_TMP_NAME = re.compile(r"\.(?P<name>.+?)\.(?:(?P<kernel>[0-9a-f]{12})\.)?[0-9a-f]{32}\.tmp")
+    noun: str
+    where: str
+    removed: list[Removed]
 
 
 class JobOutput(Protocol):
@@ -83,9 +85,9 @@ class JobOutput(Protocol):
         """A local folder for files being written (same file system as the output when local)."""
         ...
 
-    def sweep(self) -> list[str]:
-        """Remove the temporary files that runs stopped while writing left in the scratch folder, none that a live
-        process writes; return their names."""
+    def sweep(self) -> Swept:
+        """Remove the temporary files that runs stopped while writing left in the scratch folder (S3: the scratch
+        folders they left on this machine), none that a live process writes; say what went."""
         ...
 
     def close(self) -> None:
@@ -136,11 +138,9 @@ class LocalOutput:
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def sweep(self) -> list[str]:
+    def sweep(self) -> Swept:
         folder = self.root / TMP_DIR
-        if not folder.is_dir():
-            return []
-        return [path.name for path in sorted(folder.iterdir()) if _removed_if_abandoned(path)]
+        return Swept("temporary file", str(folder), remove_abandoned(folder, _TMP_NAME))
 
     def close(self) -> None:
         """Nothing: the scratch folder, `_job/tmp`, is the output's, shared by its writers."""
@@ -185,14 +185,18 @@ class S3Output:
 
     def scratch(self) -> Path:
         if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="vlmops-job-"))
+            # Held (locked) while this process lives: a sweep by another job on this machine leaves it.
+            self._scratch, held = new_held_folder(Path(tempfile.gettempdir()), SCRATCH_STEM)
             # Removed with this output, at exit, or by `close`: a worker that runs job after job kept a folder for each.
-            self._removal = weakref.finalize(self, shutil.rmtree, self._scratch, ignore_errors=True)
+            self._removal = weakref.finalize(self, remove_held, self._scratch, held)
         return self._scratch
 
-    def sweep(self) -> list[str]:
-        """Nothing: the scratch folder is this process's own and new."""
-        return []
+    def sweep(self) -> Swept:
+        """The scratch folders of processes killed outright on this machine (SIGKILL, the OOM killer): each held up to
+        a part waiting for its PUT, and a worker killed now and then filled its disk. Not those of live processes,
+        another job's or a task worker's."""
+        folder = Path(tempfile.gettempdir())
+        return Swept("scratch folder", str(folder), remove_abandoned(folder, _SCRATCH_NAME))
 
     def close(self) -> None:
         if self._removal is not None:
@@ -219,21 +223,14 @@ def open_output(uri: str, storage: StorageConfig | None = None) -> JobOutput:
 def written_file(output: JobOutput, name: str) -> Iterator[Path]:
     """A scratch file to write; published as `name` when the block succeeds, removed when it raises. This process
     holds a lock on it meanwhile (`LocalOutput.sweep` leaves it)."""
-    while True:
-        kernel = f"{KERNEL}." if KERNEL else ""
-        path = output.scratch() / f".{Path(name).name}.{kernel}{uuid.uuid4().hex}.tmp"
+
+    def create() -> tuple[Path, int]:
+        path = output.scratch() / unique_name(f".{Path(name).name}.", ".tmp")
         # Created with the umask's mode, as every other file vlmops writes: mkstemp's 0600 left a job's results
         # unreadable to the rest of a team on a shared disk. O_EXCL: never another writer's file.
-        held = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX)  # waits while a sweep looks at it
-        except OSError as err:
-            if err.errno not in _NO_LOCKS:
-                os.close(held)
-                raise
-        if os.fstat(held).st_nlink:
-            break
-        os.close(held)  # swept between its creation and the lock: under another name
+        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+
+    path, held = hold_new(create)
     try:
         yield path
         output.publish(path, name)
@@ -242,43 +239,3 @@ def written_file(output: JobOutput, name: str) -> Iterator[Path]:
         raise
     finally:
         os.close(held)
-
-
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-"""flock's errors on a file system without locks: files are written there without one, and never swept."""
-
-
-def _removed_if_abandoned(path: Path) -> bool:
-    """Remove the temporary file `path` if no live process writes it: its lock is free (a file of this kernel's
-    writers), or it has not changed for FOREIGN_TMP_STALE_S (another machine's, or an older vlmops's). The lock is
-    held while the file is removed: a writer that created it a moment ago finds it gone once it gets the lock, and
-    writes another (`written_file`)."""
-    match = _TMP_NAME.fullmatch(path.name)
-    if match is None:
-        return False  # not a file `written_file` makes
-    if not KERNEL or match["kernel"] != KERNEL:
-        try:
-            stale = time.time() - path.stat().st_mtime > FOREIGN_TMP_STALE_S
-        except FileNotFoundError:
-            return False
-        if stale:
-            path.unlink(missing_ok=True)
-        return stale
-    try:
-        held = os.open(path, os.O_RDONLY)
-    except OSError:  # published or removed since it was listed, or not ours to read
-        return False
-    try:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held: its writer lives (or no locks here: nothing tells)
-        os.close(held)
-        return False
-    try:
-        if os.path.samestat(os.fstat(held), path.stat()):
-            path.unlink()
-            return True
-    except FileNotFoundError:
-        pass
-    finally:
-        os.close(held)
-    return False
