@@ -308,7 +308,7 @@ def run_job_in_child(
         RunFailed: the job failed (its output says why; a rerun resumes it).
     """
     env = {**os.environ, PARENT_ADVISES_ENV: "1"}
-    with tempfile.TemporaryDirectory(prefix="vlmops-job-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vlmops-child-config-") as tmp:
         config_file = Path(tmp) / "config.yaml"
         config_file.write_text(dump_config(config))
         command = job_command(model_ref, input_spec, output_uri, config_file, named_as)
