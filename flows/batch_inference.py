@@ -11,7 +11,9 @@ Where the shards run:
 - `distributed=True`: the flow plans the job, then hands each shard to the Prefect task workers serving
   `answer_shard` (`python -m flows.batch_inference serve` on each GPU machine, with PREFECT_API_URL set to
   the server and the output on storage every machine reaches, e.g. S3). N workers share one job; each keeps
-  its model loaded between shards. Prefect retries a failed shard; a done shard is never redone.
+  its model loaded between shards. Prefect retries a failed shard; a done shard is never redone. While no shard is
+  taken or finished for a minute, the flow run's log says how they stand and how to start a task worker
+  (`_WaitingReport`); a shard whose task run is gone (deleted by a task worker) fails the run.
 
 A progress artifact (shards done / shards) is updated as shards finish; at the end a markdown artifact
 (`batch-inference-summary`) holds the summary `vlmops batch-infer` prints, a table artifact
@@ -38,6 +40,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -49,7 +52,7 @@ from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.client.schemas.responses import SetStateStatus
 from prefect.exceptions import TerminationSignal
-from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Cancelled
 
 # A worker loads this file by its path (prefect.yaml's entrypoint), not as `flows.batch_inference`, and nothing else
@@ -93,6 +96,12 @@ log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 5.0
 POLL_S = 1.0  # how often the flow reads its shards' task runs
+# While shards wait and none is taken or finished for WAITING_REPORT_S, the flow run's log says where they stand, then
+# again every WAITING_REPORT_EVERY_S while nothing changes: a job no task worker serves would otherwise sit in Running,
+# silent.
+WAITING_REPORT_S = 60.0
+WAITING_REPORT_EVERY_S = 300.0
+SERVE_COMMAND = "python -m flows.batch_inference serve"
 READ_BATCH = 200  # task runs per API read (the server's default page)
 # A stopped flow run cancels its queued shards' task runs within this, a call at a time, each given CANCEL_CALL_S: well
 # under the 30 s a Prefect worker leaves a cancelled flow run's process before its SIGKILL.
@@ -157,7 +166,7 @@ def batch_inference(
             )
             shards = {answer_shard.delay(pinned, job_output.uri, config, s.index).task_run_id: s for s in todo}
             try:
-                for state in _final_states(list(shards)):
+                for state in _final_states(shards, plan.job_id):
                     ran.append(state.result())
                     update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
             except BaseException as stop:  # a cancel, Ctrl-C, a failed shard: nothing waits for the other shards now
@@ -316,23 +325,127 @@ def _table(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _final_states(task_run_ids: list[UUID], poll_s: float = POLL_S) -> Iterator[State[ShardStats]]:
-    """The final state of each task run, as each one ends (read from the API, every `poll_s` seconds).
+def _final_states(shards: dict[UUID, Shard], job_id: str) -> Iterator[State[ShardStats]]:
+    """The final state of each shard's task run, as each one ends (read from the API, every POLL_S seconds); while
+    nothing moves, the flow run's log says so now and then (`_WaitingReport`).
 
     Not `as_completed` + `future.result()`: that pairs the task worker's completion event with a read of the
     task run, and under load the server may not have recorded the run's state yet when the event arrives
     ("Task run ... has no state"), which failed a whole job whose shards were all fine. The API's record is
     the one truth here; a run without a state yet is simply not finished.
+
+    Raises:
+        RuntimeError: a shard's task run is gone from the API. Prefect's task worker deletes a task run whose parameters
+            it cannot read (`tasks.scheduling.delete_failed_submissions`): nothing would ever answer that shard.
     """
-    pending = set(task_run_ids)
+    pending = set(shards)
+    report = _WaitingReport(shards, job_id)
     with get_client(sync_client=True) as client:
         while pending:
-            for run in _task_runs(client, sorted(pending)):
+            runs = {run.id: run for run in _task_runs(client, sorted(pending))}
+            if gone := sorted(shards[i].name for i in pending - runs.keys()):
+                raise RuntimeError(
+                    f"the task run of shard {', '.join(gone)} is gone from the Prefect API, so no task "
+                    "worker will answer it (a task worker deletes a task run whose parameters it cannot read: its log "
+                    "says why, 'Failed to read parameters for task run ...')"
+                )
+            for run in runs.values():
                 if run.state is not None and run.state.is_final():
                     pending.discard(run.id)
                     yield cast(State[ShardStats], run.state)
             if pending:
-                time.sleep(poll_s)
+                report(client, [runs[i] for i in sorted(pending)])
+                time.sleep(POLL_S)
+
+
+class _WaitingReport:
+    """The flow run's line while a distributed job does not move: after WAITING_REPORT_S with no shard taken or finished,
+    then every WAITING_REPORT_EVERY_S, how many shards wait, which run and for how long, and how many task workers the
+    API sees. A warning, with the command that starts a task worker, while shards wait and none runs.
+
+    Prefect has no heartbeat for a background task run: one whose task worker died (SIGKILL, a lost machine) stays
+    Running in the API for good, so the line names each running shard and for how long, for a person to judge."""
+
+    def __init__(self, shards: dict[UUID, Shard], job_id: str) -> None:
+        self.shards = shards
+        self.job_id = job_id
+        self.last_move = time.monotonic()
+        self.next_line = self.last_move + WAITING_REPORT_S
+        self.left: tuple[int, int] = (len(shards), len(shards))  # (not finished, not taken)
+
+    def __call__(self, client: SyncPrefectClient, runs: list[TaskRun]) -> None:
+        """`runs`: the shards' task runs not finished yet."""
+        waiting = [run for run in runs if run.state is None or run.state.is_scheduled()]
+        now = time.monotonic()
+        if (len(runs), len(waiting)) != self.left:  # a shard was taken or finished
+            self.left = (len(runs), len(waiting))
+            self.last_move, self.next_line = now, now + WAITING_REPORT_S
+            return
+        if now < self.next_line:
+            return
+        self.next_line = now + WAITING_REPORT_EVERY_S
+        taken = [run for run in runs if run.id not in {w.id for w in waiting}]
+        quiet = f"no shard taken or finished for {_for_how_long(now - self.last_move)}"
+        workers = _task_workers_seen(client)
+        if waiting and not taken:
+            get_run_logger().warning(
+                "job %s: %s waiting, %s; %s. Start a task worker on each GPU machine, with PREFECT_API_URL set to this "
+                "flow run's API (%s) and the same checkout as this flow (Prefect hands a task run only to a worker with the same answer_shard "
+                "source): %s",
+                self.job_id,
+                counted(len(waiting), "shard"),
+                quiet,
+                workers,
+                PREFECT_API_URL.value(),
+                SERVE_COMMAND,
+            )
+            return
+        get_run_logger().info(
+            "job %s: %s waiting, %s on task workers (%s); %s; %s. A shard whose task worker died stays Running (Prefect "
+            "has no heartbeat for task runs): if that is so, cancel this flow run and run it again (the parts written "
+            "are kept)",
+            self.job_id,
+            counted(len(waiting), "shard"),
+            counted(len(taken), "shard"),
+            ", ".join(self._taken_for(run) for run in taken),
+            quiet,
+            workers,
+        )
+
+    def _taken_for(self, run: TaskRun) -> str:
+        """The shard, what it does and since when: "00003 running for 2 h 5 min", or "00004 pending, not started, for
+        40 s" (handed to a task worker that has not started it)."""
+        name = self.shards[run.id].name
+        state = run.state
+        if state is None:
+            return name
+        since = run.start_time if state.is_running() and run.start_time else state.timestamp
+        how = "running" if state.is_running() else f"{state.type.value.lower()}, not started,"
+        return f"{name} {how} for {_for_how_long((datetime.now(UTC) - since).total_seconds())}"
+
+
+def _task_workers_seen(client: SyncPrefectClient) -> str:
+    """How many task workers serving `answer_shard` (this source of it) the API sees connected, in words. Only a view:
+    an API that cannot say is said so, never a reason to stop waiting."""
+    try:
+        response = client.request(
+            "POST",
+            "/task_workers/filter",
+            json={"task_worker_filter": {"task_keys": [answer_shard.task_key]}},
+        )
+        response.raise_for_status()
+    except Exception as err:
+        return f"the task workers connected could not be read ({type(err).__name__}: {err})"
+    seen = len(response.json())
+    return f"the Prefect API sees {counted(seen, 'task worker')} serving answer_shard"
+
+
+def _for_how_long(seconds: float) -> str:
+    """ "45 s", "12 min", "2 h 5 min"."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes = int(seconds // 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60} min"
 
 
 def _task_runs(client: SyncPrefectClient, task_run_ids: list[UUID]) -> Iterator[TaskRun]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pytest
 
@@ -312,3 +313,89 @@ def test_cancelling_a_stopped_jobs_shards_as_the_api_goes_away_ends_at_once_and_
     assert time.monotonic() - started < 5
     assert (cancelled, running) == ([], []) and proxy.stops == 1
     assert failed is not None and failed.startswith(("RemoteProtocolError", "ReadError")), failed
+
+
+def test_a_distributed_run_no_task_worker_takes_says_so_and_fails_when_a_shards_task_run_is_gone(
+    prefect_api: dict[str, str], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A distributed flow run whose shards no task worker takes sat in Running, its log silent after "3 shards to hand
+    to the task workers"; a shard whose task worker died stayed Running unseen; a shard's task run that a task worker
+    deleted (it could not read its parameters) left the flow waiting forever. Now, with no task worker running: a
+    warning that says how many shards wait, for how long, that the API sees no task worker, and the command that starts
+    one; then, shard 0 Running (a task worker that started it and died, as the API shows it), a line naming it and for
+    how long; then shard 2's task run deleted: the flow run fails naming it, after cancelling shard 1."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Running
+
+    import flows.batch_inference
+    from flows.batch_inference import batch_inference
+    from tests.prefect_runs import flow_run_logs, flow_run_state, task_runs
+
+    for name, seconds in {"POLL_S": 0.1, "WAITING_REPORT_S": 1.0, "WAITING_REPORT_EVERY_S": 1.0}.items():
+        monkeypatch.setattr(flows.batch_inference, name, seconds)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "query": f"Say {i}."}) + "\n" for i in range(6)))
+    found: dict[str, Any] = {}
+
+    def a_worker_that_dies_then_one_that_deletes() -> None:
+        """As the flow waits: shard 0 Running, as a task worker that died left it; then shard 2's task run deleted."""
+        try:
+            deadline = time.monotonic() + 120
+            with get_client(sync_client=True) as client:
+                while not found.get("shards"):
+                    assert time.monotonic() < deadline, "the flow run did not hand out its shards"
+                    for run in client.read_flow_runs(
+                        flow_filter=FlowFilter(name=FlowFilterName(any_=["batch-inference"])),
+                        flow_run_filter=FlowRunFilter(
+                            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+                        ),
+                    ):
+                        if len(shards := task_runs(run.id).get("answer_shard", [])) == 3:
+                            found.update(flow_run=run.id, shards=[UUID(id_) for _, id_ in shards])
+                    time.sleep(0.2)
+                time.sleep(2.0)  # the warning: no shard taken for 1 s
+                client.set_task_run_state(found["shards"][0], Running(), force=True)
+                time.sleep(2.0)  # the line naming shard 0, running for 1 s
+                client.delete_task_run(found["shards"][2])
+        except BaseException as err:
+            found["error"] = err
+
+    meddler = threading.Thread(target=a_worker_that_dies_then_one_that_deletes)
+    meddler.start()
+    try:
+        with pytest.raises(RuntimeError, match=r"the task run of shard 00002 is gone from the Prefect API"):
+            overrides = ["infer.max_new_tokens=3", "infer.shard_size=2"]
+            batch_inference(str(tiny_model), str(prompts), str(tmp_path / "out"), None, overrides, distributed=True)
+    finally:
+        meddler.join(120)
+    assert "error" not in found, found["error"]
+
+    state, message = flow_run_state(found["flow_run"])
+    assert state == "Failed" and "shard 00002 is gone" in str(message), (state, message)
+    deadline = time.monotonic() + 30
+    logs = flow_run_logs(found["flow_run"])
+    while not any(" stopped (" in line for line in logs):  # the flow run's last lines reach the API a moment later
+        assert time.monotonic() < deadline, logs
+        time.sleep(0.5)
+        logs = flow_run_logs(found["flow_run"])
+    waiting = [line for line in logs if "3 shards waiting" in line]
+    assert waiting and "no shard taken or finished for 1 s" in waiting[0], logs
+    assert "the Prefect API sees 0 task workers serving answer_shard" in waiting[0], waiting[0]
+    assert waiting[0].endswith(": python -m flows.batch_inference serve"), waiting[0]
+    assert any(
+        re.search(r"2 shards waiting, 1 shard on task workers \(00000 running for \d s\)", line) for line in logs
+    )
+    (stopped,) = [line for line in logs if " stopped (" in line]
+    assert "1 shard cancelled before a task worker started them" in stopped, stopped
+    assert "still running on task workers: 1 shard (00000)" in stopped, stopped
+    assert [s for s, _ in task_runs(found["flow_run"])["answer_shard"]] == ["Running", "Cancelled"]
