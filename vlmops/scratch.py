@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from vlmops.plural import counted
+
 FOREIGN_STALE_S = 24 * 3600.0
 """Scratch another kernel's process made (or a vlmops before the locks) counts as a stopped process's once nothing in
 it has changed for this long: its lock cannot be seen from here, and a file is written in seconds."""
@@ -45,6 +47,23 @@ class Removed(NamedTuple):
     name: str
     size: int
     """Bytes its files held."""
+
+
+def said(removed: list[Removed], noun: str, where: str) -> str:
+    """What a sweep removed, in a log line: how many (each a `noun`), how many bytes, from `where`, the first names."""
+    names = [r.name for r in removed]
+    return (
+        f"removed {counted(len(names), noun)} ({in_bytes(sum(r.size for r in removed))}) that runs killed while "
+        f"writing left in {where}: " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    )
+
+
+def in_bytes(size: int) -> str:
+    """`size` bytes in words: "34 bytes", "3.4 kB", "1.2 GB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return counted(size, "byte")
 
 
 def unique_name(stem: str, suffix: str = "") -> str:
