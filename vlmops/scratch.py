@@ -39,8 +39,10 @@ def _this_kernel() -> str:
 
 KERNEL = _this_kernel()
 
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-"""flock's errors on a file system without locks: scratch there is made without one, and never removed by a sweep."""
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+"""flock's errors where no lock can be taken: a file system without locks, or NFS, which emulates an exclusive flock
+with a write lock and so refuses it on a folder (never open for writing). Scratch there is made without a lock, and a
+sweep judges it by its age, as another kernel's."""
 
 
 class Removed(NamedTuple):
@@ -79,6 +81,16 @@ def kernel_pattern(stem: str, suffix: str = "") -> re.Pattern[str]:
     return re.compile(rf"{stem}(?:(?P<kernel>[0-9a-f]{{12}})\.)?[0-9a-f]{{32}}{re.escape(suffix)}")
 
 
+def hold(fd: int) -> None:
+    """Lock the open file or folder `fd` for this process, waiting while a sweep looks at it; where no lock can be
+    taken (`_NO_LOCKS`), nothing."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in _NO_LOCKS:
+            raise
+
+
 def hold_new(create: Callable[[], tuple[Path, int]]) -> tuple[Path, int]:
     """Create scratch with `create` (at a new name each call; it returns the path and a descriptor open on it) and lock
     it, until the descriptor is closed. Returns the path and the descriptor.
@@ -88,11 +100,10 @@ def hold_new(create: Callable[[], tuple[Path, int]]) -> tuple[Path, int]:
     while True:
         path, held = create()
         try:
-            fcntl.flock(held, fcntl.LOCK_EX)
-        except OSError as err:
-            if err.errno not in _NO_LOCKS:
-                os.close(held)
-                raise
+            hold(held)
+        except OSError:
+            os.close(held)
+            raise
         try:
             if os.path.samestat(os.fstat(held), path.stat()):
                 return path, held
@@ -138,22 +149,17 @@ def _removed_if_abandoned(path: Path, kernel: str | None) -> int | None:
     """Remove `path` if no live process holds it, and return the bytes it held; None where it stays. The lock is held
     while it is removed: a process that created it a moment ago finds it gone once it gets the lock (`hold_new`)."""
     if not KERNEL or kernel != KERNEL:
-        try:
-            if time.time() - _newest_change(path) <= FOREIGN_STALE_S:
-                return None
-            size = _size(path)
-        except FileNotFoundError:
-            return None
-        return size if _remove(path) else None
+        return _removed_if_stale(path)
     try:
         held = os.open(path, os.O_RDONLY)
     except OSError:  # published or removed since it was listed, or not ours to read
         return None
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held: its process lives (or no locks here: nothing tells)
+    except OSError as err:
         os.close(held)
-        return None
+        # Held: its process lives. No locks here: nothing tells but its age.
+        return _removed_if_stale(path) if err.errno in _NO_LOCKS else None
     try:
         if os.path.samestat(os.fstat(held), path.stat()):
             size = _size(path)
@@ -163,6 +169,17 @@ def _removed_if_abandoned(path: Path, kernel: str | None) -> int | None:
     finally:
         os.close(held)
     return None
+
+
+def _removed_if_stale(path: Path) -> int | None:
+    """Remove `path` once nothing in it has changed for FOREIGN_STALE_S; the bytes it held, or None where it stays."""
+    try:
+        if time.time() - _newest_change(path) <= FOREIGN_STALE_S:
+            return None
+        size = _size(path)
+    except FileNotFoundError:
+        return None
+    return size if _remove(path) else None
 
 
 def _walk(path: Path) -> list[os.stat_result]:

@@ -9,7 +9,6 @@ process's (`remove_abandoned_staging`).
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -24,6 +23,7 @@ from filelock import FileLock, Timeout
 from vlmops.errors import RunFailed
 from vlmops.scratch import (
     Removed,
+    hold,
     kernel_pattern,
     new_held_folder,
     remove_abandoned,
@@ -73,7 +73,13 @@ def publish_folder(staging: Path, final: Path) -> None:
     aside = None
     if final.exists():  # written again: swap, so `final` is never partial
         aside = _moved_aside(final)
-    staging.rename(final)
+    try:
+        staging.rename(final)
+    except BaseException:
+        if aside is not None:  # the old folder back where it was, as if never touched
+            aside[0].rename(final)
+            os.close(aside[1])
+        raise
     sync_entries(final.parent)
     if aside is not None:
         remove_held(*aside)
@@ -84,7 +90,7 @@ def _moved_aside(final: Path) -> tuple[Path, int]:
     removed (its rmtree takes a while for a model) leaves a folder the next sweep in that folder takes."""
     held = os.open(final, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(held, fcntl.LOCK_EX)  # locked before it carries the name a sweep looks at
+        hold(held)  # locked before it carries the name a sweep looks at
         old = final.with_name(unique_name(f"{STAGING_PREFIX}old-{final.name}."))
         final.rename(old)
     except BaseException:
