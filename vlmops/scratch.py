@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from vlmops.plural import counted
+
 FOREIGN_STALE_S = 24 * 3600.0
 """Scratch another kernel's process made (or a vlmops before the locks) counts as a stopped process's once nothing in
 it has changed for this long: its lock cannot be seen from here, and a file is written in seconds."""
@@ -37,14 +39,33 @@ def _this_kernel() -> str:
 
 KERNEL = _this_kernel()
 
-_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
-"""flock's errors on a file system without locks: scratch there is made without one, and never removed by a sweep."""
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+"""flock's errors where no lock can be taken: a file system without locks, or NFS, which emulates an exclusive flock
+with a write lock and so refuses it on a folder (never open for writing). Scratch there is made without a lock, and a
+sweep judges it by its age, as another kernel's."""
 
 
 class Removed(NamedTuple):
     name: str
     size: int
     """Bytes its files held."""
+
+
+def said(removed: list[Removed], noun: str, where: str) -> str:
+    """What a sweep removed, in a log line: how many (each a `noun`), how many bytes, from `where`, the first names."""
+    names = [r.name for r in removed]
+    return (
+        f"removed {counted(len(names), noun)} ({in_bytes(sum(r.size for r in removed))}) that runs killed while "
+        f"writing left in {where}: " + ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    )
+
+
+def in_bytes(size: int) -> str:
+    """`size` bytes in words: "34 bytes", "3.4 kB", "1.2 GB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return counted(size, "byte")
 
 
 def unique_name(stem: str, suffix: str = "") -> str:
@@ -60,6 +81,16 @@ def kernel_pattern(stem: str, suffix: str = "") -> re.Pattern[str]:
     return re.compile(rf"{stem}(?:(?P<kernel>[0-9a-f]{{12}})\.)?[0-9a-f]{{32}}{re.escape(suffix)}")
 
 
+def hold(fd: int) -> None:
+    """Lock the open file or folder `fd` for this process, waiting while a sweep looks at it; where no lock can be
+    taken (`_NO_LOCKS`), nothing."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno not in _NO_LOCKS:
+            raise
+
+
 def hold_new(create: Callable[[], tuple[Path, int]]) -> tuple[Path, int]:
     """Create scratch with `create` (at a new name each call; it returns the path and a descriptor open on it) and lock
     it, until the descriptor is closed. Returns the path and the descriptor.
@@ -69,11 +100,10 @@ def hold_new(create: Callable[[], tuple[Path, int]]) -> tuple[Path, int]:
     while True:
         path, held = create()
         try:
-            fcntl.flock(held, fcntl.LOCK_EX)
-        except OSError as err:
-            if err.errno not in _NO_LOCKS:
-                os.close(held)
-                raise
+            hold(held)
+        except OSError:
+            os.close(held)
+            raise
         try:
             if os.path.samestat(os.fstat(held), path.stat()):
                 return path, held
@@ -119,22 +149,17 @@ def _removed_if_abandoned(path: Path, kernel: str | None) -> int | None:
     """Remove `path` if no live process holds it, and return the bytes it held; None where it stays. The lock is held
     while it is removed: a process that created it a moment ago finds it gone once it gets the lock (`hold_new`)."""
     if not KERNEL or kernel != KERNEL:
-        try:
-            if time.time() - _newest_change(path) <= FOREIGN_STALE_S:
-                return None
-            size = _size(path)
-        except FileNotFoundError:
-            return None
-        return size if _remove(path) else None
+        return _removed_if_stale(path)
     try:
         held = os.open(path, os.O_RDONLY)
     except OSError:  # published or removed since it was listed, or not ours to read
         return None
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held: its process lives (or no locks here: nothing tells)
+    except OSError as err:
         os.close(held)
-        return None
+        # Held: its process lives. No locks here: nothing tells but its age.
+        return _removed_if_stale(path) if err.errno in _NO_LOCKS else None
     try:
         if os.path.samestat(os.fstat(held), path.stat()):
             size = _size(path)
@@ -144,6 +169,17 @@ def _removed_if_abandoned(path: Path, kernel: str | None) -> int | None:
     finally:
         os.close(held)
     return None
+
+
+def _removed_if_stale(path: Path) -> int | None:
+    """Remove `path` once nothing in it has changed for FOREIGN_STALE_S; the bytes it held, or None where it stays."""
+    try:
+        if time.time() - _newest_change(path) <= FOREIGN_STALE_S:
+            return None
+        size = _size(path)
+    except FileNotFoundError:
+        return None
+    return size if _remove(path) else None
 
 
 def _walk(path: Path) -> list[os.stat_result]:

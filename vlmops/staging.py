@@ -1,12 +1,18 @@
-"""Folders that appear whole or not at all: built aside, renamed into place when complete."""
+"""Folders that appear whole or not at all: built aside, renamed into place when complete.
+
+A folder being built is named `.staging-...` and held by its process (`vlmops.scratch`: a lock the kernel drops when
+the process ends, however it ends). A process killed outright (SIGKILL, the OOM killer, a lost pod that keeps its
+volume) leaves it behind, a model download's GBs say: the next `staging_in` in that folder removes those, never a live
+process's (`remove_abandoned_staging`).
+"""
 
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,11 +21,26 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from vlmops.errors import RunFailed
+from vlmops.scratch import (
+    Removed,
+    hold,
+    kernel_pattern,
+    new_held_folder,
+    remove_abandoned,
+    remove_held,
+    said,
+    unique_name,
+)
 
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 """Names of folders being built; whatever still carries it after a crash is a leftover, never a result."""
+_HELD_NAME = kernel_pattern(rf"{re.escape(STAGING_PREFIX)}.*?\.").pattern
+STAGING_NAMES = re.compile(rf"{_HELD_NAME}|{re.escape(STAGING_PREFIX)}.+")
+"""What `remove_abandoned_staging` looks at: the names `staging_in` and `publish_folder` give (held while their process
+lives), and any other `.staging-` name (an older vlmops's, `tempfile.mkdtemp`'s), judged by its age as scratch of
+unknown origin is."""
 BUILD_LOCK_TIMEOUT_S = 3600.0
 """How long `build_lock` waits for another process's build (a model download can take this long)."""
 
@@ -49,15 +70,33 @@ def sync_entries(folder: Path) -> None:
 def publish_folder(staging: Path, final: Path) -> None:
     """Make a fully written folder visible under its final name in one rename (after flushing it to disk)."""
     sync_files(staging)
-    old = None
+    aside = None
     if final.exists():  # written again: swap, so `final` is never partial
-        old = final.with_name(f"{STAGING_PREFIX}old-{final.name}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    staging.rename(final)
+        aside = _moved_aside(final)
+    try:
+        staging.rename(final)
+    except BaseException:
+        if aside is not None:  # the old folder back where it was, as if never touched
+            aside[0].rename(final)
+            os.close(aside[1])
+        raise
     sync_entries(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if aside is not None:
+        remove_held(*aside)
+
+
+def _moved_aside(final: Path) -> tuple[Path, int]:
+    """Rename `final` to a held `.staging-old-` name (returned with the descriptor holding it): a kill before it is
+    removed (its rmtree takes a while for a model) leaves a folder the next sweep in that folder takes."""
+    held = os.open(final, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        hold(held)  # locked before it carries the name a sweep looks at
+        old = final.with_name(unique_name(f"{STAGING_PREFIX}old-{final.name}."))
+        final.rename(old)
+    except BaseException:
+        os.close(held)
+        raise
+    return old, held
 
 
 def publish_new_folder(staging: Path, final: Path) -> bool:
@@ -159,9 +198,13 @@ class Stage:
 @contextmanager
 def staging_in(parent: Path, prefix: str = "") -> Iterator[Stage]:
     """Yield a fresh folder in `parent`, published under the name given by `Stage.name` when the block
-    succeeds, removed when it raises. A crash mid-way leaves only a `.staging-` folder, never a result."""
+    succeeds, removed when it raises. A crash mid-way leaves only a `.staging-` folder, never a result; this process
+    holds it while the block runs, and the next `staging_in` in `parent` removes it once the process is gone, with
+    what other killed processes left there (`remove_abandoned_staging`)."""
     parent.mkdir(parents=True, exist_ok=True)
-    stage = Stage(Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{prefix}.", dir=parent)), parent)
+    remove_abandoned_staging(parent)
+    path, held = new_held_folder(parent, f"{STAGING_PREFIX}{prefix}.")
+    stage = Stage(path, parent)
     try:
         yield stage
         if stage.final is None:
@@ -171,8 +214,25 @@ def staging_in(parent: Path, prefix: str = "") -> Iterator[Stage]:
         else:
             publish_new_folder(stage.path, stage.final)
     except BaseException:
-        shutil.rmtree(stage.path, ignore_errors=True)
+        remove_held(stage.path, held)
         raise
+    os.close(held)  # published (renamed, or removed as a duplicate): the lock is no longer needed
+
+
+def remove_abandoned_staging(parent: Path) -> list[Removed]:
+    """Remove the `.staging-` folders in `parent` that processes killed outright left (a model download's, a merge's:
+    GBs each), never one a live process builds, and log what went; returns it.
+
+    Every prefix, not only the caller's: a folder like a model's registry cache holds each version's staging, and a
+    killed download of one is found when another is fetched. A folder held by a live process (this machine's; another
+    machine's and an unheld one once nothing in it changed for a day, `vlmops.scratch`) stays: two processes building
+    in one folder at once each leave the other's. Two building the same folder wait on `build_lock` where the caller
+    takes it, before either builds.
+    """
+    removed = remove_abandoned(parent, STAGING_NAMES)
+    if removed:
+        log.info("%s", said(removed, "staging folder", str(parent)))
+    return removed
 
 
 @contextmanager

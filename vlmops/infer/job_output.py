@@ -28,6 +28,7 @@ from vlmops.infer.job_plan import SETTING_KEYS, JobPlan
 from vlmops.infer.output import JOB_FILE, JobOutput, written_file
 from vlmops.infer.shards import InputFile, Shard
 from vlmops.plural import counted
+from vlmops.scratch import said
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +97,7 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
 def _sweep(output: JobOutput) -> None:
     swept = output.sweep()
     if swept.removed:
-        names = [r.name for r in swept.removed]
-        log.info(
-            "removed %s (%s) that runs killed while writing left in %s: %s",
-            counted(len(names), swept.noun),
-            _in_bytes(sum(r.size for r in swept.removed)),
-            swept.where,
-            ", ".join(names[:3]) + (", ..." if len(names) > 3 else ""),
-        )
-
-
-def _in_bytes(size: int) -> str:
-    """`size` bytes in words: "34 bytes", "3.4 kB", "1.2 GB"."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return counted(size, "byte")
+        log.info("%s", said(swept.removed, swept.noun, swept.where))
 
 
 def _difference(old: JobPlan, new: JobPlan) -> str:

@@ -329,6 +329,8 @@ def is_last_step(checkpoint: Path) -> bool:
 def remove_unfinished(run_dir: Path, resume: Path | None) -> list[Path]:
     """Delete what a stopped run left half-written (staging folders, the checkpoint whose save was cut short:
     see `unfinished_after`); returns it. Older unmarked checkpoints are kept, with a warning."""
+    # Every `.staging-` folder, held or not, unlike `staging.remove_abandoned_staging`: a run folder is one run's, so
+    # none is live when the run starts, and `.staging-final` (written by every rank) is held by no single process.
     removed = [*sorted(run_dir.glob(f"{STAGING_PREFIX}*")), *unfinished_after(run_dir, resume)]
     for path in removed:
         shutil.rmtree(path)
