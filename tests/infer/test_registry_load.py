@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.http_remote import http_remote
 from vlmops.config import TrackingConfig
+from vlmops.infer import resolve
 from vlmops.infer.chat import ChatModel
 from vlmops.infer.resolve import REGISTRY_MANIFEST, resolve_model_ref
 from vlmops.models.tiny import build_tiny_model
@@ -77,6 +80,34 @@ def test_load_registered_model_by_alias_and_version(
     assert (downloaded.parent / REGISTRY_MANIFEST).is_file()
     again = resolve_model_ref(f"models:/{NAME}/1", tracking_uri=registry, cache_dir=cache)
     assert (again / "config.json").is_file()
+
+
+def test_processes_that_need_a_version_at_once_download_it_once_and_share_the_copy(
+    registry: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A distributed job's task workers on one machine load its model as the job starts: one downloads, the others
+    wait for it and use its copy (before, each downloaded the version and published its copy over the folder another
+    was reading). Two threads stand for the processes: each takes the lock on a descriptor of its own."""
+    version = register(registry, tiny_model, "shared")
+    cache = tmp_path / "cache"
+    downloads: list[str] = []
+
+    def slow_download(source: str, dst: Path, tracking_uri: str | None) -> str:
+        downloads.append(source)
+        time.sleep(1.0)  # long enough for the other caller to find no copy yet
+        return real_download(source, dst, tracking_uri)
+
+    real_download = resolve._download
+    monkeypatch.setattr(resolve, "_download", slow_download)
+    with ThreadPoolExecutor(2) as pool:
+        found = list(
+            pool.map(
+                lambda _: resolve_model_ref(f"models:/{NAME}/{version}", tracking_uri=registry, cache_dir=cache),
+                range(2),
+            )
+        )
+    assert len(downloads) == 1, downloads
+    assert found[0] == found[1] and (found[0] / "config.json").is_file()
 
 
 def test_registry_errors_name_the_model(registry: str, tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from vlmops.config import InferConfig, ModelConfig, PipelineConfig
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.filenames import safe_name
 from vlmops.redact import redact_uri
-from vlmops.staging import staged_folder
+from vlmops.staging import build_lock, staged_folder
 from vlmops.tracking import resolve_tracking_uri
 from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
 from vlmops.versioning import POINTER_FILE, checkout_pointer
@@ -376,18 +376,26 @@ def download_registered_model(
         log.info("%s is version %s, cached at %s", uri, version.version, cached)
         return cached
 
-    with staged_folder(target) as staging:
-        log.info("downloading %s (version %s) from %s", uri, version.version, manifest["source"])
-        local = Path(_download(source, staging, tracking_uri))
-        if (local / POINTER_FILE).is_file():  # the version points at the copy in the DVC remote
-            local = checkout_pointer(local / POINTER_FILE, staging / "dvc", dvc_remote_url)
-        if not (local / "config.json").is_file():
-            raise ValueError(
-                f"model {uri}: version {version.version}'s artifacts ({source}) are not a checkpoint folder "
-                "(no config.json); register the merged model folder itself"
-            )
-        manifest["folder"] = local.relative_to(staging).as_posix()
-        (staging / REGISTRY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    # One download of a version at a time into one cache: the processes that need it at once (a distributed job's
+    # task workers on one machine, each loading its model as the job starts) wait for the first and use its copy,
+    # where each would download it and publish its own over the folder another is reading.
+    with build_lock(target, f"downloading {redact_uri(uri)} (version {version.version})"):
+        cached = _cached_checkpoint(target, manifest)
+        if cached is not None:
+            log.info("%s is version %s, cached at %s by another process meanwhile", uri, version.version, cached)
+            return cached
+        with staged_folder(target) as staging:
+            log.info("downloading %s (version %s) from %s", uri, version.version, manifest["source"])
+            local = Path(_download(source, staging, tracking_uri))
+            if (local / POINTER_FILE).is_file():  # the version points at the copy in the DVC remote
+                local = checkout_pointer(local / POINTER_FILE, staging / "dvc", dvc_remote_url)
+            if not (local / "config.json").is_file():
+                raise ValueError(
+                    f"model {uri}: version {version.version}'s artifacts ({source}) are not a checkpoint folder "
+                    "(no config.json); register the merged model folder itself"
+                )
+            manifest["folder"] = local.relative_to(staging).as_posix()
+            (staging / REGISTRY_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return target / manifest["folder"]
 
 
