@@ -23,6 +23,7 @@ class OutageProxy:
         self.stops = 0
         self._marker: bytes | None = None
         self._lock = threading.Lock()
+        self._stop_lock = threading.Lock()  # a start waits for a stop under way to end
         self._open: set[socket.socket] = set()
         self._stopping = threading.Event()
         self._accepting: threading.Thread | None = None
@@ -34,25 +35,28 @@ class OutageProxy:
         self._marker = marker
 
     def start(self) -> None:
-        listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again at once
-        listener.settimeout(WAIT_S)
-        self.port = listener.getsockname()[1]
-        self._stopping.clear()
-        self._accepting = threading.Thread(target=self._accept, args=(listener,), daemon=True)
-        self._accepting.start()
+        with self._stop_lock:
+            listener = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: the same port again at once
+            listener.settimeout(WAIT_S)
+            self.port = listener.getsockname()[1]
+            self._stopping.clear()
+            self._accepting = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+            self._accepting.start()
 
     def stop(self) -> None:
-        """Refuse new connections and cut the open ones."""
-        self._stopping.set()
-        if self._accepting is not None:
-            self._accepting.join()  # the listener is closed once it returns
-        with self._lock:
-            open_sockets, self._open = self._open, set()
-        for sock in open_sockets:
-            with suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)  # wakes the relay's select, and the client sees the cut
-            sock.close()
-        self.stops += 1
+        """Refuse new connections and cut the open ones. Counted in `stops` first: a client that sees its connection
+        cut may look at `stops` before the cutting thread has closed the other sockets."""
+        with self._stop_lock:
+            self.stops += 1
+            self._stopping.set()
+            if self._accepting is not None:
+                self._accepting.join()  # the listener is closed once it returns
+            with self._lock:
+                open_sockets, self._open = self._open, set()
+            for sock in open_sockets:
+                with suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # wakes the relay's select, and the client sees the cut
+                sock.close()
 
     def _accept(self, listener: socket.socket) -> None:
         with listener:

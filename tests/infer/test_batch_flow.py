@@ -311,7 +311,7 @@ def test_cancelling_a_stopped_jobs_shards_as_the_api_goes_away_ends_at_once_and_
     with temporary_settings({PREFECT_API_URL: f"{proxy.url}/api"}):
         cancelled, running, failed = _cancel_not_started(shards, "interrupted")
     assert time.monotonic() - started < 5
-    assert (cancelled, running) == ([], []) and proxy.stops == 1
+    assert (cancelled, running, proxy.stops) == ([], [], 1), failed
     assert failed is not None and failed.startswith(("RemoteProtocolError", "ReadError")), failed
 
 
