@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import shutil
 import stat
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 from vlmops.plural import counted
+
+log = logging.getLogger(__name__)
 
 FOREIGN_STALE_S = 24 * 3600.0
 """Scratch another kernel's process made (or a vlmops before the locks) counts as a stopped process's once nothing in
@@ -127,6 +132,33 @@ def remove_held(path: Path, held: int) -> None:
     """Remove the folder `path` this process holds (`new_held_folder`) with what is in it, then its lock."""
     shutil.rmtree(path, ignore_errors=True)
     os.close(held)
+
+
+def temp_dir() -> Path:
+    """The system temp dir ($TMPDIR), where a process keeps scratch folders of its own."""
+    return Path(tempfile.gettempdir())
+
+
+@contextmanager
+def held_folder(stem: str, parent: Path | None = None) -> Iterator[Path]:
+    """A folder of this process's own in `parent` (the temp dir when None) named `unique_name(stem)`, held while the
+    block runs and removed after it: `tempfile.TemporaryDirectory`, but what a process killed outright (SIGKILL, the
+    OOM killer) left is removed by the next one made there with that stem, never a live process's; logged."""
+    parent = temp_dir() if parent is None else parent
+    removed = remove_abandoned_folders(parent, stem)
+    if removed:
+        log.info("%s", said(removed, "scratch folder", str(parent)))
+    path, held = new_held_folder(parent, stem)
+    try:
+        yield path
+    finally:
+        remove_held(path, held)
+
+
+def remove_abandoned_folders(parent: Path, stem: str) -> list[Removed]:
+    """Remove the folders `new_held_folder(parent, stem)` made that no live process holds (`remove_abandoned`);
+    return what went. `stem` as written, not a pattern."""
+    return remove_abandoned(parent, kernel_pattern(re.escape(stem)))
 
 
 def remove_abandoned(folder: Path, names: re.Pattern[str]) -> list[Removed]:

@@ -24,8 +24,9 @@ from vlmops.infer.job_output import finalize, open_job, pending_shards
 from vlmops.infer.job_plan import ModelInfo
 from vlmops.infer.job_status import JobResult
 from vlmops.infer.output import open_output
-from vlmops.infer.parallel import POLL_S, complete_lines, run_in_process_group
+from vlmops.infer.parallel import CHILD_CONFIG_STEM, POLL_S, WORKERS_STEM, complete_lines, run_in_process_group
 from vlmops.infer.planning import plan_job
+from vlmops.scratch import held_folder, remove_abandoned_folders
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -144,6 +145,15 @@ model, prompts, out, *overrides = sys.argv[1:]
 run_job_in_child(model, prompts, out, load_config(None, overrides))
 """
 KILLED_JOB = ["infer.shard_size=2", "infer.max_new_tokens=4", "storage.url_allow_networks=[127.0.0.1/32]"]
+# Scratch folders that a step and a job killed outright before left in the temp dir (`held_folder`'s, unheld).
+ABANDONED = """
+import os, signal, sys
+from pathlib import Path
+from vlmops.scratch import new_held_folder
+for stem in sys.argv[2:]:
+    new_held_folder(Path(sys.argv[1]), stem)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
 
 
 def _session(sid: int) -> list[int]:
@@ -183,7 +193,11 @@ def _gone_within(pids: list[int], seconds: float) -> list[int]:
 def test_a_step_killed_outright_takes_its_job_and_the_jobs_workers_with_it(tiny_model: Path, tmp_path: Path) -> None:
     """SIGKILL of the step alone (the OOM killer, a cancellation past its grace period) runs no clean-up in it, yet
     the job's child dies with it, and so, killed alone as it is, takes both its workers; an orphan kept the GPU's
-    memory and went on writing the output. The same job run again then answers every record exactly once."""
+    memory and went on writing the output. The same job run again then answers every record exactly once.
+
+    The step's folder (the job's config) and the job's (the workers' config and stats) are left in the temp dir: each
+    removes those that such kills left before as it starts (a TemporaryDirectory's were left forever), never a live
+    process's (here this process's own)."""
     # 12 records in 6 shards of 2 (worker 0 answers shards 0, 2, 4; worker 1 shards 1, 3, 5), two of them rejects.
     # Each worker's second shard holds an image the server holds back: the job stays mid-way until the test is done
     # with it (left to run on, an orphan would finish its few records unseen).
@@ -191,15 +205,24 @@ def test_a_step_killed_outright_takes_its_job_and_the_jobs_workers_with_it(tiny_
         {"id": f"r{i}", "query": f"What is {i}?"} if i % 5 != 4 else {"prompt": "neither"} for i in range(12)
     ]
     prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out"
-    with serving_images() as server:
+    scratch = tmp_path / "tmp"  # TMPDIR: where the step and the job make their scratch folders
+    scratch.mkdir()
+    with (
+        serving_images() as server,
+        held_folder(CHILD_CONFIG_STEM, scratch) as live_config,
+        held_folder(WORKERS_STEM, scratch) as live_workers,
+    ):
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(scratch)}
+        abandoning = [sys.executable, "-c", ABANDONED, str(scratch), CHILD_CONFIG_STEM, WORKERS_STEM]
+        assert subprocess.run(abandoning, env=env).returncode == -signal.SIGKILL
+        dead = set(scratch.iterdir()) - {live_config, live_workers}
+        assert len(dead) == 2
         for i in (5, 7):
             lines[i]["images"] = [f"{server.url}/held.png"]
         prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
         step = [sys.executable, "-c", JOB_STARTER, str(tiny_model), str(prompts), str(out)]
         starter = subprocess.Popen(
-            [*step, "infer.workers=2", "infer.batch_size=1", *KILLED_JOB],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            start_new_session=True,
+            [*step, "infer.workers=2", "infer.batch_size=1", *KILLED_JOB], env=env, start_new_session=True
         )
         job = None
         try:
@@ -232,6 +255,13 @@ def test_a_step_killed_outright_takes_its_job_and_the_jobs_workers_with_it(tiny_
                     os.kill(pid, signal.SIGKILL)
         server.release.set()
         assert not (out / "manifest.json").exists()
+        # The earlier kills' folders went as the step (its config's) and the job (its workers') started; the killed
+        # step's and job's own are left, one each, for the next step's and job's sweep, which leaves the live ones.
+        assert not dead & set(scratch.iterdir())
+        for stem in (CHILD_CONFIG_STEM, WORKERS_STEM):
+            (killed,) = [r.name for r in remove_abandoned_folders(scratch, stem)]
+            assert killed.startswith(stem)
+        assert sorted(scratch.iterdir()) == sorted([live_config, live_workers])
 
         # The same job again (workers and batch size are not part of it: here in this process, faster).
         config = load_config(None, ["infer.batch_size=4", *KILLED_JOB])

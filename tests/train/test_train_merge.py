@@ -4,7 +4,12 @@ fails loudly on genuinely wrong weights, full-mode export, and `vlmops export`."
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
 from vlmops.errors import UserInputError
 from vlmops.evaluate.checkpoint import evaluate_checkpoint
+from vlmops.scratch import held_folder
 from vlmops.train.merge import (
     MergeFailed,
     MergeParityError,
@@ -29,6 +35,8 @@ from vlmops.train.merge import (
 )
 from vlmops.train.rundir import checkpoints, open_run
 from vlmops.train.sft import train
+
+ROOT = Path(__file__).resolve().parents[2]
 
 LORA = {
     "train.lora.targets": "all-linear",
@@ -168,6 +176,44 @@ def test_merge_in_a_child_process(lora_run: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "merged-bf16").exists() and not list(tmp_path.glob(".merge-*"))
     with pytest.raises(MergeFailed, match=r"(?s)merge failed \(exit code 1\).*not a vlmops run"):
         launch_merge(tmp_path / "nope", tmp_path / "never")
+
+
+MERGING = """
+import sys
+from pathlib import Path
+from vlmops.train.merge import launch_merge
+launch_merge(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_a_merge_killed_outright_leaves_its_folder_to_the_next_merge_there_and_a_live_ones_stays(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A merge step killed outright (SIGKILL, the OOM killer) left its `.merge-` folder beside the merged model
+    forever (a TemporaryDirectory's clean-up never ran). The next merge into that folder removes it, and says so, but
+    not the folder of a merge going on now (held: here this process's own)."""
+    out = tmp_path / "merged"
+    with held_folder(".merge-", tmp_path) as live:
+        merging = [sys.executable, "-c", MERGING, str(tmp_path / "nope"), str(out)]
+        killed = subprocess.Popen(merging, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            deadline = time.monotonic() + 60
+            while len(list(tmp_path.glob(".merge-*"))) < 2:  # its folder made: the merge child starts now
+                assert killed.poll() is None and time.monotonic() < deadline, "the merge did not get under way"
+                time.sleep(0.01)
+            killed.send_signal(signal.SIGKILL)
+        finally:
+            killed.kill()
+            killed.wait()
+        (dead,) = set(tmp_path.glob(".merge-*")) - {live}
+        with caplog.at_level("INFO", logger="vlmops.scratch"), pytest.raises(MergeFailed, match="not a vlmops run"):
+            launch_merge(tmp_path / "nope", out)
+        assert list(tmp_path.glob(".merge-*")) == [live]
+    assert not list(tmp_path.glob(".merge-*"))
+    said = [r.getMessage() for r in caplog.records if r.name == "vlmops.scratch"]
+    assert said == [
+        f"removed 1 scratch folder (0 bytes) that runs killed while writing left in {tmp_path}: {dead.name}"
+    ]
 
 
 def test_full_mode_merge_exports_final(tiny_model: Path, snapshot: PreparedDataset, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 from vlmops.config import load_config
 from vlmops.data.prepare import PreparedDataset
 from vlmops.train.launch import training_command
-from vlmops.train.rundir import COMPLETE_MARKER, checkpoints
+from vlmops.train.rundir import COMPLETE_MARKER, checkpoints, remove_unfinished
 from vlmops.train.sft import setup_training, train
 
 # 4 epochs of 12 steps, a checkpoint every 4; LoRA dropout on, so the RNG state must be restored too.
@@ -77,6 +77,26 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(
     assert [s for s, _ in resumed.eval_history] == [s for s, _ in reference.eval_history] == [12, 24, 36, 48]
     assert [v for _, v in resumed.eval_history] == pytest.approx([v for _, v in reference.eval_history], abs=1e-5)
     assert resumed.train_loss == pytest.approx(reference.train_loss, abs=1e-5)
+
+
+def test_a_staging_file_or_link_in_a_run_folder_is_removed_and_what_a_link_points_to_kept(tmp_path: Path) -> None:
+    """A plain file named `.staging-...` in a run folder (a user's, another tool's) made the start's clean-up raise
+    NotADirectoryError: no run could start there. Removed with the folders, as a link is (not what it points to)."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".staging-final").mkdir(parents=True)
+    (run_dir / ".staging-final" / "adapter_model.safetensors").write_bytes(b"x")
+    (run_dir / ".staging-notes").write_text("a file of that name")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("not the run's")
+    (run_dir / ".staging-link").symlink_to(elsewhere)
+    (run_dir / "checkpoint-2").mkdir()
+    (run_dir / "checkpoint-2" / COMPLETE_MARKER).write_text("")
+
+    removed = remove_unfinished(run_dir, None)
+    assert [p.name for p in removed] == [".staging-final", ".staging-link", ".staging-notes"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-2"]
+    assert (elsewhere / "keep").read_text() == "not the run's"
 
 
 def test_resume_never_starts_over_and_a_path_must_be_a_checkpoint(

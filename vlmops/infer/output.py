@@ -18,7 +18,6 @@ aborted by boto3 as it stops.
 from __future__ import annotations
 
 import os
-import tempfile
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +33,9 @@ from vlmops.scratch import (
     kernel_pattern,
     new_held_folder,
     remove_abandoned,
+    remove_abandoned_folders,
     remove_held,
+    temp_dir,
     unique_name,
 )
 from vlmops.staging import publish_file
@@ -45,7 +46,6 @@ JOB_FILE = "_job/job.json"
 
 SCRATCH_STEM = "vlmops-job-"
 """How the scratch folder of a process writing to an S3 output is named, under the temp dir (`unique_name`)."""
-_SCRATCH_NAME = kernel_pattern(SCRATCH_STEM)
 _TMP_NAME = kernel_pattern(r"\..+?\.", ".tmp")
 
 
@@ -186,7 +186,7 @@ class S3Output:
     def scratch(self) -> Path:
         if self._scratch is None:
             # Held (locked) while this process lives: a sweep by another job on this machine leaves it.
-            self._scratch, held = new_held_folder(Path(tempfile.gettempdir()), SCRATCH_STEM)
+            self._scratch, held = new_held_folder(temp_dir(), SCRATCH_STEM)
             # Removed with this output, at exit, or by `close`: a worker that runs job after job kept a folder for each.
             self._removal = weakref.finalize(self, remove_held, self._scratch, held)
         return self._scratch
@@ -195,8 +195,8 @@ class S3Output:
         """The scratch folders of processes killed outright on this machine (SIGKILL, the OOM killer): each held up to
         a part waiting for its PUT, and a worker killed now and then filled its disk. Not those of live processes,
         another job's or a task worker's."""
-        folder = Path(tempfile.gettempdir())
-        return Swept("scratch folder", str(folder), remove_abandoned(folder, _SCRATCH_NAME))
+        folder = temp_dir()
+        return Swept("scratch folder", str(folder), remove_abandoned_folders(folder, SCRATCH_STEM))
 
     def close(self) -> None:
         if self._removal is not None:

@@ -31,7 +31,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -51,6 +50,7 @@ from vlmops.infer.shards import Shard
 from vlmops.multigpu import NO_MULTICAST_ENV
 from vlmops.outages import PARENT_ADVISES_ENV, ServiceUnavailable, unreachable_service
 from vlmops.plural import counted
+from vlmops.scratch import held_folder
 from vlmops.stopping import StopSignal, exit_now, exit_status, stop_signals_raised
 from vlmops.train.child import copy_output, tied_to_this_process
 
@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 STOP_GRACE_S = 10.0
 ERROR_TAIL_LINES = 12  # of a failed child's stderr, in its RunFailed
+WORKERS_STEM = "vlmops-workers-"
+"""The temp dir's folder of a multi-GPU job's coordinator (its config and the workers' stats files): `held_folder`."""
+CHILD_CONFIG_STEM = "vlmops-child-config-"
+"""The temp dir's folder of the config a job run in a child reads (`run_job_in_child`): `held_folder`."""
 
 
 def default_workers() -> int:
@@ -85,13 +89,14 @@ def run_on_workers(
     if gpus and workers > gpus:
         raise ValueError(f"infer.workers={workers} but this machine shows only {counted(gpus, 'GPU')}")
     sizes = {s.index: s.count for s in shards}
-    with tempfile.TemporaryDirectory(prefix="vlmops-workers-") as tmp:
-        config_file = Path(tmp) / "config.yaml"
+    # Held while the job runs: the next multi-GPU job on this machine removes the folders of jobs killed outright.
+    with held_folder(WORKERS_STEM) as tmp:
+        config_file = tmp / "config.yaml"
         config_file.write_text(dump_config(config))
         procs: list[subprocess.Popen[bytes]] = []
         tails: list[deque[str]] = []  # each worker's last lines: a failure's error quotes them
         copiers: list[threading.Thread] = []
-        stats_files = [Path(tmp) / f"stats-{rank}.jsonl" for rank in range(workers)]
+        stats_files = [tmp / f"stats-{rank}.jsonl" for rank in range(workers)]
         seen = [0] * workers
         try:
             for rank in range(workers):
@@ -308,8 +313,8 @@ def run_job_in_child(
         RunFailed: the job failed (its output says why; a rerun resumes it).
     """
     env = {**os.environ, PARENT_ADVISES_ENV: "1"}
-    with tempfile.TemporaryDirectory(prefix="vlmops-child-config-") as tmp:
-        config_file = Path(tmp) / "config.yaml"
+    with held_folder(CHILD_CONFIG_STEM) as tmp:  # a step killed outright leaves it to the next one's sweep
+        config_file = tmp / "config.yaml"
         config_file.write_text(dump_config(config))
         command = job_command(model_ref, input_spec, output_uri, config_file, named_as)
         run_in_process_group(command, env=env, poll=poll)

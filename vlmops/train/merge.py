@@ -24,7 +24,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -36,6 +35,7 @@ import torch
 from vlmops import quiet
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.models.loading import default_device, load_processor, resolve_dtype, safe_weights
+from vlmops.scratch import held_folder
 from vlmops.staging import staged_folder
 from vlmops.train.child import run_child
 from vlmops.train.rundir import CONFIG_FILE, RUN_INFO, TrainedRun, open_run
@@ -274,8 +274,9 @@ def launch_merge(run_dir_or_ckpt: Path, out_dir: Path, atol: float | None = None
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     log_file = out_dir.with_name(f"{out_dir.name}.log")
-    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".merge-") as tmp:
-        result_file = Path(tmp) / "result.json"
+    # Held while the child merges: the next merge into this folder removes those of merges killed outright.
+    with held_folder(".merge-", out_dir.parent) as tmp:
+        result_file = tmp / "result.json"
         command = [
             sys.executable,
             "-m",

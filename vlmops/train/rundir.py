@@ -327,13 +327,17 @@ def is_last_step(checkpoint: Path) -> bool:
 
 
 def remove_unfinished(run_dir: Path, resume: Path | None) -> list[Path]:
-    """Delete what a stopped run left half-written (staging folders, the checkpoint whose save was cut short:
-    see `unfinished_after`); returns it. Older unmarked checkpoints are kept, with a warning."""
+    """Delete what a stopped run left half-written (`.staging-` folders, and files of that name; the checkpoint whose
+    save was cut short: see `unfinished_after`); returns it. Older unmarked checkpoints are kept, with a warning."""
     # Every `.staging-` folder, held or not, unlike `staging.remove_abandoned_staging`: a run folder is one run's, so
     # none is live when the run starts, and `.staging-final` (written by every rank) is held by no single process.
     removed = [*sorted(run_dir.glob(f"{STAGING_PREFIX}*")), *unfinished_after(run_dir, resume)]
     for path in removed:
-        shutil.rmtree(path)
+        # A file (or link) of that name too: the name says it is no result, and rmtree raised on it, so no run started.
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         log.warning("removed %s: a stopped run did not finish writing it", path)
     for path in incomplete_checkpoints(run_dir):
         if path not in removed:
