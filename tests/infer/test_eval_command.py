@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from vlmops.cli.main import main
+from vlmops.config import load_config
 from vlmops.data.formats import read_dataset
 from vlmops.evaluate.metrics import evaluate_predictions
 from vlmops.infer.batch_job import predict_eval_file
 from vlmops.models.loading import load_model
+from vlmops.scratch import new_held_folder, remove_held
 from vlmops.train.rundir import RunInfo, run_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -131,3 +139,35 @@ def test_an_evaluation_that_fails_leaves_no_earlier_scores_beside_its_prediction
     dataclasses.replace(RunInfo.read(run, run), base_model=str(tmp_path / "gone")).write(run)
     assert eval_command(str(run), ["infer.max_new_tokens=3"], str(out)) == 2
     assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl"]
+
+
+# A job killed outright (SIGKILL, the OOM killer) while it answered an eval split into OUT: its scratch folder stays.
+KILLED_EVAL_JOB = """
+import os, signal, sys
+from pathlib import Path
+from vlmops.scratch import new_held_folder
+path, _ = new_held_folder(Path(sys.argv[1]), sys.argv[2])
+(path / "part-00000.jsonl").write_text("{}\\n")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_an_eval_job_removes_the_scratch_of_eval_jobs_killed_outright_beside_its_output_never_a_live_ones(
+    tiny_model: Path, snapshot: Path, tmp_path: Path
+) -> None:
+    """An eval split's job runs in a scratch folder beside its predictions file: one killed outright left it there
+    forever (a TemporaryDirectory's clean-up never ran). The next one there removes it, not one a live job holds
+    (here this process's own), and leaves none of its own."""
+    out = tmp_path / "plain.jsonl"
+    stem = f".{out.name}."
+    killed = [sys.executable, "-c", KILLED_EVAL_JOB, str(tmp_path), stem]
+    assert subprocess.run(killed, env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode == -signal.SIGKILL
+    (dead,) = tmp_path.glob(f"{stem}*")
+    live, held = new_held_folder(tmp_path, stem)  # not `held_folder`, which would sweep the dead one itself
+    try:
+        config = load_config(None, ["infer.max_new_tokens=2"])
+        predict_eval_file(load_model(tiny_model), snapshot / "eval.jsonl", out, config)
+        assert sorted(tmp_path.iterdir()) == sorted([out, live])
+    finally:
+        remove_held(live, held)
+    assert not dead.exists()

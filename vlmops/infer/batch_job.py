@@ -54,6 +54,7 @@ from vlmops.infer.summary import sample_rows
 from vlmops.models.compile_cache import SharedCompileCache
 from vlmops.models.loading import LoadedModel
 from vlmops.plural import counted, counted_of
+from vlmops.scratch import held_folder
 
 if TYPE_CHECKING:
     from vlmops.tracking import Tracker
@@ -253,7 +254,7 @@ class BatchResult:
 def predict_eval_file(loaded: LoadedModel, eval_file: Path, out_file: Path, config: PipelineConfig) -> BatchResult:
     """A job over one eval split with a model loaded already (`vlmops eval`), then the file evaluate reads.
 
-    The job runs in a temporary folder beside `out_file`, removed afterwards: the caller may switch an adapter
+    The job runs in a scratch folder beside `out_file` (`scratch.held_folder`), removed afterwards: the caller may switch an adapter
     on or off between calls, which the job's model hash (of the checkpoint folder) does not see, so there is
     nothing safe to resume. Every record must be answerable (`infer.on_error: fail`): a score over fewer
     records would be another score.
@@ -261,8 +262,10 @@ def predict_eval_file(loaded: LoadedModel, eval_file: Path, out_file: Path, conf
     config = strict_copy(config)
     info = ModelInfo(str(loaded.path), None, f"sha256:{folder_hash(loaded.path, hash_cache_dir(config))}")
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out_file.name}.", suffix=JOB_DIR_SUFFIX, dir=out_file.parent) as tmp:
-        output = open_output(tmp)
+    # Held while the job runs: the next one beside `out_file` removes what a job killed outright (SIGKILL, the OOM
+    # killer) left there, the eval split's answers, never a live job's.
+    with held_folder(f".{out_file.name}.", out_file.parent) as tmp:
+        output = open_output(str(tmp))
         measure = PromptCounter(loaded.tokenizer, loaded.num_image_tokens, config) if counts_prompts(config) else None
         plan = open_job(plan_job(info, str(eval_file), config, measure=measure), output)
         runner = ShardRunner(loaded, make_engine(loaded, config.infer, plan.longest_prompt, plan.records), config)
