@@ -319,8 +319,8 @@ class _Lease:
     def release(self) -> None:
         """Stop renewing and delete the lease where it is still this run's."""
         self.stop.set()
-        if self.renewer is not None:
-            self.renewer.join()
+        if self.renewer is not None:  # mid-PUT to a server that does not answer, it is not waited for past its turn
+            self.renewer.join(timeout=LEASE_RENEW_S)
         if self.etag is None:
             return
         try:
