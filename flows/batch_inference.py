@@ -15,6 +15,9 @@ Where the shards run:
   taken or finished for a minute, the flow run's log says how they stand and how to start a task worker
   (`_WaitingReport`); a shard whose task run is gone (deleted by a task worker) fails the run.
 
+One run of a job at a time: the job's child (or, distributed, the flow run itself) holds the output while the job runs,
+and a flow run of a job another run holds fails at once, naming that run (`vlmops.infer.job_lock`).
+
 A progress artifact (shards done / shards) is updated as shards finish; at the end a markdown artifact
 (`batch-inference-summary`) holds the summary `vlmops batch-infer` prints, a table artifact
 (`batch-inference-samples`) the first results beside their questions, and the flow returns the summary as a dict.
@@ -40,6 +43,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -64,6 +68,7 @@ from tasks.report import publish_samples, publish_summary
 from tasks.retry import names_unreachable_service, retry_this_flow_run
 from vlmops.config import PipelineConfig, load_config
 from vlmops.infer.batch_job import complete_job, prepare_job
+from vlmops.infer.job_lock import refuse_if_running
 from vlmops.infer.job_output import (
     MANIFEST_FILE,
     PART_PREFIX,
@@ -151,35 +156,45 @@ def batch_inference(
     # sync_compatible: called from sync code it returns the artifact's id, not a coroutine
     artifact = cast(UUID, create_progress_artifact(0.0, description=f"batch inference {model} -> {output}"))
     if distributed:
-        _source, plan, job_output, config = prepare_job(pinned, input, output, config, named_as)
-        manifest = read_manifest(plan, job_output)
-        ran: list[ShardStats] = []
-        if manifest is None:
-            todo = pending_shards(plan, job_output)
-            done_before = len(plan.shards) - len(todo)
-            todo = todo[: config.infer.max_shards]  # a trial run's first shards (None: all)
-            logger.info(
-                "job %s: %s to hand to the task workers (%d done before)",
-                plan.job_id,
-                counted(len(todo), "shard"),
-                done_before,
+        # This flow run coordinates the job: it holds the job's output until the job ends (the task workers hold
+        # nothing), and another run of the job is refused, naming this flow run.
+        with ExitStack() as run:
+            _source, plan, job_output, config = prepare_job(
+                pinned, input, output, config, named_as, run=run, run_by=_this_flow_run()
             )
-            shards = {answer_shard.delay(pinned, job_output.uri, config, s.index).task_run_id: s for s in todo}
-            try:
-                for state in _final_states(shards, plan.job_id):
-                    ran.append(state.result())
-                    update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
-            except BaseException as stop:  # a cancel, Ctrl-C, a failed shard: nothing waits for the other shards now
-                _cancel_shards(stop, shards, job_output)
-                raise
-        if manifest is None and pending_shards(plan, job_output):  # infer.max_shards left shards to do
-            return _stopped(StoppedJob(job_status(job_output), ran), model, output)
-        result = complete_job(plan, job_output, ran, config)
+            manifest = read_manifest(plan, job_output)
+            ran: list[ShardStats] = []
+            if manifest is None:
+                todo = pending_shards(plan, job_output)
+                done_before = len(plan.shards) - len(todo)
+                todo = todo[: config.infer.max_shards]  # a trial run's first shards (None: all)
+                logger.info(
+                    "job %s: %s to hand to the task workers (%d done before)",
+                    plan.job_id,
+                    counted(len(todo), "shard"),
+                    done_before,
+                )
+                shards = {answer_shard.delay(pinned, job_output.uri, config, s.index).task_run_id: s for s in todo}
+                try:
+                    for state in _final_states(shards, plan.job_id):
+                        ran.append(state.result())
+                        update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
+                except (
+                    BaseException
+                ) as stop:  # a cancel, Ctrl-C, a failed shard: nothing waits for the other shards now
+                    _cancel_shards(stop, shards, job_output)
+                    raise
+            if manifest is None and pending_shards(plan, job_output):  # infer.max_shards left shards to do
+                return _stopped(StoppedJob(job_status(job_output), ran), model, output)
+            result = complete_job(plan, job_output, ran, config)
     else:
+        # The job's child holds the output for its run; a run of the job going on already fails this flow run now,
+        # before the model is fetched, with the child's message rather than in the child's last lines.
+        job_output = open_output(output, config.storage)  # the model's saved settings set no storage.*
+        refuse_if_running(job_output)
         # The child reads the config written out whole, where every key is set: the settings the model brings go in
         # here (the model is fetched here, not loaded; the child finds it in the cache).
         config = with_saved_settings(config, model_source(pinned, None, catalog_resolver(config)))
-        job_output = open_output(output, config.storage)
         parts_before = len(job_output.names(PART_PREFIX))
         started = time.monotonic()
         with gpu_slot():
@@ -213,6 +228,13 @@ def batch_inference(
         result.output,
     )
     return summary
+
+
+def _this_flow_run() -> str:
+    """This flow run, as another run of its job refused meanwhile names it."""
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.name} ({flow_run.id}) of batch-inference"
 
 
 def _stopped(stopped: StoppedJob, model: str, output: str) -> dict[str, Any]:

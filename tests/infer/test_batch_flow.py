@@ -210,6 +210,26 @@ def test_two_task_workers_share_one_job_exactly_once(
     assert "exact match" not in markdown  # simple records have no reference answer
 
 
+def test_a_flow_run_of_a_job_another_run_holds_fails_naming_it(
+    prefect_api: dict[str, str], tiny_model: Path, tmp_path: Path
+) -> None:
+    """A scheduled run that starts while the last one still runs (or one beside a `vlmops batch-infer` of the job)
+    fails at once with the message the CLI gives, in either mode: before, it answered the shards beside the other."""
+    from flows.batch_inference import batch_inference
+    from tests.infer.test_job_lock import first_run, refused_naming
+    from vlmops.infer.job_lock import JobRunningError
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"r{i}", "query": f"Say {i}."}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    with first_run(str(out)) as holder:
+        for distributed in (False, True):
+            with pytest.raises(JobRunningError) as refused:
+                batch_inference(str(tiny_model), str(prompts), str(out), None, [], distributed=distributed)
+            refused_naming(holder, str(refused.value))
+    assert sorted(p.name for p in out.iterdir()) == ["_job"]  # nothing planned or answered
+
+
 def test_a_shard_task_retried_after_its_part_was_published_answers_nothing_twice_in_the_same_output(
     prefect_api: dict[str, str], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,11 +26,13 @@ from vlmops.config import PipelineConfig
 from vlmops.errors import RunFailed
 from vlmops.infer.engine import make_engine
 from vlmops.infer.job import ShardRunner
+from vlmops.infer.job_lock import hold_job_run, refuse_if_running
 from vlmops.infer.job_output import (
     finalize,
     open_job,
     pending_shards,
     read_manifest,
+    saved_job,
     write_eval_predictions,
 )
 from vlmops.infer.job_plan import JobPlan, ModelInfo
@@ -82,17 +85,21 @@ def run_batch_job(
     `infer.max_shards`, at most that many shards are answered: where shards remain, the job stops without its
     manifest (a `StoppedJob`) and the same command without the setting goes on from there.
 
+    This process holds the job's output for the run (`vlmops.infer.job_lock`): another run of the job is refused.
+
     Raises:
+        JobRunningError: another run of the job is going on.
         JobMismatchError: the output holds another job.
         RecordRejectedError: `infer.on_error: fail` and a record cannot be answered.
         RunFailed: a worker process failed.
     """
     started = time.perf_counter()
-    source, plan, output, config = prepare_job(model_ref, input_spec, output_uri, config, named_as)
-    try:
-        return _run_job(source, plan, output, config, started, progress, on_shard)
-    finally:
-        output.close()  # its scratch folder (S3): now, not at an exit that a stopped command skips (stopping.exit_now)
+    with ExitStack() as run:
+        source, plan, output, config = prepare_job(model_ref, input_spec, output_uri, config, named_as, run=run)
+        try:
+            return _run_job(source, plan, output, config, started, progress, on_shard)
+        finally:
+            output.close()  # its scratch folder (S3): now, not at an exit that a stopped command skips (exit_now)
 
 
 def _run_job(
@@ -140,7 +147,14 @@ def _run_job(
 
 
 def prepare_job(
-    model_ref: str, input_spec: str, output_uri: str, config: PipelineConfig, named_as: str | None = None
+    model_ref: str,
+    input_spec: str,
+    output_uri: str,
+    config: PipelineConfig,
+    named_as: str | None = None,
+    *,
+    run: ExitStack | None = None,
+    run_by: str | None = None,
 ) -> tuple[ModelSource, JobPlan, JobOutput, PipelineConfig]:
     """Resolve and hash the model, plan the job from the inputs, and start it in the output (or pick it up); return
     them with the job's config: `config` with the generation settings the model brings where it sets none
@@ -152,21 +166,34 @@ def prepare_job(
     none of them is refused here, before the weights load). `named_as`: the alias a caller resolved `model_ref` from
     (`pinned_model_ref`), recorded as the job's model URI.
 
+    `run`: the run this is for, which holds the job's output from just before the job is opened in it until `run`
+    exits (`hold_job_run`; `run_by` names the run to another run refused meanwhile, default this process's command
+    line). A run of the job going on already is refused first, before anything slow. Without `run` nothing is held.
+
     Raises:
+        JobRunningError: with `run`, another run of the job is going on.
         UserInputError: `infer.max_context` holds none of the job's prompts beside `infer.max_new_tokens`.
         JobMismatchError: the output holds another job.
     """
-    source, info = resolve_job_model(model_ref, config, named_as)
-    config = with_saved_settings(config, source)
-    output = open_output(output_uri, config.storage)
-    measure = None
-    if counts_prompts(config):
-        from vlmops.models.loading import load_processor
-
-        processor = load_processor(source.checkpoint)
-        measure = PromptCounter(processor.tokenizer, int(processor.num_image_tokens), config)
+    output = open_output(output_uri, config.storage)  # the model's saved settings set no storage.*
     try:
-        plan = open_job(plan_job(info, input_spec, config, output.uri, measure), output)
+        if run is not None:
+            refuse_if_running(output)
+        source, info = resolve_job_model(model_ref, config, named_as)
+        config = with_saved_settings(config, source)
+        measure = None
+        if counts_prompts(config):
+            from vlmops.models.loading import load_processor
+
+            processor = load_processor(source.checkpoint)
+            measure = PromptCounter(processor.tokenizer, int(processor.num_image_tokens), config)
+        planned = plan_job(info, input_spec, config, output.uri, measure)
+        if run is not None:
+            # Held before the job's files are written (the first run to hold it opens the job), after the checks that
+            # refuse another job: a run refused leaves the output as it was, its run lock too.
+            saved_job(planned, output)
+            run.enter_context(hold_job_run(output, run_by))
+        plan = open_job(planned, output)
     except BaseException:
         output.close()
         raise

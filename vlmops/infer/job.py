@@ -11,7 +11,7 @@ this one, a process per GPU (`vlmops.infer.parallel`), or Prefect task workers o
 
 The rest of a job: what defines it (`vlmops.infer.job_plan`), planning it from the model and inputs
 (`vlmops.infer.planning`), its output folder (`vlmops.infer.job_output`), where it stands (`vlmops.infer.job_status`),
-and all of it end to end (`vlmops.infer.batch_job`).
+one run of it at a time (`vlmops.infer.job_lock`), and all of it end to end (`vlmops.infer.batch_job`).
 """
 
 from __future__ import annotations

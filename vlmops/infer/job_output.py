@@ -65,6 +65,29 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
     Raises:
         JobMismatchError: the output holds another job, or files that no job of this kind wrote.
     """
+    old = saved_job(plan, output)
+    if old is None:
+        _sweep(output)  # a first run stopped while it wrote the job file
+        with written_file(output, JOB_FILE) as path:
+            path.write_text(plan.to_json() + "\n", encoding="utf-8")
+        return plan
+    _sweep(output)
+    if old.longest_prompt is None and plan.longest_prompt is not None:
+        # Planned before without the prompts' counts (with infer.engine plain then, or by an older vlmops): the same
+        # files (the same job), now counted. Saved, so that workers reading the plan size their slots the same way.
+        old = replace(old, files=plan.files)
+        with written_file(output, JOB_FILE) as path:
+            path.write_text(old.to_json() + "\n", encoding="utf-8")
+    return old
+
+
+def saved_job(plan: JobPlan, output: JobOutput) -> JobPlan | None:
+    """The job saved in `output`, which must be `plan`'s job; None where the output holds none yet. Reads only: a run
+    refused here has written nothing (`open_job` writes).
+
+    Raises:
+        JobMismatchError: the output holds another job, or files that no job of this kind wrote.
+    """
     saved = output.read_text(JOB_FILE)
     if saved is None:
         foreign = output.names(PART_PREFIX) + output.names(MANIFEST_FILE)
@@ -73,10 +96,7 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
                 f"output {output.uri} already holds {foreign[0]} but no {JOB_FILE}: it is not a batch inference "
                 "job's folder; pass an empty or new --output"
             )
-        _sweep(output)  # a first run stopped while it wrote the job file
-        with written_file(output, JOB_FILE) as path:
-            path.write_text(plan.to_json() + "\n", encoding="utf-8")
-        return plan
+        return None
     old = JobPlan.from_json(saved)
     if old.job_id != plan.job_id:
         raise JobMismatchError(
@@ -84,13 +104,6 @@ def open_job(plan: JobPlan, output: JobOutput) -> JobPlan:
             f"({_difference(old, plan)}); a different model, input or settings is a different job: pass another "
             f"--output, or delete {output.uri} to start over"
         )
-    _sweep(output)
-    if old.longest_prompt is None and plan.longest_prompt is not None:
-        # Planned before without the prompts' counts (with infer.engine plain then, or by an older vlmops): the same
-        # files (the same job), now counted. Saved, so that workers reading the plan size their slots the same way.
-        old = replace(old, files=plan.files)
-        with written_file(output, JOB_FILE) as path:
-            path.write_text(old.to_json() + "\n", encoding="utf-8")
     return old
 
 

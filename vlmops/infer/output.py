@@ -4,8 +4,9 @@ A file is written to a local temporary file first and then published in one step
 folder (local), or one PUT (S3 makes an object visible only once its upload completes). A reader, or a
 rerun deciding what is done, never sees half a file.
 
-A run killed while it writes a file leaves the temporary file. A local output's are in `_job/tmp/`, where several runs
-of one job may write at once (two commands by mistake, a distributed job's task workers on a shared folder), so a run
+A run killed while it writes a file leaves the temporary file. A local output's are in `_job/tmp/`, where several
+processes of one job may write at once (a distributed job's task workers on a shared folder; a second run of the job
+is refused, `vlmops.infer.job_lock`), so a run
 removes only those no live process writes (`LocalOutput.sweep`): each writer holds a lock on its file (flock) while it
 writes it, which the kernel drops when the process ends, however it ends (`vlmops.scratch`). On S3 the files are
 written in a scratch folder of the process's own under the temp dir, removed with it (`close`), held by a lock the same
