@@ -1,7 +1,8 @@
 """One run of a batch job at a time: a second run of the job while a first holds its output is refused at once, naming
 the first (pid, host, command) and what to do; once the first is killed outright (SIGKILL) the next run goes on. A
 local output's lock is an flock the kernel drops with its process; an S3 output's a lease object the run renews, which
-a run killed outright leaves until it is LEASE_STALE_S old, then the next run takes it over.
+a run killed outright leaves to the next run, at once where its pid is this machine's and gone, else once it is
+LEASE_STALE_S old.
 
 The first run here is a child process that holds the output the way a job's coordinating process does
 (`hold_job_run`), and sleeps."""
@@ -97,27 +98,44 @@ def test_a_second_run_of_a_local_job_is_refused_naming_the_first_until_it_is_kil
 
 
 @pytest.mark.integration
-def test_a_second_run_of_an_s3_job_is_refused_until_the_killed_firsts_lease_is_stale(
+def test_a_second_run_of_an_s3_job_is_refused_until_the_first_has_ended_or_its_lease_is_stale(
     s3_server: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """SeaweedFS (as AWS S3) honours `If-None-Match: *`: the lease is taken by one run only. A live first run renews
-    it, so it is never stale however long it runs; killed outright, it leaves the lease until LEASE_STALE_S after its
-    last renewal, and then the next run takes it over and deletes it at its end."""
-    s3_server.client().create_bucket(Bucket="leases")
+    it, so it is never stale however long it runs. Killed outright on this machine (an OOM-killed job step that its
+    flow retries), its lease is taken over by the next run at once: its pid is gone. Another machine's lease, whose
+    pid cannot be looked up here, is taken over once not renewed for LEASE_STALE_S; the lease goes with its run."""
+    client = s3_server.client()
+    client.create_bucket(Bucket="leases")
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(job_lock, "LEASE_STALE_S", 3.0)
     uri = "s3://leases/answers/run1"
     with first_run(uri, s3_server.env()) as holder:
-        time.sleep(job_lock.LEASE_STALE_S + 1.0)  # older than a lease is let live, were it not renewed
-        with pytest.raises(JobRunningError) as refused:
-            refuse_if_running(open_output(uri))
+        with monkeypatch.context() as short:
+            short.setattr(job_lock, "LEASE_STALE_S", 3.0)
+            time.sleep(job_lock.LEASE_STALE_S + 1.0)  # older than a lease is let live, were it not renewed
+            with pytest.raises(JobRunningError) as refused:
+                refuse_if_running(open_output(uri))
         refused_naming(holder, str(refused.value))
         assert "its lease renewed " in str(refused.value)
         with pytest.raises(JobRunningError) as refused, hold_job_run(open_output(uri)):
             pass
         refused_naming(holder, str(refused.value))
         killed = holder.pid
+    with caplog.at_level(logging.WARNING, logger="vlmops.infer.job_lock"), hold_job_run(open_output(uri)):
+        pass  # at once: LEASE_STALE_S is 120 s
+    (took,) = [r.getMessage() for r in caplog.records]
+    assert f"its process, pid {killed} on {socket.gethostname()}, has ended: killed outright" in took, took
+    assert "Contents" not in client.list_objects_v2(Bucket="leases", Prefix="answers/run1/")
+
+    # A run on another machine, killed outright (or its machine lost), as its lease says.
+    elsewhere = job_lock.RunHolder(4242, "gpu-node-7", "2026-12-06T10:00:00Z", "vlmops batch-infer ...", "t", "k:1")
+    client.put_object(Bucket="leases", Key=f"answers/run1/{job_lock.LEASE}", Body=elsewhere.to_text().encode())
+    monkeypatch.setattr(job_lock, "LEASE_STALE_S", 3.0)
+    with pytest.raises(JobRunningError) as refused:
+        refuse_if_running(open_output(uri))
+    assert "another run of this job is going on: pid 4242 on gpu-node-7, since " in str(refused.value)
+    caplog.clear()
     deadline = time.monotonic() + 60
     with caplog.at_level(logging.WARNING, logger="vlmops.infer.job_lock"):
         while True:
@@ -125,10 +143,9 @@ def test_a_second_run_of_an_s3_job_is_refused_until_the_killed_firsts_lease_is_s
                 with hold_job_run(open_output(uri)):
                     break
             except JobRunningError:
-                assert time.monotonic() < deadline, "the killed run's lease was never taken over"
+                assert time.monotonic() < deadline, "the other machine's stale lease was never taken over"
                 time.sleep(0.5)
     (took,) = [r.getMessage() for r in caplog.records]
-    assert "took over the lease of a run that stopped renewing it" in took and f"pid {killed} on " in took, took
-    listed = s3_server.client().list_objects_v2(Bucket="leases", Prefix="answers/run1/")
-    assert "Contents" not in listed  # the lease is gone with the run that held it
+    assert "it stopped renewing it " in took and "(pid 4242 on gpu-node-7): killed outright, or its machine" in took
+    assert "Contents" not in client.list_objects_v2(Bucket="leases", Prefix="answers/run1/")
     refuse_if_running(open_output(uri))

@@ -10,8 +10,10 @@ GPU work is doubled and both runs' progress and summaries are wrong. The process
   lock when the holder ends, however it ends: a run killed outright (SIGKILL, the OOM killer) leaves no stale lock.
 - An `s3://` output: a lease object, `_job/lease.json`, written only where there is none (a conditional PUT,
   `If-None-Match: *`, which AWS S3 and SeaweedFS honour, races included), renewed every LEASE_RENEW_S by its holder
-  (`If-Match` its last ETag) and deleted when the run ends. A run killed outright cannot delete it: a lease not renewed
-  for LEASE_STALE_S (by the server's clock) is taken over by the next run. On a server that ignores conditional
+  (`If-Match` its last ETag) and deleted when the run ends. A run killed outright cannot delete it: the next run takes
+  it over at once where the holder was a process of its own machine that has ended (same boot and pid namespace, no
+  such pid: an OOM-killed job step retried), else once it has not been renewed for LEASE_STALE_S (by the server's
+  clock). On a server that ignores conditional
   writes, a second run at once is not detected; the run says so in a warning.
 """
 
@@ -31,12 +33,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 
 from vlmops.errors import RunFailed, UserInputError
 from vlmops.infer.output import JOB_FILE, JobOutput, LocalOutput, S3Output
+from vlmops.scratch import KERNEL
 
 if TYPE_CHECKING:
     from botocore.exceptions import ClientError
@@ -65,6 +69,22 @@ class RunHolder:
     command: str
     token: str = ""
     """This hold's own id (a lease read back after a retried PUT is known as this run's own)."""
+    kernel: str = ""
+    """The boot id of the holder's kernel and its pid namespace (`_this_machine`): where both are this process's, its
+    pid is one this process can look up."""
+
+    def has_ended(self) -> bool:
+        """Whether the holder is a process of this machine (this boot, this pid namespace) that is gone. False where
+        that cannot be told: another machine's, another container's, an older vlmops's lease, a pid in use again."""
+        if not self.kernel or self.kernel != _this_machine() or self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # there, another user's
+            return False
+        return False
 
     @classmethod
     def this_process(cls, run_by: str | None = None) -> RunHolder:
@@ -75,6 +95,7 @@ class RunHolder:
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             command[:COMMAND_CHARS],
             uuid.uuid4().hex,
+            _this_machine(),
         )
 
     @classmethod
@@ -82,7 +103,10 @@ class RunHolder:
         """The holder a lock file or lease names; None where it names none (being written, or not ours)."""
         try:
             fields = json.loads(text or "")
-            return cls(**{k: fields[k] for k in ("pid", "host", "started_at", "command", "token")})
+            return cls(
+                **{k: fields[k] for k in ("pid", "host", "started_at", "command", "token")},
+                kernel=fields.get("kernel", ""),
+            )
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -124,7 +148,7 @@ def refuse_if_running(output: JobOutput) -> None:
     elif isinstance(output, S3Output):
         lease = _Lease(output, None)
         found = lease.read()
-        if found is not None and found.age_s <= LEASE_STALE_S:
+        if found is not None and found.live():
             raise JobRunningError(lease.held_by(found))
 
 
@@ -191,6 +215,10 @@ class _Found:
     age_s: float
     """Seconds since it was last written, by the server's clock (its Date against the object's LastModified)."""
 
+    def live(self) -> bool:
+        """Whether its run may still be going on: renewed within LEASE_STALE_S, by a process not known to be gone."""
+        return self.age_s <= LEASE_STALE_S and not (self.holder is not None and self.holder.has_ended())
+
 
 class _Lease:
     """The S3 lease of a job's output: taken, renewed in a thread of its own, and deleted."""
@@ -246,7 +274,7 @@ class _Lease:
             if found.holder is not None and found.holder.token == self.holder.token:  # a retried PUT of ours
                 self.etag = found.etag
                 return True
-            if found.age_s <= LEASE_STALE_S:
+            if found.live():
                 raise JobRunningError(self.held_by(found))
             try:
                 self.etag = self._put(IfMatch=found.etag)
@@ -254,13 +282,12 @@ class _Lease:
                 if _status(err) in (404, 409, 412):  # taken over, renewed or ended meanwhile: look again
                     continue
                 raise
-            log.warning(
-                "output %s: took over the lease of a run that stopped renewing it %.0f s ago (%s): killed outright, "
-                "or its machine lost",
-                self.output.uri,
-                found.age_s,
-                f"pid {found.holder.pid} on {found.holder.host}" if found.holder else "unnamed",
-            )
+            named = f"pid {found.holder.pid} on {found.holder.host}" if found.holder else "unnamed"
+            if found.age_s <= LEASE_STALE_S:
+                why = f"its process, {named}, has ended: killed outright"
+            else:
+                why = f"it stopped renewing it {found.age_s:.0f} s ago ({named}): killed outright, or its machine lost"
+            log.warning("output %s: took over the lease of a run that holds it no more: %s", self.output.uri, why)
             return True
         raise RunFailed(
             f"output {self.output.uri}: the lease s3://{self.bucket}/{self.key} changed at each of 3 tries to take it; "
@@ -356,3 +383,12 @@ def _client_error() -> type[ClientError]:
 
 def _status(err: Any) -> int:
     return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _this_machine() -> str:
+    """This process's kernel (boot id) and pid namespace, as `RunHolder.kernel`; "" where either is unknown."""
+    try:
+        pid_namespace = Path("/proc/self/ns/pid").stat().st_ino
+    except OSError:
+        return ""
+    return f"{KERNEL}:{pid_namespace}" if KERNEL else ""
