@@ -179,9 +179,8 @@ def batch_inference(
                     for state in _final_states(shards, plan.job_id):
                         ran.append(state.result())
                         update_progress_artifact(artifact, 100.0 * (done_before + len(ran)) / len(plan.shards))
-                except (
-                    BaseException
-                ) as stop:  # a cancel, Ctrl-C, a failed shard: nothing waits for the other shards now
+                except BaseException as stop:
+                    # A cancel, Ctrl-C, a failed shard: nothing waits for the other shards now.
                     _cancel_shards(stop, shards, job_output)
                     raise
             if manifest is None and pending_shards(plan, job_output):  # infer.max_shards left shards to do
