@@ -281,9 +281,9 @@ class BatchResult:
 def predict_eval_file(loaded: LoadedModel, eval_file: Path, out_file: Path, config: PipelineConfig) -> BatchResult:
     """A job over one eval split with a model loaded already (`vlmops eval`), then the file evaluate reads.
 
-    The job runs in a scratch folder beside `out_file` (`scratch.held_folder`), removed afterwards: the caller may switch an adapter
-    on or off between calls, which the job's model hash (of the checkpoint folder) does not see, so there is
-    nothing safe to resume. Every record must be answerable (`infer.on_error: fail`): a score over fewer
+    The job runs in a scratch folder beside `out_file` (`scratch.held_folder`), removed afterwards: the caller may
+    switch an adapter on or off between calls, which the job's model hash (of the checkpoint folder) does not see, so
+    there is nothing safe to resume. Every record must be answerable (`infer.on_error: fail`): a score over fewer
     records would be another score.
     """
     config = strict_copy(config)

@@ -5,15 +5,14 @@ folder (local), or one PUT (S3 makes an object visible only once its upload comp
 rerun deciding what is done, never sees half a file.
 
 A run killed while it writes a file leaves the temporary file. A local output's are in `_job/tmp/`, where several
-processes of one job may write at once (a distributed job's task workers on a shared folder; a second run of the job
-is refused, `vlmops.infer.job_lock`), so a run
-removes only those no live process writes (`LocalOutput.sweep`): each writer holds a lock on its file (flock) while it
-writes it, which the kernel drops when the process ends, however it ends (`vlmops.scratch`). On S3 the files are
-written in a scratch folder of the process's own under the temp dir, removed with it (`close`), held by a lock the same
-way: a job's start removes those of processes killed outright on this machine (`S3Output.sweep`). A part of more than 8 MiB is PUT in parts (boto3's multipart
-upload), and one killed outright leaves the parts sent so far on the server, out of sight of every listing, until they
-are aborted (a bucket lifecycle rule `AbortIncompleteMultipartUpload`); one stopped in order (Ctrl-C, SIGTERM) is
-aborted by boto3 as it stops.
+processes of one job may write at once (a distributed job's task workers on a shared folder; a second run of the job is
+refused, `vlmops.infer.job_lock`), so a run removes only those no live process writes (`LocalOutput.sweep`): each writer
+holds a lock on its file (flock) while it writes it, which the kernel drops when the process ends, however it ends
+(`vlmops.scratch`). On S3 the files are written in a scratch folder of the process's own under the temp dir, removed
+with it (`close`), held by a lock the same way: a job's start removes those of processes killed outright on this machine
+(`S3Output.sweep`). A part of more than 8 MiB is PUT in parts (boto3's multipart upload), and one killed outright leaves
+the parts sent so far on the server, out of sight of every listing, until they are aborted (a bucket lifecycle rule
+`AbortIncompleteMultipartUpload`); one stopped in order (Ctrl-C, SIGTERM) is aborted by boto3 as it stops.
 """
 
 from __future__ import annotations
