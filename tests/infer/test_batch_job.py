@@ -733,7 +733,7 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     os.utime(out / "part-00001.jsonl", (now - 40, now - 40))
     assert main(["batch-status", str(out), "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["state"] == "running or stopped" and status["finished_at"] is None
+    assert status["state"] == "stopped" and status["run"] is None and status["finished_at"] is None
     assert (status["shards"], status["shards_done"], status["pending_shards"]) == (3, 2, ["00002"])
     assert (status["records"], status["records_done"], status["rejects_done"]) == (7, 6, 0)
     assert status["model"]["uri"] == str(tiny_model) and status["settings"]["max_new_tokens"] == 4
@@ -741,7 +741,7 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     assert status["last_part_at"] == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 40))
     assert main(["batch-status", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "batch inference job" in text and ": 2 of 3 shards done (67%); running, or stopped" in text, text
+    assert "batch inference job" in text and ": 2 of 3 shards done (67%); stopped: the same command" in text, text
     assert "to do             1 shard: 1 record (00002)" in text
     assert re.search(r"pace              0\.05 records/s over the last 1 part, the last part written 4\d s ago; "
                      r"~20 s to go at that pace", text), text  # fmt: skip
@@ -754,7 +754,7 @@ def test_batch_status_reads_where_a_job_stands_from_its_output_alone(
     (one / "manifest.json").unlink()
     assert main(["batch-status", str(one)]) == 0
     text = capsys.readouterr().out
-    assert ": 0 of 1 shard done (0%); running, or stopped" in text and "one.jsonl (1 file, 1 record)\n" in text, text
+    assert ": 0 of 1 shard done (0%); stopped: the same" in text and "one.jsonl (1 file, 1 record)\n" in text, text
     assert "done              0 shards: 0 records, 0 answered, 0 rejected\n" in text
     assert "to do             1 shard: 1 record (00000)\n" in text
 

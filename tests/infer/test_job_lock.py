@@ -9,8 +9,10 @@ The first run here is a child process that holds the output the way a job's coor
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -58,7 +60,8 @@ def first_run(output: str, env: dict[str, str] | None = None) -> Iterator[subpro
 
 
 def refused_naming(holder: subprocess.Popen[str], message: str) -> None:
-    assert f"another run of this job is going on: pid {holder.pid} on {socket.gethostname()}, since " in message
+    going_on = f"is going on: pid {holder.pid} on {socket.gethostname()}, since "
+    assert re.search(rf"another run of (this job|job [0-9a-f]{{16}}) {re.escape(going_on)}", message), message
     assert "hold_job_run" in message and "Two runs at once would answer the same shards twice" in message, message
     assert f"(`kill {holder.pid}` on {socket.gethostname()}: it stops in order" in message, message
     assert "`vlmops batch-status " in message, message
@@ -67,10 +70,21 @@ def refused_naming(holder: subprocess.Popen[str], message: str) -> None:
 def test_a_second_run_of_a_local_job_is_refused_naming_the_first_until_it_is_killed(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Before, the second run answered every shard the first had not published yet, beside it: the GPU work twice."""
+    """Before, the second run answered every shard the first had not published yet, beside it: the GPU work twice.
+    `vlmops batch-status` says which: running (by whom) or stopped; before, "running, or stopped"."""
     prompts = simple_prompts(tmp_path / "prompts.jsonl", 4)
     out = tmp_path / "out"
     config = job_config(**{"infer.shard_size": 2})
+    started = run_batch_job(
+        str(tiny_model),
+        str(prompts),
+        str(out),
+        config.model_copy(update={"infer": config.infer.model_copy(update={"max_shards": 1})}),
+        progress=False,
+    )
+    assert not isinstance(started, JobResult) and len(started.ran) == 1  # a trial run's first shard: stopped there
+    assert main(["batch-status", str(out)]) == 0
+    assert ": 1 of 2 shards done (50%); stopped: the same command resumes it\n" in capsys.readouterr().out
     with first_run(str(out)) as holder:
 
         def not_now(*args: Any, **kwargs: Any) -> None:
@@ -89,10 +103,20 @@ def test_a_second_run_of_a_local_job_is_refused_naming_the_first_until_it_is_kil
         with pytest.raises(JobRunningError) as refused, hold_job_run(open_output(str(out))):
             pass
         refused_naming(holder, str(refused.value))
-        assert not (out / "_job" / "job.json").exists()  # nothing planned into the output, nothing answered
+        assert sorted(p.name for p in out.glob("part-*")) == ["part-00000.jsonl"]  # nothing answered
+        assert main(["batch-status", str(out)]) == 0
+        text = capsys.readouterr().out
+        assert f": 1 of 2 shards done (50%); running: pid {holder.pid} on {socket.gethostname()}, since " in text, text
+        assert "  run by            " in text and "hold_job_run" in text, text
+        assert main(["batch-status", str(out), "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["state"] == "running" and status["run"]["pid"] == holder.pid, status
     # Killed outright: the kernel dropped its lock with it, and the next run goes on.
+    assert main(["batch-status", str(out), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["state"], status["run"]) == ("stopped", None), status
     done = run_batch_job(str(tiny_model), str(prompts), str(out), config, progress=False)
-    assert isinstance(done, JobResult) and done.results == 4 and len(done.ran) == 2
+    assert isinstance(done, JobResult) and done.results == 4 and len(done.ran) == 1
     assert sorted(r["key"] for r in results(out)) == ["r0", "r1", "r2", "r3"]
     refuse_if_running(open_output(str(out)))  # let go at its end
 
@@ -121,12 +145,15 @@ def test_a_second_run_of_an_s3_job_is_refused_until_the_first_has_ended_or_its_l
         with pytest.raises(JobRunningError) as refused, hold_job_run(open_output(uri)):
             pass
         refused_naming(holder, str(refused.value))
+        going_on = job_lock.run_going_on(open_output(uri))  # what `vlmops batch-status` says
+        assert going_on.running and going_on.holder is not None and going_on.holder.pid == holder.pid
         killed = holder.pid
     with caplog.at_level(logging.WARNING, logger="vlmops.infer.job_lock"), hold_job_run(open_output(uri)):
         pass  # at once: LEASE_STALE_S is 120 s
     (took,) = [r.getMessage() for r in caplog.records]
     assert f"its process, pid {killed} on {socket.gethostname()}, has ended: killed outright" in took, took
     assert "Contents" not in client.list_objects_v2(Bucket="leases", Prefix="answers/run1/")
+    assert job_lock.run_going_on(open_output(uri)) == job_lock.RunGoingOn(False)
 
     # A run on another machine, killed outright (or its machine lost), as its lease says.
     elsewhere = job_lock.RunHolder(4242, "gpu-node-7", "2026-12-06T10:00:00Z", "vlmops batch-infer ...", "t", "k:1")

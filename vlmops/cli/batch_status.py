@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "batch-status",
         help="where a batch inference job stands: shards done and to do, records and rejects so far",
         description="Reads the job's output (a folder or an s3:// prefix) alone: no model, no input, no GPU. "
-        "Run it from another terminal or machine while the job runs, or after it stopped.",
+        "Run it from another terminal or machine while the job runs, or after it stopped: it says which, and which "
+        "process runs it.",
     )
     p.add_argument("output", help="the job's --output: a folder or an s3:// prefix")
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
@@ -40,19 +41,27 @@ def handle(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if not args.output.startswith("s3://") and not Path(args.output).expanduser().is_dir():
         raise UserInputError(f"{args.output}: no such folder; give the --output of a `vlmops batch-infer` command")
-    status = job_status(open_output(args.output, config.storage))
+    status = job_status(open_output(args.output, config.storage), who_runs=True)
     if args.json:
         print(json.dumps(status.as_dict(), indent=2))
         return 0
     plan, done, pending = status.plan, status.done, status.pending
     shards = len(plan.shards)
     share = f"{100 * len(done) / shards:.0f}%" if shards else "no records"
-    state = (
-        f"finished at {status.manifest.get('finished_at', '?')}"
-        if status.manifest
-        else f"{counted_of(len(done), shards, 'shard')} done ({share}); running, or stopped: the same command resumes it"
-    )
+    progress = f"{counted_of(len(done), shards, 'shard')} done ({share})"
+    if status.manifest:
+        state = f"finished at {status.manifest.get('finished_at', '?')}"
+    elif status.state == "stopped":
+        state = f"{progress}; stopped: the same command resumes it"
+    elif status.state == "running":
+        holder = status.run.holder if status.run is not None else None
+        by = f": pid {holder.pid} on {holder.host}, since {holder.started_at}" if holder else ""
+        state = f"{progress}; running{by}"
+    else:
+        state = f"{progress}; running, or stopped: the same command resumes it"
     print(f"batch inference job {plan.job_id}: {state}")
+    if status.state == "running" and status.run is not None and status.run.holder is not None:
+        print(f"  run by            {status.run.holder.command}")
     print(f"  model             {plan.model.uri} ({plan.model.content_hash[:19]})")
     print(f"  input             {plan.input} ({counted(len(plan.files), 'file')}, {counted(plan.records, 'record')})")
     if plan.retry_of:

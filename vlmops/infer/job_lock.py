@@ -152,6 +152,46 @@ def refuse_if_running(output: JobOutput) -> None:
             raise JobRunningError(lease.held_by(found))
 
 
+@dataclass(frozen=True)
+class RunGoingOn:
+    """Whether a run of a job holds its output now (None: that could not be read), and who holds it (None where it
+    has not said: a lock being written, a lease of another tool)."""
+
+    running: bool | None
+    holder: RunHolder | None = None
+
+    def as_dict(self) -> dict[str, Any] | None:
+        return asdict(self.holder) if self.holder is not None else None
+
+
+def run_going_on(output: JobOutput) -> RunGoingOn:
+    """Whether a run of the job in `output` holds it now, and who: read only, nothing taken for longer than the look,
+    nothing written (`vlmops batch-status`). Not from the process holding it: its own hold reads as another's."""
+    try:
+        if isinstance(output, LocalOutput):
+            lock_file = output.root / RUN_LOCK
+            if not lock_file.is_file():
+                return RunGoingOn(False)
+            lock = FileLock(str(lock_file))
+            try:
+                lock.acquire(blocking=False)
+            except Timeout:
+                return RunGoingOn(True, _named_in(lock_file))
+            lock.release()
+            return RunGoingOn(False)
+        if isinstance(output, S3Output):
+            found = _Lease(output, None).read()
+            return RunGoingOn(True, found.holder) if found is not None and found.live() else RunGoingOn(False)
+    except Exception as err:  # a folder not ours to write, a bucket not ours to read: where it stands, without it
+        log.warning("output %s: whether a run holds it now could not be read: %s", output.uri, err)
+    return RunGoingOn(None)
+
+
+def _named_in(lock_file: Path) -> RunHolder | None:
+    """The holder a held lock file names (filelock opens it without truncating it, 4.x: what the holder wrote)."""
+    return RunHolder.from_text(lock_file.read_text(encoding="utf-8", errors="replace"))
+
+
 @contextmanager
 def _locked(output: LocalOutput, holder: RunHolder | None) -> Iterator[None]:
     """The flock on the output's run lock, with `holder` written into it (None: only checked, nothing written)."""
@@ -161,9 +201,7 @@ def _locked(output: LocalOutput, holder: RunHolder | None) -> Iterator[None]:
     try:
         lock.acquire(blocking=False)
     except Timeout:
-        # filelock opens the file without truncating it (4.x): what the holder wrote is there to read.
-        found = RunHolder.from_text(lock_file.read_text(encoding="utf-8", errors="replace"))
-        raise JobRunningError(_held_message(output, found, f"`lsof {lock_file}` lists it")) from None
+        raise JobRunningError(_held_message(output, _named_in(lock_file), f"`lsof {lock_file}` lists it")) from None
     try:
         if holder is not None:
             # Through a descriptor of its own: the flock is on filelock's, which closing this one leaves held.

@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlmops.infer.job_output import (
     PART_PREFIX,
@@ -28,6 +28,9 @@ from vlmops.infer.output import JOB_FILE, JobOutput
 from vlmops.infer.prefetch import HOST_THREADS
 from vlmops.infer.shards import Shard
 from vlmops.plural import counted_of
+
+if TYPE_CHECKING:
+    from vlmops.infer.job_lock import RunGoingOn
 
 
 @dataclass
@@ -151,6 +154,17 @@ class JobStatus:
     """The done shards' rejects by kind (`rejects_by_reason`)."""
     published: list[tuple[float, int]] = field(default_factory=list)
     """(when, records) of each done shard's part, in the order they were written (seconds since the epoch)."""
+    run: RunGoingOn | None = None
+    """Whether a run of the job holds the output now, and who, where that was read (`job_status(who_runs=True)`)."""
+
+    @property
+    def state(self) -> str:
+        """finished, running, stopped; `running or stopped` where the output's hold was not read or could not be."""
+        if self.manifest:
+            return "finished"
+        if self.run is None or self.run.running is None:
+            return "running or stopped"
+        return "running" if self.run.running else "stopped"
 
     @property
     def last_part_at(self) -> float | None:
@@ -188,7 +202,8 @@ class JobStatus:
         return {
             "output": self.output,
             "job_id": plan.job_id,
-            "state": "finished" if self.manifest else "running or stopped",
+            "state": self.state,
+            "run": self.run.as_dict() if self.run is not None and self.run.running else None,
             "model": plan.model.as_dict(),
             "input": plan.input,
             "retry_of": plan.retry_of,
@@ -209,8 +224,9 @@ class JobStatus:
         }
 
 
-def job_status(output: JobOutput) -> JobStatus:
-    """The job in `output`: its plan, the shards whose part is there and the rejects in them.
+def job_status(output: JobOutput, who_runs: bool = False) -> JobStatus:
+    """The job in `output`: its plan, the shards whose part is there and the rejects in them; with `who_runs`, whether
+    a run of it holds the output now, and who (`job_lock.run_going_on`: not from the process that holds it).
 
     Raises:
         UserInputError: the folder holds no job (no `_job/job.json`).
@@ -230,7 +246,12 @@ def job_status(output: JobOutput) -> JobStatus:
                 tally.add(jsonl_lines(text))
         by_reason = tally.by_reason()
         rejects = sum(n["count"] for n in by_reason.values())
-    return JobStatus(output.uri, plan, done, pending, rejects, manifest, by_reason, published)
+    run = None
+    if who_runs and manifest is None:
+        from vlmops.infer.job_lock import run_going_on
+
+        run = run_going_on(output)
+    return JobStatus(output.uri, plan, done, pending, rejects, manifest, by_reason, published, run)
 
 
 def where_it_stopped(output: JobOutput) -> tuple[str, str]:
