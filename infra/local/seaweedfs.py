@@ -117,8 +117,9 @@ def weed_command(
         "-master.volumeSizeLimitMB=64",
         f"-volume.port={ports['volume']}",
         f"-volume.port.grpc={ports['volume_grpc']}",
-        # Every bucket is a collection that claims volumes of its own: allow plenty (small, grown on demand).
-        "-volume.max=256",
+        # Every bucket is a collection that claims 7 volumes of its own (SeaweedFS's growth for no replication): allow
+        # plenty (each small, grown on demand). 256 ran out in a test session of ~40 buckets per server.
+        "-volume.max=1024",
         "-volume.preStopSeconds=0",  # the default waits 10 s on shutdown
         "-filer",
         f"-filer.port={ports['filer']}",

@@ -11,9 +11,9 @@ GPU work is doubled and both runs' progress and summaries are wrong. The process
 - An `s3://` output: a lease object, `_job/lease.json`, written only where there is none (a conditional PUT,
   `If-None-Match: *`, which AWS S3 and SeaweedFS honour, races included), renewed every LEASE_RENEW_S by its holder
   (`If-Match` its last ETag) and deleted when the run ends. A run killed outright cannot delete it: the next run takes
-  it over at once where the holder was a process of its own machine that has ended (same boot and pid namespace, no
-  such pid: an OOM-killed job step retried), else once it has not been renewed for LEASE_STALE_S (by the server's
-  clock). On a server that ignores conditional
+  it over at once where the holder was a run of its own machine that is over (same boot and pid namespace, and no
+  such pid: an OOM-killed job step retried; or this process, whose run ended while S3 was away), else once it has not
+  been renewed for LEASE_STALE_S (by the server's clock). On a server that ignores conditional
   writes, a second run at once is not detected; the run says so in a warning.
 """
 
@@ -53,6 +53,8 @@ LEASE_RENEW_S = 30.0
 LEASE_STALE_S = 120.0
 """A lease not renewed for this long (four renewals missed) is a dead run's and is taken over."""
 COMMAND_CHARS = 500
+_HELD_HERE: set[str] = set()
+"""The tokens of the leases this process holds now (`_leased`): one of its own that is not is an ended run's."""
 
 
 class JobRunningError(UserInputError):
@@ -74,10 +76,13 @@ class RunHolder:
     pid is one this process can look up."""
 
     def has_ended(self) -> bool:
-        """Whether the holder is a process of this machine (this boot, this pid namespace) that is gone. False where
+        """Whether the holder is a run of this machine (this boot, this pid namespace) that is over: its process is
+        gone, or it is this process and the run has ended (its lease left where S3 was away as it ended). False where
         that cannot be told: another machine's, another container's, an older vlmops's lease, a pid in use again."""
         if not self.kernel or self.kernel != _this_machine() or self.host != socket.gethostname():
             return False
+        if self.pid == os.getpid():
+            return self.token not in _HELD_HERE
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
@@ -407,9 +412,11 @@ def _leased(output: S3Output, holder: RunHolder) -> Iterator[None]:
     lease = _Lease(output, holder)
     if lease.take():
         lease.renew_in_background()
+    _HELD_HERE.add(holder.token)
     try:
         yield
     finally:
+        _HELD_HERE.discard(holder.token)
         lease.release()
 
 
