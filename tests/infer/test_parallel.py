@@ -259,7 +259,12 @@ def test_a_step_killed_outright_takes_its_job_and_the_jobs_workers_with_it(tiny_
         # step's and job's own are left, one each, for the next step's and job's sweep, which leaves the live ones.
         assert not dead & set(scratch.iterdir())
         for stem in (CHILD_CONFIG_STEM, WORKERS_STEM):
-            (killed,) = [r.name for r in remove_abandoned_folders(scratch, stem)]
+            # A killed process's lock goes once its last thread has ended, which may be after it shows as a zombie.
+            deadline = time.monotonic() + 10
+            while not (found := [r.name for r in remove_abandoned_folders(scratch, stem)]):
+                assert time.monotonic() < deadline, f"the killed process's {stem} folder is still held"
+                time.sleep(0.05)
+            (killed,) = found
             assert killed.startswith(stem)
         assert sorted(scratch.iterdir()) == sorted([live_config, live_workers])
 
