@@ -60,6 +60,11 @@ _HELD_HERE: set[str] = set()
 class JobRunningError(UserInputError):
     """Another run of the job holds its output (exit 2); the message names it and says what to do."""
 
+    def __init__(self, message: str, holder: RunHolder | None = None):
+        super().__init__(message)
+        self.holder = holder
+        """The run that holds it, where it has said (None: a lock being written, a lease of another tool)."""
+
 
 @dataclass(frozen=True)
 class RunHolder:
@@ -154,7 +159,7 @@ def refuse_if_running(output: JobOutput) -> None:
         lease = _Lease(output, None)
         found = lease.read()
         if found is not None and found.live():
-            raise JobRunningError(lease.held_by(found))
+            raise JobRunningError(lease.held_by(found), found.holder)
 
 
 @dataclass(frozen=True)
@@ -173,23 +178,13 @@ def run_going_on(output: JobOutput) -> RunGoingOn:
     """Whether a run of the job in `output` holds it now, and who: read only, nothing taken for longer than the look,
     nothing written (`vlmops batch-status`). Not from the process holding it: its own hold reads as another's."""
     try:
-        if isinstance(output, LocalOutput):
-            lock_file = output.root / RUN_LOCK
-            if not lock_file.is_file():
-                return RunGoingOn(False)
-            lock = FileLock(str(lock_file))
-            try:
-                lock.acquire(blocking=False)
-            except Timeout:
-                return RunGoingOn(True, _named_in(lock_file))
-            lock.release()
-            return RunGoingOn(False)
-        if isinstance(output, S3Output):
-            found = _Lease(output, None).read()
-            return RunGoingOn(True, found.holder) if found is not None and found.live() else RunGoingOn(False)
+        refuse_if_running(output)
+    except JobRunningError as running:
+        return RunGoingOn(True, running.holder)
     except Exception as err:  # a folder not ours to write, a bucket not ours to read: where it stands, without it
         log.warning("output %s: whether a run holds it now could not be read: %s", output.uri, err)
-    return RunGoingOn(None)
+        return RunGoingOn(None)
+    return RunGoingOn(False)
 
 
 def _named_in(lock_file: Path) -> RunHolder | None:
@@ -206,7 +201,8 @@ def _locked(output: LocalOutput, holder: RunHolder | None) -> Iterator[None]:
     try:
         lock.acquire(blocking=False)
     except Timeout:
-        raise JobRunningError(_held_message(output, _named_in(lock_file), f"`lsof {lock_file}` lists it")) from None
+        found = _named_in(lock_file)
+        raise JobRunningError(_held_message(output, found, f"`lsof {lock_file}` lists it"), found) from None
     try:
         if holder is not None:
             # Through a descriptor of its own: the flock is on filelock's, which closing this one leaves held.
@@ -318,7 +314,7 @@ class _Lease:
                 self.etag = found.etag
                 return True
             if found.live():
-                raise JobRunningError(self.held_by(found))
+                raise JobRunningError(self.held_by(found), found.holder)
             try:
                 self.etag = self._put(IfMatch=found.etag)
             except _client_error() as err:
